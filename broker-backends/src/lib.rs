@@ -1,0 +1,18 @@
+//! Brokers: `memory://` for tests and `redis://` in Kombu's layout, each registered under its URL
+//! scheme so [`celery_core::App::connect`] finds it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BrokerError> {
+//! let broker = celery_core::scheme::connect_broker("redis://127.0.0.1:6379/0?visibility_timeout=600").await?;
+//! println!("{} messages waiting", broker.queue_len("celery").await?);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// Forces this crate (and its scheme registrations) to be linked; `celery-worker` calls it.
+pub fn link() {}

@@ -1,0 +1,192 @@
+//! `memory://`: an in-process broker for unit tests. Nothing survives the process.
+//!
+//! ```
+//! # tokio_test_block(async {
+//! use celery_core::{Broker, protocol::Message, routing::Route, Signature};
+//! let broker = broker_backends::memory::MemoryBroker::default();
+//! let msg = Message::from_signature(&Signature::by_name("t")).unwrap();
+//! broker.publish(&Route::queue("q"), &msg).await.unwrap();
+//! assert_eq!(broker.queue_len("q").await.unwrap(), 1);
+//! # });
+//! # fn tokio_test_block<F: std::future::Future>(f: F) { tokio::runtime::Runtime::new().unwrap().block_on(f); }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::broker::{dead_letter_queue, Settle};
+use celery_core::protocol::Message;
+use celery_core::routing::Route;
+use celery_core::scheme::BrokerScheme;
+use celery_core::{Broker, BrokerError, Consumer, Delivery};
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore};
+
+#[derive(Debug, Default)]
+struct State {
+    queues: HashMap<String, VecDeque<Message>>,
+    delayed: Vec<(DateTime<Utc>, String, Message)>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, queue: &str, msg: Message, front: bool) {
+        let mut st = self.lock();
+        let q = st.queues.entry(queue.to_owned()).or_default();
+        if front {
+            q.push_front(msg)
+        } else {
+            q.push_back(msg)
+        }
+        drop(st);
+        self.notify.notify_waiters();
+    }
+
+    fn promote(&self) -> Option<DateTime<Utc>> {
+        let now = Utc::now();
+        let mut st = self.lock();
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.delayed).into_iter().partition(|(t, _, _)| *t <= now);
+        st.delayed = rest;
+        let next = st.delayed.iter().map(|(t, _, _)| *t).min();
+        for (_, q, m) in due {
+            st.queues.entry(q).or_default().push_back(m);
+        }
+        next
+    }
+}
+
+/// An in-process broker.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBroker {
+    inner: Arc<Inner>,
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
+        if !route.exchange.is_empty() {
+            return Err(BrokerError::Unsupported { broker: "memory", option: format!("exchange `{}`", route.exchange) });
+        }
+        match msg.headers.eta {
+            Some(t) if t > Utc::now() => self.inner.lock().delayed.push((t, route.routing_key.clone(), msg.clone())),
+            _ => self.inner.push(&route.routing_key, msg.clone(), false),
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        Ok(Box::new(MemoryConsumer {
+            inner: self.inner.clone(),
+            queues: queues.to_vec(),
+            slots: Arc::new(Semaphore::new(prefetch.max(1))),
+            stopped: false,
+        }))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut st = self.inner.lock();
+        let n = st.queues.remove(queue).map(|q| q.len()).unwrap_or(0);
+        Ok(n as u64)
+    }
+
+    async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
+        Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
+    }
+}
+
+#[derive(Debug)]
+struct MemoryConsumer {
+    inner: Arc<Inner>,
+    queues: Vec<String>,
+    slots: Arc<Semaphore>,
+    stopped: bool,
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        loop {
+            if self.stopped {
+                return None;
+            }
+            let notified = self.inner.notify.notified();
+            let next_due = self.inner.promote();
+            let found = {
+                let mut st = self.inner.lock();
+                self.queues.iter().find_map(|q| st.queues.get_mut(q).and_then(|d| d.pop_front()).map(|m| (q.clone(), m)))
+            };
+            if let Some((queue, msg)) = found {
+                permit.forget();
+                let settle = MemorySettle { inner: self.inner.clone(), queue: queue.clone(), msg: msg.clone(), slots: self.slots.clone() };
+                return Some(Delivery::new(Ok(msg), queue, false, Box::new(settle)));
+            }
+            let wait = next_due
+                .and_then(|t| (t - Utc::now()).to_std().ok())
+                .unwrap_or(Duration::from_millis(50))
+                .min(Duration::from_millis(50));
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    async fn close(&mut self) {}
+}
+
+#[derive(Debug)]
+struct MemorySettle {
+    inner: Arc<Inner>,
+    queue: String,
+    msg: Message,
+    slots: Arc<Semaphore>,
+}
+
+#[async_trait]
+impl Settle for MemorySettle {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.slots.add_permits(1);
+        Ok(())
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.inner.push(&self.queue, self.msg.clone(), true);
+        self.slots.add_permits(1);
+        Ok(())
+    }
+
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        self.inner.lock().delayed.push((until, self.queue.clone(), msg.clone()));
+        self.slots.add_permits(1);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
+        let mut m = self.msg.clone();
+        m.headers.extra.insert(celery_core::broker::DEAD_LETTER_REASON.into(), reason.into());
+        self.inner.push(&dead_letter_queue(&self.queue), m, false);
+        self.slots.add_permits(1);
+        Ok(())
+    }
+}
+
+inventory::submit! {
+    BrokerScheme { scheme: "memory", connect: |_url| Box::pin(async { Ok(Arc::new(MemoryBroker::default()) as Arc<dyn Broker>) }) }
+}

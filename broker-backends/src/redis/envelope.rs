@@ -1,0 +1,168 @@
+//! Kombu's Redis envelope: the JSON string a queue list holds.
+//!
+//! `{"body": base64(body), "content-encoding", "content-type", "headers", "properties":
+//! {"correlation_id", "reply_to", "delivery_mode", "delivery_info": {"exchange", "routing_key"},
+//! "priority", "body_encoding": "base64", "delivery_tag"}}`.
+//!
+//! Priorities: Kombu on Redis treats 0 as the highest. Our API treats 9 as the highest on every
+//! broker, so the envelope carries `9 - priority` and decoding maps it back.
+
+use base64::Engine;
+use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
+use celery_core::ProtocolError;
+use serde_json::{json, Map, Value};
+
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// Kombu's highest priority value.
+pub(crate) const MAX_PRIORITY: u8 = 9;
+
+/// Encodes a message for the queue list `routing_key`.
+pub(crate) fn encode(msg: &Message, exchange: &str, routing_key: &str) -> String {
+    let kombu_priority = msg.properties.priority.map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY)).unwrap_or(0);
+    let mut props = Map::new();
+    props.insert("correlation_id".into(), msg.properties.correlation_id.clone().into());
+    props.insert("reply_to".into(), msg.properties.reply_to.clone().map(Value::String).unwrap_or(Value::Null));
+    props.insert("delivery_mode".into(), 2.into());
+    props.insert("delivery_info".into(), json!({"exchange": exchange, "routing_key": routing_key}));
+    props.insert("priority".into(), kombu_priority.into());
+    props.insert("body_encoding".into(), "base64".into());
+    props.insert("delivery_tag".into(), uuid::Uuid::new_v4().to_string().into());
+    let env = json!({
+        "body": B64.encode(&msg.body),
+        "content-encoding": CONTENT_ENCODING,
+        "content-type": CONTENT_TYPE,
+        "headers": Value::Object(msg.headers.to_json()),
+        "properties": Value::Object(props),
+    });
+    env.to_string()
+}
+
+/// The Kombu priority bucket (0, 3, 6, 9) of an envelope's `properties.priority`.
+pub(crate) fn bucket_of(kombu_priority: u8) -> u8 {
+    match kombu_priority {
+        0..=2 => 0,
+        3..=5 => 3,
+        6..=8 => 6,
+        _ => 9,
+    }
+}
+
+/// The Kombu priority an encoded message carries.
+pub(crate) fn kombu_priority(msg: &Message) -> u8 {
+    msg.properties.priority.map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY)).unwrap_or(0)
+}
+
+/// What a decoded envelope yields: the message, or why not, and whether it was redelivered.
+pub(crate) struct Decoded {
+    pub(crate) message: Result<Message, ProtocolError>,
+    pub(crate) redelivered: bool,
+}
+
+/// Decodes an envelope; never panics.
+pub(crate) fn decode(raw: &[u8]) -> Decoded {
+    let v: Value = match serde_json::from_slice(raw) {
+        Ok(v) => v,
+        Err(e) => return Decoded { message: Err(ProtocolError::InvalidJson(e.to_string())), redelivered: false },
+    };
+    let redelivered = v["headers"]["redelivered"].as_bool().unwrap_or(false)
+        || v["properties"]["delivery_info"]["redelivered"].as_bool().unwrap_or(false);
+    Decoded { message: decode_value(&v), redelivered }
+}
+
+fn decode_value(v: &Value) -> Result<Message, ProtocolError> {
+    let obj = v.as_object().ok_or(ProtocolError::InvalidField { field: "envelope", reason: "expected a JSON object".into() })?;
+    if let Some(ct) = obj.get("content-type").and_then(Value::as_str) {
+        check_content_type(ct)?;
+    }
+    let headers_v = obj.get("headers").ok_or(ProtocolError::MissingField("headers"))?;
+    if headers_v.get("task").is_none() {
+        return Err(ProtocolError::MissingField("task"));
+    }
+    let headers = Headers::from_json(headers_v)?;
+    let props = obj.get("properties").and_then(Value::as_object);
+    let body_s = obj.get("body").and_then(Value::as_str).ok_or(ProtocolError::MissingField("body"))?;
+    let encoding = props.and_then(|p| p.get("body_encoding")).and_then(Value::as_str).unwrap_or("base64");
+    let body = if encoding == "base64" {
+        B64.decode(body_s).map_err(|e| ProtocolError::InvalidField { field: "body", reason: format!("bad base64: {e}") })?
+    } else {
+        body_s.as_bytes().to_vec()
+    };
+    let priority = props
+        .and_then(|p| p.get("priority"))
+        .and_then(Value::as_u64)
+        .map(|p| MAX_PRIORITY - (p.min(MAX_PRIORITY as u64) as u8));
+    Ok(Message {
+        properties: Properties {
+            correlation_id: props
+                .and_then(|p| p.get("correlation_id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .unwrap_or_else(|| headers.id.clone()),
+            reply_to: props.and_then(|p| p.get("reply_to")).and_then(Value::as_str).map(str::to_owned),
+            priority,
+        },
+        headers,
+        body,
+    })
+}
+
+/// A dead-letter envelope: the original (or the raw bytes, wrapped) with the reason in a header.
+pub(crate) fn dead_letter(raw: &[u8], queue: &str, reason: &str) -> String {
+    use celery_core::broker::{DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
+    let mut v = match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(m)) => Value::Object(m),
+        _ => json!({
+            "body": B64.encode(raw),
+            "content-encoding": "binary",
+            "content-type": "application/octet-stream",
+            "headers": {},
+            "properties": {"body_encoding": "base64", "delivery_info": {"exchange": "", "routing_key": queue}},
+        }),
+    };
+    if !v["headers"].is_object() {
+        v["headers"] = json!({});
+    }
+    v["headers"][DEAD_LETTER_REASON] = reason.into();
+    v["headers"][DEAD_LETTER_QUEUE] = queue.into();
+    v.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_core::Signature;
+
+    #[test]
+    fn roundtrip_keeps_priority_direction() {
+        let msg = Message::from_signature(&Signature::by_name("add").args(json!([1, 2])).priority(9)).unwrap();
+        let env = encode(&msg, "", "celery");
+        let v: Value = serde_json::from_str(&env).unwrap();
+        assert_eq!(v["properties"]["priority"], 0, "our 9 is Kombu's 0 (highest on Redis)");
+        let back = decode(env.as_bytes()).message.unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn python_envelope_decodes() {
+        let body = B64.encode(br#"[[2, 3], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#);
+        let env = json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
+            "headers": {"lang": "py", "task": "add", "id": "x1", "retries": 0, "timelimit": [null, null]},
+            "properties": {"correlation_id": "x1", "reply_to": "r", "delivery_mode": 2,
+                "delivery_info": {"exchange": "", "routing_key": "celery"}, "priority": 0,
+                "body_encoding": "base64", "delivery_tag": "t"}});
+        let m = decode(env.to_string().as_bytes()).message.unwrap();
+        assert_eq!(m.headers.task, "add");
+        assert_eq!(m.body().unwrap().args, vec![json!(2), json!(3)]);
+    }
+
+    #[test]
+    fn bad_envelopes_are_errors() {
+        assert!(matches!(decode(b"not json").message, Err(ProtocolError::InvalidJson(_))));
+        assert!(matches!(decode(br#"{"body": ""}"#).message, Err(ProtocolError::MissingField("headers"))));
+        let pickle = json!({"body": "", "content-type": "application/x-python-serialize", "headers": {"task": "t", "id": "i"}});
+        assert!(matches!(decode(pickle.to_string().as_bytes()).message, Err(ProtocolError::UnsupportedContentType(_))));
+        let dl: Value = serde_json::from_str(&dead_letter(b"\xff", "q", "why")).unwrap();
+        assert_eq!(dl["headers"]["x-dead-letter-reason"], "why");
+    }
+}

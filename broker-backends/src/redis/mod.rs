@@ -1,0 +1,320 @@
+//! `redis://` (and `rediss://`): Kombu's list layout, so Python Celery sees the same queues, with a
+//! reliable consume.
+//!
+//! - Publish: `LPUSH` of Kombu's envelope to the queue's priority bucket; a message whose eta is in
+//!   the future goes to a durable delayed sorted set instead and is moved back atomically when due.
+//! - Consume: a Lua script takes up to N envelopes and records each in Kombu's `unacked` hash and
+//!   `unacked_index` zset in the same step, so no message is ever only in a worker's memory.
+//!   While a delivery is unsettled its lease is renewed; a worker that dies stops renewing and its
+//!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
+//! - Connection loss: every loop retries with capped exponential backoff and logs it.
+//!
+//! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
+//! transport option of the same name).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BrokerError> {
+//! use broker_backends::redis::RedisBroker;
+//! let broker = RedisBroker::connect("redis://127.0.0.1:6379/0?visibility_timeout=300").await?;
+//! # Ok(()) }
+//! ```
+
+mod consumer;
+mod envelope;
+mod scripts;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::protocol::Message;
+use celery_core::routing::{topic_matches, Route};
+use celery_core::scheme::BrokerScheme;
+use celery_core::{Broker, BrokerError, Consumer};
+use chrono::Utc;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+
+pub use consumer::RedisConsumer;
+
+/// Kombu's separator between a queue name and its priority bucket.
+const SEP: &str = "\x06\x16";
+/// Kombu's priority steps, consumed in this order.
+const STEPS: [u8; 4] = [0, 3, 6, 9];
+
+/// Settings read from the URL.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// The URL without our query options (handed to the redis client).
+    pub url: String,
+    /// Restore an unacknowledged message after this long without a lease renewal.
+    pub visibility_timeout: Duration,
+    /// Prefix of every key (Kombu's `global_keyprefix`).
+    pub key_prefix: String,
+}
+
+impl RedisOptions {
+    /// Parses a `redis://` URL with our query options.
+    pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
+        let invalid = |reason: String| BrokerError::InvalidUrl { url: redact(url), reason };
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut keep = Vec::new();
+        let mut opts = RedisOptions { url: String::new(), visibility_timeout: Duration::from_secs(3600), key_prefix: String::new() };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "visibility_timeout" => {
+                    let secs: f64 = v.parse().map_err(|_| invalid(format!("visibility_timeout `{v}` is not a number of seconds")))?;
+                    if !(secs > 0.0 && secs.is_finite()) {
+                        return Err(invalid("visibility_timeout must be positive".into()));
+                    }
+                    opts.visibility_timeout = Duration::from_secs_f64(secs);
+                }
+                "global_keyprefix" => opts.key_prefix = v.to_owned(),
+                _ => keep.push(pair),
+            }
+        }
+        opts.url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
+        Ok(opts)
+    }
+}
+
+/// The URL with any password replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Key names, with the prefix applied.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    pub(crate) fn bucket(&self, queue: &str, step: u8) -> String {
+        if step == 0 {
+            format!("{}{queue}", self.prefix)
+        } else {
+            format!("{}{queue}{SEP}{step}", self.prefix)
+        }
+    }
+    pub(crate) fn buckets(&self, queue: &str) -> impl Iterator<Item = String> + '_ {
+        let q = queue.to_owned();
+        STEPS.iter().map(move |s| self.bucket(&q, *s))
+    }
+    pub(crate) fn unacked(&self) -> String {
+        format!("{}unacked", self.prefix)
+    }
+    pub(crate) fn unacked_index(&self) -> String {
+        format!("{}unacked_index", self.prefix)
+    }
+    pub(crate) fn delayed(&self, queue: &str) -> String {
+        format!("{}_celery_rs.delayed.{queue}", self.prefix)
+    }
+    pub(crate) fn binding(&self, exchange: &str) -> String {
+        format!("{}_kombu.binding.{exchange}", self.prefix)
+    }
+}
+
+pub(crate) fn conn_error(e: redis::RedisError) -> BrokerError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        BrokerError::Connection(e.to_string())
+    } else {
+        BrokerError::Operation(e.to_string())
+    }
+}
+
+pub(crate) async fn manager(client: &redis::Client, response_timeout: Option<Duration>) -> Result<ConnectionManager, BrokerError> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_response_timeout(response_timeout)
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(3)
+        .set_max_delay(Duration::from_secs(2));
+    client.get_connection_manager_with_config(cfg).await.map_err(conn_error)
+}
+
+/// The Redis broker.
+#[derive(Clone)]
+pub struct RedisBroker {
+    client: redis::Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    options: RedisOptions,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker").field("url", &redact(&self.options.url)).field("options", &self.options.visibility_timeout).finish()
+    }
+}
+
+impl RedisBroker {
+    /// Connects (the first connection must succeed; later losses are retried).
+    pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
+        let options = RedisOptions::parse(url)?;
+        let client = redis::Client::open(options.url.as_str())
+            .map_err(|e| BrokerError::InvalidUrl { url: redact(url), reason: e.to_string() })?;
+        let conn = manager(&client, Some(Duration::from_secs(30))).await?;
+        Ok(RedisBroker { client, conn, keys: Keys { prefix: options.key_prefix.clone() }, options })
+    }
+
+    /// The options in force.
+    pub fn options(&self) -> &RedisOptions {
+        &self.options
+    }
+
+    /// The queues `route` leads to: the routing key on the default exchange, else Kombu's bindings.
+    async fn resolve(&self, route: &Route) -> Result<Vec<String>, BrokerError> {
+        if route.exchange.is_empty() {
+            return Ok(vec![route.routing_key.clone()]);
+        }
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn.smembers(self.keys.binding(&route.exchange)).await.map_err(conn_error)?;
+        let mut queues = Vec::new();
+        for m in members {
+            let parts: Vec<&str> = m.split(SEP).collect();
+            if let [key, pattern, queue] = parts[..] {
+                let pat = if pattern.is_empty() { key } else { pattern };
+                if pat == route.routing_key || topic_matches(pat, &route.routing_key) {
+                    queues.push(queue.to_owned());
+                }
+            }
+        }
+        if queues.is_empty() {
+            return Err(BrokerError::Operation(format!(
+                "no queue is bound to exchange `{}` with routing key `{}`",
+                route.exchange, route.routing_key
+            )));
+        }
+        Ok(queues)
+    }
+
+    fn add_publish(&self, pipe: &mut redis::Pipeline, queue: &str, route: &Route, msg: &Message) {
+        let env = envelope::encode(msg, &route.exchange, queue);
+        match msg.headers.eta {
+            Some(t) if t > Utc::now() => {
+                pipe.zadd(self.keys.delayed(queue), env, t.timestamp_millis()).ignore();
+            }
+            _ => {
+                let step = envelope::bucket_of(envelope::kombu_priority(msg));
+                pipe.lpush(self.keys.bucket(queue, step), env).ignore();
+            }
+        }
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key` (Kombu's binding set; a pattern for topic routing).
+    pub async fn bind(&self, exchange: &str, routing_key: &str, queue: &str) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let member = format!("{routing_key}{SEP}{routing_key}{SEP}{queue}");
+        let _: () = conn.sadd(self.keys.binding(exchange), member).await.map_err(conn_error)?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
+        let queues = self.resolve(route).await?;
+        let mut pipe = redis::pipe();
+        for q in &queues {
+            self.add_publish(&mut pipe, q, route, msg);
+        }
+        let mut conn = self.conn.clone();
+        pipe.query_async::<()>(&mut conn).await.map_err(conn_error)
+    }
+
+    async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        for chunk in batch.chunks(2000) {
+            let mut pipe = redis::pipe();
+            for (route, msg) in chunk {
+                for q in self.resolve(route).await? {
+                    self.add_publish(&mut pipe, &q, route, msg);
+                }
+            }
+            pipe.query_async::<()>(&mut conn).await.map_err(conn_error)?;
+        }
+        Ok(())
+    }
+
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        let c = RedisConsumer::start(self.client.clone(), self.conn.clone(), self.keys.clone(), self.options.clone(), queues, prefetch).await?;
+        Ok(Box::new(c))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut pipe = redis::pipe();
+        let mut keys: Vec<String> = self.keys.buckets(queue).collect();
+        keys.push(self.keys.delayed(queue));
+        for k in &keys[..4] {
+            pipe.llen(k);
+        }
+        pipe.zcard(&keys[4]);
+        pipe.del(&keys).ignore();
+        let mut conn = self.conn.clone();
+        let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(conn_error)?;
+        Ok(counts.iter().sum())
+    }
+
+    async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut pipe = redis::pipe();
+        for k in self.keys.buckets(queue) {
+            pipe.llen(k);
+        }
+        let mut conn = self.conn.clone();
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
+        Ok(counts.iter().sum())
+    }
+}
+
+impl RedisBroker {
+    /// Messages held for a later eta in `queue`.
+    pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut conn = self.conn.clone();
+        conn.zcard(self.keys.delayed(queue)).await.map_err(conn_error)
+    }
+
+    /// Unacknowledged (leased) messages, over all queues.
+    pub async fn unacked_len(&self) -> Result<u64, BrokerError> {
+        let mut conn = self.conn.clone();
+        conn.hlen(self.keys.unacked()).await.map_err(conn_error)
+    }
+}
+
+inventory::submit! {
+    BrokerScheme { scheme: "redis", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+inventory::submit! {
+    BrokerScheme { scheme: "rediss", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_options_are_read_and_stripped() {
+        let o = RedisOptions::parse("redis://:pw@h:6379/3?visibility_timeout=2.5&global_keyprefix=t1:&protocol=resp2").unwrap();
+        assert_eq!(o.visibility_timeout, Duration::from_millis(2500));
+        assert_eq!(o.key_prefix, "t1:");
+        assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
+        assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
+        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+    }
+}

@@ -1,0 +1,126 @@
+//! The Lua scripts that make each multi-key step atomic on the Redis server.
+//!
+//! Layout (all keys behind the optional `global_keyprefix`, as Kombu does):
+//! - `<queue>` and `<queue>\x06\x16<3|6|9>`: Kombu's priority buckets, `LPUSH` to publish, `RPOP` to take.
+//! - `unacked` (hash tag -> `[envelope, exchange, routing_key]`) and `unacked_index` (zset tag -> time):
+//!   Kombu's ack emulation, so Python Celery workers and ours restore each other's lost messages.
+//! - `_celery_rs.delayed.<queue>` (zset envelope -> due time in ms): ETA messages held durably.
+
+use redis::Script;
+
+/// Takes up to `n` envelopes from the bucket lists (in priority order) and leases each under a new tag.
+/// KEYS: unacked, unacked_index, lists...; ARGV: now, n, tag prefix, first sequence, routing keys...
+pub(crate) fn fetch() -> Script {
+    Script::new(
+        r#"
+local out = {}
+local n = tonumber(ARGV[2])
+local seq = tonumber(ARGV[4])
+for i = 3, #KEYS do
+  if n <= 0 then break end
+  local items = redis.call('RPOP', KEYS[i], n)
+  if items then
+    local rk = cjson.encode(ARGV[i + 2])
+    for _, env in ipairs(items) do
+      local tag = ARGV[3] .. seq
+      seq = seq + 1
+      redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      out[#out + 1] = i - 3
+      out[#out + 1] = env
+      out[#out + 1] = tag
+      n = n - 1
+    end
+  end
+end
+return out
+"#,
+    )
+}
+
+const BUCKET_FN: &str = r#"
+local function bucket_key(prefix, queue, env)
+  local p = 0
+  if type(env) == 'table' and type(env.properties) == 'table' and type(env.properties.priority) == 'number' then
+    p = env.properties.priority
+  end
+  local b = 0
+  if p >= 9 then b = 9 elseif p >= 6 then b = 6 elseif p >= 3 then b = 3 end
+  if b == 0 then return prefix .. queue end
+  return prefix .. queue .. '\6\22' .. b
+end
+local function queues_for(prefix, exchange, rk)
+  if exchange == nil or exchange == '' or type(exchange) ~= 'string' then return {rk} end
+  local members = redis.call('SMEMBERS', prefix .. '_kombu.binding.' .. exchange)
+  local out = {}
+  for _, m in ipairs(members) do
+    local a = string.find(m, '\6\22', 1, true)
+    if a then
+      local key = string.sub(m, 1, a - 1)
+      local rest = string.sub(m, a + 2)
+      local b = string.find(rest, '\6\22', 1, true)
+      if b and (key == rk or key == '') then out[#out + 1] = string.sub(rest, b + 2) end
+    end
+  end
+  if #out == 0 then out[1] = rk end
+  return out
+end
+"#;
+
+/// Restores leases older than the cutoff to the front of their queues, marking them redelivered and
+/// counting deliveries in the `x-delivery-count` header.
+/// KEYS: unacked, unacked_index; ARGV: cutoff, limit, key prefix.
+pub(crate) fn restore() -> Script {
+    Script::new(&format!(
+        r#"{BUCKET_FN}
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local restored = 0
+for _, tag in ipairs(tags) do
+  local p = redis.call('HGET', KEYS[1], tag)
+  if p then
+    local ok, t = pcall(cjson.decode, p)
+    if ok and type(t) == 'table' and type(t[1]) == 'table' and type(t[3]) == 'string' then
+      local env = t[1]
+      if type(env.headers) == 'table' then
+        env.headers.redelivered = true
+        local c = tonumber(env.headers['x-delivery-count']) or 1
+        env.headers['x-delivery-count'] = c + 1
+      end
+      if type(env.properties) == 'table' and type(env.properties.delivery_info) == 'table' then
+        env.properties.delivery_info.redelivered = true
+      end
+      local data = cjson.encode(env)
+      for _, q in ipairs(queues_for(ARGV[3], t[2], t[3])) do
+        redis.call('RPUSH', bucket_key(ARGV[3], q, env), data)
+      end
+      restored = restored + 1
+    end
+  end
+  redis.call('HDEL', KEYS[1], tag)
+  redis.call('ZREM', KEYS[2], tag)
+end
+return restored
+"#
+    ))
+}
+
+/// Moves due envelopes from a delayed zset to the back of their queue, by the server's clock.
+/// Returns the next due time in ms (or -1). KEYS: delayed; ARGV: limit, key prefix, queue.
+pub(crate) fn promote() -> Script {
+    Script::new(&format!(
+        r#"{BUCKET_FN}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, data in ipairs(due) do
+  local ok, env = pcall(cjson.decode, data)
+  if not ok then env = nil end
+  redis.call('LPUSH', bucket_key(ARGV[2], ARGV[3], env), data)
+  redis.call('ZREM', KEYS[1], data)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return {{#due, -1}} end
+return {{#due, tonumber(nxt[2]) - now}}
+"#
+    ))
+}

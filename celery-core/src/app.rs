@@ -1,0 +1,209 @@
+//! The producer API: [`App`] sends signatures through a broker and hands back [`AsyncResult`]s that
+//! read the result backend.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::backend::{ResultBackend, TaskMeta};
+use crate::broker::Broker;
+use crate::error::{AppError, ResultError};
+use crate::protocol::Message;
+use crate::registry;
+use crate::routing::Route;
+use crate::scheme;
+use crate::signature::Signature;
+use crate::state::TaskState;
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    /// The queue of tasks that name none (default `celery`).
+    pub default_queue: String,
+    /// Messages larger than this are refused at send time (default 16 MiB).
+    pub max_message_size: usize,
+}
+
+impl Default for AppConfig {
+    fn default() -> Self {
+        AppConfig { default_queue: "celery".into(), max_message_size: 16 * 1024 * 1024 }
+    }
+}
+
+/// A broker, a result backend and the producer settings.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use celery_core::{App, Signature};
+/// let app = App::connect("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1").await?;
+/// let res = app.send(Signature::by_name("add").args(serde_json::json!([2, 3]))).await?;
+/// let sum: i64 = res.get(Duration::from_secs(10)).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct App {
+    broker: Arc<dyn Broker>,
+    backend: Arc<dyn ResultBackend>,
+    config: AppConfig,
+}
+
+impl fmt::Debug for App {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("App").field("broker", &self.broker.kind()).field("config", &self.config).finish()
+    }
+}
+
+impl App {
+    /// Connects to a broker and a result backend by URL (`redis://`, `memory://`, ...).
+    pub async fn connect(broker_url: &str, backend_url: &str) -> Result<App, AppError> {
+        let broker = scheme::connect_broker(broker_url).await?;
+        let backend = scheme::connect_backend(backend_url).await?;
+        Ok(App::new(broker, backend))
+    }
+
+    /// An app over a connected broker and backend.
+    pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> App {
+        App { broker, backend, config: AppConfig::default() }
+    }
+
+    /// Replaces the settings.
+    pub fn with_config(mut self, config: AppConfig) -> App {
+        self.config = config;
+        self
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &AppConfig {
+        &self.config
+    }
+
+    /// The broker.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
+    }
+
+    /// The result backend.
+    pub fn backend(&self) -> &Arc<dyn ResultBackend> {
+        &self.backend
+    }
+
+    /// The route and message for a signature, with the task's registered defaults applied.
+    pub fn prepare(&self, sig: &Signature) -> Result<(Route, Message), AppError> {
+        let mut sig = sig.clone();
+        if let Some(entry) = registry::lookup(&sig.task) {
+            let o = (entry.options)();
+            if sig.options.queue.is_none() {
+                sig.options.queue = o.queue.map(str::to_owned);
+            }
+            sig.options.time_limit = sig.options.time_limit.or(o.time_limit);
+            sig.options.soft_time_limit = sig.options.soft_time_limit.or(o.soft_time_limit);
+            if sig.options.ignore_result.is_none() && o.ignore_result {
+                sig.options.ignore_result = Some(true);
+            }
+        }
+        let msg = Message::from_signature(&sig)?;
+        msg.check_size(self.config.max_message_size)?;
+        let queue = sig.options.queue.clone().unwrap_or_else(|| self.config.default_queue.clone());
+        let route = match &sig.options.exchange {
+            Some(ex) if !ex.is_empty() => {
+                Route { exchange: ex.clone(), routing_key: sig.options.routing_key.clone().unwrap_or(queue) }
+            }
+            _ => Route::queue(sig.options.routing_key.clone().unwrap_or(queue)),
+        };
+        Ok((route, msg))
+    }
+
+    /// Sends one invocation.
+    pub async fn send(&self, sig: Signature) -> Result<AsyncResult, AppError> {
+        let (route, msg) = self.prepare(&sig)?;
+        self.broker.publish(&route, &msg).await?;
+        Ok(self.result(&msg.headers.id))
+    }
+
+    /// Sends many invocations in one batch (one broker round trip where possible).
+    pub async fn send_batch(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<Vec<AsyncResult>, AppError> {
+        let batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
+        self.broker.publish_batch(&batch).await?;
+        Ok(batch.iter().map(|(_, m)| self.result(&m.headers.id)).collect())
+    }
+
+    /// Sends a task by name with JSON positional and keyword arguments.
+    pub async fn send_by_name(&self, name: &str, args: Value, kwargs: Value) -> Result<AsyncResult, AppError> {
+        self.send(Signature::by_name(name).args(args).kwargs(kwargs)).await
+    }
+
+    /// A handle on the result of task `id`.
+    pub fn result(&self, id: &str) -> AsyncResult {
+        AsyncResult { id: id.to_owned(), backend: self.backend.clone() }
+    }
+}
+
+/// A handle on one task's state and result.
+///
+/// ```no_run
+/// # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// let res = app.result("d9b1d7db-1c1f-4a3c-9f6e-1b2c3d4e5f60");
+/// println!("{}", res.state().await?);
+/// let meta = res.wait(Duration::from_secs(5)).await?;
+/// println!("{:?}", meta.result);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AsyncResult {
+    id: String,
+    backend: Arc<dyn ResultBackend>,
+}
+
+impl fmt::Debug for AsyncResult {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AsyncResult").field("id", &self.id).finish()
+    }
+}
+
+impl AsyncResult {
+    /// The task id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The current state (PENDING when nothing is stored).
+    pub async fn state(&self) -> Result<TaskState, ResultError> {
+        Ok(self.backend.get(&self.id).await?.map(|m| m.status).unwrap_or(TaskState::Pending))
+    }
+
+    /// The stored document, if any.
+    pub async fn info(&self) -> Result<Option<TaskMeta>, ResultError> {
+        Ok(self.backend.get(&self.id).await?)
+    }
+
+    /// Waits for a ready state (SUCCESS, FAILURE, REVOKED) and returns the document.
+    pub async fn wait(&self, timeout: Duration) -> Result<TaskMeta, ResultError> {
+        match self.backend.wait(&self.id, timeout).await? {
+            Some(m) if m.status.is_ready() => Ok(m),
+            _ => Err(ResultError::Timeout(timeout)),
+        }
+    }
+
+    /// Waits for the result and decodes it; a FAILURE or REVOKED is an error.
+    pub async fn get<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T, ResultError> {
+        let meta = self.wait(timeout).await?;
+        match meta.status {
+            TaskState::Success => serde_json::from_value(meta.result).map_err(|e| ResultError::Decode(e.to_string())),
+            TaskState::Revoked => Err(ResultError::Revoked),
+            _ => {
+                let (exc_type, message) = meta.exception().unwrap_or_else(|| ("Unknown".into(), meta.result.to_string()));
+                Err(ResultError::Failed { exc_type, message, traceback: meta.traceback })
+            }
+        }
+    }
+
+    /// Deletes the stored result.
+    pub async fn forget(&self) -> Result<(), ResultError> {
+        Ok(self.backend.forget(&self.id).await?)
+    }
+}

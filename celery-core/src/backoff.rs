@@ -1,0 +1,83 @@
+//! Retry countdowns: Celery's exponential backoff with full jitter.
+
+use std::time::Duration;
+
+use crate::task::TaskOptions;
+
+/// The countdown before retry number `retries + 1`.
+///
+/// An explicit countdown wins; else with `retry_backoff = f` it is `min(retry_backoff_max, f * 2^retries)`,
+/// drawn uniformly from `[0, that]` when `retry_jitter` is on; else `default_retry_delay`.
+///
+/// ```
+/// use std::time::Duration;
+/// use celery_core::{backoff::retry_countdown, TaskOptions};
+/// let mut o = TaskOptions::new("t");
+/// o.retry_backoff = Some(2.0);
+/// o.retry_jitter = false;
+/// assert_eq!(retry_countdown(&o, 3, None), Duration::from_secs(16));
+/// assert_eq!(retry_countdown(&o, 30, None), Duration::from_secs(600));
+/// ```
+pub fn retry_countdown(options: &TaskOptions, retries: u32, explicit: Option<Duration>) -> Duration {
+    if let Some(c) = explicit {
+        return c;
+    }
+    let Some(factor) = options.retry_backoff else {
+        return Duration::from_secs_f64(options.default_retry_delay.max(0.0));
+    };
+    let exp = 2f64.powi(retries.min(62) as i32);
+    let cap = (factor * exp).min(options.retry_backoff_max).max(0.0);
+    let secs = if options.retry_jitter { rand::random::<f64>() * cap } else { cap };
+    Duration::from_secs_f64(secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_below_the_cap() {
+        let mut o = TaskOptions::new("t");
+        o.retry_backoff = Some(1.0);
+        for r in 0..10 {
+            let d = retry_countdown(&o, r, None);
+            assert!(d <= Duration::from_secs_f64((2f64.powi(r as i32)).min(600.0)));
+        }
+        o.retry_backoff = None;
+        assert_eq!(retry_countdown(&o, 0, None), Duration::from_secs(180));
+        assert_eq!(retry_countdown(&o, 0, Some(Duration::from_millis(5))), Duration::from_millis(5));
+    }
+}
+
+/// Capped exponential backoff for reconnect loops: 100 ms doubling up to 10 s, with jitter.
+///
+/// ```
+/// use celery_core::backoff::Reconnect;
+/// let mut b = Reconnect::default();
+/// let first = b.next_delay();
+/// assert!(first <= std::time::Duration::from_millis(100));
+/// b.reset();
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Reconnect {
+    attempt: u32,
+}
+
+impl Reconnect {
+    /// The delay before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = (0.1 * 2f64.powi(self.attempt.min(10) as i32)).min(10.0);
+        self.attempt += 1;
+        Duration::from_secs_f64(cap * (0.5 + rand::random::<f64>() * 0.5))
+    }
+
+    /// How many attempts failed in a row.
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+
+    /// After a success.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

@@ -1,0 +1,131 @@
+//! The broker traits: publish messages to routes, consume them with leases, settle each delivery.
+//!
+//! Delivery guarantees every broker gives the worker:
+//! - A delivery stays invisible to other consumers until it is settled (ack, requeue, defer,
+//!   dead-letter) or its consumer dies (then it comes back; at-least-once).
+//! - A message published with an `eta` in the future is held durably by the broker and delivered
+//!   when due; it occupies no consumer and survives every worker stopping.
+//! - `consume(.., prefetch)` never has more than `prefetch` unsettled deliveries out.
+
+use std::fmt::Debug;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::{BrokerError, ProtocolError};
+use crate::protocol::Message;
+use crate::routing::Route;
+
+/// A message store with routing and leased consumption.
+///
+/// ```no_run
+/// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), Box<dyn std::error::Error>> {
+/// use celery_core::{protocol::Message, routing::Route, Signature};
+/// let msg = Message::from_signature(&Signature::by_name("add").args(serde_json::json!([1, 2])))?;
+/// broker.publish(&Route::queue("celery"), &msg).await?;
+/// let mut consumer = broker.consume(&["celery".to_string()], 8).await?;
+/// if let Some(delivery) = consumer.next().await {
+///     delivery.ack().await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait Broker: Send + Sync + Debug {
+    /// A short name for messages (`"redis"`).
+    fn kind(&self) -> &'static str;
+
+    /// Stores `msg` for the queues `route` leads to. Returns once the broker has it.
+    async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError>;
+
+    /// Publishes many messages at once (one round trip where the broker allows).
+    async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
+        for (route, msg) in batch {
+            self.publish(route, msg).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts consuming `queues` (in priority order) with at most `prefetch` unsettled deliveries.
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
+
+    /// Deletes every ready message of `queue`; returns how many.
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// Ready messages in `queue` (not delayed, not leased).
+    async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError>;
+}
+
+/// A stream of deliveries from some queues.
+#[async_trait]
+pub trait Consumer: Send + Debug {
+    /// The next delivery; `None` once stopped. Connection loss is retried inside, with backoff.
+    async fn next(&mut self) -> Option<Delivery>;
+
+    /// Stops fetching: `next` drains what was fetched, then returns `None`. Settling still works.
+    fn stop(&mut self);
+
+    /// Flushes pending settlements and releases the consumer's resources.
+    async fn close(&mut self);
+}
+
+/// How a delivery is settled; implemented by each broker.
+#[async_trait]
+pub trait Settle: Send + Sync + Debug {
+    /// Done: remove it for good.
+    async fn ack(&self) -> Result<(), BrokerError>;
+    /// Give it back to its queue now, for any consumer.
+    async fn requeue(&self) -> Result<(), BrokerError>;
+    /// Hold `msg` (the delivered message, possibly changed) durably until `until`, and ack this delivery.
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError>;
+    /// Copy the raw payload to the queue's dead-letter queue with `reason`, and ack this delivery.
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError>;
+}
+
+/// One leased message.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The decoded message, or why it could not be decoded.
+    pub message: Result<Message, ProtocolError>,
+    /// The queue it came from.
+    pub queue: String,
+    /// True when it was delivered before and not acked.
+    pub redelivered: bool,
+    settle: Box<dyn Settle>,
+}
+
+impl Delivery {
+    /// A delivery settled through `settle`.
+    pub fn new(message: Result<Message, ProtocolError>, queue: String, redelivered: bool, settle: Box<dyn Settle>) -> Delivery {
+        Delivery { message, queue, redelivered, settle }
+    }
+
+    /// Acknowledge: done.
+    pub async fn ack(self) -> Result<(), BrokerError> {
+        self.settle.ack().await
+    }
+
+    /// Return to the queue now.
+    pub async fn requeue(self) -> Result<(), BrokerError> {
+        self.settle.requeue().await
+    }
+
+    /// Hold `msg` until `until` in the broker's durable delay store, acking this delivery.
+    pub async fn defer(self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        self.settle.defer(msg, until).await
+    }
+
+    /// Dead-letter with a reason.
+    pub async fn dead_letter(self, reason: &str) -> Result<(), BrokerError> {
+        self.settle.dead_letter(reason).await
+    }
+}
+
+/// The dead-letter queue of `queue`.
+pub fn dead_letter_queue(queue: &str) -> String {
+    format!("{queue}.dead")
+}
+
+/// The header that carries a dead letter's reason.
+pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
+/// The header that carries a dead letter's original queue.
+pub const DEAD_LETTER_QUEUE: &str = "x-dead-letter-queue";

@@ -1,0 +1,153 @@
+//! Error types, one per layer, each `#[non_exhaustive]` with the predicates callers decide on.
+
+use std::time::Duration;
+
+use thiserror::Error;
+
+/// A message that cannot be decoded: the field at fault is named.
+#[derive(Debug, Error, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// The payload is not JSON.
+    #[error("message is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// A required field is missing.
+    #[error("message lacks the `{0}` field")]
+    MissingField(&'static str),
+    /// A field has the wrong type or value.
+    #[error("message field `{field}` is invalid: {reason}")]
+    InvalidField {
+        /// The field's name.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A content type we never execute (pickle, yaml, msgpack, ...).
+    #[error("content type `{0}` is not supported (only application/json)")]
+    UnsupportedContentType(String),
+    /// The message is larger than the configured limit.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// Encoded size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
+}
+
+/// A failure of a broker operation.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The connection failed or was lost; retrying later may succeed.
+    #[error("broker connection error: {0}")]
+    Connection(String),
+    /// The broker refused or failed the operation.
+    #[error("broker error: {0}")]
+    Operation(String),
+    /// The URL is malformed or names an unknown option.
+    #[error("invalid broker URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given (password removed).
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No broker is registered for the URL's scheme.
+    #[error("no broker for scheme `{0}` (is its cargo feature enabled?)")]
+    UnknownScheme(String),
+    /// The broker does not support an option.
+    #[error("the {broker} broker does not support {option}")]
+    Unsupported {
+        /// The broker's name.
+        broker: &'static str,
+        /// The option.
+        option: String,
+    },
+    /// A message could not be encoded or decoded.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+impl BrokerError {
+    /// True when the operation may succeed if retried after a reconnect.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BrokerError::Connection(_))
+    }
+}
+
+/// A failure of a result-backend operation.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The connection failed or was lost; retrying later may succeed.
+    #[error("result backend connection error: {0}")]
+    Connection(String),
+    /// The backend failed the operation.
+    #[error("result backend error: {0}")]
+    Operation(String),
+    /// The URL is malformed.
+    #[error("invalid result backend URL `{url}`: {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No backend is registered for the URL's scheme.
+    #[error("no result backend for scheme `{0}` (is its cargo feature enabled?)")]
+    UnknownScheme(String),
+    /// A stored value is not a Celery result document.
+    #[error("stored result is malformed: {0}")]
+    Malformed(String),
+}
+
+impl BackendError {
+    /// True when the operation may succeed if retried after a reconnect.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, BackendError::Connection(_))
+    }
+}
+
+/// A failure of the producer API.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The result backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The message could not be built.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Why `AsyncResult::get` did not return a value.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ResultError {
+    /// No ready state within the timeout.
+    #[error("timed out after {0:?} waiting for the result")]
+    Timeout(Duration),
+    /// The task failed.
+    #[error("task failed: {exc_type}: {message}")]
+    Failed {
+        /// The exception type (`ValueError`, `TimeLimitExceeded`, ...).
+        exc_type: String,
+        /// The error message.
+        message: String,
+        /// The traceback or error chain, if any.
+        traceback: Option<String>,
+    },
+    /// The task was revoked (or expired before it ran).
+    #[error("task was revoked")]
+    Revoked,
+    /// The result could not be converted to the requested type.
+    #[error("result has an unexpected type: {0}")]
+    Decode(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}

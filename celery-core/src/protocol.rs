@@ -1,0 +1,436 @@
+//! Celery's message protocol v2, JSON only.
+//!
+//! A task message is headers (the task's name, id, eta, retries, ...), properties (correlation id,
+//! reply-to, priority) and a JSON body `[args, kwargs, embed]`. Decoding never panics: a malformed
+//! message is a [`ProtocolError`] naming the field at fault. Unknown header keys are kept in
+//! [`Headers::extra`] and sent on unchanged.
+//!
+//! ```
+//! use celery_core::protocol::{Headers, Message};
+//! use celery_core::Signature;
+//! let msg = Message::from_signature(&Signature::by_name("add").args(serde_json::json!([1, 2]))).unwrap();
+//! let wire = serde_json::Value::Object(msg.headers.to_json());
+//! let back = Headers::from_json(&wire).unwrap();
+//! assert_eq!(back.id, msg.headers.id);
+//! assert_eq!(msg.body().unwrap().args, vec![serde_json::json!(1), serde_json::json!(2)]);
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde_json::{Map, Value};
+
+use crate::error::ProtocolError;
+use crate::signature::Signature;
+
+/// The content type of every message we send and the only one we execute.
+pub const CONTENT_TYPE: &str = "application/json";
+/// The content encoding that goes with [`CONTENT_TYPE`].
+pub const CONTENT_ENCODING: &str = "utf-8";
+
+/// Refuses any content type but JSON (pickle, yaml and msgpack are never executed).
+pub fn check_content_type(content_type: &str) -> Result<(), ProtocolError> {
+    if content_type.is_empty() || content_type == CONTENT_TYPE {
+        Ok(())
+    } else {
+        Err(ProtocolError::UnsupportedContentType(content_type.to_owned()))
+    }
+}
+
+/// The protocol v2 headers. Times are UTC.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Headers {
+    /// `"rs"` for messages we send, `"py"` from Python.
+    pub lang: String,
+    /// The registered task name.
+    pub task: String,
+    /// The task id (a UUID string).
+    pub id: String,
+    /// A display name that overrides `task` in logs.
+    pub shadow: Option<String>,
+    /// Do not run before this time.
+    pub eta: Option<DateTime<Utc>>,
+    /// Do not run after this time (REVOKED instead).
+    pub expires: Option<DateTime<Utc>>,
+    /// The group this task belongs to.
+    pub group: Option<String>,
+    /// The task's index in its group.
+    pub group_index: Option<u64>,
+    /// How many times the task was retried.
+    pub retries: u32,
+    /// Hard time limit in seconds (Celery's `timelimit[0]`).
+    pub time_limit: Option<f64>,
+    /// Soft time limit in seconds (Celery's `timelimit[1]`).
+    pub soft_time_limit: Option<f64>,
+    /// The first task of the workflow.
+    pub root_id: Option<String>,
+    /// The task that sent this one.
+    pub parent_id: Option<String>,
+    /// A printable form of the arguments (at most 1024 chars).
+    pub argsrepr: Option<String>,
+    /// A printable form of the keyword arguments (at most 1024 chars).
+    pub kwargsrepr: Option<String>,
+    /// The sender, `gen<pid>@<host>`.
+    pub origin: Option<String>,
+    /// Do not store the result.
+    pub ignore_result: bool,
+    /// Every other header, kept as received.
+    pub extra: Map<String, Value>,
+}
+
+const KNOWN: &[&str] = &[
+    "lang",
+    "task",
+    "id",
+    "shadow",
+    "eta",
+    "expires",
+    "group",
+    "group_index",
+    "retries",
+    "timelimit",
+    "root_id",
+    "parent_id",
+    "argsrepr",
+    "kwargsrepr",
+    "origin",
+    "ignore_result",
+];
+
+fn opt_str(map: &Map<String, Value>, field: &'static str) -> Result<Option<String>, ProtocolError> {
+    match map.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(ProtocolError::InvalidField { field, reason: format!("expected a string, got {other}") }),
+    }
+}
+
+fn opt_time(map: &Map<String, Value>, field: &'static str) -> Result<Option<DateTime<Utc>>, ProtocolError> {
+    match opt_str(map, field)? {
+        None => Ok(None),
+        Some(s) => parse_time(&s)
+            .map(Some)
+            .map_err(|reason| ProtocolError::InvalidField { field, reason }),
+    }
+}
+
+/// Parses an ISO-8601 time as Celery sends it (with or without an offset; naive means UTC).
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.f")
+        .map(|n| n.and_utc())
+        .map_err(|e| format!("`{s}` is not an ISO-8601 time: {e}"))
+}
+
+/// Formats a time the way Celery does (`2026-01-01T00:00:00.000000+00:00`).
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.6f+00:00").to_string()
+}
+
+fn opt_f64(v: Option<&Value>, field: &'static str) -> Result<Option<f64>, ProtocolError> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(other) => Err(ProtocolError::InvalidField { field, reason: format!("expected a number, got {other}") }),
+    }
+}
+
+fn opt_to_json<T: Into<Value>>(v: Option<T>) -> Value {
+    v.map(Into::into).unwrap_or(Value::Null)
+}
+
+impl Headers {
+    /// Reads headers from a JSON object, naming the field at fault on error.
+    pub fn from_json(value: &Value) -> Result<Headers, ProtocolError> {
+        let map = value.as_object().ok_or(ProtocolError::InvalidField {
+            field: "headers",
+            reason: "expected a JSON object".into(),
+        })?;
+        let task = opt_str(map, "task")?.ok_or(ProtocolError::MissingField("task"))?;
+        let id = opt_str(map, "id")?.ok_or(ProtocolError::MissingField("id"))?;
+        let retries = match map.get("retries") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_u64().and_then(|r| u32::try_from(r).ok()).ok_or_else(|| ProtocolError::InvalidField {
+                field: "retries",
+                reason: format!("expected a non-negative integer, got {v}"),
+            })?,
+        };
+        let (time_limit, soft_time_limit) = match map.get("timelimit") {
+            None | Some(Value::Null) => (None, None),
+            Some(Value::Array(a)) => (opt_f64(a.first(), "timelimit")?, opt_f64(a.get(1), "timelimit")?),
+            Some(other) => {
+                return Err(ProtocolError::InvalidField {
+                    field: "timelimit",
+                    reason: format!("expected [hard, soft], got {other}"),
+                })
+            }
+        };
+        let group_index = match map.get("group_index") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| ProtocolError::InvalidField {
+                field: "group_index",
+                reason: format!("expected an integer, got {v}"),
+            })?),
+        };
+        let extra = map
+            .iter()
+            .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Headers {
+            lang: opt_str(map, "lang")?.unwrap_or_else(|| "py".into()),
+            task,
+            id,
+            shadow: opt_str(map, "shadow")?,
+            eta: opt_time(map, "eta")?,
+            expires: opt_time(map, "expires")?,
+            group: opt_str(map, "group")?,
+            group_index,
+            retries,
+            time_limit,
+            soft_time_limit,
+            root_id: opt_str(map, "root_id")?,
+            parent_id: opt_str(map, "parent_id")?,
+            argsrepr: opt_str(map, "argsrepr")?,
+            kwargsrepr: opt_str(map, "kwargsrepr")?,
+            origin: opt_str(map, "origin")?,
+            ignore_result: map.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
+            extra,
+        })
+    }
+
+    /// Writes every protocol key (null when unset, as Python does) plus the extra headers.
+    pub fn to_json(&self) -> Map<String, Value> {
+        let mut m = Map::with_capacity(KNOWN.len() + self.extra.len());
+        m.insert("lang".into(), self.lang.clone().into());
+        m.insert("task".into(), self.task.clone().into());
+        m.insert("id".into(), self.id.clone().into());
+        m.insert("shadow".into(), opt_to_json(self.shadow.clone()));
+        m.insert("eta".into(), opt_to_json(self.eta.map(format_time)));
+        m.insert("expires".into(), opt_to_json(self.expires.map(format_time)));
+        m.insert("group".into(), opt_to_json(self.group.clone()));
+        m.insert("group_index".into(), opt_to_json(self.group_index));
+        m.insert("retries".into(), self.retries.into());
+        m.insert(
+            "timelimit".into(),
+            Value::Array(vec![opt_to_json(self.time_limit), opt_to_json(self.soft_time_limit)]),
+        );
+        m.insert("root_id".into(), opt_to_json(self.root_id.clone()));
+        m.insert("parent_id".into(), opt_to_json(self.parent_id.clone()));
+        m.insert("argsrepr".into(), opt_to_json(self.argsrepr.clone()));
+        m.insert("kwargsrepr".into(), opt_to_json(self.kwargsrepr.clone()));
+        m.insert("origin".into(), opt_to_json(self.origin.clone()));
+        m.insert("ignore_result".into(), self.ignore_result.into());
+        for (k, v) in &self.extra {
+            m.insert(k.clone(), v.clone());
+        }
+        m
+    }
+}
+
+/// Message properties (AMQP basic properties, or Kombu's `properties` on Redis).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Properties {
+    /// The task id.
+    pub correlation_id: String,
+    /// The caller's reply queue (rpc results).
+    pub reply_to: Option<String>,
+    /// 0-255, higher first on AMQP; Redis maps it to Kombu's buckets.
+    pub priority: Option<u8>,
+}
+
+/// The decoded body `[args, kwargs, embed]`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TaskBody {
+    /// Positional arguments.
+    pub args: Vec<Value>,
+    /// Keyword arguments.
+    pub kwargs: Map<String, Value>,
+    /// `{"callbacks", "errbacks", "chain", "chord"}`, kept as received.
+    pub embed: Map<String, Value>,
+}
+
+impl TaskBody {
+    /// Parses a body; the error names what is wrong.
+    pub fn from_slice(body: &[u8]) -> Result<TaskBody, ProtocolError> {
+        let v: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+        let Value::Array(mut parts) = v else {
+            return Err(ProtocolError::InvalidField { field: "body", reason: "expected [args, kwargs, embed]".into() });
+        };
+        if parts.is_empty() || parts.len() > 3 {
+            return Err(ProtocolError::InvalidField {
+                field: "body",
+                reason: format!("expected [args, kwargs, embed], got {} elements", parts.len()),
+            });
+        }
+        parts.resize(3, Value::Null);
+        let mut it = parts.into_iter();
+        let args = match it.next() {
+            Some(Value::Array(a)) => a,
+            Some(Value::Null) => Vec::new(),
+            _ => return Err(ProtocolError::InvalidField { field: "args", reason: "expected a JSON array".into() }),
+        };
+        let kwargs = match it.next() {
+            Some(Value::Object(m)) => m,
+            Some(Value::Null) => Map::new(),
+            _ => return Err(ProtocolError::InvalidField { field: "kwargs", reason: "expected a JSON object".into() }),
+        };
+        let embed = match it.next() {
+            Some(Value::Object(m)) => m,
+            Some(Value::Null) | None => Map::new(),
+            _ => return Err(ProtocolError::InvalidField { field: "embed", reason: "expected a JSON object".into() }),
+        };
+        Ok(TaskBody { args, kwargs, embed })
+    }
+
+    /// Serializes to the wire form.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut embed = self.embed.clone();
+        for k in ["callbacks", "errbacks", "chain", "chord"] {
+            embed.entry(k).or_insert(Value::Null);
+        }
+        let v = Value::Array(vec![Value::Array(self.args.clone()), Value::Object(self.kwargs.clone()), Value::Object(embed)]);
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+}
+
+/// One task message: headers, properties and the raw JSON body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Protocol headers.
+    pub headers: Headers,
+    /// Properties.
+    pub properties: Properties,
+    /// The JSON body `[args, kwargs, embed]`, as bytes.
+    pub body: Vec<u8>,
+}
+
+fn repr(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 1024 {
+        let mut cut = 1024;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// `gen<pid>@<host>`, the `origin` header of messages this process sends.
+pub fn origin() -> String {
+    format!("gen{}@{}", std::process::id(), gethostname::gethostname().to_string_lossy())
+}
+
+impl Message {
+    /// Builds the message for a signature.
+    pub fn from_signature(sig: &Signature) -> Result<Message, ProtocolError> {
+        let id = sig.options.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let eta = sig.due_at();
+        let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed: Map::new() };
+        let headers = Headers {
+            lang: "rs".into(),
+            task: sig.task.clone(),
+            id: id.clone(),
+            eta,
+            expires: sig.options.expires,
+            retries: sig.options.retries,
+            time_limit: sig.options.time_limit,
+            soft_time_limit: sig.options.soft_time_limit,
+            root_id: Some(sig.options.root_id.clone().unwrap_or_else(|| id.clone())),
+            parent_id: sig.options.parent_id.clone(),
+            argsrepr: Some(repr(&Value::Array(sig.args.clone()))),
+            kwargsrepr: Some(repr(&Value::Object(sig.kwargs.clone()))),
+            origin: Some(origin()),
+            ignore_result: sig.options.ignore_result.unwrap_or(false),
+            extra: sig.options.headers.clone(),
+            ..Headers::default()
+        };
+        Ok(Message {
+            headers,
+            properties: Properties {
+                correlation_id: id,
+                reply_to: sig.options.reply_to.clone(),
+                priority: sig.options.priority,
+            },
+            body: body.to_vec(),
+        })
+    }
+
+    /// Decodes the body.
+    pub fn body(&self) -> Result<TaskBody, ProtocolError> {
+        TaskBody::from_slice(&self.body)
+    }
+
+    /// The same message for its next attempt: `retries + 1` and a new eta.
+    pub fn retried(&self, eta: DateTime<Utc>) -> Message {
+        let mut m = self.clone();
+        m.headers.retries += 1;
+        m.headers.eta = Some(eta);
+        m
+    }
+
+    /// Refuses a message whose encoded body and headers exceed `limit` bytes.
+    pub fn check_size(&self, limit: usize) -> Result<(), ProtocolError> {
+        let headers = self.headers.extra.iter().map(|(k, v)| k.len() + v.to_string().len()).sum::<usize>();
+        let size = self.body.len() + headers;
+        if size > limit {
+            Err(ProtocolError::TooLarge { size, limit })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn python_headers_decode() {
+        let h = json!({"lang": "py", "task": "add", "id": "abc", "shadow": null, "eta": "2026-01-01T10:00:00.123456+00:00",
+            "expires": null, "group": null, "group_index": null, "retries": 2, "timelimit": [10.0, null],
+            "root_id": "abc", "parent_id": null, "argsrepr": "(2, 3)", "kwargsrepr": "{}", "origin": "gen1@h",
+            "ignore_result": false, "stamped_headers": null, "stamps": {}, "x-custom": 1});
+        let d = Headers::from_json(&h).unwrap();
+        assert_eq!(d.retries, 2);
+        assert_eq!(d.time_limit, Some(10.0));
+        assert_eq!(d.soft_time_limit, None);
+        assert_eq!(d.eta.unwrap().timestamp_subsec_micros(), 123456);
+        assert_eq!(d.extra.get("x-custom"), Some(&json!(1)));
+        let back = d.to_json();
+        assert_eq!(back["timelimit"], json!([10.0, null]));
+        assert_eq!(back["x-custom"], json!(1));
+    }
+
+    #[test]
+    fn naive_eta_is_utc() {
+        let t = parse_time("2026-01-01T10:00:00").unwrap();
+        assert_eq!(format_time(t), "2026-01-01T10:00:00.000000+00:00");
+    }
+
+    #[test]
+    fn bad_headers_name_the_field() {
+        assert_eq!(Headers::from_json(&json!({"id": "x"})), Err(ProtocolError::MissingField("task")));
+        let e = Headers::from_json(&json!({"id": "x", "task": "t", "retries": "many"})).unwrap_err();
+        assert!(matches!(e, ProtocolError::InvalidField { field: "retries", .. }));
+        let e = Headers::from_json(&json!({"id": "x", "task": "t", "eta": "tomorrow"})).unwrap_err();
+        assert!(matches!(e, ProtocolError::InvalidField { field: "eta", .. }));
+    }
+
+    #[test]
+    fn body_roundtrip_and_errors() {
+        let b = TaskBody::from_slice(br#"[[1, 2], {"a": 1}, {"callbacks": null}]"#).unwrap();
+        assert_eq!(b.args, vec![json!(1), json!(2)]);
+        assert_eq!(TaskBody::from_slice(&b.to_vec()).unwrap().kwargs, b.kwargs);
+        assert!(matches!(TaskBody::from_slice(b"{"), Err(ProtocolError::InvalidJson(_))));
+        assert!(matches!(TaskBody::from_slice(b"[1, {}, {}]"), Err(ProtocolError::InvalidField { field: "args", .. })));
+    }
+
+    #[test]
+    fn only_json_is_executed() {
+        assert!(check_content_type("application/json").is_ok());
+        assert!(matches!(check_content_type("application/x-python-serialize"), Err(ProtocolError::UnsupportedContentType(_))));
+    }
+}

@@ -1,0 +1,113 @@
+//! `bench`: enqueue and drain throughput and round-trip latency, printed as `name value unit` lines
+//! (the format of the Python Celery baseline script, so a script can compute ratios).
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use celery_core::{App, Signature};
+use clap::Args;
+
+use crate::{Worker, WorkerConfig};
+
+/// `bench` options.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Tasks to enqueue and drain.
+    #[arg(short = 'n', long, default_value_t = 100_000)]
+    pub count: usize,
+    /// Round trips to time (`send(add).get()` one after another).
+    #[arg(long, default_value_t = 2000)]
+    pub roundtrips: usize,
+    /// The task to send, with two integer arguments (the demo's `add`).
+    #[arg(long, default_value = "add")]
+    pub task: String,
+    /// The queue to use (purged first).
+    #[arg(long, default_value = "bench")]
+    pub queue: String,
+    /// Worker concurrency while draining.
+    #[arg(short = 'c', long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Messages per batched send.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+}
+
+fn line(name: &str, value: f64, unit: &str) {
+    println!("{name} {} {unit}", (value * 1000.0).round() / 1000.0);
+}
+
+/// Runs the benchmark against `app`'s broker and backend.
+pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        celery_core::registry::lookup(&a.task).is_some(),
+        "task `{}` is not registered in this binary (the demo's `add` is)",
+        a.task
+    );
+    let sig = |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(&a.queue).ignore_result(true);
+    app.broker().purge(&a.queue).await?;
+
+    // Enqueue, one message per call.
+    let single = (a.count / 10).max(1);
+    let t = Instant::now();
+    for i in 0..single {
+        app.send(sig(i)).await?;
+    }
+    line("enqueue_rate_single", single as f64 / t.elapsed().as_secs_f64(), "tasks/s");
+    app.broker().purge(&a.queue).await?;
+
+    // Enqueue in batches.
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < a.count {
+        let n = a.batch.max(1).min(a.count - sent);
+        app.send_batch((sent..sent + n).map(sig)).await?;
+        sent += n;
+    }
+    line("enqueue_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
+
+    // Drain with one worker in this process.
+    let cfg = WorkerConfig {
+        queues: vec![a.queue.clone()],
+        concurrency: a.concurrency,
+        prefetch_multiplier: 4,
+        track_started: false,
+        shutdown_grace: Duration::from_secs(10),
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::new(app.clone(), cfg.clone());
+    let stats = worker.stats();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let t = Instant::now();
+    let handle = tokio::spawn(worker.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while stats.finished() < a.count as u64 {
+        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    line("drain_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
+    let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
+
+    // Round trips with results, through the same worker.
+    let mut lat = Vec::with_capacity(a.roundtrips);
+    for i in 0..(a.roundtrips + 20) {
+        let t = Instant::now();
+        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(&a.queue)).await?;
+        let v: i64 = res.get(Duration::from_secs(30)).await?;
+        anyhow::ensure!(v == 3, "round trip returned {v}");
+        if i >= 20 {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        res.forget().await?;
+    }
+    let _ = stop_tx.send(());
+    handle.await??;
+    lat.sort_by(f64::total_cmp);
+    if !lat.is_empty() {
+        line("roundtrip_p50_ms", lat[lat.len() / 2], "ms");
+        line("roundtrip_p99_ms", lat[((lat.len() - 1) as f64 * 0.99) as usize], "ms");
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! The command line a user's binary embeds with one call: [`run`].
+//!
+//! ```text
+//! mybin worker -Q celery,emails -c 16
+//! mybin send add --args '[2, 3]' --wait --json
+//! mybin result 4f6a... --wait 10
+//! mybin purge -Q celery
+//! mybin tasks
+//! mybin bench -n 100000
+//! ```
+//! `--broker` and `--backend` are accepted by every subcommand and default to the environment's
+//! `CELERY_BROKER_URL` and `CELERY_RESULT_BACKEND`. Logs go to stderr; results to stdout, and with
+//! `--json` the last line of stdout is `{"id", "state", "result", "error"}`.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use celery_core::{AsyncResult, Signature, TaskMeta, TaskState};
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::{Worker, WorkerConfig};
+
+/// The default broker URL when neither `--broker` nor `CELERY_BROKER_URL` is given.
+pub const DEFAULT_BROKER: &str = "redis://127.0.0.1:6379/0";
+/// The default result backend URL when neither `--backend` nor `CELERY_RESULT_BACKEND` is given.
+pub const DEFAULT_BACKEND: &str = "redis://127.0.0.1:6379/1";
+
+/// The command line.
+#[derive(Debug, Parser)]
+#[command(version, about = "Run workers, send tasks and read results", propagate_version = true)]
+pub struct Cli {
+    /// Broker URL.
+    #[arg(long, global = true, env = "CELERY_BROKER_URL", default_value = DEFAULT_BROKER)]
+    pub broker: String,
+    /// Result backend URL.
+    #[arg(long, global = true, env = "CELERY_RESULT_BACKEND", default_value = DEFAULT_BACKEND)]
+    pub backend: String,
+    /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG wins when set.
+    #[arg(long, short = 'l', global = true, default_value = "info")]
+    pub loglevel: String,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Consume queues and run tasks.
+    Worker(WorkerArgs),
+    /// Send a task by name with JSON arguments.
+    Send(SendArgs),
+    /// Show (or wait for) a task's state and result.
+    Result(ResultArgs),
+    /// Delete every waiting message of some queues.
+    Purge(PurgeArgs),
+    /// List the tasks registered in this binary.
+    Tasks,
+    /// Measure enqueue and drain throughput and round-trip latency.
+    Bench(crate::bench::BenchArgs),
+}
+
+/// `worker` options.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume, comma-separated or repeated, in priority order.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+    /// Tasks run at once (default: the number of CPUs).
+    #[arg(short = 'c', long)]
+    pub concurrency: Option<usize>,
+    /// Deliveries held per slot; 1 fetches only when a slot is free.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch_multiplier: usize,
+    /// This worker's name.
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+    /// Seconds running tasks get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30.0)]
+    pub grace: f64,
+    /// Do not store STARTED/RECEIVED states.
+    #[arg(long)]
+    pub without_track_started: bool,
+}
+
+/// `send` options.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The task name.
+    pub task: String,
+    /// Positional arguments as a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// Run no earlier than this many seconds from now.
+    #[arg(long)]
+    pub countdown: Option<f64>,
+    /// Run no earlier than this time (RFC 3339).
+    #[arg(long)]
+    pub eta: Option<String>,
+    /// Expire (REVOKED, never run) this many seconds from now.
+    #[arg(long)]
+    pub expires: Option<f64>,
+    /// The queue.
+    #[arg(long, short = 'Q')]
+    pub queue: Option<String>,
+    /// Priority 0-9 (9 runs first).
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Wait for the result, at most SECS (default 30).
+    #[arg(long, num_args = 0..=1, default_missing_value = "30")]
+    pub wait: Option<f64>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `result` options.
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// The task id.
+    pub id: String,
+    /// Wait for a ready state, at most SECS.
+    #[arg(long)]
+    pub wait: Option<f64>,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `purge` options.
+#[derive(Debug, Args)]
+pub struct PurgeArgs {
+    /// Queues to purge, comma-separated or repeated.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+}
+
+/// Parses the process arguments and runs the command; for a binary's `main`.
+pub fn run() -> ExitCode {
+    run_from(std::env::args_os())
+}
+
+/// Parses `args` (the first is the program name) and runs the command.
+pub fn run_from<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    init_logging(&cli.loglevel);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(execute(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    let app = crate::connect(&cli.broker, &cli.backend)
+        .await
+        .with_context(|| format!("connecting to broker {} and backend {}", redact(&cli.broker), redact(&cli.backend)))?;
+    match cli.command {
+        Command::Worker(a) => {
+            let defaults = WorkerConfig::default();
+            let cfg = WorkerConfig {
+                queues: a.queues,
+                concurrency: a.concurrency.unwrap_or(defaults.concurrency),
+                prefetch_multiplier: a.prefetch_multiplier,
+                hostname: a.hostname.unwrap_or(defaults.hostname),
+                shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
+                track_started: !a.without_track_started,
+            };
+            Worker::new(app, cfg).run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Send(a) => {
+            let args: Value = serde_json::from_str(&a.args).context("--args is not JSON")?;
+            let kwargs: Value = serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?;
+            anyhow::ensure!(args.is_array(), "--args must be a JSON array, like '[2, 3]'");
+            anyhow::ensure!(kwargs.is_object(), "--kwargs must be a JSON object, like '{{\"x\": 1}}'");
+            let mut sig = Signature::by_name(&a.task).args(args).kwargs(kwargs);
+            if let Some(c) = a.countdown {
+                sig = sig.countdown(Duration::from_secs_f64(c.max(0.0)));
+            }
+            if let Some(eta) = &a.eta {
+                let t = chrono::DateTime::parse_from_rfc3339(eta).with_context(|| format!("--eta `{eta}` is not RFC 3339"))?;
+                sig = sig.eta(t.with_timezone(&chrono::Utc));
+            }
+            if let Some(e) = a.expires {
+                sig = sig.expires_in(Duration::from_secs_f64(e.max(0.0)));
+            }
+            if let Some(q) = a.queue {
+                sig = sig.queue(q);
+            }
+            if let Some(p) = a.priority {
+                sig = sig.priority(p);
+            }
+            let res = app.send(sig).await?;
+            eprintln!("sent {} as {}", a.task, res.id());
+            report(&res, a.wait, a.json).await
+        }
+        Command::Result(a) => report(&app.result(&a.id), a.wait, a.json).await,
+        Command::Purge(a) => {
+            for q in &a.queues {
+                let n = app.broker().purge(q).await?;
+                println!("purged {n} messages from {q}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Tasks => {
+            for e in celery_core::registry::tasks() {
+                let o = (e.options)();
+                println!("{}\tqueue={}\t{}", e.name, o.queue.unwrap_or("celery"), if e.blocking { "blocking" } else { "async" });
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(a) => {
+            crate::bench::run(app, a).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Prints a task's state (after waiting, when asked) and picks the exit code.
+async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
+    let meta: Option<TaskMeta> = match wait {
+        Some(secs) => res.wait(Duration::from_secs_f64(secs.max(0.0))).await.ok().or(res.info().await?),
+        None => res.info().await?,
+    };
+    let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);
+    let (result, error) = match &meta {
+        Some(m) if m.status == TaskState::Success => (m.result.clone(), Value::Null),
+        Some(m) if matches!(m.status, TaskState::Failure | TaskState::Revoked | TaskState::Retry | TaskState::Rejected) => {
+            let (t, msg) = m.exception().unwrap_or_else(|| ("Unknown".into(), m.result.to_string()));
+            (Value::Null, Value::String(format!("{t}: {msg}")))
+        }
+        _ => (Value::Null, Value::Null),
+    };
+    if as_json {
+        println!("{}", json!({"id": res.id(), "state": state, "result": result, "error": error}));
+    } else if wait.is_some() || meta.is_some() {
+        match state {
+            TaskState::Success => println!("{result}"),
+            _ if !error.is_null() => println!("{state} {}", error.as_str().unwrap_or_default()),
+            _ => println!("{state}"),
+        }
+    } else {
+        println!("{}", res.id());
+    }
+    let ok = match wait {
+        Some(_) => state == TaskState::Success,
+        None => !matches!(state, TaskState::Failure | TaskState::Revoked),
+    };
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
+        _ => url.to_owned(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,64 @@
+//! Runs one task: on its own tokio task (a panic is contained), with the soft limit signalled to its
+//! context and the hard limit abandoning it.
+
+use std::time::Duration;
+
+use celery_core::registry::TaskEntry;
+use celery_core::task::{panic_error, TaskArgs};
+use celery_core::{TaskContext, TaskError};
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// How a run ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// The task returned.
+    Done(Result<Value, TaskError>),
+    /// The worker's grace period ended first; the task was abandoned.
+    Interrupted,
+}
+
+pub(crate) async fn run(
+    entry: &'static TaskEntry,
+    ctx: TaskContext,
+    args: TaskArgs,
+    soft: Option<Duration>,
+    hard: Option<Duration>,
+    mut hard_stop: watch::Receiver<bool>,
+) -> Outcome {
+    let mut handle = tokio::spawn((entry.run)(ctx.clone(), args));
+    let soft_at = soft.map(|d| tokio::time::Instant::now() + d);
+    let hard_at = hard.map(|d| tokio::time::Instant::now() + d);
+    let mut soft_pending = soft_at.is_some();
+    loop {
+        tokio::select! {
+            r = &mut handle => {
+                return Outcome::Done(r.map_err(panic_error).and_then(|x| x));
+            }
+            _ = sleep_opt(soft_at), if soft_pending => {
+                soft_pending = false;
+                tracing::warn!("soft time limit exceeded");
+                ctx.signal_soft_time_limit();
+            }
+            _ = sleep_opt(hard_at), if hard_at.is_some() => {
+                handle.abort();
+                let limit = hard.map(|d| d.as_secs_f64()).unwrap_or_default();
+                tracing::error!(limit, "hard time limit exceeded; task abandoned");
+                return Outcome::Done(Err(TaskError::time_limit_exceeded(limit)));
+            }
+            r = hard_stop.changed() => {
+                if r.is_err() || *hard_stop.borrow() {
+                    handle.abort();
+                    return Outcome::Interrupted;
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

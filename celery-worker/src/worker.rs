@@ -1,0 +1,440 @@
+//! The worker: consume with a concurrency limit and prefetch, run each task, store its outcome,
+//! then settle the delivery (ack after execute by default).
+//!
+//! What happens to a delivery:
+//! - undecodable, unregistered task, or arguments that do not fit: never run; FAILURE stored (when
+//!   the id is known) and the message dead-lettered to `<queue>.dead` with the reason;
+//! - `expires` passed: REVOKED, acked, not run;
+//! - `eta` more than a second away: handed back to the broker's durable delay store (no slot held);
+//! - otherwise it waits for the task's rate limit and a concurrency slot, runs, and its outcome is
+//!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
+//!
+//! Shutdown (SIGINT/SIGTERM through the CLI, or the future given to [`Worker::run_until`]): stop
+//! fetching, return prefetched unstarted deliveries to the queue, give running tasks the grace period,
+//! then return what still runs to the queue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use celery_core::backend::TaskMeta;
+use celery_core::backoff::retry_countdown;
+use celery_core::protocol::Message;
+use celery_core::registry::{self, TaskEntry};
+use celery_core::routing::Route;
+use celery_core::task::{TaskArgs, TaskErrorKind};
+use celery_core::{App, BrokerError, Delivery, TaskContext, TaskError, TaskState};
+use chrono::Utc;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::execute::{self, Outcome};
+use crate::rate_limit::RateLimits;
+
+/// An eta closer than this is waited for in the worker instead of going back to the broker.
+const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
+
+/// Worker settings.
+///
+/// ```
+/// use celery_worker::WorkerConfig;
+/// let cfg = WorkerConfig { queues: vec!["celery".into(), "emails".into()], concurrency: 16, ..WorkerConfig::default() };
+/// assert_eq!(cfg.prefetch(), 64);
+/// ```
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Queues to consume, in priority order.
+    pub queues: Vec<String>,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// Deliveries held per concurrency slot (Celery's default 4; 1 = fetch only when idle).
+    pub prefetch_multiplier: usize,
+    /// This worker's name (`celery@host`).
+    pub hostname: String,
+    /// How long running tasks may finish after a shutdown request.
+    pub shutdown_grace: Duration,
+    /// Store STARTED when a task starts (and RECEIVED when it is deferred to its eta).
+    pub track_started: bool,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            queues: vec!["celery".into()],
+            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            prefetch_multiplier: 4,
+            hostname: format!("celery@{}", gethostname()),
+            shutdown_grace: Duration::from_secs(30),
+            track_started: true,
+        }
+    }
+}
+
+fn gethostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+impl WorkerConfig {
+    /// Deliveries held at most: concurrency x multiplier.
+    pub fn prefetch(&self) -> usize {
+        self.concurrency.max(1) * self.prefetch_multiplier.max(1)
+    }
+}
+
+/// Counters a running worker keeps.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Tasks that returned a value.
+    pub succeeded: AtomicU64,
+    /// Tasks that failed for good.
+    pub failed: AtomicU64,
+    /// Retries scheduled.
+    pub retried: AtomicU64,
+    /// Messages rejected to the dead-letter queue.
+    pub rejected: AtomicU64,
+    /// Expired tasks revoked.
+    pub revoked: AtomicU64,
+    /// Deliveries returned to their queue (shutdown).
+    pub requeued: AtomicU64,
+}
+
+impl WorkerStats {
+    /// Tasks that finished, whatever the outcome.
+    pub fn finished(&self) -> u64 {
+        self.succeeded.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.rejected.load(Ordering::Relaxed)
+            + self.revoked.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a worker could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The broker refused to start consuming.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+struct Shared {
+    app: App,
+    config: WorkerConfig,
+    slots: Semaphore,
+    limits: RateLimits,
+    stats: Arc<WorkerStats>,
+    shutdown: watch::Receiver<bool>,
+    hard_stop: watch::Receiver<bool>,
+}
+
+/// A worker over an [`App`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use celery_worker::{Worker, WorkerConfig};
+/// let app = celery_worker::connect("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1").await?;
+/// let worker = Worker::new(app, WorkerConfig { concurrency: 8, ..WorkerConfig::default() });
+/// worker.run_until(async { tokio::signal::ctrl_c().await.ok(); }).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Worker {
+    app: App,
+    config: WorkerConfig,
+    stats: Arc<WorkerStats>,
+}
+
+impl Worker {
+    /// A worker for `app` with `config`.
+    pub fn new(app: App, config: WorkerConfig) -> Worker {
+        Worker { app, config, stats: Arc::default() }
+    }
+
+    /// Live counters (shared with the running worker).
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
+    }
+
+    /// Runs until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
+        let cfg = self.config;
+        let mut consumer = self.app.broker().consume(&cfg.queues, cfg.prefetch()).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (hard_tx, hard_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            app: self.app,
+            slots: Semaphore::new(cfg.concurrency.max(1)),
+            config: cfg.clone(),
+            limits: RateLimits::default(),
+            stats: self.stats,
+            shutdown: stop_rx,
+            hard_stop: hard_rx,
+        });
+        let names: Vec<_> = registry::tasks().iter().map(|e| e.name).collect();
+        tracing::info!(
+            hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = cfg.concurrency,
+            prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
+        );
+        let mut running = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                d = consumer.next() => match d {
+                    Some(d) => { running.spawn(handle(shared.clone(), d)); }
+                    None => break,
+                },
+                _ = &mut shutdown => break,
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+            }
+        }
+        tracing::info!(in_flight = running.len(), "worker shutting down: no new deliveries");
+        consumer.stop();
+        let _ = stop_tx.send(true);
+        while let Some(d) = consumer.next().await {
+            requeue(&shared, d).await;
+        }
+        let grace = tokio::time::sleep(cfg.shutdown_grace);
+        tokio::pin!(grace);
+        loop {
+            tokio::select! {
+                r = running.join_next() => if r.is_none() { break },
+                _ = &mut grace, if !*hard_tx.borrow() => {
+                    tracing::warn!(still_running = running.len(), "grace period over: returning running tasks to the queue");
+                    let _ = hard_tx.send(true);
+                }
+            }
+        }
+        consumer.close().await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+async fn requeue(w: &Shared, d: Delivery) {
+    w.stats.requeued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = d.requeue().await {
+        tracing::error!(error = %e, "could not return a delivery to its queue; it comes back after the visibility timeout");
+    }
+}
+
+async fn handle(w: Arc<Shared>, d: Delivery) {
+    let msg = match &d.message {
+        Ok(m) => m.clone(),
+        Err(e) => {
+            let reason = format!("undecodable message: {e}");
+            reject(&w, d, None, &reason).await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("task", id = %msg.headers.id, name = %msg.headers.task);
+    process(w, d, msg).instrument(span).await
+}
+
+async fn process(w: Arc<Shared>, d: Delivery, msg: Message) {
+    let Some(entry) = registry::lookup(&msg.headers.task) else {
+        let reason = format!("unregistered task `{}`", msg.headers.task);
+        reject(&w, d, Some(&msg), &reason).await;
+        return;
+    };
+    let body = match msg.body() {
+        Ok(b) => b,
+        Err(e) => {
+            reject(&w, d, Some(&msg), &format!("undecodable body: {e}")).await;
+            return;
+        }
+    };
+    let now = Utc::now();
+    if msg.headers.expires.is_some_and(|t| t <= now) {
+        tracing::info!("expired before it ran: revoked");
+        let err = TaskError::new("TaskRevokedError", "expired");
+        store(&w, &msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err)).await;
+        w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        settle(d.ack().await);
+        return;
+    }
+    if let Some(eta) = msg.headers.eta.filter(|t| *t > now) {
+        let wait = (eta - now).to_std().unwrap_or_default();
+        if wait > LOCAL_ETA_WAIT {
+            tracing::debug!(%eta, "eta is ahead: held by the broker until due");
+            if w.config.track_started {
+                store(&w, &msg, entry, TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null)).await;
+            }
+            if let Err(e) = d.defer(&msg, eta).await {
+                tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout");
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
+        }
+    }
+    let opts = (entry.options)();
+    if let Some(rate) = opts.rate_limit {
+        match celery_core::rate::parse_rate(rate) {
+            Ok(interval) => {
+                tokio::select! {
+                    _ = w.limits.acquire(entry.name, interval) => {}
+                    _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring the task's rate limit"),
+        }
+    }
+    let _permit = tokio::select! {
+        biased;
+        _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
+        p = w.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
+    };
+    let mut d = Some(d);
+    if !opts.acks_late {
+        if let Some(d) = d.take() {
+            settle(d.ack().await);
+        }
+    }
+    let ignore = msg.headers.ignore_result || opts.ignore_result;
+    if w.config.track_started && !ignore {
+        let mut m = TaskMeta::new(&msg.headers.id, TaskState::Started, serde_json::json!({"hostname": w.config.hostname, "pid": std::process::id()}));
+        m.worker = Some(w.config.hostname.clone());
+        store(&w, &msg, entry, m).await;
+    }
+    let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
+    let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let hard = msg.headers.time_limit.or(opts.time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let args = TaskArgs { args: body.args, kwargs: body.kwargs };
+    let started = std::time::Instant::now();
+    let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
+    let runtime = started.elapsed();
+    match outcome {
+        Outcome::Interrupted => {
+            if let Some(d) = d.take() {
+                requeue(&w, d).await;
+            }
+        }
+        Outcome::Done(Ok(value)) => {
+            tracing::debug!(?runtime, "succeeded");
+            if !ignore {
+                store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value)).await;
+            }
+            w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = d.take() {
+                settle(d.ack().await);
+            }
+        }
+        Outcome::Done(Err(err)) => match err.kind() {
+            TaskErrorKind::InvalidArguments => {
+                if let Some(d) = d.take() {
+                    reject(&w, d, Some(&msg), &format!("invalid arguments: {}", err.message())).await;
+                }
+            }
+            TaskErrorKind::Retry { countdown } => {
+                let countdown = *countdown;
+                retry_or_fail(&w, d, &msg, entry, err, countdown).await
+            }
+            TaskErrorKind::Failed if opts.autoretry => retry_or_fail(&w, d, &msg, entry, err, None).await,
+            _ => fail(&w, d, &msg, entry, &err).await,
+        },
+    }
+}
+
+async fn retry_or_fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: TaskError, countdown: Option<Duration>) {
+    let opts = (entry.options)();
+    if msg.headers.retries >= opts.max_retries {
+        let err = if matches!(err.kind(), TaskErrorKind::Retry { .. }) {
+            TaskError::new(
+                "MaxRetriesExceededError",
+                format!("Can't retry {}[{}] args:{} kwargs:{}", entry.name, msg.headers.id,
+                    msg.headers.argsrepr.as_deref().unwrap_or("?"), msg.headers.kwargsrepr.as_deref().unwrap_or("?")),
+            )
+        } else {
+            err
+        };
+        fail(w, d, msg, entry, &err).await;
+        return;
+    }
+    let delay = retry_countdown(&opts, msg.headers.retries, countdown);
+    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+    let next = msg.retried(eta);
+    let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
+    if let Err(e) = w.app.broker().publish(&Route::queue(queue), &next).await {
+        tracing::error!(error = %e, "could not republish the retry; returning the message to the queue");
+        if let Some(d) = d {
+            requeue(w, d).await;
+        }
+        return;
+    }
+    tracing::info!(retries = next.headers.retries, ?delay, reason = %err, "retry scheduled");
+    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
+    w.stats.retried.fetch_add(1, Ordering::Relaxed);
+    if let Some(d) = d {
+        settle(d.ack().await);
+    }
+}
+
+async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
+    tracing::warn!(error = %err, "failed");
+    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Failure, err)).await;
+    w.stats.failed.fetch_add(1, Ordering::Relaxed);
+    if let Some(d) = d {
+        settle(d.ack().await);
+    }
+}
+
+/// Bad input: never run; FAILURE stored when the id is known; dead-lettered with the reason.
+async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
+    tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
+    if let Some(m) = msg {
+        let err = TaskError::new("RejectedMessage", reason);
+        let mut meta = TaskMeta::error(&m.headers.id, TaskState::Failure, &err);
+        meta.name = Some(m.headers.task.clone());
+        store_meta(w, meta).await;
+    }
+    w.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    settle(d.dead_letter(reason).await);
+}
+
+async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) {
+    if msg.headers.ignore_result || (entry.options)().ignore_result {
+        return;
+    }
+    meta.name = Some(entry.name.to_owned());
+    meta.retries = Some(msg.headers.retries);
+    meta.worker = Some(w.config.hostname.clone());
+    meta.parent_id = msg.headers.parent_id.clone();
+    meta.group_id = msg.headers.group.clone();
+    store_meta(w, meta).await
+}
+
+/// Stores a state, retrying connection errors with backoff (a result is not given up lightly).
+async fn store_meta(w: &Shared, meta: TaskMeta) {
+    let mut backoff = celery_core::backoff::Reconnect::default();
+    loop {
+        match w.app.backend().store(&meta).await {
+            Ok(()) => return,
+            Err(e) if e.is_retryable() && backoff.attempts() < 8 => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "storing the result failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, state = %meta.status, "could not store the task state");
+                return;
+            }
+        }
+    }
+}
+
+/// Resolves once the worker is shutting down.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn settle(r: Result<(), BrokerError>) {
+    if let Err(e) = r {
+        tracing::error!(error = %e, "could not settle a delivery; it comes back after the visibility timeout");
+    }
+}

@@ -1,0 +1,69 @@
+//! The demo application: a binary with a few tasks whose `main` is the embedded CLI.
+//!
+//! ```text
+//! cargo run --example demo -- worker -c 16              # run a worker
+//! cargo run --example demo -- send add --args '[2, 3]' --wait
+//! cargo run --release --example demo -- bench -n 100000
+//! ```
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use celery_worker::prelude::*;
+use serde_json::Value;
+
+/// Adds two numbers.
+#[task]
+async fn add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+/// Returns its argument.
+#[task]
+async fn echo(value: Value) -> Value {
+    value
+}
+
+/// Sleeps `ms` milliseconds without blocking a thread; returns `ms`.
+#[task]
+async fn sleep(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+/// Busy-loops `ms` milliseconds on the blocking pool; returns `ms`.
+#[task]
+fn spin(ms: u64) -> u64 {
+    let end = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < end {
+        std::hint::spin_loop();
+    }
+    ms
+}
+
+/// Always fails with `message`.
+#[task]
+async fn fail(message: String) -> Result<(), TaskError> {
+    Err(TaskError::new("DemoError", message))
+}
+
+/// Fails while its retries are fewer than `failures`, retrying after 100 ms; returns its retries.
+#[task]
+async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
+    if ctx.retries() < failures {
+        return Err(ctx.retry(Some(Duration::from_millis(100))));
+    }
+    Ok(ctx.retries())
+}
+
+/// Appends `token` and a newline to the file at `path`; returns `token`.
+#[task]
+fn record(path: String, token: String) -> Result<String, TaskError> {
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    writeln!(f, "{token}")?;
+    Ok(token)
+}
+
+fn main() -> std::process::ExitCode {
+    celery_worker::cli::run()
+}

@@ -1,0 +1,18 @@
+//! Result backends: `memory://` for tests and `redis://` in Celery's `celery-task-meta-<id>` layout,
+//! each registered under its URL scheme so [`celery_core::App::connect`] finds it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BackendError> {
+//! let backend = celery_core::scheme::connect_backend("redis://127.0.0.1:6379/1").await?;
+//! println!("{:?}", backend.get("some-task-id").await?);
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
+
+pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
+
+/// Forces this crate (and its scheme registrations) to be linked; `celery-worker` calls it.
+pub fn link() {}

@@ -1,0 +1,64 @@
+//! `memory://`: an in-process result backend for tests.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use celery_core::{ResultBackend, TaskMeta};
+//! let b = result_backends::memory::MemoryBackend::default();
+//! b.store(&TaskMeta::success("t1", serde_json::json!(5))).await.unwrap();
+//! assert_eq!(b.get("t1").await.unwrap().unwrap().result, serde_json::json!(5));
+//! # });
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::scheme::BackendScheme;
+use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
+use tokio::sync::Notify;
+
+/// An in-process result backend.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryBackend {
+    inner: Arc<(Mutex<HashMap<String, TaskMeta>>, Notify)>,
+}
+
+#[async_trait]
+impl ResultBackend for MemoryBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        let mut m = self.inner.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.get(&meta.task_id).is_some_and(|old| old.status == TaskState::Success) {
+            return Ok(());
+        }
+        m.insert(meta.task_id.clone(), meta.clone());
+        drop(m);
+        self.inner.1.notify_waiters();
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        Ok(self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).get(task_id).cloned())
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.1.notified();
+            let cur = self.get(task_id).await?;
+            if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                return Ok(cur);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).remove(task_id);
+        Ok(())
+    }
+}
+
+inventory::submit! {
+    BackendScheme { scheme: "memory", connect: |_url| Box::pin(async { Ok(Arc::new(MemoryBackend::default()) as Arc<dyn ResultBackend>) }) }
+}

@@ -1,0 +1,242 @@
+//! `redis://`: Celery's result layout. Each state is `SETEX celery-task-meta-<id>` and `PUBLISH` on
+//! the same name, in one atomic script that never overwrites a stored SUCCESS. Waiters subscribe to
+//! the channel before reading the key, so no result is missed; after a lost connection they
+//! resubscribe and read the key again.
+//!
+//! URL options: `result_expires=SECONDS` (default 86400), `global_keyprefix=PREFIX`.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BackendError> {
+//! let backend = result_backends::redis::RedisBackend::connect("redis://127.0.0.1:6379/1").await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::scheme::BackendScheme;
+use celery_core::{BackendError, ResultBackend, TaskMeta};
+use futures::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::{AsyncCommands, Script};
+use tokio::sync::watch;
+
+const STORE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.find(cur, '"status":%s*"SUCCESS"') then return 0 end
+redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
+
+fn err(e: redis::RedisError) -> BackendError {
+    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
+        BackendError::Connection(e.to_string())
+    } else {
+        BackendError::Operation(e.to_string())
+    }
+}
+
+type Waiters = HashMap<String, (usize, watch::Sender<u64>)>;
+
+#[derive(Debug, Default)]
+struct Subscriptions {
+    waiters: Mutex<Waiters>,
+    sink: Mutex<Option<PubSubSink>>,
+}
+
+impl Subscriptions {
+    fn sink(&self) -> Option<PubSubSink> {
+        self.sink.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// The Redis result backend.
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    prefix: String,
+    expires: u64,
+    store: Arc<Script>,
+    subs: Arc<Subscriptions>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend").field("prefix", &self.prefix).field("expires", &self.expires).finish()
+    }
+}
+
+impl RedisBackend {
+    /// Connects; the first connection must succeed, later losses are retried.
+    pub async fn connect(url: &str) -> Result<RedisBackend, BackendError> {
+        let invalid = |reason: String| BackendError::InvalidUrl { url: url.to_owned(), reason };
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let mut keep = Vec::new();
+        let mut prefix = String::new();
+        let mut expires = 86_400u64;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "result_expires" => expires = v.parse().map_err(|_| invalid(format!("result_expires `{v}` is not a number of seconds")))?,
+                "global_keyprefix" => prefix = v.to_owned(),
+                "visibility_timeout" => {}
+                _ => keep.push(pair),
+            }
+        }
+        let clean = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
+        let client = redis::Client::open(clean.as_str()).map_err(|e| invalid(e.to_string()))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(3);
+        let conn = client.get_connection_manager_with_config(cfg).await.map_err(err)?;
+        let subs = Arc::new(Subscriptions::default());
+        tokio::spawn(listen(client, subs.clone()));
+        Ok(RedisBackend { conn, prefix, expires: expires.max(1), store: Arc::new(Script::new(STORE)), subs })
+    }
+
+    /// `celery-task-meta-<id>` with the prefix.
+    pub fn key(&self, task_id: &str) -> String {
+        format!("{}celery-task-meta-{task_id}", self.prefix)
+    }
+
+    async fn register(&self, key: &str) -> watch::Receiver<u64> {
+        let (rx, new) = {
+            let mut w = self.subs.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            match w.get_mut(key) {
+                Some((n, tx)) => {
+                    *n += 1;
+                    (tx.subscribe(), false)
+                }
+                None => {
+                    let (tx, rx) = watch::channel(0);
+                    w.insert(key.to_owned(), (1, tx));
+                    (rx, true)
+                }
+            }
+        };
+        if new {
+            if let Some(mut sink) = self.subs.sink() {
+                if let Err(e) = sink.subscribe(key).await {
+                    tracing::debug!(error = %e, "redis results: subscribe failed; polling");
+                }
+            }
+        }
+        rx
+    }
+
+    async fn unregister(&self, key: &str) {
+        let last = {
+            let mut w = self.subs.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            match w.get_mut(key) {
+                Some((n, _)) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    w.remove(key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            if let Some(mut sink) = self.subs.sink() {
+                let _ = sink.unsubscribe(key).await;
+            }
+        }
+    }
+}
+
+/// Keeps one subscriber connection, wakes waiters, and resubscribes after a reconnect.
+async fn listen(client: redis::Client, subs: Arc<Subscriptions>) {
+    let mut backoff = celery_core::backoff::Reconnect::default();
+    loop {
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "redis results: subscriber connection failed");
+                tokio::time::sleep(d).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let (mut sink, mut stream) = pubsub.split();
+        let keys: Vec<String> = subs.waiters.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
+        for k in &keys {
+            let _ = sink.subscribe(k).await;
+        }
+        *subs.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
+        // Wake every waiter so each re-reads its key after a (re)connect.
+        for (_, tx) in subs.waiters.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            tx.send_modify(|v| *v += 1);
+        }
+        while let Some(msg) = stream.next().await {
+            let w = subs.waiters.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((_, tx)) = w.get(msg.get_channel_name()) {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+        *subs.sink.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        tracing::warn!("redis results: subscriber connection lost; reconnecting");
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .store
+            .key(self.key(&meta.task_id))
+            .arg(meta.to_vec())
+            .arg(self.expires)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = conn.get(self.key(task_id)).await.map_err(err)?;
+        raw.map(|r| TaskMeta::from_slice(&r)).transpose()
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        let key = self.key(task_id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut rx = self.register(&key).await;
+        let result = async {
+            loop {
+                let cur = self.get(task_id).await?;
+                if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                    return Ok(cur);
+                }
+                // Woken by a publish; a 1 s poll covers a subscriber that is reconnecting.
+                let poll = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+                let _ = tokio::time::timeout_at(poll, rx.changed()).await;
+            }
+        }
+        .await;
+        self.unregister(&key).await;
+        result
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(self.key(task_id)).await.map_err(err)?;
+        Ok(())
+    }
+}
+
+inventory::submit! {
+    BackendScheme { scheme: "redis", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
+inventory::submit! {
+    BackendScheme { scheme: "rediss", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
