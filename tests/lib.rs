@@ -1,1 +1,185 @@
+//! Helpers for the cross-crate suites: reaching the real servers, isolating each test, and running
+//! the demo binary as a real process.
+//!
+//! Every Redis test uses its own key prefix (Kombu's `global_keyprefix`), so tests run in parallel.
+//! When Redis is not reachable, a test prints that it was skipped and why, unless
+//! `CELERY_REQUIRE_SERVICES=1` (set by `.ci/run`), where it fails.
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The Redis server the suites use.
+pub const REDIS: &str = "redis://127.0.0.1:6379";
+/// The database the suites use (Python interop tests use 10-13 of their own).
+pub const TEST_DB: u8 = 9;
+
+/// True when the run must not skip a suite for a missing server.
+pub fn services_required() -> bool {
+    std::env::var("CELERY_REQUIRE_SERVICES").is_ok_and(|v| v == "1")
+}
+
+/// Checks that Redis answers; prints a skip line (or panics under `CELERY_REQUIRE_SERVICES=1`).
+pub fn redis_available(suite: &str) -> bool {
+    let ok = redis::Client::open(format!("{REDIS}/0"))
+        .and_then(|c| c.get_connection_with_timeout(Duration::from_secs(2)))
+        .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+        .is_ok();
+    if !ok {
+        if services_required() {
+            panic!("{suite}: Redis at {REDIS} is not reachable and CELERY_REQUIRE_SERVICES=1");
+        }
+        eprintln!(
+            "SKIPPED {suite}: Redis at {REDIS} is not reachable (start redis-server to run it)"
+        );
+    }
+    ok
+}
+
+/// A unique key prefix and the broker/backend URLs that use it.
+#[derive(Debug, Clone)]
+pub struct RedisEnv {
+    /// The key prefix (ends with `:`).
+    pub prefix: String,
+    /// Broker URL with the prefix and a short visibility timeout.
+    pub broker: String,
+    /// Result backend URL with the prefix.
+    pub backend: String,
+}
+
+impl RedisEnv {
+    /// A fresh prefix; `visibility_timeout` in seconds.
+    pub fn new(visibility_timeout: f64) -> RedisEnv {
+        let prefix = format!("t{}:", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        RedisEnv {
+            broker: format!("{REDIS}/{TEST_DB}?global_keyprefix={prefix}&visibility_timeout={visibility_timeout}"),
+            backend: format!("{REDIS}/{TEST_DB}?global_keyprefix={prefix}"),
+            prefix,
+        }
+    }
+
+    /// A plain connection to the test database.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(format!("{REDIS}/{TEST_DB}"))
+            .and_then(|c| c.get_connection())
+            .expect("redis connection")
+    }
+
+    /// The prefixed name of a key.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+}
+
+impl Drop for RedisEnv {
+    fn drop(&mut self) {
+        if let Ok(mut c) =
+            redis::Client::open(format!("{REDIS}/{TEST_DB}")).and_then(|c| c.get_connection())
+        {
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg(format!("{}*", self.prefix))
+                .query(&mut c)
+                .unwrap_or_default();
+            if !keys.is_empty() {
+                let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut c);
+            }
+        }
+    }
+}
+
+/// The demo binary, built by `cargo test` as an example of the workspace.
+pub fn demo_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .expect("target/<profile>");
+    let bin = profile_dir.join("examples").join("demo");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --workspace` (it builds the examples)",
+        bin.display()
+    );
+    bin
+}
+
+/// A demo process that is killed when dropped; its stderr goes to a log file.
+#[derive(Debug)]
+pub struct DemoProcess {
+    /// The child process.
+    pub child: Child,
+    /// Where its stderr goes.
+    pub log: PathBuf,
+}
+
+impl DemoProcess {
+    /// Starts `demo <args>` against `env`.
+    pub fn start(env: &RedisEnv, args: &[&str]) -> DemoProcess {
+        let log = std::env::temp_dir().join(format!("demo-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(demo_bin())
+            .args(args)
+            .env("CELERY_BROKER_URL", &env.broker)
+            .env("CELERY_RESULT_BACKEND", &env.backend)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start demo");
+        DemoProcess { child, log }
+    }
+
+    /// Sends a signal (`libc`-free: through `kill`).
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success(), "kill -{sig} failed");
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log().contains(needle))
+    }
+}
+
+impl Drop for DemoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

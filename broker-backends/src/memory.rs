@@ -56,7 +56,9 @@ impl Inner {
     fn promote(&self) -> Option<DateTime<Utc>> {
         let now = Utc::now();
         let mut st = self.lock();
-        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.delayed).into_iter().partition(|(t, _, _)| *t <= now);
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.delayed)
+            .into_iter()
+            .partition(|(t, _, _)| *t <= now);
         st.delayed = rest;
         let next = st.delayed.iter().map(|(t, _, _)| *t).min();
         for (_, q, m) in due {
@@ -80,16 +82,28 @@ impl Broker for MemoryBroker {
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
         if !route.exchange.is_empty() {
-            return Err(BrokerError::Unsupported { broker: "memory", option: format!("exchange `{}`", route.exchange) });
+            return Err(BrokerError::Unsupported {
+                broker: "memory",
+                option: format!("exchange `{}`", route.exchange),
+            });
         }
         match msg.headers.eta {
-            Some(t) if t > Utc::now() => self.inner.lock().delayed.push((t, route.routing_key.clone(), msg.clone())),
+            Some(t) if t > Utc::now() => {
+                self.inner
+                    .lock()
+                    .delayed
+                    .push((t, route.routing_key.clone(), msg.clone()))
+            }
             _ => self.inner.push(&route.routing_key, msg.clone(), false),
         }
         Ok(())
     }
 
-    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(MemoryConsumer {
             inner: self.inner.clone(),
             queues: queues.to_vec(),
@@ -105,7 +119,13 @@ impl Broker for MemoryBroker {
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
+        Ok(self
+            .inner
+            .lock()
+            .queues
+            .get(queue)
+            .map(|q| q.len())
+            .unwrap_or(0) as u64)
     }
 }
 
@@ -129,11 +149,21 @@ impl Consumer for MemoryConsumer {
             let next_due = self.inner.promote();
             let found = {
                 let mut st = self.inner.lock();
-                self.queues.iter().find_map(|q| st.queues.get_mut(q).and_then(|d| d.pop_front()).map(|m| (q.clone(), m)))
+                self.queues.iter().find_map(|q| {
+                    st.queues
+                        .get_mut(q)
+                        .and_then(|d| d.pop_front())
+                        .map(|m| (q.clone(), m))
+                })
             };
             if let Some((queue, msg)) = found {
                 permit.forget();
-                let settle = MemorySettle { inner: self.inner.clone(), queue: queue.clone(), msg: msg.clone(), slots: self.slots.clone() };
+                let settle = MemorySettle {
+                    inner: self.inner.clone(),
+                    queue: queue.clone(),
+                    msg: msg.clone(),
+                    slots: self.slots.clone(),
+                };
                 return Some(Delivery::new(Ok(msg), queue, false, Box::new(settle)));
             }
             let wait = next_due
@@ -173,14 +203,20 @@ impl Settle for MemorySettle {
     }
 
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        self.inner.lock().delayed.push((until, self.queue.clone(), msg.clone()));
+        self.inner
+            .lock()
+            .delayed
+            .push((until, self.queue.clone(), msg.clone()));
         self.slots.add_permits(1);
         Ok(())
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let mut m = self.msg.clone();
-        m.headers.extra.insert(celery_core::broker::DEAD_LETTER_REASON.into(), reason.into());
+        m.headers.extra.insert(
+            celery_core::broker::DEAD_LETTER_REASON.into(),
+            reason.into(),
+        );
         self.inner.push(&dead_letter_queue(&self.queue), m, false);
         self.slots.add_permits(1);
         Ok(())

@@ -46,7 +46,11 @@ pub trait Broker: Send + Sync + Debug {
     }
 
     /// Starts consuming `queues` (in priority order) with at most `prefetch` unsettled deliveries.
-    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError>;
 
     /// Deletes every ready message of `queue`; returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
@@ -95,8 +99,18 @@ pub struct Delivery {
 
 impl Delivery {
     /// A delivery settled through `settle`.
-    pub fn new(message: Result<Message, ProtocolError>, queue: String, redelivered: bool, settle: Box<dyn Settle>) -> Delivery {
-        Delivery { message, queue, redelivered, settle }
+    pub fn new(
+        message: Result<Message, ProtocolError>,
+        queue: String,
+        redelivered: bool,
+        settle: Box<dyn Settle>,
+    ) -> Delivery {
+        Delivery {
+            message,
+            queue,
+            redelivered,
+            settle,
+        }
     }
 
     /// Acknowledge: done.

@@ -73,7 +73,12 @@ pub struct Signature {
 impl Signature {
     /// An invocation of the task registered under `name`, with no arguments yet.
     pub fn by_name(name: impl Into<String>) -> Signature {
-        Signature { task: name.into(), args: Vec::new(), kwargs: Map::new(), options: SendOptions::default() }
+        Signature {
+            task: name.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+        }
     }
 
     /// Sets the positional arguments from a JSON array (any other value becomes the single argument).

@@ -29,7 +29,11 @@ pub const DEFAULT_BACKEND: &str = "redis://127.0.0.1:6379/1";
 
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(version, about = "Run workers, send tasks and read results", propagate_version = true)]
+#[command(
+    version,
+    about = "Run workers, send tasks and read results",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Broker URL.
     #[arg(long, global = true, env = "CELERY_BROKER_URL", default_value = DEFAULT_BROKER)]
@@ -66,7 +70,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Queues to consume, comma-separated or repeated, in priority order.
-    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    #[arg(
+        short = 'Q',
+        long = "queues",
+        value_delimiter = ',',
+        default_value = "celery"
+    )]
     pub queues: Vec<String>,
     /// Tasks run at once (default: the number of CPUs).
     #[arg(short = 'c', long)]
@@ -136,7 +145,12 @@ pub struct ResultArgs {
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
     /// Queues to purge, comma-separated or repeated.
-    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    #[arg(
+        short = 'Q',
+        long = "queues",
+        value_delimiter = ',',
+        default_value = "celery"
+    )]
     pub queues: Vec<String>,
 }
 
@@ -155,11 +169,18 @@ where
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     init_logging(&cli.loglevel);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -179,13 +200,22 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     let app = crate::connect(&cli.broker, &cli.backend)
         .await
-        .with_context(|| format!("connecting to broker {} and backend {}", redact(&cli.broker), redact(&cli.backend)))?;
+        .with_context(|| {
+            format!(
+                "connecting to broker {} and backend {}",
+                redact(&cli.broker),
+                redact(&cli.backend)
+            )
+        })?;
     match cli.command {
         Command::Worker(a) => {
             let defaults = WorkerConfig::default();
@@ -203,14 +233,21 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(a) => {
             let args: Value = serde_json::from_str(&a.args).context("--args is not JSON")?;
             let kwargs: Value = serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?;
-            anyhow::ensure!(args.is_array(), "--args must be a JSON array, like '[2, 3]'");
-            anyhow::ensure!(kwargs.is_object(), "--kwargs must be a JSON object, like '{{\"x\": 1}}'");
+            anyhow::ensure!(
+                args.is_array(),
+                "--args must be a JSON array, like '[2, 3]'"
+            );
+            anyhow::ensure!(
+                kwargs.is_object(),
+                "--kwargs must be a JSON object, like '{{\"x\": 1}}'"
+            );
             let mut sig = Signature::by_name(&a.task).args(args).kwargs(kwargs);
             if let Some(c) = a.countdown {
                 sig = sig.countdown(Duration::from_secs_f64(c.max(0.0)));
             }
             if let Some(eta) = &a.eta {
-                let t = chrono::DateTime::parse_from_rfc3339(eta).with_context(|| format!("--eta `{eta}` is not RFC 3339"))?;
+                let t = chrono::DateTime::parse_from_rfc3339(eta)
+                    .with_context(|| format!("--eta `{eta}` is not RFC 3339"))?;
                 sig = sig.eta(t.with_timezone(&chrono::Utc));
             }
             if let Some(e) = a.expires {
@@ -237,7 +274,12 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Tasks => {
             for e in celery_core::registry::tasks() {
                 let o = (e.options)();
-                println!("{}\tqueue={}\t{}", e.name, o.queue.unwrap_or("celery"), if e.blocking { "blocking" } else { "async" });
+                println!(
+                    "{}\tqueue={}\t{}",
+                    e.name,
+                    o.queue.unwrap_or("celery"),
+                    if e.blocking { "blocking" } else { "async" }
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -251,20 +293,37 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
-        Some(secs) => res.wait(Duration::from_secs_f64(secs.max(0.0))).await.ok().or(res.info().await?),
+        Some(secs) => res
+            .wait(Duration::from_secs_f64(secs.max(0.0)))
+            .await
+            .ok()
+            .or(res.info().await?),
         None => res.info().await?,
     };
-    let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);
+    let state = meta
+        .as_ref()
+        .map(|m| m.status)
+        .unwrap_or(TaskState::Pending);
     let (result, error) = match &meta {
         Some(m) if m.status == TaskState::Success => (m.result.clone(), Value::Null),
-        Some(m) if matches!(m.status, TaskState::Failure | TaskState::Revoked | TaskState::Retry | TaskState::Rejected) => {
-            let (t, msg) = m.exception().unwrap_or_else(|| ("Unknown".into(), m.result.to_string()));
+        Some(m)
+            if matches!(
+                m.status,
+                TaskState::Failure | TaskState::Revoked | TaskState::Retry | TaskState::Rejected
+            ) =>
+        {
+            let (t, msg) = m
+                .exception()
+                .unwrap_or_else(|| ("Unknown".into(), m.result.to_string()));
             (Value::Null, Value::String(format!("{t}: {msg}")))
         }
         _ => (Value::Null, Value::Null),
     };
     if as_json {
-        println!("{}", json!({"id": res.id(), "state": state, "result": result, "error": error}));
+        println!(
+            "{}",
+            json!({"id": res.id(), "state": state, "result": result, "error": error})
+        );
     } else if wait.is_some() || meta.is_some() {
         match state {
             TaskState::Success => println!("{result}"),
@@ -278,7 +337,11 @@ async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::
         Some(_) => state == TaskState::Success,
         None => !matches!(state, TaskState::Failure | TaskState::Revoked),
     };
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn redact(url: &str) -> String {
@@ -293,7 +356,10 @@ pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
