@@ -396,16 +396,20 @@ where
 /// Turns a join error (panic or cancellation) into a task error with the panic's message.
 pub fn panic_error(e: tokio::task::JoinError) -> TaskError {
     if e.is_panic() {
-        let p = e.into_panic();
-        let msg = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic with a non-string payload".into());
-        TaskError::panicked(msg)
+        panic_payload_error(e.into_panic())
     } else {
         TaskError::panicked("task was cancelled")
     }
+}
+
+/// Turns a caught panic's payload into a task error with its message.
+pub fn panic_payload_error(p: Box<dyn std::any::Any + Send>) -> TaskError {
+    let msg = p
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".into());
+    TaskError::panicked(msg)
 }
 
 #[cfg(test)]

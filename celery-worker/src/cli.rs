@@ -18,7 +18,7 @@ use std::time::Duration;
 use anyhow::Context;
 use celery_core::{AsyncResult, Signature, TaskMeta, TaskState};
 use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::{Worker, WorkerConfig};
 
@@ -290,6 +290,15 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The `--json` line, keys in this order.
+#[derive(serde::Serialize)]
+struct Report<'a> {
+    id: &'a str,
+    state: TaskState,
+    result: &'a Value,
+    error: &'a Value,
+}
+
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
@@ -320,10 +329,13 @@ async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::
         _ => (Value::Null, Value::Null),
     };
     if as_json {
-        println!(
-            "{}",
-            json!({"id": res.id(), "state": state, "result": result, "error": error})
-        );
+        let report = Report {
+            id: res.id(),
+            state,
+            result: &result,
+            error: &error,
+        };
+        println!("{}", serde_json::to_string(&report)?);
     } else if wait.is_some() || meta.is_some() {
         match state {
             TaskState::Success => println!("{result}"),

@@ -1,11 +1,14 @@
-//! Runs one task: on its own tokio task (a panic is contained), with the soft limit signalled to its
-//! context and the hard limit abandoning it.
+//! Runs one task: a panic is caught and becomes a FAILURE, the soft limit is signalled to its context,
+//! and the hard limit abandons it (the task's future is dropped).
 
 use std::time::Duration;
 
 use celery_core::registry::TaskEntry;
-use celery_core::task::{panic_error, TaskArgs};
+use std::panic::AssertUnwindSafe;
+
+use celery_core::task::{panic_payload_error, TaskArgs};
 use celery_core::{TaskContext, TaskError};
+use futures::FutureExt;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -26,14 +29,14 @@ pub(crate) async fn run(
     hard: Option<Duration>,
     mut hard_stop: watch::Receiver<bool>,
 ) -> Outcome {
-    let mut handle = tokio::spawn((entry.run)(ctx.clone(), args));
+    let mut task = AssertUnwindSafe((entry.run)(ctx.clone(), args)).catch_unwind();
     let soft_at = soft.map(|d| tokio::time::Instant::now() + d);
     let hard_at = hard.map(|d| tokio::time::Instant::now() + d);
     let mut soft_pending = soft_at.is_some();
     loop {
         tokio::select! {
-            r = &mut handle => {
-                return Outcome::Done(r.map_err(panic_error).and_then(|x| x));
+            r = &mut task => {
+                return Outcome::Done(r.map_err(panic_payload_error).and_then(|x| x));
             }
             _ = sleep_opt(soft_at), if soft_pending => {
                 soft_pending = false;
@@ -41,14 +44,12 @@ pub(crate) async fn run(
                 ctx.signal_soft_time_limit();
             }
             _ = sleep_opt(hard_at), if hard_at.is_some() => {
-                handle.abort();
                 let limit = hard.map(|d| d.as_secs_f64()).unwrap_or_default();
                 tracing::error!(limit, "hard time limit exceeded; task abandoned");
                 return Outcome::Done(Err(TaskError::time_limit_exceeded(limit)));
             }
             r = hard_stop.changed() => {
                 if r.is_err() || *hard_stop.borrow() {
-                    handle.abort();
                     return Outcome::Interrupted;
                 }
             }

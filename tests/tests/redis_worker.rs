@@ -95,11 +95,16 @@ impl Harness {
     }
 
     async fn worker(&mut self, concurrency: usize) {
+        self.worker_with(concurrency, 4).await
+    }
+
+    async fn worker_with(&mut self, concurrency: usize, prefetch_multiplier: usize) {
         let app = celery_worker::connect(&self.env.broker, &self.env.backend)
             .await
             .expect("connect");
         let cfg = WorkerConfig {
             concurrency,
+            prefetch_multiplier,
             shutdown_grace: Duration::from_secs(5),
             ..WorkerConfig::default()
         };
@@ -487,7 +492,8 @@ async fn higher_priority_runs_first() {
     };
     let low = h.app.send(now_ms::new().priority(0)).await.unwrap();
     let high = h.app.send(now_ms::new().priority(9)).await.unwrap();
-    h.worker(1).await;
+    // One delivery at a time, so the broker's order is the run order.
+    h.worker_with(1, 1).await;
     let (l, hi): (i64, i64) = (low.get(T).await.unwrap(), high.get(T).await.unwrap());
     assert!(hi <= l, "priority 9 ran after priority 0");
     h.stop().await;

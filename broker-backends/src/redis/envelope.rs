@@ -84,9 +84,36 @@ pub(crate) struct Decoded {
     pub(crate) redelivered: bool,
 }
 
+/// The envelope's fields we read; everything else is ignored.
+#[derive(serde::Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    body: Option<std::borrow::Cow<'a, str>>,
+    #[serde(rename = "content-type", borrow, default)]
+    content_type: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    headers: Option<Value>,
+    #[serde(default)]
+    properties: Option<EnvProperties>,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct EnvProperties {
+    #[serde(default)]
+    correlation_id: Option<String>,
+    #[serde(default)]
+    reply_to: Option<String>,
+    #[serde(default)]
+    priority: Option<Value>,
+    #[serde(default)]
+    body_encoding: Option<String>,
+    #[serde(default)]
+    delivery_info: Option<Value>,
+}
+
 /// Decodes an envelope; never panics.
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
-    let v: Value = match serde_json::from_slice(raw) {
+    let env: Envelope<'_> = match serde_json::from_slice(raw) {
         Ok(v) => v,
         Err(e) => {
             return Decoded {
@@ -95,39 +122,43 @@ pub(crate) fn decode(raw: &[u8]) -> Decoded {
             }
         }
     };
-    let redelivered = v["headers"]["redelivered"].as_bool().unwrap_or(false)
-        || v["properties"]["delivery_info"]["redelivered"]
-            .as_bool()
+    let props = env.properties.as_ref();
+    let redelivered = env
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("redelivered"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        || props
+            .and_then(|p| p.delivery_info.as_ref())
+            .and_then(|d| d.get("redelivered"))
+            .and_then(Value::as_bool)
             .unwrap_or(false);
     Decoded {
-        message: decode_value(&v),
+        message: decode_envelope(&env),
         redelivered,
     }
 }
 
-fn decode_value(v: &Value) -> Result<Message, ProtocolError> {
-    let obj = v.as_object().ok_or(ProtocolError::InvalidField {
-        field: "envelope",
-        reason: "expected a JSON object".into(),
-    })?;
-    if let Some(ct) = obj.get("content-type").and_then(Value::as_str) {
+fn decode_envelope(env: &Envelope<'_>) -> Result<Message, ProtocolError> {
+    if let Some(ct) = &env.content_type {
         check_content_type(ct)?;
     }
-    let headers_v = obj
-        .get("headers")
+    let headers_v = env
+        .headers
+        .as_ref()
         .ok_or(ProtocolError::MissingField("headers"))?;
     if headers_v.get("task").is_none() {
         return Err(ProtocolError::MissingField("task"));
     }
     let headers = Headers::from_json(headers_v)?;
-    let props = obj.get("properties").and_then(Value::as_object);
-    let body_s = obj
-        .get("body")
-        .and_then(Value::as_str)
+    let props = env.properties.as_ref();
+    let body_s = env
+        .body
+        .as_deref()
         .ok_or(ProtocolError::MissingField("body"))?;
     let encoding = props
-        .and_then(|p| p.get("body_encoding"))
-        .and_then(Value::as_str)
+        .and_then(|p| p.body_encoding.as_deref())
         .unwrap_or("base64");
     let body = if encoding == "base64" {
         B64.decode(body_s)
@@ -139,20 +170,15 @@ fn decode_value(v: &Value) -> Result<Message, ProtocolError> {
         body_s.as_bytes().to_vec()
     };
     let priority = props
-        .and_then(|p| p.get("priority"))
+        .and_then(|p| p.priority.as_ref())
         .and_then(Value::as_u64)
         .map(|p| MAX_PRIORITY - (p.min(MAX_PRIORITY as u64) as u8));
     Ok(Message {
         properties: Properties {
             correlation_id: props
-                .and_then(|p| p.get("correlation_id"))
-                .and_then(Value::as_str)
-                .map(str::to_owned)
+                .and_then(|p| p.correlation_id.clone())
                 .unwrap_or_else(|| headers.id.clone()),
-            reply_to: props
-                .and_then(|p| p.get("reply_to"))
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            reply_to: props.and_then(|p| p.reply_to.clone()),
             priority,
         },
         headers,
