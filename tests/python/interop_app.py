@@ -1,0 +1,46 @@
+"""The Python Celery side of tests/tests/python_interop.rs.
+
+As a Celery app (`celery -A interop_app worker`) it serves a task named `add`.
+As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2, 3)` and
+`fail('oops')` to <queue>, waits for both and prints one JSON line with what it got.
+
+The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
+"""
+
+import json
+import os
+import sys
+
+from celery import Celery
+
+app = Celery(
+    "interop_app",
+    broker=os.environ["CELERY_BROKER_URL"],
+    backend=os.environ["CELERY_RESULT_BACKEND"],
+)
+app.conf.update(
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    broker_connection_retry_on_startup=True,
+)
+
+
+@app.task(name="add")
+def add(x, y):
+    return x + y
+
+
+def produce(queue):
+    added = app.send_task("add", args=[2, 3], queue=queue).get(timeout=30)
+    try:
+        app.send_task("fail", args=["oops"], queue=queue).get(timeout=30, propagate=True)
+    except Exception as exc:  # the worker's error, rebuilt as a Python exception
+        failure = {"type": type(exc).__name__, "message": str(exc)}
+    else:
+        failure = None
+    print(json.dumps({"add": added, "fail": failure}))
+
+
+if __name__ == "__main__":
+    produce(sys.argv[1])

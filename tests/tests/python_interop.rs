@@ -1,0 +1,249 @@
+//! Wire compatibility with real Python Celery from PyPI, over the real Redis, both ways:
+//!
+//! 1. A Python producer's `send_task('add', args=[2, 3])` runs on our worker (the demo binary, as a
+//!    process) and Python's `AsyncResult.get()` returns 5; its `send_task('fail', args=['oops'])`
+//!    raises on the Python side, with `oops` in the exception's message.
+//! 2. Our producer's `add(2, 3)` runs on a Python Celery worker (`--pool=solo`) and our
+//!    `AsyncResult::get` returns 5.
+//!
+//! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
+//! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
+//! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
+//! key prefixes, so each test owns two Redis databases instead (10/11 and 12/13), flushed first.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use celery_core::Signature;
+use celery_tests::{demo_bin, redis_available, services_required, REDIS};
+use serde_json::{json, Value};
+
+const SUITE: &str = "python_interop";
+/// The queue both directions use.
+const QUEUE: &str = "interop";
+/// How long either side waits for a result.
+const T: Duration = Duration::from_secs(30);
+/// What the virtualenv installs.
+const CELERY_REQUIREMENT: &str = "celery[redis]>=5.3,<6";
+
+/// The broker and result backend databases a test owns.
+struct Dbs {
+    broker: String,
+    backend: String,
+}
+
+impl Dbs {
+    /// Databases `broker` and `backend` of the test Redis, flushed.
+    fn fresh(broker: u8, backend: u8) -> Dbs {
+        for db in [broker, backend] {
+            let mut conn = redis::Client::open(format!("{REDIS}/{db}"))
+                .and_then(|c| c.get_connection())
+                .expect("redis connection");
+            redis::cmd("FLUSHDB")
+                .query::<()>(&mut conn)
+                .expect("FLUSHDB");
+        }
+        Dbs {
+            broker: format!("{REDIS}/{broker}"),
+            backend: format!("{REDIS}/{backend}"),
+        }
+    }
+
+    /// Points `cmd` (our CLI or Python Celery) at these databases.
+    fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        cmd.env("CELERY_BROKER_URL", &self.broker)
+            .env("CELERY_RESULT_BACKEND", &self.backend)
+    }
+}
+
+/// A worker process, killed when dropped; its stdout and stderr go to a log file.
+struct Service {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Service {
+    fn start(cmd: &mut Command) -> Service {
+        let log =
+            std::env::temp_dir().join(format!("{SUITE}-{}.log", uuid::Uuid::new_v4().simple()));
+        let file = File::create(&log).expect("log file");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log file"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
+        Service { child, log }
+    }
+
+    /// The log so far.
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// The virtualenv's Python with Celery importable, created at most once per test binary.
+fn python() -> Result<&'static Path, &'static String> {
+    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PYTHON.get_or_init(install_celery).as_deref()
+}
+
+/// The virtualenv's Python, or `None` after printing why the test is skipped.
+fn python_or_skip() -> Option<&'static Path> {
+    match python() {
+        Ok(python) => Some(python),
+        Err(why) if services_required() => panic!("{SUITE}: cannot install Python Celery: {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED {SUITE}: cannot install Python Celery: {why}");
+            None
+        }
+    }
+}
+
+/// Reuses the cached virtualenv when Celery imports there, else (re)creates it and installs Celery.
+fn install_celery() -> Result<PathBuf, String> {
+    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
+    let venv = home.join(".cache").join("celery-rs-test-venv");
+    let python = venv.join("bin").join("python");
+    if imports_celery(&python) {
+        return Ok(python);
+    }
+    run(Command::new("python3")
+        .args(["-m", "venv", "--clear"])
+        .arg(&venv))?;
+    run(Command::new(&python).args(["-m", "pip", "install", "-q", CELERY_REQUIREMENT]))?;
+    if imports_celery(&python) {
+        Ok(python)
+    } else {
+        Err(format!(
+            "`import celery, redis` fails in {}",
+            venv.display()
+        ))
+    }
+}
+
+fn imports_celery(python: &Path) -> bool {
+    Command::new(python)
+        .args(["-c", "import celery, redis"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Runs `cmd` to completion; on failure, its output is the error.
+fn run(cmd: &mut Command) -> Result<(), String> {
+    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "{cmd:?} failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+/// `python <args>` in `tests/python`, against `dbs`.
+fn python_cmd(python: &Path, dbs: &Dbs, args: &[&str]) -> Command {
+    let mut cmd = Command::new(python);
+    cmd.args(args)
+        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("python"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONUNBUFFERED", "1");
+    dbs.apply(&mut cmd);
+    cmd
+}
+
+#[test]
+fn python_producer_runs_on_our_worker() {
+    if !redis_available(SUITE) {
+        return;
+    }
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let dbs = Dbs::fresh(10, 11);
+    let worker = Service::start(
+        dbs.apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-Q", QUEUE, "-c", "2"])
+            .env("RUST_LOG", "info"),
+    );
+
+    // The script waits (30 s at most) for both results and prints what it got as JSON.
+    let out = python_cmd(python, &dbs, &["interop_app.py", QUEUE])
+        .output()
+        .expect("run the Python producer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = || {
+        format!(
+            "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            worker.log()
+        )
+    };
+    assert!(out.status.success(), "{}", report());
+    let got: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no JSON line: {}", report()));
+    eprintln!("{SUITE}: the Python producer got {got}");
+    assert_eq!(got["add"], json!(5), "{}", report());
+    let message = got["fail"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("oops"), "{}", report());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_runs_on_a_python_worker() {
+    if !redis_available(SUITE) {
+        return;
+    }
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let dbs = Dbs::fresh(12, 13);
+    let app = celery_worker::connect(&dbs.broker, &dbs.backend)
+        .await
+        .expect("connect");
+    // Sent before the worker starts: it waits in the queue until the worker is up.
+    let result = app
+        .send(Signature::by_name("add").args(json!([2, 3])).queue(QUEUE))
+        .await
+        .expect("send");
+    let worker = Service::start(&mut python_cmd(
+        python,
+        &dbs,
+        &[
+            "-m",
+            "celery",
+            "-A",
+            "interop_app",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            QUEUE,
+            "--loglevel=info",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+    ));
+    match result.get::<i64>(T).await {
+        Ok(sum) => assert_eq!(sum, 5),
+        Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
+    }
+}
