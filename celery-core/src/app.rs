@@ -132,14 +132,15 @@ impl App {
         Ok((route, msg))
     }
 
-    /// Sends one invocation.
+    /// Sends one invocation. A lost connection is retried (3 attempts with backoff); if a reply was
+    /// lost after the broker stored the message, the task may be queued twice (at-least-once).
     pub async fn send(&self, sig: Signature) -> Result<AsyncResult, AppError> {
         let (route, msg) = self.prepare(&sig)?;
-        self.broker.publish(&route, &msg).await?;
+        retrying(|| self.broker.publish(&route, &msg)).await?;
         Ok(self.result(&msg.headers.id))
     }
 
-    /// Sends many invocations in one batch (one broker round trip where possible).
+    /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.
     pub async fn send_batch(
         &self,
         sigs: impl IntoIterator<Item = Signature>,
@@ -148,7 +149,7 @@ impl App {
             .into_iter()
             .map(|s| self.prepare(&s))
             .collect::<Result<Vec<_>, _>>()?;
-        self.broker.publish_batch(&batch).await?;
+        retrying(|| self.broker.publish_batch(&batch)).await?;
         Ok(batch
             .iter()
             .map(|(_, m)| self.result(&m.headers.id))
@@ -171,6 +172,25 @@ impl App {
         AsyncResult {
             id: id.to_owned(),
             backend: self.backend.clone(),
+        }
+    }
+}
+
+/// Runs a broker operation, retrying connection errors up to three attempts with backoff.
+async fn retrying<'a, F, Fut>(mut op: F) -> Result<(), crate::BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::BrokerError>> + 'a,
+{
+    let mut backoff = crate::backoff::Reconnect::default();
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && backoff.attempts() < 2 => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "send failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+            other => return other,
         }
     }
 }

@@ -13,6 +13,16 @@
 //!     celery_worker::cli::run()
 //! }
 //! ```
+//!
+//! A task's arguments and result travel as JSON; a type that is not `Serialize + DeserializeOwned`
+//! is a compile error that says so:
+//!
+//! ```compile_fail
+//! use celery_worker::prelude::*;
+//! struct NotSerde;
+//! #[task]
+//! async fn bad(x: NotSerde) -> u32 { 1 }
+//! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 

@@ -249,9 +249,19 @@ impl ResultBackend for RedisBackend {
         let key = self.key(task_id);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.register(&key).await;
+        let mut backoff = celery_core::backoff::Reconnect::default();
         let result = async {
             loop {
-                let cur = self.get(task_id).await?;
+                let cur = match self.get(task_id).await {
+                    Ok(cur) => cur,
+                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                        let d = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?d, "redis results: read failed; retrying");
+                        tokio::time::sleep(d).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if cur.as_ref().is_some_and(|m| m.status.is_ready())
                     || tokio::time::Instant::now() >= deadline
                 {
