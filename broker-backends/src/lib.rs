@@ -1,4 +1,4 @@
-//! Brokers: `memory://` for tests and `redis://` in Kombu's layout, each registered under its URL
+//! Brokers: `log://` (the built-in durable log), `memory://` for tests and `redis://` in Kombu's layout, each registered under its URL
 //! scheme so [`celery_core::App::connect`] finds it.
 //!
 //! ```no_run
@@ -10,6 +10,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub(crate) mod envelope;
+#[cfg(feature = "log")]
+pub mod log;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -6,7 +6,8 @@
 //!   the id is known) and the message dead-lettered to `<queue>.dead` with the reason;
 //! - `expires` passed: REVOKED, acked, not run;
 //! - `eta` more than a second away: handed back to the broker's durable delay store (no slot held);
-//! - otherwise it waits for the task's rate limit and a concurrency slot, runs, and its outcome is
+//! - otherwise (holding the concurrency slot it was taken with, so deliveries start in broker order)
+//!   it waits for its rate limit, runs, and its outcome is
 //!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
 //!
 //! Shutdown (SIGINT/SIGTERM through the CLI, or the future given to [`Worker::run_until`]): stop
@@ -25,7 +26,7 @@ use celery_core::routing::Route;
 use celery_core::task::{TaskArgs, TaskErrorKind};
 use celery_core::{App, BrokerError, Delivery, TaskContext, TaskError, TaskState};
 use chrono::Utc;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -126,7 +127,7 @@ pub enum WorkerError {
 struct Shared {
     app: App,
     config: WorkerConfig,
-    slots: Semaphore,
+    slots: Arc<Semaphore>,
     limits: RateLimits,
     stats: Arc<WorkerStats>,
     shutdown: watch::Receiver<bool>,
@@ -180,7 +181,7 @@ impl Worker {
         let (hard_tx, hard_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             app: self.app,
-            slots: Semaphore::new(cfg.concurrency.max(1)),
+            slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             config: cfg.clone(),
             limits: RateLimits::default(),
             stats: self.stats,
@@ -194,14 +195,30 @@ impl Worker {
         );
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                d = consumer.next() => match d {
-                    Some(d) => { running.spawn(handle(shared.clone(), d)); }
-                    None => break,
-                },
-                _ = &mut shutdown => break,
-                Some(_) = running.join_next(), if !running.is_empty() => {}
+        // A slot first, then the next delivery: deliveries start in the order the broker gave them.
+        'consume: loop {
+            let permit = loop {
+                tokio::select! {
+                    p = shared.slots.clone().acquire_owned() => match p {
+                        Ok(p) => break p,
+                        Err(_) => break 'consume,
+                    },
+                    _ = &mut shutdown => break 'consume,
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                }
+            };
+            loop {
+                tokio::select! {
+                    d = consumer.next() => match d {
+                        Some(d) => {
+                            running.spawn(handle(shared.clone(), d, permit));
+                            break;
+                        }
+                        None => break 'consume,
+                    },
+                    _ = &mut shutdown => break 'consume,
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
+                }
             }
         }
         tracing::info!(
@@ -237,7 +254,7 @@ async fn requeue(w: &Shared, d: Delivery) {
     }
 }
 
-async fn handle(w: Arc<Shared>, d: Delivery) {
+async fn handle(w: Arc<Shared>, d: Delivery, permit: OwnedSemaphorePermit) {
     let msg = match &d.message {
         Ok(m) => m.clone(),
         Err(e) => {
@@ -247,10 +264,11 @@ async fn handle(w: Arc<Shared>, d: Delivery) {
         }
     };
     let span = tracing::info_span!("task", id = %msg.headers.id, name = %msg.headers.task);
-    process(w, d, msg).instrument(span).await
+    process(w, d, msg, permit).instrument(span).await
 }
 
-async fn process(w: Arc<Shared>, d: Delivery, msg: Message) {
+/// Runs one delivery holding a concurrency slot (released early when it does not run).
+async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaphorePermit) {
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let reason = format!("unregistered task `{}`", msg.headers.task);
         reject(&w, d, Some(&msg), &reason).await;
@@ -317,11 +335,10 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message) {
             Err(e) => tracing::warn!(error = %e, "ignoring the task's rate limit"),
         }
     }
-    let _permit = tokio::select! {
-        biased;
-        _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
-        p = w.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
-    };
+    if *w.shutdown.borrow() {
+        requeue(&w, d).await;
+        return;
+    }
     let mut d = Some(d);
     if !opts.acks_late {
         if let Some(d) = d.take() {

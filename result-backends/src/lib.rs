@@ -1,4 +1,4 @@
-//! Result backends: `memory://` for tests and `redis://` in Celery's `celery-task-meta-<id>` layout,
+//! Result backends: `log://` (in the built-in broker's directory), `memory://` for tests and `redis://` in Celery's `celery-task-meta-<id>` layout,
 //! each registered under its URL scheme so [`celery_core::App::connect`] finds it.
 //!
 //! ```no_run
@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+#[cfg(feature = "log")]
+pub mod log;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;

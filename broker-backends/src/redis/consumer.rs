@@ -16,7 +16,8 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::{conn_error, envelope, manager, scripts, Keys, RedisOptions, STEPS};
+use super::{conn_error, manager, scripts, Keys, RedisOptions, STEPS};
+use crate::envelope;
 
 /// How many envelopes one fetch may take at most (measured: larger replies cost more to parse than
 /// the round trips they save).

@@ -20,7 +20,7 @@
 //! ```
 
 mod consumer;
-mod envelope;
+
 mod scripts;
 
 use std::sync::Arc;
@@ -36,6 +36,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
 pub use consumer::RedisConsumer;
+
+use crate::envelope;
 
 /// Kombu's separator between a queue name and its priority bucket.
 const SEP: &str = "\x06\x16";

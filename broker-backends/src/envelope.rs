@@ -1,4 +1,5 @@
-//! Kombu's Redis envelope: the JSON string a queue list holds.
+//! Kombu's envelope: the JSON document a Redis queue list holds, and what the log broker stores as a
+//! record's payload.
 //!
 //! `{"body": base64(body), "content-encoding", "content-type", "headers", "properties":
 //! {"correlation_id", "reply_to", "delivery_mode", "delivery_info": {"exchange", "routing_key"},

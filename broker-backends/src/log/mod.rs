@@ -1,0 +1,512 @@
+//! `log://PATH`: the built-in broker, a Kafka-style durable log in a local directory.
+//!
+//! Each queue is a topic of partitions; a partition is a directory of segment files of CRC32C-checked
+//! records, appended with group commit. Task workers consume with per-record leases: a delivered
+//! record is invisible to other consumers until acked, requeued, deferred or dead-lettered, or until
+//! its lease expires (its consumer stopped renewing it), when it is delivered again; after
+//! `max_deliveries` it goes to `<queue>.dead` with the reason. The finished prefix of each partition
+//! is durable, so a restart does not redeliver finished work. Records with an eta are delivered when
+//! due without blocking those behind them. Results live in the same directory (`log://` as the
+//! result backend URL). The on-disk format is in `DESIGN.md` beside this file.
+//!
+//! URL options: `fsync=always|os|<ms>`, `segment_bytes=`, `lease_timeout=` (s), `max_deliveries=`,
+//! `partitions=` (for new queues).
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use celery_core::{Broker, protocol::Message, routing::Route, Signature};
+//! let dir = std::env::temp_dir().join(format!("doc-{}", std::process::id()));
+//! let broker = broker_backends::log::LogBroker::connect(&format!("log://{}", dir.display())).await.unwrap();
+//! let msg = Message::from_signature(&Signature::by_name("add").args(serde_json::json!([1, 2]))).unwrap();
+//! broker.publish(&Route::queue("celery"), &msg).await.unwrap();
+//! let mut consumer = broker.consume(&["celery".to_string()], 4).await.unwrap();
+//! let delivery = consumer.next().await.unwrap();
+//! assert_eq!(delivery.message.as_ref().unwrap().headers.task, "add");
+//! delivery.ack().await.unwrap();
+//! # std::fs::remove_dir_all(dir).ok();
+//! # });
+//! ```
+
+mod error;
+mod partition;
+mod record;
+mod segment;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use celery_core::broker::Settle;
+use celery_core::protocol::Message;
+use celery_core::routing::Route;
+use celery_core::scheme::BrokerScheme;
+use celery_core::{Broker, BrokerError, Consumer, Delivery};
+use chrono::{DateTime, Utc};
+use tokio::sync::{Notify, Semaphore};
+
+pub use error::LogError;
+pub use partition::{Fsync, NewRecord};
+pub use record::Record;
+pub use store::{LogStore, StoreConfig};
+
+use crate::envelope;
+use partition::{now_ms, Partition};
+use store::Topic;
+
+/// Parses `log://PATH?options` into the directory and the settings.
+///
+/// ```
+/// use broker_backends::log::{parse_url, Fsync};
+/// let (dir, cfg) = parse_url("log://./data?fsync=os&partitions=4").unwrap();
+/// assert_eq!(dir, std::path::PathBuf::from("./data"));
+/// assert_eq!((cfg.fsync, cfg.partitions), (Fsync::Os, 4));
+/// ```
+pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
+    let rest = url
+        .strip_prefix("log://")
+        .ok_or_else(|| LogError::Invalid(format!("`{url}` is not a log:// URL")))?;
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    if path.is_empty() {
+        return Err(LogError::Invalid(
+            "log:// needs a directory, like log://./celery-data".into(),
+        ));
+    }
+    let mut cfg = StoreConfig::default();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let num = |what: &str| -> Result<f64, LogError> {
+            v.parse::<f64>()
+                .ok()
+                .filter(|n| *n > 0.0 && n.is_finite())
+                .ok_or_else(|| LogError::Invalid(format!("{what} `{v}` must be a positive number")))
+        };
+        match k {
+            "fsync" => {
+                cfg.fsync = match v {
+                    "always" => Fsync::Always,
+                    "os" | "never" => Fsync::Os,
+                    ms => Fsync::Interval(Duration::from_millis(
+                        ms.trim_start_matches("interval=").parse().map_err(|_| {
+                            LogError::Invalid(format!(
+                                "fsync `{v}`: expected always, os or milliseconds"
+                            ))
+                        })?,
+                    )),
+                }
+            }
+            "segment_bytes" => cfg.segment_bytes = num(k)? as u64,
+            "lease_timeout" => cfg.lease = Duration::from_secs_f64(num(k)?),
+            "max_deliveries" => cfg.max_deliveries = num(k)? as u32,
+            "partitions" => cfg.partitions = num(k)? as u32,
+            "token" => {}
+            other => {
+                return Err(LogError::Invalid(format!(
+                    "unknown log:// option `{other}`"
+                )))
+            }
+        }
+    }
+    Ok((PathBuf::from(path), cfg))
+}
+
+/// The built-in broker over a [`LogStore`].
+#[derive(Debug, Clone)]
+pub struct LogBroker {
+    store: Arc<LogStore>,
+}
+
+impl LogBroker {
+    /// Opens the directory of a `log://` URL.
+    pub async fn connect(url: &str) -> Result<LogBroker, BrokerError> {
+        let (dir, cfg) = parse_url(url).map_err(|e| BrokerError::InvalidUrl {
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(LogBroker {
+            store: LogStore::open(&dir, cfg)?,
+        })
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<LogStore> {
+        &self.store
+    }
+
+    /// Delayed records seen in `queue`.
+    pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
+        Ok(self
+            .store
+            .topic(queue)?
+            .partitions
+            .iter()
+            .map(|p| p.delayed_len())
+            .sum())
+    }
+}
+
+fn to_record(msg: &Message, queue: &str) -> NewRecord {
+    let not_before_ms = msg
+        .headers
+        .eta
+        .map(|t| t.timestamp_millis())
+        .filter(|t| *t > now_ms())
+        .unwrap_or(0);
+    NewRecord {
+        not_before_ms,
+        headers: Vec::new(),
+        key: Vec::new(),
+        payload: envelope::encode(msg, "", queue).into_bytes(),
+    }
+}
+
+fn queue_of(route: &Route) -> Result<&str, BrokerError> {
+    if route.exchange.is_empty() {
+        Ok(&route.routing_key)
+    } else {
+        Err(BrokerError::Unsupported {
+            broker: "log",
+            option: format!(
+                "exchange `{}` (routing comes in a later step)",
+                route.exchange
+            ),
+        })
+    }
+}
+
+#[async_trait]
+impl Broker for LogBroker {
+    fn kind(&self) -> &'static str {
+        "log"
+    }
+
+    async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
+        let q = queue_of(route)?;
+        Ok(self.store.append(q, vec![to_record(msg, q)]).await?)
+    }
+
+    async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
+        let mut by_queue: HashMap<&str, Vec<NewRecord>> = HashMap::new();
+        for (route, msg) in batch {
+            let q = queue_of(route)?;
+            by_queue.entry(q).or_default().push(to_record(msg, q));
+        }
+        for (q, recs) in by_queue {
+            self.store.append(q, recs).await?;
+        }
+        Ok(())
+    }
+
+    async fn consume(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        let topics = queues
+            .iter()
+            .map(|q| self.store.topic(q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let leases: Arc<Mutex<HashMap<usize, (Arc<Partition>, HashSet<u64>)>>> = Arc::default();
+        let renew = tokio::spawn(renew_loop(self.store.clone(), leases.clone()));
+        Ok(Box::new(LogConsumer {
+            store: self.store.clone(),
+            topics,
+            slots: Arc::new(Semaphore::new(prefetch.max(1))),
+            leases,
+            stopped: false,
+            renew,
+            turn: 0,
+        }))
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let mut n = 0;
+        for p in &self.store.topic(queue)?.partitions {
+            n += p.purge()?;
+        }
+        Ok(n)
+    }
+
+    async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
+        Ok(self
+            .store
+            .topic(queue)?
+            .partitions
+            .iter()
+            .map(|p| p.ready_len())
+            .sum())
+    }
+}
+
+type LeaseMap = Arc<Mutex<HashMap<usize, (Arc<Partition>, HashSet<u64>)>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn renew_loop(store: Arc<LogStore>, leases: LeaseMap) {
+    let lease = store.config().lease;
+    loop {
+        tokio::time::sleep(lease / 3).await;
+        let deadline = Instant::now() + lease;
+        let held: Vec<(Arc<Partition>, Vec<u64>)> = lock(&leases)
+            .values()
+            .map(|(p, s)| (p.clone(), s.iter().copied().collect()))
+            .collect();
+        for (p, offsets) in held {
+            p.renew(&offsets, deadline);
+        }
+    }
+}
+
+/// A record taken from a partition of a topic.
+type Took = (Arc<Topic>, Arc<Partition>, partition::Taken);
+
+/// A task consumer of some queues of a log store.
+#[derive(Debug)]
+struct LogConsumer {
+    store: Arc<LogStore>,
+    topics: Vec<Arc<Topic>>,
+    slots: Arc<Semaphore>,
+    leases: LeaseMap,
+    stopped: bool,
+    renew: tokio::task::JoinHandle<()>,
+    turn: usize,
+}
+
+impl LogConsumer {
+    fn try_take(&mut self) -> Result<Option<Took>, LogError> {
+        let deadline = Instant::now() + self.store.config().lease;
+        self.turn = self.turn.wrapping_add(1);
+        for t in &self.topics {
+            let n = t.partitions.len();
+            for i in 0..n {
+                let p = &t.partitions[(self.turn + i) % n];
+                if let Some(taken) = p.take(deadline)? {
+                    return Ok(Some((t.clone(), p.clone(), taken)));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    fn next_due(&self) -> Duration {
+        let now = now_ms();
+        self.topics
+            .iter()
+            .flat_map(|t| t.partitions.iter())
+            .filter_map(|p| p.next_due_ms())
+            .map(|due| Duration::from_millis((due - now).max(0) as u64))
+            .min()
+            .unwrap_or(Duration::from_millis(500))
+            .min(Duration::from_millis(500))
+    }
+}
+
+impl Drop for LogConsumer {
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
+#[async_trait]
+impl Consumer for LogConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        let mut backoff = celery_core::backoff::Reconnect::default();
+        loop {
+            if self.stopped {
+                return None;
+            }
+            let notify = self.store.notify.clone();
+            let notified = notify.notified();
+            match self.try_take() {
+                Ok(Some((topic, part, taken))) => {
+                    permit.forget();
+                    let key = Arc::as_ptr(&part) as usize;
+                    lock(&self.leases)
+                        .entry(key)
+                        .or_insert_with(|| (part.clone(), HashSet::new()))
+                        .1
+                        .insert(taken.record.offset);
+                    let decoded = envelope::decode(&taken.record.payload);
+                    let settle = LogSettle {
+                        store: self.store.clone(),
+                        part,
+                        record: taken.record,
+                        queue: topic.name.clone(),
+                        slots: self.slots.clone(),
+                        leases: self.leases.clone(),
+                    };
+                    return Some(Delivery::new(
+                        decoded.message,
+                        topic.name.clone(),
+                        taken.deliveries > 1,
+                        Box::new(settle),
+                    ));
+                }
+                Ok(None) => {
+                    let wait = self.next_due();
+                    let _ = tokio::time::timeout(wait, notified).await;
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::error!(error = %e, retry_in = ?d, "log: cannot take a record");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    async fn close(&mut self) {
+        self.stopped = true;
+        if let Err(e) = self.store.sync().await {
+            tracing::warn!(error = %e, "log: final checkpoint failed");
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LogSettle {
+    store: Arc<LogStore>,
+    part: Arc<Partition>,
+    record: Arc<Record>,
+    queue: String,
+    slots: Arc<Semaphore>,
+    leases: LeaseMap,
+}
+
+impl LogSettle {
+    fn release(&self) {
+        if let Some((_, set)) = lock(&self.leases).get_mut(&(Arc::as_ptr(&self.part) as usize)) {
+            set.remove(&self.record.offset);
+        }
+        self.slots.add_permits(1);
+    }
+}
+
+#[async_trait]
+impl Settle for LogSettle {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.release();
+        Ok(self.part.ack(&[self.record.offset])?)
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.release();
+        self.part.requeue(self.record.offset);
+        self.store.notify.notify_waiters();
+        Ok(())
+    }
+
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        let mut m = msg.clone();
+        m.headers.eta = Some(until);
+        let mut rec = to_record(&m, &self.queue);
+        rec.not_before_ms = until.timestamp_millis();
+        self.store.append(&self.queue, vec![rec]).await?;
+        self.release();
+        Ok(self.part.ack(&[self.record.offset])?)
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
+        self.store
+            .dead_letter(&self.queue, &self.part, &self.record, reason)
+            .await?;
+        self.release();
+        Ok(())
+    }
+}
+
+/// What the result backend over a log store needs: keyed documents with expiry and waiters.
+impl LogStore {
+    /// Stores a result document for `id` unless `keep(existing)` says the stored one must stay.
+    pub async fn put_result(
+        &self,
+        id: &str,
+        doc: Vec<u8>,
+        ttl: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<bool, LogError> {
+        let expires = now_ms() + ttl.as_millis() as i64;
+        {
+            let res = lock(&self.results);
+            if res
+                .values
+                .get(id)
+                .is_some_and(|(old, exp)| *exp > now_ms() && keep(old))
+            {
+                return Ok(false);
+            }
+        }
+        let rec = NewRecord {
+            headers: vec![("expires".into(), expires.to_string().into_bytes())],
+            key: id.as_bytes().to_vec(),
+            payload: doc.clone(),
+            not_before_ms: 0,
+        };
+        self.results_log.log.append(vec![rec]).await?;
+        let waiter = {
+            let mut res = lock(&self.results);
+            res.values.insert(id.to_owned(), (doc, expires));
+            res.waiters.remove(id)
+        };
+        if let Some(w) = waiter {
+            w.notify_waiters();
+        }
+        Ok(true)
+    }
+
+    /// The result document of `id`, if stored and not expired.
+    pub fn get_result(&self, id: &str) -> Option<Vec<u8>> {
+        let res = lock(&self.results);
+        res.values
+            .get(id)
+            .filter(|(_, exp)| *exp > now_ms())
+            .map(|(d, _)| d.clone())
+    }
+
+    /// Waits until `ready(doc)` holds for `id`'s document or `timeout` passes; returns the document.
+    pub async fn wait_result(
+        &self,
+        id: &str,
+        timeout: Duration,
+        ready: impl Fn(&[u8]) -> bool,
+    ) -> Option<Vec<u8>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notify = lock(&self.results)
+                .waiters
+                .entry(id.to_owned())
+                .or_insert_with(|| Arc::new(Notify::new()))
+                .clone();
+            let notified = notify.notified();
+            let cur = self.get_result(id);
+            if cur.as_deref().is_some_and(&ready) || tokio::time::Instant::now() >= deadline {
+                return cur;
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// Deletes `id`'s document.
+    pub async fn forget_result(&self, id: &str) -> Result<(), LogError> {
+        let rec = NewRecord {
+            key: id.as_bytes().to_vec(),
+            ..NewRecord::default()
+        };
+        self.results_log.log.append(vec![rec]).await?;
+        lock(&self.results).values.remove(id);
+        Ok(())
+    }
+}
+
+inventory::submit! {
+    BrokerScheme { scheme: "log", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}

@@ -1,0 +1,913 @@
+//! A partition: its segments, the writer thread that appends with group commit, and the task-queue
+//! state on top (cursor, leases, redeliveries, delayed records, and the durable finished prefix).
+//!
+//! Group commit: publishers hand batches to one writer thread per partition, which drains everything
+//! pending, writes it with one `write`, fsyncs once (policy `always`), then completes every waiter.
+//! Acks go through the same thread into `acks.log`; the finished prefix (the low watermark) and the
+//! acked offsets above it are compacted into `checkpoint` now and then.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use super::error::LogError;
+use super::record::Record;
+use super::segment::{self, Segment};
+
+/// When appended bytes are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before a publish returns (many publishes share one fsync). The default.
+    Always,
+    /// At most this long after a write.
+    Interval(Duration),
+    /// Left to the operating system.
+    Os,
+}
+
+/// A record to append (the offset and timestamp are assigned by the writer).
+#[derive(Debug, Clone, Default)]
+pub struct NewRecord {
+    /// Not deliverable before this time (ms since the epoch); 0: now.
+    pub not_before_ms: i64,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Partitioning key.
+    pub key: Vec<u8>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+/// Partition settings.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionConfig {
+    /// The fsync policy.
+    pub(crate) fsync: Fsync,
+    /// Roll to a new segment past this many bytes.
+    pub(crate) segment_bytes: u64,
+}
+
+enum WriterCmd {
+    Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
+    Acks(Vec<u64>),
+    Checkpoint(Vec<u8>),
+    Flush(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Pos {
+    seg: usize,
+    byte: u64,
+}
+
+#[derive(Debug)]
+struct End {
+    next_offset: u64,
+}
+
+/// The append-only log of one partition.
+#[derive(Debug)]
+pub(crate) struct PartitionLog {
+    segments: Arc<RwLock<Vec<Segment>>>,
+    end: Arc<Mutex<End>>,
+    tx: Mutex<Option<mpsc::Sender<WriterCmd>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl PartitionLog {
+    fn open(
+        dir: &Path,
+        cfg: &PartitionConfig,
+        first_offset: u64,
+        on_append: Arc<Notify>,
+    ) -> Result<PartitionLog, LogError> {
+        let rec = segment::recover(dir, first_offset)?;
+        let segments = Arc::new(RwLock::new(rec.segments));
+        let end = Arc::new(Mutex::new(End {
+            next_offset: rec.next_offset,
+        }));
+        let (tx, rx) = mpsc::channel();
+        let writer = Writer {
+            dir: dir.to_owned(),
+            cfg: cfg.clone(),
+            segments: segments.clone(),
+            end: end.clone(),
+            tail_len: rec.tail_len,
+            next_offset: rec.next_offset,
+            on_append,
+            acks: OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("acks.log"))
+                .map_err(|e| LogError::io(dir, e))?,
+            dirty: false,
+            last_sync: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!(
+                "log-writer-{}",
+                dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")
+            ))
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::io(dir, e))?;
+        Ok(PartitionLog {
+            segments,
+            end,
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
+        lock(&self.tx)
+            .as_ref()
+            .ok_or(LogError::Closed)?
+            .send(cmd)
+            .map_err(|_| LogError::Closed)
+    }
+
+    /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
+    pub(crate) async fn append(&self, records: Vec<NewRecord>) -> Result<u64, LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriterCmd::Append(records, tx))?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// The offset the next record will get.
+    pub(crate) fn next_offset(&self) -> u64 {
+        lock(&self.end).next_offset
+    }
+
+    /// Reads the record at `pos` if `pos` is before the end.
+    fn read(&self, pos: &mut Pos, offset: u64) -> Result<Option<(Record, Pos)>, LogError> {
+        if offset >= self.next_offset() {
+            return Ok(None);
+        }
+        let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
+        while pos.seg + 1 < segs.len() && offset >= segs[pos.seg + 1].base {
+            pos.seg += 1;
+            pos.byte = 0;
+        }
+        let at = *pos;
+        let seg = segs
+            .get(pos.seg)
+            .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
+        let (rec, next) = segment::read_at(seg, pos.byte)?;
+        if rec.offset != offset {
+            return Err(LogError::Corrupt {
+                path: seg.path.clone(),
+                offset,
+                reason: format!("found offset {} at byte {}", rec.offset, at.byte),
+            });
+        }
+        pos.byte = next;
+        Ok(Some((rec, at)))
+    }
+
+    /// Re-reads the record at a position found earlier.
+    fn read_at(&self, at: Pos) -> Result<Record, LogError> {
+        let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
+        let seg = segs
+            .get(at.seg)
+            .ok_or_else(|| LogError::Invalid("segment is gone".into()))?;
+        Ok(segment::read_at(seg, at.byte)?.0)
+    }
+
+    /// The position of `offset` (scanning its segment from the start).
+    fn seek(&self, offset: u64) -> Result<Pos, LogError> {
+        let seg_idx = {
+            let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
+            segs.iter().rposition(|s| s.base <= offset).unwrap_or(0)
+        };
+        let base = self.segments.read().unwrap_or_else(|p| p.into_inner())[seg_idx].base;
+        let mut pos = Pos {
+            seg: seg_idx,
+            byte: 0,
+        };
+        let mut o = base;
+        while o < offset {
+            match self.read(&mut pos, o)? {
+                Some(_) => o += 1,
+                None => break,
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Waits until everything sent to the writer so far is written.
+    pub(crate) async fn flush(&self) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriterCmd::Flush(tx))?;
+        rx.await.map_err(|_| LogError::Closed)
+    }
+
+    /// Stops the writer thread after it has written everything sent.
+    pub(crate) fn close(&self) {
+        lock(&self.tx).take();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    cfg: PartitionConfig,
+    segments: Arc<RwLock<Vec<Segment>>>,
+    end: Arc<Mutex<End>>,
+    tail_len: u64,
+    next_offset: u64,
+    on_append: Arc<Notify>,
+    acks: File,
+    dirty: bool,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriterCmd>) {
+        let idle = match self.cfg.fsync {
+            Fsync::Interval(d) => d,
+            _ => Duration::from_secs(3600),
+        };
+        loop {
+            let first = match rx.recv_timeout(idle) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.maybe_sync(true) {
+                        tracing::error!(error = %e, "log: fsync failed");
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+        }
+        if let Err(e) = self.maybe_sync(true) {
+            tracing::error!(error = %e, "log: fsync failed");
+        }
+    }
+
+    fn active(&self) -> Segment {
+        self.segments
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .last()
+            .cloned()
+            .expect("a partition has a segment")
+    }
+
+    fn process(&mut self, batch: Vec<WriterCmd>) {
+        let mut buf = Vec::new();
+        let mut waiters = Vec::new();
+        let mut acks = Vec::new();
+        let mut flushes = Vec::new();
+        let mut checkpoints = Vec::new();
+        let start_offset = self.next_offset;
+        let now = now_ms();
+        for cmd in batch {
+            match cmd {
+                WriterCmd::Append(records, done) => {
+                    let first = self.next_offset;
+                    for r in records {
+                        let rec = Record {
+                            offset: self.next_offset,
+                            timestamp_ms: now,
+                            not_before_ms: r.not_before_ms,
+                            headers: r.headers,
+                            key: r.key,
+                            payload: r.payload,
+                        };
+                        rec.encode_into(&mut buf);
+                        self.next_offset += 1;
+                    }
+                    waiters.push((first, done));
+                }
+                WriterCmd::Acks(a) => acks.extend(a),
+                WriterCmd::Checkpoint(c) => checkpoints.push(c),
+                WriterCmd::Flush(f) => flushes.push(f),
+            }
+        }
+        let result = self
+            .write_records(&buf, start_offset)
+            .and_then(|()| self.write_acks(&acks));
+        let result = result.and_then(|()| self.maybe_sync(false));
+        match result {
+            Ok(()) => {
+                lock(&self.end).next_offset = self.next_offset;
+                for c in checkpoints {
+                    if let Err(e) = self.write_checkpoint(&c) {
+                        tracing::error!(error = %e, "log: checkpoint failed; acks stay in acks.log");
+                    }
+                }
+                if !buf.is_empty() {
+                    self.on_append.notify_waiters();
+                }
+                for (first, w) in waiters {
+                    let _ = w.send(Ok(first));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "log: write failed");
+                self.next_offset = start_offset;
+                for (_, w) in waiters {
+                    let _ = w.send(Err(LogError::Invalid(format!("write failed: {e}"))));
+                }
+            }
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+
+    fn write_records(&mut self, buf: &[u8], first: u64) -> Result<(), LogError> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
+            self.sync_now()?;
+            let seg = segment::create(&self.dir, first)?;
+            self.segments
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(seg);
+            self.tail_len = 0;
+        }
+        let seg = self.active();
+        let mut f = &*seg.file;
+        if let Err(e) = f.write_all(buf) {
+            // Never leave a half-written batch behind a later one.
+            let _ = seg.file.set_len(self.tail_len);
+            return Err(LogError::io(&seg.path, e));
+        }
+        self.tail_len += buf.len() as u64;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn write_acks(&mut self, acks: &[u64]) -> Result<(), LogError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut body = Vec::with_capacity(acks.len() * 8);
+        for a in acks {
+            body.extend_from_slice(&a.to_le_bytes());
+        }
+        let mut frame = Vec::with_capacity(body.len() + 8);
+        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        frame.extend_from_slice(&body);
+        self.acks
+            .write_all(&frame)
+            .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    fn sync_now(&mut self) -> Result<(), LogError> {
+        if self.dirty {
+            let seg = self.active();
+            seg.file
+                .sync_data()
+                .map_err(|e| LogError::io(&seg.path, e))?;
+            self.acks
+                .sync_data()
+                .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+            self.dirty = false;
+            self.last_sync = Instant::now();
+        }
+        Ok(())
+    }
+
+    fn maybe_sync(&mut self, idle: bool) -> Result<(), LogError> {
+        match self.cfg.fsync {
+            Fsync::Always => self.sync_now(),
+            Fsync::Interval(d) if idle || self.last_sync.elapsed() >= d => self.sync_now(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Replaces `checkpoint` atomically, then empties `acks.log` (whose acks it contains).
+    fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
+        self.sync_now()?;
+        let tmp = self.dir.join("checkpoint.tmp");
+        let path = self.dir.join("checkpoint");
+        let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+        f.write_all(data)
+            .and_then(|()| f.sync_all())
+            .map_err(|e| LogError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
+        segment::sync_dir(&self.dir)?;
+        self.acks
+            .set_len(0)
+            .and_then(|()| self.acks.sync_all())
+            .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+        Ok(())
+    }
+}
+
+/// The finished prefix: every offset below `watermark` is done, and so is each offset in `done`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Finished {
+    pub(crate) watermark: u64,
+    pub(crate) done: BTreeSet<u64>,
+}
+
+impl Finished {
+    fn mark(&mut self, offset: u64) {
+        if offset >= self.watermark {
+            self.done.insert(offset);
+            while self.done.remove(&self.watermark) {
+                self.watermark += 1;
+            }
+        }
+    }
+
+    fn is_done(&self, offset: u64) -> bool {
+        offset < self.watermark || self.done.contains(&offset)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut body = Vec::with_capacity(16 + self.done.len() * 8);
+        body.extend_from_slice(&self.watermark.to_le_bytes());
+        body.extend_from_slice(&(self.done.len() as u64).to_le_bytes());
+        for d in &self.done {
+            body.extend_from_slice(&d.to_le_bytes());
+        }
+        let mut out = b"CKPT1".to_vec();
+        out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Loads `checkpoint` and replays `acks.log` (a torn last frame of acks is ignored: those acks
+    /// were not durable, and their records are delivered again).
+    fn load(dir: &Path) -> Result<Finished, LogError> {
+        let mut f = Finished::default();
+        let path = dir.join("checkpoint");
+        if let Ok(data) = std::fs::read(&path) {
+            let bad = |reason: &str| LogError::Corrupt {
+                path: path.clone(),
+                offset: 0,
+                reason: reason.into(),
+            };
+            if data.len() < 9 || &data[..5] != b"CKPT1" {
+                return Err(bad("not a checkpoint"));
+            }
+            let crc = u32::from_le_bytes(data[5..9].try_into().map_err(|_| bad("short"))?);
+            let body = &data[9..];
+            if crc32c::crc32c(body) != crc || body.len() < 16 {
+                return Err(bad("checksum mismatch"));
+            }
+            let word =
+                |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+            f.watermark = word(0);
+            let n = word(1) as usize;
+            if body.len() != 16 + n * 8 {
+                return Err(bad("length mismatch"));
+            }
+            f.done = (0..n).map(|i| word(2 + i)).collect();
+        }
+        let acks_path = dir.join("acks.log");
+        if let Ok(data) = std::fs::read(&acks_path) {
+            let mut pos = 0;
+            while pos + 8 <= data.len() {
+                let len =
+                    u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4])) as usize;
+                let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or([0; 4]));
+                let Some(body) = data.get(pos + 8..pos + 8 + len) else {
+                    break;
+                };
+                if crc32c::crc32c(body) != crc || !len.is_multiple_of(8) {
+                    tracing::warn!(path = %acks_path.display(), pos, "log: torn acks frame ignored");
+                    break;
+                }
+                for c in body.chunks_exact(8) {
+                    f.mark(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                }
+                pos += 8 + len;
+            }
+        }
+        Ok(f)
+    }
+}
+
+/// A record handed to a consumer, until it is settled or its lease expires.
+#[derive(Debug)]
+struct Lease {
+    deadline: Instant,
+    deliveries: u32,
+    record: Arc<Record>,
+}
+
+/// A record taken for delivery.
+#[derive(Debug, Clone)]
+pub(crate) struct Taken {
+    pub(crate) record: Arc<Record>,
+    pub(crate) deliveries: u32,
+}
+
+/// What an expiry sweep found: records to dead-letter (delivered too often).
+#[derive(Debug)]
+pub(crate) struct Exhausted {
+    pub(crate) record: Arc<Record>,
+    pub(crate) deliveries: u32,
+}
+
+#[derive(Debug)]
+struct QueueState {
+    cursor_offset: u64,
+    cursor: Pos,
+    finished: Finished,
+    ready: VecDeque<(Arc<Record>, u32)>,
+    delayed: BinaryHeap<Reverse<(i64, u64, Pos)>>,
+    leased: HashMap<u64, Lease>,
+    expiry: BinaryHeap<Reverse<(Instant, u64)>>,
+    acks_since_checkpoint: usize,
+    /// Set when a corrupt record was found: the partition serves nothing more.
+    error: Option<String>,
+}
+
+/// A partition with task-queue semantics.
+#[derive(Debug)]
+pub(crate) struct Partition {
+    pub(crate) log: PartitionLog,
+    state: Mutex<QueueState>,
+}
+
+/// Acks between two checkpoints.
+const CHECKPOINT_EVERY: usize = 50_000;
+
+impl Partition {
+    pub(crate) fn open(
+        dir: &Path,
+        cfg: &PartitionConfig,
+        on_append: Arc<Notify>,
+    ) -> Result<Partition, LogError> {
+        let finished = Finished::load(dir)?;
+        let log = PartitionLog::open(dir, cfg, finished.watermark, on_append)?;
+        let cursor = log.seek(finished.watermark)?;
+        Ok(Partition {
+            state: Mutex::new(QueueState {
+                cursor_offset: finished.watermark,
+                cursor,
+                finished,
+                ready: VecDeque::new(),
+                delayed: BinaryHeap::new(),
+                leased: HashMap::new(),
+                expiry: BinaryHeap::new(),
+                acks_since_checkpoint: 0,
+                error: None,
+            }),
+            log,
+        })
+    }
+
+    /// Takes the next deliverable record and leases it until `deadline`.
+    pub(crate) fn take(&self, deadline: Instant) -> Result<Option<Taken>, LogError> {
+        let mut st = lock(&self.state);
+        if let Some(e) = &st.error {
+            return Err(LogError::Invalid(e.clone()));
+        }
+        let now = now_ms();
+        let found = loop {
+            if let Some((rec, deliveries)) = st.ready.pop_front() {
+                if st.finished.is_done(rec.offset) {
+                    continue;
+                }
+                break Some((rec, deliveries));
+            }
+            if let Some(Reverse((due, offset, at))) = st.delayed.peek().cloned() {
+                if due <= now {
+                    st.delayed.pop();
+                    if st.finished.is_done(offset) {
+                        continue;
+                    }
+                    let rec = self.log.read_at(at)?;
+                    break Some((Arc::new(rec), 0));
+                }
+            }
+            let offset = st.cursor_offset;
+            let mut pos = st.cursor;
+            match self.log.read(&mut pos, offset) {
+                Ok(Some((rec, at))) => {
+                    st.cursor = pos;
+                    st.cursor_offset += 1;
+                    if st.finished.is_done(offset) {
+                        continue;
+                    }
+                    if rec.not_before_ms > now {
+                        st.delayed.push(Reverse((rec.not_before_ms, offset, at)));
+                        continue;
+                    }
+                    break Some((Arc::new(rec), 0));
+                }
+                Ok(None) => break None,
+                Err(e) => {
+                    tracing::error!(error = %e, "log: partition stopped: corrupt record");
+                    st.error = Some(e.to_string());
+                    return Err(e);
+                }
+            }
+        };
+        Ok(found.map(|(record, deliveries)| {
+            let deliveries = deliveries + 1;
+            st.expiry.push(Reverse((deadline, record.offset)));
+            st.leased.insert(
+                record.offset,
+                Lease {
+                    deadline,
+                    deliveries,
+                    record: record.clone(),
+                },
+            );
+            Taken { record, deliveries }
+        }))
+    }
+
+    /// The earliest due time of a delayed record, if any.
+    pub(crate) fn next_due_ms(&self) -> Option<i64> {
+        lock(&self.state)
+            .delayed
+            .peek()
+            .map(|Reverse((due, _, _))| *due)
+    }
+
+    /// Extends leases.
+    pub(crate) fn renew(&self, offsets: &[u64], deadline: Instant) {
+        let mut st = lock(&self.state);
+        for o in offsets {
+            if let Some(l) = st.leased.get_mut(o) {
+                l.deadline = deadline;
+                st.expiry.push(Reverse((deadline, *o)));
+            }
+        }
+    }
+
+    /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
+    pub(crate) fn ack(&self, offsets: &[u64]) -> Result<(), LogError> {
+        let checkpoint = {
+            let mut st = lock(&self.state);
+            for o in offsets {
+                st.leased.remove(o);
+                st.finished.mark(*o);
+            }
+            st.acks_since_checkpoint += offsets.len();
+            if st.acks_since_checkpoint >= CHECKPOINT_EVERY {
+                st.acks_since_checkpoint = 0;
+                Some(st.finished.encode())
+            } else {
+                None
+            }
+        };
+        self.log.send(WriterCmd::Acks(offsets.to_vec()))?;
+        if let Some(c) = checkpoint {
+            self.log.send(WriterCmd::Checkpoint(c))?;
+        }
+        Ok(())
+    }
+
+    /// Gives a leased record back for immediate redelivery.
+    pub(crate) fn requeue(&self, offset: u64) {
+        let mut st = lock(&self.state);
+        if let Some(l) = st.leased.remove(&offset) {
+            st.ready.push_front((l.record, l.deliveries));
+        }
+    }
+
+    /// Returns expired leases to the queue, or (past `max_deliveries`) hands them back to be
+    /// dead-lettered. Returns those and how many went back to the queue.
+    pub(crate) fn expire(&self, now: Instant, max_deliveries: u32) -> (Vec<Exhausted>, usize) {
+        let mut st = lock(&self.state);
+        let mut out = Vec::new();
+        let mut returned = 0;
+        while let Some(Reverse((deadline, offset))) = st.expiry.peek().cloned() {
+            if deadline > now {
+                break;
+            }
+            st.expiry.pop();
+            let expired = st.leased.get(&offset).is_some_and(|l| l.deadline <= now);
+            if !expired {
+                continue;
+            }
+            let Some(l) = st.leased.remove(&offset) else {
+                continue;
+            };
+            tracing::warn!(
+                offset,
+                deliveries = l.deliveries,
+                "log: lease expired: redelivering"
+            );
+            if l.deliveries >= max_deliveries {
+                out.push(Exhausted {
+                    record: l.record,
+                    deliveries: l.deliveries,
+                });
+            } else {
+                st.ready.push_back((l.record, l.deliveries));
+                returned += 1;
+            }
+        }
+        (out, returned)
+    }
+
+    /// Ready records (not leased, not delayed).
+    pub(crate) fn ready_len(&self) -> u64 {
+        let end = self.log.next_offset();
+        Self::ready_locked(&lock(&self.state), end)
+    }
+
+    fn ready_locked(st: &QueueState, end: u64) -> u64 {
+        let ahead = end.saturating_sub(st.cursor_offset);
+        let done_ahead = st.finished.done.range(st.cursor_offset..).count() as u64;
+        ahead.saturating_sub(done_ahead) + st.ready.len() as u64
+    }
+
+    /// Delayed records seen so far.
+    pub(crate) fn delayed_len(&self) -> u64 {
+        lock(&self.state).delayed.len() as u64
+    }
+
+    /// Finishes every record not leased right now; returns how many.
+    pub(crate) fn purge(&self) -> Result<u64, LogError> {
+        let end = self.log.next_offset();
+        let end_pos = self.log.seek(end)?;
+        let data = {
+            let mut st = lock(&self.state);
+            let pending = Self::ready_locked(&st, end) + st.delayed.len() as u64;
+            let leased: std::collections::HashSet<u64> = st.leased.keys().copied().collect();
+            // Leased records stay unfinished until settled: the watermark stays below them.
+            let watermark = leased.iter().min().copied().unwrap_or(end).min(end);
+            st.finished = Finished {
+                watermark,
+                done: (watermark..end).filter(|o| !leased.contains(o)).collect(),
+            };
+            st.ready.clear();
+            st.delayed.clear();
+            st.cursor_offset = end;
+            st.cursor = end_pos;
+            (pending, st.finished.encode())
+        };
+        self.log.send(WriterCmd::Checkpoint(data.1))?;
+        Ok(data.0)
+    }
+
+    /// Writes a checkpoint now (clean shutdown).
+    pub(crate) async fn checkpoint(&self) -> Result<(), LogError> {
+        let data = lock(&self.state).finished.encode();
+        self.log.send(WriterCmd::Checkpoint(data))?;
+        self.log.flush().await
+    }
+
+    /// The finished prefix (for tests and stats).
+    #[cfg(test)]
+    pub(crate) fn watermark(&self) -> u64 {
+        lock(&self.state).finished.watermark
+    }
+}
+
+impl Partition {
+    /// Calls `f` with every record from `offset` to the end (recovery of the results topic).
+    pub(crate) fn scan_from(&self, offset: u64, mut f: impl FnMut(Record)) -> Result<(), LogError> {
+        let mut pos = self.log.seek(offset)?;
+        let mut o = offset;
+        while let Some((rec, _)) = self.log.read(&mut pos, o)? {
+            f(rec);
+            o += 1;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PartitionConfig {
+        PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1024,
+        }
+    }
+
+    fn rec(p: &str) -> NewRecord {
+        NewRecord {
+            payload: p.as_bytes().to_vec(),
+            ..NewRecord::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn append_take_ack_and_reopen_resumes_after_the_finished_prefix() {
+        let dir = tempdir();
+        let notify = Arc::new(Notify::new());
+        {
+            let p = Partition::open(&dir, &cfg(), notify.clone()).unwrap();
+            for i in 0..100 {
+                p.log.append(vec![rec(&format!("m{i}"))]).await.unwrap();
+            }
+            let far = Instant::now() + Duration::from_secs(60);
+            let a = p.take(far).unwrap().unwrap();
+            let b = p.take(far).unwrap().unwrap();
+            let c = p.take(far).unwrap().unwrap();
+            assert_eq!(
+                (a.record.offset, b.record.offset, c.record.offset),
+                (0, 1, 2)
+            );
+            p.ack(&[0, 2]).unwrap();
+            p.log.flush().await.unwrap();
+            assert_eq!(p.watermark(), 1, "offset 1 is still leased");
+            let segments = std::fs::read_dir(&dir)
+                .unwrap()
+                .filter(|e| {
+                    e.as_ref()
+                        .unwrap()
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with("000")
+                })
+                .count();
+            assert!(segments >= 3, "segments rolled: {segments}");
+        }
+        let p = Partition::open(&dir, &cfg(), notify).unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let first = p.take(far).unwrap().unwrap();
+        assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
+        assert_eq!(
+            p.take(far).unwrap().unwrap().record.offset,
+            3,
+            "0 and 2 were finished"
+        );
+        assert_eq!(first.record.payload, b"m1");
+    }
+
+    #[tokio::test]
+    async fn expired_leases_come_back_and_exhausted_ones_are_handed_out() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        p.log.append(vec![rec("x")]).await.unwrap();
+        let now = Instant::now();
+        assert_eq!(p.take(now).unwrap().unwrap().deliveries, 1);
+        let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
+        assert!(ex.is_empty());
+        let again = p.take(now).unwrap().unwrap();
+        assert_eq!(again.deliveries, 2);
+        let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
+        assert_eq!(
+            ex.len(),
+            1,
+            "delivered twice with max_deliveries 2: dead-letter it"
+        );
+        assert!(p.take(now).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn delayed_records_do_not_block_those_behind() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let later = NewRecord {
+            not_before_ms: now_ms() + 60_000,
+            ..rec("later")
+        };
+        p.log.append(vec![later, rec("now")]).await.unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        assert_eq!(p.take(far).unwrap().unwrap().record.payload, b"now");
+        assert!(p.take(far).unwrap().is_none());
+        assert_eq!(p.delayed_len(), 1);
+    }
+
+    pub(crate) fn tempdir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("logtest-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

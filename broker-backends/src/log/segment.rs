@@ -1,0 +1,227 @@
+//! Segment files: `<base offset, 20 digits>.log`, records appended back to back. Opening a partition
+//! scans its segments: a torn or corrupt last record is truncated with a warning; a bad record with
+//! valid data after it is corruption in the middle, reported with its offset, and the partition
+//! refuses to open rather than serve bad data.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::error::LogError;
+use super::record::{Record, FRAME_HEADER};
+
+/// One segment file.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
+    /// Offset of its first record.
+    pub(crate) base: u64,
+    /// Its path.
+    pub(crate) path: PathBuf,
+    /// Shared handle for positioned reads.
+    pub(crate) file: Arc<File>,
+}
+
+pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
+    dir.join(format!("{base:020}.log"))
+}
+
+/// Creates an empty segment.
+pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, LogError> {
+    let path = segment_path(dir, base);
+    let file = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| LogError::io(&path, e))?;
+    sync_dir(dir)?;
+    Ok(Segment {
+        base,
+        path,
+        file: Arc::new(file),
+    })
+}
+
+/// fsyncs a directory so a created or renamed file survives a crash.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| LogError::io(dir, e))
+}
+
+/// What opening found: the segments, the next offset and the byte length of the last segment.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub(crate) segments: Vec<Segment>,
+    pub(crate) next_offset: u64,
+    pub(crate) tail_len: u64,
+}
+
+/// Opens (creating) the segments of a partition directory, checking every record.
+pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogError> {
+    std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+    let mut bases: Vec<u64> = std::fs::read_dir(dir)
+        .map_err(|e| LogError::io(dir, e))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse().ok())
+        })
+        .collect();
+    bases.sort_unstable();
+    if bases.is_empty() {
+        let seg = create(dir, first_offset)?;
+        return Ok(Recovered {
+            segments: vec![seg],
+            next_offset: first_offset,
+            tail_len: 0,
+        });
+    }
+    let mut segments = Vec::with_capacity(bases.len());
+    let mut expected = bases[0];
+    let mut tail_len = 0;
+    for (i, base) in bases.iter().enumerate() {
+        let last = i + 1 == bases.len();
+        let path = segment_path(dir, *base);
+        if *base != expected {
+            return Err(LogError::Corrupt {
+                path: path.clone(),
+                offset: expected,
+                reason: format!("segment starts at offset {base}, expected {expected}"),
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| LogError::io(&path, e))?;
+        let (next, valid_len) = scan(&file, &path, *base, last)?;
+        let file_len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
+        if valid_len < file_len {
+            tracing::warn!(
+                path = %path.display(), offset = next, dropped_bytes = file_len - valid_len,
+                "log: torn or corrupt tail truncated"
+            );
+            file.set_len(valid_len)
+                .map_err(|e| LogError::io(&path, e))?;
+            file.sync_all().map_err(|e| LogError::io(&path, e))?;
+        }
+        expected = next;
+        tail_len = valid_len;
+        segments.push(Segment {
+            base: *base,
+            path,
+            file: Arc::new(file),
+        });
+    }
+    Ok(Recovered {
+        segments,
+        next_offset: expected,
+        tail_len,
+    })
+}
+
+/// Scans a segment; returns the offset after its last good record and the byte length it covers.
+fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), LogError> {
+    let file_len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
+    let mut reader = BufReader::with_capacity(
+        1 << 20,
+        file.try_clone().map_err(|e| LogError::io(path, e))?,
+    );
+    let mut pos = 0u64;
+    let mut expected = base;
+    let mut buf = Vec::new();
+    loop {
+        if pos == file_len {
+            return Ok((expected, pos));
+        }
+        let bad = |reason: String| LogError::Corrupt {
+            path: path.to_owned(),
+            offset: expected,
+            reason,
+        };
+        let mut head = [0u8; 4];
+        let problem = match reader.read_exact(&mut head) {
+            Err(_) => "truncated frame header".to_string(),
+            Ok(()) => match Record::frame_len(&head) {
+                Err(e) => e.to_string(),
+                Ok(len) if pos + 4 + len as u64 > file_len => "truncated record".to_string(),
+                Ok(len) => {
+                    buf.resize(4 + len, 0);
+                    buf[..4].copy_from_slice(&head);
+                    reader
+                        .read_exact(&mut buf[4..])
+                        .map_err(|e| LogError::io(path, e))?;
+                    match Record::decode(&buf) {
+                        Ok((rec, used)) if rec.offset == expected => {
+                            pos += used as u64;
+                            expected += 1;
+                            continue;
+                        }
+                        Ok((rec, _)) => {
+                            format!("record has offset {}, expected {expected}", rec.offset)
+                        }
+                        Err(e) => {
+                            // A bad record followed by a good one is corruption in the middle.
+                            let next = pos + 4 + len as u64;
+                            if next < file_len && valid_at(file, next, file_len) {
+                                return Err(bad(format!(
+                                    "{e} at byte {pos}, with valid records after it"
+                                )));
+                            }
+                            e.to_string()
+                        }
+                    }
+                }
+            },
+        };
+        if !last {
+            return Err(bad(format!("{problem} at byte {pos} of a closed segment")));
+        }
+        tracing::debug!(problem, pos, "log: bad tail record");
+        return Ok((expected, pos));
+    }
+}
+
+fn valid_at(file: &File, pos: u64, file_len: u64) -> bool {
+    let mut head = [0u8; 4];
+    if file.read_exact_at(&mut head, pos).is_err() {
+        return false;
+    }
+    let Ok(len) = Record::frame_len(&head) else {
+        return false;
+    };
+    if pos + 4 + len as u64 > file_len {
+        return false;
+    }
+    let mut buf = vec![0u8; 4 + len];
+    file.read_exact_at(&mut buf, pos).is_ok() && Record::decode(&buf).is_ok()
+}
+
+/// Reads the record at byte `pos` of `seg`; returns it and the position after it.
+pub(crate) fn read_at(seg: &Segment, pos: u64) -> Result<(Record, u64), LogError> {
+    let mut head = [0u8; 4];
+    seg.file
+        .read_exact_at(&mut head, pos)
+        .map_err(|e| LogError::io(&seg.path, e))?;
+    let len = Record::frame_len(&head).map_err(|e| LogError::Corrupt {
+        path: seg.path.clone(),
+        offset: 0,
+        reason: format!("{e} at byte {pos}"),
+    })?;
+    let mut buf = vec![0u8; 4 + len];
+    seg.file
+        .read_exact_at(&mut buf, pos)
+        .map_err(|e| LogError::io(&seg.path, e))?;
+    let (rec, used) = Record::decode(&buf).map_err(|e| LogError::Corrupt {
+        path: seg.path.clone(),
+        offset: 0,
+        reason: format!("{e} at byte {pos}"),
+    })?;
+    debug_assert!(used >= FRAME_HEADER);
+    Ok((rec, pos + used as u64))
+}

@@ -1,0 +1,336 @@
+//! The data directory: a lock file, one directory per queue (topic) with its partitions, the results
+//! topic, and the lease-expiry sweep. One store per directory per process (`LogStore::open` shares it).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use super::error::LogError;
+use super::partition::{now_ms, Fsync, NewRecord, Partition, PartitionConfig};
+use super::record::Record;
+
+/// Store settings, from the URL's query.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// fsync policy (`fsync=always|os|<ms>`).
+    pub fsync: Fsync,
+    /// Segment size limit (`segment_bytes=`), default 128 MiB.
+    pub segment_bytes: u64,
+    /// How long a delivery stays invisible without renewal (`lease_timeout=` seconds), default 30.
+    pub lease: Duration,
+    /// Deliveries before a record is dead-lettered (`max_deliveries=`), default 10.
+    pub max_deliveries: u32,
+    /// Partitions of a new queue (`partitions=`), default 1.
+    pub partitions: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 128 << 20,
+            lease: Duration::from_secs(30),
+            max_deliveries: 10,
+            partitions: 1,
+        }
+    }
+}
+
+/// A queue: its partitions.
+#[derive(Debug)]
+pub(crate) struct Topic {
+    pub(crate) name: String,
+    pub(crate) partitions: Vec<Arc<Partition>>,
+    next: AtomicUsize,
+}
+
+impl Topic {
+    /// The partition for a key (hash), or round robin without one.
+    pub(crate) fn pick(&self, key: &[u8]) -> &Arc<Partition> {
+        let n = self.partitions.len();
+        let i = if key.is_empty() {
+            self.next.fetch_add(1, Ordering::Relaxed) % n
+        } else {
+            (crc32c::crc32c(key) as usize) % n
+        };
+        &self.partitions[i]
+    }
+}
+
+/// Encodes a queue name as a directory name.
+fn dir_name(name: &str) -> String {
+    name.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+/// The results of one store: id -> (document, expiry in ms since the epoch).
+#[derive(Debug, Default)]
+pub(crate) struct Results {
+    pub(crate) values: HashMap<String, (Vec<u8>, i64)>,
+    pub(crate) waiters: HashMap<String, Arc<Notify>>,
+}
+
+/// An open data directory.
+#[derive(Debug)]
+pub struct LogStore {
+    dir: PathBuf,
+    cfg: StoreConfig,
+    _lock: File,
+    topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Woken on every append, requeue and expiry.
+    pub(crate) notify: Arc<Notify>,
+    pub(crate) results: Mutex<Results>,
+    pub(crate) results_log: Arc<Partition>,
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
+    static R: OnceLock<Mutex<HashMap<PathBuf, Weak<LogStore>>>> = OnceLock::new();
+    R.get_or_init(Default::default)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl LogStore {
+    /// Opens (creating) `dir`, or returns the store this process already has open there.
+    pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Arc<LogStore>, LogError> {
+        std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+        let canonical = dir.canonicalize().map_err(|e| LogError::io(dir, e))?;
+        let mut reg = lock(registry());
+        if let Some(s) = reg.get(&canonical).and_then(Weak::upgrade) {
+            return Ok(s);
+        }
+        let lock_path = canonical.join("LOCK");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| LogError::io(&lock_path, e))?;
+        if lock_file.try_lock().is_err() {
+            let pid = std::fs::read_to_string(&lock_path)
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            return Err(LogError::Locked {
+                path: canonical,
+                pid,
+            });
+        }
+        lock_file
+            .set_len(0)
+            .map_err(|e| LogError::io(&lock_path, e))?;
+        std::fs::write(&lock_path, std::process::id().to_string())
+            .map_err(|e| LogError::io(&lock_path, e))?;
+        let notify = Arc::new(Notify::new());
+        let pcfg = PartitionConfig {
+            fsync: cfg.fsync,
+            segment_bytes: cfg.segment_bytes,
+        };
+        let results_log = Arc::new(Partition::open(
+            &canonical.join("results").join("0"),
+            &pcfg,
+            Arc::new(Notify::new()),
+        )?);
+        let store = Arc::new(LogStore {
+            dir: canonical.clone(),
+            cfg,
+            _lock: lock_file,
+            topics: Mutex::new(HashMap::new()),
+            notify,
+            results: Mutex::new(Results::default()),
+            results_log,
+        });
+        store.load_results()?;
+        for entry in std::fs::read_dir(canonical.join("topics"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(name) = std::fs::read_to_string(entry.path().join("name")) {
+                store.topic(&name)?;
+            }
+        }
+        reg.insert(canonical, Arc::downgrade(&store));
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(expiry_loop(Arc::downgrade(&store)));
+        }
+        Ok(store)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &StoreConfig {
+        &self.cfg
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The queue `name`, created on first use.
+    pub(crate) fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
+        let mut topics = lock(&self.topics);
+        if let Some(t) = topics.get(name) {
+            return Ok(t.clone());
+        }
+        if name.is_empty() {
+            return Err(LogError::Invalid("a queue name cannot be empty".into()));
+        }
+        let tdir = self.dir.join("topics").join(dir_name(name));
+        std::fs::create_dir_all(&tdir).map_err(|e| LogError::io(&tdir, e))?;
+        let count_path = tdir.join("partitions");
+        let count: u32 = match std::fs::read_to_string(&count_path) {
+            Ok(s) => s.trim().parse().map_err(|_| {
+                LogError::Invalid(format!("{}: not a number", count_path.display()))
+            })?,
+            Err(_) => {
+                std::fs::write(tdir.join("name"), name).map_err(|e| LogError::io(&tdir, e))?;
+                std::fs::write(&count_path, self.cfg.partitions.max(1).to_string())
+                    .map_err(|e| LogError::io(&count_path, e))?;
+                self.cfg.partitions.max(1)
+            }
+        };
+        let pcfg = PartitionConfig {
+            fsync: self.cfg.fsync,
+            segment_bytes: self.cfg.segment_bytes,
+        };
+        let partitions = (0..count)
+            .map(|p| {
+                Partition::open(&tdir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let t = Arc::new(Topic {
+            name: name.to_owned(),
+            partitions,
+            next: AtomicUsize::new(0),
+        });
+        topics.insert(name.to_owned(), t.clone());
+        Ok(t)
+    }
+
+    /// Appends to queue `name`.
+    pub(crate) async fn append(&self, name: &str, records: Vec<NewRecord>) -> Result<(), LogError> {
+        let topic = self.topic(name)?;
+        if topic.partitions.len() == 1 || records.iter().all(|r| r.key.is_empty()) {
+            topic.pick(&[]).log.append(records).await?;
+            return Ok(());
+        }
+        let mut groups: HashMap<usize, Vec<NewRecord>> = HashMap::new();
+        for r in records {
+            let p = Arc::as_ptr(topic.pick(&r.key)) as usize;
+            groups.entry(p).or_default().push(r);
+        }
+        for (p, recs) in groups {
+            if let Some(part) = topic
+                .partitions
+                .iter()
+                .find(|x| Arc::as_ptr(x) as usize == p)
+            {
+                part.log.append(recs).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies a record to `<queue>.dead` with the reason, then finishes the original.
+    pub(crate) async fn dead_letter(
+        &self,
+        queue: &str,
+        part: &Partition,
+        record: &Record,
+        reason: &str,
+    ) -> Result<(), LogError> {
+        let payload = crate::envelope::dead_letter(&record.payload, queue, reason);
+        let rec = NewRecord {
+            headers: vec![
+                (
+                    celery_core::broker::DEAD_LETTER_REASON.into(),
+                    reason.as_bytes().to_vec(),
+                ),
+                (
+                    celery_core::broker::DEAD_LETTER_QUEUE.into(),
+                    queue.as_bytes().to_vec(),
+                ),
+            ],
+            payload: payload.into_bytes(),
+            ..NewRecord::default()
+        };
+        self.append(&celery_core::broker::dead_letter_queue(queue), vec![rec])
+            .await?;
+        part.ack(&[record.offset])
+    }
+
+    /// Checkpoints every partition and waits for the writers (a clean shutdown).
+    pub async fn sync(&self) -> Result<(), LogError> {
+        let topics: Vec<_> = lock(&self.topics).values().cloned().collect();
+        for t in topics {
+            for p in &t.partitions {
+                p.checkpoint().await?;
+            }
+        }
+        self.results_log.log.flush().await
+    }
+
+    fn load_results(&self) -> Result<(), LogError> {
+        let mut res = lock(&self.results);
+        let now = now_ms();
+        self.results_log.scan_from(0, |rec| {
+            let expires = rec
+                .headers
+                .iter()
+                .find(|(k, _)| k == "expires")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(i64::MAX);
+            let id = String::from_utf8_lossy(&rec.key).into_owned();
+            if rec.payload.is_empty() || expires <= now {
+                res.values.remove(&id);
+            } else {
+                res.values.insert(id, (rec.payload, expires));
+            }
+        })
+    }
+}
+
+async fn expiry_loop(store: Weak<LogStore>) {
+    loop {
+        let Some(s) = store.upgrade() else { return };
+        let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
+        let now = Instant::now();
+        let mut returned = false;
+        for t in &topics {
+            for p in &t.partitions {
+                let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
+                returned |= back > 0;
+                for ex in exhausted {
+                    let reason = format!(
+                        "delivered {} times without being acknowledged (max_deliveries)",
+                        ex.deliveries
+                    );
+                    if let Err(e) = s.dead_letter(&t.name, p, &ex.record, &reason).await {
+                        tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
+                    }
+                }
+            }
+        }
+        if returned {
+            s.notify.notify_waiters();
+        }
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

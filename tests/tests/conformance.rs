@@ -1,0 +1,310 @@
+//! One suite, every broker and result backend: the same scenarios run against `log://` (a fresh
+//! directory) and `redis://` (a fresh key prefix), through the public traits only.
+
+use std::time::Duration;
+
+use celery_core::{App, ResultError, Signature, TaskState};
+use celery_tests::{redis_available, RedisEnv};
+use celery_worker::prelude::*;
+use chrono::Utc;
+use serde_json::json;
+
+#[task]
+async fn c_add(x: i64, y: i64) -> i64 {
+    x + y
+}
+
+#[task]
+fn c_blocking_mul(x: i64, y: i64) -> i64 {
+    x * y
+}
+
+#[task]
+async fn c_now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+#[task]
+async fn c_sleep(ms: u64) -> u64 {
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    ms
+}
+
+#[task(max_retries = 3)]
+async fn c_flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
+    if ctx.retries() < failures {
+        return Err(ctx.retry(Some(Duration::from_millis(50))));
+    }
+    Ok(ctx.retries())
+}
+
+#[task(time_limit = 0.3)]
+async fn c_too_slow() -> u32 {
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    1
+}
+
+#[task]
+async fn c_boom() -> u32 {
+    panic!("conformance boom")
+}
+
+const T: Duration = Duration::from_secs(20);
+
+/// A broker/backend pair under test, cleaned up on drop.
+enum Target {
+    Log(std::path::PathBuf),
+    Redis(RedisEnv),
+}
+
+impl Target {
+    fn log() -> Target {
+        let dir =
+            std::env::temp_dir().join(format!("conformance-{}", uuid::Uuid::new_v4().simple()));
+        Target::Log(dir)
+    }
+
+    fn redis() -> Option<Target> {
+        redis_available("conformance (redis)").then(|| Target::Redis(RedisEnv::new(1.0)))
+    }
+
+    /// Broker URL with a short lease / visibility timeout of one second.
+    fn urls(&self) -> (String, String) {
+        match self {
+            Target::Log(d) => (
+                format!("log://{}?lease_timeout=1&fsync=os", d.display()),
+                format!("log://{}", d.display()),
+            ),
+            Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
+        }
+    }
+
+    async fn app(&self) -> App {
+        let (b, r) = self.urls();
+        celery_worker::connect(&b, &r).await.expect("connect")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Target::Log(d) = self {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+struct Running {
+    stop: tokio::sync::oneshot::Sender<()>,
+    handle: tokio::task::JoinHandle<Result<(), celery_worker::WorkerError>>,
+}
+
+fn worker(app: &App, concurrency: usize, prefetch_multiplier: usize) -> Running {
+    let cfg = WorkerConfig {
+        concurrency,
+        prefetch_multiplier,
+        shutdown_grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = rx.await;
+    }));
+    Running { stop, handle }
+}
+
+impl Running {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.await.expect("join").expect("worker");
+    }
+}
+
+async fn results_and_failures(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 4, 4);
+    let a = app.send(c_add::new(2, 3)).await.unwrap();
+    let b = app.send(c_blocking_mul::new(4, 5)).await.unwrap();
+    let by_name = app
+        .send_by_name("c_add", json!([1]), json!({"y": 1}))
+        .await
+        .unwrap();
+    let slow = app.send(c_too_slow::new()).await.unwrap();
+    let boom = app.send(c_boom::new()).await.unwrap();
+    assert_eq!(a.get::<i64>(T).await.unwrap(), 5);
+    assert_eq!(b.get::<i64>(T).await.unwrap(), 20);
+    assert_eq!(by_name.get::<i64>(T).await.unwrap(), 2);
+    assert!(
+        matches!(slow.get::<u32>(T).await, Err(ResultError::Failed { exc_type, .. }) if exc_type == "TimeLimitExceeded")
+    );
+    assert!(
+        matches!(boom.get::<u32>(T).await, Err(ResultError::Failed { message, .. }) if message.contains("conformance boom"))
+    );
+    a.forget().await.unwrap();
+    assert_eq!(a.state().await.unwrap(), TaskState::Pending);
+    w.stop().await;
+}
+
+async fn retries_countdown_expiry(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 4, 4);
+    let ok = app.send(c_flaky::new(2)).await.unwrap();
+    let gives_up = app.send(c_flaky::new(9)).await.unwrap();
+    let sent = Utc::now().timestamp_millis();
+    let later = app
+        .send(c_now_ms::new().countdown(Duration::from_millis(1500)))
+        .await
+        .unwrap();
+    let expired = app
+        .send(c_add::new(1, 1).expires(Utc::now() - chrono::Duration::seconds(1)))
+        .await
+        .unwrap();
+    assert_eq!(ok.get::<u32>(T).await.unwrap(), 2);
+    assert!(
+        matches!(gives_up.get::<u32>(T).await, Err(ResultError::Failed { exc_type, .. }) if exc_type == "MaxRetriesExceededError")
+    );
+    let ran: i64 = later.get(T).await.unwrap();
+    assert!(
+        ran - sent >= 1500,
+        "countdown not honoured: ran after {} ms",
+        ran - sent
+    );
+    assert!(matches!(
+        expired.get::<i64>(T).await,
+        Err(ResultError::Revoked)
+    ));
+    w.stop().await;
+}
+
+async fn bad_input_is_dead_lettered(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 2, 4);
+    let unknown = app
+        .send_by_name("c_no_such_task", json!([]), json!({}))
+        .await
+        .unwrap();
+    let wrong = app
+        .send_by_name("c_add", json!(["x", 1]), json!({}))
+        .await
+        .unwrap();
+    assert!(
+        matches!(unknown.get::<i64>(T).await, Err(ResultError::Failed { message, .. }) if message.contains("unregistered task"))
+    );
+    assert!(
+        matches!(wrong.get::<i64>(T).await, Err(ResultError::Failed { message, .. }) if message.contains("argument `x`"))
+    );
+    assert_eq!(
+        app.send(c_add::new(1, 2))
+            .await
+            .unwrap()
+            .get::<i64>(T)
+            .await
+            .unwrap(),
+        3,
+        "the worker goes on"
+    );
+    w.stop().await;
+    assert_eq!(app.broker().queue_len("celery.dead").await.unwrap(), 2);
+}
+
+async fn an_unsettled_delivery_comes_back_after_its_lease(t: Target) {
+    let app = t.app().await;
+    let sig = Signature::by_name("c_add").args(json!([20, 22]));
+    let res = app.send(sig).await.unwrap();
+    {
+        // A consumer takes the message and dies without settling it.
+        let (b, r) = t.urls();
+        let other = celery_worker::connect(&b, &r).await.unwrap();
+        let mut consumer = other.broker().consume(&["celery".into()], 1).await.unwrap();
+        let d = consumer.next().await.expect("delivery");
+        assert!(d.message.is_ok());
+        std::mem::forget(d);
+        drop(consumer);
+    }
+    assert_eq!(
+        app.broker().queue_len("celery").await.unwrap(),
+        0,
+        "leased: invisible to others"
+    );
+    let w = worker(&app, 2, 1);
+    assert_eq!(
+        res.get::<i64>(T).await.unwrap(),
+        42,
+        "redelivered after the lease expired"
+    );
+    w.stop().await;
+}
+
+async fn shutdown_returns_prefetched_work(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 1, 4);
+    let ids: Vec<_> = app
+        .send_batch((0..5).map(|_| c_sleep::new(400)))
+        .await
+        .unwrap();
+    let end = tokio::time::Instant::now() + T;
+    while ids[0].state().await.unwrap() != TaskState::Started && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.stop().await;
+    let done = futures_count(&ids, TaskState::Success).await;
+    assert_eq!(done, 1, "only the running task finished");
+    assert_eq!(
+        app.broker().queue_len("celery").await.unwrap(),
+        4,
+        "the rest went back to the queue"
+    );
+    let w = worker(&app, 4, 4);
+    for r in &ids {
+        assert_eq!(r.get::<u64>(T).await.unwrap(), 400);
+    }
+    w.stop().await;
+    assert_eq!(app.broker().purge("celery").await.unwrap(), 0);
+}
+
+async fn futures_count(ids: &[celery_core::AsyncResult], state: TaskState) -> usize {
+    let mut n = 0;
+    for r in ids {
+        if r.state().await.unwrap() == state {
+            n += 1;
+        }
+    }
+    n
+}
+
+async fn purge_and_len(t: Target) {
+    let app = t.app().await;
+    app.send_batch((0..7).map(|i| c_add::new(i, i).queue("purge_me")))
+        .await
+        .unwrap();
+    assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 7);
+    assert_eq!(app.broker().purge("purge_me").await.unwrap(), 7);
+    assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 0);
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod log_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Target::log()).await }
+            )*
+        }
+        mod redis_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::redis() { super::$name(t).await }
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    results_and_failures,
+    retries_countdown_expiry,
+    bad_input_is_dead_lettered,
+    an_unsettled_delivery_comes_back_after_its_lease,
+    shutdown_returns_prefetched_work,
+    purge_and_len,
+);
