@@ -64,6 +64,30 @@ pub enum Command {
     Tasks,
     /// Measure enqueue and drain throughput and round-trip latency.
     Bench(crate::bench::BenchArgs),
+    /// The built-in broker.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+}
+
+/// `broker` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Serve a data directory over TCP as `log+tcp://HOST:PORT` (and over its unix socket).
+    Serve(ServeArgs),
+}
+
+/// `broker serve` options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data directory.
+    #[arg(long, default_value = "./celery-data")]
+    pub data: String,
+    /// Address to listen on; anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:7575")]
+    pub listen: String,
+    /// Clients must present this token (`log+tcp://HOST:PORT?token=...`).
+    #[arg(long, env = "CELERY_BROKER_TOKEN")]
+    pub token: Option<String>,
 }
 
 /// `worker` options.
@@ -207,6 +231,10 @@ fn init_logging(level: &str) {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Broker(BrokerCommand::Serve(a)) = &cli.command {
+        serve(a).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let app = crate::connect(&cli.broker, &cli.backend)
         .await
         .with_context(|| {
@@ -287,6 +315,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             crate::bench::run(app, a).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Broker(_) => unreachable!("handled before connecting"),
     }
 }
 
@@ -361,6 +390,32 @@ fn redact(url: &str) -> String {
         (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
         _ => url.to_owned(),
     }
+}
+
+/// `broker serve`: owns the directory, serves it over TCP until SIGINT/SIGTERM, then checkpoints.
+async fn serve(a: &ServeArgs) -> anyhow::Result<()> {
+    use broker_backends::log::{parse_url, serve_tcp, LogStore};
+    let addr: std::net::SocketAddr = a
+        .listen
+        .parse()
+        .with_context(|| format!("--listen `{}` is not HOST:PORT", a.listen))?;
+    if !addr.ip().is_loopback() && a.token.as_deref().unwrap_or("").is_empty() {
+        anyhow::bail!("listening on {addr} (not loopback) requires --token");
+    }
+    let (dir, cfg) = parse_url(&format!("log://{}", a.data))?;
+    let store = LogStore::open(&dir, cfg)?;
+    store.serve_unix();
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    tracing::info!(data = %dir.display(), %addr, "broker serving log+tcp://{addr}");
+    eprintln!("serving {} as log+tcp://{addr}", dir.display());
+    tokio::select! {
+        _ = serve_tcp(store.clone(), listener, a.token.clone()) => {}
+        _ = shutdown_signal() => {}
+    }
+    store.sync().await?;
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM.

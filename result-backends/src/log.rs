@@ -1,6 +1,7 @@
-//! `log://PATH`: results in the built-in broker's data directory (a compacted-by-key results topic),
-//! with the same states and `AsyncResult` behaviour as Redis: expiry (`result_expires=SECONDS`,
-//! default one day), waiters woken without polling, a stored SUCCESS never overwritten.
+//! `log://PATH` and `log+tcp://HOST:PORT`: results kept by the built-in broker (a results topic in
+//! its data directory), with the same states and `AsyncResult` behaviour as Redis: expiry
+//! (`result_expires=SECONDS`, default one day), waiters woken without polling, a stored SUCCESS never
+//! overwritten. When another process owns the directory, results go through it.
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -17,23 +18,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_backends::log::{parse_url, LogStore};
+use broker_backends::log::LogBroker;
 use celery_core::scheme::BackendScheme;
-use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
+use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
 #[derive(Debug, Clone)]
 pub struct LogResultBackend {
-    store: Arc<LogStore>,
+    log: LogBroker,
     expires: Duration,
 }
 
-fn status_of(doc: &[u8]) -> Option<TaskState> {
-    TaskMeta::from_slice(doc).ok().map(|m| m.status)
+fn err(e: BrokerError) -> BackendError {
+    if e.is_retryable() {
+        BackendError::Connection(e.to_string())
+    } else {
+        BackendError::Operation(e.to_string())
+    }
 }
 
 impl LogResultBackend {
-    /// Opens the directory of a `log://` URL (shared with the broker in this process).
+    /// Opens (or connects to) the store of a `log://` or `log+tcp://` URL.
     pub async fn connect(url: &str) -> Result<LogResultBackend, BackendError> {
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut expires = Duration::from_secs(86_400);
@@ -55,32 +60,25 @@ impl LogResultBackend {
         } else {
             format!("{base}?{}", keep.join("&"))
         };
-        let invalid = |e: broker_backends::log::LogError| BackendError::InvalidUrl {
-            url: url.into(),
-            reason: e.to_string(),
-        };
-        let (dir, cfg) = parse_url(&clean).map_err(invalid)?;
-        let store =
-            LogStore::open(&dir, cfg).map_err(|e| BackendError::Connection(e.to_string()))?;
-        Ok(LogResultBackend { store, expires })
+        let log = LogBroker::connect(&clean).await.map_err(err)?;
+        Ok(LogResultBackend { log, expires })
     }
 }
 
 #[async_trait]
 impl ResultBackend for LogResultBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        self.store
-            .put_result(&meta.task_id, meta.to_vec(), self.expires, |old| {
-                status_of(old) == Some(TaskState::Success)
-            })
+        self.log
+            .put_result(&meta.task_id, meta.to_vec(), self.expires)
             .await
-            .map_err(|e| BackendError::Operation(e.to_string()))?;
-        Ok(())
+            .map_err(err)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.store
+        self.log
             .get_result(task_id)
+            .await
+            .map_err(err)?
             .map(|d| TaskMeta::from_slice(&d))
             .transpose()
     }
@@ -90,23 +88,22 @@ impl ResultBackend for LogResultBackend {
         task_id: &str,
         timeout: Duration,
     ) -> Result<Option<TaskMeta>, BackendError> {
-        let doc = self
-            .store
-            .wait_result(task_id, timeout, |d| {
-                status_of(d).is_some_and(TaskState::is_ready)
-            })
-            .await;
-        doc.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.log
+            .wait_result(task_id, timeout)
+            .await
+            .map_err(err)?
+            .map(|d| TaskMeta::from_slice(&d))
+            .transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.store
-            .forget_result(task_id)
-            .await
-            .map_err(|e| BackendError::Operation(e.to_string()))
+        self.log.forget_result(task_id).await.map_err(err)
     }
 }
 
 inventory::submit! {
     BackendScheme { scheme: "log", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
+inventory::submit! {
+    BackendScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
 }

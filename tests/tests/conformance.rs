@@ -1,5 +1,6 @@
 //! One suite, every broker and result backend: the same scenarios run against `log://` (a fresh
-//! directory) and `redis://` (a fresh key prefix), through the public traits only.
+//! directory), `log+tcp://` (a server in this process, with a token) and `redis://` (a fresh key
+//! prefix), through the public traits only.
 
 use std::time::Duration;
 
@@ -54,6 +55,7 @@ const T: Duration = Duration::from_secs(20);
 /// A broker/backend pair under test, cleaned up on drop.
 enum Target {
     Log(std::path::PathBuf),
+    LogTcp(std::path::PathBuf, String, tokio::task::JoinHandle<()>),
     Redis(RedisEnv),
 }
 
@@ -62,6 +64,20 @@ impl Target {
         let dir =
             std::env::temp_dir().join(format!("conformance-{}", uuid::Uuid::new_v4().simple()));
         Target::Log(dir)
+    }
+
+    /// A `broker serve` in this process, reached over TCP.
+    async fn log_tcp() -> Target {
+        use broker_backends::log::{parse_url, serve_tcp, LogStore};
+        let dir =
+            std::env::temp_dir().join(format!("conformance-tcp-{}", uuid::Uuid::new_v4().simple()));
+        let (d, cfg) =
+            parse_url(&format!("log://{}?lease_timeout=1&fsync=os", dir.display())).unwrap();
+        let store = LogStore::open(&d, cfg).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve_tcp(store, listener, Some("s3cret".into())));
+        Target::LogTcp(dir, addr, server)
     }
 
     fn redis() -> Option<Target> {
@@ -75,6 +91,10 @@ impl Target {
                 format!("log://{}?lease_timeout=1&fsync=os", d.display()),
                 format!("log://{}", d.display()),
             ),
+            Target::LogTcp(_, a, _) => (
+                format!("log+tcp://{a}?token=s3cret"),
+                format!("log+tcp://{a}?token=s3cret"),
+            ),
             Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
         }
     }
@@ -87,8 +107,15 @@ impl Target {
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Target::Log(d) = self {
-            let _ = std::fs::remove_dir_all(d);
+        match self {
+            Target::Log(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Target::LogTcp(d, _, server) => {
+                server.abort();
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Target::Redis(_) => {}
         }
     }
 }
@@ -217,7 +244,7 @@ async fn an_unsettled_delivery_comes_back_after_its_lease(t: Target) {
         let mut consumer = other.broker().consume(&["celery".into()], 1).await.unwrap();
         let d = consumer.next().await.expect("delivery");
         assert!(d.message.is_ok());
-        std::mem::forget(d);
+        drop(d); // never settled
         drop(consumer);
     }
     assert_eq!(
@@ -287,6 +314,12 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name(super::Target::log()).await }
+            )*
+        }
+        mod log_tcp_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Target::log_tcp().await).await }
             )*
         }
         mod redis_broker {

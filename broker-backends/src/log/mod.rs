@@ -30,8 +30,11 @@
 mod error;
 mod partition;
 mod record;
+mod remote;
 mod segment;
+mod server;
 mod store;
+mod wire;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -50,6 +53,7 @@ use tokio::sync::{Notify, Semaphore};
 pub use error::LogError;
 pub use partition::{Fsync, NewRecord};
 pub use record::Record;
+pub use server::serve_tcp;
 pub use store::{LogStore, StoreConfig};
 
 use crate::envelope;
@@ -112,38 +116,215 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
     Ok((PathBuf::from(path), cfg))
 }
 
-/// The built-in broker over a [`LogStore`].
+/// The built-in broker: the store in this process, or a connection to the process that owns it.
 #[derive(Debug, Clone)]
 pub struct LogBroker {
-    store: Arc<LogStore>,
+    inner: Inner,
+}
+
+#[derive(Debug, Clone)]
+enum Inner {
+    Local(Arc<LogStore>),
+    Remote(Arc<remote::RemoteClient>),
+}
+
+/// The unix socket the owner of a data directory listens on.
+pub fn socket_path(dir: &std::path::Path) -> PathBuf {
+    dir.join("broker.sock")
+}
+
+fn token_of(url: &str) -> String {
+    url.split_once('?')
+        .map(|(_, q)| q)
+        .unwrap_or("")
+        .split('&')
+        .find_map(|p| p.strip_prefix("token="))
+        .unwrap_or("")
+        .to_owned()
 }
 
 impl LogBroker {
-    /// Opens the directory of a `log://` URL.
+    /// Opens `log://PATH` (owning the directory, or connecting to its owner's socket), or connects
+    /// to `log+tcp://HOST:PORT?token=...`.
     pub async fn connect(url: &str) -> Result<LogBroker, BrokerError> {
-        let (dir, cfg) = parse_url(url).map_err(|e| BrokerError::InvalidUrl {
+        let invalid = |e: LogError| BrokerError::InvalidUrl {
             url: url.into(),
             reason: e.to_string(),
-        })?;
-        Ok(LogBroker {
-            store: LogStore::open(&dir, cfg)?,
-        })
+        };
+        if let Some(rest) = url.strip_prefix("log+tcp://") {
+            let addr = rest.split(['?', '/']).next().unwrap_or(rest).to_owned();
+            if addr.is_empty() {
+                return Err(invalid(LogError::Invalid(
+                    "log+tcp:// needs HOST:PORT".into(),
+                )));
+            }
+            let client = Arc::new(remote::RemoteClient::new(
+                remote::Target::Tcp(addr),
+                token_of(url),
+            ));
+            client
+                .call(wire::kind::HELLO, |e| e.str(&token_of(url)))
+                .await?;
+            return Ok(LogBroker {
+                inner: Inner::Remote(client),
+            });
+        }
+        let (dir, cfg) = parse_url(url).map_err(invalid)?;
+        match LogStore::open(&dir, cfg) {
+            Ok(store) => {
+                store.serve_unix();
+                Ok(LogBroker {
+                    inner: Inner::Local(store),
+                })
+            }
+            Err(LogError::Locked { path, pid }) => {
+                tracing::debug!(path = %path.display(), pid, "log: directory owned by another process; connecting to it");
+                let client = Arc::new(remote::RemoteClient::new(
+                    remote::Target::Unix(socket_path(&path)),
+                    String::new(),
+                ));
+                client
+                    .call(wire::kind::HELLO, |e| e.str(""))
+                    .await
+                    .map_err(|e| {
+                        BrokerError::Connection(format!(
+                            "{} is owned by process {pid}, whose socket does not answer: {e}",
+                            path.display()
+                        ))
+                    })?;
+                Ok(LogBroker {
+                    inner: Inner::Remote(client),
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
-    /// The store.
-    pub fn store(&self) -> &Arc<LogStore> {
-        &self.store
+    pub(crate) fn local(store: Arc<LogStore>) -> LogBroker {
+        LogBroker {
+            inner: Inner::Local(store),
+        }
+    }
+
+    /// The store, when this process owns the directory.
+    pub fn store(&self) -> Option<&Arc<LogStore>> {
+        match &self.inner {
+            Inner::Local(s) => Some(s),
+            Inner::Remote(_) => None,
+        }
+    }
+
+    pub(crate) fn local_consumer(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<LogConsumer, LogError> {
+        let Inner::Local(store) = &self.inner else {
+            return Err(LogError::Invalid("not a local store".into()));
+        };
+        let topics = queues
+            .iter()
+            .map(|q| store.topic(q))
+            .collect::<Result<Vec<_>, _>>()?;
+        let leases: LeaseMap = Arc::default();
+        let renew = tokio::spawn(renew_loop(store.clone(), leases.clone()));
+        Ok(LogConsumer {
+            store: store.clone(),
+            topics,
+            slots: Arc::new(Semaphore::new(prefetch.max(1))),
+            leases,
+            stopped: false,
+            renew,
+            turn: 0,
+        })
     }
 
     /// Delayed records seen in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        Ok(self
-            .store
-            .topic(queue)?
-            .partitions
-            .iter()
-            .map(|p| p.delayed_len())
-            .sum())
+        match &self.inner {
+            Inner::Local(s) => Ok(s
+                .topic(queue)?
+                .partitions
+                .iter()
+                .map(|p| p.delayed_len())
+                .sum()),
+            Inner::Remote(c) => {
+                remote::read_u64(&c.call(wire::kind::DELAYED_LEN, |e| e.str(queue)).await?)
+            }
+        }
+    }
+
+    /// Stores a result document unless a SUCCESS is stored already.
+    pub async fn put_result(
+        &self,
+        id: &str,
+        doc: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => s
+                .put_result(id, doc, ttl, server::is_success)
+                .await
+                .map(|_| ())
+                .map_err(Into::into),
+            Inner::Remote(c) => c
+                .call(wire::kind::RESULT_PUT, |e| {
+                    e.str(id).bytes(&doc).u64(ttl.as_millis() as u64)
+                })
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// The result document of `id`.
+    pub async fn get_result(&self, id: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.get_result(id)),
+            Inner::Remote(c) => {
+                remote::read_opt(&c.call(wire::kind::RESULT_GET, |e| e.str(id)).await?)
+            }
+        }
+    }
+
+    /// Waits for a ready result document of `id`, at most `timeout`.
+    pub async fn wait_result(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<Option<Vec<u8>>, BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.wait_result(id, timeout, server::is_ready).await),
+            Inner::Remote(c) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                loop {
+                    let left = deadline
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(remote::MAX_WAIT);
+                    let doc = remote::read_opt(
+                        &c.call(wire::kind::RESULT_WAIT, |e| {
+                            e.str(id).u64(left.as_millis() as u64)
+                        })
+                        .await?,
+                    )?;
+                    if doc.as_deref().is_some_and(server::is_ready)
+                        || tokio::time::Instant::now() >= deadline
+                    {
+                        return Ok(doc);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes the result document of `id`.
+    pub async fn forget_result(&self, id: &str) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => s.forget_result(id).await.map_err(Into::into),
+            Inner::Remote(c) => c
+                .call(wire::kind::RESULT_FORGET, |e| e.str(id))
+                .await
+                .map(|_| ()),
+        }
     }
 }
 
@@ -176,6 +357,14 @@ fn queue_of(route: &Route) -> Result<&str, BrokerError> {
     }
 }
 
+fn encode_records(mut enc: wire::Enc, queue: &str, records: &[NewRecord]) -> wire::Enc {
+    enc = enc.str(queue).u32(records.len() as u32);
+    for r in records {
+        enc = enc.i64(r.not_before_ms).bytes(&r.key).bytes(&r.payload);
+    }
+    enc
+}
+
 #[async_trait]
 impl Broker for LogBroker {
     fn kind(&self) -> &'static str {
@@ -184,7 +373,14 @@ impl Broker for LogBroker {
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
         let q = queue_of(route)?;
-        Ok(self.store.append(q, vec![to_record(msg, q)]).await?)
+        let records = vec![to_record(msg, q)];
+        match &self.inner {
+            Inner::Local(s) => Ok(s.append(q, records).await?),
+            Inner::Remote(c) => c
+                .call(wire::kind::PUBLISH, |e| encode_records(e, q, &records))
+                .await
+                .map(|_| ()),
+        }
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
@@ -194,7 +390,13 @@ impl Broker for LogBroker {
             by_queue.entry(q).or_default().push(to_record(msg, q));
         }
         for (q, recs) in by_queue {
-            self.store.append(q, recs).await?;
+            match &self.inner {
+                Inner::Local(s) => s.append(q, recs).await?,
+                Inner::Remote(c) => {
+                    c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &recs))
+                        .await?;
+                }
+            }
         }
         Ok(())
     }
@@ -204,39 +406,41 @@ impl Broker for LogBroker {
         queues: &[String],
         prefetch: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
-        let topics = queues
-            .iter()
-            .map(|q| self.store.topic(q))
-            .collect::<Result<Vec<_>, _>>()?;
-        let leases: Arc<Mutex<HashMap<usize, (Arc<Partition>, HashSet<u64>)>>> = Arc::default();
-        let renew = tokio::spawn(renew_loop(self.store.clone(), leases.clone()));
-        Ok(Box::new(LogConsumer {
-            store: self.store.clone(),
-            topics,
-            slots: Arc::new(Semaphore::new(prefetch.max(1))),
-            leases,
-            stopped: false,
-            renew,
-            turn: 0,
-        }))
+        match &self.inner {
+            Inner::Local(_) => Ok(Box::new(self.local_consumer(queues, prefetch)?)),
+            Inner::Remote(c) => Ok(Box::new(
+                remote::RemoteConsumer::start(c.clone(), queues, prefetch).await?,
+            )),
+        }
     }
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut n = 0;
-        for p in &self.store.topic(queue)?.partitions {
-            n += p.purge()?;
+        match &self.inner {
+            Inner::Local(s) => {
+                let mut n = 0;
+                for p in &s.topic(queue)?.partitions {
+                    n += p.purge()?;
+                }
+                Ok(n)
+            }
+            Inner::Remote(c) => {
+                remote::read_u64(&c.call(wire::kind::PURGE, |e| e.str(queue)).await?)
+            }
         }
-        Ok(n)
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        Ok(self
-            .store
-            .topic(queue)?
-            .partitions
-            .iter()
-            .map(|p| p.ready_len())
-            .sum())
+        match &self.inner {
+            Inner::Local(s) => Ok(s
+                .topic(queue)?
+                .partitions
+                .iter()
+                .map(|p| p.ready_len())
+                .sum()),
+            Inner::Remote(c) => {
+                remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?)
+            }
+        }
     }
 }
 
@@ -266,7 +470,7 @@ type Took = (Arc<Topic>, Arc<Partition>, partition::Taken);
 
 /// A task consumer of some queues of a log store.
 #[derive(Debug)]
-struct LogConsumer {
+pub(crate) struct LogConsumer {
     store: Arc<LogStore>,
     topics: Vec<Arc<Topic>>,
     slots: Arc<Semaphore>,
@@ -311,9 +515,9 @@ impl Drop for LogConsumer {
     }
 }
 
-#[async_trait]
-impl Consumer for LogConsumer {
-    async fn next(&mut self) -> Option<Delivery> {
+impl LogConsumer {
+    /// Waits for the next record and leases it; `None` once stopped.
+    pub(crate) async fn next_raw(&mut self) -> Option<LogSettle> {
         let permit = self.slots.clone().acquire_owned().await.ok()?;
         let mut backoff = celery_core::backoff::Reconnect::default();
         loop {
@@ -331,21 +535,15 @@ impl Consumer for LogConsumer {
                         .or_insert_with(|| (part.clone(), HashSet::new()))
                         .1
                         .insert(taken.record.offset);
-                    let decoded = envelope::decode(&taken.record.payload);
-                    let settle = LogSettle {
+                    return Some(LogSettle {
                         store: self.store.clone(),
                         part,
                         record: taken.record,
+                        deliveries: taken.deliveries,
                         queue: topic.name.clone(),
                         slots: self.slots.clone(),
                         leases: self.leases.clone(),
-                    };
-                    return Some(Delivery::new(
-                        decoded.message,
-                        topic.name.clone(),
-                        taken.deliveries > 1,
-                        Box::new(settle),
-                    ));
+                    });
                 }
                 Ok(None) => {
                     let wait = self.next_due();
@@ -358,6 +556,22 @@ impl Consumer for LogConsumer {
                 }
             }
         }
+    }
+}
+
+#[async_trait]
+impl Consumer for LogConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let s = self.next_raw().await?;
+        let decoded = envelope::decode(&s.record.payload);
+        let queue = s.queue.clone();
+        let redelivered = s.deliveries > 1 || decoded.redelivered;
+        Some(Delivery::new(
+            decoded.message,
+            queue,
+            redelivered,
+            Box::new(s),
+        ))
     }
 
     fn stop(&mut self) {
@@ -372,12 +586,14 @@ impl Consumer for LogConsumer {
     }
 }
 
+/// A leased record of the local store and how to settle it.
 #[derive(Debug)]
-struct LogSettle {
+pub(crate) struct LogSettle {
     store: Arc<LogStore>,
     part: Arc<Partition>,
-    record: Arc<Record>,
-    queue: String,
+    pub(crate) record: Arc<Record>,
+    pub(crate) deliveries: u32,
+    pub(crate) queue: String,
     slots: Arc<Semaphore>,
     leases: LeaseMap,
 }
@@ -509,4 +725,7 @@ impl LogStore {
 
 inventory::submit! {
     BrokerScheme { scheme: "log", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+inventory::submit! {
+    BrokerScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
 }

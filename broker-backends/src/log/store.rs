@@ -93,6 +93,7 @@ pub struct LogStore {
     pub(crate) notify: Arc<Notify>,
     pub(crate) results: Mutex<Results>,
     pub(crate) results_log: Arc<Partition>,
+    served: std::sync::Once,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -154,6 +155,7 @@ impl LogStore {
             notify,
             results: Mutex::new(Results::default()),
             results_log,
+            served: std::sync::Once::new(),
         });
         store.load_results()?;
         for entry in std::fs::read_dir(canonical.join("topics"))
@@ -170,6 +172,21 @@ impl LogStore {
             handle.spawn(expiry_loop(Arc::downgrade(&store)));
         }
         Ok(store)
+    }
+
+    /// Listens on the directory's unix socket (once), so other processes that open the same
+    /// directory use this store through it.
+    pub fn serve_unix(self: &Arc<Self>) {
+        self.served.call_once(|| {
+            let path = super::socket_path(&self.dir);
+            let _ = std::fs::remove_file(&path);
+            match tokio::net::UnixListener::bind(&path) {
+                Ok(l) => {
+                    tokio::spawn(super::server::serve_unix(Arc::downgrade(self), l));
+                }
+                Err(e) => tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it"),
+            }
+        });
     }
 
     /// The settings.

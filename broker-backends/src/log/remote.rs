@@ -1,0 +1,370 @@
+//! The client side of the socket protocol: `log+tcp://HOST:PORT`, and `log://PATH` when another
+//! process owns the directory (through its unix socket). Requests are pipelined over one connection;
+//! a lost connection fails the requests in flight (the producer API retries them) and is
+//! re-established on the next request; consumers resubscribe.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::broker::Settle;
+use celery_core::protocol::Message;
+use celery_core::{BrokerError, Consumer, Delivery};
+use chrono::{DateTime, Utc};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use super::wire::{self, kind, settle, Dec, Enc};
+use crate::envelope;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Where the server is.
+#[derive(Debug, Clone)]
+pub(crate) enum Target {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+/// A delivery pushed by the server.
+#[derive(Debug)]
+pub(crate) struct Pushed {
+    delivery: u64,
+    queue: String,
+    deliveries: u32,
+    payload: Vec<u8>,
+}
+
+type Pending = Mutex<HashMap<u64, oneshot::Sender<Result<Vec<u8>, String>>>>;
+
+#[derive(Debug)]
+struct Conn {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    pending: Arc<Pending>,
+    pushes: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Pushed>>>>,
+    alive: Arc<AtomicBool>,
+}
+
+/// A connection to a log server, re-established on demand.
+#[derive(Debug)]
+pub(crate) struct RemoteClient {
+    target: Target,
+    token: String,
+    conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+}
+
+fn conn_err(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Connection(e.to_string())
+}
+
+impl RemoteClient {
+    pub(crate) fn new(target: Target, token: String) -> RemoteClient {
+        RemoteClient {
+            target,
+            token,
+            conn: tokio::sync::Mutex::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn conn(&self) -> Result<Arc<Conn>, BrokerError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
+            return Ok(c.clone());
+        }
+        let c = match &self.target {
+            Target::Unix(p) => start(
+                tokio::net::UnixStream::connect(p)
+                    .await
+                    .map_err(|e| conn_err(format!("{}: {e}", p.display())))?,
+            ),
+            Target::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a)
+                    .await
+                    .map_err(|e| conn_err(format!("{a}: {e}")))?;
+                let _ = s.set_nodelay(true);
+                start(s)
+            }
+        };
+        let c = Arc::new(c);
+        let id = self.id();
+        let hello = Enc::frame(kind::HELLO, id).str(&self.token).finish();
+        call_on(&c, id, hello).await.map_err(|e| match e {
+            BrokerError::Operation(m) => BrokerError::Operation(m),
+            other => other,
+        })?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends a request built by `build` and returns the response body.
+    pub(crate) async fn call(
+        &self,
+        kind: u8,
+        build: impl FnOnce(Enc) -> Enc,
+    ) -> Result<Vec<u8>, BrokerError> {
+        let c = self.conn().await?;
+        let id = self.id();
+        let frame = build(Enc::frame(kind, id)).finish();
+        call_on(&c, id, frame).await
+    }
+
+    /// Subscribes a consumer; pushed deliveries arrive on the returned channel.
+    pub(crate) async fn subscribe(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Pushed>), BrokerError> {
+        let c = self.conn().await?;
+        let id = self.id();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        lock(&c.pushes).insert(id, ptx);
+        let mut enc = Enc::frame(kind::CONSUME, id)
+            .u32(prefetch as u32)
+            .u32(queues.len() as u32);
+        for q in queues {
+            enc = enc.str(q);
+        }
+        call_on(&c, id, enc.finish()).await?;
+        Ok((id, prx))
+    }
+}
+
+async fn call_on(c: &Conn, id: u64, frame: Vec<u8>) -> Result<Vec<u8>, BrokerError> {
+    let (tx, rx) = oneshot::channel();
+    lock(&c.pending).insert(id, tx);
+    if c.tx.send(frame).is_err() {
+        lock(&c.pending).remove(&id);
+        return Err(conn_err("connection to the log server lost"));
+    }
+    match rx.await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(msg)) => Err(BrokerError::Operation(msg)),
+        Err(_) => Err(conn_err("connection to the log server lost")),
+    }
+}
+
+fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let pending: Arc<Pending> = Arc::default();
+    let pushes: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Pushed>>>> = Arc::default();
+    let alive = Arc::new(AtomicBool::new(true));
+    let alive_w = alive.clone();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut buf = first;
+            while buf.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+        // Every handle on the connection is gone: close it, so the server returns what we held.
+        let _ = wr.shutdown().await;
+        alive_w.store(false, Ordering::Release);
+    });
+    let (p2, pu2, alive_r) = (pending.clone(), pushes.clone(), alive.clone());
+    tokio::spawn(async move {
+        loop {
+            let frame = match wire::read_frame(&mut rd).await {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "log client: connection failed");
+                    break;
+                }
+            };
+            match frame.kind {
+                kind::OK => {
+                    if let Some(w) = lock(&p2).remove(&frame.id) {
+                        let _ = w.send(Ok(frame.body));
+                    }
+                }
+                kind::ERR => {
+                    let msg = Dec::new(&frame.body)
+                        .str()
+                        .unwrap_or_else(|_| "error".into());
+                    if let Some(w) = lock(&p2).remove(&frame.id) {
+                        let _ = w.send(Err(msg));
+                    }
+                }
+                kind::DELIVERY => {
+                    let mut d = Dec::new(&frame.body);
+                    let parsed = (|| {
+                        Ok::<_, std::io::Error>(Pushed {
+                            delivery: d.u64()?,
+                            queue: d.str()?,
+                            deliveries: d.u32()?,
+                            payload: d.bytes()?.to_vec(),
+                        })
+                    })();
+                    if let (Ok(p), Some(ch)) = (parsed, lock(&pu2).get(&frame.id)) {
+                        let _ = ch.send(p);
+                    }
+                }
+                other => tracing::warn!(kind = other, "log client: unexpected frame"),
+            }
+        }
+        alive_r.store(false, Ordering::Release);
+        lock(&p2).clear();
+        lock(&pu2).clear();
+    });
+    Conn {
+        tx,
+        pending,
+        pushes,
+        alive,
+    }
+}
+
+/// A consumer over a connection.
+#[derive(Debug)]
+pub(crate) struct RemoteConsumer {
+    client: Arc<RemoteClient>,
+    queues: Vec<String>,
+    prefetch: usize,
+    sub: Option<(u64, mpsc::UnboundedReceiver<Pushed>)>,
+    stopped: bool,
+}
+
+impl RemoteConsumer {
+    pub(crate) async fn start(
+        client: Arc<RemoteClient>,
+        queues: &[String],
+        prefetch: usize,
+    ) -> Result<RemoteConsumer, BrokerError> {
+        let sub = client.subscribe(queues, prefetch).await?;
+        Ok(RemoteConsumer {
+            client,
+            queues: queues.to_vec(),
+            prefetch,
+            sub: Some(sub),
+            stopped: false,
+        })
+    }
+}
+
+#[async_trait]
+impl Consumer for RemoteConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        let mut backoff = celery_core::backoff::Reconnect::default();
+        loop {
+            if let Some((_, rx)) = self.sub.as_mut() {
+                let got = if self.stopped {
+                    rx.try_recv().ok()
+                } else {
+                    rx.recv().await
+                };
+                if let Some(p) = got {
+                    let decoded = envelope::decode(&p.payload);
+                    let settle = RemoteSettle {
+                        client: self.client.clone(),
+                        delivery: p.delivery,
+                    };
+                    return Some(Delivery::new(
+                        decoded.message,
+                        p.queue,
+                        p.deliveries > 1 || decoded.redelivered,
+                        Box::new(settle),
+                    ));
+                }
+                self.sub = None;
+            }
+            if self.stopped {
+                return None;
+            }
+            match self.client.subscribe(&self.queues, self.prefetch).await {
+                Ok(sub) => {
+                    tracing::info!("log client: consuming again");
+                    self.sub = Some(sub);
+                }
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?d, "log client: cannot consume; retrying");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stopped = true;
+        if let Some((id, _)) = &self.sub {
+            let (client, id) = (self.client.clone(), *id);
+            tokio::spawn(async move {
+                let _ = client.call(kind::STOP_CONSUME, |e| e.u64(id)).await;
+            });
+        }
+    }
+
+    async fn close(&mut self) {
+        self.stopped = true;
+    }
+}
+
+#[derive(Debug)]
+struct RemoteSettle {
+    client: Arc<RemoteClient>,
+    delivery: u64,
+}
+
+impl RemoteSettle {
+    async fn send(&self, how: u8, not_before: i64, data: &[u8]) -> Result<(), BrokerError> {
+        self.client
+            .call(kind::SETTLE, |e| {
+                e.u64(self.delivery).u8(how).i64(not_before).bytes(data)
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+#[async_trait]
+impl Settle for RemoteSettle {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.send(settle::ACK, 0, b"").await
+    }
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.send(settle::REQUEUE, 0, b"").await
+    }
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        let env = envelope::encode(msg, "", "");
+        self.send(settle::DEFER, until.timestamp_millis(), env.as_bytes())
+            .await
+    }
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
+        self.send(settle::DEAD_LETTER, 0, reason.as_bytes()).await
+    }
+}
+
+/// Reads a `u64` response.
+pub(crate) fn read_u64(body: &[u8]) -> Result<u64, BrokerError> {
+    Dec::new(body)
+        .u64()
+        .map_err(|e| BrokerError::Operation(e.to_string()))
+}
+
+/// Reads an optional-bytes response.
+pub(crate) fn read_opt(body: &[u8]) -> Result<Option<Vec<u8>>, BrokerError> {
+    Dec::new(body)
+        .opt_bytes()
+        .map_err(|e| BrokerError::Operation(e.to_string()))
+}
+
+/// How long a server-side wait may take at most per request (longer waits are split).
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(30);

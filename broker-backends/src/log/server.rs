@@ -1,0 +1,287 @@
+//! Serves a local store over a stream socket (the directory's unix socket, or TCP for
+//! `broker serve`): one task per connection, requests handled concurrently, deliveries pushed. When a
+//! connection drops, the deliveries it held go back to their queues at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use celery_core::broker::Settle;
+use celery_core::{Broker, TaskMeta, TaskState};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+use super::store::LogStore;
+use super::wire::{self, kind, settle, Dec, Enc};
+use super::{LogBroker, LogConsumer, LogSettle};
+use crate::envelope;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug, Default)]
+struct Conn {
+    held: Mutex<HashMap<u64, LogSettle>>,
+    consumers: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
+    next_delivery: AtomicU64,
+}
+
+/// Serves one connection until it closes. `token`: when set, the client's HELLO must carry it.
+pub(crate) async fn serve_connection<S>(store: Arc<LogStore>, stream: S, token: Option<String>)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut buf = first;
+            while buf.len() < (1 << 20) {
+                match rx.try_recv() {
+                    Ok(more) => buf.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            if wr.write_all(&buf).await.is_err() {
+                break;
+            }
+        }
+    });
+    let conn = Arc::new(Conn::default());
+    let broker = LogBroker::local(store.clone());
+    let mut authed = token.is_none();
+    loop {
+        let frame = match wire::read_frame(&mut rd).await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "log server: closing a connection");
+                break;
+            }
+        };
+        if !authed {
+            let ok = frame.kind == kind::HELLO && Dec::new(&frame.body).str().ok() == token;
+            let reply = if ok {
+                Enc::frame(kind::OK, frame.id).finish()
+            } else {
+                Enc::frame(kind::ERR, frame.id)
+                    .str("authentication failed: wrong or missing token")
+                    .finish()
+            };
+            let _ = tx.send(reply);
+            if !ok {
+                break;
+            }
+            authed = true;
+            continue;
+        }
+        let (store, broker, conn, tx) = (store.clone(), broker.clone(), conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            let id = frame.id;
+            let reply = match handle(&store, &broker, &conn, &tx, frame).await {
+                Ok(Some(body)) => body,
+                Ok(None) => return,
+                Err(e) => Enc::frame(kind::ERR, id).str(&e).finish(),
+            };
+            let _ = tx.send(reply);
+        });
+    }
+    for (_, c) in lock(&conn.consumers).drain() {
+        c.abort();
+    }
+    let held: Vec<LogSettle> = lock(&conn.held).drain().map(|(_, s)| s).collect();
+    if !held.is_empty() {
+        tracing::warn!(
+            deliveries = held.len(),
+            "log server: client gone; returning its deliveries to their queues"
+        );
+    }
+    for s in held {
+        let _ = s.requeue().await;
+    }
+    writer.abort();
+}
+
+async fn handle(
+    store: &Arc<LogStore>,
+    broker: &LogBroker,
+    conn: &Arc<Conn>,
+    tx: &mpsc::UnboundedSender<Vec<u8>>,
+    frame: wire::Frame,
+) -> Result<Option<Vec<u8>>, String> {
+    let id = frame.id;
+    let mut d = Dec::new(&frame.body);
+    let e = |e: std::io::Error| e.to_string();
+    let ok = || Enc::frame(kind::OK, id);
+    Ok(Some(match frame.kind {
+        kind::HELLO => ok().finish(),
+        kind::PUBLISH => {
+            let queue = d.str().map_err(e)?;
+            let n = d.u32().map_err(e)? as usize;
+            let mut records = Vec::with_capacity(n.min(100_000));
+            for _ in 0..n {
+                let not_before_ms = d.i64().map_err(e)?;
+                let key = d.bytes().map_err(e)?.to_vec();
+                let payload = d.bytes().map_err(e)?.to_vec();
+                records.push(super::NewRecord {
+                    not_before_ms,
+                    headers: Vec::new(),
+                    key,
+                    payload,
+                });
+            }
+            store
+                .append(&queue, records)
+                .await
+                .map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        kind::CONSUME => {
+            let prefetch = d.u32().map_err(e)? as usize;
+            let n = d.u32().map_err(e)? as usize;
+            let queues = (0..n.min(1024))
+                .map(|_| d.str())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(e)?;
+            let mut consumer = broker
+                .local_consumer(&queues, prefetch)
+                .map_err(|e| e.to_string())?;
+            let (conn2, tx2) = (conn.clone(), tx.clone());
+            let task = tokio::spawn(async move {
+                while let Some(s) = LogConsumer::next_raw(&mut consumer).await {
+                    let delivery = conn2.next_delivery.fetch_add(1, Ordering::Relaxed);
+                    let frame = Enc::frame(kind::DELIVERY, id)
+                        .u64(delivery)
+                        .str(&s.queue)
+                        .u32(s.deliveries)
+                        .bytes(&s.record.payload)
+                        .finish();
+                    lock(&conn2.held).insert(delivery, s);
+                    if tx2.send(frame).is_err() {
+                        break;
+                    }
+                }
+            });
+            lock(&conn.consumers).insert(id, task);
+            ok().finish()
+        }
+        kind::STOP_CONSUME => {
+            let consumer = d.u64().map_err(e)?;
+            if let Some(t) = lock(&conn.consumers).remove(&consumer) {
+                t.abort();
+            }
+            ok().finish()
+        }
+        kind::SETTLE => {
+            let delivery = d.u64().map_err(e)?;
+            let how = d.u8().map_err(e)?;
+            let not_before = d.i64().map_err(e)?;
+            let data = d.bytes().map_err(e)?.to_vec();
+            let s = lock(&conn.held).remove(&delivery).ok_or_else(|| format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)"))?;
+            let r = match how {
+                settle::ACK => s.ack().await,
+                settle::REQUEUE => s.requeue().await,
+                settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
+                settle::DEFER => match envelope::decode(&data).message {
+                    Ok(msg) => {
+                        let until = chrono::DateTime::from_timestamp_millis(not_before)
+                            .unwrap_or_else(chrono::Utc::now);
+                        s.defer(&msg, until).await
+                    }
+                    Err(err) => Err(celery_core::BrokerError::Protocol(err)),
+                },
+                other => return Err(format!("unknown settlement {other}")),
+            };
+            r.map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        kind::PURGE => {
+            let q = d.str().map_err(e)?;
+            ok().u64(broker.purge(&q).await.map_err(|e| e.to_string())?)
+                .finish()
+        }
+        kind::QUEUE_LEN => {
+            let q = d.str().map_err(e)?;
+            ok().u64(broker.queue_len(&q).await.map_err(|e| e.to_string())?)
+                .finish()
+        }
+        kind::DELAYED_LEN => {
+            let q = d.str().map_err(e)?;
+            ok().u64(broker.delayed_len(&q).await.map_err(|e| e.to_string())?)
+                .finish()
+        }
+        kind::RESULT_PUT => {
+            let rid = d.str().map_err(e)?;
+            let doc = d.bytes().map_err(e)?.to_vec();
+            let ttl = Duration::from_millis(d.u64().map_err(e)?);
+            let stored = store
+                .put_result(&rid, doc, ttl, is_success)
+                .await
+                .map_err(|e| e.to_string())?;
+            ok().u8(stored as u8).finish()
+        }
+        kind::RESULT_GET => {
+            let rid = d.str().map_err(e)?;
+            ok().opt_bytes(store.get_result(&rid).as_deref()).finish()
+        }
+        kind::RESULT_WAIT => {
+            let rid = d.str().map_err(e)?;
+            let timeout = Duration::from_millis(d.u64().map_err(e)?);
+            let doc = store.wait_result(&rid, timeout, is_ready).await;
+            ok().opt_bytes(doc.as_deref()).finish()
+        }
+        kind::RESULT_FORGET => {
+            let rid = d.str().map_err(e)?;
+            store.forget_result(&rid).await.map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        other => return Err(format!("unknown request kind {other}")),
+    }))
+}
+
+/// A stored SUCCESS is never overwritten.
+pub(crate) fn is_success(doc: &[u8]) -> bool {
+    TaskMeta::from_slice(doc).is_ok_and(|m| m.status == TaskState::Success)
+}
+
+/// SUCCESS, FAILURE, REVOKED.
+pub(crate) fn is_ready(doc: &[u8]) -> bool {
+    TaskMeta::from_slice(doc).is_ok_and(|m| m.status.is_ready())
+}
+
+/// Accepts connections on the directory's unix socket until the store is dropped.
+pub(crate) async fn serve_unix(
+    store: std::sync::Weak<LogStore>,
+    listener: tokio::net::UnixListener,
+) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let Some(s) = store.upgrade() else { return };
+        tokio::spawn(serve_connection(s, stream, None));
+    }
+}
+
+/// Accepts TCP connections (`broker serve`).
+pub async fn serve_tcp(
+    store: Arc<LogStore>,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tracing::debug!(%peer, "log server: connection");
+                tokio::spawn(serve_connection(store.clone(), stream, token.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "log server: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! The socket protocol of `log+tcp://` and of the directory's unix socket.
+//!
+//! A frame is `len u32 | version u8 | kind u8 | id u64 | body`, little-endian, `len` counting what
+//! follows it, at most [`MAX_FRAME`] (checked before allocating). Requests carry a client-chosen id;
+//! the response to a request carries the same id (`OK` or `ERR` with a message), so requests are
+//! pipelined. Deliveries to a consumer are pushed as `DELIVERY` frames whose id is the consumer id.
+
+use std::io;
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// The protocol version byte.
+pub(crate) const VERSION: u8 = 1;
+/// The largest frame accepted.
+pub(crate) const MAX_FRAME: usize = 256 << 20;
+
+/// Frame kinds.
+pub(crate) mod kind {
+    pub(crate) const HELLO: u8 = 1;
+    pub(crate) const PUBLISH: u8 = 2;
+    pub(crate) const CONSUME: u8 = 3;
+    pub(crate) const SETTLE: u8 = 4;
+    pub(crate) const PURGE: u8 = 5;
+    pub(crate) const QUEUE_LEN: u8 = 6;
+    pub(crate) const DELAYED_LEN: u8 = 7;
+    pub(crate) const RESULT_PUT: u8 = 8;
+    pub(crate) const RESULT_GET: u8 = 9;
+    pub(crate) const RESULT_WAIT: u8 = 10;
+    pub(crate) const RESULT_FORGET: u8 = 11;
+    pub(crate) const STOP_CONSUME: u8 = 12;
+    pub(crate) const OK: u8 = 100;
+    pub(crate) const ERR: u8 = 101;
+    pub(crate) const DELIVERY: u8 = 102;
+}
+
+/// How a delivery is settled (`SETTLE` body: delivery id, how, not_before, data).
+pub(crate) mod settle {
+    pub(crate) const ACK: u8 = 0;
+    pub(crate) const REQUEUE: u8 = 1;
+    pub(crate) const DEFER: u8 = 2;
+    pub(crate) const DEAD_LETTER: u8 = 3;
+}
+
+/// Builds a frame.
+#[derive(Debug)]
+pub(crate) struct Enc(Vec<u8>);
+
+impl Enc {
+    pub(crate) fn frame(kind: u8, id: u64) -> Enc {
+        let mut v = Vec::with_capacity(64);
+        v.extend_from_slice(&[0; 4]);
+        v.push(VERSION);
+        v.push(kind);
+        v.extend_from_slice(&id.to_le_bytes());
+        Enc(v)
+    }
+    pub(crate) fn u8(mut self, x: u8) -> Enc {
+        self.0.push(x);
+        self
+    }
+    pub(crate) fn u32(mut self, x: u32) -> Enc {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    pub(crate) fn u64(mut self, x: u64) -> Enc {
+        self.0.extend_from_slice(&x.to_le_bytes());
+        self
+    }
+    pub(crate) fn i64(self, x: i64) -> Enc {
+        self.u64(x as u64)
+    }
+    pub(crate) fn bytes(mut self, b: &[u8]) -> Enc {
+        self.0.extend_from_slice(&(b.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(b);
+        self
+    }
+    pub(crate) fn str(self, s: &str) -> Enc {
+        self.bytes(s.as_bytes())
+    }
+    pub(crate) fn opt_bytes(self, b: Option<&[u8]>) -> Enc {
+        match b {
+            Some(b) => self.u8(1).bytes(b),
+            None => self.u8(0),
+        }
+    }
+    pub(crate) fn finish(mut self) -> Vec<u8> {
+        let len = (self.0.len() - 4) as u32;
+        self.0[..4].copy_from_slice(&len.to_le_bytes());
+        self.0
+    }
+}
+
+/// Reads a frame's body; every read is bounds-checked.
+#[derive(Debug)]
+pub(crate) struct Dec<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+/// A malformed frame.
+pub(crate) fn bad(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed frame: {what}"),
+    )
+}
+
+impl<'a> Dec<'a> {
+    pub(crate) fn new(b: &'a [u8]) -> Dec<'a> {
+        Dec { b, pos: 0 }
+    }
+    fn take(&mut self, n: usize) -> io::Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).ok_or_else(|| bad("length"))?;
+        let s = self.b.get(self.pos..end).ok_or_else(|| bad("truncated"))?;
+        self.pos = end;
+        Ok(s)
+    }
+    pub(crate) fn u8(&mut self) -> io::Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    pub(crate) fn u32(&mut self) -> io::Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().map_err(|_| bad("u32"))?,
+        ))
+    }
+    pub(crate) fn u64(&mut self) -> io::Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().map_err(|_| bad("u64"))?,
+        ))
+    }
+    pub(crate) fn i64(&mut self) -> io::Result<i64> {
+        Ok(self.u64()? as i64)
+    }
+    pub(crate) fn bytes(&mut self) -> io::Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+    pub(crate) fn str(&mut self) -> io::Result<String> {
+        String::from_utf8(self.bytes()?.to_vec()).map_err(|_| bad("utf-8"))
+    }
+    pub(crate) fn opt_bytes(&mut self) -> io::Result<Option<Vec<u8>>> {
+        Ok(match self.u8()? {
+            0 => None,
+            _ => Some(self.bytes()?.to_vec()),
+        })
+    }
+}
+
+/// One frame read from a stream.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) kind: u8,
+    pub(crate) id: u64,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads the next frame; `Ok(None)` at a clean end of stream.
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
+    let mut head = [0u8; 4];
+    match r.read_exact(&mut head).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(head) as usize;
+    if !(10..=MAX_FRAME).contains(&len) {
+        return Err(bad(&format!("frame length {len}")));
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await?;
+    if buf[0] != VERSION {
+        return Err(bad(&format!(
+            "protocol version {} (this side speaks {VERSION})",
+            buf[0]
+        )));
+    }
+    let kind = buf[1];
+    let id = u64::from_le_bytes(buf[2..10].try_into().map_err(|_| bad("id"))?);
+    buf.drain(..10);
+    Ok(Some(Frame {
+        kind,
+        id,
+        body: buf,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_roundtrip_and_bad_ones_are_refused() {
+        let f = Enc::frame(kind::PUBLISH, 7)
+            .str("q")
+            .u32(1)
+            .i64(-1)
+            .bytes(b"k")
+            .opt_bytes(None)
+            .finish();
+        let mut r = &f[..];
+        let got = read_frame(&mut r).await.unwrap().unwrap();
+        assert_eq!((got.kind, got.id), (kind::PUBLISH, 7));
+        let mut d = Dec::new(&got.body);
+        assert_eq!(d.str().unwrap(), "q");
+        assert_eq!(
+            (d.u32().unwrap(), d.i64().unwrap(), d.bytes().unwrap()),
+            (1, -1, &b"k"[..])
+        );
+        assert_eq!(d.opt_bytes().unwrap(), None);
+        assert!(
+            d.u8().is_err(),
+            "reading past the end is an error, not a panic"
+        );
+        let huge = (u32::MAX).to_le_bytes();
+        assert!(
+            read_frame(&mut &huge[..]).await.is_err(),
+            "oversized frames are refused before allocating"
+        );
+        let mut wrong = f.clone();
+        wrong[4] = 9;
+        assert!(read_frame(&mut &wrong[..]).await.is_err());
+    }
+}
