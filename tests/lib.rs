@@ -115,12 +115,17 @@ pub struct DemoProcess {
 impl DemoProcess {
     /// Starts `demo <args>` against `env`.
     pub fn start(env: &RedisEnv, args: &[&str]) -> DemoProcess {
+        DemoProcess::start_urls(&env.broker, &env.backend, args)
+    }
+
+    /// Starts `demo <args>` with these broker and backend URLs.
+    pub fn start_urls(broker: &str, backend: &str, args: &[&str]) -> DemoProcess {
         let log = std::env::temp_dir().join(format!("demo-{}.log", uuid::Uuid::new_v4().simple()));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(demo_bin())
             .args(args)
-            .env("CELERY_BROKER_URL", &env.broker)
-            .env("CELERY_RESULT_BACKEND", &env.backend)
+            .env("CELERY_BROKER_URL", broker)
+            .env("CELERY_RESULT_BACKEND", backend)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
@@ -181,5 +186,41 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A fresh temporary directory, removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates it.
+    pub fn new(tag: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("{tag}-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&d).expect("temp dir");
+        TempDir(d)
+    }
+
+    /// `log://<dir>` with extra query options.
+    pub fn url(&self, query: &str) -> String {
+        if query.is_empty() {
+            format!("log://{}", self.0.display())
+        } else {
+            format!("log://{}?{query}", self.0.display())
+        }
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -23,9 +23,9 @@ use serde_json::Value;
 use crate::{Worker, WorkerConfig};
 
 /// The default broker URL when neither `--broker` nor `CELERY_BROKER_URL` is given.
-pub const DEFAULT_BROKER: &str = "redis://127.0.0.1:6379/0";
+pub const DEFAULT_BROKER: &str = "log://./celery-data";
 /// The default result backend URL when neither `--backend` nor `CELERY_RESULT_BACKEND` is given.
-pub const DEFAULT_BACKEND: &str = "redis://127.0.0.1:6379/1";
+pub const DEFAULT_BACKEND: &str = "log://./celery-data";
 
 /// The command line.
 #[derive(Debug, Parser)]

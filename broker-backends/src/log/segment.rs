@@ -225,3 +225,79 @@ pub(crate) fn read_at(seg: &Segment, pos: u64) -> Result<(Record, u64), LogError
     debug_assert!(used >= FRAME_HEADER);
     Ok((rec, pos + used as u64))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn write_records(dir: &Path, n: u64) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        let path = segment_path(dir, 0);
+        let mut buf = Vec::new();
+        for i in 0..n {
+            Record {
+                offset: i,
+                payload: format!("payload-{i}").into_bytes(),
+                ..Record::default()
+            }
+            .encode_into(&mut buf);
+        }
+        std::fs::File::create(&path)
+            .unwrap()
+            .write_all(&buf)
+            .unwrap();
+        path
+    }
+
+    fn tmp() -> PathBuf {
+        std::env::temp_dir().join(format!("segtest-{}", uuid::Uuid::new_v4().simple()))
+    }
+
+    #[test]
+    fn a_torn_tail_is_truncated() {
+        let dir = tmp();
+        let path = write_records(&dir, 10);
+        let len = std::fs::metadata(&path).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let r = recover(&dir, 0).unwrap();
+        assert_eq!(r.next_offset, 9, "the torn 10th record is gone");
+        assert!(std::fs::metadata(&path).unwrap().len() < len - 5);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn a_bit_flip_in_the_last_record_is_truncated() {
+        let dir = tmp();
+        let path = write_records(&dir, 10);
+        let mut data = std::fs::read(&path).unwrap();
+        let n = data.len();
+        data[n - 2] ^= 0x40;
+        std::fs::write(&path, &data).unwrap();
+        assert_eq!(recover(&dir, 0).unwrap().next_offset, 9);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn corruption_in_the_middle_is_reported_not_served() {
+        let dir = tmp();
+        let path = write_records(&dir, 10);
+        let mut data = std::fs::read(&path).unwrap();
+        data[60] ^= 0x01;
+        std::fs::write(&path, &data).unwrap();
+        match recover(&dir, 0) {
+            Err(LogError::Corrupt { offset, reason, .. }) => {
+                assert!(offset <= 2, "offset {offset}");
+                assert!(reason.contains("valid records after it"), "{reason}");
+            }
+            other => panic!("expected corruption, got {other:?}"),
+        }
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
