@@ -59,10 +59,7 @@ async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
 /// Appends `token` and a newline to the file at `path`; returns `token`.
 #[task]
 fn record(path: String, token: String) -> Result<String, TaskError> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)?;
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
     writeln!(f, "{token}")?;
     Ok(token)
 }

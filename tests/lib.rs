@@ -29,9 +29,7 @@ pub fn redis_available(suite: &str) -> bool {
         if services_required() {
             panic!("{suite}: Redis at {REDIS} is not reachable and CELERY_REQUIRE_SERVICES=1");
         }
-        eprintln!(
-            "SKIPPED {suite}: Redis at {REDIS} is not reachable (start redis-server to run it)"
-        );
+        eprintln!("SKIPPED {suite}: Redis at {REDIS} is not reachable (start redis-server to run it)");
     }
     ok
 }
@@ -60,9 +58,7 @@ impl RedisEnv {
 
     /// A plain connection to the test database.
     pub fn conn(&self) -> redis::Connection {
-        redis::Client::open(format!("{REDIS}/{TEST_DB}"))
-            .and_then(|c| c.get_connection())
-            .expect("redis connection")
+        redis::Client::open(format!("{REDIS}/{TEST_DB}")).and_then(|c| c.get_connection()).expect("redis connection")
     }
 
     /// The prefixed name of a key.
@@ -73,13 +69,9 @@ impl RedisEnv {
 
 impl Drop for RedisEnv {
     fn drop(&mut self) {
-        if let Ok(mut c) =
-            redis::Client::open(format!("{REDIS}/{TEST_DB}")).and_then(|c| c.get_connection())
-        {
-            let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}*", self.prefix))
-                .query(&mut c)
-                .unwrap_or_default();
+        if let Ok(mut c) = redis::Client::open(format!("{REDIS}/{TEST_DB}")).and_then(|c| c.get_connection()) {
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}*", self.prefix)).query(&mut c).unwrap_or_default();
             if !keys.is_empty() {
                 let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut c);
             }
@@ -90,10 +82,7 @@ impl Drop for RedisEnv {
 /// The demo binary, built by `cargo test` as an example of the workspace.
 pub fn demo_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(|p| p.parent()).expect("target/<profile>");
     let bin = profile_dir.join("examples").join("demo");
     assert!(
         bin.exists(),
@@ -136,11 +125,8 @@ impl DemoProcess {
 
     /// Sends a signal (`libc`-free: through `kill`).
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
+        let status =
+            Command::new("kill").arg(format!("-{sig}")).arg(self.child.id().to_string()).status().expect("kill");
         assert!(status.success(), "kill -{sig} failed");
     }
 
@@ -191,10 +177,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
 /// A fresh temporary directory, removed on drop.

@@ -9,9 +9,7 @@
 //! broker, so the envelope carries `9 - priority` and decoding maps it back.
 
 use base64::Engine;
-use celery_core::protocol::{
-    check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
-};
+use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
 use celery_core::ProtocolError;
 use serde_json::{json, Map, Value};
 
@@ -22,35 +20,15 @@ pub(crate) const MAX_PRIORITY: u8 = 9;
 
 /// Encodes a message for the queue list `routing_key`.
 pub(crate) fn encode(msg: &Message, exchange: &str, routing_key: &str) -> String {
-    let kombu_priority = msg
-        .properties
-        .priority
-        .map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY))
-        .unwrap_or(0);
+    let kombu_priority = msg.properties.priority.map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY)).unwrap_or(0);
     let mut props = Map::new();
-    props.insert(
-        "correlation_id".into(),
-        msg.properties.correlation_id.clone().into(),
-    );
-    props.insert(
-        "reply_to".into(),
-        msg.properties
-            .reply_to
-            .clone()
-            .map(Value::String)
-            .unwrap_or(Value::Null),
-    );
+    props.insert("correlation_id".into(), msg.properties.correlation_id.clone().into());
+    props.insert("reply_to".into(), msg.properties.reply_to.clone().map(Value::String).unwrap_or(Value::Null));
     props.insert("delivery_mode".into(), 2.into());
-    props.insert(
-        "delivery_info".into(),
-        json!({"exchange": exchange, "routing_key": routing_key}),
-    );
+    props.insert("delivery_info".into(), json!({"exchange": exchange, "routing_key": routing_key}));
     props.insert("priority".into(), kombu_priority.into());
     props.insert("body_encoding".into(), "base64".into());
-    props.insert(
-        "delivery_tag".into(),
-        uuid::Uuid::new_v4().to_string().into(),
-    );
+    props.insert("delivery_tag".into(), uuid::Uuid::new_v4().to_string().into());
     let env = json!({
         "body": B64.encode(&msg.body),
         "content-encoding": CONTENT_ENCODING,
@@ -73,10 +51,7 @@ pub(crate) fn bucket_of(kombu_priority: u8) -> u8 {
 
 /// The Kombu priority an encoded message carries.
 pub(crate) fn kombu_priority(msg: &Message) -> u8 {
-    msg.properties
-        .priority
-        .map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY))
-        .unwrap_or(0)
+    msg.properties.priority.map(|p| MAX_PRIORITY - p.min(MAX_PRIORITY)).unwrap_or(0)
 }
 
 /// What a decoded envelope yields: the message, or why not, and whether it was redelivered.
@@ -116,57 +91,33 @@ struct EnvProperties {
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
     let env: Envelope<'_> = match serde_json::from_slice(raw) {
         Ok(v) => v,
-        Err(e) => {
-            return Decoded {
-                message: Err(ProtocolError::InvalidJson(e.to_string())),
-                redelivered: false,
-            }
-        }
+        Err(e) => return Decoded { message: Err(ProtocolError::InvalidJson(e.to_string())), redelivered: false },
     };
     let props = env.properties.as_ref();
-    let redelivered = env
-        .headers
-        .as_ref()
-        .and_then(|h| h.get("redelivered"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
+    let redelivered = env.headers.as_ref().and_then(|h| h.get("redelivered")).and_then(Value::as_bool).unwrap_or(false)
         || props
             .and_then(|p| p.delivery_info.as_ref())
             .and_then(|d| d.get("redelivered"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-    Decoded {
-        message: decode_envelope(&env),
-        redelivered,
-    }
+    Decoded { message: decode_envelope(&env), redelivered }
 }
 
 fn decode_envelope(env: &Envelope<'_>) -> Result<Message, ProtocolError> {
     if let Some(ct) = &env.content_type {
         check_content_type(ct)?;
     }
-    let headers_v = env
-        .headers
-        .as_ref()
-        .ok_or(ProtocolError::MissingField("headers"))?;
+    let headers_v = env.headers.as_ref().ok_or(ProtocolError::MissingField("headers"))?;
     if headers_v.get("task").is_none() {
         return Err(ProtocolError::MissingField("task"));
     }
     let headers = Headers::from_json(headers_v)?;
     let props = env.properties.as_ref();
-    let body_s = env
-        .body
-        .as_deref()
-        .ok_or(ProtocolError::MissingField("body"))?;
-    let encoding = props
-        .and_then(|p| p.body_encoding.as_deref())
-        .unwrap_or("base64");
+    let body_s = env.body.as_deref().ok_or(ProtocolError::MissingField("body"))?;
+    let encoding = props.and_then(|p| p.body_encoding.as_deref()).unwrap_or("base64");
     let body = if encoding == "base64" {
         B64.decode(body_s)
-            .map_err(|e| ProtocolError::InvalidField {
-                field: "body",
-                reason: format!("bad base64: {e}"),
-            })?
+            .map_err(|e| ProtocolError::InvalidField { field: "body", reason: format!("bad base64: {e}") })?
     } else {
         body_s.as_bytes().to_vec()
     };
@@ -176,9 +127,7 @@ fn decode_envelope(env: &Envelope<'_>) -> Result<Message, ProtocolError> {
         .map(|p| MAX_PRIORITY - (p.min(MAX_PRIORITY as u64) as u8));
     Ok(Message {
         properties: Properties {
-            correlation_id: props
-                .and_then(|p| p.correlation_id.clone())
-                .unwrap_or_else(|| headers.id.clone()),
+            correlation_id: props.and_then(|p| p.correlation_id.clone()).unwrap_or_else(|| headers.id.clone()),
             reply_to: props.and_then(|p| p.reply_to.clone()),
             priority,
         },
@@ -215,24 +164,17 @@ mod tests {
 
     #[test]
     fn roundtrip_keeps_priority_direction() {
-        let msg =
-            Message::from_signature(&Signature::by_name("add").args(json!([1, 2])).priority(9))
-                .unwrap();
+        let msg = Message::from_signature(&Signature::by_name("add").args(json!([1, 2])).priority(9)).unwrap();
         let env = encode(&msg, "", "celery");
         let v: Value = serde_json::from_str(&env).unwrap();
-        assert_eq!(
-            v["properties"]["priority"], 0,
-            "our 9 is Kombu's 0 (highest on Redis)"
-        );
+        assert_eq!(v["properties"]["priority"], 0, "our 9 is Kombu's 0 (highest on Redis)");
         let back = decode(env.as_bytes()).message.unwrap();
         assert_eq!(back, msg);
     }
 
     #[test]
     fn python_envelope_decodes() {
-        let body = B64.encode(
-            br#"[[2, 3], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#,
-        );
+        let body = B64.encode(br#"[[2, 3], {}, {"callbacks": null, "errbacks": null, "chain": null, "chord": null}]"#);
         let env = json!({"body": body, "content-encoding": "utf-8", "content-type": "application/json",
             "headers": {"lang": "py", "task": "add", "id": "x1", "retries": 0, "timelimit": [null, null]},
             "properties": {"correlation_id": "x1", "reply_to": "r", "delivery_mode": 2,
@@ -245,19 +187,11 @@ mod tests {
 
     #[test]
     fn bad_envelopes_are_errors() {
-        assert!(matches!(
-            decode(b"not json").message,
-            Err(ProtocolError::InvalidJson(_))
-        ));
-        assert!(matches!(
-            decode(br#"{"body": ""}"#).message,
-            Err(ProtocolError::MissingField("headers"))
-        ));
-        let pickle = json!({"body": "", "content-type": "application/x-python-serialize", "headers": {"task": "t", "id": "i"}});
-        assert!(matches!(
-            decode(pickle.to_string().as_bytes()).message,
-            Err(ProtocolError::UnsupportedContentType(_))
-        ));
+        assert!(matches!(decode(b"not json").message, Err(ProtocolError::InvalidJson(_))));
+        assert!(matches!(decode(br#"{"body": ""}"#).message, Err(ProtocolError::MissingField("headers"))));
+        let pickle =
+            json!({"body": "", "content-type": "application/x-python-serialize", "headers": {"task": "t", "id": "i"}});
+        assert!(matches!(decode(pickle.to_string().as_bytes()).message, Err(ProtocolError::UnsupportedContentType(_))));
         let dl: Value = serde_json::from_str(&dead_letter(b"\xff", "q", "why")).unwrap();
         assert_eq!(dl["headers"]["x-dead-letter-reason"], "why");
     }

@@ -56,9 +56,8 @@ impl Inner {
     fn promote(&self) -> Option<DateTime<Utc>> {
         let now = Utc::now();
         let mut st = self.lock();
-        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut st.delayed)
-            .into_iter()
-            .partition(|(t, _, _)| *t <= now);
+        let (due, rest): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut st.delayed).into_iter().partition(|(t, _, _)| *t <= now);
         st.delayed = rest;
         let next = st.delayed.iter().map(|(t, _, _)| *t).min();
         for (_, q, m) in due {
@@ -88,22 +87,13 @@ impl Broker for MemoryBroker {
             });
         }
         match msg.headers.eta {
-            Some(t) if t > Utc::now() => {
-                self.inner
-                    .lock()
-                    .delayed
-                    .push((t, route.routing_key.clone(), msg.clone()))
-            }
+            Some(t) if t > Utc::now() => self.inner.lock().delayed.push((t, route.routing_key.clone(), msg.clone())),
             _ => self.inner.push(&route.routing_key, msg.clone(), false),
         }
         Ok(())
     }
 
-    async fn consume(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         Ok(Box::new(MemoryConsumer {
             inner: self.inner.clone(),
             queues: queues.to_vec(),
@@ -119,13 +109,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        Ok(self
-            .inner
-            .lock()
-            .queues
-            .get(queue)
-            .map(|q| q.len())
-            .unwrap_or(0) as u64)
+        Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
     }
 }
 
@@ -149,12 +133,9 @@ impl Consumer for MemoryConsumer {
             let next_due = self.inner.promote();
             let found = {
                 let mut st = self.inner.lock();
-                self.queues.iter().find_map(|q| {
-                    st.queues
-                        .get_mut(q)
-                        .and_then(|d| d.pop_front())
-                        .map(|m| (q.clone(), m))
-                })
+                self.queues
+                    .iter()
+                    .find_map(|q| st.queues.get_mut(q).and_then(|d| d.pop_front()).map(|m| (q.clone(), m)))
             };
             if let Some((queue, msg)) = found {
                 permit.forget();
@@ -203,20 +184,14 @@ impl Settle for MemorySettle {
     }
 
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        self.inner
-            .lock()
-            .delayed
-            .push((until, self.queue.clone(), msg.clone()));
+        self.inner.lock().delayed.push((until, self.queue.clone(), msg.clone()));
         self.slots.add_permits(1);
         Ok(())
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let mut m = self.msg.clone();
-        m.headers.extra.insert(
-            celery_core::broker::DEAD_LETTER_REASON.into(),
-            reason.into(),
-        );
+        m.headers.extra.insert(celery_core::broker::DEAD_LETTER_REASON.into(), reason.into());
         self.inner.push(&dead_letter_queue(&self.queue), m, false);
         self.slots.add_permits(1);
         Ok(())

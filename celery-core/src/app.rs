@@ -29,10 +29,7 @@ pub struct AppConfig {
 
 impl Default for AppConfig {
     fn default() -> Self {
-        AppConfig {
-            default_queue: "celery".into(),
-            max_message_size: 16 * 1024 * 1024,
-        }
+        AppConfig { default_queue: "celery".into(), max_message_size: 16 * 1024 * 1024 }
     }
 }
 
@@ -56,10 +53,7 @@ pub struct App {
 
 impl fmt::Debug for App {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("App")
-            .field("broker", &self.broker.kind())
-            .field("config", &self.config)
-            .finish()
+        f.debug_struct("App").field("broker", &self.broker.kind()).field("config", &self.config).finish()
     }
 }
 
@@ -73,11 +67,7 @@ impl App {
 
     /// An app over a connected broker and backend.
     pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> App {
-        App {
-            broker,
-            backend,
-            config: AppConfig::default(),
-        }
+        App { broker, backend, config: AppConfig::default() }
     }
 
     /// Replaces the settings.
@@ -117,16 +107,11 @@ impl App {
         }
         let msg = Message::from_signature(&sig)?;
         msg.check_size(self.config.max_message_size)?;
-        let queue = sig
-            .options
-            .queue
-            .clone()
-            .unwrap_or_else(|| self.config.default_queue.clone());
+        let queue = sig.options.queue.clone().unwrap_or_else(|| self.config.default_queue.clone());
         let route = match &sig.options.exchange {
-            Some(ex) if !ex.is_empty() => Route {
-                exchange: ex.clone(),
-                routing_key: sig.options.routing_key.clone().unwrap_or(queue),
-            },
+            Some(ex) if !ex.is_empty() => {
+                Route { exchange: ex.clone(), routing_key: sig.options.routing_key.clone().unwrap_or(queue) }
+            }
             _ => Route::queue(sig.options.routing_key.clone().unwrap_or(queue)),
         };
         Ok((route, msg))
@@ -141,38 +126,20 @@ impl App {
     }
 
     /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.
-    pub async fn send_batch(
-        &self,
-        sigs: impl IntoIterator<Item = Signature>,
-    ) -> Result<Vec<AsyncResult>, AppError> {
-        let batch = sigs
-            .into_iter()
-            .map(|s| self.prepare(&s))
-            .collect::<Result<Vec<_>, _>>()?;
+    pub async fn send_batch(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<Vec<AsyncResult>, AppError> {
+        let batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
         retrying(|| self.broker.publish_batch(&batch)).await?;
-        Ok(batch
-            .iter()
-            .map(|(_, m)| self.result(&m.headers.id))
-            .collect())
+        Ok(batch.iter().map(|(_, m)| self.result(&m.headers.id)).collect())
     }
 
     /// Sends a task by name with JSON positional and keyword arguments.
-    pub async fn send_by_name(
-        &self,
-        name: &str,
-        args: Value,
-        kwargs: Value,
-    ) -> Result<AsyncResult, AppError> {
-        self.send(Signature::by_name(name).args(args).kwargs(kwargs))
-            .await
+    pub async fn send_by_name(&self, name: &str, args: Value, kwargs: Value) -> Result<AsyncResult, AppError> {
+        self.send(Signature::by_name(name).args(args).kwargs(kwargs)).await
     }
 
     /// A handle on the result of task `id`.
     pub fn result(&self, id: &str) -> AsyncResult {
-        AsyncResult {
-            id: id.to_owned(),
-            backend: self.backend.clone(),
-        }
+        AsyncResult { id: id.to_owned(), backend: self.backend.clone() }
     }
 }
 
@@ -226,12 +193,7 @@ impl AsyncResult {
 
     /// The current state (PENDING when nothing is stored).
     pub async fn state(&self) -> Result<TaskState, ResultError> {
-        Ok(self
-            .backend
-            .get(&self.id)
-            .await?
-            .map(|m| m.status)
-            .unwrap_or(TaskState::Pending))
+        Ok(self.backend.get(&self.id).await?.map(|m| m.status).unwrap_or(TaskState::Pending))
     }
 
     /// The stored document, if any.
@@ -251,19 +213,12 @@ impl AsyncResult {
     pub async fn get<T: DeserializeOwned>(&self, timeout: Duration) -> Result<T, ResultError> {
         let meta = self.wait(timeout).await?;
         match meta.status {
-            TaskState::Success => {
-                serde_json::from_value(meta.result).map_err(|e| ResultError::Decode(e.to_string()))
-            }
+            TaskState::Success => serde_json::from_value(meta.result).map_err(|e| ResultError::Decode(e.to_string())),
             TaskState::Revoked => Err(ResultError::Revoked),
             _ => {
-                let (exc_type, message) = meta
-                    .exception()
-                    .unwrap_or_else(|| ("Unknown".into(), meta.result.to_string()));
-                Err(ResultError::Failed {
-                    exc_type,
-                    message,
-                    traceback: meta.traceback,
-                })
+                let (exc_type, message) =
+                    meta.exception().unwrap_or_else(|| ("Unknown".into(), meta.result.to_string()));
+                Err(ResultError::Failed { exc_type, message, traceback: meta.traceback })
             }
         }
     }

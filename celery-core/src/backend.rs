@@ -33,11 +33,7 @@ pub trait ResultBackend: Send + Sync + Debug {
     /// The stored state, if any.
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError>;
     /// Waits until the state is ready or `timeout` passes; returns what is stored then.
-    async fn wait(
-        &self,
-        task_id: &str,
-        timeout: Duration,
-    ) -> Result<Option<TaskMeta>, BackendError>;
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError>;
     /// Deletes the stored state.
     async fn forget(&self, task_id: &str) -> Result<(), BackendError>;
 }
@@ -112,11 +108,7 @@ impl TaskMeta {
             status,
             json!({"exc_type": err.exc_type(), "exc_message": [err.message()], "exc_module": "celery_rs"}),
         );
-        m.traceback = Some(
-            err.traceback()
-                .map(str::to_owned)
-                .unwrap_or_else(|| err.to_string()),
-        );
+        m.traceback = Some(err.traceback().map(str::to_owned).unwrap_or_else(|| err.to_string()));
         m
     }
 
@@ -127,11 +119,7 @@ impl TaskMeta {
         let message = match obj.get("exc_message") {
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| v.to_string())
-                })
+                .map(|v| v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string()))
                 .collect::<Vec<_>>()
                 .join(", "),
             Some(Value::String(s)) => s.clone(),
@@ -166,11 +154,7 @@ mod tests {
 
     #[test]
     fn error_document_has_celery_shape() {
-        let m = TaskMeta::error(
-            "x",
-            TaskState::Failure,
-            &TaskError::new("ValueError", "bad"),
-        );
+        let m = TaskMeta::error("x", TaskState::Failure, &TaskError::new("ValueError", "bad"));
         let v: Value = serde_json::from_slice(&m.to_vec()).unwrap();
         assert_eq!(v["result"]["exc_type"], "ValueError");
         assert_eq!(v["result"]["exc_message"], json!(["bad"]));

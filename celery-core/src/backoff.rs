@@ -18,11 +18,7 @@ use crate::task::TaskOptions;
 /// assert_eq!(retry_countdown(&o, 3, None), Duration::from_secs(16));
 /// assert_eq!(retry_countdown(&o, 30, None), Duration::from_secs(600));
 /// ```
-pub fn retry_countdown(
-    options: &TaskOptions,
-    retries: u32,
-    explicit: Option<Duration>,
-) -> Duration {
+pub fn retry_countdown(options: &TaskOptions, retries: u32, explicit: Option<Duration>) -> Duration {
     if let Some(c) = explicit {
         return c;
     }
@@ -31,11 +27,7 @@ pub fn retry_countdown(
     };
     let exp = 2f64.powi(retries.min(62) as i32);
     let cap = (factor * exp).min(options.retry_backoff_max).max(0.0);
-    let secs = if options.retry_jitter {
-        rand::random::<f64>() * cap
-    } else {
-        cap
-    };
+    let secs = if options.retry_jitter { rand::random::<f64>() * cap } else { cap };
     Duration::from_secs_f64(secs)
 }
 
@@ -53,10 +45,7 @@ mod tests {
         }
         o.retry_backoff = None;
         assert_eq!(retry_countdown(&o, 0, None), Duration::from_secs(180));
-        assert_eq!(
-            retry_countdown(&o, 0, Some(Duration::from_millis(5))),
-            Duration::from_millis(5)
-        );
+        assert_eq!(retry_countdown(&o, 0, Some(Duration::from_millis(5))), Duration::from_millis(5));
     }
 }
 

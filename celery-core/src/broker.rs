@@ -46,11 +46,7 @@ pub trait Broker: Send + Sync + Debug {
     }
 
     /// Starts consuming `queues` (in priority order) with at most `prefetch` unsettled deliveries.
-    async fn consume(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Box<dyn Consumer>, BrokerError>;
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
 
     /// Deletes every ready message of `queue`; returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
@@ -105,12 +101,7 @@ impl Delivery {
         redelivered: bool,
         settle: Box<dyn Settle>,
     ) -> Delivery {
-        Delivery {
-            message,
-            queue,
-            redelivered,
-            settle,
-        }
+        Delivery { message, queue, redelivered, settle }
     }
 
     /// Acknowledge: done.

@@ -43,7 +43,5 @@ pub mod __private {
     pub use serde;
     pub use serde_json;
 
-    pub use crate::task::{
-        assert_task_argument, decode_arg, run_blocking, IntoTaskResult, TaskArgs,
-    };
+    pub use crate::task::{assert_task_argument, decode_arg, run_blocking, IntoTaskResult, TaskArgs};
 }

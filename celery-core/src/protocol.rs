@@ -31,9 +31,7 @@ pub fn check_content_type(content_type: &str) -> Result<(), ProtocolError> {
     if content_type.is_empty() || content_type == CONTENT_TYPE {
         Ok(())
     } else {
-        Err(ProtocolError::UnsupportedContentType(
-            content_type.to_owned(),
-        ))
+        Err(ProtocolError::UnsupportedContentType(content_type.to_owned()))
     }
 }
 
@@ -101,22 +99,14 @@ fn opt_str(map: &Map<String, Value>, field: &'static str) -> Result<Option<Strin
     match map.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(ProtocolError::InvalidField {
-            field,
-            reason: format!("expected a string, got {other}"),
-        }),
+        Some(other) => Err(ProtocolError::InvalidField { field, reason: format!("expected a string, got {other}") }),
     }
 }
 
-fn opt_time(
-    map: &Map<String, Value>,
-    field: &'static str,
-) -> Result<Option<DateTime<Utc>>, ProtocolError> {
+fn opt_time(map: &Map<String, Value>, field: &'static str) -> Result<Option<DateTime<Utc>>, ProtocolError> {
     match opt_str(map, field)? {
         None => Ok(None),
-        Some(s) => parse_time(&s)
-            .map(Some)
-            .map_err(|reason| ProtocolError::InvalidField { field, reason }),
+        Some(s) => parse_time(&s).map(Some).map_err(|reason| ProtocolError::InvalidField { field, reason }),
     }
 }
 
@@ -139,10 +129,7 @@ fn opt_f64(v: Option<&Value>, field: &'static str) -> Result<Option<f64>, Protoc
     match v {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(other) => Err(ProtocolError::InvalidField {
-            field,
-            reason: format!("expected a number, got {other}"),
-        }),
+        Some(other) => Err(ProtocolError::InvalidField { field, reason: format!("expected a number, got {other}") }),
     }
 }
 
@@ -153,28 +140,21 @@ fn opt_to_json<T: Into<Value>>(v: Option<T>) -> Value {
 impl Headers {
     /// Reads headers from a JSON object, naming the field at fault on error.
     pub fn from_json(value: &Value) -> Result<Headers, ProtocolError> {
-        let map = value.as_object().ok_or(ProtocolError::InvalidField {
-            field: "headers",
-            reason: "expected a JSON object".into(),
-        })?;
+        let map = value
+            .as_object()
+            .ok_or(ProtocolError::InvalidField { field: "headers", reason: "expected a JSON object".into() })?;
         let task = opt_str(map, "task")?.ok_or(ProtocolError::MissingField("task"))?;
         let id = opt_str(map, "id")?.ok_or(ProtocolError::MissingField("id"))?;
         let retries = match map.get("retries") {
             None | Some(Value::Null) => 0,
-            Some(v) => v
-                .as_u64()
-                .and_then(|r| u32::try_from(r).ok())
-                .ok_or_else(|| ProtocolError::InvalidField {
-                    field: "retries",
-                    reason: format!("expected a non-negative integer, got {v}"),
-                })?,
+            Some(v) => v.as_u64().and_then(|r| u32::try_from(r).ok()).ok_or_else(|| ProtocolError::InvalidField {
+                field: "retries",
+                reason: format!("expected a non-negative integer, got {v}"),
+            })?,
         };
         let (time_limit, soft_time_limit) = match map.get("timelimit") {
             None | Some(Value::Null) => (None, None),
-            Some(Value::Array(a)) => (
-                opt_f64(a.first(), "timelimit")?,
-                opt_f64(a.get(1), "timelimit")?,
-            ),
+            Some(Value::Array(a)) => (opt_f64(a.first(), "timelimit")?, opt_f64(a.get(1), "timelimit")?),
             Some(other) => {
                 return Err(ProtocolError::InvalidField {
                     field: "timelimit",
@@ -189,11 +169,8 @@ impl Headers {
                 reason: format!("expected an integer, got {v}"),
             })?),
         };
-        let extra = map
-            .iter()
-            .filter(|(k, _)| !KNOWN.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let extra =
+            map.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
         Ok(Headers {
             lang: opt_str(map, "lang")?.unwrap_or_else(|| "py".into()),
             task,
@@ -211,10 +188,7 @@ impl Headers {
             argsrepr: opt_str(map, "argsrepr")?,
             kwargsrepr: opt_str(map, "kwargsrepr")?,
             origin: opt_str(map, "origin")?,
-            ignore_result: map
-                .get("ignore_result")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            ignore_result: map.get("ignore_result").and_then(Value::as_bool).unwrap_or(false),
             extra,
         })
     }
@@ -233,10 +207,7 @@ impl Headers {
         m.insert("retries".into(), self.retries.into());
         m.insert(
             "timelimit".into(),
-            Value::Array(vec![
-                opt_to_json(self.time_limit),
-                opt_to_json(self.soft_time_limit),
-            ]),
+            Value::Array(vec![opt_to_json(self.time_limit), opt_to_json(self.soft_time_limit)]),
         );
         m.insert("root_id".into(), opt_to_json(self.root_id.clone()));
         m.insert("parent_id".into(), opt_to_json(self.parent_id.clone()));
@@ -276,21 +247,14 @@ pub struct TaskBody {
 impl TaskBody {
     /// Parses a body; the error names what is wrong.
     pub fn from_slice(body: &[u8]) -> Result<TaskBody, ProtocolError> {
-        let v: Value =
-            serde_json::from_slice(body).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
+        let v: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
         let Value::Array(mut parts) = v else {
-            return Err(ProtocolError::InvalidField {
-                field: "body",
-                reason: "expected [args, kwargs, embed]".into(),
-            });
+            return Err(ProtocolError::InvalidField { field: "body", reason: "expected [args, kwargs, embed]".into() });
         };
         if parts.is_empty() || parts.len() > 3 {
             return Err(ProtocolError::InvalidField {
                 field: "body",
-                reason: format!(
-                    "expected [args, kwargs, embed], got {} elements",
-                    parts.len()
-                ),
+                reason: format!("expected [args, kwargs, embed], got {} elements", parts.len()),
             });
         }
         parts.resize(3, Value::Null);
@@ -298,38 +262,19 @@ impl TaskBody {
         let args = match it.next() {
             Some(Value::Array(a)) => a,
             Some(Value::Null) => Vec::new(),
-            _ => {
-                return Err(ProtocolError::InvalidField {
-                    field: "args",
-                    reason: "expected a JSON array".into(),
-                })
-            }
+            _ => return Err(ProtocolError::InvalidField { field: "args", reason: "expected a JSON array".into() }),
         };
         let kwargs = match it.next() {
             Some(Value::Object(m)) => m,
             Some(Value::Null) => Map::new(),
-            _ => {
-                return Err(ProtocolError::InvalidField {
-                    field: "kwargs",
-                    reason: "expected a JSON object".into(),
-                })
-            }
+            _ => return Err(ProtocolError::InvalidField { field: "kwargs", reason: "expected a JSON object".into() }),
         };
         let embed = match it.next() {
             Some(Value::Object(m)) => m,
             Some(Value::Null) | None => Map::new(),
-            _ => {
-                return Err(ProtocolError::InvalidField {
-                    field: "embed",
-                    reason: "expected a JSON object".into(),
-                })
-            }
+            _ => return Err(ProtocolError::InvalidField { field: "embed", reason: "expected a JSON object".into() }),
         };
-        Ok(TaskBody {
-            args,
-            kwargs,
-            embed,
-        })
+        Ok(TaskBody { args, kwargs, embed })
     }
 
     /// Serializes to the wire form.
@@ -372,27 +317,15 @@ fn repr(v: &Value) -> String {
 
 /// `gen<pid>@<host>`, the `origin` header of messages this process sends.
 pub fn origin() -> String {
-    format!(
-        "gen{}@{}",
-        std::process::id(),
-        gethostname::gethostname().to_string_lossy()
-    )
+    format!("gen{}@{}", std::process::id(), gethostname::gethostname().to_string_lossy())
 }
 
 impl Message {
     /// Builds the message for a signature.
     pub fn from_signature(sig: &Signature) -> Result<Message, ProtocolError> {
-        let id = sig
-            .options
-            .task_id
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let id = sig.options.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let eta = sig.due_at();
-        let body = TaskBody {
-            args: sig.args.clone(),
-            kwargs: sig.kwargs.clone(),
-            embed: Map::new(),
-        };
+        let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed: Map::new() };
         let headers = Headers {
             lang: "rs".into(),
             task: sig.task.clone(),
@@ -437,12 +370,7 @@ impl Message {
 
     /// Refuses a message whose encoded body and headers exceed `limit` bytes.
     pub fn check_size(&self, limit: usize) -> Result<(), ProtocolError> {
-        let headers = self
-            .headers
-            .extra
-            .iter()
-            .map(|(k, v)| k.len() + v.to_string().len())
-            .sum::<usize>();
+        let headers = self.headers.extra.iter().map(|(k, v)| k.len() + v.to_string().len()).sum::<usize>();
         let size = self.body.len() + headers;
         if size > limit {
             Err(ProtocolError::TooLarge { size, limit })
@@ -482,25 +410,11 @@ mod tests {
 
     #[test]
     fn bad_headers_name_the_field() {
-        assert_eq!(
-            Headers::from_json(&json!({"id": "x"})),
-            Err(ProtocolError::MissingField("task"))
-        );
-        let e =
-            Headers::from_json(&json!({"id": "x", "task": "t", "retries": "many"})).unwrap_err();
-        assert!(matches!(
-            e,
-            ProtocolError::InvalidField {
-                field: "retries",
-                ..
-            }
-        ));
-        let e =
-            Headers::from_json(&json!({"id": "x", "task": "t", "eta": "tomorrow"})).unwrap_err();
-        assert!(matches!(
-            e,
-            ProtocolError::InvalidField { field: "eta", .. }
-        ));
+        assert_eq!(Headers::from_json(&json!({"id": "x"})), Err(ProtocolError::MissingField("task")));
+        let e = Headers::from_json(&json!({"id": "x", "task": "t", "retries": "many"})).unwrap_err();
+        assert!(matches!(e, ProtocolError::InvalidField { field: "retries", .. }));
+        let e = Headers::from_json(&json!({"id": "x", "task": "t", "eta": "tomorrow"})).unwrap_err();
+        assert!(matches!(e, ProtocolError::InvalidField { field: "eta", .. }));
     }
 
     #[test]
@@ -508,14 +422,8 @@ mod tests {
         let b = TaskBody::from_slice(br#"[[1, 2], {"a": 1}, {"callbacks": null}]"#).unwrap();
         assert_eq!(b.args, vec![json!(1), json!(2)]);
         assert_eq!(TaskBody::from_slice(&b.to_vec()).unwrap().kwargs, b.kwargs);
-        assert!(matches!(
-            TaskBody::from_slice(b"{"),
-            Err(ProtocolError::InvalidJson(_))
-        ));
-        assert!(matches!(
-            TaskBody::from_slice(b"[1, {}, {}]"),
-            Err(ProtocolError::InvalidField { field: "args", .. })
-        ));
+        assert!(matches!(TaskBody::from_slice(b"{"), Err(ProtocolError::InvalidJson(_))));
+        assert!(matches!(TaskBody::from_slice(b"[1, {}, {}]"), Err(ProtocolError::InvalidField { field: "args", .. })));
     }
 
     #[test]

@@ -13,10 +13,7 @@ use std::time::Duration;
 /// ```
 pub fn parse_rate(s: &str) -> Result<Duration, String> {
     let (n, unit) = s.trim().split_once('/').unwrap_or((s.trim(), "s"));
-    let n: f64 = n
-        .trim()
-        .parse()
-        .map_err(|_| format!("rate limit `{s}`: expected N/s, N/m or N/h"))?;
+    let n: f64 = n.trim().parse().map_err(|_| format!("rate limit `{s}`: expected N/s, N/m or N/h"))?;
     if n <= 0.0 || !n.is_finite() {
         return Err(format!("rate limit `{s}`: the count must be positive"));
     }
@@ -24,11 +21,7 @@ pub fn parse_rate(s: &str) -> Result<Duration, String> {
         "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => {
-            return Err(format!(
-                "rate limit `{s}`: unknown unit `{other}` (s, m or h)"
-            ))
-        }
+        other => return Err(format!("rate limit `{s}`: unknown unit `{other}` (s, m or h)")),
     };
     Ok(Duration::from_secs_f64(per / n))
 }

@@ -35,10 +35,7 @@ fn index() -> &'static HashMap<&'static str, &'static TaskEntry> {
         let mut m = HashMap::new();
         for e in inventory::iter::<TaskEntry> {
             if m.insert(e.name, e).is_some() {
-                tracing::warn!(
-                    task = e.name,
-                    "two tasks are registered under the same name; one wins"
-                );
+                tracing::warn!(task = e.name, "two tasks are registered under the same name; one wins");
             }
         }
         m

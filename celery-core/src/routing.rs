@@ -33,10 +33,7 @@ pub struct Route {
 impl Route {
     /// The default exchange to `queue`.
     pub fn queue(queue: impl Into<String>) -> Route {
-        Route {
-            exchange: String::new(),
-            routing_key: queue.into(),
-        }
+        Route { exchange: String::new(), routing_key: queue.into() }
     }
 }
 

@@ -73,12 +73,7 @@ pub struct Signature {
 impl Signature {
     /// An invocation of the task registered under `name`, with no arguments yet.
     pub fn by_name(name: impl Into<String>) -> Signature {
-        Signature {
-            task: name.into(),
-            args: Vec::new(),
-            kwargs: Map::new(),
-            options: SendOptions::default(),
-        }
+        Signature { task: name.into(), args: Vec::new(), kwargs: Map::new(), options: SendOptions::default() }
     }
 
     /// Sets the positional arguments from a JSON array (any other value becomes the single argument).
@@ -179,11 +174,8 @@ impl Signature {
 
     /// The time it may run: `eta`, else now + `countdown`, else none.
     pub fn due_at(&self) -> Option<DateTime<Utc>> {
-        self.options.eta.or_else(|| {
-            self.options
-                .countdown
-                .and_then(|d| chrono::Duration::from_std(d).ok())
-                .map(|d| Utc::now() + d)
-        })
+        self.options
+            .eta
+            .or_else(|| self.options.countdown.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| Utc::now() + d))
     }
 }

@@ -36,10 +36,7 @@ pub enum TaskState {
 impl TaskState {
     /// SUCCESS, FAILURE and REVOKED: no further change is expected.
     pub fn is_ready(self) -> bool {
-        matches!(
-            self,
-            TaskState::Success | TaskState::Failure | TaskState::Revoked
-        )
+        matches!(self, TaskState::Success | TaskState::Failure | TaskState::Revoked)
     }
 
     /// The Celery name (`"SUCCESS"`).

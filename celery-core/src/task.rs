@@ -107,12 +107,7 @@ pub struct TaskError {
 impl TaskError {
     /// A failure with an exception type name (as Python shows it) and a message.
     pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> TaskError {
-        TaskError {
-            kind: TaskErrorKind::Failed,
-            exc_type: exc_type.into(),
-            message: message.into(),
-            traceback: None,
-        }
+        TaskError { kind: TaskErrorKind::Failed, exc_type: exc_type.into(), message: message.into(), traceback: None }
     }
 
     /// A failure of type `TaskError` with a message.
@@ -155,12 +150,7 @@ impl TaskError {
 
     /// The task panicked with this message.
     pub fn panicked(message: impl Into<String>) -> TaskError {
-        TaskError {
-            kind: TaskErrorKind::Panicked,
-            exc_type: "Panic".into(),
-            message: message.into(),
-            traceback: None,
-        }
+        TaskError { kind: TaskErrorKind::Panicked, exc_type: "Panic".into(), message: message.into(), traceback: None }
     }
 
     /// Attaches a traceback or error chain.
@@ -241,13 +231,7 @@ pub struct TaskContext {
 impl TaskContext {
     /// A context for task `id` named `name` on its `retries`-th retry.
     pub fn new(id: &str, name: &str, retries: u32) -> TaskContext {
-        TaskContext {
-            id: id.into(),
-            name: name.into(),
-            retries,
-            eta: None,
-            soft: Arc::default(),
-        }
+        TaskContext { id: id.into(), name: name.into(), retries, eta: None, soft: Arc::default() }
     }
 
     /// Sets the eta the task was scheduled for.
@@ -339,22 +323,15 @@ impl<T: Serialize + DeserializeOwned> TaskArgument for T {}
 pub const fn assert_task_argument<T: TaskArgument>() {}
 
 /// Takes parameter `index`/`name` from positional or keyword arguments and decodes it.
-pub fn decode_arg<T: DeserializeOwned>(
-    args: &mut TaskArgs,
-    index: usize,
-    name: &str,
-) -> Result<T, TaskError> {
+pub fn decode_arg<T: DeserializeOwned>(args: &mut TaskArgs, index: usize, name: &str) -> Result<T, TaskError> {
     let v = if index < args.args.len() {
         std::mem::take(&mut args.args[index])
     } else if let Some(v) = args.kwargs.remove(name) {
         v
     } else {
-        return Err(TaskError::invalid_arguments(format!(
-            "missing argument `{name}`"
-        )));
+        return Err(TaskError::invalid_arguments(format!("missing argument `{name}`")));
     };
-    serde_json::from_value(v)
-        .map_err(|e| TaskError::invalid_arguments(format!("argument `{name}`: {e}")))
+    serde_json::from_value(v).map_err(|e| TaskError::invalid_arguments(format!("argument `{name}`: {e}")))
 }
 
 /// Converts what a task function returns into the stored result.
@@ -419,18 +396,12 @@ mod tests {
 
     #[test]
     fn args_by_position_or_name() {
-        let mut a = TaskArgs {
-            args: vec![json!(2)],
-            kwargs: [("y".to_string(), json!(3))].into_iter().collect(),
-        };
+        let mut a = TaskArgs { args: vec![json!(2)], kwargs: [("y".to_string(), json!(3))].into_iter().collect() };
         assert_eq!(decode_arg::<i64>(&mut a, 0, "x").unwrap(), 2);
         assert_eq!(decode_arg::<i64>(&mut a, 1, "y").unwrap(), 3);
         let e = decode_arg::<i64>(&mut a, 2, "z").unwrap_err();
         assert_eq!(e.kind(), &TaskErrorKind::InvalidArguments);
-        let mut b = TaskArgs {
-            args: vec![json!("two")],
-            kwargs: Map::new(),
-        };
+        let mut b = TaskArgs { args: vec![json!("two")], kwargs: Map::new() };
         let e = decode_arg::<i64>(&mut b, 0, "x").unwrap_err();
         assert!(e.message().contains("argument `x`"), "{e}");
     }

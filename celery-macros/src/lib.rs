@@ -44,36 +44,22 @@ struct Opts {
 
 fn lit_f64(e: &Expr, key: &str) -> syn::Result<f64> {
     match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Int(i), ..
-        }) => Ok(i.base10_parse::<u64>()? as f64),
-        Expr::Lit(ExprLit {
-            lit: Lit::Float(f), ..
-        }) => f.base10_parse::<f64>(),
-        _ => Err(syn::Error::new(
-            e.span(),
-            format!("`{key}` takes a number of seconds"),
-        )),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => Ok(i.base10_parse::<u64>()? as f64),
+        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse::<f64>(),
+        _ => Err(syn::Error::new(e.span(), format!("`{key}` takes a number of seconds"))),
     }
 }
 
 fn lit_bool(e: &Expr, key: &str) -> syn::Result<bool> {
     match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Bool(b), ..
-        }) => Ok(b.value),
-        _ => Err(syn::Error::new(
-            e.span(),
-            format!("`{key}` takes true or false"),
-        )),
+        Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => Ok(b.value),
+        _ => Err(syn::Error::new(e.span(), format!("`{key}` takes true or false"))),
     }
 }
 
 fn lit_str(e: &Expr, key: &str) -> syn::Result<String> {
     match e {
-        Expr::Lit(ExprLit {
-            lit: Lit::Str(s), ..
-        }) => Ok(s.value()),
+        Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.value()),
         _ => Err(syn::Error::new(e.span(), format!("`{key}` takes a string"))),
     }
 }
@@ -82,27 +68,15 @@ fn parse_opts(attr: TokenStream2) -> syn::Result<Opts> {
     let metas = Punctuated::<Meta, Token![,]>::parse_terminated.parse2(attr)?;
     let mut o = Opts::default();
     for m in metas {
-        let key = m
-            .path()
-            .get_ident()
-            .map(|i| i.to_string())
-            .unwrap_or_default();
+        let key = m.path().get_ident().map(|i| i.to_string()).unwrap_or_default();
         let value = match &m {
             Meta::Path(_) => None,
             Meta::NameValue(nv) => Some(&nv.value),
-            Meta::List(l) => {
-                return Err(syn::Error::new(
-                    l.span(),
-                    "expected `key = value` or a flag",
-                ))
-            }
+            Meta::List(l) => return Err(syn::Error::new(l.span(), "expected `key = value` or a flag")),
         };
-        let flag = |v: Option<&Expr>| -> syn::Result<bool> {
-            v.map(|e| lit_bool(e, &key)).unwrap_or(Ok(true))
-        };
+        let flag = |v: Option<&Expr>| -> syn::Result<bool> { v.map(|e| lit_bool(e, &key)).unwrap_or(Ok(true)) };
         let need = |v: Option<&Expr>| -> syn::Result<Expr> {
-            v.cloned()
-                .ok_or_else(|| syn::Error::new(m.span(), format!("`{key}` needs a value")))
+            v.cloned().ok_or_else(|| syn::Error::new(m.span(), format!("`{key}` needs a value")))
         };
         let field = match key.as_str() {
             "name" => {
@@ -224,10 +198,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let func: ItemFn = syn::parse2(item)?;
     let sig = &func.sig;
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(
-            sig.generics.span(),
-            "a task cannot be generic: its arguments arrive as JSON",
-        ));
+        return Err(syn::Error::new(sig.generics.span(), "a task cannot be generic: its arguments arrive as JSON"));
     }
     let ident = &sig.ident;
     let vis = &func.vis;
@@ -238,20 +209,14 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let mut params: Vec<(syn::Ident, Type)> = Vec::new();
     for (i, input) in sig.inputs.iter().enumerate() {
         let FnArg::Typed(pt) = input else {
-            return Err(syn::Error::new(
-                input.span(),
-                "a task is a free function, not a method",
-            ));
+            return Err(syn::Error::new(input.span(), "a task is a free function, not a method"));
         };
         if i == 0 && last_ident(&pt.ty).as_deref() == Some("TaskContext") {
             has_ctx = true;
             continue;
         }
         let Pat::Ident(pi) = &*pt.pat else {
-            return Err(syn::Error::new(
-                pt.pat.span(),
-                "task parameters must be plain names",
-            ));
+            return Err(syn::Error::new(pt.pat.span(), "task parameters must be plain names"));
         };
         params.push((pi.ident.clone(), (*pt.ty).clone()));
     }
@@ -269,9 +234,10 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
     let name_strs: Vec<_> = names.iter().map(|i| i.to_string()).collect();
     let types: Vec<_> = params.iter().map(|(_, t)| t.clone()).collect();
     let indices: Vec<_> = (0..n_params).collect();
-    let asserts = types.iter().chain(std::iter::once(&ret_ty)).map(|t| {
-        quote_spanned!(t.span()=> const _: () = #core::__private::assert_task_argument::<#t>();)
-    });
+    let asserts = types
+        .iter()
+        .chain(std::iter::once(&ret_ty))
+        .map(|t| quote_spanned!(t.span()=> const _: () = #core::__private::assert_task_argument::<#t>();));
 
     let run_fn = format_ident!("__celery_task_run_{}", ident);
     let opts_fn = format_ident!("__celery_task_options_{}", ident);
@@ -291,11 +257,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
         let w = wrap(call);
         quote!(#core::__private::run_blocking(move || #w).await)
     };
-    let ctx_binding = if has_ctx {
-        quote!(let __ctx = __ctx;)
-    } else {
-        quote!(let _ = __ctx;)
-    };
+    let ctx_binding = if has_ctx { quote!(let __ctx = __ctx;) } else { quote!(let _ = __ctx;) };
     let fields = &opts.fields;
     let blocking = !is_async;
     let doc = format!("The `{name}` task: `{ident}::new(..)` builds a signature to send.");

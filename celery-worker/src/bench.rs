@@ -43,12 +43,8 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         "task `{}` is not registered in this binary (the demo's `add` is)",
         a.task
     );
-    let sig = |i: usize| {
-        Signature::by_name(&a.task)
-            .args(serde_json::json!([i, i]))
-            .queue(&a.queue)
-            .ignore_result(true)
-    };
+    let sig =
+        |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(&a.queue).ignore_result(true);
     app.broker().purge(&a.queue).await?;
 
     // Enqueue, one message per call.
@@ -57,11 +53,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     for i in 0..single {
         app.send(sig(i)).await?;
     }
-    line(
-        "enqueue_rate_single",
-        single as f64 / t.elapsed().as_secs_f64(),
-        "tasks/s",
-    );
+    line("enqueue_rate_single", single as f64 / t.elapsed().as_secs_f64(), "tasks/s");
     app.broker().purge(&a.queue).await?;
 
     // Enqueue in batches.
@@ -72,11 +64,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         app.send_batch((sent..sent + n).map(sig)).await?;
         sent += n;
     }
-    line(
-        "enqueue_rate",
-        a.count as f64 / t.elapsed().as_secs_f64(),
-        "tasks/s",
-    );
+    line("enqueue_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
 
     // Drain with one worker in this process.
     let cfg = WorkerConfig {
@@ -96,17 +84,10 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     }));
     let deadline = Instant::now() + Duration::from_secs(600);
     while stats.finished() < a.count as u64 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "drain did not finish within 10 minutes"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    line(
-        "drain_rate",
-        a.count as f64 / t.elapsed().as_secs_f64(),
-        "tasks/s",
-    );
+    line("drain_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
     let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
 
@@ -114,13 +95,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let mut lat = Vec::with_capacity(a.roundtrips);
     for i in 0..(a.roundtrips + 20) {
         let t = Instant::now();
-        let res = app
-            .send(
-                Signature::by_name(&a.task)
-                    .args(serde_json::json!([1, 2]))
-                    .queue(&a.queue),
-            )
-            .await?;
+        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(&a.queue)).await?;
         let v: i64 = res.get(Duration::from_secs(30)).await?;
         anyhow::ensure!(v == 3, "round trip returned {v}");
         if i >= 20 {
@@ -133,11 +108,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     lat.sort_by(f64::total_cmp);
     if !lat.is_empty() {
         line("roundtrip_p50_ms", lat[lat.len() / 2], "ms");
-        line(
-            "roundtrip_p99_ms",
-            lat[((lat.len() - 1) as f64 * 0.99) as usize],
-            "ms",
-        );
+        line("roundtrip_p99_ms", lat[((lat.len() - 1) as f64 * 0.99) as usize], "ms");
     }
     Ok(())
 }

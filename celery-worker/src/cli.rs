@@ -29,11 +29,7 @@ pub const DEFAULT_BACKEND: &str = "log://./celery-data";
 
 /// The command line.
 #[derive(Debug, Parser)]
-#[command(
-    version,
-    about = "Run workers, send tasks and read results",
-    propagate_version = true
-)]
+#[command(version, about = "Run workers, send tasks and read results", propagate_version = true)]
 pub struct Cli {
     /// Broker URL.
     #[arg(long, global = true, env = "CELERY_BROKER_URL", default_value = DEFAULT_BROKER)]
@@ -94,12 +90,7 @@ pub struct ServeArgs {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Queues to consume, comma-separated or repeated, in priority order.
-    #[arg(
-        short = 'Q',
-        long = "queues",
-        value_delimiter = ',',
-        default_value = "celery"
-    )]
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
     pub queues: Vec<String>,
     /// Tasks run at once (default: the number of CPUs).
     #[arg(short = 'c', long)]
@@ -169,12 +160,7 @@ pub struct ResultArgs {
 #[derive(Debug, Args)]
 pub struct PurgeArgs {
     /// Queues to purge, comma-separated or repeated.
-    #[arg(
-        short = 'Q',
-        long = "queues",
-        value_delimiter = ',',
-        default_value = "celery"
-    )]
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
     pub queues: Vec<String>,
 }
 
@@ -193,18 +179,11 @@ where
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() {
-                ExitCode::from(2)
-            } else {
-                ExitCode::SUCCESS
-            };
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
     init_logging(&cli.loglevel);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -224,10 +203,7 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -235,15 +211,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         serve(a).await?;
         return Ok(ExitCode::SUCCESS);
     }
-    let app = crate::connect(&cli.broker, &cli.backend)
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to broker {} and backend {}",
-                redact(&cli.broker),
-                redact(&cli.backend)
-            )
-        })?;
+    let app = crate::connect(&cli.broker, &cli.backend).await.with_context(|| {
+        format!("connecting to broker {} and backend {}", redact(&cli.broker), redact(&cli.backend))
+    })?;
     match cli.command {
         Command::Worker(a) => {
             let defaults = WorkerConfig::default();
@@ -261,14 +231,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(a) => {
             let args: Value = serde_json::from_str(&a.args).context("--args is not JSON")?;
             let kwargs: Value = serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?;
-            anyhow::ensure!(
-                args.is_array(),
-                "--args must be a JSON array, like '[2, 3]'"
-            );
-            anyhow::ensure!(
-                kwargs.is_object(),
-                "--kwargs must be a JSON object, like '{{\"x\": 1}}'"
-            );
+            anyhow::ensure!(args.is_array(), "--args must be a JSON array, like '[2, 3]'");
+            anyhow::ensure!(kwargs.is_object(), "--kwargs must be a JSON object, like '{{\"x\": 1}}'");
             let mut sig = Signature::by_name(&a.task).args(args).kwargs(kwargs);
             if let Some(c) = a.countdown {
                 sig = sig.countdown(Duration::from_secs_f64(c.max(0.0)));
@@ -331,39 +295,22 @@ struct Report<'a> {
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
-        Some(secs) => res
-            .wait(Duration::from_secs_f64(secs.max(0.0)))
-            .await
-            .ok()
-            .or(res.info().await?),
+        Some(secs) => res.wait(Duration::from_secs_f64(secs.max(0.0))).await.ok().or(res.info().await?),
         None => res.info().await?,
     };
-    let state = meta
-        .as_ref()
-        .map(|m| m.status)
-        .unwrap_or(TaskState::Pending);
+    let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);
     let (result, error) = match &meta {
         Some(m) if m.status == TaskState::Success => (m.result.clone(), Value::Null),
         Some(m)
-            if matches!(
-                m.status,
-                TaskState::Failure | TaskState::Revoked | TaskState::Retry | TaskState::Rejected
-            ) =>
+            if matches!(m.status, TaskState::Failure | TaskState::Revoked | TaskState::Retry | TaskState::Rejected) =>
         {
-            let (t, msg) = m
-                .exception()
-                .unwrap_or_else(|| ("Unknown".into(), m.result.to_string()));
+            let (t, msg) = m.exception().unwrap_or_else(|| ("Unknown".into(), m.result.to_string()));
             (Value::Null, Value::String(format!("{t}: {msg}")))
         }
         _ => (Value::Null, Value::Null),
     };
     if as_json {
-        let report = Report {
-            id: res.id(),
-            state,
-            result: &result,
-            error: &error,
-        };
+        let report = Report { id: res.id(), state, result: &result, error: &error };
         println!("{}", serde_json::to_string(&report)?);
     } else if wait.is_some() || meta.is_some() {
         match state {
@@ -378,11 +325,7 @@ async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::
         Some(_) => state == TaskState::Success,
         None => !matches!(state, TaskState::Failure | TaskState::Revoked),
     };
-    Ok(if ok {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 fn redact(url: &str) -> String {
@@ -395,19 +338,15 @@ fn redact(url: &str) -> String {
 /// `broker serve`: owns the directory, serves it over TCP until SIGINT/SIGTERM, then checkpoints.
 async fn serve(a: &ServeArgs) -> anyhow::Result<()> {
     use broker_backends::log::{parse_url, serve_tcp, LogStore};
-    let addr: std::net::SocketAddr = a
-        .listen
-        .parse()
-        .with_context(|| format!("--listen `{}` is not HOST:PORT", a.listen))?;
+    let addr: std::net::SocketAddr =
+        a.listen.parse().with_context(|| format!("--listen `{}` is not HOST:PORT", a.listen))?;
     if !addr.ip().is_loopback() && a.token.as_deref().unwrap_or("").is_empty() {
         anyhow::bail!("listening on {addr} (not loopback) requires --token");
     }
     let (dir, cfg) = parse_url(&format!("log://{}", a.data))?;
     let store = LogStore::open(&dir, cfg)?;
     store.serve_unix();
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listening on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
     tracing::info!(data = %dir.display(), %addr, "broker serving log+tcp://{addr}");
     eprintln!("serving {} as log+tcp://{addr}", dir.display());
     tokio::select! {
@@ -423,10 +362,7 @@ pub async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM: shutting down"),

@@ -40,9 +40,7 @@ pub use celery_core as __core;
 
 /// Everything a task module and a producer need.
 pub mod prelude {
-    pub use celery_core::{
-        task, App, AsyncResult, Signature, Task, TaskContext, TaskError, TaskOptions, TaskState,
-    };
+    pub use celery_core::{task, App, AsyncResult, Signature, Task, TaskContext, TaskError, TaskOptions, TaskState};
     pub use std::time::Duration;
 
     pub use crate::{Worker, WorkerConfig};
@@ -55,10 +53,7 @@ pub mod prelude {
 /// let app = celery_worker::connect("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/1").await?;
 /// # Ok(()) }
 /// ```
-pub async fn connect(
-    broker: &str,
-    backend: &str,
-) -> Result<celery_core::App, celery_core::AppError> {
+pub async fn connect(broker: &str, backend: &str) -> Result<celery_core::App, celery_core::AppError> {
     link_backends();
     celery_core::App::connect(broker, backend).await
 }

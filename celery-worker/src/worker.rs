@@ -63,9 +63,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             queues: vec!["celery".into()],
-            concurrency: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
+            concurrency: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
             prefetch_multiplier: 4,
             hostname: format!("celery@{}", gethostname()),
             shutdown_grace: Duration::from_secs(30),
@@ -154,11 +152,7 @@ pub struct Worker {
 impl Worker {
     /// A worker for `app` with `config`.
     pub fn new(app: App, config: WorkerConfig) -> Worker {
-        Worker {
-            app,
-            config,
-            stats: Arc::default(),
-        }
+        Worker { app, config, stats: Arc::default() }
     }
 
     /// Live counters (shared with the running worker).
@@ -167,16 +161,9 @@ impl Worker {
     }
 
     /// Runs until `shutdown` resolves, then shuts down gracefully.
-    pub async fn run_until(
-        self,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), WorkerError> {
+    pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let cfg = self.config;
-        let mut consumer = self
-            .app
-            .broker()
-            .consume(&cfg.queues, cfg.prefetch())
-            .await?;
+        let mut consumer = self.app.broker().consume(&cfg.queues, cfg.prefetch()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -221,10 +208,7 @@ impl Worker {
                 }
             }
         }
-        tracing::info!(
-            in_flight = running.len(),
-            "worker shutting down: no new deliveries"
-        );
+        tracing::info!(in_flight = running.len(), "worker shutting down: no new deliveries");
         consumer.stop();
         let _ = stop_tx.send(true);
         while let Some(d) = consumer.next().await {
@@ -285,13 +269,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
         let err = TaskError::new("TaskRevokedError", "expired");
-        store(
-            &w,
-            &msg,
-            entry,
-            TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err),
-        )
-        .await;
+        store(&w, &msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err)).await;
         w.stats.revoked.fetch_add(1, Ordering::Relaxed);
         settle(d.ack().await);
         return;
@@ -301,17 +279,8 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         if wait > LOCAL_ETA_WAIT {
             tracing::debug!(%eta, "eta is ahead: held by the broker until due");
             if w.config.track_started {
-                store(
-                    &w,
-                    &msg,
-                    entry,
-                    TaskMeta::new(
-                        &msg.headers.id,
-                        TaskState::Received,
-                        serde_json::Value::Null,
-                    ),
-                )
-                .await;
+                store(&w, &msg, entry, TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null))
+                    .await;
             }
             if let Err(e) = d.defer(&msg, eta).await {
                 tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout");
@@ -355,24 +324,10 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         m.worker = Some(w.config.hostname.clone());
         store(&w, &msg, entry, m).await;
     }
-    let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries)
-        .with_eta(msg.headers.eta);
-    let soft = msg
-        .headers
-        .soft_time_limit
-        .or(opts.soft_time_limit)
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64);
-    let hard = msg
-        .headers
-        .time_limit
-        .or(opts.time_limit)
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64);
-    let args = TaskArgs {
-        args: body.args,
-        kwargs: body.kwargs,
-    };
+    let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
+    let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let hard = msg.headers.time_limit.or(opts.time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let args = TaskArgs { args: body.args, kwargs: body.kwargs };
     let started = std::time::Instant::now();
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
     let runtime = started.elapsed();
@@ -395,22 +350,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
                 if let Some(d) = d.take() {
-                    reject(
-                        &w,
-                        d,
-                        Some(&msg),
-                        &format!("invalid arguments: {}", err.message()),
-                    )
-                    .await;
+                    reject(&w, d, Some(&msg), &format!("invalid arguments: {}", err.message())).await;
                 }
             }
             TaskErrorKind::Retry { countdown } => {
                 let countdown = *countdown;
                 retry_or_fail(&w, d, &msg, entry, err, countdown).await
             }
-            TaskErrorKind::Failed if opts.autoretry => {
-                retry_or_fail(&w, d, &msg, entry, err, None).await
-            }
+            TaskErrorKind::Failed if opts.autoretry => retry_or_fail(&w, d, &msg, entry, err, None).await,
             _ => fail(&w, d, &msg, entry, &err).await,
         },
     }
@@ -446,10 +393,7 @@ async fn retry_or_fail(
     let delay = retry_countdown(&opts, msg.headers.retries, countdown);
     let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
     let next = msg.retried(eta);
-    let queue = d
-        .as_ref()
-        .map(|d| d.queue.clone())
-        .unwrap_or_else(|| w.app.config().default_queue.clone());
+    let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
     if let Err(e) = w.app.broker().publish(&Route::queue(queue), &next).await {
         tracing::error!(error = %e, "could not republish the retry; returning the message to the queue");
         if let Some(d) = d {
@@ -458,34 +402,16 @@ async fn retry_or_fail(
         return;
     }
     tracing::info!(retries = next.headers.retries, ?delay, reason = %err, "retry scheduled");
-    store(
-        w,
-        msg,
-        entry,
-        TaskMeta::error(&msg.headers.id, TaskState::Retry, &err),
-    )
-    .await;
+    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
     w.stats.retried.fetch_add(1, Ordering::Relaxed);
     if let Some(d) = d {
         settle(d.ack().await);
     }
 }
 
-async fn fail(
-    w: &Shared,
-    d: Option<Delivery>,
-    msg: &Message,
-    entry: &'static TaskEntry,
-    err: &TaskError,
-) {
+async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
     tracing::warn!(error = %err, "failed");
-    store(
-        w,
-        msg,
-        entry,
-        TaskMeta::error(&msg.headers.id, TaskState::Failure, err),
-    )
-    .await;
+    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Failure, err)).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
     if let Some(d) = d {
         settle(d.ack().await);

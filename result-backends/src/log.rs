@@ -46,20 +46,15 @@ impl LogResultBackend {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             match pair.split_once('=') {
                 Some(("result_expires", v)) => {
-                    expires =
-                        Duration::from_secs(v.parse().map_err(|_| BackendError::InvalidUrl {
-                            url: url.into(),
-                            reason: format!("result_expires `{v}` is not a number of seconds"),
-                        })?)
+                    expires = Duration::from_secs(v.parse().map_err(|_| BackendError::InvalidUrl {
+                        url: url.into(),
+                        reason: format!("result_expires `{v}` is not a number of seconds"),
+                    })?)
                 }
                 _ => keep.push(pair),
             }
         }
-        let clean = if keep.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", keep.join("&"))
-        };
+        let clean = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
         let log = LogBroker::connect(&clean).await.map_err(err)?;
         Ok(LogResultBackend { log, expires })
     }
@@ -68,32 +63,15 @@ impl LogResultBackend {
 #[async_trait]
 impl ResultBackend for LogResultBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        self.log
-            .put_result(&meta.task_id, meta.to_vec(), self.expires)
-            .await
-            .map_err(err)
+        self.log.put_result(&meta.task_id, meta.to_vec(), self.expires).await.map_err(err)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.log
-            .get_result(task_id)
-            .await
-            .map_err(err)?
-            .map(|d| TaskMeta::from_slice(&d))
-            .transpose()
+        self.log.get_result(task_id).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
-    async fn wait(
-        &self,
-        task_id: &str,
-        timeout: Duration,
-    ) -> Result<Option<TaskMeta>, BackendError> {
-        self.log
-            .wait_result(task_id, timeout)
-            .await
-            .map_err(err)?
-            .map(|d| TaskMeta::from_slice(&d))
-            .transpose()
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        self.log.wait_result(task_id, timeout).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

@@ -28,9 +28,7 @@ pub struct MemoryBackend {
 impl ResultBackend for MemoryBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         let mut m = self.inner.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.get(&meta.task_id)
-            .is_some_and(|old| old.status == TaskState::Success)
-        {
+        if m.get(&meta.task_id).is_some_and(|old| old.status == TaskState::Success) {
             return Ok(());
         }
         m.insert(meta.task_id.clone(), meta.clone());
@@ -40,27 +38,15 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        Ok(self
-            .inner
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(task_id)
-            .cloned())
+        Ok(self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).get(task_id).cloned())
     }
 
-    async fn wait(
-        &self,
-        task_id: &str,
-        timeout: Duration,
-    ) -> Result<Option<TaskMeta>, BackendError> {
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.inner.1.notified();
             let cur = self.get(task_id).await?;
-            if cur.as_ref().is_some_and(|m| m.status.is_ready())
-                || tokio::time::Instant::now() >= deadline
-            {
+            if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
                 return Ok(cur);
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
@@ -68,11 +54,7 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.inner
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(task_id);
+        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).remove(task_id);
         Ok(())
     }
 }

@@ -65,20 +65,14 @@ pub struct RedisBackend {
 
 impl std::fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisBackend")
-            .field("prefix", &self.prefix)
-            .field("expires", &self.expires)
-            .finish()
+        f.debug_struct("RedisBackend").field("prefix", &self.prefix).field("expires", &self.expires).finish()
     }
 }
 
 impl RedisBackend {
     /// Connects; the first connection must succeed, later losses are retried.
     pub async fn connect(url: &str) -> Result<RedisBackend, BackendError> {
-        let invalid = |reason: String| BackendError::InvalidUrl {
-            url: url.to_owned(),
-            reason,
-        };
+        let invalid = |reason: String| BackendError::InvalidUrl { url: url.to_owned(), reason };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut keep = Vec::new();
         let mut prefix = String::new();
@@ -87,38 +81,24 @@ impl RedisBackend {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "result_expires" => {
-                    expires = v.parse().map_err(|_| {
-                        invalid(format!("result_expires `{v}` is not a number of seconds"))
-                    })?
+                    expires =
+                        v.parse().map_err(|_| invalid(format!("result_expires `{v}` is not a number of seconds")))?
                 }
                 "global_keyprefix" => prefix = v.to_owned(),
                 "visibility_timeout" => {}
                 _ => keep.push(pair),
             }
         }
-        let clean = if keep.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", keep.join("&"))
-        };
+        let clean = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
         let client = redis::Client::open(clean.as_str()).map_err(|e| invalid(e.to_string()))?;
         let cfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(3);
-        let conn = client
-            .get_connection_manager_with_config(cfg)
-            .await
-            .map_err(err)?;
+        let conn = client.get_connection_manager_with_config(cfg).await.map_err(err)?;
         let subs = Arc::new(Subscriptions::default());
         tokio::spawn(listen(client, subs.clone()));
-        Ok(RedisBackend {
-            conn,
-            prefix,
-            expires: expires.max(1),
-            store: Arc::new(Script::new(STORE)),
-            subs,
-        })
+        Ok(RedisBackend { conn, prefix, expires: expires.max(1), store: Arc::new(Script::new(STORE)), subs })
     }
 
     /// `celery-task-meta-<id>` with the prefix.
@@ -189,24 +169,13 @@ async fn listen(client: redis::Client, subs: Arc<Subscriptions>) {
         };
         backoff.reset();
         let (mut sink, mut stream) = pubsub.split();
-        let keys: Vec<String> = subs
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys()
-            .cloned()
-            .collect();
+        let keys: Vec<String> = subs.waiters.lock().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect();
         for k in &keys {
             let _ = sink.subscribe(k).await;
         }
         *subs.sink.lock().unwrap_or_else(|p| p.into_inner()) = Some(sink);
         // Wake every waiter so each re-reads its key after a (re)connect.
-        for (_, tx) in subs
-            .waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-        {
+        for (_, tx) in subs.waiters.lock().unwrap_or_else(|p| p.into_inner()).values() {
             tx.send_modify(|v| *v += 1);
         }
         while let Some(msg) = stream.next().await {
@@ -241,11 +210,7 @@ impl ResultBackend for RedisBackend {
         raw.map(|r| TaskMeta::from_slice(&r)).transpose()
     }
 
-    async fn wait(
-        &self,
-        task_id: &str,
-        timeout: Duration,
-    ) -> Result<Option<TaskMeta>, BackendError> {
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
         let key = self.key(task_id);
         let deadline = tokio::time::Instant::now() + timeout;
         let mut rx = self.register(&key).await;
@@ -262,9 +227,7 @@ impl ResultBackend for RedisBackend {
                     }
                     Err(e) => return Err(e),
                 };
-                if cur.as_ref().is_some_and(|m| m.status.is_ready())
-                    || tokio::time::Instant::now() >= deadline
-                {
+                if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
                     return Ok(cur);
                 }
                 // Woken by a publish; a 1 s poll covers a subscriber that is reconnecting.

@@ -61,18 +61,15 @@ enum Target {
 
 impl Target {
     fn log() -> Target {
-        let dir =
-            std::env::temp_dir().join(format!("conformance-{}", uuid::Uuid::new_v4().simple()));
+        let dir = std::env::temp_dir().join(format!("conformance-{}", uuid::Uuid::new_v4().simple()));
         Target::Log(dir)
     }
 
     /// A `broker serve` in this process, reached over TCP.
     async fn log_tcp() -> Target {
         use broker_backends::log::{parse_url, serve_tcp, LogStore};
-        let dir =
-            std::env::temp_dir().join(format!("conformance-tcp-{}", uuid::Uuid::new_v4().simple()));
-        let (d, cfg) =
-            parse_url(&format!("log://{}?lease_timeout=1&fsync=os", dir.display())).unwrap();
+        let dir = std::env::temp_dir().join(format!("conformance-tcp-{}", uuid::Uuid::new_v4().simple()));
+        let (d, cfg) = parse_url(&format!("log://{}?lease_timeout=1&fsync=os", dir.display())).unwrap();
         let store = LogStore::open(&d, cfg).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -87,14 +84,10 @@ impl Target {
     /// Broker URL with a short lease / visibility timeout of one second.
     fn urls(&self) -> (String, String) {
         match self {
-            Target::Log(d) => (
-                format!("log://{}?lease_timeout=1&fsync=os", d.display()),
-                format!("log://{}", d.display()),
-            ),
-            Target::LogTcp(_, a, _) => (
-                format!("log+tcp://{a}?token=s3cret"),
-                format!("log+tcp://{a}?token=s3cret"),
-            ),
+            Target::Log(d) => {
+                (format!("log://{}?lease_timeout=1&fsync=os", d.display()), format!("log://{}", d.display()))
+            }
+            Target::LogTcp(_, a, _) => (format!("log+tcp://{a}?token=s3cret"), format!("log+tcp://{a}?token=s3cret")),
             Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
         }
     }
@@ -151,10 +144,7 @@ async fn results_and_failures(t: Target) {
     let w = worker(&app, 4, 4);
     let a = app.send(c_add::new(2, 3)).await.unwrap();
     let b = app.send(c_blocking_mul::new(4, 5)).await.unwrap();
-    let by_name = app
-        .send_by_name("c_add", json!([1]), json!({"y": 1}))
-        .await
-        .unwrap();
+    let by_name = app.send_by_name("c_add", json!([1]), json!({"y": 1})).await.unwrap();
     let slow = app.send(c_too_slow::new()).await.unwrap();
     let boom = app.send(c_boom::new()).await.unwrap();
     assert_eq!(a.get::<i64>(T).await.unwrap(), 5);
@@ -177,58 +167,30 @@ async fn retries_countdown_expiry(t: Target) {
     let ok = app.send(c_flaky::new(2)).await.unwrap();
     let gives_up = app.send(c_flaky::new(9)).await.unwrap();
     let sent = Utc::now().timestamp_millis();
-    let later = app
-        .send(c_now_ms::new().countdown(Duration::from_millis(1500)))
-        .await
-        .unwrap();
-    let expired = app
-        .send(c_add::new(1, 1).expires(Utc::now() - chrono::Duration::seconds(1)))
-        .await
-        .unwrap();
+    let later = app.send(c_now_ms::new().countdown(Duration::from_millis(1500))).await.unwrap();
+    let expired = app.send(c_add::new(1, 1).expires(Utc::now() - chrono::Duration::seconds(1))).await.unwrap();
     assert_eq!(ok.get::<u32>(T).await.unwrap(), 2);
     assert!(
         matches!(gives_up.get::<u32>(T).await, Err(ResultError::Failed { exc_type, .. }) if exc_type == "MaxRetriesExceededError")
     );
     let ran: i64 = later.get(T).await.unwrap();
-    assert!(
-        ran - sent >= 1500,
-        "countdown not honoured: ran after {} ms",
-        ran - sent
-    );
-    assert!(matches!(
-        expired.get::<i64>(T).await,
-        Err(ResultError::Revoked)
-    ));
+    assert!(ran - sent >= 1500, "countdown not honoured: ran after {} ms", ran - sent);
+    assert!(matches!(expired.get::<i64>(T).await, Err(ResultError::Revoked)));
     w.stop().await;
 }
 
 async fn bad_input_is_dead_lettered(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 2, 4);
-    let unknown = app
-        .send_by_name("c_no_such_task", json!([]), json!({}))
-        .await
-        .unwrap();
-    let wrong = app
-        .send_by_name("c_add", json!(["x", 1]), json!({}))
-        .await
-        .unwrap();
+    let unknown = app.send_by_name("c_no_such_task", json!([]), json!({})).await.unwrap();
+    let wrong = app.send_by_name("c_add", json!(["x", 1]), json!({})).await.unwrap();
     assert!(
         matches!(unknown.get::<i64>(T).await, Err(ResultError::Failed { message, .. }) if message.contains("unregistered task"))
     );
     assert!(
         matches!(wrong.get::<i64>(T).await, Err(ResultError::Failed { message, .. }) if message.contains("argument `x`"))
     );
-    assert_eq!(
-        app.send(c_add::new(1, 2))
-            .await
-            .unwrap()
-            .get::<i64>(T)
-            .await
-            .unwrap(),
-        3,
-        "the worker goes on"
-    );
+    assert_eq!(app.send(c_add::new(1, 2)).await.unwrap().get::<i64>(T).await.unwrap(), 3, "the worker goes on");
     w.stop().await;
     assert_eq!(app.broker().queue_len("celery.dead").await.unwrap(), 2);
 }
@@ -247,27 +209,16 @@ async fn an_unsettled_delivery_comes_back_after_its_lease(t: Target) {
         drop(d); // never settled
         drop(consumer);
     }
-    assert_eq!(
-        app.broker().queue_len("celery").await.unwrap(),
-        0,
-        "leased: invisible to others"
-    );
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), 0, "leased: invisible to others");
     let w = worker(&app, 2, 1);
-    assert_eq!(
-        res.get::<i64>(T).await.unwrap(),
-        42,
-        "redelivered after the lease expired"
-    );
+    assert_eq!(res.get::<i64>(T).await.unwrap(), 42, "redelivered after the lease expired");
     w.stop().await;
 }
 
 async fn shutdown_returns_prefetched_work(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 1, 4);
-    let ids: Vec<_> = app
-        .send_batch((0..5).map(|_| c_sleep::new(400)))
-        .await
-        .unwrap();
+    let ids: Vec<_> = app.send_batch((0..5).map(|_| c_sleep::new(400))).await.unwrap();
     let end = tokio::time::Instant::now() + T;
     while ids[0].state().await.unwrap() != TaskState::Started && tokio::time::Instant::now() < end {
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -275,11 +226,7 @@ async fn shutdown_returns_prefetched_work(t: Target) {
     w.stop().await;
     let done = futures_count(&ids, TaskState::Success).await;
     assert_eq!(done, 1, "only the running task finished");
-    assert_eq!(
-        app.broker().queue_len("celery").await.unwrap(),
-        4,
-        "the rest went back to the queue"
-    );
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), 4, "the rest went back to the queue");
     let w = worker(&app, 4, 4);
     for r in &ids {
         assert_eq!(r.get::<u64>(T).await.unwrap(), 400);
@@ -300,9 +247,7 @@ async fn futures_count(ids: &[celery_core::AsyncResult], state: TaskState) -> us
 
 async fn purge_and_len(t: Target) {
     let app = t.app().await;
-    app.send_batch((0..7).map(|i| c_add::new(i, i).queue("purge_me")))
-        .await
-        .unwrap();
+    app.send_batch((0..7).map(|i| c_add::new(i, i).queue("purge_me"))).await.unwrap();
     assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 7);
     assert_eq!(app.broker().purge("purge_me").await.unwrap(), 7);
     assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 0);

@@ -26,19 +26,10 @@ async fn a_worker_and_a_sender_share_one_directory() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let v: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null);
-    assert_eq!(
-        v["result"],
-        json!(5),
-        "{stdout}\n{}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        worker.log()
-    );
+    assert_eq!(v["result"], json!(5), "{stdout}\n{}\n{}", String::from_utf8_lossy(&out.stderr), worker.log());
     // And this process too.
     let app = celery_worker::connect(&url, &url).await.unwrap();
-    let r = app
-        .send(Signature::by_name("add").args(json!([20, 22])))
-        .await
-        .unwrap();
+    let r = app.send(Signature::by_name("add").args(json!([20, 22]))).await.unwrap();
     assert_eq!(r.get::<i64>(T).await.unwrap(), 42);
 }
 
@@ -47,20 +38,9 @@ fn serve(dir: &TempDir, port: u16) -> DemoProcess {
     let p = DemoProcess::start_urls(
         "unused://",
         "unused://",
-        &[
-            "broker",
-            "serve",
-            "--data",
-            &dir.0.display().to_string(),
-            "--listen",
-            &listen,
-        ],
+        &["broker", "serve", "--data", &dir.0.display().to_string(), "--listen", &listen],
     );
-    assert!(
-        wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()),
-        "{}",
-        p.log()
-    );
+    assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()), "{}", p.log());
     p
 }
 
@@ -73,11 +53,7 @@ async fn kill_9_of_a_worker_mid_task_loses_nothing() {
     let app = celery_worker::connect(&url, &url).await.unwrap();
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(
-            app.send(Signature::by_name("sleep").args(json!([1500])))
-                .await
-                .unwrap(),
-        );
+        ids.push(app.send(Signature::by_name("sleep").args(json!([1500]))).await.unwrap());
     }
     let mut first = DemoProcess::start_urls(&url, &url, &["worker", "-c", "3"]);
     let end = tokio::time::Instant::now() + T;
@@ -116,10 +92,7 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
             for i in 0..100_000 {
                 let sig = Signature::by_name("add").args(json!([p, i]));
                 let msg = celery_core::protocol::Message::from_signature(&sig).unwrap();
-                match broker
-                    .publish(&celery_core::routing::Route::queue("crash"), &msg)
-                    .await
-                {
+                match broker.publish(&celery_core::routing::Route::queue("crash"), &msg).await {
                     Ok(()) => {
                         let _ = tx.send(msg.headers.id.clone());
                     }
@@ -135,9 +108,7 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
         confirmed.insert(tokio::time::timeout(T, rx.recv()).await.unwrap().unwrap());
     }
     server.signal("KILL");
-    server
-        .wait_exit(Duration::from_secs(5))
-        .expect("server killed");
+    server.wait_exit(Duration::from_secs(5)).expect("server killed");
     for p in publishers {
         p.await.unwrap();
     }
@@ -149,26 +120,14 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
     let _again = serve(&dir, port);
     let broker = celery_core::scheme::connect_broker(&url).await.unwrap();
     let stored = broker.queue_len("crash").await.unwrap();
-    assert!(
-        stored as usize >= confirmed.len(),
-        "stored {stored} < confirmed {}",
-        confirmed.len()
-    );
+    assert!(stored as usize >= confirmed.len(), "stored {stored} < confirmed {}", confirmed.len());
     let mut consumer = broker.consume(&["crash".into()], 1000).await.unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..stored {
-        let d = tokio::time::timeout(T, consumer.next())
-            .await
-            .unwrap()
-            .unwrap();
+        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
         seen.insert(d.message.as_ref().unwrap().headers.id.clone());
         d.ack().await.unwrap();
     }
     let lost: Vec<_> = confirmed.difference(&seen).collect();
-    assert!(
-        lost.is_empty(),
-        "{} confirmed publishes were lost, e.g. {:?}",
-        lost.len(),
-        lost.first()
-    );
+    assert!(lost.is_empty(), "{} confirmed publishes were lost, e.g. {:?}", lost.len(), lost.first());
 }

@@ -42,20 +42,14 @@ impl Dbs {
             let mut conn = redis::Client::open(format!("{REDIS}/{db}"))
                 .and_then(|c| c.get_connection())
                 .expect("redis connection");
-            redis::cmd("FLUSHDB")
-                .query::<()>(&mut conn)
-                .expect("FLUSHDB");
+            redis::cmd("FLUSHDB").query::<()>(&mut conn).expect("FLUSHDB");
         }
-        Dbs {
-            broker: format!("{REDIS}/{broker}"),
-            backend: format!("{REDIS}/{backend}"),
-        }
+        Dbs { broker: format!("{REDIS}/{broker}"), backend: format!("{REDIS}/{backend}") }
     }
 
     /// Points `cmd` (our CLI or Python Celery) at these databases.
     fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        cmd.env("CELERY_BROKER_URL", &self.broker)
-            .env("CELERY_RESULT_BACKEND", &self.backend)
+        cmd.env("CELERY_BROKER_URL", &self.broker).env("CELERY_RESULT_BACKEND", &self.backend)
     }
 }
 
@@ -67,8 +61,7 @@ struct Service {
 
 impl Service {
     fn start(cmd: &mut Command) -> Service {
-        let log =
-            std::env::temp_dir().join(format!("{SUITE}-{}.log", uuid::Uuid::new_v4().simple()));
+        let log = std::env::temp_dir().join(format!("{SUITE}-{}.log", uuid::Uuid::new_v4().simple()));
         let file = File::create(&log).expect("log file");
         let child = cmd
             .stdin(Stdio::null())
@@ -119,17 +112,12 @@ fn install_celery() -> Result<PathBuf, String> {
     if imports_celery(&python) {
         return Ok(python);
     }
-    run(Command::new("python3")
-        .args(["-m", "venv", "--clear"])
-        .arg(&venv))?;
+    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
     run(Command::new(&python).args(["-m", "pip", "install", "-q", CELERY_REQUIREMENT]))?;
     if imports_celery(&python) {
         Ok(python)
     } else {
-        Err(format!(
-            "`import celery, redis` fails in {}",
-            venv.display()
-        ))
+        Err(format!("`import celery, redis` fails in {}", venv.display()))
     }
 }
 
@@ -177,15 +165,11 @@ fn python_producer_runs_on_our_worker() {
     };
     let dbs = Dbs::fresh(10, 11);
     let worker = Service::start(
-        dbs.apply(&mut Command::new(demo_bin()))
-            .args(["worker", "-Q", QUEUE, "-c", "2"])
-            .env("RUST_LOG", "info"),
+        dbs.apply(&mut Command::new(demo_bin())).args(["worker", "-Q", QUEUE, "-c", "2"]).env("RUST_LOG", "info"),
     );
 
     // The script waits (30 s at most) for both results and prints what it got as JSON.
-    let out = python_cmd(python, &dbs, &["interop_app.py", QUEUE])
-        .output()
-        .expect("run the Python producer");
+    let out = python_cmd(python, &dbs, &["interop_app.py", QUEUE]).output().expect("run the Python producer");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = || {
         format!(
@@ -216,14 +200,9 @@ async fn our_producer_runs_on_a_python_worker() {
         return;
     };
     let dbs = Dbs::fresh(12, 13);
-    let app = celery_worker::connect(&dbs.broker, &dbs.backend)
-        .await
-        .expect("connect");
+    let app = celery_worker::connect(&dbs.broker, &dbs.backend).await.expect("connect");
     // Sent before the worker starts: it waits in the queue until the worker is up.
-    let result = app
-        .send(Signature::by_name("add").args(json!([2, 3])).queue(QUEUE))
-        .await
-        .expect("send");
+    let result = app.send(Signature::by_name("add").args(json!([2, 3])).queue(QUEUE)).await.expect("send");
     let worker = Service::start(&mut python_cmd(
         python,
         &dbs,

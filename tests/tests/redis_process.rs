@@ -13,9 +13,7 @@ use serde_json::{json, Value};
 const T: Duration = Duration::from_secs(30);
 
 async fn app(env: &RedisEnv) -> App {
-    celery_worker::connect(&env.broker, &env.backend)
-        .await
-        .expect("connect")
+    celery_worker::connect(&env.broker, &env.backend).await.expect("connect")
 }
 
 async fn states(app: &App, ids: &[String]) -> Vec<TaskState> {
@@ -51,58 +49,21 @@ async fn kill_9_mid_task_loses_nothing() {
     let app = app(&env).await;
     let mut ids = Vec::new();
     for _ in 0..6 {
-        ids.push(
-            app.send_by_name("sleep", json!([1500]), json!({}))
-                .await
-                .unwrap()
-                .id()
-                .to_owned(),
-        );
+        ids.push(app.send_by_name("sleep", json!([1500]), json!({})).await.unwrap().id().to_owned());
     }
     let mut first = DemoProcess::start(&env, &["worker", "-c", "3"]);
-    let s = wait_states(
-        &app,
-        &ids,
-        |s| s.iter().filter(|x| **x == TaskState::Started).count() == 3,
-        T,
-    )
-    .await;
-    assert_eq!(
-        s.iter().filter(|x| **x == TaskState::Started).count(),
-        3,
-        "{s:?}\n{}",
-        first.log()
-    );
+    let s = wait_states(&app, &ids, |s| s.iter().filter(|x| **x == TaskState::Started).count() == 3, T).await;
+    assert_eq!(s.iter().filter(|x| **x == TaskState::Started).count(), 3, "{s:?}\n{}", first.log());
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(5)).expect("killed");
     let unacked: u64 = env.conn().hlen(env.key("unacked")).unwrap();
-    assert!(
-        unacked >= 3,
-        "the killed worker's deliveries are still leased ({unacked})"
-    );
+    assert!(unacked >= 3, "the killed worker's deliveries are still leased ({unacked})");
 
     let second = DemoProcess::start(&env, &["worker", "-c", "6"]);
-    let s = wait_states(
-        &app,
-        &ids,
-        |s| s.iter().all(|x| *x == TaskState::Success),
-        T,
-    )
-    .await;
-    assert!(
-        s.iter().all(|x| *x == TaskState::Success),
-        "{s:?}\n{}",
-        second.log()
-    );
-    assert!(wait_until(Duration::from_secs(5), || env
-        .conn()
-        .hlen::<_, u64>(env.key("unacked"))
-        .unwrap()
-        == 0));
-    assert!(
-        second.log().contains("restored"),
-        "the second worker restored the lost leases"
-    );
+    let s = wait_states(&app, &ids, |s| s.iter().all(|x| *x == TaskState::Success), T).await;
+    assert!(s.iter().all(|x| *x == TaskState::Success), "{s:?}\n{}", second.log());
+    assert!(wait_until(Duration::from_secs(5), || env.conn().hlen::<_, u64>(env.key("unacked")).unwrap() == 0));
+    assert!(second.log().contains("restored"), "the second worker restored the lost leases");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,48 +77,23 @@ async fn sigterm_returns_prefetched_unstarted_tasks() {
     assert!(worker.wait_log("worker ready", T), "{}", worker.log());
     let mut ids = Vec::new();
     for _ in 0..5 {
-        ids.push(
-            app.send_by_name("sleep", json!([1000]), json!({}))
-                .await
-                .unwrap()
-                .id()
-                .to_owned(),
-        );
+        ids.push(app.send_by_name("sleep", json!([1000]), json!({})).await.unwrap().id().to_owned());
     }
     let s = wait_states(&app, &ids, |s| s.contains(&TaskState::Started), T).await;
     assert!(s.contains(&TaskState::Started), "{s:?}");
     // Four are prefetched by now (prefetch = 1 x 4) while one runs.
-    assert!(
-        wait_until(T, || env.conn().hlen::<_, u64>(env.key("unacked")).unwrap()
-            == 4),
-        "prefetch"
-    );
+    assert!(wait_until(T, || env.conn().hlen::<_, u64>(env.key("unacked")).unwrap() == 4), "prefetch");
     worker.signal("TERM");
     let status = worker.wait_exit(T).expect("worker exits after SIGTERM");
     assert!(status.success(), "{}", worker.log());
     let s = states(&app, &ids).await;
-    assert_eq!(
-        s.iter().filter(|x| **x == TaskState::Success).count(),
-        1,
-        "the running task finished: {s:?}"
-    );
+    assert_eq!(s.iter().filter(|x| **x == TaskState::Success).count(), 1, "the running task finished: {s:?}");
     let queued: u64 = env.conn().llen(env.key("celery")).unwrap();
     let unacked: u64 = env.conn().hlen(env.key("unacked")).unwrap();
-    assert_eq!(
-        (queued, unacked),
-        (4, 0),
-        "unstarted tasks went back to the queue\n{}",
-        worker.log()
-    );
+    assert_eq!((queued, unacked), (4, 0), "unstarted tasks went back to the queue\n{}", worker.log());
 
     let _again = DemoProcess::start(&env, &["worker", "-c", "4"]);
-    let s = wait_states(
-        &app,
-        &ids,
-        |s| s.iter().all(|x| *x == TaskState::Success),
-        T,
-    )
-    .await;
+    let s = wait_states(&app, &ids, |s| s.iter().all(|x| *x == TaskState::Success), T).await;
     assert!(s.iter().all(|x| *x == TaskState::Success), "{s:?}");
 }
 
@@ -171,20 +107,13 @@ async fn eta_tasks_survive_every_worker_stopping() {
     let mut worker = DemoProcess::start(&env, &["worker", "-c", "2"]);
     assert!(worker.wait_log("worker ready", T), "{}", worker.log());
     let res = app
-        .send(
-            celery_core::Signature::by_name("add")
-                .args(json!([20, 22]))
-                .countdown(Duration::from_secs(4)),
-        )
+        .send(celery_core::Signature::by_name("add").args(json!([20, 22])).countdown(Duration::from_secs(4)))
         .await
         .unwrap();
     worker.signal("TERM");
     worker.wait_exit(T).expect("worker exits");
     // No worker runs now; the task is held by the broker, not lost.
-    let delayed: u64 = env
-        .conn()
-        .zcard(env.key("_celery_rs.delayed.celery"))
-        .unwrap();
+    let delayed: u64 = env.conn().zcard(env.key("_celery_rs.delayed.celery")).unwrap();
     assert_eq!(delayed, 1);
     assert_eq!(res.state().await.unwrap(), TaskState::Pending);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -207,18 +136,13 @@ async fn cli_send_wait_json_and_result() {
             .output()
             .expect("run demo");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let last: Value =
-            serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null);
+        let last: Value = serde_json::from_str(stdout.lines().last().unwrap_or("")).unwrap_or(Value::Null);
         (out.status.code(), last)
     };
     let (code, v) = run(&["send", "add", "--args", "[2, 3]", "--wait", "20", "--json"]);
     assert_eq!(code, Some(0));
     assert_eq!(
-        (
-            v["state"].as_str(),
-            v["result"].as_i64(),
-            v["error"].is_null()
-        ),
+        (v["state"].as_str(), v["result"].as_i64(), v["error"].is_null()),
         (Some("SUCCESS"), Some(5), true),
         "{v}"
     );
@@ -226,14 +150,7 @@ async fn cli_send_wait_json_and_result() {
     let (code, v) = run(&["result", &id, "--json"]);
     assert_eq!((code, v["result"].as_i64()), (Some(0), Some(5)));
 
-    let (code, v) = run(&[
-        "send",
-        "fail",
-        "--args",
-        r#"["it broke"]"#,
-        "--wait",
-        "--json",
-    ]);
+    let (code, v) = run(&["send", "fail", "--args", r#"["it broke"]"#, "--wait", "--json"]);
     assert_eq!(code, Some(1));
     assert_eq!(v["state"], "FAILURE");
     assert!(v["error"].as_str().unwrap().contains("it broke"), "{v}");

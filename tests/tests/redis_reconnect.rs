@@ -16,63 +16,31 @@ async fn worker_survives_killed_connections() {
     }
     let _ = tracing_subscriber::fmt().with_env_filter("warn").try_init();
     let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend)
-        .await
-        .unwrap();
-    let worker_app = celery_worker::connect(&env.broker, &env.backend)
-        .await
-        .unwrap();
+    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let worker_app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let cfg = WorkerConfig {
-        concurrency: 4,
-        ..WorkerConfig::default()
-    };
+    let cfg = WorkerConfig { concurrency: 4, ..WorkerConfig::default() };
     let worker = tokio::spawn(Worker::new(worker_app, cfg).run_until(async {
         let _ = stopped.await;
     }));
 
-    let first = app
-        .send(Signature::by_name("reconnect_add").args(json!([1, 1])))
-        .await
-        .unwrap();
+    let first = app.send(Signature::by_name("reconnect_add").args(json!([1, 1]))).await.unwrap();
     assert_eq!(first.get::<i64>(Duration::from_secs(15)).await.unwrap(), 2);
 
     let mut c = env.conn();
-    let killed: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("normal")
-        .arg("SKIPME")
-        .arg("yes")
-        .query(&mut c)
-        .unwrap();
-    let pubsub: u64 = redis::cmd("CLIENT")
-        .arg("KILL")
-        .arg("TYPE")
-        .arg("pubsub")
-        .query(&mut c)
-        .unwrap();
-    assert!(
-        killed + pubsub >= 3,
-        "killed {killed} + {pubsub} connections"
-    );
+    let killed: u64 =
+        redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("normal").arg("SKIPME").arg("yes").query(&mut c).unwrap();
+    let pubsub: u64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query(&mut c).unwrap();
+    assert!(killed + pubsub >= 3, "killed {killed} + {pubsub} connections");
 
     // Sends right after the kill go through once the producer reconnects.
-    let after = app
-        .send(Signature::by_name("reconnect_add").args(json!([2, 3])))
-        .await
-        .unwrap();
+    let after = app.send(Signature::by_name("reconnect_add").args(json!([2, 3]))).await.unwrap();
     assert_eq!(after.get::<i64>(Duration::from_secs(30)).await.unwrap(), 5);
     // The worker goes on consuming: a stream of sends after the kill all complete.
-    let results = app
-        .send_batch((0..20).map(|i| Signature::by_name("reconnect_add").args(json!([i, 1]))))
-        .await
-        .unwrap();
+    let results =
+        app.send_batch((0..20).map(|i| Signature::by_name("reconnect_add").args(json!([i, 1])))).await.unwrap();
     for (i, r) in results.iter().enumerate() {
-        assert_eq!(
-            r.get::<i64>(Duration::from_secs(30)).await.unwrap(),
-            i as i64 + 1
-        );
+        assert_eq!(r.get::<i64>(Duration::from_secs(30)).await.unwrap(), i as i64 + 1);
     }
     let _ = stop.send(());
     worker.await.unwrap().unwrap();

@@ -83,15 +83,8 @@ impl Harness {
             return None;
         }
         let env = RedisEnv::new(vt);
-        let app = celery_worker::connect(&env.broker, &env.backend)
-            .await
-            .expect("connect");
-        Some(Harness {
-            env,
-            app,
-            stops: Vec::new(),
-            workers: Vec::new(),
-        })
+        let app = celery_worker::connect(&env.broker, &env.backend).await.expect("connect");
+        Some(Harness { env, app, stops: Vec::new(), workers: Vec::new() })
     }
 
     async fn worker(&mut self, concurrency: usize) {
@@ -99,9 +92,7 @@ impl Harness {
     }
 
     async fn worker_with(&mut self, concurrency: usize, prefetch_multiplier: usize) {
-        let app = celery_worker::connect(&self.env.broker, &self.env.backend)
-            .await
-            .expect("connect");
+        let app = celery_worker::connect(&self.env.broker, &self.env.backend).await.expect("connect");
         let cfg = WorkerConfig {
             concurrency,
             prefetch_multiplier,
@@ -110,10 +101,9 @@ impl Harness {
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stops.push(tx);
-        self.workers
-            .push(tokio::spawn(Worker::new(app, cfg).run_until(async {
-                let _ = rx.await;
-            })));
+        self.workers.push(tokio::spawn(Worker::new(app, cfg).run_until(async {
+            let _ = rx.await;
+        })));
     }
 
     async fn stop(mut self) {
@@ -126,14 +116,8 @@ impl Harness {
     }
 
     fn dead_letters(&self, queue: &str) -> Vec<Value> {
-        let raw: Vec<String> = self
-            .env
-            .conn()
-            .lrange(self.env.key(&format!("{queue}.dead")), 0, -1)
-            .unwrap();
-        raw.iter()
-            .map(|s| serde_json::from_str(s).unwrap())
-            .collect()
+        let raw: Vec<String> = self.env.conn().lrange(self.env.key(&format!("{queue}.dead")), 0, -1).unwrap();
+        raw.iter().map(|s| serde_json::from_str(s).unwrap()).collect()
     }
 }
 
@@ -147,16 +131,8 @@ async fn results_of_async_and_blocking_tasks() {
     h.worker(4).await;
     let a = h.app.send(add::new(2, 3)).await.unwrap();
     let b = h.app.send(blocking_add::new(4, 5)).await.unwrap();
-    let c = h
-        .app
-        .send_by_name("add", json!([10, 20]), json!({}))
-        .await
-        .unwrap();
-    let d = h
-        .app
-        .send_by_name("add", json!([1]), json!({"y": 2}))
-        .await
-        .unwrap();
+    let c = h.app.send_by_name("add", json!([10, 20]), json!({})).await.unwrap();
+    let d = h.app.send_by_name("add", json!([1]), json!({"y": 2})).await.unwrap();
     assert_eq!(a.get::<i64>(T).await.unwrap(), 5);
     assert_eq!(b.get::<i64>(T).await.unwrap(), 9);
     assert_eq!(c.get::<i64>(T).await.unwrap(), 30);
@@ -175,11 +151,7 @@ async fn batched_sends_all_run() {
         return;
     };
     h.worker(8).await;
-    let results = h
-        .app
-        .send_batch((0..200).map(|i| add::new(i, i)))
-        .await
-        .unwrap();
+    let results = h.app.send_batch((0..200).map(|i| add::new(i, i))).await.unwrap();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.get::<i64>(T).await.unwrap(), 2 * i as i64);
     }
@@ -193,11 +165,7 @@ async fn retries_reach_success_and_give_up_at_max_retries() {
     };
     h.worker(4).await;
     let ok = h.app.send(flaky::new(2)).await.unwrap();
-    assert_eq!(
-        ok.get::<u32>(T).await.unwrap(),
-        2,
-        "succeeds on its third run"
-    );
+    assert_eq!(ok.get::<u32>(T).await.unwrap(), 2, "succeeds on its third run");
     let gives_up = h.app.send(flaky::new(10)).await.unwrap();
     match gives_up.get::<u32>(T).await {
         Err(ResultError::Failed { exc_type, .. }) => {
@@ -219,20 +187,14 @@ async fn autoretry_backs_off_exponentially_then_fails() {
     let t0 = std::time::Instant::now();
     let r = h.app.send(always_fails::new()).await.unwrap();
     match r.get::<()>(T).await {
-        Err(ResultError::Failed {
-            exc_type, message, ..
-        }) => {
+        Err(ResultError::Failed { exc_type, message, .. }) => {
             assert_eq!(exc_type, "ValueError");
             assert_eq!(message, "nope");
         }
         other => panic!("expected FAILURE, got {other:?}"),
     }
     // Backoff 0.1 * 2^n without jitter: 0.1 + 0.2 + 0.4 s before the fourth and last run.
-    assert!(
-        t0.elapsed() >= Duration::from_millis(700),
-        "retried too early: {:?}",
-        t0.elapsed()
-    );
+    assert!(t0.elapsed() >= Duration::from_millis(700), "retried too early: {:?}", t0.elapsed());
     assert_eq!(BACKOFF_RUNS.load(Ordering::SeqCst), 4);
     h.stop().await;
 }
@@ -244,19 +206,10 @@ async fn countdown_is_honoured_and_held_by_the_broker() {
     };
     h.worker(2).await;
     let sent = Utc::now().timestamp_millis();
-    let r = h
-        .app
-        .send(now_ms::new().countdown(Duration::from_millis(2500)))
-        .await
-        .unwrap();
+    let r = h.app.send(now_ms::new().countdown(Duration::from_millis(2500))).await.unwrap();
     // While waiting it sits in the broker's delayed set, not in a worker.
     let delayed = h.env.key("_celery_rs.delayed.celery");
-    assert!(wait_until(Duration::from_secs(1), || h
-        .env
-        .conn()
-        .zcard::<_, u64>(&delayed)
-        .unwrap()
-        == 1));
+    assert!(wait_until(Duration::from_secs(1), || h.env.conn().zcard::<_, u64>(&delayed).unwrap() == 1));
     let ran: i64 = r.get(T).await.unwrap();
     assert!(ran - sent >= 2500, "ran {} ms after sending", ran - sent);
     h.stop().await;
@@ -268,11 +221,7 @@ async fn expired_tasks_are_revoked_not_run() {
         return;
     };
     h.worker(2).await;
-    let r = h
-        .app
-        .send(add::new(1, 1).expires(Utc::now() - chrono::Duration::seconds(1)))
-        .await
-        .unwrap();
+    let r = h.app.send(add::new(1, 1).expires(Utc::now() - chrono::Duration::seconds(1))).await.unwrap();
     assert!(matches!(r.get::<i64>(T).await, Err(ResultError::Revoked)));
     assert_eq!(r.state().await.unwrap(), TaskState::Revoked);
     h.stop().await;
@@ -290,21 +239,11 @@ async fn hard_and_soft_time_limits() {
         Err(ResultError::Failed { exc_type, .. }) => assert_eq!(exc_type, "TimeLimitExceeded"),
         other => panic!("expected TimeLimitExceeded, got {other:?}"),
     }
-    assert!(
-        t0.elapsed() < Duration::from_secs(5),
-        "not abandoned at the hard limit"
-    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "not abandoned at the hard limit");
     let soft = h.app.send(soft_limited::new()).await.unwrap();
-    assert!(
-        soft.get::<bool>(T).await.unwrap(),
-        "the context was told of the soft limit"
-    );
+    assert!(soft.get::<bool>(T).await.unwrap(), "the context was told of the soft limit");
     // A per-call limit in the message wins over none.
-    let per_call = h
-        .app
-        .send(add::new(1, 2).time_limit(Duration::from_secs(3)))
-        .await
-        .unwrap();
+    let per_call = h.app.send(add::new(1, 2).time_limit(Duration::from_secs(3))).await.unwrap();
     assert_eq!(per_call.get::<i64>(T).await.unwrap(), 3);
     h.stop().await;
 }
@@ -317,24 +256,13 @@ async fn a_panic_is_a_failure_and_the_worker_goes_on() {
     h.worker(2).await;
     let r = h.app.send(boom::new()).await.unwrap();
     match r.get::<u32>(T).await {
-        Err(ResultError::Failed {
-            exc_type, message, ..
-        }) => {
+        Err(ResultError::Failed { exc_type, message, .. }) => {
             assert_eq!(exc_type, "Panic");
             assert!(message.contains("boom at the worker"), "{message}");
         }
         other => panic!("expected FAILURE, got {other:?}"),
     }
-    assert_eq!(
-        h.app
-            .send(add::new(2, 2))
-            .await
-            .unwrap()
-            .get::<i64>(T)
-            .await
-            .unwrap(),
-        4
-    );
+    assert_eq!(h.app.send(add::new(2, 2)).await.unwrap().get::<i64>(T).await.unwrap(), 4);
     h.stop().await;
 }
 
@@ -347,30 +275,15 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
     let mut conn = h.env.conn();
     let q = h.env.key("celery");
     let _: () = conn.lpush(&q, "this is not json").unwrap();
-    let _: () = conn
-        .lpush(&q, r#"{"body": "W10=", "properties": {}}"#)
-        .unwrap();
-    let unknown = h
-        .app
-        .send_by_name("no_such_task", json!([]), json!({}))
-        .await
-        .unwrap();
-    let wrong_types = h
-        .app
-        .send_by_name("add", json!(["two", 3]), json!({}))
-        .await
-        .unwrap();
-    let too_many = h
-        .app
-        .send_by_name("add", json!([1, 2, 3]), json!({}))
-        .await
-        .unwrap();
+    let _: () = conn.lpush(&q, r#"{"body": "W10=", "properties": {}}"#).unwrap();
+    let unknown = h.app.send_by_name("no_such_task", json!([]), json!({})).await.unwrap();
+    let wrong_types = h.app.send_by_name("add", json!(["two", 3]), json!({})).await.unwrap();
+    let too_many = h.app.send_by_name("add", json!([1, 2, 3]), json!({})).await.unwrap();
 
     match unknown.get::<Value>(T).await {
-        Err(ResultError::Failed { message, .. }) => assert!(
-            message.contains("unregistered task `no_such_task`"),
-            "{message}"
-        ),
+        Err(ResultError::Failed { message, .. }) => {
+            assert!(message.contains("unregistered task `no_such_task`"), "{message}")
+        }
         other => panic!("expected FAILURE, got {other:?}"),
     }
     match wrong_types.get::<i64>(T).await {
@@ -379,58 +292,20 @@ async fn bad_input_is_dead_lettered_with_a_reason() {
         }
         other => panic!("expected FAILURE, got {other:?}"),
     }
-    assert!(matches!(
-        too_many.get::<i64>(T).await,
-        Err(ResultError::Failed { .. })
-    ));
+    assert!(matches!(too_many.get::<i64>(T).await, Err(ResultError::Failed { .. })));
     // The worker is still alive and well.
-    assert_eq!(
-        h.app
-            .send(add::new(2, 3))
-            .await
-            .unwrap()
-            .get::<i64>(T)
-            .await
-            .unwrap(),
-        5
-    );
+    assert_eq!(h.app.send(add::new(2, 3)).await.unwrap().get::<i64>(T).await.unwrap(), 5);
 
     let dead = h.dead_letters("celery");
     assert_eq!(dead.len(), 5, "{dead:#?}");
-    let reasons: Vec<String> = dead
-        .iter()
-        .map(|d| {
-            d["headers"]["x-dead-letter-reason"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
-    assert!(
-        reasons.iter().any(|r| r.contains("not valid JSON")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons
-            .iter()
-            .any(|r| r.contains("lacks the `headers` field")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r.contains("unregistered task")),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.iter().any(|r| r.contains("argument `x`")),
-        "{reasons:?}"
-    );
+    let reasons: Vec<String> =
+        dead.iter().map(|d| d["headers"]["x-dead-letter-reason"].as_str().unwrap().to_owned()).collect();
+    assert!(reasons.iter().any(|r| r.contains("not valid JSON")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("lacks the `headers` field")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("unregistered task")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("argument `x`")), "{reasons:?}");
     // Nothing is left leased.
-    assert!(wait_until(Duration::from_secs(2), || h
-        .env
-        .conn()
-        .hlen::<_, u64>(h.env.key("unacked"))
-        .unwrap()
-        == 0));
+    assert!(wait_until(Duration::from_secs(2), || h.env.conn().hlen::<_, u64>(h.env.key("unacked")).unwrap() == 0));
     h.stop().await;
 }
 
@@ -440,29 +315,15 @@ async fn oversized_messages_are_refused_at_send_time() {
         return;
     };
     let big = "x".repeat(17 * 1024 * 1024);
-    match h
-        .app
-        .send(Signature::by_name("echo").args(json!([big])))
-        .await
-    {
+    match h.app.send(Signature::by_name("echo").args(json!([big]))).await {
         Err(AppError::Protocol(ProtocolError::TooLarge { limit, .. })) => {
             assert_eq!(limit, 16 * 1024 * 1024)
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    let small = h.app.clone().with_config(AppConfig {
-        max_message_size: 100,
-        ..AppConfig::default()
-    });
-    assert!(small
-        .send(add::new(1, 2).header("pad", json!("y".repeat(200))))
-        .await
-        .is_err());
-    assert_eq!(
-        h.env.conn().llen::<_, u64>(h.env.key("celery")).unwrap(),
-        0,
-        "nothing was queued"
-    );
+    let small = h.app.clone().with_config(AppConfig { max_message_size: 100, ..AppConfig::default() });
+    assert!(small.send(add::new(1, 2).header("pad", json!("y".repeat(200)))).await.is_err());
+    assert_eq!(h.env.conn().llen::<_, u64>(h.env.key("celery")).unwrap(), 0, "nothing was queued");
     h.stop().await;
 }
 
@@ -477,11 +338,7 @@ async fn a_task_longer_than_the_visibility_timeout_runs_once() {
     assert_eq!(r.get::<u32>(T).await.unwrap(), 1);
     // Give a wrongly restored copy time to run.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(
-        LONG_RUNS.load(Ordering::SeqCst),
-        1,
-        "the lease was not renewed: the task ran twice"
-    );
+    assert_eq!(LONG_RUNS.load(Ordering::SeqCst), 1, "the lease was not renewed: the task ran twice");
     h.stop().await;
 }
 

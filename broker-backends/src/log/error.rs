@@ -44,10 +44,7 @@ pub enum LogError {
 
 impl LogError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> LogError {
-        LogError::Io {
-            path: path.to_owned(),
-            source,
-        }
+        LogError::Io { path: path.to_owned(), source }
     }
 }
 

@@ -69,14 +69,10 @@ use store::Topic;
 /// assert_eq!((cfg.fsync, cfg.partitions), (Fsync::Os, 4));
 /// ```
 pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
-    let rest = url
-        .strip_prefix("log://")
-        .ok_or_else(|| LogError::Invalid(format!("`{url}` is not a log:// URL")))?;
+    let rest = url.strip_prefix("log://").ok_or_else(|| LogError::Invalid(format!("`{url}` is not a log:// URL")))?;
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     if path.is_empty() {
-        return Err(LogError::Invalid(
-            "log:// needs a directory, like log://./celery-data".into(),
-        ));
+        return Err(LogError::Invalid("log:// needs a directory, like log://./celery-data".into()));
     }
     let mut cfg = StoreConfig::default();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
@@ -92,13 +88,9 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
                 cfg.fsync = match v {
                     "always" => Fsync::Always,
                     "os" | "never" => Fsync::Os,
-                    ms => Fsync::Interval(Duration::from_millis(
-                        ms.trim_start_matches("interval=").parse().map_err(|_| {
-                            LogError::Invalid(format!(
-                                "fsync `{v}`: expected always, os or milliseconds"
-                            ))
-                        })?,
-                    )),
+                    ms => Fsync::Interval(Duration::from_millis(ms.trim_start_matches("interval=").parse().map_err(
+                        |_| LogError::Invalid(format!("fsync `{v}`: expected always, os or milliseconds")),
+                    )?)),
                 }
             }
             "segment_bytes" => cfg.segment_bytes = num(k)? as u64,
@@ -106,11 +98,7 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
             "max_deliveries" => cfg.max_deliveries = num(k)? as u32,
             "partitions" => cfg.partitions = num(k)? as u32,
             "token" => {}
-            other => {
-                return Err(LogError::Invalid(format!(
-                    "unknown log:// option `{other}`"
-                )))
-            }
+            other => return Err(LogError::Invalid(format!("unknown log:// option `{other}`"))),
         }
     }
     Ok((PathBuf::from(path), cfg))
@@ -147,63 +135,40 @@ impl LogBroker {
     /// Opens `log://PATH` (owning the directory, or connecting to its owner's socket), or connects
     /// to `log+tcp://HOST:PORT?token=...`.
     pub async fn connect(url: &str) -> Result<LogBroker, BrokerError> {
-        let invalid = |e: LogError| BrokerError::InvalidUrl {
-            url: url.into(),
-            reason: e.to_string(),
-        };
+        let invalid = |e: LogError| BrokerError::InvalidUrl { url: url.into(), reason: e.to_string() };
         if let Some(rest) = url.strip_prefix("log+tcp://") {
             let addr = rest.split(['?', '/']).next().unwrap_or(rest).to_owned();
             if addr.is_empty() {
-                return Err(invalid(LogError::Invalid(
-                    "log+tcp:// needs HOST:PORT".into(),
-                )));
+                return Err(invalid(LogError::Invalid("log+tcp:// needs HOST:PORT".into())));
             }
-            let client = Arc::new(remote::RemoteClient::new(
-                remote::Target::Tcp(addr),
-                token_of(url),
-            ));
-            client
-                .call(wire::kind::HELLO, |e| e.str(&token_of(url)))
-                .await?;
-            return Ok(LogBroker {
-                inner: Inner::Remote(client),
-            });
+            let client = Arc::new(remote::RemoteClient::new(remote::Target::Tcp(addr), token_of(url)));
+            client.call(wire::kind::HELLO, |e| e.str(&token_of(url))).await?;
+            return Ok(LogBroker { inner: Inner::Remote(client) });
         }
         let (dir, cfg) = parse_url(url).map_err(invalid)?;
         match LogStore::open(&dir, cfg) {
             Ok(store) => {
                 store.serve_unix();
-                Ok(LogBroker {
-                    inner: Inner::Local(store),
-                })
+                Ok(LogBroker { inner: Inner::Local(store) })
             }
             Err(LogError::Locked { path, pid }) => {
                 tracing::debug!(path = %path.display(), pid, "log: directory owned by another process; connecting to it");
-                let client = Arc::new(remote::RemoteClient::new(
-                    remote::Target::Unix(socket_path(&path)),
-                    String::new(),
-                ));
-                client
-                    .call(wire::kind::HELLO, |e| e.str(""))
-                    .await
-                    .map_err(|e| {
-                        BrokerError::Connection(format!(
-                            "{} is owned by process {pid}, whose socket does not answer: {e}",
-                            path.display()
-                        ))
-                    })?;
-                Ok(LogBroker {
-                    inner: Inner::Remote(client),
-                })
+                let client =
+                    Arc::new(remote::RemoteClient::new(remote::Target::Unix(socket_path(&path)), String::new()));
+                client.call(wire::kind::HELLO, |e| e.str("")).await.map_err(|e| {
+                    BrokerError::Connection(format!(
+                        "{} is owned by process {pid}, whose socket does not answer: {e}",
+                        path.display()
+                    ))
+                })?;
+                Ok(LogBroker { inner: Inner::Remote(client) })
             }
             Err(e) => Err(e.into()),
         }
     }
 
     pub(crate) fn local(store: Arc<LogStore>) -> LogBroker {
-        LogBroker {
-            inner: Inner::Local(store),
-        }
+        LogBroker { inner: Inner::Local(store) }
     }
 
     /// The store, when this process owns the directory.
@@ -214,18 +179,11 @@ impl LogBroker {
         }
     }
 
-    pub(crate) fn local_consumer(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<LogConsumer, LogError> {
+    pub(crate) fn local_consumer(&self, queues: &[String], prefetch: usize) -> Result<LogConsumer, LogError> {
         let Inner::Local(store) = &self.inner else {
             return Err(LogError::Invalid("not a local store".into()));
         };
-        let topics = queues
-            .iter()
-            .map(|q| store.topic(q))
-            .collect::<Result<Vec<_>, _>>()?;
+        let topics = queues.iter().map(|q| store.topic(q)).collect::<Result<Vec<_>, _>>()?;
         let leases: LeaseMap = Arc::default();
         let renew = tokio::spawn(renew_loop(store.clone(), leases.clone()));
         Ok(LogConsumer {
@@ -242,37 +200,18 @@ impl LogBroker {
     /// Delayed records seen in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
-            Inner::Local(s) => Ok(s
-                .topic(queue)?
-                .partitions
-                .iter()
-                .map(|p| p.delayed_len())
-                .sum()),
-            Inner::Remote(c) => {
-                remote::read_u64(&c.call(wire::kind::DELAYED_LEN, |e| e.str(queue)).await?)
-            }
+            Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.delayed_len()).sum()),
+            Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::DELAYED_LEN, |e| e.str(queue)).await?),
         }
     }
 
     /// Stores a result document unless a SUCCESS is stored already.
-    pub async fn put_result(
-        &self,
-        id: &str,
-        doc: Vec<u8>,
-        ttl: Duration,
-    ) -> Result<(), BrokerError> {
+    pub async fn put_result(&self, id: &str, doc: Vec<u8>, ttl: Duration) -> Result<(), BrokerError> {
         match &self.inner {
-            Inner::Local(s) => s
-                .put_result(id, doc, ttl, server::is_success)
-                .await
-                .map(|_| ())
-                .map_err(Into::into),
-            Inner::Remote(c) => c
-                .call(wire::kind::RESULT_PUT, |e| {
-                    e.str(id).bytes(&doc).u64(ttl.as_millis() as u64)
-                })
-                .await
-                .map(|_| ()),
+            Inner::Local(s) => s.put_result(id, doc, ttl, server::is_success).await.map(|_| ()).map_err(Into::into),
+            Inner::Remote(c) => {
+                c.call(wire::kind::RESULT_PUT, |e| e.str(id).bytes(&doc).u64(ttl.as_millis() as u64)).await.map(|_| ())
+            }
         }
     }
 
@@ -280,35 +219,22 @@ impl LogBroker {
     pub async fn get_result(&self, id: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         match &self.inner {
             Inner::Local(s) => Ok(s.get_result(id)),
-            Inner::Remote(c) => {
-                remote::read_opt(&c.call(wire::kind::RESULT_GET, |e| e.str(id)).await?)
-            }
+            Inner::Remote(c) => remote::read_opt(&c.call(wire::kind::RESULT_GET, |e| e.str(id)).await?),
         }
     }
 
     /// Waits for a ready result document of `id`, at most `timeout`.
-    pub async fn wait_result(
-        &self,
-        id: &str,
-        timeout: Duration,
-    ) -> Result<Option<Vec<u8>>, BrokerError> {
+    pub async fn wait_result(&self, id: &str, timeout: Duration) -> Result<Option<Vec<u8>>, BrokerError> {
         match &self.inner {
             Inner::Local(s) => Ok(s.wait_result(id, timeout, server::is_ready).await),
             Inner::Remote(c) => {
                 let deadline = tokio::time::Instant::now() + timeout;
                 loop {
-                    let left = deadline
-                        .saturating_duration_since(tokio::time::Instant::now())
-                        .min(remote::MAX_WAIT);
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now()).min(remote::MAX_WAIT);
                     let doc = remote::read_opt(
-                        &c.call(wire::kind::RESULT_WAIT, |e| {
-                            e.str(id).u64(left.as_millis() as u64)
-                        })
-                        .await?,
+                        &c.call(wire::kind::RESULT_WAIT, |e| e.str(id).u64(left.as_millis() as u64)).await?,
                     )?;
-                    if doc.as_deref().is_some_and(server::is_ready)
-                        || tokio::time::Instant::now() >= deadline
-                    {
+                    if doc.as_deref().is_some_and(server::is_ready) || tokio::time::Instant::now() >= deadline {
                         return Ok(doc);
                     }
                 }
@@ -320,21 +246,13 @@ impl LogBroker {
     pub async fn forget_result(&self, id: &str) -> Result<(), BrokerError> {
         match &self.inner {
             Inner::Local(s) => s.forget_result(id).await.map_err(Into::into),
-            Inner::Remote(c) => c
-                .call(wire::kind::RESULT_FORGET, |e| e.str(id))
-                .await
-                .map(|_| ()),
+            Inner::Remote(c) => c.call(wire::kind::RESULT_FORGET, |e| e.str(id)).await.map(|_| ()),
         }
     }
 }
 
 fn to_record(msg: &Message, queue: &str) -> NewRecord {
-    let not_before_ms = msg
-        .headers
-        .eta
-        .map(|t| t.timestamp_millis())
-        .filter(|t| *t > now_ms())
-        .unwrap_or(0);
+    let not_before_ms = msg.headers.eta.map(|t| t.timestamp_millis()).filter(|t| *t > now_ms()).unwrap_or(0);
     NewRecord {
         not_before_ms,
         headers: Vec::new(),
@@ -349,10 +267,7 @@ fn queue_of(route: &Route) -> Result<&str, BrokerError> {
     } else {
         Err(BrokerError::Unsupported {
             broker: "log",
-            option: format!(
-                "exchange `{}` (routing comes in a later step)",
-                route.exchange
-            ),
+            option: format!("exchange `{}` (routing comes in a later step)", route.exchange),
         })
     }
 }
@@ -376,10 +291,7 @@ impl Broker for LogBroker {
         let records = vec![to_record(msg, q)];
         match &self.inner {
             Inner::Local(s) => Ok(s.append(q, records).await?),
-            Inner::Remote(c) => c
-                .call(wire::kind::PUBLISH, |e| encode_records(e, q, &records))
-                .await
-                .map(|_| ()),
+            Inner::Remote(c) => c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &records)).await.map(|_| ()),
         }
     }
 
@@ -393,24 +305,17 @@ impl Broker for LogBroker {
             match &self.inner {
                 Inner::Local(s) => s.append(q, recs).await?,
                 Inner::Remote(c) => {
-                    c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &recs))
-                        .await?;
+                    c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &recs)).await?;
                 }
             }
         }
         Ok(())
     }
 
-    async fn consume(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         match &self.inner {
             Inner::Local(_) => Ok(Box::new(self.local_consumer(queues, prefetch)?)),
-            Inner::Remote(c) => Ok(Box::new(
-                remote::RemoteConsumer::start(c.clone(), queues, prefetch).await?,
-            )),
+            Inner::Remote(c) => Ok(Box::new(remote::RemoteConsumer::start(c.clone(), queues, prefetch).await?)),
         }
     }
 
@@ -423,23 +328,14 @@ impl Broker for LogBroker {
                 }
                 Ok(n)
             }
-            Inner::Remote(c) => {
-                remote::read_u64(&c.call(wire::kind::PURGE, |e| e.str(queue)).await?)
-            }
+            Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::PURGE, |e| e.str(queue)).await?),
         }
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
-            Inner::Local(s) => Ok(s
-                .topic(queue)?
-                .partitions
-                .iter()
-                .map(|p| p.ready_len())
-                .sum()),
-            Inner::Remote(c) => {
-                remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?)
-            }
+            Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.ready_len()).sum()),
+            Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?),
         }
     }
 }
@@ -455,10 +351,8 @@ async fn renew_loop(store: Arc<LogStore>, leases: LeaseMap) {
     loop {
         tokio::time::sleep(lease / 3).await;
         let deadline = Instant::now() + lease;
-        let held: Vec<(Arc<Partition>, Vec<u64>)> = lock(&leases)
-            .values()
-            .map(|(p, s)| (p.clone(), s.iter().copied().collect()))
-            .collect();
+        let held: Vec<(Arc<Partition>, Vec<u64>)> =
+            lock(&leases).values().map(|(p, s)| (p.clone(), s.iter().copied().collect())).collect();
         for (p, offsets) in held {
             p.renew(&offsets, deadline);
         }
@@ -566,12 +460,7 @@ impl Consumer for LogConsumer {
         let decoded = envelope::decode(&s.record.payload);
         let queue = s.queue.clone();
         let redelivered = s.deliveries > 1 || decoded.redelivered;
-        Some(Delivery::new(
-            decoded.message,
-            queue,
-            redelivered,
-            Box::new(s),
-        ))
+        Some(Delivery::new(decoded.message, queue, redelivered, Box::new(s)))
     }
 
     fn stop(&mut self) {
@@ -632,9 +521,7 @@ impl Settle for LogSettle {
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
-        self.store
-            .dead_letter(&self.queue, &self.part, &self.record, reason)
-            .await?;
+        self.store.dead_letter(&self.queue, &self.part, &self.record, reason).await?;
         self.release();
         Ok(())
     }
@@ -653,11 +540,7 @@ impl LogStore {
         let expires = now_ms() + ttl.as_millis() as i64;
         {
             let res = lock(&self.results);
-            if res
-                .values
-                .get(id)
-                .is_some_and(|(old, exp)| *exp > now_ms() && keep(old))
-            {
+            if res.values.get(id).is_some_and(|(old, exp)| *exp > now_ms() && keep(old)) {
                 return Ok(false);
             }
         }
@@ -682,26 +565,15 @@ impl LogStore {
     /// The result document of `id`, if stored and not expired.
     pub fn get_result(&self, id: &str) -> Option<Vec<u8>> {
         let res = lock(&self.results);
-        res.values
-            .get(id)
-            .filter(|(_, exp)| *exp > now_ms())
-            .map(|(d, _)| d.clone())
+        res.values.get(id).filter(|(_, exp)| *exp > now_ms()).map(|(d, _)| d.clone())
     }
 
     /// Waits until `ready(doc)` holds for `id`'s document or `timeout` passes; returns the document.
-    pub async fn wait_result(
-        &self,
-        id: &str,
-        timeout: Duration,
-        ready: impl Fn(&[u8]) -> bool,
-    ) -> Option<Vec<u8>> {
+    pub async fn wait_result(&self, id: &str, timeout: Duration, ready: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let notify = lock(&self.results)
-                .waiters
-                .entry(id.to_owned())
-                .or_insert_with(|| Arc::new(Notify::new()))
-                .clone();
+            let notify =
+                lock(&self.results).waiters.entry(id.to_owned()).or_insert_with(|| Arc::new(Notify::new())).clone();
             let notified = notify.notified();
             let cur = self.get_result(id);
             if cur.as_deref().is_some_and(&ready) || tokio::time::Instant::now() >= deadline {
@@ -713,10 +585,7 @@ impl LogStore {
 
     /// Deletes `id`'s document.
     pub async fn forget_result(&self, id: &str) -> Result<(), LogError> {
-        let rec = NewRecord {
-            key: id.as_bytes().to_vec(),
-            ..NewRecord::default()
-        };
+        let rec = NewRecord { key: id.as_bytes().to_vec(), ..NewRecord::default() };
         self.results_log.log.append(vec![rec]).await?;
         lock(&self.results).values.remove(id);
         Ok(())

@@ -85,10 +85,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl PartitionLog {
@@ -100,9 +97,7 @@ impl PartitionLog {
     ) -> Result<PartitionLog, LogError> {
         let rec = segment::recover(dir, first_offset)?;
         let segments = Arc::new(RwLock::new(rec.segments));
-        let end = Arc::new(Mutex::new(End {
-            next_offset: rec.next_offset,
-        }));
+        let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset }));
         let (tx, rx) = mpsc::channel();
         let writer = Writer {
             dir: dir.to_owned(),
@@ -121,26 +116,14 @@ impl PartitionLog {
             last_sync: Instant::now(),
         };
         let thread = std::thread::Builder::new()
-            .name(format!(
-                "log-writer-{}",
-                dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")
-            ))
+            .name(format!("log-writer-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")))
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::io(dir, e))?;
-        Ok(PartitionLog {
-            segments,
-            end,
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+        Ok(PartitionLog { segments, end, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
-        lock(&self.tx)
-            .as_ref()
-            .ok_or(LogError::Closed)?
-            .send(cmd)
-            .map_err(|_| LogError::Closed)
+        lock(&self.tx).as_ref().ok_or(LogError::Closed)?.send(cmd).map_err(|_| LogError::Closed)
     }
 
     /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
@@ -166,9 +149,7 @@ impl PartitionLog {
             pos.byte = 0;
         }
         let at = *pos;
-        let seg = segs
-            .get(pos.seg)
-            .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
+        let seg = segs.get(pos.seg).ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
         let (rec, next) = segment::read_at(seg, pos.byte)?;
         if rec.offset != offset {
             return Err(LogError::Corrupt {
@@ -184,9 +165,7 @@ impl PartitionLog {
     /// Re-reads the record at a position found earlier.
     fn read_at(&self, at: Pos) -> Result<Record, LogError> {
         let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
-        let seg = segs
-            .get(at.seg)
-            .ok_or_else(|| LogError::Invalid("segment is gone".into()))?;
+        let seg = segs.get(at.seg).ok_or_else(|| LogError::Invalid("segment is gone".into()))?;
         Ok(segment::read_at(seg, at.byte)?.0)
     }
 
@@ -197,10 +176,7 @@ impl PartitionLog {
             segs.iter().rposition(|s| s.base <= offset).unwrap_or(0)
         };
         let base = self.segments.read().unwrap_or_else(|p| p.into_inner())[seg_idx].base;
-        let mut pos = Pos {
-            seg: seg_idx,
-            byte: 0,
-        };
+        let mut pos = Pos { seg: seg_idx, byte: 0 };
         let mut o = base;
         while o < offset {
             match self.read(&mut pos, o)? {
@@ -278,12 +254,7 @@ impl Writer {
     }
 
     fn active(&self) -> Segment {
-        self.segments
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .last()
-            .cloned()
-            .expect("a partition has a segment")
+        self.segments.read().unwrap_or_else(|p| p.into_inner()).last().cloned().expect("a partition has a segment")
     }
 
     fn process(&mut self, batch: Vec<WriterCmd>) {
@@ -317,9 +288,7 @@ impl Writer {
                 WriterCmd::Flush(f) => flushes.push(f),
             }
         }
-        let result = self
-            .write_records(&buf, start_offset)
-            .and_then(|()| self.write_acks(&acks));
+        let result = self.write_records(&buf, start_offset).and_then(|()| self.write_acks(&acks));
         let result = result.and_then(|()| self.maybe_sync(false));
         match result {
             Ok(()) => {
@@ -356,10 +325,7 @@ impl Writer {
         if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
             self.sync_now()?;
             let seg = segment::create(&self.dir, first)?;
-            self.segments
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(seg);
+            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg);
             self.tail_len = 0;
         }
         let seg = self.active();
@@ -386,9 +352,7 @@ impl Writer {
         frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
         frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         frame.extend_from_slice(&body);
-        self.acks
-            .write_all(&frame)
-            .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+        self.acks.write_all(&frame).map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
         self.dirty = true;
         Ok(())
     }
@@ -396,12 +360,8 @@ impl Writer {
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
             let seg = self.active();
-            seg.file
-                .sync_data()
-                .map_err(|e| LogError::io(&seg.path, e))?;
-            self.acks
-                .sync_data()
-                .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+            seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
+            self.acks.sync_data().map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
             self.dirty = false;
             self.last_sync = Instant::now();
         }
@@ -422,9 +382,7 @@ impl Writer {
         let tmp = self.dir.join("checkpoint.tmp");
         let path = self.dir.join("checkpoint");
         let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
-        f.write_all(data)
-            .and_then(|()| f.sync_all())
-            .map_err(|e| LogError::io(&tmp, e))?;
+        f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
         std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
         segment::sync_dir(&self.dir)?;
         self.acks
@@ -475,11 +433,7 @@ impl Finished {
         let mut f = Finished::default();
         let path = dir.join("checkpoint");
         if let Ok(data) = std::fs::read(&path) {
-            let bad = |reason: &str| LogError::Corrupt {
-                path: path.clone(),
-                offset: 0,
-                reason: reason.into(),
-            };
+            let bad = |reason: &str| LogError::Corrupt { path: path.clone(), offset: 0, reason: reason.into() };
             if data.len() < 9 || &data[..5] != b"CKPT1" {
                 return Err(bad("not a checkpoint"));
             }
@@ -488,8 +442,7 @@ impl Finished {
             if crc32c::crc32c(body) != crc || body.len() < 16 {
                 return Err(bad("checksum mismatch"));
             }
-            let word =
-                |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+            let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
             f.watermark = word(0);
             let n = word(1) as usize;
             if body.len() != 16 + n * 8 {
@@ -501,8 +454,7 @@ impl Finished {
         if let Ok(data) = std::fs::read(&acks_path) {
             let mut pos = 0;
             while pos + 8 <= data.len() {
-                let len =
-                    u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4])) as usize;
+                let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4])) as usize;
                 let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or([0; 4]));
                 let Some(body) = data.get(pos + 8..pos + 8 + len) else {
                     break;
@@ -568,11 +520,7 @@ pub(crate) struct Partition {
 const CHECKPOINT_EVERY: usize = 50_000;
 
 impl Partition {
-    pub(crate) fn open(
-        dir: &Path,
-        cfg: &PartitionConfig,
-        on_append: Arc<Notify>,
-    ) -> Result<Partition, LogError> {
+    pub(crate) fn open(dir: &Path, cfg: &PartitionConfig, on_append: Arc<Notify>) -> Result<Partition, LogError> {
         let finished = Finished::load(dir)?;
         let log = PartitionLog::open(dir, cfg, finished.watermark, on_append)?;
         let cursor = log.seek(finished.watermark)?;
@@ -642,24 +590,14 @@ impl Partition {
         Ok(found.map(|(record, deliveries)| {
             let deliveries = deliveries + 1;
             st.expiry.push(Reverse((deadline, record.offset)));
-            st.leased.insert(
-                record.offset,
-                Lease {
-                    deadline,
-                    deliveries,
-                    record: record.clone(),
-                },
-            );
+            st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
             Taken { record, deliveries }
         }))
     }
 
     /// The earliest due time of a delayed record, if any.
     pub(crate) fn next_due_ms(&self) -> Option<i64> {
-        lock(&self.state)
-            .delayed
-            .peek()
-            .map(|Reverse((due, _, _))| *due)
+        lock(&self.state).delayed.peek().map(|Reverse((due, _, _))| *due)
     }
 
     /// Extends leases.
@@ -722,16 +660,9 @@ impl Partition {
             let Some(l) = st.leased.remove(&offset) else {
                 continue;
             };
-            tracing::warn!(
-                offset,
-                deliveries = l.deliveries,
-                "log: lease expired: redelivering"
-            );
+            tracing::warn!(offset, deliveries = l.deliveries, "log: lease expired: redelivering");
             if l.deliveries >= max_deliveries {
-                out.push(Exhausted {
-                    record: l.record,
-                    deliveries: l.deliveries,
-                });
+                out.push(Exhausted { record: l.record, deliveries: l.deliveries });
             } else {
                 st.ready.push_back((l.record, l.deliveries));
                 returned += 1;
@@ -767,10 +698,7 @@ impl Partition {
             let leased: std::collections::HashSet<u64> = st.leased.keys().copied().collect();
             // Leased records stay unfinished until settled: the watermark stays below them.
             let watermark = leased.iter().min().copied().unwrap_or(end).min(end);
-            st.finished = Finished {
-                watermark,
-                done: (watermark..end).filter(|o| !leased.contains(o)).collect(),
-            };
+            st.finished = Finished { watermark, done: (watermark..end).filter(|o| !leased.contains(o)).collect() };
             st.ready.clear();
             st.delayed.clear();
             st.cursor_offset = end;
@@ -813,17 +741,11 @@ mod tests {
     use super::*;
 
     fn cfg() -> PartitionConfig {
-        PartitionConfig {
-            fsync: Fsync::Always,
-            segment_bytes: 1024,
-        }
+        PartitionConfig { fsync: Fsync::Always, segment_bytes: 1024 }
     }
 
     fn rec(p: &str) -> NewRecord {
-        NewRecord {
-            payload: p.as_bytes().to_vec(),
-            ..NewRecord::default()
-        }
+        NewRecord { payload: p.as_bytes().to_vec(), ..NewRecord::default() }
     }
 
     #[tokio::test]
@@ -839,22 +761,13 @@ mod tests {
             let a = p.take(far).unwrap().unwrap();
             let b = p.take(far).unwrap().unwrap();
             let c = p.take(far).unwrap().unwrap();
-            assert_eq!(
-                (a.record.offset, b.record.offset, c.record.offset),
-                (0, 1, 2)
-            );
+            assert_eq!((a.record.offset, b.record.offset, c.record.offset), (0, 1, 2));
             p.ack(&[0, 2]).unwrap();
             p.log.flush().await.unwrap();
             assert_eq!(p.watermark(), 1, "offset 1 is still leased");
             let segments = std::fs::read_dir(&dir)
                 .unwrap()
-                .filter(|e| {
-                    e.as_ref()
-                        .unwrap()
-                        .file_name()
-                        .to_string_lossy()
-                        .starts_with("000")
-                })
+                .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("000"))
                 .count();
             assert!(segments >= 3, "segments rolled: {segments}");
         }
@@ -862,11 +775,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         let first = p.take(far).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
-        assert_eq!(
-            p.take(far).unwrap().unwrap().record.offset,
-            3,
-            "0 and 2 were finished"
-        );
+        assert_eq!(p.take(far).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
         assert_eq!(first.record.payload, b"m1");
     }
 
@@ -882,11 +791,7 @@ mod tests {
         let again = p.take(now).unwrap().unwrap();
         assert_eq!(again.deliveries, 2);
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
-        assert_eq!(
-            ex.len(),
-            1,
-            "delivered twice with max_deliveries 2: dead-letter it"
-        );
+        assert_eq!(ex.len(), 1, "delivered twice with max_deliveries 2: dead-letter it");
         assert!(p.take(now).unwrap().is_none());
     }
 
@@ -894,10 +799,7 @@ mod tests {
     async fn delayed_records_do_not_block_those_behind() {
         let dir = tempdir();
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-        let later = NewRecord {
-            not_before_ms: now_ms() + 60_000,
-            ..rec("later")
-        };
+        let later = NewRecord { not_before_ms: now_ms() + 60_000, ..rec("later") };
         p.log.append(vec![later, rec("now")]).await.unwrap();
         let far = Instant::now() + Duration::from_secs(60);
         assert_eq!(p.take(far).unwrap().unwrap().record.payload, b"now");

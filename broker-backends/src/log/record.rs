@@ -85,11 +85,7 @@ impl Record {
         FRAME_HEADER
             + 8 * 3
             + 2
-            + self
-                .headers
-                .iter()
-                .map(|(k, v)| 2 + k.len() + 4 + v.len())
-                .sum::<usize>()
+            + self.headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
             + 4
             + self.key.len()
             + self.payload.len()
@@ -137,14 +133,7 @@ impl Record {
         let kl = r.u32()? as usize;
         let key = r.take(kl)?.to_vec();
         let payload = b[r.pos..].to_vec();
-        Ok(Record {
-            offset,
-            timestamp_ms,
-            not_before_ms,
-            headers,
-            key,
-            payload,
-        })
+        Ok(Record { offset, timestamp_ms, not_before_ms, headers, key, payload })
     }
 }
 
@@ -161,25 +150,13 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u16(&mut self) -> Result<u16, RecordError> {
-        Ok(u16::from_le_bytes(
-            self.take(2)?
-                .try_into()
-                .map_err(|_| RecordError::Malformed)?,
-        ))
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().map_err(|_| RecordError::Malformed)?))
     }
     fn u32(&mut self) -> Result<u32, RecordError> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?
-                .try_into()
-                .map_err(|_| RecordError::Malformed)?,
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| RecordError::Malformed)?))
     }
     fn u64(&mut self) -> Result<u64, RecordError> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?
-                .try_into()
-                .map_err(|_| RecordError::Malformed)?,
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| RecordError::Malformed)?))
     }
 }
 
@@ -215,10 +192,7 @@ mod tests {
         for i in 0..buf.len() * 8 {
             let mut b = buf.clone();
             b[i / 8] ^= 1 << (i % 8);
-            assert!(
-                Record::decode(&b).is_err() || Record::decode(&b).unwrap().0 != sample(),
-                "bit {i}"
-            );
+            assert!(Record::decode(&b).is_err() || Record::decode(&b).unwrap().0 != sample(), "bit {i}");
         }
         for cut in 0..buf.len() {
             assert!(Record::decode(&buf[..cut]).is_err(), "cut at {cut}");

@@ -65,12 +65,7 @@ fn conn_err(e: impl std::fmt::Display) -> BrokerError {
 
 impl RemoteClient {
     pub(crate) fn new(target: Target, token: String) -> RemoteClient {
-        RemoteClient {
-            target,
-            token,
-            conn: tokio::sync::Mutex::new(None),
-            next_id: AtomicU64::new(1),
-        }
+        RemoteClient { target, token, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
     }
 
     fn id(&self) -> u64 {
@@ -83,15 +78,11 @@ impl RemoteClient {
             return Ok(c.clone());
         }
         let c = match &self.target {
-            Target::Unix(p) => start(
-                tokio::net::UnixStream::connect(p)
-                    .await
-                    .map_err(|e| conn_err(format!("{}: {e}", p.display())))?,
-            ),
+            Target::Unix(p) => {
+                start(tokio::net::UnixStream::connect(p).await.map_err(|e| conn_err(format!("{}: {e}", p.display())))?)
+            }
             Target::Tcp(a) => {
-                let s = tokio::net::TcpStream::connect(a)
-                    .await
-                    .map_err(|e| conn_err(format!("{a}: {e}")))?;
+                let s = tokio::net::TcpStream::connect(a).await.map_err(|e| conn_err(format!("{a}: {e}")))?;
                 let _ = s.set_nodelay(true);
                 start(s)
             }
@@ -108,11 +99,7 @@ impl RemoteClient {
     }
 
     /// Sends a request built by `build` and returns the response body.
-    pub(crate) async fn call(
-        &self,
-        kind: u8,
-        build: impl FnOnce(Enc) -> Enc,
-    ) -> Result<Vec<u8>, BrokerError> {
+    pub(crate) async fn call(&self, kind: u8, build: impl FnOnce(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
         let c = self.conn().await?;
         let id = self.id();
         let frame = build(Enc::frame(kind, id)).finish();
@@ -129,9 +116,7 @@ impl RemoteClient {
         let id = self.id();
         let (ptx, prx) = mpsc::unbounded_channel();
         lock(&c.pushes).insert(id, ptx);
-        let mut enc = Enc::frame(kind::CONSUME, id)
-            .u32(prefetch as u32)
-            .u32(queues.len() as u32);
+        let mut enc = Enc::frame(kind::CONSUME, id).u32(prefetch as u32).u32(queues.len() as u32);
         for q in queues {
             enc = enc.str(q);
         }
@@ -196,9 +181,7 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
                     }
                 }
                 kind::ERR => {
-                    let msg = Dec::new(&frame.body)
-                        .str()
-                        .unwrap_or_else(|_| "error".into());
+                    let msg = Dec::new(&frame.body).str().unwrap_or_else(|_| "error".into());
                     if let Some(w) = lock(&p2).remove(&frame.id) {
                         let _ = w.send(Err(msg));
                     }
@@ -224,12 +207,7 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
         lock(&p2).clear();
         lock(&pu2).clear();
     });
-    Conn {
-        tx,
-        pending,
-        pushes,
-        alive,
-    }
+    Conn { tx, pending, pushes, alive }
 }
 
 /// A consumer over a connection.
@@ -249,13 +227,7 @@ impl RemoteConsumer {
         prefetch: usize,
     ) -> Result<RemoteConsumer, BrokerError> {
         let sub = client.subscribe(queues, prefetch).await?;
-        Ok(RemoteConsumer {
-            client,
-            queues: queues.to_vec(),
-            prefetch,
-            sub: Some(sub),
-            stopped: false,
-        })
+        Ok(RemoteConsumer { client, queues: queues.to_vec(), prefetch, sub: Some(sub), stopped: false })
     }
 }
 
@@ -265,17 +237,10 @@ impl Consumer for RemoteConsumer {
         let mut backoff = celery_core::backoff::Reconnect::default();
         loop {
             if let Some((_, rx)) = self.sub.as_mut() {
-                let got = if self.stopped {
-                    rx.try_recv().ok()
-                } else {
-                    rx.recv().await
-                };
+                let got = if self.stopped { rx.try_recv().ok() } else { rx.recv().await };
                 if let Some(p) = got {
                     let decoded = envelope::decode(&p.payload);
-                    let settle = RemoteSettle {
-                        client: self.client.clone(),
-                        delivery: p.delivery,
-                    };
+                    let settle = RemoteSettle { client: self.client.clone(), delivery: p.delivery };
                     return Some(Delivery::new(
                         decoded.message,
                         p.queue,
@@ -325,12 +290,7 @@ struct RemoteSettle {
 
 impl RemoteSettle {
     async fn send(&self, how: u8, not_before: i64, data: &[u8]) -> Result<(), BrokerError> {
-        self.client
-            .call(kind::SETTLE, |e| {
-                e.u64(self.delivery).u8(how).i64(not_before).bytes(data)
-            })
-            .await
-            .map(|_| ())
+        self.client.call(kind::SETTLE, |e| e.u64(self.delivery).u8(how).i64(not_before).bytes(data)).await.map(|_| ())
     }
 }
 
@@ -344,8 +304,7 @@ impl Settle for RemoteSettle {
     }
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let env = envelope::encode(msg, "", "");
-        self.send(settle::DEFER, until.timestamp_millis(), env.as_bytes())
-            .await
+        self.send(settle::DEFER, until.timestamp_millis(), env.as_bytes()).await
     }
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         self.send(settle::DEAD_LETTER, 0, reason.as_bytes()).await
@@ -354,16 +313,12 @@ impl Settle for RemoteSettle {
 
 /// Reads a `u64` response.
 pub(crate) fn read_u64(body: &[u8]) -> Result<u64, BrokerError> {
-    Dec::new(body)
-        .u64()
-        .map_err(|e| BrokerError::Operation(e.to_string()))
+    Dec::new(body).u64().map_err(|e| BrokerError::Operation(e.to_string()))
 }
 
 /// Reads an optional-bytes response.
 pub(crate) fn read_opt(body: &[u8]) -> Result<Option<Vec<u8>>, BrokerError> {
-    Dec::new(body)
-        .opt_bytes()
-        .map_err(|e| BrokerError::Operation(e.to_string()))
+    Dec::new(body).opt_bytes().map_err(|e| BrokerError::Operation(e.to_string()))
 }
 
 /// How long a server-side wait may take at most per request (longer waits are split).

@@ -30,25 +30,15 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
 /// Creates an empty segment.
 pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, LogError> {
     let path = segment_path(dir, base);
-    let file = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .open(&path)
-        .map_err(|e| LogError::io(&path, e))?;
+    let file =
+        OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(|e| LogError::io(&path, e))?;
     sync_dir(dir)?;
-    Ok(Segment {
-        base,
-        path,
-        file: Arc::new(file),
-    })
+    Ok(Segment { base, path, file: Arc::new(file) })
 }
 
 /// fsyncs a directory so a created or renamed file survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| LogError::io(dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LogError::io(dir, e))
 }
 
 /// What opening found: the segments, the next offset and the byte length of the last segment.
@@ -65,21 +55,12 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
     let mut bases: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| LogError::io(dir, e))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse().ok())
-        })
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()))
         .collect();
     bases.sort_unstable();
     if bases.is_empty() {
         let seg = create(dir, first_offset)?;
-        return Ok(Recovered {
-            segments: vec![seg],
-            next_offset: first_offset,
-            tail_len: 0,
-        });
+        return Ok(Recovered { segments: vec![seg], next_offset: first_offset, tail_len: 0 });
     }
     let mut segments = Vec::with_capacity(bases.len());
     let mut expected = bases[0];
@@ -94,11 +75,7 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
                 reason: format!("segment starts at offset {base}, expected {expected}"),
             });
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| LogError::io(&path, e))?;
+        let file = OpenOptions::new().read(true).append(true).open(&path).map_err(|e| LogError::io(&path, e))?;
         let (next, valid_len) = scan(&file, &path, *base, last)?;
         let file_len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
         if valid_len < file_len {
@@ -106,32 +83,20 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
                 path = %path.display(), offset = next, dropped_bytes = file_len - valid_len,
                 "log: torn or corrupt tail truncated"
             );
-            file.set_len(valid_len)
-                .map_err(|e| LogError::io(&path, e))?;
+            file.set_len(valid_len).map_err(|e| LogError::io(&path, e))?;
             file.sync_all().map_err(|e| LogError::io(&path, e))?;
         }
         expected = next;
         tail_len = valid_len;
-        segments.push(Segment {
-            base: *base,
-            path,
-            file: Arc::new(file),
-        });
+        segments.push(Segment { base: *base, path, file: Arc::new(file) });
     }
-    Ok(Recovered {
-        segments,
-        next_offset: expected,
-        tail_len,
-    })
+    Ok(Recovered { segments, next_offset: expected, tail_len })
 }
 
 /// Scans a segment; returns the offset after its last good record and the byte length it covers.
 fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), LogError> {
     let file_len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
-    let mut reader = BufReader::with_capacity(
-        1 << 20,
-        file.try_clone().map_err(|e| LogError::io(path, e))?,
-    );
+    let mut reader = BufReader::with_capacity(1 << 20, file.try_clone().map_err(|e| LogError::io(path, e))?);
     let mut pos = 0u64;
     let mut expected = base;
     let mut buf = Vec::new();
@@ -139,11 +104,7 @@ fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), L
         if pos == file_len {
             return Ok((expected, pos));
         }
-        let bad = |reason: String| LogError::Corrupt {
-            path: path.to_owned(),
-            offset: expected,
-            reason,
-        };
+        let bad = |reason: String| LogError::Corrupt { path: path.to_owned(), offset: expected, reason };
         let mut head = [0u8; 4];
         let problem = match reader.read_exact(&mut head) {
             Err(_) => "truncated frame header".to_string(),
@@ -153,9 +114,7 @@ fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), L
                 Ok(len) => {
                     buf.resize(4 + len, 0);
                     buf[..4].copy_from_slice(&head);
-                    reader
-                        .read_exact(&mut buf[4..])
-                        .map_err(|e| LogError::io(path, e))?;
+                    reader.read_exact(&mut buf[4..]).map_err(|e| LogError::io(path, e))?;
                     match Record::decode(&buf) {
                         Ok((rec, used)) if rec.offset == expected => {
                             pos += used as u64;
@@ -169,9 +128,7 @@ fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), L
                             // A bad record followed by a good one is corruption in the middle.
                             let next = pos + 4 + len as u64;
                             if next < file_len && valid_at(file, next, file_len) {
-                                return Err(bad(format!(
-                                    "{e} at byte {pos}, with valid records after it"
-                                )));
+                                return Err(bad(format!("{e} at byte {pos}, with valid records after it")));
                             }
                             e.to_string()
                         }
@@ -205,18 +162,14 @@ fn valid_at(file: &File, pos: u64, file_len: u64) -> bool {
 /// Reads the record at byte `pos` of `seg`; returns it and the position after it.
 pub(crate) fn read_at(seg: &Segment, pos: u64) -> Result<(Record, u64), LogError> {
     let mut head = [0u8; 4];
-    seg.file
-        .read_exact_at(&mut head, pos)
-        .map_err(|e| LogError::io(&seg.path, e))?;
+    seg.file.read_exact_at(&mut head, pos).map_err(|e| LogError::io(&seg.path, e))?;
     let len = Record::frame_len(&head).map_err(|e| LogError::Corrupt {
         path: seg.path.clone(),
         offset: 0,
         reason: format!("{e} at byte {pos}"),
     })?;
     let mut buf = vec![0u8; 4 + len];
-    seg.file
-        .read_exact_at(&mut buf, pos)
-        .map_err(|e| LogError::io(&seg.path, e))?;
+    seg.file.read_exact_at(&mut buf, pos).map_err(|e| LogError::io(&seg.path, e))?;
     let (rec, used) = Record::decode(&buf).map_err(|e| LogError::Corrupt {
         path: seg.path.clone(),
         offset: 0,
@@ -237,17 +190,10 @@ mod tests {
         let path = segment_path(dir, 0);
         let mut buf = Vec::new();
         for i in 0..n {
-            Record {
-                offset: i,
-                payload: format!("payload-{i}").into_bytes(),
-                ..Record::default()
-            }
-            .encode_into(&mut buf);
+            Record { offset: i, payload: format!("payload-{i}").into_bytes(), ..Record::default() }
+                .encode_into(&mut buf);
         }
-        std::fs::File::create(&path)
-            .unwrap()
-            .write_all(&buf)
-            .unwrap();
+        std::fs::File::create(&path).unwrap().write_all(&buf).unwrap();
         path
     }
 
@@ -260,12 +206,7 @@ mod tests {
         let dir = tmp();
         let path = write_records(&dir, 10);
         let len = std::fs::metadata(&path).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .unwrap()
-            .set_len(len - 5)
-            .unwrap();
+        std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5).unwrap();
         let r = recover(&dir, 0).unwrap();
         assert_eq!(r.next_offset, 9, "the torn 10th record is gone");
         assert!(std::fs::metadata(&path).unwrap().len() < len - 5);

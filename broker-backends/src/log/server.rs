@@ -66,9 +66,7 @@ where
             let reply = if ok {
                 Enc::frame(kind::OK, frame.id).finish()
             } else {
-                Enc::frame(kind::ERR, frame.id)
-                    .str("authentication failed: wrong or missing token")
-                    .finish()
+                Enc::frame(kind::ERR, frame.id).str("authentication failed: wrong or missing token").finish()
             };
             let _ = tx.send(reply);
             if !ok {
@@ -93,10 +91,7 @@ where
     }
     let held: Vec<LogSettle> = lock(&conn.held).drain().map(|(_, s)| s).collect();
     if !held.is_empty() {
-        tracing::warn!(
-            deliveries = held.len(),
-            "log server: client gone; returning its deliveries to their queues"
-        );
+        tracing::warn!(deliveries = held.len(), "log server: client gone; returning its deliveries to their queues");
     }
     for s in held {
         let _ = s.requeue().await;
@@ -125,29 +120,16 @@ async fn handle(
                 let not_before_ms = d.i64().map_err(e)?;
                 let key = d.bytes().map_err(e)?.to_vec();
                 let payload = d.bytes().map_err(e)?.to_vec();
-                records.push(super::NewRecord {
-                    not_before_ms,
-                    headers: Vec::new(),
-                    key,
-                    payload,
-                });
+                records.push(super::NewRecord { not_before_ms, headers: Vec::new(), key, payload });
             }
-            store
-                .append(&queue, records)
-                .await
-                .map_err(|e| e.to_string())?;
+            store.append(&queue, records).await.map_err(|e| e.to_string())?;
             ok().finish()
         }
         kind::CONSUME => {
             let prefetch = d.u32().map_err(e)? as usize;
             let n = d.u32().map_err(e)? as usize;
-            let queues = (0..n.min(1024))
-                .map(|_| d.str())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(e)?;
-            let mut consumer = broker
-                .local_consumer(&queues, prefetch)
-                .map_err(|e| e.to_string())?;
+            let queues = (0..n.min(1024)).map(|_| d.str()).collect::<Result<Vec<_>, _>>().map_err(e)?;
+            let mut consumer = broker.local_consumer(&queues, prefetch).map_err(|e| e.to_string())?;
             let (conn2, tx2) = (conn.clone(), tx.clone());
             let task = tokio::spawn(async move {
                 while let Some(s) = LogConsumer::next_raw(&mut consumer).await {
@@ -179,15 +161,17 @@ async fn handle(
             let how = d.u8().map_err(e)?;
             let not_before = d.i64().map_err(e)?;
             let data = d.bytes().map_err(e)?.to_vec();
-            let s = lock(&conn.held).remove(&delivery).ok_or_else(|| format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)"))?;
+            let s = lock(&conn.held).remove(&delivery).ok_or_else(|| {
+                format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
+            })?;
             let r = match how {
                 settle::ACK => s.ack().await,
                 settle::REQUEUE => s.requeue().await,
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
                 settle::DEFER => match envelope::decode(&data).message {
                     Ok(msg) => {
-                        let until = chrono::DateTime::from_timestamp_millis(not_before)
-                            .unwrap_or_else(chrono::Utc::now);
+                        let until =
+                            chrono::DateTime::from_timestamp_millis(not_before).unwrap_or_else(chrono::Utc::now);
                         s.defer(&msg, until).await
                     }
                     Err(err) => Err(celery_core::BrokerError::Protocol(err)),
@@ -199,27 +183,21 @@ async fn handle(
         }
         kind::PURGE => {
             let q = d.str().map_err(e)?;
-            ok().u64(broker.purge(&q).await.map_err(|e| e.to_string())?)
-                .finish()
+            ok().u64(broker.purge(&q).await.map_err(|e| e.to_string())?).finish()
         }
         kind::QUEUE_LEN => {
             let q = d.str().map_err(e)?;
-            ok().u64(broker.queue_len(&q).await.map_err(|e| e.to_string())?)
-                .finish()
+            ok().u64(broker.queue_len(&q).await.map_err(|e| e.to_string())?).finish()
         }
         kind::DELAYED_LEN => {
             let q = d.str().map_err(e)?;
-            ok().u64(broker.delayed_len(&q).await.map_err(|e| e.to_string())?)
-                .finish()
+            ok().u64(broker.delayed_len(&q).await.map_err(|e| e.to_string())?).finish()
         }
         kind::RESULT_PUT => {
             let rid = d.str().map_err(e)?;
             let doc = d.bytes().map_err(e)?.to_vec();
             let ttl = Duration::from_millis(d.u64().map_err(e)?);
-            let stored = store
-                .put_result(&rid, doc, ttl, is_success)
-                .await
-                .map_err(|e| e.to_string())?;
+            let stored = store.put_result(&rid, doc, ttl, is_success).await.map_err(|e| e.to_string())?;
             ok().u8(stored as u8).finish()
         }
         kind::RESULT_GET => {
@@ -252,10 +230,7 @@ pub(crate) fn is_ready(doc: &[u8]) -> bool {
 }
 
 /// Accepts connections on the directory's unix socket until the store is dropped.
-pub(crate) async fn serve_unix(
-    store: std::sync::Weak<LogStore>,
-    listener: tokio::net::UnixListener,
-) {
+pub(crate) async fn serve_unix(store: std::sync::Weak<LogStore>, listener: tokio::net::UnixListener) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -266,11 +241,7 @@ pub(crate) async fn serve_unix(
 }
 
 /// Accepts TCP connections (`broker serve`).
-pub async fn serve_tcp(
-    store: Arc<LogStore>,
-    listener: tokio::net::TcpListener,
-    token: Option<String>,
-) {
+pub async fn serve_tcp(store: Arc<LogStore>, listener: tokio::net::TcpListener, token: Option<String>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {

@@ -123,30 +123,15 @@ impl LogStore {
             .open(&lock_path)
             .map_err(|e| LogError::io(&lock_path, e))?;
         if lock_file.try_lock().is_err() {
-            let pid = std::fs::read_to_string(&lock_path)
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            return Err(LogError::Locked {
-                path: canonical,
-                pid,
-            });
+            let pid = std::fs::read_to_string(&lock_path).unwrap_or_default().trim().to_owned();
+            return Err(LogError::Locked { path: canonical, pid });
         }
-        lock_file
-            .set_len(0)
-            .map_err(|e| LogError::io(&lock_path, e))?;
-        std::fs::write(&lock_path, std::process::id().to_string())
-            .map_err(|e| LogError::io(&lock_path, e))?;
+        lock_file.set_len(0).map_err(|e| LogError::io(&lock_path, e))?;
+        std::fs::write(&lock_path, std::process::id().to_string()).map_err(|e| LogError::io(&lock_path, e))?;
         let notify = Arc::new(Notify::new());
-        let pcfg = PartitionConfig {
-            fsync: cfg.fsync,
-            segment_bytes: cfg.segment_bytes,
-        };
-        let results_log = Arc::new(Partition::open(
-            &canonical.join("results").join("0"),
-            &pcfg,
-            Arc::new(Notify::new()),
-        )?);
+        let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes };
+        let results_log =
+            Arc::new(Partition::open(&canonical.join("results").join("0"), &pcfg, Arc::new(Notify::new()))?);
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
             cfg,
@@ -158,11 +143,7 @@ impl LogStore {
             served: std::sync::Once::new(),
         });
         store.load_results()?;
-        for entry in std::fs::read_dir(canonical.join("topics"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
+        for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {
             if let Ok(name) = std::fs::read_to_string(entry.path().join("name")) {
                 store.topic(&name)?;
             }
@@ -212,9 +193,9 @@ impl LogStore {
         std::fs::create_dir_all(&tdir).map_err(|e| LogError::io(&tdir, e))?;
         let count_path = tdir.join("partitions");
         let count: u32 = match std::fs::read_to_string(&count_path) {
-            Ok(s) => s.trim().parse().map_err(|_| {
-                LogError::Invalid(format!("{}: not a number", count_path.display()))
-            })?,
+            Ok(s) => {
+                s.trim().parse().map_err(|_| LogError::Invalid(format!("{}: not a number", count_path.display())))?
+            }
             Err(_) => {
                 std::fs::write(tdir.join("name"), name).map_err(|e| LogError::io(&tdir, e))?;
                 std::fs::write(&count_path, self.cfg.partitions.max(1).to_string())
@@ -222,20 +203,11 @@ impl LogStore {
                 self.cfg.partitions.max(1)
             }
         };
-        let pcfg = PartitionConfig {
-            fsync: self.cfg.fsync,
-            segment_bytes: self.cfg.segment_bytes,
-        };
+        let pcfg = PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes };
         let partitions = (0..count)
-            .map(|p| {
-                Partition::open(&tdir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new)
-            })
+            .map(|p| Partition::open(&tdir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        let t = Arc::new(Topic {
-            name: name.to_owned(),
-            partitions,
-            next: AtomicUsize::new(0),
-        });
+        let t = Arc::new(Topic { name: name.to_owned(), partitions, next: AtomicUsize::new(0) });
         topics.insert(name.to_owned(), t.clone());
         Ok(t)
     }
@@ -253,11 +225,7 @@ impl LogStore {
             groups.entry(p).or_default().push(r);
         }
         for (p, recs) in groups {
-            if let Some(part) = topic
-                .partitions
-                .iter()
-                .find(|x| Arc::as_ptr(x) as usize == p)
-            {
+            if let Some(part) = topic.partitions.iter().find(|x| Arc::as_ptr(x) as usize == p) {
                 part.log.append(recs).await?;
             }
         }
@@ -275,20 +243,13 @@ impl LogStore {
         let payload = crate::envelope::dead_letter(&record.payload, queue, reason);
         let rec = NewRecord {
             headers: vec![
-                (
-                    celery_core::broker::DEAD_LETTER_REASON.into(),
-                    reason.as_bytes().to_vec(),
-                ),
-                (
-                    celery_core::broker::DEAD_LETTER_QUEUE.into(),
-                    queue.as_bytes().to_vec(),
-                ),
+                (celery_core::broker::DEAD_LETTER_REASON.into(), reason.as_bytes().to_vec()),
+                (celery_core::broker::DEAD_LETTER_QUEUE.into(), queue.as_bytes().to_vec()),
             ],
             payload: payload.into_bytes(),
             ..NewRecord::default()
         };
-        self.append(&celery_core::broker::dead_letter_queue(queue), vec![rec])
-            .await?;
+        self.append(&celery_core::broker::dead_letter_queue(queue), vec![rec]).await?;
         part.ack(&[record.offset])
     }
 
@@ -334,10 +295,8 @@ async fn expiry_loop(store: Weak<LogStore>) {
                 let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
                 returned |= back > 0;
                 for ex in exhausted {
-                    let reason = format!(
-                        "delivered {} times without being acknowledged (max_deliveries)",
-                        ex.deliveries
-                    );
+                    let reason =
+                        format!("delivered {} times without being acknowledged (max_deliveries)", ex.deliveries);
                     if let Err(e) = s.dead_letter(&t.name, p, &ex.record, &reason).await {
                         tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
                     }

@@ -99,10 +99,7 @@ pub(crate) struct Dec<'a> {
 
 /// A malformed frame.
 pub(crate) fn bad(what: &str) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("malformed frame: {what}"),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("malformed frame: {what}"))
 }
 
 impl<'a> Dec<'a> {
@@ -119,14 +116,10 @@ impl<'a> Dec<'a> {
         Ok(self.take(1)?[0])
     }
     pub(crate) fn u32(&mut self) -> io::Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().map_err(|_| bad("u32"))?,
-        ))
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().map_err(|_| bad("u32"))?))
     }
     pub(crate) fn u64(&mut self) -> io::Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().map_err(|_| bad("u64"))?,
-        ))
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().map_err(|_| bad("u64"))?))
     }
     pub(crate) fn i64(&mut self) -> io::Result<i64> {
         Ok(self.u64()? as i64)
@@ -169,19 +162,12 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Op
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
     if buf[0] != VERSION {
-        return Err(bad(&format!(
-            "protocol version {} (this side speaks {VERSION})",
-            buf[0]
-        )));
+        return Err(bad(&format!("protocol version {} (this side speaks {VERSION})", buf[0])));
     }
     let kind = buf[1];
     let id = u64::from_le_bytes(buf[2..10].try_into().map_err(|_| bad("id"))?);
     buf.drain(..10);
-    Ok(Some(Frame {
-        kind,
-        id,
-        body: buf,
-    }))
+    Ok(Some(Frame { kind, id, body: buf }))
 }
 
 #[cfg(test)]
@@ -190,32 +176,17 @@ mod tests {
 
     #[tokio::test]
     async fn frames_roundtrip_and_bad_ones_are_refused() {
-        let f = Enc::frame(kind::PUBLISH, 7)
-            .str("q")
-            .u32(1)
-            .i64(-1)
-            .bytes(b"k")
-            .opt_bytes(None)
-            .finish();
+        let f = Enc::frame(kind::PUBLISH, 7).str("q").u32(1).i64(-1).bytes(b"k").opt_bytes(None).finish();
         let mut r = &f[..];
         let got = read_frame(&mut r).await.unwrap().unwrap();
         assert_eq!((got.kind, got.id), (kind::PUBLISH, 7));
         let mut d = Dec::new(&got.body);
         assert_eq!(d.str().unwrap(), "q");
-        assert_eq!(
-            (d.u32().unwrap(), d.i64().unwrap(), d.bytes().unwrap()),
-            (1, -1, &b"k"[..])
-        );
+        assert_eq!((d.u32().unwrap(), d.i64().unwrap(), d.bytes().unwrap()), (1, -1, &b"k"[..]));
         assert_eq!(d.opt_bytes().unwrap(), None);
-        assert!(
-            d.u8().is_err(),
-            "reading past the end is an error, not a panic"
-        );
+        assert!(d.u8().is_err(), "reading past the end is an error, not a panic");
         let huge = (u32::MAX).to_le_bytes();
-        assert!(
-            read_frame(&mut &huge[..]).await.is_err(),
-            "oversized frames are refused before allocating"
-        );
+        assert!(read_frame(&mut &huge[..]).await.is_err(), "oversized frames are refused before allocating");
         let mut wrong = f.clone();
         wrong[4] = 9;
         assert!(read_frame(&mut &wrong[..]).await.is_err());

@@ -26,10 +26,7 @@ const MAX_FETCH: usize = 64;
 const MAX_ACK_BATCH: usize = 2048;
 
 fn now_secs() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 enum AckCmd {
@@ -55,20 +52,12 @@ impl std::fmt::Debug for AckCmdBox {
 
 impl Shared {
     fn release(&self, tag: &str) {
-        self.leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(tag);
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(tag);
         self.slots.add_permits(1);
     }
 
     fn lease_snapshot(&self) -> Vec<String> {
-        self.leases
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .cloned()
-            .collect()
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
     /// Runs an atomic pipeline that also drops the lease `tag`.
@@ -122,11 +111,8 @@ impl RedisConsumer {
                 lists.push((keys.bucket(q, step), q.clone()));
             }
         }
-        let waker = Waker {
-            client: client.clone(),
-            keys: lists.iter().map(|(k, _)| k.clone()).collect(),
-            conns: Vec::new(),
-        };
+        let waker =
+            Waker { client: client.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
         let fetcher = tokio::spawn(fetch_loop(shared.clone(), lists, waker, tx, stop_rx));
         let vt = options.visibility_timeout;
         let background = vec![
@@ -135,13 +121,7 @@ impl RedisConsumer {
             tokio::spawn(restore_loop(conn.clone(), keys.clone(), vt)),
             tokio::spawn(promote_loop(conn, keys, queues.to_vec())),
         ];
-        Ok(RedisConsumer {
-            rx,
-            shared,
-            stop,
-            fetcher: Some(fetcher),
-            background,
-        })
+        Ok(RedisConsumer { rx, shared, stop, fetcher: Some(fetcher), background })
     }
 }
 
@@ -206,13 +186,7 @@ impl Waker {
         let secs = max.as_secs_f64().max(0.01);
         let waits = self.keys.iter().zip(self.conns.iter()).map(|(k, c)| {
             let mut c = c.clone();
-            let cmd = redis::cmd("BLMOVE")
-                .arg(k)
-                .arg(k)
-                .arg("RIGHT")
-                .arg("RIGHT")
-                .arg(secs)
-                .to_owned();
+            let cmd = redis::cmd("BLMOVE").arg(k).arg(k).arg("RIGHT").arg("RIGHT").arg(secs).to_owned();
             Box::pin(async move { cmd.query_async::<Option<Vec<u8>>>(&mut c).await })
         });
         let (res, _, _) = select_all(waits).await;
@@ -255,8 +229,7 @@ async fn fetch_loop(
             }
         }
         let mut inv = script.prepare_invoke();
-        inv.key(shared.keys.unacked())
-            .key(shared.keys.unacked_index());
+        inv.key(shared.keys.unacked()).key(shared.keys.unacked_index());
         for (k, _) in &lists {
             inv.key(k);
         }
@@ -291,25 +264,10 @@ async fn fetch_loop(
                 continue;
             };
             let (list_key, queue) = lists[idx.min(lists.len() - 1)].clone();
-            shared
-                .leases
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(tag.clone());
+            shared.leases.lock().unwrap_or_else(|p| p.into_inner()).insert(tag.clone());
             let decoded = envelope::decode(&env);
-            let settle = RedisSettle {
-                shared: shared.clone(),
-                tag,
-                env,
-                list_key,
-                queue: queue.clone(),
-            };
-            let d = Delivery::new(
-                decoded.message,
-                queue,
-                decoded.redelivered,
-                Box::new(settle),
-            );
+            let settle = RedisSettle { shared: shared.clone(), tag, env, list_key, queue: queue.clone() };
+            let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle));
             if tx.send(d).await.is_err() {
                 return;
             }
@@ -342,11 +300,7 @@ async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckCmdBox
         }
         while !tags.is_empty() {
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .hdel(shared.keys.unacked(), &tags)
-                .ignore()
-                .zrem(shared.keys.unacked_index(), &tags)
-                .ignore();
+            pipe.atomic().hdel(shared.keys.unacked(), &tags).ignore().zrem(shared.keys.unacked_index(), &tags).ignore();
             match pipe.query_async::<()>(&mut conn).await {
                 Ok(()) => {
                     backoff.reset();
@@ -400,10 +354,7 @@ async fn restore_loop(mut conn: ConnectionManager, keys: Keys, vt: Duration) {
             .await;
         match r {
             Ok(0) => tokio::time::sleep(every).await,
-            Ok(n) => tracing::warn!(
-                restored = n,
-                "redis: restored messages whose worker stopped renewing its lease"
-            ),
+            Ok(n) => tracing::warn!(restored = n, "redis: restored messages whose worker stopped renewing its lease"),
             Err(e) => {
                 tracing::warn!(error = %e, "redis: restore sweep failed; will retry");
                 tokio::time::sleep(every).await;
@@ -418,13 +369,8 @@ async fn promote_loop(mut conn: ConnectionManager, keys: Keys, queues: Vec<Strin
     loop {
         let mut wait = cap;
         for q in &queues {
-            let r: Result<(u64, i64), _> = script
-                .key(keys.delayed(q))
-                .arg(1000)
-                .arg(keys.prefix())
-                .arg(q)
-                .invoke_async(&mut conn)
-                .await;
+            let r: Result<(u64, i64), _> =
+                script.key(keys.delayed(q)).arg(1000).arg(keys.prefix()).arg(q).invoke_async(&mut conn).await;
             match r {
                 Ok((moved, next)) => {
                     if moved > 0 {
@@ -473,12 +419,7 @@ impl Settle for RedisSettle {
         m.headers.eta = Some(until);
         let env = envelope::encode(&m, "", &self.queue);
         let mut pipe = redis::pipe();
-        pipe.zadd(
-            self.shared.keys.delayed(&self.queue),
-            env,
-            until.timestamp_millis(),
-        )
-        .ignore();
+        pipe.zadd(self.shared.keys.delayed(&self.queue), env, until.timestamp_millis()).ignore();
         self.shared.settle_with(&self.tag, pipe).await
     }
 

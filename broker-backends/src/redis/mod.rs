@@ -58,10 +58,7 @@ pub struct RedisOptions {
 impl RedisOptions {
     /// Parses a `redis://` URL with our query options.
     pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
-        let invalid = |reason: String| BrokerError::InvalidUrl {
-            url: redact(url),
-            reason,
-        };
+        let invalid = |reason: String| BrokerError::InvalidUrl { url: redact(url), reason };
         let (base, query) = url.split_once('?').unwrap_or((url, ""));
         let mut keep = Vec::new();
         let mut opts = RedisOptions {
@@ -73,11 +70,9 @@ impl RedisOptions {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
                 "visibility_timeout" => {
-                    let secs: f64 = v.parse().map_err(|_| {
-                        invalid(format!(
-                            "visibility_timeout `{v}` is not a number of seconds"
-                        ))
-                    })?;
+                    let secs: f64 = v
+                        .parse()
+                        .map_err(|_| invalid(format!("visibility_timeout `{v}` is not a number of seconds")))?;
                     if !(secs > 0.0 && secs.is_finite()) {
                         return Err(invalid("visibility_timeout must be positive".into()));
                     }
@@ -87,11 +82,7 @@ impl RedisOptions {
                 _ => keep.push(pair),
             }
         }
-        opts.url = if keep.is_empty() {
-            base.to_owned()
-        } else {
-            format!("{base}?{}", keep.join("&"))
-        };
+        opts.url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
         Ok(opts)
     }
 }
@@ -162,10 +153,7 @@ pub(crate) async fn manager(
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(3)
         .set_max_delay(Duration::from_secs(2));
-    client
-        .get_connection_manager_with_config(cfg)
-        .await
-        .map_err(conn_error)
+    client.get_connection_manager_with_config(cfg).await.map_err(conn_error)
 }
 
 /// The Redis broker.
@@ -190,20 +178,10 @@ impl RedisBroker {
     /// Connects (the first connection must succeed; later losses are retried).
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         let options = RedisOptions::parse(url)?;
-        let client =
-            redis::Client::open(options.url.as_str()).map_err(|e| BrokerError::InvalidUrl {
-                url: redact(url),
-                reason: e.to_string(),
-            })?;
+        let client = redis::Client::open(options.url.as_str())
+            .map_err(|e| BrokerError::InvalidUrl { url: redact(url), reason: e.to_string() })?;
         let conn = manager(&client, Some(Duration::from_secs(30))).await?;
-        Ok(RedisBroker {
-            client,
-            conn,
-            keys: Keys {
-                prefix: options.key_prefix.clone(),
-            },
-            options,
-        })
+        Ok(RedisBroker { client, conn, keys: Keys { prefix: options.key_prefix.clone() }, options })
     }
 
     /// The options in force.
@@ -217,10 +195,7 @@ impl RedisBroker {
             return Ok(vec![route.routing_key.clone()]);
         }
         let mut conn = self.conn.clone();
-        let members: Vec<String> = conn
-            .smembers(self.keys.binding(&route.exchange))
-            .await
-            .map_err(conn_error)?;
+        let members: Vec<String> = conn.smembers(self.keys.binding(&route.exchange)).await.map_err(conn_error)?;
         let mut queues = Vec::new();
         for m in members {
             let parts: Vec<&str> = m.split(SEP).collect();
@@ -244,8 +219,7 @@ impl RedisBroker {
         let env = envelope::encode(msg, &route.exchange, queue);
         match msg.headers.eta {
             Some(t) if t > Utc::now() => {
-                pipe.zadd(self.keys.delayed(queue), env, t.timestamp_millis())
-                    .ignore();
+                pipe.zadd(self.keys.delayed(queue), env, t.timestamp_millis()).ignore();
             }
             _ => {
                 let step = envelope::bucket_of(envelope::kombu_priority(msg));
@@ -255,18 +229,10 @@ impl RedisBroker {
     }
 
     /// Binds `queue` to `exchange` with `routing_key` (Kombu's binding set; a pattern for topic routing).
-    pub async fn bind(
-        &self,
-        exchange: &str,
-        routing_key: &str,
-        queue: &str,
-    ) -> Result<(), BrokerError> {
+    pub async fn bind(&self, exchange: &str, routing_key: &str, queue: &str) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
         let member = format!("{routing_key}{SEP}{routing_key}{SEP}{queue}");
-        let _: () = conn
-            .sadd(self.keys.binding(exchange), member)
-            .await
-            .map_err(conn_error)?;
+        let _: () = conn.sadd(self.keys.binding(exchange), member).await.map_err(conn_error)?;
         Ok(())
     }
 }
@@ -296,18 +262,12 @@ impl Broker for RedisBroker {
                     self.add_publish(&mut pipe, &q, route, msg);
                 }
             }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(conn_error)?;
+            pipe.query_async::<()>(&mut conn).await.map_err(conn_error)?;
         }
         Ok(())
     }
 
-    async fn consume(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<Box<dyn Consumer>, BrokerError> {
+    async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
         let c = RedisConsumer::start(
             self.client.clone(),
             self.conn.clone(),
@@ -330,11 +290,7 @@ impl Broker for RedisBroker {
         pipe.zcard(&keys[4]);
         pipe.del(&keys).ignore();
         let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe
-            .atomic()
-            .query_async(&mut conn)
-            .await
-            .map_err(conn_error)?;
+        let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(conn_error)?;
         Ok(counts.iter().sum())
     }
 
@@ -353,9 +309,7 @@ impl RedisBroker {
     /// Messages held for a later eta in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.zcard(self.keys.delayed(queue))
-            .await
-            .map_err(conn_error)
+        conn.zcard(self.keys.delayed(queue)).await.map_err(conn_error)
     }
 
     /// Unacknowledged (leased) messages, over all queues.
@@ -378,10 +332,8 @@ mod tests {
 
     #[test]
     fn url_options_are_read_and_stripped() {
-        let o = RedisOptions::parse(
-            "redis://:pw@h:6379/3?visibility_timeout=2.5&global_keyprefix=t1:&protocol=resp2",
-        )
-        .unwrap();
+        let o = RedisOptions::parse("redis://:pw@h:6379/3?visibility_timeout=2.5&global_keyprefix=t1:&protocol=resp2")
+            .unwrap();
         assert_eq!(o.visibility_timeout, Duration::from_millis(2500));
         assert_eq!(o.key_prefix, "t1:");
         assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
