@@ -207,3 +207,70 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A broker/backend pair under test, cleaned up on drop.
+pub enum Target {
+    /// `log://` on a directory.
+    Log(std::path::PathBuf),
+    /// `log+tcp://` to a server in this process.
+    LogTcp(std::path::PathBuf, String, tokio::task::JoinHandle<()>),
+    /// `redis://` with a key prefix.
+    Redis(RedisEnv),
+}
+
+impl Target {
+    /// A fresh directory.
+    pub fn log() -> Target {
+        let dir = std::env::temp_dir().join(format!("conformance-{}", uuid::Uuid::new_v4().simple()));
+        Target::Log(dir)
+    }
+
+    /// A `broker serve` in this process, reached over TCP.
+    pub async fn log_tcp() -> Target {
+        use broker_backends::log::{parse_url, serve_tcp, LogStore};
+        let dir = std::env::temp_dir().join(format!("conformance-tcp-{}", uuid::Uuid::new_v4().simple()));
+        let (d, cfg) = parse_url(&format!("log://{}?lease_timeout=1&fsync=os", dir.display())).unwrap();
+        let store = LogStore::open(&d, cfg).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(serve_tcp(store, listener, Some("s3cret".into())));
+        Target::LogTcp(dir, addr, server)
+    }
+
+    /// A fresh key prefix, or None (skipped) without Redis.
+    pub fn redis() -> Option<Target> {
+        redis_available("conformance (redis)").then(|| Target::Redis(RedisEnv::new(1.0)))
+    }
+
+    /// Broker URL with a short lease / visibility timeout of one second.
+    pub fn urls(&self) -> (String, String) {
+        match self {
+            Target::Log(d) => {
+                (format!("log://{}?lease_timeout=1&fsync=os", d.display()), format!("log://{}", d.display()))
+            }
+            Target::LogTcp(_, a, _) => (format!("log+tcp://{a}?token=s3cret"), format!("log+tcp://{a}?token=s3cret")),
+            Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
+        }
+    }
+
+    /// An app on this target.
+    pub async fn app(&self) -> celery_core::App {
+        let (b, r) = self.urls();
+        celery_worker::connect(&b, &r).await.expect("connect")
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        match self {
+            Target::Log(d) => {
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Target::LogTcp(d, _, server) => {
+                server.abort();
+                let _ = std::fs::remove_dir_all(d);
+            }
+            Target::Redis(_) => {}
+        }
+    }
+}

@@ -109,11 +109,10 @@ impl App {
         msg.check_size(self.config.max_message_size)?;
         let queue = sig.options.queue.clone().unwrap_or_else(|| self.config.default_queue.clone());
         let route = match &sig.options.exchange {
-            Some(ex) if !ex.is_empty() => {
-                Route { exchange: ex.clone(), routing_key: sig.options.routing_key.clone().unwrap_or(queue) }
-            }
+            Some(ex) if !ex.is_empty() => Route::exchange(ex.clone(), sig.options.routing_key.clone().unwrap_or(queue)),
             _ => Route::queue(sig.options.routing_key.clone().unwrap_or(queue)),
         };
+        let route = Route { mandatory: sig.options.mandatory, ..route };
         Ok((route, msg))
     }
 

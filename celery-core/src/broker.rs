@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{BrokerError, ProtocolError};
 use crate::protocol::Message;
-use crate::routing::Route;
+use crate::routing::{Binding, ExchangeKind, Route};
 
 /// A message store with routing and leased consumption.
 ///
@@ -53,6 +53,17 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Ready messages in `queue` (not delayed, not leased).
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// Declares an exchange (durably, where the broker keeps declarations). A broker without this
+    /// kind of exchange fails with [`BrokerError::Unsupported`], never silently.
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("{kind:?} exchanges (`{name}`)") })
+    }
+
+    /// Binds a queue to an exchange.
+    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("bindings (`{}`)", binding.exchange) })
+    }
 }
 
 /// A stream of deliveries from some queues.

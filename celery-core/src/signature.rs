@@ -40,6 +40,8 @@ pub struct SendOptions {
     pub reply_to: Option<String>,
     /// Extra headers.
     pub headers: Map<String, Value>,
+    /// Fail the send when the exchange routes it to no queue.
+    pub mandatory: bool,
 }
 
 /// A task invocation: name, arguments and options.
@@ -163,6 +165,12 @@ impl Signature {
     /// Soft time limit.
     pub fn soft_time_limit(mut self, d: Duration) -> Self {
         self.options.soft_time_limit = Some(d.as_secs_f64());
+        self
+    }
+
+    /// Fails the send when the exchange routes it to no queue (instead of dropping it).
+    pub fn mandatory(mut self, yes: bool) -> Self {
+        self.options.mandatory = yes;
         self
     }
 

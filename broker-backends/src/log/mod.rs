@@ -44,7 +44,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use celery_core::broker::Settle;
 use celery_core::protocol::Message;
-use celery_core::routing::Route;
+use celery_core::routing::{Binding, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
@@ -261,14 +261,43 @@ fn to_record(msg: &Message, queue: &str) -> NewRecord {
     }
 }
 
-fn queue_of(route: &Route) -> Result<&str, BrokerError> {
-    if route.exchange.is_empty() {
-        Ok(&route.routing_key)
-    } else {
-        Err(BrokerError::Unsupported {
-            broker: "log",
-            option: format!("exchange `{}` (routing comes in a later step)", route.exchange),
-        })
+impl LogBroker {
+    /// The queues `route` leads to; an unroutable publish is counted, and an error when mandatory.
+    async fn resolve(&self, route: &Route, msg: &Message) -> Result<Vec<String>, BrokerError> {
+        if route.exchange.is_empty() {
+            return Ok(vec![route.routing_key.clone()]);
+        }
+        let headers = msg.headers.to_json();
+        let queues = match &self.inner {
+            Inner::Local(s) => s.route(&route.exchange, &route.routing_key, &headers)?,
+            Inner::Remote(c) => {
+                let body = c
+                    .call(wire::kind::ROUTE, |e| {
+                        e.str(&route.exchange)
+                            .str(&route.routing_key)
+                            .bytes(&serde_json::to_vec(&headers).unwrap_or_default())
+                    })
+                    .await?;
+                let mut d = wire::Dec::new(&body);
+                let n = d.u32().map_err(|e| BrokerError::Operation(e.to_string()))?;
+                (0..n)
+                    .map(|_| d.str())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| BrokerError::Operation(e.to_string()))?
+            }
+        };
+        if queues.is_empty() {
+            if let Inner::Local(s) = &self.inner {
+                s.unroutable.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let what =
+                format!("no queue is bound to exchange `{}` for routing key `{}`", route.exchange, route.routing_key);
+            if route.mandatory {
+                return Err(BrokerError::Operation(format!("unroutable (mandatory) publish: {what}")));
+            }
+            tracing::warn!(task = %msg.headers.task, "log: unroutable publish dropped: {what}");
+        }
+        Ok(queues)
     }
 }
 
@@ -287,25 +316,31 @@ impl Broker for LogBroker {
     }
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
-        let q = queue_of(route)?;
-        let records = vec![to_record(msg, q)];
-        match &self.inner {
-            Inner::Local(s) => Ok(s.append(q, records).await?),
-            Inner::Remote(c) => c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &records)).await.map(|_| ()),
+        for q in self.resolve(route, msg).await? {
+            let records = vec![to_record(msg, &q)];
+            match &self.inner {
+                Inner::Local(s) => s.append(&q, records).await?,
+                Inner::Remote(c) => {
+                    c.call(wire::kind::PUBLISH, |e| encode_records(e, &q, &records)).await?;
+                }
+            }
         }
+        Ok(())
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
-        let mut by_queue: HashMap<&str, Vec<NewRecord>> = HashMap::new();
+        let mut by_queue: HashMap<String, Vec<NewRecord>> = HashMap::new();
         for (route, msg) in batch {
-            let q = queue_of(route)?;
-            by_queue.entry(q).or_default().push(to_record(msg, q));
+            for q in self.resolve(route, msg).await? {
+                let rec = to_record(msg, &q);
+                by_queue.entry(q).or_default().push(rec);
+            }
         }
         for (q, recs) in by_queue {
             match &self.inner {
-                Inner::Local(s) => s.append(q, recs).await?,
+                Inner::Local(s) => s.append(&q, recs).await?,
                 Inner::Remote(c) => {
-                    c.call(wire::kind::PUBLISH, |e| encode_records(e, q, &recs)).await?;
+                    c.call(wire::kind::PUBLISH, |e| encode_records(e, &q, &recs)).await?;
                 }
             }
         }
@@ -336,6 +371,26 @@ impl Broker for LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.ready_len()).sum()),
             Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?),
+        }
+    }
+
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.declare_exchange(name, kind)?),
+            Inner::Remote(c) => {
+                let k = format!("{kind:?}").to_lowercase();
+                c.call(wire::kind::DECLARE, |e| e.str(name).str(&k)).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.bind(binding)?),
+            Inner::Remote(c) => {
+                let b = serde_json::to_vec(binding).map_err(|e| BrokerError::Operation(e.to_string()))?;
+                c.call(wire::kind::BIND, |e| e.bytes(&b)).await.map(|_| ())
+            }
         }
     }
 }

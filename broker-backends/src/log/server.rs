@@ -215,6 +215,30 @@ async fn handle(
             store.forget_result(&rid).await.map_err(|e| e.to_string())?;
             ok().finish()
         }
+        kind::DECLARE => {
+            let name = d.str().map_err(e)?;
+            let k: celery_core::routing::ExchangeKind = d.str().map_err(e)?.parse()?;
+            store.declare_exchange(&name, k).map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        kind::BIND => {
+            let b: celery_core::routing::Binding =
+                serde_json::from_slice(d.bytes().map_err(e)?).map_err(|e| e.to_string())?;
+            store.bind(&b).map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        kind::ROUTE => {
+            let exchange = d.str().map_err(e)?;
+            let key = d.str().map_err(e)?;
+            let headers: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(d.bytes().map_err(e)?).map_err(|e| e.to_string())?;
+            let queues = store.route(&exchange, &key, &headers).map_err(|e| e.to_string())?;
+            let mut enc = ok().u32(queues.len() as u32);
+            for q in &queues {
+                enc = enc.str(q);
+            }
+            enc.finish()
+        }
         other => return Err(format!("unknown request kind {other}")),
     }))
 }

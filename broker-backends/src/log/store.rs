@@ -13,6 +13,8 @@ use tokio::sync::Notify;
 use super::error::LogError;
 use super::partition::{now_ms, Fsync, NewRecord, Partition, PartitionConfig};
 use super::record::Record;
+use celery_core::routing::{Binding, ExchangeKind, RoutingTable};
+use serde_json::{Map, Value};
 
 /// Store settings, from the URL's query.
 #[derive(Debug, Clone)]
@@ -94,6 +96,9 @@ pub struct LogStore {
     pub(crate) results: Mutex<Results>,
     pub(crate) results_log: Arc<Partition>,
     served: std::sync::Once,
+    routing: Mutex<RoutingTable>,
+    /// Publishes that matched no queue.
+    pub unroutable: std::sync::atomic::AtomicU64,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -141,6 +146,8 @@ impl LogStore {
             results: Mutex::new(Results::default()),
             results_log,
             served: std::sync::Once::new(),
+            routing: Mutex::new(load_routing(&canonical)?),
+            unroutable: std::sync::atomic::AtomicU64::new(0),
         });
         store.load_results()?;
         for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {
@@ -168,6 +175,29 @@ impl LogStore {
                 Err(e) => tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it"),
             }
         });
+    }
+
+    /// Declares an exchange; the declaration persists in `routing.json`.
+    pub fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), LogError> {
+        let mut t = lock(&self.routing);
+        if t.declare(name, kind).map_err(|e| LogError::Invalid(e.to_string()))? {
+            save_routing(&self.dir, &t)?;
+        }
+        Ok(())
+    }
+
+    /// Binds a queue; the binding persists in `routing.json`.
+    pub fn bind(&self, b: &Binding) -> Result<(), LogError> {
+        let mut t = lock(&self.routing);
+        if t.bind(b.clone()).map_err(|e| LogError::Invalid(e.to_string()))? {
+            save_routing(&self.dir, &t)?;
+        }
+        Ok(())
+    }
+
+    /// The queues a publish through `exchange` reaches.
+    pub fn route(&self, exchange: &str, key: &str, headers: &Map<String, Value>) -> Result<Vec<String>, LogError> {
+        lock(&self.routing).route(exchange, key, headers).map_err(|e| LogError::Invalid(e.to_string()))
     }
 
     /// The settings.
@@ -282,6 +312,29 @@ impl LogStore {
             }
         })
     }
+}
+
+fn load_routing(dir: &Path) -> Result<RoutingTable, LogError> {
+    let path = dir.join("routing.json");
+    match std::fs::read(&path) {
+        Ok(data) => serde_json::from_slice(&data).map_err(|e| LogError::Corrupt {
+            path,
+            offset: 0,
+            reason: format!("routing table: {e}"),
+        }),
+        Err(_) => Ok(RoutingTable::default()),
+    }
+}
+
+/// Replaces `routing.json` atomically (write, fsync, rename, fsync the directory).
+fn save_routing(dir: &Path, t: &RoutingTable) -> Result<(), LogError> {
+    use std::io::Write;
+    let tmp = dir.join("routing.json.tmp");
+    let data = serde_json::to_vec_pretty(t).map_err(|e| LogError::Invalid(e.to_string()))?;
+    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+    f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
+    std::fs::rename(&tmp, dir.join("routing.json")).map_err(|e| LogError::io(dir, e))?;
+    super::segment::sync_dir(dir)
 }
 
 async fn expiry_loop(store: Weak<LogStore>) {

@@ -28,6 +28,9 @@ pub(crate) mod kind {
     pub(crate) const RESULT_WAIT: u8 = 10;
     pub(crate) const RESULT_FORGET: u8 = 11;
     pub(crate) const STOP_CONSUME: u8 = 12;
+    pub(crate) const DECLARE: u8 = 13;
+    pub(crate) const BIND: u8 = 14;
+    pub(crate) const ROUTE: u8 = 15;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;

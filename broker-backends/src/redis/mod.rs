@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::protocol::Message;
-use celery_core::routing::{topic_matches, Route};
+use celery_core::routing::{topic_matches, Binding, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer};
 use chrono::Utc;
@@ -207,10 +207,12 @@ impl RedisBroker {
             }
         }
         if queues.is_empty() {
-            return Err(BrokerError::Operation(format!(
-                "no queue is bound to exchange `{}` with routing key `{}`",
-                route.exchange, route.routing_key
-            )));
+            let what =
+                format!("no queue is bound to exchange `{}` for routing key `{}`", route.exchange, route.routing_key);
+            if route.mandatory {
+                return Err(BrokerError::Operation(format!("unroutable (mandatory) publish: {what}")));
+            }
+            tracing::warn!("redis: unroutable publish dropped: {what}");
         }
         Ok(queues)
     }
@@ -227,14 +229,6 @@ impl RedisBroker {
             }
         }
     }
-
-    /// Binds `queue` to `exchange` with `routing_key` (Kombu's binding set; a pattern for topic routing).
-    pub async fn bind(&self, exchange: &str, routing_key: &str, queue: &str) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
-        let member = format!("{routing_key}{SEP}{routing_key}{SEP}{queue}");
-        let _: () = conn.sadd(self.keys.binding(exchange), member).await.map_err(conn_error)?;
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -245,6 +239,9 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
         let queues = self.resolve(route).await?;
+        if queues.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for q in &queues {
             self.add_publish(&mut pipe, q, route, msg);
@@ -257,12 +254,16 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         for chunk in batch.chunks(2000) {
             let mut pipe = redis::pipe();
+            let mut commands = 0;
             for (route, msg) in chunk {
                 for q in self.resolve(route).await? {
                     self.add_publish(&mut pipe, &q, route, msg);
+                    commands += 1;
                 }
             }
-            pipe.query_async::<()>(&mut conn).await.map_err(conn_error)?;
+            if commands > 0 {
+                pipe.query_async::<()>(&mut conn).await.map_err(conn_error)?;
+            }
         }
         Ok(())
     }
@@ -292,6 +293,28 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(conn_error)?;
         Ok(counts.iter().sum())
+    }
+
+    /// Direct and topic exchanges live in Kombu's binding sets; fanout (Kombu uses at-most-once
+    /// PUB/SUB for it) and headers exchanges are not offered on Redis.
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        match kind {
+            ExchangeKind::Direct | ExchangeKind::Topic => Ok(()),
+            other => {
+                Err(BrokerError::Unsupported { broker: "redis", option: format!("{other:?} exchanges (`{name}`)") })
+            }
+        }
+    }
+
+    /// Adds `binding_key \x06\x16 "" \x06\x16 queue` to Kombu's `_kombu.binding.<exchange>` set.
+    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
+        if !binding.headers.is_empty() {
+            return Err(BrokerError::Unsupported { broker: "redis", option: "headers bindings".into() });
+        }
+        let mut conn = self.conn.clone();
+        let member = format!("{}{SEP}{SEP}{}", binding.routing_key, binding.queue);
+        let _: () = conn.sadd(self.keys.binding(&binding.exchange), member).await.map_err(conn_error)?;
+        Ok(())
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
