@@ -5,6 +5,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+/// The header whose value picks a partition on partitioned queues: messages with the same key go
+/// to the same partition, in order.
+pub const PARTITION_KEY: &str = "x-partition-key";
+
 /// How and where an invocation is sent.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SendOptions {
@@ -172,6 +176,11 @@ impl Signature {
     pub fn mandatory(mut self, yes: bool) -> Self {
         self.options.mandatory = yes;
         self
+    }
+
+    /// Messages with the same key go to the same partition of a partitioned queue, in order.
+    pub fn partition_key(self, key: impl Into<String>) -> Self {
+        self.header(PARTITION_KEY, Value::String(key.into()))
     }
 
     /// Adds a header.

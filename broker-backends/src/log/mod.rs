@@ -34,6 +34,7 @@ mod remote;
 mod segment;
 mod server;
 mod store;
+mod stream;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -55,6 +56,7 @@ pub use partition::{Fsync, NewRecord};
 pub use record::Record;
 pub use server::serve_tcp;
 pub use store::{LogStore, StoreConfig};
+pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
 
 use crate::envelope;
 use partition::{now_ms, Partition};
@@ -197,6 +199,20 @@ impl LogBroker {
         })
     }
 
+    /// Joins consumer group `group` on `queue` as a stream consumer (in the owning process).
+    pub fn stream(
+        &self,
+        group: &str,
+        queue: &str,
+        start: StartFrom,
+        commit: Commit,
+    ) -> Result<StreamConsumer, LogError> {
+        let Inner::Local(store) = &self.inner else {
+            return Err(LogError::Invalid("stream consumers run in the process that owns the directory".into()));
+        };
+        StreamConsumer::join(store.clone(), group, queue, start, commit)
+    }
+
     /// Delayed records seen in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
@@ -251,14 +267,18 @@ impl LogBroker {
     }
 }
 
+/// Decodes a task record's payload (Kombu's envelope) into a message.
+pub fn decode_payload(payload: &[u8]) -> Result<Message, celery_core::ProtocolError> {
+    envelope::decode(payload).message
+}
+
 fn to_record(msg: &Message, queue: &str) -> NewRecord {
     let not_before_ms = msg.headers.eta.map(|t| t.timestamp_millis()).filter(|t| *t > now_ms()).unwrap_or(0);
-    NewRecord {
-        not_before_ms,
-        headers: Vec::new(),
-        key: Vec::new(),
-        payload: envelope::encode(msg, "", queue).into_bytes(),
-    }
+    let key = match msg.headers.extra.get(celery_core::signature::PARTITION_KEY) {
+        Some(serde_json::Value::String(k)) => k.as_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    NewRecord { not_before_ms, headers: Vec::new(), key, payload: envelope::encode(msg, "", queue).into_bytes() }
 }
 
 impl LogBroker {

@@ -139,7 +139,7 @@ impl PartitionLog {
     }
 
     /// Reads the record at `pos` if `pos` is before the end.
-    fn read(&self, pos: &mut Pos, offset: u64) -> Result<Option<(Record, Pos)>, LogError> {
+    pub(crate) fn read(&self, pos: &mut Pos, offset: u64) -> Result<Option<(Record, Pos)>, LogError> {
         if offset >= self.next_offset() {
             return Ok(None);
         }
@@ -170,7 +170,7 @@ impl PartitionLog {
     }
 
     /// The position of `offset` (scanning its segment from the start).
-    fn seek(&self, offset: u64) -> Result<Pos, LogError> {
+    pub(crate) fn seek(&self, offset: u64) -> Result<Pos, LogError> {
         let seg_idx = {
             let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
             segs.iter().rposition(|s| s.base <= offset).unwrap_or(0)
@@ -593,6 +593,11 @@ impl Partition {
             st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
             Taken { record, deliveries }
         }))
+    }
+
+    /// The offset of the oldest record kept.
+    pub(crate) fn first_offset(&self) -> u64 {
+        self.log.segments.read().unwrap_or_else(|p| p.into_inner()).first().map(|s| s.base).unwrap_or(0)
     }
 
     /// The earliest due time of a delayed record, if any.

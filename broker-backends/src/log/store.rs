@@ -99,6 +99,8 @@ pub struct LogStore {
     routing: Mutex<RoutingTable>,
     /// Publishes that matched no queue.
     pub unroutable: std::sync::atomic::AtomicU64,
+    /// Stream consumer groups: (group, topic) -> members.
+    pub(crate) groups: Mutex<HashMap<(String, String), super::stream::Membership>>,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -148,6 +150,7 @@ impl LogStore {
             served: std::sync::Once::new(),
             routing: Mutex::new(load_routing(&canonical)?),
             unroutable: std::sync::atomic::AtomicU64::new(0),
+            groups: Mutex::new(HashMap::new()),
         });
         store.load_results()?;
         for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {

@@ -1,0 +1,249 @@
+//! Stream consumers, as Kafka has them: a consumer group reads a topic's partitions in order from
+//! its committed offsets; the group's members divide the partitions among themselves and rebalance
+//! when one joins or leaves. Committing after processing gives at-least-once (a crash re-reads what
+//! was not committed); committing before gives at-most-once (a crash skips it).
+//!
+//! Offsets are stored in `groups/<group>/<topic>/<partition>` (`offset:u64 crc:u32`, replaced
+//! atomically). Records a group has not committed are kept by retention.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use broker_backends::log::{Commit, LogBroker, StartFrom};
+//! use celery_core::{Broker, routing::Route, protocol::Message, Signature};
+//! let dir = std::env::temp_dir().join(format!("doc-stream-{}", std::process::id()));
+//! let broker = LogBroker::connect(&format!("log://{}", dir.display())).await.unwrap();
+//! let msg = Message::from_signature(&Signature::by_name("evt")).unwrap();
+//! broker.publish(&Route::queue("events"), &msg).await.unwrap();
+//! let mut c = broker.stream("analytics", "events", StartFrom::Earliest, Commit::AfterProcessing).unwrap();
+//! let batch = c.poll(100, std::time::Duration::from_secs(1)).await.unwrap();
+//! assert_eq!(batch.len(), 1);
+//! c.commit().unwrap();
+//! # std::fs::remove_dir_all(dir).ok();
+//! # });
+//! ```
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::error::LogError;
+use super::partition::{Partition, Pos};
+use super::record::Record;
+use super::store::{LogStore, Topic};
+
+/// Where a group with no committed offset starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The oldest record kept.
+    Earliest,
+    /// Only records appended after joining.
+    Latest,
+}
+
+/// When offsets are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// The application calls `commit` after processing: at-least-once.
+    AfterProcessing,
+    /// `poll` commits before returning the records: at-most-once.
+    BeforeProcessing,
+}
+
+/// The members of one group on one topic.
+#[derive(Debug, Default)]
+pub(crate) struct Membership {
+    members: Vec<u64>,
+    generation: u64,
+    next_member: u64,
+}
+
+/// A record with its partition.
+#[derive(Debug, Clone)]
+pub struct StreamRecord {
+    /// The partition index.
+    pub partition: usize,
+    /// The record.
+    pub record: Record,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn offset_path(dir: &Path, group: &str, topic: &str, partition: usize) -> PathBuf {
+    let enc = |s: &str| {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect::<String>()
+    };
+    dir.join("groups").join(enc(group)).join(enc(topic)).join(partition.to_string())
+}
+
+/// Reads a committed offset.
+pub(crate) fn committed(dir: &Path, group: &str, topic: &str, partition: usize) -> Result<Option<u64>, LogError> {
+    let path = offset_path(dir, group, topic, partition);
+    match std::fs::read(&path) {
+        Ok(d) if d.len() == 12 => {
+            let off = u64::from_le_bytes(d[..8].try_into().unwrap_or_default());
+            let crc = u32::from_le_bytes(d[8..].try_into().unwrap_or_default());
+            if crc32c::crc32c(&d[..8]) != crc {
+                return Err(LogError::Corrupt { path, offset: 0, reason: "committed offset checksum".into() });
+            }
+            Ok(Some(off))
+        }
+        Ok(_) => Err(LogError::Corrupt { path, offset: 0, reason: "committed offset length".into() }),
+        Err(_) => Ok(None),
+    }
+}
+
+fn store_committed(dir: &Path, group: &str, topic: &str, partition: usize, offset: u64) -> Result<(), LogError> {
+    use std::io::Write;
+    let path = offset_path(dir, group, topic, partition);
+    let parent = path.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent).map_err(|e| LogError::io(parent, e))?;
+    let mut data = offset.to_le_bytes().to_vec();
+    data.extend_from_slice(&crc32c::crc32c(&offset.to_le_bytes()).to_le_bytes());
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+    f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
+    super::segment::sync_dir(parent)
+}
+
+/// A member of a consumer group reading one topic.
+#[derive(Debug)]
+pub struct StreamConsumer {
+    store: Arc<LogStore>,
+    topic: Arc<Topic>,
+    group: String,
+    member: u64,
+    start: StartFrom,
+    commit: Commit,
+    generation: u64,
+    /// partition -> (next offset to read, its position)
+    positions: HashMap<usize, (u64, Pos)>,
+}
+
+impl StreamConsumer {
+    pub(crate) fn join(
+        store: Arc<LogStore>,
+        group: &str,
+        topic: &str,
+        start: StartFrom,
+        commit: Commit,
+    ) -> Result<StreamConsumer, LogError> {
+        let topic = store.topic(topic)?;
+        let member = {
+            let mut groups = lock(&store.groups);
+            let m = groups.entry((group.to_owned(), topic.name.clone())).or_default();
+            m.next_member += 1;
+            let id = m.next_member;
+            m.members.push(id);
+            m.generation += 1;
+            id
+        };
+        Ok(StreamConsumer {
+            store,
+            topic,
+            group: group.to_owned(),
+            member,
+            start,
+            commit,
+            generation: 0,
+            positions: HashMap::new(),
+        })
+    }
+
+    /// The partitions this member reads now.
+    pub fn assignment(&self) -> Vec<usize> {
+        let groups = lock(&self.store.groups);
+        let Some(m) = groups.get(&(self.group.clone(), self.topic.name.clone())) else { return Vec::new() };
+        let idx = m.members.iter().position(|x| *x == self.member).unwrap_or(0);
+        (0..self.topic.partitions.len()).filter(|p| p % m.members.len().max(1) == idx).collect()
+    }
+
+    fn rebalance(&mut self) -> Result<(), LogError> {
+        let gen = lock(&self.store.groups)
+            .get(&(self.group.clone(), self.topic.name.clone()))
+            .map(|m| m.generation)
+            .unwrap_or(0);
+        if gen == self.generation {
+            return Ok(());
+        }
+        self.generation = gen;
+        let assigned = self.assignment();
+        self.positions.retain(|p, _| assigned.contains(p));
+        for p in assigned {
+            if self.positions.contains_key(&p) {
+                continue;
+            }
+            let part = &self.topic.partitions[p];
+            let offset = match committed(self.store.dir(), &self.group, &self.topic.name, p)? {
+                Some(o) => o,
+                None => match self.start {
+                    StartFrom::Earliest => part.first_offset(),
+                    StartFrom::Latest => part.log.next_offset(),
+                },
+            };
+            let pos = part.log.seek(offset)?;
+            self.positions.insert(p, (offset, pos));
+        }
+        Ok(())
+    }
+
+    /// Up to `max` records from the assigned partitions, waiting up to `timeout` for the first.
+    /// With [`Commit::BeforeProcessing`] their offsets are committed before they are returned.
+    pub async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<StreamRecord>, LogError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.rebalance()?;
+            let notify = self.store.notify.clone();
+            let notified = notify.notified();
+            let mut out = Vec::new();
+            for (p, (offset, pos)) in self.positions.iter_mut() {
+                let part: &Arc<Partition> = &self.topic.partitions[*p];
+                while out.len() < max {
+                    match part.log.read(pos, *offset)? {
+                        Some((record, _)) => {
+                            *offset += 1;
+                            out.push(StreamRecord { partition: *p, record });
+                        }
+                        None => break,
+                    }
+                }
+            }
+            if !out.is_empty() || tokio::time::Instant::now() >= deadline {
+                if self.commit == Commit::BeforeProcessing {
+                    self.commit()?;
+                }
+                return Ok(out);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// Commits the position after everything polled so far (durably).
+    pub fn commit(&self) -> Result<(), LogError> {
+        for (p, (offset, _)) in &self.positions {
+            store_committed(self.store.dir(), &self.group, &self.topic.name, *p, *offset)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for StreamConsumer {
+    fn drop(&mut self) {
+        let mut groups = lock(&self.store.groups);
+        if let Some(m) = groups.get_mut(&(self.group.clone(), self.topic.name.clone())) {
+            m.members.retain(|x| *x != self.member);
+            m.generation += 1;
+        }
+    }
+}
