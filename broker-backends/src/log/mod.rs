@@ -52,7 +52,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
 
 pub use error::LogError;
-pub use partition::{Fsync, NewRecord};
+pub use partition::{Fsync, NewRecord, Retention};
 pub use record::Record;
 pub use server::serve_tcp;
 pub use store::{LogStore, StoreConfig};
@@ -99,6 +99,9 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
             "lease_timeout" => cfg.lease = Duration::from_secs_f64(num(k)?),
             "max_deliveries" => cfg.max_deliveries = num(k)? as u32,
             "partitions" => cfg.partitions = num(k)? as u32,
+            "retention_bytes" => cfg.retention.bytes = Some(num(k)? as u64),
+            "retention_ms" => cfg.retention.age = Some(Duration::from_millis(num(k)? as u64)),
+            "retention_force" => cfg.retention.force = v == "true" || v == "1",
             "token" => {}
             other => return Err(LogError::Invalid(format!("unknown log:// option `{other}`"))),
         }

@@ -31,6 +31,24 @@ pub enum Fsync {
     Os,
 }
 
+/// When closed segments are deleted.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Retention {
+    /// Keep a partition under this many bytes (`retention_bytes=`).
+    pub bytes: Option<u64>,
+    /// Delete segments older than this (`retention_ms=`).
+    pub age: Option<Duration>,
+    /// Delete even unfinished records (`retention_force=true`); the loss is logged with counts.
+    pub force: bool,
+}
+
+impl Retention {
+    /// True when any limit is set.
+    pub fn is_set(&self) -> bool {
+        self.bytes.is_some() || self.age.is_some()
+    }
+}
+
 /// A record to append (the offset and timestamp are assigned by the writer).
 #[derive(Debug, Clone, Default)]
 pub struct NewRecord {
@@ -62,7 +80,8 @@ enum WriterCmd {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Pos {
-    seg: usize,
+    /// The base offset of the segment.
+    seg: u64,
     byte: u64,
 }
 
@@ -144,12 +163,26 @@ impl PartitionLog {
             return Ok(None);
         }
         let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
-        while pos.seg + 1 < segs.len() && offset >= segs[pos.seg + 1].base {
-            pos.seg += 1;
+        let mut idx = segs.partition_point(|s| s.base <= pos.seg).checked_sub(1).filter(|i| segs[*i].base == pos.seg);
+        if idx.is_none() {
+            // The segment of `pos` was deleted by retention: find `offset` again, if it is kept.
+            let first = segs.first().map(|s| s.base).unwrap_or(0);
+            drop(segs);
+            if offset < first {
+                return Err(LogError::Invalid(format!("offset {offset} is no longer kept (retention)")));
+            }
+            *pos = self.seek(offset)?;
+            return self.read(pos, offset);
+        }
+        while let Some(i) = idx.filter(|i| i + 1 < segs.len() && offset >= segs[i + 1].base) {
+            idx = Some(i + 1);
+            pos.seg = segs[i + 1].base;
             pos.byte = 0;
         }
         let at = *pos;
-        let seg = segs.get(pos.seg).ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
+        let seg = idx
+            .and_then(|i| segs.get(i))
+            .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
         let (rec, next) = segment::read_at(seg, pos.byte)?;
         if rec.offset != offset {
             return Err(LogError::Corrupt {
@@ -165,18 +198,20 @@ impl PartitionLog {
     /// Re-reads the record at a position found earlier.
     fn read_at(&self, at: Pos) -> Result<Record, LogError> {
         let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
-        let seg = segs.get(at.seg).ok_or_else(|| LogError::Invalid("segment is gone".into()))?;
+        let seg = segs
+            .iter()
+            .find(|s| s.base == at.seg)
+            .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
         Ok(segment::read_at(seg, at.byte)?.0)
     }
 
     /// The position of `offset` (scanning its segment from the start).
     pub(crate) fn seek(&self, offset: u64) -> Result<Pos, LogError> {
-        let seg_idx = {
+        let base = {
             let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
-            segs.iter().rposition(|s| s.base <= offset).unwrap_or(0)
+            segs.iter().rev().find(|s| s.base <= offset).or(segs.first()).map(|s| s.base).unwrap_or(0)
         };
-        let base = self.segments.read().unwrap_or_else(|p| p.into_inner())[seg_idx].base;
-        let mut pos = Pos { seg: seg_idx, byte: 0 };
+        let mut pos = Pos { seg: base, byte: 0 };
         let mut o = base;
         while o < offset {
             match self.read(&mut pos, o)? {
@@ -593,6 +628,56 @@ impl Partition {
             st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
             Taken { record, deliveries }
         }))
+    }
+
+    /// Deletes whole closed segments past the retention limits, never one holding a record that is
+    /// not finished (below the watermark) or not committed by a stream group (`keep_from`), unless
+    /// `force`. Returns the segments deleted and the unfinished records they held.
+    pub(crate) fn enforce_retention(&self, r: &Retention, keep_from: u64) -> Result<(usize, u64), LogError> {
+        let protect = lock(&self.state).finished.watermark.min(keep_from);
+        let segs: Vec<Segment> = self.log.segments.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let sizes: Vec<u64> = segs.iter().map(|s| s.file.metadata().map(|m| m.len()).unwrap_or(0)).collect();
+        let mut total: u64 = sizes.iter().sum();
+        let (mut deleted, mut lost) = (0, 0);
+        for i in 0..segs.len().saturating_sub(1) {
+            let (seg, next_base) = (&segs[i], segs[i + 1].base);
+            let over = r.bytes.is_some_and(|b| total > b);
+            let old = r.age.is_some_and(|a| {
+                seg.file
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|e| e > a)
+            });
+            if !(over || old) {
+                break;
+            }
+            let unfinished = next_base.saturating_sub(protect.max(seg.base));
+            if unfinished > 0 && !r.force {
+                tracing::debug!(segment = %seg.path.display(), unfinished, "log: retention held back by unfinished records");
+                break;
+            }
+            self.log.segments.write().unwrap_or_else(|p| p.into_inner()).retain(|s| s.base != seg.base);
+            std::fs::remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
+            total -= sizes[i];
+            deleted += 1;
+            lost += unfinished;
+        }
+        if lost > 0 {
+            let first = self.first_offset();
+            let mut st = lock(&self.state);
+            for o in st.finished.watermark..first {
+                st.finished.mark(o);
+            }
+            if st.cursor_offset < first {
+                st.cursor_offset = first;
+                st.cursor = Pos { seg: first, byte: 0 };
+            }
+            st.delayed.retain(|Reverse((_, o, _))| *o >= first);
+            st.ready.retain(|(rec, _)| rec.offset >= first);
+        }
+        Ok((deleted, lost))
     }
 
     /// The offset of the oldest record kept.

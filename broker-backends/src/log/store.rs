@@ -29,6 +29,8 @@ pub struct StoreConfig {
     pub max_deliveries: u32,
     /// Partitions of a new queue (`partitions=`), default 1.
     pub partitions: u32,
+    /// Retention of closed segments (none by default).
+    pub retention: super::partition::Retention,
 }
 
 impl Default for StoreConfig {
@@ -39,6 +41,7 @@ impl Default for StoreConfig {
             lease: Duration::from_secs(30),
             max_deliveries: 10,
             partitions: 1,
+            retention: Default::default(),
         }
     }
 }
@@ -65,7 +68,7 @@ impl Topic {
 }
 
 /// Encodes a queue name as a directory name.
-fn dir_name(name: &str) -> String {
+pub(crate) fn dir_name(name: &str) -> String {
     name.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
@@ -340,8 +343,38 @@ fn save_routing(dir: &Path, t: &RoutingTable) -> Result<(), LogError> {
     super::segment::sync_dir(dir)
 }
 
+impl LogStore {
+    /// Applies the retention policy to every partition now (it also runs every second by itself).
+    pub fn enforce_retention(&self) {
+        let topics: Vec<_> = lock(&self.topics).values().cloned().collect();
+        for t in topics {
+            for (i, p) in t.partitions.iter().enumerate() {
+                let keep_from = super::stream::min_committed(&self.dir, &t.name, i).unwrap_or(u64::MAX);
+                match p.enforce_retention(&self.cfg.retention, keep_from) {
+                    Ok((0, _)) => {}
+                    Ok((deleted, 0)) => {
+                        tracing::info!(queue = %t.name, partition = i, deleted, "log: retention deleted segments")
+                    }
+                    Ok((deleted, lost)) => tracing::warn!(
+                        queue = %t.name, partition = i, deleted, lost,
+                        "log: forced retention deleted unfinished records"
+                    ),
+                    Err(e) => tracing::error!(error = %e, queue = %t.name, "log: retention failed"),
+                }
+            }
+        }
+    }
+}
+
 async fn expiry_loop(store: Weak<LogStore>) {
+    let mut ticks = 0u64;
     loop {
+        ticks += 1;
+        if ticks.is_multiple_of(10) {
+            if let Some(s) = store.upgrade().filter(|s| s.cfg.retention.is_set()) {
+                s.enforce_retention();
+            }
+        }
         let Some(s) = store.upgrade() else { return };
         let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
         let now = Instant::now();

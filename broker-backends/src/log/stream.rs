@@ -72,18 +72,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 fn offset_path(dir: &Path, group: &str, topic: &str, partition: usize) -> PathBuf {
-    let enc = |s: &str| {
-        s.bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect::<String>()
-    };
-    dir.join("groups").join(enc(group)).join(enc(topic)).join(partition.to_string())
+    dir.join("groups")
+        .join(super::store::dir_name(group))
+        .join(super::store::dir_name(topic))
+        .join(partition.to_string())
+}
+
+/// The lowest offset any group committed on this partition (None: no group reads it).
+pub(crate) fn min_committed(dir: &Path, topic: &str, partition: usize) -> Option<u64> {
+    std::fs::read_dir(dir.join("groups"))
+        .ok()?
+        .flatten()
+        .filter_map(|g| std::fs::read(g.path().join(super::store::dir_name(topic)).join(partition.to_string())).ok())
+        .filter(|d| d.len() == 12)
+        .map(|d| u64::from_le_bytes(d[..8].try_into().unwrap_or_default()))
+        .min()
 }
 
 /// Reads a committed offset.
@@ -186,7 +189,7 @@ impl StreamConsumer {
             }
             let part = &self.topic.partitions[p];
             let offset = match committed(self.store.dir(), &self.group, &self.topic.name, p)? {
-                Some(o) => o,
+                Some(o) => o.max(part.first_offset()),
                 None => match self.start {
                     StartFrom::Earliest => part.first_offset(),
                     StartFrom::Latest => part.log.next_offset(),
