@@ -112,3 +112,73 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `broker bench` options.
+#[derive(Debug, Args)]
+pub struct AppendArgs {
+    /// A scratch directory (emptied first).
+    #[arg(long, default_value = "./bench-data")]
+    pub data: String,
+    /// Records per measurement.
+    #[arg(short = 'n', long, default_value_t = 1_000_000)]
+    pub records: usize,
+    /// Payload bytes per record.
+    #[arg(long, default_value_t = 100)]
+    pub size: usize,
+    /// Concurrent publishers for the group-commit figure.
+    #[arg(long, default_value_t = 64)]
+    pub publishers: usize,
+    /// Records per append call in the batched figures.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+}
+
+/// Appends `count` records in batches of `batch` from `publishers` concurrent tasks.
+async fn append_rate(url: &str, queue: &str, count: usize, size: usize, publishers: usize, batch: usize) -> anyhow::Result<f64> {
+    use broker_backends::log::{parse_url, LogStore, NewRecord};
+    let (dir, cfg) = parse_url(url)?;
+    let store = LogStore::open(&dir, cfg)?;
+    let per = count / publishers.max(1);
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..publishers.max(1) {
+        let (store, queue) = (store.clone(), queue.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0;
+            while done < per {
+                let n = batch.min(per - done);
+                let recs = (0..n).map(|_| NewRecord { payload: vec![b'x'; size], ..NewRecord::default() }).collect();
+                store.append(&queue, recs).await?;
+                done += n;
+            }
+            Ok::<_, broker_backends::log::LogError>(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok((per * publishers.max(1)) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Runs the append benchmark: each fsync policy, batched from one publisher and record by record
+/// from many concurrent publishers (group commit).
+pub async fn append(a: &AppendArgs) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(&a.data);
+    let url = |fsync: &str| format!("log://{}?fsync={fsync}", a.data);
+    let n = a.records;
+    for fsync in ["os", "10", "always"] {
+        let q = format!("batched-{fsync}");
+        line(&format!("append_batched_fsync_{fsync}"), append_rate(&url(fsync), &q, n, a.size, 1, a.batch).await?, "records/s");
+    }
+    for fsync in ["os", "always"] {
+        let q = format!("concurrent-{fsync}");
+        let count = if fsync == "always" { n / 5 } else { n / 2 };
+        line(
+            &format!("append_{}_publishers_fsync_{fsync}", a.publishers),
+            append_rate(&url(fsync), &q, count, a.size, a.publishers, 1).await?,
+            "records/s",
+        );
+    }
+    let _ = std::fs::remove_dir_all(&a.data);
+    Ok(())
+}

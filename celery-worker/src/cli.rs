@@ -70,6 +70,8 @@ pub enum Command {
 pub enum BrokerCommand {
     /// Serve a data directory over TCP as `log+tcp://HOST:PORT` (and over its unix socket).
     Serve(ServeArgs),
+    /// Measure raw append throughput of the log (100-byte records) for each fsync policy.
+    Bench(crate::bench::AppendArgs),
 }
 
 /// `broker serve` options.
@@ -207,9 +209,16 @@ fn init_logging(level: &str) {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
-    if let Command::Broker(BrokerCommand::Serve(a)) = &cli.command {
-        serve(a).await?;
-        return Ok(ExitCode::SUCCESS);
+    match &cli.command {
+        Command::Broker(BrokerCommand::Serve(a)) => {
+            serve(a).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Command::Broker(BrokerCommand::Bench(a)) => {
+            crate::bench::append(a).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
     }
     let app = crate::connect(&cli.broker, &cli.backend).await.with_context(|| {
         format!("connecting to broker {} and backend {}", redact(&cli.broker), redact(&cli.backend))

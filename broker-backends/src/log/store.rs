@@ -248,8 +248,9 @@ impl LogStore {
         Ok(t)
     }
 
-    /// Appends to queue `name`.
-    pub(crate) async fn append(&self, name: &str, records: Vec<NewRecord>) -> Result<(), LogError> {
+    /// Appends records to queue `name` (created on first use); returns once they are written and
+    /// fsynced per the policy.
+    pub async fn append(&self, name: &str, records: Vec<NewRecord>) -> Result<(), LogError> {
         let topic = self.topic(name)?;
         if topic.partitions.len() == 1 || records.iter().all(|r| r.key.is_empty()) {
             topic.pick(&[]).log.append(records).await?;
