@@ -115,6 +115,11 @@ impl Delivery {
         Delivery { message, queue, redelivered, settle }
     }
 
+    /// Moves the decoded message out (the delivery keeps an error in its place).
+    pub fn take_message(&mut self) -> Result<Message, ProtocolError> {
+        std::mem::replace(&mut self.message, Err(ProtocolError::MissingField("message (already taken)")))
+    }
+
     /// Acknowledge: done.
     pub async fn ack(self) -> Result<(), BrokerError> {
         self.settle.ack().await

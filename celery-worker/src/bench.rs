@@ -131,6 +131,24 @@ pub struct AppendArgs {
     /// Records per append call in the batched figures.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Also leave this many records in a queue, reopen it, consume a few, and report peak memory.
+    #[arg(long, default_value_t = 0)]
+    pub backlog: usize,
+}
+
+/// Peak and current resident memory of this process, in MiB (Linux).
+fn rss_mib() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+            .unwrap_or(0.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Appends `count` records in batches of `batch` from `publishers` concurrent tasks.
@@ -179,6 +197,35 @@ pub async fn append(a: &AppendArgs) -> anyhow::Result<()> {
             "records/s",
         );
     }
+    if a.backlog > 0 {
+        backlog(a).await?;
+    }
     let _ = std::fs::remove_dir_all(&a.data);
+    Ok(())
+}
+
+/// Fills a queue with `backlog` records, reopens the directory (recovery) and consumes a few,
+/// reporting memory: it must not grow with the number of records waiting.
+async fn backlog(a: &AppendArgs) -> anyhow::Result<()> {
+    use celery_core::Broker;
+    let url = format!("log://{}?fsync=os", a.data);
+    let (_, before) = rss_mib();
+    let t = Instant::now();
+    append_rate(&url, "backlog", a.backlog, a.size, 1, 10_000).await?;
+    line("backlog_fill_seconds", t.elapsed().as_secs_f64(), "s");
+    let t = Instant::now();
+    let broker = broker_backends::log::LogBroker::connect(&url).await?;
+    line("backlog_reopen_seconds", t.elapsed().as_secs_f64(), "s");
+    line("backlog_queued", broker.queue_len("backlog").await? as f64, "records");
+    let mut consumer = broker.consume(&["backlog".to_string()], 100).await?;
+    for _ in 0..1000 {
+        if let Some(d) = consumer.next().await {
+            d.ack().await?;
+        }
+    }
+    let (peak, now) = rss_mib();
+    line("backlog_rss_before_mib", before, "MiB");
+    line("backlog_rss_now_mib", now, "MiB");
+    line("backlog_rss_peak_mib", peak, "MiB");
     Ok(())
 }

@@ -238,9 +238,9 @@ async fn requeue(w: &Shared, d: Delivery) {
     }
 }
 
-async fn handle(w: Arc<Shared>, d: Delivery, permit: OwnedSemaphorePermit) {
-    let msg = match &d.message {
-        Ok(m) => m.clone(),
+async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
+    let msg = match d.take_message() {
+        Ok(m) => m,
         Err(e) => {
             let reason = format!("undecodable message: {e}");
             reject(&w, d, None, &reason).await;
