@@ -152,7 +152,14 @@ fn rss_mib() -> (f64, f64) {
 }
 
 /// Appends `count` records in batches of `batch` from `publishers` concurrent tasks.
-async fn append_rate(url: &str, queue: &str, count: usize, size: usize, publishers: usize, batch: usize) -> anyhow::Result<f64> {
+async fn append_rate(
+    url: &str,
+    queue: &str,
+    count: usize,
+    size: usize,
+    publishers: usize,
+    batch: usize,
+) -> anyhow::Result<f64> {
     use broker_backends::log::{parse_url, LogStore, NewRecord};
     let (dir, cfg) = parse_url(url)?;
     let store = LogStore::open(&dir, cfg)?;
@@ -186,7 +193,11 @@ pub async fn append(a: &AppendArgs) -> anyhow::Result<()> {
     let n = a.records;
     for fsync in ["os", "10", "always"] {
         let q = format!("batched-{fsync}");
-        line(&format!("append_batched_fsync_{fsync}"), append_rate(&url(fsync), &q, n, a.size, 1, a.batch).await?, "records/s");
+        line(
+            &format!("append_batched_fsync_{fsync}"),
+            append_rate(&url(fsync), &q, n, a.size, 1, a.batch).await?,
+            "records/s",
+        );
     }
     for fsync in ["os", "always"] {
         let q = format!("concurrent-{fsync}");
