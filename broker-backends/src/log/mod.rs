@@ -160,13 +160,23 @@ impl LogBroker {
                 tracing::debug!(path = %path.display(), pid, "log: directory owned by another process; connecting to it");
                 let client =
                     Arc::new(remote::RemoteClient::new(remote::Target::Unix(socket_path(&path)), String::new()));
-                client.call(wire::kind::HELLO, |e| e.str("")).await.map_err(|e| {
-                    BrokerError::Connection(format!(
-                        "{} is owned by process {pid}, whose socket does not answer: {e}",
-                        path.display()
-                    ))
-                })?;
-                Ok(LogBroker { inner: Inner::Remote(client) })
+                // The owner may have just taken the lock and not be listening yet: retry briefly.
+                let mut backoff = celery_core::backoff::Reconnect::default();
+                loop {
+                    match client.call(wire::kind::HELLO, |e| e.str("")).await {
+                        Ok(_) => return Ok(LogBroker { inner: Inner::Remote(client) }),
+                        Err(e) if backoff.attempts() < 6 => {
+                            tracing::debug!(error = %e, "log: owner's socket not ready; retrying");
+                            tokio::time::sleep(backoff.next_delay()).await;
+                        }
+                        Err(e) => {
+                            return Err(BrokerError::Connection(format!(
+                                "{} is owned by process {pid}, whose socket does not answer: {e}",
+                                path.display()
+                            )))
+                        }
+                    }
+                }
             }
             Err(e) => Err(e.into()),
         }
