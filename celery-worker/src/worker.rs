@@ -4,6 +4,8 @@
 //! What happens to a delivery:
 //! - undecodable, unregistered task, or arguments that do not fit: never run; FAILURE stored (when
 //!   the id is known) and the message dead-lettered to `<queue>.dead` with the reason;
+//! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
+//!   again;
 //! - `expires` passed: REVOKED, acked, not run;
 //! - `eta` more than a second away: handed back to the broker's durable delay store (no slot held);
 //! - otherwise (holding the concurrency slot it was taken with, so deliveries start in broker order)
@@ -101,6 +103,8 @@ pub struct WorkerStats {
     pub revoked: AtomicU64,
     /// Deliveries returned to their queue (shutdown).
     pub requeued: AtomicU64,
+    /// Redeliveries of tasks whose SUCCESS was already stored (acked, not run again).
+    pub already_done: AtomicU64,
 }
 
 impl WorkerStats {
@@ -265,6 +269,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             return;
         }
     };
+    if d.redelivered && already_succeeded(&w, &msg).await {
+        tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
+        w.stats.already_done.fetch_add(1, Ordering::Relaxed);
+        settle(d.ack().await);
+        return;
+    }
     let now = Utc::now();
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
@@ -460,6 +470,12 @@ async fn store_meta(w: &Shared, meta: TaskMeta) {
             }
         }
     }
+}
+
+/// True when a SUCCESS for this task id is stored already (a redelivery of finished work).
+async fn already_succeeded(w: &Shared, msg: &Message) -> bool {
+    !msg.headers.ignore_result
+        && matches!(w.app.backend().get(&msg.headers.id).await, Ok(Some(m)) if m.status == TaskState::Success)
 }
 
 /// Resolves once the worker is shutting down.

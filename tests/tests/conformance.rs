@@ -53,6 +53,7 @@ async fn c_boom() -> u32 {
 const T: Duration = Duration::from_secs(20);
 
 struct Running {
+    stats: std::sync::Arc<celery_worker::WorkerStats>,
     stop: tokio::sync::oneshot::Sender<()>,
     handle: tokio::task::JoinHandle<Result<(), celery_worker::WorkerError>>,
 }
@@ -65,10 +66,12 @@ fn worker(app: &App, concurrency: usize, prefetch_multiplier: usize) -> Running 
         ..WorkerConfig::default()
     };
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+    let worker = Worker::new(app.clone(), cfg);
+    let stats = worker.stats();
+    let handle = tokio::spawn(worker.run_until(async {
         let _ = rx.await;
     }));
-    Running { stop, handle }
+    Running { stats, stop, handle }
 }
 
 impl Running {
@@ -154,6 +157,42 @@ async fn an_unsettled_delivery_comes_back_after_its_lease(t: Target) {
     w.stop().await;
 }
 
+static RUNS: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+
+#[task]
+async fn c_counted(token: i64) -> i64 {
+    RUNS.lock().unwrap().push(token);
+    token
+}
+
+async fn a_redelivered_success_is_not_run_again(t: Target) {
+    let app = t.app().await;
+    let token: i64 = rand_token();
+    let res = app.send(c_counted::new(token)).await.unwrap();
+    {
+        // A worker ran it and stored SUCCESS, then died before acknowledging.
+        let (b, r) = t.urls();
+        let other = celery_worker::connect(&b, &r).await.unwrap();
+        let mut consumer = other.broker().consume(&["celery".into()], 1).await.unwrap();
+        let d = consumer.next().await.expect("delivery");
+        app.backend().store(&celery_core::TaskMeta::success(res.id(), json!(token))).await.unwrap();
+        drop(d);
+        drop(consumer);
+    }
+    let w = worker(&app, 2, 1);
+    let end = tokio::time::Instant::now() + T;
+    while w.stats.already_done.load(std::sync::atomic::Ordering::Relaxed) == 0 && tokio::time::Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    w.stop().await;
+    assert!(!RUNS.lock().unwrap().contains(&token), "the redelivery ran the task again");
+    assert_eq!(res.get::<i64>(T).await.unwrap(), token);
+}
+
+fn rand_token() -> i64 {
+    (uuid::Uuid::new_v4().as_u128() & 0xffff_ffff) as i64
+}
+
 async fn shutdown_returns_prefetched_work(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 1, 4);
@@ -222,6 +261,7 @@ conformance!(
     retries_countdown_expiry,
     bad_input_is_dead_lettered,
     an_unsettled_delivery_comes_back_after_its_lease,
+    a_redelivered_success_is_not_run_again,
     shutdown_returns_prefetched_work,
     purge_and_len,
 );
