@@ -216,6 +216,8 @@ pub enum Target {
     LogTcp(std::path::PathBuf, String, tokio::task::JoinHandle<()>),
     /// `redis://` with a key prefix.
     Redis(RedisEnv),
+    /// `amqp://` on a vhost of its own, results on Redis.
+    Amqp(AmqpVhost, RedisEnv),
 }
 
 impl Target {
@@ -237,6 +239,14 @@ impl Target {
         Target::LogTcp(dir, addr, server)
     }
 
+    /// RabbitMQ on a fresh vhost (results on Redis), or None (skipped) without the servers.
+    pub fn amqp() -> Option<Target> {
+        if !amqp_available("conformance (amqp)") || !redis_available("conformance (amqp results)") {
+            return None;
+        }
+        Some(Target::Amqp(AmqpVhost::new(), RedisEnv::new(1.0)))
+    }
+
     /// A fresh key prefix, or None (skipped) without Redis.
     pub fn redis() -> Option<Target> {
         redis_available("conformance (redis)").then(|| Target::Redis(RedisEnv::new(1.0)))
@@ -250,6 +260,7 @@ impl Target {
             }
             Target::LogTcp(_, a, _) => (format!("log+tcp://{a}?token=s3cret"), format!("log+tcp://{a}?token=s3cret")),
             Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
+            Target::Amqp(v, e) => (v.url(), e.backend.clone()),
         }
     }
 
@@ -270,7 +281,63 @@ impl Drop for Target {
                 server.abort();
                 let _ = std::fs::remove_dir_all(d);
             }
-            Target::Redis(_) => {}
+            Target::Redis(_) | Target::Amqp(..) => {}
         }
+    }
+}
+
+/// RabbitMQ's AMQP port.
+pub const AMQP: &str = "127.0.0.1:5672";
+
+/// Checks that RabbitMQ answers; prints a skip line (or panics under `CELERY_REQUIRE_SERVICES=1`).
+pub fn amqp_available(suite: &str) -> bool {
+    let ok = std::net::TcpStream::connect_timeout(&AMQP.parse().expect("addr"), Duration::from_secs(2)).is_ok();
+    if !ok {
+        if services_required() {
+            panic!("{suite}: RabbitMQ at {AMQP} is not reachable and CELERY_REQUIRE_SERVICES=1");
+        }
+        eprintln!("SKIPPED {suite}: RabbitMQ at {AMQP} is not reachable (start rabbitmq-server to run it)");
+    }
+    ok
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A RabbitMQ vhost for one test (guest may use it), deleted on drop.
+#[derive(Debug)]
+pub struct AmqpVhost(pub String);
+
+impl AmqpVhost {
+    /// Creates it.
+    pub fn new() -> AmqpVhost {
+        let name = format!("t-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        assert!(rabbitmqctl(&["add_vhost", &name]), "rabbitmqctl add_vhost {name} failed");
+        assert!(rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]), "set_permissions failed");
+        AmqpVhost(name)
+    }
+
+    /// The broker URL for it.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@{AMQP}/{}", self.0)
+    }
+}
+
+impl Default for AmqpVhost {
+    fn default() -> Self {
+        AmqpVhost::new()
+    }
+}
+
+impl Drop for AmqpVhost {
+    fn drop(&mut self) {
+        rabbitmqctl(&["delete_vhost", &self.0]);
     }
 }

@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+#[cfg(feature = "amqp")]
+pub mod amqp;
 pub(crate) mod envelope;
 #[cfg(feature = "log")]
 pub mod log;

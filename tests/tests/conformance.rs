@@ -1,6 +1,6 @@
 //! One suite, every broker and result backend: the same scenarios run against `log://` (a fresh
-//! directory), `log+tcp://` (a server in this process, with a token) and `redis://` (a fresh key
-//! prefix), through the public traits only.
+//! directory), `log+tcp://` (a server in this process, with a token), `redis://` (a fresh key
+//! prefix) and `amqp://` (a fresh RabbitMQ vhost, results on Redis), through the public traits only.
 
 use std::time::Duration;
 
@@ -243,6 +243,14 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() { super::$name(super::Target::log_tcp().await).await }
+            )*
+        }
+        mod amqp_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::amqp() { super::$name(t).await }
+                }
             )*
         }
         mod redis_broker {

@@ -1,6 +1,7 @@
 //! RabbitMQ's working modes through exchanges and bindings, on every broker that offers them:
 //! publish/subscribe (fanout), routing (direct), topics, headers, unroutable publishes, and
-//! declarations that survive a restart. Redis offers direct and topic (Kombu's binding sets) and
+//! declarations that survive a restart, on the log broker and on RabbitMQ (native exchanges). Redis offers
+//! direct and topic (Kombu's binding sets) and
 //! refuses fanout and headers with a clear error.
 
 use std::time::Duration;
@@ -137,4 +138,18 @@ async fn log_declarations_persist_across_a_restart() {
     let b = broker_backends::log::LogBroker::connect(&url).await.unwrap();
     b.publish(&Route::exchange("logs", ""), &msg(1)).await.unwrap();
     assert_eq!(b.queue_len("persisted").await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_direct_and_topic() {
+    if let Some(t) = Target::amqp() {
+        direct_and_topic(t).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_fanout_and_headers() {
+    if let Some(t) = Target::amqp() {
+        fanout_and_headers(t).await
+    }
 }
