@@ -336,6 +336,9 @@ impl Consumer for AmqpConsumer {
                         return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
                     }
                     Some((_, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
+                    None if !self.stopped => {
+                        tracing::warn!("amqp: consumer cancelled or connection closed; resubscribing")
+                    }
                     None => {}
                 }
                 self.stream = None;
@@ -344,11 +347,7 @@ impl Consumer for AmqpConsumer {
                 return None;
             }
             match self.subscribe().await {
-                Ok(()) => {
-                    if backoff.attempts() > 0 {
-                        tracing::info!("amqp: consuming again");
-                    }
-                }
+                Ok(()) => tracing::info!(queues = ?self.queues, "amqp: consuming again"),
                 Err(e) => {
                     let d = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?d, "amqp: cannot consume; retrying");

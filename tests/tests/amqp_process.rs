@@ -1,0 +1,87 @@
+//! Real worker processes on RabbitMQ (results on Redis): `kill -9` mid-task loses nothing (RabbitMQ
+//! returns the dead connection's unacked deliveries), and a connection cut by the server
+//! (`rabbitmqctl close_all_connections`) is survived: the worker reconnects and finishes everything.
+
+use std::process::Command;
+use std::time::Duration;
+
+use celery_core::{App, AsyncResult, Signature, TaskState};
+use celery_tests::{amqp_available, redis_available, AmqpVhost, DemoProcess, RedisEnv};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(40);
+
+struct Env {
+    vhost: AmqpVhost,
+    redis: RedisEnv,
+}
+
+impl Env {
+    fn new() -> Option<Env> {
+        (amqp_available("amqp_process") && redis_available("amqp_process"))
+            .then(|| Env { vhost: AmqpVhost::new(), redis: RedisEnv::new(60.0) })
+    }
+    async fn app(&self) -> App {
+        celery_worker::connect(&self.vhost.url(), &self.redis.backend).await.expect("connect")
+    }
+    fn worker(&self, concurrency: &str) -> DemoProcess {
+        DemoProcess::start_urls(&self.vhost.url(), &self.redis.backend, &["worker", "-c", concurrency])
+    }
+}
+
+async fn count(results: &[AsyncResult], state: TaskState) -> usize {
+    let mut n = 0;
+    for r in results {
+        n += (r.state().await.unwrap() == state) as usize;
+    }
+    n
+}
+
+async fn wait_count(results: &[AsyncResult], state: TaskState, want: usize) -> usize {
+    let end = tokio::time::Instant::now() + T;
+    loop {
+        let n = count(results, state).await;
+        if n >= want || tokio::time::Instant::now() > end {
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_task_loses_nothing() {
+    let Some(env) = Env::new() else { return };
+    let app = env.app().await;
+    let mut results = Vec::new();
+    for _ in 0..6 {
+        results.push(app.send(Signature::by_name("sleep").args(json!([1500]))).await.unwrap());
+    }
+    let mut first = env.worker("3");
+    assert_eq!(wait_count(&results, TaskState::Started, 3).await, 3, "{}", first.log());
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    let second = env.worker("6");
+    assert_eq!(wait_count(&results, TaskState::Success, 6).await, 6, "{}", second.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_cut_is_survived() {
+    let Some(env) = Env::new() else { return };
+    let app = env.app().await;
+    let worker = env.worker("4");
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let mut results = Vec::new();
+    for _ in 0..12 {
+        results.push(app.send(Signature::by_name("sleep").args(json!([1500]))).await.unwrap());
+    }
+    assert!(wait_count(&results, TaskState::Started, 1).await >= 1);
+    let out = Command::new("rabbitmqctl")
+        .args(["-q", "close_all_connections", "-p", &env.vhost.0, "test: connection cut"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Sends after the cut reconnect too.
+    results.push(app.send(Signature::by_name("add").args(json!([1, 2]))).await.unwrap());
+    assert_eq!(wait_count(&results, TaskState::Success, 13).await, 13, "{}", worker.log());
+    assert!(worker.log().contains("consuming again"), "the worker noticed the cut: {}", worker.log());
+}
