@@ -94,6 +94,9 @@ impl App {
     /// The route and message for a signature, with the task's registered defaults applied.
     pub fn prepare(&self, sig: &Signature) -> Result<(Route, Message), AppError> {
         let mut sig = sig.clone();
+        if sig.options.reply_to.is_none() {
+            sig.options.reply_to = self.backend.reply_to();
+        }
         if let Some(entry) = registry::lookup(&sig.task) {
             let o = (entry.options)();
             if sig.options.queue.is_none() {

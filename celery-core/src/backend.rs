@@ -36,6 +36,12 @@ pub trait ResultBackend: Send + Sync + Debug {
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError>;
     /// Deletes the stored state.
     async fn forget(&self, task_id: &str) -> Result<(), BackendError>;
+
+    /// The queue results must be sent to, for backends that reply to the caller (rpc): the producer
+    /// puts it in each message's `reply_to`.
+    fn reply_to(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Celery's result document (`celery-task-meta-<id>` on Redis).
@@ -75,6 +81,10 @@ pub struct TaskMeta {
     /// The queue (extended results).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
+    /// Where the caller waits for the result (the request's `reply_to`), for backends that reply
+    /// to the caller (rpc). Not stored.
+    #[serde(skip)]
+    pub reply_to: Option<String>,
 }
 
 impl TaskMeta {
@@ -93,6 +103,7 @@ impl TaskMeta {
             worker: None,
             retries: None,
             queue: None,
+            reply_to: None,
         }
     }
 

@@ -435,6 +435,7 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
         let err = TaskError::new("RejectedMessage", reason);
         let mut meta = TaskMeta::error(&m.headers.id, TaskState::Failure, &err);
         meta.name = Some(m.headers.task.clone());
+        meta.reply_to = m.properties.reply_to.clone();
         store_meta(w, meta).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -450,6 +451,7 @@ async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: T
     meta.worker = Some(w.config.hostname.clone());
     meta.parent_id = msg.headers.parent_id.clone();
     meta.group_id = msg.headers.group.clone();
+    meta.reply_to = msg.properties.reply_to.clone();
     store_meta(w, meta).await
 }
 

@@ -15,6 +15,8 @@ pub mod log;
 pub mod memory;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(feature = "rpc")]
+pub mod rpc;
 
 /// Forces this crate (and its scheme registrations) to be linked; `celery-worker` calls it.
 pub fn link() {}

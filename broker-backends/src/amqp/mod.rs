@@ -47,6 +47,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn last_url_cell() -> &'static Mutex<Option<String>> {
+    static URL: Mutex<Option<String>> = Mutex::new(None);
+    &URL
+}
+
+/// The URL of the AMQP broker this process connected to last (what `rpc://` result backends use).
+pub fn last_url() -> Option<String> {
+    lock(last_url_cell()).clone()
+}
+
 /// The largest delay level, in seconds (about 12 days); longer countdowns hop again.
 const MAX_DELAY_SECS: u64 = 1 << 20;
 
@@ -67,6 +77,7 @@ impl AmqpBroker {
     /// Connects (the first connection must succeed; later losses are retried). A `heartbeat=30`
     /// is added to the URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
+        *lock(last_url_cell()) = Some(url.to_owned());
         let url = if url.contains("heartbeat=") {
             url.to_owned()
         } else if url.contains('?') {

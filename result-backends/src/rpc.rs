@@ -1,0 +1,189 @@
+//! `rpc://`: results sent to the caller's reply queue over AMQP, as Celery's rpc backend does. The
+//! worker publishes the result document to the anonymous exchange with routing key = the request's
+//! `reply_to` and correlation id = the task id; the caller consumes its own reply queue (named by
+//! a UUID, non-durable, auto-delete) and keeps the replies it got, so `AsyncResult::get` needs no
+//! Redis. `rpc://` uses the AMQP broker this process connected to; `rpc://user:pass@host/vhost`
+//! names one. As in Celery, results live only in the caller: no chords, no reading another
+//! process's results.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::AppError> {
+//! let app = celery_worker::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "rpc://").await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::scheme::BackendScheme;
+use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
+use futures::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Notify;
+
+fn err(e: lapin::Error) -> BackendError {
+    if e.is_io_error() || e.is_amqp_hard_error() {
+        BackendError::Connection(e.to_string())
+    } else {
+        BackendError::Operation(e.to_string())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Debug)]
+struct Inner {
+    url: String,
+    queue: String,
+    publish: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
+    replies: Mutex<HashMap<String, TaskMeta>>,
+    notify: Notify,
+}
+
+/// Results over AMQP replies.
+#[derive(Debug, Clone)]
+pub struct RpcBackend {
+    inner: Arc<Inner>,
+}
+
+impl RpcBackend {
+    /// Connects, declares this process's reply queue and starts consuming it.
+    pub async fn connect(url: &str) -> Result<RpcBackend, BackendError> {
+        let amqp = match url.strip_prefix("rpc://") {
+            Some("") | Some("/") => broker_backends::amqp::last_url().ok_or_else(|| BackendError::InvalidUrl {
+                url: url.into(),
+                reason: "rpc:// replies over the AMQP broker: connect an amqp:// broker first, or name one (rpc://user:pass@host/vhost)".into(),
+            })?,
+            Some(rest) => format!("amqp://{rest}"),
+            None => return Err(BackendError::InvalidUrl { url: url.into(), reason: "not an rpc:// URL".into() }),
+        };
+        let inner = Arc::new(Inner {
+            url: amqp,
+            queue: uuid::Uuid::new_v4().to_string(),
+            publish: tokio::sync::Mutex::new(None),
+            replies: Mutex::default(),
+            notify: Notify::new(),
+        });
+        let subscription = subscribe(&inner).await?;
+        tokio::spawn(listen(Arc::downgrade(&inner), subscription));
+        Ok(RpcBackend { inner })
+    }
+
+    async fn channel(&self) -> Result<Channel, BackendError> {
+        let mut guard = self.inner.publish.lock().await;
+        if let Some((c, ch)) = guard.as_ref() {
+            if c.status().connected() && ch.status().connected() {
+                return Ok(ch.clone());
+            }
+        }
+        let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await.map_err(err)?);
+        let ch = conn.create_channel().await.map_err(err)?;
+        *guard = Some((conn, ch.clone()));
+        Ok(ch)
+    }
+}
+
+/// Declares the reply queue and consumes it without acks (the connection lives with the consumer).
+async fn subscribe(inner: &Inner) -> Result<(Connection, lapin::Consumer), BackendError> {
+    let conn = Connection::connect(&inner.url, ConnectionProperties::default()).await.map_err(err)?;
+    let ch = conn.create_channel().await.map_err(err)?;
+    let mut args = FieldTable::default();
+    args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
+    let q = ShortString::try_new(inner.queue.clone()).map_err(|_| BackendError::Operation("queue name".into()))?;
+    ch.queue_declare(q.clone(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, args)
+        .await
+        .map_err(err)?;
+    let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
+    let consumer = ch.basic_consume(q, "".into(), opts, FieldTable::default()).await.map_err(err)?;
+    Ok((conn, consumer))
+}
+
+async fn listen(inner: std::sync::Weak<Inner>, subscription: (Connection, lapin::Consumer)) {
+    let (mut _conn, mut consumer) = subscription;
+    loop {
+        while let Some(item) = consumer.next().await {
+            let Some(inner) = inner.upgrade() else { return };
+            let Ok(d) = item else { break };
+            match TaskMeta::from_slice(&d.data) {
+                Ok(meta) => {
+                    let mut replies = lock(&inner.replies);
+                    let keep = replies.get(&meta.task_id).is_some_and(|m| m.status == TaskState::Success);
+                    if !keep {
+                        replies.insert(meta.task_id.clone(), meta);
+                    }
+                    drop(replies);
+                    inner.notify.notify_waiters();
+                }
+                Err(e) => tracing::warn!(error = %e, "rpc: ignoring a reply that is not a result document"),
+            }
+        }
+        let Some(strong) = inner.upgrade() else { return };
+        tracing::warn!("rpc: reply consumer lost; resubscribing");
+        let mut backoff = celery_core::backoff::Reconnect::default();
+        (_conn, consumer) = loop {
+            match subscribe(&strong).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?d, "rpc: cannot resubscribe");
+                    tokio::time::sleep(d).await;
+                }
+            }
+        };
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RpcBackend {
+    /// Publishes the document to the request's reply queue (nothing to do without one).
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        let Some(reply_to) = meta.reply_to.as_deref() else { return Ok(()) };
+        let key = ShortString::try_new(reply_to.to_owned())
+            .map_err(|_| BackendError::Operation("reply_to too long".into()))?;
+        let id = ShortString::try_new(meta.task_id.clone())
+            .map_err(|_| BackendError::Operation("task id too long".into()))?;
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_correlation_id(id)
+            .with_delivery_mode(1);
+        let ch = self.channel().await?;
+        ch.basic_publish("".into(), key, BasicPublishOptions::default(), &meta.to_vec(), props).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        Ok(lock(&self.inner.replies).get(task_id).cloned())
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.notify.notified();
+            let cur = self.get(task_id).await?;
+            if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                return Ok(cur);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        lock(&self.inner.replies).remove(task_id);
+        Ok(())
+    }
+
+    fn reply_to(&self) -> Option<String> {
+        Some(self.inner.queue.clone())
+    }
+}
+
+inventory::submit! {
+    BackendScheme { scheme: "rpc", connect: |url| Box::pin(async move { Ok(Arc::new(RpcBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
