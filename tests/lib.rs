@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 /// The Redis server the suites use.
 pub const REDIS: &str = "redis://127.0.0.1:6379";
-/// The database the suites use (Python interop tests use 10-13 of their own).
+/// The database the suites use (Python interop tests use 7, 8 and 10-13 of their own).
 pub const TEST_DB: u8 = 9;
 
 /// True when the run must not skip a suite for a missing server.

@@ -1,4 +1,5 @@
-//! Wire compatibility with real Python Celery from PyPI, over the real Redis, both ways:
+//! Wire compatibility with real Python Celery from PyPI, both ways, over the real Redis and over
+//! RabbitMQ (results in Redis):
 //!
 //! 1. A Python producer's `send_task('add', args=[2, 3])` runs on our worker (the demo binary, as a
 //!    process) and Python's `AsyncResult.get()` returns 5; its `send_task('fail', args=['oops'])`
@@ -9,7 +10,9 @@
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
 //! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
 //! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
-//! key prefixes, so each test owns two Redis databases instead (10/11 and 12/13), flushed first.
+//! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
+//! the Redis tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
+//! their own.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,7 +21,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use celery_core::Signature;
-use celery_tests::{demo_bin, redis_available, services_required, REDIS};
+use celery_tests::{amqp_available, demo_bin, redis_available, services_required, AmqpVhost, REDIS};
 use serde_json::{json, Value};
 
 const SUITE: &str = "python_interop";
@@ -26,31 +29,45 @@ const SUITE: &str = "python_interop";
 const QUEUE: &str = "interop";
 /// How long either side waits for a result.
 const T: Duration = Duration::from_secs(30);
-/// What the virtualenv installs.
+/// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery).
 const CELERY_REQUIREMENT: &str = "celery[redis]>=5.3,<6";
 
-/// The broker and result backend databases a test owns.
-struct Dbs {
+/// The broker and result backend a test owns.
+struct Servers {
     broker: String,
     backend: String,
+    /// The RabbitMQ vhost behind `broker`, deleted when the test ends (after its workers).
+    _vhost: Option<AmqpVhost>,
 }
 
-impl Dbs {
-    /// Databases `broker` and `backend` of the test Redis, flushed.
-    fn fresh(broker: u8, backend: u8) -> Dbs {
-        for db in [broker, backend] {
-            let mut conn = redis::Client::open(format!("{REDIS}/{db}"))
-                .and_then(|c| c.get_connection())
-                .expect("redis connection");
-            redis::cmd("FLUSHDB").query::<()>(&mut conn).expect("FLUSHDB");
-        }
-        Dbs { broker: format!("{REDIS}/{broker}"), backend: format!("{REDIS}/{backend}") }
+impl Servers {
+    /// Databases `broker` and `backend` of the test Redis, flushed; `None` (skipped) without Redis.
+    fn redis(broker: u8, backend: u8) -> Option<Servers> {
+        redis_available(SUITE).then(|| Servers { broker: flushed(broker), backend: flushed(backend), _vhost: None })
     }
 
-    /// Points `cmd` (our CLI or Python Celery) at these databases.
+    /// A fresh RabbitMQ vhost, results in database `backend` of the test Redis, flushed; `None`
+    /// (skipped) without RabbitMQ or Redis.
+    fn amqp(backend: u8) -> Option<Servers> {
+        if !amqp_available(SUITE) || !redis_available(SUITE) {
+            return None;
+        }
+        let vhost = AmqpVhost::new();
+        Some(Servers { broker: vhost.url(), backend: flushed(backend), _vhost: Some(vhost) })
+    }
+
+    /// Points `cmd` (our CLI or Python Celery) at these servers.
     fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
         cmd.env("CELERY_BROKER_URL", &self.broker).env("CELERY_RESULT_BACKEND", &self.backend)
     }
+}
+
+/// The URL of database `db` of the test Redis, flushed.
+fn flushed(db: u8) -> String {
+    let url = format!("{REDIS}/{db}");
+    let mut conn = redis::Client::open(url.as_str()).and_then(|c| c.get_connection()).expect("redis connection");
+    redis::cmd("FLUSHDB").query::<()>(&mut conn).expect("FLUSHDB");
+    url
 }
 
 /// A worker process, killed when dropped; its stdout and stderr go to a log file.
@@ -144,32 +161,65 @@ fn run(cmd: &mut Command) -> Result<(), String> {
     ))
 }
 
-/// `python <args>` in `tests/python`, against `dbs`.
-fn python_cmd(python: &Path, dbs: &Dbs, args: &[&str]) -> Command {
+/// `python <args>` in `tests/python`, against `servers`.
+fn python_cmd(python: &Path, servers: &Servers, args: &[&str]) -> Command {
     let mut cmd = Command::new(python);
     cmd.args(args)
         .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("python"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("PYTHONUNBUFFERED", "1");
-    dbs.apply(&mut cmd);
+    servers.apply(&mut cmd);
     cmd
 }
 
 #[test]
 fn python_producer_runs_on_our_worker() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(python) = python_or_skip() else {
+    let Some(servers) = Servers::redis(10, 11) else {
         return;
     };
-    let dbs = Dbs::fresh(10, 11);
+    if let Some(python) = python_or_skip() {
+        python_producer_runs_on_our_worker_via(python, &servers);
+    }
+}
+
+#[test]
+fn python_producer_runs_on_our_worker_over_amqp() {
+    let Some(servers) = Servers::amqp(7) else {
+        return;
+    };
+    if let Some(python) = python_or_skip() {
+        python_producer_runs_on_our_worker_via(python, &servers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_runs_on_a_python_worker() {
+    let Some(servers) = Servers::redis(12, 13) else {
+        return;
+    };
+    if let Some(python) = python_or_skip() {
+        our_producer_runs_on_a_python_worker_via(python, &servers).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_producer_runs_on_a_python_worker_over_amqp() {
+    let Some(servers) = Servers::amqp(8) else {
+        return;
+    };
+    if let Some(python) = python_or_skip() {
+        our_producer_runs_on_a_python_worker_via(python, &servers).await;
+    }
+}
+
+/// Direction 1: the Python producer's `add` and `fail` run on our worker, started here.
+fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
     let worker = Service::start(
-        dbs.apply(&mut Command::new(demo_bin())).args(["worker", "-Q", QUEUE, "-c", "2"]).env("RUST_LOG", "info"),
+        servers.apply(&mut Command::new(demo_bin())).args(["worker", "-Q", QUEUE, "-c", "2"]).env("RUST_LOG", "info"),
     );
 
     // The script waits (30 s at most) for both results and prints what it got as JSON.
-    let out = python_cmd(python, &dbs, &["interop_app.py", QUEUE]).output().expect("run the Python producer");
+    let out = python_cmd(python, servers, &["interop_app.py", QUEUE]).output().expect("run the Python producer");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = || {
         format!(
@@ -185,27 +235,20 @@ fn python_producer_runs_on_our_worker() {
         .last()
         .and_then(|line| serde_json::from_str(line).ok())
         .unwrap_or_else(|| panic!("no JSON line: {}", report()));
-    eprintln!("{SUITE}: the Python producer got {got}");
+    eprintln!("{SUITE}: the Python producer got {got} over {}", servers.broker);
     assert_eq!(got["add"], json!(5), "{}", report());
     let message = got["fail"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("oops"), "{}", report());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_producer_runs_on_a_python_worker() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(python) = python_or_skip() else {
-        return;
-    };
-    let dbs = Dbs::fresh(12, 13);
-    let app = celery_worker::connect(&dbs.broker, &dbs.backend).await.expect("connect");
+/// Direction 2: our `add(2, 3)` runs on a Python Celery worker, started here.
+async fn our_producer_runs_on_a_python_worker_via(python: &Path, servers: &Servers) {
+    let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
     // Sent before the worker starts: it waits in the queue until the worker is up.
     let result = app.send(Signature::by_name("add").args(json!([2, 3])).queue(QUEUE)).await.expect("send");
     let worker = Service::start(&mut python_cmd(
         python,
-        &dbs,
+        servers,
         &[
             "-m",
             "celery",
