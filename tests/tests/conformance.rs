@@ -193,6 +193,23 @@ fn rand_token() -> i64 {
     (uuid::Uuid::new_v4().as_u128() & 0xffff_ffff) as i64
 }
 
+/// Work queue with prefetch 1 (RabbitMQ's fair dispatch): a worker busy with a slow task holds no
+/// other task, so the short ones all finish on the other worker before the slow one does.
+async fn fair_dispatch_with_prefetch_one(t: Target) {
+    let app = t.app().await;
+    let (w1, w2) = (worker(&app, 1, 1), worker(&app, 1, 1));
+    let slow = app.send(c_sleep::new(1500)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fast = app.send_batch((0..4).map(|_| c_sleep::new(50))).await.unwrap();
+    for f in &fast {
+        assert_eq!(f.get::<u64>(T).await.unwrap(), 50);
+    }
+    assert_ne!(slow.state().await.unwrap(), TaskState::Success, "a short task waited behind the slow one");
+    assert_eq!(slow.get::<u64>(T).await.unwrap(), 1500);
+    w1.stop().await;
+    w2.stop().await;
+}
+
 async fn shutdown_returns_prefetched_work(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 1, 4);
@@ -270,6 +287,7 @@ conformance!(
     bad_input_is_dead_lettered,
     an_unsettled_delivery_comes_back_after_its_lease,
     a_redelivered_success_is_not_run_again,
+    fair_dispatch_with_prefetch_one,
     shutdown_returns_prefetched_work,
     purge_and_len,
 );
