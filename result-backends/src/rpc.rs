@@ -7,8 +7,9 @@
 //! process's results.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), celery_core::AppError> {
-//! let app = celery_worker::connect("amqp://guest:guest@127.0.0.1:5672/%2f", "rpc://").await?;
+//! # async fn demo() -> Result<(), celery_core::BackendError> {
+//! // Usually "rpc://" beside an amqp:// broker; here with the server named.
+//! let backend = result_backends::rpc::RpcBackend::connect("rpc://guest:guest@127.0.0.1:5672/%2f").await?;
 //! # Ok(()) }
 //! ```
 

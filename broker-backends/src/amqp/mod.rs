@@ -148,22 +148,8 @@ impl AmqpBroker {
     ) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
         let opts = BasicPublishOptions { mandatory, ..Default::default() };
-        let confirm = ch
-            .basic_publish(short(exchange)?, short(key)?, opts, body, props)
-            .await
-            .map_err(err)?
-            .await
-            .map_err(err)?;
-        match confirm {
-            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-            Confirmation::Ack(Some(ret)) => Err(BrokerError::Operation(format!(
-                "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
-                ret.reply_text
-            ))),
-            Confirmation::Nack(_) => {
-                Err(BrokerError::Operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
-            }
-        }
+        let pending = ch.basic_publish(short(exchange)?, short(key)?, opts, body, props).await.map_err(err)?;
+        check_confirm(pending.await.map_err(err)?, exchange, key)
     }
 
     /// Holds `msg` in the delay queues of `queue` until `until`.
@@ -174,6 +160,20 @@ impl AmqpBroker {
         let secs = (1u64 << (63 - remaining.leading_zeros())).min(MAX_DELAY_SECS);
         let delay = self.delay_queue(&ch, queue, secs).await?;
         self.publish_raw("", &delay, false, properties(msg), &msg.body).await
+    }
+}
+
+/// Ok for a confirmed publish; an error for a nack or an unroutable mandatory publish.
+fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
+    match confirm {
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Ack(Some(ret)) => Err(BrokerError::Operation(format!(
+            "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
+            ret.reply_text
+        ))),
+        Confirmation::Nack(_) => {
+            Err(BrokerError::Operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
+        }
     }
 }
 
@@ -236,6 +236,32 @@ impl Broker for AmqpBroker {
             self.declare_queue(&ch, &route.routing_key, FieldTable::default()).await?;
         }
         self.publish_raw(&route.exchange, &route.routing_key, route.mandatory, properties(msg), &msg.body).await
+    }
+
+    /// Publishes every message, then waits for all the confirms (one round trip for the batch).
+    async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
+        let (_, ch) = self.connection().await?;
+        let mut pending = Vec::with_capacity(batch.len());
+        for (route, msg) in batch {
+            if route.exchange.is_empty()
+                && msg.headers.eta.is_some_and(|t| t > Utc::now() + chrono::Duration::seconds(1))
+            {
+                self.publish(route, msg).await?;
+                continue;
+            }
+            if route.exchange.is_empty() {
+                self.declare_queue(&ch, &route.routing_key, FieldTable::default()).await?;
+            }
+            let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
+            let key = short(&route.routing_key)?;
+            let p =
+                ch.basic_publish(short(&route.exchange)?, key, opts, &msg.body, properties(msg)).await.map_err(err)?;
+            pending.push((p, route));
+        }
+        for (p, route) in pending {
+            check_confirm(p.await.map_err(err)?, &route.exchange, &route.routing_key)?;
+        }
+        Ok(())
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
