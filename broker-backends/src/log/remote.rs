@@ -14,7 +14,7 @@ use celery_core::broker::Settle;
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
 use super::wire::{self, kind, settle, Dec, Enc};
@@ -140,27 +140,16 @@ async fn call_on(c: &Conn, id: u64, frame: Vec<u8>) -> Result<Vec<u8>, BrokerErr
 }
 
 fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let pending: Arc<Pending> = Arc::default();
     let pushes: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Pushed>>>> = Arc::default();
     let alive = Arc::new(AtomicBool::new(true));
     let alive_w = alive.clone();
     tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut buf = first;
-            while buf.len() < (1 << 20) {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-        // Every handle on the connection is gone: close it, so the server returns what we held.
-        let _ = wr.shutdown().await;
+        // Ends when every handle on the connection is gone: the stream is closed, so the server
+        // returns the deliveries we held.
+        wire::write_frames(wr, rx).await;
         alive_w.store(false, Ordering::Release);
     });
     let (p2, pu2, alive_r) = (pending.clone(), pushes.clone(), alive.clone());

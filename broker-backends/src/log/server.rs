@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use celery_core::broker::Settle;
 use celery_core::{Broker, TaskMeta, TaskState};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::store::LogStore;
@@ -33,22 +33,9 @@ pub(crate) async fn serve_connection<S>(store: Arc<LogStore>, stream: S, token: 
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, mut wr) = tokio::io::split(stream);
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
-    let writer = tokio::spawn(async move {
-        while let Some(first) = rx.recv().await {
-            let mut buf = first;
-            while buf.len() < (1 << 20) {
-                match rx.try_recv() {
-                    Ok(more) => buf.extend_from_slice(&more),
-                    Err(_) => break,
-                }
-            }
-            if wr.write_all(&buf).await.is_err() {
-                break;
-            }
-        }
-    });
+    let (mut rd, wr) = tokio::io::split(stream);
+    let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(wire::write_frames(wr, rx));
     let conn = Arc::new(Conn::default());
     let broker = LogBroker::local(store.clone());
     let mut authed = token.is_none();

@@ -7,7 +7,8 @@
 
 use std::io;
 
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 /// The protocol version byte.
 pub(crate) const VERSION: u8 = 1;
@@ -140,6 +141,24 @@ impl<'a> Dec<'a> {
             _ => Some(self.bytes()?.to_vec()),
         })
     }
+}
+
+/// Writes the frames sent on `rx` in order, coalescing what is queued into one write of up to
+/// 1 MiB; when every sender is gone (or a write fails) it shuts the stream's write side.
+pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(first) = rx.recv().await {
+        let mut buf = first;
+        while buf.len() < (1 << 20) {
+            match rx.try_recv() {
+                Ok(more) => buf.extend_from_slice(&more),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&buf).await.is_err() {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
 }
 
 /// One frame read from a stream.
