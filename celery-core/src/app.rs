@@ -134,6 +134,26 @@ impl App {
         Ok(batch.iter().map(|(_, m)| self.result(&m.headers.id)).collect())
     }
 
+    /// Sends a chain: each task runs after the previous one succeeded, with its result as the first
+    /// argument (unless the signature is immutable). Returns the last task's result, as Celery does.
+    pub async fn send_chain(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<AsyncResult, AppError> {
+        let mut sigs: Vec<Signature> = sigs.into_iter().collect();
+        if sigs.is_empty() {
+            return Err(AppError::Protocol(crate::ProtocolError::InvalidField {
+                field: "chain",
+                reason: "empty".into(),
+            }));
+        }
+        for s in &mut sigs {
+            s.options.task_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string());
+        }
+        let last = sigs.last().and_then(|s| s.options.task_id.clone()).unwrap_or_default();
+        let mut first = sigs.remove(0);
+        first.options.chain = sigs;
+        self.send(first).await?;
+        Ok(self.result(&last))
+    }
+
     /// Sends a task by name with JSON positional and keyword arguments.
     pub async fn send_by_name(&self, name: &str, args: Value, kwargs: Value) -> Result<AsyncResult, AppError> {
         self.send(Signature::by_name(name).args(args).kwargs(kwargs)).await

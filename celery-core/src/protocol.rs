@@ -325,7 +325,16 @@ impl Message {
     pub fn from_signature(sig: &Signature) -> Result<Message, ProtocolError> {
         let id = sig.options.task_id.clone().unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         let eta = sig.due_at();
-        let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed: Map::new() };
+        let mut embed = Map::new();
+        if !sig.options.chain.is_empty() {
+            // Celery keeps the rest of a chain reversed: the next task is the last element.
+            embed
+                .insert("chain".into(), Value::Array(sig.options.chain.iter().rev().map(Signature::to_json).collect()));
+        }
+        if !sig.options.link.is_empty() {
+            embed.insert("callbacks".into(), Value::Array(sig.options.link.iter().map(Signature::to_json).collect()));
+        }
+        let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed };
         let headers = Headers {
             lang: "rs".into(),
             task: sig.task.clone(),
@@ -424,6 +433,20 @@ mod tests {
         assert_eq!(TaskBody::from_slice(&b.to_vec()).unwrap().kwargs, b.kwargs);
         assert!(matches!(TaskBody::from_slice(b"{"), Err(ProtocolError::InvalidJson(_))));
         assert!(matches!(TaskBody::from_slice(b"[1, {}, {}]"), Err(ProtocolError::InvalidField { field: "args", .. })));
+    }
+
+    #[test]
+    fn chains_are_embedded_reversed_like_celery() {
+        let mut first = Signature::by_name("a");
+        first.options.chain = vec![Signature::by_name("b"), Signature::by_name("c").immutable()];
+        let first = first.link(Signature::by_name("cb").args(json!([1])));
+        let body = Message::from_signature(&first).unwrap().body().unwrap();
+        let chain = body.embed["chain"].as_array().unwrap();
+        assert_eq!(chain.iter().map(|s| s["task"].as_str().unwrap()).collect::<Vec<_>>(), ["c", "b"]);
+        assert_eq!(chain[0]["immutable"], json!(true));
+        assert_eq!(body.embed["callbacks"][0]["args"], json!([1]));
+        let back = Signature::from_json(&chain[1]).unwrap();
+        assert_eq!(back.task, "b");
     }
 
     #[test]

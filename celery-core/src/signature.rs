@@ -46,6 +46,11 @@ pub struct SendOptions {
     pub headers: Map<String, Value>,
     /// Fail the send when the exchange routes it to no queue.
     pub mandatory: bool,
+    /// Tasks to run after this one, in order, each getting the previous result as its first argument
+    /// (Celery's `embed.chain`).
+    pub chain: Vec<Signature>,
+    /// Tasks to send with this one's result when it succeeds (Celery's `link`, `embed.callbacks`).
+    pub link: Vec<Signature>,
 }
 
 /// A task invocation: name, arguments and options.
@@ -74,12 +79,20 @@ pub struct Signature {
     pub kwargs: Map<String, Value>,
     /// Send options.
     pub options: SendOptions,
+    /// Do not prepend the parent's result to the arguments (Celery's `si`).
+    pub immutable: bool,
 }
 
 impl Signature {
     /// An invocation of the task registered under `name`, with no arguments yet.
     pub fn by_name(name: impl Into<String>) -> Signature {
-        Signature { task: name.into(), args: Vec::new(), kwargs: Map::new(), options: SendOptions::default() }
+        Signature {
+            task: name.into(),
+            args: Vec::new(),
+            kwargs: Map::new(),
+            options: SendOptions::default(),
+            immutable: false,
+        }
     }
 
     /// Sets the positional arguments from a JSON array (any other value becomes the single argument).
@@ -181,6 +194,64 @@ impl Signature {
     /// Messages with the same key go to the same partition of a partitioned queue, in order.
     pub fn partition_key(self, key: impl Into<String>) -> Self {
         self.header(PARTITION_KEY, Value::String(key.into()))
+    }
+
+    /// Sends `callback` with this task's result as its first argument when it succeeds.
+    pub fn link(mut self, callback: Signature) -> Self {
+        self.options.link.push(callback);
+        self
+    }
+
+    /// Ignores the parent's result in a chain or callback (Celery's immutable signature, `si`).
+    pub fn immutable(mut self) -> Self {
+        self.immutable = true;
+        self
+    }
+
+    /// Celery's signature document: `{"task", "args", "kwargs", "options", "subtask_type", "immutable"}`.
+    pub fn to_json(&self) -> Value {
+        let mut options = Map::new();
+        let o = &self.options;
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                options.insert(k.into(), v);
+            }
+        };
+        put("task_id", o.task_id.clone().map(Value::String));
+        put("queue", o.queue.clone().map(Value::String));
+        put("exchange", o.exchange.clone().map(Value::String));
+        put("routing_key", o.routing_key.clone().map(Value::String));
+        put("priority", o.priority.map(Value::from));
+        put("countdown", o.countdown.map(|d| Value::from(d.as_secs_f64())));
+        if !o.link.is_empty() {
+            options.insert("link".into(), Value::Array(o.link.iter().map(Signature::to_json).collect()));
+        }
+        serde_json::json!({
+            "task": self.task, "args": self.args, "kwargs": self.kwargs, "options": options,
+            "subtask_type": null, "immutable": self.immutable,
+        })
+    }
+
+    /// Reads Celery's signature document.
+    pub fn from_json(v: &Value) -> Result<Signature, crate::ProtocolError> {
+        let bad = |reason: &str| crate::ProtocolError::InvalidField { field: "signature", reason: reason.into() };
+        let task = v.get("task").and_then(Value::as_str).ok_or_else(|| bad("no task name"))?;
+        let mut sig = Signature::by_name(task)
+            .args(v.get("args").cloned().unwrap_or(Value::Null))
+            .kwargs(v.get("kwargs").cloned().unwrap_or(Value::Null));
+        sig.immutable = v.get("immutable").and_then(Value::as_bool).unwrap_or(false);
+        let o = v.get("options").and_then(Value::as_object).cloned().unwrap_or_default();
+        let s = |k: &str| o.get(k).and_then(Value::as_str).map(str::to_owned);
+        sig.options.task_id = s("task_id");
+        sig.options.queue = s("queue");
+        sig.options.exchange = s("exchange");
+        sig.options.routing_key = s("routing_key");
+        sig.options.priority = o.get("priority").and_then(Value::as_u64).map(|p| p.min(9) as u8);
+        sig.options.countdown = o.get("countdown").and_then(Value::as_f64).map(|c| Duration::from_secs_f64(c.max(0.0)));
+        if let Some(Value::Array(links)) = o.get("link") {
+            sig.options.link = links.iter().map(Signature::from_json).collect::<Result<_, _>>()?;
+        }
+        Ok(sig)
     }
 
     /// Adds a header.

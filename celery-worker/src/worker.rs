@@ -337,6 +337,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
     let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
     let hard = msg.headers.time_limit.or(opts.time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let embed = body.embed;
     let args = TaskArgs { args: body.args, kwargs: body.kwargs };
     let started = std::time::Instant::now();
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
@@ -349,6 +350,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
         Outcome::Done(Ok(value)) => {
             tracing::debug!(?runtime, "succeeded");
+            send_follow_ups(&w, &msg, &embed, &value).await;
             if !ignore {
                 store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value)).await;
             }
@@ -470,6 +472,53 @@ async fn store_meta(w: &Shared, meta: TaskMeta) {
                 tracing::error!(error = %e, state = %meta.status, "could not store the task state");
                 return;
             }
+        }
+    }
+}
+
+/// After a success: sends the next task of a chain (`embed.chain`, kept reversed as Celery does) and
+/// the callbacks (`embed.callbacks`), each with the result as its first argument unless immutable.
+async fn send_follow_ups(
+    w: &Shared,
+    msg: &Message,
+    embed: &serde_json::Map<String, serde_json::Value>,
+    value: &serde_json::Value,
+) {
+    use celery_core::Signature;
+    let mut next = Vec::new();
+    if let Some(serde_json::Value::Array(rest)) = embed.get("chain") {
+        if let Some((first, remaining)) = rest.split_last() {
+            match Signature::from_json(first) {
+                Ok(mut sig) => {
+                    for s in remaining.iter().rev() {
+                        match Signature::from_json(s) {
+                            Ok(s) => sig.options.chain.push(s),
+                            Err(e) => tracing::error!(error = %e, "chain: a later signature is malformed"),
+                        }
+                    }
+                    next.push(sig);
+                }
+                Err(e) => tracing::error!(error = %e, "chain: the next signature is malformed"),
+            }
+        }
+    }
+    if let Some(serde_json::Value::Array(callbacks)) = embed.get("callbacks") {
+        for c in callbacks {
+            match Signature::from_json(c) {
+                Ok(sig) => next.push(sig),
+                Err(e) => tracing::error!(error = %e, "callback signature is malformed"),
+            }
+        }
+    }
+    for mut sig in next {
+        if !sig.immutable {
+            sig.args.insert(0, value.clone());
+        }
+        sig.options.parent_id = Some(msg.headers.id.clone());
+        sig.options.root_id = msg.headers.root_id.clone();
+        let name = sig.task.clone();
+        if let Err(e) = w.app.send(sig).await {
+            tracing::error!(error = %e, next = %name, "could not send the next task of a workflow");
         }
     }
 }

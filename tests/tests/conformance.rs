@@ -193,6 +193,34 @@ fn rand_token() -> i64 {
     (uuid::Uuid::new_v4().as_u128() & 0xffff_ffff) as i64
 }
 
+/// A chain passes each result as the first argument of the next task and returns the last result; a
+/// callback (`link`) gets the result too; an immutable signature ignores it.
+async fn chains_and_callbacks(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 4, 4);
+    let last = app
+        .send_chain([
+            c_add::new(1, 2),
+            Signature::by_name("c_add").args(json!([10])),
+            Signature::by_name("c_add").args(json!([100])),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(last.get::<i64>(T).await.unwrap(), 113);
+    let meta = last.info().await.unwrap().unwrap();
+    assert!(meta.parent_id.is_some(), "the last task knows its parent");
+    let callback =
+        Signature::by_name("c_add").args(json!([1000])).task_id("cb-".to_string() + &uuid::Uuid::new_v4().to_string());
+    let immutable =
+        Signature::by_name("c_add").args(json!([7, 7])).immutable().task_id(uuid::Uuid::new_v4().to_string());
+    let (cb_id, im_id) = (callback.options.task_id.clone().unwrap(), immutable.options.task_id.clone().unwrap());
+    let first = app.send(c_add::new(20, 22).link(callback).link(immutable)).await.unwrap();
+    assert_eq!(first.get::<i64>(T).await.unwrap(), 42);
+    assert_eq!(app.result(&cb_id).get::<i64>(T).await.unwrap(), 1042);
+    assert_eq!(app.result(&im_id).get::<i64>(T).await.unwrap(), 14);
+    w.stop().await;
+}
+
 /// Work queue with prefetch 1 (RabbitMQ's fair dispatch): a worker busy with a slow task holds no
 /// other task, so the short ones all finish on the other worker before the slow one does.
 async fn fair_dispatch_with_prefetch_one(t: Target) {
@@ -288,6 +316,7 @@ conformance!(
     an_unsettled_delivery_comes_back_after_its_lease,
     a_redelivered_success_is_not_run_again,
     fair_dispatch_with_prefetch_one,
+    chains_and_callbacks,
     shutdown_returns_prefetched_work,
     purge_and_len,
 );
