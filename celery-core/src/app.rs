@@ -134,6 +134,17 @@ impl App {
         Ok(batch.iter().map(|(_, m)| self.result(&m.headers.id)).collect())
     }
 
+    /// Sends a group: every task at once (one batch), each carrying the group id and its index in
+    /// the `group`/`group_index` headers; the results come back in order.
+    pub async fn send_group(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<crate::GroupResult, AppError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let sigs = sigs.into_iter().enumerate().map(|(i, s)| {
+            s.header("group", serde_json::Value::String(id.clone())).header("group_index", serde_json::Value::from(i))
+        });
+        let results = self.send_batch(sigs).await?;
+        Ok(crate::GroupResult { id, results })
+    }
+
     /// Sends a chain: each task runs after the previous one succeeded, with its result as the first
     /// argument (unless the signature is immutable). Returns the last task's result, as Celery does.
     pub async fn send_chain(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<AsyncResult, AppError> {

@@ -221,6 +221,20 @@ async fn chains_and_callbacks(t: Target) {
     w.stop().await;
 }
 
+/// A group runs its members in parallel; their results come back in the order given.
+async fn groups_collect_results_in_order(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 8, 4);
+    let group = app.send_group((0..20).map(|i| c_add::new(i, i))).await.unwrap();
+    let sums: Vec<i64> = group.get(T).await.unwrap();
+    assert_eq!(sums, (0..20).map(|i| 2 * i).collect::<Vec<_>>());
+    assert_eq!(group.completed_count().await.unwrap(), 20);
+    assert!(group.ready().await.unwrap());
+    let meta = group.results[3].info().await.unwrap().unwrap();
+    assert_eq!(meta.group_id.as_deref(), Some(group.id.as_str()));
+    w.stop().await;
+}
+
 /// Work queue with prefetch 1 (RabbitMQ's fair dispatch): a worker busy with a slow task holds no
 /// other task, so the short ones all finish on the other worker before the slow one does.
 async fn fair_dispatch_with_prefetch_one(t: Target) {
@@ -317,6 +331,7 @@ conformance!(
     a_redelivered_success_is_not_run_again,
     fair_dispatch_with_prefetch_one,
     chains_and_callbacks,
+    groups_collect_results_in_order,
     shutdown_returns_prefetched_work,
     purge_and_len,
 );
