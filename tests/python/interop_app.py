@@ -3,6 +3,8 @@
 As a Celery app (`celery -A interop_app worker`) it serves a task named `add`.
 As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2, 3)` and
 `fail('oops')` to <queue>, waits for both and prints one JSON line with what it got.
+`python interop_app.py chain <queue>` sends the chain `add(2, 3) | add(10) | add(100)`, every
+step to <queue>, waits for the last result and prints it as one JSON line.
 
 The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
 """
@@ -11,7 +13,7 @@ import json
 import os
 import sys
 
-from celery import Celery
+from celery import Celery, chain
 
 app = Celery(
     "interop_app",
@@ -42,5 +44,19 @@ def produce(queue):
     print(json.dumps({"add": added, "fail": failure}))
 
 
+def produce_chain(queue):
+    # `apply_async(queue=...)` only routes the first task: each step carries its own queue.
+    steps = [
+        app.signature("add", args=(2, 3)).set(queue=queue),
+        app.signature("add", args=(10,)).set(queue=queue),
+        app.signature("add", args=(100,)).set(queue=queue),
+    ]
+    result = chain(*steps).apply_async()
+    print(json.dumps({"chain": result.get(timeout=30)}))
+
+
 if __name__ == "__main__":
-    produce(sys.argv[1])
+    if sys.argv[1] == "chain":
+        produce_chain(sys.argv[2])
+    else:
+        produce(sys.argv[1])

@@ -6,12 +6,15 @@
 //!    raises on the Python side, with `oops` in the exception's message.
 //! 2. Our producer's `add(2, 3)` runs on a Python Celery worker (`--pool=solo`) and our
 //!    `AsyncResult::get` returns 5.
+//! 3. Chains, both ways over Redis: Python's `chain(add(2, 3), add(10), add(100))` runs step by
+//!    step on our worker and Python gets 115; our `send_chain([add(2, 3), add(10)])` runs on a
+//!    Python worker and our handle on the last task gets 15.
 //!
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
 //! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
 //! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
 //! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
-//! the Redis tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
+//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
 //! their own.
 
 use std::fs::File;
@@ -27,6 +30,8 @@ use serde_json::{json, Value};
 const SUITE: &str = "python_interop";
 /// The queue both directions use.
 const QUEUE: &str = "interop";
+/// The queue the chain tests use.
+const CHAIN_QUEUE: &str = "interop-chain";
 /// How long either side waits for a result.
 const T: Duration = Duration::from_secs(30);
 /// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery).
@@ -266,6 +271,85 @@ async fn our_producer_runs_on_a_python_worker_via(python: &Path, servers: &Serve
     ));
     match result.get::<i64>(T).await {
         Ok(sum) => assert_eq!(sum, 5),
+        Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
+    }
+}
+
+#[test]
+fn python_chain_runs_on_our_workers() {
+    let Some(servers) = Servers::redis(5, 5) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let worker = Service::start(
+        servers
+            .apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-Q", CHAIN_QUEUE, "-c", "2"])
+            .env("RUST_LOG", "info"),
+    );
+
+    // The script sends every step to CHAIN_QUEUE and waits (30 s at most) for the last result.
+    let out = python_cmd(python, &servers, &["interop_app.py", "chain", CHAIN_QUEUE])
+        .output()
+        .expect("run the Python producer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report = || {
+        format!(
+            "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            worker.log()
+        )
+    };
+    assert!(out.status.success(), "{}", report());
+    let got: Value = stdout
+        .lines()
+        .last()
+        .and_then(|line| serde_json::from_str(line).ok())
+        .unwrap_or_else(|| panic!("no JSON line: {}", report()));
+    eprintln!("{SUITE}: the Python chain got {got} from our worker");
+    assert_eq!(got["chain"], json!(115), "{}", report());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_chain_runs_on_python_workers() {
+    let Some(servers) = Servers::redis(6, 6) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
+    // Sent before the worker starts: the first step waits in the queue until the worker is up.
+    let result = app
+        .send_chain([
+            Signature::by_name("add").args(json!([2, 3])).queue(CHAIN_QUEUE),
+            Signature::by_name("add").args(json!([10])).queue(CHAIN_QUEUE),
+        ])
+        .await
+        .expect("send_chain");
+    let worker = Service::start(&mut python_cmd(
+        python,
+        &servers,
+        &[
+            "-m",
+            "celery",
+            "-A",
+            "interop_app",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            CHAIN_QUEUE,
+            "--loglevel=info",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+    ));
+    match result.get::<i64>(T).await {
+        Ok(sum) => assert_eq!(sum, 15),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
     }
 }
