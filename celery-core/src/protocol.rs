@@ -447,6 +447,13 @@ mod tests {
         assert_eq!(body.embed["callbacks"][0]["args"], json!([1]));
         let back = Signature::from_json(&chain[1]).unwrap();
         assert_eq!(back.task, "b");
+        let full = Signature::by_name("t")
+            .time_limit(std::time::Duration::from_secs(3))
+            .expires_in(std::time::Duration::from_secs(60))
+            .ignore_result(true);
+        let again = Signature::from_json(&full.to_json()).unwrap();
+        assert_eq!((again.options.time_limit, again.options.ignore_result), (Some(3.0), Some(true)));
+        assert_eq!(again.options.expires.map(|t| t.timestamp()), full.options.expires.map(|t| t.timestamp()));
     }
 
     #[test]

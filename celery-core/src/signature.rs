@@ -223,6 +223,10 @@ impl Signature {
         put("routing_key", o.routing_key.clone().map(Value::String));
         put("priority", o.priority.map(Value::from));
         put("countdown", o.countdown.map(|d| Value::from(d.as_secs_f64())));
+        put("expires", o.expires.map(|t| Value::String(crate::protocol::format_time(t))));
+        put("time_limit", o.time_limit.map(Value::from));
+        put("soft_time_limit", o.soft_time_limit.map(Value::from));
+        put("ignore_result", o.ignore_result.map(Value::from));
         if !o.link.is_empty() {
             options.insert("link".into(), Value::Array(o.link.iter().map(Signature::to_json).collect()));
         }
@@ -248,6 +252,10 @@ impl Signature {
         sig.options.routing_key = s("routing_key");
         sig.options.priority = o.get("priority").and_then(Value::as_u64).map(|p| p.min(9) as u8);
         sig.options.countdown = o.get("countdown").and_then(Value::as_f64).map(|c| Duration::from_secs_f64(c.max(0.0)));
+        sig.options.expires = s("expires").and_then(|t| crate::protocol::parse_time(&t).ok());
+        sig.options.time_limit = o.get("time_limit").and_then(Value::as_f64);
+        sig.options.soft_time_limit = o.get("soft_time_limit").and_then(Value::as_f64);
+        sig.options.ignore_result = o.get("ignore_result").and_then(Value::as_bool);
         if let Some(Value::Array(links)) = o.get("link") {
             sig.options.link = links.iter().map(Signature::from_json).collect::<Result<_, _>>()?;
         }
