@@ -44,6 +44,35 @@ pub trait ResultBackend: Send + Sync + Debug {
     }
 }
 
+/// Waits until `read` returns a ready document or `timeout` passes, re-reading each time `notify`
+/// wakes its waiters; returns what `read` gives last. For backends that keep results in this process
+/// and notify on every store.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::time::Duration;
+/// use celery_core::{backend::wait_notified, TaskMeta};
+/// let notify = tokio::sync::Notify::new();
+/// let meta = wait_notified(&notify, Duration::from_millis(10), || Some(TaskMeta::success("t", 1.into()))).await;
+/// assert!(meta.is_some());
+/// # });
+/// ```
+pub async fn wait_notified(
+    notify: &tokio::sync::Notify,
+    timeout: Duration,
+    mut read: impl FnMut() -> Option<TaskMeta>,
+) -> Option<TaskMeta> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let notified = notify.notified();
+        let cur = read();
+        if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+            return cur;
+        }
+        let _ = tokio::time::timeout_at(deadline, notified).await;
+    }
+}
+
 /// Celery's result document (`celery-task-meta-<id>` on Redis).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskMeta {

@@ -42,15 +42,8 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.inner.1.notified();
-            let cur = self.get(task_id).await?;
-            if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
-                return Ok(cur);
-            }
-            let _ = tokio::time::timeout_at(deadline, notified).await;
-        }
+        let read = || self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).get(task_id).cloned();
+        Ok(celery_core::backend::wait_notified(&self.inner.1, timeout, read).await)
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

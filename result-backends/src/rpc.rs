@@ -164,15 +164,8 @@ impl ResultBackend for RpcBackend {
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.inner.notify.notified();
-            let cur = self.get(task_id).await?;
-            if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
-                return Ok(cur);
-            }
-            let _ = tokio::time::timeout_at(deadline, notified).await;
-        }
+        let read = || lock(&self.inner.replies).get(task_id).cloned();
+        Ok(celery_core::backend::wait_notified(&self.inner.notify, timeout, read).await)
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

@@ -224,26 +224,31 @@ fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
     );
 
     // The script waits (30 s at most) for both results and prints what it got as JSON.
-    let out = python_cmd(python, servers, &["interop_app.py", QUEUE]).output().expect("run the Python producer");
+    let (got, report) = run_python_producer(python, servers, &["interop_app.py", QUEUE], &worker);
+    eprintln!("{SUITE}: the Python producer got {got} over {}", servers.broker);
+    assert_eq!(got["add"], json!(5), "{report}");
+    let message = got["fail"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("oops"), "{report}");
+}
+
+/// Runs a Python producer script that prints one JSON line last; returns that line and a report of
+/// its output and our worker's log for assertion messages. Fails when the script fails.
+fn run_python_producer(python: &Path, servers: &Servers, args: &[&str], worker: &Service) -> (Value, String) {
+    let out = python_cmd(python, servers, args).output().expect("run the Python producer");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = || {
-        format!(
-            "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            worker.log()
-        )
-    };
-    assert!(out.status.success(), "{}", report());
-    let got: Value = stdout
+    let report = format!(
+        "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
+    assert!(out.status.success(), "{report}");
+    let got = stdout
         .lines()
         .last()
         .and_then(|line| serde_json::from_str(line).ok())
-        .unwrap_or_else(|| panic!("no JSON line: {}", report()));
-    eprintln!("{SUITE}: the Python producer got {got} over {}", servers.broker);
-    assert_eq!(got["add"], json!(5), "{}", report());
-    let message = got["fail"]["message"].as_str().unwrap_or_default();
-    assert!(message.contains("oops"), "{}", report());
+        .unwrap_or_else(|| panic!("no JSON line: {report}"));
+    (got, report)
 }
 
 /// Direction 2: our `add(2, 3)` runs on a Python Celery worker, started here.
@@ -291,26 +296,9 @@ fn python_chain_runs_on_our_workers() {
     );
 
     // The script sends every step to CHAIN_QUEUE and waits (30 s at most) for the last result.
-    let out = python_cmd(python, &servers, &["interop_app.py", "chain", CHAIN_QUEUE])
-        .output()
-        .expect("run the Python producer");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let report = || {
-        format!(
-            "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr),
-            worker.log()
-        )
-    };
-    assert!(out.status.success(), "{}", report());
-    let got: Value = stdout
-        .lines()
-        .last()
-        .and_then(|line| serde_json::from_str(line).ok())
-        .unwrap_or_else(|| panic!("no JSON line: {}", report()));
+    let (got, report) = run_python_producer(python, &servers, &["interop_app.py", "chain", CHAIN_QUEUE], &worker);
     eprintln!("{SUITE}: the Python chain got {got} from our worker");
-    assert_eq!(got["chain"], json!(115), "{}", report());
+    assert_eq!(got["chain"], json!(115), "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
