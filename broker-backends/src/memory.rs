@@ -28,6 +28,9 @@ use tokio::sync::{Notify, Semaphore};
 struct State {
     queues: HashMap<String, VecDeque<Message>>,
     delayed: Vec<(DateTime<Utc>, String, Message)>,
+    /// name -> (holder, expiry)
+    leases: HashMap<String, (String, std::time::Instant)>,
+    docs: HashMap<String, Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +113,33 @@ impl Broker for MemoryBroker {
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let now = std::time::Instant::now();
+        let mut st = self.inner.lock();
+        let free = st.leases.get(name).is_none_or(|(h, exp)| h == holder || *exp <= now);
+        if free {
+            st.leases.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+        }
+        Ok(free)
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let mut st = self.inner.lock();
+        if st.leases.get(name).is_some_and(|(h, _)| h == holder) {
+            st.leases.remove(name);
+        }
+        Ok(())
+    }
+
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        Ok(self.inner.lock().docs.get(key).cloned())
+    }
+
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        self.inner.lock().docs.insert(key.to_owned(), doc.to_vec());
+        Ok(())
     }
 }
 

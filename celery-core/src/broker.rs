@@ -8,6 +8,7 @@
 //! - `consume(.., prefetch)` never has more than `prefetch` unsettled deliveries out.
 
 use std::fmt::Debug;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -63,6 +64,31 @@ pub trait Broker: Send + Sync + Debug {
     /// Binds a queue to an exchange.
     async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
         Err(BrokerError::Unsupported { broker: self.kind(), option: format!("bindings (`{}`)", binding.exchange) })
+    }
+
+    /// Takes or renews the lease `name` for `holder`: `Ok(true)` while `holder` holds it. A lease
+    /// not renewed within `ttl` (or whose holder's connection died, where the broker can tell) goes
+    /// to the next caller. Beat's leader election rests on this.
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let _ = (holder, ttl);
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("leases (`{name}`)") })
+    }
+
+    /// Gives up the lease `name` if `holder` holds it, so the next caller takes it at once.
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let _ = (name, holder);
+        Ok(())
+    }
+
+    /// The small document stored durably under `key` (beat's state), if any.
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("stored documents (`{key}`)") })
+    }
+
+    /// Stores `doc` durably under `key`, replacing what was there.
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        let _ = doc;
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("stored documents (`{key}`)") })
     }
 }
 

@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod rate;
 pub mod registry;
 pub mod routing;
+pub mod schedule;
 pub mod scheme;
 pub mod signature;
 pub mod state;

@@ -290,6 +290,31 @@ async fn purge_and_len(t: Target) {
     assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 0);
 }
 
+/// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
+async fn leases_and_documents(t: Target) {
+    let app = t.app().await;
+    let b = app.broker();
+    let ttl = Duration::from_secs(30);
+    assert!(b.lease("conf", "a", ttl).await.unwrap(), "a free lease is taken");
+    assert!(!b.lease("conf", "b", ttl).await.unwrap(), "a held lease is refused to another holder");
+    assert!(b.lease("conf", "a", ttl).await.unwrap(), "the holder renews");
+    b.release("conf", "a").await.unwrap();
+    let handed_over = async {
+        while !b.lease("conf", "b", ttl).await.unwrap() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), handed_over).await.expect("release hands the lease over");
+    assert!(!b.lease("conf", "a", ttl).await.unwrap());
+
+    assert_eq!(b.load_doc("conf").await.unwrap(), None);
+    b.store_doc("conf", b"first").await.unwrap();
+    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"first"[..]));
+    b.store_doc("conf", b"second").await.unwrap();
+    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]));
+    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]), "reading keeps it");
+}
+
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {
         mod log_broker {
@@ -334,4 +359,5 @@ conformance!(
     groups_collect_results_in_order,
     shutdown_returns_prefetched_work,
     purge_and_len,
+    leases_and_documents,
 );

@@ -15,6 +15,7 @@
 //! ```
 
 mod fields;
+mod lease;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -65,6 +66,7 @@ struct Inner {
     url: String,
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
+    holds: lease::Holds,
 }
 
 /// The RabbitMQ broker.
@@ -86,7 +88,12 @@ impl AmqpBroker {
             format!("{url}?heartbeat=30")
         };
         let b = AmqpBroker {
-            inner: Arc::new(Inner { url, conn: tokio::sync::Mutex::new(None), declared: Mutex::default() }),
+            inner: Arc::new(Inner {
+                url,
+                conn: tokio::sync::Mutex::new(None),
+                declared: Mutex::default(),
+                holds: Default::default(),
+            }),
         };
         b.connection().await?;
         Ok(b)
@@ -316,6 +323,24 @@ impl Broker for AmqpBroker {
         ch.queue_bind(short(&b.queue)?, short(&b.exchange)?, short(&b.routing_key)?, QueueBindOptions::default(), args)
             .await
             .map_err(err)
+    }
+
+    /// A single-active-consumer queue's token (see the `lease` module); `ttl` is not needed, as
+    /// RabbitMQ hands the token on as soon as the holder's channel dies.
+    async fn lease(&self, name: &str, holder: &str, _ttl: std::time::Duration) -> Result<bool, BrokerError> {
+        self.amqp_lease(name, holder).await
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        self.amqp_release(name, holder).await
+    }
+
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        self.amqp_load_doc(key).await
+    }
+
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        self.amqp_store_doc(key, doc).await
     }
 }
 

@@ -426,7 +426,41 @@ impl Broker for LogBroker {
             }
         }
     }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let ttl = ttl.max(Duration::from_millis(1));
+        match &self.inner {
+            Inner::Local(s) => Ok(s.lease(name, holder, Some(ttl)).await?),
+            Inner::Remote(c) => {
+                let body = c.call(wire::kind::LEASE, |e| e.str(name).str(holder).u64(ttl.as_millis() as u64)).await?;
+                Ok(remote::read_u64(&body)? == 1)
+            }
+        }
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => s.lease(name, holder, None).await.map(|_| ()).map_err(Into::into),
+            Inner::Remote(c) => c.call(wire::kind::LEASE, |e| e.str(name).str(holder).u64(0)).await.map(|_| ()),
+        }
+    }
+
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        self.get_result(&doc_key(key)).await
+    }
+
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        self.put_result(&doc_key(key), doc.to_vec(), DOC_TTL).await
+    }
 }
+
+/// Stored documents and leases live among the results (task ids are UUIDs, so the names never meet).
+fn doc_key(key: &str) -> String {
+    format!("_celery_rs.doc.{key}")
+}
+
+/// A stored document is kept until replaced.
+const DOC_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 type LeaseMap = Arc<Mutex<HashMap<usize, (Arc<Partition>, HashSet<u64>)>>>;
 
@@ -668,6 +702,23 @@ impl LogStore {
                 return cur;
             }
             let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+
+    /// Takes or renews (`ttl` given) or releases (`None`) the lease `name` for `holder`; true when
+    /// `holder` holds it afterwards. Leases are stored like results, so they survive an owner restart.
+    pub async fn lease(&self, name: &str, holder: &str, ttl: Option<Duration>) -> Result<bool, LogError> {
+        let key = format!("_celery_rs.lease.{name}");
+        let _one_at_a_time = self.lease_lock.lock().await;
+        let mine = match self.get_result(&key) {
+            None => true,
+            Some(cur) => cur == holder.as_bytes(),
+        };
+        match ttl {
+            Some(ttl) if mine => self.put_result(&key, holder.as_bytes().to_vec(), ttl, |_| false).await.map(|_| true),
+            Some(_) => Ok(false),
+            None if mine => self.forget_result(&key).await.map(|_| false),
+            None => Ok(false),
         }
     }
 

@@ -202,6 +202,13 @@ async fn handle(
             store.forget_result(&rid).await.map_err(|e| e.to_string())?;
             ok().finish()
         }
+        kind::LEASE => {
+            let name = d.str().map_err(e)?;
+            let holder = d.str().map_err(e)?;
+            let ttl = Some(Duration::from_millis(d.u64().map_err(e)?)).filter(|t| !t.is_zero());
+            let held = store.lease(&name, &holder, ttl).await.map_err(|e| e.to_string())?;
+            ok().u64(held as u64).finish()
+        }
         kind::DECLARE => {
             let name = d.str().map_err(e)?;
             let k: celery_core::routing::ExchangeKind = d.str().map_err(e)?.parse()?;

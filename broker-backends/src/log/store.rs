@@ -98,6 +98,8 @@ pub struct LogStore {
     pub(crate) notify: Arc<Notify>,
     pub(crate) results: Mutex<Results>,
     pub(crate) results_log: Arc<Partition>,
+    /// Serializes lease decisions.
+    pub(crate) lease_lock: tokio::sync::Mutex<()>,
     served: std::sync::Once,
     routing: Mutex<RoutingTable>,
     /// Publishes that matched no queue.
@@ -150,6 +152,7 @@ impl LogStore {
             notify,
             results: Mutex::new(Results::default()),
             results_log,
+            lease_lock: tokio::sync::Mutex::new(()),
             served: std::sync::Once::new(),
             routing: Mutex::new(load_routing(&canonical)?),
             unroutable: std::sync::atomic::AtomicU64::new(0),

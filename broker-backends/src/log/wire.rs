@@ -32,6 +32,7 @@ pub(crate) mod kind {
     pub(crate) const DECLARE: u8 = 13;
     pub(crate) const BIND: u8 = 14;
     pub(crate) const ROUTE: u8 = 15;
+    pub(crate) const LEASE: u8 = 16;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;

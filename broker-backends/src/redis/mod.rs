@@ -131,6 +131,16 @@ impl Keys {
     pub(crate) fn delayed(&self, queue: &str) -> String {
         format!("{}_celery_rs.delayed.{queue}", self.prefix)
     }
+
+    /// A lease (`SET NX PX` with renewal by its holder).
+    pub(crate) fn lease(&self, name: &str) -> String {
+        format!("{}_celery_rs.lease.{name}", self.prefix)
+    }
+
+    /// A stored document.
+    pub(crate) fn doc(&self, key: &str) -> String {
+        format!("{}_celery_rs.doc.{key}", self.prefix)
+    }
     pub(crate) fn binding(&self, exchange: &str) -> String {
         format!("{}_kombu.binding.{exchange}", self.prefix)
     }
@@ -325,6 +335,39 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
         Ok(counts.iter().sum())
+    }
+
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let mut conn = self.conn.clone();
+        let held: i64 = scripts::lease()
+            .key(self.keys.lease(name))
+            .arg(holder)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(conn_error)?;
+        Ok(held == 1)
+    }
+
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = scripts::release()
+            .key(self.keys.lease(name))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(conn_error)?;
+        Ok(())
+    }
+
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let mut conn = self.conn.clone();
+        conn.get(self.keys.doc(key)).await.map_err(conn_error)
+    }
+
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        conn.set(self.keys.doc(key), doc).await.map_err(conn_error)
     }
 }
 

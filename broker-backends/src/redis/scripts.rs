@@ -5,6 +5,8 @@
 //! - `unacked` (hash tag -> `[envelope, exchange, routing_key]`) and `unacked_index` (zset tag -> time):
 //!   Kombu's ack emulation, so Python Celery workers and ours restore each other's lost messages.
 //! - `_celery_rs.delayed.<queue>` (zset envelope -> due time in ms): ETA messages held durably.
+//! - `_celery_rs.lease.<name>` (string holder, `PX` ttl) and `_celery_rs.doc.<key>`: beat's leader
+//!   lease and state.
 
 use redis::Script;
 
@@ -123,4 +125,33 @@ if #nxt == 0 then return {{#due, -1}} end
 return {{#due, tonumber(nxt[2]) - now}}
 "#
     ))
+}
+
+/// Takes the lease if free, or renews it for its holder. KEYS: lease; ARGV: holder, ttl ms. Returns 1 when held.
+pub(crate) fn lease() -> Script {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+elseif not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
+"#,
+    )
+}
+
+/// Deletes the lease if `holder` holds it. KEYS: lease; ARGV: holder.
+pub(crate) fn release() -> Script {
+    Script::new(
+        r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#,
+    )
 }

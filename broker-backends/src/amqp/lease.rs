@@ -1,0 +1,126 @@
+//! Leases and stored documents on RabbitMQ, with nothing but queues.
+//!
+//! - A lease `name` is a durable queue `celery-rs.lease.<name>` with `x-single-active-consumer`,
+//!   holding one token message. Every candidate consumes it with prefetch 1 and never acks; RabbitMQ
+//!   delivers to one active consumer only, so the holder is whoever has the token. When the holder's
+//!   channel or connection dies (a crash, `kill -9`, a network loss caught by the heartbeat), RabbitMQ
+//!   requeues the token and activates the next consumer at once: no ttl to wait out.
+//! - A document `key` is the one message of a durable queue `celery-rs.doc.<key>` declared with
+//!   `x-max-length: 1`: storing publishes (with a confirm) and RabbitMQ drops the older one; loading
+//!   reads it with `basic.get` and puts it back.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use celery_core::BrokerError;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel};
+use tokio::sync::Notify;
+
+use super::{err, short, AmqpBroker};
+
+/// One candidacy: the channel consuming the lease queue, and whether it holds the token.
+#[derive(Debug)]
+pub(super) struct Hold {
+    channel: Channel,
+    holding: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Candidacies of this process, by (lease name, holder).
+pub(super) type Holds = tokio::sync::Mutex<HashMap<(String, String), Hold>>;
+
+fn lease_queue(name: &str) -> String {
+    format!("celery-rs.lease.{name}")
+}
+
+fn doc_queue(key: &str) -> String {
+    format!("celery-rs.doc.{key}")
+}
+
+fn doc_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(1));
+    args
+}
+
+/// How long a new candidate waits for the token before answering "not held (yet)".
+const FIRST_TOKEN_WAIT: Duration = Duration::from_millis(500);
+
+impl AmqpBroker {
+    pub(super) async fn amqp_lease(&self, name: &str, holder: &str) -> Result<bool, BrokerError> {
+        let key = (name.to_owned(), holder.to_owned());
+        let mut holds = self.inner.holds.lock().await;
+        if let Some(h) = holds.get(&key) {
+            if h.channel.status().connected() && !h.task.is_finished() {
+                return Ok(h.holding.load(Ordering::SeqCst));
+            }
+            if let Some(old) = holds.remove(&key) {
+                old.task.abort();
+            }
+        }
+        let queue = lease_queue(name);
+        let ch = self.channel().await?;
+        ch.basic_qos(1, BasicQosOptions::default()).await.map_err(err)?;
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        let q = ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), args).await.map_err(err)?;
+        if q.message_count() == 0 && q.consumer_count() == 0 {
+            // Nobody holds or waits for a token: put one in. Two candidates racing here make two
+            // tokens, which is harmless: the single active consumer gets them all.
+            let props = BasicProperties::default().with_delivery_mode(2);
+            self.publish_raw("", &queue, false, props, holder.as_bytes()).await?;
+        }
+        let mut consumer = ch
+            .basic_consume(short(&queue)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .map_err(err)?;
+        let holding = Arc::new(AtomicBool::new(false));
+        let got = Arc::new(Notify::new());
+        let (flag, notify) = (holding.clone(), got.clone());
+        let task = tokio::spawn(async move {
+            // The token stays unacked for as long as this channel lives.
+            while let Some(Ok(_token)) = consumer.next().await {
+                flag.store(true, Ordering::SeqCst);
+                notify.notify_one();
+            }
+            flag.store(false, Ordering::SeqCst);
+        });
+        let _ = tokio::time::timeout(FIRST_TOKEN_WAIT, got.notified()).await;
+        let held = holding.load(Ordering::SeqCst);
+        holds.insert(key, Hold { channel: ch, holding, task });
+        Ok(held)
+    }
+
+    pub(super) async fn amqp_release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
+        let hold = self.inner.holds.lock().await.remove(&(name.to_owned(), holder.to_owned()));
+        if let Some(h) = hold {
+            h.task.abort();
+            // Closing the channel requeues the token for the next candidate.
+            let _ = h.channel.close(200, "lease released".into()).await;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn amqp_load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
+        let queue = doc_queue(key);
+        let ch = self.channel().await?;
+        ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), doc_args()).await.map_err(err)?;
+        let got = ch.basic_get(short(&queue)?, BasicGetOptions { no_ack: false }).await.map_err(err)?;
+        let doc = got.map(|m| m.delivery.data.clone());
+        // Closing the channel puts the message back.
+        let _ = ch.close(200, "document read".into()).await;
+        Ok(doc)
+    }
+
+    pub(super) async fn amqp_store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
+        let queue = doc_queue(key);
+        let (_, ch) = self.connection().await?;
+        self.declare_queue(&ch, &queue, doc_args()).await?;
+        self.publish_raw("", &queue, false, BasicProperties::default().with_delivery_mode(2), doc).await
+    }
+}
