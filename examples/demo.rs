@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --example demo -- worker -c 16              # run a worker
 //! cargo run --example demo -- send add --args '[2, 3]' --wait
+//! cargo run --example demo -- beat                      # send `heartbeat` every minute
 //! cargo run --release --example demo -- bench -n 100000
 //! ```
 
@@ -62,6 +63,14 @@ fn record(path: String, token: String) -> Result<String, TaskError> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
     writeln!(f, "{token}")?;
     Ok(token)
+}
+
+/// Logs that the system is alive; beat sends it every minute (`demo beat` or `demo worker --beat`).
+#[task(schedule = Schedule::every(Duration::from_secs(60)), ignore_result)]
+async fn heartbeat() -> String {
+    let now = chrono::Utc::now().to_rfc3339();
+    tracing::info!(%now, "heartbeat");
+    now
 }
 
 fn main() -> std::process::ExitCode {

@@ -165,6 +165,46 @@ impl App {
         Ok(self.result(&last))
     }
 
+    /// Sends a chord: the `header` tasks run in parallel (a group); when all have finished, `body`
+    /// runs with the list of their results (in header order) as its first argument. Returns the
+    /// body's result. A failed member fails the chord: the body does not run and its result is a
+    /// `ChordError` naming the member. The backend counts members atomically (not on `rpc://`).
+    ///
+    /// ```no_run
+    /// # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use celery_core::Signature;
+    /// let header = (1..=10).map(|i| Signature::by_name("add").args(serde_json::json!([i, i])));
+    /// let total = app.send_chord(header, Signature::by_name("tsum")).await?;
+    /// assert_eq!(total.get::<i64>(Duration::from_secs(10)).await?, 110);
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_chord(
+        &self,
+        header: impl IntoIterator<Item = Signature>,
+        mut body: Signature,
+    ) -> Result<AsyncResult, AppError> {
+        let header: Vec<Signature> = header.into_iter().collect();
+        let body_id = body.options.task_id.get_or_insert_with(|| uuid::Uuid::new_v4().to_string()).clone();
+        if header.is_empty() {
+            // Celery's behaviour: an empty header runs the body at once with no results.
+            if !body.immutable {
+                body.args.insert(0, Value::Array(Vec::new()));
+            }
+            return self.send(body).await;
+        }
+        let group_id = uuid::Uuid::new_v4().to_string();
+        self.backend.chord_size(&group_id, header.len()).await?;
+        let mut doc = body.to_json();
+        doc["chord_size"] = Value::from(header.len());
+        let members = header.into_iter().enumerate().map(|(i, mut s)| {
+            s.options.chord = Some(doc.clone());
+            s.header("group", Value::String(group_id.clone())).header("group_index", Value::from(i))
+        });
+        self.send_batch(members).await?;
+        Ok(self.result(&body_id))
+    }
+
     /// Sends a task by name with JSON positional and keyword arguments.
     pub async fn send_by_name(&self, name: &str, args: Value, kwargs: Value) -> Result<AsyncResult, AppError> {
         self.send(Signature::by_name(name).args(args).kwargs(kwargs)).await

@@ -42,6 +42,106 @@ pub trait ResultBackend: Send + Sync + Debug {
     fn reply_to(&self) -> Option<String> {
         None
     }
+
+    /// A short name for messages (`"redis"`).
+    fn kind(&self) -> &'static str {
+        "this"
+    }
+
+    /// Records that the chord of group `group_id` has `size` members (Celery's `set_chord_size`).
+    /// Called before any member is sent.
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let _ = (group_id, size);
+        Err(BackendError::Unsupported { backend: self.kind(), what: "chords" })
+    }
+
+    /// Counts a member's final state into its chord, atomically. Returns every member, in group
+    /// order, to exactly one caller: the one whose report completed the chord. A member reported
+    /// twice (a retry or a redelivery) counts once; the completing member reporting again (its
+    /// worker died before acking) gets the members again, so the body is sent at least once.
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        let _ = (group_id, member);
+        Err(BackendError::Unsupported { backend: self.kind(), what: "chords" })
+    }
+
+    /// Forgets a chord's tally once its body was sent.
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        let _ = group_id;
+        Ok(())
+    }
+}
+
+/// A chord's tally kept in memory, for backends that count chords in their own process (the
+/// built-in and in-memory backends; Redis does the same in a Lua script).
+///
+/// ```
+/// use celery_core::backend::{ChordMember, ChordTally};
+/// use celery_core::TaskState;
+/// let m = |id: &str, i| ChordMember { task_id: id.into(), index: Some(i), state: TaskState::Success, result: i.into() };
+/// let mut t = ChordTally::default();
+/// t.size = Some(2);
+/// assert!(t.part(m("b", 1)).is_none());
+/// assert!(t.part(m("b", 1)).is_none(), "a member reported twice counts once");
+/// let all = t.part(m("a", 0)).unwrap();
+/// assert_eq!(all.iter().map(|m| m.task_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+/// assert!(t.part(m("b", 1)).is_none(), "only the completing member gets the results");
+/// assert!(t.part(m("a", 0)).is_some(), "...again when it reports again");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChordTally {
+    /// The number of members (none until the producer set it).
+    pub size: Option<usize>,
+    /// The members counted so far, by task id.
+    pub members: std::collections::BTreeMap<String, ChordMember>,
+    /// The member whose report completed the chord.
+    pub completed_by: Option<String>,
+}
+
+impl ChordTally {
+    /// Counts `member`; returns every member in group order to the member that completes the chord.
+    pub fn part(&mut self, member: ChordMember) -> Option<Vec<ChordMember>> {
+        let id = member.task_id.clone();
+        self.members.entry(id.clone()).or_insert(member);
+        let complete = self.size.is_some_and(|n| self.members.len() >= n);
+        if !complete || self.completed_by.as_ref().is_some_and(|by| *by != id) {
+            return None;
+        }
+        self.completed_by = Some(id);
+        let mut all: Vec<ChordMember> = self.members.values().cloned().collect();
+        all.sort_by_key(|m| m.index.unwrap_or(u64::MAX));
+        Some(all)
+    }
+}
+
+/// One chord member's final state, as counted by [`ResultBackend::chord_part`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChordMember {
+    /// The member's task id.
+    pub task_id: String,
+    /// Its index in the group (`group_index`), which orders the results.
+    pub index: Option<u64>,
+    /// SUCCESS, FAILURE or REVOKED.
+    pub state: TaskState,
+    /// The return value, or the exception document.
+    pub result: Value,
+}
+
+impl ChordMember {
+    /// Celery's encoding in a chord's `.j` set: `[1, task_id, state, result]`.
+    pub fn to_celery(&self) -> Value {
+        json!([1, self.task_id, self.state, self.result])
+    }
+
+    /// Reads Celery's `[1, task_id, state, result]`.
+    pub fn from_celery(v: &Value, index: Option<u64>) -> Option<ChordMember> {
+        let a = v.as_array()?;
+        Some(ChordMember {
+            task_id: a.get(1)?.as_str()?.to_owned(),
+            index,
+            state: serde_json::from_value(a.get(2)?.clone()).ok()?,
+            result: a.get(3).cloned().unwrap_or(Value::Null),
+        })
+    }
 }
 
 /// Waits until `read` returns a ready document or `timeout` passes, re-reading each time `notify`

@@ -100,6 +100,14 @@ pub enum BackendError {
     /// A stored value is not a Celery result document.
     #[error("stored result is malformed: {0}")]
     Malformed(String),
+    /// The backend cannot do this (chords on `rpc://`, as in Celery).
+    #[error("the {backend} result backend does not support {what}")]
+    Unsupported {
+        /// The backend's name.
+        backend: &'static str,
+        /// What it cannot do.
+        what: &'static str,
+    },
 }
 
 impl BackendError {

@@ -28,7 +28,7 @@ pub mod state;
 pub mod task;
 
 pub use app::{App, AppConfig, AsyncResult};
-pub use backend::{ResultBackend, TaskMeta};
+pub use backend::{ChordMember, ResultBackend, TaskMeta};
 pub use broker::{Broker, Consumer, Delivery};
 pub use error::{AppError, BackendError, BrokerError, ProtocolError, ResultError};
 pub use group::GroupResult;

@@ -334,6 +334,9 @@ impl Message {
         if !sig.options.link.is_empty() {
             embed.insert("callbacks".into(), Value::Array(sig.options.link.iter().map(Signature::to_json).collect()));
         }
+        if let Some(chord) = &sig.options.chord {
+            embed.insert("chord".into(), chord.clone());
+        }
         let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed };
         let headers = Headers {
             lang: "rs".into(),

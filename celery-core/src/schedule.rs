@@ -204,8 +204,8 @@ pub struct ScheduleSpec {
     pub at: Option<DateTime<Utc>>,
 }
 
-/// Accepts `every = 10`, `every = 2.5` and `every = "10s"`.
-fn interval_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+/// Reads an optional interval given as `10`, `2.5` or `"10s"` (for `#[serde(deserialize_with)]`).
+pub fn interval_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Text {

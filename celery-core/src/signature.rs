@@ -51,6 +51,9 @@ pub struct SendOptions {
     pub chain: Vec<Signature>,
     /// Tasks to send with this one's result when it succeeds (Celery's `link`, `embed.callbacks`).
     pub link: Vec<Signature>,
+    /// The body of the chord this task is a member of (Celery's `embed.chord`: the body's signature
+    /// document with `chord_size`).
+    pub chord: Option<Value>,
 }
 
 /// A task invocation: name, arguments and options.

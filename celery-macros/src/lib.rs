@@ -13,7 +13,8 @@
 //! // add::new(2, 3) is a Signature; add(2, 3) is still the plain function.
 //! ```
 //!
-//! Options: `name`, `queue`, `max_retries`, `retry_backoff` (true or a factor in seconds),
+//! Options: `name`, `queue`, `schedule` (beat runs it periodically: a `Schedule`, a
+//! `Result<Schedule, _>`, a `Duration` or a crontab string), `max_retries`, `retry_backoff` (true or a factor in seconds),
 //! `retry_backoff_max`, `retry_jitter`, `autoretry`, `default_retry_delay`, `time_limit`,
 //! `soft_time_limit` (seconds), `rate_limit` (`"10/s"`), `acks_late`, `ignore_result`.
 #![forbid(unsafe_code)]
@@ -39,6 +40,7 @@ pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
 #[derive(Default)]
 struct Opts {
     name: Option<String>,
+    schedule: Option<Expr>,
     fields: Vec<TokenStream2>,
 }
 
@@ -81,6 +83,10 @@ fn parse_opts(attr: TokenStream2) -> syn::Result<Opts> {
         let field = match key.as_str() {
             "name" => {
                 o.name = Some(lit_str(&need(value)?, &key)?);
+                continue;
+            }
+            "schedule" => {
+                o.schedule = Some(need(value)?);
                 continue;
             }
             "queue" => {
@@ -135,9 +141,9 @@ fn parse_opts(attr: TokenStream2) -> syn::Result<Opts> {
                 return Err(syn::Error::new(
                     m.path().span(),
                     format!(
-                        "unknown task option `{key}`; expected one of name, queue, max_retries, retry_backoff, \
-                         retry_backoff_max, retry_jitter, autoretry, default_retry_delay, time_limit, \
-                         soft_time_limit, rate_limit, acks_late, ignore_result"
+                        "unknown task option `{key}`; expected one of name, queue, schedule, max_retries, \
+                         retry_backoff, retry_backoff_max, retry_jitter, autoretry, default_retry_delay, \
+                         time_limit, soft_time_limit, rate_limit, acks_late, ignore_result"
                     ),
                 ))
             }
@@ -241,6 +247,20 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
 
     let run_fn = format_ident!("__celery_task_run_{}", ident);
     let opts_fn = format_ident!("__celery_task_options_{}", ident);
+    let schedule = opts.schedule.as_ref().map(|expr| {
+        let sched_fn = format_ident!("__celery_task_schedule_{}", ident);
+        quote! {
+            #[doc(hidden)]
+            #[allow(non_snake_case)]
+            fn #sched_fn() -> ::core::result::Result<#core::schedule::Schedule, #core::schedule::ScheduleError> {
+                #core::schedule::IntoSchedule::into_schedule(#expr)
+            }
+
+            #core::__private::inventory::submit! {
+                #core::schedule::ScheduledTask { task: #name, schedule: #sched_fn }
+            }
+        }
+    });
     let ctx_arg = if has_ctx { quote!(__ctx,) } else { quote!() };
     let call = quote!(#ident(#ctx_arg #(#names),*));
     let wrap = |call: TokenStream2| {
@@ -337,5 +357,7 @@ fn expand(attr: TokenStream2, item: TokenStream2) -> syn::Result<TokenStream2> {
                 blocking: #blocking,
             }
         }
+
+        #schedule
     })
 }

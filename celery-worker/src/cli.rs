@@ -7,6 +7,9 @@
 //! mybin purge -Q celery
 //! mybin tasks
 //! mybin bench -n 100000
+//! mybin beat --schedule beat.toml            # or: mybin worker --beat
+//! mybin beat add nightly --task reports.nightly --crontab '0 3 * * *' --timezone Europe/Berlin
+//! mybin beat list
 //! ```
 //! `--broker` and `--backend` are accepted by every subcommand and default to the environment's
 //! `CELERY_BROKER_URL` and `CELERY_RESULT_BACKEND`. Logs go to stderr; results to stdout, and with
@@ -63,6 +66,104 @@ pub enum Command {
     /// The built-in broker.
     #[command(subcommand)]
     Broker(BrokerCommand),
+    /// Send periodic tasks (`beat`), or change and list the entries (`beat add|remove|list`).
+    Beat(BeatArgs),
+}
+
+/// `beat` options and subcommands.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BeatArgs {
+    /// Change or list entries instead of running beat.
+    #[command(subcommand)]
+    pub action: Option<BeatAction>,
+    /// How to run.
+    #[command(flatten)]
+    pub run: BeatRunArgs,
+}
+
+/// How beat runs (also `worker --beat`).
+#[derive(Debug, Args, Clone)]
+pub struct BeatRunArgs {
+    /// A TOML schedule file of `[[entry]]` tables.
+    #[arg(long, short = 's', env = "CELERY_BEAT_SCHEDULE")]
+    pub schedule: Option<std::path::PathBuf>,
+    /// Beats with the same name share one leader, state and run-time entries.
+    #[arg(long, default_value = "beat")]
+    pub beat_name: String,
+    /// Seconds a dead leader holds the lease before another beat takes over.
+    #[arg(long, default_value_t = 10.0)]
+    pub lease: f64,
+    /// Seconds after which a due time counts as missed.
+    #[arg(long, default_value_t = 5.0)]
+    pub late_after: f64,
+}
+
+/// `beat` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BeatAction {
+    /// Add (or replace) a run-time entry; the leading beat applies it.
+    Add(Box<BeatAddArgs>),
+    /// Remove a run-time entry.
+    Remove {
+        /// The entry's name.
+        name: String,
+        /// The beat.
+        #[arg(long, default_value = "beat")]
+        beat_name: String,
+    },
+    /// List the entries with their next and last runs.
+    List {
+        /// The beat.
+        #[arg(long, default_value = "beat")]
+        beat_name: String,
+        /// Print the stored state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `beat add` options.
+#[derive(Debug, Args)]
+pub struct BeatAddArgs {
+    /// The entry's name.
+    pub name: String,
+    /// The task's registered name.
+    #[arg(long)]
+    pub task: String,
+    /// Every SECS or DURATION (`30`, `90s`, `1h`).
+    #[arg(long, group = "when")]
+    pub every: Option<String>,
+    /// A crontab (five fields, or six with seconds).
+    #[arg(long, group = "when")]
+    pub crontab: Option<String>,
+    /// Once, at this time (RFC 3339).
+    #[arg(long, group = "when")]
+    pub at: Option<String>,
+    /// The crontab's IANA time zone.
+    #[arg(long)]
+    pub timezone: Option<String>,
+    /// Positional arguments as a JSON array.
+    #[arg(long, default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(long, default_value = "{}")]
+    pub kwargs: String,
+    /// The queue.
+    #[arg(long, short = 'Q')]
+    pub queue: Option<String>,
+    /// Priority 0-9.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Seconds after sending at which each task expires.
+    #[arg(long)]
+    pub expires: Option<f64>,
+    /// Skip runs missed while no beat ran (default: run once for them).
+    #[arg(long)]
+    pub skip_missed: bool,
+    /// The beat.
+    #[arg(long, default_value = "beat")]
+    pub beat_name: String,
 }
 
 /// `broker` subcommands.
@@ -109,6 +210,12 @@ pub struct WorkerArgs {
     /// Do not store STARTED/RECEIVED states.
     #[arg(long)]
     pub without_track_started: bool,
+    /// Also run beat in this process (one leader among all beats, so every worker may pass it).
+    #[arg(long, short = 'B')]
+    pub beat: bool,
+    /// Beat's settings.
+    #[command(flatten)]
+    pub beat_run: BeatRunArgs,
 }
 
 /// `send` options.
@@ -205,7 +312,9 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colours only on a terminal: log files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -234,9 +343,29 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
                 track_started: !a.without_track_started,
             };
-            Worker::new(app, cfg).run_until(shutdown_signal()).await?;
+            if !a.beat {
+                Worker::new(app, cfg).run_until(shutdown_signal()).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let beat = beat(app.clone(), &a.beat_run)?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            let beat = tokio::spawn(beat.run_until(stopped(stop_rx.clone())));
+            let worker = tokio::spawn(Worker::new(app, cfg).run_until(stopped(stop_rx)));
+            shutdown_signal().await;
+            let _ = stop_tx.send(true);
+            let (w, b) = tokio::join!(worker, beat);
+            w??;
+            b??;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Beat(BeatArgs { action: None, run }) => {
+            beat(app, &run)?.run_until(shutdown_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Beat(BeatArgs { action: Some(action), .. }) => beat_action(&app, action).await,
         Command::Send(a) => {
             let args: Value = serde_json::from_str(&a.args).context("--args is not JSON")?;
             let kwargs: Value = serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?;
@@ -290,6 +419,110 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Broker(_) => unreachable!("handled before connecting"),
     }
+}
+
+/// A beat from the command line's settings: this binary's scheduled tasks and the schedule file.
+fn beat(app: celery_core::App, a: &BeatRunArgs) -> anyhow::Result<crate::beat::Beat> {
+    use crate::beat::{load_schedule_file, Beat, BeatConfig};
+    anyhow::ensure!(a.lease.is_finite() && a.lease >= 0.3, "--lease must be at least 0.3 seconds");
+    anyhow::ensure!(a.late_after.is_finite() && a.late_after >= 0.0, "--late-after must be positive");
+    let cfg = BeatConfig {
+        name: a.beat_name.clone(),
+        lease: Duration::from_secs_f64(a.lease),
+        late_after: Duration::from_secs_f64(a.late_after),
+        ..BeatConfig::default()
+    };
+    let entries = match &a.schedule {
+        Some(path) => load_schedule_file(path)?,
+        None => Vec::new(),
+    };
+    Ok(Beat::new(app, cfg).entries(entries))
+}
+
+/// `beat add|remove|list`.
+async fn beat_action(app: &celery_core::App, action: BeatAction) -> anyhow::Result<ExitCode> {
+    use crate::beat::{add_entry, control_queue, load_state, remove_entry, EntrySpec, Missed};
+    match action {
+        BeatAction::Add(a) => {
+            let a = *a;
+            let at = match &a.at {
+                Some(t) => Some(
+                    chrono::DateTime::parse_from_rfc3339(t)
+                        .with_context(|| format!("--at `{t}` is not RFC 3339"))?
+                        .with_timezone(&chrono::Utc),
+                ),
+                None => None,
+            };
+            let spec = EntrySpec {
+                name: a.name.clone(),
+                task: a.task,
+                args: serde_json::from_str(&a.args).context("--args is not JSON")?,
+                kwargs: serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?,
+                every: a.every,
+                crontab: a.crontab,
+                timezone: a.timezone,
+                at,
+                queue: a.queue,
+                priority: a.priority,
+                expires: a.expires,
+                missed: if a.skip_missed { Missed::Skip } else { Missed::RunOnce },
+            };
+            if let Some(state) = load_state(app, &a.beat_name).await? {
+                let declared = state.entries.get(&a.name).is_some_and(|e| e.source != crate::beat::Source::Runtime);
+                anyhow::ensure!(!declared, "`{}` is declared in code or the schedule file; change it there", a.name);
+            }
+            add_entry(app, &a.beat_name, &spec).await?;
+            println!("asked beat `{}` to add `{}`", a.beat_name, a.name);
+        }
+        BeatAction::Remove { name, beat_name } => {
+            let state = load_state(app, &beat_name).await?.unwrap_or_default();
+            anyhow::ensure!(
+                state.runtime.iter().any(|s| s.name == name),
+                "beat `{beat_name}` has no run-time entry `{name}` (see `beat list`)"
+            );
+            remove_entry(app, &beat_name, &name).await?;
+            println!("asked beat `{beat_name}` to remove `{name}`");
+        }
+        BeatAction::List { beat_name, json } => {
+            let state = load_state(app, &beat_name).await?;
+            let pending = app.broker().queue_len(&control_queue(&beat_name)).await.unwrap_or(0);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let Some(state) = state else {
+                println!("beat `{beat_name}` has not run yet ({pending} changes waiting for it)");
+                return Ok(ExitCode::SUCCESS);
+            };
+            let time = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into())
+            };
+            println!(
+                "{:<20} {:<24} {:<34} {:<8} {:<20} {:<20} {:>6}",
+                "NAME", "TASK", "SCHEDULE", "SOURCE", "NEXT (UTC)", "LAST SENT (UTC)", "SENT"
+            );
+            for (name, e) in &state.entries {
+                let source = serde_json::to_value(e.source)?.as_str().unwrap_or_default().to_owned();
+                println!(
+                    "{name:<20} {:<24} {:<34} {source:<8} {:<20} {:<20} {:>6}",
+                    e.task,
+                    e.schedule,
+                    time(e.next),
+                    time(e.last_sent),
+                    e.total
+                );
+            }
+            let known: std::collections::HashSet<&String> = state.entries.keys().collect();
+            for s in state.runtime.iter().filter(|s| !known.contains(&s.name)) {
+                println!("{:<20} {:<24} (added; not yet scheduled)", s.name, s.task);
+            }
+            println!("last written by {} at {}", state.leader, time(state.written_at));
+            if pending > 0 {
+                println!("{pending} changes wait for the leading beat");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `--json` line, keys in this order.

@@ -26,7 +26,9 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+pub mod beat;
 pub mod bench;
+mod chord;
 pub mod cli;
 mod execute;
 mod rate_limit;
@@ -40,6 +42,7 @@ pub use celery_core as __core;
 
 /// Everything a task module and a producer need.
 pub mod prelude {
+    pub use celery_core::schedule::Schedule;
     pub use celery_core::{task, App, AsyncResult, Signature, Task, TaskContext, TaskError, TaskOptions, TaskState};
     pub use std::time::Duration;
 

@@ -74,7 +74,8 @@ impl Default for WorkerConfig {
     }
 }
 
-fn gethostname() -> String {
+/// This host's name.
+pub(crate) fn gethostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_owned())
         .or_else(|_| std::env::var("HOSTNAME"))
@@ -269,9 +270,11 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             return;
         }
     };
-    if d.redelivered && already_succeeded(&w, &msg).await {
+    if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
         tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
         w.stats.already_done.fetch_add(1, Ordering::Relaxed);
+        // Its worker may have died before counting it into its chord: count it (once) now.
+        chord_member(&w, &msg, TaskState::Success, &done.result).await;
         settle(d.ack().await);
         return;
     }
@@ -279,7 +282,9 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
         let err = TaskError::new("TaskRevokedError", "expired");
-        store(&w, &msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err)).await;
+        let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
+        store(&w, &msg, entry, meta.clone()).await;
+        chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
         w.stats.revoked.fetch_add(1, Ordering::Relaxed);
         settle(d.ack().await);
         return;
@@ -352,8 +357,9 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             tracing::debug!(?runtime, "succeeded");
             send_follow_ups(&w, &msg, &embed, &value).await;
             if !ignore {
-                store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value)).await;
+                store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone())).await;
             }
+            chord_member(&w, &msg, TaskState::Success, &value).await;
             w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             if let Some(d) = d.take() {
                 settle(d.ack().await);
@@ -423,7 +429,9 @@ async fn retry_or_fail(
 
 async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
     tracing::warn!(error = %err, "failed");
-    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Failure, err)).await;
+    let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
+    store(w, msg, entry, meta.clone()).await;
+    chord_member(w, msg, TaskState::Failure, &meta.result).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
     if let Some(d) = d {
         settle(d.ack().await);
@@ -438,7 +446,9 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
         let mut meta = TaskMeta::error(&m.headers.id, TaskState::Failure, &err);
         meta.name = Some(m.headers.task.clone());
         meta.reply_to = m.properties.reply_to.clone();
+        let result = meta.result.clone();
         store_meta(w, meta).await;
+        chord_member(w, m, TaskState::Failure, &result).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     settle(d.dead_letter(reason).await);
@@ -523,10 +533,19 @@ async fn send_follow_ups(
     }
 }
 
-/// True when a SUCCESS for this task id is stored already (a redelivery of finished work).
-async fn already_succeeded(w: &Shared, msg: &Message) -> bool {
-    !msg.headers.ignore_result
-        && matches!(w.app.backend().get(&msg.headers.id).await, Ok(Some(m)) if m.status == TaskState::Success)
+/// The stored SUCCESS of this task id, if any (a redelivery of finished work).
+async fn already_succeeded(w: &Shared, msg: &Message) -> Option<TaskMeta> {
+    if msg.headers.ignore_result {
+        return None;
+    }
+    w.app.backend().get(&msg.headers.id).await.ok().flatten().filter(|m| m.status == TaskState::Success)
+}
+
+/// A chord member reached a final state: count it into its chord (see [`crate::chord`]).
+async fn chord_member(w: &Shared, msg: &Message, state: TaskState, result: &serde_json::Value) {
+    if let Some(body) = crate::chord::body_of(msg) {
+        crate::chord::member_done(&w.app, msg, &body, state, result).await;
+    }
 }
 
 /// Resolves once the worker is shutting down.

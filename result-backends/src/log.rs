@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_backends::log::LogBroker;
+use celery_core::backend::ChordMember;
 use celery_core::scheme::BackendScheme;
 use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
 
@@ -76,6 +77,22 @@ impl ResultBackend for LogResultBackend {
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
         self.log.forget_result(task_id).await.map_err(err)
+    }
+
+    fn kind(&self) -> &'static str {
+        "log"
+    }
+
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        self.log.chord_size(group_id, size, self.expires).await.map_err(err)
+    }
+
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        self.log.chord_part(group_id, member, self.expires).await.map_err(err)
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        self.log.chord_done(group_id).await.map_err(err)
     }
 }
 

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use celery_core::backend::{ChordMember, ChordTally};
 use celery_core::scheme::BackendScheme;
 use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use tokio::sync::Notify;
@@ -22,6 +23,7 @@ use tokio::sync::Notify;
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBackend {
     inner: Arc<(Mutex<HashMap<String, TaskMeta>>, Notify)>,
+    chords: Arc<Mutex<HashMap<String, ChordTally>>>,
 }
 
 #[async_trait]
@@ -48,6 +50,25 @@ impl ResultBackend for MemoryBackend {
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
         self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).remove(task_id);
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        self.chords.lock().unwrap_or_else(|p| p.into_inner()).entry(group_id.to_owned()).or_default().size = Some(size);
+        Ok(())
+    }
+
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        let mut chords = self.chords.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(chords.entry(group_id.to_owned()).or_default().part(member.clone()))
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        self.chords.lock().unwrap_or_else(|p| p.into_inner()).remove(group_id);
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use celery_core::backend::ChordMember;
 use celery_core::scheme::BackendScheme;
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use futures::StreamExt;
@@ -60,6 +61,7 @@ pub struct RedisBackend {
     prefix: String,
     expires: u64,
     store: Arc<Script>,
+    chord_part: Arc<Script>,
     subs: Arc<Subscriptions>,
 }
 
@@ -98,7 +100,19 @@ impl RedisBackend {
         let conn = client.get_connection_manager_with_config(cfg).await.map_err(err)?;
         let subs = Arc::new(Subscriptions::default());
         tokio::spawn(listen(client, subs.clone()));
-        Ok(RedisBackend { conn, prefix, expires: expires.max(1), store: Arc::new(Script::new(STORE)), subs })
+        Ok(RedisBackend {
+            conn,
+            prefix,
+            expires: expires.max(1),
+            store: Arc::new(Script::new(STORE)),
+            chord_part: Arc::new(Script::new(CHORD_PART)),
+            subs,
+        })
+    }
+
+    /// `celery-taskset-meta-<gid><suffix>` with the prefix (a chord's keys).
+    fn chord_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
     }
 
     /// `celery-task-meta-<id>` with the prefix.
@@ -245,7 +259,69 @@ impl ResultBackend for RedisBackend {
         let _: () = conn.del(self.key(task_id)).await.map_err(err)?;
         Ok(())
     }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.set_ex(self.chord_key(group_id, ".s"), size, self.expires).await.map_err(err)?;
+        Ok(())
+    }
+
+    /// Celery's `on_chord_part_return` layout (`.j` sorted set of `[1, id, state, result]` by group
+    /// index, `.t` extra count, `.s` size), counted in one Lua script; `.ids` and `.by` (ours) make a
+    /// repeated report count once and let only the completing member fire.
+    async fn chord_part(&self, group_id: &str, m: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        let mut conn = self.conn.clone();
+        let encoded = serde_json::to_string(&m.to_celery()).map_err(|e| BackendError::Malformed(e.to_string()))?;
+        let score = m.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".into());
+        let mut inv = self.chord_part.prepare_invoke();
+        for suffix in [".j", ".t", ".s", ".ids", ".by"] {
+            inv.key(self.chord_key(group_id, suffix));
+        }
+        let out: Option<Vec<(Vec<u8>, f64)>> =
+            inv.arg(&m.task_id).arg(encoded).arg(score).arg(self.expires).invoke_async(&mut conn).await.map_err(err)?;
+        Ok(out.map(|members| {
+            let mut seen = std::collections::HashSet::new();
+            members
+                .iter()
+                .filter_map(|(raw, score)| {
+                    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+                    let index = score.is_finite().then_some(*score as u64);
+                    ChordMember::from_celery(&v, index)
+                })
+                .filter(|m| seen.insert(m.task_id.clone()))
+                .collect()
+        }))
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = [".j", ".t", ".s", ".ids", ".by"].iter().map(|s| self.chord_key(group_id, s)).collect();
+        let _: () = conn.del(keys).await.map_err(err)?;
+        Ok(())
+    }
 }
+
+/// KEYS: .j .t .s .ids .by; ARGV: task id, encoded member, score, ttl. Returns the members with
+/// scores to the member that completes the chord, else nil.
+const CHORD_PART: &str = r#"
+if redis.call('SADD', KEYS[4], ARGV[1]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+end
+for i = 1, 4 do redis.call('EXPIRE', KEYS[i], ARGV[4]) end
+local size = redis.call('GET', KEYS[3])
+if not size then return false end
+local total = tonumber(size) + tonumber(redis.call('GET', KEYS[2]) or '0')
+if redis.call('ZCARD', KEYS[1]) < total then return false end
+local by = redis.call('GET', KEYS[5])
+if by and by ~= ARGV[1] then return false end
+redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
+return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+"#;
 
 inventory::submit! {
     BackendScheme { scheme: "redis", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }

@@ -142,6 +142,10 @@ async fn listen(inner: std::sync::Weak<Inner>, subscription: (Connection, lapin:
 
 #[async_trait]
 impl ResultBackend for RpcBackend {
+    fn kind(&self) -> &'static str {
+        "rpc"
+    }
+
     /// Publishes the document to the request's reply queue (nothing to do without one).
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         let Some(reply_to) = meta.reply_to.as_deref() else { return Ok(()) };

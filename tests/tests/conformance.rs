@@ -290,6 +290,49 @@ async fn purge_and_len(t: Target) {
     assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 0);
 }
 
+/// How many times each chord body ran, by token.
+static BODY_RUNS: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+
+#[task]
+async fn c_chord_body(results: Vec<i64>, token: i64) -> Vec<i64> {
+    BODY_RUNS.lock().unwrap().push(token);
+    results
+}
+
+fn body_runs(token: i64) -> usize {
+    BODY_RUNS.lock().unwrap().iter().filter(|t| **t == token).count()
+}
+
+/// A chord of 1,000 members on 4 workers: the body runs exactly once, with the results in order;
+/// a chord with a failing member fails with a `ChordError` and its body never runs.
+async fn chords_complete_once(t: Target) {
+    let app = t.app().await;
+    let workers: Vec<Running> = (0..4).map(|_| worker(&app, 4, 4)).collect();
+    let token = rand_token();
+    let body = Signature::by_name("c_chord_body").args(json!([token]));
+    let chord = app.send_chord((0..1000).map(|i| c_add::new(i, i)), body).await.unwrap();
+    let results: Vec<i64> = chord.get(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(results, (0..1000).map(|i| 2 * i).collect::<Vec<_>>());
+
+    let bad_token = rand_token();
+    let header = vec![c_add::new(1, 1), c_boom::new(), c_add::new(2, 2)];
+    let failed = app.send_chord(header, Signature::by_name("c_chord_body").args(json!([bad_token]))).await.unwrap();
+    match failed.get::<Vec<i64>>(T).await {
+        Err(ResultError::Failed { exc_type, message, .. }) => {
+            assert_eq!(exc_type, "ChordError");
+            assert!(message.contains("conformance boom"), "{message}");
+        }
+        other => panic!("expected a ChordError, got {other:?}"),
+    }
+    let empty = app.send_chord(Vec::new(), Signature::by_name("c_chord_body").args(json!([token]))).await.unwrap();
+    assert_eq!(empty.get::<Vec<i64>>(T).await.unwrap(), Vec::<i64>::new());
+    for w in workers {
+        w.stop().await;
+    }
+    assert_eq!(body_runs(token), 2, "the 1,000-member body once, the empty chord's once");
+    assert_eq!(body_runs(bad_token), 0);
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -360,4 +403,5 @@ conformance!(
     shutdown_returns_prefetched_work,
     purge_and_len,
     leases_and_documents,
+    chords_complete_once,
 );

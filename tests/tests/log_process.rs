@@ -131,3 +131,38 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
     let lost: Vec<_> = confirmed.difference(&seen).collect();
     assert!(lost.is_empty(), "{} confirmed publishes were lost, e.g. {:?}", lost.len(), lost.first());
 }
+
+/// Runs `demo <args>` against `url` and returns its stdout.
+fn demo(url: &str, args: &[&str]) -> String {
+    let out = Command::new(demo_bin())
+        .args(args)
+        .env("CELERY_BROKER_URL", url)
+        .env("CELERY_RESULT_BACKEND", url)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kill -9` of the process that owns the directory: a worker connected through its socket takes
+/// the directory over and runs every task, including the ones the dead owner had started.
+#[test]
+fn kill_9_of_the_owner_hands_the_directory_to_a_connected_worker() {
+    let dir = TempDir::new("owner-kill");
+    let url = dir.url("lease_timeout=1");
+    let mut owner = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2"]);
+    assert!(owner.wait_log("worker ready", T), "{}", owner.log());
+    let other = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2"]);
+    assert!(other.wait_log("worker ready", T), "{}", other.log());
+    let ids: Vec<String> =
+        (0..6).map(|_| demo(&url, &["send", "sleep", "--args", "[700]"]).trim().to_owned()).collect();
+    let started = || ids.iter().any(|id| demo(&url, &["result", id, "--json"]).contains("\"STARTED\""));
+    assert!(wait_until(T, started), "nothing started\n{}", owner.log());
+    owner.signal("KILL");
+    owner.wait_exit(Duration::from_secs(5)).expect("killed");
+    assert!(other.wait_log("owns it now", T), "{}", other.log());
+    for id in &ids {
+        let out = demo(&url, &["result", id, "--wait", "20", "--json"]);
+        let v: Value = serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or(Value::Null);
+        assert_eq!(v["result"], json!(700), "{id}: {out}\n{}", other.log());
+    }
+}

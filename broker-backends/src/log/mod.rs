@@ -43,6 +43,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use celery_core::backend::ChordMember;
 use celery_core::broker::Settle;
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, ExchangeKind, Route};
@@ -146,20 +147,24 @@ impl LogBroker {
             if addr.is_empty() {
                 return Err(invalid(LogError::Invalid("log+tcp:// needs HOST:PORT".into())));
             }
-            let client = Arc::new(remote::RemoteClient::new(remote::Target::Tcp(addr), token_of(url)));
+            let client = Arc::new(remote::RemoteClient::new(remote::Target::Tcp(addr), token_of(url), None));
             client.call(wire::kind::HELLO, |e| e.str(&token_of(url))).await?;
             return Ok(LogBroker { inner: Inner::Remote(client) });
         }
         let (dir, cfg) = parse_url(url).map_err(invalid)?;
-        match LogStore::open(&dir, cfg) {
+        match LogStore::open(&dir, cfg.clone()) {
             Ok(store) => {
                 store.serve_unix();
                 Ok(LogBroker { inner: Inner::Local(store) })
             }
             Err(LogError::Locked { path, pid }) => {
                 tracing::debug!(path = %path.display(), pid, "log: directory owned by another process; connecting to it");
-                let client =
-                    Arc::new(remote::RemoteClient::new(remote::Target::Unix(socket_path(&path)), String::new()));
+                let takeover = remote::Takeover::new(dir.clone(), cfg);
+                let client = Arc::new(remote::RemoteClient::new(
+                    remote::Target::Unix(socket_path(&path)),
+                    String::new(),
+                    Some(takeover),
+                ));
                 // The owner may have just taken the lock and not be listening yet: retry briefly.
                 let mut backoff = celery_core::backoff::Reconnect::default();
                 loop {
@@ -268,6 +273,53 @@ impl LogBroker {
                     }
                 }
             }
+        }
+    }
+
+    /// Records a chord's size.
+    pub async fn chord_size(&self, group: &str, size: usize, ttl: Duration) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.chord_size(group, size, ttl).await?),
+            Inner::Remote(c) => c
+                .call(wire::kind::CHORD, |e| {
+                    e.u8(wire::chord::SIZE).str(group).u64(size as u64).u64(ttl.as_millis() as u64)
+                })
+                .await
+                .map(|_| ()),
+        }
+    }
+
+    /// Counts a chord member; the members, to the one that completes the chord.
+    pub async fn chord_part(
+        &self,
+        group: &str,
+        member: &ChordMember,
+        ttl: Duration,
+    ) -> Result<Option<Vec<ChordMember>>, BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.chord_part(group, member.clone(), ttl).await?),
+            Inner::Remote(c) => {
+                let doc = serde_json::to_vec(member).map_err(|e| BrokerError::Operation(e.to_string()))?;
+                let body = c
+                    .call(wire::kind::CHORD, |e| {
+                        e.u8(wire::chord::PART).str(group).bytes(&doc).u64(ttl.as_millis() as u64)
+                    })
+                    .await?;
+                match remote::read_opt(&body)? {
+                    None => Ok(None),
+                    Some(all) => {
+                        serde_json::from_slice(&all).map(Some).map_err(|e| BrokerError::Operation(e.to_string()))
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets a chord's tally.
+    pub async fn chord_done(&self, group: &str) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.chord_done(group).await?),
+            Inner::Remote(c) => c.call(wire::kind::CHORD, |e| e.u8(wire::chord::DONE).str(group)).await.map(|_| ()),
         }
     }
 
@@ -452,6 +504,13 @@ impl Broker for LogBroker {
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         self.put_result(&doc_key(key), doc.to_vec(), DOC_TTL).await
     }
+}
+
+const CHORD_PREFIX: &str = "_celery_rs.chord.";
+
+/// A chord's records among the results: `<prefix><group>` (size), `/<task id>` (members), `!by`.
+fn chord_key(group: &str, suffix: &str) -> String {
+    format!("{CHORD_PREFIX}{group}{suffix}")
 }
 
 /// Stored documents and leases live among the results (task ids are UUIDs, so the names never meet).
@@ -709,7 +768,7 @@ impl LogStore {
     /// `holder` holds it afterwards. Leases are stored like results, so they survive an owner restart.
     pub async fn lease(&self, name: &str, holder: &str, ttl: Option<Duration>) -> Result<bool, LogError> {
         let key = format!("_celery_rs.lease.{name}");
-        let _one_at_a_time = self.lease_lock.lock().await;
+        let _one_at_a_time = self.cas_lock.lock().await;
         let mine = match self.get_result(&key) {
             None => true,
             Some(cur) => cur == holder.as_bytes(),
@@ -719,6 +778,73 @@ impl LogStore {
             Some(_) => Ok(false),
             None if mine => self.forget_result(&key).await.map(|_| false),
             None => Ok(false),
+        }
+    }
+
+    /// Records a chord's size (kept for `ttl`).
+    pub async fn chord_size(&self, group: &str, size: usize, ttl: Duration) -> Result<(), LogError> {
+        let _one_at_a_time = self.cas_lock.lock().await;
+        let doc = size.to_string().into_bytes();
+        self.put_result(&chord_key(group, ""), doc, ttl, |_| false).await?;
+        lock(&self.chords).entry(group.to_owned()).or_default().size = Some(size);
+        Ok(())
+    }
+
+    /// Counts a chord member (see `ResultBackend::chord_part`): persisted first, then counted.
+    pub async fn chord_part(
+        &self,
+        group: &str,
+        member: ChordMember,
+        ttl: Duration,
+    ) -> Result<Option<Vec<ChordMember>>, LogError> {
+        let _one_at_a_time = self.cas_lock.lock().await;
+        let mut tally = lock(&self.chords).get(group).cloned().unwrap_or_default();
+        let (known, by) = (tally.members.contains_key(&member.task_id), tally.completed_by.clone());
+        let id = member.task_id.clone();
+        let doc = serde_json::to_vec(&member).map_err(|e| LogError::Invalid(e.to_string()))?;
+        let out = tally.part(member);
+        if !known {
+            self.put_result(&chord_key(group, &format!("/{id}")), doc, ttl, |_| false).await?;
+        }
+        if tally.completed_by != by {
+            self.put_result(&chord_key(group, "!by"), id.into_bytes(), ttl, |_| false).await?;
+        }
+        lock(&self.chords).insert(group.to_owned(), tally);
+        Ok(out)
+    }
+
+    /// Forgets a chord's tally.
+    pub async fn chord_done(&self, group: &str) -> Result<(), LogError> {
+        let _one_at_a_time = self.cas_lock.lock().await;
+        let Some(tally) = lock(&self.chords).remove(group) else { return Ok(()) };
+        let mut keys = vec![chord_key(group, ""), chord_key(group, "!by")];
+        keys.extend(tally.members.keys().map(|id| chord_key(group, &format!("/{id}"))));
+        let tombstones =
+            keys.iter().map(|k| NewRecord { key: k.as_bytes().to_vec(), ..NewRecord::default() }).collect();
+        self.results_log.log.append(tombstones).await?;
+        let mut res = lock(&self.results);
+        for k in &keys {
+            res.values.remove(k);
+        }
+        Ok(())
+    }
+
+    /// Rebuilds the chord tallies from the stored results (on open).
+    pub(crate) fn rebuild_chords(&self) {
+        let res = lock(&self.results);
+        let mut chords = lock(&self.chords);
+        for (key, (doc, _)) in &res.values {
+            let Some(rest) = key.strip_prefix(CHORD_PREFIX) else { continue };
+            if let Some((group, _)) = rest.split_once('/') {
+                if let Ok(m) = serde_json::from_slice::<ChordMember>(doc) {
+                    chords.entry(group.to_owned()).or_default().members.insert(m.task_id.clone(), m);
+                }
+            } else if let Some(group) = rest.strip_suffix("!by") {
+                chords.entry(group.to_owned()).or_default().completed_by = Some(String::from_utf8_lossy(doc).into());
+            } else {
+                chords.entry(rest.to_owned()).or_default().size =
+                    std::str::from_utf8(doc).ok().and_then(|s| s.parse().ok());
+            }
         }
     }
 

@@ -1,7 +1,9 @@
 //! The client side of the socket protocol: `log+tcp://HOST:PORT`, and `log://PATH` when another
 //! process owns the directory (through its unix socket). Requests are pipelined over one connection;
 //! a lost connection fails the requests in flight (the producer API retries them) and is
-//! re-established on the next request; consumers resubscribe.
+//! re-established on the next request; consumers resubscribe. When a directory's owner is gone
+//! (exited, or killed: its lock is stale), the next client to reconnect opens the directory itself
+//! and serves the others.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,6 +19,8 @@ use chrono::{DateTime, Utc};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::LogError;
+use super::store::{LogStore, StoreConfig};
 use super::wire::{self, kind, settle, Dec, Enc};
 use crate::envelope;
 
@@ -57,6 +61,36 @@ pub(crate) struct RemoteClient {
     token: String,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
+    takeover: Option<Takeover>,
+}
+
+/// For a client of a directory's owner: the directory, to own it when the owner is gone.
+#[derive(Debug)]
+pub(crate) struct Takeover {
+    dir: PathBuf,
+    cfg: StoreConfig,
+    /// The store this process took over (its socket serves this client too).
+    owned: Mutex<Option<Arc<LogStore>>>,
+}
+
+impl Takeover {
+    pub(crate) fn new(dir: PathBuf, cfg: StoreConfig) -> Takeover {
+        Takeover { dir, cfg, owned: Mutex::new(None) }
+    }
+
+    /// Opens the directory if its owner is gone; true when this process owns it now.
+    fn try_own(&self) -> Result<bool, BrokerError> {
+        match LogStore::open(&self.dir, self.cfg.clone()) {
+            Ok(store) => {
+                store.serve_unix();
+                tracing::warn!(dir = %self.dir.display(), "log: the directory's owner is gone; this process owns it now");
+                *lock(&self.owned) = Some(store);
+                Ok(true)
+            }
+            Err(LogError::Locked { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 fn conn_err(e: impl std::fmt::Display) -> BrokerError {
@@ -64,8 +98,8 @@ fn conn_err(e: impl std::fmt::Display) -> BrokerError {
 }
 
 impl RemoteClient {
-    pub(crate) fn new(target: Target, token: String) -> RemoteClient {
-        RemoteClient { target, token, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1) }
+    pub(crate) fn new(target: Target, token: String, takeover: Option<Takeover>) -> RemoteClient {
+        RemoteClient { target, token, conn: tokio::sync::Mutex::new(None), next_id: AtomicU64::new(1), takeover }
     }
 
     fn id(&self) -> u64 {
@@ -79,7 +113,15 @@ impl RemoteClient {
         }
         let c = match &self.target {
             Target::Unix(p) => {
-                start(tokio::net::UnixStream::connect(p).await.map_err(|e| conn_err(format!("{}: {e}", p.display())))?)
+                let failed = |e: std::io::Error| conn_err(format!("{}: {e}", p.display()));
+                match tokio::net::UnixStream::connect(p).await {
+                    Ok(s) => start(s),
+                    Err(e) => match &self.takeover {
+                        // Nobody listens: if the owner is gone, own the directory and talk to our own socket.
+                        Some(t) if t.try_own()? => start(tokio::net::UnixStream::connect(p).await.map_err(failed)?),
+                        _ => return Err(failed(e)),
+                    },
+                }
             }
             Target::Tcp(a) => {
                 let s = tokio::net::TcpStream::connect(a).await.map_err(|e| conn_err(format!("{a}: {e}")))?;

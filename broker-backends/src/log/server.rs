@@ -209,6 +209,31 @@ async fn handle(
             let held = store.lease(&name, &holder, ttl).await.map_err(|e| e.to_string())?;
             ok().u64(held as u64).finish()
         }
+        kind::CHORD => {
+            let op = d.u8().map_err(e)?;
+            let group = d.str().map_err(e)?;
+            match op {
+                wire::chord::SIZE => {
+                    let size = d.u64().map_err(e)? as usize;
+                    let ttl = Duration::from_millis(d.u64().map_err(e)?);
+                    store.chord_size(&group, size, ttl).await.map_err(|e| e.to_string())?;
+                    ok().finish()
+                }
+                wire::chord::PART => {
+                    let member: celery_core::backend::ChordMember =
+                        serde_json::from_slice(d.bytes().map_err(e)?).map_err(|e| e.to_string())?;
+                    let ttl = Duration::from_millis(d.u64().map_err(e)?);
+                    let all = store.chord_part(&group, member, ttl).await.map_err(|e| e.to_string())?;
+                    let doc = all.map(|a| serde_json::to_vec(&a)).transpose().map_err(|e| e.to_string())?;
+                    ok().opt_bytes(doc.as_deref()).finish()
+                }
+                wire::chord::DONE => {
+                    store.chord_done(&group).await.map_err(|e| e.to_string())?;
+                    ok().finish()
+                }
+                other => return Err(format!("unknown chord operation {other}")),
+            }
+        }
         kind::DECLARE => {
             let name = d.str().map_err(e)?;
             let k: celery_core::routing::ExchangeKind = d.str().map_err(e)?.parse()?;

@@ -98,8 +98,10 @@ pub struct LogStore {
     pub(crate) notify: Arc<Notify>,
     pub(crate) results: Mutex<Results>,
     pub(crate) results_log: Arc<Partition>,
-    /// Serializes lease decisions.
-    pub(crate) lease_lock: tokio::sync::Mutex<()>,
+    /// Serializes read-decide-write operations (leases, chord tallies).
+    pub(crate) cas_lock: tokio::sync::Mutex<()>,
+    /// Chord tallies by group id (persisted among the results, rebuilt on open).
+    pub(crate) chords: Mutex<HashMap<String, celery_core::backend::ChordTally>>,
     served: std::sync::Once,
     routing: Mutex<RoutingTable>,
     /// Publishes that matched no queue.
@@ -152,13 +154,15 @@ impl LogStore {
             notify,
             results: Mutex::new(Results::default()),
             results_log,
-            lease_lock: tokio::sync::Mutex::new(()),
+            cas_lock: tokio::sync::Mutex::new(()),
+            chords: Mutex::new(HashMap::new()),
             served: std::sync::Once::new(),
             routing: Mutex::new(load_routing(&canonical)?),
             unroutable: std::sync::atomic::AtomicU64::new(0),
             groups: Mutex::new(HashMap::new()),
         });
         store.load_results()?;
+        store.rebuild_chords();
         for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {
             if let Ok(name) = std::fs::read_to_string(entry.path().join("name")) {
                 store.topic(&name)?;

@@ -33,6 +33,7 @@ pub(crate) mod kind {
     pub(crate) const BIND: u8 = 14;
     pub(crate) const ROUTE: u8 = 15;
     pub(crate) const LEASE: u8 = 16;
+    pub(crate) const CHORD: u8 = 17;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;
@@ -44,6 +45,13 @@ pub(crate) mod settle {
     pub(crate) const REQUEUE: u8 = 1;
     pub(crate) const DEFER: u8 = 2;
     pub(crate) const DEAD_LETTER: u8 = 3;
+}
+
+/// Chord operations (`CHORD` body: op, group, ...).
+pub(crate) mod chord {
+    pub(crate) const SIZE: u8 = 0;
+    pub(crate) const PART: u8 = 1;
+    pub(crate) const DONE: u8 = 2;
 }
 
 /// Builds a frame.
