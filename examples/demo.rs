@@ -42,6 +42,12 @@ fn spin(ms: u64) -> u64 {
     ms
 }
 
+/// Sums a list of numbers (a chord body: `app.send_chord(header, tsum::new(vec![]))`).
+#[task]
+async fn tsum(values: Vec<i64>) -> i64 {
+    values.iter().sum()
+}
+
 /// Always fails with `message`.
 #[task]
 async fn fail(message: String) -> Result<(), TaskError> {

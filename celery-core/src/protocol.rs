@@ -338,6 +338,9 @@ impl Message {
             embed.insert("chord".into(), chord.clone());
         }
         let body = TaskBody { args: sig.args.clone(), kwargs: sig.kwargs.clone(), embed };
+        let mut extra = sig.options.headers.clone();
+        let group = extra.remove("group").and_then(|v| v.as_str().map(str::to_owned));
+        let group_index = extra.remove("group_index").and_then(|v| v.as_u64());
         let headers = Headers {
             lang: "rs".into(),
             task: sig.task.clone(),
@@ -353,7 +356,9 @@ impl Message {
             kwargsrepr: Some(repr(&Value::Object(sig.kwargs.clone()))),
             origin: Some(origin()),
             ignore_result: sig.options.ignore_result.unwrap_or(false),
-            extra: sig.options.headers.clone(),
+            group,
+            group_index,
+            extra,
             ..Headers::default()
         };
         Ok(Message {

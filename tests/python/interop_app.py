@@ -5,6 +5,8 @@ As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2,
 `fail('oops')` to <queue>, waits for both and prints one JSON line with what it got.
 `python interop_app.py chain <queue>` sends the chain `add(2, 3) | add(10) | add(100)`, every
 step to <queue>, waits for the last result and prints it as one JSON line.
+`python interop_app.py chord <queue>` sends the chord `[add(i, i) for i in range(10)] | tsum()`,
+every task to <queue>, and prints the body's result (90) as one JSON line.
 
 The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
 """
@@ -13,7 +15,7 @@ import json
 import os
 import sys
 
-from celery import Celery, chain
+from celery import Celery, chain, chord
 
 app = Celery(
     "interop_app",
@@ -31,6 +33,11 @@ app.conf.update(
 @app.task(name="add")
 def add(x, y):
     return x + y
+
+
+@app.task(name="tsum")
+def tsum(values):
+    return sum(values)
 
 
 def produce(queue):
@@ -55,8 +62,17 @@ def produce_chain(queue):
     print(json.dumps({"chain": result.get(timeout=30)}))
 
 
+def produce_chord(queue):
+    header = [app.signature("add", args=(i, i)).set(queue=queue) for i in range(10)]
+    body = app.signature("tsum").set(queue=queue)
+    result = chord(header)(body)
+    print(json.dumps({"chord": result.get(timeout=30)}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "chain":
         produce_chain(sys.argv[2])
+    elif sys.argv[1] == "chord":
+        produce_chord(sys.argv[2])
     else:
         produce(sys.argv[1])

@@ -10,11 +10,16 @@
 //!    step on our worker and Python gets 115; our `send_chain([add(2, 3), add(10)])` runs on a
 //!    Python worker and our handle on the last task gets 15.
 //!
+//! 4. Chords, both ways over Redis: Python's `chord([add(i, i) for i in range(10)])(tsum())` runs
+//!    on our workers (members counted in Celery's `.j/.t/.s` keys) and Python gets 90; our
+//!    `send_chord` of the same runs on a Python worker, whose chord counting fires the body, and we
+//!    get 90.
+//!
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
 //! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
 //! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
 //! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
-//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
+//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
 //! their own.
 
 use std::fs::File;
@@ -32,6 +37,8 @@ const SUITE: &str = "python_interop";
 const QUEUE: &str = "interop";
 /// The queue the chain tests use.
 const CHAIN_QUEUE: &str = "interop-chain";
+/// The queue the chord tests use.
+const CHORD_QUEUE: &str = "interop-chord";
 /// How long either side waits for a result.
 const T: Duration = Duration::from_secs(30);
 /// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery).
@@ -338,6 +345,61 @@ async fn our_chain_runs_on_python_workers() {
     ));
     match result.get::<i64>(T).await {
         Ok(sum) => assert_eq!(sum, 15),
+        Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
+    }
+}
+
+#[test]
+fn python_chord_runs_on_our_workers() {
+    let Some(servers) = Servers::redis(14, 14) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let worker = Service::start(
+        servers
+            .apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-Q", CHORD_QUEUE, "-c", "4"])
+            .env("RUST_LOG", "info"),
+    );
+    let (got, report) = run_python_producer(python, &servers, &["interop_app.py", "chord", CHORD_QUEUE], &worker);
+    eprintln!("{SUITE}: the Python chord got {got} from our workers");
+    assert_eq!(got["chord"], json!(90), "{report}");
+    assert!(worker.log().contains("chord complete"), "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_chord_runs_on_python_workers() {
+    let Some(servers) = Servers::redis(15, 15) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
+    let header = (0..10).map(|i| Signature::by_name("add").args(json!([i, i])).queue(CHORD_QUEUE));
+    let result = app.send_chord(header, Signature::by_name("tsum").queue(CHORD_QUEUE)).await.expect("send_chord");
+    let worker = Service::start(&mut python_cmd(
+        python,
+        &servers,
+        &[
+            "-m",
+            "celery",
+            "-A",
+            "interop_app",
+            "worker",
+            "--pool=solo",
+            "-Q",
+            CHORD_QUEUE,
+            "--loglevel=info",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ],
+    ));
+    match result.get::<i64>(T).await {
+        Ok(sum) => assert_eq!(sum, 90),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
     }
 }
