@@ -334,6 +334,10 @@ impl Message {
         if !sig.options.link.is_empty() {
             embed.insert("callbacks".into(), Value::Array(sig.options.link.iter().map(Signature::to_json).collect()));
         }
+        if !sig.options.link_error.is_empty() {
+            let errbacks = sig.options.link_error.iter().map(Signature::to_json).collect();
+            embed.insert("errbacks".into(), Value::Array(errbacks));
+        }
         if let Some(chord) = &sig.options.chord {
             embed.insert("chord".into(), chord.clone());
         }

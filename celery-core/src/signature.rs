@@ -51,6 +51,9 @@ pub struct SendOptions {
     pub chain: Vec<Signature>,
     /// Tasks to send with this one's result when it succeeds (Celery's `link`, `embed.callbacks`).
     pub link: Vec<Signature>,
+    /// Tasks to send with this one's id when it fails for good (Celery's `link_error`,
+    /// `embed.errbacks`); a failed chord sends its body's errbacks with the body's id.
+    pub link_error: Vec<Signature>,
     /// The body of the chord this task is a member of (Celery's `embed.chord`: the body's signature
     /// document with `chord_size`).
     pub chord: Option<Value>,
@@ -199,7 +202,14 @@ impl Signature {
         self.header(PARTITION_KEY, Value::String(key.into()))
     }
 
-    /// Sends `callback` with this task's result as its first argument when it succeeds.
+    /// Adds an errback: sent with this task's id as its first argument (Celery's remote errback
+    /// convention) when the task fails for good, after its retries.
+    pub fn link_error(mut self, errback: Signature) -> Self {
+        self.options.link_error.push(errback);
+        self
+    }
+
+    /// Adds a callback: sent with this task's result as its first argument when it succeeds.
     pub fn link(mut self, callback: Signature) -> Self {
         self.options.link.push(callback);
         self
@@ -233,6 +243,9 @@ impl Signature {
         if !o.link.is_empty() {
             options.insert("link".into(), Value::Array(o.link.iter().map(Signature::to_json).collect()));
         }
+        if !o.link_error.is_empty() {
+            options.insert("link_error".into(), Value::Array(o.link_error.iter().map(Signature::to_json).collect()));
+        }
         serde_json::json!({
             "task": self.task, "args": self.args, "kwargs": self.kwargs, "options": options,
             "subtask_type": null, "immutable": self.immutable,
@@ -261,6 +274,9 @@ impl Signature {
         sig.options.ignore_result = o.get("ignore_result").and_then(Value::as_bool);
         if let Some(Value::Array(links)) = o.get("link") {
             sig.options.link = links.iter().map(Signature::from_json).collect::<Result<_, _>>()?;
+        }
+        if let Some(Value::Array(links)) = o.get("link_error") {
+            sig.options.link_error = links.iter().map(Signature::from_json).collect::<Result<_, _>>()?;
         }
         Ok(sig)
     }

@@ -69,5 +69,8 @@ async fn fail_body(app: &App, sig: &Signature, body_id: &str, failed: &ChordMemb
     tracing::warn!(body = %sig.task, id = body_id, member = %failed.task_id, "chord failed: a member failed; the body does not run");
     let mut meta = TaskMeta::error(body_id, TaskState::Failure, &err);
     meta.name = Some(sig.task.clone());
-    app.backend().store(&meta).await.map_err(|e| e.to_string())
+    app.backend().store(&meta).await.map_err(|e| e.to_string())?;
+    let id = Value::String(body_id.to_owned());
+    crate::followups::send_all(app, sig.options.link_error.clone(), &id, body_id, None).await;
+    Ok(())
 }

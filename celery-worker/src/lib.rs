@@ -31,6 +31,7 @@ pub mod bench;
 mod chord;
 pub mod cli;
 mod execute;
+mod followups;
 mod rate_limit;
 pub mod worker;
 

@@ -355,7 +355,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
         Outcome::Done(Ok(value)) => {
             tracing::debug!(?runtime, "succeeded");
-            send_follow_ups(&w, &msg, &embed, &value).await;
+            crate::followups::on_success(&w.app, &msg, &embed, &value).await;
             if !ignore {
                 store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone())).await;
             }
@@ -431,6 +431,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     tracing::warn!(error = %err, "failed");
     let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
     store(w, msg, entry, meta.clone()).await;
+    crate::followups::on_failure(&w.app, msg).await;
     chord_member(w, msg, TaskState::Failure, &meta.result).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
     if let Some(d) = d {
@@ -448,6 +449,7 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
         meta.reply_to = m.properties.reply_to.clone();
         let result = meta.result.clone();
         store_meta(w, meta).await;
+        crate::followups::on_failure(&w.app, m).await;
         chord_member(w, m, TaskState::Failure, &result).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
@@ -482,53 +484,6 @@ async fn store_meta(w: &Shared, meta: TaskMeta) {
                 tracing::error!(error = %e, state = %meta.status, "could not store the task state");
                 return;
             }
-        }
-    }
-}
-
-/// After a success: sends the next task of a chain (`embed.chain`, kept reversed as Celery does) and
-/// the callbacks (`embed.callbacks`), each with the result as its first argument unless immutable.
-async fn send_follow_ups(
-    w: &Shared,
-    msg: &Message,
-    embed: &serde_json::Map<String, serde_json::Value>,
-    value: &serde_json::Value,
-) {
-    use celery_core::Signature;
-    let mut next = Vec::new();
-    if let Some(serde_json::Value::Array(rest)) = embed.get("chain") {
-        if let Some((first, remaining)) = rest.split_last() {
-            match Signature::from_json(first) {
-                Ok(mut sig) => {
-                    for s in remaining.iter().rev() {
-                        match Signature::from_json(s) {
-                            Ok(s) => sig.options.chain.push(s),
-                            Err(e) => tracing::error!(error = %e, "chain: a later signature is malformed"),
-                        }
-                    }
-                    next.push(sig);
-                }
-                Err(e) => tracing::error!(error = %e, "chain: the next signature is malformed"),
-            }
-        }
-    }
-    if let Some(serde_json::Value::Array(callbacks)) = embed.get("callbacks") {
-        for c in callbacks {
-            match Signature::from_json(c) {
-                Ok(sig) => next.push(sig),
-                Err(e) => tracing::error!(error = %e, "callback signature is malformed"),
-            }
-        }
-    }
-    for mut sig in next {
-        if !sig.immutable {
-            sig.args.insert(0, value.clone());
-        }
-        sig.options.parent_id = Some(msg.headers.id.clone());
-        sig.options.root_id = msg.headers.root_id.clone();
-        let name = sig.task.clone();
-        if let Err(e) = w.app.send(sig).await {
-            tracing::error!(error = %e, next = %name, "could not send the next task of a workflow");
         }
     }
 }

@@ -333,6 +333,44 @@ async fn chords_complete_once(t: Target) {
     assert_eq!(body_runs(bad_token), 0);
 }
 
+/// Errbacks run, by token: the failed task's id.
+static ERRBACKS: std::sync::Mutex<Vec<(i64, String)>> = std::sync::Mutex::new(Vec::new());
+
+#[task]
+async fn c_errback(failed_id: String, token: i64) {
+    ERRBACKS.lock().unwrap().push((token, failed_id));
+}
+
+async fn errback_of(token: i64) -> Option<String> {
+    for _ in 0..400 {
+        if let Some((_, id)) = ERRBACKS.lock().unwrap().iter().find(|(t, _)| *t == token) {
+            return Some(id.clone());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// `link_error`: a task that fails for good sends its errbacks with its id; so does a failed
+/// chord, with its body's id. A success sends none.
+async fn errbacks_get_the_failed_id(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 4, 4);
+    let (t1, t2, t3) = (rand_token(), rand_token(), rand_token());
+    let errback = |token: i64| Signature::by_name("c_errback").args(json!([token]));
+    let ok = app.send(c_add::new(1, 1).link_error(errback(t3))).await.unwrap();
+    let boom = app.send(c_boom::new().link_error(errback(t1))).await.unwrap();
+    assert!(boom.get::<u32>(T).await.is_err());
+    assert_eq!(errback_of(t1).await.as_deref(), Some(boom.id()));
+    let body = Signature::by_name("c_chord_body").args(json!([t2])).link_error(errback(t2));
+    let chord = app.send_chord([c_add::new(1, 1), c_boom::new()], body).await.unwrap();
+    assert!(chord.get::<Vec<i64>>(T).await.is_err());
+    assert_eq!(errback_of(t2).await.as_deref(), Some(chord.id()));
+    assert_eq!(ok.get::<i64>(T).await.unwrap(), 2);
+    w.stop().await;
+    assert!(!ERRBACKS.lock().unwrap().iter().any(|(t, _)| *t == t3), "a success sends no errback");
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -404,4 +442,5 @@ conformance!(
     purge_and_len,
     leases_and_documents,
     chords_complete_once,
+    errbacks_get_the_failed_id,
 );
