@@ -165,6 +165,29 @@ impl App {
         Ok(self.result(&last))
     }
 
+    /// Celery's `task.chunks(it, n)`: splits the argument lists `items` into chunks of `n` and
+    /// sends one `celery.starmap` task per chunk, as a group; each member returns its chunk's
+    /// results.
+    ///
+    /// ```no_run
+    /// # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+    /// use celery_core::Signature;
+    /// let items = (0..100).map(|i| serde_json::json!([i, i])).collect();
+    /// let chunks = app.send_chunks(Signature::by_name("add"), items, 10).await?;
+    /// let sums: Vec<Vec<i64>> = chunks.get(std::time::Duration::from_secs(10)).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn send_chunks(
+        &self,
+        task: Signature,
+        items: Vec<Value>,
+        n: usize,
+    ) -> Result<crate::GroupResult, AppError> {
+        let n = n.max(1);
+        let parts: Vec<Signature> = items.chunks(n).map(|c| task.clone().starmap(c.to_vec())).collect();
+        self.send_group(parts).await
+    }
+
     /// Sends a chord: the `header` tasks run in parallel (a group); when all have finished, `body`
     /// runs with the list of their results (in header order) as its first argument. Returns the
     /// body's result. A failed member fails the chord: the body does not run and its result is a

@@ -202,6 +202,26 @@ impl Signature {
         self.header(PARTITION_KEY, Value::String(key.into()))
     }
 
+    /// Celery's `task.map(it)`: one `celery.map` task that runs this task on each item in turn
+    /// (this signature's arguments first) and returns the list of results. Sent to this
+    /// signature's queue.
+    pub fn map(self, items: Vec<Value>) -> Signature {
+        self.builtin("celery.map", items)
+    }
+
+    /// Celery's `task.starmap(it)`: like [`Signature::map`], each item being an argument list.
+    pub fn starmap(self, items: Vec<Value>) -> Signature {
+        self.builtin("celery.starmap", items)
+    }
+
+    fn builtin(self, name: &str, items: Vec<Value>) -> Signature {
+        let mut sig = Signature::by_name(name);
+        sig.kwargs.insert("task".into(), self.to_json());
+        sig.kwargs.insert("it".into(), Value::Array(items));
+        sig.options.queue = self.options.queue.clone();
+        sig
+    }
+
     /// Adds an errback: sent with this task's id as its first argument (Celery's remote errback
     /// convention) when the task fails for good, after its retries.
     pub fn link_error(mut self, errback: Signature) -> Self {

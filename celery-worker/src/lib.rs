@@ -28,6 +28,7 @@
 
 pub mod beat;
 pub mod bench;
+mod builtins;
 mod chord;
 pub mod cli;
 mod execute;

@@ -371,6 +371,24 @@ async fn errbacks_get_the_failed_id(t: Target) {
     assert!(!ERRBACKS.lock().unwrap().iter().any(|(t, _)| *t == t3), "a success sends no errback");
 }
 
+/// Celery's `map`, `starmap` and `chunks` (the `celery.map`/`celery.starmap` built-ins).
+async fn map_starmap_chunks(t: Target) {
+    let app = t.app().await;
+    let w = worker(&app, 4, 4);
+    let add10 = Signature::by_name("c_add").args(json!([10]));
+    let mapped = app.send(add10.map(vec![json!(1), json!(2), json!(3)])).await.unwrap();
+    assert_eq!(mapped.get::<Vec<i64>>(T).await.unwrap(), [11, 12, 13]);
+    let starred = app.send(Signature::by_name("c_add").starmap(vec![json!([1, 2]), json!([3, 4])])).await.unwrap();
+    assert_eq!(starred.get::<Vec<i64>>(T).await.unwrap(), [3, 7]);
+    let items = (0..10).map(|i| json!([i, i])).collect();
+    let chunks = app.send_chunks(Signature::by_name("c_add"), items, 3).await.unwrap();
+    let got: Vec<Vec<i64>> = chunks.get(T).await.unwrap();
+    assert_eq!(got, vec![vec![0, 2, 4], vec![6, 8, 10], vec![12, 14, 16], vec![18]]);
+    let wrong = app.send(Signature::by_name("c_add").map(vec![json!("x")])).await.unwrap();
+    assert!(matches!(wrong.get::<Vec<i64>>(T).await, Err(ResultError::Failed { .. })));
+    w.stop().await;
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -443,4 +461,5 @@ conformance!(
     leases_and_documents,
     chords_complete_once,
     errbacks_get_the_failed_id,
+    map_starmap_chunks,
 );
