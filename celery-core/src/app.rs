@@ -25,11 +25,17 @@ pub struct AppConfig {
     pub default_queue: String,
     /// Messages larger than this are refused at send time (default 16 MiB).
     pub max_message_size: usize,
+    /// How long an idempotency key returns its first task (default one day).
+    pub idempotency_window: Duration,
 }
 
 impl Default for AppConfig {
     fn default() -> Self {
-        AppConfig { default_queue: "celery".into(), max_message_size: 16 * 1024 * 1024 }
+        AppConfig {
+            default_queue: "celery".into(),
+            max_message_size: 16 * 1024 * 1024,
+            idempotency_window: Duration::from_secs(86_400),
+        }
     }
 }
 
@@ -121,10 +127,27 @@ impl App {
 
     /// Sends one invocation. A lost connection is retried (3 attempts with backoff); if a reply was
     /// lost after the broker stored the message, the task may be queued twice (at-least-once).
+    ///
+    /// With an [idempotency key](Signature::idempotency_key), a send within
+    /// [`AppConfig::idempotency_window`] of the first send with that key returns the first task's
+    /// result and sends nothing (the result backend holds the keys; not on `rpc://`).
     pub async fn send(&self, sig: Signature) -> Result<AsyncResult, AppError> {
         let (route, msg) = self.prepare(&sig)?;
+        let id = &msg.headers.id;
+        if let Some(key) = &sig.options.idempotency_key {
+            if let Some(first) = self.backend.claim(key, id, self.config.idempotency_window).await? {
+                tracing::debug!(key, first = %first, "idempotency key seen: returning the first task");
+                return Ok(self.result(&first));
+            }
+            if let Err(e) = retrying(|| self.broker.publish(&route, &msg)).await {
+                // Not sent: free the key so that a retry of this send can send.
+                let _ = self.backend.unclaim(key, id).await;
+                return Err(e.into());
+            }
+            return Ok(self.result(id));
+        }
         retrying(|| self.broker.publish(&route, &msg)).await?;
-        Ok(self.result(&msg.headers.id))
+        Ok(self.result(id))
     }
 
     /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.

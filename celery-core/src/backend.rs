@@ -43,6 +43,19 @@ pub trait ResultBackend: Send + Sync + Debug {
         None
     }
 
+    /// Claims the idempotency `key` for `task_id` for `ttl`: `None` when this call claimed it,
+    /// else the task id that holds it. Atomic across processes.
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let _ = (key, task_id, ttl);
+        Err(BackendError::Unsupported { backend: self.kind(), what: "idempotency keys" })
+    }
+
+    /// Frees `key` if `task_id` holds it (its send failed).
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        let _ = (key, task_id);
+        Ok(())
+    }
+
     /// A short name for messages (`"redis"`).
     fn kind(&self) -> &'static str {
         "this"

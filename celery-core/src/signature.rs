@@ -54,6 +54,8 @@ pub struct SendOptions {
     /// Tasks to send with this one's id when it fails for good (Celery's `link_error`,
     /// `embed.errbacks`); a failed chord sends its body's errbacks with the body's id.
     pub link_error: Vec<Signature>,
+    /// Sends with the same key within the app's idempotency window return the first task.
+    pub idempotency_key: Option<String>,
     /// The body of the chord this task is a member of (Celery's `embed.chord`: the body's signature
     /// document with `chord_size`).
     pub chord: Option<Value>,
@@ -200,6 +202,19 @@ impl Signature {
     /// Messages with the same key go to the same partition of a partitioned queue, in order.
     pub fn partition_key(self, key: impl Into<String>) -> Self {
         self.header(PARTITION_KEY, Value::String(key.into()))
+    }
+
+    /// Makes [`App::send`](crate::App::send) idempotent under `key`: while the key is held (the
+    /// app's `idempotency_window` after the first send), sending again returns the first task's
+    /// result instead of sending a new task.
+    ///
+    /// ```
+    /// let sig = celery_core::Signature::by_name("charge").idempotency_key("order-42");
+    /// assert_eq!(sig.options.idempotency_key.as_deref(), Some("order-42"));
+    /// ```
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.options.idempotency_key = Some(key.into());
+        self
     }
 
     /// Celery's `task.map(it)`: one `celery.map` task that runs this task on each item in turn

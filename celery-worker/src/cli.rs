@@ -244,6 +244,9 @@ pub struct SendArgs {
     /// Priority 0-9 (9 runs first).
     #[arg(long)]
     pub priority: Option<u8>,
+    /// Send at most once per KEY within the idempotency window (a repeat prints the first task).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
     /// Wait for the result, at most SECS (default 30).
     #[arg(long, num_args = 0..=1, default_missing_value = "30")]
     pub wait: Option<f64>,
@@ -388,6 +391,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             if let Some(p) = a.priority {
                 sig = sig.priority(p);
+            }
+            if let Some(k) = a.idempotency_key {
+                sig = sig.idempotency_key(k);
             }
             let res = app.send(sig).await?;
             eprintln!("sent {} as {}", a.task, res.id());

@@ -12,7 +12,8 @@ pub(crate) async fn on_success(app: &App, msg: &Message, embed: &Map<String, Val
     if let Some(Value::Array(rest)) = embed.get("chain") {
         if let Some((first, remaining)) = rest.split_last() {
             if let Some(mut sig) = parse(first, "the next step of a chain") {
-                sig.options.chain = remaining.iter().rev().filter_map(|s| parse(s, "a later step of a chain")).collect();
+                sig.options.chain =
+                    remaining.iter().rev().filter_map(|s| parse(s, "a later step of a chain")).collect();
                 next.push(sig);
             }
         }

@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use broker_backends::log::LogBroker;
 use celery_core::backend::ChordMember;
 use celery_core::scheme::BackendScheme;
-use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
+use celery_core::{BackendError, Broker, BrokerError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
 #[derive(Debug, Clone)]
@@ -81,6 +81,24 @@ impl ResultBackend for LogResultBackend {
 
     fn kind(&self) -> &'static str {
         "log"
+    }
+
+    /// A claim is a lease named `idempotency.<key>` held by the task id (see `Broker::lease`).
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let name = format!("idempotency.{key}");
+        loop {
+            if self.log.lease(&name, task_id, ttl).await.map_err(err)? {
+                return Ok(None);
+            }
+            // Held: by whom? (If it expired meanwhile, try again.)
+            if let Some(holder) = self.log.lease_holder(&name).await.map_err(err)? {
+                return Ok(Some(holder));
+            }
+        }
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        self.log.release(&format!("idempotency.{key}"), task_id).await.map_err(err)
     }
 
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {

@@ -24,6 +24,8 @@ use tokio::sync::Notify;
 pub struct MemoryBackend {
     inner: Arc<(Mutex<HashMap<String, TaskMeta>>, Notify)>,
     chords: Arc<Mutex<HashMap<String, ChordTally>>>,
+    /// Idempotency key -> (task id, until).
+    claims: Arc<Mutex<HashMap<String, (String, std::time::Instant)>>>,
 }
 
 #[async_trait]
@@ -55,6 +57,26 @@ impl ResultBackend for MemoryBackend {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let now = std::time::Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        match claims.get(key) {
+            Some((id, until)) if *until > now => Ok(Some(id.clone())),
+            _ => {
+                claims.insert(key.to_owned(), (task_id.to_owned(), now + ttl));
+                Ok(None)
+            }
+        }
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        if claims.get(key).is_some_and(|(id, _)| id == task_id) {
+            claims.remove(key);
+        }
+        Ok(())
     }
 
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {

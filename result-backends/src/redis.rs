@@ -115,6 +115,11 @@ impl RedisBackend {
         format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
     }
 
+    /// An idempotency key's holder: `celery-rs-idempotency-<key>` with the prefix.
+    fn idempotency_key(&self, key: &str) -> String {
+        format!("{}celery-rs-idempotency-{key}", self.prefix)
+    }
+
     /// `celery-task-meta-<id>` with the prefix.
     pub fn key(&self, task_id: &str) -> String {
         format!("{}celery-task-meta-{task_id}", self.prefix)
@@ -264,6 +269,28 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let mut conn = self.conn.clone();
+        Script::new(CLAIM)
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .arg(ttl.as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = Script::new(UNCLAIM)
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
     /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
@@ -305,6 +332,20 @@ impl ResultBackend for RedisBackend {
         Ok(())
     }
 }
+
+/// KEYS: the idempotency key; ARGV: task id, ttl. Returns the holder, or nil after claiming it.
+const CLAIM: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return false
+"#;
+
+/// KEYS: the idempotency key; ARGV: task id. Deletes it if the task holds it.
+const UNCLAIM: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
 
 /// KEYS: .j .t .s .ids .by; ARGV: task id, encoded member, score, ttl. Returns the members with
 /// scores to the member that completes the chord, else nil.

@@ -389,6 +389,29 @@ async fn map_starmap_chunks(t: Target) {
     w.stop().await;
 }
 
+/// Idempotency keys: concurrent and repeated sends with one key queue one task and return its
+/// result; another key is another task; after the window the key sends again.
+async fn idempotency_keys_send_once(t: Target) {
+    let app = t.app().await;
+    let key = format!("order-{}", rand_token());
+    let sig = || c_add::new(1, 2).queue("idem").idempotency_key(key.clone());
+    let sends = futures::future::join_all((0..10).map(|_| app.send(sig()))).await;
+    let ids: std::collections::HashSet<String> = sends.into_iter().map(|r| r.unwrap().id().to_owned()).collect();
+    assert_eq!(ids.len(), 1, "one task for one key: {ids:?}");
+    assert_eq!(app.broker().queue_len("idem").await.unwrap(), 1);
+    let other = app.send(c_add::new(1, 2).queue("idem").idempotency_key(format!("{key}-b"))).await.unwrap();
+    assert!(!ids.contains(other.id()));
+    let short = app
+        .clone()
+        .with_config(celery_core::AppConfig { idempotency_window: Duration::from_secs(1), ..Default::default() });
+    let k = format!("short-{}", rand_token());
+    let first = short.send(c_add::new(1, 1).queue("idem").idempotency_key(k.clone())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await; // the window passes
+    let again = short.send(c_add::new(1, 1).queue("idem").idempotency_key(k)).await.unwrap();
+    assert_ne!(first.id(), again.id(), "after the window the key sends again");
+    assert_eq!(app.broker().purge("idem").await.unwrap(), 4);
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -462,4 +485,5 @@ conformance!(
     chords_complete_once,
     errbacks_get_the_failed_id,
     map_starmap_chunks,
+    idempotency_keys_send_once,
 );

@@ -276,6 +276,11 @@ impl LogBroker {
         }
     }
 
+    /// Who holds the lease `name`, if anyone.
+    pub async fn lease_holder(&self, name: &str) -> Result<Option<String>, BrokerError> {
+        Ok(self.get_result(&lease_key(name)).await?.map(|h| String::from_utf8_lossy(&h).into_owned()))
+    }
+
     /// Records a chord's size.
     pub async fn chord_size(&self, group: &str, size: usize, ttl: Duration) -> Result<(), BrokerError> {
         match &self.inner {
@@ -511,6 +516,11 @@ const CHORD_PREFIX: &str = "_celery_rs.chord.";
 /// A chord's records among the results: `<prefix><group>` (size), `/<task id>` (members), `!by`.
 fn chord_key(group: &str, suffix: &str) -> String {
     format!("{CHORD_PREFIX}{group}{suffix}")
+}
+
+/// The result key a lease is kept under.
+fn lease_key(name: &str) -> String {
+    format!("_celery_rs.lease.{name}")
 }
 
 /// Stored documents and leases live among the results (task ids are UUIDs, so the names never meet).
@@ -767,7 +777,7 @@ impl LogStore {
     /// Takes or renews (`ttl` given) or releases (`None`) the lease `name` for `holder`; true when
     /// `holder` holds it afterwards. Leases are stored like results, so they survive an owner restart.
     pub async fn lease(&self, name: &str, holder: &str, ttl: Option<Duration>) -> Result<bool, LogError> {
-        let key = format!("_celery_rs.lease.{name}");
+        let key = lease_key(name);
         let _one_at_a_time = self.cas_lock.lock().await;
         let mine = match self.get_result(&key) {
             None => true,
