@@ -1,6 +1,7 @@
 //! Beat as real processes on every broker: two beats send each run once; `kill -9` of the leader
 //! hands over within the lease and neither skips nor repeats a run; a killed and restarted beat
-//! sends one catch-up run for a `run-once` entry and none for a `skip` entry.
+//! sends one catch-up run for a `run-once` entry and none for a `skip` entry; `worker -B` runs
+//! what its own beat sends.
 
 use std::time::{Duration, Instant};
 
@@ -160,6 +161,28 @@ async fn restart_catches_up_by_policy(t: Target) {
     let log = second.log();
     assert!(log.contains("skipping runs missed"), "{log}");
     assert!(log.contains("folded=1"), "the catch-up covers the two missed runs\n{log}");
+}
+
+/// `worker -B`: beat runs inside the worker, which runs what its beat sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_with_beat_runs_its_entries() {
+    let t = Target::log();
+    let dir = TempDir::new("beat-worker");
+    let file = schedule(&dir, &[("tick", "celery", 1, "run-once")]);
+    let (b, r) = t.urls();
+    let w = DemoProcess::start_urls(&b, &r, &["worker", "-B", "-s", &file, "--lease", "2"]);
+    assert!(w.wait_log("beat: leading", T), "{}", w.log());
+    let app = t.app().await;
+    let end = Instant::now() + T;
+    let last = loop {
+        let state = celery_worker::beat::load_state(&app, "beat").await.unwrap().unwrap_or_default();
+        match state.entries.get("tick") {
+            Some(e) if e.total >= 2 => break e.last_id.clone().expect("an id"),
+            _ => assert!(Instant::now() < end, "{}", w.log()),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(app.result(&last).get::<i64>(T).await.unwrap(), 3, "{}", w.log());
 }
 
 macro_rules! on_every_broker {

@@ -71,6 +71,9 @@ pub enum BeatError {
     /// The stored state is not beat's document.
     #[error("beat state: {0}")]
     State(String),
+    /// A schedule is invalid.
+    #[error(transparent)]
+    Schedule(#[from] celery_core::schedule::ScheduleError),
     /// A broker operation failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
