@@ -1,7 +1,7 @@
 //! The command line a user's binary embeds with one call: [`run`].
 //!
 //! ```text
-//! mybin worker -Q celery,emails -c 16
+//! mybin worker -Q celery,emails -c 16 --metrics 127.0.0.1:9808
 //! mybin send add --args '[2, 3]' --wait --json
 //! mybin result 4f6a... --wait 10
 //! mybin purge -Q celery
@@ -210,6 +210,9 @@ pub struct WorkerArgs {
     /// Do not store STARTED/RECEIVED states.
     #[arg(long)]
     pub without_track_started: bool,
+    /// Serve Prometheus metrics on HOST:PORT (`GET /metrics`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -346,6 +349,10 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
                 track_started: !a.without_track_started,
             };
+            if let Some(addr) = a.metrics {
+                crate::metrics::serve(addr).with_context(|| format!("serving metrics on {addr}"))?;
+                crate::metrics::poll_queue_depth(app.clone(), cfg.queues.clone());
+            }
             if !a.beat {
                 Worker::new(app, cfg).run_until(shutdown_signal()).await?;
                 return Ok(ExitCode::SUCCESS);

@@ -33,6 +33,7 @@ mod chord;
 pub mod cli;
 mod execute;
 mod followups;
+pub mod metrics;
 mod rate_limit;
 pub mod worker;
 

@@ -286,6 +286,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         store(&w, &msg, entry, meta.clone()).await;
         chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
         w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::revoked(entry.name);
         settle(d.ack().await);
         return;
     }
@@ -345,8 +346,11 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let embed = body.embed;
     let args = TaskArgs { args: body.args, kwargs: body.kwargs };
     let started = std::time::Instant::now();
+    crate::metrics::received(entry.name);
+    crate::metrics::started();
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
     let runtime = started.elapsed();
+    crate::metrics::finished(entry.name, runtime);
     match outcome {
         Outcome::Interrupted => {
             if let Some(d) = d.take() {
@@ -361,6 +365,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             }
             chord_member(&w, &msg, TaskState::Success, &value).await;
             w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::succeeded(entry.name);
             if let Some(d) = d.take() {
                 settle(d.ack().await);
             }
@@ -422,6 +427,7 @@ async fn retry_or_fail(
     tracing::info!(retries = next.headers.retries, ?delay, reason = %err, "retry scheduled");
     store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
     w.stats.retried.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::retried(entry.name);
     if let Some(d) = d {
         settle(d.ack().await);
     }
@@ -434,6 +440,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     crate::followups::on_failure(&w.app, msg).await;
     chord_member(w, msg, TaskState::Failure, &meta.result).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::failed(entry.name);
     if let Some(d) = d {
         settle(d.ack().await);
     }
@@ -453,6 +460,7 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
         chord_member(w, m, TaskState::Failure, &result).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::dead_lettered(&d.queue);
     settle(d.dead_letter(reason).await);
 }
 
