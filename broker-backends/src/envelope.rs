@@ -87,6 +87,19 @@ struct EnvProperties {
     delivery_info: Option<Value>,
 }
 
+/// The body of any envelope (a task or not, e.g. an event), JSON only; `None` when unreadable.
+pub(crate) fn body_of(raw: &[u8]) -> Option<Vec<u8>> {
+    let env: Envelope<'_> = serde_json::from_slice(raw).ok()?;
+    if let Some(ct) = &env.content_type {
+        check_content_type(ct).ok()?;
+    }
+    let body = env.body.as_deref()?;
+    match env.properties.as_ref().and_then(|p| p.body_encoding.as_deref()).unwrap_or("base64") {
+        "base64" => B64.decode(body).ok(),
+        _ => Some(body.as_bytes().to_vec()),
+    }
+}
+
 /// Decodes an envelope; never panics.
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
     let env: Envelope<'_> = match serde_json::from_slice(raw) {

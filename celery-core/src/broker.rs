@@ -66,6 +66,32 @@ pub trait Broker: Send + Sync + Debug {
         Err(BrokerError::Unsupported { broker: self.kind(), option: format!("bindings (`{}`)", binding.exchange) })
     }
 
+    /// Publishes `msg` to whoever subscribes to `exchange` at this moment, at most once; nothing is
+    /// stored for absent subscribers (Celery's events and broadcast control messages). `kind` is
+    /// the exchange's kind on brokers that have kinds (RabbitMQ declares it on first use).
+    async fn broadcast(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        routing_key: &str,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        let _ = (kind, routing_key, msg);
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{exchange}`)") })
+    }
+
+    /// Receives the broadcasts to `exchange` whose routing key matches `pattern` (topic syntax:
+    /// `*` one word, `#` any), from now until the subscription is dropped.
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        pattern: &str,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let _ = (kind, pattern);
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{exchange}`)") })
+    }
+
     /// Takes or renews the lease `name` for `holder`: `Ok(true)` while `holder` holds it. A lease
     /// not renewed within `ttl` (or whose holder's connection died, where the broker can tell) goes
     /// to the next caller. Beat's leader election rests on this.
@@ -103,6 +129,54 @@ pub trait Consumer: Send + Debug {
 
     /// Flushes pending settlements and releases the consumer's resources.
     async fn close(&mut self);
+}
+
+/// A broadcast as received: its routing key and its message's body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Broadcast {
+    /// The routing key it was published with.
+    pub routing_key: String,
+    /// The message body (the event document, for Celery events).
+    pub body: Vec<u8>,
+}
+
+/// The broadcasts of one subscription ([`Broker::subscribe`]).
+#[async_trait]
+pub trait Subscription: Send + Debug {
+    /// The next broadcast; `None` when the subscription ended (its connection is gone for good).
+    async fn next(&mut self) -> Option<Broadcast>;
+}
+
+/// A subscription fed through a channel by a task of the broker's, which stops when it is dropped.
+#[derive(Debug)]
+pub struct ChannelSubscription {
+    rx: tokio::sync::mpsc::Receiver<Broadcast>,
+    feeder: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ChannelSubscription {
+    /// A subscription reading `rx`, fed by `feeder` (aborted on drop) or by whoever holds the sender.
+    pub fn new(
+        rx: tokio::sync::mpsc::Receiver<Broadcast>,
+        feeder: Option<tokio::task::JoinHandle<()>>,
+    ) -> ChannelSubscription {
+        ChannelSubscription { rx, feeder }
+    }
+}
+
+impl Drop for ChannelSubscription {
+    fn drop(&mut self) {
+        if let Some(f) = &self.feeder {
+            f.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for ChannelSubscription {
+    async fn next(&mut self) -> Option<Broadcast> {
+        self.rx.recv().await
+    }
 }
 
 /// How a delivery is settled; implemented by each broker.

@@ -68,6 +68,19 @@ pub enum Command {
     Broker(BrokerCommand),
     /// Send periodic tasks (`beat`), or change and list the entries (`beat add|remove|list`).
     Beat(BeatArgs),
+    /// Print the events of every worker started with `-E`, live.
+    Events(EventsArgs),
+}
+
+/// `events` options.
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Print each event as one JSON line.
+    #[arg(long)]
+    pub json: bool,
+    /// Exit after this many events.
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 /// `beat` options and subcommands.
@@ -213,6 +226,9 @@ pub struct WorkerArgs {
     /// Serve Prometheus metrics on HOST:PORT (`GET /metrics`).
     #[arg(long, value_name = "HOST:PORT")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Send Celery's task and worker events (`mybin events` shows them; so does Celery's tooling).
+    #[arg(short = 'E', long = "events")]
+    pub events: bool,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -348,6 +364,8 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 hostname: a.hostname.unwrap_or(defaults.hostname),
                 shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
                 track_started: !a.without_track_started,
+                events: a.events,
+                ..defaults
             };
             if let Some(addr) = a.metrics {
                 crate::metrics::serve(addr).with_context(|| format!("serving metrics on {addr}"))?;
@@ -376,6 +394,27 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Beat(BeatArgs { action: Some(action), .. }) => beat_action(&app, action).await,
+        Command::Events(a) => {
+            let mut events = crate::events::subscribe(&app).await?;
+            eprintln!("listening for events (workers started with -E)");
+            let mut seen = 0;
+            loop {
+                let event = tokio::select! {
+                    e = events.next() => match e { Some(e) => e, None => break },
+                    _ = shutdown_signal() => break,
+                };
+                if a.json {
+                    println!("{event}");
+                } else {
+                    println!("{}", describe_event(&event));
+                }
+                seen += 1;
+                if a.count.is_some_and(|n| seen >= n) {
+                    break;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Send(a) => {
             let args: Value = serde_json::from_str(&a.args).context("--args is not JSON")?;
             let kwargs: Value = serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?;
@@ -404,6 +443,11 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let res = app.send(sig).await?;
             eprintln!("sent {} as {}", a.task, res.id());
+            if a.wait.is_none() && !a.json {
+                // Not waiting: the id is the answer, whatever state the task reached meanwhile.
+                println!("{}", res.id());
+                return Ok(ExitCode::SUCCESS);
+            }
             report(&res, a.wait, a.json).await
         }
         Command::Result(a) => report(&app.result(&a.id), a.wait, a.json).await,
@@ -536,6 +580,29 @@ async fn beat_action(app: &celery_core::App, action: BeatAction) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line for an event: time, host, type, then the task and what happened.
+fn describe_event(e: &Value) -> String {
+    let time = e["timestamp"]
+        .as_f64()
+        .and_then(|t| chrono::DateTime::from_timestamp_micros((t * 1e6) as i64))
+        .map(|t| t.format("%H:%M:%S%.3f").to_string())
+        .unwrap_or_default();
+    let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+    let mut line = format!("{time} {} {}", s("hostname"), s("type"));
+    for k in ["name", "uuid", "args", "result", "exception"] {
+        if let Some(v) = e[k].as_str() {
+            line.push_str(&format!(" {k}={v}"));
+        }
+    }
+    if let Some(r) = e["runtime"].as_f64() {
+        line.push_str(&format!(" runtime={r:.4}s"));
+    }
+    if e["type"] == "worker-heartbeat" {
+        line.push_str(&format!(" active={} processed={}", e["active"], e["processed"]));
+    }
+    line
 }
 
 /// The `--json` line, keys in this order.

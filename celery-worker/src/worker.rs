@@ -32,6 +32,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::events::EventDispatcher;
 use crate::execute::{self, Outcome};
 use crate::rate_limit::RateLimits;
 
@@ -59,6 +60,10 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Store STARTED when a task starts (and RECEIVED when it is deferred to its eta).
     pub track_started: bool,
+    /// Send Celery's task and worker events (`worker -E`).
+    pub events: bool,
+    /// How often `worker-heartbeat` is sent when events are on.
+    pub heartbeat: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +75,8 @@ impl Default for WorkerConfig {
             hostname: format!("celery@{}", gethostname()),
             shutdown_grace: Duration::from_secs(30),
             track_started: true,
+            events: false,
+            heartbeat: Duration::from_secs(2),
         }
     }
 }
@@ -106,6 +113,8 @@ pub struct WorkerStats {
     pub requeued: AtomicU64,
     /// Redeliveries of tasks whose SUCCESS was already stored (acked, not run again).
     pub already_done: AtomicU64,
+    /// Tasks running now.
+    pub active: AtomicU64,
 }
 
 impl WorkerStats {
@@ -135,6 +144,23 @@ struct Shared {
     stats: Arc<WorkerStats>,
     shutdown: watch::Receiver<bool>,
     hard_stop: watch::Receiver<bool>,
+    events: Option<EventDispatcher>,
+}
+
+impl Shared {
+    /// Sends an event when events are on.
+    fn event(&self, kind: &str, fields: serde_json::Value) {
+        if let Some(ev) = &self.events {
+            ev.send(kind, fields);
+        }
+    }
+
+    /// `worker-online`, `worker-heartbeat` and `worker-offline`.
+    fn worker_event(&self, kind: &str) {
+        let active = self.stats.active.load(Ordering::Relaxed) as usize;
+        let freq = self.config.heartbeat.as_secs_f64();
+        self.event(kind, crate::events::worker_fields(freq, active, self.stats.finished()));
+    }
 }
 
 /// A worker over an [`App`].
@@ -171,7 +197,9 @@ impl Worker {
         let mut consumer = self.app.broker().consume(&cfg.queues, cfg.prefetch()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
+        let events = cfg.events.then(|| EventDispatcher::start(self.app.clone(), &cfg.hostname));
         let shared = Arc::new(Shared {
+            events,
             app: self.app,
             slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             config: cfg.clone(),
@@ -185,6 +213,18 @@ impl Worker {
             hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = cfg.concurrency,
             prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
         );
+        shared.worker_event("worker-online");
+        let heartbeat = shared.events.is_some().then(|| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(shared.config.heartbeat.max(Duration::from_millis(100)));
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    shared.worker_event("worker-heartbeat");
+                }
+            })
+        });
         let mut running = JoinSet::new();
         tokio::pin!(shutdown);
         // A slot first, then the next delivery: deliveries start in the order the broker gave them.
@@ -231,6 +271,10 @@ impl Worker {
             }
         }
         consumer.close().await;
+        if let Some(h) = heartbeat {
+            h.abort();
+        }
+        shared.worker_event("worker-offline");
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -270,6 +314,15 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             return;
         }
     };
+    w.event(
+        "task-received",
+        serde_json::json!({
+            "uuid": msg.headers.id, "name": msg.headers.task, "args": msg.headers.argsrepr,
+            "kwargs": msg.headers.kwargsrepr, "root_id": msg.headers.root_id, "parent_id": msg.headers.parent_id,
+            "retries": msg.headers.retries, "eta": msg.headers.eta.map(celery_core::protocol::format_time),
+            "expires": msg.headers.expires.map(celery_core::protocol::format_time),
+        }),
+    );
     if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
         tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
         w.stats.already_done.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +340,10 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
         w.stats.revoked.fetch_add(1, Ordering::Relaxed);
         crate::metrics::revoked(entry.name);
+        w.event(
+            "task-revoked",
+            serde_json::json!({"uuid": msg.headers.id, "terminated": false, "signum": null, "expired": true}),
+        );
         settle(d.ack().await);
         return;
     }
@@ -348,7 +405,10 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let started = std::time::Instant::now();
     crate::metrics::received(entry.name);
     crate::metrics::started();
+    w.event("task-started", serde_json::json!({"uuid": msg.headers.id}));
+    w.stats.active.fetch_add(1, Ordering::Relaxed);
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
+    w.stats.active.fetch_sub(1, Ordering::Relaxed);
     let runtime = started.elapsed();
     crate::metrics::finished(entry.name, runtime);
     match outcome {
@@ -366,6 +426,10 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             chord_member(&w, &msg, TaskState::Success, &value).await;
             w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             crate::metrics::succeeded(entry.name);
+            w.event(
+                "task-succeeded",
+                serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()}),
+            );
             if let Some(d) = d.take() {
                 settle(d.ack().await);
             }
@@ -428,6 +492,10 @@ async fn retry_or_fail(
     store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
     w.stats.retried.fetch_add(1, Ordering::Relaxed);
     crate::metrics::retried(entry.name);
+    w.event(
+        "task-retried",
+        serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
+    );
     if let Some(d) = d {
         settle(d.ack().await);
     }
@@ -441,6 +509,10 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     chord_member(w, msg, TaskState::Failure, &meta.result).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
     crate::metrics::failed(entry.name);
+    w.event(
+        "task-failed",
+        serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
+    );
     if let Some(d) = d {
         settle(d.ack().await);
     }
@@ -461,6 +533,9 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
+    if let Some(m) = msg {
+        w.event("task-rejected", serde_json::json!({"uuid": m.headers.id, "requeue": false}));
+    }
     settle(d.dead_letter(reason).await);
 }
 
@@ -520,4 +595,15 @@ fn settle(r: Result<(), BrokerError>) {
     if let Err(e) = r {
         tracing::error!(error = %e, "could not settle a delivery; it comes back after the visibility timeout");
     }
+}
+
+/// A result as the short text events carry (Celery sends `repr(result)`).
+fn repr(v: &serde_json::Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 1024 {
+        let cut = (0..=1024).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
 }

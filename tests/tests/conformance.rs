@@ -412,6 +412,55 @@ async fn idempotency_keys_send_once(t: Target) {
     assert_eq!(app.broker().purge("idem").await.unwrap(), 4);
 }
 
+/// Events (`worker -E`): a task's life in order, and the worker's online, heartbeat and offline.
+async fn events_follow_a_task(t: Target) {
+    let app = t.app().await;
+    let mut events = celery_worker::events::subscribe(&app).await.unwrap();
+    let cfg = WorkerConfig {
+        concurrency: 2,
+        events: true,
+        heartbeat: Duration::from_millis(200),
+        hostname: format!("events-{}", rand_token()),
+        ..WorkerConfig::default()
+    };
+    let host = cfg.hostname.clone();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = rx.await;
+    }));
+    let ok = app.send(c_add::new(2, 2)).await.unwrap();
+    let boom = app.send(c_boom::new()).await.unwrap();
+    let mut seen: Vec<(String, String)> = Vec::new();
+    let want = |seen: &Vec<(String, String)>| {
+        ["task-succeeded", "task-failed", "worker-heartbeat"].iter().all(|k| seen.iter().any(|(t, _)| t == k))
+    };
+    let collect = async {
+        while !want(&seen) {
+            let e = events.next().await.expect("subscription open");
+            if e["hostname"] == host.as_str() {
+                seen.push((e["type"].as_str().unwrap().to_owned(), e["uuid"].as_str().unwrap_or("").to_owned()));
+            }
+        }
+    };
+    tokio::time::timeout(T, collect).await.unwrap_or_else(|_| panic!("events so far: {seen:?}"));
+    let of = |id: &str| seen.iter().filter(|(_, u)| u == id).map(|(t, _)| t.as_str()).collect::<Vec<_>>();
+    assert_eq!(of(ok.id()), ["task-received", "task-started", "task-succeeded"], "{seen:?}");
+    assert_eq!(of(boom.id()), ["task-received", "task-started", "task-failed"], "{seen:?}");
+    assert_eq!(seen[0].0, "worker-online", "{seen:?}");
+    let _ = stop.send(());
+    handle.await.unwrap().unwrap();
+    let offline = async {
+        loop {
+            let e = events.next().await.expect("subscription open");
+            if e["hostname"] == host.as_str() && e["type"] == "worker-offline" {
+                return e;
+            }
+        }
+    };
+    let e = tokio::time::timeout(T, offline).await.expect("worker-offline");
+    assert_eq!(e["sw_ident"], "celery-rs");
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -486,4 +535,5 @@ conformance!(
     errbacks_get_the_failed_id,
     map_starmap_chunks,
     idempotency_keys_send_once,
+    events_follow_a_task,
 );

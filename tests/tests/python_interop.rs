@@ -15,11 +15,14 @@
 //!    `send_chord` of the same runs on a Python worker, whose chord counting fires the body, and we
 //!    get 90.
 //!
+//! 5. Events: `celery -A interop_app events --dump` (Python) prints the task events of our worker
+//!    started with `-E`, over Redis and over RabbitMQ.
+//!
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
 //! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
 //! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
 //! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
-//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
+//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 3 and 4 for the events tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
 //! their own.
 
 use std::fs::File;
@@ -29,7 +32,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use celery_core::Signature;
-use celery_tests::{amqp_available, demo_bin, redis_available, services_required, AmqpVhost, REDIS};
+use celery_tests::{amqp_available, demo_bin, redis_available, services_required, wait_until, AmqpVhost, REDIS};
 use serde_json::{json, Value};
 
 const SUITE: &str = "python_interop";
@@ -402,4 +405,55 @@ async fn our_chord_runs_on_python_workers() {
         Ok(sum) => assert_eq!(sum, 90),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
     }
+}
+
+/// Python's `celery events --dump` sees our worker's task events.
+fn python_event_dump_sees_our_worker_via(python: &Path, servers: &Servers, queue: &str) {
+    let dump =
+        Service::start(&mut python_cmd(python, servers, &["-m", "celery", "-A", "interop_app", "events", "--dump"]));
+    assert!(wait_until(T, || dump.log().contains("starting capture")), "{}", dump.log());
+    let worker = Service::start(
+        servers
+            .apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-E", "-Q", queue, "-c", "2"])
+            .env("RUST_LOG", "info"),
+    );
+    // Kombu subscribes on Redis only once it polls: wait for one of our heartbeats to show.
+    assert!(wait_until(T, || dump.log().contains("sw_ident=celery-rs")), "{}\n{}", dump.log(), worker.log());
+    let out = servers
+        .apply(&mut Command::new(demo_bin()))
+        .args(["send", "add", "--args", "[20, 22]", "--queue", queue, "--wait", "30", "--json"])
+        .output()
+        .expect("send");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let sent: Value = serde_json::from_str(line.lines().last().unwrap_or("")).unwrap_or(Value::Null);
+    assert_eq!(sent["result"], json!(42), "{line}\n{}", worker.log());
+    let id = sent["id"].as_str().unwrap_or_default().to_owned();
+    let seen = wait_until(T, || {
+        let log = dump.log();
+        log.lines().any(|l| l.contains(&id) && l.contains("succeeded")) && log.contains("received")
+    });
+    assert!(seen, "Python's event dump did not show task {id}:\n{}\nour worker:\n{}", dump.log(), worker.log());
+}
+
+#[test]
+fn python_event_dump_sees_our_worker() {
+    let Some(servers) = Servers::redis(3, 3) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    python_event_dump_sees_our_worker_via(python, &servers, "interop-events");
+}
+
+#[test]
+fn python_event_dump_sees_our_worker_over_amqp() {
+    let Some(servers) = Servers::amqp(4) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    python_event_dump_sees_our_worker_via(python, &servers, "interop-events");
 }

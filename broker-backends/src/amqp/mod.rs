@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+mod broadcast;
 mod fields;
 mod lease;
 
@@ -323,6 +324,25 @@ impl Broker for AmqpBroker {
         ch.queue_bind(short(&b.queue)?, short(&b.exchange)?, short(&b.routing_key)?, QueueBindOptions::default(), args)
             .await
             .map_err(err)
+    }
+
+    async fn broadcast(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        routing_key: &str,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        self.amqp_broadcast(exchange, kind, routing_key, msg).await
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        pattern: &str,
+    ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
+        self.amqp_subscribe(exchange, kind, pattern).await
     }
 
     /// A single-active-consumer queue's token (see the `lease` module); `ttl` is not needed, as

@@ -484,6 +484,39 @@ impl Broker for LogBroker {
         }
     }
 
+    /// Broadcasts go through the owner's memory to its current subscribers; nothing is stored.
+    async fn broadcast(
+        &self,
+        exchange: &str,
+        _kind: ExchangeKind,
+        routing_key: &str,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => {
+                s.broadcast(exchange, routing_key, &msg.body);
+                Ok(())
+            }
+            Inner::Remote(c) => {
+                c.call(wire::kind::BROADCAST, |e| e.str(exchange).str(routing_key).bytes(&msg.body)).await.map(|_| ())
+            }
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        _kind: ExchangeKind,
+        pattern: &str,
+    ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
+        Ok(Box::new(match &self.inner {
+            Inner::Local(s) => celery_core::broker::ChannelSubscription::new(s.subscribe(exchange, pattern), None),
+            Inner::Remote(c) => {
+                remote::broadcast_subscription(c.clone(), exchange.to_owned(), pattern.to_owned()).await?
+            }
+        }))
+    }
+
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         let ttl = ttl.max(Duration::from_millis(1));
         match &self.inner {

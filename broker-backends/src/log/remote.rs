@@ -241,6 +241,53 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
     Conn { tx, pending, pushes, alive }
 }
 
+/// A broadcast subscription over a connection (`SUBSCRIBE`); pushes arrive as `DELIVERY` frames
+/// whose queue is the routing key. Subscribed when this returns; it subscribes again after a
+/// reconnect (broadcasts sent while disconnected are missed: at most once).
+pub(crate) async fn broadcast_subscription(
+    client: Arc<RemoteClient>,
+    exchange: String,
+    pattern: String,
+) -> Result<celery_core::broker::ChannelSubscription, BrokerError> {
+    async fn sub(
+        client: &RemoteClient,
+        exchange: &str,
+        pattern: &str,
+    ) -> Result<mpsc::UnboundedReceiver<Pushed>, BrokerError> {
+        let c = client.conn().await?;
+        let id = client.id();
+        let (ptx, prx) = mpsc::unbounded_channel();
+        lock(&c.pushes).insert(id, ptx);
+        call_on(&c, id, Enc::frame(kind::SUBSCRIBE, id).str(exchange).str(pattern).finish()).await?;
+        Ok(prx)
+    }
+    let mut prx = sub(&client, &exchange, &pattern).await?;
+    let (tx, rx) = mpsc::channel(1024);
+    let feeder = tokio::spawn(async move {
+        let mut backoff = celery_core::backoff::Reconnect::default();
+        loop {
+            while let Some(p) = prx.recv().await {
+                let b = celery_core::broker::Broadcast { routing_key: p.queue, body: p.payload };
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                tokio::time::sleep(backoff.next_delay()).await;
+                match sub(&client, &exchange, &pattern).await {
+                    Ok(p) => {
+                        backoff.reset();
+                        prx = p;
+                        break;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "log client: cannot subscribe; retrying"),
+                }
+            }
+        }
+    });
+    Ok(celery_core::broker::ChannelSubscription::new(rx, Some(feeder)))
+}
+
 /// A consumer over a connection.
 #[derive(Debug)]
 pub(crate) struct RemoteConsumer {

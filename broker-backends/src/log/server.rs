@@ -209,6 +209,29 @@ async fn handle(
             let held = store.lease(&name, &holder, ttl).await.map_err(|e| e.to_string())?;
             ok().u64(held as u64).finish()
         }
+        kind::BROADCAST => {
+            let exchange = d.str().map_err(e)?;
+            let routing_key = d.str().map_err(e)?;
+            store.broadcast(&exchange, &routing_key, d.bytes().map_err(e)?);
+            ok().finish()
+        }
+        kind::SUBSCRIBE => {
+            let exchange = d.str().map_err(e)?;
+            let pattern = d.str().map_err(e)?;
+            let mut rx = store.subscribe(&exchange, &pattern);
+            let tx2 = tx.clone();
+            let task = tokio::spawn(async move {
+                while let Some(b) = rx.recv().await {
+                    let frame =
+                        Enc::frame(kind::DELIVERY, id).u64(0).str(&b.routing_key).u32(0).bytes(&b.body).finish();
+                    if tx2.send(frame).is_err() {
+                        break;
+                    }
+                }
+            });
+            lock(&conn.consumers).insert(id, task);
+            ok().finish()
+        }
         kind::CHORD => {
             let op = d.u8().map_err(e)?;
             let group = d.str().map_err(e)?;

@@ -100,6 +100,8 @@ pub struct LogStore {
     pub(crate) results_log: Arc<Partition>,
     /// Serializes read-decide-write operations (leases, chord tallies).
     pub(crate) cas_lock: tokio::sync::Mutex<()>,
+    /// Live broadcast subscribers: (exchange, pattern, sender).
+    pub(crate) subscribers: Mutex<Vec<(String, String, tokio::sync::mpsc::Sender<celery_core::broker::Broadcast>)>>,
     /// Chord tallies by group id (persisted among the results, rebuilt on open).
     pub(crate) chords: Mutex<HashMap<String, celery_core::backend::ChordTally>>,
     served: std::sync::Once,
@@ -156,6 +158,7 @@ impl LogStore {
             results_log,
             cas_lock: tokio::sync::Mutex::new(()),
             chords: Mutex::new(HashMap::new()),
+            subscribers: Mutex::new(Vec::new()),
             served: std::sync::Once::new(),
             routing: Mutex::new(load_routing(&canonical)?),
             unroutable: std::sync::atomic::AtomicU64::new(0),
@@ -188,6 +191,29 @@ impl LogStore {
                 Err(e) => tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it"),
             }
         });
+    }
+
+    /// Hands a broadcast to the current subscribers whose pattern matches (a full one misses it).
+    pub fn broadcast(&self, exchange: &str, routing_key: &str, body: &[u8]) {
+        let mut subs = lock(&self.subscribers);
+        subs.retain(|(_, _, tx)| !tx.is_closed());
+        for (ex, pattern, tx) in subs.iter() {
+            if ex == exchange && celery_core::routing::topic_matches(pattern, routing_key) {
+                let b = celery_core::broker::Broadcast { routing_key: routing_key.to_owned(), body: body.to_vec() };
+                let _ = tx.try_send(b);
+            }
+        }
+    }
+
+    /// Subscribes to the broadcasts of `exchange` matching `pattern`.
+    pub fn subscribe(
+        &self,
+        exchange: &str,
+        pattern: &str,
+    ) -> tokio::sync::mpsc::Receiver<celery_core::broker::Broadcast> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        lock(&self.subscribers).push((exchange.to_owned(), pattern.to_owned(), tx));
+        rx
     }
 
     /// Declares an exchange; the declaration persists in `routing.json`.

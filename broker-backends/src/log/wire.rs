@@ -34,6 +34,8 @@ pub(crate) mod kind {
     pub(crate) const ROUTE: u8 = 15;
     pub(crate) const LEASE: u8 = 16;
     pub(crate) const CHORD: u8 = 17;
+    pub(crate) const BROADCAST: u8 = 18;
+    pub(crate) const SUBSCRIBE: u8 = 19;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;

@@ -53,6 +53,8 @@ pub struct RedisOptions {
     pub visibility_timeout: Duration,
     /// Prefix of every key (Kombu's `global_keyprefix`).
     pub key_prefix: String,
+    /// The database number (Kombu puts it in broadcast channel names).
+    pub db: u32,
 }
 
 impl RedisOptions {
@@ -65,6 +67,11 @@ impl RedisOptions {
             url: String::new(),
             visibility_timeout: Duration::from_secs(3600),
             key_prefix: String::new(),
+            db: base
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .and_then(|(_, db)| db.parse().ok())
+                .unwrap_or(0),
         };
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -130,6 +137,11 @@ impl Keys {
     }
     pub(crate) fn delayed(&self, queue: &str) -> String {
         format!("{}_celery_rs.delayed.{queue}", self.prefix)
+    }
+
+    /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`.
+    pub(crate) fn fanout(&self, db: u32, exchange: &str, routing_key: &str) -> String {
+        format!("{}/{db}.{exchange}/{routing_key}", self.prefix)
     }
 
     /// A lease (`SET NX PX` with renewal by its holder).
@@ -335,6 +347,47 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
         Ok(counts.iter().sum())
+    }
+
+    /// Kombu's fanout: `PUBLISH /<db>.<exchange>/<routing key>` (at most once, to current subscribers).
+    async fn broadcast(
+        &self,
+        exchange: &str,
+        _kind: ExchangeKind,
+        routing_key: &str,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let env = envelope::encode(msg, exchange, routing_key);
+        let _: i64 =
+            conn.publish(self.keys.fanout(self.options.db, exchange, routing_key), env).await.map_err(conn_error)?;
+        Ok(())
+    }
+
+    /// `PSUBSCRIBE /<db>.<exchange>/<pattern>` (`#` becomes `*`, as Kombu does).
+    async fn subscribe(
+        &self,
+        exchange: &str,
+        _kind: ExchangeKind,
+        pattern: &str,
+    ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
+        use futures::StreamExt;
+        let channel = self.keys.fanout(self.options.db, exchange, &pattern.replace('#', "*"));
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(conn_error)?;
+        pubsub.psubscribe(&channel).await.map_err(conn_error)?;
+        let prefix_len = self.keys.fanout(self.options.db, exchange, "").len();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let feeder = tokio::spawn(async move {
+            let mut stream = pubsub.into_on_message();
+            while let Some(m) = stream.next().await {
+                let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
+                let Some(body) = envelope::body_of(m.get_payload_bytes()) else { continue };
+                if tx.send(celery_core::broker::Broadcast { routing_key, body }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Box::new(celery_core::broker::ChannelSubscription::new(rx, Some(feeder))))
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {

@@ -1,0 +1,76 @@
+//! Broadcasts on RabbitMQ, as Celery does them: a durable exchange of the given kind (`celeryev`
+//! is a topic exchange), and per subscriber a server-named exclusive, auto-delete queue bound with
+//! the pattern, whose messages expire after 5 s and which disappears 60 s after its subscriber is
+//! gone (Celery's `event_queue_ttl` and `event_queue_expires`).
+
+use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
+use celery_core::protocol::Message;
+use celery_core::routing::ExchangeKind;
+use celery_core::BrokerError;
+use futures::StreamExt;
+use lapin::options::*;
+use lapin::types::{AMQPValue, FieldTable};
+
+use super::{err, properties, short, AmqpBroker};
+
+impl AmqpBroker {
+    async fn declare_broadcast_exchange(&self, exchange: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        if super::lock(&self.inner.declared).contains(&format!("exchange:{exchange}")) {
+            return Ok(());
+        }
+        celery_core::Broker::declare_exchange(self, exchange, kind).await?;
+        super::lock(&self.inner.declared).insert(format!("exchange:{exchange}"));
+        Ok(())
+    }
+
+    pub(super) async fn amqp_broadcast(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        routing_key: &str,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        self.declare_broadcast_exchange(exchange, kind).await?;
+        let props = properties(msg).with_delivery_mode(1);
+        self.publish_raw(exchange, routing_key, false, props, &msg.body).await
+    }
+
+    pub(super) async fn amqp_subscribe(
+        &self,
+        exchange: &str,
+        kind: ExchangeKind,
+        pattern: &str,
+    ) -> Result<Box<dyn Subscription>, BrokerError> {
+        self.declare_broadcast_exchange(exchange, kind).await?;
+        let ch = self.channel().await?;
+        let mut args = FieldTable::default();
+        args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(5_000));
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
+        let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+        let q = ch.queue_declare(short("")?, opts, args).await.map_err(err)?;
+        let queue = q.name().clone();
+        ch.queue_bind(
+            queue.clone(),
+            short(exchange)?,
+            short(pattern)?,
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(err)?;
+        let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
+        let mut consumer = ch.basic_consume(queue, "".into(), opts, FieldTable::default()).await.map_err(err)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let feeder = tokio::spawn(async move {
+            // The channel lives as long as this task; closing it deletes the queue.
+            let _channel = ch;
+            while let Some(Ok(d)) = consumer.next().await {
+                let b = Broadcast { routing_key: d.routing_key.to_string(), body: d.data };
+                if tx.send(b).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
+    }
+}

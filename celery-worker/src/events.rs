@@ -1,0 +1,137 @@
+//! Celery's events: JSON documents broadcast on the `celeryev` exchange with routing keys like
+//! `task.succeeded`, so Celery's own tools (`celery events`, Flower) understand them.
+//!
+//! A worker started with `-E` ([`WorkerConfig::events`](crate::WorkerConfig::events)) sends
+//! `worker-online`, `worker-heartbeat` (every 2 s by default), `worker-offline`, and for each task
+//! `task-received`, `task-started`, then `task-succeeded`, `task-failed`, `task-retried` or
+//! `task-revoked`. Events are best effort: sent in the background, dropped (and counted) when the
+//! broker cannot keep up, never slowing a task down.
+//!
+//! ```no_run
+//! # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+//! // What `mybin events` does: print every event.
+//! let mut events = celery_worker::events::subscribe(&app).await?;
+//! while let Some(event) = events.next().await {
+//!     println!("{} {}", event["type"], event["uuid"]);
+//! }
+//! # Ok(()) }
+//! ```
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use celery_core::broker::Subscription;
+use celery_core::protocol::{Headers, Message, Properties};
+use celery_core::routing::ExchangeKind;
+use celery_core::{App, BrokerError};
+use serde_json::{json, Map, Value};
+use tokio::sync::mpsc;
+
+/// The exchange Celery sends events to.
+pub const EXCHANGE: &str = "celeryev";
+
+/// Sends events from one worker (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct EventDispatcher {
+    tx: mpsc::Sender<Value>,
+    hostname: Arc<str>,
+    clock: Arc<AtomicU64>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl EventDispatcher {
+    /// Starts the background sender for `hostname`'s events.
+    pub fn start(app: App, hostname: &str) -> EventDispatcher {
+        let (tx, mut rx) = mpsc::channel::<Value>(10_000);
+        tokio::spawn(async move {
+            while let Some(event) = rx.recv().await {
+                let kind = event["type"].as_str().unwrap_or_default().replace('-', ".");
+                let msg = event_message(&event);
+                if let Err(e) = app.broker().broadcast(EXCHANGE, ExchangeKind::Topic, &kind, &msg).await {
+                    tracing::debug!(error = %e, "events: cannot send an event");
+                }
+            }
+        });
+        EventDispatcher { tx, hostname: hostname.into(), clock: Arc::default(), dropped: Arc::default() }
+    }
+
+    /// Sends an event of `kind` (`task-succeeded`) with `fields`, adding the common fields
+    /// (`hostname`, `timestamp`, `utcoffset`, `pid`, `clock`).
+    pub fn send(&self, kind: &str, fields: Value) {
+        let mut event = match fields {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        event.insert("type".into(), kind.into());
+        event.insert("hostname".into(), self.hostname.as_ref().into());
+        event.insert("timestamp".into(), now().into());
+        event.insert("utcoffset".into(), 0.into());
+        event.insert("pid".into(), std::process::id().into());
+        event.insert("clock".into(), (self.clock.fetch_add(1, Ordering::Relaxed) + 1).into());
+        if self.tx.try_send(Value::Object(event)).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Events dropped because the sender fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Seconds since the epoch, as Python's `time.time()`.
+fn now() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// An event as a message: the event document as the JSON body, `hostname` as a header.
+fn event_message(event: &Value) -> Message {
+    let mut headers = Headers { id: uuid::Uuid::new_v4().to_string(), ..Headers::default() };
+    headers.extra.insert("hostname".into(), event["hostname"].clone());
+    Message { headers, properties: Properties::default(), body: serde_json::to_vec(event).unwrap_or_default() }
+}
+
+/// The events of every worker from now on, as JSON documents.
+#[derive(Debug)]
+pub struct EventStream {
+    sub: Box<dyn Subscription>,
+}
+
+impl EventStream {
+    /// The next event (undecodable broadcasts are skipped); `None` when the subscription ended.
+    pub async fn next(&mut self) -> Option<Value> {
+        loop {
+            let b = self.sub.next().await?;
+            match serde_json::from_slice::<Value>(&b.body) {
+                Ok(v) if v.get("type").is_some() => return Some(v),
+                _ => tracing::debug!(routing_key = %b.routing_key, "events: skipping a broadcast that is not an event"),
+            }
+        }
+    }
+}
+
+/// Subscribes to every event on `app`'s broker.
+pub async fn subscribe(app: &App) -> Result<EventStream, BrokerError> {
+    Ok(EventStream { sub: app.broker().subscribe(EXCHANGE, ExchangeKind::Topic, "#").await? })
+}
+
+/// The fields of a worker event.
+pub(crate) fn worker_fields(freq: f64, active: usize, processed: u64) -> Value {
+    json!({
+        "freq": freq,
+        "sw_ident": "celery-rs",
+        "sw_ver": env!("CARGO_PKG_VERSION"),
+        "sw_sys": std::env::consts::OS,
+        "active": active,
+        "processed": processed,
+        "loadavg": loadavg(),
+    })
+}
+
+/// The 1, 5 and 15 minute load averages where the OS tells (Linux), else zeros.
+fn loadavg() -> Value {
+    let avg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).map(|x| x.parse::<f64>().unwrap_or(0.0)).collect::<Vec<_>>());
+    json!(avg.unwrap_or_else(|| vec![0.0, 0.0, 0.0]))
+}
