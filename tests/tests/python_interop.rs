@@ -241,6 +241,25 @@ fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
     assert!(message.contains("oops"), "{report}");
 }
 
+/// A Python Celery worker (`--pool=solo`) consuming `queue`.
+fn python_worker(python: &Path, servers: &Servers, queue: &str) -> Service {
+    let args = [
+        "-m",
+        "celery",
+        "-A",
+        "interop_app",
+        "worker",
+        "--pool=solo",
+        "-Q",
+        queue,
+        "--loglevel=info",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ];
+    Service::start(&mut python_cmd(python, servers, &args))
+}
+
 /// Runs a Python producer script that prints one JSON line last; returns that line and a report of
 /// its output and our worker's log for assertion messages. Fails when the script fails.
 fn run_python_producer(python: &Path, servers: &Servers, args: &[&str], worker: &Service) -> (Value, String) {
@@ -266,24 +285,7 @@ async fn our_producer_runs_on_a_python_worker_via(python: &Path, servers: &Serve
     let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
     // Sent before the worker starts: it waits in the queue until the worker is up.
     let result = app.send(Signature::by_name("add").args(json!([2, 3])).queue(QUEUE)).await.expect("send");
-    let worker = Service::start(&mut python_cmd(
-        python,
-        servers,
-        &[
-            "-m",
-            "celery",
-            "-A",
-            "interop_app",
-            "worker",
-            "--pool=solo",
-            "-Q",
-            QUEUE,
-            "--loglevel=info",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
-    ));
+    let worker = python_worker(python, servers, QUEUE);
     match result.get::<i64>(T).await {
         Ok(sum) => assert_eq!(sum, 5),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
@@ -328,24 +330,7 @@ async fn our_chain_runs_on_python_workers() {
         ])
         .await
         .expect("send_chain");
-    let worker = Service::start(&mut python_cmd(
-        python,
-        &servers,
-        &[
-            "-m",
-            "celery",
-            "-A",
-            "interop_app",
-            "worker",
-            "--pool=solo",
-            "-Q",
-            CHAIN_QUEUE,
-            "--loglevel=info",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
-    ));
+    let worker = python_worker(python, &servers, CHAIN_QUEUE);
     match result.get::<i64>(T).await {
         Ok(sum) => assert_eq!(sum, 15),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
@@ -383,24 +368,7 @@ async fn our_chord_runs_on_python_workers() {
     let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
     let header = (0..10).map(|i| Signature::by_name("add").args(json!([i, i])).queue(CHORD_QUEUE));
     let result = app.send_chord(header, Signature::by_name("tsum").queue(CHORD_QUEUE)).await.expect("send_chord");
-    let worker = Service::start(&mut python_cmd(
-        python,
-        &servers,
-        &[
-            "-m",
-            "celery",
-            "-A",
-            "interop_app",
-            "worker",
-            "--pool=solo",
-            "-Q",
-            CHORD_QUEUE,
-            "--loglevel=info",
-            "--without-gossip",
-            "--without-mingle",
-            "--without-heartbeat",
-        ],
-    ));
+    let worker = python_worker(python, &servers, CHORD_QUEUE);
     match result.get::<i64>(T).await {
         Ok(sum) => assert_eq!(sum, 90),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),

@@ -4,7 +4,9 @@
 //! channel come back from RabbitMQ and are never acked on the new one).
 //!
 //! Queues are declared as Celery declares them (durable, no arguments), so Python Celery and we
-//! share them. ETA/countdown messages wait in durable delay queues, `<queue>.delay.<N>s`, whose
+//! share them; `?max_priority=N` declares task queues with `x-max-priority` instead (priority
+//! queues: messages with a higher `priority` are delivered first; Celery's
+//! `task_queue_max_priority` must then say the same). ETA/countdown messages wait in durable delay queues, `<queue>.delay.<N>s`, whose
 //! messages expire after N seconds (a power of two) and dead-letter back into `<queue>`: a long
 //! countdown hops down the levels, held by RabbitMQ, never in a worker's memory.
 //!
@@ -68,6 +70,8 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
     holds: lease::Holds,
+    /// `x-max-priority` of task queues (`?max_priority=N`), making them priority queues.
+    max_priority: Option<u8>,
 }
 
 /// The RabbitMQ broker.
@@ -81,6 +85,7 @@ impl AmqpBroker {
     /// is added to the URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
         *lock(last_url_cell()) = Some(url.to_owned());
+        let (url, max_priority) = take_max_priority(url)?;
         let url = if url.contains("heartbeat=") {
             url.to_owned()
         } else if url.contains('?') {
@@ -94,6 +99,7 @@ impl AmqpBroker {
                 conn: tokio::sync::Mutex::new(None),
                 declared: Mutex::default(),
                 holds: Default::default(),
+                max_priority,
             }),
         };
         b.connection().await?;
@@ -117,6 +123,16 @@ impl AmqpBroker {
         lock(&self.inner.declared).clear();
         *guard = Some((conn.clone(), ch.clone()));
         Ok((conn, ch))
+    }
+
+    /// The arguments task queues are declared with: none (as Celery declares them), or
+    /// `x-max-priority` with `?max_priority=N`.
+    fn task_queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if let Some(p) = self.inner.max_priority {
+            args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
+        }
+        args
     }
 
     /// A fresh channel (consumers, passive checks).
@@ -163,12 +179,33 @@ impl AmqpBroker {
     /// Holds `msg` in the delay queues of `queue` until `until`.
     async fn publish_delayed(&self, queue: &str, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
-        self.declare_queue(&ch, queue, FieldTable::default()).await?;
+        self.declare_queue(&ch, queue, self.task_queue_args()).await?;
         let remaining = (until - Utc::now()).num_seconds().max(1) as u64;
         let secs = (1u64 << (63 - remaining.leading_zeros())).min(MAX_DELAY_SECS);
         let delay = self.delay_queue(&ch, queue, secs).await?;
         self.publish_raw("", &delay, false, properties(msg), &msg.body).await
     }
+}
+
+/// Removes our `max_priority=N` (1-255) from the URL's query; lapin gets the rest.
+fn take_max_priority(url: &str) -> Result<(String, Option<u8>), BrokerError> {
+    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), None)) };
+    let mut keep = Vec::new();
+    let mut max = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("max_priority", v)) => {
+                let n: u8 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| BrokerError::InvalidUrl {
+                    url: base.to_owned(),
+                    reason: format!("max_priority `{v}` is not a number from 1 to 255"),
+                })?;
+                max = Some(n);
+            }
+            _ => keep.push(pair),
+        }
+    }
+    let url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
+    Ok((url, max))
 }
 
 /// Ok for a confirmed publish; an error for a nack or an unroutable mandatory publish.
@@ -241,7 +278,7 @@ impl Broker for AmqpBroker {
                 return self.publish_delayed(&route.routing_key, msg, eta).await;
             }
             let (_, ch) = self.connection().await?;
-            self.declare_queue(&ch, &route.routing_key, FieldTable::default()).await?;
+            self.declare_queue(&ch, &route.routing_key, self.task_queue_args()).await?;
         }
         self.publish_raw(&route.exchange, &route.routing_key, route.mandatory, properties(msg), &msg.body).await
     }
@@ -258,7 +295,7 @@ impl Broker for AmqpBroker {
                 continue;
             }
             if route.exchange.is_empty() {
-                self.declare_queue(&ch, &route.routing_key, FieldTable::default()).await?;
+                self.declare_queue(&ch, &route.routing_key, self.task_queue_args()).await?;
             }
             let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
             let key = short(&route.routing_key)?;
@@ -287,7 +324,7 @@ impl Broker for AmqpBroker {
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let ch = self.channel().await?;
-        self.declare_queue(&ch, queue, FieldTable::default()).await?;
+        self.declare_queue(&ch, queue, self.task_queue_args()).await?;
         Ok(u64::from(ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await.map_err(err)?))
     }
 
@@ -316,7 +353,7 @@ impl Broker for AmqpBroker {
 
     async fn bind(&self, b: &Binding) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
-        self.declare_queue(&ch, &b.queue, FieldTable::default()).await?;
+        self.declare_queue(&ch, &b.queue, self.task_queue_args()).await?;
         let mut args = fields::to_table(&b.headers);
         if !b.headers.is_empty() {
             args.insert("x-match".into(), AMQPValue::LongString(if b.match_all { "all" } else { "any" }.into()));
@@ -390,7 +427,7 @@ impl AmqpConsumer {
             .map_err(err)?;
         let mut streams = Vec::new();
         for q in &self.queues {
-            self.broker.declare_queue(&ch, q, FieldTable::default()).await?;
+            self.broker.declare_queue(&ch, q, self.broker.task_queue_args()).await?;
             let c = ch
                 .basic_consume(short(q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await

@@ -1,0 +1,35 @@
+//! Priority queues on RabbitMQ (`amqp://...?max_priority=10`): task queues are declared with
+//! `x-max-priority`, so a waiting high-priority task is delivered before earlier low-priority ones.
+
+use std::time::Duration;
+
+use celery_core::Signature;
+use celery_tests::{amqp_available, AmqpVhost};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_high_priority_task_overtakes_waiting_ones() {
+    if !amqp_available("amqp_priority") {
+        return;
+    }
+    let vhost = AmqpVhost::new();
+    let url = format!("{}?max_priority=10", vhost.url());
+    let app = celery_worker::connect(&url, "memory://").await.unwrap();
+    let low =
+        app.send_batch((0..5).map(|i| Signature::by_name("add").args(json!([i, 0])).queue("prio").priority(1))).await;
+    low.unwrap();
+    let high = app.send(Signature::by_name("add").args(json!([9, 9])).queue("prio").priority(9)).await.unwrap();
+    let mut consumer = app.broker().consume(&["prio".to_string()], 1).await.unwrap();
+    let first = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    assert_eq!(first.message.as_ref().unwrap().headers.id, high.id(), "the priority-9 task comes first");
+    first.ack().await.unwrap();
+    for _ in 0..5 {
+        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        assert_eq!(d.message.as_ref().unwrap().properties.priority, Some(1));
+        d.ack().await.unwrap();
+    }
+    consumer.close().await;
+    assert!(celery_worker::connect(&format!("{}?max_priority=0", vhost.url()), "memory://").await.is_err());
+}
