@@ -371,6 +371,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 crate::metrics::serve(addr).with_context(|| format!("serving metrics on {addr}"))?;
                 crate::metrics::poll_queue_depth(app.clone(), cfg.queues.clone());
             }
+            if celery_core::registry::tasks().iter().all(|e| e.name.starts_with("celery.")) {
+                tracing::warn!("this binary has no tasks of its own (only Celery's built-ins): build your application's binary to run its tasks");
+            }
             if !a.beat {
                 Worker::new(app, cfg).run_until(shutdown_signal()).await?;
                 return Ok(ExitCode::SUCCESS);

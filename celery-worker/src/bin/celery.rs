@@ -1,0 +1,16 @@
+//! `celery`: the operator's command line, with no task code of its own. It sends tasks by name
+//! with JSON arguments, reads results, prints events, purges queues, changes beat's run-time
+//! entries and serves the built-in broker, so looking at a queue does not need the application
+//! built:
+//!
+//! ```text
+//! celery --broker redis://127.0.0.1:6379/0 send add --args '[2, 3]' --wait
+//! celery events
+//! celery purge -Q celery
+//! celery beat list
+//! celery broker serve --data ./celery-data --listen 127.0.0.1:7575
+//! ```
+
+fn main() -> std::process::ExitCode {
+    celery_worker::cli::run()
+}
