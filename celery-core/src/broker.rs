@@ -15,7 +15,7 @@ use chrono::{DateTime, Utc};
 
 use crate::error::{BrokerError, ProtocolError};
 use crate::protocol::Message;
-use crate::routing::{Binding, ExchangeKind, Route};
+use crate::routing::{Binding, Exchange, ExchangeKind, Route};
 
 /// A message store with routing and leased consumption.
 ///
@@ -67,29 +67,21 @@ pub trait Broker: Send + Sync + Debug {
     }
 
     /// Publishes `msg` to whoever subscribes to `exchange` at this moment, at most once; nothing is
-    /// stored for absent subscribers (Celery's events and broadcast control messages). `kind` is
-    /// the exchange's kind on brokers that have kinds (RabbitMQ declares it on first use).
-    async fn broadcast(
-        &self,
-        exchange: &str,
-        kind: ExchangeKind,
-        routing_key: &str,
-        msg: &Message,
-    ) -> Result<(), BrokerError> {
-        let _ = (kind, routing_key, msg);
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{exchange}`)") })
+    /// stored for absent subscribers (Celery's events, control requests and their replies). The
+    /// exchange is declared as given on brokers that declare exchanges (RabbitMQ). On Redis, fanout
+    /// and topic broadcasts are Kombu's PUB/SUB fanout and direct ones go to the bound lists, as
+    /// Celery's events and control replies do.
+    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
+        let _ = (routing_key, msg);
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{}`)", exchange.name) })
     }
 
-    /// Receives the broadcasts to `exchange` whose routing key matches `pattern` (topic syntax:
-    /// `*` one word, `#` any), from now until the subscription is dropped.
-    async fn subscribe(
-        &self,
-        exchange: &str,
-        kind: ExchangeKind,
-        pattern: &str,
-    ) -> Result<Box<dyn Subscription>, BrokerError> {
-        let _ = (kind, pattern);
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{exchange}`)") })
+    /// Receives the broadcasts to `exchange` whose routing key matches `pattern` (the binding key:
+    /// topic syntax, `*` one word and `#` any, for topic exchanges; the routing key itself for
+    /// direct ones), from now until the subscription is dropped.
+    async fn subscribe(&self, exchange: &Exchange, pattern: &str) -> Result<Box<dyn Subscription>, BrokerError> {
+        let _ = pattern;
+        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{}`)", exchange.name) })
     }
 
     /// Takes or renews the lease `name` for `holder`: `Ok(true)` while `holder` holds it. A lease

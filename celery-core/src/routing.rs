@@ -27,6 +27,38 @@ pub enum ExchangeKind {
     Headers,
 }
 
+/// An exchange as broadcasts declare it where the broker declares exchanges (RabbitMQ): name, kind
+/// and durability must match what other clients (Celery) declare.
+///
+/// ```
+/// use celery_core::routing::{Exchange, ExchangeKind};
+/// let ev = Exchange::new("celeryev", ExchangeKind::Topic);
+/// assert!(ev.durable);
+/// assert!(!Exchange::new("celery.pidbox", ExchangeKind::Fanout).transient().durable);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// The name.
+    pub name: String,
+    /// The kind.
+    pub kind: ExchangeKind,
+    /// Survives a broker restart (Celery's event exchange is; its control exchanges are not).
+    pub durable: bool,
+}
+
+impl Exchange {
+    /// A durable exchange.
+    pub fn new(name: impl Into<String>, kind: ExchangeKind) -> Exchange {
+        Exchange { name: name.into(), kind, durable: true }
+    }
+
+    /// The same, not durable.
+    pub fn transient(mut self) -> Exchange {
+        self.durable = false;
+        self
+    }
+}
+
 impl std::str::FromStr for ExchangeKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -22,13 +22,15 @@ use std::sync::Arc;
 
 use celery_core::broker::Subscription;
 use celery_core::protocol::{Headers, Message, Properties};
-use celery_core::routing::ExchangeKind;
+use celery_core::routing::{Exchange, ExchangeKind};
 use celery_core::{App, BrokerError};
 use serde_json::{json, Map, Value};
 use tokio::sync::mpsc;
 
-/// The exchange Celery sends events to.
-pub const EXCHANGE: &str = "celeryev";
+/// The exchange Celery sends events to (a durable topic exchange).
+pub fn exchange() -> Exchange {
+    Exchange::new("celeryev", ExchangeKind::Topic)
+}
 
 /// Sends events from one worker (cheap to clone).
 #[derive(Debug, Clone)]
@@ -44,10 +46,11 @@ impl EventDispatcher {
     pub fn start(app: App, hostname: &str) -> EventDispatcher {
         let (tx, mut rx) = mpsc::channel::<Value>(10_000);
         tokio::spawn(async move {
+            let exchange = exchange();
             while let Some(event) = rx.recv().await {
                 let kind = event["type"].as_str().unwrap_or_default().replace('-', ".");
                 let msg = event_message(&event);
-                if let Err(e) = app.broker().broadcast(EXCHANGE, ExchangeKind::Topic, &kind, &msg).await {
+                if let Err(e) = app.broker().broadcast(&exchange, &kind, &msg).await {
                     tracing::debug!(error = %e, "events: cannot send an event");
                 }
             }
@@ -112,7 +115,7 @@ impl EventStream {
 
 /// Subscribes to every event on `app`'s broker.
 pub async fn subscribe(app: &App) -> Result<EventStream, BrokerError> {
-    Ok(EventStream { sub: app.broker().subscribe(EXCHANGE, ExchangeKind::Topic, "#").await? })
+    Ok(EventStream { sub: app.broker().subscribe(&exchange(), "#").await? })
 }
 
 /// The fields of a worker event.

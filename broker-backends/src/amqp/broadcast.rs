@@ -1,11 +1,12 @@
-//! Broadcasts on RabbitMQ, as Celery does them: a durable exchange of the given kind (`celeryev`
-//! is a topic exchange), and per subscriber a server-named exclusive, auto-delete queue bound with
-//! the pattern, whose messages expire after 5 s and which disappears 60 s after its subscriber is
-//! gone (Celery's `event_queue_ttl` and `event_queue_expires`).
+//! Broadcasts on RabbitMQ, as Celery does them: the exchange declared as given (`celeryev` is a
+//! durable topic exchange, `celery.pidbox` a transient fanout one), and per subscriber a
+//! server-named exclusive, auto-delete queue bound with the pattern, whose messages expire after
+//! 5 s and which disappears 60 s after its subscriber is gone (Celery's `event_queue_ttl` and
+//! `event_queue_expires`).
 
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
 use celery_core::protocol::Message;
-use celery_core::routing::ExchangeKind;
+use celery_core::routing::{Exchange, ExchangeKind};
 use celery_core::BrokerError;
 use futures::StreamExt;
 use lapin::options::*;
@@ -14,34 +15,42 @@ use lapin::types::{AMQPValue, FieldTable};
 use super::{err, properties, short, AmqpBroker};
 
 impl AmqpBroker {
-    async fn declare_broadcast_exchange(&self, exchange: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
-        if super::lock(&self.inner.declared).contains(&format!("exchange:{exchange}")) {
+    async fn declare_broadcast_exchange(&self, exchange: &Exchange) -> Result<(), BrokerError> {
+        let key = format!("exchange:{}", exchange.name);
+        if super::lock(&self.inner.declared).contains(&key) {
             return Ok(());
         }
-        celery_core::Broker::declare_exchange(self, exchange, kind).await?;
-        super::lock(&self.inner.declared).insert(format!("exchange:{exchange}"));
+        let ch = self.channel().await?;
+        let kind = match exchange.kind {
+            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+            ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        };
+        let opts = ExchangeDeclareOptions { durable: exchange.durable, ..Default::default() };
+        ch.exchange_declare(short(&exchange.name)?, kind, opts, FieldTable::default()).await.map_err(err)?;
+        let _ = ch.close(200, "declared".into()).await;
+        super::lock(&self.inner.declared).insert(key);
         Ok(())
     }
 
     pub(super) async fn amqp_broadcast(
         &self,
-        exchange: &str,
-        kind: ExchangeKind,
+        exchange: &Exchange,
         routing_key: &str,
         msg: &Message,
     ) -> Result<(), BrokerError> {
-        self.declare_broadcast_exchange(exchange, kind).await?;
+        self.declare_broadcast_exchange(exchange).await?;
         let props = properties(msg).with_delivery_mode(1);
-        self.publish_raw(exchange, routing_key, false, props, &msg.body).await
+        self.publish_raw(&exchange.name, routing_key, false, props, &msg.body).await
     }
 
     pub(super) async fn amqp_subscribe(
         &self,
-        exchange: &str,
-        kind: ExchangeKind,
+        exchange: &Exchange,
         pattern: &str,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
-        self.declare_broadcast_exchange(exchange, kind).await?;
+        self.declare_broadcast_exchange(exchange).await?;
         let ch = self.channel().await?;
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(5_000));
@@ -49,15 +58,10 @@ impl AmqpBroker {
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
         let q = ch.queue_declare(short("")?, opts, args).await.map_err(err)?;
         let queue = q.name().clone();
-        ch.queue_bind(
-            queue.clone(),
-            short(exchange)?,
-            short(pattern)?,
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(err)?;
+        let bind = QueueBindOptions::default();
+        ch.queue_bind(queue.clone(), short(&exchange.name)?, short(pattern)?, bind, FieldTable::default())
+            .await
+            .map_err(err)?;
         let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
         let mut consumer = ch.basic_consume(queue, "".into(), opts, FieldTable::default()).await.map_err(err)?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
 use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
-use celery_core::routing::{Binding, ExchangeKind, Route};
+use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
@@ -363,23 +363,16 @@ impl Broker for AmqpBroker {
             .map_err(err)
     }
 
-    async fn broadcast(
-        &self,
-        exchange: &str,
-        kind: ExchangeKind,
-        routing_key: &str,
-        msg: &Message,
-    ) -> Result<(), BrokerError> {
-        self.amqp_broadcast(exchange, kind, routing_key, msg).await
+    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
+        self.amqp_broadcast(exchange, routing_key, msg).await
     }
 
     async fn subscribe(
         &self,
-        exchange: &str,
-        kind: ExchangeKind,
+        exchange: &Exchange,
         pattern: &str,
     ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
-        self.amqp_subscribe(exchange, kind, pattern).await
+        self.amqp_subscribe(exchange, pattern).await
     }
 
     /// A single-active-consumer queue's token (see the `lease` module); `ttl` is not needed, as

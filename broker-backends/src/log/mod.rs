@@ -46,7 +46,7 @@ use async_trait::async_trait;
 use celery_core::backend::ChordMember;
 use celery_core::broker::Settle;
 use celery_core::protocol::Message;
-use celery_core::routing::{Binding, ExchangeKind, Route};
+use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
@@ -485,34 +485,32 @@ impl Broker for LogBroker {
     }
 
     /// Broadcasts go through the owner's memory to its current subscribers; nothing is stored.
-    async fn broadcast(
-        &self,
-        exchange: &str,
-        _kind: ExchangeKind,
-        routing_key: &str,
-        msg: &Message,
-    ) -> Result<(), BrokerError> {
+    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         match &self.inner {
             Inner::Local(s) => {
-                s.broadcast(exchange, routing_key, &msg.body);
+                s.broadcast(&exchange.name, routing_key, &msg.body);
                 Ok(())
             }
-            Inner::Remote(c) => {
-                c.call(wire::kind::BROADCAST, |e| e.str(exchange).str(routing_key).bytes(&msg.body)).await.map(|_| ())
-            }
+            Inner::Remote(c) => c
+                .call(wire::kind::BROADCAST, |e| e.str(&exchange.name).str(routing_key).bytes(&msg.body))
+                .await
+                .map(|_| ()),
         }
     }
 
     async fn subscribe(
         &self,
-        exchange: &str,
-        _kind: ExchangeKind,
+        exchange: &Exchange,
         pattern: &str,
     ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
+        // A fanout subscriber takes every routing key.
+        let pattern = if exchange.kind == ExchangeKind::Fanout { "#" } else { pattern };
         Ok(Box::new(match &self.inner {
-            Inner::Local(s) => celery_core::broker::ChannelSubscription::new(s.subscribe(exchange, pattern), None),
+            Inner::Local(s) => {
+                celery_core::broker::ChannelSubscription::new(s.subscribe(&exchange.name, pattern), None)
+            }
             Inner::Remote(c) => {
-                remote::broadcast_subscription(c.clone(), exchange.to_owned(), pattern.to_owned()).await?
+                remote::broadcast_subscription(c.clone(), exchange.name.clone(), pattern.to_owned()).await?
             }
         }))
     }

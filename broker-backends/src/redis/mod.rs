@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::protocol::Message;
-use celery_core::routing::{topic_matches, Binding, ExchangeKind, Route};
+use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer};
 use chrono::Utc;
@@ -139,9 +139,14 @@ impl Keys {
         format!("{}_celery_rs.delayed.{queue}", self.prefix)
     }
 
-    /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`.
+    /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`,
+    /// or `/<db>.<exchange>` without a routing key.
     pub(crate) fn fanout(&self, db: u32, exchange: &str, routing_key: &str) -> String {
-        format!("{}/{db}.{exchange}/{routing_key}", self.prefix)
+        if routing_key.is_empty() {
+            format!("{}/{db}.{exchange}", self.prefix)
+        } else {
+            format!("{}/{db}.{exchange}/{routing_key}", self.prefix)
+        }
     }
 
     /// A lease (`SET NX PX` with renewal by its holder).
@@ -349,45 +354,73 @@ impl Broker for RedisBroker {
         Ok(counts.iter().sum())
     }
 
-    /// Kombu's fanout: `PUBLISH /<db>.<exchange>/<routing key>` (at most once, to current subscribers).
-    async fn broadcast(
-        &self,
-        exchange: &str,
-        _kind: ExchangeKind,
-        routing_key: &str,
-        msg: &Message,
-    ) -> Result<(), BrokerError> {
+    /// As Kombu does it: fanout and topic broadcasts are `PUBLISH /<db>.<exchange>[/<routing key>]`
+    /// (Celery's events and control requests); direct ones go to the lists bound to the exchange
+    /// (Celery's control replies).
+    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
+        if exchange.kind == ExchangeKind::Direct {
+            return self.publish(&Route::exchange(exchange.name.clone(), routing_key), msg).await;
+        }
         let mut conn = self.conn.clone();
-        let env = envelope::encode(msg, exchange, routing_key);
-        let _: i64 =
-            conn.publish(self.keys.fanout(self.options.db, exchange, routing_key), env).await.map_err(conn_error)?;
+        let env = envelope::encode(msg, &exchange.name, routing_key);
+        let channel = self.keys.fanout(self.options.db, &exchange.name, routing_key);
+        let _: i64 = conn.publish(channel, env).await.map_err(conn_error)?;
         Ok(())
     }
 
-    /// `PSUBSCRIBE /<db>.<exchange>/<pattern>` (`#` becomes `*`, as Kombu does).
+    /// Fanout and topic: `PSUBSCRIBE /<db>.<exchange>[/<pattern>]` (`#` becomes `*`, as in Kombu).
+    /// Direct: a list `<routing key>.<exchange>` bound to the exchange, read until the subscription
+    /// is dropped, then unbound and deleted.
     async fn subscribe(
         &self,
-        exchange: &str,
-        _kind: ExchangeKind,
+        exchange: &Exchange,
         pattern: &str,
     ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
+        use celery_core::broker::{Broadcast, ChannelSubscription};
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        if exchange.kind == ExchangeKind::Direct {
+            let queue = format!("{pattern}.{}", exchange.name);
+            let member = format!("{pattern}{SEP}{SEP}{queue}");
+            let (binding, list) = (self.keys.binding(&exchange.name), self.keys.bucket(&queue, 0));
+            let mut conn = self.conn.clone();
+            let _: i64 = conn.sadd(&binding, &member).await.map_err(conn_error)?;
+            let mut reader = self.client.get_multiplexed_async_connection().await.map_err(conn_error)?;
+            let key = pattern.to_owned();
+            let feeder = tokio::spawn(async move {
+                let _cleanup = Unbind { conn, binding, member, list: list.clone() };
+                loop {
+                    let got: Option<(String, Vec<u8>)> = match reader.brpop(&list, 1.0).await {
+                        Ok(v) => v,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "redis: subscription read failed");
+                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            continue;
+                        }
+                    };
+                    let Some(body) = got.and_then(|(_, env)| envelope::body_of(&env)) else { continue };
+                    if tx.send(Broadcast { routing_key: key.clone(), body }).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            return Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))));
+        }
         use futures::StreamExt;
-        let channel = self.keys.fanout(self.options.db, exchange, &pattern.replace('#', "*"));
+        let channel = self.keys.fanout(self.options.db, &exchange.name, &pattern.replace('#', "*"));
         let mut pubsub = self.client.get_async_pubsub().await.map_err(conn_error)?;
         pubsub.psubscribe(&channel).await.map_err(conn_error)?;
-        let prefix_len = self.keys.fanout(self.options.db, exchange, "").len();
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let prefix_len = self.keys.fanout(self.options.db, &exchange.name, "").len() + 1;
         let feeder = tokio::spawn(async move {
             let mut stream = pubsub.into_on_message();
             while let Some(m) = stream.next().await {
                 let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
                 let Some(body) = envelope::body_of(m.get_payload_bytes()) else { continue };
-                if tx.send(celery_core::broker::Broadcast { routing_key, body }).await.is_err() {
+                if tx.send(Broadcast { routing_key, body }).await.is_err() {
                     break;
                 }
             }
         });
-        Ok(Box::new(celery_core::broker::ChannelSubscription::new(rx, Some(feeder))))
+        Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -421,6 +454,27 @@ impl Broker for RedisBroker {
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
         conn.set(self.keys.doc(key), doc).await.map_err(conn_error)
+    }
+}
+
+/// Removes a direct subscription's binding and list when its reader stops.
+struct Unbind {
+    conn: ConnectionManager,
+    binding: String,
+    member: String,
+    list: String,
+}
+
+impl Drop for Unbind {
+    fn drop(&mut self) {
+        let (mut conn, binding, member, list) =
+            (self.conn.clone(), self.binding.clone(), self.member.clone(), self.list.clone());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _: Result<i64, _> = conn.srem(&binding, &member).await;
+                let _: Result<i64, _> = conn.del(&list).await;
+            });
+        }
     }
 }
 
