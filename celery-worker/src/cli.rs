@@ -70,6 +70,68 @@ pub enum Command {
     Beat(BeatArgs),
     /// Print the events of every worker started with `-E`, live.
     Events(EventsArgs),
+    /// Ask the workers: ping, stats, active, reserved, scheduled, registered, revoked.
+    Inspect(InspectArgs),
+    /// Steer the workers: revoke, rate_limit, shutdown.
+    #[command(subcommand)]
+    Control(ControlCommand),
+}
+
+/// Which workers answer, and how long to wait for them.
+#[derive(Debug, Args, Clone)]
+pub struct Reach {
+    /// Only these workers (comma-separated hostnames, like `celery@host`).
+    #[arg(long, short = 'd', value_delimiter = ',')]
+    pub destination: Option<Vec<String>>,
+    /// Seconds to wait for replies.
+    #[arg(long, short = 't', default_value_t = 1.0)]
+    pub timeout: f64,
+    /// Print the replies as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `inspect` options.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// ping, stats, active, reserved, scheduled, registered or revoked.
+    pub method: String,
+    /// Destination and timeout.
+    #[command(flatten)]
+    pub reach: Reach,
+}
+
+/// `control` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ControlCommand {
+    /// Revoke tasks: never run if not started; with --terminate, stop them if running.
+    Revoke {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Also stop the task if it is running.
+        #[arg(long)]
+        terminate: bool,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Set a task's rate limit on the workers (`10/s`, `100/m`; `0` removes it).
+    RateLimit {
+        /// The task name.
+        task: String,
+        /// The rate.
+        rate: String,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Shut the workers down gracefully.
+    Shutdown {
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
 }
 
 /// `events` options.
@@ -397,6 +459,33 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Beat(BeatArgs { action: Some(action), .. }) => beat_action(&app, action).await,
+        Command::Inspect(a) => {
+            let known = ["ping", "stats", "active", "reserved", "scheduled", "registered", "revoked"];
+            anyhow::ensure!(
+                known.contains(&a.method.as_str()),
+                "unknown inspect method `{}`; one of {known:?}",
+                a.method
+            );
+            let replies = remote(&app, &a.method, serde_json::json!({}), &a.reach).await?;
+            Ok(print_replies(&replies, &a.reach))
+        }
+        Command::Control(c) => {
+            let (replies, reach) = match &c {
+                ControlCommand::Revoke { ids, terminate, reach } => {
+                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+                    (crate::control::revoke(&app, &ids, *terminate, reach.destination.clone(), timeout).await?, reach)
+                }
+                ControlCommand::RateLimit { task, rate, reach } => {
+                    let args = serde_json::json!({"task_name": task, "rate_limit": rate});
+                    (remote(&app, "rate_limit", args, reach).await?, reach)
+                }
+                ControlCommand::Shutdown { reach } => {
+                    (remote(&app, "shutdown", serde_json::json!({}), reach).await?, reach)
+                }
+            };
+            Ok(print_replies(&replies, reach))
+        }
         Command::Events(a) => {
             let mut events = crate::events::subscribe(&app).await?;
             eprintln!("listening for events (workers started with -E)");
@@ -583,6 +672,36 @@ async fn beat_action(app: &celery_core::App, action: BeatAction) -> anyhow::Resu
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Sends a remote-control request to the workers `reach` names.
+async fn remote(
+    app: &celery_core::App,
+    method: &str,
+    args: Value,
+    reach: &Reach,
+) -> anyhow::Result<Vec<(String, Value)>> {
+    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+    Ok(crate::control::request(app, method, args, reach.destination.clone(), timeout).await?)
+}
+
+/// Prints one line (or JSON) per worker; fails when none answered.
+fn print_replies(replies: &[(String, Value)], reach: &Reach) -> ExitCode {
+    if reach.json {
+        let all: serde_json::Map<String, Value> = replies.iter().cloned().collect();
+        println!("{}", Value::Object(all));
+    } else {
+        for (worker, reply) in replies {
+            println!("-> {worker}: {reply}");
+        }
+        eprintln!("{} {} replied", replies.len(), if replies.len() == 1 { "worker" } else { "workers" });
+    }
+    if replies.is_empty() {
+        eprintln!("error: no worker replied within {} s", reach.timeout);
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// One line for an event: time, host, type, then the task and what happened.

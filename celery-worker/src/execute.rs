@@ -1,5 +1,5 @@
 //! Runs one task: a panic is caught and becomes a FAILURE, the soft limit is signalled to its context,
-//! and the hard limit abandons it (the task's future is dropped).
+//! and the hard limit or a revoke with `terminate` abandons it (the task's future is dropped).
 
 use std::time::Duration;
 
@@ -19,6 +19,8 @@ pub(crate) enum Outcome {
     Done(Result<Value, TaskError>),
     /// The worker's grace period ended first; the task was abandoned.
     Interrupted,
+    /// Revoked with `terminate` while running; the task was abandoned.
+    Terminated,
 }
 
 pub(crate) async fn run(
@@ -28,7 +30,9 @@ pub(crate) async fn run(
     soft: Option<Duration>,
     hard: Option<Duration>,
     mut hard_stop: watch::Receiver<bool>,
+    mut terminate: watch::Receiver<bool>,
 ) -> Outcome {
+    let mut terminable = true;
     let mut task = AssertUnwindSafe((entry.run)(ctx.clone(), args)).catch_unwind();
     let soft_at = soft.map(|d| tokio::time::Instant::now() + d);
     let hard_at = hard.map(|d| tokio::time::Instant::now() + d);
@@ -52,6 +56,14 @@ pub(crate) async fn run(
                 if r.is_err() || *hard_stop.borrow() {
                     return Outcome::Interrupted;
                 }
+            }
+            r = terminate.changed(), if terminable => match r {
+                Ok(()) if *terminate.borrow() => {
+                    tracing::warn!("revoked with terminate: task abandoned");
+                    return Outcome::Terminated;
+                }
+                Ok(()) => {}
+                Err(_) => terminable = false,
             }
         }
     }

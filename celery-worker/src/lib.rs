@@ -31,6 +31,7 @@ pub mod bench;
 mod builtins;
 mod chord;
 pub mod cli;
+pub mod control;
 pub mod events;
 mod execute;
 mod followups;

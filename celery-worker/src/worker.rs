@@ -145,6 +145,14 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     hard_stop: watch::Receiver<bool>,
     events: Option<EventDispatcher>,
+    /// Revoked ids (remote control).
+    revoked: crate::control::Revoked,
+    /// Running tasks by id: what `inspect active` shows, and how to terminate each.
+    running: std::sync::Mutex<std::collections::HashMap<String, (serde_json::Value, watch::Sender<bool>)>>,
+    /// Rate limits set by `control rate_limit` (none: unlimited), overriding the tasks' own.
+    rate_overrides: std::sync::Mutex<std::collections::HashMap<String, Option<Duration>>>,
+    /// Set by `control shutdown`.
+    remote_stop: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -198,8 +206,13 @@ impl Worker {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
         let events = cfg.events.then(|| EventDispatcher::start(self.app.clone(), &cfg.hostname));
+        let (remote_stop, mut remote_stopped) = watch::channel(false);
         let shared = Arc::new(Shared {
             events,
+            revoked: Default::default(),
+            running: Default::default(),
+            rate_overrides: Default::default(),
+            remote_stop,
             app: self.app,
             slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
             config: cfg.clone(),
@@ -208,6 +221,14 @@ impl Worker {
             shutdown: stop_rx,
             hard_stop: hard_rx,
         });
+        // Listening for remote control before "ready" (a broker without broadcasts has none).
+        let control = match shared.app.broker().subscribe(&crate::control::request_exchange(), "").await {
+            Ok(requests) => Some(tokio::spawn(serve_control(shared.clone(), requests))),
+            Err(e) => {
+                tracing::debug!(error = %e, "remote control unavailable");
+                None
+            }
+        };
         let names: Vec<_> = registry::tasks().iter().map(|e| e.name).collect();
         tracing::info!(
             hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = cfg.concurrency,
@@ -236,6 +257,7 @@ impl Worker {
                         Err(_) => break 'consume,
                     },
                     _ = &mut shutdown => break 'consume,
+                    _ = remote_stopped.wait_for(|s| *s) => break 'consume,
                     Some(_) = running.join_next(), if !running.is_empty() => {}
                 }
             };
@@ -249,6 +271,7 @@ impl Worker {
                         None => break 'consume,
                     },
                     _ = &mut shutdown => break 'consume,
+                    _ = remote_stopped.wait_for(|s| *s) => break 'consume,
                     Some(_) = running.join_next(), if !running.is_empty() => {}
                 }
             }
@@ -273,6 +296,9 @@ impl Worker {
         consumer.close().await;
         if let Some(h) = heartbeat {
             h.abort();
+        }
+        if let Some(c) = control {
+            c.abort();
         }
         shared.worker_event("worker-offline");
         tracing::info!("worker stopped");
@@ -323,6 +349,21 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             "expires": msg.headers.expires.map(celery_core::protocol::format_time),
         }),
     );
+    if w.revoked.contains(&msg.headers.id) {
+        tracing::info!("revoked: not run");
+        let err = TaskError::new("TaskRevokedError", "revoked");
+        let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
+        store(&w, &msg, entry, meta.clone()).await;
+        chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
+        w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::revoked(entry.name);
+        w.event(
+            "task-revoked",
+            serde_json::json!({"uuid": msg.headers.id, "terminated": false, "signum": null, "expired": false}),
+        );
+        settle(d.ack().await);
+        return;
+    }
     if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
         tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
         w.stats.already_done.fetch_add(1, Ordering::Relaxed);
@@ -366,15 +407,18 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
     }
     let opts = (entry.options)();
-    if let Some(rate) = opts.rate_limit {
-        match celery_core::rate::parse_rate(rate) {
-            Ok(interval) => {
-                tokio::select! {
-                    _ = w.limits.acquire(entry.name, interval) => {}
-                    _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "ignoring the task's rate limit"),
+    let overridden = w.rate_overrides.lock().unwrap_or_else(|p| p.into_inner()).get(entry.name).copied();
+    let interval = match (overridden, opts.rate_limit) {
+        (Some(set), _) => set,
+        (None, Some(rate)) => celery_core::rate::parse_rate(rate)
+            .map_err(|e| tracing::warn!(error = %e, "ignoring the task's rate limit"))
+            .ok(),
+        (None, None) => None,
+    };
+    if let Some(interval) = interval {
+        tokio::select! {
+            _ = w.limits.acquire(entry.name, interval) => {}
+            _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
         }
     }
     if *w.shutdown.borrow() {
@@ -407,7 +451,16 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     crate::metrics::started();
     w.event("task-started", serde_json::json!({"uuid": msg.headers.id}));
     w.stats.active.fetch_add(1, Ordering::Relaxed);
-    let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone()).await;
+    let (terminate, terminated) = watch::channel(false);
+    let info = serde_json::json!({
+        "id": msg.headers.id, "name": entry.name, "args": args.args, "kwargs": args.kwargs,
+        "hostname": w.config.hostname, "time_start": Utc::now().timestamp_micros() as f64 / 1e6,
+        "acknowledged": !opts.acks_late, "delivery_info": {"routing_key": d.as_ref().map(|d| d.queue.clone())},
+        "worker_pid": std::process::id(),
+    });
+    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), (info, terminate));
+    let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
+    w.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
     let runtime = started.elapsed();
     crate::metrics::finished(entry.name, runtime);
@@ -415,6 +468,21 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Outcome::Interrupted => {
             if let Some(d) = d.take() {
                 requeue(&w, d).await;
+            }
+        }
+        Outcome::Terminated => {
+            let err = TaskError::new("TaskRevokedError", "terminated");
+            let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
+            store(&w, &msg, entry, meta.clone()).await;
+            chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
+            w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::revoked(entry.name);
+            w.event(
+                "task-revoked",
+                serde_json::json!({"uuid": msg.headers.id, "terminated": true, "signum": "SIGTERM", "expired": false}),
+            );
+            if let Some(d) = d.take() {
+                settle(d.ack().await);
             }
         }
         Outcome::Done(Ok(value)) => {
@@ -606,4 +674,96 @@ fn repr(v: &serde_json::Value) -> String {
         s.push_str("...");
     }
     s
+}
+
+/// Answers remote-control requests (see [`crate::control`]) until the worker stops.
+async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker::Subscription>) {
+    use crate::control::{meant_for, reply_exchange, request, task_ids};
+    // Learn what the other workers revoked (as Celery's mingle does), without delaying startup.
+    let peers = w.clone();
+    tokio::spawn(async move {
+        if let Ok(replies) = request(&peers.app, "revoked", serde_json::json!({}), None, Duration::from_secs(1)).await {
+            for (_, ids) in replies {
+                for id in ids.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
+                    peers.revoked.add(id);
+                }
+            }
+        }
+    });
+    while let Some(b) = requests.next().await {
+        let Ok(req) = serde_json::from_slice::<serde_json::Value>(&b.body) else { continue };
+        if !meant_for(&req, &w.config.hostname) {
+            continue;
+        }
+        let method = req["method"].as_str().unwrap_or_default().to_owned();
+        let args = &req["arguments"];
+        tracing::debug!(%method, "remote control request");
+        let reply = match method.as_str() {
+            "ping" => serde_json::json!({"ok": "pong"}),
+            "registered" => serde_json::json!(registry::tasks().iter().map(|e| e.name).collect::<Vec<_>>()),
+            "active" => {
+                let running = w.running.lock().unwrap_or_else(|p| p.into_inner());
+                serde_json::Value::Array(running.values().map(|(info, _)| info.clone()).collect())
+            }
+            "reserved" | "scheduled" => serde_json::json!([]),
+            "revoked" => serde_json::json!(w.revoked.list()),
+            "stats" => serde_json::json!({
+                "pid": std::process::id(),
+                "pool": {"max-concurrency": w.config.concurrency, "implementation": "tokio"},
+                "prefetch_count": w.config.prefetch(),
+                "total": {"succeeded": w.stats.succeeded.load(Ordering::Relaxed), "failed": w.stats.failed.load(Ordering::Relaxed),
+                          "retried": w.stats.retried.load(Ordering::Relaxed), "revoked": w.stats.revoked.load(Ordering::Relaxed)},
+                "broker": {"transport": w.app.broker().kind()},
+                "sw_ident": "celery-rs", "sw_ver": env!("CARGO_PKG_VERSION"),
+            }),
+            "revoke" => {
+                let ids = task_ids(args);
+                let terminate = args["terminate"].as_bool().unwrap_or(false);
+                for id in &ids {
+                    w.revoked.add(id);
+                    if terminate {
+                        if let Some((_, t)) = w.running.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
+                            let _ = t.send(true);
+                        }
+                    }
+                }
+                serde_json::json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
+            }
+            "rate_limit" => {
+                let task = args["task_name"].as_str().unwrap_or_default().to_owned();
+                let rate = match &args["rate_limit"] {
+                    serde_json::Value::String(r) if r.trim() == "0" => Ok(None),
+                    serde_json::Value::String(r) => {
+                        celery_core::rate::parse_rate(r).map(Some).map_err(|e| e.to_string())
+                    }
+                    serde_json::Value::Number(n) if n.as_f64().is_some_and(|x| x > 0.0) => {
+                        Ok(Some(Duration::from_secs_f64(1.0 / n.as_f64().unwrap_or(1.0))))
+                    }
+                    _ => Ok(None),
+                };
+                match (registry::lookup(&task), rate) {
+                    (None, _) => serde_json::json!({"error": format!("unknown task {task}")}),
+                    (_, Err(e)) => serde_json::json!({"error": format!("invalid rate limit string: {e}")}),
+                    (Some(_), Ok(r)) => {
+                        w.rate_overrides.lock().unwrap_or_else(|p| p.into_inner()).insert(task, r);
+                        serde_json::json!({"ok": "new rate limit set successfully"})
+                    }
+                }
+            }
+            "shutdown" => {
+                tracing::warn!("remote control: shutdown requested");
+                let _ = w.remote_stop.send(true);
+                serde_json::json!({"ok": "shutting down"})
+            }
+            other => serde_json::json!({"error": format!("unknown command `{other}`")}),
+        };
+        let (Some(to), Some(ticket)) = (req["reply_to"]["routing_key"].as_str(), req["ticket"].as_str()) else {
+            continue;
+        };
+        let body = serde_json::json!({ w.config.hostname.clone(): reply });
+        let msg = crate::control::message(&body, &[("ticket", ticket.into()), ("clock", 0.into())]);
+        if let Err(e) = w.app.broker().broadcast(&reply_exchange(), to, &msg).await {
+            tracing::warn!(error = %e, "remote control: cannot reply");
+        }
+    }
 }

@@ -461,6 +461,86 @@ async fn events_follow_a_task(t: Target) {
     assert_eq!(e["sw_ident"], "celery-rs");
 }
 
+static MARKS: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
+
+#[task]
+async fn c_mark(token: i64) -> i64 {
+    MARKS.lock().unwrap().push(token);
+    token
+}
+
+fn named_worker(app: &App, name: &str) -> Running {
+    let cfg = WorkerConfig { concurrency: 1, hostname: name.to_owned(), ..WorkerConfig::default() };
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let worker = Worker::new(app.clone(), cfg);
+    let stats = worker.stats();
+    let handle = tokio::spawn(worker.run_until(async {
+        let _ = rx.await;
+    }));
+    Running { stats, stop, handle }
+}
+
+/// Remote control: both workers answer `inspect`; a task revoked before it started is never run
+/// on either; `revoke --terminate` stops a running task and records REVOKED.
+async fn remote_control_inspects_and_revokes(t: Target) {
+    use celery_worker::control;
+    let app = t.app().await;
+    let names = [format!("w1-{}", rand_token()), format!("w2-{}", rand_token())];
+    let workers: Vec<Running> = names.iter().map(|n| named_worker(&app, n)).collect();
+    let both = Some(names.to_vec());
+    let ask = |method: &'static str| control::request(&app, method, json!({}), both.clone(), T);
+    // The workers start in the background: ping until both answer.
+    let mut pongs = Vec::new();
+    for _ in 0..100 {
+        let quick = control::request(&app, "ping", json!({}), both.clone(), Duration::from_millis(200));
+        pongs = quick.await.unwrap();
+        if pongs.len() == 2 {
+            break;
+        }
+    }
+    pongs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(pongs, names.iter().map(|n| (n.clone(), json!({"ok": "pong"}))).collect::<Vec<_>>());
+    let registered = ask("registered").await.unwrap();
+    assert!(registered.iter().all(|(_, r)| r.as_array().unwrap().contains(&json!("c_mark"))), "{registered:?}");
+
+    // Revoked before they are sent: neither worker runs them.
+    let token = rand_token();
+    let ids: Vec<String> = (0..4).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let replies = control::revoke(&app, &refs, false, both.clone(), T).await.unwrap();
+    assert!(replies.len() >= 2, "{replies:?}");
+    for id in &ids {
+        app.send(c_mark::new(token).task_id(id.clone())).await.unwrap();
+    }
+    let after = app.send(c_mark::new(token)).await.unwrap();
+    assert_eq!(after.get::<i64>(T).await.unwrap(), token);
+    for id in &ids {
+        assert!(matches!(app.result(id).get::<i64>(T).await, Err(ResultError::Revoked)));
+    }
+    assert_eq!(MARKS.lock().unwrap().iter().filter(|t| **t == token).count(), 1, "only the unrevoked one ran");
+    let revoked = ask("revoked").await.unwrap();
+    assert!(revoked.iter().all(|(_, r)| r.as_array().unwrap().contains(&json!(ids[0]))), "{revoked:?}");
+
+    // Terminate a running task.
+    let slow = app.send(c_sleep::new(20_000)).await.unwrap();
+    let running = async {
+        loop {
+            let active = ask("active").await.unwrap();
+            if active.iter().any(|(_, a)| a.as_array().unwrap().iter().any(|t| t["id"] == slow.id())) {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(T, running).await.expect("the slow task shows in inspect active");
+    control::revoke(&app, &[slow.id()], true, both.clone(), T).await.unwrap();
+    assert!(matches!(slow.get::<u64>(T).await, Err(ResultError::Revoked)));
+    let meta = slow.info().await.unwrap().unwrap();
+    assert_eq!(meta.status, TaskState::Revoked);
+    for w in workers {
+        w.stop().await;
+    }
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -536,4 +616,5 @@ conformance!(
     map_starmap_chunks,
     idempotency_keys_send_once,
     events_follow_a_task,
+    remote_control_inspects_and_revokes,
 );

@@ -1,0 +1,174 @@
+//! Remote control in Celery's format, on every broker: a request is broadcast on the transient
+//! fanout exchange `celery.pidbox` as `{"method", "arguments", "destination", "ticket",
+//! "reply_to": {"exchange": "reply.celery.pidbox", "routing_key": <caller id>}}`; each worker it is
+//! meant for answers `{<hostname>: <reply>}` on the transient direct exchange `reply.celery.pidbox`
+//! with the caller's routing key and a `ticket` header. So `celery inspect ping` and
+//! `app.control.revoke(id)` from Python reach our workers, and ours reach Python's.
+//!
+//! Methods our workers answer: `ping`, `stats`, `active`, `reserved`, `scheduled`, `registered`,
+//! `revoked`, `revoke` (`task_id`: one id or a list, `terminate`), `rate_limit` (`task_name`,
+//! `rate_limit`) and `shutdown`.
+//!
+//! ```no_run
+//! # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+//! use std::time::Duration;
+//! let pongs = celery_worker::control::request(&app, "ping", serde_json::json!({}), None, Duration::from_secs(1)).await?;
+//! for (worker, reply) in pongs {
+//!     println!("{worker}: {reply}");
+//! }
+//! celery_worker::control::revoke(&app, &["4f6a..."], false, None, Duration::from_secs(1)).await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use celery_core::protocol::{Headers, Message, Properties};
+use celery_core::routing::{Exchange, ExchangeKind};
+use celery_core::{App, BrokerError};
+use serde_json::{json, Value};
+
+/// Where requests go: Celery's `celery.pidbox` (transient fanout).
+pub fn request_exchange() -> Exchange {
+    Exchange::new("celery.pidbox", ExchangeKind::Fanout).transient()
+}
+
+/// Where replies go: Celery's `reply.celery.pidbox` (transient direct), routed by the caller's id.
+pub fn reply_exchange() -> Exchange {
+    Exchange::new("reply.celery.pidbox", ExchangeKind::Direct).transient()
+}
+
+/// A JSON body as a broadcast message, with extra headers.
+pub(crate) fn message(body: &Value, headers: &[(&str, Value)]) -> Message {
+    let mut h = Headers { id: uuid::Uuid::new_v4().to_string(), ..Headers::default() };
+    for (k, v) in headers {
+        h.extra.insert((*k).to_owned(), v.clone());
+    }
+    Message { headers: h, properties: Properties::default(), body: serde_json::to_vec(body).unwrap_or_default() }
+}
+
+/// Broadcasts `method(arguments)` to every worker (or those named in `destination`) and gathers
+/// their replies for `timeout` (or until each named destination answered). Returns
+/// `(worker, reply)` pairs in arrival order.
+pub async fn request(
+    app: &App,
+    method: &str,
+    arguments: Value,
+    destination: Option<Vec<String>>,
+    timeout: Duration,
+) -> Result<Vec<(String, Value)>, BrokerError> {
+    let oid = uuid::Uuid::new_v4().to_string();
+    let ticket = uuid::Uuid::new_v4().to_string();
+    let mut replies = app.broker().subscribe(&reply_exchange(), &oid).await?;
+    let expected = destination.as_ref().map(Vec::len);
+    let body = json!({
+        "method": method, "arguments": arguments, "destination": destination, "pattern": null, "matcher": null,
+        "ticket": ticket, "reply_to": {"exchange": reply_exchange().name, "routing_key": oid},
+    });
+    let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + timeout.as_secs_f64();
+    let msg = message(&body, &[("clock", json!(0)), ("expires", json!(expires))]);
+    app.broker().broadcast(&request_exchange(), "", &msg).await?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while expected.is_none_or(|n| out.len() < n) {
+        let Ok(Some(b)) = tokio::time::timeout_at(deadline, replies.next()).await else { break };
+        match serde_json::from_slice::<Value>(&b.body) {
+            Ok(Value::Object(m)) => out.extend(m),
+            _ => tracing::debug!("control: skipping a reply that is not a JSON object"),
+        }
+    }
+    Ok(out)
+}
+
+/// Revokes tasks on every worker: one that has not started is never run (REVOKED); with
+/// `terminate`, a running one is stopped and recorded REVOKED. Also stores REVOKED for each id, so
+/// waiters see it at once. Returns the workers' replies.
+pub async fn revoke(
+    app: &App,
+    ids: &[&str],
+    terminate: bool,
+    destination: Option<Vec<String>>,
+    timeout: Duration,
+) -> Result<Vec<(String, Value)>, BrokerError> {
+    let args = json!({"task_id": ids, "terminate": terminate});
+    let replies = request(app, "revoke", args, destination, timeout).await?;
+    for id in ids {
+        let err = celery_core::TaskError::new("TaskRevokedError", "revoked");
+        let meta = celery_core::TaskMeta::error(*id, celery_core::TaskState::Revoked, &err);
+        if let Err(e) = app.backend().store(&meta).await {
+            tracing::debug!(error = %e, "control: cannot store REVOKED");
+        }
+    }
+    Ok(replies)
+}
+
+/// Revoked task ids a worker remembers: at most 50,000, each for 3 hours (Celery's limits).
+#[derive(Debug, Default)]
+pub(crate) struct Revoked {
+    ids: Mutex<(HashMap<String, Instant>, VecDeque<String>)>,
+}
+
+const REVOKES_MAX: usize = 50_000;
+const REVOKE_EXPIRES: Duration = Duration::from_secs(3 * 3600);
+
+impl Revoked {
+    pub(crate) fn add(&self, id: &str) {
+        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let (map, order) = &mut *g;
+        if map.insert(id.to_owned(), Instant::now()).is_none() {
+            order.push_back(id.to_owned());
+        }
+        while order.len() > REVOKES_MAX {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        g.0.get(id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)
+    }
+
+    pub(crate) fn list(&self) -> Vec<String> {
+        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter().filter(|id| g.0.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)).cloned().collect()
+    }
+}
+
+/// The ids of a `revoke` request's `task_id` (one id or a list).
+pub(crate) fn task_ids(arguments: &Value) -> Vec<String> {
+    match &arguments["task_id"] {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// True when a request's `destination` includes `hostname` (or names no one: everyone).
+pub(crate) fn meant_for(request: &Value, hostname: &str) -> bool {
+    match &request["destination"] {
+        Value::Array(names) => names.iter().any(|n| n.as_str() == Some(hostname)),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_arguments_and_destinations() {
+        assert_eq!(task_ids(&json!({"task_id": "a"})), ["a"]);
+        assert_eq!(task_ids(&json!({"task_id": ["a", "b"]})), ["a", "b"]);
+        assert!(meant_for(&json!({"destination": null}), "w1"));
+        assert!(meant_for(&json!({"destination": ["w1"]}), "w1"));
+        assert!(!meant_for(&json!({"destination": ["w2"]}), "w1"));
+        let r = Revoked::default();
+        r.add("x");
+        r.add("x");
+        assert!(r.contains("x") && !r.contains("y"));
+        assert_eq!(r.list(), ["x"]);
+    }
+}
