@@ -117,6 +117,7 @@ pub enum ControlCommand {
         reach: Reach,
     },
     /// Set a task's rate limit on the workers (`10/s`, `100/m`; `0` removes it).
+    #[command(alias = "rate_limit")]
     RateLimit {
         /// The task name.
         task: String,

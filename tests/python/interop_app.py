@@ -7,6 +7,7 @@ As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2,
 step to <queue>, waits for the last result and prints it as one JSON line.
 `python interop_app.py chord <queue>` sends the chord `[add(i, i) for i in range(10)] | tsum()`,
 every task to <queue>, and prints the body's result (90) as one JSON line.
+`python interop_app.py revoke <id>` revokes a task id through `app.control.revoke`.
 
 The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
 """
@@ -69,8 +70,15 @@ def produce_chord(queue):
     print(json.dumps({"chord": result.get(timeout=30)}))
 
 
+def revoke(task_id):
+    app.control.revoke(task_id)
+    print(json.dumps({"revoked": task_id}))
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "chain":
+    if sys.argv[1] == "revoke":
+        revoke(sys.argv[2])
+    elif sys.argv[1] == "chain":
         produce_chain(sys.argv[2])
     elif sys.argv[1] == "chord":
         produce_chord(sys.argv[2])

@@ -18,11 +18,14 @@
 //! 5. Events: `celery -A interop_app events --dump` (Python) prints the task events of our worker
 //!    started with `-E`, over Redis and over RabbitMQ.
 //!
+//! 6. Remote control: Python's `celery inspect ping` gets our worker's pong, and a task id revoked
+//!    with Python's `app.control.revoke` is not run by our worker, over Redis and over RabbitMQ.
+//!
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
 //! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
 //! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
 //! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
-//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 3 and 4 for the events tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
+//! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 3 and 4 for the events tests, 1 and 2 for the remote-control tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
 //! their own.
 
 use std::fs::File;
@@ -424,4 +427,66 @@ fn python_event_dump_sees_our_worker_over_amqp() {
         return;
     };
     python_event_dump_sees_our_worker_via(python, &servers, "interop-events");
+}
+
+/// Python's `celery inspect ping` and `app.control.revoke` reach our worker.
+async fn python_controls_our_worker_via(python: &Path, servers: &Servers, queue: &str) {
+    let host = format!("rs-{}@interop", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let worker = Service::start(
+        servers
+            .apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-Q", queue, "-c", "2", "-n", &host])
+            .env("RUST_LOG", "info"),
+    );
+    assert!(wait_until(T, || worker.log().contains("worker ready")), "{}", worker.log());
+    let out =
+        python_cmd(python, servers, &["-m", "celery", "-A", "interop_app", "inspect", "ping", "-d", &host, "-t", "10"])
+            .output()
+            .expect("celery inspect ping");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains(&host) && text.contains("pong"),
+        "Python's inspect ping:\n{text}\nour worker:\n{}",
+        worker.log()
+    );
+
+    let id = uuid::Uuid::new_v4().to_string();
+    let out = python_cmd(python, servers, &["interop_app.py", "revoke", &id]).output().expect("revoke");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
+    // Our worker learnt of the revoke: ask it (our client) until the id shows.
+    let seen = async {
+        loop {
+            let r = celery_worker::control::request(&app, "revoked", json!({}), Some(vec![host.clone()]), T).await;
+            if r.unwrap_or_default().iter().any(|(_, ids)| ids.as_array().is_some_and(|a| a.contains(&json!(id)))) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(T, seen).await.unwrap_or_else(|_| panic!("revoke not seen\n{}", worker.log()));
+    let r = app.send(Signature::by_name("add").args(json!([1, 1])).queue(queue).task_id(id)).await.expect("send");
+    assert!(matches!(r.get::<i64>(T).await, Err(celery_core::ResultError::Revoked)), "{}", worker.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_controls_our_worker() {
+    let Some(servers) = Servers::redis(1, 1) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    python_controls_our_worker_via(python, &servers, "interop-control").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_controls_our_worker_over_amqp() {
+    let Some(servers) = Servers::amqp(2) else {
+        return;
+    };
+    let Some(python) = python_or_skip() else {
+        return;
+    };
+    python_controls_our_worker_via(python, &servers, "interop-control").await;
 }

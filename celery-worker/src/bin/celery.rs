@@ -1,11 +1,13 @@
 //! `celery`: the operator's command line, with no task code of its own. It sends tasks by name
-//! with JSON arguments, reads results, prints events, purges queues, changes beat's run-time
-//! entries and serves the built-in broker, so looking at a queue does not need the application
-//! built:
+//! with JSON arguments, reads results, prints events, inspects and controls workers, purges
+//! queues, changes beat's run-time entries and serves the built-in broker, so looking at a queue
+//! does not need the application built:
 //!
 //! ```text
 //! celery --broker redis://127.0.0.1:6379/0 send add --args '[2, 3]' --wait
 //! celery events
+//! celery inspect ping
+//! celery control revoke 4f6a... --terminate
 //! celery purge -Q celery
 //! celery beat list
 //! celery broker serve --data ./celery-data --listen 127.0.0.1:7575
