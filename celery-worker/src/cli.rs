@@ -75,6 +75,25 @@ pub enum Command {
     /// Steer the workers: revoke, rate_limit, shutdown.
     #[command(subcommand)]
     Control(ControlCommand),
+    /// Serve a live dashboard of workers, queues, tasks and dead letters (workers need `-E`).
+    Monitor(MonitorArgs),
+}
+
+/// `monitor` options.
+#[derive(Debug, Args)]
+pub struct MonitorArgs {
+    /// Address to serve on; anything but loopback requires --token.
+    #[arg(long, default_value = "127.0.0.1:5555")]
+    pub listen: std::net::SocketAddr,
+    /// Queues to show (depth and dead letters), comma-separated.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+    /// Allow retrying and discarding dead letters and revoking tasks from the page.
+    #[arg(long)]
+    pub allow_control: bool,
+    /// Clients must present this token (`?token=...` or `Authorization: Bearer ...`).
+    #[arg(long, env = "CELERY_MONITOR_TOKEN")]
+    pub token: Option<String>,
 }
 
 /// Which workers answer, and how long to wait for them.
@@ -486,6 +505,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             };
             Ok(print_replies(&replies, reach))
+        }
+        Command::Monitor(a) => {
+            let cfg = crate::monitor::MonitorConfig {
+                listen: a.listen,
+                queues: a.queues,
+                allow_control: a.allow_control,
+                token: a.token,
+            };
+            eprintln!("monitor on http://{}/", cfg.listen);
+            crate::monitor::serve(app, cfg, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Events(a) => {
             let mut events = crate::events::subscribe(&app).await?;

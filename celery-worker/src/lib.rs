@@ -36,6 +36,7 @@ pub mod events;
 mod execute;
 mod followups;
 pub mod metrics;
+pub mod monitor;
 mod rate_limit;
 pub mod worker;
 

@@ -1,0 +1,31 @@
+// Drives the dashboard in headless Chromium (Debian's, through playwright-core):
+//   node monitor.mjs <url> <worker hostname> <dead-letter task id> <screenshot path>
+// Checks that the worker and its task counts appear, retries the dead letter from the page, and
+// saves a screenshot. Exits non-zero (with the reason) on any failure.
+import { chromium } from "playwright-core";
+
+const [url, host, deadId, shot] = process.argv.slice(2);
+const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox"] });
+try {
+  const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  await page.goto(url);
+  const worker = page.locator("tr.worker", { hasText: host });
+  await worker.waitFor({ timeout: 20000 });
+  await page.waitForFunction((h) => {
+    const row = [...document.querySelectorAll("tr.worker")].find((r) => r.textContent.includes(h));
+    return row && Number(row.querySelector(".processed").textContent) >= 5;
+  }, host, { timeout: 20000 });
+  const tasks = await page.locator("tr.task").count();
+  if (tasks < 5) throw new Error(`expected at least 5 tasks listed, saw ${tasks}`);
+  await page.getByRole("button", { name: "dead letters" }).first().click();
+  const dead = page.locator(`tr.dead-letter[data-id="${deadId}"]`);
+  await dead.waitFor({ timeout: 20000 });
+  await page.screenshot({ path: shot, fullPage: true });
+  await dead.locator("button.retry").click();
+  // Retried: the task is received again (and, still bad, dead-lettered again by the worker).
+  await page.locator(`tr.task[data-id="${deadId}"]`).click();
+  await page.waitForFunction(() => (document.getElementById("detail").textContent.match(/task-received/g) || []).length >= 2, null, { timeout: 20000 });
+  console.log(JSON.stringify({ ok: true, tasks }));
+} finally {
+  await browser.close();
+}
