@@ -82,8 +82,9 @@ pub async fn request(
 }
 
 /// Revokes tasks on every worker: one that has not started is never run (REVOKED); with
-/// `terminate`, a running one is stopped and recorded REVOKED. Also stores REVOKED for each id, so
-/// waiters see it at once. Returns the workers' replies.
+/// `terminate`, a running one is stopped and recorded REVOKED. The ids are also stored in the
+/// broker (for workers that start later, for 3 hours) and REVOKED is stored as each task's
+/// result, so waiters see it at once. Returns the workers' replies.
 pub async fn revoke(
     app: &App,
     ids: &[&str],
@@ -91,6 +92,7 @@ pub async fn revoke(
     destination: Option<Vec<String>>,
     timeout: Duration,
 ) -> Result<Vec<(String, Value)>, BrokerError> {
+    remember_revoked(app, ids).await;
     let args = json!({"task_id": ids, "terminate": terminate});
     let replies = request(app, "revoke", args, destination, timeout).await?;
     for id in ids {
@@ -101,6 +103,73 @@ pub async fn revoke(
         }
     }
     Ok(replies)
+}
+
+/// The stored document of revoked ids (id -> expiry, seconds since the epoch), which workers load
+/// when they start: a revoke reaches workers that start later even when none runs now.
+const REVOKED_DOC: &str = "control.revoked";
+/// The lease that serializes changes to [`REVOKED_DOC`].
+const REVOKED_LEASE: &str = "control.revoked.lock";
+
+fn now_secs() -> f64 {
+    chrono::Utc::now().timestamp_micros() as f64 / 1e6
+}
+
+/// Adds `ids` to the stored revoked ids (dropping expired ones), under a lease so that concurrent
+/// revokes do not lose each other's ids. Best effort: failures are logged.
+async fn remember_revoked(app: &App, ids: &[&str]) {
+    let holder = uuid::Uuid::new_v4().to_string();
+    let broker = app.broker();
+    let mut held = false;
+    for _ in 0..50 {
+        match broker.lease(REVOKED_LEASE, &holder, Duration::from_secs(5)).await {
+            Ok(true) => {
+                held = true;
+                break;
+            }
+            Ok(false) => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => return tracing::debug!(error = %e, "control: revokes are not stored on this broker"),
+        }
+    }
+    if !held {
+        return tracing::warn!(
+            "control: could not take the revoked-ids lease; this revoke reaches running workers only"
+        );
+    }
+    let mut all = stored_revoked(app).await;
+    let now = now_secs();
+    all.retain(|_, exp| *exp > now);
+    for id in ids {
+        all.insert((*id).to_owned(), now + REVOKE_EXPIRES.as_secs_f64());
+    }
+    if all.len() > REVOKES_MAX {
+        let mut by_age: Vec<(String, f64)> = all.into_iter().collect();
+        by_age.sort_by(|a, b| b.1.total_cmp(&a.1));
+        by_age.truncate(REVOKES_MAX);
+        all = by_age.into_iter().collect();
+    }
+    match serde_json::to_vec(&all) {
+        Ok(doc) => {
+            if let Err(e) = broker.store_doc(REVOKED_DOC, &doc).await {
+                tracing::warn!(error = %e, "control: cannot store the revoked ids");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "control: cannot encode the revoked ids"),
+    }
+    let _ = broker.release(REVOKED_LEASE, &holder).await;
+}
+
+/// The stored revoked ids that have not expired (id -> expiry).
+pub(crate) async fn stored_revoked(app: &App) -> HashMap<String, f64> {
+    let now = now_secs();
+    match app.broker().load_doc(REVOKED_DOC).await {
+        Ok(Some(doc)) => serde_json::from_slice::<HashMap<String, f64>>(&doc)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, exp)| *exp > now)
+            .collect(),
+        _ => HashMap::new(),
+    }
 }
 
 /// Revoked task ids a worker remembers: at most 50,000, each for 3 hours (Celery's limits).

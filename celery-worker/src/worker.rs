@@ -221,6 +221,10 @@ impl Worker {
             shutdown: stop_rx,
             hard_stop: hard_rx,
         });
+        // Revokes stored for workers that start later.
+        for id in crate::control::stored_revoked(&shared.app).await.into_keys() {
+            shared.revoked.add(&id);
+        }
         // Listening for remote control before "ready" (a broker without broadcasts has none).
         let control = match shared.app.broker().subscribe(&crate::control::request_exchange(), "").await {
             Ok(requests) => Some(tokio::spawn(serve_control(shared.clone(), requests))),

@@ -539,6 +539,18 @@ async fn remote_control_inspects_and_revokes(t: Target) {
     for w in workers {
         w.stop().await;
     }
+
+    // Revoked while no worker runs: a worker started later still never runs it.
+    let late = uuid::Uuid::new_v4().to_string();
+    let replies = control::revoke(&app, &[late.as_str()], false, None, Duration::from_millis(300)).await.unwrap();
+    assert!(replies.is_empty(), "{replies:?}");
+    app.send(c_mark::new(token).task_id(late.clone())).await.unwrap();
+    let w3 = named_worker(&app, &format!("w3-{}", rand_token()));
+    assert!(matches!(app.result(&late).get::<i64>(T).await, Err(ResultError::Revoked)));
+    let after = app.send(c_mark::new(token)).await.unwrap();
+    assert_eq!(after.get::<i64>(T).await.unwrap(), token);
+    w3.stop().await;
+    assert_eq!(MARKS.lock().unwrap().iter().filter(|t| **t == token).count(), 2, "the late-revoked task never ran");
 }
 
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
