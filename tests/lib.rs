@@ -115,7 +115,7 @@ impl DemoProcess {
             .args(args)
             .env("CELERY_BROKER_URL", broker)
             .env("CELERY_RESULT_BACKEND", backend)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", std::env::var("DEMO_RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

@@ -265,19 +265,19 @@ impl Worker {
                     Some(_) = running.join_next(), if !running.is_empty() => {}
                 }
             };
-            loop {
-                tokio::select! {
-                    d = consumer.next() => match d {
-                        Some(d) => {
-                            running.spawn(handle(shared.clone(), d, permit));
-                            break;
-                        }
-                        None => break 'consume,
-                    },
-                    _ = &mut shutdown => break 'consume,
-                    _ = remote_stopped.wait_for(|s| *s) => break 'consume,
-                    Some(_) = running.join_next(), if !running.is_empty() => {}
-                }
+            // Reap finished tasks now rather than while waiting: `consumer.next()` must not be
+            // dropped half-way each time a task finishes (a consumer resubscribing at that moment
+            // would leave a subscription behind that holds deliveries).
+            while running.try_join_next().is_some() {}
+            tokio::select! {
+                d = consumer.next() => match d {
+                    Some(d) => {
+                        running.spawn(handle(shared.clone(), d, permit));
+                    }
+                    None => break 'consume,
+                },
+                _ = &mut shutdown => break 'consume,
+                _ = remote_stopped.wait_for(|s| *s) => break 'consume,
             }
         }
         tracing::info!(in_flight = running.len(), "worker shutting down: no new deliveries");

@@ -149,11 +149,7 @@ impl RemoteClient {
     }
 
     /// Subscribes a consumer; pushed deliveries arrive on the returned channel.
-    pub(crate) async fn subscribe(
-        &self,
-        queues: &[String],
-        prefetch: usize,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Pushed>), BrokerError> {
+    async fn subscribe(&self, queues: &[String], prefetch: usize) -> Result<Subscribed, BrokerError> {
         let c = self.conn().await?;
         let id = self.id();
         let (ptx, prx) = mpsc::unbounded_channel();
@@ -163,14 +159,16 @@ impl RemoteClient {
             enc = enc.str(q);
         }
         call_on(&c, id, enc.finish()).await?;
-        Ok((id, prx))
+        Ok((id, prx, c))
     }
 }
 
 async fn call_on(c: &Conn, id: u64, frame: Vec<u8>) -> Result<Vec<u8>, BrokerError> {
     let (tx, rx) = oneshot::channel();
     lock(&c.pending).insert(id, tx);
-    if c.tx.send(frame).is_err() {
+    // The reader marks the connection dead and then fails what is pending: a request registered
+    // after that would wait forever, so check again once registered.
+    if !c.alive.load(Ordering::Acquire) || c.tx.send(frame).is_err() {
         lock(&c.pending).remove(&id);
         return Err(conn_err("connection to the log server lost"));
     }
@@ -294,7 +292,10 @@ pub(crate) struct RemoteConsumer {
     client: Arc<RemoteClient>,
     queues: Vec<String>,
     prefetch: usize,
-    sub: Option<(u64, mpsc::UnboundedReceiver<Pushed>)>,
+    sub: Option<Subscribed>,
+    /// A resubscription in flight, kept across calls so that a `next()` dropped half-way (a
+    /// timeout, a `select!`) never leaves a server-side consumer nobody reads.
+    resubscribing: Option<tokio::task::JoinHandle<Result<Subscribed, BrokerError>>>,
     stopped: bool,
 }
 
@@ -305,7 +306,14 @@ impl RemoteConsumer {
         prefetch: usize,
     ) -> Result<RemoteConsumer, BrokerError> {
         let sub = client.subscribe(queues, prefetch).await?;
-        Ok(RemoteConsumer { client, queues: queues.to_vec(), prefetch, sub: Some(sub), stopped: false })
+        Ok(RemoteConsumer {
+            client,
+            queues: queues.to_vec(),
+            prefetch,
+            sub: Some(sub),
+            resubscribing: None,
+            stopped: false,
+        })
     }
 }
 
@@ -314,11 +322,13 @@ impl Consumer for RemoteConsumer {
     async fn next(&mut self) -> Option<Delivery> {
         let mut backoff = celery_core::backoff::Reconnect::default();
         loop {
-            if let Some((_, rx)) = self.sub.as_mut() {
+            if let Some((_, rx, conn)) = self.sub.as_mut() {
                 let got = if self.stopped { rx.try_recv().ok() } else { rx.recv().await };
                 if let Some(p) = got {
                     let decoded = envelope::decode(&p.payload);
-                    let settle = RemoteSettle { client: self.client.clone(), delivery: p.delivery };
+                    // Settled on the connection it came over: delivery ids are per connection,
+                    // and a dead connection's deliveries were returned by the server already.
+                    let settle = RemoteSettle { client: self.client.clone(), conn: conn.clone(), delivery: p.delivery };
                     return Some(Delivery::new(
                         decoded.message,
                         p.queue,
@@ -331,7 +341,13 @@ impl Consumer for RemoteConsumer {
             if self.stopped {
                 return None;
             }
-            match self.client.subscribe(&self.queues, self.prefetch).await {
+            let (client, queues, prefetch) = (self.client.clone(), self.queues.clone(), self.prefetch);
+            let pending = self
+                .resubscribing
+                .get_or_insert_with(|| tokio::spawn(async move { client.subscribe(&queues, prefetch).await }));
+            let result = pending.await.unwrap_or_else(|e| Err(BrokerError::Connection(e.to_string())));
+            self.resubscribing = None;
+            match result {
                 Ok(sub) => {
                     tracing::info!("log client: consuming again");
                     self.sub = Some(sub);
@@ -347,10 +363,19 @@ impl Consumer for RemoteConsumer {
 
     fn stop(&mut self) {
         self.stopped = true;
-        if let Some((id, _)) = &self.sub {
+        if let Some((id, _, _)) = &self.sub {
             let (client, id) = (self.client.clone(), *id);
             tokio::spawn(async move {
                 let _ = client.call(kind::STOP_CONSUME, |e| e.u64(id)).await;
+            });
+        }
+        if let Some(pending) = self.resubscribing.take() {
+            // It may still succeed: then stop that subscription too.
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                if let Ok(Ok((id, _, _))) = pending.await {
+                    let _ = client.call(kind::STOP_CONSUME, |e| e.u64(id)).await;
+                }
             });
         }
     }
@@ -363,14 +388,20 @@ impl Consumer for RemoteConsumer {
 #[derive(Debug)]
 struct RemoteSettle {
     client: Arc<RemoteClient>,
+    conn: Arc<Conn>,
     delivery: u64,
 }
 
 impl RemoteSettle {
     async fn send(&self, how: u8, not_before: i64, data: &[u8]) -> Result<(), BrokerError> {
-        self.client.call(kind::SETTLE, |e| e.u64(self.delivery).u8(how).i64(not_before).bytes(data)).await.map(|_| ())
+        let id = self.client.id();
+        let frame = Enc::frame(kind::SETTLE, id).u64(self.delivery).u8(how).i64(not_before).bytes(data).finish();
+        call_on(&self.conn, id, frame).await.map(|_| ())
     }
 }
+
+/// A consumer's subscription: its request id, its deliveries, and the connection they came over.
+type Subscribed = (u64, mpsc::UnboundedReceiver<Pushed>, Arc<Conn>);
 
 #[async_trait]
 impl Settle for RemoteSettle {
