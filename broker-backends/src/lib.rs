@@ -21,3 +21,9 @@ pub mod redis;
 
 /// Forces this crate (and its scheme registrations) to be linked; `celery-worker` calls it.
 pub fn link() {}
+
+/// Counts a connection to the broker re-established after a loss (the Prometheus counter
+/// `celery_broker_reconnects_total{broker}`, when a recorder is installed).
+pub(crate) fn reconnected(broker: &'static str) {
+    metrics::counter!("celery_broker_reconnects_total", "broker" => broker).increment(1);
+}

@@ -27,6 +27,8 @@ pub struct AppConfig {
     pub max_message_size: usize,
     /// How long an idempotency key returns its first task (default one day).
     pub idempotency_window: Duration,
+    /// Send a `task-sent` event for each task sent (Celery's `task_send_sent_event`).
+    pub send_sent_events: bool,
 }
 
 impl Default for AppConfig {
@@ -35,6 +37,7 @@ impl Default for AppConfig {
             default_queue: "celery".into(),
             max_message_size: 16 * 1024 * 1024,
             idempotency_window: Duration::from_secs(86_400),
+            send_sent_events: false,
         }
     }
 }
@@ -144,16 +147,41 @@ impl App {
                 let _ = self.backend.unclaim(key, id).await;
                 return Err(e.into());
             }
+            self.sent_event(&route, &msg).await;
             return Ok(self.result(id));
         }
         retrying(|| self.broker.publish(&route, &msg)).await?;
+        self.sent_event(&route, &msg).await;
         Ok(self.result(id))
+    }
+
+    /// Celery's `task-sent` event, when [`AppConfig::send_sent_events`] is on (best effort).
+    async fn sent_event(&self, route: &Route, msg: &Message) {
+        if !self.config.send_sent_events {
+            return;
+        }
+        let h = &msg.headers;
+        let fields = serde_json::json!({
+            "uuid": h.id, "name": h.task, "args": h.argsrepr, "kwargs": h.kwargsrepr, "retries": h.retries,
+            "eta": h.eta.map(crate::protocol::format_time), "expires": h.expires.map(crate::protocol::format_time),
+            "root_id": h.root_id, "parent_id": h.parent_id, "exchange": route.exchange,
+            "routing_key": route.routing_key, "queue": route.routing_key,
+        });
+        let host = h.origin.clone().unwrap_or_else(crate::protocol::origin);
+        let event = crate::event::event("task-sent", &host, 0, fields);
+        let key = crate::event::routing_key(&event);
+        if let Err(e) = self.broker.broadcast(&crate::event::exchange(), &key, &crate::event::message(&event)).await {
+            tracing::debug!(error = %e, "cannot send the task-sent event");
+        }
     }
 
     /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.
     pub async fn send_batch(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<Vec<AsyncResult>, AppError> {
         let batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
         retrying(|| self.broker.publish_batch(&batch)).await?;
+        for (route, msg) in &batch {
+            self.sent_event(route, msg).await;
+        }
         Ok(batch.iter().map(|(_, m)| self.result(&m.headers.id)).collect())
     }
 

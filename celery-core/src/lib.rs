@@ -16,6 +16,7 @@ pub mod backend;
 pub mod backoff;
 pub mod broker;
 pub mod error;
+pub mod event;
 pub mod group;
 pub mod protocol;
 pub mod rate;

@@ -21,16 +21,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use celery_core::broker::Subscription;
-use celery_core::protocol::{Headers, Message, Properties};
-use celery_core::routing::{Exchange, ExchangeKind};
 use celery_core::{App, BrokerError};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-/// The exchange Celery sends events to (a durable topic exchange).
-pub fn exchange() -> Exchange {
-    Exchange::new("celeryev", ExchangeKind::Topic)
-}
+pub use celery_core::event::exchange;
 
 /// Sends events from one worker (cheap to clone).
 #[derive(Debug, Clone)]
@@ -48,9 +43,9 @@ impl EventDispatcher {
         tokio::spawn(async move {
             let exchange = exchange();
             while let Some(event) = rx.recv().await {
-                let kind = event["type"].as_str().unwrap_or_default().replace('-', ".");
-                let msg = event_message(&event);
-                if let Err(e) = app.broker().broadcast(&exchange, &kind, &msg).await {
+                let msg = celery_core::event::message(&event);
+                let key = celery_core::event::routing_key(&event);
+                if let Err(e) = app.broker().broadcast(&exchange, &key, &msg).await {
                     tracing::debug!(error = %e, "events: cannot send an event");
                 }
             }
@@ -61,17 +56,9 @@ impl EventDispatcher {
     /// Sends an event of `kind` (`task-succeeded`) with `fields`, adding the common fields
     /// (`hostname`, `timestamp`, `utcoffset`, `pid`, `clock`).
     pub fn send(&self, kind: &str, fields: Value) {
-        let mut event = match fields {
-            Value::Object(m) => m,
-            _ => Map::new(),
-        };
-        event.insert("type".into(), kind.into());
-        event.insert("hostname".into(), self.hostname.as_ref().into());
-        event.insert("timestamp".into(), now().into());
-        event.insert("utcoffset".into(), 0.into());
-        event.insert("pid".into(), std::process::id().into());
-        event.insert("clock".into(), (self.clock.fetch_add(1, Ordering::Relaxed) + 1).into());
-        if self.tx.try_send(Value::Object(event)).is_err() {
+        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let event = celery_core::event::event(kind, &self.hostname, clock, fields);
+        if self.tx.try_send(event).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -80,18 +67,6 @@ impl EventDispatcher {
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
-}
-
-/// Seconds since the epoch, as Python's `time.time()`.
-fn now() -> f64 {
-    chrono::Utc::now().timestamp_micros() as f64 / 1e6
-}
-
-/// An event as a message: the event document as the JSON body, `hostname` as a header.
-fn event_message(event: &Value) -> Message {
-    let mut headers = Headers { id: uuid::Uuid::new_v4().to_string(), ..Headers::default() };
-    headers.extra.insert("hostname".into(), event["hostname"].clone());
-    Message { headers, properties: Properties::default(), body: serde_json::to_vec(event).unwrap_or_default() }
 }
 
 /// The events of every worker from now on, as JSON documents.

@@ -13,6 +13,7 @@
 //! | `celery_dead_letters_total` | queue | messages dead-lettered (bad input) |
 //! | `celery_worker_in_flight` | | tasks running now |
 //! | `celery_queue_depth` | queue | ready messages, polled every 5 s |
+//! | `celery_broker_reconnects_total` | broker | connections re-established after a loss |
 //!
 //! ```no_run
 //! celery_worker::metrics::serve("127.0.0.1:9808".parse().unwrap()).unwrap();
@@ -52,6 +53,7 @@ fn describe() {
     describe_counter!("celery_dead_letters_total", "Messages dead-lettered for bad input, by queue");
     describe_gauge!("celery_worker_in_flight", "Tasks running now");
     describe_gauge!("celery_queue_depth", "Ready messages in each consumed queue (polled every 5 s)");
+    describe_counter!("celery_broker_reconnects_total", "Broker connections re-established after a loss");
 }
 
 /// Polls the depth of `queues` every 5 s until the process ends.

@@ -51,3 +51,35 @@ async fn metrics_count_a_known_workload() {
     assert!(ok, "missing some of {expected:?} in:\n{last}\n{}", w.log());
     assert!(last.contains("text/plain"), "{last}");
 }
+
+/// A worker on `log+tcp://` whose `broker serve` is killed and restarted counts the reconnect and
+/// goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_broker_reconnects() {
+    let dir = TempDir::new("metrics-reconnect");
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.0.display().to_string();
+    let serve = || {
+        DemoProcess::start_urls("unused://", "unused://", &["broker", "serve", "--data", &data, "--listen", &listen])
+    };
+    let mut server = serve();
+    assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()), "{}", server.log());
+    let url = format!("log+tcp://{listen}");
+    let mport = free_port();
+    let w = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2", "--metrics", &format!("127.0.0.1:{mport}")]);
+    assert!(w.wait_log("worker ready", T), "{}", w.log());
+    server.signal("KILL");
+    server.wait_exit(Duration::from_secs(5)).expect("killed");
+    let _server = serve();
+    assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()));
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let r = app.send(Signature::by_name("add").args(json!([2, 2]))).await.unwrap();
+    assert_eq!(r.get::<i64>(T).await.unwrap(), 4, "{}", w.log());
+    let mut last = String::new();
+    let ok = wait_until(T, || {
+        last = scrape(mport);
+        last.contains("celery_broker_reconnects_total{broker=\"log\"}")
+    });
+    assert!(ok, "{last}\n{}", w.log());
+}

@@ -109,6 +109,7 @@ impl AmqpBroker {
     /// The live connection and publishing channel, reconnecting when needed.
     async fn connection(&self) -> Result<(Arc<Connection>, Channel), BrokerError> {
         let mut guard = self.inner.conn.lock().await;
+        let lost = guard.is_some();
         if let Some((c, ch)) = guard.as_ref() {
             if c.status().connected() && ch.status().connected() {
                 return Ok((c.clone(), ch.clone()));
@@ -121,6 +122,9 @@ impl AmqpBroker {
         let ch = conn.create_channel().await.map_err(err)?;
         ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
         lock(&self.inner.declared).clear();
+        if lost {
+            crate::reconnected("amqp");
+        }
         *guard = Some((conn.clone(), ch.clone()));
         Ok((conn, ch))
     }

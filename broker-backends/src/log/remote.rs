@@ -111,6 +111,7 @@ impl RemoteClient {
         if let Some(c) = guard.as_ref().filter(|c| c.alive.load(Ordering::Acquire)) {
             return Ok(c.clone());
         }
+        let lost = guard.is_some();
         let c = match &self.target {
             Target::Unix(p) => {
                 let failed = |e: std::io::Error| conn_err(format!("{}: {e}", p.display()));
@@ -136,6 +137,9 @@ impl RemoteClient {
             BrokerError::Operation(m) => BrokerError::Operation(m),
             other => other,
         })?;
+        if lost {
+            crate::reconnected("log");
+        }
         *guard = Some(c.clone());
         Ok(c)
     }

@@ -249,6 +249,7 @@ async fn fetch_loop(
         };
         if backoff.attempts() > 0 {
             tracing::info!("redis: connection restored; consuming again");
+            crate::reconnected("redis");
         }
         backoff.reset();
         let got = items.len() / 3;
