@@ -355,17 +355,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     );
     if w.revoked.contains(&msg.headers.id) {
         tracing::info!("revoked: not run");
-        let err = TaskError::new("TaskRevokedError", "revoked");
-        let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
-        store(&w, &msg, entry, meta.clone()).await;
-        chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
-        w.stats.revoked.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::revoked(entry.name);
-        w.event(
-            "task-revoked",
-            serde_json::json!({"uuid": msg.headers.id, "terminated": false, "signum": null, "expired": false}),
-        );
-        settle(d.ack().await);
+        revoke(&w, d, &msg, entry, Revocation::Revoked).await;
         return;
     }
     if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
@@ -379,17 +369,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let now = Utc::now();
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
-        let err = TaskError::new("TaskRevokedError", "expired");
-        let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
-        store(&w, &msg, entry, meta.clone()).await;
-        chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
-        w.stats.revoked.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::revoked(entry.name);
-        w.event(
-            "task-revoked",
-            serde_json::json!({"uuid": msg.headers.id, "terminated": false, "signum": null, "expired": true}),
-        );
-        settle(d.ack().await);
+        revoke(&w, d, &msg, entry, Revocation::Expired).await;
         return;
     }
     if let Some(eta) = msg.headers.eta.filter(|t| *t > now) {
@@ -475,18 +455,8 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             }
         }
         Outcome::Terminated => {
-            let err = TaskError::new("TaskRevokedError", "terminated");
-            let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
-            store(&w, &msg, entry, meta.clone()).await;
-            chord_member(&w, &msg, TaskState::Revoked, &meta.result).await;
-            w.stats.revoked.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::revoked(entry.name);
-            w.event(
-                "task-revoked",
-                serde_json::json!({"uuid": msg.headers.id, "terminated": true, "signum": "SIGTERM", "expired": false}),
-            );
             if let Some(d) = d.take() {
-                settle(d.ack().await);
+                revoke(&w, d, &msg, entry, Revocation::Terminated).await;
             }
         }
         Outcome::Done(Ok(value)) => {
@@ -520,6 +490,41 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             _ => fail(&w, d, &msg, entry, &err).await,
         },
     }
+}
+
+/// Why a task ends REVOKED.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Revocation {
+    /// Revoked (remote control) before it started.
+    Revoked,
+    /// Its `expires` passed before it started.
+    Expired,
+    /// Revoked with `terminate` while running.
+    Terminated,
+}
+
+/// Records REVOKED (result, chord, stats, event) and acks the delivery.
+async fn revoke(w: &Shared, d: Delivery, msg: &Message, entry: &'static TaskEntry, why: Revocation) {
+    let reason = match why {
+        Revocation::Revoked => "revoked",
+        Revocation::Expired => "expired",
+        Revocation::Terminated => "terminated",
+    };
+    let err = TaskError::new("TaskRevokedError", reason);
+    let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
+    store(w, msg, entry, meta.clone()).await;
+    chord_member(w, msg, TaskState::Revoked, &meta.result).await;
+    w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::revoked(entry.name);
+    let terminated = why == Revocation::Terminated;
+    w.event(
+        "task-revoked",
+        serde_json::json!({
+            "uuid": msg.headers.id, "terminated": terminated, "signum": terminated.then_some("SIGTERM"),
+            "expired": why == Revocation::Expired,
+        }),
+    );
+    settle(d.ack().await);
 }
 
 async fn retry_or_fail(

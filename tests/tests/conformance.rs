@@ -65,6 +65,10 @@ fn worker(app: &App, concurrency: usize, prefetch_multiplier: usize) -> Running 
         shutdown_grace: Duration::from_secs(5),
         ..WorkerConfig::default()
     };
+    spawn_worker(app, cfg)
+}
+
+fn spawn_worker(app: &App, cfg: WorkerConfig) -> Running {
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
     let worker = Worker::new(app.clone(), cfg);
     let stats = worker.stats();
@@ -424,10 +428,7 @@ async fn events_follow_a_task(t: Target) {
         ..WorkerConfig::default()
     };
     let host = cfg.hostname.clone();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let handle = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
-        let _ = rx.await;
-    }));
+    let w = spawn_worker(&app, cfg);
     let producer = app.clone().with_config(celery_core::AppConfig { send_sent_events: true, ..Default::default() });
     let ok = producer.send(c_add::new(2, 2)).await.unwrap();
     let boom = app.send(c_boom::new()).await.unwrap();
@@ -457,8 +458,7 @@ async fn events_follow_a_task(t: Target) {
     assert_eq!(of(boom.id()), ["task-received", "task-started", "task-failed"], "{seen:?}");
     let first = |kind: &str| seen.iter().position(|(t, _)| t == kind).unwrap_or(usize::MAX);
     assert!(first("worker-online") < first("task-received"), "the worker is online before it receives: {seen:?}");
-    let _ = stop.send(());
-    handle.await.unwrap().unwrap();
+    w.stop().await;
     let offline = async {
         loop {
             let e = events.next().await.expect("subscription open");
@@ -480,14 +480,7 @@ async fn c_mark(token: i64) -> i64 {
 }
 
 fn named_worker(app: &App, name: &str) -> Running {
-    let cfg = WorkerConfig { concurrency: 1, hostname: name.to_owned(), ..WorkerConfig::default() };
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let worker = Worker::new(app.clone(), cfg);
-    let stats = worker.stats();
-    let handle = tokio::spawn(worker.run_until(async {
-        let _ = rx.await;
-    }));
-    Running { stats, stop, handle }
+    spawn_worker(app, WorkerConfig { concurrency: 1, hostname: name.to_owned(), ..WorkerConfig::default() })
 }
 
 /// Remote control: both workers answer `inspect`; a task revoked before it started is never run
