@@ -555,6 +555,10 @@ struct QueueState {
     acks_since_checkpoint: usize,
     /// Set when a corrupt record was found: the partition serves nothing more.
     error: Option<String>,
+    /// The end of the log when it was opened: an unfinished record below it may have been
+    /// delivered by a previous owner (delivery counts are not persisted), so its first delivery
+    /// here counts as a redelivery, and the worker checks for a stored result before running it.
+    recovered_end: u64,
 }
 
 /// A partition with task-queue semantics.
@@ -572,6 +576,7 @@ impl Partition {
         let finished = Finished::load(dir)?;
         let log = PartitionLog::open(dir, cfg, finished.watermark, on_append)?;
         let cursor = log.seek(finished.watermark)?;
+        let recovered_end = log.next_offset();
         Ok(Partition {
             state: Mutex::new(QueueState {
                 cursor_offset: finished.watermark,
@@ -583,6 +588,7 @@ impl Partition {
                 expiry: BinaryHeap::new(),
                 acks_since_checkpoint: 0,
                 error: None,
+                recovered_end,
             }),
             log,
         })
@@ -609,7 +615,7 @@ impl Partition {
                         continue;
                     }
                     let rec = self.log.read_at(at)?;
-                    break Some((Arc::new(rec), 0));
+                    break Some((Arc::new(rec), u32::from(offset < st.recovered_end)));
                 }
             }
             let offset = st.cursor_offset;
@@ -625,7 +631,7 @@ impl Partition {
                         st.delayed.push(Reverse((rec.not_before_ms, offset, at)));
                         continue;
                     }
-                    break Some((Arc::new(rec), 0));
+                    break Some((Arc::new(rec), u32::from(offset < st.recovered_end)));
                 }
                 Ok(None) => break None,
                 Err(e) => {
@@ -878,6 +884,7 @@ mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         let first = p.take(far).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
+        assert_eq!(first.deliveries, 2, "and counted as a redelivery: the last owner may have handed it out");
         assert_eq!(p.take(far).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
         assert_eq!(first.record.payload, b"m1");
     }
