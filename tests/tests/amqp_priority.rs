@@ -1,5 +1,6 @@
-//! Priority queues on RabbitMQ (`amqp://...?max_priority=10`): task queues are declared with
-//! `x-max-priority`, so a waiting high-priority task is delivered before earlier low-priority ones.
+//! RabbitMQ queue opt-ins: priority queues (`?max_priority=10`: a waiting high-priority task is
+//! delivered before earlier low-priority ones) and quorum queues (`?queue_type=quorum&max_deliveries=N`:
+//! a message delivered N times without an ack goes to `<queue>.dead`).
 
 use std::time::Duration;
 
@@ -32,4 +33,30 @@ async fn a_high_priority_task_overtakes_waiting_ones() {
     }
     consumer.close().await;
     assert!(celery_worker::connect(&format!("{}?max_priority=0", vhost.url()), "memory://").await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_dead_letters_a_message_delivered_too_often() {
+    if !amqp_available("amqp_priority") {
+        return;
+    }
+    let vhost = AmqpVhost::new();
+    let url = format!("{}?queue_type=quorum&max_deliveries=2", vhost.url());
+    let app = celery_worker::connect(&url, "memory://").await.unwrap();
+    let sent = app.send(Signature::by_name("add").args(json!([1, 1])).queue("poison")).await.unwrap();
+    let mut consumer = app.broker().consume(&["poison".to_string()], 1).await.unwrap();
+    for attempt in 1..=3 {
+        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        assert_eq!(d.message.as_ref().unwrap().headers.id, sent.id(), "delivery {attempt}");
+        d.requeue().await.unwrap();
+    }
+    let end = tokio::time::Instant::now() + T;
+    while app.broker().queue_len("poison.dead").await.unwrap() != 1 {
+        assert!(tokio::time::Instant::now() < end, "not dead-lettered after 3 deliveries");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.broker().queue_len("poison").await.unwrap(), 0);
+    consumer.close().await;
+    let both = format!("{}?queue_type=quorum&max_priority=5", vhost.url());
+    assert!(celery_worker::connect(&both, "memory://").await.is_err(), "priorities need classic queues");
 }

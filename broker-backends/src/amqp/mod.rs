@@ -4,11 +4,16 @@
 //! channel come back from RabbitMQ and are never acked on the new one).
 //!
 //! Queues are declared as Celery declares them (durable, no arguments), so Python Celery and we
-//! share them; `?max_priority=N` declares task queues with `x-max-priority` instead (priority
-//! queues: messages with a higher `priority` are delivered first; Celery's
-//! `task_queue_max_priority` must then say the same). ETA/countdown messages wait in durable delay queues, `<queue>.delay.<N>s`, whose
-//! messages expire after N seconds (a power of two) and dead-letter back into `<queue>`: a long
-//! countdown hops down the levels, held by RabbitMQ, never in a worker's memory.
+//! share them. Two opt-ins change that (Celery's queue settings must then say the same):
+//! - `?max_priority=N`: task queues get `x-max-priority` (priority queues: messages with a higher
+//!   `priority` are delivered first; Celery's `task_queue_max_priority`);
+//! - `?queue_type=quorum` (with `&max_deliveries=N`, default 10): replicated quorum queues whose
+//!   messages are dead-lettered to `<queue>.dead` after N deliveries (`x-delivery-limit`), so a
+//!   message that keeps killing its worker stops coming back.
+//!
+//! ETA/countdown messages wait in durable delay queues, `<queue>.delay.<N>s`, whose messages
+//! expire after N seconds (a power of two) and dead-letter back into `<queue>`: a long countdown
+//! hops down the levels, held by RabbitMQ, never in a worker's memory.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -70,8 +75,8 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
     holds: lease::Holds,
-    /// `x-max-priority` of task queues (`?max_priority=N`), making them priority queues.
-    max_priority: Option<u8>,
+    /// How task queues are declared (`?max_priority=N`, `?queue_type=quorum&max_deliveries=N`).
+    queues: QueueOptions,
 }
 
 /// The RabbitMQ broker.
@@ -85,7 +90,7 @@ impl AmqpBroker {
     /// is added to the URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
         *lock(last_url_cell()) = Some(url.to_owned());
-        let (url, max_priority) = take_max_priority(url)?;
+        let (url, queues) = QueueOptions::take(url)?;
         let url = if url.contains("heartbeat=") {
             url.to_owned()
         } else if url.contains('?') {
@@ -99,7 +104,7 @@ impl AmqpBroker {
                 conn: tokio::sync::Mutex::new(None),
                 declared: Mutex::default(),
                 holds: Default::default(),
-                max_priority,
+                queues,
             }),
         };
         b.connection().await?;
@@ -129,14 +134,22 @@ impl AmqpBroker {
         Ok((conn, ch))
     }
 
-    /// The arguments task queues are declared with: none (as Celery declares them), or
-    /// `x-max-priority` with `?max_priority=N`.
-    fn task_queue_args(&self) -> FieldTable {
+    /// Declares a task queue: as Celery does (durable, no arguments), or with the URL's opt-ins;
+    /// a quorum queue's dead-letter queue is declared first, so nothing it hands on is dropped.
+    async fn declare_task_queue(&self, ch: &Channel, queue: &str) -> Result<(), BrokerError> {
         let mut args = FieldTable::default();
-        if let Some(p) = self.inner.max_priority {
+        let o = &self.inner.queues;
+        if let Some(p) = o.max_priority {
             args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
         }
-        args
+        if let Some(limit) = o.delivery_limit {
+            self.declare_queue(ch, &dead_letter_queue(queue), FieldTable::default()).await?;
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(limit)));
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead_letter_queue(queue).into()));
+        }
+        self.declare_queue(ch, queue, args).await
     }
 
     /// A fresh channel (consumers, passive checks).
@@ -183,7 +196,7 @@ impl AmqpBroker {
     /// Holds `msg` in the delay queues of `queue` until `until`.
     async fn publish_delayed(&self, queue: &str, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
-        self.declare_queue(&ch, queue, self.task_queue_args()).await?;
+        self.declare_task_queue(&ch, queue).await?;
         let remaining = (until - Utc::now()).num_seconds().max(1) as u64;
         let secs = (1u64 << (63 - remaining.leading_zeros())).min(MAX_DELAY_SECS);
         let delay = self.delay_queue(&ch, queue, secs).await?;
@@ -191,25 +204,47 @@ impl AmqpBroker {
     }
 }
 
-/// Removes our `max_priority=N` (1-255) from the URL's query; lapin gets the rest.
-fn take_max_priority(url: &str) -> Result<(String, Option<u8>), BrokerError> {
-    let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), None)) };
-    let mut keep = Vec::new();
-    let mut max = None;
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        match pair.split_once('=') {
-            Some(("max_priority", v)) => {
-                let n: u8 = v.parse().ok().filter(|n| *n > 0).ok_or_else(|| BrokerError::InvalidUrl {
-                    url: base.to_owned(),
-                    reason: format!("max_priority `{v}` is not a number from 1 to 255"),
-                })?;
-                max = Some(n);
+/// How task queues are declared, from the URL.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct QueueOptions {
+    /// `x-max-priority` (`max_priority=N`, 1-255).
+    max_priority: Option<u8>,
+    /// Quorum queues with this `x-delivery-limit` (`queue_type=quorum`, `max_deliveries=N`).
+    delivery_limit: Option<u32>,
+}
+
+impl QueueOptions {
+    /// Takes our options out of the URL's query; lapin gets the rest.
+    fn take(url: &str) -> Result<(String, QueueOptions), BrokerError> {
+        let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), QueueOptions::default())) };
+        let invalid = |reason: String| BrokerError::InvalidUrl { url: base.to_owned(), reason };
+        let (mut keep, mut o, mut quorum, mut max_deliveries) = (Vec::new(), QueueOptions::default(), false, 10);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("max_priority", v)) => {
+                    let n = v.parse::<u8>().ok().filter(|n| *n > 0);
+                    o.max_priority = Some(n.ok_or_else(|| invalid(format!("max_priority `{v}` is not 1 to 255")))?);
+                }
+                Some(("queue_type", "quorum")) => quorum = true,
+                Some(("queue_type", "classic")) => quorum = false,
+                Some(("queue_type", v)) => return Err(invalid(format!("queue_type `{v}` is not classic or quorum"))),
+                Some(("max_deliveries", v)) => {
+                    let n = v.parse::<u32>().ok().filter(|n| *n > 0);
+                    max_deliveries =
+                        n.ok_or_else(|| invalid(format!("max_deliveries `{v}` is not a positive number")))?;
+                }
+                _ => keep.push(pair),
             }
-            _ => keep.push(pair),
         }
+        if quorum {
+            if o.max_priority.is_some() {
+                return Err(invalid("max_priority needs classic queues (not queue_type=quorum)".into()));
+            }
+            o.delivery_limit = Some(max_deliveries);
+        }
+        let url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
+        Ok((url, o))
     }
-    let url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
-    Ok((url, max))
 }
 
 /// Ok for a confirmed publish; an error for a nack or an unroutable mandatory publish.
@@ -282,7 +317,7 @@ impl Broker for AmqpBroker {
                 return self.publish_delayed(&route.routing_key, msg, eta).await;
             }
             let (_, ch) = self.connection().await?;
-            self.declare_queue(&ch, &route.routing_key, self.task_queue_args()).await?;
+            self.declare_task_queue(&ch, &route.routing_key).await?;
         }
         self.publish_raw(&route.exchange, &route.routing_key, route.mandatory, properties(msg), &msg.body).await
     }
@@ -299,7 +334,7 @@ impl Broker for AmqpBroker {
                 continue;
             }
             if route.exchange.is_empty() {
-                self.declare_queue(&ch, &route.routing_key, self.task_queue_args()).await?;
+                self.declare_task_queue(&ch, &route.routing_key).await?;
             }
             let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
             let key = short(&route.routing_key)?;
@@ -328,7 +363,7 @@ impl Broker for AmqpBroker {
 
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let ch = self.channel().await?;
-        self.declare_queue(&ch, queue, self.task_queue_args()).await?;
+        self.declare_task_queue(&ch, queue).await?;
         Ok(u64::from(ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await.map_err(err)?))
     }
 
@@ -357,7 +392,7 @@ impl Broker for AmqpBroker {
 
     async fn bind(&self, b: &Binding) -> Result<(), BrokerError> {
         let ch = self.channel().await?;
-        self.declare_queue(&ch, &b.queue, self.task_queue_args()).await?;
+        self.declare_task_queue(&ch, &b.queue).await?;
         let mut args = fields::to_table(&b.headers);
         if !b.headers.is_empty() {
             args.insert("x-match".into(), AMQPValue::LongString(if b.match_all { "all" } else { "any" }.into()));
@@ -424,7 +459,7 @@ impl AmqpConsumer {
             .map_err(err)?;
         let mut streams = Vec::new();
         for q in &self.queues {
-            self.broker.declare_queue(&ch, q, self.broker.task_queue_args()).await?;
+            self.broker.declare_task_queue(&ch, q).await?;
             let c = ch
                 .basic_consume(short(q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await
