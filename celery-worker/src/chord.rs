@@ -10,8 +10,13 @@ use serde_json::Value;
 /// The chord body of a message, when it is a chord member (`group` header and `embed.chord`).
 pub(crate) fn body_of(msg: &Message) -> Option<Value> {
     msg.headers.group.as_ref()?;
-    let mut embed = msg.body().ok()?.embed;
-    embed.remove("chord").filter(Value::is_object)
+    body_in(msg, &msg.body().ok()?.embed).cloned()
+}
+
+/// The same, from a body's `embed` decoded already.
+pub(crate) fn body_in<'a>(msg: &Message, embed: &'a serde_json::Map<String, Value>) -> Option<&'a Value> {
+    msg.headers.group.as_ref()?;
+    embed.get("chord").filter(|c| c.is_object())
 }
 
 /// Counts a member's final state (`SUCCESS`, `FAILURE`, `REVOKED`) into its chord; when this

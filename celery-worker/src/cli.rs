@@ -638,14 +638,17 @@ async fn beat_action(app: &celery_core::App, action: BeatAction) -> anyhow::Resu
                 task: a.task,
                 args: serde_json::from_str(&a.args).context("--args is not JSON")?,
                 kwargs: serde_json::from_str(&a.kwargs).context("--kwargs is not JSON")?,
-                every: a.every,
-                crontab: a.crontab,
-                timezone: a.timezone,
-                at,
+                schedule: celery_core::schedule::ScheduleSpec {
+                    every: a.every,
+                    crontab: a.crontab,
+                    timezone: a.timezone,
+                    at,
+                },
                 queue: a.queue,
                 priority: a.priority,
                 expires: a.expires,
                 missed: if a.skip_missed { Missed::Skip } else { Missed::RunOnce },
+                unknown: Default::default(),
             };
             if let Some(state) = load_state(app, &a.beat_name).await? {
                 let declared = state.entries.get(&a.name).is_some_and(|e| e.source != crate::beat::Source::Runtime);

@@ -66,7 +66,7 @@ pub async fn request(
         "method": method, "arguments": arguments, "destination": destination, "pattern": null, "matcher": null,
         "ticket": ticket, "reply_to": {"exchange": reply_exchange().name, "routing_key": oid},
     });
-    let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + timeout.as_secs_f64();
+    let expires = celery_core::event::now() + timeout.as_secs_f64();
     let msg = message(&body, &[("clock", json!(0)), ("expires", json!(expires))]);
     app.broker().broadcast(&request_exchange(), "", &msg).await?;
     let mut out = Vec::new();
@@ -111,10 +111,6 @@ const REVOKED_DOC: &str = "control.revoked";
 /// The lease that serializes changes to [`REVOKED_DOC`].
 const REVOKED_LEASE: &str = "control.revoked.lock";
 
-fn now_secs() -> f64 {
-    chrono::Utc::now().timestamp_micros() as f64 / 1e6
-}
-
 /// Adds `ids` to the stored revoked ids (dropping expired ones), under a lease so that concurrent
 /// revokes do not lose each other's ids. Best effort: failures are logged.
 async fn remember_revoked(app: &App, ids: &[&str]) {
@@ -137,7 +133,7 @@ async fn remember_revoked(app: &App, ids: &[&str]) {
         );
     }
     let mut all = stored_revoked(app).await;
-    let now = now_secs();
+    let now = celery_core::event::now();
     all.retain(|_, exp| *exp > now);
     for id in ids {
         all.insert((*id).to_owned(), now + REVOKE_EXPIRES.as_secs_f64());
@@ -161,7 +157,7 @@ async fn remember_revoked(app: &App, ids: &[&str]) {
 
 /// The stored revoked ids that have not expired (id -> expiry).
 pub(crate) async fn stored_revoked(app: &App) -> HashMap<String, f64> {
-    let now = now_secs();
+    let now = celery_core::event::now();
     match app.broker().load_doc(REVOKED_DOC).await {
         Ok(Some(doc)) => serde_json::from_slice::<HashMap<String, f64>>(&doc)
             .unwrap_or_default()

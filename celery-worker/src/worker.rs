@@ -156,10 +156,10 @@ struct Shared {
 }
 
 impl Shared {
-    /// Sends an event when events are on.
-    fn event(&self, kind: &str, fields: serde_json::Value) {
+    /// Sends an event when events are on; its fields are built only then.
+    fn event(&self, kind: &str, fields: impl FnOnce() -> serde_json::Value) {
         if let Some(ev) = &self.events {
-            ev.send(kind, fields);
+            ev.send(kind, fields());
         }
     }
 
@@ -167,7 +167,7 @@ impl Shared {
     fn worker_event(&self, kind: &str) {
         let active = self.stats.active.load(Ordering::Relaxed) as usize;
         let freq = self.config.heartbeat.as_secs_f64();
-        self.event(kind, crate::events::worker_fields(freq, active, self.stats.finished()));
+        self.event(kind, || crate::events::worker_fields(freq, active, self.stats.finished()));
     }
 }
 
@@ -344,15 +344,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             return;
         }
     };
-    w.event(
-        "task-received",
+    w.event("task-received", || {
         serde_json::json!({
             "uuid": msg.headers.id, "name": msg.headers.task, "args": msg.headers.argsrepr,
             "kwargs": msg.headers.kwargsrepr, "root_id": msg.headers.root_id, "parent_id": msg.headers.parent_id,
             "retries": msg.headers.retries, "eta": msg.headers.eta.map(celery_core::protocol::format_time),
             "expires": msg.headers.expires.map(celery_core::protocol::format_time),
-        }),
-    );
+        })
+    });
     if w.revoked.contains(&msg.headers.id) {
         tracing::info!("revoked: not run");
         revoke(&w, d, &msg, entry, Revocation::Revoked).await;
@@ -433,12 +432,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let started = std::time::Instant::now();
     crate::metrics::received(entry.name);
     crate::metrics::started();
-    w.event("task-started", serde_json::json!({"uuid": msg.headers.id}));
+    w.event("task-started", || serde_json::json!({"uuid": msg.headers.id}));
     w.stats.active.fetch_add(1, Ordering::Relaxed);
     let (terminate, terminated) = watch::channel(false);
     let info = serde_json::json!({
         "id": msg.headers.id, "name": entry.name, "args": args.args, "kwargs": args.kwargs,
-        "hostname": w.config.hostname, "time_start": Utc::now().timestamp_micros() as f64 / 1e6,
+        "hostname": w.config.hostname, "time_start": celery_core::event::now(),
         "acknowledged": !opts.acks_late, "delivery_info": {"routing_key": d.as_ref().map(|d| d.queue.clone())},
         "worker_pid": std::process::id(),
     });
@@ -465,12 +464,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             if !ignore {
                 store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone())).await;
             }
-            chord_member(&w, &msg, TaskState::Success, &value).await;
+            if let Some(chord) = crate::chord::body_in(&msg, &embed) {
+                crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value).await;
+            }
             w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             crate::metrics::succeeded(entry.name);
-            w.event(
-                "task-succeeded",
-                serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()}),
+            w.event("task-succeeded", || serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()}),
             );
             if let Some(d) = d.take() {
                 settle(d.ack().await);
@@ -517,13 +516,12 @@ async fn revoke(w: &Shared, d: Delivery, msg: &Message, entry: &'static TaskEntr
     w.stats.revoked.fetch_add(1, Ordering::Relaxed);
     crate::metrics::revoked(entry.name);
     let terminated = why == Revocation::Terminated;
-    w.event(
-        "task-revoked",
+    w.event("task-revoked", || {
         serde_json::json!({
             "uuid": msg.headers.id, "terminated": terminated, "signum": terminated.then_some("SIGTERM"),
             "expired": why == Revocation::Expired,
-        }),
-    );
+        })
+    });
     settle(d.ack().await);
 }
 
@@ -571,7 +569,7 @@ async fn retry_or_fail(
     crate::metrics::retried(entry.name);
     w.event(
         "task-retried",
-        serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
+        || serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
     );
     if let Some(d) = d {
         settle(d.ack().await);
@@ -588,7 +586,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     crate::metrics::failed(entry.name);
     w.event(
         "task-failed",
-        serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
+        || serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
     );
     if let Some(d) = d {
         settle(d.ack().await);
@@ -611,7 +609,7 @@ async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
     if let Some(m) = msg {
-        w.event("task-rejected", serde_json::json!({"uuid": m.headers.id, "requeue": false}));
+        w.event("task-rejected", || serde_json::json!({"uuid": m.headers.id, "requeue": false}));
     }
     settle(d.dead_letter(reason).await);
 }

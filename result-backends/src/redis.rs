@@ -62,6 +62,8 @@ pub struct RedisBackend {
     expires: u64,
     store: Arc<Script>,
     chord_part: Arc<Script>,
+    claim: Arc<Script>,
+    unclaim: Arc<Script>,
     subs: Arc<Subscriptions>,
 }
 
@@ -106,6 +108,8 @@ impl RedisBackend {
             expires: expires.max(1),
             store: Arc::new(Script::new(STORE)),
             chord_part: Arc::new(Script::new(CHORD_PART)),
+            claim: Arc::new(Script::new(CLAIM)),
+            unclaim: Arc::new(Script::new(UNCLAIM)),
             subs,
         })
     }
@@ -271,7 +275,7 @@ impl ResultBackend for RedisBackend {
 
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let mut conn = self.conn.clone();
-        Script::new(CLAIM)
+        self.claim
             .key(self.idempotency_key(key))
             .arg(task_id)
             .arg(ttl.as_secs().max(1))
@@ -282,12 +286,8 @@ impl ResultBackend for RedisBackend {
 
     async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
-        let _: i64 = Script::new(UNCLAIM)
-            .key(self.idempotency_key(key))
-            .arg(task_id)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(err)?;
+        let _: i64 =
+            self.unclaim.key(self.idempotency_key(key)).arg(task_id).invoke_async(&mut conn).await.map_err(err)?;
         Ok(())
     }
 

@@ -232,9 +232,7 @@ async fn our_producer_runs_on_a_python_worker_over_amqp() {
 
 /// Direction 1: the Python producer's `add` and `fail` run on our worker, started here.
 fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
-    let worker = Service::start(
-        servers.apply(&mut Command::new(demo_bin())).args(["worker", "-Q", QUEUE, "-c", "2"]).env("RUST_LOG", "info"),
-    );
+    let worker = our_worker(servers, &["-Q", QUEUE, "-c", "2"]);
 
     // The script waits (30 s at most) for both results and prints what it got as JSON.
     let (got, report) = run_python_producer(python, servers, &["interop_app.py", QUEUE], &worker);
@@ -242,6 +240,11 @@ fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
     assert_eq!(got["add"], json!(5), "{report}");
     let message = got["fail"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("oops"), "{report}");
+}
+
+/// Our worker (the demo binary) with these `worker` options.
+fn our_worker(servers: &Servers, options: &[&str]) -> Service {
+    Service::start(servers.apply(&mut Command::new(demo_bin())).arg("worker").args(options).env("RUST_LOG", "info"))
 }
 
 /// A Python Celery worker (`--pool=solo`) consuming `queue`.
@@ -303,12 +306,7 @@ fn python_chain_runs_on_our_workers() {
     let Some(python) = python_or_skip() else {
         return;
     };
-    let worker = Service::start(
-        servers
-            .apply(&mut Command::new(demo_bin()))
-            .args(["worker", "-Q", CHAIN_QUEUE, "-c", "2"])
-            .env("RUST_LOG", "info"),
-    );
+    let worker = our_worker(&servers, &["-Q", CHAIN_QUEUE, "-c", "2"]);
 
     // The script sends every step to CHAIN_QUEUE and waits (30 s at most) for the last result.
     let (got, report) = run_python_producer(python, &servers, &["interop_app.py", "chain", CHAIN_QUEUE], &worker);
@@ -348,12 +346,7 @@ fn python_chord_runs_on_our_workers() {
     let Some(python) = python_or_skip() else {
         return;
     };
-    let worker = Service::start(
-        servers
-            .apply(&mut Command::new(demo_bin()))
-            .args(["worker", "-Q", CHORD_QUEUE, "-c", "4"])
-            .env("RUST_LOG", "info"),
-    );
+    let worker = our_worker(&servers, &["-Q", CHORD_QUEUE, "-c", "4"]);
     let (got, report) = run_python_producer(python, &servers, &["interop_app.py", "chord", CHORD_QUEUE], &worker);
     eprintln!("{SUITE}: the Python chord got {got} from our workers");
     assert_eq!(got["chord"], json!(90), "{report}");
@@ -383,12 +376,7 @@ fn python_event_dump_sees_our_worker_via(python: &Path, servers: &Servers, queue
     let dump =
         Service::start(&mut python_cmd(python, servers, &["-m", "celery", "-A", "interop_app", "events", "--dump"]));
     assert!(wait_until(T, || dump.log().contains("starting capture")), "{}", dump.log());
-    let worker = Service::start(
-        servers
-            .apply(&mut Command::new(demo_bin()))
-            .args(["worker", "-E", "-Q", queue, "-c", "2"])
-            .env("RUST_LOG", "info"),
-    );
+    let worker = our_worker(servers, &["-E", "-Q", queue, "-c", "2"]);
     // Kombu subscribes on Redis only once it polls: wait for one of our heartbeats to show.
     assert!(wait_until(T, || dump.log().contains("sw_ident=celery-rs")), "{}\n{}", dump.log(), worker.log());
     let out = servers
@@ -432,12 +420,7 @@ fn python_event_dump_sees_our_worker_over_amqp() {
 /// Python's `celery inspect ping` and `app.control.revoke` reach our worker.
 async fn python_controls_our_worker_via(python: &Path, servers: &Servers, queue: &str) {
     let host = format!("rs-{}@interop", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let worker = Service::start(
-        servers
-            .apply(&mut Command::new(demo_bin()))
-            .args(["worker", "-Q", queue, "-c", "2", "-n", &host])
-            .env("RUST_LOG", "info"),
-    );
+    let worker = our_worker(servers, &["-Q", queue, "-c", "2", "-n", &host]);
     assert!(wait_until(T, || worker.log().contains("worker ready")), "{}", worker.log());
     let out =
         python_cmd(python, servers, &["-m", "celery", "-A", "interop_app", "inspect", "ping", "-d", &host, "-t", "10"])

@@ -6,7 +6,7 @@
 
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
 use celery_core::protocol::Message;
-use celery_core::routing::{Exchange, ExchangeKind};
+use celery_core::routing::Exchange;
 use celery_core::BrokerError;
 use futures::StreamExt;
 use lapin::options::*;
@@ -20,16 +20,7 @@ impl AmqpBroker {
         if super::lock(&self.inner.declared).contains(&key) {
             return Ok(());
         }
-        let ch = self.channel().await?;
-        let kind = match exchange.kind {
-            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-            ExchangeKind::Headers => lapin::ExchangeKind::Headers,
-        };
-        let opts = ExchangeDeclareOptions { durable: exchange.durable, ..Default::default() };
-        ch.exchange_declare(short(&exchange.name)?, kind, opts, FieldTable::default()).await.map_err(err)?;
-        let _ = ch.close(200, "declared".into()).await;
+        self.exchange_declare(exchange).await?;
         super::lock(&self.inner.declared).insert(key);
         Ok(())
     }

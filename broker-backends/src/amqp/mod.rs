@@ -152,6 +152,21 @@ impl AmqpBroker {
         self.declare_queue(ch, queue, args).await
     }
 
+    /// `exchange.declare` as `exchange` says (kind, durability), on a channel of its own.
+    async fn exchange_declare(&self, exchange: &Exchange) -> Result<(), BrokerError> {
+        let ch = self.channel().await?;
+        let kind = match exchange.kind {
+            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
+            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
+            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
+            ExchangeKind::Headers => lapin::ExchangeKind::Headers,
+        };
+        let opts = ExchangeDeclareOptions { durable: exchange.durable, ..Default::default() };
+        ch.exchange_declare(short(&exchange.name)?, kind, opts, FieldTable::default()).await.map_err(err)?;
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+
     /// A fresh channel (consumers, passive checks).
     async fn channel(&self) -> Result<Channel, BrokerError> {
         let (conn, _) = self.connection().await?;
@@ -379,15 +394,7 @@ impl Broker for AmqpBroker {
     }
 
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
-        let ch = self.channel().await?;
-        let k = match kind {
-            ExchangeKind::Direct => lapin::ExchangeKind::Direct,
-            ExchangeKind::Topic => lapin::ExchangeKind::Topic,
-            ExchangeKind::Fanout => lapin::ExchangeKind::Fanout,
-            ExchangeKind::Headers => lapin::ExchangeKind::Headers,
-        };
-        let opts = ExchangeDeclareOptions { durable: true, ..Default::default() };
-        ch.exchange_declare(short(name)?, k, opts, FieldTable::default()).await.map_err(err)
+        self.exchange_declare(&Exchange::new(name, kind)).await
     }
 
     async fn bind(&self, b: &Binding) -> Result<(), BrokerError> {

@@ -152,18 +152,23 @@ impl RemoteClient {
         call_on(&c, id, frame).await
     }
 
-    /// Subscribes a consumer; pushed deliveries arrive on the returned channel.
-    async fn subscribe(&self, queues: &[String], prefetch: usize) -> Result<Subscribed, BrokerError> {
+    /// Sends a request whose answer is a stream of pushed frames (`CONSUME`, `SUBSCRIBE`); they
+    /// arrive on the returned channel, over the returned connection.
+    async fn push_request(&self, kind: u8, build: impl FnOnce(Enc) -> Enc) -> Result<Subscribed, BrokerError> {
         let c = self.conn().await?;
         let id = self.id();
         let (ptx, prx) = mpsc::unbounded_channel();
         lock(&c.pushes).insert(id, ptx);
-        let mut enc = Enc::frame(kind::CONSUME, id).u32(prefetch as u32).u32(queues.len() as u32);
-        for q in queues {
-            enc = enc.str(q);
-        }
-        call_on(&c, id, enc.finish()).await?;
+        call_on(&c, id, build(Enc::frame(kind, id)).finish()).await?;
         Ok((id, prx, c))
+    }
+
+    /// Subscribes a consumer; pushed deliveries arrive on the returned channel.
+    async fn subscribe(&self, queues: &[String], prefetch: usize) -> Result<Subscribed, BrokerError> {
+        self.push_request(kind::CONSUME, |e| {
+            queues.iter().fold(e.u32(prefetch as u32).u32(queues.len() as u32), |e, q| e.str(q))
+        })
+        .await
     }
 }
 
@@ -256,12 +261,7 @@ pub(crate) async fn broadcast_subscription(
         exchange: &str,
         pattern: &str,
     ) -> Result<mpsc::UnboundedReceiver<Pushed>, BrokerError> {
-        let c = client.conn().await?;
-        let id = client.id();
-        let (ptx, prx) = mpsc::unbounded_channel();
-        lock(&c.pushes).insert(id, ptx);
-        call_on(&c, id, Enc::frame(kind::SUBSCRIBE, id).str(exchange).str(pattern).finish()).await?;
-        Ok(prx)
+        Ok(client.push_request(kind::SUBSCRIBE, |e| e.str(exchange).str(pattern)).await?.1)
     }
     let mut prx = sub(&client, &exchange, &pattern).await?;
     let (tx, rx) = mpsc::channel(1024);

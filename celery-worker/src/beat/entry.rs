@@ -23,6 +23,7 @@
 //! assert_eq!(entries[0].schedule.to_string(), "crontab `0 7 * * mon-fri` (Europe/Berlin)");
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -108,21 +109,19 @@ impl Entry {
             task: self.sig.task.clone(),
             args: Value::Array(self.sig.args.clone()),
             kwargs: Value::Object(self.sig.kwargs.clone()),
-            every: s.every,
-            crontab: s.crontab,
-            timezone: s.timezone,
-            at: s.at,
+            schedule: s,
             queue: o.queue.clone(),
             priority: o.priority,
             expires: self.expires_after.map(|d| d.as_secs_f64()),
             missed: self.missed,
+            unknown: BTreeMap::new(),
         }
     }
 }
 
-/// An entry as written in a schedule file (`[[entry]]` tables) or given to `beat add`.
+/// An entry as written in a schedule file (`[[entry]]` tables) or given to `beat add`: the task,
+/// its options, and the fields of a [`ScheduleSpec`] (`every`, `crontab`, `timezone`, `at`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct EntrySpec {
     /// The entry's name.
     pub name: String,
@@ -134,22 +133,9 @@ pub struct EntrySpec {
     /// Keyword arguments (a table).
     #[serde(default = "empty_object")]
     pub kwargs: Value,
-    /// An interval: seconds or a duration like `"10s"`.
-    #[serde(
-        default,
-        skip_serializing_if = "Option::is_none",
-        deserialize_with = "celery_core::schedule::interval_text"
-    )]
-    pub every: Option<String>,
-    /// A crontab expression (five fields, or six with seconds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub crontab: Option<String>,
-    /// The crontab's IANA time zone (default UTC).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timezone: Option<String>,
-    /// Once, at this time (RFC 3339).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<chrono::DateTime<chrono::Utc>>,
+    /// When: `every`, `crontab` (with `timezone`) or `at`.
+    #[serde(flatten)]
+    pub schedule: ScheduleSpec,
     /// The queue (default: the task's, else `celery`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<String>,
@@ -162,6 +148,10 @@ pub struct EntrySpec {
     /// `run-once` (default) or `skip`.
     #[serde(default)]
     pub missed: Missed,
+    /// Fields no entry has (a typo): refused by [`EntrySpec::build`]. (Serde cannot
+    /// `deny_unknown_fields` next to a flattened struct.)
+    #[serde(flatten, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unknown: BTreeMap<String, Value>,
 }
 
 fn empty_array() -> Value {
@@ -176,6 +166,9 @@ impl EntrySpec {
     /// Checks the spec and builds the entry.
     pub fn build(&self, source: Source) -> Result<Entry, BeatError> {
         let bad = |reason: String| BeatError::Entry { name: self.name.clone(), reason };
+        if let Some(field) = self.unknown.keys().next() {
+            return Err(bad(format!("unknown field `{field}`")));
+        }
         if self.name.trim().is_empty() {
             return Err(bad("the name is empty".into()));
         }
@@ -188,13 +181,7 @@ impl EntrySpec {
         if !self.kwargs.is_object() {
             return Err(bad("`kwargs` must be a table/object".into()));
         }
-        let spec = ScheduleSpec {
-            every: self.every.clone(),
-            crontab: self.crontab.clone(),
-            timezone: self.timezone.clone(),
-            at: self.at,
-        };
-        let schedule = spec.build().map_err(|e: ScheduleError| bad(e.to_string()))?;
+        let schedule = self.schedule.build().map_err(|e: ScheduleError| bad(e.to_string()))?;
         let mut sig = Signature::by_name(&self.task).args(self.args.clone()).kwargs(self.kwargs.clone());
         if let Some(q) = &self.queue {
             sig = sig.queue(q.clone());

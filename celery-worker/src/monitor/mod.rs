@@ -118,7 +118,7 @@ async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Valu
         let dead = ctx.app.broker().queue_len(&celery_core::broker::dead_letter_queue(name)).await.ok();
         queues.push(json!({"name": name, "depth": depth, "dead": dead}));
     }
-    let now = chrono::Utc::now().timestamp_micros() as f64 / 1e6;
+    let now = celery_core::event::now();
     let s = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
     let workers: Vec<Value> = s
         .workers()
