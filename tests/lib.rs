@@ -341,3 +341,82 @@ impl Drop for AmqpVhost {
         rabbitmqctl(&["delete_vhost", &self.0]);
     }
 }
+
+/// PEM files of a throwaway certificate authority, a server certificate it signed (for
+/// `localhost` and 127.0.0.1) and a client certificate it signed, in a temporary directory.
+#[derive(Debug)]
+pub struct TestPki {
+    /// Where the files are: `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub dir: TempDir,
+}
+
+impl TestPki {
+    /// Generates the files.
+    pub fn new() -> TestPki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let dir = TempDir::new("pki");
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(DnType::CommonName, "celery-rs test CA");
+        let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+        let write = |name: &str, pem: String| std::fs::write(dir.0.join(name), pem).expect("write PEM");
+        write("ca.pem", ca.pem());
+        for (name, sans) in
+            [("server", vec!["localhost".to_string(), "127.0.0.1".into()]), ("client", vec!["client".into()])]
+        {
+            let key = KeyPair::generate().expect("key");
+            let mut params = CertificateParams::new(sans).expect("params");
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, &ca, &ca_key).expect("certificate");
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        TestPki { dir }
+    }
+
+    /// The path of one of the files, as a string.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.0.join(name).display().to_string()
+    }
+}
+
+impl Default for TestPki {
+    fn default() -> Self {
+        TestPki::new()
+    }
+}
+
+/// A TLS listener added to the running RabbitMQ (through `rabbitmqctl eval`) on a free port of
+/// 127.0.0.1, with the certificates of a [`TestPki`]; it asks clients for a certificate signed by
+/// the same authority. Removed on drop.
+#[derive(Debug)]
+pub struct AmqpTlsListener {
+    /// The certificates.
+    pub pki: TestPki,
+    /// The TLS port.
+    pub port: u16,
+}
+
+impl AmqpTlsListener {
+    /// Starts it.
+    pub fn start() -> AmqpTlsListener {
+        let pki = TestPki::new();
+        let port = free_port();
+        let expr = format!(
+            "rabbit_networking:start_ssl_listener({{\"127.0.0.1\", {port}}}, [{{cacertfile, \"{}\"}}, \
+             {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{verify, verify_peer}}, {{fail_if_no_peer_cert, true}}], 1, 1).",
+            pki.path("ca.pem"),
+            pki.path("server.pem"),
+            pki.path("server.key"),
+        );
+        assert!(rabbitmqctl(&["eval", &expr]), "rabbitmqctl eval start_ssl_listener failed");
+        AmqpTlsListener { pki, port }
+    }
+}
+
+impl Drop for AmqpTlsListener {
+    fn drop(&mut self) {
+        rabbitmqctl(&["eval", &format!("rabbit_networking:stop_tcp_listener({{\"127.0.0.1\", {}}}).", self.port)]);
+    }
+}

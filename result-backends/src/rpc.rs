@@ -2,7 +2,8 @@
 //! worker publishes the result document to the anonymous exchange with routing key = the request's
 //! `reply_to` and correlation id = the task id; the caller consumes its own reply queue (named by
 //! a UUID, non-durable, auto-delete) and keeps the replies it got, so `AsyncResult::get` needs no
-//! Redis. `rpc://` uses the AMQP broker this process connected to; `rpc://user:pass@host/vhost`
+//! Redis. `rpc://` uses the AMQP broker this process connected to (with its TLS options when
+//! that is `amqps://`); `rpc://user:pass@host/vhost`
 //! names one. As in Celery, results live only in the caller: no chords, no reading another
 //! process's results.
 //!
@@ -23,7 +24,7 @@ use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 
 fn err(e: lapin::Error) -> BackendError {
@@ -32,6 +33,11 @@ fn err(e: lapin::Error) -> BackendError {
     } else {
         BackendError::Operation(e.to_string())
     }
+}
+
+/// A connection to the broker's server, with its TLS options (`amqps://`).
+async fn connect(url: &str) -> Result<Connection, BackendError> {
+    broker_backends::amqp::connect(url).await.map_err(|e| BackendError::Connection(e.to_string()))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,7 +89,7 @@ impl RpcBackend {
                 return Ok(ch.clone());
             }
         }
-        let conn = Arc::new(Connection::connect(&self.inner.url, ConnectionProperties::default()).await.map_err(err)?);
+        let conn = Arc::new(connect(&self.inner.url).await?);
         let ch = conn.create_channel().await.map_err(err)?;
         *guard = Some((conn, ch.clone()));
         Ok(ch)
@@ -92,7 +98,7 @@ impl RpcBackend {
 
 /// Declares the reply queue and consumes it without acks (the connection lives with the consumer).
 async fn subscribe(inner: &Inner) -> Result<(Connection, lapin::Consumer), BackendError> {
-    let conn = Connection::connect(&inner.url, ConnectionProperties::default()).await.map_err(err)?;
+    let conn = connect(&inner.url).await?;
     let ch = conn.create_channel().await.map_err(err)?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));

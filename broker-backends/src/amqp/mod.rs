@@ -24,6 +24,10 @@
 mod broadcast;
 mod fields;
 mod lease;
+mod url;
+
+pub use url::connect;
+use url::AmqpUrl;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -37,8 +41,8 @@ use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use futures::stream::{select_all, BoxStream, StreamExt};
 use lapin::options::*;
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 fn err(e: lapin::Error) -> BrokerError {
     if e.is_io_error() || e.is_amqp_hard_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {
@@ -71,12 +75,11 @@ const MAX_DELAY_SECS: u64 = 1 << 20;
 
 #[derive(Debug)]
 struct Inner {
-    url: String,
+    /// The server, TLS files and how task queues are declared.
+    url: AmqpUrl,
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
     holds: lease::Holds,
-    /// How task queues are declared (`?max_priority=N`, `?queue_type=quorum&max_deliveries=N`).
-    queues: QueueOptions,
 }
 
 /// The RabbitMQ broker.
@@ -86,25 +89,17 @@ pub struct AmqpBroker {
 }
 
 impl AmqpBroker {
-    /// Connects (the first connection must succeed; later losses are retried). A `heartbeat=30`
-    /// is added to the URL unless it names one.
+    /// Connects to an `amqp://` or `amqps://` URL (the first connection must succeed; later
+    /// losses are retried). A `heartbeat=30` is added to the URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
+        let parsed = AmqpUrl::parse(url)?;
         *lock(last_url_cell()) = Some(url.to_owned());
-        let (url, queues) = QueueOptions::take(url)?;
-        let url = if url.contains("heartbeat=") {
-            url.to_owned()
-        } else if url.contains('?') {
-            format!("{url}&heartbeat=30")
-        } else {
-            format!("{url}?heartbeat=30")
-        };
         let b = AmqpBroker {
             inner: Arc::new(Inner {
-                url,
+                url: parsed,
                 conn: tokio::sync::Mutex::new(None),
                 declared: Mutex::default(),
                 holds: Default::default(),
-                queues,
             }),
         };
         b.connection().await?;
@@ -121,9 +116,7 @@ impl AmqpBroker {
             }
             tracing::warn!("amqp: connection lost; reconnecting");
         }
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("celery-rs {}", std::process::id())));
-        let conn = Arc::new(Connection::connect(&self.inner.url, props).await.map_err(err)?);
+        let conn = Arc::new(self.inner.url.connect(&format!("celery-rs {}", std::process::id())).await?);
         let ch = conn.create_channel().await.map_err(err)?;
         ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
         lock(&self.inner.declared).clear();
@@ -138,7 +131,7 @@ impl AmqpBroker {
     /// a quorum queue's dead-letter queue is declared first, so nothing it hands on is dropped.
     async fn declare_task_queue(&self, ch: &Channel, queue: &str) -> Result<(), BrokerError> {
         let mut args = FieldTable::default();
-        let o = &self.inner.queues;
+        let o = &self.inner.url.queues;
         if let Some(p) = o.max_priority {
             args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
         }
@@ -216,49 +209,6 @@ impl AmqpBroker {
         let secs = (1u64 << (63 - remaining.leading_zeros())).min(MAX_DELAY_SECS);
         let delay = self.delay_queue(&ch, queue, secs).await?;
         self.publish_raw("", &delay, false, properties(msg), &msg.body).await
-    }
-}
-
-/// How task queues are declared, from the URL.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct QueueOptions {
-    /// `x-max-priority` (`max_priority=N`, 1-255).
-    max_priority: Option<u8>,
-    /// Quorum queues with this `x-delivery-limit` (`queue_type=quorum`, `max_deliveries=N`).
-    delivery_limit: Option<u32>,
-}
-
-impl QueueOptions {
-    /// Takes our options out of the URL's query; lapin gets the rest.
-    fn take(url: &str) -> Result<(String, QueueOptions), BrokerError> {
-        let Some((base, query)) = url.split_once('?') else { return Ok((url.to_owned(), QueueOptions::default())) };
-        let invalid = |reason: String| BrokerError::InvalidUrl { url: base.to_owned(), reason };
-        let (mut keep, mut o, mut quorum, mut max_deliveries) = (Vec::new(), QueueOptions::default(), false, 10);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("max_priority", v)) => {
-                    let n = v.parse::<u8>().ok().filter(|n| *n > 0);
-                    o.max_priority = Some(n.ok_or_else(|| invalid(format!("max_priority `{v}` is not 1 to 255")))?);
-                }
-                Some(("queue_type", "quorum")) => quorum = true,
-                Some(("queue_type", "classic")) => quorum = false,
-                Some(("queue_type", v)) => return Err(invalid(format!("queue_type `{v}` is not classic or quorum"))),
-                Some(("max_deliveries", v)) => {
-                    let n = v.parse::<u32>().ok().filter(|n| *n > 0);
-                    max_deliveries =
-                        n.ok_or_else(|| invalid(format!("max_deliveries `{v}` is not a positive number")))?;
-                }
-                _ => keep.push(pair),
-            }
-        }
-        if quorum {
-            if o.max_priority.is_some() {
-                return Err(invalid("max_priority needs classic queues (not queue_type=quorum)".into()));
-            }
-            o.delivery_limit = Some(max_deliveries);
-        }
-        let url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
-        Ok((url, o))
     }
 }
 
@@ -575,4 +525,8 @@ impl Settle for AmqpSettle {
 
 inventory::submit! {
     BrokerScheme { scheme: "amqp", connect: |url| Box::pin(async move { Ok(Arc::new(AmqpBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+
+inventory::submit! {
+    BrokerScheme { scheme: "amqps", connect: |url| Box::pin(async move { Ok(Arc::new(AmqpBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
 }

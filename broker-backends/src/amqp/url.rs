@@ -1,0 +1,181 @@
+//! The `amqp://` and `amqps://` URL: lapin reads the server part (credentials, host, vhost,
+//! `heartbeat`, `frame_max`, ...); the options we read are taken out first:
+//! - how task queues are declared: `max_priority=N`, `queue_type=quorum|classic`,
+//!   `max_deliveries=N` (see the module docs of [`crate::amqp`]);
+//! - TLS on `amqps://`, named as Python's `ssl` module and Celery's `broker_use_ssl` name them:
+//!   `ca_certs=PATH` (PEM certificates to trust besides the system's store), `certfile=PATH` and
+//!   `keyfile=PATH` (a client certificate, PEM, for servers that ask for one). The files are read
+//!   at each (re)connection, so a renewed certificate is picked up without a restart.
+
+use std::path::PathBuf;
+
+use celery_core::BrokerError;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::LongString;
+use lapin::{Connection, ConnectionProperties};
+
+use super::err;
+
+/// How task queues are declared, from the URL.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(super) struct QueueOptions {
+    /// `x-max-priority` (`max_priority=N`, 1-255).
+    pub(super) max_priority: Option<u8>,
+    /// Quorum queues with this `x-delivery-limit` (`queue_type=quorum`, `max_deliveries=N`).
+    pub(super) delivery_limit: Option<u32>,
+}
+
+/// The TLS files of an `amqps://` URL.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct TlsFiles {
+    ca_certs: Option<PathBuf>,
+    certfile: Option<PathBuf>,
+    keyfile: Option<PathBuf>,
+}
+
+/// A parsed broker URL.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct AmqpUrl {
+    /// What lapin connects to (our options removed, `heartbeat=30` added unless named).
+    lapin: String,
+    pub(super) queues: QueueOptions,
+    tls: TlsFiles,
+}
+
+impl AmqpUrl {
+    /// Parses `url`; an unknown scheme or a bad option is an error naming it.
+    pub(super) fn parse(url: &str) -> Result<AmqpUrl, BrokerError> {
+        let (base, query) = url.split_once('?').unwrap_or((url, ""));
+        let invalid = |reason: String| BrokerError::InvalidUrl { url: base.to_owned(), reason };
+        let tls = match base.split_once("://").map(|(s, _)| s) {
+            Some("amqp") => false,
+            Some("amqps") => true,
+            _ => return Err(invalid("expected amqp:// or amqps://".into())),
+        };
+        let (mut keep, mut queues, mut files) = (Vec::new(), QueueOptions::default(), TlsFiles::default());
+        let (mut quorum, mut max_deliveries) = (false, 10);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("max_priority", v)) => {
+                    let n = v.parse::<u8>().ok().filter(|n| *n > 0);
+                    queues.max_priority =
+                        Some(n.ok_or_else(|| invalid(format!("max_priority `{v}` is not 1 to 255")))?);
+                }
+                Some(("queue_type", "quorum")) => quorum = true,
+                Some(("queue_type", "classic")) => quorum = false,
+                Some(("queue_type", v)) => return Err(invalid(format!("queue_type `{v}` is not classic or quorum"))),
+                Some(("max_deliveries", v)) => {
+                    let n = v.parse::<u32>().ok().filter(|n| *n > 0);
+                    max_deliveries =
+                        n.ok_or_else(|| invalid(format!("max_deliveries `{v}` is not a positive number")))?;
+                }
+                Some(("ca_certs", v)) => files.ca_certs = Some(PathBuf::from(v)),
+                Some(("certfile", v)) => files.certfile = Some(PathBuf::from(v)),
+                Some(("keyfile", v)) => files.keyfile = Some(PathBuf::from(v)),
+                _ => keep.push(pair),
+            }
+        }
+        if quorum {
+            if queues.max_priority.is_some() {
+                return Err(invalid("max_priority needs classic queues (not queue_type=quorum)".into()));
+            }
+            queues.delivery_limit = Some(max_deliveries);
+        }
+        if !tls && files != TlsFiles::default() {
+            return Err(invalid("ca_certs, certfile and keyfile are TLS options: use amqps://".into()));
+        }
+        if files.certfile.is_some() != files.keyfile.is_some() {
+            return Err(invalid("a client certificate needs both certfile and keyfile".into()));
+        }
+        if !keep.iter().any(|p| p.starts_with("heartbeat=")) {
+            keep.push("heartbeat=30");
+        }
+        Ok(AmqpUrl { lapin: format!("{base}?{}", keep.join("&")), queues, tls: files })
+    }
+
+    /// Opens a connection named `name` (shown in RabbitMQ's management UI).
+    pub(super) async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
+        lapin::DefaultConnectionBuilder::new()
+            .map_err(err)?
+            .with_uri_str(self.lapin.clone())
+            .with_properties(props)
+            .with_tls_config(self.tls.load()?)
+            .connect()
+            .await
+            .map_err(err)
+    }
+}
+
+impl TlsFiles {
+    /// Reads the files into lapin's TLS settings.
+    fn load(&self) -> Result<OwnedTLSConfig, BrokerError> {
+        let read = |option: &str, path: &PathBuf| {
+            std::fs::read(path).map_err(|e| BrokerError::InvalidUrl {
+                url: format!("{option}={}", path.display()),
+                reason: format!("cannot read the file: {e}"),
+            })
+        };
+        let cert_chain = match &self.ca_certs {
+            Some(p) => Some(String::from_utf8_lossy(&read("ca_certs", p)?).into_owned()),
+            None => None,
+        };
+        let identity = match (&self.certfile, &self.keyfile) {
+            (Some(c), Some(k)) => Some(OwnedIdentity::PKCS8 { pem: read("certfile", c)?, key: read("keyfile", k)? }),
+            _ => None,
+        };
+        Ok(OwnedTLSConfig { identity, cert_chain })
+    }
+}
+
+/// Connects to the server of an `amqp://` or `amqps://` URL (with its TLS options), for other
+/// AMQP users in this process such as the `rpc://` result backend.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), celery_core::BrokerError> {
+/// let conn = broker_backends::amqp::connect("amqps://guest:guest@rabbit.example:5671/%2f?ca_certs=/etc/ca.pem").await?;
+/// let channel = conn.create_channel().await.map_err(|e| celery_core::BrokerError::Connection(e.to_string()))?;
+/// # Ok(()) }
+/// ```
+pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
+    AmqpUrl::parse(url)?.connect(&format!("celery-rs {}", std::process::id())).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn our_options_are_taken_out_and_a_heartbeat_added() {
+        let u = AmqpUrl::parse("amqp://h/%2f?max_priority=10&frame_max=8192").unwrap();
+        assert_eq!(u.lapin, "amqp://h/%2f?frame_max=8192&heartbeat=30");
+        assert_eq!(u.queues, QueueOptions { max_priority: Some(10), delivery_limit: None });
+        let u = AmqpUrl::parse("amqp://h/v?queue_type=quorum&heartbeat=5").unwrap();
+        assert_eq!((u.lapin.as_str(), u.queues.delivery_limit), ("amqp://h/v?heartbeat=5", Some(10)));
+        let u = AmqpUrl::parse("amqps://h/v?ca_certs=/ca.pem&certfile=/c.pem&keyfile=/k.pem").unwrap();
+        assert_eq!(u.lapin, "amqps://h/v?heartbeat=30");
+        assert_eq!(u.tls.ca_certs, Some(PathBuf::from("/ca.pem")));
+    }
+
+    #[test]
+    fn bad_options_are_errors_naming_them() {
+        for (url, needle) in [
+            ("amqp://h/?max_priority=0", "max_priority"),
+            ("amqp://h/?queue_type=stream", "queue_type"),
+            ("amqp://h/?queue_type=quorum&max_priority=5", "classic"),
+            ("amqp://h/?ca_certs=/ca.pem", "amqps://"),
+            ("amqps://h/?certfile=/c.pem", "keyfile"),
+            ("redis://h/", "amqp://"),
+        ] {
+            let e = AmqpUrl::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_missing_tls_file_is_named() {
+        let u = AmqpUrl::parse("amqps://h/?ca_certs=/nonexistent/ca.pem").unwrap();
+        let e = u.tls.load().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+    }
+}
