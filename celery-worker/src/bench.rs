@@ -31,7 +31,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
-    /// loop on the same server: the ceiling a client library can reach.
+    /// loop on the same server with the same messages: the ceiling a client library can reach.
     #[arg(long)]
     pub lapin_ceiling: bool,
 }
@@ -40,42 +40,57 @@ fn line(name: &str, value: f64, unit: &str) {
     println!("{name} {} {unit}", (value * 1000.0).round() / 1000.0);
 }
 
-/// A bare lapin loop: publish `n` persistent messages of `size` bytes with confirms (pipelined),
-/// then consume them with prefetch `prefetch` and one ack each.
-async fn lapin_ceiling(url: &str, n: usize, size: usize, prefetch: u16) -> anyhow::Result<()> {
+/// A bare lapin loop on the same server with the same messages (Celery's headers and body,
+/// persistent): publish `n` copies with confirms (pipelined in batches of 1000), then consume them
+/// with prefetch `prefetch` and one ack each; then again without acks (`no_ack`), the rate at which
+/// RabbitMQ hands these messages out at all.
+async fn lapin_ceiling(url: &str, n: usize, msg: &celery_core::protocol::Message, prefetch: u16) -> anyhow::Result<()> {
     use futures::StreamExt;
     use lapin::options::*;
     use lapin::types::FieldTable;
-    use lapin::{BasicProperties, Connection, ConnectionProperties};
-    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let conn = broker_backends::amqp::connect(url).await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let q = "bench.lapin";
     ch.queue_declare(q.into(), QueueDeclareOptions::durable(), FieldTable::default()).await?;
-    ch.queue_purge(q.into(), QueuePurgeOptions::default()).await?;
-    let body = vec![b'x'; size];
-    let t = Instant::now();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
-        let mut pending = Vec::with_capacity(chunk.len());
-        for _ in chunk {
-            let props = BasicProperties::default().with_delivery_mode(2);
-            pending.push(ch.basic_publish("".into(), q.into(), BasicPublishOptions::default(), &body, props).await?);
+    let props = broker_backends::amqp::properties(msg);
+    let fill = || async {
+        ch.queue_purge(q.into(), QueuePurgeOptions::default()).await?;
+        let t = Instant::now();
+        let mut left = n;
+        while left > 0 {
+            let mut pending = Vec::with_capacity(1000);
+            for _ in 0..left.min(1000) {
+                let opts = BasicPublishOptions::default();
+                pending.push(ch.basic_publish("".into(), q.into(), opts, &msg.body, props.clone()).await?);
+            }
+            left -= pending.len();
+            for p in pending {
+                p.await?;
+            }
         }
-        for p in pending {
-            p.await?;
+        anyhow::Ok(n as f64 / t.elapsed().as_secs_f64())
+    };
+    line("lapin_enqueue_rate", fill().await?, "msgs/s");
+    for no_ack in [false, true] {
+        if no_ack {
+            fill().await?;
         }
+        let cch = conn.create_channel().await?;
+        cch.basic_qos(prefetch, BasicQosOptions::default()).await?;
+        let opts = BasicConsumeOptions { no_ack, ..Default::default() };
+        let mut consumer = cch.basic_consume(q.into(), "".into(), opts, FieldTable::default()).await?;
+        let t = Instant::now();
+        for _ in 0..n {
+            let d = consumer.next().await.ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
+            if !no_ack {
+                d.ack(BasicAckOptions::default()).await?;
+            }
+        }
+        let name = if no_ack { "lapin_drain_rate_no_ack" } else { "lapin_drain_rate" };
+        line(name, n as f64 / t.elapsed().as_secs_f64(), "msgs/s");
+        cch.close(200, "bench done".into()).await?;
     }
-    line("lapin_enqueue_rate", n as f64 / t.elapsed().as_secs_f64(), "msgs/s");
-    let cch = conn.create_channel().await?;
-    cch.basic_qos(prefetch, BasicQosOptions::default()).await?;
-    let mut consumer =
-        cch.basic_consume(q.into(), "".into(), BasicConsumeOptions::default(), FieldTable::default()).await?;
-    let t = Instant::now();
-    for _ in 0..n {
-        let d = consumer.next().await.ok_or_else(|| anyhow::anyhow!("consumer ended"))??;
-        d.ack(BasicAckOptions::default()).await?;
-    }
-    line("lapin_drain_rate", n as f64 / t.elapsed().as_secs_f64(), "msgs/s");
     conn.close(200, "bench done".into()).await?;
     Ok(())
 }
@@ -152,8 +167,8 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     if a.lapin_ceiling {
         let url = broker_backends::amqp::last_url()
             .ok_or_else(|| anyhow::anyhow!("--lapin-ceiling needs an amqp:// broker"))?;
-        let size = celery_core::protocol::Message::from_signature(&sig(0))?.body.len() + 400;
-        lapin_ceiling(&url, a.count, size, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
+        let msg = celery_core::protocol::Message::from_signature(&sig(0))?;
+        lapin_ceiling(&url, a.count, &msg, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
     }
     lat.sort_by(f64::total_cmp);
     if !lat.is_empty() {

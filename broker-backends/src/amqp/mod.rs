@@ -21,6 +21,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod broadcast;
 mod fields;
 mod lease;
@@ -226,8 +227,15 @@ fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(),
     }
 }
 
-/// Celery's AMQP properties for a message: headers, JSON content type, persistent delivery.
-fn properties(msg: &Message) -> BasicProperties {
+/// Celery's AMQP properties for a message: headers, JSON content type, persistent delivery
+/// (what [`AmqpBroker`] publishes with the message's body).
+///
+/// ```
+/// let msg = celery_core::protocol::Message::from_signature(&celery_core::Signature::by_name("add"))?;
+/// assert_eq!(broker_backends::amqp::properties(&msg).delivery_mode(), &Some(2));
+/// # Ok::<(), celery_core::ProtocolError>(())
+/// ```
+pub fn properties(msg: &Message) -> BasicProperties {
     let mut p = BasicProperties::default()
         .with_content_type(CONTENT_TYPE.into())
         .with_content_encoding(CONTENT_ENCODING.into())
@@ -398,7 +406,8 @@ struct AmqpConsumer {
     queues: Vec<String>,
     prefetch: usize,
     stream: Option<Stream>,
-    channel: Option<Channel>,
+    /// The channel and its settlement queue.
+    channel: Option<(Channel, acks::Acks)>,
     stopped: bool,
 }
 
@@ -425,7 +434,7 @@ impl AmqpConsumer {
             streams.push(c.map(move |d| (name.clone(), d)).boxed());
         }
         self.stream = Some(select_all(streams).boxed());
-        self.channel = Some(ch);
+        self.channel = Some((ch.clone(), acks::Acks::new(ch)));
         Ok(())
     }
 }
@@ -438,8 +447,10 @@ impl Consumer for AmqpConsumer {
             if let Some(s) = self.stream.as_mut() {
                 match s.next().await {
                     Some((queue, Ok(d))) => {
+                        let Some((_, acks)) = self.channel.as_ref() else { continue };
                         let message = decode(&d.properties, &d.data);
-                        let settle = AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d };
+                        let acks = acks.clone();
+                        let settle = AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
                         let redelivered = settle.delivery.redelivered;
                         return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
                     }
@@ -476,17 +487,18 @@ impl Consumer for AmqpConsumer {
     async fn close(&mut self) {
         self.stopped = true;
         self.stream = None;
-        if let Some(ch) = self.channel.take() {
+        if let Some((ch, _)) = self.channel.take() {
             let _ = ch.close(200, "bye".into()).await;
         }
     }
 }
 
-/// Settles one delivery on the channel it came from.
+/// Settles one delivery on the channel it came from (through its coalescing settlement queue).
 struct AmqpSettle {
     broker: AmqpBroker,
     queue: String,
     delivery: lapin::message::Delivery,
+    acks: acks::Acks,
 }
 
 impl std::fmt::Debug for AmqpSettle {
@@ -498,11 +510,11 @@ impl std::fmt::Debug for AmqpSettle {
 #[async_trait]
 impl Settle for AmqpSettle {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.delivery.ack(BasicAckOptions::default()).await.map(|_| ()).map_err(err)
+        self.acks.settle(self.delivery.delivery_tag, acks::Op::Ack).await
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.delivery.nack(BasicNackOptions { requeue: true, multiple: false }).await.map(|_| ()).map_err(err)
+        self.acks.settle(self.delivery.delivery_tag, acks::Op::Requeue).await
     }
 
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
