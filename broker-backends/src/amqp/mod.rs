@@ -450,7 +450,8 @@ impl Consumer for AmqpConsumer {
                         let Some((_, acks)) = self.channel.as_ref() else { continue };
                         let message = decode(&d.properties, &d.data);
                         let acks = acks.clone();
-                        let settle = AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
+                        let settle =
+                            AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
                         let redelivered = settle.delivery.redelivered;
                         return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
                     }
