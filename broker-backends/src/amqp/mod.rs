@@ -117,7 +117,7 @@ impl AmqpBroker {
             }
             tracing::warn!("amqp: connection lost; reconnecting");
         }
-        let conn = Arc::new(self.inner.url.connect(&format!("celery-rs {}", std::process::id())).await?);
+        let conn = Arc::new(self.inner.url.connect().await?);
         let ch = conn.create_channel().await.map_err(err)?;
         ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
         lock(&self.inner.declared).clear();
@@ -398,7 +398,8 @@ impl Broker for AmqpBroker {
     }
 }
 
-type Stream = BoxStream<'static, (String, lapin::Result<lapin::message::Delivery>)>;
+/// Deliveries with their queue and the settlement queue of the channel they came on.
+type Stream = BoxStream<'static, (String, acks::Acks, lapin::Result<lapin::message::Delivery>)>;
 
 /// A consumer on its own channel, resubscribing after a lost connection.
 struct AmqpConsumer {
@@ -406,8 +407,7 @@ struct AmqpConsumer {
     queues: Vec<String>,
     prefetch: usize,
     stream: Option<Stream>,
-    /// The channel and its settlement queue.
-    channel: Option<(Channel, acks::Acks)>,
+    channel: Option<Channel>,
     stopped: bool,
 }
 
@@ -423,6 +423,7 @@ impl AmqpConsumer {
         ch.basic_qos(self.prefetch.clamp(1, u16::MAX as usize) as u16, BasicQosOptions::default())
             .await
             .map_err(err)?;
+        let acks = acks::Acks::new(ch.clone());
         let mut streams = Vec::new();
         for q in &self.queues {
             self.broker.declare_task_queue(&ch, q).await?;
@@ -430,11 +431,11 @@ impl AmqpConsumer {
                 .basic_consume(short(q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
                 .await
                 .map_err(err)?;
-            let name = q.clone();
-            streams.push(c.map(move |d| (name.clone(), d)).boxed());
+            let (name, acks) = (q.clone(), acks.clone());
+            streams.push(c.map(move |d| (name.clone(), acks.clone(), d)).boxed());
         }
         self.stream = Some(select_all(streams).boxed());
-        self.channel = Some((ch.clone(), acks::Acks::new(ch)));
+        self.channel = Some(ch);
         Ok(())
     }
 }
@@ -446,16 +447,14 @@ impl Consumer for AmqpConsumer {
         loop {
             if let Some(s) = self.stream.as_mut() {
                 match s.next().await {
-                    Some((queue, Ok(d))) => {
-                        let Some((_, acks)) = self.channel.as_ref() else { continue };
+                    Some((queue, acks, Ok(d))) => {
                         let message = decode(&d.properties, &d.data);
-                        let acks = acks.clone();
                         let settle =
                             AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
                         let redelivered = settle.delivery.redelivered;
                         return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
                     }
-                    Some((_, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
+                    Some((_, _, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
                     None if !self.stopped => {
                         tracing::warn!("amqp: consumer cancelled or connection closed; resubscribing")
                     }
@@ -488,7 +487,7 @@ impl Consumer for AmqpConsumer {
     async fn close(&mut self) {
         self.stopped = true;
         self.stream = None;
-        if let Some((ch, _)) = self.channel.take() {
+        if let Some(ch) = self.channel.take() {
             let _ = ch.close(200, "bye".into()).await;
         }
     }

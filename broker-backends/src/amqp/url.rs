@@ -93,9 +93,10 @@ impl AmqpUrl {
         Ok(AmqpUrl { lapin: format!("{base}?{}", keep.join("&")), queues, tls: files })
     }
 
-    /// Opens a connection named `name` (shown in RabbitMQ's management UI).
-    pub(super) async fn connect(&self, name: &str) -> Result<Connection, BrokerError> {
-        let props = ConnectionProperties::default().with_connection_name(LongString::from(name));
+    /// Opens a connection, named `celery-rs <pid>` in RabbitMQ's management UI.
+    pub(super) async fn connect(&self) -> Result<Connection, BrokerError> {
+        let name = LongString::from(format!("celery-rs {}", std::process::id()));
+        let props = ConnectionProperties::default().with_connection_name(name);
         lapin::DefaultConnectionBuilder::new()
             .map_err(err)?
             .with_uri_str(self.lapin.clone())
@@ -138,7 +139,7 @@ impl TlsFiles {
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
-    AmqpUrl::parse(url)?.connect(&format!("celery-rs {}", std::process::id())).await
+    AmqpUrl::parse(url)?.connect().await
 }
 
 #[cfg(test)]
