@@ -235,7 +235,7 @@ impl Target {
         let store = LogStore::open(&d, cfg).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let server = tokio::spawn(serve_tcp(store, listener, Some("s3cret".into())));
+        let server = tokio::spawn(serve_tcp(store, listener, Some("s3cret".into()), None));
         Target::LogTcp(dir, addr, server)
     }
 

@@ -282,6 +282,15 @@ pub struct ServeArgs {
     /// Clients must present this token (`log+tcp://HOST:PORT?token=...`).
     #[arg(long, env = "CELERY_BROKER_TOKEN")]
     pub token: Option<String>,
+    /// Serve TLS (`log+tls://`) with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Ask every client for a certificate signed by this PEM authority (mutual TLS).
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
 }
 
 /// `worker` options.
@@ -815,20 +824,25 @@ fn redact(url: &str) -> String {
 
 /// `broker serve`: owns the directory, serves it over TCP until SIGINT/SIGTERM, then checkpoints.
 async fn serve(a: &ServeArgs) -> anyhow::Result<()> {
-    use broker_backends::log::{parse_url, serve_tcp, LogStore};
+    use broker_backends::log::{parse_url, serve_tcp, LogStore, ServerTls};
     let addr: std::net::SocketAddr =
         a.listen.parse().with_context(|| format!("--listen `{}` is not HOST:PORT", a.listen))?;
-    if !addr.ip().is_loopback() && a.token.as_deref().unwrap_or("").is_empty() {
-        anyhow::bail!("listening on {addr} (not loopback) requires --token");
+    if !addr.ip().is_loopback() && a.token.as_deref().unwrap_or("").is_empty() && a.tls_client_ca.is_none() {
+        anyhow::bail!("listening on {addr} (not loopback) requires --token (or client certificates: --tls-client-ca)");
     }
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(ServerTls::from_pem(cert, key, a.tls_client_ca.as_deref())?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "log+tls" } else { "log+tcp" };
     let (dir, cfg) = parse_url(&format!("log://{}", a.data))?;
     let store = LogStore::open(&dir, cfg)?;
     store.serve_unix();
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr}"))?;
-    tracing::info!(data = %dir.display(), %addr, "broker serving log+tcp://{addr}");
-    eprintln!("serving {} as log+tcp://{addr}", dir.display());
+    tracing::info!(data = %dir.display(), %addr, "broker serving {scheme}://{addr}");
+    eprintln!("serving {} as {scheme}://{addr}", dir.display());
     tokio::select! {
-        _ = serve_tcp(store.clone(), listener, a.token.clone()) => {}
+        _ = serve_tcp(store.clone(), listener, a.token.clone(), tls) => {}
         _ = shutdown_signal() => {}
     }
     store.sync().await?;

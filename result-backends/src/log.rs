@@ -120,3 +120,7 @@ inventory::submit! {
 inventory::submit! {
     BackendScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
 }
+
+inventory::submit! {
+    BackendScheme { scheme: "log+tls", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}

@@ -10,7 +10,9 @@
 //! result backend URL). The on-disk format is in `DESIGN.md` beside this file.
 //!
 //! URL options: `fsync=always|os|<ms>`, `segment_bytes=`, `lease_timeout=` (s), `max_deliveries=`,
-//! `partitions=` (for new queues).
+//! `partitions=` (for new queues). A served directory (`broker serve`) is reached as
+//! `log+tcp://HOST:PORT?token=...`, or over TLS as `log+tls://HOST:PORT?token=...&ca_certs=PATH`
+//! (plus `certfile=`/`keyfile=` when the server asks for a client certificate).
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -35,6 +37,7 @@ mod segment;
 mod server;
 mod store;
 mod stream;
+mod tls;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -58,6 +61,7 @@ pub use record::Record;
 pub use server::serve_tcp;
 pub use store::{LogStore, StoreConfig};
 pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
+pub use tls::ServerTls;
 
 use crate::envelope;
 use partition::{now_ms, Partition};
@@ -127,28 +131,50 @@ pub fn socket_path(dir: &std::path::Path) -> PathBuf {
     dir.join("broker.sock")
 }
 
-fn token_of(url: &str) -> String {
-    url.split_once('?')
-        .map(|(_, q)| q)
-        .unwrap_or("")
-        .split('&')
-        .find_map(|p| p.strip_prefix("token="))
-        .unwrap_or("")
-        .to_owned()
+/// `log+tcp://HOST:PORT?token=...` or `log+tls://HOST:PORT?token=...&ca_certs=&certfile=&keyfile=`:
+/// where the server is, and the token; None for other URLs.
+fn parse_remote(url: &str) -> Result<Option<(remote::Target, String)>, LogError> {
+    let (tls, rest) = match (url.strip_prefix("log+tcp://"), url.strip_prefix("log+tls://")) {
+        (Some(rest), _) => (false, rest),
+        (_, Some(rest)) => (true, rest),
+        _ => return Ok(None),
+    };
+    let scheme = if tls { "log+tls://" } else { "log+tcp://" };
+    let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let addr = addr.split('/').next().unwrap_or(addr);
+    let Some((host, _port)) = addr.rsplit_once(':').filter(|(h, p)| !h.is_empty() && !p.is_empty()) else {
+        return Err(LogError::Invalid(format!("{scheme} needs HOST:PORT")));
+    };
+    let (mut token, mut files) = (String::new(), tls::ClientFiles::default());
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "token" => token = v.to_owned(),
+            "ca_certs" | "certfile" | "keyfile" if !tls => {
+                return Err(LogError::Invalid(format!("{k} is a TLS option: use log+tls://")))
+            }
+            "ca_certs" => files.ca_certs = Some(v.into()),
+            "certfile" => files.certfile = Some(v.into()),
+            "keyfile" => files.keyfile = Some(v.into()),
+            other => {
+                return Err(LogError::Invalid(format!(
+                    "unknown {scheme} option `{other}` (the server's options go to `broker serve`)"
+                )))
+            }
+        }
+    }
+    let tls = tls.then(|| tls::ClientTls::new(host, &files)).transpose()?;
+    Ok(Some((remote::Target::Tcp(addr.to_owned(), tls), token)))
 }
 
 impl LogBroker {
     /// Opens `log://PATH` (owning the directory, or connecting to its owner's socket), or connects
-    /// to `log+tcp://HOST:PORT?token=...`.
+    /// to `log+tcp://HOST:PORT?token=...` or `log+tls://HOST:PORT?token=...&ca_certs=...`.
     pub async fn connect(url: &str) -> Result<LogBroker, BrokerError> {
         let invalid = |e: LogError| BrokerError::InvalidUrl { url: url.into(), reason: e.to_string() };
-        if let Some(rest) = url.strip_prefix("log+tcp://") {
-            let addr = rest.split(['?', '/']).next().unwrap_or(rest).to_owned();
-            if addr.is_empty() {
-                return Err(invalid(LogError::Invalid("log+tcp:// needs HOST:PORT".into())));
-            }
-            let client = Arc::new(remote::RemoteClient::new(remote::Target::Tcp(addr), token_of(url), None));
-            client.call(wire::kind::HELLO, |e| e.str(&token_of(url))).await?;
+        if let Some((target, token)) = parse_remote(url).map_err(invalid)? {
+            let client = Arc::new(remote::RemoteClient::new(target, token.clone(), None));
+            client.call(wire::kind::HELLO, |e| e.str(&token)).await?;
             return Ok(LogBroker { inner: Inner::Remote(client) });
         }
         let (dir, cfg) = parse_url(url).map_err(invalid)?;
@@ -903,4 +929,31 @@ inventory::submit! {
 }
 inventory::submit! {
     BrokerScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+
+inventory::submit! {
+    BrokerScheme { scheme: "log+tls", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn remote_err(url: &str) -> String {
+        parse_remote(url).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn remote_urls_are_checked() {
+        let (target, token) = parse_remote("log+tcp://10.0.0.5:7575/?token=abc").unwrap().unwrap();
+        assert!(matches!(target, remote::Target::Tcp(ref a, None) if a == "10.0.0.5:7575"), "{target:?}");
+        assert_eq!(token, "abc");
+        assert!(parse_remote("log:///tmp/x").unwrap().is_none());
+        assert!(remote_err("log+tcp://?token=x").contains("needs HOST:PORT"));
+        assert!(remote_err("log+tls://host").contains("log+tls:// needs HOST:PORT"));
+        assert!(remote_err("log+tcp://h:1?ca_certs=/ca.pem").contains("use log+tls://"));
+        assert!(remote_err("log+tcp://h:1?fsync=os").contains("unknown log+tcp:// option `fsync`"));
+        assert!(remote_err("log+tls://h:1?certfile=/c.pem").contains("certfile and keyfile go together"));
+        assert!(remote_err("log+tls://h:1?ca_certs=/nonexistent.pem").contains("ca_certs /nonexistent.pem"));
+    }
 }

@@ -32,7 +32,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Debug, Clone)]
 pub(crate) enum Target {
     Unix(PathBuf),
-    Tcp(String),
+    /// `HOST:PORT`, with TLS for `log+tls://`.
+    Tcp(String, Option<super::tls::ClientTls>),
 }
 
 /// A delivery pushed by the server.
@@ -52,6 +53,17 @@ struct Conn {
     pending: Arc<Pending>,
     pushes: Arc<Mutex<HashMap<u64, mpsc::UnboundedSender<Pushed>>>>,
     alive: Arc<AtomicBool>,
+    /// Why the reader stopped, when it failed (a TLS alert, a reset).
+    lost: Arc<Mutex<Option<String>>>,
+}
+
+impl Conn {
+    fn lost(&self) -> BrokerError {
+        match lock(&self.lost).as_deref() {
+            Some(why) => conn_err(format!("connection to the log server lost: {why}")),
+            None => conn_err("connection to the log server lost"),
+        }
+    }
 }
 
 /// A connection to a log server, re-established on demand.
@@ -124,10 +136,13 @@ impl RemoteClient {
                     },
                 }
             }
-            Target::Tcp(a) => {
+            Target::Tcp(a, tls) => {
                 let s = tokio::net::TcpStream::connect(a).await.map_err(|e| conn_err(format!("{a}: {e}")))?;
                 let _ = s.set_nodelay(true);
-                start(s)
+                match tls {
+                    Some(tls) => start(tls.connect(s).await.map_err(|e| conn_err(format!("{a}: TLS: {e}")))?),
+                    None => start(s),
+                }
             }
         };
         let c = Arc::new(c);
@@ -179,12 +194,12 @@ async fn call_on(c: &Conn, id: u64, frame: Vec<u8>) -> Result<Vec<u8>, BrokerErr
     // after that would wait forever, so check again once registered.
     if !c.alive.load(Ordering::Acquire) || c.tx.send(frame).is_err() {
         lock(&c.pending).remove(&id);
-        return Err(conn_err("connection to the log server lost"));
+        return Err(c.lost());
     }
     match rx.await {
         Ok(Ok(body)) => Ok(body),
         Ok(Err(msg)) => Err(BrokerError::Operation(msg)),
-        Err(_) => Err(conn_err("connection to the log server lost")),
+        Err(_) => Err(c.lost()),
     }
 }
 
@@ -201,7 +216,8 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
         wire::write_frames(wr, rx).await;
         alive_w.store(false, Ordering::Release);
     });
-    let (p2, pu2, alive_r) = (pending.clone(), pushes.clone(), alive.clone());
+    let lost: Arc<Mutex<Option<String>>> = Arc::default();
+    let (p2, pu2, alive_r, lost_r) = (pending.clone(), pushes.clone(), alive.clone(), lost.clone());
     tokio::spawn(async move {
         loop {
             let frame = match wire::read_frame(&mut rd).await {
@@ -209,6 +225,7 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "log client: connection failed");
+                    *lock(&lost_r) = Some(e.to_string());
                     break;
                 }
             };
@@ -245,7 +262,7 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
         lock(&p2).clear();
         lock(&pu2).clear();
     });
-    Conn { tx, pending, pushes, alive }
+    Conn { tx, pending, pushes, alive, lost }
 }
 
 /// A broadcast subscription over a connection (`SUBSCRIBE`); pushes arrive as `DELIVERY` frames

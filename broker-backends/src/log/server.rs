@@ -57,7 +57,10 @@ where
             };
             let _ = tx.send(reply);
             if !ok {
-                break;
+                // Nothing else holds the writer's channel yet: let it flush the refusal, then close.
+                drop(tx);
+                let _ = writer.await;
+                return;
             }
             authed = true;
             continue;
@@ -306,14 +309,38 @@ pub(crate) async fn serve_unix(store: std::sync::Weak<LogStore>, listener: tokio
     }
 }
 
-/// Accepts TCP connections (`broker serve`).
-pub async fn serve_tcp(store: Arc<LogStore>, listener: tokio::net::TcpListener, token: Option<String>) {
+/// How long a TLS client may take to finish its handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepts TCP connections (`broker serve`): `log+tcp://`, or `log+tls://` when `tls` is given.
+/// `token`: when set, every client must present it.
+pub async fn serve_tcp(
+    store: Arc<LogStore>,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    tls: Option<super::ServerTls>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                tracing::debug!(%peer, "log server: connection");
-                tokio::spawn(serve_connection(store.clone(), stream, token.clone()));
+                tracing::debug!(%peer, tls = tls.is_some(), "log server: connection");
+                let (store, token) = (store.clone(), token.clone());
+                match &tls {
+                    None => {
+                        tokio::spawn(serve_connection(store, stream, token));
+                    }
+                    Some(tls) => {
+                        let acceptor = tls.acceptor.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                                Ok(Ok(stream)) => serve_connection(store, stream, token).await,
+                                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "log server: TLS handshake failed"),
+                                Err(_) => tracing::warn!(%peer, "log server: TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 tracing::warn!(error = %e, "log server: accept failed");
