@@ -63,9 +63,9 @@ async fn a_stream_group_holds_what_it_has_not_committed() {
     let dir = TempDir::new("retention-group");
     let b = LogBroker::connect(&dir.url(OPTS)).await.unwrap();
     fill(&b, "s", 300).await;
-    let mut g = b.stream("slow-reader", "s", StartFrom::Earliest, Commit::AfterProcessing).unwrap();
+    let mut g = b.stream("slow-reader", "s", StartFrom::Earliest, Commit::AfterProcessing).await.unwrap();
     assert_eq!(g.poll(10, Duration::from_secs(1)).await.unwrap().len(), 10);
-    g.commit().unwrap();
+    g.commit().await.unwrap();
     assert_eq!(consume_all(&b, "s", 300).await, 300, "task consumers finished everything");
     b.store().unwrap().enforce_retention();
     let rest = g.poll(1000, Duration::from_secs(1)).await.unwrap();

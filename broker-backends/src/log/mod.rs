@@ -243,18 +243,23 @@ impl LogBroker {
         })
     }
 
-    /// Joins consumer group `group` on `queue` as a stream consumer (in the owning process).
-    pub fn stream(
+    /// Joins consumer group `group` on `queue` as a stream consumer: in this process when it owns
+    /// the directory, otherwise on the server (the member leaves when its connection closes).
+    pub async fn stream(
         &self,
         group: &str,
         queue: &str,
         start: StartFrom,
         commit: Commit,
-    ) -> Result<StreamConsumer, LogError> {
-        let Inner::Local(store) = &self.inner else {
-            return Err(LogError::Invalid("stream consumers run in the process that owns the directory".into()));
-        };
-        StreamConsumer::join(store.clone(), group, queue, start, commit)
+    ) -> Result<StreamConsumer, BrokerError> {
+        match &self.inner {
+            Inner::Local(store) => {
+                Ok(StreamConsumer::local(stream::LocalStream::join(store.clone(), group, queue, start, commit)?))
+            }
+            Inner::Remote(c) => {
+                Ok(StreamConsumer::remote(remote::RemoteStream::join(c.clone(), group, queue, start, commit).await?))
+            }
+        }
     }
 
     /// Delayed records seen in `queue`.

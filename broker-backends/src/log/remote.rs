@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::error::LogError;
 use super::store::{LogStore, StoreConfig};
+use super::stream::{Commit, StartFrom, StreamRecord};
 use super::wire::{self, kind, settle, Dec, Enc};
 use crate::envelope;
 
@@ -442,14 +443,110 @@ impl Settle for RemoteSettle {
 }
 
 /// Reads a `u64` response.
+fn bad_reply(e: std::io::Error) -> BrokerError {
+    BrokerError::Operation(e.to_string())
+}
+
 pub(crate) fn read_u64(body: &[u8]) -> Result<u64, BrokerError> {
-    Dec::new(body).u64().map_err(|e| BrokerError::Operation(e.to_string()))
+    Dec::new(body).u64().map_err(bad_reply)
 }
 
 /// Reads an optional-bytes response.
 pub(crate) fn read_opt(body: &[u8]) -> Result<Option<Vec<u8>>, BrokerError> {
-    Dec::new(body).opt_bytes().map_err(|e| BrokerError::Operation(e.to_string()))
+    Dec::new(body).opt_bytes().map_err(bad_reply)
 }
 
 /// How long a server-side wait may take at most per request (longer waits are split).
 pub(crate) const MAX_WAIT: Duration = Duration::from_secs(30);
+
+/// A stream-group member living on the server, for as long as the connection it joined over.
+#[derive(Debug)]
+pub(crate) struct RemoteStream {
+    client: Arc<RemoteClient>,
+    group: String,
+    queue: String,
+    start: StartFrom,
+    commit: Commit,
+    /// The connection and the member's handle there.
+    member: Option<(Arc<Conn>, u64)>,
+}
+
+impl RemoteStream {
+    pub(crate) async fn join(
+        client: Arc<RemoteClient>,
+        group: &str,
+        queue: &str,
+        start: StartFrom,
+        commit: Commit,
+    ) -> Result<RemoteStream, BrokerError> {
+        let mut s = RemoteStream { client, group: group.into(), queue: queue.into(), start, commit, member: None };
+        s.joined().await?;
+        Ok(s)
+    }
+
+    /// The member on a live connection, joining again when the old connection is lost.
+    async fn joined(&mut self) -> Result<(Arc<Conn>, u64), BrokerError> {
+        if let Ok(m) = self.live() {
+            return Ok(m);
+        }
+        let c = self.client.conn().await?;
+        let id = self.client.id();
+        let frame = Enc::frame(kind::STREAM_JOIN, id)
+            .str(&self.group)
+            .str(&self.queue)
+            .u8((self.start == StartFrom::Latest) as u8)
+            .u8((self.commit == Commit::BeforeProcessing) as u8)
+            .finish();
+        let handle = read_u64(&call_on(&c, id, frame).await?)?;
+        self.member = Some((c.clone(), handle));
+        Ok((c, handle))
+    }
+
+    /// The member, unless its connection is lost (then the server has dropped it, and with it what
+    /// it read but did not commit).
+    fn live(&self) -> Result<(Arc<Conn>, u64), BrokerError> {
+        match &self.member {
+            Some((c, h)) if c.alive.load(Ordering::Acquire) => Ok((c.clone(), *h)),
+            Some((c, _)) => Err(c.lost()),
+            None => Err(conn_err("the stream member has not joined")),
+        }
+    }
+
+    async fn request(&self, c: &Conn, kind: u8, build: impl FnOnce(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
+        let id = self.client.id();
+        call_on(c, id, build(Enc::frame(kind, id)).finish()).await
+    }
+
+    pub(crate) async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<StreamRecord>, BrokerError> {
+        let (c, h) = self.joined().await?;
+        let max = max.min(u32::MAX as usize) as u32;
+        let ms = timeout.as_millis().min(u64::MAX as u128) as u64;
+        let body = self.request(&c, kind::STREAM_POLL, |e| e.u64(h).u32(max).u64(ms)).await?;
+        let mut d = Dec::new(&body);
+        let n = d.u32().map_err(bad_reply)?;
+        (0..n).map(|_| d.stream_record().map_err(bad_reply)).collect()
+    }
+
+    pub(crate) async fn commit(&self) -> Result<(), BrokerError> {
+        let (c, h) = self.live()?;
+        self.request(&c, kind::STREAM_COMMIT, |e| e.u64(h)).await.map(|_| ())
+    }
+
+    pub(crate) async fn assignment(&self) -> Result<Vec<usize>, BrokerError> {
+        let (c, h) = self.live()?;
+        let body = self.request(&c, kind::STREAM_ASSIGNMENT, |e| e.u64(h)).await?;
+        let mut d = Dec::new(&body);
+        let n = d.u32().map_err(bad_reply)?;
+        (0..n).map(|_| d.u32().map(|p| p as usize).map_err(bad_reply)).collect()
+    }
+}
+
+impl Drop for RemoteStream {
+    /// Leaves the group at once (without waiting for the answer), so the others take the partitions.
+    fn drop(&mut self) {
+        if let Ok((c, h)) = self.live() {
+            let id = self.client.id();
+            let _ = c.tx.send(Enc::frame(kind::STREAM_LEAVE, id).u64(h).finish());
+        }
+    }
+}

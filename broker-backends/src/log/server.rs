@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
 use super::store::LogStore;
+use super::stream::{Commit, LocalStream, StartFrom};
 use super::wire::{self, kind, settle, Dec, Enc};
 use super::{LogBroker, LogConsumer, LogSettle};
 use crate::envelope;
@@ -25,7 +26,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct Conn {
     held: Mutex<HashMap<u64, LogSettle>>,
     consumers: Mutex<HashMap<u64, tokio::task::JoinHandle<()>>>,
+    /// Stream-group members joined over this connection, by the id of their `STREAM_JOIN`; they
+    /// leave their groups when the connection closes.
+    streams: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<LocalStream>>>>,
     next_delivery: AtomicU64,
+}
+
+impl Conn {
+    fn stream(&self, handle: u64) -> Result<Arc<tokio::sync::Mutex<LocalStream>>, String> {
+        lock(&self.streams).get(&handle).cloned().ok_or_else(|| format!("unknown stream member {handle}"))
+    }
 }
 
 /// Serves one connection until it closes. `token`: when set, the client's HELLO must carry it.
@@ -65,6 +75,18 @@ where
             authed = true;
             continue;
         }
+        if frame.kind == kind::STREAM_LEAVE {
+            // In read order, so the connection's next request already sees the member gone.
+            let handle = Dec::new(&frame.body).u64();
+            if let Ok(h) = handle {
+                lock(&conn.streams).remove(&h);
+            }
+            let _ = tx.send(match handle {
+                Ok(_) => Enc::frame(kind::OK, frame.id).finish(),
+                Err(e) => Enc::frame(kind::ERR, frame.id).str(&e.to_string()).finish(),
+            });
+            continue;
+        }
         let (store, broker, conn, tx) = (store.clone(), broker.clone(), conn.clone(), tx.clone());
         tokio::spawn(async move {
             let id = frame.id;
@@ -79,6 +101,7 @@ where
     for (_, c) in lock(&conn.consumers).drain() {
         c.abort();
     }
+    lock(&conn.streams).clear();
     let held: Vec<LogSettle> = lock(&conn.held).drain().map(|(_, s)| s).collect();
     if !held.is_empty() {
         tracing::warn!(deliveries = held.len(), "log server: client gone; returning its deliveries to their queues");
@@ -283,6 +306,32 @@ async fn handle(
                 enc = enc.str(q);
             }
             enc.finish()
+        }
+        kind::STREAM_JOIN => {
+            let group = d.str().map_err(e)?;
+            let queue = d.str().map_err(e)?;
+            let start = if d.u8().map_err(e)? == 0 { StartFrom::Earliest } else { StartFrom::Latest };
+            let commit = if d.u8().map_err(e)? == 0 { Commit::AfterProcessing } else { Commit::BeforeProcessing };
+            let member = LocalStream::join(store.clone(), &group, &queue, start, commit).map_err(|e| e.to_string())?;
+            lock(&conn.streams).insert(id, Arc::new(tokio::sync::Mutex::new(member)));
+            ok().u64(id).finish()
+        }
+        kind::STREAM_POLL => {
+            let member = conn.stream(d.u64().map_err(e)?)?;
+            let max = d.u32().map_err(e)? as usize;
+            let timeout = Duration::from_millis(d.u64().map_err(e)?).min(Duration::from_secs(300));
+            let records = member.lock().await.poll(max, wire::POLL_BYTES, timeout).await.map_err(|e| e.to_string())?;
+            records.iter().fold(ok().u32(records.len() as u32), |enc, r| enc.stream_record(r)).finish()
+        }
+        kind::STREAM_COMMIT => {
+            let member = conn.stream(d.u64().map_err(e)?)?;
+            let guard = member.lock().await;
+            guard.commit().map_err(|e| e.to_string())?;
+            ok().finish()
+        }
+        kind::STREAM_ASSIGNMENT => {
+            let assigned = conn.stream(d.u64().map_err(e)?)?.lock().await.assignment();
+            assigned.iter().fold(ok().u32(assigned.len() as u32), |enc, p| enc.u32(*p as u32)).finish()
         }
         other => return Err(format!("unknown request kind {other}")),
     }))

@@ -6,6 +6,11 @@
 //! Offsets are stored in `groups/<group>/<topic>/<partition>` (`offset:u64 crc:u32`, replaced
 //! atomically). Records a group has not committed are kept by retention.
 //!
+//! Members run in the owning process or in any client (`log+tcp://`, `log+tls://`, another process
+//! on the directory's socket): a client's member lives on the server for as long as its connection,
+//! so a client that crashes leaves the group and its partitions move to the others, from the
+//! committed offsets.
+//!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use broker_backends::log::{Commit, LogBroker, StartFrom};
@@ -14,10 +19,10 @@
 //! let broker = LogBroker::connect(&format!("log://{}", dir.display())).await.unwrap();
 //! let msg = Message::from_signature(&Signature::by_name("evt")).unwrap();
 //! broker.publish(&Route::queue("events"), &msg).await.unwrap();
-//! let mut c = broker.stream("analytics", "events", StartFrom::Earliest, Commit::AfterProcessing).unwrap();
+//! let mut c = broker.stream("analytics", "events", StartFrom::Earliest, Commit::AfterProcessing).await.unwrap();
 //! let batch = c.poll(100, std::time::Duration::from_secs(1)).await.unwrap();
 //! assert_eq!(batch.len(), 1);
-//! c.commit().unwrap();
+//! c.commit().await.unwrap();
 //! # std::fs::remove_dir_all(dir).ok();
 //! # });
 //! ```
@@ -26,6 +31,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use celery_core::BrokerError;
 
 use super::error::LogError;
 use super::partition::{Partition, Pos};
@@ -120,9 +127,59 @@ fn store_committed(dir: &Path, group: &str, topic: &str, partition: usize, offse
     super::segment::sync_dir(parent)
 }
 
-/// A member of a consumer group reading one topic.
+/// A member of a consumer group reading one topic: in this process, or on the server of a client.
 #[derive(Debug)]
 pub struct StreamConsumer {
+    member: Member,
+}
+
+#[derive(Debug)]
+enum Member {
+    Local(LocalStream),
+    Remote(super::remote::RemoteStream),
+}
+
+impl StreamConsumer {
+    pub(crate) fn local(s: LocalStream) -> StreamConsumer {
+        StreamConsumer { member: Member::Local(s) }
+    }
+
+    pub(crate) fn remote(s: super::remote::RemoteStream) -> StreamConsumer {
+        StreamConsumer { member: Member::Remote(s) }
+    }
+
+    /// The partitions this member reads now.
+    pub async fn assignment(&self) -> Result<Vec<usize>, BrokerError> {
+        match &self.member {
+            Member::Local(s) => Ok(s.assignment()),
+            Member::Remote(s) => s.assignment().await,
+        }
+    }
+
+    /// Up to `max` records from the assigned partitions, waiting up to `timeout` for the first.
+    /// With [`Commit::BeforeProcessing`] their offsets are committed before they are returned. A
+    /// client whose connection was lost joins the group again here (reading from the committed
+    /// offsets).
+    pub async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<StreamRecord>, BrokerError> {
+        match &mut self.member {
+            Member::Local(s) => Ok(s.poll(max, usize::MAX, timeout).await?),
+            Member::Remote(s) => s.poll(max, timeout).await,
+        }
+    }
+
+    /// Commits the position after everything polled so far (durably). Fails, committing nothing,
+    /// when the connection the records came over is lost.
+    pub async fn commit(&self) -> Result<(), BrokerError> {
+        match &self.member {
+            Member::Local(s) => Ok(s.commit()?),
+            Member::Remote(s) => s.commit().await,
+        }
+    }
+}
+
+/// A member in the process that owns the directory.
+#[derive(Debug)]
+pub(crate) struct LocalStream {
     store: Arc<LogStore>,
     topic: Arc<Topic>,
     group: String,
@@ -134,14 +191,14 @@ pub struct StreamConsumer {
     positions: HashMap<usize, (u64, Pos)>,
 }
 
-impl StreamConsumer {
+impl LocalStream {
     pub(crate) fn join(
         store: Arc<LogStore>,
         group: &str,
         topic: &str,
         start: StartFrom,
         commit: Commit,
-    ) -> Result<StreamConsumer, LogError> {
+    ) -> Result<LocalStream, LogError> {
         let topic = store.topic(topic)?;
         let member = {
             let mut groups = lock(&store.groups);
@@ -152,7 +209,7 @@ impl StreamConsumer {
             m.generation += 1;
             id
         };
-        Ok(StreamConsumer {
+        Ok(LocalStream {
             store,
             topic,
             group: group.to_owned(),
@@ -164,8 +221,7 @@ impl StreamConsumer {
         })
     }
 
-    /// The partitions this member reads now.
-    pub fn assignment(&self) -> Vec<usize> {
+    pub(crate) fn assignment(&self) -> Vec<usize> {
         let groups = lock(&self.store.groups);
         let Some(m) = groups.get(&(self.group.clone(), self.topic.name.clone())) else { return Vec::new() };
         let idx = m.members.iter().position(|x| *x == self.member).unwrap_or(0);
@@ -201,21 +257,28 @@ impl StreamConsumer {
         Ok(())
     }
 
-    /// Up to `max` records from the assigned partitions, waiting up to `timeout` for the first.
-    /// With [`Commit::BeforeProcessing`] their offsets are committed before they are returned.
-    pub async fn poll(&mut self, max: usize, timeout: Duration) -> Result<Vec<StreamRecord>, LogError> {
+    /// Up to `max` records, and no more once `max_bytes` of keys and payloads are read (always at
+    /// least one), waiting up to `timeout` for the first.
+    pub(crate) async fn poll(
+        &mut self,
+        max: usize,
+        max_bytes: usize,
+        timeout: Duration,
+    ) -> Result<Vec<StreamRecord>, LogError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             self.rebalance()?;
             let notify = self.store.notify.clone();
             let notified = notify.notified();
             let mut out = Vec::new();
+            let mut bytes = 0;
             for (p, (offset, pos)) in self.positions.iter_mut() {
                 let part: &Arc<Partition> = &self.topic.partitions[*p];
-                while out.len() < max {
+                while out.len() < max && bytes < max_bytes {
                     match part.log.read(pos, *offset)? {
                         Some((record, _)) => {
                             *offset += 1;
+                            bytes += record.key.len() + record.payload.len();
                             out.push(StreamRecord { partition: *p, record });
                         }
                         None => break,
@@ -232,8 +295,7 @@ impl StreamConsumer {
         }
     }
 
-    /// Commits the position after everything polled so far (durably).
-    pub fn commit(&self) -> Result<(), LogError> {
+    pub(crate) fn commit(&self) -> Result<(), LogError> {
         for (p, (offset, _)) in &self.positions {
             store_committed(self.store.dir(), &self.group, &self.topic.name, *p, *offset)?;
         }
@@ -241,7 +303,7 @@ impl StreamConsumer {
     }
 }
 
-impl Drop for StreamConsumer {
+impl Drop for LocalStream {
     fn drop(&mut self) {
         let mut groups = lock(&self.store.groups);
         if let Some(m) = groups.get_mut(&(self.group.clone(), self.topic.name.clone())) {

@@ -10,6 +10,9 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use super::record::Record;
+use super::stream::StreamRecord;
+
 /// The protocol version byte.
 pub(crate) const VERSION: u8 = 1;
 /// The largest frame accepted.
@@ -36,6 +39,11 @@ pub(crate) mod kind {
     pub(crate) const CHORD: u8 = 17;
     pub(crate) const BROADCAST: u8 = 18;
     pub(crate) const SUBSCRIBE: u8 = 19;
+    pub(crate) const STREAM_JOIN: u8 = 20;
+    pub(crate) const STREAM_POLL: u8 = 21;
+    pub(crate) const STREAM_COMMIT: u8 = 22;
+    pub(crate) const STREAM_ASSIGNMENT: u8 = 23;
+    pub(crate) const STREAM_LEAVE: u8 = 24;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;
@@ -154,6 +162,33 @@ impl<'a> Dec<'a> {
     }
 }
 
+/// The bytes of stream records a `STREAM_POLL` answer carries at most (beyond its first record), so
+/// an answer stays far below [`MAX_FRAME`].
+pub(crate) const POLL_BYTES: usize = 16 << 20;
+
+impl Enc {
+    /// A stream record: `partition u32 | offset u64 | timestamp i64 | not_before i64 | header
+    /// count u32 | (name, value)* | key | payload`.
+    pub(crate) fn stream_record(self, r: &StreamRecord) -> Enc {
+        let rec = &r.record;
+        let e = self.u32(r.partition as u32).u64(rec.offset).i64(rec.timestamp_ms).i64(rec.not_before_ms);
+        let e = rec.headers.iter().fold(e.u32(rec.headers.len() as u32), |e, (k, v)| e.str(k).bytes(v));
+        e.bytes(&rec.key).bytes(&rec.payload)
+    }
+}
+
+impl Dec<'_> {
+    /// The inverse of [`Enc::stream_record`].
+    pub(crate) fn stream_record(&mut self) -> io::Result<StreamRecord> {
+        let partition = self.u32()? as usize;
+        let (offset, timestamp_ms, not_before_ms) = (self.u64()?, self.i64()?, self.i64()?);
+        let n = self.u32()? as usize;
+        let headers = (0..n).map(|_| Ok((self.str()?, self.bytes()?.to_vec()))).collect::<io::Result<Vec<_>>>()?;
+        let (key, payload) = (self.bytes()?.to_vec(), self.bytes()?.to_vec());
+        Ok(StreamRecord { partition, record: Record { offset, timestamp_ms, not_before_ms, headers, key, payload } })
+    }
+}
+
 /// Writes the frames sent on `rx` in order, coalescing what is queued into one write of up to
 /// 1 MiB; when every sender is gone (or a write fails) it shuts the stream's write side.
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
@@ -223,5 +258,21 @@ mod tests {
         let mut wrong = f.clone();
         wrong[4] = 9;
         assert!(read_frame(&mut &wrong[..]).await.is_err());
+    }
+
+    #[test]
+    fn stream_records_roundtrip() {
+        let rec = Record {
+            offset: 9,
+            timestamp_ms: 1_700_000_000_000,
+            not_before_ms: -1,
+            headers: vec![("h".into(), b"v".to_vec())],
+            key: b"user-1".to_vec(),
+            payload: b"{}".to_vec(),
+        };
+        let f = Enc::frame(kind::OK, 1).stream_record(&StreamRecord { partition: 3, record: rec.clone() }).finish();
+        let got = Dec::new(&f[14..]).stream_record().unwrap();
+        assert_eq!((got.partition, got.record), (3, rec));
+        assert!(Dec::new(&f[14..f.len() - 1]).stream_record().is_err(), "a truncated record is an error");
     }
 }
