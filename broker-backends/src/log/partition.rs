@@ -7,7 +7,7 @@
 //! acked offsets above it are compacted into `checkpoint` now and then.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -441,63 +441,117 @@ impl Writer {
     }
 }
 
-/// The finished prefix: every offset below `watermark` is done, and so is each offset in `done`.
+/// The finished prefix: every offset below `watermark` is done, and so is every offset of the
+/// ranges in `done` (`start -> end`, end exclusive; disjoint, never touching one another or the
+/// watermark). A record that stays unfinished for long (a long task, a far-off eta) holds the
+/// watermark, and everything finished behind it costs one range, not one entry per record.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct Finished {
     pub(crate) watermark: u64,
-    pub(crate) done: BTreeSet<u64>,
+    pub(crate) done: BTreeMap<u64, u64>,
 }
 
 impl Finished {
     fn mark(&mut self, offset: u64) {
-        if offset >= self.watermark {
-            self.done.insert(offset);
-            while self.done.remove(&self.watermark) {
-                self.watermark += 1;
+        if self.is_done(offset) {
+            return;
+        }
+        if offset == self.watermark {
+            self.watermark += 1;
+            if let Some(end) = self.done.remove(&self.watermark) {
+                self.watermark = end;
+            }
+            return;
+        }
+        let before = self.done.range(..offset).next_back().filter(|(_, end)| **end == offset).map(|(s, _)| *s);
+        let after = self.done.remove(&(offset + 1));
+        match before {
+            Some(start) => {
+                self.done.insert(start, after.unwrap_or(offset + 1));
+            }
+            None => {
+                self.done.insert(offset, after.unwrap_or(offset + 1));
             }
         }
     }
 
     fn is_done(&self, offset: u64) -> bool {
-        offset < self.watermark || self.done.contains(&offset)
+        offset < self.watermark || self.done.range(..=offset).next_back().is_some_and(|(_, end)| *end > offset)
+    }
+
+    /// How many offsets at or after `from` are done.
+    fn done_from(&self, from: u64) -> u64 {
+        self.done.iter().map(|(s, e)| e.saturating_sub((*s).max(from))).sum()
+    }
+
+    /// Everything below `end` is done except the `unfinished` offsets.
+    fn all_but(end: u64, unfinished: &[u64]) -> Finished {
+        let mut left: Vec<u64> = unfinished.iter().copied().filter(|o| *o < end).collect();
+        left.sort_unstable();
+        left.dedup();
+        let Some(first) = left.first().copied() else {
+            return Finished { watermark: end, done: BTreeMap::new() };
+        };
+        let bounds = left.iter().copied().skip(1).chain(std::iter::once(end));
+        let done = left.iter().zip(bounds).filter(|(a, b)| **a + 1 < *b).map(|(a, b)| (a + 1, b)).collect();
+        Finished { watermark: first, done }
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::with_capacity(16 + self.done.len() * 8);
+        let mut body = Vec::with_capacity(16 + self.done.len() * 16);
         body.extend_from_slice(&self.watermark.to_le_bytes());
         body.extend_from_slice(&(self.done.len() as u64).to_le_bytes());
-        for d in &self.done {
-            body.extend_from_slice(&d.to_le_bytes());
+        for (start, end) in &self.done {
+            body.extend_from_slice(&start.to_le_bytes());
+            body.extend_from_slice(&end.to_le_bytes());
         }
-        let mut out = b"CKPT1".to_vec();
+        let mut out = b"CKPT2".to_vec();
         out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         out.extend_from_slice(&body);
         out
     }
 
+    /// Reads a checkpoint: `CKPT2` (ranges) or the older `CKPT1` (one entry per offset).
+    fn decode(data: &[u8], path: &Path) -> Result<Finished, LogError> {
+        let bad = |reason: &str| LogError::Corrupt { path: path.to_owned(), offset: 0, reason: reason.into() };
+        let (ranges, body) = match data.split_at_checked(5) {
+            Some((b"CKPT2", rest)) => (true, rest),
+            Some((b"CKPT1", rest)) => (false, rest),
+            _ => return Err(bad("not a checkpoint")),
+        };
+        let (crc, body) = body.split_at_checked(4).ok_or_else(|| bad("short"))?;
+        if crc32c::crc32c(body).to_le_bytes() != crc || body.len() < 16 {
+            return Err(bad("checksum mismatch"));
+        }
+        let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let mut f = Finished { watermark: word(0), done: BTreeMap::new() };
+        let n = word(1) as usize;
+        let per = if ranges { 2 } else { 1 };
+        if n.checked_mul(per * 8).and_then(|b| b.checked_add(16)) != Some(body.len()) {
+            return Err(bad("length mismatch"));
+        }
+        for i in 0..n {
+            if ranges {
+                let (start, end) = (word(2 + 2 * i), word(3 + 2 * i));
+                if start <= f.watermark || end <= start {
+                    return Err(bad("invalid range"));
+                }
+                f.done.insert(start, end);
+            } else {
+                f.mark(word(2 + i));
+            }
+        }
+        Ok(f)
+    }
+
     /// Loads `checkpoint` and replays `acks.log` (a torn last frame of acks is ignored: those acks
     /// were not durable, and their records are delivered again).
     fn load(dir: &Path) -> Result<Finished, LogError> {
-        let mut f = Finished::default();
         let path = dir.join("checkpoint");
-        if let Ok(data) = std::fs::read(&path) {
-            let bad = |reason: &str| LogError::Corrupt { path: path.clone(), offset: 0, reason: reason.into() };
-            if data.len() < 9 || &data[..5] != b"CKPT1" {
-                return Err(bad("not a checkpoint"));
-            }
-            let crc = u32::from_le_bytes(data[5..9].try_into().map_err(|_| bad("short"))?);
-            let body = &data[9..];
-            if crc32c::crc32c(body) != crc || body.len() < 16 {
-                return Err(bad("checksum mismatch"));
-            }
-            let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-            f.watermark = word(0);
-            let n = word(1) as usize;
-            if body.len() != 16 + n * 8 {
-                return Err(bad("length mismatch"));
-            }
-            f.done = (0..n).map(|i| word(2 + i)).collect();
-        }
+        let mut f = match std::fs::read(&path) {
+            Ok(data) => Finished::decode(&data, &path)?,
+            Err(_) => Finished::default(),
+        };
         let acks_path = dir.join("acks.log");
         if let Ok(data) = std::fs::read(&acks_path) {
             let mut pos = 0;
@@ -788,7 +842,7 @@ impl Partition {
 
     fn ready_locked(st: &QueueState, end: u64) -> u64 {
         let ahead = end.saturating_sub(st.cursor_offset);
-        let done_ahead = st.finished.done.range(st.cursor_offset..).count() as u64;
+        let done_ahead = st.finished.done_from(st.cursor_offset);
         ahead.saturating_sub(done_ahead) + st.ready.len() as u64
     }
 
@@ -804,10 +858,9 @@ impl Partition {
         let data = {
             let mut st = lock(&self.state);
             let pending = Self::ready_locked(&st, end) + st.delayed.len() as u64;
-            let leased: std::collections::HashSet<u64> = st.leased.keys().copied().collect();
             // Leased records stay unfinished until settled: the watermark stays below them.
-            let watermark = leased.iter().min().copied().unwrap_or(end).min(end);
-            st.finished = Finished { watermark, done: (watermark..end).filter(|o| !leased.contains(o)).collect() };
+            let leased: Vec<u64> = st.leased.keys().copied().collect();
+            st.finished = Finished::all_but(end, &leased);
             st.ready.clear();
             st.delayed.clear();
             st.cursor_offset = end;
@@ -915,6 +968,70 @@ mod tests {
         assert_eq!(p.take(far).unwrap().unwrap().record.payload, b"now");
         assert!(p.take(far).unwrap().is_none());
         assert_eq!(p.delayed_len(), 1);
+    }
+
+    #[test]
+    fn finished_ranges_match_a_set_of_offsets() {
+        use rand::seq::SliceRandom;
+        let mut rng = rand::rng();
+        for _ in 0..50 {
+            let mut offsets: Vec<u64> = (0..300).collect();
+            offsets.shuffle(&mut rng);
+            let (marked, _) = offsets.split_at(200);
+            let mut f = Finished::default();
+            let mut set = std::collections::BTreeSet::new();
+            for o in marked {
+                f.mark(*o);
+                f.mark(*o); // twice: no change
+                set.insert(*o);
+            }
+            for o in 0..320 {
+                assert_eq!(f.is_done(o), set.contains(&o), "offset {o}");
+            }
+            assert_eq!(f.watermark, (0..).find(|o| !set.contains(o)).unwrap());
+            assert_eq!(f.done_from(150), set.range(150.max(f.watermark)..).count() as u64);
+            let ranges: Vec<_> = f.done.iter().collect();
+            for w in ranges.windows(2) {
+                assert!(w[0].1 < w[1].0, "ranges neither overlap nor touch: {ranges:?}");
+            }
+            assert!(ranges.first().is_none_or(|(s, _)| **s > f.watermark));
+            let back = Finished::decode(&f.encode(), Path::new("checkpoint")).unwrap();
+            assert_eq!(back, f);
+        }
+    }
+
+    #[test]
+    fn one_stuck_record_costs_one_range() {
+        let mut f = Finished::default();
+        for o in 1..1_000_000 {
+            f.mark(o);
+        }
+        assert_eq!((f.watermark, f.done.len()), (0, 1));
+        assert!(f.encode().len() < 64, "the checkpoint stays small");
+        f.mark(0);
+        assert_eq!((f.watermark, f.done.len()), (1_000_000, 0));
+    }
+
+    #[test]
+    fn all_but_and_old_checkpoints() {
+        let f = Finished::all_but(10, &[3, 7, 8, 12]);
+        assert_eq!(f.watermark, 3);
+        assert_eq!(f.done, BTreeMap::from([(4, 7), (9, 10)]));
+        assert_eq!(Finished::all_but(10, &[]), Finished { watermark: 10, done: BTreeMap::new() });
+        // A CKPT1 checkpoint (one entry per offset) written by an earlier version still loads.
+        let mut body = Vec::new();
+        for w in [2u64, 3, 4, 5, 9] {
+            body.extend_from_slice(&w.to_le_bytes());
+        }
+        let mut old = b"CKPT1".to_vec();
+        old.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        old.extend_from_slice(&body);
+        let f = Finished::decode(&old, Path::new("checkpoint")).unwrap();
+        assert_eq!((f.watermark, f.done.clone()), (2, BTreeMap::from([(4, 6), (9, 10)])));
+        let mut corrupt = f.encode();
+        let last = corrupt.len() - 1;
+        corrupt[last] ^= 1;
+        assert!(Finished::decode(&corrupt, Path::new("checkpoint")).is_err());
     }
 
     pub(crate) fn tempdir() -> PathBuf {
