@@ -33,6 +33,7 @@ mod error;
 mod partition;
 mod record;
 mod remote;
+mod results;
 mod segment;
 mod server;
 mod store;
@@ -58,6 +59,7 @@ use tokio::sync::{Notify, Semaphore};
 pub use error::LogError;
 pub use partition::{Fsync, NewRecord, Retention};
 pub use record::Record;
+pub use results::Compacted;
 pub use server::serve_tcp;
 pub use store::{LogStore, StoreConfig};
 pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
@@ -803,12 +805,14 @@ impl LogStore {
             payload: doc.clone(),
             not_before_ms: 0,
         };
-        self.results_log.log.append(vec![rec]).await?;
-        let waiter = {
-            let mut res = lock(&self.results);
-            res.values.insert(id.to_owned(), (doc, expires));
-            res.waiters.remove(id)
-        };
+        let waiter = self
+            .results_log
+            .append(vec![rec], || {
+                let mut res = lock(&self.results);
+                res.values.insert(id.to_owned(), (doc, expires));
+                res.waiters.remove(id)
+            })
+            .await?;
         if let Some(w) = waiter {
             w.notify_waiters();
         }
@@ -893,12 +897,14 @@ impl LogStore {
         keys.extend(tally.members.keys().map(|id| chord_key(group, &format!("/{id}"))));
         let tombstones =
             keys.iter().map(|k| NewRecord { key: k.as_bytes().to_vec(), ..NewRecord::default() }).collect();
-        self.results_log.log.append(tombstones).await?;
-        let mut res = lock(&self.results);
-        for k in &keys {
-            res.values.remove(k);
-        }
-        Ok(())
+        self.results_log
+            .append(tombstones, || {
+                let mut res = lock(&self.results);
+                for k in &keys {
+                    res.values.remove(k);
+                }
+            })
+            .await
     }
 
     /// Rebuilds the chord tallies from the stored results (on open).
@@ -923,8 +929,7 @@ impl LogStore {
     /// Deletes `id`'s document.
     pub async fn forget_result(&self, id: &str) -> Result<(), LogError> {
         let rec = NewRecord { key: id.as_bytes().to_vec(), ..NewRecord::default() };
-        self.results_log.log.append(vec![rec]).await?;
-        lock(&self.results).values.remove(id);
+        self.results_log.append(vec![rec], || lock(&self.results).values.remove(id)).await?;
         Ok(())
     }
 }

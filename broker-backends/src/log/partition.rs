@@ -427,12 +427,7 @@ impl Writer {
     /// Replaces `checkpoint` atomically, then empties `acks.log` (whose acks it contains).
     fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
         self.sync_now()?;
-        let tmp = self.dir.join("checkpoint.tmp");
-        let path = self.dir.join("checkpoint");
-        let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
-        f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
-        segment::sync_dir(&self.dir)?;
+        segment::replace_file(&self.dir.join("checkpoint"), data)?;
         self.acks
             .set_len(0)
             .and_then(|()| self.acks.sync_all())

@@ -36,6 +36,17 @@ pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, LogError> {
     Ok(Segment { base, path, file: Arc::new(file) })
 }
 
+/// Replaces `path` with `data` atomically and durably: write `<path>.tmp`, fsync, rename, fsync
+/// the directory.
+pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| LogError::io(path, e))?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
 /// fsyncs a directory so a created or renamed file survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LogError::io(dir, e))

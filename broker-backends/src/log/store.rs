@@ -16,6 +16,11 @@ use super::record::Record;
 use celery_core::routing::{Binding, ExchangeKind, RoutingTable};
 use serde_json::{Map, Value};
 
+/// Bytes a stored record takes beyond its key and payload (frame, offset, time, expiry header).
+const RECORD_OVERHEAD: usize = 60;
+/// The results log is not compacted below this size.
+const COMPACT_MIN_BYTES: u64 = 64 << 20;
+
 /// Store settings, from the URL's query.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -97,7 +102,7 @@ pub struct LogStore {
     /// Woken on every append, requeue and expiry.
     pub(crate) notify: Arc<Notify>,
     pub(crate) results: Mutex<Results>,
-    pub(crate) results_log: Arc<Partition>,
+    pub(crate) results_log: super::results::ResultsLog,
     /// Serializes read-decide-write operations (leases, chord tallies).
     pub(crate) cas_lock: tokio::sync::Mutex<()>,
     /// Live broadcast subscribers: (exchange, pattern, sender).
@@ -146,15 +151,29 @@ impl LogStore {
         std::fs::write(&lock_path, std::process::id().to_string()).map_err(|e| LogError::io(&lock_path, e))?;
         let notify = Arc::new(Notify::new());
         let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes };
-        let results_log =
-            Arc::new(Partition::open(&canonical.join("results").join("0"), &pcfg, Arc::new(Notify::new()))?);
+        let mut results = Results::default();
+        let now = now_ms();
+        let results_log = super::results::ResultsLog::open(&canonical.join("results"), &pcfg, |rec| {
+            let expires = rec
+                .headers
+                .iter()
+                .find(|(k, _)| k == "expires")
+                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
+                .unwrap_or(i64::MAX);
+            let id = String::from_utf8_lossy(&rec.key).into_owned();
+            if rec.payload.is_empty() || expires <= now {
+                results.values.remove(&id);
+            } else {
+                results.values.insert(id, (rec.payload, expires));
+            }
+        })?;
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
             cfg,
             _lock: lock_file,
             topics: Mutex::new(HashMap::new()),
             notify,
-            results: Mutex::new(Results::default()),
+            results: Mutex::new(results),
             results_log,
             cas_lock: tokio::sync::Mutex::new(()),
             chords: Mutex::new(HashMap::new()),
@@ -164,7 +183,6 @@ impl LogStore {
             unroutable: std::sync::atomic::AtomicU64::new(0),
             groups: Mutex::new(HashMap::new()),
         });
-        store.load_results()?;
         store.rebuild_chords();
         for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {
             if let Ok(name) = std::fs::read_to_string(entry.path().join("name")) {
@@ -331,26 +349,48 @@ impl LogStore {
                 p.checkpoint().await?;
             }
         }
-        self.results_log.log.flush().await
+        self.results_log.flush().await
     }
 
-    fn load_results(&self) -> Result<(), LogError> {
-        let mut res = lock(&self.results);
+    /// Forgets expired results in memory (their records go at the next compaction).
+    fn sweep_results(&self) -> u64 {
         let now = now_ms();
-        self.results_log.scan_from(0, |rec| {
-            let expires = rec
-                .headers
-                .iter()
-                .find(|(k, _)| k == "expires")
-                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
-                .unwrap_or(i64::MAX);
-            let id = String::from_utf8_lossy(&rec.key).into_owned();
-            if rec.payload.is_empty() || expires <= now {
-                res.values.remove(&id);
-            } else {
-                res.values.insert(id, (rec.payload, expires));
+        let mut res = lock(&self.results);
+        res.values.retain(|_, (_, expires)| *expires > now);
+        res.values.iter().map(|(k, (doc, _))| (k.len() + doc.len() + RECORD_OVERHEAD) as u64).sum()
+    }
+
+    /// Rewrites the results log with only what is live (unexpired results, leases, stored
+    /// documents, chord tallies). It also runs by itself when the log is over 64 MiB and four times
+    /// what is live.
+    pub async fn compact_results(&self) -> Result<super::results::Compacted, LogError> {
+        self.results_log
+            .compact(|| {
+                let now = now_ms();
+                let res = lock(&self.results);
+                res.values
+                    .iter()
+                    .filter(|(_, (_, expires))| *expires > now)
+                    .map(|(id, (doc, expires))| NewRecord {
+                        headers: vec![("expires".into(), expires.to_string().into_bytes())],
+                        key: id.as_bytes().to_vec(),
+                        payload: doc.clone(),
+                        not_before_ms: 0,
+                    })
+                    .collect()
+            })
+            .await
+    }
+
+    /// Sweeps expired results and compacts the results log when it is mostly dead.
+    async fn maintain_results(&self) {
+        let live = self.sweep_results();
+        let on_disk = self.results_log.disk_bytes().await;
+        if on_disk > COMPACT_MIN_BYTES && on_disk > live.saturating_mul(4) {
+            if let Err(e) = self.compact_results().await {
+                tracing::error!(error = %e, "log: compacting the results failed; the old log stays in use");
             }
-        })
+        }
     }
 }
 
@@ -368,13 +408,8 @@ fn load_routing(dir: &Path) -> Result<RoutingTable, LogError> {
 
 /// Replaces `routing.json` atomically (write, fsync, rename, fsync the directory).
 fn save_routing(dir: &Path, t: &RoutingTable) -> Result<(), LogError> {
-    use std::io::Write;
-    let tmp = dir.join("routing.json.tmp");
     let data = serde_json::to_vec_pretty(t).map_err(|e| LogError::Invalid(e.to_string()))?;
-    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
-    f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
-    std::fs::rename(&tmp, dir.join("routing.json")).map_err(|e| LogError::io(dir, e))?;
-    super::segment::sync_dir(dir)
+    super::segment::replace_file(&dir.join("routing.json"), &data)
 }
 
 impl LogStore {
@@ -410,6 +445,9 @@ async fn expiry_loop(store: Weak<LogStore>) {
             }
         }
         let Some(s) = store.upgrade() else { return };
+        if ticks.is_multiple_of(100) {
+            s.maintain_results().await;
+        }
         let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
         let now = Instant::now();
         let mut returned = false;

@@ -114,17 +114,12 @@ pub(crate) fn committed(dir: &Path, group: &str, topic: &str, partition: usize) 
 }
 
 fn store_committed(dir: &Path, group: &str, topic: &str, partition: usize, offset: u64) -> Result<(), LogError> {
-    use std::io::Write;
     let path = offset_path(dir, group, topic, partition);
     let parent = path.parent().unwrap_or(dir);
     std::fs::create_dir_all(parent).map_err(|e| LogError::io(parent, e))?;
     let mut data = offset.to_le_bytes().to_vec();
     data.extend_from_slice(&crc32c::crc32c(&offset.to_le_bytes()).to_le_bytes());
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
-    f.write_all(&data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
-    std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
-    super::segment::sync_dir(parent)
+    super::segment::replace_file(&path, &data)
 }
 
 /// A member of a consumer group reading one topic: in this process, or on the server of a client.
