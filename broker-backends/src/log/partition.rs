@@ -3,8 +3,11 @@
 //!
 //! Group commit: publishers hand batches to one writer thread per partition, which drains everything
 //! pending, writes it with one `write`, fsyncs once (policy `always`), then completes every waiter.
-//! Acks go through the same thread into `acks.log`; the finished prefix (the low watermark) and the
-//! acked offsets above it are compacted into `checkpoint` now and then.
+//! Acks go through the same thread into `acks.log`: settling threads add them to a shared list and
+//! wake the writer only when the list was empty, so a busy queue costs one wake-up per batch of
+//! acks, not per ack. The writer keeps its own copy of the finished set, built from exactly the
+//! acks it wrote, and compacts it into `checkpoint` now and then (and truncates `acks.log`): a
+//! checkpoint therefore always covers every ack written before it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
@@ -22,6 +25,8 @@ use super::segment::{self, Segment};
 
 /// How long an ack may wait for its fsync under `Fsync::Always` (acks share fsyncs).
 const ACK_SYNC: Duration = Duration::from_millis(10);
+/// How long the writer, woken by acks alone, gathers more before writing them.
+const ACK_GATHER: Duration = Duration::from_micros(500);
 
 /// When appended bytes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,9 +81,20 @@ pub(crate) struct PartitionConfig {
 
 enum WriterCmd {
     Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
-    Acks(Vec<u64>),
-    Checkpoint(Vec<u8>),
+    /// Settlements are waiting in the shared list.
+    Settled,
     Flush(oneshot::Sender<()>),
+}
+
+/// A change to the finished set, in the order the writer applies it.
+#[derive(Debug)]
+enum AckOp {
+    /// Offsets finished.
+    Ack(Vec<u64>),
+    /// The whole set replaced (purge, forced retention); checkpointed at once.
+    Reset(Finished),
+    /// Checkpoint now (clean shutdown; forces an fsync).
+    Checkpoint,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -100,6 +116,8 @@ pub(crate) struct PartitionLog {
     end: Arc<Mutex<End>>,
     tx: Mutex<Option<mpsc::Sender<WriterCmd>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Settlements for the writer, in order.
+    settled: Arc<Mutex<Vec<AckOp>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -114,14 +132,19 @@ impl PartitionLog {
     fn open(
         dir: &Path,
         cfg: &PartitionConfig,
-        first_offset: u64,
+        finished: Finished,
         on_append: Arc<Notify>,
     ) -> Result<PartitionLog, LogError> {
+        let first_offset = finished.watermark;
         let rec = segment::recover(dir, first_offset)?;
         let segments = Arc::new(RwLock::new(rec.segments));
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset }));
         let (tx, rx) = mpsc::channel();
+        let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
         let writer = Writer {
+            settled: settled.clone(),
+            finished,
+            acks_since_checkpoint: 0,
             dir: dir.to_owned(),
             cfg: cfg.clone(),
             segments: segments.clone(),
@@ -142,11 +165,25 @@ impl PartitionLog {
             .name(format!("log-writer-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")))
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::io(dir, e))?;
-        Ok(PartitionLog { segments, end, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(PartitionLog { segments, end, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), settled })
     }
 
     fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
         lock(&self.tx).as_ref().ok_or(LogError::Closed)?.send(cmd).map_err(|_| LogError::Closed)
+    }
+
+    /// Hands a settlement to the writer, waking it when it had none waiting.
+    fn settle(&self, op: AckOp) -> Result<(), LogError> {
+        let was_empty = {
+            let mut s = lock(&self.settled);
+            let e = s.is_empty();
+            s.push(op);
+            e
+        };
+        if was_empty {
+            self.send(WriterCmd::Settled)?;
+        }
+        Ok(())
     }
 
     /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
@@ -257,6 +294,10 @@ struct Writer {
     next_offset: u64,
     on_append: Arc<Notify>,
     acks: File,
+    settled: Arc<Mutex<Vec<AckOp>>>,
+    /// The finished set as written to `acks.log` and `checkpoint`.
+    finished: Finished,
+    acks_since_checkpoint: usize,
     dirty: bool,
     acks_dirty: bool,
     last_sync: Instant,
@@ -282,6 +323,12 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
             let mut batch = vec![first];
+            if matches!(batch[0], WriterCmd::Settled) {
+                // Woken by acks alone: let more gather (anything else ends the wait).
+                if let Ok(c) = rx.recv_timeout(ACK_GATHER) {
+                    batch.push(c);
+                }
+            }
             while batch.len() < 4096 {
                 match rx.try_recv() {
                     Ok(c) => batch.push(c),
@@ -302,9 +349,7 @@ impl Writer {
     fn process(&mut self, batch: Vec<WriterCmd>) {
         let mut buf = Vec::new();
         let mut waiters = Vec::new();
-        let mut acks = Vec::new();
         let mut flushes = Vec::new();
-        let mut checkpoints = Vec::new();
         let start_offset = self.next_offset;
         let now = now_ms();
         for cmd in batch {
@@ -325,21 +370,19 @@ impl Writer {
                     }
                     waiters.push((first, done));
                 }
-                WriterCmd::Acks(a) => acks.extend(a),
-                WriterCmd::Checkpoint(c) => checkpoints.push(c),
+                WriterCmd::Settled => {}
                 WriterCmd::Flush(f) => flushes.push(f),
             }
         }
-        let result = self.write_records(&buf, start_offset).and_then(|()| self.write_acks(&acks));
-        let result = result.and_then(|()| self.maybe_sync(false));
-        match result {
+        // Taken after the commands: a flush waits for the settlements made before it.
+        let settled = std::mem::take(&mut *lock(&self.settled));
+        let result = self.write_records(&buf, start_offset);
+        if let Err(e) = self.apply_settled(settled) {
+            tracing::error!(error = %e, "log: writing acks failed; those records will be delivered again");
+        }
+        match result.and_then(|()| self.maybe_sync(false)) {
             Ok(()) => {
                 lock(&self.end).next_offset = self.next_offset;
-                for c in checkpoints {
-                    if let Err(e) = self.write_checkpoint(&c) {
-                        tracing::error!(error = %e, "log: checkpoint failed; acks stay in acks.log");
-                    }
-                }
                 if !buf.is_empty() {
                     self.on_append.notify_waiters();
                 }
@@ -380,6 +423,39 @@ impl Writer {
         self.tail_len += buf.len() as u64;
         self.dirty = true;
         Ok(())
+    }
+
+    /// Writes acks to `acks.log` and applies them to the writer's finished set, checkpointing when
+    /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
+    fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
+        let mut acks = Vec::new();
+        let mut checkpoint = false;
+        for op in settled {
+            match op {
+                AckOp::Ack(offsets) => {
+                    for o in &offsets {
+                        self.finished.mark(*o);
+                    }
+                    acks.extend(offsets);
+                }
+                AckOp::Reset(f) => {
+                    // Acks before the reset are covered by it.
+                    acks.clear();
+                    self.finished = f;
+                    checkpoint = true;
+                }
+                AckOp::Checkpoint => checkpoint = true,
+            }
+        }
+        self.acks_since_checkpoint += acks.len();
+        if checkpoint || self.acks_since_checkpoint >= CHECKPOINT_EVERY {
+            // The checkpoint holds every ack so far: acks.log starts over.
+            self.acks_since_checkpoint = 0;
+            let data = self.finished.encode();
+            self.write_checkpoint(&data)
+        } else {
+            self.write_acks(&acks)
+        }
     }
 
     fn write_acks(&mut self, acks: &[u64]) -> Result<(), LogError> {
@@ -601,7 +677,6 @@ struct QueueState {
     delayed: BinaryHeap<Reverse<(i64, u64, Pos)>>,
     leased: HashMap<u64, Lease>,
     expiry: BinaryHeap<Reverse<(Instant, u64)>>,
-    acks_since_checkpoint: usize,
     /// Set when a corrupt record was found: the partition serves nothing more.
     error: Option<String>,
     /// The end of the log when it was opened: an unfinished record below it may have been
@@ -623,7 +698,7 @@ const CHECKPOINT_EVERY: usize = 50_000;
 impl Partition {
     pub(crate) fn open(dir: &Path, cfg: &PartitionConfig, on_append: Arc<Notify>) -> Result<Partition, LogError> {
         let finished = Finished::load(dir)?;
-        let log = PartitionLog::open(dir, cfg, finished.watermark, on_append)?;
+        let log = PartitionLog::open(dir, cfg, finished.clone(), on_append)?;
         let cursor = log.seek(finished.watermark)?;
         let recovered_end = log.next_offset();
         Ok(Partition {
@@ -635,7 +710,6 @@ impl Partition {
                 delayed: BinaryHeap::new(),
                 leased: HashMap::new(),
                 expiry: BinaryHeap::new(),
-                acks_since_checkpoint: 0,
                 error: None,
                 recovered_end,
             }),
@@ -738,6 +812,7 @@ impl Partition {
             for o in st.finished.watermark..first {
                 st.finished.mark(o);
             }
+            self.log.settle(AckOp::Reset(st.finished.clone()))?;
             if st.cursor_offset < first {
                 st.cursor_offset = first;
                 st.cursor = Pos { seg: first, byte: 0 };
@@ -771,25 +846,13 @@ impl Partition {
 
     /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
     pub(crate) fn ack(&self, offsets: &[u64]) -> Result<(), LogError> {
-        let checkpoint = {
-            let mut st = lock(&self.state);
-            for o in offsets {
-                st.leased.remove(o);
-                st.finished.mark(*o);
-            }
-            st.acks_since_checkpoint += offsets.len();
-            if st.acks_since_checkpoint >= CHECKPOINT_EVERY {
-                st.acks_since_checkpoint = 0;
-                Some(st.finished.encode())
-            } else {
-                None
-            }
-        };
-        self.log.send(WriterCmd::Acks(offsets.to_vec()))?;
-        if let Some(c) = checkpoint {
-            self.log.send(WriterCmd::Checkpoint(c))?;
+        let mut st = lock(&self.state);
+        for o in offsets {
+            st.leased.remove(o);
+            st.finished.mark(*o);
         }
-        Ok(())
+        // Under the state lock, so the writer sees settlements in the order they were made.
+        self.log.settle(AckOp::Ack(offsets.to_vec()))
     }
 
     /// Gives a leased record back for immediate redelivery.
@@ -850,26 +913,22 @@ impl Partition {
     pub(crate) fn purge(&self) -> Result<u64, LogError> {
         let end = self.log.next_offset();
         let end_pos = self.log.seek(end)?;
-        let data = {
-            let mut st = lock(&self.state);
-            let pending = Self::ready_locked(&st, end) + st.delayed.len() as u64;
-            // Leased records stay unfinished until settled: the watermark stays below them.
-            let leased: Vec<u64> = st.leased.keys().copied().collect();
-            st.finished = Finished::all_but(end, &leased);
-            st.ready.clear();
-            st.delayed.clear();
-            st.cursor_offset = end;
-            st.cursor = end_pos;
-            (pending, st.finished.encode())
-        };
-        self.log.send(WriterCmd::Checkpoint(data.1))?;
-        Ok(data.0)
+        let mut st = lock(&self.state);
+        let pending = Self::ready_locked(&st, end) + st.delayed.len() as u64;
+        // Leased records stay unfinished until settled: the watermark stays below them.
+        let leased: Vec<u64> = st.leased.keys().copied().collect();
+        st.finished = Finished::all_but(end, &leased);
+        st.ready.clear();
+        st.delayed.clear();
+        st.cursor_offset = end;
+        st.cursor = end_pos;
+        self.log.settle(AckOp::Reset(st.finished.clone()))?;
+        Ok(pending)
     }
 
-    /// Writes a checkpoint now (clean shutdown).
+    /// Writes a checkpoint now and waits for it (clean shutdown); it also fsyncs what was appended.
     pub(crate) async fn checkpoint(&self) -> Result<(), LogError> {
-        let data = lock(&self.state).finished.encode();
-        self.log.send(WriterCmd::Checkpoint(data))?;
+        self.log.settle(AckOp::Checkpoint)?;
         self.log.flush().await
     }
 

@@ -13,6 +13,12 @@
 //! celery broker serve --data ./celery-data --listen 127.0.0.1:7575
 //! ```
 
+// glibc's malloc serializes frees of memory allocated on another thread, which a broker server and
+// a worker do all the time; mimalloc does not (`--no-default-features` keeps the system allocator).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     celery_worker::cli::run()
 }
