@@ -60,17 +60,22 @@ pub(crate) struct Decoded {
     pub(crate) redelivered: bool,
 }
 
-/// The envelope's fields we read; everything else is ignored.
+/// The envelope's fields we read; everything else is ignored. `H`: the headers as [`Headers`]
+/// (the fast path) or as a `Value` (for the exact error when the fast path fails).
 #[derive(serde::Deserialize)]
-struct Envelope<'a> {
+struct Envelope<'a, H> {
     #[serde(borrow, default)]
     body: Option<std::borrow::Cow<'a, str>>,
     #[serde(rename = "content-type", borrow, default)]
     content_type: Option<std::borrow::Cow<'a, str>>,
-    #[serde(default)]
-    headers: Option<Value>,
+    #[serde(default = "none")]
+    headers: Option<H>,
     #[serde(default)]
     properties: Option<EnvProperties>,
+}
+
+fn none<H>() -> Option<H> {
+    None
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -89,7 +94,7 @@ struct EnvProperties {
 
 /// The body of any envelope (a task or not, e.g. an event), JSON only; `None` when unreadable.
 pub(crate) fn body_of(raw: &[u8]) -> Option<Vec<u8>> {
-    let env: Envelope<'_> = serde_json::from_slice(raw).ok()?;
+    let env: Envelope<'_, serde::de::IgnoredAny> = serde_json::from_slice(raw).ok()?;
     if let Some(ct) = &env.content_type {
         check_content_type(ct).ok()?;
     }
@@ -100,31 +105,49 @@ pub(crate) fn body_of(raw: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Decodes an envelope; never panics.
+/// Decodes an envelope; never panics. Headers are read straight into [`Headers`]; when that
+/// fails, the envelope is read again through a `Value` for an error that names the field.
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
-    let env: Envelope<'_> = match serde_json::from_slice(raw) {
+    if let Ok(mut env) = serde_json::from_slice::<Envelope<'_, Headers>>(raw) {
+        if let Some(headers) = env.headers.take() {
+            let redelivered = headers.extra.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
+                || redelivered_in(env.properties.as_ref());
+            if let Ok(message) = decode_envelope(&env, headers) {
+                return Decoded { message: Ok(message), redelivered };
+            }
+        }
+    }
+    let env: Envelope<'_, Value> = match serde_json::from_slice(raw) {
         Ok(v) => v,
         Err(e) => return Decoded { message: Err(ProtocolError::InvalidJson(e.to_string())), redelivered: false },
     };
-    let props = env.properties.as_ref();
     let redelivered = env.headers.as_ref().and_then(|h| h.get("redelivered")).and_then(Value::as_bool).unwrap_or(false)
-        || props
-            .and_then(|p| p.delivery_info.as_ref())
-            .and_then(|d| d.get("redelivered"))
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
-    Decoded { message: decode_envelope(&env), redelivered }
+        || redelivered_in(env.properties.as_ref());
+    let message = (|| {
+        if let Some(ct) = &env.content_type {
+            check_content_type(ct)?;
+        }
+        let headers_v = env.headers.as_ref().ok_or(ProtocolError::MissingField("headers"))?;
+        if headers_v.get("task").is_none() {
+            return Err(ProtocolError::MissingField("task"));
+        }
+        decode_envelope(&env, Headers::from_json(headers_v)?)
+    })();
+    Decoded { message, redelivered }
 }
 
-fn decode_envelope(env: &Envelope<'_>) -> Result<Message, ProtocolError> {
+fn redelivered_in(props: Option<&EnvProperties>) -> bool {
+    props
+        .and_then(|p| p.delivery_info.as_ref())
+        .and_then(|d| d.get("redelivered"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+fn decode_envelope<H>(env: &Envelope<'_, H>, headers: Headers) -> Result<Message, ProtocolError> {
     if let Some(ct) = &env.content_type {
         check_content_type(ct)?;
     }
-    let headers_v = env.headers.as_ref().ok_or(ProtocolError::MissingField("headers"))?;
-    if headers_v.get("task").is_none() {
-        return Err(ProtocolError::MissingField("task"));
-    }
-    let headers = Headers::from_json(headers_v)?;
     let props = env.properties.as_ref();
     let body_s = env.body.as_deref().ok_or(ProtocolError::MissingField("body"))?;
     let encoding = props.and_then(|p| p.body_encoding.as_deref()).unwrap_or("base64");

@@ -222,6 +222,89 @@ impl Headers {
     }
 }
 
+/// Reads the headers straight from JSON (no intermediate `Value`), the fast path of a consumer.
+/// It is strict where [`Headers::from_json`] names the field at fault: on an error, decode through
+/// `from_json` for the message.
+impl<'de> serde::Deserialize<'de> for Headers {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Headers, D::Error> {
+        d.deserialize_map(HeadersVisitor)
+    }
+}
+
+/// A header name: a known one without allocating, or any other.
+enum HeaderKey {
+    Known(&'static str),
+    Other(String),
+}
+
+impl<'de> serde::Deserialize<'de> for HeaderKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HeaderKey, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = HeaderKey;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a header name")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeaderKey, E> {
+                Ok(match KNOWN.iter().find(|k| **k == v) {
+                    Some(k) => HeaderKey::Known(k),
+                    None => HeaderKey::Other(v.to_owned()),
+                })
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct HeadersVisitor;
+
+impl<'de> serde::de::Visitor<'de> for HeadersVisitor {
+    type Value = Headers;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("protocol v2 headers")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Headers, A::Error> {
+        use serde::de::Error;
+        let time = |s: Option<String>| s.map(|s| parse_time(&s).map_err(A::Error::custom)).transpose();
+        let mut h = Headers { lang: "py".into(), ..Headers::default() };
+        let (mut task, mut id) = (None, None);
+        while let Some(key) = map.next_key::<HeaderKey>()? {
+            match key {
+                HeaderKey::Known("lang") => h.lang = map.next_value::<Option<String>>()?.unwrap_or_else(|| "py".into()),
+                HeaderKey::Known("task") => task = map.next_value::<Option<String>>()?,
+                HeaderKey::Known("id") => id = map.next_value::<Option<String>>()?,
+                HeaderKey::Known("shadow") => h.shadow = map.next_value()?,
+                HeaderKey::Known("eta") => h.eta = time(map.next_value()?)?,
+                HeaderKey::Known("expires") => h.expires = time(map.next_value()?)?,
+                HeaderKey::Known("group") => h.group = map.next_value()?,
+                HeaderKey::Known("group_index") => h.group_index = map.next_value()?,
+                HeaderKey::Known("retries") => h.retries = map.next_value::<Option<u32>>()?.unwrap_or(0),
+                HeaderKey::Known("timelimit") => {
+                    (h.time_limit, h.soft_time_limit) =
+                        map.next_value::<Option<(Option<f64>, Option<f64>)>>()?.unwrap_or_default()
+                }
+                HeaderKey::Known("root_id") => h.root_id = map.next_value()?,
+                HeaderKey::Known("parent_id") => h.parent_id = map.next_value()?,
+                HeaderKey::Known("argsrepr") => h.argsrepr = map.next_value()?,
+                HeaderKey::Known("kwargsrepr") => h.kwargsrepr = map.next_value()?,
+                HeaderKey::Known("origin") => h.origin = map.next_value()?,
+                HeaderKey::Known("ignore_result") => {
+                    h.ignore_result = map.next_value::<Option<bool>>()?.unwrap_or(false)
+                }
+                HeaderKey::Known(other) => return Err(A::Error::custom(format!("header `{other}` is not handled"))),
+                HeaderKey::Other(k) => {
+                    h.extra.insert(k, map.next_value()?);
+                }
+            }
+        }
+        h.task = task.ok_or_else(|| A::Error::missing_field("task"))?;
+        h.id = id.ok_or_else(|| A::Error::missing_field("id"))?;
+        Ok(h)
+    }
+}
+
 /// Message properties (AMQP basic properties, or Kombu's `properties` on Redis).
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Properties {
@@ -405,6 +488,33 @@ impl Message {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_fast_header_decoder_agrees_with_from_json() {
+        let samples = [
+            json!({"lang": "py", "task": "add", "id": "x1", "retries": 2, "timelimit": [null, 5.5],
+                   "eta": "2026-01-01T00:00:00.000000+00:00", "group_index": 3, "ignore_result": true,
+                   "stamps": {"a": 1}, "replaced_task_nesting": 0, "root_id": null}),
+            json!({"task": "t", "id": "i"}),
+            serde_json::Value::Object(
+                Message::from_signature(
+                    &Signature::by_name("add").args(json!([1, 2])).countdown(std::time::Duration::from_secs(5)),
+                )
+                .unwrap()
+                .headers
+                .to_json(),
+            ),
+        ];
+        for v in samples {
+            let fast: Headers = serde_json::from_value(v.clone()).unwrap();
+            assert_eq!(fast, Headers::from_json(&v).unwrap(), "{v}");
+        }
+        for bad in [json!({"id": "i"}), json!({"task": "t", "id": "i", "retries": "x"}), json!({"task": 1, "id": "i"})]
+        {
+            assert!(serde_json::from_value::<Headers>(bad.clone()).is_err(), "{bad}");
+            assert!(Headers::from_json(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn python_headers_decode() {

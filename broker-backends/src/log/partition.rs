@@ -21,7 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::error::LogError;
 use super::record::Record;
-use super::segment::{self, Segment};
+use super::segment::{self, ReadAhead, Segment};
 
 /// How long an ack may wait for its fsync under `Fsync::Always` (acks share fsyncs).
 const ACK_SYNC: Duration = Duration::from_millis(10);
@@ -107,6 +107,9 @@ pub(crate) struct Pos {
 #[derive(Debug)]
 struct End {
     next_offset: u64,
+    /// Where the published records end: nothing at or past it is read (a batch being written
+    /// there may still fail and be rewritten).
+    tail: Pos,
 }
 
 /// The append-only log of one partition.
@@ -137,8 +140,9 @@ impl PartitionLog {
     ) -> Result<PartitionLog, LogError> {
         let first_offset = finished.watermark;
         let rec = segment::recover(dir, first_offset)?;
+        let tail = Pos { seg: rec.segments.last().map(|s| s.base).unwrap_or(first_offset), byte: rec.tail_len };
         let segments = Arc::new(RwLock::new(rec.segments));
-        let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset }));
+        let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let (tx, rx) = mpsc::channel();
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
         let writer = Writer {
@@ -198,11 +202,20 @@ impl PartitionLog {
         lock(&self.end).next_offset
     }
 
-    /// Reads the record at `pos` if `pos` is before the end.
-    pub(crate) fn read(&self, pos: &mut Pos, offset: u64) -> Result<Option<(Record, Pos)>, LogError> {
-        if offset >= self.next_offset() {
-            return Ok(None);
-        }
+    /// Reads the record at `pos` if `pos` is before the end (through the reader's `ahead`).
+    pub(crate) fn read(
+        &self,
+        pos: &mut Pos,
+        offset: u64,
+        ahead: &mut ReadAhead,
+    ) -> Result<Option<(Record, Pos)>, LogError> {
+        let tail = {
+            let end = lock(&self.end);
+            if offset >= end.next_offset {
+                return Ok(None);
+            }
+            end.tail
+        };
         let segs = self.segments.read().unwrap_or_else(|p| p.into_inner());
         let mut idx = segs.partition_point(|s| s.base <= pos.seg).checked_sub(1).filter(|i| segs[*i].base == pos.seg);
         if idx.is_none() {
@@ -213,7 +226,7 @@ impl PartitionLog {
                 return Err(LogError::Invalid(format!("offset {offset} is no longer kept (retention)")));
             }
             *pos = self.seek(offset)?;
-            return self.read(pos, offset);
+            return self.read(pos, offset, ahead);
         }
         while let Some(i) = idx.filter(|i| i + 1 < segs.len() && offset >= segs[i + 1].base) {
             idx = Some(i + 1);
@@ -224,7 +237,8 @@ impl PartitionLog {
         let seg = idx
             .and_then(|i| segs.get(i))
             .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
-        let (rec, next) = segment::read_at(seg, pos.byte)?;
+        let limit = (seg.base == tail.seg).then_some(tail.byte);
+        let (rec, next) = segment::read_at(seg, pos.byte, ahead, limit)?;
         if rec.offset != offset {
             return Err(LogError::Corrupt {
                 path: seg.path.clone(),
@@ -243,7 +257,7 @@ impl PartitionLog {
             .iter()
             .find(|s| s.base == at.seg)
             .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
-        Ok(segment::read_at(seg, at.byte)?.0)
+        Ok(segment::read_at(seg, at.byte, &mut ReadAhead::exact(), None)?.0)
     }
 
     /// The position of `offset` (scanning its segment from the start).
@@ -254,8 +268,9 @@ impl PartitionLog {
         };
         let mut pos = Pos { seg: base, byte: 0 };
         let mut o = base;
+        let mut ahead = ReadAhead::default();
         while o < offset {
-            match self.read(&mut pos, o)? {
+            match self.read(&mut pos, o, &mut ahead)? {
                 Some(_) => o += 1,
                 None => break,
             }
@@ -382,7 +397,8 @@ impl Writer {
         }
         match result.and_then(|()| self.maybe_sync(false)) {
             Ok(()) => {
-                lock(&self.end).next_offset = self.next_offset;
+                let tail = Pos { seg: self.active().base, byte: self.tail_len };
+                *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
                     self.on_append.notify_waiters();
                 }
@@ -672,6 +688,8 @@ pub(crate) struct Exhausted {
 struct QueueState {
     cursor_offset: u64,
     cursor: Pos,
+    /// The cursor's read-ahead window.
+    ahead: ReadAhead,
     finished: Finished,
     ready: VecDeque<(Arc<Record>, u32)>,
     delayed: BinaryHeap<Reverse<(i64, u64, Pos)>>,
@@ -705,6 +723,7 @@ impl Partition {
             state: Mutex::new(QueueState {
                 cursor_offset: finished.watermark,
                 cursor,
+                ahead: ReadAhead::default(),
                 finished,
                 ready: VecDeque::new(),
                 delayed: BinaryHeap::new(),
@@ -743,7 +762,7 @@ impl Partition {
             }
             let offset = st.cursor_offset;
             let mut pos = st.cursor;
-            match self.log.read(&mut pos, offset) {
+            match self.log.read(&mut pos, offset, &mut st.ahead) {
                 Ok(Some((rec, at))) => {
                     st.cursor = pos;
                     st.cursor_offset += 1;
@@ -944,7 +963,8 @@ impl Partition {
     pub(crate) fn scan_from(&self, offset: u64, mut f: impl FnMut(Record)) -> Result<(), LogError> {
         let mut pos = self.log.seek(offset)?;
         let mut o = offset;
-        while let Some((rec, _)) = self.log.read(&mut pos, o)? {
+        let mut ahead = ReadAhead::default();
+        while let Some((rec, _)) = self.log.read(&mut pos, o, &mut ahead)? {
             f(rec);
             o += 1;
         }

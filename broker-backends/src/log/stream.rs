@@ -37,6 +37,7 @@ use celery_core::BrokerError;
 use super::error::LogError;
 use super::partition::{Partition, Pos};
 use super::record::Record;
+use super::segment::ReadAhead;
 use super::store::{LogStore, Topic};
 
 /// Where a group with no committed offset starts.
@@ -182,8 +183,8 @@ pub(crate) struct LocalStream {
     start: StartFrom,
     commit: Commit,
     generation: u64,
-    /// partition -> (next offset to read, its position)
-    positions: HashMap<usize, (u64, Pos)>,
+    /// partition -> (next offset to read, its position, the read-ahead window)
+    positions: HashMap<usize, (u64, Pos, ReadAhead)>,
 }
 
 impl LocalStream {
@@ -247,7 +248,7 @@ impl LocalStream {
                 },
             };
             let pos = part.log.seek(offset)?;
-            self.positions.insert(p, (offset, pos));
+            self.positions.insert(p, (offset, pos, ReadAhead::default()));
         }
         Ok(())
     }
@@ -267,10 +268,10 @@ impl LocalStream {
             let notified = notify.notified();
             let mut out = Vec::new();
             let mut bytes = 0;
-            for (p, (offset, pos)) in self.positions.iter_mut() {
+            for (p, (offset, pos, ahead)) in self.positions.iter_mut() {
                 let part: &Arc<Partition> = &self.topic.partitions[*p];
                 while out.len() < max && bytes < max_bytes {
-                    match part.log.read(pos, *offset)? {
+                    match part.log.read(pos, *offset, ahead)? {
                         Some((record, _)) => {
                             *offset += 1;
                             bytes += record.key.len() + record.payload.len();
@@ -291,7 +292,7 @@ impl LocalStream {
     }
 
     pub(crate) fn commit(&self) -> Result<(), LogError> {
-        for (p, (offset, _)) in &self.positions {
+        for (p, (offset, ..)) in &self.positions {
             store_committed(self.store.dir(), &self.group, &self.topic.name, *p, *offset)?;
         }
         Ok(())
