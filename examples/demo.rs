@@ -47,6 +47,13 @@ fn spin(ms: u64) -> u64 {
     ms
 }
 
+/// Ends the worker's process at once, as a crash does (exit code 70, nothing settled or flushed):
+/// what a poison message does to its worker, for crash tests.
+#[task]
+fn crash() {
+    std::process::exit(70);
+}
+
 /// Sums a list of numbers (a chord body: `app.send_chord(header, tsum::new(vec![]))`).
 #[task]
 async fn tsum(values: Vec<i64>) -> i64 {

@@ -166,3 +166,53 @@ fn kill_9_of_the_owner_hands_the_directory_to_a_connected_worker() {
         assert_eq!(v["result"], json!(700), "{id}: {out}\n{}", other.log());
     }
 }
+
+/// A poison message that kills its worker, which owns the directory, never lets a lease expire:
+/// its delivery count is persisted before it runs, so after `max_deliveries` crashes it goes to
+/// the dead-letter queue with the reason, and the next worker stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_owning_worker_is_dead_lettered_after_max_deliveries() {
+    let dir = TempDir::new("poison");
+    let url = dir.url("max_deliveries=3");
+    let mut crashes = 0;
+    let survivor = loop {
+        assert!(crashes <= 3, "still crashing after {crashes} deliveries");
+        let mut worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "1"]);
+        assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+        if crashes == 0 {
+            // Sent through the first worker, which owns the directory: its delivery is the first.
+            let out = Command::new(demo_bin())
+                .args(["send", "crash"])
+                .env("CELERY_BROKER_URL", &url)
+                .env("CELERY_RESULT_BACKEND", &url)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+        match worker.wait_exit(Duration::from_secs(3)) {
+            Some(status) => {
+                assert_eq!(status.code(), Some(70), "{}", worker.log());
+                crashes += 1;
+            }
+            None => break worker,
+        }
+    };
+    assert_eq!(crashes, 3, "delivered max_deliveries times, then dead-lettered");
+    drop(survivor);
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), 0);
+    assert_eq!(app.broker().queue_len("celery.dead").await.unwrap(), 1);
+    let store = broker_backends::log::LogBroker::connect(&url).await.unwrap();
+    let mut dead = store
+        .stream(
+            "inspect",
+            "celery.dead",
+            broker_backends::log::StartFrom::Earliest,
+            broker_backends::log::Commit::AfterProcessing,
+        )
+        .await
+        .unwrap();
+    let rec = dead.poll(10, Duration::from_secs(5)).await.unwrap();
+    let payload = String::from_utf8_lossy(&rec[0].record.payload).into_owned();
+    assert!(payload.contains("delivered 3 times without being acknowledged (max_deliveries)"), "{payload}");
+}

@@ -677,6 +677,24 @@ impl LogConsumer {
             let notified = notify.notified();
             match self.try_take() {
                 Ok(Some((topic, part, taken))) => {
+                    let max = self.store.config().max_deliveries;
+                    if taken.deliveries > max {
+                        // Handed out `max` times and never settled (its consumers died with it).
+                        let reason = format!(
+                            "delivered {} times without being acknowledged (max_deliveries)",
+                            taken.deliveries - 1
+                        );
+                        if let Err(e) = self.store.dead_letter(&topic.name, &part, &taken.record, &reason).await {
+                            tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
+                        }
+                        continue;
+                    }
+                    if taken.counted {
+                        // The count is written before the task runs: a crash while it runs still counts.
+                        if let Err(e) = part.log.flush().await {
+                            tracing::error!(error = %e, "log: recording a delivery count failed");
+                        }
+                    }
                     permit.forget();
                     let key = Arc::as_ptr(&part) as usize;
                     lock(&self.leases)

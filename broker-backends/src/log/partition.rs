@@ -91,6 +91,8 @@ enum WriterCmd {
 enum AckOp {
     /// Offsets finished.
     Ack(Vec<u64>),
+    /// A record's delivery count (a redelivery).
+    Count(u64, u32),
     /// The whole set replaced (purge, forced retention); checkpointed at once.
     Reset(Finished),
     /// Checkpoint now (clean shutdown; forces an fsync).
@@ -444,7 +446,7 @@ impl Writer {
     /// Writes acks to `acks.log` and applies them to the writer's finished set, checkpointing when
     /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
     fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
-        let mut acks = Vec::new();
+        let (mut acks, mut counts) = (Vec::new(), Vec::new());
         let mut checkpoint = false;
         for op in settled {
             match op {
@@ -454,9 +456,17 @@ impl Writer {
                     }
                     acks.extend(offsets);
                 }
+                AckOp::Count(offset, n) => {
+                    if !self.finished.is_done(offset) {
+                        self.finished.counts.insert(offset, n);
+                        counts.extend_from_slice(&offset.to_le_bytes());
+                        counts.extend_from_slice(&n.to_le_bytes());
+                    }
+                }
                 AckOp::Reset(f) => {
-                    // Acks before the reset are covered by it.
+                    // Settlements before the reset are covered by it.
                     acks.clear();
+                    counts.clear();
                     self.finished = f;
                     checkpoint = true;
                 }
@@ -470,22 +480,21 @@ impl Writer {
             let data = self.finished.encode();
             self.write_checkpoint(&data)
         } else {
-            self.write_acks(&acks)
+            let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
+            self.write_acks_frame(0, &body)?;
+            self.write_acks_frame(COUNTS_FRAME, &counts)
         }
     }
 
-    fn write_acks(&mut self, acks: &[u64]) -> Result<(), LogError> {
-        if acks.is_empty() {
+    /// Appends one `acks.log` frame (`flags` marks its kind in the length word).
+    fn write_acks_frame(&mut self, flags: u32, body: &[u8]) -> Result<(), LogError> {
+        if body.is_empty() {
             return Ok(());
         }
-        let mut body = Vec::with_capacity(acks.len() * 8);
-        for a in acks {
-            body.extend_from_slice(&a.to_le_bytes());
-        }
         let mut frame = Vec::with_capacity(body.len() + 8);
-        frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-        frame.extend_from_slice(&body);
+        frame.extend_from_slice(&(body.len() as u32 | flags).to_le_bytes());
+        frame.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        frame.extend_from_slice(body);
         self.acks.write_all(&frame).map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
         self.acks_dirty = true;
         Ok(())
@@ -536,6 +545,8 @@ impl Writer {
 pub(crate) struct Finished {
     pub(crate) watermark: u64,
     pub(crate) done: BTreeMap<u64, u64>,
+    /// Delivery counts of unfinished records that were redelivered (dropped when they finish).
+    pub(crate) counts: BTreeMap<u64, u32>,
 }
 
 impl Finished {
@@ -543,6 +554,7 @@ impl Finished {
         if self.is_done(offset) {
             return;
         }
+        self.counts.remove(&offset);
         if offset == self.watermark {
             self.watermark += 1;
             if let Some(end) = self.done.remove(&self.watermark) {
@@ -577,11 +589,11 @@ impl Finished {
         left.sort_unstable();
         left.dedup();
         let Some(first) = left.first().copied() else {
-            return Finished { watermark: end, done: BTreeMap::new() };
+            return Finished { watermark: end, ..Finished::default() };
         };
         let bounds = left.iter().copied().skip(1).chain(std::iter::once(end));
         let done = left.iter().zip(bounds).filter(|(a, b)| **a + 1 < *b).map(|(a, b)| (a + 1, b)).collect();
-        Finished { watermark: first, done }
+        Finished { watermark: first, done, counts: BTreeMap::new() }
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -592,30 +604,47 @@ impl Finished {
             body.extend_from_slice(&start.to_le_bytes());
             body.extend_from_slice(&end.to_le_bytes());
         }
-        let mut out = b"CKPT2".to_vec();
+        body.extend_from_slice(&(self.counts.len() as u64).to_le_bytes());
+        for (offset, count) in &self.counts {
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&u64::from(*count).to_le_bytes());
+        }
+        let mut out = b"CKPT3".to_vec();
         out.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
         out.extend_from_slice(&body);
         out
     }
 
-    /// Reads a checkpoint: `CKPT2` (ranges) or the older `CKPT1` (one entry per offset).
+    /// Reads a checkpoint: `CKPT3` (ranges and delivery counts), or the older `CKPT2` (ranges) and
+    /// `CKPT1` (one entry per offset).
     fn decode(data: &[u8], path: &Path) -> Result<Finished, LogError> {
         let bad = |reason: &str| LogError::Corrupt { path: path.to_owned(), offset: 0, reason: reason.into() };
-        let (ranges, body) = match data.split_at_checked(5) {
-            Some((b"CKPT2", rest)) => (true, rest),
-            Some((b"CKPT1", rest)) => (false, rest),
+        let (version, body) = match data.split_at_checked(5) {
+            Some((b"CKPT3", rest)) => (3, rest),
+            Some((b"CKPT2", rest)) => (2, rest),
+            Some((b"CKPT1", rest)) => (1, rest),
             _ => return Err(bad("not a checkpoint")),
         };
+        let ranges = version >= 2;
         let (crc, body) = body.split_at_checked(4).ok_or_else(|| bad("short"))?;
         if crc32c::crc32c(body).to_le_bytes() != crc || body.len() < 16 {
             return Err(bad("checksum mismatch"));
         }
         let word = |i: usize| u64::from_le_bytes(body[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        let mut f = Finished { watermark: word(0), done: BTreeMap::new() };
+        let mut f = Finished { watermark: word(0), ..Finished::default() };
         let n = word(1) as usize;
         let per = if ranges { 2 } else { 1 };
-        if n.checked_mul(per * 8).and_then(|b| b.checked_add(16)) != Some(body.len()) {
+        let counts_at = n.checked_mul(per).and_then(|w| w.checked_add(2)).ok_or_else(|| bad("length"))?;
+        let words = body.len() / 8;
+        let m = if version >= 3 && counts_at < words { word(counts_at) as usize } else { 0 };
+        let expected =
+            if version >= 3 { m.checked_mul(2).and_then(|c| c.checked_add(counts_at + 1)) } else { Some(counts_at) };
+        if !body.len().is_multiple_of(8) || expected != Some(words) {
             return Err(bad("length mismatch"));
+        }
+        for i in 0..m {
+            let (offset, count) = (word(counts_at + 1 + 2 * i), word(counts_at + 2 + 2 * i));
+            f.counts.insert(offset, u32::try_from(count).map_err(|_| bad("invalid delivery count"))?);
         }
         for i in 0..n {
             if ranges {
@@ -643,17 +672,24 @@ impl Finished {
         if let Ok(data) = std::fs::read(&acks_path) {
             let mut pos = 0;
             while pos + 8 <= data.len() {
-                let len = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4])) as usize;
+                let word = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4]));
+                let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
                 let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or([0; 4]));
                 let Some(body) = data.get(pos + 8..pos + 8 + len) else {
                     break;
                 };
-                if crc32c::crc32c(body) != crc || !len.is_multiple_of(8) {
+                let entry = if counts { 12 } else { 8 };
+                if crc32c::crc32c(body) != crc || !len.is_multiple_of(entry) {
                     tracing::warn!(path = %acks_path.display(), pos, "log: torn acks frame ignored");
                     break;
                 }
-                for c in body.chunks_exact(8) {
-                    f.mark(u64::from_le_bytes(c.try_into().unwrap_or([0; 8])));
+                for c in body.chunks_exact(entry) {
+                    let offset = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
+                    if !counts {
+                        f.mark(offset);
+                    } else if !f.is_done(offset) {
+                        f.counts.insert(offset, u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4])));
+                    }
                 }
                 pos += 8 + len;
             }
@@ -675,6 +711,9 @@ struct Lease {
 pub(crate) struct Taken {
     pub(crate) record: Arc<Record>,
     pub(crate) deliveries: u32,
+    /// Its delivery count was handed to the writer: wait for it (`PartitionLog::flush`) before
+    /// running the task, so a crash while it runs still counts.
+    pub(crate) counted: bool,
 }
 
 /// What an expiry sweep found: records to dead-letter (delivered too often).
@@ -697,10 +736,19 @@ struct QueueState {
     expiry: BinaryHeap<Reverse<(Instant, u64)>>,
     /// Set when a corrupt record was found: the partition serves nothing more.
     error: Option<String>,
-    /// The end of the log when it was opened: an unfinished record below it may have been
-    /// delivered by a previous owner (delivery counts are not persisted), so its first delivery
-    /// here counts as a redelivery, and the worker checks for a stored result before running it.
+    /// The end of the log when it was opened: an unfinished record below it without a persisted
+    /// count may have been delivered once by a previous owner (first deliveries are not written),
+    /// so its first delivery here counts as a redelivery, and the worker checks for a stored result
+    /// before running it.
     recovered_end: u64,
+}
+
+impl QueueState {
+    /// Deliveries of an unfinished record before this one: its persisted count, or one when it was
+    /// already in the log when the partition opened (a previous owner may have handed it out).
+    fn prior_deliveries(&self, offset: u64) -> u32 {
+        self.finished.counts.get(&offset).copied().unwrap_or(u32::from(offset < self.recovered_end))
+    }
 }
 
 /// A partition with task-queue semantics.
@@ -709,6 +757,9 @@ pub(crate) struct Partition {
     pub(crate) log: PartitionLog,
     state: Mutex<QueueState>,
 }
+
+/// Marks an `acks.log` frame of delivery counts (`offset:u64 count:u32` each) in its length word.
+const COUNTS_FRAME: u32 = 1 << 31;
 
 /// Acks between two checkpoints.
 const CHECKPOINT_EVERY: usize = 50_000;
@@ -757,7 +808,7 @@ impl Partition {
                         continue;
                     }
                     let rec = self.log.read_at(at)?;
-                    break Some((Arc::new(rec), u32::from(offset < st.recovered_end)));
+                    break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
             }
             let offset = st.cursor_offset;
@@ -773,7 +824,7 @@ impl Partition {
                         st.delayed.push(Reverse((rec.not_before_ms, offset, at)));
                         continue;
                     }
-                    break Some((Arc::new(rec), u32::from(offset < st.recovered_end)));
+                    break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
                 Ok(None) => break None,
                 Err(e) => {
@@ -783,12 +834,18 @@ impl Partition {
                 }
             }
         };
-        Ok(found.map(|(record, deliveries)| {
-            let deliveries = deliveries + 1;
-            st.expiry.push(Reverse((deadline, record.offset)));
-            st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
-            Taken { record, deliveries }
-        }))
+        let Some((record, prior)) = found else { return Ok(None) };
+        let deliveries = prior + 1;
+        st.expiry.push(Reverse((deadline, record.offset)));
+        st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
+        // A redelivery's count is persisted (a first delivery's is implied by the record being
+        // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
+        let counted = deliveries > 1;
+        if counted {
+            st.finished.counts.insert(record.offset, deliveries);
+            self.log.settle(AckOp::Count(record.offset, deliveries))?;
+        }
+        Ok(Some(Taken { record, deliveries, counted }))
     }
 
     /// Deletes whole closed segments past the retention limits, never one holding a record that is
@@ -936,7 +993,9 @@ impl Partition {
         let pending = Self::ready_locked(&st, end) + st.delayed.len() as u64;
         // Leased records stay unfinished until settled: the watermark stays below them.
         let leased: Vec<u64> = st.leased.keys().copied().collect();
-        st.finished = Finished::all_but(end, &leased);
+        let mut finished = Finished::all_but(end, &leased);
+        finished.counts = leased.iter().filter_map(|o| Some((*o, *st.finished.counts.get(o)?))).collect();
+        st.finished = finished;
         st.ready.clear();
         st.delayed.clear();
         st.cursor_offset = end;
@@ -1044,6 +1103,38 @@ mod tests {
         assert_eq!(p.delayed_len(), 1);
     }
 
+    #[tokio::test]
+    async fn delivery_counts_survive_reopening() {
+        let dir = tempdir();
+        let far = Instant::now() + Duration::from_secs(60);
+        {
+            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            p.log.append(vec![rec("poison"), rec("fine")]).await.unwrap();
+            let t = p.take(far).unwrap().unwrap();
+            assert_eq!((t.deliveries, t.counted), (1, false), "a first delivery writes nothing");
+        }
+        // Each owner takes it and dies without settling it (no checkpoint, only acks.log).
+        for expected in 2..=4 {
+            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            let t = p.take(far).unwrap().unwrap();
+            assert_eq!((t.record.payload.as_slice(), t.deliveries, t.counted), (&b"poison"[..], expected, true));
+            p.log.flush().await.unwrap();
+        }
+        // A checkpoint carries the counts too, and an ack drops them.
+        {
+            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            assert_eq!(p.take(far).unwrap().unwrap().deliveries, 5);
+            p.checkpoint().await.unwrap();
+        }
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let t = p.take(far).unwrap().unwrap();
+        assert_eq!(t.deliveries, 6);
+        p.ack(&[t.record.offset]).unwrap();
+        assert!(lock(&p.state).finished.counts.is_empty());
+        let fine = p.take(far).unwrap().unwrap();
+        assert_eq!((fine.record.payload.as_slice(), fine.deliveries), (&b"fine"[..], 2));
+    }
+
     #[test]
     fn finished_ranges_match_a_set_of_offsets() {
         use rand::seq::SliceRandom;
@@ -1069,6 +1160,7 @@ mod tests {
                 assert!(w[0].1 < w[1].0, "ranges neither overlap nor touch: {ranges:?}");
             }
             assert!(ranges.first().is_none_or(|(s, _)| **s > f.watermark));
+            f.counts.insert(1000, 3);
             let back = Finished::decode(&f.encode(), Path::new("checkpoint")).unwrap();
             assert_eq!(back, f);
         }
@@ -1091,7 +1183,7 @@ mod tests {
         let f = Finished::all_but(10, &[3, 7, 8, 12]);
         assert_eq!(f.watermark, 3);
         assert_eq!(f.done, BTreeMap::from([(4, 7), (9, 10)]));
-        assert_eq!(Finished::all_but(10, &[]), Finished { watermark: 10, done: BTreeMap::new() });
+        assert_eq!(Finished::all_but(10, &[]), Finished { watermark: 10, ..Finished::default() });
         // A CKPT1 checkpoint (one entry per offset) written by an earlier version still loads.
         let mut body = Vec::new();
         for w in [2u64, 3, 4, 5, 9] {
