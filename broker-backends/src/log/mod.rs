@@ -761,6 +761,19 @@ pub(crate) struct LogSettle {
 }
 
 impl LogSettle {
+    /// Acks now (what `ack` does; nothing in it waits).
+    pub(crate) fn ack_now(&self) -> Result<(), LogError> {
+        self.release();
+        self.part.ack(&[self.record.offset])
+    }
+
+    /// Returns the record to its queue now (what `requeue` does; nothing in it waits).
+    pub(crate) fn requeue_now(&self) {
+        self.release();
+        self.part.requeue(self.record.offset);
+        self.store.notify.notify_waiters();
+    }
+
     fn release(&self) {
         if let Some((_, set)) = lock(&self.leases).get_mut(&(Arc::as_ptr(&self.part) as usize)) {
             set.remove(&self.record.offset);
@@ -772,14 +785,11 @@ impl LogSettle {
 #[async_trait]
 impl Settle for LogSettle {
     async fn ack(&self) -> Result<(), BrokerError> {
-        self.release();
-        Ok(self.part.ack(&[self.record.offset])?)
+        Ok(self.ack_now()?)
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.release();
-        self.part.requeue(self.record.offset);
-        self.store.notify.notify_waiters();
+        self.requeue_now();
         Ok(())
     }
 

@@ -75,6 +75,10 @@ where
             authed = true;
             continue;
         }
+        if let Some(reply) = settle_now(&conn, &frame) {
+            let _ = tx.send(reply);
+            continue;
+        }
         if frame.kind == kind::STREAM_LEAVE {
             // In read order, so the connection's next request already sees the member gone.
             let handle = Dec::new(&frame.body).u64();
@@ -110,6 +114,28 @@ where
         let _ = s.requeue().await;
     }
     writer.abort();
+}
+
+/// Acks and requeues are answered in the read loop (they never wait): no task per settlement.
+/// None for any other frame.
+fn settle_now(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
+    if frame.kind != kind::SETTLE {
+        return None;
+    }
+    let mut d = Dec::new(&frame.body);
+    let (delivery, how) = (d.u64().ok()?, d.u8().ok()?);
+    if how != settle::ACK && how != settle::REQUEUE {
+        return None;
+    }
+    let Some(s) = lock(&conn.held).remove(&delivery) else {
+        let msg = format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)");
+        return Some(Enc::frame(kind::ERR, frame.id).str(&msg).finish());
+    };
+    let r = if how == settle::ACK { s.ack_now() } else { Ok(s.requeue_now()) };
+    Some(match r {
+        Ok(()) => Enc::frame(kind::OK, frame.id).finish(),
+        Err(e) => Enc::frame(kind::ERR, frame.id).str(&e.to_string()).finish(),
+    })
 }
 
 async fn handle(
@@ -177,9 +203,8 @@ async fn handle(
             let s = lock(&conn.held).remove(&delivery).ok_or_else(|| {
                 format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
             })?;
+            // Acks and requeues were answered by `settle_now`.
             let r = match how {
-                settle::ACK => s.ack().await,
-                settle::REQUEUE => s.requeue().await,
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
                 settle::DEFER => match envelope::decode(&data).message {
                     Ok(msg) => {
