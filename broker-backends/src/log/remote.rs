@@ -385,11 +385,11 @@ impl Consumer for RemoteConsumer {
 
     fn stop(&mut self) {
         self.stopped = true;
-        if let Some((id, _, _)) = &self.sub {
-            let (client, id) = (self.client.clone(), *id);
-            tokio::spawn(async move {
-                let _ = client.call(kind::STOP_CONSUME, |e| e.u64(id)).await;
-            });
+        if let Some((id, _, conn)) = &self.sub {
+            // Queued now, ahead of any settlement that follows on this connection (the server
+            // handles both in order): a delivery requeued after the stop is not handed out again.
+            let frame = Enc::frame(kind::STOP_CONSUME, self.client.id()).u64(*id).finish();
+            let _ = conn.tx.send(frame);
         }
         if let Some(pending) = self.resubscribing.take() {
             // It may still succeed: then stop that subscription too.

@@ -75,20 +75,8 @@ where
             authed = true;
             continue;
         }
-        if let Some(reply) = settle_now(&conn, &frame) {
+        if let Some(reply) = in_read_order(&conn, &frame) {
             let _ = tx.send(reply);
-            continue;
-        }
-        if frame.kind == kind::STREAM_LEAVE {
-            // In read order, so the connection's next request already sees the member gone.
-            let handle = Dec::new(&frame.body).u64();
-            if let Ok(h) = handle {
-                lock(&conn.streams).remove(&h);
-            }
-            let _ = tx.send(match handle {
-                Ok(_) => Enc::frame(kind::OK, frame.id).finish(),
-                Err(e) => Enc::frame(kind::ERR, frame.id).str(&e.to_string()).finish(),
-            });
             continue;
         }
         let (store, broker, conn, tx) = (store.clone(), broker.clone(), conn.clone(), tx.clone());
@@ -116,26 +104,44 @@ where
     writer.abort();
 }
 
-/// Acks and requeues are answered in the read loop (they never wait): no task per settlement.
-/// None for any other frame.
-fn settle_now(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
-    if frame.kind != kind::SETTLE {
-        return None;
-    }
+/// Requests answered in the read loop, in the order they arrive, so that the connection's next
+/// request sees them done: stopping a consumer, leaving a stream group, and acks and requeues
+/// (which never wait; no task per settlement). A requeue after a stop is then never handed out
+/// again by the stopped consumer. None for any other request.
+fn in_read_order(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
     let mut d = Dec::new(&frame.body);
-    let (delivery, how) = (d.u64().ok()?, d.u8().ok()?);
-    if how != settle::ACK && how != settle::REQUEUE {
-        return None;
-    }
-    let Some(s) = lock(&conn.held).remove(&delivery) else {
-        let msg = format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)");
-        return Some(Enc::frame(kind::ERR, frame.id).str(&msg).finish());
-    };
-    let r = if how == settle::ACK { s.ack_now() } else { Ok(s.requeue_now()) };
-    Some(match r {
+    let done = |r: Result<(), String>| match r {
         Ok(()) => Enc::frame(kind::OK, frame.id).finish(),
-        Err(e) => Enc::frame(kind::ERR, frame.id).str(&e.to_string()).finish(),
-    })
+        Err(e) => Enc::frame(kind::ERR, frame.id).str(&e).finish(),
+    };
+    match frame.kind {
+        kind::STOP_CONSUME => Some(done(d.u64().map_err(|e| e.to_string()).map(|consumer| {
+            if let Some(t) = lock(&conn.consumers).remove(&consumer) {
+                t.abort();
+            }
+        }))),
+        kind::STREAM_LEAVE => Some(done(d.u64().map_err(|e| e.to_string()).map(|member| {
+            lock(&conn.streams).remove(&member);
+        }))),
+        kind::SETTLE => {
+            let (delivery, how) = (d.u64().ok()?, d.u8().ok()?);
+            if how != settle::ACK && how != settle::REQUEUE {
+                return None;
+            }
+            let Some(s) = lock(&conn.held).remove(&delivery) else {
+                return Some(done(Err(format!(
+                    "unknown delivery {delivery} (already settled, or returned when a connection dropped)"
+                ))));
+            };
+            Some(done(if how == settle::ACK {
+                s.ack_now().map_err(|e| e.to_string())
+            } else {
+                s.requeue_now();
+                Ok(())
+            }))
+        }
+        _ => None,
+    }
 }
 
 async fn handle(
@@ -188,13 +194,6 @@ async fn handle(
             lock(&conn.consumers).insert(id, task);
             ok().finish()
         }
-        kind::STOP_CONSUME => {
-            let consumer = d.u64().map_err(e)?;
-            if let Some(t) = lock(&conn.consumers).remove(&consumer) {
-                t.abort();
-            }
-            ok().finish()
-        }
         kind::SETTLE => {
             let delivery = d.u64().map_err(e)?;
             let how = d.u8().map_err(e)?;
@@ -203,7 +202,7 @@ async fn handle(
             let s = lock(&conn.held).remove(&delivery).ok_or_else(|| {
                 format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
             })?;
-            // Acks and requeues were answered by `settle_now`.
+            // Acks and requeues were answered by `in_read_order`.
             let r = match how {
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
                 settle::DEFER => match envelope::decode(&data).message {
