@@ -60,6 +60,13 @@ pub(crate) struct Decoded {
     pub(crate) redelivered: bool,
 }
 
+impl Decoded {
+    /// What a [`celery_core::broker::Decoder`] returns.
+    pub(crate) fn into_parts(self) -> (Result<Message, ProtocolError>, bool) {
+        (self.message, self.redelivered)
+    }
+}
+
 /// The envelope's fields we read; everything else is ignored. `H`: the headers as [`Headers`]
 /// (the fast path) or as a `Value` (for the exact error when the fast path fails).
 #[derive(serde::Deserialize)]

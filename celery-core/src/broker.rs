@@ -184,16 +184,34 @@ pub trait Settle: Send + Sync + Debug {
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError>;
 }
 
+/// Decodes a payload: the message (or why not) and whether the payload says it was redelivered.
+pub type Decoder = Box<dyn FnOnce() -> (Result<Message, ProtocolError>, bool) + Send + Sync>;
+
 /// One leased message.
-#[derive(Debug)]
 pub struct Delivery {
-    /// The decoded message, or why it could not be decoded.
-    pub message: Result<Message, ProtocolError>,
+    decoded: Option<Result<Message, ProtocolError>>,
+    raw: Option<Decoder>,
     /// The queue it came from.
     pub queue: String,
-    /// True when it was delivered before and not acked.
+    /// True when it was delivered before and not acked (for a [`Delivery::lazy`] one, what the
+    /// payload says is added once it is decoded).
     pub redelivered: bool,
     settle: Box<dyn Settle>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.decoded)
+            .field("decoded", &self.raw.is_none())
+            .field("queue", &self.queue)
+            .field("redelivered", &self.redelivered)
+            .finish()
+    }
+}
+
+fn taken() -> ProtocolError {
+    ProtocolError::MissingField("message (already taken)")
 }
 
 impl Delivery {
@@ -204,12 +222,29 @@ impl Delivery {
         redelivered: bool,
         settle: Box<dyn Settle>,
     ) -> Delivery {
-        Delivery { message, queue, redelivered, settle }
+        Delivery { decoded: Some(message), raw: None, queue, redelivered, settle }
+    }
+
+    /// A delivery decoded on first use ([`Delivery::message`], [`Delivery::take_message`]): where
+    /// its task runs, not in the loop that takes deliveries, so decoding runs in parallel.
+    pub fn lazy(decode: Decoder, queue: String, redelivered: bool, settle: Box<dyn Settle>) -> Delivery {
+        Delivery { decoded: None, raw: Some(decode), queue, redelivered, settle }
+    }
+
+    /// The decoded message (decoded now if it was not yet), or why it could not be decoded.
+    pub fn message(&mut self) -> &Result<Message, ProtocolError> {
+        if self.decoded.is_none() {
+            let (message, redelivered) = self.raw.take().map_or_else(|| (Err(taken()), false), |decode| decode());
+            self.redelivered |= redelivered;
+            self.decoded = Some(message);
+        }
+        self.decoded.get_or_insert_with(|| Err(taken()))
     }
 
     /// Moves the decoded message out (the delivery keeps an error in its place).
     pub fn take_message(&mut self) -> Result<Message, ProtocolError> {
-        std::mem::replace(&mut self.message, Err(ProtocolError::MissingField("message (already taken)")))
+        self.message();
+        self.decoded.replace(Err(taken())).unwrap_or_else(|| Err(taken()))
     }
 
     /// Acknowledge: done.

@@ -23,12 +23,12 @@ async fn a_high_priority_task_overtakes_waiting_ones() {
     low.unwrap();
     let high = app.send(Signature::by_name("add").args(json!([9, 9])).queue("prio").priority(9)).await.unwrap();
     let mut consumer = app.broker().consume(&["prio".to_string()], 1).await.unwrap();
-    let first = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
-    assert_eq!(first.message.as_ref().unwrap().headers.id, high.id(), "the priority-9 task comes first");
+    let mut first = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    assert_eq!(first.message().as_ref().unwrap().headers.id, high.id(), "the priority-9 task comes first");
     first.ack().await.unwrap();
     for _ in 0..5 {
-        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
-        assert_eq!(d.message.as_ref().unwrap().properties.priority, Some(1));
+        let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        assert_eq!(d.message().as_ref().unwrap().properties.priority, Some(1));
         d.ack().await.unwrap();
     }
     consumer.close().await;
@@ -46,8 +46,8 @@ async fn a_quorum_queue_dead_letters_a_message_delivered_too_often() {
     let sent = app.send(Signature::by_name("add").args(json!([1, 1])).queue("poison")).await.unwrap();
     let mut consumer = app.broker().consume(&["poison".to_string()], 1).await.unwrap();
     for attempt in 1..=3 {
-        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
-        assert_eq!(d.message.as_ref().unwrap().headers.id, sent.id(), "delivery {attempt}");
+        let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        assert_eq!(d.message().as_ref().unwrap().headers.id, sent.id(), "delivery {attempt}");
         d.requeue().await.unwrap();
     }
     let end = tokio::time::Instant::now() + T;

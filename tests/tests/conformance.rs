@@ -150,8 +150,8 @@ async fn an_unsettled_delivery_comes_back_after_its_lease(t: Target) {
         let (b, r) = t.urls();
         let other = celery_worker::connect(&b, &r).await.unwrap();
         let mut consumer = other.broker().consume(&["celery".into()], 1).await.unwrap();
-        let d = consumer.next().await.expect("delivery");
-        assert!(d.message.is_ok());
+        let mut d = consumer.next().await.expect("delivery");
+        assert!(d.message().is_ok());
         assert_eq!(app.broker().queue_len("celery").await.unwrap(), 0, "leased: invisible to others");
         drop(d); // never settled
         drop(consumer);

@@ -124,8 +124,8 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
     let mut consumer = broker.consume(&["crash".into()], 1000).await.unwrap();
     let mut seen = std::collections::HashSet::new();
     for _ in 0..stored {
-        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
-        seen.insert(d.message.as_ref().unwrap().headers.id.clone());
+        let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        seen.insert(d.message().as_ref().unwrap().headers.id.clone());
         d.ack().await.unwrap();
     }
     let lost: Vec<_> = confirmed.difference(&seen).collect();

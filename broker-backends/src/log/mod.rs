@@ -23,7 +23,8 @@
 //! broker.publish(&Route::queue("celery"), &msg).await.unwrap();
 //! let mut consumer = broker.consume(&["celery".to_string()], 4).await.unwrap();
 //! let delivery = consumer.next().await.unwrap();
-//! assert_eq!(delivery.message.as_ref().unwrap().headers.task, "add");
+//! let mut delivery = delivery;
+//! assert_eq!(delivery.message().as_ref().unwrap().headers.task, "add");
 //! delivery.ack().await.unwrap();
 //! # std::fs::remove_dir_all(dir).ok();
 //! # });
@@ -730,10 +731,14 @@ impl LogConsumer {
 impl Consumer for LogConsumer {
     async fn next(&mut self) -> Option<Delivery> {
         let s = self.next_raw().await?;
-        let decoded = envelope::decode(&s.record.payload);
-        let queue = s.queue.clone();
-        let redelivered = s.deliveries > 1 || decoded.redelivered;
-        Some(Delivery::new(decoded.message, queue, redelivered, Box::new(s)))
+        let (record, queue, redelivered) = (s.record.clone(), s.queue.clone(), s.deliveries > 1);
+        // Decoded where the task runs: this loop only takes records.
+        Some(Delivery::lazy(
+            Box::new(move || envelope::decode(&record.payload).into_parts()),
+            queue,
+            redelivered,
+            Box::new(s),
+        ))
     }
 
     fn stop(&mut self) {

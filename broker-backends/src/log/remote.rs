@@ -347,14 +347,14 @@ impl Consumer for RemoteConsumer {
             if let Some((_, rx, conn)) = self.sub.as_mut() {
                 let got = if self.stopped { rx.try_recv().ok() } else { rx.recv().await };
                 if let Some(p) = got {
-                    let decoded = envelope::decode(&p.payload);
                     // Settled on the connection it came over: delivery ids are per connection,
                     // and a dead connection's deliveries were returned by the server already.
                     let settle = RemoteSettle { client: self.client.clone(), conn: conn.clone(), delivery: p.delivery };
-                    return Some(Delivery::new(
-                        decoded.message,
+                    let payload = p.payload;
+                    return Some(Delivery::lazy(
+                        Box::new(move || envelope::decode(&payload).into_parts()),
                         p.queue,
-                        p.deliveries > 1 || decoded.redelivered,
+                        p.deliveries > 1,
                         Box::new(settle),
                     ));
                 }

@@ -29,8 +29,8 @@ pub struct DeadLetter {
     pub retryable: bool,
 }
 
-fn view(d: &Delivery) -> DeadLetter {
-    match &d.message {
+fn view(d: &mut Delivery) -> DeadLetter {
+    match d.message() {
         Ok(m) => DeadLetter {
             id: m.headers.id.clone(),
             task: m.headers.task.clone(),
@@ -75,8 +75,8 @@ async fn with_dead_letters(
     }
     consumer.stop();
     let (mut seen, mut acted) = (Vec::new(), 0);
-    for d in held {
-        let v = view(&d);
+    for mut d in held {
+        let v = view(&mut d);
         let result = match act(&v) {
             Some(Action::Retry) if v.retryable => retry(app, queue, d).await,
             Some(Action::Discard) => d.ack().await.map_err(|e| e.to_string()),
