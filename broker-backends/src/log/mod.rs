@@ -681,13 +681,7 @@ impl LogConsumer {
                     let max = self.store.config().max_deliveries;
                     if taken.deliveries > max {
                         // Handed out `max` times and never settled (its consumers died with it).
-                        let reason = format!(
-                            "delivered {} times without being acknowledged (max_deliveries)",
-                            taken.deliveries - 1
-                        );
-                        if let Err(e) = self.store.dead_letter(&topic.name, &part, &taken.record, &reason).await {
-                            tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
-                        }
+                        self.store.dead_letter_exhausted(&topic.name, &part, &taken.record, taken.deliveries - 1).await;
                         continue;
                     }
                     if taken.counted {

@@ -399,7 +399,8 @@ impl Writer {
         }
         match result.and_then(|()| self.maybe_sync(false)) {
             Ok(()) => {
-                let tail = Pos { seg: self.active().base, byte: self.tail_len };
+                let seg = self.segments.read().unwrap_or_else(|p| p.into_inner()).last().map_or(0, |s| s.base);
+                let tail = Pos { seg, byte: self.tail_len };
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
                     self.on_append.notify_waiters();

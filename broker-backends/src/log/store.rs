@@ -341,6 +341,15 @@ impl LogStore {
         part.ack(&[record.offset])
     }
 
+    /// Dead-letters a record handed out `deliveries` times and never settled (`max_deliveries`);
+    /// a failure is logged, and the record comes back when its lease expires.
+    pub(crate) async fn dead_letter_exhausted(&self, queue: &str, part: &Partition, record: &Record, deliveries: u32) {
+        let reason = format!("delivered {deliveries} times without being acknowledged (max_deliveries)");
+        if let Err(e) = self.dead_letter(queue, part, record, &reason).await {
+            tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
+        }
+    }
+
     /// Checkpoints every partition and waits for the writers (a clean shutdown).
     pub async fn sync(&self) -> Result<(), LogError> {
         let topics: Vec<_> = lock(&self.topics).values().cloned().collect();
@@ -456,11 +465,7 @@ async fn expiry_loop(store: Weak<LogStore>) {
                 let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
                 returned |= back > 0;
                 for ex in exhausted {
-                    let reason =
-                        format!("delivered {} times without being acknowledged (max_deliveries)", ex.deliveries);
-                    if let Err(e) = s.dead_letter(&t.name, p, &ex.record, &reason).await {
-                        tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
-                    }
+                    s.dead_letter_exhausted(&t.name, p, &ex.record, ex.deliveries).await;
                 }
             }
         }
