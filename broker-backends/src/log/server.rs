@@ -43,7 +43,8 @@ pub(crate) async fn serve_connection<S>(store: Arc<LogStore>, stream: S, token: 
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = tokio::io::split(stream);
+    let mut rd = tokio::io::BufReader::with_capacity(wire::READ_BUFFER, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(wire::write_frames(wr, rx));
     let conn = Arc::new(Conn::default());
@@ -75,6 +76,10 @@ where
             authed = true;
             continue;
         }
+        if frame.kind == kind::ACK {
+            ack_all(&conn, &frame.body);
+            continue;
+        }
         if let Some(reply) = in_read_order(&conn, &frame) {
             let _ = tx.send(reply);
             continue;
@@ -104,10 +109,32 @@ where
     writer.abort();
 }
 
+/// Applies an `ACK` frame (count:u32, delivery:u64*) in read order. It has no answer: what cannot
+/// be acked (a malformed frame, wholly; a delivery this connection does not hold) is logged, and
+/// the record stays leased until the connection closes, when it goes back to its queue.
+fn ack_all(conn: &Conn, body: &[u8]) {
+    let mut d = Dec::new(body);
+    let ids = d.u32().and_then(|n| (0..n.min(1 << 20)).map(|_| d.u64()).collect::<std::io::Result<Vec<u64>>>());
+    let ids = match ids {
+        Ok(ids) => ids,
+        Err(e) => return tracing::warn!(error = %e, "log server: malformed ACK frame ignored"),
+    };
+    for delivery in ids {
+        match lock(&conn.held).remove(&delivery) {
+            Some(s) => {
+                if let Err(e) = s.ack_now() {
+                    tracing::error!(error = %e, delivery, "log server: ack failed; the record will be delivered again");
+                }
+            }
+            None => tracing::warn!(delivery, "log server: ack of a delivery this connection does not hold"),
+        }
+    }
+}
+
 /// Requests answered in the read loop, in the order they arrive, so that the connection's next
-/// request sees them done: stopping a consumer, leaving a stream group, and acks and requeues
-/// (which never wait; no task per settlement). A requeue after a stop is then never handed out
-/// again by the stopped consumer. None for any other request.
+/// request sees them done: stopping a consumer, leaving a stream group, and requeues (which never
+/// wait; no task per settlement). A requeue after a stop is then never handed out again by the
+/// stopped consumer. None for any other request.
 fn in_read_order(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
     let mut d = Dec::new(&frame.body);
     let done = |r: Result<(), String>| match r {
@@ -125,7 +152,7 @@ fn in_read_order(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
         }))),
         kind::SETTLE => {
             let (delivery, how) = (d.u64().ok()?, d.u8().ok()?);
-            if how != settle::ACK && how != settle::REQUEUE {
+            if how != settle::REQUEUE {
                 return None;
             }
             let Some(s) = lock(&conn.held).remove(&delivery) else {
@@ -133,12 +160,8 @@ fn in_read_order(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
                     "unknown delivery {delivery} (already settled, or returned when a connection dropped)"
                 ))));
             };
-            Some(done(if how == settle::ACK {
-                s.ack_now().map_err(|e| e.to_string())
-            } else {
-                s.requeue_now();
-                Ok(())
-            }))
+            s.requeue_now();
+            Some(done(Ok(())))
         }
         _ => None,
     }
@@ -202,7 +225,7 @@ async fn handle(
             let s = lock(&conn.held).remove(&delivery).ok_or_else(|| {
                 format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
             })?;
-            // Acks and requeues were answered by `in_read_order`.
+            // Requeues were answered by `in_read_order`, acks by `ack_all`.
             let r = match how {
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
                 settle::DEFER => match envelope::decode(&data).message {
@@ -420,5 +443,66 @@ pub async fn serve_tcp(
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::{partition::tests::tempdir, NewRecord, StoreConfig};
+
+    /// Sends `frame` and returns the next frame the server writes.
+    async fn exchange(
+        w: &mut (impl tokio::io::AsyncWrite + Unpin),
+        r: &mut (impl tokio::io::AsyncRead + Unpin),
+        frame: Vec<u8>,
+    ) -> wire::Frame {
+        use tokio::io::AsyncWriteExt;
+        w.write_all(&frame).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), wire::read_frame(r)).await.unwrap().unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn acks_are_unanswered_applied_in_order_and_bad_ones_are_harmless() {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let broker = LogBroker::local(store.clone());
+        let rec = || NewRecord { payload: b"{}".to_vec(), ..NewRecord::default() };
+        store.append("q", vec![rec(), rec()]).await.unwrap();
+        let connect = || {
+            let (client, server) = tokio::io::duplex(1 << 16);
+            tokio::spawn(serve_connection(store.clone(), server, None));
+            tokio::io::split(client)
+        };
+
+        let (mut r, mut w) = connect();
+        let ok = exchange(&mut w, &mut r, Enc::frame(kind::CONSUME, 1).u32(2).u32(1).str("q").finish()).await;
+        assert_eq!((ok.kind, ok.id), (kind::OK, 1));
+        let mut deliveries = Vec::new();
+        for _ in 0..2 {
+            let f = wire::read_frame(&mut r).await.unwrap().unwrap();
+            assert_eq!((f.kind, f.id), (kind::DELIVERY, 1));
+            deliveries.push(Dec::new(&f.body).u64().unwrap());
+        }
+        // One real ack, one for a delivery never made, one truncated frame (ignored whole): none is
+        // answered, and the connection's next request is.
+        let acks = [
+            Enc::frame(kind::ACK, 0).u32(1).u64(deliveries[0]).finish(),
+            Enc::frame(kind::ACK, 0).u32(1).u64(999).finish(),
+            Enc::frame(kind::ACK, 0).u32(2).u64(deliveries[1]).finish(),
+        ]
+        .concat();
+        let len = exchange(&mut w, &mut r, [acks, Enc::frame(kind::QUEUE_LEN, 7).str("q").finish()].concat()).await;
+        assert_eq!((len.kind, len.id), (kind::OK, 7), "the first answer is the queue length's");
+        assert_eq!(Dec::new(&len.body).u64().unwrap(), 0, "both records are acked or leased");
+
+        // The connection closes: the unacked delivery (the truncated frame's) comes back, the
+        // acked one does not.
+        drop((r, w));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while broker.queue_len("q").await.unwrap() == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the unacked delivery did not come back");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(broker.queue_len("q").await.unwrap(), 1);
     }
 }

@@ -13,8 +13,10 @@ use tokio::sync::mpsc;
 use super::record::Record;
 use super::stream::StreamRecord;
 
-/// The protocol version byte.
-pub(crate) const VERSION: u8 = 1;
+/// The protocol version byte (2: acks are `ACK` frames, unanswered).
+pub(crate) const VERSION: u8 = 2;
+/// The read buffer of a connection: many frames come in with one read.
+pub(crate) const READ_BUFFER: usize = 64 << 10;
 /// The largest frame accepted.
 pub(crate) const MAX_FRAME: usize = 256 << 20;
 
@@ -44,14 +46,16 @@ pub(crate) mod kind {
     pub(crate) const STREAM_COMMIT: u8 = 22;
     pub(crate) const STREAM_ASSIGNMENT: u8 = 23;
     pub(crate) const STREAM_LEAVE: u8 = 24;
+    /// Acks, the one request without an answer.
+    pub(crate) const ACK: u8 = 25;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;
 }
 
-/// How a delivery is settled (`SETTLE` body: delivery id, how, not_before, data).
+/// How a delivery is settled other than by an ack (`SETTLE` body: delivery id, how, not_before,
+/// data). Acks are [`kind::ACK`] frames.
 pub(crate) mod settle {
-    pub(crate) const ACK: u8 = 0;
     pub(crate) const REQUEUE: u8 = 1;
     pub(crate) const DEFER: u8 = 2;
     pub(crate) const DEAD_LETTER: u8 = 3;
