@@ -6,8 +6,9 @@ use celery_core::protocol::Message;
 use celery_core::{App, Signature};
 use serde_json::{Map, Value};
 
-/// After a success: `embed.chain` (kept reversed, as Celery does) and `embed.callbacks`.
-pub(crate) async fn on_success(app: &App, msg: &Message, embed: &Map<String, Value>, value: &Value) {
+/// After a success: `embed.chain` (kept reversed, as Celery does) and `embed.callbacks`, sent
+/// by [`send_all`] with the result.
+pub(crate) fn after_success(embed: &Map<String, Value>) -> Vec<Signature> {
     let mut next = Vec::new();
     if let Some(Value::Array(rest)) = embed.get("chain") {
         if let Some((first, remaining)) = rest.split_last() {
@@ -19,7 +20,7 @@ pub(crate) async fn on_success(app: &App, msg: &Message, embed: &Map<String, Val
         }
     }
     next.extend(signatures(embed.get("callbacks"), "a callback"));
-    send_all(app, next, value, &msg.headers.id, msg.headers.root_id.as_deref()).await;
+    next
 }
 
 /// After a final failure: `embed.errbacks`, each with the task id as its first argument.

@@ -323,7 +323,7 @@ async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
         Ok(m) => m,
         Err(e) => {
             let reason = format!("undecodable message: {e}");
-            reject(&w, d, None, &reason).await;
+            Box::pin(reject(&w, d, None, &reason)).await;
             return;
         }
     };
@@ -361,13 +361,13 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let reason = format!("unregistered task `{}`", msg.headers.task);
-        reject(&w, d, Some(&msg), &reason).await;
+        Box::pin(reject(&w, d, Some(&msg), &reason)).await;
         return;
     };
     let body = match msg.body() {
         Ok(b) => b,
         Err(e) => {
-            reject(&w, d, Some(&msg), &format!("undecodable body: {e}")).await;
+            Box::pin(reject(&w, d, Some(&msg), &format!("undecodable body: {e}"))).await;
             return;
         }
     };
@@ -381,21 +381,21 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     });
     if w.revoked.contains(&msg.headers.id) {
         tracing::info!("revoked: not run");
-        revoke(&w, d, &msg, entry, Revocation::Revoked).await;
+        Box::pin(revoke(&w, d, &msg, entry, Revocation::Revoked)).await;
         return;
     }
     if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
         tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
         w.stats.already_done.fetch_add(1, Ordering::Relaxed);
         // Its worker may have died before counting it into its chord: count it (once) now.
-        chord_member(&w, &msg, TaskState::Success, &done.result).await;
+        Box::pin(chord_member(&w, &msg, TaskState::Success, &done.result)).await;
         settle(d.ack().await);
         return;
     }
     let now = Utc::now();
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
-        revoke(&w, d, &msg, entry, Revocation::Expired).await;
+        Box::pin(revoke(&w, d, &msg, entry, Revocation::Expired)).await;
         return;
     }
     if let Some(eta) = msg.headers.eta.filter(|t| *t > now) {
@@ -403,8 +403,13 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         if wait > LOCAL_ETA_WAIT {
             tracing::debug!(%eta, "eta is ahead: held by the broker until due");
             if w.config.track_started {
-                store(&w, &msg, entry, TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null))
-                    .await;
+                Box::pin(store(
+                    &w,
+                    &msg,
+                    entry,
+                    TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null),
+                ))
+                .await;
             }
             if let Err(e) = d.defer(&msg, eta).await {
                 tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout");
@@ -413,7 +418,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
+            _ = stopped(w.shutdown.clone()) => { Box::pin(requeue(&w, d)).await; return; }
         }
     }
     let opts = (entry.options)();
@@ -427,12 +432,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     };
     if let Some(interval) = interval {
         tokio::select! {
-            _ = w.limits.acquire(entry.name, interval) => {}
-            _ = stopped(w.shutdown.clone()) => { requeue(&w, d).await; return; }
+            _ = Box::pin(w.limits.acquire(entry.name, interval)) => {}
+            _ = stopped(w.shutdown.clone()) => { Box::pin(requeue(&w, d)).await; return; }
         }
     }
     if *w.shutdown.borrow() {
-        requeue(&w, d).await;
+        Box::pin(requeue(&w, d)).await;
         return;
     }
     let mut d = Some(d);
@@ -449,7 +454,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             serde_json::json!({"hostname": w.config.hostname, "pid": std::process::id()}),
         );
         m.worker = Some(w.config.hostname.clone());
-        store(&w, &msg, entry, m).await;
+        Box::pin(store(&w, &msg, entry, m)).await;
     }
     let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
     let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
@@ -478,22 +483,27 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     match outcome {
         Outcome::Interrupted => {
             if let Some(d) = d.take() {
-                requeue(&w, d).await;
+                Box::pin(requeue(&w, d)).await;
             }
         }
         Outcome::Terminated => {
             if let Some(d) = d.take() {
-                revoke(&w, d, &msg, entry, Revocation::Terminated).await;
+                Box::pin(revoke(&w, d, &msg, entry, Revocation::Terminated)).await;
             }
         }
         Outcome::Done(Ok(value)) => {
             tracing::debug!(?runtime, "succeeded");
-            crate::followups::on_success(&w.app, &msg, &embed, &value).await;
+            // The rarer steps are boxed: inline, each would grow every task's future by its size.
+            let next = crate::followups::after_success(&embed);
+            if !next.is_empty() {
+                let root = msg.headers.root_id.as_deref();
+                Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
+            }
             if !ignore {
-                store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone())).await;
+                Box::pin(store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone()))).await;
             }
             if let Some(chord) = crate::chord::body_in(&msg, &embed) {
-                crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value).await;
+                Box::pin(crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value)).await;
             }
             w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             crate::metrics::succeeded(entry.name);
@@ -506,15 +516,15 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
                 if let Some(d) = d.take() {
-                    reject(&w, d, Some(&msg), &format!("invalid arguments: {}", err.message())).await;
+                    Box::pin(reject(&w, d, Some(&msg), &format!("invalid arguments: {}", err.message()))).await;
                 }
             }
             TaskErrorKind::Retry { countdown } => {
                 let countdown = *countdown;
-                retry_or_fail(&w, d, &msg, entry, err, countdown).await
+                Box::pin(retry_or_fail(&w, d, &msg, entry, err, countdown)).await
             }
-            TaskErrorKind::Failed if opts.autoretry => retry_or_fail(&w, d, &msg, entry, err, None).await,
-            _ => fail(&w, d, &msg, entry, &err).await,
+            TaskErrorKind::Failed if opts.autoretry => Box::pin(retry_or_fail(&w, d, &msg, entry, err, None)).await,
+            _ => Box::pin(fail(&w, d, &msg, entry, &err)).await,
         },
     }
 }
