@@ -32,6 +32,7 @@
 
 mod error;
 mod partition;
+mod payload;
 mod record;
 mod remote;
 mod results;
@@ -66,7 +67,6 @@ pub use store::{LogStore, StoreConfig};
 pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
 pub use tls::ServerTls;
 
-use crate::envelope;
 use partition::{now_ms, Partition};
 use store::Topic;
 
@@ -371,18 +371,19 @@ impl LogBroker {
     }
 }
 
-/// Decodes a task record's payload (Kombu's envelope) into a message.
+/// Decodes a task record's payload (the compact form, or Kombu's envelope of older records) into a
+/// message.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, celery_core::ProtocolError> {
-    envelope::decode(payload).message
+    payload::decode(payload).0
 }
 
-fn to_record(msg: &Message, queue: &str) -> NewRecord {
+fn to_record(msg: &Message) -> NewRecord {
     let not_before_ms = msg.headers.eta.map(|t| t.timestamp_millis()).filter(|t| *t > now_ms()).unwrap_or(0);
     let key = match msg.headers.extra.get(celery_core::signature::PARTITION_KEY) {
         Some(serde_json::Value::String(k)) => k.as_bytes().to_vec(),
         _ => Vec::new(),
     };
-    NewRecord { not_before_ms, headers: Vec::new(), key, payload: envelope::encode(msg, "", queue).into_bytes() }
+    NewRecord { not_before_ms, headers: Vec::new(), key, payload: payload::encode(msg) }
 }
 
 impl LogBroker {
@@ -441,7 +442,7 @@ impl Broker for LogBroker {
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
         for q in self.resolve(route, msg).await? {
-            let records = vec![to_record(msg, &q)];
+            let records = vec![to_record(msg)];
             match &self.inner {
                 Inner::Local(s) => s.append(&q, records).await?,
                 Inner::Remote(c) => {
@@ -456,7 +457,7 @@ impl Broker for LogBroker {
         let mut by_queue: HashMap<String, Vec<NewRecord>> = HashMap::new();
         for (route, msg) in batch {
             for q in self.resolve(route, msg).await? {
-                let rec = to_record(msg, &q);
+                let rec = to_record(msg);
                 by_queue.entry(q).or_default().push(rec);
             }
         }
@@ -727,12 +728,7 @@ impl Consumer for LogConsumer {
         let s = self.next_raw().await?;
         let (record, queue, redelivered) = (s.record.clone(), s.queue.clone(), s.deliveries > 1);
         // Decoded where the task runs: this loop only takes records.
-        Some(Delivery::lazy(
-            Box::new(move || envelope::decode(&record.payload).into_parts()),
-            queue,
-            redelivered,
-            Box::new(s),
-        ))
+        Some(Delivery::lazy(Box::new(move || payload::decode(&record.payload)), queue, redelivered, Box::new(s)))
     }
 
     fn stop(&mut self) {
@@ -795,7 +791,7 @@ impl Settle for LogSettle {
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
-        let mut rec = to_record(&m, &self.queue);
+        let mut rec = to_record(&m);
         rec.not_before_ms = until.timestamp_millis();
         self.store.append(&self.queue, vec![rec]).await?;
         self.release();

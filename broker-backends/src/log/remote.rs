@@ -23,7 +23,6 @@ use super::error::LogError;
 use super::store::{LogStore, StoreConfig};
 use super::stream::{Commit, StartFrom, StreamRecord};
 use super::wire::{self, kind, settle, Dec, Enc};
-use crate::envelope;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -354,7 +353,7 @@ impl Consumer for RemoteConsumer {
                     let settle = RemoteSettle { client: self.client.clone(), conn: conn.clone(), delivery: p.delivery };
                     let payload = p.payload;
                     return Some(Delivery::lazy(
-                        Box::new(move || envelope::decode(&payload).into_parts()),
+                        Box::new(move || super::payload::decode(&payload)),
                         p.queue,
                         p.deliveries > 1,
                         Box::new(settle),
@@ -442,8 +441,7 @@ impl Settle for RemoteSettle {
         self.send(settle::REQUEUE, 0, b"").await
     }
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        let env = envelope::encode(msg, "", "");
-        self.send(settle::DEFER, until.timestamp_millis(), env.as_bytes()).await
+        self.send(settle::DEFER, until.timestamp_millis(), &super::payload::encode(msg)).await
     }
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         self.send(settle::DEAD_LETTER, 0, reason.as_bytes()).await

@@ -16,7 +16,6 @@ use super::store::LogStore;
 use super::stream::{Commit, LocalStream, StartFrom};
 use super::wire::{self, kind, settle, Dec, Enc};
 use super::{LogBroker, LogConsumer, LogSettle};
-use crate::envelope;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -228,7 +227,7 @@ async fn handle(
             // Requeues were answered by `in_read_order`, acks by `ack_all`.
             let r = match how {
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
-                settle::DEFER => match envelope::decode(&data).message {
+                settle::DEFER => match super::payload::decode(&data).0 {
                     Ok(msg) => {
                         let until =
                             chrono::DateTime::from_timestamp_millis(not_before).unwrap_or_else(chrono::Utc::now);

@@ -328,7 +328,9 @@ impl LogStore {
         record: &Record,
         reason: &str,
     ) -> Result<(), LogError> {
-        let payload = crate::envelope::dead_letter(&record.payload, queue, reason);
+        // Undecodable compact payloads are kept whole, wrapped as binary.
+        let raw = super::payload::to_envelope(&record.payload, queue).unwrap_or_else(|| record.payload.clone());
+        let payload = crate::envelope::dead_letter(&raw, queue, reason);
         let rec = NewRecord {
             headers: vec![
                 (celery_core::broker::DEAD_LETTER_REASON.into(), reason.as_bytes().to_vec()),
