@@ -323,13 +323,75 @@ pub struct TaskBody {
     pub args: Vec<Value>,
     /// Keyword arguments.
     pub kwargs: Map<String, Value>,
-    /// `{"callbacks", "errbacks", "chain", "chord"}`, kept as received.
+    /// `{"callbacks", "errbacks", "chain", "chord"}` as received, less the null ones (the same as
+    /// absent; [`TaskBody::to_vec`] writes all four).
     pub embed: Map<String, Value>,
+}
+
+/// The fast path of [`TaskBody::from_slice`]: straight into the parts, without a `Value` for the
+/// whole body; `embed` entries that are null are left out (the same as absent).
+struct FastBody(TaskBody);
+
+impl<'de> serde::Deserialize<'de> for FastBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FastBody, D::Error> {
+        struct Parts;
+        impl<'de> serde::de::Visitor<'de> for Parts {
+            type Value = FastBody;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("[args, kwargs, embed]")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<FastBody, A::Error> {
+                let args: Option<Vec<Value>> =
+                    seq.next_element()?.ok_or_else(|| serde::de::Error::custom("no args"))?;
+                let kwargs: Option<Map<String, Value>> = seq.next_element()?.flatten();
+                let embed: Option<Map<String, Value>> = seq.next_element::<Option<Embed>>()?.flatten().map(|e| e.0);
+                if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    return Err(serde::de::Error::custom("more than three parts"));
+                }
+                Ok(FastBody(TaskBody {
+                    args: args.unwrap_or_default(),
+                    kwargs: kwargs.unwrap_or_default(),
+                    embed: embed.unwrap_or_default(),
+                }))
+            }
+        }
+        d.deserialize_seq(Parts)
+    }
+}
+
+/// `embed` without its null entries.
+struct Embed(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for Embed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Embed, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Embed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Embed, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    let v: Value = map.next_value()?;
+                    if !v.is_null() {
+                        m.insert(k.into_owned(), v);
+                    }
+                }
+                Ok(Embed(m))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
 }
 
 impl TaskBody {
     /// Parses a body; the error names what is wrong.
     pub fn from_slice(body: &[u8]) -> Result<TaskBody, ProtocolError> {
+        if let Ok(FastBody(b)) = serde_json::from_slice(body) {
+            return Ok(b);
+        }
+        // The fast path only says that it failed: read it again for an error naming the part.
         let v: Value = serde_json::from_slice(body).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
         let Value::Array(mut parts) = v else {
             return Err(ProtocolError::InvalidField { field: "body", reason: "expected [args, kwargs, embed]".into() });
@@ -353,7 +415,10 @@ impl TaskBody {
             _ => return Err(ProtocolError::InvalidField { field: "kwargs", reason: "expected a JSON object".into() }),
         };
         let embed = match it.next() {
-            Some(Value::Object(m)) => m,
+            Some(Value::Object(mut m)) => {
+                m.retain(|_, v| !v.is_null());
+                m
+            }
             Some(Value::Null) | None => Map::new(),
             _ => return Err(ProtocolError::InvalidField { field: "embed", reason: "expected a JSON object".into() }),
         };
@@ -555,6 +620,23 @@ mod tests {
         assert_eq!(TaskBody::from_slice(&b.to_vec()).unwrap().kwargs, b.kwargs);
         assert!(matches!(TaskBody::from_slice(b"{"), Err(ProtocolError::InvalidJson(_))));
         assert!(matches!(TaskBody::from_slice(b"[1, {}, {}]"), Err(ProtocolError::InvalidField { field: "args", .. })));
+        assert!(matches!(TaskBody::from_slice(b"[[], 2]"), Err(ProtocolError::InvalidField { field: "kwargs", .. })));
+        assert!(matches!(
+            TaskBody::from_slice(b"[[], {}, []]"),
+            Err(ProtocolError::InvalidField { field: "embed", .. })
+        ));
+        assert!(matches!(TaskBody::from_slice(b"[]"), Err(ProtocolError::InvalidField { field: "body", .. })));
+        assert!(matches!(
+            TaskBody::from_slice(b"[[], {}, {}, 4]"),
+            Err(ProtocolError::InvalidField { field: "body", .. })
+        ));
+        // Short bodies, nulls, and embed's null entries left out.
+        let short = TaskBody::from_slice(br#"[[7]]"#).unwrap();
+        assert_eq!((short.args, short.kwargs.len(), short.embed.len()), (vec![json!(7)], 0, 0));
+        let nulls =
+            TaskBody::from_slice(br#"[null, null, {"chain": null, "chord": {"task": "t"}, "k\u00e9": 1}]"#).unwrap();
+        assert!(nulls.args.is_empty());
+        assert_eq!(Value::Object(nulls.embed), json!({"chord": {"task": "t"}, "k\u{e9}": 1}));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use celery_core::task::{panic_payload_error, TaskArgs};
 use celery_core::{TaskContext, TaskError};
 use futures::FutureExt;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 /// How a run ended.
 #[derive(Debug)]
@@ -30,7 +30,7 @@ pub(crate) async fn run(
     soft: Option<Duration>,
     hard: Option<Duration>,
     mut hard_stop: watch::Receiver<bool>,
-    mut terminate: watch::Receiver<bool>,
+    mut terminate: oneshot::Receiver<()>,
 ) -> Outcome {
     let mut terminable = true;
     let mut task = AssertUnwindSafe((entry.run)(ctx.clone(), args)).catch_unwind();
@@ -57,12 +57,11 @@ pub(crate) async fn run(
                     return Outcome::Interrupted;
                 }
             }
-            r = terminate.changed(), if terminable => match r {
-                Ok(()) if *terminate.borrow() => {
+            r = &mut terminate, if terminable => match r {
+                Ok(()) => {
                     tracing::warn!("revoked with terminate: task abandoned");
                     return Outcome::Terminated;
                 }
-                Ok(()) => {}
                 Err(_) => terminable = false,
             }
         }

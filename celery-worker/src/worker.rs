@@ -28,7 +28,7 @@ use celery_core::routing::Route;
 use celery_core::task::{TaskArgs, TaskErrorKind};
 use celery_core::{App, BrokerError, Delivery, TaskContext, TaskError, TaskState};
 use chrono::Utc;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -148,7 +148,7 @@ struct Shared {
     /// Revoked ids (remote control).
     revoked: crate::control::Revoked,
     /// Running tasks by id: what `inspect active` shows, and how to terminate each.
-    running: std::sync::Mutex<std::collections::HashMap<String, (Active, watch::Sender<bool>)>>,
+    running: std::sync::Mutex<std::collections::HashMap<String, Active>>,
     /// Rate limits set by `control rate_limit` (none: unlimited), overriding the tasks' own.
     rate_overrides: std::sync::Mutex<std::collections::HashMap<String, Option<Duration>>>,
     /// Set by `control shutdown`.
@@ -331,15 +331,16 @@ async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
     process(w, d, msg, permit).instrument(span).await
 }
 
-/// Runs one delivery holding a concurrency slot (released early when it does not run).
-/// A running task, as `inspect active` reports it (built only when asked).
+/// A running task, as `inspect active` reports it (built only when asked), and how to stop it.
 #[derive(Debug)]
 struct Active {
     msg: Arc<Message>,
     name: &'static str,
-    time_start: f64,
+    started: std::time::Instant,
     acknowledged: bool,
     routing_key: Option<String>,
+    /// A revoke with `terminate` sends on it (once).
+    terminate: Option<oneshot::Sender<()>>,
 }
 
 impl Active {
@@ -350,13 +351,14 @@ impl Active {
         };
         serde_json::json!({
             "id": self.msg.headers.id, "name": self.name, "args": args, "kwargs": kwargs,
-            "hostname": hostname, "time_start": self.time_start,
+            "hostname": hostname, "time_start": celery_core::event::now() - self.started.elapsed().as_secs_f64(),
             "acknowledged": self.acknowledged, "delivery_info": {"routing_key": self.routing_key},
             "worker_pid": std::process::id(),
         })
     }
 }
 
+/// Runs one delivery holding a concurrency slot (released early when it does not run).
 async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaphorePermit) {
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
@@ -392,7 +394,9 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         settle(d.ack().await);
         return;
     }
-    let now = Utc::now();
+    // The clock is read only when a time is set.
+    let timed = msg.headers.expires.is_some() || msg.headers.eta.is_some();
+    let now = if timed { Utc::now() } else { chrono::DateTime::<Utc>::MIN_UTC };
     if msg.headers.expires.is_some_and(|t| t <= now) {
         tracing::info!("expired before it ran: revoked");
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Expired)).await;
@@ -466,15 +470,16 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     crate::metrics::started();
     w.event("task-started", || serde_json::json!({"uuid": msg.headers.id}));
     w.stats.active.fetch_add(1, Ordering::Relaxed);
-    let (terminate, terminated) = watch::channel(false);
+    let (terminate, terminated) = oneshot::channel();
     let active = Active {
         msg: msg.clone(),
         name: entry.name,
-        time_start: celery_core::event::now(),
+        started,
         acknowledged: !opts.acks_late,
         routing_key: d.as_ref().map(|d| d.queue.clone()),
+        terminate: Some(terminate),
     };
-    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), (active, terminate));
+    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), active);
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
     w.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -748,7 +753,7 @@ async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker
             "registered" => serde_json::json!(registry::tasks().iter().map(|e| e.name).collect::<Vec<_>>()),
             "active" => {
                 let running = w.running.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::Value::Array(running.values().map(|(a, _)| a.to_json(&w.config.hostname)).collect())
+                serde_json::Value::Array(running.values().map(|a| a.to_json(&w.config.hostname)).collect())
             }
             "reserved" | "scheduled" => serde_json::json!([]),
             "revoked" => serde_json::json!(w.revoked.list()),
@@ -767,8 +772,10 @@ async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker
                 for id in &ids {
                     w.revoked.add(id);
                     if terminate {
-                        if let Some((_, t)) = w.running.lock().unwrap_or_else(|p| p.into_inner()).get(id) {
-                            let _ = t.send(true);
+                        if let Some(a) = w.running.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
+                            if let Some(t) = a.terminate.take() {
+                                let _ = t.send(());
+                            }
                         }
                     }
                 }
