@@ -180,16 +180,22 @@ impl PartitionLog {
 
     /// Hands a settlement to the writer, waking it when it had none waiting.
     fn settle(&self, op: AckOp) -> Result<(), LogError> {
-        let was_empty = {
-            let mut s = lock(&self.settled);
-            let e = s.is_empty();
-            s.push(op);
-            e
-        };
-        if was_empty {
-            self.send(WriterCmd::Settled)?;
+        if self.queue_settled(op) {
+            self.wake_writer()?;
         }
         Ok(())
+    }
+
+    /// Queues a settlement for the writer; true when it had none waiting (then wake it with
+    /// [`PartitionLog::wake_writer`]).
+    fn queue_settled(&self, op: AckOp) -> bool {
+        let mut s = lock(&self.settled);
+        s.push(op);
+        s.len() == 1
+    }
+
+    fn wake_writer(&self) -> Result<(), LogError> {
+        self.send(WriterCmd::Settled)
     }
 
     /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
@@ -923,13 +929,21 @@ impl Partition {
 
     /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
     pub(crate) fn ack(&self, offsets: &[u64]) -> Result<(), LogError> {
-        let mut st = lock(&self.state);
-        for o in offsets {
-            st.leased.remove(o);
-            st.finished.mark(*o);
+        let wake = {
+            let mut st = lock(&self.state);
+            for o in offsets {
+                st.leased.remove(o);
+                st.finished.mark(*o);
+            }
+            // Queued under the state lock, so the writer sees settlements in the order they were
+            // made; woken after it, since waking a thread enters the kernel and every take and ack
+            // waits for this lock (held across a syscall, it made both threads sleep on it).
+            self.log.queue_settled(AckOp::Ack(offsets.to_vec()))
+        };
+        if wake {
+            self.log.wake_writer()?;
         }
-        // Under the state lock, so the writer sees settlements in the order they were made.
-        self.log.settle(AckOp::Ack(offsets.to_vec()))
+        Ok(())
     }
 
     /// Gives a leased record back for immediate redelivery.

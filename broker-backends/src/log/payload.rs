@@ -1,53 +1,122 @@
 //! A task record's payload: the compact form this broker writes, or Kombu's JSON envelope.
 //!
 //! The log broker is not shared with Python peers, so it need not store Kombu's envelope (a JSON
-//! document whose body is base64 inside it, with Redis-only properties). It stores:
+//! document with the body in base64 inside it, and Redis-only properties). It stores the message's
+//! fields in binary, and its body as it is:
 //!
 //! ```text
-//! 0x01 | headers_len:u32 | headers (the protocol v2 headers as JSON) | flags:u8
-//!      | [correlation_id: len:u32 bytes]  (flags & 1: only when it is not the task id)
-//!      | [reply_to: len:u32 bytes]        (flags & 2)
-//!      | [priority:u8]                    (flags & 4)
+//! 0x01 | present:u32 | lang | task | id | retries:u32 | ignore_result:u8
+//!      | the optional fields whose bit is set in `present`, in this order:
+//!        shadow, eta, expires, group, group_index:u64, time_limit:f64, soft_time_limit:f64,
+//!        root_id, parent_id, argsrepr, kwargsrepr, origin, extra (the other headers, JSON),
+//!        correlation_id (only when it is not the task id), reply_to, priority:u8
 //!      | body (the JSON `[args, kwargs, embed]`, to the end)
 //! ```
 //!
+//! Strings are `len:u32 bytes` (UTF-8), times are microseconds since the epoch as `i64`, numbers
 //! little-endian. A JSON envelope starts with `{` (or whitespace), never `0x01`: records written
 //! before this form (or by hand) are still read.
 
 use celery_core::protocol::{Headers, Message, Properties};
 use celery_core::ProtocolError;
+use chrono::{DateTime, Utc};
 
 use crate::envelope;
 
 /// The first byte of the compact form.
 const COMPACT: u8 = 1;
 
-const HAS_CORRELATION: u8 = 1;
-const HAS_REPLY_TO: u8 = 2;
-const HAS_PRIORITY: u8 = 4;
+/// The bits of `present`, one per optional field, in the order the fields follow.
+mod bit {
+    pub(super) const SHADOW: u32 = 1;
+    pub(super) const ETA: u32 = 1 << 1;
+    pub(super) const EXPIRES: u32 = 1 << 2;
+    pub(super) const GROUP: u32 = 1 << 3;
+    pub(super) const GROUP_INDEX: u32 = 1 << 4;
+    pub(super) const TIME_LIMIT: u32 = 1 << 5;
+    pub(super) const SOFT_TIME_LIMIT: u32 = 1 << 6;
+    pub(super) const ROOT_ID: u32 = 1 << 7;
+    pub(super) const PARENT_ID: u32 = 1 << 8;
+    pub(super) const ARGSREPR: u32 = 1 << 9;
+    pub(super) const KWARGSREPR: u32 = 1 << 10;
+    pub(super) const ORIGIN: u32 = 1 << 11;
+    pub(super) const EXTRA: u32 = 1 << 12;
+    pub(super) const CORRELATION_ID: u32 = 1 << 13;
+    pub(super) const REPLY_TO: u32 = 1 << 14;
+    pub(super) const PRIORITY: u32 = 1 << 15;
+}
+
+/// Writes the fields.
+struct Out {
+    buf: Vec<u8>,
+    present: u32,
+}
+
+impl Out {
+    fn str(&mut self, s: &str) {
+        self.buf.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.buf.extend_from_slice(s.as_bytes());
+    }
+    fn opt_str(&mut self, bit: u32, s: Option<&str>) {
+        if let Some(s) = s {
+            self.present |= bit;
+            self.str(s);
+        }
+    }
+    fn opt_time(&mut self, bit: u32, t: Option<DateTime<Utc>>) {
+        if let Some(t) = t {
+            self.present |= bit;
+            self.buf.extend_from_slice(&t.timestamp_micros().to_le_bytes());
+        }
+    }
+    fn opt_f64(&mut self, bit: u32, x: Option<f64>) {
+        if let Some(x) = x {
+            self.present |= bit;
+            self.buf.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+}
 
 /// Encodes a task message in the compact form.
 pub(crate) fn encode(msg: &Message) -> Vec<u8> {
-    let headers = serde_json::to_vec(&msg.headers.to_json()).unwrap_or_else(|_| b"{}".to_vec());
-    let p = &msg.properties;
-    let correlation = (p.correlation_id != msg.headers.id).then_some(&p.correlation_id);
-    let mut out = Vec::with_capacity(headers.len() + msg.body.len() + 16);
-    out.push(COMPACT);
-    out.extend_from_slice(&(headers.len() as u32).to_le_bytes());
-    out.extend_from_slice(&headers);
-    let flags = correlation.map_or(0, |_| HAS_CORRELATION)
-        | p.reply_to.as_ref().map_or(0, |_| HAS_REPLY_TO)
-        | p.priority.map_or(0, |_| HAS_PRIORITY);
-    out.push(flags);
-    for s in [correlation, p.reply_to.as_ref()].into_iter().flatten() {
-        out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
+    let (h, p) = (&msg.headers, &msg.properties);
+    let mut o = Out { buf: Vec::with_capacity(256 + msg.body.len()), present: 0 };
+    o.buf.push(COMPACT);
+    o.buf.extend_from_slice(&[0; 4]);
+    o.str(&h.lang);
+    o.str(&h.task);
+    o.str(&h.id);
+    o.buf.extend_from_slice(&h.retries.to_le_bytes());
+    o.buf.push(h.ignore_result as u8);
+    o.opt_str(bit::SHADOW, h.shadow.as_deref());
+    o.opt_time(bit::ETA, h.eta);
+    o.opt_time(bit::EXPIRES, h.expires);
+    o.opt_str(bit::GROUP, h.group.as_deref());
+    if let Some(i) = h.group_index {
+        o.present |= bit::GROUP_INDEX;
+        o.buf.extend_from_slice(&i.to_le_bytes());
     }
+    o.opt_f64(bit::TIME_LIMIT, h.time_limit);
+    o.opt_f64(bit::SOFT_TIME_LIMIT, h.soft_time_limit);
+    o.opt_str(bit::ROOT_ID, h.root_id.as_deref());
+    o.opt_str(bit::PARENT_ID, h.parent_id.as_deref());
+    o.opt_str(bit::ARGSREPR, h.argsrepr.as_deref());
+    o.opt_str(bit::KWARGSREPR, h.kwargsrepr.as_deref());
+    o.opt_str(bit::ORIGIN, h.origin.as_deref());
+    if !h.extra.is_empty() {
+        let extra = serde_json::Value::Object(h.extra.clone()).to_string();
+        o.opt_str(bit::EXTRA, Some(&extra));
+    }
+    o.opt_str(bit::CORRELATION_ID, (p.correlation_id != h.id).then_some(p.correlation_id.as_str()));
+    o.opt_str(bit::REPLY_TO, p.reply_to.as_deref());
     if let Some(prio) = p.priority {
-        out.push(prio);
+        o.present |= bit::PRIORITY;
+        o.buf.push(prio);
     }
-    out.extend_from_slice(&msg.body);
-    out
+    o.buf.extend_from_slice(&msg.body);
+    let present = o.present.to_le_bytes();
+    o.buf[1..5].copy_from_slice(&present);
+    o.buf
 }
 
 /// Decodes either form into a message, and whether the message says it was redelivered (only a
@@ -68,43 +137,92 @@ pub(crate) fn to_envelope(payload: &[u8], queue: &str) -> Option<Vec<u8>> {
     }
 }
 
-fn truncated() -> ProtocolError {
-    ProtocolError::InvalidField { field: "payload", reason: "truncated compact record".into() }
+fn invalid(reason: &str) -> ProtocolError {
+    ProtocolError::InvalidField { field: "payload", reason: reason.into() }
 }
 
-/// Splits `n` bytes off the front of `rest`.
-fn take<'a>(rest: &mut &'a [u8], n: usize) -> Result<&'a [u8], ProtocolError> {
-    if rest.len() < n {
-        return Err(truncated());
-    }
-    let (head, tail) = rest.split_at(n);
-    *rest = tail;
-    Ok(head)
+/// Reads the fields.
+struct In<'a> {
+    rest: &'a [u8],
+    present: u32,
 }
 
-fn take_str(rest: &mut &[u8]) -> Result<String, ProtocolError> {
-    let len = u32::from_le_bytes(take(rest, 4)?.try_into().map_err(|_| truncated())?) as usize;
-    String::from_utf8(take(rest, len)?.to_vec())
-        .map_err(|_| ProtocolError::InvalidField { field: "properties", reason: "not UTF-8".into() })
-}
-
-fn decode_compact(mut rest: &[u8]) -> Result<Message, ProtocolError> {
-    let len = u32::from_le_bytes(take(&mut rest, 4)?.try_into().map_err(|_| truncated())?) as usize;
-    let raw = take(&mut rest, len)?;
-    let headers = match serde_json::from_slice::<Headers>(raw) {
-        Ok(h) => h,
-        // The fast path only says that it failed: read it again for an error naming the field.
-        Err(_) => {
-            let v: serde_json::Value =
-                serde_json::from_slice(raw).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?;
-            Headers::from_json(&v)?
+impl<'a> In<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if self.rest.len() < n {
+            return Err(invalid("truncated compact record"));
         }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtocolError> {
+        self.take(N)?.try_into().map_err(|_| invalid("truncated compact record"))
+    }
+    fn str(&mut self) -> Result<String, ProtocolError> {
+        let len = u32::from_le_bytes(self.array()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|_| invalid("a string is not UTF-8"))
+    }
+    fn has(&self, bit: u32) -> bool {
+        self.present & bit != 0
+    }
+    fn opt_str(&mut self, bit: u32) -> Result<Option<String>, ProtocolError> {
+        self.has(bit).then(|| self.str()).transpose()
+    }
+    fn opt_time(&mut self, bit: u32) -> Result<Option<DateTime<Utc>>, ProtocolError> {
+        if !self.has(bit) {
+            return Ok(None);
+        }
+        let micros = i64::from_le_bytes(self.array()?);
+        DateTime::from_timestamp_micros(micros).map(Some).ok_or_else(|| invalid("a time out of range"))
+    }
+    fn opt_f64(&mut self, bit: u32) -> Result<Option<f64>, ProtocolError> {
+        self.has(bit).then(|| self.array().map(f64::from_le_bytes)).transpose()
+    }
+}
+
+fn decode_compact(rest: &[u8]) -> Result<Message, ProtocolError> {
+    let mut r = In { rest, present: 0 };
+    r.present = u32::from_le_bytes(r.array()?);
+    let (lang, task, id) = (r.str()?, r.str()?, r.str()?);
+    let retries = u32::from_le_bytes(r.array()?);
+    let ignore_result = r.take(1)?[0] != 0;
+    let shadow = r.opt_str(bit::SHADOW)?;
+    let (eta, expires) = (r.opt_time(bit::ETA)?, r.opt_time(bit::EXPIRES)?);
+    let group = r.opt_str(bit::GROUP)?;
+    let group_index = r.has(bit::GROUP_INDEX).then(|| r.array().map(u64::from_le_bytes)).transpose()?;
+    let (time_limit, soft_time_limit) = (r.opt_f64(bit::TIME_LIMIT)?, r.opt_f64(bit::SOFT_TIME_LIMIT)?);
+    let (root_id, parent_id) = (r.opt_str(bit::ROOT_ID)?, r.opt_str(bit::PARENT_ID)?);
+    let (argsrepr, kwargsrepr) = (r.opt_str(bit::ARGSREPR)?, r.opt_str(bit::KWARGSREPR)?);
+    let origin = r.opt_str(bit::ORIGIN)?;
+    let extra = match r.opt_str(bit::EXTRA)? {
+        Some(json) => serde_json::from_str(&json).map_err(|e| ProtocolError::InvalidJson(e.to_string()))?,
+        None => Default::default(),
     };
-    let flags = take(&mut rest, 1)?[0];
-    let correlation_id = if flags & HAS_CORRELATION != 0 { take_str(&mut rest)? } else { headers.id.clone() };
-    let reply_to = if flags & HAS_REPLY_TO != 0 { Some(take_str(&mut rest)?) } else { None };
-    let priority = if flags & HAS_PRIORITY != 0 { Some(take(&mut rest, 1)?[0]) } else { None };
-    Ok(Message { headers, properties: Properties { correlation_id, reply_to, priority }, body: rest.to_vec() })
+    let correlation_id = r.opt_str(bit::CORRELATION_ID)?.unwrap_or_else(|| id.clone());
+    let reply_to = r.opt_str(bit::REPLY_TO)?;
+    let priority = if r.has(bit::PRIORITY) { Some(r.take(1)?[0]) } else { None };
+    let headers = Headers {
+        lang,
+        task,
+        id,
+        shadow,
+        eta,
+        expires,
+        group,
+        group_index,
+        retries,
+        time_limit,
+        soft_time_limit,
+        root_id,
+        parent_id,
+        argsrepr,
+        kwargsrepr,
+        origin,
+        ignore_result,
+        extra,
+    };
+    Ok(Message { headers, properties: Properties { correlation_id, reply_to, priority }, body: r.rest.to_vec() })
 }
 
 #[cfg(test)]
@@ -132,6 +250,20 @@ mod tests {
     }
 
     #[test]
+    fn every_field_survives() {
+        let mut msg = message();
+        let t = DateTime::from_timestamp_micros(1_800_000_000_123_456).unwrap();
+        let h = &mut msg.headers;
+        (h.shadow, h.eta, h.expires, h.group, h.group_index) =
+            (Some("s".into()), Some(t), Some(t), Some("g".into()), Some(3));
+        (h.time_limit, h.soft_time_limit, h.parent_id, h.origin) =
+            (Some(2.5), Some(1.0), Some("p".into()), Some("o".into()));
+        (h.retries, h.ignore_result, h.lang) = (4, true, "py".into());
+        h.extra.insert("x-custom".into(), json!({"k": [1, "é"]}));
+        assert_eq!(decode(&encode(&msg)).0.unwrap(), msg);
+    }
+
+    #[test]
     fn bad_compact_records_are_errors_not_panics() {
         let msg = message();
         let good = encode(&msg);
@@ -139,12 +271,9 @@ mod tests {
         for cut in 1..good.len() - msg.body.len() {
             assert!(decode(&good[..cut]).0.is_err(), "cut at {cut}");
         }
-        let mut bad_headers = vec![COMPACT];
-        bad_headers.extend_from_slice(&9u32.to_le_bytes());
-        bad_headers.extend_from_slice(br#"{"id": 5}"#);
-        bad_headers.push(0);
-        let err = decode(&bad_headers).0.unwrap_err().to_string();
-        assert!(err.contains("id") || err.contains("task"), "{err}");
+        let mut bad_utf8 = good.clone();
+        bad_utf8[9] = 0xff; // the first byte of `lang`
+        assert!(decode(&bad_utf8).0.unwrap_err().to_string().contains("UTF-8"));
         assert!(decode(&[COMPACT]).0.is_err());
     }
 
