@@ -29,7 +29,6 @@ use celery_core::task::{TaskArgs, TaskErrorKind};
 use celery_core::{App, BrokerError, Delivery, TaskContext, TaskError, TaskState};
 use chrono::Utc;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::events::EventDispatcher;
@@ -250,38 +249,43 @@ impl Worker {
                 }
             })
         });
-        let mut running = JoinSet::new();
-        tokio::pin!(shutdown);
+        // Each running task holds one of `slots` until it ends: the semaphore is also what tells how
+        // many run, and when all have ended (no JoinSet: its lock was taken twice per task).
+        let slots = cfg.concurrency.max(1);
+        // Made once, not per delivery: each `wait_for` registers a waiter anew.
+        let stop = async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = remote_stopped.wait_for(|s| *s) => {}
+            }
+        };
+        tokio::pin!(stop);
         // A slot first, then the next delivery: deliveries start in the order the broker gave them.
         'consume: loop {
-            let permit = loop {
-                tokio::select! {
+            let permit = match shared.slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(tokio::sync::TryAcquireError::Closed) => break 'consume,
+                Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
                     p = shared.slots.clone().acquire_owned() => match p {
-                        Ok(p) => break p,
+                        Ok(p) => p,
                         Err(_) => break 'consume,
                     },
-                    _ = &mut shutdown => break 'consume,
-                    _ = remote_stopped.wait_for(|s| *s) => break 'consume,
-                    Some(_) = running.join_next(), if !running.is_empty() => {}
-                }
+                    _ = &mut stop => break 'consume,
+                },
             };
-            // Reap finished tasks now rather than while waiting: `consumer.next()` must not be
-            // dropped half-way each time a task finishes (a consumer resubscribing at that moment
-            // would leave a subscription behind that holds deliveries).
-            while running.try_join_next().is_some() {}
             tokio::select! {
                 d = consumer.next() => match d {
                     Some(d) => {
                         // Boxed: the task cell then moves a pointer, not the whole future.
-                        running.spawn(Box::pin(handle(shared.clone(), d, permit)));
+                        tokio::spawn(Box::pin(handle(shared.clone(), d, permit)));
                     }
                     None => break 'consume,
                 },
-                _ = &mut shutdown => break 'consume,
-                _ = remote_stopped.wait_for(|s| *s) => break 'consume,
+                _ = &mut stop => break 'consume,
             }
         }
-        tracing::info!(in_flight = running.len(), "worker shutting down: no new deliveries");
+        let in_flight = || slots - shared.slots.available_permits();
+        tracing::info!(in_flight = in_flight(), "worker shutting down: no new deliveries");
         consumer.stop();
         let _ = stop_tx.send(true);
         while let Some(d) = consumer.next().await {
@@ -289,11 +293,13 @@ impl Worker {
         }
         let grace = tokio::time::sleep(cfg.shutdown_grace);
         tokio::pin!(grace);
+        let all_ended = shared.slots.clone().acquire_many_owned(slots as u32);
+        tokio::pin!(all_ended);
         loop {
             tokio::select! {
-                r = running.join_next() => if r.is_none() { break },
+                _ = &mut all_ended => break,
                 _ = &mut grace, if !*hard_tx.borrow() => {
-                    tracing::warn!(still_running = running.len(), "grace period over: returning running tasks to the queue");
+                    tracing::warn!(still_running = in_flight(), "grace period over: returning running tasks to the queue");
                     let _ = hard_tx.send(true);
                 }
             }
