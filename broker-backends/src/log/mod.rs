@@ -43,7 +43,7 @@ mod stream;
 mod tls;
 mod wire;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -233,13 +233,14 @@ impl LogBroker {
             return Err(LogError::Invalid("not a local store".into()));
         };
         let topics = queues.iter().map(|q| store.topic(q)).collect::<Result<Vec<_>, _>>()?;
-        let leases: LeaseMap = Arc::default();
-        let renew = tokio::spawn(renew_loop(store.clone(), leases.clone()));
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let renew = tokio::spawn(renew_loop(store.clone(), topics.clone(), id));
         Ok(LogConsumer {
             store: store.clone(),
             topics,
             slots: Arc::new(Semaphore::new(prefetch.max(1))),
-            leases,
+            id,
             stopped: false,
             renew,
             turn: 0,
@@ -597,21 +598,18 @@ fn doc_key(key: &str) -> String {
 /// A stored document is kept until replaced.
 const DOC_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
-type LeaseMap = Arc<Mutex<HashMap<usize, (Arc<Partition>, HashSet<u64>)>>>;
-
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-async fn renew_loop(store: Arc<LogStore>, leases: LeaseMap) {
+/// Renews the leases consumer `owner` holds, until it is dropped (then they expire).
+async fn renew_loop(store: Arc<LogStore>, topics: Vec<Arc<Topic>>, owner: u64) {
     let lease = store.config().lease;
     loop {
         tokio::time::sleep(lease / 3).await;
         let deadline = Instant::now() + lease;
-        let held: Vec<(Arc<Partition>, Vec<u64>)> =
-            lock(&leases).values().map(|(p, s)| (p.clone(), s.iter().copied().collect())).collect();
-        for (p, offsets) in held {
-            p.renew(&offsets, deadline);
+        for p in topics.iter().flat_map(|t| t.partitions.iter()) {
+            p.renew(owner, deadline);
         }
     }
 }
@@ -625,7 +623,8 @@ pub(crate) struct LogConsumer {
     store: Arc<LogStore>,
     topics: Vec<Arc<Topic>>,
     slots: Arc<Semaphore>,
-    leases: LeaseMap,
+    /// Names this consumer's leases in its partitions.
+    id: u64,
     stopped: bool,
     renew: tokio::task::JoinHandle<()>,
     turn: usize,
@@ -639,7 +638,7 @@ impl LogConsumer {
             let n = t.partitions.len();
             for i in 0..n {
                 let p = &t.partitions[(self.turn + i) % n];
-                if let Some(taken) = p.take(deadline)? {
+                if let Some(taken) = p.take(deadline, self.id)? {
                     return Ok(Some((t.clone(), p.clone(), taken)));
                 }
             }
@@ -692,12 +691,6 @@ impl LogConsumer {
                         }
                     }
                     permit.forget();
-                    let key = Arc::as_ptr(&part) as usize;
-                    lock(&self.leases)
-                        .entry(key)
-                        .or_insert_with(|| (part.clone(), HashSet::new()))
-                        .1
-                        .insert(taken.record.offset);
                     return Some(LogSettle {
                         store: self.store.clone(),
                         part,
@@ -705,7 +698,6 @@ impl LogConsumer {
                         deliveries: taken.deliveries,
                         queue: topic.name.clone(),
                         slots: self.slots.clone(),
-                        leases: self.leases.clone(),
                     });
                 }
                 Ok(None) => {
@@ -752,7 +744,6 @@ pub(crate) struct LogSettle {
     pub(crate) deliveries: u32,
     pub(crate) queue: String,
     slots: Arc<Semaphore>,
-    leases: LeaseMap,
 }
 
 impl LogSettle {
@@ -769,10 +760,8 @@ impl LogSettle {
         self.store.notify.notify_waiters();
     }
 
+    /// Frees its prefetch slot (the partition forgot its lease when it was settled).
     fn release(&self) {
-        if let Some((_, set)) = lock(&self.leases).get_mut(&(Arc::as_ptr(&self.part) as usize)) {
-            set.remove(&self.record.offset);
-        }
         self.slots.add_permits(1);
     }
 }

@@ -709,6 +709,8 @@ impl Finished {
 #[derive(Debug)]
 struct Lease {
     deadline: Instant,
+    /// The consumer that holds it (and renews it while it lives).
+    owner: u64,
     deliveries: u32,
     record: Arc<Record>,
 }
@@ -795,7 +797,7 @@ impl Partition {
     }
 
     /// Takes the next deliverable record and leases it until `deadline`.
-    pub(crate) fn take(&self, deadline: Instant) -> Result<Option<Taken>, LogError> {
+    pub(crate) fn take(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
         let mut st = lock(&self.state);
         if let Some(e) = &st.error {
             return Err(LogError::Invalid(e.clone()));
@@ -844,7 +846,7 @@ impl Partition {
         let Some((record, prior)) = found else { return Ok(None) };
         let deliveries = prior + 1;
         st.expiry.push(Reverse((deadline, record.offset)));
-        st.leased.insert(record.offset, Lease { deadline, deliveries, record: record.clone() });
+        st.leased.insert(record.offset, Lease { deadline, owner, deliveries, record: record.clone() });
         // A redelivery's count is persisted (a first delivery's is implied by the record being
         // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
         let counted = deliveries > 1;
@@ -916,14 +918,12 @@ impl Partition {
         lock(&self.state).delayed.peek().map(|Reverse((due, _, _))| *due)
     }
 
-    /// Extends leases.
-    pub(crate) fn renew(&self, offsets: &[u64], deadline: Instant) {
-        let mut st = lock(&self.state);
-        for o in offsets {
-            if let Some(l) = st.leased.get_mut(o) {
-                l.deadline = deadline;
-                st.expiry.push(Reverse((deadline, *o)));
-            }
+    /// Extends the leases `owner` holds.
+    pub(crate) fn renew(&self, owner: u64, deadline: Instant) {
+        let st = &mut *lock(&self.state);
+        for (o, l) in st.leased.iter_mut().filter(|(_, l)| l.owner == owner) {
+            l.deadline = deadline;
+            st.expiry.push(Reverse((deadline, *o)));
         }
     }
 
@@ -1068,9 +1068,9 @@ pub(crate) mod tests {
                 p.log.append(vec![rec(&format!("m{i}"))]).await.unwrap();
             }
             let far = Instant::now() + Duration::from_secs(60);
-            let a = p.take(far).unwrap().unwrap();
-            let b = p.take(far).unwrap().unwrap();
-            let c = p.take(far).unwrap().unwrap();
+            let a = p.take(far, 1).unwrap().unwrap();
+            let b = p.take(far, 1).unwrap().unwrap();
+            let c = p.take(far, 1).unwrap().unwrap();
             assert_eq!((a.record.offset, b.record.offset, c.record.offset), (0, 1, 2));
             p.ack(&[0, 2]).unwrap();
             p.log.flush().await.unwrap();
@@ -1083,10 +1083,10 @@ pub(crate) mod tests {
         }
         let p = Partition::open(&dir, &cfg(), notify).unwrap();
         let far = Instant::now() + Duration::from_secs(60);
-        let first = p.take(far).unwrap().unwrap();
+        let first = p.take(far, 1).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
         assert_eq!(first.deliveries, 2, "and counted as a redelivery: the last owner may have handed it out");
-        assert_eq!(p.take(far).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
+        assert_eq!(p.take(far, 1).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
         assert_eq!(first.record.payload, b"m1");
     }
 
@@ -1096,14 +1096,30 @@ pub(crate) mod tests {
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
         p.log.append(vec![rec("x")]).await.unwrap();
         let now = Instant::now();
-        assert_eq!(p.take(now).unwrap().unwrap().deliveries, 1);
+        assert_eq!(p.take(now, 1).unwrap().unwrap().deliveries, 1);
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert!(ex.is_empty());
-        let again = p.take(now).unwrap().unwrap();
+        let again = p.take(now, 1).unwrap().unwrap();
         assert_eq!(again.deliveries, 2);
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert_eq!(ex.len(), 1, "delivered twice with max_deliveries 2: dead-letter it");
-        assert!(p.take(now).unwrap().is_none());
+        assert!(p.take(now, 1).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_consumer_renews_only_its_own_leases() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        p.log.append(vec![rec("mine"), rec("theirs")]).await.unwrap();
+        let now = Instant::now();
+        let mine = p.take(now, 1).unwrap().unwrap();
+        p.take(now, 2).unwrap().unwrap();
+        p.renew(1, now + Duration::from_secs(60));
+        let (_, returned) = p.expire(now + Duration::from_millis(1), 10);
+        assert_eq!(returned, 1, "only the lease consumer 2 did not renew expired");
+        let again = p.take(now + Duration::from_secs(60), 3).unwrap().unwrap();
+        assert_ne!(again.record.offset, mine.record.offset);
+        assert_eq!(again.deliveries, 2);
     }
 
     #[tokio::test]
@@ -1113,8 +1129,8 @@ pub(crate) mod tests {
         let later = NewRecord { not_before_ms: now_ms() + 60_000, ..rec("later") };
         p.log.append(vec![later, rec("now")]).await.unwrap();
         let far = Instant::now() + Duration::from_secs(60);
-        assert_eq!(p.take(far).unwrap().unwrap().record.payload, b"now");
-        assert!(p.take(far).unwrap().is_none());
+        assert_eq!(p.take(far, 1).unwrap().unwrap().record.payload, b"now");
+        assert!(p.take(far, 1).unwrap().is_none());
         assert_eq!(p.delayed_len(), 1);
     }
 
@@ -1125,28 +1141,28 @@ pub(crate) mod tests {
         {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
             p.log.append(vec![rec("poison"), rec("fine")]).await.unwrap();
-            let t = p.take(far).unwrap().unwrap();
+            let t = p.take(far, 1).unwrap().unwrap();
             assert_eq!((t.deliveries, t.counted), (1, false), "a first delivery writes nothing");
         }
         // Each owner takes it and dies without settling it (no checkpoint, only acks.log).
         for expected in 2..=4 {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-            let t = p.take(far).unwrap().unwrap();
+            let t = p.take(far, 1).unwrap().unwrap();
             assert_eq!((t.record.payload.as_slice(), t.deliveries, t.counted), (&b"poison"[..], expected, true));
             p.log.flush().await.unwrap();
         }
         // A checkpoint carries the counts too, and an ack drops them.
         {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-            assert_eq!(p.take(far).unwrap().unwrap().deliveries, 5);
+            assert_eq!(p.take(far, 1).unwrap().unwrap().deliveries, 5);
             p.checkpoint().await.unwrap();
         }
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-        let t = p.take(far).unwrap().unwrap();
+        let t = p.take(far, 1).unwrap().unwrap();
         assert_eq!(t.deliveries, 6);
         p.ack(&[t.record.offset]).unwrap();
         assert!(lock(&p.state).finished.counts.is_empty());
-        let fine = p.take(far).unwrap().unwrap();
+        let fine = p.take(far, 1).unwrap().unwrap();
         assert_eq!((fine.record.payload.as_slice(), fine.deliveries), (&b"fine"[..], 2));
     }
 
