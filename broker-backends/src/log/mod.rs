@@ -442,8 +442,9 @@ impl Broker for LogBroker {
     }
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
+        let rec = to_record(msg);
         for q in self.resolve(route, msg).await? {
-            let records = vec![to_record(msg)];
+            let records = vec![rec.clone()];
             match &self.inner {
                 Inner::Local(s) => s.append(&q, records).await?,
                 Inner::Remote(c) => {
@@ -457,9 +458,9 @@ impl Broker for LogBroker {
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
         let mut by_queue: HashMap<String, Vec<NewRecord>> = HashMap::new();
         for (route, msg) in batch {
+            let rec = to_record(msg);
             for q in self.resolve(route, msg).await? {
-                let rec = to_record(msg);
-                by_queue.entry(q).or_default().push(rec);
+                by_queue.entry(q).or_default().push(rec.clone());
             }
         }
         for (q, recs) in by_queue {
