@@ -105,6 +105,8 @@ pub struct LogStore {
     pub(crate) results_log: super::results::ResultsLog,
     /// Serializes read-decide-write operations (leases, chord tallies).
     pub(crate) cas_lock: tokio::sync::Mutex<()>,
+    /// A results sweep (and compaction) is running: the next waits for it to end.
+    maintaining: std::sync::atomic::AtomicBool,
     /// Live broadcast subscribers: (exchange, pattern, sender).
     pub(crate) subscribers: Mutex<Vec<(String, String, tokio::sync::mpsc::Sender<celery_core::broker::Broadcast>)>>,
     /// Chord tallies by group id (persisted among the results, rebuilt on open).
@@ -176,6 +178,7 @@ impl LogStore {
             results: Mutex::new(results),
             results_log,
             cas_lock: tokio::sync::Mutex::new(()),
+            maintaining: std::sync::atomic::AtomicBool::new(false),
             chords: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(Vec::new()),
             served: std::sync::Once::new(),
@@ -456,8 +459,14 @@ async fn expiry_loop(store: Weak<LogStore>) {
             }
         }
         let Some(s) = store.upgrade() else { return };
-        if ticks.is_multiple_of(100) {
-            s.maintain_results().await;
+        if ticks.is_multiple_of(100) && !s.maintaining.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // On its own: a compaction takes about a second per 100 MB, and lease expiry must not
+            // wait for it.
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.maintain_results().await;
+                s.maintaining.store(false, std::sync::atomic::Ordering::Release);
+            });
         }
         let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
         let now = Instant::now();
