@@ -233,12 +233,12 @@ impl Delivery {
 
     /// The decoded message (decoded now if it was not yet), or why it could not be decoded.
     pub fn message(&mut self) -> &Result<Message, ProtocolError> {
-        if self.decoded.is_none() {
-            let (message, redelivered) = self.raw.take().map_or_else(|| (Err(taken()), false), |decode| decode());
-            self.redelivered |= redelivered;
-            self.decoded = Some(message);
-        }
-        self.decoded.get_or_insert_with(|| Err(taken()))
+        let (raw, redelivered) = (&mut self.raw, &mut self.redelivered);
+        self.decoded.get_or_insert_with(|| {
+            let (message, again) = raw.take().map_or_else(|| (Err(taken()), false), |decode| decode());
+            *redelivered |= again;
+            message
+        })
     }
 
     /// Moves the decoded message out (the delivery keeps an error in its place).

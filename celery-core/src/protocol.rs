@@ -344,9 +344,12 @@ impl<'de> serde::Deserialize<'de> for FastBody {
                 let args: Option<Vec<Value>> =
                     seq.next_element()?.ok_or_else(|| serde::de::Error::custom("no args"))?;
                 let kwargs: Option<Map<String, Value>> = seq.next_element()?.flatten();
-                let embed: Option<Map<String, Value>> = seq.next_element::<Option<Embed>>()?.flatten().map(|e| e.0);
+                let mut embed: Option<Map<String, Value>> = seq.next_element()?.flatten();
                 if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
                     return Err(serde::de::Error::custom("more than three parts"));
+                }
+                if let Some(e) = embed.as_mut() {
+                    e.retain(|_, v| !v.is_null());
                 }
                 Ok(FastBody(TaskBody {
                     args: args.unwrap_or_default(),
@@ -356,32 +359,6 @@ impl<'de> serde::Deserialize<'de> for FastBody {
             }
         }
         d.deserialize_seq(Parts)
-    }
-}
-
-/// `embed` without its null entries.
-struct Embed(Map<String, Value>);
-
-impl<'de> serde::Deserialize<'de> for Embed {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Embed, D::Error> {
-        struct Entries;
-        impl<'de> serde::de::Visitor<'de> for Entries {
-            type Value = Embed;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Embed, A::Error> {
-                let mut m = Map::new();
-                while let Some(k) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    let v: Value = map.next_value()?;
-                    if !v.is_null() {
-                        m.insert(k.into_owned(), v);
-                    }
-                }
-                Ok(Embed(m))
-            }
-        }
-        d.deserialize_map(Entries)
     }
 }
 

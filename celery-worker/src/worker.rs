@@ -401,14 +401,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         return;
     }
     // The clock is read only when a time is set.
-    let timed = msg.headers.expires.is_some() || msg.headers.eta.is_some();
-    let now = if timed { Utc::now() } else { chrono::DateTime::<Utc>::MIN_UTC };
-    if msg.headers.expires.is_some_and(|t| t <= now) {
+    if msg.headers.expires.is_some_and(|t| t <= Utc::now()) {
         tracing::info!("expired before it ran: revoked");
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Expired)).await;
         return;
     }
-    if let Some(eta) = msg.headers.eta.filter(|t| *t > now) {
+    if let Some((eta, now)) = msg.headers.eta.map(|t| (t, Utc::now())).filter(|(t, now)| t > now) {
         let wait = (eta - now).to_std().unwrap_or_default();
         if wait > LOCAL_ETA_WAIT {
             tracing::debug!(%eta, "eta is ahead: held by the broker until due");

@@ -142,7 +142,9 @@ impl PartitionLog {
     ) -> Result<PartitionLog, LogError> {
         let first_offset = finished.watermark;
         let rec = segment::recover(dir, first_offset)?;
-        let tail = Pos { seg: rec.segments.last().map(|s| s.base).unwrap_or(first_offset), byte: rec.tail_len };
+        let active =
+            rec.segments.last().cloned().ok_or_else(|| LogError::Invalid("a partition without a segment".into()))?;
+        let tail = Pos { seg: active.base, byte: rec.tail_len };
         let segments = Arc::new(RwLock::new(rec.segments));
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let (tx, rx) = mpsc::channel();
@@ -154,6 +156,7 @@ impl PartitionLog {
             dir: dir.to_owned(),
             cfg: cfg.clone(),
             segments: segments.clone(),
+            active,
             end: end.clone(),
             tail_len: rec.tail_len,
             next_offset: rec.next_offset,
@@ -312,6 +315,8 @@ struct Writer {
     dir: PathBuf,
     cfg: PartitionConfig,
     segments: Arc<RwLock<Vec<Segment>>>,
+    /// The last segment, the one appended to.
+    active: Segment,
     end: Arc<Mutex<End>>,
     tail_len: u64,
     next_offset: u64,
@@ -365,10 +370,6 @@ impl Writer {
         }
     }
 
-    fn active(&self) -> Segment {
-        self.segments.read().unwrap_or_else(|p| p.into_inner()).last().cloned().expect("a partition has a segment")
-    }
-
     fn process(&mut self, batch: Vec<WriterCmd>) {
         let mut buf = Vec::new();
         let mut waiters = Vec::new();
@@ -405,8 +406,7 @@ impl Writer {
         }
         match result.and_then(|()| self.maybe_sync(false)) {
             Ok(()) => {
-                let seg = self.segments.read().unwrap_or_else(|p| p.into_inner()).last().map_or(0, |s| s.base);
-                let tail = Pos { seg, byte: self.tail_len };
+                let tail = Pos { seg: self.active.base, byte: self.tail_len };
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
                     self.on_append.notify_waiters();
@@ -435,10 +435,11 @@ impl Writer {
         if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
             self.sync_now()?;
             let seg = segment::create(&self.dir, first)?;
-            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg);
+            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
+            self.active = seg;
             self.tail_len = 0;
         }
-        let seg = self.active();
+        let seg = &self.active;
         let mut f = &*seg.file;
         if let Err(e) = f.write_all(buf) {
             // Never leave a half-written batch behind a later one.
@@ -510,7 +511,7 @@ impl Writer {
     /// fsyncs what was written since the last sync (the segment, `acks.log`, or both).
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
-            let seg = self.active();
+            let seg = &self.active;
             seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
             self.dirty = false;
         }

@@ -130,6 +130,10 @@ fn ack_all(conn: &Conn, body: &[u8]) {
     }
 }
 
+fn unknown_delivery(delivery: u64) -> String {
+    format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
+}
+
 /// Requests answered in the read loop, in the order they arrive, so that the connection's next
 /// request sees them done: stopping a consumer, leaving a stream group, and requeues (which never
 /// wait; no task per settlement). A requeue after a stop is then never handed out again by the
@@ -155,9 +159,7 @@ fn in_read_order(conn: &Conn, frame: &wire::Frame) -> Option<Vec<u8>> {
                 return None;
             }
             let Some(s) = lock(&conn.held).remove(&delivery) else {
-                return Some(done(Err(format!(
-                    "unknown delivery {delivery} (already settled, or returned when a connection dropped)"
-                ))));
+                return Some(done(Err(unknown_delivery(delivery))));
             };
             s.requeue_now();
             Some(done(Ok(())))
@@ -221,9 +223,7 @@ async fn handle(
             let how = d.u8().map_err(e)?;
             let not_before = d.i64().map_err(e)?;
             let data = d.bytes().map_err(e)?.to_vec();
-            let s = lock(&conn.held).remove(&delivery).ok_or_else(|| {
-                format!("unknown delivery {delivery} (already settled, or returned when a connection dropped)")
-            })?;
+            let s = lock(&conn.held).remove(&delivery).ok_or_else(|| unknown_delivery(delivery))?;
             // Requeues were answered by `in_read_order`, acks by `ack_all`.
             let r = match how {
                 settle::DEAD_LETTER => s.dead_letter(&String::from_utf8_lossy(&data)).await,
