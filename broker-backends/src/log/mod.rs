@@ -10,7 +10,7 @@
 //! result backend URL). The on-disk format is in `DESIGN.md` beside this file.
 //!
 //! URL options: `fsync=always|os|<ms>`, `segment_bytes=`, `lease_timeout=` (s), `max_deliveries=`,
-//! `partitions=` (for new queues). A served directory (`broker serve`) is reached as
+//! `partitions=` (for new queues), `max_record_bytes=` (default 16 MiB), `max_queues=` (default 10,000). A served directory (`broker serve`) is reached as
 //! `log+tcp://HOST:PORT?token=...`, or over TLS as `log+tls://HOST:PORT?token=...&ca_certs=PATH`
 //! (plus `certfile=`/`keyfile=` when the server asks for a client certificate).
 //!
@@ -63,7 +63,7 @@ pub use partition::{Fsync, NewRecord, Retention};
 pub use record::Record;
 pub use results::Compacted;
 pub use server::serve_tcp;
-pub use store::{LogStore, StoreConfig};
+pub use store::{LogStore, StoreConfig, DEFAULT_MAX_RECORD};
 pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
 pub use tls::ServerTls;
 
@@ -110,6 +110,17 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
             "retention_bytes" => cfg.retention.bytes = Some(num(k)? as u64),
             "retention_ms" => cfg.retention.age = Some(Duration::from_millis(num(k)? as u64)),
             "retention_force" => cfg.retention.force = v == "true" || v == "1",
+            "max_record_bytes" => {
+                let n = num(k)? as usize;
+                if n > record::MAX_RECORD - 1024 {
+                    return Err(LogError::Invalid(format!(
+                        "max_record_bytes `{v}` is over the on-disk limit of {} bytes",
+                        record::MAX_RECORD - 1024
+                    )));
+                }
+                cfg.max_record_bytes = n;
+            }
+            "max_queues" => cfg.max_queues = num(k)? as usize,
             "token" => {}
             other => return Err(LogError::Invalid(format!("unknown log:// option `{other}`"))),
         }

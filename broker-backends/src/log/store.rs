@@ -21,6 +21,9 @@ const RECORD_OVERHEAD: usize = 60;
 /// The results log is not compacted below this size.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
 
+/// The default of [`StoreConfig::max_record_bytes`]: the same as the producer's message limit.
+pub const DEFAULT_MAX_RECORD: usize = 16 << 20;
+
 /// Store settings, from the URL's query.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -36,6 +39,12 @@ pub struct StoreConfig {
     pub partitions: u32,
     /// Retention of closed segments (none by default).
     pub retention: super::partition::Retention,
+    /// The largest record (key, payload and headers) accepted on any path (`max_record_bytes=`),
+    /// default 16 MiB, at most 64 MiB (the on-disk frame limit).
+    pub max_record_bytes: usize,
+    /// The most queues the directory may hold (`max_queues=`), default 10,000: a publish that would
+    /// create one more fails with an error naming the limit.
+    pub max_queues: usize,
 }
 
 impl Default for StoreConfig {
@@ -47,6 +56,8 @@ impl Default for StoreConfig {
             max_deliveries: 10,
             partitions: 1,
             retention: Default::default(),
+            max_record_bytes: DEFAULT_MAX_RECORD,
+            max_queues: 10_000,
         }
     }
 }
