@@ -157,6 +157,35 @@ pub enum RouteError {
         /// The kind asked for.
         requested: ExchangeKind,
     },
+    /// A name or key over [`MAX_NAME`] bytes (AMQP's limit for exchange names and routing keys).
+    #[error("{what} of {len} bytes is over the limit of {MAX_NAME} bytes")]
+    TooLong {
+        /// What it is (`routing key`, `exchange name`, ...).
+        what: &'static str,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The table is full.
+    #[error("too many {what} (limit {limit})")]
+    TooMany {
+        /// Exchanges or bindings.
+        what: &'static str,
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// The longest exchange name, queue name in a binding, binding key or routing key (AMQP's short
+/// string).
+pub const MAX_NAME: usize = 255;
+/// The most exchanges, and the most bindings, a routing table holds.
+pub const MAX_ENTRIES: usize = 100_000;
+
+fn check_len(what: &'static str, s: &str) -> Result<(), RouteError> {
+    if s.len() > MAX_NAME {
+        return Err(RouteError::TooLong { what, len: s.len() });
+    }
+    Ok(())
 }
 
 /// Exchanges and bindings, and the routing decision, for brokers that emulate RabbitMQ's model.
@@ -187,6 +216,10 @@ impl RoutingTable {
             Some(k) if *k == kind => Ok(false),
             Some(k) => Err(RouteError::KindMismatch { name: name.into(), existing: *k, requested: kind }),
             None => {
+                check_len("exchange name", name)?;
+                if self.exchanges.len() >= MAX_ENTRIES {
+                    return Err(RouteError::TooMany { what: "exchanges", limit: MAX_ENTRIES });
+                }
                 self.exchanges.insert(name.into(), kind);
                 Ok(true)
             }
@@ -198,8 +231,13 @@ impl RoutingTable {
         if !self.exchanges.contains_key(&b.exchange) {
             return Err(RouteError::UnknownExchange(b.exchange));
         }
+        check_len("binding key", &b.routing_key)?;
+        check_len("queue name", &b.queue)?;
         if self.bindings.contains(&b) {
             return Ok(false);
+        }
+        if self.bindings.len() >= MAX_ENTRIES {
+            return Err(RouteError::TooMany { what: "bindings", limit: MAX_ENTRIES });
         }
         self.bindings.push(b);
         Ok(true)
@@ -215,6 +253,7 @@ impl RoutingTable {
         if exchange.is_empty() {
             return Ok(vec![routing_key.to_owned()]);
         }
+        check_len("routing key", routing_key)?;
         let kind = *self.exchanges.get(exchange).ok_or_else(|| RouteError::UnknownExchange(exchange.into()))?;
         let mut out: Vec<String> = Vec::new();
         for b in self.bindings.iter().filter(|b| b.exchange == exchange) {
@@ -239,25 +278,81 @@ impl RoutingTable {
     }
 }
 
-/// True when `key` matches the topic `pattern`.
+/// True when `key` matches the topic `pattern` (`*` is one word, `#` zero or more).
+///
+/// Time is `O(words(pattern) x words(key))` and memory `O(words(key))` whatever the pattern, so no
+/// pattern (`#.#.#...` against a long key) can stall a broker: one pass over the pattern's words keeps
+/// the set of key prefixes matched so far.
 pub fn topic_matches(pattern: &str, key: &str) -> bool {
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    matches_words(&p, &k)
-}
-
-fn matches_words(p: &[&str], k: &[&str]) -> bool {
-    match p.split_first() {
-        None => k.is_empty(),
-        Some((&"#", rest)) => (0..=k.len()).any(|i| matches_words(rest, &k[i..])),
-        Some((&"*", rest)) => !k.is_empty() && matches_words(rest, &k[1..]),
-        Some((w, rest)) => k.first() == Some(w) && matches_words(rest, &k[1..]),
+    let key: Vec<&str> = key.split('.').collect();
+    // matched[j]: the pattern's words so far match the key's first j words.
+    let mut matched = vec![false; key.len() + 1];
+    matched[0] = true;
+    for word in pattern.split('.') {
+        match word {
+            "#" => {
+                let mut any = false;
+                for m in matched.iter_mut() {
+                    any |= *m;
+                    *m = any;
+                }
+            }
+            _ => {
+                for j in (1..=key.len()).rev() {
+                    matched[j] = matched[j - 1] && (word == "*" || word == key[j - 1]);
+                }
+                matched[0] = false;
+            }
+        }
+        if !matched.contains(&true) {
+            return false;
+        }
     }
+    matched[key.len()]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The plain recursive definition, to check the matcher against (exponential: small inputs only).
+    fn reference(p: &[&str], k: &[&str]) -> bool {
+        match p.split_first() {
+            None => k.is_empty(),
+            Some((&"#", rest)) => (0..=k.len()).any(|i| reference(rest, &k[i..])),
+            Some((&"*", rest)) => !k.is_empty() && reference(rest, &k[1..]),
+            Some((w, rest)) => k.first() == Some(w) && reference(rest, &k[1..]),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn matches_the_recursive_definition(
+            p in proptest::collection::vec(proptest::prop_oneof!["#", "\\*", "a", "b", ""], 0..7),
+            k in proptest::collection::vec(proptest::prop_oneof!["a", "b", "c", ""], 0..7),
+        ) {
+            let (pattern, key) = (p.join("."), k.join("."));
+            let expected = reference(&pattern.split('.').collect::<Vec<_>>(), &key.split('.').collect::<Vec<_>>());
+            proptest::prop_assert_eq!(topic_matches(&pattern, &key), expected, "{} vs {}", pattern, key);
+        }
+    }
+
+    #[test]
+    fn adversarial_patterns_answer_at_once() {
+        // Exponential for a backtracking matcher: 40 `#` words against 200 words that never match.
+        let pattern = format!("{}.z", vec!["#"; 40].join("."));
+        let key = vec!["a"; 200].join(".");
+        let started = std::time::Instant::now();
+        for _ in 0..100 {
+            assert!(!topic_matches(&pattern, &key));
+            assert!(topic_matches(&pattern, &format!("{key}.z")));
+        }
+        let mixed = vec!["#.*"; 60].join(".");
+        assert!(topic_matches(&mixed, &vec!["a"; 60].join(".")));
+        assert!(!topic_matches(&mixed, &vec!["a"; 59].join(".")));
+        // A correctness check more than a timing one: generous enough for any machine.
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "{:?}", started.elapsed());
+    }
 
     #[test]
     fn exchange_kinds_route_like_rabbitmq() {
