@@ -40,6 +40,45 @@ pub enum LogError {
     /// A bad argument.
     #[error("{0}")]
     Invalid(String),
+    /// A name that cannot become a path.
+    #[error("invalid {what} name `{name}`: {reason}")]
+    InvalidName {
+        /// What it names (`queue`, `stream group`).
+        what: &'static str,
+        /// The name (escaped, shortened).
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Input over a configured size limit; nothing was stored.
+    #[error("{what} of {size} bytes is over the limit of {limit} bytes ({option}=)")]
+    TooLarge {
+        /// What was too large.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+        /// The URL option that sets the limit.
+        option: &'static str,
+    },
+    /// Creating one more queue would pass `max_queues`.
+    #[error("cannot create queue `{queue}`: the directory holds {limit} queues, the limit (max_queues=)")]
+    TooManyQueues {
+        /// The queue that was not created.
+        queue: String,
+        /// The limit.
+        limit: usize,
+    },
+    /// The queue's files are damaged; it is set aside (not served) until repaired, and the other
+    /// queues keep working.
+    #[error("queue `{queue}` is quarantined: {reason}")]
+    Quarantined {
+        /// The queue.
+        queue: String,
+        /// What was found.
+        reason: String,
+    },
 }
 
 impl LogError {

@@ -30,7 +30,9 @@
 //! # });
 //! ```
 
+mod disk;
 mod error;
+mod names;
 mod partition;
 mod payload;
 mod record;
@@ -243,13 +245,17 @@ impl LogBroker {
         let Inner::Local(store) = &self.inner else {
             return Err(LogError::Invalid("not a local store".into()));
         };
-        let topics = queues.iter().map(|q| store.topic(q)).collect::<Result<Vec<_>, _>>()?;
+        for q in queues {
+            names::component("queue", q)?;
+        }
         static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let renew = tokio::spawn(renew_loop(store.clone(), topics.clone(), id));
+        let renew = tokio::spawn(renew_loop(store.clone(), queues.to_vec(), id));
         Ok(LogConsumer {
             store: store.clone(),
-            topics,
+            topics: Vec::new(),
+            waiting_for: queues.to_vec(),
+            created_seen: u64::MAX,
             slots: Arc::new(Semaphore::new(prefetch.max(1))),
             id,
             stopped: false,
@@ -280,7 +286,9 @@ impl LogBroker {
     /// Delayed records seen in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
-            Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.delayed_len()).sum()),
+            Inner::Local(s) => {
+                Ok(s.find_topic(queue)?.map_or(0, |t| t.partitions.iter().map(|p| p.delayed_len()).sum()))
+            }
             Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::DELAYED_LEN, |e| e.str(queue)).await?),
         }
     }
@@ -496,7 +504,7 @@ impl Broker for LogBroker {
         match &self.inner {
             Inner::Local(s) => {
                 let mut n = 0;
-                for p in &s.topic(queue)?.partitions {
+                for p in s.find_topic(queue)?.iter().flat_map(|t| t.partitions.iter()) {
                     n += p.purge()?;
                 }
                 Ok(n)
@@ -507,7 +515,7 @@ impl Broker for LogBroker {
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
-            Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.ready_len()).sum()),
+            Inner::Local(s) => Ok(s.find_topic(queue)?.map_or(0, |t| t.partitions.iter().map(|p| p.ready_len()).sum())),
             Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?),
         }
     }
@@ -614,14 +622,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Renews the leases consumer `owner` holds, until it is dropped (then they expire).
-async fn renew_loop(store: Arc<LogStore>, topics: Vec<Arc<Topic>>, owner: u64) {
+/// Renews the leases consumer `owner` holds in `queues`, until it is dropped (then they expire).
+async fn renew_loop(store: Arc<LogStore>, queues: Vec<String>, owner: u64) {
     let lease = store.config().lease;
     loop {
         tokio::time::sleep(lease / 3).await;
         let deadline = Instant::now() + lease;
-        for p in topics.iter().flat_map(|t| t.partitions.iter()) {
-            p.renew(owner, deadline);
+        for t in queues.iter().filter_map(|q| store.find_topic(q).ok().flatten()) {
+            for p in &t.partitions {
+                p.renew(owner, deadline);
+            }
         }
     }
 }
@@ -633,7 +643,13 @@ type Took = (Arc<Topic>, Arc<Partition>, partition::Taken);
 #[derive(Debug)]
 pub(crate) struct LogConsumer {
     store: Arc<LogStore>,
+    /// The consumed queues that exist.
     topics: Vec<Arc<Topic>>,
+    /// Consumed queues that do not exist yet (consuming does not create them): looked up again
+    /// whenever the store creates a queue.
+    waiting_for: Vec<String>,
+    /// The store's `topics_created` when `waiting_for` was last looked up.
+    created_seen: u64,
     slots: Arc<Semaphore>,
     /// Names this consumer's leases in its partitions.
     id: u64,
@@ -643,19 +659,46 @@ pub(crate) struct LogConsumer {
 }
 
 impl LogConsumer {
-    fn try_take(&mut self) -> Result<Option<Took>, LogError> {
+    /// Looks up the consumed queues that did not exist, when the store has created a queue since.
+    fn find_new_topics(&mut self) {
+        let created = self.store.topics_created.load(std::sync::atomic::Ordering::Acquire);
+        if self.waiting_for.is_empty() || created == self.created_seen {
+            return;
+        }
+        self.created_seen = created;
+        let store = &self.store;
+        let found = &mut self.topics;
+        self.waiting_for.retain(|q| match store.find_topic(q) {
+            Ok(Some(t)) => {
+                found.push(t);
+                false
+            }
+            Ok(None) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "log: a consumed queue is not served");
+                false
+            }
+        });
+    }
+
+    /// Takes the next record of any consumed queue. A partition that fails (damage with nothing
+    /// valid after it, a read error) is skipped, so it never starves the others.
+    fn try_take(&mut self) -> Option<Took> {
+        self.find_new_topics();
         let deadline = Instant::now() + self.store.config().lease;
         self.turn = self.turn.wrapping_add(1);
         for t in &self.topics {
             let n = t.partitions.len();
             for i in 0..n {
                 let p = &t.partitions[(self.turn + i) % n];
-                if let Some(taken) = p.take(deadline, self.id)? {
-                    return Ok(Some((t.clone(), p.clone(), taken)));
+                match p.take(deadline, self.id) {
+                    Ok(Some(taken)) => return Some((t.clone(), p.clone(), taken)),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(error = %e, queue = %t.name, "log: partition skipped"),
                 }
             }
         }
-        Ok(None)
+        None
     }
 
     fn next_due(&self) -> Duration {
@@ -681,7 +724,6 @@ impl LogConsumer {
     /// Waits for the next record and leases it; `None` once stopped.
     pub(crate) async fn next_raw(&mut self) -> Option<LogSettle> {
         let permit = self.slots.clone().acquire_owned().await.ok()?;
-        let mut backoff = celery_core::backoff::Reconnect::default();
         loop {
             if self.stopped {
                 return None;
@@ -689,7 +731,7 @@ impl LogConsumer {
             let notify = self.store.notify.clone();
             let notified = notify.notified();
             match self.try_take() {
-                Ok(Some((topic, part, taken))) => {
+                Some((topic, part, taken)) => {
                     let max = self.store.config().max_deliveries;
                     if taken.deliveries > max {
                         // Handed out `max` times and never settled (its consumers died with it).
@@ -712,14 +754,9 @@ impl LogConsumer {
                         slots: self.slots.clone(),
                     });
                 }
-                Ok(None) => {
+                None => {
                     let wait = self.next_due();
                     let _ = tokio::time::timeout(wait, notified).await;
-                }
-                Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::error!(error = %e, retry_in = ?d, "log: cannot take a record");
-                    tokio::time::sleep(d).await;
                 }
             }
         }
@@ -794,7 +831,8 @@ impl Settle for LogSettle {
         m.headers.eta = Some(until);
         let mut rec = to_record(&m);
         rec.not_before_ms = until.timestamp_millis();
-        self.store.append(&self.queue, vec![rec]).await?;
+        // The same task as a record that was accepted: not refused by the size limit now.
+        self.store.append_unchecked(&self.queue, vec![rec]).await?;
         self.release();
         Ok(self.part.ack(&[self.record.offset])?)
     }
@@ -816,7 +854,8 @@ impl LogStore {
         ttl: Duration,
         keep: impl Fn(&[u8]) -> bool,
     ) -> Result<bool, LogError> {
-        let expires = now_ms() + ttl.as_millis() as i64;
+        store::check_size("result", id.len() + doc.len() + 64, self.config().max_record_bytes)?;
+        let expires = now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
         {
             let res = lock(&self.results);
             if res.values.get(id).is_some_and(|(old, exp)| *exp > now_ms() && keep(old)) {

@@ -11,8 +11,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -70,6 +69,19 @@ pub struct NewRecord {
     pub payload: Vec<u8>,
 }
 
+impl NewRecord {
+    /// Its framed size on disk (what the size limits count).
+    pub(crate) fn encoded_len(&self) -> usize {
+        super::record::FRAME_HEADER
+            + 8 * 3
+            + 2
+            + self.headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
+            + 4
+            + self.key.len()
+            + self.payload.len()
+    }
+}
+
 /// Partition settings.
 #[derive(Debug, Clone)]
 pub(crate) struct PartitionConfig {
@@ -123,6 +135,12 @@ pub(crate) struct PartitionLog {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Settlements for the writer, in order.
     settled: Arc<Mutex<Vec<AckOp>>>,
+    /// The partition's directory.
+    dir: PathBuf,
+    /// Damage reported so far: (segment, first lost offset).
+    damaged: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Records lost to damage found so far.
+    pub(crate) corrupt_records: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -149,6 +167,8 @@ impl PartitionLog {
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let (tx, rx) = mpsc::channel();
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
+        let acks_path = dir.join("acks.log");
+        let acks = super::disk::open_append(&acks_path)?;
         let writer = Writer {
             settled: settled.clone(),
             finished,
@@ -161,11 +181,10 @@ impl PartitionLog {
             tail_len: rec.tail_len,
             next_offset: rec.next_offset,
             on_append,
-            acks: OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("acks.log"))
-                .map_err(|e| LogError::io(dir, e))?,
+            acks_len: acks.metadata().map_err(|e| LogError::io(&acks_path, e))?.len(),
+            acks,
+            batch_start: rec.tail_len,
+            broken: None,
             dirty: false,
             acks_dirty: false,
             last_sync: Instant::now(),
@@ -174,7 +193,16 @@ impl PartitionLog {
             .name(format!("log-writer-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")))
             .spawn(move || writer.run(rx))
             .map_err(|e| LogError::io(dir, e))?;
-        Ok(PartitionLog { segments, end, tx: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)), settled })
+        Ok(PartitionLog {
+            segments,
+            end,
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            settled,
+            dir: dir.to_owned(),
+            damaged: Mutex::default(),
+            corrupt_records: Default::default(),
+        })
     }
 
     fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
@@ -203,6 +231,12 @@ impl PartitionLog {
 
     /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
     pub(crate) async fn append(&self, records: Vec<NewRecord>) -> Result<u64, LogError> {
+        // Never write what could not be read back: a frame over the on-disk limit would stop every
+        // reader at it.
+        for r in &records {
+            let limit = super::record::MAX_RECORD - super::record::FRAME_HEADER + 4;
+            super::store::check_size("record", r.encoded_len(), limit)?;
+        }
         let (tx, rx) = oneshot::channel();
         self.send(WriterCmd::Append(records, tx))?;
         rx.await.map_err(|_| LogError::Closed)?
@@ -249,16 +283,60 @@ impl PartitionLog {
             .and_then(|i| segs.get(i))
             .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
         let limit = (seg.base == tail.seg).then_some(tail.byte);
-        let (rec, next) = segment::read_at(seg, pos.byte, ahead, limit)?;
-        if rec.offset != offset {
-            return Err(LogError::Corrupt {
-                path: seg.path.clone(),
-                offset,
-                reason: format!("found offset {} at byte {}", rec.offset, at.byte),
-            });
+        let problem = match segment::read_at(seg, pos.byte, ahead, limit) {
+            // A later offset than asked: the records between were lost to damage found before.
+            Ok((rec, next)) if rec.offset >= offset => {
+                if rec.offset > offset {
+                    self.report_damage(seg, at.byte, at.byte, offset..rec.offset, "offsets missing");
+                }
+                pos.byte = next;
+                return Ok(Some((rec, at)));
+            }
+            Ok((rec, _)) => format!("found offset {} at byte {}", rec.offset, at.byte),
+            Err(LogError::Corrupt { reason, .. }) => reason,
+            Err(e) => return Err(e),
+        };
+        // Damaged bytes: resume at the next valid record, in this segment or at the next one.
+        let end = match limit {
+            Some(l) => l,
+            None => seg.file.metadata().map_err(|e| LogError::io(&seg.path, e))?.len(),
+        };
+        let next_seg = idx.and_then(|i| segs.get(i + 1)).map(|n| (Pos { seg: n.base, byte: 0 }, n.base));
+        let resume = segment::resync(&seg.file, &seg.path, at.byte, end, offset)?
+            .map(|(byte, found)| (Pos { seg: seg.base, byte }, found))
+            .or(next_seg);
+        let Some((resume, found)) = resume else {
+            return Err(LogError::Corrupt { path: seg.path.clone(), offset, reason: problem });
+        };
+        let damaged_to = if resume.seg == seg.base { resume.byte } else { end };
+        self.report_damage(seg, at.byte, damaged_to, offset..found, &problem);
+        drop(segs);
+        *pos = resume;
+        self.read(pos, found, ahead)
+    }
+
+    /// Reports damaged records once: logged as an error, counted, and their bytes copied to
+    /// `quarantine/<segment base>-<byte>.bin` in the partition's directory for inspection.
+    fn report_damage(&self, seg: &Segment, from: u64, to: u64, lost: std::ops::Range<u64>, problem: &str) {
+        if !lock(&self.damaged).insert((seg.base, lost.start)) {
+            return;
         }
-        pos.byte = next;
-        Ok(Some((rec, at)))
+        let count = lost.end.saturating_sub(lost.start);
+        self.corrupt_records.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        let qdir = self.dir.join("quarantine");
+        let saved = (to > from)
+            .then(|| {
+                let mut bytes = vec![0u8; (to - from) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&*seg.file, &mut bytes, from).ok()?;
+                super::disk::create_dir_all(&qdir).ok()?;
+                let path = qdir.join(format!("{}-{from}.bin", seg.base));
+                super::disk::replace_file(&path, &bytes).ok().map(|()| path)
+            })
+            .flatten();
+        tracing::error!(
+            segment = %seg.path.display(), byte = from, lost_offsets = ?lost, count, problem,
+            quarantined = ?saved, "log: damaged records skipped; the records after them are served"
+        );
     }
 
     /// Re-reads the record at a position found earlier.
@@ -282,7 +360,9 @@ impl PartitionLog {
         let mut ahead = ReadAhead::default();
         while o < offset {
             match self.read(&mut pos, o, &mut ahead)? {
-                Some(_) => o += 1,
+                // Damage skipped past `offset`: its record is gone, the next one is there.
+                Some((rec, at)) if rec.offset >= offset => return Ok(at),
+                Some((rec, _)) => o = rec.offset + 1,
                 None => break,
             }
         }
@@ -322,6 +402,14 @@ struct Writer {
     next_offset: u64,
     on_append: Arc<Notify>,
     acks: File,
+    /// Bytes of `acks.log` written by this writer (a failed write is cut back to it).
+    acks_len: u64,
+    /// Where the batch being written starts in the active segment: a batch whose write or fsync
+    /// fails is cut back to it, so a later batch never lands behind bytes that were refused.
+    batch_start: u64,
+    /// Set when a failed batch could not be cut back: every later append fails (reopening the
+    /// partition recovers it).
+    broken: Option<String>,
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The finished set as written to `acks.log` and `checkpoint`.
     finished: Finished,
@@ -416,10 +504,11 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "log: write failed");
+                tracing::error!(error = %e, "log: write failed; the batch is refused");
                 self.next_offset = start_offset;
+                self.undo_batch();
                 for (_, w) in waiters {
-                    let _ = w.send(Err(LogError::Invalid(format!("write failed: {e}"))));
+                    let _ = w.send(Err(LogError::Invalid(format!("write failed, nothing stored: {e}"))));
                 }
             }
         }
@@ -428,7 +517,27 @@ impl Writer {
         }
     }
 
+    /// Cuts the active segment back to where the failed batch began (its bytes were never
+    /// acknowledged); when even that fails, the partition refuses appends until it is reopened.
+    fn undo_batch(&mut self) {
+        let seg = &self.active;
+        if self.tail_len == self.batch_start {
+            return;
+        }
+        match seg.file.set_len(self.batch_start) {
+            Ok(()) => self.tail_len = self.batch_start,
+            Err(e) => {
+                tracing::error!(error = %e, path = %seg.path.display(), "log: cannot cut a failed batch back; the partition refuses appends until it is reopened");
+                self.broken = Some(format!("{}: a failed write could not be undone: {e}", seg.path.display()));
+            }
+        }
+    }
+
     fn write_records(&mut self, buf: &[u8], first: u64) -> Result<(), LogError> {
+        if let Some(b) = &self.broken {
+            return Err(LogError::Invalid(b.clone()));
+        }
+        self.batch_start = self.tail_len;
         if buf.is_empty() {
             return Ok(());
         }
@@ -438,15 +547,12 @@ impl Writer {
             self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
             self.active = seg;
             self.tail_len = 0;
+            self.batch_start = 0;
         }
         let seg = &self.active;
-        let mut f = &*seg.file;
-        if let Err(e) = f.write_all(buf) {
-            // Never leave a half-written batch behind a later one.
-            let _ = seg.file.set_len(self.tail_len);
-            return Err(LogError::io(&seg.path, e));
-        }
+        // A failure is undone by the caller (`undo_batch`): never a half-written batch behind a later one.
         self.tail_len += buf.len() as u64;
+        super::disk::write_all(&seg.file, buf, &seg.path)?;
         self.dirty = true;
         Ok(())
     }
@@ -503,7 +609,13 @@ impl Writer {
         frame.extend_from_slice(&(body.len() as u32 | flags).to_le_bytes());
         frame.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
         frame.extend_from_slice(body);
-        self.acks.write_all(&frame).map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+        let path = self.dir.join("acks.log");
+        if let Err(e) = super::disk::write_all(&self.acks, &frame, &path) {
+            // A torn frame would hide every later one at the next open: cut it off.
+            let _ = self.acks.set_len(self.acks_len);
+            return Err(e);
+        }
+        self.acks_len += frame.len() as u64;
         self.acks_dirty = true;
         Ok(())
     }
@@ -512,11 +624,11 @@ impl Writer {
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
             let seg = &self.active;
-            seg.file.sync_data().map_err(|e| LogError::io(&seg.path, e))?;
+            super::disk::sync_data(&seg.file, &seg.path)?;
             self.dirty = false;
         }
         if self.acks_dirty {
-            self.acks.sync_data().map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
+            super::disk::sync_data(&self.acks, &self.dir.join("acks.log"))?;
             self.acks_dirty = false;
         }
         self.last_sync = Instant::now();
@@ -536,12 +648,11 @@ impl Writer {
     /// Replaces `checkpoint` atomically, then empties `acks.log` (whose acks it contains).
     fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
         self.sync_now()?;
-        segment::replace_file(&self.dir.join("checkpoint"), data)?;
-        self.acks
-            .set_len(0)
-            .and_then(|()| self.acks.sync_all())
-            .map_err(|e| LogError::io(&self.dir.join("acks.log"), e))?;
-        Ok(())
+        super::disk::replace_file(&self.dir.join("checkpoint"), data)?;
+        let path = self.dir.join("acks.log");
+        self.acks.set_len(0).map_err(|e| LogError::io(&path, e))?;
+        self.acks_len = 0;
+        super::disk::sync_all(&self.acks, &path)
     }
 }
 
@@ -826,7 +937,16 @@ impl Partition {
             match self.log.read(&mut pos, offset, &mut st.ahead) {
                 Ok(Some((rec, at))) => {
                     st.cursor = pos;
-                    st.cursor_offset += 1;
+                    st.cursor_offset = rec.offset + 1;
+                    if rec.offset > offset {
+                        // Lost to damage (reported by the read): finished, so the watermark moves on.
+                        let lost: Vec<u64> = (offset..rec.offset).filter(|o| !st.finished.is_done(*o)).collect();
+                        for o in &lost {
+                            st.finished.mark(*o);
+                        }
+                        self.log.settle(AckOp::Ack(lost))?;
+                    }
+                    let offset = rec.offset;
                     if st.finished.is_done(offset) {
                         continue;
                     }
@@ -837,11 +957,12 @@ impl Partition {
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
                 Ok(None) => break None,
-                Err(e) => {
-                    tracing::error!(error = %e, "log: partition stopped: corrupt record");
+                Err(e @ LogError::Corrupt { .. }) => {
+                    tracing::error!(error = %e, "log: partition stopped: damage with nothing valid after it");
                     st.error = Some(e.to_string());
                     return Err(e);
                 }
+                Err(e) => return Err(e),
             }
         };
         let Some((record, prior)) = found else { return Ok(None) };
@@ -1040,8 +1161,8 @@ impl Partition {
         let mut o = offset;
         let mut ahead = ReadAhead::default();
         while let Some((rec, _)) = self.log.read(&mut pos, o, &mut ahead)? {
+            o = rec.offset + 1;
             f(rec);
-            o += 1;
         }
         Ok(())
     }

@@ -81,7 +81,7 @@ impl Record {
 
     /// The framed size of this record.
     #[cfg(test)]
-    pub(crate) fn encoded_len(&self) -> usize {
+    fn encoded_len(&self) -> usize {
         FRAME_HEADER
             + 8 * 3
             + 2

@@ -116,7 +116,7 @@ impl ResultsLog {
         }
         // fsyncs the new segments whatever the fsync policy.
         next.checkpoint().await?;
-        super::segment::replace_file(&self.root.join("CURRENT"), next_gen.to_string().as_bytes())?;
+        super::disk::replace_file(&self.root.join("CURRENT"), next_gen.to_string().as_bytes())?;
         *cur = (next_gen, next);
         drop(cur);
         old.log.close();

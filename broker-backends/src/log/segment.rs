@@ -1,17 +1,18 @@
 //! Segment files: `<base offset, 20 digits>.log`, records appended back to back. Opening a partition
 //! scans its last segment, the only one a crash can leave torn (a segment is fsynced before the next
-//! one is created): a torn or corrupt last record is truncated with a warning; a bad record with
-//! valid data after it is corruption in the middle, reported with its offset, and the partition
-//! refuses to open rather than serve bad data. Closed segments are not read at open, so opening
-//! costs at most one segment whatever the backlog; every record's CRC is checked when it is read,
-//! so corruption there (bit rot) is reported with its offset then, and stops the partition.
+//! one is created): bytes after the last valid record (a write that never completed) are truncated
+//! with a warning; a bad record with a valid record anywhere after it is damage in the middle: it is
+//! reported, and the records after it are kept ([`resync`] finds them). Closed segments are not read
+//! at open, so opening costs at most one segment whatever the backlog; every record's CRC is checked
+//! when it is read, and damage found then is skipped the same way (the partition reports it).
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::disk;
 use super::error::LogError;
 use super::record::{Record, FRAME_HEADER};
 
@@ -30,29 +31,12 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
     dir.join(format!("{base:020}.log"))
 }
 
-/// Creates an empty segment.
+/// Creates an empty segment (owner-only) and makes its directory entry durable.
 pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, LogError> {
     let path = segment_path(dir, base);
-    let file =
-        OpenOptions::new().create(true).read(true).append(true).open(&path).map_err(|e| LogError::io(&path, e))?;
-    sync_dir(dir)?;
+    let file = disk::open_append(&path)?;
+    disk::sync_dir(dir)?;
     Ok(Segment { base, path, file: Arc::new(file) })
-}
-
-/// Replaces `path` with `data` atomically and durably: write `<path>.tmp`, fsync, rename, fsync
-/// the directory.
-pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(|e| LogError::io(&tmp, e))?;
-    f.write_all(data).and_then(|()| f.sync_all()).map_err(|e| LogError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| LogError::io(path, e))?;
-    sync_dir(path.parent().unwrap_or(Path::new(".")))
-}
-
-/// fsyncs a directory so a created or renamed file survives a crash.
-pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LogError::io(dir, e))
 }
 
 /// What opening found: the segments, the next offset and the byte length of the last segment.
@@ -65,7 +49,10 @@ pub(crate) struct Recovered {
 
 /// Opens (creating) the segments of a partition directory, checking every record of the last one.
 pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogError> {
-    std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+    if !dir.exists() {
+        disk::create_dir_all(dir)?;
+        disk::sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
+    }
     let mut bases: Vec<u64> = std::fs::read_dir(dir)
         .map_err(|e| LogError::io(dir, e))?
         .filter_map(|e| e.ok())
@@ -96,15 +83,15 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
             segments.push(Segment { base: *base, path, file: Arc::new(file) });
             continue;
         }
-        let (next, valid_len) = scan(&file, &path, *base, last)?;
+        let (next, valid_len) = scan(&file, &path, *base)?;
         let file_len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
         if valid_len < file_len {
             tracing::warn!(
                 path = %path.display(), offset = next, dropped_bytes = file_len - valid_len,
-                "log: torn or corrupt tail truncated"
+                "log: torn tail truncated (bytes of a write that was never acknowledged)"
             );
             file.set_len(valid_len).map_err(|e| LogError::io(&path, e))?;
-            file.sync_all().map_err(|e| LogError::io(&path, e))?;
+            disk::sync_all(&file, &path)?;
         }
         expected = next;
         tail_len = valid_len;
@@ -113,8 +100,11 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
     Ok(Recovered { segments, next_offset: expected, tail_len })
 }
 
-/// Scans a segment; returns the offset after its last good record and the byte length it covers.
-fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), LogError> {
+/// Scans the last segment; returns the offset after its last good record and the byte length up to
+/// the end of that record. A bad record with a valid record anywhere after it is damage in the
+/// middle: it is reported, and the records after it are kept (they may have been acknowledged).
+/// Only bytes with no valid record after them (a write that never completed) are left out.
+fn scan(file: &File, path: &Path, base: u64) -> Result<(u64, u64), LogError> {
     let file_len = file.metadata().map_err(|e| LogError::io(path, e))?.len();
     let mut reader = BufReader::with_capacity(1 << 20, file.try_clone().map_err(|e| LogError::io(path, e))?);
     let mut pos = 0u64;
@@ -124,7 +114,6 @@ fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), L
         if pos == file_len {
             return Ok((expected, pos));
         }
-        let bad = |reason: String| LogError::Corrupt { path: path.to_owned(), offset: expected, reason };
         let mut head = [0u8; 4];
         let problem = match reader.read_exact(&mut head) {
             Err(_) => "truncated frame header".to_string(),
@@ -141,42 +130,66 @@ fn scan(file: &File, path: &Path, base: u64, last: bool) -> Result<(u64, u64), L
                             expected += 1;
                             continue;
                         }
-                        Ok((rec, _)) => {
-                            format!("record has offset {}, expected {expected}", rec.offset)
-                        }
-                        Err(e) => {
-                            // A bad record followed by a good one is corruption in the middle.
-                            let next = pos + 4 + len as u64;
-                            if next < file_len && valid_at(file, next, file_len) {
-                                return Err(bad(format!("{e} at byte {pos}, with valid records after it")));
-                            }
-                            e.to_string()
-                        }
+                        Ok((rec, _)) => format!("record has offset {}, expected {expected}", rec.offset),
+                        Err(e) => e.to_string(),
                     }
                 }
             },
         };
-        if !last {
-            return Err(bad(format!("{problem} at byte {pos} of a closed segment")));
+        match resync(file, path, pos, file_len, expected)? {
+            Some((at, offset)) => {
+                tracing::error!(
+                    path = %path.display(), byte = pos, problem, lost_offsets = ?(expected..offset), resumes_at = at,
+                    "log: corrupt records in the middle of a segment; they are skipped, the records after them kept"
+                );
+                pos = at;
+                expected = offset;
+                reader.seek(std::io::SeekFrom::Start(at)).map_err(|e| LogError::io(path, e))?;
+            }
+            None => {
+                tracing::debug!(problem, pos, "log: bad tail record");
+                return Ok((expected, pos));
+            }
         }
-        tracing::debug!(problem, pos, "log: bad tail record");
-        return Ok((expected, pos));
     }
 }
 
-fn valid_at(file: &File, pos: u64, file_len: u64) -> bool {
-    let mut head = [0u8; 4];
-    if file.read_exact_at(&mut head, pos).is_err() {
-        return false;
+/// The first valid record after byte `from` (and before `end`) whose offset is at least
+/// `min_offset`: its byte position and offset. A CRC-checked frame whose offset fits is taken as
+/// the place to resume after damaged bytes; None when there is none (a torn tail).
+pub(crate) fn resync(
+    file: &File,
+    path: &Path,
+    from: u64,
+    end: u64,
+    min_offset: u64,
+) -> Result<Option<(u64, u64)>, LogError> {
+    const WINDOW: u64 = 1 << 20;
+    // The bytes left bound how many records can follow, and so which offsets are plausible.
+    let max_offset = min_offset.saturating_add(end.saturating_sub(from));
+    let (mut window, mut window_at) = (Vec::new(), 0u64);
+    let mut pos = from + 1;
+    while pos + 16 <= end {
+        if pos < window_at || pos + 16 > window_at + window.len() as u64 {
+            window.resize(WINDOW.min(end - pos) as usize, 0);
+            file.read_exact_at(&mut window, pos).map_err(|e| LogError::io(path, e))?;
+            window_at = pos;
+        }
+        let at = (pos - window_at) as usize;
+        let head = [window[at], window[at + 1], window[at + 2], window[at + 3]];
+        let offset = u64::from_le_bytes(window[at + 8..at + 16].try_into().unwrap_or_default());
+        if let Ok(len) = Record::frame_len(&head) {
+            if pos + 4 + len as u64 <= end && (min_offset..=max_offset).contains(&offset) {
+                let mut frame = vec![0u8; 4 + len];
+                file.read_exact_at(&mut frame, pos).map_err(|e| LogError::io(path, e))?;
+                if Record::decode(&frame).is_ok_and(|(r, _)| r.offset == offset) {
+                    return Ok(Some((pos, offset)));
+                }
+            }
+        }
+        pos += 1;
     }
-    let Ok(len) = Record::frame_len(&head) else {
-        return false;
-    };
-    if pos + 4 + len as u64 > file_len {
-        return false;
-    }
-    let mut buf = vec![0u8; 4 + len];
-    file.read_exact_at(&mut buf, pos).is_ok() && Record::decode(&buf).is_ok()
+    Ok(None)
 }
 
 /// Bytes a sequential reader reads ahead.
@@ -354,19 +367,32 @@ mod tests {
     }
 
     #[test]
-    fn corruption_in_the_middle_is_reported_not_served() {
-        let dir = tmp();
-        let path = write_records(&dir, 10);
-        let mut data = std::fs::read(&path).unwrap();
-        data[60] ^= 0x01;
-        std::fs::write(&path, &data).unwrap();
-        match recover(&dir, 0) {
-            Err(LogError::Corrupt { offset, reason, .. }) => {
-                assert!(offset <= 2, "offset {offset}");
-                assert!(reason.contains("valid records after it"), "{reason}");
+    fn damage_in_the_middle_keeps_every_record_after_it() {
+        for damage in ["bit flip", "impossible length", "zeroed"] {
+            let dir = tmp();
+            let path = write_records(&dir, 10);
+            let mut data = std::fs::read(&path).unwrap();
+            let len = data.len();
+            match damage {
+                "bit flip" => data[60] ^= 0x01,
+                // The length word of the second record says 3 GiB (what an oversized record looked
+                // like): recovery used to truncate there, losing every record after it.
+                "impossible length" => {
+                    let second = Record::decode(&data).unwrap().1;
+                    data[second..second + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+                }
+                _ => data[40..120].fill(0),
             }
-            other => panic!("expected corruption, got {other:?}"),
+            std::fs::write(&path, &data).unwrap();
+            let r = recover(&dir, 0).unwrap();
+            assert_eq!((r.next_offset, r.tail_len), (10, len as u64), "{damage}: nothing after the damage is lost");
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64, "{damage}");
+            // Reading resumes after the damage with the next valid record.
+            let (at, offset) = resync(&r.segments[0].file, &path, 30, len as u64, 1).unwrap().unwrap();
+            let (rec, _) = read_at(&r.segments[0], at, &mut ReadAhead::exact(), None).unwrap();
+            assert_eq!(rec.offset, offset, "{damage}");
+            assert!(offset >= 1 && offset < 4, "{damage}: resumed at offset {offset}");
+            std::fs::remove_dir_all(dir).ok();
         }
-        std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -83,19 +84,6 @@ impl Topic {
     }
 }
 
-/// Encodes a queue name as a directory name.
-pub(crate) fn dir_name(name: &str) -> String {
-    name.bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"._-".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect()
-}
-
 /// The results of one store: id -> (document, expiry in ms since the epoch).
 #[derive(Debug, Default)]
 pub(crate) struct Results {
@@ -110,6 +98,10 @@ pub struct LogStore {
     cfg: StoreConfig,
     _lock: File,
     topics: Mutex<HashMap<String, Arc<Topic>>>,
+    /// Queues whose files are damaged, with what was found: set aside at open, not served.
+    quarantined: Mutex<HashMap<String, String>>,
+    /// Bumped whenever a queue is created (consumers waiting for one look again).
+    pub(crate) topics_created: AtomicU64,
     /// Woken on every append, requeue and expiry.
     pub(crate) notify: Arc<Notify>,
     pub(crate) results: Mutex<Results>,
@@ -142,8 +134,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl LogStore {
     /// Opens (creating) `dir`, or returns the store this process already has open there.
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Arc<LogStore>, LogError> {
-        std::fs::create_dir_all(dir).map_err(|e| LogError::io(dir, e))?;
+        super::disk::create_dir_all(dir)?;
         let canonical = dir.canonicalize().map_err(|e| LogError::io(dir, e))?;
+        super::disk::restrict_dir(&canonical)?;
         let mut reg = lock(registry());
         if let Some(s) = reg.get(&canonical).and_then(Weak::upgrade) {
             return Ok(s);
@@ -154,6 +147,7 @@ impl LogStore {
             .truncate(false)
             .read(true)
             .write(true)
+            .mode(super::disk::FILE_MODE)
             .open(&lock_path)
             .map_err(|e| LogError::io(&lock_path, e))?;
         if lock_file.try_lock().is_err() {
@@ -185,6 +179,8 @@ impl LogStore {
             cfg,
             _lock: lock_file,
             topics: Mutex::new(HashMap::new()),
+            quarantined: Mutex::new(HashMap::new()),
+            topics_created: AtomicU64::new(0),
             notify,
             results: Mutex::new(results),
             results_log,
@@ -198,11 +194,7 @@ impl LogStore {
             groups: Mutex::new(HashMap::new()),
         });
         store.rebuild_chords();
-        for entry in std::fs::read_dir(canonical.join("topics")).into_iter().flatten().flatten() {
-            if let Ok(name) = std::fs::read_to_string(entry.path().join("name")) {
-                store.topic(&name)?;
-            }
-        }
+        store.open_topics()?;
         reg.insert(canonical, Arc::downgrade(&store));
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(expiry_loop(Arc::downgrade(&store)));
@@ -281,41 +273,175 @@ impl LogStore {
         &self.dir
     }
 
-    /// The queue `name`, created on first use.
+    /// Opens every queue of the directory. A queue whose files are damaged is quarantined (reported,
+    /// not served) and the others open; leftovers of a creation that did not finish are removed.
+    fn open_topics(&self) -> Result<(), LogError> {
+        let root = self.dir.join("topics");
+        let entries = match std::fs::read_dir(&root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(LogError::io(&root, e)),
+        };
+        for entry in entries.flatten() {
+            let (path, file_name) = (entry.path(), entry.file_name().to_string_lossy().into_owned());
+            if file_name.starts_with(".tmp-") {
+                tracing::info!(dir = %path.display(), "log: removing a queue whose creation did not finish");
+                std::fs::remove_dir_all(&path).map_err(|e| LogError::io(&path, e))?;
+                continue;
+            }
+            match self.open_topic_dir(&root, &path, &file_name) {
+                Ok(t) => {
+                    lock(&self.topics).insert(t.name.clone(), t);
+                }
+                Err((name, e)) => {
+                    tracing::error!(dir = %path.display(), queue = %name, error = %e, "log: queue quarantined: not served until its files are repaired; the other queues open");
+                    lock(&self.quarantined).insert(name, e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens one queue directory found at open, repairing what is unambiguous: the name comes from
+    /// `name` or, when that file is damaged, from the directory's own (reversible) encoding; a damaged
+    /// `partitions` is rebuilt from the partition directories when they are `0..n`.
+    fn open_topic_dir(&self, root: &Path, path: &Path, file_name: &str) -> Result<Arc<Topic>, (String, LogError)> {
+        let from_dir = super::names::decode(file_name);
+        let name = match std::fs::read(path.join("name")).ok().and_then(|b| String::from_utf8(b).ok()) {
+            Some(n) if !n.is_empty() && from_dir.as_deref().is_none_or(|d| d == n) => n,
+            _ => {
+                let Some(n) = from_dir else {
+                    return Err((
+                        file_name.to_owned(),
+                        LogError::Invalid("neither `name` nor the directory name is readable".into()),
+                    ));
+                };
+                tracing::warn!(dir = %path.display(), queue = %n, "log: queue `name` file damaged; repaired from the directory name");
+                super::disk::replace_file(&path.join("name"), n.as_bytes()).map_err(|e| (n.clone(), e))?;
+                n
+            }
+        };
+        let fail = |e: LogError| (name.clone(), e);
+        let wanted = super::names::child(root, "queue", &name).map_err(fail)?;
+        let dir = if wanted != path {
+            // Made by an older version, whose encoding kept a leading `.`.
+            if wanted.exists() {
+                return Err(fail(LogError::Invalid(format!(
+                    "{} and {} both hold this queue",
+                    path.display(),
+                    wanted.display()
+                ))));
+            }
+            tracing::info!(from = %path.display(), to = %wanted.display(), "log: renaming a queue directory to the current name encoding");
+            std::fs::rename(path, &wanted).map_err(|e| fail(LogError::io(path, e)))?;
+            super::disk::sync_dir(root).map_err(fail)?;
+            wanted
+        } else {
+            wanted
+        };
+        let count_path = dir.join("partitions");
+        let count = match std::fs::read_to_string(&count_path).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+            Some(n) if n >= 1 => n,
+            _ => {
+                let n = std::fs::read_dir(&dir)
+                    .map_err(|e| fail(LogError::io(&dir, e)))?
+                    .flatten()
+                    .filter(|e| e.path().is_dir() && e.file_name().to_str().is_some_and(|n| n.parse::<u32>().is_ok()))
+                    .count() as u32;
+                if n == 0 || (0..n).any(|p| !dir.join(p.to_string()).is_dir()) {
+                    return Err(fail(LogError::Corrupt {
+                        path: count_path,
+                        offset: 0,
+                        reason: "the partition count is damaged and the partition directories do not tell it".into(),
+                    }));
+                }
+                tracing::warn!(queue = %name, partitions = n, "log: queue `partitions` file damaged; repaired from its directories");
+                super::disk::replace_file(&count_path, n.to_string().as_bytes()).map_err(fail)?;
+                n
+            }
+        };
+        self.open_partitions(&name, &dir, count).map_err(fail)
+    }
+
+    fn open_partitions(&self, name: &str, dir: &Path, count: u32) -> Result<Arc<Topic>, LogError> {
+        let pcfg = PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes };
+        let partitions = (0..count)
+            .map(|p| Partition::open(&dir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Arc::new(Topic { name: name.to_owned(), partitions, next: AtomicUsize::new(0) }))
+    }
+
+    /// The queue `name` if it exists: reading never creates one. A quarantined queue is an error.
+    pub(crate) fn find_topic(&self, name: &str) -> Result<Option<Arc<Topic>>, LogError> {
+        if let Some(t) = lock(&self.topics).get(name) {
+            return Ok(Some(t.clone()));
+        }
+        match lock(&self.quarantined).get(name) {
+            Some(reason) => Err(LogError::Quarantined { queue: name.to_owned(), reason: reason.clone() }),
+            None => Ok(None),
+        }
+    }
+
+    /// The queue `name`, created on first use (publishing, a stream group joining). Its directory is
+    /// made complete under a temporary name (metadata fsynced) and renamed into place, so a crash
+    /// leaves the whole queue or none of it. At most `max_queues` (their dead-letter queues aside).
     pub(crate) fn topic(&self, name: &str) -> Result<Arc<Topic>, LogError> {
+        if let Some(t) = self.find_topic(name)? {
+            return Ok(t);
+        }
+        let root = self.dir.join("topics");
+        let path = super::names::child(&root, "queue", name)?;
         let mut topics = lock(&self.topics);
         if let Some(t) = topics.get(name) {
             return Ok(t.clone());
         }
-        if name.is_empty() {
-            return Err(LogError::Invalid("a queue name cannot be empty".into()));
+        let dead_letters_of_a_queue = name.strip_suffix(".dead").is_some_and(|q| topics.contains_key(q));
+        if topics.len() >= self.cfg.max_queues && !dead_letters_of_a_queue {
+            return Err(LogError::TooManyQueues { queue: name.to_owned(), limit: self.cfg.max_queues });
         }
-        let tdir = self.dir.join("topics").join(dir_name(name));
-        std::fs::create_dir_all(&tdir).map_err(|e| LogError::io(&tdir, e))?;
-        let count_path = tdir.join("partitions");
-        let count: u32 = match std::fs::read_to_string(&count_path) {
-            Ok(s) => {
-                s.trim().parse().map_err(|_| LogError::Invalid(format!("{}: not a number", count_path.display())))?
-            }
-            Err(_) => {
-                std::fs::write(tdir.join("name"), name).map_err(|e| LogError::io(&tdir, e))?;
-                std::fs::write(&count_path, self.cfg.partitions.max(1).to_string())
-                    .map_err(|e| LogError::io(&count_path, e))?;
-                self.cfg.partitions.max(1)
-            }
-        };
-        let pcfg = PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes };
-        let partitions = (0..count)
-            .map(|p| Partition::open(&tdir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        let t = Arc::new(Topic { name: name.to_owned(), partitions, next: AtomicUsize::new(0) });
+        let count = self.cfg.partitions.max(1);
+        if !root.exists() {
+            super::disk::create_dir_all(&root)?;
+            super::disk::sync_dir(&self.dir)?;
+        }
+        let tmp = root.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
+        super::disk::create_dir_all(&tmp)?;
+        super::disk::replace_file(&tmp.join("name"), name.as_bytes())?;
+        super::disk::replace_file(&tmp.join("partitions"), count.to_string().as_bytes())?;
+        std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
+        super::disk::sync_dir(&root)?;
+        let t = self.open_partitions(name, &path, count)?;
         topics.insert(name.to_owned(), t.clone());
+        self.topics_created.fetch_add(1, Ordering::Release);
         Ok(t)
+    }
+
+    /// Records lost to damaged bytes since the store opened (each is reported as an error when found).
+    pub fn corrupt_records(&self) -> u64 {
+        lock(&self.topics)
+            .values()
+            .flat_map(|t| t.partitions.iter())
+            .map(|p| p.log.corrupt_records.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Queues set aside at open because their files are damaged, with what was found.
+    pub fn quarantined(&self) -> Vec<(String, String)> {
+        lock(&self.quarantined).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
     /// Appends records to queue `name` (created on first use); returns once they are written and
     /// fsynced per the policy.
     pub async fn append(&self, name: &str, records: Vec<NewRecord>) -> Result<(), LogError> {
+        for r in &records {
+            check_size("record", r.encoded_len(), self.cfg.max_record_bytes)?;
+        }
+        self.append_unchecked(name, records).await
+    }
+
+    /// [`LogStore::append`] without the configured size limit (the on-disk limit still holds): for
+    /// what the store writes itself, such as a dead letter wrapping a record that was within it.
+    pub(crate) async fn append_unchecked(&self, name: &str, records: Vec<NewRecord>) -> Result<(), LogError> {
         let topic = self.topic(name)?;
         if topic.partitions.len() == 1 || records.iter().all(|r| r.key.is_empty()) {
             topic.pick(&[]).log.append(records).await?;
@@ -353,7 +479,7 @@ impl LogStore {
             payload: payload.into_bytes(),
             ..NewRecord::default()
         };
-        self.append(&celery_core::broker::dead_letter_queue(queue), vec![rec]).await?;
+        self.append_unchecked(&celery_core::broker::dead_letter_queue(queue), vec![rec]).await?;
         part.ack(&[record.offset])
     }
 
@@ -419,6 +545,14 @@ impl LogStore {
     }
 }
 
+/// Refuses `size` bytes over `limit` (the store's `max_record_bytes`).
+pub(crate) fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), LogError> {
+    if size > limit {
+        return Err(LogError::TooLarge { what, size, limit, option: "max_record_bytes" });
+    }
+    Ok(())
+}
+
 fn load_routing(dir: &Path) -> Result<RoutingTable, LogError> {
     let path = dir.join("routing.json");
     match std::fs::read(&path) {
@@ -434,7 +568,7 @@ fn load_routing(dir: &Path) -> Result<RoutingTable, LogError> {
 /// Replaces `routing.json` atomically (write, fsync, rename, fsync the directory).
 fn save_routing(dir: &Path, t: &RoutingTable) -> Result<(), LogError> {
     let data = serde_json::to_vec_pretty(t).map_err(|e| LogError::Invalid(e.to_string()))?;
-    super::segment::replace_file(&dir.join("routing.json"), &data)
+    super::disk::replace_file(&dir.join("routing.json"), &data)
 }
 
 impl LogStore {

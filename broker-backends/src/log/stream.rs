@@ -79,19 +79,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn offset_path(dir: &Path, group: &str, topic: &str, partition: usize) -> PathBuf {
-    dir.join("groups")
-        .join(super::store::dir_name(group))
-        .join(super::store::dir_name(topic))
-        .join(partition.to_string())
+fn offset_path(dir: &Path, group: &str, topic: &str, partition: usize) -> Result<PathBuf, LogError> {
+    let group_dir = super::names::child(&dir.join("groups"), "stream group", group)?;
+    Ok(super::names::child(&group_dir, "queue", topic)?.join(partition.to_string()))
 }
 
 /// The lowest offset any group committed on this partition (None: no group reads it).
 pub(crate) fn min_committed(dir: &Path, topic: &str, partition: usize) -> Option<u64> {
+    let topic = super::names::component("queue", topic).ok()?;
     std::fs::read_dir(dir.join("groups"))
         .ok()?
         .flatten()
-        .filter_map(|g| std::fs::read(g.path().join(super::store::dir_name(topic)).join(partition.to_string())).ok())
+        .filter_map(|g| std::fs::read(g.path().join(&topic).join(partition.to_string())).ok())
         .filter(|d| d.len() == 12)
         .map(|d| u64::from_le_bytes(d[..8].try_into().unwrap_or_default()))
         .min()
@@ -99,7 +98,7 @@ pub(crate) fn min_committed(dir: &Path, topic: &str, partition: usize) -> Option
 
 /// Reads a committed offset.
 pub(crate) fn committed(dir: &Path, group: &str, topic: &str, partition: usize) -> Result<Option<u64>, LogError> {
-    let path = offset_path(dir, group, topic, partition);
+    let path = offset_path(dir, group, topic, partition)?;
     match std::fs::read(&path) {
         Ok(d) if d.len() == 12 => {
             let off = u64::from_le_bytes(d[..8].try_into().unwrap_or_default());
@@ -115,12 +114,18 @@ pub(crate) fn committed(dir: &Path, group: &str, topic: &str, partition: usize) 
 }
 
 fn store_committed(dir: &Path, group: &str, topic: &str, partition: usize, offset: u64) -> Result<(), LogError> {
-    let path = offset_path(dir, group, topic, partition);
+    let path = offset_path(dir, group, topic, partition)?;
     let parent = path.parent().unwrap_or(dir);
-    std::fs::create_dir_all(parent).map_err(|e| LogError::io(parent, e))?;
+    if !parent.exists() {
+        super::disk::create_dir_all(parent)?;
+        // The new directories' entries, up to `groups/`, survive a crash.
+        for d in parent.ancestors().skip(1).take(3) {
+            super::disk::sync_dir(d)?;
+        }
+    }
     let mut data = offset.to_le_bytes().to_vec();
     data.extend_from_slice(&crc32c::crc32c(&offset.to_le_bytes()).to_le_bytes());
-    super::segment::replace_file(&path, &data)
+    super::disk::replace_file(&path, &data)
 }
 
 /// A member of a consumer group reading one topic: in this process, or on the server of a client.
@@ -195,6 +200,7 @@ impl LocalStream {
         start: StartFrom,
         commit: Commit,
     ) -> Result<LocalStream, LogError> {
+        super::names::component("stream group", group)?;
         let topic = store.topic(topic)?;
         let member = {
             let mut groups = lock(&store.groups);
@@ -273,7 +279,7 @@ impl LocalStream {
                 while out.len() < max && bytes < max_bytes {
                     match part.log.read(pos, *offset, ahead)? {
                         Some((record, _)) => {
-                            *offset += 1;
+                            *offset = record.offset + 1;
                             bytes += record.key.len() + record.payload.len();
                             out.push(StreamRecord { partition: *p, record });
                         }
