@@ -56,7 +56,7 @@ impl ResultsLog {
     /// Opens `root` (creating it), deletes generations other than the current one (left by a
     /// compaction that did not finish), and calls `f` with every record in order.
     pub(crate) fn open(root: &Path, cfg: &PartitionConfig, f: impl FnMut(Record)) -> Result<ResultsLog, LogError> {
-        std::fs::create_dir_all(root).map_err(|e| LogError::io(root, e))?;
+        super::disk::create_dir_all(root)?;
         let current_path = root.join("CURRENT");
         let generation = match std::fs::read_to_string(&current_path) {
             Ok(s) => s.trim().parse::<u64>().map_err(|_| LogError::Corrupt {

@@ -632,3 +632,253 @@ async fn expiry_loop(store: Weak<LogStore>) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+    use crate::log::disk::faults::{self, Fault, Op};
+    use crate::log::partition::tests::tempdir;
+
+    fn rec(payload: &str) -> NewRecord {
+        NewRecord { payload: payload.as_bytes().to_vec(), ..NewRecord::default() }
+    }
+
+    /// Every record of `queue`, in order, taking and acking them.
+    fn drain(store: &LogStore, queue: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let Some(t) = store.find_topic(queue).unwrap() else { return out };
+        for p in &t.partitions {
+            while let Some(taken) = p.take(Instant::now() + Duration::from_secs(30), 1).unwrap() {
+                out.push(String::from_utf8_lossy(&taken.record.payload).into_owned());
+                p.ack(&[taken.record.offset]).unwrap();
+            }
+        }
+        out
+    }
+
+    fn files_under(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            if e.path().is_dir() {
+                out.extend(files_under(&e.path()));
+            }
+            out.push(e.path());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn hostile_names_stay_inside_the_directory_and_apart() {
+        let root = tempdir();
+        let dir = root.join("data");
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        for name in ["..", ".", "0", "../../escape", "a/b", "/abs", "%2E", "é"] {
+            store.append(name, vec![rec(name)]).await.unwrap();
+        }
+        for name in ["..", ".", "0", "../../escape", "a/b", "/abs", "%2E", "é"] {
+            assert_eq!(drain(&store, name), [name], "queue {name:?} holds exactly its own record");
+        }
+        let err = store.append("", vec![rec("x")]).await.unwrap_err().to_string();
+        assert!(err.contains("invalid queue name") && err.contains("empty"), "{err}");
+        let err = store.append(&"q".repeat(300), vec![rec("x")]).await.unwrap_err().to_string();
+        assert!(err.contains("too long"), "{err}");
+        let err = crate::log::stream::LocalStream::join(
+            store.clone(),
+            "..",
+            "0",
+            crate::log::StartFrom::Earliest,
+            crate::log::Commit::AfterProcessing,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string());
+        assert!(err.is_ok(), "`..` is a valid group name, encoded: {err:?}");
+        let outside: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(outside, ["data"], "nothing was written beside the data directory");
+        for f in files_under(&dir.join("topics")) {
+            let rel = f.strip_prefix(dir.join("topics")).unwrap();
+            assert!(!rel.components().next().unwrap().as_os_str().to_string_lossy().starts_with('.'), "{f:?}");
+        }
+        drop(store);
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    #[tokio::test]
+    async fn reading_never_creates_and_queues_are_capped() {
+        let dir = tempdir();
+        let cfg = StoreConfig { max_queues: 2, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg).unwrap();
+        let broker = crate::log::LogBroker::local(store.clone());
+        use celery_core::Broker;
+        for q in ["ghost-1", "ghost-2", "ghost-3"] {
+            assert_eq!(broker.queue_len(q).await.unwrap(), 0);
+            assert_eq!(broker.purge(q).await.unwrap(), 0);
+            assert_eq!(broker.delayed_len(q).await.unwrap(), 0);
+        }
+        let consumer = broker.consume(&["ghost-4".to_string()], 1).await.unwrap();
+        assert!(!dir.join("topics").exists(), "reading created {:?}", files_under(&dir.join("topics")));
+        store.append("a", vec![rec("1")]).await.unwrap();
+        store.append("b", vec![rec("1")]).await.unwrap();
+        match store.append("c", vec![rec("1")]).await {
+            Err(LogError::TooManyQueues { limit: 2, .. }) => {}
+            other => panic!("expected the queue limit, got {other:?}"),
+        }
+        // A queue's dead letters have room beyond the limit.
+        store.append("a.dead", vec![rec("1")]).await.unwrap();
+        drop(consumer);
+        drop((broker, store));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_consumer_of_a_queue_that_does_not_exist_yet_gets_its_first_record() {
+        let dir = tempdir();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        let broker = crate::log::LogBroker::local(store.clone());
+        let mut consumer = broker.local_consumer(&["later".to_string()], 1).unwrap();
+        let waiting = tokio::spawn(async move { consumer.next_raw().await.map(|s| s.record.payload.clone()) });
+        store.append("later", vec![rec("hello")]).await.unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
+        assert_eq!(got.as_deref(), Some(&b"hello"[..]));
+        drop((broker, store));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn sizes_over_the_limit_are_refused_and_nothing_is_stored() {
+        let dir = tempdir();
+        let cfg = StoreConfig { max_record_bytes: 1024, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg).unwrap();
+        store.append("q", vec![rec("small")]).await.unwrap();
+        let big = "x".repeat(2000);
+        match store.append("q", vec![rec("fits"), rec(&big)]).await {
+            Err(e @ LogError::TooLarge { limit: 1024, .. }) => {
+                assert!(e.to_string().contains("max_record_bytes"), "{e}")
+            }
+            other => panic!("expected a size error, got {other:?}"),
+        }
+        let err = store.put_result("id", big.clone().into_bytes(), Duration::from_secs(60), |_| false).await;
+        assert!(matches!(err, Err(LogError::TooLarge { .. })), "{err:?}");
+        assert_eq!(drain(&store, "q"), ["small"], "a refused batch stores none of its records");
+        // Past the on-disk frame limit even the unchecked path refuses (it could not be read back).
+        let huge = NewRecord { payload: vec![0; crate::log::record::MAX_RECORD], ..NewRecord::default() };
+        assert!(matches!(store.append_unchecked("q", vec![huge]).await, Err(LogError::TooLarge { .. })));
+        // Huge times saturate instead of wrapping into the past.
+        store.put_result("t", b"{}".to_vec(), Duration::MAX, |_| false).await.unwrap();
+        assert!(store.get_result("t").is_some(), "a result with a huge ttl is kept, not expired at once");
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn damaged_metadata_is_repaired_or_quarantined_and_the_broker_starts() {
+        let dir = tempdir();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        for q in ["name-lost", "count-lost", "beyond-repair", "healthy"] {
+            store.append(q, vec![rec(q)]).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        drop(store);
+        let topics = dir.join("topics");
+        std::fs::write(topics.join("name-lost/name"), b"").unwrap();
+        std::fs::write(topics.join("count-lost/partitions"), b"\0\0").unwrap();
+        std::fs::write(topics.join("beyond-repair/partitions"), b"").unwrap();
+        std::fs::remove_dir_all(topics.join("beyond-repair/0")).unwrap();
+        // A queue whose creation a crash interrupted.
+        std::fs::create_dir_all(topics.join(".tmp-0123/0")).unwrap();
+
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        assert_eq!(drain(&store, "name-lost"), ["name-lost"]);
+        assert_eq!(std::fs::read(topics.join("name-lost/name")).unwrap(), b"name-lost");
+        assert_eq!(drain(&store, "count-lost"), ["count-lost"]);
+        assert_eq!(drain(&store, "healthy"), ["healthy"]);
+        let q = store.quarantined();
+        assert_eq!(q.len(), 1, "{q:?}");
+        assert_eq!(q[0].0, "beyond-repair");
+        let err = store.append("beyond-repair", vec![rec("x")]).await.unwrap_err();
+        assert!(matches!(err, LogError::Quarantined { .. }), "{err}");
+        assert!(!topics.join(".tmp-0123").exists(), "the unfinished creation was removed");
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn damage_in_a_segment_is_skipped_and_reported_and_other_records_are_served() {
+        let dir = tempdir();
+        let cfg = StoreConfig { segment_bytes: 600, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg.clone()).unwrap();
+        for i in 0..30 {
+            store.append("q", vec![rec(&format!("record-{i:02}"))]).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        drop(store);
+        // Damage the second record of the first (closed) segment and the middle of the last one.
+        let pdir = dir.join("topics/q/0");
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(&pdir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()))
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 3, "{segs:?}");
+        for seg in [&segs[0], segs.last().unwrap()] {
+            let mut data = std::fs::read(seg).unwrap();
+            let second = crate::log::record::Record::decode(&data).unwrap().1;
+            data[second..second + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+            std::fs::write(seg, &data).unwrap();
+        }
+        let store = LogStore::open(&dir, cfg).unwrap();
+        let got = drain(&store, "q");
+        assert_eq!(got.len(), 28, "exactly the two damaged records are lost: {got:?}");
+        assert_eq!(got.last().map(String::as_str), Some("record-29"), "the records after the damage are served");
+        assert_eq!(store.corrupt_records(), 2);
+        let quarantined = std::fs::read_dir(pdir.join("quarantine")).unwrap().count();
+        assert_eq!(quarantined, 2, "the damaged bytes are kept for inspection");
+        // Appends go on after the recovered tail, and a reopen finds everything acknowledged.
+        store.append("q", vec![rec("after")]).await.unwrap();
+        assert_eq!(drain(&store, "q"), ["after"]);
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn a_failing_disk_refuses_publishes_loses_nothing_acknowledged_and_recovers() {
+        for fault in [(Op::Sync, Fault::Eio), (Op::Write, Fault::NoSpace), (Op::Write, Fault::ShortWrite)] {
+            let dir = tempdir();
+            let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+            store.append("q", vec![rec("before")]).await.unwrap();
+            faults::inject(&dir, fault.0, fault.1, 2);
+            assert!(store.append("q", vec![rec("refused-1")]).await.is_err(), "{fault:?}: must not be acknowledged");
+            assert!(store.append("q", vec![rec("refused-2"), rec("refused-3")]).await.is_err(), "{fault:?}");
+            faults::clear(&dir);
+            store.append("q", vec![rec("after")]).await.unwrap();
+            store.sync().await.unwrap();
+            drop(store);
+            let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+            assert_eq!(drain(&store, "q"), ["before", "after"], "{fault:?}");
+            assert_eq!(store.corrupt_records(), 0, "{fault:?}: no refused bytes were left in the log");
+            drop(store);
+            std::fs::remove_dir_all(dir).ok();
+        }
+    }
+
+    #[tokio::test]
+    async fn files_and_directories_are_owner_only() {
+        let dir = tempdir();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        store.append("q", vec![rec("x")]).await.unwrap();
+        store.put_result("id", b"{}".to_vec(), Duration::from_secs(60), |_| false).await.unwrap();
+        store.sync().await.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for f in files_under(&dir) {
+            let want = if f.is_dir() { 0o700 } else { 0o600 };
+            assert_eq!(mode(&f), want, "{}", f.display());
+        }
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
