@@ -51,14 +51,14 @@ pub(crate) fn open_append(path: &Path) -> Result<File, LogError> {
 /// rename, fsync the directory. A crash leaves the old file or the new one, never a mix or nothing.
 pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
     let tmp = path.with_extension("tmp");
-    let mut f = OpenOptions::new()
+    let f = OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
         .mode(FILE_MODE)
         .open(&tmp)
         .map_err(|e| LogError::io(&tmp, e))?;
-    write_all(&mut f, data, &tmp)?;
+    write_all(&f, data, &tmp)?;
     sync_all(&f, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| LogError::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))

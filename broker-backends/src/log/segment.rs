@@ -391,7 +391,7 @@ mod tests {
             let (at, offset) = resync(&r.segments[0].file, &path, 30, len as u64, 1).unwrap().unwrap();
             let (rec, _) = read_at(&r.segments[0], at, &mut ReadAhead::exact(), None).unwrap();
             assert_eq!(rec.offset, offset, "{damage}");
-            assert!(offset >= 1 && offset < 4, "{damage}: resumed at offset {offset}");
+            assert!((1..4).contains(&offset), "{damage}: resumed at offset {offset}");
             std::fs::remove_dir_all(dir).ok();
         }
     }
