@@ -13,6 +13,9 @@
 #[cfg(feature = "amqp")]
 pub mod amqp;
 pub(crate) mod envelope;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;
