@@ -163,7 +163,8 @@ mod tests {
 
     #[test]
     fn corpora_and_crashes_replay() {
-        let targets: [(&str, fn(&[u8])); 7] = [
+        type Target = (&'static str, fn(&[u8]));
+        let targets: [Target; 7] = [
             ("protocol", super::protocol),
             ("compact_payload", super::compact_payload),
             ("record", super::record),
