@@ -33,6 +33,7 @@
 mod error;
 mod partition;
 mod payload;
+mod peek;
 mod record;
 mod remote;
 mod results;
@@ -510,6 +511,15 @@ impl Broker for LogBroker {
             Inner::Local(s) => Ok(s.topic(queue)?.partitions.iter().map(|p| p.ready_len()).sum()),
             Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?),
         }
+    }
+
+    /// Reads the oldest unfinished records without leasing or counting them (`log/peek.rs`).
+    async fn peek(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Result<Message, celery_core::ProtocolError>>, BrokerError> {
+        self.peek_queue(queue, max).await
     }
 
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
