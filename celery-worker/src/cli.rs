@@ -94,6 +94,10 @@ pub struct MonitorArgs {
     /// Clients must present this token (`?token=...` or `Authorization: Bearer ...`).
     #[arg(long, env = "CELERY_MONITOR_TOKEN")]
     pub token: Option<String>,
+    /// Host names the monitor answers to besides its address (`NAME` or `NAME:PORT`; comma-separated),
+    /// e.g. behind a reverse proxy. Any other `Host` header is refused (DNS-rebinding defence).
+    #[arg(long = "allow-host", value_delimiter = ',')]
+    pub allow_host: Vec<String>,
 }
 
 /// Which workers answer, and how long to wait for them.
@@ -521,6 +525,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 queues: a.queues,
                 allow_control: a.allow_control,
                 token: a.token,
+                hosts: a.allow_host,
             };
             eprintln!("monitor on http://{}/", cfg.listen);
             crate::monitor::serve(app, cfg, shutdown_signal()).await.map_err(anyhow::Error::msg)?;
