@@ -179,6 +179,8 @@ async fn control_is_same_origin_with_the_pages_csrf_token_and_hosts_are_checked(
         assert_eq!(a.header("x-frame-options"), Some("DENY"));
     }
     assert_eq!(http(&addr, "GET", "/", &[("Host", &format!("localhost:{port}"))]).status, 200);
+    let other = http(&addr, "GET", "/api/dead/not-a-monitored-queue", &[("Host", &addr)]);
+    assert_eq!(other.status, 404, "only the -Q queues: {}", other.body);
 
     // Cross-site POSTs are refused, whatever they carry; nothing is discarded.
     let discard = format!("/api/dead/celery/discard/{}", ids[0]);

@@ -96,7 +96,8 @@ pub async fn serve(
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("{}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, control = cfg.allow_control, "monitor on http://{}/", cfg.listen);
-    let guard = Arc::new(guard::Guard::new(cfg.listen, cfg.hosts.clone(), cfg.token.clone()));
+    let bound = listener.local_addr().map_err(|e| format!("{}: {e}", cfg.listen))?;
+    let guard = Arc::new(guard::Guard::new(bound, cfg.hosts.clone(), cfg.token.clone()));
     let ctx = Ctx { app, cfg: Arc::new(cfg), guard, state };
     let router = Router::new()
         .route("/", get(page))
@@ -184,7 +185,17 @@ async fn api_task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Json<Value>
     Json(json!({"events": seen, "result": stored}))
 }
 
+/// Only the queues the monitor was started with (`-Q`) are looked at or acted on: a request cannot
+/// make it touch (or, on the log broker, create) any other queue.
+fn unknown_queue(ctx: &Ctx, queue: &str) -> Option<Response> {
+    (!ctx.cfg.queues.iter().any(|q| q == queue))
+        .then(|| (StatusCode::NOT_FOUND, format!("`{queue}` is not one of the monitor's queues (-Q)")).into_response())
+}
+
 async fn api_dead(State(ctx): State<Ctx>, Path(queue): Path<String>) -> Response {
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
+    }
     match dead::list(&ctx.app, &queue).await {
         Ok(list) => Json(json!(list)).into_response(),
         Err(e) => (StatusCode::BAD_GATEWAY, e).into_response(),
@@ -198,6 +209,9 @@ fn forbidden() -> Response {
 async fn api_dead_act(State(ctx): State<Ctx>, Path((queue, action, id)): Path<(String, String, String)>) -> Response {
     if !ctx.cfg.allow_control {
         return forbidden();
+    }
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
     }
     let action = match action.as_str() {
         "retry" => dead::Action::Retry,
