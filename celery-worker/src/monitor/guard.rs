@@ -1,10 +1,10 @@
 //! What every request to the dashboard passes before it is served, and what every answer carries.
 //!
 //! - **Host** (DNS-rebinding defence): the `Host` header must name the bound address (an IP literal
-//!   of it with its port; any IP literal when bound to `0.0.0.0`/`::`; `localhost` too when bound
-//!   to loopback) or one of the configured names (`--allow-host NAME` for any port, `NAME:PORT` for
-//!   one). Anything else is answered `421 Misdirected Request`, so a page of `evil.example` that
-//!   points its own name at this address reads nothing.
+//!   of it, with its port if one is given; any IP literal when bound to `0.0.0.0`/`::`; `localhost`
+//!   too when bound to loopback) or one of the configured names (`--allow-host NAME` for any port,
+//!   `NAME:PORT` for one). Anything else is answered `421 Misdirected Request`, so a page of
+//!   `evil.example` that points its own name at this address reads nothing.
 //! - **Token**: when one is set, every request presents it (`Authorization: Bearer ...` or
 //!   `?token=...`).
 //! - **Control** (every request that is not `GET`/`HEAD`): either `Authorization: Bearer <token>`
@@ -125,7 +125,9 @@ impl Guard {
         if configured {
             return true;
         }
-        if port.unwrap_or(80) != self.listen.port() {
+        // A port, when given, must be ours; without one (a client's shorthand) the name decides,
+        // and a rebinding page's Host always names its own site.
+        if port.is_some_and(|p| p != self.listen.port()) {
             return false;
         }
         let bound = self.listen.ip();
@@ -236,10 +238,10 @@ mod tests {
     #[test]
     fn host_must_name_the_bound_address() {
         let g = guard("127.0.0.1:5555", &[]);
-        for ok in ["127.0.0.1:5555", "localhost:5555", "LOCALHOST:5555", "[::1]:5555", "127.0.0.2:5555"] {
+        for ok in ["127.0.0.1:5555", "localhost:5555", "LOCALHOST:5555", "[::1]:5555", "127.0.0.2:5555", "localhost"] {
             assert!(g.host_ok(Some(ok)), "{ok}");
         }
-        for bad in ["evil.example:5555", "127.0.0.1:80", "127.0.0.1", "localhost", "10.0.0.1:5555", "", ":5555"] {
+        for bad in ["evil.example:5555", "evil.example", "127.0.0.1:80", "10.0.0.1:5555", "", ":5555", "[::1"] {
             assert!(!g.host_ok(Some(bad)), "{bad}");
         }
         assert!(!g.host_ok(None));
