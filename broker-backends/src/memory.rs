@@ -20,7 +20,7 @@ use celery_core::broker::{dead_letter_queue, Settle};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
 use celery_core::scheme::BrokerScheme;
-use celery_core::{Broker, BrokerError, Consumer, Delivery};
+use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
 
@@ -113,6 +113,11 @@ impl Broker for MemoryBroker {
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
+    }
+
+    async fn peek(&self, queue: &str, max: usize) -> Result<Vec<Result<Message, ProtocolError>>, BrokerError> {
+        let st = self.inner.lock();
+        Ok(st.queues.get(queue).map(|q| q.iter().take(max).cloned().map(Ok).collect()).unwrap_or_default())
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -230,4 +235,34 @@ impl Settle for MemorySettle {
 
 inventory::submit! {
     BrokerScheme { scheme: "memory", connect: |_url| Box::pin(async { Ok(Arc::new(MemoryBroker::default()) as Arc<dyn Broker>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_core::Signature;
+
+    fn msg(i: i64) -> Message {
+        Message::from_signature(&Signature::by_name("t").args(serde_json::json!([i]))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn peek_shows_the_oldest_without_taking_them() {
+        let broker = MemoryBroker::default();
+        let sent: Vec<Message> = (0..3).map(msg).collect();
+        for m in &sent {
+            broker.publish(&Route::queue("q"), m).await.unwrap();
+        }
+        for _ in 0..3 {
+            let seen = broker.peek("q", 2).await.unwrap();
+            let ids: Vec<_> = seen.iter().map(|m| m.as_ref().unwrap().headers.id.clone()).collect();
+            assert_eq!(ids, [sent[0].headers.id.clone(), sent[1].headers.id.clone()]);
+        }
+        assert_eq!(broker.queue_len("q").await.unwrap(), 3);
+        assert!(broker.peek("none", 5).await.unwrap().is_empty());
+        let mut c = broker.consume(&["q".to_string()], 1).await.unwrap();
+        let mut d = c.next().await.unwrap();
+        assert_eq!(d.message().as_ref().unwrap().headers.id, sent[0].headers.id, "still the oldest");
+        assert!(!d.redelivered);
+    }
 }

@@ -55,6 +55,26 @@ pub trait Broker: Send + Sync + Debug {
     /// Ready messages in `queue` (not delayed, not leased).
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError>;
 
+    /// The oldest messages waiting in `queue`, oldest first, at most `max` of them, each decoded
+    /// (or why it could not be). Nothing is leased, taken, reordered or counted as a delivery: a
+    /// dashboard may look as often as it likes. A broker that cannot read a queue without taking
+    /// from it fails with [`BrokerError::Unsupported`] ("peek"), never by taking messages.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), celery_core::BrokerError> {
+    /// for msg in broker.peek("celery.dead", 50).await?.into_iter().flatten() {
+    ///     println!("{} {}", msg.headers.id, msg.headers.task);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    async fn peek(&self, queue: &str, max: usize) -> Result<Vec<Result<Message, ProtocolError>>, BrokerError> {
+        let _ = max;
+        Err(BrokerError::Unsupported {
+            broker: self.kind(),
+            option: format!("peek (reading `{queue}` without taking)"),
+        })
+    }
+
     /// Declares an exchange (durably, where the broker keeps declarations). A broker without this
     /// kind of exchange fails with [`BrokerError::Unsupported`], never silently.
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {

@@ -1,7 +1,7 @@
 //! The command line a user's binary embeds with one call: [`run`].
 //!
 //! ```text
-//! mybin worker -Q celery,emails -c 16 --metrics 127.0.0.1:9808
+//! mybin worker -Q celery,emails -c 16 --metrics 9808
 //! mybin send add --args '[2, 3]' --wait --json
 //! mybin result 4f6a... --wait 10
 //! mybin purge -Q celery
@@ -94,6 +94,10 @@ pub struct MonitorArgs {
     /// Clients must present this token (`?token=...` or `Authorization: Bearer ...`).
     #[arg(long, env = "CELERY_MONITOR_TOKEN")]
     pub token: Option<String>,
+    /// Host names the monitor answers to besides its address (`NAME` or `NAME:PORT`; comma-separated),
+    /// e.g. behind a reverse proxy. Any other `Host` header is refused (DNS-rebinding defence).
+    #[arg(long = "allow-host", value_delimiter = ',')]
+    pub allow_host: Vec<String>,
 }
 
 /// Which workers answer, and how long to wait for them.
@@ -314,9 +318,16 @@ pub struct WorkerArgs {
     /// Do not store STARTED/RECEIVED states.
     #[arg(long)]
     pub without_track_started: bool,
-    /// Serve Prometheus metrics on HOST:PORT (`GET /metrics`).
-    #[arg(long, value_name = "HOST:PORT")]
+    /// Serve Prometheus metrics (`GET /metrics`) on PORT (loopback) or IP:PORT.
+    #[arg(long, value_name = "[IP:]PORT", value_parser = crate::metrics::listen_addr)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Allow --metrics on an address beyond loopback.
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// Host names the metrics server answers to besides its address (`NAME` or `NAME:PORT`;
+    /// comma-separated), e.g. the name Prometheus scrapes it by.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_allow_host: Vec<String>,
     /// Send Celery's task and worker events (`mybin events` shows them; so does Celery's tooling).
     #[arg(short = 'E', long = "events")]
     pub events: bool,
@@ -459,7 +470,9 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..defaults
             };
             if let Some(addr) = a.metrics {
-                crate::metrics::serve(addr).with_context(|| format!("serving metrics on {addr}"))?;
+                crate::metrics::serve(addr, a.metrics_public, a.metrics_allow_host.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?;
                 crate::metrics::poll_queue_depth(app.clone(), cfg.queues.clone());
             }
             if celery_core::registry::tasks().iter().all(|e| e.name.starts_with("celery.")) {
@@ -521,6 +534,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 queues: a.queues,
                 allow_control: a.allow_control,
                 token: a.token,
+                hosts: a.allow_host,
             };
             eprintln!("monitor on http://{}/", cfg.listen);
             crate::monitor::serve(app, cfg, shutdown_signal()).await.map_err(anyhow::Error::msg)?;

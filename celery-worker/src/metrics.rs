@@ -1,6 +1,13 @@
-//! Prometheus metrics of a worker (`worker --metrics 127.0.0.1:9808`), through the `metrics` crate
-//! and its Prometheus exporter. Without `--metrics` no recorder is installed and every call here
-//! does nothing.
+//! Prometheus metrics of a worker (`worker --metrics 9808`), through the `metrics` crate and its
+//! Prometheus recorder, served by a small HTTP server of our own. Without `--metrics` no recorder is
+//! installed and every call here does nothing.
+//!
+//! Where it listens: a bare port means loopback (`9808` is `127.0.0.1:9808`); an address beyond
+//! loopback must be asked for with `--metrics-public` as well (`--metrics 0.0.0.0:9808
+//! --metrics-public`), so metrics are never published by accident. It answers only requests whose
+//! `Host` header names it (its address, `localhost` on loopback, or a name given with
+//! `--metrics-allow-host`, e.g. the name Prometheus scrapes it by), else `421`: a web page cannot
+//! read it through DNS rebinding. Answers carry the same security headers as the monitor's.
 //!
 //! | metric | labels | what |
 //! | --- | --- | --- |
@@ -16,29 +23,120 @@
 //! | `celery_broker_reconnects_total` | broker | connections re-established after a loss |
 //!
 //! ```no_run
-//! celery_worker::metrics::serve("127.0.0.1:9808".parse().unwrap()).unwrap();
+//! # async fn demo() -> Result<(), celery_worker::metrics::MetricsError> {
+//! use celery_worker::metrics::{listen_addr, serve};
+//! serve(listen_addr("9808").unwrap(), false, Vec::new()).await?;
 //! // curl http://127.0.0.1:9808/metrics
+//! # Ok(()) }
 //! ```
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use celery_core::App;
 use metrics::{counter, gauge, histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::monitor::guard::{self, Guard};
 
 /// Run-time histogram buckets, in seconds.
 const RUNTIME_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0];
+/// How often histograms are trimmed (what the exporter's own server does).
+const UPKEEP: Duration = Duration::from_secs(5);
 
-/// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (on the current runtime).
-pub fn serve(addr: SocketAddr) -> Result<(), metrics_exporter_prometheus::BuildError> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Why metrics cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// An address beyond loopback without `--metrics-public`.
+    #[error("metrics on {0} (not loopback) must be asked for with --metrics-public")]
+    NotLoopback(SocketAddr),
+    /// The recorder could not be installed (one is installed already).
+    #[error(transparent)]
+    Recorder(#[from] metrics_exporter_prometheus::BuildError),
+    /// The address cannot be bound.
+    #[error("binding {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Parses `--metrics`: a bare port (loopback) or `HOST:PORT`.
+///
+/// ```
+/// use celery_worker::metrics::listen_addr;
+/// assert_eq!(listen_addr("9808").unwrap(), "127.0.0.1:9808".parse().unwrap());
+/// assert_eq!(listen_addr("0.0.0.0:9808").unwrap(), "0.0.0.0:9808".parse().unwrap());
+/// assert!(listen_addr("localhost").is_err());
+/// ```
+pub fn listen_addr(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+    }
+    s.parse().map_err(|_| format!("`{s}`: expected PORT (loopback) or IP:PORT"))
+}
+
+/// Installs the Prometheus recorder and serves `GET /metrics` on `addr` (on the current runtime)
+/// to requests whose `Host` names it (its address, or one of `hosts`). An address beyond loopback
+/// needs `public`. Returns the bound address.
+pub async fn serve(addr: SocketAddr, public: bool, hosts: Vec<String>) -> Result<SocketAddr, MetricsError> {
+    if !addr.ip().is_loopback() && !public {
+        return Err(MetricsError::NotLoopback(addr));
+    }
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| MetricsError::Bind { addr, source })?;
+    let bound = listener.local_addr().map_err(|source| MetricsError::Bind { addr, source })?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("celery_task_runtime_seconds".into()), RUNTIME_BUCKETS)?
-        .install()?;
+        .install_recorder()?;
     describe();
-    tracing::info!(%addr, "metrics on http://{addr}/metrics");
-    Ok(())
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(UPKEEP).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let guard = Arc::new(Guard::new(bound, hosts, None));
+    let router = Router::new()
+        .route("/metrics", get(render))
+        .with_state(handle)
+        .layer(axum::middleware::from_fn_with_state(guard, check_host))
+        .layer(axum::middleware::map_response(|mut res: Response| async move {
+            guard::secure(res.headers_mut());
+            res
+        }));
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    tracing::info!(addr = %bound, "metrics on http://{bound}/metrics");
+    Ok(bound)
+}
+
+async fn render(State(handle): State<PrometheusHandle>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Refuses a request whose `Host` does not name this server (421).
+async fn check_host(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let host = req.headers().get(header::HOST).and_then(|v| v.to_str().ok());
+    if !guard.host_ok(host) {
+        tracing::warn!(?host, "metrics: request with an unknown Host refused");
+        return (StatusCode::MISDIRECTED_REQUEST, "unknown Host: start the worker with --metrics-allow-host NAME")
+            .into_response();
+    }
+    next.run(req).await
 }
 
 /// The `# HELP` lines.
@@ -101,4 +199,42 @@ pub(crate) fn revoked(task: &'static str) {
 
 pub(crate) fn dead_lettered(queue: &str) {
     counter!("celery_dead_letters_total", "queue" => queue.to_owned()).increment(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    async fn get(addr: SocketAddr, host: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    /// The only test here that installs the recorder (one per process).
+    #[tokio::test]
+    async fn serves_loopback_by_default_and_only_to_its_own_host() {
+        let public = serve("0.0.0.0:0".parse().unwrap(), false, Vec::new()).await;
+        assert!(matches!(public, Err(MetricsError::NotLoopback(_))), "{public:?}");
+        assert_eq!(listen_addr("9808").unwrap().ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+
+        let addr = serve(listen_addr("0").unwrap(), false, vec!["prometheus-target.internal".into()]).await.unwrap();
+        received("add");
+        let port = addr.port();
+        for host in [format!("127.0.0.1:{port}"), format!("localhost:{port}"), "prometheus-target.internal".into()] {
+            let ok = get(addr, &host).await;
+            assert!(ok.starts_with("HTTP/1.0 200"), "{host}: {ok}");
+            assert!(ok.contains("celery_tasks_received_total{task=\"add\"} 1"), "{ok}");
+            assert!(ok.contains("text/plain") && ok.to_lowercase().contains("x-content-type-options: nosniff"));
+        }
+        for host in [format!("evil.example:{port}"), "127.0.0.1:1".into()] {
+            let refused = get(addr, &host).await;
+            assert!(refused.starts_with("HTTP/1.0 421"), "{host}: {refused}");
+            assert!(!refused.contains("celery_tasks"), "{refused}");
+        }
+    }
 }

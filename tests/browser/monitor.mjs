@@ -8,6 +8,9 @@ const [url, host, deadId, shot] = process.argv.slice(2);
 const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox"] });
 try {
   const page = await browser.newPage({ viewport: { width: 1400, height: 1000 } });
+  // The page runs under a strict Content-Security-Policy: anything it blocks is a failure.
+  const blocked = [];
+  page.on("console", (m) => { if (/Content Security Policy/i.test(m.text())) blocked.push(m.text()); });
   await page.goto(url);
   const worker = page.locator("tr.worker", { hasText: host });
   await worker.waitFor({ timeout: 20000 });
@@ -25,6 +28,7 @@ try {
   // Retried: the task is received again (and, still bad, dead-lettered again by the worker).
   await page.locator(`tr.task[data-id="${deadId}"]`).click();
   await page.waitForFunction(() => (document.getElementById("detail").textContent.match(/task-received/g) || []).length >= 2, null, { timeout: 20000 });
+  if (blocked.length) throw new Error(`blocked by the page's CSP: ${blocked.join("; ")}`);
   console.log(JSON.stringify({ ok: true, tasks }));
 } finally {
   await browser.close();

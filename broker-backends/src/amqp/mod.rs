@@ -355,6 +355,23 @@ impl Broker for AmqpBroker {
         }
     }
 
+    /// RabbitMQ cannot read a queue without taking from it: `basic.get` and a requeue (or closing
+    /// the channel) marks each message redelivered, moves it, and on a quorum queue counts a
+    /// delivery toward `x-delivery-limit`, so looking would dead-letter what it looked at. Refused,
+    /// so a dashboard shows the depth ([`Broker::queue_len`]) only; RabbitMQ's management UI
+    /// ("Get messages", which is also destructive) or a consumer of the dead-letter queue shows more.
+    async fn peek(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Result<Message, celery_core::ProtocolError>>, BrokerError> {
+        let _ = max;
+        Err(BrokerError::Unsupported {
+            broker: "amqp",
+            option: format!("peek (RabbitMQ cannot read `{queue}` without taking from it and counting a delivery)"),
+        })
+    }
+
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
         self.exchange_declare(&Exchange::new(name, kind)).await
     }

@@ -35,6 +35,7 @@ mod error;
 mod names;
 mod partition;
 pub(crate) mod payload;
+mod peek;
 pub(crate) mod record;
 mod remote;
 mod results;
@@ -518,6 +519,15 @@ impl Broker for LogBroker {
             Inner::Local(s) => Ok(s.find_topic(queue)?.map_or(0, |t| t.partitions.iter().map(|p| p.ready_len()).sum())),
             Inner::Remote(c) => remote::read_u64(&c.call(wire::kind::QUEUE_LEN, |e| e.str(queue)).await?),
         }
+    }
+
+    /// Reads the oldest unfinished records without leasing or counting them (`log/peek.rs`).
+    async fn peek(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Result<Message, celery_core::ProtocolError>>, BrokerError> {
+        self.peek_queue(queue, max).await
     }
 
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {

@@ -1147,10 +1147,14 @@ impl Partition {
         self.log.flush().await
     }
 
-    /// The finished prefix (for tests and stats).
-    #[cfg(test)]
+    /// The finished prefix: every offset below it is finished.
     pub(crate) fn watermark(&self) -> u64 {
         lock(&self.state).finished.watermark
+    }
+
+    /// True when the record at `offset` is finished (acked, purged, dead-lettered).
+    pub(crate) fn is_finished(&self, offset: u64) -> bool {
+        lock(&self.state).finished.is_done(offset)
     }
 }
 

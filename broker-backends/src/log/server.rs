@@ -244,6 +244,7 @@ async fn handle(
             let q = d.str().map_err(e)?;
             ok().u64(broker.purge(&q).await.map_err(|e| e.to_string())?).finish()
         }
+        kind::PEEK => super::peek::answer(store, ok(), &mut d)?,
         kind::QUEUE_LEN => {
             let q = d.str().map_err(e)?;
             ok().u64(broker.queue_len(&q).await.map_err(|e| e.to_string())?).finish()

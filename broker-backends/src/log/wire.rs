@@ -48,6 +48,8 @@ pub(crate) mod kind {
     pub(crate) const STREAM_LEAVE: u8 = 24;
     /// Acks, the one request without an answer.
     pub(crate) const ACK: u8 = 25;
+    /// Reads a queue's oldest unfinished records without taking them (`log/peek.rs`).
+    pub(crate) const PEEK: u8 = 26;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;

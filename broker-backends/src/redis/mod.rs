@@ -37,6 +37,9 @@ use redis::AsyncCommands;
 
 pub use consumer::RedisConsumer;
 
+/// Messages one [`Broker::peek`] returns at most.
+const PEEK_MAX: usize = 1000;
+
 use crate::envelope;
 
 /// Kombu's separator between a queue name and its priority bucket.
@@ -352,6 +355,32 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
         Ok(counts.iter().sum())
+    }
+
+    /// `LRANGE` of the oldest end of each priority bucket, in the order a consumer takes them.
+    /// Kombu pushes with `LPUSH` and takes with `RPOP`, so the oldest are the list's tail: the last
+    /// `max` elements, reversed. Nothing moves, so nothing is leased or counted.
+    async fn peek(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<Result<Message, celery_core::ProtocolError>>, BrokerError> {
+        let max = max.min(PEEK_MAX);
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for k in self.keys.buckets(queue) {
+            pipe.lrange(k, -(max as isize), -1);
+        }
+        let mut conn = self.conn.clone();
+        let buckets: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
+        Ok(buckets
+            .into_iter()
+            .flat_map(|b| b.into_iter().rev())
+            .take(max)
+            .map(|raw| envelope::decode(&raw).message)
+            .collect())
     }
 
     /// As Kombu does it: fanout and topic broadcasts are `PUBLISH /<db>.<exchange>[/<routing key>]`

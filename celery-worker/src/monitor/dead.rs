@@ -1,18 +1,31 @@
-//! Dead letters for the dashboard: list them, send one back to its queue, or discard it. Each
-//! operation leases the dead-letter queue's messages for a moment through an ordinary consumer and
-//! returns the ones it does not act on, so nothing is lost if the dashboard dies meanwhile.
+//! Dead letters for the dashboard: list them, send one back to its queue, or discard it.
+//!
+//! Listing only looks ([`Broker::peek`](celery_core::Broker::peek)): nothing is taken, leased or
+//! counted as a delivery, so the page may refresh it forever and the queue stays as it was. On a
+//! broker that cannot look without taking (RabbitMQ) listing fails with that broker's reason and
+//! the page shows the depth only.
+//!
+//! Acting on the dead letter of task `id` looks first, so nothing is taken when it is not there.
+//! Then it takes the dead-letter queue's messages in order until `id` (never more than it saw in
+//! front of it, plus the one): that one is retried (published to its queue, then acked) or
+//! discarded (acked). Each one passed over is stored again, unchanged, as a new message at the back
+//! of the dead-letter queue and only then acked: a broker that counts deliveries (the log broker,
+//! and RabbitMQ's quorum queues) counts none against it, so no dead letter is ever dead-lettered
+//! again by the dashboard, and a crash in between leaves a duplicate, never a loss. One that cannot
+//! be decoded cannot be stored again and is requeued as it is.
 
 use std::time::Duration;
 
 use celery_core::broker::{dead_letter_queue, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
+use celery_core::protocol::Message;
 use celery_core::routing::Route;
-use celery_core::{App, Delivery};
+use celery_core::{App, Delivery, ProtocolError};
 use serde::Serialize;
 
-/// How many dead letters one look takes at most.
-const MAX: usize = 200;
-/// How long to wait for the next one before concluding the queue is drained.
-const QUIET: Duration = Duration::from_millis(300);
+/// How many dead letters one look shows, and one action passes over, at most.
+pub const MAX: usize = 200;
+/// How long an action waits for the next dead letter before concluding it is gone.
+const QUIET: Duration = Duration::from_millis(500);
 
 /// One dead letter.
 #[derive(Debug, Clone, Serialize)]
@@ -29,8 +42,8 @@ pub struct DeadLetter {
     pub retryable: bool,
 }
 
-fn view(d: &mut Delivery) -> DeadLetter {
-    match d.message() {
+fn view(m: &Result<Message, ProtocolError>) -> DeadLetter {
+    match m {
         Ok(m) => DeadLetter {
             id: m.headers.id.clone(),
             task: m.headers.task.clone(),
@@ -57,40 +70,68 @@ pub enum Action {
     Discard,
 }
 
-/// Leases the dead letters of `queue`, lets `act` settle each (returning it when `act` does not),
-/// and returns what `act` saw.
-async fn with_dead_letters(
-    app: &App,
-    queue: &str,
-    mut act: impl FnMut(&DeadLetter) -> Option<Action>,
-) -> Result<(Vec<DeadLetter>, usize), String> {
+/// The dead letters of `queue` (at most [`MAX`]), oldest first. Only looks: nothing is taken or
+/// counted.
+pub async fn list(app: &App, queue: &str) -> Result<Vec<DeadLetter>, String> {
+    let found = app.broker().peek(&dead_letter_queue(queue), MAX).await.map_err(|e| e.to_string())?;
+    Ok(found.iter().map(view).collect())
+}
+
+/// Retries or discards the dead letter of task `id` in `queue`; false when there is none. The
+/// dead letters in front of it are stored again at the back, uncounted (see the module header).
+pub async fn act(app: &App, queue: &str, id: &str, action: Action) -> Result<bool, String> {
     let dlq = dead_letter_queue(queue);
-    let mut consumer = app.broker().consume(std::slice::from_ref(&dlq), MAX).await.map_err(|e| e.to_string())?;
-    let mut held = Vec::new();
-    while held.len() < MAX {
-        match tokio::time::timeout(QUIET, consumer.next()).await {
-            Ok(Some(d)) => held.push(d),
-            _ => break,
+    let seen = list(app, queue).await?;
+    let Some(ahead) = seen.iter().position(|d| d.id == id) else {
+        return Ok(false);
+    };
+    let mut consumer = app.broker().consume(std::slice::from_ref(&dlq), ahead + 1).await.map_err(|e| e.to_string())?;
+    let mut passed = Vec::new();
+    let mut target = None;
+    while target.is_none() && passed.len() < MAX {
+        let Ok(Some(mut d)) = tokio::time::timeout(QUIET, consumer.next()).await else { break };
+        if d.message().as_ref().is_ok_and(|m| m.headers.id == id) {
+            target = Some(d);
+        } else {
+            passed.push(d);
         }
     }
     consumer.stop();
-    let (mut seen, mut acted) = (Vec::new(), 0);
-    for mut d in held {
-        let v = view(&mut d);
-        let result = match act(&v) {
-            Some(Action::Retry) if v.retryable => retry(app, queue, d).await,
-            Some(Action::Discard) => d.ack().await.map_err(|e| e.to_string()),
-            _ => {
-                seen.push(v);
-                d.requeue().await.map_err(|e| e.to_string())?;
-                continue;
-            }
-        };
-        result?;
-        acted += 1;
+    // What the consumer fetched and did not hand out yet goes back like the others.
+    while let Ok(Some(d)) = tokio::time::timeout(QUIET, consumer.next()).await {
+        passed.push(d);
     }
+    let mut result = Ok(());
+    for d in passed {
+        if let Err(e) = restore(app, &dlq, d).await {
+            result = Err(e);
+        }
+    }
+    let acted = match target {
+        Some(d) => {
+            let done = match action {
+                Action::Retry => retry(app, queue, d).await,
+                Action::Discard => d.ack().await.map_err(|e| e.to_string()),
+            };
+            result = result.and(done);
+            true
+        }
+        None => false,
+    };
     consumer.close().await;
-    Ok((seen, acted))
+    result.map(|()| acted)
+}
+
+/// Puts a dead letter passed over back: stored again as new (no delivery counted), then acked;
+/// requeued as it is when it cannot be decoded.
+async fn restore(app: &App, dlq: &str, mut d: Delivery) -> Result<(), String> {
+    match d.take_message() {
+        Ok(msg) => {
+            app.broker().publish(&Route::queue(dlq), &msg).await.map_err(|e| e.to_string())?;
+            d.ack().await.map_err(|e| e.to_string())
+        }
+        Err(_) => d.requeue().await.map_err(|e| e.to_string()),
+    }
 }
 
 async fn retry(app: &App, queue: &str, mut d: Delivery) -> Result<(), String> {
@@ -106,13 +147,71 @@ async fn retry(app: &App, queue: &str, mut d: Delivery) -> Result<(), String> {
     d.ack().await.map_err(|e| e.to_string())
 }
 
-/// The dead letters of `queue` (at most 200), oldest first.
-pub async fn list(app: &App, queue: &str) -> Result<Vec<DeadLetter>, String> {
-    Ok(with_dead_letters(app, queue, |_| None).await?.0)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use celery_core::Signature;
 
-/// Retries or discards the dead letter of task `id` in `queue`; false when there is none.
-pub async fn act(app: &App, queue: &str, id: &str, action: Action) -> Result<bool, String> {
-    let (_, acted) = with_dead_letters(app, queue, |d| (d.id == id).then_some(action)).await?;
-    Ok(acted > 0)
+    /// Five dead letters of `q` on a log broker that dead-letters on the second delivery.
+    async fn setup(tag: &str) -> (App, Vec<String>, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("dead-{tag}-{}", uuid::Uuid::new_v4().simple()));
+        let url = format!("log://{}?max_deliveries=1", dir.display());
+        let app = App::connect(&url, "memory://").await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let mut m = Message::from_signature(&Signature::by_name("add").args(serde_json::json!([i]))).unwrap();
+            m.headers.extra.insert(DEAD_LETTER_REASON.into(), "bad".into());
+            m.headers.extra.insert(DEAD_LETTER_QUEUE.into(), "q".into());
+            ids.push(m.headers.id.clone());
+            app.broker().publish(&Route::queue("q.dead"), &m).await.unwrap();
+        }
+        (app, ids, dir)
+    }
+
+    fn ids_of(list: &[DeadLetter]) -> Vec<String> {
+        list.iter().map(|d| d.id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn listing_takes_and_counts_nothing() {
+        let (app, ids, dir) = setup("list").await;
+        for _ in 0..5 {
+            let list = list(&app, "q").await.unwrap();
+            assert_eq!(ids_of(&list), ids);
+            assert!(list.iter().all(|d| d.reason == "bad" && d.retryable && d.task == "add"));
+        }
+        assert_eq!(app.broker().queue_len("q.dead").await.unwrap(), 5);
+        assert_eq!(app.broker().queue_len("q.dead.dead").await.unwrap(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Acting on the last dead letter, again and again, passes over the others each time; with
+    /// `max_deliveries=1` a counted pass would dead-letter them to `q.dead.dead`.
+    #[tokio::test]
+    async fn acting_on_one_counts_nothing_against_the_others() {
+        let (app, ids, dir) = setup("act").await;
+        assert!(act(&app, "q", &ids[4], Action::Discard).await.unwrap());
+        assert!(act(&app, "q", &ids[3], Action::Retry).await.unwrap());
+        assert!(act(&app, "q", &ids[2], Action::Discard).await.unwrap());
+        assert!(!act(&app, "q", &ids[2], Action::Discard).await.unwrap(), "already gone");
+        assert!(!act(&app, "q", "no-such-id", Action::Retry).await.unwrap());
+        assert_eq!(ids_of(&list(&app, "q").await.unwrap()), ids[..2], "the others stay, in order");
+        assert_eq!(app.broker().queue_len("q.dead.dead").await.unwrap(), 0, "none dead-lettered again");
+
+        // The retried one is back in `q`, without the dead-letter headers.
+        let back = app.broker().peek("q", 10).await.unwrap();
+        let back = back[0].as_ref().unwrap();
+        assert_eq!(back.headers.id, ids[3]);
+        assert!(!back.headers.extra.contains_key(DEAD_LETTER_REASON));
+
+        // The ones passed over come to a consumer as first deliveries.
+        let mut c = app.broker().consume(&["q.dead".to_string()], 4).await.unwrap();
+        for _ in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(5), c.next()).await.unwrap().unwrap();
+            assert!(!d.redelivered);
+            d.ack().await.unwrap();
+        }
+        c.close().await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -8,14 +8,32 @@
 //! - throughput over the last ten minutes;
 //! - **revoke** (optionally terminating).
 //!
+//! Looking never changes what it shows: dead letters are listed with [`Broker::peek`], which takes
+//! and counts nothing (a broker that cannot peek, RabbitMQ, shows their number only), and retrying
+//! or discarding one counts no delivery against the others ([`dead`]).
+//!
 //! It is read-only unless started with `--allow-control`. Bound beyond loopback it requires
-//! `--token`, which the page and API take as `?token=...` (or `Authorization: Bearer ...`).
+//! `--token`, which the page and API take as `?token=...` (or `Authorization: Bearer ...`). Every
+//! request must name the monitor in its `Host` header (the bound address, `localhost` on loopback,
+//! or a name given with `--allow-host`; else 421), and every control request (POST) needs either
+//! `Authorization: Bearer <token>` or a same-origin `Origin`/`Referer` plus the CSRF token the page
+//! embeds, sent as `X-CSRF-Token` (else 403): a page of another site can neither drive it nor read
+//! it. Every answer carries a nonce-based `Content-Security-Policy`, `X-Frame-Options: DENY`,
+//! `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` ([`guard`]).
 //!
 //! The JSON API the page uses: `GET /api/state?search=`, `GET /api/task/{id}`,
 //! `GET /api/dead/{queue}`, and with control `POST /api/dead/{queue}/{retry|discard}/{id}`,
-//! `POST /api/revoke/{id}?terminate=true`.
+//! `POST /api/revoke/{id}?terminate=true`. A script drives control with the token:
+//!
+//! ```text
+//! mybin monitor --allow-control --token "$T" &
+//! curl -X POST -H "Authorization: Bearer $T" http://127.0.0.1:5555/api/revoke/<task id>
+//! ```
+//!
+//! [`Broker::peek`]: celery_core::Broker::peek
 
 pub mod dead;
+pub mod guard;
 pub mod state;
 
 use std::net::SocketAddr;
@@ -45,12 +63,15 @@ pub struct MonitorConfig {
     pub allow_control: bool,
     /// Required from clients when set (and required to listen beyond loopback).
     pub token: Option<String>,
+    /// Host names clients may reach it by besides its address (`NAME` for any port, `NAME:PORT`).
+    pub hosts: Vec<String>,
 }
 
 #[derive(Clone)]
 struct Ctx {
     app: App,
     cfg: Arc<MonitorConfig>,
+    guard: Arc<guard::Guard>,
     state: Arc<Mutex<MonitorState>>,
 }
 
@@ -75,34 +96,52 @@ pub async fn serve(
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("{}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, control = cfg.allow_control, "monitor on http://{}/", cfg.listen);
-    let ctx = Ctx { app, cfg: Arc::new(cfg), state };
+    let bound = listener.local_addr().map_err(|e| format!("{}: {e}", cfg.listen))?;
+    let guard = Arc::new(guard::Guard::new(bound, cfg.hosts.clone(), cfg.token.clone()));
+    let ctx = Ctx { app, cfg: Arc::new(cfg), guard, state };
     let router = Router::new()
-        .route("/", get(|| async { Html(PAGE) }))
+        .route("/", get(page))
         .route("/api/state", get(api_state))
         .route("/api/task/{id}", get(api_task))
         .route("/api/dead/{queue}", get(api_dead))
         .route("/api/dead/{queue}/{action}/{id}", post(api_dead_act))
         .route("/api/revoke/{id}", post(api_revoke))
-        .layer(axum::middleware::from_fn_with_state(ctx.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(ctx.clone(), check))
+        .layer(axum::middleware::map_response(secure))
         .with_state(ctx);
     axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
 }
 
-/// Checks the token, when one is set.
-async fn auth(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    if let Some(token) = ctx.cfg.token.as_deref().filter(|t| !t.is_empty()) {
-        let bearer = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let query = req.uri().query().unwrap_or_default();
-        let in_query = query.split('&').any(|p| p.strip_prefix("token=") == Some(token));
-        if bearer != Some(token) && !in_query {
-            return (StatusCode::UNAUTHORIZED, "a token is required (?token=...)").into_response();
-        }
+/// Refuses what [`guard::Guard::check`] refuses: a wrong Host, a missing token, cross-site control.
+async fn check(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    if let Err(refusal) = ctx.guard.check(req.method(), req.headers(), req.uri().query()) {
+        tracing::warn!(
+            method = %req.method(),
+            path = %req.uri().path(),
+            host = ?req.headers().get(header::HOST),
+            origin = ?req.headers().get(header::ORIGIN),
+            ?refusal,
+            "monitor: request refused"
+        );
+        return refusal.answer().into_response();
     }
     next.run(req).await
+}
+
+/// Adds the security headers to every answer.
+async fn secure(mut res: Response) -> Response {
+    guard::secure(res.headers_mut());
+    res
+}
+
+/// The page, with its CSRF token and a fresh nonce for its script and style.
+async fn page(State(ctx): State<Ctx>) -> Response {
+    let (html, csp) = guard::page(PAGE, ctx.guard.csrf(), &guard::random_token());
+    let mut res = Html(html).into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&csp) {
+        res.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    res
 }
 
 #[derive(Deserialize)]
@@ -146,7 +185,17 @@ async fn api_task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Json<Value>
     Json(json!({"events": seen, "result": stored}))
 }
 
+/// Only the queues the monitor was started with (`-Q`) are looked at or acted on: a request cannot
+/// make it touch (or, on the log broker, create) any other queue.
+fn unknown_queue(ctx: &Ctx, queue: &str) -> Option<Response> {
+    (!ctx.cfg.queues.iter().any(|q| q == queue))
+        .then(|| (StatusCode::NOT_FOUND, format!("`{queue}` is not one of the monitor's queues (-Q)")).into_response())
+}
+
 async fn api_dead(State(ctx): State<Ctx>, Path(queue): Path<String>) -> Response {
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
+    }
     match dead::list(&ctx.app, &queue).await {
         Ok(list) => Json(json!(list)).into_response(),
         Err(e) => (StatusCode::BAD_GATEWAY, e).into_response(),
@@ -160,6 +209,9 @@ fn forbidden() -> Response {
 async fn api_dead_act(State(ctx): State<Ctx>, Path((queue, action, id)): Path<(String, String, String)>) -> Response {
     if !ctx.cfg.allow_control {
         return forbidden();
+    }
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
     }
     let action = match action.as_str() {
         "retry" => dead::Action::Retry,
