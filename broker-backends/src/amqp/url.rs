@@ -158,6 +158,34 @@ mod tests {
         assert_eq!(u.tls.ca_certs, Some(PathBuf::from("/ca.pem")));
     }
 
+    /// Every `amqp://` form accepted today: what reaches lapin, and the queue settings.
+    #[test]
+    fn accepted_amqp_urls_keep_their_settings() {
+        let q = |max_priority, delivery_limit| QueueOptions { max_priority, delivery_limit };
+        for (url, lapin, queues) in [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30",
+                q(None, None),
+            ),
+            ("amqp://h", "amqp://h?heartbeat=30", q(None, None)),
+            ("amqp://h/v?heartbeat=10&frame_max=8192", "amqp://h/v?heartbeat=10&frame_max=8192", q(None, None)),
+            (
+                "amqp://h/v?channel_max=64&connection_timeout=5000&auth_mechanism=plain",
+                "amqp://h/v?channel_max=64&connection_timeout=5000&auth_mechanism=plain&heartbeat=30",
+                q(None, None),
+            ),
+            ("amqp://h/v?max_priority=255", "amqp://h/v?heartbeat=30", q(Some(255), None)),
+            ("amqp://h/v?queue_type=classic", "amqp://h/v?heartbeat=30", q(None, None)),
+            ("amqp://h/v?queue_type=quorum&max_deliveries=4", "amqp://h/v?heartbeat=30", q(None, Some(4))),
+            ("amqps://u:p@h:5671/v?ca_certs=/ca.pem", "amqps://u:p@h:5671/v?heartbeat=30", q(None, None)),
+        ] {
+            let u = AmqpUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(u.lapin, lapin, "{url}");
+            assert_eq!(u.queues, queues, "{url}");
+        }
+    }
+
     #[test]
     fn bad_options_are_errors_naming_them() {
         for (url, needle) in [

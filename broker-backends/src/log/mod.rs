@@ -990,4 +990,77 @@ mod tests {
         assert!(remote_err("log+tls://h:1?certfile=/c.pem").contains("certfile and keyfile go together"));
         assert!(remote_err("log+tls://h:1?ca_certs=/nonexistent.pem").contains("ca_certs /nonexistent.pem"));
     }
+
+    /// Every `log://` form accepted today, and the settings it gives.
+    #[test]
+    fn accepted_log_urls_keep_their_settings() {
+        let d = StoreConfig::default;
+        let ms = Duration::from_millis;
+        let table: Vec<(&str, &str, StoreConfig)> = vec![
+            ("log://./data", "./data", d()),
+            ("log:///abs/dir", "/abs/dir", d()),
+            ("log://relative", "relative", d()),
+            ("log://./data?", "./data", d()),
+            ("log:///tmp/a b/c%20d", "/tmp/a b/c%20d", d()),
+            ("log://./d?fsync=always", "./d", d()),
+            ("log://./d?fsync=os", "./d", StoreConfig { fsync: Fsync::Os, ..d() }),
+            ("log://./d?fsync=never", "./d", StoreConfig { fsync: Fsync::Os, ..d() }),
+            ("log://./d?fsync=250", "./d", StoreConfig { fsync: Fsync::Interval(ms(250)), ..d() }),
+            ("log://./d?fsync=interval=40", "./d", StoreConfig { fsync: Fsync::Interval(ms(40)), ..d() }),
+            ("log://./d?segment_bytes=1048576", "./d", StoreConfig { segment_bytes: 1 << 20, ..d() }),
+            ("log://./d?lease_timeout=2.5", "./d", StoreConfig { lease: ms(2500), ..d() }),
+            ("log://./d?max_deliveries=3&partitions=4", "./d", StoreConfig { max_deliveries: 3, partitions: 4, ..d() }),
+            (
+                "log://./d?retention_bytes=1000&retention_ms=60000&retention_force=true",
+                "./d",
+                StoreConfig { retention: Retention { bytes: Some(1000), age: Some(ms(60_000)), force: true }, ..d() },
+            ),
+            (
+                "log://./d?retention_force=1",
+                "./d",
+                StoreConfig { retention: Retention { force: true, ..Default::default() }, ..d() },
+            ),
+            (
+                "log://./d?max_record_bytes=1024&max_queues=5",
+                "./d",
+                StoreConfig { max_record_bytes: 1024, max_queues: 5, ..d() },
+            ),
+            ("log://./d?token=abc", "./d", d()),
+        ];
+        for (url, dir, want) in table {
+            let (got_dir, got) = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(got_dir, PathBuf::from(dir), "{url}");
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{url}");
+        }
+    }
+
+    #[test]
+    fn bad_log_urls_are_errors_naming_the_problem() {
+        for (url, needle) in [
+            ("redis://h/0", "log://"),
+            ("log://", "needs a directory"),
+            ("log://./d?bogus=1", "bogus"),
+            ("log://./d?partitions=0", "partitions"),
+            ("log://./d?lease_timeout=soon", "lease_timeout"),
+            ("log://./d?fsync=sometimes", "fsync"),
+            ("log://./d?max_record_bytes=999999999999", "max_record_bytes"),
+        ] {
+            let e = parse_url(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn remote_tokens_are_read_as_written() {
+        for (url, addr, token) in [
+            ("log+tcp://h:7575", "h:7575", ""),
+            ("log+tcp://h:7575/", "h:7575", ""),
+            ("log+tcp://h:7575?token=abc", "h:7575", "abc"),
+            ("log+tcp://[::1]:7575/?token=a+b/c==", "[::1]:7575", "a+b/c=="),
+        ] {
+            let (target, got) = parse_remote(url).unwrap().unwrap();
+            assert!(matches!(target, remote::Target::Tcp(ref a, None) if a == addr), "{url}: {target:?}");
+            assert_eq!(got, token, "{url}");
+        }
+    }
 }

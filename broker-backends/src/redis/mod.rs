@@ -513,4 +513,25 @@ mod tests {
         assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
         assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
     }
+
+    /// Every `redis://` form accepted today: what reaches the redis client, and our settings.
+    #[test]
+    fn accepted_redis_urls_keep_their_settings() {
+        for (url, client, vt, prefix, db) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379", 3600.0, "", 0),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", 3600.0, "", 0),
+            ("redis://h/5", "redis://h/5", 3600.0, "", 5),
+            ("redis://:pw@h:6379/3", "redis://:pw@h:6379/3", 3600.0, "", 3),
+            ("redis://u:pw@h/1?protocol=resp3", "redis://u:pw@h/1?protocol=resp3", 3600.0, "", 1),
+            ("rediss://h:6380/2", "rediss://h:6380/2", 3600.0, "", 2),
+            ("redis://h/0?visibility_timeout=300", "redis://h/0", 300.0, "", 0),
+            ("redis://h/0?global_keyprefix=app:", "redis://h/0", 3600.0, "app:", 0),
+            ("redis+unix:///tmp/r.sock?db=2", "redis+unix:///tmp/r.sock?db=2", 3600.0, "", 0),
+        ] {
+            let o = RedisOptions::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(o.url, client, "{url}");
+            assert_eq!(o.visibility_timeout, Duration::from_secs_f64(vt), "{url}");
+            assert_eq!((o.key_prefix.as_str(), o.db), (prefix, db), "{url}");
+        }
+    }
 }
