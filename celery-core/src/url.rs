@@ -276,6 +276,21 @@ impl ServiceUrl {
         self.options.iter().find(|o| o.name == name).map(|o| o.value.as_str())
     }
 
+    /// The value of option `name` as written (still percent-encoded), recording `name` as known:
+    /// for handing a value on inside another URL.
+    pub fn option_as_written(&self, name: &'static str) -> Option<&str> {
+        self.note(name);
+        let raw = &self.options.iter().find(|o| o.name == name)?.raw;
+        Some(raw.split_once('=').map_or("", |(_, v)| v))
+    }
+
+    /// Sets the userinfo password, as written in a URL (percent-encoded); an empty username is
+    /// added when there is none.
+    pub fn set_password(&mut self, password: &str) {
+        self.user.get_or_insert_with(String::new);
+        self.password = Some(password.to_owned());
+    }
+
     /// Option `name` parsed as `T`; an error naming the option and `expected` when it does not parse.
     ///
     /// ```
@@ -495,6 +510,13 @@ mod tests {
         assert_eq!((u.option("token"), u.option("p")), (Some("a+b/c=="), Some("/x")));
         assert_eq!(u.connection_string(&["p"]), "log+tcp://h:1?p=%2Fx");
         assert_eq!(u.expose_secret(), "log+tcp://h:1?token=a+b/c==&p=%2Fx");
+        assert_eq!((u.option_as_written("p"), u.option_as_written("zz")), (Some("%2Fx"), None));
+        let mut u = ServiceUrl::parse("redis://h/0?password=p%40ss").unwrap();
+        u.set_password(u.option_as_written("password").unwrap_or_default().to_owned().as_str());
+        assert_eq!(
+            (u.connection_string(&[]), u.to_string()),
+            ("redis://:p%40ss@h/0".into(), "redis://:***@h/0?password=***".into())
+        );
     }
 
     #[test]
