@@ -32,9 +32,9 @@
 //!     unknown log+tcp:// option `timeout` (known: token)");
 //! ```
 
-use std::cell::RefCell;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use percent_encoding::percent_decode_str;
@@ -83,7 +83,6 @@ struct Opt {
 }
 
 /// A parsed service URL that prints only redacted. See the [module docs](self).
-#[derive(Clone)]
 pub struct ServiceUrl {
     scheme: String,
     /// The username as written (percent-encoded).
@@ -94,7 +93,7 @@ pub struct ServiceUrl {
     options: Vec<Opt>,
     fragment: Option<String>,
     /// Every option name a getter was asked for: the scheme's known options.
-    known: RefCell<Vec<&'static str>>,
+    known: Mutex<Vec<&'static str>>,
     /// The URL as given.
     raw: String,
 }
@@ -222,7 +221,7 @@ impl ServiceUrl {
             location: location.to_owned(),
             options,
             fragment: fragment.map(str::to_owned),
-            known: RefCell::new(Vec::new()),
+            known: Mutex::new(Vec::new()),
             raw: url.to_owned(),
         })
     }
@@ -263,8 +262,12 @@ impl ServiceUrl {
         self.fragment.as_deref()
     }
 
+    fn known(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn note(&self, name: &'static str) {
-        let mut known = self.known.borrow_mut();
+        let mut known = self.known();
         if !known.contains(&name) {
             known.push(name);
         }
@@ -354,7 +357,7 @@ impl ServiceUrl {
 
     /// Fails naming every option that no getter asked for, and the known ones.
     pub fn finish(&self) -> Result<(), UrlError> {
-        let known = self.known.borrow();
+        let known = self.known();
         let unknown: Vec<String> =
             self.options.iter().filter(|o| !known.contains(&o.name.as_str())).map(|o| o.name.clone()).collect();
         if unknown.is_empty() {
@@ -382,6 +385,22 @@ impl ServiceUrl {
     /// ```
     pub fn connection_string(&self, forwarded: &[&'static str]) -> String {
         self.accept(forwarded);
+        self.assemble(|name| forwarded.contains(&name))
+    }
+
+    /// The URL to hand to another layer that reads its own options (a result backend to its
+    /// broker): every option but `taken`, which become known. It holds the secrets: never print it.
+    ///
+    /// ```
+    /// let u = celery_core::url::ServiceUrl::parse("log+tcp://h:1?token=t&result_expires=60").unwrap();
+    /// assert_eq!(u.connection_string_except(&["result_expires"]), "log+tcp://h:1?token=t");
+    /// ```
+    pub fn connection_string_except(&self, taken: &[&'static str]) -> String {
+        self.accept(taken);
+        self.assemble(|name| !taken.contains(&name))
+    }
+
+    fn assemble(&self, keep: impl Fn(&str) -> bool) -> String {
         let mut s = format!("{}://", self.scheme);
         if let Some(user) = &self.user {
             s.push_str(user);
@@ -392,8 +411,7 @@ impl ServiceUrl {
             s.push('@');
         }
         s.push_str(&self.location);
-        let kept: Vec<&str> =
-            self.options.iter().filter(|o| forwarded.contains(&o.name.as_str())).map(|o| o.raw.as_str()).collect();
+        let kept: Vec<&str> = self.options.iter().filter(|o| keep(&o.name)).map(|o| o.raw.as_str()).collect();
         if !kept.is_empty() {
             s.push('?');
             s.push_str(&kept.join("&"));
@@ -432,6 +450,21 @@ impl fmt::Display for ServiceUrl {
             write!(f, "#{frag}")?;
         }
         Ok(())
+    }
+}
+
+impl Clone for ServiceUrl {
+    fn clone(&self) -> Self {
+        ServiceUrl {
+            scheme: self.scheme.clone(),
+            user: self.user.clone(),
+            password: self.password.clone(),
+            location: self.location.clone(),
+            options: self.options.clone(),
+            fragment: self.fragment.clone(),
+            known: Mutex::new(self.known().clone()),
+            raw: self.raw.clone(),
+        }
     }
 }
 
