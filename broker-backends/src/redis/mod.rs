@@ -10,9 +10,9 @@
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
-//! transport option of the same name); the redis client's own (`db`, `protocol`, `user`, `pass`) and
-//! redis-py's `password=` (moved into the userinfo); Celery's connection options listed in
-//! [`CELERY_COMPAT_OPTIONS`] are accepted with no effect. Any other option is an error naming it.
+//! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
+//! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
+//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect. Any other option is an error.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -47,8 +47,8 @@ const SEP: &str = "\x06\x16";
 /// Kombu's priority steps, consumed in this order.
 const STEPS: [u8; 4] = [0, 3, 6, 9];
 
-/// Options the redis client reads itself, handed through: `db` (TCP URLs take it from the path),
-/// `protocol` (`resp2`/`resp3`), and `user`/`pass` (unix sockets).
+/// Options the redis client reads itself, handed through: `protocol` (`resp2`/`resp3`), and on
+/// unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
 const CLIENT_OPTIONS: [&str; 4] = ["db", "protocol", "user", "pass"];
 
 /// Options of Celery's (redis-py's) Redis URLs accepted for compatibility, with no effect here.
@@ -73,13 +73,18 @@ pub const CELERY_COMPAT_OPTIONS: [&str; 6] = [
 pub fn client_url(u: &ServiceUrl) -> Result<String, UrlError> {
     u.accept(&CELERY_COMPAT_OPTIONS);
     u.accept(&CLIENT_OPTIONS);
+    let unix = u.scheme().ends_with("unix");
+    if !unix && u.option("db").is_some() {
+        // The redis client reads a TCP URL's database from the path only.
+        return Err(u.invalid("the database of a TCP URL goes in the path: redis://HOST:6379/N"));
+    }
     let Some(password) = u.option_as_written("password") else {
         return Ok(u.connection_string(&CLIENT_OPTIONS));
     };
     if u.has_password() {
         return Err(u.invalid("the password is given twice (in the userinfo and as ?password=)"));
     }
-    if u.scheme().ends_with("unix") {
+    if unix {
         return Err(u.invalid("on a unix socket the password is ?pass="));
     }
     let mut with = u.clone();
@@ -531,6 +536,14 @@ mod tests {
         assert_eq!(o.key_prefix, "t1:");
         assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
         assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
+        for (url, needle) in [
+            ("redis://h:1?db=3", "goes in the path"),
+            ("redis+unix:///s.sock?password=x", "?pass="),
+            ("redis://:a@h/0?password=b", "given twice"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
         let e = RedisOptions::parse("redis://u:secret@h:1/0?bogus=1").unwrap_err().to_string();
         assert!(e.contains("redis://u:***@h:1/0?bogus=1") && e.contains("`bogus`") && !e.contains("secret"), "{e}");
         let shown = format!("{:?}", RedisOptions::parse("redis://u:secret@h:1/0").unwrap());
