@@ -234,13 +234,25 @@ impl Settle for MemorySettle {
 }
 
 inventory::submit! {
-    BrokerScheme { scheme: "memory", connect: |_url| Box::pin(async { Ok(Arc::new(MemoryBroker::default()) as Arc<dyn Broker>) }) }
+    BrokerScheme { scheme: "memory", connect: |url| Box::pin(async move {
+        // No options: any is an error naming it.
+        celery_core::url::ServiceUrl::parse(&url)?.finish()?;
+        Ok(Arc::new(MemoryBroker::default()) as Arc<dyn Broker>)
+    }) }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use celery_core::Signature;
+
+    #[test]
+    fn memory_urls_take_no_options() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        assert!(rt.block_on(celery_core::scheme::connect_broker("memory://")).is_ok());
+        let e = rt.block_on(celery_core::scheme::connect_broker("memory://?x=1")).unwrap_err().to_string();
+        assert!(e.contains("unknown memory:// option `x`"), "{e}");
+    }
 
     fn msg(i: i64) -> Message {
         Message::from_signature(&Signature::by_name("t").args(serde_json::json!([i]))).unwrap()

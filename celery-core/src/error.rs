@@ -48,7 +48,7 @@ pub enum BrokerError {
     /// The URL is malformed or names an unknown option.
     #[error("invalid broker URL `{url}`: {reason}")]
     InvalidUrl {
-        /// The URL as given (password removed).
+        /// The URL, redacted (see [`crate::url::ServiceUrl`]).
         url: String,
         /// What is wrong with it.
         reason: String,
@@ -86,10 +86,10 @@ pub enum BackendError {
     /// The backend failed the operation.
     #[error("result backend error: {0}")]
     Operation(String),
-    /// The URL is malformed.
+    /// The URL is malformed or names an unknown option.
     #[error("invalid result backend URL `{url}`: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL, redacted (see [`crate::url::ServiceUrl`]).
         url: String,
         /// What is wrong with it.
         reason: String,
@@ -108,6 +108,18 @@ pub enum BackendError {
         /// What it cannot do.
         what: &'static str,
     },
+}
+
+impl From<crate::url::UrlError> for BrokerError {
+    fn from(e: crate::url::UrlError) -> Self {
+        BrokerError::InvalidUrl { url: e.url().to_owned(), reason: e.reason().to_owned() }
+    }
+}
+
+impl From<crate::url::UrlError> for BackendError {
+    fn from(e: crate::url::UrlError) -> Self {
+        BackendError::InvalidUrl { url: e.url().to_owned(), reason: e.reason().to_owned() }
+    }
 }
 
 impl BackendError {

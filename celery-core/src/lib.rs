@@ -27,6 +27,7 @@ pub mod scheme;
 pub mod signature;
 pub mod state;
 pub mod task;
+pub mod url;
 
 pub use app::{App, AppConfig, AsyncResult};
 pub use backend::{ChordMember, ResultBackend, TaskMeta};

@@ -19,6 +19,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use celery_core::url::redacted;
 use celery_core::{AsyncResult, Signature, TaskMeta, TaskState};
 use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
@@ -34,11 +35,11 @@ pub const DEFAULT_BACKEND: &str = "log://./celery-data";
 #[derive(Debug, Parser)]
 #[command(version, about = "Run workers, send tasks and read results", propagate_version = true)]
 pub struct Cli {
-    /// Broker URL.
-    #[arg(long, global = true, env = "CELERY_BROKER_URL", default_value = DEFAULT_BROKER)]
+    /// Broker URL (printed only redacted).
+    #[arg(long, global = true, env = "CELERY_BROKER_URL", hide_env_values = true, default_value = DEFAULT_BROKER)]
     pub broker: String,
-    /// Result backend URL.
-    #[arg(long, global = true, env = "CELERY_RESULT_BACKEND", default_value = DEFAULT_BACKEND)]
+    /// Result backend URL (printed only redacted).
+    #[arg(long, global = true, env = "CELERY_RESULT_BACKEND", hide_env_values = true, default_value = DEFAULT_BACKEND)]
     pub backend: String,
     /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG wins when set.
     #[arg(long, short = 'l', global = true, default_value = "info")]
@@ -92,7 +93,7 @@ pub struct MonitorArgs {
     #[arg(long)]
     pub allow_control: bool,
     /// Clients must present this token (`?token=...` or `Authorization: Bearer ...`).
-    #[arg(long, env = "CELERY_MONITOR_TOKEN")]
+    #[arg(long, env = "CELERY_MONITOR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Host names the monitor answers to besides its address (`NAME` or `NAME:PORT`; comma-separated),
     /// e.g. behind a reverse proxy. Any other `Host` header is refused (DNS-rebinding defence).
@@ -284,7 +285,7 @@ pub struct ServeArgs {
     #[arg(long, default_value = "127.0.0.1:7575")]
     pub listen: String,
     /// Clients must present this token (`log+tcp://HOST:PORT?token=...`).
-    #[arg(long, env = "CELERY_BROKER_TOKEN")]
+    #[arg(long, env = "CELERY_BROKER_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
     /// Serve TLS (`log+tls://`) with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
@@ -454,7 +455,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         _ => {}
     }
     let app = crate::connect(&cli.broker, &cli.backend).await.with_context(|| {
-        format!("connecting to broker {} and backend {}", redact(&cli.broker), redact(&cli.backend))
+        format!("connecting to broker {} and backend {}", redacted(&cli.broker), redacted(&cli.backend))
     })?;
     match cli.command {
         Command::Worker(a) => {
@@ -827,13 +828,6 @@ async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::
         None => !matches!(state, TaskState::Failure | TaskState::Revoked),
     };
     Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
-}
-
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => format!("{}***{}", &url[..s + 3], &url[at..]),
-        _ => url.to_owned(),
-    }
 }
 
 /// `broker serve`: owns the directory, serves it over TCP until SIGINT/SIGTERM, then checkpoints.

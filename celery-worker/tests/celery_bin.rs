@@ -27,3 +27,23 @@ fn sends_by_name_reads_results_and_purges_without_task_code() {
     assert!(ok && out.contains("celery.map") && !out.contains("reports.daily"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn urls_are_printed_without_their_secrets() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_celery"))
+            .args(args)
+            .env("CELERY_BROKER_URL", "redis://:s3cret@127.0.0.1:1/0?bogus=1")
+            .env("CELERY_RESULT_BACKEND", "log+tcp://127.0.0.1:1/?token=t0ken")
+            .output()
+            .expect("run celery");
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    };
+    let help = run(&["--help"]);
+    assert!(help.contains("CELERY_BROKER_URL") && !help.contains("s3cret") && !help.contains("t0ken"), "{help}");
+    let out = run(&["send", "reports.daily"]);
+    assert!(out.contains("redis://:***@127.0.0.1:1/0?bogus=1"), "{out}");
+    assert!(out.contains("unknown redis:// option `bogus`"), "{out}");
+    assert!(out.contains("log+tcp://127.0.0.1:1/?token=***"), "{out}");
+    assert!(!out.contains("s3cret") && !out.contains("t0ken"), "{out}");
+}

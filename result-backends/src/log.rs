@@ -1,7 +1,8 @@
 //! `log://PATH` and `log+tcp://HOST:PORT`: results kept by the built-in broker (a results topic in
 //! its data directory), with the same states and `AsyncResult` behaviour as Redis: expiry
 //! (`result_expires=SECONDS`, default one day), waiters woken without polling, a stored SUCCESS never
-//! overwritten. When another process owns the directory, results go through it.
+//! overwritten. When another process owns the directory, results go through it. The other options
+//! are the broker's (an unknown one is an error naming it).
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 use broker_backends::log::LogBroker;
 use celery_core::backend::ChordMember;
 use celery_core::scheme::BackendScheme;
+use celery_core::url::ServiceUrl;
 use celery_core::{BackendError, Broker, BrokerError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
@@ -31,7 +33,9 @@ pub struct LogResultBackend {
 }
 
 fn err(e: BrokerError) -> BackendError {
-    if e.is_retryable() {
+    if let BrokerError::InvalidUrl { url, reason } = e {
+        BackendError::InvalidUrl { url, reason }
+    } else if e.is_retryable() {
         BackendError::Connection(e.to_string())
     } else {
         BackendError::Operation(e.to_string())
@@ -41,21 +45,11 @@ fn err(e: BrokerError) -> BackendError {
 impl LogResultBackend {
     /// Opens (or connects to) the store of a `log://` or `log+tcp://` URL.
     pub async fn connect(url: &str) -> Result<LogResultBackend, BackendError> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut expires = Duration::from_secs(86_400);
-        let mut keep = Vec::new();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("result_expires", v)) => {
-                    expires = Duration::from_secs(v.parse().map_err(|_| BackendError::InvalidUrl {
-                        url: url.into(),
-                        reason: format!("result_expires `{v}` is not a number of seconds"),
-                    })?)
-                }
-                _ => keep.push(pair),
-            }
-        }
-        let clean = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
+        let u = ServiceUrl::parse(url)?;
+        let secs = u.parse_option::<u64>("result_expires", "a number of seconds")?;
+        let expires = Duration::from_secs(secs.unwrap_or(86_400));
+        // The broker reads (and checks) the other options.
+        let clean = u.connection_string_except(&["result_expires"]);
         let log = LogBroker::connect(&clean).await.map_err(err)?;
         Ok(LogResultBackend { log, expires })
     }
@@ -123,4 +117,32 @@ inventory::submit! {
 
 inventory::submit! {
     BackendScheme { scheme: "log+tls", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(url: &str) -> Result<LogResultBackend, BackendError> {
+        tokio::runtime::Runtime::new().unwrap().block_on(LogResultBackend::connect(url))
+    }
+
+    #[test]
+    fn result_expires_is_read_and_the_rest_goes_to_the_broker() {
+        let dir = std::env::temp_dir().join(format!("results-url-{}", std::process::id()));
+        let b = connect(&format!("log://{}?result_expires=60&fsync=os", dir.display())).unwrap();
+        assert_eq!(b.expires, Duration::from_secs(60));
+        drop(b);
+        std::fs::remove_dir_all(&dir).ok();
+        for (url, needle) in [
+            ("log:///nonexistent?result_expires=soon", "result_expires `soon` is not a number of seconds"),
+            ("log:///nonexistent?result_expire=60", "unknown log:// option `result_expire`"),
+            ("log+tcp://h:1?token=s3cret&bogus=1", "log+tcp://h:1?token=***&bogus=1"),
+        ] {
+            let e = connect(url).unwrap_err();
+            assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(e.contains(needle) && !e.contains("s3cret"), "{url}: {e}");
+        }
+    }
 }

@@ -96,5 +96,20 @@ impl ResultBackend for MemoryBackend {
 }
 
 inventory::submit! {
-    BackendScheme { scheme: "memory", connect: |_url| Box::pin(async { Ok(Arc::new(MemoryBackend::default()) as Arc<dyn ResultBackend>) }) }
+    BackendScheme { scheme: "memory", connect: |url| Box::pin(async move {
+        // No options: any is an error naming it.
+        celery_core::url::ServiceUrl::parse(&url)?.finish()?;
+        Ok(Arc::new(MemoryBackend::default()) as Arc<dyn ResultBackend>)
+    }) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn memory_urls_take_no_options() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        assert!(rt.block_on(celery_core::scheme::connect_backend("memory://")).is_ok());
+        let e = rt.block_on(celery_core::scheme::connect_backend("memory://?x=1")).unwrap_err().to_string();
+        assert!(e.contains("unknown memory:// option `x`"), "{e}");
+    }
 }

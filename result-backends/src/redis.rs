@@ -3,7 +3,9 @@
 //! the channel before reading the key, so no result is missed; after a lost connection they
 //! resubscribe and read the key again.
 //!
-//! URL options: `result_expires=SECONDS` (default 86400), `global_keyprefix=PREFIX`.
+//! URL options: `result_expires=SECONDS` (default 86400), `global_keyprefix=PREFIX`, the broker's
+//! `visibility_timeout` (ignored, so one URL serves both), and the redis client's and Celery's
+//! connection options that [`broker_backends::redis::client_url`] takes. Any other is an error.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
@@ -18,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::backend::ChordMember;
 use celery_core::scheme::BackendScheme;
+use celery_core::url::{redacted, ServiceUrl};
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
@@ -73,28 +76,25 @@ impl std::fmt::Debug for RedisBackend {
     }
 }
 
+/// What a result-backend URL says: the redis client's URL (holding the password: never print it),
+/// the key prefix and the expiry in seconds. An unknown option is an error naming it.
+fn parse_url(url: &str) -> Result<(String, String, u64), BackendError> {
+    let u = ServiceUrl::parse(url)?;
+    let expires = u.parse_option::<u64>("result_expires", "a number of seconds")?.unwrap_or(86_400);
+    let prefix = u.option("global_keyprefix").unwrap_or_default().to_owned();
+    // The broker's option: accepted so that one URL serves both.
+    u.accept(&["visibility_timeout"]);
+    let client = broker_backends::redis::client_url(&u)?;
+    u.finish()?;
+    Ok((client, prefix, expires))
+}
+
 impl RedisBackend {
     /// Connects; the first connection must succeed, later losses are retried.
     pub async fn connect(url: &str) -> Result<RedisBackend, BackendError> {
-        let invalid = |reason: String| BackendError::InvalidUrl { url: url.to_owned(), reason };
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut keep = Vec::new();
-        let mut prefix = String::new();
-        let mut expires = 86_400u64;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "result_expires" => {
-                    expires =
-                        v.parse().map_err(|_| invalid(format!("result_expires `{v}` is not a number of seconds")))?
-                }
-                "global_keyprefix" => prefix = v.to_owned(),
-                "visibility_timeout" => {}
-                _ => keep.push(pair),
-            }
-        }
-        let clean = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
-        let client = redis::Client::open(clean.as_str()).map_err(|e| invalid(e.to_string()))?;
+        let (clean, prefix, expires) = parse_url(url)?;
+        let client = redis::Client::open(clean.as_str())
+            .map_err(|e| BackendError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
         let cfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(Duration::from_secs(30)))
             .set_connection_timeout(Some(Duration::from_secs(5)))
@@ -369,4 +369,33 @@ inventory::submit! {
 }
 inventory::submit! {
     BackendScheme { scheme: "rediss", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every form accepted before URLs were checked, and what it gives; unknown options now fail.
+    #[test]
+    fn url_options_are_read_and_the_rest_checked() {
+        for (url, client, prefix, expires) in [
+            ("redis://127.0.0.1:6379/1", "redis://127.0.0.1:6379/1", "", 86_400),
+            ("redis://:pw@h/1?result_expires=60&global_keyprefix=p:", "redis://:pw@h/1", "p:", 60),
+            ("redis://h/1?visibility_timeout=30&protocol=resp3", "redis://h/1?protocol=resp3", "", 86_400),
+            ("redis://h/1?password=pw&ssl_cert_reqs=required", "redis://:pw@h/1", "", 86_400),
+        ] {
+            let got = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(got, (client.to_owned(), prefix.to_owned(), expires), "{url}");
+        }
+        for (url, needle) in [
+            ("redis://:s3cret@h/1?result_expires=soon", "result_expires `soon` is not a number of seconds"),
+            ("redis://:s3cret@h/1?expires=60", "unknown redis:// option `expires`"),
+            ("redis://:s3cret@h/1?password=x", "given twice"),
+        ] {
+            let e = parse_url(url).unwrap_err();
+            assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(e.contains(needle) && e.contains("redis://:***@h/1") && !e.contains("s3cret"), "{url}: {e}");
+        }
+    }
 }

@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::scheme::BackendScheme;
-use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
+use celery_core::url::{redacted, ServiceUrl};
+use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta, TaskState};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -36,8 +37,11 @@ fn err(e: lapin::Error) -> BackendError {
 }
 
 /// A connection to the broker's server, with its TLS options (`amqps://`).
-async fn connect(url: &str) -> Result<Connection, BackendError> {
-    broker_backends::amqp::connect(url).await.map_err(|e| BackendError::Connection(e.to_string()))
+async fn connect(url: &ServiceUrl) -> Result<Connection, BackendError> {
+    broker_backends::amqp::connect(url.expose_secret()).await.map_err(|e| match e {
+        BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
+        e => BackendError::Connection(e.to_string()),
+    })
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -46,7 +50,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Debug)]
 struct Inner {
-    url: String,
+    /// The AMQP server (printed redacted).
+    url: ServiceUrl,
     queue: String,
     publish: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     replies: Mutex<HashMap<String, TaskMeta>>,
@@ -64,12 +69,13 @@ impl RpcBackend {
     pub async fn connect(url: &str) -> Result<RpcBackend, BackendError> {
         let amqp = match url.strip_prefix("rpc://") {
             Some("") | Some("/") => broker_backends::amqp::last_url().ok_or_else(|| BackendError::InvalidUrl {
-                url: url.into(),
+                url: redacted(url),
                 reason: "rpc:// replies over the AMQP broker: connect an amqp:// broker first, or name one (rpc://user:pass@host/vhost)".into(),
             })?,
             Some(rest) => format!("amqp://{rest}"),
-            None => return Err(BackendError::InvalidUrl { url: url.into(), reason: "not an rpc:// URL".into() }),
+            None => return Err(BackendError::InvalidUrl { url: redacted(url), reason: "not an rpc:// URL".into() }),
         };
+        let amqp = ServiceUrl::parse(&amqp)?;
         let inner = Arc::new(Inner {
             url: amqp,
             queue: uuid::Uuid::new_v4().to_string(),
@@ -190,4 +196,23 @@ impl ResultBackend for RpcBackend {
 
 inventory::submit! {
     BackendScheme { scheme: "rpc", connect: |url| Box::pin(async move { Ok(Arc::new(RpcBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_errors_are_invalid_url_and_redacted() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for (url, needle) in [
+            ("rpc://guest:s3cret@127.0.0.1:1/%2f?bogus=1", "amqp://guest:***@127.0.0.1:1/%2f?bogus=1"),
+            ("rpcx://guest:s3cret@h/", "not an rpc:// URL"),
+        ] {
+            let e = rt.block_on(RpcBackend::connect(url)).unwrap_err();
+            assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(e.contains(needle) && !e.contains("s3cret"), "{url}: {e}");
+        }
+    }
 }

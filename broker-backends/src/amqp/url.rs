@@ -9,6 +9,7 @@
 
 use std::path::PathBuf;
 
+use celery_core::url::{redacted, ServiceUrl};
 use celery_core::BrokerError;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::LongString;
@@ -33,8 +34,12 @@ struct TlsFiles {
     keyfile: Option<PathBuf>,
 }
 
-/// A parsed broker URL.
-#[derive(Debug, Clone, PartialEq)]
+/// The options lapin reads itself (handed through): `heartbeat` (default 30 s here), `frame_max`,
+/// `channel_max`, `connection_timeout` (ms) and `auth_mechanism`.
+const LAPIN_OPTIONS: [&str; 5] = ["heartbeat", "frame_max", "channel_max", "connection_timeout", "auth_mechanism"];
+
+/// A parsed broker URL. Its `Debug` is redacted.
+#[derive(Clone, PartialEq)]
 pub(super) struct AmqpUrl {
     /// What lapin connects to (our options removed, `heartbeat=30` added unless named).
     lapin: String,
@@ -42,55 +47,69 @@ pub(super) struct AmqpUrl {
     tls: TlsFiles,
 }
 
+impl std::fmt::Debug for AmqpUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpUrl")
+            .field("lapin", &redacted(&self.lapin))
+            .field("queues", &self.queues)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
+
 impl AmqpUrl {
-    /// Parses `url`; an unknown scheme or a bad option is an error naming it.
+    /// Parses `url`; an unknown scheme, an unknown option or a bad value is an error naming it.
     pub(super) fn parse(url: &str) -> Result<AmqpUrl, BrokerError> {
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let invalid = |reason: String| BrokerError::InvalidUrl { url: base.to_owned(), reason };
-        let tls = match base.split_once("://").map(|(s, _)| s) {
-            Some("amqp") => false,
-            Some("amqps") => true,
-            _ => return Err(invalid("expected amqp:// or amqps://".into())),
+        let u = ServiceUrl::parse(url)?;
+        let invalid = |reason: &str| BrokerError::from(u.invalid(reason));
+        let tls = match u.scheme() {
+            "amqp" => false,
+            "amqps" => true,
+            _ => return Err(invalid("expected amqp:// or amqps://")),
         };
-        let (mut keep, mut queues, mut files) = (Vec::new(), QueueOptions::default(), TlsFiles::default());
-        let (mut quorum, mut max_deliveries) = (false, 10);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            match pair.split_once('=') {
-                Some(("max_priority", v)) => {
-                    let n = v.parse::<u8>().ok().filter(|n| *n > 0);
-                    queues.max_priority =
-                        Some(n.ok_or_else(|| invalid(format!("max_priority `{v}` is not 1 to 255")))?);
-                }
-                Some(("queue_type", "quorum")) => quorum = true,
-                Some(("queue_type", "classic")) => quorum = false,
-                Some(("queue_type", v)) => return Err(invalid(format!("queue_type `{v}` is not classic or quorum"))),
-                Some(("max_deliveries", v)) => {
-                    let n = v.parse::<u32>().ok().filter(|n| *n > 0);
-                    max_deliveries =
-                        n.ok_or_else(|| invalid(format!("max_deliveries `{v}` is not a positive number")))?;
-                }
-                Some(("ca_certs", v)) => files.ca_certs = Some(PathBuf::from(v)),
-                Some(("certfile", v)) => files.certfile = Some(PathBuf::from(v)),
-                Some(("keyfile", v)) => files.keyfile = Some(PathBuf::from(v)),
-                _ => keep.push(pair),
-            }
+        if u.fragment().is_some() {
+            return Err(invalid("an amqp:// URL takes no #fragment"));
         }
+        let mut queues = QueueOptions {
+            max_priority: match u.parse_option::<u8>("max_priority", "1 to 255")? {
+                Some(0) => return Err(u.bad_value("max_priority", "1 to 255").into()),
+                n => n,
+            },
+            delivery_limit: None,
+        };
+        let quorum = match u.option("queue_type") {
+            None | Some("classic") => false,
+            Some("quorum") => true,
+            Some(v) => return Err(invalid(&format!("queue_type `{v}` is not classic or quorum"))),
+        };
+        let max_deliveries = match u.parse_option::<u32>("max_deliveries", "a positive number")? {
+            Some(0) => return Err(u.bad_value("max_deliveries", "a positive number").into()),
+            n => n.unwrap_or(10),
+        };
+        let files = TlsFiles {
+            ca_certs: u.option("ca_certs").map(PathBuf::from),
+            certfile: u.option("certfile").map(PathBuf::from),
+            keyfile: u.option("keyfile").map(PathBuf::from),
+        };
         if quorum {
             if queues.max_priority.is_some() {
-                return Err(invalid("max_priority needs classic queues (not queue_type=quorum)".into()));
+                return Err(invalid("max_priority needs classic queues (not queue_type=quorum)"));
             }
             queues.delivery_limit = Some(max_deliveries);
         }
         if !tls && files != TlsFiles::default() {
-            return Err(invalid("ca_certs, certfile and keyfile are TLS options: use amqps://".into()));
+            return Err(invalid("ca_certs, certfile and keyfile are TLS options: use amqps://"));
         }
         if files.certfile.is_some() != files.keyfile.is_some() {
-            return Err(invalid("a client certificate needs both certfile and keyfile".into()));
+            return Err(invalid("a client certificate needs both certfile and keyfile"));
         }
-        if !keep.iter().any(|p| p.starts_with("heartbeat=")) {
-            keep.push("heartbeat=30");
+        let mut lapin = u.connection_string(&LAPIN_OPTIONS);
+        if u.option("heartbeat").is_none() {
+            let any = LAPIN_OPTIONS.iter().any(|n| u.option(n).is_some());
+            lapin.push_str(if any { "&heartbeat=30" } else { "?heartbeat=30" });
         }
-        Ok(AmqpUrl { lapin: format!("{base}?{}", keep.join("&")), queues, tls: files })
+        u.finish()?;
+        Ok(AmqpUrl { lapin, queues, tls: files })
     }
 
     /// Opens a connection, named `celery-rs <pid>` in RabbitMQ's management UI.
@@ -158,6 +177,34 @@ mod tests {
         assert_eq!(u.tls.ca_certs, Some(PathBuf::from("/ca.pem")));
     }
 
+    /// Every `amqp://` form accepted today: what reaches lapin, and the queue settings.
+    #[test]
+    fn accepted_amqp_urls_keep_their_settings() {
+        let q = |max_priority, delivery_limit| QueueOptions { max_priority, delivery_limit };
+        for (url, lapin, queues) in [
+            (
+                "amqp://guest:guest@127.0.0.1:5672/%2f",
+                "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=30",
+                q(None, None),
+            ),
+            ("amqp://h", "amqp://h?heartbeat=30", q(None, None)),
+            ("amqp://h/v?heartbeat=10&frame_max=8192", "amqp://h/v?heartbeat=10&frame_max=8192", q(None, None)),
+            (
+                "amqp://h/v?channel_max=64&connection_timeout=5000&auth_mechanism=plain",
+                "amqp://h/v?channel_max=64&connection_timeout=5000&auth_mechanism=plain&heartbeat=30",
+                q(None, None),
+            ),
+            ("amqp://h/v?max_priority=255", "amqp://h/v?heartbeat=30", q(Some(255), None)),
+            ("amqp://h/v?queue_type=classic", "amqp://h/v?heartbeat=30", q(None, None)),
+            ("amqp://h/v?queue_type=quorum&max_deliveries=4", "amqp://h/v?heartbeat=30", q(None, Some(4))),
+            ("amqps://u:p@h:5671/v?ca_certs=/ca.pem", "amqps://u:p@h:5671/v?heartbeat=30", q(None, None)),
+        ] {
+            let u = AmqpUrl::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(u.lapin, lapin, "{url}");
+            assert_eq!(u.queues, queues, "{url}");
+        }
+    }
+
     #[test]
     fn bad_options_are_errors_naming_them() {
         for (url, needle) in [
@@ -167,10 +214,23 @@ mod tests {
             ("amqp://h/?ca_certs=/ca.pem", "amqps://"),
             ("amqps://h/?certfile=/c.pem", "keyfile"),
             ("redis://h/", "amqp://"),
+            ("amqp://h/?heartbeat=5&prefetch=10", "unknown amqp:// option `prefetch`"),
+            ("amqp://h/?max_priority=300", "max_priority `300` is not 1 to 255"),
+            ("amqp://h/?max_deliveries=0", "max_deliveries"),
         ] {
             let e = AmqpUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn the_password_is_never_printed() {
+        let u = AmqpUrl::parse("amqp://guest:hunter2@h/v?bogus=1");
+        let e = u.unwrap_err().to_string();
+        assert!(e.contains("amqp://guest:***@h/v?bogus=1") && !e.contains("hunter2"), "{e}");
+        let u = AmqpUrl::parse("amqps://guest:hunter2@h/v").unwrap();
+        let shown = format!("{u:?}");
+        assert!(shown.contains("guest:***@h/v") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]

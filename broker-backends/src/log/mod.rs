@@ -57,6 +57,7 @@ use celery_core::broker::Settle;
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
+use celery_core::url::{redacted, ServiceUrl};
 use celery_core::{Broker, BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
@@ -82,52 +83,69 @@ use store::Topic;
 /// assert_eq!((cfg.fsync, cfg.partitions), (Fsync::Os, 4));
 /// ```
 pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
-    let rest = url.strip_prefix("log://").ok_or_else(|| LogError::Invalid(format!("`{url}` is not a log:// URL")))?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let u = ServiceUrl::parse(url).map_err(|e| LogError::Invalid(e.reason().to_owned()))?;
+    if u.scheme() != "log" {
+        return Err(LogError::Invalid(format!("`{u}` is not a log:// URL")));
+    }
+    // A `#` is part of a directory name here, not a fragment.
+    let path = match u.fragment() {
+        Some(f) => format!("{}#{f}", u.location()),
+        None => u.location().to_owned(),
+    };
     if path.is_empty() {
         return Err(LogError::Invalid("log:// needs a directory, like log://./celery-data".into()));
     }
+    let invalid = |e: celery_core::url::UrlError| LogError::Invalid(e.reason().to_owned());
     let mut cfg = StoreConfig::default();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let num = |what: &str| -> Result<f64, LogError> {
-            v.parse::<f64>()
-                .ok()
-                .filter(|n| *n > 0.0 && n.is_finite())
-                .ok_or_else(|| LogError::Invalid(format!("{what} `{v}` must be a positive number")))
-        };
-        match k {
-            "fsync" => {
-                cfg.fsync = match v {
-                    "always" => Fsync::Always,
-                    "os" | "never" => Fsync::Os,
-                    ms => Fsync::Interval(Duration::from_millis(ms.trim_start_matches("interval=").parse().map_err(
-                        |_| LogError::Invalid(format!("fsync `{v}`: expected always, os or milliseconds")),
-                    )?)),
-                }
-            }
-            "segment_bytes" => cfg.segment_bytes = num(k)? as u64,
-            "lease_timeout" => cfg.lease = Duration::from_secs_f64(num(k)?),
-            "max_deliveries" => cfg.max_deliveries = num(k)? as u32,
-            "partitions" => cfg.partitions = num(k)? as u32,
-            "retention_bytes" => cfg.retention.bytes = Some(num(k)? as u64),
-            "retention_ms" => cfg.retention.age = Some(Duration::from_millis(num(k)? as u64)),
-            "retention_force" => cfg.retention.force = v == "true" || v == "1",
-            "max_record_bytes" => {
-                let n = num(k)? as usize;
-                if n > record::MAX_RECORD - 1024 {
-                    return Err(LogError::Invalid(format!(
-                        "max_record_bytes `{v}` is over the on-disk limit of {} bytes",
-                        record::MAX_RECORD - 1024
-                    )));
-                }
-                cfg.max_record_bytes = n;
-            }
-            "max_queues" => cfg.max_queues = num(k)? as usize,
-            "token" => {}
-            other => return Err(LogError::Invalid(format!("unknown log:// option `{other}`"))),
+    if let Some(v) = u.option("fsync") {
+        cfg.fsync = match v {
+            "always" => Fsync::Always,
+            "os" | "never" => Fsync::Os,
+            ms => Fsync::Interval(Duration::from_millis(
+                ms.trim_start_matches("interval=")
+                    .parse()
+                    .map_err(|_| LogError::Invalid(format!("fsync `{v}`: expected always, os or milliseconds")))?,
+            )),
         }
     }
+    let num = |name| u.positive(name).map_err(invalid);
+    if let Some(n) = num("segment_bytes")? {
+        cfg.segment_bytes = n as u64;
+    }
+    if let Some(n) = num("lease_timeout")? {
+        cfg.lease = Duration::from_secs_f64(n);
+    }
+    if let Some(n) = num("max_deliveries")? {
+        cfg.max_deliveries = n as u32;
+    }
+    if let Some(n) = num("partitions")? {
+        cfg.partitions = n as u32;
+    }
+    if let Some(n) = num("retention_bytes")? {
+        cfg.retention.bytes = Some(n as u64);
+    }
+    if let Some(n) = num("retention_ms")? {
+        cfg.retention.age = Some(Duration::from_millis(n as u64));
+    }
+    if let Some(force) = u.flag("retention_force").map_err(invalid)? {
+        cfg.retention.force = force;
+    }
+    if let Some(n) = num("max_record_bytes")? {
+        let n = n as usize;
+        if n > record::MAX_RECORD - 1024 {
+            return Err(LogError::Invalid(format!(
+                "max_record_bytes `{n}` is over the on-disk limit of {} bytes",
+                record::MAX_RECORD - 1024
+            )));
+        }
+        cfg.max_record_bytes = n;
+    }
+    if let Some(n) = num("max_queues")? {
+        cfg.max_queues = n as usize;
+    }
+    // The token of a served directory: no use to the owner, accepted so one URL serves both.
+    u.accept(&["token"]);
+    u.finish().map_err(invalid)?;
     Ok((PathBuf::from(path), cfg))
 }
 
@@ -151,35 +169,30 @@ pub fn socket_path(dir: &std::path::Path) -> PathBuf {
 /// `log+tcp://HOST:PORT?token=...` or `log+tls://HOST:PORT?token=...&ca_certs=&certfile=&keyfile=`:
 /// where the server is, and the token; None for other URLs.
 fn parse_remote(url: &str) -> Result<Option<(remote::Target, String)>, LogError> {
-    let (tls, rest) = match (url.strip_prefix("log+tcp://"), url.strip_prefix("log+tls://")) {
-        (Some(rest), _) => (false, rest),
-        (_, Some(rest)) => (true, rest),
+    let tls = match url.split_once("://").map(|(scheme, _)| scheme) {
+        Some("log+tcp") => false,
+        Some("log+tls") => true,
         _ => return Ok(None),
     };
+    let invalid = |e: celery_core::url::UrlError| LogError::Invalid(e.reason().to_owned());
+    let u = ServiceUrl::parse(url).map_err(invalid)?;
     let scheme = if tls { "log+tls://" } else { "log+tcp://" };
-    let (addr, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let addr = addr.split('/').next().unwrap_or(addr);
+    let addr = u.host_port();
     let Some((host, _port)) = addr.rsplit_once(':').filter(|(h, p)| !h.is_empty() && !p.is_empty()) else {
         return Err(LogError::Invalid(format!("{scheme} needs HOST:PORT")));
     };
-    let (mut token, mut files) = (String::new(), tls::ClientFiles::default());
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "token" => token = v.to_owned(),
-            "ca_certs" | "certfile" | "keyfile" if !tls => {
-                return Err(LogError::Invalid(format!("{k} is a TLS option: use log+tls://")))
-            }
-            "ca_certs" => files.ca_certs = Some(v.into()),
-            "certfile" => files.certfile = Some(v.into()),
-            "keyfile" => files.keyfile = Some(v.into()),
-            other => {
-                return Err(LogError::Invalid(format!(
-                    "unknown {scheme} option `{other}` (the server's options go to `broker serve`)"
-                )))
-            }
+    let token = u.option("token").unwrap_or_default().to_owned();
+    let files = tls::ClientFiles {
+        ca_certs: u.option("ca_certs").map(Into::into),
+        certfile: u.option("certfile").map(Into::into),
+        keyfile: u.option("keyfile").map(Into::into),
+    };
+    if !tls {
+        if let Some(k) = ["ca_certs", "certfile", "keyfile"].into_iter().find(|k| u.option(k).is_some()) {
+            return Err(LogError::Invalid(format!("{k} is a TLS option: use log+tls://")));
         }
     }
+    u.finish().map_err(|e| LogError::Invalid(format!("{} (the server's options go to `broker serve`)", e.reason())))?;
     let tls = tls.then(|| tls::ClientTls::new(host, &files)).transpose()?;
     Ok(Some((remote::Target::Tcp(addr.to_owned(), tls), token)))
 }
@@ -188,7 +201,7 @@ impl LogBroker {
     /// Opens `log://PATH` (owning the directory, or connecting to its owner's socket), or connects
     /// to `log+tcp://HOST:PORT?token=...` or `log+tls://HOST:PORT?token=...&ca_certs=...`.
     pub async fn connect(url: &str) -> Result<LogBroker, BrokerError> {
-        let invalid = |e: LogError| BrokerError::InvalidUrl { url: url.into(), reason: e.to_string() };
+        let invalid = |e: LogError| BrokerError::InvalidUrl { url: redacted(url), reason: e.to_string() };
         if let Some((target, token)) = parse_remote(url).map_err(invalid)? {
             let client = Arc::new(remote::RemoteClient::new(target, token.clone(), None));
             client.call(wire::kind::HELLO, |e| e.str(&token)).await?;
@@ -1038,5 +1051,96 @@ mod tests {
         assert!(remote_err("log+tcp://h:1?fsync=os").contains("unknown log+tcp:// option `fsync`"));
         assert!(remote_err("log+tls://h:1?certfile=/c.pem").contains("certfile and keyfile go together"));
         assert!(remote_err("log+tls://h:1?ca_certs=/nonexistent.pem").contains("ca_certs /nonexistent.pem"));
+    }
+
+    #[test]
+    fn a_remote_broker_prints_no_token() {
+        let client = remote::RemoteClient::new(remote::Target::Tcp("h:1".into(), None), "s3cret".into(), None);
+        let shown = format!("{:?}", LogBroker { inner: Inner::Remote(Arc::new(client)) });
+        assert!(!shown.contains("s3cret") && shown.contains("***"), "{shown}");
+    }
+
+    #[test]
+    fn url_errors_print_the_url_redacted() {
+        let e = tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(LogBroker::connect("log+tcp://h:1/?token=s3cret&bogus=1"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log+tcp://h:1/?token=***&bogus=1") && e.contains("`bogus`"), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+    }
+
+    /// Every `log://` form accepted today, and the settings it gives.
+    #[test]
+    fn accepted_log_urls_keep_their_settings() {
+        let d = StoreConfig::default;
+        let ms = Duration::from_millis;
+        let table: Vec<(&str, &str, StoreConfig)> = vec![
+            ("log://./data", "./data", d()),
+            ("log:///abs/dir", "/abs/dir", d()),
+            ("log://relative", "relative", d()),
+            ("log://./data?", "./data", d()),
+            ("log:///tmp/a b/c%20d", "/tmp/a b/c%20d", d()),
+            ("log://./d?fsync=always", "./d", d()),
+            ("log://./d?fsync=os", "./d", StoreConfig { fsync: Fsync::Os, ..d() }),
+            ("log://./d?fsync=never", "./d", StoreConfig { fsync: Fsync::Os, ..d() }),
+            ("log://./d?fsync=250", "./d", StoreConfig { fsync: Fsync::Interval(ms(250)), ..d() }),
+            ("log://./d?fsync=interval=40", "./d", StoreConfig { fsync: Fsync::Interval(ms(40)), ..d() }),
+            ("log://./d?segment_bytes=1048576", "./d", StoreConfig { segment_bytes: 1 << 20, ..d() }),
+            ("log://./d?lease_timeout=2.5", "./d", StoreConfig { lease: ms(2500), ..d() }),
+            ("log://./d?max_deliveries=3&partitions=4", "./d", StoreConfig { max_deliveries: 3, partitions: 4, ..d() }),
+            (
+                "log://./d?retention_bytes=1000&retention_ms=60000&retention_force=true",
+                "./d",
+                StoreConfig { retention: Retention { bytes: Some(1000), age: Some(ms(60_000)), force: true }, ..d() },
+            ),
+            (
+                "log://./d?retention_force=1",
+                "./d",
+                StoreConfig { retention: Retention { force: true, ..Default::default() }, ..d() },
+            ),
+            (
+                "log://./d?max_record_bytes=1024&max_queues=5",
+                "./d",
+                StoreConfig { max_record_bytes: 1024, max_queues: 5, ..d() },
+            ),
+            ("log://./d?token=abc", "./d", d()),
+        ];
+        for (url, dir, want) in table {
+            let (got_dir, got) = parse_url(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(got_dir, PathBuf::from(dir), "{url}");
+            assert_eq!(format!("{got:?}"), format!("{want:?}"), "{url}");
+        }
+    }
+
+    #[test]
+    fn bad_log_urls_are_errors_naming_the_problem() {
+        for (url, needle) in [
+            ("redis://h/0", "log://"),
+            ("log://", "needs a directory"),
+            ("log://./d?bogus=1", "bogus"),
+            ("log://./d?partitions=0", "partitions"),
+            ("log://./d?lease_timeout=soon", "lease_timeout"),
+            ("log://./d?fsync=sometimes", "fsync"),
+            ("log://./d?max_record_bytes=999999999999", "max_record_bytes"),
+        ] {
+            let e = parse_url(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn remote_tokens_are_read_as_written() {
+        for (url, addr, token) in [
+            ("log+tcp://h:7575", "h:7575", ""),
+            ("log+tcp://h:7575/", "h:7575", ""),
+            ("log+tcp://h:7575?token=abc", "h:7575", "abc"),
+            ("log+tcp://[::1]:7575/?token=a+b/c==", "[::1]:7575", "a+b/c=="),
+        ] {
+            let (target, got) = parse_remote(url).unwrap().unwrap();
+            assert!(matches!(target, remote::Target::Tcp(ref a, None) if a == addr), "{url}: {target:?}");
+            assert_eq!(got, token, "{url}");
+        }
     }
 }

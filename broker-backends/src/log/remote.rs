@@ -66,14 +66,20 @@ impl Conn {
     }
 }
 
-/// A connection to a log server, re-established on demand.
-#[derive(Debug)]
+/// A connection to a log server, re-established on demand. Its `Debug` leaves the token out.
 pub(crate) struct RemoteClient {
     target: Target,
     token: String,
     conn: tokio::sync::Mutex<Option<Arc<Conn>>>,
     next_id: AtomicU64,
     takeover: Option<Takeover>,
+}
+
+impl std::fmt::Debug for RemoteClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let token = if self.token.is_empty() { "" } else { "***" };
+        f.debug_struct("RemoteClient").field("target", &self.target).field("token", &token).finish_non_exhaustive()
+    }
 }
 
 /// For a client of a directory's owner: the directory, to own it when the owner is gone.

@@ -10,7 +10,9 @@
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
-//! transport option of the same name).
+//! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
+//! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
+//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect. Any other option is an error.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -30,6 +32,7 @@ use async_trait::async_trait;
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
+use celery_core::url::{redacted, ServiceUrl, UrlError};
 use celery_core::{Broker, BrokerError, Consumer};
 use chrono::Utc;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -47,10 +50,56 @@ const SEP: &str = "\x06\x16";
 /// Kombu's priority steps, consumed in this order.
 const STEPS: [u8; 4] = [0, 3, 6, 9];
 
+/// Options the redis client reads itself, handed through: `protocol` (`resp2`/`resp3`), and on
+/// unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
+const CLIENT_OPTIONS: [&str; 4] = ["db", "protocol", "user", "pass"];
+
+/// Options of Celery's (redis-py's) Redis URLs accepted for compatibility, with no effect here.
+pub const CELERY_COMPAT_OPTIONS: [&str; 6] = [
+    "ssl_cert_reqs",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "health_check_interval",
+    "max_connections",
+];
+
+/// The URL to hand to the redis client: its own options ([`CLIENT_OPTIONS`]) kept, redis-py's
+/// `?password=` moved into the userinfo, [`CELERY_COMPAT_OPTIONS`] accepted. The caller reads its
+/// own options, then calls [`ServiceUrl::finish`]. The result holds the password: never print it.
+///
+/// ```
+/// let u = celery_core::url::ServiceUrl::parse("redis://h:6379/0?password=pw&protocol=resp3&ssl_cert_reqs=none").unwrap();
+/// assert_eq!(broker_backends::redis::client_url(&u).unwrap(), "redis://:pw@h:6379/0?protocol=resp3");
+/// assert!(u.finish().is_ok());
+/// ```
+pub fn client_url(u: &ServiceUrl) -> Result<String, UrlError> {
+    u.accept(&CELERY_COMPAT_OPTIONS);
+    u.accept(&CLIENT_OPTIONS);
+    let unix = u.scheme().ends_with("unix");
+    if !unix && u.option("db").is_some() {
+        // The redis client reads a TCP URL's database from the path only.
+        return Err(u.invalid("the database of a TCP URL goes in the path: redis://HOST:6379/N"));
+    }
+    let Some(password) = u.option_as_written("password") else {
+        return Ok(u.connection_string(&CLIENT_OPTIONS));
+    };
+    if u.has_password() {
+        return Err(u.invalid("the password is given twice (in the userinfo and as ?password=)"));
+    }
+    if unix {
+        return Err(u.invalid("on a unix socket the password is ?pass="));
+    }
+    let mut with = u.clone();
+    with.set_password(password);
+    Ok(with.connection_string(&CLIENT_OPTIONS))
+}
+
 /// Settings read from the URL.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisOptions {
-    /// The URL without our query options (handed to the redis client).
+    /// The URL without our query options (handed to the redis client). It holds the password:
+    /// print [`RedisOptions`] (redacted) instead.
     pub url: String,
     /// Restore an unacknowledged message after this long without a lease renewal.
     pub visibility_timeout: Duration,
@@ -60,54 +109,30 @@ pub struct RedisOptions {
     pub db: u32,
 }
 
-impl RedisOptions {
-    /// Parses a `redis://` URL with our query options.
-    pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
-        let invalid = |reason: String| BrokerError::InvalidUrl { url: redact(url), reason };
-        let (base, query) = url.split_once('?').unwrap_or((url, ""));
-        let mut keep = Vec::new();
-        let mut opts = RedisOptions {
-            url: String::new(),
-            visibility_timeout: Duration::from_secs(3600),
-            key_prefix: String::new(),
-            db: base
-                .split_once("://")
-                .and_then(|(_, rest)| rest.split_once('/'))
-                .and_then(|(_, db)| db.parse().ok())
-                .unwrap_or(0),
-        };
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "visibility_timeout" => {
-                    let secs: f64 = v
-                        .parse()
-                        .map_err(|_| invalid(format!("visibility_timeout `{v}` is not a number of seconds")))?;
-                    if !(secs > 0.0 && secs.is_finite()) {
-                        return Err(invalid("visibility_timeout must be positive".into()));
-                    }
-                    opts.visibility_timeout = Duration::from_secs_f64(secs);
-                }
-                "global_keyprefix" => opts.key_prefix = v.to_owned(),
-                _ => keep.push(pair),
-            }
-        }
-        opts.url = if keep.is_empty() { base.to_owned() } else { format!("{base}?{}", keep.join("&")) };
-        Ok(opts)
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &redacted(&self.url))
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .field("db", &self.db)
+            .finish()
     }
 }
 
-/// The URL with any password replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
+impl RedisOptions {
+    /// Parses a `redis://` URL with our query options; an unknown option is an error naming it.
+    pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
+        let u = ServiceUrl::parse(url)?;
+        let db_in_path = u.path().trim_start_matches('/').parse().ok();
+        let opts = RedisOptions {
+            visibility_timeout: u.seconds("visibility_timeout")?.unwrap_or(Duration::from_secs(3600)),
+            key_prefix: u.option("global_keyprefix").unwrap_or_default().to_owned(),
+            db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
+            url: client_url(&u)?,
+        };
+        u.finish()?;
+        Ok(opts)
     }
 }
 
@@ -198,7 +223,7 @@ pub struct RedisBroker {
 impl std::fmt::Debug for RedisBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBroker")
-            .field("url", &redact(&self.options.url))
+            .field("url", &redacted(&self.options.url))
             .field("options", &self.options.visibility_timeout)
             .finish()
     }
@@ -209,7 +234,7 @@ impl RedisBroker {
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         let options = RedisOptions::parse(url)?;
         let client = redis::Client::open(options.url.as_str())
-            .map_err(|e| BrokerError::InvalidUrl { url: redact(url), reason: e.to_string() })?;
+            .map_err(|e| BrokerError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
         let conn = manager(&client, Some(Duration::from_secs(30))).await?;
         Ok(RedisBroker { client, conn, keys: Keys { prefix: options.key_prefix.clone() }, options })
     }
@@ -540,6 +565,42 @@ mod tests {
         assert_eq!(o.key_prefix, "t1:");
         assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
         assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
-        assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
+        for (url, needle) in [
+            ("redis://h:1?db=3", "goes in the path"),
+            ("redis+unix:///s.sock?password=x", "?pass="),
+            ("redis://:a@h/0?password=b", "given twice"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let e = RedisOptions::parse("redis://u:secret@h:1/0?bogus=1").unwrap_err().to_string();
+        assert!(e.contains("redis://u:***@h:1/0?bogus=1") && e.contains("`bogus`") && !e.contains("secret"), "{e}");
+        let shown = format!("{:?}", RedisOptions::parse("redis://u:secret@h:1/0").unwrap());
+        assert!(shown.contains("u:***@h:1/0") && !shown.contains("secret"), "{shown}");
+    }
+
+    /// Every `redis://` form accepted today: what reaches the redis client, and our settings.
+    #[test]
+    fn accepted_redis_urls_keep_their_settings() {
+        for (url, client, vt, prefix, db) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379", 3600.0, "", 0),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", 3600.0, "", 0),
+            ("redis://h/5", "redis://h/5", 3600.0, "", 5),
+            ("redis://:pw@h:6379/3", "redis://:pw@h:6379/3", 3600.0, "", 3),
+            ("redis://u:pw@h/1?protocol=resp3", "redis://u:pw@h/1?protocol=resp3", 3600.0, "", 1),
+            ("rediss://h:6380/2", "rediss://h:6380/2", 3600.0, "", 2),
+            ("redis://h/0?visibility_timeout=300", "redis://h/0", 300.0, "", 0),
+            ("redis://h/0?global_keyprefix=app:", "redis://h/0", 3600.0, "app:", 0),
+            // The database of a unix socket is `?db=` (it used to be read as 0).
+            ("redis+unix:///tmp/r.sock?db=2", "redis+unix:///tmp/r.sock?db=2", 3600.0, "", 2),
+            ("redis://h/0?password=p%40ss", "redis://:p%40ss@h/0", 3600.0, "", 0),
+            ("redis://h/0?ssl_cert_reqs=none&socket_timeout=5", "redis://h/0", 3600.0, "", 0),
+            ("rediss://h/0#insecure", "rediss://h/0#insecure", 3600.0, "", 0),
+        ] {
+            let o = RedisOptions::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(o.url, client, "{url}");
+            assert_eq!(o.visibility_timeout, Duration::from_secs_f64(vt), "{url}");
+            assert_eq!((o.key_prefix.as_str(), o.db), (prefix, db), "{url}");
+        }
     }
 }
