@@ -215,14 +215,14 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
     tokio::spawn(async move {
         // Ends when every handle on the connection is gone: the stream is closed, so the server
         // returns the deliveries we held.
-        wire::write_frames(wr, rx).await;
+        wire::write_frames(wr, rx, None, std::future::pending()).await;
         alive_w.store(false, Ordering::Release);
     });
     let lost: Arc<Mutex<Option<String>>> = Arc::default();
     let (p2, pu2, alive_r, lost_r) = (pending.clone(), pushes.clone(), alive.clone(), lost.clone());
     tokio::spawn(async move {
         loop {
-            let frame = match wire::read_frame(&mut rd).await {
+            let frame = match wire::read_frame(&mut rd, wire::MAX_FRAME).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -239,8 +239,17 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
                 }
                 kind::ERR => {
                     let msg = Dec::new(&frame.body).str().unwrap_or_else(|_| "error".into());
-                    if let Some(w) = lock(&p2).remove(&frame.id) {
-                        let _ = w.send(Err(msg));
+                    match lock(&p2).remove(&frame.id) {
+                        Some(w) => {
+                            let _ = w.send(Err(msg));
+                        }
+                        // Id 0: why the server is closing the connection (an idle or HELLO timeout,
+                        // the connection limit, a bad frame); requests in flight fail with it.
+                        None if frame.id == 0 => {
+                            tracing::debug!(reason = %msg, "log client: the server is closing the connection");
+                            *lock(&lost_r) = Some(msg);
+                        }
+                        None => {}
                     }
                 }
                 kind::DELIVERY => {

@@ -211,16 +211,25 @@ impl LogStore {
     }
 
     /// Listens on the directory's unix socket (once), so other processes that open the same
-    /// directory use this store through it.
+    /// directory use this store through it. The socket is its owner's only (mode 0600): other
+    /// local users cannot connect to it.
     pub fn serve_unix(self: &Arc<Self>) {
+        use std::os::unix::fs::PermissionsExt;
         self.served.call_once(|| {
             let path = super::socket_path(&self.dir);
             let _ = std::fs::remove_file(&path);
-            match tokio::net::UnixListener::bind(&path) {
+            // Owner-only before the first accept; a socket that cannot be made so is not served.
+            let listener = tokio::net::UnixListener::bind(&path).and_then(|l| {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map(|()| l)
+            });
+            match listener {
                 Ok(l) => {
                     tokio::spawn(super::server::serve_unix(Arc::downgrade(self), l));
                 }
-                Err(e) => tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it"),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it");
+                }
             }
         });
     }
