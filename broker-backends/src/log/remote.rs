@@ -565,3 +565,53 @@ impl Drop for RemoteStream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::partition::tests::tempdir;
+    use crate::log::server::{serve_tcp_with, ServerLimits};
+
+    async fn serve(limits: ServerLimits) -> (String, tokio::task::JoinHandle<()>) {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        (addr, tokio::spawn(serve_tcp_with(store, listener, Some("t".into()), None, limits)))
+    }
+
+    async fn queue_len(c: &RemoteClient) -> Result<u64, BrokerError> {
+        read_u64(&c.call(kind::QUEUE_LEN, |e| e.str("q")).await?)
+    }
+
+    #[tokio::test]
+    async fn a_client_reconnects_after_the_server_closes_its_idle_connection() {
+        let limits = ServerLimits { idle_timeout: Duration::from_millis(200), ..ServerLimits::default() };
+        let (addr, server) = serve(limits).await;
+        let client = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        assert_eq!(queue_len(&client).await.unwrap(), 0);
+        let first = client.conn.lock().await.clone().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while first.alive.load(Ordering::Acquire) {
+            assert!(tokio::time::Instant::now() < deadline, "the idle connection was not closed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let why = first.lost().to_string();
+        assert!(why.contains("idle for 200ms"), "{why}");
+        assert_eq!(queue_len(&client).await.unwrap(), 0, "the next request reconnects");
+        assert!(!Arc::ptr_eq(&first, client.conn.lock().await.as_ref().unwrap()));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_connection_limit_is_told_the_limit() {
+        let (addr, server) = serve(ServerLimits { max_connections: 1, ..ServerLimits::default() }).await;
+        let first = RemoteClient::new(Target::Tcp(addr.clone(), None), "t".into(), None);
+        assert_eq!(queue_len(&first).await.unwrap(), 0);
+        let second = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        let err = queue_len(&second).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Connection(_)), "a connection error, retried later: {err:?}");
+        assert!(err.to_string().contains("too many connections (limit 1)"), "{err}");
+        assert_eq!(queue_len(&first).await.unwrap(), 0, "the admitted client keeps working");
+        server.abort();
+    }
+}

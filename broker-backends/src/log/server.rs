@@ -79,6 +79,8 @@ impl Default for ServerLimits {
 
 /// The longest a `RESULT_WAIT` may wait (the client splits longer waits into 30 s requests).
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
+/// Consumers, subscriptions and stream members of one connection (a worker needs one or two).
+const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Connections being refused at once (beyond it, an over-limit connection is closed unanswered).
 const MAX_REFUSING: usize = 64;
 /// How long a refusal may take to be written (and, for TLS, its handshake).
@@ -185,6 +187,17 @@ impl Conn {
         lock(&self.streams).get(&handle).cloned().ok_or_else(|| format!("unknown stream member {handle}"))
     }
 
+    /// Refuses one more consumer, subscription or stream member past [`MAX_SUBSCRIPTIONS`].
+    fn room_for_subscription(&self) -> Result<(), String> {
+        let n = lock(&self.consumers).len() + lock(&self.streams).len();
+        if n >= MAX_SUBSCRIPTIONS {
+            return Err(format!(
+                "too many consumers, subscriptions and stream members on one connection (limit {MAX_SUBSCRIPTIONS})"
+            ));
+        }
+        Ok(())
+    }
+
     /// Whether the connection holds something a silent client still needs: a consumer or
     /// subscription, a stream member, an unsettled delivery.
     fn holds_anything(&self) -> bool {
@@ -248,6 +261,7 @@ async fn serve_counted<S>(
     };
     let broker = LogBroker::local(store.clone());
     let mut greeted = false;
+    let mut refused = false;
     let mut deadline = Instant::now() + limits.hello_timeout;
     loop {
         let max = if greeted { wire::MAX_FRAME } else { wire::MAX_HELLO_FRAME };
@@ -276,6 +290,7 @@ async fn serve_counted<S>(
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
                 tracing::warn!(error = %e, "log server: closing a connection");
                 replies.send_now(Enc::frame(kind::ERR, 0).str(&e.to_string()).finish());
+                refused = true;
                 break;
             }
             Ok(Err(e)) => {
@@ -285,6 +300,7 @@ async fn serve_counted<S>(
             Err(why) => {
                 tracing::debug!(reason = %why, "log server: closing a connection");
                 replies.send_now(Enc::frame(kind::ERR, 0).str(&format!("closing the connection: {why}")).finish());
+                refused = true;
                 break;
             }
         };
@@ -301,6 +317,7 @@ async fn serve_counted<S>(
                     (None, _) => "the first frame must be HELLO",
                 };
                 replies.send_now(Enc::frame(kind::ERR, frame.id).str(why).finish());
+                refused = true;
                 break;
             }
             greeted = true;
@@ -357,6 +374,9 @@ async fn serve_counted<S>(
     let mut writer = writer;
     if tokio::time::timeout(REFUSAL_TIMEOUT, &mut writer).await.is_err() {
         writer.abort();
+    }
+    if refused {
+        drain(&mut rd).await;
     }
 }
 
@@ -447,6 +467,7 @@ async fn handle(
             ok().finish()
         }
         kind::CONSUME => {
+            conn.room_for_subscription()?;
             let prefetch = d.u32().map_err(e)? as usize;
             let n = d.u32().map_err(e)? as usize;
             let queues = (0..n.min(1024)).map(|_| d.str()).collect::<Result<Vec<_>, _>>().map_err(e)?;
@@ -541,6 +562,7 @@ async fn handle(
             ok().finish()
         }
         kind::SUBSCRIBE => {
+            conn.room_for_subscription()?;
             let exchange = d.str().map_err(e)?;
             let pattern = d.str().map_err(e)?;
             let mut rx = store.subscribe(&exchange, &pattern);
@@ -607,6 +629,7 @@ async fn handle(
             enc.finish()
         }
         kind::STREAM_JOIN => {
+            conn.room_for_subscription()?;
             let group = d.str().map_err(e)?;
             let queue = d.str().map_err(e)?;
             let start = if d.u8().map_err(e)? == 0 { StartFrom::Earliest } else { StartFrom::Latest };
@@ -685,7 +708,7 @@ impl Refusal {
     /// TLS, the handshake) and closes the connection.
     fn send<S, F>(self, start: F)
     where
-        S: AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send,
         F: std::future::Future<Output = Option<S>> + Send + 'static,
     {
         tokio::spawn(async move {
@@ -700,10 +723,29 @@ impl Refusal {
 }
 
 /// Writes `frame` on `stream` and closes it.
-async fn write_and_close<S: AsyncWrite + Unpin>(mut stream: S, frame: Vec<u8>) {
+async fn write_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, frame: Vec<u8>) {
     if stream.write_all(&frame).await.is_ok() {
         let _ = stream.shutdown().await;
+        drain(&mut stream).await;
     }
+}
+
+/// Reads and drops what the peer still sends (at most 64 KiB, for at most a second) after a
+/// refusal: a socket closed with unread input is reset, and a reset can discard the refusal
+/// before the peer reads it.
+async fn drain<R: AsyncRead + Unpin>(r: &mut R) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut buf = [0u8; 4096];
+        let mut total = 0;
+        while total < (64 << 10) {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Accepts connections on the directory's unix socket until the store is dropped, within the
@@ -943,9 +985,9 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(200));
 
         // Greeted, then silent and holding nothing: closed after the idle timeout.
+        let started = Instant::now();
         let (mut idle, _) = connect_with(&store, None, limits.clone());
         assert_eq!(hello(&mut idle, "").await.kind, kind::OK);
-        let started = Instant::now();
         let msg = err_text(&next(&mut idle.0).await.unwrap());
         assert!(msg.contains("idle for 300ms"), "{msg}");
         assert!(started.elapsed() >= Duration::from_millis(300));
@@ -1111,5 +1153,25 @@ mod tests {
         let mut s = tokio::net::UnixStream::connect(&path).await.unwrap();
         s.write_all(&Enc::frame(kind::HELLO, 1).str("").finish()).await.unwrap();
         assert_eq!(next(&mut s).await.unwrap().kind, kind::OK, "the owner still connects");
+    }
+
+    #[tokio::test]
+    async fn one_connection_holds_a_bounded_number_of_subscriptions() {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let (mut c, _) = connect_with(&store, None, ServerLimits::default());
+        assert_eq!(hello(&mut c, "").await.kind, kind::OK);
+        let subs: Vec<u8> = (0..MAX_SUBSCRIPTIONS as u64 + 1)
+            .flat_map(|i| Enc::frame(kind::SUBSCRIBE, 10 + i).str("ex").str("#").finish())
+            .collect();
+        c.1.write_all(&subs).await.unwrap();
+        let mut refused = Vec::new();
+        for _ in 0..=MAX_SUBSCRIPTIONS {
+            let f = next(&mut c.0).await.unwrap();
+            if f.kind == kind::ERR {
+                refused.push(err_text(&f));
+            }
+        }
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].contains("(limit 1024)"), "{}", refused[0]);
     }
 }
