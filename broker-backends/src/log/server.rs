@@ -312,9 +312,9 @@ async fn serve_counted<S>(
                     .as_deref()
                     .is_none_or(|t| Dec::new(&frame.body).bytes().is_ok_and(|got| tokens_match(got, t.as_bytes())));
             if !accepted {
-                let why = match (&token, frame.kind) {
-                    (Some(_), _) => "authentication failed: wrong or missing token",
-                    (None, _) => "the first frame must be HELLO",
+                let why = match token {
+                    Some(_) => "authentication failed: wrong or missing token",
+                    None => "the first frame must be HELLO",
                 };
                 replies.send_now(Enc::frame(kind::ERR, frame.id).str(why).finish());
                 refused = true;
@@ -1173,5 +1173,24 @@ mod tests {
         }
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(refused[0].contains("(limit 1024)"), "{}", refused[0]);
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_dropped_after_the_idle_timeout() {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        store.put_result("big", vec![b'x'; 1 << 20], Duration::from_secs(600), |_| false).await.unwrap();
+        let limits = ServerLimits { idle_timeout: Duration::from_millis(300), ..ServerLimits::default() };
+        let (mut c, stats) = connect_with(&store, None, limits);
+        assert_eq!(hello(&mut c, "").await.kind, kind::OK);
+        c.1.write_all(&Enc::frame(kind::RESULT_GET, 2).str("big").finish()).await.unwrap();
+        // The answer (1 MiB) does not fit the 64 KiB pipe: the writer waits, then gives up and
+        // lets go of what it held.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while stats.peak.load(Ordering::Relaxed) < (1 << 20) || stats.queued.load(Ordering::Relaxed) > 0 {
+            assert!(Instant::now() < deadline, "the stalled answer was never dropped");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let cut = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut c.0, wire::MAX_FRAME)).await;
+        assert!(cut.unwrap().is_err(), "the answer was cut off with the connection");
     }
 }

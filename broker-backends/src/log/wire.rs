@@ -248,9 +248,7 @@ pub(crate) async fn write_frames<W, T>(
             &buf
         };
         let written = match stall {
-            Some(stall) => tokio::time::timeout(stall, wr.write_all(bytes)).await.unwrap_or_else(|_| {
-                Err(io::Error::new(io::ErrorKind::TimedOut, "the peer read nothing for the stall limit"))
-            }),
+            Some(stall) => write_progressing(&mut wr, bytes, stall).await,
             None => wr.write_all(bytes).await,
         };
         items.clear();
@@ -263,6 +261,27 @@ pub(crate) async fn write_frames<W, T>(
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes all of `bytes`, failing when the peer takes none of them for `stall` (a slow reader
+/// that keeps reading is not cut, however long the whole write takes).
+async fn write_progressing<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    bytes: &[u8],
+    stall: std::time::Duration,
+) -> io::Result<()> {
+    let mut at = 0;
+    while at < bytes.len() {
+        match tokio::time::timeout(stall, wr.write(&bytes[at..])).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the peer read nothing for {stall:?}")))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One frame read from a stream.
