@@ -1,6 +1,13 @@
 //! Serves a local store over a stream socket (the directory's unix socket, or TCP for
 //! `broker serve`): one task per connection, requests handled concurrently, deliveries pushed. When a
 //! connection drops, the deliveries it held go back to their queues at once.
+//!
+//! What a client can make the server hold is bounded ([`ServerLimits`]): connections at once; before
+//! `HELLO`, one frame of 4 KiB within the HELLO timeout; after it, requests handled at once (in
+//! count and bytes) and answers queued (in bytes). At a limit the read loop stops reading the
+//! connection, so an unread socket holds the rest. The read loop never waits for a later frame of
+//! its own connection (acks are applied where they are read, each handled request ends on its own),
+//! so the limits cannot deadlock a connection. Silent connections that hold nothing are closed.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -86,16 +93,12 @@ const MAX_REFUSING: usize = 64;
 /// How long a refusal may take to be written (and, for TLS, its handshake).
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A byte budget: a semaphore of bytes from which a frame takes its length, or the whole budget
-/// when it is larger (so it goes alone); what it holds goes back when the permit drops.
-fn take_bytes(
-    budget: &Arc<Semaphore>,
-    cap: usize,
-    len: usize,
-) -> impl std::future::Future<Output = Option<OwnedSemaphorePermit>> {
+/// Takes `len` bytes from a byte budget (a semaphore of bytes), or the whole budget for a larger
+/// frame (which then goes alone); they go back when the permit drops. None once the budget is
+/// closed.
+async fn take_bytes(budget: &Arc<Semaphore>, cap: usize, len: usize) -> Option<OwnedSemaphorePermit> {
     let n = len.clamp(1, cap.clamp(1, u32::MAX as usize)) as u32;
-    let budget = budget.clone();
-    async move { budget.acquire_many_owned(n).await.ok() }
+    budget.clone().acquire_many_owned(n).await.ok()
 }
 
 /// What a connection holds in replies, for tests and logs.
