@@ -159,12 +159,19 @@ impl RemoteClient {
         Ok(c)
     }
 
-    /// Sends a request built by `build` and returns the response body.
-    pub(crate) async fn call(&self, kind: u8, build: impl FnOnce(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
+    /// Sends a request built by `build` and returns the response body. A request the server did
+    /// not handle because it was closing the connection (idle) is sent again on a new one.
+    pub(crate) async fn call(&self, kind: u8, build: impl Fn(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
         let c = self.conn().await?;
         let id = self.id();
-        let frame = build(Enc::frame(kind, id)).finish();
-        call_on(&c, id, frame).await
+        match call_on(&c, id, build(Enc::frame(kind, id)).finish()).await {
+            Err(BrokerError::Operation(m)) if m == wire::NOT_HANDLED => {
+                let c = self.conn().await?;
+                let id = self.id();
+                call_on(&c, id, build(Enc::frame(kind, id)).finish()).await
+            }
+            other => other,
+        }
     }
 
     /// Sends a request whose answer is a stream of pushed frames (`CONSUME`, `SUBSCRIBE`); they
@@ -244,10 +251,12 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
                             let _ = w.send(Err(msg));
                         }
                         // Id 0: why the server is closing the connection (an idle or HELLO timeout,
-                        // the connection limit, a bad frame); requests in flight fail with it.
+                        // the connection limit, a bad frame). No new request goes this way; those
+                        // in flight fail with it, or are answered `NOT_HANDLED` and sent again.
                         None if frame.id == 0 => {
                             tracing::debug!(reason = %msg, "log client: the server is closing the connection");
                             *lock(&lost_r) = Some(msg);
+                            alive_r.store(false, Ordering::Release);
                         }
                         None => {}
                     }
@@ -613,5 +622,35 @@ mod tests {
         assert!(err.to_string().contains("too many connections (limit 1)"), "{err}");
         assert_eq!(queue_len(&first).await.unwrap(), 0, "the admitted client keeps working");
         server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_request_the_server_did_not_handle_is_sent_again_on_a_new_connection() {
+        use tokio::io::AsyncWriteExt;
+        // A server whose first connection closes for idleness as the request arrives.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            for attempt in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let hello = wire::read_frame(&mut s, wire::MAX_FRAME).await.unwrap().unwrap();
+                s.write_all(&Enc::frame(kind::OK, hello.id).finish()).await.unwrap();
+                let req = wire::read_frame(&mut s, wire::MAX_FRAME).await.unwrap().unwrap();
+                assert_eq!(req.kind, kind::QUEUE_LEN);
+                let answer = match attempt {
+                    0 => [
+                        Enc::frame(kind::ERR, 0).str("closing the connection: idle for 1s").finish(),
+                        Enc::frame(kind::ERR, req.id).str(wire::NOT_HANDLED).finish(),
+                    ]
+                    .concat(),
+                    _ => Enc::frame(kind::OK, req.id).u64(7).finish(),
+                };
+                s.write_all(&answer).await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        let client = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        assert_eq!(queue_len(&client).await.unwrap(), 7);
+        server.await.unwrap();
     }
 }

@@ -88,6 +88,8 @@ impl Default for ServerLimits {
 const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
 /// Consumers, subscriptions and stream members of one connection (a worker needs one or two).
 const MAX_SUBSCRIPTIONS: usize = 1024;
+/// How long a connection closed for idleness still reads (answering [`wire::NOT_HANDLED`]).
+const CLOSING_GRACE: Duration = Duration::from_secs(1);
 /// Connections being refused at once (beyond it, an over-limit connection is closed unanswered).
 const MAX_REFUSING: usize = 64;
 /// How long a refusal may take to be written (and, for TLS, its handshake).
@@ -265,6 +267,8 @@ async fn serve_counted<S>(
     let broker = LogBroker::local(store.clone());
     let mut greeted = false;
     let mut refused = false;
+    // Closing an idle connection: what still arrives is answered `NOT_HANDLED`.
+    let mut closing = false;
     let mut deadline = Instant::now() + limits.hello_timeout;
     loop {
         let max = if greeted { wire::MAX_FRAME } else { wire::MAX_HELLO_FRAME };
@@ -280,8 +284,18 @@ async fn serve_counted<S>(
                     if !greeted {
                         break Err(format!("no HELLO within {:?}", limits.hello_timeout));
                     }
+                    if closing {
+                        break Ok(Ok(None));
+                    }
                     if !answering(&conn) {
-                        break Err(format!("idle for {:?}", limits.idle_timeout));
+                        // Said first; then requests already on their way get a while to arrive and
+                        // be told they were not handled (the client sends them again elsewhere).
+                        let why = format!("closing the connection: idle for {:?}", limits.idle_timeout);
+                        tracing::debug!(reason = %why, "log server: closing a connection");
+                        replies.send_now(Enc::frame(kind::ERR, 0).str(&why).finish());
+                        closing = true;
+                        deadline = Instant::now() + CLOSING_GRACE;
+                        continue;
                     }
                     deadline = Instant::now() + limits.idle_timeout;
                 }
@@ -307,6 +321,14 @@ async fn serve_counted<S>(
                 break;
             }
         };
+        if closing {
+            if frame.kind != kind::ACK
+                && replies.send(Enc::frame(kind::ERR, frame.id).str(wire::NOT_HANDLED).finish()).await.is_err()
+            {
+                break;
+            }
+            continue;
+        }
         if greeted {
             deadline = Instant::now() + limits.idle_timeout;
         } else {
@@ -378,7 +400,7 @@ async fn serve_counted<S>(
     if tokio::time::timeout(REFUSAL_TIMEOUT, &mut writer).await.is_err() {
         writer.abort();
     }
-    if refused {
+    if refused || closing {
         drain(&mut rd).await;
     }
 }
@@ -1195,5 +1217,21 @@ mod tests {
         }
         let cut = tokio::time::timeout(Duration::from_secs(10), wire::read_frame(&mut c.0, wire::MAX_FRAME)).await;
         assert!(cut.unwrap().is_err(), "the answer was cut off with the connection");
+    }
+
+    #[tokio::test]
+    async fn requests_arriving_as_an_idle_connection_closes_are_answered_not_handled() {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let limits = ServerLimits { idle_timeout: Duration::from_millis(200), ..ServerLimits::default() };
+        let (mut c, _) = connect_with(&store, None, limits);
+        assert_eq!(hello(&mut c, "").await.kind, kind::OK);
+        let notice = next(&mut c.0).await.unwrap();
+        assert_eq!(notice.id, 0);
+        assert!(err_text(&notice).contains("idle for 200ms"));
+        // A request the client sent before it read the notice.
+        let late = exchange(&mut c.1, &mut c.0, Enc::frame(kind::PURGE, 5).str("q").finish()).await;
+        assert_eq!((late.kind, late.id), (kind::ERR, 5));
+        assert_eq!(err_text(&late), wire::NOT_HANDLED);
+        assert!(next(&mut c.0).await.is_none(), "closed after the grace");
     }
 }

@@ -24,6 +24,10 @@ pub(crate) const MAX_FRAME: usize = 256 << 20;
 /// unauthenticated client makes it allocate no more than this.
 pub(crate) const MAX_HELLO_FRAME: usize = 4 << 10;
 
+/// The `ERR` answer to a request that arrived on a connection the server is closing (for
+/// idleness): it was not handled, so the client sends it again on a new connection.
+pub(crate) const NOT_HANDLED: &str = "not handled: the server is closing this connection";
+
 /// Frame kinds.
 pub(crate) mod kind {
     pub(crate) const HELLO: u8 = 1;
