@@ -296,6 +296,55 @@ pub struct ServeArgs {
     /// Ask every client for a certificate signed by this PEM authority (mutual TLS).
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
+    /// Connections served at once; one more is refused with "too many connections (limit N)".
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a new connection has to present its HELLO (token).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
+    pub hello_timeout: f64,
+    /// Seconds a connection holding nothing (no consumer, stream member, delivery or pending
+    /// request) may stay silent before it is closed; clients reconnect on their next request.
+    #[arg(long, default_value_t = 300.0, value_parser = positive_seconds)]
+    pub idle_timeout: f64,
+    /// Requests of one connection handled at once (result waits and stream polls aside); at the
+    /// limit the server stops reading that connection until one is answered.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    /// Result waits and stream polls of one connection waiting at once.
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_waits: u32,
+    /// MiB of requests of one connection being handled at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub request_buffer_mib: u32,
+    /// MiB of answers and deliveries queued for one connection; a client that does not read them
+    /// stops being read from.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub reply_buffer_mib: u32,
+}
+
+/// A number of seconds above zero (at most a day).
+fn positive_seconds(s: &str) -> Result<f64, String> {
+    let secs: f64 = s.parse().map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if secs > 0.0 && secs <= 86_400.0 {
+        Ok(secs)
+    } else {
+        Err(format!("{s} is not between 0 (excluded) and 86400 seconds"))
+    }
+}
+
+impl ServeArgs {
+    /// The per-connection limits these options set.
+    pub fn limits(&self) -> broker_backends::log::ServerLimits {
+        broker_backends::log::ServerLimits {
+            max_connections: self.max_connections as usize,
+            hello_timeout: std::time::Duration::from_secs_f64(self.hello_timeout),
+            idle_timeout: std::time::Duration::from_secs_f64(self.idle_timeout),
+            max_in_flight: self.max_in_flight as usize,
+            max_waits: self.max_waits as usize,
+            request_bytes: (self.request_buffer_mib as usize) << 20,
+            reply_bytes: (self.reply_buffer_mib as usize) << 20,
+        }
+    }
 }
 
 /// `worker` options.
@@ -832,7 +881,7 @@ async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::
 
 /// `broker serve`: owns the directory, serves it over TCP until SIGINT/SIGTERM, then checkpoints.
 async fn serve(a: &ServeArgs) -> anyhow::Result<()> {
-    use broker_backends::log::{parse_url, serve_tcp, LogStore, ServerTls};
+    use broker_backends::log::{parse_url, serve_tcp_with, LogStore, ServerTls};
     let addr: std::net::SocketAddr =
         a.listen.parse().with_context(|| format!("--listen `{}` is not HOST:PORT", a.listen))?;
     if !addr.ip().is_loopback() && a.token.as_deref().unwrap_or("").is_empty() && a.tls_client_ca.is_none() {
@@ -850,7 +899,7 @@ async fn serve(a: &ServeArgs) -> anyhow::Result<()> {
     tracing::info!(data = %dir.display(), %addr, "broker serving {scheme}://{addr}");
     eprintln!("serving {} as {scheme}://{addr}", dir.display());
     tokio::select! {
-        _ = serve_tcp(store.clone(), listener, a.token.clone(), tls) => {}
+        _ = serve_tcp_with(store.clone(), listener, a.token.clone(), tls, a.limits()) => {}
         _ = shutdown_signal() => {}
     }
     store.sync().await?;
@@ -877,5 +926,36 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod serve_args_tests {
+    use super::*;
+    use clap::Parser;
+    use std::time::Duration;
+
+    fn serve_args(args: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let cli = Cli::try_parse_from([&["celery", "broker", "serve"], args].concat())?;
+        match cli.command {
+            Command::Broker(BrokerCommand::Serve(a)) => Ok(a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn broker_serve_limits_default_to_the_servers_and_are_checked() {
+        let defaults = serve_args(&[]).unwrap().limits();
+        assert_eq!(defaults, broker_backends::log::ServerLimits::default());
+        let set = serve_args(&["--max-connections", "20", "--idle-timeout", "1.5", "--reply-buffer-mib", "2"])
+            .unwrap()
+            .limits();
+        assert_eq!(
+            (set.max_connections, set.idle_timeout, set.reply_bytes),
+            (20, Duration::from_millis(1500), 2 << 20)
+        );
+        assert!(serve_args(&["--max-connections", "0"]).is_err());
+        let err = serve_args(&["--hello-timeout", "0"]).unwrap_err().to_string();
+        assert!(err.contains("not between 0 (excluded) and 86400 seconds"), "{err}");
     }
 }

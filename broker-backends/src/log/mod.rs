@@ -66,7 +66,7 @@ pub use error::LogError;
 pub use partition::{Fsync, NewRecord, Retention};
 pub use record::Record;
 pub use results::Compacted;
-pub use server::serve_tcp;
+pub use server::{serve_tcp, serve_tcp_with, ServerLimits};
 pub use store::{LogStore, StoreConfig, DEFAULT_MAX_RECORD};
 pub use stream::{Commit, StartFrom, StreamConsumer, StreamRecord};
 pub use tls::ServerTls;
@@ -912,17 +912,41 @@ impl LogStore {
     }
 
     /// Waits until `ready(doc)` holds for `id`'s document or `timeout` passes; returns the document.
+    /// The id's waiter entry goes when its last waiter does (a timeout, a cancelled wait, or a stored
+    /// result), so waits on ids that never get a result leave nothing behind.
     pub async fn wait_result(&self, id: &str, timeout: Duration, ready: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+        /// One waiter's hold on the id's entry; the last one to let go removes it.
+        struct Waiting<'a> {
+            store: &'a LogStore,
+            id: &'a str,
+            notify: Option<Arc<Notify>>,
+        }
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                let mut res = lock(&self.store.results);
+                // Clones are made and dropped under this lock, so the count is exact: the map's
+                // and this one mean no one else waits.
+                if let Some(mine) = self.notify.take() {
+                    if res.waiters.get(self.id).is_some_and(|n| Arc::ptr_eq(n, &mine)) && Arc::strong_count(&mine) == 2
+                    {
+                        res.waiters.remove(self.id);
+                    }
+                }
+            }
+        }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notify =
                 lock(&self.results).waiters.entry(id.to_owned()).or_insert_with(|| Arc::new(Notify::new())).clone();
-            let notified = notify.notified();
+            let waiting = Waiting { store: self, id, notify: Some(notify) };
+            let notified = waiting.notify.as_deref().map(Notify::notified);
             let cur = self.get_result(id);
             if cur.as_deref().is_some_and(&ready) || tokio::time::Instant::now() >= deadline {
                 return cur;
             }
-            let _ = tokio::time::timeout_at(deadline, notified).await;
+            if let Some(notified) = notified {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
         }
     }
 

@@ -165,12 +165,19 @@ impl RemoteClient {
         Ok(c)
     }
 
-    /// Sends a request built by `build` and returns the response body.
-    pub(crate) async fn call(&self, kind: u8, build: impl FnOnce(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
+    /// Sends a request built by `build` and returns the response body. A request the server did
+    /// not handle because it was closing the connection (idle) is sent again on a new one.
+    pub(crate) async fn call(&self, kind: u8, build: impl Fn(Enc) -> Enc) -> Result<Vec<u8>, BrokerError> {
         let c = self.conn().await?;
         let id = self.id();
-        let frame = build(Enc::frame(kind, id)).finish();
-        call_on(&c, id, frame).await
+        match call_on(&c, id, build(Enc::frame(kind, id)).finish()).await {
+            Err(BrokerError::Operation(m)) if m == wire::NOT_HANDLED => {
+                let c = self.conn().await?;
+                let id = self.id();
+                call_on(&c, id, build(Enc::frame(kind, id)).finish()).await
+            }
+            other => other,
+        }
     }
 
     /// Sends a request whose answer is a stream of pushed frames (`CONSUME`, `SUBSCRIBE`); they
@@ -221,14 +228,14 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
     tokio::spawn(async move {
         // Ends when every handle on the connection is gone: the stream is closed, so the server
         // returns the deliveries we held.
-        wire::write_frames(wr, rx).await;
+        wire::write_frames(wr, rx, None, std::future::pending()).await;
         alive_w.store(false, Ordering::Release);
     });
     let lost: Arc<Mutex<Option<String>>> = Arc::default();
     let (p2, pu2, alive_r, lost_r) = (pending.clone(), pushes.clone(), alive.clone(), lost.clone());
     tokio::spawn(async move {
         loop {
-            let frame = match wire::read_frame(&mut rd).await {
+            let frame = match wire::read_frame(&mut rd, wire::MAX_FRAME).await {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -245,8 +252,19 @@ fn start<S: AsyncRead + AsyncWrite + Send + 'static>(stream: S) -> Conn {
                 }
                 kind::ERR => {
                     let msg = Dec::new(&frame.body).str().unwrap_or_else(|_| "error".into());
-                    if let Some(w) = lock(&p2).remove(&frame.id) {
-                        let _ = w.send(Err(msg));
+                    match lock(&p2).remove(&frame.id) {
+                        Some(w) => {
+                            let _ = w.send(Err(msg));
+                        }
+                        // Id 0: why the server is closing the connection (an idle or HELLO timeout,
+                        // the connection limit, a bad frame). No new request goes this way; those
+                        // in flight fail with it, or are answered `NOT_HANDLED` and sent again.
+                        None if frame.id == 0 => {
+                            tracing::debug!(reason = %msg, "log client: the server is closing the connection");
+                            *lock(&lost_r) = Some(msg);
+                            alive_r.store(false, Ordering::Release);
+                        }
+                        None => {}
                     }
                 }
                 kind::DELIVERY => {
@@ -560,5 +578,85 @@ impl Drop for RemoteStream {
             let id = self.client.id();
             let _ = c.tx.send(Enc::frame(kind::STREAM_LEAVE, id).u64(h).finish());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::partition::tests::tempdir;
+    use crate::log::server::{serve_tcp_with, ServerLimits};
+
+    async fn serve(limits: ServerLimits) -> (String, tokio::task::JoinHandle<()>) {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        (addr, tokio::spawn(serve_tcp_with(store, listener, Some("t".into()), None, limits)))
+    }
+
+    async fn queue_len(c: &RemoteClient) -> Result<u64, BrokerError> {
+        read_u64(&c.call(kind::QUEUE_LEN, |e| e.str("q")).await?)
+    }
+
+    #[tokio::test]
+    async fn a_client_reconnects_after_the_server_closes_its_idle_connection() {
+        let limits = ServerLimits { idle_timeout: Duration::from_millis(200), ..ServerLimits::default() };
+        let (addr, server) = serve(limits).await;
+        let client = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        assert_eq!(queue_len(&client).await.unwrap(), 0);
+        let first = client.conn.lock().await.clone().unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while first.alive.load(Ordering::Acquire) {
+            assert!(tokio::time::Instant::now() < deadline, "the idle connection was not closed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let why = first.lost().to_string();
+        assert!(why.contains("idle for 200ms"), "{why}");
+        assert_eq!(queue_len(&client).await.unwrap(), 0, "the next request reconnects");
+        assert!(!Arc::ptr_eq(&first, client.conn.lock().await.as_ref().unwrap()));
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_over_the_connection_limit_is_told_the_limit() {
+        let (addr, server) = serve(ServerLimits { max_connections: 1, ..ServerLimits::default() }).await;
+        let first = RemoteClient::new(Target::Tcp(addr.clone(), None), "t".into(), None);
+        assert_eq!(queue_len(&first).await.unwrap(), 0);
+        let second = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        let err = queue_len(&second).await.unwrap_err();
+        assert!(matches!(err, BrokerError::Connection(_)), "a connection error, retried later: {err:?}");
+        assert!(err.to_string().contains("too many connections (limit 1)"), "{err}");
+        assert_eq!(queue_len(&first).await.unwrap(), 0, "the admitted client keeps working");
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_request_the_server_did_not_handle_is_sent_again_on_a_new_connection() {
+        use tokio::io::AsyncWriteExt;
+        // A server whose first connection closes for idleness as the request arrives.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            for attempt in 0..2 {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let hello = wire::read_frame(&mut s, wire::MAX_FRAME).await.unwrap().unwrap();
+                s.write_all(&Enc::frame(kind::OK, hello.id).finish()).await.unwrap();
+                let req = wire::read_frame(&mut s, wire::MAX_FRAME).await.unwrap().unwrap();
+                assert_eq!(req.kind, kind::QUEUE_LEN);
+                let answer = match attempt {
+                    0 => [
+                        Enc::frame(kind::ERR, 0).str("closing the connection: idle for 1s").finish(),
+                        Enc::frame(kind::ERR, req.id).str(wire::NOT_HANDLED).finish(),
+                    ]
+                    .concat(),
+                    _ => Enc::frame(kind::OK, req.id).u64(7).finish(),
+                };
+                s.write_all(&answer).await.unwrap();
+                s.shutdown().await.unwrap();
+            }
+        });
+        let client = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
+        assert_eq!(queue_len(&client).await.unwrap(), 7);
+        server.await.unwrap();
     }
 }

@@ -203,16 +203,34 @@ impl LogStore {
     }
 
     /// Listens on the directory's unix socket (once), so other processes that open the same
-    /// directory use this store through it.
+    /// directory use this store through it. The socket is its owner's only (mode 0600): other
+    /// local users cannot connect to it.
     pub fn serve_unix(self: &Arc<Self>) {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         self.served.call_once(|| {
             let path = super::socket_path(&self.dir);
             let _ = std::fs::remove_file(&path);
-            match tokio::net::UnixListener::bind(&path) {
+            // Bound in a private (0700) directory, made 0600, then moved into place: no one else
+            // can connect in between. A socket that cannot be made so is not served.
+            // (A name no longer than `broker.sock`: socket paths are limited to 107 bytes.)
+            let private = self.dir.join(format!(".s{:06x}", std::process::id() & 0xff_ffff));
+            let _ = std::fs::remove_dir_all(&private);
+            let listener = std::fs::DirBuilder::new().mode(0o700).create(&private).and_then(|()| {
+                let tmp = private.join("s");
+                let l = tokio::net::UnixListener::bind(&tmp)?;
+                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+                std::fs::rename(&tmp, &path)?;
+                Ok(l)
+            });
+            let _ = std::fs::remove_dir_all(&private);
+            match listener {
                 Ok(l) => {
                     tokio::spawn(super::server::serve_unix(Arc::downgrade(self), l));
                 }
-                Err(e) => tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it"),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it");
+                }
             }
         });
     }

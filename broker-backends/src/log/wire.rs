@@ -1,7 +1,8 @@
 //! The socket protocol of `log+tcp://` and of the directory's unix socket.
 //!
 //! A frame is `len u32 | version u8 | kind u8 | id u64 | body`, little-endian, `len` counting what
-//! follows it, at most [`MAX_FRAME`] (checked before allocating). Requests carry a client-chosen id;
+//! follows it, at most [`MAX_FRAME`] (checked before allocating; [`MAX_HELLO_FRAME`] on a server
+//! connection until its `HELLO`). Requests carry a client-chosen id;
 //! the response to a request carries the same id (`OK` or `ERR` with a message), so requests are
 //! pipelined. Deliveries to a consumer are pushed as `DELIVERY` frames whose id is the consumer id.
 
@@ -19,6 +20,13 @@ pub(crate) const VERSION: u8 = 2;
 pub(crate) const READ_BUFFER: usize = 64 << 10;
 /// The largest frame accepted.
 pub(crate) const MAX_FRAME: usize = 256 << 20;
+/// The largest frame a server accepts before `HELLO` (which carries only a token): an
+/// unauthenticated client makes it allocate no more than this.
+pub(crate) const MAX_HELLO_FRAME: usize = 4 << 10;
+
+/// The `ERR` answer to a request that arrived on a connection the server is closing (for
+/// idleness): it was not handled, so the client sends it again on a new connection.
+pub(crate) const NOT_HANDLED: &str = "not handled: the server is closing this connection";
 
 /// Frame kinds.
 pub(crate) mod kind {
@@ -196,21 +204,90 @@ impl Dec<'_> {
 }
 
 /// Writes the frames sent on `rx` in order, coalescing what is queued into one write of up to
-/// 1 MiB; when every sender is gone (or a write fails) it shuts the stream's write side.
-pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Vec<u8>>) {
-    while let Some(first) = rx.recv().await {
-        let mut buf = first;
-        while buf.len() < (1 << 20) {
+/// 1 MiB. It stops when every sender is gone, when a write fails or makes no progress for `stall`,
+/// or when `until` resolves (then it first writes what is queued: a refusal is sent before the
+/// close); either way it shuts the stream's write side. An item (a frame, or a frame with the
+/// budget it holds) is dropped once written.
+pub(crate) async fn write_frames<W, T>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<T>,
+    stall: Option<std::time::Duration>,
+    until: impl std::future::Future<Output = ()>,
+) where
+    W: AsyncWrite + Unpin,
+    T: AsRef<[u8]>,
+{
+    tokio::pin!(until);
+    let mut closing = false;
+    let mut buf = Vec::new();
+    let mut items = Vec::new();
+    loop {
+        let first = if closing {
+            rx.try_recv().ok()
+        } else {
+            tokio::select! {
+                biased;
+                item = rx.recv() => item,
+                _ = &mut until => {
+                    closing = true;
+                    rx.try_recv().ok()
+                }
+            }
+        };
+        let Some(first) = first else { break };
+        let mut len = first.as_ref().len();
+        items.push(first);
+        while len < (1 << 20) {
             match rx.try_recv() {
-                Ok(more) => buf.extend_from_slice(&more),
+                Ok(more) => {
+                    len += more.as_ref().len();
+                    items.push(more);
+                }
                 Err(_) => break,
             }
         }
-        if wr.write_all(&buf).await.is_err() {
+        let bytes: &[u8] = if items.len() == 1 {
+            items[0].as_ref()
+        } else {
+            buf.clear();
+            items.iter().for_each(|i| buf.extend_from_slice(i.as_ref()));
+            &buf
+        };
+        let written = match stall {
+            Some(stall) => write_progressing(&mut wr, bytes, stall).await,
+            None => wr.write_all(bytes).await,
+        };
+        items.clear();
+        if buf.capacity() > (4 << 20) {
+            buf = Vec::new();
+        }
+        if let Err(e) = written {
+            tracing::debug!(error = %e, "log: stopped writing to a connection");
             break;
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Writes all of `bytes`, failing when the peer takes none of them for `stall` (a slow reader
+/// that keeps reading is not cut, however long the whole write takes).
+async fn write_progressing<W: AsyncWrite + Unpin>(
+    wr: &mut W,
+    bytes: &[u8],
+    stall: std::time::Duration,
+) -> io::Result<()> {
+    let mut at = 0;
+    while at < bytes.len() {
+        match tokio::time::timeout(stall, wr.write(&bytes[at..])).await {
+            Ok(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(Ok(n)) => at += n,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, format!("the peer read nothing for {stall:?}")))
+            }
+        }
+    }
+    Ok(())
 }
 
 /// One frame read from a stream.
@@ -221,8 +298,10 @@ pub(crate) struct Frame {
     pub(crate) body: Vec<u8>,
 }
 
-/// Reads the next frame; `Ok(None)` at a clean end of stream.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
+/// Reads the next frame of at most `max` bytes (checked from the length word, before allocating);
+/// `Ok(None)` at a clean end of stream. A bad frame is an `InvalidData` error whose message names
+/// what is wrong (for an oversized frame: its length and the limit).
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> io::Result<Option<Frame>> {
     let mut head = [0u8; 4];
     match r.read_exact(&mut head).await {
         Ok(_) => {}
@@ -230,8 +309,11 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Op
         Err(e) => return Err(e),
     }
     let len = u32::from_le_bytes(head) as usize;
-    if !(10..=MAX_FRAME).contains(&len) {
-        return Err(bad(&format!("frame length {len}")));
+    if len > max {
+        return Err(bad(&format!("a frame of {len} bytes is over the limit of {max} bytes")));
+    }
+    if len < 10 {
+        return Err(bad(&format!("a frame of {len} bytes is shorter than its header")));
     }
     let mut buf = vec![0u8; len];
     r.read_exact(&mut buf).await?;
@@ -252,7 +334,7 @@ mod tests {
     async fn frames_roundtrip_and_bad_ones_are_refused() {
         let f = Enc::frame(kind::PUBLISH, 7).str("q").u32(1).i64(-1).bytes(b"k").opt_bytes(None).finish();
         let mut r = &f[..];
-        let got = read_frame(&mut r).await.unwrap().unwrap();
+        let got = read_frame(&mut r, MAX_FRAME).await.unwrap().unwrap();
         assert_eq!((got.kind, got.id), (kind::PUBLISH, 7));
         let mut d = Dec::new(&got.body);
         assert_eq!(d.str().unwrap(), "q");
@@ -260,10 +342,13 @@ mod tests {
         assert_eq!(d.opt_bytes().unwrap(), None);
         assert!(d.u8().is_err(), "reading past the end is an error, not a panic");
         let huge = (u32::MAX).to_le_bytes();
-        assert!(read_frame(&mut &huge[..]).await.is_err(), "oversized frames are refused before allocating");
+        let err = read_frame(&mut &huge[..], MAX_FRAME).await.unwrap_err();
+        assert!(err.to_string().contains(&format!("over the limit of {MAX_FRAME} bytes")), "{err}");
+        let err = read_frame(&mut &f[..], 8).await.unwrap_err();
+        assert!(err.to_string().contains("over the limit of 8 bytes"), "a frame is checked against the given limit");
         let mut wrong = f.clone();
         wrong[4] = 9;
-        assert!(read_frame(&mut &wrong[..]).await.is_err());
+        assert!(read_frame(&mut &wrong[..], MAX_FRAME).await.is_err());
     }
 
     #[test]
