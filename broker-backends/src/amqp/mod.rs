@@ -266,7 +266,8 @@ fn decode(props: &BasicProperties, data: &[u8]) -> Result<Message, ProtocolError
     if !headers.contains_key("task") {
         return Err(ProtocolError::MissingField("task"));
     }
-    let headers = Headers::from_json(&serde_json::Value::Object(headers))?;
+    let reply_to = props.reply_to().as_ref().map(|r| r.as_str());
+    let headers = Headers::from_json(&serde_json::Value::Object(headers)).map_err(|e| e.with_reply_to(reply_to))?;
     Ok(Message {
         properties: Properties {
             correlation_id: props
@@ -326,10 +327,23 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.consume_capped(queues, prefetch, usize::MAX).await
+    }
+
+    /// A delivery larger than the cap is handed out undecoded (lapin has buffered its body already:
+    /// AMQP sends the body after a content header that announces its size, and lapin reads it
+    /// whole); the worker dead-letters it with the reason.
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let mut c = AmqpConsumer {
             broker: self.clone(),
             queues: queues.to_vec(),
             prefetch,
+            max_message_size,
             stream: None,
             channel: None,
             stopped: false,
@@ -410,6 +424,7 @@ struct AmqpConsumer {
     broker: AmqpBroker,
     queues: Vec<String>,
     prefetch: usize,
+    max_message_size: usize,
     stream: Option<Stream>,
     channel: Option<Channel>,
     stopped: bool,
@@ -452,11 +467,16 @@ impl Consumer for AmqpConsumer {
             if let Some(s) = self.stream.as_mut() {
                 match s.next().await {
                     Some((queue, acks, Ok(d))) => {
-                        let message = decode(&d.properties, &d.data);
+                        let (size, limit) = (d.data.len(), self.max_message_size);
+                        let message = if size > limit {
+                            Err(ProtocolError::TooLarge { size, limit })
+                        } else {
+                            decode(&d.properties, &d.data)
+                        };
                         let settle =
                             AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
                         let redelivered = settle.delivery.redelivered;
-                        return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
+                        return Some(Delivery::new(message, queue, redelivered, Box::new(settle)).with_size(size));
                     }
                     Some((_, _, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
                     None if !self.stopped => {

@@ -83,7 +83,7 @@ impl RedisOptions {
                     if !(secs > 0.0 && secs.is_finite()) {
                         return Err(invalid("visibility_timeout must be positive".into()));
                     }
-                    opts.visibility_timeout = Duration::from_secs_f64(secs);
+                    opts.visibility_timeout = celery_core::clock::secs_f64(secs);
                 }
                 "global_keyprefix" => opts.key_prefix = v.to_owned(),
                 _ => keep.push(pair),
@@ -296,6 +296,16 @@ impl Broker for RedisBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.consume_capped(queues, prefetch, usize::MAX).await
+    }
+
+    /// Oversized envelopes are dead-lettered by the fetch script itself: their bodies never leave Redis.
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let c = RedisConsumer::start(
             self.client.clone(),
             self.conn.clone(),
@@ -303,6 +313,7 @@ impl Broker for RedisBroker {
             self.options.clone(),
             queues,
             prefetch,
+            max_message_size,
         )
         .await?;
         Ok(Box::new(c))
@@ -428,7 +439,7 @@ impl Broker for RedisBroker {
         let held: i64 = scripts::lease()
             .key(self.keys.lease(name))
             .arg(holder)
-            .arg(ttl.as_millis().max(1) as u64)
+            .arg(celery_core::clock::millis(celery_core::clock::ttl(ttl)).max(1))
             .invoke_async(&mut conn)
             .await
             .map_err(conn_error)?;
