@@ -313,3 +313,25 @@ async fn a_100_mb_message_never_reaches_the_worker() {
     let reason = serde_json::from_str::<Value>(&dead[0]).unwrap()["headers"][DEAD_LETTER_REASON].clone();
     assert!(reason.as_str().unwrap().contains("exceeds the limit of 16777216 bytes"), "{reason}");
 }
+
+/// The demo's `record` task appends whole lines: 16 concurrent tasks writing to one file never
+/// interleave (a line written in two calls, token then newline, could).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_record_task_appends_whole_lines() {
+    let dir = celery_tests::TempDir::new("record-lines");
+    let url = dir.url("");
+    let worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "16"]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let file = dir.0.join("tokens.txt").display().to_string();
+    let tokens: Vec<String> = (0..600).map(|i| format!("{i:04}-{}", "t".repeat(200))).collect();
+    let sigs = tokens.iter().map(|t| Signature::by_name("record").args(json!([file, t])));
+    let results = app.send_batch(sigs).await.unwrap();
+    for r in results {
+        r.get::<String>(Duration::from_secs(60)).await.unwrap();
+    }
+    let written = std::fs::read_to_string(&file).unwrap();
+    let mut lines: Vec<&str> = written.lines().collect();
+    lines.sort_unstable();
+    assert_eq!(lines, tokens.iter().map(String::as_str).collect::<Vec<_>>(), "lines were interleaved");
+}
