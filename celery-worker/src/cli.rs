@@ -311,6 +311,10 @@ pub struct WorkerArgs {
     /// Seconds running tasks get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     pub grace: f64,
+    /// Messages larger than this many bytes are dead-lettered unread (default: the app's
+    /// `max_message_size`, 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
     /// Do not store STARTED/RECEIVED states.
     #[arg(long)]
     pub without_track_started: bool,
@@ -453,10 +457,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency: a.concurrency.unwrap_or(defaults.concurrency),
                 prefetch_multiplier: a.prefetch_multiplier,
                 hostname: a.hostname.unwrap_or(defaults.hostname),
-                shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
+                shutdown_grace: celery_core::clock::secs_f64(a.grace),
                 track_started: !a.without_track_started,
                 events: a.events,
                 ..defaults
+            };
+            let app = match a.max_message_size {
+                Some(max_message_size) => {
+                    let config = celery_core::AppConfig { max_message_size, ..app.config().clone() };
+                    app.with_config(config)
+                }
+                None => app,
             };
             if let Some(addr) = a.metrics {
                 crate::metrics::serve(addr).with_context(|| format!("serving metrics on {addr}"))?;

@@ -335,3 +335,20 @@ async fn the_demo_record_task_appends_whole_lines() {
     lines.sort_unstable();
     assert_eq!(lines, tokens.iter().map(String::as_str).collect::<Vec<_>>(), "lines were interleaved");
 }
+
+/// `worker --max-message-size` sets the cap of a CLI worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_flag_sets_the_cap() {
+    let dir = celery_tests::TempDir::new("cap-flag");
+    let url = dir.url("");
+    let worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2", "--max-message-size", "4096"]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let file = dir.0.join("tokens.txt").display().to_string();
+    let big = app.send(Signature::by_name("record").args(json!([file, "b".repeat(10_000)]))).await.unwrap();
+    let small = app.send(Signature::by_name("record").args(json!([file, "small"]))).await.unwrap();
+    assert_eq!(small.get::<String>(T).await.unwrap(), "small");
+    assert!(worker.wait_log("exceeds the limit of 4096 bytes", T), "{}", worker.log());
+    assert_eq!(big.state().await.unwrap(), TaskState::Pending);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "small\n");
+}
