@@ -122,7 +122,7 @@ impl Schedule {
     pub fn parse_interval(s: &str) -> Result<Duration, ScheduleError> {
         let s = s.trim();
         let d = match s.parse::<f64>() {
-            Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+            Ok(secs) if secs.is_finite() && secs > 0.0 => crate::clock::secs_f64(secs),
             Ok(_) => return Err(ScheduleError::Interval(s.to_owned())),
             Err(_) => humantime::parse_duration(s).map_err(|_| ScheduleError::Interval(s.to_owned()))?,
         };
@@ -303,6 +303,7 @@ mod tests {
         let s = Schedule::every(Duration::MAX);
         let anchor = utc(2026, 1, 1, 0, 0, 0);
         assert_eq!(s.next_after(anchor), None, "never due again (no wrapped interval)");
+        assert_eq!(Schedule::parse_interval("1e300").unwrap(), Duration::MAX, "not a panic");
         let s = Schedule::every(Duration::from_millis(u64::MAX));
         let due = s.latest_due(anchor - chrono::Duration::days(1), anchor);
         assert!(due.is_none_or(|(t, n)| t <= anchor && n == 0), "{due:?}");

@@ -16,7 +16,6 @@
 //! `--json` the last line of stdout is `{"id", "state", "result", "error"}`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use celery_core::{AsyncResult, Signature, TaskMeta, TaskState};
@@ -513,7 +512,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let (replies, reach) = match &c {
                 ControlCommand::Revoke { ids, terminate, reach } => {
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+                    let timeout = celery_core::clock::secs_f64(reach.timeout);
                     (crate::control::revoke(&app, &ids, *terminate, reach.destination.clone(), timeout).await?, reach)
                 }
                 ControlCommand::RateLimit { task, rate, reach } => {
@@ -565,7 +564,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(kwargs.is_object(), "--kwargs must be a JSON object, like '{{\"x\": 1}}'");
             let mut sig = Signature::by_name(&a.task).args(args).kwargs(kwargs);
             if let Some(c) = a.countdown {
-                sig = sig.countdown(Duration::from_secs_f64(c.max(0.0)));
+                sig = sig.countdown(celery_core::clock::secs_f64(c));
             }
             if let Some(eta) = &a.eta {
                 let t = chrono::DateTime::parse_from_rfc3339(eta)
@@ -573,7 +572,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 sig = sig.eta(t.with_timezone(&chrono::Utc));
             }
             if let Some(e) = a.expires {
-                sig = sig.expires_in(Duration::from_secs_f64(e.max(0.0)));
+                sig = sig.expires_in(celery_core::clock::secs_f64(e));
             }
             if let Some(q) = a.queue {
                 sig = sig.queue(q);
@@ -628,8 +627,8 @@ fn beat(app: celery_core::App, a: &BeatRunArgs) -> anyhow::Result<crate::beat::B
     anyhow::ensure!(a.late_after.is_finite() && a.late_after >= 0.0, "--late-after must be positive");
     let cfg = BeatConfig {
         name: a.beat_name.clone(),
-        lease: Duration::from_secs_f64(a.lease),
-        late_after: Duration::from_secs_f64(a.late_after),
+        lease: celery_core::clock::secs_f64(a.lease),
+        late_after: celery_core::clock::secs_f64(a.late_after),
         ..BeatConfig::default()
     };
     let entries = match &a.schedule {
@@ -735,7 +734,7 @@ async fn remote(
     args: Value,
     reach: &Reach,
 ) -> anyhow::Result<Vec<(String, Value)>> {
-    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+    let timeout = celery_core::clock::secs_f64(reach.timeout);
     Ok(crate::control::request(app, method, args, reach.destination.clone(), timeout).await?)
 }
 
@@ -793,7 +792,7 @@ struct Report<'a> {
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
-        Some(secs) => res.wait(Duration::from_secs_f64(secs.max(0.0))).await.ok().or(res.info().await?),
+        Some(secs) => res.wait(celery_core::clock::secs_f64(secs)).await.ok().or(res.info().await?),
         None => res.info().await?,
     };
     let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);

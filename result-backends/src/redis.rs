@@ -235,7 +235,7 @@ impl ResultBackend for RedisBackend {
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
         let key = self.key(task_id);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.register(&key).await;
         let mut backoff = celery_core::backoff::Reconnect::default();
         let result = async {

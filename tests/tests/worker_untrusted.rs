@@ -178,6 +178,12 @@ macro_rules! each_broker {
                 async fn $name() { super::$name(super::Target::log()).await }
             )*
         }
+        mod log_tcp_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Target::log_tcp().await).await }
+            )*
+        }
         mod redis_broker {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -257,6 +263,8 @@ async fn huge_times_saturate(t: Target) {
     let far = app.send(sig).await.unwrap();
     assert_eq!(app.send(u_add::new(2, 2)).await.unwrap().get::<i64>(T).await.unwrap(), 4);
     assert_ne!(far.state().await.unwrap(), TaskState::Success, "a huge countdown is far away, not now");
+    let waited = app.send(u_add::new(3, 4)).await.unwrap().get::<i64>(Duration::MAX).await;
+    assert_eq!(waited.unwrap(), 7, "get() with the longest timeout");
     w.stop().await;
 }
 
@@ -351,4 +359,18 @@ async fn the_worker_flag_sets_the_cap() {
     assert!(worker.wait_log("exceeds the limit of 4096 bytes", T), "{}", worker.log());
     assert_eq!(big.state().await.unwrap(), TaskState::Pending);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "small\n");
+}
+
+/// The CLI's times saturate too: `send --countdown 1e400 --expires 1e400` sends (no panic).
+#[test]
+fn the_cli_takes_huge_times() {
+    let dir = celery_tests::TempDir::new("cli-huge");
+    let url = dir.url("");
+    let out = std::process::Command::new(celery_tests::demo_bin())
+        .args(["send", "add", "--args", "[1, 2]", "--countdown", "1e400", "--expires", "1e400"])
+        .env("CELERY_BROKER_URL", &url)
+        .env("CELERY_RESULT_BACKEND", &url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -309,7 +309,7 @@ impl LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.wait_result(id, timeout, server::is_ready).await),
             Inner::Remote(c) => {
-                let deadline = tokio::time::Instant::now() + timeout;
+                let deadline = celery_core::clock::instant_after(timeout);
                 loop {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now()).min(remote::MAX_WAIT);
                     let doc = remote::read_opt(
@@ -855,7 +855,7 @@ impl LogStore {
 
     /// Waits until `ready(doc)` holds for `id`'s document or `timeout` passes; returns the document.
     pub async fn wait_result(&self, id: &str, timeout: Duration, ready: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = celery_core::clock::instant_after(timeout);
         loop {
             let notify =
                 lock(&self.results).waiters.entry(id.to_owned()).or_insert_with(|| Arc::new(Notify::new())).clone();
