@@ -561,6 +561,21 @@ impl Message {
     }
 }
 
+/// The largest encoded payload (what a broker holds: Kombu's JSON envelope, a log record, an AMQP
+/// body) of a message that passes [`Message::check_size`] with `limit`: twice the limit plus
+/// 64 KiB, which covers a base64 body (a third larger), the headers' JSON punctuation and the
+/// envelope's own fields. A worker refuses larger payloads unread, so nothing a sender with the
+/// same limit accepted is refused, and what a worker reads stays bounded.
+///
+/// ```
+/// use celery_core::protocol::max_encoded_size;
+/// assert_eq!(max_encoded_size(16 * 1024 * 1024), 32 * 1024 * 1024 + 64 * 1024);
+/// assert_eq!(max_encoded_size(usize::MAX), usize::MAX);
+/// ```
+pub fn max_encoded_size(limit: usize) -> usize {
+    limit.saturating_mul(2).saturating_add(64 * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

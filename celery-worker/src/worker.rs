@@ -2,8 +2,10 @@
 //! then settle the delivery (ack after execute by default).
 //!
 //! What happens to a delivery:
-//! - larger than [`AppConfig::max_message_size`](celery_core::AppConfig::max_message_size): never
-//!   decoded (on Redis never even read: the broker dead-letters it while fetching);
+//! - a payload larger than [`max_encoded_size`] of
+//!   [`AppConfig::max_message_size`](celery_core::AppConfig::max_message_size) (what that limit
+//!   allows once encoded): never decoded (on Redis never even read: the broker dead-letters it
+//!   while fetching);
 //! - undecodable (headers that do not parse but name an id included), unregistered task, or
 //!   arguments that do not fit: never run; FAILURE stored (when the id is known) and the message
 //!   dead-lettered to `<queue>.dead` with the reason; nothing it carries is acted on (no callbacks,
@@ -26,7 +28,7 @@ use std::time::Duration;
 
 use celery_core::backend::TaskMeta;
 use celery_core::backoff::retry_countdown;
-use celery_core::protocol::Message;
+use celery_core::protocol::{max_encoded_size, Message};
 use celery_core::registry::{self, TaskEntry};
 use celery_core::routing::Route;
 use celery_core::task::{TaskArgs, TaskErrorKind};
@@ -205,7 +207,7 @@ impl Worker {
     /// Runs until `shutdown` resolves, then shuts down gracefully.
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let cfg = self.config;
-        let cap = self.app.config().max_message_size;
+        let cap = max_encoded_size(self.app.config().max_message_size);
         let mut consumer = self.app.broker().consume_capped(&cfg.queues, cfg.prefetch(), cap).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
@@ -330,7 +332,7 @@ async fn requeue(w: &Shared, d: Delivery) {
 }
 
 async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
-    let limit = w.app.config().max_message_size;
+    let limit = max_encoded_size(w.app.config().max_message_size);
     if let Some(size) = d.size().filter(|s| *s > limit) {
         // Never decoded: its size alone rejects it.
         let reason = ProtocolError::TooLarge { size, limit }.to_string();

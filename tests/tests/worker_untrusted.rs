@@ -109,9 +109,13 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
     let limit = 64 * 1024;
     let capped = app.clone().with_config(AppConfig { max_message_size: limit, ..AppConfig::default() });
     let w = Running::start(&capped, 2, 1);
-    let big = app.send(u_echo::new("x".repeat(200_000)).link_error(mark(token()))).await.unwrap();
+    let big = app.send(u_echo::new("x".repeat(300_000)).link_error(mark(token()))).await.unwrap();
     let small = app.send(u_echo::new("y".repeat(1_000))).await.unwrap();
+    // Just within the limit at send time: its encoded form (a base64 body on Redis) is larger,
+    // and still within what the worker accepts.
+    let near = capped.send(u_echo::new("z".repeat(limit - 200))).await.unwrap();
     assert_eq!(small.get::<usize>(T).await.unwrap(), 1_000, "the worker goes on");
+    assert_eq!(near.get::<usize>(T).await.unwrap(), limit - 200, "accepted at send, accepted by the worker");
     assert_eq!(app.send(u_add::new(2, 3)).await.unwrap().get::<i64>(T).await.unwrap(), 5);
     let reasons = async {
         loop {
@@ -124,9 +128,10 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
     };
     let reasons = tokio::time::timeout(T, reasons).await.expect("the big message is dead-lettered");
     assert_eq!(reasons.len(), 1, "{reasons:?}");
-    assert!(reasons[0].contains("exceeds the limit of 65536 bytes"), "{reasons:?}");
+    let wire_limit = celery_core::protocol::max_encoded_size(limit);
+    assert!(reasons[0].contains(&format!("exceeds the limit of {wire_limit} bytes")), "{reasons:?}");
     let size: usize = reasons[0].split_whitespace().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
-    assert!(size > 200_000, "the reason names the size: {reasons:?}");
+    assert!(size > 300_000, "the reason names the size: {reasons:?}");
     assert_eq!(big.state().await.unwrap(), TaskState::Pending, "never decoded, never run");
     w.stop().await;
     assert_eq!(app.broker().queue_len("celery").await.unwrap(), 0);
@@ -316,10 +321,10 @@ async fn a_100_mb_message_never_reaches_the_worker() {
         .unwrap();
     eprintln!("demo worker peak RSS {} MiB after a {} MiB message", peak_kb / 1024, size / (1024 * 1024));
     assert!(peak_kb * 1024 < (size / 2) as u64, "peak RSS {peak_kb} kB: the body reached the worker");
-    assert!(worker.log().contains("exceeds the limit of 16777216 bytes"), "{}", worker.log());
+    assert!(worker.log().contains("exceeds the limit of 33619968 bytes"), "{}", worker.log());
     let dead: Vec<String> = env.conn().lrange(env.key("celery.dead"), 0, -1).unwrap();
     let reason = serde_json::from_str::<Value>(&dead[0]).unwrap()["headers"][DEAD_LETTER_REASON].clone();
-    assert!(reason.as_str().unwrap().contains("exceeds the limit of 16777216 bytes"), "{reason}");
+    assert!(reason.as_str().unwrap().contains("exceeds the limit of 33619968 bytes"), "{reason}");
 }
 
 /// The demo's `record` task appends whole lines: 16 concurrent tasks writing to one file never
@@ -353,10 +358,11 @@ async fn the_worker_flag_sets_the_cap() {
     assert!(worker.wait_log("worker ready", T), "{}", worker.log());
     let app = celery_worker::connect(&url, &url).await.unwrap();
     let file = dir.0.join("tokens.txt").display().to_string();
-    let big = app.send(Signature::by_name("record").args(json!([file, "b".repeat(10_000)]))).await.unwrap();
+    let big = app.send(Signature::by_name("record").args(json!([file, "b".repeat(200_000)]))).await.unwrap();
     let small = app.send(Signature::by_name("record").args(json!([file, "small"]))).await.unwrap();
     assert_eq!(small.get::<String>(T).await.unwrap(), "small");
-    assert!(worker.wait_log("exceeds the limit of 4096 bytes", T), "{}", worker.log());
+    let wire_limit = celery_core::protocol::max_encoded_size(4096);
+    assert!(worker.wait_log(&format!("exceeds the limit of {wire_limit} bytes"), T), "{}", worker.log());
     assert_eq!(big.state().await.unwrap(), TaskState::Pending);
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "small\n");
 }
