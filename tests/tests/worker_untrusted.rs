@@ -25,6 +25,12 @@ async fn u_echo(s: String) -> usize {
     s.len()
 }
 
+/// Acked before it runs: a rejection of its arguments has nothing left to dead-letter.
+#[task(acks_late = false)]
+async fn u_early(x: i64) -> i64 {
+    x
+}
+
 #[task]
 async fn u_fails() -> Result<u32, TaskError> {
     Err(TaskError::new("ValueError", "fails on purpose"))
@@ -151,13 +157,14 @@ async fn rejected_messages_trigger_nothing(t: Target) {
     let app = t.app().await;
     // One at a time, in queue order: whatever a rejected message sent would run before the control.
     let w = Running::start(&app, 1, 1);
-    let (a, b, c, d, e, control) = (token(), token(), token(), token(), token(), token());
+    let (a, b, c, d, e, f, control) = (token(), token(), token(), token(), token(), token(), token());
     let unknown = Signature::by_name("u_no_such_task").args(json!([1])).link(mark(a)).link_error(mark(b));
     let unknown = app.send(unknown).await.unwrap();
     let bad_args = app.send(Signature::by_name("u_add").args(json!(["two", 3])).link_error(mark(c))).await.unwrap();
+    let early = app.send(Signature::by_name("u_early").args(json!(["nope"])).link_error(mark(f))).await.unwrap();
     let member = Signature::by_name("u_no_such_task").args(json!([2]));
     let chord = app.send_chord([u_add::new(1, 1), member], mark(d).link_error(mark(e))).await.unwrap();
-    for r in [&unknown, &bad_args] {
+    for r in [&unknown, &bad_args, &early] {
         match r.get::<Value>(T).await {
             Err(ResultError::Failed { exc_type, .. }) => assert_eq!(exc_type, "RejectedMessage"),
             other => panic!("expected FAILURE, got {other:?}"),
@@ -166,9 +173,14 @@ async fn rejected_messages_trigger_nothing(t: Target) {
     let failing = app.send(u_fails::new().link_error(mark(control))).await.unwrap();
     assert!(failing.get::<u32>(T).await.is_err());
     assert!(wait_until(T, || marked(control)), "a real failure sends its errback");
-    for (what, tok) in
-        [("callback", a), ("errback", b), ("bad arguments' errback", c), ("chord body", d), ("chord errback", e)]
-    {
+    for (what, tok) in [
+        ("callback", a),
+        ("errback", b),
+        ("bad arguments' errback", c),
+        ("chord body", d),
+        ("chord errback", e),
+        ("early task's errback", f),
+    ] {
         assert!(!marked(tok), "a rejected message sent its {what}");
     }
     assert_eq!(chord.state().await.unwrap(), TaskState::Pending, "a rejected member completes no chord");
