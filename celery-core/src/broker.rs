@@ -271,6 +271,12 @@ impl Delivery {
         })
     }
 
+    /// Why the message could not be decoded, when that is known already (never decodes: `None` for
+    /// a delivery not decoded yet, or decoded fine).
+    pub fn decoded_error(&self) -> Option<&ProtocolError> {
+        self.decoded.as_ref()?.as_ref().err()
+    }
+
     /// Moves the decoded message out (the delivery keeps an error in its place).
     pub fn take_message(&mut self) -> Result<Message, ProtocolError> {
         self.message();

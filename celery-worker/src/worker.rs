@@ -334,22 +334,17 @@ async fn requeue(w: &Shared, d: Delivery) {
 async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
     let limit = max_encoded_size(w.app.config().max_message_size);
     if let Some(size) = d.size().filter(|s| *s > limit) {
-        // Never decoded: its size alone rejects it.
+        // Never decoded: its size alone rejects it (its id is known when the broker read it apart).
         let reason = ProtocolError::TooLarge { size, limit }.to_string();
-        Box::pin(reject(&w, d, None, &reason)).await;
+        let known = d.decoded_error().cloned();
+        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &reason)).await;
         return;
     }
     let msg = match d.take_message() {
         Ok(m) => m,
         Err(e) => {
             let reason = format!("undecodable message: {e}");
-            let known = match &e {
-                ProtocolError::InvalidHeaders { id, task, reply_to, .. } => {
-                    Some(Rejected { id, task: task.as_deref(), reply_to: reply_to.as_deref() })
-                }
-                _ => None,
-            };
-            Box::pin(reject(&w, d, known, &reason)).await;
+            Box::pin(reject(&w, d, Rejected::named_by(&e), &reason)).await;
             return;
         }
     };
@@ -674,6 +669,16 @@ struct Rejected<'a> {
 impl<'a> Rejected<'a> {
     fn of(msg: &'a Message) -> Rejected<'a> {
         Rejected { id: &msg.headers.id, task: Some(&msg.headers.task), reply_to: msg.properties.reply_to.as_deref() }
+    }
+
+    /// The task a decoding error still names ([`ProtocolError::InvalidHeaders`]).
+    fn named_by(e: &'a ProtocolError) -> Option<Rejected<'a>> {
+        match e {
+            ProtocolError::InvalidHeaders { id, task, reply_to, .. } => {
+                Some(Rejected { id, task: task.as_deref(), reply_to: reply_to.as_deref() })
+            }
+            _ => None,
+        }
     }
 }
 

@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
-use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
+use celery_core::protocol::{
+    check_content_type, lenient_task_id, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
@@ -469,7 +471,19 @@ impl Consumer for AmqpConsumer {
                     Some((queue, acks, Ok(d))) => {
                         let (size, limit) = (d.data.len(), self.max_message_size);
                         let message = if size > limit {
-                            Err(ProtocolError::TooLarge { size, limit })
+                            // The headers come apart from the body: the caller can be told.
+                            let too_large = ProtocolError::TooLarge { size, limit };
+                            let headers = d.properties.headers().as_ref().map(fields::from_table).unwrap_or_default();
+                            let headers = serde_json::Value::Object(headers);
+                            Err(match lenient_task_id(&headers) {
+                                Some(id) => ProtocolError::InvalidHeaders {
+                                    id,
+                                    task: headers.get("task").and_then(|t| t.as_str()).map(str::to_owned),
+                                    reply_to: d.properties.reply_to().as_ref().map(|r| r.as_str().to_owned()),
+                                    error: Box::new(too_large),
+                                },
+                                None => too_large,
+                            })
                         } else {
                             decode(&d.properties, &d.data)
                         };

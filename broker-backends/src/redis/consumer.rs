@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::broker::{dead_letter_queue, Settle, Settled};
-use celery_core::protocol::Message;
+use celery_core::protocol::{lenient_task_id, Message};
 use celery_core::{BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use futures::future::select_all;
@@ -269,7 +269,14 @@ async fn fetch_loop(
                     .unwrap_or_default();
                 let size = usize::try_from(size).unwrap_or(usize::MAX);
                 tracing::warn!(%queue, size, limit = max_message_size, "redis: oversized message dead-lettered unread");
-                let message = Err(ProtocolError::TooLarge { size, limit: max_message_size });
+                let too_large = ProtocolError::TooLarge { size, limit: max_message_size };
+                let id = redis::from_redis_value_ref::<String>(&chunk[2]).ok().filter(|id| !id.is_empty());
+                let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
+                    Some(id) => {
+                        ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) }
+                    }
+                    None => too_large,
+                });
                 let d = Delivery::new(message, queue, false, Box::new(Settled)).with_size(size);
                 if tx.send(d).await.is_err() {
                     return;

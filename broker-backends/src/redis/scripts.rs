@@ -16,7 +16,9 @@ use redis::Script;
 /// body, the reason and queue in the headers), and the reply carries only its size.
 /// KEYS: unacked, unacked_index, lists..., then one dead-letter list per list;
 /// ARGV: now, n, tag prefix, first sequence, max, routing keys...
-/// Returns triples: (list index, envelope, tag), or (list index, size, "") for a dead-lettered one.
+/// Returns triples: (list index, envelope, tag), or (list index, size, task id or "") for a
+/// dead-lettered one: the id is the `correlation_id` found in the envelope's last 64 KiB (where
+/// Kombu's envelopes keep their properties, after the body), so its caller can be told.
 pub(crate) fn fetch() -> Script {
     Script::new(
         r#"
@@ -40,9 +42,10 @@ for i = 3, 2 + lists do
           .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '},"properties":'
           .. '{"body_encoding":"utf-8","delivery_info":{"exchange":"","routing_key":' .. rk .. '}}}'
         redis.call('LPUSH', KEYS[i + lists], dead)
+        local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
         out[#out + 1] = i - 3
         out[#out + 1] = size
-        out[#out + 1] = ''
+        out[#out + 1] = id or ''
       else
         local tag = ARGV[3] .. seq
         seq = seq + 1
