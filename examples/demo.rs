@@ -75,11 +75,16 @@ async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
     Ok(ctx.retries())
 }
 
-/// Appends `token` and a newline to the file at `path`; returns `token`.
+/// Appends `token` and a newline to the file at `path`; returns `token`. The line is one buffer
+/// written with one `write_all` to a file opened with `O_APPEND`, so lines of concurrent tasks never
+/// interleave (`writeln!` would write the token and the newline separately).
 #[task]
 fn record(path: String, token: String) -> Result<String, TaskError> {
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
-    writeln!(f, "{token}")?;
+    let mut line = String::with_capacity(token.len() + 1);
+    line.push_str(&token);
+    line.push('\n');
+    f.write_all(line.as_bytes())?;
     Ok(token)
 }
 

@@ -138,7 +138,8 @@ pub(crate) fn decode(raw: &[u8]) -> Decoded {
         if headers_v.get("task").is_none() {
             return Err(ProtocolError::MissingField("task"));
         }
-        decode_envelope(&env, Headers::from_json(headers_v)?)
+        let reply_to = env.properties.as_ref().and_then(|p| p.reply_to.as_deref());
+        decode_envelope(&env, Headers::from_json(headers_v).map_err(|e| e.with_reply_to(reply_to))?)
     })();
     Decoded { message, redelivered }
 }

@@ -125,7 +125,7 @@ impl Broker for MemoryBroker {
         let mut st = self.inner.lock();
         let free = st.leases.get(name).is_none_or(|(h, exp)| h == holder || *exp <= now);
         if free {
-            st.leases.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+            st.leases.insert(name.to_owned(), (holder.to_owned(), now + celery_core::clock::ttl(ttl)));
         }
         Ok(free)
     }

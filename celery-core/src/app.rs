@@ -23,7 +23,9 @@ use crate::state::TaskState;
 pub struct AppConfig {
     /// The queue of tasks that name none (default `celery`).
     pub default_queue: String,
-    /// Messages larger than this are refused at send time (default 16 MiB).
+    /// Messages larger than this are refused at send time, and a worker dead-letters payloads larger
+    /// than what this allows once encoded ([`max_encoded_size`](crate::protocol::max_encoded_size))
+    /// without decoding them (default 16 MiB; `worker --max-message-size`).
     pub max_message_size: usize,
     /// How long an idempotency key returns its first task (default one day).
     pub idempotency_window: Duration,

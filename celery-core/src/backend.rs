@@ -175,7 +175,7 @@ pub async fn wait_notified(
     timeout: Duration,
     mut read: impl FnMut() -> Option<TaskMeta>,
 ) -> Option<TaskMeta> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::clock::instant_after(timeout);
     loop {
         let notified = notify.notified();
         let cur = read();

@@ -23,12 +23,12 @@ pub fn retry_countdown(options: &TaskOptions, retries: u32, explicit: Option<Dur
         return c;
     }
     let Some(factor) = options.retry_backoff else {
-        return Duration::from_secs_f64(options.default_retry_delay.max(0.0));
+        return crate::clock::secs_f64(options.default_retry_delay);
     };
     let exp = 2f64.powi(retries.min(62) as i32);
     let cap = (factor * exp).min(options.retry_backoff_max).max(0.0);
     let secs = if options.retry_jitter { rand::random::<f64>() * cap } else { cap };
-    Duration::from_secs_f64(secs)
+    crate::clock::secs_f64(secs)
 }
 
 #[cfg(test)]
@@ -46,6 +46,21 @@ mod tests {
         o.retry_backoff = None;
         assert_eq!(retry_countdown(&o, 0, None), Duration::from_secs(180));
         assert_eq!(retry_countdown(&o, 0, Some(Duration::from_millis(5))), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn huge_or_nan_settings_saturate() {
+        let mut o = TaskOptions::new("t");
+        o.default_retry_delay = f64::INFINITY;
+        assert_eq!(retry_countdown(&o, 0, None), Duration::MAX);
+        o.default_retry_delay = f64::NAN;
+        assert_eq!(retry_countdown(&o, 0, None), Duration::ZERO);
+        o.retry_backoff = Some(1e300);
+        o.retry_backoff_max = f64::INFINITY;
+        o.retry_jitter = false;
+        assert_eq!(retry_countdown(&o, u32::MAX, None), Duration::MAX);
+        o.retry_backoff = Some(-5.0);
+        assert_eq!(retry_countdown(&o, 3, None), Duration::ZERO);
     }
 }
 

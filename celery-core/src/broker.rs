@@ -49,6 +49,22 @@ pub trait Broker: Send + Sync + Debug {
     /// Starts consuming `queues` (in priority order) with at most `prefetch` unsettled deliveries.
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError>;
 
+    /// Like [`Broker::consume`], refusing messages larger than `max_message_size` bytes: a broker
+    /// that can tell a message's size before reading it dead-letters a larger one itself, with a
+    /// reason naming the size and the limit, and hands out only a delivery whose
+    /// [`Delivery::size`] says so (its message is a [`ProtocolError::TooLarge`]; settling it does
+    /// nothing more). Others hand it out as usual, with its size, and the worker dead-letters it
+    /// before decoding it. The default ignores the limit.
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        let _ = max_message_size;
+        self.consume(queues, prefetch).await
+    }
+
     /// Deletes every ready message of `queue`; returns how many.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
 
@@ -216,6 +232,7 @@ pub struct Delivery {
     /// True when it was delivered before and not acked (for a [`Delivery::lazy`] one, what the
     /// payload says is added once it is decoded).
     pub redelivered: bool,
+    size: Option<usize>,
     settle: Box<dyn Settle>,
 }
 
@@ -226,6 +243,7 @@ impl std::fmt::Debug for Delivery {
             .field("decoded", &self.raw.is_none())
             .field("queue", &self.queue)
             .field("redelivered", &self.redelivered)
+            .field("size", &self.size)
             .finish()
     }
 }
@@ -242,13 +260,25 @@ impl Delivery {
         redelivered: bool,
         settle: Box<dyn Settle>,
     ) -> Delivery {
-        Delivery { decoded: Some(message), raw: None, queue, redelivered, settle }
+        Delivery { decoded: Some(message), raw: None, queue, redelivered, size: None, settle }
     }
 
     /// A delivery decoded on first use ([`Delivery::message`], [`Delivery::take_message`]): where
     /// its task runs, not in the loop that takes deliveries, so decoding runs in parallel.
     pub fn lazy(decode: Decoder, queue: String, redelivered: bool, settle: Box<dyn Settle>) -> Delivery {
-        Delivery { decoded: None, raw: Some(decode), queue, redelivered, settle }
+        Delivery { decoded: None, raw: Some(decode), queue, redelivered, size: None, settle }
+    }
+
+    /// The same delivery, saying its payload is `bytes` long (what the worker checks against its
+    /// size cap before decoding anything).
+    pub fn with_size(mut self, bytes: usize) -> Delivery {
+        self.size = Some(bytes);
+        self
+    }
+
+    /// The payload's size in bytes, when the broker told it.
+    pub fn size(&self) -> Option<usize> {
+        self.size
     }
 
     /// The decoded message (decoded now if it was not yet), or why it could not be decoded.
@@ -259,6 +289,12 @@ impl Delivery {
             *redelivered |= again;
             message
         })
+    }
+
+    /// Why the message could not be decoded, when that is known already (never decodes: `None` for
+    /// a delivery not decoded yet, or decoded fine).
+    pub fn decoded_error(&self) -> Option<&ProtocolError> {
+        self.decoded.as_ref()?.as_ref().err()
     }
 
     /// Moves the decoded message out (the delivery keeps an error in its place).
@@ -297,3 +333,24 @@ pub fn dead_letter_queue(queue: &str) -> String {
 pub const DEAD_LETTER_REASON: &str = "x-dead-letter-reason";
 /// The header that carries a dead letter's original queue.
 pub const DEAD_LETTER_QUEUE: &str = "x-dead-letter-queue";
+
+/// How a delivery the broker settled already (dead-lettered while fetching it) is settled: every
+/// operation is done.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Settled;
+
+#[async_trait]
+impl Settle for Settled {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    async fn defer(&self, _msg: &Message, _until: DateTime<Utc>) -> Result<(), BrokerError> {
+        Ok(())
+    }
+    async fn dead_letter(&self, _reason: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+}

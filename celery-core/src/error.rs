@@ -33,6 +33,42 @@ pub enum ProtocolError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A task message whose headers do not parse, though its task id could be read: the worker
+    /// stores FAILURE for that id (so a waiting caller fails fast) before dead-lettering it.
+    #[error("{error} (task id `{id}`)")]
+    InvalidHeaders {
+        /// The task id, read leniently.
+        id: String,
+        /// The task name, when it could be read.
+        task: Option<String>,
+        /// The caller's reply queue (rpc results), when the broker knows it.
+        reply_to: Option<String>,
+        /// Why the headers do not parse.
+        error: Box<ProtocolError>,
+    },
+}
+
+impl ProtocolError {
+    /// The task id a malformed message still names ([`ProtocolError::InvalidHeaders`]).
+    pub fn task_id(&self) -> Option<&str> {
+        match self {
+            ProtocolError::InvalidHeaders { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The same error, naming the caller's reply queue for [`ProtocolError::InvalidHeaders`].
+    pub fn with_reply_to(self, reply: Option<&str>) -> ProtocolError {
+        match self {
+            ProtocolError::InvalidHeaders { id, task, reply_to, error } => ProtocolError::InvalidHeaders {
+                id,
+                task,
+                reply_to: reply_to.or_else(|| reply.map(str::to_owned)),
+                error,
+            },
+            other => other,
+        }
+    }
 }
 
 /// A failure of a broker operation.

@@ -29,7 +29,7 @@ pub struct GroupResult {
 impl GroupResult {
     /// Waits for every member and returns their values in order; the first failure is the error.
     pub async fn get<T: DeserializeOwned>(&self, timeout: Duration) -> Result<Vec<T>, ResultError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = crate::clock::instant_after(timeout);
         let mut out = Vec::with_capacity(self.results.len());
         for r in &self.results {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());

@@ -137,9 +137,44 @@ fn opt_to_json<T: Into<Value>>(v: Option<T>) -> Value {
     v.map(Into::into).unwrap_or(Value::Null)
 }
 
+/// The longest task id read from headers that do not parse (ids become result keys).
+const MAX_LENIENT_ID: usize = 255;
+
+/// The task id of headers that may not parse: a non-empty string (or an integer) of at most 255
+/// bytes without control characters under `id`; `None` otherwise.
+///
+/// ```
+/// use celery_core::protocol::lenient_task_id;
+/// assert_eq!(lenient_task_id(&serde_json::json!({"id": "x1", "retries": "many"})).as_deref(), Some("x1"));
+/// assert_eq!(lenient_task_id(&serde_json::json!({"id": 7})).as_deref(), Some("7"));
+/// assert_eq!(lenient_task_id(&serde_json::json!({"id": ""})), None);
+/// assert_eq!(lenient_task_id(&serde_json::json!(["not", "headers"])), None);
+/// ```
+pub fn lenient_task_id(headers: &Value) -> Option<String> {
+    let id = match headers.get("id")? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_u64() || n.is_i64() => n.to_string(),
+        _ => return None,
+    };
+    let fits = !id.is_empty() && id.len() <= MAX_LENIENT_ID && !id.chars().any(char::is_control);
+    fits.then_some(id)
+}
+
 impl Headers {
-    /// Reads headers from a JSON object, naming the field at fault on error.
+    /// Reads headers from a JSON object, naming the field at fault on error. When they do not
+    /// parse but name a task id ([`lenient_task_id`]), the error is
+    /// [`ProtocolError::InvalidHeaders`] with that id.
     pub fn from_json(value: &Value) -> Result<Headers, ProtocolError> {
+        Headers::read_json(value).map_err(|error| match lenient_task_id(value) {
+            Some(id) => {
+                let task = value.get("task").and_then(Value::as_str).map(str::to_owned);
+                ProtocolError::InvalidHeaders { id, task, reply_to: None, error: Box::new(error) }
+            }
+            None => error,
+        })
+    }
+
+    fn read_json(value: &Value) -> Result<Headers, ProtocolError> {
         let map = value
             .as_object()
             .ok_or(ProtocolError::InvalidField { field: "headers", reason: "expected a JSON object".into() })?;
@@ -526,6 +561,21 @@ impl Message {
     }
 }
 
+/// The largest encoded payload (what a broker holds: Kombu's JSON envelope, a log record, an AMQP
+/// body) of a message that passes [`Message::check_size`] with `limit`: twice the limit plus
+/// 64 KiB, which covers a base64 body (a third larger), the headers' JSON punctuation and the
+/// envelope's own fields. A worker refuses larger payloads unread, so nothing a sender with the
+/// same limit accepted is refused, and what a worker reads stays bounded.
+///
+/// ```
+/// use celery_core::protocol::max_encoded_size;
+/// assert_eq!(max_encoded_size(16 * 1024 * 1024), 32 * 1024 * 1024 + 64 * 1024);
+/// assert_eq!(max_encoded_size(usize::MAX), usize::MAX);
+/// ```
+pub fn max_encoded_size(limit: usize) -> usize {
+    limit.saturating_mul(2).saturating_add(64 * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,11 +633,35 @@ mod tests {
 
     #[test]
     fn bad_headers_name_the_field() {
-        assert_eq!(Headers::from_json(&json!({"id": "x"})), Err(ProtocolError::MissingField("task")));
+        assert_eq!(Headers::from_json(&json!({"task": "t"})), Err(ProtocolError::MissingField("id")));
+        let inner = |e: ProtocolError| match e {
+            ProtocolError::InvalidHeaders { error, .. } => *error,
+            other => panic!("expected InvalidHeaders, got {other:?}"),
+        };
+        assert_eq!(inner(Headers::from_json(&json!({"id": "x"})).unwrap_err()), ProtocolError::MissingField("task"));
         let e = Headers::from_json(&json!({"id": "x", "task": "t", "retries": "many"})).unwrap_err();
-        assert!(matches!(e, ProtocolError::InvalidField { field: "retries", .. }));
+        assert!(matches!(inner(e), ProtocolError::InvalidField { field: "retries", .. }));
         let e = Headers::from_json(&json!({"id": "x", "task": "t", "eta": "tomorrow"})).unwrap_err();
-        assert!(matches!(e, ProtocolError::InvalidField { field: "eta", .. }));
+        assert!(e.to_string().contains("`eta`") && e.to_string().contains("task id `x`"), "{e}");
+        assert!(matches!(inner(e), ProtocolError::InvalidField { field: "eta", .. }));
+    }
+
+    #[test]
+    fn headers_that_do_not_parse_keep_a_lenient_id() {
+        let e = Headers::from_json(&json!({"id": "x9", "task": "add", "timelimit": "soon"})).unwrap_err();
+        assert_eq!(e.task_id(), Some("x9"));
+        let e = e.with_reply_to(Some("reply.q"));
+        assert!(
+            matches!(&e, ProtocolError::InvalidHeaders { task: Some(t), reply_to: Some(r), .. } if t == "add" && r == "reply.q"),
+            "{e:?}"
+        );
+        // No usable id: the plain error.
+        let e = Headers::from_json(&json!({"id": ["x"], "task": "add"})).unwrap_err();
+        assert_eq!(e.task_id(), None);
+        let e = Headers::from_json(&json!({"id": "a\nb", "task": 1})).unwrap_err();
+        assert_eq!(e.task_id(), None);
+        let e = Headers::from_json(&json!({"id": "i".repeat(300), "task": 1})).unwrap_err();
+        assert_eq!(e.task_id(), None);
     }
 
     #[test]

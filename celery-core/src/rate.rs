@@ -23,5 +23,19 @@ pub fn parse_rate(s: &str) -> Result<Duration, String> {
         "h" => 3600.0,
         other => return Err(format!("rate limit `{s}`: unknown unit `{other}` (s, m or h)")),
     };
-    Ok(Duration::from_secs_f64(per / n))
+    Ok(crate::clock::secs_f64(per / n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_rates_saturate() {
+        assert_eq!(parse_rate("1e-300/h").unwrap(), Duration::MAX);
+        assert_eq!(parse_rate("1e300/s").unwrap(), Duration::ZERO);
+        assert!(parse_rate("NaN/s").is_err());
+        assert!(parse_rate("-1/s").is_err());
+        assert!(parse_rate("inf/s").is_err());
+    }
 }

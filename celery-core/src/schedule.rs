@@ -122,7 +122,7 @@ impl Schedule {
     pub fn parse_interval(s: &str) -> Result<Duration, ScheduleError> {
         let s = s.trim();
         let d = match s.parse::<f64>() {
-            Ok(secs) if secs.is_finite() && secs > 0.0 => Duration::from_secs_f64(secs),
+            Ok(secs) if secs.is_finite() && secs > 0.0 => crate::clock::secs_f64(secs),
             Ok(_) => return Err(ScheduleError::Interval(s.to_owned())),
             Err(_) => humantime::parse_duration(s).map_err(|_| ScheduleError::Interval(s.to_owned()))?,
         };
@@ -148,7 +148,7 @@ impl Schedule {
     pub fn latest_due(&self, anchor: DateTime<Utc>, now: DateTime<Utc>) -> Option<(DateTime<Utc>, u64)> {
         let first = self.next_after(anchor).filter(|t| *t <= now)?;
         if let Schedule::Every(d) = self {
-            let step = d.as_millis().max(1) as i64;
+            let step = crate::clock::millis_i64(*d).max(1);
             let n = (now - first).num_milliseconds() / step;
             return Some((first + chrono::Duration::milliseconds(n * step), n as u64));
         }
@@ -296,6 +296,17 @@ mod tests {
 
     fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    #[test]
+    fn a_huge_interval_does_not_wrap() {
+        let s = Schedule::every(Duration::MAX);
+        let anchor = utc(2026, 1, 1, 0, 0, 0);
+        assert_eq!(s.next_after(anchor), None, "never due again (no wrapped interval)");
+        assert_eq!(Schedule::parse_interval("1e300").unwrap(), Duration::MAX, "not a panic");
+        let s = Schedule::every(Duration::from_millis(u64::MAX));
+        let due = s.latest_due(anchor - chrono::Duration::days(1), anchor);
+        assert!(due.is_none_or(|(t, n)| t <= anchor && n == 0), "{due:?}");
     }
 
     #[test]

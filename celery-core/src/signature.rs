@@ -141,7 +141,7 @@ impl Signature {
 
     /// Expires `d` after now.
     pub fn expires_in(mut self, d: Duration) -> Self {
-        self.options.expires = Some(Utc::now() + d);
+        self.options.expires = Some(crate::clock::after(Utc::now(), d));
         self
     }
 
@@ -302,7 +302,7 @@ impl Signature {
         sig.options.exchange = s("exchange");
         sig.options.routing_key = s("routing_key");
         sig.options.priority = o.get("priority").and_then(Value::as_u64).map(|p| p.min(9) as u8);
-        sig.options.countdown = o.get("countdown").and_then(Value::as_f64).map(|c| Duration::from_secs_f64(c.max(0.0)));
+        sig.options.countdown = o.get("countdown").and_then(Value::as_f64).map(crate::clock::secs_f64);
         sig.options.expires = s("expires").and_then(|t| crate::protocol::parse_time(&t).ok());
         sig.options.time_limit = o.get("time_limit").and_then(Value::as_f64);
         sig.options.soft_time_limit = o.get("soft_time_limit").and_then(Value::as_f64);
@@ -324,8 +324,22 @@ impl Signature {
 
     /// The time it may run: `eta`, else now + `countdown`, else none.
     pub fn due_at(&self) -> Option<DateTime<Utc>> {
-        self.options
-            .eta
-            .or_else(|| self.options.countdown.and_then(|d| chrono::Duration::from_std(d).ok()).map(|d| Utc::now() + d))
+        self.options.eta.or_else(|| self.options.countdown.map(|d| crate::clock::after(Utc::now(), d)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn huge_times_saturate() {
+        let far = crate::clock::latest();
+        assert_eq!(Signature::by_name("t").countdown(Duration::MAX).due_at(), Some(far));
+        assert_eq!(Signature::by_name("t").expires_in(Duration::MAX).options.expires, Some(far));
+        let sig = Signature::from_json(&serde_json::json!({"task": "t", "options": {"countdown": 1e300}})).unwrap();
+        assert_eq!(sig.options.countdown, Some(Duration::MAX));
+        let sig = Signature::from_json(&serde_json::json!({"task": "t", "options": {"countdown": -4}})).unwrap();
+        assert_eq!(sig.options.countdown, Some(Duration::ZERO));
     }
 }

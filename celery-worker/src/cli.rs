@@ -16,7 +16,6 @@
 //! `--json` the last line of stdout is `{"id", "state", "result", "error"}`.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Context;
 use celery_core::url::redacted;
@@ -365,6 +364,10 @@ pub struct WorkerArgs {
     /// Seconds running tasks get to finish after SIGTERM/SIGINT.
     #[arg(long, default_value_t = 30.0)]
     pub grace: f64,
+    /// Messages larger than this many bytes are dead-lettered unread (default: the app's
+    /// `max_message_size`, 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
     /// Do not store STARTED/RECEIVED states.
     #[arg(long)]
     pub without_track_started: bool,
@@ -514,10 +517,17 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 concurrency: a.concurrency.unwrap_or(defaults.concurrency),
                 prefetch_multiplier: a.prefetch_multiplier,
                 hostname: a.hostname.unwrap_or(defaults.hostname),
-                shutdown_grace: Duration::from_secs_f64(a.grace.max(0.0)),
+                shutdown_grace: celery_core::clock::secs_f64(a.grace),
                 track_started: !a.without_track_started,
                 events: a.events,
                 ..defaults
+            };
+            let app = match a.max_message_size {
+                Some(max_message_size) => {
+                    let config = celery_core::AppConfig { max_message_size, ..app.config().clone() };
+                    app.with_config(config)
+                }
+                None => app,
             };
             if let Some(addr) = a.metrics {
                 crate::metrics::serve(addr, a.metrics_public, a.metrics_allow_host.clone())
@@ -565,7 +575,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             let (replies, reach) = match &c {
                 ControlCommand::Revoke { ids, terminate, reach } => {
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
-                    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+                    let timeout = celery_core::clock::secs_f64(reach.timeout);
                     (crate::control::revoke(&app, &ids, *terminate, reach.destination.clone(), timeout).await?, reach)
                 }
                 ControlCommand::RateLimit { task, rate, reach } => {
@@ -618,7 +628,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
             anyhow::ensure!(kwargs.is_object(), "--kwargs must be a JSON object, like '{{\"x\": 1}}'");
             let mut sig = Signature::by_name(&a.task).args(args).kwargs(kwargs);
             if let Some(c) = a.countdown {
-                sig = sig.countdown(Duration::from_secs_f64(c.max(0.0)));
+                sig = sig.countdown(celery_core::clock::secs_f64(c));
             }
             if let Some(eta) = &a.eta {
                 let t = chrono::DateTime::parse_from_rfc3339(eta)
@@ -626,7 +636,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 sig = sig.eta(t.with_timezone(&chrono::Utc));
             }
             if let Some(e) = a.expires {
-                sig = sig.expires_in(Duration::from_secs_f64(e.max(0.0)));
+                sig = sig.expires_in(celery_core::clock::secs_f64(e));
             }
             if let Some(q) = a.queue {
                 sig = sig.queue(q);
@@ -681,8 +691,8 @@ fn beat(app: celery_core::App, a: &BeatRunArgs) -> anyhow::Result<crate::beat::B
     anyhow::ensure!(a.late_after.is_finite() && a.late_after >= 0.0, "--late-after must be positive");
     let cfg = BeatConfig {
         name: a.beat_name.clone(),
-        lease: Duration::from_secs_f64(a.lease),
-        late_after: Duration::from_secs_f64(a.late_after),
+        lease: celery_core::clock::secs_f64(a.lease),
+        late_after: celery_core::clock::secs_f64(a.late_after),
         ..BeatConfig::default()
     };
     let entries = match &a.schedule {
@@ -788,7 +798,7 @@ async fn remote(
     args: Value,
     reach: &Reach,
 ) -> anyhow::Result<Vec<(String, Value)>> {
-    let timeout = Duration::from_secs_f64(reach.timeout.max(0.0));
+    let timeout = celery_core::clock::secs_f64(reach.timeout);
     Ok(crate::control::request(app, method, args, reach.destination.clone(), timeout).await?)
 }
 
@@ -846,7 +856,7 @@ struct Report<'a> {
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
-        Some(secs) => res.wait(Duration::from_secs_f64(secs.max(0.0))).await.ok().or(res.info().await?),
+        Some(secs) => res.wait(celery_core::clock::secs_f64(secs)).await.ok().or(res.info().await?),
         None => res.info().await?,
     };
     let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);

@@ -70,7 +70,7 @@ pub async fn request(
     let msg = message(&body, &[("clock", json!(0)), ("expires", json!(expires))]);
     app.broker().broadcast(&request_exchange(), "", &msg).await?;
     let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = celery_core::clock::instant_after(timeout);
     while expected.is_none_or(|n| out.len() < n) {
         let Ok(Some(b)) = tokio::time::timeout_at(deadline, replies.next()).await else { break };
         match serde_json::from_slice::<Value>(&b.body) {

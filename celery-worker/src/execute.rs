@@ -34,8 +34,8 @@ pub(crate) async fn run(
 ) -> Outcome {
     let mut terminable = true;
     let mut task = AssertUnwindSafe((entry.run)(ctx.clone(), args)).catch_unwind();
-    let soft_at = soft.map(|d| tokio::time::Instant::now() + d);
-    let hard_at = hard.map(|d| tokio::time::Instant::now() + d);
+    let soft_at = soft.map(celery_core::clock::instant_after);
+    let hard_at = hard.map(celery_core::clock::instant_after);
     let mut soft_pending = soft_at.is_some();
     loop {
         tokio::select! {

@@ -18,7 +18,7 @@ impl RateLimits {
             let mut m = self.next.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let slot = m.get(task).copied().unwrap_or(now).max(now);
-            m.insert(task, slot + interval);
+            m.insert(task, celery_core::clock::instant_from(slot, interval));
             slot
         };
         tokio::time::sleep_until(slot).await;
@@ -37,5 +37,16 @@ mod tests {
             r.acquire("t", Duration::from_millis(100)).await;
         }
         assert_eq!(t0.elapsed(), Duration::from_millis(400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_huge_interval_saturates() {
+        let r = RateLimits::default();
+        let t0 = Instant::now();
+        // The first start is now; the next one is far away, not a panic or a wrapped instant.
+        r.acquire("t", Duration::MAX).await;
+        assert_eq!(t0.elapsed(), Duration::ZERO);
+        let second = tokio::time::timeout(Duration::from_secs(86_400 * 365), r.acquire("t", Duration::MAX)).await;
+        assert!(second.is_err(), "the second start must wait (about 30 years), not run at once");
     }
 }

@@ -2,8 +2,14 @@
 //! then settle the delivery (ack after execute by default).
 //!
 //! What happens to a delivery:
-//! - undecodable, unregistered task, or arguments that do not fit: never run; FAILURE stored (when
-//!   the id is known) and the message dead-lettered to `<queue>.dead` with the reason;
+//! - a payload larger than [`max_encoded_size`] of
+//!   [`AppConfig::max_message_size`](celery_core::AppConfig::max_message_size) (what that limit
+//!   allows once encoded): never decoded (on Redis never even read: the broker dead-letters it
+//!   while fetching);
+//! - undecodable (headers that do not parse but name an id included), unregistered task, or
+//!   arguments that do not fit: never run; FAILURE stored (when the id is known) and the message
+//!   dead-lettered to `<queue>.dead` with the reason; nothing it carries is acted on (no callbacks,
+//!   errbacks, chain steps or chord counts);
 //! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
 //!   again;
 //! - `expires` passed: REVOKED, acked, not run;
@@ -22,11 +28,11 @@ use std::time::Duration;
 
 use celery_core::backend::TaskMeta;
 use celery_core::backoff::retry_countdown;
-use celery_core::protocol::Message;
+use celery_core::protocol::{max_encoded_size, Message};
 use celery_core::registry::{self, TaskEntry};
 use celery_core::routing::Route;
 use celery_core::task::{TaskArgs, TaskErrorKind};
-use celery_core::{App, BrokerError, Delivery, TaskContext, TaskError, TaskState};
+use celery_core::{App, BrokerError, Delivery, ProtocolError, TaskContext, TaskError, TaskState};
 use chrono::Utc;
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
@@ -201,7 +207,8 @@ impl Worker {
     /// Runs until `shutdown` resolves, then shuts down gracefully.
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let cfg = self.config;
-        let mut consumer = self.app.broker().consume(&cfg.queues, cfg.prefetch()).await?;
+        let cap = max_encoded_size(self.app.config().max_message_size);
+        let mut consumer = self.app.broker().consume_capped(&cfg.queues, cfg.prefetch(), cap).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
         let events = cfg.events.then(|| EventDispatcher::start(self.app.clone(), &cfg.hostname));
@@ -325,11 +332,19 @@ async fn requeue(w: &Shared, d: Delivery) {
 }
 
 async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
+    let limit = max_encoded_size(w.app.config().max_message_size);
+    if let Some(size) = d.size().filter(|s| *s > limit) {
+        // Never decoded: its size alone rejects it (its id is known when the broker read it apart).
+        let reason = ProtocolError::TooLarge { size, limit }.to_string();
+        let known = d.decoded_error().cloned();
+        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &reason)).await;
+        return;
+    }
     let msg = match d.take_message() {
         Ok(m) => m,
         Err(e) => {
             let reason = format!("undecodable message: {e}");
-            Box::pin(reject(&w, d, None, &reason)).await;
+            Box::pin(reject(&w, d, Rejected::named_by(&e), &reason)).await;
             return;
         }
     };
@@ -369,13 +384,13 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let reason = format!("unregistered task `{}`", msg.headers.task);
-        Box::pin(reject(&w, d, Some(&msg), &reason)).await;
+        Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await;
         return;
     };
     let body = match msg.body() {
         Ok(b) => b,
         Err(e) => {
-            Box::pin(reject(&w, d, Some(&msg), &format!("undecodable body: {e}"))).await;
+            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &format!("undecodable body: {e}"))).await;
             return;
         }
     };
@@ -465,8 +480,8 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Box::pin(store(&w, &msg, entry, m)).await;
     }
     let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
-    let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
-    let hard = msg.headers.time_limit.or(opts.time_limit).filter(|s| *s > 0.0).map(Duration::from_secs_f64);
+    let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).and_then(celery_core::clock::positive_secs);
+    let hard = msg.headers.time_limit.or(opts.time_limit).and_then(celery_core::clock::positive_secs);
     let embed = body.embed;
     let args = TaskArgs { args: body.args, kwargs: body.kwargs };
     let started = std::time::Instant::now();
@@ -524,8 +539,11 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
-                if let Some(d) = d.take() {
-                    Box::pin(reject(&w, d, Some(&msg), &format!("invalid arguments: {}", err.message()))).await;
+                let reason = format!("invalid arguments: {}", err.message());
+                match d.take() {
+                    Some(d) => Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await,
+                    // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
+                    None => Box::pin(store_rejection(&w, Rejected::of(&msg), &reason)).await,
                 }
             }
             TaskErrorKind::Retry { countdown } => {
@@ -600,7 +618,7 @@ async fn retry_or_fail(
         return;
     }
     let delay = retry_countdown(&opts, msg.headers.retries, countdown);
-    let eta = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+    let eta = celery_core::clock::after(Utc::now(), delay);
     let next = msg.retried(eta);
     let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
     if let Err(e) = w.app.broker().publish(&Route::queue(queue), &next).await {
@@ -640,25 +658,53 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     }
 }
 
-/// Bad input: never run; FAILURE stored when the id is known; dead-lettered with the reason.
-async fn reject(w: &Shared, d: Delivery, msg: Option<&Message>, reason: &str) {
+/// What is known of a rejected message: enough to store its FAILURE.
+#[derive(Debug, Clone, Copy)]
+struct Rejected<'a> {
+    id: &'a str,
+    task: Option<&'a str>,
+    reply_to: Option<&'a str>,
+}
+
+impl<'a> Rejected<'a> {
+    fn of(msg: &'a Message) -> Rejected<'a> {
+        Rejected { id: &msg.headers.id, task: Some(&msg.headers.task), reply_to: msg.properties.reply_to.as_deref() }
+    }
+
+    /// The task a decoding error still names ([`ProtocolError::InvalidHeaders`]).
+    fn named_by(e: &'a ProtocolError) -> Option<Rejected<'a>> {
+        match e {
+            ProtocolError::InvalidHeaders { id, task, reply_to, .. } => {
+                Some(Rejected { id, task: task.as_deref(), reply_to: reply_to.as_deref() })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast);
+/// dead-lettered with the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
+/// steps or chord counts (its embedded workflow is input that was just refused).
+async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, reason: &str) {
     tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
-    if let Some(m) = msg {
-        let err = TaskError::new("RejectedMessage", reason);
-        let mut meta = TaskMeta::error(&m.headers.id, TaskState::Failure, &err);
-        meta.name = Some(m.headers.task.clone());
-        meta.reply_to = m.properties.reply_to.clone();
-        let result = meta.result.clone();
-        store_meta(w, meta).await;
-        crate::followups::on_failure(&w.app, m).await;
-        chord_member(w, m, TaskState::Failure, &result).await;
+    if let Some(k) = known {
+        store_rejection(w, k, reason).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
-    if let Some(m) = msg {
-        w.event("task-rejected", || serde_json::json!({"uuid": m.headers.id, "requeue": false}));
+    if let Some(k) = known {
+        w.event("task-rejected", || serde_json::json!({"uuid": k.id, "requeue": false}));
     }
     settle(d.dead_letter(reason).await);
+}
+
+/// Stores FAILURE (`RejectedMessage` with the reason) for a rejected message, and nothing else.
+async fn store_rejection(w: &Shared, k: Rejected<'_>, reason: &str) {
+    let err = TaskError::new("RejectedMessage", reason);
+    let mut meta = TaskMeta::error(k.id, TaskState::Failure, &err);
+    meta.name = k.task.map(str::to_owned);
+    meta.reply_to = k.reply_to.map(str::to_owned);
+    store_meta(w, meta).await;
 }
 
 async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) {
@@ -793,7 +839,7 @@ async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker
                         celery_core::rate::parse_rate(r).map(Some).map_err(|e| e.to_string())
                     }
                     serde_json::Value::Number(n) if n.as_f64().is_some_and(|x| x > 0.0) => {
-                        Ok(Some(Duration::from_secs_f64(1.0 / n.as_f64().unwrap_or(1.0))))
+                        Ok(Some(celery_core::clock::secs_f64(1.0 / n.as_f64().unwrap_or(1.0))))
                     }
                     _ => Ok(None),
                 };

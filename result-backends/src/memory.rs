@@ -65,7 +65,7 @@ impl ResultBackend for MemoryBackend {
         match claims.get(key) {
             Some((id, until)) if *until > now => Ok(Some(id.clone())),
             _ => {
-                claims.insert(key.to_owned(), (task_id.to_owned(), now + ttl));
+                claims.insert(key.to_owned(), (task_id.to_owned(), now + celery_core::clock::ttl(ttl)));
                 Ok(None)
             }
         }

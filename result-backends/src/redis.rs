@@ -105,7 +105,7 @@ impl RedisBackend {
         Ok(RedisBackend {
             conn,
             prefix,
-            expires: expires.max(1),
+            expires: expires.clamp(1, celery_core::clock::LONGEST_TTL.as_secs()),
             store: Arc::new(Script::new(STORE)),
             chord_part: Arc::new(Script::new(CHORD_PART)),
             claim: Arc::new(Script::new(CLAIM)),
@@ -235,7 +235,7 @@ impl ResultBackend for RedisBackend {
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
         let key = self.key(task_id);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.register(&key).await;
         let mut backoff = celery_core::backoff::Reconnect::default();
         let result = async {
@@ -278,7 +278,7 @@ impl ResultBackend for RedisBackend {
         self.claim
             .key(self.idempotency_key(key))
             .arg(task_id)
-            .arg(ttl.as_secs().max(1))
+            .arg(celery_core::clock::ttl(ttl).as_secs().max(1))
             .invoke_async(&mut conn)
             .await
             .map_err(err)

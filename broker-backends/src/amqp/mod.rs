@@ -35,7 +35,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
-use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
+use celery_core::protocol::{
+    check_content_type, lenient_task_id, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
@@ -266,7 +268,8 @@ fn decode(props: &BasicProperties, data: &[u8]) -> Result<Message, ProtocolError
     if !headers.contains_key("task") {
         return Err(ProtocolError::MissingField("task"));
     }
-    let headers = Headers::from_json(&serde_json::Value::Object(headers))?;
+    let reply_to = props.reply_to().as_ref().map(|r| r.as_str());
+    let headers = Headers::from_json(&serde_json::Value::Object(headers)).map_err(|e| e.with_reply_to(reply_to))?;
     Ok(Message {
         properties: Properties {
             correlation_id: props
@@ -326,10 +329,23 @@ impl Broker for AmqpBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.consume_capped(queues, prefetch, usize::MAX).await
+    }
+
+    /// A delivery larger than the cap is handed out undecoded (lapin has buffered its body already:
+    /// AMQP sends the body after a content header that announces its size, and lapin reads it
+    /// whole); the worker dead-letters it with the reason.
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let mut c = AmqpConsumer {
             broker: self.clone(),
             queues: queues.to_vec(),
             prefetch,
+            max_message_size,
             stream: None,
             channel: None,
             stopped: false,
@@ -427,6 +443,7 @@ struct AmqpConsumer {
     broker: AmqpBroker,
     queues: Vec<String>,
     prefetch: usize,
+    max_message_size: usize,
     stream: Option<Stream>,
     channel: Option<Channel>,
     stopped: bool,
@@ -469,11 +486,28 @@ impl Consumer for AmqpConsumer {
             if let Some(s) = self.stream.as_mut() {
                 match s.next().await {
                     Some((queue, acks, Ok(d))) => {
-                        let message = decode(&d.properties, &d.data);
+                        let (size, limit) = (d.data.len(), self.max_message_size);
+                        let message = if size > limit {
+                            // The headers come apart from the body: the caller can be told.
+                            let too_large = ProtocolError::TooLarge { size, limit };
+                            let headers = d.properties.headers().as_ref().map(fields::from_table).unwrap_or_default();
+                            let headers = serde_json::Value::Object(headers);
+                            Err(match lenient_task_id(&headers) {
+                                Some(id) => ProtocolError::InvalidHeaders {
+                                    id,
+                                    task: headers.get("task").and_then(|t| t.as_str()).map(str::to_owned),
+                                    reply_to: d.properties.reply_to().as_ref().map(|r| r.as_str().to_owned()),
+                                    error: Box::new(too_large),
+                                },
+                                None => too_large,
+                            })
+                        } else {
+                            decode(&d.properties, &d.data)
+                        };
                         let settle =
                             AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
                         let redelivered = settle.delivery.redelivered;
-                        return Some(Delivery::new(message, queue, redelivered, Box::new(settle)));
+                        return Some(Delivery::new(message, queue, redelivered, Box::new(settle)).with_size(size));
                     }
                     Some((_, _, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
                     None if !self.stopped => {

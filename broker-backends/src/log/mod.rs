@@ -311,9 +311,10 @@ impl LogBroker {
     pub async fn put_result(&self, id: &str, doc: Vec<u8>, ttl: Duration) -> Result<(), BrokerError> {
         match &self.inner {
             Inner::Local(s) => s.put_result(id, doc, ttl, server::is_success).await.map(|_| ()).map_err(Into::into),
-            Inner::Remote(c) => {
-                c.call(wire::kind::RESULT_PUT, |e| e.str(id).bytes(&doc).u64(ttl.as_millis() as u64)).await.map(|_| ())
-            }
+            Inner::Remote(c) => c
+                .call(wire::kind::RESULT_PUT, |e| e.str(id).bytes(&doc).u64(celery_core::clock::millis(ttl)))
+                .await
+                .map(|_| ()),
         }
     }
 
@@ -330,11 +331,11 @@ impl LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.wait_result(id, timeout, server::is_ready).await),
             Inner::Remote(c) => {
-                let deadline = tokio::time::Instant::now() + timeout;
+                let deadline = celery_core::clock::instant_after(timeout);
                 loop {
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now()).min(remote::MAX_WAIT);
                     let doc = remote::read_opt(
-                        &c.call(wire::kind::RESULT_WAIT, |e| e.str(id).u64(left.as_millis() as u64)).await?,
+                        &c.call(wire::kind::RESULT_WAIT, |e| e.str(id).u64(celery_core::clock::millis(left))).await?,
                     )?;
                     if doc.as_deref().is_some_and(server::is_ready) || tokio::time::Instant::now() >= deadline {
                         return Ok(doc);
@@ -355,7 +356,7 @@ impl LogBroker {
             Inner::Local(s) => Ok(s.chord_size(group, size, ttl).await?),
             Inner::Remote(c) => c
                 .call(wire::kind::CHORD, |e| {
-                    e.u8(wire::chord::SIZE).str(group).u64(size as u64).u64(ttl.as_millis() as u64)
+                    e.u8(wire::chord::SIZE).str(group).u64(size as u64).u64(celery_core::clock::millis(ttl))
                 })
                 .await
                 .map(|_| ()),
@@ -375,7 +376,7 @@ impl LogBroker {
                 let doc = serde_json::to_vec(member).map_err(|e| BrokerError::Operation(e.to_string()))?;
                 let body = c
                     .call(wire::kind::CHORD, |e| {
-                        e.u8(wire::chord::PART).str(group).bytes(&doc).u64(ttl.as_millis() as u64)
+                        e.u8(wire::chord::PART).str(group).bytes(&doc).u64(celery_core::clock::millis(ttl))
                     })
                     .await?;
                 match remote::read_opt(&body)? {
@@ -599,7 +600,8 @@ impl Broker for LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.lease(name, holder, Some(ttl)).await?),
             Inner::Remote(c) => {
-                let body = c.call(wire::kind::LEASE, |e| e.str(name).str(holder).u64(ttl.as_millis() as u64)).await?;
+                let body =
+                    c.call(wire::kind::LEASE, |e| e.str(name).str(holder).u64(celery_core::clock::millis(ttl))).await?;
                 Ok(remote::read_u64(&body)? == 1)
             }
         }
@@ -791,8 +793,10 @@ impl Consumer for LogConsumer {
     async fn next(&mut self) -> Option<Delivery> {
         let s = self.next_raw().await?;
         let (record, queue, redelivered) = (s.record.clone(), s.queue.clone(), s.deliveries > 1);
+        let size = record.payload.len();
         // Decoded where the task runs: this loop only takes records.
-        Some(Delivery::lazy(Box::new(move || payload::decode(&record.payload)), queue, redelivered, Box::new(s)))
+        let decode = Box::new(move || payload::decode(&record.payload));
+        Some(Delivery::lazy(decode, queue, redelivered, Box::new(s)).with_size(size))
     }
 
     fn stop(&mut self) {
@@ -878,7 +882,7 @@ impl LogStore {
         keep: impl Fn(&[u8]) -> bool,
     ) -> Result<bool, LogError> {
         store::check_size("result", id.len() + doc.len() + 64, self.config().max_record_bytes)?;
-        let expires = now_ms().saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+        let expires = celery_core::clock::expiry_ms(now_ms(), ttl);
         {
             let res = lock(&self.results);
             if res.values.get(id).is_some_and(|(old, exp)| *exp > now_ms() && keep(old)) {
@@ -934,7 +938,7 @@ impl LogStore {
                 }
             }
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = celery_core::clock::instant_after(timeout);
         loop {
             let notify =
                 lock(&self.results).waiters.entry(id.to_owned()).or_insert_with(|| Arc::new(Notify::new())).clone();

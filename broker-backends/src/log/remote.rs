@@ -375,13 +375,16 @@ impl Consumer for RemoteConsumer {
                     // Settled on the connection it came over: delivery ids are per connection,
                     // and a dead connection's deliveries were returned by the server already.
                     let settle = RemoteSettle { client: self.client.clone(), conn: conn.clone(), delivery: p.delivery };
-                    let payload = p.payload;
-                    return Some(Delivery::lazy(
-                        Box::new(move || super::payload::decode(&payload)),
-                        p.queue,
-                        p.deliveries > 1,
-                        Box::new(settle),
-                    ));
+                    let (size, payload) = (p.payload.len(), p.payload);
+                    return Some(
+                        Delivery::lazy(
+                            Box::new(move || super::payload::decode(&payload)),
+                            p.queue,
+                            p.deliveries > 1,
+                            Box::new(settle),
+                        )
+                        .with_size(size),
+                    );
                 }
                 self.sub = None;
             }

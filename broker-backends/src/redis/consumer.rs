@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
-use celery_core::broker::{dead_letter_queue, Settle};
-use celery_core::protocol::Message;
-use celery_core::{BrokerError, Consumer, Delivery};
+use celery_core::broker::{dead_letter_queue, Settle, Settled};
+use celery_core::protocol::{lenient_task_id, Message};
+use celery_core::{BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use futures::future::select_all;
 use redis::aio::ConnectionManager;
@@ -92,6 +92,7 @@ impl RedisConsumer {
         options: RedisOptions,
         queues: &[String],
         prefetch: usize,
+        max_message_size: usize,
     ) -> Result<RedisConsumer, BrokerError> {
         let prefetch = prefetch.max(1);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
@@ -113,7 +114,7 @@ impl RedisConsumer {
         }
         let waker =
             Waker { client: client.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
-        let fetcher = tokio::spawn(fetch_loop(shared.clone(), lists, waker, tx, stop_rx));
+        let fetcher = tokio::spawn(fetch_loop(shared.clone(), lists, waker, tx, stop_rx, max_message_size));
         let vt = options.visibility_timeout;
         let background = vec![
             tokio::spawn(ack_loop(shared.clone(), ack_rx)),
@@ -203,6 +204,7 @@ async fn fetch_loop(
     mut waker: Waker,
     tx: mpsc::Sender<Delivery>,
     mut stop: watch::Receiver<bool>,
+    max_message_size: usize,
 ) {
     let script = scripts::fetch();
     let tag_prefix = format!("{}.", uuid::Uuid::new_v4().simple());
@@ -233,7 +235,10 @@ async fn fetch_loop(
         for (k, _) in &lists {
             inv.key(k);
         }
-        inv.arg(now_secs()).arg(n).arg(&tag_prefix).arg(seq);
+        for (_, q) in &lists {
+            inv.key(shared.keys.bucket(&dead_letter_queue(q), 0));
+        }
+        inv.arg(now_secs()).arg(n).arg(&tag_prefix).arg(seq).arg(max_message_size);
         for (_, q) in &lists {
             inv.arg(q);
         }
@@ -252,10 +257,32 @@ async fn fetch_loop(
             crate::reconnected("redis");
         }
         backoff.reset();
-        let got = items.len() / 3;
+        // Dead-lettered ones hold no lease nor prefetch slot.
+        let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
+        let got = items.len() / 3 - oversized;
         seq += got as u64;
         shared.slots.add_permits(n - got);
         for chunk in items.chunks_exact(3) {
+            if let redis::Value::Int(size) = chunk[1] {
+                let queue = redis::from_redis_value_ref::<usize>(&chunk[0])
+                    .map(|i| lists[i.min(lists.len() - 1)].1.clone())
+                    .unwrap_or_default();
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                tracing::warn!(%queue, size, limit = max_message_size, "redis: oversized message dead-lettered unread");
+                let too_large = ProtocolError::TooLarge { size, limit: max_message_size };
+                let id = redis::from_redis_value_ref::<String>(&chunk[2]).ok().filter(|id| !id.is_empty());
+                let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
+                    Some(id) => {
+                        ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) }
+                    }
+                    None => too_large,
+                });
+                let d = Delivery::new(message, queue, false, Box::new(Settled)).with_size(size);
+                if tx.send(d).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let (Ok(idx), Ok(env), Ok(tag)) = (
                 redis::from_redis_value_ref::<usize>(&chunk[0]),
                 redis::from_redis_value_ref::<Vec<u8>>(&chunk[1]),
@@ -268,7 +295,8 @@ async fn fetch_loop(
             shared.leases.lock().unwrap_or_else(|p| p.into_inner()).insert(tag.clone());
             let decoded = envelope::decode(&env);
             let settle = RedisSettle { shared: shared.clone(), tag, env, list_key, queue: queue.clone() };
-            let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle));
+            let size = settle.env.len();
+            let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size);
             if tx.send(d).await.is_err() {
                 return;
             }

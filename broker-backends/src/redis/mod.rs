@@ -324,6 +324,16 @@ impl Broker for RedisBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.consume_capped(queues, prefetch, usize::MAX).await
+    }
+
+    /// Oversized envelopes are dead-lettered by the fetch script itself: their bodies never leave Redis.
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
         let c = RedisConsumer::start(
             self.client.clone(),
             self.conn.clone(),
@@ -331,6 +341,7 @@ impl Broker for RedisBroker {
             self.options.clone(),
             queues,
             prefetch,
+            max_message_size,
         )
         .await?;
         Ok(Box::new(c))
@@ -482,7 +493,7 @@ impl Broker for RedisBroker {
         let held: i64 = scripts::lease()
             .key(self.keys.lease(name))
             .arg(holder)
-            .arg(ttl.as_millis().max(1) as u64)
+            .arg(celery_core::clock::millis(celery_core::clock::ttl(ttl)).max(1))
             .invoke_async(&mut conn)
             .await
             .map_err(conn_error)?;

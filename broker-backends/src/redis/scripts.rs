@@ -11,27 +11,51 @@
 use redis::Script;
 
 /// Takes up to `n` envelopes from the bucket lists (in priority order) and leases each under a new tag.
-/// KEYS: unacked, unacked_index, lists...; ARGV: now, n, tag prefix, first sequence, routing keys...
+/// An envelope longer than `max` bytes is not leased nor returned: it goes to the front of its
+/// dead-letter list (the layout of [`crate::envelope::dead_letter`]'s wrapper: the original as the
+/// body, the reason and queue in the headers), and the reply carries only its size.
+/// KEYS: unacked, unacked_index, lists..., then one dead-letter list per list;
+/// ARGV: now, n, tag prefix, first sequence, max, routing keys...
+/// Returns triples: (list index, envelope, tag), or (list index, size, task id or "") for a
+/// dead-lettered one: the id is the `correlation_id` found in the envelope's last 64 KiB (where
+/// Kombu's envelopes keep their properties, after the body), so its caller can be told.
 pub(crate) fn fetch() -> Script {
     Script::new(
         r#"
 local out = {}
 local n = tonumber(ARGV[2])
 local seq = tonumber(ARGV[4])
-for i = 3, #KEYS do
+local max = tonumber(ARGV[5])
+local lists = (#KEYS - 2) / 2
+for i = 3, 2 + lists do
   if n <= 0 then break end
   local items = redis.call('RPOP', KEYS[i], n)
   if items then
-    local rk = cjson.encode(ARGV[i + 2])
+    local q = ARGV[i + 3]
+    local rk = cjson.encode(q)
     for _, env in ipairs(items) do
-      local tag = ARGV[3] .. seq
-      seq = seq + 1
-      redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
-      redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      out[#out + 1] = i - 3
-      out[#out + 1] = env
-      out[#out + 1] = tag
-      n = n - 1
+      local size = string.len(env)
+      if size > max then
+        local reason = 'message of ' .. size .. ' bytes exceeds the limit of ' .. max .. ' bytes'
+        local dead = '{"body":' .. cjson.encode(env) .. ',"content-encoding":"utf-8",'
+          .. '"content-type":"application/octet-stream","headers":{"x-dead-letter-reason":'
+          .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '},"properties":'
+          .. '{"body_encoding":"utf-8","delivery_info":{"exchange":"","routing_key":' .. rk .. '}}}'
+        redis.call('LPUSH', KEYS[i + lists], dead)
+        local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
+        out[#out + 1] = i - 3
+        out[#out + 1] = size
+        out[#out + 1] = id or ''
+      else
+        local tag = ARGV[3] .. seq
+        seq = seq + 1
+        redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
+        redis.call('ZADD', KEYS[2], ARGV[1], tag)
+        out[#out + 1] = i - 3
+        out[#out + 1] = env
+        out[#out + 1] = tag
+        n = n - 1
+      end
     end
   end
 end

@@ -193,7 +193,7 @@ impl EntrySpec {
             sig = sig.priority(p);
         }
         let expires_after = match self.expires {
-            Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
+            Some(s) if s > 0.0 => Some(celery_core::clock::secs_f64(s)),
             Some(s) => return Err(bad(format!("`expires` must be a positive number of seconds, not {s}"))),
             None => None,
         };

@@ -184,7 +184,7 @@ impl Beat {
                 let asked = Instant::now();
                 match run.app.broker().lease(&run.key, &run.cfg.holder, ttl).await {
                     Ok(true) => {
-                        valid_until = asked + ttl;
+                        valid_until = celery_core::clock::instant_from(asked, ttl);
                         if !leading {
                             run.lead().await?;
                             leading = true;
@@ -200,7 +200,7 @@ impl Beat {
                 }
                 // The leader renews every third of the lease; a standby asks more often, to take
                 // over soon after a dead leader's lease runs out.
-                next_renew = asked + if leading { ttl / 3 } else { ttl / 5 };
+                next_renew = celery_core::clock::instant_from(asked, if leading { ttl / 3 } else { ttl / 5 });
             }
             if leading && Instant::now() >= valid_until {
                 tracing::warn!(beat = %run.cfg.name, "beat: lease not renewed in time; standing by");
@@ -211,7 +211,7 @@ impl Beat {
             if leading {
                 if let Some(t) = run.tick().await {
                     let in_ = (t - Utc::now()).to_std().unwrap_or_default();
-                    wake = wake.min(Instant::now() + in_);
+                    wake = wake.min(celery_core::clock::instant_after(in_));
                 }
             }
             tokio::select! {
