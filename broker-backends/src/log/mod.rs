@@ -10,7 +10,7 @@
 //! result backend URL). The on-disk format is in `DESIGN.md` beside this file.
 //!
 //! URL options: `fsync=always|os|<ms>`, `segment_bytes=`, `lease_timeout=` (s), `max_deliveries=`,
-//! `partitions=` (for new queues), `max_record_bytes=` (default 16 MiB), `max_queues=` (default 10,000). A served directory (`broker serve`) is reached as
+//! `partitions=` (for new queues), `max_record_bytes=` (default 16 MiB + 64 KiB), `max_queues=` (default 10,000). A served directory (`broker serve`) is reached as
 //! `log+tcp://HOST:PORT?token=...`, or over TLS as `log+tls://HOST:PORT?token=...&ca_certs=PATH`
 //! (plus `certfile=`/`keyfile=` when the server asks for a client certificate).
 //!

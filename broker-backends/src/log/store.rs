@@ -22,8 +22,9 @@ const RECORD_OVERHEAD: usize = 60;
 /// The results log is not compacted below this size.
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
 
-/// The default of [`StoreConfig::max_record_bytes`]: the same as the producer's message limit.
-pub const DEFAULT_MAX_RECORD: usize = 16 << 20;
+/// The default of [`StoreConfig::max_record_bytes`]: the producer's message limit (16 MiB) plus
+/// 64 KiB for the record's headers, so every message a producer accepts is stored.
+pub const DEFAULT_MAX_RECORD: usize = (16 << 20) + (64 << 10);
 
 /// Store settings, from the URL's query.
 #[derive(Debug, Clone)]
@@ -41,7 +42,7 @@ pub struct StoreConfig {
     /// Retention of closed segments (none by default).
     pub retention: super::partition::Retention,
     /// The largest record (key, payload and headers) accepted on any path (`max_record_bytes=`),
-    /// default 16 MiB, at most 64 MiB (the on-disk frame limit).
+    /// default 16 MiB + 64 KiB, at most 64 MiB (the on-disk frame limit).
     pub max_record_bytes: usize,
     /// The most queues the directory may hold (`max_queues=`), default 10,000: a publish that would
     /// create one more fails with an error naming the limit.
