@@ -72,13 +72,7 @@ pub struct NewRecord {
 impl NewRecord {
     /// Its framed size on disk (what the size limits count).
     pub(crate) fn encoded_len(&self) -> usize {
-        super::record::FRAME_HEADER
-            + 8 * 3
-            + 2
-            + self.headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
-            + 4
-            + self.key.len()
-            + self.payload.len()
+        super::record::framed_len(&self.headers, self.key.len(), self.payload.len())
     }
 }
 

@@ -37,6 +37,11 @@ impl fmt::Debug for Record {
     }
 }
 
+/// The framed size of a record with these headers, key and payload (what size limits count).
+pub(crate) fn framed_len(headers: &[(String, Vec<u8>)], key: usize, payload: usize) -> usize {
+    FRAME_HEADER + 8 * 3 + 2 + headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>() + 4 + key + payload
+}
+
 /// Why bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum RecordError {
@@ -82,13 +87,7 @@ impl Record {
     /// The framed size of this record.
     #[cfg(test)]
     fn encoded_len(&self) -> usize {
-        FRAME_HEADER
-            + 8 * 3
-            + 2
-            + self.headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>()
-            + 4
-            + self.key.len()
-            + self.payload.len()
+        framed_len(&self.headers, self.key.len(), self.payload.len())
     }
 
     /// The frame length (crc + body) declared by the first 4 bytes, checked against the limit.
