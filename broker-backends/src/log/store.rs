@@ -863,6 +863,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_stopped_partition_does_not_starve_the_other_queues_of_a_consumer() {
+        let dir = tempdir();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        store.append("bad", vec![rec("b0"), rec("b1")]).await.unwrap();
+        // Damage the active segment's records while the store serves them: nothing valid after
+        // them, so the partition stops (and says so) instead of guessing.
+        let seg = dir.join("topics/bad/0/00000000000000000000.log");
+        let mut data = std::fs::read(&seg).unwrap();
+        data[20..].fill(0xAB);
+        std::fs::write(&seg, &data).unwrap();
+        store.append("good", vec![rec("g0")]).await.unwrap();
+        let broker = crate::log::LogBroker::local(store.clone());
+        let mut consumer = broker.local_consumer(&["bad".to_string(), "good".to_string()], 4).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(10), consumer.next_raw()).await.unwrap().unwrap();
+        assert_eq!((got.queue.as_str(), &got.record.payload[..]), ("good", &b"g0"[..]));
+        drop((consumer, got, broker, store));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
     async fn a_failing_disk_refuses_publishes_loses_nothing_acknowledged_and_recovers() {
         for fault in [(Op::Sync, Fault::Eio), (Op::Write, Fault::NoSpace), (Op::Write, Fault::ShortWrite)] {
             let dir = tempdir();
