@@ -393,13 +393,20 @@ async fn send_all(app: &App, args: &Args, seed: u64, record: &Path, start: Insta
     sent
 }
 
-/// The stored results of these tasks (an error reading one counts as none).
+/// The stored results of these tasks. A read that fails is tried again (five times, 200 ms apart),
+/// then counts as no result.
 async fn results(app: &App, seed: u64, ids: &[u64]) -> Vec<(u64, Option<TaskMeta>)> {
-    stream::iter(ids.iter().copied())
-        .map(|i| async move { (i, app.backend().get(&task_id(seed, i)).await.ok().flatten()) })
-        .buffer_unordered(256)
-        .collect()
-        .await
+    let read = |i: u64| async move {
+        let id = task_id(seed, i);
+        for _ in 0..5 {
+            match app.backend().get(&id).await {
+                Ok(meta) => return (i, meta),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        (i, None)
+    };
+    stream::iter(ids.iter().copied()).map(read).buffer_unordered(256).collect().await
 }
 
 /// Waits until every task of `ids` has a ready result, or `idle` passes without one more.
