@@ -651,3 +651,86 @@ async fn interrupted() -> &'static str {
         _ = hup.recv() => "SIGHUP",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn executions_count_tokens_even_when_lines_interleave() {
+        let path = std::env::temp_dir().join(format!("soak-executions-{}", std::process::id()));
+        // Two processes' `<token>` and `\n` writes interleaved; a torn token; one out of range.
+        std::fs::write(&path, "<0>\n<1><2>\n\n<1>\n<3\n<7>\n<2>").unwrap();
+        let (runs, garbled) = executions(&path, 4).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(runs, vec![1, 2, 2, 0]);
+        assert_eq!(garbled, 2, "`<3` without its end and `<7>` of no task");
+        let (runs, garbled) = executions(&path, 2).unwrap();
+        assert_eq!((runs, garbled), (vec![0, 0], 0), "no file: nothing ran");
+    }
+
+    /// An echo server on a free loopback port.
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn start_proxy(upstream: SocketAddr) -> (SocketAddr, watch::Sender<u64>, Arc<ProxyStats>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, rx) = watch::channel(0);
+        let stats = Arc::new(ProxyStats::default());
+        tokio::spawn(proxy(listener, upstream, rx, stats.clone()));
+        (addr, cut, stats)
+    }
+
+    async fn round_trip(s: &mut TcpStream) {
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+
+    /// Resolves when the peer closed the connection (EOF or reset), failing after 5 s.
+    async fn closed(s: &mut TcpStream) {
+        let mut buf = [0u8; 16];
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {}
+            other => panic!("the connection is still open: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cut_closes_every_live_connection_and_the_proxy_serves_on() {
+        let (addr, cut, stats) = start_proxy(echo_server().await).await;
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        let mut b = TcpStream::connect(addr).await.unwrap();
+        round_trip(&mut a).await;
+        round_trip(&mut b).await;
+        assert_eq!(stats.live.load(Ordering::Relaxed), 2);
+        cut.send_modify(|g| *g += 1);
+        closed(&mut a).await;
+        closed(&mut b).await;
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        round_trip(&mut c).await;
+        assert_eq!(stats.accepted.load(Ordering::Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_client_of_a_server_that_is_down_is_closed() {
+        let (addr, _cut, stats) = start_proxy(free_port().unwrap()).await;
+        let mut a = TcpStream::connect(addr).await.unwrap();
+        closed(&mut a).await;
+        assert_eq!(stats.refused.load(Ordering::Relaxed), 1);
+    }
+}
