@@ -172,12 +172,16 @@ impl Fleet {
         kill(&mut self.workers[i]);
     }
 
-    /// The children that ended by themselves since the last look (not killed by the soak).
+    /// The children that ended by themselves since the last look (not killed by the soak), each
+    /// with how it ended and the last line of its log.
     fn reap(&mut self) -> Vec<String> {
         let mut ended = Vec::new();
+        let dir = self.dir.clone();
         let mut check = |name: String, slot: &mut Option<Child>| {
             if let Some(status) = slot.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                ended.push(format!("{name} ({status})"));
+                let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default();
+                let last = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or_default();
+                ended.push(format!("{name} ({status}; its log ends: {last})"));
                 *slot = None;
             }
         };
@@ -577,11 +581,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         proxy_stats.refused.load(Ordering::Relaxed)
     );
     if !chaos_stats.unexpected_exits.is_empty() {
-        println!(
-            "ended by itself {} ({})",
-            chaos_stats.unexpected_exits.len(),
-            chaos_stats.unexpected_exits.join(", ")
-        );
+        println!("ended by itself {} (restarted; why: in the lines above)", chaos_stats.unexpected_exits.len());
     }
     println!("sent            {}", args.tasks);
     println!(
