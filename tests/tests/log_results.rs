@@ -96,3 +96,41 @@ async fn an_unfinished_compaction_is_discarded_on_open() {
     drop(store);
     assert_eq!(open(&dir).get_result("a").as_deref(), Some(&b"1"[..]));
 }
+
+/// A stored SUCCESS is never replaced, even by a STARTED of another worker that is written at the
+/// same moment (a redelivered task after a cut connection), neither in memory nor after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_success_is_never_replaced_by_a_concurrent_write() {
+    let dir = TempDir::new("results-race");
+    let store = open(&dir);
+    let keep_success =
+        |doc: &[u8]| serde_json::from_slice::<serde_json::Value>(doc).is_ok_and(|v| v["status"] == "SUCCESS");
+    let success = |id: &str| format!(r#"{{"task_id":"{id}","status":"SUCCESS","result":1}}"#).into_bytes();
+    let started = |id: &str| format!(r#"{{"task_id":"{id}","status":"STARTED","result":null}}"#).into_bytes();
+    let ids: Vec<String> = (0..2000).map(|i| format!("t{i}")).collect();
+    let puts = ids.iter().map(|id| {
+        let (a, b) = (store.clone(), store.clone());
+        let (s, t) = (success(id), started(id));
+        let (id1, id2) = (id.clone(), id.clone());
+        async move {
+            let one = tokio::spawn(async move { a.put_result(&id1, s, DAY, keep_success).await.unwrap() });
+            let two = tokio::spawn(async move { b.put_result(&id2, t, DAY, keep_success).await.unwrap() });
+            let _ = tokio::join!(one, two);
+        }
+    });
+    futures::future::join_all(puts).await;
+    let replaced = |store: &LogStore| {
+        ids.iter().filter(|id| !store.get_result(id).is_some_and(|d| keep_success(&d))).cloned().collect::<Vec<_>>()
+    };
+    let in_memory = replaced(&store);
+    drop(store);
+    let store = open(&dir);
+    let after_reopen = replaced(&store);
+    assert!(
+        in_memory.is_empty() && after_reopen.is_empty(),
+        "{} in memory, {} after reopening: {:?}",
+        in_memory.len(),
+        after_reopen.len(),
+        after_reopen.iter().take(5).collect::<Vec<_>>()
+    );
+}

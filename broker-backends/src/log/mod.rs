@@ -873,7 +873,8 @@ impl Settle for LogSettle {
 
 /// What the result backend over a log store needs: keyed documents with expiry and waiters.
 impl LogStore {
-    /// Stores a result document for `id` unless `keep(existing)` says the stored one must stay.
+    /// Stores a result document for `id` unless `keep(existing)` says the stored one must stay;
+    /// returns whether it was stored. Reopening the store keeps an unexpired SUCCESS the same way.
     pub async fn put_result(
         &self,
         id: &str,
@@ -895,18 +896,25 @@ impl LogStore {
             payload: doc.clone(),
             not_before_ms: 0,
         };
-        let waiter = self
+        // Decided again when applied: a concurrent write for the same id (a redelivered task's
+        // STARTED beside its SUCCESS) passed the same check while neither was applied, and the
+        // one applied last must not replace what must stay. Opening the store replays the log
+        // with the same rule (`store::replay_result`), whatever order the records were written in.
+        let (stored, waiter) = self
             .results_log
             .append(vec![rec], || {
                 let mut res = lock(&self.results);
+                if res.values.get(id).is_some_and(|(old, exp)| *exp > now_ms() && keep(old)) {
+                    return (false, None);
+                }
                 res.values.insert(id.to_owned(), (doc, expires));
-                res.waiters.remove(id)
+                (true, res.waiters.remove(id))
             })
             .await?;
         if let Some(w) = waiter {
             w.notify_waiters();
         }
-        Ok(true)
+        Ok(stored)
     }
 
     /// The result document of `id`, if stored and not expired.

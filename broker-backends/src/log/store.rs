@@ -132,6 +132,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Applies one record of the results log when opening: an empty payload or an expired one deletes
+/// the key; a document never replaces an unexpired SUCCESS, as `LogStore::put_result` decides
+/// when it applies a write (a write that raced a SUCCESS may be on disk after it).
+fn replay_result(results: &mut Results, id: String, payload: Vec<u8>, expires: i64, now: i64) {
+    if payload.is_empty() || expires <= now {
+        results.values.remove(&id);
+    } else if !results.values.get(&id).is_some_and(|(old, exp)| *exp > now && super::server::is_success(old)) {
+        results.values.insert(id, (payload, expires));
+    }
+}
+
 impl LogStore {
     /// Opens (creating) `dir`, or returns the store this process already has open there.
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Arc<LogStore>, LogError> {
@@ -168,12 +179,7 @@ impl LogStore {
                 .find(|(k, _)| k == "expires")
                 .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
                 .unwrap_or(i64::MAX);
-            let id = String::from_utf8_lossy(&rec.key).into_owned();
-            if rec.payload.is_empty() || expires <= now {
-                results.values.remove(&id);
-            } else {
-                results.values.insert(id, (rec.payload, expires));
-            }
+            replay_result(&mut results, String::from_utf8_lossy(&rec.key).into_owned(), rec.payload, expires, now);
         })?;
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
