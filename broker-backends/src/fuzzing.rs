@@ -87,6 +87,10 @@ pub fn socket_frames(data: &[u8]) {
 /// Broker URLs of every scheme.
 pub fn url(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else { return };
+    if let Ok(u) = celery_core::url::ServiceUrl::parse(s) {
+        let _ = (u.to_string(), u.finish());
+    }
+    let _ = celery_core::url::redacted(s);
     #[cfg(feature = "log")]
     let _ = crate::log::parse_url(s);
     let _ = celery_core::routing::topic_matches(s, s);

@@ -523,9 +523,8 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
                 let root = msg.headers.root_id.as_deref();
                 Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
             }
-            if !ignore {
-                Box::pin(store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone()))).await;
-            }
+            let stored =
+                ignore || Box::pin(store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone()))).await;
             if let Some(chord) = crate::chord::body_in(&msg, &embed) {
                 Box::pin(crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value)).await;
             }
@@ -534,7 +533,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             w.event("task-succeeded", || serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()}),
             );
             if let Some(d) = d.take() {
-                settle(d.ack().await);
+                Box::pin(finish(&w, d, stored)).await;
             }
         }
         Outcome::Done(Err(err)) => match err.kind() {
@@ -644,7 +643,7 @@ async fn retry_or_fail(
 async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
     tracing::warn!(error = %err, "failed");
     let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
-    store(w, msg, entry, meta.clone()).await;
+    let stored = store(w, msg, entry, meta.clone()).await;
     crate::followups::on_failure(&w.app, msg).await;
     chord_member(w, msg, TaskState::Failure, &meta.result).await;
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -654,7 +653,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
         || serde_json::json!({"uuid": msg.headers.id, "exception": err.to_string(), "traceback": err.traceback()}),
     );
     if let Some(d) = d {
-        settle(d.ack().await);
+        finish(w, d, stored).await;
     }
 }
 
@@ -707,9 +706,22 @@ async fn store_rejection(w: &Shared, k: Rejected<'_>, reason: &str) {
     store_meta(w, meta).await;
 }
 
-async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) {
+/// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend
+/// stayed unreachable) goes back to its queue instead, so the task runs again rather than finish
+/// without a result.
+async fn finish(w: &Shared, d: Delivery, stored: bool) {
+    if stored {
+        settle(d.ack().await);
+    } else {
+        tracing::error!("the result could not be stored: the task goes back to its queue to run again");
+        requeue(w, d).await;
+    }
+}
+
+/// Stores a task's state unless it ignores results; false when it could not be stored.
+async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> bool {
     if msg.headers.ignore_result || (entry.options)().ignore_result {
-        return;
+        return true;
     }
     meta.name = Some(entry.name.to_owned());
     meta.retries = Some(msg.headers.retries);
@@ -721,11 +733,12 @@ async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: T
 }
 
 /// Stores a state, retrying connection errors with backoff (a result is not given up lightly).
-async fn store_meta(w: &Shared, meta: TaskMeta) {
+/// Stores a task's state, retrying while the backend is unreachable; false when it could not.
+async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
     let mut backoff = celery_core::backoff::Reconnect::default();
     loop {
         match w.app.backend().store(&meta).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(e) if e.is_retryable() && backoff.attempts() < 8 => {
                 let d = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?d, "storing the result failed; retrying");
@@ -733,7 +746,7 @@ async fn store_meta(w: &Shared, meta: TaskMeta) {
             }
             Err(e) => {
                 tracing::error!(error = %e, state = %meta.status, "could not store the task state");
-                return;
+                return false;
             }
         }
     }
