@@ -178,8 +178,9 @@ pub enum RouteError {
 /// The longest exchange name, queue name in a binding, binding key or routing key (AMQP's short
 /// string).
 pub const MAX_NAME: usize = 255;
-/// The most exchanges, and the most bindings, a routing table holds.
-pub const MAX_ENTRIES: usize = 100_000;
+/// The most exchanges, and the most bindings, a routing table holds: with keys of at most
+/// [`MAX_NAME`] bytes, routing one message costs at most this many matches of ~128 x 128 steps.
+pub const MAX_ENTRIES: usize = 10_000;
 
 fn check_len(what: &'static str, s: &str) -> Result<(), RouteError> {
     if s.len() > MAX_NAME {
@@ -288,7 +289,12 @@ pub fn topic_matches(pattern: &str, key: &str) -> bool {
     // matched[j]: the pattern's words so far match the key's first j words.
     let mut matched = vec![false; key.len() + 1];
     matched[0] = true;
-    for word in pattern.split('.') {
+    let mut words = pattern.split('.').peekable();
+    while let Some(word) = words.next() {
+        // `#.#` matches what `#` does: a run of them costs one pass.
+        if word == "#" {
+            while words.next_if_eq(&"#").is_some() {}
+        }
         match word {
             "#" => {
                 let mut any = false;
