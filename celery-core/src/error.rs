@@ -180,6 +180,17 @@ pub enum AppError {
     Protocol(#[from] ProtocolError),
 }
 
+impl AppError {
+    /// True when connecting again later may succeed (the broker or backend was unreachable).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AppError::Broker(e) => e.is_retryable(),
+            AppError::Backend(e) => e.is_retryable(),
+            AppError::Protocol(_) => false,
+        }
+    }
+}
+
 /// Why `AsyncResult::get` did not return a value.
 #[derive(Debug, Error)]
 #[non_exhaustive]

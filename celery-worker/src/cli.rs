@@ -494,6 +494,10 @@ fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
+/// Connection attempts of a starting worker or beat before it gives up (Celery's
+/// `broker_connection_max_retries`).
+const STARTUP_ATTEMPTS: u32 = 100;
+
 async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
     match &cli.command {
         Command::Broker(BrokerCommand::Serve(a)) => {
@@ -506,9 +510,27 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         _ => {}
     }
-    let app = crate::connect(&cli.broker, &cli.backend).await.with_context(|| {
-        format!("connecting to broker {} and backend {}", redacted(&cli.broker), redacted(&cli.backend))
-    })?;
+    // A worker or beat started while its broker is down waits for it, as Celery's do
+    // (`broker_connection_retry_on_startup`, up to 100 attempts); other commands fail at once.
+    let patient = matches!(cli.command, Command::Worker(_) | Command::Beat(BeatArgs { action: None, .. }));
+    let mut backoff = celery_core::backoff::Reconnect::default();
+    let app = loop {
+        match crate::connect(&cli.broker, &cli.backend).await {
+            Ok(app) => break app,
+            Err(e) if patient && e.is_retryable() && backoff.attempts() < STARTUP_ATTEMPTS => {
+                let retry_in = backoff.next_delay();
+                tracing::warn!(error = %e, ?retry_in, attempt = backoff.attempts(), "cannot connect yet; retrying");
+                tokio::time::sleep(retry_in).await;
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "connecting to broker {} and backend {}",
+                    redacted(&cli.broker),
+                    redacted(&cli.backend)
+                )))
+            }
+        }
+    };
     match cli.command {
         Command::Worker(a) => {
             let defaults = WorkerConfig::default();

@@ -87,3 +87,18 @@ async fn a_connection_over_the_limit_is_refused_and_admitted_clients_keep_workin
     let r = app.send(Signature::by_name("add").args(json!([20, 22]))).await.unwrap();
     assert_eq!(r.get::<i64>(T).await.unwrap(), 42, "{}", worker.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_started_before_its_broker_waits_for_it() {
+    let dir = TempDir::new("limits-startup");
+    let port = celery_tests::free_port();
+    let url = format!("log+tcp://127.0.0.1:{port}");
+    let mut worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2"]);
+    assert!(worker.wait_log("cannot connect yet; retrying", T), "{}", worker.log());
+    assert!(worker.wait_exit(Duration::from_millis(500)).is_none(), "it waits: {}", worker.log());
+    let _server = serve(&dir, port, &[]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let r = app.send(Signature::by_name("add").args(json!([20, 22]))).await.unwrap();
+    assert_eq!(r.get::<i64>(T).await.unwrap(), 42, "{}", worker.log());
+}
