@@ -113,12 +113,16 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
         cfg.segment_bytes = n as u64;
     }
     if let Some(n) = num("lease_timeout")? {
-        cfg.lease = Duration::from_secs_f64(n);
+        // Between 10 ms (renewed every third of it) and a year (deadlines stay representable).
+        cfg.lease = celery_core::clock::secs_f64(n).clamp(Duration::from_millis(10), Duration::from_secs(365 * 86_400));
     }
     if let Some(n) = num("max_deliveries")? {
         cfg.max_deliveries = n as u32;
     }
     if let Some(n) = num("partitions")? {
+        if n > 1024.0 {
+            return Err(LogError::Invalid(format!("partitions `{n}` is over the limit of 1024 per queue")));
+        }
         cfg.partitions = n as u32;
     }
     if let Some(n) = num("retention_bytes")? {
@@ -501,7 +505,9 @@ impl Broker for LogBroker {
             match &self.inner {
                 Inner::Local(s) => s.append(&q, recs).await?,
                 Inner::Remote(c) => {
-                    c.call(wire::kind::PUBLISH, |e| encode_records(e, &q, &recs)).await?;
+                    for chunk in recs.chunks(wire::MAX_PUBLISH_RECORDS) {
+                        c.call(wire::kind::PUBLISH, |e| encode_records(e, &q, chunk)).await?;
+                    }
                 }
             }
         }
@@ -567,10 +573,7 @@ impl Broker for LogBroker {
     /// Broadcasts go through the owner's memory to its current subscribers; nothing is stored.
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         match &self.inner {
-            Inner::Local(s) => {
-                s.broadcast(&exchange.name, routing_key, &msg.body);
-                Ok(())
-            }
+            Inner::Local(s) => Ok(s.broadcast(&exchange.name, routing_key, &msg.body)?),
             Inner::Remote(c) => c
                 .call(wire::kind::BROADCAST, |e| e.str(&exchange.name).str(routing_key).bytes(&msg.body))
                 .await
@@ -587,7 +590,7 @@ impl Broker for LogBroker {
         let pattern = if exchange.kind == ExchangeKind::Fanout { "#" } else { pattern };
         Ok(Box::new(match &self.inner {
             Inner::Local(s) => {
-                celery_core::broker::ChannelSubscription::new(s.subscribe(&exchange.name, pattern), None)
+                celery_core::broker::ChannelSubscription::new(s.subscribe(&exchange.name, pattern)?, None)
             }
             Inner::Remote(c) => {
                 remote::broadcast_subscription(c.clone(), exchange.name.clone(), pattern.to_owned()).await?
@@ -760,7 +763,15 @@ impl LogConsumer {
                     let max = self.store.config().max_deliveries;
                     if taken.deliveries > max {
                         // Handed out `max` times and never settled (its consumers died with it).
-                        self.store.dead_letter_exhausted(&topic.name, &part, &taken.record, taken.deliveries - 1).await;
+                        let done = self
+                            .store
+                            .dead_letter_exhausted(&topic.name, &part, &taken.record, taken.deliveries - 1)
+                            .await;
+                        if !done {
+                            // Back to its queue, tried again shortly (a full disk may clear).
+                            part.requeue(taken.record.offset);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                         continue;
                     }
                     if taken.counted {
@@ -859,13 +870,20 @@ impl Settle for LogSettle {
         let mut rec = to_record(&m);
         rec.not_before_ms = until.timestamp_millis();
         // The same task as a record that was accepted: not refused by the size limit now.
-        self.store.append_unchecked(&self.queue, vec![rec]).await?;
+        if let Err(e) = self.store.append_unchecked(&self.queue, vec![rec]).await {
+            // Not lost, not stuck: back to its queue (its lease would be renewed forever).
+            self.requeue_now();
+            return Err(e.into());
+        }
         self.release();
         Ok(self.part.ack(&[self.record.offset])?)
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
-        self.store.dead_letter(&self.queue, &self.part, &self.record, reason).await?;
+        if let Err(e) = self.store.dead_letter(&self.queue, &self.part, &self.record, reason).await {
+            self.requeue_now();
+            return Err(e.into());
+        }
         self.release();
         Ok(())
     }

@@ -89,7 +89,9 @@ enum WriterCmd {
     Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
     /// Settlements are waiting in the shared list.
     Settled,
-    Flush(oneshot::Sender<()>),
+    /// Answered once what was sent before is written: an error when this batch's write, fsync or
+    /// checkpoint failed.
+    Flush(oneshot::Sender<Result<(), LogError>>),
 }
 
 /// A change to the finished set, in the order the writer applies it.
@@ -179,6 +181,7 @@ impl PartitionLog {
             acks,
             batch_start: rec.tail_len,
             broken: None,
+            sync_failed: None,
             dirty: false,
             acks_dirty: false,
             last_sync: Instant::now(),
@@ -367,7 +370,7 @@ impl PartitionLog {
     pub(crate) async fn flush(&self) -> Result<(), LogError> {
         let (tx, rx) = oneshot::channel();
         self.send(WriterCmd::Flush(tx))?;
-        rx.await.map_err(|_| LogError::Closed)
+        rx.await.map_err(|_| LogError::Closed)?
     }
 
     /// Stops the writer thread after it has written everything sent.
@@ -404,6 +407,8 @@ struct Writer {
     /// Set when a failed batch could not be cut back: every later append fails (reopening the
     /// partition recovers it).
     broken: Option<String>,
+    /// An fsync of this batch failed (even one whose error was handled, like a checkpoint's).
+    sync_failed: Option<String>,
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The finished set as written to `acks.log` and `checkpoint`.
     finished: Finished,
@@ -482,11 +487,23 @@ impl Writer {
         }
         // Taken after the commands: a flush waits for the settlements made before it.
         let settled = std::mem::take(&mut *lock(&self.settled));
+        self.sync_failed = None;
         let result = self.write_records(&buf, start_offset);
-        if let Err(e) = self.apply_settled(settled) {
+        let settle_error = self.apply_settled(settled).err().map(|e| {
             tracing::error!(error = %e, "log: writing acks failed; those records will be delivered again");
-        }
-        match result.and_then(|()| self.maybe_sync(false)) {
+            e.to_string()
+        });
+        // A failed fsync anywhere in this batch (a checkpoint's too) fails it: a second fsync of
+        // the same file may report success for pages the first one lost.
+        let result = result.and_then(|()| self.maybe_sync(false)).and_then(|()| match self.sync_failed.take() {
+            Some(e) => Err(LogError::Invalid(format!("fsync failed: {e}"))),
+            None => Ok(()),
+        });
+        let flushed = match (&result, settle_error) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), e) => e,
+        };
+        match result {
             Ok(()) => {
                 let tail = Pos { seg: self.active.base, byte: self.tail_len };
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
@@ -507,7 +524,10 @@ impl Writer {
             }
         }
         for f in flushes {
-            let _ = f.send(());
+            let _ = f.send(match &flushed {
+                None => Ok(()),
+                Some(e) => Err(LogError::Invalid(e.clone())),
+            });
         }
     }
 
@@ -519,7 +539,10 @@ impl Writer {
             return;
         }
         match seg.file.set_len(self.batch_start) {
-            Ok(()) => self.tail_len = self.batch_start,
+            Ok(()) => {
+                self.tail_len = self.batch_start;
+                self.broken = None;
+            }
             Err(e) => {
                 tracing::error!(error = %e, path = %seg.path.display(), "log: cannot cut a failed batch back; the partition refuses appends until it is reopened");
                 self.broken = Some(format!("{}: a failed write could not be undone: {e}", seg.path.display()));
@@ -584,9 +607,19 @@ impl Writer {
         self.acks_since_checkpoint += acks.len();
         if checkpoint || self.acks_since_checkpoint >= CHECKPOINT_EVERY {
             // The checkpoint holds every ack so far: acks.log starts over.
-            self.acks_since_checkpoint = 0;
             let data = self.finished.encode();
-            self.write_checkpoint(&data)
+            match self.write_checkpoint(&data) {
+                Ok(()) => {
+                    self.acks_since_checkpoint = 0;
+                    Ok(())
+                }
+                Err(e) => {
+                    // Keep this batch's acks in acks.log at least (the next checkpoint covers them).
+                    let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
+                    let _ = self.write_acks_frame(0, &body).and_then(|()| self.write_acks_frame(COUNTS_FRAME, &counts));
+                    Err(e)
+                }
+            }
         } else {
             let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
             self.write_acks_frame(0, &body)?;
@@ -618,11 +651,17 @@ impl Writer {
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
             let seg = &self.active;
-            super::disk::sync_data(&seg.file, &seg.path)?;
+            if let Err(e) = super::disk::sync_data(&seg.file, &seg.path) {
+                self.sync_failed = Some(e.to_string());
+                return Err(e);
+            }
             self.dirty = false;
         }
         if self.acks_dirty {
-            super::disk::sync_data(&self.acks, &self.dir.join("acks.log"))?;
+            if let Err(e) = super::disk::sync_data(&self.acks, &self.dir.join("acks.log")) {
+                self.sync_failed = Some(e.to_string());
+                return Err(e);
+            }
             self.acks_dirty = false;
         }
         self.last_sync = Instant::now();
@@ -922,7 +961,14 @@ impl Partition {
                     if st.finished.is_done(offset) {
                         continue;
                     }
-                    let rec = self.log.read_at(at)?;
+                    let rec = match self.log.read_at(at) {
+                        Ok(rec) => rec,
+                        Err(e) => {
+                            // Kept for the next take (a read error may pass).
+                            st.delayed.push(Reverse((due, offset, at)));
+                            return Err(e);
+                        }
+                    };
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
             }
@@ -1060,6 +1106,15 @@ impl Partition {
             self.log.wake_writer()?;
         }
         Ok(())
+    }
+
+    /// Returns a record whose lease already ended (an expired one that could not be dead-lettered)
+    /// to the queue.
+    pub(crate) fn give_back(&self, record: Arc<Record>, deliveries: u32) {
+        let mut st = lock(&self.state);
+        if !st.finished.is_done(record.offset) && !st.leased.contains_key(&record.offset) {
+            st.ready.push_back((record, deliveries));
+        }
     }
 
     /// Gives a leased record back for immediate redelivery.

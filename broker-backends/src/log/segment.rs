@@ -154,9 +154,14 @@ fn scan(file: &File, path: &Path, base: u64) -> Result<(u64, u64), LogError> {
     }
 }
 
+/// Bytes of candidate frames one [`resync`] may CRC-check before it gives up (an error, never a
+/// truncation): damage made of many frame-like bytes cannot make it quadratic.
+const RESYNC_BUDGET: u64 = 1 << 30;
+
 /// The first valid record after byte `from` (and before `end`) whose offset is at least
-/// `min_offset`: its byte position and offset. A CRC-checked frame whose offset fits is taken as
-/// the place to resume after damaged bytes; None when there is none (a torn tail).
+/// `min_offset`: its byte position and offset; None when there is none (a torn tail). A candidate
+/// must be a CRC-checked frame whose offset fits, followed by the end or by a valid frame with the
+/// next offset, so a frame-like run of bytes inside a payload is not taken for the log.
 pub(crate) fn resync(
     file: &File,
     path: &Path,
@@ -165,6 +170,25 @@ pub(crate) fn resync(
     min_offset: u64,
 ) -> Result<Option<(u64, u64)>, LogError> {
     const WINDOW: u64 = 1 << 20;
+    let mut budget = RESYNC_BUDGET;
+    let frame_at = |pos: u64, budget: &mut u64| -> Result<Option<(u64, u64)>, LogError> {
+        let mut head = [0u8; 4];
+        if pos + 4 > end || file.read_exact_at(&mut head, pos).is_err() {
+            return Ok(None);
+        }
+        let Ok(len) = Record::frame_len(&head) else { return Ok(None) };
+        if pos + 4 + len as u64 > end {
+            return Ok(None);
+        }
+        *budget = budget.checked_sub(4 + len as u64).ok_or_else(|| LogError::Corrupt {
+            path: path.to_owned(),
+            offset: min_offset,
+            reason: format!("no valid record found after byte {from} within the search budget"),
+        })?;
+        let mut frame = vec![0u8; 4 + len];
+        file.read_exact_at(&mut frame, pos).map_err(|e| LogError::io(path, e))?;
+        Ok(Record::decode(&frame).ok().map(|(r, used)| (r.offset, pos + used as u64)))
+    };
     // The bytes left bound how many records can follow, and so which offsets are plausible.
     let max_offset = min_offset.saturating_add(end.saturating_sub(from));
     let (mut window, mut window_at) = (Vec::new(), 0u64);
@@ -178,11 +202,10 @@ pub(crate) fn resync(
         let at = (pos - window_at) as usize;
         let head = [window[at], window[at + 1], window[at + 2], window[at + 3]];
         let offset = u64::from_le_bytes(window[at + 8..at + 16].try_into().unwrap_or_default());
-        if let Ok(len) = Record::frame_len(&head) {
-            if pos + 4 + len as u64 <= end && (min_offset..=max_offset).contains(&offset) {
-                let mut frame = vec![0u8; 4 + len];
-                file.read_exact_at(&mut frame, pos).map_err(|e| LogError::io(path, e))?;
-                if Record::decode(&frame).is_ok_and(|(r, _)| r.offset == offset) {
+        if Record::frame_len(&head).is_ok() && (min_offset..=max_offset).contains(&offset) {
+            if let Some((found, next)) = frame_at(pos, &mut budget)? {
+                let chained = next == end || frame_at(next, &mut budget)?.is_some_and(|(o, _)| o == found + 1);
+                if found == offset && chained {
                     return Ok(Some((pos, offset)));
                 }
             }

@@ -481,7 +481,11 @@ async fn handle(
         kind::PUBLISH => {
             let queue = d.str().map_err(e)?;
             let n = d.u32().map_err(e)? as usize;
-            let mut records = Vec::with_capacity(n.min(100_000));
+            if n > wire::MAX_PUBLISH_RECORDS {
+                return Err(format!("{n} records in one PUBLISH (at most {})", wire::MAX_PUBLISH_RECORDS));
+            }
+            // Each record takes at least 16 bytes of the frame.
+            let mut records = Vec::with_capacity(n.min(frame.body.len() / 16));
             for _ in 0..n {
                 let not_before_ms = d.i64().map_err(e)?;
                 let key = d.bytes().map_err(e)?.to_vec();
@@ -584,14 +588,14 @@ async fn handle(
         kind::BROADCAST => {
             let exchange = d.str().map_err(e)?;
             let routing_key = d.str().map_err(e)?;
-            store.broadcast(&exchange, &routing_key, d.bytes().map_err(e)?);
+            store.broadcast(&exchange, &routing_key, d.bytes().map_err(e)?).map_err(|e| e.to_string())?;
             ok().finish()
         }
         kind::SUBSCRIBE => {
             conn.room_for_subscription()?;
             let exchange = d.str().map_err(e)?;
             let pattern = d.str().map_err(e)?;
-            let mut rx = store.subscribe(&exchange, &pattern);
+            let mut rx = store.subscribe(&exchange, &pattern).map_err(|e| e.to_string())?;
             let tx2 = replies.clone();
             let task = tokio::spawn(async move {
                 while let Some(b) = rx.recv().await {

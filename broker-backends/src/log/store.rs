@@ -243,26 +243,42 @@ impl LogStore {
     }
 
     /// Hands a broadcast to the current subscribers whose pattern matches (a full one misses it).
-    pub fn broadcast(&self, exchange: &str, routing_key: &str, body: &[u8]) {
-        let mut subs = lock(&self.subscribers);
-        subs.retain(|(_, _, tx)| !tx.is_closed());
-        for (ex, pattern, tx) in subs.iter() {
-            if ex == exchange && celery_core::routing::topic_matches(pattern, routing_key) {
+    /// Exchange names and routing keys are at most 255 bytes (AMQP's limit), so matching stays
+    /// cheap; it runs outside the subscribers' lock.
+    pub fn broadcast(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), LogError> {
+        check_name("exchange name", exchange)?;
+        check_name("routing key", routing_key)?;
+        let subs: Vec<_> = {
+            let mut subs = lock(&self.subscribers);
+            subs.retain(|(_, _, tx)| !tx.is_closed());
+            subs.iter().filter(|(ex, ..)| ex == exchange).map(|(_, p, tx)| (p.clone(), tx.clone())).collect()
+        };
+        for (pattern, tx) in subs {
+            if celery_core::routing::topic_matches(&pattern, routing_key) {
                 let b = celery_core::broker::Broadcast { routing_key: routing_key.to_owned(), body: body.to_vec() };
                 let _ = tx.try_send(b);
             }
         }
+        Ok(())
     }
 
-    /// Subscribes to the broadcasts of `exchange` matching `pattern`.
+    /// Subscribes to the broadcasts of `exchange` matching `pattern` (each at most 255 bytes; at
+    /// most [`MAX_SUBSCRIBERS`] live subscriptions per store).
     pub fn subscribe(
         &self,
         exchange: &str,
         pattern: &str,
-    ) -> tokio::sync::mpsc::Receiver<celery_core::broker::Broadcast> {
+    ) -> Result<tokio::sync::mpsc::Receiver<celery_core::broker::Broadcast>, LogError> {
+        check_name("exchange name", exchange)?;
+        check_name("binding pattern", pattern)?;
+        let mut subs = lock(&self.subscribers);
+        subs.retain(|(_, _, tx)| !tx.is_closed());
+        if subs.len() >= MAX_SUBSCRIBERS {
+            return Err(LogError::Invalid(format!("too many broadcast subscriptions (limit {MAX_SUBSCRIBERS})")));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        lock(&self.subscribers).push((exchange.to_owned(), pattern.to_owned(), tx));
-        rx
+        subs.push((exchange.to_owned(), pattern.to_owned(), tx));
+        Ok(rx)
     }
 
     /// Declares an exchange; the declaration persists in `routing.json`.
@@ -509,11 +525,21 @@ impl LogStore {
     }
 
     /// Dead-letters a record handed out `deliveries` times and never settled (`max_deliveries`);
-    /// a failure is logged, and the record comes back when its lease expires.
-    pub(crate) async fn dead_letter_exhausted(&self, queue: &str, part: &Partition, record: &Record, deliveries: u32) {
+    /// false (logged) when that failed: the caller returns the record to its queue.
+    pub(crate) async fn dead_letter_exhausted(
+        &self,
+        queue: &str,
+        part: &Partition,
+        record: &Record,
+        deliveries: u32,
+    ) -> bool {
         let reason = format!("delivered {deliveries} times without being acknowledged (max_deliveries)");
-        if let Err(e) = self.dead_letter(queue, part, record, &reason).await {
-            tracing::error!(error = %e, "log: dead-lettering an exhausted record failed");
+        match self.dead_letter(queue, part, record, &reason).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "log: dead-lettering an exhausted record failed; it stays in its queue");
+                false
+            }
         }
     }
 
@@ -568,6 +594,21 @@ impl LogStore {
             }
         }
     }
+}
+
+/// Live broadcast subscriptions a store holds at most.
+pub(crate) const MAX_SUBSCRIBERS: usize = 10_000;
+
+/// Refuses exchange names, routing keys and patterns over AMQP's 255 bytes.
+fn check_name(what: &'static str, s: &str) -> Result<(), LogError> {
+    if s.len() > celery_core::routing::MAX_NAME {
+        return Err(LogError::Invalid(format!(
+            "{what} of {} bytes is over the limit of {} bytes",
+            s.len(),
+            celery_core::routing::MAX_NAME
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses `size` bytes over `limit` (the store's `max_record_bytes`).
@@ -646,7 +687,9 @@ async fn expiry_loop(store: Weak<LogStore>) {
                 let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
                 returned |= back > 0;
                 for ex in exhausted {
-                    s.dead_letter_exhausted(&t.name, p, &ex.record, ex.deliveries).await;
+                    if !s.dead_letter_exhausted(&t.name, p, &ex.record, ex.deliveries).await {
+                        p.give_back(ex.record, ex.deliveries);
+                    }
                 }
             }
         }
@@ -907,6 +950,38 @@ mod tests {
             drop(store);
             std::fs::remove_dir_all(dir).ok();
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_fails_the_checkpoint_that_needed_it() {
+        let dir = tempdir();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        store.append("q", vec![rec("x")]).await.unwrap();
+        let t = store.find_topic("q").unwrap().unwrap();
+        let taken = t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1).unwrap().unwrap();
+        t.partitions[0].ack(&[taken.record.offset]).unwrap();
+        // Everything written and synced: the only fsync left is the next checkpoint's own.
+        store.sync().await.unwrap();
+        faults::inject(&dir, Op::Sync, Fault::Eio, 1);
+        assert!(store.sync().await.is_err(), "a checkpoint whose fsync failed is not reported done");
+        faults::clear(&dir);
+        store.sync().await.unwrap();
+        drop((t, taken, store));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn broadcast_keys_and_patterns_are_bounded() {
+        let dir = tempdir();
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        let long = vec!["*"; 200].join(".");
+        assert!(store.subscribe("x", &long).is_err(), "a 399-byte pattern is refused");
+        let mut rx = store.subscribe("x", "a.#").unwrap();
+        assert!(store.broadcast("x", &vec!["a"; 200].join("."), b"").is_err());
+        store.broadcast("x", "a.b", b"hi").unwrap();
+        assert_eq!(rx.try_recv().unwrap().body, b"hi");
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]

@@ -18,6 +18,9 @@ use super::stream::StreamRecord;
 pub(crate) const VERSION: u8 = 2;
 /// The read buffer of a connection: many frames come in with one read.
 pub(crate) const READ_BUFFER: usize = 64 << 10;
+/// The most records one `PUBLISH` carries (a client sends more in several): decoding a frame
+/// never makes more than this many records, whatever its size.
+pub(crate) const MAX_PUBLISH_RECORDS: usize = 100_000;
 /// The largest frame accepted.
 pub(crate) const MAX_FRAME: usize = 256 << 20;
 /// The largest frame a server accepts before `HELLO` (which carries only a token): an
