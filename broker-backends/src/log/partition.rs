@@ -291,6 +291,13 @@ impl PartitionLog {
             }
             Ok((rec, _)) => format!("found offset {} at byte {}", rec.offset, at.byte),
             Err(LogError::Corrupt { reason, .. }) => reason,
+            // A closed segment that ends before the next one begins (a segment file lost in
+            // between, or a truncated one): the records up to the next segment are gone.
+            Err(LogError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof && limit.is_none() =>
+            {
+                format!("the segment ends at byte {} before offset {offset}", at.byte)
+            }
             Err(e) => return Err(e),
         };
         // Damaged bytes: resume at the next valid record, in this segment or at the next one.

@@ -932,6 +932,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_lost_middle_segment_costs_only_its_records() {
+        let dir = tempdir();
+        let cfg = StoreConfig { segment_bytes: 600, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg.clone()).unwrap();
+        for i in 0..30 {
+            store.append("q", vec![rec(&format!("record-{i:02}"))]).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        drop(store);
+        let pdir = dir.join("topics/q/0");
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(&pdir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()))
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 3, "{segs:?}");
+        let lost_from: u64 = segs[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        let lost_to: u64 = segs[2].file_stem().unwrap().to_str().unwrap().parse().unwrap();
+        std::fs::remove_file(&segs[1]).unwrap();
+        let store = LogStore::open(&dir, cfg).unwrap();
+        let got = drain(&store, "q");
+        assert_eq!(got.len() as u64, 30 - (lost_to - lost_from), "{got:?}");
+        assert_eq!(got.last().map(String::as_str), Some("record-29"));
+        assert_eq!(store.corrupt_records(), lost_to - lost_from);
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
     async fn a_failing_disk_refuses_publishes_loses_nothing_acknowledged_and_recovers() {
         for fault in [(Op::Sync, Fault::Eio), (Op::Write, Fault::NoSpace), (Op::Write, Fault::ShortWrite)] {
             let dir = tempdir();
