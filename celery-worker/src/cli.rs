@@ -295,9 +295,14 @@ pub struct ServeArgs {
     /// Ask every client for a certificate signed by this PEM authority (mutual TLS).
     #[arg(long, requires = "tls_cert")]
     pub tls_client_ca: Option<std::path::PathBuf>,
-    /// Connections served at once; one more is refused with "too many connections (limit N)".
+    /// Connections served at once (counted from their HELLO); one more is refused with "too many
+    /// connections (limit N)".
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
+    /// Connections that have not sent their HELLO yet, at most; one more closes the oldest of
+    /// them, so silent connections cannot lock clients out.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending: u32,
     /// Seconds a new connection has to present its HELLO (token).
     #[arg(long, default_value_t = 10.0, value_parser = positive_seconds)]
     pub hello_timeout: f64,
@@ -342,6 +347,7 @@ impl ServeArgs {
             max_waits: self.max_waits as usize,
             request_bytes: (self.request_buffer_mib as usize) << 20,
             reply_bytes: (self.reply_buffer_mib as usize) << 20,
+            max_pending: self.max_pending as usize,
         }
     }
 }

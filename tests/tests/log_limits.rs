@@ -38,21 +38,24 @@ async fn a_worker_and_a_producer_keep_working_across_idle_closes() {
     }
 }
 
-/// Opens a raw connection and says whether the server refused it (an ERR naming the limit) rather
-/// than waiting for its HELLO.
-fn refused(port: u16) -> Option<std::net::TcpStream> {
+/// A connection that greets (HELLO, no token): Some while the server admits it, None when it is
+/// refused with the limit.
+fn greeted(port: u16) -> Option<std::net::TcpStream> {
+    use std::io::Write;
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // len 14 | version 2 | HELLO (1) | id 1 | an empty token
+    s.write_all(&[14, 0, 0, 0, 2, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap();
     let mut buf = [0u8; 256];
-    match s.read(&mut buf) {
-        Ok(n) if n > 14 => {
-            let text = String::from_utf8_lossy(&buf[18..n]).into_owned();
-            assert_eq!(buf[5], 101, "an ERR frame");
-            assert!(text.contains("too many connections (limit 6)"), "{text}");
-            None
-        }
-        _ => Some(s),
+    let n = s.read(&mut buf).unwrap();
+    assert!(n >= 14, "an answer");
+    if buf[5] == 100 {
+        return Some(s);
     }
+    assert_eq!(buf[5], 101, "an ERR frame");
+    let text = String::from_utf8_lossy(&buf[18..n]).into_owned();
+    assert!(text.contains("too many connections (limit 6)"), "{text}");
+    None
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -67,15 +70,17 @@ async fn a_connection_over_the_limit_is_refused_and_admitted_clients_keep_workin
     let r = app.send(Signature::by_name("add").args(json!([1, 2]))).await.unwrap();
     assert_eq!(r.get::<i64>(T).await.unwrap(), 3);
 
-    // Silent connections take the free slots; the next one is refused.
-    let mut silent = Vec::new();
+    // Greeting connections take the free slots; the next one is refused.
+    let mut admitted = Vec::new();
     loop {
-        match refused(port) {
-            Some(s) => silent.push(s),
+        match greeted(port) {
+            Some(s) => admitted.push(s),
             None => break,
         }
-        assert!(silent.len() < 6, "no connection was refused\n{}", server.log());
+        assert!(admitted.len() < 6, "no connection was refused\n{}", server.log());
     }
+    // Silent connections take no slot: however many, they only close each other.
+    let silent: Vec<_> = (0..200).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
     // A new client is told why (connecting may be lazy: then its first request is).
     let late = match celery_worker::connect(&url, &url).await {
         Err(e) => e.to_string(),
@@ -86,6 +91,11 @@ async fn a_connection_over_the_limit_is_refused_and_admitted_clients_keep_workin
     // The admitted producer and worker keep working.
     let r = app.send(Signature::by_name("add").args(json!([20, 22]))).await.unwrap();
     assert_eq!(r.get::<i64>(T).await.unwrap(), 42, "{}", worker.log());
+
+    // A freed slot goes to the next client that greets, whatever the silent connections do.
+    drop(admitted.pop());
+    assert!(wait_until(T, || greeted(port).is_some()), "{}", server.log());
+    drop(silent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use celery_core::broker::Settle;
 use celery_core::{Broker, TaskMeta, TaskState};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -68,6 +68,10 @@ pub struct ServerLimits {
     /// Bytes of answers and deliveries queued for one connection (default 8 MiB; a larger frame
     /// is queued alone). A client that does not read its answers stops being read from.
     pub reply_bytes: usize,
+    /// Connections that have not sent their `HELLO` yet (TLS handshake included), at most
+    /// (default 128): one more closes the oldest of them. Silent connections then hold at most
+    /// this many of `max_connections`, and a client that greets at once is never locked out.
+    pub max_pending: usize,
 }
 
 impl Default for ServerLimits {
@@ -80,6 +84,7 @@ impl Default for ServerLimits {
             max_waits: 4096,
             request_bytes: 64 << 20,
             reply_bytes: 8 << 20,
+            max_pending: 128,
         }
     }
 }
@@ -90,9 +95,7 @@ const MAX_RESULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_SUBSCRIPTIONS: usize = 1024;
 /// How long a connection closed for idleness still reads (answering [`wire::NOT_HANDLED`]).
 const CLOSING_GRACE: Duration = Duration::from_secs(1);
-/// Connections being refused at once (beyond it, an over-limit connection is closed unanswered).
-const MAX_REFUSING: usize = 64;
-/// How long a refusal may take to be written (and, for TLS, its handshake).
+/// How long a closing connection's last answers (a refusal) may take to be written.
 const REFUSAL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Takes `len` bytes from a byte budget (a semaphore of bytes), or the whole budget for a larger
@@ -218,25 +221,61 @@ fn tokens_match(presented: &[u8], expected: &[u8]) -> bool {
     diff == 0
 }
 
-/// Serves one connection until it closes. `token`: when set, the client's HELLO must carry it.
-pub(crate) async fn serve_connection<S>(
-    store: Arc<LogStore>,
-    stream: S,
-    token: Option<String>,
-    limits: Arc<ServerLimits>,
-) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
-{
-    serve_counted(store, stream, token, limits, Arc::default()).await
+/// Connections that have not greeted yet, oldest first: joining past the limit closes the oldest
+/// (its [`Ticket`] resolves), so silent connections cannot hold every slot.
+#[derive(Debug, Default)]
+struct Pending {
+    next: AtomicU64,
+    waiting: Mutex<std::collections::VecDeque<(u64, oneshot::Sender<()>)>>,
 }
 
-/// [`serve_connection`], counting what the reply queue holds in `stats`.
+impl Pending {
+    fn join(self: &Arc<Self>, max: usize) -> Ticket {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = lock(&self.waiting);
+        while waiting.len() >= max.max(1) {
+            // Dropping its sender wakes it: it closes.
+            waiting.pop_front();
+            tracing::warn!(limit = max, "log server: too many connections waiting for HELLO; closing the oldest");
+        }
+        waiting.push_back((id, tx));
+        Ticket { pending: self.clone(), id, evicted: rx }
+    }
+}
+
+/// A connection's place among those that have not greeted; it leaves when dropped.
+#[derive(Debug)]
+struct Ticket {
+    pending: Arc<Pending>,
+    id: u64,
+    evicted: oneshot::Receiver<()>,
+}
+
+impl Ticket {
+    /// Resolves when the connection was closed to make room for a newer one.
+    async fn evicted(&mut self) {
+        let _ = (&mut self.evicted).await;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        lock(&self.pending.waiting).retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// Serves one connection until it closes. `token`: when set, the client's HELLO must carry it;
+/// `stats` counts what the reply queue holds; `pass` (a served socket's): its place among the
+/// connections that have not greeted (it is closed when a newer one needs the room first), and
+/// the slots of which it takes one when it greets.
 async fn serve_counted<S>(
     store: Arc<LogStore>,
     stream: S,
     token: Option<String>,
     limits: Arc<ServerLimits>,
     stats: Arc<ConnStats>,
+    pass: Option<Pass>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -270,6 +309,12 @@ async fn serve_counted<S>(
     // Closing an idle connection: what still arrives is answered `NOT_HANDLED`.
     let mut closing = false;
     let mut deadline = Instant::now() + limits.hello_timeout;
+    let (mut ticket, slots) = match pass {
+        Some(p) => (Some(p.ticket), Some(p.slots)),
+        None => (None, None),
+    };
+    // This connection's slot among `max_connections`, taken when it greets.
+    let mut _slot = None;
     loop {
         let max = if greeted { wire::MAX_FRAME } else { wire::MAX_HELLO_FRAME };
         let read = wire::read_frame(&mut rd, max);
@@ -280,6 +325,9 @@ async fn serve_counted<S>(
             tokio::select! {
                 biased;
                 r = &mut read => break Ok(r),
+                _ = async { ticket.as_mut().expect("guarded").evicted().await }, if ticket.is_some() => {
+                    break Err("too many connections waiting for HELLO; this was the oldest".to_string());
+                }
                 _ = tokio::time::sleep_until(deadline) => {
                     if !greeted {
                         break Err(format!("no HELLO within {:?}", limits.hello_timeout));
@@ -345,7 +393,23 @@ async fn serve_counted<S>(
                 refused = true;
                 break;
             }
+            if let Some(slots) = &slots {
+                match slots.clone().try_acquire_owned() {
+                    Ok(slot) => _slot = Some(slot),
+                    Err(_) => {
+                        tracing::warn!(
+                            limit = limits.max_connections,
+                            "log server: too many connections; refusing one"
+                        );
+                        let why = format!("too many connections (limit {})", limits.max_connections);
+                        replies.send_now(Enc::frame(kind::ERR, 0).str(&why).finish());
+                        refused = true;
+                        break;
+                    }
+                }
+            }
             greeted = true;
+            ticket = None;
             deadline = Instant::now() + limits.idle_timeout;
             if replies.send(Enc::frame(kind::OK, frame.id).finish()).await.is_err() {
                 break;
@@ -699,65 +763,33 @@ pub(crate) fn is_ready(doc: &[u8]) -> bool {
     TaskMeta::from_slice(doc).is_ok_and(|m| m.status.is_ready())
 }
 
-/// Which connections are served: at most `max_connections` at once; one more is refused with an
-/// `ERR` frame naming the limit (a few at a time; beyond that it is closed unanswered).
+/// Which connections are served: a new connection waits for its `HELLO` among at most
+/// `max_pending` others (one more closes the oldest waiting), and takes one of `max_connections`
+/// slots when it greets; without a free slot it is told the limit and closed.
 #[derive(Debug)]
-struct Admission {
+struct Gate {
+    pending: Arc<Pending>,
     slots: Arc<Semaphore>,
-    refusing: Arc<Semaphore>,
-    limit: usize,
+    limits: Arc<ServerLimits>,
 }
 
-impl Admission {
-    fn new(limit: usize) -> Admission {
-        Admission { slots: Arc::new(Semaphore::new(limit)), refusing: Arc::new(Semaphore::new(MAX_REFUSING)), limit }
+impl Gate {
+    fn new(limits: Arc<ServerLimits>) -> Gate {
+        Gate { pending: Arc::default(), slots: Arc::new(Semaphore::new(limits.max_connections)), limits }
     }
 
-    /// A slot for a new connection, held for as long as it is served; or the refusal to write on
-    /// it (None when too many are being refused already: close it unanswered).
-    fn admit(&self) -> Result<OwnedSemaphorePermit, Option<Refusal>> {
-        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
-            return Ok(slot);
-        }
-        tracing::warn!(limit = self.limit, "log server: too many connections; refusing one");
-        let refusing = self.refusing.clone().try_acquire_owned().map_err(|_| None)?;
-        let msg = format!("too many connections (limit {})", self.limit);
-        Err(Some(Refusal { frame: Enc::frame(kind::ERR, 0).str(&msg).finish(), _refusing: refusing }))
+    /// A new connection's pass: its place among those waiting to greet.
+    fn enter(&self) -> Pass {
+        Pass { ticket: self.pending.join(self.limits.max_pending), slots: self.slots.clone() }
     }
 }
 
-/// The `ERR` frame for a connection over the limit, and its place among those being refused.
+/// What a connection holds until it greets: its place among those waiting, and the slots to take
+/// one of.
 #[derive(Debug)]
-struct Refusal {
-    frame: Vec<u8>,
-    _refusing: OwnedSemaphorePermit,
-}
-
-impl Refusal {
-    /// Writes the refusal in the background (within [`REFUSAL_TIMEOUT`], `start` included: for
-    /// TLS, the handshake) and closes the connection.
-    fn send<S, F>(self, start: F)
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
-        F: std::future::Future<Output = Option<S>> + Send + 'static,
-    {
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REFUSAL_TIMEOUT, async {
-                if let Some(stream) = start.await {
-                    write_and_close(stream, self.frame).await;
-                }
-            })
-            .await;
-        });
-    }
-}
-
-/// Writes `frame` on `stream` and closes it.
-async fn write_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, frame: Vec<u8>) {
-    if stream.write_all(&frame).await.is_ok() {
-        let _ = stream.shutdown().await;
-        drain(&mut stream).await;
-    }
+struct Pass {
+    ticket: Ticket,
+    slots: Arc<Semaphore>,
 }
 
 /// Reads and drops what the peer still sends (at most 64 KiB, for at most a second) after a
@@ -782,7 +814,7 @@ async fn drain<R: AsyncRead + Unpin>(r: &mut R) {
 /// default [`ServerLimits`].
 pub(crate) async fn serve_unix(store: std::sync::Weak<LogStore>, listener: tokio::net::UnixListener) {
     let limits = Arc::new(ServerLimits::default());
-    let admission = Admission::new(limits.max_connections);
+    let gate = Gate::new(limits.clone());
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -793,20 +825,8 @@ pub(crate) async fn serve_unix(store: std::sync::Weak<LogStore>, listener: tokio
             }
         };
         let Some(s) = store.upgrade() else { return };
-        let slot = match admission.admit() {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                if let Some(r) = refusal {
-                    r.send(async move { Some(stream) });
-                }
-                continue;
-            }
-        };
-        let limits = limits.clone();
-        tokio::spawn(async move {
-            serve_connection(s, stream, None, limits).await;
-            drop(slot);
-        });
+        let (limits, pass) = (limits.clone(), gate.enter());
+        tokio::spawn(serve_counted(s, stream, None, limits, Arc::default(), Some(pass)));
     }
 }
 
@@ -835,7 +855,7 @@ pub async fn serve_tcp_with(
     limits: ServerLimits,
 ) {
     let limits = Arc::new(limits);
-    let admission = Admission::new(limits.max_connections);
+    let gate = Gate::new(limits.clone());
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -848,28 +868,28 @@ pub async fn serve_tcp_with(
         let _ = stream.set_nodelay(true);
         tracing::debug!(%peer, tls = tls.is_some(), "log server: connection");
         let acceptor = tls.as_ref().map(|t| t.acceptor.clone());
-        let slot = match admission.admit() {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                match (refusal, acceptor) {
-                    (Some(r), None) => r.send(async move { Some(stream) }),
-                    (Some(r), Some(a)) => r.send(async move { a.accept(stream).await.ok() }),
-                    (None, _) => {}
-                }
-                continue;
-            }
-        };
         let (store, token, limits) = (store.clone(), token.clone(), limits.clone());
+        let mut pass = gate.enter();
         tokio::spawn(async move {
+            let stats = Arc::default();
             match acceptor {
-                None => serve_connection(store, stream, token, limits).await,
-                Some(acceptor) => match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(store, stream, token, limits).await,
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "log server: TLS handshake failed"),
-                    Err(_) => tracing::warn!(%peer, "log server: TLS handshake timed out"),
-                },
+                None => serve_counted(store, stream, token, limits, stats, Some(pass)).await,
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let done = tokio::select! {
+                        r = handshake => r,
+                        _ = pass.ticket.evicted() => {
+                            tracing::debug!(%peer, "log server: TLS handshake closed for a newer connection");
+                            return;
+                        }
+                    };
+                    match done {
+                        Ok(Ok(stream)) => serve_counted(store, stream, token, limits, stats, Some(pass)).await,
+                        Ok(Err(e)) => tracing::warn!(%peer, error = %e, "log server: TLS handshake failed"),
+                        Err(_) => tracing::warn!(%peer, "log server: TLS handshake timed out"),
+                    }
+                }
             }
-            drop(slot);
         });
     }
 }
@@ -887,7 +907,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(1 << 16);
         let stats = Arc::new(ConnStats::default());
         let token = token.map(str::to_owned);
-        tokio::spawn(serve_counted(store.clone(), server, token, Arc::new(limits), stats.clone()));
+        tokio::spawn(serve_counted(store.clone(), server, token, Arc::new(limits), stats.clone(), None));
         (tokio::io::split(client), stats)
     }
 
@@ -1076,6 +1096,38 @@ mod tests {
             }
             assert!(Instant::now() < deadline, "the closed connection's slot was not freed");
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn silent_connections_cannot_lock_out_a_client_that_greets() {
+        let store = LogStore::open(&tempdir(), StoreConfig::default()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits { max_connections: 8, max_pending: 3, ..ServerLimits::default() };
+        let server = tokio::spawn(serve_tcp_with(store, listener, Some("s3cret".into()), None, limits));
+        // Far more silent connections than the server serves: each new one closes the oldest.
+        let mut silent = Vec::new();
+        for _ in 0..20 {
+            silent.push(tokio::net::TcpStream::connect(addr).await.unwrap().into_split());
+        }
+        let (mut r0, _w0) = silent.remove(0);
+        let closed = next(&mut r0).await.expect("told why");
+        assert!(err_text(&closed).contains("waiting for HELLO"), "{}", err_text(&closed));
+        assert!(next(&mut r0).await.is_none(), "the oldest silent connection is closed");
+        for _ in 0..3 {
+            let (mut r, mut w) = tokio::net::TcpStream::connect(addr).await.unwrap().into_split();
+            let answer = exchange(&mut w, &mut r, Enc::frame(kind::HELLO, 1).str("s3cret").finish()).await;
+            assert_eq!(answer.kind, kind::OK, "a client that greets at once is served: {}", err_text(&answer));
+            let len = exchange(&mut w, &mut r, Enc::frame(kind::QUEUE_LEN, 2).str("q").finish()).await;
+            assert_eq!((len.kind, len.id), (kind::OK, 2));
+            // Greeted: more silent connections do not close it.
+            for _ in 0..5 {
+                silent.push(tokio::net::TcpStream::connect(addr).await.unwrap().into_split());
+            }
+            let len = exchange(&mut w, &mut r, Enc::frame(kind::QUEUE_LEN, 3).str("q").finish()).await;
+            assert_eq!((len.kind, len.id), (kind::OK, 3));
         }
         server.abort();
     }
