@@ -212,6 +212,17 @@ pub(crate) fn task_ids(arguments: &Value) -> Vec<String> {
 }
 
 /// True when a request's `destination` includes `hostname` (or names no one: everyone).
+/// A flag argument in any form Celery's clients send it: `true`, `1` (Flower), `"true"`, `"1"`,
+/// `"yes"`, `"on"`; anything else is false.
+pub(crate) fn truthy(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
+        Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"),
+        _ => false,
+    }
+}
+
 pub(crate) fn meant_for(request: &Value, hostname: &str) -> bool {
     match &request["destination"] {
         Value::Array(names) => names.iter().any(|n| n.as_str() == Some(hostname)),
@@ -221,6 +232,17 @@ pub(crate) fn meant_for(request: &Value, hostname: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn flags_are_read_in_every_form_celery_clients_send() {
+        for yes in [json!(true), json!(1), json!("true"), json!("True"), json!("1"), json!("yes")] {
+            assert!(super::truthy(&yes), "{yes}");
+        }
+        for no in [json!(false), json!(0), json!("false"), json!("0"), json!(null), json!([])] {
+            assert!(!super::truthy(&no), "{no}");
+        }
+    }
+
     use super::*;
 
     #[test]

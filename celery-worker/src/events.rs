@@ -73,16 +73,34 @@ impl EventDispatcher {
 #[derive(Debug)]
 pub struct EventStream {
     sub: Box<dyn Subscription>,
+    /// Events of a batch not handed out yet.
+    batch: std::collections::VecDeque<Value>,
+}
+
+/// The most events taken from one broadcast (Python workers send task events in batches).
+const MAX_BATCH: usize = 10_000;
+
+/// The events one broadcast holds: one event document, or a list of them (Python Celery's workers
+/// group task events into lists); anything else holds none.
+fn events_in(body: &[u8]) -> Vec<Value> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(list)) => list.into_iter().filter(|v| v.get("type").is_some()).take(MAX_BATCH).collect(),
+        Ok(v) if v.get("type").is_some() => vec![v],
+        _ => Vec::new(),
+    }
 }
 
 impl EventStream {
-    /// The next event (undecodable broadcasts are skipped); `None` when the subscription ended.
+    /// The next event (broadcasts that hold none are skipped); `None` when the subscription ended.
     pub async fn next(&mut self) -> Option<Value> {
         loop {
+            if let Some(v) = self.batch.pop_front() {
+                return Some(v);
+            }
             let b = self.sub.next().await?;
-            match serde_json::from_slice::<Value>(&b.body) {
-                Ok(v) if v.get("type").is_some() => return Some(v),
-                _ => tracing::debug!(routing_key = %b.routing_key, "events: skipping a broadcast that is not an event"),
+            self.batch.extend(events_in(&b.body));
+            if self.batch.is_empty() {
+                tracing::debug!(routing_key = %b.routing_key, "events: skipping a broadcast that is not an event");
             }
         }
     }
@@ -90,7 +108,7 @@ impl EventStream {
 
 /// Subscribes to every event on `app`'s broker.
 pub async fn subscribe(app: &App) -> Result<EventStream, BrokerError> {
-    Ok(EventStream { sub: app.broker().subscribe(&exchange(), "#").await? })
+    Ok(EventStream { sub: app.broker().subscribe(&exchange(), "#").await?, batch: Default::default() })
 }
 
 /// The fields of a worker event.
@@ -112,4 +130,42 @@ fn loadavg() -> Value {
         .ok()
         .map(|s| s.split_whitespace().take(3).map(|x| x.parse::<f64>().unwrap_or(0.0)).collect::<Vec<_>>());
     json!(avg.unwrap_or_else(|| vec![0.0, 0.0, 0.0]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_events_and_python_batches_are_read() {
+        let one = json!({"type": "worker-heartbeat", "hostname": "a"});
+        assert_eq!(events_in(one.to_string().as_bytes()), [one.clone()]);
+        let batch = json!([
+            {"type": "task-received", "uuid": "1"},
+            {"type": "task-started", "uuid": "1"},
+            {"not": "an event"},
+            {"type": "task-succeeded", "uuid": "1"}
+        ]);
+        let got = events_in(batch.to_string().as_bytes());
+        let types: Vec<_> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(types, ["task-received", "task-started", "task-succeeded"]);
+        assert!(events_in(b"[1, 2]").is_empty() && events_in(b"not json").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_batch_broadcast_on_the_built_in_broker_arrives_as_its_events() {
+        let dir = std::env::temp_dir().join(format!("events-{}", uuid::Uuid::new_v4().simple()));
+        let url = format!("log://{}", dir.display());
+        let app = crate::connect(&url, &url).await.unwrap();
+        let mut events = subscribe(&app).await.unwrap();
+        let batch = json!([{"type": "task-received", "uuid": "7"}, {"type": "task-succeeded", "uuid": "7"}]);
+        let msg = celery_core::event::message(&batch);
+        app.broker().broadcast(&exchange(), "task.multi", &msg).await.unwrap();
+        for want in ["task-received", "task-succeeded"] {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), events.next()).await.unwrap().unwrap();
+            assert_eq!((got["type"].as_str(), got["uuid"].as_str()), (Some(want), Some("7")));
+        }
+        drop((events, app));
+        std::fs::remove_dir_all(dir).ok();
+    }
 }

@@ -831,7 +831,7 @@ async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker
             }),
             "revoke" => {
                 let ids = task_ids(args);
-                let terminate = args["terminate"].as_bool().unwrap_or(false);
+                let terminate = crate::control::truthy(&args["terminate"]);
                 for id in &ids {
                     w.revoked.add(id);
                     if terminate {
