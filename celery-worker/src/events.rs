@@ -139,7 +139,7 @@ mod tests {
     #[test]
     fn single_events_and_python_batches_are_read() {
         let one = json!({"type": "worker-heartbeat", "hostname": "a"});
-        assert_eq!(events_in(one.to_string().as_bytes()), [one.clone()]);
+        assert_eq!(events_in(one.to_string().as_bytes()), vec![one]);
         let batch = json!([
             {"type": "task-received", "uuid": "1"},
             {"type": "task-started", "uuid": "1"},
