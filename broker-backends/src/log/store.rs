@@ -726,6 +726,28 @@ mod tests {
         out
     }
 
+    /// A closed store whose queue `q` holds `record-00` .. `record-29` in three or more small
+    /// segments: its directory, its settings and the segment files in order.
+    async fn segmented_queue() -> (PathBuf, StoreConfig, Vec<PathBuf>) {
+        let dir = tempdir();
+        let cfg = StoreConfig { segment_bytes: 600, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg.clone()).unwrap();
+        for i in 0..30 {
+            store.append("q", vec![rec(&format!("record-{i:02}"))]).await.unwrap();
+        }
+        store.sync().await.unwrap();
+        drop(store);
+        let mut segs: Vec<PathBuf> = std::fs::read_dir(dir.join("topics/q/0"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()))
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 3, "{segs:?}");
+        (dir, cfg, segs)
+    }
+
     fn files_under(dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
         for e in std::fs::read_dir(dir).unwrap().flatten() {
@@ -873,24 +895,9 @@ mod tests {
 
     #[tokio::test]
     async fn damage_in_a_segment_is_skipped_and_reported_and_other_records_are_served() {
-        let dir = tempdir();
-        let cfg = StoreConfig { segment_bytes: 600, ..StoreConfig::default() };
-        let store = LogStore::open(&dir, cfg.clone()).unwrap();
-        for i in 0..30 {
-            store.append("q", vec![rec(&format!("record-{i:02}"))]).await.unwrap();
-        }
-        store.sync().await.unwrap();
-        drop(store);
-        // Damage the second record of the first (closed) segment and the middle of the last one.
+        let (dir, cfg, segs) = segmented_queue().await;
         let pdir = dir.join("topics/q/0");
-        let mut segs: Vec<PathBuf> = std::fs::read_dir(&pdir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()))
-            .collect();
-        segs.sort();
-        assert!(segs.len() >= 3, "{segs:?}");
+        // Damage the second record of the first (closed) segment and the middle of the last one.
         for seg in [&segs[0], segs.last().unwrap()] {
             let mut data = std::fs::read(seg).unwrap();
             let second = crate::log::record::Record::decode(&data).unwrap().1;
@@ -933,23 +940,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_middle_segment_costs_only_its_records() {
-        let dir = tempdir();
-        let cfg = StoreConfig { segment_bytes: 600, ..StoreConfig::default() };
-        let store = LogStore::open(&dir, cfg.clone()).unwrap();
-        for i in 0..30 {
-            store.append("q", vec![rec(&format!("record-{i:02}"))]).await.unwrap();
-        }
-        store.sync().await.unwrap();
-        drop(store);
-        let pdir = dir.join("topics/q/0");
-        let mut segs: Vec<PathBuf> = std::fs::read_dir(&pdir)
-            .unwrap()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.parse::<u64>().is_ok()))
-            .collect();
-        segs.sort();
-        assert!(segs.len() >= 3, "{segs:?}");
+        let (dir, cfg, segs) = segmented_queue().await;
         let lost_from: u64 = segs[1].file_stem().unwrap().to_str().unwrap().parse().unwrap();
         let lost_to: u64 = segs[2].file_stem().unwrap().to_str().unwrap().parse().unwrap();
         std::fs::remove_file(&segs[1]).unwrap();
