@@ -420,3 +420,40 @@ impl Drop for AmqpTlsListener {
         rabbitmqctl(&["eval", &format!("rabbit_networking:stop_tcp_listener({{\"127.0.0.1\", {}}}).", self.port)]);
     }
 }
+
+/// Runs each named `async fn(Target)` of the calling test file as one test per broker (`log_broker`,
+/// `log_tcp_broker`, `redis_broker`, `amqp_broker`); the Redis and RabbitMQ ones skip (or fail under
+/// `CELERY_REQUIRE_SERVICES`) when their server is down. The calling file imports `Target`.
+#[macro_export]
+macro_rules! each_broker {
+    ($($name:ident),* $(,)?) => {
+        mod log_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Target::log()).await }
+            )*
+        }
+        mod log_tcp_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() { super::$name(super::Target::log_tcp().await).await }
+            )*
+        }
+        mod redis_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::redis() { super::$name(t).await }
+                }
+            )*
+        }
+        mod amqp_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::amqp() { super::$name(t).await }
+                }
+            )*
+        }
+    };
+}

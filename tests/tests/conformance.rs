@@ -581,40 +581,7 @@ async fn leases_and_documents(t: Target) {
     assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]), "reading keeps it");
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod log_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Target::log()).await }
-            )*
-        }
-        mod log_tcp_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Target::log_tcp().await).await }
-            )*
-        }
-        mod amqp_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(t) = super::Target::amqp() { super::$name(t).await }
-                }
-            )*
-        }
-        mod redis_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(t) = super::Target::redis() { super::$name(t).await }
-                }
-            )*
-        }
-    };
-}
-
-conformance!(
+celery_tests::each_broker!(
     results_and_failures,
     retries_countdown_expiry,
     bad_input_is_dead_lettered,

@@ -201,40 +201,7 @@ async fn rejected_messages_trigger_nothing(t: Target) {
     w.stop().await;
 }
 
-macro_rules! each_broker {
-    ($($name:ident),* $(,)?) => {
-        mod log_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Target::log()).await }
-            )*
-        }
-        mod log_tcp_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() { super::$name(super::Target::log_tcp().await).await }
-            )*
-        }
-        mod redis_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(t) = super::Target::redis() { super::$name(t).await }
-                }
-            )*
-        }
-        mod amqp_broker {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    if let Some(t) = super::Target::amqp() { super::$name(t).await }
-                }
-            )*
-        }
-    };
-}
-
-each_broker!(oversized_messages_are_dead_lettered_undecoded, rejected_messages_trigger_nothing, huge_times_saturate);
+celery_tests::each_broker!(oversized_messages_are_dead_lettered_undecoded, rejected_messages_trigger_nothing, huge_times_saturate);
 
 /// A Kombu envelope for the `celery` list with these headers.
 fn envelope(headers: Value, body: &[u8]) -> String {
