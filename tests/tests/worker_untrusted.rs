@@ -201,7 +201,11 @@ async fn rejected_messages_trigger_nothing(t: Target) {
     w.stop().await;
 }
 
-celery_tests::each_broker!(oversized_messages_are_dead_lettered_undecoded, rejected_messages_trigger_nothing, huge_times_saturate);
+celery_tests::each_broker!(
+    oversized_messages_are_dead_lettered_undecoded,
+    rejected_messages_trigger_nothing,
+    huge_times_saturate
+);
 
 /// A Kombu envelope for the `celery` list with these headers.
 fn envelope(headers: Value, body: &[u8]) -> String {
