@@ -330,7 +330,8 @@ impl PartitionLog {
         let qdir = self.dir.join("quarantine");
         let saved = (to > from)
             .then(|| {
-                let mut bytes = vec![0u8; (to - from) as usize];
+                // At most 64 MiB of it: enough to inspect, never a segment-sized allocation.
+                let mut bytes = vec![0u8; (to - from).min(64 << 20) as usize];
                 std::os::unix::fs::FileExt::read_exact_at(&*seg.file, &mut bytes, from).ok()?;
                 super::disk::create_dir_all(&qdir).ok()?;
                 let path = qdir.join(format!("{}-{from}.bin", seg.base));

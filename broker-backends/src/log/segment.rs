@@ -154,6 +154,9 @@ fn scan(file: &File, path: &Path, base: u64) -> Result<(u64, u64), LogError> {
     }
 }
 
+/// The smallest framed record: header, offset, two times, header count, key length.
+const MIN_FRAME: u64 = (FRAME_HEADER + 8 * 3 + 2 + 4) as u64;
+
 /// Bytes of candidate frames one [`resync`] may CRC-check before it gives up (an error, never a
 /// truncation): damage made of many frame-like bytes cannot make it quadratic.
 const RESYNC_BUDGET: u64 = 1 << 30;
@@ -190,7 +193,8 @@ pub(crate) fn resync(
         Ok(Record::decode(&frame).ok().map(|(r, used)| (r.offset, pos + used as u64)))
     };
     // The bytes left bound how many records can follow, and so which offsets are plausible.
-    let max_offset = min_offset.saturating_add(end.saturating_sub(from));
+    // Every record takes at least a frame header and the fixed fields.
+    let max_offset = min_offset.saturating_add(end.saturating_sub(from) / MIN_FRAME);
     let (mut window, mut window_at) = (Vec::new(), 0u64);
     let mut pos = from + 1;
     while pos + 16 <= end {
