@@ -17,6 +17,7 @@ use crate::routing::Route;
 use crate::scheme;
 use crate::signature::Signature;
 use crate::state::TaskState;
+use crate::url::ServiceUrl;
 
 /// Producer settings.
 #[derive(Debug, Clone)]
@@ -60,6 +61,8 @@ pub struct App {
     broker: Arc<dyn Broker>,
     backend: Arc<dyn ResultBackend>,
     config: AppConfig,
+    /// The broker and backend URLs, when connected by URL ([`App::connect`]).
+    urls: Option<Arc<(ServiceUrl, ServiceUrl)>>,
 }
 
 impl fmt::Debug for App {
@@ -73,12 +76,31 @@ impl App {
     pub async fn connect(broker_url: &str, backend_url: &str) -> Result<App, AppError> {
         let broker = scheme::connect_broker(broker_url).await?;
         let backend = scheme::connect_backend(backend_url).await?;
-        Ok(App::new(broker, backend))
+        let urls = ServiceUrl::parse(broker_url).and_then(|b| Ok((b, ServiceUrl::parse(backend_url)?))).ok();
+        Ok(App { urls: urls.map(Arc::new), ..App::new(broker, backend) })
     }
 
     /// An app over a connected broker and backend.
     pub fn new(broker: Arc<dyn Broker>, backend: Arc<dyn ResultBackend>) -> App {
-        App { broker, backend, config: AppConfig::default() }
+        App { broker, backend, config: AppConfig::default(), urls: None }
+    }
+
+    /// The broker's URL, when the app was connected by URL: it prints redacted (what a worker's
+    /// `inspect stats` and `inspect conf` report), never with its secrets.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> Result<(), celery_core::AppError> {
+    /// let app = celery_core::App::connect("redis://:pw@127.0.0.1:6379/0", "redis://127.0.0.1:6379/1").await?;
+    /// assert_eq!(app.broker_url().unwrap().to_string(), "redis://:***@127.0.0.1:6379/0");
+    /// # Ok(()) }
+    /// ```
+    pub fn broker_url(&self) -> Option<&ServiceUrl> {
+        self.urls.as_deref().map(|(b, _)| b)
+    }
+
+    /// The result backend's URL, when the app was connected by URL (prints redacted).
+    pub fn backend_url(&self) -> Option<&ServiceUrl> {
+        self.urls.as_deref().map(|(_, r)| r)
     }
 
     /// Replaces the settings.

@@ -257,6 +257,18 @@ impl ServiceUrl {
         self.location.find('/').map_or("", |i| &self.location[i..])
     }
 
+    /// The options that carry no secret ([`is_secret_option`]), as decoded `(name, value)` pairs in
+    /// the order written: what may be shown of a connection's settings. Asking for them makes no
+    /// option known.
+    ///
+    /// ```
+    /// let u = celery_core::url::ServiceUrl::parse("amqp://h/?heartbeat=30&password=x").unwrap();
+    /// assert_eq!(u.public_options().collect::<Vec<_>>(), [("heartbeat", "30")]);
+    /// ```
+    pub fn public_options(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.options.iter().filter(|o| !is_secret_option(&o.name)).map(|o| (o.name.as_str(), o.value.as_str()))
+    }
+
     /// The fragment after `#`, as written.
     pub fn fragment(&self) -> Option<&str> {
         self.fragment.as_deref()

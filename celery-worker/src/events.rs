@@ -1,11 +1,14 @@
 //! Celery's events: JSON documents broadcast on the `celeryev` exchange with routing keys like
 //! `task.succeeded`, so Celery's own tools (`celery events`, Flower) understand them.
 //!
-//! A worker started with `-E` ([`WorkerConfig::events`](crate::WorkerConfig::events)) sends
-//! `worker-online`, `worker-heartbeat` (every 2 s by default), `worker-offline`, and for each task
-//! `task-received`, `task-started`, then `task-succeeded`, `task-failed`, `task-retried` or
-//! `task-revoked`. Events are best effort: sent in the background, dropped (and counted) when the
-//! broker cannot keep up, never slowing a task down.
+//! Every worker sends `worker-online`, `worker-heartbeat` (every 2 s by default) and
+//! `worker-offline` (flushed before [`Worker::run_until`](crate::Worker::run_until) returns), as
+//! Celery's do without `-E`. A worker started with `-E`
+//! ([`WorkerConfig::events`](crate::WorkerConfig::events)), or told `enable_events` by remote
+//! control, also sends for each task `task-received`, `task-started`, then `task-succeeded`,
+//! `task-failed`, `task-retried` or `task-revoked`. Events are best effort: sent in the background,
+//! dropped (and counted) when the broker cannot keep up, never slowing a task down. Their `clock`
+//! is the worker's Lamport clock ([`LamportClock`]), the one `inspect clock` reports.
 //!
 //! ```no_run
 //! # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
@@ -23,26 +26,86 @@ use std::sync::Arc;
 use celery_core::broker::Subscription;
 use celery_core::{App, BrokerError};
 use serde_json::{json, Value};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 pub use celery_core::event::exchange;
+
+/// A Lamport clock, as Kombu's `LamportClock`: every event sent moves it forward by one, and a
+/// message received from another node carrying its clock moves it past that (`adjust`), so that
+/// events from many nodes can be ordered. One per worker: its events, its remote-control replies
+/// and `inspect clock` read the same clock.
+///
+/// ```
+/// let clock = celery_worker::events::LamportClock::default();
+/// assert_eq!(clock.forward(), 1);
+/// assert_eq!(clock.adjust(41), 42);
+/// assert_eq!(clock.adjust(3), 43);
+/// assert_eq!(clock.value(), 43);
+/// ```
+#[derive(Debug, Default)]
+pub struct LamportClock(AtomicU64);
+
+impl LamportClock {
+    /// The current value.
+    pub fn value(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Moves the clock one step (a local event); returns the new value.
+    pub fn forward(&self) -> u64 {
+        self.0.fetch_add(1, Ordering::Relaxed).saturating_add(1)
+    }
+
+    /// Takes in another node's clock `other`: the clock becomes `max(self, other) + 1`; returns it.
+    pub fn adjust(&self, other: u64) -> u64 {
+        let mut cur = self.0.load(Ordering::Relaxed);
+        loop {
+            let next = cur.max(other).saturating_add(1);
+            match self.0.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(seen) => cur = seen,
+            }
+        }
+    }
+}
+
+/// What the background sender is handed.
+#[derive(Debug)]
+enum Outgoing {
+    Event(Value),
+    /// Answered once every event queued before it was handed to the broker.
+    Flush(oneshot::Sender<()>),
+}
 
 /// Sends events from one worker (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct EventDispatcher {
-    tx: mpsc::Sender<Value>,
+    tx: mpsc::Sender<Outgoing>,
     hostname: Arc<str>,
-    clock: Arc<AtomicU64>,
+    clock: Arc<LamportClock>,
     dropped: Arc<AtomicU64>,
 }
 
 impl EventDispatcher {
-    /// Starts the background sender for `hostname`'s events.
+    /// Starts the background sender for `hostname`'s events, with a clock of its own.
     pub fn start(app: App, hostname: &str) -> EventDispatcher {
-        let (tx, mut rx) = mpsc::channel::<Value>(10_000);
+        EventDispatcher::with_clock(app, hostname, Arc::default())
+    }
+
+    /// Starts the background sender for `hostname`'s events, stamping them with `clock`.
+    pub fn with_clock(app: App, hostname: &str, clock: Arc<LamportClock>) -> EventDispatcher {
+        let (tx, mut rx) = mpsc::channel::<Outgoing>(10_000);
         tokio::spawn(async move {
             let exchange = exchange();
-            while let Some(event) = rx.recv().await {
+            while let Some(out) = rx.recv().await {
+                let event = match out {
+                    Outgoing::Event(e) => e,
+                    Outgoing::Flush(done) => {
+                        let _ = done.send(());
+                        continue;
+                    }
+                };
                 let msg = celery_core::event::message(&event);
                 let key = celery_core::event::routing_key(&event);
                 if let Err(e) = app.broker().broadcast(&exchange, &key, &msg).await {
@@ -50,17 +113,25 @@ impl EventDispatcher {
                 }
             }
         });
-        EventDispatcher { tx, hostname: hostname.into(), clock: Arc::default(), dropped: Arc::default() }
+        EventDispatcher { tx, hostname: hostname.into(), clock, dropped: Arc::default() }
     }
 
     /// Sends an event of `kind` (`task-succeeded`) with `fields`, adding the common fields
     /// (`hostname`, `timestamp`, `utcoffset`, `pid`, `clock`).
     pub fn send(&self, kind: &str, fields: Value) {
-        let clock = self.clock.fetch_add(1, Ordering::Relaxed) + 1;
+        let clock = self.clock.forward();
         let event = celery_core::event::event(kind, &self.hostname, clock, fields);
-        if self.tx.try_send(event).is_err() {
+        if self.tx.try_send(Outgoing::Event(event)).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Waits (at most `timeout`) until every event sent before this call was handed to the broker:
+    /// a worker calls it before it returns, so its `worker-offline` is not lost. False on timeout.
+    pub async fn flush(&self, timeout: Duration) -> bool {
+        let (done, flushed) = oneshot::channel();
+        let queued = async { self.tx.send(Outgoing::Flush(done)).await.is_ok() && flushed.await.is_ok() };
+        tokio::time::timeout(timeout, queued).await.unwrap_or(false)
     }
 
     /// Events dropped because the sender fell behind.

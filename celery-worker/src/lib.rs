@@ -35,9 +35,12 @@ pub mod control;
 pub mod events;
 mod execute;
 mod followups;
+mod intake;
 pub mod metrics;
 pub mod monitor;
+mod pool;
 mod rate_limit;
+mod requests;
 pub mod worker;
 
 pub use worker::{Worker, WorkerConfig, WorkerError, WorkerStats};

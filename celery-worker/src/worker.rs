@@ -22,7 +22,7 @@
 //! fetching, return prefetched unstarted deliveries to the queue, give running tasks the grace period,
 //! then return what still runs to the queue.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,12 +34,15 @@ use celery_core::routing::Route;
 use celery_core::task::{TaskArgs, TaskErrorKind};
 use celery_core::{App, BrokerError, Delivery, ProtocolError, TaskContext, TaskError, TaskState};
 use chrono::Utc;
-use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
-use crate::events::EventDispatcher;
+use crate::events::{EventDispatcher, LamportClock};
 use crate::execute::{self, Outcome};
+use crate::intake::{Intake, QueueSpec, Reservation};
+use crate::pool::{Autoscaler, Pool, Slot};
 use crate::rate_limit::RateLimits;
+use crate::requests::{DeliveryInfo, Held, Requests};
 
 /// An eta closer than this is waited for in the worker instead of going back to the broker.
 const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
@@ -50,12 +53,15 @@ const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
 /// use celery_worker::WorkerConfig;
 /// let cfg = WorkerConfig { queues: vec!["celery".into(), "emails".into()], concurrency: 16, ..WorkerConfig::default() };
 /// assert_eq!(cfg.prefetch(), 64);
+/// let scaled = WorkerConfig { autoscale: Some((10, 2)), ..cfg };
+/// assert_eq!((scaled.initial_pool(), scaled.prefetch()), (2, 40));
 /// ```
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// Queues to consume, in priority order.
+    /// Queues to consume, in priority order (`add_consumer` and `cancel_consumer` change them at
+    /// run time).
     pub queues: Vec<String>,
-    /// Tasks run at once.
+    /// Tasks run at once (`pool_grow` and `pool_shrink` change it at run time; at most 10,000).
     pub concurrency: usize,
     /// Deliveries held per concurrency slot (Celery's default 4; 1 = fetch only when idle).
     pub prefetch_multiplier: usize,
@@ -65,10 +71,19 @@ pub struct WorkerConfig {
     pub shutdown_grace: Duration,
     /// Store STARTED when a task starts (and RECEIVED when it is deferred to its eta).
     pub track_started: bool,
-    /// Send Celery's task and worker events (`worker -E`).
+    /// Send Celery's task events from the start (`worker -E`; remote control's `enable_events`
+    /// and `disable_events` switch them at run time). Worker events (online, heartbeat, offline)
+    /// are always sent, as Celery's workers do.
     pub events: bool,
-    /// How often `worker-heartbeat` is sent when events are on.
+    /// How often `worker-heartbeat` is sent.
     pub heartbeat: Duration,
+    /// `Some((max, min))`: the pool grows up to `max` slots while deliveries wait and every slot
+    /// is busy, and shrinks back toward `min` once `autoscale_keepalive` passed since it last grew
+    /// (`worker --autoscale MAX,MIN`); `concurrency` is then unused.
+    pub autoscale: Option<(usize, usize)>,
+    /// How long the autoscaler keeps grown slots before shrinking (Celery's
+    /// `AUTOSCALE_KEEPALIVE`, 30 s).
+    pub autoscale_keepalive: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -82,6 +97,8 @@ impl Default for WorkerConfig {
             track_started: true,
             events: false,
             heartbeat: Duration::from_secs(2),
+            autoscale: None,
+            autoscale_keepalive: Duration::from_secs(30),
         }
     }
 }
@@ -95,10 +112,24 @@ pub(crate) fn gethostname() -> String {
 }
 
 impl WorkerConfig {
-    /// Deliveries held at most: concurrency x multiplier.
+    /// Deliveries held at most: concurrency (the autoscaler's max) x multiplier.
     pub fn prefetch(&self) -> usize {
-        self.concurrency.max(1) * self.prefetch_multiplier.max(1)
+        prefetch_for(self.autoscale.map_or(self.concurrency, |(max, _)| max), self.prefetch_multiplier)
     }
+
+    /// The pool's size at start: `concurrency`, or the autoscaler's `min` (both at most 10,000;
+    /// at least 1 without an autoscaler).
+    pub fn initial_pool(&self) -> usize {
+        match self.autoscale {
+            Some((max, min)) => min.min(max).min(crate::pool::MAX_POOL),
+            None => self.concurrency.clamp(1, crate::pool::MAX_POOL),
+        }
+    }
+}
+
+/// Deliveries held at most for a pool of `slots`.
+pub(crate) fn prefetch_for(slots: usize, multiplier: usize) -> usize {
+    slots.clamp(1, crate::pool::MAX_POOL).saturating_mul(multiplier.clamp(1, 1_000))
 }
 
 /// Counters a running worker keeps.
@@ -141,38 +172,73 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
 }
 
-struct Shared {
-    app: App,
-    config: WorkerConfig,
-    slots: Arc<Semaphore>,
+/// What a running worker shares between its consume loop, its tasks and remote control.
+pub(crate) struct Shared {
+    pub(crate) app: App,
+    pub(crate) config: WorkerConfig,
+    /// The concurrency limit (resized by `pool_grow`, `pool_shrink` and the autoscaler).
+    pub(crate) pool: Pool,
+    pub(crate) autoscaler: Option<Autoscaler>,
+    /// Queues, consumer and reserved deliveries.
+    pub(crate) intake: Arc<Intake>,
     limits: RateLimits,
-    stats: Arc<WorkerStats>,
+    pub(crate) stats: Arc<WorkerStats>,
     shutdown: watch::Receiver<bool>,
     hard_stop: watch::Receiver<bool>,
-    events: Option<EventDispatcher>,
+    pub(crate) events: EventDispatcher,
+    /// Task events on (`-E`, `enable_events`).
+    pub(crate) task_events: AtomicBool,
+    /// The worker's Lamport clock (events, control replies, `inspect clock`).
+    pub(crate) clock: Arc<LamportClock>,
     /// Revoked ids (remote control).
-    revoked: crate::control::Revoked,
-    /// Running tasks by id: what `inspect active` shows, and how to terminate each.
-    running: std::sync::Mutex<std::collections::HashMap<String, Active>>,
+    pub(crate) revoked: crate::control::Revoked,
+    /// Revoked stamps (`revoke_by_stamped_headers`).
+    pub(crate) revoked_stamps: crate::control::RevokedStamps,
+    /// What this worker holds: running, waiting and deferred requests.
+    pub(crate) requests: Requests,
     /// Rate limits set by `control rate_limit` (none: unlimited), overriding the tasks' own.
-    rate_overrides: std::sync::Mutex<std::collections::HashMap<String, Option<Duration>>>,
+    pub(crate) rate_overrides: std::sync::Mutex<std::collections::HashMap<String, Option<Duration>>>,
+    /// Time limits set by `control time_limit` (soft, hard), overriding the tasks' own.
+    pub(crate) time_limits: std::sync::Mutex<std::collections::HashMap<&'static str, TimeLimits>>,
+    /// Tasks started, by name (`inspect stats` `total`).
+    pub(crate) totals: std::sync::Mutex<std::collections::HashMap<&'static str, u64>>,
     /// Set by `control shutdown`.
-    remote_stop: watch::Sender<bool>,
+    pub(crate) remote_stop: watch::Sender<bool>,
+    /// When the worker started.
+    pub(crate) started: std::time::Instant,
+}
+
+/// A task's time limits in seconds as `control time_limit` sets them (`None`: no limit).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct TimeLimits {
+    pub(crate) soft: Option<f64>,
+    pub(crate) hard: Option<f64>,
 }
 
 impl Shared {
-    /// Sends an event when events are on; its fields are built only then.
+    /// Sends a task event when task events are on; its fields are built only then.
     fn event(&self, kind: &str, fields: impl FnOnce() -> serde_json::Value) {
-        if let Some(ev) = &self.events {
-            ev.send(kind, fields());
+        if self.task_events.load(Ordering::Relaxed) {
+            self.events.send(kind, fields());
         }
     }
 
-    /// `worker-online`, `worker-heartbeat` and `worker-offline`.
-    fn worker_event(&self, kind: &str) {
+    /// `worker-online`, `worker-heartbeat` and `worker-offline` (sent with or without task events).
+    pub(crate) fn worker_event(&self, kind: &str) {
         let active = self.stats.active.load(Ordering::Relaxed) as usize;
         let freq = self.config.heartbeat.as_secs_f64();
-        self.event(kind, || crate::events::worker_fields(freq, active, self.stats.finished()));
+        self.events.send(kind, crate::events::worker_fields(freq, active, self.stats.finished()));
+    }
+
+    /// The lowest size remote control may shrink the pool to.
+    pub(crate) fn pool_floor(&self) -> usize {
+        self.autoscaler.as_ref().map_or(1, |a| a.bounds().1)
+    }
+
+    /// Tasks held now: started or waiting with a slot, and reserved without one (the
+    /// autoscaler's load).
+    pub(crate) fn held(&self) -> usize {
+        self.pool.held() + self.intake.reserved().len()
     }
 }
 
@@ -204,23 +270,35 @@ impl Worker {
         self.stats.clone()
     }
 
-    /// Runs until `shutdown` resolves, then shuts down gracefully.
+    /// Runs until `shutdown` resolves (or remote control's `shutdown`), then shuts down gracefully;
+    /// its `worker-offline` event has been handed to the broker when this returns.
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let cfg = self.config;
         let cap = max_encoded_size(self.app.config().max_message_size);
-        let mut consumer = self.app.broker().consume_capped(&cfg.queues, cfg.prefetch(), cap).await?;
+        let queues = cfg.queues.iter().map(|q| QueueSpec::named(q)).collect();
+        let intake = Intake::start(self.app.clone(), queues, cfg.prefetch(), cap, self.stats.clone()).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
-        let events = cfg.events.then(|| EventDispatcher::start(self.app.clone(), &cfg.hostname));
+        let clock = Arc::new(LamportClock::default());
+        let events = EventDispatcher::with_clock(self.app.clone(), &cfg.hostname, clock.clone());
         let (remote_stop, mut remote_stopped) = watch::channel(false);
+        let autoscaler = cfg.autoscale.map(|(max, min)| Autoscaler::new(max, min, cfg.autoscale_keepalive));
         let shared = Arc::new(Shared {
             events,
+            task_events: AtomicBool::new(cfg.events),
+            clock,
             revoked: Default::default(),
-            running: Default::default(),
+            revoked_stamps: Default::default(),
+            requests: Default::default(),
             rate_overrides: Default::default(),
+            time_limits: Default::default(),
+            totals: Default::default(),
             remote_stop,
+            started: std::time::Instant::now(),
             app: self.app,
-            slots: Arc::new(Semaphore::new(cfg.concurrency.max(1))),
+            pool: Pool::new(cfg.initial_pool()),
+            autoscaler,
+            intake,
             config: cfg.clone(),
             limits: RateLimits::default(),
             stats: self.stats,
@@ -233,7 +311,7 @@ impl Worker {
         }
         // Listening for remote control before "ready" (a broker without broadcasts has none).
         let control = match shared.app.broker().subscribe(&crate::control::request_exchange(), "").await {
-            Ok(requests) => Some(tokio::spawn(serve_control(shared.clone(), requests))),
+            Ok(requests) => Some(tokio::spawn(crate::control::serve(shared.clone(), requests))),
             Err(e) => {
                 tracing::debug!(error = %e, "remote control unavailable");
                 None
@@ -241,11 +319,11 @@ impl Worker {
         };
         let names: Vec<_> = registry::tasks().iter().map(|e| e.name).collect();
         tracing::info!(
-            hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = cfg.concurrency,
-            prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
+            hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = shared.pool.size(),
+            autoscale = ?cfg.autoscale, prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
         );
         shared.worker_event("worker-online");
-        let heartbeat = shared.events.is_some().then(|| {
+        let heartbeat = {
             let shared = shared.clone();
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(shared.config.heartbeat.max(Duration::from_millis(100)));
@@ -255,72 +333,86 @@ impl Worker {
                     shared.worker_event("worker-heartbeat");
                 }
             })
-        });
-        // Each running task holds one of `slots` until it ends: the semaphore is also what tells how
-        // many run, and when all have ended (no JoinSet: its lock was taken twice per task).
-        let slots = cfg.concurrency.max(1);
+        };
+        let autoscaling = shared.autoscaler.is_some().then(|| tokio::spawn(autoscale(shared.clone())));
         // Made once, not per delivery: each `wait_for` registers a waiter anew.
         let stop = async {
             tokio::select! {
                 _ = shutdown => {}
                 _ = remote_stopped.wait_for(|s| *s) => {}
+                _ = shared.intake.ended() => {}
             }
         };
         tokio::pin!(stop);
-        // A slot first, then the next delivery: deliveries start in the order the broker gave them.
+        let reserved = shared.intake.reserved().clone();
+        // A slot first, then the oldest reserved delivery: deliveries start in the order the
+        // broker gave them. Each running task holds its slot until its delivery is settled.
         'consume: loop {
-            let permit = match shared.slots.clone().try_acquire_owned() {
-                Ok(p) => p,
-                Err(tokio::sync::TryAcquireError::Closed) => break 'consume,
-                Err(tokio::sync::TryAcquireError::NoPermits) => tokio::select! {
-                    p = shared.slots.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break 'consume,
-                    },
-                    _ = &mut stop => break 'consume,
-                },
-            };
-            tokio::select! {
-                d = consumer.next() => match d {
-                    Some(d) => {
-                        // Boxed: the task cell then moves a pointer, not the whole future.
-                        tokio::spawn(Box::pin(handle(shared.clone(), d, permit)));
-                    }
+            let slot = tokio::select! {
+                biased;
+                _ = &mut stop => break 'consume,
+                s = shared.pool.acquire() => match s {
+                    Some(s) => s,
                     None => break 'consume,
                 },
-                _ = &mut stop => break 'consume,
-            }
+            };
+            let next = loop {
+                if let Some(r) = reserved.pop() {
+                    break r;
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break 'consume,
+                    _ = reserved.arrived() => {}
+                }
+            };
+            // Boxed: the task cell then moves a pointer, not the whole future.
+            tokio::spawn(Box::pin(handle(shared.clone(), next, slot)));
         }
-        let in_flight = || slots - shared.slots.available_permits();
-        tracing::info!(in_flight = in_flight(), "worker shutting down: no new deliveries");
-        consumer.stop();
+        tracing::info!(in_flight = shared.pool.held(), "worker shutting down: no new deliveries");
         let _ = stop_tx.send(true);
-        while let Some(d) = consumer.next().await {
-            requeue(&shared, d).await;
-        }
+        shared.intake.stop().await;
         let grace = tokio::time::sleep(cfg.shutdown_grace);
         tokio::pin!(grace);
-        let all_ended = shared.slots.clone().acquire_many_owned(slots as u32);
+        let all_ended = shared.pool.idle();
         tokio::pin!(all_ended);
         loop {
             tokio::select! {
                 _ = &mut all_ended => break,
                 _ = &mut grace, if !*hard_tx.borrow() => {
-                    tracing::warn!(still_running = in_flight(), "grace period over: returning running tasks to the queue");
+                    tracing::warn!(still_running = shared.pool.held(), "grace period over: returning running tasks to the queue");
                     let _ = hard_tx.send(true);
                 }
             }
         }
-        consumer.close().await;
-        if let Some(h) = heartbeat {
-            h.abort();
+        shared.intake.closed().await;
+        heartbeat.abort();
+        if let Some(a) = autoscaling {
+            a.abort();
         }
         if let Some(c) = control {
             c.abort();
         }
         shared.worker_event("worker-offline");
+        if !shared.events.flush(Duration::from_secs(5)).await {
+            tracing::warn!("worker-offline could not be sent within 5 s");
+        }
         tracing::info!("worker stopped");
         Ok(())
+    }
+}
+
+/// Resizes the pool to the load every second, and as soon as deliveries arrive (see
+/// [`crate::pool`]); a grown pool consumes with the larger prefetch its max allows from the start.
+async fn autoscale(w: Arc<Shared>) {
+    let Some(scaler) = w.autoscaler.as_ref() else { return };
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = w.intake.reserved().pushed() => {}
+        }
+        scaler.scale(&w.pool, w.held());
     }
 }
 
@@ -331,7 +423,9 @@ async fn requeue(w: &Shared, d: Delivery) {
     }
 }
 
-async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
+async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot) {
+    // Held until the delivery is settled: its consumer stays open until then.
+    let Reservation { delivery: mut d, open: _open, .. } = reservation;
     let limit = max_encoded_size(w.app.config().max_message_size);
     if let Some(size) = d.size().filter(|s| *s > limit) {
         // Never decoded: its size alone rejects it (its id is known when the broker read it apart).
@@ -349,38 +443,16 @@ async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
         }
     };
     let span = tracing::info_span!("task", id = %msg.headers.id, name = %msg.headers.task);
-    process(w, d, msg, permit).instrument(span).await
+    process(w, d, msg, slot).instrument(span).await
 }
 
-/// A running task, as `inspect active` reports it (built only when asked), and how to stop it.
-#[derive(Debug)]
-struct Active {
-    msg: Arc<Message>,
-    name: &'static str,
-    started: std::time::Instant,
-    acknowledged: bool,
-    routing_key: Option<String>,
-    /// A revoke with `terminate` sends on it (once).
-    terminate: Option<oneshot::Sender<()>>,
-}
-
-impl Active {
-    fn to_json(&self, hostname: &str) -> serde_json::Value {
-        let (args, kwargs) = match self.msg.body() {
-            Ok(b) => (serde_json::Value::Array(b.args), serde_json::Value::Object(b.kwargs)),
-            Err(_) => (serde_json::json!([]), serde_json::json!({})),
-        };
-        serde_json::json!({
-            "id": self.msg.headers.id, "name": self.name, "args": args, "kwargs": kwargs,
-            "hostname": hostname, "time_start": celery_core::event::now() - self.started.elapsed().as_secs_f64(),
-            "acknowledged": self.acknowledged, "delivery_info": {"routing_key": self.routing_key},
-            "worker_pid": std::process::id(),
-        })
-    }
+/// A request waiting (near eta, rate limit) with its slot, as `inspect reserved` shows it.
+fn waiting(msg: &Arc<Message>, name: &'static str, delivery: &DeliveryInfo) -> Held {
+    Held { msg: msg.clone(), name, delivery: delivery.clone(), started: None, acknowledged: false, terminate: None }
 }
 
 /// Runs one delivery holding a concurrency slot (released early when it does not run).
-async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaphorePermit) {
+async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let reason = format!("unregistered task `{}`", msg.headers.task);
@@ -402,7 +474,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             "expires": msg.headers.expires.map(celery_core::protocol::format_time),
         })
     });
-    if w.revoked.contains(&msg.headers.id) {
+    if w.revoked.contains(&msg.headers.id) || w.revoked_stamps.matches(&msg) {
         tracing::info!("revoked: not run");
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Revoked)).await;
         return;
@@ -421,6 +493,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Expired)).await;
         return;
     }
+    let delivery = DeliveryInfo { queue: d.queue.clone(), redelivered: d.redelivered };
     if let Some((eta, now)) = msg.headers.eta.map(|t| (t, Utc::now())).filter(|(t, now)| t > now) {
         let wait = (eta - now).to_std().unwrap_or_default();
         if wait > LOCAL_ETA_WAIT {
@@ -434,14 +507,23 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
                 ))
                 .await;
             }
-            if let Err(e) = d.defer(&msg, eta).await {
-                tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout");
+            match d.defer(&msg, eta).await {
+                Ok(()) => w.requests.schedule(&msg, entry.name, &w.config.hostname, &delivery, eta),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout")
+                }
             }
             return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = stopped(w.shutdown.clone()) => { Box::pin(requeue(&w, d)).await; return; }
+        w.requests.wait(waiting(&msg, entry.name, &delivery));
+        let waited = tokio::select! {
+            _ = tokio::time::sleep(wait) => true,
+            _ = stopped(w.shutdown.clone()) => false,
+        };
+        w.requests.unwait(&msg.headers.id);
+        if !waited {
+            Box::pin(requeue(&w, d)).await;
+            return;
         }
     }
     let opts = (entry.options)();
@@ -454,9 +536,15 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         (None, None) => None,
     };
     if let Some(interval) = interval {
-        tokio::select! {
-            _ = Box::pin(w.limits.acquire(entry.name, interval)) => {}
-            _ = stopped(w.shutdown.clone()) => { Box::pin(requeue(&w, d)).await; return; }
+        w.requests.wait(waiting(&msg, entry.name, &delivery));
+        let waited = tokio::select! {
+            _ = Box::pin(w.limits.acquire(entry.name, interval)) => true,
+            _ = stopped(w.shutdown.clone()) => false,
+        };
+        w.requests.unwait(&msg.headers.id);
+        if !waited {
+            Box::pin(requeue(&w, d)).await;
+            return;
         }
     }
     if *w.shutdown.borrow() {
@@ -480,8 +568,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         Box::pin(store(&w, &msg, entry, m)).await;
     }
     let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
-    let soft = msg.headers.soft_time_limit.or(opts.soft_time_limit).and_then(celery_core::clock::positive_secs);
-    let hard = msg.headers.time_limit.or(opts.time_limit).and_then(celery_core::clock::positive_secs);
+    // The message's own limits first, then `control time_limit`'s, then the task's (as Celery).
+    let set = w.time_limits.lock().unwrap_or_else(|p| p.into_inner()).get(entry.name).copied();
+    let (task_soft, task_hard) = match set {
+        Some(l) => (l.soft, l.hard),
+        None => (opts.soft_time_limit, opts.time_limit),
+    };
+    let soft = msg.headers.soft_time_limit.or(task_soft).and_then(celery_core::clock::positive_secs);
+    let hard = msg.headers.time_limit.or(task_hard).and_then(celery_core::clock::positive_secs);
     let embed = body.embed;
     let args = TaskArgs { args: body.args, kwargs: body.kwargs };
     let started = std::time::Instant::now();
@@ -489,18 +583,18 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
     crate::metrics::started();
     w.event("task-started", || serde_json::json!({"uuid": msg.headers.id}));
     w.stats.active.fetch_add(1, Ordering::Relaxed);
+    *w.totals.lock().unwrap_or_else(|p| p.into_inner()).entry(entry.name).or_default() += 1;
     let (terminate, terminated) = oneshot::channel();
-    let active = Active {
+    w.requests.start(Held {
         msg: msg.clone(),
         name: entry.name,
-        started,
+        delivery,
+        started: Some(started),
         acknowledged: !opts.acks_late,
-        routing_key: d.as_ref().map(|d| d.queue.clone()),
         terminate: Some(terminate),
-    };
-    w.running.lock().unwrap_or_else(|p| p.into_inner()).insert(msg.headers.id.clone(), active);
+    });
     let outcome = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
-    w.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&msg.headers.id);
+    w.requests.finish(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
     let runtime = started.elapsed();
     crate::metrics::finished(entry.name, runtime);
@@ -787,98 +881,4 @@ fn repr(v: &serde_json::Value) -> String {
         s.push_str("...");
     }
     s
-}
-
-/// Answers remote-control requests (see [`crate::control`]) until the worker stops.
-async fn serve_control(w: Arc<Shared>, mut requests: Box<dyn celery_core::broker::Subscription>) {
-    use crate::control::{meant_for, reply_exchange, request, task_ids};
-    // Learn what the other workers revoked (as Celery's mingle does), without delaying startup.
-    let peers = w.clone();
-    tokio::spawn(async move {
-        if let Ok(replies) = request(&peers.app, "revoked", serde_json::json!({}), None, Duration::from_secs(1)).await {
-            for (_, ids) in replies {
-                for id in ids.as_array().into_iter().flatten().filter_map(|v| v.as_str()) {
-                    peers.revoked.add(id);
-                }
-            }
-        }
-    });
-    while let Some(b) = requests.next().await {
-        let Ok(req) = serde_json::from_slice::<serde_json::Value>(&b.body) else { continue };
-        if !meant_for(&req, &w.config.hostname) {
-            continue;
-        }
-        let method = req["method"].as_str().unwrap_or_default().to_owned();
-        let args = &req["arguments"];
-        tracing::debug!(%method, "remote control request");
-        let reply = match method.as_str() {
-            "ping" => serde_json::json!({"ok": "pong"}),
-            "registered" => serde_json::json!(registry::tasks().iter().map(|e| e.name).collect::<Vec<_>>()),
-            "active" => {
-                let running = w.running.lock().unwrap_or_else(|p| p.into_inner());
-                serde_json::Value::Array(running.values().map(|a| a.to_json(&w.config.hostname)).collect())
-            }
-            "reserved" | "scheduled" => serde_json::json!([]),
-            "revoked" => serde_json::json!(w.revoked.list()),
-            "stats" => serde_json::json!({
-                "pid": std::process::id(),
-                "pool": {"max-concurrency": w.config.concurrency, "implementation": "tokio"},
-                "prefetch_count": w.config.prefetch(),
-                "total": {"succeeded": w.stats.succeeded.load(Ordering::Relaxed), "failed": w.stats.failed.load(Ordering::Relaxed),
-                          "retried": w.stats.retried.load(Ordering::Relaxed), "revoked": w.stats.revoked.load(Ordering::Relaxed)},
-                "broker": {"transport": w.app.broker().kind()},
-                "sw_ident": "celery-rs", "sw_ver": env!("CARGO_PKG_VERSION"),
-            }),
-            "revoke" => {
-                let ids = task_ids(args);
-                let terminate = crate::control::truthy(&args["terminate"]);
-                for id in &ids {
-                    w.revoked.add(id);
-                    if terminate {
-                        if let Some(a) = w.running.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id) {
-                            if let Some(t) = a.terminate.take() {
-                                let _ = t.send(());
-                            }
-                        }
-                    }
-                }
-                serde_json::json!({"ok": format!("tasks {} flagged as revoked", ids.join(", "))})
-            }
-            "rate_limit" => {
-                let task = args["task_name"].as_str().unwrap_or_default().to_owned();
-                let rate = match &args["rate_limit"] {
-                    serde_json::Value::String(r) if r.trim() == "0" => Ok(None),
-                    serde_json::Value::String(r) => {
-                        celery_core::rate::parse_rate(r).map(Some).map_err(|e| e.to_string())
-                    }
-                    serde_json::Value::Number(n) if n.as_f64().is_some_and(|x| x > 0.0) => {
-                        Ok(Some(celery_core::clock::secs_f64(1.0 / n.as_f64().unwrap_or(1.0))))
-                    }
-                    _ => Ok(None),
-                };
-                match (registry::lookup(&task), rate) {
-                    (None, _) => serde_json::json!({"error": format!("unknown task {task}")}),
-                    (_, Err(e)) => serde_json::json!({"error": format!("invalid rate limit string: {e}")}),
-                    (Some(_), Ok(r)) => {
-                        w.rate_overrides.lock().unwrap_or_else(|p| p.into_inner()).insert(task, r);
-                        serde_json::json!({"ok": "new rate limit set successfully"})
-                    }
-                }
-            }
-            "shutdown" => {
-                tracing::warn!("remote control: shutdown requested");
-                let _ = w.remote_stop.send(true);
-                serde_json::json!({"ok": "shutting down"})
-            }
-            other => serde_json::json!({"error": format!("unknown command `{other}`")}),
-        };
-        let (Some(to), Some(ticket)) = (req["reply_to"]["routing_key"].as_str(), req["ticket"].as_str()) else {
-            continue;
-        };
-        let body = serde_json::json!({ w.config.hostname.clone(): reply });
-        let msg = crate::control::message(&body, &[("ticket", ticket.into()), ("clock", 0.into())]);
-        if let Err(e) = w.app.broker().broadcast(&reply_exchange(), to, &msg).await {
-            tracing::warn!(error = %e, "remote control: cannot reply");
-        }
-    }
 }

@@ -5,9 +5,24 @@
 //! with the caller's routing key and a `ticket` header. So `celery inspect ping` and
 //! `app.control.revoke(id)` from Python reach our workers, and ours reach Python's.
 //!
-//! Methods our workers answer: `ping`, `stats`, `active`, `reserved`, `scheduled`, `registered`,
-//! `revoked`, `revoke` (`task_id`: one id or a list, `terminate`), `rate_limit` (`task_name`,
-//! `rate_limit`) and `shutdown`.
+//! Our workers answer every command of Celery's `celery/worker/control.py`, in the shape a Python
+//! Celery 5 worker does (`celery inspect ...`, `celery control ...` and Flower read them alike):
+//!
+//! - inspect ([`inspect`](self) answers): `ping`, `stats` (Celery's fields: `total` by task name,
+//!   `pid`, `clock`, `uptime`, `pool`, `prefetch_count`, `rusage`, `broker`, and `autoscaler` when
+//!   on), `active` (`safe`), `reserved`, `scheduled`, `query_task` (`ids`), `registered`
+//!   (`taskinfoitems`, `builtins`), `revoked`, `active_queues`, `conf` (`with_defaults`), `clock`,
+//!   `report`, `hello` (mingle), `memsample`, `memdump`, `objgraph`, and the aliases `dump_active`,
+//!   `dump_reserved`, `dump_schedule`, `dump_revoked`, `dump_tasks`, `dump_conf`;
+//! - control (`commands`): `revoke` (`task_id`: one id or a list, `terminate`, `signal`),
+//!   `terminate`, `revoke_by_stamped_headers`, `rate_limit`, `time_limit`, `add_consumer`,
+//!   `cancel_consumer`, `pool_grow`, `pool_shrink`, `autoscale`, `enable_events`,
+//!   `disable_events`, `heartbeat`, `election`, `pool_restart`, `shutdown`.
+//!
+//! A request reaches the workers its `destination` names (all of them without one), or those whose
+//! name matches `pattern` under `matcher` (`glob`, or `pcre` anchored at the start), as Kombu's
+//! `Node.handle_message`. An unknown method, a missing argument or a value that does not parse is
+//! answered as Kombu's dispatch answers a handler's exception: `{"error": "KeyError('foo')"}`.
 //!
 //! ```no_run
 //! # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
@@ -20,7 +35,16 @@
 //! # Ok(()) }
 //! ```
 
-use std::collections::{HashMap, VecDeque};
+mod args;
+mod commands;
+mod destination;
+mod inspect;
+mod serve;
+mod system;
+
+pub(crate) use serve::serve;
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -200,18 +224,57 @@ impl Revoked {
         let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         g.1.iter().filter(|id| g.0.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)).cloned().collect()
     }
-}
 
-/// The ids of a `revoke` request's `task_id` (one id or a list).
-pub(crate) fn task_ids(arguments: &Value) -> Vec<String> {
-    match &arguments["task_id"] {
-        Value::String(s) => vec![s.clone()],
-        Value::Array(a) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-        _ => Vec::new(),
+    /// The ids not expired with how long ago each was revoked, oldest first.
+    pub(crate) fn entries(&self) -> Vec<(String, Duration)> {
+        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        g.1.iter()
+            .filter_map(|id| g.0.get(id).map(|t| (id.clone(), t.elapsed())))
+            .filter(|(_, age)| *age < REVOKE_EXPIRES)
+            .collect()
     }
 }
 
-/// True when a request's `destination` includes `hostname` (or names no one: everyone).
+/// Stamps revoked by `revoke_by_stamped_headers`: stamp header -> revoked values. A task whose
+/// `stamps` carry a revoked value for that header is never run. At most [`MAX_STAMPS`] values.
+#[derive(Debug, Default)]
+pub(crate) struct RevokedStamps {
+    stamps: Mutex<HashMap<String, HashSet<String>>>,
+}
+
+/// The most revoked stamp values a worker keeps.
+pub(crate) const MAX_STAMPS: usize = 10_000;
+
+impl RevokedStamps {
+    /// Adds `values` for `header`; false (nothing added) past [`MAX_STAMPS`].
+    pub(crate) fn add(&self, header: &str, values: &[Value]) -> bool {
+        let mut g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = g.values().map(HashSet::len).sum();
+        if total + values.len() > MAX_STAMPS {
+            return false;
+        }
+        g.entry(header.to_owned()).or_default().extend(values.iter().map(stamp_key));
+        true
+    }
+
+    /// True when `msg` carries a revoked stamp.
+    pub(crate) fn matches(&self, msg: &Message) -> bool {
+        let g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        !g.is_empty()
+            && g.iter().any(|(header, revoked)| {
+                crate::requests::stamps_of(msg, header).iter().any(|v| revoked.contains(&stamp_key(v)))
+            })
+    }
+}
+
+/// A stamp value as compared: strings as themselves, anything else as its JSON.
+pub(crate) fn stamp_key(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 /// A flag argument in any form Celery's clients send it: `true`, `1` (Flower), `"true"`, `"1"`,
 /// `"yes"`, `"on"`; anything else is false.
 pub(crate) fn truthy(v: &Value) -> bool {
@@ -220,13 +283,6 @@ pub(crate) fn truthy(v: &Value) -> bool {
         Value::Number(n) => n.as_f64().is_some_and(|f| f != 0.0),
         Value::String(s) => matches!(s.to_ascii_lowercase().as_str(), "true" | "1" | "yes" | "on"),
         _ => false,
-    }
-}
-
-pub(crate) fn meant_for(request: &Value, hostname: &str) -> bool {
-    match &request["destination"] {
-        Value::Array(names) => names.iter().any(|n| n.as_str() == Some(hostname)),
-        _ => true,
     }
 }
 
@@ -246,16 +302,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn revoke_arguments_and_destinations() {
-        assert_eq!(task_ids(&json!({"task_id": "a"})), ["a"]);
-        assert_eq!(task_ids(&json!({"task_id": ["a", "b"]})), ["a", "b"]);
-        assert!(meant_for(&json!({"destination": null}), "w1"));
-        assert!(meant_for(&json!({"destination": ["w1"]}), "w1"));
-        assert!(!meant_for(&json!({"destination": ["w2"]}), "w1"));
+    fn revoked_ids_and_stamps() {
         let r = Revoked::default();
         r.add("x");
         r.add("x");
         assert!(r.contains("x") && !r.contains("y"));
         assert_eq!(r.list(), ["x"]);
+        assert_eq!(r.entries().len(), 1);
+        let stamps = RevokedStamps::default();
+        let mut msg = Message { headers: Headers::default(), properties: Properties::default(), body: Vec::new() };
+        msg.headers.extra.insert("stamps".into(), json!({"mtask_id": ["a", "b"], "n": 7}));
+        assert!(!stamps.matches(&msg));
+        assert!(stamps.add("mtask_id", &[json!("b")]));
+        assert!(stamps.matches(&msg));
+        let other = RevokedStamps::default();
+        assert!(other.add("n", &[json!(7)]) && other.matches(&msg), "non-string stamps compare by value");
+        assert!(!other.add("n", &vec![json!(1); MAX_STAMPS]), "bounded");
     }
 }
