@@ -70,9 +70,12 @@ pub enum Command {
     Beat(BeatArgs),
     /// Print the events of every worker started with `-E`, live.
     Events(EventsArgs),
-    /// Ask the workers: ping, stats, active, reserved, scheduled, registered, revoked.
+    /// Ask the workers: ping, stats, active, reserved, scheduled, query_task, registered, revoked,
+    /// active_queues, conf, clock, report, memsample, memdump.
     Inspect(InspectArgs),
-    /// Steer the workers: revoke, rate_limit, shutdown.
+    /// Steer the workers: revoke, terminate, rate_limit, time_limit, add_consumer,
+    /// cancel_consumer, pool_grow, pool_shrink, autoscale, enable_events, disable_events,
+    /// heartbeat, shutdown.
     #[command(subcommand)]
     Control(ControlCommand),
     /// Serve a live dashboard of workers, queues, tasks and dead letters (workers need `-E`).
@@ -117,8 +120,13 @@ pub struct Reach {
 /// `inspect` options.
 #[derive(Debug, Args)]
 pub struct InspectArgs {
-    /// ping, stats, active, reserved, scheduled, registered or revoked.
+    /// ping, stats, active, reserved, scheduled, query_task, registered, revoked, active_queues,
+    /// conf, clock, report, memsample or memdump.
     pub method: String,
+    /// The method's arguments as a JSON object (`'{"ids": ["..."]}'` for query_task,
+    /// `'{"with_defaults": true}'` for conf).
+    #[arg(long, default_value = "{}")]
+    pub args: String,
     /// Destination and timeout.
     #[command(flatten)]
     pub reach: Reach,
@@ -152,6 +160,96 @@ pub enum ControlCommand {
     },
     /// Shut the workers down gracefully.
     Shutdown {
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Stop running tasks now (recorded REVOKED).
+    Terminate {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Set a task's soft and hard time limits in seconds on the workers (omitted: none).
+    #[command(alias = "time_limit")]
+    TimeLimit {
+        /// The task name.
+        task: String,
+        /// Soft limit, seconds.
+        soft: Option<f64>,
+        /// Hard limit, seconds.
+        hard: Option<f64>,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Start consuming a queue.
+    #[command(alias = "add_consumer")]
+    AddConsumer {
+        /// The queue.
+        queue: String,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Stop consuming a queue.
+    #[command(alias = "cancel_consumer")]
+    CancelConsumer {
+        /// The queue.
+        queue: String,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Run N more tasks at once.
+    #[command(alias = "pool_grow")]
+    PoolGrow {
+        /// How many more.
+        #[arg(default_value_t = 1)]
+        n: u32,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Run N fewer tasks at once (running ones finish).
+    #[command(alias = "pool_shrink")]
+    PoolShrink {
+        /// How many fewer.
+        #[arg(default_value_t = 1)]
+        n: u32,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Change the autoscaler's bounds (workers started with --autoscale).
+    Autoscale {
+        /// Most tasks at once.
+        max: u32,
+        /// Fewest slots kept.
+        min: u32,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Start sending task events.
+    #[command(alias = "enable_events")]
+    EnableEvents {
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Stop sending task events.
+    #[command(alias = "disable_events")]
+    DisableEvents {
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Send a worker-heartbeat event now.
+    Heartbeat {
         /// Destination and timeout.
         #[command(flatten)]
         reach: Reach,
@@ -387,9 +485,14 @@ pub struct WorkerArgs {
     /// comma-separated), e.g. the name Prometheus scrapes it by.
     #[arg(long, value_delimiter = ',')]
     pub metrics_allow_host: Vec<String>,
-    /// Send Celery's task and worker events (`mybin events` shows them; so does Celery's tooling).
+    /// Send Celery's task events (`mybin events` shows them; so does Celery's tooling). Worker
+    /// events (online, heartbeat, offline) are always sent.
     #[arg(short = 'E', long = "events")]
     pub events: bool,
+    /// Grow the pool up to MAX tasks at once while tasks wait, and shrink it back toward MIN after
+    /// 30 s (instead of a fixed --concurrency).
+    #[arg(long, value_name = "MAX,MIN", value_parser = parse_autoscale)]
+    pub autoscale: Option<(usize, usize)>,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -548,6 +651,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
                 shutdown_grace: celery_core::clock::secs_f64(a.grace),
                 track_started: !a.without_track_started,
                 events: a.events,
+                autoscale: a.autoscale,
                 ..defaults
             };
             let app = match a.max_message_size {
@@ -590,30 +694,62 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Beat(BeatArgs { action: Some(action), .. }) => beat_action(&app, action).await,
         Command::Inspect(a) => {
-            let known = ["ping", "stats", "active", "reserved", "scheduled", "registered", "revoked"];
+            let known = [
+                "ping",
+                "stats",
+                "active",
+                "reserved",
+                "scheduled",
+                "query_task",
+                "registered",
+                "revoked",
+                "active_queues",
+                "conf",
+                "clock",
+                "report",
+                "memsample",
+                "memdump",
+            ];
             anyhow::ensure!(
                 known.contains(&a.method.as_str()),
                 "unknown inspect method `{}`; one of {known:?}",
                 a.method
             );
-            let replies = remote(&app, &a.method, serde_json::json!({}), &a.reach).await?;
+            let args: Value = serde_json::from_str(&a.args).context("--args must be a JSON object")?;
+            anyhow::ensure!(args.is_object(), "--args must be a JSON object");
+            let replies = remote(&app, &a.method, args, &a.reach).await?;
             Ok(print_replies(&replies, &a.reach))
         }
         Command::Control(c) => {
-            let (replies, reach) = match &c {
+            use serde_json::json;
+            let (method, args, reach) = match &c {
                 ControlCommand::Revoke { ids, terminate, reach } => {
                     let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
                     let timeout = celery_core::clock::secs_f64(reach.timeout);
-                    (crate::control::revoke(&app, &ids, *terminate, reach.destination.clone(), timeout).await?, reach)
+                    let replies =
+                        crate::control::revoke(&app, &ids, *terminate, reach.destination.clone(), timeout).await?;
+                    return Ok(print_replies(&replies, reach));
                 }
                 ControlCommand::RateLimit { task, rate, reach } => {
-                    let args = serde_json::json!({"task_name": task, "rate_limit": rate});
-                    (remote(&app, "rate_limit", args, reach).await?, reach)
+                    ("rate_limit", json!({"task_name": task, "rate_limit": rate}), reach)
                 }
-                ControlCommand::Shutdown { reach } => {
-                    (remote(&app, "shutdown", serde_json::json!({}), reach).await?, reach)
+                ControlCommand::Shutdown { reach } => ("shutdown", json!({}), reach),
+                ControlCommand::Terminate { ids, reach } => {
+                    ("terminate", json!({"task_id": ids, "signal": "SIGTERM"}), reach)
                 }
+                ControlCommand::TimeLimit { task, soft, hard, reach } => {
+                    ("time_limit", json!({"task_name": task, "soft": soft, "hard": hard}), reach)
+                }
+                ControlCommand::AddConsumer { queue, reach } => ("add_consumer", json!({"queue": queue}), reach),
+                ControlCommand::CancelConsumer { queue, reach } => ("cancel_consumer", json!({"queue": queue}), reach),
+                ControlCommand::PoolGrow { n, reach } => ("pool_grow", json!({"n": n}), reach),
+                ControlCommand::PoolShrink { n, reach } => ("pool_shrink", json!({"n": n}), reach),
+                ControlCommand::Autoscale { max, min, reach } => ("autoscale", json!({"max": max, "min": min}), reach),
+                ControlCommand::EnableEvents { reach } => ("enable_events", json!({}), reach),
+                ControlCommand::DisableEvents { reach } => ("disable_events", json!({}), reach),
+                ControlCommand::Heartbeat { reach } => ("heartbeat", json!({}), reach),
             };
+            let replies = remote(&app, method, args, reach).await?;
             Ok(print_replies(&replies, reach))
         }
         Command::Monitor(a) => {
@@ -830,6 +966,17 @@ async fn remote(
     Ok(crate::control::request(app, method, args, reach.destination.clone(), timeout).await?)
 }
 
+/// `MAX,MIN` (or `MAX`, with MIN 0) for `--autoscale`: MAX from 1 to 10,000, MIN at most MAX.
+fn parse_autoscale(s: &str) -> Result<(usize, usize), String> {
+    let (max, min) = s.split_once(',').unwrap_or((s, "0"));
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{v}` is not a count"));
+    let (max, min) = (num(max)?, num(min)?);
+    if !(1..=10_000).contains(&max) || min > max {
+        return Err(format!("expected MAX,MIN with 1 <= MAX <= 10000 and MIN <= MAX, not {s}"));
+    }
+    Ok((max, min))
+}
+
 /// Prints one line (or JSON) per worker; fails when none answered.
 fn print_replies(replies: &[(String, Value)], reach: &Reach) -> ExitCode {
     if reach.json {
@@ -995,5 +1142,30 @@ mod serve_args_tests {
         assert!(serve_args(&["--max-connections", "0"]).is_err());
         let err = serve_args(&["--hello-timeout", "0"]).unwrap_err().to_string();
         assert!(err.contains("not between 0 (excluded) and 86400 seconds"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod worker_args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn autoscale_is_max_comma_min_and_bounded() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["celery", "worker"], extra].concat())?;
+            match cli.command {
+                Command::Worker(a) => Ok::<_, clap::Error>(a.autoscale),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(parse(&["--autoscale", "10,3"]).unwrap(), Some((10, 3)));
+        assert_eq!(parse(&["--autoscale", "4"]).unwrap(), Some((4, 0)));
+        for bad in ["3,10", "0,0", "20000,1", "x,1"] {
+            assert!(parse(&["--autoscale", bad]).is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["celery", "control", "add_consumer", "emails", "-d", "w1"]).unwrap();
+        assert!(matches!(cli.command, Command::Control(ControlCommand::AddConsumer { .. })));
     }
 }

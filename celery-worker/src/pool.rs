@@ -2,10 +2,11 @@
 //! (`pool_grow`, `pool_shrink`) and the autoscaler change while the worker runs.
 //!
 //! A slot is a permit of one semaphore, taken before the next reserved delivery is started and
-//! held until that delivery is settled. Growing adds permits at once. Shrinking takes free permits
-//! away at once and, for the rest, waits for running tasks to end (a background task acquires and
-//! discards them as they come back): a task that runs is never stopped by a shrink. The size is
-//! the target: `permits out + permits free - permits still owed to a shrink`.
+//! held until that delivery is settled. Growing adds permits at once (first cancelling what a
+//! shrink still owes). Shrinking takes free permits away at once and owes the rest: the next slots
+//! given back by running tasks are discarded instead of freed, so a task that runs is never
+//! stopped by a shrink and no new one starts until the pool is down to its size. The size is the
+//! target: `permits out + permits free - permits owed`.
 //!
 //! Invariants: the size stays within [`MAX_POOL`]; [`Pool::held`] counts slots held right now, so
 //! [`Pool::idle`] (what shutdown waits for) does not depend on the size at the time.
@@ -33,6 +34,8 @@ pub(crate) struct Pool {
     size: Mutex<usize>,
     /// Slots held now.
     held: Arc<AtomicUsize>,
+    /// Permits a shrink still has to take away (from slots given back).
+    owed: Arc<AtomicUsize>,
     /// Woken when `held` drops to zero.
     emptied: Arc<Notify>,
 }
@@ -40,13 +43,20 @@ pub(crate) struct Pool {
 /// One held slot; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
     held: Arc<AtomicUsize>,
+    owed: Arc<AtomicUsize>,
     emptied: Arc<Notify>,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            if self.owed.fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| o.checked_sub(1)).is_ok() {
+                // Owed to a shrink: the pool is one smaller from now on.
+                p.forget();
+            }
+        }
         if self.held.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.emptied.notify_waiters();
         }
@@ -61,6 +71,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(size)),
             size: Mutex::new(size),
             held: Arc::default(),
+            owed: Arc::default(),
             emptied: Arc::default(),
         }
     }
@@ -83,7 +94,12 @@ impl Pool {
             Err(tokio::sync::TryAcquireError::NoPermits) => self.slots.clone().acquire_owned().await.ok()?,
         };
         self.held.fetch_add(1, Ordering::AcqRel);
-        Some(Slot { _permit: permit, held: self.held.clone(), emptied: self.emptied.clone() })
+        Some(Slot {
+            permit: Some(permit),
+            held: self.held.clone(),
+            owed: self.owed.clone(),
+            emptied: self.emptied.clone(),
+        })
     }
 
     /// Resolves once no slot is held.
@@ -104,19 +120,17 @@ impl Pool {
         let mut size = self.size.lock().unwrap_or_else(|p| p.into_inner());
         let target = target.clamp(floor.min(MAX_POOL), MAX_POOL);
         if target > *size {
-            self.slots.add_permits(target - *size);
+            let grow = target - *size;
+            let cancelled = self
+                .owed
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| Some(o - o.min(grow)))
+                .map_or(0, |before| before.min(grow));
+            self.slots.add_permits(grow - cancelled);
         } else if target < *size {
-            let owed = *size - target;
-            let rest = owed - self.slots.forget_permits(owed);
-            if rest > 0 {
-                // Taken as running tasks end: a shrink never stops a task.
-                let slots = self.slots.clone();
-                tokio::spawn(async move {
-                    if let Ok(p) = slots.acquire_many_owned(rest as u32).await {
-                        p.forget();
-                    }
-                });
-            }
+            let shrink = *size - target;
+            let rest = shrink - self.slots.forget_permits(shrink);
+            // Taken as running tasks end: a shrink never stops a task.
+            self.owed.fetch_add(rest, Ordering::AcqRel);
         }
         tracing::info!(from = *size, to = target, "pool resized");
         *size = target;
@@ -226,6 +240,22 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), pool.idle()).await.unwrap();
         assert_eq!(pool.shrink(5, 1), 1, "never below the floor");
         assert_eq!(pool.grow(usize::MAX), MAX_POOL, "bounded");
+    }
+
+    #[tokio::test]
+    async fn growing_cancels_what_a_shrink_still_owes() {
+        let pool = Pool::new(2);
+        let a = pool.acquire().await.unwrap();
+        let b = pool.acquire().await.unwrap();
+        pool.shrink(2, 0);
+        assert_eq!(pool.owed.load(Ordering::Acquire), 2);
+        pool.grow(1);
+        assert_eq!((pool.size(), pool.owed.load(Ordering::Acquire)), (1, 1));
+        assert_eq!(pool.slots.available_permits(), 0);
+        drop(a);
+        assert_eq!(pool.slots.available_permits(), 0, "paid the debt");
+        drop(b);
+        assert_eq!(pool.slots.available_permits(), 1, "one slot in all");
     }
 
     #[tokio::test(start_paused = true)]

@@ -82,12 +82,45 @@ pub async fn request(
     destination: Option<Vec<String>>,
     timeout: Duration,
 ) -> Result<Vec<(String, Value)>, BrokerError> {
+    call(app, method, arguments, destination, None, timeout).await
+}
+
+/// Like [`request`], to the workers whose name matches `pattern` under `matcher`: `"glob"`
+/// (`celery@web*`) or `"pcre"` (a regular expression matched at the start of the name), as
+/// Kombu's `pattern` and `matcher`. Gathers replies for all of `timeout`.
+///
+/// ```no_run
+/// # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// let web = celery_worker::control::request_matching(&app, "ping", serde_json::json!({}), "celery@web*", "glob", Duration::from_secs(1)).await?;
+/// # Ok(()) }
+/// ```
+pub async fn request_matching(
+    app: &App,
+    method: &str,
+    arguments: Value,
+    pattern: &str,
+    matcher: &str,
+    timeout: Duration,
+) -> Result<Vec<(String, Value)>, BrokerError> {
+    call(app, method, arguments, None, Some((pattern, matcher)), timeout).await
+}
+
+async fn call(
+    app: &App,
+    method: &str,
+    arguments: Value,
+    destination: Option<Vec<String>>,
+    pattern: Option<(&str, &str)>,
+    timeout: Duration,
+) -> Result<Vec<(String, Value)>, BrokerError> {
     let oid = uuid::Uuid::new_v4().to_string();
     let ticket = uuid::Uuid::new_v4().to_string();
     let mut replies = app.broker().subscribe(&reply_exchange(), &oid).await?;
     let expected = destination.as_ref().map(Vec::len);
     let body = json!({
-        "method": method, "arguments": arguments, "destination": destination, "pattern": null, "matcher": null,
+        "method": method, "arguments": arguments, "destination": destination,
+        "pattern": pattern.map(|p| p.0), "matcher": pattern.map(|p| p.1),
         "ticket": ticket, "reply_to": {"exchange": reply_exchange().name, "routing_key": oid},
     });
     let expires = celery_core::event::now() + timeout.as_secs_f64();
