@@ -155,11 +155,11 @@ pub(super) fn rate_limit(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
         Value::String(r) if r.trim().is_empty() || r.trim() == "0" => Ok(None),
         Value::String(r) => match r.trim().parse::<f64>() {
             Ok(n) if n.is_finite() && n > 0.0 => Ok(Some(celery_core::clock::secs_f64(1.0 / n))),
-            Ok(n) if n == 0.0 => Ok(None),
+            Ok(0.0) => Ok(None),
             _ => celery_core::rate::parse_rate(r).map(Some).map_err(|e| e.to_string()),
         },
         Value::Number(n) => match n.as_f64() {
-            Some(x) if x == 0.0 => Ok(None),
+            Some(0.0) => Ok(None),
             Some(x) if x.is_finite() && x > 0.0 => Ok(Some(celery_core::clock::secs_f64(1.0 / x))),
             _ => Err(format!("invalid rate {n}")),
         },
