@@ -18,9 +18,15 @@
 //!   it waits for its rate limit, runs, and its outcome is
 //!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
 //!
-//! Shutdown (SIGINT/SIGTERM through the CLI, or the future given to [`Worker::run_until`]): stop
-//! fetching, return prefetched unstarted deliveries to the queue, give running tasks the grace period,
-//! then return what still runs to the queue.
+//! Deliveries come in through [`crate::intake`] (the queues consumed, changed at run time by
+//! remote control, and the deliveries reserved there), and start in order as the pool
+//! ([`crate::pool`], resized at run time) frees a slot; what the worker holds is tracked in
+//! [`crate::requests`] for `inspect active/reserved/scheduled/query_task`.
+//!
+//! Shutdown (SIGINT/SIGTERM through the CLI, remote control's `shutdown`, or the future given to
+//! [`Worker::run_until`]): stop fetching, return reserved and prefetched unstarted deliveries to the
+//! queue, give running tasks the grace period, then return what still runs to the queue; the
+//! `worker-offline` event is flushed to the broker before `run_until` returns.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -8,13 +8,13 @@
 //! Our workers answer every command of Celery's `celery/worker/control.py`, in the shape a Python
 //! Celery 5 worker does (`celery inspect ...`, `celery control ...` and Flower read them alike):
 //!
-//! - inspect ([`inspect`](self) answers): `ping`, `stats` (Celery's fields: `total` by task name,
+//! - inspect (read-only): `ping`, `stats` (Celery's fields: `total` by task name,
 //!   `pid`, `clock`, `uptime`, `pool`, `prefetch_count`, `rusage`, `broker`, and `autoscaler` when
 //!   on), `active` (`safe`), `reserved`, `scheduled`, `query_task` (`ids`), `registered`
 //!   (`taskinfoitems`, `builtins`), `revoked`, `active_queues`, `conf` (`with_defaults`), `clock`,
 //!   `report`, `hello` (mingle), `memsample`, `memdump`, `objgraph`, and the aliases `dump_active`,
 //!   `dump_reserved`, `dump_schedule`, `dump_revoked`, `dump_tasks`, `dump_conf`;
-//! - control (`commands`): `revoke` (`task_id`: one id or a list, `terminate`, `signal`),
+//! - control (steering): `revoke` (`task_id`: one id or a list, `terminate`, `signal`),
 //!   `terminate`, `revoke_by_stamped_headers`, `rate_limit`, `time_limit`, `add_consumer`,
 //!   `cancel_consumer`, `pool_grow`, `pool_shrink`, `autoscale`, `enable_events`,
 //!   `disable_events`, `heartbeat`, `election`, `pool_restart`, `shutdown`.
