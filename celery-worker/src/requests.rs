@@ -40,7 +40,8 @@ pub(crate) struct Held {
     /// When it started (active ones).
     pub(crate) started: Option<Instant>,
     pub(crate) acknowledged: bool,
-    /// A revoke with `terminate` sends on it (once); active ones only.
+    /// Sent on (once) to stop it: a running one is terminated, a waiting one stops waiting and
+    /// is checked against the revoked ids again.
     pub(crate) terminate: Option<oneshot::Sender<()>>,
 }
 
@@ -230,20 +231,29 @@ impl Requests {
         s.by_id.get(id).map(|d| (HeldState::Scheduled, d.request.clone()))
     }
 
+    /// Wakes the waiting requests `select` picks (they were revoked); returns how many.
+    pub(crate) fn wake_waiting(&self, select: impl FnMut(&Held) -> bool) -> usize {
+        signal(&mut lock(&self.waiting), select).len()
+    }
+
     /// Sends `terminate` to the running tasks `select` picks; returns their ids.
-    pub(crate) fn terminate(&self, mut select: impl FnMut(&Held) -> bool) -> Vec<String> {
-        let mut active = lock(&self.active);
-        let mut done = Vec::new();
-        for (id, h) in active.iter_mut() {
-            if select(h) {
-                if let Some(t) = h.terminate.take() {
-                    let _ = t.send(());
-                    done.push(id.clone());
-                }
+    pub(crate) fn terminate(&self, select: impl FnMut(&Held) -> bool) -> Vec<String> {
+        signal(&mut lock(&self.active), select)
+    }
+}
+
+/// Sends on the stop channel of each request `select` picks; returns their ids.
+fn signal(held: &mut HashMap<String, Held>, mut select: impl FnMut(&Held) -> bool) -> Vec<String> {
+    let mut done = Vec::new();
+    for (id, h) in held.iter_mut() {
+        if select(h) {
+            if let Some(t) = h.terminate.take() {
+                let _ = t.send(());
+                done.push(id.clone());
             }
         }
-        done
     }
+    done
 }
 
 #[cfg(test)]

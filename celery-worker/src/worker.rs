@@ -452,9 +452,26 @@ async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot) {
     process(w, d, msg, slot).instrument(span).await
 }
 
-/// A request waiting (near eta, rate limit) with its slot, as `inspect reserved` shows it.
-fn waiting(msg: &Arc<Message>, name: &'static str, delivery: &DeliveryInfo) -> Held {
-    Held { msg: msg.clone(), name, delivery: delivery.clone(), started: None, acknowledged: false, terminate: None }
+/// A request waiting (near eta, rate limit) with its slot, as `inspect reserved` shows it, and
+/// what wakes it when it is revoked.
+fn waiting(msg: &Arc<Message>, name: &'static str, delivery: &DeliveryInfo) -> (Held, oneshot::Receiver<()>) {
+    let (wake, woken) = oneshot::channel();
+    let held = Held {
+        msg: msg.clone(),
+        name,
+        delivery: delivery.clone(),
+        started: None,
+        acknowledged: false,
+        terminate: Some(wake),
+    };
+    (held, woken)
+}
+
+/// Resolves when a waiting request is woken (revoked); never if its sender is gone.
+async fn woken(rx: oneshot::Receiver<()>) {
+    if rx.await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Runs one delivery holding a concurrency slot (released early when it does not run).
@@ -521,9 +538,11 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
             }
             return;
         }
-        w.requests.wait(waiting(&msg, entry.name, &delivery));
+        let (held, wake) = waiting(&msg, entry.name, &delivery);
+        w.requests.wait(held);
         let waited = tokio::select! {
             _ = tokio::time::sleep(wait) => true,
+            _ = woken(wake) => true,
             _ = stopped(w.shutdown.clone()) => false,
         };
         w.requests.unwait(&msg.headers.id);
@@ -542,9 +561,11 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
         (None, None) => None,
     };
     if let Some(interval) = interval {
-        w.requests.wait(waiting(&msg, entry.name, &delivery));
+        let (held, wake) = waiting(&msg, entry.name, &delivery);
+        w.requests.wait(held);
         let waited = tokio::select! {
             _ = Box::pin(w.limits.acquire(entry.name, interval)) => true,
+            _ = woken(wake) => true,
             _ = stopped(w.shutdown.clone()) => false,
         };
         w.requests.unwait(&msg.headers.id);
@@ -555,6 +576,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
     }
     if *w.shutdown.borrow() {
         Box::pin(requeue(&w, d)).await;
+        return;
+    }
+    // Revoked while it waited for its eta or rate limit.
+    if (msg.headers.eta.is_some() || interval.is_some())
+        && (w.revoked.contains(&msg.headers.id) || w.revoked_stamps.matches(&msg))
+    {
+        tracing::info!("revoked while waiting: not run");
+        Box::pin(revoke(&w, d, &msg, entry, Revocation::Revoked)).await;
         return;
     }
     let mut d = Some(d);

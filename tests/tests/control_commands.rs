@@ -433,6 +433,11 @@ async fn rate_limited_tasks_are_reserved(t: Target) {
     assert!(bad["error"].as_str().unwrap().starts_with("Invalid rate limit string: "), "{bad}");
     let unknown = ask(&app, &w.host, "rate_limit", json!({"task_name": "nope", "rate_limit": "1/s"})).await;
     assert_eq!(unknown, json!({"error": "unknown task"}));
+    // Revoked while it waits: dropped at once (REVOKED), not an hour later.
+    let flagged = ask(&app, &w.host, "revoke", json!({"task_id": [second.id()]})).await;
+    assert_eq!(flagged, json!({"ok": format!("tasks {{'{}'}} flagged as revoked", second.id())}));
+    assert!(matches!(second.get::<i64>(T).await, Err(ResultError::Revoked)));
+    assert_eq!(ask(&app, &w.host, "reserved", json!({})).await, json!([]));
     w.stop().await;
 }
 

@@ -59,6 +59,8 @@ fn revoke_ids(w: &Shared, ids: &[String], terminate: bool, signal: Option<&Value
     for id in ids {
         w.revoked.add(id);
     }
+    // Those waiting for an eta or a rate limit are dropped at once, not when their wait ends.
+    w.requests.wake_waiting(|h| ids.contains(&h.msg.headers.id));
     if !terminate {
         tracing::info!(ids = %ids.join(", "), "tasks flagged as revoked");
         return Ok(ok(format!("tasks {} flagged as revoked", py_set(ids))));
@@ -105,6 +107,7 @@ pub(super) fn revoke_by_stamped_headers(w: &Shared, args: Args<'_>) -> Result<Va
             return Err(PyError::value(format!("at most {} revoked stamps", super::MAX_STAMPS)));
         }
     }
+    w.requests.wake_waiting(|h| w.revoked_stamps.matches(&h.msg));
     let shown = format!(
         "{{{}}}",
         headers
