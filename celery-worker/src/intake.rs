@@ -12,12 +12,14 @@
 //!
 //! So nothing is lost or settled twice; the only cost of a change is that the retired
 //! generation's unstarted deliveries may be taken again in a different order. A fetcher task per
-//! generation moves deliveries from its consumer into [`Reserved`] (bounded: a consumer never has
-//! more than its prefetch unsettled), from which the worker starts them in order as slots free.
+//! generation takes deliveries from its consumer: while nothing waits in [`Reserved`] and a slot
+//! is free, it starts each at once (the [`Starter`]); otherwise it adds it to [`Reserved`]
+//! (bounded: a consumer never has more than its prefetch unsettled), from which the worker starts
+//! them in order as slots free.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use celery_core::broker::Consumer;
 use celery_core::routing::{Binding, ExchangeKind};
@@ -152,6 +154,7 @@ impl Reserved {
     }
 
     /// Reservations waiting now.
+    #[allow(clippy::len_without_is_empty)]
     pub(crate) fn len(&self) -> usize {
         self.len.load(Ordering::Acquire)
     }
@@ -174,6 +177,16 @@ impl Reserved {
                 f(m, &info);
             }
         }
+    }
+}
+
+/// Starts a reservation now if a slot is free, else gives it back.
+#[derive(Clone)]
+pub(crate) struct Starter(pub(crate) Arc<dyn Fn(Reservation) -> Option<Reservation> + Send + Sync>);
+
+impl std::fmt::Debug for Starter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Starter")
     }
 }
 
@@ -201,6 +214,7 @@ pub(crate) struct Intake {
     max_message_size: usize,
     stats: Arc<WorkerStats>,
     reserved: Arc<Reserved>,
+    starter: OnceLock<Starter>,
     state: tokio::sync::Mutex<State>,
     /// Set when a consumer ended by itself (the broker is gone for good).
     ended: watch::Sender<bool>,
@@ -208,19 +222,14 @@ pub(crate) struct Intake {
 }
 
 impl Intake {
-    /// Starts consuming `queues` (in priority order) with `prefetch`.
-    pub(crate) async fn start(
-        app: App,
-        queues: Vec<QueueSpec>,
-        prefetch: usize,
-        max_message_size: usize,
-        stats: Arc<WorkerStats>,
-    ) -> Result<Arc<Intake>, BrokerError> {
-        let intake = Arc::new(Intake {
+    /// An intake consuming nothing yet ([`Intake::begin`] starts it), with `prefetch` per consumer.
+    pub(crate) fn new(app: App, prefetch: usize, max_message_size: usize, stats: Arc<WorkerStats>) -> Arc<Intake> {
+        Arc::new(Intake {
             app,
             max_message_size,
             stats,
             reserved: Arc::default(),
+            starter: OnceLock::new(),
             state: tokio::sync::Mutex::new(State {
                 queues: Vec::new(),
                 prefetch,
@@ -231,12 +240,19 @@ impl Intake {
             }),
             ended: watch::channel(false).0,
             prefetch: AtomicUsize::new(prefetch),
-        });
-        {
-            let mut st = intake.state.lock().await;
-            intake.replace(&mut st, queues, prefetch).await?;
-        }
-        Ok(intake)
+        })
+    }
+
+    /// Sets how deliveries are started at once when nothing waits (set once, before `begin`).
+    pub(crate) fn set_starter(&self, starter: Starter) {
+        let _ = self.starter.set(starter);
+    }
+
+    /// Starts consuming `queues` (in priority order).
+    pub(crate) async fn begin(&self, queues: Vec<QueueSpec>) -> Result<(), BrokerError> {
+        let mut st = self.state.lock().await;
+        let prefetch = st.prefetch;
+        self.replace(&mut st, queues, prefetch).await
     }
 
     /// The reserved deliveries.
@@ -345,6 +361,7 @@ impl Intake {
                 c,
                 generation,
                 self.reserved.clone(),
+                self.starter.get().cloned(),
                 retired,
                 self.stats.clone(),
                 self.ended.clone(),
@@ -384,17 +401,31 @@ async fn feed(
     mut consumer: Box<dyn Consumer>,
     generation: u64,
     reserved: Arc<Reserved>,
+    starter: Option<Starter>,
     mut retire: watch::Receiver<bool>,
     stats: Arc<WorkerStats>,
     ended: watch::Sender<bool>,
 ) {
     let (open, mut settled) = mpsc::channel::<()>(1);
+    // Made once, not per delivery: each `wait_for` registers a waiter anew.
+    let retired = retire.wait_for(|r| *r);
+    tokio::pin!(retired);
     loop {
         tokio::select! {
             biased;
-            _ = retire.wait_for(|r| *r) => break,
+            _ = &mut retired => break,
             d = consumer.next() => match d {
-                Some(delivery) => reserved.push(Reservation { delivery, generation, open: ConsumerOpen(open.clone()) }),
+                Some(delivery) => {
+                    let r = Reservation { delivery, generation, open: ConsumerOpen(open.clone()) };
+                    // Started at once while nothing waits before it and a slot is free.
+                    let r = match &starter {
+                        Some(start) if reserved.len() == 0 => (start.0)(r),
+                        _ => Some(r),
+                    };
+                    if let Some(r) = r {
+                        reserved.push(r);
+                    }
+                }
                 None => {
                     tracing::error!("the broker consumer ended: the worker stops");
                     let _ = ended.send(true);

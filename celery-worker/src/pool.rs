@@ -88,11 +88,22 @@ impl Pool {
 
     /// Waits for a free slot; `None` once the pool is closed.
     pub(crate) async fn acquire(&self) -> Option<Slot> {
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => return None,
-            Err(tokio::sync::TryAcquireError::NoPermits) => self.slots.clone().acquire_owned().await.ok()?,
-        };
+        if let Some(slot) = self.try_acquire() {
+            return Some(slot);
+        }
+        let permit = self.slots.clone().acquire_owned().await.ok()?;
+        self.held.fetch_add(1, Ordering::AcqRel);
+        Some(Slot {
+            permit: Some(permit),
+            held: self.held.clone(),
+            owed: self.owed.clone(),
+            emptied: self.emptied.clone(),
+        })
+    }
+
+    /// A free slot now, if there is one (and no one queued before).
+    pub(crate) fn try_acquire(&self) -> Option<Slot> {
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
         self.held.fetch_add(1, Ordering::AcqRel);
         Some(Slot {
             permit: Some(permit),

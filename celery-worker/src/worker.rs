@@ -45,7 +45,7 @@ use tracing::Instrument;
 
 use crate::events::{EventDispatcher, LamportClock};
 use crate::execute::{self, Outcome};
-use crate::intake::{Intake, QueueSpec, Reservation};
+use crate::intake::{Intake, QueueSpec, Reservation, Starter};
 use crate::pool::{Autoscaler, Pool, Slot};
 use crate::rate_limit::RateLimits;
 use crate::requests::{DeliveryInfo, Held, Requests};
@@ -281,8 +281,7 @@ impl Worker {
     pub async fn run_until(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let cfg = self.config;
         let cap = max_encoded_size(self.app.config().max_message_size);
-        let queues = cfg.queues.iter().map(|q| QueueSpec::named(q)).collect();
-        let intake = Intake::start(self.app.clone(), queues, cfg.prefetch(), cap, self.stats.clone()).await?;
+        let intake = Intake::new(self.app.clone(), cfg.prefetch(), cap, self.stats.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
         let (hard_tx, hard_rx) = watch::channel(false);
         let clock = Arc::new(LamportClock::default());
@@ -311,6 +310,18 @@ impl Worker {
             shutdown: stop_rx,
             hard_stop: hard_rx,
         });
+        // A delivery that arrives while nothing waits and a slot is free starts at once.
+        let weak = Arc::downgrade(&shared);
+        shared.intake.set_starter(Starter(Arc::new(move |r: Reservation| {
+            let Some(w) = weak.upgrade() else { return Some(r) };
+            match w.pool.try_acquire() {
+                Some(slot) => {
+                    tokio::spawn(Box::pin(handle(w, r, slot)));
+                    None
+                }
+                None => Some(r),
+            }
+        })));
         // Revokes stored for workers that start later.
         for id in crate::control::stored_revoked(&shared.app).await.into_keys() {
             shared.revoked.add(&id);
@@ -329,6 +340,16 @@ impl Worker {
             autoscale = ?cfg.autoscale, prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
         );
         shared.worker_event("worker-online");
+        // Consuming starts once the worker is online: its first task events follow worker-online.
+        let queues = cfg.queues.iter().map(|q| QueueSpec::named(q)).collect();
+        if let Err(e) = shared.intake.begin(queues).await {
+            if let Some(c) = control {
+                c.abort();
+            }
+            shared.worker_event("worker-offline");
+            shared.events.flush(Duration::from_secs(5)).await;
+            return Err(e.into());
+        }
         let heartbeat = {
             let shared = shared.clone();
             tokio::spawn(async move {

@@ -273,6 +273,8 @@ impl Revoked {
 #[derive(Debug, Default)]
 pub(crate) struct RevokedStamps {
     stamps: Mutex<HashMap<String, HashSet<String>>>,
+    /// False until a stamp is revoked: most workers never take the lock per task.
+    any: std::sync::atomic::AtomicBool,
 }
 
 /// The most revoked stamp values a worker keeps.
@@ -287,11 +289,15 @@ impl RevokedStamps {
             return false;
         }
         g.entry(header.to_owned()).or_default().extend(values.iter().map(stamp_key));
+        self.any.store(true, std::sync::atomic::Ordering::Release);
         true
     }
 
     /// True when `msg` carries a revoked stamp.
     pub(crate) fn matches(&self, msg: &Message) -> bool {
+        if !self.any.load(std::sync::atomic::Ordering::Acquire) {
+            return false;
+        }
         let g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
         !g.is_empty()
             && g.iter().any(|(header, revoked)| {
