@@ -4,7 +4,7 @@
 //! A worker started with `-E` ([`WorkerConfig::events`](crate::WorkerConfig::events)) sends
 //! `worker-online`, `worker-heartbeat` (every 2 s by default), `worker-offline`, and for each task
 //! `task-received`, `task-started`, then `task-succeeded`, `task-failed`, `task-retried` or
-//! `task-revoked`. Events are best effort: sent in the background, dropped (and counted) when the
+//! `task-revoked` (`task-failed` also for a message rejected as bad input). Events are best effort: sent in the background, dropped (and counted) when the
 //! broker cannot keep up, never slowing a task down.
 //!
 //! ```no_run

@@ -7,7 +7,8 @@
 //!   allows once encoded): never decoded (on Redis never even read: the broker dead-letters it
 //!   while fetching);
 //! - undecodable (headers that do not parse but name an id included), unregistered task, or
-//!   arguments that do not fit: never run; FAILURE stored (when the id is known) and the message
+//!   arguments that do not fit: never run; FAILURE stored (when the id is known: Celery's
+//!   `InvalidTaskError`, `NotRegistered` or Python's `TypeError`), `task-failed` sent, and the message
 //!   dead-lettered to `<queue>.dead` with the reason; nothing it carries is acted on (no callbacks,
 //!   errbacks, chain steps or chord counts);
 //! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
@@ -335,16 +336,16 @@ async fn handle(w: Arc<Shared>, mut d: Delivery, permit: OwnedSemaphorePermit) {
     let limit = max_encoded_size(w.app.config().max_message_size);
     if let Some(size) = d.size().filter(|s| *s > limit) {
         // Never decoded: its size alone rejects it (its id is known when the broker read it apart).
-        let reason = ProtocolError::TooLarge { size, limit }.to_string();
+        let err = TaskError::new(INVALID_TASK, ProtocolError::TooLarge { size, limit }.to_string());
         let known = d.decoded_error().cloned();
-        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &reason)).await;
+        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &err)).await;
         return;
     }
     let msg = match d.take_message() {
         Ok(m) => m,
         Err(e) => {
-            let reason = format!("undecodable message: {e}");
-            Box::pin(reject(&w, d, Rejected::named_by(&e), &reason)).await;
+            let err = TaskError::new(INVALID_TASK, format!("undecodable message: {e}"));
+            Box::pin(reject(&w, d, Rejected::named_by(&e), &err)).await;
             return;
         }
     };
@@ -383,14 +384,15 @@ impl Active {
 async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaphorePermit) {
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
-        let reason = format!("unregistered task `{}`", msg.headers.task);
-        Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await;
+        let err = TaskError::new("NotRegistered", format!("unregistered task `{}`", msg.headers.task));
+        Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
         return;
     };
     let body = match msg.body() {
         Ok(b) => b,
         Err(e) => {
-            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &format!("undecodable body: {e}"))).await;
+            let err = TaskError::new(INVALID_TASK, format!("undecodable body: {e}"));
+            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
             return;
         }
     };
@@ -519,12 +521,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
             tracing::debug!(?runtime, "succeeded");
             // The rarer steps are boxed: inline, each would grow every task's future by its size.
             let next = crate::followups::after_success(&embed);
+            let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
             if !next.is_empty() {
                 let root = msg.headers.root_id.as_deref();
-                Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
+                meta.children = Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
             }
-            let stored =
-                ignore || Box::pin(store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone()))).await;
+            let stored = ignore || Box::pin(store(&w, &msg, entry, meta)).await;
             if let Some(chord) = crate::chord::body_in(&msg, &embed) {
                 Box::pin(crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value)).await;
             }
@@ -538,11 +540,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         }
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
-                let reason = format!("invalid arguments: {}", err.message());
+                // Python raises TypeError for arguments that do not fit; the message is kept too.
+                let err = TaskError::new("TypeError", format!("invalid arguments: {}", err.message()));
                 match d.take() {
-                    Some(d) => Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await,
+                    Some(d) => Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await,
                     // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
-                    None => Box::pin(store_rejection(&w, Rejected::of(&msg), &reason)).await,
+                    None => Box::pin(store_rejection(&w, Rejected::of(&msg), &err)).await,
                 }
             }
             TaskErrorKind::Retry { countdown } => {
@@ -681,29 +684,35 @@ impl<'a> Rejected<'a> {
     }
 }
 
-/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast);
-/// dead-lettered with the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
+/// Celery's exception for a message that is not a task it can read (too large, undecodable).
+const INVALID_TASK: &str = "InvalidTaskError";
+
+/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast) with
+/// `err` (Celery's `NotRegistered`, `InvalidTaskError`, or Python's `TypeError` for arguments that
+/// do not fit), and `task-failed` sent so that Flower shows the final state; dead-lettered with
+/// `err`'s message as the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
 /// steps or chord counts (its embedded workflow is input that was just refused).
-async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, reason: &str) {
+async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, err: &TaskError) {
+    let reason = err.message();
     tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
     if let Some(k) = known {
-        store_rejection(w, k, reason).await;
+        store_rejection(w, k, err).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
-    if let Some(k) = known {
-        w.event("task-rejected", || serde_json::json!({"uuid": k.id, "requeue": false}));
-    }
     settle(d.dead_letter(reason).await);
 }
 
-/// Stores FAILURE (`RejectedMessage` with the reason) for a rejected message, and nothing else.
-async fn store_rejection(w: &Shared, k: Rejected<'_>, reason: &str) {
-    let err = TaskError::new("RejectedMessage", reason);
-    let mut meta = TaskMeta::error(k.id, TaskState::Failure, &err);
+/// Stores FAILURE with `err` for a rejected message and sends `task-failed`; nothing else.
+async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) {
+    let mut meta = TaskMeta::error(k.id, TaskState::Failure, err);
     meta.name = k.task.map(str::to_owned);
     meta.reply_to = k.reply_to.map(str::to_owned);
     store_meta(w, meta).await;
+    w.event(
+        "task-failed",
+        || serde_json::json!({"uuid": k.id, "exception": err.to_string(), "traceback": err.to_string()}),
+    );
 }
 
 /// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend

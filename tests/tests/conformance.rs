@@ -198,7 +198,8 @@ fn rand_token() -> i64 {
 }
 
 /// A chain passes each result as the first argument of the next task and returns the last result; a
-/// callback (`link`) gets the result too; an immutable signature ignores it.
+/// callback (`link`) gets the result too; an immutable signature ignores it; the callbacks are the
+/// parent's `children`.
 async fn chains_and_callbacks(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 4, 4);
@@ -222,6 +223,9 @@ async fn chains_and_callbacks(t: Target) {
     assert_eq!(first.get::<i64>(T).await.unwrap(), 42);
     assert_eq!(app.result(&cb_id).get::<i64>(T).await.unwrap(), 1042);
     assert_eq!(app.result(&im_id).get::<i64>(T).await.unwrap(), 14);
+    // Recorded as Celery records them, so Python's `AsyncResult.children` lists both.
+    let children = first.info().await.unwrap().unwrap().children;
+    assert_eq!(children, [json!([[cb_id, null], null]), json!([[im_id, null], null])]);
     w.stop().await;
 }
 
