@@ -4,6 +4,12 @@
 //! Every Redis test uses its own key prefix (Kombu's `global_keyprefix`), so tests run in parallel.
 //! When Redis is not reachable, a test prints that it was skipped and why, unless
 //! `CELERY_REQUIRE_SERVICES=1` (set by `.ci/run`), where it fails.
+//!
+//! [`python`] installs Python Celery and Flower for the suites that run them against ours;
+//! [`browser`] installs headless Chromium for the suites that look at web pages.
+
+pub mod browser;
+pub mod python;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,7 +17,8 @@ use std::time::{Duration, Instant};
 
 /// The Redis server the suites use.
 pub const REDIS: &str = "redis://127.0.0.1:6379";
-/// The database the suites use (Python interop tests use 7, 8 and 10-13 of their own).
+/// The database the suites use, each test under a key prefix of its own (`python_interop` uses
+/// databases 1-8 and 10-15 of its own).
 pub const TEST_DB: u8 = 9;
 
 /// True when the run must not skip a suite for a missing server.
