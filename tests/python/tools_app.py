@@ -13,10 +13,11 @@ As a script:
   `app.control.broadcast(..., reply=True)` (for `election`, whose arguments the command line cannot
   pass): `{"replies": [...]}`; or `{"send": name, "args": [...], "queue": q, "countdown": s}`, sent
   with `app.send_task` (Celery's own message, eta included): `{"id": task_id}`.
-- `python tools_app.py exceptions <queue> <worker>` sends to <queue> the failures a caller meets
-  (an expired, a revoked, a time-limited, an unregistered, a wrong-argument task and a chord with a
-  failing member), calls `get()` on each and prints one JSON line mapping each case to the
-  exception's `module.ClassName` (or `"no exception: <value>"`, or `"timeout"`).
+- `python tools_app.py exceptions <queue> <worker> '<json>'` sends to <queue> the failures a caller
+  meets (a revoked, an expired, a time-limited, an unregistered, a wrong-argument task and a chord
+  with a failing member), calls `get()` on each and prints one JSON line mapping each case to
+  `{"raised": "module.ClassName", "caught": bool}`: whether `except` of the class the JSON argument
+  names for that case (`{"revoked": "celery.exceptions.TaskRevokedError", ...}`) catches it.
 - `python tools_app.py link <queue>` sends `add.apply_async((2, 2), link=add.s(10))` to <queue> and
   prints one JSON line with the result, the ids in `AsyncResult.children` and the child's result.
 
@@ -25,6 +26,7 @@ set, is Kombu's and the result backend's `global_keyprefix` (the Rust side adds 
 `?global_keyprefix=`), so that tests sharing one Redis database never see each other's keys.
 """
 
+import importlib
 import json
 import os
 import sys
@@ -112,20 +114,27 @@ def batch(items):
     print(json.dumps(outcomes))
 
 
-def raised(result, timeout=TIMEOUT):
-    """What `get()` raised, as `module.ClassName`, when that names the real class (so that
-    `except module.ClassName` catches it); a class Celery made up for an exception it could not
-    import (it names it `celery.exceptions.<exc_type>` too) is reported as such."""
+def resolve(dotted):
+    """The class named `module.ClassName`."""
+    module, _, name = dotted.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def raised(result, expected, timeout=TIMEOUT):
+    """What `get()` raised, and whether `except <expected>` catches it: Celery rebuilds a stored
+    failure from its `exc_module` and `exc_type`, and makes up a class of that name (in
+    `celery.exceptions`) when it cannot import one, which no `except` of the real class catches."""
     try:
         value = result.get(timeout=timeout)
     except Exception as exc:  # the stored failure, rebuilt by Celery
         cls = type(exc)
         if cls is celery.exceptions.TimeoutError:
-            return "timeout"
+            return {"raised": "timeout (no result)", "caught": False}
         name = f"{cls.__module__}.{cls.__name__}"
-        real = getattr(sys.modules.get(cls.__module__), cls.__name__, None)
-        return name if real is cls else f"{name}, a class Celery made up (stored exc_module not importable)"
-    return f"no exception: {value!r}"
+        if getattr(sys.modules.get(cls.__module__), cls.__name__, None) is not cls:
+            name += " (a class Celery made up: the stored exc_module does not define it)"
+        return {"raised": name, "caught": isinstance(exc, resolve(expected))}
+    return {"raised": f"nothing: the result is {value!r}", "caught": False}
 
 
 def wait_revoked(worker, task_id):
@@ -139,24 +148,25 @@ def wait_revoked(worker, task_id):
     return False
 
 
-def exceptions(queue, worker):
+def exceptions(queue, worker, expected):
     got = {}
 
     revoked_id = f"revoked-{os.getpid()}-{time.time_ns()}"
     app.control.revoke(revoked_id)
     if wait_revoked(worker, revoked_id):
-        got["revoked"] = raised(app.send_task("add", args=[1, 1], queue=queue, task_id=revoked_id))
+        got["revoked"] = raised(app.send_task("add", args=[1, 1], queue=queue, task_id=revoked_id), expected["revoked"])
     else:
-        got["revoked"] = f"{worker} never listed {revoked_id} as revoked"
+        got["revoked"] = {"raised": f"nothing: {worker} never listed {revoked_id} as revoked", "caught": False}
 
     # Expired on arrival: a date in the past (Celery warns and sends it with a TTL of 0, which
     # RabbitMQ keeps for a consumer that is ready, as ours is).
     past = datetime.now(timezone.utc) - timedelta(seconds=30)
-    got["expired"] = raised(app.send_task("add", args=[1, 1], queue=queue, expires=past))
+    got["expired"] = raised(app.send_task("add", args=[1, 1], queue=queue, expires=past), expected["expired"])
 
-    got["time_limit"] = raised(app.send_task("sleep", args=[30000], queue=queue, time_limit=1))
-    got["unregistered"] = raised(app.send_task("no_such_task", args=[], queue=queue))
-    got["wrong_arguments"] = raised(app.send_task("add", args=[1], queue=queue))
+    limited = app.send_task("sleep", args=[30000], queue=queue, time_limit=1)
+    got["time_limit"] = raised(limited, expected["time_limit"])
+    got["unregistered"] = raised(app.send_task("no_such_task", args=[], queue=queue), expected["unregistered"])
+    got["wrong_arguments"] = raised(app.send_task("add", args=[1], queue=queue), expected["wrong_arguments"])
 
     header = [
         app.signature("add", args=(1, 1)).set(queue=queue),
@@ -165,7 +175,7 @@ def exceptions(queue, worker):
     body = chord(header)(app.signature("tsum").set(queue=queue))
     # The body's own result: `get()` on the handle chord() returns raises the failed member's
     # error first (it checks the header, its parent, before the body).
-    got["chord"] = raised(app.AsyncResult(body.id))
+    got["chord"] = raised(app.AsyncResult(body.id), expected["chord"])
     print(json.dumps(got))
 
 
@@ -188,7 +198,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "batch":
         batch(json.loads(sys.argv[2]))
     elif sys.argv[1] == "exceptions":
-        exceptions(sys.argv[2], sys.argv[3])
+        exceptions(sys.argv[2], sys.argv[3], json.loads(sys.argv[4]))
     elif sys.argv[1] == "link":
         link(sys.argv[2])
     else:

@@ -10,38 +10,49 @@
 //!    disable_events, heartbeat, pool_grow, pool_shrink, autoscale, add_consumer, cancel_consumer,
 //!    election, pool_restart), with the effect checked where there is one (a terminated task is
 //!    REVOKED, a grown pool is larger, an added queue is consumed, a time limit fails a task).
-//!    Then Python's `AsyncResult.get()` on our worker's expired, revoked, time-limited,
-//!    unregistered and wrong-argument tasks and on a chord with a failing member raises
-//!    `celery.exceptions.TaskRevokedError` (twice), `TimeLimitExceeded`, `NotRegistered`,
-//!    `builtins.TypeError` and `celery.exceptions.ChordError`. A Python worker stores nothing for
-//!    an unregistered task (its caller's `get()` times out); ours stores a FAILURE with Celery's
-//!    own `NotRegistered`, which is what we assert. A `link` callback sent from Python runs on our
-//!    worker and shows in the parent's `AsyncResult.children`; and the Python worker runs a
-//!    countdown task sent by our producer, not before its eta.
+//!    Where Celery answers an error for what a worker lacks (`autoscale` to a worker started
+//!    without `--autoscale`, `pool_restart`), ours must answer exactly as the Python worker does.
+//!    `celery result <id>` prints our result. Then Python's `AsyncResult.get()` on our worker's
+//!    revoked, expired, time-limited, unregistered and wrong-argument tasks and on a chord with a
+//!    failing member raises what `except celery.exceptions.TaskRevokedError` (twice),
+//!    `TimeLimitExceeded`, `NotRegistered`, `builtins.TypeError` and `ChordError` catch (the real
+//!    classes, not ones Celery makes up for an `exc_module` it cannot import). A Python worker
+//!    stores nothing for an unregistered task (its caller's `get()` times out); ours stores a
+//!    FAILURE with Celery's own `NotRegistered`, which is what we assert. A `link` callback sent
+//!    from Python runs on our worker and shows in the parent's `AsyncResult.children`; and the
+//!    Python worker runs a countdown task sent by our producer, not before its eta.
 //! 2. `flower_*`: Flower (started with `--enable_events=False`, so that it does not re-enable
 //!    events behind the test's back) lists our worker (`/api/workers?refresh=1` with stats,
 //!    active_queues, registered, conf), serves its page (`/worker/<name>`), the broker page and
 //!    `/api/queues/length`, our tasks (`/api/tasks`, `/task/<id>`, `/api/task/info/<id>`, a task
 //!    with wrong arguments ending FAILURE), and steers it through its API: revoke with
-//!    `terminate=true`, pool grow/shrink/autoscale, add/cancel consumer, rate limit and time limit.
-//!    `celery control disable_events` silences our task events (Flower never hears of a task run
-//!    meanwhile) and `enable_events` brings them back. On Redis the test takes a screenshot of the
-//!    worker page in headless Chromium (`tests/browser/flower.mjs`; saved as
-//!    `$CELERY_RS_SCREENSHOT_DIR/flower-worker.png` when that is set, which is how
-//!    `docs/flower-worker.png` is made). Last, `celery control shutdown` gets our worker's reply,
-//!    the process exits, and `celery events --dump` prints its worker-offline event.
+//!    `terminate=true`, pool grow/shrink, autoscale (refused as Celery refuses it by a worker
+//!    without `--autoscale`, applied by a second one started with `--autoscale 4,1`), add/cancel
+//!    consumer, rate limit and time limit. `celery control disable_events` silences our task
+//!    events (Flower never hears of a task run meanwhile) and `enable_events` brings them back. On
+//!    Redis the test takes a screenshot of the worker page in headless Chromium
+//!    (`tests/browser/flower.mjs`; saved as `$CELERY_RS_SCREENSHOT_DIR/flower-worker.png` when that
+//!    is set, which is how `docs/flower-worker.png` is made). Last, `celery control shutdown` gets
+//!    our worker's reply, the process exits, and `celery events --dump` prints its worker-offline
+//!    event.
 //! 3. `purge_*`: countdown tasks from our producer (no worker running) are removed by `celery purge
 //!    -f -Q <queue>`, which counts them, and none of them runs when our worker starts after.
 //!
 //! Failures are collected per test and reported together (each check also prints `ok` or `FAIL`
-//! as it goes), so one run shows everything our workers still answer differently.
+//! as it goes), so one run shows everything our workers still answer differently. A failure of
+//! the harness itself (a process that does not start, a Python script that fails) panics at once.
 //!
-//! Servers: each test uses database 9 of the test Redis (`celery_tests::TEST_DB`; `python_interop`
-//! owns 1-8 and 10-15, so none is free for a database per test) under a key prefix of its own,
-//! given to Kombu and to Celery's result backend as `global_keyprefix` (`CELERY_KEYPREFIX` in
-//! `tests/python/tools_app.py`) and to ours as `?global_keyprefix=`; the RabbitMQ tests use a vhost
-//! of their own, results in the same Redis database under a prefix. RabbitMQ's management plugin
-//! is not enabled here, so on RabbitMQ Flower's broker page and `/api/queues/length` list no
+//! The `celery` commands of one step run through `tools_app.py batch`: Celery's click entry point
+//! called in one Python process (the code `python -m celery -A tools_app ...` runs, without paying
+//! Python's start-up for each of some forty commands); `purge`, `events`, `flower`, `worker`,
+//! `shutdown` and `enable_events`/`disable_events` in the Flower test run as `python -m celery`.
+//!
+//! Servers: every test uses database 9 of the test Redis (`celery_tests::TEST_DB`, shared by the
+//! suites; `python_interop` owns 1-8 and 10-15) under a key prefix of its own, given to Kombu and to
+//! Celery's result backend as `global_keyprefix` (`CELERY_KEYPREFIX` in `tests/python/tools_app.py`)
+//! and to ours as `?global_keyprefix=`, so the six tests run in parallel; the RabbitMQ tests use a
+//! vhost of their own, results in the same Redis database under a prefix. RabbitMQ's management
+//! plugin is not enabled here, so on RabbitMQ Flower's broker page and `/api/queues/length` list no
 //! queues (Flower's behaviour for any worker): those checks assert only that they answer.
 
 use std::collections::BTreeSet;
@@ -359,11 +370,12 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
             cli(&["inspect", "stats", "--json", "-t", "10", "-d", &rs]),
             cli(&["control", "pool_shrink", "1", "--json", "-t", "10", "-d", &rs]),
             cli(&["inspect", "stats", "--json", "-t", "10", "-d", &both]),
-            cli(&["control", "autoscale", "4", "1", "--json", "-t", "10", "-d", &rs]),
+            cli(&["control", "autoscale", "4", "1", "--json", "-t", "10", "-d", &both]),
             add_ok,
             cli(&["control", "election", "--json", "-t", "10", "-d", &both]),
             json!({"broadcast": "election", "arguments": {"id": "e1", "topic": "tools", "action": null}, "destination": [rs]}),
             cli(&["control", "pool_restart", "--json", "-t", "10", "-d", &both]),
+            cli(&["result", waiting.id()]),
         ],
     );
     let r = |i: usize| reply_of(&steer[i], &rs);
@@ -385,9 +397,12 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
     c.check("control pool_shrink 1", r(9).and_then(|o| expect_eq(&o, &json!({"ok": "pool will shrink"}))));
     c.check("pool_shrink: stats shows 2", r(10).and_then(|o| expect_eq(&o["pool"]["max-concurrency"], &json!(2))));
     c.check(
+        "inspect stats (after tasks ran)",
+        both_ok(&(r(10), reply_of(&steer[10], &py))).and_then(|(o, p)| stats_shape(&o, &p, 2)),
+    );
+    c.check(
         "inspect stats: `total` counts by task name",
-        both_ok(&(r(10), reply_of(&steer[10], &py))).and_then(|(o, p)| {
-            stats_shape(&o, &p, 2)?;
+        r(10).and_then(|o| {
             let total = o["total"].as_object().ok_or_else(|| format!("`total` is not an object: {o}"))?;
             let known = registered.clone().unwrap_or_default();
             ensure(total.contains_key("add") && total.keys().all(|k| known.iter().any(|n| n == k)), || {
@@ -395,7 +410,11 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
             })
         }),
     );
-    c.check("control autoscale 4 1", r(11).and_then(|o| ok_containing(&o, "autoscale now max=4 min=1")));
+    // Started without --autoscale: Celery's answer is its error, the same as the Python worker's.
+    c.check(
+        "control autoscale 4 1 (no autoscaler: Celery's error)",
+        both_ok(&(r(11), reply_of(&steer[11], &py))).and_then(|(o, p)| expect_eq(&o, &p)),
+    );
     c.check(
         "control add_consumer <queue>",
         r(12).and_then(|o| expect_eq(&o, &json!({"ok": format!("add consumer {extraq}")}))),
@@ -409,7 +428,17 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
             .ok_or_else(|| format!("no reply from {rs}: {}", steer[14]))
             .and_then(|o| not_unknown(&o)),
     );
-    c.check("control pool_restart", r(15).and_then(|o| not_unknown(&o)));
+    c.check(
+        "control pool_restart (nothing to restart: Celery's error)",
+        both_ok(&(r(15), reply_of(&steer[15], &py))).and_then(|(o, p)| expect_eq(&o, &p)),
+    );
+
+    c.check(
+        "celery result <id>",
+        ensure(steer[16]["exit"] == 0 && steer[16]["stdout"].as_str().map(str::trim) == Some("2"), || {
+            format!("{}", steer[16])
+        }),
+    );
 
     let mut listed = Value::Null;
     let deadline = Instant::now() + EFFECT;
@@ -443,7 +472,15 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
 
     // Python callers: exceptions and children from our worker; our countdown on a Python worker.
     let script = |args: &[&str]| s.python(python, args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
-    let exceptions = script(&["tools_app.py", "exceptions", &ourq, &rs]);
+    let expected = json!({
+        "revoked": "celery.exceptions.TaskRevokedError",
+        "expired": "celery.exceptions.TaskRevokedError",
+        "time_limit": "celery.exceptions.TimeLimitExceeded",
+        "unregistered": "celery.exceptions.NotRegistered",
+        "wrong_arguments": "builtins.TypeError",
+        "chord": "celery.exceptions.ChordError",
+    });
+    let exceptions = script(&["tools_app.py", "exceptions", &ourq, &rs, &expected.to_string()]);
     let link = script(&["tools_app.py", "link", &ourq]);
     let countdown_from = chrono::Utc::now();
     let on_python =
@@ -467,17 +504,13 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
     );
 
     let got = script_json(exceptions.expect("start the exceptions script"));
-    for (case, class) in [
-        ("revoked", "celery.exceptions.TaskRevokedError"),
-        ("expired", "celery.exceptions.TaskRevokedError"),
-        ("time_limit", "celery.exceptions.TimeLimitExceeded"),
-        ("unregistered", "celery.exceptions.NotRegistered"),
-        ("wrong_arguments", "builtins.TypeError"),
-        ("chord", "celery.exceptions.ChordError"),
-    ] {
+    for (case, class) in expected.as_object().into_iter().flatten() {
         c.check(
-            &format!("Python get() on a {case} task raises {class}"),
-            got.clone().and_then(|g| expect_eq(&g[case], &json!(class))),
+            &format!(
+                "Python's get() on our {case} task raises what `except {}` catches",
+                class.as_str().unwrap_or_default()
+            ),
+            got.clone().and_then(|g| ensure(g[case]["caught"] == true, || format!("it raised {}", g[case]["raised"]))),
         );
     }
     c.check(
@@ -611,7 +644,7 @@ async fn flower(python: &Path, s: &Servers, screenshot: bool) {
     c.check("/api/task/info: a task of ours SUCCESS", state_becomes(done.id(), "SUCCESS", EFFECT));
     c.check(
         "/api/tasks lists it",
-        api_json("/api/tasks").and_then(|v| ensure(v.get(done.id()).is_some(), || format!("{}", clip(&v.to_string())))),
+        api_json("/api/tasks").and_then(|v| ensure(v.get(done.id()).is_some(), || clip(&v.to_string()))),
     );
     c.check("the task page /task/<id>", page(&format!("/task/{}", done.id()), done.id()));
     let bad = app.send(Signature::by_name("add").args(json!([1, 2, 3])).queue(&q)).await.expect("send");
@@ -663,14 +696,37 @@ async fn flower(python: &Path, s: &Servers, screenshot: bool) {
         post_ok(&format!("/api/worker/pool/shrink/{rs}?n=2"), "", &format!("Shrinking '{rs}' worker's pool by 2")),
     );
     c.check("pool shrunk through Flower: 2", expect_eq(&concurrency().await, &json!(2)));
+    // Autoscale: refused by a worker started without --autoscale, as Celery refuses it; applied by
+    // one started with it.
     c.check(
-        "POST /api/worker/pool/autoscale?min=1&max=3",
-        post_ok(
-            &format!("/api/worker/pool/autoscale/{rs}?min=1&max=3"),
-            "",
-            &format!("Autoscaling '{rs}' worker (min=1, max=3)"),
-        ),
+        "POST /api/worker/pool/autoscale to a worker without --autoscale: Celery's refusal",
+        web("POST", &format!("/api/worker/pool/autoscale/{rs}?min=1&max=3"), "").and_then(|(code, body)| {
+            ensure(code == 403 && body.contains("Autoscale not enabled"), || format!("HTTP {code}: {}", clip(&body)))
+        }),
     );
+    let scaled_name = format!("rs-{}@tools", short());
+    let scaled_queue = format!("{q}-scaled");
+    let scaled = s.our_worker(&["-E", "-n", &scaled_name, "-Q", &scaled_queue, "--autoscale", "4,1"]);
+    let autoscaled =
+        ensure(scaled.wait_log("worker ready", T), || format!("`worker --autoscale 4,1`: {}", scaled.log_tail()))
+            .and_then(|()| {
+                let mut listed = Value::Null;
+                let known = wait_until(T, || {
+                    listed =
+                        api_json(&format!("/api/workers?refresh=1&workername={scaled_name}")).unwrap_or(Value::Null);
+                    listed[&scaled_name]["stats"].is_object()
+                });
+                ensure(known, || format!("Flower does not list {scaled_name}: {listed}"))
+            })
+            .and_then(|()| {
+                post_ok(
+                    &format!("/api/worker/pool/autoscale/{scaled_name}?min=1&max=3"),
+                    "",
+                    &format!("Autoscaling '{scaled_name}' worker (min=1, max=3)"),
+                )
+            });
+    c.check("POST /api/worker/pool/autoscale?min=1&max=3 to a worker started with --autoscale 4,1", autoscaled);
+    drop(scaled);
     c.check(
         "POST /api/worker/queue/add-consumer",
         post_ok(&format!("/api/worker/queue/add-consumer/{rs}?queue={q2}"), "", &format!("add consumer {q2}")),
@@ -738,7 +794,13 @@ async fn flower(python: &Path, s: &Servers, screenshot: bool) {
         }),
     );
 
-    // Shutdown: a reply, the process ends, and the worker-offline event.
+    // Shutdown: a reply, the process ends, and the worker-offline event (Kombu subscribes on Redis
+    // only once it polls: the dump must have heard our worker before).
+    let ours_prefix = format!("{rs} [");
+    c.check(
+        "celery events hears our worker",
+        ensure(wait_until(T, || dump.log().lines().any(|l| l.starts_with(&ours_prefix))), || tail(&dump.log(), 15)),
+    );
     let out = s
         .python(python, &["-m", "celery", "-A", "tools_app", "control", "shutdown", "--json", "-t", "10", "-d", &rs])
         .output()
@@ -749,12 +811,11 @@ async fn flower(python: &Path, s: &Servers, screenshot: bool) {
     );
     let exited = ours.wait_exit(T);
     c.check("celery control shutdown: the worker exits", ensure(exited.is_some(), || ours.log_tail()));
-    let offline = format!("{rs} [");
     c.check(
         "celery events sees worker-offline",
         ensure(
-            wait_until(EFFECT, || dump.log().lines().any(|l| l.starts_with(&offline) && l.contains("] shutdown"))),
-            || clip(&dump.log()),
+            wait_until(EFFECT, || dump.log().lines().any(|l| l.starts_with(&ours_prefix) && l.contains("] shutdown"))),
+            || tail(&dump.log(), 15),
         ),
     );
     c.finish(|| {
@@ -785,7 +846,9 @@ fn screenshot_worker_page(port: u16, worker: &str) -> Result<(), String> {
     ensure(out.status.success(), || report.clone())?;
     ensure(png.starts_with(b"\x89PNG"), || format!("no screenshot: {report}"))?;
     if let Ok(keep) = std::env::var("CELERY_RS_SCREENSHOT_DIR") {
-        let to = PathBuf::from(keep).join("flower-worker.png");
+        let keep = PathBuf::from(keep);
+        std::fs::create_dir_all(&keep).map_err(|e| format!("{}: {e}", keep.display()))?;
+        let to = keep.join("flower-worker.png");
         std::fs::write(&to, &png).map_err(|e| format!("{}: {e}", to.display()))?;
         eprintln!("{SUITE}: saved {}", to.display());
     }
