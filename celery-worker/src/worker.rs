@@ -14,7 +14,11 @@
 //! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
 //!   again;
 //! - `expires` passed: REVOKED, acked, not run;
-//! - `eta` more than a second away: handed back to the broker's durable delay store (no slot held);
+//! - `eta` more than a second away: handed to the broker's durable delay store at once (stored there
+//!   before the delivery is acked), before any rate limit or wait, so it holds no slot and nothing
+//!   of it lives only in this worker; it comes back when due. An eta message is on its queue when
+//!   a Redis or RabbitMQ producer (ours or Python's) sent it, and after each hop of RabbitMQ's delay
+//!   levels;
 //! - otherwise (holding the concurrency slot it was taken with, so deliveries start in broker order)
 //!   it waits for its rate limit, runs, and its outcome is
 //!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
@@ -119,6 +123,8 @@ pub struct WorkerStats {
     pub requeued: AtomicU64,
     /// Redeliveries of tasks whose SUCCESS was already stored (acked, not run again).
     pub already_done: AtomicU64,
+    /// Deliveries whose eta was ahead, handed to the broker's delay store.
+    pub deferred: AtomicU64,
     /// Tasks running now.
     pub active: AtomicU64,
 }
@@ -427,17 +433,23 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _permit: OwnedSemaph
         let wait = (eta - now).to_std().unwrap_or_default();
         if wait > LOCAL_ETA_WAIT {
             tracing::debug!(%eta, "eta is ahead: held by the broker until due");
-            if w.config.track_started {
-                Box::pin(store(
-                    &w,
-                    &msg,
-                    entry,
-                    TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null),
-                ))
-                .await;
+            let received = w.config.track_started.then(|| {
+                task_meta(&w, &msg, entry, TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null))
+            });
+            if let Some(meta) = received.flatten() {
+                // Stored before the deferral, so it never lands after a state the run stores; one
+                // attempt only (no backoff): the message must not wait on an unreachable backend.
+                if let Err(e) = w.app.backend().store(&meta).await {
+                    tracing::warn!(error = %e, "could not store RECEIVED; deferring anyway");
+                }
             }
-            if let Err(e) = d.defer(&msg, eta).await {
-                tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout");
+            match d.defer(&msg, eta).await {
+                Ok(()) => {
+                    w.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not defer; the message comes back (to its queue, or after the visibility timeout)")
+                }
             }
             return;
         }
@@ -728,9 +740,17 @@ async fn finish(w: &Shared, d: Delivery, stored: bool) {
 }
 
 /// Stores a task's state unless it ignores results; false when it could not be stored.
-async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> bool {
+async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, meta: TaskMeta) -> bool {
+    match task_meta(w, msg, entry, meta) {
+        Some(meta) => store_meta(w, meta).await,
+        None => true,
+    }
+}
+
+/// `meta` with what the message and this worker say about the task; `None` when it ignores results.
+fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> Option<TaskMeta> {
     if msg.headers.ignore_result || (entry.options)().ignore_result {
-        return true;
+        return None;
     }
     meta.name = Some(entry.name.to_owned());
     meta.retries = Some(msg.headers.retries);
@@ -738,7 +758,7 @@ async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: T
     meta.parent_id = msg.headers.parent_id.clone();
     meta.group_id = msg.headers.group.clone();
     meta.reply_to = msg.properties.reply_to.clone();
-    store_meta(w, meta).await
+    Some(meta)
 }
 
 /// Stores a state, retrying connection errors with backoff (a result is not given up lightly).
