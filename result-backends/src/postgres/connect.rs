@@ -54,7 +54,19 @@ pub fn classify(e: &tokio_postgres::Error) -> Fault {
 pub fn backend_error(e: tokio_postgres::Error) -> BackendError {
     let text = match e.as_db_error() {
         Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => e.to_string(),
+        None => {
+            // The driver's message is short ("error performing TLS handshake"): add its causes.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                let s_text = s.to_string();
+                if !text.contains(&s_text) {
+                    text = format!("{text}: {s_text}");
+                }
+                source = s.source();
+            }
+            text
+        }
     };
     match classify(&e) {
         Fault::Retryable => BackendError::Connection(format!("postgresql: {text}")),

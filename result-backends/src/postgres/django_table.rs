@@ -53,9 +53,10 @@ CREATE TRIGGER celery_rs_notify AFTER INSERT OR UPDATE ON django_celery_results_
 ",
 }];
 
-/// Expiry (django-celery-results' `delete_expired`): `$1` seconds, `$2` batch.
-pub(crate) const EXPIRY: &str = "DELETE FROM django_celery_results_taskresult WHERE id IN (SELECT id FROM \
-     django_celery_results_taskresult WHERE date_done < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)";
+/// Expiry (django-celery-results' `delete_expired`): `$1` seconds, `$2` batch; returns the count.
+pub(crate) const EXPIRY: &str = "WITH gone AS (DELETE FROM django_celery_results_taskresult WHERE id IN (SELECT id FROM \
+     django_celery_results_taskresult WHERE date_done < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) \
+     RETURNING 1) SELECT count(*) FROM gone";
 
 /// Fails with Django's advice when the table is missing.
 pub(crate) async fn require(c: &Object) -> Result<(), BackendError> {
@@ -95,7 +96,7 @@ impl DjangoTable {
             "task_name",
             "worker",
         ];
-        let mut values = vec!["$1", "$2", "'application/json'", "'utf-8'", "$3", "$4", "$5", "$6", "$7", "$8"];
+        let mut values = vec!["$1", "$2::varchar", "'application/json'", "'utf-8'", "$3", "$4", "$5", "$6", "$7", "$8"];
         let mut updates: Vec<String> = cols[1..].iter().map(|c| format!("{c} = EXCLUDED.{c}")).collect();
         if has("date_created") {
             cols.push("date_created");
@@ -103,7 +104,7 @@ impl DjangoTable {
         }
         if has("date_started") {
             cols.push("date_started");
-            values.push("CASE WHEN $2 = 'STARTED' THEN now() END");
+            values.push("CASE WHEN $2::varchar = 'STARTED' THEN now() END");
             updates.push("date_started = coalesce(EXCLUDED.date_started, t.date_started)".into());
         }
         let upsert = format!(

@@ -15,17 +15,20 @@ pub(crate) const BATCH: i64 = 1000;
 /// The most batches per table in one sweep (the next sweep goes on).
 const MAX_BATCHES: usize = 1000;
 
-/// Our tables' expiry statements: `$1` the expiry in seconds, `$2` the batch size.
+/// Our tables' expiry statements: `$1` the expiry in seconds, `$2` the batch size; each returns
+/// the rows it deleted (chords counted, not their members).
 const OURS: &[&str] = &[
     "WITH gone AS (DELETE FROM celery_rs_chord WHERE group_id IN (SELECT group_id FROM celery_rs_chord \
-     WHERE updated_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING group_id) \
-     DELETE FROM celery_rs_chord_member WHERE group_id IN (SELECT group_id FROM gone)",
-    "DELETE FROM celery_rs_idempotency WHERE key IN (SELECT key FROM celery_rs_idempotency \
-     WHERE expires_at < clock_timestamp() AND $1::float8 >= 0 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+     WHERE updated_at < now() - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING group_id), \
+     members AS (DELETE FROM celery_rs_chord_member WHERE group_id IN (SELECT group_id FROM gone)) \
+     SELECT count(*) FROM gone",
+    "WITH gone AS (DELETE FROM celery_rs_idempotency WHERE key IN (SELECT key FROM celery_rs_idempotency \
+     WHERE expires_at < clock_timestamp() AND $1::float8 >= 0 LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+     SELECT count(*) FROM gone",
 ];
 
-/// Runs `statements` (each `$1` seconds, `$2` batch) until each deletes less than a batch; returns
-/// the rows deleted.
+/// Runs `statements` (each `$1` seconds, `$2` batch, returning `count(*)` of the rows it deleted)
+/// until each deletes less than a batch; returns the rows deleted.
 pub(crate) async fn sweep(pool: &Pool, statements: &[&str], expires: Duration) -> Result<u64, BackendError> {
     let c = pool.get().await.map_err(pool_error)?;
     let secs = expires.as_secs_f64();
@@ -33,9 +36,9 @@ pub(crate) async fn sweep(pool: &Pool, statements: &[&str], expires: Duration) -
     for sql in statements.iter().chain(OURS) {
         let stmt = c.prepare_cached(sql).await.map_err(backend_error)?;
         for _ in 0..MAX_BATCHES {
-            let n = c.execute(&stmt, &[&secs, &BATCH]).await.map_err(backend_error)?;
-            total += n;
-            if n < BATCH as u64 {
+            let n: i64 = c.query_one(&stmt, &[&secs, &BATCH]).await.map_err(backend_error)?.get(0);
+            total += n.max(0) as u64;
+            if n < BATCH {
                 break;
             }
         }

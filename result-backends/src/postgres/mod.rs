@@ -81,14 +81,16 @@ enum Table {
 }
 
 impl Table {
-    /// Expiry statements: `$1` seconds, `$2` batch size.
+    /// Expiry statements: `$1` seconds, `$2` batch size; each returns the rows it deleted.
     fn expiry(&self) -> Vec<&'static str> {
         match self {
             Table::Celery(_) => vec![
-                "DELETE FROM celery_taskmeta WHERE id IN (SELECT id FROM celery_taskmeta WHERE date_done < \
-                 (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                "DELETE FROM celery_tasksetmeta WHERE id IN (SELECT id FROM celery_tasksetmeta WHERE date_done < \
-                 (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                "WITH gone AS (DELETE FROM celery_taskmeta WHERE id IN (SELECT id FROM celery_taskmeta WHERE date_done < \
+                 (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+                 SELECT count(*) FROM gone",
+                "WITH gone AS (DELETE FROM celery_tasksetmeta WHERE id IN (SELECT id FROM celery_tasksetmeta WHERE \
+                 date_done < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING 1) SELECT count(*) FROM gone",
             ],
             Table::Django(_) => vec![django_table::EXPIRY],
         }
