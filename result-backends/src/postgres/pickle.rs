@@ -255,7 +255,7 @@ impl Reader<'_> {
     }
 
     fn set_items(&mut self, dict: usize, items: Vec<usize>) -> Result<(), PickleError> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(self.malformed("odd number of items for a dict"));
         }
         let pairs: Vec<(usize, usize)> = items.chunks(2).map(|p| (p[0], p[1])).collect();
