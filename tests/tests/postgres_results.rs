@@ -121,6 +121,24 @@ async fn tables_are_celerys_and_migrations_run_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_are_never_printed() {
+    // Nothing listens on port 1: the connection fails, and neither the error nor the URL shows it.
+    let url = "db+postgresql://postgres:s3cretpw@127.0.0.1:1/test?connect_timeout=2";
+    let e = PostgresBackend::connect(url).await.unwrap_err();
+    assert!(e.is_retryable(), "{e:?}");
+    let e = format!("{e} {e:?}");
+    assert!(!e.contains("s3cretpw"), "{e}");
+    let e = PostgresBackend::connect("db+postgresql://postgres:s3cretpw@127.0.0.1:1/test?nope=1").await.unwrap_err();
+    let e = format!("{e} {e:?}");
+    assert!(e.contains("postgres:***@127.0.0.1:1") && !e.contains("s3cretpw"), "{e}");
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = PostgresBackend::connect(&schema.url("db+postgresql", "").replace("postgres@", "postgres:s3cretpw@"))
+        .await
+        .unwrap();
+    assert!(!format!("{b:?}").contains("s3cretpw"), "{b:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_celery_5_6_table_is_adopted_as_it_is() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
     schema
