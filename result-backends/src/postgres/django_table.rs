@@ -205,7 +205,7 @@ mod tests {
             ["id", "task_id", "date_created", "date_started"].iter().map(|s| s.to_string()).collect();
         let t = DjangoTable::new(&cols);
         assert!(
-            t.upsert.contains("date_created, date_started) VALUES ($1, $2, 'application/json', 'utf-8'"),
+            t.upsert.contains("date_created, date_started) VALUES ($1, $2::varchar, 'application/json', 'utf-8'"),
             "{}",
             t.upsert
         );
