@@ -719,6 +719,22 @@ mod tests {
         assert!(matches!(e, PickleError::TooLarge(_)), "{e}");
     }
 
+    /// The fuzz target's corpus (`fuzz/corpus/pickle`) and any crash it saved
+    /// (`fuzz/artifacts/pickle`): each input gives a value or an error, never a panic.
+    #[test]
+    fn fuzz_corpus_replays() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz");
+        let mut n = 0;
+        for dir in [root.join("corpus/pickle"), root.join("artifacts/pickle")] {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let data = std::fs::read(entry.path()).unwrap();
+                let _ = loads(&data, &Limits { max_items: 100_000, ..Limits::default() });
+                n += 1;
+            }
+        }
+        assert!(n >= 60, "the seed corpus is missing: {n} inputs");
+    }
+
     proptest::proptest! {
         /// Any bytes: an error or a value, never a panic; refused opcodes never pass.
         #[test]
