@@ -2,7 +2,8 @@
 //! (`python_interop`, `celery_tools`).
 //!
 //! [`venv`] installs [`REQUIREMENTS`] once into a virtualenv at `$HOME/.cache/celery-rs-test-venv`
-//! and reuses it while `import celery, redis, flower` works there; otherwise it recreates it. When
+//! and reuses it while `import celery, redis, flower, sqlalchemy, psycopg2, psycopg` works there;
+//! otherwise it installs what is missing into it, and recreates it only when that fails. When
 //! that fails, [`venv_or_skip`] prints why and the suite is skipped, or fails under
 //! `CELERY_REQUIRE_SERVICES=1`. [`command`] runs that Python in `tests/python/` (the apps and
 //! scripts the suites use); [`Service`] keeps a long-running one (a worker, Flower, an event dump)
@@ -16,11 +17,19 @@ use std::time::Duration;
 
 use crate::{services_required, wait_until};
 
-/// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery).
-pub const REQUIREMENTS: &[&str] = &["celery[redis]>=5.3,<6", "flower>=2,<3"];
+/// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery). SQLAlchemy
+/// and a PostgreSQL driver serve Celery's database result backend (`db+postgresql://`, which
+/// SQLAlchemy 2.1 reads with psycopg 3; `db+postgresql+psycopg2://` with psycopg2).
+pub const REQUIREMENTS: &[&str] = &[
+    "celery[redis]>=5.3,<6",
+    "flower>=2,<3",
+    "sqlalchemy>=2,<3",
+    "psycopg2-binary>=2.9,<3",
+    "psycopg[binary]>=3.1,<4",
+];
 
 /// The imports that prove the virtualenv is complete.
-const IMPORTS: &str = "import celery, redis, flower";
+const IMPORTS: &str = "import celery, redis, flower, sqlalchemy, psycopg2, psycopg";
 
 /// The virtualenv's Python with [`REQUIREMENTS`] importable, installed at most once per test binary.
 pub fn venv() -> Result<&'static Path, &'static String> {
@@ -47,6 +56,14 @@ fn install() -> Result<PathBuf, String> {
     let venv = home.join(".cache").join("celery-rs-test-venv");
     let python = venv.join("bin").join("python");
     if imports(&python) {
+        return Ok(python);
+    }
+    // An older virtualenv lacks a requirement added since: install into it, without removing it
+    // from under another suite that may be using it.
+    if python.exists()
+        && run(Command::new(&python).args(["-m", "pip", "install", "-q"]).args(REQUIREMENTS)).is_ok()
+        && imports(&python)
+    {
         return Ok(python);
     }
     run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
