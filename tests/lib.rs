@@ -4,6 +4,12 @@
 //! Every Redis test uses its own key prefix (Kombu's `global_keyprefix`), so tests run in parallel.
 //! When Redis is not reachable, a test prints that it was skipped and why, unless
 //! `CELERY_REQUIRE_SERVICES=1` (set by `.ci/run`), where it fails.
+//!
+//! [`python`] installs Python Celery and Flower for the suites that run them against ours;
+//! [`browser`] installs headless Chromium for the suites that look at web pages.
+
+pub mod browser;
+pub mod python;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,7 +17,8 @@ use std::time::{Duration, Instant};
 
 /// The Redis server the suites use.
 pub const REDIS: &str = "redis://127.0.0.1:6379";
-/// The database the suites use (Python interop tests use 7, 8 and 10-13 of their own).
+/// The database the suites use, each test under a key prefix of its own (`python_interop` uses
+/// databases 1-8 and 10-15 of its own).
 pub const TEST_DB: u8 = 9;
 
 /// True when the run must not skip a suite for a missing server.
@@ -456,4 +463,96 @@ macro_rules! each_broker {
             )*
         }
     };
+}
+
+/// The PostgreSQL server and database the suites use (trust authentication).
+pub const POSTGRES: &str = "postgres@127.0.0.1:5432/test";
+
+/// Runs `sql` (several statements) on the test database and returns the rows they give, as text
+/// (NULL as None), from a thread of its own so that sync and async tests alike can call it.
+pub fn postgres_query(sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+    let sql = sql.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let mut cfg: tokio_postgres::Config =
+                format!("postgresql://{POSTGRES}").parse().map_err(|e: tokio_postgres::Error| e.to_string())?;
+            cfg.connect_timeout(Duration::from_secs(3));
+            let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+            let driver = tokio::spawn(conn);
+            let r = client
+                .simple_query(&sql)
+                .await
+                .map_err(|e| e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_owned()));
+            drop(client);
+            let _ = driver.await;
+            Ok(r?
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => {
+                        Some((0..row.len()).map(|i| row.get(i).map(str::to_owned)).collect())
+                    }
+                    _ => None,
+                })
+                .collect())
+        })
+    })
+    .join()
+    .map_err(|_| "the PostgreSQL helper thread panicked".to_owned())?
+}
+
+/// Runs `sql` (several statements) on the test database.
+pub fn postgres_exec(sql: &str) -> Result<(), String> {
+    postgres_query(sql).map(drop)
+}
+
+/// Checks that PostgreSQL answers; prints a skip line (or panics under `CELERY_REQUIRE_SERVICES=1`).
+pub fn postgres_available(suite: &str) -> bool {
+    match postgres_exec("SELECT 1") {
+        Ok(()) => true,
+        Err(e) if services_required() => panic!("{suite}: PostgreSQL at {POSTGRES} is not reachable: {e}"),
+        Err(e) => {
+            eprintln!("SKIPPED {suite}: PostgreSQL at {POSTGRES} is not reachable ({e})");
+            false
+        }
+    }
+}
+
+/// A schema of its own in the test database, dropped with everything in it on drop: each test's
+/// tables live there (the URL's `options=-csearch_path=...`), so tests run in parallel.
+#[derive(Debug)]
+pub struct PgSchema(pub String);
+
+impl PgSchema {
+    /// A fresh schema, or None (skipped) without PostgreSQL.
+    pub fn new(suite: &str) -> Option<PgSchema> {
+        if !postgres_available(suite) {
+            return None;
+        }
+        let name = format!("t{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        postgres_exec(&format!("CREATE SCHEMA {name}")).expect("create schema");
+        Some(PgSchema(name))
+    }
+
+    /// `SCHEME://postgres@127.0.0.1:5432/test?options=-csearch_path%3D<schema>[&query]`.
+    pub fn url(&self, scheme: &str, query: &str) -> String {
+        let sep = if query.is_empty() { "" } else { "&" };
+        format!("{scheme}://{POSTGRES}?options=-csearch_path%3D{}{sep}{query}", self.0)
+    }
+
+    /// Runs `sql` with this schema first in the search path.
+    pub fn exec(&self, sql: &str) -> Result<(), String> {
+        self.query(sql).map(drop)
+    }
+
+    /// Runs `sql` with this schema first in the search path; the rows as text.
+    pub fn query(&self, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        postgres_query(&format!("SET search_path TO {}; {sql}", self.0))
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let _ = postgres_exec(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+    }
 }

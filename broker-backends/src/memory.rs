@@ -1,5 +1,11 @@
 //! `memory://`: an in-process broker for unit tests. Nothing survives the process.
 //!
+//! ETA: a message published with an eta in the future goes straight into the broker's delayed list
+//! and onto its queue when due. This broker is never shared with Python Celery, so it need not put
+//! the message on its queue with its `eta` header (as Redis and RabbitMQ do): this is the place a
+//! worker would defer it to at once, without the hop. `purge` removes a queue's waiting and
+//! delayed messages.
+//!
 //! ```
 //! # tokio_test_block(async {
 //! use celery_core::{Broker, protocol::Message, routing::Route, Signature};
@@ -105,10 +111,13 @@ impl Broker for MemoryBroker {
         }))
     }
 
+    /// Removes the queue's waiting messages and its delayed ones; leased deliveries stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut st = self.inner.lock();
-        let n = st.queues.remove(queue).map(|q| q.len()).unwrap_or(0);
-        Ok(n as u64)
+        let ready = st.queues.remove(queue).map_or(0, |q| q.len());
+        let before = st.delayed.len();
+        st.delayed.retain(|(_, q, _)| q != queue);
+        Ok((ready + before - st.delayed.len()) as u64)
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -256,6 +265,29 @@ mod tests {
 
     fn msg(i: i64) -> Message {
         Message::from_signature(&Signature::by_name("t").args(serde_json::json!([i]))).unwrap()
+    }
+
+    #[tokio::test]
+    async fn purge_removes_waiting_and_delayed_messages_of_its_queue_only() {
+        let broker = MemoryBroker::default();
+        let later = |i| {
+            let mut m = msg(i);
+            m.headers.eta = Some(Utc::now() + chrono::Duration::seconds(60));
+            m
+        };
+        broker.publish(&Route::queue("q"), &msg(1)).await.unwrap();
+        broker.publish(&Route::queue("q"), &later(2)).await.unwrap();
+        broker.publish(&Route::queue("other"), &later(3)).await.unwrap();
+        assert_eq!(broker.queue_len("q").await.unwrap(), 1, "the delayed one is not ready");
+        // A delivery deferred by a consumer is in the delayed list too.
+        let mut c = broker.consume(&["q".to_string()], 1).await.unwrap();
+        let mut d = c.next().await.unwrap();
+        let m = d.take_message().unwrap();
+        d.defer(&m, Utc::now() + chrono::Duration::seconds(60)).await.unwrap();
+        assert_eq!(broker.purge("q").await.unwrap(), 2);
+        assert_eq!(broker.purge("q").await.unwrap(), 0);
+        assert_eq!(broker.purge("other").await.unwrap(), 1);
+        assert!(broker.inner.lock().delayed.is_empty());
     }
 
     #[tokio::test]

@@ -259,7 +259,7 @@ impl TaskMeta {
         let mut m = TaskMeta::new(
             task_id,
             status,
-            json!({"exc_type": err.exc_type(), "exc_message": [err.message()], "exc_module": "celery_rs"}),
+            json!({"exc_type": err.exc_type(), "exc_message": [err.message()], "exc_module": err.exc_module()}),
         );
         m.traceback = Some(err.traceback().map(str::to_owned).unwrap_or_else(|| err.to_string()));
         m
@@ -311,6 +311,12 @@ mod tests {
         let v: Value = serde_json::from_slice(&m.to_vec()).unwrap();
         assert_eq!(v["result"]["exc_type"], "ValueError");
         assert_eq!(v["result"]["exc_message"], json!(["bad"]));
+        assert_eq!(v["result"]["exc_module"], "builtins");
         assert!(v["date_done"].is_string());
+        // Celery's own exceptions name Celery's module, so Python raises the real class.
+        let m = TaskMeta::error("x", TaskState::Revoked, &TaskError::new("TaskRevokedError", "revoked"));
+        assert_eq!(m.result["exc_module"], "celery.exceptions");
+        let m = TaskMeta::error("x", TaskState::Failure, &TaskError::new("ParseIntError", "x"));
+        assert_eq!(m.result["exc_module"], "celery_rs");
     }
 }

@@ -3,8 +3,15 @@
 //! Delivery guarantees every broker gives the worker:
 //! - A delivery stays invisible to other consumers until it is settled (ack, requeue, defer,
 //!   dead-letter) or its consumer dies (then it comes back; at-least-once).
-//! - A message published with an `eta` in the future is held durably by the broker and delivered
-//!   when due; it occupies no consumer and survives every worker stopping.
+//! - A message published with an `eta` in the future is stored durably and runs no earlier than
+//!   its eta, whether or not a worker is running, and survives every worker stopping. On the brokers
+//!   Python Celery shares (Redis, RabbitMQ) it is put on its queue like any other, with its `eta`
+//!   header as Celery sends it, so a Python worker can run it; a consumer of ours that takes it
+//!   before it is due hands it to the broker's durable delay store with [`Delivery::defer`] (stored
+//!   there before the delivery is acked: a crash in between leaves a duplicate at worst, never a
+//!   loss), where it occupies no consumer until due. Brokers no Python worker reads (the built-in
+//!   log, memory) may keep it in that delay store from the start.
+//! - [`Broker::purge`] removes what waits for a queue, on its queue and in its delay store.
 //! - `consume(.., prefetch)` never has more than `prefetch` unsettled deliveries out.
 
 use std::fmt::Debug;
@@ -65,10 +72,20 @@ pub trait Broker: Send + Sync + Debug {
         self.consume(queues, prefetch).await
     }
 
-    /// Deletes every ready message of `queue`; returns how many.
+    /// Deletes every message waiting for `queue`: the ready ones and those its delay store holds
+    /// (eta messages published or deferred there); returns how many in all. Leased (unsettled)
+    /// deliveries stay: acked, they are done; returned, they are queued again.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), celery_core::BrokerError> {
+    /// let removed = broker.purge("celery").await?;
+    /// println!("purged {removed} messages from celery");
+    /// # Ok(()) }
+    /// ```
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
 
-    /// Ready messages in `queue` (not delayed, not leased).
+    /// Messages waiting on `queue`: neither leased nor held in its delay store. An eta message on
+    /// its queue (as Redis and RabbitMQ keep it until a worker defers it) counts.
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError>;
 
     /// The oldest messages waiting in `queue`, oldest first, at most `max` of them, each decoded
@@ -214,7 +231,10 @@ pub trait Settle: Send + Sync + Debug {
     async fn ack(&self) -> Result<(), BrokerError>;
     /// Give it back to its queue now, for any consumer.
     async fn requeue(&self) -> Result<(), BrokerError>;
-    /// Hold `msg` (the delivered message, possibly changed) durably until `until`, and ack this delivery.
+    /// Hold `msg` (the delivered message, possibly changed) durably until `until` in the broker's
+    /// delay store, then ack this delivery: stored before acked (or both in one atomic step), so a
+    /// failure between them leaves a duplicate at worst, never a loss. [`Broker::purge`] of the
+    /// delivery's queue removes it.
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError>;
     /// Copy the raw payload to the queue's dead-letter queue with `reason`, and ack this delivery.
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError>;

@@ -169,6 +169,22 @@ impl TaskError {
         &self.exc_type
     }
 
+    /// The Python module that defines this exception type, as stored in a result's `exc_module`,
+    /// so that Python's `AsyncResult.get()` raises the real class (`except TaskRevokedError`
+    /// works): `celery.exceptions` for Celery's own exceptions, `builtins` for Python's built-in
+    /// ones (`TypeError` for arguments that do not fit), and `celery_rs` for any other type name
+    /// (Python then makes up a class of that name).
+    ///
+    /// ```
+    /// use celery_core::TaskError;
+    /// assert_eq!(TaskError::new("TaskRevokedError", "revoked").exc_module(), "celery.exceptions");
+    /// assert_eq!(TaskError::invalid_arguments("missing x").exc_module(), "builtins");
+    /// assert_eq!(TaskError::new("ParseIntError", "x").exc_module(), "celery_rs");
+    /// ```
+    pub fn exc_module(&self) -> &'static str {
+        exception_module(&self.exc_type)
+    }
+
     /// The message.
     pub fn message(&self) -> &str {
         &self.message
@@ -177,6 +193,62 @@ impl TaskError {
     /// The traceback, if any.
     pub fn traceback(&self) -> Option<&str> {
         self.traceback.as_deref()
+    }
+}
+
+/// Celery's exception classes (`celery.exceptions`, which re-exports billiard's time limits).
+const CELERY_EXCEPTIONS: &[&str] = &[
+    "TaskRevokedError",
+    "TimeLimitExceeded",
+    "SoftTimeLimitExceeded",
+    "WorkerLostError",
+    "Terminated",
+    "NotRegistered",
+    "ChordError",
+    "MaxRetriesExceededError",
+    "InvalidTaskError",
+    "QueueNotFound",
+    "Retry",
+    "Reject",
+    "Ignore",
+    "TaskError",
+    "CeleryError",
+];
+
+/// Python's built-in exceptions that take one message argument (so `cls(message)` rebuilds them).
+const PYTHON_BUILTINS: &[&str] = &[
+    "Exception",
+    "ArithmeticError",
+    "AssertionError",
+    "AttributeError",
+    "ConnectionError",
+    "EOFError",
+    "FileExistsError",
+    "FileNotFoundError",
+    "IndexError",
+    "KeyError",
+    "LookupError",
+    "MemoryError",
+    "NotImplementedError",
+    "OSError",
+    "OverflowError",
+    "PermissionError",
+    "RecursionError",
+    "RuntimeError",
+    "TimeoutError",
+    "TypeError",
+    "ValueError",
+    "ZeroDivisionError",
+];
+
+/// The Python module of the exception type `exc_type` (see [`TaskError::exc_module`]).
+pub fn exception_module(exc_type: &str) -> &'static str {
+    if CELERY_EXCEPTIONS.contains(&exc_type) {
+        "celery.exceptions"
+    } else if PYTHON_BUILTINS.contains(&exc_type) {
+        "builtins"
+    } else {
+        "celery_rs"
     }
 }
 

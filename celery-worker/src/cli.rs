@@ -57,7 +57,7 @@ pub enum Command {
     Send(SendArgs),
     /// Show (or wait for) a task's state and result.
     Result(ResultArgs),
-    /// Delete every waiting message of some queues.
+    /// Delete every message waiting for some queues, delayed (eta) ones included; print how many.
     Purge(PurgeArgs),
     /// List the tasks registered in this binary.
     Tasks,

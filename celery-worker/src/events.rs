@@ -6,7 +6,8 @@
 //! Celery's do without `-E`. A worker started with `-E`
 //! ([`WorkerConfig::events`](crate::WorkerConfig::events)), or told `enable_events` by remote
 //! control, also sends for each task `task-received`, `task-started`, then `task-succeeded`,
-//! `task-failed`, `task-retried` or `task-revoked`. Events are best effort: sent in the background,
+//! `task-failed`, `task-retried` or `task-revoked` (`task-failed` also for a message rejected as
+//! bad input). Events are best effort: sent in the background,
 //! dropped (and counted) when the broker cannot keep up, never slowing a task down. Their `clock`
 //! is the worker's Lamport clock ([`LamportClock`]), the one `inspect clock` reports.
 //!

@@ -4,7 +4,7 @@
 
 use celery_core::protocol::Message;
 use celery_core::{App, Signature};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 
 /// After a success: `embed.chain` (kept reversed, as Celery does) and `embed.callbacks`, sent
 /// by [`send_all`] with the result.
@@ -31,8 +31,17 @@ pub(crate) async fn on_failure(app: &App, msg: &Message) {
     send_all(app, errbacks, &id, &msg.headers.id, msg.headers.root_id.as_deref()).await;
 }
 
-/// Sends `sigs` with `first` as their first argument (unless immutable).
-pub(crate) async fn send_all(app: &App, sigs: Vec<Signature>, first: &Value, parent: &str, root: Option<&str>) {
+/// Sends `sigs` with `first` as their first argument (unless immutable). Returns the sent tasks
+/// as Celery records them in the parent's `children` (`[[id, null], null]` each), so that
+/// Python's `AsyncResult.children` lists the chain's next step and the callbacks.
+pub(crate) async fn send_all(
+    app: &App,
+    sigs: Vec<Signature>,
+    first: &Value,
+    parent: &str,
+    root: Option<&str>,
+) -> Vec<Value> {
+    let mut children = Vec::with_capacity(sigs.len());
     for mut sig in sigs {
         if !sig.immutable {
             sig.args.insert(0, first.clone());
@@ -40,10 +49,12 @@ pub(crate) async fn send_all(app: &App, sigs: Vec<Signature>, first: &Value, par
         sig.options.parent_id = Some(parent.to_owned());
         sig.options.root_id = root.map(str::to_owned);
         let name = sig.task.clone();
-        if let Err(e) = app.send(sig).await {
-            tracing::error!(error = %e, next = %name, "could not send the next task of a workflow");
+        match app.send(sig).await {
+            Ok(sent) => children.push(json!([[sent.id(), null], null])),
+            Err(e) => tracing::error!(error = %e, next = %name, "could not send the next task of a workflow"),
         }
     }
+    children
 }
 
 fn signatures(list: Option<&Value>, what: &str) -> Vec<Signature> {

@@ -7,13 +7,18 @@
 //!   allows once encoded): never decoded (on Redis never even read: the broker dead-letters it
 //!   while fetching);
 //! - undecodable (headers that do not parse but name an id included), unregistered task, or
-//!   arguments that do not fit: never run; FAILURE stored (when the id is known) and the message
+//!   arguments that do not fit: never run; FAILURE stored (when the id is known: Celery's
+//!   `InvalidTaskError`, `NotRegistered` or Python's `TypeError`), `task-failed` sent, and the message
 //!   dead-lettered to `<queue>.dead` with the reason; nothing it carries is acted on (no callbacks,
 //!   errbacks, chain steps or chord counts);
 //! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
 //!   again;
 //! - `expires` passed: REVOKED, acked, not run;
-//! - `eta` more than a second away: handed back to the broker's durable delay store (no slot held);
+//! - `eta` more than a second away: handed to the broker's durable delay store at once (stored there
+//!   before the delivery is acked), before any rate limit or wait, so it holds no slot and nothing
+//!   of it lives only in this worker; it comes back when due. An eta message is on its queue when
+//!   a Redis or RabbitMQ producer (ours or Python's) sent it, and after each hop of RabbitMQ's delay
+//!   levels;
 //! - otherwise (holding the concurrency slot it was taken with, so deliveries start in broker order)
 //!   it waits for its rate limit, runs, and its outcome is
 //!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
@@ -155,6 +160,8 @@ pub struct WorkerStats {
     pub requeued: AtomicU64,
     /// Redeliveries of tasks whose SUCCESS was already stored (acked, not run again).
     pub already_done: AtomicU64,
+    /// Deliveries whose eta was ahead, handed to the broker's delay store.
+    pub deferred: AtomicU64,
     /// Tasks running now.
     pub active: AtomicU64,
 }
@@ -456,16 +463,16 @@ async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot) {
     let limit = max_encoded_size(w.app.config().max_message_size);
     if let Some(size) = d.size().filter(|s| *s > limit) {
         // Never decoded: its size alone rejects it (its id is known when the broker read it apart).
-        let reason = ProtocolError::TooLarge { size, limit }.to_string();
+        let err = TaskError::new(INVALID_TASK, ProtocolError::TooLarge { size, limit }.to_string());
         let known = d.decoded_error().cloned();
-        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &reason)).await;
+        Box::pin(reject(&w, d, known.as_ref().and_then(Rejected::named_by), &err)).await;
         return;
     }
     let msg = match d.take_message() {
         Ok(m) => m,
         Err(e) => {
-            let reason = format!("undecodable message: {e}");
-            Box::pin(reject(&w, d, Rejected::named_by(&e), &reason)).await;
+            let err = TaskError::new(INVALID_TASK, format!("undecodable message: {e}"));
+            Box::pin(reject(&w, d, Rejected::named_by(&e), &err)).await;
             return;
         }
     };
@@ -499,14 +506,15 @@ async fn woken(rx: oneshot::Receiver<()>) {
 async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
     let msg = Arc::new(msg);
     let Some(entry) = registry::lookup(&msg.headers.task) else {
-        let reason = format!("unregistered task `{}`", msg.headers.task);
-        Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await;
+        let err = TaskError::new("NotRegistered", format!("unregistered task `{}`", msg.headers.task));
+        Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
         return;
     };
     let body = match msg.body() {
         Ok(b) => b,
         Err(e) => {
-            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &format!("undecodable body: {e}"))).await;
+            let err = TaskError::new(INVALID_TASK, format!("undecodable body: {e}"));
+            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
             return;
         }
     };
@@ -542,19 +550,23 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
         let wait = (eta - now).to_std().unwrap_or_default();
         if wait > LOCAL_ETA_WAIT {
             tracing::debug!(%eta, "eta is ahead: held by the broker until due");
-            if w.config.track_started {
-                Box::pin(store(
-                    &w,
-                    &msg,
-                    entry,
-                    TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null),
-                ))
-                .await;
+            let received = w.config.track_started.then(|| {
+                task_meta(&w, &msg, entry, TaskMeta::new(&msg.headers.id, TaskState::Received, serde_json::Value::Null))
+            });
+            if let Some(meta) = received.flatten() {
+                // Stored before the deferral, so it never lands after a state the run stores; one
+                // attempt only (no backoff): the message must not wait on an unreachable backend.
+                if let Err(e) = w.app.backend().store(&meta).await {
+                    tracing::warn!(error = %e, "could not store RECEIVED; deferring anyway");
+                }
             }
             match d.defer(&msg, eta).await {
-                Ok(()) => w.requests.schedule(&msg, entry.name, &w.config.hostname, &delivery, eta),
+                Ok(()) => {
+                    w.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                    w.requests.schedule(&msg, entry.name, &w.config.hostname, &delivery, eta);
+                }
                 Err(e) => {
-                    tracing::error!(error = %e, "could not defer; the message comes back after the visibility timeout")
+                    tracing::error!(error = %e, "could not defer; the message comes back (to its queue, or after the visibility timeout)")
                 }
             }
             return;
@@ -669,12 +681,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
             tracing::debug!(?runtime, "succeeded");
             // The rarer steps are boxed: inline, each would grow every task's future by its size.
             let next = crate::followups::after_success(&embed);
+            let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
             if !next.is_empty() {
                 let root = msg.headers.root_id.as_deref();
-                Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
+                meta.children = Box::pin(crate::followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
             }
-            let stored =
-                ignore || Box::pin(store(&w, &msg, entry, TaskMeta::success(&msg.headers.id, value.clone()))).await;
+            let stored = ignore || Box::pin(store(&w, &msg, entry, meta)).await;
             if let Some(chord) = crate::chord::body_in(&msg, &embed) {
                 Box::pin(crate::chord::member_done(&w.app, &msg, chord, TaskState::Success, &value)).await;
             }
@@ -688,11 +700,12 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
         }
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
-                let reason = format!("invalid arguments: {}", err.message());
+                // Python raises TypeError for arguments that do not fit; the message is kept too.
+                let err = TaskError::new("TypeError", format!("invalid arguments: {}", err.message()));
                 match d.take() {
-                    Some(d) => Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &reason)).await,
+                    Some(d) => Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await,
                     // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
-                    None => Box::pin(store_rejection(&w, Rejected::of(&msg), &reason)).await,
+                    None => Box::pin(store_rejection(&w, Rejected::of(&msg), &err)).await,
                 }
             }
             TaskErrorKind::Retry { countdown } => {
@@ -831,29 +844,35 @@ impl<'a> Rejected<'a> {
     }
 }
 
-/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast);
-/// dead-lettered with the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
+/// Celery's exception for a message that is not a task it can read (too large, undecodable).
+const INVALID_TASK: &str = "InvalidTaskError";
+
+/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast) with
+/// `err` (Celery's `NotRegistered`, `InvalidTaskError`, or Python's `TypeError` for arguments that
+/// do not fit), and `task-failed` sent so that Flower shows the final state; dead-lettered with
+/// `err`'s message as the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
 /// steps or chord counts (its embedded workflow is input that was just refused).
-async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, reason: &str) {
+async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, err: &TaskError) {
+    let reason = err.message();
     tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
     if let Some(k) = known {
-        store_rejection(w, k, reason).await;
+        store_rejection(w, k, err).await;
     }
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
-    if let Some(k) = known {
-        w.event("task-rejected", || serde_json::json!({"uuid": k.id, "requeue": false}));
-    }
     settle(d.dead_letter(reason).await);
 }
 
-/// Stores FAILURE (`RejectedMessage` with the reason) for a rejected message, and nothing else.
-async fn store_rejection(w: &Shared, k: Rejected<'_>, reason: &str) {
-    let err = TaskError::new("RejectedMessage", reason);
-    let mut meta = TaskMeta::error(k.id, TaskState::Failure, &err);
+/// Stores FAILURE with `err` for a rejected message and sends `task-failed`; nothing else.
+async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) {
+    let mut meta = TaskMeta::error(k.id, TaskState::Failure, err);
     meta.name = k.task.map(str::to_owned);
     meta.reply_to = k.reply_to.map(str::to_owned);
     store_meta(w, meta).await;
+    w.event(
+        "task-failed",
+        || serde_json::json!({"uuid": k.id, "exception": err.to_string(), "traceback": err.to_string()}),
+    );
 }
 
 /// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend
@@ -869,9 +888,17 @@ async fn finish(w: &Shared, d: Delivery, stored: bool) {
 }
 
 /// Stores a task's state unless it ignores results; false when it could not be stored.
-async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> bool {
+async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, meta: TaskMeta) -> bool {
+    match task_meta(w, msg, entry, meta) {
+        Some(meta) => store_meta(w, meta).await,
+        None => true,
+    }
+}
+
+/// `meta` with what the message and this worker say about the task; `None` when it ignores results.
+fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> Option<TaskMeta> {
     if msg.headers.ignore_result || (entry.options)().ignore_result {
-        return true;
+        return None;
     }
     meta.name = Some(entry.name.to_owned());
     meta.retries = Some(msg.headers.retries);
@@ -879,7 +906,7 @@ async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: T
     meta.parent_id = msg.headers.parent_id.clone();
     meta.group_id = msg.headers.group.clone();
     meta.reply_to = msg.properties.reply_to.clone();
-    store_meta(w, meta).await
+    Some(meta)
 }
 
 /// Stores a state, retrying connection errors with backoff (a result is not given up lightly).

@@ -1,5 +1,7 @@
-//! Result backends: `log://` (in the built-in broker's directory), `memory://` for tests and `redis://` in Celery's `celery-task-meta-<id>` layout,
-//! each registered under its URL scheme so [`celery_core::App::connect`] finds it.
+//! Result backends: `log://` (in the built-in broker's directory), `memory://` for tests, `redis://` in
+//! Celery's `celery-task-meta-<id>` layout, `rpc://`, and `db+postgresql://` in Celery's database tables
+//! (`django-db+postgresql://` in django-celery-results' table), each registered under its URL scheme so
+//! [`celery_core::App::connect`] finds it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
@@ -13,6 +15,8 @@
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "rpc")]

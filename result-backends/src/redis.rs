@@ -68,6 +68,18 @@ pub struct RedisBackend {
     claim: Arc<Script>,
     unclaim: Arc<Script>,
     subs: Arc<Subscriptions>,
+    /// Stops the subscriber task when the last clone of this backend is dropped (so a client that
+    /// exits, or drops its app, does not see it report its connection lost).
+    _listener: Arc<Listener>,
+}
+
+/// The subscriber task, aborted on drop.
+struct Listener(tokio::task::JoinHandle<()>);
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -101,8 +113,9 @@ impl RedisBackend {
             .set_number_of_retries(3);
         let conn = client.get_connection_manager_with_config(cfg).await.map_err(err)?;
         let subs = Arc::new(Subscriptions::default());
-        tokio::spawn(listen(client, subs.clone()));
+        let listener = Arc::new(Listener(tokio::spawn(listen(client, subs.clone()))));
         Ok(RedisBackend {
+            _listener: listener,
             conn,
             prefix,
             expires: expires.clamp(1, celery_core::clock::LONGEST_TTL.as_secs()),

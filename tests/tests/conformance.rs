@@ -1,6 +1,7 @@
 //! One suite, every broker and result backend: the same scenarios run against `log://` (a fresh
 //! directory), `log+tcp://` (a server in this process, with a token), `redis://` (a fresh key
-//! prefix) and `amqp://` (a fresh RabbitMQ vhost, results on Redis), through the public traits only.
+//! prefix) and `amqp://` (a fresh RabbitMQ vhost, results on Redis), through the public traits only;
+//! the scenarios that store results run again on Redis with results in PostgreSQL (`db+postgresql://`).
 
 use std::time::Duration;
 
@@ -198,7 +199,8 @@ fn rand_token() -> i64 {
 }
 
 /// A chain passes each result as the first argument of the next task and returns the last result; a
-/// callback (`link`) gets the result too; an immutable signature ignores it.
+/// callback (`link`) gets the result too; an immutable signature ignores it; the callbacks are the
+/// parent's `children`.
 async fn chains_and_callbacks(t: Target) {
     let app = t.app().await;
     let w = worker(&app, 4, 4);
@@ -222,6 +224,9 @@ async fn chains_and_callbacks(t: Target) {
     assert_eq!(first.get::<i64>(T).await.unwrap(), 42);
     assert_eq!(app.result(&cb_id).get::<i64>(T).await.unwrap(), 1042);
     assert_eq!(app.result(&im_id).get::<i64>(T).await.unwrap(), 14);
+    // Recorded as Celery records them, so Python's `AsyncResult.children` lists both.
+    let children = first.info().await.unwrap().unwrap().children;
+    assert_eq!(children, [json!([[cb_id, null], null]), json!([[im_id, null], null])]);
     w.stop().await;
 }
 
@@ -556,6 +561,106 @@ async fn remote_control_inspects_and_revokes(t: Target) {
     assert_eq!(MARKS.lock().unwrap().iter().filter(|t| **t == token).count(), 2, "the late-revoked task never ran");
 }
 
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after [`T`].
+async fn poll_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + T;
+    while !cond().await {
+        assert!(tokio::time::Instant::now() < end, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True on the brokers Python Celery shares, where an eta message waits on its queue (with its
+/// `eta` header) until a worker defers it; the log keeps it in its own delay from the start.
+fn shared_with_python(t: &Target) -> bool {
+    matches!(t, Target::Redis(_) | Target::Amqp(..))
+}
+
+/// Waits until the one countdown message sent to `queue` is in the broker's delay store: deferred
+/// by `w` where it was put on its queue (Redis, RabbitMQ), scanned past on the log.
+async fn wait_deferred(t: &Target, app: &App, w: &Running, queue: &str, deferrals: u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let python = shared_with_python(t);
+    poll_until("the countdown message is in the delay store", || async {
+        (!python || w.stats.deferred.load(Relaxed) >= deferrals) && app.broker().queue_len(queue).await.unwrap() == 0
+    })
+    .await;
+}
+
+/// Purge removes countdown tasks wherever they wait: one sent while no worker runs (on Redis and
+/// RabbitMQ it is on its queue with its `eta` header, as Celery sends it) and one a worker put in
+/// the broker's delay store. Neither ever runs.
+async fn purge_removes_countdown_tasks(t: Target) {
+    let app = t.app().await;
+    let q = "later";
+    let token = rand_token();
+    let before = Utc::now();
+    let queued = app.send(c_mark::new(token).queue(q).countdown(Duration::from_secs(3))).await.unwrap();
+    let after = Utc::now();
+    if shared_with_python(&t) {
+        assert_eq!(app.broker().queue_len(q).await.unwrap(), 1, "on its queue, as Celery sends it");
+    }
+    if let Target::Redis(env) = &t {
+        use redis::Commands;
+        let raw: Vec<String> = env.conn().lrange(env.key(q), 0, -1).unwrap();
+        assert_eq!(raw.len(), 1, "{raw:?}");
+        let envelope: serde_json::Value = serde_json::from_str(&raw[0]).unwrap();
+        let eta = envelope["headers"]["eta"].as_str().unwrap_or_else(|| panic!("no eta header: {envelope}"));
+        assert!(eta.ends_with("+00:00"), "Celery's isoformat: {eta}");
+        let eta = celery_core::protocol::parse_time(eta).unwrap();
+        let countdown = chrono::Duration::seconds(3);
+        assert!(eta >= before + countdown && eta <= after + countdown, "eta {eta} for a countdown of 3 s at {before}");
+    }
+    assert_eq!(app.broker().purge(q).await.unwrap(), 1, "the queued countdown task");
+    assert_eq!(app.broker().queue_len(q).await.unwrap(), 0);
+
+    let cfg = WorkerConfig { queues: vec![q.into()], concurrency: 2, ..WorkerConfig::default() };
+    let w = spawn_worker(&app, cfg);
+    let deferred = app.send(c_mark::new(token).queue(q).countdown(Duration::from_secs(3))).await.unwrap();
+    wait_deferred(&t, &app, &w, q, 1).await;
+    assert_eq!(app.broker().purge(q).await.unwrap(), 1, "the countdown task in the delay store");
+    assert_eq!(app.broker().purge(q).await.unwrap(), 0, "gone");
+    // A task due after the purged ones: once it ran, they would have run too.
+    let marker = app.send(c_mark::new(token + 1).queue(q).countdown(Duration::from_secs(4))).await.unwrap();
+    assert_eq!(marker.get::<i64>(T).await.unwrap(), token + 1);
+    w.stop().await;
+    assert!(!MARKS.lock().unwrap().contains(&token), "a purged countdown task ran");
+    for r in [&queued, &deferred] {
+        assert!(!r.state().await.unwrap().is_ready(), "{:?}", r.state().await);
+    }
+}
+
+/// A countdown or eta task runs no earlier than its eta: sent while no worker consumes its queue,
+/// sent to a running worker, and across a worker restart while it waits in the delay store.
+async fn countdown_tasks_run_at_their_eta(t: Target) {
+    let app = t.app().await;
+    let at = |secs: i64| Utc::now() + chrono::Duration::seconds(secs);
+    let cfg = |queues: &[&str]| WorkerConfig {
+        queues: queues.iter().map(|q| q.to_string()).collect(),
+        concurrency: 2,
+        ..WorkerConfig::default()
+    };
+    let eta_idle = at(3);
+    let idle = app.send(c_now_ms::new().queue("eta_idle").eta(eta_idle)).await.unwrap();
+    let first = spawn_worker(&app, cfg(&["eta"]));
+    let eta_restart = at(3);
+    let restarted = app.send(c_now_ms::new().queue("eta").eta(eta_restart)).await.unwrap();
+    wait_deferred(&t, &app, &first, "eta", 1).await;
+    first.stop().await;
+    let second = spawn_worker(&app, cfg(&["eta", "eta_idle"]));
+    let eta_running = at(2);
+    let running = app.send(c_now_ms::new().queue("eta").eta(eta_running)).await.unwrap();
+    for (r, eta) in [(&idle, eta_idle), (&restarted, eta_restart), (&running, eta_running)] {
+        let ran: i64 = r.get(T).await.unwrap();
+        assert!(ran >= eta.timestamp_millis(), "ran {} ms before its eta", eta.timestamp_millis() - ran);
+    }
+    second.stop().await;
+}
+
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
@@ -592,11 +697,50 @@ celery_tests::each_broker!(
     groups_collect_results_in_order,
     shutdown_returns_prefetched_work,
     purge_and_len,
+    purge_removes_countdown_tasks,
+    countdown_tasks_run_at_their_eta,
     leases_and_documents,
     chords_complete_once,
     errbacks_get_the_failed_id,
     map_starmap_chunks,
     idempotency_keys_send_once,
     events_follow_a_task,
+    remote_control_inspects_and_revokes,
+);
+
+/// The scenarios that store and read results, again on Redis with results in PostgreSQL
+/// (`db+postgresql://`, Celery's tables in a schema of the test's own). `chains_and_callbacks` and
+/// `groups_collect_results_in_order` are not among them: they read a result's `parent_id` and
+/// `group_id`, which Celery's `celery_taskmeta` has no column for (Python's database backend loses
+/// them too).
+macro_rules! postgres_results {
+    ($($name:ident),* $(,)?) => {
+        mod redis_broker_postgres_results {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if !celery_tests::redis_available("conformance (redis, postgresql results)") {
+                        return;
+                    }
+                    let Some(schema) = celery_tests::PgSchema::new("conformance (postgresql results)") else { return };
+                    let mut env = celery_tests::RedisEnv::new(1.0);
+                    env.backend = schema.url("db+postgresql", "");
+                    super::$name(super::Target::Redis(env)).await;
+                    drop(schema);
+                }
+            )*
+        }
+    };
+}
+
+postgres_results!(
+    results_and_failures,
+    retries_countdown_expiry,
+    bad_input_is_dead_lettered,
+    a_redelivered_success_is_not_run_again,
+    chords_complete_once,
+    errbacks_get_the_failed_id,
+    map_starmap_chunks,
+    idempotency_keys_send_once,
     remote_control_inspects_and_revokes,
 );

@@ -1,6 +1,7 @@
 //! The built-in broker with real processes: two processes share one `log://` directory through its
 //! owner's socket; `kill -9` of a worker mid-task loses nothing; `kill -9` of `broker serve` during a
-//! stream of confirmed publishes (fsync `always`) loses none of them.
+//! stream of confirmed publishes (fsync `always`) loses none of them; an ETA task survives `kill -9`
+//! of its worker and of `broker serve`.
 
 use std::process::Command;
 use std::time::Duration;
@@ -130,6 +131,39 @@ async fn kill_9_of_broker_serve_loses_no_confirmed_publish() {
     }
     let lost: Vec<_> = confirmed.difference(&seen).collect();
     assert!(lost.is_empty(), "{} confirmed publishes were lost, e.g. {:?}", lost.len(), lost.first());
+}
+
+/// An ETA task waiting in the log (its worker's consumer passed it) survives `kill -9` of the
+/// worker and of `broker serve`; after the restart it runs at its eta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eta_task_survives_kill_9_of_its_worker_and_the_server() {
+    let dir = TempDir::new("eta-restart");
+    let port = free_port();
+    let mut server = serve(&dir, port);
+    let url = format!("log+tcp://127.0.0.1:{port}");
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let mut worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2"]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let eta = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let id = app.send(Signature::by_name("add").args(json!([20, 22])).eta(eta)).await.unwrap().id().to_owned();
+    // Not ready (the consumer passed it into the log's delay), not leased.
+    let end = tokio::time::Instant::now() + T;
+    while app.broker().queue_len("celery").await.unwrap() != 0 {
+        assert!(tokio::time::Instant::now() < end, "{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    drop(app);
+    for p in [&mut worker, &mut server] {
+        p.signal("KILL");
+        p.wait_exit(Duration::from_secs(5)).expect("killed");
+    }
+    let _server = serve(&dir, port);
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let next = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2"]);
+    assert_eq!(app.result(&id).get::<i64>(T).await.unwrap(), 42, "{}", next.log());
+    let meta = app.result(&id).info().await.unwrap().expect("stored");
+    let done = celery_core::protocol::parse_time(meta.date_done.as_deref().expect("date_done")).unwrap();
+    assert!(done >= eta, "ran before its eta");
 }
 
 /// Runs `demo <args>` against `url` and returns its stdout.

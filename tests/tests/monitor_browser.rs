@@ -3,55 +3,18 @@
 //! with events runs a workload, sees the worker and its task counts, retries a dead letter through
 //! the page and saves a screenshot (copied to `$CELERY_RS_SCREENSHOT` when set).
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use celery_core::Signature;
-use celery_tests::{free_port, services_required, wait_until, DemoProcess, TempDir};
+use celery_tests::{browser, free_port, wait_until, DemoProcess, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Debian's Chromium and playwright-core, installed when missing; `None` (skipped) when that fails.
-fn browser() -> Option<PathBuf> {
-    let fail = |why: String| {
-        if services_required() {
-            panic!("monitor_browser: {why}");
-        }
-        eprintln!("SKIPPED monitor_browser: {why}");
-        None
-    };
-    if !Path::new("/usr/bin/chromium").exists() {
-        let ok = Command::new("apt-get").args(["install", "-y", "-q", "chromium"]).status().is_ok_and(|s| s.success())
-            || (Command::new("apt-get").args(["update", "-q"]).status().is_ok_and(|s| s.success())
-                && Command::new("apt-get")
-                    .args(["install", "-y", "-q", "chromium"])
-                    .status()
-                    .is_ok_and(|s| s.success()));
-        if !ok {
-            return fail("cannot install Debian's chromium (apt-get install chromium)".into());
-        }
-    }
-    let home = std::env::var("HOME").unwrap_or_else(|_| "/tmp".into());
-    let dir = PathBuf::from(home).join(".cache/celery-rs-playwright");
-    if !dir.join("node_modules/playwright-core").exists() {
-        let _ = std::fs::create_dir_all(&dir);
-        let ok = Command::new("npm")
-            .args(["install", "--silent", "--no-audit", "--no-fund", "playwright-core@1"])
-            .current_dir(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            return fail("cannot install playwright-core with npm".into());
-        }
-    }
-    Some(dir)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_works_in_a_browser() {
-    let Some(pw) = browser() else {
+    let Some(pw) = browser::playwright("monitor_browser") else {
         return;
     };
     let dir = TempDir::new("monitor");
@@ -71,8 +34,7 @@ async fn the_dashboard_works_in_a_browser() {
     let bad = app.send(Signature::by_name("add").args(json!([1, 2, 3]))).await.unwrap();
     assert!(bad.get::<i64>(T).await.is_err());
 
-    let script = pw.join("monitor.mjs");
-    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/browser/monitor.mjs"), &script).unwrap();
+    let script = browser::script(&pw, "monitor.mjs");
     let shot = dir.0.join("monitor.png");
     let page = format!("http://{listen}/");
     let out = Command::new("node")

@@ -22,20 +22,19 @@
 //!    with Python's `app.control.revoke` is not run by our worker, over Redis and over RabbitMQ.
 //!
 //! The Python side is `tests/python/interop_app.py`. Celery is installed once into a virtualenv
-//! at `$HOME/.cache/celery-rs-test-venv`, reused while it imports; when that fails the suite is
-//! skipped, or fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
+//! (`celery_tests::python`, shared with `celery_tools`); when that fails the suite is skipped, or
+//! fails under `CELERY_REQUIRE_SERVICES=1`. Python's result backend does not share our
 //! key prefixes, so each test owns its Redis databases instead, flushed first: 10/11 and 12/13 for
 //! the Redis tests, 5 and 6 (broker and results in one database) for the chain tests, 14 and 15 for the chord tests, 3 and 4 for the events tests, 1 and 2 for the remote-control tests, 7 and 8 for the results of the AMQP tests, whose broker is a RabbitMQ vhost of
 //! their own.
 
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use celery_core::Signature;
-use celery_tests::{amqp_available, demo_bin, redis_available, services_required, wait_until, AmqpVhost, REDIS};
+use celery_tests::python::{self, Service};
+use celery_tests::{amqp_available, demo_bin, redis_available, wait_until, AmqpVhost, REDIS};
 use serde_json::{json, Value};
 
 const SUITE: &str = "python_interop";
@@ -47,8 +46,6 @@ const CHAIN_QUEUE: &str = "interop-chain";
 const CHORD_QUEUE: &str = "interop-chord";
 /// How long either side waits for a result.
 const T: Duration = Duration::from_secs(30);
-/// What the virtualenv installs (Kombu's AMQP transport, py-amqp, comes with Celery).
-const CELERY_REQUIREMENT: &str = "celery[redis]>=5.3,<6";
 
 /// The broker and result backend a test owns.
 struct Servers {
@@ -88,104 +85,14 @@ fn flushed(db: u8) -> String {
     url
 }
 
-/// A worker process, killed when dropped; its stdout and stderr go to a log file.
-struct Service {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Service {
-    fn start(cmd: &mut Command) -> Service {
-        let log = std::env::temp_dir().join(format!("{SUITE}-{}.log", uuid::Uuid::new_v4().simple()));
-        let file = File::create(&log).expect("log file");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log file"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}"));
-        Service { child, log }
-    }
-
-    /// The log so far.
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
-
-/// The virtualenv's Python with Celery importable, created at most once per test binary.
-fn python() -> Result<&'static Path, &'static String> {
-    static PYTHON: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PYTHON.get_or_init(install_celery).as_deref()
-}
-
-/// The virtualenv's Python, or `None` after printing why the test is skipped.
+/// The shared virtualenv's Python, or `None` after printing why the test is skipped.
 fn python_or_skip() -> Option<&'static Path> {
-    match python() {
-        Ok(python) => Some(python),
-        Err(why) if services_required() => panic!("{SUITE}: cannot install Python Celery: {why}"),
-        Err(why) => {
-            eprintln!("SKIPPED {SUITE}: cannot install Python Celery: {why}");
-            None
-        }
-    }
-}
-
-/// Reuses the cached virtualenv when Celery imports there, else (re)creates it and installs Celery.
-fn install_celery() -> Result<PathBuf, String> {
-    let home = std::env::var_os("HOME").map_or_else(std::env::temp_dir, PathBuf::from);
-    let venv = home.join(".cache").join("celery-rs-test-venv");
-    let python = venv.join("bin").join("python");
-    if imports_celery(&python) {
-        return Ok(python);
-    }
-    run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
-    run(Command::new(&python).args(["-m", "pip", "install", "-q", CELERY_REQUIREMENT]))?;
-    if imports_celery(&python) {
-        Ok(python)
-    } else {
-        Err(format!("`import celery, redis` fails in {}", venv.display()))
-    }
-}
-
-fn imports_celery(python: &Path) -> bool {
-    Command::new(python)
-        .args(["-c", "import celery, redis"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Runs `cmd` to completion; on failure, its output is the error.
-fn run(cmd: &mut Command) -> Result<(), String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(format!(
-        "{cmd:?} failed ({}):\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    ))
+    python::venv_or_skip(SUITE)
 }
 
 /// `python <args>` in `tests/python`, against `servers`.
 fn python_cmd(python: &Path, servers: &Servers, args: &[&str]) -> Command {
-    let mut cmd = Command::new(python);
-    cmd.args(args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("python"))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env("PYTHONUNBUFFERED", "1");
+    let mut cmd = python::command(python, args);
     servers.apply(&mut cmd);
     cmd
 }

@@ -1,6 +1,6 @@
 //! Real worker processes (the demo binary) against the real Redis: kill -9 mid-task loses nothing,
-//! SIGTERM returns prefetched work to the queue, ETA tasks survive every worker stopping, and the
-//! CLI's `send --wait --json` contract.
+//! SIGTERM returns prefetched work to the queue, ETA tasks survive every worker stopping, `purge`
+//! removes deferred ETA tasks too, and the CLI's `send --wait --json` contract.
 
 use std::process::Command;
 use std::time::Duration;
@@ -97,6 +97,14 @@ async fn sigterm_returns_prefetched_unstarted_tasks() {
     assert!(s.iter().all(|x| *x == TaskState::Success), "{s:?}");
 }
 
+/// When a stored task ran: its `date_done`.
+async fn done_at(app: &App, id: &str) -> chrono::DateTime<chrono::Utc> {
+    let meta = app.result(id).info().await.unwrap().expect("a stored result");
+    celery_core::protocol::parse_time(meta.date_done.as_deref().expect("date_done")).unwrap()
+}
+
+/// An ETA task a worker moved into the broker's delayed set survives every worker stopping (and
+/// one sent while none runs waits on its queue); the next worker runs both at their eta.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eta_tasks_survive_every_worker_stopping() {
     if !redis_available("redis_process") {
@@ -106,19 +114,59 @@ async fn eta_tasks_survive_every_worker_stopping() {
     let app = app(&env).await;
     let mut worker = DemoProcess::start(&env, &["worker", "-c", "2"]);
     assert!(worker.wait_log("worker ready", T), "{}", worker.log());
-    let res = app
-        .send(celery_core::Signature::by_name("add").args(json!([20, 22])).countdown(Duration::from_secs(4)))
-        .await
-        .unwrap();
+    let eta = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let add = |x: i64| celery_core::Signature::by_name("add").args(json!([x, 22])).eta(eta);
+    let deferred = app.send(add(20)).await.unwrap();
+    let delayed = env.key("_celery_rs.delayed.celery");
+    assert!(wait_until(T, || env.conn().zcard::<_, u64>(&delayed).unwrap() == 1), "{}", worker.log());
     worker.signal("TERM");
     worker.wait_exit(T).expect("worker exits");
-    // No worker runs now; the task is held by the broker, not lost.
-    let delayed: u64 = env.conn().zcard(env.key("_celery_rs.delayed.celery")).unwrap();
-    assert_eq!(delayed, 1);
-    assert_eq!(res.state().await.unwrap(), TaskState::Pending);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    let _next = DemoProcess::start(&env, &["worker", "-c", "2"]);
-    assert_eq!(res.get::<i64>(T).await.unwrap(), 42);
+    // No worker runs now: one task waits in the delayed set, one on its queue; none is leased.
+    let queued = app.send(add(0)).await.unwrap();
+    let counts = |c: &mut redis::Connection| -> (u64, u64, u64) {
+        (c.zcard(&delayed).unwrap(), c.llen(env.key("celery")).unwrap(), c.hlen(env.key("unacked")).unwrap())
+    };
+    assert_eq!(counts(&mut env.conn()), (1, 1, 0));
+    assert_eq!(deferred.state().await.unwrap(), TaskState::Received, "RECEIVED is stored when deferred");
+    let next = DemoProcess::start(&env, &["worker", "-c", "2"]);
+    assert_eq!(deferred.get::<i64>(T).await.unwrap(), 42, "{}", next.log());
+    assert_eq!(queued.get::<i64>(T).await.unwrap(), 22, "{}", next.log());
+    for id in [deferred.id(), queued.id()] {
+        assert!(done_at(&app, id).await >= eta, "ran before its eta");
+    }
+    assert_eq!(counts(&mut env.conn()), (0, 0, 0));
+}
+
+/// `purge` removes what waits on the queue and what a worker deferred into the delayed set, and
+/// says how many.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_purge_counts_queued_and_deferred_messages() {
+    if !redis_available("redis_process") {
+        return;
+    }
+    let env = RedisEnv::new(60.0);
+    let app = app(&env).await;
+    let worker = DemoProcess::start(&env, &["worker", "-c", "2"]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let later = || celery_core::Signature::by_name("add").args(json!([1, 2])).countdown(Duration::from_secs(60));
+    let deferred = app.send(later()).await.unwrap();
+    let delayed = env.key("_celery_rs.delayed.celery");
+    assert!(wait_until(T, || env.conn().zcard::<_, u64>(&delayed).unwrap() == 1), "{}", worker.log());
+    drop(worker);
+    app.send(later()).await.unwrap();
+    app.send(celery_core::Signature::by_name("add").args(json!([1, 2]))).await.unwrap();
+    let out = Command::new(demo_bin())
+        .args(["purge", "-Q", "celery"])
+        .env("CELERY_BROKER_URL", &env.broker)
+        .env("CELERY_RESULT_BACKEND", &env.backend)
+        .output()
+        .expect("run demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.trim(), "purged 3 messages from celery");
+    let left: (u64, u64) = (env.conn().zcard(&delayed).unwrap(), env.conn().llen(env.key("celery")).unwrap());
+    assert_eq!(left, (0, 0));
+    assert_eq!(deferred.state().await.unwrap(), TaskState::Received, "never ran");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

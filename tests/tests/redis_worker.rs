@@ -207,9 +207,13 @@ async fn countdown_is_honoured_and_held_by_the_broker() {
     h.worker(2).await;
     let sent = Utc::now().timestamp_millis();
     let r = h.app.send(now_ms::new().countdown(Duration::from_millis(2500))).await.unwrap();
-    // While waiting it sits in the broker's delayed set, not in a worker.
+    // Sent to its queue (as Celery sends it), then moved by the worker into the broker's delayed
+    // set, where it waits: not in a worker, not leased.
     let delayed = h.env.key("_celery_rs.delayed.celery");
-    assert!(wait_until(Duration::from_secs(1), || h.env.conn().zcard::<_, u64>(&delayed).unwrap() == 1));
+    assert!(wait_until(Duration::from_secs(2), || h.env.conn().zcard::<_, u64>(&delayed).unwrap() == 1));
+    let (queued, unacked): (u64, u64) =
+        (h.env.conn().llen(h.env.key("celery")).unwrap(), h.env.conn().hlen(h.env.key("unacked")).unwrap());
+    assert_eq!((queued, unacked), (0, 0));
     let ran: i64 = r.get(T).await.unwrap();
     assert!(ran - sent >= 2500, "ran {} ms after sending", ran - sent);
     h.stop().await;

@@ -70,6 +70,7 @@ impl Running {
             concurrency,
             prefetch_multiplier,
             shutdown_grace: Duration::from_secs(5),
+            events: true,
             ..WorkerConfig::default()
         };
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -144,7 +145,7 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
         // fetch script; RabbitMQ: in the content header), so its caller is told at once.
         match big.get::<usize>(T).await {
             Err(ResultError::Failed { exc_type, message, .. }) => {
-                assert_eq!(exc_type, "RejectedMessage");
+                assert_eq!(exc_type, "InvalidTaskError");
                 assert!(message.contains(&format!("exceeds the limit of {wire_limit} bytes")), "{message}");
             }
             other => panic!("expected FAILURE, got {other:?}"),
@@ -169,6 +170,7 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
 /// them runs; a task that fails for real still sends its errback (so the test can see one).
 async fn rejected_messages_trigger_nothing(t: Target) {
     let app = t.app().await;
+    let mut events = celery_worker::events::subscribe(&app).await.expect("events");
     // One at a time, in queue order: whatever a rejected message sent would run before the control.
     let w = Running::start(&app, 1, 1);
     let (a, b, c, d, e, f, control) = (token(), token(), token(), token(), token(), token(), token());
@@ -178,9 +180,10 @@ async fn rejected_messages_trigger_nothing(t: Target) {
     let early = app.send(Signature::by_name("u_early").args(json!(["nope"])).link_error(mark(f))).await.unwrap();
     let member = Signature::by_name("u_no_such_task").args(json!([2]));
     let chord = app.send_chord([u_add::new(1, 1), member], mark(d).link_error(mark(e))).await.unwrap();
-    for r in [&unknown, &bad_args, &early] {
+    // Celery's and Python's own exception types, so `except NotRegistered` works in Python too.
+    for (r, expected) in [(&unknown, "NotRegistered"), (&bad_args, "TypeError"), (&early, "TypeError")] {
         match r.get::<Value>(T).await {
-            Err(ResultError::Failed { exc_type, .. }) => assert_eq!(exc_type, "RejectedMessage"),
+            Err(ResultError::Failed { exc_type, .. }) => assert_eq!(exc_type, expected),
             other => panic!("expected FAILURE, got {other:?}"),
         }
     }
@@ -198,6 +201,25 @@ async fn rejected_messages_trigger_nothing(t: Target) {
         assert!(!marked(tok), "a rejected message sent its {what}");
     }
     assert_eq!(chord.state().await.unwrap(), TaskState::Pending, "a rejected member completes no chord");
+    // Each rejected task ends with `task-failed` (so Flower shows FAILURE), never `task-rejected`.
+    let mut failed = std::collections::HashSet::new();
+    let rejected = [unknown.id(), bad_args.id(), early.id()];
+    let seen = tokio::time::timeout(T, async {
+        while let Some(ev) = events.next().await {
+            let uuid = ev["uuid"].as_str().unwrap_or_default();
+            if rejected.contains(&uuid) {
+                assert_ne!(ev["type"], "task-rejected", "{ev}");
+                if ev["type"] == "task-failed" {
+                    failed.insert(uuid.to_owned());
+                }
+            }
+            if failed.len() == rejected.len() {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "task-failed for each rejected task; saw it for {failed:?}");
     w.stop().await;
 }
 
@@ -232,7 +254,7 @@ async fn headers_that_do_not_parse_fail_get_at_once() {
     let started = Instant::now();
     match app.result(&id).get::<i64>(Duration::from_secs(60)).await {
         Err(ResultError::Failed { exc_type, message, .. }) => {
-            assert_eq!(exc_type, "RejectedMessage");
+            assert_eq!(exc_type, "InvalidTaskError");
             assert!(message.contains("`retries`") && message.contains(&id), "{message}");
         }
         other => panic!("expected FAILURE, got {other:?}"),

@@ -11,9 +11,14 @@
 //!   messages are dead-lettered to `<queue>.dead` after N deliveries (`x-delivery-limit`), so a
 //!   message that keeps killing its worker stops coming back.
 //!
-//! ETA/countdown messages wait in durable delay queues, `<queue>.delay.<N>s`, whose messages
-//! expire after N seconds (a power of two) and dead-letter back into `<queue>`: a long countdown
-//! hops down the levels, held by RabbitMQ, never in a worker's memory.
+//! ETA/countdown messages are published to their queue like any other, with their `eta` header as
+//! Celery sends it, so a Python Celery worker sharing the queue runs them. A consumer that takes one
+//! whose eta is ahead defers it ([`celery_core::Delivery::defer`]): it is published (confirmed) to a
+//! durable delay queue, `<queue>.delay.<N>s`, before the delivery is acked (a crash between leaves
+//! a duplicate at worst, never a loss). Those queues' messages expire after N seconds (a power of
+//! two, at most 2^20) and dead-letter back into `<queue>`, where the next consumer defers what is
+//! still ahead to a shorter level: a long countdown hops down the levels, held by RabbitMQ, never in
+//! a worker's memory. Purge empties `<queue>` and every delay queue of it.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -75,6 +80,23 @@ pub fn last_url() -> Option<String> {
 
 /// The largest delay level, in seconds (about 12 days); longer countdowns hop again.
 const MAX_DELAY_SECS: u64 = 1 << 20;
+
+/// The delay queue of `queue` whose messages wait `secs` seconds.
+fn delay_queue_name(queue: &str, secs: u64) -> String {
+    format!("{queue}.delay.{secs}s")
+}
+
+/// Every delay level, in seconds: 1, 2, 4, ... [`MAX_DELAY_SECS`].
+fn delay_levels() -> impl Iterator<Item = u64> {
+    (0..=MAX_DELAY_SECS.trailing_zeros()).map(|i| 1u64 << i)
+}
+
+/// The delay level for a message due in `remaining` seconds: the largest power of two not above
+/// it (at least 1, at most [`MAX_DELAY_SECS`]), so it never comes back after its due time.
+fn delay_level(remaining: u64) -> u64 {
+    let r = remaining.max(1);
+    (1u64 << (63 - r.leading_zeros())).min(MAX_DELAY_SECS)
+}
 
 #[derive(Debug)]
 struct Inner {
@@ -180,7 +202,7 @@ impl AmqpBroker {
 
     /// The delay queue for `queue` at `secs` (declared on first use).
     async fn delay_queue(&self, ch: &Channel, queue: &str, secs: u64) -> Result<String, BrokerError> {
-        let name = format!("{queue}.delay.{secs}s");
+        let name = delay_queue_name(queue, secs);
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((secs * 1000) as i64));
         args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
@@ -204,14 +226,29 @@ impl AmqpBroker {
         check_confirm(pending.await.map_err(err)?, exchange, key)
     }
 
-    /// Holds `msg` in the delay queues of `queue` until `until`.
+    /// Holds `msg` in the delay queues of `queue` until `until` (returns once RabbitMQ confirmed it).
     async fn publish_delayed(&self, queue: &str, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
         self.declare_task_queue(&ch, queue).await?;
-        let remaining = (until - Utc::now()).num_seconds().max(1) as u64;
-        let secs = (1u64 << (63 - remaining.leading_zeros())).min(MAX_DELAY_SECS);
-        let delay = self.delay_queue(&ch, queue, secs).await?;
+        let remaining = u64::try_from((until - Utc::now()).num_seconds()).unwrap_or(0);
+        let delay = self.delay_queue(&ch, queue, delay_level(remaining)).await?;
         self.publish_raw("", &delay, false, properties(msg), &msg.body).await
+    }
+
+    /// Purges `name` if it exists; `ch` is replaced when a missing queue closed it (RabbitMQ closes
+    /// the channel of a `queue.purge` on a queue that does not exist).
+    async fn purge_if_exists(&self, ch: &mut Channel, name: &str) -> Result<u64, BrokerError> {
+        let Ok(short_name) = ShortString::try_new(name.to_owned()) else {
+            return Ok(0); // longer than a queue name can be: never declared
+        };
+        match ch.queue_purge(short_name, QueuePurgeOptions::default()).await {
+            Ok(n) => Ok(u64::from(n)),
+            Err(e) if e.is_amqp_soft_error() => {
+                *ch = self.channel().await?;
+                Ok(0)
+            }
+            Err(e) => Err(err(e)),
+        }
     }
 }
 
@@ -291,11 +328,9 @@ impl Broker for AmqpBroker {
         "amqp"
     }
 
+    /// An eta message goes to its queue like any other (see the module docs).
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
         if route.exchange.is_empty() {
-            if let Some(eta) = msg.headers.eta.filter(|t| *t > Utc::now() + chrono::Duration::seconds(1)) {
-                return self.publish_delayed(&route.routing_key, msg, eta).await;
-            }
             let (_, ch) = self.connection().await?;
             self.declare_task_queue(&ch, &route.routing_key).await?;
         }
@@ -307,12 +342,6 @@ impl Broker for AmqpBroker {
         let (_, ch) = self.connection().await?;
         let mut pending = Vec::with_capacity(batch.len());
         for (route, msg) in batch {
-            if route.exchange.is_empty()
-                && msg.headers.eta.is_some_and(|t| t > Utc::now() + chrono::Duration::seconds(1))
-            {
-                self.publish(route, msg).await?;
-                continue;
-            }
             if route.exchange.is_empty() {
                 self.declare_task_queue(&ch, &route.routing_key).await?;
             }
@@ -354,10 +383,18 @@ impl Broker for AmqpBroker {
         Ok(Box::new(c))
     }
 
+    /// Purges the delay queues of `queue` first, then `queue` itself, so a message that expires
+    /// from a delay queue into `queue` meanwhile is purged too. Unacked deliveries stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let ch = self.channel().await?;
+        let mut ch = self.channel().await?;
+        let mut n = 0;
+        for secs in delay_levels() {
+            n += self.purge_if_exists(&mut ch, &delay_queue_name(queue, secs)).await?;
+        }
         self.declare_task_queue(&ch, queue).await?;
-        Ok(u64::from(ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await.map_err(err)?))
+        n += u64::from(ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await.map_err(err)?);
+        let _ = ch.close(200, "purged".into()).await;
+        Ok(n)
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
@@ -572,8 +609,15 @@ impl Settle for AmqpSettle {
         self.acks.settle(self.delivery.delivery_tag, acks::Op::Requeue).await
     }
 
+    /// Publishes to a delay queue and waits for RabbitMQ's confirm, then acks; if the publish
+    /// fails, the delivery goes back to its queue (not lost, and not held unacked on this channel).
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        self.broker.publish_delayed(&self.queue, msg, until).await?;
+        if let Err(e) = self.broker.publish_delayed(&self.queue, msg, until).await {
+            if let Err(r) = self.requeue().await {
+                tracing::warn!(error = %r, "amqp: could not return a delivery after a failed deferral");
+            }
+            return Err(e);
+        }
         self.ack().await
     }
 
@@ -596,4 +640,26 @@ inventory::submit! {
 
 inventory::submit! {
     BrokerScheme { scheme: "amqps", connect: |url| Box::pin(async move { Ok(Arc::new(AmqpBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delay_levels_are_powers_of_two_up_to_the_largest() {
+        let levels: Vec<u64> = delay_levels().collect();
+        assert_eq!(levels.len(), 21);
+        assert_eq!((levels[0], levels[1], levels[20]), (1, 2, MAX_DELAY_SECS));
+        assert_eq!(delay_queue_name("celery", 4), "celery.delay.4s");
+    }
+
+    #[test]
+    fn a_delay_level_never_overshoots_the_due_time() {
+        for (remaining, level) in [(0, 1), (1, 1), (2, 2), (3, 2), (5, 4), (1023, 512), (1 << 20, 1 << 20)] {
+            assert_eq!(delay_level(remaining), level, "{remaining} s");
+        }
+        assert_eq!(delay_level(u64::MAX), MAX_DELAY_SECS, "a far eta hops again");
+        assert!(delay_levels().any(|l| l == delay_level(12_345)), "every level used is purged");
+    }
 }

@@ -5,9 +5,17 @@
 //! record is invisible to other consumers until acked, requeued, deferred or dead-lettered, or until
 //! its lease expires (its consumer stopped renewing it), when it is delivered again; after
 //! `max_deliveries` it goes to `<queue>.dead` with the reason. The finished prefix of each partition
-//! is durable, so a restart does not redeliver finished work. Records with an eta are delivered when
-//! due without blocking those behind them. Results live in the same directory (`log://` as the
-//! result backend URL). The on-disk format is in `DESIGN.md` beside this file.
+//! is durable, so a restart does not redeliver finished work. Results live in the same directory
+//! (`log://` as the result backend URL). The on-disk format is in `DESIGN.md` beside this file.
+//!
+//! ETA: a message published with an eta in the future is appended to its queue with that due time
+//! (the record's not-before) and is delivered when due, without blocking the records behind it; it
+//! survives restarts. Redis and RabbitMQ put such a message on the queue for any worker (a Python
+//! one included) and our worker then defers it to the broker's delay store; this broker is ours
+//! alone, and a record with a not-before is exactly what that deferral would append
+//! ([`Delivery::defer`](celery_core::Delivery::defer) does), so the eta is kept at publish and the
+//! hop through a worker is saved. `purge` finishes a queue's waiting records, those not yet due
+//! included (leased ones stay).
 //!
 //! URL options: `fsync=always|os|<ms>`, `segment_bytes=`, `lease_timeout=` (s), `max_deliveries=`,
 //! `partitions=` (for new queues), `max_record_bytes=` (default 16 MiB + 64 KiB), `max_queues=` (default 10,000). A served directory (`broker serve`) is reached as
@@ -521,6 +529,7 @@ impl Broker for LogBroker {
         }
     }
 
+    /// Finishes every record of `queue` that is not leased, those not yet due included.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         match &self.inner {
             Inner::Local(s) => {

@@ -1317,6 +1317,31 @@ pub(crate) mod tests {
         assert_eq!(p.delayed_len(), 1);
     }
 
+    /// Purge finishes the records not yet due, those the cursor passed and those it did not reach,
+    /// for good (a reopened partition has none), and leaves a leased one alone.
+    #[tokio::test]
+    async fn purge_finishes_records_not_yet_due() {
+        let dir = tempdir();
+        let far = Instant::now() + Duration::from_secs(60);
+        let later = |p: &str| NewRecord { not_before_ms: now_ms() + 60_000, ..rec(p) };
+        {
+            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            p.log.append(vec![later("seen"), rec("leased")]).await.unwrap();
+            assert_eq!(p.take(far, 1).unwrap().unwrap().record.payload, b"leased");
+            assert_eq!(p.delayed_len(), 1, "the cursor passed it");
+            p.log.append(vec![later("unseen"), rec("ready")]).await.unwrap();
+            assert_eq!(p.purge().unwrap(), 3);
+            assert_eq!((p.delayed_len(), p.ready_len()), (0, 0));
+            assert!(p.take(far, 2).unwrap().is_none());
+            p.log.flush().await.unwrap();
+        }
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let back = p.take(far, 1).unwrap().unwrap();
+        assert_eq!(back.record.payload, b"leased", "the unsettled lease comes back after a restart");
+        assert!(p.take(far, 1).unwrap().is_none());
+        assert_eq!(p.delayed_len(), 0, "nothing purged comes back");
+    }
+
     #[tokio::test]
     async fn delivery_counts_survive_reopening() {
         let dir = tempdir();

@@ -60,16 +60,17 @@ impl Shared {
         self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
     }
 
-    /// Runs an atomic pipeline that also drops the lease `tag`.
+    /// Runs an atomic pipeline that also drops the lease `tag`. The lease is released here either
+    /// way: after a failure it is no longer renewed, so (unless the step did happen after all) the
+    /// restore sweep returns the message to its queue after the visibility timeout, instead of
+    /// this consumer keeping it leased for as long as it lives.
     async fn settle_with(&self, tag: &str, mut pipe: redis::Pipeline) -> Result<(), BrokerError> {
         pipe.atomic();
         pipe.hdel(self.keys.unacked(), tag).ignore();
         pipe.zrem(self.keys.unacked_index(), tag).ignore();
         let mut conn = self.conn.clone();
         let r = pipe.query_async::<()>(&mut conn).await.map_err(conn_error);
-        if r.is_ok() {
-            self.release(tag);
-        }
+        self.release(tag);
         r
     }
 }
@@ -443,6 +444,7 @@ impl Settle for RedisSettle {
         self.shared.settle_with(&self.tag, pipe).await
     }
 
+    /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let mut m = msg.clone();
         m.headers.eta = Some(until);

@@ -1,8 +1,15 @@
 //! `redis://` (and `rediss://`): Kombu's list layout, so Python Celery sees the same queues, with a
 //! reliable consume.
 //!
-//! - Publish: `LPUSH` of Kombu's envelope to the queue's priority bucket; a message whose eta is in
-//!   the future goes to a durable delayed sorted set instead and is moved back atomically when due.
+//! - Publish: `LPUSH` of Kombu's envelope to the queue's priority bucket, an eta or countdown
+//!   message too: it waits on its queue with its `eta` header, as Celery sends it, so a Python
+//!   Celery worker sharing the queue runs it (Python's `celery purge` removes it too).
+//! - ETA: a consumer that takes a message whose eta is ahead defers it
+//!   ([`celery_core::Delivery::defer`]): one atomic step moves it from the `unacked` lease into the
+//!   durable sorted set `_celery_rs.delayed.<queue>` (scored by its due time), and consumers of
+//!   that queue move it back to its bucket by the server's clock when due. Nothing waits in a
+//!   worker's memory, and a visibility timeout never duplicates it.
+//! - Purge: the queue's buckets and its delayed set, in one `MULTI`.
 //! - Consume: a Lua script takes up to N envelopes and records each in Kombu's `unacked` hash and
 //!   `unacked_index` zset in the same step, so no message is ever only in a worker's memory.
 //!   While a delivery is unsettled its lease is renewed; a worker that dies stops renewing and its
@@ -34,7 +41,6 @@ use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route
 use celery_core::scheme::BrokerScheme;
 use celery_core::url::{redacted, ServiceUrl, UrlError};
 use celery_core::{Broker, BrokerError, Consumer};
-use chrono::Utc;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
@@ -272,17 +278,12 @@ impl RedisBroker {
         Ok(queues)
     }
 
+    /// `LPUSH` to the queue's priority bucket, whatever the message's eta: an eta message waits on
+    /// its queue with its `eta` header as Celery sends it (a worker that takes it early defers it).
     fn add_publish(&self, pipe: &mut redis::Pipeline, queue: &str, route: &Route, msg: &Message) {
         let env = envelope::encode(msg, &route.exchange, queue);
-        match msg.headers.eta {
-            Some(t) if t > Utc::now() => {
-                pipe.zadd(self.keys.delayed(queue), env, t.timestamp_millis()).ignore();
-            }
-            _ => {
-                let step = envelope::bucket_of(envelope::kombu_priority(msg));
-                pipe.lpush(self.keys.bucket(queue, step), env).ignore();
-            }
-        }
+        let step = envelope::bucket_of(envelope::kombu_priority(msg));
+        pipe.lpush(self.keys.bucket(queue, step), env).ignore();
     }
 }
 
@@ -347,6 +348,8 @@ impl Broker for RedisBroker {
         Ok(Box::new(c))
     }
 
+    /// Deletes the queue's priority buckets and its delayed set (`_celery_rs.delayed.<queue>`) in
+    /// one `MULTI`; leased (unacked) messages stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut pipe = redis::pipe();
         let mut keys: Vec<String> = self.keys.buckets(queue).collect();

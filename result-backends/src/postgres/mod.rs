@@ -1,0 +1,307 @@
+//! PostgreSQL results in the tables Python already reads: `db+postgresql://USER@HOST:5432/DB`
+//! (Celery's SQLAlchemy backend: `celery_taskmeta`, `celery_tasksetmeta`) and
+//! `django-db+postgresql://...` (django-celery-results: `django_celery_results_taskresult`).
+//!
+//! What Python sees: rows as Celery 5.7 writes them (the result serializer's JSON in the binary
+//! `result` and `children` columns, `date_done` in naive UTC, the `result_extended` columns `name`,
+//! `worker`, `retries`, `queue` filled when the table has them), so `AsyncResult.get()` with
+//! `result_backend='db+postgresql://...'` reads what our workers store; and we read what Python
+//! stores, including rows of Celery before 5.7, whose pickled results are read as plain values
+//! only by [`pickle`], which refuses every opcode that imports or calls anything.
+//!
+//! Tables are created at connect when missing, exactly as Celery creates them (the extended
+//! layout); a table that Python created first is used as it is, with or without the extended or
+//! `children` columns. Beside them, in the same database, our own tables (all `celery_rs_`):
+//! the migration versions (`celery_rs_schema_version`, applied under an advisory lock so processes
+//! starting together do not race), chord tallies and idempotency claims (one transaction each,
+//! serialized on the chord's row), and a trigger that `NOTIFY`s each change of a result row, which
+//! waiters `LISTEN` for (falling back to a 1 s poll while that connection reconnects). Finished
+//! rows older than `result_expires` (default one day) are deleted in batches by every connected
+//! process every `cleanup_interval`; [`PostgresBackend::cleanup`] does it at once. The URL options
+//! are in [`url`].
+//!
+//! ## Why tokio-postgres and deadpool-postgres (not sqlx)
+//! - Async on tokio, which the whole project runs on; no compile-time database connection or
+//!   offline query cache (sqlx's checked macros need one, and its runtime API gives nothing more).
+//! - Prepared statements cached per pooled connection (`prepare_cached`), and pipelining for free:
+//!   concurrent statements on one client are sent without waiting for each other.
+//! - `LISTEN/NOTIFY` is the connection's message stream (`Connection::poll_message`), under our
+//!   control for reconnects — the broker's wake-ups will reuse [`connect::dedicated`].
+//! - `COPY` (`copy_in`) and `binary_copy` for batches, which a broker's bulk enqueue wants.
+//! - TLS through rustls (`tokio-postgres-rustls`), the same rustls and ring the AMQP and built-in
+//!   brokers use; no OpenSSL.
+//! - Small: deadpool adds a pool of a few hundred lines; the transaction API is the driver's own,
+//!   so the transactional enqueue to come can take a caller's `tokio_postgres::Transaction`.
+//!
+//! The connection, pool and migration code ([`url`], [`connect`], [`migrate`]) knows nothing of
+//! results, for the PostgreSQL broker to build on.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BackendError> {
+//! use celery_core::ResultBackend;
+//! let backend = result_backends::postgres::PostgresBackend::connect(
+//!     "db+postgresql://postgres@127.0.0.1:5432/test?result_expires=3600",
+//! )
+//! .await?;
+//! println!("{:?}", backend.get("some-task-id").await?);
+//! # Ok(()) }
+//! ```
+
+mod celery_table;
+mod chord;
+pub mod connect;
+mod django_table;
+mod expiry;
+mod listen;
+pub mod migrate;
+pub mod pickle;
+mod schema;
+pub mod url;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::backend::ChordMember;
+use celery_core::scheme::BackendScheme;
+use celery_core::{BackendError, ResultBackend, TaskMeta};
+use deadpool_postgres::Pool;
+
+use self::celery_table::CeleryTable;
+use self::connect::{pool_error, Tls};
+use self::django_table::DjangoTable;
+use self::listen::Waiters;
+pub use self::url::Layout;
+
+/// The result table, by layout.
+#[derive(Debug)]
+enum Table {
+    Celery(CeleryTable),
+    Django(DjangoTable),
+}
+
+impl Table {
+    /// Expiry statements: `$1` seconds, `$2` batch size; each returns the rows it deleted.
+    fn expiry(&self) -> Vec<&'static str> {
+        match self {
+            Table::Celery(_) => vec![
+                "WITH gone AS (DELETE FROM celery_taskmeta WHERE id IN (SELECT id FROM celery_taskmeta WHERE date_done < \
+                 (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING 1) \
+                 SELECT count(*) FROM gone",
+                "WITH gone AS (DELETE FROM celery_tasksetmeta WHERE id IN (SELECT id FROM celery_tasksetmeta WHERE \
+                 date_done < (now() AT TIME ZONE 'UTC') - make_interval(secs => $1) LIMIT $2 FOR UPDATE SKIP LOCKED) \
+                 RETURNING 1) SELECT count(*) FROM gone",
+            ],
+            Table::Django(_) => vec![django_table::EXPIRY],
+        }
+    }
+
+    fn forget(&self) -> &'static str {
+        match self {
+            Table::Celery(_) => "DELETE FROM celery_taskmeta WHERE task_id = $1",
+            Table::Django(_) => "DELETE FROM django_celery_results_taskresult WHERE task_id = $1",
+        }
+    }
+}
+
+/// Background tasks, aborted when the last clone of the backend is dropped.
+#[derive(Debug)]
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// The PostgreSQL result backend. Clones share the pool, the listener and the expiry sweeper.
+#[derive(Clone)]
+pub struct PostgresBackend {
+    pool: Pool,
+    table: Arc<Table>,
+    waiters: Arc<Waiters>,
+    expires: Option<Duration>,
+    shown: Arc<str>,
+    _tasks: Arc<Tasks>,
+}
+
+impl std::fmt::Debug for PostgresBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresBackend").field("url", &self.shown).field("table", &self.table).finish()
+    }
+}
+
+impl PostgresBackend {
+    /// Connects, creates or adopts the tables (applying our migrations), and starts listening.
+    /// The server must be reachable now; later losses are retried.
+    pub async fn connect(url: &str) -> Result<PostgresBackend, BackendError> {
+        let opts = url::result_options(url)?;
+        let tls = Tls::new(opts.connect.tls.as_ref(), &opts.connect.shown)?;
+        let pool = connect::pool(&opts.connect, &tls)?;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        migrate::migrate(&mut client, "results", schema::OURS).await?;
+        let table = match opts.layout {
+            Layout::Celery => {
+                migrate::migrate(&mut client, "celery-results", schema::CELERY).await?;
+                let cols = schema::columns(&client, "celery_taskmeta").await.map_err(connect::backend_error)?;
+                Table::Celery(CeleryTable::new(&cols))
+            }
+            Layout::Django => {
+                django_table::require(&client).await?;
+                migrate::migrate(&mut client, "django-results", django_table::MIGRATIONS).await?;
+                let cols = schema::columns(&client, "django_celery_results_taskresult")
+                    .await
+                    .map_err(connect::backend_error)?;
+                Table::Django(DjangoTable::new(&cols))
+            }
+        };
+        drop(client);
+        let waiters = Arc::new(Waiters::default());
+        let mut tasks = vec![tokio::spawn(listen::listen(opts.connect.clone(), tls, waiters.clone()))];
+        if let Some(expires) = opts.expires {
+            tasks.push(tokio::spawn(expiry::run(pool.clone(), table.expiry(), expires, opts.cleanup_interval)));
+        }
+        tracing::debug!(url = %opts.connect.shown, ?table, "postgresql results: connected");
+        Ok(PostgresBackend {
+            pool,
+            table: Arc::new(table),
+            waiters,
+            expires: opts.expires,
+            shown: opts.connect.shown.into(),
+            _tasks: Arc::new(Tasks(tasks)),
+        })
+    }
+
+    /// Deletes the results finished longer than `result_expires` ago (and stale chord tallies
+    /// and lapsed idempotency claims) now; returns the rows deleted. Nothing when results never
+    /// expire (`result_expires=0`).
+    pub async fn cleanup(&self) -> Result<u64, BackendError> {
+        match self.expires {
+            Some(expires) => expiry::sweep(&self.pool, &self.table.expiry(), expires).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Which tables this backend reads and writes.
+    pub fn layout(&self) -> Layout {
+        match &*self.table {
+            Table::Celery(_) => Layout::Celery,
+            Table::Django(_) => Layout::Django,
+        }
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, BackendError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+#[async_trait]
+impl ResultBackend for PostgresBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        let c = self.client().await?;
+        match &*self.table {
+            Table::Celery(t) => t.store(&c, meta).await,
+            Table::Django(t) => t.store(&c, meta).await,
+        }
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        let c = self.client().await?;
+        match &*self.table {
+            Table::Celery(t) => t.get(&c, task_id).await,
+            Table::Django(t) => t.get(&c, task_id).await,
+        }
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        let deadline = celery_core::clock::instant_after(timeout);
+        let mut rx = self.waiters.register(task_id);
+        let mut backoff = celery_core::backoff::Reconnect::default();
+        let result = async {
+            loop {
+                let cur = match self.get(task_id).await {
+                    Ok(cur) => cur,
+                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                        let d = backoff.next_delay();
+                        tracing::warn!(error = %e, retry_in = ?d, "postgresql results: read failed; retrying");
+                        tokio::time::sleep(d).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                    return Ok(cur);
+                }
+                // Woken by NOTIFY; the 1 s poll covers a listener that is reconnecting.
+                let poll = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+                match rx.as_mut() {
+                    Some(rx) => {
+                        let _ = tokio::time::timeout_at(poll, rx.changed()).await;
+                    }
+                    None => tokio::time::sleep_until(poll).await,
+                }
+            }
+        }
+        .await;
+        if rx.is_some() {
+            self.waiters.unregister(task_id);
+        }
+        result
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        let c = self.client().await?;
+        let stmt = c.prepare_cached(self.table.forget()).await.map_err(connect::backend_error)?;
+        c.execute(&stmt, &[&task_id]).await.map_err(connect::backend_error)?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "postgresql"
+    }
+
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        chord::claim(&self.client().await?, key, task_id, ttl).await
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        chord::unclaim(&self.client().await?, key, task_id).await
+    }
+
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        chord::size(&self.client().await?, group_id, size).await
+    }
+
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        chord::part(&mut self.client().await?, group_id, member).await
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        chord::done(&mut self.client().await?, group_id).await
+    }
+}
+
+async fn connect_scheme(url: String) -> Result<Arc<dyn ResultBackend>, BackendError> {
+    Ok(Arc::new(PostgresBackend::connect(&url).await?) as Arc<dyn ResultBackend>)
+}
+
+inventory::submit! { BackendScheme { scheme: "db+postgresql", connect: |url| Box::pin(connect_scheme(url)) } }
+inventory::submit! { BackendScheme { scheme: "db+postgresql+psycopg2", connect: |url| Box::pin(connect_scheme(url)) } }
+inventory::submit! { BackendScheme { scheme: "db+postgresql+psycopg", connect: |url| Box::pin(connect_scheme(url)) } }
+inventory::submit! { BackendScheme { scheme: "db+postgres", connect: |url| Box::pin(connect_scheme(url)) } }
+inventory::submit! { BackendScheme { scheme: "django-db+postgresql", connect: |url| Box::pin(connect_scheme(url)) } }
+inventory::submit! { BackendScheme { scheme: "django-db+postgres", connect: |url| Box::pin(connect_scheme(url)) } }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_scheme_is_registered() {
+        let registered: Vec<&str> =
+            inventory::iter::<celery_core::scheme::BackendScheme>.into_iter().map(|s| s.scheme).collect();
+        for (scheme, _) in super::url::SCHEMES {
+            assert!(registered.contains(scheme), "{scheme}");
+        }
+    }
+}
