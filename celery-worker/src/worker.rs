@@ -56,7 +56,7 @@ use crate::rate_limit::RateLimits;
 use crate::requests::{DeliveryInfo, Held, Requests};
 
 /// An eta closer than this is waited for in the worker instead of going back to the broker.
-const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
 
 /// Worker settings.
 ///

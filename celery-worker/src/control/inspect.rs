@@ -9,6 +9,7 @@ use serde_json::{json, Map, Value};
 
 use super::args::{Args, PyError};
 use super::system;
+use crate::requests::HeldState;
 use crate::worker::Shared;
 
 /// `ping`.
@@ -21,24 +22,49 @@ pub(super) fn active(w: &Shared, args: Args<'_>) -> Value {
     Value::Array(w.requests.active(&w.config.hostname, args.flag("safe")))
 }
 
-/// `reserved`: received and not started: reserved deliveries waiting for a slot, then those that
-/// hold one while they wait for a rate limit or a near eta.
-pub(super) fn reserved(w: &Shared) -> Value {
+/// True when `msg`'s eta is far enough ahead that the worker defers it when it takes it (see
+/// [`crate::requests`]): Celery lists such a task as scheduled, not reserved.
+fn deferrable(msg: &celery_core::protocol::Message, now: chrono::DateTime<chrono::Utc>) -> bool {
+    msg.headers.eta.is_some_and(|eta| (eta - now).to_std().is_ok_and(|wait| wait > crate::worker::LOCAL_ETA_WAIT))
+}
+
+/// The reserved deliveries (received, waiting for a slot) as `(state, request, eta, priority)`:
+/// `scheduled` for those with an eta the worker will defer, else `reserved`.
+fn reservations(w: &Shared) -> Vec<(HeldState, Value, Option<String>, Option<u8>)> {
     let host = &w.config.hostname;
     let max = celery_core::protocol::max_encoded_size(w.app.config().max_message_size);
+    let now = chrono::Utc::now();
     let mut out = Vec::new();
     w.intake.reserved().each(max, |msg, delivery| {
         let name = registry::lookup(&msg.headers.task).map_or(msg.headers.task.as_str(), |e| e.name);
-        out.push(crate::requests::request_info(msg, name, host, delivery, None, false, false));
+        let info = crate::requests::request_info(msg, name, host, delivery, None, false, false);
+        let state = if deferrable(msg, now) { HeldState::Scheduled } else { HeldState::Reserved };
+        out.push((state, info, msg.headers.eta.map(|e| e.to_rfc3339()), msg.properties.priority));
     });
-    out.extend(w.requests.waiting(host));
+    out
+}
+
+/// `reserved`: received and not started: deliveries waiting for a slot, then those that hold one
+/// while they wait for a rate limit or a near eta (not those with an eta further ahead: those are
+/// `scheduled`).
+pub(super) fn reserved(w: &Shared) -> Value {
+    let mut out: Vec<Value> = reservations(w).into_iter().filter(|r| r.0 == HeldState::Reserved).map(|r| r.1).collect();
+    out.extend(w.requests.waiting(&w.config.hostname));
     Value::Array(out)
 }
 
-/// `scheduled`: the tasks this worker deferred to the broker until their eta (see
-/// [`crate::requests`]).
+/// `scheduled`: `[{"eta", "priority", "request"}]`: the tasks this worker deferred to the broker
+/// until their eta (see [`crate::requests`]), and those it received with an eta and defers when a
+/// slot takes them.
 pub(super) fn scheduled(w: &Shared) -> Value {
-    Value::Array(w.requests.scheduled())
+    let mut out = w.requests.scheduled();
+    out.extend(
+        reservations(w)
+            .into_iter()
+            .filter(|r| r.0 == HeldState::Scheduled)
+            .map(|(_, request, eta, priority)| json!({"eta": eta, "priority": priority, "request": request})),
+    );
+    Value::Array(out)
 }
 
 /// `query_task` (`ids`, or `id`): `{id: [state, request]}` for the ones this worker holds.
@@ -49,21 +75,20 @@ pub(super) fn query_task(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
     }
     let host = &w.config.hostname;
     let mut out = Map::new();
-    let max = celery_core::protocol::max_encoded_size(w.app.config().max_message_size);
+    let mut pending: Vec<String> = Vec::new();
     for id in ids {
-        if let Some((state, info)) = w.requests.find(&id, host) {
-            out.insert(id, json!([state.as_str(), info]));
-            continue;
-        }
-        let mut found = None;
-        w.intake.reserved().each(max, |msg, delivery| {
-            if found.is_none() && msg.headers.id == id {
-                let name = registry::lookup(&msg.headers.task).map_or(msg.headers.task.as_str(), |e| e.name);
-                found = Some(crate::requests::request_info(msg, name, host, delivery, None, false, false));
+        match w.requests.find(&id, host) {
+            Some((state, info)) => {
+                out.insert(id, json!([state.as_str(), info]));
             }
-        });
-        if let Some(info) = found {
-            out.insert(id, json!(["reserved", info]));
+            None => pending.push(id),
+        }
+    }
+    if !pending.is_empty() {
+        for (state, info, _, _) in reservations(w) {
+            if let Some(id) = info["id"].as_str().filter(|id| pending.iter().any(|p| p == id)) {
+                out.insert(id.to_owned(), json!([state.as_str(), info]));
+            }
         }
     }
     Ok(Value::Object(out))
@@ -225,6 +250,7 @@ fn broker_info(w: &Shared) -> Value {
         "heartbeat": option("heartbeat"),
         "failover_strategy": "round-robin",
         "alternates": [],
+        "credential_provider": null,
     })
 }
 
