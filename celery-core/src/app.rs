@@ -166,7 +166,7 @@ impl App {
                 tracing::debug!(key, first = %first, "idempotency key seen: returning the first task");
                 return Ok(self.result(&first));
             }
-            if let Err(e) = retrying(|| self.broker.publish(&route, &msg)).await {
+            if let Err(e) = crate::backoff::retrying(|| self.broker.publish(&route, &msg)).await {
                 // Not sent: free the key so that a retry of this send can send.
                 let _ = self.backend.unclaim(key, id).await;
                 return Err(e.into());
@@ -174,7 +174,7 @@ impl App {
             self.sent_event(&route, &msg).await;
             return Ok(self.result(id));
         }
-        retrying(|| self.broker.publish(&route, &msg)).await?;
+        crate::backoff::retrying(|| self.broker.publish(&route, &msg)).await?;
         self.sent_event(&route, &msg).await;
         Ok(self.result(id))
     }
@@ -202,7 +202,7 @@ impl App {
     /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.
     pub async fn send_batch(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<Vec<AsyncResult>, AppError> {
         let batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
-        retrying(|| self.broker.publish_batch(&batch)).await?;
+        crate::backoff::retrying(|| self.broker.publish_batch(&batch)).await?;
         for (route, msg) in &batch {
             self.sent_event(route, msg).await;
         }
@@ -311,25 +311,6 @@ impl App {
     /// A handle on the result of task `id`.
     pub fn result(&self, id: &str) -> AsyncResult {
         AsyncResult { id: id.to_owned(), backend: self.backend.clone() }
-    }
-}
-
-/// Runs a broker operation, retrying connection errors up to three attempts with backoff.
-async fn retrying<'a, F, Fut>(mut op: F) -> Result<(), crate::BrokerError>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), crate::BrokerError>> + 'a,
-{
-    let mut backoff = crate::backoff::Reconnect::default();
-    loop {
-        match op().await {
-            Err(e) if e.is_retryable() && backoff.attempts() < 2 => {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "send failed; retrying");
-                tokio::time::sleep(d).await;
-            }
-            other => return other,
-        }
     }
 }
 

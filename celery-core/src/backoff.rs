@@ -96,3 +96,32 @@ impl Reconnect {
         self.attempt = 0;
     }
 }
+
+/// Runs a broker operation, retrying connection errors ([`BrokerError::is_retryable`]) up to three
+/// attempts with backoff; any other error, or the third failure, is returned.
+///
+/// ```no_run
+/// # async fn demo(app: celery_core::App, msg: celery_core::protocol::Message) -> Result<(), celery_core::BrokerError> {
+/// let route = celery_core::routing::Route::queue("celery");
+/// celery_core::backoff::retrying(|| app.broker().publish(&route, &msg)).await?;
+/// # Ok(()) }
+/// ```
+///
+/// [`BrokerError::is_retryable`]: crate::BrokerError::is_retryable
+pub async fn retrying<T, F, Fut>(mut op: F) -> Result<T, crate::BrokerError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::BrokerError>>,
+{
+    let mut backoff = Reconnect::default();
+    loop {
+        match op().await {
+            Err(e) if e.is_retryable() && backoff.attempts() < 2 => {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "broker operation failed; retrying");
+                tokio::time::sleep(d).await;
+            }
+            other => return other,
+        }
+    }
+}

@@ -403,6 +403,11 @@ async fn time_limit_and_terminate(t: Target) {
     assert_eq!(unknown, json!({"ok": "terminate: tasks unknown"}));
     let flagged = ask(&app, &w.host, "revoke", json!({"task_id": "x1"})).await;
     assert_eq!(flagged, json!({"ok": "tasks {'x1'} flagged as revoked"}));
+    // A bare revoke request (what Python's `app.control.revoke` sends: it stores nothing itself):
+    // the worker marks the task REVOKED in the backend, as Celery's workers do, so a waiter learns.
+    let pending = format!("revoked-{}", token());
+    ask(&app, &w.host, "revoke", json!({"task_id": [pending.clone()]})).await;
+    assert!(matches!(app.result(&pending).get::<u32>(T).await, Err(ResultError::Revoked)));
     w.stop().await;
 }
 

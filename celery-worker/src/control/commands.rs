@@ -59,6 +59,7 @@ fn revoke_ids(w: &Shared, ids: &[String], terminate: bool, signal: Option<&Value
     for id in ids {
         w.revoked.add(id);
     }
+    store_revoked(w, ids);
     // Those waiting for an eta or a rate limit are dropped at once, not when their wait ends.
     w.requests.wake_waiting(|h| ids.contains(&h.msg.headers.id));
     if !terminate {
@@ -72,6 +73,22 @@ fn revoke_ids(w: &Shared, ids: &[String], terminate: bool, signal: Option<&Value
     }
     tracing::info!(ids = %terminated.join(", "), %signum, "terminating");
     Ok(ok(format!("terminate: {}", terminated.join(", "))))
+}
+
+/// Stores REVOKED for each id in the background, as Celery's workers do (`mark_as_revoked`), so a
+/// caller waiting on a task that a Python client revoked learns it at once; best effort, logged. A
+/// stored SUCCESS is never overwritten (every backend keeps it).
+fn store_revoked(w: &Shared, ids: &[String]) {
+    let (app, ids) = (w.app.clone(), ids.to_vec());
+    tokio::spawn(async move {
+        let err = celery_core::TaskError::new("TaskRevokedError", "revoked");
+        for id in ids {
+            let meta = celery_core::TaskMeta::error(&id, celery_core::TaskState::Revoked, &err);
+            if let Err(e) = app.backend().store(&meta).await {
+                tracing::warn!(error = %e, task = %id, "cannot mark the task revoked in the result backend");
+            }
+        }
+    });
 }
 
 /// `terminate` (`signal`, `task_id`): `revoke` with `terminate`.

@@ -48,6 +48,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use celery_core::backoff::retrying;
 use celery_core::protocol::{Headers, Message, Properties};
 use celery_core::routing::{Exchange, ExchangeKind};
 use celery_core::{App, BrokerError};
@@ -116,7 +117,8 @@ async fn call(
 ) -> Result<Vec<(String, Value)>, BrokerError> {
     let oid = uuid::Uuid::new_v4().to_string();
     let ticket = uuid::Uuid::new_v4().to_string();
-    let mut replies = app.broker().subscribe(&reply_exchange(), &oid).await?;
+    let (requests, replies_to) = (request_exchange(), reply_exchange());
+    let mut replies = retrying(|| app.broker().subscribe(&replies_to, &oid)).await?;
     let expected = destination.as_ref().map(Vec::len);
     let body = json!({
         "method": method, "arguments": arguments, "destination": destination,
@@ -125,7 +127,7 @@ async fn call(
     });
     let expires = celery_core::event::now() + timeout.as_secs_f64();
     let msg = message(&body, &[("clock", json!(0)), ("expires", json!(expires))]);
-    app.broker().broadcast(&request_exchange(), "", &msg).await?;
+    retrying(|| app.broker().broadcast(&requests, "", &msg)).await?;
     let mut out = Vec::new();
     let deadline = celery_core::clock::instant_after(timeout);
     while expected.is_none_or(|n| out.len() < n) {
