@@ -480,10 +480,17 @@ async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot) {
     process(w, d, msg, slot).instrument(span).await
 }
 
-/// A request waiting (near eta, rate limit) with its slot, as `inspect reserved` shows it, and
-/// what wakes it when it is revoked.
-fn waiting(msg: &Arc<Message>, name: &'static str, delivery: &DeliveryInfo) -> (Held, oneshot::Receiver<()>) {
-    let (wake, woken) = oneshot::channel();
+/// Waits for `until` (a near eta, a rate limit) holding the slot, listed as `inspect reserved`
+/// shows it; a revoke wakes it early (true, as when `until` resolves: the caller then finds it
+/// revoked). False when the worker shuts down first.
+async fn wait_listed(
+    w: &Shared,
+    msg: &Arc<Message>,
+    name: &'static str,
+    delivery: &DeliveryInfo,
+    until: impl std::future::Future<Output = ()>,
+) -> bool {
+    let (wake, woken) = oneshot::channel::<()>();
     let held = Held {
         msg: msg.clone(),
         name,
@@ -492,14 +499,20 @@ fn waiting(msg: &Arc<Message>, name: &'static str, delivery: &DeliveryInfo) -> (
         acknowledged: false,
         terminate: Some(wake),
     };
-    (held, woken)
-}
-
-/// Resolves when a waiting request is woken (revoked); never if its sender is gone.
-async fn woken(rx: oneshot::Receiver<()>) {
-    if rx.await.is_err() {
-        std::future::pending::<()>().await;
-    }
+    w.requests.wait(held);
+    // A dropped sender (the request left the list) never wakes it.
+    let woken = async {
+        if woken.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let waited = tokio::select! {
+        _ = until => true,
+        _ = woken => true,
+        _ = stopped(w.shutdown.clone()) => false,
+    };
+    w.requests.unwait(&msg.headers.id);
+    waited
 }
 
 /// Runs one delivery holding a concurrency slot (released early when it does not run).
@@ -571,15 +584,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
             }
             return;
         }
-        let (held, wake) = waiting(&msg, entry.name, &delivery);
-        w.requests.wait(held);
-        let waited = tokio::select! {
-            _ = tokio::time::sleep(wait) => true,
-            _ = woken(wake) => true,
-            _ = stopped(w.shutdown.clone()) => false,
-        };
-        w.requests.unwait(&msg.headers.id);
-        if !waited {
+        if !wait_listed(&w, &msg, entry.name, &delivery, tokio::time::sleep(wait)).await {
             Box::pin(requeue(&w, d)).await;
             return;
         }
@@ -594,15 +599,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
         (None, None) => None,
     };
     if let Some(interval) = interval {
-        let (held, wake) = waiting(&msg, entry.name, &delivery);
-        w.requests.wait(held);
-        let waited = tokio::select! {
-            _ = Box::pin(w.limits.acquire(entry.name, interval)) => true,
-            _ = woken(wake) => true,
-            _ = stopped(w.shutdown.clone()) => false,
-        };
-        w.requests.unwait(&msg.headers.id);
-        if !waited {
+        if !wait_listed(&w, &msg, entry.name, &delivery, Box::pin(w.limits.acquire(entry.name, interval))).await {
             Box::pin(requeue(&w, d)).await;
             return;
         }
