@@ -19,6 +19,8 @@ pub mod fuzzing;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -49,14 +49,15 @@
 
 mod celery_table;
 mod chord;
-pub mod connect;
 mod django_table;
 mod expiry;
 mod listen;
-pub mod migrate;
 pub mod pickle;
 mod schema;
 pub mod url;
+
+/// Connections, pool, TLS and migrations, shared with the PostgreSQL broker (which owns them).
+pub use broker_backends::postgres::{connect, migrate};
 
 use std::sync::Arc;
 use std::time::Duration;
