@@ -140,7 +140,7 @@ async fn dead_letters_keep_their_reason() {
     let peeked = b.peek("dl.dead", 10).await.unwrap();
     let m = peeked[0].as_ref().expect("decodes");
     assert_eq!(m.headers.extra.get(DEAD_LETTER_REASON), Some(&json!("bad arguments: x is not an int")));
-    assert_eq!(firsts(&[m.clone()]), vec![7], "the original message");
+    assert_eq!(firsts(std::slice::from_ref(m)), vec![7], "the original message");
     consumer.close().await;
 }
 

@@ -248,7 +248,7 @@ impl Fetcher {
                 payload: r.get(4),
             })
             .collect();
-        rows.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+        rows.sort_by_key(|r| (r.priority, r.run_at, r.id));
         let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
         for r in &rows {
             leases.insert(r.id, r.deliveries);

@@ -81,6 +81,9 @@ const NOTIFY_MAX: usize = 7900;
 /// Separates the fields of a broadcast notification.
 const FIELD: char = '\u{1f}';
 
+/// A row to insert: queue, priority, eta, payload.
+type NewRow = (String, i16, Option<DateTime<Utc>>, Vec<u8>);
+
 /// A result-backend-typed error of the shared connection code, as a broker error.
 pub fn broker_error(e: BackendError) -> BrokerError {
     match e {
@@ -224,7 +227,7 @@ impl PostgresBroker {
     }
 
     /// Inserts rows, at most [`PUBLISH_BATCH`] per statement.
-    async fn insert(&self, rows: Vec<(String, i16, Option<DateTime<Utc>>, Vec<u8>)>) -> Result<(), BrokerError> {
+    async fn insert(&self, rows: Vec<NewRow>) -> Result<(), BrokerError> {
         for chunk in rows.chunks(PUBLISH_BATCH) {
             let queues: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
             let priorities: Vec<i16> = chunk.iter().map(|r| r.1).collect();
@@ -239,12 +242,7 @@ impl PostgresBroker {
     }
 
     /// The rows `(route, msg)` becomes.
-    async fn rows_of(
-        &self,
-        route: &Route,
-        msg: &Message,
-        out: &mut Vec<(String, i16, Option<DateTime<Utc>>, Vec<u8>)>,
-    ) -> Result<(), BrokerError> {
+    async fn rows_of(&self, route: &Route, msg: &Message, out: &mut Vec<NewRow>) -> Result<(), BrokerError> {
         for queue in self.resolve(route).await? {
             let env = envelope::encode(msg, &route.exchange, &queue);
             if env.len() > MAX_PAYLOAD {
