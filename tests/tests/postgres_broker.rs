@@ -267,3 +267,48 @@ async fn higher_priority_first_then_oldest() {
     assert_eq!(firsts(&taken), [2, 4, 3, 1, 5]);
     consumer.close().await;
 }
+
+/// Events at thousands a second: every one arrives, in order, and none is stored in a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_events_go_through_notify_alone() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "pool_size=8").await;
+    let ev = Exchange::new("celeryev", ExchangeKind::Topic);
+    let mut sub = b.subscribe(&ev, "#").await.unwrap();
+    let event =
+        |i: usize| Message { body: format!("{{\"type\":\"task-succeeded\",\"i\":{i}}}").into_bytes(), ..msg(0) };
+    // The listener connects in the background: a first event, sent until it arrives.
+    let ready = async {
+        loop {
+            b.broadcast(&ev, "ready", &event(0)).await.unwrap();
+            if let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+                return;
+            }
+        }
+    };
+    tokio::time::timeout(T, ready).await.expect("the subscription is live");
+    let n = 5000;
+    let started = Instant::now();
+    let sends = (1..=n).map(|i| {
+        let (b, ev, m) = (b.clone(), ev.clone(), event(i));
+        async move { b.broadcast(&ev, "task.succeeded", &m).await }
+    });
+    // Eight at a time (the pool's size): each is one statement and one commit.
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(sends).buffered(8).collect().await;
+    assert!(results.iter().all(Result::is_ok));
+    let mut seen = Vec::new();
+    while seen.len() < n {
+        let got = tokio::time::timeout(T, sub.next()).await.expect("every event").expect("open");
+        if got.routing_key == "task.succeeded" {
+            let v: Value = serde_json::from_slice(&got.body).unwrap();
+            seen.push(v["i"].as_u64().unwrap() as usize);
+        }
+    }
+    let rate = n as f64 / started.elapsed().as_secs_f64();
+    eprintln!("{n} events in {:?} ({rate:.0}/s)", started.elapsed());
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "each event once");
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 0, "nothing stored");
+}
