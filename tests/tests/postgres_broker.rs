@@ -9,6 +9,8 @@
 //! 6. A lease lost to another consumer is never settled by its first holder (the fencing token).
 //! 7. Broadcasts, inline and stored (larger than a notification), filtered by exchange and pattern.
 //! 8. Priorities: higher priority first, then oldest first.
+//! 9. 5,000 events through `NOTIFY` alone: each arrives once, none is stored.
+//! 10. The listening connection killed by the server: nothing waits meanwhile, and it comes back.
 
 use std::time::{Duration, Instant};
 
@@ -311,4 +313,36 @@ async fn thousands_of_events_go_through_notify_alone() {
     sorted.sort_unstable();
     assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "each event once");
     assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 0, "nothing stored");
+}
+
+/// The listening connection killed by the server: messages still arrive (polled while it
+/// reconnects), and once it is back an idle consumer is woken at once again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_listener_reconnects_and_nothing_waits_meanwhile() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app_name = format!("relisten_{}", schema.0);
+    let b = broker(&schema, &format!("application_name={app_name}")).await;
+    let mut consumer = b.consume(&["rl".into()], 1).await.unwrap();
+    let listeners =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app_name}' AND query LIKE 'LISTEN%'");
+    let pids =
+        format!("SELECT pid FROM pg_stat_activity WHERE application_name = '{app_name}' AND query LIKE 'LISTEN%'");
+    assert!(wait_until(T, || count(&schema, &listeners) == 1), "listening");
+    let old = schema.query(&pids).unwrap()[0][0].clone().unwrap();
+    schema.query(&format!("SELECT pg_terminate_backend({old})")).unwrap();
+    b.publish(&Route::queue("rl"), &msg(1)).await.unwrap();
+    let d = tokio::time::timeout(T, consumer.next()).await.expect("delivered while reconnecting").unwrap();
+    d.ack().await.unwrap();
+    let relistening = || {
+        let rows = schema.query(&pids).unwrap();
+        rows.len() == 1 && rows[0][0].as_deref() != Some(old.as_str())
+    };
+    assert!(wait_until(T, relistening), "a new listening connection");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    b.publish(&Route::queue("rl"), &msg(2)).await.unwrap();
+    let d = tokio::time::timeout(T, consumer.next()).await.expect("delivered").unwrap();
+    assert!(sent.elapsed() < Duration::from_millis(500), "woken after {:?}", sent.elapsed());
+    d.ack().await.unwrap();
+    consumer.close().await;
 }
