@@ -402,7 +402,18 @@ impl Broker for PostgresBroker {
     async fn subscribe(&self, exchange: &Exchange, pattern: &str) -> Result<Box<dyn Subscription>, BrokerError> {
         check_name("exchange", &exchange.name)?;
         check_name("routing key", pattern)?;
-        let mut notes = self.listener().subscribe();
+        let listener = self.listener();
+        let mut notes = listener.subscribe();
+        // Broadcasts sent once this returns reach the subscription: wait until the listening
+        // connection is up (a first subscription starts it).
+        let mut up = listener.connected();
+        let wait = self.inner.options.connect.config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10))
+            + Duration::from_secs(5);
+        if !matches!(tokio::time::timeout(wait, up.wait_for(|c| *c)).await, Ok(Ok(_))) {
+            return Err(BrokerError::Connection(format!(
+                "postgresql: the listening connection is not up after {wait:?}"
+            )));
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let (db, name, kind, pattern) =
             (self.inner.db.clone(), exchange.name.clone(), exchange.kind, pattern.to_owned());
