@@ -225,6 +225,8 @@ pub enum Target {
     Redis(RedisEnv),
     /// `amqp://` on a vhost of its own, results on Redis.
     Amqp(AmqpVhost, RedisEnv),
+    /// `postgres://` in a schema of its own, results on Redis.
+    Postgres(PgSchema, RedisEnv),
 }
 
 impl Target {
@@ -254,6 +256,15 @@ impl Target {
         Some(Target::Amqp(AmqpVhost::new(), RedisEnv::new(1.0)))
     }
 
+    /// PostgreSQL in a fresh schema (results on Redis), or None (skipped) without the servers.
+    pub fn postgres() -> Option<Target> {
+        if !redis_available("conformance (postgres results)") {
+            return None;
+        }
+        let schema = PgSchema::new("conformance (postgres)")?;
+        Some(Target::Postgres(schema, RedisEnv::new(1.0)))
+    }
+
     /// A fresh key prefix, or None (skipped) without Redis.
     pub fn redis() -> Option<Target> {
         redis_available("conformance (redis)").then(|| Target::Redis(RedisEnv::new(1.0)))
@@ -268,6 +279,7 @@ impl Target {
             Target::LogTcp(_, a, _) => (format!("log+tcp://{a}?token=s3cret"), format!("log+tcp://{a}?token=s3cret")),
             Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
             Target::Amqp(v, e) => (v.url(), e.backend.clone()),
+            Target::Postgres(s, e) => (s.url("postgres", "visibility_timeout=1"), e.backend.clone()),
         }
     }
 
@@ -288,7 +300,7 @@ impl Drop for Target {
                 server.abort();
                 let _ = std::fs::remove_dir_all(d);
             }
-            Target::Redis(_) | Target::Amqp(..) => {}
+            Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..) => {}
         }
     }
 }
@@ -429,7 +441,7 @@ impl Drop for AmqpTlsListener {
 }
 
 /// Runs each named `async fn(Target)` of the calling test file as one test per broker (`log_broker`,
-/// `log_tcp_broker`, `redis_broker`, `amqp_broker`); the Redis and RabbitMQ ones skip (or fail under
+/// `log_tcp_broker`, `redis_broker`, `amqp_broker`, `postgres_broker`); the Redis, RabbitMQ and PostgreSQL ones skip (or fail under
 /// `CELERY_REQUIRE_SERVICES`) when their server is down. The calling file imports `Target`.
 #[macro_export]
 macro_rules! each_broker {
@@ -459,6 +471,14 @@ macro_rules! each_broker {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     if let Some(t) = super::Target::amqp() { super::$name(t).await }
+                }
+            )*
+        }
+        mod postgres_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::postgres() { super::$name(t).await }
                 }
             )*
         }

@@ -1,4 +1,5 @@
-//! Brokers: `log://` (the built-in durable log), `memory://` for tests and `redis://` in Kombu's layout, each registered under its URL
+//! Brokers: `log://` (the built-in durable log), `memory://` for tests, `redis://` in Kombu's layout,
+//! `amqp://` (RabbitMQ) and `postgres://` (tables in PostgreSQL), each registered under its URL
 //! scheme so [`celery_core::App::connect`] finds it.
 //!
 //! ```no_run
@@ -19,6 +20,8 @@ pub mod fuzzing;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis")]
 pub mod redis;
 

@@ -209,6 +209,14 @@ macro_rules! on_every_broker {
                 }
             )*
         }
+        mod postgres_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::postgres() { super::$name(t).await }
+                }
+            )*
+        }
     };
 }
 

@@ -449,9 +449,10 @@ async fn rate_limited_tasks_are_reserved(t: Target) {
 /// A task received with an eta more than a second away (Redis and RabbitMQ producers, ours and
 /// Python's, publish it straight to its queue) is listed by `scheduled`: deferred to the broker at
 /// once by an idle worker, or held unstarted behind busy slots (then not `reserved`, as in Celery).
-/// The built-in broker holds an eta message itself from the start, so no worker lists it there.
+/// The built-in and PostgreSQL brokers hold an eta message themselves from the start (the log's
+/// delay store, the row's `run_at`), so no worker lists it there.
 async fn eta_tasks_are_scheduled(t: Target) {
-    if matches!(t, Target::Log(_) | Target::LogTcp(..)) {
+    if matches!(t, Target::Log(_) | Target::LogTcp(..) | Target::Postgres(..)) {
         return;
     }
     let app = t.app().await;

@@ -81,6 +81,13 @@ async fn peek_and_act_redis() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_and_act_postgres() {
+    if let Some(t) = Target::postgres() {
+        peek_and_act(t).await;
+    }
+}
+
 /// RabbitMQ: peek is refused with the reason, and nothing was taken (the page shows the depth).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_refuses_to_peek_and_takes_nothing() {

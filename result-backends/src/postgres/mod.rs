@@ -33,8 +33,9 @@
 //! - Small: deadpool adds a pool of a few hundred lines; the transaction API is the driver's own,
 //!   so the transactional enqueue to come can take a caller's `tokio_postgres::Transaction`.
 //!
-//! The connection, pool and migration code ([`url`], [`connect`], [`migrate`]) knows nothing of
-//! results, for the PostgreSQL broker to build on.
+//! The connection, pool and migration code ([`connect`], [`migrate`], and the connection part of
+//! [`url`]) knows nothing of results: it lives in `broker_backends::postgres`, which the
+//! PostgreSQL broker builds on too, and is re-exported here.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
@@ -49,14 +50,15 @@
 
 mod celery_table;
 mod chord;
-pub mod connect;
 mod django_table;
 mod expiry;
 mod listen;
-pub mod migrate;
 pub mod pickle;
 mod schema;
 pub mod url;
+
+/// Connections, pool, TLS and migrations, shared with the PostgreSQL broker (which owns them).
+pub use broker_backends::postgres::{connect, migrate};
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -17,12 +17,12 @@
 //! `cleanup_interval` (seconds between expiry sweeps, default 300). Anything else is an error
 //! naming it, and every error prints the URL redacted.
 
-use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use celery_core::url::ServiceUrl;
 use celery_core::BackendError;
+
+pub use broker_backends::postgres::url::{connect_options, ConnectOptions, TlsOptions, MAX_POOL_SIZE};
 
 /// The schemes served, and which table layout each reads and writes.
 pub(crate) const SCHEMES: &[(&str, Layout)] = &[
@@ -43,59 +43,6 @@ pub enum Layout {
     Django,
 }
 
-/// The libpq options handed to tokio-postgres.
-const LIBPQ: &[&str] = &[
-    "options",
-    "application_name",
-    "connect_timeout",
-    "keepalives",
-    "keepalives_idle",
-    "target_session_attrs",
-    "tcp_user_timeout",
-    "load_balance_hosts",
-    "channel_binding",
-    "host",
-    "hostaddr",
-    "port",
-    "user",
-    "password",
-    "dbname",
-];
-
-/// The most pooled connections one backend opens.
-pub const MAX_POOL_SIZE: usize = 64;
-
-/// How to reach the server: everything [`super::connect`] needs, reusable by any PostgreSQL
-/// component. Its `Debug` shows no password.
-#[derive(Clone)]
-pub struct ConnectOptions {
-    /// The server, user, database and session options (holds the password).
-    pub config: tokio_postgres::Config,
-    /// TLS, when asked for.
-    pub tls: Option<TlsOptions>,
-    /// Pooled connections.
-    pub pool_size: usize,
-    /// The URL, redacted: for messages.
-    pub shown: String,
-}
-
-impl std::fmt::Debug for ConnectOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnectOptions")
-            .field("url", &self.shown)
-            .field("tls", &self.tls)
-            .field("pool_size", &self.pool_size)
-            .finish()
-    }
-}
-
-/// `sslmode=require|verify-ca|verify-full`: TLS with the server's certificate verified.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsOptions {
-    /// Extra trusted authorities (`sslrootcert`), besides the system's.
-    pub root_cert: Option<PathBuf>,
-}
-
 /// What the result backend reads from the URL.
 #[derive(Debug, Clone)]
 pub(crate) struct ResultOptions {
@@ -104,52 +51,6 @@ pub(crate) struct ResultOptions {
     /// None: results are kept for ever.
     pub(crate) expires: Option<Duration>,
     pub(crate) cleanup_interval: Duration,
-}
-
-/// Reads the connection part of `u` (whose scheme is already known to be PostgreSQL's), leaving
-/// the options it does not know for the caller to read before [`ServiceUrl::finish`].
-pub fn connect_options(u: &ServiceUrl) -> Result<ConnectOptions, BackendError> {
-    let shown = u.to_string();
-    let bad = |reason: String| BackendError::InvalidUrl { url: shown.clone(), reason };
-    let pool_size = u.parse_option::<usize>("pool_size", "a number of connections from 1 to 64")?.unwrap_or(4);
-    if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
-        return Err(u.bad_value("pool_size", "a number of connections from 1 to 64").into());
-    }
-    let tls = match u.option("sslmode") {
-        None | Some("disable" | "allow" | "prefer") => None,
-        Some("require" | "verify-ca" | "verify-full") => {
-            Some(TlsOptions { root_cert: u.option("sslrootcert").map(PathBuf::from) })
-        }
-        Some(_) => {
-            return Err(u.bad_value("sslmode", "disable, allow, prefer, require, verify-ca or verify-full").into())
-        }
-    };
-    if tls.is_none() && u.option("sslrootcert").is_some() {
-        return Err(bad("sslrootcert needs sslmode=require, verify-ca or verify-full".into()));
-    }
-    // tokio-postgres reads a libpq URL: the same text with the scheme libpq knows.
-    let full = u.connection_string(LIBPQ);
-    let rest = full.split_once("://").map_or("", |(_, r)| r);
-    let mut config = tokio_postgres::Config::from_str(&format!("postgresql://{rest}"))
-        .map_err(|e| bad(format!("not a PostgreSQL URL: {e}")))?;
-    if config.get_hosts().is_empty() {
-        config.host("localhost");
-    }
-    if config.get_user().is_none() {
-        return Err(bad("no user: write USER@HOST, as db+postgresql://postgres@127.0.0.1:5432/db".into()));
-    }
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    if config.get_application_name().is_none() {
-        config.application_name("celery-rs");
-    }
-    config.ssl_mode(if tls.is_some() {
-        tokio_postgres::config::SslMode::Require
-    } else {
-        tokio_postgres::config::SslMode::Disable
-    });
-    Ok(ConnectOptions { config, tls, pool_size, shown })
 }
 
 /// Reads a result backend URL; an unknown option is an error naming it.

@@ -1,0 +1,474 @@
+//! The PostgreSQL consumer: leased fetch with `FOR UPDATE SKIP LOCKED`, wake-ups by `NOTIFY`,
+//! lease renewal, the return of expired leases, batched acks, and settling.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::backoff::Reconnect;
+use celery_core::broker::{dead_letter_queue, Decoder, Settle};
+use celery_core::protocol::Message;
+use celery_core::{BrokerError, Consumer, Delivery};
+use chrono::{DateTime, Utc};
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::listen::{Channel, Note};
+use super::{sql, Db};
+use crate::envelope;
+
+/// How many messages one fetch leases at most.
+const MAX_FETCH: usize = 500;
+/// How many acks one statement deletes at most.
+const MAX_ACK_BATCH: usize = 5000;
+/// The most unsettled deliveries one consumer holds.
+const MAX_PREFETCH: usize = 65_536;
+/// Expired leases returned per statement.
+const RESTORE_BATCH: i64 = 1000;
+/// The longest an idle consumer sleeps without a notification (a safety net, not a poll).
+const IDLE_MAX: Duration = Duration::from_secs(60);
+/// How often an idle consumer looks while its listener reconnects.
+const FALLBACK_POLL: Duration = Duration::from_secs(1);
+/// The longest dead-letter reason kept in the `reason` column (the message's header has it whole).
+const MAX_REASON: usize = 4096;
+
+enum AckCmd {
+    Ack(i64, i32),
+    Flush(oneshot::Sender<()>),
+}
+
+/// What the fetcher, the settlers and the background loops share.
+struct Shared {
+    db: Db,
+    /// The tasks channel (notified when a message is returned or moved).
+    channel: String,
+    /// Unsettled deliveries: id -> fencing token (the delivery count).
+    leases: Mutex<HashMap<i64, i32>>,
+    slots: Semaphore,
+    acks: mpsc::UnboundedSender<AckCmd>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").field("channel", &self.channel).finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    fn release(&self, id: i64) {
+        if self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_some() {
+            self.slots.add_permits(1);
+        }
+    }
+
+    fn lease_snapshot(&self) -> (Vec<i64>, Vec<i32>) {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(id, t)| (*id, *t)).unzip()
+    }
+}
+
+/// A consumer of some PostgreSQL queues.
+#[derive(Debug)]
+pub struct PostgresConsumer {
+    rx: mpsc::Receiver<Delivery>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    fetcher: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl PostgresConsumer {
+    pub(crate) fn start(
+        db: Db,
+        channel: String,
+        notes: broadcast::Receiver<Note>,
+        connected: watch::Receiver<bool>,
+        vt: Duration,
+        queues: &[String],
+        prefetch: usize,
+    ) -> PostgresConsumer {
+        let prefetch = prefetch.clamp(1, MAX_PREFETCH);
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            db,
+            channel,
+            leases: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(prefetch),
+            acks: ack_tx,
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(prefetch);
+        let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt };
+        let fetcher = tokio::spawn(fetch.run(tx, stop_rx));
+        let background = vec![
+            tokio::spawn(ack_loop(shared.clone(), ack_rx)),
+            tokio::spawn(renew_loop(shared.clone(), vt)),
+            tokio::spawn(restore_loop(shared.clone(), vt)),
+        ];
+        PostgresConsumer { rx, shared, stop, fetcher: Some(fetcher), background }
+    }
+}
+
+impl Drop for PostgresConsumer {
+    fn drop(&mut self) {
+        if let Some(f) = &self.fetcher {
+            f.abort();
+        }
+        for t in &self.background {
+            t.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Consumer for PostgresConsumer {
+    async fn next(&mut self) -> Option<Delivery> {
+        self.rx.recv().await
+    }
+
+    fn stop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+
+    async fn close(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(f) = self.fetcher.take() {
+            let _ = f.await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.shared.acks.send(AckCmd::Flush(tx)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+        }
+        for t in self.background.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// One fetched row.
+struct Fetched {
+    id: i64,
+    deliveries: i32,
+    priority: i16,
+    run_at: DateTime<Utc>,
+    payload: Vec<u8>,
+}
+
+struct Fetcher {
+    shared: Arc<Shared>,
+    queues: Vec<String>,
+    notes: broadcast::Receiver<Note>,
+    connected: watch::Receiver<bool>,
+    vt: Duration,
+}
+
+impl Fetcher {
+    async fn run(mut self, tx: mpsc::Sender<Delivery>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Reconnect::default();
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            let first = tokio::select! {
+                p = self.shared.slots.acquire() => match p { Ok(p) => p, Err(_) => break },
+                _ = stop.changed() => break,
+            };
+            first.forget();
+            let mut n = 1;
+            while n < MAX_FETCH {
+                match self.shared.slots.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        n += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            // What was announced before this fetch, it sees; what is announced after, wakes the wait.
+            self.drain_notes();
+            let mut got = 0;
+            let mut failed = None;
+            for queue in &self.queues {
+                if got == n {
+                    break;
+                }
+                match self.fetch(queue, n - got).await {
+                    Ok(rows) => {
+                        got += rows.len();
+                        for row in rows {
+                            if tx.send(self.delivery(queue, row)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            self.shared.slots.add_permits(n - got);
+            if let Some(e) = failed {
+                let d = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?d, "postgresql: fetch failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = stop.changed() => break,
+                }
+                continue;
+            }
+            if backoff.attempts() > 0 {
+                tracing::info!("postgresql: connection restored; consuming again");
+                crate::reconnected("postgres");
+            }
+            backoff.reset();
+            if got < n {
+                // Every queue is drained (as far as this snapshot saw): sleep until told.
+                let wait = self.idle_wait().await;
+                tokio::select! {
+                    _ = self.woken() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+        }
+    }
+
+    /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out.
+    async fn fetch(&self, queue: &str, n: usize) -> Result<Vec<Fetched>, BrokerError> {
+        let rows = self.shared.db.query(sql::FETCH, &[&queue, &(n as i64), &self.vt.as_secs_f64()]).await?;
+        let mut rows: Vec<Fetched> = rows
+            .into_iter()
+            .map(|r| Fetched {
+                id: r.get(0),
+                deliveries: r.get(1),
+                priority: r.get(2),
+                run_at: r.get(3),
+                payload: r.get(4),
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.priority, r.run_at, r.id));
+        let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &rows {
+            leases.insert(r.id, r.deliveries);
+        }
+        Ok(rows)
+    }
+
+    fn delivery(&self, queue: &str, row: Fetched) -> Delivery {
+        let payload = Arc::new(row.payload);
+        let size = payload.len();
+        let raw = payload.clone();
+        let decode: Decoder = Box::new(move || envelope::decode(&raw).into_parts());
+        let settle = PgSettle {
+            shared: self.shared.clone(),
+            id: row.id,
+            token: row.deliveries,
+            queue: queue.to_owned(),
+            payload,
+        };
+        Delivery::lazy(decode, queue.to_owned(), row.deliveries > 1, Box::new(settle)).with_size(size)
+    }
+
+    fn drain_notes(&mut self) {
+        loop {
+            match self.notes.try_recv() {
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Empty | TryRecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// How long an idle consumer may sleep: until the next eta of its queues, at most
+    /// [`IDLE_MAX`], or [`FALLBACK_POLL`] while its listener is down.
+    async fn idle_wait(&self) -> Duration {
+        let cap = if *self.connected.borrow() { IDLE_MAX } else { FALLBACK_POLL };
+        match self.shared.db.query(sql::NEXT_DUE, &[&self.queues]).await {
+            Ok(rows) => match rows.first().and_then(|r| r.get::<_, Option<f64>>(0)) {
+                Some(secs) => Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(cap).min(cap),
+                None => cap,
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "postgresql: reading the next eta failed");
+                FALLBACK_POLL
+            }
+        }
+    }
+
+    /// Returns on a notification for one of this consumer's queues, on a reconnect of the
+    /// listener, or when notifications were missed.
+    async fn woken(&mut self) {
+        loop {
+            tokio::select! {
+                note = self.notes.recv() => match note {
+                    Ok(n) => match n.channel {
+                        Channel::Tasks if self.queues.iter().any(|q| *q == *n.payload) => return,
+                        Channel::Reconnected => return,
+                        _ => {}
+                    },
+                    Err(RecvError::Lagged(_)) => return,
+                    // The listener is gone (the broker was dropped): the caller's timer decides.
+                    Err(RecvError::Closed) => std::future::pending::<()>().await,
+                },
+                changed = self.connected.changed() => {
+                    if changed.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                    // Lost: poll; back: look once.
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
+    let mut backoff = Reconnect::default();
+    while let Some(first) = rx.recv().await {
+        let (mut ids, mut tokens, mut flushes) = (Vec::new(), Vec::new(), Vec::new());
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                AckCmd::Ack(id, token) => {
+                    ids.push(id);
+                    tokens.push(token);
+                }
+                AckCmd::Flush(f) => flushes.push(f),
+            }
+            if ids.len() >= MAX_ACK_BATCH {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        while !ids.is_empty() {
+            match shared.db.query(sql::ACK, &[&ids, &tokens]).await {
+                Ok(_) => {
+                    backoff.reset();
+                    break;
+                }
+                Err(e) if e.is_retryable() => {
+                    let d = backoff.next_delay();
+                    tracing::warn!(error = %e, pending = ids.len(), retry_in = ?d, "postgresql: ack failed; retrying");
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dropped = ids.len(), "postgresql: ack failed; the leases will expire");
+                    break;
+                }
+            }
+        }
+        for f in flushes {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn renew_loop(shared: Arc<Shared>, vt: Duration) {
+    let every = (vt / 4).clamp(Duration::from_millis(100), Duration::from_secs(300));
+    loop {
+        tokio::time::sleep(every).await;
+        let (ids, tokens) = shared.lease_snapshot();
+        for (ids, tokens) in ids.chunks(1000).zip(tokens.chunks(1000)) {
+            if let Err(e) = shared.db.query(sql::RENEW, &[&ids, &tokens, &vt.as_secs_f64()]).await {
+                tracing::warn!(error = %e, "postgresql: lease renewal failed; will retry");
+            }
+        }
+    }
+}
+
+/// Returns expired leases (of any consumer, in any queue) to their queues.
+async fn restore_loop(shared: Arc<Shared>, vt: Duration) {
+    let every = (vt / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    loop {
+        match shared.db.query(sql::RESTORE, &[&shared.channel, &RESTORE_BATCH]).await {
+            Ok(rows) => {
+                let n: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
+                if n > 0 {
+                    tracing::warn!(restored = n, "postgresql: returned messages whose lease expired");
+                }
+                if n < RESTORE_BATCH {
+                    tokio::time::sleep(every).await;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "postgresql: restore sweep failed; will retry");
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PgSettle {
+    shared: Arc<Shared>,
+    id: i64,
+    token: i32,
+    queue: String,
+    payload: Arc<Vec<u8>>,
+}
+
+impl PgSettle {
+    /// Runs a settling statement; the lease is released either way (after a failure it is no
+    /// longer renewed, so the message comes back after the visibility timeout).
+    async fn settle(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<(), BrokerError> {
+        let r = self.shared.db.query(statement, params).await.map(drop);
+        self.shared.release(self.id);
+        r
+    }
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn truncated(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[async_trait]
+impl Settle for PgSettle {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.shared.release(self.id);
+        self.shared
+            .acks
+            .send(AckCmd::Ack(self.id, self.token))
+            .map_err(|_| BrokerError::Operation("consumer is closed".into()))
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.settle(sql::REQUEUE, &[&self.id, &self.token, &self.shared.channel]).await
+    }
+
+    /// A new `run_at` and payload for the same row, released from its lease in one statement.
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        let mut m = msg.clone();
+        m.headers.eta = Some(until);
+        let env = envelope::encode(&m, "", &self.queue).into_bytes();
+        self.settle(sql::DEFER, &[&self.id, &self.token, &until, &env, &self.shared.channel]).await
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
+        let dlq = dead_letter_queue(&self.queue);
+        let env = envelope::dead_letter(&self.payload, &self.queue, reason).into_bytes();
+        let reason = truncated(reason, MAX_REASON).replace('\0', "");
+        self.settle(sql::DEAD_LETTER, &[&self.id, &self.token, &dlq, &reason, &env, &self.shared.channel]).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reasons_are_cut_on_char_boundaries() {
+        assert_eq!(truncated("abc", 10), "abc");
+        assert_eq!(truncated("abcdef", 3), "abc");
+        assert_eq!(truncated("aé", 2), "a");
+    }
+}

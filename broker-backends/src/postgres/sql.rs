@@ -1,0 +1,226 @@
+//! The broker's tables (its migrations, component `broker`) and every statement it runs.
+//!
+//! Tables (all in the schema first on the connection's `search_path`):
+//! - `celery_rs_tasks`: one row per message waiting, leased or held until its eta. A row is ready
+//!   when `leased_until IS NULL AND run_at <= now()`; taking it sets `leased_until` (the
+//!   visibility timeout, renewed by its consumer) and bumps `deliveries`, which is also the lease's
+//!   fencing token: settling a delivery whose lease was lost and taken by another consumer changes
+//!   nothing. Acked rows are deleted in batches. Dead letters are rows of the queue `<queue>.dead`
+//!   with their `reason` (the view `celery_rs_dead_letters` lists them).
+//! - `celery_rs_exchanges`, `celery_rs_bindings`: direct, topic and fanout routing.
+//! - `celery_rs_broadcasts`: bodies of broadcasts too large for a `NOTIFY` payload, kept five
+//!   minutes.
+//! - `celery_rs_leases` (beat's leader: a row with an expiry), `celery_rs_documents` (beat's state).
+//!
+//! Autovacuum: `celery_rs_tasks` is a queue table (every row inserted, updated once or twice,
+//! deleted), so it is vacuumed after 2% of its rows (at least 1000) are dead instead of the default
+//! 20%, analyzed after 5%, without cost-based sleeping (`autovacuum_vacuum_cost_delay = 0`), and
+//! filled to 80% so that lease updates find room on their page. `celery_rs_broadcasts` is vacuumed
+//! after 100 dead rows.
+
+use super::migrate::Migration;
+
+/// The broker's component name in `celery_rs_schema_version`.
+pub(crate) const COMPONENT: &str = "broker";
+
+/// The broker's migrations, in order.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "tasks, routing, broadcasts, leases and documents",
+    sql: "
+CREATE TABLE IF NOT EXISTS celery_rs_tasks (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    queue text NOT NULL,
+    priority smallint NOT NULL DEFAULT 0,
+    run_at timestamp with time zone NOT NULL DEFAULT now(),
+    leased_until timestamp with time zone,
+    deliveries integer NOT NULL DEFAULT 0,
+    reason text,
+    payload bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_ready ON celery_rs_tasks (queue, priority, run_at, id)
+    WHERE leased_until IS NULL;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_leased ON celery_rs_tasks (leased_until)
+    WHERE leased_until IS NOT NULL;
+ALTER TABLE celery_rs_tasks SET (
+    fillfactor = 80,
+    autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_insert_scale_factor = 0.02,
+    autovacuum_analyze_scale_factor = 0.05,
+    autovacuum_vacuum_cost_delay = 0
+);
+CREATE OR REPLACE VIEW celery_rs_dead_letters AS
+    SELECT id, queue, reason, run_at AS dead_at, payload FROM celery_rs_tasks WHERE reason IS NOT NULL;
+CREATE TABLE IF NOT EXISTS celery_rs_exchanges (
+    name text PRIMARY KEY,
+    kind text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celery_rs_bindings (
+    exchange text NOT NULL,
+    routing_key text NOT NULL,
+    queue text NOT NULL,
+    PRIMARY KEY (exchange, routing_key, queue)
+);
+CREATE TABLE IF NOT EXISTS celery_rs_broadcasts (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    body bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS celery_rs_broadcasts_created ON celery_rs_broadcasts (created_at);
+ALTER TABLE celery_rs_broadcasts SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 100
+);
+CREATE TABLE IF NOT EXISTS celery_rs_leases (
+    name text PRIMARY KEY,
+    holder text NOT NULL,
+    expires_at timestamp with time zone NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celery_rs_documents (
+    key text PRIMARY KEY,
+    doc bytea NOT NULL,
+    updated_at timestamp with time zone NOT NULL DEFAULT now()
+);
+",
+}];
+
+/// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
+/// database-wide, so they carry a digest of the schema's name: brokers in other schemas of the
+/// same database never wake each other.
+pub(crate) const CHANNELS: &str = "SELECT 'celery_rs_t_' || left(md5(coalesce(current_schema(), '')), 16), \
+     'celery_rs_b_' || left(md5(coalesce(current_schema(), '')), 16)";
+
+/// Inserts messages: `$1` queues, `$2` priorities, `$3` etas (NULL: now), `$4` payloads; notifies
+/// `$5` once per queue (the payload is the queue's name).
+pub(crate) const PUBLISH: &str = "
+WITH ins AS (
+    INSERT INTO celery_rs_tasks (queue, priority, run_at, payload)
+    SELECT q, p, greatest(now(), coalesce(r, now())), b
+    FROM unnest($1::text[], $2::smallint[], $3::timestamptz[], $4::bytea[]) AS u(q, p, r, b)
+    RETURNING queue)
+SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
+
+/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds; returns `id, deliveries,
+/// priority, run_at, payload` (in no order: the caller sorts).
+pub(crate) const FETCH: &str = "
+WITH picked AS (
+    SELECT id FROM celery_rs_tasks
+    WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
+    ORDER BY priority, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED)
+UPDATE celery_rs_tasks t
+SET leased_until = now() + make_interval(secs => $3), deliveries = t.deliveries + 1
+FROM picked WHERE t.id = picked.id
+RETURNING t.id, t.deliveries, t.priority, t.run_at, t.payload";
+
+/// Seconds until the next message of queues `$1` that waits for its eta is due (NULL: none).
+pub(crate) const NEXT_DUE: &str = "
+SELECT extract(epoch FROM min(run_at) - now())::float8 FROM celery_rs_tasks
+WHERE queue = ANY($1) AND leased_until IS NULL";
+
+/// Extends the leases `$1` (ids) with fencing tokens `$2` (deliveries) by `$3` seconds.
+pub(crate) const RENEW: &str = "
+UPDATE celery_rs_tasks t SET leased_until = now() + make_interval(secs => $3)
+FROM unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
+WHERE t.id = l.id AND t.deliveries = l.deliveries AND t.leased_until IS NOT NULL";
+
+/// Deletes the acked messages `$1` (ids) still leased with tokens `$2`.
+pub(crate) const ACK: &str = "
+DELETE FROM celery_rs_tasks t USING unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
+WHERE t.id = l.id AND t.deliveries = l.deliveries";
+
+/// Returns up to `$2` messages whose lease expired to their queues; notifies `$1` per queue.
+pub(crate) const RESTORE: &str = "
+WITH back AS (
+    UPDATE celery_rs_tasks SET leased_until = NULL
+    WHERE id IN (SELECT id FROM celery_rs_tasks WHERE leased_until < now()
+                 ORDER BY leased_until LIMIT $2 FOR UPDATE SKIP LOCKED)
+    RETURNING queue)
+SELECT pg_notify($1, q), n FROM (SELECT queue AS q, count(*) AS n FROM back GROUP BY queue) d";
+
+/// Gives message `$1` (token `$2`) back to its queue now; notifies `$3`.
+pub(crate) const REQUEUE: &str = "
+WITH back AS (
+    UPDATE celery_rs_tasks SET leased_until = NULL
+    WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
+SELECT pg_notify($3, queue) FROM back";
+
+/// Holds message `$1` (token `$2`) until `$3` with the payload `$4`; notifies `$5` (a consumer
+/// waiting for an eta recomputes it).
+pub(crate) const DEFER: &str = "
+WITH back AS (
+    UPDATE celery_rs_tasks SET leased_until = NULL, run_at = $3, payload = $4
+    WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
+SELECT pg_notify($5, queue) FROM back";
+
+/// Moves message `$1` (token `$2`) to the dead-letter queue `$3` with reason `$4` and payload
+/// `$5`; notifies `$6`.
+pub(crate) const DEAD_LETTER: &str = "
+WITH dead AS (
+    UPDATE celery_rs_tasks
+    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), deliveries = 0, priority = 0
+    WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
+SELECT pg_notify($6, queue) FROM dead";
+
+/// Deletes every message of queue `$1` that is not leased (ready or waiting for its eta).
+pub(crate) const PURGE: &str = "
+WITH gone AS (DELETE FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL RETURNING 1)
+SELECT count(*) FROM gone";
+
+/// Ready messages of queue `$1`.
+pub(crate) const QUEUE_LEN: &str =
+    "SELECT count(*) FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()";
+
+/// The first `$2` ready messages of queue `$1`, in the order they are taken.
+pub(crate) const PEEK: &str = "
+SELECT payload FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
+ORDER BY priority, run_at, id LIMIT $2";
+
+/// Declares exchange `$1` of kind `$2` (a declared kind is kept).
+pub(crate) const DECLARE_EXCHANGE: &str =
+    "INSERT INTO celery_rs_exchanges (name, kind) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING";
+
+/// Binds queue `$3` to exchange `$1` with key `$2`.
+pub(crate) const BIND: &str =
+    "INSERT INTO celery_rs_bindings (exchange, routing_key, queue) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+
+/// The bindings of exchange `$1` with its kind (NULL when undeclared).
+pub(crate) const BINDINGS: &str = "
+SELECT b.routing_key, b.queue, e.kind FROM celery_rs_bindings b
+LEFT JOIN celery_rs_exchanges e ON e.name = b.exchange WHERE b.exchange = $1";
+
+/// A broadcast: notifies `$1` with `$2`.
+pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+/// A broadcast too large to notify: stores body `$1`, notifies `$2` with `$3` followed by its id.
+pub(crate) const BROADCAST_STORED: &str = "
+WITH ins AS (INSERT INTO celery_rs_broadcasts (body) VALUES ($1) RETURNING id)
+SELECT pg_notify($2, $3 || id::text) FROM ins";
+
+/// The stored broadcast `$1`.
+pub(crate) const BROADCAST_BODY: &str = "SELECT body FROM celery_rs_broadcasts WHERE id = $1";
+
+/// Deletes stored broadcasts older than five minutes, at most 10000 at a time.
+pub(crate) const BROADCAST_PRUNE: &str = "
+DELETE FROM celery_rs_broadcasts WHERE id IN (
+    SELECT id FROM celery_rs_broadcasts WHERE created_at < now() - interval '5 minutes' LIMIT 10000)";
+
+/// Takes or renews lease `$1` for holder `$2` for `$3` seconds; a row when held.
+pub(crate) const LEASE: &str = "
+INSERT INTO celery_rs_leases AS l (name, holder, expires_at) VALUES ($1, $2, now() + make_interval(secs => $3))
+ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, expires_at = excluded.expires_at
+WHERE l.holder = excluded.holder OR l.expires_at < now()
+RETURNING 1";
+
+/// Gives up lease `$1` if `$2` holds it.
+pub(crate) const RELEASE: &str = "DELETE FROM celery_rs_leases WHERE name = $1 AND holder = $2";
+
+/// Document `$1`.
+pub(crate) const LOAD_DOC: &str = "SELECT doc FROM celery_rs_documents WHERE key = $1";
+
+/// Stores document `$2` under `$1`.
+pub(crate) const STORE_DOC: &str = "
+INSERT INTO celery_rs_documents (key, doc) VALUES ($1, $2)
+ON CONFLICT (key) DO UPDATE SET doc = excluded.doc, updated_at = now()";
