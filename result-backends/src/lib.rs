@@ -21,6 +21,8 @@ pub mod postgres;
 pub mod redis;
 #[cfg(feature = "rpc")]
 pub mod rpc;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod waiting;
 
 /// Forces this crate (and its scheme registrations) to be linked; `celery-worker` calls it.
 pub fn link() {}

@@ -250,28 +250,8 @@ impl ResultBackend for RedisBackend {
         let key = self.key(task_id);
         let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.register(&key).await;
-        let mut backoff = celery_core::backoff::Reconnect::default();
-        let result = async {
-            loop {
-                let cur = match self.get(task_id).await {
-                    Ok(cur) => cur,
-                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                        let d = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in = ?d, "redis results: read failed; retrying");
-                        tokio::time::sleep(d).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
-                    return Ok(cur);
-                }
-                // Woken by a publish; a 1 s poll covers a subscriber that is reconnecting.
-                let poll = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
-                let _ = tokio::time::timeout_at(poll, rx.changed()).await;
-            }
-        }
-        .await;
+        // Woken by a publish on the task's key.
+        let result = crate::waiting::until_ready(|| self.get(task_id), Some(&mut rx), deadline, "redis").await;
         self.unregister(&key).await;
         result
     }

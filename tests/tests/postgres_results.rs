@@ -618,12 +618,13 @@ async fn tls_is_verified() {
     let b = PostgresBackend::connect(&url).await.unwrap_or_else(|e| panic!("{url}: {e}"));
     b.store(&TaskMeta::success("tls-1", json!("over tls"))).await.unwrap();
     assert_eq!(b.wait("tls-1", T).await.unwrap().unwrap().result, json!("over tls"));
-    assert_eq!(
+    // The listener connects in the background: wait for both connections to be there.
+    let tls_connections = || {
         one(&schema, "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE s.ssl AND a.application_name = 'celery-rs'")
-            .map(|n| n.parse::<u32>().unwrap() >= 2),
-        Some(true),
-        "the pool and the listener use TLS"
-    );
+            .map(|n| n.parse::<u32>().unwrap() >= 2)
+    };
+    celery_tests::wait_until(T, || tls_connections() == Some(true));
+    assert_eq!(tls_connections(), Some(true), "the pool and the listener use TLS");
 }
 
 /// Python's side: tests/python/pg_app.py with the broker, backend and key prefix of this test.

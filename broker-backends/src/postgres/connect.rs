@@ -150,9 +150,38 @@ pub fn pool(opts: &ConnectOptions, tls: &Tls) -> Result<Pool, BackendError> {
         .map_err(|e| BackendError::InvalidUrl { url: opts.shown.clone(), reason: format!("pool: {e}") })
 }
 
+/// A connection that listens: a dedicated connection that has run `listen` (its `LISTEN`
+/// statements), retried with `backoff` (logged as `what`) until both succeed. The notifications
+/// arrive on the returned receiver until the connection ends; the caller aborts the driver task
+/// when it gives the connection up.
+pub async fn listening(
+    opts: &ConnectOptions,
+    tls: &Tls,
+    listen: &str,
+    backoff: &mut celery_core::backoff::Reconnect,
+    what: &str,
+) -> (Client, tokio::task::JoinHandle<()>, tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>) {
+    loop {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let failed = match dedicated(opts, tls, tx).await {
+            Ok((client, driver)) => match client.batch_execute(listen).await {
+                Ok(()) => return (client, driver, rx),
+                Err(e) => {
+                    driver.abort();
+                    backend_error(e)
+                }
+            },
+            Err(e) => e,
+        };
+        let d = backoff.next_delay();
+        tracing::warn!(error = %failed, retry_in = ?d, "{what}: cannot listen; retrying");
+        tokio::time::sleep(d).await;
+    }
+}
+
 /// One connection of its own (for `LISTEN`), with the server's asynchronous messages
 /// (notifications, notices) sent to `messages` until the connection ends.
-pub async fn dedicated(
+async fn dedicated(
     opts: &ConnectOptions,
     tls: &Tls,
     messages: tokio::sync::mpsc::UnboundedSender<AsyncMessage>,

@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, watch};
 use tokio_postgres::AsyncMessage;
 
-use super::connect::{dedicated, Tls};
+use super::connect::{listening, Tls};
 use super::url::ConnectOptions;
 
 /// How many notifications a slow receiver may fall behind before it misses some (a consumer
@@ -83,24 +83,8 @@ async fn run(
 ) {
     let mut backoff = celery_core::backoff::Reconnect::default();
     loop {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (client, driver) = match dedicated(&opts, &tls, tx).await {
-            Ok(c) => c,
-            Err(e) => {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "postgresql broker: listener connection failed");
-                tokio::time::sleep(d).await;
-                continue;
-            }
-        };
         let listen = format!("LISTEN {}; LISTEN {}", quoted(&tasks), quoted(&broadcasts));
-        if let Err(e) = client.batch_execute(&listen).await {
-            let d = backoff.next_delay();
-            tracing::warn!(error = %e, retry_in = ?d, "postgresql broker: LISTEN failed");
-            driver.abort();
-            tokio::time::sleep(d).await;
-            continue;
-        }
+        let (client, driver, mut rx) = listening(&opts, &tls, &listen, &mut backoff, "postgresql broker").await;
         if backoff.attempts() > 0 {
             crate::reconnected("postgres");
         }

@@ -164,7 +164,8 @@ impl<'a> Args<'a> {
         self.get(name).is_some_and(super::truthy)
     }
 
-    /// Ids: one string or a list of them (other items skipped), at most [`MAX_IDS`].
+    /// Ids: one string or a list of them (other items skipped), at most [`MAX_IDS`] of at most
+    /// [`MAX_ID_LEN`](super::MAX_ID_LEN) bytes each.
     pub(crate) fn ids(&self, name: &str) -> Result<Vec<String>, PyError> {
         let ids: Vec<String> = match self.get(name) {
             None => Vec::new(),
@@ -179,6 +180,13 @@ impl<'a> Args<'a> {
                 return Err(PyError::type_error(format!("{name} must be an id or a list, not {}", json_type(other))))
             }
         };
+        if let Some(long) = ids.iter().find(|id| id.len() > super::MAX_ID_LEN) {
+            return Err(PyError::value(format!(
+                "task ids are at most {} bytes, not {}",
+                super::MAX_ID_LEN,
+                long.len()
+            )));
+        }
         Ok(ids)
     }
 }

@@ -75,12 +75,23 @@ fn revoke_ids(w: &Shared, ids: &[String], terminate: bool, signal: Option<&Value
     Ok(ok(format!("terminate: {}", terminated.join(", "))))
 }
 
+/// Requests whose REVOKED states are stored at once, at most.
+const STORING_REVOKES: usize = 4;
+
 /// Stores REVOKED for each id in the background, as Celery's workers do (`mark_as_revoked`), so a
 /// caller waiting on a task that a Python client revoked learns it at once; best effort, logged. A
 /// stored SUCCESS is never overwritten (every backend keeps it).
+/// At most [`STORING_REVOKES`] requests store at once; past that a revoke is not stored (logged), so
+/// a flood of revokes cannot pile up writes.
 fn store_revoked(w: &Shared, ids: &[String]) {
+    static STORING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(STORING_REVOKES);
+    let Ok(permit) = STORING.try_acquire() else {
+        tracing::warn!(ids = ids.len(), "too many revokes being stored: these are only flagged, not stored");
+        return;
+    };
     let (app, ids) = (w.app.clone(), ids.to_vec());
     tokio::spawn(async move {
+        let _permit = permit;
         let err = celery_core::TaskError::new("TaskRevokedError", "revoked");
         for id in ids {
             let meta = celery_core::TaskMeta::error(&id, celery_core::TaskState::Revoked, &err);
@@ -121,7 +132,11 @@ pub(super) fn revoke_by_stamped_headers(w: &Shared, args: Args<'_>) -> Result<Va
     }
     for (header, values) in &headers {
         if !w.revoked_stamps.add(header, values) {
-            return Err(PyError::value(format!("at most {} revoked stamps", super::MAX_STAMPS)));
+            return Err(PyError::value(format!(
+                "at most {} revoked stamp headers and values, each at most {} bytes",
+                super::MAX_STAMPS,
+                super::MAX_ID_LEN
+            )));
         }
     }
     w.requests.wake_waiting(|h| w.revoked_stamps.matches(&h.msg));

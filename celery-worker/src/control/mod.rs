@@ -238,6 +238,10 @@ const REVOKE_EXPIRES: Duration = Duration::from_secs(3 * 3600);
 
 impl Revoked {
     pub(crate) fn add(&self, id: &str) {
+        if id.len() > MAX_ID_LEN {
+            tracing::debug!(len = id.len(), "ignoring a revoked id longer than any task id");
+            return;
+        }
         let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
         let (map, order) = &mut *g;
         if map.insert(id.to_owned(), Instant::now()).is_none() {
@@ -279,18 +283,29 @@ pub(crate) struct RevokedStamps {
     any: std::sync::atomic::AtomicBool,
 }
 
-/// The most revoked stamp values a worker keeps.
+/// The most revoked stamp headers and values a worker keeps, all told.
 pub(crate) const MAX_STAMPS: usize = 10_000;
 
+/// The longest task id, stamp header or stamp value kept (Celery's own columns hold 155).
+pub(crate) const MAX_ID_LEN: usize = 255;
+
 impl RevokedStamps {
-    /// Adds `values` for `header`; false (nothing added) past [`MAX_STAMPS`].
+    /// Adds `values` for `header` (no values: nothing); false (nothing added) past [`MAX_STAMPS`]
+    /// headers and values all told, or for a header or value longer than [`MAX_ID_LEN`].
     pub(crate) fn add(&self, header: &str, values: &[Value]) -> bool {
-        let mut g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = g.values().map(HashSet::len).sum();
-        if total + values.len() > MAX_STAMPS {
+        if values.is_empty() {
+            return true;
+        }
+        let keys: Vec<String> = values.iter().map(stamp_key).collect();
+        if header.len() > MAX_ID_LEN || keys.iter().any(|k| k.len() > MAX_ID_LEN) {
             return false;
         }
-        g.entry(header.to_owned()).or_default().extend(values.iter().map(stamp_key));
+        let mut g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = g.len() + g.values().map(HashSet::len).sum::<usize>();
+        if total + 1 + keys.len() > MAX_STAMPS {
+            return false;
+        }
+        g.entry(header.to_owned()).or_default().extend(keys);
         self.any.store(true, std::sync::atomic::Ordering::Release);
         true
     }
@@ -359,5 +374,25 @@ mod tests {
         let other = RevokedStamps::default();
         assert!(other.add("n", &[json!(7)]) && other.matches(&msg), "non-string stamps compare by value");
         assert!(!other.add("n", &vec![json!(1); MAX_STAMPS]), "bounded");
+    }
+
+    #[test]
+    fn what_a_request_adds_is_bounded_in_length_and_count() {
+        let r = Revoked::default();
+        r.add(&"x".repeat(MAX_ID_LEN + 1));
+        assert!(r.list().is_empty(), "an id longer than any task id is not kept");
+        let stamps = RevokedStamps::default();
+        for i in 0..MAX_STAMPS {
+            assert!(stamps.add(&format!("h{i}"), &[]), "no values: nothing added");
+        }
+        assert!(stamps.stamps.lock().unwrap().is_empty());
+        assert!(!stamps.add("h", &[json!("v".repeat(MAX_ID_LEN + 1))]));
+        assert!(!stamps.add(&"h".repeat(MAX_ID_LEN + 1), &[json!("v")]));
+        for i in 0..MAX_STAMPS / 2 {
+            assert!(stamps.add(&format!("h{i}"), &[json!("v")]));
+        }
+        assert!(!stamps.add("one-more", &[json!("v")]), "headers count toward the bound");
+        let args = json!({"task_id": ["x".repeat(MAX_ID_LEN + 1)]});
+        assert!(args::Args::new("revoke", &args).ids("task_id").is_err());
     }
 }

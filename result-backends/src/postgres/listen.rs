@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio_postgres::AsyncMessage;
 
-use super::connect::{dedicated, Tls};
+use super::connect::{listening, Tls};
 use super::schema::CHANNEL;
 use super::url::ConnectOptions;
 
@@ -64,27 +64,24 @@ impl Waiters {
     }
 }
 
+/// A registered waiter, unregistered when dropped.
+pub(crate) struct Registered<'a> {
+    pub(crate) waiters: &'a Waiters,
+    pub(crate) task_id: &'a str,
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.waiters.unregister(self.task_id);
+    }
+}
+
 /// Keeps one listening connection, for as long as the task runs (the backend aborts it on drop).
 pub(crate) async fn listen(opts: ConnectOptions, tls: Tls, waiters: Arc<Waiters>) {
     let mut backoff = celery_core::backoff::Reconnect::default();
     loop {
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (client, driver) = match dedicated(&opts, &tls, tx).await {
-            Ok(c) => c,
-            Err(e) => {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "postgresql results: listener connection failed");
-                tokio::time::sleep(d).await;
-                continue;
-            }
-        };
-        if let Err(e) = client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
-            let d = backoff.next_delay();
-            tracing::warn!(error = %e, retry_in = ?d, "postgresql results: LISTEN failed");
-            driver.abort();
-            tokio::time::sleep(d).await;
-            continue;
-        }
+        let listen = format!("LISTEN {CHANNEL}");
+        let (client, driver, mut rx) = listening(&opts, &tls, &listen, &mut backoff, "postgresql results").await;
         backoff.reset();
         // Rows may have changed while no one listened.
         waiters.wake_all();
@@ -93,6 +90,7 @@ pub(crate) async fn listen(opts: ConnectOptions, tls: Tls, waiters: Arc<Waiters>
                 waiters.wake(n.payload());
             }
         }
+        driver.abort();
         drop(client);
         tracing::warn!("postgresql results: listener connection lost; reconnecting");
     }

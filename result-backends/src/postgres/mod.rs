@@ -220,37 +220,10 @@ impl ResultBackend for PostgresBackend {
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
         let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.waiters.register(task_id);
-        let mut backoff = celery_core::backoff::Reconnect::default();
-        let result = async {
-            loop {
-                let cur = match self.get(task_id).await {
-                    Ok(cur) => cur,
-                    Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
-                        let d = backoff.next_delay();
-                        tracing::warn!(error = %e, retry_in = ?d, "postgresql results: read failed; retrying");
-                        tokio::time::sleep(d).await;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if cur.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
-                    return Ok(cur);
-                }
-                // Woken by NOTIFY; the 1 s poll covers a listener that is reconnecting.
-                let poll = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
-                match rx.as_mut() {
-                    Some(rx) => {
-                        let _ = tokio::time::timeout_at(poll, rx.changed()).await;
-                    }
-                    None => tokio::time::sleep_until(poll).await,
-                }
-            }
-        }
-        .await;
-        if rx.is_some() {
-            self.waiters.unregister(task_id);
-        }
-        result
+        // Unregistered however the wait ends, also when the caller drops it midway.
+        let _registered = rx.is_some().then(|| listen::Registered { waiters: &self.waiters, task_id });
+        // Woken by NOTIFY (see `listen`).
+        crate::waiting::until_ready(|| self.get(task_id), rx.as_mut(), deadline, "postgresql").await
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

@@ -121,8 +121,26 @@ pub fn loads(input: &[u8], limits: &Limits) -> Result<Value, PickleError> {
     let mut r =
         Reader { input, pos: 0, at: 0, limits: *limits, arena: Vec::new(), stack: Vec::new(), memo: HashMap::new() };
     let root = r.run()?;
-    let mut budget = limits.max_items;
+    let mut budget = Output { values: limits.max_items, bytes: limits.max_bytes.saturating_mul(4) };
     r.to_json(root, 0, &mut budget)
+}
+
+/// What the JSON output may still hold: values, and bytes of strings and byte strings (a memoized
+/// string referenced many times is copied each time, so its bytes are charged each time).
+#[derive(Debug)]
+struct Output {
+    values: usize,
+    bytes: usize,
+}
+
+impl Output {
+    fn charge_bytes(&mut self, n: usize) -> Result<(), PickleError> {
+        self.bytes = self
+            .bytes
+            .checked_sub(n)
+            .ok_or_else(|| PickleError::TooLarge("more than 4 times the input's bytes in the output".into()))?;
+        Ok(())
+    }
 }
 
 /// The refused opcodes: (byte, name, what it would do).
@@ -275,6 +293,10 @@ impl Reader<'_> {
     fn run(&mut self) -> Result<usize, PickleError> {
         loop {
             self.at = self.pos;
+            // Each opcode pushes at most one item: the stack stays within the value limit.
+            if self.stack.len() > self.limits.max_items {
+                return Err(PickleError::TooLarge(format!("more than {} items on the stack", self.limits.max_items)));
+            }
             let op = self.byte()?;
             if let Some((_, name, why)) = REFUSED.iter().find(|(c, _, _)| *c == op) {
                 return Err(PickleError::Refused { name, code: op, at: self.at, why });
@@ -485,12 +507,12 @@ impl Reader<'_> {
         }
     }
 
-    fn to_json(&self, i: usize, depth: usize, budget: &mut usize) -> Result<Value, PickleError> {
-        if *budget == 0 {
+    fn to_json(&self, i: usize, depth: usize, budget: &mut Output) -> Result<Value, PickleError> {
+        if budget.values == 0 {
             return Err(PickleError::TooLarge(format!("more than {} values in the output", self.limits.max_items)));
         }
-        *budget -= 1;
-        let nested = |this: &Self, items: &[usize], budget: &mut usize| -> Result<Value, PickleError> {
+        budget.values -= 1;
+        let nested = |this: &Self, items: &[usize], budget: &mut Output| -> Result<Value, PickleError> {
             if depth >= this.limits.max_depth {
                 return Err(PickleError::TooLarge(format!(
                     "nested deeper than {} levels (or refers to itself)",
@@ -509,8 +531,14 @@ impl Reader<'_> {
             Obj::Float(f) => Number::from_f64(*f)
                 .map(Value::Number)
                 .ok_or_else(|| PickleError::Malformed { at: 0, reason: format!("float {f} has no JSON form") })?,
-            Obj::Str(s) => Value::String(s.clone()),
-            Obj::Bytes(b) => kombu_bytes(b),
+            Obj::Str(s) => {
+                budget.charge_bytes(s.len())?;
+                Value::String(s.clone())
+            }
+            Obj::Bytes(b) => {
+                budget.charge_bytes(b.len().saturating_mul(2))?;
+                kombu_bytes(b)
+            }
             Obj::List(items) | Obj::Tuple(items) => nested(self, items, budget)?,
             Obj::Dict(pairs) => {
                 if depth >= self.limits.max_depth {
@@ -522,7 +550,10 @@ impl Reader<'_> {
                 let mut m = Map::new();
                 for &(k, v) in pairs {
                     let key = match &self.arena[k] {
-                        Obj::Str(s) => s.clone(),
+                        Obj::Str(s) => {
+                            budget.charge_bytes(s.len())?;
+                            s.clone()
+                        }
                         Obj::Int(n) => n.to_string(),
                         Obj::Bool(b) => b.to_string(),
                         Obj::None => "null".into(),
@@ -624,6 +655,21 @@ mod tests {
     fn plain_value() -> Value {
         json!({"a": [1, "x", null, 1.5, true, false], "big": 9223372036854775808u64, "neg": -5, "t": [1, 2],
                "u": "é€😀", "k": {"n": -1099511627776i64}, "e": [], "d": {}, "q": "it's \"q\"\\"})
+    }
+
+    #[test]
+    fn a_memoized_string_referenced_many_times_is_charged_each_time() {
+        // A 1 MiB string memoized, then referenced 100,000 times: 100 GB of output from 1.3 MB.
+        let mut p = vec![0x80, 4, b'X'];
+        p.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        p.extend(std::iter::repeat_n(b'a', 1 << 20));
+        p.extend_from_slice(&[0x94, b'0', b'(']);
+        for _ in 0..100_000 {
+            p.extend_from_slice(&[b'h', 0]);
+        }
+        p.extend_from_slice(b"l.");
+        let e = loads(&p, &Limits::default()).unwrap_err();
+        assert!(matches!(e, PickleError::TooLarge(_)), "{e:?}");
     }
 
     #[test]
