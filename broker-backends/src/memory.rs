@@ -25,7 +25,6 @@ use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
-use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
@@ -242,13 +241,22 @@ impl Settle for MemorySettle {
     }
 }
 
-inventory::submit! {
-    BrokerScheme { scheme: "memory", connect: |url| Box::pin(async move {
-        // No options: any is an error naming it.
-        celery_core::url::ServiceUrl::parse(&url)?.finish()?;
-        Ok(Arc::new(MemoryBroker::default()) as Arc<dyn Broker>)
-    }) }
+impl MemoryBroker {
+    /// A new in-process broker for a `memory://` URL, which takes no options.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let broker = broker_backends::memory::MemoryBroker::connect("memory://").await.unwrap();
+    /// assert!(broker_backends::memory::MemoryBroker::connect("memory://?x=1").await.is_err());
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<MemoryBroker, BrokerError> {
+        celery_core::url::ServiceUrl::parse(url)?.finish()?;
+        Ok(MemoryBroker::default())
+    }
 }
+
+celery_core::register_broker!("memory" => MemoryBroker::connect);
 
 #[cfg(test)]
 mod tests {

@@ -75,7 +75,8 @@ impl App {
     /// Connects to a broker and a result backend by URL (`redis://`, `memory://`, ...).
     pub async fn connect(broker_url: &str, backend_url: &str) -> Result<App, AppError> {
         let broker = scheme::connect_broker(broker_url).await?;
-        let backend = scheme::connect_backend(backend_url).await?;
+        let ctx = scheme::ConnectContext::default().with_broker_url(broker_url);
+        let backend = scheme::connect_backend_in(backend_url, ctx).await?;
         let urls = ServiceUrl::parse(broker_url).and_then(|b| Ok((b, ServiceUrl::parse(backend_url)?))).ok();
         Ok(App { urls: urls.map(Arc::new), ..App::new(broker, backend) })
     }

@@ -95,6 +95,27 @@ impl Reconnect {
     pub fn reset(&mut self) {
         self.attempt = 0;
     }
+
+    /// The one reconnect step every loop takes after a failure: picks the next delay, logs `what`
+    /// failed with the error, the attempt and the delay at `warn`, and sleeps for it. Returns the
+    /// delay slept.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use celery_core::backoff::Reconnect;
+    /// let mut backoff = Reconnect::default();
+    /// let err = std::io::Error::other("connection refused");
+    /// let slept = backoff.pause("redis consumer", &err).await;
+    /// assert!(slept <= std::time::Duration::from_millis(100));
+    /// assert_eq!(backoff.attempts(), 1);
+    /// # }
+    /// ```
+    pub async fn pause(&mut self, what: &str, error: &(dyn std::fmt::Display + Sync)) -> Duration {
+        let delay = self.next_delay();
+        tracing::warn!(what, error = %error, attempt = self.attempt, retry_in = ?delay, "connection lost; reconnecting");
+        tokio::time::sleep(delay).await;
+        delay
+    }
 }
 
 /// Runs a broker operation, retrying connection errors ([`BrokerError::is_retryable`]) up to three
@@ -117,9 +138,7 @@ where
     loop {
         match op().await {
             Err(e) if e.is_retryable() && backoff.attempts() < 2 => {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "broker operation failed; retrying");
-                tokio::time::sleep(d).await;
+                backoff.pause("broker operation", &e).await;
             }
             other => return other,
         }

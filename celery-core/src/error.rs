@@ -71,16 +71,65 @@ impl ProtocolError {
     }
 }
 
+/// A boxed error kept as the [`source`](std::error::Error::source) of ours, so that the underlying
+/// client's error (redis, lapin, tokio-postgres, io) is never flattened into a string and lost.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a failure means for the caller, in lapin's spirit: one kind per decision a caller makes.
+///
+/// ```
+/// use celery_core::error::{BrokerError, ErrorKind};
+/// let e = BrokerError::connection_with("publish to `celery`", std::io::Error::other("reset"));
+/// assert_eq!(e.kind(), ErrorKind::Connection);
+/// assert!(e.is_retryable() && !e.is_fatal() && !e.is_message_fault());
+/// assert_eq!(e.to_string(), "broker connection error: publish to `celery`: reset");
+/// assert!(std::error::Error::source(&e).is_some());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The connection failed or was lost: the same operation may succeed after a reconnect.
+    Connection,
+    /// The server refused or failed the operation; retrying as is will not help, but the
+    /// process may go on.
+    Operation,
+    /// The message (or stored document) is at fault: dead-letter it, never retry it.
+    Message,
+    /// The configuration is wrong (URL, scheme, an option the backend lacks): fatal until changed.
+    Config,
+}
+
+/// `": source"`, or nothing: the Display of our errors ends with their source's, so a log line
+/// that prints only `{error}` still says what the client library said.
+fn caused_by(source: &Option<BoxError>) -> String {
+    match source {
+        Some(s) => format!(": {s}"),
+        None => String::new(),
+    }
+}
+
 /// A failure of a broker operation.
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum BrokerError {
     /// The connection failed or was lost; retrying later may succeed.
-    #[error("broker connection error: {0}")]
-    Connection(String),
+    #[error("broker connection error: {context}{}", caused_by(.source))]
+    Connection {
+        /// What was being done.
+        context: String,
+        /// The client library's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The broker refused or failed the operation.
-    #[error("broker error: {0}")]
-    Operation(String),
+    #[error("broker error: {context}{}", caused_by(.source))]
+    Operation {
+        /// What was being done, or what the broker said.
+        context: String,
+        /// The client library's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The URL is malformed or names an unknown option.
     #[error("invalid broker URL `{url}`: {reason}")]
     InvalidUrl {
@@ -106,9 +155,52 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
+    /// A lost or failed connection, with no underlying error to keep.
+    pub fn connection(context: impl Into<String>) -> Self {
+        BrokerError::Connection { context: context.into(), source: None }
+    }
+
+    /// A lost or failed connection, keeping the client library's error as the source.
+    pub fn connection_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BrokerError::Connection { context: context.into(), source: Some(source.into()) }
+    }
+
+    /// An operation the broker refused or failed, with no underlying error to keep.
+    pub fn operation(context: impl Into<String>) -> Self {
+        BrokerError::Operation { context: context.into(), source: None }
+    }
+
+    /// An operation the broker refused or failed, keeping the client library's error as the source.
+    pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BrokerError::Operation { context: context.into(), source: Some(source.into()) }
+    }
+
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BrokerError::Connection { .. } => ErrorKind::Connection,
+            BrokerError::Operation { .. } => ErrorKind::Operation,
+            BrokerError::Protocol(_) => ErrorKind::Message,
+            BrokerError::InvalidUrl { .. } | BrokerError::UnknownScheme(_) | BrokerError::Unsupported { .. } => {
+                ErrorKind::Config
+            }
+        }
+    }
+
     /// True when the operation may succeed if retried after a reconnect.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BrokerError::Connection(_))
+        self.kind() == ErrorKind::Connection
+    }
+
+    /// True when no retry can help until the configuration changes (bad URL, unknown scheme, an
+    /// option this broker lacks).
+    pub fn is_fatal(&self) -> bool {
+        self.kind() == ErrorKind::Config
+    }
+
+    /// True when the message itself is at fault: dead-letter it with this error as the reason.
+    pub fn is_message_fault(&self) -> bool {
+        self.kind() == ErrorKind::Message
     }
 }
 
@@ -117,11 +209,23 @@ impl BrokerError {
 #[non_exhaustive]
 pub enum BackendError {
     /// The connection failed or was lost; retrying later may succeed.
-    #[error("result backend connection error: {0}")]
-    Connection(String),
+    #[error("result backend connection error: {context}{}", caused_by(.source))]
+    Connection {
+        /// What was being done.
+        context: String,
+        /// The client library's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The backend failed the operation.
-    #[error("result backend error: {0}")]
-    Operation(String),
+    #[error("result backend error: {context}{}", caused_by(.source))]
+    Operation {
+        /// What was being done, or what the backend said.
+        context: String,
+        /// The client library's error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The URL is malformed or names an unknown option.
     #[error("invalid result backend URL `{url}`: {reason}")]
     InvalidUrl {
@@ -159,9 +263,51 @@ impl From<crate::url::UrlError> for BackendError {
 }
 
 impl BackendError {
+    /// A lost or failed connection, with no underlying error to keep.
+    pub fn connection(context: impl Into<String>) -> Self {
+        BackendError::Connection { context: context.into(), source: None }
+    }
+
+    /// A lost or failed connection, keeping the client library's error as the source.
+    pub fn connection_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BackendError::Connection { context: context.into(), source: Some(source.into()) }
+    }
+
+    /// An operation the backend refused or failed, with no underlying error to keep.
+    pub fn operation(context: impl Into<String>) -> Self {
+        BackendError::Operation { context: context.into(), source: None }
+    }
+
+    /// An operation the backend refused or failed, keeping the client library's error as the source.
+    pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        BackendError::Operation { context: context.into(), source: Some(source.into()) }
+    }
+
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            BackendError::Connection { .. } => ErrorKind::Connection,
+            BackendError::Operation { .. } => ErrorKind::Operation,
+            BackendError::Malformed(_) => ErrorKind::Message,
+            BackendError::InvalidUrl { .. } | BackendError::UnknownScheme(_) | BackendError::Unsupported { .. } => {
+                ErrorKind::Config
+            }
+        }
+    }
+
     /// True when the operation may succeed if retried after a reconnect.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, BackendError::Connection(_))
+        self.kind() == ErrorKind::Connection
+    }
+
+    /// True when no retry can help until the configuration changes.
+    pub fn is_fatal(&self) -> bool {
+        self.kind() == ErrorKind::Config
+    }
+
+    /// True when the stored document is at fault (not a Celery result document).
+    pub fn is_message_fault(&self) -> bool {
+        self.kind() == ErrorKind::Message
     }
 }
 
@@ -181,13 +327,28 @@ pub enum AppError {
 }
 
 impl AppError {
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            AppError::Broker(e) => e.kind(),
+            AppError::Backend(e) => e.kind(),
+            AppError::Protocol(_) => ErrorKind::Message,
+        }
+    }
+
     /// True when connecting again later may succeed (the broker or backend was unreachable).
     pub fn is_retryable(&self) -> bool {
-        match self {
-            AppError::Broker(e) => e.is_retryable(),
-            AppError::Backend(e) => e.is_retryable(),
-            AppError::Protocol(_) => false,
-        }
+        self.kind() == ErrorKind::Connection
+    }
+
+    /// True when no retry can help until the configuration changes.
+    pub fn is_fatal(&self) -> bool {
+        self.kind() == ErrorKind::Config
+    }
+
+    /// True when the message could not be built or was refused for its content.
+    pub fn is_message_fault(&self) -> bool {
+        self.kind() == ErrorKind::Message
     }
 }
 

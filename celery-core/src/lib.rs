@@ -27,13 +27,14 @@ pub mod schedule;
 pub mod scheme;
 pub mod signature;
 pub mod state;
+pub mod sync;
 pub mod task;
 pub mod url;
 
 pub use app::{App, AppConfig, AsyncResult};
 pub use backend::{ChordMember, ResultBackend, TaskMeta};
 pub use broker::{Broker, Consumer, Delivery};
-pub use error::{AppError, BackendError, BrokerError, ProtocolError, ResultError};
+pub use error::{AppError, BackendError, BrokerError, ErrorKind, ProtocolError, ResultError};
 pub use group::GroupResult;
 pub use signature::Signature;
 pub use state::TaskState;

@@ -165,8 +165,12 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let _ = stop_tx.send(());
     handle.await??;
     if a.lapin_ceiling {
-        let url = broker_backends::amqp::last_url()
-            .ok_or_else(|| anyhow::anyhow!("--lapin-ceiling needs an amqp:// broker"))?;
+        let url = app
+            .broker_url()
+            .filter(|u| u.scheme().starts_with("amqp"))
+            .ok_or_else(|| anyhow::anyhow!("--lapin-ceiling needs an amqp:// broker"))?
+            .expose_secret()
+            .to_owned();
         let msg = celery_core::protocol::Message::from_signature(&sig(0))?;
         lapin_ceiling(&url, a.count, &msg, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
     }

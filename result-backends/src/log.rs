@@ -15,13 +15,11 @@
 //! # });
 //! ```
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_backends::log::LogBroker;
 use celery_core::backend::ChordMember;
-use celery_core::scheme::BackendScheme;
 use celery_core::url::ServiceUrl;
 use celery_core::{BackendError, Broker, BrokerError, ResultBackend, TaskMeta};
 
@@ -36,9 +34,9 @@ fn err(e: BrokerError) -> BackendError {
     if let BrokerError::InvalidUrl { url, reason } = e {
         BackendError::InvalidUrl { url, reason }
     } else if e.is_retryable() {
-        BackendError::Connection(e.to_string())
+        BackendError::connection(e.to_string())
     } else {
-        BackendError::Operation(e.to_string())
+        BackendError::operation(e.to_string())
     }
 }
 
@@ -108,16 +106,7 @@ impl ResultBackend for LogResultBackend {
     }
 }
 
-inventory::submit! {
-    BackendScheme { scheme: "log", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
-inventory::submit! {
-    BackendScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
-
-inventory::submit! {
-    BackendScheme { scheme: "log+tls", connect: |url| Box::pin(async move { Ok(Arc::new(LogResultBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
+celery_core::register_backend!("log", "log+tcp", "log+tls" => LogResultBackend::connect);
 
 #[cfg(test)]
 mod tests {

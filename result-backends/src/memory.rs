@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::{ChordMember, ChordTally};
-use celery_core::scheme::BackendScheme;
 use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use tokio::sync::Notify;
 
@@ -95,13 +94,22 @@ impl ResultBackend for MemoryBackend {
     }
 }
 
-inventory::submit! {
-    BackendScheme { scheme: "memory", connect: |url| Box::pin(async move {
-        // No options: any is an error naming it.
-        celery_core::url::ServiceUrl::parse(&url)?.finish()?;
-        Ok(Arc::new(MemoryBackend::default()) as Arc<dyn ResultBackend>)
-    }) }
+impl MemoryBackend {
+    /// A new in-process backend for a `memory://` URL, which takes no options.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let backend = result_backends::memory::MemoryBackend::connect("memory://").await.unwrap();
+    /// assert!(result_backends::memory::MemoryBackend::connect("memory://?x=1").await.is_err());
+    /// # }
+    /// ```
+    pub async fn connect(url: &str) -> Result<MemoryBackend, BackendError> {
+        celery_core::url::ServiceUrl::parse(url)?.finish()?;
+        Ok(MemoryBackend::default())
+    }
 }
+
+celery_core::register_backend!("memory" => MemoryBackend::connect);
 
 #[cfg(test)]
 mod tests {

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::ChordMember;
-use celery_core::scheme::BackendScheme;
 use celery_core::url::{redacted, ServiceUrl};
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use futures::StreamExt;
@@ -37,9 +36,9 @@ return 1
 
 fn err(e: redis::RedisError) -> BackendError {
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-        BackendError::Connection(e.to_string())
+        BackendError::connection(e.to_string())
     } else {
-        BackendError::Operation(e.to_string())
+        BackendError::operation(e.to_string())
     }
 }
 
@@ -357,12 +356,7 @@ redis.call('SET', KEYS[5], ARGV[1], 'EX', ARGV[4])
 return redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
 "#;
 
-inventory::submit! {
-    BackendScheme { scheme: "redis", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
-inventory::submit! {
-    BackendScheme { scheme: "rediss", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
+celery_core::register_backend!("redis", "rediss" => RedisBackend::connect);
 
 #[cfg(test)]
 mod tests {

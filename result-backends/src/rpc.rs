@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::scheme::BackendScheme;
+use celery_core::scheme::ConnectContext;
 use celery_core::url::{redacted, ServiceUrl};
 use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta, TaskState};
 use futures::StreamExt;
@@ -30,9 +30,9 @@ use tokio::sync::Notify;
 
 fn err(e: lapin::Error) -> BackendError {
     if e.is_io_error() || e.is_amqp_hard_error() {
-        BackendError::Connection(e.to_string())
+        BackendError::connection(e.to_string())
     } else {
-        BackendError::Operation(e.to_string())
+        BackendError::operation(e.to_string())
     }
 }
 
@@ -40,7 +40,7 @@ fn err(e: lapin::Error) -> BackendError {
 async fn connect(url: &ServiceUrl) -> Result<Connection, BackendError> {
     broker_backends::amqp::connect(url.expose_secret()).await.map_err(|e| match e {
         BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
-        e => BackendError::Connection(e.to_string()),
+        e => BackendError::connection(e.to_string()),
     })
 }
 
@@ -65,13 +65,27 @@ pub struct RpcBackend {
 }
 
 impl RpcBackend {
-    /// Connects, declares this process's reply queue and starts consuming it.
+    /// Connects to the AMQP server the URL names (`rpc://user:pass@host/vhost`), declares this
+    /// process's reply queue and starts consuming it.
     pub async fn connect(url: &str) -> Result<RpcBackend, BackendError> {
+        RpcBackend::connect_in(url, &ConnectContext::default()).await
+    }
+
+    /// Connects as [`RpcBackend::connect`]; a bare `rpc://` replies over the app's broker, which
+    /// `ctx` names ([`App::connect`](celery_core::App::connect) hands it over).
+    pub async fn connect_in(url: &str, ctx: &ConnectContext) -> Result<RpcBackend, BackendError> {
         let amqp = match url.strip_prefix("rpc://") {
-            Some("") | Some("/") => broker_backends::amqp::last_url().ok_or_else(|| BackendError::InvalidUrl {
-                url: redacted(url),
-                reason: "rpc:// replies over the AMQP broker: connect an amqp:// broker first, or name one (rpc://user:pass@host/vhost)".into(),
-            })?,
+            Some("") | Some("/") => match ctx.broker_url() {
+                Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => b.to_owned(),
+                _ => {
+                    return Err(BackendError::InvalidUrl {
+                        url: redacted(url),
+                        reason: "rpc:// replies over the AMQP broker: use an amqp:// broker, or name one \
+                                 (rpc://user:pass@host/vhost)"
+                            .into(),
+                    })
+                }
+            },
             Some(rest) => format!("amqp://{rest}"),
             None => return Err(BackendError::InvalidUrl { url: redacted(url), reason: "not an rpc:// URL".into() }),
         };
@@ -108,7 +122,7 @@ async fn subscribe(inner: &Inner) -> Result<(Connection, lapin::Consumer), Backe
     let ch = conn.create_channel().await.map_err(err)?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
-    let q = ShortString::try_new(inner.queue.clone()).map_err(|_| BackendError::Operation("queue name".into()))?;
+    let q = ShortString::try_new(inner.queue.clone()).map_err(|_| BackendError::operation("queue name"))?;
     ch.queue_declare(q.clone(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, args)
         .await
         .map_err(err)?;
@@ -161,10 +175,9 @@ impl ResultBackend for RpcBackend {
     /// Publishes the document to the request's reply queue (nothing to do without one).
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         let Some(reply_to) = meta.reply_to.as_deref() else { return Ok(()) };
-        let key = ShortString::try_new(reply_to.to_owned())
-            .map_err(|_| BackendError::Operation("reply_to too long".into()))?;
-        let id = ShortString::try_new(meta.task_id.clone())
-            .map_err(|_| BackendError::Operation("task id too long".into()))?;
+        let key =
+            ShortString::try_new(reply_to.to_owned()).map_err(|_| BackendError::operation("reply_to too long"))?;
+        let id = ShortString::try_new(meta.task_id.clone()).map_err(|_| BackendError::operation("task id too long"))?;
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())
@@ -194,9 +207,7 @@ impl ResultBackend for RpcBackend {
     }
 }
 
-inventory::submit! {
-    BackendScheme { scheme: "rpc", connect: |url| Box::pin(async move { Ok(Arc::new(RpcBackend::connect(&url).await?) as Arc<dyn ResultBackend>) }) }
-}
+celery_core::register_backend!("rpc" => with_context RpcBackend::connect_in);
 
 #[cfg(test)]
 mod tests {

@@ -48,7 +48,7 @@ async fn direct_and_topic(t: Target) {
     b.publish(&Route::exchange("topic_logs", "nothing.here"), &msg(6)).await.unwrap();
     let mandatory = Route { mandatory: true, ..Route::exchange("topic_logs", "nothing.here") };
     match b.publish(&mandatory, &msg(7)).await {
-        Err(BrokerError::Operation(m)) => assert!(m.contains("unroutable"), "{m}"),
+        Err(e @ BrokerError::Operation { .. }) => assert!(e.to_string().contains("unroutable"), "{e}"),
         other => panic!("expected an unroutable error, got {other:?}"),
     }
     // Through the producer API: a task sent to an exchange is consumed from the bound queue.

@@ -33,7 +33,7 @@ struct Flaky {
 impl ResultBackend for Flaky {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            return Err(BackendError::Connection("connection refused (injected)".into()));
+            return Err(BackendError::connection("connection refused (injected)"));
         }
         self.inner.store(meta).await
     }

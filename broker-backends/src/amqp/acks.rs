@@ -45,7 +45,7 @@ impl Acks {
     /// Settles delivery `tag`; returns once the frame is sent.
     pub(super) async fn settle(&self, tag: u64, op: Op) -> Result<(), BrokerError> {
         let (reply, done) = oneshot::channel();
-        let gone = || BrokerError::Connection("amqp: the delivery's channel is closed".into());
+        let gone = || BrokerError::connection("amqp: the delivery's channel is closed");
         self.tx.send((tag, op, reply)).map_err(|_| gone())?;
         done.await.map_err(|_| gone())?
     }
@@ -61,7 +61,7 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<(u64, Op, Reply)>
             let result = match (verdict, &sent) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Ok(())) => Ok(()),
-                (Ok(()), Err(e)) => Err(BrokerError::Connection(e.clone())),
+                (Ok(()), Err(e)) => Err(BrokerError::connection(e.clone())),
             };
             let _ = reply.send(result);
         }
@@ -111,7 +111,7 @@ impl Tracker {
         let mut done = BTreeSet::new();
         for (tag, op) in ops {
             if tag == 0 || self.is_settled(tag) || done.contains(&tag) {
-                plan.verdicts.push(Err(BrokerError::Operation(format!("amqp: delivery {tag} is already settled"))));
+                plan.verdicts.push(Err(BrokerError::operation(format!("amqp: delivery {tag} is already settled"))));
                 continue;
             }
             plan.verdicts.push(Ok(()));

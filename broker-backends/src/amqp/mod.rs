@@ -44,7 +44,6 @@ use celery_core::protocol::{
     check_content_type, lenient_task_id, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
 };
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
-use celery_core::scheme::BrokerScheme;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use futures::stream::{select_all, BoxStream, StreamExt};
@@ -54,28 +53,18 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 fn err(e: lapin::Error) -> BrokerError {
     if e.is_io_error() || e.is_amqp_hard_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {
-        BrokerError::Connection(e.to_string())
+        BrokerError::connection(e.to_string())
     } else {
-        BrokerError::Operation(e.to_string())
+        BrokerError::operation(e.to_string())
     }
 }
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {
-    ShortString::try_new(s.to_owned()).map_err(|_| BrokerError::Operation(format!("name longer than 255 bytes: `{s}`")))
+    ShortString::try_new(s.to_owned()).map_err(|_| BrokerError::operation(format!("name longer than 255 bytes: `{s}`")))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-fn last_url_cell() -> &'static Mutex<Option<String>> {
-    static URL: Mutex<Option<String>> = Mutex::new(None);
-    &URL
-}
-
-/// The URL of the AMQP broker this process connected to last (what `rpc://` result backends use).
-pub fn last_url() -> Option<String> {
-    lock(last_url_cell()).clone()
 }
 
 /// The largest delay level, in seconds (about 12 days); longer countdowns hop again.
@@ -118,7 +107,6 @@ impl AmqpBroker {
     /// losses are retried). A `heartbeat=30` is added to the URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
         let parsed = AmqpUrl::parse(url)?;
-        *lock(last_url_cell()) = Some(url.to_owned());
         let b = AmqpBroker {
             inner: Arc::new(Inner {
                 url: parsed,
@@ -256,12 +244,12 @@ impl AmqpBroker {
 fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(ret)) => Err(BrokerError::Operation(format!(
+        Confirmation::Ack(Some(ret)) => Err(BrokerError::operation(format!(
             "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
             ret.reply_text
         ))),
         Confirmation::Nack(_) => {
-            Err(BrokerError::Operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
+            Err(BrokerError::operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
         }
     }
 }
@@ -634,13 +622,7 @@ impl Settle for AmqpSettle {
     }
 }
 
-inventory::submit! {
-    BrokerScheme { scheme: "amqp", connect: |url| Box::pin(async move { Ok(Arc::new(AmqpBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
-
-inventory::submit! {
-    BrokerScheme { scheme: "amqps", connect: |url| Box::pin(async move { Ok(Arc::new(AmqpBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
+celery_core::register_broker!("amqp", "amqps" => AmqpBroker::connect);
 
 #[cfg(test)]
 mod tests {

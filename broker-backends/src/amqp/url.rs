@@ -154,7 +154,7 @@ impl TlsFiles {
 /// ```no_run
 /// # async fn demo() -> Result<(), celery_core::BrokerError> {
 /// let conn = broker_backends::amqp::connect("amqps://guest:guest@rabbit.example:5671/%2f?ca_certs=/etc/ca.pem").await?;
-/// let channel = conn.create_channel().await.map_err(|e| celery_core::BrokerError::Connection(e.to_string()))?;
+/// let channel = conn.create_channel().await.map_err(|e| celery_core::BrokerError::connection(e.to_string()))?;
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {

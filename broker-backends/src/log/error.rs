@@ -90,8 +90,8 @@ impl LogError {
 impl From<LogError> for BrokerError {
     fn from(e: LogError) -> BrokerError {
         match e {
-            LogError::Closed => BrokerError::Connection(e.to_string()),
-            other => BrokerError::Operation(other.to_string()),
+            LogError::Closed => BrokerError::connection(e.to_string()),
+            other => BrokerError::operation(other.to_string()),
         }
     }
 }

@@ -64,7 +64,6 @@ use celery_core::backend::ChordMember;
 use celery_core::broker::Settle;
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
-use celery_core::scheme::BrokerScheme;
 use celery_core::url::{redacted, ServiceUrl};
 use celery_core::{Broker, BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
@@ -243,7 +242,7 @@ impl LogBroker {
                             tokio::time::sleep(backoff.next_delay()).await;
                         }
                         Err(e) => {
-                            return Err(BrokerError::Connection(format!(
+                            return Err(BrokerError::connection(format!(
                                 "{} is owned by process {pid}, whose socket does not answer: {e}",
                                 path.display()
                             )))
@@ -385,7 +384,7 @@ impl LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.chord_part(group, member.clone(), ttl).await?),
             Inner::Remote(c) => {
-                let doc = serde_json::to_vec(member).map_err(|e| BrokerError::Operation(e.to_string()))?;
+                let doc = serde_json::to_vec(member).map_err(|e| BrokerError::operation(e.to_string()))?;
                 let body = c
                     .call(wire::kind::CHORD, |e| {
                         e.u8(wire::chord::PART).str(group).bytes(&doc).u64(celery_core::clock::millis(ttl))
@@ -394,7 +393,7 @@ impl LogBroker {
                 match remote::read_opt(&body)? {
                     None => Ok(None),
                     Some(all) => {
-                        serde_json::from_slice(&all).map(Some).map_err(|e| BrokerError::Operation(e.to_string()))
+                        serde_json::from_slice(&all).map(Some).map_err(|e| BrokerError::operation(e.to_string()))
                     }
                 }
             }
@@ -451,11 +450,11 @@ impl LogBroker {
                     })
                     .await?;
                 let mut d = wire::Dec::new(&body);
-                let n = d.u32().map_err(|e| BrokerError::Operation(e.to_string()))?;
+                let n = d.u32().map_err(|e| BrokerError::operation(e.to_string()))?;
                 (0..n)
                     .map(|_| d.str())
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| BrokerError::Operation(e.to_string()))?
+                    .map_err(|e| BrokerError::operation(e.to_string()))?
             }
         };
         if queues.is_empty() {
@@ -465,7 +464,7 @@ impl LogBroker {
             let what =
                 format!("no queue is bound to exchange `{}` for routing key `{}`", route.exchange, route.routing_key);
             if route.mandatory {
-                return Err(BrokerError::Operation(format!("unroutable (mandatory) publish: {what}")));
+                return Err(BrokerError::operation(format!("unroutable (mandatory) publish: {what}")));
             }
             tracing::warn!(task = %msg.headers.task, "log: unroutable publish dropped: {what}");
         }
@@ -573,7 +572,7 @@ impl Broker for LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.bind(binding)?),
             Inner::Remote(c) => {
-                let b = serde_json::to_vec(binding).map_err(|e| BrokerError::Operation(e.to_string()))?;
+                let b = serde_json::to_vec(binding).map_err(|e| BrokerError::operation(e.to_string()))?;
                 c.call(wire::kind::BIND, |e| e.bytes(&b)).await.map(|_| ())
             }
         }
@@ -1083,16 +1082,7 @@ impl LogStore {
     }
 }
 
-inventory::submit! {
-    BrokerScheme { scheme: "log", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
-inventory::submit! {
-    BrokerScheme { scheme: "log+tcp", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
-
-inventory::submit! {
-    BrokerScheme { scheme: "log+tls", connect: |url| Box::pin(async move { Ok(Arc::new(LogBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
+celery_core::register_broker!("log", "log+tcp", "log+tls" => LogBroker::connect);
 
 #[cfg(test)]
 mod tests {

@@ -84,11 +84,11 @@ pub(crate) fn answer(store: &LogStore, ok: Enc, d: &mut Dec<'_>) -> Result<Vec<u
 
 /// Reads a `PEEK` answer.
 fn read_answer(body: &[u8]) -> Result<Vec<Vec<u8>>, BrokerError> {
-    let bad = |e: std::io::Error| BrokerError::Operation(format!("malformed PEEK answer: {e}"));
+    let bad = |e: std::io::Error| BrokerError::operation(format!("malformed PEEK answer: {e}"));
     let mut d = Dec::new(body);
     let n = d.u32().map_err(bad)? as usize;
     if n > MAX_PEEK {
-        return Err(BrokerError::Operation(format!("malformed PEEK answer: {n} records (at most {MAX_PEEK})")));
+        return Err(BrokerError::operation(format!("malformed PEEK answer: {n} records (at most {MAX_PEEK})")));
     }
     (0..n).map(|_| d.bytes().map(<[u8]>::to_vec).map_err(bad)).collect()
 }

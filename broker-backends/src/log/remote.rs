@@ -112,7 +112,7 @@ impl Takeover {
 }
 
 fn conn_err(e: impl std::fmt::Display) -> BrokerError {
-    BrokerError::Connection(e.to_string())
+    BrokerError::connection(e.to_string())
 }
 
 impl RemoteClient {
@@ -154,10 +154,7 @@ impl RemoteClient {
         let c = Arc::new(c);
         let id = self.id();
         let hello = Enc::frame(kind::HELLO, id).str(&self.token).finish();
-        call_on(&c, id, hello).await.map_err(|e| match e {
-            BrokerError::Operation(m) => BrokerError::Operation(m),
-            other => other,
-        })?;
+        call_on(&c, id, hello).await?;
         if lost {
             crate::reconnected("log");
         }
@@ -171,7 +168,7 @@ impl RemoteClient {
         let c = self.conn().await?;
         let id = self.id();
         match call_on(&c, id, build(Enc::frame(kind, id)).finish()).await {
-            Err(BrokerError::Operation(m)) if m == wire::NOT_HANDLED => {
+            Err(BrokerError::Operation { context, .. }) if context == wire::NOT_HANDLED => {
                 let c = self.conn().await?;
                 let id = self.id();
                 call_on(&c, id, build(Enc::frame(kind, id)).finish()).await
@@ -211,7 +208,7 @@ async fn call_on(c: &Conn, id: u64, frame: Vec<u8>) -> Result<Vec<u8>, BrokerErr
     }
     match rx.await {
         Ok(Ok(body)) => Ok(body),
-        Ok(Err(msg)) => Err(BrokerError::Operation(msg)),
+        Ok(Err(msg)) => Err(BrokerError::operation(msg)),
         Err(_) => Err(c.lost()),
     }
 }
@@ -395,7 +392,7 @@ impl Consumer for RemoteConsumer {
             let pending = self
                 .resubscribing
                 .get_or_insert_with(|| tokio::spawn(async move { client.subscribe(&queues, prefetch).await }));
-            let result = pending.await.unwrap_or_else(|e| Err(BrokerError::Connection(e.to_string())));
+            let result = pending.await.unwrap_or_else(|e| Err(BrokerError::connection(e.to_string())));
             self.resubscribing = None;
             match result {
                 Ok(sub) => {
@@ -477,7 +474,7 @@ impl Settle for RemoteSettle {
 
 /// Reads a `u64` response.
 fn bad_reply(e: std::io::Error) -> BrokerError {
-    BrokerError::Operation(e.to_string())
+    BrokerError::operation(e.to_string())
 }
 
 pub(crate) fn read_u64(body: &[u8]) -> Result<u64, BrokerError> {
@@ -627,7 +624,7 @@ mod tests {
         assert_eq!(queue_len(&first).await.unwrap(), 0);
         let second = RemoteClient::new(Target::Tcp(addr, None), "t".into(), None);
         let err = queue_len(&second).await.unwrap_err();
-        assert!(matches!(err, BrokerError::Connection(_)), "a connection error, retried later: {err:?}");
+        assert!(matches!(err, BrokerError::Connection { .. }), "a connection error, retried later: {err:?}");
         assert!(err.to_string().contains("too many connections (limit 1)"), "{err}");
         assert_eq!(queue_len(&first).await.unwrap(), 0, "the admitted client keeps working");
         server.abort();

@@ -69,8 +69,8 @@ pub fn backend_error(e: tokio_postgres::Error) -> BackendError {
         }
     };
     match classify(&e) {
-        Fault::Retryable => BackendError::Connection(format!("postgresql: {text}")),
-        Fault::Permanent => BackendError::Operation(format!("postgresql: {text}")),
+        Fault::Retryable => BackendError::connection(format!("postgresql: {text}")),
+        Fault::Permanent => BackendError::operation(format!("postgresql: {text}")),
     }
 }
 
@@ -78,7 +78,7 @@ pub fn backend_error(e: tokio_postgres::Error) -> BackendError {
 pub fn pool_error(e: deadpool_postgres::PoolError) -> BackendError {
     match e {
         deadpool_postgres::PoolError::Backend(e) => backend_error(e),
-        other => BackendError::Connection(format!("postgresql pool: {other}")),
+        other => BackendError::connection(format!("postgresql pool: {other}")),
     }
 }
 

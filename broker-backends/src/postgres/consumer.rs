@@ -438,7 +438,7 @@ impl Settle for PgSettle {
         self.shared
             .acks
             .send(AckCmd::Ack(self.id, self.token))
-            .map_err(|_| BrokerError::Operation("consumer is closed".into()))
+            .map_err(|_| BrokerError::operation("consumer is closed"))
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {

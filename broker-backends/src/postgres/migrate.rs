@@ -49,16 +49,17 @@ pub async fn migrate(client: &mut Object, component: &str, migrations: &[Migrati
     let mut version = current;
     for m in migrations.iter().filter(|m| m.version > current) {
         if m.version != version + 1 {
-            return Err(BackendError::Operation(format!(
+            return Err(BackendError::operation(format!(
                 "postgresql: migration {component} {} follows {version}: the list has a gap",
                 m.version
             )));
         }
         tracing::info!(component, version = m.version, name = m.name, "postgresql: applying migration");
         tx.batch_execute(m.sql).await.map_err(|e| match backend_error(e) {
-            BackendError::Operation(e) => {
-                BackendError::Operation(format!("migration {component} {} ({}): {e}", m.version, m.name))
-            }
+            BackendError::Operation { context, source } => BackendError::Operation {
+                context: format!("migration {component} {} ({}): {context}", m.version, m.name),
+                source,
+            },
             other => other,
         })?;
         tx.execute(

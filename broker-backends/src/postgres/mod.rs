@@ -52,7 +52,6 @@ use async_trait::async_trait;
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
-use celery_core::scheme::BrokerScheme;
 use celery_core::{BackendError, Broker, BrokerError, Consumer, ProtocolError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -87,9 +86,10 @@ type NewRow = (String, i16, Option<DateTime<Utc>>, Vec<u8>);
 /// A result-backend-typed error of the shared connection code, as a broker error.
 pub fn broker_error(e: BackendError) -> BrokerError {
     match e {
-        BackendError::Connection(m) => BrokerError::Connection(m),
+        BackendError::Connection { context, source } => BrokerError::Connection { context, source },
         BackendError::InvalidUrl { url, reason } => BrokerError::InvalidUrl { url, reason },
-        other => BrokerError::Operation(other.to_string()),
+        BackendError::Operation { context, source } => BrokerError::Operation { context, source },
+        other => BrokerError::operation_with("postgresql", other),
     }
 }
 
@@ -102,13 +102,13 @@ pub(crate) fn pg_error(e: tokio_postgres::Error) -> BrokerError {
 /// separator (broadcast notifications use it).
 pub(crate) fn check_name(what: &str, name: &str) -> Result<(), BrokerError> {
     if name.len() > MAX_NAME {
-        return Err(BrokerError::Operation(format!(
+        return Err(BrokerError::operation(format!(
             "postgresql: {what} of {} bytes is longer than {MAX_NAME}",
             name.len()
         )));
     }
     if name.contains(['\0', FIELD]) {
-        return Err(BrokerError::Operation(format!(
+        return Err(BrokerError::operation(format!(
             "postgresql: {what} `{}` holds a control character",
             name.escape_debug()
         )));
@@ -219,7 +219,7 @@ impl PostgresBroker {
             let what =
                 format!("no queue is bound to exchange `{}` for routing key `{}`", route.exchange, route.routing_key);
             if route.mandatory {
-                return Err(BrokerError::Operation(format!("unroutable (mandatory) publish: {what}")));
+                return Err(BrokerError::operation(format!("unroutable (mandatory) publish: {what}")));
             }
             tracing::warn!("postgresql: unroutable publish dropped: {what}");
         }
@@ -410,7 +410,7 @@ impl Broker for PostgresBroker {
         let wait = self.inner.options.connect.config.get_connect_timeout().copied().unwrap_or(Duration::from_secs(10))
             + Duration::from_secs(5);
         if !matches!(tokio::time::timeout(wait, up.wait_for(|c| *c)).await, Ok(Ok(_))) {
-            return Err(BrokerError::Connection(format!(
+            return Err(BrokerError::connection(format!(
                 "postgresql: the listening connection is not up after {wait:?}"
             )));
         }
@@ -482,7 +482,7 @@ impl Broker for PostgresBroker {
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         check_name("document key", key)?;
         if doc.len() > MAX_DOC {
-            return Err(BrokerError::Operation(format!(
+            return Err(BrokerError::operation(format!(
                 "postgresql: a document of {} bytes is larger than {MAX_DOC}",
                 doc.len()
             )));
@@ -491,12 +491,7 @@ impl Broker for PostgresBroker {
     }
 }
 
-inventory::submit! {
-    BrokerScheme { scheme: "postgres", connect: |url| Box::pin(async move { Ok(Arc::new(PostgresBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
-inventory::submit! {
-    BrokerScheme { scheme: "postgresql", connect: |url| Box::pin(async move { Ok(Arc::new(PostgresBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
+celery_core::register_broker!("postgres", "postgresql" => PostgresBroker::connect);
 
 #[cfg(test)]
 mod tests {

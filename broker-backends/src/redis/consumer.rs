@@ -435,7 +435,7 @@ impl Settle for RedisSettle {
         self.shared
             .acks
             .send(AckCmdBox(AckCmd::Ack(self.tag.clone())))
-            .map_err(|_| BrokerError::Operation("consumer is closed".into()))
+            .map_err(|_| BrokerError::operation("consumer is closed"))
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {

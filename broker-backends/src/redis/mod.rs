@@ -32,13 +32,11 @@ mod consumer;
 
 mod scripts;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
-use celery_core::scheme::BrokerScheme;
 use celery_core::url::{redacted, ServiceUrl, UrlError};
 use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -199,9 +197,9 @@ impl Keys {
 
 pub(crate) fn conn_error(e: redis::RedisError) -> BrokerError {
     if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-        BrokerError::Connection(e.to_string())
+        BrokerError::connection(e.to_string())
     } else {
-        BrokerError::Operation(e.to_string())
+        BrokerError::operation(e.to_string())
     }
 }
 
@@ -271,7 +269,7 @@ impl RedisBroker {
             let what =
                 format!("no queue is bound to exchange `{}` for routing key `{}`", route.exchange, route.routing_key);
             if route.mandatory {
-                return Err(BrokerError::Operation(format!("unroutable (mandatory) publish: {what}")));
+                return Err(BrokerError::operation(format!("unroutable (mandatory) publish: {what}")));
             }
             tracing::warn!("redis: unroutable publish dropped: {what}");
         }
@@ -560,12 +558,7 @@ impl RedisBroker {
     }
 }
 
-inventory::submit! {
-    BrokerScheme { scheme: "redis", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
-inventory::submit! {
-    BrokerScheme { scheme: "rediss", connect: |url| Box::pin(async move { Ok(Arc::new(RedisBroker::connect(&url).await?) as Arc<dyn Broker>) }) }
-}
+celery_core::register_broker!("redis", "rediss" => RedisBroker::connect);
 
 #[cfg(test)]
 mod tests {

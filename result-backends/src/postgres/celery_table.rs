@@ -149,7 +149,7 @@ impl CeleryTable {
 /// Rejects a task id Celery's column cannot hold, before the database does less clearly.
 pub(crate) fn check_id(task_id: &str) -> Result<(), BackendError> {
     if task_id.len() > MAX_TASK_ID {
-        return Err(BackendError::Operation(format!(
+        return Err(BackendError::operation(format!(
             "postgresql: a task id of {} bytes is longer than celery_taskmeta.task_id's {MAX_TASK_ID}",
             task_id.len()
         )));

@@ -22,7 +22,7 @@ const MAX_ID: usize = 255;
 
 fn check(what: &str, value: &str, max: usize) -> Result<(), BackendError> {
     if value.len() > max {
-        return Err(BackendError::Operation(format!(
+        return Err(BackendError::operation(format!(
             "postgresql: a {what} of {} bytes is longer than {max}",
             value.len()
         )));
@@ -33,7 +33,7 @@ fn check(what: &str, value: &str, max: usize) -> Result<(), BackendError> {
 pub(crate) async fn size(c: &Object, group_id: &str, size: usize) -> Result<(), BackendError> {
     check("group id", group_id, MAX_ID)?;
     let size =
-        i32::try_from(size).map_err(|_| BackendError::Operation(format!("postgresql: a chord of {size} members")))?;
+        i32::try_from(size).map_err(|_| BackendError::operation(format!("postgresql: a chord of {size} members")))?;
     let stmt = c
         .prepare_cached(
             "INSERT INTO celery_rs_chord (group_id, size) VALUES ($1, $2) \
@@ -150,7 +150,7 @@ pub(crate) async fn claim(c: &Object, key: &str, task_id: &str, ttl: Duration) -
             return Ok(Some(row.get(0)));
         }
     }
-    Err(BackendError::Connection(format!("postgresql: idempotency key `{key}` kept changing hands")))
+    Err(BackendError::connection(format!("postgresql: idempotency key `{key}` kept changing hands")))
 }
 
 pub(crate) async fn unclaim(c: &Object, key: &str, task_id: &str) -> Result<(), BackendError> {

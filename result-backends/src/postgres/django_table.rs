@@ -63,7 +63,7 @@ pub(crate) async fn require(c: &Object) -> Result<(), BackendError> {
     let row = c.query_one("SELECT to_regclass($1)::text", &[&TABLE]).await.map_err(backend_error)?;
     let found: Option<String> = row.get(0);
     if found.is_none() {
-        return Err(BackendError::Operation(format!(
+        return Err(BackendError::operation(format!(
             "postgresql: table {TABLE} does not exist in this database's search_path; \
              create it with Django: python manage.py migrate django_celery_results"
         )));
@@ -119,7 +119,7 @@ impl DjangoTable {
 
     pub(crate) async fn store(&self, c: &Object, meta: &TaskMeta) -> Result<(), BackendError> {
         if meta.task_id.len() > MAX_TASK_ID {
-            return Err(BackendError::Operation(format!(
+            return Err(BackendError::operation(format!(
                 "postgresql: a task id of {} bytes is longer than {TABLE}.task_id's {MAX_TASK_ID}",
                 meta.task_id.len()
             )));

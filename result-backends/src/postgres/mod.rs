@@ -65,7 +65,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::ChordMember;
-use celery_core::scheme::BackendScheme;
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use deadpool_postgres::Pool;
 
@@ -258,16 +257,7 @@ impl ResultBackend for PostgresBackend {
     }
 }
 
-async fn connect_scheme(url: String) -> Result<Arc<dyn ResultBackend>, BackendError> {
-    Ok(Arc::new(PostgresBackend::connect(&url).await?) as Arc<dyn ResultBackend>)
-}
-
-inventory::submit! { BackendScheme { scheme: "db+postgresql", connect: |url| Box::pin(connect_scheme(url)) } }
-inventory::submit! { BackendScheme { scheme: "db+postgresql+psycopg2", connect: |url| Box::pin(connect_scheme(url)) } }
-inventory::submit! { BackendScheme { scheme: "db+postgresql+psycopg", connect: |url| Box::pin(connect_scheme(url)) } }
-inventory::submit! { BackendScheme { scheme: "db+postgres", connect: |url| Box::pin(connect_scheme(url)) } }
-inventory::submit! { BackendScheme { scheme: "django-db+postgresql", connect: |url| Box::pin(connect_scheme(url)) } }
-inventory::submit! { BackendScheme { scheme: "django-db+postgres", connect: |url| Box::pin(connect_scheme(url)) } }
+celery_core::register_backend!("db+postgresql", "db+postgresql+psycopg2", "db+postgresql+psycopg", "db+postgres", "django-db+postgresql", "django-db+postgres" => PostgresBackend::connect);
 
 #[cfg(test)]
 mod tests {
