@@ -29,18 +29,11 @@
 pub mod beat;
 pub mod bench;
 mod builtins;
-mod chord;
 pub mod cli;
 pub mod control;
 pub mod events;
-mod execute;
-mod followups;
-mod intake;
 pub mod metrics;
 pub mod monitor;
-mod pool;
-mod rate_limit;
-mod requests;
 pub mod worker;
 
 pub use worker::{Worker, WorkerConfig, WorkerError, WorkerStats};

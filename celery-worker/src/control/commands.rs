@@ -4,11 +4,12 @@
 use std::sync::atomic::Ordering;
 
 use celery_core::registry;
+use celery_core::sync::lock;
 use serde_json::{json, Value};
 
 use super::args::{py_str, Args, PyError, MAX_IDS};
-use crate::intake::QueueSpec;
-use crate::pool::MAX_POOL;
+use crate::worker::intake::QueueSpec;
+use crate::worker::pool::MAX_POOL;
 use crate::worker::{prefetch_for, Shared, TimeLimits};
 
 fn ok(text: impl Into<String>) -> Value {
@@ -208,7 +209,7 @@ pub(super) fn rate_limit(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
         tracing::error!(%task, "rate limit attempt for an unknown task");
         return Ok(nok("unknown task"));
     }
-    w.rate_overrides.lock().unwrap_or_else(|p| p.into_inner()).insert(task.clone(), rate);
+    lock(&w.rate_overrides).insert(task.clone(), rate);
     Ok(match rate {
         None => {
             tracing::info!(%task, "rate limits disabled");
@@ -237,7 +238,7 @@ pub(super) fn time_limit(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
         }
     };
     let limits = TimeLimits { soft: limit("soft")?, hard: limit("hard")? };
-    w.time_limits.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.name, limits);
+    lock(&w.time_limits).insert(entry.name, limits);
     tracing::info!(task = entry.name, soft = ?limits.soft, hard = ?limits.hard, "new time limits");
     Ok(ok("time limits set successfully"))
 }

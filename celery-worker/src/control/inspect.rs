@@ -4,12 +4,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 
 use celery_core::registry;
+use celery_core::sync::lock;
 use celery_core::url::ServiceUrl;
 use serde_json::{json, Map, Value};
 
 use super::args::{Args, PyError};
 use super::system;
-use crate::requests::HeldState;
+use crate::worker::requests::HeldState;
 use crate::worker::Shared;
 
 /// `ping`.
@@ -23,7 +24,7 @@ pub(super) fn active(w: &Shared, args: Args<'_>) -> Value {
 }
 
 /// True when `msg`'s eta is far enough ahead that the worker defers it when it takes it (see
-/// [`crate::requests`]): Celery lists such a task as scheduled, not reserved.
+/// [`crate::worker::requests`]): Celery lists such a task as scheduled, not reserved.
 fn deferrable(msg: &celery_core::protocol::Message, now: chrono::DateTime<chrono::Utc>) -> bool {
     msg.headers.eta.is_some_and(|eta| (eta - now).to_std().is_ok_and(|wait| wait > crate::worker::LOCAL_ETA_WAIT))
 }
@@ -37,7 +38,7 @@ fn reservations(w: &Shared) -> Vec<(HeldState, Value, Option<String>, Option<u8>
     let mut out = Vec::new();
     w.intake.reserved().each(max, |msg, delivery| {
         let name = registry::lookup(&msg.headers.task).map_or(msg.headers.task.as_str(), |e| e.name);
-        let info = crate::requests::request_info(msg, name, host, delivery, None, false, false);
+        let info = crate::worker::requests::request_info(msg, name, host, delivery, None, false, false);
         let state = if deferrable(msg, now) { HeldState::Scheduled } else { HeldState::Reserved };
         out.push((state, info, msg.headers.eta.map(|e| e.to_rfc3339()), msg.properties.priority));
     });
@@ -54,7 +55,7 @@ pub(super) fn reserved(w: &Shared) -> Value {
 }
 
 /// `scheduled`: `[{"eta", "priority", "request"}]`: the tasks this worker deferred to the broker
-/// until their eta (see [`crate::requests`]), and those it received with an eta and defers when a
+/// until their eta (see [`crate::worker::requests`]), and those it received with an eta and defers when a
 /// slot takes them.
 pub(super) fn scheduled(w: &Shared) -> Value {
     let mut out = w.requests.scheduled();
@@ -103,7 +104,7 @@ pub(super) fn registered(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
         _ => vec!["exchange".to_owned(), "routing_key".to_owned(), "rate_limit".to_owned()],
     };
     let builtins = args.flag("builtins");
-    let overrides = w.rate_overrides.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let overrides = lock(&w.rate_overrides).clone();
     let mut names: Vec<&'static str> =
         registry::tasks().iter().map(|e| e.name).filter(|n| builtins || !n.starts_with("celery.")).collect();
     names.sort_unstable();
@@ -175,8 +176,7 @@ pub(super) fn clock(w: &Shared) -> Value {
 
 /// `stats`: Celery's `Worker.stats()` fields.
 pub(super) async fn stats(w: &Shared) -> Value {
-    let totals: BTreeMap<&str, u64> =
-        w.totals.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, v)| (*k, *v)).collect();
+    let totals: BTreeMap<&str, u64> = lock(&w.totals).iter().map(|(k, v)| (*k, *v)).collect();
     let s = &w.stats;
     let mut out = json!({
         "total": totals,

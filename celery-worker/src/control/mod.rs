@@ -42,7 +42,7 @@ mod inspect;
 mod serve;
 mod system;
 
-pub(crate) use serve::serve;
+pub(crate) use serve::start;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
@@ -51,6 +51,7 @@ use std::time::{Duration, Instant};
 use celery_core::backoff::retrying;
 use celery_core::protocol::{Headers, Message, Properties};
 use celery_core::routing::{Exchange, ExchangeKind};
+use celery_core::sync::lock;
 use celery_core::{App, BrokerError};
 use serde_json::{json, Value};
 
@@ -215,7 +216,7 @@ async fn remember_revoked(app: &App, ids: &[&str]) {
 }
 
 /// The stored revoked ids that have not expired (id -> expiry).
-pub(crate) async fn stored_revoked(app: &App) -> HashMap<String, f64> {
+async fn stored_revoked(app: &App) -> HashMap<String, f64> {
     let now = celery_core::event::now();
     match app.broker().load_doc(REVOKED_DOC).await {
         Ok(Some(doc)) => serde_json::from_slice::<HashMap<String, f64>>(&doc)
@@ -242,7 +243,7 @@ impl Revoked {
             tracing::debug!(len = id.len(), "ignoring a revoked id longer than any task id");
             return;
         }
-        let mut g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.ids);
         let (map, order) = &mut *g;
         if map.insert(id.to_owned(), Instant::now()).is_none() {
             order.push_back(id.to_owned());
@@ -255,18 +256,18 @@ impl Revoked {
     }
 
     pub(crate) fn contains(&self, id: &str) -> bool {
-        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let g = lock(&self.ids);
         g.0.get(id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)
     }
 
     pub(crate) fn list(&self) -> Vec<String> {
-        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let g = lock(&self.ids);
         g.1.iter().filter(|id| g.0.get(*id).is_some_and(|t| t.elapsed() < REVOKE_EXPIRES)).cloned().collect()
     }
 
     /// The ids not expired with how long ago each was revoked, oldest first.
     pub(crate) fn entries(&self) -> Vec<(String, Duration)> {
-        let g = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        let g = lock(&self.ids);
         g.1.iter()
             .filter_map(|id| g.0.get(id).map(|t| (id.clone(), t.elapsed())))
             .filter(|(_, age)| *age < REVOKE_EXPIRES)
@@ -300,7 +301,7 @@ impl RevokedStamps {
         if header.len() > MAX_ID_LEN || keys.iter().any(|k| k.len() > MAX_ID_LEN) {
             return false;
         }
-        let mut g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.stamps);
         let total: usize = g.len() + g.values().map(HashSet::len).sum::<usize>();
         if total + 1 + keys.len() > MAX_STAMPS {
             return false;
@@ -315,10 +316,10 @@ impl RevokedStamps {
         if !self.any.load(std::sync::atomic::Ordering::Acquire) {
             return false;
         }
-        let g = self.stamps.lock().unwrap_or_else(|p| p.into_inner());
+        let g = lock(&self.stamps);
         !g.is_empty()
             && g.iter().any(|(header, revoked)| {
-                crate::requests::stamps_of(msg, header).iter().any(|v| revoked.contains(&stamp_key(v)))
+                crate::worker::requests::stamps_of(msg, header).iter().any(|v| revoked.contains(&stamp_key(v)))
             })
     }
 }

@@ -19,6 +19,22 @@ use super::inspect::MemSamples;
 use super::{commands, destination, inspect};
 use crate::worker::Shared;
 
+/// Starts a worker's remote control, once, before it reports ready: takes in the revokes stored
+/// for workers that start later, then answers requests on [`super::request_exchange`] until the
+/// returned task is aborted. `None` when the broker has no broadcasts (no remote control then).
+pub(crate) async fn start(w: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>> {
+    for id in super::stored_revoked(&w.app).await.into_keys() {
+        w.revoked.add(&id);
+    }
+    match w.app.broker().subscribe(&super::request_exchange(), "").await {
+        Ok(requests) => Some(tokio::spawn(serve(w.clone(), requests))),
+        Err(e) => {
+            tracing::debug!(error = %e, "remote control unavailable");
+            None
+        }
+    }
+}
+
 /// What a request does once answered.
 #[derive(Debug, PartialEq)]
 enum After {
@@ -78,7 +94,7 @@ async fn dispatch(
 }
 
 /// Answers remote-control requests until the worker stops.
-pub(crate) async fn serve(w: Arc<Shared>, mut requests: Box<dyn Subscription>) {
+async fn serve(w: Arc<Shared>, mut requests: Box<dyn Subscription>) {
     tokio::spawn(mingle(w.clone()));
     let mut samples = MemSamples::default();
     let host = w.config.hostname.clone();
@@ -119,7 +135,7 @@ pub(crate) async fn serve(w: Arc<Shared>, mut requests: Box<dyn Subscription>) {
 async fn send_reply(w: &Shared, reply_to: &serde_json::Map<String, Value>, ticket: &Value, reply: Value) {
     let Some(key) = reply_to.get("routing_key").and_then(Value::as_str) else { return };
     let name = reply_to.get("exchange").and_then(Value::as_str).unwrap_or("reply.celery.pidbox");
-    if name.len() > crate::intake::MAX_QUEUE_NAME || key.len() > crate::intake::MAX_QUEUE_NAME {
+    if name.len() > crate::worker::intake::MAX_QUEUE_NAME || key.len() > crate::worker::intake::MAX_QUEUE_NAME {
         tracing::warn!("remote control: reply_to too long; not answered");
         return;
     }

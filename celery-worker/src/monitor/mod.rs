@@ -46,6 +46,7 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use celery_core::sync::lock;
 use celery_core::App;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -91,7 +92,7 @@ pub async fn serve(
     let folded = state.clone();
     tokio::spawn(async move {
         while let Some(e) = events.next().await {
-            folded.lock().unwrap_or_else(|p| p.into_inner()).apply(&e);
+            lock(&folded).apply(&e);
         }
     });
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("{}: {e}", cfg.listen))?;
@@ -158,7 +159,7 @@ async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Valu
         queues.push(json!({"name": name, "depth": depth, "dead": dead}));
     }
     let now = celery_core::event::now();
-    let s = ctx.state.lock().unwrap_or_else(|p| p.into_inner());
+    let s = lock(&ctx.state);
     let workers: Vec<Value> = s
         .workers()
         .into_iter()
@@ -180,7 +181,7 @@ async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Valu
 }
 
 async fn api_task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Json<Value> {
-    let seen = ctx.state.lock().unwrap_or_else(|p| p.into_inner()).task(&id);
+    let seen = lock(&ctx.state).task(&id);
     let stored = ctx.app.backend().get(&id).await.ok().flatten();
     Json(json!({"events": seen, "result": stored}))
 }

@@ -23,13 +23,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use celery_core::broker::Consumer;
 use celery_core::routing::{Binding, ExchangeKind};
+use celery_core::sync::lock;
 use celery_core::{App, BrokerError, Delivery};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::requests::DeliveryInfo;
-use crate::WorkerStats;
+use super::outcome::requeue;
+use super::requests::DeliveryInfo;
+use super::WorkerStats;
 
 /// The most queues one worker consumes.
 pub(crate) const MAX_QUEUES: usize = 1_000;
@@ -122,12 +124,8 @@ pub(crate) struct Reserved {
 }
 
 impl Reserved {
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Reservation>> {
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn push(&self, r: Reservation) {
-        let mut q = self.lock();
+        let mut q = lock(&self.queue);
         q.push_back(r);
         self.len.store(q.len(), Ordering::Release);
         drop(q);
@@ -137,7 +135,7 @@ impl Reserved {
 
     /// The oldest reservation.
     pub(crate) fn pop(&self) -> Option<Reservation> {
-        let mut q = self.lock();
+        let mut q = lock(&self.queue);
         let r = q.pop_front();
         self.len.store(q.len(), Ordering::Release);
         r
@@ -160,7 +158,7 @@ impl Reserved {
     }
 
     fn take_generation(&self, generation: u64) -> Vec<Reservation> {
-        let mut q = self.lock();
+        let mut q = lock(&self.queue);
         let (mine, rest): (VecDeque<_>, VecDeque<_>) = q.drain(..).partition(|r| r.generation == generation);
         *q = rest;
         self.len.store(q.len(), Ordering::Release);
@@ -170,7 +168,7 @@ impl Reserved {
     /// Applies `f` to each reservation that decodes, in order (a reservation is decoded in place:
     /// the task decodes it no second time); one larger than `max_size` bytes is never decoded here.
     pub(crate) fn each(&self, max_size: usize, mut f: impl FnMut(&celery_core::protocol::Message, &DeliveryInfo)) {
-        let mut q = self.lock();
+        let mut q = lock(&self.queue);
         for r in q.iter_mut().filter(|r| r.delivery.size().is_none_or(|s| s <= max_size)) {
             let info = DeliveryInfo { queue: r.delivery.queue.clone(), redelivered: r.delivery.redelivered };
             if let Ok(m) = r.delivery.message() {
@@ -447,13 +445,6 @@ async fn feed(
     drop(open);
     let _ = settled.recv().await;
     consumer.close().await;
-}
-
-async fn requeue(stats: &WorkerStats, d: Delivery) {
-    stats.requeued.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = d.requeue().await {
-        tracing::error!(error = %e, "could not return a delivery to its queue; it comes back after the visibility timeout");
-    }
 }
 
 #[cfg(test)]

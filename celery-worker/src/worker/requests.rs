@@ -2,7 +2,7 @@
 //!
 //! - active: started and running (`inspect active`);
 //! - waiting: taken with a slot but not started yet, on a rate limit or an eta less than a second
-//!   away (with the deliveries still reserved in [`crate::intake`]: `inspect reserved`);
+//!   away (with the deliveries still reserved in [`super::intake`]: `inspect reserved`);
 //! - scheduled: an eta more than a second away, handed back to the broker's durable delay store
 //!   ([`celery_core::Delivery::defer`]) instead of being held here (`inspect scheduled`). The broker
 //!   keeps the task; this worker only remembers what it deferred, at most [`MAX_SCHEDULED`], each
@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use celery_core::protocol::Message;
+use celery_core::sync::lock;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -150,10 +151,6 @@ impl HeldState {
             HeldState::Scheduled => "scheduled",
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Requests {

@@ -76,6 +76,6 @@ async fn fail_body(app: &App, sig: &Signature, body_id: &str, failed: &ChordMemb
     meta.name = Some(sig.task.clone());
     app.backend().store(&meta).await.map_err(|e| e.to_string())?;
     let id = Value::String(body_id.to_owned());
-    crate::followups::send_all(app, sig.options.link_error.clone(), &id, body_id, None).await;
+    super::followups::send_all(app, sig.options.link_error.clone(), &id, body_id, None).await;
     Ok(())
 }

@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use celery_core::sync::lock;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
@@ -78,7 +79,7 @@ impl Pool {
 
     /// The target size.
     pub(crate) fn size(&self) -> usize {
-        *self.size.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.size)
     }
 
     /// Slots held now (by tasks started, waiting on a rate limit or a near eta).
@@ -128,7 +129,7 @@ impl Pool {
 
     /// Sets the size to `target` (within `floor..=MAX_POOL`); returns the new size.
     pub(crate) fn resize(&self, target: usize, floor: usize) -> usize {
-        let mut size = self.size.lock().unwrap_or_else(|p| p.into_inner());
+        let mut size = lock(&self.size);
         let target = target.clamp(floor.min(MAX_POOL), MAX_POOL);
         if target > *size {
             let grow = target - *size;
@@ -184,13 +185,13 @@ impl Autoscaler {
 
     /// `(max, min)`.
     pub(crate) fn bounds(&self) -> (usize, usize) {
-        *self.bounds.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.bounds)
     }
 
     /// Changes the bounds (either may be kept) and moves the pool inside them at once, as
     /// Celery's `Autoscaler.update`; returns the new `(max, min)`.
     pub(crate) fn update(&self, pool: &Pool, max: Option<usize>, min: Option<usize>) -> (usize, usize) {
-        let mut b = self.bounds.lock().unwrap_or_else(|p| p.into_inner());
+        let mut b = lock(&self.bounds);
         let (max, min) = Autoscaler::bound(max.unwrap_or(b.0), min.unwrap_or(b.1));
         *b = (max, min);
         let size = pool.size();
@@ -210,13 +211,12 @@ impl Autoscaler {
         let size = pool.size();
         let up = qty.min(max);
         if up > size {
-            *self.last_scale_up.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            *lock(&self.last_scale_up) = Some(Instant::now());
             tracing::info!(from = size, to = up, "autoscaler: scaling up");
             return Some(pool.resize(up, 0));
         }
         let down = qty.max(min);
-        let cooled =
-            self.last_scale_up.lock().unwrap_or_else(|p| p.into_inner()).is_none_or(|t| t.elapsed() > self.keepalive);
+        let cooled = lock(&self.last_scale_up).is_none_or(|t| t.elapsed() > self.keepalive);
         if down < size && cooled {
             tracing::info!(from = size, to = down, "autoscaler: scaling down");
             return Some(pool.resize(down, 0));

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use celery_core::sync::lock;
 use tokio::time::Instant;
 
 #[derive(Debug, Default)]
@@ -15,7 +16,7 @@ impl RateLimits {
     /// Waits for the next start slot of `task` spaced by `interval`.
     pub(crate) async fn acquire(&self, task: &'static str, interval: Duration) {
         let slot = {
-            let mut m = self.next.lock().unwrap_or_else(|p| p.into_inner());
+            let mut m = lock(&self.next);
             let now = Instant::now();
             let slot = m.get(task).copied().unwrap_or(now).max(now);
             m.insert(task, celery_core::clock::instant_from(slot, interval));

@@ -1,0 +1,332 @@
+//! What a task's end leads to: its state stored in the result backend, its delivery settled
+//! (acked, returned to its queue, or dead-lettered), its task event sent, and what follows it
+//! (the next step of a chain, callbacks or errbacks, and its chord's count).
+//!
+//! A delivery is acked only once the outcome is stored: one whose result could not be stored
+//! (the backend stayed unreachable) goes back to its queue to run again rather than finish
+//! without a result. A message refused as bad input is dead-lettered, and nothing it carries is
+//! acted on.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use celery_core::backend::TaskMeta;
+use celery_core::backoff::{retry_countdown, Reconnect};
+use celery_core::protocol::Message;
+use celery_core::registry::TaskEntry;
+use celery_core::routing::Route;
+use celery_core::task::TaskErrorKind;
+use celery_core::{BrokerError, Delivery, ProtocolError, TaskError, TaskState};
+use chrono::Utc;
+use serde_json::{Map, Value};
+
+use super::execute::Outcome;
+use super::shared::Shared;
+use super::{chord, followups, WorkerStats};
+
+/// Celery's exception for a message that is not a task it can read (too large, undecodable).
+pub(super) const INVALID_TASK: &str = "InvalidTaskError";
+
+/// Acts on how a run ended; `d` is `None` when the delivery was acked before the run (acks_late
+/// off).
+pub(super) async fn conclude(
+    w: &Shared,
+    mut d: Option<Delivery>,
+    msg: &Message,
+    entry: &'static TaskEntry,
+    embed: &Map<String, Value>,
+    outcome: Outcome,
+    runtime: Duration,
+) {
+    let opts = (entry.options)();
+    match outcome {
+        Outcome::Interrupted => {
+            if let Some(d) = d.take() {
+                Box::pin(requeue(&w.stats, d)).await;
+            }
+        }
+        Outcome::Terminated => {
+            if let Some(d) = d.take() {
+                Box::pin(revoke(w, d, msg, entry, Revocation::Terminated)).await;
+            }
+        }
+        Outcome::Done(Ok(value)) => {
+            tracing::debug!(?runtime, "succeeded");
+            // The rarer steps are boxed: inline, each would grow every task's future by its size.
+            let next = followups::after_success(embed);
+            let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
+            if !next.is_empty() {
+                let root = msg.headers.root_id.as_deref();
+                meta.children = Box::pin(followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
+            }
+            let ignore = msg.headers.ignore_result || opts.ignore_result;
+            let stored = ignore || Box::pin(store(w, msg, entry, meta)).await;
+            if let Some(body) = chord::body_in(msg, embed) {
+                Box::pin(chord::member_done(&w.app, msg, body, TaskState::Success, &value)).await;
+            }
+            w.stats.succeeded.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::succeeded(entry.name);
+            w.event("task-succeeded", || {
+                serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()})
+            });
+            if let Some(d) = d.take() {
+                Box::pin(finish(w, d, stored)).await;
+            }
+        }
+        Outcome::Done(Err(err)) => match err.kind() {
+            TaskErrorKind::InvalidArguments => {
+                // Python raises TypeError for arguments that do not fit; the message is kept too.
+                let err = TaskError::new("TypeError", format!("invalid arguments: {}", err.message()));
+                match d.take() {
+                    Some(d) => Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await,
+                    // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
+                    None => Box::pin(store_rejection(w, Rejected::of(msg), &err)).await,
+                }
+            }
+            TaskErrorKind::Retry { countdown } => {
+                let countdown = *countdown;
+                Box::pin(retry_or_fail(w, d, msg, entry, err, countdown)).await
+            }
+            TaskErrorKind::Failed if opts.autoretry => Box::pin(retry_or_fail(w, d, msg, entry, err, None)).await,
+            _ => Box::pin(fail(w, d, msg, entry, &err)).await,
+        },
+    }
+}
+
+/// Why a task ends REVOKED.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) enum Revocation {
+    /// Revoked (remote control) before it started.
+    Revoked,
+    /// Its `expires` passed before it started.
+    Expired,
+    /// Revoked with `terminate` while running.
+    Terminated,
+}
+
+/// Records REVOKED (result, chord, stats, event) and acks the delivery.
+pub(super) async fn revoke(w: &Shared, d: Delivery, msg: &Message, entry: &'static TaskEntry, why: Revocation) {
+    let reason = match why {
+        Revocation::Revoked => "revoked",
+        Revocation::Expired => "expired",
+        Revocation::Terminated => "terminated",
+    };
+    let err = TaskError::new("TaskRevokedError", reason);
+    let meta = TaskMeta::error(&msg.headers.id, TaskState::Revoked, &err);
+    store(w, msg, entry, meta.clone()).await;
+    chord_member(w, msg, TaskState::Revoked, &meta.result).await;
+    w.stats.revoked.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::revoked(entry.name);
+    let terminated = why == Revocation::Terminated;
+    w.event("task-revoked", || {
+        serde_json::json!({
+            "uuid": msg.headers.id, "terminated": terminated, "signum": terminated.then_some("SIGTERM"),
+            "expired": why == Revocation::Expired,
+        })
+    });
+    settle(d.ack().await);
+}
+
+/// A retry: republished with `retries + 1` and an eta, RETRY stored, then the original acked; a
+/// task out of retries fails instead (Celery's `MaxRetriesExceededError` for an explicit retry).
+async fn retry_or_fail(
+    w: &Shared,
+    d: Option<Delivery>,
+    msg: &Message,
+    entry: &'static TaskEntry,
+    err: TaskError,
+    countdown: Option<Duration>,
+) {
+    let opts = (entry.options)();
+    if msg.headers.retries >= opts.max_retries {
+        let err = if matches!(err.kind(), TaskErrorKind::Retry { .. }) {
+            TaskError::new(
+                "MaxRetriesExceededError",
+                format!(
+                    "Can't retry {}[{}] args:{} kwargs:{}",
+                    entry.name,
+                    msg.headers.id,
+                    msg.headers.argsrepr.as_deref().unwrap_or("?"),
+                    msg.headers.kwargsrepr.as_deref().unwrap_or("?")
+                ),
+            )
+        } else {
+            err
+        };
+        fail(w, d, msg, entry, &err).await;
+        return;
+    }
+    let delay = retry_countdown(&opts, msg.headers.retries, countdown);
+    let eta = celery_core::clock::after(Utc::now(), delay);
+    let next = msg.retried(eta);
+    let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
+    if let Err(e) = w.app.broker().publish(&Route::queue(queue), &next).await {
+        tracing::error!(error = %e, "could not republish the retry; returning the message to the queue");
+        if let Some(d) = d {
+            requeue(&w.stats, d).await;
+        }
+        return;
+    }
+    tracing::info!(retries = next.headers.retries, ?delay, reason = %err, "retry scheduled");
+    store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
+    w.stats.retried.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::retried(entry.name);
+    failed_event(w, "task-retried", &msg.headers.id, &err, err.traceback());
+    if let Some(d) = d {
+        settle(d.ack().await);
+    }
+}
+
+/// A final failure: FAILURE stored, errbacks sent, counted into its chord, then settled.
+async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
+    tracing::warn!(error = %err, "failed");
+    let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
+    let stored = store(w, msg, entry, meta.clone()).await;
+    followups::on_failure(&w.app, msg).await;
+    chord_member(w, msg, TaskState::Failure, &meta.result).await;
+    w.stats.failed.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::failed(entry.name);
+    failed_event(w, "task-failed", &msg.headers.id, err, err.traceback());
+    if let Some(d) = d {
+        finish(w, d, stored).await;
+    }
+}
+
+/// `task-failed` or `task-retried` with the exception and its traceback.
+fn failed_event(w: &Shared, kind: &str, id: &str, err: &TaskError, traceback: impl serde::Serialize) {
+    w.event(kind, || serde_json::json!({"uuid": id, "exception": err.to_string(), "traceback": traceback}));
+}
+
+/// What is known of a rejected message: enough to store its FAILURE.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Rejected<'a> {
+    id: &'a str,
+    task: Option<&'a str>,
+    reply_to: Option<&'a str>,
+}
+
+impl<'a> Rejected<'a> {
+    pub(super) fn of(msg: &'a Message) -> Rejected<'a> {
+        Rejected { id: &msg.headers.id, task: Some(&msg.headers.task), reply_to: msg.properties.reply_to.as_deref() }
+    }
+
+    /// The task a decoding error still names ([`ProtocolError::InvalidHeaders`]).
+    pub(super) fn named_by(e: &'a ProtocolError) -> Option<Rejected<'a>> {
+        match e {
+            ProtocolError::InvalidHeaders { id, task, reply_to, .. } => {
+                Some(Rejected { id, task: task.as_deref(), reply_to: reply_to.as_deref() })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Bad input: never run; FAILURE stored when the id is known (so a waiting caller fails fast) with
+/// `err` (Celery's `NotRegistered`, `InvalidTaskError`, or Python's `TypeError` for arguments that
+/// do not fit), and `task-failed` sent so that Flower shows the final state; dead-lettered with
+/// `err`'s message as the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
+/// steps or chord counts (its embedded workflow is input that was just refused).
+pub(super) async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, err: &TaskError) {
+    let reason = err.message();
+    tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
+    if let Some(k) = known {
+        store_rejection(w, k, err).await;
+    }
+    w.stats.rejected.fetch_add(1, Ordering::Relaxed);
+    crate::metrics::dead_lettered(&d.queue);
+    settle(d.dead_letter(reason).await);
+}
+
+/// Stores FAILURE with `err` for a rejected message and sends `task-failed`; nothing else.
+async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) {
+    let mut meta = TaskMeta::error(k.id, TaskState::Failure, err);
+    meta.name = k.task.map(str::to_owned);
+    meta.reply_to = k.reply_to.map(str::to_owned);
+    store_meta(w, meta).await;
+    failed_event(w, "task-failed", k.id, err, err.to_string());
+}
+
+/// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend
+/// stayed unreachable) goes back to its queue instead, so the task runs again rather than finish
+/// without a result.
+async fn finish(w: &Shared, d: Delivery, stored: bool) {
+    if stored {
+        settle(d.ack().await);
+    } else {
+        tracing::error!("the result could not be stored: the task goes back to its queue to run again");
+        requeue(&w.stats, d).await;
+    }
+}
+
+/// Returns a delivery to its queue (counted in `requeued`).
+pub(super) async fn requeue(stats: &WorkerStats, d: Delivery) {
+    stats.requeued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = d.requeue().await {
+        tracing::error!(error = %e, "could not return a delivery to its queue; it comes back after the visibility timeout");
+    }
+}
+
+/// Logs a delivery that could not be settled (the broker hands it out again later).
+pub(super) fn settle(r: Result<(), BrokerError>) {
+    if let Err(e) = r {
+        tracing::error!(error = %e, "could not settle a delivery; it comes back after the visibility timeout");
+    }
+}
+
+/// Stores a task's state unless it ignores results; false when it could not be stored.
+pub(super) async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, meta: TaskMeta) -> bool {
+    match task_meta(w, msg, entry, meta) {
+        Some(meta) => store_meta(w, meta).await,
+        None => true,
+    }
+}
+
+/// `meta` with what the message and this worker say about the task; `None` when it ignores results.
+pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mut meta: TaskMeta) -> Option<TaskMeta> {
+    if msg.headers.ignore_result || (entry.options)().ignore_result {
+        return None;
+    }
+    meta.name = Some(entry.name.to_owned());
+    meta.retries = Some(msg.headers.retries);
+    meta.worker = Some(w.config.hostname.clone());
+    meta.parent_id = msg.headers.parent_id.clone();
+    meta.group_id = msg.headers.group.clone();
+    meta.reply_to = msg.properties.reply_to.clone();
+    Some(meta)
+}
+
+/// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
+/// given up lightly); false when it could not.
+async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
+    let mut backoff = Reconnect::default();
+    loop {
+        match w.app.backend().store(&meta).await {
+            Ok(()) => return true,
+            Err(e) if e.is_retryable() && backoff.attempts() < 8 => {
+                backoff.pause("storing a task's result", &e).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, state = %meta.status, "could not store the task state");
+                return false;
+            }
+        }
+    }
+}
+
+/// A chord member reached a final state: count it into its chord (see [`super::chord`]).
+pub(super) async fn chord_member(w: &Shared, msg: &Message, state: TaskState, result: &Value) {
+    if let Some(body) = chord::body_of(msg) {
+        chord::member_done(&w.app, msg, &body, state, result).await;
+    }
+}
+
+/// A result as the short text events carry (Celery sends `repr(result)`).
+fn repr(v: &Value) -> String {
+    let mut s = v.to_string();
+    if s.len() > 1024 {
+        let cut = (0..=1024).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+        s.truncate(cut);
+        s.push_str("...");
+    }
+    s
+}
