@@ -1,0 +1,168 @@
+//! `worker` (optionally with beat in the same process) and `tasks`, the tasks such a worker runs.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use celery_core::App;
+use clap::Args;
+
+use super::beat::BeatRunArgs;
+use super::shutdown_signal;
+use crate::{Worker, WorkerConfig};
+
+/// `worker` options.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Queues to consume, comma-separated or repeated, in priority order.
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    pub queues: Vec<String>,
+    /// Tasks run at once (default: the number of CPUs).
+    #[arg(short = 'c', long)]
+    pub concurrency: Option<usize>,
+    /// Deliveries held per slot; 1 fetches only when a slot is free.
+    #[arg(long, default_value_t = 4)]
+    pub prefetch_multiplier: usize,
+    /// This worker's name.
+    #[arg(short = 'n', long)]
+    pub hostname: Option<String>,
+    /// Seconds running tasks get to finish after SIGTERM/SIGINT.
+    #[arg(long, default_value_t = 30.0)]
+    pub grace: f64,
+    /// Messages larger than this many bytes are dead-lettered unread (default: the app's
+    /// `max_message_size`, 16 MiB).
+    #[arg(long, value_name = "BYTES")]
+    pub max_message_size: Option<usize>,
+    /// Do not store STARTED/RECEIVED states.
+    #[arg(long)]
+    pub without_track_started: bool,
+    /// Serve Prometheus metrics (`GET /metrics`) on PORT (loopback) or IP:PORT.
+    #[arg(long, value_name = "[IP:]PORT", value_parser = crate::metrics::listen_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Allow --metrics on an address beyond loopback.
+    #[arg(long)]
+    pub metrics_public: bool,
+    /// Host names the metrics server answers to besides its address (`NAME` or `NAME:PORT`;
+    /// comma-separated), e.g. the name Prometheus scrapes it by.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics_allow_host: Vec<String>,
+    /// Send Celery's task events (`mybin events` shows them; so does Celery's tooling). Worker
+    /// events (online, heartbeat, offline) are always sent.
+    #[arg(short = 'E', long = "events")]
+    pub events: bool,
+    /// Grow the pool up to MAX tasks at once while tasks wait, and shrink it back toward MIN after
+    /// 30 s (instead of a fixed --concurrency).
+    #[arg(long, value_name = "MAX,MIN", value_parser = parse_autoscale)]
+    pub autoscale: Option<(usize, usize)>,
+    /// Also run beat in this process (one leader among all beats, so every worker may pass it).
+    #[arg(long, short = 'B')]
+    pub beat: bool,
+    /// Beat's settings.
+    #[command(flatten)]
+    pub beat_run: BeatRunArgs,
+}
+
+impl WorkerArgs {
+    /// The worker's settings these options give.
+    fn config(&self) -> WorkerConfig {
+        let defaults = WorkerConfig::default();
+        WorkerConfig {
+            queues: self.queues.clone(),
+            concurrency: self.concurrency.unwrap_or(defaults.concurrency),
+            prefetch_multiplier: self.prefetch_multiplier,
+            hostname: self.hostname.clone().unwrap_or(defaults.hostname),
+            shutdown_grace: celery_core::clock::secs_f64(self.grace),
+            track_started: !self.without_track_started,
+            events: self.events,
+            autoscale: self.autoscale,
+            ..defaults
+        }
+    }
+}
+
+/// `MAX,MIN` (or `MAX`, with MIN 0) for `--autoscale`: MAX from 1 to 10,000, MIN at most MAX.
+fn parse_autoscale(s: &str) -> Result<(usize, usize), String> {
+    let (max, min) = s.split_once(',').unwrap_or((s, "0"));
+    let num = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{v}` is not a count"));
+    let (max, min) = (num(max)?, num(min)?);
+    if !(1..=10_000).contains(&max) || min > max {
+        return Err(format!("expected MAX,MIN with 1 <= MAX <= 10000 and MIN <= MAX, not {s}"));
+    }
+    Ok((max, min))
+}
+
+/// `worker`: runs until SIGINT/SIGTERM (with `--beat`, beat too, and both stop together).
+pub(super) async fn run(app: App, a: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let cfg = a.config();
+    let app = match a.max_message_size {
+        Some(max_message_size) => {
+            let config = celery_core::AppConfig { max_message_size, ..app.config().clone() };
+            app.with_config(config)
+        }
+        None => app,
+    };
+    if let Some(addr) = a.metrics {
+        crate::metrics::serve(addr, a.metrics_public, a.metrics_allow_host.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        crate::metrics::poll_queue_depth(app.clone(), cfg.queues.clone());
+    }
+    if celery_core::registry::tasks().iter().all(|e| e.name.starts_with("celery.")) {
+        tracing::warn!("this binary has no tasks of its own (only Celery's built-ins): build your application's binary to run its tasks");
+    }
+    if !a.beat {
+        Worker::new(app, cfg).run_until(shutdown_signal()).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let beat = super::beat::build(app.clone(), &a.beat_run)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let beat = tokio::spawn(beat.run_until(stopped(stop_rx.clone())));
+    let worker = tokio::spawn(Worker::new(app, cfg).run_until(stopped(stop_rx)));
+    shutdown_signal().await;
+    let _ = stop_tx.send(true);
+    let (w, b) = tokio::join!(worker, beat);
+    w??;
+    b??;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tasks`: the tasks registered in this binary, one a line.
+pub(super) fn tasks() -> ExitCode {
+    for e in celery_core::registry::tasks() {
+        let o = (e.options)();
+        println!(
+            "{}\tqueue={}\t{}",
+            e.name,
+            o.queue.unwrap_or("celery"),
+            if e.blocking { "blocking" } else { "async" }
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::cli::{Cli, Command, ControlCommand};
+    use clap::Parser;
+
+    #[test]
+    fn autoscale_is_max_comma_min_and_bounded() {
+        let parse = |extra: &[&str]| {
+            let cli = Cli::try_parse_from([&["celery", "worker"], extra].concat())?;
+            match cli.command {
+                Command::Worker(a) => Ok::<_, clap::Error>(a.autoscale),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(parse(&[]).unwrap(), None);
+        assert_eq!(parse(&["--autoscale", "10,3"]).unwrap(), Some((10, 3)));
+        assert_eq!(parse(&["--autoscale", "4"]).unwrap(), Some((4, 0)));
+        for bad in ["3,10", "0,0", "20000,1", "x,1"] {
+            assert!(parse(&["--autoscale", bad]).is_err(), "{bad}");
+        }
+        let cli = Cli::try_parse_from(["celery", "control", "add_consumer", "emails", "-d", "w1"]).unwrap();
+        assert!(matches!(cli.command, Command::Control(ControlCommand::AddConsumer { .. })));
+    }
+}
