@@ -93,25 +93,19 @@ impl Pool {
             return Some(slot);
         }
         let permit = self.slots.clone().acquire_owned().await.ok()?;
-        self.held.fetch_add(1, Ordering::AcqRel);
-        Some(Slot {
-            permit: Some(permit),
-            held: self.held.clone(),
-            owed: self.owed.clone(),
-            emptied: self.emptied.clone(),
-        })
+        Some(self.hold(permit))
     }
 
     /// A free slot now, if there is one (and no one queued before).
     pub(crate) fn try_acquire(&self) -> Option<Slot> {
         let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.hold(permit))
+    }
+
+    /// A slot for a permit just taken, counted as held.
+    fn hold(&self, permit: OwnedSemaphorePermit) -> Slot {
         self.held.fetch_add(1, Ordering::AcqRel);
-        Some(Slot {
-            permit: Some(permit),
-            held: self.held.clone(),
-            owed: self.owed.clone(),
-            emptied: self.emptied.clone(),
-        })
+        Slot { permit: Some(permit), held: self.held.clone(), owed: self.owed.clone(), emptied: self.emptied.clone() }
     }
 
     /// Resolves once no slot is held.
