@@ -16,6 +16,10 @@
 //!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
+//! Where things are: `url.rs`, `keys.rs` (Kombu's key layout), `scripts.rs` (the Lua steps),
+//! `consumer.rs`, `settle.rs`, `error.rs` (redis errors as ours); publishing, routing, broadcasts
+//! and leases here.
+//!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
 //! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
@@ -27,6 +31,7 @@
 //! let broker = RedisBroker::connect("redis://127.0.0.1:6379/0?visibility_timeout=300").await?;
 //! # Ok(()) }
 //! ```
+
 mod consumer;
 pub mod error;
 mod keys;

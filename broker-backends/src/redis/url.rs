@@ -127,6 +127,20 @@ mod tests {
         assert!(shown.contains("u:***@h:1/0") && !shown.contains("secret"), "{shown}");
     }
 
+    /// An unknown option fails the connect before any connection is tried (port 1 would refuse it).
+    #[tokio::test]
+    async fn unknown_options_are_refused_on_every_scheme() {
+        for url in [
+            "redis://127.0.0.1:1/0?bogus=1",
+            "rediss://127.0.0.1:1/0?bogus=1",
+            "redis+unix:///nonexistent.sock?bogus=1",
+        ] {
+            let e = super::super::RedisBroker::connect(url).await.unwrap_err();
+            assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
+            assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
+        }
+    }
+
     /// Every `redis://` form accepted today: what reaches the redis client, and our settings.
     #[test]
     fn accepted_redis_urls_keep_their_settings() {
