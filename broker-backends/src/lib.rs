@@ -13,6 +13,8 @@
 
 #[cfg(feature = "amqp")]
 pub mod amqp;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub mod consumer;
 pub(crate) mod envelope;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]

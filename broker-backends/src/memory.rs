@@ -18,13 +18,14 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
+use celery_core::sync::lock;
 use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Notify, Semaphore};
@@ -45,12 +46,8 @@ struct Inner {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn push(&self, queue: &str, msg: Message, front: bool) {
-        let mut st = self.lock();
+        let mut st = lock(&self.state);
         let q = st.queues.entry(queue.to_owned()).or_default();
         if front {
             q.push_front(msg)
@@ -63,7 +60,7 @@ impl Inner {
 
     fn promote(&self) -> Option<DateTime<Utc>> {
         let now = Utc::now();
-        let mut st = self.lock();
+        let mut st = lock(&self.state);
         let (due, rest): (Vec<_>, Vec<_>) =
             std::mem::take(&mut st.delayed).into_iter().partition(|(t, _, _)| *t <= now);
         st.delayed = rest;
@@ -95,7 +92,9 @@ impl Broker for MemoryBroker {
             });
         }
         match msg.headers.eta {
-            Some(t) if t > Utc::now() => self.inner.lock().delayed.push((t, route.routing_key.clone(), msg.clone())),
+            Some(t) if t > Utc::now() => {
+                lock(&self.inner.state).delayed.push((t, route.routing_key.clone(), msg.clone()))
+            }
             _ => self.inner.push(&route.routing_key, msg.clone(), false),
         }
         Ok(())
@@ -112,7 +111,7 @@ impl Broker for MemoryBroker {
 
     /// Removes the queue's waiting messages and its delayed ones; leased deliveries stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut st = self.inner.lock();
+        let mut st = lock(&self.inner.state);
         let ready = st.queues.remove(queue).map_or(0, |q| q.len());
         let before = st.delayed.len();
         st.delayed.retain(|(_, q, _)| q != queue);
@@ -120,17 +119,17 @@ impl Broker for MemoryBroker {
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        Ok(self.inner.lock().queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
+        Ok(lock(&self.inner.state).queues.get(queue).map(|q| q.len()).unwrap_or(0) as u64)
     }
 
     async fn peek(&self, queue: &str, max: usize) -> Result<Vec<Result<Message, ProtocolError>>, BrokerError> {
-        let st = self.inner.lock();
+        let st = lock(&self.inner.state);
         Ok(st.queues.get(queue).map(|q| q.iter().take(max).cloned().map(Ok).collect()).unwrap_or_default())
     }
 
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         let now = std::time::Instant::now();
-        let mut st = self.inner.lock();
+        let mut st = lock(&self.inner.state);
         let free = st.leases.get(name).is_none_or(|(h, exp)| h == holder || *exp <= now);
         if free {
             st.leases.insert(name.to_owned(), (holder.to_owned(), now + celery_core::clock::ttl(ttl)));
@@ -139,7 +138,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
-        let mut st = self.inner.lock();
+        let mut st = lock(&self.inner.state);
         if st.leases.get(name).is_some_and(|(h, _)| h == holder) {
             st.leases.remove(name);
         }
@@ -147,11 +146,11 @@ impl Broker for MemoryBroker {
     }
 
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
-        Ok(self.inner.lock().docs.get(key).cloned())
+        Ok(lock(&self.inner.state).docs.get(key).cloned())
     }
 
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
-        self.inner.lock().docs.insert(key.to_owned(), doc.to_vec());
+        lock(&self.inner.state).docs.insert(key.to_owned(), doc.to_vec());
         Ok(())
     }
 }
@@ -175,7 +174,7 @@ impl Consumer for MemoryConsumer {
             let notified = self.inner.notify.notified();
             let next_due = self.inner.promote();
             let found = {
-                let mut st = self.inner.lock();
+                let mut st = lock(&self.inner.state);
                 self.queues
                     .iter()
                     .find_map(|q| st.queues.get_mut(q).and_then(|d| d.pop_front()).map(|m| (q.clone(), m)))
@@ -227,7 +226,7 @@ impl Settle for MemorySettle {
     }
 
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        self.inner.lock().delayed.push((until, self.queue.clone(), msg.clone()));
+        lock(&self.inner.state).delayed.push((until, self.queue.clone(), msg.clone()));
         self.slots.add_permits(1);
         Ok(())
     }
@@ -267,8 +266,11 @@ mod tests {
     fn memory_urls_take_no_options() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         assert!(rt.block_on(celery_core::scheme::connect_broker("memory://")).is_ok());
-        let e = rt.block_on(celery_core::scheme::connect_broker("memory://?x=1")).unwrap_err().to_string();
-        assert!(e.contains("unknown memory:// option `x`"), "{e}");
+        for (url, name) in [("memory://?x=1", "x"), ("memory://?bogus=1", "bogus")] {
+            let e = rt.block_on(celery_core::scheme::connect_broker(url)).unwrap_err();
+            assert!(e.is_fatal(), "{e:?}");
+            assert!(e.to_string().contains(&format!("unknown memory:// option `{name}`")), "{e}");
+        }
     }
 
     fn msg(i: i64) -> Message {
@@ -295,7 +297,7 @@ mod tests {
         assert_eq!(broker.purge("q").await.unwrap(), 2);
         assert_eq!(broker.purge("q").await.unwrap(), 0);
         assert_eq!(broker.purge("other").await.unwrap(), 1);
-        assert!(broker.inner.lock().delayed.is_empty());
+        assert!(lock(&broker.inner.state).delayed.is_empty());
     }
 
     #[tokio::test]

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::{ChordMember, ChordTally};
+use celery_core::sync::lock;
 use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use tokio::sync::Notify;
 
@@ -30,7 +31,7 @@ pub struct MemoryBackend {
 #[async_trait]
 impl ResultBackend for MemoryBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        let mut m = self.inner.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.inner.0);
         if m.get(&meta.task_id).is_some_and(|old| old.status == TaskState::Success) {
             return Ok(());
         }
@@ -41,16 +42,16 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        Ok(self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).get(task_id).cloned())
+        Ok(lock(&self.inner.0).get(task_id).cloned())
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        let read = || self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).get(task_id).cloned();
+        let read = || lock(&self.inner.0).get(task_id).cloned();
         Ok(celery_core::backend::wait_notified(&self.inner.1, timeout, read).await)
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.inner.0.lock().unwrap_or_else(|p| p.into_inner()).remove(task_id);
+        lock(&self.inner.0).remove(task_id);
         Ok(())
     }
 
@@ -60,7 +61,7 @@ impl ResultBackend for MemoryBackend {
 
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let now = std::time::Instant::now();
-        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = lock(&self.claims);
         match claims.get(key) {
             Some((id, until)) if *until > now => Ok(Some(id.clone())),
             _ => {
@@ -71,7 +72,7 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = lock(&self.claims);
         if claims.get(key).is_some_and(|(id, _)| id == task_id) {
             claims.remove(key);
         }
@@ -79,17 +80,17 @@ impl ResultBackend for MemoryBackend {
     }
 
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        self.chords.lock().unwrap_or_else(|p| p.into_inner()).entry(group_id.to_owned()).or_default().size = Some(size);
+        lock(&self.chords).entry(group_id.to_owned()).or_default().size = Some(size);
         Ok(())
     }
 
     async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        let mut chords = self.chords.lock().unwrap_or_else(|p| p.into_inner());
+        let mut chords = lock(&self.chords);
         Ok(chords.entry(group_id.to_owned()).or_default().part(member.clone()))
     }
 
     async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        self.chords.lock().unwrap_or_else(|p| p.into_inner()).remove(group_id);
+        lock(&self.chords).remove(group_id);
         Ok(())
     }
 }
@@ -117,7 +118,10 @@ mod tests {
     fn memory_urls_take_no_options() {
         let rt = tokio::runtime::Runtime::new().unwrap();
         assert!(rt.block_on(celery_core::scheme::connect_backend("memory://")).is_ok());
-        let e = rt.block_on(celery_core::scheme::connect_backend("memory://?x=1")).unwrap_err().to_string();
-        assert!(e.contains("unknown memory:// option `x`"), "{e}");
+        for (url, name) in [("memory://?x=1", "x"), ("memory://?bogus=1", "bogus")] {
+            let e = rt.block_on(celery_core::scheme::connect_backend(url)).unwrap_err();
+            assert!(e.is_fatal(), "{e:?}");
+            assert!(e.to_string().contains(&format!("unknown memory:// option `{name}`")), "{e}");
+        }
     }
 }

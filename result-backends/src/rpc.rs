@@ -19,33 +19,61 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use broker_backends::amqp::error::kind_of;
+use celery_core::backoff::Reconnect;
 use celery_core::scheme::ConnectContext;
-use celery_core::url::{redacted, ServiceUrl};
-use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta, TaskState};
+use celery_core::sync::lock;
+use celery_core::url::ServiceUrl;
+use celery_core::{BackendError, BrokerError, ErrorKind, ResultBackend, TaskMeta, TaskState};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection};
 use tokio::sync::Notify;
 
-fn err(e: lapin::Error) -> BackendError {
-    if e.is_io_error() || e.is_amqp_hard_error() {
-        BackendError::connection(e.to_string())
-    } else {
-        BackendError::operation(e.to_string())
+/// [`map_err`](Result::map_err) for a lapin error met while doing `context`: a connection error
+/// or an operation error as [`kind_of`] (the broker's classification) says, the lapin error kept
+/// as the source.
+fn failed(context: &'static str) -> impl FnOnce(lapin::Error) -> BackendError {
+    move |e| match kind_of(&e) {
+        ErrorKind::Connection => BackendError::connection_with(context, e),
+        _ => BackendError::operation_with(context, e),
     }
 }
 
-/// A connection to the broker's server, with its TLS options (`amqps://`).
+/// A connection to the broker's server, with its TLS options (`amqps://`). A bad URL stays
+/// [`BackendError::InvalidUrl`]; any other failure is a connection error with the broker's
+/// context and source.
 async fn connect(url: &ServiceUrl) -> Result<Connection, BackendError> {
     broker_backends::amqp::connect(url.expose_secret()).await.map_err(|e| match e {
         BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
-        e => BackendError::connection(e.to_string()),
+        BrokerError::Connection { context, source } | BrokerError::Operation { context, source } => {
+            BackendError::Connection { context, source }
+        }
+        e => BackendError::connection_with("rpc: connect to the AMQP server", e),
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The AMQP server an `rpc://` URL replies over: the one it names (`rpc://user:pass@host/vhost`,
+/// with the options of an `amqp://` URL, checked when connecting), else the app's broker, which
+/// must then be `amqp://` or `amqps://` (a bare `rpc://` takes no options).
+fn server_url(url: &str, ctx: &ConnectContext) -> Result<ServiceUrl, BackendError> {
+    let u = ServiceUrl::parse(url)?;
+    let Some(rest) = url.strip_prefix("rpc://") else {
+        return Err(u.invalid("not an rpc:// URL").into());
+    };
+    if u.username().is_some() || !matches!(u.location(), "" | "/") {
+        return Ok(ServiceUrl::parse(&format!("amqp://{rest}"))?);
+    }
+    u.finish()?;
+    match ctx.broker_url() {
+        Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => Ok(ServiceUrl::parse(b)?),
+        _ => Err(u
+            .invalid(
+                "rpc:// replies over the AMQP broker: use an amqp:// broker, or name one (rpc://user:pass@host/vhost)",
+            )
+            .into()),
+    }
 }
 
 #[derive(Debug)]
@@ -74,22 +102,7 @@ impl RpcBackend {
     /// Connects as [`RpcBackend::connect`]; a bare `rpc://` replies over the app's broker, which
     /// `ctx` names ([`App::connect`](celery_core::App::connect) hands it over).
     pub async fn connect_in(url: &str, ctx: &ConnectContext) -> Result<RpcBackend, BackendError> {
-        let amqp = match url.strip_prefix("rpc://") {
-            Some("") | Some("/") => match ctx.broker_url() {
-                Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => b.to_owned(),
-                _ => {
-                    return Err(BackendError::InvalidUrl {
-                        url: redacted(url),
-                        reason: "rpc:// replies over the AMQP broker: use an amqp:// broker, or name one \
-                                 (rpc://user:pass@host/vhost)"
-                            .into(),
-                    })
-                }
-            },
-            Some(rest) => format!("amqp://{rest}"),
-            None => return Err(BackendError::InvalidUrl { url: redacted(url), reason: "not an rpc:// URL".into() }),
-        };
-        let amqp = ServiceUrl::parse(&amqp)?;
+        let amqp = server_url(url, ctx)?;
         let inner = Arc::new(Inner {
             url: amqp,
             queue: uuid::Uuid::new_v4().to_string(),
@@ -110,7 +123,7 @@ impl RpcBackend {
             }
         }
         let conn = Arc::new(connect(&self.inner.url).await?);
-        let ch = conn.create_channel().await.map_err(err)?;
+        let ch = conn.create_channel().await.map_err(failed("rpc: open the publishing channel"))?;
         *guard = Some((conn, ch.clone()));
         Ok(ch)
     }
@@ -119,15 +132,16 @@ impl RpcBackend {
 /// Declares the reply queue and consumes it without acks (the connection lives with the consumer).
 async fn subscribe(inner: &Inner) -> Result<(Connection, lapin::Consumer), BackendError> {
     let conn = connect(&inner.url).await?;
-    let ch = conn.create_channel().await.map_err(err)?;
+    let ch = conn.create_channel().await.map_err(failed("rpc: open the reply channel"))?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
     let q = ShortString::try_new(inner.queue.clone()).map_err(|_| BackendError::operation("queue name"))?;
     ch.queue_declare(q.clone(), QueueDeclareOptions { auto_delete: true, ..Default::default() }, args)
         .await
-        .map_err(err)?;
+        .map_err(failed("rpc: declare the reply queue"))?;
     let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
-    let consumer = ch.basic_consume(q, "".into(), opts, FieldTable::default()).await.map_err(err)?;
+    let consumer = ch.basic_consume(q, "".into(), opts, FieldTable::default()).await;
+    let consumer = consumer.map_err(failed("rpc: consume the reply queue"))?;
     Ok((conn, consumer))
 }
 
@@ -152,14 +166,12 @@ async fn listen(inner: std::sync::Weak<Inner>, subscription: (Connection, lapin:
         }
         let Some(strong) = inner.upgrade() else { return };
         tracing::warn!("rpc: reply consumer lost; resubscribing");
-        let mut backoff = celery_core::backoff::Reconnect::default();
+        let mut backoff = Reconnect::default();
         (_conn, consumer) = loop {
             match subscribe(&strong).await {
                 Ok(s) => break s,
                 Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?d, "rpc: cannot resubscribe");
-                    tokio::time::sleep(d).await;
+                    backoff.pause("rpc reply consumer", &e).await;
                 }
             }
         };
@@ -184,7 +196,9 @@ impl ResultBackend for RpcBackend {
             .with_correlation_id(id)
             .with_delivery_mode(1);
         let ch = self.channel().await?;
-        ch.basic_publish("".into(), key, BasicPublishOptions::default(), &meta.to_vec(), props).await.map_err(err)?;
+        ch.basic_publish("".into(), key, BasicPublishOptions::default(), &meta.to_vec(), props)
+            .await
+            .map_err(failed("rpc: publish a result"))?;
         Ok(())
     }
 
@@ -216,11 +230,17 @@ mod tests {
     #[test]
     fn url_errors_are_invalid_url_and_redacted() {
         let rt = tokio::runtime::Runtime::new().unwrap();
-        for (url, needle) in [
-            ("rpc://guest:s3cret@127.0.0.1:1/%2f?bogus=1", "amqp://guest:***@127.0.0.1:1/%2f?bogus=1"),
-            ("rpcx://guest:s3cret@h/", "not an rpc:// URL"),
+        let amqp = ConnectContext::default().with_broker_url("amqp://guest:s3cret@127.0.0.1:1/%2f");
+        for (url, ctx, needle) in [
+            ("rpc://guest:s3cret@127.0.0.1:1/%2f?bogus=1", None, "amqp://guest:***@127.0.0.1:1/%2f?bogus=1"),
+            ("rpc://guest:s3cret@127.0.0.1:1/%2f?bogus=1", None, "unknown amqp:// option `bogus`"),
+            ("rpc://?bogus=1", Some(&amqp), "unknown rpc:// option `bogus` (known: none)"),
+            ("rpc:///?bogus=1", Some(&amqp), "unknown rpc:// option `bogus`"),
+            ("rpc://", None, "use an amqp:// broker"),
+            ("rpcx://guest:s3cret@h/", None, "not an rpc:// URL"),
         ] {
-            let e = rt.block_on(RpcBackend::connect(url)).unwrap_err();
+            let ctx = ctx.cloned().unwrap_or_default();
+            let e = rt.block_on(RpcBackend::connect_in(url, &ctx)).unwrap_err();
             assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
             let e = e.to_string();
             assert!(e.contains(needle) && !e.contains("s3cret"), "{url}: {e}");

@@ -27,9 +27,7 @@ where
         let cur = match get().await {
             Ok(cur) => cur,
             Err(e) if e.is_retryable() && Instant::now() < deadline => {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "{what} results: read failed; retrying");
-                tokio::time::sleep(d).await;
+                backoff.pause(&format!("{what} results read"), &e).await;
                 continue;
             }
             Err(e) => return Err(e),

@@ -7,21 +7,23 @@
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
 use celery_core::protocol::Message;
 use celery_core::routing::Exchange;
+use celery_core::sync::lock;
 use celery_core::BrokerError;
 use futures::StreamExt;
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable};
 
-use super::{err, properties, short, AmqpBroker};
+use super::error::failed;
+use super::{properties, short, AmqpBroker};
 
 impl AmqpBroker {
     async fn declare_broadcast_exchange(&self, exchange: &Exchange) -> Result<(), BrokerError> {
         let key = format!("exchange:{}", exchange.name);
-        if super::lock(&self.inner.declared).contains(&key) {
+        if lock(&self.inner.declared).contains(&key) {
             return Ok(());
         }
         self.exchange_declare(exchange).await?;
-        super::lock(&self.inner.declared).insert(key);
+        lock(&self.inner.declared).insert(key);
         Ok(())
     }
 
@@ -47,14 +49,15 @@ impl AmqpBroker {
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt(5_000));
         args.insert("x-expires".into(), AMQPValue::LongLongInt(60_000));
         let opts = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
-        let q = ch.queue_declare(short("")?, opts, args).await.map_err(err)?;
+        let q = ch.queue_declare(short("")?, opts, args).await.map_err(failed("amqp: declare a subscription queue"))?;
         let queue = q.name().clone();
         let bind = QueueBindOptions::default();
         ch.queue_bind(queue.clone(), short(&exchange.name)?, short(pattern)?, bind, FieldTable::default())
             .await
-            .map_err(err)?;
+            .map_err(failed("amqp: bind a subscription queue"))?;
         let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
-        let mut consumer = ch.basic_consume(queue, "".into(), opts, FieldTable::default()).await.map_err(err)?;
+        let consume = ch.basic_consume(queue, "".into(), opts, FieldTable::default()).await;
+        let mut consumer = consume.map_err(failed("amqp: consume a subscription queue"))?;
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let feeder = tokio::spawn(async move {
             // The channel lives as long as this task; closing it deletes the queue.

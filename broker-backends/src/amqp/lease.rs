@@ -21,7 +21,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel};
 use tokio::sync::Notify;
 
-use super::{err, short, AmqpBroker};
+use super::error::failed;
+use super::{short, AmqpBroker};
 
 /// One candidacy: the channel consuming the lease queue, and whether it holds the token.
 #[derive(Debug)]
@@ -65,10 +66,11 @@ impl AmqpBroker {
         }
         let queue = lease_queue(name);
         let ch = self.channel().await?;
-        ch.basic_qos(1, BasicQosOptions::default()).await.map_err(err)?;
+        ch.basic_qos(1, BasicQosOptions::default()).await.map_err(failed("amqp: lease (basic.qos)"))?;
         let mut args = FieldTable::default();
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        let q = ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), args).await.map_err(err)?;
+        let declared = ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), args).await;
+        let q = declared.map_err(failed("amqp: declare a lease queue"))?;
         if q.message_count() == 0 && q.consumer_count() == 0 {
             // Nobody holds or waits for a token: put one in. Two candidates racing here make two
             // tokens, which is harmless: the single active consumer gets them all.
@@ -78,7 +80,7 @@ impl AmqpBroker {
         let mut consumer = ch
             .basic_consume(short(&queue)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
             .await
-            .map_err(err)?;
+            .map_err(failed("amqp: consume a lease queue"))?;
         let holding = Arc::new(AtomicBool::new(false));
         let got = Arc::new(Notify::new());
         let (flag, notify) = (holding.clone(), got.clone());
@@ -109,8 +111,11 @@ impl AmqpBroker {
     pub(super) async fn amqp_load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         let queue = doc_queue(key);
         let ch = self.channel().await?;
-        ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), doc_args()).await.map_err(err)?;
-        let got = ch.basic_get(short(&queue)?, BasicGetOptions { no_ack: false }).await.map_err(err)?;
+        ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), doc_args())
+            .await
+            .map_err(failed("amqp: declare a document queue"))?;
+        let got = ch.basic_get(short(&queue)?, BasicGetOptions { no_ack: false }).await;
+        let got = got.map_err(failed("amqp: read a document"))?;
         let doc = got.map(|m| m.delivery.data.clone());
         // Closing the channel puts the message back.
         let _ = ch.close(200, "document read".into()).await;

@@ -20,16 +20,23 @@
 //! still ahead to a shorter level: a long countdown hops down the levels, held by RabbitMQ, never in
 //! a worker's memory. Purge empties `<queue>` and every delay queue of it.
 //!
+//! Where things are: `url.rs` (the URL and the connection), `consumer.rs`, `settle.rs` (acks,
+//! requeues, deferral, dead letters), `error.rs` (lapin errors as ours), `broadcast.rs`,
+//! `lease.rs` (leases and documents), `fields.rs` (headers as AMQP tables); topology and
+//! publishing here.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
 //! let broker = broker_backends::amqp::AmqpBroker::connect("amqp://guest:guest@127.0.0.1:5672/%2f").await?;
 //! # Ok(()) }
 //! ```
 
-mod acks;
 mod broadcast;
+mod consumer;
+pub mod error;
 mod fields;
 mod lease;
+mod settle;
 mod url;
 
 pub use url::connect;
@@ -39,32 +46,21 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use celery_core::broker::{dead_letter_queue, Settle, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
-use celery_core::protocol::{
-    check_content_type, lenient_task_id, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
-};
+use celery_core::broker::dead_letter_queue;
+use celery_core::protocol::{Message, CONTENT_ENCODING, CONTENT_TYPE};
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
-use celery_core::{Broker, BrokerError, Consumer, Delivery, ProtocolError};
+use celery_core::sync::lock;
+use celery_core::{Broker, BrokerError, Consumer};
 use chrono::{DateTime, Utc};
-use futures::stream::{select_all, BoxStream, StreamExt};
 use lapin::options::*;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
-fn err(e: lapin::Error) -> BrokerError {
-    if e.is_io_error() || e.is_amqp_hard_error() || matches!(e.kind(), lapin::ErrorKind::InvalidConnectionState(_)) {
-        BrokerError::connection(e.to_string())
-    } else {
-        BrokerError::operation(e.to_string())
-    }
-}
+use consumer::AmqpConsumer;
+use error::{broker_error, failed};
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s.to_owned()).map_err(|_| BrokerError::operation(format!("name longer than 255 bytes: `{s}`")))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The largest delay level, in seconds (about 12 days); longer countdowns hop again.
@@ -130,8 +126,8 @@ impl AmqpBroker {
             tracing::warn!("amqp: connection lost; reconnecting");
         }
         let conn = Arc::new(self.inner.url.connect().await?);
-        let ch = conn.create_channel().await.map_err(err)?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(err)?;
+        let ch = conn.create_channel().await.map_err(failed("amqp: open the publishing channel"))?;
+        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(failed("amqp: enable publisher confirms"))?;
         lock(&self.inner.declared).clear();
         if lost {
             crate::reconnected("amqp");
@@ -168,7 +164,9 @@ impl AmqpBroker {
             ExchangeKind::Headers => lapin::ExchangeKind::Headers,
         };
         let opts = ExchangeDeclareOptions { durable: exchange.durable, ..Default::default() };
-        ch.exchange_declare(short(&exchange.name)?, kind, opts, FieldTable::default()).await.map_err(err)?;
+        ch.exchange_declare(short(&exchange.name)?, kind, opts, FieldTable::default())
+            .await
+            .map_err(failed("amqp: declare an exchange"))?;
         let _ = ch.close(200, "declared".into()).await;
         Ok(())
     }
@@ -176,14 +174,16 @@ impl AmqpBroker {
     /// A fresh channel (consumers, passive checks).
     async fn channel(&self) -> Result<Channel, BrokerError> {
         let (conn, _) = self.connection().await?;
-        conn.create_channel().await.map_err(err)
+        conn.create_channel().await.map_err(failed("amqp: open a channel"))
     }
 
     async fn declare_queue(&self, ch: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {
         if lock(&self.inner.declared).contains(name) {
             return Ok(());
         }
-        ch.queue_declare(short(name)?, QueueDeclareOptions::durable(), args).await.map_err(err)?;
+        ch.queue_declare(short(name)?, QueueDeclareOptions::durable(), args)
+            .await
+            .map_err(failed("amqp: declare a queue"))?;
         lock(&self.inner.declared).insert(name.to_owned());
         Ok(())
     }
@@ -210,8 +210,11 @@ impl AmqpBroker {
     ) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
         let opts = BasicPublishOptions { mandatory, ..Default::default() };
-        let pending = ch.basic_publish(short(exchange)?, short(key)?, opts, body, props).await.map_err(err)?;
-        check_confirm(pending.await.map_err(err)?, exchange, key)
+        let pending = ch
+            .basic_publish(short(exchange)?, short(key)?, opts, body, props)
+            .await
+            .map_err(failed("amqp: publish"))?;
+        check_confirm(pending.await.map_err(failed("amqp: wait for the publish confirm"))?, exchange, key)
     }
 
     /// Holds `msg` in the delay queues of `queue` until `until` (returns once RabbitMQ confirmed it).
@@ -235,7 +238,7 @@ impl AmqpBroker {
                 *ch = self.channel().await?;
                 Ok(0)
             }
-            Err(e) => Err(err(e)),
+            Err(e) => Err(broker_error("amqp: purge a delay queue", e)),
         }
     }
 }
@@ -284,32 +287,6 @@ pub fn properties(msg: &Message) -> BasicProperties {
     p
 }
 
-/// Decodes a delivery into a message; never panics.
-fn decode(props: &BasicProperties, data: &[u8]) -> Result<Message, ProtocolError> {
-    if let Some(ct) = props.content_type() {
-        check_content_type(ct.as_str())?;
-    }
-    let headers = props.headers().as_ref().map(fields::from_table).ok_or(ProtocolError::MissingField("headers"))?;
-    if !headers.contains_key("task") {
-        return Err(ProtocolError::MissingField("task"));
-    }
-    let reply_to = props.reply_to().as_ref().map(|r| r.as_str());
-    let headers = Headers::from_json(&serde_json::Value::Object(headers)).map_err(|e| e.with_reply_to(reply_to))?;
-    Ok(Message {
-        properties: Properties {
-            correlation_id: props
-                .correlation_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|| headers.id.clone()),
-            reply_to: props.reply_to().as_ref().map(|s| s.as_str().to_owned()),
-            priority: *props.priority(),
-        },
-        headers,
-        body: data.to_vec(),
-    })
-}
-
 #[async_trait]
 impl Broker for AmqpBroker {
     fn kind(&self) -> &'static str {
@@ -335,12 +312,18 @@ impl Broker for AmqpBroker {
             }
             let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
             let key = short(&route.routing_key)?;
-            let p =
-                ch.basic_publish(short(&route.exchange)?, key, opts, &msg.body, properties(msg)).await.map_err(err)?;
+            let p = ch
+                .basic_publish(short(&route.exchange)?, key, opts, &msg.body, properties(msg))
+                .await
+                .map_err(failed("amqp: publish a batch"))?;
             pending.push((p, route));
         }
         for (p, route) in pending {
-            check_confirm(p.await.map_err(err)?, &route.exchange, &route.routing_key)?;
+            check_confirm(
+                p.await.map_err(failed("amqp: wait for a batch's confirms"))?,
+                &route.exchange,
+                &route.routing_key,
+            )?;
         }
         Ok(())
     }
@@ -358,16 +341,7 @@ impl Broker for AmqpBroker {
         prefetch: usize,
         max_message_size: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
-        let mut c = AmqpConsumer {
-            broker: self.clone(),
-            queues: queues.to_vec(),
-            prefetch,
-            max_message_size,
-            stream: None,
-            channel: None,
-            stopped: false,
-        };
-        c.subscribe().await?;
+        let c = AmqpConsumer::start(self.clone(), queues, prefetch, max_message_size).await?;
         Ok(Box::new(c))
     }
 
@@ -380,7 +354,8 @@ impl Broker for AmqpBroker {
             n += self.purge_if_exists(&mut ch, &delay_queue_name(queue, secs)).await?;
         }
         self.declare_task_queue(&ch, queue).await?;
-        n += u64::from(ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await.map_err(err)?);
+        let purged = ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await;
+        n += u64::from(purged.map_err(failed("amqp: purge"))?);
         let _ = ch.close(200, "purged".into()).await;
         Ok(n)
     }
@@ -392,7 +367,7 @@ impl Broker for AmqpBroker {
         match ch.queue_declare(short(queue)?, passive, FieldTable::default()).await {
             Ok(q) => Ok(u64::from(q.message_count())),
             Err(e) if e.is_amqp_soft_error() => Ok(0),
-            Err(e) => Err(err(e)),
+            Err(e) => Err(broker_error("amqp: queue length", e)),
         }
     }
 
@@ -426,7 +401,7 @@ impl Broker for AmqpBroker {
         }
         ch.queue_bind(short(&b.queue)?, short(&b.exchange)?, short(&b.routing_key)?, QueueBindOptions::default(), args)
             .await
-            .map_err(err)
+            .map_err(failed("amqp: bind a queue"))
     }
 
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
@@ -457,168 +432,6 @@ impl Broker for AmqpBroker {
 
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         self.amqp_store_doc(key, doc).await
-    }
-}
-
-/// Deliveries with their queue and the settlement queue of the channel they came on.
-type Stream = BoxStream<'static, (String, acks::Acks, lapin::Result<lapin::message::Delivery>)>;
-
-/// A consumer on its own channel, resubscribing after a lost connection.
-struct AmqpConsumer {
-    broker: AmqpBroker,
-    queues: Vec<String>,
-    prefetch: usize,
-    max_message_size: usize,
-    stream: Option<Stream>,
-    channel: Option<Channel>,
-    stopped: bool,
-}
-
-impl std::fmt::Debug for AmqpConsumer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpConsumer").field("queues", &self.queues).field("prefetch", &self.prefetch).finish()
-    }
-}
-
-impl AmqpConsumer {
-    async fn subscribe(&mut self) -> Result<(), BrokerError> {
-        let ch = self.broker.channel().await?;
-        ch.basic_qos(self.prefetch.clamp(1, u16::MAX as usize) as u16, BasicQosOptions::default())
-            .await
-            .map_err(err)?;
-        let acks = acks::Acks::new(ch.clone());
-        let mut streams = Vec::new();
-        for q in &self.queues {
-            self.broker.declare_task_queue(&ch, q).await?;
-            let c = ch
-                .basic_consume(short(q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                .await
-                .map_err(err)?;
-            let (name, acks) = (q.clone(), acks.clone());
-            streams.push(c.map(move |d| (name.clone(), acks.clone(), d)).boxed());
-        }
-        self.stream = Some(select_all(streams).boxed());
-        self.channel = Some(ch);
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Consumer for AmqpConsumer {
-    async fn next(&mut self) -> Option<Delivery> {
-        let mut backoff = celery_core::backoff::Reconnect::default();
-        loop {
-            if let Some(s) = self.stream.as_mut() {
-                match s.next().await {
-                    Some((queue, acks, Ok(d))) => {
-                        let (size, limit) = (d.data.len(), self.max_message_size);
-                        let message = if size > limit {
-                            // The headers come apart from the body: the caller can be told.
-                            let too_large = ProtocolError::TooLarge { size, limit };
-                            let headers = d.properties.headers().as_ref().map(fields::from_table).unwrap_or_default();
-                            let headers = serde_json::Value::Object(headers);
-                            Err(match lenient_task_id(&headers) {
-                                Some(id) => ProtocolError::InvalidHeaders {
-                                    id,
-                                    task: headers.get("task").and_then(|t| t.as_str()).map(str::to_owned),
-                                    reply_to: d.properties.reply_to().as_ref().map(|r| r.as_str().to_owned()),
-                                    error: Box::new(too_large),
-                                },
-                                None => too_large,
-                            })
-                        } else {
-                            decode(&d.properties, &d.data)
-                        };
-                        let settle =
-                            AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
-                        let redelivered = settle.delivery.redelivered;
-                        return Some(Delivery::new(message, queue, redelivered, Box::new(settle)).with_size(size));
-                    }
-                    Some((_, _, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),
-                    None if !self.stopped => {
-                        tracing::warn!("amqp: consumer cancelled or connection closed; resubscribing")
-                    }
-                    None => {}
-                }
-                self.stream = None;
-            }
-            if self.stopped {
-                return None;
-            }
-            match self.subscribe().await {
-                Ok(()) => tracing::info!(queues = ?self.queues, "amqp: consuming again"),
-                Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::warn!(error = %e, retry_in = ?d, "amqp: cannot consume; retrying");
-                    tokio::time::sleep(d).await;
-                }
-            }
-        }
-    }
-
-    /// Cancels the consumers (dropping them): nothing more is delivered. Prefetched deliveries that
-    /// were not handed out stay unacked on the channel and go back to their queues when `close`
-    /// closes it, after the running tasks are settled.
-    fn stop(&mut self) {
-        self.stopped = true;
-        self.stream = None;
-    }
-
-    async fn close(&mut self) {
-        self.stopped = true;
-        self.stream = None;
-        if let Some(ch) = self.channel.take() {
-            let _ = ch.close(200, "bye".into()).await;
-        }
-    }
-}
-
-/// Settles one delivery on the channel it came from (through its coalescing settlement queue).
-struct AmqpSettle {
-    broker: AmqpBroker,
-    queue: String,
-    delivery: lapin::message::Delivery,
-    acks: acks::Acks,
-}
-
-impl std::fmt::Debug for AmqpSettle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AmqpSettle").field("queue", &self.queue).field("tag", &self.delivery.delivery_tag).finish()
-    }
-}
-
-#[async_trait]
-impl Settle for AmqpSettle {
-    async fn ack(&self) -> Result<(), BrokerError> {
-        self.acks.settle(self.delivery.delivery_tag, acks::Op::Ack).await
-    }
-
-    async fn requeue(&self) -> Result<(), BrokerError> {
-        self.acks.settle(self.delivery.delivery_tag, acks::Op::Requeue).await
-    }
-
-    /// Publishes to a delay queue and waits for RabbitMQ's confirm, then acks; if the publish
-    /// fails, the delivery goes back to its queue (not lost, and not held unacked on this channel).
-    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        if let Err(e) = self.broker.publish_delayed(&self.queue, msg, until).await {
-            if let Err(r) = self.requeue().await {
-                tracing::warn!(error = %r, "amqp: could not return a delivery after a failed deferral");
-            }
-            return Err(e);
-        }
-        self.ack().await
-    }
-
-    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
-        let dlq = dead_letter_queue(&self.queue);
-        let (_, ch) = self.broker.connection().await?;
-        self.broker.declare_queue(&ch, &dlq, FieldTable::default()).await?;
-        let mut headers = self.delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(DEAD_LETTER_REASON.into(), AMQPValue::LongString(reason.into()));
-        headers.insert(DEAD_LETTER_QUEUE.into(), AMQPValue::LongString(self.queue.as_str().into()));
-        let props = self.delivery.properties.clone().with_headers(headers);
-        self.broker.publish_raw("", &dlq, false, props, &self.delivery.data).await?;
-        self.ack().await
     }
 }
 

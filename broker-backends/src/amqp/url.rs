@@ -15,7 +15,7 @@ use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::LongString;
 use lapin::{Connection, ConnectionProperties};
 
-use super::err;
+use super::error::failed;
 
 /// How task queues are declared, from the URL.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -117,13 +117,13 @@ impl AmqpUrl {
         let name = LongString::from(format!("celery-rs {}", std::process::id()));
         let props = ConnectionProperties::default().with_connection_name(name);
         lapin::DefaultConnectionBuilder::new()
-            .map_err(err)?
+            .map_err(failed("amqp: connect"))?
             .with_uri_str(self.lapin.clone())
             .with_properties(props)
             .with_tls_config(self.tls.load()?)
             .connect()
             .await
-            .map_err(err)
+            .map_err(failed("amqp: connect"))
     }
 }
 
@@ -154,7 +154,7 @@ impl TlsFiles {
 /// ```no_run
 /// # async fn demo() -> Result<(), celery_core::BrokerError> {
 /// let conn = broker_backends::amqp::connect("amqps://guest:guest@rabbit.example:5671/%2f?ca_certs=/etc/ca.pem").await?;
-/// let channel = conn.create_channel().await.map_err(|e| celery_core::BrokerError::connection(e.to_string()))?;
+/// let channel = conn.create_channel().await.map_err(|e| celery_core::BrokerError::connection_with("open a channel", e))?;
 /// # Ok(()) }
 /// ```
 pub async fn connect(url: &str) -> Result<Connection, BrokerError> {
@@ -220,6 +220,16 @@ mod tests {
         ] {
             let e = AmqpUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+
+    /// An unknown option fails the connect before any connection is tried (port 1 would refuse it).
+    #[tokio::test]
+    async fn unknown_options_are_refused_on_both_schemes() {
+        for url in ["amqp://127.0.0.1:1/%2f?bogus=1", "amqps://127.0.0.1:1/%2f?heartbeat=5&bogus=1"] {
+            let e = crate::amqp::AmqpBroker::connect(url).await.unwrap_err();
+            assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
+            assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
         }
     }
 

@@ -6,17 +6,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::backoff::Reconnect;
 use celery_core::broker::{dead_letter_queue, Decoder, Settle};
 use celery_core::protocol::Message;
-use celery_core::{BrokerError, Consumer, Delivery};
+use celery_core::{BrokerError, Delivery};
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
-use tokio::sync::{broadcast, mpsc, oneshot, watch, Semaphore};
-use tokio::task::JoinHandle;
+use tokio::sync::{broadcast, mpsc, watch};
 
 use super::listen::{Channel, Note};
 use super::{sql, Db};
+use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
 use crate::envelope;
 
 /// How many messages one fetch leases at most.
@@ -34,11 +33,6 @@ const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// The longest dead-letter reason kept in the `reason` column (the message's header has it whole).
 const MAX_REASON: usize = 4096;
 
-enum AckCmd {
-    Ack(i64, i32),
-    Flush(oneshot::Sender<()>),
-}
-
 /// What the fetcher, the settlers and the background loops share.
 struct Shared {
     db: Db,
@@ -46,8 +40,9 @@ struct Shared {
     channel: String,
     /// Unsettled deliveries: id -> fencing token (the delivery count).
     leases: Mutex<HashMap<i64, i32>>,
-    slots: Semaphore,
-    acks: mpsc::UnboundedSender<AckCmd>,
+    slots: Slots,
+    /// Acks: (id, fencing token).
+    acks: AckQueue<(i64, i32)>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -59,7 +54,7 @@ impl std::fmt::Debug for Shared {
 impl Shared {
     fn release(&self, id: i64) {
         if self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(&id).is_some() {
-            self.slots.add_permits(1);
+            self.slots.give_back(1);
         }
     }
 
@@ -68,17 +63,11 @@ impl Shared {
     }
 }
 
-/// A consumer of some PostgreSQL queues.
-#[derive(Debug)]
-pub struct PostgresConsumer {
-    rx: mpsc::Receiver<Delivery>,
-    shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    fetcher: Option<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
-}
+/// A consumer of some PostgreSQL queues: acks carry the row's id and fencing token.
+pub type PostgresConsumer = FetchingConsumer<(i64, i32)>;
 
 impl PostgresConsumer {
+    /// Starts consuming `queues` (in the order given).
     pub(crate) fn start(
         db: Db,
         channel: String,
@@ -89,65 +78,32 @@ impl PostgresConsumer {
         prefetch: usize,
     ) -> PostgresConsumer {
         let prefetch = prefetch.clamp(1, MAX_PREFETCH);
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let (acks, batcher) = ack_queue();
         let shared = Arc::new(Shared {
             db,
             channel,
             leases: Mutex::new(HashMap::new()),
-            slots: Semaphore::new(prefetch),
-            acks: ack_tx,
+            slots: Slots::new(prefetch),
+            acks: acks.clone(),
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let (tx, rx) = mpsc::channel(prefetch);
         let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt };
-        let fetcher = tokio::spawn(fetch.run(tx, stop_rx));
+        let db = shared.db.clone();
+        let ack = batcher.run("postgres", MAX_ACK_BATCH, BrokerError::is_retryable, move |batch: &[(i64, i32)]| {
+            let (ids, tokens): (Vec<i64>, Vec<i32>) = batch.iter().copied().unzip();
+            let db = db.clone();
+            async move { db.query(sql::ACK, &[&ids, &tokens]).await.map(drop) }
+        });
         let background = vec![
-            tokio::spawn(ack_loop(shared.clone(), ack_rx)),
+            tokio::spawn(ack),
             tokio::spawn(renew_loop(shared.clone(), vt)),
             tokio::spawn(restore_loop(shared.clone(), vt)),
         ];
-        PostgresConsumer { rx, shared, stop, fetcher: Some(fetcher), background }
-    }
-}
-
-impl Drop for PostgresConsumer {
-    fn drop(&mut self) {
-        if let Some(f) = &self.fetcher {
-            f.abort();
-        }
-        for t in &self.background {
-            t.abort();
-        }
-    }
-}
-
-#[async_trait]
-impl Consumer for PostgresConsumer {
-    async fn next(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
-    }
-
-    fn stop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-
-    async fn close(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(f) = self.fetcher.take() {
-            let _ = f.await;
-        }
-        let (tx, rx) = oneshot::channel();
-        if self.shared.acks.send(AckCmd::Flush(tx)).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
-        }
-        for t in self.background.drain(..) {
-            t.abort();
-        }
+        FetchingConsumer::spawn(prefetch, fetch, acks, background)
     }
 }
 
 /// One fetched row.
-struct Fetched {
+struct Row {
     id: i64,
     deliveries: i32,
     priority: i16,
@@ -163,84 +119,55 @@ struct Fetcher {
     vt: Duration,
 }
 
-impl Fetcher {
-    async fn run(mut self, tx: mpsc::Sender<Delivery>, mut stop: watch::Receiver<bool>) {
-        let mut backoff = Reconnect::default();
-        loop {
-            if *stop.borrow() {
-                break;
-            }
-            let first = tokio::select! {
-                p = self.shared.slots.acquire() => match p { Ok(p) => p, Err(_) => break },
-                _ = stop.changed() => break,
-            };
-            first.forget();
-            let mut n = 1;
-            while n < MAX_FETCH {
-                match self.shared.slots.try_acquire() {
-                    Ok(p) => {
-                        p.forget();
-                        n += 1;
-                    }
-                    Err(_) => break,
-                }
-            }
-            // What was announced before this fetch, it sees; what is announced after, wakes the wait.
-            self.drain_notes();
-            let mut got = 0;
-            let mut failed = None;
-            for queue in &self.queues {
-                if got == n {
-                    break;
-                }
-                match self.fetch(queue, n - got).await {
-                    Ok(rows) => {
-                        got += rows.len();
-                        for row in rows {
-                            if tx.send(self.delivery(queue, row)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                }
-            }
-            self.shared.slots.add_permits(n - got);
-            if let Some(e) = failed {
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "postgresql: fetch failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
-                    _ = stop.changed() => break,
-                }
-                continue;
-            }
-            if backoff.attempts() > 0 {
-                tracing::info!("postgresql: connection restored; consuming again");
-                crate::reconnected("postgres");
-            }
-            backoff.reset();
-            if got < n {
-                // Every queue is drained (as far as this snapshot saw): sleep until told.
-                let wait = self.idle_wait().await;
-                tokio::select! {
-                    _ = self.woken() => {}
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = stop.changed() => break,
-                }
-            }
-        }
+impl Fetch for Fetcher {
+    const BROKER: &'static str = "postgres";
+    const MAX_FETCH: usize = MAX_FETCH;
+
+    fn slots(&self) -> &Slots {
+        &self.shared.slots
     }
 
+    async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
+        // What was announced before this fetch, it sees; what is announced after, wakes the wait.
+        self.drain_notes();
+        let mut got = 0;
+        for queue in &self.queues {
+            if got == n {
+                break;
+            }
+            match self.lease(queue, n - got).await {
+                Ok(rows) => {
+                    got += rows.len();
+                    for row in rows {
+                        if tx.send(self.delivery(queue, row)).await.is_err() {
+                            return Fetched::Closed;
+                        }
+                    }
+                }
+                Err(error) => return Fetched::Failed { taken: got, error },
+            }
+        }
+        // Every queue is drained (as far as this snapshot saw) when fewer than `n` came.
+        Fetched::Sent { taken: got, drained: got < n }
+    }
+
+    /// Sleeps until told, or until the next eta.
+    async fn idle(&mut self) {
+        let wait = self.idle_wait().await;
+        tokio::select! {
+            _ = self.woken() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+impl Fetcher {
     /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out.
-    async fn fetch(&self, queue: &str, n: usize) -> Result<Vec<Fetched>, BrokerError> {
+    async fn lease(&self, queue: &str, n: usize) -> Result<Vec<Row>, BrokerError> {
         let rows = self.shared.db.query(sql::FETCH, &[&queue, &(n as i64), &self.vt.as_secs_f64()]).await?;
-        let mut rows: Vec<Fetched> = rows
+        let mut rows: Vec<Row> = rows
             .into_iter()
-            .map(|r| Fetched {
+            .map(|r| Row {
                 id: r.get(0),
                 deliveries: r.get(1),
                 priority: r.get(2),
@@ -256,7 +183,7 @@ impl Fetcher {
         Ok(rows)
     }
 
-    fn delivery(&self, queue: &str, row: Fetched) -> Delivery {
+    fn delivery(&self, queue: &str, row: Row) -> Delivery {
         let payload = Arc::new(row.payload);
         let size = payload.len();
         let raw = payload.clone();
@@ -319,47 +246,6 @@ impl Fetcher {
                     return;
                 }
             }
-        }
-    }
-}
-
-async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckCmd>) {
-    let mut backoff = Reconnect::default();
-    while let Some(first) = rx.recv().await {
-        let (mut ids, mut tokens, mut flushes) = (Vec::new(), Vec::new(), Vec::new());
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                AckCmd::Ack(id, token) => {
-                    ids.push(id);
-                    tokens.push(token);
-                }
-                AckCmd::Flush(f) => flushes.push(f),
-            }
-            if ids.len() >= MAX_ACK_BATCH {
-                break;
-            }
-            next = rx.try_recv().ok();
-        }
-        while !ids.is_empty() {
-            match shared.db.query(sql::ACK, &[&ids, &tokens]).await {
-                Ok(_) => {
-                    backoff.reset();
-                    break;
-                }
-                Err(e) if e.is_retryable() => {
-                    let d = backoff.next_delay();
-                    tracing::warn!(error = %e, pending = ids.len(), retry_in = ?d, "postgresql: ack failed; retrying");
-                    tokio::time::sleep(d).await;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, dropped = ids.len(), "postgresql: ack failed; the leases will expire");
-                    break;
-                }
-            }
-        }
-        for f in flushes {
-            let _ = f.send(());
         }
     }
 }
@@ -435,10 +321,7 @@ fn truncated(s: &str, max: usize) -> &str {
 impl Settle for PgSettle {
     async fn ack(&self) -> Result<(), BrokerError> {
         self.shared.release(self.id);
-        self.shared
-            .acks
-            .send(AckCmd::Ack(self.id, self.token))
-            .map_err(|_| BrokerError::operation("consumer is closed"))
+        self.shared.acks.ack((self.id, self.token))
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {

@@ -1,23 +1,31 @@
-//! The reliable Redis consumer: leased fetch, lease renewal, restore of dead workers' leases,
-//! promotion of due ETA messages, and batched acknowledgements.
+//! The reliable Redis consumer: the leased fetch (a Lua script that takes envelopes and records
+//! each in Kombu's `unacked` hash in one step), the wait for new messages, and the background
+//! loops: lease renewal, restore of dead workers' leases, and promotion of due ETA messages. The
+//! shell (prefetch, reconnect pauses, batched acks, close) is [`crate::consumer`]'s; settling is in
+//! [`super::settle`].
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use async_trait::async_trait;
-use celery_core::backoff::Reconnect;
-use celery_core::broker::{dead_letter_queue, Settle, Settled};
-use celery_core::protocol::{lenient_task_id, Message};
-use celery_core::{BrokerError, Consumer, Delivery, ProtocolError};
-use chrono::{DateTime, Utc};
+use celery_core::broker::{dead_letter_queue, Settled};
+use celery_core::protocol::lenient_task_id;
+use celery_core::sync::lock;
+use celery_core::{Delivery, ProtocolError};
 use futures::future::select_all;
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio::task::JoinHandle;
+use redis::Script;
+use tokio::sync::mpsc;
 
-use super::{conn_error, manager, scripts, Keys, RedisOptions, STEPS};
+use super::error::{broker_error, failed};
+use super::keys::{Keys, STEPS};
+use super::settle::RedisSettle;
+use super::{manager, scripts, RedisOptions};
+use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
 use crate::envelope;
+
+/// A consumer of some Redis queues: acks carry the delivery's tag in Kombu's `unacked` hash.
+pub type RedisConsumer = FetchingConsumer<String>;
 
 /// How many envelopes one fetch may take at most (measured: larger replies cost more to parse than
 /// the round trips they save).
@@ -29,137 +37,88 @@ fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-enum AckCmd {
-    Ack(String),
-    Flush(oneshot::Sender<()>),
-}
-
+/// What the fetcher, the settlers and the background loops share.
 #[derive(Debug)]
-struct Shared {
-    conn: ConnectionManager,
-    keys: Keys,
+pub(super) struct Shared {
+    pub(super) conn: ConnectionManager,
+    pub(super) keys: Keys,
+    /// The tags of unsettled deliveries (renewed until settled).
     leases: Mutex<HashSet<String>>,
-    slots: Semaphore,
-    acks: mpsc::UnboundedSender<AckCmdBox>,
-}
-
-struct AckCmdBox(AckCmd);
-impl std::fmt::Debug for AckCmdBox {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AckCmd")
-    }
+    slots: Slots,
+    pub(super) acks: AckQueue<String>,
 }
 
 impl Shared {
-    fn release(&self, tag: &str) {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner()).remove(tag);
-        self.slots.add_permits(1);
+    /// Forgets the lease `tag` and frees its prefetch slot.
+    pub(super) fn release(&self, tag: &str) {
+        lock(&self.leases).remove(tag);
+        self.slots.give_back(1);
     }
 
     fn lease_snapshot(&self) -> Vec<String> {
-        self.leases.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect()
+        lock(&self.leases).iter().cloned().collect()
     }
-
-    /// Runs an atomic pipeline that also drops the lease `tag`. The lease is released here either
-    /// way: after a failure it is no longer renewed, so (unless the step did happen after all) the
-    /// restore sweep returns the message to its queue after the visibility timeout, instead of
-    /// this consumer keeping it leased for as long as it lives.
-    async fn settle_with(&self, tag: &str, mut pipe: redis::Pipeline) -> Result<(), BrokerError> {
-        pipe.atomic();
-        pipe.hdel(self.keys.unacked(), tag).ignore();
-        pipe.zrem(self.keys.unacked_index(), tag).ignore();
-        let mut conn = self.conn.clone();
-        let r = pipe.query_async::<()>(&mut conn).await.map_err(conn_error);
-        self.release(tag);
-        r
-    }
-}
-
-/// A consumer of some Redis queues.
-#[derive(Debug)]
-pub struct RedisConsumer {
-    rx: mpsc::Receiver<Delivery>,
-    shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    fetcher: Option<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
 }
 
 impl RedisConsumer {
-    pub(crate) async fn start(
+    /// Starts consuming `queues` (priority first across all of them, then queue order).
+    pub(super) fn start(
         client: redis::Client,
         conn: ConnectionManager,
         keys: Keys,
-        options: RedisOptions,
+        options: &RedisOptions,
         queues: &[String],
         prefetch: usize,
         max_message_size: usize,
-    ) -> Result<RedisConsumer, BrokerError> {
+    ) -> RedisConsumer {
         let prefetch = prefetch.max(1);
-        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let (acks, batcher) = ack_queue();
         let shared = Arc::new(Shared {
             conn: conn.clone(),
             keys: keys.clone(),
             leases: Mutex::new(HashSet::new()),
-            slots: Semaphore::new(prefetch),
-            acks: ack_tx,
+            slots: Slots::new(prefetch),
+            acks: acks.clone(),
         });
-        let (stop, stop_rx) = watch::channel(false);
-        let (tx, rx) = mpsc::channel(prefetch);
-        // Priority first across all queues, then queue order.
         let mut lists = Vec::new();
         for step in STEPS {
             for q in queues {
                 lists.push((keys.bucket(q, step), q.clone()));
             }
         }
-        let waker =
-            Waker { client: client.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
-        let fetcher = tokio::spawn(fetch_loop(shared.clone(), lists, waker, tx, stop_rx, max_message_size));
+        let waker = Waker { client, keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
+        let fetch = RedisFetch {
+            shared: shared.clone(),
+            lists,
+            waker,
+            script: scripts::fetch(),
+            tag_prefix: format!("{}.", uuid::Uuid::new_v4().simple()),
+            seq: 0,
+            conn: conn.clone(),
+            max_message_size,
+        };
         let vt = options.visibility_timeout;
+        let ack_keys = keys.clone();
+        let ack_conn = conn.clone();
+        // Acks are retried whatever failed: a batch is only given up when the consumer is dropped.
+        let ack = batcher.run(
+            "redis",
+            MAX_ACK_BATCH,
+            |_| true,
+            move |tags: &[String]| {
+                let mut pipe = redis::pipe();
+                pipe.atomic().hdel(ack_keys.unacked(), tags).ignore().zrem(ack_keys.unacked_index(), tags).ignore();
+                let mut conn = ack_conn.clone();
+                async move { pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: ack")) }
+            },
+        );
         let background = vec![
-            tokio::spawn(ack_loop(shared.clone(), ack_rx)),
+            tokio::spawn(ack),
             tokio::spawn(renew_loop(shared.clone(), vt)),
             tokio::spawn(restore_loop(conn.clone(), keys.clone(), vt)),
             tokio::spawn(promote_loop(conn, keys, queues.to_vec())),
         ];
-        Ok(RedisConsumer { rx, shared, stop, fetcher: Some(fetcher), background })
-    }
-}
-
-impl Drop for RedisConsumer {
-    fn drop(&mut self) {
-        if let Some(f) = &self.fetcher {
-            f.abort();
-        }
-        for t in &self.background {
-            t.abort();
-        }
-    }
-}
-
-#[async_trait]
-impl Consumer for RedisConsumer {
-    async fn next(&mut self) -> Option<Delivery> {
-        self.rx.recv().await
-    }
-
-    fn stop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-
-    async fn close(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(f) = self.fetcher.take() {
-            let _ = f.await;
-        }
-        let (tx, rx) = oneshot::channel();
-        if self.shared.acks.send(AckCmdBox(AckCmd::Flush(tx))).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
-        }
-        for t in self.background.drain(..) {
-            t.abort();
-        }
+        FetchingConsumer::spawn(prefetch, fetch, acks, background)
     }
 }
 
@@ -199,88 +158,73 @@ impl Waker {
     }
 }
 
-async fn fetch_loop(
+/// The Redis part of the fetcher: the fetch script over every bucket list.
+struct RedisFetch {
     shared: Arc<Shared>,
+    /// (bucket list, its queue), in the order they are taken from.
     lists: Vec<(String, String)>,
-    mut waker: Waker,
-    tx: mpsc::Sender<Delivery>,
-    mut stop: watch::Receiver<bool>,
+    waker: Waker,
+    script: Script,
+    tag_prefix: String,
+    /// The sequence number of the next tag.
+    seq: u64,
+    conn: ConnectionManager,
     max_message_size: usize,
-) {
-    let script = scripts::fetch();
-    let tag_prefix = format!("{}.", uuid::Uuid::new_v4().simple());
-    let mut seq: u64 = 0;
-    let mut backoff = Reconnect::default();
-    let mut conn = shared.conn.clone();
-    loop {
-        if *stop.borrow() {
-            break;
-        }
-        let first = tokio::select! {
-            p = shared.slots.acquire() => match p { Ok(p) => p, Err(_) => break },
-            _ = stop.changed() => break,
-        };
-        first.forget();
-        let mut n = 1;
-        while n < MAX_FETCH {
-            match shared.slots.try_acquire() {
-                Ok(p) => {
-                    p.forget();
-                    n += 1;
-                }
-                Err(_) => break,
-            }
-        }
-        let mut inv = script.prepare_invoke();
-        inv.key(shared.keys.unacked()).key(shared.keys.unacked_index());
-        for (k, _) in &lists {
+}
+
+impl RedisFetch {
+    /// The delivery of an envelope the script dead-lettered unread (it holds no lease nor slot).
+    fn oversized(&self, chunk: &[redis::Value], size: i64) -> Delivery {
+        let queue = redis::from_redis_value_ref::<usize>(&chunk[0])
+            .map(|i| self.lists[i.min(self.lists.len() - 1)].1.clone())
+            .unwrap_or_default();
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let limit = self.max_message_size;
+        tracing::warn!(%queue, size, limit, "redis: oversized message dead-lettered unread");
+        let too_large = ProtocolError::TooLarge { size, limit };
+        let id = redis::from_redis_value_ref::<String>(&chunk[2]).ok().filter(|id| !id.is_empty());
+        let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
+            Some(id) => ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) },
+            None => too_large,
+        });
+        Delivery::new(message, queue, false, Box::new(Settled)).with_size(size)
+    }
+}
+
+impl Fetch for RedisFetch {
+    const BROKER: &'static str = "redis";
+    const MAX_FETCH: usize = MAX_FETCH;
+
+    fn slots(&self) -> &Slots {
+        &self.shared.slots
+    }
+
+    async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
+        let keys = &self.shared.keys;
+        let mut inv = self.script.prepare_invoke();
+        inv.key(keys.unacked()).key(keys.unacked_index());
+        for (k, _) in &self.lists {
             inv.key(k);
         }
-        for (_, q) in &lists {
-            inv.key(shared.keys.bucket(&dead_letter_queue(q), 0));
+        for (_, q) in &self.lists {
+            inv.key(keys.bucket(&dead_letter_queue(q), 0));
         }
-        inv.arg(now_secs()).arg(n).arg(&tag_prefix).arg(seq).arg(max_message_size);
-        for (_, q) in &lists {
+        inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
+        for (_, q) in &self.lists {
             inv.arg(q);
         }
-        let items: Vec<redis::Value> = match inv.invoke_async(&mut conn).await {
+        let items: Vec<redis::Value> = match inv.invoke_async(&mut self.conn).await {
             Ok(v) => v,
-            Err(e) => {
-                shared.slots.add_permits(n);
-                let d = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?d, "redis: fetch failed; retrying");
-                tokio::time::sleep(d).await;
-                continue;
-            }
+            Err(e) => return Fetched::Failed { taken: 0, error: broker_error("redis: fetch", e) },
         };
-        if backoff.attempts() > 0 {
-            tracing::info!("redis: connection restored; consuming again");
-            crate::reconnected("redis");
-        }
-        backoff.reset();
         // Dead-lettered ones hold no lease nor prefetch slot.
         let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
         let got = items.len() / 3 - oversized;
-        seq += got as u64;
-        shared.slots.add_permits(n - got);
+        self.seq += got as u64;
         for chunk in items.chunks_exact(3) {
             if let redis::Value::Int(size) = chunk[1] {
-                let queue = redis::from_redis_value_ref::<usize>(&chunk[0])
-                    .map(|i| lists[i.min(lists.len() - 1)].1.clone())
-                    .unwrap_or_default();
-                let size = usize::try_from(size).unwrap_or(usize::MAX);
-                tracing::warn!(%queue, size, limit = max_message_size, "redis: oversized message dead-lettered unread");
-                let too_large = ProtocolError::TooLarge { size, limit: max_message_size };
-                let id = redis::from_redis_value_ref::<String>(&chunk[2]).ok().filter(|id| !id.is_empty());
-                let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
-                    Some(id) => {
-                        ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) }
-                    }
-                    None => too_large,
-                });
-                let d = Delivery::new(message, queue, false, Box::new(Settled)).with_size(size);
-                if tx.send(d).await.is_err() {
-                    return;
+                if tx.send(self.oversized(chunk, size)).await.is_err() {
+                    return Fetched::Closed;
                 }
                 continue;
             }
@@ -292,60 +236,21 @@ async fn fetch_loop(
                 tracing::error!("redis: fetch script returned an unexpected reply");
                 continue;
             };
-            let (list_key, queue) = lists[idx.min(lists.len() - 1)].clone();
-            shared.leases.lock().unwrap_or_else(|p| p.into_inner()).insert(tag.clone());
+            let (list_key, queue) = self.lists[idx.min(self.lists.len() - 1)].clone();
+            lock(&self.shared.leases).insert(tag.clone());
             let decoded = envelope::decode(&env);
-            let settle = RedisSettle { shared: shared.clone(), tag, env, list_key, queue: queue.clone() };
-            let size = settle.env.len();
+            let size = env.len();
+            let settle = RedisSettle::new(self.shared.clone(), tag, env, list_key, queue.clone());
             let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size);
             if tx.send(d).await.is_err() {
-                return;
+                return Fetched::Closed;
             }
         }
-        if got == 0 {
-            tokio::select! {
-                _ = waker.wait(Duration::from_secs(1)) => {}
-                _ = stop.changed() => break,
-            }
-        }
+        Fetched::Sent { taken: got, drained: got == 0 }
     }
-}
 
-async fn ack_loop(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<AckCmdBox>) {
-    let mut conn = shared.conn.clone();
-    let mut backoff = Reconnect::default();
-    while let Some(AckCmdBox(first)) = rx.recv().await {
-        let mut tags = Vec::new();
-        let mut flushes = Vec::new();
-        let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                AckCmd::Ack(t) => tags.push(t),
-                AckCmd::Flush(f) => flushes.push(f),
-            }
-            if tags.len() >= MAX_ACK_BATCH {
-                break;
-            }
-            next = rx.try_recv().ok().map(|b| b.0);
-        }
-        while !tags.is_empty() {
-            let mut pipe = redis::pipe();
-            pipe.atomic().hdel(shared.keys.unacked(), &tags).ignore().zrem(shared.keys.unacked_index(), &tags).ignore();
-            match pipe.query_async::<()>(&mut conn).await {
-                Ok(()) => {
-                    backoff.reset();
-                    break;
-                }
-                Err(e) => {
-                    let d = backoff.next_delay();
-                    tracing::warn!(error = %e, pending = tags.len(), retry_in = ?d, "redis: ack failed; retrying");
-                    tokio::time::sleep(d).await;
-                }
-            }
-        }
-        for f in flushes {
-            let _ = f.send(());
-        }
+    async fn idle(&mut self) {
+        self.waker.wait(Duration::from_secs(1)).await;
     }
 }
 
@@ -416,49 +321,5 @@ async fn promote_loop(mut conn: ConnectionManager, keys: Keys, queues: Vec<Strin
             }
         }
         tokio::time::sleep(wait).await;
-    }
-}
-
-#[derive(Debug)]
-struct RedisSettle {
-    shared: Arc<Shared>,
-    tag: String,
-    env: Vec<u8>,
-    list_key: String,
-    queue: String,
-}
-
-#[async_trait]
-impl Settle for RedisSettle {
-    async fn ack(&self) -> Result<(), BrokerError> {
-        self.shared.release(&self.tag);
-        self.shared
-            .acks
-            .send(AckCmdBox(AckCmd::Ack(self.tag.clone())))
-            .map_err(|_| BrokerError::operation("consumer is closed"))
-    }
-
-    async fn requeue(&self) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.rpush(&self.list_key, &self.env).ignore();
-        self.shared.settle_with(&self.tag, pipe).await
-    }
-
-    /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
-    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
-        let mut m = msg.clone();
-        m.headers.eta = Some(until);
-        let env = envelope::encode(&m, "", &self.queue);
-        let mut pipe = redis::pipe();
-        pipe.zadd(self.shared.keys.delayed(&self.queue), env, until.timestamp_millis()).ignore();
-        self.shared.settle_with(&self.tag, pipe).await
-    }
-
-    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
-        let dlq = dead_letter_queue(&self.queue);
-        let env = envelope::dead_letter(&self.env, &self.queue, reason);
-        let mut pipe = redis::pipe();
-        pipe.lpush(self.shared.keys.bucket(&dlq, 0), env).ignore();
-        self.shared.settle_with(&self.tag, pipe).await
     }
 }

@@ -16,6 +16,10 @@
 //!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
+//! Where things are: `url.rs`, `keys.rs` (Kombu's key layout), `scripts.rs` (the Lua steps),
+//! `consumer.rs`, `settle.rs`, `error.rs` (redis errors as ours); publishing, routing, broadcasts
+//! and leases here.
+//!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
 //! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
@@ -29,180 +33,34 @@
 //! ```
 
 mod consumer;
-
+pub mod error;
+mod keys;
 mod scripts;
+mod settle;
+mod url;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
-use celery_core::url::{redacted, ServiceUrl, UrlError};
+use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
 pub use consumer::RedisConsumer;
+pub use url::{client_url, RedisOptions, CELERY_COMPAT_OPTIONS};
+
+use crate::envelope;
+use error::failed;
+use keys::{Keys, SEP};
 
 /// Messages one [`Broker::peek`] returns at most.
 const PEEK_MAX: usize = 1000;
 
-use crate::envelope;
-
-/// Kombu's separator between a queue name and its priority bucket.
-const SEP: &str = "\x06\x16";
-/// Kombu's priority steps, consumed in this order.
-const STEPS: [u8; 4] = [0, 3, 6, 9];
-
-/// Options the redis client reads itself, handed through: `protocol` (`resp2`/`resp3`), and on
-/// unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
-const CLIENT_OPTIONS: [&str; 4] = ["db", "protocol", "user", "pass"];
-
-/// Options of Celery's (redis-py's) Redis URLs accepted for compatibility, with no effect here.
-pub const CELERY_COMPAT_OPTIONS: [&str; 6] = [
-    "ssl_cert_reqs",
-    "socket_timeout",
-    "socket_connect_timeout",
-    "socket_keepalive",
-    "health_check_interval",
-    "max_connections",
-];
-
-/// The URL to hand to the redis client: its own options ([`CLIENT_OPTIONS`]) kept, redis-py's
-/// `?password=` moved into the userinfo, [`CELERY_COMPAT_OPTIONS`] accepted. The caller reads its
-/// own options, then calls [`ServiceUrl::finish`]. The result holds the password: never print it.
-///
-/// ```
-/// let u = celery_core::url::ServiceUrl::parse("redis://h:6379/0?password=pw&protocol=resp3&ssl_cert_reqs=none").unwrap();
-/// assert_eq!(broker_backends::redis::client_url(&u).unwrap(), "redis://:pw@h:6379/0?protocol=resp3");
-/// assert!(u.finish().is_ok());
-/// ```
-pub fn client_url(u: &ServiceUrl) -> Result<String, UrlError> {
-    u.accept(&CELERY_COMPAT_OPTIONS);
-    u.accept(&CLIENT_OPTIONS);
-    let unix = u.scheme().ends_with("unix");
-    if !unix && u.option("db").is_some() {
-        // The redis client reads a TCP URL's database from the path only.
-        return Err(u.invalid("the database of a TCP URL goes in the path: redis://HOST:6379/N"));
-    }
-    let Some(password) = u.option_as_written("password") else {
-        return Ok(u.connection_string(&CLIENT_OPTIONS));
-    };
-    if u.has_password() {
-        return Err(u.invalid("the password is given twice (in the userinfo and as ?password=)"));
-    }
-    if unix {
-        return Err(u.invalid("on a unix socket the password is ?pass="));
-    }
-    let mut with = u.clone();
-    with.set_password(password);
-    Ok(with.connection_string(&CLIENT_OPTIONS))
-}
-
-/// Settings read from the URL.
-#[derive(Clone)]
-pub struct RedisOptions {
-    /// The URL without our query options (handed to the redis client). It holds the password:
-    /// print [`RedisOptions`] (redacted) instead.
-    pub url: String,
-    /// Restore an unacknowledged message after this long without a lease renewal.
-    pub visibility_timeout: Duration,
-    /// Prefix of every key (Kombu's `global_keyprefix`).
-    pub key_prefix: String,
-    /// The database number (Kombu puts it in broadcast channel names).
-    pub db: u32,
-}
-
-impl std::fmt::Debug for RedisOptions {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisOptions")
-            .field("url", &redacted(&self.url))
-            .field("visibility_timeout", &self.visibility_timeout)
-            .field("key_prefix", &self.key_prefix)
-            .field("db", &self.db)
-            .finish()
-    }
-}
-
-impl RedisOptions {
-    /// Parses a `redis://` URL with our query options; an unknown option is an error naming it.
-    pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
-        let u = ServiceUrl::parse(url)?;
-        let db_in_path = u.path().trim_start_matches('/').parse().ok();
-        let opts = RedisOptions {
-            visibility_timeout: u.seconds("visibility_timeout")?.unwrap_or(Duration::from_secs(3600)),
-            key_prefix: u.option("global_keyprefix").unwrap_or_default().to_owned(),
-            db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
-            url: client_url(&u)?,
-        };
-        u.finish()?;
-        Ok(opts)
-    }
-}
-
-/// Key names, with the prefix applied.
-#[derive(Debug, Clone)]
-pub(crate) struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub(crate) fn prefix(&self) -> &str {
-        &self.prefix
-    }
-    pub(crate) fn bucket(&self, queue: &str, step: u8) -> String {
-        if step == 0 {
-            format!("{}{queue}", self.prefix)
-        } else {
-            format!("{}{queue}{SEP}{step}", self.prefix)
-        }
-    }
-    pub(crate) fn buckets(&self, queue: &str) -> impl Iterator<Item = String> + '_ {
-        let q = queue.to_owned();
-        STEPS.iter().map(move |s| self.bucket(&q, *s))
-    }
-    pub(crate) fn unacked(&self) -> String {
-        format!("{}unacked", self.prefix)
-    }
-    pub(crate) fn unacked_index(&self) -> String {
-        format!("{}unacked_index", self.prefix)
-    }
-    pub(crate) fn delayed(&self, queue: &str) -> String {
-        format!("{}_celery_rs.delayed.{queue}", self.prefix)
-    }
-
-    /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`,
-    /// or `/<db>.<exchange>` without a routing key.
-    pub(crate) fn fanout(&self, db: u32, exchange: &str, routing_key: &str) -> String {
-        if routing_key.is_empty() {
-            format!("{}/{db}.{exchange}", self.prefix)
-        } else {
-            format!("{}/{db}.{exchange}/{routing_key}", self.prefix)
-        }
-    }
-
-    /// A lease (`SET NX PX` with renewal by its holder).
-    pub(crate) fn lease(&self, name: &str) -> String {
-        format!("{}_celery_rs.lease.{name}", self.prefix)
-    }
-
-    /// A stored document.
-    pub(crate) fn doc(&self, key: &str) -> String {
-        format!("{}_celery_rs.doc.{key}", self.prefix)
-    }
-    pub(crate) fn binding(&self, exchange: &str) -> String {
-        format!("{}_kombu.binding.{exchange}", self.prefix)
-    }
-}
-
-pub(crate) fn conn_error(e: redis::RedisError) -> BrokerError {
-    if e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout() {
-        BrokerError::connection(e.to_string())
-    } else {
-        BrokerError::operation(e.to_string())
-    }
-}
-
+/// A connection that reconnects by itself (3 quick retries of a command, then errors until the
+/// server is back); `response_timeout` bounds each reply (`None` for blocking commands).
 pub(crate) async fn manager(
     client: &redis::Client,
     response_timeout: Option<Duration>,
@@ -212,7 +70,7 @@ pub(crate) async fn manager(
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_number_of_retries(3)
         .set_max_delay(Duration::from_secs(2));
-    client.get_connection_manager_with_config(cfg).await.map_err(conn_error)
+    client.get_connection_manager_with_config(cfg).await.map_err(failed("redis: connect"))
 }
 
 /// The Redis broker.
@@ -240,7 +98,7 @@ impl RedisBroker {
         let client = redis::Client::open(options.url.as_str())
             .map_err(|e| BrokerError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
         let conn = manager(&client, Some(Duration::from_secs(30))).await?;
-        Ok(RedisBroker { client, conn, keys: Keys { prefix: options.key_prefix.clone() }, options })
+        Ok(RedisBroker { client, conn, keys: Keys::new(&options.key_prefix), options })
     }
 
     /// The options in force.
@@ -254,7 +112,10 @@ impl RedisBroker {
             return Ok(vec![route.routing_key.clone()]);
         }
         let mut conn = self.conn.clone();
-        let members: Vec<String> = conn.smembers(self.keys.binding(&route.exchange)).await.map_err(conn_error)?;
+        let members: Vec<String> = conn
+            .smembers(self.keys.binding(&route.exchange))
+            .await
+            .map_err(failed("redis: read an exchange's bindings"))?;
         let mut queues = Vec::new();
         for m in members {
             let parts: Vec<&str> = m.split(SEP).collect();
@@ -301,7 +162,7 @@ impl Broker for RedisBroker {
             self.add_publish(&mut pipe, q, route, msg);
         }
         let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(conn_error)
+        pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: publish"))
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
@@ -316,7 +177,7 @@ impl Broker for RedisBroker {
                 }
             }
             if commands > 0 {
-                pipe.query_async::<()>(&mut conn).await.map_err(conn_error)?;
+                pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: publish a batch"))?;
             }
         }
         Ok(())
@@ -337,12 +198,11 @@ impl Broker for RedisBroker {
             self.client.clone(),
             self.conn.clone(),
             self.keys.clone(),
-            self.options.clone(),
+            &self.options,
             queues,
             prefetch,
             max_message_size,
-        )
-        .await?;
+        );
         Ok(Box::new(c))
     }
 
@@ -358,7 +218,7 @@ impl Broker for RedisBroker {
         pipe.zcard(&keys[4]);
         pipe.del(&keys).ignore();
         let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(conn_error)?;
+        let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(failed("redis: purge"))?;
         Ok(counts.iter().sum())
     }
 
@@ -380,7 +240,8 @@ impl Broker for RedisBroker {
         }
         let mut conn = self.conn.clone();
         let member = format!("{}{SEP}{SEP}{}", binding.routing_key, binding.queue);
-        let _: () = conn.sadd(self.keys.binding(&binding.exchange), member).await.map_err(conn_error)?;
+        let _: () =
+            conn.sadd(self.keys.binding(&binding.exchange), member).await.map_err(failed("redis: bind a queue"))?;
         Ok(())
     }
 
@@ -390,7 +251,7 @@ impl Broker for RedisBroker {
             pipe.llen(k);
         }
         let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(failed("redis: queue length"))?;
         Ok(counts.iter().sum())
     }
 
@@ -411,7 +272,7 @@ impl Broker for RedisBroker {
             pipe.lrange(k, -(max as isize), -1);
         }
         let mut conn = self.conn.clone();
-        let buckets: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(conn_error)?;
+        let buckets: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(failed("redis: peek"))?;
         Ok(buckets
             .into_iter()
             .flat_map(|b| b.into_iter().rev())
@@ -430,7 +291,7 @@ impl Broker for RedisBroker {
         let mut conn = self.conn.clone();
         let env = envelope::encode(msg, &exchange.name, routing_key);
         let channel = self.keys.fanout(self.options.db, &exchange.name, routing_key);
-        let _: i64 = conn.publish(channel, env).await.map_err(conn_error)?;
+        let _: i64 = conn.publish(channel, env).await.map_err(failed("redis: broadcast"))?;
         Ok(())
     }
 
@@ -449,8 +310,12 @@ impl Broker for RedisBroker {
             let member = format!("{pattern}{SEP}{SEP}{queue}");
             let (binding, list) = (self.keys.binding(&exchange.name), self.keys.bucket(&queue, 0));
             let mut conn = self.conn.clone();
-            let _: i64 = conn.sadd(&binding, &member).await.map_err(conn_error)?;
-            let mut reader = self.client.get_multiplexed_async_connection().await.map_err(conn_error)?;
+            let _: i64 = conn.sadd(&binding, &member).await.map_err(failed("redis: bind a subscription's queue"))?;
+            let mut reader = self
+                .client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(failed("redis: connect a subscription"))?;
             let key = pattern.to_owned();
             let feeder = tokio::spawn(async move {
                 let _cleanup = Unbind { conn, binding, member, list: list.clone() };
@@ -473,8 +338,8 @@ impl Broker for RedisBroker {
         }
         use futures::StreamExt;
         let channel = self.keys.fanout(self.options.db, &exchange.name, &pattern.replace('#', "*"));
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(conn_error)?;
-        pubsub.psubscribe(&channel).await.map_err(conn_error)?;
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(failed("redis: connect a subscription"))?;
+        pubsub.psubscribe(&channel).await.map_err(failed("redis: subscribe"))?;
         let prefix_len = self.keys.fanout(self.options.db, &exchange.name, "").len() + 1;
         let feeder = tokio::spawn(async move {
             let mut stream = pubsub.into_on_message();
@@ -497,7 +362,7 @@ impl Broker for RedisBroker {
             .arg(celery_core::clock::millis(celery_core::clock::ttl(ttl)).max(1))
             .invoke_async(&mut conn)
             .await
-            .map_err(conn_error)?;
+            .map_err(failed("redis: take a lease"))?;
         Ok(held == 1)
     }
 
@@ -508,18 +373,18 @@ impl Broker for RedisBroker {
             .arg(holder)
             .invoke_async(&mut conn)
             .await
-            .map_err(conn_error)?;
+            .map_err(failed("redis: release a lease"))?;
         Ok(())
     }
 
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.get(self.keys.doc(key)).await.map_err(conn_error)
+        conn.get(self.keys.doc(key)).await.map_err(failed("redis: load a document"))
     }
 
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
-        conn.set(self.keys.doc(key), doc).await.map_err(conn_error)
+        conn.set(self.keys.doc(key), doc).await.map_err(failed("redis: store a document"))
     }
 }
 
@@ -548,66 +413,14 @@ impl RedisBroker {
     /// Messages held for a later eta in `queue`.
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.zcard(self.keys.delayed(queue)).await.map_err(conn_error)
+        conn.zcard(self.keys.delayed(queue)).await.map_err(failed("redis: count delayed messages"))
     }
 
     /// Unacknowledged (leased) messages, over all queues.
     pub async fn unacked_len(&self) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.hlen(self.keys.unacked()).await.map_err(conn_error)
+        conn.hlen(self.keys.unacked()).await.map_err(failed("redis: count unacked messages"))
     }
 }
 
 celery_core::register_broker!("redis", "rediss" => RedisBroker::connect);
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn url_options_are_read_and_stripped() {
-        let o = RedisOptions::parse("redis://:pw@h:6379/3?visibility_timeout=2.5&global_keyprefix=t1:&protocol=resp2")
-            .unwrap();
-        assert_eq!(o.visibility_timeout, Duration::from_millis(2500));
-        assert_eq!(o.key_prefix, "t1:");
-        assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
-        assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
-        for (url, needle) in [
-            ("redis://h:1?db=3", "goes in the path"),
-            ("redis+unix:///s.sock?password=x", "?pass="),
-            ("redis://:a@h/0?password=b", "given twice"),
-        ] {
-            let e = RedisOptions::parse(url).unwrap_err().to_string();
-            assert!(e.contains(needle), "{url}: {e}");
-        }
-        let e = RedisOptions::parse("redis://u:secret@h:1/0?bogus=1").unwrap_err().to_string();
-        assert!(e.contains("redis://u:***@h:1/0?bogus=1") && e.contains("`bogus`") && !e.contains("secret"), "{e}");
-        let shown = format!("{:?}", RedisOptions::parse("redis://u:secret@h:1/0").unwrap());
-        assert!(shown.contains("u:***@h:1/0") && !shown.contains("secret"), "{shown}");
-    }
-
-    /// Every `redis://` form accepted today: what reaches the redis client, and our settings.
-    #[test]
-    fn accepted_redis_urls_keep_their_settings() {
-        for (url, client, vt, prefix, db) in [
-            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379", 3600.0, "", 0),
-            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", 3600.0, "", 0),
-            ("redis://h/5", "redis://h/5", 3600.0, "", 5),
-            ("redis://:pw@h:6379/3", "redis://:pw@h:6379/3", 3600.0, "", 3),
-            ("redis://u:pw@h/1?protocol=resp3", "redis://u:pw@h/1?protocol=resp3", 3600.0, "", 1),
-            ("rediss://h:6380/2", "rediss://h:6380/2", 3600.0, "", 2),
-            ("redis://h/0?visibility_timeout=300", "redis://h/0", 300.0, "", 0),
-            ("redis://h/0?global_keyprefix=app:", "redis://h/0", 3600.0, "app:", 0),
-            // The database of a unix socket is `?db=` (it used to be read as 0).
-            ("redis+unix:///tmp/r.sock?db=2", "redis+unix:///tmp/r.sock?db=2", 3600.0, "", 2),
-            ("redis://h/0?password=p%40ss", "redis://:p%40ss@h/0", 3600.0, "", 0),
-            ("redis://h/0?ssl_cert_reqs=none&socket_timeout=5", "redis://h/0", 3600.0, "", 0),
-            ("rediss://h/0#insecure", "rediss://h/0#insecure", 3600.0, "", 0),
-        ] {
-            let o = RedisOptions::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
-            assert_eq!(o.url, client, "{url}");
-            assert_eq!(o.visibility_timeout, Duration::from_secs_f64(vt), "{url}");
-            assert_eq!((o.key_prefix.as_str(), o.db), (prefix, db), "{url}");
-        }
-    }
-}

@@ -1,5 +1,8 @@
-//! The settlements (acks and requeues) of one consumer channel, coalesced.
+//! Settling an AMQP delivery: [`AmqpSettle`] acks and requeues on the channel the delivery came
+//! from, defers by publishing to a delay queue (see the [`super`] docs), and dead-letters by
+//! publishing to `<queue>.dead` with the reason, each confirmed before the delivery is acked.
 //!
+//! Acks and requeues go through the channel's [`Acks`] queue, coalesced:
 //! RabbitMQ spends about as much on a `basic.ack` as on a delivery, so acking each message alone
 //! halves the drain rate. Here a task per channel takes every settlement that is waiting, then
 //! sends one `basic.ack` with `multiple` for the run of finished delivery tags at the head of the
@@ -10,12 +13,66 @@
 
 use std::collections::BTreeSet;
 
+use async_trait::async_trait;
+use celery_core::broker::{dead_letter_queue, Settle, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
+use celery_core::protocol::Message;
 use celery_core::BrokerError;
+use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 
-use super::err;
+use super::AmqpBroker;
+
+/// Settles one delivery on the channel it came from (through its coalescing settlement queue).
+pub(super) struct AmqpSettle {
+    pub(super) broker: AmqpBroker,
+    pub(super) queue: String,
+    pub(super) delivery: lapin::message::Delivery,
+    pub(super) acks: Acks,
+}
+
+impl std::fmt::Debug for AmqpSettle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpSettle").field("queue", &self.queue).field("tag", &self.delivery.delivery_tag).finish()
+    }
+}
+
+#[async_trait]
+impl Settle for AmqpSettle {
+    async fn ack(&self) -> Result<(), BrokerError> {
+        self.acks.settle(self.delivery.delivery_tag, Op::Ack).await
+    }
+
+    async fn requeue(&self) -> Result<(), BrokerError> {
+        self.acks.settle(self.delivery.delivery_tag, Op::Requeue).await
+    }
+
+    /// Publishes to a delay queue and waits for RabbitMQ's confirm, then acks; if the publish
+    /// fails, the delivery goes back to its queue (not lost, and not held unacked on this channel).
+    async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
+        if let Err(e) = self.broker.publish_delayed(&self.queue, msg, until).await {
+            if let Err(r) = self.requeue().await {
+                tracing::warn!(error = %r, "amqp: could not return a delivery after a failed deferral");
+            }
+            return Err(e);
+        }
+        self.ack().await
+    }
+
+    async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
+        let dlq = dead_letter_queue(&self.queue);
+        let (_, ch) = self.broker.connection().await?;
+        self.broker.declare_queue(&ch, &dlq, FieldTable::default()).await?;
+        let mut headers = self.delivery.properties.headers().clone().unwrap_or_default();
+        headers.insert(DEAD_LETTER_REASON.into(), AMQPValue::LongString(reason.into()));
+        headers.insert(DEAD_LETTER_QUEUE.into(), AMQPValue::LongString(self.queue.as_str().into()));
+        let props = self.delivery.properties.clone().with_headers(headers);
+        self.broker.publish_raw("", &dlq, false, props, &self.delivery.data).await?;
+        self.ack().await
+    }
+}
 
 /// What to do with a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,12 +113,14 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<(u64, Op, Reply)>
     let mut batch = Vec::new();
     while rx.recv_many(&mut batch, 4096).await > 0 {
         let plan = tracker.plan(batch.iter().map(|(tag, op, _)| (*tag, *op)));
-        let sent = send(&channel, &plan).await.map_err(|e| e.to_string());
+        let sent = send(&channel, &plan).await;
         for ((_, _, reply), verdict) in batch.drain(..).zip(plan.verdicts) {
+            // Whatever the channel said, the delivery is not settled on it: it comes back when
+            // the channel closes.
             let result = match (verdict, &sent) {
                 (Err(e), _) => Err(e),
                 (Ok(()), Ok(())) => Ok(()),
-                (Ok(()), Err(e)) => Err(BrokerError::connection(e.clone())),
+                (Ok(()), Err(e)) => Err(BrokerError::connection_with("amqp: settle a delivery", e.clone())),
             };
             let _ = reply.send(result);
         }
@@ -69,15 +128,15 @@ async fn run(channel: Channel, mut rx: mpsc::UnboundedReceiver<(u64, Op, Reply)>
 }
 
 /// Sends a plan's frames: requeues first, so no multiple ack can cover a tag meant to go back.
-async fn send(channel: &Channel, plan: &Plan) -> Result<(), BrokerError> {
+async fn send(channel: &Channel, plan: &Plan) -> Result<(), lapin::Error> {
     for &tag in &plan.requeue {
-        channel.basic_nack(tag, BasicNackOptions { requeue: true, multiple: false }).await.map_err(err)?;
+        channel.basic_nack(tag, BasicNackOptions { requeue: true, multiple: false }).await?;
     }
     if let Some(tag) = plan.ack_upto {
-        channel.basic_ack(tag, BasicAckOptions { multiple: true }).await.map_err(err)?;
+        channel.basic_ack(tag, BasicAckOptions { multiple: true }).await?;
     }
     for &tag in &plan.ack_single {
-        channel.basic_ack(tag, BasicAckOptions { multiple: false }).await.map_err(err)?;
+        channel.basic_ack(tag, BasicAckOptions { multiple: false }).await?;
     }
     Ok(())
 }

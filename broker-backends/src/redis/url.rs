@@ -1,0 +1,168 @@
+//! The `redis://` URL (also `rediss://`, `redis+unix://`): what reaches the redis client, and our
+//! options.
+//!
+//! - Ours: `visibility_timeout=SECONDS` (default 3600), `global_keyprefix=PREFIX` (Kombu's
+//!   transport option of the same name).
+//! - The redis client's own, handed through: `protocol` (`resp2`/`resp3`),
+//!   and on unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
+//! - redis-py's `?password=`, moved into the userinfo.
+//! - Celery's connection options ([`CELERY_COMPAT_OPTIONS`]), accepted with no effect.
+//!
+//! Any other option is an error naming it ([`ServiceUrl::finish`]).
+
+use std::time::Duration;
+
+use celery_core::url::{redacted, ServiceUrl, UrlError};
+use celery_core::BrokerError;
+
+/// Options the redis client reads itself, handed through: `protocol` (`resp2`/`resp3`), and on
+/// unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
+const CLIENT_OPTIONS: [&str; 4] = ["db", "protocol", "user", "pass"];
+
+/// Options of Celery's (redis-py's) Redis URLs accepted for compatibility, with no effect here.
+pub const CELERY_COMPAT_OPTIONS: [&str; 6] = [
+    "ssl_cert_reqs",
+    "socket_timeout",
+    "socket_connect_timeout",
+    "socket_keepalive",
+    "health_check_interval",
+    "max_connections",
+];
+
+/// The URL to hand to the redis client: its own options ([`CLIENT_OPTIONS`]) kept, redis-py's
+/// `?password=` moved into the userinfo, [`CELERY_COMPAT_OPTIONS`] accepted. The caller reads its
+/// own options, then calls [`ServiceUrl::finish`]. The result holds the password: never print it.
+///
+/// ```
+/// let u = celery_core::url::ServiceUrl::parse("redis://h:6379/0?password=pw&protocol=resp3&ssl_cert_reqs=none").unwrap();
+/// assert_eq!(broker_backends::redis::client_url(&u).unwrap(), "redis://:pw@h:6379/0?protocol=resp3");
+/// assert!(u.finish().is_ok());
+/// ```
+pub fn client_url(u: &ServiceUrl) -> Result<String, UrlError> {
+    u.accept(&CELERY_COMPAT_OPTIONS);
+    u.accept(&CLIENT_OPTIONS);
+    let unix = u.scheme().ends_with("unix");
+    if !unix && u.option("db").is_some() {
+        // The redis client reads a TCP URL's database from the path only.
+        return Err(u.invalid("the database of a TCP URL goes in the path: redis://HOST:6379/N"));
+    }
+    let Some(password) = u.option_as_written("password") else {
+        return Ok(u.connection_string(&CLIENT_OPTIONS));
+    };
+    if u.has_password() {
+        return Err(u.invalid("the password is given twice (in the userinfo and as ?password=)"));
+    }
+    if unix {
+        return Err(u.invalid("on a unix socket the password is ?pass="));
+    }
+    let mut with = u.clone();
+    with.set_password(password);
+    Ok(with.connection_string(&CLIENT_OPTIONS))
+}
+
+/// Settings read from the URL.
+#[derive(Clone)]
+pub struct RedisOptions {
+    /// The URL without our query options (handed to the redis client). It holds the password:
+    /// print [`RedisOptions`] (redacted) instead.
+    pub url: String,
+    /// Restore an unacknowledged message after this long without a lease renewal.
+    pub visibility_timeout: Duration,
+    /// Prefix of every key (Kombu's `global_keyprefix`).
+    pub key_prefix: String,
+    /// The database number (Kombu puts it in broadcast channel names).
+    pub db: u32,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("url", &redacted(&self.url))
+            .field("visibility_timeout", &self.visibility_timeout)
+            .field("key_prefix", &self.key_prefix)
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+impl RedisOptions {
+    /// Parses a `redis://` URL with our query options; an unknown option is an error naming it.
+    pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
+        let u = ServiceUrl::parse(url)?;
+        let db_in_path = u.path().trim_start_matches('/').parse().ok();
+        let opts = RedisOptions {
+            visibility_timeout: u.seconds("visibility_timeout")?.unwrap_or(Duration::from_secs(3600)),
+            key_prefix: u.option("global_keyprefix").unwrap_or_default().to_owned(),
+            db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
+            url: client_url(&u)?,
+        };
+        u.finish()?;
+        Ok(opts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_options_are_read_and_stripped() {
+        let o = RedisOptions::parse("redis://:pw@h:6379/3?visibility_timeout=2.5&global_keyprefix=t1:&protocol=resp2")
+            .unwrap();
+        assert_eq!(o.visibility_timeout, Duration::from_millis(2500));
+        assert_eq!(o.key_prefix, "t1:");
+        assert_eq!(o.url, "redis://:pw@h:6379/3?protocol=resp2");
+        assert!(RedisOptions::parse("redis://h/0?visibility_timeout=soon").is_err());
+        for (url, needle) in [
+            ("redis://h:1?db=3", "goes in the path"),
+            ("redis+unix:///s.sock?password=x", "?pass="),
+            ("redis://:a@h/0?password=b", "given twice"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
+        }
+        let e = RedisOptions::parse("redis://u:secret@h:1/0?bogus=1").unwrap_err().to_string();
+        assert!(e.contains("redis://u:***@h:1/0?bogus=1") && e.contains("`bogus`") && !e.contains("secret"), "{e}");
+        let shown = format!("{:?}", RedisOptions::parse("redis://u:secret@h:1/0").unwrap());
+        assert!(shown.contains("u:***@h:1/0") && !shown.contains("secret"), "{shown}");
+    }
+
+    /// An unknown option fails the connect before any connection is tried (port 1 would refuse it).
+    #[tokio::test]
+    async fn unknown_options_are_refused_on_every_scheme() {
+        for url in [
+            "redis://127.0.0.1:1/0?bogus=1",
+            "rediss://127.0.0.1:1/0?bogus=1",
+            "redis+unix:///nonexistent.sock?bogus=1",
+        ] {
+            let e = super::super::RedisBroker::connect(url).await.unwrap_err();
+            assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
+            assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
+        }
+    }
+
+    /// Every `redis://` form accepted today: what reaches the redis client, and our settings.
+    #[test]
+    fn accepted_redis_urls_keep_their_settings() {
+        for (url, client, vt, prefix, db) in [
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379", 3600.0, "", 0),
+            ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", 3600.0, "", 0),
+            ("redis://h/5", "redis://h/5", 3600.0, "", 5),
+            ("redis://:pw@h:6379/3", "redis://:pw@h:6379/3", 3600.0, "", 3),
+            ("redis://u:pw@h/1?protocol=resp3", "redis://u:pw@h/1?protocol=resp3", 3600.0, "", 1),
+            ("rediss://h:6380/2", "rediss://h:6380/2", 3600.0, "", 2),
+            ("redis://h/0?visibility_timeout=300", "redis://h/0", 300.0, "", 0),
+            ("redis://h/0?global_keyprefix=app:", "redis://h/0", 3600.0, "app:", 0),
+            // The database of a unix socket is `?db=` (it used to be read as 0).
+            ("redis+unix:///tmp/r.sock?db=2", "redis+unix:///tmp/r.sock?db=2", 3600.0, "", 2),
+            ("redis://h/0?password=p%40ss", "redis://:p%40ss@h/0", 3600.0, "", 0),
+            ("redis://h/0?ssl_cert_reqs=none&socket_timeout=5", "redis://h/0", 3600.0, "", 0),
+            ("rediss://h/0#insecure", "rediss://h/0#insecure", 3600.0, "", 0),
+        ] {
+            let o = RedisOptions::parse(url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            assert_eq!(o.url, client, "{url}");
+            assert_eq!(o.visibility_timeout, Duration::from_secs_f64(vt), "{url}");
+            assert_eq!((o.key_prefix.as_str(), o.db), (prefix, db), "{url}");
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! Waking the waiters of the Redis result backend: one subscriber connection (PUB/SUB on the
+//! tasks' `celery-task-meta-<id>` channels, where each stored state is published), a watch per
+//! waited-for key, and a resubscribe after a reconnect, which also wakes every waiter to read its
+//! key again (what was published meanwhile is not missed).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use celery_core::backoff::Reconnect;
+use celery_core::sync::lock;
+use futures::StreamExt;
+use redis::aio::PubSubSink;
+use tokio::sync::watch;
+
+/// Per key: how many wait on it, and the watch that wakes them.
+type Waiters = HashMap<String, (usize, watch::Sender<u64>)>;
+
+/// The keys waited for, and the subscriber connection's sink while it is up.
+#[derive(Debug, Default)]
+pub(super) struct Subscriptions {
+    waiters: Mutex<Waiters>,
+    sink: Mutex<Option<PubSubSink>>,
+}
+
+impl Subscriptions {
+    fn sink(&self) -> Option<PubSubSink> {
+        lock(&self.sink).clone()
+    }
+
+    /// Registers a waiter on `key` (subscribing to it for the first one): the watch changes
+    /// whenever the key's state may have.
+    pub(super) async fn register(&self, key: &str) -> watch::Receiver<u64> {
+        let (rx, new) = {
+            let mut w = lock(&self.waiters);
+            match w.get_mut(key) {
+                Some((n, tx)) => {
+                    *n += 1;
+                    (tx.subscribe(), false)
+                }
+                None => {
+                    let (tx, rx) = watch::channel(0);
+                    w.insert(key.to_owned(), (1, tx));
+                    (rx, true)
+                }
+            }
+        };
+        if new {
+            if let Some(mut sink) = self.sink() {
+                if let Err(e) = sink.subscribe(key).await {
+                    tracing::debug!(error = %e, "redis results: subscribe failed; polling");
+                }
+            }
+        }
+        rx
+    }
+
+    /// Drops a waiter on `key` (unsubscribing after the last one).
+    pub(super) async fn unregister(&self, key: &str) {
+        let last = {
+            let mut w = lock(&self.waiters);
+            match w.get_mut(key) {
+                Some((n, _)) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    w.remove(key);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            if let Some(mut sink) = self.sink() {
+                let _ = sink.unsubscribe(key).await;
+            }
+        }
+    }
+}
+
+/// The subscriber task, ended when dropped.
+#[derive(Debug)]
+pub(super) struct Listener(tokio::task::JoinHandle<()>);
+
+impl Listener {
+    /// Starts keeping `subs`' subscriber connection to `client`'s server.
+    pub(super) fn start(client: redis::Client, subs: Arc<Subscriptions>) -> Listener {
+        Listener(tokio::spawn(listen(client, subs)))
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Keeps one subscriber connection, wakes waiters, and resubscribes after a reconnect.
+async fn listen(client: redis::Client, subs: Arc<Subscriptions>) {
+    let mut backoff = Reconnect::default();
+    loop {
+        let pubsub = match client.get_async_pubsub().await {
+            Ok(p) => p,
+            Err(e) => {
+                backoff.pause("redis results subscriber", &e).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        let (mut sink, mut stream) = pubsub.split();
+        let keys: Vec<String> = lock(&subs.waiters).keys().cloned().collect();
+        for k in &keys {
+            let _ = sink.subscribe(k).await;
+        }
+        *lock(&subs.sink) = Some(sink);
+        // Wake every waiter so each re-reads its key after a (re)connect.
+        for (_, tx) in lock(&subs.waiters).values() {
+            tx.send_modify(|v| *v += 1);
+        }
+        while let Some(msg) = stream.next().await {
+            let w = lock(&subs.waiters);
+            if let Some((_, tx)) = w.get(msg.get_channel_name()) {
+                tx.send_modify(|v| *v += 1);
+            }
+        }
+        *lock(&subs.sink) = None;
+        tracing::warn!("redis results: subscriber connection lost; reconnecting");
+    }
+}

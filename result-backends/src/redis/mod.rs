@@ -1,0 +1,226 @@
+//! `redis://`: Celery's result layout. Each state is `SETEX celery-task-meta-<id>` and `PUBLISH` on
+//! the same name, in one atomic script that never overwrites a stored SUCCESS. Waiters subscribe to
+//! the channel before reading the key, so no result is missed; after a lost connection they
+//! resubscribe and read the key again.
+//!
+//! Where things are: `url.rs` (the URL's options), `scripts.rs` (the Lua steps), `listen.rs` (the
+//! subscriber that wakes waiters); the backend here.
+//!
+//! URL options: `result_expires=SECONDS` (default 86400), `global_keyprefix=PREFIX`, the broker's
+//! `visibility_timeout` (ignored, so one URL serves both), and the redis client's and Celery's
+//! connection options that [`broker_backends::redis::client_url`] takes. Any other is an error.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), celery_core::BackendError> {
+//! let backend = result_backends::redis::RedisBackend::connect("redis://127.0.0.1:6379/1").await?;
+//! # Ok(()) }
+//! ```
+
+mod listen;
+mod scripts;
+mod url;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use broker_backends::redis::error::kind_of;
+use celery_core::backend::ChordMember;
+use celery_core::url::redacted;
+use celery_core::{BackendError, ErrorKind, ResultBackend, TaskMeta};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+use listen::{Listener, Subscriptions};
+use url::parse_url;
+
+/// [`map_err`](Result::map_err) for a redis error met while doing `context`: a connection error
+/// or an operation error as [`kind_of`] (the broker's classification) says, the redis error kept
+/// as the source.
+fn failed(context: &'static str) -> impl FnOnce(redis::RedisError) -> BackendError {
+    move |e| match kind_of(&e) {
+        ErrorKind::Connection => BackendError::connection_with(context, e),
+        _ => BackendError::operation_with(context, e),
+    }
+}
+
+/// The Redis result backend.
+#[derive(Clone)]
+pub struct RedisBackend {
+    conn: ConnectionManager,
+    prefix: String,
+    expires: u64,
+    store: Arc<Script>,
+    chord_part: Arc<Script>,
+    claim: Arc<Script>,
+    unclaim: Arc<Script>,
+    subs: Arc<Subscriptions>,
+    /// Stops the subscriber task when the last clone of this backend is dropped (so a client that
+    /// exits, or drops its app, does not see it report its connection lost).
+    _listener: Arc<Listener>,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend").field("prefix", &self.prefix).field("expires", &self.expires).finish()
+    }
+}
+
+impl RedisBackend {
+    /// Connects; the first connection must succeed, later losses are retried.
+    pub async fn connect(url: &str) -> Result<RedisBackend, BackendError> {
+        let (clean, prefix, expires) = parse_url(url)?;
+        let client = redis::Client::open(clean.as_str())
+            .map_err(|e| BackendError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(Duration::from_secs(30)))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(3);
+        let conn = client.get_connection_manager_with_config(cfg).await.map_err(failed("redis results: connect"))?;
+        let subs = Arc::new(Subscriptions::default());
+        let listener = Arc::new(Listener::start(client, subs.clone()));
+        Ok(RedisBackend {
+            _listener: listener,
+            conn,
+            prefix,
+            expires: expires.clamp(1, celery_core::clock::LONGEST_TTL.as_secs()),
+            store: Arc::new(Script::new(scripts::STORE)),
+            chord_part: Arc::new(Script::new(scripts::CHORD_PART)),
+            claim: Arc::new(Script::new(scripts::CLAIM)),
+            unclaim: Arc::new(Script::new(scripts::UNCLAIM)),
+            subs,
+        })
+    }
+
+    /// `celery-taskset-meta-<gid><suffix>` with the prefix (a chord's keys).
+    fn chord_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
+    }
+
+    /// An idempotency key's holder: `celery-rs-idempotency-<key>` with the prefix.
+    fn idempotency_key(&self, key: &str) -> String {
+        format!("{}celery-rs-idempotency-{key}", self.prefix)
+    }
+
+    /// `celery-task-meta-<id>` with the prefix.
+    pub fn key(&self, task_id: &str) -> String {
+        format!("{}celery-task-meta-{task_id}", self.prefix)
+    }
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .store
+            .key(self.key(&meta.task_id))
+            .arg(meta.to_vec())
+            .arg(self.expires)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: store"))?;
+        Ok(())
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<Vec<u8>> = conn.get(self.key(task_id)).await.map_err(failed("redis results: get"))?;
+        raw.map(|r| TaskMeta::from_slice(&r)).transpose()
+    }
+
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        let key = self.key(task_id);
+        let deadline = celery_core::clock::instant_after(timeout);
+        let mut rx = self.subs.register(&key).await;
+        // Woken by a publish on the task's key.
+        let result = crate::waiting::until_ready(|| self.get(task_id), Some(&mut rx), deadline, "redis").await;
+        self.subs.unregister(&key).await;
+        result
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn.del(self.key(task_id)).await.map_err(failed("redis results: forget"))?;
+        Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let mut conn = self.conn.clone();
+        self.claim
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .arg(celery_core::clock::ttl(ttl).as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: claim"))
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .unclaim
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: unclaim"))?;
+        Ok(())
+    }
+
+    /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .set_ex(self.chord_key(group_id, ".s"), size, self.expires)
+            .await
+            .map_err(failed("redis results: chord size"))?;
+        Ok(())
+    }
+
+    /// Celery's `on_chord_part_return` layout (`.j` sorted set of `[1, id, state, result]` by group
+    /// index, `.t` extra count, `.s` size), counted in one Lua script; `.ids` and `.by` (ours) make a
+    /// repeated report count once and let only the completing member fire.
+    async fn chord_part(&self, group_id: &str, m: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        let mut conn = self.conn.clone();
+        let encoded = serde_json::to_string(&m.to_celery()).map_err(|e| BackendError::Malformed(e.to_string()))?;
+        let score = m.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".into());
+        let mut inv = self.chord_part.prepare_invoke();
+        for suffix in [".j", ".t", ".s", ".ids", ".by"] {
+            inv.key(self.chord_key(group_id, suffix));
+        }
+        let out: Option<Vec<(Vec<u8>, f64)>> = inv
+            .arg(&m.task_id)
+            .arg(encoded)
+            .arg(score)
+            .arg(self.expires)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: chord part"))?;
+        Ok(out.map(|members| {
+            let mut seen = std::collections::HashSet::new();
+            members
+                .iter()
+                .filter_map(|(raw, score)| {
+                    let v: serde_json::Value = serde_json::from_slice(raw).ok()?;
+                    let index = score.is_finite().then_some(*score as u64);
+                    ChordMember::from_celery(&v, index)
+                })
+                .filter(|m| seen.insert(m.task_id.clone()))
+                .collect()
+        }))
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let keys: Vec<String> = [".j", ".t", ".s", ".ids", ".by"].iter().map(|s| self.chord_key(group_id, s)).collect();
+        let _: () = conn.del(keys).await.map_err(failed("redis results: chord done"))?;
+        Ok(())
+    }
+}
+
+celery_core::register_backend!("redis", "rediss" => RedisBackend::connect);
