@@ -18,8 +18,8 @@ pub fn protocol(data: &[u8]) {
 /// The log broker's compact task payload, and its conversion back to an envelope.
 #[cfg(feature = "log")]
 pub fn compact_payload(data: &[u8]) {
-    let _ = crate::log::payload::decode(data);
-    let _ = crate::log::payload::to_envelope(data, "q");
+    let _ = crate::log::storage::payload::decode(data);
+    let _ = crate::log::storage::payload::to_envelope(data, "q");
 }
 
 /// One framed log record.
@@ -42,17 +42,18 @@ pub fn segment(data: &[u8]) {
     let run = || -> Option<()> {
         std::fs::create_dir_all(&part).ok()?;
         std::fs::File::create(part.join("00000000000000000000.log")).ok()?.write_all(data).ok()?;
-        let rec = crate::log::segment::recover(&part, 0).ok()?;
+        let rec = crate::log::storage::segment::recover(&part, 0).ok()?;
         assert!(rec.tail_len <= data.len() as u64);
         let seg = rec.segments.last()?;
         let (mut pos, mut offset) = (0u64, 0u64);
-        let mut ahead = crate::log::segment::ReadAhead::default();
+        let mut ahead = crate::log::storage::segment::ReadAhead::default();
         while offset < rec.next_offset {
-            match crate::log::segment::read_at(seg, pos, &mut ahead, Some(rec.tail_len)) {
+            match crate::log::storage::segment::read_at(seg, pos, &mut ahead, Some(rec.tail_len)) {
                 Ok((r, next)) if r.offset >= offset => (pos, offset) = (next, r.offset + 1),
                 _ => {
                     let (at, found) =
-                        crate::log::segment::resync(&seg.file, &seg.path, pos, rec.tail_len, offset).ok()??;
+                        crate::log::storage::segment::resync(&seg.file, &seg.path, pos, rec.tail_len, offset)
+                            .ok()??;
                     assert!(at > pos && found >= offset, "resync moves forward");
                     pos = at;
                 }
@@ -73,12 +74,12 @@ pub fn socket_frames(data: &[u8]) {
         let mut r = data;
         // The first frame under the limit before HELLO, the rest under a limit small enough to keep
         // the fuzzer fast (the checks are the same).
-        let mut max = crate::log::wire::MAX_HELLO_FRAME;
-        while let Ok(Some(frame)) = crate::log::wire::read_frame(&mut r, max).await {
+        let mut max = crate::log::net::wire::MAX_HELLO_FRAME;
+        while let Ok(Some(frame)) = crate::log::net::wire::read_frame(&mut r, max).await {
             max = 1 << 20;
-            let mut d = crate::log::wire::Dec::new(&frame.body);
+            let mut d = crate::log::net::wire::Dec::new(&frame.body);
             let _ = d.stream_record();
-            let mut d = crate::log::wire::Dec::new(&frame.body);
+            let mut d = crate::log::net::wire::Dec::new(&frame.body);
             while d.bytes().is_ok() {}
         }
     });
@@ -126,7 +127,7 @@ mod tests {
     #[test]
     #[ignore]
     fn write_seed_corpora() {
-        use crate::log::wire::{kind, Enc};
+        use crate::log::net::wire::{kind, Enc};
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
         let save = |target: &str, name: &str, data: &[u8]| {
             let dir = root.join(target);
@@ -140,14 +141,14 @@ mod tests {
         let msg = celery_core::protocol::Message::from_signature(&sig).unwrap();
         save("protocol", "envelope.json", crate::envelope::encode(&msg, "", "celery").as_bytes());
         save("protocol", "body.json", &msg.body);
-        save("compact_payload", "task", &crate::log::payload::encode(&msg));
+        save("compact_payload", "task", &crate::log::storage::payload::encode(&msg));
         let rec = crate::log::Record {
             offset: 0,
             timestamp_ms: 1,
             not_before_ms: 2,
             headers: vec![("h".into(), b"v".to_vec())],
             key: b"k".to_vec(),
-            payload: crate::log::payload::encode(&msg),
+            payload: crate::log::storage::payload::encode(&msg),
         };
         let mut one = Vec::new();
         rec.encode_into(&mut one);

@@ -18,25 +18,26 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use broker_backends::log::LogBroker;
+use broker_backends::log::{LogBroker, Results};
 use celery_core::backend::ChordMember;
 use celery_core::url::ServiceUrl;
-use celery_core::{BackendError, Broker, BrokerError, ResultBackend, TaskMeta};
+use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
 #[derive(Debug, Clone)]
 pub struct LogResultBackend {
-    log: LogBroker,
+    results: Results,
     expires: Duration,
 }
 
+/// The store's error as the backend's, of the same kind, keeping its context and source.
 fn err(e: BrokerError) -> BackendError {
-    if let BrokerError::InvalidUrl { url, reason } = e {
-        BackendError::InvalidUrl { url, reason }
-    } else if e.is_retryable() {
-        BackendError::connection(e.to_string())
-    } else {
-        BackendError::operation(e.to_string())
+    match e {
+        BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
+        BrokerError::Connection { context, source } => BackendError::Connection { context, source },
+        BrokerError::Operation { context, source } => BackendError::Operation { context, source },
+        other if other.is_retryable() => BackendError::connection_with("log store", other),
+        other => BackendError::operation_with("log store", other),
     }
 }
 
@@ -48,61 +49,61 @@ impl LogResultBackend {
         let expires = Duration::from_secs(secs.unwrap_or(86_400));
         // The broker reads (and checks) the other options.
         let clean = u.connection_string_except(&["result_expires"]);
-        let log = LogBroker::connect(&clean).await.map_err(err)?;
-        Ok(LogResultBackend { log, expires })
+        let results = LogBroker::connect(&clean).await.map_err(err)?.results();
+        Ok(LogResultBackend { results, expires })
     }
 }
 
 #[async_trait]
 impl ResultBackend for LogResultBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        self.log.put_result(&meta.task_id, meta.to_vec(), self.expires).await.map_err(err)
+        self.results.put(&meta.task_id, meta.to_vec(), self.expires).await.map_err(err)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.log.get_result(task_id).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.get(task_id).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        self.log.wait_result(task_id, timeout).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.wait(task_id, timeout).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.log.forget_result(task_id).await.map_err(err)
+        self.results.forget(task_id).await.map_err(err)
     }
 
     fn kind(&self) -> &'static str {
         "log"
     }
 
-    /// A claim is a lease named `idempotency.<key>` held by the task id (see `Broker::lease`).
+    /// A claim is a lease named `idempotency.<key>` held by the task id (as `Broker::lease`).
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let name = format!("idempotency.{key}");
         loop {
-            if self.log.lease(&name, task_id, ttl).await.map_err(err)? {
+            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await.map_err(err)? {
                 return Ok(None);
             }
             // Held: by whom? (If it expired meanwhile, try again.)
-            if let Some(holder) = self.log.lease_holder(&name).await.map_err(err)? {
+            if let Some(holder) = self.results.lease_holder(&name).await.map_err(err)? {
                 return Ok(Some(holder));
             }
         }
     }
 
     async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        self.log.release(&format!("idempotency.{key}"), task_id).await.map_err(err)
+        self.results.lease(&format!("idempotency.{key}"), task_id, None).await.map(|_| ()).map_err(err)
     }
 
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        self.log.chord_size(group_id, size, self.expires).await.map_err(err)
+        self.results.chord_size(group_id, size, self.expires).await.map_err(err)
     }
 
     async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        self.log.chord_part(group_id, member, self.expires).await.map_err(err)
+        self.results.chord_part(group_id, member, self.expires).await.map_err(err)
     }
 
     async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        self.log.chord_done(group_id).await.map_err(err)
+        self.results.chord_done(group_id).await.map_err(err)
     }
 }
 

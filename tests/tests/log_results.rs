@@ -23,14 +23,18 @@ async fn compaction_keeps_what_is_live_and_loses_no_concurrent_write() {
     for round in 0..5 {
         for i in 0..2000 {
             let doc = format!("{{\"id\": {i}, \"round\": {round}, \"pad\": \"{}\"}}", "x".repeat(200));
-            store.put_result(&format!("r{i}"), doc.into_bytes(), DAY, never).await.unwrap();
+            store.results().put(&format!("r{i}"), doc.into_bytes(), DAY, never).await.unwrap();
         }
     }
     for i in 0..1000 {
-        store.forget_result(&format!("r{i}")).await.unwrap();
+        store.results().forget(&format!("r{i}")).await.unwrap();
     }
     for i in 0..500 {
-        store.put_result(&format!("short{i}"), b"soon gone".to_vec(), Duration::from_millis(1), never).await.unwrap();
+        store
+            .results()
+            .put(&format!("short{i}"), b"soon gone".to_vec(), Duration::from_millis(1), never)
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
 
@@ -40,33 +44,33 @@ async fn compaction_keeps_what_is_live_and_loses_no_concurrent_write() {
             let store = store.clone();
             tokio::spawn(async move {
                 for i in 0..500 {
-                    store.put_result(&format!("during-{w}-{i}"), b"kept".to_vec(), DAY, never).await.unwrap();
+                    store.results().put(&format!("during-{w}-{i}"), b"kept".to_vec(), DAY, never).await.unwrap();
                 }
             })
         })
         .collect();
-    let stats = store.compact_results().await.unwrap();
+    let stats = store.results().compact().await.unwrap();
     for w in writers {
         w.await.unwrap();
     }
     assert!(stats.bytes_after * 5 < stats.bytes_before, "{stats:?}");
     assert!((1000..=3000).contains(&stats.records), "the live results, and the writes before it: {stats:?}");
-    let again = store.compact_results().await.unwrap();
+    let again = store.results().compact().await.unwrap();
     assert_eq!(again.records, 3000, "1000 results and 2000 written meanwhile");
 
     drop(store);
     let store = open(&dir);
     for i in 0..1000 {
-        assert_eq!(store.get_result(&format!("r{i}")), None, "forgotten r{i} stays forgotten");
+        assert_eq!(store.results().get(&format!("r{i}")), None, "forgotten r{i} stays forgotten");
     }
     for i in 1000..2000 {
-        let doc = String::from_utf8(store.get_result(&format!("r{i}")).expect("live result kept")).unwrap();
+        let doc = String::from_utf8(store.results().get(&format!("r{i}")).expect("live result kept")).unwrap();
         assert!(doc.contains("\"round\": 4"), "the latest document: {doc}");
     }
-    assert_eq!(store.get_result("short0"), None, "expired results are not carried over");
+    assert_eq!(store.results().get("short0"), None, "expired results are not carried over");
     for w in 0..4 {
         for i in 0..500 {
-            assert_eq!(store.get_result(&format!("during-{w}-{i}")).as_deref(), Some(&b"kept"[..]));
+            assert_eq!(store.results().get(&format!("during-{w}-{i}")).as_deref(), Some(&b"kept"[..]));
         }
     }
     let results_dirs: Vec<_> = std::fs::read_dir(dir.0.join("results"))
@@ -84,17 +88,17 @@ async fn compaction_keeps_what_is_live_and_loses_no_concurrent_write() {
 async fn an_unfinished_compaction_is_discarded_on_open() {
     let dir = TempDir::new("results-compact-crash");
     let store = open(&dir);
-    store.put_result("a", b"1".to_vec(), DAY, |_| false).await.unwrap();
+    store.results().put("a", b"1".to_vec(), DAY, |_| false).await.unwrap();
     drop(store);
     let leftover = dir.0.join("results").join("1");
     std::fs::create_dir_all(&leftover).unwrap();
     std::fs::write(leftover.join("00000000000000000000.log"), b"garbage from a crash").unwrap();
     let store = open(&dir);
-    assert_eq!(store.get_result("a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(store.results().get("a").as_deref(), Some(&b"1"[..]));
     assert!(!leftover.exists(), "the unfinished generation is removed");
-    store.compact_results().await.unwrap();
+    store.results().compact().await.unwrap();
     drop(store);
-    assert_eq!(open(&dir).get_result("a").as_deref(), Some(&b"1"[..]));
+    assert_eq!(open(&dir).results().get("a").as_deref(), Some(&b"1"[..]));
 }
 
 /// A stored SUCCESS is never replaced, even by a STARTED of another worker that is written at the
@@ -113,14 +117,14 @@ async fn a_success_is_never_replaced_by_a_concurrent_write() {
         let (s, t) = (success(id), started(id));
         let (id1, id2) = (id.clone(), id.clone());
         async move {
-            let one = tokio::spawn(async move { a.put_result(&id1, s, DAY, keep_success).await.unwrap() });
-            let two = tokio::spawn(async move { b.put_result(&id2, t, DAY, keep_success).await.unwrap() });
+            let one = tokio::spawn(async move { a.results().put(&id1, s, DAY, keep_success).await.unwrap() });
+            let two = tokio::spawn(async move { b.results().put(&id2, t, DAY, keep_success).await.unwrap() });
             let _ = tokio::join!(one, two);
         }
     });
     futures::future::join_all(puts).await;
     let replaced = |store: &LogStore| {
-        ids.iter().filter(|id| !store.get_result(id).is_some_and(|d| keep_success(&d))).cloned().collect::<Vec<_>>()
+        ids.iter().filter(|id| !store.results().get(id).is_some_and(|d| keep_success(&d))).cloned().collect::<Vec<_>>()
     };
     let in_memory = replaced(&store);
     drop(store);

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use super::error::LogError;
+
 /// Frames larger than this are refused before anything is allocated.
 pub(crate) const MAX_RECORD: usize = 64 * 1024 * 1024;
 /// Bytes before the body: `len` and `crc`.
@@ -40,6 +42,39 @@ impl fmt::Debug for Record {
 /// The framed size of a record with these headers, key and payload (what size limits count).
 pub(crate) fn framed_len(headers: &[(String, Vec<u8>)], key: usize, payload: usize) -> usize {
     FRAME_HEADER + 8 * 3 + 2 + headers.iter().map(|(k, v)| 2 + k.len() + 4 + v.len()).sum::<usize>() + 4 + key + payload
+}
+
+/// A record to append (the offset and timestamp are assigned by the writer).
+#[derive(Debug, Clone, Default)]
+pub struct NewRecord {
+    /// Not deliverable before this time (ms since the epoch); 0: now.
+    pub not_before_ms: i64,
+    /// Headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Partitioning key.
+    pub key: Vec<u8>,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl NewRecord {
+    /// Its framed size on disk (what the size limits count).
+    pub(crate) fn encoded_len(&self) -> usize {
+        framed_len(&self.headers, self.key.len(), self.payload.len())
+    }
+}
+
+/// Refuses `size` bytes over `limit` (the store's `max_record_bytes`, or the on-disk frame limit).
+pub(crate) fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), LogError> {
+    if size > limit {
+        return Err(LogError::TooLarge { what, size, limit, option: "max_record_bytes" });
+    }
+    Ok(())
+}
+
+/// Now, in ms since the epoch (record times, expiries).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Why bytes are not a record.

@@ -129,16 +129,16 @@ pub(crate) mod faults {
 
     /// Makes the next `times` operations `op` on files under `under` fail with `fault`.
     pub(crate) fn inject(under: &Path, op: Op, fault: Fault, times: usize) {
-        PLAN.lock().unwrap_or_else(|p| p.into_inner()).push((under.to_owned(), op, fault, times));
+        celery_core::sync::lock(&PLAN).push((under.to_owned(), op, fault, times));
     }
 
     /// Removes every fault under `under` (the disk is healthy again).
     pub(crate) fn clear(under: &Path) {
-        PLAN.lock().unwrap_or_else(|p| p.into_inner()).retain(|(p, ..)| !p.starts_with(under));
+        celery_core::sync::lock(&PLAN).retain(|(p, ..)| !p.starts_with(under));
     }
 
     pub(super) fn take(path: &Path, op: Op) -> Option<(std::io::Error, Fault)> {
-        let mut plan = PLAN.lock().unwrap_or_else(|p| p.into_inner());
+        let mut plan = celery_core::sync::lock(&PLAN);
         let i = plan.iter().position(|(under, o, _, n)| *o == op && *n > 0 && path.starts_with(under))?;
         plan[i].3 -= 1;
         let fault = plan[i].2;

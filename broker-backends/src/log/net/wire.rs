@@ -11,8 +11,7 @@ use std::io;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::record::Record;
-use super::stream::StreamRecord;
+use crate::log::storage::{Record, StreamRecord};
 
 /// The protocol version byte (2: acks are `ACK` frames, unanswered).
 pub(crate) const VERSION: u8 = 2;
@@ -59,7 +58,7 @@ pub(crate) mod kind {
     pub(crate) const STREAM_LEAVE: u8 = 24;
     /// Acks, the one request without an answer.
     pub(crate) const ACK: u8 = 25;
-    /// Reads a queue's oldest unfinished records without taking them (`log/peek.rs`).
+    /// Reads a queue's oldest unfinished records without taking them (`storage/peek.rs`).
     pub(crate) const PEEK: u8 = 26;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;

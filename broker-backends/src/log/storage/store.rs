@@ -1,26 +1,32 @@
-//! The data directory: a lock file, one directory per queue (topic) with its partitions, the results
-//! topic, and the lease-expiry sweep. One store per directory per process (`LogStore::open` shares it).
+//! The data directory: a lock file, one directory per queue (topic) with its partitions, the
+//! results, the routing table, stream groups, and the lease-expiry sweep. One store per directory
+//! per process (`LogStore::open` shares it).
+//!
+//! The store knows nothing of sockets: the network layer (`log::net`) serves an open store, and
+//! the facade (`LogBroker::connect`) opens one and starts its socket.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
-
-use super::error::LogError;
-use super::partition::{now_ms, Fsync, NewRecord, Partition, PartitionConfig};
-use super::record::Record;
-use celery_core::routing::{Binding, ExchangeKind, RoutingTable};
+use celery_core::broker::Broadcast;
+use celery_core::routing::{Binding, ExchangeKind};
+use celery_core::sync::lock;
 use serde_json::{Map, Value};
+use tokio::sync::{mpsc, Notify};
 
-/// Bytes a stored record takes beyond its key and payload (frame, offset, time, expiry header).
-const RECORD_OVERHEAD: usize = 60;
-/// The results log is not compacted below this size.
-const COMPACT_MIN_BYTES: u64 = 64 << 20;
+use super::broadcast::Broadcasts;
+use super::error::LogError;
+use super::partition::{Fsync, Partition, PartitionConfig, Retention};
+use super::record::{check_size, NewRecord, Record};
+use super::results::ResultStore;
+use super::routing::Routes;
+use super::stream::{Commit, LocalStream, StartFrom, StreamGroups};
+use super::topic::Topic;
 
 /// The default of [`StoreConfig::max_record_bytes`]: the producer's message limit (16 MiB) plus
 /// 64 KiB for the record's headers, so every message a producer accepts is stored.
@@ -40,7 +46,7 @@ pub struct StoreConfig {
     /// Partitions of a new queue (`partitions=`), default 1.
     pub partitions: u32,
     /// Retention of closed segments (none by default).
-    pub retention: super::partition::Retention,
+    pub retention: Retention,
     /// The largest record (key, payload and headers) accepted on any path (`max_record_bytes=`),
     /// default 16 MiB + 64 KiB, at most 64 MiB (the on-disk frame limit).
     pub max_record_bytes: usize,
@@ -64,34 +70,6 @@ impl Default for StoreConfig {
     }
 }
 
-/// A queue: its partitions.
-#[derive(Debug)]
-pub(crate) struct Topic {
-    pub(crate) name: String,
-    pub(crate) partitions: Vec<Arc<Partition>>,
-    next: AtomicUsize,
-}
-
-impl Topic {
-    /// The partition for a key (hash), or round robin without one.
-    pub(crate) fn pick(&self, key: &[u8]) -> &Arc<Partition> {
-        let n = self.partitions.len();
-        let i = if key.is_empty() {
-            self.next.fetch_add(1, Ordering::Relaxed) % n
-        } else {
-            (crc32c::crc32c(key) as usize) % n
-        };
-        &self.partitions[i]
-    }
-}
-
-/// The results of one store: id -> (document, expiry in ms since the epoch).
-#[derive(Debug, Default)]
-pub(crate) struct Results {
-    pub(crate) values: HashMap<String, (Vec<u8>, i64)>,
-    pub(crate) waiters: HashMap<String, Arc<Notify>>,
-}
-
 /// An open data directory.
 #[derive(Debug)]
 pub struct LogStore {
@@ -105,22 +83,12 @@ pub struct LogStore {
     pub(crate) topics_created: AtomicU64,
     /// Woken on every append, requeue and expiry.
     pub(crate) notify: Arc<Notify>,
-    pub(crate) results: Mutex<Results>,
-    pub(crate) results_log: super::results::ResultsLog,
-    /// Serializes read-decide-write operations (leases, chord tallies).
-    pub(crate) cas_lock: tokio::sync::Mutex<()>,
-    /// A results sweep (and compaction) is running: the next waits for it to end.
-    maintaining: std::sync::atomic::AtomicBool,
-    /// Live broadcast subscribers: (exchange, pattern, sender).
-    pub(crate) subscribers: Mutex<Vec<(String, String, tokio::sync::mpsc::Sender<celery_core::broker::Broadcast>)>>,
-    /// Chord tallies by group id (persisted among the results, rebuilt on open).
-    pub(crate) chords: Mutex<HashMap<String, celery_core::backend::ChordTally>>,
-    served: std::sync::Once,
-    routing: Mutex<RoutingTable>,
+    results: Arc<ResultStore>,
+    broadcasts: Broadcasts,
+    routes: Routes,
     /// Publishes that matched no queue.
-    pub unroutable: std::sync::atomic::AtomicU64,
-    /// Stream consumer groups: (group, topic) -> members.
-    pub(crate) groups: Mutex<HashMap<(String, String), super::stream::Membership>>,
+    pub unroutable: AtomicU64,
+    groups: Arc<StreamGroups>,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -128,23 +96,9 @@ fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
     R.get_or_init(Default::default)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Applies one record of the results log when opening: an empty payload or an expired one deletes
-/// the key; a document never replaces an unexpired SUCCESS, as `LogStore::put_result` decides
-/// when it applies a write (a write that raced a SUCCESS may be on disk after it).
-fn replay_result(results: &mut Results, id: String, payload: Vec<u8>, expires: i64, now: i64) {
-    if payload.is_empty() || expires <= now {
-        results.values.remove(&id);
-    } else if !results.values.get(&id).is_some_and(|(old, exp)| *exp > now && super::server::is_success(old)) {
-        results.values.insert(id, (payload, expires));
-    }
-}
-
 impl LogStore {
-    /// Opens (creating) `dir`, or returns the store this process already has open there.
+    /// Opens (creating) `dir`, or returns the store this process already has open there. Another
+    /// process owning it is [`LogError::Locked`] (its clients reach it through its socket).
     pub fn open(dir: &Path, cfg: StoreConfig) -> Result<Arc<LogStore>, LogError> {
         super::disk::create_dir_all(dir)?;
         let canonical = dir.canonicalize().map_err(|e| LogError::io(dir, e))?;
@@ -168,19 +122,8 @@ impl LogStore {
         }
         lock_file.set_len(0).map_err(|e| LogError::io(&lock_path, e))?;
         std::fs::write(&lock_path, std::process::id().to_string()).map_err(|e| LogError::io(&lock_path, e))?;
-        let notify = Arc::new(Notify::new());
         let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes };
-        let mut results = Results::default();
-        let now = now_ms();
-        let results_log = super::results::ResultsLog::open(&canonical.join("results"), &pcfg, |rec| {
-            let expires = rec
-                .headers
-                .iter()
-                .find(|(k, _)| k == "expires")
-                .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
-                .unwrap_or(i64::MAX);
-            replay_result(&mut results, String::from_utf8_lossy(&rec.key).into_owned(), rec.payload, expires, now);
-        })?;
+        let results = ResultStore::open(&canonical.join("results"), &pcfg, cfg.max_record_bytes)?;
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
             cfg,
@@ -188,19 +131,13 @@ impl LogStore {
             topics: Mutex::new(HashMap::new()),
             quarantined: Mutex::new(HashMap::new()),
             topics_created: AtomicU64::new(0),
-            notify,
-            results: Mutex::new(results),
-            results_log,
-            cas_lock: tokio::sync::Mutex::new(()),
-            maintaining: std::sync::atomic::AtomicBool::new(false),
-            chords: Mutex::new(HashMap::new()),
-            subscribers: Mutex::new(Vec::new()),
-            served: std::sync::Once::new(),
-            routing: Mutex::new(load_routing(&canonical)?),
-            unroutable: std::sync::atomic::AtomicU64::new(0),
-            groups: Mutex::new(HashMap::new()),
+            notify: Arc::new(Notify::new()),
+            results: Arc::new(results),
+            broadcasts: Broadcasts::default(),
+            routes: Routes::load(&canonical)?,
+            unroutable: AtomicU64::new(0),
+            groups: Arc::new(StreamGroups::new(&canonical)),
         });
-        store.rebuild_chords();
         store.open_topics()?;
         reg.insert(canonical, Arc::downgrade(&store));
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -209,99 +146,36 @@ impl LogStore {
         Ok(store)
     }
 
-    /// Listens on the directory's unix socket (once), so other processes that open the same
-    /// directory use this store through it. The socket is its owner's only (mode 0600): other
-    /// local users cannot connect to it.
-    pub fn serve_unix(self: &Arc<Self>) {
-        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        self.served.call_once(|| {
-            let path = super::socket_path(&self.dir);
-            let _ = std::fs::remove_file(&path);
-            // Bound in a private (0700) directory, made 0600, then moved into place: no one else
-            // can connect in between. A socket that cannot be made so is not served.
-            // (A name no longer than `broker.sock`: socket paths are limited to 107 bytes.)
-            let private = self.dir.join(format!(".s{:06x}", std::process::id() & 0xff_ffff));
-            let _ = std::fs::remove_dir_all(&private);
-            let listener = std::fs::DirBuilder::new().mode(0o700).create(&private).and_then(|()| {
-                let tmp = private.join("s");
-                let l = tokio::net::UnixListener::bind(&tmp)?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-                std::fs::rename(&tmp, &path)?;
-                Ok(l)
-            });
-            let _ = std::fs::remove_dir_all(&private);
-            match listener {
-                Ok(l) => {
-                    tokio::spawn(super::server::serve_unix(Arc::downgrade(self), l));
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&path);
-                    tracing::warn!(error = %e, path = %path.display(), "log: cannot listen on the directory's socket; other processes cannot share it");
-                }
-            }
-        });
+    /// The results, leases, stored documents and chord tallies of this directory.
+    pub fn results(&self) -> &ResultStore {
+        &self.results
     }
 
     /// Hands a broadcast to the current subscribers whose pattern matches (a full one misses it).
-    /// Exchange names and routing keys are at most 255 bytes (AMQP's limit), so matching stays
-    /// cheap; it runs outside the subscribers' lock.
+    /// Exchange names and routing keys are at most 255 bytes.
     pub fn broadcast(&self, exchange: &str, routing_key: &str, body: &[u8]) -> Result<(), LogError> {
-        check_name("exchange name", exchange)?;
-        check_name("routing key", routing_key)?;
-        let subs: Vec<_> = {
-            let mut subs = lock(&self.subscribers);
-            subs.retain(|(_, _, tx)| !tx.is_closed());
-            subs.iter().filter(|(ex, ..)| ex == exchange).map(|(_, p, tx)| (p.clone(), tx.clone())).collect()
-        };
-        for (pattern, tx) in subs {
-            if celery_core::routing::topic_matches(&pattern, routing_key) {
-                let b = celery_core::broker::Broadcast { routing_key: routing_key.to_owned(), body: body.to_vec() };
-                let _ = tx.try_send(b);
-            }
-        }
-        Ok(())
+        self.broadcasts.send(exchange, routing_key, body)
     }
 
     /// Subscribes to the broadcasts of `exchange` matching `pattern` (each at most 255 bytes; at
-    /// most [`MAX_SUBSCRIBERS`] live subscriptions per store).
-    pub fn subscribe(
-        &self,
-        exchange: &str,
-        pattern: &str,
-    ) -> Result<tokio::sync::mpsc::Receiver<celery_core::broker::Broadcast>, LogError> {
-        check_name("exchange name", exchange)?;
-        check_name("binding pattern", pattern)?;
-        let mut subs = lock(&self.subscribers);
-        subs.retain(|(_, _, tx)| !tx.is_closed());
-        if subs.len() >= MAX_SUBSCRIBERS {
-            return Err(LogError::Invalid(format!("too many broadcast subscriptions (limit {MAX_SUBSCRIBERS})")));
-        }
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        subs.push((exchange.to_owned(), pattern.to_owned(), tx));
-        Ok(rx)
+    /// most 10,000 live subscriptions per store).
+    pub fn subscribe(&self, exchange: &str, pattern: &str) -> Result<mpsc::Receiver<Broadcast>, LogError> {
+        self.broadcasts.subscribe(exchange, pattern)
     }
 
     /// Declares an exchange; the declaration persists in `routing.json`.
     pub fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), LogError> {
-        let mut t = lock(&self.routing);
-        if t.declare(name, kind).map_err(|e| LogError::Invalid(e.to_string()))? {
-            save_routing(&self.dir, &t)?;
-        }
-        Ok(())
+        self.routes.declare(name, kind)
     }
 
     /// Binds a queue; the binding persists in `routing.json`.
     pub fn bind(&self, b: &Binding) -> Result<(), LogError> {
-        let mut t = lock(&self.routing);
-        if t.bind(b.clone()).map_err(|e| LogError::Invalid(e.to_string()))? {
-            save_routing(&self.dir, &t)?;
-        }
-        Ok(())
+        self.routes.bind(b)
     }
 
     /// The queues a publish through `exchange` reaches.
     pub fn route(&self, exchange: &str, key: &str, headers: &Map<String, Value>) -> Result<Vec<String>, LogError> {
-        lock(&self.routing).route(exchange, key, headers).map_err(|e| LogError::Invalid(e.to_string()))
+        self.routes.route(exchange, key, headers)
     }
 
     /// The settings.
@@ -406,10 +280,7 @@ impl LogStore {
 
     fn open_partitions(&self, name: &str, dir: &Path, count: u32) -> Result<Arc<Topic>, LogError> {
         let pcfg = PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes };
-        let partitions = (0..count)
-            .map(|p| Partition::open(&dir.join(p.to_string()), &pcfg, self.notify.clone()).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Arc::new(Topic { name: name.to_owned(), partitions, next: AtomicUsize::new(0) }))
+        Ok(Arc::new(Topic::open(name, dir, count, &pcfg, &self.notify)?))
     }
 
     /// The queue `name` if it exists: reading never creates one. A quarantined queue is an error.
@@ -551,99 +422,54 @@ impl LogStore {
                 p.checkpoint().await?;
             }
         }
-        self.results_log.flush().await
+        self.results.flush().await
     }
 
-    /// Forgets expired results in memory (their records go at the next compaction).
-    fn sweep_results(&self) -> u64 {
-        let now = now_ms();
-        let mut res = lock(&self.results);
-        res.values.retain(|_, (_, expires)| *expires > now);
-        res.values.iter().map(|(k, (doc, _))| (k.len() + doc.len() + RECORD_OVERHEAD) as u64).sum()
+    /// Records of `queue` ready to be taken (not leased, not delayed); 0 for a queue that does not
+    /// exist (reading never creates one).
+    pub fn queue_len(&self, queue: &str) -> Result<u64, LogError> {
+        Ok(self.find_topic(queue)?.map_or(0, |t| t.ready_len()))
     }
 
-    /// Rewrites the results log with only what is live (unexpired results, leases, stored
-    /// documents, chord tallies). It also runs by itself when the log is over 64 MiB and four times
-    /// what is live.
-    pub async fn compact_results(&self) -> Result<super::results::Compacted, LogError> {
-        self.results_log
-            .compact(|| {
-                let now = now_ms();
-                let res = lock(&self.results);
-                res.values
-                    .iter()
-                    .filter(|(_, (_, expires))| *expires > now)
-                    .map(|(id, (doc, expires))| NewRecord {
-                        headers: vec![("expires".into(), expires.to_string().into_bytes())],
-                        key: id.as_bytes().to_vec(),
-                        payload: doc.clone(),
-                        not_before_ms: 0,
-                    })
-                    .collect()
-            })
-            .await
+    /// Delayed records seen in `queue`.
+    pub fn delayed_len(&self, queue: &str) -> Result<u64, LogError> {
+        Ok(self.find_topic(queue)?.map_or(0, |t| t.delayed_len()))
     }
 
-    /// Sweeps expired results and compacts the results log when it is mostly dead.
-    async fn maintain_results(&self) {
-        let live = self.sweep_results();
-        let on_disk = self.results_log.disk_bytes().await;
-        if on_disk > COMPACT_MIN_BYTES && on_disk > live.saturating_mul(4) {
-            if let Err(e) = self.compact_results().await {
-                tracing::error!(error = %e, "log: compacting the results failed; the old log stays in use");
-            }
+    /// Finishes every record of `queue` that is not leased, those not yet due included; how many.
+    pub fn purge(&self, queue: &str) -> Result<u64, LogError> {
+        self.find_topic(queue)?.map_or(Ok(0), |t| t.purge())
+    }
+
+    /// The payloads of the oldest unfinished records of `queue`, oldest first, without leasing or
+    /// counting them: at most `max` (and 1,000) and about 16 MiB beyond the first.
+    pub fn peek(&self, queue: &str, max: usize) -> Result<Vec<Vec<u8>>, LogError> {
+        match self.find_topic(queue)? {
+            Some(topic) => super::peek::payloads(&topic, max),
+            None => Ok(Vec::new()),
         }
     }
-}
 
-/// Live broadcast subscriptions a store holds at most.
-pub(crate) const MAX_SUBSCRIBERS: usize = 10_000;
-
-/// Refuses exchange names, routing keys and patterns over AMQP's 255 bytes.
-fn check_name(what: &'static str, s: &str) -> Result<(), LogError> {
-    if s.len() > celery_core::routing::MAX_NAME {
-        return Err(LogError::Invalid(format!(
-            "{what} of {} bytes is over the limit of {} bytes",
-            s.len(),
-            celery_core::routing::MAX_NAME
-        )));
+    /// Joins consumer group `group` on `queue` (created on first use) as a stream member of this
+    /// process; it leaves when dropped.
+    pub(crate) fn join_stream(
+        &self,
+        group: &str,
+        queue: &str,
+        start: StartFrom,
+        commit: Commit,
+    ) -> Result<LocalStream, LogError> {
+        super::names::component("stream group", group)?;
+        let topic = self.topic(queue)?;
+        Ok(LocalStream::join(self.groups.clone(), topic, self.notify.clone(), group, start, commit))
     }
-    Ok(())
-}
 
-/// Refuses `size` bytes over `limit` (the store's `max_record_bytes`).
-pub(crate) fn check_size(what: &'static str, size: usize, limit: usize) -> Result<(), LogError> {
-    if size > limit {
-        return Err(LogError::TooLarge { what, size, limit, option: "max_record_bytes" });
-    }
-    Ok(())
-}
-
-fn load_routing(dir: &Path) -> Result<RoutingTable, LogError> {
-    let path = dir.join("routing.json");
-    match std::fs::read(&path) {
-        Ok(data) => serde_json::from_slice(&data).map_err(|e| LogError::Corrupt {
-            path,
-            offset: 0,
-            reason: format!("routing table: {e}"),
-        }),
-        Err(_) => Ok(RoutingTable::default()),
-    }
-}
-
-/// Replaces `routing.json` atomically (write, fsync, rename, fsync the directory).
-fn save_routing(dir: &Path, t: &RoutingTable) -> Result<(), LogError> {
-    let data = serde_json::to_vec_pretty(t).map_err(|e| LogError::Invalid(e.to_string()))?;
-    super::disk::replace_file(&dir.join("routing.json"), &data)
-}
-
-impl LogStore {
     /// Applies the retention policy to every partition now (it also runs every second by itself).
     pub fn enforce_retention(&self) {
         let topics: Vec<_> = lock(&self.topics).values().cloned().collect();
         for t in topics {
             for (i, p) in t.partitions.iter().enumerate() {
-                let keep_from = super::stream::min_committed(&self.dir, &t.name, i).unwrap_or(u64::MAX);
+                let keep_from = self.groups.min_committed(&t.name, i).unwrap_or(u64::MAX);
                 match p.enforce_retention(&self.cfg.retention, keep_from) {
                     Ok((0, _)) => {}
                     Ok((deleted, 0)) => {
@@ -670,14 +496,9 @@ async fn expiry_loop(store: Weak<LogStore>) {
             }
         }
         let Some(s) = store.upgrade() else { return };
-        if ticks.is_multiple_of(100) && !s.maintaining.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            // On its own: a compaction takes about a second per 100 MB, and lease expiry must not
-            // wait for it.
-            let s = s.clone();
-            tokio::spawn(async move {
-                s.maintain_results().await;
-                s.maintaining.store(false, std::sync::atomic::Ordering::Release);
-            });
+        if ticks.is_multiple_of(100) {
+            // On its own task: lease expiry must not wait for a compaction.
+            s.results.maintain();
         }
         let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
         let now = Instant::now();
@@ -706,8 +527,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
-    use crate::log::disk::faults::{self, Fault, Op};
-    use crate::log::partition::tests::tempdir;
+    use crate::log::storage::disk::faults::{self, Fault, Op};
+    use crate::log::storage::partition::tests::tempdir;
 
     fn rec(payload: &str) -> NewRecord {
         NewRecord { payload: payload.as_bytes().to_vec(), ..NewRecord::default() }
@@ -774,15 +595,10 @@ mod tests {
         assert!(err.contains("invalid queue name") && err.contains("empty"), "{err}");
         let err = store.append(&"q".repeat(300), vec![rec("x")]).await.unwrap_err().to_string();
         assert!(err.contains("too long"), "{err}");
-        let err = crate::log::stream::LocalStream::join(
-            store.clone(),
-            "..",
-            "0",
-            crate::log::StartFrom::Earliest,
-            crate::log::Commit::AfterProcessing,
-        )
-        .map(|_| ())
-        .map_err(|e| e.to_string());
+        let err = store
+            .join_stream("..", "0", StartFrom::Earliest, Commit::AfterProcessing)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
         assert!(err.is_ok(), "`..` is a valid group name, encoded: {err:?}");
         let outside: Vec<_> = std::fs::read_dir(&root).unwrap().flatten().map(|e| e.file_name()).collect();
         assert_eq!(outside, ["data"], "nothing was written beside the data directory");
@@ -799,14 +615,12 @@ mod tests {
         let dir = tempdir();
         let cfg = StoreConfig { max_queues: 2, ..StoreConfig::default() };
         let store = LogStore::open(&dir, cfg).unwrap();
-        let broker = crate::log::LogBroker::local(store.clone());
-        use celery_core::Broker;
         for q in ["ghost-1", "ghost-2", "ghost-3"] {
-            assert_eq!(broker.queue_len(q).await.unwrap(), 0);
-            assert_eq!(broker.purge(q).await.unwrap(), 0);
-            assert_eq!(broker.delayed_len(q).await.unwrap(), 0);
+            assert_eq!(store.queue_len(q).unwrap(), 0);
+            assert_eq!(store.purge(q).unwrap(), 0);
+            assert_eq!(store.delayed_len(q).unwrap(), 0);
+            assert!(store.peek(q, 10).unwrap().is_empty());
         }
-        let consumer = broker.consume(&["ghost-4".to_string()], 1).await.unwrap();
         assert!(!dir.join("topics").exists(), "reading created {:?}", files_under(&dir.join("topics")));
         store.append("a", vec![rec("1")]).await.unwrap();
         store.append("b", vec![rec("1")]).await.unwrap();
@@ -816,22 +630,7 @@ mod tests {
         }
         // A queue's dead letters have room beyond the limit.
         store.append("a.dead", vec![rec("1")]).await.unwrap();
-        drop(consumer);
-        drop((broker, store));
-        std::fs::remove_dir_all(dir).ok();
-    }
-
-    #[tokio::test]
-    async fn a_consumer_of_a_queue_that_does_not_exist_yet_gets_its_first_record() {
-        let dir = tempdir();
-        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
-        let broker = crate::log::LogBroker::local(store.clone());
-        let mut consumer = broker.local_consumer(&["later".to_string()], 1).unwrap();
-        let waiting = tokio::spawn(async move { consumer.next_raw().await.map(|s| s.record.payload.clone()) });
-        store.append("later", vec![rec("hello")]).await.unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap().unwrap();
-        assert_eq!(got.as_deref(), Some(&b"hello"[..]));
-        drop((broker, store));
+        drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -848,15 +647,15 @@ mod tests {
             }
             other => panic!("expected a size error, got {other:?}"),
         }
-        let err = store.put_result("id", big.clone().into_bytes(), Duration::from_secs(60), |_| false).await;
+        let err = store.results().put("id", big.clone().into_bytes(), Duration::from_secs(60), |_| false).await;
         assert!(matches!(err, Err(LogError::TooLarge { .. })), "{err:?}");
         assert_eq!(drain(&store, "q"), ["small"], "a refused batch stores none of its records");
         // Past the on-disk frame limit even the unchecked path refuses (it could not be read back).
-        let huge = NewRecord { payload: vec![0; crate::log::record::MAX_RECORD], ..NewRecord::default() };
+        let huge = NewRecord { payload: vec![0; crate::log::storage::record::MAX_RECORD], ..NewRecord::default() };
         assert!(matches!(store.append_unchecked("q", vec![huge]).await, Err(LogError::TooLarge { .. })));
         // Huge times saturate instead of wrapping into the past.
-        store.put_result("t", b"{}".to_vec(), Duration::MAX, |_| false).await.unwrap();
-        assert!(store.get_result("t").is_some(), "a result with a huge ttl is kept, not expired at once");
+        store.results().put("t", b"{}".to_vec(), Duration::MAX, |_| false).await.unwrap();
+        assert!(store.results().get("t").is_some(), "a result with a huge ttl is kept, not expired at once");
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
@@ -900,7 +699,7 @@ mod tests {
         // Damage the second record of the first (closed) segment and the middle of the last one.
         for seg in [&segs[0], segs.last().unwrap()] {
             let mut data = std::fs::read(seg).unwrap();
-            let second = crate::log::record::Record::decode(&data).unwrap().1;
+            let second = Record::decode(&data).unwrap().1;
             data[second..second + 4].copy_from_slice(&u32::MAX.to_le_bytes());
             std::fs::write(seg, &data).unwrap();
         }
@@ -915,26 +714,6 @@ mod tests {
         store.append("q", vec![rec("after")]).await.unwrap();
         assert_eq!(drain(&store, "q"), ["after"]);
         drop(store);
-        std::fs::remove_dir_all(dir).ok();
-    }
-
-    #[tokio::test]
-    async fn a_stopped_partition_does_not_starve_the_other_queues_of_a_consumer() {
-        let dir = tempdir();
-        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
-        store.append("bad", vec![rec("b0"), rec("b1")]).await.unwrap();
-        // Damage the active segment's records while the store serves them: nothing valid after
-        // them, so the partition stops (and says so) instead of guessing.
-        let seg = dir.join("topics/bad/0/00000000000000000000.log");
-        let mut data = std::fs::read(&seg).unwrap();
-        data[20..].fill(0xAB);
-        std::fs::write(&seg, &data).unwrap();
-        store.append("good", vec![rec("g0")]).await.unwrap();
-        let broker = crate::log::LogBroker::local(store.clone());
-        let mut consumer = broker.local_consumer(&["bad".to_string(), "good".to_string()], 4).unwrap();
-        let got = tokio::time::timeout(Duration::from_secs(10), consumer.next_raw()).await.unwrap().unwrap();
-        assert_eq!((got.queue.as_str(), &got.record.payload[..]), ("good", &b"g0"[..]));
-        drop((consumer, got, broker, store));
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -1012,7 +791,7 @@ mod tests {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         store.append("q", vec![rec("x")]).await.unwrap();
-        store.put_result("id", b"{}".to_vec(), Duration::from_secs(60), |_| false).await.unwrap();
+        store.results().put("id", b"{}".to_vec(), Duration::from_secs(60), |_| false).await.unwrap();
         store.sync().await.unwrap();
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);

@@ -21,6 +21,7 @@ use celery_core::protocol::{Headers, Message, Properties};
 use celery_core::ProtocolError;
 use chrono::{DateTime, Utc};
 
+use super::record::{now_ms, NewRecord};
 use crate::envelope;
 
 /// The first byte of the compact form.
@@ -117,6 +118,17 @@ pub(crate) fn encode(msg: &Message) -> Vec<u8> {
     let present = o.present.to_le_bytes();
     o.buf[1..5].copy_from_slice(&present);
     o.buf
+}
+
+/// A task message as the record that holds it: the compact payload, its eta as the record's
+/// not-before (when in the future), and its partition key (`Signature::partition_key`) as the key.
+pub(crate) fn to_record(msg: &Message) -> NewRecord {
+    let not_before_ms = msg.headers.eta.map(|t| t.timestamp_millis()).filter(|t| *t > now_ms()).unwrap_or(0);
+    let key = match msg.headers.extra.get(celery_core::signature::PARTITION_KEY) {
+        Some(serde_json::Value::String(k)) => k.as_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    NewRecord { not_before_ms, headers: Vec::new(), key, payload: encode(msg) }
 }
 
 /// Decodes either form into a message, and whether the message says it was redelivered (only a

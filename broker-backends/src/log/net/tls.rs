@@ -13,14 +13,14 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName}
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
 
-use super::error::LogError;
+use crate::log::storage::LogError;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn bad(what: &str, path: &Path, e: impl std::fmt::Display) -> LogError {
-    LogError::Invalid(format!("{what} {}: {e}", path.display()))
+fn bad(what: &str, path: &Path, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> LogError {
+    LogError::Tls { context: format!("{what} {}", path.display()), source: e.into() }
 }
 
 fn certs(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, LogError> {
@@ -39,7 +39,7 @@ fn key(what: &str, path: &Path) -> Result<PrivateKeyDer<'static>, LogError> {
 }
 
 fn tls_err(e: rustls::Error) -> LogError {
-    LogError::Invalid(format!("TLS configuration: {e}"))
+    LogError::Tls { context: "TLS configuration".into(), source: e.into() }
 }
 
 /// The server side: a certificate and key, and optionally the authority client certificates must
@@ -142,8 +142,10 @@ impl ClientTls {
             _ => builder.with_no_client_auth(),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| LogError::Invalid(format!("log+tls://: `{host}` is not a server name: {e}")))?;
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| LogError::Tls {
+            context: format!("log+tls://: `{host}` is not a server name"),
+            source: e.into(),
+        })?;
         Ok(ClientTls { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), name })
     }
 

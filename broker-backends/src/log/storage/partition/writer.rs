@@ -1,0 +1,671 @@
+//! The append log of one partition and its writer thread (group commit).
+//!
+//! Publishers hand batches to one writer thread per partition, which drains everything pending,
+//! writes it with one `write`, fsyncs once (policy `always`), then completes every waiter. Acks go
+//! through the same thread into `acks.log`: settling threads add them to a shared list and wake the
+//! writer only when the list was empty, so a busy queue costs one wake-up per batch of acks, not per
+//! ack. The writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks
+//! it wrote, and compacts it into `checkpoint` now and then (and truncates `acks.log`): a checkpoint
+//! therefore always covers every ack written before it.
+//!
+//! Readers ([`PartitionLog::read`]) see only what the writer has published: a batch whose write
+//! fails is cut back and never read. Damage found while reading is skipped, reported once and
+//! quarantined.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, Instant};
+
+use celery_core::sync::lock;
+use tokio::sync::{oneshot, Notify};
+
+use super::finished::{acks_frame, Finished, COUNTS_FRAME};
+use crate::log::storage::disk;
+use crate::log::storage::error::LogError;
+use crate::log::storage::record::{self, now_ms, NewRecord, Record};
+use crate::log::storage::segment::{self, ReadAhead, Segment};
+
+/// How long an ack may wait for its fsync under `Fsync::Always` (acks share fsyncs).
+const ACK_SYNC: Duration = Duration::from_millis(10);
+/// How long the writer, woken by acks alone, gathers more before writing them.
+const ACK_GATHER: Duration = Duration::from_micros(500);
+
+/// When appended bytes are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// Before a publish returns (many publishes share one fsync). The default.
+    Always,
+    /// At most this long after a write.
+    Interval(Duration),
+    /// Left to the operating system.
+    Os,
+}
+
+/// Partition settings.
+#[derive(Debug, Clone)]
+pub(crate) struct PartitionConfig {
+    /// The fsync policy.
+    pub(crate) fsync: Fsync,
+    /// Roll to a new segment past this many bytes.
+    pub(crate) segment_bytes: u64,
+}
+
+/// What the writer thread is asked to do.
+enum WriterCmd {
+    Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
+    /// Settlements are waiting in the shared list.
+    Settled,
+    /// Answered once what was sent before is written: an error when this batch's write, fsync or
+    /// checkpoint failed.
+    Flush(oneshot::Sender<Result<(), LogError>>),
+}
+
+/// A change to the finished set, in the order the writer applies it.
+#[derive(Debug)]
+pub(super) enum AckOp {
+    /// Offsets finished.
+    Ack(Vec<u64>),
+    /// A record's delivery count (a redelivery).
+    Count(u64, u32),
+    /// The whole set replaced (purge, forced retention); checkpointed at once.
+    Reset(Finished),
+    /// Checkpoint now (clean shutdown; forces an fsync).
+    Checkpoint,
+}
+
+/// Where a record is: its segment and its byte in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Pos {
+    /// The base offset of the segment.
+    pub(super) seg: u64,
+    /// The byte in the segment.
+    pub(super) byte: u64,
+}
+
+/// What readers may read: set by the writer once a batch is written.
+#[derive(Debug)]
+struct End {
+    next_offset: u64,
+    /// Where the published records end: nothing at or past it is read (a batch being written
+    /// there may still fail and be rewritten).
+    tail: Pos,
+}
+
+/// The append-only log of one partition.
+#[derive(Debug)]
+pub(crate) struct PartitionLog {
+    segments: Arc<RwLock<Vec<Segment>>>,
+    end: Arc<Mutex<End>>,
+    tx: Mutex<Option<mpsc::Sender<WriterCmd>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Settlements for the writer, in order.
+    settled: Arc<Mutex<Vec<AckOp>>>,
+    /// The partition's directory.
+    dir: PathBuf,
+    /// Damage reported so far: (segment, first lost offset).
+    damaged: Mutex<std::collections::HashSet<(u64, u64)>>,
+    /// Records lost to damage found so far.
+    pub(crate) corrupt_records: std::sync::atomic::AtomicU64,
+}
+
+impl PartitionLog {
+    pub(super) fn open(
+        dir: &Path,
+        cfg: &PartitionConfig,
+        finished: Finished,
+        on_append: Arc<Notify>,
+    ) -> Result<PartitionLog, LogError> {
+        let first_offset = finished.watermark;
+        let rec = segment::recover(dir, first_offset)?;
+        let active =
+            rec.segments.last().cloned().ok_or_else(|| LogError::Invalid("a partition without a segment".into()))?;
+        let tail = Pos { seg: active.base, byte: rec.tail_len };
+        let segments = Arc::new(RwLock::new(rec.segments));
+        let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
+        let (tx, rx) = mpsc::channel();
+        let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
+        let acks_path = dir.join("acks.log");
+        let acks = disk::open_append(&acks_path)?;
+        let writer = Writer {
+            settled: settled.clone(),
+            finished,
+            acks_since_checkpoint: 0,
+            dir: dir.to_owned(),
+            cfg: cfg.clone(),
+            segments: segments.clone(),
+            active,
+            end: end.clone(),
+            tail_len: rec.tail_len,
+            next_offset: rec.next_offset,
+            on_append,
+            acks_len: acks.metadata().map_err(|e| LogError::io(&acks_path, e))?.len(),
+            acks,
+            batch_start: rec.tail_len,
+            broken: None,
+            sync_failed: None,
+            dirty: false,
+            acks_dirty: false,
+            last_sync: Instant::now(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("log-writer-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")))
+            .spawn(move || writer.run(rx))
+            .map_err(|e| LogError::io(dir, e))?;
+        Ok(PartitionLog {
+            segments,
+            end,
+            tx: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+            settled,
+            dir: dir.to_owned(),
+            damaged: Mutex::default(),
+            corrupt_records: Default::default(),
+        })
+    }
+
+    /// The segments, oldest first (a poisoned lock is still used: the list is whole between
+    /// statements).
+    pub(super) fn segments(&self) -> RwLockReadGuard<'_, Vec<Segment>> {
+        self.segments.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The segments, to change (retention deletes the oldest).
+    pub(super) fn segments_mut(&self) -> RwLockWriteGuard<'_, Vec<Segment>> {
+        self.segments.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
+        lock(&self.tx).as_ref().ok_or(LogError::Closed)?.send(cmd).map_err(|_| LogError::Closed)
+    }
+
+    /// Hands a settlement to the writer, waking it when it had none waiting.
+    pub(super) fn settle(&self, op: AckOp) -> Result<(), LogError> {
+        if self.queue_settled(op) {
+            self.wake_writer()?;
+        }
+        Ok(())
+    }
+
+    /// Queues a settlement for the writer; true when it had none waiting (then wake it with
+    /// [`PartitionLog::wake_writer`]).
+    pub(super) fn queue_settled(&self, op: AckOp) -> bool {
+        let mut s = lock(&self.settled);
+        s.push(op);
+        s.len() == 1
+    }
+
+    pub(super) fn wake_writer(&self) -> Result<(), LogError> {
+        self.send(WriterCmd::Settled)
+    }
+
+    /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
+    pub(crate) async fn append(&self, records: Vec<NewRecord>) -> Result<u64, LogError> {
+        // Never write what could not be read back: a frame over the on-disk limit would stop every
+        // reader at it.
+        for r in &records {
+            let limit = record::MAX_RECORD - record::FRAME_HEADER + 4;
+            record::check_size("record", r.encoded_len(), limit)?;
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(WriterCmd::Append(records, tx))?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// The offset the next record will get.
+    pub(crate) fn next_offset(&self) -> u64 {
+        lock(&self.end).next_offset
+    }
+
+    /// Reads the record at `pos` if `pos` is before the end (through the reader's `ahead`).
+    pub(crate) fn read(
+        &self,
+        pos: &mut Pos,
+        offset: u64,
+        ahead: &mut ReadAhead,
+    ) -> Result<Option<(Record, Pos)>, LogError> {
+        let tail = {
+            let end = lock(&self.end);
+            if offset >= end.next_offset {
+                return Ok(None);
+            }
+            end.tail
+        };
+        let segs = self.segments();
+        let mut idx = segs.partition_point(|s| s.base <= pos.seg).checked_sub(1).filter(|i| segs[*i].base == pos.seg);
+        if idx.is_none() {
+            // The segment of `pos` was deleted by retention: find `offset` again, if it is kept.
+            let first = segs.first().map(|s| s.base).unwrap_or(0);
+            drop(segs);
+            if offset < first {
+                return Err(LogError::Invalid(format!("offset {offset} is no longer kept (retention)")));
+            }
+            *pos = self.seek(offset)?;
+            return self.read(pos, offset, ahead);
+        }
+        while let Some(i) = idx.filter(|i| i + 1 < segs.len() && offset >= segs[i + 1].base) {
+            idx = Some(i + 1);
+            pos.seg = segs[i + 1].base;
+            pos.byte = 0;
+        }
+        let at = *pos;
+        let seg = idx
+            .and_then(|i| segs.get(i))
+            .ok_or_else(|| LogError::Invalid(format!("no segment for offset {offset}")))?;
+        let limit = (seg.base == tail.seg).then_some(tail.byte);
+        let problem = match segment::read_at(seg, pos.byte, ahead, limit) {
+            // A later offset than asked: the records between were lost to damage found before.
+            Ok((rec, next)) if rec.offset >= offset => {
+                if rec.offset > offset {
+                    self.report_damage(seg, at.byte, at.byte, offset..rec.offset, "offsets missing");
+                }
+                pos.byte = next;
+                return Ok(Some((rec, at)));
+            }
+            Ok((rec, _)) => format!("found offset {} at byte {}", rec.offset, at.byte),
+            Err(LogError::Corrupt { reason, .. }) => reason,
+            // A closed segment that ends before the next one begins (a segment file lost in
+            // between, or a truncated one): the records up to the next segment are gone.
+            Err(LogError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::UnexpectedEof && limit.is_none() =>
+            {
+                format!("the segment ends at byte {} before offset {offset}", at.byte)
+            }
+            Err(e) => return Err(e),
+        };
+        // Damaged bytes: resume at the next valid record, in this segment or at the next one.
+        let end = match limit {
+            Some(l) => l,
+            None => seg.file.metadata().map_err(|e| LogError::io(&seg.path, e))?.len(),
+        };
+        let next_seg = idx.and_then(|i| segs.get(i + 1)).map(|n| (Pos { seg: n.base, byte: 0 }, n.base));
+        let resume = segment::resync(&seg.file, &seg.path, at.byte, end, offset)?
+            .map(|(byte, found)| (Pos { seg: seg.base, byte }, found))
+            .or(next_seg);
+        let Some((resume, found)) = resume else {
+            return Err(LogError::Corrupt { path: seg.path.clone(), offset, reason: problem });
+        };
+        let damaged_to = if resume.seg == seg.base { resume.byte } else { end };
+        self.report_damage(seg, at.byte, damaged_to, offset..found, &problem);
+        drop(segs);
+        *pos = resume;
+        self.read(pos, found, ahead)
+    }
+
+    /// Reports damaged records once: logged as an error, counted, and their bytes copied to
+    /// `quarantine/<segment base>-<byte>.bin` in the partition's directory for inspection.
+    fn report_damage(&self, seg: &Segment, from: u64, to: u64, lost: std::ops::Range<u64>, problem: &str) {
+        if !lock(&self.damaged).insert((seg.base, lost.start)) {
+            return;
+        }
+        let count = lost.end.saturating_sub(lost.start);
+        self.corrupt_records.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        let qdir = self.dir.join("quarantine");
+        let saved = (to > from)
+            .then(|| {
+                // At most 64 MiB of it: enough to inspect, never a segment-sized allocation.
+                let mut bytes = vec![0u8; (to - from).min(64 << 20) as usize];
+                std::os::unix::fs::FileExt::read_exact_at(&*seg.file, &mut bytes, from).ok()?;
+                disk::create_dir_all(&qdir).ok()?;
+                let path = qdir.join(format!("{}-{from}.bin", seg.base));
+                disk::replace_file(&path, &bytes).ok().map(|()| path)
+            })
+            .flatten();
+        tracing::error!(
+            segment = %seg.path.display(), byte = from, lost_offsets = ?lost, count, problem,
+            quarantined = ?saved, "log: damaged records skipped; the records after them are served"
+        );
+    }
+
+    /// Re-reads the record at a position found earlier.
+    pub(super) fn read_at(&self, at: Pos) -> Result<Record, LogError> {
+        let segs = self.segments();
+        let seg = segs
+            .iter()
+            .find(|s| s.base == at.seg)
+            .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
+        Ok(segment::read_at(seg, at.byte, &mut ReadAhead::exact(), None)?.0)
+    }
+
+    /// The position of `offset` (scanning its segment from the start).
+    pub(crate) fn seek(&self, offset: u64) -> Result<Pos, LogError> {
+        let base = {
+            let segs = self.segments();
+            segs.iter().rev().find(|s| s.base <= offset).or(segs.first()).map(|s| s.base).unwrap_or(0)
+        };
+        let mut pos = Pos { seg: base, byte: 0 };
+        let mut o = base;
+        let mut ahead = ReadAhead::default();
+        while o < offset {
+            match self.read(&mut pos, o, &mut ahead)? {
+                // Damage skipped past `offset`: its record is gone, the next one is there.
+                Some((rec, at)) if rec.offset >= offset => return Ok(at),
+                Some((rec, _)) => o = rec.offset + 1,
+                None => break,
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Waits until everything sent to the writer so far is written.
+    pub(crate) async fn flush(&self) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(WriterCmd::Flush(tx))?;
+        rx.await.map_err(|_| LogError::Closed)?
+    }
+
+    /// Stops the writer thread after it has written everything sent.
+    pub(crate) fn close(&self) {
+        lock(&self.tx).take();
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+struct Writer {
+    dir: PathBuf,
+    cfg: PartitionConfig,
+    segments: Arc<RwLock<Vec<Segment>>>,
+    /// The last segment, the one appended to.
+    active: Segment,
+    end: Arc<Mutex<End>>,
+    tail_len: u64,
+    next_offset: u64,
+    on_append: Arc<Notify>,
+    acks: File,
+    /// Bytes of `acks.log` written by this writer (a failed write is cut back to it).
+    acks_len: u64,
+    /// Where the batch being written starts in the active segment: a batch whose write or fsync
+    /// fails is cut back to it, so a later batch never lands behind bytes that were refused.
+    batch_start: u64,
+    /// Set when a failed batch could not be cut back: every later append fails (reopening the
+    /// partition recovers it).
+    broken: Option<String>,
+    /// An fsync of this batch failed (even one whose error was handled, like a checkpoint's).
+    sync_failed: Option<String>,
+    settled: Arc<Mutex<Vec<AckOp>>>,
+    /// The finished set as written to `acks.log` and `checkpoint`.
+    finished: Finished,
+    acks_since_checkpoint: usize,
+    dirty: bool,
+    acks_dirty: bool,
+    last_sync: Instant,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<WriterCmd>) {
+        loop {
+            // Wake up for a pending fsync only when something is waiting for one.
+            let idle = match self.cfg.fsync {
+                Fsync::Interval(d) if self.dirty || self.acks_dirty => d,
+                Fsync::Always if self.acks_dirty => ACK_SYNC,
+                _ => Duration::from_secs(3600),
+            };
+            let first = match rx.recv_timeout(idle) {
+                Ok(c) => c,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = self.maybe_sync(true) {
+                        tracing::error!(error = %e, "log: fsync failed");
+                    }
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let mut batch = vec![first];
+            if matches!(batch[0], WriterCmd::Settled) {
+                // Woken by acks alone: let more gather (anything else ends the wait).
+                if let Ok(c) = rx.recv_timeout(ACK_GATHER) {
+                    batch.push(c);
+                }
+            }
+            while batch.len() < 4096 {
+                match rx.try_recv() {
+                    Ok(c) => batch.push(c),
+                    Err(_) => break,
+                }
+            }
+            self.process(batch);
+        }
+        if let Err(e) = self.maybe_sync(true) {
+            tracing::error!(error = %e, "log: fsync failed");
+        }
+    }
+
+    fn process(&mut self, batch: Vec<WriterCmd>) {
+        let mut buf = Vec::new();
+        let mut waiters = Vec::new();
+        let mut flushes = Vec::new();
+        let start_offset = self.next_offset;
+        let now = now_ms();
+        for cmd in batch {
+            match cmd {
+                WriterCmd::Append(records, done) => {
+                    let first = self.next_offset;
+                    for r in records {
+                        let rec = Record {
+                            offset: self.next_offset,
+                            timestamp_ms: now,
+                            not_before_ms: r.not_before_ms,
+                            headers: r.headers,
+                            key: r.key,
+                            payload: r.payload,
+                        };
+                        rec.encode_into(&mut buf);
+                        self.next_offset += 1;
+                    }
+                    waiters.push((first, done));
+                }
+                WriterCmd::Settled => {}
+                WriterCmd::Flush(f) => flushes.push(f),
+            }
+        }
+        // Taken after the commands: a flush waits for the settlements made before it.
+        let settled = std::mem::take(&mut *lock(&self.settled));
+        self.sync_failed = None;
+        let result = self.write_records(&buf, start_offset);
+        let settle_error = self.apply_settled(settled).err().map(|e| {
+            tracing::error!(error = %e, "log: writing acks failed; those records will be delivered again");
+            e.to_string()
+        });
+        // A failed fsync anywhere in this batch (a checkpoint's too) fails it: a second fsync of
+        // the same file may report success for pages the first one lost.
+        let result = result.and_then(|()| self.maybe_sync(false)).and_then(|()| match self.sync_failed.take() {
+            Some(e) => Err(LogError::Invalid(format!("fsync failed: {e}"))),
+            None => Ok(()),
+        });
+        let flushed = match (&result, settle_error) {
+            (Err(e), _) => Some(e.to_string()),
+            (Ok(()), e) => e,
+        };
+        match result {
+            Ok(()) => {
+                let tail = Pos { seg: self.active.base, byte: self.tail_len };
+                *lock(&self.end) = End { next_offset: self.next_offset, tail };
+                if !buf.is_empty() {
+                    self.on_append.notify_waiters();
+                }
+                for (first, w) in waiters {
+                    let _ = w.send(Ok(first));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "log: write failed; the batch is refused");
+                self.next_offset = start_offset;
+                self.undo_batch();
+                for (_, w) in waiters {
+                    let _ = w.send(Err(LogError::Invalid(format!("write failed, nothing stored: {e}"))));
+                }
+            }
+        }
+        for f in flushes {
+            let _ = f.send(match &flushed {
+                None => Ok(()),
+                Some(e) => Err(LogError::Invalid(e.clone())),
+            });
+        }
+    }
+
+    /// Cuts the active segment back to where the failed batch began (its bytes were never
+    /// acknowledged); when even that fails, the partition refuses appends until it is reopened.
+    fn undo_batch(&mut self) {
+        let seg = &self.active;
+        if self.tail_len == self.batch_start {
+            return;
+        }
+        match seg.file.set_len(self.batch_start) {
+            Ok(()) => {
+                self.tail_len = self.batch_start;
+                self.broken = None;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, path = %seg.path.display(), "log: cannot cut a failed batch back; the partition refuses appends until it is reopened");
+                self.broken = Some(format!("{}: a failed write could not be undone: {e}", seg.path.display()));
+            }
+        }
+    }
+
+    fn write_records(&mut self, buf: &[u8], first: u64) -> Result<(), LogError> {
+        if let Some(b) = &self.broken {
+            return Err(LogError::Invalid(b.clone()));
+        }
+        self.batch_start = self.tail_len;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
+            self.sync_now()?;
+            let seg = segment::create(&self.dir, first)?;
+            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
+            self.active = seg;
+            self.tail_len = 0;
+            self.batch_start = 0;
+        }
+        let seg = &self.active;
+        // A failure is undone by the caller (`undo_batch`): never a half-written batch behind a later one.
+        self.tail_len += buf.len() as u64;
+        disk::write_all(&seg.file, buf, &seg.path)?;
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Writes acks to `acks.log` and applies them to the writer's finished set, checkpointing when
+    /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
+    fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
+        let (mut acks, mut counts) = (Vec::new(), Vec::new());
+        let mut checkpoint = false;
+        for op in settled {
+            match op {
+                AckOp::Ack(offsets) => {
+                    for o in &offsets {
+                        self.finished.mark(*o);
+                    }
+                    acks.extend(offsets);
+                }
+                AckOp::Count(offset, n) => {
+                    if !self.finished.is_done(offset) {
+                        self.finished.counts.insert(offset, n);
+                        counts.extend_from_slice(&offset.to_le_bytes());
+                        counts.extend_from_slice(&n.to_le_bytes());
+                    }
+                }
+                AckOp::Reset(f) => {
+                    // Settlements before the reset are covered by it.
+                    acks.clear();
+                    counts.clear();
+                    self.finished = f;
+                    checkpoint = true;
+                }
+                AckOp::Checkpoint => checkpoint = true,
+            }
+        }
+        self.acks_since_checkpoint += acks.len();
+        if checkpoint || self.acks_since_checkpoint >= CHECKPOINT_EVERY {
+            // The checkpoint holds every ack so far: acks.log starts over.
+            let data = self.finished.encode();
+            match self.write_checkpoint(&data) {
+                Ok(()) => {
+                    self.acks_since_checkpoint = 0;
+                    Ok(())
+                }
+                Err(e) => {
+                    // Keep this batch's acks in acks.log at least (the next checkpoint covers them).
+                    let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
+                    let _ = self.write_acks_frame(0, &body).and_then(|()| self.write_acks_frame(COUNTS_FRAME, &counts));
+                    Err(e)
+                }
+            }
+        } else {
+            let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
+            self.write_acks_frame(0, &body)?;
+            self.write_acks_frame(COUNTS_FRAME, &counts)
+        }
+    }
+
+    /// Appends one `acks.log` frame (`flags` marks its kind in the length word).
+    fn write_acks_frame(&mut self, flags: u32, body: &[u8]) -> Result<(), LogError> {
+        if body.is_empty() {
+            return Ok(());
+        }
+        let frame = acks_frame(flags, body);
+        let path = self.dir.join("acks.log");
+        if let Err(e) = disk::write_all(&self.acks, &frame, &path) {
+            // A torn frame would hide every later one at the next open: cut it off.
+            let _ = self.acks.set_len(self.acks_len);
+            return Err(e);
+        }
+        self.acks_len += frame.len() as u64;
+        self.acks_dirty = true;
+        Ok(())
+    }
+
+    /// fsyncs what was written since the last sync (the segment, `acks.log`, or both).
+    fn sync_now(&mut self) -> Result<(), LogError> {
+        if self.dirty {
+            let seg = &self.active;
+            if let Err(e) = disk::sync_data(&seg.file, &seg.path) {
+                self.sync_failed = Some(e.to_string());
+                return Err(e);
+            }
+            self.dirty = false;
+        }
+        if self.acks_dirty {
+            if let Err(e) = disk::sync_data(&self.acks, &self.dir.join("acks.log")) {
+                self.sync_failed = Some(e.to_string());
+                return Err(e);
+            }
+            self.acks_dirty = false;
+        }
+        self.last_sync = Instant::now();
+        Ok(())
+    }
+
+    /// Under `always`, appended records are fsynced before anyone is told; acks alone are fsynced
+    /// at most [`ACK_SYNC`] later (a crash in that window delivers those finished records again).
+    fn maybe_sync(&mut self, idle: bool) -> Result<(), LogError> {
+        match self.cfg.fsync {
+            Fsync::Always if self.dirty || idle || self.last_sync.elapsed() >= ACK_SYNC => self.sync_now(),
+            Fsync::Interval(d) if idle || self.last_sync.elapsed() >= d => self.sync_now(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Replaces `checkpoint` atomically, then empties `acks.log` (whose acks it contains).
+    fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
+        self.sync_now()?;
+        disk::replace_file(&self.dir.join("checkpoint"), data)?;
+        let path = self.dir.join("acks.log");
+        self.acks.set_len(0).map_err(|e| LogError::io(&path, e))?;
+        self.acks_len = 0;
+        disk::sync_all(&self.acks, &path)
+    }
+}
+
+/// Acks between two checkpoints.
+const CHECKPOINT_EVERY: usize = 50_000;
