@@ -6,9 +6,12 @@
 //! `CELERY_REQUIRE_SERVICES=1` (set by `.ci/run`), where it fails.
 //!
 //! [`python`] installs Python Celery and Flower for the suites that run them against ours;
-//! [`browser`] installs headless Chromium for the suites that look at web pages.
+//! [`browser`] installs headless Chromium for the suites that look at web pages;
+//! [`cluster`] runs RabbitMQ and Redis clusters on loopback (`scripts/cluster`) for the failover
+//! suites.
 
 pub mod browser;
+pub mod cluster;
 pub mod python;
 
 use std::path::PathBuf;
