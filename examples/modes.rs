@@ -90,29 +90,31 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         "pubsub" => {
-            b.declare_exchange("logs", ExchangeKind::Fanout).await?;
+            b.require_routing("exchanges and bindings")?.declare_exchange("logs", ExchangeKind::Fanout).await?;
             for q in ["subscriber.a", "subscriber.b"] {
-                b.bind(&Binding::new("logs", q, "")).await?;
+                b.require_routing("exchanges and bindings")?.bind(&Binding::new("logs", q, "")).await?;
                 b.purge(q).await?;
             }
             show(b, "logs", "anything", &["subscriber.a", "subscriber.b"]).await?;
         }
         "routing" => {
-            b.declare_exchange("direct_logs", ExchangeKind::Direct).await?;
-            b.bind(&Binding::new("direct_logs", "disk", "error")).await?;
+            b.require_routing("exchanges and bindings")?.declare_exchange("direct_logs", ExchangeKind::Direct).await?;
+            b.require_routing("exchanges and bindings")?.bind(&Binding::new("direct_logs", "disk", "error")).await?;
             b.purge("disk").await?;
             b.purge("console").await?;
             for sev in ["info", "warning", "error"] {
-                b.bind(&Binding::new("direct_logs", "console", sev)).await?;
+                b.require_routing("exchanges and bindings")?.bind(&Binding::new("direct_logs", "console", sev)).await?;
             }
             for sev in ["info", "error"] {
                 show(b, "direct_logs", sev, &["disk", "console"]).await?;
             }
         }
         "topic" => {
-            b.declare_exchange("topic_logs", ExchangeKind::Topic).await?;
-            b.bind(&Binding::new("topic_logs", "all.errors", "*.error")).await?;
-            b.bind(&Binding::new("topic_logs", "kernel", "kern.#")).await?;
+            b.require_routing("exchanges and bindings")?.declare_exchange("topic_logs", ExchangeKind::Topic).await?;
+            b.require_routing("exchanges and bindings")?
+                .bind(&Binding::new("topic_logs", "all.errors", "*.error"))
+                .await?;
+            b.require_routing("exchanges and bindings")?.bind(&Binding::new("topic_logs", "kernel", "kern.#")).await?;
             b.purge("all.errors").await?;
             b.purge("kernel").await?;
             for key in ["kern.error", "app.error", "kern.disk.full"] {

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Settle};
+use celery_core::capability::{Documents, Leases};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
 use celery_core::sync::lock;
@@ -127,6 +128,16 @@ impl Broker for MemoryBroker {
         Ok(st.queues.get(queue).map(|q| q.iter().take(max).cloned().map(Ok).collect()).unwrap_or_default())
     }
 
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn documents(&self) -> Option<&dyn Documents> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Leases for MemoryBroker {
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         let now = std::time::Instant::now();
         let mut st = lock(&self.inner.state);
@@ -144,7 +155,10 @@ impl Broker for MemoryBroker {
         }
         Ok(())
     }
+}
 
+#[async_trait]
+impl Documents for MemoryBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         Ok(lock(&self.inner.state).docs.get(key).cloned())
     }

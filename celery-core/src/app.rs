@@ -163,13 +163,15 @@ impl App {
         let (route, msg) = self.prepare(&sig)?;
         let id = &msg.headers.id;
         if let Some(key) = &sig.options.idempotency_key {
-            if let Some(first) = self.backend.claim(key, id, self.config.idempotency_window).await? {
+            if let Some(first) = self.backend.require_claims()?.claim(key, id, self.config.idempotency_window).await? {
                 tracing::debug!(key, first = %first, "idempotency key seen: returning the first task");
                 return Ok(self.result(&first));
             }
             if let Err(e) = crate::backoff::retrying(|| self.broker.publish(&route, &msg)).await {
                 // Not sent: free the key so that a retry of this send can send.
-                let _ = self.backend.unclaim(key, id).await;
+                if let Some(claims) = self.backend.claims() {
+                    let _ = claims.unclaim(key, id).await;
+                }
                 return Err(e.into());
             }
             self.sent_event(&route, &msg).await;
@@ -195,7 +197,11 @@ impl App {
         let host = h.origin.clone().unwrap_or_else(crate::protocol::origin);
         let event = crate::event::event("task-sent", &host, 0, fields);
         let key = crate::event::routing_key(&event);
-        if let Err(e) = self.broker.broadcast(&crate::event::exchange(), &key, &crate::event::message(&event)).await {
+        let Some(broadcasts) = self.broker.broadcasts() else {
+            tracing::debug!(broker = self.broker.kind(), "no broadcasts: the task-sent event is not sent");
+            return;
+        };
+        if let Err(e) = broadcasts.broadcast(&crate::event::exchange(), &key, &crate::event::message(&event)).await {
             tracing::debug!(error = %e, "cannot send the task-sent event");
         }
     }
@@ -293,7 +299,7 @@ impl App {
             return self.send(body).await;
         }
         let group_id = uuid::Uuid::new_v4().to_string();
-        self.backend.chord_size(&group_id, header.len()).await?;
+        self.backend.require_chords()?.chord_size(&group_id, header.len()).await?;
         let mut doc = body.to_json();
         doc["chord_size"] = Value::from(header.len());
         let members = header.into_iter().enumerate().map(|(i, mut s)| {

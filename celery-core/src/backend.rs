@@ -8,6 +8,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::capability::{Chords, Claims};
 use crate::error::BackendError;
 use crate::protocol::format_time;
 use crate::state::TaskState;
@@ -43,44 +44,19 @@ pub trait ResultBackend: Send + Sync + Debug {
         None
     }
 
-    /// Claims the idempotency `key` for `task_id` for `ttl`: `None` when this call claimed it,
-    /// else the task id that holds it. Atomic across processes.
-    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
-        let _ = (key, task_id, ttl);
-        Err(BackendError::Unsupported { backend: self.kind(), what: "idempotency keys" })
-    }
-
-    /// Frees `key` if `task_id` holds it (its send failed).
-    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        let _ = (key, task_id);
-        Ok(())
-    }
-
     /// A short name for messages (`"redis"`).
     fn kind(&self) -> &'static str {
         "this"
     }
 
-    /// Records that the chord of group `group_id` has `size` members (Celery's `set_chord_size`).
-    /// Called before any member is sent.
-    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        let _ = (group_id, size);
-        Err(BackendError::Unsupported { backend: self.kind(), what: "chords" })
+    /// Chord counting, when the backend has it ([`Chords`]).
+    fn chords(&self) -> Option<&dyn Chords> {
+        None
     }
 
-    /// Counts a member's final state into its chord, atomically. Returns every member, in group
-    /// order, to exactly one caller: the one whose report completed the chord. A member reported
-    /// twice (a retry or a redelivery) counts once; the completing member reporting again (its
-    /// worker died before acking) gets the members again, so the body is sent at least once.
-    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        let _ = (group_id, member);
-        Err(BackendError::Unsupported { backend: self.kind(), what: "chords" })
-    }
-
-    /// Forgets a chord's tally once its body was sent.
-    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        let _ = group_id;
-        Ok(())
+    /// Idempotency claims, when the backend has them ([`Claims`]).
+    fn claims(&self) -> Option<&dyn Claims> {
+        None
     }
 }
 

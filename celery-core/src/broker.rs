@@ -15,14 +15,14 @@
 //! - `consume(.., prefetch)` never has more than `prefetch` unsettled deliveries out.
 
 use std::fmt::Debug;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::capability::{Broadcasts, Documents, Leases, Routing};
 use crate::error::{BrokerError, ProtocolError};
 use crate::protocol::Message;
-use crate::routing::{Binding, Exchange, ExchangeKind, Route};
+use crate::routing::Route;
 
 /// A message store with routing and leased consumption.
 ///
@@ -108,58 +108,24 @@ pub trait Broker: Send + Sync + Debug {
         })
     }
 
-    /// Declares an exchange (durably, where the broker keeps declarations). A broker without this
-    /// kind of exchange fails with [`BrokerError::Unsupported`], never silently.
-    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("{kind:?} exchanges (`{name}`)") })
+    /// Exchanges and bindings, when the broker has them ([`Routing`]).
+    fn routing(&self) -> Option<&dyn Routing> {
+        None
     }
 
-    /// Binds a queue to an exchange.
-    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("bindings (`{}`)", binding.exchange) })
+    /// Broadcasts, when the broker has them ([`Broadcasts`]).
+    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
+        None
     }
 
-    /// Publishes `msg` to whoever subscribes to `exchange` at this moment, at most once; nothing is
-    /// stored for absent subscribers (Celery's events, control requests and their replies). The
-    /// exchange is declared as given on brokers that declare exchanges (RabbitMQ). On Redis, fanout
-    /// and topic broadcasts are Kombu's PUB/SUB fanout and direct ones go to the bound lists, as
-    /// Celery's events and control replies do.
-    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
-        let _ = (routing_key, msg);
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{}`)", exchange.name) })
+    /// Leases, when the broker has them ([`Leases`]).
+    fn leases(&self) -> Option<&dyn Leases> {
+        None
     }
 
-    /// Receives the broadcasts to `exchange` whose routing key matches `pattern` (the binding key:
-    /// topic syntax, `*` one word and `#` any, for topic exchanges; the routing key itself for
-    /// direct ones), from now until the subscription is dropped.
-    async fn subscribe(&self, exchange: &Exchange, pattern: &str) -> Result<Box<dyn Subscription>, BrokerError> {
-        let _ = pattern;
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("broadcasts (`{}`)", exchange.name) })
-    }
-
-    /// Takes or renews the lease `name` for `holder`: `Ok(true)` while `holder` holds it. A lease
-    /// not renewed within `ttl` (or whose holder's connection died, where the broker can tell) goes
-    /// to the next caller. Beat's leader election rests on this.
-    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
-        let _ = (holder, ttl);
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("leases (`{name}`)") })
-    }
-
-    /// Gives up the lease `name` if `holder` holds it, so the next caller takes it at once.
-    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
-        let _ = (name, holder);
-        Ok(())
-    }
-
-    /// The small document stored durably under `key` (beat's state), if any.
-    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("stored documents (`{key}`)") })
-    }
-
-    /// Stores `doc` durably under `key`, replacing what was there.
-    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
-        let _ = doc;
-        Err(BrokerError::Unsupported { broker: self.kind(), option: format!("stored documents (`{key}`)") })
+    /// Stored documents, when the broker has them ([`Documents`]).
+    fn documents(&self) -> Option<&dyn Documents> {
+        None
     }
 }
 

@@ -15,6 +15,7 @@ pub mod app;
 pub mod backend;
 pub mod backoff;
 pub mod broker;
+pub mod capability;
 pub mod clock;
 pub mod error;
 pub mod event;

@@ -109,7 +109,9 @@ impl EventDispatcher {
                 };
                 let msg = celery_core::event::message(&event);
                 let key = celery_core::event::routing_key(&event);
-                if let Err(e) = app.broker().broadcast(&exchange, &key, &msg).await {
+                if let Err(e) =
+                    async { app.broker().require_broadcasts("events")?.broadcast(&exchange, &key, &msg).await }.await
+                {
                     tracing::debug!(error = %e, "events: cannot send an event");
                 }
             }
@@ -180,7 +182,10 @@ impl EventStream {
 
 /// Subscribes to every event on `app`'s broker.
 pub async fn subscribe(app: &App) -> Result<EventStream, BrokerError> {
-    Ok(EventStream { sub: app.broker().subscribe(&exchange(), "#").await?, batch: Default::default() })
+    Ok(EventStream {
+        sub: app.broker().require_broadcasts("events")?.subscribe(&exchange(), "#").await?,
+        batch: Default::default(),
+    })
 }
 
 /// The fields of a worker event.
@@ -232,7 +237,7 @@ mod tests {
         let mut events = subscribe(&app).await.unwrap();
         let batch = json!([{"type": "task-received", "uuid": "7"}, {"type": "task-succeeded", "uuid": "7"}]);
         let msg = celery_core::event::message(&batch);
-        app.broker().broadcast(&exchange(), "task.multi", &msg).await.unwrap();
+        app.broker().require_broadcasts("events").unwrap().broadcast(&exchange(), "task.multi", &msg).await.unwrap();
         for want in ["task-received", "task-succeeded"] {
             let got = tokio::time::timeout(std::time::Duration::from_secs(10), events.next()).await.unwrap().unwrap();
             assert_eq!((got["type"].as_str(), got["uuid"].as_str()), (Some(want), Some("7")));

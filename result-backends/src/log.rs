@@ -20,6 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_backends::log::{LogBroker, Results};
 use celery_core::backend::ChordMember;
+use celery_core::capability::{Chords, Claims};
 use celery_core::url::ServiceUrl;
 use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
 
@@ -76,6 +77,31 @@ impl ResultBackend for LogResultBackend {
         "log"
     }
 
+    fn chords(&self) -> Option<&dyn Chords> {
+        Some(self)
+    }
+
+    fn claims(&self) -> Option<&dyn Claims> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Chords for LogResultBackend {
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        self.results.chord_size(group_id, size, self.expires).await.map_err(err)
+    }
+
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        self.results.chord_part(group_id, member, self.expires).await.map_err(err)
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        self.results.chord_done(group_id).await.map_err(err)
+    }
+}
+
+#[async_trait]
+impl Claims for LogResultBackend {
     /// A claim is a lease named `idempotency.<key>` held by the task id (as `Broker::lease`).
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let name = format!("idempotency.{key}");
@@ -92,18 +118,6 @@ impl ResultBackend for LogResultBackend {
 
     async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
         self.results.lease(&format!("idempotency.{key}"), task_id, None).await.map(|_| ()).map_err(err)
-    }
-
-    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        self.results.chord_size(group_id, size, self.expires).await.map_err(err)
-    }
-
-    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        self.results.chord_part(group_id, member, self.expires).await.map_err(err)
-    }
-
-    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        self.results.chord_done(group_id).await.map_err(err)
     }
 }
 

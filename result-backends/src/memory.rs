@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::{ChordMember, ChordTally};
+use celery_core::capability::{Chords, Claims};
 use celery_core::sync::lock;
 use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use tokio::sync::Notify;
@@ -59,6 +60,34 @@ impl ResultBackend for MemoryBackend {
         "memory"
     }
 
+    fn chords(&self) -> Option<&dyn Chords> {
+        Some(self)
+    }
+
+    fn claims(&self) -> Option<&dyn Claims> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Chords for MemoryBackend {
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        lock(&self.chords).entry(group_id.to_owned()).or_default().size = Some(size);
+        Ok(())
+    }
+
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        let mut chords = lock(&self.chords);
+        Ok(chords.entry(group_id.to_owned()).or_default().part(member.clone()))
+    }
+
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
+        lock(&self.chords).remove(group_id);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Claims for MemoryBackend {
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let now = std::time::Instant::now();
         let mut claims = lock(&self.claims);
@@ -76,21 +105,6 @@ impl ResultBackend for MemoryBackend {
         if claims.get(key).is_some_and(|(id, _)| id == task_id) {
             claims.remove(key);
         }
-        Ok(())
-    }
-
-    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        lock(&self.chords).entry(group_id.to_owned()).or_default().size = Some(size);
-        Ok(())
-    }
-
-    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        let mut chords = lock(&self.chords);
-        Ok(chords.entry(group_id.to_owned()).or_default().part(member.clone()))
-    }
-
-    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        lock(&self.chords).remove(group_id);
         Ok(())
     }
 }

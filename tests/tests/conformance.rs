@@ -664,7 +664,8 @@ async fn countdown_tasks_run_at_their_eta(t: Target) {
 /// Leases: one holder at a time, renewal by the holder, release hands over; documents: replaced whole.
 async fn leases_and_documents(t: Target) {
     let app = t.app().await;
-    let b = app.broker();
+    let b = app.broker().require_leases("the conformance lease").expect("every broker has leases");
+    let d = app.broker().require_documents("the conformance doc").expect("every broker has documents");
     let ttl = Duration::from_secs(30);
     assert!(b.lease("conf", "a", ttl).await.unwrap(), "a free lease is taken");
     assert!(!b.lease("conf", "b", ttl).await.unwrap(), "a held lease is refused to another holder");
@@ -678,12 +679,12 @@ async fn leases_and_documents(t: Target) {
     tokio::time::timeout(Duration::from_secs(5), handed_over).await.expect("release hands the lease over");
     assert!(!b.lease("conf", "a", ttl).await.unwrap());
 
-    assert_eq!(b.load_doc("conf").await.unwrap(), None);
-    b.store_doc("conf", b"first").await.unwrap();
-    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"first"[..]));
-    b.store_doc("conf", b"second").await.unwrap();
-    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]));
-    assert_eq!(b.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]), "reading keeps it");
+    assert_eq!(d.load_doc("conf").await.unwrap(), None);
+    d.store_doc("conf", b"first").await.unwrap();
+    assert_eq!(d.load_doc("conf").await.unwrap().as_deref(), Some(&b"first"[..]));
+    d.store_doc("conf", b"second").await.unwrap();
+    assert_eq!(d.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]));
+    assert_eq!(d.load_doc("conf").await.unwrap().as_deref(), Some(&b"second"[..]), "reading keeps it");
 }
 
 celery_tests::each_broker!(

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use broker_backends::postgres::PostgresBroker;
 use celery_core::broker::DEAD_LETTER_REASON;
+use celery_core::capability::{Broadcasts, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::{App, Broker, BrokerError, Signature, TaskState};

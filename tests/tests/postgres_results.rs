@@ -23,6 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use celery_core::backend::ChordMember;
+use celery_core::capability::{Chords, Claims};
 use celery_core::{BackendError, ResultBackend, ResultError, Signature, TaskMeta, TaskState};
 use celery_tests::python::{self, Service};
 use celery_tests::{redis_available, PgSchema, RedisEnv};

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use celery_core::capability::Routing;
 use celery_core::routing::{Binding, ExchangeKind, Route};
 use celery_core::{protocol::Message, Broker, BrokerError, Signature};
 use celery_tests::Target;
@@ -27,18 +28,19 @@ fn q(name: &str) -> String {
 async fn direct_and_topic(t: Target) {
     let app = t.app().await;
     let b = app.broker().as_ref();
-    b.declare_exchange("direct_logs", ExchangeKind::Direct).await.unwrap();
-    b.bind(&Binding::new("direct_logs", q("errors"), "error")).await.unwrap();
+    let r = b.require_routing("routing tests").unwrap();
+    r.declare_exchange("direct_logs", ExchangeKind::Direct).await.unwrap();
+    r.bind(&Binding::new("direct_logs", q("errors"), "error")).await.unwrap();
     for sev in ["info", "warning", "error"] {
-        b.bind(&Binding::new("direct_logs", q("all"), sev)).await.unwrap();
+        r.bind(&Binding::new("direct_logs", q("all"), sev)).await.unwrap();
     }
     b.publish(&Route::exchange("direct_logs", "error"), &msg(1)).await.unwrap();
     b.publish(&Route::exchange("direct_logs", "info"), &msg(2)).await.unwrap();
     assert_eq!((queued(b, &q("errors")).await, queued(b, &q("all")).await), (1, 2));
 
-    b.declare_exchange("topic_logs", ExchangeKind::Topic).await.unwrap();
-    b.bind(&Binding::new("topic_logs", q("any_error"), "*.error")).await.unwrap();
-    b.bind(&Binding::new("topic_logs", q("kern"), "kern.#")).await.unwrap();
+    r.declare_exchange("topic_logs", ExchangeKind::Topic).await.unwrap();
+    r.bind(&Binding::new("topic_logs", q("any_error"), "*.error")).await.unwrap();
+    r.bind(&Binding::new("topic_logs", q("kern"), "kern.#")).await.unwrap();
     b.publish(&Route::exchange("topic_logs", "kern.error"), &msg(3)).await.unwrap();
     b.publish(&Route::exchange("topic_logs", "kern.disk.full"), &msg(4)).await.unwrap();
     b.publish(&Route::exchange("topic_logs", "app.error"), &msg(5)).await.unwrap();
@@ -61,27 +63,28 @@ async fn direct_and_topic(t: Target) {
 async fn fanout_and_headers(t: Target) {
     let app = t.app().await;
     let b = app.broker().as_ref();
-    b.declare_exchange("logs", ExchangeKind::Fanout).await.unwrap();
+    let r = b.require_routing("routing tests").unwrap();
+    r.declare_exchange("logs", ExchangeKind::Fanout).await.unwrap();
     for name in ["sub1", "sub2", "sub3"] {
-        b.bind(&Binding::new("logs", q(name), "")).await.unwrap();
+        r.bind(&Binding::new("logs", q(name), "")).await.unwrap();
     }
     b.publish(&Route::exchange("logs", "whatever"), &msg(1)).await.unwrap();
     for name in ["sub1", "sub2", "sub3"] {
         assert_eq!(queued(b, &q(name)).await, 1, "every bound queue receives: {name}");
     }
-    b.declare_exchange("by_headers", ExchangeKind::Headers).await.unwrap();
+    r.declare_exchange("by_headers", ExchangeKind::Headers).await.unwrap();
     let want: serde_json::Map<String, serde_json::Value> =
         serde_json::from_value(json!({"format": "pdf", "type": "report"})).unwrap();
-    b.bind(&Binding::headers("by_headers", q("all_match"), want.clone(), true)).await.unwrap();
-    b.bind(&Binding::headers("by_headers", q("any_match"), want, false)).await.unwrap();
+    r.bind(&Binding::headers("by_headers", q("all_match"), want.clone(), true)).await.unwrap();
+    r.bind(&Binding::headers("by_headers", q("any_match"), want, false)).await.unwrap();
     b.publish(&Route::exchange("by_headers", ""), &msg(2)).await.unwrap();
     assert_eq!((queued(b, &q("all_match")).await, queued(b, &q("any_match")).await), (0, 1));
-    assert!(b.declare_exchange("logs", ExchangeKind::Direct).await.is_err(), "redeclared with another kind");
+    assert!(r.declare_exchange("logs", ExchangeKind::Direct).await.is_err(), "redeclared with another kind");
 }
 
 async fn redis_refuses_what_it_cannot_do(t: Target) {
     let app = t.app().await;
-    match app.broker().declare_exchange("logs", ExchangeKind::Fanout).await {
+    match app.broker().require_routing("routing tests").unwrap().declare_exchange("logs", ExchangeKind::Fanout).await {
         Err(BrokerError::Unsupported { broker, option }) => {
             assert_eq!(broker, "redis");
             assert!(option.contains("Fanout"), "{option}");

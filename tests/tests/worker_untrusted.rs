@@ -272,7 +272,7 @@ async fn headers_that_do_not_parse_fail_get_at_once() {
 /// Lease ttls, result expiries and time limits as large as they get.
 async fn huge_times_saturate(t: Target) {
     let app = t.app().await;
-    let b = app.broker();
+    let b = app.broker().require_leases("huge ttls").unwrap();
     assert!(b.lease("huge", "a", Duration::MAX).await.unwrap(), "a free lease is taken for ever");
     assert!(!b.lease("huge", "b", Duration::from_secs(1)).await.unwrap(), "not already expired: b is refused");
     assert!(b.lease("huge", "a", Duration::from_secs(u64::MAX)).await.unwrap(), "the holder renews");

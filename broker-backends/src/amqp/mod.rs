@@ -47,6 +47,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use celery_core::broker::dead_letter_queue;
+use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::{Message, CONTENT_ENCODING, CONTENT_TYPE};
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::sync::lock;
@@ -388,6 +389,24 @@ impl Broker for AmqpBroker {
         })
     }
 
+    fn routing(&self) -> Option<&dyn Routing> {
+        Some(self)
+    }
+
+    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
+        Some(self)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn documents(&self) -> Option<&dyn Documents> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Routing for AmqpBroker {
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
         self.exchange_declare(&Exchange::new(name, kind)).await
     }
@@ -403,7 +422,10 @@ impl Broker for AmqpBroker {
             .await
             .map_err(failed("amqp: bind a queue"))
     }
+}
 
+#[async_trait]
+impl Broadcasts for AmqpBroker {
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         self.amqp_broadcast(exchange, routing_key, msg).await
     }
@@ -415,7 +437,10 @@ impl Broker for AmqpBroker {
     ) -> Result<Box<dyn celery_core::broker::Subscription>, BrokerError> {
         self.amqp_subscribe(exchange, pattern).await
     }
+}
 
+#[async_trait]
+impl Leases for AmqpBroker {
     /// A single-active-consumer queue's token (see the `lease` module); `ttl` is not needed, as
     /// RabbitMQ hands the token on as soon as the holder's channel dies.
     async fn lease(&self, name: &str, holder: &str, _ttl: std::time::Duration) -> Result<bool, BrokerError> {
@@ -425,7 +450,10 @@ impl Broker for AmqpBroker {
     async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         self.amqp_release(name, holder).await
     }
+}
 
+#[async_trait]
+impl Documents for AmqpBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         self.amqp_load_doc(key).await
     }

@@ -59,6 +59,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
+use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
@@ -296,6 +297,24 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
+    fn routing(&self) -> Option<&dyn Routing> {
+        Some(self)
+    }
+
+    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
+        Some(self)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn documents(&self) -> Option<&dyn Documents> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Routing for LogBroker {
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
         match &self.inner {
             Inner::Local(s) => Ok(s.declare_exchange(name, kind)?),
@@ -309,7 +328,10 @@ impl Broker for LogBroker {
             Inner::Remote(c) => c.bind(binding).await,
         }
     }
+}
 
+#[async_trait]
+impl Broadcasts for LogBroker {
     /// Broadcasts go through the owner's memory to its current subscribers; nothing is stored.
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         match &self.inner {
@@ -332,7 +354,10 @@ impl Broker for LogBroker {
             Inner::Remote(c) => broadcast_subscription(c.clone(), exchange.name.clone(), pattern.to_owned()).await?,
         }))
     }
+}
 
+#[async_trait]
+impl Leases for LogBroker {
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         self.results().lease(name, holder, Some(ttl.max(Duration::from_millis(1)))).await
     }
@@ -340,7 +365,10 @@ impl Broker for LogBroker {
     async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         self.results().lease(name, holder, None).await.map(|_| ())
     }
+}
 
+#[async_trait]
+impl Documents for LogBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         self.results().get(&doc_key(key)).await
     }

@@ -50,6 +50,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
+use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::{BackendError, Broker, BrokerError, Consumer, ProtocolError};
@@ -352,6 +353,24 @@ impl Broker for PostgresBroker {
         Ok(rows.iter().map(|r| envelope::decode(r.get::<_, &[u8]>(0)).message).collect())
     }
 
+    fn routing(&self) -> Option<&dyn Routing> {
+        Some(self)
+    }
+
+    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
+        Some(self)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn documents(&self) -> Option<&dyn Documents> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Routing for PostgresBroker {
     /// Direct, topic and fanout exchanges; headers exchanges are not offered.
     async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
         check_name("exchange", name)?;
@@ -378,7 +397,10 @@ impl Broker for PostgresBroker {
         check_name("queue", &binding.queue)?;
         self.inner.db.query(sql::BIND, &[&binding.exchange, &binding.routing_key, &binding.queue]).await.map(drop)
     }
+}
 
+#[async_trait]
+impl Broadcasts for PostgresBroker {
     /// A `NOTIFY` to every subscriber connected now, with the body inline (or, above 7900 bytes,
     /// stored for five minutes and announced by id).
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
@@ -460,7 +482,10 @@ impl Broker for PostgresBroker {
         });
         Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
     }
+}
 
+#[async_trait]
+impl Leases for PostgresBroker {
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         check_name("lease", name)?;
         check_name("lease holder", holder)?;
@@ -473,7 +498,10 @@ impl Broker for PostgresBroker {
         check_name("lease holder", holder)?;
         self.inner.db.query(sql::RELEASE, &[&name, &holder]).await.map(drop)
     }
+}
 
+#[async_trait]
+impl Documents for PostgresBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         check_name("document key", key)?;
         Ok(self.inner.db.query(sql::LOAD_DOC, &[&key]).await?.first().map(|r| r.get(0)))

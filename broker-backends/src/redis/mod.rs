@@ -42,6 +42,7 @@ mod url;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
@@ -222,29 +223,6 @@ impl Broker for RedisBroker {
         Ok(counts.iter().sum())
     }
 
-    /// Direct and topic exchanges live in Kombu's binding sets; fanout (Kombu uses at-most-once
-    /// PUB/SUB for it) and headers exchanges are not offered on Redis.
-    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
-        match kind {
-            ExchangeKind::Direct | ExchangeKind::Topic => Ok(()),
-            other => {
-                Err(BrokerError::Unsupported { broker: "redis", option: format!("{other:?} exchanges (`{name}`)") })
-            }
-        }
-    }
-
-    /// Adds `binding_key \x06\x16 "" \x06\x16 queue` to Kombu's `_kombu.binding.<exchange>` set.
-    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
-        if !binding.headers.is_empty() {
-            return Err(BrokerError::Unsupported { broker: "redis", option: "headers bindings".into() });
-        }
-        let mut conn = self.conn.clone();
-        let member = format!("{}{SEP}{SEP}{}", binding.routing_key, binding.queue);
-        let _: () =
-            conn.sadd(self.keys.binding(&binding.exchange), member).await.map_err(failed("redis: bind a queue"))?;
-        Ok(())
-    }
-
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut pipe = redis::pipe();
         for k in self.keys.buckets(queue) {
@@ -281,6 +259,50 @@ impl Broker for RedisBroker {
             .collect())
     }
 
+    fn routing(&self) -> Option<&dyn Routing> {
+        Some(self)
+    }
+
+    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
+        Some(self)
+    }
+
+    fn leases(&self) -> Option<&dyn Leases> {
+        Some(self)
+    }
+
+    fn documents(&self) -> Option<&dyn Documents> {
+        Some(self)
+    }
+}
+#[async_trait]
+impl Routing for RedisBroker {
+    /// Direct and topic exchanges live in Kombu's binding sets; fanout (Kombu uses at-most-once
+    /// PUB/SUB for it) and headers exchanges are not offered on Redis.
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError> {
+        match kind {
+            ExchangeKind::Direct | ExchangeKind::Topic => Ok(()),
+            other => {
+                Err(BrokerError::Unsupported { broker: "redis", option: format!("{other:?} exchanges (`{name}`)") })
+            }
+        }
+    }
+
+    /// Adds `binding_key \x06\x16 "" \x06\x16 queue` to Kombu's `_kombu.binding.<exchange>` set.
+    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
+        if !binding.headers.is_empty() {
+            return Err(BrokerError::Unsupported { broker: "redis", option: "headers bindings".into() });
+        }
+        let mut conn = self.conn.clone();
+        let member = format!("{}{SEP}{SEP}{}", binding.routing_key, binding.queue);
+        let _: () =
+            conn.sadd(self.keys.binding(&binding.exchange), member).await.map_err(failed("redis: bind a queue"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broadcasts for RedisBroker {
     /// As Kombu does it: fanout and topic broadcasts are `PUBLISH /<db>.<exchange>[/<routing key>]`
     /// (Celery's events and control requests); direct ones go to the lists bound to the exchange
     /// (Celery's control replies).
@@ -353,7 +375,10 @@ impl Broker for RedisBroker {
         });
         Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
     }
+}
 
+#[async_trait]
+impl Leases for RedisBroker {
     async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
         let mut conn = self.conn.clone();
         let held: i64 = scripts::lease()
@@ -376,7 +401,10 @@ impl Broker for RedisBroker {
             .map_err(failed("redis: release a lease"))?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl Documents for RedisBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         let mut conn = self.conn.clone();
         conn.get(self.keys.doc(key)).await.map_err(failed("redis: load a document"))

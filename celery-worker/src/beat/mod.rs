@@ -182,7 +182,15 @@ impl Beat {
         loop {
             if Instant::now() >= next_renew {
                 let asked = Instant::now();
-                match run.app.broker().lease(&run.key, &run.cfg.holder, ttl).await {
+                match async {
+                    run.app
+                        .broker()
+                        .require_leases("the beat leader lease")?
+                        .lease(&run.key, &run.cfg.holder, ttl)
+                        .await
+                }
+                .await
+                {
                     Ok(true) => {
                         valid_until = celery_core::clock::instant_from(asked, ttl);
                         if !leading {
@@ -223,7 +231,9 @@ impl Beat {
         if leading {
             run.save().await;
             run.stand_by().await;
-            let _ = run.app.broker().release(&run.key, &run.cfg.holder).await;
+            if let Some(leases) = run.app.broker().leases() {
+                let _ = leases.release(&run.key, &run.cfg.holder).await;
+            }
         }
         tracing::info!(beat = %run.cfg.name, "beat: stopped");
         Ok(())
@@ -263,7 +273,7 @@ struct Running {
 impl Running {
     /// Becomes the leader: loads the state, merges the entries, starts reading the control queue.
     async fn lead(&mut self) -> Result<(), BeatError> {
-        self.state = match self.app.broker().load_doc(&self.key).await? {
+        self.state = match self.app.broker().require_documents("the beat state")?.load_doc(&self.key).await? {
             None => BeatState::default(),
             Some(doc) => serde_json::from_slice(&doc).unwrap_or_else(|e| {
                 tracing::error!(beat = %self.cfg.name, error = %e, "beat: the stored state is not readable; starting afresh");
@@ -402,7 +412,9 @@ impl Running {
             Ok(d) => d,
             Err(e) => return tracing::error!(error = %e, "beat: cannot encode the state"),
         };
-        if let Err(e) = self.app.broker().store_doc(&self.key, &doc).await {
+        if let Err(e) =
+            async { self.app.broker().require_documents("the beat state")?.store_doc(&self.key, &doc).await }.await
+        {
             tracing::error!(beat = %self.cfg.name, error = %e, "beat: cannot store the state");
         }
     }
@@ -479,7 +491,7 @@ pub async fn remove_entry(app: &App, beat: &str, name: &str) -> Result<(), BeatE
 
 /// The stored state of beat `beat` (what `beat list` shows), if it ever ran.
 pub async fn load_state(app: &App, beat: &str) -> Result<Option<BeatState>, BeatError> {
-    match app.broker().load_doc(&state_key(beat)).await? {
+    match app.broker().require_documents("the beat state")?.load_doc(&state_key(beat)).await? {
         None => Ok(None),
         Some(doc) => serde_json::from_slice(&doc).map(Some).map_err(|e| BeatError::State(e.to_string())),
     }

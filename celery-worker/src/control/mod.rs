@@ -119,7 +119,8 @@ async fn call(
     let oid = uuid::Uuid::new_v4().to_string();
     let ticket = uuid::Uuid::new_v4().to_string();
     let (requests, replies_to) = (request_exchange(), reply_exchange());
-    let mut replies = retrying(|| app.broker().subscribe(&replies_to, &oid)).await?;
+    let broadcasts = app.broker().require_broadcasts("remote control")?;
+    let mut replies = retrying(|| broadcasts.subscribe(&replies_to, &oid)).await?;
     let expected = destination.as_ref().map(Vec::len);
     let body = json!({
         "method": method, "arguments": arguments, "destination": destination,
@@ -128,7 +129,7 @@ async fn call(
     });
     let expires = celery_core::event::now() + timeout.as_secs_f64();
     let msg = message(&body, &[("clock", json!(0)), ("expires", json!(expires))]);
-    retrying(|| app.broker().broadcast(&requests, "", &msg)).await?;
+    retrying(|| broadcasts.broadcast(&requests, "", &msg)).await?;
     let mut out = Vec::new();
     let deadline = celery_core::clock::instant_after(timeout);
     while expected.is_none_or(|n| out.len() < n) {
@@ -178,7 +179,11 @@ async fn remember_revoked(app: &App, ids: &[&str]) {
     let broker = app.broker();
     let mut held = false;
     for _ in 0..50 {
-        match broker.lease(REVOKED_LEASE, &holder, Duration::from_secs(5)).await {
+        match async {
+            broker.require_leases("revoked ids")?.lease(REVOKED_LEASE, &holder, Duration::from_secs(5)).await
+        }
+        .await
+        {
             Ok(true) => {
                 held = true;
                 break;
@@ -206,19 +211,22 @@ async fn remember_revoked(app: &App, ids: &[&str]) {
     }
     match serde_json::to_vec(&all) {
         Ok(doc) => {
-            if let Err(e) = broker.store_doc(REVOKED_DOC, &doc).await {
+            if let Err(e) = async { broker.require_documents("revoked ids")?.store_doc(REVOKED_DOC, &doc).await }.await
+            {
                 tracing::warn!(error = %e, "control: cannot store the revoked ids");
             }
         }
         Err(e) => tracing::warn!(error = %e, "control: cannot encode the revoked ids"),
     }
-    let _ = broker.release(REVOKED_LEASE, &holder).await;
+    if let Some(leases) = broker.leases() {
+        let _ = leases.release(REVOKED_LEASE, &holder).await;
+    }
 }
 
 /// The stored revoked ids that have not expired (id -> expiry).
 async fn stored_revoked(app: &App) -> HashMap<String, f64> {
     let now = celery_core::event::now();
-    match app.broker().load_doc(REVOKED_DOC).await {
+    match async { app.broker().require_documents("revoked ids")?.load_doc(REVOKED_DOC).await }.await {
         Ok(Some(doc)) => serde_json::from_slice::<HashMap<String, f64>>(&doc)
             .unwrap_or_default()
             .into_iter()

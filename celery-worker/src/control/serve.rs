@@ -26,7 +26,9 @@ pub(crate) async fn start(w: &Arc<Shared>) -> Option<tokio::task::JoinHandle<()>
     for id in super::stored_revoked(&w.app).await.into_keys() {
         w.revoked.add(&id);
     }
-    match w.app.broker().subscribe(&super::request_exchange(), "").await {
+    match async { w.app.broker().require_broadcasts("remote control")?.subscribe(&super::request_exchange(), "").await }
+        .await
+    {
         Ok(requests) => Some(tokio::spawn(serve(w.clone(), requests))),
         Err(e) => {
             tracing::debug!(error = %e, "remote control unavailable");
@@ -142,7 +144,9 @@ async fn send_reply(w: &Shared, reply_to: &serde_json::Map<String, Value>, ticke
     let exchange = Exchange::new(name, ExchangeKind::Direct).transient();
     let body = json!({ w.config.hostname.clone(): reply });
     let msg = super::message(&body, &[("ticket", ticket.clone()), ("clock", json!(w.clock.forward()))]);
-    if let Err(e) = w.app.broker().broadcast(&exchange, key, &msg).await {
+    if let Err(e) =
+        async { w.app.broker().require_broadcasts("control replies")?.broadcast(&exchange, key, &msg).await }.await
+    {
         tracing::warn!(error = %e, "remote control: cannot reply");
     }
 }

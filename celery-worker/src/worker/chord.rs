@@ -26,7 +26,7 @@ pub(crate) async fn member_done(app: &App, msg: &Message, body: &Value, state: T
     let Some(group) = msg.headers.group.as_deref() else { return };
     let member =
         ChordMember { task_id: msg.headers.id.clone(), index: msg.headers.group_index, state, result: result.clone() };
-    let members = match app.backend().chord_part(group, &member).await {
+    let members = match async { app.backend().require_chords()?.chord_part(group, &member).await }.await {
         Ok(Some(m)) => m,
         Ok(None) => return,
         Err(e) => return tracing::error!(chord = group, error = %e, "chord: cannot count this member"),
@@ -42,7 +42,7 @@ pub(crate) async fn member_done(app: &App, msg: &Message, body: &Value, state: T
     };
     match outcome {
         Ok(()) => {
-            if let Err(e) = app.backend().chord_done(group).await {
+            if let Err(e) = async { app.backend().require_chords()?.chord_done(group).await }.await {
                 tracing::warn!(chord = group, error = %e, "chord: cannot clear the tally (it expires)");
             }
         }

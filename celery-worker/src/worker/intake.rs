@@ -294,7 +294,7 @@ impl Intake {
             let kind: ExchangeKind =
                 spec.exchange_type.parse().map_err(|_| QueueError::ExchangeType(spec.exchange_type.clone()))?;
             if !spec.exchange.is_empty() {
-                self.app.broker().declare_exchange(&spec.exchange, kind).await?;
+                self.app.broker().require_routing("add_consumer")?.declare_exchange(&spec.exchange, kind).await?;
                 let binding = Binding {
                     exchange: spec.exchange.clone(),
                     queue: spec.name.clone(),
@@ -302,7 +302,7 @@ impl Intake {
                     headers: Default::default(),
                     match_all: true,
                 };
-                self.app.broker().bind(&binding).await?;
+                self.app.broker().require_routing("add_consumer")?.bind(&binding).await?;
             }
         }
         let mut queues = st.queues.clone();

@@ -65,6 +65,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backend::ChordMember;
+use celery_core::capability::{Chords, Claims};
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use deadpool_postgres::Pool;
 
@@ -236,14 +237,16 @@ impl ResultBackend for PostgresBackend {
         "postgresql"
     }
 
-    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
-        chord::claim(&self.client().await?, key, task_id, ttl).await
+    fn chords(&self) -> Option<&dyn Chords> {
+        Some(self)
     }
 
-    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        chord::unclaim(&self.client().await?, key, task_id).await
+    fn claims(&self) -> Option<&dyn Claims> {
+        Some(self)
     }
-
+}
+#[async_trait]
+impl Chords for PostgresBackend {
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
         chord::size(&self.client().await?, group_id, size).await
     }
@@ -254,6 +257,17 @@ impl ResultBackend for PostgresBackend {
 
     async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
         chord::done(&mut self.client().await?, group_id).await
+    }
+}
+
+#[async_trait]
+impl Claims for PostgresBackend {
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        chord::claim(&self.client().await?, key, task_id, ttl).await
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        chord::unclaim(&self.client().await?, key, task_id).await
     }
 }
 

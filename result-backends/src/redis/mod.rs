@@ -26,6 +26,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_backends::redis::error::kind_of;
 use celery_core::backend::ChordMember;
+use celery_core::capability::{Chords, Claims};
 use celery_core::url::redacted;
 use celery_core::{BackendError, ErrorKind, ResultBackend, TaskMeta};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -149,29 +150,16 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 
-    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
-        let mut conn = self.conn.clone();
-        self.claim
-            .key(self.idempotency_key(key))
-            .arg(task_id)
-            .arg(celery_core::clock::ttl(ttl).as_secs().max(1))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(failed("redis results: claim"))
+    fn chords(&self) -> Option<&dyn Chords> {
+        Some(self)
     }
 
-    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        let mut conn = self.conn.clone();
-        let _: i64 = self
-            .unclaim
-            .key(self.idempotency_key(key))
-            .arg(task_id)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(failed("redis results: unclaim"))?;
-        Ok(())
+    fn claims(&self) -> Option<&dyn Claims> {
+        Some(self)
     }
-
+}
+#[async_trait]
+impl Chords for RedisBackend {
     /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
         let mut conn = self.conn.clone();
@@ -219,6 +207,32 @@ impl ResultBackend for RedisBackend {
         let mut conn = self.conn.clone();
         let keys: Vec<String> = [".j", ".t", ".s", ".ids", ".by"].iter().map(|s| self.chord_key(group_id, s)).collect();
         let _: () = conn.del(keys).await.map_err(failed("redis results: chord done"))?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Claims for RedisBackend {
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
+        let mut conn = self.conn.clone();
+        self.claim
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .arg(celery_core::clock::ttl(ttl).as_secs().max(1))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: claim"))
+    }
+
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .unclaim
+            .key(self.idempotency_key(key))
+            .arg(task_id)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis results: unclaim"))?;
         Ok(())
     }
 }

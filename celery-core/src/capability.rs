@@ -1,0 +1,245 @@
+//! What a broker or result backend can do beyond the minimum, as traits of their own (apalis-style).
+//!
+//! Every broker publishes, consumes, purges, counts and peeks ([`Broker`]); every result backend
+//! stores, reads, waits and forgets ([`ResultBackend`]). The rest is optional, and a backend either
+//! implements a capability's trait or does not:
+//!
+//! | capability | trait | used by |
+//! | --- | --- | --- |
+//! | exchanges and bindings | [`Routing`] | `declare`/`bind`, topic and fanout routes |
+//! | broadcasts | [`Broadcasts`] | events, remote control (`inspect`, `control`), the monitor |
+//! | leases | [`Leases`] | beat's leader election |
+//! | documents | [`Documents`] | beat's schedule state |
+//! | chords | [`Chords`] | chord counting |
+//! | idempotency claims | [`Claims`] | `Signature::idempotency_key` |
+//!
+//! Code that holds a concrete backend calls the trait's methods directly, so a missing capability is
+//! a compile error there. Code that holds `dyn Broker` asks with [`Broker::routing`] (and the like),
+//! which return `None` when the broker lacks it, or with `require_*`, which turn that `None` into a
+//! clear [`BrokerError::Unsupported`]. [`Capabilities`] lists what a broker or backend offers, for
+//! the monitor and the CLI.
+//!
+//! ```no_run
+//! # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), celery_core::BrokerError> {
+//! use celery_core::capability::Capabilities;
+//! let caps = Capabilities::of_broker(broker.as_ref());
+//! println!("{} offers: {caps}", broker.kind());
+//! if let Some(leases) = broker.leases() {
+//!     let leader = leases.lease("beat", "host-1", std::time::Duration::from_secs(10)).await?;
+//!     println!("leader: {leader}");
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! [`Broker`]: crate::Broker
+//! [`Broker::routing`]: crate::Broker::routing
+//! [`ResultBackend`]: crate::ResultBackend
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::backend::{ChordMember, ResultBackend};
+use crate::broker::{Broker, Subscription};
+use crate::error::{BackendError, BrokerError};
+use crate::protocol::Message;
+use crate::routing::{Binding, Exchange, ExchangeKind};
+
+/// Exchanges and bindings, RabbitMQ-style (emulated by brokers that have none).
+#[async_trait]
+pub trait Routing: Send + Sync {
+    /// Declares an exchange (durably, where the broker keeps declarations). A broker without this
+    /// kind of exchange fails with [`BrokerError::Unsupported`], never silently.
+    async fn declare_exchange(&self, name: &str, kind: ExchangeKind) -> Result<(), BrokerError>;
+
+    /// Binds a queue to an exchange.
+    async fn bind(&self, binding: &Binding) -> Result<(), BrokerError>;
+}
+
+/// Broadcasts to whoever listens at the moment: Celery's events, control requests and replies.
+#[async_trait]
+pub trait Broadcasts: Send + Sync {
+    /// Publishes `msg` to whoever subscribes to `exchange` at this moment, at most once; nothing is
+    /// stored for absent subscribers. The exchange is declared as given on brokers that declare
+    /// exchanges (RabbitMQ). On Redis, fanout and topic broadcasts are Kombu's PUB/SUB fanout and
+    /// direct ones go to the bound lists, as Celery's events and control replies do.
+    async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError>;
+
+    /// Receives the broadcasts to `exchange` whose routing key matches `pattern` (the binding key:
+    /// topic syntax, `*` one word and `#` any, for topic exchanges; the routing key itself for
+    /// direct ones), from now until the subscription is dropped.
+    async fn subscribe(&self, exchange: &Exchange, pattern: &str) -> Result<Box<dyn Subscription>, BrokerError>;
+}
+
+/// Named leases with a time to live: beat's leader election rests on them.
+#[async_trait]
+pub trait Leases: Send + Sync {
+    /// Takes or renews the lease `name` for `holder`: `Ok(true)` while `holder` holds it. A lease
+    /// not renewed within `ttl` (or whose holder's connection died, where the broker can tell) goes
+    /// to the next caller.
+    async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError>;
+
+    /// Gives up the lease `name` if `holder` holds it, so the next caller takes it at once.
+    async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError>;
+}
+
+/// Small documents stored durably under a key: beat's schedule state.
+#[async_trait]
+pub trait Documents: Send + Sync {
+    /// The document stored under `key`, if any.
+    async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError>;
+
+    /// Stores `doc` durably under `key`, replacing what was there.
+    async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError>;
+}
+
+/// Chord counting in the result backend, atomically across workers (Celery's `set_chord_size` and
+/// `on_chord_part_return`).
+#[async_trait]
+pub trait Chords: Send + Sync {
+    /// Records that the chord of group `group_id` has `size` members. Called before any member is
+    /// sent.
+    async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError>;
+
+    /// Counts a member's final state into its chord, atomically. Returns every member, in group
+    /// order, to exactly one caller: the one whose report completed the chord. A member reported
+    /// twice (a retry or a redelivery) counts once; the completing member reporting again (its
+    /// worker died before acking) gets the members again, so the body is sent at least once.
+    async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError>;
+
+    /// Forgets a chord's tally once its body was sent.
+    async fn chord_done(&self, group_id: &str) -> Result<(), BackendError>;
+}
+
+/// Idempotency claims in the result backend: one task per key within a window.
+#[async_trait]
+pub trait Claims: Send + Sync {
+    /// Claims the idempotency `key` for `task_id` for `ttl`: `None` when this call claimed it,
+    /// else the task id that holds it. Atomic across processes.
+    async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError>;
+
+    /// Frees `key` if `task_id` holds it (its send failed).
+    async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError>;
+}
+
+/// The optional capabilities a broker or result backend offers, for messages and listings.
+///
+/// ```
+/// use celery_core::capability::Capabilities;
+/// let caps = Capabilities { leases: true, documents: true, ..Capabilities::default() };
+/// assert_eq!(caps.to_string(), "leases, documents");
+/// assert_eq!(caps.missing().to_string(), "routing, broadcasts, chords, claims");
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Exchanges and bindings ([`Routing`]).
+    pub routing: bool,
+    /// Broadcasts ([`Broadcasts`]).
+    pub broadcasts: bool,
+    /// Leases ([`Leases`]).
+    pub leases: bool,
+    /// Stored documents ([`Documents`]).
+    pub documents: bool,
+    /// Chord counting ([`Chords`]).
+    pub chords: bool,
+    /// Idempotency claims ([`Claims`]).
+    pub claims: bool,
+}
+
+impl Capabilities {
+    /// What `broker` offers.
+    pub fn of_broker(broker: &dyn Broker) -> Capabilities {
+        Capabilities {
+            routing: broker.routing().is_some(),
+            broadcasts: broker.broadcasts().is_some(),
+            leases: broker.leases().is_some(),
+            documents: broker.documents().is_some(),
+            ..Capabilities::default()
+        }
+    }
+
+    /// What `backend` offers.
+    pub fn of_backend(backend: &dyn ResultBackend) -> Capabilities {
+        Capabilities {
+            chords: backend.chords().is_some(),
+            claims: backend.claims().is_some(),
+            ..Capabilities::default()
+        }
+    }
+
+    /// The capabilities this one lacks (of all six).
+    pub fn missing(&self) -> Capabilities {
+        Capabilities {
+            routing: !self.routing,
+            broadcasts: !self.broadcasts,
+            leases: !self.leases,
+            documents: !self.documents,
+            chords: !self.chords,
+            claims: !self.claims,
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.routing, "routing"),
+            (self.broadcasts, "broadcasts"),
+            (self.leases, "leases"),
+            (self.documents, "documents"),
+            (self.chords, "chords"),
+            (self.claims, "claims"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.names().collect();
+        if names.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&names.join(", "))
+        }
+    }
+}
+
+impl dyn Broker {
+    /// The broker's [`Routing`], or an error saying it has none (naming `what` was wanted).
+    pub fn require_routing(&self, what: &str) -> Result<&dyn Routing, BrokerError> {
+        self.routing().ok_or_else(|| self.lacks("exchanges and bindings", what))
+    }
+
+    /// The broker's [`Broadcasts`], or an error saying it has none.
+    pub fn require_broadcasts(&self, what: &str) -> Result<&dyn Broadcasts, BrokerError> {
+        self.broadcasts().ok_or_else(|| self.lacks("broadcasts", what))
+    }
+
+    /// The broker's [`Leases`], or an error saying it has none.
+    pub fn require_leases(&self, what: &str) -> Result<&dyn Leases, BrokerError> {
+        self.leases().ok_or_else(|| self.lacks("leases", what))
+    }
+
+    /// The broker's [`Documents`], or an error saying it has none.
+    pub fn require_documents(&self, what: &str) -> Result<&dyn Documents, BrokerError> {
+        self.documents().ok_or_else(|| self.lacks("stored documents", what))
+    }
+
+    fn lacks(&self, capability: &str, what: &str) -> BrokerError {
+        BrokerError::Unsupported { broker: self.kind(), option: format!("{capability} (`{what}`)") }
+    }
+}
+
+impl dyn ResultBackend {
+    /// The backend's [`Chords`], or an error saying it has none.
+    pub fn require_chords(&self) -> Result<&dyn Chords, BackendError> {
+        self.chords().ok_or(BackendError::Unsupported { backend: self.kind(), what: "chords" })
+    }
+
+    /// The backend's [`Claims`], or an error saying it has none.
+    pub fn require_claims(&self) -> Result<&dyn Claims, BackendError> {
+        self.claims().ok_or(BackendError::Unsupported { backend: self.kind(), what: "idempotency keys" })
+    }
+}
