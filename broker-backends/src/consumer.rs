@@ -1,18 +1,18 @@
 //! The consumer shell the leasing brokers share (Redis, PostgreSQL): a background fetcher fills a
 //! bounded buffer of deliveries, a task of its own sends the acknowledgements in batches, and the
 //! consumer itself only hands deliveries out, stops, and closes. A broker supplies what differs:
-//! how to lease up to `n` messages and how to wait when its queues are drained ([`Fetch`]), the
-//! statement that acknowledges a batch ([`AckBatcher::run`]), and its own background loops (lease
+//! how to lease up to `n` messages and how to wait when its queues are drained (`Fetch`), the
+//! statement that acknowledges a batch (`AckBatcher::run`), and its own background loops (lease
 //! renewal, the restore sweep, ...).
 //!
 //! Invariants:
-//! - A delivery holds one prefetch slot ([`Slots`]) from its fetch until it is settled. The fetcher
+//! - A delivery holds one prefetch slot (`Slots`) from its fetch until it is settled. The fetcher
 //!   takes slots before it fetches (one, waiting for it; then as many as are free, up to
-//!   [`Fetch::MAX_FETCH`]) and gives back what the fetch did not use, so a consumer never holds more
+//!   `Fetch::MAX_FETCH`) and gives back what the fetch did not use, so a consumer never holds more
 //!   than `prefetch` unsettled deliveries.
 //! - A failed fetch is retried after [`Reconnect::pause`] (a stop cuts the pause short); the first
 //!   success after failures is logged and counted (`celery_broker_reconnects_total`).
-//! - [`Consumer::close`] stops the fetcher and waits for it, then waits (at most [`FLUSH_TIMEOUT`])
+//! - [`Consumer::close`] stops the fetcher and waits for it, then waits (at most `FLUSH_TIMEOUT`, 30 s)
 //!   until every ack queued so far is sent, then ends the background tasks. Dropping the consumer
 //!   ends every task at once.
 

@@ -29,7 +29,7 @@ pub const CELERY_COMPAT_OPTIONS: [&str; 6] = [
     "max_connections",
 ];
 
-/// The URL to hand to the redis client: its own options ([`CLIENT_OPTIONS`]) kept, redis-py's
+/// The URL to hand to the redis client: its own options (`CLIENT_OPTIONS`) kept, redis-py's
 /// `?password=` moved into the userinfo, [`CELERY_COMPAT_OPTIONS`] accepted. The caller reads its
 /// own options, then calls [`ServiceUrl::finish`]. The result holds the password: never print it.
 ///
