@@ -127,7 +127,9 @@ pub trait Claims: Send + Sync {
 ///
 /// ```
 /// use celery_core::capability::Capabilities;
-/// let caps = Capabilities { leases: true, documents: true, ..Capabilities::default() };
+/// let mut caps = Capabilities::default();
+/// caps.leases = true;
+/// caps.documents = true;
 /// assert_eq!(caps.to_string(), "leases, documents");
 /// assert_eq!(caps.missing().to_string(), "routing, broadcasts, chords, claims");
 /// ```
