@@ -208,6 +208,86 @@ impl fmt::Display for Capabilities {
     }
 }
 
+/// Writes the accessors of the capabilities a backend implements, inside its `impl Broker` or
+/// `impl ResultBackend` block: `offers!(routing, leases)` stands for `fn routing(&self) ->
+/// Option<&dyn Routing> { Some(self) }` and the same for `leases`. The type must implement each
+/// capability's trait.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use celery_core::capability::{Capabilities, Claims};
+/// use celery_core::{BackendError, ResultBackend, TaskMeta};
+/// use std::time::Duration;
+///
+/// #[derive(Debug)]
+/// struct Claimer;
+///
+/// #[async_trait]
+/// impl Claims for Claimer {
+///     async fn claim(&self, _key: &str, _id: &str, _ttl: Duration) -> Result<Option<String>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn unclaim(&self, _key: &str, _id: &str) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+/// }
+///
+/// #[async_trait]
+/// impl ResultBackend for Claimer {
+///     async fn store(&self, _meta: &TaskMeta) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     async fn get(&self, _id: &str) -> Result<Option<TaskMeta>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn wait(&self, _id: &str, _timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn forget(&self, _id: &str) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     celery_core::offers!(claims);
+/// }
+///
+/// assert_eq!(Capabilities::of_backend(&Claimer).to_string(), "claims");
+/// ```
+#[macro_export]
+macro_rules! offers {
+    ($($capability:ident),+ $(,)?) => {
+        $( $crate::offers!(@one $capability); )+
+    };
+    (@one routing) => {
+        fn routing(&self) -> ::std::option::Option<&dyn $crate::capability::Routing> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one broadcasts) => {
+        fn broadcasts(&self) -> ::std::option::Option<&dyn $crate::capability::Broadcasts> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one leases) => {
+        fn leases(&self) -> ::std::option::Option<&dyn $crate::capability::Leases> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one documents) => {
+        fn documents(&self) -> ::std::option::Option<&dyn $crate::capability::Documents> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one chords) => {
+        fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one claims) => {
+        fn claims(&self) -> ::std::option::Option<&dyn $crate::capability::Claims> {
+            ::std::option::Option::Some(self)
+        }
+    };
+}
+
 impl dyn Broker {
     /// The broker's [`Routing`], or an error saying it has none (naming `what` was wanted).
     pub fn require_routing(&self, what: &str) -> Result<&dyn Routing, BrokerError> {
