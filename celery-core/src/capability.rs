@@ -131,7 +131,7 @@ pub trait Claims: Send + Sync {
 /// caps.leases = true;
 /// caps.documents = true;
 /// assert_eq!(caps.to_string(), "leases, documents");
-/// assert_eq!(caps.missing().to_string(), "routing, broadcasts, chords, claims");
+/// assert_eq!(caps.lacking(Capabilities::BROKER).to_string(), "routing, broadcasts");
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -171,15 +171,23 @@ impl Capabilities {
         }
     }
 
-    /// The capabilities this one lacks (of all six).
-    pub fn missing(&self) -> Capabilities {
+    /// Every capability a broker can have: [`Routing`], [`Broadcasts`], [`Leases`], [`Documents`].
+    pub const BROKER: Capabilities =
+        Capabilities { routing: true, broadcasts: true, leases: true, documents: true, chords: false, claims: false };
+
+    /// Every capability a result backend can have: [`Chords`], [`Claims`].
+    pub const BACKEND: Capabilities =
+        Capabilities { routing: false, broadcasts: false, leases: false, documents: false, chords: true, claims: true };
+
+    /// Those of `all` that this one lacks: `Capabilities::of_broker(b).lacking(Capabilities::BROKER)`.
+    pub fn lacking(&self, all: Capabilities) -> Capabilities {
         Capabilities {
-            routing: !self.routing,
-            broadcasts: !self.broadcasts,
-            leases: !self.leases,
-            documents: !self.documents,
-            chords: !self.chords,
-            claims: !self.claims,
+            routing: all.routing && !self.routing,
+            broadcasts: all.broadcasts && !self.broadcasts,
+            leases: all.leases && !self.leases,
+            documents: all.documents && !self.documents,
+            chords: all.chords && !self.chords,
+            claims: all.claims && !self.claims,
         }
     }
 
