@@ -32,10 +32,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use celery_core::sync::lock;
 use celery_core::{App, Signature, TaskMeta, TaskState};
 use clap::Parser;
 use futures::stream::{self, StreamExt};
@@ -102,10 +103,6 @@ fn token(i: u64) -> String {
 /// Seconds since the start, for log lines.
 fn since(start: Instant) -> String {
     format!("{:7.1}s", start.elapsed().as_secs_f64())
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The child processes: the server and the workers. Dropping it kills them all.

@@ -102,7 +102,7 @@ impl ChordTally {
     }
 }
 
-/// One chord member's final state, as counted by [`ResultBackend::chord_part`].
+/// One chord member's final state, as counted by [`Chords::chord_part`](crate::capability::Chords::chord_part).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ChordMember {
     /// The member's task id.

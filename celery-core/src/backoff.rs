@@ -116,6 +116,46 @@ impl Reconnect {
         tokio::time::sleep(delay).await;
         delay
     }
+
+    /// Runs `op` until it succeeds, fails with an error `worth_retrying` refuses, or has been
+    /// retried `retries` times, with a [`pause`](Reconnect::pause) (named `what`) before each
+    /// retry; returns the last outcome.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use celery_core::backoff::Reconnect;
+    /// let mut calls = 0;
+    /// let got: Result<u32, std::io::Error> = Reconnect::default()
+    ///     .retry(5, "a flaky call", |_| true, || {
+    ///         calls += 1;
+    ///         let n = calls;
+    ///         async move { if n < 3 { Err(std::io::Error::other("not yet")) } else { Ok(n) } }
+    ///     })
+    ///     .await;
+    /// assert_eq!(got.unwrap(), 3);
+    /// # }
+    /// ```
+    pub async fn retry<T, E, F, Fut>(
+        &mut self,
+        retries: u32,
+        what: &str,
+        worth_retrying: impl Fn(&E) -> bool,
+        mut op: F,
+    ) -> Result<T, E>
+    where
+        E: std::fmt::Display + Sync,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        loop {
+            match op().await {
+                Err(e) if worth_retrying(&e) && self.attempts() < retries => {
+                    self.pause(what, &e).await;
+                }
+                other => return other,
+            }
+        }
+    }
 }
 
 /// Runs a broker operation, retrying connection errors ([`BrokerError::is_retryable`]) up to three
@@ -129,18 +169,10 @@ impl Reconnect {
 /// ```
 ///
 /// [`BrokerError::is_retryable`]: crate::BrokerError::is_retryable
-pub async fn retrying<T, F, Fut>(mut op: F) -> Result<T, crate::BrokerError>
+pub async fn retrying<T, F, Fut>(op: F) -> Result<T, crate::BrokerError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, crate::BrokerError>>,
 {
-    let mut backoff = Reconnect::default();
-    loop {
-        match op().await {
-            Err(e) if e.is_retryable() && backoff.attempts() < 2 => {
-                backoff.pause("broker operation", &e).await;
-            }
-            other => return other,
-        }
-    }
+    Reconnect::default().retry(2, "broker operation", crate::BrokerError::is_retryable, op).await
 }

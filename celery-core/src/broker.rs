@@ -151,7 +151,7 @@ pub struct Broadcast {
     pub body: Vec<u8>,
 }
 
-/// The broadcasts of one subscription ([`Broker::subscribe`]).
+/// The broadcasts of one subscription ([`Broadcasts::subscribe`](crate::capability::Broadcasts::subscribe)).
 #[async_trait]
 pub trait Subscription: Send + Debug {
     /// The next broadcast; `None` when the subscription ended (its connection is gone for good).

@@ -122,6 +122,15 @@ macro_rules! context_constructors {
         pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
             $ty::Operation { context: context.into(), source: Some(source.into()) }
         }
+
+        /// A connection error when `kind` is [`ErrorKind::Connection`], else an operation error:
+        /// how a client library's error, judged by its backend's classification, becomes ours.
+        pub fn of_kind(kind: ErrorKind, context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+            match kind {
+                ErrorKind::Connection => Self::connection_with(context, source),
+                _ => Self::operation_with(context, source),
+            }
+        }
     };
 }
 
@@ -276,6 +285,21 @@ impl From<crate::url::UrlError> for BrokerError {
 impl From<crate::url::UrlError> for BackendError {
     fn from(e: crate::url::UrlError) -> Self {
         BackendError::InvalidUrl { url: e.url().to_owned(), reason: e.reason().to_owned() }
+    }
+}
+
+impl From<BrokerError> for BackendError {
+    /// A broker's error met by a result backend that reaches its results through a broker (the
+    /// built-in store, `rpc://`): a bad URL stays one, a connection or operation error keeps its
+    /// context and source, anything else is kept as the source of an error of its kind.
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
+            BrokerError::UnknownScheme(scheme) => BackendError::UnknownScheme(scheme),
+            BrokerError::Connection { context, source } => BackendError::Connection { context, source },
+            BrokerError::Operation { context, source } => BackendError::Operation { context, source },
+            other => BackendError::of_kind(other.kind(), "broker", other),
+        }
     }
 }
 

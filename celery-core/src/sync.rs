@@ -5,7 +5,7 @@
 //! poisoned lock is still safe to use, and refusing it would turn one panicked task into a stuck
 //! worker or broker. [`lock`] is the one place that decision is made.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// Locks `m`, taking the guard even if another thread panicked while holding it.
 ///
@@ -17,6 +17,27 @@ use std::sync::{Mutex, MutexGuard};
 /// ```
 pub fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Read-locks `l`, as [`lock`] does for a mutex.
+///
+/// ```
+/// let l = std::sync::RwLock::new(3);
+/// assert_eq!(*celery_core::sync::read(&l), 3);
+/// ```
+pub fn read<T: ?Sized>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Write-locks `l`, as [`lock`] does for a mutex.
+///
+/// ```
+/// let l = std::sync::RwLock::new(3);
+/// *celery_core::sync::write(&l) += 1;
+/// assert_eq!(*celery_core::sync::read(&l), 4);
+/// ```
+pub fn write<T: ?Sized>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

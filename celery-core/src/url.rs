@@ -275,7 +275,7 @@ impl ServiceUrl {
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, Vec<&'static str>> {
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.known)
     }
 
     fn note(&self, name: &'static str) {

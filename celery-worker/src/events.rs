@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-pub use celery_core::event::exchange;
+use celery_core::event::exchange;
 
 /// A Lamport clock, as Kombu's `LamportClock`: every event sent moves it forward by one, and a
 /// message received from another node carrying its clock moves it past that (`adjust`), so that

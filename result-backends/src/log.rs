@@ -22,24 +22,13 @@ use broker_backends::log::{LogBroker, Results};
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims};
 use celery_core::url::ServiceUrl;
-use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
+use celery_core::{BackendError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
 #[derive(Debug, Clone)]
 pub struct LogResultBackend {
     results: Results,
     expires: Duration,
-}
-
-/// The store's error as the backend's, of the same kind, keeping its context and source.
-fn err(e: BrokerError) -> BackendError {
-    match e {
-        BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
-        BrokerError::Connection { context, source } => BackendError::Connection { context, source },
-        BrokerError::Operation { context, source } => BackendError::Operation { context, source },
-        other if other.is_retryable() => BackendError::connection_with("log store", other),
-        other => BackendError::operation_with("log store", other),
-    }
 }
 
 impl LogResultBackend {
@@ -50,7 +39,7 @@ impl LogResultBackend {
         let expires = Duration::from_secs(secs.unwrap_or(86_400));
         // The broker reads (and checks) the other options.
         let clean = u.connection_string_except(&["result_expires"]);
-        let results = LogBroker::connect(&clean).await.map_err(err)?.results();
+        let results = LogBroker::connect(&clean).await.map_err(BackendError::from)?.results();
         Ok(LogResultBackend { results, expires })
     }
 }
@@ -58,19 +47,19 @@ impl LogResultBackend {
 #[async_trait]
 impl ResultBackend for LogResultBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        self.results.put(&meta.task_id, meta.to_vec(), self.expires).await.map_err(err)
+        self.results.put(&meta.task_id, meta.to_vec(), self.expires).await.map_err(BackendError::from)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.results.get(task_id).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.get(task_id).await.map_err(BackendError::from)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        self.results.wait(task_id, timeout).await.map_err(err)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.wait(task_id, timeout).await.map_err(BackendError::from)?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.results.forget(task_id).await.map_err(err)
+        self.results.forget(task_id).await.map_err(BackendError::from)
     }
 
     fn kind(&self) -> &'static str {
@@ -82,36 +71,36 @@ impl ResultBackend for LogResultBackend {
 #[async_trait]
 impl Chords for LogResultBackend {
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
-        self.results.chord_size(group_id, size, self.expires).await.map_err(err)
+        self.results.chord_size(group_id, size, self.expires).await.map_err(BackendError::from)
     }
 
     async fn chord_part(&self, group_id: &str, member: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
-        self.results.chord_part(group_id, member, self.expires).await.map_err(err)
+        self.results.chord_part(group_id, member, self.expires).await.map_err(BackendError::from)
     }
 
     async fn chord_done(&self, group_id: &str) -> Result<(), BackendError> {
-        self.results.chord_done(group_id).await.map_err(err)
+        self.results.chord_done(group_id).await.map_err(BackendError::from)
     }
 }
 
 #[async_trait]
 impl Claims for LogResultBackend {
-    /// A claim is a lease named `idempotency.<key>` held by the task id (as `Broker::lease`).
+    /// A claim is a lease named `idempotency.<key>` held by the task id (as `Leases::lease`).
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let name = format!("idempotency.{key}");
         loop {
-            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await.map_err(err)? {
+            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await.map_err(BackendError::from)? {
                 return Ok(None);
             }
             // Held: by whom? (If it expired meanwhile, try again.)
-            if let Some(holder) = self.results.lease_holder(&name).await.map_err(err)? {
+            if let Some(holder) = self.results.lease_holder(&name).await.map_err(BackendError::from)? {
                 return Ok(Some(holder));
             }
         }
     }
 
     async fn unclaim(&self, key: &str, task_id: &str) -> Result<(), BackendError> {
-        self.results.lease(&format!("idempotency.{key}"), task_id, None).await.map(|_| ()).map_err(err)
+        self.results.lease(&format!("idempotency.{key}"), task_id, None).await.map(|_| ()).map_err(BackendError::from)
     }
 }
 

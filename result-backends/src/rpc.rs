@@ -24,7 +24,7 @@ use celery_core::backoff::Reconnect;
 use celery_core::scheme::ConnectContext;
 use celery_core::sync::lock;
 use celery_core::url::ServiceUrl;
-use celery_core::{BackendError, BrokerError, ErrorKind, ResultBackend, TaskMeta, TaskState};
+use celery_core::{BackendError, ResultBackend, TaskMeta, TaskState};
 use futures::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -35,23 +35,13 @@ use tokio::sync::Notify;
 /// or an operation error as [`kind_of`] (the broker's classification) says, the lapin error kept
 /// as the source.
 fn failed(context: &'static str) -> impl FnOnce(lapin::Error) -> BackendError {
-    move |e| match kind_of(&e) {
-        ErrorKind::Connection => BackendError::connection_with(context, e),
-        _ => BackendError::operation_with(context, e),
-    }
+    move |e| BackendError::of_kind(kind_of(&e), context, e)
 }
 
-/// A connection to the broker's server, with its TLS options (`amqps://`). A bad URL stays
-/// [`BackendError::InvalidUrl`]; any other failure is a connection error with the broker's
-/// context and source.
+/// A connection to the broker's server, with its TLS options (`amqps://`); the broker's error as
+/// ours, of the same kind.
 async fn connect(url: &ServiceUrl) -> Result<Connection, BackendError> {
-    broker_backends::amqp::connect(url.expose_secret()).await.map_err(|e| match e {
-        BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
-        BrokerError::Connection { context, source } | BrokerError::Operation { context, source } => {
-            BackendError::Connection { context, source }
-        }
-        e => BackendError::connection_with("rpc: connect to the AMQP server", e),
-    })
+    Ok(broker_backends::amqp::connect(url.expose_secret()).await?)
 }
 
 /// The AMQP server an `rpc://` URL replies over: the one it names (`rpc://user:pass@host/vhost`,

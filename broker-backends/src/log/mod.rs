@@ -65,7 +65,8 @@ use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 
-pub use net::{serve_tcp, serve_tcp_with, socket_path, ServerLimits, ServerTls};
+use net::socket_path;
+pub use net::{serve_tcp, serve_tcp_with, ServerLimits, ServerTls};
 pub use results::Results;
 pub use storage::{
     Commit, Compacted, Fsync, LogError, LogStore, NewRecord, Record, ResultStore, Retention, StartFrom, StoreConfig,
@@ -115,18 +116,15 @@ impl LogBroker {
                 let client =
                     Arc::new(RemoteStore::new(Target::Unix(socket_path(&path)), String::new(), Some(takeover)));
                 // The owner may have just taken the lock and not be listening yet: retry briefly.
-                let mut backoff = Reconnect::default();
-                loop {
-                    match client.hello().await {
-                        Ok(()) => return Ok(LogBroker { inner: Inner::Remote(client) }),
-                        Err(e) if backoff.attempts() < 6 => {
-                            backoff.pause("log: the directory owner's socket", &e).await;
-                        }
-                        Err(e) => {
-                            let what =
-                                format!("{} is owned by process {pid}, whose socket does not answer", path.display());
-                            return Err(BrokerError::connection_with(what, e));
-                        }
+                match Reconnect::default()
+                    .retry(6, "log: the directory owner's socket", |_| true, || client.hello())
+                    .await
+                {
+                    Ok(()) => Ok(LogBroker { inner: Inner::Remote(client) }),
+                    Err(e) => {
+                        let what =
+                            format!("{} is owned by process {pid}, whose socket does not answer", path.display());
+                        Err(BrokerError::connection_with(what, e))
                     }
                 }
             }

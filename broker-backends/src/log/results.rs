@@ -96,7 +96,7 @@ impl Results {
         }
     }
 
-    /// Counts a chord member (see `ResultBackend::chord_part`); every member, to the one that
+    /// Counts a chord member (see `Chords::chord_part`); every member, to the one that
     /// completes the chord.
     pub async fn chord_part(
         &self,

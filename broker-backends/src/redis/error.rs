@@ -28,10 +28,7 @@ pub fn kind_of(e: &RedisError) -> ErrorKind {
 
 /// `e`, met while doing `context`, as a broker error of its [`kind_of`].
 pub(crate) fn broker_error(context: impl Into<String>, e: RedisError) -> BrokerError {
-    match kind_of(&e) {
-        ErrorKind::Connection => BrokerError::connection_with(context, e),
-        _ => BrokerError::operation_with(context, e),
-    }
+    BrokerError::of_kind(kind_of(&e), context, e)
 }
 
 /// [`broker_error`] for `map_err`: `.map_err(failed("redis: publish"))`.

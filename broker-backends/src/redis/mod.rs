@@ -42,6 +42,7 @@ mod url;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
@@ -327,12 +328,15 @@ impl Broadcasts for RedisBroker {
             let key = pattern.to_owned();
             let feeder = tokio::spawn(async move {
                 let _cleanup = Unbind { conn, binding, member, list: list.clone() };
+                let mut backoff = Reconnect::default();
                 loop {
                     let got: Option<(String, Vec<u8>)> = match reader.brpop(&list, 1.0).await {
-                        Ok(v) => v,
+                        Ok(v) => {
+                            backoff.reset();
+                            v
+                        }
                         Err(e) => {
-                            tracing::debug!(error = %e, "redis: subscription read failed");
-                            tokio::time::sleep(Duration::from_millis(200)).await;
+                            backoff.pause("redis: read a subscription", &e).await;
                             continue;
                         }
                     };

@@ -18,19 +18,19 @@
 //! How it works:
 //! - **Entries** come from `#[task(schedule = ...)]` in the binary, [`Beat::entry`], a TOML schedule
 //!   file ([`load_schedule_file`]) and `beat add` at run time ([`add_entry`]).
-//! - **One leader**: every beat asks the broker for the lease `beat.<name>` ([`Broker::lease`]) every
+//! - **One leader**: every beat asks the broker for the lease `beat.<name>` ([`Leases::lease`]) every
 //!   third of the lease time; only the holder sends. A leader that cannot renew in time stops
 //!   sending; when it dies, another beat takes over within the lease time (at once on RabbitMQ,
 //!   which hands the lease on when the holder's connection drops). A stopping leader releases it.
 //! - **State** (each entry's last handled due time, run counts and the run-time entries) is one
-//!   document in the broker ([`Broker::store_doc`]), written after every send, so a restarted or new
+//!   document in the broker ([`Documents::store_doc`]), written after every send, so a restarted or new
 //!   leader neither repeats nor skips a run; runs missed while no beat led follow each entry's
 //!   [`Missed`] policy.
 //! - **Run-time changes** (`beat add`/`beat remove`) are messages on the queue
 //!   `celery-rs.beat.<name>.control`, applied by the leader (so only the leader writes the state).
 //!
-//! [`Broker::lease`]: celery_core::Broker::lease
-//! [`Broker::store_doc`]: celery_core::Broker::store_doc
+//! [`Leases::lease`]: celery_core::capability::Leases::lease
+//! [`Documents::store_doc`]: celery_core::capability::Documents::store_doc
 
 mod entry;
 mod state;

@@ -34,7 +34,7 @@ use std::process::ExitCode;
 
 use celery_core::backoff::Reconnect;
 use celery_core::url::redacted;
-use celery_core::App;
+use celery_core::{App, AppError};
 use clap::{Parser, Subcommand};
 
 pub use beat::{BeatAction, BeatAddArgs, BeatArgs, BeatRunArgs};
@@ -191,22 +191,17 @@ const STARTUP_ATTEMPTS: u32 = 100;
 /// Connects to the broker and backend; `patient` retries while they are unreachable, up to
 /// [`STARTUP_ATTEMPTS`] times.
 async fn connect(broker: &str, backend: &str, patient: bool) -> anyhow::Result<App> {
-    let mut backoff = Reconnect::default();
-    loop {
-        match crate::connect(broker, backend).await {
-            Ok(app) => return Ok(app),
-            Err(e) if patient && e.is_retryable() && backoff.attempts() < STARTUP_ATTEMPTS => {
-                backoff.pause("cannot connect yet", &e).await;
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "connecting to broker {} and backend {}",
-                    redacted(broker),
-                    redacted(backend)
-                )))
-            }
-        }
-    }
+    let retries = if patient { STARTUP_ATTEMPTS } else { 0 };
+    Reconnect::default()
+        .retry(retries, "cannot connect yet", AppError::is_retryable, || crate::connect(broker, backend))
+        .await
+        .map_err(|e| {
+            anyhow::Error::new(e).context(format!(
+                "connecting to broker {} and backend {}",
+                redacted(broker),
+                redacted(backend)
+            ))
+        })
 }
 
 /// Resolves on SIGINT or SIGTERM.

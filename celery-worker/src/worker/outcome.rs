@@ -16,7 +16,7 @@ use celery_core::protocol::Message;
 use celery_core::registry::TaskEntry;
 use celery_core::routing::Route;
 use celery_core::task::TaskErrorKind;
-use celery_core::{BrokerError, Delivery, ProtocolError, TaskError, TaskState};
+use celery_core::{BackendError, BrokerError, Delivery, ProtocolError, TaskError, TaskState};
 use chrono::Utc;
 use serde_json::{Map, Value};
 
@@ -298,19 +298,13 @@ pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mu
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
-    let mut backoff = Reconnect::default();
-    loop {
-        match w.app.backend().store(&meta).await {
-            Ok(()) => return true,
-            Err(e) if e.is_retryable() && backoff.attempts() < 8 => {
-                backoff.pause("storing a task's result", &e).await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, state = %meta.status, "could not store the task state");
-                return false;
-            }
-        }
+    let stored = Reconnect::default()
+        .retry(8, "storing a task's result", BackendError::is_retryable, || w.app.backend().store(&meta))
+        .await;
+    if let Err(e) = &stored {
+        tracing::error!(error = %e, state = %meta.status, "could not store the task state");
     }
+    stored.is_ok()
 }
 
 /// A chord member reached a final state: count it into its chord (see [`super::chord`]).

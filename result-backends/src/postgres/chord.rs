@@ -4,7 +4,7 @@
 //! A chord's row is the lock: a member's report upserts it (taking its row lock until commit), adds
 //! itself once (`ON CONFLICT DO NOTHING`), counts the members, and names itself `completed_by` when
 //! it completes the chord and no other member did. Reports of one chord are thereby serialized, so
-//! exactly one member sees the count reach the size, as [`celery_core::ResultBackend::chord_part`]
+//! exactly one member sees the count reach the size, as [`celery_core::capability::Chords::chord_part`]
 //! requires; the completing member reporting again gets the members again.
 
 use std::time::Duration;

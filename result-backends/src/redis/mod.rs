@@ -28,7 +28,7 @@ use broker_backends::redis::error::kind_of;
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims};
 use celery_core::url::redacted;
-use celery_core::{BackendError, ErrorKind, ResultBackend, TaskMeta};
+use celery_core::{BackendError, ResultBackend, TaskMeta};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
@@ -39,10 +39,7 @@ use url::parse_url;
 /// or an operation error as [`kind_of`] (the broker's classification) says, the redis error kept
 /// as the source.
 fn failed(context: &'static str) -> impl FnOnce(redis::RedisError) -> BackendError {
-    move |e| match kind_of(&e) {
-        ErrorKind::Connection => BackendError::connection_with(context, e),
-        _ => BackendError::operation_with(context, e),
-    }
+    move |e| BackendError::of_kind(kind_of(&e), context, e)
 }
 
 /// The Redis result backend.

@@ -16,5 +16,6 @@ pub(crate) mod server;
 pub(crate) mod tls;
 pub(crate) mod wire;
 
-pub use server::{serve_tcp, serve_tcp_with, socket_path, ServerLimits};
+pub(crate) use server::socket_path;
+pub use server::{serve_tcp, serve_tcp_with, ServerLimits};
 pub use tls::ServerTls;

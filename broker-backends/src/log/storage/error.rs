@@ -136,9 +136,6 @@ impl LogError {
 impl From<LogError> for BrokerError {
     /// A broker error of the same kind, with the store's error as its source.
     fn from(e: LogError) -> BrokerError {
-        match e.kind() {
-            ErrorKind::Connection => BrokerError::connection_with("log store", e),
-            _ => BrokerError::operation_with("log store", e),
-        }
+        BrokerError::of_kind(e.kind(), "log store", e)
     }
 }

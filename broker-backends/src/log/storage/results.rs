@@ -165,7 +165,7 @@ pub(crate) fn lease_key(name: &str) -> String {
     format!("_celery_rs.lease.{name}")
 }
 
-/// The result key a stored document (`Broker::store_doc`) is kept under.
+/// The result key a stored document (`Documents::store_doc`) is kept under.
 pub(crate) fn doc_key(key: &str) -> String {
     format!("_celery_rs.doc.{key}")
 }
@@ -382,7 +382,7 @@ impl ResultStore {
         Ok(())
     }
 
-    /// Counts a chord member (see `ResultBackend::chord_part`): persisted first, then counted.
+    /// Counts a chord member (see `Chords::chord_part`): persisted first, then counted.
     pub async fn chord_part(
         &self,
         group: &str,

@@ -36,7 +36,7 @@ use crate::log::net::tls::ServerTls;
 use crate::log::storage::LogStore;
 
 /// The unix socket the owner of a data directory listens on.
-pub fn socket_path(dir: &Path) -> PathBuf {
+pub(crate) fn socket_path(dir: &Path) -> PathBuf {
     dir.join("broker.sock")
 }
 

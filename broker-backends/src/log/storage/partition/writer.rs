@@ -167,12 +167,12 @@ impl PartitionLog {
     /// The segments, oldest first (a poisoned lock is still used: the list is whole between
     /// statements).
     pub(super) fn segments(&self) -> RwLockReadGuard<'_, Vec<Segment>> {
-        self.segments.read().unwrap_or_else(|p| p.into_inner())
+        celery_core::sync::read(&self.segments)
     }
 
     /// The segments, to change (retention deletes the oldest).
     pub(super) fn segments_mut(&self) -> RwLockWriteGuard<'_, Vec<Segment>> {
-        self.segments.write().unwrap_or_else(|p| p.into_inner())
+        celery_core::sync::write(&self.segments)
     }
 
     fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
@@ -542,7 +542,7 @@ impl Writer {
         if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
             self.sync_now()?;
             let seg = segment::create(&self.dir, first)?;
-            self.segments.write().unwrap_or_else(|p| p.into_inner()).push(seg.clone());
+            celery_core::sync::write(&self.segments).push(seg.clone());
             self.active = seg;
             self.tail_len = 0;
             self.batch_start = 0;
