@@ -207,11 +207,12 @@ impl PostgresBroker {
 
     /// The queues `route` leads to: the routing key on the default exchange, else the bindings.
     async fn resolve(&self, route: &Route) -> Result<Vec<String>, BrokerError> {
-        check_name("routing key", &route.routing_key)?;
         if route.exchange.is_empty() {
+            // The default exchange: the routing key is the queue.
             check_queue(&route.routing_key)?;
             return Ok(vec![route.routing_key.clone()]);
         }
+        check_name("routing key", &route.routing_key)?;
         check_name("exchange", &route.exchange)?;
         let rows = self.inner.db.query("resolve a route", sql::BINDINGS, &[&route.exchange]).await?;
         let mut queues = Vec::new();

@@ -138,7 +138,7 @@ SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 /// large, its dead-letter queue` (in no order: the caller sorts).
 pub(crate) const FETCH: &str = "
 WITH picked AS (
-    SELECT id, octet_length(payload) > $4 AS big FROM celery_rs_tasks
+    SELECT id, octet_length(payload) > $4::bigint AS big FROM celery_rs_tasks
     WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
     ORDER BY priority, run_at, id
     LIMIT $2
@@ -148,7 +148,7 @@ SET leased_until = CASE WHEN picked.big THEN NULL ELSE now() + make_interval(sec
     deliveries = t.deliveries + 1,
     queue = CASE WHEN picked.big THEN t.queue || '.dead' ELSE t.queue END,
     reason = CASE WHEN picked.big
-        THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4 || ' bytes'
+        THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
         ELSE t.reason END,
     run_at = CASE WHEN picked.big THEN now() ELSE t.run_at END,
     priority = CASE WHEN picked.big THEN 0 ELSE t.priority END
@@ -224,13 +224,13 @@ pub(crate) const QUEUE_LEN: &str =
 /// the payload only when at most `$3` bytes, and only while the payloads sent add up to at most
 /// `$4` bytes (the list ends there).
 pub(crate) const PEEK: &str = "
-SELECT size, CASE WHEN size <= $3 THEN payload END FROM (
+SELECT size, CASE WHEN size <= $3::bigint THEN payload END FROM (
     SELECT octet_length(payload)::bigint AS size, payload, priority, run_at, id,
-        sum(CASE WHEN octet_length(payload) <= $3 THEN octet_length(payload) ELSE 0 END)
+        sum(CASE WHEN octet_length(payload) <= $3::bigint THEN octet_length(payload) ELSE 0 END)
             OVER (ORDER BY priority, run_at, id ROWS UNBOUNDED PRECEDING) AS sent
     FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
     ORDER BY priority, run_at, id LIMIT $2) s
-WHERE sent <= $4
+WHERE sent <= $4::bigint
 ORDER BY priority, run_at, id";
 
 /// Declares exchange `$1` of kind `$2` (a declared kind is kept).
