@@ -9,7 +9,8 @@
 //! 6. A lease lost to another consumer is never settled by its first holder (the fencing token),
 //!    also after the message was dead-lettered and taken from its dead-letter queue.
 //! 7. Broadcasts, small and large, filtered by exchange and pattern; a forged, replayed or
-//!    misdirected `NOTIFY` is never delivered, and a plain `LISTEN` sees no broadcast's content.
+//!    misdirected `NOTIFY` is never delivered, and a plain `LISTEN` sees no broadcast's content;
+//!    rows older than a minute are never delivered and are deleted.
 //! 8. Priorities: higher priority first, then oldest first.
 //! 9. 5,000 events: each arrives once.
 //! 10. The listening connection killed by the server: nothing waits meanwhile, and it comes back.
@@ -419,6 +420,33 @@ async fn forged_notifications_are_never_broadcasts() {
     b.broadcast(&pidbox, "", &request(r#"{"method":"ping"}"#)).await.unwrap();
     let next = tokio::time::timeout(T, sub.next()).await.expect("delivered").expect("open");
     assert_eq!(next.body, br#"{"method":"ping"}"#, "no forged or replayed broadcast came first");
+}
+
+/// Broadcast rows expire after a minute: an older one is never delivered, even announced with its
+/// own nonce, and the broadcasting process deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_broadcasts_are_never_delivered_and_are_deleted() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let pidbox = Exchange::new("celery.pidbox", ExchangeKind::Fanout);
+    let mut sub = b.subscribe(&pidbox, "").await.unwrap();
+    let channel = broadcast_channel(&schema);
+    // Written after the subscription (so newer than every broadcast it knew), but two minutes ago.
+    let id = schema
+        .query(
+            "INSERT INTO celery_rs_broadcasts (nonce, exchange, routing_key, body, created_at) \
+             VALUES (7, 'celery.pidbox', '', '\\x6f6c64', now() - interval '2 minutes') RETURNING id",
+        )
+        .unwrap()[0][0]
+        .clone()
+        .unwrap();
+    schema.exec(&format!("SELECT pg_notify('{channel}', '{id}:7')")).unwrap();
+    b.broadcast(&pidbox, "", &Message { body: br#"{"method":"ping"}"#.to_vec(), ..msg(0) }).await.unwrap();
+    let next = tokio::time::timeout(T, sub.next()).await.expect("delivered").expect("open");
+    assert_eq!(next.body, br#"{"method":"ping"}"#, "the expired one was not delivered");
+    let old = format!("SELECT count(*) FROM celery_rs_broadcasts WHERE id = {id}");
+    assert!(wait_until(T, || count(&schema, &old) == 0), "the expired row was deleted");
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 1, "the fresh one stays");
 }
 
 /// A message above the consumer's cap is dead-lettered by the fetch without its payload crossing

@@ -266,8 +266,10 @@ impl PostgresBroker {
         Ok(())
     }
 
-    /// Deletes broadcasts older than a minute, at most every ten seconds per process.
-    async fn prune_broadcasts(&self) {
+    /// Deletes broadcasts older than a minute, in the background, at most every ten seconds per
+    /// process: batches of [`sql::BROADCAST_PRUNE_BATCH`] until none is left (at most a hundred
+    /// batches a round, so a flood is caught up over a few rounds).
+    fn prune_broadcasts(&self) {
         let now = Utc::now().timestamp();
         let last = self.inner.pruned.load(Ordering::Relaxed);
         if now - last < 10
@@ -275,9 +277,26 @@ impl PostgresBroker {
         {
             return;
         }
-        if let Err(e) = self.inner.db.query("prune broadcasts", sql::BROADCAST_PRUNE, &[&broadcast::KEEP_SECS]).await {
-            tracing::warn!(error = %e, "postgresql: pruning expired broadcasts failed; will retry");
-        }
+        let db = self.inner.db.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                match db
+                    .query(
+                        "prune broadcasts",
+                        sql::BROADCAST_PRUNE,
+                        &[&broadcast::KEEP_SECS, &sql::BROADCAST_PRUNE_BATCH],
+                    )
+                    .await
+                {
+                    Ok(rows) if rows.first().map_or(0, |r| r.get::<_, i64>(0)) >= sql::BROADCAST_PRUNE_BATCH => {}
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgresql: pruning expired broadcasts failed; will retry");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     async fn consumer(
@@ -444,7 +463,7 @@ impl Broadcasts for PostgresBroker {
         let params: [&(dyn ToSql + Sync); 5] =
             [&nonce, &exchange.name, &routing_key, &msg.body, &self.inner.channels.1];
         self.inner.db.query("broadcast", sql::BROADCAST, &params).await?;
-        self.prune_broadcasts().await;
+        self.prune_broadcasts();
         Ok(())
     }
 

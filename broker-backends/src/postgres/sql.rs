@@ -266,10 +266,17 @@ JOIN celery_rs_broadcasts b ON b.id = a.id AND b.nonce = a.nonce
 WHERE b.exchange = $3 AND b.created_at > now() - make_interval(secs => $4)
 ORDER BY a.n";
 
-/// Deletes broadcasts older than `$1` seconds, at most 10000 at a time.
+/// Broadcasts one [`BROADCAST_PRUNE`] deletes at most.
+pub(crate) const BROADCAST_PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes broadcasts older than `$1` seconds, at most `$2` ([`BROADCAST_PRUNE_BATCH`]); returns
+/// how many.
 pub(crate) const BROADCAST_PRUNE: &str = "
-DELETE FROM celery_rs_broadcasts WHERE id IN (
-    SELECT id FROM celery_rs_broadcasts WHERE created_at < now() - make_interval(secs => $1) LIMIT 10000)";
+WITH gone AS (
+    DELETE FROM celery_rs_broadcasts WHERE id IN (
+        SELECT id FROM celery_rs_broadcasts WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)
+    RETURNING 1)
+SELECT count(*) FROM gone";
 
 /// Takes or renews lease `$1` for holder `$2` for `$3` seconds; a row when held.
 pub(crate) const LEASE: &str = "

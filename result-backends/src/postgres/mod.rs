@@ -26,16 +26,19 @@
 //! - Prepared statements cached per pooled connection (`prepare_cached`), and pipelining for free:
 //!   concurrent statements on one client are sent without waiting for each other.
 //! - `LISTEN/NOTIFY` is the connection's message stream (`Connection::poll_message`), under our
-//!   control for reconnects — the broker's wake-ups will reuse [`connect::dedicated`].
+//!   control for reconnects; the broker's wake-ups use the same code ([`connect::listening`]).
 //! - `COPY` (`copy_in`) and `binary_copy` for batches, which a broker's bulk enqueue wants.
 //! - TLS through rustls (`tokio-postgres-rustls`), the same rustls and ring the AMQP and built-in
 //!   brokers use; no OpenSSL.
 //! - Small: deadpool adds a pool of a few hundred lines; the transaction API is the driver's own,
 //!   so the transactional enqueue to come can take a caller's `tokio_postgres::Transaction`.
 //!
-//! The connection, pool and migration code ([`connect`], [`migrate`], and the connection part of
-//! [`url`]) knows nothing of results: it lives in `broker_backends::postgres`, which the
-//! PostgreSQL broker builds on too, and is re-exported here.
+//! The connection, pool, migration and error code ([`connect`], [`migrate`], [`error`], and the
+//! connection part of [`url`]) knows nothing of results: it lives in `broker_backends::postgres`,
+//! which the PostgreSQL broker builds on too, and is re-exported here. A driver error is judged
+//! there once ([`error::kind_of`]): a lost connection, a server going away or a lost race is a
+//! [`BackendError::Connection`] (retried), anything else the statement's; each keeps the driver's
+//! error as its source.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
