@@ -13,6 +13,9 @@
 //! - `celery_rs_broadcasts` (unlogged): every broadcast, with a random nonce, kept a minute (see
 //!   [`super::broadcast`]).
 //! - `celery_rs_leases` (beat's leader: a row with an expiry), `celery_rs_documents` (beat's state).
+//! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
+//!   server (NULL when it does not parse), so that a message too large for its consumer is
+//!   dead-lettered, and its task named, without its payload being sent.
 //!
 //! Autovacuum: `celery_rs_tasks` is a queue table (every row inserted, updated once or twice,
 //! deleted), so it is vacuumed after 2% of its rows (at least 1000) are dead instead of the default
