@@ -8,10 +8,11 @@
 //! [`python`] installs Python Celery and Flower for the suites that run them against ours;
 //! [`browser`] installs headless Chromium for the suites that look at web pages;
 //! [`cluster`] runs RabbitMQ and Redis clusters on loopback (`scripts/cluster`) for the failover
-//! suites.
+//! suites; [`pg_server`] runs a private PostgreSQL server for the suites that restart or crash one.
 
 pub mod browser;
 pub mod cluster;
+pub mod pg_server;
 pub mod python;
 
 use std::path::PathBuf;

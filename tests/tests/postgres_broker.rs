@@ -6,21 +6,33 @@
 //! 3. Purge removes ready and not-yet-due rows, never leased ones.
 //! 4. Dead letters: the row moves to `<queue>.dead` with its reason in the table and the header.
 //! 5. Direct, topic and fanout routing through the bindings table; mandatory unroutable publishes fail.
-//! 6. A lease lost to another consumer is never settled by its first holder (the fencing token).
-//! 7. Broadcasts, inline and stored (larger than a notification), filtered by exchange and pattern.
+//! 6. A lease lost to another consumer is never settled by its first holder (the fencing token),
+//!    also after the message was dead-lettered and taken from its dead-letter queue.
+//! 7. Broadcasts, small and large, filtered by exchange and pattern; a forged, replayed or
+//!    misdirected `NOTIFY` is never delivered, and a plain `LISTEN` sees no broadcast's content;
+//!    rows older than a minute are never delivered and are deleted.
 //! 8. Priorities: higher priority first, then oldest first.
-//! 9. 5,000 events through `NOTIFY` alone: each arrives once, none is stored.
+//! 9. 5,000 events: each arrives once.
 //! 10. The listening connection killed by the server: nothing waits meanwhile, and it comes back.
+//! 11. Size caps: a message above the consumer's cap is dead-lettered without its payload being
+//!     read; `peek` reads at most 1 MiB per message and 8 MiB in all.
+//! 12. Queue names leave room for `.dead`; two busy queues of one consumer both progress.
+//! 13. A private server (not the machine's) stopped fast and killed mid-load: every task whose
+//!     send was acknowledged runs, and the worker reconnects.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use broker_backends::postgres::PostgresBroker;
+use broker_backends::postgres::{PostgresBroker, MAX_BROADCAST, PEEK_MESSAGE_BYTES, PEEK_TOTAL_BYTES};
 use celery_core::broker::DEAD_LETTER_REASON;
 use celery_core::capability::{Broadcasts, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
-use celery_core::{App, Broker, BrokerError, Signature, TaskState};
-use celery_tests::{wait_until, DemoProcess, PgSchema};
+use celery_core::{App, Broker, BrokerError, ProtocolError, Signature, TaskState};
+use celery_tests::pg_server::{CountingProxy, PgServer, Shutdown};
+use celery_tests::{wait_until, DemoProcess, PgSchema, POSTGRES};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 const SUITE: &str = "postgres_broker";
@@ -177,7 +189,7 @@ async fn direct_topic_and_fanout_routing() {
     let e = b.publish(&mandatory, &msg(0)).await.unwrap_err().to_string();
     assert!(e.contains("unroutable"), "{e}");
     let e = b.publish(&Route::queue("q".repeat(300)), &msg(0)).await.unwrap_err().to_string();
-    assert!(e.contains("longer than 255"), "{e}");
+    assert!(e.contains("longer than 250"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,7 +220,7 @@ async fn a_lost_lease_is_never_settled_by_its_first_holder() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broadcasts_inline_and_stored() {
+async fn broadcasts_small_and_large() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
     let b = broker(&schema, "").await;
     let topic = Exchange::new("celeryev", ExchangeKind::Topic);
@@ -247,7 +259,9 @@ async fn broadcasts_inline_and_stored() {
     }
     keys.retain(|k| k != "task.started");
     assert_eq!(keys, ["worker.heartbeat", "task.big", "task.succeeded"]);
-    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 1, "only the large one is stored");
+    let huge = event("x".repeat(MAX_BROADCAST + 1));
+    let e = b.broadcast(&topic, "task.huge", &huge).await.unwrap_err();
+    assert!(matches!(e, BrokerError::Protocol(ProtocolError::TooLarge { .. })), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,9 +285,9 @@ async fn higher_priority_first_then_oldest() {
     consumer.close().await;
 }
 
-/// Events at thousands a second: every one arrives, in order, and none is stored in a table.
+/// Events at thousands a second: every one arrives, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn thousands_of_events_go_through_notify_alone() {
+async fn thousands_of_events_arrive_once_each() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
     let b = broker(&schema, "pool_size=8").await;
     let ev = Exchange::new("celeryev", ExchangeKind::Topic);
@@ -297,7 +311,6 @@ async fn thousands_of_events_go_through_notify_alone() {
         async move { b.broadcast(&ev, "task.succeeded", &m).await }
     });
     // Eight at a time (the pool's size): each is one statement and one commit.
-    use futures::StreamExt;
     let results: Vec<_> = futures::stream::iter(sends).buffered(8).collect().await;
     assert!(results.iter().all(Result::is_ok));
     let mut seen = Vec::new();
@@ -313,7 +326,6 @@ async fn thousands_of_events_go_through_notify_alone() {
     let mut sorted = seen.clone();
     sorted.sort_unstable();
     assert_eq!(sorted, (1..=n).collect::<Vec<_>>(), "each event once");
-    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 0, "nothing stored");
 }
 
 /// The listening connection killed by the server: messages still arrive (polled while it
@@ -346,4 +358,318 @@ async fn a_lost_listener_reconnects_and_nothing_waits_meanwhile() {
     assert!(sent.elapsed() < Duration::from_millis(500), "woken after {:?}", sent.elapsed());
     d.ack().await.unwrap();
     consumer.close().await;
+}
+
+/// The schema's broadcast channel, as the broker names it.
+fn broadcast_channel(schema: &PgSchema) -> String {
+    schema.query("SELECT 'celery_rs_b_' || left(md5(current_schema()), 16)").unwrap()[0][0].clone().unwrap()
+}
+
+/// A plain connection (what any role that can connect may do) listening on `channel`: the
+/// payloads it hears, while the returned client lives.
+async fn eavesdrop(channel: &str) -> (tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    let cfg: tokio_postgres::Config = format!("postgresql://{POSTGRES}").parse().unwrap();
+    let (client, mut conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                let _ = tx.send(n.payload().to_owned());
+            }
+        }
+    });
+    client.batch_execute(&format!("LISTEN \"{channel}\"")).await.unwrap();
+    (client, rx)
+}
+
+/// Broadcasts travel as rows: a `NOTIFY` names one by id and nonce, so a role that can `LISTEN`
+/// reads nothing of them, and forged (old format, no such row, wrong nonce) or replayed
+/// notifications are never delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_notifications_are_never_broadcasts() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let pidbox = Exchange::new("celery.pidbox", ExchangeKind::Fanout);
+    let mut sub = b.subscribe(&pidbox, "").await.unwrap();
+    let channel = broadcast_channel(&schema);
+    let (_spy, mut heard) = eavesdrop(&channel).await;
+    let request = |body: &str| Message { body: body.as_bytes().to_vec(), ..msg(0) };
+
+    b.broadcast(&pidbox, "", &request(r#"{"method":"shutdown","secret":"s3cret"}"#)).await.unwrap();
+    let got = tokio::time::timeout(T, sub.next()).await.expect("delivered").expect("open");
+    assert!(String::from_utf8(got.body).unwrap().contains("s3cret"));
+    let payload = tokio::time::timeout(T, heard.recv()).await.expect("heard").unwrap();
+    let (id, nonce) = payload.split_once(':').expect("id:nonce");
+    assert!(id.parse::<i64>().is_ok() && nonce.parse::<i64>().is_ok(), "{payload}");
+    assert!(!payload.contains("s3cret") && !payload.contains("pidbox"), "a listener learns nothing: {payload}");
+
+    let wrong_nonce = nonce.parse::<i64>().unwrap().wrapping_add(1);
+    for forged in [
+        // The old format: the body in the notification.
+        "celery.pidbox' || chr(31) || '' || chr(31) || 'i{\"method\":\"shutdown\"}".to_owned(),
+        "999999999:1".to_owned(),
+        format!("{id}:{wrong_nonce}"),
+        // A replay of the genuine one.
+        payload.clone(),
+        "garbage".to_owned(),
+    ] {
+        schema.exec(&format!("SELECT pg_notify('{channel}', '{forged}')")).unwrap();
+    }
+    // Announcements are read in the order they come: once the next genuine one arrives, every
+    // forged one before it was read and dropped.
+    b.broadcast(&pidbox, "", &request(r#"{"method":"ping"}"#)).await.unwrap();
+    let next = tokio::time::timeout(T, sub.next()).await.expect("delivered").expect("open");
+    assert_eq!(next.body, br#"{"method":"ping"}"#, "no forged or replayed broadcast came first");
+}
+
+/// Broadcast rows expire after a minute: an older one is never delivered, even announced with its
+/// own nonce, and the broadcasting process deletes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_broadcasts_are_never_delivered_and_are_deleted() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let pidbox = Exchange::new("celery.pidbox", ExchangeKind::Fanout);
+    let mut sub = b.subscribe(&pidbox, "").await.unwrap();
+    let channel = broadcast_channel(&schema);
+    // Written after the subscription (so newer than every broadcast it knew), but two minutes ago.
+    let id = schema
+        .query(
+            "INSERT INTO celery_rs_broadcasts (nonce, exchange, routing_key, body, created_at) \
+             VALUES (7, 'celery.pidbox', '', '\\x6f6c64', now() - interval '2 minutes') RETURNING id",
+        )
+        .unwrap()[0][0]
+        .clone()
+        .unwrap();
+    schema.exec(&format!("SELECT pg_notify('{channel}', '{id}:7')")).unwrap();
+    b.broadcast(&pidbox, "", &Message { body: br#"{"method":"ping"}"#.to_vec(), ..msg(0) }).await.unwrap();
+    let next = tokio::time::timeout(T, sub.next()).await.expect("delivered").expect("open");
+    assert_eq!(next.body, br#"{"method":"ping"}"#, "the expired one was not delivered");
+    let old = format!("SELECT count(*) FROM celery_rs_broadcasts WHERE id = {id}");
+    assert!(wait_until(T, || count(&schema, &old) == 0), "the expired row was deleted");
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_broadcasts"), 1, "the fresh one stays");
+}
+
+/// A message above the consumer's cap is dead-lettered by the fetch without its payload crossing
+/// the wire: the worker gets its size and task id only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_dead_lettered_unread() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let direct = broker(&schema, "").await;
+    let proxy = CountingProxy::start("127.0.0.1:5432").await;
+    let via =
+        PostgresBroker::connect(&schema.url("postgres", "").replace("127.0.0.1:5432", &proxy.addr)).await.unwrap();
+    let big = Signature::by_name("echo").args(json!(["x".repeat(3 << 20)])).task_id("big-1");
+    direct.publish(&Route::queue("cap"), &Message::from_signature(&big).unwrap()).await.unwrap();
+    direct.publish(&Route::queue("cap"), &msg(5)).await.unwrap();
+    let before = proxy.from_server();
+    let limit = 1 << 20;
+    // Prefetch 1: a fetch that only dead-lettered must not send the consumer to sleep.
+    let mut consumer = via.consume_capped(&["cap".into()], 1, limit).await.unwrap();
+    let mut first = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    let mut second = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    let read = proxy.from_server() - before;
+    if first.size() < second.size() {
+        std::mem::swap(&mut first, &mut second);
+    }
+    assert!(first.size().unwrap() > 4 << 20, "{:?}", first.size());
+    match first.message() {
+        Err(ProtocolError::InvalidHeaders { id, error, .. }) => {
+            assert_eq!(id, "big-1");
+            assert!(matches!(**error, ProtocolError::TooLarge { limit: l, .. } if l == limit), "{error}");
+        }
+        other => panic!("refused unread, naming the task: {other:?}"),
+    }
+    assert_eq!(firsts(&[second.take_message().unwrap()]), [5]);
+    assert!(read < 256 * 1024, "{read} bytes read from the server for a 4 MiB message");
+    first.dead_letter("too large").await.unwrap();
+    second.ack().await.unwrap();
+    consumer.close().await;
+    let rows = schema.query("SELECT queue, reason FROM celery_rs_dead_letters").unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][0].as_deref(), Some("cap.dead"));
+    let reason = rows[0][1].clone().unwrap();
+    assert!(reason.starts_with("message of ") && reason.ends_with("exceeds the limit of 1048576 bytes"), "{reason}");
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_tasks"), 1, "only the dead letter");
+}
+
+/// `peek` reads at most 1 MiB of one message (a larger one is listed as too large, unread) and
+/// stops before 8 MiB in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peek_reads_bounded_bytes() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let sized = |chars: usize| {
+        let sig = Signature::by_name("echo").args(json!(["y".repeat(chars)]));
+        Message::from_signature(&sig).unwrap()
+    };
+    b.publish(&Route::queue("pk"), &sized(PEEK_MESSAGE_BYTES)).await.unwrap();
+    for _ in 0..12 {
+        b.publish(&Route::queue("pk"), &sized(600 * 1024)).await.unwrap();
+    }
+    let peeked = b.peek("pk", 100).await.unwrap();
+    match &peeked[0] {
+        Err(ProtocolError::TooLarge { size, limit }) => {
+            assert!(*size > PEEK_MESSAGE_BYTES && *limit == PEEK_MESSAGE_BYTES)
+        }
+        other => panic!("listed unread: {other:?}"),
+    }
+    let read: usize = peeked[1..].iter().map(|m| m.as_ref().expect("decodes").body.len()).sum();
+    assert!(peeked.len() < 13, "stopped early: {} listed", peeked.len());
+    assert!(peeked.len() > 5, "{} listed", peeked.len());
+    assert!(read <= PEEK_TOTAL_BYTES, "{read}");
+}
+
+/// The delivery count goes on through a dead-letter: a holder whose lease was lost cannot ack the
+/// row once it was dead-lettered and taken again from the dead-letter queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_never_deletes_a_dead_letter_taken_again() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "visibility_timeout=60").await;
+    b.publish(&Route::queue("fence"), &msg(1)).await.unwrap();
+    let mut first = b.consume(&["fence".into()], 1).await.unwrap();
+    let stale = tokio::time::timeout(T, first.next()).await.unwrap().unwrap();
+    // Its lease runs out and is swept back; another consumer takes it and dead-letters it.
+    schema.exec("UPDATE celery_rs_tasks SET leased_until = NULL").unwrap();
+    let mut second = b.consume(&["fence".into()], 1).await.unwrap();
+    let d = tokio::time::timeout(T, second.next()).await.unwrap().unwrap();
+    d.dead_letter("boom").await.unwrap();
+    second.close().await;
+    let mut third = b.consume(&["fence.dead".into()], 1).await.unwrap();
+    let dead = tokio::time::timeout(T, third.next()).await.unwrap().unwrap();
+    assert!(dead.redelivered);
+    stale.ack().await.unwrap();
+    first.close().await;
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_tasks WHERE queue = 'fence.dead'"), 1, "still there");
+    assert_eq!(count(&schema, "SELECT deliveries FROM celery_rs_tasks"), 3, "counted on");
+    dead.ack().await.unwrap();
+    third.close().await;
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_tasks"), 0);
+}
+
+/// Queue names are bounded so that `<queue>.dead` fits: the error says so at publish, bind and
+/// consume, and the longest queue's dead letters can be looked at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_names_leave_room_for_their_dead_letter_queue() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let (longest, too_long) = ("q".repeat(250), "q".repeat(251));
+    let errors = [
+        b.publish(&Route::queue(too_long.clone()), &msg(0)).await.unwrap_err(),
+        b.bind(&Binding::new("ex", too_long.clone(), "k")).await.unwrap_err(),
+        b.consume(std::slice::from_ref(&too_long), 1).await.err().unwrap(),
+        b.bind(&Binding::new("e".repeat(256), "q", "k")).await.unwrap_err(),
+        b.bind(&Binding::new("ex", "q", "k".repeat(256))).await.unwrap_err(),
+    ];
+    for (i, e) in errors.iter().enumerate() {
+        let e = e.to_string();
+        let want = if i < 3 {
+            "queue name of 251 bytes is longer than 250 (255 less room for `.dead`)"
+        } else {
+            "of 256 bytes is longer than 255"
+        };
+        assert!(e.contains(want), "{i}: {e}");
+    }
+    b.publish(&Route::queue(longest.clone()), &msg(3)).await.unwrap();
+    let mut consumer = b.consume(std::slice::from_ref(&longest), 1).await.unwrap();
+    let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    d.dead_letter("kept for a look").await.unwrap();
+    consumer.close().await;
+    let dead = format!("{longest}.dead");
+    assert_eq!(dead.len(), 255);
+    assert_eq!(b.queue_len(&dead).await.unwrap(), 1);
+    assert_eq!(firsts(&[b.peek(&dead, 1).await.unwrap().remove(0).unwrap()]), [3]);
+    assert_eq!(b.purge(&dead).await.unwrap(), 1);
+}
+
+/// One consumer of two busy queues takes from both, not the first until it is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_busy_queues_both_progress() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    for q in ["busy_a", "busy_b"] {
+        let batch: Vec<(Route, Message)> = (0..200).map(|i| (Route::queue(q), msg(i))).collect();
+        b.publish_batch(&batch).await.unwrap();
+    }
+    let mut consumer = b.consume(&["busy_a".into(), "busy_b".into()], 10).await.unwrap();
+    let (mut a, mut bb) = (0, 0);
+    for _ in 0..60 {
+        let d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+        if d.queue == "busy_a" {
+            a += 1;
+        } else {
+            bb += 1;
+        }
+        d.ack().await.unwrap();
+    }
+    consumer.close().await;
+    assert!(a >= 20 && bb >= 20, "busy_a {a}, busy_b {bb}");
+}
+
+/// A private server stopped with `-m fast`, then killed with `-m immediate`, while a producer
+/// sends and a worker runs: every task whose send returned Ok runs to SUCCESS, and the worker
+/// goes on after each restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_server_loses_nothing_acknowledged() {
+    let Some(pg) = PgServer::start(SUITE) else { return };
+    let (broker_url, backend_url) = (pg.url("postgres", "visibility_timeout=5"), pg.url("db+postgresql", ""));
+    let app: App = celery_worker::connect(&broker_url, &backend_url).await.expect("connect");
+    let worker = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-c", "4"]);
+    let acked: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer = {
+        let (app, acked, stop) = (app.clone(), acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            let mut i = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                if let Ok(r) = app.send_by_name("add", json!([i, 1]), json!({})).await {
+                    acked.lock().unwrap().push((r.id().to_owned(), i + 1));
+                }
+                i += 1;
+            }
+        })
+    };
+    // Until `more` further sends were acknowledged and the last of them ran.
+    let progress = |more: usize| {
+        let (app, acked) = (app.clone(), acked.clone());
+        async move {
+            let target = acked.lock().unwrap().len() + more;
+            loop {
+                let last = { acked.lock().unwrap().get(target).cloned() };
+                if let Some((id, want)) = last {
+                    let got: i64 = app.result(&id).get(T).await.expect("the worker runs tasks");
+                    assert_eq!(got, want);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    tokio::time::timeout(T, progress(50)).await.unwrap_or_else(|_| panic!("running\n{}", worker.log()));
+    for (round, how) in [Shutdown::Fast, Shutdown::Immediate].into_iter().enumerate() {
+        pg.stop(how);
+        let lost = |log: String| log.matches("listener connection lost").count() > round;
+        assert!(wait_until(T, || lost(worker.log())), "{how:?}: the worker saw it\n{}", worker.log());
+        pg.start_again();
+        tokio::time::timeout(Duration::from_secs(60), progress(50))
+            .await
+            .unwrap_or_else(|_| panic!("{how:?}: back to work\n{}\n{}", worker.log(), pg.log()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    producer.await.unwrap();
+    let all = acked.lock().unwrap().clone();
+    let checks = all.iter().map(|(id, want)| {
+        let app = app.clone();
+        async move { (app.result(id).get::<i64>(T).await.ok() == Some(*want), id.clone()) }
+    });
+    let lost: Vec<String> = futures::stream::iter(checks)
+        .buffer_unordered(16)
+        .filter_map(|(ok, id)| async move { (!ok).then_some(id) })
+        .collect()
+        .await;
+    assert!(lost.is_empty(), "{} of {} acknowledged tasks lost: {lost:?}\n{}", lost.len(), all.len(), worker.log());
+    assert!(all.len() >= 150, "{}", all.len());
+    let reconnects = worker.log().matches("listener connection lost").count();
+    assert!(reconnects >= 2, "{reconnects}");
 }

@@ -15,6 +15,9 @@
 //! 7. Python interop both ways: Python's `AsyncResult.get()` with `result_backend='db+postgresql://...'`
 //!    reads what our worker stored (value, exception, extended fields), and our client reads what a
 //!    Python worker stored.
+//! 8. A row too large to read (Celery's and Django's tables) is refused before it crosses the wire;
+//!    errors say whether to retry (a missing table is the statement's fault, a stopped server the
+//!    connection's) and keep the driver's error as their source.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -25,6 +28,7 @@ use std::time::{Duration, Instant};
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims};
 use celery_core::{BackendError, ResultBackend, ResultError, Signature, TaskMeta, TaskState};
+use celery_tests::pg_server::{CountingProxy, PgServer, Shutdown};
 use celery_tests::python::{self, Service};
 use celery_tests::{redis_available, PgSchema, RedisEnv};
 use celery_worker::prelude::*;
@@ -697,4 +701,87 @@ async fn python_reads_ours_and_we_read_pythons() {
     }
     let raw = format!("SELECT convert_from(result, 'UTF8') FROM celery_taskmeta WHERE task_id = '{}'", added.id());
     assert_eq!(one(&schema, &raw).as_deref(), Some("42"), "Celery 5.7 writes JSON");
+}
+
+/// A result row whose large columns add up to more than 64 MiB is refused from its size alone:
+/// the statement does not send them (counted through a proxy), in Celery's table and in Django's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_row_is_refused_before_it_is_sent() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let proxy = CountingProxy::start("127.0.0.1:5432").await;
+    let url = schema.url("db+postgresql", "").replace("127.0.0.1:5432", &proxy.addr);
+    let b = PostgresBackend::connect(&url).await.expect("connect");
+    // 40 MiB of result and 30 MiB of traceback: each under the cap, together over it.
+    schema
+        .exec(
+            "INSERT INTO celery_taskmeta (id, task_id, status, result, traceback, date_done) \
+             VALUES (nextval('task_id_sequence'), 'huge', 'SUCCESS', \
+                     convert_to('\"' || repeat('x', 40 << 20) || '\"', 'UTF8'), repeat('t', 30 << 20), now())",
+        )
+        .unwrap();
+    b.store(&TaskMeta::success("small", json!(1))).await.unwrap();
+    let before = proxy.from_server();
+    let e = b.get("huge").await.unwrap_err();
+    let read = proxy.from_server() - before;
+    assert!(matches!(e, BackendError::Malformed(_)), "{e:?}");
+    assert!(e.to_string().contains("refused unread"), "{e}");
+    assert!(read < 64 * 1024, "{read} bytes read for a 70 MiB row");
+    assert_eq!(b.get("small").await.unwrap().unwrap().result, json!(1), "the others read as ever");
+
+    schema
+        .exec(
+            "CREATE TABLE django_celery_results_taskresult (id serial PRIMARY KEY, task_id varchar(255) UNIQUE, \
+             status varchar(50), content_type varchar(128), content_encoding varchar(64), result text, \
+             date_done timestamptz, traceback text, meta text, task_args text, task_kwargs text, \
+             task_name varchar(255), worker varchar(100), date_created timestamptz, periodic_task_name varchar(255), \
+             date_started timestamptz); \
+             INSERT INTO django_celery_results_taskresult (task_id, status, content_type, content_encoding, result, \
+             date_done, meta) VALUES ('huge', 'SUCCESS', 'application/json', 'utf-8', \
+             '\"' || repeat('x', 70 << 20) || '\"', now(), '{}')",
+        )
+        .unwrap();
+    let url = schema.url("django-db+postgresql", "").replace("127.0.0.1:5432", &proxy.addr);
+    let d = PostgresBackend::connect(&url).await.expect("connect");
+    let before = proxy.from_server();
+    let e = d.get("huge").await.unwrap_err();
+    let read = proxy.from_server() - before;
+    assert!(e.to_string().contains("refused unread"), "{e}");
+    assert!(read < 64 * 1024, "{read} bytes read for a 70 MiB row");
+}
+
+/// Errors are judged in one place: a statement's fault is an operation error, a stopped server a
+/// connection error (retryable), each with the driver's error as its source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_whether_to_retry_and_keep_their_source() {
+    let Some(pg) = PgServer::start(SUITE) else { return };
+    let b = PostgresBackend::connect(&pg.url("db+postgresql", "")).await.expect("connect");
+    b.store(&TaskMeta::success("a", json!(1))).await.unwrap();
+    let driver = |e: &BackendError| {
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            if s.downcast_ref::<tokio_postgres::Error>().is_some() {
+                return true;
+            }
+            source = s.source();
+        }
+        false
+    };
+    pg_exec_on(&pg, "DROP TABLE celery_taskmeta").await;
+    let e = b.get("a").await.unwrap_err();
+    assert!(!e.is_retryable() && driver(&e), "{e:?}");
+    assert!(e.to_string().contains("42P01"), "the SQLSTATE is named: {e}");
+    pg.stop(Shutdown::Fast);
+    let e = b.get("a").await.unwrap_err();
+    assert!(e.is_retryable() && driver(&e), "{e:?}");
+    assert!(e.to_string().starts_with("result backend connection error: postgresql: "), "{e}");
+}
+
+/// Runs `sql` on the private server.
+async fn pg_exec_on(pg: &PgServer, sql: &str) {
+    let cfg: tokio_postgres::Config = pg.url("postgresql", "").parse().unwrap();
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(conn);
+    client.batch_execute(sql).await.unwrap();
+    drop(client);
+    let _ = driver.await;
 }

@@ -1,86 +1,22 @@
 //! Connections: a pool for statements (deadpool-postgres, prepared statements cached per
-//! connection), single connections for `LISTEN`, TLS with rustls, and how a driver error is
-//! judged (retryable or not). Nothing here knows about results, so a PostgreSQL broker can reuse
-//! it as is.
+//! connection), single connections for `LISTEN`, and TLS with rustls. Nothing here knows about
+//! results or queues: the broker and the result backend both build on it, and both judge driver
+//! errors through [`super::error`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use celery_core::BackendError;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 
+use super::error::PgError;
 use super::url::{ConnectOptions, TlsOptions};
 
 /// How long a statement waits for a pooled connection before failing as a connection error.
 const POOL_WAIT: Duration = Duration::from_secs(30);
-
-/// Whether a failure may pass if the operation is tried again (after a reconnect).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// The connection failed or the server is going away, or the statement lost a race
-    /// (serialization failure, deadlock): try again.
-    Retryable,
-    /// The statement or the data is at fault: trying again gives the same answer.
-    Permanent,
-}
-
-/// Judges a driver error.
-pub fn classify(e: &tokio_postgres::Error) -> Fault {
-    match e.code() {
-        None => Fault::Retryable,
-        Some(code) => {
-            let c = code.code();
-            if c.starts_with("08")
-                || c.starts_with("57P")
-                || *code == SqlState::TOO_MANY_CONNECTIONS
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::LOCK_NOT_AVAILABLE
-            {
-                Fault::Retryable
-            } else {
-                Fault::Permanent
-            }
-        }
-    }
-}
-
-/// A driver error as a result backend error (retryable ones are `Connection`).
-pub fn backend_error(e: tokio_postgres::Error) -> BackendError {
-    let text = match e.as_db_error() {
-        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
-        None => {
-            // The driver's message is short ("error performing TLS handshake"): add its causes.
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let s_text = s.to_string();
-                if !text.contains(&s_text) {
-                    text = format!("{text}: {s_text}");
-                }
-                source = s.source();
-            }
-            text
-        }
-    };
-    match classify(&e) {
-        Fault::Retryable => BackendError::connection(format!("postgresql: {text}")),
-        Fault::Permanent => BackendError::operation(format!("postgresql: {text}")),
-    }
-}
-
-/// A pool error as a result backend error.
-pub fn pool_error(e: deadpool_postgres::PoolError) -> BackendError {
-    match e {
-        deadpool_postgres::PoolError::Backend(e) => backend_error(e),
-        other => BackendError::connection(format!("postgresql pool: {other}")),
-    }
-}
 
 /// The TLS side of a connection: none, or rustls verifying the server.
 #[derive(Clone)]
@@ -102,9 +38,9 @@ impl std::fmt::Debug for Tls {
 
 impl Tls {
     /// rustls with the system's roots and `root_cert`; none without [`TlsOptions`].
-    pub fn new(opts: Option<&TlsOptions>, shown: &str) -> Result<Tls, BackendError> {
+    pub fn new(opts: Option<&TlsOptions>, shown: &str) -> Result<Tls, PgError> {
         let Some(opts) = opts else { return Ok(Tls::None) };
-        let bad = |reason: String| BackendError::InvalidUrl { url: shown.to_owned(), reason };
+        let bad = |reason: String| PgError::InvalidUrl { url: shown.to_owned(), reason };
         let mut roots = RootCertStore::empty();
         roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
         if let Some(path) = &opts.root_cert {
@@ -133,7 +69,7 @@ impl Tls {
 }
 
 /// A pool of at most `opts.pool_size` connections, opened lazily, checked when taken back.
-pub fn pool(opts: &ConnectOptions, tls: &Tls) -> Result<Pool, BackendError> {
+pub fn pool(opts: &ConnectOptions, tls: &Tls) -> Result<Pool, PgError> {
     let mgr_cfg = ManagerConfig { recycling_method: RecyclingMethod::Fast };
     let manager = match tls {
         Tls::None => Manager::from_config(opts.config.clone(), NoTls, mgr_cfg),
@@ -147,7 +83,7 @@ pub fn pool(opts: &ConnectOptions, tls: &Tls) -> Result<Pool, BackendError> {
         .create_timeout(Some(connect_timeout + Duration::from_secs(5)))
         .recycle_timeout(Some(Duration::from_secs(5)))
         .build()
-        .map_err(|e| BackendError::InvalidUrl { url: opts.shown.clone(), reason: format!("pool: {e}") })
+        .map_err(|e| PgError::InvalidUrl { url: opts.shown.clone(), reason: format!("pool: {e}") })
 }
 
 /// A connection that listens: a dedicated connection that has run `listen` (its `LISTEN`
@@ -168,7 +104,7 @@ pub async fn listening(
                 Ok(()) => return (client, driver, rx),
                 Err(e) => {
                     driver.abort();
-                    backend_error(e)
+                    PgError::driver("listen", e)
                 }
             },
             Err(e) => e,
@@ -185,14 +121,14 @@ async fn dedicated(
     opts: &ConnectOptions,
     tls: &Tls,
     messages: tokio::sync::mpsc::UnboundedSender<AsyncMessage>,
-) -> Result<(Client, tokio::task::JoinHandle<()>), BackendError> {
+) -> Result<(Client, tokio::task::JoinHandle<()>), PgError> {
     match tls {
         Tls::None => {
-            let (client, conn) = opts.config.connect(NoTls).await.map_err(backend_error)?;
+            let (client, conn) = opts.config.connect(NoTls).await.map_err(PgError::at("connect"))?;
             Ok((client, tokio::spawn(drive(conn, messages))))
         }
         Tls::Rustls(t) => {
-            let (client, conn) = opts.config.connect(t.clone()).await.map_err(backend_error)?;
+            let (client, conn) = opts.config.connect(t.clone()).await.map_err(PgError::at("connect"))?;
             Ok((client, tokio::spawn(drive(conn, messages))))
         }
     }

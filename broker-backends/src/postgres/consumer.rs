@@ -1,14 +1,23 @@
 //! The PostgreSQL consumer: leased fetch with `FOR UPDATE SKIP LOCKED`, wake-ups by `NOTIFY`,
 //! lease renewal, the return of expired leases, batched acks, and settling.
+//!
+//! - Fairness: a fetch of `n` gives each queue an equal share of `n` in turn (the first queue
+//!   rotating from fetch to fetch), then what is left to any queue that filled its share, so a
+//!   busy queue never starves the others.
+//! - Size cap: a message above the consumer's `max_message_size` is dead-lettered by the fetch
+//!   statement itself (its payload is not sent); the consumer hands out a delivery that holds no
+//!   lease nor slot and says so.
+//! - Fencing: each delivery carries its row's delivery count, which every settling statement
+//!   names; the count grows with every take, also after a dead-letter.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::broker::{dead_letter_queue, Decoder, Settle};
-use celery_core::protocol::Message;
-use celery_core::{BrokerError, Delivery};
+use celery_core::broker::{dead_letter_queue, Decoder, Settle, Settled};
+use celery_core::protocol::{lenient_task_id, Message};
+use celery_core::{BrokerError, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
@@ -67,7 +76,9 @@ impl Shared {
 pub type PostgresConsumer = FetchingConsumer<(i64, i32)>;
 
 impl PostgresConsumer {
-    /// Starts consuming `queues` (in the order given).
+    /// Starts consuming `queues` (in turn), dead-lettering unread any message above
+    /// `max_message_size` bytes.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         db: Db,
         channel: String,
@@ -76,6 +87,7 @@ impl PostgresConsumer {
         vt: Duration,
         queues: &[String],
         prefetch: usize,
+        max_message_size: usize,
     ) -> PostgresConsumer {
         let prefetch = prefetch.clamp(1, MAX_PREFETCH);
         let (acks, batcher) = ack_queue();
@@ -86,12 +98,13 @@ impl PostgresConsumer {
             slots: Slots::new(prefetch),
             acks: acks.clone(),
         });
-        let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt };
+        let cap = i64::try_from(max_message_size).unwrap_or(i64::MAX);
+        let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt, cap, turn: 0 };
         let db = shared.db.clone();
         let ack = batcher.run("postgres", MAX_ACK_BATCH, BrokerError::is_retryable, move |batch: &[(i64, i32)]| {
             let (ids, tokens): (Vec<i64>, Vec<i32>) = batch.iter().copied().unzip();
             let db = db.clone();
-            async move { db.query(sql::ACK, &[&ids, &tokens]).await.map(drop) }
+            async move { db.query("ack", sql::ACK, &[&ids, &tokens]).await.map(drop) }
         });
         let background = vec![
             tokio::spawn(ack),
@@ -102,13 +115,15 @@ impl PostgresConsumer {
     }
 }
 
-/// One fetched row.
+/// One fetched row: leased, or dead-lettered unread for its size.
 struct Row {
     id: i64,
     deliveries: i32,
     priority: i16,
     run_at: DateTime<Utc>,
-    payload: Vec<u8>,
+    size: i64,
+    /// `Err(task id)`: too large, moved to its dead-letter queue unread.
+    payload: Result<Vec<u8>, Option<String>>,
 }
 
 struct Fetcher {
@@ -117,6 +132,19 @@ struct Fetcher {
     notes: broadcast::Receiver<Note>,
     connected: watch::Receiver<bool>,
     vt: Duration,
+    /// The largest payload read (`max_message_size`).
+    cap: i64,
+    /// Which queue comes first in the next fetch.
+    turn: usize,
+}
+
+/// What one fetch of a queue took.
+struct Taken {
+    rows: Vec<Row>,
+    /// Rows leased (the others were dead-lettered).
+    leased: usize,
+    /// Dead-letter queues that received a message.
+    dead: Vec<String>,
 }
 
 impl Fetch for Fetcher {
@@ -130,25 +158,49 @@ impl Fetch for Fetcher {
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
         // What was announced before this fetch, it sees; what is announced after, wakes the wait.
         self.drain_notes();
-        let mut got = 0;
-        for queue in &self.queues {
+        let k = self.queues.len();
+        if k == 0 {
+            return Fetched::Sent { taken: 0, drained: true };
+        }
+        let start = self.turn % k;
+        self.turn = self.turn.wrapping_add(1);
+        let order: Vec<String> = (0..k).map(|i| self.queues[(start + i) % k].clone()).collect();
+        let (mut got, mut dead_lettered) = (0, false);
+        // Queues that filled their share may have more.
+        let mut more = Vec::new();
+        for (i, queue) in order.iter().enumerate() {
             if got == n {
                 break;
             }
-            match self.lease(queue, n - got).await {
-                Ok(rows) => {
-                    got += rows.len();
-                    for row in rows {
-                        if tx.send(self.delivery(queue, row)).await.is_err() {
-                            return Fetched::Closed;
-                        }
+            let share = (n - got).div_ceil(k - i);
+            match self.take(queue, share, tx).await {
+                Ok(Some((leased, taken))) => {
+                    got += leased;
+                    dead_lettered |= taken > leased;
+                    if taken == share {
+                        more.push(queue);
                     }
                 }
+                Ok(None) => return Fetched::Closed,
                 Err(error) => return Fetched::Failed { taken: got, error },
             }
         }
-        // Every queue is drained (as far as this snapshot saw) when fewer than `n` came.
-        Fetched::Sent { taken: got, drained: got < n }
+        for queue in more {
+            if got == n {
+                break;
+            }
+            match self.take(queue, n - got, tx).await {
+                Ok(Some((leased, taken))) => {
+                    got += leased;
+                    dead_lettered |= taken > leased;
+                }
+                Ok(None) => return Fetched::Closed,
+                Err(error) => return Fetched::Failed { taken: got, error },
+            }
+        }
+        // Every queue is drained (as far as this snapshot saw) when fewer than `n` came and none
+        // was dead-lettered (whose slots were not used: look again at once).
+        Fetched::Sent { taken: got, drained: got < n && !dead_lettered }
     }
 
     /// Sleeps until told, or until the next eta.
@@ -162,29 +214,75 @@ impl Fetch for Fetcher {
 }
 
 impl Fetcher {
-    /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out.
-    async fn lease(&self, queue: &str, n: usize) -> Result<Vec<Row>, BrokerError> {
-        let rows = self.shared.db.query(sql::FETCH, &[&queue, &(n as i64), &self.vt.as_secs_f64()]).await?;
+    /// Takes up to `n` rows of `queue` and sends their deliveries: `(leased, taken)`, or `None`
+    /// when nobody receives deliveries any more.
+    async fn take(
+        &self,
+        queue: &str,
+        n: usize,
+        tx: &mpsc::Sender<Delivery>,
+    ) -> Result<Option<(usize, usize)>, BrokerError> {
+        let taken = self.lease(queue, n).await?;
+        let count = taken.rows.len();
+        for dlq in &taken.dead {
+            if let Err(e) = self.shared.db.query("wake", sql::WAKE, &[&self.shared.channel, dlq]).await {
+                tracing::debug!(error = %e, queue = %dlq, "postgresql: waking a dead-letter queue failed");
+            }
+        }
+        for row in taken.rows {
+            if tx.send(self.delivery(queue, row)).await.is_err() {
+                return Ok(None);
+            }
+        }
+        Ok(Some((taken.leased, count)))
+    }
+
+    /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out (those too
+    /// large are dead-lettered by the statement).
+    async fn lease(&self, queue: &str, n: usize) -> Result<Taken, BrokerError> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&queue, &(n as i64), &self.vt.as_secs_f64(), &self.cap];
+        let rows = self.shared.db.query("fetch", sql::FETCH, &params).await?;
+        let mut dead: Vec<String> = Vec::new();
         let mut rows: Vec<Row> = rows
             .into_iter()
-            .map(|r| Row {
-                id: r.get(0),
-                deliveries: r.get(1),
-                priority: r.get(2),
-                run_at: r.get(3),
-                payload: r.get(4),
+            .map(|r| {
+                let payload = match r.get::<_, Option<Vec<u8>>>(5) {
+                    Some(p) => Ok(p),
+                    None => {
+                        if let Some(dlq) = r.get::<_, Option<String>>(7) {
+                            if !dead.contains(&dlq) {
+                                dead.push(dlq);
+                            }
+                        }
+                        Err(r.get::<_, Option<String>>(6))
+                    }
+                };
+                Row {
+                    id: r.get(0),
+                    deliveries: r.get(1),
+                    priority: r.get(2),
+                    run_at: r.get(3),
+                    size: r.get(4),
+                    payload,
+                }
             })
             .collect();
         rows.sort_by_key(|r| (r.priority, r.run_at, r.id));
         let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-        for r in &rows {
+        let mut leased = 0;
+        for r in rows.iter().filter(|r| r.payload.is_ok()) {
             leases.insert(r.id, r.deliveries);
+            leased += 1;
         }
-        Ok(rows)
+        Ok(Taken { rows, leased, dead })
     }
 
     fn delivery(&self, queue: &str, row: Row) -> Delivery {
-        let payload = Arc::new(row.payload);
+        let payload = match row.payload {
+            Ok(p) => Arc::new(p),
+            Err(id) => return self.oversized(queue, row.size, id),
+        };
         let size = payload.len();
         let raw = payload.clone();
         let decode: Decoder = Box::new(move || envelope::decode(&raw).into_parts());
@@ -196,6 +294,20 @@ impl Fetcher {
             payload,
         };
         Delivery::lazy(decode, queue.to_owned(), row.deliveries > 1, Box::new(settle)).with_size(size)
+    }
+
+    /// The delivery of a message the fetch dead-lettered unread: it holds no lease nor slot, and
+    /// names the task (so that its caller learns of the failure) when the server could read its id.
+    fn oversized(&self, queue: &str, size: i64, id: Option<String>) -> Delivery {
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        let limit = usize::try_from(self.cap).unwrap_or(usize::MAX);
+        tracing::warn!(%queue, size, limit, "postgresql: oversized message dead-lettered unread");
+        let too_large = ProtocolError::TooLarge { size, limit };
+        let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
+            Some(id) => ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) },
+            None => too_large,
+        });
+        Delivery::new(message, queue.to_owned(), false, Box::new(Settled)).with_size(size)
     }
 
     fn drain_notes(&mut self) {
@@ -211,7 +323,7 @@ impl Fetcher {
     /// [`IDLE_MAX`], or [`FALLBACK_POLL`] while its listener is down.
     async fn idle_wait(&self) -> Duration {
         let cap = if *self.connected.borrow() { IDLE_MAX } else { FALLBACK_POLL };
-        match self.shared.db.query(sql::NEXT_DUE, &[&self.queues]).await {
+        match self.shared.db.query("next eta", sql::NEXT_DUE, &[&self.queues]).await {
             Ok(rows) => match rows.first().and_then(|r| r.get::<_, Option<f64>>(0)) {
                 Some(secs) => Duration::try_from_secs_f64(secs.max(0.0)).unwrap_or(cap).min(cap),
                 None => cap,
@@ -256,7 +368,7 @@ async fn renew_loop(shared: Arc<Shared>, vt: Duration) {
         tokio::time::sleep(every).await;
         let (ids, tokens) = shared.lease_snapshot();
         for (ids, tokens) in ids.chunks(1000).zip(tokens.chunks(1000)) {
-            if let Err(e) = shared.db.query(sql::RENEW, &[&ids, &tokens, &vt.as_secs_f64()]).await {
+            if let Err(e) = shared.db.query("renew leases", sql::RENEW, &[&ids, &tokens, &vt.as_secs_f64()]).await {
                 tracing::warn!(error = %e, "postgresql: lease renewal failed; will retry");
             }
         }
@@ -267,7 +379,7 @@ async fn renew_loop(shared: Arc<Shared>, vt: Duration) {
 async fn restore_loop(shared: Arc<Shared>, vt: Duration) {
     let every = (vt / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     loop {
-        match shared.db.query(sql::RESTORE, &[&shared.channel, &RESTORE_BATCH]).await {
+        match shared.db.query("restore expired leases", sql::RESTORE, &[&shared.channel, &RESTORE_BATCH]).await {
             Ok(rows) => {
                 let n: i64 = rows.iter().map(|r| r.get::<_, i64>(1)).sum();
                 if n > 0 {
@@ -299,10 +411,11 @@ impl PgSettle {
     /// longer renewed, so the message comes back after the visibility timeout).
     async fn settle(
         &self,
+        what: &'static str,
         statement: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<(), BrokerError> {
-        let r = self.shared.db.query(statement, params).await.map(drop);
+        let r = self.shared.db.query(what, statement, params).await.map(drop);
         self.shared.release(self.id);
         r
     }
@@ -325,7 +438,7 @@ impl Settle for PgSettle {
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.settle(sql::REQUEUE, &[&self.id, &self.token, &self.shared.channel]).await
+        self.settle("requeue", sql::REQUEUE, &[&self.id, &self.token, &self.shared.channel]).await
     }
 
     /// A new `run_at` and payload for the same row, released from its lease in one statement.
@@ -333,14 +446,19 @@ impl Settle for PgSettle {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
         let env = envelope::encode(&m, "", &self.queue).into_bytes();
-        self.settle(sql::DEFER, &[&self.id, &self.token, &until, &env, &self.shared.channel]).await
+        self.settle("defer", sql::DEFER, &[&self.id, &self.token, &until, &env, &self.shared.channel]).await
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let dlq = dead_letter_queue(&self.queue);
         let env = envelope::dead_letter(&self.payload, &self.queue, reason).into_bytes();
         let reason = truncated(reason, MAX_REASON).replace('\0', "");
-        self.settle(sql::DEAD_LETTER, &[&self.id, &self.token, &dlq, &reason, &env, &self.shared.channel]).await
+        self.settle(
+            "dead-letter",
+            sql::DEAD_LETTER,
+            &[&self.id, &self.token, &dlq, &reason, &env, &self.shared.channel],
+        )
+        .await
     }
 }
 

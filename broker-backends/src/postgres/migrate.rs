@@ -10,10 +10,9 @@
 //! Migrations are written to leave alone what is already there (`CREATE ... IF NOT EXISTS`), so a
 //! table that Python Celery created first is adopted as it is.
 
-use celery_core::BackendError;
 use deadpool_postgres::Object;
 
-use super::connect::backend_error;
+use super::error::PgError;
 
 /// One schema change.
 #[derive(Debug, Clone, Copy)]
@@ -38,38 +37,34 @@ CREATE TABLE IF NOT EXISTS celery_rs_schema_version (
 );";
 
 /// Applies `component`'s migrations that are not applied yet; returns its version after.
-pub async fn migrate(client: &mut Object, component: &str, migrations: &[Migration]) -> Result<i32, BackendError> {
-    let tx = client.transaction().await.map_err(backend_error)?;
-    tx.batch_execute(PREPARE).await.map_err(backend_error)?;
+pub async fn migrate(client: &mut Object, component: &str, migrations: &[Migration]) -> Result<i32, PgError> {
+    let tx = client.transaction().await.map_err(PgError::at("migrate"))?;
+    tx.batch_execute(PREPARE).await.map_err(PgError::at("migrate"))?;
     let row = tx
         .query_one("SELECT coalesce(max(version), 0) FROM celery_rs_schema_version WHERE component = $1", &[&component])
         .await
-        .map_err(backend_error)?;
+        .map_err(PgError::at("migrate"))?;
     let current: i32 = row.get(0);
     let mut version = current;
     for m in migrations.iter().filter(|m| m.version > current) {
         if m.version != version + 1 {
-            return Err(BackendError::operation(format!(
-                "postgresql: migration {component} {} follows {version}: the list has a gap",
+            return Err(PgError::operation(format!(
+                "migration {component} {} follows {version}: the list has a gap",
                 m.version
             )));
         }
         tracing::info!(component, version = m.version, name = m.name, "postgresql: applying migration");
-        tx.batch_execute(m.sql).await.map_err(|e| match backend_error(e) {
-            BackendError::Operation { context, source } => BackendError::Operation {
-                context: format!("migration {component} {} ({}): {context}", m.version, m.name),
-                source,
-            },
-            other => other,
-        })?;
+        tx.batch_execute(m.sql)
+            .await
+            .map_err(|e| PgError::driver(&format!("migration {component} {} ({})", m.version, m.name), e))?;
         tx.execute(
             "INSERT INTO celery_rs_schema_version (component, version, name) VALUES ($1, $2, $3)",
             &[&component, &m.version, &m.name],
         )
         .await
-        .map_err(backend_error)?;
+        .map_err(PgError::at("migrate"))?;
         version = m.version;
     }
-    tx.commit().await.map_err(backend_error)?;
+    tx.commit().await.map_err(PgError::at("migrate"))?;
     Ok(version)
 }

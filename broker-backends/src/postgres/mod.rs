@@ -5,21 +5,24 @@
 //!   arrays), with a `NOTIFY` per queue in the same statement. An eta or countdown message gets
 //!   `run_at` = its eta: no Python worker reads these tables, so it waits in the broker, not on a
 //!   worker.
-//! - Consume: `FOR UPDATE SKIP LOCKED` takes up to the free prefetch slots (at most 500) of the
-//!   first queue that has ready rows, in queue order, by priority then age, and leases them for
-//!   the visibility timeout (`visibility_timeout`, default 3600 s), which the consumer renews
+//! - Consume: `FOR UPDATE SKIP LOCKED` takes up to the free prefetch slots (at most 500), an
+//!   equal share from each of the consumer's queues (the first one rotating, what one leaves going
+//!   to the others), by priority then age, and leases them for the visibility timeout (`visibility_timeout`, default 3600 s), which the consumer renews
 //!   while the deliveries are unsettled; every consumer returns expired leases to their queues
 //!   (a dead worker's tasks come back). An idle consumer sleeps until a `NOTIFY` for one of its
 //!   queues or the next eta, never polling while its `LISTEN` connection is up (once a second
-//!   while it reconnects).
+//!   while it reconnects). A consumer with a size cap ([`Broker::consume_capped`]) has the fetch
+//!   move a larger message to `<queue>.dead` itself: its payload never leaves the server.
 //! - Settle: acks are deleted in batches; requeue, defer (a new `run_at`) and dead-letter (to
 //!   `<queue>.dead`, with the reason in a column and in the message's headers) are one statement
 //!   each, fenced by the delivery count so that a lease lost to another consumer is never settled.
 //! - Routing: direct, topic and fanout exchanges through `celery_rs_bindings`, matched by
 //!   celery-core's matcher; the default exchange routes by queue name.
-//! - Broadcasts (events, remote control): a `NOTIFY` carrying the exchange, the routing key and the
-//!   body; a body too large for a notification (8000 bytes) is stored in `celery_rs_broadcasts`,
-//!   announced by its id, and deleted after five minutes.
+//! - Broadcasts (events, remote control): rows of `celery_rs_broadcasts`, announced by a `NOTIFY`
+//!   of `<id>:<nonce>` that a subscription checks against the row ([`broadcast`]).
+//! - Names: queues up to [`MAX_QUEUE`] bytes (so that `<queue>.dead` fits in [`MAX_NAME`]);
+//!   exchanges, routing keys, leases and documents up to [`MAX_NAME`]; no NUL.
+//! - Errors: driver errors are judged once, in [`error`], for the broker and the result backend.
 //! - Leases (beat's leader) and documents (beat's state) are rows.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
 //!   ([`migrate`]); their layout and autovacuum settings are in [`sql`].
@@ -37,8 +40,10 @@
 //! # Ok(()) }
 //! ```
 
+pub mod broadcast;
 pub mod connect;
 mod consumer;
+pub mod error;
 mod listen;
 pub mod migrate;
 pub mod sql;
@@ -49,25 +54,36 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
+use celery_core::broker::Subscription;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
-use celery_core::{BackendError, Broker, BrokerError, Consumer, ProtocolError};
+use celery_core::{Broker, BrokerError, Consumer, ProtocolError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
+use self::broadcast::{Filter, PgSubscription};
 use self::connect::Tls;
-use self::listen::{Channel, Listener};
+use self::error::PgError;
+use self::listen::Listener;
 use self::url::BrokerOptions;
 use crate::envelope;
 
+pub use broadcast::MAX_BROADCAST;
 pub use consumer::PostgresConsumer;
 
-/// The longest queue, exchange, routing key, lease or document name accepted, in bytes.
+/// The longest exchange, routing key, lease or document name accepted, in bytes; also the
+/// longest queue name read (a dead-letter queue's).
 pub const MAX_NAME: usize = 255;
+/// The longest queue name published to, bound or consumed: `<queue>.dead` must fit in
+/// [`MAX_NAME`].
+pub const MAX_QUEUE: usize = MAX_NAME - ".dead".len();
+/// The most of one message [`Broker::peek`] reads; a larger one is listed as too large, unread.
+pub const PEEK_MESSAGE_BYTES: usize = 1 << 20;
+/// The most [`Broker::peek`] reads in all; the list ends before it.
+pub const PEEK_TOTAL_BYTES: usize = 8 << 20;
 /// The largest message stored, in bytes (PostgreSQL's `bytea` holds at most 1 GiB).
 pub const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
 /// The largest stored document, in bytes.
@@ -76,45 +92,32 @@ pub const MAX_DOC: usize = 16 * 1024 * 1024;
 const PEEK_MAX: usize = 1000;
 /// Messages one publish statement inserts at most.
 const PUBLISH_BATCH: usize = 1000;
-/// The largest `NOTIFY` payload PostgreSQL takes is 8000 bytes; broadcasts above this are stored.
-const NOTIFY_MAX: usize = 7900;
-/// Separates the fields of a broadcast notification.
-const FIELD: char = '\u{1f}';
-
 /// A row to insert: queue, priority, eta, payload.
 type NewRow = (String, i16, Option<DateTime<Utc>>, Vec<u8>);
 
-/// A result-backend-typed error of the shared connection code, as a broker error.
-pub fn broker_error(e: BackendError) -> BrokerError {
-    match e {
-        BackendError::Connection { context, source } => BrokerError::Connection { context, source },
-        BackendError::InvalidUrl { url, reason } => BrokerError::InvalidUrl { url, reason },
-        BackendError::Operation { context, source } => BrokerError::Operation { context, source },
-        other => BrokerError::operation_with("postgresql", other),
-    }
-}
-
-/// A driver error as a broker error (retryable ones are `Connection`).
-pub(crate) fn pg_error(e: tokio_postgres::Error) -> BrokerError {
-    broker_error(connect::backend_error(e))
-}
-
-/// Checks a name that input controls: bounded, no NUL (PostgreSQL's text refuses it), no field
-/// separator (broadcast notifications use it).
-pub(crate) fn check_name(what: &str, name: &str) -> Result<(), BrokerError> {
-    if name.len() > MAX_NAME {
+/// Checks a name that input controls: at most `max` bytes, no NUL (PostgreSQL's text refuses it).
+fn check_bounded(what: &str, name: &str, max: usize, why: &str) -> Result<(), BrokerError> {
+    if name.len() > max {
         return Err(BrokerError::operation(format!(
-            "postgresql: {what} of {} bytes is longer than {MAX_NAME}",
+            "postgresql: {what} of {} bytes is longer than {max}{why}",
             name.len()
         )));
     }
-    if name.contains(['\0', FIELD]) {
-        return Err(BrokerError::operation(format!(
-            "postgresql: {what} `{}` holds a control character",
-            name.escape_debug()
-        )));
+    if name.contains('\0') {
+        return Err(BrokerError::operation(format!("postgresql: {what} `{}` holds a NUL", name.escape_debug())));
     }
     Ok(())
+}
+
+/// Checks an exchange, routing key, lease or document name (or a queue name only read: a
+/// dead-letter queue's is as long as [`MAX_NAME`]).
+pub(crate) fn check_name(what: &str, name: &str) -> Result<(), BrokerError> {
+    check_bounded(what, name, MAX_NAME, "")
+}
+
+/// Checks a queue name published to, bound or consumed: it leaves room for `.dead`.
+pub(crate) fn check_queue(name: &str) -> Result<(), BrokerError> {
+    check_bounded("queue name", name, MAX_QUEUE, " (255 less room for `.dead`)")
 }
 
 /// Statements on the pool, prepared once per pooled connection.
@@ -124,10 +127,16 @@ pub(crate) struct Db {
 }
 
 impl Db {
-    pub(crate) async fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, BrokerError> {
-        let client = self.pool.get().await.map_err(|e| broker_error(connect::pool_error(e)))?;
-        let statement = client.prepare_cached(sql).await.map_err(pg_error)?;
-        client.query(&statement, params).await.map_err(pg_error)
+    /// Runs `sql` (doing `what`, for errors) on a pooled connection.
+    pub(crate) async fn query(
+        &self,
+        what: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, BrokerError> {
+        let client = self.pool.get().await.map_err(|e| PgError::pool(what, e))?;
+        let statement = client.prepare_cached(sql).await.map_err(PgError::at(what))?;
+        Ok(client.query(&statement, params).await.map_err(PgError::at(what))?)
     }
 }
 
@@ -139,7 +148,7 @@ struct Inner {
     /// `NOTIFY` channels of the schema: tasks, broadcasts.
     channels: (String, String),
     listener: tokio::sync::OnceCell<Listener>,
-    /// When stored broadcasts were last pruned (Unix seconds).
+    /// When expired broadcasts were last pruned (Unix seconds).
     pruned: AtomicI64,
 }
 
@@ -153,12 +162,12 @@ impl PostgresBroker {
     /// Connects and applies the broker's migrations (the first connection must succeed; later
     /// losses are retried).
     pub async fn connect(url: &str) -> Result<PostgresBroker, BrokerError> {
-        let options = url::broker_options(url).map_err(broker_error)?;
-        let tls = Tls::new(options.connect.tls.as_ref(), &options.connect.shown).map_err(broker_error)?;
-        let pool = connect::pool(&options.connect, &tls).map_err(broker_error)?;
-        let mut client = pool.get().await.map_err(|e| broker_error(connect::pool_error(e)))?;
-        let version = migrate::migrate(&mut client, sql::COMPONENT, sql::MIGRATIONS).await.map_err(broker_error)?;
-        let row = client.query_one(sql::CHANNELS, &[]).await.map_err(pg_error)?;
+        let options = url::broker_options(url)?;
+        let tls = Tls::new(options.connect.tls.as_ref(), &options.connect.shown)?;
+        let pool = connect::pool(&options.connect, &tls)?;
+        let mut client = pool.get().await.map_err(|e| PgError::pool("connect", e))?;
+        let version = migrate::migrate(&mut client, sql::COMPONENT, sql::MIGRATIONS).await?;
+        let row = client.query_one(sql::CHANNELS, &[]).await.map_err(PgError::at("connect"))?;
         let channels = (row.get(0), row.get(1));
         drop(client);
         tracing::debug!(url = %options.connect.shown, version, "postgresql broker: connected");
@@ -198,12 +207,14 @@ impl PostgresBroker {
 
     /// The queues `route` leads to: the routing key on the default exchange, else the bindings.
     async fn resolve(&self, route: &Route) -> Result<Vec<String>, BrokerError> {
-        check_name("routing key", &route.routing_key)?;
         if route.exchange.is_empty() {
+            // The default exchange: the routing key is the queue.
+            check_queue(&route.routing_key)?;
             return Ok(vec![route.routing_key.clone()]);
         }
+        check_name("routing key", &route.routing_key)?;
         check_name("exchange", &route.exchange)?;
-        let rows = self.inner.db.query(sql::BINDINGS, &[&route.exchange]).await?;
+        let rows = self.inner.db.query("resolve a route", sql::BINDINGS, &[&route.exchange]).await?;
         let mut queues = Vec::new();
         for row in rows {
             let (key, queue, kind): (String, String, Option<String>) = (row.get(0), row.get(1), row.get(2));
@@ -236,7 +247,7 @@ impl PostgresBroker {
             let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
             self.inner
                 .db
-                .query(sql::PUBLISH, &[&queues, &priorities, &etas, &payloads, &self.inner.channels.0])
+                .query("publish", sql::PUBLISH, &[&queues, &priorities, &etas, &payloads, &self.inner.channels.0])
                 .await?;
         }
         Ok(())
@@ -255,8 +266,10 @@ impl PostgresBroker {
         Ok(())
     }
 
-    /// Deletes stored broadcasts older than five minutes, at most every ten seconds per process.
-    async fn prune_broadcasts(&self) {
+    /// Deletes broadcasts older than a minute, in the background, at most every ten seconds per
+    /// process: batches of [`sql::BROADCAST_PRUNE_BATCH`] until none is left (at most a hundred
+    /// batches a round, so a flood is caught up over a few rounds).
+    fn prune_broadcasts(&self) {
         let now = Utc::now().timestamp();
         let last = self.inner.pruned.load(Ordering::Relaxed);
         if now - last < 10
@@ -264,28 +277,49 @@ impl PostgresBroker {
         {
             return;
         }
-        if let Err(e) = self.inner.db.query(sql::BROADCAST_PRUNE, &[]).await {
-            tracing::warn!(error = %e, "postgresql: pruning stored broadcasts failed; will retry");
-        }
+        let db = self.inner.db.clone();
+        tokio::spawn(async move {
+            for _ in 0..100 {
+                match db
+                    .query(
+                        "prune broadcasts",
+                        sql::BROADCAST_PRUNE,
+                        &[&broadcast::KEEP_SECS, &sql::BROADCAST_PRUNE_BATCH],
+                    )
+                    .await
+                {
+                    Ok(rows) if rows.first().map_or(0, |r| r.get::<_, i64>(0)) >= sql::BROADCAST_PRUNE_BATCH => {}
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "postgresql: pruning expired broadcasts failed; will retry");
+                        return;
+                    }
+                }
+            }
+        });
     }
-}
 
-/// A broadcast notification: `exchange FIELD routing_key FIELD ('i' body | 'r' stored id)`.
-fn broadcast_note(exchange: &str, routing_key: &str, body: &[u8]) -> Option<String> {
-    let body = std::str::from_utf8(body).ok().filter(|b| !b.contains('\0'))?;
-    let note = format!("{exchange}{FIELD}{routing_key}{FIELD}i{body}");
-    (note.len() <= NOTIFY_MAX).then_some(note)
-}
-
-/// What a broadcast notification says, without the body: `(exchange, routing key, inline body or
-/// stored id)`.
-fn parse_note(note: &str) -> Option<(&str, &str, Result<&str, i64>)> {
-    let mut parts = note.splitn(3, FIELD);
-    let (exchange, key, rest) = (parts.next()?, parts.next()?, parts.next()?);
-    match rest.split_at_checked(1)? {
-        ("i", body) => Some((exchange, key, Ok(body))),
-        ("r", id) => Some((exchange, key, Err(id.parse().ok()?))),
-        _ => None,
+    async fn consumer(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        for q in queues {
+            check_queue(q)?;
+        }
+        let listener = self.listener();
+        let c = PostgresConsumer::start(
+            self.inner.db.clone(),
+            self.inner.channels.0.clone(),
+            listener.subscribe(),
+            listener.connected(),
+            self.inner.options.visibility_timeout,
+            queues,
+            prefetch,
+            max_message_size,
+        );
+        Ok(Box::new(c))
     }
 }
 
@@ -313,44 +347,56 @@ impl Broker for PostgresBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
-        for q in queues {
-            check_name("queue", q)?;
-        }
-        let listener = self.listener();
-        let c = PostgresConsumer::start(
-            self.inner.db.clone(),
-            self.inner.channels.0.clone(),
-            listener.subscribe(),
-            listener.connected(),
-            self.inner.options.visibility_timeout,
-            queues,
-            prefetch,
-        );
-        Ok(Box::new(c))
+        self.consumer(queues, prefetch, usize::MAX).await
+    }
+
+    /// A message larger than `max_message_size` is moved to `<queue>.dead` by the fetch itself,
+    /// with the reason: its payload never leaves the server. The consumer hands out a delivery
+    /// that says so (its size, and the task id the server read from the headers).
+    async fn consume_capped(
+        &self,
+        queues: &[String],
+        prefetch: usize,
+        max_message_size: usize,
+    ) -> Result<Box<dyn Consumer>, BrokerError> {
+        self.consumer(queues, prefetch, max_message_size).await
     }
 
     /// Deletes every row of the queue that is not leased: ready ones and those waiting for their
     /// eta (published with one, or deferred).
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         check_name("queue", queue)?;
-        let rows = self.inner.db.query(sql::PURGE, &[&queue]).await?;
+        let rows = self.inner.db.query("purge", sql::PURGE, &[&queue]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
         check_name("queue", queue)?;
-        let rows = self.inner.db.query(sql::QUEUE_LEN, &[&queue]).await?;
+        let rows = self.inner.db.query("queue length", sql::QUEUE_LEN, &[&queue]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
 
+    /// At most [`PEEK_MESSAGE_BYTES`] of one message (a larger one is listed as
+    /// [`ProtocolError::TooLarge`], unread) and [`PEEK_TOTAL_BYTES`] in all (the list ends
+    /// before).
     async fn peek(&self, queue: &str, max: usize) -> Result<Vec<Result<Message, ProtocolError>>, BrokerError> {
         check_name("queue", queue)?;
         let max = max.min(PEEK_MAX) as i64;
         if max == 0 {
             return Ok(Vec::new());
         }
-        let rows = self.inner.db.query(sql::PEEK, &[&queue, &max]).await?;
-        Ok(rows.iter().map(|r| envelope::decode(r.get::<_, &[u8]>(0)).message).collect())
+        let (one, all) = (PEEK_MESSAGE_BYTES as i64, PEEK_TOTAL_BYTES as i64);
+        let rows = self.inner.db.query("peek", sql::PEEK, &[&queue, &max, &one, &all]).await?;
+        Ok(rows
+            .iter()
+            .map(|r| match r.get::<_, Option<&[u8]>>(1) {
+                Some(payload) => envelope::decode(payload).message,
+                None => Err(ProtocolError::TooLarge {
+                    size: usize::try_from(r.get::<_, i64>(0)).unwrap_or(usize::MAX),
+                    limit: PEEK_MESSAGE_BYTES,
+                }),
+            })
+            .collect())
     }
 
     celery_core::offers!(routing, broadcasts, leases, documents);
@@ -371,7 +417,7 @@ impl Routing for PostgresBroker {
                 })
             }
         };
-        self.inner.db.query(sql::DECLARE_EXCHANGE, &[&name, &kind]).await.map(drop)
+        self.inner.db.query("declare an exchange", sql::DECLARE_EXCHANGE, &[&name, &kind]).await.map(drop)
     }
 
     async fn bind(&self, binding: &Binding) -> Result<(), BrokerError> {
@@ -380,38 +426,41 @@ impl Routing for PostgresBroker {
         }
         check_name("exchange", &binding.exchange)?;
         check_name("routing key", &binding.routing_key)?;
-        check_name("queue", &binding.queue)?;
-        self.inner.db.query(sql::BIND, &[&binding.exchange, &binding.routing_key, &binding.queue]).await.map(drop)
+        check_queue(&binding.queue)?;
+        self.inner
+            .db
+            .query("bind", sql::BIND, &[&binding.exchange, &binding.routing_key, &binding.queue])
+            .await
+            .map(drop)
     }
 }
 
 #[async_trait]
 impl Broadcasts for PostgresBroker {
-    /// A `NOTIFY` to every subscriber connected now, with the body inline (or, above 7900 bytes,
-    /// stored for five minutes and announced by id).
+    /// A row of `celery_rs_broadcasts` (body up to [`MAX_BROADCAST`], kept a minute) and a
+    /// `NOTIFY` of its id and nonce, to every subscriber connected now ([`broadcast`]).
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         check_name("exchange", &exchange.name)?;
         check_name("routing key", routing_key)?;
-        let channel = &self.inner.channels.1;
-        if let Some(note) = broadcast_note(&exchange.name, routing_key, &msg.body) {
-            return self.inner.db.query(sql::NOTIFY, &[channel, &note]).await.map(drop);
+        if msg.body.len() > MAX_BROADCAST {
+            return Err(ProtocolError::TooLarge { size: msg.body.len(), limit: MAX_BROADCAST }.into());
         }
-        if msg.body.len() > MAX_PAYLOAD {
-            return Err(ProtocolError::TooLarge { size: msg.body.len(), limit: MAX_PAYLOAD }.into());
-        }
-        let head = format!("{}{FIELD}{routing_key}{FIELD}r", exchange.name);
-        self.inner.db.query(sql::BROADCAST_STORED, &[&msg.body, channel, &head]).await?;
-        self.prune_broadcasts().await;
+        let nonce: i64 = rand::random();
+        let params: [&(dyn ToSql + Sync); 5] =
+            [&nonce, &exchange.name, &routing_key, &msg.body, &self.inner.channels.1];
+        self.inner.db.query("broadcast", sql::BROADCAST, &params).await?;
+        self.prune_broadcasts();
         Ok(())
     }
 
     /// The broadcasts to `exchange` whose routing key matches `pattern` (fanout: all; direct:
-    /// equal; topic: celery-core's matcher), from now on, while the subscription lives.
+    /// equal; topic: celery-core's matcher), from now on, while the subscription lives; a
+    /// notification that names no such row, with its nonce, is never delivered.
     async fn subscribe(&self, exchange: &Exchange, pattern: &str) -> Result<Box<dyn Subscription>, BrokerError> {
         check_name("exchange", &exchange.name)?;
         check_name("routing key", pattern)?;
         let listener = self.listener();
-        let mut notes = listener.subscribe();
+        let notes = listener.subscribe();
         // Broadcasts sent once this returns reach the subscription: wait until the listening
         // connection is up (a first subscription starts it).
         let mut up = listener.connected();
@@ -422,51 +471,10 @@ impl Broadcasts for PostgresBroker {
                 "postgresql: the listening connection is not up after {wait:?}"
             )));
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let (db, name, kind, pattern) =
-            (self.inner.db.clone(), exchange.name.clone(), exchange.kind, pattern.to_owned());
-        let feeder = tokio::spawn(async move {
-            loop {
-                let note = match notes.recv().await {
-                    Ok(n) => n,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, exchange = %name, "postgresql: a subscription fell behind");
-                        continue;
-                    }
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
-                };
-                if note.channel != Channel::Broadcasts {
-                    continue;
-                }
-                let Some((ex, key, body)) = parse_note(&note.payload) else { continue };
-                let wanted = ex == name
-                    && match kind {
-                        ExchangeKind::Fanout => true,
-                        ExchangeKind::Topic => topic_matches(&pattern, key),
-                        _ => key == pattern,
-                    };
-                if !wanted {
-                    continue;
-                }
-                let body = match body {
-                    Ok(inline) => inline.as_bytes().to_vec(),
-                    Err(id) => match db.query(sql::BROADCAST_BODY, &[&id]).await {
-                        Ok(rows) => match rows.first() {
-                            Some(r) => r.get::<_, Vec<u8>>(0),
-                            None => continue,
-                        },
-                        Err(e) => {
-                            tracing::warn!(error = %e, "postgresql: reading a stored broadcast failed");
-                            continue;
-                        }
-                    },
-                };
-                if tx.send(Broadcast { routing_key: key.to_owned(), body }).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
+        let rows = self.inner.db.query("subscribe", sql::BROADCAST_NEWEST, &[]).await?;
+        let floor: i64 = rows.first().map_or(0, |r| r.get(0));
+        let filter = Filter { exchange: exchange.name.clone(), kind: exchange.kind, pattern: pattern.to_owned() };
+        Ok(Box::new(PgSubscription::start(self.inner.db.clone(), notes, filter, floor)))
     }
 }
 
@@ -476,13 +484,13 @@ impl Leases for PostgresBroker {
         check_name("lease", name)?;
         check_name("lease holder", holder)?;
         let secs = celery_core::clock::ttl(ttl).as_secs_f64().max(0.001);
-        Ok(!self.inner.db.query(sql::LEASE, &[&name, &holder, &secs]).await?.is_empty())
+        Ok(!self.inner.db.query("take a lease", sql::LEASE, &[&name, &holder, &secs]).await?.is_empty())
     }
 
     async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         check_name("lease", name)?;
         check_name("lease holder", holder)?;
-        self.inner.db.query(sql::RELEASE, &[&name, &holder]).await.map(drop)
+        self.inner.db.query("release a lease", sql::RELEASE, &[&name, &holder]).await.map(drop)
     }
 }
 
@@ -490,7 +498,7 @@ impl Leases for PostgresBroker {
 impl Documents for PostgresBroker {
     async fn load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         check_name("document key", key)?;
-        Ok(self.inner.db.query(sql::LOAD_DOC, &[&key]).await?.first().map(|r| r.get(0)))
+        Ok(self.inner.db.query("load a document", sql::LOAD_DOC, &[&key]).await?.first().map(|r| r.get(0)))
     }
 
     async fn store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
@@ -501,7 +509,7 @@ impl Documents for PostgresBroker {
                 doc.len()
             )));
         }
-        self.inner.db.query(sql::STORE_DOC, &[&key, &doc]).await.map(drop)
+        self.inner.db.query("store a document", sql::STORE_DOC, &[&key, &doc]).await.map(drop)
     }
 }
 
@@ -510,26 +518,19 @@ celery_core::register_broker!("postgres", "postgresql" => PostgresBroker::connec
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn broadcast_notes_round_trip() {
-        let note = broadcast_note("celeryev", "task.succeeded", br#"{"type":"task-succeeded"}"#).unwrap();
-        assert_eq!(parse_note(&note), Some(("celeryev", "task.succeeded", Ok(r#"{"type":"task-succeeded"}"#))));
-        assert!(broadcast_note("e", "k", &vec![b'x'; NOTIFY_MAX]).is_none(), "too large: stored");
-        assert!(broadcast_note("e", "k", b"a\0b").is_none(), "NUL: stored");
-        assert!(broadcast_note("e", "k", &[0xff, 0xfe]).is_none(), "not UTF-8: stored");
-        assert_eq!(parse_note(&format!("e{FIELD}k{FIELD}r42")), Some(("e", "k", Err(42))));
-        for bad in ["", "e", &format!("e{FIELD}k"), &format!("e{FIELD}k{FIELD}x1"), &format!("e{FIELD}k{FIELD}rx")] {
-            assert_eq!(parse_note(bad), None, "{bad:?}");
-        }
-    }
+    use celery_core::broker::dead_letter_queue;
 
     #[test]
     fn names_are_bounded() {
-        assert!(check_name("queue", "celery").is_ok());
-        assert!(check_name("queue", &"q".repeat(MAX_NAME)).is_ok());
-        assert!(check_name("queue", &"q".repeat(MAX_NAME + 1)).unwrap_err().to_string().contains("longer than 255"));
-        assert!(check_name("queue", "a\0b").is_err());
-        assert!(check_name("queue", &format!("a{FIELD}b")).is_err());
+        assert!(check_queue("celery").is_ok());
+        assert!(check_queue(&"q".repeat(MAX_QUEUE)).is_ok());
+        let e = check_queue(&"q".repeat(MAX_QUEUE + 1)).unwrap_err().to_string();
+        assert!(e.contains("queue name of 251 bytes is longer than 250 (255 less room for `.dead`)"), "{e}");
+        assert!(check_name("queue", &dead_letter_queue(&"q".repeat(MAX_QUEUE))).is_ok(), "its dead letters are read");
+        assert!(check_name("exchange", &"e".repeat(MAX_NAME + 1))
+            .unwrap_err()
+            .to_string()
+            .contains("of 256 bytes is longer than 255"));
+        assert!(check_queue("a\0b").is_err() && check_name("exchange", "a\0b").is_err());
     }
 }

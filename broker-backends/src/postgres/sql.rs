@@ -4,13 +4,18 @@
 //! - `celery_rs_tasks`: one row per message waiting, leased or held until its eta. A row is ready
 //!   when `leased_until IS NULL AND run_at <= now()`; taking it sets `leased_until` (the
 //!   visibility timeout, renewed by its consumer) and bumps `deliveries`, which is also the lease's
-//!   fencing token: settling a delivery whose lease was lost and taken by another consumer changes
-//!   nothing. Acked rows are deleted in batches. Dead letters are rows of the queue `<queue>.dead`
-//!   with their `reason` (the view `celery_rs_dead_letters` lists them).
+//!   fencing token: every settling statement (ack, requeue, defer, dead-letter, renew) names the
+//!   token it was handed, so settling a delivery whose lease was lost and taken by another consumer
+//!   changes nothing. The count only ever grows, also through a dead-letter, so a token never
+//!   comes back. Acked rows are deleted in batches. Dead letters are rows of the queue
+//!   `<queue>.dead` with their `reason` (the view `celery_rs_dead_letters` lists them).
 //! - `celery_rs_exchanges`, `celery_rs_bindings`: direct, topic and fanout routing.
-//! - `celery_rs_broadcasts`: bodies of broadcasts too large for a `NOTIFY` payload, kept five
-//!   minutes.
+//! - `celery_rs_broadcasts` (unlogged): every broadcast, with a random nonce, kept a minute (see
+//!   [`super::broadcast`]).
 //! - `celery_rs_leases` (beat's leader: a row with an expiry), `celery_rs_documents` (beat's state).
+//! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
+//!   server (NULL when it does not parse), so that a message too large for its consumer is
+//!   dead-lettered, and its task named, without its payload being sent.
 //!
 //! Autovacuum: `celery_rs_tasks` is a queue table (every row inserted, updated once or twice,
 //! deleted), so it is vacuumed after 2% of its rows (at least 1000) are dead instead of the default
@@ -24,10 +29,11 @@ use super::migrate::Migration;
 pub(crate) const COMPONENT: &str = "broker";
 
 /// The broker's migrations, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "tasks, routing, broadcasts, leases and documents",
-    sql: "
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "tasks, routing, broadcasts, leases and documents",
+        sql: "
 CREATE TABLE IF NOT EXISTS celery_rs_tasks (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     queue text NOT NULL,
@@ -83,7 +89,35 @@ CREATE TABLE IF NOT EXISTS celery_rs_documents (
     updated_at timestamp with time zone NOT NULL DEFAULT now()
 );
 ",
-}];
+    },
+    Migration {
+        version: 2,
+        name: "broadcasts as rows announced by id and nonce; the task id of an unread payload",
+        sql: "
+DROP TABLE IF EXISTS celery_rs_broadcasts;
+CREATE UNLOGGED TABLE celery_rs_broadcasts (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    nonce bigint NOT NULL,
+    exchange text NOT NULL,
+    routing_key text NOT NULL,
+    body bytea NOT NULL,
+    created_at timestamp with time zone NOT NULL DEFAULT now()
+);
+CREATE INDEX celery_rs_broadcasts_created ON celery_rs_broadcasts (created_at);
+ALTER TABLE celery_rs_broadcasts SET (
+    autovacuum_vacuum_scale_factor = 0,
+    autovacuum_vacuum_threshold = 1000
+);
+CREATE OR REPLACE FUNCTION celery_rs_task_id(payload bytea) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN left(convert_from(payload, 'UTF8')::jsonb -> 'headers' ->> 'id', 255);
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
+",
+    },
+];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
 /// database-wide, so they carry a digest of the schema's name: brokers in other schemas of the
@@ -101,19 +135,34 @@ WITH ins AS (
     RETURNING queue)
 SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 
-/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds; returns `id, deliveries,
-/// priority, run_at, payload` (in no order: the caller sorts).
+/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds, except those whose payload
+/// is larger than `$4` bytes: these move to `<queue>.dead` unread, with the reason. Returns `id,
+/// deliveries, priority, run_at, size, payload (NULL when too large), the task id of one too
+/// large, its dead-letter queue` (in no order: the caller sorts).
 pub(crate) const FETCH: &str = "
 WITH picked AS (
-    SELECT id FROM celery_rs_tasks
+    SELECT id, octet_length(payload) > $4::bigint AS big FROM celery_rs_tasks
     WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
     ORDER BY priority, run_at, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED)
 UPDATE celery_rs_tasks t
-SET leased_until = now() + make_interval(secs => $3), deliveries = t.deliveries + 1
+SET leased_until = CASE WHEN picked.big THEN NULL ELSE now() + make_interval(secs => $3) END,
+    deliveries = t.deliveries + 1,
+    queue = CASE WHEN picked.big THEN t.queue || '.dead' ELSE t.queue END,
+    reason = CASE WHEN picked.big
+        THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
+        ELSE t.reason END,
+    run_at = CASE WHEN picked.big THEN now() ELSE t.run_at END,
+    priority = CASE WHEN picked.big THEN 0 ELSE t.priority END
 FROM picked WHERE t.id = picked.id
-RETURNING t.id, t.deliveries, t.priority, t.run_at, t.payload";
+RETURNING t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
+    CASE WHEN picked.big THEN NULL ELSE t.payload END,
+    CASE WHEN picked.big THEN celery_rs_task_id(t.payload) END,
+    CASE WHEN picked.big THEN t.queue END";
+
+/// Wakes the consumers of queue `$2` (on channel `$1`).
+pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";
 
 /// Seconds until the next message of queues `$1` that waits for its eta is due (NULL: none).
 pub(crate) const NEXT_DUE: &str = "
@@ -126,7 +175,8 @@ UPDATE celery_rs_tasks t SET leased_until = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
 WHERE t.id = l.id AND t.deliveries = l.deliveries AND t.leased_until IS NOT NULL";
 
-/// Deletes the acked messages `$1` (ids) still leased with tokens `$2`.
+/// Deletes the acked messages `$1` (ids) still holding tokens `$2` (taken again by another
+/// consumer, a row has a new token and stays).
 pub(crate) const ACK: &str = "
 DELETE FROM celery_rs_tasks t USING unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
 WHERE t.id = l.id AND t.deliveries = l.deliveries";
@@ -156,11 +206,11 @@ WITH back AS (
 SELECT pg_notify($5, queue) FROM back";
 
 /// Moves message `$1` (token `$2`) to the dead-letter queue `$3` with reason `$4` and payload
-/// `$5`; notifies `$6`.
+/// `$5`; notifies `$6`. The delivery count goes on, so the token of any earlier lease stays dead.
 pub(crate) const DEAD_LETTER: &str = "
 WITH dead AS (
     UPDATE celery_rs_tasks
-    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), deliveries = 0, priority = 0
+    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), priority = 0
     WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
 SELECT pg_notify($6, queue) FROM dead";
 
@@ -173,10 +223,18 @@ SELECT count(*) FROM gone";
 pub(crate) const QUEUE_LEN: &str =
     "SELECT count(*) FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()";
 
-/// The first `$2` ready messages of queue `$1`, in the order they are taken.
+/// The first `$2` ready messages of queue `$1`, in the order they are taken: `size, payload`,
+/// the payload only when at most `$3` bytes, and only while the payloads sent add up to at most
+/// `$4` bytes (the list ends there).
 pub(crate) const PEEK: &str = "
-SELECT payload FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
-ORDER BY priority, run_at, id LIMIT $2";
+SELECT size, CASE WHEN size <= $3::bigint THEN payload END FROM (
+    SELECT octet_length(payload)::bigint AS size, payload, priority, run_at, id,
+        sum(CASE WHEN octet_length(payload) <= $3::bigint THEN octet_length(payload) ELSE 0 END)
+            OVER (ORDER BY priority, run_at, id ROWS UNBOUNDED PRECEDING) AS sent
+    FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
+    ORDER BY priority, run_at, id LIMIT $2) s
+WHERE sent <= $4::bigint
+ORDER BY priority, run_at, id";
 
 /// Declares exchange `$1` of kind `$2` (a declared kind is kept).
 pub(crate) const DECLARE_EXCHANGE: &str =
@@ -191,21 +249,37 @@ pub(crate) const BINDINGS: &str = "
 SELECT b.routing_key, b.queue, e.kind FROM celery_rs_bindings b
 LEFT JOIN celery_rs_exchanges e ON e.name = b.exchange WHERE b.exchange = $1";
 
-/// A broadcast: notifies `$1` with `$2`.
-pub(crate) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+/// A broadcast: stores nonce `$1`, exchange `$2`, routing key `$3` and body `$4`; notifies `$5`
+/// with `<id>:<nonce>`.
+pub(crate) const BROADCAST: &str = "
+WITH ins AS (
+    INSERT INTO celery_rs_broadcasts (nonce, exchange, routing_key, body) VALUES ($1, $2, $3, $4) RETURNING id)
+SELECT pg_notify($5, id::text || ':' || $1::text) FROM ins";
 
-/// A broadcast too large to notify: stores body `$1`, notifies `$2` with `$3` followed by its id.
-pub(crate) const BROADCAST_STORED: &str = "
-WITH ins AS (INSERT INTO celery_rs_broadcasts (body) VALUES ($1) RETURNING id)
-SELECT pg_notify($2, $3 || id::text) FROM ins";
+/// The newest broadcast's id (0: none): a subscription delivers only newer ones.
+pub(crate) const BROADCAST_NEWEST: &str = "SELECT coalesce(max(id), 0) FROM celery_rs_broadcasts";
 
-/// The stored broadcast `$1`.
-pub(crate) const BROADCAST_BODY: &str = "SELECT body FROM celery_rs_broadcasts WHERE id = $1";
+/// The broadcasts announced as `$1` (ids) with `$2` (nonces) that exist with exactly that nonce,
+/// for exchange `$3`, written less than `$4` seconds ago: `id, routing_key, body`, in the order
+/// announced.
+pub(crate) const BROADCAST_READ: &str = "
+SELECT b.id, b.routing_key, b.body
+FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS a(id, nonce, n)
+JOIN celery_rs_broadcasts b ON b.id = a.id AND b.nonce = a.nonce
+WHERE b.exchange = $3 AND b.created_at > now() - make_interval(secs => $4)
+ORDER BY a.n";
 
-/// Deletes stored broadcasts older than five minutes, at most 10000 at a time.
+/// Broadcasts one [`BROADCAST_PRUNE`] deletes at most.
+pub(crate) const BROADCAST_PRUNE_BATCH: i64 = 10_000;
+
+/// Deletes broadcasts older than `$1` seconds, at most `$2` ([`BROADCAST_PRUNE_BATCH`]); returns
+/// how many.
 pub(crate) const BROADCAST_PRUNE: &str = "
-DELETE FROM celery_rs_broadcasts WHERE id IN (
-    SELECT id FROM celery_rs_broadcasts WHERE created_at < now() - interval '5 minutes' LIMIT 10000)";
+WITH gone AS (
+    DELETE FROM celery_rs_broadcasts WHERE id IN (
+        SELECT id FROM celery_rs_broadcasts WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)
+    RETURNING 1)
+SELECT count(*) FROM gone";
 
 /// Takes or renews lease `$1` for holder `$2` for `$3` seconds; a row when held.
 pub(crate) const LEASE: &str = "

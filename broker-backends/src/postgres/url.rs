@@ -13,15 +13,14 @@
 //! `disable`, `allow` and `prefer` (and no `sslmode`) connect without TLS. `pool_size`
 //! (connections, 1 to 64, default 4).
 //!
-//! Errors are [`BackendError`]s (the result backend's own); the broker converts them with
-//! [`super::broker_error`].
+//! Errors are [`PgError`]s, which the broker and the result backend convert into their own.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::error::PgError;
 use celery_core::url::ServiceUrl;
-use celery_core::BackendError;
 
 /// The libpq options handed to tokio-postgres.
 const LIBPQ: &[&str] = &[
@@ -78,9 +77,9 @@ pub struct TlsOptions {
 
 /// Reads the connection part of `u` (whose scheme is already known to be PostgreSQL's), leaving
 /// the options it does not know for the caller to read before [`ServiceUrl::finish`].
-pub fn connect_options(u: &ServiceUrl) -> Result<ConnectOptions, BackendError> {
+pub fn connect_options(u: &ServiceUrl) -> Result<ConnectOptions, PgError> {
     let shown = u.to_string();
-    let bad = |reason: String| BackendError::InvalidUrl { url: shown.clone(), reason };
+    let bad = |reason: String| PgError::InvalidUrl { url: shown.clone(), reason };
     let pool_size = u.parse_option::<usize>("pool_size", "a number of connections from 1 to 64")?.unwrap_or(4);
     if !(1..=MAX_POOL_SIZE).contains(&pool_size) {
         return Err(u.bad_value("pool_size", "a number of connections from 1 to 64").into());
@@ -139,7 +138,7 @@ pub struct BrokerOptions {
 }
 
 /// Reads a broker URL (`postgres://` or `postgresql://`); an unknown option is an error naming it.
-pub fn broker_options(url: &str) -> Result<BrokerOptions, BackendError> {
+pub fn broker_options(url: &str) -> Result<BrokerOptions, PgError> {
     let u = ServiceUrl::parse(url)?;
     if !BROKER_SCHEMES.contains(&u.scheme()) {
         return Err(u.invalid(format!("`{}` is not a PostgreSQL broker scheme", u.scheme())).into());

@@ -20,11 +20,51 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use deadpool_postgres::Object;
 use serde_json::Value;
 
-use super::connect::backend_error;
+use super::error::PgError;
 use super::pickle;
 
 /// The longest `result` or `children` value read, in bytes.
 pub(crate) const MAX_VALUE_BYTES: usize = 64 << 20;
+
+/// The most a row's large columns (`result`, `traceback`, `children`; Django's `result`,
+/// `traceback`, `meta`) may add up to: a larger row is refused from its size, which the statement
+/// reads first, before any of them is sent.
+pub(crate) const MAX_ROW_BYTES: usize = 64 << 20;
+
+/// `SELECT` of `cols` from `table` for `$1` (its `task_id`): first the bytes the `large` columns
+/// add up to, then the columns, the large ones only when that is at most [`MAX_ROW_BYTES`].
+pub(crate) fn bounded_select(table: &str, cols: &[&str], large: &[&str]) -> String {
+    let size: Vec<String> = large.iter().map(|c| format!("coalesce(octet_length(t.{c}), 0)")).collect();
+    let shown: Vec<String> = cols
+        .iter()
+        .map(|c| {
+            if large.contains(c) {
+                format!("CASE WHEN s.size <= {MAX_ROW_BYTES} THEN t.{c} END")
+            } else {
+                format!("t.{c}")
+            }
+        })
+        .collect();
+    format!(
+        "SELECT s.size, {} FROM {table} t, LATERAL (SELECT ({})::bigint AS size) s WHERE t.task_id = $1",
+        shown.join(", "),
+        size.join(" + ")
+    )
+}
+
+/// Refuses a row whose large columns add up to more than [`MAX_ROW_BYTES`] (column 0 of
+/// [`bounded_select`]'s row).
+pub(crate) fn check_row_size(row: &tokio_postgres::Row, table: &str, task_id: &str) -> Result<(), BackendError> {
+    let size: i64 =
+        row.try_get(0).map_err(|e| BackendError::Malformed(format!("{table} row of task {task_id}: {e}")))?;
+    if size > MAX_ROW_BYTES as i64 {
+        return Err(BackendError::Malformed(format!(
+            "{table} row of task {task_id}: its result, traceback and children add up to {size} bytes, \
+             more than {MAX_ROW_BYTES}: refused unread"
+        )));
+    }
+    Ok(())
+}
 
 /// The longest task id Celery's `task_id` column holds.
 pub(crate) const MAX_TASK_ID: usize = 155;
@@ -60,7 +100,8 @@ impl CeleryTable {
             params.join(", "),
             updates.join(", ")
         );
-        let select = format!("SELECT {} FROM celery_taskmeta WHERE task_id = $1", cols.join(", "));
+        let large: &[&str] = if children { &["result", "traceback", "children"] } else { &["result", "traceback"] };
+        let select = bounded_select("celery_taskmeta", &cols, large);
         CeleryTable { children, extended, upsert, select }
     }
 
@@ -88,36 +129,37 @@ impl CeleryTable {
                 &meta.queue,
             ]);
         }
-        let stmt = c.prepare_cached(&self.upsert).await.map_err(backend_error)?;
-        c.execute(&stmt, &params).await.map_err(backend_error)?;
+        let stmt = c.prepare_cached(&self.upsert).await.map_err(PgError::at("celery_taskmeta"))?;
+        c.execute(&stmt, &params).await.map_err(PgError::at("celery_taskmeta"))?;
         Ok(())
     }
 
     pub(crate) async fn get(&self, c: &Object, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        let stmt = c.prepare_cached(&self.select).await.map_err(backend_error)?;
-        let Some(row) = c.query_opt(&stmt, &[&task_id]).await.map_err(backend_error)? else {
+        let stmt = c.prepare_cached(&self.select).await.map_err(PgError::at("celery_taskmeta"))?;
+        let Some(row) = c.query_opt(&stmt, &[&task_id]).await.map_err(PgError::at("celery_taskmeta"))? else {
             return Ok(None);
         };
+        check_row_size(&row, "celery_taskmeta", task_id)?;
         let at = |col: &str| format!("celery_taskmeta.{col} of task {task_id}");
         let status: Option<String> =
-            row.try_get(0).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("status"))))?;
+            row.try_get(1).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("status"))))?;
         let status: TaskState = status
             .as_deref()
             .unwrap_or("PENDING")
             .parse()
             .map_err(|e: String| BackendError::Malformed(format!("{}: {e}", at("status"))))?;
         let raw: Option<Vec<u8>> =
-            row.try_get(1).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("result"))))?;
+            row.try_get(2).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("result"))))?;
         let result = match raw {
             Some(raw) => decode_stored(&raw).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("result"))))?,
             None => Value::Null,
         };
         let date_done: Option<NaiveDateTime> =
-            row.try_get(2).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("date_done"))))?;
+            row.try_get(3).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("date_done"))))?;
         let mut meta = TaskMeta::new(task_id, status, result);
         meta.date_done = date_done.map(|d| format_time(d.and_utc()));
-        meta.traceback = row.try_get(3).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("traceback"))))?;
-        let mut next = 4;
+        meta.traceback = row.try_get(4).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("traceback"))))?;
+        let mut next = 5;
         if self.children {
             let raw: Option<Vec<u8>> =
                 row.try_get(next).map_err(|e| BackendError::Malformed(format!("{}: {e}", at("children"))))?;
@@ -219,7 +261,13 @@ mod tests {
         // Celery 5.6's plain table: no children, no extended columns.
         let t = CeleryTable::new(&all[..6]);
         assert!(!t.extended && !t.children);
-        assert_eq!(t.select, "SELECT status, result, date_done, traceback FROM celery_taskmeta WHERE task_id = $1");
+        assert_eq!(
+            t.select,
+            "SELECT s.size, t.status, CASE WHEN s.size <= 67108864 THEN t.result END, t.date_done, \
+             CASE WHEN s.size <= 67108864 THEN t.traceback END FROM celery_taskmeta t, LATERAL (SELECT \
+             (coalesce(octet_length(t.result), 0) + coalesce(octet_length(t.traceback), 0))::bigint AS size) s \
+             WHERE t.task_id = $1"
+        );
     }
 
     #[test]

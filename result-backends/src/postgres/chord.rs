@@ -13,7 +13,7 @@ use celery_core::backend::ChordMember;
 use celery_core::{BackendError, TaskState};
 use deadpool_postgres::Object;
 
-use super::connect::backend_error;
+use super::error::PgError;
 
 /// The longest idempotency key stored.
 pub(crate) const MAX_KEY: usize = 1024;
@@ -40,8 +40,8 @@ pub(crate) async fn size(c: &Object, group_id: &str, size: usize) -> Result<(), 
              ON CONFLICT (group_id) DO UPDATE SET size = EXCLUDED.size, updated_at = now()",
         )
         .await
-        .map_err(backend_error)?;
-    c.execute(&stmt, &[&group_id, &size]).await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    c.execute(&stmt, &[&group_id, &size]).await.map_err(PgError::at("chords and claims"))?;
     Ok(())
 }
 
@@ -54,15 +54,15 @@ pub(crate) async fn part(
     check("task id", &m.task_id, MAX_ID)?;
     let result = serde_json::to_string(&m.result).map_err(|e| BackendError::Malformed(e.to_string()))?;
     let index = m.index.map(|i| i64::try_from(i).unwrap_or(i64::MAX));
-    let tx = c.transaction().await.map_err(backend_error)?;
+    let tx = c.transaction().await.map_err(PgError::at("chords and claims"))?;
     let lock = tx
         .prepare_cached(
             "INSERT INTO celery_rs_chord (group_id) VALUES ($1) \
              ON CONFLICT (group_id) DO UPDATE SET updated_at = now() RETURNING size, completed_by",
         )
         .await
-        .map_err(backend_error)?;
-    let row = tx.query_one(&lock, &[&group_id]).await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    let row = tx.query_one(&lock, &[&group_id]).await.map_err(PgError::at("chords and claims"))?;
     let size: Option<i32> = row.get(0);
     let completed_by: Option<String> = row.get(1);
     let add = tx
@@ -71,32 +71,34 @@ pub(crate) async fn part(
              ON CONFLICT (group_id, task_id) DO NOTHING",
         )
         .await
-        .map_err(backend_error)?;
-    tx.execute(&add, &[&group_id, &m.task_id, &index, &m.state.as_str(), &result]).await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    tx.execute(&add, &[&group_id, &m.task_id, &index, &m.state.as_str(), &result])
+        .await
+        .map_err(PgError::at("chords and claims"))?;
     let count = tx
         .prepare_cached("SELECT count(*) FROM celery_rs_chord_member WHERE group_id = $1")
         .await
-        .map_err(backend_error)?;
-    let n: i64 = tx.query_one(&count, &[&group_id]).await.map_err(backend_error)?.get(0);
+        .map_err(PgError::at("chords and claims"))?;
+    let n: i64 = tx.query_one(&count, &[&group_id]).await.map_err(PgError::at("chords and claims"))?.get(0);
     let complete = size.is_some_and(|s| n >= i64::from(s));
     if !complete || completed_by.as_ref().is_some_and(|by| *by != m.task_id) {
-        tx.commit().await.map_err(backend_error)?;
+        tx.commit().await.map_err(PgError::at("chords and claims"))?;
         return Ok(None);
     }
     let mark = tx
         .prepare_cached("UPDATE celery_rs_chord SET completed_by = $2 WHERE group_id = $1")
         .await
-        .map_err(backend_error)?;
-    tx.execute(&mark, &[&group_id, &m.task_id]).await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    tx.execute(&mark, &[&group_id, &m.task_id]).await.map_err(PgError::at("chords and claims"))?;
     let all = tx
         .prepare_cached(
             "SELECT task_id, idx, state, result FROM celery_rs_chord_member WHERE group_id = $1 \
              ORDER BY idx NULLS LAST, task_id",
         )
         .await
-        .map_err(backend_error)?;
-    let rows = tx.query(&all, &[&group_id]).await.map_err(backend_error)?;
-    tx.commit().await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    let rows = tx.query(&all, &[&group_id]).await.map_err(PgError::at("chords and claims"))?;
+    tx.commit().await.map_err(PgError::at("chords and claims"))?;
     let mut members = Vec::with_capacity(rows.len());
     for r in rows {
         let task_id: String = r.get(0);
@@ -117,10 +119,14 @@ pub(crate) async fn part(
 }
 
 pub(crate) async fn done(c: &mut Object, group_id: &str) -> Result<(), BackendError> {
-    let tx = c.transaction().await.map_err(backend_error)?;
-    tx.execute("DELETE FROM celery_rs_chord_member WHERE group_id = $1", &[&group_id]).await.map_err(backend_error)?;
-    tx.execute("DELETE FROM celery_rs_chord WHERE group_id = $1", &[&group_id]).await.map_err(backend_error)?;
-    tx.commit().await.map_err(backend_error)
+    let tx = c.transaction().await.map_err(PgError::at("chords and claims"))?;
+    tx.execute("DELETE FROM celery_rs_chord_member WHERE group_id = $1", &[&group_id])
+        .await
+        .map_err(PgError::at("chords and claims"))?;
+    tx.execute("DELETE FROM celery_rs_chord WHERE group_id = $1", &[&group_id])
+        .await
+        .map_err(PgError::at("chords and claims"))?;
+    Ok(tx.commit().await.map_err(PgError::at("chords and claims"))?)
 }
 
 /// Claims `key` for `task_id` unless a live claim holds it: None when claimed, else the holder.
@@ -136,17 +142,17 @@ pub(crate) async fn claim(c: &Object, key: &str, task_id: &str, ttl: Duration) -
              WHERE i.expires_at <= clock_timestamp() RETURNING task_id",
         )
         .await
-        .map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
     let holder = c
         .prepare_cached("SELECT task_id FROM celery_rs_idempotency WHERE key = $1 AND expires_at > clock_timestamp()")
         .await
-        .map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
     // A claim that expires between the two statements lets the next round take it.
     for _ in 0..8 {
-        if c.query_opt(&take, &[&key, &task_id, &secs]).await.map_err(backend_error)?.is_some() {
+        if c.query_opt(&take, &[&key, &task_id, &secs]).await.map_err(PgError::at("chords and claims"))?.is_some() {
             return Ok(None);
         }
-        if let Some(row) = c.query_opt(&holder, &[&key]).await.map_err(backend_error)? {
+        if let Some(row) = c.query_opt(&holder, &[&key]).await.map_err(PgError::at("chords and claims"))? {
             return Ok(Some(row.get(0)));
         }
     }
@@ -157,7 +163,7 @@ pub(crate) async fn unclaim(c: &Object, key: &str, task_id: &str) -> Result<(), 
     let stmt = c
         .prepare_cached("DELETE FROM celery_rs_idempotency WHERE key = $1 AND task_id = $2")
         .await
-        .map_err(backend_error)?;
-    c.execute(&stmt, &[&key, &task_id]).await.map_err(backend_error)?;
+        .map_err(PgError::at("chords and claims"))?;
+    c.execute(&stmt, &[&key, &task_id]).await.map_err(PgError::at("chords and claims"))?;
     Ok(())
 }

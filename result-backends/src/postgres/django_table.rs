@@ -26,8 +26,8 @@ use chrono::{DateTime, Utc};
 use deadpool_postgres::Object;
 use serde_json::Value;
 
-use super::celery_table::{decode_stored, MAX_VALUE_BYTES};
-use super::connect::backend_error;
+use super::celery_table::{bounded_select, check_row_size, decode_stored, MAX_VALUE_BYTES};
+use super::error::PgError;
 use super::migrate::Migration;
 use super::pickle;
 
@@ -60,7 +60,10 @@ pub(crate) const EXPIRY: &str = "WITH gone AS (DELETE FROM django_celery_results
 
 /// Fails with Django's advice when the table is missing.
 pub(crate) async fn require(c: &Object) -> Result<(), BackendError> {
-    let row = c.query_one("SELECT to_regclass($1)::text", &[&TABLE]).await.map_err(backend_error)?;
+    let row = c
+        .query_one("SELECT to_regclass($1)::text", &[&TABLE])
+        .await
+        .map_err(PgError::at("django_celery_results_taskresult"))?;
     let found: Option<String> = row.get(0);
     if found.is_none() {
         return Err(BackendError::operation(format!(
@@ -75,11 +78,8 @@ pub(crate) async fn require(c: &Object) -> Result<(), BackendError> {
 #[derive(Debug, Clone)]
 pub(crate) struct DjangoTable {
     upsert: String,
+    select: String,
 }
-
-const SELECT: &str =
-    "SELECT status, content_type, content_encoding, result, date_done, traceback, meta, task_name, worker \
-     FROM django_celery_results_taskresult WHERE task_id = $1";
 
 impl DjangoTable {
     pub(crate) fn new(columns: &[String]) -> DjangoTable {
@@ -114,7 +114,22 @@ impl DjangoTable {
             values.join(", "),
             updates.join(", ")
         );
-        DjangoTable { upsert }
+        let select = bounded_select(
+            TABLE,
+            &[
+                "status",
+                "content_type",
+                "content_encoding",
+                "result",
+                "date_done",
+                "traceback",
+                "meta",
+                "task_name",
+                "worker",
+            ],
+            &["result", "traceback", "meta"],
+        );
+        DjangoTable { upsert, select }
     }
 
     pub(crate) async fn store(&self, c: &Object, meta: &TaskMeta) -> Result<(), BackendError> {
@@ -133,43 +148,46 @@ impl DjangoTable {
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
             .map_or_else(Utc::now, |d| d.with_timezone(&Utc));
         let status = meta.status.as_str();
-        let stmt = c.prepare_cached(&self.upsert).await.map_err(backend_error)?;
+        let stmt = c.prepare_cached(&self.upsert).await.map_err(PgError::at("django_celery_results_taskresult"))?;
         c.execute(
             &stmt,
             &[&meta.task_id, &status, &result, &date_done, &meta.traceback, &extra, &meta.name, &meta.worker],
         )
         .await
-        .map_err(backend_error)?;
+        .map_err(PgError::at("django_celery_results_taskresult"))?;
         Ok(())
     }
 
     pub(crate) async fn get(&self, c: &Object, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        let stmt = c.prepare_cached(SELECT).await.map_err(backend_error)?;
-        let Some(row) = c.query_opt(&stmt, &[&task_id]).await.map_err(backend_error)? else {
+        let stmt = c.prepare_cached(&self.select).await.map_err(PgError::at("django_celery_results_taskresult"))?;
+        let Some(row) =
+            c.query_opt(&stmt, &[&task_id]).await.map_err(PgError::at("django_celery_results_taskresult"))?
+        else {
             return Ok(None);
         };
+        check_row_size(&row, TABLE, task_id)?;
         let bad = |col: &str, e: String| BackendError::Malformed(format!("{TABLE}.{col} of task {task_id}: {e}"));
-        let status: String = row.try_get(0).map_err(|e| bad("status", e.to_string()))?;
+        let status: String = row.try_get(1).map_err(|e| bad("status", e.to_string()))?;
         let status: TaskState = status.parse().map_err(|e: String| bad("status", e))?;
-        let content_type: String = row.try_get(1).map_err(|e| bad("content_type", e.to_string()))?;
-        let encoding: String = row.try_get(2).map_err(|e| bad("content_encoding", e.to_string()))?;
+        let content_type: String = row.try_get(2).map_err(|e| bad("content_type", e.to_string()))?;
+        let encoding: String = row.try_get(3).map_err(|e| bad("content_encoding", e.to_string()))?;
         let decode = |col: &str, text: Option<String>| -> Result<Value, BackendError> {
             match text.filter(|t| !t.is_empty()) {
                 None => Ok(Value::Null),
                 Some(t) => decode_content(&content_type, &encoding, &t).map_err(|e| bad(col, e)),
             }
         };
-        let result = decode("result", row.try_get(3).map_err(|e| bad("result", e.to_string()))?)?;
+        let result = decode("result", row.try_get(4).map_err(|e| bad("result", e.to_string()))?)?;
         let mut meta = TaskMeta::new(task_id, status, result);
-        let date_done: Option<DateTime<Utc>> = row.try_get(4).map_err(|e| bad("date_done", e.to_string()))?;
+        let date_done: Option<DateTime<Utc>> = row.try_get(5).map_err(|e| bad("date_done", e.to_string()))?;
         meta.date_done = date_done.map(format_time);
-        meta.traceback = row.try_get(5).map_err(|e| bad("traceback", e.to_string()))?;
-        let extra = decode("meta", row.try_get(6).map_err(|e| bad("meta", e.to_string()))?)?;
+        meta.traceback = row.try_get(6).map_err(|e| bad("traceback", e.to_string()))?;
+        let extra = decode("meta", row.try_get(7).map_err(|e| bad("meta", e.to_string()))?)?;
         if let Some(Value::Array(children)) = extra.get("children") {
             meta.children = children.clone();
         }
-        meta.name = row.try_get(7).map_err(|e| bad("task_name", e.to_string()))?;
-        meta.worker = row.try_get(8).map_err(|e| bad("worker", e.to_string()))?;
+        meta.name = row.try_get(8).map_err(|e| bad("task_name", e.to_string()))?;
+        meta.worker = row.try_get(9).map_err(|e| bad("worker", e.to_string()))?;
         Ok(Some(meta))
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use celery_core::BackendError;
 use deadpool_postgres::Pool;
 
-use super::connect::{backend_error, pool_error};
+use super::error::PgError;
 
 /// Rows deleted per statement.
 pub(crate) const BATCH: i64 = 1000;
@@ -30,13 +30,13 @@ const OURS: &[&str] = &[
 /// Runs `statements` (each `$1` seconds, `$2` batch, returning `count(*)` of the rows it deleted)
 /// until each deletes less than a batch; returns the rows deleted.
 pub(crate) async fn sweep(pool: &Pool, statements: &[&str], expires: Duration) -> Result<u64, BackendError> {
-    let c = pool.get().await.map_err(pool_error)?;
+    let c = pool.get().await.map_err(|e| PgError::pool("expire results", e))?;
     let secs = expires.as_secs_f64();
     let mut total = 0;
     for sql in statements.iter().chain(OURS) {
-        let stmt = c.prepare_cached(sql).await.map_err(backend_error)?;
+        let stmt = c.prepare_cached(sql).await.map_err(PgError::at("expire results"))?;
         for _ in 0..MAX_BATCHES {
-            let n: i64 = c.query_one(&stmt, &[&secs, &BATCH]).await.map_err(backend_error)?.get(0);
+            let n: i64 = c.query_one(&stmt, &[&secs, &BATCH]).await.map_err(PgError::at("expire results"))?.get(0);
             total += n.max(0) as u64;
             if n < BATCH {
                 break;

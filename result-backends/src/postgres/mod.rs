@@ -26,16 +26,19 @@
 //! - Prepared statements cached per pooled connection (`prepare_cached`), and pipelining for free:
 //!   concurrent statements on one client are sent without waiting for each other.
 //! - `LISTEN/NOTIFY` is the connection's message stream (`Connection::poll_message`), under our
-//!   control for reconnects — the broker's wake-ups will reuse [`connect::dedicated`].
+//!   control for reconnects; the broker's wake-ups use the same code ([`connect::listening`]).
 //! - `COPY` (`copy_in`) and `binary_copy` for batches, which a broker's bulk enqueue wants.
 //! - TLS through rustls (`tokio-postgres-rustls`), the same rustls and ring the AMQP and built-in
 //!   brokers use; no OpenSSL.
 //! - Small: deadpool adds a pool of a few hundred lines; the transaction API is the driver's own,
 //!   so the transactional enqueue to come can take a caller's `tokio_postgres::Transaction`.
 //!
-//! The connection, pool and migration code ([`connect`], [`migrate`], and the connection part of
-//! [`url`]) knows nothing of results: it lives in `broker_backends::postgres`, which the
-//! PostgreSQL broker builds on too, and is re-exported here.
+//! The connection, pool, migration and error code ([`connect`], [`migrate`], [`error`], and the
+//! connection part of [`url`]) knows nothing of results: it lives in `broker_backends::postgres`,
+//! which the PostgreSQL broker builds on too, and is re-exported here. A driver error is judged
+//! there once ([`error::kind_of`]): a lost connection, a server going away or a lost race is a
+//! [`BackendError::Connection`] (retried), anything else the statement's; each keeps the driver's
+//! error as its source.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
@@ -58,7 +61,7 @@ mod schema;
 pub mod url;
 
 /// Connections, pool, TLS and migrations, shared with the PostgreSQL broker (which owns them).
-pub use broker_backends::postgres::{connect, migrate};
+pub use broker_backends::postgres::{connect, error, migrate};
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,8 +73,9 @@ use celery_core::{BackendError, ResultBackend, TaskMeta};
 use deadpool_postgres::Pool;
 
 use self::celery_table::CeleryTable;
-use self::connect::{pool_error, Tls};
+use self::connect::Tls;
 use self::django_table::DjangoTable;
+use self::error::PgError;
 use self::listen::Waiters;
 pub use self::url::Layout;
 
@@ -142,12 +146,12 @@ impl PostgresBackend {
         let opts = url::result_options(url)?;
         let tls = Tls::new(opts.connect.tls.as_ref(), &opts.connect.shown)?;
         let pool = connect::pool(&opts.connect, &tls)?;
-        let mut client = pool.get().await.map_err(pool_error)?;
+        let mut client = pool.get().await.map_err(|e| PgError::pool("results", e))?;
         migrate::migrate(&mut client, "results", schema::OURS).await?;
         let table = match opts.layout {
             Layout::Celery => {
                 migrate::migrate(&mut client, "celery-results", schema::CELERY).await?;
-                let cols = schema::columns(&client, "celery_taskmeta").await.map_err(connect::backend_error)?;
+                let cols = schema::columns(&client, "celery_taskmeta").await.map_err(PgError::at("results"))?;
                 Table::Celery(CeleryTable::new(&cols))
             }
             Layout::Django => {
@@ -155,7 +159,7 @@ impl PostgresBackend {
                 migrate::migrate(&mut client, "django-results", django_table::MIGRATIONS).await?;
                 let cols = schema::columns(&client, "django_celery_results_taskresult")
                     .await
-                    .map_err(connect::backend_error)?;
+                    .map_err(PgError::at("results"))?;
                 Table::Django(DjangoTable::new(&cols))
             }
         };
@@ -195,7 +199,7 @@ impl PostgresBackend {
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, BackendError> {
-        self.pool.get().await.map_err(pool_error)
+        Ok(self.pool.get().await.map_err(|e| PgError::pool("results", e))?)
     }
 }
 
@@ -228,8 +232,8 @@ impl ResultBackend for PostgresBackend {
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
         let c = self.client().await?;
-        let stmt = c.prepare_cached(self.table.forget()).await.map_err(connect::backend_error)?;
-        c.execute(&stmt, &[&task_id]).await.map_err(connect::backend_error)?;
+        let stmt = c.prepare_cached(self.table.forget()).await.map_err(PgError::at("results"))?;
+        c.execute(&stmt, &[&task_id]).await.map_err(PgError::at("results"))?;
         Ok(())
     }
 
