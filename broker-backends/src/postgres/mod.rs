@@ -41,7 +41,9 @@ pub mod connect;
 mod consumer;
 mod listen;
 pub mod migrate;
+pub mod outbox;
 pub mod sql;
+pub mod transactional;
 pub mod url;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -65,6 +67,8 @@ use self::url::BrokerOptions;
 use crate::envelope;
 
 pub use consumer::PostgresConsumer;
+/// The driver whose transactions [`transactional::SendInTransaction`] takes.
+pub use tokio_postgres;
 
 /// The longest queue, exchange, routing key, lease or document name accepted, in bytes.
 pub const MAX_NAME: usize = 255;
