@@ -12,6 +12,9 @@
 //!    that stored its SUCCESS, on Redis and on a PostgreSQL broker (whose consumer does not read
 //!    the mark: the worker does); an unmarked copy would run again.
 //! 6. `worker --outbox URL` relays inside the worker process.
+//! 6a. Three relays on one outbox share it (`SKIP LOCKED`): every row is forwarded exactly once.
+//! 6b. A batch takes at most `batch` rows; undecodable and oversized rows are refused with the
+//!     reason in `error` and never block the rows behind them.
 //! 7. 16 concurrent transactions in READ COMMITTED and in SERIALIZABLE, on both paths, some
 //!    committing, some rolling back, serialization failures retried as an application would:
 //!    exactly the committed sends run, each once.
@@ -379,6 +382,110 @@ async fn a_worker_started_with_outbox_relays_committed_sends() {
     assert_eq!(res.get::<i64>(T).await.unwrap_or_else(|e| panic!("{e}\n{}", w.log())), 5);
     assert!(wait_until(T, || count(&schema, "SELECT count(*) FROM celery_rs_outbox") == 0));
     assert!(w.log().contains("outbox relay: connected"), "{}", w.log());
+}
+
+/// A PostgreSQL broker in a schema of its own (dropped with it): the relay's target in tests that
+/// count what reached the broker without a worker.
+async fn pg_broker_app(broker_schema: &PgSchema) -> App {
+    celery_worker::connect(&broker_schema.url("postgres", ""), &broker_schema.url("db+postgresql", "")).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_relays_on_one_outbox_forward_every_row_exactly_once() {
+    let Some(broker_schema) = PgSchema::new(SUITE) else { return };
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = pg_broker_app(&broker_schema).await;
+    let db = schema.url("postgres", "");
+    outbox::install(&db).await.unwrap();
+    const N: usize = 2000;
+    let mut c = client(&schema).await;
+    for chunk in (0..N).collect::<Vec<_>>().chunks(500) {
+        let tx = c.transaction().await.unwrap();
+        app.send_batch_in(&tx, chunk.iter().map(|_| tally(&token())).collect::<Vec<_>>()).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    let config = RelayConfig { batch: 25, ..RelayConfig::for_app(&app) };
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        relays.push(Arc::new(Relay::connect(&db, app.broker().clone(), config.clone()).await.unwrap()));
+    }
+    // Each relay forwards batches until one finds the outbox empty; all three start together.
+    let start = Arc::new(tokio::sync::Barrier::new(3));
+    let handles: Vec<_> = relays
+        .iter()
+        .map(|r| {
+            let (r, start) = (r.clone(), start.clone());
+            tokio::spawn(async move {
+                start.wait().await;
+                let (mut sent, mut batches) = (0usize, 0usize);
+                loop {
+                    let f = r.forward().await.expect("forward");
+                    assert!(f.sent <= 25, "a batch of {} rows", f.sent);
+                    if f.sent == 0 && !f.more {
+                        break;
+                    }
+                    sent += f.sent;
+                    batches += 1;
+                }
+                (sent, batches)
+            })
+        })
+        .collect();
+    let mut per_relay = Vec::new();
+    for h in handles {
+        per_relay.push(h.await.unwrap());
+    }
+    eprintln!("rows forwarded per relay (rows, batches): {per_relay:?}");
+    let total: usize = per_relay.iter().map(|(s, _)| s).sum();
+    assert_eq!(total, N, "every row forwarded once, none twice: {per_relay:?}");
+    assert!(per_relay.iter().filter(|(s, _)| *s > 0).count() >= 2, "the relays shared the outbox: {per_relay:?}");
+    assert_eq!(relays[0].pending().await.unwrap(), 0);
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_outbox_tried"), 0);
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), N as u64, "no duplicate reached the broker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_are_bounded_and_bad_rows_are_refused_with_a_reason_without_blocking() {
+    let Some(broker_schema) = PgSchema::new(SUITE) else { return };
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = pg_broker_app(&broker_schema).await;
+    let db = schema.url("postgres", "");
+    outbox::install(&db).await.unwrap();
+    // The oldest rows are bad: one undecodable, one larger than the relay's limit.
+    schema
+        .exec(
+            "INSERT INTO celery_rs_outbox (task_id, exchange, routing_key, payload) VALUES \
+             ('bad-json', '', 'celery', convert_to('{not json', 'UTF8')), \
+             ('too-big', '', 'celery', convert_to(repeat('x', 8192), 'UTF8'))",
+        )
+        .unwrap();
+    let mut c = client(&schema).await;
+    let tx = c.transaction().await.unwrap();
+    let good = app.send_batch_in(&tx, (0..9).map(|_| tally(&token())).collect::<Vec<_>>()).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let config = RelayConfig { batch: 7, max_payload: 4096, ..RelayConfig::for_app(&app) };
+    let relay = Relay::connect(&db, app.broker().clone(), config).await.unwrap();
+    assert_eq!(relay.pending().await.unwrap(), 11);
+    let first = relay.forward().await.unwrap();
+    assert_eq!(first, outbox::Forwarded { sent: 5, refused: 2, more: true }, "7 rows taken: 2 bad, 5 good");
+    let second = relay.forward().await.unwrap();
+    assert_eq!(second, outbox::Forwarded { sent: 4, refused: 0, more: false }, "the rest, not blocked");
+    assert_eq!(relay.forward().await.unwrap(), outbox::Forwarded::default(), "refused rows are not taken again");
+    assert_eq!(relay.pending().await.unwrap(), 0);
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), good.len() as u64);
+
+    let reasons = schema.query("SELECT task_id, error FROM celery_rs_outbox ORDER BY id").unwrap();
+    assert_eq!(reasons.len(), 2, "refused rows stay for an operator: {reasons:?}");
+    let reason = |i: usize| reasons[i][1].clone().unwrap_or_default();
+    assert_eq!(reasons[0][0].as_deref(), Some("bad-json"));
+    assert!(reason(0).starts_with("undecodable"), "{}", reason(0));
+    assert_eq!(reasons[1][0].as_deref(), Some("too-big"));
+    assert!(reason(1).contains("8192 bytes exceeds the limit of 4096"), "{}", reason(1));
+
+    // `SET error = NULL` sends a row again: still undecodable, refused again (and not forwarded).
+    schema.exec("UPDATE celery_rs_outbox SET error = NULL WHERE task_id = 'bad-json'").unwrap();
+    assert_eq!(relay.forward().await.unwrap(), outbox::Forwarded { sent: 0, refused: 1, more: false });
 }
 
 /// A failure that an application retries the whole transaction for.
