@@ -154,6 +154,8 @@ async fn postgres_broker_direct_rollback_never_runs_and_commit_runs_once() {
     let w = worker(&app);
     let warm = token();
     app.send(tally(&warm)).await.unwrap().get::<String>(T).await.unwrap();
+    // Its result is stored before its row is acked (deleted): wait for the row to go.
+    assert!(wait_until(T, || count(&schema, tasks) == 0), "the warm-up task acked");
     let tx = c.transaction().await.unwrap();
     let res = app.send_in(&tx, tally(&committed)).await.unwrap();
     assert_eq!(count(&schema, tasks), 0, "not visible before the commit");
@@ -456,15 +458,18 @@ async fn batches_are_bounded_and_bad_rows_are_refused_with_a_reason_without_bloc
         .exec(
             "INSERT INTO celery_rs_outbox (task_id, exchange, routing_key, payload) VALUES \
              ('bad-json', '', 'celery', convert_to('{not json', 'UTF8')), \
-             ('too-big', '', 'celery', convert_to(repeat('x', 8192), 'UTF8'))",
+             ('too-big', '', 'celery', convert_to(repeat('x', 300000), 'UTF8'))",
         )
         .unwrap();
     let mut c = client(&schema).await;
     let tx = c.transaction().await.unwrap();
-    let good = app.send_batch_in(&tx, (0..9).map(|_| tally(&token())).collect::<Vec<_>>()).await.unwrap();
+    // The first good one is larger than the payloads a take reads inline: it is read on its own.
+    let big = "b".repeat(100_000);
+    let sigs = std::iter::once(tally(&big)).chain((0..8).map(|_| tally(&token()))).collect::<Vec<_>>();
+    let good = app.send_batch_in(&tx, sigs).await.unwrap();
     tx.commit().await.unwrap();
 
-    let config = RelayConfig { batch: 7, max_payload: 4096, ..RelayConfig::for_app(&app) };
+    let config = RelayConfig { batch: 7, max_payload: 200_000, ..RelayConfig::for_app(&app) };
     let relay = Relay::connect(&db, app.broker().clone(), config).await.unwrap();
     assert_eq!(relay.pending().await.unwrap(), 11);
     let first = relay.forward().await.unwrap();
@@ -481,7 +486,10 @@ async fn batches_are_bounded_and_bad_rows_are_refused_with_a_reason_without_bloc
     assert_eq!(reasons[0][0].as_deref(), Some("bad-json"));
     assert!(reason(0).starts_with("undecodable"), "{}", reason(0));
     assert_eq!(reasons[1][0].as_deref(), Some("too-big"));
-    assert!(reason(1).contains("8192 bytes exceeds the limit of 4096"), "{}", reason(1));
+    assert!(reason(1).contains("300000 bytes exceeds the limit of 200000"), "{}", reason(1));
+    let peeked = app.broker().peek("celery", 20).await.unwrap();
+    let big_one = peeked.iter().flatten().find(|m| m.headers.id == good[0].id()).expect("the large task was forwarded");
+    assert_eq!(big_one.body().unwrap().args, vec![json!(big)], "read whole");
 
     // `SET error = NULL` sends a row again: still undecodable, refused again (and not forwarded).
     schema.exec("UPDATE celery_rs_outbox SET error = NULL WHERE task_id = 'bad-json'").unwrap();

@@ -126,10 +126,12 @@ const PAYLOAD: &str = "SELECT payload FROM celery_rs_outbox WHERE id = $1";
 /// Marks rows `$1` tried.
 const TRIED: &str = "INSERT INTO celery_rs_outbox_tried (id) SELECT unnest($1::int8[]) ON CONFLICT DO NOTHING";
 
-/// Deletes the forwarded rows `$1` and their marks; records refusals `$3` of rows `$2`.
+/// Deletes the forwarded rows `$1` and their marks; records refusals `$3` of rows `$2` (and drops
+/// their marks: the broker refused them, so they were not delivered, and an operator who deletes a
+/// refused row leaves no mark behind).
 const SETTLE: &str = "
 WITH gone AS (DELETE FROM celery_rs_outbox WHERE id = ANY($1::int8[]) RETURNING id),
-     marks AS (DELETE FROM celery_rs_outbox_tried WHERE id = ANY($1::int8[])),
+     marks AS (DELETE FROM celery_rs_outbox_tried WHERE id = ANY($1::int8[]) OR id = ANY($2::int8[])),
      refused AS (UPDATE celery_rs_outbox o SET error = f.e
                  FROM unnest($2::int8[], $3::text[]) AS f(id, e) WHERE o.id = f.id)
 SELECT count(*) FROM gone";
@@ -137,12 +139,13 @@ SELECT count(*) FROM gone";
 /// Rows waiting to be forwarded (refused ones excluded).
 const PENDING: &str = "SELECT count(*) FROM celery_rs_outbox WHERE error IS NULL";
 
-/// Payloads up to this size come with the rows that take them.
-const INLINE: i64 = 256 * 1024;
 /// Payload bytes one batch reads at most (at least one row, however large).
 const BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// The most rows one batch takes.
 pub const MAX_BATCH: usize = 1000;
+/// Payloads up to this size come with the rows that take them (so the rows of one take hold at
+/// most [`BATCH_BYTES`] of payload); a larger one is read on its own, within the batch's budget.
+const INLINE: i64 = (BATCH_BYTES / MAX_BATCH) as i64;
 /// The longest refusal reason stored, in bytes.
 const MAX_REASON: usize = 1000;
 /// The poll interval while the `LISTEN` connection is down.
