@@ -6,8 +6,9 @@
 //! 2. Redis broker, through the outbox: the same, with a relay; a send without an outbox table is
 //!    refused without aborting the caller's transaction.
 //! 3. A PostgreSQL broker in another schema than the transaction's goes through the outbox too.
-//! 4. kill -9 of a relay process while it forwards: every committed task still runs (at least
-//!    once; at most one batch again).
+//! 4. kill -9 of a relay process mid-forward (caught, through a lock on its tried marks, after it
+//!    published a batch and before it deleted it): every committed task still runs; the batch is
+//!    sent again, marked, and its copies are acked unrun (at most one batch runs again).
 //! 5. A task sent again after a relay crash (its row marked tried) is acked unrun by a worker
 //!    that stored its SUCCESS, on Redis and on a PostgreSQL broker (whose consumer does not read
 //!    the mark: the worker does); an unmarked copy would run again.
@@ -269,17 +270,46 @@ async fn kill_9_of_a_relay_mid_forward_still_delivers_every_committed_task() {
     let pending = || count(&schema, "SELECT count(*) FROM celery_rs_outbox");
     assert_eq!(pending(), N as i64);
 
-    let w = worker(&app);
+    let (w, stats) = worker_with_stats(&app);
     let batch = BATCH.to_string();
     let args = ["outbox-relay", "--db", db.as_str(), "--batch", batch.as_str()];
     let mut first = DemoProcess::start_urls(&env.broker, &env.backend, &args);
     assert!(wait_until(T, || pending() <= (N - 5 * BATCH) as i64), "the first relay forwards\n{}", first.log());
+    // Catch it mid-forward: lock the tried marks of its batch in flight (written before it
+    // publishes), so that the statement deleting the forwarded rows and their marks waits on us.
+    let end = Instant::now() + T;
+    let (lock, marked) = loop {
+        assert!(Instant::now() < end, "never found a batch in flight\n{}", first.log());
+        let lock = c.transaction().await.unwrap();
+        let marks = lock.query("SELECT id FROM celery_rs_outbox_tried FOR UPDATE", &[]).await.unwrap();
+        if !marks.is_empty() {
+            break (lock, marks.len());
+        }
+        lock.rollback().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
+    // Once it waits on our lock, it has published the batch and not deleted it: kill it there.
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE pg_backend_pid() = ANY(pg_blocking_pids(pid))";
+    let end = Instant::now() + T;
+    loop {
+        lock.execute("SELECT pg_stat_clear_snapshot()", &[]).await.unwrap();
+        let n: i64 = lock.query_one(waiting, &[]).await.unwrap().get(0);
+        if n > 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "the relay never came to delete its batch\n{}", first.log());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     first.signal("KILL");
     first.wait_exit(Duration::from_secs(5)).expect("killed");
+    lock.rollback().await.unwrap();
+    // The dead session's transaction rolls back (its uncommitted delete is not seen meanwhile).
     let left = pending();
     let tried = count(&schema, "SELECT count(*) FROM celery_rs_outbox_tried");
     assert!(left > 0, "killed while rows were still waiting (left {left})");
-    eprintln!("killed with {left} rows left, {tried} of them marked tried (the batch in flight)");
+    assert_eq!(tried as usize, marked, "the batch in flight stays, marked tried");
+    assert!((1..=BATCH).contains(&marked), "one batch in flight: {marked}");
+    eprintln!("killed with {left} rows left, {tried} of them marked tried (the batch in flight, published)");
 
     let second = DemoProcess::start_urls(&env.broker, &env.backend, &args);
     let end = Instant::now() + Duration::from_secs(120);
@@ -293,11 +323,13 @@ async fn kill_9_of_a_relay_mid_forward_still_delivers_every_committed_task() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(wait_until(T, || pending() == 0), "the outbox drained");
-    let total: u32 = tokens.iter().map(|t| runs(t)).sum();
-    let again = total as usize - N;
-    eprintln!("{N} committed tasks ran {total} times ({again} again)");
-    assert!(again <= BATCH, "at most the batch in flight is sent again, not {again}");
-    assert!(tried as usize <= BATCH);
+    // The batch in flight was sent again, marked: each copy either found its SUCCESS stored (acked
+    // unrun) or arrived while the first still ran (run again).
+    let again = || tokens.iter().map(|t| runs(t) as usize).sum::<usize>() - N;
+    let unrun = || stats.already_done.load(std::sync::atomic::Ordering::SeqCst) as usize;
+    assert!(wait_until(T, || again() + unrun() >= marked), "the {marked} marked rows were sent again");
+    eprintln!("{N} committed tasks: {} ran again, {} acked unrun as already done", again(), unrun());
+    assert!(again() <= BATCH, "at most the batch in flight is sent again, not {}", again());
     drop(second);
     w.stop().await;
 }
