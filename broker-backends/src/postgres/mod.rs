@@ -21,6 +21,8 @@
 //!   body; a body too large for a notification (8000 bytes) is stored in `celery_rs_broadcasts`,
 //!   announced by its id, and deleted after five minutes.
 //! - Leases (beat's leader) and documents (beat's state) are rows.
+//! - Transactional enqueue ([`transactional`]): a task written by the caller's own transaction,
+//!   into `celery_rs_tasks`, or into the [`outbox`] that a relay forwards to any other broker.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
 //!   ([`migrate`]); their layout and autovacuum settings are in [`sql`].
 //!
