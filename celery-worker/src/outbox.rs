@@ -29,7 +29,7 @@
 use anyhow::Context;
 use celery_core::App;
 
-pub use broker_backends::postgres::outbox::{install, says_redelivered, Forwarded, Relay, RelayConfig};
+pub use broker_backends::postgres::outbox::{install, Forwarded, Relay, RelayConfig};
 pub use broker_backends::postgres::tokio_postgres;
 pub use broker_backends::postgres::transactional::{sql_state, EnqueuePath, SendInTransaction};
 

@@ -46,7 +46,6 @@ use celery_core::routing::Route;
 use celery_core::url::ServiceUrl;
 use celery_core::{App, Broker, BrokerError};
 use deadpool_postgres::Pool;
-use serde_json::Value;
 use tokio::sync::{watch, Notify};
 use tokio_postgres::AsyncMessage;
 
@@ -354,7 +353,7 @@ impl Relay {
                 }
             };
             if tried {
-                mark_redelivered(&mut msg);
+                msg.headers.mark_redelivered();
             }
             let route =
                 Route { mandatory: row.get(5), ..Route::exchange(row.get::<_, String>(3), row.get::<_, String>(4)) };
@@ -404,7 +403,7 @@ impl Relay {
         let mut sent = Vec::with_capacity(taken.len());
         for t in taken.iter_mut() {
             // Part of the refused batch may have reached the broker.
-            mark_redelivered(&mut t.msg);
+            t.msg.headers.mark_redelivered();
             match celery_core::backoff::retrying(|| self.broker.publish(&t.route, &t.msg)).await {
                 Ok(()) => sent.push(t.id),
                 Err(e) if e.is_retryable() => return Err(e),
@@ -454,22 +453,6 @@ impl Relay {
             }
         }
     }
-}
-
-/// Marks a message as possibly sent before: a worker then checks for a stored SUCCESS first.
-fn mark_redelivered(msg: &mut Message) {
-    msg.headers.extra.insert("redelivered".into(), Value::Bool(true));
-}
-
-/// Whether a message says it may have been delivered before (a relay sent it again after a
-/// crash; Kombu's restore on Redis says the same): a worker acks it unrun if its SUCCESS is stored.
-///
-/// ```
-/// let msg = celery_core::protocol::Message::from_signature(&celery_core::Signature::by_name("add")).unwrap();
-/// assert!(!broker_backends::postgres::outbox::says_redelivered(&msg));
-/// ```
-pub fn says_redelivered(msg: &Message) -> bool {
-    msg.headers.extra.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
 }
 
 /// A refusal's reason as stored: bounded, on a character boundary.
@@ -526,9 +509,9 @@ mod tests {
         let env = envelope::encode(&msg, "ex", "key");
         let back = envelope::decode(env.as_bytes()).message.unwrap();
         assert_eq!(back, msg);
-        assert!(!says_redelivered(&back));
-        mark_redelivered(&mut msg);
-        assert!(says_redelivered(&msg));
+        assert!(!back.headers.says_redelivered());
+        msg.headers.mark_redelivered();
+        assert!(msg.headers.says_redelivered());
         assert!(envelope::decode(envelope::encode(&msg, "", "q").as_bytes()).redelivered, "Redis reads it too");
     }
 
