@@ -128,13 +128,7 @@ impl Broker for MemoryBroker {
         Ok(st.queues.get(queue).map(|q| q.iter().take(max).cloned().map(Ok).collect()).unwrap_or_default())
     }
 
-    fn leases(&self) -> Option<&dyn Leases> {
-        Some(self)
-    }
-
-    fn documents(&self) -> Option<&dyn Documents> {
-        Some(self)
-    }
+    celery_core::offers!(leases, documents);
 }
 #[async_trait]
 impl Leases for MemoryBroker {

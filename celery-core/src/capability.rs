@@ -131,7 +131,7 @@ pub trait Claims: Send + Sync {
 /// caps.leases = true;
 /// caps.documents = true;
 /// assert_eq!(caps.to_string(), "leases, documents");
-/// assert_eq!(caps.missing().to_string(), "routing, broadcasts, chords, claims");
+/// assert_eq!(caps.lacking(Capabilities::BROKER).to_string(), "routing, broadcasts");
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -171,15 +171,23 @@ impl Capabilities {
         }
     }
 
-    /// The capabilities this one lacks (of all six).
-    pub fn missing(&self) -> Capabilities {
+    /// Every capability a broker can have: [`Routing`], [`Broadcasts`], [`Leases`], [`Documents`].
+    pub const BROKER: Capabilities =
+        Capabilities { routing: true, broadcasts: true, leases: true, documents: true, chords: false, claims: false };
+
+    /// Every capability a result backend can have: [`Chords`], [`Claims`].
+    pub const BACKEND: Capabilities =
+        Capabilities { routing: false, broadcasts: false, leases: false, documents: false, chords: true, claims: true };
+
+    /// Those of `all` that this one lacks: `Capabilities::of_broker(b).lacking(Capabilities::BROKER)`.
+    pub fn lacking(&self, all: Capabilities) -> Capabilities {
         Capabilities {
-            routing: !self.routing,
-            broadcasts: !self.broadcasts,
-            leases: !self.leases,
-            documents: !self.documents,
-            chords: !self.chords,
-            claims: !self.claims,
+            routing: all.routing && !self.routing,
+            broadcasts: all.broadcasts && !self.broadcasts,
+            leases: all.leases && !self.leases,
+            documents: all.documents && !self.documents,
+            chords: all.chords && !self.chords,
+            claims: all.claims && !self.claims,
         }
     }
 
@@ -206,6 +214,86 @@ impl fmt::Display for Capabilities {
             f.write_str(&names.join(", "))
         }
     }
+}
+
+/// Writes the accessors of the capabilities a backend implements, inside its `impl Broker` or
+/// `impl ResultBackend` block: `offers!(routing, leases)` stands for `fn routing(&self) ->
+/// Option<&dyn Routing> { Some(self) }` and the same for `leases`. The type must implement each
+/// capability's trait.
+///
+/// ```
+/// use async_trait::async_trait;
+/// use celery_core::capability::{Capabilities, Claims};
+/// use celery_core::{BackendError, ResultBackend, TaskMeta};
+/// use std::time::Duration;
+///
+/// #[derive(Debug)]
+/// struct Claimer;
+///
+/// #[async_trait]
+/// impl Claims for Claimer {
+///     async fn claim(&self, _key: &str, _id: &str, _ttl: Duration) -> Result<Option<String>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn unclaim(&self, _key: &str, _id: &str) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+/// }
+///
+/// #[async_trait]
+/// impl ResultBackend for Claimer {
+///     async fn store(&self, _meta: &TaskMeta) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     async fn get(&self, _id: &str) -> Result<Option<TaskMeta>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn wait(&self, _id: &str, _timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+///         Ok(None)
+///     }
+///     async fn forget(&self, _id: &str) -> Result<(), BackendError> {
+///         Ok(())
+///     }
+///     celery_core::offers!(claims);
+/// }
+///
+/// assert_eq!(Capabilities::of_backend(&Claimer).to_string(), "claims");
+/// ```
+#[macro_export]
+macro_rules! offers {
+    ($($capability:ident),+ $(,)?) => {
+        $( $crate::offers!(@one $capability); )+
+    };
+    (@one routing) => {
+        fn routing(&self) -> ::std::option::Option<&dyn $crate::capability::Routing> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one broadcasts) => {
+        fn broadcasts(&self) -> ::std::option::Option<&dyn $crate::capability::Broadcasts> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one leases) => {
+        fn leases(&self) -> ::std::option::Option<&dyn $crate::capability::Leases> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one documents) => {
+        fn documents(&self) -> ::std::option::Option<&dyn $crate::capability::Documents> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one chords) => {
+        fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one claims) => {
+        fn claims(&self) -> ::std::option::Option<&dyn $crate::capability::Claims> {
+            ::std::option::Option::Some(self)
+        }
+    };
 }
 
 impl dyn Broker {

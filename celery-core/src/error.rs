@@ -99,6 +99,55 @@ pub enum ErrorKind {
     Config,
 }
 
+/// `connection`, `connection_with`, `operation` and `operation_with`: the constructors of the
+/// `Connection { context, source }` and `Operation { context, source }` variants of `$ty`.
+macro_rules! context_constructors {
+    ($ty:ident, $who:literal) => {
+        /// A lost or failed connection, with no underlying error to keep.
+        pub fn connection(context: impl Into<String>) -> Self {
+            $ty::Connection { context: context.into(), source: None }
+        }
+
+        /// A lost or failed connection, keeping the client library's error as the source.
+        pub fn connection_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+            $ty::Connection { context: context.into(), source: Some(source.into()) }
+        }
+
+        #[doc = concat!("An operation the ", $who, " refused or failed, with no underlying error to keep.")]
+        pub fn operation(context: impl Into<String>) -> Self {
+            $ty::Operation { context: context.into(), source: None }
+        }
+
+        #[doc = concat!("An operation the ", $who, " refused or failed, keeping the client library's error as the source.")]
+        pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
+            $ty::Operation { context: context.into(), source: Some(source.into()) }
+        }
+    };
+}
+
+/// `is_retryable`, `is_fatal` and `is_message_fault`, read off the type's `kind()`.
+macro_rules! kind_queries {
+    () => {
+        /// True when the operation may succeed if retried after a reconnect
+        /// ([`ErrorKind::Connection`]).
+        pub fn is_retryable(&self) -> bool {
+            self.kind() == ErrorKind::Connection
+        }
+
+        /// True when no retry can help until the configuration changes: a bad URL, an unknown
+        /// scheme, an option or capability the backend lacks ([`ErrorKind::Config`]).
+        pub fn is_fatal(&self) -> bool {
+            self.kind() == ErrorKind::Config
+        }
+
+        /// True when the message (or the stored document) is at fault: dead-letter it with this
+        /// error as the reason, never retry it ([`ErrorKind::Message`]).
+        pub fn is_message_fault(&self) -> bool {
+            self.kind() == ErrorKind::Message
+        }
+    };
+}
+
 /// `": source"`, or nothing: the Display of our errors ends with their source's, so a log line
 /// that prints only `{error}` still says what the client library said.
 fn caused_by(source: &Option<BoxError>) -> String {
@@ -155,25 +204,7 @@ pub enum BrokerError {
 }
 
 impl BrokerError {
-    /// A lost or failed connection, with no underlying error to keep.
-    pub fn connection(context: impl Into<String>) -> Self {
-        BrokerError::Connection { context: context.into(), source: None }
-    }
-
-    /// A lost or failed connection, keeping the client library's error as the source.
-    pub fn connection_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        BrokerError::Connection { context: context.into(), source: Some(source.into()) }
-    }
-
-    /// An operation the broker refused or failed, with no underlying error to keep.
-    pub fn operation(context: impl Into<String>) -> Self {
-        BrokerError::Operation { context: context.into(), source: None }
-    }
-
-    /// An operation the broker refused or failed, keeping the client library's error as the source.
-    pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        BrokerError::Operation { context: context.into(), source: Some(source.into()) }
-    }
+    context_constructors!(BrokerError, "broker");
 
     /// What the failure means for the caller.
     pub fn kind(&self) -> ErrorKind {
@@ -187,21 +218,7 @@ impl BrokerError {
         }
     }
 
-    /// True when the operation may succeed if retried after a reconnect.
-    pub fn is_retryable(&self) -> bool {
-        self.kind() == ErrorKind::Connection
-    }
-
-    /// True when no retry can help until the configuration changes (bad URL, unknown scheme, an
-    /// option this broker lacks).
-    pub fn is_fatal(&self) -> bool {
-        self.kind() == ErrorKind::Config
-    }
-
-    /// True when the message itself is at fault: dead-letter it with this error as the reason.
-    pub fn is_message_fault(&self) -> bool {
-        self.kind() == ErrorKind::Message
-    }
+    kind_queries!();
 }
 
 /// A failure of a result-backend operation.
@@ -263,25 +280,7 @@ impl From<crate::url::UrlError> for BackendError {
 }
 
 impl BackendError {
-    /// A lost or failed connection, with no underlying error to keep.
-    pub fn connection(context: impl Into<String>) -> Self {
-        BackendError::Connection { context: context.into(), source: None }
-    }
-
-    /// A lost or failed connection, keeping the client library's error as the source.
-    pub fn connection_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        BackendError::Connection { context: context.into(), source: Some(source.into()) }
-    }
-
-    /// An operation the backend refused or failed, with no underlying error to keep.
-    pub fn operation(context: impl Into<String>) -> Self {
-        BackendError::Operation { context: context.into(), source: None }
-    }
-
-    /// An operation the backend refused or failed, keeping the client library's error as the source.
-    pub fn operation_with(context: impl Into<String>, source: impl Into<BoxError>) -> Self {
-        BackendError::Operation { context: context.into(), source: Some(source.into()) }
-    }
+    context_constructors!(BackendError, "backend");
 
     /// What the failure means for the caller.
     pub fn kind(&self) -> ErrorKind {
@@ -295,20 +294,7 @@ impl BackendError {
         }
     }
 
-    /// True when the operation may succeed if retried after a reconnect.
-    pub fn is_retryable(&self) -> bool {
-        self.kind() == ErrorKind::Connection
-    }
-
-    /// True when no retry can help until the configuration changes.
-    pub fn is_fatal(&self) -> bool {
-        self.kind() == ErrorKind::Config
-    }
-
-    /// True when the stored document is at fault (not a Celery result document).
-    pub fn is_message_fault(&self) -> bool {
-        self.kind() == ErrorKind::Message
-    }
+    kind_queries!();
 }
 
 /// A failure of the producer API.
@@ -336,20 +322,7 @@ impl AppError {
         }
     }
 
-    /// True when connecting again later may succeed (the broker or backend was unreachable).
-    pub fn is_retryable(&self) -> bool {
-        self.kind() == ErrorKind::Connection
-    }
-
-    /// True when no retry can help until the configuration changes.
-    pub fn is_fatal(&self) -> bool {
-        self.kind() == ErrorKind::Config
-    }
-
-    /// True when the message could not be built or was refused for its content.
-    pub fn is_message_fault(&self) -> bool {
-        self.kind() == ErrorKind::Message
-    }
+    kind_queries!();
 }
 
 /// Why `AsyncResult::get` did not return a value.

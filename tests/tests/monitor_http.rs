@@ -116,6 +116,10 @@ async fn listing_dead_letters_changes_nothing_on_the_log_broker() {
     assert_eq!(app.broker().queue_len("celery.dead.dead").await.unwrap(), 0);
     let state = http(&addr, "GET", "/api/state", &[("Host", &addr)]);
     assert!(state.body.contains("\"dead\":4"), "{}", state.body);
+    // What the broker and the result backend offer, as the page's header shows it.
+    let offers: serde_json::Value = serde_json::from_str(&state.body).unwrap();
+    assert_eq!(offers["offers"]["broker"], "routing, broadcasts, leases, documents", "{}", state.body);
+    assert_eq!(offers["offers"]["backend"], "chords, claims", "{}", state.body);
     consume_all(&app, &ids).await;
 }
 

@@ -148,3 +148,25 @@ async fn a_wrong_redis_password_is_refused_without_printing_it() {
     assert!(bad.contains(&format!("redis://:***@{host}/{TEST_DB}?expires=1")) && bad.contains("`expires`"), "{bad}");
     assert_logs_hide(&["wr0ng-pa55-5e4f"]);
 }
+
+/// `report` names the broker and the result backend redacted, and what each offers and lacks.
+#[test]
+fn the_report_says_what_each_side_offers_and_hides_the_token() {
+    let dir = TempDir::new("report");
+    let url = dir.url("token=r3port-s3cret");
+    let run = |broker: &str, backend: &str| {
+        let out = std::process::Command::new(celery_tests::demo_bin())
+            .args(["--broker", broker, "--backend", backend, "--loglevel", "error", "report"])
+            .output()
+            .expect("the demo binary runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let log = run(&url, &url);
+    assert!(!log.contains("r3port-s3cret") && log.contains("token=***"), "{log}");
+    assert!(log.contains("broker offers: routing, broadcasts, leases, documents\nbroker lacks: none\n"), "{log}");
+    assert!(log.contains("results offer: chords, claims\nresults lack: none\n"), "{log}");
+    let memory = run("memory://", "memory://");
+    assert!(memory.contains("broker offers: leases, documents\nbroker lacks: routing, broadcasts\n"), "{memory}");
+    assert!(memory.contains("tasks: add, "), "{memory}");
+}

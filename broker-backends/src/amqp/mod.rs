@@ -389,21 +389,7 @@ impl Broker for AmqpBroker {
         })
     }
 
-    fn routing(&self) -> Option<&dyn Routing> {
-        Some(self)
-    }
-
-    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
-        Some(self)
-    }
-
-    fn leases(&self) -> Option<&dyn Leases> {
-        Some(self)
-    }
-
-    fn documents(&self) -> Option<&dyn Documents> {
-        Some(self)
-    }
+    celery_core::offers!(routing, broadcasts, leases, documents);
 }
 #[async_trait]
 impl Routing for AmqpBroker {

@@ -297,21 +297,7 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
-    fn routing(&self) -> Option<&dyn Routing> {
-        Some(self)
-    }
-
-    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
-        Some(self)
-    }
-
-    fn leases(&self) -> Option<&dyn Leases> {
-        Some(self)
-    }
-
-    fn documents(&self) -> Option<&dyn Documents> {
-        Some(self)
-    }
+    celery_core::offers!(routing, broadcasts, leases, documents);
 }
 #[async_trait]
 impl Routing for LogBroker {

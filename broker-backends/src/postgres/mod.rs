@@ -359,21 +359,7 @@ impl Broker for PostgresBroker {
         Ok(rows.iter().map(|r| envelope::decode(r.get::<_, &[u8]>(0)).message).collect())
     }
 
-    fn routing(&self) -> Option<&dyn Routing> {
-        Some(self)
-    }
-
-    fn broadcasts(&self) -> Option<&dyn Broadcasts> {
-        Some(self)
-    }
-
-    fn leases(&self) -> Option<&dyn Leases> {
-        Some(self)
-    }
-
-    fn documents(&self) -> Option<&dyn Documents> {
-        Some(self)
-    }
+    celery_core::offers!(routing, broadcasts, leases, documents);
 }
 #[async_trait]
 impl Routing for PostgresBroker {

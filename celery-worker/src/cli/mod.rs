@@ -6,6 +6,7 @@
 //! mybin result 4f6a... --wait 10
 //! mybin purge -Q celery
 //! mybin tasks
+//! mybin report                              # software, broker and results, what they offer and lack
 //! mybin bench -n 100000
 //! mybin beat --schedule beat.toml            # or: mybin worker --beat
 //! mybin beat add nightly --task reports.nightly --crontab '0 3 * * *' --timezone Europe/Berlin
@@ -18,8 +19,8 @@
 //!
 //! This file holds the [`Cli`] tree and the dispatch; each family of subcommands has its file:
 //! `worker` (and `tasks`), `beat`, `send` (and `result`), `control` (`inspect` and `control`),
-//! `queues` (`purge`), `monitor` (and `events`), `outbox` (`outbox-relay`), `broker` (`broker serve|bench`); `bench` is
-//! [`crate::bench`].
+//! `queues` (`purge`), `report`, `monitor` (and `events`), `outbox` (`outbox-relay`), `broker`
+//! (`broker serve|bench`); `bench` is [`crate::bench`].
 
 mod beat;
 mod broker;
@@ -27,6 +28,7 @@ mod control;
 mod monitor;
 mod outbox;
 mod queues;
+mod report;
 mod send;
 mod worker;
 
@@ -82,6 +84,8 @@ pub enum Command {
     Purge(PurgeArgs),
     /// List the tasks registered in this binary.
     Tasks,
+    /// Print the software, the broker and result backend (redacted), what each offers and lacks.
+    Report,
     /// Measure enqueue and drain throughput and round-trip latency.
     Bench(crate::bench::BenchArgs),
     /// The built-in broker.
@@ -169,6 +173,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(a) => send::send(&app().await?, &a).await,
         Command::Result(a) => send::result(&app().await?, &a).await,
         Command::Purge(a) => queues::purge(&app().await?, &a).await,
+        Command::Report => Ok(report::report(&app().await?, broker_url, backend_url)),
         Command::Tasks => {
             app().await?;
             Ok(worker::tasks())

@@ -46,6 +46,7 @@ use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use celery_core::capability::Capabilities;
 use celery_core::sync::lock;
 use celery_core::App;
 use serde::Deserialize;
@@ -177,6 +178,11 @@ async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Valu
         "now": now,
         "allow_control": ctx.cfg.allow_control,
         "broker": ctx.app.broker().kind(),
+        "backend": ctx.app.backend().kind(),
+        "offers": {
+            "broker": Capabilities::of_broker(ctx.app.broker().as_ref()).to_string(),
+            "backend": Capabilities::of_backend(ctx.app.backend().as_ref()).to_string(),
+        },
     }))
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use celery_core::capability::Capabilities;
 use celery_core::protocol::max_encoded_size;
 use celery_core::{registry, App};
 use tokio::sync::watch;
@@ -82,7 +83,12 @@ pub(super) async fn run_until(
     let names: Vec<_> = registry::tasks().iter().map(|e| e.name).collect();
     tracing::info!(
         hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = shared.pool.size(),
-        autoscale = ?cfg.autoscale, prefetch = cfg.prefetch(), tasks = ?names, "worker ready"
+        autoscale = ?cfg.autoscale, prefetch = cfg.prefetch(), tasks = ?names,
+        broker = shared.app.broker().kind(),
+        broker_offers = %Capabilities::of_broker(shared.app.broker().as_ref()),
+        backend = shared.app.backend().kind(),
+        backend_offers = %Capabilities::of_backend(shared.app.backend().as_ref()),
+        "worker ready"
     );
     shared.worker_event("worker-online");
     // Consuming starts once the worker is online: its first task events follow worker-online.

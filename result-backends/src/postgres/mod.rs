@@ -237,13 +237,7 @@ impl ResultBackend for PostgresBackend {
         "postgresql"
     }
 
-    fn chords(&self) -> Option<&dyn Chords> {
-        Some(self)
-    }
-
-    fn claims(&self) -> Option<&dyn Claims> {
-        Some(self)
-    }
+    celery_core::offers!(chords, claims);
 }
 #[async_trait]
 impl Chords for PostgresBackend {

@@ -150,13 +150,7 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 
-    fn chords(&self) -> Option<&dyn Chords> {
-        Some(self)
-    }
-
-    fn claims(&self) -> Option<&dyn Claims> {
-        Some(self)
-    }
+    celery_core::offers!(chords, claims);
 }
 #[async_trait]
 impl Chords for RedisBackend {
