@@ -117,8 +117,7 @@ pub(crate) fn body_of(raw: &[u8]) -> Option<Vec<u8>> {
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
     if let Ok(mut env) = serde_json::from_slice::<Envelope<'_, Headers>>(raw) {
         if let Some(headers) = env.headers.take() {
-            let redelivered = headers.extra.get("redelivered").and_then(Value::as_bool).unwrap_or(false)
-                || redelivered_in(env.properties.as_ref());
+            let redelivered = headers.says_redelivered() || redelivered_in(env.properties.as_ref());
             if let Ok(message) = decode_envelope(&env, headers) {
                 return Decoded { message: Ok(message), redelivered };
             }

@@ -160,7 +160,30 @@ pub fn lenient_task_id(headers: &Value) -> Option<String> {
     fits.then_some(id)
 }
 
+/// The header that says a message may have been delivered before (Kombu's name).
+const REDELIVERED: &str = "redelivered";
+
 impl Headers {
+    /// Whether the message says it may have been delivered before (a `redelivered: true` header:
+    /// Kombu's restore on Redis, or an outbox relay sending it again after a crash): a worker then
+    /// acks it unrun when its SUCCESS is already stored.
+    ///
+    /// ```
+    /// let mut msg = celery_core::protocol::Message::from_signature(&celery_core::Signature::by_name("add")).unwrap();
+    /// assert!(!msg.headers.says_redelivered());
+    /// msg.headers.mark_redelivered();
+    /// assert!(msg.headers.says_redelivered());
+    /// assert_eq!(msg.headers.extra["redelivered"], serde_json::json!(true));
+    /// ```
+    pub fn says_redelivered(&self) -> bool {
+        self.extra.get(REDELIVERED).and_then(Value::as_bool).unwrap_or(false)
+    }
+
+    /// Marks the message as possibly delivered before (see [`Headers::says_redelivered`]).
+    pub fn mark_redelivered(&mut self) {
+        self.extra.insert(REDELIVERED.into(), Value::Bool(true));
+    }
+
     /// Reads headers from a JSON object, naming the field at fault on error. When they do not
     /// parse but name a task id ([`lenient_task_id`]), the error is
     /// [`ProtocolError::InvalidHeaders`] with that id.

@@ -34,6 +34,7 @@ pub mod control;
 pub mod events;
 pub mod metrics;
 pub mod monitor;
+pub mod outbox;
 pub mod worker;
 
 pub use worker::{Worker, WorkerConfig, WorkerError, WorkerStats};
@@ -48,6 +49,7 @@ pub mod prelude {
     pub use celery_core::{task, App, AsyncResult, Signature, Task, TaskContext, TaskError, TaskOptions, TaskState};
     pub use std::time::Duration;
 
+    pub use crate::outbox::SendInTransaction;
     pub use crate::{Worker, WorkerConfig};
 }
 

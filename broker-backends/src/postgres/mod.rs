@@ -24,6 +24,8 @@
 //!   exchanges, routing keys, leases and documents up to [`MAX_NAME`]; no NUL.
 //! - Errors: driver errors are judged once, in [`error`], for the broker and the result backend.
 //! - Leases (beat's leader) and documents (beat's state) are rows.
+//! - Transactional enqueue ([`transactional`]): a task written by the caller's own transaction,
+//!   into `celery_rs_tasks`, or into the [`outbox`] that a relay forwards to any other broker.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
 //!   ([`migrate`]); their layout and autovacuum settings are in [`sql`].
 //!
@@ -46,7 +48,9 @@ mod consumer;
 pub mod error;
 mod listen;
 pub mod migrate;
+pub mod outbox;
 pub mod sql;
+pub mod transactional;
 pub mod url;
 
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -73,6 +77,8 @@ use crate::envelope;
 
 pub use broadcast::MAX_BROADCAST;
 pub use consumer::PostgresConsumer;
+/// The driver whose transactions [`transactional::SendInTransaction`] takes.
+pub use tokio_postgres;
 
 /// The longest exchange, routing key, lease or document name accepted, in bytes; also the
 /// longest queue name read (a dead-letter queue's).

@@ -1,7 +1,7 @@
 //! `celery`: the operator's command line, with no task code of its own. It sends tasks by name
 //! with JSON arguments, reads results, prints events, inspects and controls workers, purges
-//! queues, changes beat's run-time entries and serves the built-in broker, so looking at a queue
-//! does not need the application built:
+//! queues, changes beat's run-time entries, serves the built-in broker and relays a transactional
+//! outbox, so looking at a queue does not need the application built:
 //!
 //! ```text
 //! celery --broker redis://127.0.0.1:6379/0 send add --args '[2, 3]' --wait
@@ -11,6 +11,7 @@
 //! celery purge -Q celery
 //! celery beat list
 //! celery broker serve --data ./celery-data --listen 127.0.0.1:7575
+//! celery --broker redis://127.0.0.1:6379/0 outbox-relay --db postgres://app@db/app
 //! ```
 
 // glibc's malloc serializes frees of memory allocated on another thread, which a broker server and

@@ -11,6 +11,7 @@
 //! mybin beat --schedule beat.toml            # or: mybin worker --beat
 //! mybin beat add nightly --task reports.nightly --crontab '0 3 * * *' --timezone Europe/Berlin
 //! mybin beat list
+//! mybin outbox-relay --db postgres://app@db/app   # or: mybin worker --outbox URL
 //! ```
 //! `--broker` and `--backend` are accepted by every subcommand and default to the environment's
 //! `CELERY_BROKER_URL` and `CELERY_RESULT_BACKEND`. Logs go to stderr; results to stdout, and with
@@ -18,13 +19,14 @@
 //!
 //! This file holds the [`Cli`] tree and the dispatch; each family of subcommands has its file:
 //! `worker` (and `tasks`), `beat`, `send` (and `result`), `control` (`inspect` and `control`),
-//! `queues` (`purge`), `report`, `monitor` (and `events`), `broker` (`broker serve|bench`); `bench` is
-//! [`crate::bench`].
+//! `queues` (`purge`), `report`, `monitor` (and `events`), `outbox` (`outbox-relay`), `broker`
+//! (`broker serve|bench`); `bench` is [`crate::bench`].
 
 mod beat;
 mod broker;
 mod control;
 mod monitor;
+mod outbox;
 mod queues;
 mod report;
 mod send;
@@ -41,6 +43,7 @@ pub use beat::{BeatAction, BeatAddArgs, BeatArgs, BeatRunArgs};
 pub use broker::{BrokerCommand, ServeArgs};
 pub use control::{ControlCommand, InspectArgs, Reach};
 pub use monitor::{EventsArgs, MonitorArgs};
+pub use outbox::RelayArgs;
 pub use queues::PurgeArgs;
 pub use send::{ResultArgs, SendArgs};
 pub use worker::WorkerArgs;
@@ -102,13 +105,15 @@ pub enum Command {
     Control(ControlCommand),
     /// Serve a live dashboard of workers, queues, tasks and dead letters (workers need `-E`).
     Monitor(MonitorArgs),
+    /// Forward the committed rows of a PostgreSQL outbox (`celery_rs_outbox`) to the broker.
+    OutboxRelay(RelayArgs),
 }
 
 impl Command {
-    /// A worker or beat started while its broker is down waits for it, as Celery's do
-    /// (`broker_connection_retry_on_startup`); other commands fail at once.
+    /// A worker, beat or outbox relay started while its broker is down waits for it, as Celery's
+    /// do (`broker_connection_retry_on_startup`); other commands fail at once.
     fn waits_for_broker(&self) -> bool {
-        matches!(self, Command::Worker(_) | Command::Beat(BeatArgs { action: None, .. }))
+        matches!(self, Command::Worker(_) | Command::Beat(BeatArgs { action: None, .. }) | Command::OutboxRelay(_))
     }
 }
 
@@ -181,12 +186,13 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Monitor(a) => monitor::monitor(app().await?, a).await,
         Command::Inspect(a) => control::inspect(&app().await?, &a).await,
         Command::Control(c) => control::control(&app().await?, &c).await,
+        Command::OutboxRelay(a) => outbox::run(app().await?, &a).await,
     }
 }
 
 /// Connection attempts of a starting worker or beat before it gives up (Celery's
 /// `broker_connection_max_retries`).
-const STARTUP_ATTEMPTS: u32 = 100;
+pub(crate) const STARTUP_ATTEMPTS: u32 = 100;
 
 /// Connects to the broker and backend; `patient` retries while they are unreachable, up to
 /// [`STARTUP_ATTEMPTS`] times.

@@ -59,6 +59,9 @@ pub struct WorkerArgs {
     /// Beat's settings.
     #[command(flatten)]
     pub beat_run: BeatRunArgs,
+    /// Also relay this PostgreSQL database's outbox to the broker (as `outbox-relay --db URL`).
+    #[arg(long, env = "CELERY_OUTBOX_URL", hide_env_values = true, value_name = "URL")]
+    pub outbox: Option<String>,
 }
 
 impl WorkerArgs {
@@ -106,6 +109,7 @@ pub(super) async fn run(app: App, a: WorkerArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("serving metrics on {addr}"))?;
         crate::metrics::poll_queue_depth(app.clone(), cfg.queues.clone());
     }
+    let _relay = crate::outbox::start_in_worker(&app, a.outbox.as_deref()).await?;
     if celery_core::registry::tasks().iter().all(|e| e.name.starts_with("celery.")) {
         tracing::warn!("this binary has no tasks of its own (only Celery's built-ins): build your application's binary to run its tasks");
     }

@@ -121,7 +121,9 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Revoked)).await;
         return;
     }
-    if let Some(done) = if d.redelivered { already_succeeded(&w, &msg).await } else { None } {
+    // An outbox relay sends a task again after a crash with `redelivered` in its headers.
+    let maybe_done = d.redelivered || msg.headers.says_redelivered();
+    if let Some(done) = if maybe_done { already_succeeded(&w, &msg).await } else { None } {
         tracing::info!("redelivered, but its SUCCESS is stored: acked without running again");
         w.stats.already_done.fetch_add(1, Ordering::Relaxed);
         // Its worker may have died before counting it into its chord: count it (once) now.

@@ -11,8 +11,8 @@
 //!   `InvalidTaskError`, `NotRegistered` or Python's `TypeError`), `task-failed` sent, and the message
 //!   dead-lettered to `<queue>.dead` with the reason; nothing it carries is acted on (no callbacks,
 //!   errbacks, chain steps or chord counts);
-//! - redelivered (its worker died or its connection dropped) but its SUCCESS is stored: acked, not run
-//!   again;
+//! - redelivered (its worker died or its connection dropped, or an outbox relay sent it again after a
+//!   crash, saying so in its `redelivered` header) but its SUCCESS is stored: acked, not run again;
 //! - `expires` passed: REVOKED, acked, not run;
 //! - `eta` more than a second away: handed to the broker's durable delay store at once (stored there
 //!   before the delivery is acked), before any rate limit or wait, so it holds no slot and nothing
