@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use celery_core::url::{redacted, ServiceUrl};
+use celery_core::url::{redacted, split_list, ServiceUrl};
 use celery_core::BrokerError;
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::LongString;
@@ -217,8 +217,8 @@ impl Nodes {
     /// [`MAX_NODES`]); an empty element, a bad element (the error shows it, redacted) or queue
     /// options that differ between elements are errors.
     pub fn parse(url: &str) -> Result<Nodes, BrokerError> {
-        let elements: Vec<&str> = url.split(';').map(str::trim).collect();
-        let list = |reason: String| BrokerError::InvalidUrl { url: redacted_list(url), reason };
+        let elements = split_list(url).unwrap_or_else(|| vec![url.trim()]);
+        let list = |reason: String| BrokerError::InvalidUrl { url: redacted(url), reason };
         if elements.len() > MAX_NODES {
             return Err(list(format!("{} nodes listed; at most {MAX_NODES}", elements.len())));
         }
@@ -298,11 +298,6 @@ impl Nodes {
             None => BrokerError::connection(context),
         })
     }
-}
-
-/// A `;`-separated list of URLs as it may be printed: each element redacted.
-pub(super) fn redacted_list(url: &str) -> String {
-    url.split(';').map(|e| redacted(e.trim())).collect::<Vec<_>>().join(";")
 }
 
 impl TlsFiles {

@@ -1,0 +1,214 @@
+//! A RabbitMQ cluster losing a node under load, with real worker processes: two `demo` workers and
+//! a producer (this process) use the 3-node failover URL of `scripts/cluster rabbitmq` with
+//! `queue_type=quorum`, all first on node 1, which also leads the task queue; node 1 is killed
+//! with `kill -9` while `record` tasks flow. Checked: every send that returned OK runs at least
+//! once (its token is in the record file), sends succeed again within [`SENDS_AGAIN`], both workers
+//! keep running and consume again (their own `stats`, asked over remote control after the
+//! failover, count tasks run after the kill), and the task queue, its dead-letter queue and the
+//! delay level an ETA task went through are quorum queues on all 3 nodes. Duplicates are allowed
+//! (at least once) and printed.
+//!
+//! The cluster is shared with other tests (held by the harness's lock while this runs): names
+//! are unique, and node 1 is started again at the end.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use celery_core::{App, Signature};
+use celery_tests::cluster::{self, Rabbit};
+use celery_tests::{redis_available, DemoProcess, RedisEnv, TempDir};
+use serde_json::json;
+use tokio::task::block_in_place;
+
+/// The whole file, a cold cluster boot and a node restart included.
+const FILE_BOUND: Duration = Duration::from_secs(600);
+/// How long after the kill sends may keep failing.
+const SENDS_AGAIN: Duration = Duration::from_secs(60);
+/// One send's bound (a send that takes longer counts as failed).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the workers may take to run everything that was sent.
+const DRAIN: Duration = Duration::from_secs(120);
+/// Confirmed sends before the kill, and after sends work again.
+const BEFORE: usize = 60;
+const AFTER: usize = 60;
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The failover URL with `options` on every element (the queue options must agree).
+fn failover_url(rabbit: &Rabbit, options: &str) -> String {
+    (0..rabbit.nodes().len()).map(|i| format!("{}?{options}", rabbit.url(i))).collect::<Vec<_>>().join(";")
+}
+
+/// The tokens the record file holds, with how often each was recorded.
+fn recorded(path: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *seen.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// How many `record` tasks worker `host` says it ran (remote control `stats`), `None` without an
+/// answer within the timeout.
+async fn records_run(app: &App, host: &str) -> Option<u64> {
+    let replies =
+        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
+            .await
+            .ok()?;
+    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
+    Some(stats["total"]["record"].as_u64().unwrap_or(0))
+}
+
+/// Asks `stats` until it answers (remote control resubscribes after a failover), at most `within`.
+async fn records_run_within(app: &App, host: &str, within: Duration) -> Option<u64> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(n) = records_run(app, host).await {
+            return Some(n);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+    }
+}
+
+/// What the producer saw.
+#[derive(Debug, Default)]
+struct Sends {
+    /// Tokens of the sends that returned OK.
+    ok: BTreeSet<String>,
+    failed: usize,
+    /// When each OK send returned.
+    ok_at: Vec<Instant>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
+    cluster::bound_run_time("rabbitmq_cluster", FILE_BOUND);
+    if !redis_available("rabbitmq_cluster") {
+        return;
+    }
+    let Some(rabbit) = block_in_place(Rabbit::up) else { return };
+    let redis = RedisEnv::new(60.0);
+    let dir = TempDir::new("rabbitmq-cluster");
+    let file = dir.0.join("records");
+    let path = file.display().to_string();
+    let queue = unique("rmqc");
+    let url = failover_url(&rabbit, "queue_type=quorum&max_deliveries=5");
+
+    let app = celery_worker::connect(&url, &redis.backend).await.expect("connect over the failover URL");
+    let hosts = [format!("a@{queue}"), format!("b@{queue}")];
+    let workers: Vec<DemoProcess> = hosts
+        .iter()
+        .map(|h| DemoProcess::start_urls(&url, &redis.backend, &["worker", "-c", "4", "-Q", &queue, "-n", h]))
+        .collect();
+    for w in &workers {
+        assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
+    }
+
+    let send = |k: usize| {
+        let sig = Signature::by_name("record").args(json!([path, format!("t{k}")])).queue(queue.clone());
+        let app = app.clone();
+        async move { matches!(tokio::time::timeout(SEND_TIMEOUT, app.send(sig)).await, Ok(Ok(_))) }
+    };
+    let mut sends = Sends::default();
+    let mut k = 0;
+    while sends.ok.len() < BEFORE {
+        if send(k).await {
+            sends.ok.insert(format!("t{k}"));
+        } else {
+            sends.failed += 1;
+        }
+        k += 1;
+    }
+    // An ETA task: held in a quorum delay level across the failover.
+    let eta =
+        Signature::by_name("record").args(json!([path, "eta"])).queue(queue.clone()).countdown(Duration::from_secs(12));
+    app.send(eta).await.expect("send the ETA task");
+    sends.ok.insert("eta".into());
+
+    // Node 1 leads the task queue (declared through it) and every client is connected to it.
+    let members = block_in_place(|| rabbit.quorum_members(0, &queue));
+    assert_eq!(members.len(), 3, "{queue} is a quorum queue on 3 nodes: {members:?}");
+    assert!(members.contains(&(0, "leader".to_owned())), "node 1 leads {queue}: {members:?}");
+    let dead = format!("{queue}.dead");
+    assert_eq!(block_in_place(|| rabbit.quorum_members(0, &dead)).len(), 3, "{dead} is a quorum queue");
+    let levels = [8, 4].map(|s| format!("{queue}.delay.{s}s"));
+    let end = Instant::now() + Duration::from_secs(30);
+    let level = loop {
+        let found = levels.iter().find(|l| block_in_place(|| rabbit.quorum_members(0, l)).len() == 3);
+        if let Some(l) = found {
+            break l.clone();
+        }
+        assert!(Instant::now() < end, "the ETA task's delay level ({levels:?}) is no quorum queue");
+    };
+    let before: Vec<u64> = {
+        let mut v = Vec::new();
+        for h in &hosts {
+            v.push(records_run(&app, h).await.unwrap_or_else(|| panic!("{h} answers stats")));
+        }
+        v
+    };
+
+    block_in_place(|| rabbit.kill_node(0));
+    let killed = Instant::now();
+    let mut first_ok_after = None;
+    let mut after = 0;
+    while after < AFTER {
+        assert!(
+            first_ok_after.is_some() || killed.elapsed() < SENDS_AGAIN,
+            "no send succeeded within {SENDS_AGAIN:?} of the kill ({} failed)",
+            sends.failed
+        );
+        if send(k).await {
+            sends.ok.insert(format!("t{k}"));
+            sends.ok_at.push(Instant::now());
+            first_ok_after.get_or_insert_with(|| killed.elapsed());
+            after += 1;
+        } else {
+            sends.failed += 1;
+        }
+        k += 1;
+    }
+    let first_ok_after = first_ok_after.expect("sends after the kill");
+    eprintln!(
+        "rabbitmq_cluster: sends OK again {first_ok_after:.1?} after the kill; {} failed sends in all",
+        sends.failed
+    );
+
+    // Every confirmed send runs, at least once.
+    let end = Instant::now() + DRAIN;
+    let missing = loop {
+        let seen = recorded(&file);
+        let missing: Vec<&String> = sends.ok.iter().filter(|t| !seen.contains_key(*t)).collect();
+        if missing.is_empty() || Instant::now() > end {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let logs = || workers.iter().map(|w| w.log()).collect::<Vec<_>>().join("\n----\n");
+    assert!(missing.is_empty(), "confirmed but never run: {missing:?}\n{}", logs());
+    let seen = recorded(&file);
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!("rabbitmq_cluster: {} confirmed sends all ran; {duplicates} ran twice or more", sends.ok.len());
+
+    // Both workers are alive, followed the failover and consume again.
+    for (w, (h, n)) in workers.iter().zip(hosts.iter().zip(&before)) {
+        let log = w.log();
+        assert!(log.contains("failed over to another node"), "{h} logged its switch: {log}");
+        assert!(log.contains("consuming again"), "{h} consumes again: {log}");
+        let now = records_run_within(&app, h, Duration::from_secs(30)).await;
+        let now = now.unwrap_or_else(|| panic!("{h} answers stats after the failover: {log}"));
+        assert!(now > *n, "{h} ran tasks after the kill ({n} before, {now} now): {log}");
+    }
+    let members = block_in_place(|| rabbit.quorum_members(1, &queue));
+    assert!(members.iter().any(|(i, s)| *i != 0 && s == "leader"), "{queue} has a new leader: {members:?}");
+    eprintln!("rabbitmq_cluster: the ETA task went through {level}; {queue} now {members:?}");
+
+    drop(workers);
+    let _ = app.broker().purge(&queue).await;
+    block_in_place(|| rabbit.restart_node(0));
+    assert!(block_in_place(|| rabbit.node_running(0)), "node 1 is back");
+}
