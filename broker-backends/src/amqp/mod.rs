@@ -157,15 +157,21 @@ impl AmqpBroker {
         let mut guard = self.inner.conn.lock().await;
         let lost = guard.is_some();
         if let Some((c, ch)) = guard.as_ref() {
-            if c.status().connected() && ch.status().connected() {
-                return Ok((c.clone(), ch.clone()));
+            if c.status().connected() {
+                if ch.status().connected() {
+                    return Ok((c.clone(), ch.clone()));
+                }
+                // The channel alone was closed (a channel error, or a nack: see `publish_once`).
+                let c = c.clone();
+                let ch = publishing_channel(&c).await?;
+                *guard = Some((c.clone(), ch.clone()));
+                return Ok((c, ch));
             }
             tracing::warn!("amqp: connection lost; reconnecting");
         }
         let conn =
             Arc::new(if lost { self.inner.nodes.reconnect().await? } else { self.inner.nodes.connect().await? });
-        let ch = conn.create_channel().await.map_err(failed("amqp: open the publishing channel"))?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(failed("amqp: enable publisher confirms"))?;
+        let ch = publishing_channel(&conn).await?;
         lock(&self.inner.declared).clear();
         if lost {
             crate::reconnected("amqp");
@@ -285,8 +291,12 @@ impl AmqpBroker {
         let pending = ch
             .basic_publish(short(exchange)?, short(key)?, opts, body, props)
             .await
-            .map_err(failed("amqp: publish"))?;
-        check_confirm(pending.await.map_err(failed("amqp: wait for the publish confirm"))?, exchange, key)
+            .map_err(publish_failed("amqp: publish"))?;
+        let confirm = pending.await.map_err(publish_failed("amqp: wait for the publish confirm"))?;
+        if confirm.is_nack() {
+            drop_nacking_channel(&ch).await;
+        }
+        check_confirm(confirm, exchange, key)
     }
 
     /// One try of [`Broker::publish_batch`]; `resend` marks every message [`RESENT`].
@@ -303,17 +313,20 @@ impl AmqpBroker {
             let p = ch
                 .basic_publish(short(&route.exchange)?, key, opts, &msg.body, props)
                 .await
-                .map_err(failed("amqp: publish a batch"))?;
+                .map_err(publish_failed("amqp: publish a batch"))?;
             pending.push((p, route));
         }
+        let mut outcome = Ok(());
         for (p, route) in pending {
-            check_confirm(
-                p.await.map_err(failed("amqp: wait for a batch's confirms"))?,
-                &route.exchange,
-                &route.routing_key,
-            )?;
+            let confirm = p.await.map_err(publish_failed("amqp: wait for a batch's confirms"))?;
+            if confirm.is_nack() && outcome.is_ok() {
+                drop_nacking_channel(&ch).await;
+            }
+            if let (Err(e), true) = (check_confirm(confirm, &route.exchange, &route.routing_key), outcome.is_ok()) {
+                outcome = Err(e);
+            }
         }
-        Ok(())
+        outcome
     }
 
     /// Holds `msg` in the delay queues of `queue` until `until` (returns once RabbitMQ confirmed it).
@@ -353,7 +366,33 @@ fn quorum_dead_lettering(args: &mut FieldTable, to: &str) {
     args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
 }
 
-/// Ok for a confirmed publish; an error for a nack or an unroutable mandatory publish.
+/// [`failed`] for a publish: a publishing channel closed under it (another publish's nack
+/// replaced it, see [`drop_nacking_channel`]) is retryable too, on the next channel.
+fn publish_failed(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |e| match e.kind() {
+        lapin::ErrorKind::InvalidChannelState(..) => BrokerError::connection_with(context, e),
+        _ => broker_error(context, e),
+    }
+}
+
+/// A confirm-mode channel for publishing.
+async fn publishing_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let ch = conn.create_channel().await.map_err(failed("amqp: open the publishing channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(failed("amqp: enable publisher confirms"))?;
+    Ok(ch)
+}
+
+/// Closes a publishing channel that got a nack, so the next publish opens a fresh one. A quorum
+/// queue whose leader was lost can nack every later publish of a channel (its queue client stays
+/// refused) while a new channel is served by the new leader: seen on RabbitMQ 3.10 after a node's
+/// `kill -9`.
+async fn drop_nacking_channel(ch: &Channel) {
+    tracing::warn!("amqp: a publish was refused (nack); replacing the publishing channel");
+    let _ = ch.close(200, "nacked: replaced".into()).await;
+}
+
+/// Ok for a confirmed publish; an error for a nack (retryable) or an unroutable mandatory
+/// publish.
 fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
@@ -361,9 +400,10 @@ fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(),
             "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
             ret.reply_text
         ))),
-        Confirmation::Nack(_) => {
-            Err(BrokerError::operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
-        }
+        // Retryable: sent again on a fresh channel ([`drop_nacking_channel`]).
+        Confirmation::Nack(_) => Err(BrokerError::connection(format!(
+            "amqp: RabbitMQ refused the message (nack) for `{key}`; its channel is replaced"
+        ))),
     }
 }
 
