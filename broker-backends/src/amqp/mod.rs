@@ -608,6 +608,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_resent_message_keeps_its_headers_and_is_marked() {
+        let msg = Message::from_signature(&celery_core::Signature::by_name("add")).unwrap();
+        let props = resent(properties(&msg));
+        let headers = props.headers().as_ref().expect("headers");
+        assert_eq!(headers.inner().get(RESENT), Some(&AMQPValue::Boolean(true)));
+        assert!(headers.contains_key("task") && headers.contains_key("id"), "{headers:?}");
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert!(!properties(&msg).headers().as_ref().is_some_and(|h| h.contains_key(RESENT)), "only resends");
+    }
+
+    #[test]
+    fn quorum_dead_lettering_is_at_least_once() {
+        let mut args = FieldTable::default();
+        quorum_dead_lettering(&mut args, "celery");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-queue-type"), Some(AMQPValue::LongString("quorum".into())));
+        assert_eq!(get("x-dead-letter-strategy"), Some(AMQPValue::LongString("at-least-once".into())));
+        assert_eq!(get("x-overflow"), Some(AMQPValue::LongString("reject-publish".into())));
+        assert_eq!(get("x-dead-letter-routing-key"), Some(AMQPValue::LongString("celery".into())));
+    }
+
+    #[test]
     fn delay_levels_are_powers_of_two_up_to_the_largest() {
         let levels: Vec<u64> = delay_levels().collect();
         assert_eq!(levels.len(), 21);
