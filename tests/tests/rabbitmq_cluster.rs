@@ -1,12 +1,13 @@
 //! A RabbitMQ cluster losing a node under load, with real worker processes: two `demo` workers and
 //! a producer (this process) use the 3-node failover URL of `scripts/cluster rabbitmq` with
-//! `queue_type=quorum`, all first on node 1, which also leads the task queue; node 1 is killed
-//! with `kill -9` while `record` tasks flow. Checked: every send that returned OK runs at least
-//! once (its token is in the record file), sends succeed again within [`SENDS_AGAIN`], both workers
-//! keep running and consume again (their own `stats`, asked over remote control after the
-//! failover, count tasks run after the kill), and the task queue, its dead-letter queue and the
-//! delay level an ETA task went through are quorum queues on all 3 nodes. Duplicates are allowed
-//! (at least once) and printed.
+//! `queue_type=quorum`, all first on node 1, which also leads the task queue; a third worker uses
+//! node 2. Node 1 is killed with `kill -9` while `record` tasks flow. Checked: every send that
+//! returned OK runs at least once (its token is in the record file), sends succeed again within
+//! [`SENDS_AGAIN`], every worker keeps running and consumes again (their own `stats`, asked over
+//! remote control after the failover, count tasks run after the kill): the two whose connection
+//! died on the next node, the third where it was, under the queue's new leader; and the task
+//! queue, its dead-letter queue and the delay level an ETA task went through are quorum queues on
+//! all 3 nodes. Duplicates are allowed (at least once) and printed.
 //!
 //! The cluster is shared with other tests (held by the harness's lock while this runs): names
 //! are unique, and node 1 is started again at the end.
@@ -40,7 +41,13 @@ fn unique(tag: &str) -> String {
 
 /// The failover URL with `options` on every element (the queue options must agree).
 fn failover_url(rabbit: &Rabbit, options: &str) -> String {
-    (0..rabbit.nodes().len()).map(|i| format!("{}?{options}", rabbit.url(i))).collect::<Vec<_>>().join(";")
+    failover_url_from(rabbit, 0, options)
+}
+
+/// [`failover_url`] listing node `first` first.
+fn failover_url_from(rabbit: &Rabbit, first: usize, options: &str) -> String {
+    let n = rabbit.nodes().len();
+    (0..n).map(|i| format!("{}?{options}", rabbit.url((first + i) % n))).collect::<Vec<_>>().join(";")
 }
 
 /// The tokens the record file holds, with how often each was recorded.
@@ -126,17 +133,27 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     let url = failover_url(&rabbit, "queue_type=quorum&max_deliveries=5");
 
     let app = celery_worker::connect(&url, &redis.backend).await.expect("connect over the failover URL");
-    let hosts = [format!("a@{queue}"), format!("b@{queue}")];
+    // The first send declares the queue through node 1, which then leads it.
+    let first = Signature::by_name("record").args(json!([path, "t0"])).queue(queue.clone());
+    app.send(first).await.expect("the first send");
+    // Workers a and b use node 1 (the one killed); c uses node 2 and stays there while the
+    // queue's leader moves under its consumer.
+    let hosts = [format!("a@{queue}"), format!("b@{queue}"), format!("c@{queue}")];
+    let from_node_2 = failover_url_from(&rabbit, 1, "queue_type=quorum&max_deliveries=5");
     let mut workers: Vec<DemoProcess> = hosts
         .iter()
-        .map(|h| DemoProcess::start_urls(&url, &redis.backend, &["worker", "-c", "4", "-Q", &queue, "-n", h]))
+        .enumerate()
+        .map(|(i, h)| {
+            let url = if i < 2 { &url } else { &from_node_2 };
+            DemoProcess::start_urls(url, &redis.backend, &["worker", "-c", "4", "-Q", &queue, "-n", h])
+        })
         .collect();
     for w in &workers {
         assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
     }
 
     // The producer sends all along, so that the kill lands in the middle of sends.
-    let sends = Arc::new(Mutex::new(Sends::default()));
+    let sends = Arc::new(Mutex::new(Sends { ok: BTreeSet::from(["t0".to_owned()]), ..Sends::default() }));
     let stop = Arc::new(AtomicBool::new(false));
     let producer = tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone()));
     let ok_since = |t: Instant| sends.lock().unwrap().ok_at.iter().filter(|(start, _)| *start > t).count();
@@ -220,11 +237,15 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     eprintln!("rabbitmq_cluster: {} confirmed sends all ran; {duplicates} ran twice or more", sends.ok.len());
 
     // Both workers are alive, followed the failover and consume again.
-    for (w, (h, n)) in workers.iter_mut().zip(hosts.iter().zip(&before)) {
+    for (i, (w, (h, n))) in workers.iter_mut().zip(hosts.iter().zip(&before)).enumerate() {
         let log = w.log();
         assert!(matches!(w.child.try_wait(), Ok(None)), "{h} still runs: {log}");
-        assert!(log.contains("failed over to another node"), "{h} logged its switch: {log}");
-        assert!(log.contains("consuming again"), "{h} consumes again: {log}");
+        if i < 2 {
+            assert!(log.contains("failed over to another node"), "{h} logged its switch: {log}");
+            assert!(log.contains("consuming again"), "{h} consumes again: {log}");
+        } else {
+            assert!(!log.contains("failed over"), "{h} stayed on node 2: {log}");
+        }
         let now = records_run_within(&app, h, Duration::from_secs(30)).await;
         let now = now.unwrap_or_else(|| panic!("{h} answers stats after the failover: {log}"));
         assert!(now > *n, "{h} ran tasks after the kill ({n} before, {now} now): {log}");
