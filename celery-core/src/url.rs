@@ -17,6 +17,11 @@
 //!   [`ServiceUrl::connection_string`] and [`ServiceUrl::expose_secret`], which are for client
 //!   libraries, never for printing. [`redacted`] prints any URL string the same way.
 //!
+//! A `;`-separated list of URLs (Celery's failover form, `amqp://h1//;amqp://h2//`, and Kombu's
+//! `sentinel://h1;sentinel://h2`) is one [`ServiceUrl`]: its parts and options are the first
+//! element's (the backend parses every element itself, see [`split_list`]), and it prints every
+//! element redacted.
+//!
 //! We keep a small parser rather than the `url` crate: its non-special-scheme rules would read
 //! `log://./data` as host `.` and path `/data` and re-encode paths, and the server part must reach
 //! lapin and redis exactly as the user wrote it.
@@ -96,6 +101,8 @@ pub struct ServiceUrl {
     known: Mutex<Vec<&'static str>>,
     /// The URL as given.
     raw: String,
+    /// The other elements of a `;`-separated list (printed, redacted, after this one).
+    others: Vec<ServiceUrl>,
 }
 
 /// True for option names that carry secrets: `token`, `password`, `pass`, `passwd`, `pwd`, `auth`,
@@ -124,10 +131,35 @@ pub fn is_secret_option(name: &str) -> bool {
 /// assert_eq!(celery_core::url::redacted("not a url"), "<not a URL>");
 /// ```
 pub fn redacted(url: &str) -> String {
+    if let Some(elements) = split_list(url) {
+        return elements
+            .iter()
+            .map(|e| if e.is_empty() { String::new() } else { redacted(e) })
+            .collect::<Vec<_>>()
+            .join(";");
+    }
     match ServiceUrl::split(url) {
         Some(u) => u.to_string(),
         None => "<not a URL>".into(),
     }
+}
+
+/// The elements of a `;`-separated list of URLs, trimmed (Celery's failover form:
+/// `amqp://u:p@h1:5672//;amqp://u:p@h2:5672//`); `None` when `url` is a single URL. It is a list
+/// when every element after the first is empty or starts with `SCHEME://`, so a `;` inside one
+/// URL (in a password or an option) does not split it.
+///
+/// ```
+/// use celery_core::url::{redacted, split_list};
+/// let list = "amqp://u:pw@h1:5672//;amqp://u:pw@h2:5672//";
+/// assert_eq!(split_list(list), Some(vec!["amqp://u:pw@h1:5672//", "amqp://u:pw@h2:5672//"]));
+/// assert_eq!(split_list("redis://:a;b@h/0"), None);
+/// assert_eq!(redacted(list), "amqp://u:***@h1:5672//;amqp://u:***@h2:5672//");
+/// ```
+pub fn split_list(url: &str) -> Option<Vec<&str>> {
+    let elements: Vec<&str> = url.split(';').map(str::trim).collect();
+    let is_url = |e: &&str| e.is_empty() || ServiceUrl::split(e).is_some();
+    (elements.len() > 1 && elements[1..].iter().all(is_url)).then_some(elements)
 }
 
 fn decode(s: &str) -> Result<String, String> {
@@ -145,6 +177,24 @@ impl ServiceUrl {
     /// assert_eq!(format!("{u:?}"), "ServiceUrl(redis://:***@cache:6379/2?global_keyprefix=app%3A)");
     /// ```
     pub fn parse(url: &str) -> Result<ServiceUrl, UrlError> {
+        if url.len() > MAX_URL_BYTES {
+            return Err(UrlError {
+                url: redacted(url),
+                reason: format!("longer than {MAX_URL_BYTES} bytes"),
+                unknown: Vec::new(),
+            });
+        }
+        let Some(elements) = split_list(url) else { return ServiceUrl::parse_one(url) };
+        let mut first = ServiceUrl::parse_one(elements[0])?;
+        for e in elements[1..].iter().filter(|e| !e.is_empty()) {
+            first.others.push(ServiceUrl::parse_one(e)?);
+        }
+        first.raw = url.to_owned();
+        Ok(first)
+    }
+
+    /// [`ServiceUrl::parse`] of one URL.
+    fn parse_one(url: &str) -> Result<ServiceUrl, UrlError> {
         let Some(parsed) = ServiceUrl::split(url) else {
             let reason = "expected SCHEME://..., like redis://HOST:6379/0 or log://./celery-data".into();
             return Err(UrlError { url: redacted(url), reason, unknown: Vec::new() });
@@ -223,6 +273,7 @@ impl ServiceUrl {
             fragment: fragment.map(str::to_owned),
             known: Mutex::new(Vec::new()),
             raw: url.to_owned(),
+            others: Vec::new(),
         })
     }
 
@@ -461,6 +512,9 @@ impl fmt::Display for ServiceUrl {
         if let Some(frag) = &self.fragment {
             write!(f, "#{frag}")?;
         }
+        for other in &self.others {
+            write!(f, ";{other}")?;
+        }
         Ok(())
     }
 }
@@ -476,6 +530,7 @@ impl Clone for ServiceUrl {
             fragment: self.fragment.clone(),
             known: Mutex::new(self.known().clone()),
             raw: self.raw.clone(),
+            others: self.others.clone(),
         }
     }
 }
@@ -489,6 +544,29 @@ impl fmt::Debug for ServiceUrl {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failover list prints every element redacted, reads the first element's parts, and keeps
+    /// the whole list for the client.
+    #[test]
+    fn a_list_of_urls_is_redacted_element_by_element() {
+        let list = "amqp://u:p1@h1:5672/%2f?queue_type=quorum; amqp://u:p2@h2:5672/%2f?queue_type=quorum;";
+        let u = ServiceUrl::parse(list).unwrap();
+        assert_eq!(
+            u.to_string(),
+            "amqp://u:***@h1:5672/%2f?queue_type=quorum;amqp://u:***@h2:5672/%2f?queue_type=quorum"
+        );
+        assert_eq!((u.scheme(), u.host_port(), u.option("queue_type")), ("amqp", "h1:5672", Some("quorum")));
+        assert_eq!(u.expose_secret(), list);
+        assert_eq!(
+            redacted(list),
+            "amqp://u:***@h1:5672/%2f?queue_type=quorum;amqp://u:***@h2:5672/%2f?queue_type=quorum;"
+        );
+        let e = ServiceUrl::parse("amqp://u:p1@h1;amqp://u:p2@h2?x=1&x=2").unwrap_err().to_string();
+        assert!(e.contains("`x` is given twice") && !e.contains("p1") && !e.contains("p2"), "{e}");
+        // A `;` inside one URL does not split it.
+        let u = ServiceUrl::parse("redis://:a;b@h/0").unwrap();
+        assert_eq!((u.to_string().as_str(), u.host_port()), ("redis://:***@h/0", "h"));
+    }
 
     #[test]
     fn every_secret_form_is_redacted() {

@@ -7,6 +7,13 @@
 //! names one. As in Celery, results live only in the caller: no chords, no reading another
 //! process's results.
 //!
+//! On a RabbitMQ cluster (a broker URL listing nodes with `;`) both the reply consumer and the
+//! publisher fail over to the next node when their connection dies. The reply queue is transient
+//! (it cannot be a quorum queue) and lives on the node the caller was connected to: when that
+//! node dies, the caller declares it again on the next node, and replies published in between
+//! are lost (RabbitMQ drops them as unroutable); use a stored backend when results must survive
+//! a node's loss.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
 //! // Usually "rpc://" beside an amqp:// broker; here with the server named.
@@ -20,6 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_backends::amqp::error::kind_of;
+use broker_backends::amqp::Nodes;
 use celery_core::backoff::Reconnect;
 use celery_core::scheme::ConnectContext;
 use celery_core::sync::lock;
@@ -38,26 +46,20 @@ fn failed(context: &'static str) -> impl FnOnce(lapin::Error) -> BackendError {
     move |e| BackendError::of_kind(kind_of(&e), context, e)
 }
 
-/// A connection to the broker's server, with its TLS options (`amqps://`); the broker's error as
-/// ours, of the same kind.
-async fn connect(url: &ServiceUrl) -> Result<Connection, BackendError> {
-    Ok(broker_backends::amqp::connect(url.expose_secret()).await?)
-}
-
-/// The AMQP server an `rpc://` URL replies over: the one it names (`rpc://user:pass@host/vhost`,
-/// with the options of an `amqp://` URL, checked when connecting), else the app's broker, which
-/// must then be `amqp://` or `amqps://` (a bare `rpc://` takes no options).
-fn server_url(url: &str, ctx: &ConnectContext) -> Result<ServiceUrl, BackendError> {
+/// The AMQP nodes an `rpc://` URL replies over: the server it names (`rpc://user:pass@host/vhost`,
+/// with the options of an `amqp://` URL), else the app's broker, which must then be `amqp://` or
+/// `amqps://` (a bare `rpc://` takes no options), with every node of a cluster's `;` list.
+fn server_nodes(url: &str, ctx: &ConnectContext) -> Result<Nodes, BackendError> {
     let u = ServiceUrl::parse(url)?;
     let Some(rest) = url.strip_prefix("rpc://") else {
         return Err(u.invalid("not an rpc:// URL").into());
     };
     if u.username().is_some() || !matches!(u.location(), "" | "/") {
-        return Ok(ServiceUrl::parse(&format!("amqp://{rest}"))?);
+        return Ok(Nodes::parse(&format!("amqp://{rest}"))?);
     }
     u.finish()?;
     match ctx.broker_url() {
-        Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => Ok(ServiceUrl::parse(b)?),
+        Some(b) if b.starts_with("amqp://") || b.starts_with("amqps://") => Ok(Nodes::parse(b)?),
         _ => Err(u
             .invalid(
                 "rpc:// replies over the AMQP broker: use an amqp:// broker, or name one (rpc://user:pass@host/vhost)",
@@ -66,10 +68,13 @@ fn server_url(url: &str, ctx: &ConnectContext) -> Result<ServiceUrl, BackendErro
     }
 }
 
+/// How many times a result is published when its connection is lost under it.
+const STORE_ATTEMPTS: u32 = 3;
+
 #[derive(Debug)]
 struct Inner {
-    /// The AMQP server (printed redacted).
-    url: ServiceUrl,
+    /// The AMQP server, or a cluster's nodes (printed redacted).
+    nodes: Nodes,
     queue: String,
     publish: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     replies: Mutex<HashMap<String, TaskMeta>>,
@@ -92,15 +97,15 @@ impl RpcBackend {
     /// Connects as [`RpcBackend::connect`]; a bare `rpc://` replies over the app's broker, which
     /// `ctx` names ([`App::connect`](celery_core::App::connect) hands it over).
     pub async fn connect_in(url: &str, ctx: &ConnectContext) -> Result<RpcBackend, BackendError> {
-        let amqp = server_url(url, ctx)?;
+        let nodes = server_nodes(url, ctx)?;
         let inner = Arc::new(Inner {
-            url: amqp,
+            nodes,
             queue: uuid::Uuid::new_v4().to_string(),
             publish: tokio::sync::Mutex::new(None),
             replies: Mutex::default(),
             notify: Notify::new(),
         });
-        let subscription = subscribe(&inner).await?;
+        let subscription = subscribe(&inner, false).await?;
         tokio::spawn(listen(Arc::downgrade(&inner), subscription));
         Ok(RpcBackend { inner })
     }
@@ -111,8 +116,11 @@ impl RpcBackend {
             if c.status().connected() && ch.status().connected() {
                 return Ok(ch.clone());
             }
+            tracing::warn!("rpc: publishing connection lost; reconnecting");
         }
-        let conn = Arc::new(connect(&self.inner.url).await?);
+        let nodes = &self.inner.nodes;
+        let conn = if guard.is_some() { nodes.reconnect().await } else { nodes.connect().await };
+        let conn = Arc::new(conn?);
         let ch = conn.create_channel().await.map_err(failed("rpc: open the publishing channel"))?;
         *guard = Some((conn, ch.clone()));
         Ok(ch)
@@ -120,8 +128,11 @@ impl RpcBackend {
 }
 
 /// Declares the reply queue and consumes it without acks (the connection lives with the consumer).
-async fn subscribe(inner: &Inner) -> Result<(Connection, lapin::Consumer), BackendError> {
-    let conn = connect(&inner.url).await?;
+/// After a lost connection (`again`) it starts at the next node of a cluster: the queue was
+/// transient, and is declared again there.
+async fn subscribe(inner: &Inner, again: bool) -> Result<(Connection, lapin::Consumer), BackendError> {
+    let conn = if again { inner.nodes.reconnect().await } else { inner.nodes.connect().await };
+    let conn = conn?;
     let ch = conn.create_channel().await.map_err(failed("rpc: open the reply channel"))?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongLongInt(86_400_000));
@@ -158,7 +169,7 @@ async fn listen(inner: std::sync::Weak<Inner>, subscription: (Connection, lapin:
         tracing::warn!("rpc: reply consumer lost; resubscribing");
         let mut backoff = Reconnect::default();
         (_conn, consumer) = loop {
-            match subscribe(&strong).await {
+            match subscribe(&strong, true).await {
                 Ok(s) => break s,
                 Err(e) => {
                     backoff.pause("rpc reply consumer", &e).await;
@@ -185,11 +196,24 @@ impl ResultBackend for RpcBackend {
             .with_content_encoding("utf-8".into())
             .with_correlation_id(id)
             .with_delivery_mode(1);
-        let ch = self.channel().await?;
-        ch.basic_publish("".into(), key, BasicPublishOptions::default(), &meta.to_vec(), props)
-            .await
-            .map_err(failed("rpc: publish a result"))?;
-        Ok(())
+        let body = meta.to_vec();
+        let mut attempt = 1;
+        loop {
+            let sent = async {
+                let ch = self.channel().await?;
+                ch.basic_publish("".into(), key.clone(), BasicPublishOptions::default(), &body, props.clone())
+                    .await
+                    .map_err(failed("rpc: publish a result"))
+            };
+            match sent.await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.is_retryable() && attempt < STORE_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "rpc: result publish interrupted; sending it again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {

@@ -2,8 +2,12 @@
 //! durable topic exchange, `celery.pidbox` a transient fanout one), and per subscriber a
 //! server-named exclusive, auto-delete queue bound with the pattern, whose messages expire after
 //! 5 s and which disappears 60 s after its subscriber is gone (Celery's `event_queue_ttl` and
-//! `event_queue_expires`).
+//! `event_queue_expires`). Such a queue cannot be a quorum queue, and it lives on the node its
+//! subscriber is connected to: when that connection dies, the subscription subscribes again (on
+//! the next node of a cluster) and goes on; broadcasts sent in between are lost, which events and
+//! remote control tolerate.
 
+use celery_core::backoff::Reconnect;
 use celery_core::broker::{Broadcast, ChannelSubscription, Subscription};
 use celery_core::protocol::Message;
 use celery_core::routing::Exchange;
@@ -43,6 +47,46 @@ impl AmqpBroker {
         exchange: &Exchange,
         pattern: &str,
     ) -> Result<Box<dyn Subscription>, BrokerError> {
+        let (ch, mut consumer) = self.open_subscription(exchange, pattern).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let (broker, exchange, pattern) = (self.clone(), exchange.clone(), pattern.to_owned());
+        let feeder = tokio::spawn(async move {
+            // The channel lives as long as this task; closing it deletes the queue.
+            let mut _channel = ch;
+            loop {
+                while let Some(Ok(d)) = consumer.next().await {
+                    let b = Broadcast { routing_key: d.routing_key.to_string(), body: d.data };
+                    if tx.send(b).await.is_err() {
+                        return;
+                    }
+                }
+                // The connection (or the channel) is gone, and the queue with it: subscribe
+                // again, on the next node of a cluster. What was broadcast meanwhile is lost.
+                tracing::warn!(exchange = %exchange.name, "amqp: subscription lost; subscribing again");
+                let mut backoff = Reconnect::default();
+                (_channel, consumer) = loop {
+                    if tx.is_closed() {
+                        return;
+                    }
+                    match broker.open_subscription(&exchange, &pattern).await {
+                        Ok(s) => break s,
+                        Err(e) => {
+                            backoff.pause("amqp subscription", &e).await;
+                        }
+                    }
+                };
+                tracing::info!(exchange = %exchange.name, "amqp: subscribed again");
+            }
+        });
+        Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
+    }
+
+    /// Declares a subscriber's queue, binds it with `pattern` and consumes it (without acks).
+    async fn open_subscription(
+        &self,
+        exchange: &Exchange,
+        pattern: &str,
+    ) -> Result<(lapin::Channel, lapin::Consumer), BrokerError> {
         self.declare_broadcast_exchange(exchange).await?;
         let ch = self.channel().await?;
         let mut args = FieldTable::default();
@@ -57,18 +101,7 @@ impl AmqpBroker {
             .map_err(failed("amqp: bind a subscription queue"))?;
         let opts = BasicConsumeOptions { no_ack: true, ..Default::default() };
         let consume = ch.basic_consume(queue, "".into(), opts, FieldTable::default()).await;
-        let mut consumer = consume.map_err(failed("amqp: consume a subscription queue"))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let feeder = tokio::spawn(async move {
-            // The channel lives as long as this task; closing it deletes the queue.
-            let _channel = ch;
-            while let Some(Ok(d)) = consumer.next().await {
-                let b = Broadcast { routing_key: d.routing_key.to_string(), body: d.data };
-                if tx.send(b).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
+        let consumer = consume.map_err(failed("amqp: consume a subscription queue"))?;
+        Ok((ch, consumer))
     }
 }

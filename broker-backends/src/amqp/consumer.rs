@@ -1,7 +1,11 @@
 //! The AMQP consumer: one channel per consumer with `basic.qos` prefetch (fair dispatch), a
 //! `basic.consume` per queue, and a new subscription (after a [`Reconnect::pause`]) when the
 //! channel or the connection is lost. The deliveries of a dead channel come back from RabbitMQ;
-//! they are never settled on the new one ([`super::settle`]).
+//! they are never settled on the new one ([`super::settle`]). The new subscription goes through
+//! the broker's connection, so after a node's loss it is on the next node of a cluster's list.
+//! A delivery that RabbitMQ marks redelivered, or that a producer sent again after a lost
+//! connection ([`super::RESENT`]), is handed out as redelivered: the worker checks for a stored
+//! SUCCESS before running it.
 
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
@@ -14,7 +18,7 @@ use lapin::{BasicProperties, Channel};
 
 use super::error::failed;
 use super::settle::{Acks, AmqpSettle};
-use super::{fields, short, AmqpBroker};
+use super::{fields, maybe_duplicate, short, AmqpBroker};
 
 /// Deliveries with their queue and the settlement queue of the channel they came on.
 type Stream = BoxStream<'static, (String, Acks, lapin::Result<lapin::message::Delivery>)>;
@@ -107,7 +111,7 @@ impl Consumer for AmqpConsumer {
                         };
                         let settle =
                             AmqpSettle { broker: self.broker.clone(), queue: queue.clone(), delivery: d, acks };
-                        let redelivered = settle.delivery.redelivered;
+                        let redelivered = maybe_duplicate(&settle.delivery);
                         return Some(Delivery::new(message, queue, redelivered, Box::new(settle)).with_size(size));
                     }
                     Some((_, _, Err(e))) => tracing::warn!(error = %e, "amqp: consumer failed; resubscribing"),

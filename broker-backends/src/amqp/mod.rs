@@ -9,7 +9,23 @@
 //!   `priority` are delivered first; Celery's `task_queue_max_priority`);
 //! - `?queue_type=quorum` (with `&max_deliveries=N`, default 10): replicated quorum queues whose
 //!   messages are dead-lettered to `<queue>.dead` after N deliveries (`x-delivery-limit`), so a
-//!   message that keeps killing its worker stops coming back.
+//!   message that keeps killing its worker stops coming back. Every queue that holds tasks is then
+//!   a quorum queue: the task queues, their delay levels (ETA) and their dead-letter queues; the
+//!   task queues and delay levels dead-letter with `x-dead-letter-strategy=at-least-once` (and
+//!   `x-overflow=reject-publish`, which RabbitMQ requires for it), so a message moving from a
+//!   delay level into its queue, or into `<queue>.dead`, survives the loss of a node on the way.
+//!   Broadcast subscription queues (exclusive, auto-delete) and `rpc://` reply queues cannot be
+//!   quorum queues and stay classic. Quorum queues have no `x-max-priority` (RabbitMQ 3.x ignores
+//!   priorities on them; 3.13+ knows two), so `max_priority` needs classic queues: the URL refuses
+//!   both together rather than silently dropping priorities.
+//!
+//! The URL may list the nodes of a cluster separated by `;` ([`Nodes`]): every loop that holds a
+//! connection (publishing, each consumer, broadcast subscriptions, the `rpc://` backend) moves to
+//! the next node that answers when its connection dies. A publish interrupted by a lost connection
+//! is sent again on the next connection (up to [`PUBLISH_ATTEMPTS`] times), marked with the
+//! [`RESENT`] header: its outcome was unknown, so the first copy may have arrived too, and a worker
+//! treats a resent message as a redelivery (it acks without running when the task's SUCCESS is
+//! stored already).
 //!
 //! ETA/countdown messages are published to their queue like any other, with their `eta` header as
 //! Celery sends it, so a Python Celery worker sharing the queue runs them. A consumer that takes one
@@ -39,8 +55,7 @@ mod lease;
 mod settle;
 mod url;
 
-pub use url::connect;
-use url::AmqpUrl;
+pub use url::{connect, Nodes, MAX_NODES};
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -62,6 +77,26 @@ use error::{broker_error, failed};
 
 fn short(s: &str) -> Result<ShortString, BrokerError> {
     ShortString::try_new(s.to_owned()).map_err(|_| BrokerError::operation(format!("name longer than 255 bytes: `{s}`")))
+}
+
+/// How many times a publish is tried when its connection is lost under it (each try reconnects,
+/// failing over to the next node).
+pub const PUBLISH_ATTEMPTS: u32 = 3;
+
+/// The header that marks a message sent again after a publish whose outcome was unknown (a lost
+/// connection before the confirm): a consumer counts it as redelivered.
+pub const RESENT: &str = "celery_rs_resent";
+
+/// `props` with the [`RESENT`] mark.
+fn resent(props: BasicProperties) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(RESENT.into(), AMQPValue::Boolean(true));
+    props.with_headers(headers)
+}
+
+/// True for a delivery that is, or may be, a second copy: redelivered by RabbitMQ, or [`RESENT`].
+fn maybe_duplicate(d: &lapin::message::Delivery) -> bool {
+    d.redelivered || d.properties.headers().as_ref().is_some_and(|h| h.contains_key(RESENT))
 }
 
 /// The largest delay level, in seconds (about 12 days); longer countdowns hop again.
@@ -86,8 +121,8 @@ fn delay_level(remaining: u64) -> u64 {
 
 #[derive(Debug)]
 struct Inner {
-    /// The server, TLS files and how task queues are declared.
-    url: AmqpUrl,
+    /// The nodes (servers, TLS files) and how task queues are declared.
+    nodes: Nodes,
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
     holds: lease::Holds,
@@ -100,13 +135,14 @@ pub struct AmqpBroker {
 }
 
 impl AmqpBroker {
-    /// Connects to an `amqp://` or `amqps://` URL (the first connection must succeed; later
-    /// losses are retried). A `heartbeat=30` is added to the URL unless it names one.
+    /// Connects to an `amqp://` or `amqps://` URL, or to the first node that answers of a
+    /// `;`-separated list of them ([`Nodes`]); the first connection must succeed, later losses
+    /// are retried (on the next node). A `heartbeat=30` is added to each URL unless it names one.
     pub async fn connect(url: &str) -> Result<AmqpBroker, BrokerError> {
-        let parsed = AmqpUrl::parse(url)?;
+        let nodes = Nodes::parse(url)?;
         let b = AmqpBroker {
             inner: Arc::new(Inner {
-                url: parsed,
+                nodes,
                 conn: tokio::sync::Mutex::new(None),
                 declared: Mutex::default(),
                 holds: Default::default(),
@@ -121,14 +157,21 @@ impl AmqpBroker {
         let mut guard = self.inner.conn.lock().await;
         let lost = guard.is_some();
         if let Some((c, ch)) = guard.as_ref() {
-            if c.status().connected() && ch.status().connected() {
-                return Ok((c.clone(), ch.clone()));
+            if c.status().connected() {
+                if ch.status().connected() {
+                    return Ok((c.clone(), ch.clone()));
+                }
+                // The channel alone was closed (a channel error, or a nack: see `publish_once`).
+                let c = c.clone();
+                let ch = publishing_channel(&c).await?;
+                *guard = Some((c.clone(), ch.clone()));
+                return Ok((c, ch));
             }
             tracing::warn!("amqp: connection lost; reconnecting");
         }
-        let conn = Arc::new(self.inner.url.connect().await?);
-        let ch = conn.create_channel().await.map_err(failed("amqp: open the publishing channel"))?;
-        ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(failed("amqp: enable publisher confirms"))?;
+        let conn =
+            Arc::new(if lost { self.inner.nodes.reconnect().await? } else { self.inner.nodes.connect().await? });
+        let ch = publishing_channel(&conn).await?;
         lock(&self.inner.declared).clear();
         if lost {
             crate::reconnected("amqp");
@@ -141,18 +184,25 @@ impl AmqpBroker {
     /// a quorum queue's dead-letter queue is declared first, so nothing it hands on is dropped.
     async fn declare_task_queue(&self, ch: &Channel, queue: &str) -> Result<(), BrokerError> {
         let mut args = FieldTable::default();
-        let o = &self.inner.url.queues;
+        let o = self.inner.nodes.queues();
         if let Some(p) = o.max_priority {
             args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(p));
         }
         if let Some(limit) = o.delivery_limit {
-            self.declare_queue(ch, &dead_letter_queue(queue), FieldTable::default()).await?;
-            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            self.declare_dead_letter_queue(ch, queue).await?;
             args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(i64::from(limit)));
-            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead_letter_queue(queue).into()));
+            quorum_dead_lettering(&mut args, &dead_letter_queue(queue));
         }
         self.declare_queue(ch, queue, args).await
+    }
+
+    /// Declares `<queue>.dead`: a quorum queue with `queue_type=quorum`, else as Celery would.
+    async fn declare_dead_letter_queue(&self, ch: &Channel, queue: &str) -> Result<(), BrokerError> {
+        let mut args = FieldTable::default();
+        if self.inner.nodes.queues().quorum() {
+            args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+        }
+        self.declare_queue(ch, &dead_letter_queue(queue), args).await
     }
 
     /// `exchange.declare` as `exchange` says (kind, durability), on a channel of its own.
@@ -194,14 +244,41 @@ impl AmqpBroker {
         let name = delay_queue_name(queue, secs);
         let mut args = FieldTable::default();
         args.insert("x-message-ttl".into(), AMQPValue::LongLongInt((secs * 1000) as i64));
-        args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
-        args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+        if self.inner.nodes.queues().quorum() {
+            quorum_dead_lettering(&mut args, queue);
+        } else {
+            args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+            args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.into()));
+        }
         self.declare_queue(ch, &name, args).await?;
         Ok(name)
     }
 
-    /// Publishes and waits for RabbitMQ's confirm.
+    /// Publishes and waits for RabbitMQ's confirm; a publish whose connection was lost under it
+    /// is sent again, [`RESENT`], on the next connection (see the module docs).
     async fn publish_raw(
+        &self,
+        exchange: &str,
+        key: &str,
+        mandatory: bool,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<(), BrokerError> {
+        let mut props = props;
+        let mut attempt = 1;
+        loop {
+            match self.publish_once(exchange, key, mandatory, props.clone(), body).await {
+                Err(e) if e.is_retryable() && attempt < PUBLISH_ATTEMPTS => {
+                    tracing::warn!(error = %e, exchange, key, attempt, "amqp: publish interrupted; sending it again");
+                    props = resent(props);
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn publish_once(
         &self,
         exchange: &str,
         key: &str,
@@ -214,8 +291,42 @@ impl AmqpBroker {
         let pending = ch
             .basic_publish(short(exchange)?, short(key)?, opts, body, props)
             .await
-            .map_err(failed("amqp: publish"))?;
-        check_confirm(pending.await.map_err(failed("amqp: wait for the publish confirm"))?, exchange, key)
+            .map_err(publish_failed("amqp: publish"))?;
+        let confirm = pending.await.map_err(publish_failed("amqp: wait for the publish confirm"))?;
+        if confirm.is_nack() {
+            drop_nacking_channel(&ch).await;
+        }
+        check_confirm(confirm, exchange, key)
+    }
+
+    /// One try of [`Broker::publish_batch`]; `resend` marks every message [`RESENT`].
+    async fn publish_batch_once(&self, batch: &[(Route, Message)], resend: bool) -> Result<(), BrokerError> {
+        let (_, ch) = self.connection().await?;
+        let mut pending = Vec::with_capacity(batch.len());
+        for (route, msg) in batch {
+            if route.exchange.is_empty() {
+                self.declare_task_queue(&ch, &route.routing_key).await?;
+            }
+            let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
+            let key = short(&route.routing_key)?;
+            let props = if resend { resent(properties(msg)) } else { properties(msg) };
+            let p = ch
+                .basic_publish(short(&route.exchange)?, key, opts, &msg.body, props)
+                .await
+                .map_err(publish_failed("amqp: publish a batch"))?;
+            pending.push((p, route));
+        }
+        let mut outcome = Ok(());
+        for (p, route) in pending {
+            let confirm = p.await.map_err(publish_failed("amqp: wait for a batch's confirms"))?;
+            if confirm.is_nack() && outcome.is_ok() {
+                drop_nacking_channel(&ch).await;
+            }
+            if let (Err(e), true) = (check_confirm(confirm, &route.exchange, &route.routing_key), outcome.is_ok()) {
+                outcome = Err(e);
+            }
+        }
+        outcome
     }
 
     /// Holds `msg` in the delay queues of `queue` until `until` (returns once RabbitMQ confirmed it).
@@ -244,7 +355,44 @@ impl AmqpBroker {
     }
 }
 
-/// Ok for a confirmed publish; an error for a nack or an unroutable mandatory publish.
+/// The x-arguments of a quorum queue that dead-letters into queue `to` (by the default exchange)
+/// at least once: RabbitMQ keeps a message until `to` confirmed it, which needs `reject-publish`
+/// as the overflow strategy (it only acts with a length limit, which we never set).
+fn quorum_dead_lettering(args: &mut FieldTable, to: &str) {
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString("".into()));
+    args.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(to.into()));
+    args.insert("x-dead-letter-strategy".into(), AMQPValue::LongString("at-least-once".into()));
+    args.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
+}
+
+/// [`failed`] for a publish: a publishing channel closed under it (another publish's nack
+/// replaced it, see [`drop_nacking_channel`]) is retryable too, on the next channel.
+fn publish_failed(context: &'static str) -> impl FnOnce(lapin::Error) -> BrokerError {
+    move |e| match e.kind() {
+        lapin::ErrorKind::InvalidChannelState(..) => BrokerError::connection_with(context, e),
+        _ => broker_error(context, e),
+    }
+}
+
+/// A confirm-mode channel for publishing.
+async fn publishing_channel(conn: &Connection) -> Result<Channel, BrokerError> {
+    let ch = conn.create_channel().await.map_err(failed("amqp: open the publishing channel"))?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.map_err(failed("amqp: enable publisher confirms"))?;
+    Ok(ch)
+}
+
+/// Closes a publishing channel that got a nack, so the next publish opens a fresh one. A quorum
+/// queue whose leader was lost can nack every later publish of a channel (its queue client stays
+/// refused) while a new channel is served by the new leader: seen on RabbitMQ 3.10 after a node's
+/// `kill -9`.
+async fn drop_nacking_channel(ch: &Channel) {
+    tracing::warn!("amqp: a publish was refused (nack); replacing the publishing channel");
+    let _ = ch.close(200, "nacked: replaced".into()).await;
+}
+
+/// Ok for a confirmed publish; an error for a nack (retryable) or an unroutable mandatory
+/// publish.
 fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
     match confirm {
         Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
@@ -252,9 +400,10 @@ fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(),
             "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
             ret.reply_text
         ))),
-        Confirmation::Nack(_) => {
-            Err(BrokerError::operation(format!("RabbitMQ refused the message (nack) for `{key}`")))
-        }
+        // Retryable: sent again on a fresh channel ([`drop_nacking_channel`]).
+        Confirmation::Nack(_) => Err(BrokerError::connection(format!(
+            "amqp: RabbitMQ refused the message (nack) for `{key}`; its channel is replaced"
+        ))),
     }
 }
 
@@ -303,30 +452,19 @@ impl Broker for AmqpBroker {
         self.publish_raw(&route.exchange, &route.routing_key, route.mandatory, properties(msg), &msg.body).await
     }
 
-    /// Publishes every message, then waits for all the confirms (one round trip for the batch).
+    /// Publishes every message, then waits for all the confirms (one round trip for the batch);
+    /// a batch whose connection was lost under it is sent again whole, [`RESENT`].
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
-        let (_, ch) = self.connection().await?;
-        let mut pending = Vec::with_capacity(batch.len());
-        for (route, msg) in batch {
-            if route.exchange.is_empty() {
-                self.declare_task_queue(&ch, &route.routing_key).await?;
+        let mut attempt = 1;
+        loop {
+            match self.publish_batch_once(batch, attempt > 1).await {
+                Err(e) if e.is_retryable() && attempt < PUBLISH_ATTEMPTS => {
+                    tracing::warn!(error = %e, size = batch.len(), attempt, "amqp: batch interrupted; sending it again");
+                    attempt += 1;
+                }
+                other => return other,
             }
-            let opts = BasicPublishOptions { mandatory: route.mandatory, ..Default::default() };
-            let key = short(&route.routing_key)?;
-            let p = ch
-                .basic_publish(short(&route.exchange)?, key, opts, &msg.body, properties(msg))
-                .await
-                .map_err(failed("amqp: publish a batch"))?;
-            pending.push((p, route));
         }
-        for (p, route) in pending {
-            check_confirm(
-                p.await.map_err(failed("amqp: wait for a batch's confirms"))?,
-                &route.exchange,
-                &route.routing_key,
-            )?;
-        }
-        Ok(())
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
@@ -454,6 +592,28 @@ celery_core::register_broker!("amqp", "amqps" => AmqpBroker::connect);
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resent_message_keeps_its_headers_and_is_marked() {
+        let msg = Message::from_signature(&celery_core::Signature::by_name("add")).unwrap();
+        let props = resent(properties(&msg));
+        let headers = props.headers().as_ref().expect("headers");
+        assert_eq!(headers.inner().get(RESENT), Some(&AMQPValue::Boolean(true)));
+        assert!(headers.contains_key("task") && headers.contains_key("id"), "{headers:?}");
+        assert_eq!(props.delivery_mode(), &Some(2));
+        assert!(!properties(&msg).headers().as_ref().is_some_and(|h| h.contains_key(RESENT)), "only resends");
+    }
+
+    #[test]
+    fn quorum_dead_lettering_is_at_least_once() {
+        let mut args = FieldTable::default();
+        quorum_dead_lettering(&mut args, "celery");
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-queue-type"), Some(AMQPValue::LongString("quorum".into())));
+        assert_eq!(get("x-dead-letter-strategy"), Some(AMQPValue::LongString("at-least-once".into())));
+        assert_eq!(get("x-overflow"), Some(AMQPValue::LongString("reject-publish".into())));
+        assert_eq!(get("x-dead-letter-routing-key"), Some(AMQPValue::LongString("celery".into())));
+    }
 
     #[test]
     fn delay_levels_are_powers_of_two_up_to_the_largest() {

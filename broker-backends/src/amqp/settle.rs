@@ -19,7 +19,7 @@ use celery_core::protocol::Message;
 use celery_core::BrokerError;
 use chrono::{DateTime, Utc};
 use lapin::options::{BasicAckOptions, BasicNackOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::AMQPValue;
 use lapin::Channel;
 use tokio::sync::{mpsc, oneshot};
 
@@ -64,7 +64,7 @@ impl Settle for AmqpSettle {
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let dlq = dead_letter_queue(&self.queue);
         let (_, ch) = self.broker.connection().await?;
-        self.broker.declare_queue(&ch, &dlq, FieldTable::default()).await?;
+        self.broker.declare_dead_letter_queue(&ch, &self.queue).await?;
         let mut headers = self.delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(DEAD_LETTER_REASON.into(), AMQPValue::LongString(reason.into()));
         headers.insert(DEAD_LETTER_QUEUE.into(), AMQPValue::LongString(self.queue.as_str().into()));
