@@ -39,7 +39,7 @@ impl LogResultBackend {
         let expires = Duration::from_secs(secs.unwrap_or(86_400));
         // The broker reads (and checks) the other options.
         let clean = u.connection_string_except(&["result_expires"]);
-        let results = LogBroker::connect(&clean).await.map_err(BackendError::from)?.results();
+        let results = LogBroker::connect(&clean).await?.results();
         Ok(LogResultBackend { results, expires })
     }
 }
@@ -51,11 +51,11 @@ impl ResultBackend for LogResultBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.results.get(task_id).await.map_err(BackendError::from)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.get(task_id).await?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        self.results.wait(task_id, timeout).await.map_err(BackendError::from)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results.wait(task_id, timeout).await?.map(|d| TaskMeta::from_slice(&d)).transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
@@ -89,11 +89,11 @@ impl Claims for LogResultBackend {
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let name = format!("idempotency.{key}");
         loop {
-            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await.map_err(BackendError::from)? {
+            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await? {
                 return Ok(None);
             }
             // Held: by whom? (If it expired meanwhile, try again.)
-            if let Some(holder) = self.results.lease_holder(&name).await.map_err(BackendError::from)? {
+            if let Some(holder) = self.results.lease_holder(&name).await? {
                 return Ok(Some(holder));
             }
         }
