@@ -140,9 +140,10 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
     assert!(reasons[0].contains(&format!("exceeds the limit of {wire_limit} bytes")), "{reasons:?}");
     let size: usize = reasons[0].split_whitespace().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(size > 300_000, "the reason names the size: {reasons:?}");
-    if matches!(t, Target::Redis(_) | Target::Amqp(..)) {
+    if matches!(t, Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..)) {
         // These brokers read its id apart from its body (Redis: in the envelope's tail, inside the
-        // fetch script; RabbitMQ: in the content header), so its caller is told at once.
+        // fetch script; RabbitMQ: in the content header; PostgreSQL: in the fetch statement), so
+        // its caller is told at once.
         match big.get::<usize>(T).await {
             Err(ResultError::Failed { exc_type, message, .. }) => {
                 assert_eq!(exc_type, "InvalidTaskError");

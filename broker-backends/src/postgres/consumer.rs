@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::broker::{dead_letter_queue, Decoder, Settle, Settled};
+use celery_core::broker::{dead_letter_queue, Decoder, Settle, Settled, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
 use celery_core::protocol::{lenient_task_id, Message};
 use celery_core::{BrokerError, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
@@ -124,6 +124,8 @@ struct Row {
     size: i64,
     /// `Err(task id)`: too large, moved to its dead-letter queue unread.
     payload: Result<Vec<u8>, Option<String>>,
+    /// Why it was dead-lettered, when it was.
+    reason: Option<String>,
 }
 
 struct Fetcher {
@@ -265,6 +267,7 @@ impl Fetcher {
                     run_at: r.get(3),
                     size: r.get(4),
                     payload,
+                    reason: r.get(8),
                 }
             })
             .collect();
@@ -285,7 +288,18 @@ impl Fetcher {
         };
         let size = payload.len();
         let raw = payload.clone();
-        let decode: Decoder = Box::new(move || envelope::decode(&raw).into_parts());
+        // A dead letter moved by the fetch statement (too large for a consumer's cap) keeps its
+        // payload untouched: its reason and origin, kept in columns, are shown as the headers a
+        // dead letter carries on every broker.
+        let dead = row.reason.zip(queue.strip_suffix(".dead").map(str::to_owned));
+        let decode: Decoder = Box::new(move || {
+            let (mut message, redelivered) = envelope::decode(&raw).into_parts();
+            if let (Ok(m), Some((reason, origin))) = (&mut message, dead) {
+                m.headers.extra.entry(DEAD_LETTER_REASON.to_owned()).or_insert_with(|| reason.into());
+                m.headers.extra.entry(DEAD_LETTER_QUEUE.to_owned()).or_insert_with(|| origin.into());
+            }
+            (message, redelivered)
+        });
         let settle = PgSettle {
             shared: self.shared.clone(),
             id: row.id,

@@ -138,7 +138,7 @@ SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 /// Leases at most `$2` ready messages of queue `$1` for `$3` seconds, except those whose payload
 /// is larger than `$4` bytes: these move to `<queue>.dead` unread, with the reason. Returns `id,
 /// deliveries, priority, run_at, size, payload (NULL when too large), the task id of one too
-/// large, its dead-letter queue` (in no order: the caller sorts).
+/// large, its dead-letter queue, the reason of a dead letter` (in no order: the caller sorts).
 pub(crate) const FETCH: &str = "
 WITH picked AS (
     SELECT id, octet_length(payload) > $4::bigint AS big FROM celery_rs_tasks
@@ -159,7 +159,8 @@ FROM picked WHERE t.id = picked.id
 RETURNING t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
     CASE WHEN picked.big THEN NULL ELSE t.payload END,
     CASE WHEN picked.big THEN celery_rs_task_id(t.payload) END,
-    CASE WHEN picked.big THEN t.queue END";
+    CASE WHEN picked.big THEN t.queue END,
+    CASE WHEN picked.big THEN NULL ELSE t.reason END";
 
 /// Wakes the consumers of queue `$2` (on channel `$1`).
 pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";
