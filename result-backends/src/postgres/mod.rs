@@ -31,7 +31,7 @@
 //! - TLS through rustls (`tokio-postgres-rustls`), the same rustls and ring the AMQP and built-in
 //!   brokers use; no OpenSSL.
 //! - Small: deadpool adds a pool of a few hundred lines; the transaction API is the driver's own,
-//!   so the transactional enqueue to come can take a caller's `tokio_postgres::Transaction`.
+//!   so the transactional enqueue (`send_in`) takes a caller's `tokio_postgres::Transaction`.
 //!
 //! The connection, pool, migration and error code ([`connect`], [`migrate`], [`error`], and the
 //! connection part of [`url`]) knows nothing of results: it lives in `broker_backends::postgres`,
