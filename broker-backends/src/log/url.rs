@@ -107,6 +107,8 @@ pub(crate) fn parse_remote(url: &str) -> Result<Option<(Target, String)>, LogErr
     let Some((host, _port)) = addr.rsplit_once(':').filter(|(h, p)| !h.is_empty() && !p.is_empty()) else {
         return Err(LogError::Invalid(format!("{scheme} needs HOST:PORT")));
     };
+    // The certificate names an IPv6 address without the brackets of its URL form (`[::1]:7575`).
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     let token = u.option("token").unwrap_or_default().to_owned();
     let files = ClientFiles {
         ca_certs: u.option("ca_certs").map(Into::into),
@@ -204,6 +206,18 @@ mod tests {
         ] {
             let e = parse_url(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_ipv6_tls_server_is_verified_by_its_address() {
+        let (target, _) = parse_remote("log+tls://[::1]:7575?token=t").unwrap().unwrap();
+        match target {
+            Target::Tcp(addr, Some(tls)) => {
+                assert_eq!(addr, "[::1]:7575");
+                assert!(format!("{tls:?}").contains("IpAddress"), "verified as an address: {tls:?}");
+            }
+            other => panic!("{other:?}"),
         }
     }
 
