@@ -55,7 +55,12 @@ impl ResultBackend for LogResultBackend {
     }
 
     async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        self.results.wait(task_id, timeout).await.map_err(BackendError::from)?.map(|d| TaskMeta::from_slice(&d)).transpose()
+        self.results
+            .wait(task_id, timeout)
+            .await
+            .map_err(BackendError::from)?
+            .map(|d| TaskMeta::from_slice(&d))
+            .transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
@@ -89,7 +94,12 @@ impl Claims for LogResultBackend {
     async fn claim(&self, key: &str, task_id: &str, ttl: Duration) -> Result<Option<String>, BackendError> {
         let name = format!("idempotency.{key}");
         loop {
-            if self.results.lease(&name, task_id, Some(ttl.max(Duration::from_millis(1)))).await.map_err(BackendError::from)? {
+            if self
+                .results
+                .lease(&name, task_id, Some(ttl.max(Duration::from_millis(1))))
+                .await
+                .map_err(BackendError::from)?
+            {
                 return Ok(None);
             }
             // Held: by whom? (If it expired meanwhile, try again.)

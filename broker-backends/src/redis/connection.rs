@@ -207,7 +207,9 @@ impl RedisConn {
         *last = Instant::now();
         let old = self.master();
         match self.link.target.resolve().await {
-            Ok((master, _)) if master == old => tracing::debug!(%master, "redis: the sentinels still name the same master"),
+            Ok((master, _)) if master == old => {
+                tracing::debug!(%master, "redis: the sentinels still name the same master")
+            }
             Ok((master, client)) => match manager(&client, self.link.response_timeout).await {
                 Ok(conn) => {
                     let mut c = write(&self.link.current);

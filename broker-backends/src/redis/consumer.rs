@@ -16,10 +16,10 @@ use futures::future::select_all;
 use redis::Script;
 use tokio::sync::mpsc;
 
+use super::connection::RedisConn;
 use super::error::{broker_error, failed};
 use super::keys::{Keys, STEPS};
 use super::settle::RedisSettle;
-use super::connection::RedisConn;
 use super::{scripts, RedisOptions};
 use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
 use crate::envelope;
@@ -85,7 +85,8 @@ impl RedisConsumer {
                 lists.push((keys.bucket(q, step), q.clone()));
             }
         }
-        let waker = Waker { base: conn.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
+        let waker =
+            Waker { base: conn.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
         let fetch = RedisFetch {
             shared: shared.clone(),
             lists,

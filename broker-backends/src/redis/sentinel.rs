@@ -197,11 +197,8 @@ impl SentinelUrl {
         }
         let info = format!("redis://{host}:{port}").into_connection_info()?.set_redis_settings(settings);
         let mut conn = redis::Client::open(info)?.get_multiplexed_async_connection().await?;
-        let named: Option<(String, u16)> = redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
-            .arg(&self.master_name)
-            .query_async(&mut conn)
-            .await?;
+        let named: Option<(String, u16)> =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master_name).query_async(&mut conn).await?;
         let Some((ip, mport)) = named else {
             return Err(redis::RedisError::from((
                 redis::ErrorKind::Client,

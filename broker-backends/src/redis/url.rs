@@ -84,9 +84,7 @@ pub fn min_replicas(u: &ServiceUrl) -> Result<Option<MinReplicas>, UrlError> {
         return Err(u.invalid(format!("min_replicas_timeout is from 1 to {MAX_WAIT_MS} ms")));
     }
     match count {
-        Some(n) if n > 0 => {
-            Ok(Some(MinReplicas { count: n, timeout: Duration::from_millis(timeout.unwrap_or(1000)) }))
-        }
+        Some(n) if n > 0 => Ok(Some(MinReplicas { count: n, timeout: Duration::from_millis(timeout.unwrap_or(1000)) })),
         _ if timeout.is_some() => Err(u.invalid("min_replicas_timeout needs min_replicas=N (N > 0)")),
         _ => Ok(None),
     }
@@ -209,6 +207,29 @@ mod tests {
             assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
             assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn min_replicas_is_bounded_and_read_on_both_schemes() {
+        let o = RedisOptions::parse("redis://h/0?min_replicas=2&min_replicas_timeout=250").unwrap();
+        assert_eq!(o.min_replicas, Some(MinReplicas { count: 2, timeout: Duration::from_millis(250) }));
+        assert_eq!(RedisOptions::parse("redis://h/0?min_replicas=0").unwrap().min_replicas, None);
+        let o = RedisOptions::parse("sentinel://h1;sentinel://h2/0?master_name=m&min_replicas=1").unwrap();
+        assert_eq!(o.min_replicas.map(|r| (r.count, r.timeout)), Some((1, Duration::from_secs(1))));
+        assert_eq!(o.sentinel.as_ref().map(|s| s.sentinels.len()), Some(2));
+        for (url, needle) in [
+            ("redis://h/0?min_replicas=65", "at most 64"),
+            ("redis://h/0?min_replicas=1&min_replicas_timeout=0", "from 1 to 60000"),
+            ("redis://h/0?min_replicas=1&min_replicas_timeout=60001", "from 1 to 60000"),
+            ("redis://h/0?min_replicas_timeout=10", "needs min_replicas"),
+            ("redis://h/0?min_replicas=some", "not a number"),
+            ("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1", "`bogus`"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle) && !e.contains("s3cret"), "{url}: {e}");
+        }
+        let e = RedisOptions::parse("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1").unwrap_err();
+        assert!(e.to_string().contains("sentinel://:***@h1;sentinel://h2?"), "shown as given: {e}");
     }
 
     /// Every `redis://` form accepted today: what reaches the redis client, and our settings.

@@ -87,12 +87,16 @@ mod tests {
 
     #[test]
     fn sentinel_lists_are_read_with_the_same_options() {
-        let p = parse("sentinel://:pw@h1:26379/3;sentinel://h2?master_name=m&result_expires=60&min_replicas=1").unwrap();
+        let p =
+            parse("sentinel://:pw@h1:26379/3;sentinel://h2?master_name=m&result_expires=60&min_replicas=1").unwrap();
         assert_eq!((p.client.as_str(), p.prefix.as_str(), p.expires), ("redis://:pw@h1:26379/3", "", 60));
         assert_eq!(p.min_replicas.map(|r| r.count), Some(1));
         assert_eq!(p.sentinel.map(|s| s.master_name), Some("m".to_owned()));
         let e = parse("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1").unwrap_err().to_string();
-        assert!(e.contains("`bogus`") && e.contains("sentinel://:***@h1;sentinel://h2") && !e.contains("s3cret"), "{e}");
+        assert!(
+            e.contains("`bogus`") && e.contains("sentinel://:***@h1;sentinel://h2") && !e.contains("s3cret"),
+            "{e}"
+        );
         let e = parse("sentinel://h1;sentinel://h2?result_expires=60").unwrap_err().to_string();
         assert!(e.contains("master_name"), "{e}");
     }
