@@ -16,14 +16,20 @@
 //!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
-//! Where things are: `url.rs`, `keys.rs` (Kombu's key layout), `scripts.rs` (the Lua steps),
-//! `consumer.rs`, `settle.rs`, `error.rs` (redis errors as ours); publishing, routing, broadcasts
-//! and leases here.
+//! Where things are: `url.rs`, `sentinel.rs` (the `sentinel://` URL and the question to the
+//! sentinels), `connection.rs` (the connection every loop shares), `keys.rs` (Kombu's key
+//! layout), `scripts.rs` (the Lua steps), `consumer.rs`, `settle.rs`, `error.rs` (redis errors as
+//! ours); publishing, routing, broadcasts and leases here.
 //!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
 //! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
-//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect. Any other option is an error.
+//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect; `min_replicas=N` and
+//! `min_replicas_timeout=MS` ([`MinReplicas`]). Any other option is an error.
+//!
+//! `sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME` ([`SentinelUrl`]) takes the same
+//! options and connects to the master the sentinels name; every loop follows a failover through
+//! [`RedisConn`] (`connection.rs`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
