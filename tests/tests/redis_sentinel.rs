@@ -265,3 +265,42 @@ async fn kill_the_master_under_load(min_replicas: bool) {
     block_in_place(|| sentinel.restart_node(old));
     assert_eq!(sentinel.role(old).as_deref(), Some("slave"), "the old master came back as a replica");
 }
+
+/// A manual failover (`SENTINEL FAILOVER`): the old master stays up and becomes a replica (writes
+/// there answer `READONLY`, or its clients are dropped by the reconfiguration). The same handle
+/// asks the sentinels again, switches, and its writes land on the new master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_master_is_left_for_the_new_one() {
+    cluster::bound_run_time("redis_sentinel", FILE_BOUND);
+    let Some(sentinel) = block_in_place(Sentinel::up) else { return };
+    let old = sentinel.current_master().expect("the sentinels agree on a master");
+    let key = unique("sntl-demoted");
+    let mut conn = RedisConn::open(&sentinel.broker_url(0)).await.expect("connect through the sentinels");
+    assert_eq!(conn.master(), format!("127.0.0.1:{}", sentinel.nodes()[old].port));
+    let _: () = conn.set(&key, "before").await.expect("SET on the master");
+
+    let mut s = redis::Client::open(sentinel.sentinels()[0].url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a sentinel answers");
+    let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(sentinel.master_name()).query(&mut s).expect("FAILOVER");
+    let new = block_in_place(|| sentinel.wait_new_master(old, Duration::from_secs(60)));
+    let new = new.expect("the sentinels promoted a replica");
+    let started = Instant::now();
+    let new_addr = format!("127.0.0.1:{}", sentinel.nodes()[new].port);
+    let mut errors = 0;
+    loop {
+        assert!(started.elapsed() < SENDS_AGAIN, "no write reached the new master ({errors} errors)");
+        match conn.set::<_, _, ()>(&key, "after").await {
+            Ok(()) if conn.master() == new_addr => break,
+            Ok(()) => {}
+            Err(_) => errors += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(conn.generation() >= 1, "the handle switched");
+    eprintln!("redis_sentinel: a demoted master was left after {errors} failed writes, {:.1?}", started.elapsed());
+    let mut on_new = sentinel.node_conn(new).expect("the new master answers");
+    let value: Option<String> = redis::cmd("GET").arg(&key).query(&mut on_new).expect("GET");
+    assert_eq!(value.as_deref(), Some("after"), "the write went to the new master");
+    let _: () = conn.del(&key).await.expect("DEL");
+}

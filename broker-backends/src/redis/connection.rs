@@ -10,6 +10,10 @@
 //! holds one) uses the new master from its next command on. The failed command still returns
 //! its error, so the caller's own retry (with backoff) runs it again, now on the new master.
 //!
+//! Between errors a watch asks a sentinel once a second which node is the master, so a demoted
+//! master that still takes writes (for up to Sentinel's reconfiguration) is left within about a
+//! second.
+//!
 //! `min_replicas=N` (`min_replicas_timeout=MS`, default 1000): [`RedisConn::write`] sends
 //! `WAIT N MS` in the same pipeline as the write, so on the same connection; fewer replicas than
 //! N acknowledging is a retryable error (the write may still be on the master alone).
@@ -34,6 +38,9 @@ pub(crate) const MAX_REPLICAS: u32 = 64;
 
 /// How often, at most, a handle asks the sentinels again after errors.
 const RECHECK_EVERY: Duration = Duration::from_millis(250);
+
+/// How often a handle asks a sentinel which node is the master, between errors.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 
 /// `min_replicas=N` with `min_replicas_timeout=MS`: how many replicas must acknowledge a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +165,11 @@ impl RedisConn {
         }
         let current = RwLock::new(Current { generation: 0, master, client, conn });
         let switching = tokio::sync::Mutex::new(Instant::now());
-        Ok(RedisConn { link: Arc::new(Link { target, replicas, response_timeout, current, switching }) })
+        let link = Arc::new(Link { target, replicas, response_timeout, current, switching });
+        if matches!(*link.target, Target::Sentinel { .. }) {
+            tokio::spawn(watch(Arc::downgrade(&link)));
+        }
+        Ok(RedisConn { link })
     }
 
     /// Another connection to the same master (its own socket, for blocking commands), following
@@ -236,16 +247,41 @@ impl RedisConn {
         let Some(r) = self.link.replicas else {
             return pipe.query_async::<()>(&mut conn).await.map_err(failed(context));
         };
+        let seen = self.generation();
         pipe.cmd("WAIT").arg(r.count).arg(r.timeout.as_millis() as u64);
         let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed(context))?;
         let acked = replies.last().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(0);
         if acked < i64::from(r.count) {
+            // The replicas may have left this node for a new master.
+            self.recheck(seen).await;
             return Err(BrokerError::connection(format!(
                 "{context}: {acked} of the {} replicas asked for (min_replicas) acknowledged within {:?}; the write may be on the master alone",
                 r.count, r.timeout
             )));
         }
         Ok(())
+    }
+}
+
+/// Behind Sentinel, between errors: asks a sentinel every [`WATCH_EVERY`] which node is the
+/// master, and when it names another one, switches ([`RedisConn::recheck`]). A demoted master can
+/// take writes for seconds before Sentinel reconfigures it (writes lost once it resyncs from the
+/// new master); this bounds that window. Ends with the last clone of the handle.
+async fn watch(link: std::sync::Weak<Link>) {
+    let mut held = None;
+    loop {
+        tokio::time::sleep(WATCH_EVERY).await;
+        let Some(strong) = link.upgrade() else { return };
+        let Target::Sentinel { sentinels, .. } = &*strong.target else { return };
+        let named = sentinels.named(&mut held).await;
+        let conn = RedisConn { link: strong.clone() };
+        let (seen, master) = {
+            let c = read(&strong.current);
+            (c.generation, c.master.clone())
+        };
+        if named.is_some_and(|n| n != master) {
+            conn.recheck(seen).await;
+        }
     }
 }
 

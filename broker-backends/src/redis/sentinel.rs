@@ -185,17 +185,47 @@ impl SentinelUrl {
         Err(last.unwrap_or_else(|| redis::RedisError::from(std::io::Error::other("no sentinel listed"))))
     }
 
+    /// The master's `host:port` as one sentinel names it (no check of the node): the watch's
+    /// cheap question. `held` keeps the connection to the sentinel that last answered.
+    pub(crate) async fn named(&self, held: &mut Option<redis::aio::MultiplexedConnection>) -> Option<String> {
+        if held.is_none() {
+            for (host, port) in &self.sentinels {
+                let connect = async {
+                    let info = self.sentinel_info(host, *port)?;
+                    redis::Client::open(info)?.get_multiplexed_async_connection().await
+                };
+                if let Ok(Ok(c)) = tokio::time::timeout(ASK_TIMEOUT, connect).await {
+                    *held = Some(c);
+                    break;
+                }
+            }
+        }
+        let conn = held.as_mut()?;
+        let ask = redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master_name).to_owned();
+        match tokio::time::timeout(ASK_TIMEOUT, ask.query_async::<Option<(String, u16)>>(conn)).await {
+            Ok(Ok(Some((ip, port)))) => Some(format!("{ip}:{port}")),
+            _ => {
+                *held = None;
+                None
+            }
+        }
+    }
+
+    fn sentinel_info(&self, host: &str, port: u16) -> Result<redis::ConnectionInfo, redis::RedisError> {
+        let mut settings = RedisConnectionInfo::default();
+        if let Some(pw) = &self.sentinel_password {
+            settings = settings.set_password(pw);
+        }
+        Ok(format!("redis://{host}:{port}").into_connection_info()?.set_redis_settings(settings))
+    }
+
     async fn ask(
         &self,
         host: &str,
         port: u16,
         template: &redis::ConnectionInfo,
     ) -> Result<(String, redis::Client), redis::RedisError> {
-        let mut settings = RedisConnectionInfo::default();
-        if let Some(pw) = &self.sentinel_password {
-            settings = settings.set_password(pw);
-        }
-        let info = format!("redis://{host}:{port}").into_connection_info()?.set_redis_settings(settings);
+        let info = self.sentinel_info(host, port)?;
         let mut conn = redis::Client::open(info)?.get_multiplexed_async_connection().await?;
         let named: Option<(String, u16)> =
             redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master_name).query_async(&mut conn).await?;
