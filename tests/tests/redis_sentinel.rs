@@ -137,7 +137,7 @@ async fn too_few_replicas_is_a_retryable_error() {
     };
     let three = RedisConn::open(&url(3)).await.expect("connect through the sentinels");
     let e = three.write(push(), "test: push").await.expect_err("3 replicas asked for, 2 exist");
-    assert!(e.is_retryable() && e.to_string().contains("0 of the 3") || e.to_string().contains("2 of the 3"), "{e}");
+    assert!(e.is_retryable() && (e.to_string().contains("0 of the 3") || e.to_string().contains("2 of the 3")), "{e}");
     let two = RedisConn::open(&url(2)).await.expect("connect through the sentinels");
     two.write(push(), "test: push").await.expect("both replicas acknowledge");
     let mut conn = two.clone();
