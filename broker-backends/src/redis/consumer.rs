@@ -13,14 +13,14 @@ use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
 use celery_core::{Delivery, ProtocolError};
 use futures::future::select_all;
-use redis::aio::ConnectionManager;
 use redis::Script;
 use tokio::sync::mpsc;
 
+use super::connection::RedisConn;
 use super::error::{broker_error, failed};
 use super::keys::{Keys, STEPS};
 use super::settle::RedisSettle;
-use super::{manager, scripts, RedisOptions};
+use super::{scripts, RedisOptions};
 use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
 use crate::envelope;
 
@@ -40,7 +40,7 @@ fn now_secs() -> f64 {
 /// What the fetcher, the settlers and the background loops share.
 #[derive(Debug)]
 pub(super) struct Shared {
-    pub(super) conn: ConnectionManager,
+    pub(super) conn: RedisConn,
     pub(super) keys: Keys,
     /// The tags of unsettled deliveries (renewed until settled).
     leases: Mutex<HashSet<String>>,
@@ -63,8 +63,7 @@ impl Shared {
 impl RedisConsumer {
     /// Starts consuming `queues` (priority first across all of them, then queue order).
     pub(super) fn start(
-        client: redis::Client,
-        conn: ConnectionManager,
+        conn: RedisConn,
         keys: Keys,
         options: &RedisOptions,
         queues: &[String],
@@ -86,7 +85,8 @@ impl RedisConsumer {
                 lists.push((keys.bucket(q, step), q.clone()));
             }
         }
-        let waker = Waker { client, keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
+        let waker =
+            Waker { base: conn.clone(), keys: lists.iter().map(|(k, _)| k.clone()).collect(), conns: Vec::new() };
         let fetch = RedisFetch {
             shared: shared.clone(),
             lists,
@@ -124,16 +124,16 @@ impl RedisConsumer {
 
 /// Blocks until one of the lists has an element, without taking it (`BLMOVE k k RIGHT RIGHT`).
 struct Waker {
-    client: redis::Client,
+    base: RedisConn,
     keys: Vec<String>,
-    conns: Vec<ConnectionManager>,
+    conns: Vec<RedisConn>,
 }
 
 impl Waker {
     async fn wait(&mut self, max: Duration) {
         if self.conns.is_empty() {
             for _ in &self.keys {
-                match manager(&self.client, None).await {
+                match self.base.fresh(None).await {
                     Ok(c) => self.conns.push(c),
                     Err(e) => {
                         tracing::warn!(error = %e, "redis: cannot open a wait connection; polling instead");
@@ -168,7 +168,7 @@ struct RedisFetch {
     tag_prefix: String,
     /// The sequence number of the next tag.
     seq: u64,
-    conn: ConnectionManager,
+    conn: RedisConn,
     max_message_size: usize,
 }
 
@@ -274,7 +274,7 @@ async fn renew_loop(shared: Arc<Shared>, vt: Duration) {
     }
 }
 
-async fn restore_loop(mut conn: ConnectionManager, keys: Keys, vt: Duration) {
+async fn restore_loop(mut conn: RedisConn, keys: Keys, vt: Duration) {
     let every = (vt / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let script = scripts::restore();
     loop {
@@ -298,7 +298,7 @@ async fn restore_loop(mut conn: ConnectionManager, keys: Keys, vt: Duration) {
     }
 }
 
-async fn promote_loop(mut conn: ConnectionManager, keys: Keys, queues: Vec<String>) {
+async fn promote_loop(mut conn: RedisConn, keys: Keys, queues: Vec<String>) {
     let script = scripts::promote();
     let cap = Duration::from_millis(250);
     loop {

@@ -16,14 +16,20 @@
 //!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
-//! Where things are: `url.rs`, `keys.rs` (Kombu's key layout), `scripts.rs` (the Lua steps),
-//! `consumer.rs`, `settle.rs`, `error.rs` (redis errors as ours); publishing, routing, broadcasts
-//! and leases here.
+//! Where things are: `url.rs`, `sentinel.rs` (the `sentinel://` URL and the question to the
+//! sentinels), `connection.rs` (the connection every loop shares), `keys.rs` (Kombu's key
+//! layout), `scripts.rs` (the Lua steps), `consumer.rs`, `settle.rs`, `error.rs` (redis errors as
+//! ours); publishing, routing, broadcasts and leases here.
 //!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
 //! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
-//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect. Any other option is an error.
+//! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect; `min_replicas=N` and
+//! `min_replicas_timeout=MS` ([`MinReplicas`]). Any other option is an error.
+//!
+//! `sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME` ([`SentinelUrl`]) takes the same
+//! options and connects to the master the sentinels name; every loop follows a failover through
+//! [`RedisConn`] (`connection.rs`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -32,10 +38,12 @@
 //! # Ok(()) }
 //! ```
 
+mod connection;
 mod consumer;
 pub mod error;
 mod keys;
 mod scripts;
+mod sentinel;
 mod settle;
 mod url;
 
@@ -51,8 +59,10 @@ use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+pub use connection::{MinReplicas, RedisConn};
 pub use consumer::RedisConsumer;
-pub use url::{client_url, RedisOptions, CELERY_COMPAT_OPTIONS};
+pub use sentinel::SentinelUrl;
+pub use url::{client_url, is_sentinel, min_replicas, RedisOptions, CELERY_COMPAT_OPTIONS};
 
 use crate::envelope;
 use error::failed;
@@ -78,8 +88,7 @@ pub(crate) async fn manager(
 /// The Redis broker.
 #[derive(Clone)]
 pub struct RedisBroker {
-    client: redis::Client,
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
     options: RedisOptions,
 }
@@ -94,13 +103,17 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects (the first connection must succeed; later losses are retried).
+    /// Connects (the first connection must succeed; later losses are retried). A `sentinel://`
+    /// URL connects to the master the sentinels name and follows it over failovers.
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         let options = RedisOptions::parse(url)?;
-        let client = redis::Client::open(options.url.as_str())
-            .map_err(|e| BrokerError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
-        let conn = manager(&client, Some(Duration::from_secs(30))).await?;
-        Ok(RedisBroker { client, conn, keys: Keys::new(&options.key_prefix), options })
+        let conn = RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await?;
+        Ok(RedisBroker { conn, keys: Keys::new(&options.key_prefix), options })
+    }
+
+    /// The connection in use (it follows Sentinel failovers).
+    pub fn connection(&self) -> &RedisConn {
+        &self.conn
     }
 
     /// The options in force.
@@ -163,12 +176,10 @@ impl Broker for RedisBroker {
         for q in &queues {
             self.add_publish(&mut pipe, q, route, msg);
         }
-        let mut conn = self.conn.clone();
-        pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: publish"))
+        self.conn.write(pipe, "redis: publish").await
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
-        let mut conn = self.conn.clone();
         for chunk in batch.chunks(2000) {
             let mut pipe = redis::pipe();
             let mut commands = 0;
@@ -179,7 +190,7 @@ impl Broker for RedisBroker {
                 }
             }
             if commands > 0 {
-                pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: publish a batch"))?;
+                self.conn.write(pipe, "redis: publish a batch").await?;
             }
         }
         Ok(())
@@ -197,7 +208,6 @@ impl Broker for RedisBroker {
         max_message_size: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
         let c = RedisConsumer::start(
-            self.client.clone(),
             self.conn.clone(),
             self.keys.clone(),
             &self.options,
@@ -320,11 +330,7 @@ impl Broadcasts for RedisBroker {
             let (binding, list) = (self.keys.binding(&exchange.name), self.keys.bucket(&queue, 0));
             let mut conn = self.conn.clone();
             let _: i64 = conn.sadd(&binding, &member).await.map_err(failed("redis: bind a subscription's queue"))?;
-            let mut reader = self
-                .client
-                .get_multiplexed_async_connection()
-                .await
-                .map_err(failed("redis: connect a subscription"))?;
+            let mut reader = self.conn.fresh(Some(Duration::from_secs(10))).await?;
             let key = pattern.to_owned();
             let feeder = tokio::spawn(async move {
                 let _cleanup = Unbind { conn, binding, member, list: list.clone() };
@@ -350,17 +356,51 @@ impl Broadcasts for RedisBroker {
         }
         use futures::StreamExt;
         let channel = self.keys.fanout(self.options.db, &exchange.name, &pattern.replace('#', "*"));
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(failed("redis: connect a subscription"))?;
+        let mut pubsub =
+            self.conn.client().get_async_pubsub().await.map_err(failed("redis: connect a subscription"))?;
         pubsub.psubscribe(&channel).await.map_err(failed("redis: subscribe"))?;
         let prefix_len = self.keys.fanout(self.options.db, &exchange.name, "").len() + 1;
+        // A lost subscriber connection subscribes again, on the master the sentinels name then.
+        let conn = self.conn.clone();
         let feeder = tokio::spawn(async move {
-            let mut stream = pubsub.into_on_message();
-            while let Some(m) = stream.next().await {
-                let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
-                let Some(body) = envelope::body_of(m.get_payload_bytes()) else { continue };
-                if tx.send(Broadcast { routing_key, body }).await.is_err() {
-                    break;
+            let mut backoff = Reconnect::default();
+            let mut ready = Some(pubsub);
+            loop {
+                let pubsub = match ready.take() {
+                    Some(p) => p,
+                    None => {
+                        let again = async {
+                            let mut p = conn.client().get_async_pubsub().await?;
+                            p.psubscribe(&channel).await?;
+                            Ok::<_, redis::RedisError>(p)
+                        };
+                        match again.await {
+                            Ok(p) => {
+                                tracing::info!("redis: broadcast subscription restored");
+                                backoff.reset();
+                                p
+                            }
+                            Err(e) => {
+                                conn.recheck(conn.generation()).await;
+                                backoff.pause("redis: subscribe to broadcasts again", &e).await;
+                                continue;
+                            }
+                        }
+                    }
+                };
+                let mut stream = pubsub.into_on_message();
+                while let Some(m) = stream.next().await {
+                    let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
+                    let Some(body) = envelope::body_of(m.get_payload_bytes()) else { continue };
+                    if tx.send(Broadcast { routing_key, body }).await.is_err() {
+                        return;
+                    }
                 }
+                if tx.is_closed() {
+                    return;
+                }
+                tracing::warn!("redis: broadcast subscription lost; subscribing again");
+                conn.recheck(conn.generation()).await;
             }
         });
         Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
@@ -408,7 +448,7 @@ impl Documents for RedisBroker {
 
 /// Removes a direct subscription's binding and list when its reader stops.
 struct Unbind {
-    conn: ConnectionManager,
+    conn: RedisConn,
     binding: String,
     member: String,
     list: String,
@@ -441,4 +481,4 @@ impl RedisBroker {
     }
 }
 
-celery_core::register_broker!("redis", "rediss" => RedisBroker::connect);
+celery_core::register_broker!("redis", "rediss", "sentinel" => RedisBroker::connect);

@@ -2,7 +2,9 @@
 //! options.
 //!
 //! - Ours: `visibility_timeout=SECONDS` (default 3600), `global_keyprefix=PREFIX` (Kombu's
-//!   transport option of the same name).
+//!   transport option of the same name), `min_replicas=N` with `min_replicas_timeout=MS`
+//!   (default 1000): a `WAIT N MS` after each publish ([`MinReplicas`]).
+//! - `sentinel://` lists ([`SentinelUrl`]) take the same options.
 //! - The redis client's own, handed through: `protocol` (`resp2`/`resp3`),
 //!   and on unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
 //! - redis-py's `?password=`, moved into the userinfo.
@@ -10,10 +12,14 @@
 //!
 //! Any other option is an error naming it ([`ServiceUrl::finish`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use celery_core::url::{redacted, ServiceUrl, UrlError};
 use celery_core::BrokerError;
+
+use super::connection::{MinReplicas, Target, MAX_REPLICAS, MAX_WAIT_MS};
+use super::sentinel::SentinelUrl;
 
 /// Options the redis client reads itself, handed through: `protocol` (`resp2`/`resp3`), and on
 /// unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
@@ -60,6 +66,44 @@ pub fn client_url(u: &ServiceUrl) -> Result<String, UrlError> {
     Ok(with.connection_string(&CLIENT_OPTIONS))
 }
 
+/// `min_replicas=N` (at most 64; 0 or absent: no `WAIT`) and `min_replicas_timeout=MS` (1 to
+/// 60000, default 1000), read from `u`.
+///
+/// ```
+/// let u = celery_core::url::ServiceUrl::parse("redis://h/0?min_replicas=1&min_replicas_timeout=500").unwrap();
+/// let r = broker_backends::redis::min_replicas(&u).unwrap().unwrap();
+/// assert_eq!((r.count, r.timeout.as_millis()), (1, 500));
+/// ```
+pub fn min_replicas(u: &ServiceUrl) -> Result<Option<MinReplicas>, UrlError> {
+    let count = u.parse_option::<u32>("min_replicas", "a number of replicas")?;
+    let timeout = u.parse_option::<u64>("min_replicas_timeout", "a number of milliseconds")?;
+    if count.is_some_and(|n| n > MAX_REPLICAS) {
+        return Err(u.invalid(format!("min_replicas is at most {MAX_REPLICAS}")));
+    }
+    if timeout.is_some_and(|t| t == 0 || t > MAX_WAIT_MS) {
+        return Err(u.invalid(format!("min_replicas_timeout is from 1 to {MAX_WAIT_MS} ms")));
+    }
+    match count {
+        Some(n) if n > 0 => Ok(Some(MinReplicas { count: n, timeout: Duration::from_millis(timeout.unwrap_or(1000)) })),
+        _ if timeout.is_some() => Err(u.invalid("min_replicas_timeout needs min_replicas=N (N > 0)")),
+        _ => Ok(None),
+    }
+}
+
+/// True for a `sentinel://` URL (or list).
+pub fn is_sentinel(url: &str) -> bool {
+    url.trim_start().starts_with("sentinel://")
+}
+
+/// `e` about the equivalent `redis://` URL of a `sentinel://` one, shown as the URL the user gave
+/// (`shown`, redacted).
+fn shown_as(e: BrokerError, shown: &str) -> BrokerError {
+    match e {
+        BrokerError::InvalidUrl { reason, .. } => BrokerError::InvalidUrl { url: shown.to_owned(), reason },
+        other => other,
+    }
+}
+
 /// Settings read from the URL.
 #[derive(Clone)]
 pub struct RedisOptions {
@@ -72,6 +116,10 @@ pub struct RedisOptions {
     pub key_prefix: String,
     /// The database number (Kombu puts it in broadcast channel names).
     pub db: u32,
+    /// `min_replicas`: replicas that must acknowledge each publish.
+    pub min_replicas: Option<MinReplicas>,
+    /// The sentinels, for a `sentinel://` URL.
+    pub sentinel: Option<SentinelUrl>,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -81,19 +129,39 @@ impl std::fmt::Debug for RedisOptions {
             .field("visibility_timeout", &self.visibility_timeout)
             .field("key_prefix", &self.key_prefix)
             .field("db", &self.db)
+            .field("min_replicas", &self.min_replicas)
+            .field("sentinel", &self.sentinel)
             .finish()
     }
 }
 
 impl RedisOptions {
-    /// Parses a `redis://` URL with our query options; an unknown option is an error naming it.
+    /// Parses a `redis://` or `sentinel://` URL with our query options; an unknown option is an
+    /// error naming it.
     pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
+        if !is_sentinel(url) {
+            return RedisOptions::parse_one(url);
+        }
+        let s = SentinelUrl::parse(url)?;
+        let mut o = RedisOptions::parse_one(&s.redis_url()).map_err(|e| shown_as(e, &s.shown))?;
+        o.sentinel = Some(s);
+        Ok(o)
+    }
+
+    /// Where the master is: the URL's server, or whatever the sentinels name.
+    pub(crate) fn target(&self) -> Result<Arc<Target>, BrokerError> {
+        Target::of(&self.url, self.sentinel.as_ref())
+    }
+
+    fn parse_one(url: &str) -> Result<RedisOptions, BrokerError> {
         let u = ServiceUrl::parse(url)?;
         let db_in_path = u.path().trim_start_matches('/').parse().ok();
         let opts = RedisOptions {
             visibility_timeout: u.seconds("visibility_timeout")?.unwrap_or(Duration::from_secs(3600)),
             key_prefix: u.option("global_keyprefix").unwrap_or_default().to_owned(),
             db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
+            min_replicas: min_replicas(&u)?,
+            sentinel: None,
             url: client_url(&u)?,
         };
         u.finish()?;
@@ -139,6 +207,29 @@ mod tests {
             assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
             assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn min_replicas_is_bounded_and_read_on_both_schemes() {
+        let o = RedisOptions::parse("redis://h/0?min_replicas=2&min_replicas_timeout=250").unwrap();
+        assert_eq!(o.min_replicas, Some(MinReplicas { count: 2, timeout: Duration::from_millis(250) }));
+        assert_eq!(RedisOptions::parse("redis://h/0?min_replicas=0").unwrap().min_replicas, None);
+        let o = RedisOptions::parse("sentinel://h1;sentinel://h2/0?master_name=m&min_replicas=1").unwrap();
+        assert_eq!(o.min_replicas.map(|r| (r.count, r.timeout)), Some((1, Duration::from_secs(1))));
+        assert_eq!(o.sentinel.as_ref().map(|s| s.sentinels.len()), Some(2));
+        for (url, needle) in [
+            ("redis://h/0?min_replicas=65", "at most 64"),
+            ("redis://h/0?min_replicas=1&min_replicas_timeout=0", "from 1 to 60000"),
+            ("redis://h/0?min_replicas=1&min_replicas_timeout=60001", "from 1 to 60000"),
+            ("redis://h/0?min_replicas_timeout=10", "needs min_replicas"),
+            ("redis://h/0?min_replicas=some", "not a number"),
+            ("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1", "`bogus`"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle) && !e.contains("s3cret"), "{url}: {e}");
+        }
+        let e = RedisOptions::parse("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1").unwrap_err();
+        assert!(e.to_string().contains("sentinel://:***@h1;sentinel://h2?"), "shown as given: {e}");
     }
 
     /// Every `redis://` form accepted today: what reaches the redis client, and our settings.

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use broker_backends::redis::RedisConn;
 use celery_core::backoff::Reconnect;
 use celery_core::sync::lock;
 use futures::StreamExt;
@@ -83,9 +84,9 @@ impl Subscriptions {
 pub(super) struct Listener(tokio::task::JoinHandle<()>);
 
 impl Listener {
-    /// Starts keeping `subs`' subscriber connection to `client`'s server.
-    pub(super) fn start(client: redis::Client, subs: Arc<Subscriptions>) -> Listener {
-        Listener(tokio::spawn(listen(client, subs)))
+    /// Starts keeping `subs`' subscriber connection to `conn`'s master.
+    pub(super) fn start(conn: RedisConn, subs: Arc<Subscriptions>) -> Listener {
+        Listener(tokio::spawn(listen(conn, subs)))
     }
 }
 
@@ -95,13 +96,15 @@ impl Drop for Listener {
     }
 }
 
-/// Keeps one subscriber connection, wakes waiters, and resubscribes after a reconnect.
-async fn listen(client: redis::Client, subs: Arc<Subscriptions>) {
+/// Keeps one subscriber connection on the current master, wakes waiters, and resubscribes after a
+/// reconnect (a lost connection first asks the sentinels again, [`RedisConn::recheck`]).
+async fn listen(conn: RedisConn, subs: Arc<Subscriptions>) {
     let mut backoff = Reconnect::default();
     loop {
-        let pubsub = match client.get_async_pubsub().await {
+        let pubsub = match conn.client().get_async_pubsub().await {
             Ok(p) => p,
             Err(e) => {
+                conn.recheck(conn.generation()).await;
                 backoff.pause("redis results subscriber", &e).await;
                 continue;
             }
@@ -125,5 +128,6 @@ async fn listen(client: redis::Client, subs: Arc<Subscriptions>) {
         }
         *lock(&subs.sink) = None;
         tracing::warn!("redis results: subscriber connection lost; reconnecting");
+        conn.recheck(conn.generation()).await;
     }
 }

@@ -25,15 +25,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_backends::redis::error::kind_of;
+use broker_backends::redis::RedisConn;
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims};
 use celery_core::url::redacted;
 use celery_core::{BackendError, ResultBackend, TaskMeta};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 
 use listen::{Listener, Subscriptions};
-use url::parse_url;
+use url::parse;
 
 /// [`map_err`](Result::map_err) for a redis error met while doing `context`: a connection error
 /// or an operation error as [`kind_of`] (the broker's classification) says, the redis error kept
@@ -45,7 +45,7 @@ fn failed(context: &'static str) -> impl FnOnce(redis::RedisError) -> BackendErr
 /// The Redis result backend.
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    conn: RedisConn,
     prefix: String,
     expires: u64,
     store: Arc<Script>,
@@ -67,16 +67,23 @@ impl std::fmt::Debug for RedisBackend {
 impl RedisBackend {
     /// Connects; the first connection must succeed, later losses are retried.
     pub async fn connect(url: &str) -> Result<RedisBackend, BackendError> {
-        let (clean, prefix, expires) = parse_url(url)?;
-        let client = redis::Client::open(clean.as_str())
-            .map_err(|e| BackendError::InvalidUrl { url: redacted(url), reason: e.to_string() })?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(Duration::from_secs(30)))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(3);
-        let conn = client.get_connection_manager_with_config(cfg).await.map_err(failed("redis results: connect"))?;
+        let parsed = parse(url)?;
+        let (prefix, expires) = (parsed.prefix, parsed.expires);
+        let conn = RedisConn::connect_url(
+            &parsed.client,
+            parsed.sentinel.as_ref(),
+            parsed.min_replicas,
+            Some(Duration::from_secs(30)),
+        )
+        .await
+        .map_err(|e| match e {
+            celery_core::BrokerError::InvalidUrl { reason, .. } => {
+                BackendError::InvalidUrl { url: redacted(url), reason }
+            }
+            other => BackendError::from(other),
+        })?;
         let subs = Arc::new(Subscriptions::default());
-        let listener = Arc::new(Listener::start(client, subs.clone()));
+        let listener = Arc::new(Listener::start(conn.clone(), subs.clone()));
         Ok(RedisBackend {
             _listener: listener,
             conn,
@@ -108,7 +115,14 @@ impl RedisBackend {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
+    /// With `min_replicas`, the script goes as `EVAL` in one pipeline with `WAIT` (one connection).
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        if self.conn.min_replicas().is_some() {
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVAL").arg(scripts::STORE).arg(1).arg(self.key(&meta.task_id));
+            pipe.arg(meta.to_vec()).arg(self.expires).ignore();
+            return Ok(self.conn.write(pipe, "redis results: store").await?);
+        }
         let mut conn = self.conn.clone();
         let _: i64 = self
             .store
@@ -228,4 +242,4 @@ impl Claims for RedisBackend {
     }
 }
 
-celery_core::register_backend!("redis", "rediss" => RedisBackend::connect);
+celery_core::register_backend!("redis", "rediss", "sentinel" => RedisBackend::connect);

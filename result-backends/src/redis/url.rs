@@ -1,22 +1,59 @@
-//! The `redis://` result-backend URL: `result_expires=SECONDS` (default 86400),
-//! `global_keyprefix=PREFIX`, the broker's `visibility_timeout` (accepted and ignored, so one URL
+//! The `redis://` (or `sentinel://`) result-backend URL: `result_expires=SECONDS` (default 86400),
+//! `global_keyprefix=PREFIX`, `min_replicas=N` with `min_replicas_timeout=MS` (a `WAIT` after each
+//! stored state), the broker's `visibility_timeout` (accepted and ignored, so one URL
 //! serves both), and the redis client's and Celery's connection options that
 //! [`broker_backends::redis::client_url`] takes. Any other option is an error naming it.
 
+use broker_backends::redis::{is_sentinel, min_replicas, MinReplicas, SentinelUrl};
 use celery_core::url::ServiceUrl;
 use celery_core::BackendError;
 
-/// What a result-backend URL says: the redis client's URL (holding the password: never print it),
-/// the key prefix and the expiry in seconds. An unknown option is an error naming it.
-pub(super) fn parse_url(url: &str) -> Result<(String, String, u64), BackendError> {
+/// What a result-backend URL says. An unknown option is an error naming it.
+#[derive(Debug)]
+pub(super) struct ResultUrl {
+    /// The redis client's URL (holding the password: never print it).
+    pub(super) client: String,
+    /// The key prefix.
+    pub(super) prefix: String,
+    /// The expiry in seconds.
+    pub(super) expires: u64,
+    /// Replicas that must acknowledge each stored state.
+    pub(super) min_replicas: Option<MinReplicas>,
+    /// The sentinels of a `sentinel://` URL.
+    pub(super) sentinel: Option<SentinelUrl>,
+}
+
+/// A `redis://` URL, or a `sentinel://` list (read through its equivalent `redis://` URL, errors
+/// shown as given).
+pub(super) fn parse(url: &str) -> Result<ResultUrl, BackendError> {
+    if !is_sentinel(url) {
+        return parse_one(url);
+    }
+    let s = SentinelUrl::parse(url)?;
+    let mut parsed = parse_one(&s.redis_url()).map_err(|e| match e {
+        BackendError::InvalidUrl { reason, .. } => BackendError::InvalidUrl { url: s.shown.clone(), reason },
+        other => other,
+    })?;
+    parsed.sentinel = Some(s);
+    Ok(parsed)
+}
+
+fn parse_one(url: &str) -> Result<ResultUrl, BackendError> {
     let u = ServiceUrl::parse(url)?;
     let expires = u.parse_option::<u64>("result_expires", "a number of seconds")?.unwrap_or(86_400);
     let prefix = u.option("global_keyprefix").unwrap_or_default().to_owned();
     // The broker's option: accepted so that one URL serves both.
     u.accept(&["visibility_timeout"]);
+    let min_replicas = min_replicas(&u)?;
     let client = broker_backends::redis::client_url(&u)?;
     u.finish()?;
-    Ok((client, prefix, expires))
+    Ok(ResultUrl { client, prefix, expires, min_replicas, sentinel: None })
+}
+
+/// [`parse`] as `(client URL, prefix, expires)`.
+#[cfg(test)]
+fn parse_url(url: &str) -> Result<(String, String, u64), BackendError> {
+    parse(url).map(|p| (p.client, p.prefix, p.expires))
 }
 
 #[cfg(test)]
@@ -46,5 +83,21 @@ mod tests {
             let e = e.to_string();
             assert!(e.contains(needle) && e.contains("redis://:***@h/1") && !e.contains("s3cret"), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn sentinel_lists_are_read_with_the_same_options() {
+        let p =
+            parse("sentinel://:pw@h1:26379/3;sentinel://h2?master_name=m&result_expires=60&min_replicas=1").unwrap();
+        assert_eq!((p.client.as_str(), p.prefix.as_str(), p.expires), ("redis://:pw@h1:26379/3", "", 60));
+        assert_eq!(p.min_replicas.map(|r| r.count), Some(1));
+        assert_eq!(p.sentinel.map(|s| s.master_name), Some("m".to_owned()));
+        let e = parse("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1").unwrap_err().to_string();
+        assert!(
+            e.contains("`bogus`") && e.contains("sentinel://:***@h1;sentinel://h2") && !e.contains("s3cret"),
+            "{e}"
+        );
+        let e = parse("sentinel://h1;sentinel://h2?result_expires=60").unwrap_err().to_string();
+        assert!(e.contains("master_name"), "{e}");
     }
 }
