@@ -29,11 +29,16 @@
 //! sentinel.restart_node(master); // comes back as a replica of the new master
 //! ```
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+use celery_core::{App, Signature};
+use serde_json::json;
 
 use crate::{services_required, wait_until};
 
@@ -633,5 +638,48 @@ struct Topology {
 impl Topology {
     fn master_of(&self, slot: u16) -> Option<usize> {
         self.masters.iter().find(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&slot))).map(|(i, _)| *i)
+    }
+}
+
+/// What the producer saw.
+#[derive(Debug, Default)]
+pub struct Sends {
+    /// Tokens of the sends that returned OK.
+    pub ok: BTreeSet<String>,
+    pub failed: usize,
+    /// The last failure.
+    pub error: Option<String>,
+    /// When each OK send started and returned.
+    pub ok_at: Vec<(Instant, Instant)>,
+}
+
+/// A failover test's producer: sends `record` tasks (token `t1`, `t2`, ...) to `queue`, one every
+/// 20 ms, until `stop`; each send bounded by `send_timeout`.
+pub async fn produce(
+    app: App,
+    queue: String,
+    path: String,
+    sends: Arc<Mutex<Sends>>,
+    stop: Arc<AtomicBool>,
+    send_timeout: Duration,
+) {
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut k = 0;
+    while !stop.load(Ordering::SeqCst) {
+        pace.tick().await;
+        k += 1;
+        let token = format!("t{k}");
+        let sig = Signature::by_name("record").args(json!([path, token])).queue(queue.clone());
+        let start = Instant::now();
+        let sent = tokio::time::timeout(send_timeout, app.send(sig)).await;
+        let mut s = sends.lock().unwrap();
+        match sent {
+            Ok(Ok(_)) => {
+                s.ok.insert(token);
+                s.ok_at.push((start, Instant::now()));
+            }
+            Ok(Err(e)) => (s.failed, s.error) = (s.failed + 1, Some(e.to_string())),
+            Err(_) => (s.failed, s.error) = (s.failed + 1, Some(format!("no answer within {send_timeout:?}"))),
+        }
     }
 }

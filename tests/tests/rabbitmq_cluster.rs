@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_core::{App, Signature};
-use celery_tests::cluster::{self, Rabbit};
+use celery_tests::cluster::{self, produce, Rabbit, Sends};
 use celery_tests::{redis_available, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;
 use tokio::task::block_in_place;
@@ -83,41 +83,6 @@ async fn records_run_within(app: &App, host: &str, within: Duration) -> Option<u
     }
 }
 
-/// What the producer saw.
-#[derive(Debug, Default)]
-struct Sends {
-    /// Tokens of the sends that returned OK.
-    ok: BTreeSet<String>,
-    failed: usize,
-    /// The last failure.
-    error: Option<String>,
-    /// When each OK send started and returned.
-    ok_at: Vec<(Instant, Instant)>,
-}
-
-/// Sends `record` tasks, one every 20 ms, until `stop`; each send bounded by [`SEND_TIMEOUT`].
-async fn produce(app: App, queue: String, path: String, sends: Arc<Mutex<Sends>>, stop: Arc<AtomicBool>) {
-    let mut pace = tokio::time::interval(Duration::from_millis(20));
-    let mut k = 0;
-    while !stop.load(Ordering::SeqCst) {
-        pace.tick().await;
-        k += 1;
-        let token = format!("t{k}");
-        let sig = Signature::by_name("record").args(json!([path, token])).queue(queue.clone());
-        let start = Instant::now();
-        let sent = tokio::time::timeout(SEND_TIMEOUT, app.send(sig)).await;
-        let mut s = sends.lock().unwrap();
-        match sent {
-            Ok(Ok(_)) => {
-                s.ok.insert(token);
-                s.ok_at.push((start, Instant::now()));
-            }
-            Ok(Err(e)) => (s.failed, s.error) = (s.failed + 1, Some(e.to_string())),
-            Err(_) => (s.failed, s.error) = (s.failed + 1, Some(format!("no answer within {SEND_TIMEOUT:?}"))),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     cluster::bound_run_time("rabbitmq_cluster", FILE_BOUND);
@@ -155,7 +120,8 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     // The producer sends all along, so that the kill lands in the middle of sends.
     let sends = Arc::new(Mutex::new(Sends { ok: BTreeSet::from(["t0".to_owned()]), ..Sends::default() }));
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone()));
+    let producer =
+        tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone(), SEND_TIMEOUT));
     let ok_since = |t: Instant| sends.lock().unwrap().ok_at.iter().filter(|(start, _)| *start > t).count();
     let end = Instant::now() + Duration::from_secs(60);
     while sends.lock().unwrap().ok.len() < BEFORE {

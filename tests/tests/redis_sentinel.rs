@@ -12,14 +12,14 @@
 //! The setup is shared with other tests (held by the harness's lock while this runs): keys carry
 //! a unique prefix, and the killed node is started again at the end (as a replica).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker_backends::redis::RedisConn;
 use celery_core::{App, Signature};
-use celery_tests::cluster::{self, Sentinel};
+use celery_tests::cluster::{self, produce, Sends, Sentinel};
 use celery_tests::{DemoProcess, TempDir};
 use redis::AsyncCommands;
 use serde_json::json;
@@ -70,41 +70,6 @@ async fn runs_within(app: &App, host: &str, task: &str, within: Duration) -> Opt
         }
         if Instant::now() > end {
             return None;
-        }
-    }
-}
-
-/// What the producer saw.
-#[derive(Debug, Default)]
-struct Sends {
-    /// Tokens of the sends that returned OK.
-    ok: BTreeSet<String>,
-    failed: usize,
-    /// The last failure.
-    error: Option<String>,
-    /// When each OK send started and returned.
-    ok_at: Vec<(Instant, Instant)>,
-}
-
-/// Sends `record` tasks, one every 20 ms, until `stop`; each send bounded by [`SEND_TIMEOUT`].
-async fn produce(app: App, queue: String, path: String, sends: Arc<Mutex<Sends>>, stop: Arc<AtomicBool>) {
-    let mut pace = tokio::time::interval(Duration::from_millis(20));
-    let mut k = 0;
-    while !stop.load(Ordering::SeqCst) {
-        pace.tick().await;
-        k += 1;
-        let token = format!("t{k}");
-        let sig = Signature::by_name("record").args(json!([path, token])).queue(queue.clone());
-        let start = Instant::now();
-        let sent = tokio::time::timeout(SEND_TIMEOUT, app.send(sig)).await;
-        let mut s = sends.lock().unwrap();
-        match sent {
-            Ok(Ok(_)) => {
-                s.ok.insert(token);
-                s.ok_at.push((start, Instant::now()));
-            }
-            Ok(Err(e)) => (s.failed, s.error) = (s.failed + 1, Some(e.to_string())),
-            Err(_) => (s.failed, s.error) = (s.failed + 1, Some(format!("no answer within {SEND_TIMEOUT:?}"))),
         }
     }
 }
@@ -175,7 +140,8 @@ async fn kill_the_master_under_load(min_replicas: bool) {
     // The producer sends all along, so that the kill lands in the middle of sends.
     let sends = Arc::new(Mutex::new(Sends::default()));
     let stop = Arc::new(AtomicBool::new(false));
-    let producer = tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone()));
+    let producer =
+        tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone(), SEND_TIMEOUT));
     let ok_since = |t: Instant| sends.lock().unwrap().ok_at.iter().filter(|(start, _)| *start > t).count();
     let end = Instant::now() + Duration::from_secs(60);
     while sends.lock().unwrap().ok.len() < BEFORE {
