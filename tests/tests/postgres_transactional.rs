@@ -61,6 +61,18 @@ fn count(schema: &PgSchema, sql: &str) -> i64 {
     schema.query(sql).unwrap()[0][0].as_deref().unwrap().parse().unwrap()
 }
 
+/// A schema of its own and an app on Redis (whose broker is not the schema's): the outbox path.
+/// `None` (skipped) when Redis or PostgreSQL is not there.
+async fn redis_app() -> Option<(PgSchema, RedisEnv, App)> {
+    if !redis_available(SUITE) {
+        return None;
+    }
+    let schema = PgSchema::new(SUITE)?;
+    let env = RedisEnv::new(30.0);
+    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    Some((schema, env, app))
+}
+
 /// A client whose search path is the schema's.
 async fn client(schema: &PgSchema) -> tokio_postgres::Client {
     let (c, conn) = tokio_postgres::connect(&schema.url("postgresql", ""), NoTls).await.expect("connect");
@@ -178,12 +190,7 @@ async fn postgres_broker_direct_rollback_never_runs_and_commit_runs_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_through_the_outbox_rollback_never_runs_and_commit_runs_once() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(schema) = PgSchema::new(SUITE) else { return };
-    let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let Some((schema, _env, app)) = redis_app().await else { return };
     let db = schema.url("postgres", "");
     let mut c = client(&schema).await;
 
@@ -250,12 +257,7 @@ async fn a_postgres_broker_in_another_schema_goes_through_the_outbox() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_of_a_relay_mid_forward_still_delivers_every_committed_task() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(schema) = PgSchema::new(SUITE) else { return };
-    let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let Some((schema, env, app)) = redis_app().await else { return };
     let db = schema.url("postgres", "");
     outbox::install(&db).await.unwrap();
     let mut c = client(&schema).await;
@@ -336,12 +338,7 @@ async fn kill_9_of_a_relay_mid_forward_still_delivers_every_committed_task() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_sent_again_after_a_relay_crash_does_not_run_twice_on_redis() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(schema) = PgSchema::new(SUITE) else { return };
-    let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let Some((schema, _env, app)) = redis_app().await else { return };
     sent_again_after_a_crash(app, &schema).await;
 }
 
@@ -400,12 +397,7 @@ async fn sent_again_after_a_crash(app: App, schema: &PgSchema) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_with_outbox_relays_committed_sends() {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(schema) = PgSchema::new(SUITE) else { return };
-    let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let Some((schema, env, app)) = redis_app().await else { return };
     let db = schema.url("postgres", "");
     outbox::install(&db).await.unwrap();
     let mut c = client(&schema).await;
@@ -626,12 +618,7 @@ async fn direct_concurrently(level: IsolationLevel) {
 }
 
 async fn outbox_concurrently(level: IsolationLevel) {
-    if !redis_available(SUITE) {
-        return;
-    }
-    let Some(schema) = PgSchema::new(SUITE) else { return };
-    let env = RedisEnv::new(30.0);
-    let app = celery_worker::connect(&env.broker, &env.backend).await.unwrap();
+    let Some((schema, _env, app)) = redis_app().await else { return };
     let db = schema.url("postgres", "");
     let w = worker(&app);
     let r = relay(&app, &db).await;
