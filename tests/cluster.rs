@@ -683,3 +683,40 @@ pub async fn produce(
         }
     }
 }
+
+impl Sends {
+    /// How many sends that started after `t` returned OK.
+    pub fn ok_since(&self, t: Instant) -> usize {
+        self.ok_at.iter().filter(|(start, _)| *start > t).count()
+    }
+
+    /// How long after `t` the first send that started after it returned OK.
+    pub fn first_ok_after(&self, t: Instant) -> Option<Duration> {
+        self.ok_at.iter().filter(|(start, _)| *start > t).map(|(_, done)| *done - t).min()
+    }
+}
+
+/// Waits until `after` sends that started after `killed` returned OK; panics when none did within
+/// `sends_again` of the kill, or not all within `drain`.
+pub async fn wait_sends_resume(
+    sends: &Mutex<Sends>,
+    killed: Instant,
+    after: usize,
+    sends_again: Duration,
+    drain: Duration,
+) {
+    let ok_since = |t: Instant| sends.lock().unwrap().ok_since(t);
+    while ok_since(killed) < after {
+        let failures = || {
+            let s = sends.lock().unwrap();
+            format!("{} failed, the last with {:?}", s.failed, s.error)
+        };
+        assert!(
+            ok_since(killed) > 0 || killed.elapsed() < sends_again,
+            "no send succeeded within {sends_again:?} of the kill ({})",
+            failures()
+        );
+        assert!(killed.elapsed() < drain, "{after} sends after the kill ({})", failures());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -122,7 +122,6 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     let stop = Arc::new(AtomicBool::new(false));
     let producer =
         tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone(), SEND_TIMEOUT));
-    let ok_since = |t: Instant| sends.lock().unwrap().ok_at.iter().filter(|(start, _)| *start > t).count();
     let end = Instant::now() + Duration::from_secs(60);
     while sends.lock().unwrap().ok.len() < BEFORE {
         assert!(Instant::now() < end, "sends before the kill: {:?}", sends.lock().unwrap().error);
@@ -160,24 +159,11 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     block_in_place(|| rabbit.kill_node(0));
     let killed = Instant::now();
     // Sends that started after the kill succeed again, within a bound.
-    while ok_since(killed) < AFTER {
-        let failures = || {
-            let s = sends.lock().unwrap();
-            format!("{} failed, the last with {:?}", s.failed, s.error)
-        };
-        assert!(
-            ok_since(killed) > 0 || killed.elapsed() < SENDS_AGAIN,
-            "no send succeeded within {SENDS_AGAIN:?} of the kill ({})",
-            failures()
-        );
-        assert!(killed.elapsed() < DRAIN, "{AFTER} sends after the kill ({})", failures());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    cluster::wait_sends_resume(&sends, killed, AFTER, SENDS_AGAIN, DRAIN).await;
     stop.store(true, Ordering::SeqCst);
     producer.await.expect("the producer ends");
     let sends = std::mem::take(&mut *sends.lock().unwrap());
-    let first_ok_after = sends.ok_at.iter().filter(|(start, _)| *start > killed).map(|(_, done)| *done - killed).min();
-    let first_ok_after = first_ok_after.expect("sends after the kill");
+    let first_ok_after = sends.first_ok_after(killed).expect("sends after the kill");
     eprintln!(
         "rabbitmq_cluster: {} sends, the kill in their midst; a send started after the kill returned OK {first_ok_after:.1?} \
          after it; {} failed (the last: {:?})",
