@@ -211,7 +211,9 @@ pub type Decoder = Box<dyn FnOnce() -> (Result<Message, ProtocolError>, bool) + 
 
 /// One leased message.
 pub struct Delivery {
-    decoded: Option<Result<Message, ProtocolError>>,
+    // Boxed: a delivery moves through every step of a task's run, and each step's future holds
+    // it; inline, the message would make each of those futures a kilobyte larger.
+    decoded: Option<Box<Result<Message, ProtocolError>>>,
     raw: Option<Decoder>,
     /// The queue it came from.
     pub queue: String,
@@ -246,7 +248,7 @@ impl Delivery {
         redelivered: bool,
         settle: Box<dyn Settle>,
     ) -> Delivery {
-        Delivery { decoded: Some(message), raw: None, queue, redelivered, size: None, settle }
+        Delivery { decoded: Some(Box::new(message)), raw: None, queue, redelivered, size: None, settle }
     }
 
     /// A delivery decoded on first use ([`Delivery::message`], [`Delivery::take_message`]): where
@@ -273,20 +275,25 @@ impl Delivery {
         self.decoded.get_or_insert_with(|| {
             let (message, again) = raw.take().map_or_else(|| (Err(taken()), false), |decode| decode());
             *redelivered |= again;
-            message
+            Box::new(message)
         })
     }
 
     /// Why the message could not be decoded, when that is known already (never decodes: `None` for
     /// a delivery not decoded yet, or decoded fine).
     pub fn decoded_error(&self) -> Option<&ProtocolError> {
-        self.decoded.as_ref()?.as_ref().err()
+        self.decoded.as_deref()?.as_ref().err()
     }
 
-    /// Moves the decoded message out (the delivery keeps an error in its place).
+    /// Moves the decoded message out (decoding it now if it was not yet); taken again, it is an
+    /// error.
     pub fn take_message(&mut self) -> Result<Message, ProtocolError> {
-        self.message();
-        self.decoded.replace(Err(taken())).unwrap_or_else(|| Err(taken()))
+        if let Some(decoded) = self.decoded.take() {
+            return *decoded;
+        }
+        let (message, again) = self.raw.take().map_or_else(|| (Err(taken()), false), |decode| decode());
+        self.redelivered |= again;
+        message
     }
 
     /// Acknowledge: done.

@@ -45,7 +45,7 @@ pub(super) async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot)
         return;
     }
     let msg = match d.take_message() {
-        Ok(m) => m,
+        Ok(m) => Arc::new(m),
         Err(e) => {
             let err = TaskError::new(INVALID_TASK, format!("undecodable message: {e}"));
             Box::pin(reject(&w, d, Rejected::named_by(&e), &err)).await;
@@ -93,8 +93,7 @@ async fn wait_listed(
 
 /// The checks before a delivery runs, then its eta and rate limit, holding a concurrency slot
 /// (released early when it does not run).
-async fn process(w: Arc<Shared>, d: Delivery, msg: Message, _slot: Slot) {
-    let msg = Arc::new(msg);
+async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
     let Some(entry) = registry::lookup(&msg.headers.task) else {
         let err = TaskError::new("NotRegistered", format!("unregistered task `{}`", msg.headers.task));
         Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
