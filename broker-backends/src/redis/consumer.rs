@@ -228,7 +228,7 @@ impl Fetch for RedisFetch {
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
         inv.arg(self.shared.holder.id());
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
-        let epoch = self.shared.holder.epoch();
+        let epoch = self.shared.holder.liveness().epoch();
         for (_, q) in &self.lists {
             inv.arg(q);
         }

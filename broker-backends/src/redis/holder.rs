@@ -15,7 +15,7 @@
 //!   on the runtime (blocking tasks run on the blocking pool), so only a frozen process, a runtime
 //!   starved for the whole grace, or a network cut that long lets it lapse.
 //! - A holder that was declared dead and resumes learns it at its next renewal; meanwhile and
-//!   after, a delivery is checked before its outcome is stored ([`Holder::surely_held`], else one
+//!   after, a delivery is checked before its outcome is stored ([`Liveness::surely_held`], else one
 //!   `HEXISTS`), so the resumed worker does not store a second result over the one the worker that
 //!   ran it again stores, and settling moves a message only while its lease exists.
 //! - A worker restarted with the same name (Celery's node name, [`celery_core::Broker::set_worker_name`])
@@ -23,11 +23,9 @@
 //!   watches it for one and a half beats: renewed, another live process uses the name, and this one
 //!   holds under `<name>#<nonce>` instead of robbing it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use celery_core::sync::lock;
 use celery_core::BrokerError;
 use redis::{AsyncCommands, Script};
 
@@ -35,6 +33,7 @@ use super::connection::RedisConn;
 use super::error::failed;
 use super::keys::Keys;
 use super::scripts;
+use crate::liveness::Liveness;
 
 /// Holders one sweep step looks at (a hint to `SSCAN`).
 const HOLDERS_PER_STEP: u64 = 100;
@@ -50,12 +49,7 @@ const MAX_NAME: usize = 200;
 pub(crate) struct Holder {
     id: String,
     nonce: String,
-    grace: Duration,
-    /// Counts the lapses seen (the heartbeat found expired or taken): a delivery fetched in an
-    /// earlier epoch may have been restored to another worker.
-    epoch: AtomicU64,
-    /// When the last renewal that found the key alive and ours was sent.
-    last_ok: Mutex<Option<Instant>>,
+    liveness: Liveness,
     conn: RedisConn,
     keys: Keys,
 }
@@ -80,7 +74,7 @@ impl Holder {
             None => format!("anonymous#{nonce}"),
         };
         let mut holder =
-            Holder { id, nonce, grace, epoch: AtomicU64::new(0), last_ok: Mutex::new(None), conn, keys };
+            Holder { id, nonce, liveness: Liveness::new(grace), conn, keys };
         let mut seen: Option<String> = {
             let mut c = holder.conn.clone();
             c.get(holder.keys.heartbeat(&holder.id)).await.map_err(failed("redis: read a worker heartbeat"))?
@@ -92,7 +86,7 @@ impl Holder {
         for attempt in 0..2 {
             let sent = Instant::now();
             if let Some(restored) = holder.claim(seen.as_deref().unwrap_or("")).await? {
-                *lock(&holder.last_ok) = Some(sent);
+                holder.liveness.renewed(sent);
                 if restored > 0 {
                     tracing::warn!(
                         restored,
@@ -120,20 +114,13 @@ impl Holder {
         &self.id
     }
 
-    /// The current epoch (read before a fetch: see [`Holder::surely_held`]).
-    pub(crate) fn epoch(&self) -> u64 {
-        self.epoch.load(Ordering::SeqCst)
-    }
-
-    /// True when a delivery fetched in epoch `since` is certainly still leased here without
-    /// asking Redis: no lapse was seen since, and the key was renewed less than nine tenths of the
-    /// grace ago (so it has not expired yet, even if the two clocks run at slightly different rates).
-    pub(crate) fn surely_held(&self, since: u64) -> bool {
-        self.epoch() == since && lock(&self.last_ok).is_some_and(|t| t.elapsed() < self.grace * 9 / 10)
+    /// What it knows of its own heartbeat (read the epoch before a fetch).
+    pub(crate) fn liveness(&self) -> &Liveness {
+        &self.liveness
     }
 
     fn ttl_ms(&self) -> u64 {
-        u64::try_from(self.grace.as_millis()).unwrap_or(u64::MAX).max(1)
+        u64::try_from(self.liveness.grace().as_millis()).unwrap_or(u64::MAX).max(1)
     }
 
     /// Runs [`scripts::claim`]: `Some(restored)`, or `None` when the key no longer holds `expected`.
@@ -170,19 +157,17 @@ impl Holder {
             .invoke_async(&mut c)
             .await;
         match r {
-            Ok(1) => *lock(&self.last_ok) = Some(sent),
+            Ok(1) => self.liveness.renewed(sent),
             Ok(0) => {
-                self.epoch.fetch_add(1, Ordering::SeqCst);
-                *lock(&self.last_ok) = Some(sent);
+                self.liveness.lapsed(Some(sent));
                 tracing::warn!(
                     worker = %self.id,
-                    grace = ?self.grace,
+                    grace = ?self.liveness.grace(),
                     "redis: this worker's heartbeat lapsed (stalled longer than worker_grace); what it held may run elsewhere, and is not settled here twice"
                 );
             }
             Ok(_) => {
-                self.epoch.fetch_add(1, Ordering::SeqCst);
-                *lock(&self.last_ok) = None;
+                self.liveness.lapsed(None);
                 tracing::error!(
                     worker = %self.id,
                     "redis: another process took over this worker's name; give each worker its own name (-n)"

@@ -22,7 +22,7 @@ use crate::envelope;
 pub(super) struct RedisSettle {
     shared: Arc<Shared>,
     tag: String,
-    /// The holder's epoch when it was fetched ([`super::holder::Holder::surely_held`]).
+    /// The holder's epoch when it was fetched ([`crate::liveness::Liveness::surely_held`]).
     epoch: u64,
     env: Vec<u8>,
     list_key: String,
@@ -83,7 +83,7 @@ impl Settle for RedisSettle {
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
     /// since the fetch; otherwise whether the tag is still in `unacked`.
     async fn is_held(&self) -> bool {
-        self.shared.holder.surely_held(self.epoch) || self.shared.holder.still_leased(&self.tag).await
+        self.shared.holder.liveness().surely_held(self.epoch) || self.shared.holder.still_leased(&self.tag).await
     }
 
     /// Moves the message from its lease into the queue's delayed set in one `MULTI`.

@@ -130,10 +130,7 @@ pub struct RedisOptions {
     pub worker_grace: Duration,
 }
 
-/// The default `worker_heartbeat`.
-pub const DEFAULT_WORKER_HEARTBEAT: Duration = Duration::from_secs(2);
-/// The default `worker_grace`.
-pub const DEFAULT_WORKER_GRACE: Duration = Duration::from_secs(10);
+pub use crate::liveness::{DEFAULT_WORKER_GRACE, DEFAULT_WORKER_HEARTBEAT};
 
 /// `worker_heartbeat` and `worker_grace`, read from `u` and checked: the heartbeat from 0.1 s to
 /// 60 s, the grace from twice the heartbeat to 3600 s.
@@ -144,15 +141,7 @@ pub const DEFAULT_WORKER_GRACE: Duration = Duration::from_secs(10);
 /// assert_eq!((beat.as_secs(), grace.as_secs()), (1, 5));
 /// ```
 pub fn worker_heartbeat(u: &ServiceUrl) -> Result<(Duration, Duration), UrlError> {
-    let beat = u.seconds("worker_heartbeat")?.unwrap_or(DEFAULT_WORKER_HEARTBEAT);
-    let grace = u.seconds("worker_grace")?.unwrap_or(DEFAULT_WORKER_GRACE.max(beat * 5));
-    if beat < Duration::from_millis(100) || beat > Duration::from_secs(60) {
-        return Err(u.invalid("worker_heartbeat is from 0.1 to 60 seconds"));
-    }
-    if grace < beat * 2 || grace > Duration::from_secs(3600) {
-        return Err(u.invalid("worker_grace is from twice worker_heartbeat to 3600 seconds"));
-    }
-    Ok((beat, grace))
+    crate::liveness::options(u)
 }
 
 impl std::fmt::Debug for RedisOptions {
