@@ -16,11 +16,11 @@ pub mod amqp;
 #[cfg(any(feature = "redis", feature = "postgres"))]
 pub mod consumer;
 pub(crate) mod envelope;
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) mod liveness;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod liveness;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;

@@ -105,7 +105,8 @@ async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_task_brings_the_tasks_back_within_the_heartbeat_grace() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
-    let (broker_url, backend_url) = (schema.url("postgres", "visibility_timeout=3600"), schema.url("db+postgresql", ""));
+    let (broker_url, backend_url) =
+        (schema.url("postgres", "visibility_timeout=3600"), schema.url("db+postgresql", ""));
     let app: App = celery_worker::connect(&broker_url, &backend_url).await.expect("connect");
     let mut ids = Vec::new();
     for _ in 0..4 {

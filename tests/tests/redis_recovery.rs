@@ -207,3 +207,40 @@ async fn a_restarted_worker_recovers_its_own_deliveries_at_start() {
     assert!(took < Duration::from_secs(20), "{took:?}");
     assert!(again.log().contains("an earlier run of this worker left unsettled"), "{}", again.log());
 }
+
+/// The restore itself, through the broker's API: a holder without a heartbeat (its key gone, as
+/// after its grace) has its delivery restored to the first live consumer's sweep, marked
+/// redelivered and counted (`x-delivery-count` 2, as the visibility timeout's restore counts it);
+/// a lease in no holder's set (a Python worker's) stays where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_without_heartbeat_is_restored_counted_and_redelivered() {
+    use celery_core::Broker;
+    if !redis_available("redis_recovery") {
+        return;
+    }
+    let env = RedisEnv::new(VT);
+    let app = app(&env).await;
+    let python = python_lease(&env, &app, "python-held").await;
+    let ghost = python_lease(&env, &app, "ghost-held").await;
+    let mut c = env.conn();
+    let _: () = c.sadd(env.key("_celery_rs.held.ghost@test"), &ghost).unwrap();
+    let _: () = c.sadd(env.key("_celery_rs.workers"), "ghost@test").unwrap();
+
+    let broker = broker_backends::redis::RedisBroker::connect(&env.broker).await.unwrap();
+    broker.set_worker_name("live@test");
+    let mut consumer = broker.consume(&["ghost-held".to_owned()], 1).await.unwrap();
+    let mut d = tokio::time::timeout(T, consumer.next()).await.expect("restored at once").unwrap();
+    assert!(d.redelivered);
+    let msg = d.take_message().unwrap();
+    assert_eq!(msg.headers.extra.get("x-delivery-count"), Some(&json!(2)), "{:?}", msg.headers.extra);
+    assert!(d.is_held().await, "the new holder holds it");
+    let held: Vec<String> = c.smembers(env.key("_celery_rs.held.live@test")).unwrap();
+    assert_eq!(held.len(), 1, "tagged under the live holder");
+    d.ack().await.unwrap();
+    consumer.close().await;
+    assert!(wait_until(T, || c.scard::<_, u64>(env.key("_celery_rs.held.live@test")).unwrap() == 0), "ack untags");
+    let workers: Vec<String> = c.smembers(env.key("_celery_rs.workers")).unwrap();
+    assert_eq!(workers, vec!["live@test".to_owned()], "the ghost is forgotten");
+    assert!(c.hexists::<_, _, bool>(env.key("unacked"), &python).unwrap(), "the Python lease stays");
+    assert_eq!(c.llen::<_, u64>(env.key("python-held")).unwrap(), 0);
+}

@@ -116,7 +116,10 @@ impl Holder {
     /// Renews the heartbeat and notes what the reply says.
     async fn renew(&self) {
         let sent = Instant::now();
-        let r = self.db.query("renew a worker heartbeat", sql::HEARTBEAT, &[&self.id, &self.nonce, &self.grace_secs()]).await;
+        let r = self
+            .db
+            .query("renew a worker heartbeat", sql::HEARTBEAT, &[&self.id, &self.nonce, &self.grace_secs()])
+            .await;
         match r.map(|rows| rows.first().map_or(-1, |r| r.get::<_, i32>(0))) {
             Ok(1) => self.liveness.renewed(sent),
             Ok(0) => {

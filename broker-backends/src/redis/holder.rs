@@ -68,13 +68,15 @@ impl Holder {
         let id = match worker {
             Some(w) if !w.is_empty() && w.len() <= MAX_NAME => w.to_owned(),
             Some(w) => {
-                tracing::warn!(len = w.len(), "redis: worker name too long to hold deliveries under; using a random one");
+                tracing::warn!(
+                    len = w.len(),
+                    "redis: worker name too long to hold deliveries under; using a random one"
+                );
                 format!("anonymous#{nonce}")
             }
             None => format!("anonymous#{nonce}"),
         };
-        let mut holder =
-            Holder { id, nonce, liveness: Liveness::new(grace), conn, keys };
+        let mut holder = Holder { id, nonce, liveness: Liveness::new(grace), conn, keys };
         let mut seen: Option<String> = {
             let mut c = holder.conn.clone();
             c.get(holder.keys.heartbeat(&holder.id)).await.map_err(failed("redis: read a worker heartbeat"))?
@@ -197,7 +199,11 @@ impl Holder {
             match r {
                 Ok((next, restored, gone)) => {
                     if restored > 0 {
-                        tracing::warn!(restored, workers = gone, "redis: restored the deliveries of workers whose heartbeat stopped");
+                        tracing::warn!(
+                            restored,
+                            workers = gone,
+                            "redis: restored the deliveries of workers whose heartbeat stopped"
+                        );
                     }
                     cursor = next;
                     if cursor == 0 {

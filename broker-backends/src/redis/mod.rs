@@ -70,8 +70,8 @@ pub use connection::{MinReplicas, RedisConn};
 pub use consumer::RedisConsumer;
 pub use sentinel::SentinelUrl;
 pub use url::{
-    client_url, is_sentinel, min_replicas, worker_heartbeat, RedisOptions, CELERY_COMPAT_OPTIONS,
-    DEFAULT_WORKER_GRACE, DEFAULT_WORKER_HEARTBEAT,
+    client_url, is_sentinel, min_replicas, worker_heartbeat, RedisOptions, CELERY_COMPAT_OPTIONS, DEFAULT_WORKER_GRACE,
+    DEFAULT_WORKER_HEARTBEAT,
 };
 
 use crate::envelope;
