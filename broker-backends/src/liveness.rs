@@ -1,6 +1,13 @@
-//! What a consumer knows locally about its own heartbeat: whether a delivery it fetched can still
-//! be its own without asking the broker. Shared by the brokers that tie leases to a worker's
-//! heartbeat (Redis: a key per worker; PostgreSQL: a row per worker).
+//! Heartbeats of consuming workers, for the brokers that tie leases to them (Redis: a key per
+//! worker; PostgreSQL: a row per worker): the [`Holder`] (registration at start, the loop that
+//! renews and sweeps) is written once here over a broker's [`Heartbeat`] steps, and [`Liveness`] is
+//! what a consumer knows locally: whether a delivery it fetched can still be its own without asking
+//! the broker.
+//!
+//! A worker restarted under the same name returns its earlier run's deliveries at once
+//! ([`Holder::start`]); when that name's heartbeat is still alive it first watches it for one and a
+//! half beats: renewed, another live process uses the name, and this one holds under
+//! `<name>#<nonce>` instead of robbing it.
 //!
 //! The *epoch* counts the lapses the consumer has seen (a renewal that found its heartbeat expired
 //! or taken): a delivery fetched in an earlier epoch may have been given to another worker since.
@@ -9,11 +16,160 @@
 //! expired yet (the broker's server keeps its time to live; the margin absorbs clock rates).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use celery_core::sync::lock;
 use celery_core::url::{ServiceUrl, UrlError};
+use celery_core::BrokerError;
+
+/// The longest worker name used as a holder as is (a longer one holds under a random name).
+const MAX_NAME: usize = 200;
+
+/// What a renewal found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Renewal {
+    /// The heartbeat was alive and this process's.
+    Alive,
+    /// It had expired or was gone (set again now: what the holder held may have been restored).
+    Lapsed,
+    /// Another live process holds it (not touched).
+    Taken,
+}
+
+/// A broker's steps for one holder's heartbeat.
+#[async_trait]
+pub(crate) trait Heartbeat: Send + Sync + std::fmt::Debug + 'static {
+    /// The broker's name in log lines.
+    fn broker(&self) -> &'static str;
+    /// What holder `id`'s heartbeat reads now (`None`: it has none).
+    async fn read(&self, id: &str) -> Result<Option<String>, BrokerError>;
+    /// When `id`'s heartbeat still reads `expected` (`""`: none), restores what an earlier run of
+    /// `id` held and sets the heartbeat (process `nonce`, time to live `grace`): `Some(restored)`;
+    /// `None` when it reads otherwise (nothing changed).
+    async fn claim(&self, id: &str, nonce: &str, expected: &str, grace: Duration) -> Result<Option<u64>, BrokerError>;
+    /// Renews `id`'s heartbeat (beat number `seq`).
+    async fn renew(&self, id: &str, nonce: &str, seq: u64, grace: Duration) -> Result<Renewal, BrokerError>;
+    /// Restores what holders whose heartbeat expired held (logging what it did).
+    async fn sweep(&self);
+}
+
+/// One consuming broker instance: its name, its heartbeat's state, and the broker's steps.
+#[derive(Debug)]
+pub(crate) struct Holder<B> {
+    id: String,
+    nonce: String,
+    liveness: Liveness,
+    broker: B,
+}
+
+impl<B: Heartbeat> Holder<B> {
+    /// Registers a holder (named `worker`, or anonymous), restoring what an earlier run under
+    /// that name left, and starts its heartbeat: renewed every `beat`, each tick followed by a
+    /// sweep for dead holders, until the holder is dropped.
+    pub(crate) async fn start(
+        broker: B,
+        worker: Option<&str>,
+        beat: Duration,
+        grace: Duration,
+    ) -> Result<Arc<Holder<B>>, BrokerError> {
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let id = match worker {
+            Some(w) if !w.is_empty() && w.len() <= MAX_NAME => w.to_owned(),
+            _ => format!("anonymous#{nonce}"),
+        };
+        let mut holder = Holder { id, nonce, liveness: Liveness::new(grace), broker };
+        let name = holder.broker.broker();
+        let mut seen = holder.broker.read(&holder.id).await?;
+        if seen.is_some() {
+            // Alive a moment ago: an earlier run that just died, or a live process using the name.
+            tokio::time::sleep((beat * 3 / 2).min(grace)).await;
+        }
+        for attempt in 0..2 {
+            let sent = Instant::now();
+            let expected = seen.as_deref().unwrap_or("");
+            if let Some(restored) = holder.broker.claim(&holder.id, &holder.nonce, expected, grace).await? {
+                holder.liveness.renewed(sent);
+                if restored > 0 {
+                    tracing::warn!(
+                        restored,
+                        worker = %holder.id,
+                        "{name}: restored the deliveries an earlier run of this worker left unsettled"
+                    );
+                }
+                let holder = Arc::new(holder);
+                tokio::spawn(beat_loop(Arc::downgrade(&holder), beat));
+                return Ok(holder);
+            }
+            if attempt == 0 {
+                tracing::warn!(
+                    worker = %holder.id,
+                    "{name}: another live process consumes as this worker; give each worker its own name (-n)"
+                );
+                holder.id = format!("{}#{}", holder.id, holder.nonce);
+                seen = None;
+            }
+        }
+        Err(BrokerError::operation(format!("{name}: could not register this worker's heartbeat")))
+    }
+
+    /// The name its leases are recorded under.
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// What it knows of its own heartbeat (read the epoch before a fetch).
+    pub(crate) fn liveness(&self) -> &Liveness {
+        &self.liveness
+    }
+
+    /// The broker's steps.
+    pub(crate) fn broker(&self) -> &B {
+        &self.broker
+    }
+
+    /// Renews the heartbeat (beat number `seq`) and notes what the reply says.
+    async fn renew(&self, seq: u64) {
+        let name = self.broker.broker();
+        let sent = Instant::now();
+        match self.broker.renew(&self.id, &self.nonce, seq, self.liveness.grace()).await {
+            Ok(Renewal::Alive) => self.liveness.renewed(sent),
+            Ok(Renewal::Lapsed) => {
+                self.liveness.lapsed(Some(sent));
+                tracing::warn!(
+                    worker = %self.id,
+                    grace = ?self.liveness.grace(),
+                    "{name}: this worker's heartbeat lapsed (stalled longer than worker_grace); what it held may run elsewhere, and is not settled here twice"
+                );
+            }
+            Ok(Renewal::Taken) => {
+                self.liveness.lapsed(None);
+                tracing::error!(
+                    worker = %self.id,
+                    "{name}: another process took over this worker's name; give each worker its own name (-n)"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "{name}: heartbeat renewal failed; will retry"),
+        }
+    }
+}
+
+/// Sweeps for dead holders, then renews the heartbeat, every `beat`, until the holder is dropped.
+async fn beat_loop<B: Heartbeat>(holder: Weak<Holder<B>>, beat: Duration) {
+    let mut tick = tokio::time::interval(beat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 1u64;
+    loop {
+        let Some(h) = holder.upgrade() else { return };
+        h.broker.sweep().await;
+        drop(h);
+        tick.tick().await;
+        let Some(h) = holder.upgrade() else { return };
+        h.renew(seq).await;
+        seq += 1;
+    }
+}
 
 /// The default `worker_heartbeat`.
 pub const DEFAULT_WORKER_HEARTBEAT: Duration = Duration::from_secs(2);

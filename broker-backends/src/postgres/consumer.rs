@@ -460,7 +460,7 @@ impl Settle for PgSettle {
     /// the fetch; otherwise whether the row is still leased under this delivery's token.
     async fn is_held(&self) -> bool {
         self.shared.holder.liveness().surely_held(self.epoch)
-            || self.shared.holder.still_leased(self.id, self.token).await
+            || self.shared.holder.broker().still_leased(self.id, self.token).await
     }
 
     async fn ack(&self) -> Result<(), BrokerError> {

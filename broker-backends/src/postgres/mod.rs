@@ -329,8 +329,7 @@ impl PostgresBroker {
             .holder
             .get_or_try_init(|| {
                 holder::Holder::start(
-                    self.inner.db.clone(),
-                    self.inner.channels.0.clone(),
+                    holder::PgBeat::new(self.inner.db.clone(), self.inner.channels.0.clone()),
                     self.inner.worker.get().map(String::as_str),
                     self.inner.options.worker_heartbeat,
                     self.inner.options.worker_grace,

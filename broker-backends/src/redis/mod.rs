@@ -139,8 +139,7 @@ impl RedisBroker {
             .holder
             .get_or_try_init(|| {
                 Holder::start(
-                    self.conn.clone(),
-                    self.keys.clone(),
+                    holder::RedisBeat::new(self.conn.clone(), self.keys.clone()),
                     self.worker.get().map(String::as_str),
                     self.options.worker_heartbeat,
                     self.options.worker_grace,

@@ -83,7 +83,8 @@ impl Settle for RedisSettle {
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
     /// since the fetch; otherwise whether the tag is still in `unacked`.
     async fn is_held(&self) -> bool {
-        self.shared.holder.liveness().surely_held(self.epoch) || self.shared.holder.still_leased(&self.tag).await
+        self.shared.holder.liveness().surely_held(self.epoch)
+            || self.shared.holder.broker().still_leased(&self.tag).await
     }
 
     /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
