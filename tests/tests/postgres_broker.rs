@@ -55,6 +55,20 @@ fn firsts(msgs: &[Message]) -> Vec<i64> {
     msgs.iter().map(|m| serde_json::from_slice::<Value>(&m.body).unwrap()[0][0].as_i64().unwrap()).collect()
 }
 
+/// Resolves once every task of `ids` is STARTED.
+async fn all_started(app: &App, ids: &[String]) {
+    loop {
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(app.result(id).state().await.unwrap() == TaskState::Started);
+        }
+        if n == ids.len() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
@@ -67,18 +81,7 @@ async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
         ids.push(app.send_by_name("sleep", json!([3000]), json!({})).await.unwrap().id().to_owned());
     }
     let mut first = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-c", "3"]);
-    let started = async {
-        loop {
-            let mut n = 0;
-            for id in &ids {
-                n += usize::from(app.result(id).state().await.unwrap() == TaskState::Started);
-            }
-            if n == ids.len() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let started = all_started(&app, &ids);
     tokio::time::timeout(T, started).await.unwrap_or_else(|_| panic!("all three started\n{}", first.log()));
     first.signal("KILL");
     let killed_at = chrono::Utc::now();
@@ -122,18 +125,7 @@ async fn kill_9_mid_task_brings_the_tasks_back_within_the_heartbeat_grace() {
         w
     };
     let mut first = worker("first@pg");
-    let started = async {
-        loop {
-            let mut n = 0;
-            for id in &ids {
-                n += usize::from(app.result(id).state().await.unwrap() == TaskState::Started);
-            }
-            if n == ids.len() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let started = all_started(&app, &ids);
     tokio::time::timeout(T, started).await.unwrap_or_else(|_| panic!("all four started\n{}", first.log()));
     let second = worker("second@pg");
     first.signal("KILL");
