@@ -19,6 +19,8 @@ pub(crate) mod envelope;
 #[cfg(any(test, feature = "fuzzing"))]
 #[doc(hidden)]
 pub mod fuzzing;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) mod liveness;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;

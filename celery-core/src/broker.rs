@@ -108,6 +108,20 @@ pub trait Broker: Send + Sync + Debug {
         })
     }
 
+    /// Names the worker that consumes through this broker (Celery's node name, `celery@host`),
+    /// before its first consume. A broker that ties leases to a live worker (Redis: a heartbeat
+    /// key per worker) restores what an earlier run under the same name left unsettled when the
+    /// worker starts, instead of waiting for those leases to expire. The default ignores it.
+    ///
+    /// ```
+    /// fn before_consuming(broker: &dyn celery_core::Broker) {
+    ///     broker.set_worker_name("celery@host-1");
+    /// }
+    /// ```
+    fn set_worker_name(&self, name: &str) {
+        let _ = name;
+    }
+
     /// Exchanges and bindings, when the broker has them ([`Routing`]).
     fn routing(&self) -> Option<&dyn Routing> {
         None
@@ -204,6 +218,13 @@ pub trait Settle: Send + Sync + Debug {
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError>;
     /// Copy the raw payload to the queue's dead-letter queue with `reason`, and ack this delivery.
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError>;
+
+    /// False once the broker has given this delivery to another consumer (its worker was declared
+    /// dead while it stalled, see [`Broker::set_worker_name`]): its outcome should then not be
+    /// stored here. The default: always held.
+    async fn is_held(&self) -> bool {
+        true
+    }
 }
 
 /// Decodes a payload: the message (or why not) and whether the payload says it was redelivered.
@@ -314,6 +335,22 @@ impl Delivery {
     /// Dead-letter with a reason.
     pub async fn dead_letter(self, reason: &str) -> Result<(), BrokerError> {
         self.settle.dead_letter(reason).await
+    }
+
+    /// False once the broker has given this delivery to another consumer (this worker stalled
+    /// past its heartbeat's grace): a worker checks before storing an outcome, so that the run of
+    /// the worker that took it over is the one stored.
+    ///
+    /// ```
+    /// # async fn demo() {
+    /// use celery_core::broker::{Delivery, Settled};
+    /// let d = Delivery::new(Err(celery_core::ProtocolError::MissingField("body")), "celery".into(), false, Box::new(Settled));
+    /// assert!(d.is_held().await);
+    /// # }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(demo());
+    /// ```
+    pub async fn is_held(&self) -> bool {
+        self.settle.is_held().await
     }
 }
 

@@ -55,28 +55,33 @@ fn firsts(msgs: &[Message]) -> Vec<i64> {
     msgs.iter().map(|m| serde_json::from_slice::<Value>(&m.body).unwrap()[0][0].as_i64().unwrap()).collect()
 }
 
+/// Resolves once every task of `ids` is STARTED.
+async fn all_started(app: &App, ids: &[String]) {
+    loop {
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(app.result(id).state().await.unwrap() == TaskState::Started);
+        }
+        if n == ids.len() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
-    let (broker_url, backend_url) = (schema.url("postgres", "visibility_timeout=2"), schema.url("db+postgresql", ""));
+    // A grace longer than the test and another worker name: only the visibility timeout returns them.
+    let (broker_url, backend_url) =
+        (schema.url("postgres", "visibility_timeout=2&worker_grace=60"), schema.url("db+postgresql", ""));
     let app: App = celery_worker::connect(&broker_url, &backend_url).await.expect("connect");
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(app.send_by_name("sleep", json!([3000]), json!({})).await.unwrap().id().to_owned());
     }
     let mut first = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-c", "3"]);
-    let started = async {
-        loop {
-            let mut n = 0;
-            for id in &ids {
-                n += usize::from(app.result(id).state().await.unwrap() == TaskState::Started);
-            }
-            if n == ids.len() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+    let started = all_started(&app, &ids);
     tokio::time::timeout(T, started).await.unwrap_or_else(|_| panic!("all three started\n{}", first.log()));
     first.signal("KILL");
     let killed_at = chrono::Utc::now();
@@ -84,7 +89,7 @@ async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
     let leased = "SELECT count(*) FROM celery_rs_tasks WHERE leased_until IS NOT NULL AND deliveries = 1";
     assert_eq!(count(&schema, leased), 3, "the killed worker's tasks are still leased");
 
-    let second = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-c", "3"]);
+    let second = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-n", "second@pg", "-c", "3"]);
     for id in &ids {
         let r = app.result(id);
         assert_eq!(r.get::<u64>(T).await.unwrap_or_else(|e| panic!("{e}\n{}", second.log())), 3000);
@@ -95,6 +100,48 @@ async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
     }
     assert!(wait_until(Duration::from_secs(5), || count(&schema, "SELECT count(*) FROM celery_rs_tasks") == 0));
     assert!(second.log().contains("lease expired"), "the second worker returned them\n{}", second.log());
+}
+
+/// kill -9 of a worker running four 5 s tasks, with the visibility timeout of an hour: the idle
+/// worker returns them once the killed worker's row is `worker_grace` (10 s) old, and finishes all
+/// four within 20 s of the kill; a worker restarted under the killed one's name would not wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_task_brings_the_tasks_back_within_the_heartbeat_grace() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let (broker_url, backend_url) =
+        (schema.url("postgres", "visibility_timeout=3600"), schema.url("db+postgresql", ""));
+    let app: App = celery_worker::connect(&broker_url, &backend_url).await.expect("connect");
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(app.send_by_name("sleep", json!([5000]), json!({})).await.unwrap().id().to_owned());
+    }
+    let worker = |name: &str| {
+        let w = DemoProcess::start_urls(
+            &broker_url,
+            &backend_url,
+            &["worker", "-n", name, "-c", "4", "--prefetch-multiplier", "1"],
+        );
+        assert!(w.wait_log("worker ready", T), "{}", w.log());
+        w
+    };
+    let mut first = worker("first@pg");
+    let started = all_started(&app, &ids);
+    tokio::time::timeout(T, started).await.unwrap_or_else(|_| panic!("all four started\n{}", first.log()));
+    let second = worker("second@pg");
+    first.signal("KILL");
+    let killed = std::time::Instant::now();
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    for id in &ids {
+        let r = app.result(id);
+        assert_eq!(r.get::<u64>(T).await.unwrap_or_else(|e| panic!("{e}\n{}", second.log())), 5000);
+        assert_eq!(r.info().await.unwrap().and_then(|m| m.worker).as_deref(), Some("second@pg"));
+    }
+    let took = killed.elapsed();
+    eprintln!("postgres_broker: four 5 s tasks of a killed worker finished elsewhere {took:?} after the kill");
+    assert!(took < Duration::from_secs(20), "took {took:?}\n{}", second.log());
+    assert!(second.log().contains("workers whose heartbeat stopped"), "{}", second.log());
+    assert!(wait_until(Duration::from_secs(5), || count(&schema, "SELECT count(*) FROM celery_rs_tasks") == 0));
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_workers WHERE name = 'first@pg'"), 0, "forgotten");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

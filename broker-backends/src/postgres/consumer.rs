@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::holder::Holder;
 use super::listen::{Channel, Note};
 use super::{sql, Db};
 use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
@@ -52,6 +53,8 @@ struct Shared {
     slots: Slots,
     /// Acks: (id, fencing token).
     acks: AckQueue<(i64, i32)>,
+    /// Whose heartbeat vouches for these leases (see [`super::holder`]).
+    holder: Arc<Holder>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -81,6 +84,7 @@ impl PostgresConsumer {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         db: Db,
+        holder: Arc<Holder>,
         channel: String,
         notes: broadcast::Receiver<Note>,
         connected: watch::Receiver<bool>,
@@ -97,6 +101,7 @@ impl PostgresConsumer {
             leases: Mutex::new(HashMap::new()),
             slots: Slots::new(prefetch),
             acks: acks.clone(),
+            holder,
         });
         let cap = i64::try_from(max_message_size).unwrap_or(i64::MAX);
         let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt, cap, turn: 0 };
@@ -224,6 +229,8 @@ impl Fetcher {
         n: usize,
         tx: &mpsc::Sender<Delivery>,
     ) -> Result<Option<(usize, usize)>, BrokerError> {
+        // Read before the fetch runs: a lapse noticed after it means these may have been returned.
+        let epoch = self.shared.holder.liveness().epoch();
         let taken = self.lease(queue, n).await?;
         let count = taken.rows.len();
         for dlq in &taken.dead {
@@ -232,7 +239,7 @@ impl Fetcher {
             }
         }
         for row in taken.rows {
-            if tx.send(self.delivery(queue, row)).await.is_err() {
+            if tx.send(self.delivery(queue, row, epoch)).await.is_err() {
                 return Ok(None);
             }
         }
@@ -242,8 +249,8 @@ impl Fetcher {
     /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out (those too
     /// large are dead-lettered by the statement).
     async fn lease(&self, queue: &str, n: usize) -> Result<Taken, BrokerError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&queue, &(n as i64), &self.vt.as_secs_f64(), &self.cap];
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
+            [&queue, &(n as i64), &self.vt.as_secs_f64(), &self.cap, &self.shared.holder.id()];
         let rows = self.shared.db.query("fetch", sql::FETCH, &params).await?;
         let mut dead: Vec<String> = Vec::new();
         let mut rows: Vec<Row> = rows
@@ -281,7 +288,7 @@ impl Fetcher {
         Ok(Taken { rows, leased, dead })
     }
 
-    fn delivery(&self, queue: &str, row: Row) -> Delivery {
+    fn delivery(&self, queue: &str, row: Row, epoch: u64) -> Delivery {
         let payload = match row.payload {
             Ok(p) => Arc::new(p),
             Err(id) => return self.oversized(queue, row.size, id),
@@ -304,6 +311,7 @@ impl Fetcher {
             shared: self.shared.clone(),
             id: row.id,
             token: row.deliveries,
+            epoch,
             queue: queue.to_owned(),
             payload,
         };
@@ -416,6 +424,8 @@ struct PgSettle {
     shared: Arc<Shared>,
     id: i64,
     token: i32,
+    /// The holder's epoch when it was fetched ([`crate::liveness::Liveness::surely_held`]).
+    epoch: u64,
     queue: String,
     payload: Arc<Vec<u8>>,
 }
@@ -446,6 +456,13 @@ fn truncated(s: &str, max: usize) -> &str {
 
 #[async_trait]
 impl Settle for PgSettle {
+    /// Certain without a round trip while the worker's row has been renewed without a lapse since
+    /// the fetch; otherwise whether the row is still leased under this delivery's token.
+    async fn is_held(&self) -> bool {
+        self.shared.holder.liveness().surely_held(self.epoch)
+            || self.shared.holder.broker().still_leased(self.id, self.token).await
+    }
+
     async fn ack(&self) -> Result<(), BrokerError> {
         self.shared.release(self.id);
         self.shared.acks.ack((self.id, self.token))

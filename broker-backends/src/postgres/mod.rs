@@ -8,8 +8,10 @@
 //! - Consume: `FOR UPDATE SKIP LOCKED` takes up to the free prefetch slots (at most 500), an
 //!   equal share from each of the consumer's queues (the first one rotating, what one leaves going
 //!   to the others), by priority then age, and leases them for the visibility timeout (`visibility_timeout`, default 3600 s), which the consumer renews
-//!   while the deliveries are unsettled; every consumer returns expired leases to their queues
-//!   (a dead worker's tasks come back). An idle consumer sleeps until a `NOTIFY` for one of its
+//!   while the deliveries are unsettled; every consumer returns expired leases to their queues.
+//!   A dead worker's tasks come back sooner: each leased row names its worker, whose row in
+//!   `celery_rs_workers` is renewed every `worker_heartbeat` (2 s); once it is `worker_grace`
+//!   (10 s) old, the next sweep returns its tasks ([`holder`]). An idle consumer sleeps until a `NOTIFY` for one of its
 //!   queues or the next eta, never polling while its `LISTEN` connection is up (once a second
 //!   while it reconnects). A consumer with a size cap ([`Broker::consume_capped`]) has the fetch
 //!   move a larger message to `<queue>.dead` itself: its payload never leaves the server.
@@ -29,7 +31,8 @@
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
 //!   ([`migrate`]); their layout and autovacuum settings are in [`sql`].
 //!
-//! Options: those of [`url`] (libpq's, TLS, `pool_size`), and `visibility_timeout`.
+//! Options: those of [`url`] (libpq's, TLS, `pool_size`), `visibility_timeout`, `worker_heartbeat`
+//! and `worker_grace`.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
@@ -46,6 +49,7 @@ pub mod broadcast;
 pub mod connect;
 mod consumer;
 pub mod error;
+mod holder;
 mod listen;
 pub mod migrate;
 pub mod outbox;
@@ -156,6 +160,10 @@ struct Inner {
     listener: tokio::sync::OnceCell<Listener>,
     /// When expired broadcasts were last pruned (Unix seconds).
     pruned: AtomicI64,
+    /// The worker's name ([`Broker::set_worker_name`]), the holder of what it consumes.
+    worker: std::sync::OnceLock<String>,
+    /// Registered at the first consume; shared by every consumer of this broker.
+    holder: tokio::sync::OnceCell<Arc<holder::Holder>>,
 }
 
 /// The PostgreSQL broker. Clones share the pool and the listener.
@@ -185,6 +193,8 @@ impl PostgresBroker {
                 channels,
                 listener: tokio::sync::OnceCell::new(),
                 pruned: AtomicI64::new(0),
+                worker: std::sync::OnceLock::new(),
+                holder: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -314,9 +324,23 @@ impl PostgresBroker {
         for q in queues {
             check_queue(q)?;
         }
+        let holder = self
+            .inner
+            .holder
+            .get_or_try_init(|| {
+                holder::Holder::start(
+                    holder::PgBeat::new(self.inner.db.clone(), self.inner.channels.0.clone()),
+                    self.inner.worker.get().map(String::as_str),
+                    self.inner.options.worker_heartbeat,
+                    self.inner.options.worker_grace,
+                )
+            })
+            .await?
+            .clone();
         let listener = self.listener();
         let c = PostgresConsumer::start(
             self.inner.db.clone(),
+            holder,
             self.inner.channels.0.clone(),
             listener.subscribe(),
             listener.connected(),
@@ -403,6 +427,12 @@ impl Broker for PostgresBroker {
                 }),
             })
             .collect())
+    }
+
+    /// The holder name of this broker's consumers: a restart under the same name returns what the
+    /// earlier run held at once (`holder.rs`). Only the first name given counts.
+    fn set_worker_name(&self, name: &str) {
+        let _ = self.inner.worker.set(name.to_owned());
     }
 
     celery_core::offers!(routing, broadcasts, leases, documents);

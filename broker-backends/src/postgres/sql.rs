@@ -13,6 +13,11 @@
 //! - `celery_rs_broadcasts` (unlogged): every broadcast, with a random nonce, kept a minute (see
 //!   [`super::broadcast`]).
 //! - `celery_rs_leases` (beat's leader: a row with an expiry), `celery_rs_documents` (beat's state).
+//! - `celery_rs_workers`: one row per consuming worker (its name, a nonce per process, and
+//!   `alive_until`, renewed every `worker_heartbeat` to now + `worker_grace`); a leased task names
+//!   its `holder`. A worker whose row expired is deleted with the return of what it held, in one
+//!   statement ([`RESTORE_DEAD`]), so its tasks come back in seconds, not after the visibility
+//!   timeout (see [`super::holder`]).
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -117,6 +122,20 @@ EXCEPTION WHEN others THEN
 END $$;
 ",
     },
+    Migration {
+        version: 3,
+        name: "workers with heartbeats; the holder of a leased task",
+        sql: "
+CREATE TABLE IF NOT EXISTS celery_rs_workers (
+    name text PRIMARY KEY,
+    nonce text NOT NULL,
+    alive_until timestamp with time zone NOT NULL
+);
+ALTER TABLE celery_rs_tasks ADD COLUMN IF NOT EXISTS holder text;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_holder ON celery_rs_tasks (holder)
+    WHERE leased_until IS NOT NULL;
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -135,7 +154,7 @@ WITH ins AS (
     RETURNING queue)
 SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 
-/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds, except those whose payload
+/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds to holder `$5`, except those whose payload
 /// is larger than `$4` bytes: these move to `<queue>.dead` unread, with the reason. Returns `id,
 /// deliveries, priority, run_at, size, payload (NULL when too large), the task id of one too
 /// large, its dead-letter queue, the reason of a dead letter` (in no order: the caller sorts).
@@ -148,6 +167,7 @@ WITH picked AS (
     FOR UPDATE SKIP LOCKED)
 UPDATE celery_rs_tasks t
 SET leased_until = CASE WHEN picked.big THEN NULL ELSE now() + make_interval(secs => $3) END,
+    holder = CASE WHEN picked.big THEN NULL ELSE $5::text END,
     deliveries = t.deliveries + 1,
     queue = CASE WHEN picked.big THEN t.queue || '.dead' ELSE t.queue END,
     reason = CASE WHEN picked.big
@@ -176,11 +196,60 @@ UPDATE celery_rs_tasks t SET leased_until = now() + make_interval(secs => $3)
 FROM unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
 WHERE t.id = l.id AND t.deliveries = l.deliveries AND t.leased_until IS NOT NULL";
 
-/// Deletes the acked messages `$1` (ids) still holding tokens `$2` (taken again by another
-/// consumer, a row has a new token and stays).
+/// Deletes the acked messages `$1` (ids) still holding tokens `$2` under a lease (taken again by
+/// another consumer, a row has a new token and stays; returned to its queue, it runs again).
 pub(crate) const ACK: &str = "
 DELETE FROM celery_rs_tasks t USING unnest($1::bigint[], $2::integer[]) AS l(id, deliveries)
-WHERE t.id = l.id AND t.deliveries = l.deliveries";
+WHERE t.id = l.id AND t.deliveries = l.deliveries AND t.leased_until IS NOT NULL";
+
+/// Whether message `$1` is still leased under token `$2`.
+pub(crate) const HELD: &str = "
+SELECT EXISTS (SELECT 1 FROM celery_rs_tasks WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL)";
+
+/// The heartbeat of worker `$1` (process nonce `$2`): `alive_until` (as text) when it has a row.
+pub(crate) const WORKER_SEEN: &str = "SELECT alive_until::text FROM celery_rs_workers WHERE name = $1";
+
+/// Renews worker `$1`'s heartbeat (nonce `$2`) to now + `$3` seconds. Returns 1 when its row was
+/// alive and its own; 0 when it had expired or was gone (set again: what it held may have been
+/// returned meanwhile); -1 when another live process holds the name (not touched).
+pub(crate) const HEARTBEAT: &str = "
+WITH prev AS (SELECT nonce = $2 AND alive_until >= now() AS ok FROM celery_rs_workers WHERE name = $1),
+up AS (
+    INSERT INTO celery_rs_workers (name, nonce, alive_until) VALUES ($1, $2, now() + make_interval(secs => $3))
+    ON CONFLICT (name) DO UPDATE SET nonce = EXCLUDED.nonce, alive_until = EXCLUDED.alive_until
+    WHERE celery_rs_workers.nonce = EXCLUDED.nonce OR celery_rs_workers.alive_until < now()
+    RETURNING 1)
+SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM up) THEN -1
+            WHEN coalesce((SELECT ok FROM prev), false) THEN 1 ELSE 0 END";
+
+/// A worker's start: when worker `$1`'s `alive_until` still reads `$4` (`''`: no row), returns
+/// what an earlier run under that name held to its queues (notifying `$5`), and sets the heartbeat
+/// (nonce `$2`, `$3` seconds). Returns `(registered, returned)`: registered is 0 when the row
+/// changed meanwhile (another live process renews it).
+pub(crate) const CLAIM: &str = "
+WITH cur AS (SELECT coalesce((SELECT alive_until::text FROM celery_rs_workers WHERE name = $1), '') = $4 AS ok),
+back AS (
+    UPDATE celery_rs_tasks SET leased_until = NULL, holder = NULL
+    WHERE holder = $1 AND leased_until IS NOT NULL AND (SELECT ok FROM cur)
+    RETURNING queue),
+up AS (
+    INSERT INTO celery_rs_workers (name, nonce, alive_until)
+    SELECT $1, $2, now() + make_interval(secs => $3) WHERE (SELECT ok FROM cur)
+    ON CONFLICT (name) DO UPDATE SET nonce = EXCLUDED.nonce, alive_until = EXCLUDED.alive_until
+    RETURNING 1),
+notes AS (SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM back) d)
+SELECT (SELECT count(*) FROM up), (SELECT count(*) FROM back), (SELECT count(*) FROM notes)";
+
+/// Deletes the rows of workers whose heartbeat expired and returns what they held to their
+/// queues, in one statement (concurrent sweepers: each row is deleted, and its tasks returned,
+/// once); notifies `$1` per queue. Returns `(queue notified, count)` per queue.
+pub(crate) const RESTORE_DEAD: &str = "
+WITH dead AS (DELETE FROM celery_rs_workers WHERE alive_until < now() RETURNING name),
+back AS (
+    UPDATE celery_rs_tasks SET leased_until = NULL, holder = NULL
+    WHERE holder IN (SELECT name FROM dead) AND leased_until IS NOT NULL
+    RETURNING queue)
+SELECT pg_notify($1, q), n FROM (SELECT queue AS q, count(*) AS n FROM back GROUP BY queue) d";
 
 /// Returns up to `$2` messages whose lease expired to their queues; notifies `$1` per queue.
 pub(crate) const RESTORE: &str = "

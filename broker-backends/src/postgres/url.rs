@@ -135,6 +135,11 @@ pub struct BrokerOptions {
     /// A leased task whose lease is not renewed for this long goes back to its queue
     /// (`visibility_timeout`, seconds, default 3600 as on Redis; at most a day).
     pub visibility_timeout: Duration,
+    /// `worker_heartbeat` (seconds, default 2): how often a consumer renews its worker row.
+    pub worker_heartbeat: Duration,
+    /// `worker_grace` (seconds, default 10): how long after its last renewal a worker's tasks go
+    /// back to their queues.
+    pub worker_grace: Duration,
 }
 
 /// Reads a broker URL (`postgres://` or `postgresql://`); an unknown option is an error naming it.
@@ -148,8 +153,9 @@ pub fn broker_options(url: &str) -> Result<BrokerOptions, PgError> {
     if visibility_timeout < Duration::from_millis(100) || visibility_timeout > MAX_VISIBILITY_TIMEOUT {
         return Err(u.bad_value("visibility_timeout", "a number of seconds from 0.1 to 86400").into());
     }
+    let (worker_heartbeat, worker_grace) = crate::liveness::options(&u)?;
     u.finish()?;
-    Ok(BrokerOptions { connect, visibility_timeout })
+    Ok(BrokerOptions { connect, visibility_timeout, worker_heartbeat, worker_grace })
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The reliable Redis consumer: the leased fetch (a Lua script that takes envelopes and records
 //! each in Kombu's `unacked` hash in one step), the wait for new messages, and the background
-//! loops: lease renewal, restore of dead workers' leases, and promotion of due ETA messages. The
+//! loops: lease renewal, restore of leases past the visibility timeout (the heartbeat sweep in
+//! [`super::holder`] restores a dead worker of ours sooner), and promotion of due ETA messages. The
 //! shell (prefetch, reconnect pauses, batched acks, close) is [`crate::consumer`]'s; settling is in
 //! [`super::settle`].
 
@@ -18,6 +19,7 @@ use tokio::sync::mpsc;
 
 use super::connection::RedisConn;
 use super::error::{broker_error, failed};
+use super::holder::Holder;
 use super::keys::{Keys, STEPS};
 use super::settle::RedisSettle;
 use super::{scripts, RedisOptions};
@@ -46,6 +48,10 @@ pub(super) struct Shared {
     leases: Mutex<HashSet<String>>,
     slots: Slots,
     pub(super) acks: AckQueue<String>,
+    /// Whose heartbeat vouches for these leases (see [`super::holder`]).
+    pub(super) holder: Arc<Holder>,
+    /// The holder's `held` set.
+    pub(super) held: String,
 }
 
 impl Shared {
@@ -65,6 +71,7 @@ impl RedisConsumer {
     pub(super) fn start(
         conn: RedisConn,
         keys: Keys,
+        holder: Arc<Holder>,
         options: &RedisOptions,
         queues: &[String],
         prefetch: usize,
@@ -78,6 +85,8 @@ impl RedisConsumer {
             leases: Mutex::new(HashSet::new()),
             slots: Slots::new(prefetch),
             acks: acks.clone(),
+            held: keys.held(holder.id()),
+            holder,
         });
         let mut lists = Vec::new();
         for step in STEPS {
@@ -100,6 +109,7 @@ impl RedisConsumer {
         let vt = options.visibility_timeout;
         let ack_keys = keys.clone();
         let ack_conn = conn.clone();
+        let held = shared.held.clone();
         // Acks are retried whatever failed: a batch is only given up when the consumer is dropped.
         let ack = batcher.run(
             "redis",
@@ -107,7 +117,13 @@ impl RedisConsumer {
             |_| true,
             move |tags: &[String]| {
                 let mut pipe = redis::pipe();
-                pipe.atomic().hdel(ack_keys.unacked(), tags).ignore().zrem(ack_keys.unacked_index(), tags).ignore();
+                pipe.atomic()
+                    .hdel(ack_keys.unacked(), tags)
+                    .ignore()
+                    .zrem(ack_keys.unacked_index(), tags)
+                    .ignore()
+                    .srem(&held, tags)
+                    .ignore();
                 let mut conn = ack_conn.clone();
                 async move { pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: ack")) }
             },
@@ -202,7 +218,7 @@ impl Fetch for RedisFetch {
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
         let keys = &self.shared.keys;
         let mut inv = self.script.prepare_invoke();
-        inv.key(keys.unacked()).key(keys.unacked_index());
+        inv.key(keys.unacked()).key(keys.unacked_index()).key(&self.shared.held).key(keys.workers());
         for (k, _) in &self.lists {
             inv.key(k);
         }
@@ -210,6 +226,9 @@ impl Fetch for RedisFetch {
             inv.key(keys.bucket(&dead_letter_queue(q), 0));
         }
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
+        inv.arg(self.shared.holder.id());
+        // Read before the fetch runs: a lapse noticed after it means these may have been restored.
+        let epoch = self.shared.holder.liveness().epoch();
         for (_, q) in &self.lists {
             inv.arg(q);
         }
@@ -240,7 +259,7 @@ impl Fetch for RedisFetch {
             lock(&self.shared.leases).insert(tag.clone());
             let decoded = envelope::decode(&env);
             let size = env.len();
-            let settle = RedisSettle::new(self.shared.clone(), tag, env, list_key, queue.clone());
+            let settle = RedisSettle::new(self.shared.clone(), tag, epoch, env, list_key, queue.clone());
             let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size);
             if tx.send(d).await.is_err() {
                 return Fetched::Closed;

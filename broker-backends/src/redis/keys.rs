@@ -1,7 +1,7 @@
 //! Kombu's key layout on Redis, behind the optional `global_keyprefix` (see [`super::scripts`] for
 //! what each key holds): the priority buckets of a queue, the `unacked` lease hash and its index,
 //! the binding sets of exchanges, the fanout channels, and ours (`_celery_rs.*`): delayed messages,
-//! leases and documents.
+//! leases, documents, and our consumers' heartbeats with what each holds.
 
 /// Kombu's separator between a queue name and its priority bucket.
 pub(crate) const SEP: &str = "\x06\x16";
@@ -57,6 +57,21 @@ impl Keys {
     /// A lease (`SET NX PX` with renewal by its holder).
     pub(crate) fn lease(&self, name: &str) -> String {
         format!("{}_celery_rs.lease.{name}", self.prefix)
+    }
+
+    /// A holder's heartbeat (`SET PX grace`, renewed by the holder): `<prefix>_celery_rs.worker.<holder>`.
+    pub(crate) fn heartbeat(&self, holder: &str) -> String {
+        format!("{}_celery_rs.worker.{holder}", self.prefix)
+    }
+
+    /// The tags a holder has in `unacked`: `<prefix>_celery_rs.held.<holder>`.
+    pub(crate) fn held(&self, holder: &str) -> String {
+        format!("{}_celery_rs.held.{holder}", self.prefix)
+    }
+
+    /// The holders that may hold deliveries (whose heartbeats the sweep checks).
+    pub(crate) fn workers(&self) -> String {
+        format!("{}_celery_rs.workers", self.prefix)
     }
 
     /// A stored document.

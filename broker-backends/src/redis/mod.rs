@@ -13,11 +13,15 @@
 //! - Consume: a Lua script takes up to N envelopes and records each in Kombu's `unacked` hash and
 //!   `unacked_index` zset in the same step, so no message is ever only in a worker's memory.
 //!   While a delivery is unsettled its lease is renewed; a worker that dies stops renewing and its
-//!   messages are restored to their queues after `visibility_timeout` (default 3600 s).
+//!   messages are restored to their queues after `visibility_timeout` (default 3600 s), the
+//!   same for Python workers' messages. What our own consumers hold comes back much sooner: each
+//!   renews a heartbeat key (`worker_heartbeat`, 2 s) and tags its deliveries, and the others
+//!   restore a holder's deliveries once its heartbeat is `worker_grace` (10 s) old (`holder.rs`).
 //! - Connection loss: every loop retries with capped exponential backoff and logs it.
 //!
 //! Where things are: `url.rs`, `sentinel.rs` (the `sentinel://` URL and the question to the
-//! sentinels), `connection.rs` (the connection every loop shares), `keys.rs` (Kombu's key
+//! sentinels), `connection.rs` (the connection every loop shares), `holder.rs` (our consumers'
+//! heartbeats and the restore of a dead one's deliveries), `keys.rs` (Kombu's key
 //! layout), `scripts.rs` (the Lua steps), `consumer.rs`, `settle.rs`, `error.rs` (redis errors as
 //! ours); publishing, routing, broadcasts and leases here.
 //!
@@ -25,7 +29,8 @@
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on
 //! unix sockets) and redis-py's `password=` (moved into the userinfo); Celery's connection options
 //! listed in [`CELERY_COMPAT_OPTIONS`] are accepted with no effect; `min_replicas=N` and
-//! `min_replicas_timeout=MS` ([`MinReplicas`]). Any other option is an error.
+//! `min_replicas_timeout=MS` ([`MinReplicas`]); `worker_heartbeat=SECONDS` and
+//! `worker_grace=SECONDS` ([`worker_heartbeat`]). Any other option is an error.
 //!
 //! `sentinel://h1:26379;sentinel://h2:26379/0?master_name=NAME` ([`SentinelUrl`]) takes the same
 //! options and connects to the master the sentinels name; every loop follows a failover through
@@ -41,12 +46,14 @@
 mod connection;
 mod consumer;
 pub mod error;
+mod holder;
 mod keys;
 mod scripts;
 mod sentinel;
 mod settle;
 mod url;
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -62,10 +69,14 @@ use redis::AsyncCommands;
 pub use connection::{MinReplicas, RedisConn};
 pub use consumer::RedisConsumer;
 pub use sentinel::SentinelUrl;
-pub use url::{client_url, is_sentinel, min_replicas, RedisOptions, CELERY_COMPAT_OPTIONS};
+pub use url::{
+    client_url, is_sentinel, min_replicas, worker_heartbeat, RedisOptions, CELERY_COMPAT_OPTIONS, DEFAULT_WORKER_GRACE,
+    DEFAULT_WORKER_HEARTBEAT,
+};
 
 use crate::envelope;
 use error::failed;
+use holder::Holder;
 use keys::{Keys, SEP};
 
 /// Messages one [`Broker::peek`] returns at most.
@@ -91,6 +102,10 @@ pub struct RedisBroker {
     conn: RedisConn,
     keys: Keys,
     options: RedisOptions,
+    /// The worker's name ([`Broker::set_worker_name`]), the holder of what it consumes.
+    worker: Arc<OnceLock<String>>,
+    /// Registered at the first consume; shared by every consumer of this broker and its clones.
+    holder: Arc<tokio::sync::OnceCell<Arc<Holder>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -108,7 +123,30 @@ impl RedisBroker {
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         let options = RedisOptions::parse(url)?;
         let conn = RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await?;
-        Ok(RedisBroker { conn, keys: Keys::new(&options.key_prefix), options })
+        Ok(RedisBroker {
+            conn,
+            keys: Keys::new(&options.key_prefix),
+            options,
+            worker: Arc::default(),
+            holder: Arc::default(),
+        })
+    }
+
+    /// The holder every consumer of this broker leases under, registered (and its heartbeat
+    /// started) on first use.
+    async fn holder(&self) -> Result<Arc<Holder>, BrokerError> {
+        let holder = self
+            .holder
+            .get_or_try_init(|| {
+                Holder::start(
+                    holder::RedisBeat::new(self.conn.clone(), self.keys.clone()),
+                    self.worker.get().map(String::as_str),
+                    self.options.worker_heartbeat,
+                    self.options.worker_grace,
+                )
+            })
+            .await?;
+        Ok(holder.clone())
     }
 
     /// The connection in use (it follows Sentinel failovers).
@@ -210,6 +248,7 @@ impl Broker for RedisBroker {
         let c = RedisConsumer::start(
             self.conn.clone(),
             self.keys.clone(),
+            self.holder().await?,
             &self.options,
             queues,
             prefetch,
@@ -268,6 +307,14 @@ impl Broker for RedisBroker {
             .take(max)
             .map(|raw| envelope::decode(&raw).message)
             .collect())
+    }
+
+    /// The holder name of this broker's consumers: a restart under the same name restores what
+    /// the earlier run held at once (`holder.rs`). Only the first name given counts.
+    fn set_worker_name(&self, name: &str) {
+        if self.worker.set(name.to_owned()).is_err() && self.worker.get().is_some_and(|w| w != name) {
+            tracing::debug!(name, "redis: this broker consumes under its first worker name already");
+        }
     }
 
     celery_core::offers!(routing, broadcasts, leases, documents);

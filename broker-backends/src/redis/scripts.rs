@@ -7,6 +7,10 @@
 //! - `_celery_rs.delayed.<queue>` (zset envelope -> due time in ms): ETA messages held durably.
 //! - `_celery_rs.lease.<name>` (string holder, `PX` ttl) and `_celery_rs.doc.<key>`: beat's leader
 //!   lease and state.
+//! - `_celery_rs.worker.<holder>` (string `<nonce>:<beat>`, `PX` grace): the heartbeat of one of our
+//!   consumers; `_celery_rs.held.<holder>` (set of tags): what it holds in `unacked`;
+//!   `_celery_rs.workers` (set of holders): whom to check. Kombu never reads these, and a tag in no
+//!   `held` set (a Python worker's) is restored by the visibility timeout only.
 
 use redis::Script;
 
@@ -14,8 +18,9 @@ use redis::Script;
 /// An envelope longer than `max` bytes is not leased nor returned: it goes to the front of its
 /// dead-letter list (the layout of [`crate::envelope::dead_letter`]'s wrapper: the original as the
 /// body, the reason and queue in the headers), and the reply carries only its size.
-/// KEYS: unacked, unacked_index, lists..., then one dead-letter list per list;
-/// ARGV: now, n, tag prefix, first sequence, max, routing keys...
+/// Each leased tag is also added to the consumer's `held` set, and the holder to `workers`.
+/// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
+/// ARGV: now, n, tag prefix, first sequence, max, holder, routing keys...
 /// Returns triples: (list index, envelope, tag), or (list index, size, task id or "") for a
 /// dead-lettered one: the id is the `correlation_id` found in the envelope's last 64 KiB (where
 /// Kombu's envelopes keep their properties, after the body), so its caller can be told.
@@ -26,12 +31,13 @@ local out = {}
 local n = tonumber(ARGV[2])
 local seq = tonumber(ARGV[4])
 local max = tonumber(ARGV[5])
-local lists = (#KEYS - 2) / 2
-for i = 3, 2 + lists do
+local lists = (#KEYS - 4) / 2
+local took = false
+for i = 5, 4 + lists do
   if n <= 0 then break end
   local items = redis.call('RPOP', KEYS[i], n)
   if items then
-    local q = ARGV[i + 3]
+    local q = ARGV[i + 2]
     local rk = cjson.encode(q)
     for _, env in ipairs(items) do
       local size = string.len(env)
@@ -43,7 +49,7 @@ for i = 3, 2 + lists do
           .. '{"body_encoding":"utf-8","delivery_info":{"exchange":"","routing_key":' .. rk .. '}}}'
         redis.call('LPUSH', KEYS[i + lists], dead)
         local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
-        out[#out + 1] = i - 3
+        out[#out + 1] = i - 5
         out[#out + 1] = size
         out[#out + 1] = id or ''
       else
@@ -51,7 +57,9 @@ for i = 3, 2 + lists do
         seq = seq + 1
         redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
         redis.call('ZADD', KEYS[2], ARGV[1], tag)
-        out[#out + 1] = i - 3
+        redis.call('SADD', KEYS[3], tag)
+        took = true
+        out[#out + 1] = i - 5
         out[#out + 1] = env
         out[#out + 1] = tag
         n = n - 1
@@ -59,6 +67,7 @@ for i = 3, 2 + lists do
     end
   end
 end
+if took then redis.call('SADD', KEYS[4], ARGV[6]) end
 return out
 "#,
     )
@@ -93,16 +102,13 @@ local function queues_for(prefix, exchange, rk)
 end
 "#;
 
-/// Restores leases older than the cutoff to the front of their queues, marking them redelivered and
-/// counting deliveries in the `x-delivery-count` header.
-/// KEYS: unacked, unacked_index; ARGV: cutoff, limit, key prefix.
-pub(crate) fn restore() -> Script {
-    Script::new(&format!(
-        r#"{BUCKET_FN}
-local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-local restored = 0
-for _, tag in ipairs(tags) do
-  local p = redis.call('HGET', KEYS[1], tag)
+/// `restore_tag(unacked, index, prefix, tag)`: puts the leased envelope of `tag` back at the front
+/// of its queues, marked redelivered, its `x-delivery-count` header counted up (what sends a poison
+/// message to the dead-letter queue), and drops the lease. Returns 1 when an envelope was restored.
+const RESTORE_FN: &str = r#"
+local function restore_tag(unacked, index, prefix, tag)
+  local restored = 0
+  local p = redis.call('HGET', unacked, tag)
   if p then
     local ok, t = pcall(cjson.decode, p)
     if ok and type(t) == 'table' and type(t[1]) == 'table' and type(t[3]) == 'string' then
@@ -116,18 +122,128 @@ for _, tag in ipairs(tags) do
         env.properties.delivery_info.redelivered = true
       end
       local data = cjson.encode(env)
-      for _, q in ipairs(queues_for(ARGV[3], t[2], t[3])) do
-        redis.call('RPUSH', bucket_key(ARGV[3], q, env), data)
+      for _, q in ipairs(queues_for(prefix, t[2], t[3])) do
+        redis.call('RPUSH', bucket_key(prefix, q, env), data)
       end
-      restored = restored + 1
+      restored = 1
     end
   end
-  redis.call('HDEL', KEYS[1], tag)
-  redis.call('ZREM', KEYS[2], tag)
+  redis.call('HDEL', unacked, tag)
+  redis.call('ZREM', index, tag)
+  return restored
+end
+"#;
+
+/// Restores leases older than the cutoff to the front of their queues, marking them redelivered and
+/// counting deliveries in the `x-delivery-count` header.
+/// KEYS: unacked, unacked_index; ARGV: cutoff, limit, key prefix.
+pub(crate) fn restore() -> Script {
+    Script::new(&format!(
+        r#"{BUCKET_FN}{RESTORE_FN}
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local restored = 0
+for _, tag in ipairs(tags) do
+  restored = restored + restore_tag(KEYS[1], KEYS[2], ARGV[3], tag)
 end
 return restored
 "#
     ))
+}
+
+/// Restores at once what holders whose heartbeat key is gone held: one `SSCAN` step over
+/// `workers`; for each holder without its `_celery_rs.worker.<holder>` key, up to `max` tags popped
+/// from its `held` set are restored ([`RESTORE_FN`]; a tag no longer in `unacked` was settled or
+/// restored already), and a holder left with nothing is removed from `workers`. One script: many
+/// live consumers sweeping at once restore each delivery exactly once.
+/// KEYS: unacked, unacked_index, workers; ARGV: key prefix, heartbeat key prefix, held key prefix,
+/// cursor, holders per step, max tags per holder. Returns (next cursor, restored, holders removed).
+pub(crate) fn recover() -> Script {
+    Script::new(&format!(
+        r#"{BUCKET_FN}{RESTORE_FN}
+local r = redis.call('SSCAN', KEYS[3], ARGV[4], 'COUNT', tonumber(ARGV[5]))
+local restored, gone = 0, 0
+for _, h in ipairs(r[2]) do
+  if redis.call('EXISTS', ARGV[2] .. h) == 0 then
+    local held = ARGV[3] .. h
+    local tags = redis.call('SPOP', held, tonumber(ARGV[6]))
+    for _, tag in ipairs(tags) do
+      if redis.call('HEXISTS', KEYS[1], tag) == 1 then
+        restored = restored + restore_tag(KEYS[1], KEYS[2], ARGV[1], tag)
+      end
+    end
+    if redis.call('SCARD', held) == 0 then
+      redis.call('SREM', KEYS[3], h)
+      gone = gone + 1
+    end
+  end
+end
+return {{tonumber(r[1]), restored, gone}}
+"#
+    ))
+}
+
+/// A holder's start: when its heartbeat key still holds `expected` (`""`: absent), what an earlier
+/// run of the same holder left in its `held` set is restored ([`RESTORE_FN`]), the set emptied,
+/// the heartbeat set and the holder added to `workers`; otherwise nothing changes (another live
+/// process renews that key). KEYS: heartbeat, held, workers, unacked, unacked_index; ARGV:
+/// expected, value, ttl ms, holder, key prefix. Returns the count restored, or -1.
+pub(crate) fn claim() -> Script {
+    Script::new(&format!(
+        r#"{BUCKET_FN}{RESTORE_FN}
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return -1 end
+local restored = 0
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  if redis.call('HEXISTS', KEYS[4], tag) == 1 then
+    restored = restored + restore_tag(KEYS[4], KEYS[5], ARGV[5], tag)
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return restored
+"#
+    ))
+}
+
+/// Renews a holder's heartbeat. KEYS: heartbeat, workers; ARGV: nonce, value (`<nonce>:<beat>`),
+/// ttl ms, holder. Returns 1 when the key was ours and alive, 0 when it had expired (set again: what
+/// the holder held may have been restored meanwhile), -1 when another process holds it (not
+/// touched).
+pub(crate) fn heartbeat() -> Script {
+    Script::new(
+        r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) ~= ARGV[1] .. ':' then return -1 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[2], ARGV[4])
+if cur then return 1 end
+return 0
+"#,
+    )
+}
+
+/// Settles a delivery other than by ack, only while it is still leased: when `HDEL unacked tag`
+/// removes it, the envelope goes where `op` says (`rpush`/`lpush` to a list, `zadd` to a zset with
+/// `score`) and the tag leaves `unacked_index` and `held`; when the lease is gone (restored to
+/// another worker meanwhile), nothing is written, so no second copy appears.
+/// KEYS: unacked, unacked_index, held, target; ARGV: tag, op, value, score. Returns 1 when settled.
+pub(crate) fn settle() -> Script {
+    Script::new(
+        r#"
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[2] == 'zadd' then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+elseif ARGV[2] == 'lpush' then
+  redis.call('LPUSH', KEYS[4], ARGV[3])
+else
+  redis.call('RPUSH', KEYS[4], ARGV[3])
+end
+return 1
+"#,
+    )
 }
 
 /// Moves due envelopes from a delayed zset to the back of their queue, by the server's clock.

@@ -1,6 +1,8 @@
-//! Settling a Redis delivery. An ack is queued and sent in a batch (`HDEL unacked` and `ZREM
-//! unacked_index` in one `MULTI`); requeue, defer and dead-letter each move the envelope and drop
-//! its lease in one `MULTI`, so a message is always in exactly one place.
+//! Settling a Redis delivery. An ack is queued and sent in a batch (`HDEL unacked`, `ZREM
+//! unacked_index` and `SREM` from the holder's `held` set in one `MULTI`); requeue, defer and
+//! dead-letter each move the envelope and drop its lease in one script ([`scripts::settle`]) that
+//! moves nothing when the lease is gone (restored to another worker meanwhile), so a message is
+//! always in exactly one place.
 
 use std::sync::Arc;
 
@@ -12,6 +14,7 @@ use chrono::{DateTime, Utc};
 
 use super::consumer::Shared;
 use super::error::failed;
+use super::scripts;
 use crate::envelope;
 
 /// One delivery's lease: its tag in `unacked`, the envelope as taken, and where it came from.
@@ -19,6 +22,8 @@ use crate::envelope;
 pub(super) struct RedisSettle {
     shared: Arc<Shared>,
     tag: String,
+    /// The holder's epoch when it was fetched ([`crate::liveness::Liveness::surely_held`]).
+    epoch: u64,
     env: Vec<u8>,
     list_key: String,
     queue: String,
@@ -26,22 +31,41 @@ pub(super) struct RedisSettle {
 
 impl RedisSettle {
     /// The settlement of the envelope `env`, leased under `tag`, taken from `list_key` of `queue`.
-    pub(super) fn new(shared: Arc<Shared>, tag: String, env: Vec<u8>, list_key: String, queue: String) -> Self {
-        RedisSettle { shared, tag, env, list_key, queue }
+    pub(super) fn new(
+        shared: Arc<Shared>,
+        tag: String,
+        epoch: u64,
+        env: Vec<u8>,
+        list_key: String,
+        queue: String,
+    ) -> Self {
+        RedisSettle { shared, tag, epoch, env, list_key, queue }
     }
 
-    /// Runs an atomic pipeline that also drops the lease. The lease is released here either way:
+    /// Moves `value` to `target` (`op`: `rpush`, `lpush`, or `zadd` with `score`) and drops the
+    /// lease in one script, when the lease still exists. The lease is released here either way:
     /// after a failure it is no longer renewed, so (unless the step did happen after all) the
     /// restore sweep returns the message to its queue after the visibility timeout, instead of
     /// this consumer keeping it leased for as long as it lives.
-    async fn settle_with(&self, mut pipe: redis::Pipeline) -> Result<(), BrokerError> {
-        pipe.atomic();
-        pipe.hdel(self.shared.keys.unacked(), &self.tag).ignore();
-        pipe.zrem(self.shared.keys.unacked_index(), &self.tag).ignore();
+    async fn settle_with(&self, target: &str, op: &str, value: &[u8], score: i64) -> Result<(), BrokerError> {
         let mut conn = self.shared.conn.clone();
-        let r = pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: settle a delivery"));
+        let r = scripts::settle()
+            .key(self.shared.keys.unacked())
+            .key(self.shared.keys.unacked_index())
+            .key(&self.shared.held)
+            .key(target)
+            .arg(&self.tag)
+            .arg(op)
+            .arg(value)
+            .arg(score)
+            .invoke_async::<i64>(&mut conn)
+            .await
+            .map_err(failed("redis: settle a delivery"));
         self.shared.release(&self.tag);
-        r
+        if let Ok(0) = r {
+            tracing::warn!(queue = %self.queue, "redis: a delivery restored to another worker meanwhile was not settled here");
+        }
+        r.map(|_| ())
     }
 }
 
@@ -53,9 +77,14 @@ impl Settle for RedisSettle {
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
-        pipe.rpush(&self.list_key, &self.env).ignore();
-        self.settle_with(pipe).await
+        self.settle_with(&self.list_key, "rpush", &self.env, 0).await
+    }
+
+    /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
+    /// since the fetch; otherwise whether the tag is still in `unacked`.
+    async fn is_held(&self) -> bool {
+        self.shared.holder.liveness().surely_held(self.epoch)
+            || self.shared.holder.broker().still_leased(&self.tag).await
     }
 
     /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
@@ -63,16 +92,12 @@ impl Settle for RedisSettle {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
         let env = envelope::encode(&m, "", &self.queue);
-        let mut pipe = redis::pipe();
-        pipe.zadd(self.shared.keys.delayed(&self.queue), env, until.timestamp_millis()).ignore();
-        self.settle_with(pipe).await
+        self.settle_with(&self.shared.keys.delayed(&self.queue), "zadd", env.as_bytes(), until.timestamp_millis()).await
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let dlq = dead_letter_queue(&self.queue);
         let env = envelope::dead_letter(&self.env, &self.queue, reason);
-        let mut pipe = redis::pipe();
-        pipe.lpush(self.shared.keys.bucket(&dlq, 0), env).ignore();
-        self.settle_with(pipe).await
+        self.settle_with(&self.shared.keys.bucket(&dlq, 0), "lpush", env.as_bytes(), 0).await
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! - Ours: `visibility_timeout=SECONDS` (default 3600), `global_keyprefix=PREFIX` (Kombu's
 //!   transport option of the same name), `min_replicas=N` with `min_replicas_timeout=MS`
-//!   (default 1000): a `WAIT N MS` after each publish ([`MinReplicas`]).
+//!   (default 1000): a `WAIT N MS` after each publish ([`MinReplicas`]); `worker_heartbeat=SECONDS`
+//!   (default 2, from 0.1 to 60) and `worker_grace=SECONDS` (default 10, from twice the heartbeat
+//!   to 3600): how often a consumer renews its heartbeat, and how long after the last renewal
+//!   another worker restores what it held ([`super::holder`]).
 //! - `sentinel://` lists ([`SentinelUrl`]) take the same options.
 //! - The redis client's own, handed through: `protocol` (`resp2`/`resp3`),
 //!   and on unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
@@ -120,6 +123,25 @@ pub struct RedisOptions {
     pub min_replicas: Option<MinReplicas>,
     /// The sentinels, for a `sentinel://` URL.
     pub sentinel: Option<SentinelUrl>,
+    /// `worker_heartbeat`: how often a consumer renews its heartbeat key.
+    pub worker_heartbeat: Duration,
+    /// `worker_grace`: the heartbeat key's time to live; once it lapses, other workers restore
+    /// what the consumer held.
+    pub worker_grace: Duration,
+}
+
+pub use crate::liveness::{DEFAULT_WORKER_GRACE, DEFAULT_WORKER_HEARTBEAT};
+
+/// `worker_heartbeat` and `worker_grace`, read from `u` and checked: the heartbeat from 0.1 s to
+/// 60 s, the grace from twice the heartbeat to 3600 s.
+///
+/// ```
+/// let u = celery_core::url::ServiceUrl::parse("redis://h/0?worker_heartbeat=1&worker_grace=5").unwrap();
+/// let (beat, grace) = broker_backends::redis::worker_heartbeat(&u).unwrap();
+/// assert_eq!((beat.as_secs(), grace.as_secs()), (1, 5));
+/// ```
+pub fn worker_heartbeat(u: &ServiceUrl) -> Result<(Duration, Duration), UrlError> {
+    crate::liveness::options(u)
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -131,6 +153,8 @@ impl std::fmt::Debug for RedisOptions {
             .field("db", &self.db)
             .field("min_replicas", &self.min_replicas)
             .field("sentinel", &self.sentinel)
+            .field("worker_heartbeat", &self.worker_heartbeat)
+            .field("worker_grace", &self.worker_grace)
             .finish()
     }
 }
@@ -156,7 +180,10 @@ impl RedisOptions {
     fn parse_one(url: &str) -> Result<RedisOptions, BrokerError> {
         let u = ServiceUrl::parse(url)?;
         let db_in_path = u.path().trim_start_matches('/').parse().ok();
+        let (worker_heartbeat, worker_grace) = worker_heartbeat(&u)?;
         let opts = RedisOptions {
+            worker_heartbeat,
+            worker_grace,
             visibility_timeout: u.seconds("visibility_timeout")?.unwrap_or(Duration::from_secs(3600)),
             key_prefix: u.option("global_keyprefix").unwrap_or_default().to_owned(),
             db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
@@ -206,6 +233,26 @@ mod tests {
             let e = super::super::RedisBroker::connect(url).await.unwrap_err();
             assert!(matches!(e, BrokerError::InvalidUrl { .. }) && e.is_fatal(), "{url}: {e:?}");
             assert!(e.to_string().contains("option `bogus`"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn worker_heartbeat_and_grace_are_bounded() {
+        let o = RedisOptions::parse("redis://h/0").unwrap();
+        assert_eq!((o.worker_heartbeat, o.worker_grace), (DEFAULT_WORKER_HEARTBEAT, DEFAULT_WORKER_GRACE));
+        let o = RedisOptions::parse("redis://h/0?worker_heartbeat=0.5&worker_grace=1.5").unwrap();
+        assert_eq!((o.worker_heartbeat, o.worker_grace), (Duration::from_millis(500), Duration::from_millis(1500)));
+        let o = RedisOptions::parse("redis://h/0?worker_heartbeat=30").unwrap();
+        assert_eq!(o.worker_grace, Duration::from_secs(150), "the default grace is at least 5 beats");
+        for (url, needle) in [
+            ("redis://h/0?worker_heartbeat=0.01", "from 0.1 to 60"),
+            ("redis://h/0?worker_heartbeat=61", "from 0.1 to 60"),
+            ("redis://h/0?worker_heartbeat=2&worker_grace=3", "twice worker_heartbeat"),
+            ("redis://h/0?worker_grace=3601", "to 3600"),
+            ("redis://h/0?worker_grace=soon", "seconds"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err().to_string();
+            assert!(e.contains(needle), "{url}: {e}");
         }
     }
 

@@ -39,6 +39,18 @@ pub(super) async fn conclude(
     runtime: Duration,
 ) {
     let opts = (entry.options)();
+    if let (Some(held), Outcome::Done(_)) = (&d, &outcome) {
+        if !held.is_held().await {
+            // This worker stalled past its heartbeat's grace and the broker gave the task to
+            // another worker, whose run is the one stored. The ack removes nothing (the lease is
+            // gone) but frees the prefetch slot.
+            tracing::warn!(id = %msg.headers.id, "the task was given to another worker while this one stalled; its outcome here is not stored");
+            if let Some(d) = d.take() {
+                settle(d.ack().await);
+            }
+            return;
+        }
+    }
     match outcome {
         Outcome::Interrupted => {
             if let Some(d) = d.take() {

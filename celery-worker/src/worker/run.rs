@@ -36,6 +36,7 @@ pub(super) async fn run_until(
     stats: Arc<WorkerStats>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    app.broker().set_worker_name(&cfg.hostname);
     let cap = max_encoded_size(app.config().max_message_size);
     let intake = Intake::new(app.clone(), cfg.prefetch(), cap, stats.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
