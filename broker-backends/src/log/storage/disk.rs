@@ -36,17 +36,6 @@ pub(crate) fn restrict_dir(dir: &Path) -> Result<(), LogError> {
     Ok(())
 }
 
-/// Opens (creating, owner-only) a file for reading and appending.
-pub(crate) fn open_append(path: &Path) -> Result<File, LogError> {
-    OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .mode(FILE_MODE)
-        .open(path)
-        .map_err(|e| LogError::io(path, e))
-}
-
 /// Replaces `path` with `data` atomically and durably: write `<path>.tmp` (owner-only), fsync,
 /// rename, fsync the directory. A crash leaves the old file or the new one, never a mix or nothing.
 pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {

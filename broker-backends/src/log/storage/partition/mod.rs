@@ -1,13 +1,15 @@
 //! A partition with task-queue semantics: the queue operations (take, ack, requeue, expiry, purge,
 //! retention) over its append log.
 //!
-//! - [`writer`]: the append log and its writer thread (group commit, `acks.log`, checkpoints);
+//! - [`writer`]: the append log and its writer (group commit, `acks.log`, checkpoints);
+//! - [`pool`]: the writer threads all partitions share;
 //! - [`finished`]: the durable finished set (watermark and ranges, delivery counts);
 //! - [`leases`]: the records handed out and not settled, with their owners and deadlines;
 //! - this file: the queue state on top (cursor, ready and delayed records) and its operations.
 
 mod finished;
 mod leases;
+mod pool;
 mod writer;
 
 use std::cmp::Reverse;
@@ -19,7 +21,14 @@ use std::time::{Duration, Instant};
 use celery_core::sync::lock;
 use tokio::sync::Notify;
 
+pub(crate) use pool::MAX_WRITER_THREADS;
 pub use writer::Fsync;
+
+/// Writer threads started in this process so far (at most [`MAX_WRITER_THREADS`]).
+#[cfg(test)]
+pub(crate) fn writer_threads() -> usize {
+    pool::pool().threads()
+}
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
 use finished::Finished;
@@ -176,7 +185,11 @@ impl Partition {
                     }
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
-                Ok(None) => break None,
+                Ok(None) => {
+                    // At the end: an idle queue keeps no read-ahead window.
+                    st.ahead.release();
+                    break None;
+                }
                 Err(e @ LogError::Corrupt { .. }) => {
                     tracing::error!(error = %e, "log: partition stopped: damage with nothing valid after it");
                     st.error = Some(e.to_string());
@@ -204,15 +217,15 @@ impl Partition {
     pub(crate) fn enforce_retention(&self, r: &Retention, keep_from: u64) -> Result<(usize, u64), LogError> {
         let protect = lock(&self.state).finished.watermark.min(keep_from);
         let segs: Vec<Segment> = self.log.segments().clone();
-        let sizes: Vec<u64> = segs.iter().map(|s| s.file.metadata().map(|m| m.len()).unwrap_or(0)).collect();
+        let sizes: Vec<u64> =
+            segs.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).collect();
         let mut total: u64 = sizes.iter().sum();
         let (mut deleted, mut lost) = (0, 0);
         for i in 0..segs.len().saturating_sub(1) {
             let (seg, next_base) = (&segs[i], segs[i + 1].base);
             let over = r.bytes.is_some_and(|b| total > b);
             let old = r.age.is_some_and(|a| {
-                seg.file
-                    .metadata()
+                std::fs::metadata(&seg.path)
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
@@ -227,6 +240,7 @@ impl Partition {
                 break;
             }
             self.log.segments_mut().retain(|s| s.base != seg.base);
+            self.log.forget_file(&seg.path);
             std::fs::remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
             total -= sizes[i];
             deleted += 1;
@@ -392,7 +406,11 @@ pub(crate) mod tests {
     use crate::log::storage::record::NewRecord;
 
     fn cfg() -> PartitionConfig {
-        PartitionConfig { fsync: Fsync::Always, segment_bytes: 1024 }
+        PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1024,
+            files: crate::log::storage::files::FileCache::new(16),
+        }
     }
 
     fn rec(p: &str) -> NewRecord {
