@@ -53,6 +53,19 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
+/// Creates `path` (owner-only; it must not exist) holding `data`, fsynced: for a file inside a
+/// directory that is made durable and renamed into place afterwards (no entry of its own to sync).
+pub(crate) fn write_new(path: &Path, data: &[u8]) -> Result<(), LogError> {
+    let f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(|e| LogError::io(path, e))?;
+    write_all(&f, data, path)?;
+    sync_all(&f, path)
+}
+
 /// fsyncs a directory so a created or renamed entry survives a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| LogError::io(dir, e))

@@ -15,12 +15,14 @@ mod writer;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_core::sync::lock;
 use tokio::sync::Notify;
 
+#[cfg(test)]
 pub(crate) use pool::MAX_WRITER_THREADS;
 pub use writer::Fsync;
 
@@ -132,6 +134,29 @@ impl Partition {
 
     /// Takes the next deliverable record and leases it until `deadline`.
     pub(crate) fn take(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
+        // Nothing published or returned since a take found nothing: skip without the lock.
+        // Cleared before looking, so work added meanwhile sets it again (or is seen below).
+        if !self.log.maybe_work.swap(false, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let taken = self.take_locked(deadline, owner);
+        let idle = matches!(taken, Ok(None)) && {
+            let st = lock(&self.state);
+            st.ready.is_empty() && st.delayed.is_empty() && st.error.is_none()
+        };
+        if !idle {
+            // Found one (there may be more), a record waits for its time, or an error to report.
+            self.log.maybe_work.store(true, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Marks the partition as having records to take (after returning some to `ready`).
+    fn has_work(&self) {
+        self.log.maybe_work.store(true, Ordering::SeqCst);
+    }
+
+    fn take_locked(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
         let mut st = lock(&self.state);
         if let Some(e) = &st.error {
             return Err(LogError::Invalid(e.clone()));
@@ -304,6 +329,8 @@ impl Partition {
         if !st.finished.is_done(record.offset) && !st.leases.contains(record.offset) {
             st.ready.push_back((record, deliveries));
         }
+        drop(st);
+        self.has_work();
     }
 
     /// Gives a leased record back for immediate redelivery.
@@ -312,6 +339,8 @@ impl Partition {
         if let Some(l) = st.leases.end(offset) {
             st.ready.push_front((l.record, l.deliveries));
         }
+        drop(st);
+        self.has_work();
     }
 
     /// Returns expired leases to the queue, or (past `max_deliveries`) hands them back to be
@@ -328,6 +357,10 @@ impl Partition {
                 st.ready.push_back((l.record, l.deliveries));
                 returned += 1;
             }
+        }
+        drop(st);
+        if returned > 0 || !out.is_empty() {
+            self.has_work();
         }
         (out, returned)
     }

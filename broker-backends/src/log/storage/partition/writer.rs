@@ -19,6 +19,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -60,7 +61,7 @@ pub(crate) struct PartitionConfig {
     pub(crate) files: Arc<FileCache>,
 }
 
-/// What the writer thread is asked to do.
+/// What the writer is asked to do.
 enum WriterCmd {
     Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
     /// Settlements are waiting in the shared list.
@@ -185,6 +186,10 @@ impl Job for Slot {
         let mut inbox = lock(&self.inbox);
         if inbox.cmds.is_empty() {
             inbox.queued = false;
+            if inbox.cmds.capacity() > 64 {
+                // After a burst: an idle partition keeps no large buffer.
+                inbox.cmds = VecDeque::new();
+            }
         } else {
             drop(inbox);
             pool().submit(self);
@@ -242,6 +247,10 @@ pub(crate) struct PartitionLog {
     slot: Arc<Slot>,
     /// The store's open files.
     files: Arc<FileCache>,
+    /// Set when records are published (and by the queue state when records return): false only
+    /// when a take found nothing since, so a consumer of many queues skips idle partitions with
+    /// one load instead of a lock.
+    pub(super) maybe_work: Arc<AtomicBool>,
     /// Settlements for the writer, in order.
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The partition's directory.
@@ -267,6 +276,7 @@ impl PartitionLog {
         let segments = Arc::new(RwLock::new(rec.segments));
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
+        let maybe_work = Arc::new(AtomicBool::new(true));
         let acks_path = dir.join("acks.log");
         // Created with the first ack: a queue never settled has no `acks.log`.
         let acks_len = match std::fs::metadata(&acks_path) {
@@ -288,6 +298,7 @@ impl PartitionLog {
             on_append,
             acks_len,
             acks_path,
+            maybe_work: maybe_work.clone(),
             pinned_acks: None,
             pinned_segment: None,
             gathered: false,
@@ -308,6 +319,7 @@ impl PartitionLog {
             end,
             slot,
             files: cfg.files.clone(),
+            maybe_work,
             settled,
             dir: dir.to_owned(),
             damaged: Mutex::default(),
@@ -537,6 +549,7 @@ struct Writer {
     tail_len: u64,
     next_offset: u64,
     on_append: Arc<Notify>,
+    maybe_work: Arc<AtomicBool>,
     acks_path: PathBuf,
     /// `acks.log` while it holds acks not fsynced yet (opened through the cache otherwise).
     pinned_acks: Option<Arc<File>>,
@@ -649,6 +662,8 @@ impl Writer {
                 let tail = Pos { seg: self.active.base, byte: self.tail_len };
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
+                    // After the records are readable: a take that cleared it before sees them.
+                    self.maybe_work.store(true, Ordering::SeqCst);
                     self.on_append.notify_waiters();
                 }
                 for (first, w) in waiters {
