@@ -42,7 +42,8 @@ pub fn segment(data: &[u8]) {
     let run = || -> Option<()> {
         std::fs::create_dir_all(&part).ok()?;
         std::fs::File::create(part.join("00000000000000000000.log")).ok()?.write_all(data).ok()?;
-        let rec = crate::log::storage::segment::recover(&part, 0, &crate::log::storage::files::FileCache::new(8)).ok()?;
+        let rec =
+            crate::log::storage::segment::recover(&part, 0, &crate::log::storage::files::FileCache::new(8)).ok()?;
         assert!(rec.tail_len <= data.len() as u64);
         let seg = rec.segments.last()?;
         let (mut pos, mut offset) = (0u64, 0u64);

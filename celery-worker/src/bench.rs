@@ -106,15 +106,11 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         "task `{}` is not registered in this binary (the demo's `add` is)",
         a.task
     );
-    let queues: Vec<String> = if a.queues <= 1 {
-        vec![a.queue.clone()]
-    } else {
-        (0..a.queues).map(|i| format!("{}.{i}", a.queue)).collect()
-    };
+    let queues: Vec<String> =
+        if a.queues <= 1 { vec![a.queue.clone()] } else { (0..a.queues).map(|i| format!("{}.{i}", a.queue)).collect() };
     let queue_of = |i: usize| queues[i % queues.len()].as_str();
-    let sig = |i: usize| {
-        Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(queue_of(i)).ignore_result(true)
-    };
+    let sig =
+        |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(queue_of(i)).ignore_result(true);
     let purge_all = || async {
         for q in &queues {
             app.broker().purge(q).await?;

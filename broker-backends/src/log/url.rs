@@ -188,11 +188,7 @@ mod tests {
                 "./d",
                 StoreConfig { max_record_bytes: 1024, max_queues: 5, ..d() },
             ),
-            (
-                "log://./d?max_open_files=64",
-                "./d",
-                StoreConfig { max_open_files: 64, ..d() },
-            ),
+            ("log://./d?max_open_files=64", "./d", StoreConfig { max_open_files: 64, ..d() }),
             ("log://./d?token=abc", "./d", d()),
         ];
         for (url, dir, want) in table {

@@ -206,10 +206,11 @@ mod tests {
 
     #[test]
     fn queues_come_from_q_then_the_file_and_default_to_celery() {
-        let queues = |extra: &[&str]| match Cli::try_parse_from([&["celery", "worker"], extra].concat()).unwrap().command {
-            Command::Worker(a) => a.queues(),
-            other => panic!("parsed as {other:?}"),
-        };
+        let queues =
+            |extra: &[&str]| match Cli::try_parse_from([&["celery", "worker"], extra].concat()).unwrap().command {
+                Command::Worker(a) => a.queues(),
+                other => panic!("parsed as {other:?}"),
+            };
         assert_eq!(queues(&[]).unwrap(), ["celery"]);
         let file = std::env::temp_dir().join(format!("queues-{}", uuid::Uuid::new_v4().simple()));
         std::fs::write(&file, "a,b\nc\n\n  d ,a\n").unwrap();

@@ -242,8 +242,7 @@ impl Partition {
     pub(crate) fn enforce_retention(&self, r: &Retention, keep_from: u64) -> Result<(usize, u64), LogError> {
         let protect = lock(&self.state).finished.watermark.min(keep_from);
         let segs: Vec<Segment> = self.log.segments().clone();
-        let sizes: Vec<u64> =
-            segs.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).collect();
+        let sizes: Vec<u64> = segs.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).collect();
         let mut total: u64 = sizes.iter().sum();
         let (mut deleted, mut lost) = (0, 0);
         for i in 0..segs.len().saturating_sub(1) {

@@ -29,8 +29,8 @@ use tokio::sync::{oneshot, Notify};
 use super::finished::{acks_frame, Finished, COUNTS_FRAME};
 use super::pool::{pool, Job};
 use crate::log::storage::disk;
-use crate::log::storage::files::FileCache;
 use crate::log::storage::error::LogError;
+use crate::log::storage::files::FileCache;
 use crate::log::storage::record::{self, now_ms, NewRecord, Record};
 use crate::log::storage::segment::{self, ReadAhead, Segment};
 
@@ -309,11 +309,8 @@ impl PartitionLog {
             acks_dirty: false,
             last_sync: Instant::now(),
         };
-        let slot = Arc::new_cyclic(|me| Slot {
-            inbox: Mutex::default(),
-            writer: Mutex::new(Some(writer)),
-            me: me.clone(),
-        });
+        let slot =
+            Arc::new_cyclic(|me| Slot { inbox: Mutex::default(), writer: Mutex::new(Some(writer)), me: me.clone() });
         Ok(PartitionLog {
             segments,
             end,
