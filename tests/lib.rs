@@ -172,6 +172,32 @@ impl Drop for DemoProcess {
     }
 }
 
+/// What a process holds now, from `/proc/PID` (Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStats {
+    /// Threads (`Threads:` of `status`).
+    pub threads: u64,
+    /// Open file descriptors (entries of `fd/`).
+    pub fds: u64,
+    /// Resident memory in KiB (`VmRSS:`).
+    pub rss_kib: u64,
+}
+
+/// The threads, descriptors and resident memory of process `pid`.
+pub fn proc_stats(pid: u32) -> ProcStats {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count() as u64).unwrap_or(0);
+    ProcStats { threads: field("Threads:"), fds, rss_kib: field("VmRSS:") }
+}
+
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let end = Instant::now() + timeout;

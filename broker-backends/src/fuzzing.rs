@@ -42,7 +42,8 @@ pub fn segment(data: &[u8]) {
     let run = || -> Option<()> {
         std::fs::create_dir_all(&part).ok()?;
         std::fs::File::create(part.join("00000000000000000000.log")).ok()?.write_all(data).ok()?;
-        let rec = crate::log::storage::segment::recover(&part, 0).ok()?;
+        let rec =
+            crate::log::storage::segment::recover(&part, 0, &crate::log::storage::files::FileCache::new(8)).ok()?;
         assert!(rec.tail_len <= data.len() as u64);
         let seg = rec.segments.last()?;
         let (mut pos, mut offset) = (0u64, 0u64);
@@ -52,7 +53,7 @@ pub fn segment(data: &[u8]) {
                 Ok((r, next)) if r.offset >= offset => (pos, offset) = (next, r.offset + 1),
                 _ => {
                     let (at, found) =
-                        crate::log::storage::segment::resync(&seg.file, &seg.path, pos, rec.tail_len, offset)
+                        crate::log::storage::segment::resync(&*seg.file().ok()?, &seg.path, pos, rec.tail_len, offset)
                             .ok()??;
                     assert!(at > pos && found >= offset, "resync moves forward");
                     pos = at;

@@ -24,6 +24,10 @@ pub struct BenchArgs {
     /// The queue to use (purged first).
     #[arg(long, default_value = "bench")]
     pub queue: String,
+    /// Spread the tasks evenly over this many queues (`QUEUE.0` .. `QUEUE.N-1`, purged first),
+    /// all consumed by the one worker (round trips use the first).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub queues: u32,
     /// Worker concurrency while draining.
     #[arg(short = 'c', long, default_value_t = 256)]
     pub concurrency: usize,
@@ -102,9 +106,18 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         "task `{}` is not registered in this binary (the demo's `add` is)",
         a.task
     );
+    let queues: Vec<String> =
+        if a.queues <= 1 { vec![a.queue.clone()] } else { (0..a.queues).map(|i| format!("{}.{i}", a.queue)).collect() };
+    let queue_of = |i: usize| queues[i % queues.len()].as_str();
     let sig =
-        |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(&a.queue).ignore_result(true);
-    app.broker().purge(&a.queue).await?;
+        |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(queue_of(i)).ignore_result(true);
+    let purge_all = || async {
+        for q in &queues {
+            app.broker().purge(q).await?;
+        }
+        anyhow::Ok(())
+    };
+    purge_all().await?;
 
     // Enqueue, one message per call.
     let single = (a.count / 10).max(1);
@@ -113,7 +126,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         app.send(sig(i)).await?;
     }
     line("enqueue_rate_single", single as f64 / t.elapsed().as_secs_f64(), "tasks/s");
-    app.broker().purge(&a.queue).await?;
+    purge_all().await?;
 
     // Enqueue in batches.
     let t = Instant::now();
@@ -127,7 +140,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
 
     // Drain with one worker in this process.
     let cfg = WorkerConfig {
-        queues: vec![a.queue.clone()],
+        queues: queues.clone(),
         concurrency: a.concurrency,
         prefetch_multiplier: 4,
         track_started: false,
@@ -152,12 +165,13 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
 
     // Round trips with results, through the same worker.
     let mut lat = Vec::with_capacity(a.roundtrips);
-    for i in 0..(a.roundtrips + 20) {
+    let warmup = if a.roundtrips == 0 { 0 } else { 20 };
+    for i in 0..(a.roundtrips + warmup) {
         let t = Instant::now();
-        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(&a.queue)).await?;
+        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(queue_of(0))).await?;
         let v: i64 = res.get(Duration::from_secs(30)).await?;
         anyhow::ensure!(v == 3, "round trip returned {v}");
-        if i >= 20 {
+        if i >= warmup {
             lat.push(t.elapsed().as_secs_f64() * 1e3);
         }
         res.forget().await?;

@@ -254,9 +254,10 @@ impl Broker for LogBroker {
                 by_queue.entry(q).or_default().push(rec.clone());
             }
         }
-        for (q, recs) in by_queue {
-            self.append(&q, recs).await?;
-        }
+        // The queues' appends at once: each partition commits (and fsyncs) its own records, so a
+        // batch spread over many queues waits for the slowest fsync, not for one after another.
+        let appends = by_queue.into_iter().map(|(q, recs)| async move { self.append(&q, recs).await });
+        futures::future::try_join_all(appends).await?;
         Ok(())
     }
 

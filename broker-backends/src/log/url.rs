@@ -86,6 +86,10 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
     if let Some(n) = num("max_queues")? {
         cfg.max_queues = n as usize;
     }
+    if let Some(n) = num("max_open_files")? {
+        // At least a few: a partition's reader and writer may each need one.
+        cfg.max_open_files = (n as usize).max(8);
+    }
     // The token of a served directory: no use to the owner, accepted so one URL serves both.
     u.accept(&["token"]);
     u.finish().map_err(invalid)?;
@@ -184,6 +188,7 @@ mod tests {
                 "./d",
                 StoreConfig { max_record_bytes: 1024, max_queues: 5, ..d() },
             ),
+            ("log://./d?max_open_files=64", "./d", StoreConfig { max_open_files: 64, ..d() }),
             ("log://./d?token=abc", "./d", d()),
         ];
         for (url, dir, want) in table {

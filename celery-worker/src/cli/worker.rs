@@ -13,9 +13,14 @@ use crate::{Worker, WorkerConfig};
 /// `worker` options.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Queues to consume, comma-separated or repeated, in priority order.
-    #[arg(short = 'Q', long = "queues", value_delimiter = ',', default_value = "celery")]
+    /// Queues to consume, comma-separated or repeated, in priority order (default: `celery`,
+    /// unless --queues-file names some).
+    #[arg(short = 'Q', long = "queues", value_delimiter = ',')]
     pub queues: Vec<String>,
+    /// Also consume the queues listed in this file, after those of -Q (names separated by commas
+    /// or whitespace; at most 100,000): for more queues than a command line holds.
+    #[arg(long, value_name = "PATH")]
+    pub queues_file: Option<std::path::PathBuf>,
     /// Tasks run at once (default: the number of CPUs).
     #[arg(short = 'c', long)]
     pub concurrency: Option<usize>,
@@ -64,12 +69,41 @@ pub struct WorkerArgs {
     pub outbox: Option<String>,
 }
 
+/// The most queues `--queues-file` may list, and its largest size.
+const MAX_FILE_QUEUES: usize = 100_000;
+const MAX_QUEUES_FILE_BYTES: u64 = 32 << 20;
+
+/// The queue names in a `--queues-file` (separated by commas or whitespace), bounded.
+fn read_queues_file(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let size = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+    anyhow::ensure!(size <= MAX_QUEUES_FILE_BYTES, "{}: over {MAX_QUEUES_FILE_BYTES} bytes", path.display());
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let names: Vec<String> =
+        text.split(|c: char| c == ',' || c.is_whitespace()).filter(|n| !n.is_empty()).map(str::to_owned).collect();
+    anyhow::ensure!(names.len() <= MAX_FILE_QUEUES, "{}: more than {MAX_FILE_QUEUES} queues", path.display());
+    Ok(names)
+}
+
 impl WorkerArgs {
+    /// The queues to consume: -Q's, then the file's, without repeats; `celery` when neither names one.
+    fn queues(&self) -> anyhow::Result<Vec<String>> {
+        let mut queues = self.queues.clone();
+        if let Some(path) = &self.queues_file {
+            queues.extend(read_queues_file(path)?);
+        }
+        let mut seen = std::collections::HashSet::new();
+        queues.retain(|q| seen.insert(q.clone()));
+        if queues.is_empty() {
+            queues.push("celery".to_owned());
+        }
+        Ok(queues)
+    }
+
     /// The worker's settings these options give.
-    fn config(&self) -> WorkerConfig {
+    fn config(&self) -> anyhow::Result<WorkerConfig> {
         let defaults = WorkerConfig::default();
-        WorkerConfig {
-            queues: self.queues.clone(),
+        Ok(WorkerConfig {
+            queues: self.queues()?,
             concurrency: self.concurrency.unwrap_or(defaults.concurrency),
             prefetch_multiplier: self.prefetch_multiplier,
             hostname: self.hostname.clone().unwrap_or(defaults.hostname),
@@ -78,7 +112,7 @@ impl WorkerArgs {
             events: self.events,
             autoscale: self.autoscale,
             ..defaults
-        }
+        })
     }
 }
 
@@ -95,7 +129,7 @@ fn parse_autoscale(s: &str) -> Result<(usize, usize), String> {
 
 /// `worker`: runs until SIGINT/SIGTERM (with `--beat`, beat too, and both stop together).
 pub(super) async fn run(app: App, a: WorkerArgs) -> anyhow::Result<ExitCode> {
-    let cfg = a.config();
+    let cfg = a.config()?;
     let app = match a.max_message_size {
         Some(max_message_size) => {
             let config = celery_core::AppConfig { max_message_size, ..app.config().clone() };
@@ -168,5 +202,22 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["celery", "control", "add_consumer", "emails", "-d", "w1"]).unwrap();
         assert!(matches!(cli.command, Command::Control(ControlCommand::AddConsumer { .. })));
+    }
+
+    #[test]
+    fn queues_come_from_q_then_the_file_and_default_to_celery() {
+        let queues =
+            |extra: &[&str]| match Cli::try_parse_from([&["celery", "worker"], extra].concat()).unwrap().command {
+                Command::Worker(a) => a.queues(),
+                other => panic!("parsed as {other:?}"),
+            };
+        assert_eq!(queues(&[]).unwrap(), ["celery"]);
+        let file = std::env::temp_dir().join(format!("queues-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::write(&file, "a,b\nc\n\n  d ,a\n").unwrap();
+        let path = file.display().to_string();
+        assert_eq!(queues(&["--queues-file", &path]).unwrap(), ["a", "b", "c", "d"]);
+        assert_eq!(queues(&["-Q", "x,c", "--queues-file", &path]).unwrap(), ["x", "c", "a", "b", "d"]);
+        std::fs::remove_file(&file).unwrap();
+        assert!(queues(&["--queues-file", &path]).is_err(), "a missing file is an error");
     }
 }

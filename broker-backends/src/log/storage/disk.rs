@@ -36,17 +36,6 @@ pub(crate) fn restrict_dir(dir: &Path) -> Result<(), LogError> {
     Ok(())
 }
 
-/// Opens (creating, owner-only) a file for reading and appending.
-pub(crate) fn open_append(path: &Path) -> Result<File, LogError> {
-    OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .mode(FILE_MODE)
-        .open(path)
-        .map_err(|e| LogError::io(path, e))
-}
-
 /// Replaces `path` with `data` atomically and durably: write `<path>.tmp` (owner-only), fsync,
 /// rename, fsync the directory. A crash leaves the old file or the new one, never a mix or nothing.
 pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
@@ -62,6 +51,19 @@ pub(crate) fn replace_file(path: &Path, data: &[u8]) -> Result<(), LogError> {
     sync_all(&f, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| LogError::io(path, e))?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Creates `path` (owner-only; it must not exist) holding `data`, fsynced: for a file inside a
+/// directory that is made durable and renamed into place afterwards (no entry of its own to sync).
+pub(crate) fn write_new(path: &Path, data: &[u8]) -> Result<(), LogError> {
+    let f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(FILE_MODE)
+        .open(path)
+        .map_err(|e| LogError::io(path, e))?;
+    write_all(&f, data, path)?;
+    sync_all(&f, path)
 }
 
 /// fsyncs a directory so a created or renamed entry survives a crash.

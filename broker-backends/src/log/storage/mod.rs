@@ -6,7 +6,7 @@
 //! facade):
 //! - [`error`]: [`LogError`], the storage error, with its kind;
 //! - [`disk`]: every file operation (owner-only modes, durable replace, the fault-injection seam);
-//!   [`names`]: names that become paths;
+//!   [`names`]: names that become paths; [`files`]: the bounded cache of open files;
 //! - [`record`]: the record frame and [`NewRecord`]; [`payload`]: a task record's payload;
 //! - [`segment`]: segment files, recovery of a torn tail, resync past damage;
 //! - [`partition`]: one partition: `writer` (the append log and its group-commit writer),
@@ -23,6 +23,7 @@ pub(crate) mod broadcast;
 pub(crate) mod consumer;
 pub(crate) mod disk;
 pub(crate) mod error;
+pub(crate) mod files;
 pub(crate) mod names;
 pub(crate) mod partition;
 pub(crate) mod payload;

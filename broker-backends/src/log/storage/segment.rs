@@ -14,17 +14,26 @@ use std::sync::Arc;
 
 use super::disk;
 use super::error::LogError;
+use super::files::FileCache;
 use super::record::{Record, FRAME_HEADER};
 
-/// One segment file.
+/// One segment file. It holds no descriptor: [`Segment::file`] opens it through the store's
+/// bounded [`FileCache`] when it is read or written.
 #[derive(Debug, Clone)]
 pub(crate) struct Segment {
     /// Offset of its first record.
     pub(crate) base: u64,
     /// Its path.
     pub(crate) path: PathBuf,
-    /// Shared handle for positioned reads.
-    pub(crate) file: Arc<File>,
+    /// The store's open files.
+    pub(crate) files: Arc<FileCache>,
+}
+
+impl Segment {
+    /// The segment's file (opened now if the cache does not hold it; never created).
+    pub(crate) fn file(&self) -> Result<Arc<File>, LogError> {
+        self.files.open(&self.path, false)
+    }
 }
 
 pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
@@ -32,11 +41,11 @@ pub(crate) fn segment_path(dir: &Path, base: u64) -> PathBuf {
 }
 
 /// Creates an empty segment (owner-only) and makes its directory entry durable.
-pub(crate) fn create(dir: &Path, base: u64) -> Result<Segment, LogError> {
+pub(crate) fn create(dir: &Path, base: u64, files: &Arc<FileCache>) -> Result<Segment, LogError> {
     let path = segment_path(dir, base);
-    let file = disk::open_append(&path)?;
+    files.open(&path, true)?;
     disk::sync_dir(dir)?;
-    Ok(Segment { base, path, file: Arc::new(file) })
+    Ok(Segment { base, path, files: files.clone() })
 }
 
 /// What opening found: the segments, the next offset and the byte length of the last segment.
@@ -48,7 +57,7 @@ pub(crate) struct Recovered {
 }
 
 /// Opens (creating) the segments of a partition directory, checking every record of the last one.
-pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogError> {
+pub(crate) fn recover(dir: &Path, first_offset: u64, files: &Arc<FileCache>) -> Result<Recovered, LogError> {
     if !dir.exists() {
         disk::create_dir_all(dir)?;
         disk::sync_dir(dir.parent().unwrap_or(Path::new(".")))?;
@@ -60,7 +69,7 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
         .collect();
     bases.sort_unstable();
     if bases.is_empty() {
-        let seg = create(dir, first_offset)?;
+        let seg = create(dir, first_offset, files)?;
         return Ok(Recovered { segments: vec![seg], next_offset: first_offset, tail_len: 0 });
     }
     let mut segments = Vec::with_capacity(bases.len());
@@ -76,13 +85,13 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
                 reason: format!("segment starts at offset {base}, expected {expected}"),
             });
         }
-        let file = OpenOptions::new().read(true).append(true).open(&path).map_err(|e| LogError::io(&path, e))?;
         if !last {
-            // Closed and fsynced: it ends where the next one starts.
+            // Closed and fsynced: it ends where the next one starts (not opened until read).
             expected = bases[i + 1];
-            segments.push(Segment { base: *base, path, file: Arc::new(file) });
+            segments.push(Segment { base: *base, path, files: files.clone() });
             continue;
         }
+        let file = OpenOptions::new().read(true).append(true).open(&path).map_err(|e| LogError::io(&path, e))?;
         let (next, valid_len) = scan(&file, &path, *base)?;
         let file_len = file.metadata().map_err(|e| LogError::io(&path, e))?.len();
         if valid_len < file_len {
@@ -95,7 +104,8 @@ pub(crate) fn recover(dir: &Path, first_offset: u64) -> Result<Recovered, LogErr
         }
         expected = next;
         tail_len = valid_len;
-        segments.push(Segment { base: *base, path, file: Arc::new(file) });
+        drop(file);
+        segments.push(Segment { base: *base, path, files: files.clone() });
     }
     Ok(Recovered { segments, next_offset: expected, tail_len })
 }
@@ -239,6 +249,12 @@ impl Default for ReadAhead {
 }
 
 impl ReadAhead {
+    /// Frees the window (a reader that reached the end: an idle queue keeps no buffer).
+    pub(crate) fn release(&mut self) {
+        self.buf = Vec::new();
+        self.start = 0;
+    }
+
     /// For one random read: reads just the record.
     pub(crate) fn exact() -> ReadAhead {
         ReadAhead { window: 0, ..ReadAhead::default() }
@@ -254,8 +270,9 @@ impl ReadAhead {
             let room = limit.map_or(usize::MAX, |l| l.saturating_sub(pos).try_into().unwrap_or(usize::MAX));
             self.buf.resize(need.max(self.window.min(room)), 0);
             let mut filled = 0;
+            let file = seg.file()?;
             while filled < self.buf.len() {
-                match seg.file.read_at(&mut self.buf[filled..], pos + filled as u64) {
+                match file.read_at(&mut self.buf[filled..], pos + filled as u64) {
                     Ok(0) => break,
                     Ok(n) => filled += n,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -319,7 +336,7 @@ mod tests {
     fn read_ahead_serves_records_in_order_and_sees_appends() {
         let dir = tmp();
         let path = write_records(&dir, 50);
-        let seg = Segment { base: 0, path: path.clone(), file: Arc::new(File::open(&path).unwrap()) };
+        let seg = Segment { base: 0, path: path.clone(), files: FileCache::new(4) };
         let published = std::fs::metadata(&path).unwrap().len();
         let mut ahead = ReadAhead::default();
         let mut pos = 0;
@@ -349,7 +366,7 @@ mod tests {
         let path = write_records(&dir, 10);
         let len = std::fs::metadata(&path).unwrap().len();
         std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len - 5).unwrap();
-        let r = recover(&dir, 0).unwrap();
+        let r = recover(&dir, 0, &FileCache::new(4)).unwrap();
         assert_eq!(r.next_offset, 9, "the torn 10th record is gone");
         assert!(std::fs::metadata(&path).unwrap().len() < len - 5);
         std::fs::remove_dir_all(dir).ok();
@@ -363,7 +380,7 @@ mod tests {
         let n = data.len();
         data[n - 2] ^= 0x40;
         std::fs::write(&path, &data).unwrap();
-        assert_eq!(recover(&dir, 0).unwrap().next_offset, 9);
+        assert_eq!(recover(&dir, 0, &FileCache::new(4)).unwrap().next_offset, 9);
         std::fs::remove_dir_all(dir).ok();
     }
 
@@ -379,7 +396,7 @@ mod tests {
         let mut data = std::fs::read(&first).unwrap();
         data[60] ^= 0x01;
         std::fs::write(&first, &data).unwrap();
-        let r = recover(&dir, 0).unwrap();
+        let r = recover(&dir, 0, &FileCache::new(4)).unwrap();
         assert_eq!((r.segments.len(), r.next_offset), (2, 12));
         let mut pos = 0;
         let mut ahead = ReadAhead::default();
@@ -411,11 +428,11 @@ mod tests {
                 _ => data[40..120].fill(0),
             }
             std::fs::write(&path, &data).unwrap();
-            let r = recover(&dir, 0).unwrap();
+            let r = recover(&dir, 0, &FileCache::new(4)).unwrap();
             assert_eq!((r.next_offset, r.tail_len), (10, len as u64), "{damage}: nothing after the damage is lost");
             assert_eq!(std::fs::metadata(&path).unwrap().len(), len as u64, "{damage}");
             // Reading resumes after the damage with the next valid record.
-            let (at, offset) = resync(&r.segments[0].file, &path, 30, len as u64, 1).unwrap().unwrap();
+            let (at, offset) = resync(&r.segments[0].file().unwrap(), &path, 30, len as u64, 1).unwrap().unwrap();
             let (rec, _) = read_at(&r.segments[0], at, &mut ReadAhead::exact(), None).unwrap();
             assert_eq!(rec.offset, offset, "{damage}");
             assert!((1..4).contains(&offset), "{damage}: resumed at offset {offset}");

@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::broadcast::Broadcasts;
 use super::error::LogError;
+use super::files::FileCache;
 use super::partition::{Fsync, Partition, PartitionConfig, Retention};
 use super::record::{check_size, NewRecord, Record};
 use super::results::ResultStore;
@@ -53,6 +54,10 @@ pub struct StoreConfig {
     /// The most queues the directory may hold (`max_queues=`), default 10,000: a publish that would
     /// create one more fails with an error naming the limit.
     pub max_queues: usize,
+    /// Segment and `acks.log` descriptors kept open (`max_open_files=`), default 256, whatever the
+    /// number of queues: the least recently used one is closed for a new one. A descriptor that is
+    /// being read or written (or holds bytes not fsynced yet) stays open until it is done.
+    pub max_open_files: usize,
 }
 
 impl Default for StoreConfig {
@@ -66,6 +71,7 @@ impl Default for StoreConfig {
             retention: Default::default(),
             max_record_bytes: DEFAULT_MAX_RECORD,
             max_queues: 10_000,
+            max_open_files: super::files::DEFAULT_MAX_OPEN_FILES,
         }
     }
 }
@@ -89,6 +95,8 @@ pub struct LogStore {
     /// Publishes that matched no queue.
     pub unroutable: AtomicU64,
     groups: Arc<StreamGroups>,
+    /// The open segment and `acks.log` files of every partition (bounded).
+    files: Arc<FileCache>,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -122,7 +130,8 @@ impl LogStore {
         }
         lock_file.set_len(0).map_err(|e| LogError::io(&lock_path, e))?;
         std::fs::write(&lock_path, std::process::id().to_string()).map_err(|e| LogError::io(&lock_path, e))?;
-        let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes };
+        let files = FileCache::new(cfg.max_open_files);
+        let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes, files: files.clone() };
         let results = ResultStore::open(&canonical.join("results"), &pcfg, cfg.max_record_bytes)?;
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
@@ -137,6 +146,7 @@ impl LogStore {
             routes: Routes::load(&canonical)?,
             unroutable: AtomicU64::new(0),
             groups: Arc::new(StreamGroups::new(&canonical)),
+            files,
         });
         store.open_topics()?;
         reg.insert(canonical, Arc::downgrade(&store));
@@ -279,7 +289,8 @@ impl LogStore {
     }
 
     fn open_partitions(&self, name: &str, dir: &Path, count: u32) -> Result<Arc<Topic>, LogError> {
-        let pcfg = PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes };
+        let pcfg =
+            PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes, files: self.files.clone() };
         Ok(Arc::new(Topic::open(name, dir, count, &pcfg, &self.notify)?))
     }
 
@@ -316,16 +327,29 @@ impl LogStore {
             super::disk::create_dir_all(&root)?;
             super::disk::sync_dir(&self.dir)?;
         }
+        // Everything is written into a directory no reader looks at, made durable with one fsync
+        // of each file and of the directory, then renamed into place: fewer fsyncs than replacing
+        // each file, and a crash still leaves the whole queue or none of it.
         let tmp = root.join(format!(".tmp-{}", uuid::Uuid::new_v4().simple()));
         super::disk::create_dir_all(&tmp)?;
-        super::disk::replace_file(&tmp.join("name"), name.as_bytes())?;
-        super::disk::replace_file(&tmp.join("partitions"), count.to_string().as_bytes())?;
+        super::disk::write_new(&tmp.join("name"), name.as_bytes())?;
+        super::disk::write_new(&tmp.join("partitions"), count.to_string().as_bytes())?;
+        for p in 0..count {
+            super::disk::create_dir_all(&tmp.join(p.to_string()))?;
+        }
+        super::disk::sync_dir(&tmp)?;
         std::fs::rename(&tmp, &path).map_err(|e| LogError::io(&path, e))?;
         super::disk::sync_dir(&root)?;
         let t = self.open_partitions(name, &path, count)?;
         topics.insert(name.to_owned(), t.clone());
         self.topics_created.fetch_add(1, Ordering::Release);
         Ok(t)
+    }
+
+    /// Segment and `acks.log` files the store keeps open now (at most `max_open_files`, besides
+    /// those being read or written at this moment).
+    pub fn open_files(&self) -> usize {
+        self.files.len()
     }
 
     /// Records lost to damaged bytes since the store opened (each is reported as an error when found).
@@ -757,17 +781,53 @@ mod tests {
     async fn a_failed_fsync_fails_the_checkpoint_that_needed_it() {
         let dir = tempdir();
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
-        store.append("q", vec![rec("x")]).await.unwrap();
+        store.append("q", vec![rec("x"), rec("y")]).await.unwrap();
         let t = store.find_topic("q").unwrap().unwrap();
         let taken = t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1).unwrap().unwrap();
         t.partitions[0].ack(&[taken.record.offset]).unwrap();
-        // Everything written and synced: the only fsync left is the next checkpoint's own.
+        // Everything written and synced.
         store.sync().await.unwrap();
+        // A sync with nothing settled since writes no checkpoint (and needs no fsync).
         faults::inject(&dir, Op::Sync, Fault::Eio, 1);
+        store.sync().await.unwrap();
+        faults::clear(&dir);
+        // One more ack: the checkpoint's own fsync fails.
+        let second = t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1).unwrap().unwrap();
+        t.partitions[0].ack(&[second.record.offset]).unwrap();
+        faults::inject(&dir.join("topics/q/0/checkpoint.tmp"), Op::Sync, Fault::Eio, 1);
         assert!(store.sync().await.is_err(), "a checkpoint whose fsync failed is not reported done");
         faults::clear(&dir);
         store.sync().await.unwrap();
-        drop((t, taken, store));
+        drop((t, taken, second, store));
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_queues_share_the_writer_threads_and_a_bounded_set_of_descriptors() {
+        let dir = tempdir();
+        let cfg = StoreConfig { max_open_files: 16, segment_bytes: 300, ..StoreConfig::default() };
+        let store = LogStore::open(&dir, cfg.clone()).unwrap();
+        let sends = (0..100).map(|i| {
+            let store = store.clone();
+            async move { store.append(&format!("q{i}"), vec![rec(&format!("a{i}")), rec(&format!("b{i}"))]).await }
+        });
+        for r in futures::future::join_all(sends).await {
+            r.unwrap();
+        }
+        for i in 0..100 {
+            assert_eq!(drain(&store, &format!("q{i}")), [format!("a{i}"), format!("b{i}")]);
+        }
+        store.sync().await.unwrap();
+        assert!(store.open_files() <= 16, "{} files open", store.open_files());
+        assert!(super::super::partition::writer_threads() <= super::super::partition::MAX_WRITER_THREADS);
+        // Every record, every ack, across several segments per queue: all there after a reopen.
+        drop(store);
+        let store = LogStore::open(&dir, cfg).unwrap();
+        for i in (0..100).step_by(7) {
+            store.append(&format!("q{i}"), vec![rec("c")]).await.unwrap();
+            assert_eq!(drain(&store, &format!("q{i}")), ["c"], "q{i}: the acked records stay finished");
+        }
+        drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
 

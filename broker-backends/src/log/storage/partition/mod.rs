@@ -1,25 +1,36 @@
 //! A partition with task-queue semantics: the queue operations (take, ack, requeue, expiry, purge,
 //! retention) over its append log.
 //!
-//! - [`writer`]: the append log and its writer thread (group commit, `acks.log`, checkpoints);
+//! - [`writer`]: the append log and its writer (group commit, `acks.log`, checkpoints);
+//! - [`pool`]: the writer threads all partitions share;
 //! - [`finished`]: the durable finished set (watermark and ranges, delivery counts);
 //! - [`leases`]: the records handed out and not settled, with their owners and deadlines;
 //! - this file: the queue state on top (cursor, ready and delayed records) and its operations.
 
 mod finished;
 mod leases;
+mod pool;
 mod writer;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_core::sync::lock;
 use tokio::sync::Notify;
 
+#[cfg(test)]
+pub(crate) use pool::MAX_WRITER_THREADS;
 pub use writer::Fsync;
+
+/// Writer threads started in this process so far (at most [`MAX_WRITER_THREADS`]).
+#[cfg(test)]
+pub(crate) fn writer_threads() -> usize {
+    pool::pool().threads()
+}
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
 use finished::Finished;
@@ -123,6 +134,29 @@ impl Partition {
 
     /// Takes the next deliverable record and leases it until `deadline`.
     pub(crate) fn take(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
+        // Nothing published or returned since a take found nothing: skip without the lock.
+        // Cleared before looking, so work added meanwhile sets it again (or is seen below).
+        if !self.log.maybe_work.swap(false, Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let taken = self.take_locked(deadline, owner);
+        let idle = matches!(taken, Ok(None)) && {
+            let st = lock(&self.state);
+            st.ready.is_empty() && st.delayed.is_empty() && st.error.is_none()
+        };
+        if !idle {
+            // Found one (there may be more), a record waits for its time, or an error to report.
+            self.log.maybe_work.store(true, Ordering::SeqCst);
+        }
+        taken
+    }
+
+    /// Marks the partition as having records to take (after returning some to `ready`).
+    fn has_work(&self) {
+        self.log.maybe_work.store(true, Ordering::SeqCst);
+    }
+
+    fn take_locked(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
         let mut st = lock(&self.state);
         if let Some(e) = &st.error {
             return Err(LogError::Invalid(e.clone()));
@@ -176,7 +210,11 @@ impl Partition {
                     }
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
-                Ok(None) => break None,
+                Ok(None) => {
+                    // At the end: an idle queue keeps no read-ahead window.
+                    st.ahead.release();
+                    break None;
+                }
                 Err(e @ LogError::Corrupt { .. }) => {
                     tracing::error!(error = %e, "log: partition stopped: damage with nothing valid after it");
                     st.error = Some(e.to_string());
@@ -204,15 +242,14 @@ impl Partition {
     pub(crate) fn enforce_retention(&self, r: &Retention, keep_from: u64) -> Result<(usize, u64), LogError> {
         let protect = lock(&self.state).finished.watermark.min(keep_from);
         let segs: Vec<Segment> = self.log.segments().clone();
-        let sizes: Vec<u64> = segs.iter().map(|s| s.file.metadata().map(|m| m.len()).unwrap_or(0)).collect();
+        let sizes: Vec<u64> = segs.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).collect();
         let mut total: u64 = sizes.iter().sum();
         let (mut deleted, mut lost) = (0, 0);
         for i in 0..segs.len().saturating_sub(1) {
             let (seg, next_base) = (&segs[i], segs[i + 1].base);
             let over = r.bytes.is_some_and(|b| total > b);
             let old = r.age.is_some_and(|a| {
-                seg.file
-                    .metadata()
+                std::fs::metadata(&seg.path)
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
@@ -227,6 +264,7 @@ impl Partition {
                 break;
             }
             self.log.segments_mut().retain(|s| s.base != seg.base);
+            self.log.forget_file(&seg.path);
             std::fs::remove_file(&seg.path).map_err(|e| LogError::io(&seg.path, e))?;
             total -= sizes[i];
             deleted += 1;
@@ -290,6 +328,8 @@ impl Partition {
         if !st.finished.is_done(record.offset) && !st.leases.contains(record.offset) {
             st.ready.push_back((record, deliveries));
         }
+        drop(st);
+        self.has_work();
     }
 
     /// Gives a leased record back for immediate redelivery.
@@ -298,6 +338,8 @@ impl Partition {
         if let Some(l) = st.leases.end(offset) {
             st.ready.push_front((l.record, l.deliveries));
         }
+        drop(st);
+        self.has_work();
     }
 
     /// Returns expired leases to the queue, or (past `max_deliveries`) hands them back to be
@@ -314,6 +356,10 @@ impl Partition {
                 st.ready.push_back((l.record, l.deliveries));
                 returned += 1;
             }
+        }
+        drop(st);
+        if returned > 0 || !out.is_empty() {
+            self.has_work();
         }
         (out, returned)
     }
@@ -392,7 +438,11 @@ pub(crate) mod tests {
     use crate::log::storage::record::NewRecord;
 
     fn cfg() -> PartitionConfig {
-        PartitionConfig { fsync: Fsync::Always, segment_bytes: 1024 }
+        PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1024,
+            files: crate::log::storage::files::FileCache::new(16),
+        }
     }
 
     fn rec(p: &str) -> NewRecord {

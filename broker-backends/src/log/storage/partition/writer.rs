@@ -1,7 +1,11 @@
-//! The append log of one partition and its writer thread (group commit).
+//! The append log of one partition and its writer (group commit).
 //!
-//! Publishers hand batches to one writer thread per partition, which drains everything pending,
-//! writes it with one `write`, fsyncs once (policy `always`), then completes every waiter. Acks go
+//! Publishers hand batches to the partition's writer, which drains everything pending, writes it
+//! with one `write`, fsyncs once (policy `always`), then completes every waiter. The writer is a
+//! job of the process's shared writer threads ([`pool`](super::pool)): it runs on one of them
+//! while it has work, so an idle partition holds no thread, and it holds the descriptors it writes
+//! through (from the store's [`FileCache`]) only until they are fsynced, so an idle partition holds
+//! no descriptor either. Acks go
 //! through the same thread into `acks.log`: settling threads add them to a shared list and wake the
 //! writer only when the list was empty, so a busy queue costs one wake-up per batch of acks, not per
 //! ack. The writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks
@@ -12,17 +16,21 @@
 //! fails is cut back and never read. Damage found while reading is skipped, reported once and
 //! quarantined.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
 use celery_core::sync::lock;
 use tokio::sync::{oneshot, Notify};
 
 use super::finished::{acks_frame, Finished, COUNTS_FRAME};
+use super::pool::{pool, Job};
 use crate::log::storage::disk;
 use crate::log::storage::error::LogError;
+use crate::log::storage::files::FileCache;
 use crate::log::storage::record::{self, now_ms, NewRecord, Record};
 use crate::log::storage::segment::{self, ReadAhead, Segment};
 
@@ -49,9 +57,11 @@ pub(crate) struct PartitionConfig {
     pub(crate) fsync: Fsync,
     /// Roll to a new segment past this many bytes.
     pub(crate) segment_bytes: u64,
+    /// The store's open files.
+    pub(crate) files: Arc<FileCache>,
 }
 
-/// What the writer thread is asked to do.
+/// What the writer is asked to do.
 enum WriterCmd {
     Append(Vec<NewRecord>, oneshot::Sender<Result<u64, LogError>>),
     /// Settlements are waiting in the shared list.
@@ -59,6 +69,142 @@ enum WriterCmd {
     /// Answered once what was sent before is written: an error when this batch's write, fsync or
     /// checkpoint failed.
     Flush(oneshot::Sender<Result<(), LogError>>),
+    /// A timer fell due (an fsync the policy owes, acks gathered long enough).
+    Tick,
+    /// Write what was sent before, fsync, and stop (answered when done).
+    Close(mpsc::Sender<()>),
+}
+
+/// Most commands one run of a writer takes (the rest wait for its next run).
+const MAX_BATCH: usize = 4096;
+
+/// A partition's writer as a job of the shared threads: its inbox, and its state (used by the one
+/// thread running it).
+struct Slot {
+    inbox: Mutex<Inbox>,
+    writer: Mutex<Option<Writer>>,
+    me: Weak<Slot>,
+}
+
+#[derive(Default)]
+struct Inbox {
+    cmds: VecDeque<WriterCmd>,
+    /// On the run queue or running: a new command only joins `cmds`.
+    queued: bool,
+    /// When the earliest timer set for this writer falls due.
+    timer: Option<Instant>,
+    /// No more commands are taken.
+    closed: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inbox = lock(&self.inbox);
+        f.debug_struct("Slot").field("pending", &inbox.cmds.len()).field("closed", &inbox.closed).finish()
+    }
+}
+
+impl Slot {
+    fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
+        let mut inbox = lock(&self.inbox);
+        if inbox.closed {
+            return Err(LogError::Closed);
+        }
+        if let WriterCmd::Close(_) = cmd {
+            inbox.closed = true;
+        }
+        inbox.cmds.push_back(cmd);
+        if !inbox.queued {
+            inbox.queued = true;
+            drop(inbox);
+            if let Some(me) = self.me.upgrade() {
+                pool().submit(me);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets a timer for `at` unless an earlier one is set.
+    fn wake_at(&self, at: Instant) {
+        let mut inbox = lock(&self.inbox);
+        if inbox.closed || inbox.timer.is_some_and(|t| t <= at) {
+            return;
+        }
+        inbox.timer = Some(at);
+        drop(inbox);
+        let me: Weak<dyn Job> = self.me.clone();
+        pool().wake_at(me, at);
+    }
+}
+
+impl Job for Slot {
+    fn run(self: Arc<Self>) {
+        let batch: Vec<WriterCmd> = {
+            let mut inbox = lock(&self.inbox);
+            let n = inbox.cmds.len().min(MAX_BATCH);
+            inbox.cmds.drain(..n).collect()
+        };
+        let mut writer = lock(&self.writer);
+        let mut next_timer = None;
+        if let Some(w) = writer.as_mut() {
+            if !batch.is_empty() && batch.iter().all(|c| matches!(c, WriterCmd::Settled)) && !w.gathered {
+                // Woken by acks alone: let more gather (anything else sent meanwhile runs it now).
+                w.gathered = true;
+                next_timer = Some(Instant::now() + ACK_GATHER);
+            } else {
+                let mut close = None;
+                let mut cmds = Vec::with_capacity(batch.len());
+                for c in batch {
+                    match c {
+                        WriterCmd::Close(done) => close = Some(done),
+                        c => cmds.push(c),
+                    }
+                }
+                w.gathered = false;
+                w.process(cmds);
+                if let Some(done) = close {
+                    if let Err(e) = w.maybe_sync(true) {
+                        tracing::error!(error = %e, "log: fsync failed");
+                    }
+                    *writer = None;
+                    let _ = done.send(());
+                } else {
+                    next_timer = w.next_timer();
+                }
+            }
+        } else {
+            for c in batch {
+                if let WriterCmd::Close(done) = c {
+                    let _ = done.send(());
+                }
+            }
+        }
+        drop(writer);
+        if let Some(at) = next_timer {
+            self.wake_at(at);
+        }
+        let mut inbox = lock(&self.inbox);
+        if inbox.cmds.is_empty() {
+            inbox.queued = false;
+            if inbox.cmds.capacity() > 64 {
+                // After a burst: an idle partition keeps no large buffer.
+                inbox.cmds = VecDeque::new();
+            }
+        } else {
+            drop(inbox);
+            pool().submit(self);
+        }
+    }
+
+    fn tick(self: Arc<Self>) {
+        {
+            let mut inbox = lock(&self.inbox);
+            if inbox.timer.is_some_and(|t| t <= Instant::now()) {
+                inbox.timer = None;
+            }
+        }
+        let _ = self.send(WriterCmd::Tick);
+    }
 }
 
 /// A change to the finished set, in the order the writer applies it.
@@ -97,8 +243,14 @@ struct End {
 pub(crate) struct PartitionLog {
     segments: Arc<RwLock<Vec<Segment>>>,
     end: Arc<Mutex<End>>,
-    tx: Mutex<Option<mpsc::Sender<WriterCmd>>>,
-    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// The writer (a job of the shared writer threads).
+    slot: Arc<Slot>,
+    /// The store's open files.
+    files: Arc<FileCache>,
+    /// Set when records are published (and by the queue state when records return): false only
+    /// when a take found nothing since, so a consumer of many queues skips idle partitions with
+    /// one load instead of a lock.
+    pub(super) maybe_work: Arc<AtomicBool>,
     /// Settlements for the writer, in order.
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The partition's directory.
@@ -117,16 +269,21 @@ impl PartitionLog {
         on_append: Arc<Notify>,
     ) -> Result<PartitionLog, LogError> {
         let first_offset = finished.watermark;
-        let rec = segment::recover(dir, first_offset)?;
+        let rec = segment::recover(dir, first_offset, &cfg.files)?;
         let active =
             rec.segments.last().cloned().ok_or_else(|| LogError::Invalid("a partition without a segment".into()))?;
         let tail = Pos { seg: active.base, byte: rec.tail_len };
         let segments = Arc::new(RwLock::new(rec.segments));
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
-        let (tx, rx) = mpsc::channel();
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
+        let maybe_work = Arc::new(AtomicBool::new(true));
         let acks_path = dir.join("acks.log");
-        let acks = disk::open_append(&acks_path)?;
+        // Created with the first ack: a queue never settled has no `acks.log`.
+        let acks_len = match std::fs::metadata(&acks_path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(LogError::io(&acks_path, e)),
+        };
         let writer = Writer {
             settled: settled.clone(),
             finished,
@@ -139,8 +296,12 @@ impl PartitionLog {
             tail_len: rec.tail_len,
             next_offset: rec.next_offset,
             on_append,
-            acks_len: acks.metadata().map_err(|e| LogError::io(&acks_path, e))?.len(),
-            acks,
+            acks_len,
+            acks_path,
+            maybe_work: maybe_work.clone(),
+            pinned_acks: None,
+            pinned_segment: None,
+            gathered: false,
             batch_start: rec.tail_len,
             broken: None,
             sync_failed: None,
@@ -148,15 +309,14 @@ impl PartitionLog {
             acks_dirty: false,
             last_sync: Instant::now(),
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("log-writer-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("?")))
-            .spawn(move || writer.run(rx))
-            .map_err(|e| LogError::io(dir, e))?;
+        let slot =
+            Arc::new_cyclic(|me| Slot { inbox: Mutex::default(), writer: Mutex::new(Some(writer)), me: me.clone() });
         Ok(PartitionLog {
             segments,
             end,
-            tx: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
+            slot,
+            files: cfg.files.clone(),
+            maybe_work,
             settled,
             dir: dir.to_owned(),
             damaged: Mutex::default(),
@@ -176,7 +336,7 @@ impl PartitionLog {
     }
 
     fn send(&self, cmd: WriterCmd) -> Result<(), LogError> {
-        lock(&self.tx).as_ref().ok_or(LogError::Closed)?.send(cmd).map_err(|_| LogError::Closed)
+        self.slot.send(cmd)
     }
 
     /// Hands a settlement to the writer, waking it when it had none waiting.
@@ -276,10 +436,10 @@ impl PartitionLog {
         // Damaged bytes: resume at the next valid record, in this segment or at the next one.
         let end = match limit {
             Some(l) => l,
-            None => seg.file.metadata().map_err(|e| LogError::io(&seg.path, e))?.len(),
+            None => seg.file()?.metadata().map_err(|e| LogError::io(&seg.path, e))?.len(),
         };
         let next_seg = idx.and_then(|i| segs.get(i + 1)).map(|n| (Pos { seg: n.base, byte: 0 }, n.base));
-        let resume = segment::resync(&seg.file, &seg.path, at.byte, end, offset)?
+        let resume = segment::resync(&*seg.file()?, &seg.path, at.byte, end, offset)?
             .map(|(byte, found)| (Pos { seg: seg.base, byte }, found))
             .or(next_seg);
         let Some((resume, found)) = resume else {
@@ -305,7 +465,7 @@ impl PartitionLog {
             .then(|| {
                 // At most 64 MiB of it: enough to inspect, never a segment-sized allocation.
                 let mut bytes = vec![0u8; (to - from).min(64 << 20) as usize];
-                std::os::unix::fs::FileExt::read_exact_at(&*seg.file, &mut bytes, from).ok()?;
+                std::os::unix::fs::FileExt::read_exact_at(&*seg.file().ok()?, &mut bytes, from).ok()?;
                 disk::create_dir_all(&qdir).ok()?;
                 let path = qdir.join(format!("{}-{from}.bin", seg.base));
                 disk::replace_file(&path, &bytes).ok().map(|()| path)
@@ -354,12 +514,19 @@ impl PartitionLog {
         rx.await.map_err(|_| LogError::Closed)?
     }
 
-    /// Stops the writer thread after it has written everything sent.
+    /// Stops the writer after it has written (and fsynced) everything sent, and lets go of the
+    /// partition's cached descriptors.
     pub(crate) fn close(&self) {
-        lock(&self.tx).take();
-        if let Some(t) = lock(&self.thread).take() {
-            let _ = t.join();
+        let (tx, rx) = mpsc::channel();
+        if self.send(WriterCmd::Close(tx)).is_ok() {
+            let _ = rx.recv();
         }
+        self.files.forget_under(&self.dir);
+    }
+
+    /// Forgets the cached descriptor of a segment file being deleted.
+    pub(super) fn forget_file(&self, path: &Path) {
+        self.files.forget(path);
     }
 }
 
@@ -379,7 +546,15 @@ struct Writer {
     tail_len: u64,
     next_offset: u64,
     on_append: Arc<Notify>,
-    acks: File,
+    maybe_work: Arc<AtomicBool>,
+    acks_path: PathBuf,
+    /// `acks.log` while it holds acks not fsynced yet (opened through the cache otherwise).
+    pinned_acks: Option<Arc<File>>,
+    /// The active segment while it holds records not fsynced yet: the fsync that acknowledges them
+    /// is made on the descriptor that wrote them.
+    pinned_segment: Option<Arc<File>>,
+    /// The last run only gathered acks (the next one writes them).
+    gathered: bool,
     /// Bytes of `acks.log` written by this writer (a failed write is cut back to it).
     acks_len: u64,
     /// Where the batch being written starts in the active segment: a batch whose write or fsync
@@ -400,42 +575,37 @@ struct Writer {
 }
 
 impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<WriterCmd>) {
-        loop {
-            // Wake up for a pending fsync only when something is waiting for one.
-            let idle = match self.cfg.fsync {
-                Fsync::Interval(d) if self.dirty || self.acks_dirty => d,
-                Fsync::Always if self.acks_dirty => ACK_SYNC,
-                _ => Duration::from_secs(3600),
-            };
-            let first = match rx.recv_timeout(idle) {
-                Ok(c) => c,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Err(e) = self.maybe_sync(true) {
-                        tracing::error!(error = %e, "log: fsync failed");
-                    }
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            };
-            let mut batch = vec![first];
-            if matches!(batch[0], WriterCmd::Settled) {
-                // Woken by acks alone: let more gather (anything else ends the wait).
-                if let Ok(c) = rx.recv_timeout(ACK_GATHER) {
-                    batch.push(c);
-                }
-            }
-            while batch.len() < 4096 {
-                match rx.try_recv() {
-                    Ok(c) => batch.push(c),
-                    Err(_) => break,
-                }
-            }
-            self.process(batch);
+    /// When this writer must run again if nothing is sent: an fsync the policy owes.
+    fn next_timer(&self) -> Option<Instant> {
+        match self.cfg.fsync {
+            Fsync::Interval(d) if self.dirty || self.acks_dirty => Some(self.last_sync + d),
+            Fsync::Always if self.acks_dirty => Some(self.last_sync + ACK_SYNC),
+            _ => None,
         }
-        if let Err(e) = self.maybe_sync(true) {
-            tracing::error!(error = %e, "log: fsync failed");
+    }
+
+    /// The active segment's file, kept while it holds unsynced bytes (unless fsync is left to the OS).
+    fn segment_file(&mut self) -> Result<Arc<File>, LogError> {
+        if let Some(f) = &self.pinned_segment {
+            return Ok(f.clone());
         }
+        let f = self.active.file()?;
+        if self.cfg.fsync != Fsync::Os {
+            self.pinned_segment = Some(f.clone());
+        }
+        Ok(f)
+    }
+
+    /// `acks.log` (created on first use), kept while it holds unsynced bytes.
+    fn acks_file(&mut self) -> Result<Arc<File>, LogError> {
+        if let Some(f) = &self.pinned_acks {
+            return Ok(f.clone());
+        }
+        let f = self.cfg.files.open(&self.acks_path, true)?;
+        if self.cfg.fsync != Fsync::Os {
+            self.pinned_acks = Some(f.clone());
+        }
+        Ok(f)
     }
 
     fn process(&mut self, batch: Vec<WriterCmd>) {
@@ -462,7 +632,7 @@ impl Writer {
                     }
                     waiters.push((first, done));
                 }
-                WriterCmd::Settled => {}
+                WriterCmd::Settled | WriterCmd::Tick | WriterCmd::Close(_) => {}
                 WriterCmd::Flush(f) => flushes.push(f),
             }
         }
@@ -489,6 +659,8 @@ impl Writer {
                 let tail = Pos { seg: self.active.base, byte: self.tail_len };
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
+                    // After the records are readable: a take that cleared it before sees them.
+                    self.maybe_work.store(true, Ordering::SeqCst);
                     self.on_append.notify_waiters();
                 }
                 for (first, w) in waiters {
@@ -515,11 +687,11 @@ impl Writer {
     /// Cuts the active segment back to where the failed batch began (its bytes were never
     /// acknowledged); when even that fails, the partition refuses appends until it is reopened.
     fn undo_batch(&mut self) {
-        let seg = &self.active;
         if self.tail_len == self.batch_start {
             return;
         }
-        match seg.file.set_len(self.batch_start) {
+        let seg = self.active.clone();
+        match self.segment_file().and_then(|f| f.set_len(self.batch_start).map_err(|e| LogError::io(&seg.path, e))) {
             Ok(()) => {
                 self.tail_len = self.batch_start;
                 self.broken = None;
@@ -541,16 +713,16 @@ impl Writer {
         }
         if self.tail_len > 0 && self.tail_len + buf.len() as u64 > self.cfg.segment_bytes {
             self.sync_now()?;
-            let seg = segment::create(&self.dir, first)?;
+            let seg = segment::create(&self.dir, first, &self.cfg.files)?;
             celery_core::sync::write(&self.segments).push(seg.clone());
             self.active = seg;
             self.tail_len = 0;
             self.batch_start = 0;
         }
-        let seg = &self.active;
         // A failure is undone by the caller (`undo_batch`): never a half-written batch behind a later one.
+        let file = self.segment_file()?;
         self.tail_len += buf.len() as u64;
-        disk::write_all(&seg.file, buf, &seg.path)?;
+        disk::write_all(&file, buf, &self.active.path)?;
         self.dirty = true;
         Ok(())
     }
@@ -559,7 +731,7 @@ impl Writer {
     /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
     fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
         let (mut acks, mut counts) = (Vec::new(), Vec::new());
-        let mut checkpoint = false;
+        let (mut checkpoint, mut asked) = (false, false);
         for op in settled {
             match op {
                 AckOp::Ack(offsets) => {
@@ -582,10 +754,20 @@ impl Writer {
                     self.finished = f;
                     checkpoint = true;
                 }
-                AckOp::Checkpoint => checkpoint = true,
+                AckOp::Checkpoint => asked = true,
             }
         }
         self.acks_since_checkpoint += acks.len();
+        if asked {
+            // Nothing settled since the last checkpoint (or ever): the files already hold this
+            // state, and a clean shutdown of many idle queues costs no checkpoint each.
+            let unchanged = self.acks_since_checkpoint == 0 && self.acks_len == 0 && counts.is_empty();
+            if unchanged {
+                self.sync_now()?;
+            } else {
+                checkpoint = true;
+            }
+        }
         if checkpoint || self.acks_since_checkpoint >= CHECKPOINT_EVERY {
             // The checkpoint holds every ack so far: acks.log starts over.
             let data = self.finished.encode();
@@ -614,10 +796,10 @@ impl Writer {
             return Ok(());
         }
         let frame = acks_frame(flags, body);
-        let path = self.dir.join("acks.log");
-        if let Err(e) = disk::write_all(&self.acks, &frame, &path) {
+        let acks = self.acks_file()?;
+        if let Err(e) = disk::write_all(&acks, &frame, &self.acks_path) {
             // A torn frame would hide every later one at the next open: cut it off.
-            let _ = self.acks.set_len(self.acks_len);
+            let _ = acks.set_len(self.acks_len);
             return Err(e);
         }
         self.acks_len += frame.len() as u64;
@@ -628,20 +810,24 @@ impl Writer {
     /// fsyncs what was written since the last sync (the segment, `acks.log`, or both).
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
-            let seg = &self.active;
-            if let Err(e) = disk::sync_data(&seg.file, &seg.path) {
+            let file = self.segment_file()?;
+            if let Err(e) = disk::sync_data(&file, &self.active.path) {
                 self.sync_failed = Some(e.to_string());
                 return Err(e);
             }
             self.dirty = false;
         }
+        // Synced: nothing needs these descriptors any more (the cache may close them).
+        self.pinned_segment = None;
         if self.acks_dirty {
-            if let Err(e) = disk::sync_data(&self.acks, &self.dir.join("acks.log")) {
+            let acks = self.acks_file()?;
+            if let Err(e) = disk::sync_data(&acks, &self.acks_path) {
                 self.sync_failed = Some(e.to_string());
                 return Err(e);
             }
             self.acks_dirty = false;
         }
+        self.pinned_acks = None;
         self.last_sync = Instant::now();
         Ok(())
     }
@@ -660,10 +846,16 @@ impl Writer {
     fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
         self.sync_now()?;
         disk::replace_file(&self.dir.join("checkpoint"), data)?;
-        let path = self.dir.join("acks.log");
-        self.acks.set_len(0).map_err(|e| LogError::io(&path, e))?;
+        if self.acks_len == 0 {
+            // Never written, or emptied by the last checkpoint: nothing to cut.
+            return Ok(());
+        }
+        let acks = self.acks_file()?;
+        acks.set_len(0).map_err(|e| LogError::io(&self.acks_path, e))?;
         self.acks_len = 0;
-        disk::sync_all(&self.acks, &path)
+        let synced = disk::sync_all(&acks, &self.acks_path);
+        self.pinned_acks = None;
+        synced
     }
 }
 
