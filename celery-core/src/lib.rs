@@ -20,6 +20,7 @@ pub mod clock;
 pub mod error;
 pub mod event;
 pub mod group;
+pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;

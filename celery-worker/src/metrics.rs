@@ -17,6 +17,7 @@
 //! | `celery_tasks_retried_total` | task | retries scheduled |
 //! | `celery_tasks_revoked_total` | task | expired before running |
 //! | `celery_task_runtime_seconds` | task | histogram of run times |
+//! | `celery_task_state_reports_total` | | states reported by running tasks (`update_state`) |
 //! | `celery_dead_letters_total` | queue | messages dead-lettered (bad input) |
 //! | `celery_worker_in_flight` | | tasks running now |
 //! | `celery_queue_depth` | queue | ready messages, polled every 5 s |
@@ -148,6 +149,7 @@ fn describe() {
     describe_counter!("celery_tasks_retried_total", "Retries scheduled, by task");
     describe_counter!("celery_tasks_revoked_total", "Tasks expired before they ran, by task");
     describe_histogram!("celery_task_runtime_seconds", Unit::Seconds, "Task run time, by task");
+    describe_counter!("celery_task_state_reports_total", "States reported by running tasks (update_state)");
     describe_counter!("celery_dead_letters_total", "Messages dead-lettered for bad input, by queue");
     describe_gauge!("celery_worker_in_flight", "Tasks running now");
     describe_gauge!("celery_queue_depth", "Ready messages in each consumed queue (polled every 5 s)");
@@ -179,6 +181,10 @@ pub(crate) fn started() {
 pub(crate) fn finished(task: &'static str, runtime: Duration) {
     gauge!("celery_worker_in_flight").decrement(1.0);
     histogram!("celery_task_runtime_seconds", "task" => task).record(runtime.as_secs_f64());
+}
+
+pub(crate) fn reported() {
+    counter!("celery_task_state_reports_total").increment(1);
 }
 
 pub(crate) fn succeeded(task: &'static str) {

@@ -25,6 +25,7 @@
 mod beat;
 mod broker;
 mod control;
+mod follow;
 mod monitor;
 mod outbox;
 mod queues;
