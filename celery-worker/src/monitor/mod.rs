@@ -26,6 +26,8 @@
 //!
 //! The JSON API the page uses: `GET /api/state?search=`, `GET /api/task/{id}`,
 //! `GET /api/dead/{queue}`, and with control `POST /api/dead/{queue}/{retry|discard}/{id}`,
+//! `POST /api/dead/{queue}/{retry|discard}?match=TEXT` (every dead letter whose task, id, reason
+//! or arguments contain TEXT; all when empty),
 //! `POST /api/revoke/{id}?terminate=true`, `POST /api/queue/{queue}/{pause|resume}`. A script drives control with the token:
 //!
 //! ```text
@@ -111,6 +113,7 @@ pub async fn serve(
         .route("/api/task/{id}", get(api_task))
         .route("/api/dead/{queue}", get(api_dead))
         .route("/api/dead/{queue}/{action}/{id}", post(api_dead_act))
+        .route("/api/dead/{queue}/{action}", post(api_dead_bulk))
         .route("/api/revoke/{id}", post(api_revoke))
         .route("/api/queue/{queue}/{action}", post(api_queue_act))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), check))
@@ -238,6 +241,42 @@ async fn api_dead_act(State(ctx): State<Ctx>, Path((queue, action, id)): Path<(S
     match dead::act(&ctx.app, &queue, &id, action).await {
         Ok(true) => Json(json!({"ok": true})).into_response(),
         Ok(false) => (StatusCode::NOT_FOUND, format!("no dead letter of {id} in {queue}")).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct Filter {
+    #[serde(default, rename = "match")]
+    filter: String,
+}
+
+/// The longest filter a bulk action takes, in bytes.
+const MAX_FILTER: usize = 256;
+
+/// Retries or discards every dead letter of `queue` matching `?match=` (all when empty) among the
+/// oldest [`dead::MAX`]; answers with how many were acted on and kept.
+async fn api_dead_bulk(
+    State(ctx): State<Ctx>,
+    Path((queue, action)): Path<(String, String)>,
+    Query(f): Query<Filter>,
+) -> Response {
+    if !ctx.cfg.allow_control {
+        return forbidden();
+    }
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
+    }
+    if f.filter.len() > MAX_FILTER {
+        return (StatusCode::BAD_REQUEST, format!("a filter is at most {MAX_FILTER} bytes")).into_response();
+    }
+    let action = match action.as_str() {
+        "retry" => dead::Action::Retry,
+        "discard" => dead::Action::Discard,
+        _ => return (StatusCode::NOT_FOUND, "retry or discard").into_response(),
+    };
+    match dead::act_matching(&ctx.app, &queue, &f.filter, action).await {
+        Ok(bulk) => Json(json!({"ok": true, "acted": bulk.acted, "kept": bulk.kept})).into_response(),
         Err(e) => (StatusCode::BAD_GATEWAY, e).into_response(),
     }
 }
