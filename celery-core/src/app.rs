@@ -385,7 +385,10 @@ impl AsyncResult {
     /// }
     /// # Ok(()) }
     /// ```
-    pub fn progress(&self, every: Duration) -> impl futures::Stream<Item = Result<TaskMeta, ResultError>> + Send + 'static {
+    pub fn progress(
+        &self,
+        every: Duration,
+    ) -> impl futures::Stream<Item = Result<TaskMeta, ResultError>> + Send + 'static {
         struct Follow {
             res: AsyncResult,
             every: Duration,

@@ -158,7 +158,10 @@ fn describe() {
     describe_gauge!("celery_queue_depth", "Ready messages in each consumed queue (polled every 5 s)");
     describe_gauge!("celery_queue_dead_letters", "Messages in each consumed queue's dead-letter queue");
     describe_gauge!("celery_queue_in_flight", "Deliveries of each consumed queue out to consumers, unsettled");
-    describe_gauge!("celery_queue_oldest_age_seconds", "Seconds the oldest ready message of each consumed queue waited");
+    describe_gauge!(
+        "celery_queue_oldest_age_seconds",
+        "Seconds the oldest ready message of each consumed queue waited"
+    );
     describe_counter!("celery_broker_reconnects_total", "Broker connections re-established after a loss");
 }
 

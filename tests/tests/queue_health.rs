@@ -43,7 +43,8 @@ async fn pause_and_resume_a_queue_across_processes() {
     let host = format!("health-{}@test", std::process::id());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let worker = DemoProcess::start_urls(&broker, &backend, &["worker", "-Q", &q, "-c", "1", "-n", &host, "--metrics", &listen]);
+    let worker =
+        DemoProcess::start_urls(&broker, &backend, &["worker", "-Q", &q, "-c", "1", "-n", &host, "--metrics", &listen]);
     assert!(worker.wait_log("consuming", T), "{}", worker.log());
     let app = celery_worker::connect(&broker, &backend).await.expect("connect");
 

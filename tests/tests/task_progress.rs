@@ -36,9 +36,10 @@ async fn reports_are_followed(broker: &str, backend: &str) {
     let steps = 6;
     let res = app.send(Signature::by_name("progress").args(json!([steps, 150])).queue(&q)).await.expect("send");
 
-    let seen: Vec<TaskMeta> = tokio::time::timeout(T, res.progress(Duration::from_millis(20)).map(|m| m.unwrap()).collect())
-        .await
-        .unwrap_or_else(|_| panic!("not ready in time: {}", worker.log()));
+    let seen: Vec<TaskMeta> =
+        tokio::time::timeout(T, res.progress(Duration::from_millis(20)).map(|m| m.unwrap()).collect())
+            .await
+            .unwrap_or_else(|_| panic!("not ready in time: {}", worker.log()));
     let last = seen.last().expect("a ready document");
     assert_eq!((last.status, &last.result), (TaskState::Success, &json!(steps)), "{seen:?}");
     let progress: TaskState = "PROGRESS".parse().unwrap();
@@ -113,7 +114,12 @@ async fn python_reads_the_progress_our_worker_reports() {
     // Long enough that Python sees it running: 40 steps of 200 ms.
     let res = app.send(Signature::by_name("progress").args(json!([40, 200])).queue(&q)).await.expect("send");
     let out = python_cmd(py, &redis, &backend, &["pg_app.py", "state", res.id()]).output().expect("run Python");
-    let report = format!("{}\n{}\nworker:\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr), worker.log());
+    let report = format!(
+        "{}\n{}\nworker:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        worker.log()
+    );
     assert!(out.status.success(), "{report}");
     let got: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap_or_else(|_| panic!("{report}"));
     assert_eq!(got["state"], "PROGRESS", "{report}");

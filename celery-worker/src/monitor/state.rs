@@ -253,13 +253,16 @@ mod tests {
         m.apply(&json!({"type": "task-started", "uuid": "p", "hostname": "w1", "timestamp": 1.0}));
         for done in 1..=3 {
             let meta = json!({"done": done, "total": 10});
-            m.apply(&json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": meta, "timestamp": 2.0}));
+            m.apply(
+                &json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": meta, "timestamp": 2.0}),
+            );
         }
         let t = m.task("p").unwrap();
         assert_eq!((t.state.as_str(), t.progress), ("PROGRESS", Some(ProgressView { done: 3, total: Some(10) })));
         assert_eq!(t.timeline.len(), 1, "reports stay out of the timeline");
         m.apply(&json!({"type": "task-succeeded", "uuid": "p", "result": "10", "timestamp": 3.0}));
-        let late = json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": {"done": 9}, "timestamp": 2.5});
+        let late =
+            json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": {"done": 9}, "timestamp": 2.5});
         m.apply(&late);
         assert_eq!(m.task("p").unwrap().state, "SUCCESS");
     }
