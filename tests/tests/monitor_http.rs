@@ -10,7 +10,7 @@ use celery_core::broker::{DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
 use celery_core::{App, Signature};
-use celery_tests::{free_port, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
+use celery_tests::{consumed_queues, free_port, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
@@ -214,15 +214,6 @@ async fn control_is_same_origin_with_the_pages_csrf_token_and_hosts_are_checked(
     assert_eq!(revoke.status, 200, "{}", revoke.body);
 }
 
-/// The queues worker `host` consumes now (`inspect active_queues`).
-async fn consumed(app: &App, host: &str) -> Vec<String> {
-    let replies = celery_worker::control::request(app, "active_queues", json!({}), Some(vec![host.to_owned()]), T)
-        .await
-        .expect("active_queues");
-    let (_, queues) = replies.into_iter().find(|(h, _)| h == host).expect("the worker answers");
-    queues.as_array().into_iter().flatten().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_dead_letter_actions_and_pause_resume_through_the_monitor() {
     let dir = TempDir::new("monitor-bulk");
@@ -263,9 +254,9 @@ async fn bulk_dead_letter_actions_and_pause_resume_through_the_monitor() {
     assert!(w.wait_log("consuming", T), "{}", w.log());
     let resumed = post("/api/queue/celery/resume");
     assert!(resumed["replies"].as_u64() >= Some(1), "{resumed}");
-    assert!(consumed(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
+    assert!(consumed_queues(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
     let paused = post("/api/queue/celery/pause");
     assert!(paused["replies"].as_u64() >= Some(1), "{paused}");
-    assert!(!consumed(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
+    assert!(!consumed_queues(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
     assert_eq!(http(&addr, "POST", "/api/queue/not-monitored/pause", &control).status, 404);
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use celery_core::{Signature, TaskState};
-use celery_tests::{demo_bin, free_port, wait_until, DemoProcess, Target};
+use celery_tests::{consumed_queues, demo_bin, free_port, wait_until, DemoProcess, Target};
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
@@ -26,15 +26,6 @@ fn control(broker: &str, backend: &str, args: &[&str]) -> String {
     stdout
 }
 
-/// The queues `host` consumes now (`inspect active_queues`).
-async fn consumed(app: &celery_core::App, host: &str) -> Vec<String> {
-    let replies = celery_worker::control::request(app, "active_queues", json!({}), Some(vec![host.to_owned()]), T)
-        .await
-        .expect("active_queues");
-    let (_, queues) = replies.into_iter().find(|(h, _)| h == host).expect("the worker answers");
-    queues.as_array().into_iter().flatten().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_and_resume_a_queue_across_processes() {
     let Some(target) = Target::redis() else { return };
@@ -51,11 +42,11 @@ async fn pause_and_resume_a_queue_across_processes() {
     let paused = control(&broker, &backend, &["pause", "-Q", &q, "-d", &host, "-t", "10", "--json"]);
     let replies: Value = serde_json::from_str(paused.trim()).unwrap_or_else(|_| panic!("{paused}"));
     assert!(replies.get(&host).is_some(), "{paused}");
-    assert!(!consumed(&app, &host).await.contains(&q), "paused: {q} is not consumed");
+    assert!(!consumed_queues(&app, &host).await.contains(&q), "paused: {q} is not consumed");
 
     let res = app.send(Signature::by_name("add").args(json!([2, 3])).queue(&q)).await.expect("send");
     // A round trip to the worker after the send: had it still consumed, it would have taken it.
-    assert!(!consumed(&app, &host).await.contains(&q));
+    assert!(!consumed_queues(&app, &host).await.contains(&q));
     let stats = app.broker().queue_stats(&q).await.unwrap();
     assert_eq!(stats.depth, 1, "{stats:?}");
     assert_eq!(res.state().await.unwrap(), TaskState::Pending);
@@ -71,7 +62,7 @@ async fn pause_and_resume_a_queue_across_processes() {
     assert!(shown, "{depth} and {dead} in:\n{last}");
 
     control(&broker, &backend, &["resume", "-Q", &q, "-d", &host, "-t", "10"]);
-    assert!(consumed(&app, &host).await.contains(&q));
+    assert!(consumed_queues(&app, &host).await.contains(&q));
     assert_eq!(res.get::<i64>(T).await.unwrap_or_else(|e| panic!("{e}\n{}", worker.log())), 5);
 }
 

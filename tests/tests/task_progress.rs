@@ -8,7 +8,6 @@
 //!    our worker runs it (results in PostgreSQL, which Python reads through SQLAlchemy).
 //! 3. `send --wait` with stderr not a terminal prints one plain `PROGRESS n/m` line per report.
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -90,15 +89,6 @@ async fn reports_are_followed_with_results_in_postgres() {
     reports_are_followed(&redis.broker, &schema.url("db+postgresql", "")).await;
 }
 
-/// Python's side: tests/python/pg_app.py with the broker and key prefix of `redis`.
-fn python_cmd(python: &Path, redis: &RedisEnv, backend: &str, args: &[&str]) -> Command {
-    let mut cmd = python::command(python, args);
-    cmd.env("CELERY_BROKER_URL", format!("{}/{}", celery_tests::REDIS, celery_tests::TEST_DB))
-        .env("CELERY_RS_KEYPREFIX", &redis.prefix)
-        .env("CELERY_RESULT_BACKEND", backend);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_reads_the_progress_our_worker_reports() {
     if !redis_available(SUITE) {
@@ -113,7 +103,8 @@ async fn python_reads_the_progress_our_worker_reports() {
     let app = celery_worker::connect(&redis.broker, &backend).await.expect("connect");
     // Long enough that Python sees it running: 40 steps of 200 ms.
     let res = app.send(Signature::by_name("progress").args(json!([40, 200])).queue(&q)).await.expect("send");
-    let out = python_cmd(py, &redis, &backend, &["pg_app.py", "state", res.id()]).output().expect("run Python");
+    let out =
+        python::pg_app_command(py, &redis, &backend, &["pg_app.py", "state", res.id()]).output().expect("run Python");
     let report = format!(
         "{}\n{}\nworker:\n{}",
         String::from_utf8_lossy(&out.stdout),
