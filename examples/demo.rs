@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --example demo -- worker -c 16              # run a worker
 //! cargo run --example demo -- send add --args '[2, 3]' --wait
+//! cargo run --example demo -- send progress --args '[10, 300]' --wait   # a progress bar
 //! cargo run --example demo -- beat                      # send `heartbeat` every minute
 //! cargo run --release --example demo -- bench -n 100000
 //! ```
@@ -73,6 +74,18 @@ async fn flaky(ctx: TaskContext, failures: u32) -> Result<u32, TaskError> {
         return Err(ctx.retry(Some(Duration::from_millis(100))));
     }
     Ok(ctx.retries())
+}
+
+/// Works `steps` steps of `ms` milliseconds each, reporting `PROGRESS` with
+/// `{"done": i, "total": steps}` after each (`send progress --args '[10, 300]' --wait` shows a
+/// bar; the monitor too); returns `steps`.
+#[task]
+async fn progress(ctx: TaskContext, steps: u64, ms: u64) -> Result<u64, TaskError> {
+    for i in 1..=steps {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        ctx.update_state("PROGRESS", serde_json::json!({"done": i, "total": steps})).await?;
+    }
+    Ok(steps)
 }
 
 /// Appends `token` and a newline to the file at `path`; returns `token`. The line is one buffer

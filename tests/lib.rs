@@ -606,3 +606,14 @@ impl Drop for PgSchema {
         let _ = postgres_exec(&format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
     }
 }
+
+/// The queues worker `host` consumes now, as it answers `inspect active_queues`.
+pub async fn consumed_queues(app: &celery_core::App, host: &str) -> Vec<String> {
+    let t = Duration::from_secs(30);
+    let replies =
+        celery_worker::control::request(app, "active_queues", serde_json::json!({}), Some(vec![host.to_owned()]), t)
+            .await
+            .expect("active_queues");
+    let (_, queues) = replies.into_iter().find(|(h, _)| h == host).expect("the worker answers");
+    queues.as_array().into_iter().flatten().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect()
+}

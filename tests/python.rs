@@ -110,6 +110,16 @@ pub fn command(python: &Path, args: &[&str]) -> Command {
     cmd
 }
 
+/// `python <args>` for `pg_app.py` (results in PostgreSQL at `backend`): its broker is the test
+/// Redis database with `redis`'s key prefix.
+pub fn pg_app_command(python: &Path, redis: &crate::RedisEnv, backend: &str, args: &[&str]) -> Command {
+    let mut cmd = command(python, args);
+    cmd.env("CELERY_BROKER_URL", format!("{}/{}", crate::REDIS, crate::TEST_DB))
+        .env("CELERY_RS_KEYPREFIX", &redis.prefix)
+        .env("CELERY_RESULT_BACKEND", backend);
+    cmd
+}
+
 /// A long-running process (a worker, Flower, an event dump), killed when dropped; its stdout and
 /// stderr go to one log file.
 #[derive(Debug)]

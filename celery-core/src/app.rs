@@ -355,9 +355,67 @@ impl AsyncResult {
         Ok(self.backend.get(&self.id).await?.map(|m| m.status).unwrap_or(TaskState::Pending))
     }
 
-    /// The stored document, if any.
+    /// The stored document, if any. Its `result` is what Python's `AsyncResult.info` returns:
+    /// the value, the exception document, or a custom state's report (`PROGRESS`'s
+    /// `{"done": 40, "total": 100}`).
     pub async fn info(&self) -> Result<Option<TaskMeta>, ResultError> {
         Ok(self.backend.get(&self.id).await?)
+    }
+
+    /// Follows the task until it is ready: yields its stored document each time its state or
+    /// result changes (PENDING is skipped), a custom state's report such as `PROGRESS` with
+    /// `{"done": 40, "total": 100}` included, and ends after the ready one (SUCCESS, FAILURE,
+    /// REVOKED) or the first error. Reads the backend every `every` (at least 10 ms); a ready
+    /// result arrives as soon as the backend wakes its waiters. It does not end by itself on a
+    /// task that never finishes: bound it with a timeout.
+    ///
+    /// ```no_run
+    /// # async fn demo(app: celery_core::App) -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use celery_core::progress::Progress;
+    /// let res = app.send_by_name("progress", serde_json::json!([10, 100]), serde_json::json!({})).await?;
+    /// let mut updates = Box::pin(res.progress(Duration::from_millis(100)));
+    /// while let Some(meta) = updates.next().await {
+    ///     let meta = meta?;
+    ///     match Progress::from_meta(&meta.result).and_then(|p| p.fraction()) {
+    ///         Some(f) if !meta.status.is_ready() => println!("{:.0}%", f * 100.0),
+    ///         _ => println!("{}", meta.status),
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn progress(
+        &self,
+        every: Duration,
+    ) -> impl futures::Stream<Item = Result<TaskMeta, ResultError>> + Send + 'static {
+        struct Follow {
+            res: AsyncResult,
+            every: Duration,
+            last: Option<(TaskState, Value)>,
+            done: bool,
+        }
+        let every = every.max(Duration::from_millis(10));
+        let start = Follow { res: self.clone(), every, last: None, done: false };
+        futures::stream::unfold(start, |mut f| async move {
+            while !f.done {
+                let got = match f.res.backend.wait(&f.res.id, f.every).await {
+                    Ok(m) => m,
+                    Err(e) => {
+                        f.done = true;
+                        return Some((Err(ResultError::from(e)), f));
+                    }
+                };
+                let Some(meta) = got.filter(|m| m.status != TaskState::Pending) else { continue };
+                f.done = meta.status.is_ready();
+                let seen = Some((meta.status, meta.result.clone()));
+                if seen != f.last {
+                    f.last = seen;
+                    return Some((Ok(meta), f));
+                }
+            }
+            None
+        })
     }
 
     /// Waits for a ready state (SUCCESS, FAILURE, REVOKED) and returns the document.

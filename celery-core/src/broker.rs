@@ -122,6 +122,26 @@ pub trait Broker: Send + Sync + Debug {
         let _ = name;
     }
 
+    /// The health of `queue`: its depth, its dead letters and, where the broker knows them, the
+    /// deliveries out to consumers and how long the oldest waiting message has waited. The
+    /// default reads [`queue_len`](Broker::queue_len) of the queue and of its dead-letter queue
+    /// ([`dead_letter_queue`]); a broker that keeps more (the PostgreSQL broker's rows) overrides it.
+    ///
+    /// ```no_run
+    /// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), celery_core::BrokerError> {
+    /// let s = broker.queue_stats("celery").await?;
+    /// println!("{} waiting, {} dead, oldest {:?}, {:?} in flight", s.depth, s.dead_letters, s.oldest_age, s.in_flight);
+    /// # Ok(()) }
+    /// ```
+    async fn queue_stats(&self, queue: &str) -> Result<QueueStats, BrokerError> {
+        Ok(QueueStats {
+            depth: self.queue_len(queue).await?,
+            dead_letters: self.queue_len(&dead_letter_queue(queue)).await?,
+            in_flight: None,
+            oldest_age: None,
+        })
+    }
+
     /// Exchanges and bindings, when the broker has them ([`Routing`]).
     fn routing(&self) -> Option<&dyn Routing> {
         None
@@ -140,6 +160,27 @@ pub trait Broker: Send + Sync + Debug {
     /// Stored documents, when the broker has them ([`Documents`]).
     fn documents(&self) -> Option<&dyn Documents> {
         None
+    }
+}
+
+/// A queue's health ([`Broker::queue_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct QueueStats {
+    /// Messages waiting (as [`Broker::queue_len`] counts them).
+    pub depth: u64,
+    /// Messages in its dead-letter queue.
+    pub dead_letters: u64,
+    /// Deliveries taken by consumers and not settled yet, when the broker knows.
+    pub in_flight: Option<u64>,
+    /// How long the oldest waiting message (due now) has waited, when the broker knows.
+    #[serde(serialize_with = "secs")]
+    pub oldest_age: Option<std::time::Duration>,
+}
+
+fn secs<S: serde::Serializer>(d: &Option<std::time::Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_f64(d.as_secs_f64()),
+        None => s.serialize_none(),
     }
 }
 

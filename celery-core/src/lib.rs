@@ -20,6 +20,7 @@ pub mod clock;
 pub mod error;
 pub mod event;
 pub mod group;
+pub mod progress;
 pub mod protocol;
 pub mod rate;
 pub mod registry;
@@ -34,7 +35,7 @@ pub mod url;
 
 pub use app::{App, AppConfig, AsyncResult};
 pub use backend::{ChordMember, ResultBackend, TaskMeta};
-pub use broker::{Broker, Consumer, Delivery};
+pub use broker::{Broker, Consumer, Delivery, QueueStats};
 pub use error::{AppError, BackendError, BrokerError, ErrorKind, ProtocolError, ResultError};
 pub use group::GroupResult;
 pub use signature::Signature;

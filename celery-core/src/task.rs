@@ -13,6 +13,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::Notify;
 
+use crate::progress::{StateSink, UpdateStateError, MAX_REPORT_SIZE};
+use crate::state::TaskState;
+
 /// Options of a task, set with `#[task(...)]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TaskOptions {
@@ -298,12 +301,68 @@ pub struct TaskContext {
     retries: u32,
     eta: Option<DateTime<Utc>>,
     soft: Arc<SoftLimit>,
+    sink: Option<Arc<dyn StateSink>>,
+    last_state: Arc<std::sync::Mutex<Option<(TaskState, Value)>>>,
 }
 
 impl TaskContext {
     /// A context for task `id` named `name` on its `retries`-th retry.
     pub fn new(id: &str, name: &str, retries: u32) -> TaskContext {
-        TaskContext { id: id.into(), name: name.into(), retries, eta: None, soft: Arc::default() }
+        TaskContext {
+            id: id.into(),
+            name: name.into(),
+            retries,
+            eta: None,
+            soft: Arc::default(),
+            sink: None,
+            last_state: Arc::default(),
+        }
+    }
+
+    /// Sends the states the task reports ([`update_state`](Self::update_state)) to `sink` (the
+    /// worker's: it stores them and sends events).
+    pub fn with_state_sink(mut self, sink: Arc<dyn StateSink>) -> TaskContext {
+        self.sink = Some(sink);
+        self
+    }
+
+    /// Reports a state while the task runs, as Celery's `self.update_state(state=..., meta=...)`:
+    /// the result backend stores Celery's document (`status` = `state`, `result` = `meta`), so
+    /// Python's `AsyncResult(id).state` / `.info` and ours ([`AsyncResult::progress`](crate::AsyncResult::progress))
+    /// see it, and the monitor shows a `{"done": n, "total": m}` document as a progress bar.
+    ///
+    /// `state` is a custom name (`"PROGRESS"`) or a running one (`"STARTED"`); a final state is
+    /// refused (the task reaches it by returning). `meta` is at most
+    /// [`MAX_REPORT_SIZE`](crate::progress::MAX_REPORT_SIZE) bytes of JSON. A result stored later
+    /// replaces the report; a report never replaces a stored result.
+    ///
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// use celery_core::{TaskContext, TaskState};
+    /// use serde_json::json;
+    /// let ctx = TaskContext::new("id-1", "resize", 0);
+    /// ctx.update_state("PROGRESS", json!({"done": 40, "total": 100})).await?;
+    /// let (state, meta) = ctx.last_state().unwrap();
+    /// assert_eq!((state.as_str(), meta["done"].as_u64()), ("PROGRESS", Some(40)));
+    /// assert!(ctx.update_state("SUCCESS", json!(null)).await.is_err());
+    /// # Ok::<_, celery_core::progress::UpdateStateError>(()) }).unwrap();
+    /// ```
+    pub async fn update_state(&self, state: &str, meta: Value) -> Result<(), UpdateStateError> {
+        let state = crate::progress::reportable(state)?;
+        let size = serde_json::to_vec(&meta).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > MAX_REPORT_SIZE {
+            return Err(UpdateStateError::TooLarge { size, limit: MAX_REPORT_SIZE });
+        }
+        if let Some(sink) = &self.sink {
+            sink.report(&self.id, state, &meta).await?;
+        }
+        *crate::sync::lock(&self.last_state) = Some((state, meta));
+        Ok(())
+    }
+
+    /// The last state this task reported with [`update_state`](Self::update_state), if any.
+    pub fn last_state(&self) -> Option<(TaskState, Value)> {
+        crate::sync::lock(&self.last_state).clone()
     }
 
     /// Sets the eta the task was scheduled for.

@@ -17,9 +17,13 @@
 //! | `celery_tasks_retried_total` | task | retries scheduled |
 //! | `celery_tasks_revoked_total` | task | expired before running |
 //! | `celery_task_runtime_seconds` | task | histogram of run times |
+//! | `celery_task_state_reports_total` | | states reported by running tasks (`update_state`) |
 //! | `celery_dead_letters_total` | queue | messages dead-lettered (bad input) |
 //! | `celery_worker_in_flight` | | tasks running now |
 //! | `celery_queue_depth` | queue | ready messages, polled every 5 s |
+//! | `celery_queue_dead_letters` | queue | messages in its dead-letter queue, polled every 5 s |
+//! | `celery_queue_in_flight` | queue | deliveries out to consumers (brokers that know: PostgreSQL) |
+//! | `celery_queue_oldest_age_seconds` | queue | how long the oldest ready message waited (0 when empty; brokers that know: PostgreSQL) |
 //! | `celery_broker_reconnects_total` | broker | connections re-established after a loss |
 //!
 //! ```no_run
@@ -148,19 +152,41 @@ fn describe() {
     describe_counter!("celery_tasks_retried_total", "Retries scheduled, by task");
     describe_counter!("celery_tasks_revoked_total", "Tasks expired before they ran, by task");
     describe_histogram!("celery_task_runtime_seconds", Unit::Seconds, "Task run time, by task");
+    describe_counter!("celery_task_state_reports_total", "States reported by running tasks (update_state)");
     describe_counter!("celery_dead_letters_total", "Messages dead-lettered for bad input, by queue");
     describe_gauge!("celery_worker_in_flight", "Tasks running now");
     describe_gauge!("celery_queue_depth", "Ready messages in each consumed queue (polled every 5 s)");
+    describe_gauge!("celery_queue_dead_letters", "Messages in each consumed queue's dead-letter queue");
+    describe_gauge!("celery_queue_in_flight", "Deliveries of each consumed queue out to consumers, unsettled");
+    describe_gauge!(
+        "celery_queue_oldest_age_seconds",
+        "Seconds the oldest ready message of each consumed queue waited"
+    );
     describe_counter!("celery_broker_reconnects_total", "Broker connections re-established after a loss");
 }
 
-/// Polls the depth of `queues` every 5 s until the process ends.
+/// Sets the gauges of `queue` from its stats (those the broker does not know are left unset).
+fn record_queue(queue: &str, s: &celery_core::QueueStats) {
+    gauge!("celery_queue_depth", "queue" => queue.to_owned()).set(s.depth as f64);
+    gauge!("celery_queue_dead_letters", "queue" => queue.to_owned()).set(s.dead_letters as f64);
+    if let Some(n) = s.in_flight {
+        gauge!("celery_queue_in_flight", "queue" => queue.to_owned()).set(n as f64);
+    }
+    let age = s.oldest_age.map_or(0.0, |a| a.as_secs_f64());
+    if s.oldest_age.is_some() || s.depth == 0 {
+        gauge!("celery_queue_oldest_age_seconds", "queue" => queue.to_owned()).set(age);
+    }
+}
+
+/// Polls the health of `queues` ([`Broker::queue_stats`](celery_core::Broker::queue_stats)) every
+/// 5 s until the process ends.
 pub fn poll_queue_depth(app: App, queues: Vec<String>) {
     tokio::spawn(async move {
         loop {
             for q in &queues {
-                if let Ok(n) = app.broker().queue_len(q).await {
-                    gauge!("celery_queue_depth", "queue" => q.clone()).set(n as f64);
+                match app.broker().queue_stats(q).await {
+                    Ok(stats) => record_queue(q, &stats),
+                    Err(e) => tracing::debug!(queue = %q, error = %e, "metrics: cannot read the queue's stats"),
                 }
             }
             tokio::time::sleep(Duration::from_secs(5)).await;
@@ -179,6 +205,10 @@ pub(crate) fn started() {
 pub(crate) fn finished(task: &'static str, runtime: Duration) {
     gauge!("celery_worker_in_flight").decrement(1.0);
     histogram!("celery_task_runtime_seconds", "task" => task).record(runtime.as_secs_f64());
+}
+
+pub(crate) fn reported() {
+    counter!("celery_task_state_reports_total").increment(1);
 }
 
 pub(crate) fn succeeded(task: &'static str) {

@@ -4,7 +4,9 @@ Celery's database backend (SQLAlchemy), with `result_extended`.
 As a Celery app (`celery -A pg_app worker`) it serves `pg_py_add` and `pg_py_fail`.
 As a script: `python pg_app.py create` creates Celery's tables (as a Python deployment has them);
 `python pg_app.py produce` sends our worker `pg_add(2, 3)` and `pg_fail('oops')`, waits for both
-through `AsyncResult.get()` and prints one JSON line with what it got and the stored meta.
+through `AsyncResult.get()` and prints one JSON line with what it got and the stored meta;
+`python pg_app.py state <id>` waits (30 s at most) until task <id> is in the custom state
+PROGRESS and prints one JSON line with `AsyncResult.state` and `.info` then.
 
 The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND (a
 `db+postgresql://` URL); the Redis key prefix from CELERY_RS_KEYPREFIX.
@@ -13,6 +15,7 @@ The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND (a
 import json
 import os
 import sys
+import time
 
 from celery import Celery
 
@@ -56,9 +59,19 @@ def produce():
     print(json.dumps({"add": added, "fail": failure, "meta": shown}))
 
 
+def state(task_id):
+    r = app.AsyncResult(task_id)
+    deadline = time.monotonic() + 30
+    while r.state != "PROGRESS" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    print(json.dumps({"state": r.state, "info": r.info}))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "create":
         app.backend.ResultSession().close()
         print(json.dumps({"created": True}))
     elif sys.argv[1] == "produce":
         produce()
+    elif sys.argv[1] == "state":
+        state(sys.argv[2])

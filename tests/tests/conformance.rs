@@ -299,6 +299,38 @@ async fn purge_and_len(t: Target) {
     assert_eq!(app.broker().queue_len("purge_me").await.unwrap(), 0);
 }
 
+/// Queue health: depth and dead letters on every broker; in-flight deliveries and the oldest
+/// message's age where the broker knows them (and then right).
+async fn queue_stats_count_waiting_in_flight_and_dead(t: Target) {
+    let app = t.app().await;
+    let q = "stats_me";
+    let empty = app.broker().queue_stats(q).await.unwrap();
+    assert_eq!((empty.depth, empty.dead_letters), (0, 0), "{empty:?}");
+    assert!(empty.oldest_age.is_none() && empty.in_flight.is_none_or(|n| n == 0), "{empty:?}");
+    app.send_batch((0..3).map(|i| c_add::new(i, i).queue(q))).await.unwrap();
+    let waiting = app.broker().queue_stats(q).await.unwrap();
+    assert_eq!((waiting.depth, waiting.dead_letters), (3, 0), "{waiting:?}");
+    assert!(waiting.oldest_age.is_none_or(|a| a < T), "{waiting:?}");
+    let mut consumer = app.broker().consume(&[q.to_owned()], 1).await.unwrap();
+    let d = tokio::time::timeout(T, consumer.next()).await.unwrap().expect("a delivery");
+    let taken = app.broker().queue_stats(q).await.unwrap();
+    assert_eq!(taken.depth, 2, "{taken:?}");
+    assert!(taken.in_flight.is_none_or(|n| n == 1), "{taken:?}");
+    d.dead_letter("conformance: queue stats").await.unwrap();
+    let deadline = tokio::time::Instant::now() + T;
+    let dead = loop {
+        let s = app.broker().queue_stats(q).await.unwrap();
+        if s.dead_letters == 1 || tokio::time::Instant::now() >= deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(dead.dead_letters, 1, "{dead:?}");
+    // The consumer (prefetch 1) may have taken the next one meanwhile.
+    assert!(dead.in_flight.is_none_or(|n| n <= 1), "{dead:?}");
+    consumer.close().await;
+}
+
 /// How many times each chord body ran, by token.
 static BODY_RUNS: std::sync::Mutex<Vec<i64>> = std::sync::Mutex::new(Vec::new());
 
@@ -698,6 +730,7 @@ celery_tests::each_broker!(
     groups_collect_results_in_order,
     shutdown_returns_prefetched_work,
     purge_and_len,
+    queue_stats_count_waiting_in_flight_and_dead,
     purge_removes_countdown_tasks,
     countdown_tasks_run_at_their_eta,
     leases_and_documents,

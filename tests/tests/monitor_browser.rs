@@ -1,7 +1,7 @@
 //! The dashboard in a real browser: headless Chromium (Debian's `chromium`, driven by
 //! `playwright-core` from npm, both installed here on first use) loads `monitor` while a worker
-//! with events runs a workload, sees the worker and its task counts, retries a dead letter through
-//! the page and saves a screenshot (copied to `$CELERY_RS_SCREENSHOT` when set).
+//! with events runs a workload, sees the worker and its task counts, a running task's progress bar
+//! move, retries a dead letter through the page and saves a screenshot (copied to `$CELERY_RS_SCREENSHOT` when set).
 
 use std::process::Command;
 use std::time::Duration;
@@ -33,13 +33,15 @@ async fn the_dashboard_works_in_a_browser() {
     }
     let bad = app.send(Signature::by_name("add").args(json!([1, 2, 3]))).await.unwrap();
     assert!(bad.get::<i64>(T).await.is_err());
+    // Runs through the page's checks (100 steps of 300 ms), reporting PROGRESS after each.
+    let long = app.send(Signature::by_name("progress").args(json!([100, 300]))).await.unwrap();
 
     let script = browser::script(&pw, "monitor.mjs");
     let shot = dir.0.join("monitor.png");
     let page = format!("http://{listen}/");
     let out = Command::new("node")
         .arg(&script)
-        .args([page.as_str(), host.as_str(), bad.id(), shot.to_str().unwrap()])
+        .args([page.as_str(), host.as_str(), bad.id(), shot.to_str().unwrap(), long.id()])
         .output()
         .expect("run node");
     let report = format!(

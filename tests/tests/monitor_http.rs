@@ -1,6 +1,7 @@
 //! The monitor over HTTP, as a separate process: looking at dead letters changes nothing (log
 //! broker, through the owner's socket, and Redis), a wrong Host is refused, a cross-site POST is
-//! refused, a POST with the page's CSRF token works, and every answer carries the security headers.
+//! refused, a POST with the page's CSRF token works, and every answer carries the security headers;
+//! bulk dead-letter actions take only what their filter matches, and pause/resume reach a worker.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use celery_core::broker::{DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
 use celery_core::{App, Signature};
-use celery_tests::{free_port, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
+use celery_tests::{consumed_queues, free_port, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
@@ -211,4 +212,51 @@ async fn control_is_same_origin_with_the_pages_csrf_token_and_hosts_are_checked(
     let revoke =
         http(&addr, "POST", "/api/revoke/some-task", &[("Host", &addr), ("Origin", &origin), ("X-CSRF-Token", csrf)]);
     assert_eq!(revoke.status, 200, "{}", revoke.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_dead_letter_actions_and_pause_resume_through_the_monitor() {
+    let dir = TempDir::new("monitor-bulk");
+    let url = dir.url("");
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let ids = dead_letters(&app, 4).await;
+    let (m, addr) = monitor(&url, &url);
+    let origin = format!("http://{addr}");
+    let page = http(&addr, "GET", "/", &[("Host", &addr)]);
+    let csrf = page.body.split("name=\"csrf-token\" content=\"").nth(1).and_then(|r| r.split('"').next()).unwrap();
+    let control = [("Host", addr.as_str()), ("Origin", origin.as_str()), ("X-CSRF-Token", csrf)];
+    let post = |path: &str| {
+        let a = http(&addr, "POST", path, &control);
+        assert_eq!(a.status, 200, "{path}: {} {}\n{}", a.status, a.body, m.log());
+        serde_json::from_str::<serde_json::Value>(&a.body).unwrap()
+    };
+
+    // One matched by its id is discarded; the others, passed over, stay in order.
+    let one = post(&format!("/api/dead/celery/discard?match={}", ids[2]));
+    assert_eq!((one["acted"].as_u64(), one["kept"].as_u64()), (Some(1), Some(3)), "{one}");
+    let left = http(&addr, "GET", "/api/dead/celery", &[("Host", &addr)]);
+    let left: Vec<serde_json::Value> = serde_json::from_str(&left.body).unwrap();
+    let left: Vec<&str> = left.iter().filter_map(|d| d["id"].as_str()).collect();
+    assert_eq!(left, [&ids[0], &ids[1], &ids[3]]);
+    // A filter that matches none changes nothing; the task name matches the rest, retried.
+    let none = post("/api/dead/celery/retry?match=no-such-task");
+    assert_eq!((none["acted"].as_u64(), none["kept"].as_u64()), (Some(0), Some(3)), "{none}");
+    let all = post("/api/dead/celery/retry?match=ADD");
+    assert_eq!(all["acted"].as_u64(), Some(3), "{all}");
+    assert_eq!(app.broker().queue_len("celery.dead").await.unwrap(), 0);
+    assert_eq!(app.broker().queue_len("celery").await.unwrap(), 3, "back in their queue");
+    let long = format!("/api/dead/celery/retry?match={}", "x".repeat(300));
+    assert_eq!(http(&addr, "POST", &long, &control).status, 400, "a filter is bounded");
+
+    // Pause and resume: the worker stops and starts consuming the queue.
+    let host = format!("bulk-{}@test", std::process::id());
+    let w = DemoProcess::start_urls(&url, &url, &["worker", "-c", "1", "-n", &host, "-Q", "other"]);
+    assert!(w.wait_log("consuming", T), "{}", w.log());
+    let resumed = post("/api/queue/celery/resume");
+    assert!(resumed["replies"].as_u64() >= Some(1), "{resumed}");
+    assert!(consumed_queues(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
+    let paused = post("/api/queue/celery/pause");
+    assert!(paused["replies"].as_u64() >= Some(1), "{paused}");
+    assert!(!consumed_queues(&app, &host).await.contains(&"celery".to_owned()), "{}", w.log());
+    assert_eq!(http(&addr, "POST", "/api/queue/not-monitored/pause", &control).status, 404);
 }

@@ -632,15 +632,6 @@ async fn tls_is_verified() {
     assert_eq!(tls_connections(), Some(true), "the pool and the listener use TLS");
 }
 
-/// Python's side: tests/python/pg_app.py with the broker, backend and key prefix of this test.
-fn python_cmd(python: &Path, broker: &RedisEnv, backend: &str, args: &[&str]) -> Command {
-    let mut cmd = python::command(python, args);
-    cmd.env("CELERY_BROKER_URL", celery_tests::REDIS.to_owned() + &format!("/{}", celery_tests::TEST_DB))
-        .env("CELERY_RS_KEYPREFIX", &broker.prefix)
-        .env("CELERY_RESULT_BACKEND", backend);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn python_reads_ours_and_we_read_pythons() {
     if !redis_available(SUITE) {
@@ -651,13 +642,13 @@ async fn python_reads_ours_and_we_read_pythons() {
     let redis = RedisEnv::new(30.0);
     let ours = schema.url("db+postgresql", "");
     // Python creates the tables first here (create_all), as a Python deployment would have them.
-    let pg = python_cmd(py, &redis, &ours, &["pg_app.py", "create"]).output().unwrap();
+    let pg = python::pg_app_command(py, &redis, &ours, &["pg_app.py", "create"]).output().unwrap();
     assert!(pg.status.success(), "{}", String::from_utf8_lossy(&pg.stderr));
     let app = celery_worker::connect(&redis.broker, &ours).await.expect("connect");
 
     // Python reads what our worker stored.
     let w = worker(&app, "rs@pg");
-    let out = python_cmd(py, &redis, &ours, &["pg_app.py", "produce"]).output().unwrap();
+    let out = python::pg_app_command(py, &redis, &ours, &["pg_app.py", "produce"]).output().unwrap();
     w.stop().await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let got: Value = serde_json::from_slice(out.stdout.trim_ascii()).unwrap();
@@ -668,7 +659,7 @@ async fn python_reads_ours_and_we_read_pythons() {
     assert_eq!(got["meta"]["status"], json!("SUCCESS"));
 
     // We read what a Python worker stored (Celery 5.7's JSON in the binary columns).
-    let worker = Service::start(&mut python_cmd(
+    let worker = Service::start(&mut python::pg_app_command(
         py,
         &redis,
         &ours,

@@ -406,6 +406,22 @@ impl Broker for PostgresBroker {
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
 
+    /// Depth and dead letters as [`queue_len`](Broker::queue_len) counts them, the leased rows as
+    /// in flight, and the age of the oldest ready row since it became due, in one statement.
+    async fn queue_stats(&self, queue: &str) -> Result<celery_core::QueueStats, BrokerError> {
+        check_name("queue", queue)?;
+        let dead = celery_core::broker::dead_letter_queue(queue);
+        let rows = self.inner.db.query("queue stats", sql::QUEUE_STATS, &[&queue, &dead]).await?;
+        let count = |i: usize| rows.first().map_or(0, |r| r.get::<_, i64>(i)).max(0) as u64;
+        let age = rows.first().and_then(|r| r.get::<_, Option<f64>>(3));
+        Ok(celery_core::QueueStats {
+            depth: count(0),
+            dead_letters: count(1),
+            in_flight: Some(count(2)),
+            oldest_age: age.map(|s| celery_core::clock::secs_f64(s.max(0.0))),
+        })
+    }
+
     /// At most [`PEEK_MESSAGE_BYTES`] of one message (a larger one is listed as
     /// [`ProtocolError::TooLarge`], unread) and [`PEEK_TOTAL_BYTES`] in all (the list ends
     /// before).

@@ -293,6 +293,16 @@ SELECT count(*) FROM gone";
 pub(crate) const QUEUE_LEN: &str =
     "SELECT count(*) FROM celery_rs_tasks WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()";
 
+/// Queue `$1`'s health, its dead-letter queue being `$2`: ready rows, ready dead letters, leased
+/// rows, and the seconds since the oldest ready row became due (null when none is).
+pub(crate) const QUEUE_STATS: &str = "
+SELECT
+    count(*) FILTER (WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()),
+    count(*) FILTER (WHERE queue = $2 AND leased_until IS NULL AND run_at <= now()),
+    count(*) FILTER (WHERE queue = $1 AND leased_until IS NOT NULL),
+    extract(epoch FROM now() - min(run_at) FILTER (WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()))::float8
+FROM celery_rs_tasks WHERE queue = $1 OR queue = $2";
+
 /// The first `$2` ready messages of queue `$1`, in the order they are taken: `size, payload`,
 /// the payload only when at most `$3` bytes, and only while the payloads sent add up to at most
 /// `$4` bytes (the list ends there).

@@ -109,6 +109,25 @@ pub enum ControlCommand {
         #[command(flatten)]
         reach: Reach,
     },
+    /// Pause a queue on every worker (or those given): they stop taking from it, finish what
+    /// they hold, and leave the rest waiting (Celery's `cancel_consumer`).
+    Pause {
+        /// The queue.
+        #[arg(short = 'Q', long = "queue")]
+        queue: String,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
+    /// Resume a paused queue: the workers consume it again (Celery's `add_consumer`).
+    Resume {
+        /// The queue.
+        #[arg(short = 'Q', long = "queue")]
+        queue: String,
+        /// Destination and timeout.
+        #[command(flatten)]
+        reach: Reach,
+    },
     /// Run N more tasks at once.
     #[command(alias = "pool_grow")]
     PoolGrow {
@@ -210,8 +229,12 @@ pub(super) async fn control(app: &App, c: &ControlCommand) -> anyhow::Result<Exi
         ControlCommand::TimeLimit { task, soft, hard, reach } => {
             ("time_limit", json!({"task_name": task, "soft": soft, "hard": hard}), reach)
         }
-        ControlCommand::AddConsumer { queue, reach } => ("add_consumer", json!({"queue": queue}), reach),
-        ControlCommand::CancelConsumer { queue, reach } => ("cancel_consumer", json!({"queue": queue}), reach),
+        ControlCommand::AddConsumer { queue, reach } | ControlCommand::Resume { queue, reach } => {
+            ("add_consumer", json!({"queue": queue}), reach)
+        }
+        ControlCommand::CancelConsumer { queue, reach } | ControlCommand::Pause { queue, reach } => {
+            ("cancel_consumer", json!({"queue": queue}), reach)
+        }
         ControlCommand::PoolGrow { n, reach } => ("pool_grow", json!({"n": n}), reach),
         ControlCommand::PoolShrink { n, reach } => ("pool_shrink", json!({"n": n}), reach),
         ControlCommand::Autoscale { max, min, reach } => ("autoscale", json!({"max": max, "min": min}), reach),

@@ -25,6 +25,7 @@
 mod beat;
 mod broker;
 mod control;
+mod follow;
 mod monitor;
 mod outbox;
 mod queues;
@@ -99,7 +100,7 @@ pub enum Command {
     /// active_queues, conf, clock, report, memsample, memdump.
     Inspect(InspectArgs),
     /// Steer the workers: revoke, terminate, rate_limit, time_limit, add_consumer,
-    /// cancel_consumer, pool_grow, pool_shrink, autoscale, enable_events, disable_events,
+    /// cancel_consumer, pause -Q, resume -Q, pool_grow, pool_shrink, autoscale, enable_events, disable_events,
     /// heartbeat, shutdown.
     #[command(subcommand)]
     Control(ControlCommand),

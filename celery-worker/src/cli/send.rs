@@ -38,7 +38,8 @@ pub struct SendArgs {
     /// Send at most once per KEY within the idempotency window (a repeat prints the first task).
     #[arg(long)]
     pub idempotency_key: Option<String>,
-    /// Wait for the result, at most SECS (default 30).
+    /// Wait for the result, at most SECS (default 30), showing the states the task reports on
+    /// stderr (a progress bar on a terminal, plain lines otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "30")]
     pub wait: Option<f64>,
     /// Print one JSON object as the last line.
@@ -118,7 +119,11 @@ struct Report<'a> {
 /// Prints a task's state (after waiting, when asked) and picks the exit code.
 async fn report(res: &AsyncResult, wait: Option<f64>, as_json: bool) -> anyhow::Result<ExitCode> {
     let meta: Option<TaskMeta> = match wait {
-        Some(secs) => res.wait(celery_core::clock::secs_f64(secs)).await.ok().or(res.info().await?),
+        // Not ready in time (or the backend failed while following): what is stored now.
+        Some(secs) => match super::follow::follow(res, celery_core::clock::secs_f64(secs)).await {
+            Ok(Some(ready)) => Some(ready),
+            _ => res.info().await?,
+        },
         None => res.info().await?,
     };
     let state = meta.as_ref().map(|m| m.status).unwrap_or(TaskState::Pending);

@@ -13,6 +13,9 @@
 //! and RabbitMQ's quorum queues) counts none against it, so no dead letter is ever dead-lettered
 //! again by the dashboard, and a crash in between leaves a duplicate, never a loss. One that cannot
 //! be decoded cannot be stored again and is requeued as it is.
+//!
+//! [`act_matching`] does the same for every dead letter a filter matches (task name, id, reason or
+//! arguments), in one pass over the oldest [`MAX`].
 
 use std::time::Duration;
 
@@ -122,6 +125,70 @@ pub async fn act(app: &App, queue: &str, id: &str, action: Action) -> Result<boo
     result.map(|()| acted)
 }
 
+/// What [`act_matching`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Bulk {
+    /// Dead letters retried or discarded.
+    pub acted: usize,
+    /// Dead letters looked at that did not match, stored again at the back (uncounted).
+    pub kept: usize,
+}
+
+/// Whether dead letter `d` matches `filter`: empty matches all; otherwise a case-insensitive
+/// substring of its task name, id, reason or arguments. An undecodable one matches only the empty
+/// filter.
+pub fn matches(d: &DeadLetter, filter: &str) -> bool {
+    if filter.is_empty() {
+        return true;
+    }
+    let f = filter.to_lowercase();
+    d.retryable && [&d.task, &d.id, &d.reason, &d.args].iter().any(|s| s.to_lowercase().contains(&f))
+}
+
+/// Retries or discards every dead letter of `queue` that [`matches`] `filter`, among the oldest
+/// [`MAX`] (call again for more): those are taken in order; the matching ones are acted on, the
+/// others stored again at the back, uncounted (see the module header). An undecodable one is
+/// discarded by an empty filter's discard, else requeued as it is.
+pub async fn act_matching(app: &App, queue: &str, filter: &str, action: Action) -> Result<Bulk, String> {
+    let dlq = dead_letter_queue(queue);
+    let seen = list(app, queue).await?.len();
+    let mut bulk = Bulk::default();
+    if seen == 0 {
+        return Ok(bulk);
+    }
+    let mut consumer = app.broker().consume(std::slice::from_ref(&dlq), seen).await.map_err(|e| e.to_string())?;
+    let mut taken = Vec::new();
+    while taken.len() < seen {
+        let Ok(Some(d)) = tokio::time::timeout(QUIET, consumer.next()).await else { break };
+        taken.push(d);
+    }
+    consumer.stop();
+    let mut extra = Vec::new();
+    while let Ok(Some(d)) = tokio::time::timeout(QUIET, consumer.next()).await {
+        extra.push(d);
+    }
+    let mut result = Ok(());
+    for mut d in taken {
+        let hit = matches(&view(d.message()), filter);
+        let (acted, done) = match (hit, action, d.message().is_ok()) {
+            (true, Action::Retry, true) => (true, retry(app, queue, d).await),
+            (true, Action::Discard, _) => (true, d.ack().await.map_err(|e| e.to_string())),
+            _ => (false, restore(app, &dlq, d).await),
+        };
+        match (acted, done.is_ok()) {
+            (true, true) => bulk.acted += 1,
+            (false, _) => bulk.kept += 1,
+            (true, false) => {}
+        }
+        result = result.and(done);
+    }
+    for d in extra {
+        result = result.and(restore(app, &dlq, d).await);
+    }
+    consumer.close().await;
+    result.map(|()| bulk)
+}
+
 /// Puts a dead letter passed over back: stored again as new (no delivery counted), then acked;
 /// requeued as it is when it cannot be decoded.
 async fn restore(app: &App, dlq: &str, mut d: Delivery) -> Result<(), String> {
@@ -182,6 +249,24 @@ mod tests {
         }
         assert_eq!(app.broker().queue_len("q.dead").await.unwrap(), 5);
         assert_eq!(app.broker().queue_len("q.dead.dead").await.unwrap(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn bulk_actions_take_only_the_matching_ones() {
+        let (app, ids, dir) = setup("bulk").await;
+        // Arguments [0] .. [4]: "[3]" matches one.
+        let mut m = Message::from_signature(&Signature::by_name("other").args(serde_json::json!(["x"]))).unwrap();
+        m.headers.extra.insert(DEAD_LETTER_REASON.into(), "worse".into());
+        app.broker().publish(&Route::queue("q.dead"), &m).await.unwrap();
+        let bulk = act_matching(&app, "q", "OTHER", Action::Discard).await.unwrap();
+        assert_eq!(bulk, Bulk { acted: 1, kept: 5 });
+        assert_eq!(ids_of(&list(&app, "q").await.unwrap()), ids, "the others stay, in order");
+        let bulk = act_matching(&app, "q", "add", Action::Retry).await.unwrap();
+        assert_eq!(bulk, Bulk { acted: 5, kept: 0 });
+        assert!(list(&app, "q").await.unwrap().is_empty());
+        assert_eq!(app.broker().queue_len("q").await.unwrap(), 5, "all back in their queue");
+        assert_eq!(app.broker().queue_len("q.dead.dead").await.unwrap(), 0, "none dead-lettered again");
         let _ = std::fs::remove_dir_all(dir);
     }
 

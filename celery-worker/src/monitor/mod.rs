@@ -2,8 +2,11 @@
 //! (start workers with `-E`). One page, no build step, no external assets:
 //!
 //! - workers: online, heartbeat age, tasks running and finished;
-//! - queues: depth and dead letters (with **retry** and **discard**);
-//! - tasks: a live list searchable by id, name or state, and each task's detail (arguments,
+//! - queues: depth, age of the oldest waiting message and deliveries in flight (where the broker
+//!   knows them: [`Broker::queue_stats`]), dead letters (with **retry** and **discard**), and
+//!   **pause** / **resume** (Celery's `cancel_consumer` / `add_consumer` to every worker);
+//! - tasks: a live list searchable by id, name or state, with a progress bar on a running task
+//!   that reports `{"done", "total"}` (`task-progress`), and each task's detail (arguments,
 //!   result or error with traceback, retries, timeline, the stored result);
 //! - throughput over the last ten minutes;
 //! - **revoke** (optionally terminating).
@@ -23,7 +26,9 @@
 //!
 //! The JSON API the page uses: `GET /api/state?search=`, `GET /api/task/{id}`,
 //! `GET /api/dead/{queue}`, and with control `POST /api/dead/{queue}/{retry|discard}/{id}`,
-//! `POST /api/revoke/{id}?terminate=true`. A script drives control with the token:
+//! `POST /api/dead/{queue}/{retry|discard}?match=TEXT` (every dead letter whose task, id, reason
+//! or arguments contain TEXT; all when empty),
+//! `POST /api/revoke/{id}?terminate=true`, `POST /api/queue/{queue}/{pause|resume}`. A script drives control with the token:
 //!
 //! ```text
 //! mybin monitor --allow-control --token "$T" &
@@ -31,6 +36,7 @@
 //! ```
 //!
 //! [`Broker::peek`]: celery_core::Broker::peek
+//! [`Broker::queue_stats`]: celery_core::Broker::queue_stats
 
 pub mod dead;
 pub mod guard;
@@ -107,7 +113,9 @@ pub async fn serve(
         .route("/api/task/{id}", get(api_task))
         .route("/api/dead/{queue}", get(api_dead))
         .route("/api/dead/{queue}/{action}/{id}", post(api_dead_act))
+        .route("/api/dead/{queue}/{action}", post(api_dead_bulk))
         .route("/api/revoke/{id}", post(api_revoke))
+        .route("/api/queue/{queue}/{action}", post(api_queue_act))
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), check))
         .layer(axum::middleware::map_response(secure))
         .with_state(ctx);
@@ -155,9 +163,14 @@ struct Search {
 async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Value> {
     let mut queues = Vec::new();
     for name in &ctx.cfg.queues {
-        let depth = ctx.app.broker().queue_len(name).await.ok();
-        let dead = ctx.app.broker().queue_len(&celery_core::broker::dead_letter_queue(name)).await.ok();
-        queues.push(json!({"name": name, "depth": depth, "dead": dead}));
+        let stats = ctx.app.broker().queue_stats(name).await.ok();
+        queues.push(json!({
+            "name": name,
+            "depth": stats.map(|s| s.depth),
+            "dead": stats.map(|s| s.dead_letters),
+            "in_flight": stats.and_then(|s| s.in_flight),
+            "oldest_age": stats.and_then(|s| s.oldest_age).map(|a| a.as_secs_f64()),
+        }));
     }
     let now = celery_core::event::now();
     let s = lock(&ctx.state);
@@ -233,6 +246,42 @@ async fn api_dead_act(State(ctx): State<Ctx>, Path((queue, action, id)): Path<(S
 }
 
 #[derive(Deserialize)]
+struct Filter {
+    #[serde(default, rename = "match")]
+    filter: String,
+}
+
+/// The longest filter a bulk action takes, in bytes.
+const MAX_FILTER: usize = 256;
+
+/// Retries or discards every dead letter of `queue` matching `?match=` (all when empty) among the
+/// oldest [`dead::MAX`]; answers with how many were acted on and kept.
+async fn api_dead_bulk(
+    State(ctx): State<Ctx>,
+    Path((queue, action)): Path<(String, String)>,
+    Query(f): Query<Filter>,
+) -> Response {
+    if !ctx.cfg.allow_control {
+        return forbidden();
+    }
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
+    }
+    if f.filter.len() > MAX_FILTER {
+        return (StatusCode::BAD_REQUEST, format!("a filter is at most {MAX_FILTER} bytes")).into_response();
+    }
+    let action = match action.as_str() {
+        "retry" => dead::Action::Retry,
+        "discard" => dead::Action::Discard,
+        _ => return (StatusCode::NOT_FOUND, "retry or discard").into_response(),
+    };
+    match dead::act_matching(&ctx.app, &queue, &f.filter, action).await {
+        Ok(bulk) => Json(json!({"ok": true, "acted": bulk.acted, "kept": bulk.kept})).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, e).into_response(),
+    }
+}
+
+#[derive(Deserialize)]
 struct Terminate {
     #[serde(default)]
     terminate: bool,
@@ -243,6 +292,26 @@ async fn api_revoke(State(ctx): State<Ctx>, Path(id): Path<String>, Query(t): Qu
         return forbidden();
     }
     match crate::control::revoke(&ctx.app, &[&id], t.terminate, None, Duration::from_secs(1)).await {
+        Ok(replies) => Json(json!({"ok": true, "replies": replies.len()})).into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
+}
+
+/// Pauses or resumes a queue on every worker: Celery's `cancel_consumer` / `add_consumer`
+/// broadcast (`control pause -Q` / `resume -Q`); answers with how many workers replied.
+async fn api_queue_act(State(ctx): State<Ctx>, Path((queue, action)): Path<(String, String)>) -> Response {
+    if !ctx.cfg.allow_control {
+        return forbidden();
+    }
+    if let Some(refused) = unknown_queue(&ctx, &queue) {
+        return refused;
+    }
+    let method = match action.as_str() {
+        "pause" => "cancel_consumer",
+        "resume" => "add_consumer",
+        _ => return (StatusCode::NOT_FOUND, "pause or resume").into_response(),
+    };
+    match crate::control::request(&ctx.app, method, json!({"queue": queue}), None, Duration::from_secs(1)).await {
         Ok(replies) => Json(json!({"ok": true, "replies": replies.len()})).into_response(),
         Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
     }

@@ -55,8 +55,19 @@ pub struct TaskView {
     pub retries: u64,
     /// When it was received.
     pub received: f64,
-    /// Every event of it: (type, timestamp).
+    /// Every event of it but its progress reports: (type, timestamp).
     pub timeline: Vec<(String, f64)>,
+    /// Its last `{"done": n, "total": m}` report (`task-progress`), while it runs.
+    pub progress: Option<ProgressView>,
+}
+
+/// A running task's last progress report.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ProgressView {
+    /// Steps done.
+    pub done: u64,
+    /// Steps in all, when known.
+    pub total: Option<u64>,
 }
 
 /// The folded events.
@@ -67,6 +78,11 @@ pub struct MonitorState {
     order: VecDeque<String>,
     /// (second, succeeded, failed), oldest first.
     throughput: VecDeque<(i64, u64, u64)>,
+}
+
+/// A state no report replaces (events may arrive out of order).
+fn is_final(state: &str) -> bool {
+    matches!(state, "SUCCESS" | "FAILURE" | "REVOKED" | "REJECTED")
 }
 
 fn text(v: &Value) -> String {
@@ -108,6 +124,15 @@ impl MonitorState {
         let t = self.tasks.entry(id.to_owned()).or_default();
         t.id = id.to_owned();
         t.hostname = host;
+        if event == "progress" {
+            // A report per step: the latest only, not the timeline (a long task reports thousands).
+            if t.state.is_empty() || !is_final(&t.state) {
+                t.state = text(&e["state"]);
+                t.progress = celery_core::progress::Progress::from_meta(&e["meta"])
+                    .map(|p| ProgressView { done: p.done, total: p.total });
+            }
+            return;
+        }
         t.timeline.push((kind.to_owned(), ts));
         match event {
             "received" => {
@@ -220,5 +245,25 @@ mod tests {
         assert_eq!(m.throughput(), [(100, 1, 1)]);
         m.apply(&json!({"type": "worker-offline", "hostname": "w1", "timestamp": 102.0}));
         assert!(!m.workers()[0].online);
+    }
+
+    #[test]
+    fn progress_reports_show_the_latest_until_the_task_ends() {
+        let mut m = MonitorState::default();
+        m.apply(&json!({"type": "task-started", "uuid": "p", "hostname": "w1", "timestamp": 1.0}));
+        for done in 1..=3 {
+            let meta = json!({"done": done, "total": 10});
+            m.apply(
+                &json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": meta, "timestamp": 2.0}),
+            );
+        }
+        let t = m.task("p").unwrap();
+        assert_eq!((t.state.as_str(), t.progress), ("PROGRESS", Some(ProgressView { done: 3, total: Some(10) })));
+        assert_eq!(t.timeline.len(), 1, "reports stay out of the timeline");
+        m.apply(&json!({"type": "task-succeeded", "uuid": "p", "result": "10", "timestamp": 3.0}));
+        let late =
+            json!({"type": "task-progress", "uuid": "p", "state": "PROGRESS", "meta": {"done": 9}, "timestamp": 2.5});
+        m.apply(&late);
+        assert_eq!(m.task("p").unwrap().state, "SUCCESS");
     }
 }

@@ -26,6 +26,7 @@ use super::outcome::{
     self, chord_member, reject, requeue, revoke, settle, task_meta, Rejected, Revocation, INVALID_TASK,
 };
 use super::pool::Slot;
+use super::reports::TaskReports;
 use super::requests::{DeliveryInfo, Held};
 use super::shared::Shared;
 
@@ -172,7 +173,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
 /// Runs the task: acks first unless `acks_late`, stores STARTED, runs it within its time limits
 /// (listed as active meanwhile), then hands its outcome to [`outcome::conclude`].
 async fn run(
-    w: &Shared,
+    w: &Arc<Shared>,
     d: Delivery,
     msg: Arc<Message>,
     entry: &'static TaskEntry,
@@ -196,7 +197,10 @@ async fn run(
         m.worker = Some(w.config.hostname.clone());
         Box::pin(outcome::store(w, &msg, entry, m)).await;
     }
-    let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries).with_eta(msg.headers.eta);
+    let reports = Arc::new(TaskReports { w: w.clone(), msg: msg.clone(), entry });
+    let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries)
+        .with_eta(msg.headers.eta)
+        .with_state_sink(reports);
     let (soft, hard) = time_limits(w, &msg, entry, &opts);
     let embed = body.embed;
     let args = TaskArgs { args: body.args, kwargs: body.kwargs };

@@ -33,6 +33,7 @@
 //!   `execute`: the run itself within its time limits;
 //! - `outcome`: its state stored, its delivery settled, its event sent, and what follows it
 //!   (`followups`: chains, callbacks and errbacks; `chord`: counting chord members);
+//! - `reports`: the states a running task reports (`update_state`: stored, `task-progress` sent);
 //! - `requests`: what the worker holds, for `inspect active/reserved/scheduled/query_task`;
 //! - `shared`: the state the running worker shares with remote control ([`crate::control`],
 //!   started from `run` through `control::start`).
@@ -51,6 +52,7 @@ mod lifecycle;
 mod outcome;
 pub(crate) mod pool;
 mod rate_limit;
+mod reports;
 pub(crate) mod requests;
 mod run;
 mod shared;
