@@ -13,6 +13,9 @@ use super::net::tls::{ClientFiles, ClientTls};
 use super::storage::record::MAX_RECORD;
 use super::storage::{Fsync, LogError, StoreConfig};
 
+/// The most descriptors `max_open_files` may let one store keep open.
+const MAX_OPEN_FILES: f64 = 65_536.0;
+
 /// Parses `log://PATH?options` into the directory and the settings.
 ///
 /// ```
@@ -87,6 +90,9 @@ pub fn parse_url(url: &str) -> Result<(PathBuf, StoreConfig), LogError> {
         cfg.max_queues = n as usize;
     }
     if let Some(n) = num("max_open_files")? {
+        if n > MAX_OPEN_FILES {
+            return Err(LogError::Invalid(format!("max_open_files `{n}` is over {MAX_OPEN_FILES}")));
+        }
         // At least a few: a partition's reader and writer may each need one.
         cfg.max_open_files = (n as usize).max(8);
     }
@@ -208,6 +214,7 @@ mod tests {
             ("log://./d?lease_timeout=soon", "lease_timeout"),
             ("log://./d?fsync=sometimes", "fsync"),
             ("log://./d?max_record_bytes=999999999999", "max_record_bytes"),
+            ("log://./d?max_open_files=100000000", "max_open_files"),
         ] {
             let e = parse_url(url).unwrap_err().to_string();
             assert!(e.contains(needle), "{url}: {e}");

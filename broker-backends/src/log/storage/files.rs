@@ -12,7 +12,7 @@
 //! (retention, compaction) is [`FileCache::forget`]-ed with it, and every entry under a partition's
 //! directory when the partition closes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +36,18 @@ pub(crate) struct FileCache {
 #[derive(Debug, Default)]
 struct Entries {
     files: HashMap<PathBuf, (Arc<File>, u64)>,
+    /// The same entries by last use (the least recently used first): eviction in O(log n).
+    by_use: BTreeMap<u64, PathBuf>,
     /// Bumped on every use: an entry's stamp says when it was last used.
     clock: u64,
+}
+
+impl Entries {
+    fn remove(&mut self, path: &Path) {
+        if let Some((_, used)) = self.files.remove(path) {
+            self.by_use.remove(&used);
+        }
+    }
 }
 
 impl FileCache {
@@ -64,8 +74,10 @@ impl FileCache {
         e.clock += 1;
         let now = e.clock;
         if let Some((f, used)) = e.files.get_mut(path) {
-            *used = now;
-            return Ok(f.clone());
+            let (f, was) = (f.clone(), std::mem::replace(used, now));
+            e.by_use.remove(&was);
+            e.by_use.insert(now, path.to_owned());
+            return Ok(f);
         }
         let file = OpenOptions::new()
             .read(true)
@@ -87,12 +99,14 @@ impl FileCache {
 
     /// Drops the entry of `path` (the file is being deleted).
     pub(crate) fn forget(&self, path: &Path) {
-        lock(&self.inner).files.remove(path);
+        lock(&self.inner).remove(path);
     }
 
     /// Drops every entry under `dir` (a partition closing, a directory being deleted).
     pub(crate) fn forget_under(&self, dir: &Path) {
-        lock(&self.inner).files.retain(|p, _| !p.starts_with(dir));
+        let mut e = lock(&self.inner);
+        e.files.retain(|p, _| !p.starts_with(dir));
+        e.by_use.retain(|_, p| !p.starts_with(dir));
     }
 }
 
