@@ -617,3 +617,28 @@ pub async fn consumed_queues(app: &celery_core::App, host: &str) -> Vec<String> 
     let (_, queues) = replies.into_iter().find(|(h, _)| h == host).expect("the worker answers");
     queues.as_array().into_iter().flatten().filter_map(|q| q["name"].as_str().map(str::to_owned)).collect()
 }
+
+/// Probes every 50 ms until `done` holds for what `probe` returns or `timeout` passes; returns the
+/// last probe (the caller asserts on it, so a timeout fails with what was seen).
+///
+/// ```no_run
+/// # async fn demo() {
+/// use std::time::Duration;
+/// let n = celery_tests::poll_until(Duration::from_secs(1), || async { 3 }, |n| *n == 3).await;
+/// assert_eq!(n, 3);
+/// # }
+/// ```
+pub async fn poll_until<T, F, Fut>(timeout: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let end = tokio::time::Instant::now() + timeout;
+    loop {
+        let seen = probe().await;
+        if done(&seen) || tokio::time::Instant::now() >= end {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -30,14 +30,7 @@ async fn wait_states(
     pred: impl Fn(&[TaskState]) -> bool,
     timeout: Duration,
 ) -> Vec<TaskState> {
-    let end = tokio::time::Instant::now() + timeout;
-    loop {
-        let s = states(app, ids).await;
-        if pred(&s) || tokio::time::Instant::now() >= end {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    celery_tests::poll_until(timeout, || states(app, ids), |s| pred(s)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,14 +43,7 @@ async fn wait_states(
     pred: impl Fn(&[(TaskState, Option<String>)]) -> bool,
     timeout: Duration,
 ) -> Vec<(TaskState, Option<String>)> {
-    let end = tokio::time::Instant::now() + timeout;
-    loop {
-        let s = states(app, ids).await;
-        if pred(&s) || tokio::time::Instant::now() >= end {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    celery_tests::poll_until(timeout, || states(app, ids), |s| pred(s)).await
 }
 
 fn all_in(s: &[(TaskState, Option<String>)], state: TaskState) -> bool {
