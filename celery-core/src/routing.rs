@@ -182,6 +182,39 @@ pub const MAX_NAME: usize = 255;
 /// [`MAX_NAME`] bytes, routing one message costs at most this many matches of ~128 x 128 steps.
 pub const MAX_ENTRIES: usize = 10_000;
 
+/// A list of queue names for a log line: the first [`QueueNames::SHOWN`] names and how many more,
+/// so a worker consuming thousands of queues logs one short line, not every name.
+///
+/// ```
+/// use celery_core::routing::QueueNames;
+/// let few = ["a".to_string(), "b".to_string()];
+/// assert_eq!(QueueNames(&few).to_string(), "a, b");
+/// let many: Vec<String> = (0..1000).map(|i| format!("q.{i}")).collect();
+/// assert_eq!(QueueNames(&many).to_string(), "q.0, q.1, q.2, q.3, q.4, q.5, q.6, q.7 and 992 more");
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct QueueNames<'a>(pub &'a [String]);
+
+impl QueueNames<'_> {
+    /// How many names are shown.
+    pub const SHOWN: usize = 8;
+}
+
+impl std::fmt::Display for QueueNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, q) in self.0.iter().take(Self::SHOWN).enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(q)?;
+        }
+        match self.0.len().saturating_sub(Self::SHOWN) {
+            0 => Ok(()),
+            more => write!(f, " and {more} more"),
+        }
+    }
+}
+
 fn check_len(what: &'static str, s: &str) -> Result<(), RouteError> {
     if s.len() > MAX_NAME {
         return Err(RouteError::TooLong { what, len: s.len() });

@@ -1,9 +1,9 @@
-//! A worker consuming thousands of queues on the built-in broker, as real processes: a task sent to
-//! any one of them runs within a second, and what the worker holds (threads, file descriptors,
-//! memory) does not grow with the queues: partitions share the writer threads and a bounded set of
-//! descriptors, and an idle partition holds neither.
+//! A worker consuming thousands of queues on the built-in broker, as real processes: what the worker
+//! holds (threads, file descriptors, memory) does not grow with the queues: partitions share the
+//! writer threads and a bounded set of descriptors, and an idle partition holds neither. (That a
+//! task sent to any of 2,000 queues runs within a second is in `many_queues`, for every broker.)
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use celery_core::Signature;
 use celery_tests::{proc_stats, DemoProcess, TempDir};
@@ -31,25 +31,6 @@ async fn one_task_each(app: &celery_core::App, queues: &[String]) {
         for (i, r) in results.iter().enumerate() {
             assert_eq!(r.get::<i64>(T).await.unwrap(), i as i64 + 1);
         }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_sent_to_any_of_2000_queues_runs_within_a_second() {
-    let dir = TempDir::new("many-queues");
-    let url = dir.url("");
-    let queues = names(2000);
-    let w = worker(&url, &queues);
-    let app = celery_worker::connect(&url, &url).await.unwrap();
-    one_task_each(&app, &queues).await;
-    // Every queue exists and is drained: a new task on any of them (first, last, a few between)
-    // runs within a second of being sent.
-    for i in [0, 1999, 1000, 7, 1500, 333] {
-        let t = Instant::now();
-        let r = app.send(Signature::by_name("add").args(json!([i, 2])).queue(&queues[i])).await.unwrap();
-        assert_eq!(r.get::<i64>(T).await.unwrap(), i as i64 + 2);
-        let took = t.elapsed();
-        assert!(took < Duration::from_secs(1), "queue {}: {took:?}\n{}", queues[i], w.log());
     }
 }
 

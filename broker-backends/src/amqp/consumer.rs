@@ -10,8 +10,9 @@
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::protocol::{check_content_type, lenient_task_id, Headers, Message, Properties};
+use celery_core::routing::QueueNames;
 use celery_core::{BrokerError, Consumer, Delivery, ProtocolError};
-use futures::stream::{select_all, BoxStream, StreamExt};
+use futures::stream::{self, select_all, BoxStream, StreamExt, TryStreamExt};
 use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
@@ -22,6 +23,9 @@ use super::{fields, maybe_duplicate, short, AmqpBroker};
 
 /// Deliveries with their queue and the settlement queue of the channel they came on.
 type Stream = BoxStream<'static, (String, Acks, lapin::Result<lapin::message::Delivery>)>;
+
+/// How many `queue.declare` or `basic.consume` calls a subscription keeps in flight at once.
+const PIPELINE: usize = 64;
 
 /// A consumer on its own channel, resubscribing after a lost connection.
 pub(super) struct AmqpConsumer {
@@ -67,16 +71,25 @@ impl AmqpConsumer {
             .await
             .map_err(failed("amqp: set the prefetch (basic.qos)"))?;
         let acks = Acks::new(ch.clone());
-        let mut streams = Vec::new();
-        for q in &self.queues {
-            self.broker.declare_task_queue(&ch, q).await?;
-            let c = ch
-                .basic_consume(short(q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
-                .await
-                .map_err(failed("amqp: consume"))?;
-            let (name, acks) = (q.clone(), acks.clone());
-            streams.push(c.map(move |d| (name.clone(), acks.clone(), d)).boxed());
-        }
+        // Declares, then consumes, with up to PIPELINE calls in flight on the channel (RabbitMQ
+        // answers a channel's methods in order): one queue after another took 13 s for 1,000 queues.
+        // (Owned names and handles per call: borrowed ones trip the Send check of async_trait.)
+        let declares = self.queues.clone().into_iter().map(|q| {
+            let (broker, ch) = (self.broker.clone(), ch.clone());
+            async move { broker.declare_task_queue(&ch, &q).await }
+        });
+        stream::iter(declares).buffer_unordered(PIPELINE).try_collect::<()>().await?;
+        let consumes = self.queues.clone().into_iter().map(|q| {
+            let (ch, acks) = (ch.clone(), acks.clone());
+            async move {
+                let c = ch
+                    .basic_consume(short(&q)?, "".into(), BasicConsumeOptions::default(), FieldTable::default())
+                    .await
+                    .map_err(failed("amqp: consume"))?;
+                Ok::<Stream, BrokerError>(c.map(move |d| (q.clone(), acks.clone(), d)).boxed())
+            }
+        });
+        let streams: Vec<Stream> = stream::iter(consumes).buffered(PIPELINE).try_collect().await?;
         self.stream = Some(select_all(streams).boxed());
         self.channel = Some(ch);
         Ok(())
@@ -126,7 +139,7 @@ impl Consumer for AmqpConsumer {
                 return None;
             }
             match self.subscribe().await {
-                Ok(()) => tracing::info!(queues = ?self.queues, "amqp: consuming again"),
+                Ok(()) => tracing::info!(queues = %QueueNames(&self.queues), "amqp: consuming again"),
                 Err(e) => {
                     backoff.pause("amqp consumer", &e).await;
                 }

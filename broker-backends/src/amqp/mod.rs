@@ -52,6 +52,7 @@ mod consumer;
 pub mod error;
 mod fields;
 mod lease;
+mod probe;
 mod settle;
 mod url;
 
@@ -126,6 +127,7 @@ struct Inner {
     conn: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
     declared: Mutex<HashSet<String>>,
     holds: lease::Holds,
+    probes: probe::Probes,
 }
 
 /// The RabbitMQ broker.
@@ -146,6 +148,7 @@ impl AmqpBroker {
                 conn: tokio::sync::Mutex::new(None),
                 declared: Mutex::default(),
                 holds: Default::default(),
+                probes: Default::default(),
             }),
         };
         b.connection().await?;
@@ -338,20 +341,14 @@ impl AmqpBroker {
         self.publish_raw("", &delay, false, properties(msg), &msg.body).await
     }
 
-    /// Purges `name` if it exists; `ch` is replaced when a missing queue closed it (RabbitMQ closes
-    /// the channel of a `queue.purge` on a queue that does not exist).
-    async fn purge_if_exists(&self, ch: &mut Channel, name: &str) -> Result<u64, BrokerError> {
+    /// Purges `name` if it exists (on the probe connection: a missing queue closes the channel).
+    async fn purge_if_exists(&self, name: &str) -> Result<u64, BrokerError> {
         let Ok(short_name) = ShortString::try_new(name.to_owned()) else {
             return Ok(0); // longer than a queue name can be: never declared
         };
-        match ch.queue_purge(short_name, QueuePurgeOptions::default()).await {
-            Ok(n) => Ok(u64::from(n)),
-            Err(e) if e.is_amqp_soft_error() => {
-                *ch = self.channel().await?;
-                Ok(0)
-            }
-            Err(e) => Err(broker_error("amqp: purge a delay queue", e)),
-        }
+        let purge = |ch: Channel| async move { ch.queue_purge(short_name, QueuePurgeOptions::default()).await };
+        let purged = self.inner.probes.run(&self.inner.nodes, "amqp: purge a delay queue", purge).await?;
+        Ok(purged.map_or(0, u64::from))
     }
 }
 
@@ -487,11 +484,11 @@ impl Broker for AmqpBroker {
     /// Purges the delay queues of `queue` first, then `queue` itself, so a message that expires
     /// from a delay queue into `queue` meanwhile is purged too. Unacked deliveries stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut ch = self.channel().await?;
         let mut n = 0;
         for secs in delay_levels() {
-            n += self.purge_if_exists(&mut ch, &delay_queue_name(queue, secs)).await?;
+            n += self.purge_if_exists(&delay_queue_name(queue, secs)).await?;
         }
+        let ch = self.channel().await?;
         self.declare_task_queue(&ch, queue).await?;
         let purged = ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await;
         n += u64::from(purged.map_err(failed("amqp: purge"))?);
@@ -500,14 +497,11 @@ impl Broker for AmqpBroker {
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        // A passive declare of a missing queue closes its channel: use a throwaway one.
-        let ch = self.channel().await?;
+        let name = short(queue)?;
         let passive = QueueDeclareOptions { passive: true, ..Default::default() };
-        match ch.queue_declare(short(queue)?, passive, FieldTable::default()).await {
-            Ok(q) => Ok(u64::from(q.message_count())),
-            Err(e) if e.is_amqp_soft_error() => Ok(0),
-            Err(e) => Err(broker_error("amqp: queue length", e)),
-        }
+        let declare = |ch: Channel| async move { ch.queue_declare(name, passive, FieldTable::default()).await };
+        let q = self.inner.probes.run(&self.inner.nodes, "amqp: queue length", declare).await?;
+        Ok(q.map_or(0, |q| u64::from(q.message_count())))
     }
 
     /// RabbitMQ cannot read a queue without taking from it: `basic.get` and a requeue (or closing

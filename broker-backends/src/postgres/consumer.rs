@@ -104,7 +104,17 @@ impl PostgresConsumer {
             holder,
         });
         let cap = i64::try_from(max_message_size).unwrap_or(i64::MAX);
-        let fetch = Fetcher { shared: shared.clone(), queues: queues.to_vec(), notes, connected, vt, cap, turn: 0 };
+        let fetch = Fetcher {
+            shared: shared.clone(),
+            queues: queues.to_vec(),
+            index: queues.iter().enumerate().map(|(i, q)| (q.clone(), i)).collect(),
+            maybe: vec![true; queues.len()],
+            notes,
+            connected,
+            vt,
+            cap,
+            turn: 0,
+        };
         let db = shared.db.clone();
         let ack = batcher.run("postgres", MAX_ACK_BATCH, BrokerError::is_retryable, move |batch: &[(i64, i32)]| {
             let (ids, tokens): (Vec<i64>, Vec<i32>) = batch.iter().copied().unzip();
@@ -136,6 +146,13 @@ struct Row {
 struct Fetcher {
     shared: Arc<Shared>,
     queues: Vec<String>,
+    /// Each queue's place in `queues`.
+    index: HashMap<String, usize>,
+    /// The queues that may hold ready rows: a fetch looks only at these, so its cost follows the
+    /// queues that have work, not how many are consumed. A queue leaves when a fetch found fewer
+    /// rows than it asked for, and comes back with a notification naming it (a publish, a return,
+    /// a move), and all come back when notifications may have been missed or an eta fell due.
+    maybe: Vec<bool>,
     notes: broadcast::Receiver<Note>,
     connected: watch::Receiver<bool>,
     vt: Duration,
@@ -171,32 +188,36 @@ impl Fetch for Fetcher {
         }
         let start = self.turn % k;
         self.turn = self.turn.wrapping_add(1);
-        let order: Vec<String> = (0..k).map(|i| self.queues[(start + i) % k].clone()).collect();
+        let order: Vec<usize> = (0..k).map(|i| (start + i) % k).filter(|&i| self.maybe[i]).collect();
+        let k = order.len();
         let (mut got, mut dead_lettered) = (0, false);
         // Queues that filled their share may have more.
         let mut more = Vec::new();
-        for (i, queue) in order.iter().enumerate() {
+        for (i, &q) in order.iter().enumerate() {
             if got == n {
                 break;
             }
             let share = (n - got).div_ceil(k - i);
+            let queue = &self.queues[q];
             match self.take(queue, share, tx).await {
                 Ok(Some((leased, taken))) => {
                     got += leased;
                     dead_lettered |= taken > leased;
                     if taken == share {
-                        more.push(queue);
+                        more.push(q);
+                    } else if taken == leased {
+                        self.maybe[q] = false;
                     }
                 }
                 Ok(None) => return Fetched::Closed,
                 Err(error) => return Fetched::Failed { taken: got, error },
             }
         }
-        for queue in more {
+        for q in more {
             if got == n {
                 break;
             }
-            match self.take(queue, n - got, tx).await {
+            match self.take(&self.queues[q], n - got, tx).await {
                 Ok(Some((leased, taken))) => {
                     got += leased;
                     dead_lettered |= taken > leased;
@@ -210,12 +231,12 @@ impl Fetch for Fetcher {
         Fetched::Sent { taken: got, drained: got < n && !dead_lettered }
     }
 
-    /// Sleeps until told, or until the next eta.
+    /// Sleeps until told, or until the next eta (then every queue is looked at again).
     async fn idle(&mut self) {
         let wait = self.idle_wait().await;
         tokio::select! {
             _ = self.woken() => {}
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(wait) => self.maybe.fill(true),
         }
     }
 }
@@ -335,9 +356,31 @@ impl Fetcher {
     fn drain_notes(&mut self) {
         loop {
             match self.notes.try_recv() {
-                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Ok(note) => {
+                    self.noted(&note);
+                }
+                Err(TryRecvError::Lagged(_)) => self.maybe.fill(true),
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
             }
+        }
+    }
+
+    /// Marks the queue a notification names as one to look at (all of them after the listener
+    /// reconnected); true when the note concerns this consumer.
+    fn noted(&mut self, note: &Note) -> bool {
+        match note.channel {
+            Channel::Tasks => match self.index.get(&*note.payload) {
+                Some(&i) => {
+                    self.maybe[i] = true;
+                    true
+                }
+                None => false,
+            },
+            Channel::Reconnected => {
+                self.maybe.fill(true);
+                true
+            }
+            _ => false,
         }
     }
 
@@ -363,12 +406,15 @@ impl Fetcher {
         loop {
             tokio::select! {
                 note = self.notes.recv() => match note {
-                    Ok(n) => match n.channel {
-                        Channel::Tasks if self.queues.iter().any(|q| *q == *n.payload) => return,
-                        Channel::Reconnected => return,
-                        _ => {}
-                    },
-                    Err(RecvError::Lagged(_)) => return,
+                    Ok(n) => {
+                        if self.noted(&n) {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        self.maybe.fill(true);
+                        return;
+                    }
                     // The listener is gone (the broker was dropped): the caller's timer decides.
                     Err(RecvError::Closed) => std::future::pending::<()>().await,
                 },
@@ -377,6 +423,7 @@ impl Fetcher {
                         std::future::pending::<()>().await;
                     }
                     // Lost: poll; back: look once.
+                    self.maybe.fill(true);
                     return;
                 }
             }

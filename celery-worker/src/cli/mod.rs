@@ -154,8 +154,11 @@ where
 }
 
 fn init_logging(level: &str) {
+    // lapin logs every channel RabbitMQ closes at error level, and a missing queue closes one (see
+    // broker_backends::amqp): our own errors report what matters, with context.
+    let spec = if level.contains("lapin") { level.to_owned() } else { format!("{level},lapin::channel=off") };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&spec))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: log files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

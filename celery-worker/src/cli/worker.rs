@@ -69,8 +69,8 @@ pub struct WorkerArgs {
     pub outbox: Option<String>,
 }
 
-/// The most queues `--queues-file` may list, and its largest size.
-const MAX_FILE_QUEUES: usize = 100_000;
+/// The largest `--queues-file`; it may list at most as many queues as a worker consumes.
+const MAX_FILE_QUEUES: usize = crate::worker::intake::MAX_QUEUES;
 const MAX_QUEUES_FILE_BYTES: u64 = 32 << 20;
 
 /// The queue names in a `--queues-file` (separated by commas or whitespace), bounded.
@@ -93,6 +93,7 @@ impl WorkerArgs {
         }
         let mut seen = std::collections::HashSet::new();
         queues.retain(|q| seen.insert(q.clone()));
+        anyhow::ensure!(queues.len() <= MAX_FILE_QUEUES, "more than {MAX_FILE_QUEUES} queues (-Q and --queues-file)");
         if queues.is_empty() {
             queues.push("celery".to_owned());
         }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use celery_core::broker::Consumer;
-use celery_core::routing::{Binding, ExchangeKind};
+use celery_core::routing::{Binding, ExchangeKind, QueueNames};
 use celery_core::sync::lock;
 use celery_core::{App, BrokerError, Delivery};
 use serde_json::{json, Value};
@@ -33,8 +33,8 @@ use super::outcome::requeue;
 use super::requests::DeliveryInfo;
 use super::WorkerStats;
 
-/// The most queues one worker consumes.
-pub(crate) const MAX_QUEUES: usize = 1_000;
+/// The most queues one worker consumes (`-Q`, `--queues-file` and remote `add_consumer` together).
+pub(crate) const MAX_QUEUES: usize = 100_000;
 /// The longest queue name accepted (AMQP's short string).
 pub(crate) const MAX_QUEUE_NAME: usize = 255;
 
@@ -366,7 +366,7 @@ impl Intake {
             ));
             Generation { retire, task }
         });
-        tracing::info!(queues = ?names, prefetch, "consuming");
+        tracing::info!(queues = %QueueNames(&names), count = names.len(), prefetch, "consuming");
         st.queues = queues;
         st.prefetch = prefetch;
         self.prefetch.store(prefetch, Ordering::Relaxed);

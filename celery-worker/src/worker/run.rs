@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use celery_core::capability::Capabilities;
 use celery_core::protocol::max_encoded_size;
+use celery_core::routing::QueueNames;
 use celery_core::{registry, App};
 use tokio::sync::watch;
 
@@ -83,7 +84,7 @@ pub(super) async fn run_until(
     let control = crate::control::start(&shared).await;
     let names: Vec<_> = registry::tasks().iter().map(|e| e.name).collect();
     tracing::info!(
-        hostname = %cfg.hostname, queues = ?cfg.queues, concurrency = shared.pool.size(),
+        hostname = %cfg.hostname, queues = %QueueNames(&cfg.queues), concurrency = shared.pool.size(),
         autoscale = ?cfg.autoscale, prefetch = cfg.prefetch(), tasks = ?names,
         broker = shared.app.broker().kind(),
         broker_offers = %Capabilities::of_broker(shared.app.broker().as_ref()),
