@@ -251,3 +251,96 @@ async fn rpc_results_follow_the_failover() {
     block_in_place(|| rabbit.restart_node(0));
     assert!(block_in_place(|| rabbit.node_running(0)), "node 1 is back");
 }
+
+/// Beat's leadership and a chord across the loss of the node everything uses (`queue_type=quorum`):
+/// two beats (`--lease 2`) and two workers on the failover URL, a chord of 12 `sleep` tasks in
+/// flight, node 1 killed. Checked: beat's lease and state queues are quorum queues on 3 nodes;
+/// after the kill a beat leads again and the ticks go on (within [`SENDS_AGAIN`]); the chord's body
+/// runs with every header result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn beat_leadership_and_a_chord_survive_the_failover() {
+    cluster::bound_run_time("rabbitmq_cluster", FILE_BOUND);
+    if !redis_available("rabbitmq_cluster") {
+        return;
+    }
+    let Some(rabbit) = block_in_place(Rabbit::up) else { return };
+    let redis = RedisEnv::new(60.0);
+    let dir = TempDir::new("rabbitmq-cluster-beat");
+    let name = unique("rmqb");
+    let (ticks, work) = (format!("{name}.ticks"), format!("{name}.work"));
+    let url = failover_url(&rabbit, "queue_type=quorum");
+    let schedule = dir.0.join("beat.toml");
+    let entry = format!("[[entry]]\nname = \"tick\"\ntask = \"add\"\nargs = [1, 2]\nevery = 1\nqueue = \"{ticks}\"\n");
+    std::fs::write(&schedule, entry).expect("write the schedule");
+    let schedule = schedule.display().to_string();
+    let beats: Vec<DemoProcess> = (0..2)
+        .map(|_| {
+            DemoProcess::start_urls(
+                &url,
+                &redis.backend,
+                &["beat", "-s", &schedule, "--beat-name", &name, "--lease", "2"],
+            )
+        })
+        .collect();
+    let leads = |b: &DemoProcess| b.log().matches("beat: leading").count();
+    let logs = |ps: &[DemoProcess]| ps.iter().map(|p| p.log()).collect::<Vec<_>>().join("\n----\n");
+    assert!(
+        celery_tests::wait_until(Duration::from_secs(60), || beats.iter().any(|b| leads(b) > 0)),
+        "{}",
+        logs(&beats)
+    );
+    let workers: Vec<DemoProcess> = (0..2)
+        .map(|i| {
+            let host = format!("w{i}@{name}");
+            DemoProcess::start_urls(&url, &redis.backend, &["worker", "-c", "4", "-Q", &work, "-n", &host])
+        })
+        .collect();
+    for w in &workers {
+        assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
+    }
+    for q in [format!("celery-rs.lease.beat.{name}"), format!("celery-rs.doc.beat.{name}")] {
+        let members = block_in_place(|| rabbit.quorum_members(0, &q));
+        assert_eq!(members.len(), 3, "{q} is a quorum queue on 3 nodes: {members:?}");
+    }
+
+    let app = celery_worker::connect(&url, &redis.backend).await.expect("connect over the failover URL");
+    let header = (0..12).map(|_| Signature::by_name("sleep").args(json!([700])).queue(work.clone()));
+    let chord = app.send_chord(header, Signature::by_name("tsum").queue(work.clone())).await.expect("send the chord");
+    // The kill lands while header tasks run (the workers took some, not all).
+    let left = celery_tests::poll_until(
+        Duration::from_secs(30),
+        || async { app.broker().queue_len(&work).await.unwrap_or(12) },
+        |left| *left < 12,
+    )
+    .await;
+    assert!(left < 12, "the workers take header tasks\n{}", logs(&workers));
+    let ticked = app.broker().queue_len(&ticks).await.expect("ticks so far");
+
+    block_in_place(|| rabbit.kill_node(0));
+    let killed = Instant::now();
+    let sum = chord.get::<i64>(DRAIN).await;
+    assert_eq!(sum.ok(), Some(12 * 700), "the chord's body ran with every header result\n{}", logs(&workers));
+    let now = celery_tests::poll_until(
+        SENDS_AGAIN,
+        || async { app.broker().queue_len(&ticks).await.unwrap_or(0) },
+        |n| *n >= ticked + 5,
+    )
+    .await;
+    assert!(now >= ticked + 5, "beat ticks again after the kill ({ticked} before, {now} now)\n{}", logs(&beats));
+    eprintln!(
+        "rabbitmq_cluster: beat ticked {} times in the {:.1?} after the kill ({ticked} before); leadership taken {} times",
+        now - ticked,
+        killed.elapsed(),
+        beats.iter().map(leads).sum::<usize>()
+    );
+    let members = block_in_place(|| rabbit.quorum_members(1, &format!("celery-rs.lease.beat.{name}")));
+    assert!(members.iter().any(|(i, s)| *i != 0 && s == "leader"), "the lease queue has a new leader: {members:?}");
+
+    drop(workers);
+    drop(beats);
+    for q in [&ticks, &work] {
+        let _ = app.broker().purge(q).await;
+    }
+    block_in_place(|| rabbit.restart_node(0));
+    assert!(block_in_place(|| rabbit.node_running(0)), "node 1 is back");
+}

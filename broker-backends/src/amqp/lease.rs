@@ -5,6 +5,12 @@
 //!   delivers to one active consumer only, so the holder is whoever has the token. When the holder's
 //!   channel or connection dies (a crash, `kill -9`, a network loss caught by the heartbeat), RabbitMQ
 //!   requeues the token and activates the next consumer at once: no ttl to wait out.
+//! - With `queue_type=quorum` both kinds are quorum queues (single active consumer and
+//!   `x-max-length` work on them), so a lease and a document survive the loss of a node of the
+//!   cluster: a lease queue that lived on the dead node would leave beat leaderless until the node
+//!   is back. A lease queue gets a delivery limit no holder change reaches (RabbitMQ 4 would drop
+//!   the token after 20 requeues by default). Queues declared classic by an earlier version are
+//!   used as they are, with a warning (RabbitMQ refuses to re-declare them as quorum).
 //! - A document `key` is the one message of a durable queue `celery-rs.doc.<key>` declared with
 //!   `x-max-length: 1`: storing publishes (with a confirm) and RabbitMQ drops the older one; loading
 //!   reads it with `basic.get` and puts it back.
@@ -14,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use celery_core::sync::lock;
 use celery_core::BrokerError;
 use futures::StreamExt;
 use lapin::options::*;
@@ -49,6 +56,15 @@ fn doc_args() -> FieldTable {
     args
 }
 
+fn lease_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    args
+}
+
+/// Requeues of a lease token a quorum lease queue allows: more holder changes than ever happen.
+const LEASE_DELIVERY_LIMIT: i64 = 1 << 40;
+
 /// How long a new candidate waits for the token before answering "not held (yet)".
 const FIRST_TOKEN_WAIT: Duration = Duration::from_millis(500);
 
@@ -65,12 +81,8 @@ impl AmqpBroker {
             }
         }
         let queue = lease_queue(name);
-        let ch = self.channel().await?;
+        let (ch, q) = self.declare_replicated(&queue, lease_args(), Some(LEASE_DELIVERY_LIMIT)).await?;
         ch.basic_qos(1, BasicQosOptions::default()).await.map_err(failed("amqp: lease (basic.qos)"))?;
-        let mut args = FieldTable::default();
-        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        let declared = ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), args).await;
-        let q = declared.map_err(failed("amqp: declare a lease queue"))?;
         if q.message_count() == 0 && q.consumer_count() == 0 {
             // Nobody holds or waits for a token: put one in. Two candidates racing here make two
             // tokens, which is harmless: the single active consumer gets them all.
@@ -110,10 +122,7 @@ impl AmqpBroker {
 
     pub(super) async fn amqp_load_doc(&self, key: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         let queue = doc_queue(key);
-        let ch = self.channel().await?;
-        ch.queue_declare(short(&queue)?, QueueDeclareOptions::durable(), doc_args())
-            .await
-            .map_err(failed("amqp: declare a document queue"))?;
+        let (ch, _) = self.declare_replicated(&queue, doc_args(), None).await?;
         let got = ch.basic_get(short(&queue)?, BasicGetOptions { no_ack: false }).await;
         let got = got.map_err(failed("amqp: read a document"))?;
         let doc = got.map(|m| m.delivery.data.clone());
@@ -124,8 +133,40 @@ impl AmqpBroker {
 
     pub(super) async fn amqp_store_doc(&self, key: &str, doc: &[u8]) -> Result<(), BrokerError> {
         let queue = doc_queue(key);
-        let (_, ch) = self.connection().await?;
-        self.declare_queue(&ch, &queue, doc_args()).await?;
+        if !lock(&self.inner.declared).contains(&queue) {
+            let (ch, _) = self.declare_replicated(&queue, doc_args(), None).await?;
+            let _ = ch.close(200, "declared".into()).await;
+            lock(&self.inner.declared).insert(queue.clone());
+        }
         self.publish_raw("", &queue, false, BasicProperties::default().with_delivery_mode(2), doc).await
+    }
+
+    /// Declares lease or document queue `queue` on a fresh channel: a quorum queue (with
+    /// `delivery_limit`) under `queue_type=quorum`, else classic; one an earlier version declared
+    /// classic stays classic, with a warning.
+    async fn declare_replicated(
+        &self,
+        queue: &str,
+        args: FieldTable,
+        delivery_limit: Option<i64>,
+    ) -> Result<(Channel, lapin::Queue), BrokerError> {
+        let mut ch = self.channel().await?;
+        if self.inner.nodes.queues().quorum() {
+            let mut quorum = args.clone();
+            quorum.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+            if let Some(limit) = delivery_limit {
+                quorum.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit));
+            }
+            match ch.queue_declare(short(queue)?, QueueDeclareOptions::durable(), quorum).await {
+                Ok(q) => return Ok((ch, q)),
+                Err(e) if e.is_amqp_soft_error() => {
+                    tracing::warn!(%queue, error = %e, "amqp: kept as declared before (classic, on one node): delete it to make it a quorum queue");
+                    ch = self.channel().await?; // RabbitMQ closed the one that asked
+                }
+                Err(e) => return Err(failed("amqp: declare a quorum queue")(e)),
+            }
+        }
+        let q = ch.queue_declare(short(queue)?, QueueDeclareOptions::durable(), args).await;
+        Ok((ch, q.map_err(failed("amqp: declare a lease or document queue"))?))
     }
 }
