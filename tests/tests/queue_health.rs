@@ -12,18 +12,33 @@ use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
 
-/// `demo control <args>` against `target`; its stdout, after checking it succeeded.
-fn control(broker: &str, backend: &str, args: &[&str]) -> String {
+/// `demo <args>` against a broker and backend: whether it succeeded, its stdout and its stderr.
+fn demo(broker: &str, backend: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(demo_bin())
-        .arg("control")
         .args(args)
         .env("CELERY_BROKER_URL", broker)
         .env("CELERY_RESULT_BACKEND", backend)
         .output()
-        .expect("run control");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        .expect("run demo");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `demo <args>`'s stdout, after checking it succeeded.
+fn demo_ok(broker: &str, backend: &str, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = demo(broker, backend, args);
+    assert!(ok, "demo {args:?}: {stdout}{stderr}");
     stdout
+}
+
+/// `demo control <args>`'s stdout, after checking it succeeded.
+fn control(broker: &str, backend: &str, args: &[&str]) -> String {
+    let mut all = vec!["control"];
+    all.extend_from_slice(args);
+    demo_ok(broker, backend, &all)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,4 +92,50 @@ fn scrape(port: u16) -> String {
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
     out
+}
+
+/// `demo dead list|retry|discard` (the monitor's dead-letter buttons on the command line): a
+/// filtered discard takes only what matches, `--id` one, `--all` the rest, and retried ones are
+/// back in their queue; `retry` without a selector refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_lists_retries_and_discards_dead_letters() {
+    use celery_core::broker::{DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
+    use celery_core::protocol::Message;
+    use celery_core::routing::Route;
+    let Some(target) = Target::redis() else { return };
+    let (broker, backend) = target.urls();
+    let app = target.app().await;
+    let q = format!("dq-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let dead_letter = |sig: Signature| {
+        let mut m = Message::from_signature(&sig).expect("message");
+        m.headers.extra.insert(DEAD_LETTER_REASON.into(), "worker crashed".into());
+        m.headers.extra.insert(DEAD_LETTER_QUEUE.into(), q.clone().into());
+        m
+    };
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let m = dead_letter(Signature::by_name("add").args(json!([i, 1])));
+        ids.push(m.headers.id.clone());
+        app.broker().publish(&Route::queue(format!("{q}.dead")), &m).await.expect("publish");
+    }
+    let needle = dead_letter(Signature::by_name("echo").args(json!(["needle"])));
+    app.broker().publish(&Route::queue(format!("{q}.dead")), &needle).await.expect("publish");
+
+    let listed: Value =
+        serde_json::from_str(&demo_ok(&broker, &backend, &["dead", "list", "-Q", &q, "--json"])).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(6), "{listed}");
+    let out = demo_ok(&broker, &backend, &["dead", "discard", "-Q", &q, "--match", "NEEDLE"]);
+    assert!(out.contains("discarded 1 dead letters"), "{out}");
+    let out = demo_ok(&broker, &backend, &["dead", "retry", "-Q", &q, "--id", &ids[2]]);
+    assert!(out.contains(&format!("retried {}", ids[2])), "{out}");
+    assert_eq!(app.broker().queue_len(&q).await.expect("depth"), 1);
+    let (ok, _, stderr) = demo(&broker, &backend, &["dead", "retry", "-Q", &q]);
+    assert!(!ok && stderr.contains("--all"), "{stderr}");
+    let out = demo_ok(&broker, &backend, &["dead", "retry", "-Q", &q, "--all"]);
+    assert!(out.contains("retried 4 dead letters"), "{out}");
+    assert_eq!(app.broker().queue_len(&q).await.expect("depth"), 5, "every add is back in {q}");
+    let listed: Value =
+        serde_json::from_str(&demo_ok(&broker, &backend, &["dead", "list", "-Q", &q, "--json"])).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+    app.broker().purge(&q).await.expect("purge");
 }

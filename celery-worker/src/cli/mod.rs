@@ -45,7 +45,7 @@ pub use broker::{BrokerCommand, ServeArgs};
 pub use control::{ControlCommand, InspectArgs, Reach};
 pub use monitor::{EventsArgs, MonitorArgs};
 pub use outbox::RelayArgs;
-pub use queues::PurgeArgs;
+pub use queues::{DeadAction, DeadArgs, PurgeArgs};
 pub use send::{ResultArgs, SendArgs};
 pub use worker::WorkerArgs;
 
@@ -83,6 +83,8 @@ pub enum Command {
     Result(ResultArgs),
     /// Delete every message waiting for some queues, delayed (eta) ones included; print how many.
     Purge(PurgeArgs),
+    /// List, retry or discard a queue's dead letters (`list|retry|discard -Q QUEUE [--id ID | --match TEXT | --all]`).
+    Dead(DeadArgs),
     /// List the tasks registered in this binary.
     Tasks,
     /// Print the software, the broker and result backend (redacted), what each offers and lacks.
@@ -177,6 +179,7 @@ async fn execute(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Send(a) => send::send(&app().await?, &a).await,
         Command::Result(a) => send::result(&app().await?, &a).await,
         Command::Purge(a) => queues::purge(&app().await?, &a).await,
+        Command::Dead(a) => queues::dead(&app().await?, &a).await,
         Command::Report => Ok(report::report(&app().await?, broker_url, backend_url)),
         Command::Tasks => {
             app().await?;

@@ -125,6 +125,9 @@ pub async fn act(app: &App, queue: &str, id: &str, action: Action) -> Result<boo
     result.map(|()| acted)
 }
 
+/// The longest filter [`act_matching`] takes (the monitor's `?match=`, the CLI's `--match`).
+pub const MAX_FILTER: usize = 256;
+
 /// What [`act_matching`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Bulk {

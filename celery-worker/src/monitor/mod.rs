@@ -251,9 +251,6 @@ struct Filter {
     filter: String,
 }
 
-/// The longest filter a bulk action takes, in bytes.
-const MAX_FILTER: usize = 256;
-
 /// Retries or discards every dead letter of `queue` matching `?match=` (all when empty) among the
 /// oldest [`dead::MAX`]; answers with how many were acted on and kept.
 async fn api_dead_bulk(
@@ -267,8 +264,8 @@ async fn api_dead_bulk(
     if let Some(refused) = unknown_queue(&ctx, &queue) {
         return refused;
     }
-    if f.filter.len() > MAX_FILTER {
-        return (StatusCode::BAD_REQUEST, format!("a filter is at most {MAX_FILTER} bytes")).into_response();
+    if f.filter.len() > dead::MAX_FILTER {
+        return (StatusCode::BAD_REQUEST, format!("a filter is at most {} bytes", dead::MAX_FILTER)).into_response();
     }
     let action = match action.as_str() {
         "retry" => dead::Action::Retry,
