@@ -34,6 +34,12 @@ pub struct BenchArgs {
     /// Messages per batched send.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Drain I/O-bound tasks instead: the demo's `sleep` with this many milliseconds (each task
+    /// awaits a timer), and report the drain's wall time, its peak memory and the memory per task
+    /// in flight (the growth of RSS while draining over `min(concurrency, count)`; prefetched
+    /// messages included).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub sleep_ms: Option<u64>,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
     /// loop on the same server with the same messages: the ceiling a client library can reach.
     #[arg(long)]
@@ -109,8 +115,13 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let queues: Vec<String> =
         if a.queues <= 1 { vec![a.queue.clone()] } else { (0..a.queues).map(|i| format!("{}.{i}", a.queue)).collect() };
     let queue_of = |i: usize| queues[i % queues.len()].as_str();
-    let sig =
-        |i: usize| Signature::by_name(&a.task).args(serde_json::json!([i, i])).queue(queue_of(i)).ignore_result(true);
+    let sig = |i: usize| {
+        let s = match a.sleep_ms {
+            Some(ms) => Signature::by_name("sleep").args(serde_json::json!([ms])),
+            None => Signature::by_name(&a.task).args(serde_json::json!([i, i])),
+        };
+        s.queue(queue_of(i)).ignore_result(true)
+    };
     let purge_all = || async {
         for q in &queues {
             app.broker().purge(q).await?;
@@ -155,11 +166,25 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         let _ = stop_rx.await;
     }));
     let deadline = Instant::now() + Duration::from_secs(600);
+    let rss_before = rss_mib().1;
+    let mut rss_peak = rss_before;
+    let mut polls = 0u64;
     while stats.finished() < a.count as u64 {
         anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
         tokio::time::sleep(Duration::from_millis(1)).await;
+        polls += 1;
+        if a.sleep_ms.is_some() && polls % 10 == 0 {
+            rss_peak = rss_peak.max(rss_mib().1);
+        }
     }
-    line("drain_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
+    let wall = t.elapsed().as_secs_f64();
+    line("drain_rate", a.count as f64 / wall, "tasks/s");
+    if a.sleep_ms.is_some() {
+        let in_flight = a.concurrency.min(a.count).max(1) as f64;
+        line("drain_wall_s", wall, "s");
+        line("drain_peak_rss_mib", rss_peak, "MiB");
+        line("rss_per_inflight_task_bytes", (rss_peak - rss_before).max(0.0) * 1024.0 * 1024.0 / in_flight, "bytes");
+    }
     let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
 
