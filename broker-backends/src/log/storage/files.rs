@@ -88,12 +88,12 @@ impl FileCache {
             .map_err(|err| LogError::io(path, err))?;
         let file = Arc::new(file);
         if e.files.len() >= self.capacity {
-            // O(capacity) on a miss only: a few hundred entries, far cheaper than the open itself.
-            if let Some(oldest) = e.files.iter().min_by_key(|(_, (_, used))| *used).map(|(p, _)| p.clone()) {
+            if let Some((_, oldest)) = e.by_use.pop_first() {
                 e.files.remove(&oldest);
             }
         }
         e.files.insert(path.to_owned(), (file.clone(), now));
+        e.by_use.insert(now, path.to_owned());
         Ok(file)
     }
 
@@ -133,6 +133,34 @@ mod tests {
         assert!(!dir.join("missing").exists());
         cache.forget_under(&dir);
         assert_eq!(cache.len(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Many misses over few slots: the index by last use stays the same size as the cache (an
+    /// eviction that left its index entry behind would grow it by one per miss).
+    #[test]
+    fn the_index_by_use_follows_every_eviction() {
+        let dir = std::env::temp_dir().join(format!("files-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cache = FileCache::new(3);
+        let paths: Vec<PathBuf> = (0..10).map(|i| dir.join(format!("f{i}"))).collect();
+        for round in 0..20 {
+            for p in &paths {
+                cache.open(p, true).unwrap();
+                if round % 2 == 0 {
+                    cache.open(p, false).unwrap(); // a hit as well
+                }
+            }
+            let e = lock(&cache.inner);
+            assert_eq!(e.files.len(), 3);
+            assert_eq!(e.by_use.len(), 3, "round {round}");
+            assert!(e.by_use.values().all(|p| e.files.contains_key(p)));
+        }
+        // The three used last are the ones kept.
+        let kept: Vec<PathBuf> = lock(&cache.inner).by_use.values().cloned().collect();
+        assert_eq!(kept, paths[7..].to_vec());
+        cache.forget(&paths[8]);
+        assert_eq!(lock(&cache.inner).by_use.len(), 2);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
