@@ -5,11 +5,11 @@
 //! no other). The client asks the seeds for the slot map and follows `MOVED`/`ASK` redirections
 //! and failovers by itself ([`super::RedisConn`]).
 //!
-//! Options: every option of the `redis://` URL except `min_replicas` (refused: `WAIT` counts one
-//! connection's writes on one node, and the cluster's connections are shared by every slot of a
-//! node), plus `shards=N` (1 to [`MAX_SHARDS`], default 1): each queue is spread over N hash tags
-//! (`{queue:0}` .. `{queue:N-1}`), so over up to N slots and nodes ([`super::keys`]). Every
-//! process using a queue must give the same `shards`.
+//! Options: every option of the `redis://` URL, plus `shards=N` (1 to [`MAX_SHARDS`], default
+//! 1): each queue is spread over N hash tags (`{queue:0}` .. `{queue:N-1}`), so over up to N
+//! slots and nodes ([`super::keys`]). Every process using a queue must give the same `shards`.
+//! `min_replicas=N` works as on one server: the `WAIT` goes in the same pipeline as the write, and
+//! a cluster pipeline goes whole to the node of its keys' slot, so it counts that node's replicas.
 //!
 //! On a cluster every key of one queue (and shard) carries the same hash tag, so each Lua step
 //! touches one slot; this is not Kombu's layout, so Python Celery cannot share queues here (it
@@ -119,13 +119,6 @@ impl ClusterUrl {
         if shards == 0 || shards > MAX_SHARDS {
             return Err(bad(format!("shards is from 1 to {MAX_SHARDS}")));
         }
-        if parsed.option("min_replicas").is_some() || parsed.option("min_replicas_timeout").is_some() {
-            return Err(bad(
-                "min_replicas is not offered on redis+cluster:// (WAIT counts one connection's writes on one node; \
-                 a cluster connection is shared by every slot of a node)"
-                    .into(),
-            ));
-        }
         Ok(ClusterUrl { nodes, shards, redis_url, shown: redacted(url) })
     }
 
@@ -197,7 +190,6 @@ mod tests {
             ("redis+cluster://:s3cret@h1:1?shards=0", "from 1 to 64"),
             ("redis+cluster://:s3cret@h1:1?shards=65", "from 1 to 64"),
             ("redis+cluster://:s3cret@h1:1?shards=many", "not a number"),
-            ("redis+cluster://:s3cret@h1:1?min_replicas=1", "min_replicas is not offered"),
             ("redis+cluster://:s3cret@h1:1#insecure", "TLS"),
         ] {
             let e = ClusterUrl::parse(url).unwrap_err().to_string();

@@ -344,6 +344,27 @@ impl RedisConn {
         }
     }
 
+    /// Runs `cmd` on the node that serves `key`'s slot (on a cluster), or as any command (one
+    /// server). For a command whose own routing would scatter commands that must stay in order:
+    /// a cluster routes `PUBLISH` by its channel, each channel's to another node.
+    pub async fn command_via(&self, key: &str, cmd: Cmd) -> Result<Value, RedisError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let (seen, conn) = self.now();
+        match conn {
+            Conn::Cluster(mut c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await
+            }
+            Conn::Single(mut c) => {
+                let r = c.req_packed_command(&cmd).await;
+                if let Err(e) = &r {
+                    self.after(seen, e).await;
+                }
+                r
+            }
+        }
+    }
+
     async fn after(&self, seen: u64, e: &RedisError) {
         if master_lost(e) {
             self.recheck(seen).await;

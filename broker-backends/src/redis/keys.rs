@@ -163,6 +163,12 @@ impl Keys {
         }
     }
 
+    /// On a cluster, the key whose node every broadcast `PUBLISH` is sent through (no such key is
+    /// written).
+    pub(crate) fn broadcast_route(&self) -> String {
+        format!("{}_celery_rs.broadcast", self.prefix)
+    }
+
     /// A lease (`SET NX PX` with renewal by its holder).
     pub(crate) fn lease(&self, name: &str) -> String {
         format!("{}_celery_rs.lease.{name}", self.prefix)

@@ -240,6 +240,19 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Publishes `msg` to the queues `route` leads to, into their `shard`.
+    async fn publish_to(&self, route: &Route, msg: &Message, shard: u16) -> Result<(), BrokerError> {
+        let queues = self.resolve(route).await?;
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let mut pipes = Vec::new();
+        for q in &queues {
+            self.add_publish(&mut pipes, q, shard, route, msg)?;
+        }
+        self.write_all(pipes, "redis: publish").await
+    }
+
     /// Sends each scope's pipeline (a write each).
     async fn write_all(&self, pipes: Vec<(Scope, redis::Pipeline)>, context: &'static str) -> Result<(), BrokerError> {
         for (_, pipe) in pipes {
@@ -256,16 +269,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
-        let queues = self.resolve(route).await?;
-        if queues.is_empty() {
-            return Ok(());
-        }
-        let shard = self.next_shard();
-        let mut pipes = Vec::new();
-        for q in &queues {
-            self.add_publish(&mut pipes, q, shard, route, msg)?;
-        }
-        self.write_all(pipes, "redis: publish").await
+        self.publish_to(route, msg, self.next_shard()).await
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
@@ -414,14 +418,23 @@ impl Routing for RedisBroker {
 impl Broadcasts for RedisBroker {
     /// As Kombu does it: fanout and topic broadcasts are `PUBLISH /<db>.<exchange>[/<routing key>]`
     /// (Celery's events and control requests); direct ones go to the lists bound to the exchange
-    /// (Celery's control replies).
+    /// (Celery's control replies), never sharded: their reader waits on one list.
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         if exchange.kind == ExchangeKind::Direct {
-            return self.publish(&Route::exchange(exchange.name.clone(), routing_key), msg).await;
+            return self.publish_to(&Route::exchange(exchange.name.clone(), routing_key), msg, 0).await;
         }
         let mut conn = self.conn.clone();
         let env = envelope::encode(msg, &exchange.name, routing_key);
         let channel = self.keys.fanout(self.options.db, &exchange.name, routing_key);
+        if self.keys.is_cluster() {
+            // A cluster routes `PUBLISH` by its channel's slot, and passes it on to every node:
+            // channels on different nodes would reach a subscriber out of order (a task's
+            // `task-succeeded` before its `task-received`). So every broadcast of this process
+            // leaves through one node, in order.
+            let cmd = redis::cmd("PUBLISH").arg(channel).arg(env).to_owned();
+            let via = self.keys.broadcast_route();
+            return self.conn.command_via(&via, cmd).await.map(drop).map_err(failed("redis: broadcast"));
+        }
         let _: i64 = conn.publish(channel, env).await.map_err(failed("redis: broadcast"))?;
         Ok(())
     }

@@ -8,7 +8,7 @@
 //!   to 3600): how often a consumer renews its heartbeat, and how long after the last renewal
 //!   another worker restores what it held ([`super::holder`]).
 //! - `sentinel://` lists ([`SentinelUrl`]) take the same options; `redis+cluster://` seed lists
-//!   ([`ClusterUrl`]) too (but `min_replicas`), plus `shards=N`.
+//!   ([`ClusterUrl`]) too, plus `shards=N`.
 //! - The redis client's own, handed through: `protocol` (`resp2`/`resp3`),
 //!   and on unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
 //! - redis-py's `?password=`, moved into the userinfo.
@@ -304,10 +304,12 @@ mod tests {
         assert_eq!((o.visibility_timeout, o.key_prefix.as_str(), o.db), (Duration::from_secs(30), "t:", 0));
         assert_eq!(o.url, "redis://:pw@h1:7001/0");
         assert_eq!(o.cluster.as_ref().map(|c| (c.nodes.len(), c.shards)), Some((2, 4)));
+        let o = RedisOptions::parse("redis+cluster://h1:7001?min_replicas=1").unwrap();
+        assert_eq!(o.min_replicas.map(|r| r.count), Some(1));
         for (url, needle) in [
             ("redis+cluster://:s3cret@h1:7001?bogus=1", "`bogus`"),
             ("redis+cluster://:s3cret@h1:7001?global_keyprefix=a{b}", "hash tags"),
-            ("redis+cluster://:s3cret@h1:7001?min_replicas=1", "min_replicas"),
+            ("redis+cluster://:s3cret@h1:7001?min_replicas=65", "at most 64"),
             ("redis+cluster://:s3cret@h1:7001/1", "database 0 only"),
         ] {
             let e = RedisOptions::parse(url).unwrap_err();

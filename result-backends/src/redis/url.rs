@@ -108,7 +108,7 @@ mod tests {
         assert_eq!(p.cluster.map(|c| c.nodes.len()), Some(2));
         for (url, needle) in [
             ("redis+cluster://:s3cret@h1:7001?bogus=1", "`bogus`"),
-            ("redis+cluster://:s3cret@h1:7001?min_replicas=1", "min_replicas"),
+            ("redis+cluster://:s3cret@h1:7001?min_replicas=0&min_replicas_timeout=5", "needs min_replicas"),
             ("redis+cluster://:s3cret@h1:7001/2", "database 0 only"),
             ("redis+cluster://:s3cret@h1:7001?global_keyprefix={x}", "hash tags"),
         ] {

@@ -1,0 +1,244 @@
+//! Redis Cluster losing the master of a queue's slot under load, with real worker processes: two
+//! `demo` workers and a producer (this process) use the `redis+cluster://` URL of `scripts/cluster
+//! redis-cluster` for the broker and the result backend, with `min_replicas=1`; the master that
+//! serves the queue's hash tag is killed with `kill -9` while `record` tasks flow and a chord runs.
+//! Checked: every send that returned OK runs at least once (its token is in the record file),
+//! sends succeed again within [`SENDS_AGAIN`], the replica took the slot, both workers keep
+//! running and consume again (their own `stats`, asked over remote control after the failover,
+//! count tasks run after the kill), the chord started before the kill completes, and a result
+//! stored before the kill is read after it. Duplicates are allowed (at least once) and printed.
+//!
+//! `shards=4` spreads one queue over four hash tags: the messages land on four slots and all run,
+//! a countdown still waits.
+//!
+//! The cluster is shared with other tests (held by the harness's lock while this runs): keys carry
+//! a unique prefix, and the killed node is started again at the end (as a replica).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use broker_backends::redis::{RedisBroker, RedisConn};
+use celery_core::{App, Signature};
+use celery_tests::cluster::{self, produce, RedisCluster, Sends};
+use celery_tests::{DemoProcess, TempDir};
+use redis::AsyncCommands;
+use serde_json::json;
+use tokio::task::block_in_place;
+
+/// The whole file, a cold setup boot and a node restart included.
+const FILE_BOUND: Duration = Duration::from_secs(600);
+/// How long after the kill sends may keep failing (the replica takes over after 2 s plus an
+/// election).
+const SENDS_AGAIN: Duration = Duration::from_secs(60);
+/// One send's bound (a send that takes longer counts as failed).
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the workers may take to run everything that was sent.
+const DRAIN: Duration = Duration::from_secs(120);
+/// Sends that returned OK before the kill, and after sends work again.
+const BEFORE: usize = 60;
+const AFTER: usize = 60;
+/// The chord started before the kill: members of `sleep(MEMBER_MS)`, summed by `tsum`.
+const MEMBERS: u64 = 40;
+const MEMBER_MS: u64 = 400;
+
+fn unique(tag: &str) -> String {
+    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The tokens the record file holds, with how often each was recorded.
+fn recorded(path: &std::path::Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *seen.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// How many `task` tasks worker `host` says it ran (remote control `stats`), `None` without an
+/// answer within the timeout.
+async fn runs(app: &App, host: &str, task: &str) -> Option<u64> {
+    let replies =
+        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
+            .await
+            .ok()?;
+    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
+    Some(stats["total"][task].as_u64().unwrap_or(0))
+}
+
+/// Asks `stats` until it answers, at most `within`.
+async fn runs_within(app: &App, host: &str, task: &str, within: Duration) -> Option<u64> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(n) = runs(app, host, task).await {
+            return Some(n);
+        }
+        if Instant::now() > end {
+            return None;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_master_loses_no_acknowledged_send_and_stalls_no_worker() {
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let dir = TempDir::new("redis-cluster");
+    let file = dir.0.join("records");
+    let path = file.display().to_string();
+    let queue = unique("rc");
+    let url = format!(
+        "{}?global_keyprefix={queue}:&visibility_timeout=30&min_replicas=1&min_replicas_timeout=2000",
+        rc.broker_url()
+    );
+    // Every key of the queue carries the hash tag `{<queue>}`: the slot of the queue's name.
+    let slot = rc.slot_of(&queue);
+    let old = rc.master_of_slot(slot).expect("a master serves the queue's slot");
+    let tag = "redis_cluster (min_replicas=1)";
+
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    assert_eq!(rc.slot_of(&broker.bucket_key(&queue, 0, 0)), slot, "the queue's keys carry its hash tag");
+    let hosts = [format!("a@{queue}"), format!("b@{queue}")];
+    let mut workers: Vec<DemoProcess> = hosts
+        .iter()
+        .map(|h| {
+            let args = ["worker", "-c", "4", "--prefetch-multiplier", "1", "-Q", &queue, "-n", h];
+            DemoProcess::start_urls(&url, &url, &args)
+        })
+        .collect();
+    for w in &workers {
+        assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
+    }
+    let logs = |ws: &[DemoProcess]| ws.iter().map(|w| w.log()).collect::<Vec<_>>().join("\n----\n");
+
+    // A result stored before the kill, and a chord whose members still run when it comes.
+    let early = app.send(Signature::by_name("add").args(json!([20, 22])).queue(queue.clone())).await.expect("send");
+    assert_eq!(early.get::<i64>(DRAIN).await.expect("the early task ran"), 42);
+    let header = (0..MEMBERS).map(|_| Signature::by_name("sleep").args(json!([MEMBER_MS])).queue(queue.clone()));
+    let chord = app.send_chord(header, Signature::by_name("tsum").queue(queue.clone())).await.expect("send a chord");
+
+    // The producer sends all along, so that the kill lands in the middle of sends.
+    let sends = Arc::new(Mutex::new(Sends::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let producer =
+        tokio::spawn(produce(app.clone(), queue.clone(), path.clone(), sends.clone(), stop.clone(), SEND_TIMEOUT));
+    let end = Instant::now() + Duration::from_secs(60);
+    while sends.lock().unwrap().ok.len() < BEFORE {
+        assert!(Instant::now() < end, "sends before the kill: {:?}", sends.lock().unwrap().error);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    block_in_place(|| rc.kill_node(old));
+    let killed = Instant::now();
+    // Sends that started after the kill succeed again, within a bound.
+    cluster::wait_sends_resume(&sends, killed, AFTER, SENDS_AGAIN, DRAIN).await;
+    stop.store(true, Ordering::SeqCst);
+    producer.await.expect("the producer ends");
+    let sends = std::mem::take(&mut *sends.lock().unwrap());
+    let first_ok_after = sends.first_ok_after(killed).expect("sends after the kill");
+    let new = block_in_place(|| rc.wait_slot_moved(slot, old, SENDS_AGAIN));
+    assert!(new.is_some_and(|m| m != old), "a replica serves the queue's slot: {new:?}");
+    eprintln!(
+        "{tag}: {} sends, the kill in their midst; a send started after the kill returned OK {first_ok_after:.1?} \
+         after it; {} failed (the last: {:?})",
+        sends.ok.len() + sends.failed,
+        sends.failed,
+        sends.error
+    );
+
+    // Every acknowledged send runs, at least once.
+    let end = Instant::now() + DRAIN;
+    let missing = loop {
+        let seen = recorded(&file);
+        let missing: Vec<&String> = sends.ok.iter().filter(|t| !seen.contains_key(*t)).collect();
+        if missing.is_empty() || Instant::now() > end {
+            break missing.into_iter().cloned().collect::<Vec<_>>();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(missing.is_empty(), "acknowledged but never run: {missing:?}\n{}", logs(&workers));
+    let duplicates: usize = recorded(&file).values().map(|n| n - 1).sum();
+    eprintln!("{tag}: {} acknowledged sends all ran; {duplicates} ran twice or more", sends.ok.len());
+
+    // The chord started before the kill completes; the result stored before it is still there.
+    let total =
+        chord.get::<i64>(DRAIN).await.unwrap_or_else(|e| panic!("the chord completes: {e}\n{}", logs(&workers)));
+    assert_eq!(total, (MEMBERS * MEMBER_MS) as i64);
+    assert_eq!(early.get::<i64>(Duration::from_secs(10)).await.expect("read after the failover"), 42);
+
+    // Both workers are alive and consume again: with a prefetch of 4 each, 24 tasks of 300 ms
+    // sent now reach both.
+    for (w, h) in workers.iter_mut().zip(&hosts) {
+        assert!(matches!(w.child.try_wait(), Ok(None)), "{h} still runs: {}", w.log());
+    }
+    let before_after: Vec<u64> = {
+        let mut v = Vec::new();
+        for h in &hosts {
+            v.push(runs_within(&app, h, "sleep", Duration::from_secs(30)).await.unwrap_or(0));
+        }
+        v
+    };
+    let mut after = Vec::new();
+    for _ in 0..24 {
+        let sig = Signature::by_name("sleep").args(json!([300])).queue(queue.clone());
+        after.push(app.send(sig).await.expect("a send after the failover"));
+    }
+    for r in &after {
+        r.get::<serde_json::Value>(DRAIN)
+            .await
+            .unwrap_or_else(|e| panic!("a task sent after the failover ran: {e}\n{}", logs(&workers)));
+    }
+    for ((w, h), before) in workers.iter().zip(&hosts).zip(before_after) {
+        let n = runs_within(&app, h, "sleep", Duration::from_secs(30)).await;
+        let n = n.unwrap_or_else(|| panic!("{h} answers stats after the failover: {}", w.log()));
+        assert!(n > before, "{h} consumes after the failover (ran {} of the 24): {}", n - before, w.log());
+        eprintln!("{tag}: {h} ran {} of the 24 tasks sent after the failover", n - before);
+    }
+
+    drop(workers);
+    let _ = app.broker().purge(&queue).await;
+    block_in_place(|| rc.restart_node(old));
+}
+
+/// `shards=4`: one queue over four hash tags. A producer spreads messages over them in turn (four
+/// slots hold them), one worker runs them all, and a countdown still waits for its time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_a_queue_over_four_slots() {
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let queue = unique("rcs");
+    let url = format!("{}?global_keyprefix={queue}:&shards=4", rc.broker_url());
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+
+    let mut sent = Vec::new();
+    for i in 0..40i64 {
+        let sig = Signature::by_name("add").args(json!([i, 1])).queue(queue.clone());
+        sent.push(app.send(sig).await.expect("send"));
+    }
+    assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 40);
+    let mut conn = RedisConn::open(&url).await.expect("a cluster connection");
+    let mut slots = BTreeSet::new();
+    for shard in 0..4 {
+        let key = broker.bucket_key(&queue, shard, 0);
+        let n: u64 = conn.llen(&key).await.expect("LLEN");
+        assert_eq!(n, 10, "round robin: shard {shard} ({key}) holds a quarter");
+        slots.insert(rc.slot_of(&key));
+    }
+    assert_eq!(slots.len(), 4, "four shards, four slots: {slots:?}");
+
+    let worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "4", "-Q", &queue, "-n", &format!("s@{queue}")]);
+    assert!(worker.wait_log("worker ready", Duration::from_secs(60)), "{}", worker.log());
+    for (i, r) in sent.iter().enumerate() {
+        let v = r.get::<i64>(DRAIN).await.unwrap_or_else(|e| panic!("task {i} ran: {e}\n{}", worker.log()));
+        assert_eq!(v, i as i64 + 1);
+    }
+    let started = Instant::now();
+    let later = Signature::by_name("add").args(json!([1, 1])).queue(queue.clone()).countdown(Duration::from_secs(2));
+    let later = app.send(later).await.expect("send a countdown");
+    assert_eq!(later.get::<i64>(DRAIN).await.expect("the countdown ran"), 2);
+    assert!(started.elapsed() >= Duration::from_millis(1900), "it waited: {:?}", started.elapsed());
+    assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 0);
+}
