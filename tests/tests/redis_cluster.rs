@@ -273,3 +273,83 @@ async fn shards_spread_a_queue_over_four_slots() {
     assert!(started.elapsed() >= Duration::from_millis(1900), "it waited: {:?}", started.elapsed());
     assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 0);
 }
+
+/// The states of `ids`, with the worker that stored each.
+async fn states(app: &App, ids: &[String]) -> Vec<(celery_core::TaskState, Option<String>)> {
+    let mut out = Vec::new();
+    for id in ids {
+        let meta = app.result(id).info().await.unwrap_or(None);
+        out.push(meta.map_or((celery_core::TaskState::Pending, None), |m| (m.status, m.worker)));
+    }
+    out
+}
+
+fn all_in(s: &[(celery_core::TaskState, Option<String>)], state: celery_core::TaskState) -> bool {
+    s.iter().all(|(x, _)| *x == state)
+}
+
+/// Dead-worker recovery on a cluster, where the heartbeat, `held` and `workers` keys live in each
+/// queue shard's slot: kill -9 of a worker running four 5 s tasks of a queue over two shards (and
+/// a visibility timeout of an hour, so only the heartbeats can explain a quick return): the other
+/// worker finishes all four within 20 s of the kill. Then a worker killed and restarted under the
+/// same name restores what its earlier run held at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_tasks_come_back_from_every_shard() {
+    use celery_core::TaskState;
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let queue = unique("rcr");
+    let url = format!("{}?global_keyprefix={queue}:&visibility_timeout=3600&shards=2", rc.broker_url());
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let start = |name: &str| {
+        let args = ["worker", "-n", name, "-c", "4", "--prefetch-multiplier", "1", "-Q", &queue];
+        let w = DemoProcess::start_urls(&url, &url, &args);
+        assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
+        w
+    };
+    let send = |n: usize| {
+        let (app, queue) = (app.clone(), queue.clone());
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..n {
+                let sig = Signature::by_name("sleep").args(json!([5000])).queue(queue.clone());
+                ids.push(app.send(sig).await.expect("send").id().to_owned());
+            }
+            ids
+        }
+    };
+
+    let ids = send(4).await;
+    let mut a = start("a@rcr");
+    let s = celery_tests::poll_until(DRAIN, || states(&app, &ids), |s| all_in(s, TaskState::Started)).await;
+    assert!(all_in(&s, TaskState::Started), "{s:?}\n{}", a.log());
+    let b = start("b@rcr");
+    a.signal("KILL");
+    let killed = Instant::now();
+    a.wait_exit(Duration::from_secs(5)).expect("killed");
+    let s = celery_tests::poll_until(DRAIN, || states(&app, &ids), |s| all_in(s, TaskState::Success)).await;
+    let took = killed.elapsed();
+    assert!(all_in(&s, TaskState::Success), "{s:?}\n{}", b.log());
+    assert!(s.iter().all(|(_, w)| w.as_deref() != Some("a@rcr")), "{s:?}");
+    eprintln!("redis_cluster: four 5 s tasks of a killed worker finished elsewhere {took:.1?} after the kill");
+    assert!(took < Duration::from_secs(20), "took {took:?}\n{}", b.log());
+    assert!(b.log().contains("workers whose heartbeat stopped"), "{}", b.log());
+    drop(b);
+
+    // A restart under the same name restores its earlier run's deliveries at start.
+    let ids = send(2).await;
+    let mut c = start("c@rcr");
+    let s = celery_tests::poll_until(DRAIN, || states(&app, &ids), |s| all_in(s, TaskState::Started)).await;
+    assert!(all_in(&s, TaskState::Started), "{s:?}\n{}", c.log());
+    c.signal("KILL");
+    let killed = Instant::now();
+    c.wait_exit(Duration::from_secs(5)).expect("killed");
+    let again = start("c@rcr");
+    let s = celery_tests::poll_until(DRAIN, || states(&app, &ids), |s| all_in(s, TaskState::Success)).await;
+    assert!(all_in(&s, TaskState::Success), "{s:?}\n{}", again.log());
+    eprintln!(
+        "redis_cluster: a restarted worker finished its earlier run's tasks {:.1?} after the kill",
+        killed.elapsed()
+    );
+    assert!(again.log().contains("an earlier run of this worker left unsettled"), "{}", again.log());
+}
