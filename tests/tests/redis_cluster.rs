@@ -353,3 +353,33 @@ async fn a_killed_workers_tasks_come_back_from_every_shard() {
     );
     assert!(again.log().contains("an earlier run of this worker left unsettled"), "{}", again.log());
 }
+
+/// Priorities hold within a shard: with `shards=2`, two low (0) then two high (9) priority
+/// messages alternate over the shards, each shard holding one of each; a consumer takes both high
+/// ones first (one from each shard, in turn), then the low ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priorities_hold_within_each_shard() {
+    use celery_core::{Broker, Consumer};
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let queue = unique("rcp");
+    let url = format!("{}?global_keyprefix={queue}:&shards=2", rc.broker_url());
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    for (i, p) in [(0, 0u8), (1, 0), (2, 9), (3, 9)] {
+        app.send(Signature::by_name("add").args(json!([i, 0])).queue(queue.clone()).priority(p)).await.expect("send");
+    }
+    let mut consumer = broker.consume(std::slice::from_ref(&queue), 1).await.expect("consume");
+    let mut priorities = Vec::new();
+    for _ in 0..4 {
+        let mut d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .expect("a delivery within 10 s")
+            .expect("the consumer runs");
+        let p = d.message().as_ref().expect("decodes").properties.priority.unwrap_or(0);
+        priorities.push(p);
+        d.ack().await.expect("ack");
+    }
+    assert_eq!(priorities, [9, 9, 0, 0], "high first on every shard");
+    consumer.close().await;
+}

@@ -114,6 +114,16 @@ impl RedisBackend {
         }
     }
 
+    /// On a cluster a group id is a chord's hash tag: it holds no `{` or `}`.
+    fn check_group(&self, group_id: &str) -> Result<(), BackendError> {
+        if self.conn.is_cluster() && (group_id.is_empty() || group_id.contains(['{', '}'])) {
+            return Err(BackendError::operation(format!(
+                "group id `{group_id}`: on a Redis Cluster a chord's group id is not empty and holds no `{{` or `}}` (it is the hash tag of its keys)"
+            )));
+        }
+        Ok(())
+    }
+
     /// An idempotency key's holder: `celery-rs-idempotency-<key>` with the prefix.
     fn idempotency_key(&self, key: &str) -> String {
         format!("{}celery-rs-idempotency-{key}", self.prefix)
@@ -179,6 +189,7 @@ impl ResultBackend for RedisBackend {
 impl Chords for RedisBackend {
     /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        self.check_group(group_id)?;
         let mut conn = self.conn.clone();
         let _: () = conn
             .set_ex(self.chord_key(group_id, ".s"), size, self.expires)
@@ -191,6 +202,7 @@ impl Chords for RedisBackend {
     /// index, `.t` extra count, `.s` size), counted in one Lua script; `.ids` and `.by` (ours) make a
     /// repeated report count once and let only the completing member fire.
     async fn chord_part(&self, group_id: &str, m: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        self.check_group(group_id)?;
         let mut conn = self.conn.clone();
         let encoded = serde_json::to_string(&m.to_celery()).map_err(|e| BackendError::Malformed(e.to_string()))?;
         let score = m.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".into());
