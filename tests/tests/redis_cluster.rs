@@ -359,7 +359,7 @@ async fn a_killed_workers_tasks_come_back_from_every_shard() {
 /// ones first (one from each shard, in turn), then the low ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn priorities_hold_within_each_shard() {
-    use celery_core::{Broker, Consumer};
+    use celery_core::Broker;
     cluster::bound_run_time("redis_cluster", FILE_BOUND);
     let Some(rc) = block_in_place(RedisCluster::up) else { return };
     let queue = unique("rcp");
