@@ -383,3 +383,42 @@ async fn priorities_hold_within_each_shard() {
     assert_eq!(priorities, [9, 9, 0, 0], "high first on every shard");
     consumer.close().await;
 }
+
+/// Beat's leader lease over a failover: held by `a` on the master of the lease key's slot
+/// (replicated first), that master is killed; once its replica took the slot, `a` still holds the
+/// lease (it renews it) and `b` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_lease_survives_a_failover() {
+    use celery_core::capability::Leases;
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let prefix = unique("rcl");
+    let url = format!("{}?global_keyprefix={prefix}:", rc.broker_url());
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    let ttl = Duration::from_secs(60);
+    assert!(broker.lease("beat", "a", ttl).await.expect("take the lease"), "a free lease is taken");
+    let key = format!("{prefix}:_celery_rs.lease.beat");
+    let slot = rc.slot_of(&key);
+    let old = rc.master_of_slot(slot).expect("a master serves the lease's slot");
+    let replica = *rc.replicas_of(old).first().expect("the master has a replica");
+    // Replicated before the kill (a write the master alone held would be lost with it).
+    let replicated = block_in_place(|| {
+        celery_tests::wait_until(Duration::from_secs(10), || {
+            let Some(mut c) = rc.node_conn(replica) else { return false };
+            let _: redis::RedisResult<()> = redis::cmd("READONLY").query(&mut c);
+            redis::cmd("GET").arg(&key).query::<Option<String>>(&mut c).ok().flatten().as_deref() == Some("a")
+        })
+    });
+    assert!(replicated, "the lease reached the replica");
+
+    block_in_place(|| rc.kill_node(old));
+    let killed = Instant::now();
+    let new = block_in_place(|| rc.wait_slot_moved(slot, old, SENDS_AGAIN));
+    assert!(new.is_some_and(|m| m != old), "a replica serves the lease's slot: {new:?}");
+    let renewed = tokio::time::timeout(SENDS_AGAIN, broker.lease("beat", "a", ttl)).await;
+    assert!(matches!(renewed, Ok(Ok(true))), "the holder renews after the failover: {renewed:?}");
+    assert!(!broker.lease("beat", "b", ttl).await.expect("ask for the lease"), "another holder is refused");
+    eprintln!("redis_cluster: the leader lease was renewed {:.1?} after the kill of its master", killed.elapsed());
+    broker.release("beat", "a").await.expect("release");
+    block_in_place(|| rc.restart_node(old));
+}
