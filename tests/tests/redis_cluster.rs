@@ -15,7 +15,9 @@
 //! but not yet replicated is lost: recorded (printed), not asserted.
 //!
 //! `shards=4` spreads one queue over four hash tags: the messages land on four slots and all run,
-//! a countdown still waits.
+//! a countdown still waits; priorities hold within each shard. A killed worker's tasks come back
+//! from every shard within the heartbeat's grace, and beat's leader lease survives the failover of
+//! its slot's master.
 //!
 //! The cluster is shared with other tests (held by the harness's lock while this runs): keys carry
 //! a unique prefix, and the killed node is started again at the end (as a replica).
