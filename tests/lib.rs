@@ -257,6 +257,50 @@ pub enum Target {
     Amqp(AmqpVhost, RedisEnv),
     /// `postgres://` in a schema of its own, results on Redis.
     Postgres(PgSchema, RedisEnv),
+    /// `redis+cluster://` on the loopback Redis Cluster (held while it lives), with a key prefix.
+    RedisCluster(RedisClusterEnv),
+}
+
+/// A key prefix on the loopback Redis Cluster of [`cluster::RedisCluster`], held (no node is
+/// killed meanwhile) while it lives; its keys are deleted on drop.
+#[derive(Debug)]
+pub struct RedisClusterEnv {
+    /// The key prefix (ends with `:`).
+    pub prefix: String,
+    /// Broker URL with the prefix, `shards` and a visibility timeout of one second.
+    pub broker: String,
+    /// Result backend URL with the prefix.
+    pub backend: String,
+    /// The cluster.
+    pub cluster: cluster::RedisCluster,
+}
+
+impl RedisClusterEnv {
+    /// A fresh prefix on the cluster with `shards` per queue, or `None` (skipped) without it.
+    pub fn new(shards: u16) -> Option<RedisClusterEnv> {
+        let cluster = tokio::task::block_in_place(cluster::RedisCluster::up)?;
+        let prefix = format!("t{}:", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+        let url = cluster.broker_url();
+        Some(RedisClusterEnv {
+            broker: format!("{url}?global_keyprefix={prefix}&visibility_timeout=1&shards={shards}"),
+            backend: format!("{url}?global_keyprefix={prefix}"),
+            prefix,
+            cluster,
+        })
+    }
+}
+
+impl Drop for RedisClusterEnv {
+    fn drop(&mut self) {
+        for i in 0..self.cluster.nodes().len() {
+            let Some(mut c) = self.cluster.node_conn(i) else { continue };
+            let keys: Vec<String> =
+                redis::cmd("KEYS").arg(format!("{}*", self.prefix)).query(&mut c).unwrap_or_default();
+            for k in keys {
+                let _: Result<(), _> = redis::cmd("DEL").arg(k).query(&mut c);
+            }
+        }
+    }
 }
 
 impl Target {
@@ -295,6 +339,12 @@ impl Target {
         Some(Target::Postgres(schema, RedisEnv::new(1.0)))
     }
 
+    /// A fresh key prefix on the loopback Redis Cluster with `shards` per queue, or None
+    /// (skipped) without its binaries.
+    pub fn redis_cluster(shards: u16) -> Option<Target> {
+        RedisClusterEnv::new(shards).map(Target::RedisCluster)
+    }
+
     /// A fresh key prefix, or None (skipped) without Redis.
     pub fn redis() -> Option<Target> {
         redis_available("conformance (redis)").then(|| Target::Redis(RedisEnv::new(1.0)))
@@ -310,6 +360,7 @@ impl Target {
             Target::Redis(e) => (e.broker.clone(), e.backend.clone()),
             Target::Amqp(v, e) => (v.url(), e.backend.clone()),
             Target::Postgres(s, e) => (s.url("postgres", "visibility_timeout=1"), e.backend.clone()),
+            Target::RedisCluster(e) => (e.broker.clone(), e.backend.clone()),
         }
     }
 
@@ -330,7 +381,7 @@ impl Drop for Target {
                 server.abort();
                 let _ = std::fs::remove_dir_all(d);
             }
-            Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..) => {}
+            Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..) | Target::RedisCluster(_) => {}
         }
     }
 }

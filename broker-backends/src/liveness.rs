@@ -119,6 +119,11 @@ impl<B: Heartbeat> Holder<B> {
         &self.id
     }
 
+    /// This process's nonce (the start of its heartbeat's value).
+    pub(crate) fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
     /// What it knows of its own heartbeat (read the epoch before a fetch).
     pub(crate) fn liveness(&self) -> &Liveness {
         &self.liveness

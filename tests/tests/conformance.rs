@@ -1,7 +1,9 @@
 //! One suite, every broker and result backend: the same scenarios run against `log://` (a fresh
 //! directory), `log+tcp://` (a server in this process, with a token), `redis://` (a fresh key
 //! prefix) and `amqp://` (a fresh RabbitMQ vhost, results on Redis), through the public traits only;
-//! the scenarios that store results run again on Redis with results in PostgreSQL (`db+postgresql://`).
+//! the scenarios that store results run again on Redis with results in PostgreSQL (`db+postgresql://`),
+//! and the whole suite runs on the loopback Redis Cluster (`redis+cluster://`, each queue over two
+//! shards).
 
 use std::time::Duration;
 
@@ -776,5 +778,45 @@ postgres_results!(
     errbacks_get_the_failed_id,
     map_starmap_chunks,
     idempotency_keys_send_once,
+    remote_control_inspects_and_revokes,
+);
+
+/// The suite on the loopback Redis Cluster (`scripts/cluster redis-cluster`), each queue spread
+/// over two shards (hash tags): one test at a time holds the cluster.
+macro_rules! on_redis_cluster {
+    ($($name:ident),* $(,)?) => {
+        mod redis_cluster_broker {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    if let Some(t) = super::Target::redis_cluster(2) {
+                        super::$name(t).await
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_redis_cluster!(
+    results_and_failures,
+    retries_countdown_expiry,
+    bad_input_is_dead_lettered,
+    an_unsettled_delivery_comes_back_after_its_lease,
+    a_redelivered_success_is_not_run_again,
+    fair_dispatch_with_prefetch_one,
+    chains_and_callbacks,
+    groups_collect_results_in_order,
+    shutdown_returns_prefetched_work,
+    purge_and_len,
+    queue_stats_count_waiting_in_flight_and_dead,
+    purge_removes_countdown_tasks,
+    countdown_tasks_run_at_their_eta,
+    leases_and_documents,
+    chords_complete_once,
+    errbacks_get_the_failed_id,
+    map_starmap_chunks,
+    idempotency_keys_send_once,
+    events_follow_a_task,
     remote_control_inspects_and_revokes,
 );

@@ -149,6 +149,26 @@ async fn a_wrong_redis_password_is_refused_without_printing_it() {
     assert_logs_hide(&["wr0ng-pa55-5e4f"]);
 }
 
+/// The same over `redis+cluster://` (the loopback cluster has no password: AUTH is refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_redis_cluster_password_is_refused_without_printing_it() {
+    captured_logs();
+    broker_backends::link();
+    result_backends::link();
+    let Some(rc) = tokio::task::block_in_place(celery_tests::cluster::RedisCluster::up) else { return };
+    let seeds = rc.broker_url().trim_start_matches("redis+cluster://").to_owned();
+    let (broker, backend) = both_refused(&format!("redis+cluster://:wr0ng-pa55-5e4f@{seeds}")).await;
+    for e in [&broker, &backend] {
+        assert!(!e.contains("wr0ng-pa55-5e4f"), "{e}");
+    }
+    let bad = celery_core::scheme::connect_broker(&format!("redis+cluster://:wr0ng-pa55-5e4f@{seeds}/2"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(bad.contains("redis+cluster://:***@127.0.0.1:") && bad.contains("database 0 only"), "{bad}");
+    assert_logs_hide(&["wr0ng-pa55-5e4f"]);
+}
+
 /// `report` names the broker and the result backend redacted, and what each offers and lacks.
 #[test]
 fn the_report_says_what_each_side_offers_and_hides_the_token() {

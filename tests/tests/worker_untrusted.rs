@@ -95,6 +95,20 @@ async fn dead_letter_reasons(t: &Target, app: &App) -> Vec<String> {
             .map(|s| serde_json::from_str::<Value>(s).unwrap()["headers"][DEAD_LETTER_REASON].as_str().unwrap().into())
             .collect();
     }
+    if let Target::RedisCluster(env) = t {
+        // The raw dead-letter lists of both shards, read as on one server.
+        use redis::AsyncCommands;
+        let broker = broker_backends::redis::RedisBroker::connect(&env.broker).await.unwrap();
+        let mut conn = broker.connection().clone();
+        let mut reasons = Vec::new();
+        for shard in 0..2 {
+            let raw: Vec<String> = conn.lrange(broker.bucket_key("celery.dead", shard, 0), 0, -1).await.unwrap();
+            reasons.extend(raw.iter().map(|s| {
+                serde_json::from_str::<Value>(s).unwrap()["headers"][DEAD_LETTER_REASON].as_str().unwrap().to_owned()
+            }));
+        }
+        return reasons;
+    }
     let mut consumer = app.broker().consume(&["celery.dead".to_string()], 16).await.unwrap();
     let (mut reasons, mut held) = (Vec::new(), Vec::new());
     while let Ok(Some(mut d)) = tokio::time::timeout(Duration::from_millis(500), consumer.next()).await {
@@ -140,7 +154,7 @@ async fn oversized_messages_are_dead_lettered_undecoded(t: Target) {
     assert!(reasons[0].contains(&format!("exceeds the limit of {wire_limit} bytes")), "{reasons:?}");
     let size: usize = reasons[0].split_whitespace().nth(2).and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(size > 300_000, "the reason names the size: {reasons:?}");
-    if matches!(t, Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..)) {
+    if matches!(t, Target::Redis(_) | Target::Amqp(..) | Target::Postgres(..) | Target::RedisCluster(_)) {
         // These brokers read its id apart from its body (Redis: in the envelope's tail, inside the
         // fetch script; RabbitMQ: in the content header; PostgreSQL: in the fetch statement), so
         // its caller is told at once.
@@ -229,6 +243,24 @@ celery_tests::each_broker!(
     rejected_messages_trigger_nothing,
     huge_times_saturate
 );
+
+/// The same on the loopback Redis Cluster, each queue over two shards (the fetch script
+/// dead-letters an oversized envelope into its shard's own `.dead` list, in the same slot).
+mod redis_cluster_broker {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn oversized_messages_are_dead_lettered_undecoded() {
+        if let Some(t) = super::Target::redis_cluster(2) {
+            super::oversized_messages_are_dead_lettered_undecoded(t).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rejected_messages_trigger_nothing() {
+        if let Some(t) = super::Target::redis_cluster(2) {
+            super::rejected_messages_trigger_nothing(t).await
+        }
+    }
+}
 
 /// A Kombu envelope for the `celery` list with these headers.
 fn envelope(headers: Value, body: &[u8]) -> String {

@@ -17,15 +17,28 @@
 //! `min_replicas=N` (`min_replicas_timeout=MS`, default 1000): [`RedisConn::write`] sends
 //! `WAIT N MS` in the same pipeline as the write, so on the same connection; fewer replicas than
 //! N acknowledging is a retryable error (the write may still be on the master alone).
+//!
+//! On a Redis Cluster (`redis+cluster://`) the handle is redis-rs's
+//! `cluster_async::ClusterConnection` (one multiplexed connection per node): it reads the slot
+//! map from the seeds, follows `MOVED`/`ASK`, and after a master dies reconnects and refreshes the
+//! map until the replica that took its slots answers, within [`CLUSTER_FAILOVER_ALLOWANCE`] past
+//! the per-reply timeout. A pipeline or script must touch keys of one slot ([`super::keys`]).
+//! [`RedisConn::fresh`] opens another `ClusterConnection` (its own sockets, for blocking
+//! commands); [`RedisConn::client`] names a seed node in turn for pub/sub (a classic `PUBLISH`
+//! reaches every node of a cluster, so any node serves a subscriber).
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use celery_core::sync::{read, write};
 use celery_core::BrokerError;
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
+use super::cluster::ClusterUrl;
 use super::error::failed;
 use super::manager;
 use super::sentinel::SentinelUrl;
@@ -42,6 +55,14 @@ const RECHECK_EVERY: Duration = Duration::from_millis(250);
 /// How often a handle asks a sentinel which node is the master, between errors.
 const WATCH_EVERY: Duration = Duration::from_secs(1);
 
+/// On a cluster, how much longer than one reply's timeout a command may take in all: the
+/// reconnects, slot-map refreshes and retries while a replica takes over a dead master's slots
+/// (3-4 s with `cluster-node-timeout 2000`, more under load).
+pub(crate) const CLUSTER_FAILOVER_ALLOWANCE: Duration = Duration::from_secs(20);
+
+/// How long connecting to one cluster node may take.
+const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// `min_replicas=N` with `min_replicas_timeout=MS`: how many replicas must acknowledge a write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MinReplicas {
@@ -51,7 +72,7 @@ pub struct MinReplicas {
     pub timeout: Duration,
 }
 
-/// Where the master is: one address, or whatever the sentinels name.
+/// Where the master is: one address, whatever the sentinels name, or a cluster's nodes.
 #[derive(Debug)]
 pub(crate) enum Target {
     Direct(redis::Client),
@@ -60,28 +81,103 @@ pub(crate) enum Target {
         /// The client URL for the master (password, database, protocol): secret.
         master: String,
     },
+    Cluster {
+        /// A client per seed node (their URLs hold the password).
+        seeds: Vec<redis::Client>,
+        /// The URL as given, redacted.
+        shown: String,
+        /// The seed [`RedisConn::client`] names next.
+        next: AtomicUsize,
+    },
 }
 
 impl Target {
-    /// `client_url`'s server, or with `sentinel` the master its sentinels name (`client_url` then
-    /// gives the master's password, database and protocol).
-    pub(crate) fn of(client_url: &str, sentinel: Option<&SentinelUrl>) -> Result<Arc<Target>, BrokerError> {
-        let shown = || sentinel.map_or_else(|| celery_core::url::redacted(client_url), |s| s.shown.clone());
-        let client = redis::Client::open(client_url)
-            .map_err(|e| BrokerError::InvalidUrl { url: shown(), reason: e.to_string() })?;
+    /// `client_url`'s server, with `sentinel` the master its sentinels name (`client_url` then
+    /// gives the master's password, database and protocol), or with `cluster` its nodes
+    /// (`client_url` gives the password and protocol of each).
+    pub(crate) fn of(
+        client_url: &str,
+        sentinel: Option<&SentinelUrl>,
+        cluster: Option<&ClusterUrl>,
+    ) -> Result<Arc<Target>, BrokerError> {
+        let shown = || match (sentinel, cluster) {
+            (Some(s), _) => s.shown.clone(),
+            (_, Some(c)) => c.shown.clone(),
+            _ => celery_core::url::redacted(client_url),
+        };
+        let invalid = |e: RedisError| BrokerError::InvalidUrl { url: shown(), reason: e.to_string() };
+        if let Some(c) = cluster {
+            let seeds: Result<Vec<redis::Client>, RedisError> =
+                c.node_urls(client_url).iter().map(|u| redis::Client::open(u.as_str())).collect();
+            let seeds = seeds.map_err(invalid)?;
+            return Ok(Arc::new(Target::Cluster { seeds, shown: shown(), next: AtomicUsize::new(0) }));
+        }
+        let client = redis::Client::open(client_url).map_err(invalid)?;
         Ok(Arc::new(match sentinel {
             None => Target::Direct(client),
             Some(s) => Target::Sentinel { sentinels: s.clone(), master: client_url.to_owned() },
         }))
     }
 
-    /// The master's `host:port` (as far as known) and a client for it.
+    /// The master's `host:port` (as far as known; a cluster: its URL) and a client for it (a
+    /// cluster: its first seed).
     async fn resolve(&self) -> Result<(String, redis::Client), BrokerError> {
         match self {
             Target::Direct(client) => Ok((addr_of(client), client.clone())),
             Target::Sentinel { sentinels, master } => {
                 sentinels.resolve(master).await.map_err(failed("redis: ask the sentinels for the master"))
             }
+            Target::Cluster { seeds, shown, .. } => Ok((shown.clone(), seeds[0].clone())),
+        }
+    }
+
+    /// A connection to the target: a reconnecting one to a server, or a cluster connection.
+    async fn open(&self, client: &redis::Client, response_timeout: Option<Duration>) -> Result<Conn, BrokerError> {
+        let Target::Cluster { seeds, .. } = self else {
+            return Ok(Conn::Single(manager(client, response_timeout).await?));
+        };
+        let infos: Vec<redis::ConnectionInfo> = seeds.iter().map(|c| c.get_connection_info().clone()).collect();
+        let mut b = ClusterClientBuilder::new(infos).connection_timeout(CLUSTER_CONNECT_TIMEOUT);
+        b = match response_timeout {
+            Some(t) => b.response_timeout(t).overall_response_timeout(Some(t + CLUSTER_FAILOVER_ALLOWANCE)),
+            None => b.overall_response_timeout(None),
+        };
+        let client = b.build().map_err(failed("redis: a cluster client"))?;
+        let conn = client.get_async_connection().await.map_err(failed("redis: connect to the cluster"))?;
+        Ok(Conn::Cluster(Box::new(conn)))
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self, Target::Cluster { .. })
+    }
+}
+
+/// The connection in use: to one server, or to a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(Box<ClusterConnection>),
+}
+
+impl Conn {
+    async fn command(&mut self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd).await,
+            Conn::Cluster(c) => c.req_packed_command(cmd).await,
+        }
+    }
+
+    async fn commands(&mut self, pipeline: &Pipeline, offset: usize, count: usize) -> redis::RedisResult<Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count).await,
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count).await,
+        }
+    }
+
+    fn db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(_) => 0,
         }
     }
 }
@@ -95,7 +191,7 @@ struct Current {
     generation: u64,
     master: String,
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: Conn,
 }
 
 struct Link {
@@ -133,23 +229,25 @@ impl std::fmt::Debug for RedisConn {
 }
 
 impl RedisConn {
-    /// Connects for a `redis://`, `rediss://`, `redis+unix://` or `sentinel://` URL (options
-    /// read as the broker reads them).
+    /// Connects for a `redis://`, `rediss://`, `redis+unix://`, `sentinel://` or
+    /// `redis+cluster://` URL (options read as the broker reads them).
     pub async fn open(url: &str) -> Result<RedisConn, BrokerError> {
         let options = super::RedisOptions::parse(url)?;
         RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await
     }
 
-    /// Connects to `client_url`'s server (a URL [`client_url`](super::client_url) made), or with
-    /// `sentinel` to the master its sentinels name; `min_replicas` makes [`RedisConn::write`]
-    /// wait for replicas; `response_timeout` bounds each reply.
+    /// Connects to `client_url`'s server (a URL [`client_url`](super::client_url) made), with
+    /// `sentinel` to the master its sentinels name, or with `cluster` to that cluster;
+    /// `min_replicas` makes [`RedisConn::write`] wait for replicas; `response_timeout` bounds
+    /// each reply.
     pub async fn connect_url(
         client_url: &str,
         sentinel: Option<&SentinelUrl>,
+        cluster: Option<&ClusterUrl>,
         min_replicas: Option<MinReplicas>,
         response_timeout: Option<Duration>,
     ) -> Result<RedisConn, BrokerError> {
-        RedisConn::connect(Target::of(client_url, sentinel)?, min_replicas, response_timeout).await
+        RedisConn::connect(Target::of(client_url, sentinel, cluster)?, min_replicas, response_timeout).await
     }
 
     /// Resolves the master and connects to it (the first connection must succeed).
@@ -159,9 +257,11 @@ impl RedisConn {
         response_timeout: Option<Duration>,
     ) -> Result<RedisConn, BrokerError> {
         let (master, client) = target.resolve().await?;
-        let conn = manager(&client, response_timeout).await?;
-        if matches!(*target, Target::Sentinel { .. }) {
-            tracing::info!(%master, "redis: connected to the master the sentinels name");
+        let conn = target.open(&client, response_timeout).await?;
+        match *target {
+            Target::Sentinel { .. } => tracing::info!(%master, "redis: connected to the master the sentinels name"),
+            Target::Cluster { .. } => tracing::debug!(cluster = %master, "redis: connected to the cluster"),
+            Target::Direct(_) => {}
         }
         let current = RwLock::new(Current { generation: 0, master, client, conn });
         let switching = tokio::sync::Mutex::new(Instant::now());
@@ -172,18 +272,28 @@ impl RedisConn {
         Ok(RedisConn { link })
     }
 
-    /// Another connection to the same master (its own socket, for blocking commands), following
-    /// failovers on its own; `response_timeout` bounds each reply (`None` for blocking commands).
+    /// Another connection to the same master or cluster (its own sockets, for blocking commands),
+    /// following failovers on its own; `response_timeout` bounds each reply (give it above the
+    /// longest block).
     pub async fn fresh(&self, response_timeout: Option<Duration>) -> Result<RedisConn, BrokerError> {
         RedisConn::connect(self.link.target.clone(), self.link.replicas, response_timeout).await
     }
 
-    /// A client for the current master (for pub/sub connections).
+    /// A client for the current master (for pub/sub connections); on a cluster, the next seed
+    /// node in turn (each call another, so a subscriber whose node died tries the next).
     pub fn client(&self) -> redis::Client {
+        if let Target::Cluster { seeds, next, .. } = &*self.link.target {
+            return seeds[next.fetch_add(1, Ordering::Relaxed) % seeds.len()].clone();
+        }
         read(&self.link.current).client.clone()
     }
 
-    /// The current master's `host:port`.
+    /// True on a Redis Cluster (`redis+cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        self.link.target.is_cluster()
+    }
+
+    /// The current master's `host:port` (a cluster: its URL, redacted).
     pub fn master(&self) -> String {
         read(&self.link.current).master.clone()
     }
@@ -198,7 +308,7 @@ impl RedisConn {
         self.link.replicas
     }
 
-    fn now(&self) -> (u64, ConnectionManager) {
+    fn now(&self) -> (u64, Conn) {
         let c = read(&self.link.current);
         (c.generation, c.conn.clone())
     }
@@ -206,9 +316,9 @@ impl RedisConn {
     /// Behind Sentinel: asks the sentinels again (at most every 250 ms) unless another loop
     /// already switched since `seen` (a [`RedisConn::generation`]); when they name another node,
     /// connects there, logs the switch and makes every clone use it. Nothing happens for
-    /// `redis://`.
+    /// `redis://`, nor on a cluster (its client follows failovers itself).
     pub async fn recheck(&self, seen: u64) {
-        if matches!(*self.link.target, Target::Direct(_)) {
+        if !matches!(*self.link.target, Target::Sentinel { .. }) {
             return;
         }
         let mut last = self.link.switching.lock().await;
@@ -221,7 +331,7 @@ impl RedisConn {
             Ok((master, _)) if master == old => {
                 tracing::debug!(%master, "redis: the sentinels still name the same master")
             }
-            Ok((master, client)) => match manager(&client, self.link.response_timeout).await {
+            Ok((master, client)) => match self.link.target.open(&client, self.link.response_timeout).await {
                 Ok(conn) => {
                     let mut c = write(&self.link.current);
                     let generation = c.generation + 1;
@@ -231,6 +341,27 @@ impl RedisConn {
                 Err(e) => tracing::warn!(new = %master, error = %e, "redis: cannot connect to the new master yet"),
             },
             Err(e) => tracing::warn!(error = %e, "redis: no sentinel names a reachable master yet"),
+        }
+    }
+
+    /// Runs `cmd` on the node that serves `key`'s slot (on a cluster), or as any command (one
+    /// server). For a command whose own routing would scatter commands that must stay in order:
+    /// a cluster routes `PUBLISH` by its channel, each channel's to another node.
+    pub async fn command_via(&self, key: &str, cmd: Cmd) -> Result<Value, RedisError> {
+        use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+        let (seen, conn) = self.now();
+        match conn {
+            Conn::Cluster(mut c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                c.route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route))).await
+            }
+            Conn::Single(mut c) => {
+                let r = c.req_packed_command(&cmd).await;
+                if let Err(e) = &r {
+                    self.after(seen, e).await;
+                }
+                r
+            }
         }
     }
 
@@ -307,7 +438,7 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let (seen, mut conn) = self.now();
-            let r = conn.req_packed_command(cmd).await;
+            let r = conn.command(cmd).await;
             if let Err(e) = &r {
                 self.after(seen, e).await;
             }
@@ -323,7 +454,7 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let (seen, mut conn) = self.now();
-            let r = conn.req_packed_commands(pipeline, offset, count).await;
+            let r = conn.commands(pipeline, offset, count).await;
             if let Err(e) = &r {
                 self.after(seen, e).await;
             }
@@ -332,7 +463,7 @@ impl ConnectionLike for RedisConn {
     }
 
     fn get_db(&self) -> i64 {
-        read(&self.link.current).conn.get_db()
+        read(&self.link.current).conn.db()
     }
 }
 

@@ -36,6 +36,11 @@
 //! options and connects to the master the sentinels name; every loop follows a failover through
 //! [`RedisConn`] (`connection.rs`).
 //!
+//! `redis+cluster://h1:7001,h2:7002,h3:7003?shards=N` ([`ClusterUrl`], `cluster.rs`) runs on a
+//! Redis Cluster: every key of a queue (and shard) carries one hash tag, so each step touches one
+//! slot (`keys.rs`); with `shards=N` a producer spreads a queue's messages over N tags in turn and
+//! a consumer takes from them in turn.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BrokerError> {
 //! use broker_backends::redis::RedisBroker;
@@ -43,6 +48,7 @@
 //! # Ok(()) }
 //! ```
 
+mod cluster;
 mod connection;
 mod consumer;
 pub mod error;
@@ -53,6 +59,7 @@ mod sentinel;
 mod settle;
 mod url;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -66,8 +73,9 @@ use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+pub use cluster::{is_cluster, ClusterUrl, MAX_SEEDS, MAX_SHARDS};
 pub use connection::{MinReplicas, RedisConn};
-pub use consumer::RedisConsumer;
+pub use consumer::{Acked, RedisConsumer};
 pub use sentinel::SentinelUrl;
 pub use url::{
     client_url, is_sentinel, min_replicas, worker_heartbeat, RedisOptions, CELERY_COMPAT_OPTIONS, DEFAULT_WORKER_GRACE,
@@ -77,7 +85,7 @@ pub use url::{
 use crate::envelope;
 use error::failed;
 use holder::Holder;
-use keys::{Keys, SEP};
+use keys::{Keys, Scope, SEP};
 
 /// Messages one [`Broker::peek`] returns at most.
 const PEEK_MAX: usize = 1000;
@@ -106,6 +114,8 @@ pub struct RedisBroker {
     worker: Arc<OnceLock<String>>,
     /// Registered at the first consume; shared by every consumer of this broker and its clones.
     holder: Arc<tokio::sync::OnceCell<Arc<Holder>>>,
+    /// Counts this producer's messages: the shard of the next one (`shards=N` on a cluster).
+    next_shard: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -119,34 +129,47 @@ impl std::fmt::Debug for RedisBroker {
 
 impl RedisBroker {
     /// Connects (the first connection must succeed; later losses are retried). A `sentinel://`
-    /// URL connects to the master the sentinels name and follows it over failovers.
+    /// URL connects to the master the sentinels name and follows it over failovers; a
+    /// `redis+cluster://` URL to the cluster its seed nodes belong to.
     pub async fn connect(url: &str) -> Result<RedisBroker, BrokerError> {
         let options = RedisOptions::parse(url)?;
         let conn = RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await?;
         Ok(RedisBroker {
             conn,
-            keys: Keys::new(&options.key_prefix),
+            keys: Keys::new(&options.key_prefix, options.cluster.as_ref().map(|c| c.shards)),
             options,
             worker: Arc::default(),
             holder: Arc::default(),
+            next_shard: Arc::default(),
         })
     }
 
     /// The holder every consumer of this broker leases under, registered (and its heartbeat
-    /// started) on first use.
-    async fn holder(&self) -> Result<Arc<Holder>, BrokerError> {
+    /// started) on first use; on a cluster its heartbeat also lives in the scopes of `queues`.
+    async fn holder(&self, queues: &[String]) -> Result<Arc<Holder>, BrokerError> {
+        let groups = consumer::groups(&self.keys, queues);
         let holder = self
             .holder
             .get_or_try_init(|| {
                 Holder::start(
-                    holder::RedisBeat::new(self.conn.clone(), self.keys.clone()),
+                    holder::RedisBeat::new(self.conn.clone(), self.keys.clone(), groups.clone()),
                     self.worker.get().map(String::as_str),
                     self.options.worker_heartbeat,
                     self.options.worker_grace,
                 )
             })
             .await?;
+        holder.broker().adopt(holder.id(), holder.nonce(), holder.liveness().grace(), groups).await;
         Ok(holder.clone())
+    }
+
+    /// The shard the next message goes to (round robin; 0 but with `shards=N` on a cluster).
+    fn next_shard(&self) -> u16 {
+        let shards = u64::from(self.keys.shards());
+        if shards == 1 {
+            return 0;
+        }
+        (self.next_shard.fetch_add(1, Ordering::Relaxed) % shards) as u16
     }
 
     /// The connection in use (it follows Sentinel failovers).
@@ -190,12 +213,52 @@ impl RedisBroker {
         Ok(queues)
     }
 
-    /// `LPUSH` to the queue's priority bucket, whatever the message's eta: an eta message waits on
-    /// its queue with its `eta` header as Celery sends it (a worker that takes it early defers it).
-    fn add_publish(&self, pipe: &mut redis::Pipeline, queue: &str, route: &Route, msg: &Message) {
+    /// `LPUSH` to the priority bucket of `queue`'s `shard`, whatever the message's eta: an eta
+    /// message waits on its queue with its `eta` header as Celery sends it (a worker that takes
+    /// it early defers it). The pipeline of the queue's scope is used (one slot each on a
+    /// cluster; on one server every queue shares one).
+    fn add_publish(
+        &self,
+        pipes: &mut Vec<(Scope, redis::Pipeline)>,
+        queue: &str,
+        shard: u16,
+        route: &Route,
+        msg: &Message,
+    ) -> Result<(), BrokerError> {
+        self.keys.check_queue(queue)?;
+        let scope = self.keys.scope(queue, shard);
+        let pipe = match pipes.iter().position(|(s, _)| *s == scope) {
+            Some(i) => &mut pipes[i].1,
+            None => {
+                pipes.push((scope, redis::pipe()));
+                &mut pipes.last_mut().expect("just pushed").1
+            }
+        };
         let env = envelope::encode(msg, &route.exchange, queue);
         let step = envelope::bucket_of(envelope::kombu_priority(msg));
-        pipe.lpush(self.keys.bucket(queue, step), env).ignore();
+        pipe.lpush(self.keys.bucket(queue, shard, step), env).ignore();
+        Ok(())
+    }
+
+    /// Publishes `msg` to the queues `route` leads to, into their `shard`.
+    async fn publish_to(&self, route: &Route, msg: &Message, shard: u16) -> Result<(), BrokerError> {
+        let queues = self.resolve(route).await?;
+        if queues.is_empty() {
+            return Ok(());
+        }
+        let mut pipes = Vec::new();
+        for q in &queues {
+            self.add_publish(&mut pipes, q, shard, route, msg)?;
+        }
+        self.write_all(pipes, "redis: publish").await
+    }
+
+    /// Sends each scope's pipeline (a write each).
+    async fn write_all(&self, pipes: Vec<(Scope, redis::Pipeline)>, context: &'static str) -> Result<(), BrokerError> {
+        for (_, pipe) in pipes {
+            self.conn.write(pipe, context).await?;
+        }
+        Ok(())
     }
 }
 
@@ -206,30 +269,19 @@ impl Broker for RedisBroker {
     }
 
     async fn publish(&self, route: &Route, msg: &Message) -> Result<(), BrokerError> {
-        let queues = self.resolve(route).await?;
-        if queues.is_empty() {
-            return Ok(());
-        }
-        let mut pipe = redis::pipe();
-        for q in &queues {
-            self.add_publish(&mut pipe, q, route, msg);
-        }
-        self.conn.write(pipe, "redis: publish").await
+        self.publish_to(route, msg, self.next_shard()).await
     }
 
     async fn publish_batch(&self, batch: &[(Route, Message)]) -> Result<(), BrokerError> {
         for chunk in batch.chunks(2000) {
-            let mut pipe = redis::pipe();
-            let mut commands = 0;
+            let mut pipes = Vec::new();
             for (route, msg) in chunk {
+                let shard = self.next_shard();
                 for q in self.resolve(route).await? {
-                    self.add_publish(&mut pipe, &q, route, msg);
-                    commands += 1;
+                    self.add_publish(&mut pipes, &q, shard, route, msg)?;
                 }
             }
-            if commands > 0 {
-                self.conn.write(pipe, "redis: publish a batch").await?;
-            }
+            self.write_all(pipes, "redis: publish a batch").await?;
         }
         Ok(())
     }
@@ -245,10 +297,13 @@ impl Broker for RedisBroker {
         prefetch: usize,
         max_message_size: usize,
     ) -> Result<Box<dyn Consumer>, BrokerError> {
+        for q in queues {
+            self.keys.check_queue(q)?;
+        }
         let c = RedisConsumer::start(
             self.conn.clone(),
             self.keys.clone(),
-            self.holder().await?,
+            self.holder(queues).await?,
             &self.options,
             queues,
             prefetch,
@@ -258,34 +313,45 @@ impl Broker for RedisBroker {
     }
 
     /// Deletes the queue's priority buckets and its delayed set (`_celery_rs.delayed.<queue>`) in
-    /// one `MULTI`; leased (unacked) messages stay.
+    /// one `MULTI` (per shard on a cluster); leased (unacked) messages stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut pipe = redis::pipe();
-        let mut keys: Vec<String> = self.keys.buckets(queue).collect();
-        keys.push(self.keys.delayed(queue));
-        for k in &keys[..4] {
-            pipe.llen(k);
+        self.keys.check_queue(queue)?;
+        let mut total = 0;
+        for shard in 0..self.keys.shards() {
+            let mut pipe = redis::pipe();
+            let mut keys: Vec<String> = self.keys.buckets(queue, shard).to_vec();
+            keys.push(self.keys.delayed(queue, shard));
+            for k in &keys[..4] {
+                pipe.llen(k);
+            }
+            pipe.zcard(&keys[4]);
+            pipe.del(&keys).ignore();
+            let mut conn = self.conn.clone();
+            let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(failed("redis: purge"))?;
+            total += counts.iter().sum::<u64>();
         }
-        pipe.zcard(&keys[4]);
-        pipe.del(&keys).ignore();
-        let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(failed("redis: purge"))?;
-        Ok(counts.iter().sum())
+        Ok(total)
     }
 
     async fn queue_len(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut pipe = redis::pipe();
-        for k in self.keys.buckets(queue) {
-            pipe.llen(k);
+        self.keys.check_queue(queue)?;
+        let mut total = 0;
+        for shard in 0..self.keys.shards() {
+            let mut pipe = redis::pipe();
+            for k in self.keys.buckets(queue, shard) {
+                pipe.llen(k);
+            }
+            let mut conn = self.conn.clone();
+            let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(failed("redis: queue length"))?;
+            total += counts.iter().sum::<u64>();
         }
-        let mut conn = self.conn.clone();
-        let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(failed("redis: queue length"))?;
-        Ok(counts.iter().sum())
+        Ok(total)
     }
 
-    /// `LRANGE` of the oldest end of each priority bucket, in the order a consumer takes them.
-    /// Kombu pushes with `LPUSH` and takes with `RPOP`, so the oldest are the list's tail: the last
-    /// `max` elements, reversed. Nothing moves, so nothing is leased or counted.
+    /// `LRANGE` of the oldest end of each priority bucket, in the order a consumer takes them
+    /// (shard after shard on a cluster). Kombu pushes with `LPUSH` and takes with `RPOP`, so the
+    /// oldest are the list's tail: the last `max` elements, reversed. Nothing moves, so nothing is
+    /// leased or counted.
     async fn peek(
         &self,
         queue: &str,
@@ -295,18 +361,21 @@ impl Broker for RedisBroker {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for k in self.keys.buckets(queue) {
-            pipe.lrange(k, -(max as isize), -1);
+        self.keys.check_queue(queue)?;
+        let mut out = Vec::new();
+        for shard in 0..self.keys.shards() {
+            let mut pipe = redis::pipe();
+            for k in self.keys.buckets(queue, shard) {
+                pipe.lrange(k, -(max as isize), -1);
+            }
+            let mut conn = self.conn.clone();
+            let buckets: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(failed("redis: peek"))?;
+            out.extend(buckets.into_iter().flat_map(|b| b.into_iter().rev()).take(max - out.len()));
+            if out.len() >= max {
+                break;
+            }
         }
-        let mut conn = self.conn.clone();
-        let buckets: Vec<Vec<Vec<u8>>> = pipe.query_async(&mut conn).await.map_err(failed("redis: peek"))?;
-        Ok(buckets
-            .into_iter()
-            .flat_map(|b| b.into_iter().rev())
-            .take(max)
-            .map(|raw| envelope::decode(&raw).message)
-            .collect())
+        Ok(out.into_iter().map(|raw| envelope::decode(&raw).message).collect())
     }
 
     /// The holder name of this broker's consumers: a restart under the same name restores what
@@ -349,14 +418,23 @@ impl Routing for RedisBroker {
 impl Broadcasts for RedisBroker {
     /// As Kombu does it: fanout and topic broadcasts are `PUBLISH /<db>.<exchange>[/<routing key>]`
     /// (Celery's events and control requests); direct ones go to the lists bound to the exchange
-    /// (Celery's control replies).
+    /// (Celery's control replies), never sharded: their reader waits on one list.
     async fn broadcast(&self, exchange: &Exchange, routing_key: &str, msg: &Message) -> Result<(), BrokerError> {
         if exchange.kind == ExchangeKind::Direct {
-            return self.publish(&Route::exchange(exchange.name.clone(), routing_key), msg).await;
+            return self.publish_to(&Route::exchange(exchange.name.clone(), routing_key), msg, 0).await;
         }
         let mut conn = self.conn.clone();
         let env = envelope::encode(msg, &exchange.name, routing_key);
         let channel = self.keys.fanout(self.options.db, &exchange.name, routing_key);
+        if self.keys.is_cluster() {
+            // A cluster routes `PUBLISH` by its channel's slot, and passes it on to every node:
+            // channels on different nodes would reach a subscriber out of order (a task's
+            // `task-succeeded` before its `task-received`). So every broadcast of this process
+            // leaves through one node, in order.
+            let cmd = redis::cmd("PUBLISH").arg(channel).arg(env).to_owned();
+            let via = self.keys.broadcast_route();
+            return self.conn.command_via(&via, cmd).await.map(drop).map_err(failed("redis: broadcast"));
+        }
         let _: i64 = conn.publish(channel, env).await.map_err(failed("redis: broadcast"))?;
         Ok(())
     }
@@ -374,7 +452,7 @@ impl Broadcasts for RedisBroker {
         if exchange.kind == ExchangeKind::Direct {
             let queue = format!("{pattern}.{}", exchange.name);
             let member = format!("{pattern}{SEP}{SEP}{queue}");
-            let (binding, list) = (self.keys.binding(&exchange.name), self.keys.bucket(&queue, 0));
+            let (binding, list) = (self.keys.binding(&exchange.name), self.keys.bucket(&queue, 0, 0));
             let mut conn = self.conn.clone();
             let _: i64 = conn.sadd(&binding, &member).await.map_err(failed("redis: bind a subscription's queue"))?;
             let mut reader = self.conn.fresh(Some(Duration::from_secs(10))).await?;
@@ -515,17 +593,51 @@ impl Drop for Unbind {
 }
 
 impl RedisBroker {
-    /// Messages held for a later eta in `queue`.
+    /// Messages held for a later eta in `queue` (every shard).
     pub async fn delayed_len(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.zcard(self.keys.delayed(queue)).await.map_err(failed("redis: count delayed messages"))
+        let mut total = 0;
+        for shard in 0..self.keys.shards() {
+            let n: u64 =
+                conn.zcard(self.keys.delayed(queue, shard)).await.map_err(failed("redis: count delayed messages"))?;
+            total += n;
+        }
+        Ok(total)
     }
 
-    /// Unacknowledged (leased) messages, over all queues.
+    /// Unacknowledged (leased) messages, over all queues. On a cluster, where leases are kept per
+    /// queue, this is [`RedisBroker::unacked_len_of`] of no queue: refused.
     pub async fn unacked_len(&self) -> Result<u64, BrokerError> {
+        if self.keys.is_cluster() {
+            return Err(BrokerError::Unsupported {
+                broker: "redis",
+                option: "unacked_len over all queues on a cluster (leases are kept per queue: unacked_len_of)".into(),
+            });
+        }
+        self.unacked_len_of("").await
+    }
+
+    /// Unacknowledged (leased) messages in the lease set `queue` uses: on one server Kombu's global
+    /// one (every queue), on a cluster `queue`'s own (its shards and dead-letter queues).
+    pub async fn unacked_len_of(&self, queue: &str) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        conn.hlen(self.keys.unacked()).await.map_err(failed("redis: count unacked messages"))
+        let mut total = 0;
+        let shards = if self.keys.is_cluster() { self.keys.shards() } else { 1 };
+        for shard in 0..shards {
+            let n: u64 = conn
+                .hlen(self.keys.scope(queue, shard).unacked())
+                .await
+                .map_err(failed("redis: count unacked messages"))?;
+            total += n;
+        }
+        Ok(total)
+    }
+
+    /// The key of priority bucket `step` (0, 3, 6 or 9) of `queue`'s `shard` (0 but with `shards=N`
+    /// on a cluster): for tools and tests that look at the layout.
+    pub fn bucket_key(&self, queue: &str, shard: u16, step: u8) -> String {
+        self.keys.bucket(queue, shard, step)
     }
 }
 
-celery_core::register_broker!("redis", "rediss", "sentinel" => RedisBroker::connect);
+celery_core::register_broker!("redis", "rediss", "sentinel", "redis+cluster" => RedisBroker::connect);

@@ -11,6 +11,14 @@
 //!   consumers; `_celery_rs.held.<holder>` (set of tags): what it holds in `unacked`;
 //!   `_celery_rs.workers` (set of holders): whom to check. Kombu never reads these, and a tag in no
 //!   `held` set (a Python worker's) is restored by the visibility timeout only.
+//!
+//! On a Redis Cluster every key of a queue carries its hash tag and the lease keys exist per tag
+//! ([`super::keys`]); every key a script touches is then passed in `KEYS`, never built inside
+//! Lua. The scripts that restore a lease ([`restore_scope`], [`recover_scope`], [`claim_scope`])
+//! and [`promote_into`] are those steps for a cluster: they put an envelope back into the buckets
+//! passed for its queue (named in `ARGV`), the queue it was taken from, instead of resolving
+//! Kombu's exchange bindings; a lease of a queue not passed is left for a consumer of that queue.
+//! [`fetch`], [`settle`], [`heartbeat`], [`lease`] and [`release`] serve both layouts as they are.
 
 use redis::Script;
 
@@ -102,9 +110,25 @@ local function queues_for(prefix, exchange, rk)
 end
 "#;
 
+/// `mark(env)`: an envelope marked redelivered, its `x-delivery-count` header counted up (what
+/// sends a poison message to the dead-letter queue).
+const MARK_FN: &str = r#"
+local function mark(env)
+  if type(env.headers) == 'table' then
+    env.headers.redelivered = true
+    local c = tonumber(env.headers['x-delivery-count']) or 1
+    env.headers['x-delivery-count'] = c + 1
+  end
+  if type(env.properties) == 'table' and type(env.properties.delivery_info) == 'table' then
+    env.properties.delivery_info.redelivered = true
+  end
+  return cjson.encode(env)
+end
+"#;
+
 /// `restore_tag(unacked, index, prefix, tag)`: puts the leased envelope of `tag` back at the front
-/// of its queues, marked redelivered, its `x-delivery-count` header counted up (what sends a poison
-/// message to the dead-letter queue), and drops the lease. Returns 1 when an envelope was restored.
+/// of its queues, marked redelivered ([`MARK_FN`]), and drops the lease. Returns 1 when an
+/// envelope was restored.
 const RESTORE_FN: &str = r#"
 local function restore_tag(unacked, index, prefix, tag)
   local restored = 0
@@ -113,15 +137,7 @@ local function restore_tag(unacked, index, prefix, tag)
     local ok, t = pcall(cjson.decode, p)
     if ok and type(t) == 'table' and type(t[1]) == 'table' and type(t[3]) == 'string' then
       local env = t[1]
-      if type(env.headers) == 'table' then
-        env.headers.redelivered = true
-        local c = tonumber(env.headers['x-delivery-count']) or 1
-        env.headers['x-delivery-count'] = c + 1
-      end
-      if type(env.properties) == 'table' and type(env.properties.delivery_info) == 'table' then
-        env.properties.delivery_info.redelivered = true
-      end
-      local data = cjson.encode(env)
+      local data = mark(env)
       for _, q in ipairs(queues_for(prefix, t[2], t[3])) do
         redis.call('RPUSH', bucket_key(prefix, q, env), data)
       end
@@ -139,7 +155,7 @@ end
 /// KEYS: unacked, unacked_index; ARGV: cutoff, limit, key prefix.
 pub(crate) fn restore() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{RESTORE_FN}
+        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local restored = 0
 for _, tag in ipairs(tags) do
@@ -159,7 +175,7 @@ return restored
 /// cursor, holders per step, max tags per holder. Returns (next cursor, restored, holders removed).
 pub(crate) fn recover() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{RESTORE_FN}
+        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local r = redis.call('SSCAN', KEYS[3], ARGV[4], 'COUNT', tonumber(ARGV[5]))
 local restored, gone = 0, 0
 for _, h in ipairs(r[2]) do
@@ -189,7 +205,7 @@ return {{tonumber(r[1]), restored, gone}}
 /// expected, value, ttl ms, holder, key prefix. Returns the count restored, or -1.
 pub(crate) fn claim() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{RESTORE_FN}
+        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return -1 end
 local restored = 0
@@ -258,6 +274,141 @@ for _, data in ipairs(due) do
   local ok, env = pcall(cjson.decode, data)
   if not ok then env = nil end
   redis.call('LPUSH', bucket_key(ARGV[2], ARGV[3], env), data)
+  redis.call('ZREM', KEYS[1], data)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #nxt == 0 then return {{#due, -1}} end
+return {{#due, tonumber(nxt[2]) - now}}
+"#
+    ))
+}
+
+/// On a cluster: `redeliver(unacked, index, tag, targets)` puts the leased envelope of `tag` back
+/// at the front of its queue's bucket for its priority, marked redelivered ([`MARK_FN`]), and drops
+/// the lease; `targets` maps a queue name to the `KEYS` index of its first bucket (the four follow).
+/// Returns 1 when restored, 0 when the lease was gone or unreadable (dropped), -1 when its queue is
+/// not in `targets` (left alone).
+const REDELIVER_FN: &str = r#"
+local function bucket_index(env)
+  local p = 0
+  if type(env) == 'table' and type(env.properties) == 'table' and type(env.properties.priority) == 'number' then
+    p = env.properties.priority
+  end
+  if p >= 9 then return 3 elseif p >= 6 then return 2 elseif p >= 3 then return 1 end
+  return 0
+end
+local function redeliver(unacked, index, tag, targets)
+  local p = redis.call('HGET', unacked, tag)
+  local restored = 0
+  if p then
+    local ok, t = pcall(cjson.decode, p)
+    if ok and type(t) == 'table' and type(t[1]) == 'table' and type(t[3]) == 'string' then
+      local first = targets[t[3]]
+      if not first then return -1 end
+      local env = t[1]
+      redis.call('RPUSH', KEYS[first + bucket_index(env)], mark(env))
+      restored = 1
+    end
+  end
+  redis.call('HDEL', unacked, tag)
+  redis.call('ZREM', index, tag)
+  return restored
+end
+local function targets_from(first_arg, first_key)
+  local targets = {}
+  for j = first_arg, #ARGV do targets[ARGV[j]] = first_key + 4 * (j - first_arg) end
+  return targets
+end
+"#;
+
+/// [`restore`] on a cluster: restores leases older than the cutoff, skipping `offset` of them
+/// (leases of queues not passed, left by the previous call).
+/// KEYS: unacked, unacked_index, then four buckets per queue; ARGV: cutoff, limit, offset, the
+/// queues. Returns (restored, skipped, examined).
+pub(crate) fn restore_scope() -> Script {
+    Script::new(&format!(
+        r#"{MARK_FN}{REDELIVER_FN}
+local targets = targets_from(4, 3)
+local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', tonumber(ARGV[3]), tonumber(ARGV[2]))
+local restored, skipped = 0, 0
+for _, tag in ipairs(tags) do
+  local r = redeliver(KEYS[1], KEYS[2], tag, targets)
+  if r == 1 then restored = restored + 1 elseif r == -1 then skipped = skipped + 1 end
+end
+return {{restored, skipped, #tags}}
+"#
+    ))
+}
+
+/// [`recover`] on a cluster, for the holders the caller read from `workers` (`SSCAN`): for each
+/// whose heartbeat key is gone, restores what its `held` set names (up to `max` tags), and removes
+/// a holder left with nothing from `workers`. KEYS: unacked, unacked_index, workers, then
+/// (heartbeat, held) per holder, then four buckets per queue; ARGV: holders n, max, the n holders,
+/// the queues. Returns (restored, holders removed).
+pub(crate) fn recover_scope() -> Script {
+    Script::new(&format!(
+        r#"{MARK_FN}{REDELIVER_FN}
+local n = tonumber(ARGV[1])
+local max = tonumber(ARGV[2])
+local targets = targets_from(3 + n, 4 + 2 * n)
+local restored, gone = 0, 0
+for i = 1, n do
+  local hb, held = KEYS[2 + 2 * i], KEYS[3 + 2 * i]
+  if redis.call('EXISTS', hb) == 0 then
+    local tags = redis.call('SMEMBERS', held)
+    for k, tag in ipairs(tags) do
+      if k > max then break end
+      local r = redeliver(KEYS[1], KEYS[2], tag, targets)
+      if r >= 0 then redis.call('SREM', held, tag) end
+      if r == 1 then restored = restored + 1 end
+    end
+    if redis.call('SCARD', held) == 0 then
+      redis.call('SREM', KEYS[3], ARGV[2 + i])
+      gone = gone + 1
+    end
+  end
+end
+return {{restored, gone}}
+"#
+    ))
+}
+
+/// [`claim`] on a cluster. KEYS: heartbeat, held, workers, unacked, unacked_index, then four
+/// buckets per queue; ARGV: expected, value, ttl ms, holder, the queues. Returns the count
+/// restored, or -1. Leases of queues not passed stay in `held` (the visibility timeout restores
+/// them through a consumer of their queue).
+pub(crate) fn claim_scope() -> Script {
+    Script::new(&format!(
+        r#"{MARK_FN}{REDELIVER_FN}
+local cur = redis.call('GET', KEYS[1]) or ''
+if cur ~= ARGV[1] then return -1 end
+local targets = targets_from(5, 6)
+local restored = 0
+for _, tag in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+  local r = redeliver(KEYS[4], KEYS[5], tag, targets)
+  if r >= 0 then redis.call('SREM', KEYS[2], tag) end
+  if r == 1 then restored = restored + 1 end
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+redis.call('SADD', KEYS[3], ARGV[4])
+return restored
+"#
+    ))
+}
+
+/// [`promote`] on a cluster: moves due envelopes from a delayed zset to the back of the bucket
+/// (passed) for their priority. KEYS: delayed, the four buckets; ARGV: limit. Returns (moved, next
+/// due in ms or -1).
+pub(crate) fn promote_into() -> Script {
+    Script::new(&format!(
+        r#"{MARK_FN}{REDELIVER_FN}
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+for _, data in ipairs(due) do
+  local ok, env = pcall(cjson.decode, data)
+  if not ok then env = nil end
+  redis.call('LPUSH', KEYS[2 + bucket_index(env)], data)
   redis.call('ZREM', KEYS[1], data)
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')

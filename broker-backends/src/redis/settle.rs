@@ -12,7 +12,7 @@ use celery_core::protocol::Message;
 use celery_core::BrokerError;
 use chrono::{DateTime, Utc};
 
-use super::consumer::Shared;
+use super::consumer::{Acked, Shared};
 use super::error::failed;
 use super::scripts;
 use crate::envelope;
@@ -22,6 +22,10 @@ use crate::envelope;
 pub(super) struct RedisSettle {
     shared: Arc<Shared>,
     tag: String,
+    /// Its group in [`Shared::groups`] (whose lease keys hold it).
+    group: usize,
+    /// The queue's shard it was taken from.
+    shard: u16,
     /// The holder's epoch when it was fetched ([`crate::liveness::Liveness::surely_held`]).
     epoch: u64,
     env: Vec<u8>,
@@ -30,16 +34,20 @@ pub(super) struct RedisSettle {
 }
 
 impl RedisSettle {
-    /// The settlement of the envelope `env`, leased under `tag`, taken from `list_key` of `queue`.
+    /// The settlement of the envelope `env`, leased under `tag` in `group`, taken from
+    /// `list_key` of `queue`'s `shard`.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
         shared: Arc<Shared>,
         tag: String,
+        group: usize,
+        shard: u16,
         epoch: u64,
         env: Vec<u8>,
         list_key: String,
         queue: String,
     ) -> Self {
-        RedisSettle { shared, tag, epoch, env, list_key, queue }
+        RedisSettle { shared, tag, group, shard, epoch, env, list_key, queue }
     }
 
     /// Moves `value` to `target` (`op`: `rpush`, `lpush`, or `zadd` with `score`) and drops the
@@ -49,10 +57,11 @@ impl RedisSettle {
     /// this consumer keeping it leased for as long as it lives.
     async fn settle_with(&self, target: &str, op: &str, value: &[u8], score: i64) -> Result<(), BrokerError> {
         let mut conn = self.shared.conn.clone();
+        let group = &self.shared.groups[self.group];
         let r = scripts::settle()
-            .key(self.shared.keys.unacked())
-            .key(self.shared.keys.unacked_index())
-            .key(&self.shared.held)
+            .key(group.scope.unacked())
+            .key(group.scope.unacked_index())
+            .key(&group.held)
             .key(target)
             .arg(&self.tag)
             .arg(op)
@@ -73,7 +82,7 @@ impl RedisSettle {
 impl Settle for RedisSettle {
     async fn ack(&self) -> Result<(), BrokerError> {
         self.shared.release(&self.tag);
-        self.shared.acks.ack(self.tag.clone())
+        self.shared.acks.ack(Acked::new(self.tag.clone(), self.group))
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
@@ -84,7 +93,7 @@ impl Settle for RedisSettle {
     /// since the fetch; otherwise whether the tag is still in `unacked`.
     async fn is_held(&self) -> bool {
         self.shared.holder.liveness().surely_held(self.epoch)
-            || self.shared.holder.broker().still_leased(&self.tag).await
+            || self.shared.holder.broker().still_leased(&self.shared.groups[self.group].scope, &self.tag).await
     }
 
     /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
@@ -92,12 +101,13 @@ impl Settle for RedisSettle {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
         let env = envelope::encode(&m, "", &self.queue);
-        self.settle_with(&self.shared.keys.delayed(&self.queue), "zadd", env.as_bytes(), until.timestamp_millis()).await
+        let delayed = self.shared.keys.delayed(&self.queue, self.shard);
+        self.settle_with(&delayed, "zadd", env.as_bytes(), until.timestamp_millis()).await
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let dlq = dead_letter_queue(&self.queue);
         let env = envelope::dead_letter(&self.env, &self.queue, reason);
-        self.settle_with(&self.shared.keys.bucket(&dlq, 0), "lpush", env.as_bytes(), 0).await
+        self.settle_with(&self.shared.keys.bucket(&dlq, self.shard, 0), "lpush", env.as_bytes(), 0).await
     }
 }

@@ -7,7 +7,8 @@
 //!   (default 2, from 0.1 to 60) and `worker_grace=SECONDS` (default 10, from twice the heartbeat
 //!   to 3600): how often a consumer renews its heartbeat, and how long after the last renewal
 //!   another worker restores what it held ([`super::holder`]).
-//! - `sentinel://` lists ([`SentinelUrl`]) take the same options.
+//! - `sentinel://` lists ([`SentinelUrl`]) take the same options; `redis+cluster://` seed lists
+//!   ([`ClusterUrl`]) too, plus `shards=N`.
 //! - The redis client's own, handed through: `protocol` (`resp2`/`resp3`),
 //!   and on unix sockets `db`, `user` and `pass` (a TCP URL's database is its path).
 //! - redis-py's `?password=`, moved into the userinfo.
@@ -21,6 +22,7 @@ use std::time::Duration;
 use celery_core::url::{redacted, ServiceUrl, UrlError};
 use celery_core::BrokerError;
 
+use super::cluster::{is_cluster, ClusterUrl};
 use super::connection::{MinReplicas, Target, MAX_REPLICAS, MAX_WAIT_MS};
 use super::sentinel::SentinelUrl;
 
@@ -123,6 +125,8 @@ pub struct RedisOptions {
     pub min_replicas: Option<MinReplicas>,
     /// The sentinels, for a `sentinel://` URL.
     pub sentinel: Option<SentinelUrl>,
+    /// The seed nodes and `shards`, for a `redis+cluster://` URL.
+    pub cluster: Option<ClusterUrl>,
     /// `worker_heartbeat`: how often a consumer renews its heartbeat key.
     pub worker_heartbeat: Duration,
     /// `worker_grace`: the heartbeat key's time to live; once it lapses, other workers restore
@@ -153,6 +157,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("db", &self.db)
             .field("min_replicas", &self.min_replicas)
             .field("sentinel", &self.sentinel)
+            .field("cluster", &self.cluster)
             .field("worker_heartbeat", &self.worker_heartbeat)
             .field("worker_grace", &self.worker_grace)
             .finish()
@@ -160,9 +165,19 @@ impl std::fmt::Debug for RedisOptions {
 }
 
 impl RedisOptions {
-    /// Parses a `redis://` or `sentinel://` URL with our query options; an unknown option is an
-    /// error naming it.
+    /// Parses a `redis://`, `sentinel://` or `redis+cluster://` URL with our query options; an
+    /// unknown option is an error naming it.
     pub fn parse(url: &str) -> Result<RedisOptions, BrokerError> {
+        if is_cluster(url) {
+            let c = ClusterUrl::parse(url)?;
+            let mut o = RedisOptions::parse_one(&c.redis_url()).map_err(|e| shown_as(e, &c.shown))?;
+            if o.key_prefix.contains(['{', '}']) {
+                let reason = "global_keyprefix may not hold `{` or `}` on a cluster (they make hash tags)".into();
+                return Err(BrokerError::InvalidUrl { url: c.shown, reason });
+            }
+            o.cluster = Some(c);
+            return Ok(o);
+        }
         if !is_sentinel(url) {
             return RedisOptions::parse_one(url);
         }
@@ -174,7 +189,7 @@ impl RedisOptions {
 
     /// Where the master is: the URL's server, or whatever the sentinels name.
     pub(crate) fn target(&self) -> Result<Arc<Target>, BrokerError> {
-        Target::of(&self.url, self.sentinel.as_ref())
+        Target::of(&self.url, self.sentinel.as_ref(), self.cluster.as_ref())
     }
 
     fn parse_one(url: &str) -> Result<RedisOptions, BrokerError> {
@@ -189,6 +204,7 @@ impl RedisOptions {
             db: db_in_path.or(u.parse_option("db", "a database number")?).unwrap_or(0),
             min_replicas: min_replicas(&u)?,
             sentinel: None,
+            cluster: None,
             url: client_url(&u)?,
         };
         u.finish()?;
@@ -277,6 +293,33 @@ mod tests {
         }
         let e = RedisOptions::parse("sentinel://:s3cret@h1;sentinel://h2?master_name=m&bogus=1").unwrap_err();
         assert!(e.to_string().contains("sentinel://:***@h1;sentinel://h2?"), "shown as given: {e}");
+    }
+
+    #[test]
+    fn cluster_urls_take_the_redis_options_and_shards() {
+        let o = RedisOptions::parse(
+            "redis+cluster://:pw@h1:7001,h2:7002?visibility_timeout=30&shards=4&global_keyprefix=t:",
+        )
+        .unwrap();
+        assert_eq!((o.visibility_timeout, o.key_prefix.as_str(), o.db), (Duration::from_secs(30), "t:", 0));
+        assert_eq!(o.url, "redis://:pw@h1:7001/0");
+        assert_eq!(o.cluster.as_ref().map(|c| (c.nodes.len(), c.shards)), Some((2, 4)));
+        let o = RedisOptions::parse("redis+cluster://h1:7001?min_replicas=1").unwrap();
+        assert_eq!(o.min_replicas.map(|r| r.count), Some(1));
+        for (url, needle) in [
+            ("redis+cluster://:s3cret@h1:7001?bogus=1", "`bogus`"),
+            ("redis+cluster://:s3cret@h1:7001?global_keyprefix=a{b}", "hash tags"),
+            ("redis+cluster://:s3cret@h1:7001?min_replicas=65", "at most 64"),
+            ("redis+cluster://:s3cret@h1:7001/1", "database 0 only"),
+        ] {
+            let e = RedisOptions::parse(url).unwrap_err();
+            assert!(matches!(e, BrokerError::InvalidUrl { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(
+                e.contains(needle) && e.contains("redis+cluster://:***@h1:7001") && !e.contains("s3cret"),
+                "{url}: {e}"
+            );
+        }
     }
 
     /// Every `redis://` form accepted today: what reaches the redis client, and our settings.

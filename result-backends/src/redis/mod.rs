@@ -10,6 +10,12 @@
 //! `visibility_timeout` (ignored, so one URL serves both), and the redis client's and Celery's
 //! connection options that [`broker_backends::redis::client_url`] takes. Any other is an error.
 //!
+//! On a Redis Cluster (`redis+cluster://`, the broker's `shards` accepted and ignored) the keys
+//! are Celery's but a chord's, whose five keys (`celery-taskset-meta-{<gid>}.j`, ...) carry the
+//! group id as hash tag so that its counting script touches one slot. Notifications are classic
+//! `PUBLISH` (a cluster passes them to every node), and the subscriber listens on one seed node
+//! at a time, the next one after a loss.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), celery_core::BackendError> {
 //! let backend = result_backends::redis::RedisBackend::connect("redis://127.0.0.1:6379/1").await?;
@@ -72,6 +78,7 @@ impl RedisBackend {
         let conn = RedisConn::connect_url(
             &parsed.client,
             parsed.sentinel.as_ref(),
+            parsed.cluster.as_ref(),
             parsed.min_replicas,
             Some(Duration::from_secs(30)),
         )
@@ -97,9 +104,24 @@ impl RedisBackend {
         })
     }
 
-    /// `celery-taskset-meta-<gid><suffix>` with the prefix (a chord's keys).
+    /// `celery-taskset-meta-<gid><suffix>` with the prefix (a chord's keys); on a cluster
+    /// `celery-taskset-meta-{<gid>}<suffix>`, all five in the group's slot.
     fn chord_key(&self, group_id: &str, suffix: &str) -> String {
-        format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
+        if self.conn.is_cluster() {
+            format!("{}celery-taskset-meta-{{{group_id}}}{suffix}", self.prefix)
+        } else {
+            format!("{}celery-taskset-meta-{group_id}{suffix}", self.prefix)
+        }
+    }
+
+    /// On a cluster a group id is a chord's hash tag: it holds no `{` or `}`.
+    fn check_group(&self, group_id: &str) -> Result<(), BackendError> {
+        if self.conn.is_cluster() && (group_id.is_empty() || group_id.contains(['{', '}'])) {
+            return Err(BackendError::operation(format!(
+                "group id `{group_id}`: on a Redis Cluster a chord's group id is not empty and holds no `{{` or `}}` (it is the hash tag of its keys)"
+            )));
+        }
+        Ok(())
     }
 
     /// An idempotency key's holder: `celery-rs-idempotency-<key>` with the prefix.
@@ -167,6 +189,7 @@ impl ResultBackend for RedisBackend {
 impl Chords for RedisBackend {
     /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {
+        self.check_group(group_id)?;
         let mut conn = self.conn.clone();
         let _: () = conn
             .set_ex(self.chord_key(group_id, ".s"), size, self.expires)
@@ -179,6 +202,7 @@ impl Chords for RedisBackend {
     /// index, `.t` extra count, `.s` size), counted in one Lua script; `.ids` and `.by` (ours) make a
     /// repeated report count once and let only the completing member fire.
     async fn chord_part(&self, group_id: &str, m: &ChordMember) -> Result<Option<Vec<ChordMember>>, BackendError> {
+        self.check_group(group_id)?;
         let mut conn = self.conn.clone();
         let encoded = serde_json::to_string(&m.to_celery()).map_err(|e| BackendError::Malformed(e.to_string()))?;
         let score = m.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".into());
@@ -242,4 +266,4 @@ impl Claims for RedisBackend {
     }
 }
 
-celery_core::register_backend!("redis", "rediss", "sentinel" => RedisBackend::connect);
+celery_core::register_backend!("redis", "rediss", "sentinel", "redis+cluster" => RedisBackend::connect);

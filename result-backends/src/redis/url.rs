@@ -1,10 +1,10 @@
-//! The `redis://` (or `sentinel://`) result-backend URL: `result_expires=SECONDS` (default 86400),
+//! The `redis://` (or `sentinel://`, or `redis+cluster://`) result-backend URL: `result_expires=SECONDS` (default 86400),
 //! `global_keyprefix=PREFIX`, `min_replicas=N` with `min_replicas_timeout=MS` (a `WAIT` after each
 //! stored state), the broker's `visibility_timeout` (accepted and ignored, so one URL
 //! serves both), and the redis client's and Celery's connection options that
 //! [`broker_backends::redis::client_url`] takes. Any other option is an error naming it.
 
-use broker_backends::redis::{is_sentinel, min_replicas, MinReplicas, SentinelUrl};
+use broker_backends::redis::{is_cluster, is_sentinel, min_replicas, ClusterUrl, MinReplicas, SentinelUrl};
 use celery_core::url::ServiceUrl;
 use celery_core::BackendError;
 
@@ -21,11 +21,27 @@ pub(super) struct ResultUrl {
     pub(super) min_replicas: Option<MinReplicas>,
     /// The sentinels of a `sentinel://` URL.
     pub(super) sentinel: Option<SentinelUrl>,
+    /// The seed nodes of a `redis+cluster://` URL (its `shards` is the broker's, ignored here).
+    pub(super) cluster: Option<ClusterUrl>,
 }
 
 /// A `redis://` URL, or a `sentinel://` list (read through its equivalent `redis://` URL, errors
 /// shown as given).
 pub(super) fn parse(url: &str) -> Result<ResultUrl, BackendError> {
+    if is_cluster(url) {
+        let c = ClusterUrl::parse(url)?;
+        let shown = |e| match e {
+            BackendError::InvalidUrl { reason, .. } => BackendError::InvalidUrl { url: c.shown.clone(), reason },
+            other => other,
+        };
+        let mut parsed = parse_one(&c.redis_url()).map_err(shown)?;
+        if parsed.prefix.contains(['{', '}']) {
+            let reason = "global_keyprefix may not hold `{` or `}` on a cluster (they make hash tags)".into();
+            return Err(BackendError::InvalidUrl { url: c.shown.clone(), reason });
+        }
+        parsed.cluster = Some(c);
+        return Ok(parsed);
+    }
     if !is_sentinel(url) {
         return parse_one(url);
     }
@@ -47,7 +63,7 @@ fn parse_one(url: &str) -> Result<ResultUrl, BackendError> {
     let min_replicas = min_replicas(&u)?;
     let client = broker_backends::redis::client_url(&u)?;
     u.finish()?;
-    Ok(ResultUrl { client, prefix, expires, min_replicas, sentinel: None })
+    Ok(ResultUrl { client, prefix, expires, min_replicas, sentinel: None, cluster: None })
 }
 
 /// [`parse`] as `(client URL, prefix, expires)`.
@@ -82,6 +98,27 @@ mod tests {
             assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
             let e = e.to_string();
             assert!(e.contains(needle) && e.contains("redis://:***@h/1") && !e.contains("s3cret"), "{url}: {e}");
+        }
+    }
+
+    #[test]
+    fn cluster_urls_are_read_with_the_same_options() {
+        let p = parse("redis+cluster://:pw@h1:7001,h2:7002?result_expires=60&shards=4&visibility_timeout=9").unwrap();
+        assert_eq!((p.client.as_str(), p.prefix.as_str(), p.expires), ("redis://:pw@h1:7001/0", "", 60));
+        assert_eq!(p.cluster.map(|c| c.nodes.len()), Some(2));
+        for (url, needle) in [
+            ("redis+cluster://:s3cret@h1:7001?bogus=1", "`bogus`"),
+            ("redis+cluster://:s3cret@h1:7001?min_replicas=0&min_replicas_timeout=5", "needs min_replicas"),
+            ("redis+cluster://:s3cret@h1:7001/2", "database 0 only"),
+            ("redis+cluster://:s3cret@h1:7001?global_keyprefix={x}", "hash tags"),
+        ] {
+            let e = parse(url).unwrap_err();
+            assert!(matches!(e, BackendError::InvalidUrl { .. }), "{url}: {e:?}");
+            let e = e.to_string();
+            assert!(
+                e.contains(needle) && e.contains("redis+cluster://:***@h1:7001") && !e.contains("s3cret"),
+                "{url}: {e}"
+            );
         }
     }
 
