@@ -20,6 +20,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::capability::{Broadcasts, Documents, Leases, Routing};
+use crate::flow::KeySlots;
 use crate::error::{BrokerError, ProtocolError};
 use crate::protocol::Message;
 use crate::routing::Route;
@@ -159,6 +160,11 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Stored documents, when the broker has them ([`Documents`]).
     fn documents(&self) -> Option<&dyn Documents> {
+        None
+    }
+
+    /// Per-key concurrency slots, when the broker holds them ([`KeySlots`]).
+    fn key_slots(&self) -> Option<&dyn KeySlots> {
         None
     }
 }

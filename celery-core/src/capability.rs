@@ -12,6 +12,7 @@
 //! | documents | [`Documents`] | beat's schedule state |
 //! | chords | [`Chords`] | chord counting |
 //! | idempotency claims | [`Claims`] | `Signature::idempotency_key` |
+//! | per-key concurrency slots | [`KeySlots`](crate::flow::KeySlots) | `#[task(key_concurrency = N)]` |
 //!
 //! Code that holds a concrete backend calls the trait's methods directly, so a missing capability is
 //! a compile error there. Code that holds `dyn Broker` asks with [`Broker::routing`] (and the like),
@@ -284,6 +285,11 @@ macro_rules! offers {
             ::std::option::Option::Some(self)
         }
     };
+    (@one key_slots) => {
+        fn key_slots(&self) -> ::std::option::Option<&dyn $crate::flow::KeySlots> {
+            ::std::option::Option::Some(self)
+        }
+    };
     (@one chords) => {
         fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
             ::std::option::Option::Some(self)
@@ -315,6 +321,11 @@ impl dyn Broker {
     /// The broker's [`Documents`], or an error saying it has none.
     pub fn require_documents(&self, what: &str) -> Result<&dyn Documents, BrokerError> {
         self.documents().ok_or_else(|| self.lacks("stored documents", what))
+    }
+
+    /// The broker's [`KeySlots`](crate::flow::KeySlots), or an error saying it has none.
+    pub fn require_key_slots(&self, what: &str) -> Result<&dyn crate::flow::KeySlots, BrokerError> {
+        self.key_slots().ok_or_else(|| self.lacks("per-key concurrency slots", what))
     }
 
     fn lacks(&self, capability: &str, what: &str) -> BrokerError {

@@ -19,6 +19,7 @@ pub mod capability;
 pub mod clock;
 pub mod error;
 pub mod event;
+pub mod flow;
 pub mod group;
 pub mod progress;
 pub mod protocol;

@@ -204,6 +204,19 @@ impl Signature {
         self.header(PARTITION_KEY, Value::String(key.into()))
     }
 
+    /// Limits how many tasks of `key` run at once across every worker, to the limit the task
+    /// declares (`#[task(key_concurrency = 2)]`); a task that declares none runs unlimited. Sent as
+    /// the [`CONCURRENCY_KEY`](crate::flow::CONCURRENCY_KEY) header (Python workers ignore it). The
+    /// key is checked when sent ([`validate_key`](crate::flow::validate_key)).
+    ///
+    /// ```
+    /// let sig = celery_core::Signature::by_name("span").concurrency_key("tenant-42");
+    /// assert_eq!(sig.options.headers["x-concurrency-key"], "tenant-42");
+    /// ```
+    pub fn concurrency_key(self, key: impl Into<String>) -> Self {
+        self.header(crate::flow::CONCURRENCY_KEY, Value::String(key.into()))
+    }
+
     /// Makes [`App::send`](crate::App::send) idempotent under `key`: while the key is held (the
     /// app's `idempotency_window` after the first send), sending again returns the first task's
     /// result instead of sending a new task.

@@ -41,6 +41,12 @@ pub struct TaskOptions {
     pub soft_time_limit: Option<f64>,
     /// `N/s`, `N/m` or `N/h`, per worker.
     pub rate_limit: Option<&'static str>,
+    /// At most this many tasks of one concurrency key run at once across every worker
+    /// ([`Signature::concurrency_key`](crate::Signature::concurrency_key); `#[task(key_concurrency = 2)]`).
+    pub key_concurrency: Option<u32>,
+    /// `"cluster"`: the rate limit is one token bucket shared by every worker (held by the broker);
+    /// `None` or `"worker"`: per worker, as in Celery.
+    pub rate_scope: Option<&'static str>,
     /// Acknowledge after the task ran (default true); false acknowledges before running (at-most-once).
     pub acks_late: bool,
     /// Do not store results.
@@ -62,6 +68,8 @@ impl TaskOptions {
             time_limit: None,
             soft_time_limit: None,
             rate_limit: None,
+            key_concurrency: None,
+            rate_scope: None,
             acks_late: true,
             ignore_result: false,
         }

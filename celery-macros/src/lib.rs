@@ -16,7 +16,9 @@
 //! Options: `name`, `queue`, `schedule` (beat runs it periodically: a `Schedule`, a
 //! `Result<Schedule, _>`, a `Duration` or a crontab string), `max_retries`, `retry_backoff` (true or a factor in seconds),
 //! `retry_backoff_max`, `retry_jitter`, `autoretry`, `default_retry_delay`, `time_limit`,
-//! `soft_time_limit` (seconds), `rate_limit` (`"10/s"`), `acks_late`, `ignore_result`.
+//! `soft_time_limit` (seconds), `rate_limit` (`"10/s"`), `rate_scope` (`"worker"`, the default,
+//! or `"cluster"`: one bucket for every worker), `key_concurrency` (at most N tasks of one
+//! concurrency key at once, cluster-wide), `acks_late`, `ignore_result`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
 
@@ -132,6 +134,23 @@ fn parse_opts(attr: TokenStream2) -> syn::Result<Opts> {
                 let s = lit_str(&need(value)?, &key)?;
                 quote!(rate_limit: ::core::option::Option::Some(#s))
             }
+            "rate_scope" => {
+                let s = lit_str(&need(value)?, &key)?;
+                if s != "worker" && s != "cluster" {
+                    return Err(syn::Error::new(m.path().span(), "`rate_scope` is \"worker\" or \"cluster\""));
+                }
+                quote!(rate_scope: ::core::option::Option::Some(#s))
+            }
+            "key_concurrency" => {
+                let n = match need(value)? {
+                    Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u32>()?,
+                    e => return Err(syn::Error::new(e.span(), "`key_concurrency` takes an integer")),
+                };
+                if n == 0 || n > 10_000 {
+                    return Err(syn::Error::new(m.path().span(), "`key_concurrency` is 1 to 10000"));
+                }
+                quote!(key_concurrency: ::core::option::Option::Some(#n))
+            }
             "retry_jitter" | "autoretry" | "acks_late" | "ignore_result" => {
                 let b = flag(value)?;
                 let id = format_ident!("{}", key);
@@ -143,7 +162,7 @@ fn parse_opts(attr: TokenStream2) -> syn::Result<Opts> {
                     format!(
                         "unknown task option `{key}`; expected one of name, queue, schedule, max_retries, \
                          retry_backoff, retry_backoff_max, retry_jitter, autoretry, default_retry_delay, \
-                         time_limit, soft_time_limit, rate_limit, acks_late, ignore_result"
+                         time_limit, soft_time_limit, rate_limit, rate_scope, key_concurrency, acks_late, ignore_result"
                     ),
                 ))
             }

@@ -60,6 +60,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
+use celery_core::flow::{Admission, KeySlots, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
@@ -296,7 +297,7 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots);
 }
 #[async_trait]
 impl Routing for LogBroker {
@@ -349,6 +350,34 @@ impl Leases for LogBroker {
 
     async fn release(&self, name: &str, holder: &str) -> Result<(), BrokerError> {
         self.results().lease(name, holder, None).await.map(|_| ())
+    }
+}
+
+/// The owner of the directory holds the slots and parked messages (`storage/flow.rs`) and sweeps
+/// them itself every second.
+#[async_trait]
+impl KeySlots for LogBroker {
+    async fn acquire_or_park(&self, req: &SlotRequest<'_>, queue: &str, msg: &Message) -> Result<Admission, BrokerError> {
+        let mut rec = payload::to_record(msg);
+        rec.not_before_ms = 0;
+        match &self.inner {
+            Inner::Local(s) => Ok(s.acquire_or_park(req, queue, rec).await?),
+            Inner::Remote(c) => c.acquire_or_park(req, queue, &rec).await,
+        }
+    }
+
+    async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.renew_slot(key, holder, ttl)?),
+            Inner::Remote(c) => c.renew_slot(key, holder, ttl).await,
+        }
+    }
+
+    async fn release(&self, key: &str, holder: &str, _queue: &str) -> Result<(), BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.release_slot(key, holder).await?),
+            Inner::Remote(c) => c.release_slot(key, holder).await,
+        }
     }
 }
 

@@ -58,6 +58,10 @@ pub struct WorkerArgs {
     /// 30 s (instead of a fixed --concurrency).
     #[arg(long, value_name = "MAX,MIN", value_parser = parse_autoscale)]
     pub autoscale: Option<(usize, usize)>,
+    /// Seconds a per-key concurrency slot is leased for (renewed every third of it while its task
+    /// runs): a killed worker's slots free after this long (0.5 to 3600).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = parse_key_lease)]
+    pub key_lease: f64,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -112,8 +116,17 @@ impl WorkerArgs {
             track_started: !self.without_track_started,
             events: self.events,
             autoscale: self.autoscale,
+            key_lease: celery_core::clock::secs_f64(self.key_lease),
             ..defaults
         })
+    }
+}
+
+/// `--key-lease`: seconds from 0.5 to 3600.
+fn parse_key_lease(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.5..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("expected seconds from 0.5 to 3600, not {s}")),
     }
 }
 

@@ -42,6 +42,9 @@ pub struct WorkerConfig {
     /// How long the autoscaler keeps grown slots before shrinking (Celery's
     /// `AUTOSCALE_KEEPALIVE`, 30 s).
     pub autoscale_keepalive: Duration,
+    /// The lease of a per-key concurrency slot (`worker --key-lease`, default 30 s, at least
+    /// 0.5 s): renewed every third of it while its task runs; a dead worker's slots free after it.
+    pub key_lease: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -57,6 +60,7 @@ impl Default for WorkerConfig {
             heartbeat: Duration::from_secs(2),
             autoscale: None,
             autoscale_keepalive: Duration::from_secs(30),
+            key_lease: Duration::from_secs(30),
         }
     }
 }

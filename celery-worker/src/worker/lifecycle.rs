@@ -21,6 +21,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::execute;
+use super::key_slots::{self, KeyStep};
 use super::intake::Reservation;
 use super::outcome::{
     self, chord_member, reject, requeue, revoke, settle, task_meta, Rejected, Revocation, INVALID_TASK,
@@ -167,7 +168,31 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
         Box::pin(revoke(&w, d, &msg, entry, Revocation::Revoked)).await;
         return;
     }
-    run(&w, d, msg, entry, opts, body, delivery).await
+    // Last, right before it runs: a task parked here waits in the broker, holding nothing.
+    let slot = match key_slots::admit(&w, &d, &msg, &opts).await {
+        KeyStep::Free => None,
+        KeyStep::Held(slot) => Some(slot),
+        KeyStep::Parked => {
+            tracing::debug!("its concurrency key is at its limit: parked by the broker until a slot frees");
+            w.stats.parked.fetch_add(1, Ordering::Relaxed);
+            settle(d.ack().await);
+            return;
+        }
+        KeyStep::Failed(e @ celery_core::BrokerError::Unsupported { .. }) => {
+            let err = TaskError::new("KeyConcurrencyUnsupported", e.to_string());
+            Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
+            return;
+        }
+        KeyStep::Failed(e) => {
+            tracing::warn!(error = %e, "could not take a key slot: the task goes back to its queue");
+            Box::pin(requeue(&w.stats, d)).await;
+            return;
+        }
+    };
+    run(&w, d, msg, entry, opts, body, delivery).await;
+    if let Some(slot) = slot {
+        slot.release().await;
+    }
 }
 
 /// Runs the task: acks first unless `acks_late`, stores STARTED, runs it within its time limits

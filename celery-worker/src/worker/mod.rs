@@ -19,6 +19,9 @@
 //!   of it lives only in this worker; it comes back when due. An eta message is on its queue when
 //!   a Redis or RabbitMQ producer (ours or Python's) sent it, and after each hop of RabbitMQ's delay
 //!   levels;
+//! - a concurrency key at its task's `key_concurrency` limit, right before it would run: parked
+//!   by the broker in the key's waiting list and acked (`key_slots`); it comes back to its queue
+//!   when a slot of the key frees;
 //! - otherwise (holding the concurrency slot it was taken with, so deliveries start in broker order)
 //!   it waits for its rate limit, runs, and its outcome is
 //!   stored: SUCCESS, FAILURE, or RETRY (republished with `retries + 1` and an eta, then acked).
@@ -48,6 +51,7 @@ mod config;
 mod execute;
 mod followups;
 pub(crate) mod intake;
+mod key_slots;
 mod lifecycle;
 mod outcome;
 pub(crate) mod pool;
@@ -86,6 +90,8 @@ pub struct WorkerStats {
     pub already_done: AtomicU64,
     /// Deliveries whose eta was ahead, handed to the broker's delay store.
     pub deferred: AtomicU64,
+    /// Tasks whose concurrency key was at its limit, parked by the broker (and acked here).
+    pub parked: AtomicU64,
     /// Tasks running now.
     pub active: AtomicU64,
 }

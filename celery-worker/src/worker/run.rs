@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use super::intake::{Intake, QueueSpec, Reservation, Starter};
 use super::lifecycle::handle;
 use super::pool::{Autoscaler, Pool};
+use super::key_slots;
 use super::rate_limit::RateLimits;
 use super::shared::Shared;
 use super::{WorkerConfig, WorkerError, WorkerStats};
@@ -104,6 +105,19 @@ pub(super) async fn run_until(
         return Err(e.into());
     }
     let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+    let keyed = key_slots::keyed_tasks();
+    let sweeping = match (keyed.is_empty(), shared.app.broker().key_slots().is_some()) {
+        (false, true) => Some(tokio::spawn(key_slots::sweep_loop(shared.app.broker().clone(), cfg.key_lease))),
+        (false, false) => {
+            tracing::error!(
+                broker = shared.app.broker().kind(), tasks = ?keyed,
+                "this broker cannot enforce key_concurrency: tasks of these sent with a concurrency key are rejected \
+                 (use the built-in log broker or Redis)"
+            );
+            None
+        }
+        (true, _) => None,
+    };
     let autoscaling = shared.autoscaler.is_some().then(|| tokio::spawn(autoscale(shared.clone())));
     // Made once, not per delivery: each `wait_for` registers a waiter anew.
     let stop = async {
@@ -120,6 +134,9 @@ pub(super) async fn run_until(
     drain(&shared, &hard_tx).await;
     shared.intake.closed().await;
     heartbeat.abort();
+    if let Some(s) = sweeping {
+        s.abort();
+    }
     if let Some(a) = autoscaling {
         a.abort();
     }

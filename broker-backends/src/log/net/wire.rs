@@ -60,6 +60,8 @@ pub(crate) mod kind {
     pub(crate) const ACK: u8 = 25;
     /// Reads a queue's oldest unfinished records without taking them (`storage/peek.rs`).
     pub(crate) const PEEK: u8 = 26;
+    /// Per-key concurrency slots (`storage/flow.rs`): op, key, ...
+    pub(crate) const FLOW: u8 = 27;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;
@@ -71,6 +73,16 @@ pub(crate) mod settle {
     pub(crate) const REQUEUE: u8 = 1;
     pub(crate) const DEFER: u8 = 2;
     pub(crate) const DEAD_LETTER: u8 = 3;
+}
+
+/// Key slot operations (`FLOW` body: op, key, holder, ...).
+pub(crate) mod flow {
+    /// `limit:u32, ttl_ms:u64, queue, record key, payload` -> `u8` (1 acquired, 0 parked).
+    pub(crate) const ACQUIRE: u8 = 0;
+    /// `ttl_ms:u64` -> `u8` (1: it was held).
+    pub(crate) const RENEW: u8 = 1;
+    /// nothing -> nothing.
+    pub(crate) const RELEASE: u8 = 2;
 }
 
 /// Chord operations (`CHORD` body: op, group, ...).

@@ -14,6 +14,7 @@
 //!   operations in `partition/mod.rs`;
 //! - [`topic`]: a queue's partitions; [`peek`]: reading a queue without taking;
 //! - [`results`]: the results log and [`ResultStore`] (results, leases, stored documents, chords);
+//! - [`flow`]: per-key concurrency slots and parked messages (held by the owner);
 //! - [`stream`]: stream groups and their members in this process;
 //! - [`routing`], [`broadcast`]: exchanges and bindings, broadcasts;
 //! - [`store`]: [`LogStore`], the open directory (LOCK, topics, the expiry sweep, retention);
@@ -24,6 +25,7 @@ pub(crate) mod consumer;
 pub(crate) mod disk;
 pub(crate) mod error;
 pub(crate) mod files;
+pub(crate) mod flow;
 pub(crate) mod names;
 pub(crate) mod partition;
 pub(crate) mod payload;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, Notify};
 use super::broadcast::Broadcasts;
 use super::error::LogError;
 use super::files::FileCache;
+use super::flow::KeyFlow;
 use super::partition::{Fsync, Partition, PartitionConfig, Retention};
 use super::record::{check_size, NewRecord, Record};
 use super::results::ResultStore;
@@ -97,6 +98,8 @@ pub struct LogStore {
     groups: Arc<StreamGroups>,
     /// The open segment and `acks.log` files of every partition (bounded).
     files: Arc<FileCache>,
+    /// Per-key concurrency slots and parked messages (`flow.rs`).
+    flow: KeyFlow,
 }
 
 fn registry() -> &'static Mutex<HashMap<PathBuf, Weak<LogStore>>> {
@@ -133,6 +136,7 @@ impl LogStore {
         let files = FileCache::new(cfg.max_open_files);
         let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes, files: files.clone() };
         let results = ResultStore::open(&canonical.join("results"), &pcfg, cfg.max_record_bytes)?;
+        let flow = KeyFlow::load(&lock(&results.live).values);
         let store = Arc::new(LogStore {
             dir: canonical.clone(),
             cfg,
@@ -147,6 +151,7 @@ impl LogStore {
             unroutable: AtomicU64::new(0),
             groups: Arc::new(StreamGroups::new(&canonical)),
             files,
+            flow,
         });
         store.open_topics()?;
         reg.insert(canonical, Arc::downgrade(&store));
@@ -154,6 +159,11 @@ impl LogStore {
             handle.spawn(expiry_loop(Arc::downgrade(&store)));
         }
         Ok(store)
+    }
+
+    /// The per-key concurrency slots and parked messages of this directory.
+    pub(crate) fn flow(&self) -> &KeyFlow {
+        &self.flow
     }
 
     /// The results, leases, stored documents and chord tallies of this directory.
@@ -523,6 +533,12 @@ async fn expiry_loop(store: Weak<LogStore>) {
         if ticks.is_multiple_of(100) {
             // On its own task: lease expiry must not wait for a compaction.
             s.results.maintain();
+        }
+        if ticks.is_multiple_of(10) {
+            // Key slots of dead workers free within a second of their lease's end.
+            if let Err(e) = s.sweep_slots().await {
+                tracing::warn!(error = %e, "log: sweeping key slots failed; next time");
+            }
         }
         let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
         let now = Instant::now();

@@ -97,6 +97,42 @@ impl RemoteStore {
         Ok(read_u64(&self.call(kind::LEASE, |e| e.str(name).str(holder).u64(ms)).await?)? == 1)
     }
 
+    /// Takes a slot of `req.key`, or parks `record` (bound for `queue`) on the owner.
+    pub(crate) async fn acquire_or_park(
+        &self,
+        req: &celery_core::flow::SlotRequest<'_>,
+        queue: &str,
+        record: &NewRecord,
+    ) -> Result<celery_core::flow::Admission, BrokerError> {
+        let body = self
+            .call(kind::FLOW, |e| {
+                e.u8(wire::flow::ACQUIRE)
+                    .str(req.key)
+                    .str(req.holder)
+                    .u32(req.limit)
+                    .u64(millis(req.ttl))
+                    .str(queue)
+                    .bytes(&record.key)
+                    .bytes(&record.payload)
+            })
+            .await?;
+        Ok(match Dec::new(&body).u8().map_err(bad_reply)? {
+            1 => celery_core::flow::Admission::Acquired,
+            _ => celery_core::flow::Admission::Parked,
+        })
+    }
+
+    /// Renews a key slot on the owner.
+    pub(crate) async fn renew_slot(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let body = self.call(kind::FLOW, |e| e.u8(wire::flow::RENEW).str(key).str(holder).u64(millis(ttl))).await?;
+        Ok(Dec::new(&body).u8().map_err(bad_reply)? == 1)
+    }
+
+    /// Releases a key slot on the owner (which moves a parked message back).
+    pub(crate) async fn release_slot(&self, key: &str, holder: &str) -> Result<(), BrokerError> {
+        self.call(kind::FLOW, |e| e.u8(wire::flow::RELEASE).str(key).str(holder)).await.map(|_| ())
+    }
+
     /// Stores a result document unless a SUCCESS is stored already.
     pub(crate) async fn put_result(&self, id: &str, doc: &[u8], ttl: Duration) -> Result<(), BrokerError> {
         self.call(kind::RESULT_PUT, |e| e.str(id).bytes(doc).u64(millis(ttl))).await.map(|_| ())

@@ -162,6 +162,33 @@ pub(super) async fn handle(
             let found = store.peek(&queue, max).map_err(|e| e.to_string())?;
             found.iter().fold(ok().u32(found.len() as u32), |enc, p| enc.bytes(p)).finish()
         }
+        kind::FLOW => {
+            let op = d.u8().map_err(e)?;
+            let key = d.str().map_err(e)?;
+            let holder = d.str().map_err(e)?;
+            match op {
+                wire::flow::ACQUIRE => {
+                    let limit = d.u32().map_err(e)?;
+                    let ttl = Duration::from_millis(d.u64().map_err(e)?);
+                    let queue = d.str().map_err(e)?;
+                    let rec_key = d.bytes().map_err(e)?.to_vec();
+                    let payload = d.bytes().map_err(e)?.to_vec();
+                    let req = celery_core::flow::SlotRequest { key: &key, limit, holder: &holder, ttl };
+                    let rec = NewRecord { key: rec_key, payload, ..NewRecord::default() };
+                    let got = store.acquire_or_park(&req, &queue, rec).await.map_err(|e| e.to_string())?;
+                    ok().u8((got == celery_core::flow::Admission::Acquired) as u8).finish()
+                }
+                wire::flow::RENEW => {
+                    let ttl = Duration::from_millis(d.u64().map_err(e)?);
+                    ok().u8(store.renew_slot(&key, &holder, ttl).map_err(|e| e.to_string())? as u8).finish()
+                }
+                wire::flow::RELEASE => {
+                    store.release_slot(&key, &holder).await.map_err(|e| e.to_string())?;
+                    ok().finish()
+                }
+                other => return Err(format!("unknown key slot operation {other}")),
+            }
+        }
         kind::QUEUE_LEN => {
             let q = d.str().map_err(e)?;
             ok().u64(store.queue_len(&q).map_err(|e| e.to_string())?).finish()

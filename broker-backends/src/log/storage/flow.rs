@@ -1,0 +1,309 @@
+//! Per-key concurrency slots of a store ([`celery_core::flow`]): the owner of the directory holds
+//! them, so every worker process (through `log+tcp://` or the directory's socket) sees one count.
+//!
+//! - Slots (holder -> lease expiry) live in the owner's memory. A renewal re-creates a slot the
+//!   owner no longer knows (after its restart), so the count follows what really runs.
+//! - Parked messages are durable: each is a record of the results log under
+//!   `_celery_rs.parked.<seq>` (the key, the queue, the record), written before
+//!   `acquire_or_park` answers `Parked` (so before the worker acks the delivery), and rebuilt in
+//!   order at open. Moving one back appends it to its queue first, then deletes its record: a
+//!   crash in between leaves a duplicate at worst, never a loss.
+//! - The owner's expiry loop sweeps every second: expired slots (dead workers) are freed and a
+//!   parked message moves back for each; a key with parked messages and no slot gets one moved.
+//! - Bounded: keys are checked ([`celery_core::flow::validate_key`]), limits too, and at most
+//!   [`MAX_TRACKED_KEYS`] keys are tracked at once.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use celery_core::flow::{Admission, SlotRequest, MAX_TRACKED_KEYS};
+use celery_core::sync::lock;
+
+use super::error::LogError;
+use super::record::{now_ms, NewRecord};
+use super::results::DOC_TTL;
+use super::store::LogStore;
+
+const PARKED_PREFIX: &str = "_celery_rs.parked.";
+
+/// The slots and parked messages of every key.
+#[derive(Debug, Default)]
+pub(crate) struct KeyFlow {
+    state: Mutex<FlowState>,
+    /// Serializes the operations that write (parking, moving back).
+    writes: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct FlowState {
+    keys: HashMap<String, KeyState>,
+    next_seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct KeyState {
+    /// Holder -> lease expiry (ms since the epoch).
+    slots: HashMap<String, i64>,
+    parked: VecDeque<Parked>,
+}
+
+impl KeyState {
+    fn live(&self, now: i64) -> usize {
+        self.slots.values().filter(|exp| **exp > now).count()
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Parked {
+    /// Its record's key among the results.
+    doc: String,
+    queue: String,
+    record_key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+fn put_field(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn take_field<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = u32::from_le_bytes(b.get(..4)?.try_into().ok()?) as usize;
+    let field = b.get(4..4usize.checked_add(n)?)?;
+    *b = &b[4 + n..];
+    Some(field)
+}
+
+/// A parked message's stored form: key, queue, record key, payload (each length-prefixed).
+fn encode(key: &str, p: &Parked) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + key.len() + p.queue.len() + p.record_key.len() + p.payload.len());
+    for field in [key.as_bytes(), p.queue.as_bytes(), &p.record_key, &p.payload] {
+        put_field(&mut out, field);
+    }
+    out
+}
+
+fn decode(doc: String, mut b: &[u8]) -> Option<(String, Parked)> {
+    let key = String::from_utf8(take_field(&mut b)?.to_vec()).ok()?;
+    let queue = String::from_utf8(take_field(&mut b)?.to_vec()).ok()?;
+    let record_key = take_field(&mut b)?.to_vec();
+    let payload = take_field(&mut b)?.to_vec();
+    Some((key, Parked { doc, queue, record_key, payload }))
+}
+
+impl KeyFlow {
+    /// Rebuilds the parked messages from the results (at open).
+    pub(crate) fn load(values: &HashMap<String, (Vec<u8>, i64)>) -> KeyFlow {
+        let mut found: Vec<(u64, String, Parked)> = values
+            .iter()
+            .filter_map(|(doc, (v, _))| {
+                let seq = doc.strip_prefix(PARKED_PREFIX)?.parse::<u64>().ok()?;
+                let (key, parked) = decode(doc.clone(), v)?;
+                Some((seq, key, parked))
+            })
+            .collect();
+        found.sort_by_key(|(seq, ..)| *seq);
+        let mut state = FlowState { next_seq: found.last().map_or(0, |(s, ..)| s + 1), ..FlowState::default() };
+        for (_, key, parked) in found {
+            state.keys.entry(key).or_default().parked.push_back(parked);
+        }
+        KeyFlow { state: Mutex::new(state), writes: tokio::sync::Mutex::new(()) }
+    }
+
+    /// Parked messages over all keys, and keys tracked.
+    #[cfg(test)]
+    pub(crate) fn counts(&self) -> (usize, usize) {
+        let s = lock(&self.state);
+        (s.keys.values().map(|k| k.parked.len()).sum(), s.keys.len())
+    }
+}
+
+impl LogStore {
+    /// Takes a slot of `req.key` for `req.holder`, or parks `record` (bound for `queue`) durably.
+    pub(crate) async fn acquire_or_park(
+        &self,
+        req: &SlotRequest<'_>,
+        queue: &str,
+        record: NewRecord,
+    ) -> Result<Admission, LogError> {
+        req.validate().map_err(|e| LogError::Invalid(e.to_string()))?;
+        super::names::component("queue", queue)?;
+        let flow = self.flow();
+        let _writing = flow.writes.lock().await;
+        let now = now_ms();
+        let expiry = celery_core::clock::expiry_ms(now, req.ttl);
+        let doc = {
+            let mut s = lock(&flow.state);
+            if !s.keys.contains_key(req.key) && s.keys.len() >= MAX_TRACKED_KEYS {
+                return Err(LogError::Invalid(format!(
+                    "too many concurrency keys tracked at once (the limit is {MAX_TRACKED_KEYS})"
+                )));
+            }
+            let k = s.keys.entry(req.key.to_owned()).or_default();
+            if k.slots.contains_key(req.holder) || k.live(now) < req.limit as usize {
+                k.slots.retain(|_, exp| *exp > now);
+                k.slots.insert(req.holder.to_owned(), expiry);
+                return Ok(Admission::Acquired);
+            }
+            let seq = s.next_seq;
+            s.next_seq += 1;
+            format!("{PARKED_PREFIX}{seq:020}")
+        };
+        let parked = Parked { doc: doc.clone(), queue: queue.to_owned(), record_key: record.key, payload: record.payload };
+        self.results().put(&doc, encode(req.key, &parked), DOC_TTL, |_| false).await?;
+        lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
+        Ok(Admission::Parked)
+    }
+
+    /// Renews `holder`'s slot of `key`; a slot the owner does not know (it restarted, or swept the
+    /// slot as expired) is taken again, since its task runs: false then.
+    pub(crate) fn renew_slot(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, LogError> {
+        celery_core::flow::validate_key(key).map_err(|e| LogError::Invalid(e.to_string()))?;
+        let expiry = celery_core::clock::expiry_ms(now_ms(), ttl);
+        let mut s = lock(&self.flow().state);
+        if !s.keys.contains_key(key) && s.keys.len() >= MAX_TRACKED_KEYS {
+            return Ok(false);
+        }
+        Ok(s.keys.entry(key.to_owned()).or_default().slots.insert(holder.to_owned(), expiry).is_some())
+    }
+
+    /// Frees `holder`'s slot of `key` and moves the key's oldest parked message back to its queue.
+    pub(crate) async fn release_slot(&self, key: &str, holder: &str) -> Result<(), LogError> {
+        let flow = self.flow();
+        let _writing = flow.writes.lock().await;
+        let next = {
+            let mut s = lock(&flow.state);
+            let Some(k) = s.keys.get_mut(key) else { return Ok(()) };
+            k.slots.remove(holder);
+            let next = k.parked.pop_front();
+            if k.slots.is_empty() && k.parked.is_empty() {
+                s.keys.remove(key);
+            }
+            next
+        };
+        if let Some(p) = next {
+            self.move_back(key, p).await?;
+        }
+        Ok(())
+    }
+
+    /// Frees expired slots and moves parked messages back for them (see the module's header).
+    pub(crate) async fn sweep_slots(&self) -> Result<u64, LogError> {
+        let flow = self.flow();
+        let _writing = flow.writes.lock().await;
+        let now = now_ms();
+        let mut moves = Vec::new();
+        {
+            let mut s = lock(&flow.state);
+            s.keys.retain(|key, k| {
+                let before = k.slots.len();
+                k.slots.retain(|_, exp| *exp > now);
+                let freed = before - k.slots.len();
+                let n = if freed == 0 && k.slots.is_empty() { 1 } else { freed };
+                for _ in 0..n.min(k.parked.len()) {
+                    if let Some(p) = k.parked.pop_front() {
+                        moves.push((key.clone(), p));
+                    }
+                }
+                !(k.slots.is_empty() && k.parked.is_empty())
+            });
+        }
+        let moved = moves.len() as u64;
+        for (key, p) in moves {
+            self.move_back(&key, p).await?;
+        }
+        Ok(moved)
+    }
+
+    /// Appends a parked message to its queue, then deletes its record; put back first in line if
+    /// the append fails.
+    async fn move_back(&self, key: &str, p: Parked) -> Result<(), LogError> {
+        let rec = NewRecord { not_before_ms: 0, headers: Vec::new(), key: p.record_key.clone(), payload: p.payload.clone() };
+        if let Err(e) = self.append_unchecked(&p.queue, vec![rec]).await {
+            lock(&self.flow().state).keys.entry(key.to_owned()).or_default().parked.push_front(p);
+            return Err(e);
+        }
+        self.notify.notify_waiters();
+        self.results().forget(&p.doc).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::storage::StoreConfig;
+
+    fn req<'a>(key: &'a str, holder: &'a str, ttl: Duration) -> SlotRequest<'a> {
+        SlotRequest { key, limit: 2, holder, ttl }
+    }
+
+    fn rec(n: u8) -> NewRecord {
+        NewRecord { payload: vec![n], ..NewRecord::default() }
+    }
+
+    #[tokio::test]
+    async fn over_the_limit_parks_and_a_release_moves_one_back() {
+        let dir = tempfile_dir("flow-park");
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        let ttl = Duration::from_secs(30);
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "b", ttl), "q", rec(2)).await.unwrap(), Admission::Acquired);
+        // The same holder again keeps its slot.
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(3)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&req("k", "d", ttl), "q", rec(4)).await.unwrap(), Admission::Parked);
+        // Another key is not limited by this one.
+        assert_eq!(store.acquire_or_park(&req("other", "e", ttl), "q", rec(5)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.queue_len("q").unwrap(), 0);
+        store.release_slot("k", "a").await.unwrap();
+        assert_eq!(store.queue_len("q").unwrap(), 1);
+        assert_eq!(store.peek("q", 10).unwrap(), vec![vec![3]], "the oldest parked message moves first");
+        assert_eq!(store.flow().counts(), (1, 2));
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn parked_messages_survive_a_restart_and_expired_slots_free_them() {
+        let dir = tempfile_dir("flow-restart");
+        {
+            let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+            let ttl = Duration::from_millis(50);
+            for (i, h) in ["a", "b"].iter().enumerate() {
+                store.acquire_or_park(&req("k", h, ttl), "q", rec(i as u8)).await.unwrap();
+            }
+            assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(7)).await.unwrap(), Admission::Parked);
+            store.results().flush().await.unwrap();
+        }
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        assert_eq!(store.flow().counts(), (1, 1), "the parked message is back after the restart");
+        // No slot is known after the restart: the sweep moves the parked message back.
+        assert_eq!(store.sweep_slots().await.unwrap(), 1);
+        assert_eq!(store.peek("q", 10).unwrap(), vec![vec![7]]);
+        assert_eq!(store.flow().counts(), (0, 0));
+        drop(store);
+        // Its record is gone too.
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        assert_eq!(store.flow().counts(), (0, 0));
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn keys_and_limits_are_checked() {
+        let dir = tempfile_dir("flow-checks");
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        let ttl = Duration::from_secs(1);
+        assert!(store.acquire_or_park(&req("", "a", ttl), "q", rec(0)).await.is_err());
+        let zero = SlotRequest { limit: 0, ..req("k", "a", ttl) };
+        assert!(store.acquire_or_park(&zero, "q", rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&req("k", "a", ttl), "", rec(0)).await.is_err());
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("{name}-{}-{}", std::process::id(), uuid::Uuid::new_v4()))
+    }
+}

@@ -1,0 +1,186 @@
+//! Flow control across the whole cluster: per-key concurrency slots held by the broker.
+//!
+//! A task sent with a concurrency key ([`Signature::concurrency_key`](crate::Signature::concurrency_key),
+//! the [`CONCURRENCY_KEY`] header, which Python workers ignore) and whose task declares a limit
+//! (`#[task(key_concurrency = 2)]`) runs only while it holds one of its key's slots: at most
+//! `limit` tasks of one key run at once over every worker and process.
+//!
+//! The broker holds the slots ([`KeySlots`]); the worker asks for one right before running a
+//! task ([`KeySlots::acquire_or_park`]). When all are held, the broker parks the message in the
+//! key's waiting list durably, in the same atomic step, and the worker acks the delivery: the
+//! waiting task holds neither a worker slot nor a prefetch slot, and nothing polls for it.
+//! Releasing a slot ([`KeySlots::release`]) moves the oldest parked message of the key back to
+//! its queue. Slots are leases: the worker renews them while the task runs
+//! ([`KeySlots::renew`]); a dead worker's slots expire after the lease, and the broker's sweep
+//! ([`KeySlots::sweep`]) then moves parked messages for the slots it freed.
+//!
+//! Invariant the brokers keep: a key with parked messages has a slot held (or a moved message on
+//! its way back), so a parked message always has someone to release it; the sweep also moves one
+//! message of a key that has parked messages and no slot held at all.
+//!
+//! ```
+//! use celery_core::flow::{validate_key, CONCURRENCY_KEY};
+//! let sig = celery_core::Signature::by_name("span").concurrency_key("tenant-42");
+//! assert_eq!(sig.options.headers[CONCURRENCY_KEY], "tenant-42");
+//! assert!(validate_key("tenant-42").is_ok());
+//! assert!(validate_key("").is_err());
+//! ```
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::BrokerError;
+use crate::protocol::Message;
+
+/// The header that carries a task's concurrency key.
+pub const CONCURRENCY_KEY: &str = "x-concurrency-key";
+/// The longest concurrency key, in bytes.
+pub const MAX_KEY_LEN: usize = 128;
+/// The highest per-key limit.
+pub const MAX_KEY_LIMIT: u32 = 10_000;
+/// The most keys a broker tracks at once (with slots held or messages parked); beyond it,
+/// acquiring a slot of a new key fails with an error naming the limit.
+pub const MAX_TRACKED_KEYS: usize = 100_000;
+/// The shortest slot lease.
+pub const MIN_KEY_LEASE: Duration = Duration::from_millis(500);
+
+/// Why a concurrency key or limit is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Empty, too long, or with a control character.
+    #[error("invalid concurrency key {key:?}: {reason}")]
+    Invalid {
+        /// The key (cut to [`MAX_KEY_LEN`] bytes).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A limit of 0 or above [`MAX_KEY_LIMIT`].
+    #[error("key concurrency limit {0} is out of range (1 to {MAX_KEY_LIMIT})")]
+    Limit(u32),
+}
+
+impl From<KeyError> for BrokerError {
+    fn from(e: KeyError) -> Self {
+        BrokerError::operation_with("concurrency key", e)
+    }
+}
+
+/// Checks a concurrency key: 1 to [`MAX_KEY_LEN`] bytes, no control characters (keys become
+/// parts of broker key names).
+pub fn validate_key(key: &str) -> Result<(), KeyError> {
+    let invalid = |reason| {
+        let mut cut = key.len().min(MAX_KEY_LEN);
+        while !key.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        KeyError::Invalid { key: key[..cut].to_owned(), reason }
+    };
+    if key.is_empty() {
+        return Err(invalid("empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(invalid("longer than 128 bytes"));
+    }
+    if key.chars().any(char::is_control) {
+        return Err(invalid("contains a control character"));
+    }
+    Ok(())
+}
+
+/// Checks a per-key limit: 1 to [`MAX_KEY_LIMIT`].
+pub fn validate_limit(limit: u32) -> Result<u32, KeyError> {
+    if (1..=MAX_KEY_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(KeyError::Limit(limit))
+    }
+}
+
+/// One slot asked for: the key, its limit, who holds it and for how long.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRequest<'a> {
+    /// The concurrency key.
+    pub key: &'a str,
+    /// At most this many slots of the key are held at once.
+    pub limit: u32,
+    /// The holder (unique per run: the worker's name and the task id).
+    pub holder: &'a str,
+    /// The lease: the slot is freed if not renewed within it.
+    pub ttl: Duration,
+}
+
+impl SlotRequest<'_> {
+    /// Checks the key and the limit.
+    pub fn validate(&self) -> Result<(), KeyError> {
+        validate_key(self.key)?;
+        validate_limit(self.limit).map(|_| ())
+    }
+}
+
+/// What [`KeySlots::acquire_or_park`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The slot is held: run the task, renew the slot meanwhile, release it after.
+    Acquired,
+    /// Every slot was held: the message is parked durably; ack the delivery (it comes back to its
+    /// queue when a slot frees).
+    Parked,
+}
+
+/// Per-key concurrency slots held by the broker (see the [module](self) documentation).
+///
+/// ```no_run
+/// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>, msg: celery_core::protocol::Message) -> Result<(), celery_core::BrokerError> {
+/// use celery_core::flow::{Admission, SlotRequest};
+/// let slots = broker.require_key_slots("key_concurrency")?;
+/// let req = SlotRequest { key: "tenant-42", limit: 2, holder: "w1/task-1", ttl: std::time::Duration::from_secs(30) };
+/// if slots.acquire_or_park(&req, "celery", &msg).await? == Admission::Acquired {
+///     // ... run the task, renewing the slot ...
+///     slots.release("tenant-42", "w1/task-1", "celery").await?;
+/// }
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait KeySlots: Send + Sync {
+    /// Takes a slot of `req.key` for `req.holder`, or, when `req.limit` are held, parks `msg`
+    /// (bound for `queue`) in the key's waiting list, durably and in the same atomic step. A
+    /// holder that holds a slot already keeps it (renewed).
+    async fn acquire_or_park(&self, req: &SlotRequest<'_>, queue: &str, msg: &Message)
+        -> Result<Admission, BrokerError>;
+
+    /// Renews `holder`'s slot of `key` for `ttl`; false when it lost it (it expired).
+    async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError>;
+
+    /// Frees `holder`'s slot of `key` and moves the oldest parked message of the key back to its
+    /// queue (`queue`: the queue the holder's task came from, which the broker may use to find it).
+    async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError>;
+
+    /// Frees expired slots (their holders died) and moves a parked message back for each, and one
+    /// for a key with parked messages and no slot held. Workers call it every third of their
+    /// lease; a broker whose owner sweeps by itself does nothing here. Returns the messages moved.
+    async fn sweep(&self) -> Result<u64, BrokerError> {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_limits_are_bounded() {
+        assert!(validate_key("tenant-42").is_ok());
+        assert!(validate_key(&"k".repeat(128)).is_ok());
+        assert!(matches!(validate_key(&"k".repeat(129)), Err(KeyError::Invalid { .. })));
+        assert!(validate_key("a\nb").is_err());
+        assert!(validate_key("").is_err());
+        // A cut inside a multi-byte character stays valid UTF-8.
+        assert!(validate_key(&"é".repeat(100)).is_err());
+        assert_eq!(validate_limit(0), Err(KeyError::Limit(0)));
+        assert_eq!(validate_limit(MAX_KEY_LIMIT + 1), Err(KeyError::Limit(MAX_KEY_LIMIT + 1)));
+        assert_eq!(validate_limit(2), Ok(2));
+    }
+}

@@ -1,0 +1,143 @@
+//! Per-key concurrency in the worker (the mechanism is in [`celery_core::flow`]): right before a
+//! task with a concurrency key and a limit runs, its slot is taken from the broker, or the broker
+//! parks the message and the delivery is acked; the slot is renewed while the task runs and
+//! released after its outcome is stored. A sweep loop frees the slots of dead workers on brokers
+//! that need one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use celery_core::flow::{validate_limit, Admission, SlotRequest, CONCURRENCY_KEY, MIN_KEY_LEASE};
+use celery_core::protocol::Message;
+use celery_core::registry;
+use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
+
+use super::shared::Shared;
+
+/// A held slot: renewed on a task of its own until released (or dropped: released then too).
+#[derive(Debug)]
+pub(super) struct HeldSlot {
+    broker: Arc<dyn Broker>,
+    key: String,
+    holder: String,
+    queue: String,
+    renewer: tokio::task::JoinHandle<()>,
+    released: bool,
+}
+
+impl HeldSlot {
+    /// Gives the slot back (the broker moves a parked message of the key back to its queue).
+    pub(super) async fn release(mut self) {
+        self.released = true;
+        self.renewer.abort();
+        if let Some(slots) = self.broker.key_slots() {
+            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&self.key, &self.holder, &self.queue)).await
+            {
+                tracing::warn!(key = %self.key, error = %e, "could not release a key slot; it frees when its lease ends");
+            }
+        }
+    }
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        self.renewer.abort();
+        if self.released {
+            return;
+        }
+        // Not released in order (the task's future was dropped): released on a task of its own.
+        let (broker, key, holder, queue) =
+            (self.broker.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.holder), std::mem::take(&mut self.queue));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Some(slots) = broker.key_slots() {
+                    let _ = slots.release(&key, &holder, &queue).await;
+                }
+            });
+        }
+    }
+}
+
+/// What the key step decided for a delivery.
+#[derive(Debug)]
+pub(super) enum KeyStep {
+    /// No key, or no limit: run as usual.
+    Free,
+    /// Run holding this slot.
+    Held(HeldSlot),
+    /// Parked by the broker; the delivery is acked (or, if it could not be, comes back).
+    Parked,
+    /// The slot could not be asked for: the delivery goes back to its queue.
+    Failed(BrokerError),
+}
+
+/// The concurrency key of `msg`, if it has one (a non-string value counts as none).
+pub(super) fn key_of(msg: &Message) -> Option<&str> {
+    msg.headers.extra.get(CONCURRENCY_KEY).and_then(serde_json::Value::as_str)
+}
+
+/// The key's limit for a task: the task's own `key_concurrency`.
+pub(super) fn limit_of(opts: &TaskOptions) -> Option<u32> {
+    opts.key_concurrency.and_then(|n| validate_limit(n).ok())
+}
+
+/// Takes a slot for `msg` or has it parked. `d` is acked once parked.
+pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOptions) -> KeyStep {
+    let (Some(key), Some(limit)) = (key_of(msg), limit_of(opts)) else { return KeyStep::Free };
+    let broker = w.app.broker().clone();
+    let Some(slots) = broker.key_slots() else {
+        return KeyStep::Failed(BrokerError::Unsupported {
+            broker: broker.kind(),
+            option: format!("per-key concurrency (`key_concurrency` of task `{}`)", opts.name),
+        });
+    };
+    let holder = format!("{}/{}", w.config.hostname, msg.headers.id);
+    let ttl = w.config.key_lease.max(MIN_KEY_LEASE);
+    let req = SlotRequest { key, limit, holder: &holder, ttl };
+    if let Err(e) = req.validate() {
+        return KeyStep::Failed(e.into());
+    }
+    match celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await {
+        Ok(Admission::Acquired) => {
+            let renewer = tokio::spawn(renew(broker.clone(), key.to_owned(), holder.clone(), ttl));
+            KeyStep::Held(HeldSlot { broker, key: key.to_owned(), holder, queue: d.queue.clone(), renewer, released: false })
+        }
+        Ok(Admission::Parked) => KeyStep::Parked,
+        Err(e) => KeyStep::Failed(e),
+    }
+}
+
+/// Renews a slot every third of its lease until aborted.
+async fn renew(broker: Arc<dyn Broker>, key: String, holder: String, ttl: Duration) {
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(slots) = broker.key_slots() else { return };
+        match slots.renew(&key, &holder, ttl).await {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(%key, "the key slot's lease ended before its task did (renewals too late)"),
+            Err(e) => tracing::warn!(%key, error = %e, "could not renew a key slot"),
+        }
+    }
+}
+
+/// The tasks linked into this binary that declare `key_concurrency`.
+pub(super) fn keyed_tasks() -> Vec<&'static str> {
+    registry::tasks().iter().filter(|e| (e.options)().key_concurrency.is_some()).map(|e| e.name).collect()
+}
+
+/// Sweeps the broker's expired key slots every third of the lease, while the worker runs (only
+/// when a linked task declares `key_concurrency` and the broker holds slots).
+pub(super) async fn sweep_loop(broker: Arc<dyn Broker>, lease: Duration) {
+    let mut tick = tokio::time::interval(lease.max(MIN_KEY_LEASE) / 3);
+    loop {
+        tick.tick().await;
+        let Some(slots) = broker.key_slots() else { return };
+        match slots.sweep().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(moved = n, "key slots of dead workers freed; parked tasks moved back"),
+            Err(e) => tracing::debug!(error = %e, "key slot sweep failed; next time"),
+        }
+    }
+}
