@@ -101,6 +101,28 @@ fn record(path: String, token: String) -> Result<String, TaskError> {
     Ok(token)
 }
 
+/// Appends `<token> start <unix_ms>` to the file at `path`, sleeps `ms`, then appends `<token>
+/// end <unix_ms>`, each line one write (as [`record`]), so a test measures from outside how many
+/// ran at once. At most 2 tasks of one concurrency key run at once across every worker
+/// (`send span --args '["/tmp/spans", "t1", 500]' --concurrency-key tenant-42`); sent without a
+/// key, no key limit applies.
+#[task(key_concurrency = 2)]
+async fn span(path: String, token: String, ms: u64) -> Result<String, TaskError> {
+    let line = |what: &str| format!("{token} {what} {}\n", chrono::Utc::now().timestamp_millis());
+    append_line(&path, &line("start")).await?;
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    append_line(&path, &line("end")).await?;
+    Ok(token)
+}
+
+async fn append_line(path: &str, line: &str) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut f = tokio::fs::OpenOptions::new().create(true).append(true).open(path).await?;
+    f.write_all(line.as_bytes()).await?;
+    // tokio writes in the background: flushed, the line is in the file when the task goes on.
+    f.flush().await
+}
+
 /// Logs that the system is alive; beat sends it every minute (`demo beat` or `demo worker --beat`).
 #[task(schedule = Schedule::every(Duration::from_secs(60)), ignore_result)]
 async fn heartbeat() -> String {

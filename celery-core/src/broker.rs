@@ -20,8 +20,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use crate::capability::{Broadcasts, Documents, Leases, Routing};
-use crate::flow::KeySlots;
 use crate::error::{BrokerError, ProtocolError};
+use crate::flow::KeySlots;
 use crate::protocol::Message;
 use crate::routing::Route;
 

@@ -148,8 +148,12 @@ pub trait KeySlots: Send + Sync {
     /// Takes a slot of `req.key` for `req.holder`, or, when `req.limit` are held, parks `msg`
     /// (bound for `queue`) in the key's waiting list, durably and in the same atomic step. A
     /// holder that holds a slot already keeps it (renewed).
-    async fn acquire_or_park(&self, req: &SlotRequest<'_>, queue: &str, msg: &Message)
-        -> Result<Admission, BrokerError>;
+    async fn acquire_or_park(
+        &self,
+        req: &SlotRequest<'_>,
+        queue: &str,
+        msg: &Message,
+    ) -> Result<Admission, BrokerError>;
 
     /// Renews `holder`'s slot of `key` for `ttl`; false when it lost it (it expired).
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError>;

@@ -357,7 +357,12 @@ impl Leases for LogBroker {
 /// them itself every second.
 #[async_trait]
 impl KeySlots for LogBroker {
-    async fn acquire_or_park(&self, req: &SlotRequest<'_>, queue: &str, msg: &Message) -> Result<Admission, BrokerError> {
+    async fn acquire_or_park(
+        &self,
+        req: &SlotRequest<'_>,
+        queue: &str,
+        msg: &Message,
+    ) -> Result<Admission, BrokerError> {
         let mut rec = payload::to_record(msg);
         rec.not_before_ms = 0;
         match &self.inner {

@@ -54,6 +54,7 @@ mod consumer;
 pub mod error;
 mod holder;
 mod keys;
+mod limits;
 mod scripts;
 mod sentinel;
 mod settle;
@@ -386,7 +387,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots);
 }
 #[async_trait]
 impl Routing for RedisBroker {

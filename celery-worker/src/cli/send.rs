@@ -38,6 +38,9 @@ pub struct SendArgs {
     /// Send at most once per KEY within the idempotency window (a repeat prints the first task).
     #[arg(long)]
     pub idempotency_key: Option<String>,
+    /// At most the task's `key_concurrency` tasks of KEY run at once across every worker.
+    #[arg(long, value_name = "KEY")]
+    pub concurrency_key: Option<String>,
     /// Wait for the result, at most SECS (default 30), showing the states the task reports on
     /// stderr (a progress bar on a terminal, plain lines otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "30")]
@@ -103,6 +106,10 @@ fn signature(a: &SendArgs) -> anyhow::Result<Signature> {
     }
     if let Some(k) = &a.idempotency_key {
         sig = sig.idempotency_key(k.clone());
+    }
+    if let Some(k) = &a.concurrency_key {
+        celery_core::flow::validate_key(k).context("--concurrency-key")?;
+        sig = sig.concurrency_key(k.clone());
     }
     Ok(sig)
 }

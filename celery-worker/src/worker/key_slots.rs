@@ -46,8 +46,12 @@ impl Drop for HeldSlot {
             return;
         }
         // Not released in order (the task's future was dropped): released on a task of its own.
-        let (broker, key, holder, queue) =
-            (self.broker.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.holder), std::mem::take(&mut self.queue));
+        let (broker, key, holder, queue) = (
+            self.broker.clone(),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.holder),
+            std::mem::take(&mut self.queue),
+        );
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 if let Some(slots) = broker.key_slots() {
@@ -100,7 +104,14 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     match celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await {
         Ok(Admission::Acquired) => {
             let renewer = tokio::spawn(renew(broker.clone(), key.to_owned(), holder.clone(), ttl));
-            KeyStep::Held(HeldSlot { broker, key: key.to_owned(), holder, queue: d.queue.clone(), renewer, released: false })
+            KeyStep::Held(HeldSlot {
+                broker,
+                key: key.to_owned(),
+                holder,
+                queue: d.queue.clone(),
+                renewer,
+                released: false,
+            })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),

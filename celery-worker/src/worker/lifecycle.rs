@@ -21,8 +21,8 @@ use tokio::sync::{oneshot, watch};
 use tracing::Instrument;
 
 use super::execute;
-use super::key_slots::{self, KeyStep};
 use super::intake::Reservation;
+use super::key_slots::{self, KeyStep};
 use super::outcome::{
     self, chord_member, reject, requeue, revoke, settle, task_meta, Rejected, Revocation, INVALID_TASK,
 };

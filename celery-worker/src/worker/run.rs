@@ -22,9 +22,9 @@ use celery_core::{registry, App};
 use tokio::sync::watch;
 
 use super::intake::{Intake, QueueSpec, Reservation, Starter};
+use super::key_slots;
 use super::lifecycle::handle;
 use super::pool::{Autoscaler, Pool};
-use super::key_slots;
 use super::rate_limit::RateLimits;
 use super::shared::Shared;
 use super::{WorkerConfig, WorkerError, WorkerStats};

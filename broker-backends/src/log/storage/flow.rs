@@ -142,7 +142,7 @@ impl LogStore {
             }
             let k = s.keys.entry(req.key.to_owned()).or_default();
             if k.slots.contains_key(req.holder) || k.live(now) < req.limit as usize {
-                k.slots.retain(|_, exp| *exp > now);
+                // Expired slots stay for the sweep, which moves a parked message back for each.
                 k.slots.insert(req.holder.to_owned(), expiry);
                 return Ok(Admission::Acquired);
             }
@@ -150,7 +150,8 @@ impl LogStore {
             s.next_seq += 1;
             format!("{PARKED_PREFIX}{seq:020}")
         };
-        let parked = Parked { doc: doc.clone(), queue: queue.to_owned(), record_key: record.key, payload: record.payload };
+        let parked =
+            Parked { doc: doc.clone(), queue: queue.to_owned(), record_key: record.key, payload: record.payload };
         self.results().put(&doc, encode(req.key, &parked), DOC_TTL, |_| false).await?;
         lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
         Ok(Admission::Parked)
@@ -219,7 +220,8 @@ impl LogStore {
     /// Appends a parked message to its queue, then deletes its record; put back first in line if
     /// the append fails.
     async fn move_back(&self, key: &str, p: Parked) -> Result<(), LogError> {
-        let rec = NewRecord { not_before_ms: 0, headers: Vec::new(), key: p.record_key.clone(), payload: p.payload.clone() };
+        let rec =
+            NewRecord { not_before_ms: 0, headers: Vec::new(), key: p.record_key.clone(), payload: p.payload.clone() };
         if let Err(e) = self.append_unchecked(&p.queue, vec![rec]).await {
             lock(&self.flow().state).keys.entry(key.to_owned()).or_default().parked.push_front(p);
             return Err(e);

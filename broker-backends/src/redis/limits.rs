@@ -1,0 +1,213 @@
+//! Per-key concurrency slots on Redis ([`celery_core::flow`]), each step one Lua script, every
+//! key it touches passed in `KEYS` (behind the `global_keyprefix`):
+//!
+//! - `_celery_rs.slots.<key>` (zset holder -> lease expiry in ms, by the server's clock): the held
+//!   slots of a concurrency key; expires by itself a minute after its last renewal.
+//! - `_celery_rs.parked.<queue>\x06\x16<key>` (list of `<step>|<Kombu envelope>`, `LPUSH` to park,
+//!   `RPOP` to move back): the tasks of `key` from `queue` waiting for a slot, with the priority
+//!   bucket (`step`) they go back to.
+//! - `_celery_rs.parked` (set of `<queue>\x06\x16<key>`): the parked lists that are not empty,
+//!   which the sweep visits.
+//!
+//! Parking is one script with the slot check, so no slot frees between "full" and "parked"; the
+//! worker acks the delivery only after the script answered. A release moves the oldest parked
+//! task of its key and queue back to its queue's bucket in the same script. A key's tasks parked
+//! from another queue are moved by the sweep, which every worker runs each third of its lease:
+//! it frees expired slots (dead workers) and moves a parked task back for each, and one for a
+//! parked list whose key holds no slot at all.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::clock::millis;
+use celery_core::flow::{Admission, KeySlots, SlotRequest};
+use celery_core::protocol::Message;
+use celery_core::BrokerError;
+use redis::{AsyncCommands, Script};
+
+use super::error::failed;
+use super::keys::{Keys, SEP};
+use super::RedisBroker;
+use crate::envelope;
+
+/// Parked lists one sweep visits at most.
+const SWEEP_LISTS: isize = 256;
+
+/// The server's clock in ms, in a script.
+const NOW: &str =
+    "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
+
+/// Moves the oldest entry of the parked list `KEYS[2]` to its bucket (`KEYS[4..7]`, steps 0, 3,
+/// 6, 9); 1 if one moved. Drops the list from the index `KEYS[3]` (member `ARGV[m]`) once empty.
+const MOVE_ONE: &str = r#"
+local function move_one(m)
+  local e = redis.call('RPOP', KEYS[2])
+  if not e then return 0 end
+  local step = tonumber(string.sub(e, 1, 1)) or 0
+  redis.call('LPUSH', KEYS[4 + math.floor(step / 3)], string.sub(e, 3))
+  return 1
+end
+local function unindex(m)
+  if redis.call('LLEN', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], m) end
+end
+"#;
+
+/// KEYS: slots, parked, index; ARGV: ttl ms, limit, holder, entry, index member.
+/// Returns 1 (acquired) or 0 (parked).
+fn acquire_or_park() -> Script {
+    Script::new(&format!(
+        r#"{NOW}
+local ttl = tonumber(ARGV[1])
+local held = redis.call('ZSCORE', KEYS[1], ARGV[3])
+if held or redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') < tonumber(ARGV[2]) then
+  redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ttl + 60000)
+  return 1
+end
+redis.call('LPUSH', KEYS[2], ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+return 0
+"#
+    ))
+}
+
+/// KEYS: slots; ARGV: ttl ms, holder. Returns 1 if it was held (it is held afterwards anyway).
+fn renew() -> Script {
+    Script::new(&format!(
+        r#"{NOW}
+local ttl = tonumber(ARGV[1])
+local had = redis.call('ZSCORE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ttl + 60000)
+if had then return 1 end
+return 0
+"#
+    ))
+}
+
+/// KEYS: slots, parked, index, the queue's four buckets; ARGV: holder, index member.
+/// Returns 1 if a parked task moved back.
+fn release() -> Script {
+    Script::new(&format!(
+        r#"{MOVE_ONE}
+redis.call('ZREM', KEYS[1], ARGV[1])
+local moved = move_one()
+unindex(ARGV[2])
+return moved
+"#
+    ))
+}
+
+/// KEYS: slots, parked, index, the queue's four buckets; ARGV: index member.
+/// Returns how many parked tasks moved back.
+fn sweep() -> Script {
+    Script::new(&format!(
+        r#"{NOW}{MOVE_ONE}
+local n = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if n == 0 and redis.call('ZCARD', KEYS[1]) == 0 then n = 1 end
+local moved = 0
+for i = 1, n do
+  if move_one() == 0 then break end
+  moved = moved + 1
+end
+unindex(ARGV[1])
+return moved
+"#
+    ))
+}
+
+impl Keys {
+    fn slots(&self, key: &str) -> String {
+        format!("{}_celery_rs.slots.{key}", self.prefix())
+    }
+    fn parked(&self, member: &str) -> String {
+        format!("{}_celery_rs.parked.{member}", self.prefix())
+    }
+    fn parked_index(&self) -> String {
+        format!("{}_celery_rs.parked", self.prefix())
+    }
+}
+
+/// The index member of `key`'s tasks parked from `queue`.
+fn member(queue: &str, key: &str) -> String {
+    format!("{queue}{SEP}{key}")
+}
+
+impl RedisBroker {
+    /// Runs a script over a parked list: KEYS slots, parked, index, the queue's buckets.
+    fn over_list<'s>(&self, script: &'s Script, queue: &str, key: &str) -> redis::ScriptInvocation<'s> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.keys.slots(key)).key(self.keys.parked(&member(queue, key))).key(self.keys.parked_index());
+        for bucket in self.keys.buckets(queue) {
+            inv.key(bucket);
+        }
+        inv
+    }
+}
+
+#[async_trait]
+impl KeySlots for RedisBroker {
+    async fn acquire_or_park(
+        &self,
+        req: &SlotRequest<'_>,
+        queue: &str,
+        msg: &Message,
+    ) -> Result<Admission, BrokerError> {
+        req.validate()?;
+        let step = envelope::bucket_of(envelope::kombu_priority(msg));
+        let entry = format!("{step}|{}", envelope::encode(msg, "", queue));
+        let mut conn = self.conn.clone();
+        let got: i64 = acquire_or_park()
+            .key(self.keys.slots(req.key))
+            .key(self.keys.parked(&member(queue, req.key)))
+            .key(self.keys.parked_index())
+            .arg(millis(req.ttl).max(1))
+            .arg(req.limit)
+            .arg(req.holder)
+            .arg(entry)
+            .arg(member(queue, req.key))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis: take a key slot"))?;
+        Ok(if got == 1 { Admission::Acquired } else { Admission::Parked })
+    }
+
+    async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        let mut conn = self.conn.clone();
+        let had: i64 = renew()
+            .key(self.keys.slots(key))
+            .arg(millis(ttl).max(1))
+            .arg(holder)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis: renew a key slot"))?;
+        Ok(had == 1)
+    }
+
+    async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError> {
+        let mut conn = self.conn.clone();
+        let script = release();
+        let mut inv = self.over_list(&script, queue, key);
+        inv.arg(holder).arg(member(queue, key));
+        let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release a key slot"))?;
+        Ok(())
+    }
+
+    async fn sweep(&self) -> Result<u64, BrokerError> {
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = conn
+            .srandmember_multiple(self.keys.parked_index(), SWEEP_LISTS)
+            .await
+            .map_err(failed("redis: list parked tasks"))?;
+        let script = sweep();
+        let mut moved = 0u64;
+        for m in members {
+            let Some((queue, key)) = m.split_once(SEP) else { continue };
+            let mut inv = self.over_list(&script, queue, key);
+            inv.arg(&m);
+            let n: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: sweep key slots"))?;
+            moved += n.max(0) as u64;
+        }
+        Ok(moved)
+    }
+}

@@ -1,0 +1,243 @@
+//! Flow control with real worker processes, on the built-in broker (`broker serve`, reached over
+//! `log+tcp://`) and on Redis: per-key concurrency holds across three workers while other keys run
+//! meanwhile, and a worker killed with `kill -9` while holding key slots gives them back within
+//! the lease. Plus the [`KeySlots`] contract itself on each broker (park, release, bounds).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use celery_core::flow::{Admission, KeySlots, SlotRequest};
+use celery_core::protocol::Message;
+use celery_core::{App, Signature, TaskState};
+use celery_tests::{free_port, poll_until, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+/// Where the tasks go: a `broker serve` process, or a Redis key prefix.
+enum Setup {
+    Log { _dir: TempDir, _server: DemoProcess, url: String },
+    Redis(RedisEnv),
+}
+
+impl Setup {
+    fn log() -> Setup {
+        let dir = TempDir::new("flow");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let data = dir.0.display().to_string();
+        let server = DemoProcess::start_urls(
+            "unused://",
+            "unused://",
+            &["broker", "serve", "--data", &format!("{data}?lease_timeout=2&fsync=os"), "--listen", &listen],
+        );
+        assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()), "{}", server.log());
+        Setup::Log { _dir: dir, _server: server, url: format!("log+tcp://{listen}") }
+    }
+
+    fn redis() -> Option<Setup> {
+        redis_available("flow_control").then(|| Setup::Redis(RedisEnv::new(2.0)))
+    }
+
+    fn urls(&self) -> (String, String) {
+        match self {
+            Setup::Log { url, .. } => (url.clone(), url.clone()),
+            Setup::Redis(env) => (env.broker.clone(), env.backend.clone()),
+        }
+    }
+
+    async fn app(&self) -> App {
+        let (b, r) = self.urls();
+        celery_worker::connect(&b, &r).await.expect("connect")
+    }
+
+    fn worker(&self, args: &[&str]) -> DemoProcess {
+        let (b, r) = self.urls();
+        let w = DemoProcess::start_urls(&b, &r, &[&["worker"][..], args].concat());
+        assert!(w.wait_log("worker ready", T), "{}", w.log());
+        w
+    }
+}
+
+/// `(token, start ms, end ms)` of each finished span in the file.
+fn intervals(path: &std::path::Path) -> Vec<(String, i64, i64)> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut starts = HashMap::new();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [token, what, ms] = parts[..] else { panic!("bad line {line:?}") };
+        let ms: i64 = ms.parse().expect("ms");
+        match what {
+            "start" => {
+                starts.insert(token.to_owned(), ms);
+            }
+            "end" => out.push((token.to_owned(), starts[token], ms)),
+            _ => panic!("bad line {line:?}"),
+        }
+    }
+    out
+}
+
+/// The most intervals open at once (an end at the same millisecond as a start counts first: the
+/// slot is released after the end is written).
+fn max_overlap(spans: &[(String, i64, i64)]) -> usize {
+    let mut events: Vec<(i64, i32)> = spans.iter().flat_map(|(_, s, e)| [(*s, 1), (*e, -1)]).collect();
+    events.sort();
+    let (mut open, mut most) = (0i32, 0i32);
+    for (_, d) in events {
+        open += d;
+        most = most.max(open);
+    }
+    most as usize
+}
+
+async fn all_succeeded(app: &App, ids: &[String]) -> usize {
+    let mut n = 0;
+    for id in ids {
+        n += (app.result(id).state().await.unwrap() == TaskState::Success) as usize;
+    }
+    n
+}
+
+fn span(path: &std::path::Path, token: &str, ms: u64) -> Signature {
+    Signature::by_name("span").args(json!([path.display().to_string(), token, ms]))
+}
+
+/// 60 spans of one key (limit 2) over three workers never overlap more than 2, and use both
+/// slots; spans of other keys run meanwhile, many at once, and finish long before the key's.
+async fn key_limit_holds_across_workers(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("flow-spans");
+    let (keyed, others) = (dir.0.join("keyed"), dir.0.join("others"));
+    let _workers: Vec<DemoProcess> = (0..3).map(|_| setup.worker(&["-c", "8", "--key-lease", "5"])).collect();
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let r = app.send(span(&keyed, &format!("k{i}"), 100).concurrency_key("tenant-a")).await.unwrap();
+        ids.push(r.id().to_owned());
+    }
+    for i in 0..20 {
+        let r = app.send(span(&others, &format!("o{i}"), 300).concurrency_key(format!("solo-{i}"))).await.unwrap();
+        ids.push(r.id().to_owned());
+    }
+    let done = poll_until(T, || all_succeeded(&app, &ids), |n| *n == ids.len()).await;
+    assert_eq!(done, ids.len(), "every task succeeded");
+    let (k, o) = (intervals(&keyed), intervals(&others));
+    assert_eq!((k.len(), o.len()), (60, 20));
+    assert_eq!(max_overlap(&k), 2, "at most 2 of the key at once, and both slots used: {k:?}");
+    assert!(max_overlap(&o) > 2, "other keys run many at once: {o:?}");
+    let keyed_end = k.iter().map(|s| s.2).max().unwrap();
+    let others_end = o.iter().map(|s| s.2).max().unwrap();
+    assert!(
+        others_end + 1000 < keyed_end,
+        "other keys did not wait behind the limited key ({others_end} vs {keyed_end})"
+    );
+}
+
+/// A worker killed while holding both slots of a key: a new holder gets a slot within the lease
+/// (3 s), not before the slots' last renewal ran out; messages parked meanwhile move back to their
+/// queue once the dead slots are swept.
+async fn killed_worker_frees_its_slots(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("flow-kill");
+    let path = dir.0.join("spans");
+    let mut first = setup.worker(&["-c", "4", "--key-lease", "3"]);
+    for i in 0..2 {
+        app.send(span(&path, &format!("long{i}"), 60_000).concurrency_key("tenant-k")).await.unwrap();
+    }
+    let started = || std::fs::read_to_string(&path).unwrap_or_default().matches(" start ").count();
+    assert!(wait_until(T, || started() == 2), "{}", first.log());
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    let killed = Instant::now();
+    // A worker on another queue: it runs none of the killed tasks, but sweeps (Redis needs one).
+    let _sweeper = setup.worker(&["-Q", "elsewhere", "--key-lease", "3"]);
+    let broker = app.broker().clone();
+    let slots = broker.key_slots().expect("key slots");
+    let probe = Message::from_signature(&Signature::by_name("flow_probe")).unwrap();
+    let req = SlotRequest { key: "tenant-k", limit: 2, holder: "probe", ttl: Duration::from_secs(30) };
+    let first_try = slots.acquire_or_park(&req, "probe-q", &probe).await.unwrap();
+    assert_eq!(first_try, Admission::Parked, "the dead worker's slots are still leased right after the kill");
+    let got = poll_until(
+        Duration::from_secs(10),
+        || async { slots.acquire_or_park(&req, "probe-q", &probe).await.unwrap() },
+        |a| *a == Admission::Acquired,
+    )
+    .await;
+    let freed_after = killed.elapsed();
+    assert_eq!(got, Admission::Acquired);
+    assert!(freed_after <= Duration::from_millis(4500), "slots came back within the lease: {freed_after:?}");
+    // The probes parked meanwhile go back to their queue as the dead slots are swept.
+    let back =
+        poll_until(Duration::from_secs(10), || async { broker.queue_len("probe-q").await.unwrap() }, |n| *n >= 1).await;
+    assert!(back >= 1, "parked messages moved back after the slots expired");
+}
+
+/// The contract: over the limit parks (nothing on the queue), a release moves the oldest parked
+/// message back, the same holder keeps its slot, other keys are independent, bad keys refused.
+async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
+    let slots: &dyn KeySlots = broker.key_slots().expect("key slots");
+    let ttl = Duration::from_secs(30);
+    let req = |holder: &'static str| SlotRequest { key: "contract", limit: 2, holder, ttl };
+    let msgs: Vec<Message> =
+        (0..7).map(|n| Message::from_signature(&Signature::by_name("add").args(json!([n, 0]))).unwrap()).collect();
+    let msg = |n: usize| &msgs[n];
+    assert_eq!(slots.acquire_or_park(&req("a"), queue, msg(1)).await.unwrap(), Admission::Acquired);
+    assert_eq!(slots.acquire_or_park(&req("b"), queue, msg(2)).await.unwrap(), Admission::Acquired);
+    assert_eq!(slots.acquire_or_park(&req("a"), queue, msg(1)).await.unwrap(), Admission::Acquired);
+    assert_eq!(slots.acquire_or_park(&req("c"), queue, msg(3)).await.unwrap(), Admission::Parked);
+    assert_eq!(slots.acquire_or_park(&req("d"), queue, msg(4)).await.unwrap(), Admission::Parked);
+    let other = SlotRequest { key: "contract-other", ..req("e") };
+    assert_eq!(slots.acquire_or_park(&other, queue, msg(5)).await.unwrap(), Admission::Acquired);
+    assert_eq!(broker.queue_len(queue).await.unwrap(), 0);
+    assert!(slots.renew("contract", "a", ttl).await.unwrap());
+    slots.release("contract", "a", queue).await.unwrap();
+    assert_eq!(broker.queue_len(queue).await.unwrap(), 1, "one parked message moved back");
+    let mut consumer = broker.consume(&[queue.to_owned()], 1).await.unwrap();
+    let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    assert_eq!(d.message().as_ref().unwrap().headers.id, msg(3).headers.id, "the oldest parked moved first");
+    d.ack().await.unwrap();
+    consumer.close().await;
+    let bad = SlotRequest { key: "", ..req("x") };
+    assert!(slots.acquire_or_park(&bad, queue, msg(6)).await.is_err());
+    let zero = SlotRequest { limit: 0, ..req("x") };
+    assert!(slots.acquire_or_park(&zero, queue, msg(6)).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_key_limit_holds_across_workers() {
+    key_limit_holds_across_workers(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_key_limit_holds_across_workers() {
+    if let Some(s) = Setup::redis() {
+        key_limit_holds_across_workers(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_killed_worker_frees_its_slots() {
+    killed_worker_frees_its_slots(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_worker_frees_its_slots() {
+    if let Some(s) = Setup::redis() {
+        killed_worker_frees_its_slots(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_slots_contract_on_each_broker() {
+    let dir = TempDir::new("flow-contract");
+    let local = broker_backends::log::LogBroker::connect(&dir.url("fsync=os")).await.unwrap();
+    key_slots_contract(&local, "contract-q").await;
+    let tcp = Setup::log();
+    let (url, _) = tcp.urls();
+    let remote = broker_backends::log::LogBroker::connect(&url).await.unwrap();
+    key_slots_contract(&remote, "contract-q").await;
+    if let Some(Setup::Redis(env)) = Setup::redis() {
+        let redis = broker_backends::redis::RedisBroker::connect(&env.broker).await.unwrap();
+        key_slots_contract(&redis, "contract-q").await;
+    }
+}
