@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 
 use crate::capability::{Broadcasts, Documents, Leases, Routing};
 use crate::error::{BrokerError, ProtocolError};
-use crate::flow::KeySlots;
+use crate::flow::{KeySlots, RateBuckets};
 use crate::protocol::Message;
 use crate::routing::Route;
 
@@ -165,6 +165,11 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Per-key concurrency slots, when the broker holds them ([`KeySlots`]).
     fn key_slots(&self) -> Option<&dyn KeySlots> {
+        None
+    }
+
+    /// Cluster-wide rate limit buckets, when the broker holds them ([`RateBuckets`]).
+    fn rate_buckets(&self) -> Option<&dyn RateBuckets> {
         None
     }
 }

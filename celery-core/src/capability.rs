@@ -13,6 +13,7 @@
 //! | chords | [`Chords`] | chord counting |
 //! | idempotency claims | [`Claims`] | `Signature::idempotency_key` |
 //! | per-key concurrency slots | [`KeySlots`](crate::flow::KeySlots) | `#[task(key_concurrency = N)]` |
+//! | cluster-wide rate limits | [`RateBuckets`](crate::flow::RateBuckets) | `#[task(rate_scope = "cluster")]` |
 //!
 //! Code that holds a concrete backend calls the trait's methods directly, so a missing capability is
 //! a compile error there. Code that holds `dyn Broker` asks with [`Broker::routing`] (and the like),
@@ -290,6 +291,11 @@ macro_rules! offers {
             ::std::option::Option::Some(self)
         }
     };
+    (@one rate_buckets) => {
+        fn rate_buckets(&self) -> ::std::option::Option<&dyn $crate::flow::RateBuckets> {
+            ::std::option::Option::Some(self)
+        }
+    };
     (@one chords) => {
         fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
             ::std::option::Option::Some(self)
@@ -326,6 +332,11 @@ impl dyn Broker {
     /// The broker's [`KeySlots`](crate::flow::KeySlots), or an error saying it has none.
     pub fn require_key_slots(&self, what: &str) -> Result<&dyn crate::flow::KeySlots, BrokerError> {
         self.key_slots().ok_or_else(|| self.lacks("per-key concurrency slots", what))
+    }
+
+    /// The broker's [`RateBuckets`](crate::flow::RateBuckets), or an error saying it has none.
+    pub fn require_rate_buckets(&self, what: &str) -> Result<&dyn crate::flow::RateBuckets, BrokerError> {
+        self.rate_buckets().ok_or_else(|| self.lacks("cluster-wide rate limits", what))
     }
 
     fn lacks(&self, capability: &str, what: &str) -> BrokerError {

@@ -1,4 +1,11 @@
-//! Flow control across the whole cluster: per-key concurrency slots held by the broker.
+//! Flow control across the whole cluster: per-key concurrency slots and cluster-wide rate limits,
+//! held by the broker.
+//!
+//! Cluster-wide rate limits (`#[task(rate_limit = "100/s", rate_scope = "cluster")]`, or `control
+//! rate-limit TASK RATE --cluster`): one bucket per task shared by every worker ([`RateBuckets`]).
+//! A worker reserves the task's next start time from the broker and waits until then (holding
+//! its worker slot, as Celery's per-worker limit does); starts over the whole cluster are spaced
+//! by the limit's interval.
 //!
 //! A task sent with a concurrency key ([`Signature::concurrency_key`](crate::Signature::concurrency_key),
 //! the [`CONCURRENCY_KEY`] header, which Python workers ignore) and whose task declares a limit
@@ -168,6 +175,40 @@ pub trait KeySlots: Send + Sync {
     async fn sweep(&self) -> Result<u64, BrokerError> {
         Ok(0)
     }
+}
+
+/// The longest bucket name (task names), in bytes.
+pub const MAX_BUCKET_NAME: usize = 255;
+/// The longest interval between starts a bucket takes (one an hour).
+pub const MAX_RATE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// Checks a rate bucket's name and interval.
+pub fn validate_bucket(name: &str, interval: Duration) -> Result<(), KeyError> {
+    if name.is_empty() || name.len() > MAX_BUCKET_NAME || name.chars().any(char::is_control) {
+        return Err(KeyError::Invalid { key: name.chars().take(64).collect(), reason: "not a task name" });
+    }
+    if interval.is_zero() || interval > MAX_RATE_INTERVAL {
+        return Err(KeyError::Invalid { key: name.chars().take(64).collect(), reason: "rate interval out of range" });
+    }
+    Ok(())
+}
+
+/// Cluster-wide rate limits: one reservation schedule per bucket (a task name), held by the broker.
+///
+/// ```no_run
+/// # async fn demo(broker: std::sync::Arc<dyn celery_core::Broker>) -> Result<(), celery_core::BrokerError> {
+/// let buckets = broker.require_rate_buckets("rate_scope = \"cluster\"")?;
+/// // 20 starts a second over every worker:
+/// let wait = buckets.reserve("span", std::time::Duration::from_millis(50)).await?;
+/// tokio::time::sleep(wait).await;
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait RateBuckets: Send + Sync {
+    /// Reserves the next start of bucket `name`, spaced `interval` after the one reserved before
+    /// it (or now, when that is past): how long the caller waits before starting. Atomic across
+    /// every worker.
+    async fn reserve(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError>;
 }
 
 #[cfg(test)]

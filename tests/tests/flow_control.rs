@@ -1,7 +1,8 @@
 //! Flow control with real worker processes, on the built-in broker (`broker serve`, reached over
 //! `log+tcp://`) and on Redis: per-key concurrency holds across three workers while other keys run
 //! meanwhile, and a worker killed with `kill -9` while holding key slots gives them back within
-//! the lease. Plus the [`KeySlots`] contract itself on each broker (park, release, bounds).
+//! the lease; a cluster-wide rate limit of 20/s over three workers gives 20/s overall. Plus the
+//! [`KeySlots`] contract itself on each broker (park, release, bounds).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -51,8 +52,10 @@ impl Setup {
     }
 
     fn worker(&self, args: &[&str]) -> DemoProcess {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!("flow{}@{}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed), std::process::id());
         let (b, r) = self.urls();
-        let w = DemoProcess::start_urls(&b, &r, &[&["worker"][..], args].concat());
+        let w = DemoProcess::start_urls(&b, &r, &[&["worker", "-n", &name][..], args].concat());
         assert!(w.wait_log("worker ready", T), "{}", w.log());
         w
     }
@@ -172,6 +175,31 @@ async fn killed_worker_frees_its_slots(setup: Setup) {
     assert!(back >= 1, "parked messages moved back after the slots expired");
 }
 
+/// `control rate_limit span 20/s --cluster` over three workers: 100 spans start at 20/s ± 10%
+/// overall (each worker alone would allow 20/s, 60/s in all).
+async fn cluster_rate_limit_holds_over_workers(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("flow-rate");
+    let path = dir.0.join("spans");
+    let _workers: Vec<DemoProcess> = (0..3).map(|_| setup.worker(&["-c", "8"])).collect();
+    let args = json!({"task_name": "span", "rate_limit": "20/s", "cluster": true});
+    let replies =
+        celery_worker::control::request(&app, "rate_limit", args, None, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(replies.len(), 3, "every worker took the limit: {replies:?}");
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        ids.push(app.send(span(&path, &format!("r{i}"), 0)).await.unwrap().id().to_owned());
+    }
+    let done = poll_until(T, || all_succeeded(&app, &ids), |n| *n == ids.len()).await;
+    assert_eq!(done, ids.len(), "every task succeeded");
+    let mut starts: Vec<i64> = intervals(&path).iter().map(|s| s.1).collect();
+    starts.sort();
+    let secs = (starts[99] - starts[0]) as f64 / 1000.0;
+    let rate = 99.0 / secs;
+    eprintln!("cluster-wide 20/s over 3 workers: {rate:.2}/s measured over {secs:.2} s");
+    assert!((18.0..=22.0).contains(&rate), "{rate:.2}/s overall over {secs:.2} s, expected 20/s ± 10%");
+}
+
 /// The contract: over the limit parks (nothing on the queue), a release moves the oldest parked
 /// message back, the same holder keeps its slot, other keys are independent, bad keys refused.
 async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
@@ -239,5 +267,17 @@ async fn key_slots_contract_on_each_broker() {
     if let Some(Setup::Redis(env)) = Setup::redis() {
         let redis = broker_backends::redis::RedisBroker::connect(&env.broker).await.unwrap();
         key_slots_contract(&redis, "contract-q").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_cluster_rate_limit_holds_over_workers() {
+    cluster_rate_limit_holds_over_workers(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_rate_limit_holds_over_workers() {
+    if let Some(s) = Setup::redis() {
+        cluster_rate_limit_holds_over_workers(s).await;
     }
 }

@@ -60,7 +60,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
-use celery_core::flow::{Admission, KeySlots, SlotRequest};
+use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
@@ -297,7 +297,7 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
 }
 #[async_trait]
 impl Routing for LogBroker {
@@ -382,6 +382,17 @@ impl KeySlots for LogBroker {
         match &self.inner {
             Inner::Local(s) => Ok(s.release_slot(key, holder).await?),
             Inner::Remote(c) => c.release_slot(key, holder).await,
+        }
+    }
+}
+
+/// The owner holds the buckets, in memory.
+#[async_trait]
+impl RateBuckets for LogBroker {
+    async fn reserve(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        match &self.inner {
+            Inner::Local(s) => Ok(s.reserve_start(name, interval)?),
+            Inner::Remote(c) => c.reserve_start(name, interval).await,
         }
     }
 }

@@ -9,6 +9,9 @@
 //! - `_celery_rs.parked` (set of `<queue>\x06\x16<key>`): the parked lists that are not empty,
 //!   which the sweep visits.
 //!
+//! - `_celery_rs.rate.<task>` (string: the next free start in µs, by the server's clock): a
+//!   cluster-wide rate limit; expires once that start is past.
+//!
 //! Parking is one script with the slot check, so no slot frees between "full" and "parked"; the
 //! worker acks the delivery only after the script answered. A release moves the oldest parked
 //! task of its key and queue back to its queue's bucket in the same script. A key's tasks parked
@@ -20,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::clock::millis;
-use celery_core::flow::{Admission, KeySlots, SlotRequest};
+use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::BrokerError;
 use redis::{AsyncCommands, Script};
@@ -116,7 +119,25 @@ return moved
     ))
 }
 
+/// KEYS: bucket; ARGV: interval µs. Returns the wait in µs.
+fn reserve() -> Script {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local next = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local start = math.max(next, now)
+local after = start + tonumber(ARGV[1])
+redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.floor((after - now) / 1000) + 1000)
+return math.floor(start - now)
+"#,
+    )
+}
+
 impl Keys {
+    fn rate(&self, name: &str) -> String {
+        format!("{}_celery_rs.rate.{name}", self.prefix())
+    }
     fn slots(&self, key: &str) -> String {
         format!("{}_celery_rs.slots.{key}", self.prefix())
     }
@@ -209,5 +230,20 @@ impl KeySlots for RedisBroker {
             moved += n.max(0) as u64;
         }
         Ok(moved)
+    }
+}
+
+#[async_trait]
+impl RateBuckets for RedisBroker {
+    async fn reserve(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        celery_core::flow::validate_bucket(name, interval)?;
+        let mut conn = self.conn.clone();
+        let us: i64 = reserve()
+            .key(self.keys.rate(name))
+            .arg(interval.as_micros() as u64)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis: reserve a rate limit start"))?;
+        Ok(Duration::from_micros(us.max(0) as u64))
     }
 }

@@ -387,7 +387,7 @@ impl Broker for RedisBroker {
         }
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
 }
 #[async_trait]
 impl Routing for RedisBroker {

@@ -59,6 +59,9 @@ pub enum ControlCommand {
         task: String,
         /// The rate.
         rate: String,
+        /// One limit for the whole cluster (a bucket the broker holds), not one per worker.
+        #[arg(long)]
+        cluster: bool,
         /// Destination and timeout.
         #[command(flatten)]
         reach: Reach,
@@ -221,8 +224,12 @@ pub(super) async fn control(app: &App, c: &ControlCommand) -> anyhow::Result<Exi
             let replies = crate::control::revoke(app, &ids, *terminate, reach.destination.clone(), timeout).await?;
             return Ok(print_replies(&replies, reach));
         }
-        ControlCommand::RateLimit { task, rate, reach } => {
-            ("rate_limit", json!({"task_name": task, "rate_limit": rate}), reach)
+        ControlCommand::RateLimit { task, rate, cluster, reach } => {
+            let mut args = json!({"task_name": task, "rate_limit": rate});
+            if *cluster {
+                args["cluster"] = json!(true);
+            }
+            ("rate_limit", args, reach)
         }
         ControlCommand::Shutdown { reach } => ("shutdown", json!({}), reach),
         ControlCommand::Terminate { ids, reach } => ("terminate", json!({"task_id": ids, "signal": "SIGTERM"}), reach),

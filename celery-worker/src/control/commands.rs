@@ -183,7 +183,8 @@ pub(super) fn revoke_by_stamped_headers(w: &Shared, args: Args<'_>) -> Result<Va
 }
 
 /// `rate_limit` (`task_name`, `rate_limit`: `10/s`, `100/m`, `5/h`, a number per second, or
-/// `0`/empty to remove it).
+/// `0`/empty to remove it; `cluster`: true for one bucket shared by every worker, held by the
+/// broker, an extension Celery's workers ignore).
 pub(super) fn rate_limit(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
     let task = args.required_text("task_name")?;
     let raw = args.required("rate_limit")?;
@@ -208,6 +209,12 @@ pub(super) fn rate_limit(w: &Shared, args: Args<'_>) -> Result<Value, PyError> {
     if registry::lookup(&task).is_none() {
         tracing::error!(%task, "rate limit attempt for an unknown task");
         return Ok(nok("unknown task"));
+    }
+    let cluster = matches!(args.get("cluster"), Some(Value::Bool(true)));
+    if cluster {
+        lock(&w.cluster_rates).insert(task.clone());
+    } else {
+        lock(&w.cluster_rates).remove(&task);
     }
     lock(&w.rate_overrides).insert(task.clone(), rate);
     Ok(match rate {

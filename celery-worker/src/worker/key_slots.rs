@@ -1,8 +1,13 @@
-//! Per-key concurrency in the worker (the mechanism is in [`celery_core::flow`]): right before a
+//! Flow control in the worker (the mechanisms are in [`celery_core::flow`]).
+//!
+//! Per-key concurrency: right before a
 //! task with a concurrency key and a limit runs, its slot is taken from the broker, or the broker
 //! parks the message and the delivery is acked; the slot is renewed while the task runs and
 //! released after its outcome is stored. A sweep loop frees the slots of dead workers on brokers
 //! that need one.
+//!
+//! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
+//! bucket; the caller waits for it as for a per-worker limit.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +143,11 @@ pub(super) fn keyed_tasks() -> Vec<&'static str> {
     registry::tasks().iter().filter(|e| (e.options)().key_concurrency.is_some()).map(|e| e.name).collect()
 }
 
+/// The tasks linked into this binary whose rate limit is cluster-wide.
+pub(super) fn cluster_rated_tasks() -> Vec<&'static str> {
+    registry::tasks().iter().filter(|e| (e.options)().rate_scope == Some("cluster")).map(|e| e.name).collect()
+}
+
 /// Sweeps the broker's expired key slots every third of the lease, while the worker runs (only
 /// when a linked task declares `key_concurrency` and the broker holds slots).
 pub(super) async fn sweep_loop(broker: Arc<dyn Broker>, lease: Duration) {
@@ -151,4 +161,12 @@ pub(super) async fn sweep_loop(broker: Arc<dyn Broker>, lease: Duration) {
             Err(e) => tracing::debug!(error = %e, "key slot sweep failed; next time"),
         }
     }
+}
+
+/// How long to wait for the next cluster-wide start of `task` spaced by `interval` (reserved
+/// from the broker's bucket), or why it cannot be had.
+pub(super) async fn cluster_wait(w: &Shared, task: &str, interval: Duration) -> Result<Duration, BrokerError> {
+    let broker = w.app.broker();
+    let buckets = broker.require_rate_buckets("rate_scope = \"cluster\"")?;
+    celery_core::backoff::retrying(|| buckets.reserve(task, interval)).await
 }

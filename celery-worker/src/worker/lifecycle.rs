@@ -153,7 +153,23 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
     let opts = (entry.options)();
     let interval = rate_interval(&w, entry.name, opts.rate_limit);
     if let Some(interval) = interval {
-        if !wait_listed(&w, &msg, entry.name, &delivery, Box::pin(w.limits.acquire(entry.name, interval))).await {
+        let waited = if cluster_scoped(&w, entry.name, &opts) {
+            match key_slots::cluster_wait(&w, entry.name, interval).await {
+                Ok(wait) => wait_listed(&w, &msg, entry.name, &delivery, tokio::time::sleep(wait)).await,
+                Err(e @ celery_core::BrokerError::Unsupported { .. }) => {
+                    let err = TaskError::new("ClusterRateUnsupported", e.to_string());
+                    Box::pin(reject(&w, d, Some(Rejected::of(&msg)), &err)).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster-wide rate limit unreachable: this worker's own limit applies");
+                    wait_listed(&w, &msg, entry.name, &delivery, Box::pin(w.limits.acquire(entry.name, interval))).await
+                }
+            }
+        } else {
+            wait_listed(&w, &msg, entry.name, &delivery, Box::pin(w.limits.acquire(entry.name, interval))).await
+        };
+        if !waited {
             Box::pin(requeue(&w.stats, d)).await;
             return;
         }
@@ -300,6 +316,15 @@ fn rate_interval(w: &Shared, task: &'static str, own: Option<&'static str>) -> O
             .ok(),
         (None, None) => None,
     }
+}
+
+/// Whether `task`'s rate limit is cluster-wide: `control rate_limit --cluster`'s when one is set,
+/// else the task's `rate_scope`.
+fn cluster_scoped(w: &Shared, task: &'static str, opts: &TaskOptions) -> bool {
+    if lock(&w.rate_overrides).contains_key(task) {
+        return lock(&w.cluster_rates).contains(task);
+    }
+    opts.rate_scope == Some("cluster")
 }
 
 /// The soft and hard time limits of this run: the message's own first, then `control

@@ -55,6 +55,7 @@ pub(super) async fn run_until(
         revoked_stamps: Default::default(),
         requests: Default::default(),
         rate_overrides: Default::default(),
+        cluster_rates: Default::default(),
         time_limits: Default::default(),
         totals: Default::default(),
         remote_stop,
@@ -105,6 +106,13 @@ pub(super) async fn run_until(
         return Err(e.into());
     }
     let heartbeat = tokio::spawn(heartbeat(shared.clone()));
+    let clustered = key_slots::cluster_rated_tasks();
+    if !clustered.is_empty() && shared.app.broker().rate_buckets().is_none() {
+        tracing::error!(
+            broker = shared.app.broker().kind(), tasks = ?clustered,
+            "this broker cannot hold cluster-wide rate limits: these tasks are rejected (use the built-in log broker or Redis)"
+        );
+    }
     let keyed = key_slots::keyed_tasks();
     let sweeping = match (keyed.is_empty(), shared.app.broker().key_slots().is_some()) {
         (false, true) => Some(tokio::spawn(key_slots::sweep_loop(shared.app.broker().clone(), cfg.key_lease))),

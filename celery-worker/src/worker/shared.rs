@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) requests: Requests,
     /// Rate limits set by `control rate_limit` (none: unlimited), overriding the tasks' own.
     pub(crate) rate_overrides: Mutex<HashMap<String, Option<Duration>>>,
+    /// The tasks whose `control rate_limit` override is cluster-wide (`--cluster`).
+    pub(crate) cluster_rates: Mutex<std::collections::HashSet<String>>,
     /// Time limits set by `control time_limit` (soft, hard), overriding the tasks' own.
     pub(crate) time_limits: Mutex<HashMap<&'static str, TimeLimits>>,
     /// Tasks started, by name (`inspect stats` `total`).

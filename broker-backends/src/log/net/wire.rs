@@ -83,6 +83,8 @@ pub(crate) mod flow {
     pub(crate) const RENEW: u8 = 1;
     /// nothing -> nothing.
     pub(crate) const RELEASE: u8 = 2;
+    /// (key: the bucket, holder: empty) `interval_us:u64` -> `wait_us:u64`.
+    pub(crate) const RATE: u8 = 3;
 }
 
 /// Chord operations (`CHORD` body: op, group, ...).

@@ -27,6 +27,10 @@ use super::store::LogStore;
 
 const PARKED_PREFIX: &str = "_celery_rs.parked.";
 
+fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64)
+}
+
 /// The slots and parked messages of every key.
 #[derive(Debug, Default)]
 pub(crate) struct KeyFlow {
@@ -39,6 +43,9 @@ pub(crate) struct KeyFlow {
 struct FlowState {
     keys: HashMap<String, KeyState>,
     next_seq: u64,
+    /// Cluster-wide rate limits: bucket -> the next free start (µs since the epoch). In memory:
+    /// an owner restart starts every bucket afresh.
+    buckets: HashMap<String, i64>,
 }
 
 #[derive(Debug, Default)]
@@ -189,6 +196,25 @@ impl LogStore {
         Ok(())
     }
 
+    /// Reserves the next start of the rate bucket `name` spaced `interval` after the last one
+    /// reserved; how long to wait for it.
+    pub(crate) fn reserve_start(&self, name: &str, interval: Duration) -> Result<Duration, LogError> {
+        celery_core::flow::validate_bucket(name, interval).map_err(|e| LogError::Invalid(e.to_string()))?;
+        let now = now_us();
+        let mut s = lock(&self.flow().state);
+        if !s.buckets.contains_key(name) && s.buckets.len() >= MAX_TRACKED_KEYS {
+            // Buckets whose next start is past hold nothing: forget them first.
+            s.buckets.retain(|_, next| *next > now);
+            if s.buckets.len() >= MAX_TRACKED_KEYS {
+                return Err(LogError::Invalid(format!("too many rate buckets (the limit is {MAX_TRACKED_KEYS})")));
+            }
+        }
+        let next = s.buckets.entry(name.to_owned()).or_insert(now);
+        let start = (*next).max(now);
+        *next = start.saturating_add(interval.as_micros() as i64);
+        Ok(Duration::from_micros((start - now) as u64))
+    }
+
     /// Frees expired slots and moves parked messages back for them (see the module's header).
     pub(crate) async fn sweep_slots(&self) -> Result<u64, LogError> {
         let flow = self.flow();
@@ -288,6 +314,25 @@ mod tests {
         // Its record is gone too.
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         assert_eq!(store.flow().counts(), (0, 0));
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
+    async fn rate_buckets_space_starts() {
+        let dir = tempfile_dir("flow-rate");
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        let interval = Duration::from_millis(100);
+        let waits: Vec<Duration> = (0..5).map(|_| store.reserve_start("t", interval).unwrap()).collect();
+        assert!(waits[0] < Duration::from_millis(5), "{waits:?}");
+        for (i, w) in waits.iter().enumerate().skip(1) {
+            let expected = interval * i as u32;
+            assert!(*w <= expected && *w + Duration::from_millis(20) > expected, "{waits:?}");
+        }
+        // Another bucket is independent.
+        assert!(store.reserve_start("u", interval).unwrap() < Duration::from_millis(5));
+        assert!(store.reserve_start("", interval).is_err());
+        assert!(store.reserve_start("t", Duration::ZERO).is_err());
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }

@@ -128,6 +128,13 @@ impl RemoteStore {
         Ok(Dec::new(&body).u8().map_err(bad_reply)? == 1)
     }
 
+    /// Reserves the next start of a rate bucket on the owner; how long to wait.
+    pub(crate) async fn reserve_start(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        let us = interval.as_micros().min(u64::MAX as u128) as u64;
+        let body = self.call(kind::FLOW, |e| e.u8(wire::flow::RATE).str(name).str("").u64(us)).await?;
+        Ok(Duration::from_micros(read_u64(&body)?))
+    }
+
     /// Releases a key slot on the owner (which moves a parked message back).
     pub(crate) async fn release_slot(&self, key: &str, holder: &str) -> Result<(), BrokerError> {
         self.call(kind::FLOW, |e| e.u8(wire::flow::RELEASE).str(key).str(holder)).await.map(|_| ())

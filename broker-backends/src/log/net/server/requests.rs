@@ -186,6 +186,11 @@ pub(super) async fn handle(
                     store.release_slot(&key, &holder).await.map_err(|e| e.to_string())?;
                     ok().finish()
                 }
+                wire::flow::RATE => {
+                    let interval = Duration::from_micros(d.u64().map_err(e)?);
+                    let wait = store.reserve_start(&key, interval).map_err(|e| e.to_string())?;
+                    ok().u64(wait.as_micros() as u64).finish()
+                }
                 other => return Err(format!("unknown key slot operation {other}")),
             }
         }
