@@ -106,6 +106,71 @@ pub fn validate_limit(limit: u32) -> Result<u32, KeyError> {
     }
 }
 
+/// A per-key-pattern limit from the worker's configuration (`worker --key-limit 'tenant-*=3'`):
+/// tasks sent with a concurrency key that matches `pattern` (`*` matches any run of characters)
+/// are limited to `limit` at once, whatever their task declares.
+///
+/// ```
+/// use celery_core::flow::KeyLimit;
+/// let l: KeyLimit = "tenant-*=3".parse().unwrap();
+/// assert!(l.matches("tenant-42") && !l.matches("other"));
+/// assert_eq!(l.limit, 3);
+/// assert!("tenant-*=0".parse::<KeyLimit>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyLimit {
+    /// The key pattern (`*`: any run of characters).
+    pub pattern: String,
+    /// At most this many tasks of one matching key at once.
+    pub limit: u32,
+}
+
+impl KeyLimit {
+    /// Whether `key` matches the pattern.
+    pub fn matches(&self, key: &str) -> bool {
+        glob(self.pattern.as_bytes(), key.as_bytes())
+    }
+}
+
+impl std::str::FromStr for KeyLimit {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<KeyLimit, KeyError> {
+        let bad = |reason| KeyError::Invalid { key: s.chars().take(MAX_KEY_LEN).collect(), reason };
+        let (pattern, n) = s.rsplit_once('=').ok_or_else(|| bad("expected PATTERN=LIMIT"))?;
+        validate_key(pattern)?;
+        let limit = n.trim().parse::<u32>().map_err(|_| bad("the limit is not a number"))?;
+        Ok(KeyLimit { pattern: pattern.to_owned(), limit: validate_limit(limit)? })
+    }
+}
+
+/// `*`-only glob matching, iterative (no backtracking blow-up).
+fn glob(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, si));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == s[si] {
+            pi += 1;
+            si += 1;
+        } else if let Some((sp, ss)) = star {
+            pi = sp + 1;
+            si = ss + 1;
+            star = Some((sp, ss + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == b'*')
+}
+
+/// The limit of `key`: the first of `patterns` that matches it, else the task's own.
+pub fn limit_for(key: &str, patterns: &[KeyLimit], task_limit: Option<u32>) -> Option<u32> {
+    patterns.iter().find(|l| l.matches(key)).map(|l| l.limit).or(task_limit)
+}
+
 /// One slot asked for: the key, its limit, who holds it and for how long.
 #[derive(Debug, Clone, Copy)]
 pub struct SlotRequest<'a> {
@@ -214,6 +279,20 @@ pub trait RateBuckets: Send + Sync {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn patterns_match_and_win_over_the_task() {
+        let l = |s: &str| s.parse::<KeyLimit>().unwrap();
+        assert!(l("a*b*c=1").matches("aXXbYc") && !l("a*b*c=1").matches("aXXbY"));
+        assert!(l("*=1").matches("anything") && l("exact=1").matches("exact") && !l("exact=1").matches("exact2"));
+        let pats = [l("tenant-*=3"), l("*=7")];
+        assert_eq!(limit_for("tenant-1", &pats, Some(2)), Some(3));
+        assert_eq!(limit_for("x", &pats, Some(2)), Some(7));
+        assert_eq!(limit_for("x", &[], Some(2)), Some(2));
+        assert_eq!(limit_for("x", &[], None), None);
+        assert!("noequals".parse::<KeyLimit>().is_err());
+        assert!("=3".parse::<KeyLimit>().is_err());
+    }
 
     #[test]
     fn keys_and_limits_are_bounded() {

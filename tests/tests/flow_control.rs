@@ -281,3 +281,23 @@ async fn redis_cluster_rate_limit_holds_over_workers() {
         cluster_rate_limit_holds_over_workers(s).await;
     }
 }
+
+/// `worker --key-limit 'pat-*=1'` wins over `span`'s own limit of 2 for matching keys only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_key_pattern_limit_wins_over_the_task() {
+    let setup = Setup::log();
+    let app = setup.app().await;
+    let dir = TempDir::new("flow-pattern");
+    let (one, two) = (dir.0.join("one"), dir.0.join("two"));
+    let _workers: Vec<DemoProcess> =
+        (0..2).map(|_| setup.worker(&["-c", "8", "--key-lease", "5", "--key-limit", "pat-*=1"])).collect();
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(app.send(span(&one, &format!("p{i}"), 150).concurrency_key("pat-x")).await.unwrap().id().to_owned());
+        ids.push(app.send(span(&two, &format!("q{i}"), 150).concurrency_key("other-x")).await.unwrap().id().to_owned());
+    }
+    let done = poll_until(T, || all_succeeded(&app, &ids), |n| *n == ids.len()).await;
+    assert_eq!(done, ids.len(), "every task succeeded");
+    assert_eq!(max_overlap(&intervals(&one)), 1, "the pattern's limit");
+    assert_eq!(max_overlap(&intervals(&two)), 2, "the task's own limit");
+}

@@ -62,6 +62,11 @@ pub struct WorkerArgs {
     /// runs): a killed worker's slots free after this long (0.5 to 3600).
     #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = parse_key_lease)]
     pub key_lease: f64,
+    /// Limit the tasks of every concurrency key matching PATTERN (`*`: any characters) to N at
+    /// once, over the task's own `key_concurrency` (repeatable; the first match wins; give every
+    /// worker the same ones).
+    #[arg(long = "key-limit", value_name = "PATTERN=N")]
+    pub key_limits: Vec<celery_core::flow::KeyLimit>,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -117,6 +122,7 @@ impl WorkerArgs {
             events: self.events,
             autoscale: self.autoscale,
             key_lease: celery_core::clock::secs_f64(self.key_lease),
+            key_limits: self.key_limits.clone(),
             ..defaults
         })
     }

@@ -45,6 +45,9 @@ pub struct WorkerConfig {
     /// The lease of a per-key concurrency slot (`worker --key-lease`, default 30 s, at least
     /// 0.5 s): renewed every third of it while its task runs; a dead worker's slots free after it.
     pub key_lease: Duration,
+    /// Per-key-pattern concurrency limits (`worker --key-limit 'tenant-*=3'`), the first match
+    /// winning over the task's own `key_concurrency`; give every worker the same ones.
+    pub key_limits: Vec<celery_core::flow::KeyLimit>,
 }
 
 impl Default for WorkerConfig {
@@ -61,6 +64,7 @@ impl Default for WorkerConfig {
             autoscale: None,
             autoscale_keepalive: Duration::from_secs(30),
             key_lease: Duration::from_secs(30),
+            key_limits: Vec::new(),
         }
     }
 }

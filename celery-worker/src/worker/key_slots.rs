@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use celery_core::flow::{validate_limit, Admission, SlotRequest, CONCURRENCY_KEY, MIN_KEY_LEASE};
+use celery_core::flow::{limit_for, validate_limit, Admission, SlotRequest, CONCURRENCY_KEY, MIN_KEY_LEASE};
 use celery_core::protocol::Message;
 use celery_core::registry;
 use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
@@ -85,14 +85,16 @@ pub(super) fn key_of(msg: &Message) -> Option<&str> {
     msg.headers.extra.get(CONCURRENCY_KEY).and_then(serde_json::Value::as_str)
 }
 
-/// The key's limit for a task: the task's own `key_concurrency`.
-pub(super) fn limit_of(opts: &TaskOptions) -> Option<u32> {
-    opts.key_concurrency.and_then(|n| validate_limit(n).ok())
+/// The limit of `key` for a task: the worker's first matching `--key-limit` pattern, else the
+/// task's own `key_concurrency`.
+pub(super) fn limit_of(w: &Shared, key: &str, opts: &TaskOptions) -> Option<u32> {
+    limit_for(key, &w.config.key_limits, opts.key_concurrency).and_then(|n| validate_limit(n).ok())
 }
 
 /// Takes a slot for `msg` or has it parked. `d` is acked once parked.
 pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOptions) -> KeyStep {
-    let (Some(key), Some(limit)) = (key_of(msg), limit_of(opts)) else { return KeyStep::Free };
+    let Some(key) = key_of(msg) else { return KeyStep::Free };
+    let Some(limit) = limit_of(w, key, opts) else { return KeyStep::Free };
     let broker = w.app.broker().clone();
     let Some(slots) = broker.key_slots() else {
         return KeyStep::Failed(BrokerError::Unsupported {

@@ -113,7 +113,10 @@ pub(super) async fn run_until(
             "this broker cannot hold cluster-wide rate limits: these tasks are rejected (use the built-in log broker or Redis)"
         );
     }
-    let keyed = key_slots::keyed_tasks();
+    let mut keyed = key_slots::keyed_tasks();
+    if !cfg.key_limits.is_empty() {
+        keyed.push("(--key-limit)");
+    }
     let sweeping = match (keyed.is_empty(), shared.app.broker().key_slots().is_some()) {
         (false, true) => Some(tokio::spawn(key_slots::sweep_loop(shared.app.broker().clone(), cfg.key_lease))),
         (false, false) => {
