@@ -61,13 +61,12 @@ impl KeyState {
     }
 }
 
+/// A parked message as the state keeps it: its record's key among the results (which hold its
+/// bytes, read again when it moves back; kept once in memory, not twice) and its queue.
 #[derive(Debug, Clone)]
 struct Parked {
-    /// Its record's key among the results.
     doc: String,
     queue: String,
-    record_key: Vec<u8>,
-    payload: Vec<u8>,
 }
 
 fn put_field(out: &mut Vec<u8>, b: &[u8]) {
@@ -83,20 +82,21 @@ fn take_field<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
 }
 
 /// A parked message's stored form: key, queue, record key, payload (each length-prefixed).
-fn encode(key: &str, p: &Parked) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + key.len() + p.queue.len() + p.record_key.len() + p.payload.len());
-    for field in [key.as_bytes(), p.queue.as_bytes(), &p.record_key, &p.payload] {
+fn encode(key: &str, queue: &str, record: &NewRecord) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + key.len() + queue.len() + record.key.len() + record.payload.len());
+    for field in [key.as_bytes(), queue.as_bytes(), &record.key, &record.payload] {
         put_field(&mut out, field);
     }
     out
 }
 
-fn decode(doc: String, mut b: &[u8]) -> Option<(String, Parked)> {
+/// The inverse of [`encode`]: key, queue, and the record to append.
+fn decode(mut b: &[u8]) -> Option<(String, String, NewRecord)> {
     let key = String::from_utf8(take_field(&mut b)?.to_vec()).ok()?;
     let queue = String::from_utf8(take_field(&mut b)?.to_vec()).ok()?;
     let record_key = take_field(&mut b)?.to_vec();
     let payload = take_field(&mut b)?.to_vec();
-    Some((key, Parked { doc, queue, record_key, payload }))
+    Some((key, queue, NewRecord { not_before_ms: 0, headers: Vec::new(), key: record_key, payload }))
 }
 
 impl KeyFlow {
@@ -106,8 +106,8 @@ impl KeyFlow {
             .iter()
             .filter_map(|(doc, (v, _))| {
                 let seq = doc.strip_prefix(PARKED_PREFIX)?.parse::<u64>().ok()?;
-                let (key, parked) = decode(doc.clone(), v)?;
-                Some((seq, key, parked))
+                let (key, queue, _) = decode(v)?;
+                Some((seq, key, Parked { doc: doc.clone(), queue }))
             })
             .collect();
         found.sort_by_key(|(seq, ..)| *seq);
@@ -157,9 +157,8 @@ impl LogStore {
             s.next_seq += 1;
             format!("{PARKED_PREFIX}{seq:020}")
         };
-        let parked =
-            Parked { doc: doc.clone(), queue: queue.to_owned(), record_key: record.key, payload: record.payload };
-        self.results().put(&doc, encode(req.key, &parked), DOC_TTL, |_| false).await?;
+        self.results().put(&doc, encode(req.key, queue, &record), DOC_TTL, |_| false).await?;
+        let parked = Parked { doc, queue: queue.to_owned() };
         lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
         Ok(Admission::Parked)
     }
@@ -246,8 +245,10 @@ impl LogStore {
     /// Appends a parked message to its queue, then deletes its record; put back first in line if
     /// the append fails.
     async fn move_back(&self, key: &str, p: Parked) -> Result<(), LogError> {
-        let rec =
-            NewRecord { not_before_ms: 0, headers: Vec::new(), key: p.record_key.clone(), payload: p.payload.clone() };
+        let Some((_, _, rec)) = self.results().get(&p.doc).as_deref().and_then(decode) else {
+            tracing::error!(doc = %p.doc, "log: a parked message's record is gone or damaged; dropped");
+            return Ok(());
+        };
         if let Err(e) = self.append_unchecked(&p.queue, vec![rec]).await {
             lock(&self.flow().state).keys.entry(key.to_owned()).or_default().parked.push_front(p);
             return Err(e);
