@@ -301,3 +301,28 @@ async fn log_key_pattern_limit_wins_over_the_task() {
     assert_eq!(max_overlap(&intervals(&one)), 1, "the pattern's limit");
     assert_eq!(max_overlap(&intervals(&two)), 2, "the task's own limit");
 }
+
+/// A task that declares `key_concurrency` (in this test binary).
+#[celery_worker::prelude::task(key_concurrency = 1)]
+async fn flow_keyed() -> u32 {
+    1
+}
+
+/// On a broker without key slots (memory), a keyed task is rejected with a clear error instead of
+/// running unlimited; the same task sent without a key runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_key_slots_rejects_keyed_tasks() {
+    let app = celery_worker::connect("memory://", "memory://").await.unwrap();
+    let cfg = celery_worker::WorkerConfig { queues: vec!["flow-mem".into()], concurrency: 2, ..Default::default() };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(celery_worker::Worker::new(app.clone(), cfg).run_until(async {
+        let _ = stopped.await;
+    }));
+    let keyed = app.send(flow_keyed::new().queue("flow-mem").concurrency_key("k")).await.unwrap();
+    let free = app.send(flow_keyed::new().queue("flow-mem")).await.unwrap();
+    assert_eq!(free.get::<u32>(T).await.unwrap(), 1);
+    let err = keyed.get::<u32>(T).await.unwrap_err().to_string();
+    assert!(err.contains("KeyConcurrencyUnsupported") && err.contains("per-key concurrency"), "{err}");
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
