@@ -12,6 +12,9 @@
 //! - `_celery_rs.rate.<task>` (string: the next free start in µs, by the server's clock): a
 //!   cluster-wide rate limit; expires once that start is past.
 //!
+//! Not on a Redis Cluster (`Broker::key_slots` is `None` there): the keys of one step would be in
+//! different slots. Rate buckets are single keys, so they work on a cluster too.
+//!
 //! Parking is one script with the slot check, so no slot frees between "full" and "parked"; the
 //! worker acks the delivery only after the script answered. A release moves the oldest parked
 //! task of its key and queue back to its queue's bucket in the same script. A key's tasks parked
@@ -159,7 +162,8 @@ impl RedisBroker {
     fn over_list<'s>(&self, script: &'s Script, queue: &str, key: &str) -> redis::ScriptInvocation<'s> {
         let mut inv = script.prepare_invoke();
         inv.key(self.keys.slots(key)).key(self.keys.parked(&member(queue, key))).key(self.keys.parked_index());
-        for bucket in self.keys.buckets(queue) {
+        // One server (key slots are not offered on a cluster): shard 0.
+        for bucket in self.keys.buckets(queue, 0) {
             inv.key(bucket);
         }
         inv

@@ -387,7 +387,13 @@ impl Broker for RedisBroker {
         }
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
+    celery_core::offers!(routing, broadcasts, leases, documents, rate_buckets);
+
+    /// Not on a Redis Cluster: a key's slots, its parked lists and its queues' buckets would be in
+    /// different slots, which one script cannot touch.
+    fn key_slots(&self) -> Option<&dyn celery_core::flow::KeySlots> {
+        (!self.keys.is_cluster()).then_some(self)
+    }
 }
 #[async_trait]
 impl Routing for RedisBroker {
