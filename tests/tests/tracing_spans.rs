@@ -9,6 +9,8 @@
 //! 3. A message that carries a foreign `traceparent` (as Python's instrumentation sends it, a
 //!    top-level header) continues that trace on our worker; a malformed one is ignored: the task
 //!    runs and starts a trace of its own.
+//! 4. A worker without `--otlp-endpoint` passes the trace context on: the next step of a chain,
+//!    run on a traced worker, continues the trace the first step carried.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -198,4 +200,36 @@ async fn a_foreign_traceparent_continues_and_a_malformed_one_is_ignored() {
     let fresh = run_of(b.id());
     assert!(fresh.parent_span_id.is_empty(), "a malformed traceparent starts a new trace: {fresh:?}");
     assert_ne!(fresh.trace_id, trace_id.to_owned());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_crosses_an_untraced_worker() {
+    if !redis_available(SUITE) {
+        return;
+    }
+    let (env, collector) = (RedisEnv::new(30.0), Collector::start().await);
+    let (first, second) = ("trace-untraced", "trace-traced");
+    // The chain's first step runs on a worker without `--otlp-endpoint`, its second on a traced one.
+    let untraced = DemoProcess::start(&env, &["worker", "-Q", first, "-c", "2"]);
+    let traced = worker(&env, &collector, second);
+    let app = celery_worker::connect(&env.broker, &env.backend).await.expect("connect");
+    let (trace_id, parent) = ("5bf92f3577b34da6a3ce929d0e0e4737", "10f067aa0ba902b8");
+    let steps = [
+        Signature::by_name("add")
+            .args(json!([1, 2]))
+            .queue(first)
+            .header("traceparent", json!(format!("00-{trace_id}-{parent}-01"))),
+        Signature::by_name("add").args(json!([10])).queue(second),
+    ];
+    let last = app.send_chain(steps).await.expect("send the chain");
+    match last.get::<i64>(T).await {
+        Ok(sum) => assert_eq!(sum, 13),
+        Err(e) => panic!("{e:?}\nuntraced:\n{}\ntraced:\n{}", untraced.log(), traced.log()),
+    }
+    let spans = poll_until(T, || async { collector.spans() }, |s| !named(s, "run/add").is_empty()).await;
+    let run = named(&spans, "run/add");
+    assert_eq!(run.len(), 1, "only the traced worker exports: {spans:#?}");
+    assert_eq!(run[0].attr("messaging.message.id"), Some(last.id()));
+    assert_eq!((run[0].trace_id.as_str(), run[0].parent_span_id.as_str()), (trace_id, parent));
+    assert!(spans.iter().all(|s| s.pid == i64::from(traced.child.id())), "{spans:#?}");
 }
