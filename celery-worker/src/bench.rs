@@ -173,7 +173,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
         tokio::time::sleep(Duration::from_millis(1)).await;
         polls += 1;
-        if a.sleep_ms.is_some() && polls % 10 == 0 {
+        if a.sleep_ms.is_some() && polls.is_multiple_of(10) {
             rss_peak = rss_peak.max(rss_mib().1);
         }
     }
