@@ -293,7 +293,7 @@ pub fn run_span(h: &Headers, queue: &str, hostname: &str) -> tracing::Span {
 
 /// The span of retrying a task (`retry/<task>`, kind producer): the next attempt's message
 /// carries its context. Disabled when tracing is off.
-pub fn retry_span(h: &Headers, reason: &str) -> tracing::Span {
+pub fn retry_span(h: &Headers, reason: &dyn fmt::Display) -> tracing::Span {
     if !enabled() {
         return tracing::Span::none();
     }
@@ -301,7 +301,7 @@ pub fn retry_span(h: &Headers, reason: &str) -> tracing::Span {
         target: TARGET, "retry",
         otel.name = format!("retry/{}", h.task), otel.kind = "producer",
         celery.action = "retry", celery.task_name = %h.task, messaging.message.id = %h.id,
-        celery.retries = h.retries + 1, celery.retry.reason = reason,
+        celery.retries = h.retries + 1, celery.retry.reason = %reason,
     )
 }
 

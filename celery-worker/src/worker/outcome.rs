@@ -92,7 +92,7 @@ pub(super) async fn conclude(
             TaskErrorKind::InvalidArguments => {
                 // Python raises TypeError for arguments that do not fit; the message is kept too.
                 let err = TaskError::new("TypeError", format!("invalid arguments: {}", err.message()));
-                traced("REJECTED", Some(&err.to_string()));
+                traced("REJECTED", Some(&err));
                 match d.take() {
                     Some(d) => Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await,
                     // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
@@ -179,7 +179,7 @@ async fn retry_or_fail(
     let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
     // Untraced, the next attempt keeps the message's trace context; traced, it is the retry span's.
     next.headers.extra.remove(celery_core::trace::SENT_AT);
-    let span = celery_core::trace::retry_span(&msg.headers, &err.to_string());
+    let span = celery_core::trace::retry_span(&msg.headers, &err);
     celery_core::trace::inject(&span, &mut next.headers);
     let published = w.app.broker().publish(&Route::queue(queue), &next).instrument(span).await;
     if let Err(e) = published {
@@ -203,7 +203,7 @@ async fn retry_or_fail(
 /// A final failure: FAILURE stored, errbacks sent, counted into its chord, then settled.
 async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
     tracing::warn!(error = %err, "failed");
-    traced("FAILURE", Some(&err.to_string()));
+    traced("FAILURE", Some(err));
     let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
     let stored = store(w, msg, entry, meta.clone()).await;
     followups::on_failure(&w.app, msg).await;
@@ -347,9 +347,10 @@ pub(super) async fn chord_member(w: &Shared, msg: &Message, state: TaskState, re
 }
 
 /// Records the run's final state on its span (the current one) while tracing.
-fn traced(state: &str, error: Option<&str>) {
+fn traced(state: &str, error: Option<&TaskError>) {
     if celery_core::trace::enabled() {
-        celery_core::trace::record_state(&tracing::Span::current(), state, error);
+        let error = error.map(ToString::to_string);
+        celery_core::trace::record_state(&tracing::Span::current(), state, error.as_deref());
     }
 }
 
