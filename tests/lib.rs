@@ -8,10 +8,12 @@
 //! [`python`] installs Python Celery and Flower for the suites that run them against ours;
 //! [`browser`] installs headless Chromium for the suites that look at web pages;
 //! [`cluster`] runs RabbitMQ and Redis clusters on loopback (`scripts/cluster`) for the failover
-//! suites; [`pg_server`] runs a private PostgreSQL server for the suites that restart or crash one.
+//! suites; [`pg_server`] runs a private PostgreSQL server for the suites that restart or crash one;
+//! [`otlp`] is a small OTLP/HTTP collector for the tracing suites.
 
 pub mod browser;
 pub mod cluster;
+pub mod otlp;
 pub mod pg_server;
 pub mod python;
 

@@ -164,8 +164,21 @@ impl App {
     /// With an [idempotency key](Signature::idempotency_key), a send within
     /// [`AppConfig::idempotency_window`] of the first send with that key returns the first task's
     /// result and sends nothing (the result backend holds the keys; not on `rpc://`).
+    ///
+    /// While tracing ([`crate::trace`]), the send is an `apply_async/<task>` span (a child of the
+    /// current span) whose context the message carries in its `traceparent` header.
     pub async fn send(&self, sig: Signature) -> Result<AsyncResult, AppError> {
-        let (route, msg) = self.prepare(&sig)?;
+        let (route, mut msg) = self.prepare(&sig)?;
+        if crate::trace::enabled() {
+            let span = crate::trace::send_span(&msg.headers, &route.routing_key);
+            crate::trace::inject(&span, &mut msg.headers);
+            return tracing::Instrument::instrument(self.publish_one(&sig, route, msg), span).await;
+        }
+        self.publish_one(&sig, route, msg).await
+    }
+
+    /// [`App::send`] once the message is made.
+    async fn publish_one(&self, sig: &Signature, route: Route, msg: Message) -> Result<AsyncResult, AppError> {
         let id = &msg.headers.id;
         if let Some(key) = &sig.options.idempotency_key {
             if let Some(first) = self.backend.require_claims()?.claim(key, id, self.config.idempotency_window).await? {
@@ -213,7 +226,20 @@ impl App {
 
     /// Sends many invocations in one batch (one broker round trip where possible), retried like `send`.
     pub async fn send_batch(&self, sigs: impl IntoIterator<Item = Signature>) -> Result<Vec<AsyncResult>, AppError> {
-        let batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
+        let mut batch = sigs.into_iter().map(|s| self.prepare(&s)).collect::<Result<Vec<_>, _>>()?;
+        // While tracing, one `apply_async` span per message, open until the batch is published.
+        let _spans: Vec<tracing::Span> = if crate::trace::enabled() {
+            batch
+                .iter_mut()
+                .map(|(route, msg)| {
+                    let span = crate::trace::send_span(&msg.headers, &route.routing_key);
+                    crate::trace::inject(&span, &mut msg.headers);
+                    span
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         crate::backoff::retrying(|| self.broker.publish_batch(&batch)).await?;
         for (route, msg) in &batch {
             self.sent_event(route, msg).await;

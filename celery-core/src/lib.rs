@@ -32,6 +32,7 @@ pub mod signature;
 pub mod state;
 pub mod sync;
 pub mod task;
+pub mod trace;
 pub mod url;
 
 pub use app::{App, AppConfig, AsyncResult};

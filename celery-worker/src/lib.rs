@@ -34,6 +34,8 @@ pub mod control;
 pub mod events;
 pub mod metrics;
 pub mod monitor;
+#[cfg(feature = "otel")]
+pub mod otlp;
 pub mod outbox;
 pub mod worker;
 

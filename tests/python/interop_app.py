@@ -7,6 +7,8 @@ As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2,
 step to <queue>, waits for the last result and prints it as one JSON line.
 `python interop_app.py chord <queue>` sends the chord `[add(i, i) for i in range(10)] | tsum()`,
 every task to <queue>, and prints the body's result (90) as one JSON line.
+With TRACEPARENT in the environment, `add` is sent with that `traceparent` header; the task
+`traceparent` returns the `traceparent` its request carries.
 `python interop_app.py revoke <id>` revokes a task id through `app.control.revoke`.
 
 The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
@@ -36,13 +38,22 @@ def add(x, y):
     return x + y
 
 
+@app.task(name="traceparent", bind=True)
+def traceparent(self):
+    # Where opentelemetry-instrumentation-celery reads the trace context on a worker.
+    return getattr(self.request, "traceparent", None)
+
+
 @app.task(name="tsum")
 def tsum(values):
     return sum(values)
 
 
 def produce(queue):
-    added = app.send_task("add", args=[2, 3], queue=queue).get(timeout=30)
+    # With TRACEPARENT set, `add` carries it as opentelemetry-instrumentation-celery injects it: a
+    # top-level message header.
+    headers = {"traceparent": os.environ["TRACEPARENT"]} if "TRACEPARENT" in os.environ else None
+    added = app.send_task("add", args=[2, 3], queue=queue, headers=headers).get(timeout=30)
     try:
         app.send_task("fail", args=["oops"], queue=queue).get(timeout=30, propagate=True)
     except Exception as exc:  # the worker's error, rebuilt as a Python exception

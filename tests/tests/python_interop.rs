@@ -18,6 +18,11 @@
 //! 5. Events: `celery -A interop_app events --dump` (Python) prints the task events of our worker
 //!    started with `-E`, over Redis and over RabbitMQ.
 //!
+//! 1b. Tracing: the Python producer's `add` carries a `traceparent` header (as
+//!    opentelemetry-instrumentation-celery injects it) and our traced worker's `run/add` span
+//!    continues that trace; our traced `demo send` puts its send span's context where that
+//!    instrumentation reads it on a Python worker (`task.request.traceparent`).
+//!
 //! 6. Remote control: Python's `celery inspect ping` gets our worker's pong, and a task id revoked
 //!    with Python's `app.control.revoke` is not run by our worker, over Redis and over RabbitMQ.
 //!
@@ -33,8 +38,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use celery_core::Signature;
+use celery_tests::otlp::Collector;
 use celery_tests::python::{self, Service};
-use celery_tests::{amqp_available, demo_bin, redis_available, wait_until, AmqpVhost, REDIS};
+use celery_tests::{amqp_available, demo_bin, poll_until, redis_available, wait_until, AmqpVhost, REDIS};
 use serde_json::{json, Value};
 
 const SUITE: &str = "python_interop";
@@ -97,23 +103,23 @@ fn python_cmd(python: &Path, servers: &Servers, args: &[&str]) -> Command {
     cmd
 }
 
-#[test]
-fn python_producer_runs_on_our_worker() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_producer_runs_on_our_worker() {
     let Some(servers) = Servers::redis(10, 11) else {
         return;
     };
     if let Some(python) = python_or_skip() {
-        python_producer_runs_on_our_worker_via(python, &servers);
+        python_producer_runs_on_our_worker_via(python, &servers).await;
     }
 }
 
-#[test]
-fn python_producer_runs_on_our_worker_over_amqp() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_producer_runs_on_our_worker_over_amqp() {
     let Some(servers) = Servers::amqp(7) else {
         return;
     };
     if let Some(python) = python_or_skip() {
-        python_producer_runs_on_our_worker_via(python, &servers);
+        python_producer_runs_on_our_worker_via(python, &servers).await;
     }
 }
 
@@ -137,16 +143,31 @@ async fn our_producer_runs_on_a_python_worker_over_amqp() {
     }
 }
 
-/// Direction 1: the Python producer's `add` and `fail` run on our worker, started here.
-fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
-    let worker = our_worker(servers, &["-Q", QUEUE, "-c", "2"]);
+/// Direction 1: the Python producer's `add` and `fail` run on our worker, started here (traced);
+/// `add` carries a `traceparent` as Python's instrumentation sends it, and its run continues
+/// that trace.
+async fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
+    let collector = Collector::start().await;
+    let worker = Service::start(
+        servers
+            .apply(&mut Command::new(demo_bin()))
+            .args(["worker", "-Q", QUEUE, "-c", "2", "--otlp-endpoint", &collector.url])
+            .env("RUST_LOG", "info")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    );
+    let (trace_id, parent) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
 
     // The script waits (30 s at most) for both results and prints what it got as JSON.
-    let (got, report) = run_python_producer(python, servers, &["interop_app.py", QUEUE], &worker);
+    let mut cmd = python_cmd(python, servers, &["interop_app.py", QUEUE]);
+    cmd.env("TRACEPARENT", format!("00-{trace_id}-{parent}-01"));
+    let (got, report) = run_python_producer_cmd(cmd, &worker);
     eprintln!("{SUITE}: the Python producer got {got} over {}", servers.broker);
     assert_eq!(got["add"], json!(5), "{report}");
     let message = got["fail"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("oops"), "{report}");
+    let spans = poll_until(T, || async { collector.spans() }, |s| s.iter().any(|s| s.name == "run/add")).await;
+    let run = spans.iter().find(|s| s.name == "run/add").unwrap_or_else(|| panic!("no run/add: {spans:#?}"));
+    assert_eq!((run.trace_id.as_str(), run.parent_span_id.as_str()), (trace_id, parent), "{report}");
 }
 
 /// Our worker (the demo binary) with these `worker` options.
@@ -176,7 +197,12 @@ fn python_worker(python: &Path, servers: &Servers, queue: &str) -> Service {
 /// Runs a Python producer script that prints one JSON line last; returns that line and a report of
 /// its output and our worker's log for assertion messages. Fails when the script fails.
 fn run_python_producer(python: &Path, servers: &Servers, args: &[&str], worker: &Service) -> (Value, String) {
-    let out = python_cmd(python, servers, args).output().expect("run the Python producer");
+    run_python_producer_cmd(python_cmd(python, servers, args), worker)
+}
+
+/// [`run_python_producer`] with the command made.
+fn run_python_producer_cmd(mut cmd: Command, worker: &Service) -> (Value, String) {
+    let out = cmd.output().expect("run the Python producer");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let report = format!(
         "Python producer ({}):\n{stdout}{}\nour worker's log:\n{}",
@@ -193,7 +219,9 @@ fn run_python_producer(python: &Path, servers: &Servers, args: &[&str], worker: 
     (got, report)
 }
 
-/// Direction 2: our `add(2, 3)` runs on a Python Celery worker, started here.
+/// Direction 2: our `add(2, 3)` runs on a Python Celery worker, started here; then a traced
+/// `demo send` of `traceparent` finds its send span's context where Python's instrumentation reads
+/// it (`task.request.traceparent`).
 async fn our_producer_runs_on_a_python_worker_via(python: &Path, servers: &Servers) {
     let app = celery_worker::connect(&servers.broker, &servers.backend).await.expect("connect");
     // Sent before the worker starts: it waits in the queue until the worker is up.
@@ -203,6 +231,19 @@ async fn our_producer_runs_on_a_python_worker_via(python: &Path, servers: &Serve
         Ok(sum) => assert_eq!(sum, 5),
         Err(e) => panic!("{e:?}\nPython worker's log:\n{}", worker.log()),
     }
+    let collector = Collector::start().await;
+    let out = servers
+        .apply(&mut Command::new(demo_bin()))
+        .args(["send", "traceparent", "-Q", QUEUE, "--wait", "30", "--json", "--otlp-endpoint", &collector.url])
+        .output()
+        .expect("demo send");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = stdout.lines().last().and_then(|l| serde_json::from_str(l).ok()).unwrap_or_default();
+    let seen = report["result"].as_str().unwrap_or_else(|| panic!("{stdout}\nPython worker's log:\n{}", worker.log()));
+    let spans =
+        poll_until(T, || async { collector.spans() }, |s| s.iter().any(|s| s.name == "apply_async/traceparent")).await;
+    let send = spans.iter().find(|s| s.name == "apply_async/traceparent").expect("the send span");
+    assert_eq!(seen, format!("00-{}-{}-01", send.trace_id, send.span_id));
 }
 
 #[test]

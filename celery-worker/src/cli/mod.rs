@@ -67,6 +67,11 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace) or a tracing filter; RUST_LOG wins when set.
     #[arg(long, short = 'l', global = true, default_value = "info")]
     pub loglevel: String,
+    /// Export spans (send, queue wait, run, retry, result store) over OTLP/HTTP to this collector,
+    /// e.g. http://127.0.0.1:4318 (`/v1/traces` is appended unless a path is given). Needs the
+    /// `otel` feature.
+    #[arg(long, global = true, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -138,7 +143,13 @@ where
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    init_logging(&cli.loglevel);
+    let exporter = match init_logging(&cli.loglevel, cli.otlp_endpoint.as_deref()) {
+        Ok(exporter) => exporter,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -146,25 +157,77 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(execute(cli)) {
+    let code = match rt.block_on(execute(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(rt);
+    // Spans still buffered are exported before the process ends.
+    exporter.shutdown();
+    code
 }
 
-fn init_logging(level: &str) {
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
     // lapin logs every channel RabbitMQ closes at error level, and a missing queue closes one (see
     // broker_backends::amqp): our own errors report what matters, with context.
     let spec = if level.contains("lapin") { level.to_owned() } else { format!("{level},lapin::channel=off") };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&spec))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// Logs to stderr; with `--otlp-endpoint`, also exports spans ([`crate::otlp`]) and turns tracing
+/// on ([`celery_core::trace::enable`]).
+fn init_logging(level: &str, otlp_endpoint: Option<&str>) -> anyhow::Result<SpanExport> {
     // Colours only on a terminal: log files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    let Some(endpoint) = otlp_endpoint else {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(log_filter(level))
+            .with_ansi(ansi)
+            .with_writer(std::io::stderr)
+            .try_init();
+        return Ok(SpanExport::default());
+    };
+    otlp_logging(level, ansi, endpoint)
+}
+
+#[cfg(feature = "otel")]
+fn otlp_logging(level: &str, ansi: bool, endpoint: &str) -> anyhow::Result<SpanExport> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let exporter = crate::otlp::Exporter::start(endpoint)?;
+    // The trace spans go to the exporter only, not into the log lines.
+    let quiet = format!("{}=off", celery_core::trace::TARGET);
+    let filter = log_filter(level).add_directive(quiet.parse()?);
+    let logs = tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr).with_filter(filter);
+    let _ = tracing_subscriber::registry().with(logs).with(exporter.layer()).try_init();
+    celery_core::trace::enable();
+    tracing::info!(endpoint = %crate::otlp::traces_url(endpoint)?, "exporting spans over OTLP/HTTP");
+    Ok(SpanExport(Some(exporter)))
+}
+
+#[cfg(not(feature = "otel"))]
+fn otlp_logging(_: &str, _: bool, _: &str) -> anyhow::Result<SpanExport> {
+    anyhow::bail!("--otlp-endpoint: this binary was built without the `otel` feature of celery-worker")
+}
+
+/// The span exporter the CLI started, if any.
+#[derive(Default)]
+struct SpanExport(#[cfg(feature = "otel")] Option<crate::otlp::Exporter>);
+
+impl SpanExport {
+    /// Exports what is buffered (blocking).
+    fn shutdown(self) {
+        #[cfg(feature = "otel")]
+        if let Some(e) = self.0 {
+            e.shutdown();
+        }
+    }
 }
 
 /// Runs one subcommand; every one but `broker` connects to the broker and backend first.

@@ -41,6 +41,12 @@ pub struct SendArgs {
     /// At most the task's `key_concurrency` tasks of KEY run at once across every worker.
     #[arg(long, value_name = "KEY")]
     pub concurrency_key: Option<String>,
+    /// Then run this task with the previous result as its first argument (a chain), given as a
+    /// Celery signature document such as '{"task": "add", "args": [10]}' (in `--queue` unless
+    /// its options name one); repeatable, at most 64. The id printed and waited for is the last
+    /// task's.
+    #[arg(long, value_name = "SIGNATURE")]
+    pub then: Vec<String>,
     /// Wait for the result, at most SECS (default 30), showing the states the task reports on
     /// stderr (a progress bar on a terminal, plain lines otherwise).
     #[arg(long, num_args = 0..=1, default_missing_value = "30")]
@@ -66,7 +72,11 @@ pub struct ResultArgs {
 /// `send`: sends the task and prints its id, or (with `--wait` or `--json`) its state.
 pub(super) async fn send(app: &App, a: &SendArgs) -> anyhow::Result<ExitCode> {
     let sig = signature(a)?;
-    let res = app.send(sig).await?;
+    let res = if a.then.is_empty() {
+        app.send(sig).await?
+    } else {
+        app.send_chain(std::iter::once(sig).chain(then(a)?)).await?
+    };
     eprintln!("sent {} as {}", a.task, res.id());
     if a.wait.is_none() && !a.json {
         // Not waiting: the id is the answer, whatever state the task reached meanwhile.
@@ -112,6 +122,25 @@ fn signature(a: &SendArgs) -> anyhow::Result<Signature> {
         sig = sig.concurrency_key(k.clone());
     }
     Ok(sig)
+}
+
+/// The most `--then` steps.
+const MAX_THEN: usize = 64;
+
+/// The chain steps after the first (`--then`).
+fn then(a: &SendArgs) -> anyhow::Result<Vec<Signature>> {
+    anyhow::ensure!(a.then.len() <= MAX_THEN, "at most {MAX_THEN} --then steps");
+    a.then
+        .iter()
+        .map(|doc| {
+            let v: Value = serde_json::from_str(doc).with_context(|| format!("--then `{doc}` is not JSON"))?;
+            let mut sig = Signature::from_json(&v).with_context(|| format!("--then `{doc}`"))?;
+            if sig.options.queue.is_none() {
+                sig.options.queue = a.queue.clone();
+            }
+            Ok(sig)
+        })
+        .collect()
 }
 
 /// The `--json` line, keys in this order.

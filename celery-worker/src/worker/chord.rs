@@ -37,7 +37,7 @@ pub(crate) async fn member_done(app: &App, msg: &Message, body: &Value, state: T
     };
     let body_id = sig.options.task_id.clone().unwrap_or_default();
     let outcome = match members.iter().find(|m| m.state != TaskState::Success) {
-        Some(failed) => fail_body(app, &sig, &body_id, failed).await,
+        Some(failed) => fail_body(app, msg, &sig, &body_id, failed).await,
         None => send_body(app, msg, sig, &members).await,
     };
     match outcome {
@@ -58,6 +58,7 @@ async fn send_body(app: &App, msg: &Message, mut sig: Signature, members: &[Chor
     }
     sig.options.parent_id = Some(msg.headers.id.clone());
     sig.options.root_id = msg.headers.root_id.clone();
+    celery_core::trace::inherit(&msg.headers, &mut sig.options.headers);
     let name = sig.task.clone();
     let res = app.send(sig).await.map_err(|e| e.to_string())?;
     tracing::info!(chord = msg.headers.group.as_deref().unwrap_or(""), body = %name, id = res.id(), members = members.len(), "chord complete: body sent");
@@ -65,7 +66,13 @@ async fn send_body(app: &App, msg: &Message, mut sig: Signature, members: &[Chor
 }
 
 /// Stores FAILURE for the body, with Celery's `ChordError` naming the failed member.
-async fn fail_body(app: &App, sig: &Signature, body_id: &str, failed: &ChordMember) -> Result<(), String> {
+async fn fail_body(
+    app: &App,
+    msg: &Message,
+    sig: &Signature,
+    body_id: &str,
+    failed: &ChordMember,
+) -> Result<(), String> {
     let (exc_type, message) =
         TaskMeta { result: failed.result.clone(), ..TaskMeta::new("", failed.state, Value::Null) }
             .exception()
@@ -76,6 +83,7 @@ async fn fail_body(app: &App, sig: &Signature, body_id: &str, failed: &ChordMemb
     meta.name = Some(sig.task.clone());
     app.backend().store(&meta).await.map_err(|e| e.to_string())?;
     let id = Value::String(body_id.to_owned());
-    super::followups::send_all(app, sig.options.link_error.clone(), &id, body_id, None).await;
+    let body = celery_core::protocol::Headers { id: body_id.to_owned(), ..msg.headers.clone() };
+    super::followups::send_all(app, sig.options.link_error.clone(), &id, &body, None).await;
     Ok(())
 }

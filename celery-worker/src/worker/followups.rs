@@ -2,7 +2,7 @@
 //! (with the result as the first argument); after a final failure, its errbacks (with the failed
 //! task's id as the first argument, Celery's convention for errbacks that run as tasks).
 
-use celery_core::protocol::Message;
+use celery_core::protocol::{Headers, Message};
 use celery_core::{App, Signature};
 use serde_json::{json, Map, Value};
 
@@ -28,17 +28,18 @@ pub(crate) async fn on_failure(app: &App, msg: &Message) {
     let Ok(body) = msg.body() else { return };
     let errbacks = signatures(body.embed.get("errbacks"), "an errback");
     let id = Value::String(msg.headers.id.clone());
-    send_all(app, errbacks, &id, &msg.headers.id, msg.headers.root_id.as_deref()).await;
+    send_all(app, errbacks, &id, &msg.headers, msg.headers.root_id.as_deref()).await;
 }
 
-/// Sends `sigs` with `first` as their first argument (unless immutable). Returns the sent tasks
-/// as Celery records them in the parent's `children` (`[[id, null], null]` each), so that
+/// Sends `sigs` with `first` as their first argument (unless immutable), as children of the task
+/// `parent` (its id, and its trace context: see [`celery_core::trace::inherit`]). Returns the sent
+/// tasks as Celery records them in the parent's `children` (`[[id, null], null]` each), so that
 /// Python's `AsyncResult.children` lists the chain's next step and the callbacks.
 pub(crate) async fn send_all(
     app: &App,
     sigs: Vec<Signature>,
     first: &Value,
-    parent: &str,
+    parent: &Headers,
     root: Option<&str>,
 ) -> Vec<Value> {
     let mut children = Vec::with_capacity(sigs.len());
@@ -46,7 +47,8 @@ pub(crate) async fn send_all(
         if !sig.immutable {
             sig.args.insert(0, first.clone());
         }
-        sig.options.parent_id = Some(parent.to_owned());
+        sig.options.parent_id = Some(parent.id.clone());
+        celery_core::trace::inherit(parent, &mut sig.options.headers);
         sig.options.root_id = root.map(str::to_owned);
         let name = sig.task.clone();
         match app.send(sig).await {

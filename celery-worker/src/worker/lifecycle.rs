@@ -205,7 +205,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
             return;
         }
     };
-    run(&w, d, msg, entry, opts, body, delivery).await;
+    if celery_core::trace::enabled() {
+        // Traced: the queue wait ends and the `run` span starts (the message's trace continues).
+        let span = celery_core::trace::run_span(&msg.headers, &delivery.queue, &w.config.hostname);
+        celery_core::trace::record_queue_wait(&msg.headers, &delivery.queue, Utc::now());
+        run(&w, d, msg, entry, opts, body, delivery).instrument(span).await;
+    } else {
+        run(&w, d, msg, entry, opts, body, delivery).await;
+    }
     if let Some(slot) = slot {
         slot.release().await;
     }

@@ -19,6 +19,7 @@ use celery_core::task::TaskErrorKind;
 use celery_core::{BackendError, BrokerError, Delivery, ProtocolError, TaskError, TaskState};
 use chrono::Utc;
 use serde_json::{Map, Value};
+use tracing::Instrument;
 
 use super::execute::Outcome;
 use super::shared::Shared;
@@ -53,6 +54,7 @@ pub(super) async fn conclude(
     }
     match outcome {
         Outcome::Interrupted => {
+            traced("INTERRUPTED", None);
             if let Some(d) = d.take() {
                 Box::pin(requeue(&w.stats, d)).await;
             }
@@ -64,12 +66,13 @@ pub(super) async fn conclude(
         }
         Outcome::Done(Ok(value)) => {
             tracing::debug!(?runtime, "succeeded");
+            traced("SUCCESS", None);
             // The rarer steps are boxed: inline, each would grow every task's future by its size.
             let next = followups::after_success(embed);
             let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
             if !next.is_empty() {
                 let root = msg.headers.root_id.as_deref();
-                meta.children = Box::pin(followups::send_all(&w.app, next, &value, &msg.headers.id, root)).await;
+                meta.children = Box::pin(followups::send_all(&w.app, next, &value, &msg.headers, root)).await;
             }
             let ignore = msg.headers.ignore_result || opts.ignore_result;
             let stored = ignore || Box::pin(store(w, msg, entry, meta)).await;
@@ -89,6 +92,7 @@ pub(super) async fn conclude(
             TaskErrorKind::InvalidArguments => {
                 // Python raises TypeError for arguments that do not fit; the message is kept too.
                 let err = TaskError::new("TypeError", format!("invalid arguments: {}", err.message()));
+                traced("REJECTED", Some(&err));
                 match d.take() {
                     Some(d) => Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await,
                     // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
@@ -129,6 +133,7 @@ pub(super) async fn revoke(w: &Shared, d: Delivery, msg: &Message, entry: &'stat
     chord_member(w, msg, TaskState::Revoked, &meta.result).await;
     w.stats.revoked.fetch_add(1, Ordering::Relaxed);
     crate::metrics::revoked(entry.name);
+    traced("REVOKED", None);
     let terminated = why == Revocation::Terminated;
     w.event("task-revoked", || {
         serde_json::json!({
@@ -170,9 +175,14 @@ async fn retry_or_fail(
     }
     let delay = retry_countdown(&opts, msg.headers.retries, countdown);
     let eta = celery_core::clock::after(Utc::now(), delay);
-    let next = msg.retried(eta);
+    let mut next = msg.retried(eta);
     let queue = d.as_ref().map(|d| d.queue.clone()).unwrap_or_else(|| w.app.config().default_queue.clone());
-    if let Err(e) = w.app.broker().publish(&Route::queue(queue), &next).await {
+    // Untraced, the next attempt keeps the message's trace context; traced, it is the retry span's.
+    next.headers.extra.remove(celery_core::trace::SENT_AT);
+    let span = celery_core::trace::retry_span(&msg.headers, &err);
+    celery_core::trace::inject(&span, &mut next.headers);
+    let published = w.app.broker().publish(&Route::queue(queue), &next).instrument(span).await;
+    if let Err(e) = published {
         tracing::error!(error = %e, "could not republish the retry; returning the message to the queue");
         if let Some(d) = d {
             requeue(&w.stats, d).await;
@@ -180,6 +190,7 @@ async fn retry_or_fail(
         return;
     }
     tracing::info!(retries = next.headers.retries, ?delay, reason = %err, "retry scheduled");
+    traced("RETRY", None);
     store(w, msg, entry, TaskMeta::error(&msg.headers.id, TaskState::Retry, &err)).await;
     w.stats.retried.fetch_add(1, Ordering::Relaxed);
     crate::metrics::retried(entry.name);
@@ -192,6 +203,7 @@ async fn retry_or_fail(
 /// A final failure: FAILURE stored, errbacks sent, counted into its chord, then settled.
 async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static TaskEntry, err: &TaskError) {
     tracing::warn!(error = %err, "failed");
+    traced("FAILURE", Some(err));
     let meta = TaskMeta::error(&msg.headers.id, TaskState::Failure, err);
     let stored = store(w, msg, entry, meta.clone()).await;
     followups::on_failure(&w.app, msg).await;
@@ -310,9 +322,17 @@ pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mu
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
-    let stored = Reconnect::default()
-        .retry(8, "storing a task's result", BackendError::is_retryable, || w.app.backend().store(&meta))
-        .await;
+    let mut reconnect = Reconnect::default();
+    let store =
+        reconnect.retry(8, "storing a task's result", BackendError::is_retryable, || w.app.backend().store(&meta));
+    let stored = if celery_core::trace::enabled() {
+        let task = meta.name.as_deref().unwrap_or_default();
+        let state = meta.status.to_string();
+        let span = celery_core::trace::store_span(task, &meta.task_id, &state, w.app.backend().kind());
+        store.instrument(span).await
+    } else {
+        store.await
+    };
     if let Err(e) = &stored {
         tracing::error!(error = %e, state = %meta.status, "could not store the task state");
     }
@@ -323,6 +343,14 @@ async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
 pub(super) async fn chord_member(w: &Shared, msg: &Message, state: TaskState, result: &Value) {
     if let Some(body) = chord::body_of(msg) {
         chord::member_done(&w.app, msg, &body, state, result).await;
+    }
+}
+
+/// Records the run's final state on its span (the current one) while tracing.
+fn traced(state: &str, error: Option<&TaskError>) {
+    if celery_core::trace::enabled() {
+        let error = error.map(ToString::to_string);
+        celery_core::trace::record_state(&tracing::Span::current(), state, error.as_deref());
     }
 }
 
