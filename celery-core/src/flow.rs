@@ -49,6 +49,10 @@ pub const MAX_KEY_LIMIT: u32 = 10_000;
 /// The most keys a broker tracks at once (with slots held or messages parked); beyond it,
 /// acquiring a slot of a new key fails with an error naming the limit.
 pub const MAX_TRACKED_KEYS: usize = 100_000;
+/// The most messages a broker that holds parked messages in memory (the built-in broker's owner)
+/// keeps parked at once; beyond it, parking fails with an error and the worker puts the task back
+/// in its queue for a while (see the worker), where it waits on disk.
+pub const MAX_PARKED: usize = 100_000;
 /// The shortest slot lease.
 pub const MIN_KEY_LEASE: Duration = Duration::from_millis(500);
 

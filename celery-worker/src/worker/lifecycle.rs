@@ -33,6 +33,8 @@ use super::shared::Shared;
 
 /// An eta closer than this is waited for in the worker instead of going back to the broker.
 pub(crate) const LOCAL_ETA_WAIT: Duration = Duration::from_secs(1);
+/// How long a task whose key slot could not be taken (nor the task parked) waits in its queue.
+const KEY_RETRY: Duration = Duration::from_secs(1);
 
 /// Takes a reservation apart and decodes its message; one too large or undecodable is rejected.
 pub(super) async fn handle(w: Arc<Shared>, reservation: Reservation, slot: Slot) {
@@ -200,8 +202,14 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
             return;
         }
         KeyStep::Failed(e) => {
-            tracing::warn!(error = %e, "could not take a key slot: the task goes back to its queue");
-            Box::pin(requeue(&w.stats, d)).await;
+            // Back in its queue for a while (a broker refusing to park more, or unreachable),
+            // so that it is not taken again at once, again and again.
+            tracing::warn!(error = %e, "could not take a key slot: the task goes back to its queue for {KEY_RETRY:?}");
+            w.stats.requeued.fetch_add(1, Ordering::Relaxed);
+            let until = Utc::now() + KEY_RETRY;
+            if let Err(e) = d.defer(&msg, until).await {
+                tracing::error!(error = %e, "could not return a delivery to its queue; it comes back after the visibility timeout");
+            }
             return;
         }
     };

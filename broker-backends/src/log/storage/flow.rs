@@ -17,7 +17,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use celery_core::flow::{Admission, SlotRequest, MAX_TRACKED_KEYS};
+use celery_core::flow::{Admission, SlotRequest, MAX_PARKED, MAX_TRACKED_KEYS};
 use celery_core::sync::lock;
 
 use super::error::LogError;
@@ -152,6 +152,10 @@ impl LogStore {
                 // Expired slots stay for the sweep, which moves a parked message back for each.
                 k.slots.insert(req.holder.to_owned(), expiry);
                 return Ok(Admission::Acquired);
+            }
+            // O(keys), only when a task is parked: cheaper than a count kept right at five sites.
+            if s.keys.values().map(|k| k.parked.len()).sum::<usize>() >= MAX_PARKED {
+                return Err(LogError::Invalid(format!("too many parked messages (the limit is {MAX_PARKED})")));
             }
             let seq = s.next_seq;
             s.next_seq += 1;
