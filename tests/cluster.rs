@@ -29,9 +29,9 @@
 //! sentinel.restart_node(master); // comes back as a replica of the new master
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -718,5 +718,44 @@ pub async fn wait_sends_resume(
         );
         assert!(killed.elapsed() < drain, "{after} sends after the kill ({})", failures());
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A name unique to one test run: `tag-` and 12 hex digits.
+pub fn unique(tag: &str) -> String {
+    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// The tokens a `record` file holds, with how often each was recorded.
+pub fn recorded(path: &Path) -> BTreeMap<String, usize> {
+    let mut seen = BTreeMap::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+        *seen.entry(line.to_owned()).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// How many `task` tasks worker `host` says it ran (remote control `stats`), `None` without an
+/// answer within 5 s.
+pub async fn runs(app: &App, host: &str, task: &str) -> Option<u64> {
+    let replies =
+        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
+            .await
+            .ok()?;
+    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
+    Some(stats["total"][task].as_u64().unwrap_or(0))
+}
+
+/// Asks [`runs`] until it answers (remote control subscribes again after a failover), at most
+/// `within`.
+pub async fn runs_within(app: &App, host: &str, task: &str, within: Duration) -> Option<u64> {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(n) = runs(app, host, task).await {
+            return Some(n);
+        }
+        if Instant::now() > end {
+            return None;
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use celery_core::{App, Signature};
-use celery_tests::cluster::{self, produce, Rabbit, Sends};
+use celery_tests::cluster::{self, produce, recorded, runs, runs_within, unique, Rabbit, Sends};
 use celery_tests::{redis_available, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;
 use tokio::task::block_in_place;
@@ -35,10 +35,6 @@ const DRAIN: Duration = Duration::from_secs(120);
 const BEFORE: usize = 60;
 const AFTER: usize = 60;
 
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
 /// The failover URL with `options` on every element (the queue options must agree).
 fn failover_url(rabbit: &Rabbit, options: &str) -> String {
     failover_url_from(rabbit, 0, options)
@@ -48,39 +44,6 @@ fn failover_url(rabbit: &Rabbit, options: &str) -> String {
 fn failover_url_from(rabbit: &Rabbit, first: usize, options: &str) -> String {
     let n = rabbit.nodes().len();
     (0..n).map(|i| format!("{}?{options}", rabbit.url((first + i) % n))).collect::<Vec<_>>().join(";")
-}
-
-/// The tokens the record file holds, with how often each was recorded.
-fn recorded(path: &std::path::Path) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        *seen.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    seen
-}
-
-/// How many `record` tasks worker `host` says it ran (remote control `stats`), `None` without an
-/// answer within the timeout.
-async fn records_run(app: &App, host: &str) -> Option<u64> {
-    let replies =
-        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
-            .await
-            .ok()?;
-    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
-    Some(stats["total"]["record"].as_u64().unwrap_or(0))
-}
-
-/// Asks `stats` until it answers (remote control resubscribes after a failover), at most `within`.
-async fn records_run_within(app: &App, host: &str, within: Duration) -> Option<u64> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(n) = records_run(app, host).await {
-            return Some(n);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,7 +114,7 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     let before: Vec<u64> = {
         let mut v = Vec::new();
         for h in &hosts {
-            v.push(records_run(&app, h).await.unwrap_or_else(|| panic!("{h} answers stats")));
+            v.push(runs(&app, h, "record").await.unwrap_or_else(|| panic!("{h} answers stats")));
         }
         v
     };
@@ -198,7 +161,7 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
         } else {
             assert!(!log.contains("failed over"), "{h} stayed on node 2: {log}");
         }
-        let now = records_run_within(&app, h, Duration::from_secs(30)).await;
+        let now = runs_within(&app, h, "record", Duration::from_secs(30)).await;
         let now = now.unwrap_or_else(|| panic!("{h} answers stats after the failover: {log}"));
         assert!(now > *n, "{h} ran tasks after the kill ({n} before, {now} now): {log}");
     }

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use broker_backends::redis::{RedisBroker, RedisConn};
 use celery_core::{App, Signature};
-use celery_tests::cluster::{self, produce, RedisCluster, Sends};
+use celery_tests::cluster::{self, produce, recorded, runs_within, unique, RedisCluster, Sends};
 use celery_tests::{DemoProcess, TempDir};
 use redis::AsyncCommands;
 use serde_json::json;
@@ -50,43 +50,6 @@ const AFTER: usize = 60;
 /// The chord started before the kill: members of `sleep(MEMBER_MS)`, summed by `tsum`.
 const MEMBERS: u64 = 40;
 const MEMBER_MS: u64 = 400;
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
-/// The tokens the record file holds, with how often each was recorded.
-fn recorded(path: &std::path::Path) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        *seen.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    seen
-}
-
-/// How many `task` tasks worker `host` says it ran (remote control `stats`), `None` without an
-/// answer within the timeout.
-async fn runs(app: &App, host: &str, task: &str) -> Option<u64> {
-    let replies =
-        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
-            .await
-            .ok()?;
-    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
-    Some(stats["total"][task].as_u64().unwrap_or(0))
-}
-
-/// Asks `stats` until it answers, at most `within`.
-async fn runs_within(app: &App, host: &str, task: &str, within: Duration) -> Option<u64> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(n) = runs(app, host, task).await {
-            return Some(n);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_loses_no_acknowledged_send_and_stalls_no_worker() {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use broker_backends::redis::RedisConn;
 use celery_core::{App, Signature};
-use celery_tests::cluster::{self, produce, Sends, Sentinel};
+use celery_tests::cluster::{self, produce, recorded, runs_within, unique, Sends, Sentinel};
 use celery_tests::{DemoProcess, TempDir};
 use redis::AsyncCommands;
 use serde_json::json;
@@ -36,43 +36,6 @@ const DRAIN: Duration = Duration::from_secs(120);
 /// Sends that returned OK before the kill, and after sends work again.
 const BEFORE: usize = 60;
 const AFTER: usize = 60;
-
-fn unique(tag: &str) -> String {
-    format!("{tag}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
-}
-
-/// The tokens the record file holds, with how often each was recorded.
-fn recorded(path: &std::path::Path) -> BTreeMap<String, usize> {
-    let mut seen = BTreeMap::new();
-    for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-        *seen.entry(line.to_owned()).or_insert(0) += 1;
-    }
-    seen
-}
-
-/// How many `task` tasks worker `host` says it ran (remote control `stats`), `None` without an
-/// answer within the timeout.
-async fn runs(app: &App, host: &str, task: &str) -> Option<u64> {
-    let replies =
-        celery_worker::control::request(app, "stats", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5))
-            .await
-            .ok()?;
-    let (_, stats) = replies.into_iter().find(|(h, _)| h == host)?;
-    Some(stats["total"][task].as_u64().unwrap_or(0))
-}
-
-/// Asks `stats` until it answers (the worker subscribes again after a failover), at most `within`.
-async fn runs_within(app: &App, host: &str, task: &str, within: Duration) -> Option<u64> {
-    let end = Instant::now() + within;
-    loop {
-        if let Some(n) = runs(app, host, task).await {
-            return Some(n);
-        }
-        if Instant::now() > end {
-            return None;
-        }
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_loses_no_acknowledged_send_and_stalls_no_worker() {
