@@ -12,12 +12,12 @@
 //! The cluster is shared with other tests (held by the harness's lock while this runs): names
 //! are unique, and node 1 is started again at the end.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use celery_core::{App, Signature};
+use celery_core::Signature;
 use celery_tests::cluster::{self, produce, recorded, runs, runs_within, unique, Rabbit, Sends};
 use celery_tests::{redis_available, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;

@@ -22,7 +22,7 @@
 //! The cluster is shared with other tests (held by the harness's lock while this runs): keys carry
 //! a unique prefix, and the killed node is started again at the end (as a replica).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -12,13 +12,12 @@
 //! The setup is shared with other tests (held by the harness's lock while this runs): keys carry
 //! a unique prefix, and the killed node is started again at the end (as a replica).
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use broker_backends::redis::RedisConn;
-use celery_core::{App, Signature};
+use celery_core::Signature;
 use celery_tests::cluster::{self, produce, recorded, runs_within, unique, Sends, Sentinel};
 use celery_tests::{DemoProcess, TempDir};
 use redis::AsyncCommands;
