@@ -22,6 +22,7 @@
 //! it frees expired slots (dead workers) and moves a parked task back for each, and one for a
 //! parked list whose key holds no slot at all.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -29,15 +30,16 @@ use celery_core::clock::millis;
 use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::BrokerError;
-use redis::{AsyncCommands, Script};
+use redis::Script;
 
 use super::error::failed;
 use super::keys::{Keys, SEP};
+
 use super::RedisBroker;
 use crate::envelope;
 
-/// Parked lists one sweep visits at most.
-const SWEEP_LISTS: isize = 256;
+/// Parked lists one sweep visits (about: `SSCAN`'s `COUNT` is a hint).
+const SWEEP_LISTS: usize = 256;
 
 /// The server's clock in ms, in a script.
 const NOW: &str =
@@ -220,10 +222,18 @@ impl KeySlots for RedisBroker {
 
     async fn sweep(&self) -> Result<u64, BrokerError> {
         let mut conn = self.conn.clone();
-        let members: Vec<String> = conn
-            .srandmember_multiple(self.keys.parked_index(), SWEEP_LISTS)
+        // The next page of the index (`SSCAN` visits every member present throughout a full
+        // pass), not a random sample, which could pass over one key's list for ever.
+        let cursor = self.sweep_cursor.load(Ordering::Relaxed);
+        let (next, members): (u64, Vec<String>) = redis::cmd("SSCAN")
+            .arg(self.keys.parked_index())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(SWEEP_LISTS)
+            .query_async(&mut conn)
             .await
             .map_err(failed("redis: list parked tasks"))?;
+        self.sweep_cursor.store(next, Ordering::Relaxed);
         let script = sweep();
         let mut moved = 0u64;
         for m in members {

@@ -117,6 +117,9 @@ pub struct RedisBroker {
     holder: Arc<tokio::sync::OnceCell<Arc<Holder>>>,
     /// Counts this producer's messages: the shard of the next one (`shards=N` on a cluster).
     next_shard: Arc<AtomicU64>,
+    /// Where the key-slot sweep goes on in the parked-list index (an `SSCAN` cursor), so that every
+    /// parked list is looked at within a bounded number of sweeps, however many there are.
+    sweep_cursor: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -142,6 +145,7 @@ impl RedisBroker {
             worker: Arc::default(),
             holder: Arc::default(),
             next_shard: Arc::default(),
+            sweep_cursor: Arc::default(),
         })
     }
 
