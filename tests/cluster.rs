@@ -759,3 +759,17 @@ pub async fn runs_within(app: &App, host: &str, task: &str, within: Duration) ->
         }
     }
 }
+
+/// The tokens of `sends` that returned OK and are still not in the record file `file` after
+/// polling it for at most `within` (empty: every acknowledged send ran, at least once).
+pub async fn never_run(sends: &Sends, file: &Path, within: Duration) -> Vec<String> {
+    let end = Instant::now() + within;
+    loop {
+        let seen = recorded(file);
+        let missing: Vec<String> = sends.ok.iter().filter(|t| !seen.contains_key(*t)).cloned().collect();
+        if missing.is_empty() || Instant::now() > end {
+            return missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

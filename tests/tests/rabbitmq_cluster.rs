@@ -136,15 +136,7 @@ async fn a_killed_node_loses_no_confirmed_send_and_stalls_no_worker() {
     );
 
     // Every confirmed send runs, at least once.
-    let end = Instant::now() + DRAIN;
-    let missing = loop {
-        let seen = recorded(&file);
-        let missing: Vec<&String> = sends.ok.iter().filter(|t| !seen.contains_key(*t)).collect();
-        if missing.is_empty() || Instant::now() > end {
-            break missing.into_iter().cloned().collect::<Vec<_>>();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let missing = cluster::never_run(&sends, &file, DRAIN).await;
     let logs = || workers.iter().map(|w| w.log()).collect::<Vec<_>>().join("\n----\n");
     assert!(missing.is_empty(), "confirmed but never run: {missing:?}\n{}", logs());
     let seen = recorded(&file);

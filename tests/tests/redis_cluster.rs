@@ -137,15 +137,7 @@ async fn kill_the_master_under_load(min_replicas: bool) {
     );
 
     // Every acknowledged send runs, at least once.
-    let end = Instant::now() + DRAIN;
-    let missing = loop {
-        let seen = recorded(&file);
-        let missing: Vec<&String> = sends.ok.iter().filter(|t| !seen.contains_key(*t)).collect();
-        if missing.is_empty() || Instant::now() > end {
-            break missing.into_iter().cloned().collect::<Vec<_>>();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let missing = cluster::never_run(&sends, &file, DRAIN).await;
     if min_replicas {
         assert!(missing.is_empty(), "acknowledged but never run: {missing:?}\n{}", logs(&workers));
     }
