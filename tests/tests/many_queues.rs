@@ -86,3 +86,96 @@ async fn amqp_purges_of_hundreds_of_queues_leave_the_connection_usable() {
     assert_eq!(broker.queue_len("pq.7").await.expect("depth"), 3);
     assert_eq!(broker.purge("pq.7").await.expect("purge"), 3);
 }
+
+/// A redis-server of the test's own on a free loopback port (no persistence), killed on drop: its
+/// command counters are the worker's alone.
+struct PrivateRedis {
+    child: std::process::Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    /// Starts one, or None (skipped) without `redis-server` unless `CELERY_REQUIRE_SERVICES=1`.
+    fn start() -> Option<PrivateRedis> {
+        let port = celery_tests::free_port();
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if !celery_tests::services_required() => {
+                eprintln!("SKIPPED: cannot start redis-server: {e}");
+                return None;
+            }
+            Err(e) => panic!("cannot start redis-server and CELERY_REQUIRE_SERVICES=1: {e}"),
+        };
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let server = PrivateRedis { child, url };
+        let up = celery_tests::wait_until(Duration::from_secs(10), || server.commands().is_some());
+        assert!(up, "redis-server on port {port} did not answer");
+        Some(server)
+    }
+
+    /// The server's `total_commands_processed` (each call adds one: its `INFO`).
+    fn commands(&self) -> Option<u64> {
+        let mut c = redis::Client::open(self.url.as_str()).ok()?.get_connection().ok()?;
+        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).and_then(|v| v.trim().parse().ok())
+    }
+
+    fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection()).expect("redis connection")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An idle worker consuming 500 Redis queues sends at most 50 commands a second (measured by the
+/// server's own counter over 10 s, on a server of its own): it waits on one wake-up subscription,
+/// probes the lists in batches once a second and reads one next-due index (issue 20). It still
+/// runs a task sent by one of ours at once, and finds within about a second one that arrived with
+/// no wake-up, as a Python producer's does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_idle_worker_sends_at_most_50_commands_a_second_on_500_queues() {
+    const N: usize = 500;
+    const WINDOW: Duration = Duration::from_secs(10);
+    let Some(server) = PrivateRedis::start() else { return };
+    let queues: Vec<String> = (0..N).map(|i| format!("idle.{i}")).collect();
+    let w = DemoProcess::start_urls(&server.url, &server.url, &["worker", "-c", "4", "-Q", &queues.join(",")]);
+    assert!(w.wait_log("consuming", T), "{}", w.log());
+    // Past the start (the first fetch over every queue, the holder's registration).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = server.commands().expect("INFO");
+    tokio::time::sleep(WINDOW).await;
+    let after = server.commands().expect("INFO");
+    let rate = (after - before).saturating_sub(1) as f64 / WINDOW.as_secs_f64();
+    eprintln!("idle worker on {N} queues: {rate:.1} Redis commands/s");
+    assert!(rate <= 50.0, "{rate:.1} commands/s while idle\n{}", w.log());
+
+    let app = celery_worker::connect(&server.url, &server.url).await.expect("connect");
+    let t = Instant::now();
+    let r = app.send(Signature::by_name("add").args(json!([40, 2])).queue(&queues[N - 1])).await.expect("send");
+    assert_eq!(r.get::<i64>(T).await.expect("result"), 42);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}\n{}", t.elapsed(), w.log());
+
+    // Sent to a queue nobody consumes, then moved into a consumed one without a wake-up.
+    let r = app.send(Signature::by_name("add").args(json!([1, 2])).queue("idle.staging")).await.expect("send");
+    let t = Instant::now();
+    let moved: Option<Vec<u8>> = redis::cmd("LMOVE")
+        .arg("idle.staging")
+        .arg(&queues[7])
+        .arg("RIGHT")
+        .arg("LEFT")
+        .query(&mut server.conn())
+        .expect("LMOVE");
+    assert!(moved.is_some(), "the message was not in its staging queue");
+    assert_eq!(r.get::<i64>(T).await.expect("result"), 3);
+    assert!(t.elapsed() < Duration::from_secs(3), "found by the probe after {:?}\n{}", t.elapsed(), w.log());
+}

@@ -4,24 +4,37 @@
 //! [`super::holder`] restores a dead worker of ours sooner), and promotion of due ETA messages. The
 //! shell (prefetch, reconnect pauses, batched acks, close) is [`crate::consumer`]'s; settling is in
 //! [`super::settle`].
+//!
+//! What an idle consumer costs does not grow with its queues:
+//! - The fetch runs only on the queues marked hot ([`super::wake`]): by a wake-up our producers
+//!   publish, by the probe, or by a fetch that filled its request. An idle consumer waits on its
+//!   one subscriber connection. The probe, once a second ([`PROBE_EVERY`]), finds what Python
+//!   producers sent (they publish no wake-up): on one server one `EXISTS` per
+//!   [`PROBE_ENTRIES`] queues; on a cluster (where Python Celery does not go; the probe is a safety
+//!   net there) [`PROBE_CLUSTER_ENTRIES`] queue shards per second in turn.
+//! - Due ETA messages are found through one next-due index ([`super::keys::Keys::due`]): the
+//!   defer writes the queue's earliest due time into it (`ZADD LT`), the mover reads it once per
+//!   wait ([`scripts::due`]) and moves only the due queues, sleeping until the next due time (at
+//!   most [`PROMOTE_CAP`]). A slow sweep ([`SWEEP_EVERY`]) puts delayed sets the index misses back
+//!   into it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use celery_core::broker::{dead_letter_queue, Settled};
 use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
 use celery_core::{Delivery, ProtocolError};
-use futures::future::select_all;
 use redis::Script;
 use tokio::sync::mpsc;
 
 use super::connection::RedisConn;
 use super::error::{broker_error, failed};
 use super::holder::Holder;
-use super::keys::{Keys, Scope, STEPS};
+use super::keys::{Keys, Scope};
 use super::settle::RedisSettle;
+use super::wake::{self, Wakes};
 use super::{scripts, RedisOptions};
 use crate::consumer::{ack_queue, AckQueue, Fetch, Fetched, FetchingConsumer, Slots};
 use crate::envelope;
@@ -49,10 +62,23 @@ const MAX_FETCH: usize = 64;
 const MAX_ACK_BATCH: usize = 2048;
 /// Rounds of one restore sweep at most (each examines up to 1000 leases).
 const RESTORE_ROUNDS: usize = 100;
-/// How long a blocking wait for messages blocks at most.
-const WAIT_BLOCK: Duration = Duration::from_secs(1);
-/// The reply timeout of the wait connections (above [`WAIT_BLOCK`]).
-const WAIT_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the lists of every queue are probed for messages no wake-up announced (Python
+/// producers'): the longest such a message waits.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Queues whose buckets one `EXISTS` probes (one server).
+const PROBE_ENTRIES: usize = 1024;
+/// Queue shards probed per [`PROBE_EVERY`] on a cluster (one `EXISTS` each, in turn).
+const PROBE_CLUSTER_ENTRIES: usize = 8;
+/// The longest the delayed mover sleeps between two reads of the next-due index.
+const PROMOTE_CAP: Duration = Duration::from_secs(1);
+/// Due members one read of the next-due index returns at most.
+const DUE_LIMIT: usize = 1000;
+/// How often the delayed sets are swept for what the next-due index misses (one server: an
+/// `EXISTS` per [`SWEEP_BATCH`] queues, then a script on the batches that hold any; a cluster:
+/// [`PROBE_CLUSTER_ENTRIES`] queue shards per sweep).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+/// Delayed sets one sweep `EXISTS` (and, when any exists, one sweep script) looks at.
+const SWEEP_BATCH: usize = 1024;
 
 fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
@@ -66,14 +92,25 @@ pub(super) struct Group {
     pub(super) scope: Scope,
     /// The holder's `held` set in this scope.
     pub(super) held: String,
-    /// (bucket list, queue, shard), in the order they are taken from: priority first.
-    lists: Vec<(String, String, u16)>,
+    /// Its entries in [`Shared::entries`], in the order given.
+    entries: Vec<usize>,
     /// The (queue, shard) pairs, in the order given.
     pub(super) queues: Vec<(String, u16)>,
 }
 
+/// One (queue, shard) consumed.
+#[derive(Debug)]
+struct Entry {
+    queue: String,
+    shard: u16,
+    /// Its priority buckets, in the order they are taken from.
+    buckets: [String; 4],
+    /// The bucket its dead letters go to.
+    dead: String,
+}
+
 /// The groups of `queues` (every shard of each), in the order given.
-pub(super) fn groups(keys: &Keys, queues: &[String]) -> Vec<(Scope, Vec<(String, u16)>)> {
+pub(super) fn groups_of(keys: &Keys, queues: &[String]) -> Vec<(Scope, Vec<(String, u16)>)> {
     let mut out: Vec<(Scope, Vec<(String, u16)>)> = Vec::new();
     for q in queues {
         for shard in 0..keys.shards() {
@@ -99,6 +136,10 @@ pub(super) struct Shared {
     /// Whose heartbeat vouches for these leases (see [`super::holder`]).
     pub(super) holder: Arc<Holder>,
     pub(super) groups: Vec<Group>,
+    /// Every (queue, shard) consumed.
+    entries: Vec<Entry>,
+    /// Which entries may hold messages.
+    wakes: Arc<Wakes>,
 }
 
 impl Shared {
@@ -132,18 +173,27 @@ impl RedisConsumer {
     ) -> RedisConsumer {
         let prefetch = prefetch.max(1);
         let (acks, batcher) = ack_queue();
-        let groups: Vec<Group> = groups(&keys, queues)
-            .into_iter()
-            .map(|(scope, queues)| {
-                let mut lists = Vec::new();
-                for step in STEPS {
-                    for (q, shard) in &queues {
-                        lists.push((keys.bucket(q, *shard, step), q.clone(), *shard));
-                    }
-                }
-                Group { held: scope.held(holder.id()), scope, lists, queues }
-            })
-            .collect();
+        let mut entries = Vec::new();
+        let mut groups = Vec::new();
+        for (scope, queues) in groups_of(&keys, queues) {
+            let mut mine = Vec::with_capacity(queues.len());
+            for (q, shard) in &queues {
+                mine.push(entries.len());
+                entries.push(Entry {
+                    queue: q.clone(),
+                    shard: *shard,
+                    buckets: keys.buckets(q, *shard),
+                    dead: keys.bucket(&dead_letter_queue(q), *shard, 0),
+                });
+            }
+            groups.push(Group { held: scope.held(holder.id()), scope, entries: mine, queues });
+        }
+        let mut channels: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            channels.entry(keys.wake(&e.queue, e.shard)).or_default().push(i);
+        }
+        let all = (!keys.is_cluster()).then(|| keys.wake_all());
+        let wakes = Arc::new(Wakes::new(entries.len()));
         let shared = Arc::new(Shared {
             conn: conn.clone(),
             keys: keys.clone(),
@@ -152,18 +202,19 @@ impl RedisConsumer {
             acks: acks.clone(),
             holder,
             groups,
+            entries,
+            wakes: wakes.clone(),
         });
-        let all_lists = shared.groups.iter().flat_map(|g| g.lists.iter().map(|(k, _, _)| k.clone())).collect();
-        let waker = Waker { base: conn.clone(), keys: all_lists, conns: Vec::new() };
         let fetch = RedisFetch {
             shared: shared.clone(),
-            waker,
             script: scripts::fetch(),
             tag_prefix: format!("{}.", uuid::Uuid::new_v4().simple()),
             seq: 0,
             next_group: 0,
             conn: conn.clone(),
             max_message_size,
+            next_probe: Instant::now() + PROBE_EVERY,
+            probe_from: 0,
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -204,52 +255,15 @@ impl RedisConsumer {
             tokio::spawn(renew_loop(shared.clone(), vt)),
             tokio::spawn(restore_loop(shared.clone(), vt)),
             tokio::spawn(promote_loop(shared.clone())),
+            tokio::spawn(wake::listen(conn, channels, all, wakes)),
         ];
         FetchingConsumer::spawn(prefetch, fetch, acks, background)
-    }
-}
-
-/// Blocks until one of the lists has an element, without taking it (`BLMOVE k k RIGHT RIGHT`),
-/// each on a connection of its own (a blocking command holds its connection).
-struct Waker {
-    base: RedisConn,
-    keys: Vec<String>,
-    conns: Vec<RedisConn>,
-}
-
-impl Waker {
-    async fn wait(&mut self, max: Duration) {
-        if self.conns.is_empty() {
-            for _ in &self.keys {
-                match self.base.fresh(Some(WAIT_REPLY_TIMEOUT)).await {
-                    Ok(c) => self.conns.push(c),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "redis: cannot open a wait connection; polling instead");
-                        self.conns.clear();
-                        tokio::time::sleep(max.min(Duration::from_millis(100))).await;
-                        return;
-                    }
-                }
-            }
-        }
-        let secs = max.min(WAIT_BLOCK).as_secs_f64().max(0.01);
-        let waits = self.keys.iter().zip(self.conns.iter()).map(|(k, c)| {
-            let mut c = c.clone();
-            let cmd = redis::cmd("BLMOVE").arg(k).arg(k).arg("RIGHT").arg("RIGHT").arg(secs).to_owned();
-            Box::pin(async move { cmd.query_async::<Option<Vec<u8>>>(&mut c).await })
-        });
-        let (res, _, _) = select_all(waits).await;
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "redis: wait for messages failed");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
     }
 }
 
 /// The Redis part of the fetcher: the fetch script over the bucket lists of each group.
 struct RedisFetch {
     shared: Arc<Shared>,
-    waker: Waker,
     script: Script,
     tag_prefix: String,
     /// The sequence number of the next tag.
@@ -258,13 +272,20 @@ struct RedisFetch {
     next_group: usize,
     conn: RedisConn,
     max_message_size: usize,
+    /// When the lists are probed next ([`PROBE_EVERY`]).
+    next_probe: Instant,
+    /// On a cluster, the entry the next probe starts with.
+    probe_from: usize,
 }
+
+/// The lists one fetch script takes from: (list, entry), priority first, then queue order.
+type Lists<'a> = Vec<(&'a str, &'a Entry)>;
 
 impl RedisFetch {
     /// The delivery of an envelope the script dead-lettered unread (it holds no lease nor slot).
-    fn oversized(&self, group: &Group, chunk: &[redis::Value], size: i64) -> Delivery {
+    fn oversized(&self, lists: &Lists<'_>, chunk: &[redis::Value], size: i64) -> Delivery {
         let queue = redis::from_redis_value_ref::<usize>(&chunk[0])
-            .map(|i| group.lists[i.min(group.lists.len() - 1)].1.clone())
+            .map(|i| lists[i.min(lists.len() - 1)].1.queue.clone())
             .unwrap_or_default();
         let size = usize::try_from(size).unwrap_or(usize::MAX);
         let limit = self.max_message_size;
@@ -278,30 +299,35 @@ impl RedisFetch {
         Delivery::new(message, queue, false, Box::new(Settled)).with_size(size)
     }
 
-    /// Runs the fetch script on group `g` for up to `n` envelopes and sends their deliveries:
-    /// `Ok(Some(taken))`, `Ok(None)` when nobody receives any more.
+    /// Runs the fetch script on the hot `entries` of group `g` for up to `n` envelopes and sends
+    /// their deliveries: `Ok(Some(taken))`, `Ok(None)` when nobody receives any more.
     async fn fetch_group(
         &mut self,
         g: usize,
+        entries: &[usize],
         n: usize,
         tx: &mpsc::Sender<Delivery>,
     ) -> Result<Option<usize>, redis::RedisError> {
         let shared = self.shared.clone();
         let group = &shared.groups[g];
+        let lists: Lists<'_> = (0..4)
+            .flat_map(|step| entries.iter().map(move |&e| (step, e)))
+            .map(|(step, e)| (shared.entries[e].buckets[step].as_str(), &shared.entries[e]))
+            .collect();
         let mut inv = self.script.prepare_invoke();
         inv.key(group.scope.unacked()).key(group.scope.unacked_index()).key(&group.held).key(group.scope.workers());
-        for (k, _, _) in &group.lists {
-            inv.key(k);
+        for (k, _) in &lists {
+            inv.key(*k);
         }
-        for (_, q, shard) in &group.lists {
-            inv.key(shared.keys.bucket(&dead_letter_queue(q), *shard, 0));
+        for (_, e) in &lists {
+            inv.key(&e.dead);
         }
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
         inv.arg(shared.holder.id());
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
         let epoch = shared.holder.liveness().epoch();
-        for (_, q, _) in &group.lists {
-            inv.arg(q);
+        for (_, e) in &lists {
+            inv.arg(&e.queue);
         }
         let items: Vec<redis::Value> = inv.invoke_async(&mut self.conn).await?;
         // Dead-lettered ones hold no lease nor prefetch slot.
@@ -310,7 +336,7 @@ impl RedisFetch {
         self.seq += got as u64;
         for chunk in items.chunks_exact(3) {
             if let redis::Value::Int(size) = chunk[1] {
-                if tx.send(self.oversized(group, chunk, size)).await.is_err() {
+                if tx.send(self.oversized(&lists, chunk, size)).await.is_err() {
                     return Ok(None);
                 }
                 continue;
@@ -323,17 +349,62 @@ impl RedisFetch {
                 tracing::error!("redis: fetch script returned an unexpected reply");
                 continue;
             };
-            let (list_key, queue, shard) = group.lists[idx.min(group.lists.len() - 1)].clone();
+            let (list_key, entry) = lists[idx.min(lists.len() - 1)];
             lock(&shared.leases).insert(tag.clone(), g);
             let decoded = envelope::decode(&env);
             let size = env.len();
-            let settle = RedisSettle::new(shared.clone(), tag, g, shard, epoch, env, list_key, queue.clone());
+            let queue = entry.queue.clone();
+            let settle =
+                RedisSettle::new(shared.clone(), tag, g, entry.shard, epoch, env, list_key.to_owned(), queue.clone());
             let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size);
             if tx.send(d).await.is_err() {
                 return Ok(None);
             }
         }
         Ok(Some(got))
+    }
+
+    /// Marks hot the queues whose lists hold messages: on one server all of them, one `EXISTS`
+    /// per [`PROBE_ENTRIES`] queues in one round trip; on a cluster [`PROBE_CLUSTER_ENTRIES`] queue
+    /// shards in turn (each in a slot of its own).
+    async fn probe(&mut self) {
+        let shared = self.shared.clone();
+        let entries = &shared.entries;
+        if !shared.keys.is_cluster() {
+            let mut pipe = redis::pipe();
+            let chunks: Vec<std::ops::Range<usize>> =
+                (0..entries.len()).step_by(PROBE_ENTRIES).map(|a| a..(a + PROBE_ENTRIES).min(entries.len())).collect();
+            for r in &chunks {
+                let mut cmd = redis::cmd("EXISTS");
+                for e in &entries[r.clone()] {
+                    cmd.arg(&e.buckets[..]);
+                }
+                pipe.add_command(cmd);
+            }
+            match pipe.query_async::<Vec<u64>>(&mut self.conn).await {
+                Ok(counts) => {
+                    for (r, _) in chunks.into_iter().zip(counts).filter(|(_, c)| *c > 0) {
+                        shared.wakes.mark(r);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "redis: probing the queues failed; will retry"),
+            }
+            return;
+        }
+        let n = entries.len().min(PROBE_CLUSTER_ENTRIES);
+        for k in 0..n {
+            let i = (self.probe_from + k) % entries.len();
+            let r: Result<u64, _> = redis::cmd("EXISTS").arg(&entries[i].buckets[..]).query_async(&mut self.conn).await;
+            match r {
+                Ok(0) => {}
+                Ok(_) => shared.wakes.mark([i]),
+                Err(e) => {
+                    tracing::warn!(error = %e, "redis: probing the queues failed; will retry");
+                    break;
+                }
+            }
+        }
+        self.probe_from = (self.probe_from + n) % entries.len().max(1);
     }
 }
 
@@ -345,9 +416,15 @@ impl Fetch for RedisFetch {
         &self.shared.slots
     }
 
-    /// Takes from the groups in turn, starting one further each time, until `n` are taken.
+    /// Takes from the hot queues of the groups in turn, starting one further each time, until `n`
+    /// are taken. A group whose fetch filled its request stays hot (more may wait there).
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
-        let count = self.shared.groups.len();
+        if Instant::now() >= self.next_probe {
+            self.probe().await;
+            self.next_probe = Instant::now() + PROBE_EVERY;
+        }
+        let shared = self.shared.clone();
+        let count = shared.groups.len();
         let start = self.next_group % count;
         self.next_group = (start + 1) % count;
         let mut taken = 0;
@@ -355,17 +432,39 @@ impl Fetch for RedisFetch {
             if taken >= n {
                 break;
             }
-            match self.fetch_group((start + k) % count, n - taken, tx).await {
-                Ok(Some(got)) => taken += got,
+            let g = (start + k) % count;
+            // Cleared before the look: a wake-up that comes after it marks them again.
+            let hot = shared.wakes.take(&shared.groups[g].entries);
+            if hot.is_empty() {
+                continue;
+            }
+            let want = n - taken;
+            match self.fetch_group(g, &hot, want, tx).await {
+                Ok(Some(got)) => {
+                    taken += got;
+                    if got >= want {
+                        shared.wakes.mark(hot);
+                    }
+                }
                 Ok(None) => return Fetched::Closed,
-                Err(e) => return Fetched::Failed { taken, error: broker_error("redis: fetch", e) },
+                Err(e) => {
+                    shared.wakes.mark(hot);
+                    return Fetched::Failed { taken, error: broker_error("redis: fetch", e) };
+                }
             }
         }
         Fetched::Sent { taken, drained: taken == 0 }
     }
 
+    /// Until a queue is marked hot, or the next probe is due.
     async fn idle(&mut self) {
-        self.waker.wait(WAIT_BLOCK).await;
+        if self.shared.wakes.any() {
+            return;
+        }
+        tokio::select! {
+            _ = self.shared.wakes.notified() => {}
+            _ = tokio::time::sleep_until(self.next_probe.into()) => {}
+        }
     }
 }
 
@@ -404,7 +503,8 @@ async fn restore_loop(shared: Arc<Shared>, vt: Duration) {
                 Ok(0) => {}
                 Ok(n) => {
                     busy = true;
-                    tracing::warn!(restored = n, "redis: restored messages whose worker stopped renewing its lease")
+                    tracing::warn!(restored = n, "redis: restored messages whose worker stopped renewing its lease");
+                    wake::publish_restored(&shared.conn, &shared.keys, &group.queues).await;
                 }
                 Err(e) => tracing::warn!(error = %e, "redis: restore sweep failed; will retry"),
             }
@@ -449,39 +549,153 @@ async fn restore_group(
     Ok(restored)
 }
 
-/// Moves due ETA messages of every queue (and shard) consumed to their buckets.
+/// Moves due ETA messages of the queues (and shards) consumed to their buckets: reads the
+/// next-due index ([`scripts::due`]), moves the due queues that are ours, and sleeps until the
+/// next due time (at most [`PROMOTE_CAP`]); every [`SWEEP_EVERY`] sweeps the delayed sets for what
+/// the index misses ([`sweep_delayed`]).
 async fn promote_loop(shared: Arc<Shared>) {
     let keys = &shared.keys;
+    let mine: HashMap<String, usize> =
+        shared.entries.iter().enumerate().map(|(i, e)| (Keys::due_member(&e.queue, e.shard), i)).collect();
+    let scan = scripts::due();
     let script = if keys.is_cluster() { scripts::promote_into() } else { scripts::promote() };
     let mut conn = shared.conn.clone();
-    let cap = Duration::from_millis(250);
+    let mut next_sweep = Instant::now();
+    let mut sweep_from = 0;
     loop {
-        let mut wait = cap;
-        for (q, shard) in shared.groups.iter().flat_map(|g| g.queues.iter()) {
-            let mut inv = script.prepare_invoke();
-            inv.key(keys.delayed(q, *shard)).arg(1000);
-            if keys.is_cluster() {
-                for b in keys.buckets(q, *shard) {
-                    inv.key(b);
-                }
-            } else {
-                inv.arg(keys.prefix()).arg(q);
-            }
-            let r: Result<(u64, i64), _> = inv.invoke_async(&mut conn).await;
-            match r {
-                Ok((moved, next)) => {
-                    if moved > 0 {
-                        tracing::debug!(queue = %q, moved, "redis: delayed messages are due");
-                        wait = Duration::ZERO;
-                    } else if next >= 0 {
-                        wait = wait.min(Duration::from_millis(next as u64));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, queue = %q, "redis: promoting delayed messages failed; will retry")
-                }
-            }
+        if Instant::now() >= next_sweep {
+            sweep_from = sweep_delayed(&shared, &mut conn, sweep_from).await;
+            next_sweep = Instant::now() + SWEEP_EVERY;
         }
+        let r: Result<(Vec<String>, i64), _> = scan.key(keys.due()).arg(DUE_LIMIT).invoke_async(&mut conn).await;
+        let wait = match r {
+            Ok((due, next)) => {
+                for i in due.iter().filter_map(|m| mine.get(m)) {
+                    promote(&shared, &mut conn, &script, *i).await;
+                }
+                match u64::try_from(next) {
+                    Ok(ms) => PROMOTE_CAP.min(Duration::from_millis(ms)),
+                    Err(_) => PROMOTE_CAP,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: reading the next-due index failed; will retry");
+                PROMOTE_CAP
+            }
+        };
         tokio::time::sleep(wait).await;
     }
+}
+
+/// Moves the due messages of entry `i` and keeps its member of the next-due index true: removed
+/// first, put back with the earliest due time left (`ZADD LT`, so a defer racing with this keeps
+/// the earlier of both). Wakes the queue's consumers when it moved any.
+async fn promote(shared: &Shared, conn: &mut RedisConn, script: &Script, i: usize) {
+    let keys = &shared.keys;
+    let e = &shared.entries[i];
+    let member = Keys::due_member(&e.queue, e.shard);
+    let r = async {
+        redis::cmd("ZREM").arg(keys.due()).arg(&member).query_async::<i64>(conn).await?;
+        let mut inv = script.prepare_invoke();
+        inv.key(keys.delayed(&e.queue, e.shard)).arg(1000);
+        if keys.is_cluster() {
+            for b in &e.buckets {
+                inv.key(b);
+            }
+        } else {
+            inv.arg(keys.prefix()).arg(&e.queue);
+        }
+        let (moved, next): (u64, i64) = match inv.invoke_async(conn).await {
+            Ok(r) => r,
+            Err(err) => {
+                // Back into the index, due now: the next read retries it.
+                let _ = redis::cmd("ZADD").arg(keys.due()).arg("LT").arg(0).arg(&member).query_async::<i64>(conn).await;
+                return Err(err);
+            }
+        };
+        if next >= 0 {
+            redis::cmd("ZADD").arg(keys.due()).arg("LT").arg(next).arg(&member).query_async::<i64>(conn).await?;
+        }
+        if moved > 0 {
+            tracing::debug!(queue = %e.queue, moved, "redis: delayed messages are due");
+            shared.wakes.mark([i]);
+            let channel = keys.wake(&e.queue, e.shard);
+            let cmd = redis::cmd("PUBLISH").arg(&channel).arg("").to_owned();
+            conn.command_via(&channel, cmd).await?;
+        }
+        Ok::<_, redis::RedisError>(())
+    };
+    if let Err(err) = r.await {
+        tracing::warn!(error = %err, queue = %e.queue, "redis: promoting delayed messages failed; will retry");
+    }
+}
+
+/// Puts the delayed sets of the entries consumed that hold messages into the next-due index (what
+/// a crash between a defer and its index write, or an older version, left out): on one server all
+/// of them ([`SWEEP_BATCH`] at a time); on a cluster [`PROBE_CLUSTER_ENTRIES`] from `from` on.
+/// Returns where the next cluster sweep starts.
+async fn sweep_delayed(shared: &Shared, conn: &mut RedisConn, from: usize) -> usize {
+    let keys = &shared.keys;
+    let entries = &shared.entries;
+    if !keys.is_cluster() {
+        // Empty sets do not exist: one `EXISTS` per batch finds the batches worth a script.
+        let mut pipe = redis::pipe();
+        for batch in entries.chunks(SWEEP_BATCH) {
+            let mut cmd = redis::cmd("EXISTS");
+            for e in batch {
+                cmd.arg(keys.delayed(&e.queue, e.shard));
+            }
+            pipe.add_command(cmd);
+        }
+        let counts: Vec<u64> = match pipe.query_async(conn).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "redis: sweeping the delayed sets failed; will retry");
+                return 0;
+            }
+        };
+        let script = scripts::due_sweep();
+        for (batch, _) in entries.chunks(SWEEP_BATCH).zip(counts).filter(|(_, c)| *c > 0) {
+            let mut inv = script.prepare_invoke();
+            inv.key(keys.due());
+            for e in batch {
+                inv.key(keys.delayed(&e.queue, e.shard)).arg(Keys::due_member(&e.queue, e.shard));
+            }
+            if let Err(e) = inv.invoke_async::<u64>(conn).await {
+                tracing::warn!(error = %e, "redis: sweeping the delayed sets failed; will retry");
+                break;
+            }
+        }
+        return 0;
+    }
+    let n = entries.len().min(PROBE_CLUSTER_ENTRIES);
+    for k in 0..n {
+        let e = &entries[(from + k) % entries.len()];
+        let first: Result<Vec<(String, f64)>, _> = redis::cmd("ZRANGE")
+            .arg(keys.delayed(&e.queue, e.shard))
+            .arg(0)
+            .arg(0)
+            .arg("WITHSCORES")
+            .query_async(conn)
+            .await;
+        let r = match first {
+            Ok(first) => match first.first() {
+                Some((_, score)) => redis::cmd("ZADD")
+                    .arg(keys.due())
+                    .arg("LT")
+                    .arg(*score as i64)
+                    .arg(Keys::due_member(&e.queue, e.shard))
+                    .query_async::<i64>(conn)
+                    .await
+                    .map(drop),
+                None => Ok(()),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "redis: sweeping the delayed sets failed; will retry");
+            break;
+        }
+    }
+    (from + n) % entries.len().max(1)
 }

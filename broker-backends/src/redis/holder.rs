@@ -121,6 +121,7 @@ impl RedisBeat {
                     Ok(Some(restored)) => {
                         if restored > 0 {
                             tracing::warn!(restored, worker = %id, "redis: restored the deliveries an earlier run of this worker left unsettled");
+                            super::wake::publish_restored(&self.conn, &self.keys, &entry.1).await;
                         }
                         break;
                     }
@@ -299,11 +300,14 @@ impl Heartbeat for RedisBeat {
             for entry in self.scopes() {
                 match self.sweep_scope(&entry).await {
                     Ok((0, _)) => {}
-                    Ok((restored, gone)) => tracing::warn!(
-                        restored,
-                        workers = gone,
-                        "redis: restored the deliveries of workers whose heartbeat stopped"
-                    ),
+                    Ok((restored, gone)) => {
+                        tracing::warn!(
+                            restored,
+                            workers = gone,
+                            "redis: restored the deliveries of workers whose heartbeat stopped"
+                        );
+                        super::wake::publish_restored(&self.conn, &self.keys, &entry.1).await;
+                    }
                     Err(e) => tracing::warn!(error = %e, "redis: sweep for dead workers failed; will retry"),
                 }
             }
@@ -334,6 +338,7 @@ impl Heartbeat for RedisBeat {
                             workers = gone,
                             "redis: restored the deliveries of workers whose heartbeat stopped"
                         );
+                        super::wake::publish_restored(&self.conn, &self.keys, &[]).await;
                     }
                     cursor = next;
                     if cursor == 0 {

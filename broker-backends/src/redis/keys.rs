@@ -22,8 +22,16 @@
 //! | what `h` holds | `_celery_rs.held.h` | `{q}._celery_rs.held.h` |
 //! | holders | `_celery_rs.workers` | `{q}._celery_rs.workers` |
 //!
-//! Bindings, leases of beat, documents and fanout channels are single keys (or `PUBLISH`): the
-//! same on both. Queue names on a cluster may not hold `{` or `}` nor be empty ([`Keys::check_queue`]).
+//! | wake-up channel of `q` | `_celery_rs.wake/<db>/q` | `{q}._celery_rs.wake` |
+//!
+//! A wake-up channel is a `PUBLISH` channel, not a key: our producers publish to it in the same
+//! pipeline as the `LPUSH`, and idle consumers subscribe to the channels of their queues
+//! ([`super::wake`]); `_celery_rs.wake/<db>` (one server) wakes every consumer of the database.
+//! Pub/sub ignores databases, so the database is in the name.
+//!
+//! Bindings, leases of beat, documents, fanout channels and the next-due index of delayed
+//! messages (`_celery_rs.due`: a zset of `<shard>/<queue>` scored by its earliest due time in ms)
+//! are single keys (or `PUBLISH`): the same on both. Queue names on a cluster may not hold `{` or `}` nor be empty ([`Keys::check_queue`]).
 
 use celery_core::BrokerError;
 
@@ -40,6 +48,8 @@ pub(crate) struct Keys {
     prefix: String,
     /// `Some(shards)` on a Redis Cluster.
     cluster: Option<u16>,
+    /// The database number (in wake-up channel names: pub/sub ignores databases).
+    db: u32,
 }
 
 /// The lease keys shared by the queues of one slot: Kombu's global `unacked` set on one server,
@@ -75,7 +85,13 @@ impl Keys {
     /// Keys behind `prefix` (Kombu's `global_keyprefix`; empty for none), for one server
     /// (`cluster: None`) or a cluster with `Some(shards)` per queue.
     pub(crate) fn new(prefix: &str, cluster: Option<u16>) -> Keys {
-        Keys { prefix: prefix.to_owned(), cluster: cluster.map(|s| s.max(1)) }
+        Keys { prefix: prefix.to_owned(), cluster: cluster.map(|s| s.max(1)), db: 0 }
+    }
+
+    /// The same keys in database `db` (what wake-up channel names carry).
+    pub(crate) fn in_db(mut self, db: u32) -> Keys {
+        self.db = db;
+        self
     }
 
     pub(crate) fn prefix(&self) -> &str {
@@ -153,6 +169,35 @@ impl Keys {
         }
     }
 
+    /// The wake-up channel of `queue`'s `shard`: on a cluster in the queue's slot, so that a
+    /// pipeline of one slot can `PUBLISH` to it after its `LPUSH`.
+    pub(crate) fn wake(&self, queue: &str, shard: u16) -> String {
+        match self.cluster {
+            None => format!("{}_celery_rs.wake/{}/{queue}", self.prefix, self.db),
+            Some(_) => {
+                let (tag, rest) = self.tagged(queue, shard);
+                format!("{tag}{rest}._celery_rs.wake")
+            }
+        }
+    }
+
+    /// The wake-up channel every consumer of this database listens to (one server): after a
+    /// restore that may have put messages back into any queue.
+    pub(crate) fn wake_all(&self) -> String {
+        format!("{}_celery_rs.wake/{}", self.prefix, self.db)
+    }
+
+    /// The next-due index of delayed messages: a zset of [`Keys::due_member`]s scored by the
+    /// earliest due time (ms) of their delayed set, or earlier.
+    pub(crate) fn due(&self) -> String {
+        format!("{}_celery_rs.due", self.prefix)
+    }
+
+    /// `queue`'s `shard` in the next-due index: `<shard>/<queue>`.
+    pub(crate) fn due_member(queue: &str, shard: u16) -> String {
+        format!("{shard}/{queue}")
+    }
+
     /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`,
     /// or `/<db>.<exchange>` without a routing key.
     pub(crate) fn fanout(&self, db: u32, exchange: &str, routing_key: &str) -> String {
@@ -220,6 +265,11 @@ mod tests {
         assert_eq!(k.delayed("celery", 0), "p:_celery_rs.delayed.celery");
         assert_eq!(k.bucket("celery.dead", 0, 0), "p:celery.dead");
         assert!(k.check_queue("a{b}").is_ok() && k.shards() == 1);
+        let k = k.in_db(3);
+        assert_eq!(k.wake("celery", 0), "p:_celery_rs.wake/3/celery");
+        assert_eq!(k.wake_all(), "p:_celery_rs.wake/3");
+        assert_eq!(k.due(), "p:_celery_rs.due");
+        assert_eq!(Keys::due_member("a/b", 2), "2/a/b");
     }
 
     #[test]
@@ -229,7 +279,7 @@ mod tests {
         let mut all: Vec<String> = k.buckets("celery", 0).to_vec();
         all.extend(k.buckets("celery.dead", 0));
         all.extend(k.buckets("celery.dead.dead", 0));
-        all.extend([k.delayed("celery", 0), k.delayed("celery.dead", 0)]);
+        all.extend([k.delayed("celery", 0), k.delayed("celery.dead", 0), k.wake("celery", 0)]);
         all.extend([s.unacked(), s.unacked_index(), s.heartbeat("w"), s.held("w"), s.workers()]);
         assert_eq!(all[0], "p:{celery}");
         assert_eq!(all[4], "p:{celery}.dead");

@@ -10,6 +10,10 @@
 //!   that queue move it back to its bucket by the server's clock when due. Nothing waits in a
 //!   worker's memory, and a visibility timeout never duplicates it.
 //! - Purge: the queue's buckets and its delayed set, in one `MULTI`.
+//! - Wake-ups: every publish also `PUBLISH`es to the queue's wake-up channel; an idle consumer
+//!   waits on one subscriber connection for all its queues and probes their lists once a second
+//!   for what Python producers sent (`wake.rs`), so an idle worker's cost does not grow with its
+//!   queues. Due ETA messages are found through one next-due index (`consumer.rs`).
 //! - Consume: a Lua script takes up to N envelopes and records each in Kombu's `unacked` hash and
 //!   `unacked_index` zset in the same step, so no message is ever only in a worker's memory.
 //!   While a delivery is unsettled its lease is renewed; a worker that dies stops renewing and its
@@ -59,6 +63,7 @@ mod scripts;
 mod sentinel;
 mod settle;
 mod url;
+mod wake;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -140,7 +145,7 @@ impl RedisBroker {
         let conn = RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await?;
         Ok(RedisBroker {
             conn,
-            keys: Keys::new(&options.key_prefix, options.cluster.as_ref().map(|c| c.shards)),
+            keys: Keys::new(&options.key_prefix, options.cluster.as_ref().map(|c| c.shards)).in_db(options.db),
             options,
             worker: Arc::default(),
             holder: Arc::default(),
@@ -152,7 +157,7 @@ impl RedisBroker {
     /// The holder every consumer of this broker leases under, registered (and its heartbeat
     /// started) on first use; on a cluster its heartbeat also lives in the scopes of `queues`.
     async fn holder(&self, queues: &[String]) -> Result<Arc<Holder>, BrokerError> {
-        let groups = consumer::groups(&self.keys, queues);
+        let groups = consumer::groups_of(&self.keys, queues);
         let holder = self
             .holder
             .get_or_try_init(|| {
@@ -220,7 +225,8 @@ impl RedisBroker {
 
     /// `LPUSH` to the priority bucket of `queue`'s `shard`, whatever the message's eta: an eta
     /// message waits on its queue with its `eta` header as Celery sends it (a worker that takes
-    /// it early defers it). The pipeline of the queue's scope is used (one slot each on a
+    /// it early defers it), then `PUBLISH` to the queue's wake-up channel, which wakes its idle
+    /// consumers ([`wake`]). The pipeline of the queue's scope is used (one slot each on a
     /// cluster; on one server every queue shares one).
     fn add_publish(
         &self,
@@ -242,6 +248,7 @@ impl RedisBroker {
         let env = envelope::encode(msg, &route.exchange, queue);
         let step = envelope::bucket_of(envelope::kombu_priority(msg));
         pipe.lpush(self.keys.bucket(queue, shard, step), env).ignore();
+        pipe.publish(self.keys.wake(queue, shard), "").ignore();
         Ok(())
     }
 

@@ -243,7 +243,10 @@ return 0
 /// removes it, the envelope goes where `op` says (`rpush`/`lpush` to a list, `zadd` to a zset with
 /// `score`) and the tag leaves `unacked_index` and `held`; when the lease is gone (restored to
 /// another worker meanwhile), nothing is written, so no second copy appears.
-/// KEYS: unacked, unacked_index, held, target; ARGV: tag, op, value, score. Returns 1 when settled.
+/// A list write is followed by a `PUBLISH` to the wake-up channel `wake` when one is given (not
+/// empty), so idle consumers of that queue look at once.
+/// KEYS: unacked, unacked_index, held, target; ARGV: tag, op, value, score, wake. Returns 1 when
+/// settled.
 pub(crate) fn settle() -> Script {
     Script::new(
         r#"
@@ -252,18 +255,21 @@ redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
 if ARGV[2] == 'zadd' then
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[3])
+  return 1
 elseif ARGV[2] == 'lpush' then
   redis.call('LPUSH', KEYS[4], ARGV[3])
 else
   redis.call('RPUSH', KEYS[4], ARGV[3])
 end
+if ARGV[5] and ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], '') end
 return 1
 "#,
     )
 }
 
 /// Moves due envelopes from a delayed zset to the back of their queue, by the server's clock.
-/// Returns the next due time in ms (or -1). KEYS: delayed; ARGV: limit, key prefix, queue.
+/// Returns (moved, the next due time in ms since the epoch or -1). KEYS: delayed; ARGV: limit, key
+/// prefix, queue.
 pub(crate) fn promote() -> Script {
     Script::new(&format!(
         r#"{BUCKET_FN}
@@ -278,7 +284,7 @@ for _, data in ipairs(due) do
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then return {{#due, -1}} end
-return {{#due, tonumber(nxt[2]) - now}}
+return {{#due, tonumber(nxt[2])}}
 "#
     ))
 }
@@ -397,8 +403,8 @@ return restored
 }
 
 /// [`promote`] on a cluster: moves due envelopes from a delayed zset to the back of the bucket
-/// (passed) for their priority. KEYS: delayed, the four buckets; ARGV: limit. Returns (moved, next
-/// due in ms or -1).
+/// (passed) for their priority. KEYS: delayed, the four buckets; ARGV: limit. Returns (moved, the
+/// next due time in ms since the epoch or -1).
 pub(crate) fn promote_into() -> Script {
     Script::new(&format!(
         r#"{MARK_FN}{REDELIVER_FN}
@@ -413,9 +419,45 @@ for _, data in ipairs(due) do
 end
 local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #nxt == 0 then return {{#due, -1}} end
-return {{#due, tonumber(nxt[2]) - now}}
+return {{#due, tonumber(nxt[2])}}
 "#
     ))
+}
+
+/// Reads the next-due index of delayed messages by the server's clock: up to `limit` members due
+/// now, and how long until the first one due later (ms, or -1 when none).
+/// KEYS: due; ARGV: limit. Returns (members, ms until the next).
+pub(crate) fn due() -> Script {
+    Script::new(
+        r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+local nxt = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if #nxt == 0 then return {due, -1} end
+return {due, tonumber(nxt[2]) - now}
+"#,
+    )
+}
+
+/// One server: puts delayed sets the next-due index does not know of into it (messages deferred
+/// by a process that stopped before it wrote the index, or by an older version): for each delayed
+/// set, its earliest score goes into the index with `ZADD LT`. KEYS: due, delayed sets...; ARGV:
+/// their index members. Returns how many sets hold messages.
+pub(crate) fn due_sweep() -> Script {
+    Script::new(
+        r#"
+local found = 0
+for i = 2, #KEYS do
+  local first = redis.call('ZRANGE', KEYS[i], 0, 0, 'WITHSCORES')
+  if #first > 0 then
+    redis.call('ZADD', KEYS[1], 'LT', first[2], ARGV[i - 1])
+    found = found + 1
+  end
+end
+return found
+"#,
+    )
 }
 
 /// Takes the lease if free, or renews it for its holder. KEYS: lease; ARGV: holder, ttl ms. Returns 1 when held.

@@ -55,7 +55,15 @@ impl RedisSettle {
     /// after a failure it is no longer renewed, so (unless the step did happen after all) the
     /// restore sweep returns the message to its queue after the visibility timeout, instead of
     /// this consumer keeping it leased for as long as it lives.
-    async fn settle_with(&self, target: &str, op: &str, value: &[u8], score: i64) -> Result<(), BrokerError> {
+    /// `wake`: the wake-up channel of the target list's queue (empty for none).
+    async fn settle_with(
+        &self,
+        target: &str,
+        op: &str,
+        value: &[u8],
+        score: i64,
+        wake: &str,
+    ) -> Result<(), BrokerError> {
         let mut conn = self.shared.conn.clone();
         let group = &self.shared.groups[self.group];
         let r = scripts::settle()
@@ -67,6 +75,7 @@ impl RedisSettle {
             .arg(op)
             .arg(value)
             .arg(score)
+            .arg(wake)
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(failed("redis: settle a delivery"));
@@ -75,6 +84,23 @@ impl RedisSettle {
             tracing::warn!(queue = %self.queue, "redis: a delivery restored to another worker meanwhile was not settled here");
         }
         r.map(|_| ())
+    }
+
+    /// Writes `until` (ms) into the next-due index for this delivery's queue shard (`ZADD LT`:
+    /// an earlier due time there stays). A failure leaves the message to the sweep.
+    async fn index_due(&self, until: i64) {
+        let mut conn = self.shared.conn.clone();
+        let keys = &self.shared.keys;
+        let r = redis::cmd("ZADD")
+            .arg(keys.due())
+            .arg("LT")
+            .arg(until)
+            .arg(super::keys::Keys::due_member(&self.queue, self.shard))
+            .query_async::<i64>(&mut conn)
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, queue = %self.queue, "redis: cannot index a deferred message; the sweep finds it");
+        }
     }
 }
 
@@ -86,7 +112,8 @@ impl Settle for RedisSettle {
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.settle_with(&self.list_key, "rpush", &self.env, 0).await
+        let wake = self.shared.keys.wake(&self.queue, self.shard);
+        self.settle_with(&self.list_key, "rpush", &self.env, 0, &wake).await
     }
 
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
@@ -96,18 +123,24 @@ impl Settle for RedisSettle {
             || self.shared.holder.broker().still_leased(&self.shared.groups[self.group].scope, &self.tag).await
     }
 
-    /// Moves the message from its lease into the queue's delayed set in one `MULTI`.
+    /// Moves the message from its lease into the queue's delayed set in one script, then writes
+    /// its due time into the next-due index.
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
         let env = envelope::encode(&m, "", &self.queue);
         let delayed = self.shared.keys.delayed(&self.queue, self.shard);
-        self.settle_with(&delayed, "zadd", env.as_bytes(), until.timestamp_millis()).await
+        let until = until.timestamp_millis();
+        self.settle_with(&delayed, "zadd", env.as_bytes(), until, "").await?;
+        self.index_due(until).await;
+        Ok(())
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
         let dlq = dead_letter_queue(&self.queue);
         let env = envelope::dead_letter(&self.env, &self.queue, reason);
-        self.settle_with(&self.shared.keys.bucket(&dlq, self.shard, 0), "lpush", env.as_bytes(), 0).await
+        let keys = &self.shared.keys;
+        let wake = keys.wake(&dlq, self.shard);
+        self.settle_with(&keys.bucket(&dlq, self.shard, 0), "lpush", env.as_bytes(), 0, &wake).await
     }
 }

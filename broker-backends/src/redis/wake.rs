@@ -1,0 +1,198 @@
+//! Wake-ups: how an idle consumer learns that one of its queues has messages, at a cost that does
+//! not grow with the number of queues it consumes.
+//!
+//! - Our producers `PUBLISH` to the queue's wake-up channel ([`super::keys::Keys::wake`]) in the
+//!   same pipeline as the `LPUSH` (so after it); requeues and dead letters do it in their settle
+//!   script, the delayed mover after it moved messages, a restore of leases on the channel of every
+//!   queue it may have refilled ([`publish_restored`]).
+//! - Each consumer holds one subscriber connection ([`listen`]) to the channels of all its queues
+//!   (it sends no command while idle) and marks the queue [`Wakes`] names hot; the fetch then
+//!   runs only on hot queues, and an idle consumer waits for one to become hot.
+//! - No wake-up is lost while subscribed: a fetch clears a queue's mark *before* it looks, and a
+//!   wake-up comes after its message is in the list. When the subscription is (re)made every
+//!   queue is marked hot, so what arrived while it was down is fetched.
+//! - Python Celery producers do not publish wake-ups: the consumer probes its queues' lists with
+//!   `EXISTS` once a second ([`super::consumer`]), in batches of many keys per command.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use celery_core::backoff::Reconnect;
+use celery_core::sync::lock;
+use futures::StreamExt;
+use tokio::sync::Notify;
+
+use super::connection::RedisConn;
+use super::keys::Keys;
+
+/// Channels one `SUBSCRIBE` names at most.
+const CHANNELS_PER_SUBSCRIBE: usize = 1000;
+
+/// Which consumed (queue, shard) entries may hold messages, and the signal that one became so.
+#[derive(Debug)]
+pub(super) struct Wakes {
+    hot: Mutex<Hot>,
+    notify: Notify,
+}
+
+#[derive(Debug)]
+struct Hot {
+    flags: Vec<bool>,
+    count: usize,
+}
+
+impl Wakes {
+    /// `n` entries, all hot (a consumer's first fetch looks at every queue).
+    pub(super) fn new(n: usize) -> Wakes {
+        Wakes { hot: Mutex::new(Hot { flags: vec![true; n], count: n }), notify: Notify::new() }
+    }
+
+    /// Marks `entries` hot and wakes the waiting fetcher.
+    pub(super) fn mark(&self, entries: impl IntoIterator<Item = usize>) {
+        let mut any = false;
+        {
+            let mut hot = lock(&self.hot);
+            for e in entries {
+                if let Some(f) = hot.flags.get_mut(e) {
+                    if !*f {
+                        *f = true;
+                        hot.count += 1;
+                    }
+                    any = true;
+                }
+            }
+        }
+        if any {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Marks every entry hot.
+    pub(super) fn mark_all(&self) {
+        let n = lock(&self.hot).flags.len();
+        self.mark(0..n);
+    }
+
+    /// Clears the marks of `entries` and returns those that were hot, in the order given.
+    pub(super) fn take(&self, entries: &[usize]) -> Vec<usize> {
+        let mut hot = lock(&self.hot);
+        if hot.count == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for &e in entries {
+            if let Some(f) = hot.flags.get_mut(e) {
+                if *f {
+                    *f = false;
+                    out.push(e);
+                }
+            }
+        }
+        hot.count -= out.len();
+        out
+    }
+
+    /// True when some entry is hot.
+    pub(super) fn any(&self) -> bool {
+        lock(&self.hot).count > 0
+    }
+
+    /// Waits for a [`Wakes::mark`] (one made since the last wait returns at once).
+    pub(super) async fn notified(&self) {
+        self.notify.notified().await
+    }
+}
+
+/// Subscribes to `channels` (each names the entries it wakes) and `all` (wakes every entry) on a
+/// connection of its own, and marks [`Wakes`] for every message. A lost subscription is made again (on the master the sentinels name then), and
+/// every entry marked hot once it is. Runs until aborted (with its consumer).
+pub(super) async fn listen(
+    conn: RedisConn,
+    channels: HashMap<String, Vec<usize>>,
+    all: Option<String>,
+    wakes: Arc<Wakes>,
+) {
+    let names: Vec<String> = channels.keys().cloned().chain(all.clone()).collect();
+    let mut backoff = Reconnect::default();
+    loop {
+        let subscribed = async {
+            let mut p = conn.client().get_async_pubsub().await?;
+            for chunk in names.chunks(CHANNELS_PER_SUBSCRIBE) {
+                p.subscribe(chunk).await?;
+            }
+            Ok::<_, redis::RedisError>(p)
+        };
+        let pubsub = match subscribed.await {
+            Ok(p) => p,
+            Err(e) => {
+                conn.recheck(conn.generation()).await;
+                backoff.pause("redis: subscribe to wake-ups", &e).await;
+                continue;
+            }
+        };
+        if backoff.attempts() > 0 {
+            tracing::info!("redis: wake-up subscription restored");
+        }
+        backoff.reset();
+        // What was published while not subscribed is fetched now.
+        wakes.mark_all();
+        let mut stream = pubsub.into_on_message();
+        while let Some(m) = stream.next().await {
+            let name = m.get_channel_name();
+            if all.as_deref() == Some(name) {
+                wakes.mark_all();
+            } else if let Some(entries) = channels.get(name) {
+                wakes.mark(entries.iter().copied());
+            }
+        }
+        tracing::warn!("redis: wake-up subscription lost; subscribing again");
+        conn.recheck(conn.generation()).await;
+    }
+}
+
+/// After a restore put leases back into their lists: on one server wakes every consumer of the
+/// database ([`Keys::wake_all`]: the restored ones may be of any queue); on a cluster the
+/// consumers of `queues` (the scope's, the only ones a restore there refills).
+pub(super) async fn publish_restored(conn: &RedisConn, keys: &Keys, queues: &[(String, u16)]) {
+    if keys.is_cluster() {
+        for (q, shard) in queues {
+            let channel = keys.wake(q, *shard);
+            let cmd = redis::cmd("PUBLISH").arg(&channel).arg("").to_owned();
+            if let Err(e) = conn.command_via(&channel, cmd).await {
+                tracing::debug!(error = %e, "redis: cannot publish a wake-up; consumers find the messages by their probe");
+            }
+        }
+        return;
+    }
+    let mut c = conn.clone();
+    if let Err(e) = redis::cmd("PUBLISH").arg(keys.wake_all()).arg("").query_async::<i64>(&mut c).await {
+        tracing::debug!(error = %e, "redis: cannot publish a wake-up; consumers find the messages by their probe");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mark_is_taken_once_and_wakes_the_waiter() {
+        let w = Wakes::new(4);
+        assert!(w.any());
+        assert_eq!(w.take(&[0, 2]), [0, 2]);
+        assert_eq!(w.take(&[0, 1, 2, 3]), [1, 3]);
+        assert!(!w.any() && w.take(&[0, 1, 2, 3]).is_empty());
+        w.mark([2, 9]);
+        assert!(w.any());
+        assert_eq!(w.take(&[3, 2]), [2]);
+        w.mark_all();
+        assert_eq!(w.take(&[0, 1, 2, 3]), [0, 1, 2, 3]);
+    }
+
+    #[tokio::test]
+    async fn a_mark_made_before_the_wait_is_not_lost() {
+        let w = Wakes::new(1);
+        w.take(&[0]);
+        w.mark([0]);
+        tokio::time::timeout(std::time::Duration::from_secs(5), w.notified()).await.expect("woken");
+    }
+}
