@@ -2,7 +2,9 @@
 
 As a Celery app (`celery -A interop_app worker`) it serves a task named `add`.
 As a script (`python interop_app.py <queue>`) it is a producer: it sends `add(2, 3)` and
-`fail('oops')` to <queue>, waits for both and prints one JSON line with what it got.
+`fail('oops')` to <queue>, then `add(4, 5)` with a 2 s countdown (a Celery ETA message, which
+our Redis worker finds with no wake-up and holds in its delayed set), waits for each and prints
+one JSON line with what it got and how long the countdown task took.
 `python interop_app.py chain <queue>` sends the chain `add(2, 3) | add(10) | add(100)`, every
 step to <queue>, waits for the last result and prints it as one JSON line.
 `python interop_app.py chord <queue>` sends the chord `[add(i, i) for i in range(10)] | tsum()`,
@@ -17,6 +19,7 @@ The broker and backend come from CELERY_BROKER_URL and CELERY_RESULT_BACKEND.
 import json
 import os
 import sys
+import time
 
 from celery import Celery, chain, chord
 
@@ -60,7 +63,9 @@ def produce(queue):
         failure = {"type": type(exc).__name__, "message": str(exc)}
     else:
         failure = None
-    print(json.dumps({"add": added, "fail": failure}))
+    sent = time.monotonic()
+    later = app.send_task("add", args=[4, 5], queue=queue, countdown=2).get(timeout=30)
+    print(json.dumps({"add": added, "fail": failure, "countdown": later, "countdown_took": time.monotonic() - sent}))
 
 
 def produce_chain(queue):

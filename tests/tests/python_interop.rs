@@ -143,7 +143,8 @@ async fn our_producer_runs_on_a_python_worker_over_amqp() {
     }
 }
 
-/// Direction 1: the Python producer's `add` and `fail` run on our worker, started here (traced);
+/// Direction 1: the Python producer's `add`, `fail` and a countdown `add` run on our worker,
+/// started here (traced);
 /// `add` carries a `traceparent` as Python's instrumentation sends it, and its run continues
 /// that trace.
 async fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers) {
@@ -165,6 +166,10 @@ async fn python_producer_runs_on_our_worker_via(python: &Path, servers: &Servers
     assert_eq!(got["add"], json!(5), "{report}");
     let message = got["fail"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("oops"), "{report}");
+    // A Python countdown task runs, not before it is due, and soon after.
+    assert_eq!(got["countdown"], json!(9), "{report}");
+    let took = got["countdown_took"].as_f64().unwrap_or_default();
+    assert!((1.9..6.0).contains(&took), "the 2 s countdown task ran after {took} s\n{report}");
     let spans = poll_until(T, || async { collector.spans() }, |s| s.iter().any(|s| s.name == "run/add")).await;
     let run = spans.iter().find(|s| s.name == "run/add").unwrap_or_else(|| panic!("no run/add: {spans:#?}"));
     assert_eq!((run.trace_id.as_str(), run.parent_span_id.as_str()), (trace_id, parent), "{report}");
