@@ -570,10 +570,13 @@ async fn promote_loop(shared: Arc<Shared>) {
         let r: Result<(Vec<String>, i64), _> = scan.key(keys.due()).arg(DUE_LIMIT).invoke_async(&mut conn).await;
         let wait = match r {
             Ok((due, next)) => {
+                let mut moved = 0;
                 for i in due.iter().filter_map(|m| mine.get(m)) {
-                    promote(&shared, &mut conn, &script, *i).await;
+                    moved += promote(&shared, &mut conn, &script, *i).await;
                 }
                 match u64::try_from(next) {
+                    // More may be due at once (a promotion moves at most 1000 per queue).
+                    _ if moved > 0 => Duration::ZERO,
                     Ok(ms) => PROMOTE_CAP.min(Duration::from_millis(ms)),
                     Err(_) => PROMOTE_CAP,
                 }
@@ -589,8 +592,8 @@ async fn promote_loop(shared: Arc<Shared>) {
 
 /// Moves the due messages of entry `i` and keeps its member of the next-due index true: removed
 /// first, put back with the earliest due time left (`ZADD LT`, so a defer racing with this keeps
-/// the earlier of both). Wakes the queue's consumers when it moved any.
-async fn promote(shared: &Shared, conn: &mut RedisConn, script: &Script, i: usize) {
+/// the earlier of both). Wakes the queue's consumers when it moved any. Returns how many it moved.
+async fn promote(shared: &Shared, conn: &mut RedisConn, script: &Script, i: usize) -> u64 {
     let keys = &shared.keys;
     let e = &shared.entries[i];
     let member = Keys::due_member(&e.queue, e.shard);
@@ -621,12 +624,18 @@ async fn promote(shared: &Shared, conn: &mut RedisConn, script: &Script, i: usiz
             shared.wakes.mark([i]);
             let channel = keys.wake(&e.queue, e.shard);
             let cmd = redis::cmd("PUBLISH").arg(&channel).arg("").to_owned();
-            conn.command_via(&channel, cmd).await?;
+            if let Err(err) = conn.command_via(&channel, cmd).await {
+                tracing::debug!(error = %err, "redis: cannot publish a wake-up; consumers find the messages by their probe");
+            }
         }
-        Ok::<_, redis::RedisError>(())
+        Ok::<_, redis::RedisError>(moved)
     };
-    if let Err(err) = r.await {
-        tracing::warn!(error = %err, queue = %e.queue, "redis: promoting delayed messages failed; will retry");
+    match r.await {
+        Ok(moved) => moved,
+        Err(err) => {
+            tracing::warn!(error = %err, queue = %e.queue, "redis: promoting delayed messages failed; will retry");
+            0
+        }
     }
 }
 

@@ -21,7 +21,6 @@
 //! | heartbeat of holder `h` | `_celery_rs.worker.h` | `{q}._celery_rs.worker.h` |
 //! | what `h` holds | `_celery_rs.held.h` | `{q}._celery_rs.held.h` |
 //! | holders | `_celery_rs.workers` | `{q}._celery_rs.workers` |
-//!
 //! | wake-up channel of `q` | `_celery_rs.wake/<db>/q` | `{q}._celery_rs.wake` |
 //!
 //! A wake-up channel is a `PUBLISH` channel, not a key: our producers publish to it in the same
@@ -31,7 +30,8 @@
 //!
 //! Bindings, leases of beat, documents, fanout channels and the next-due index of delayed
 //! messages (`_celery_rs.due`: a zset of `<shard>/<queue>` scored by its earliest due time in ms)
-//! are single keys (or `PUBLISH`): the same on both. Queue names on a cluster may not hold `{` or `}` nor be empty ([`Keys::check_queue`]).
+//! are single keys (or `PUBLISH`): the same on both. Queue names on a cluster may not hold `{` or
+//! `}` nor be empty ([`Keys::check_queue`]).
 
 use celery_core::BrokerError;
 

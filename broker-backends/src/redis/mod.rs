@@ -59,12 +59,14 @@ pub mod error;
 mod holder;
 mod keys;
 mod limits;
+mod pubsub;
 mod scripts;
 mod sentinel;
 mod settle;
 mod url;
 mod wake;
 
+use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -497,55 +499,25 @@ impl Broadcasts for RedisBroker {
             });
             return Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))));
         }
-        use futures::StreamExt;
         let channel = self.keys.fanout(self.options.db, &exchange.name, &pattern.replace('#', "*"));
-        let mut pubsub =
-            self.conn.client().get_async_pubsub().await.map_err(failed("redis: connect a subscription"))?;
-        pubsub.psubscribe(&channel).await.map_err(failed("redis: subscribe"))?;
+        let channels = pubsub::Channels { names: Vec::new(), patterns: vec![channel] };
+        let first = pubsub::subscribe(&self.conn, &channels).await.map_err(failed("redis: subscribe"))?;
         let prefix_len = self.keys.fanout(self.options.db, &exchange.name, "").len() + 1;
         // A lost subscriber connection subscribes again, on the master the sentinels name then.
-        let conn = self.conn.clone();
-        let feeder = tokio::spawn(async move {
-            let mut backoff = Reconnect::default();
-            let mut ready = Some(pubsub);
-            loop {
-                let pubsub = match ready.take() {
-                    Some(p) => p,
-                    None => {
-                        let again = async {
-                            let mut p = conn.client().get_async_pubsub().await?;
-                            p.psubscribe(&channel).await?;
-                            Ok::<_, redis::RedisError>(p)
-                        };
-                        match again.await {
-                            Ok(p) => {
-                                tracing::info!("redis: broadcast subscription restored");
-                                backoff.reset();
-                                p
-                            }
-                            Err(e) => {
-                                conn.recheck(conn.generation()).await;
-                                backoff.pause("redis: subscribe to broadcasts again", &e).await;
-                                continue;
-                            }
-                        }
-                    }
+        let feeder = tokio::spawn(pubsub::follow(self.conn.clone(), channels, Some(first), "broadcast", move |m| {
+            let tx = tx.clone();
+            async move {
+                let Some(m) = m else {
+                    return if tx.is_closed() { ControlFlow::Break(()) } else { ControlFlow::Continue(()) };
                 };
-                let mut stream = pubsub.into_on_message();
-                while let Some(m) = stream.next().await {
-                    let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
-                    let Some(body) = envelope::body_of(m.get_payload_bytes()) else { continue };
-                    if tx.send(Broadcast { routing_key, body }).await.is_err() {
-                        return;
-                    }
+                let routing_key = m.get_channel_name().get(prefix_len..).unwrap_or_default().to_owned();
+                let Some(body) = envelope::body_of(m.get_payload_bytes()) else { return ControlFlow::Continue(()) };
+                match tx.send(Broadcast { routing_key, body }).await {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(_) => ControlFlow::Break(()),
                 }
-                if tx.is_closed() {
-                    return;
-                }
-                tracing::warn!("redis: broadcast subscription lost; subscribing again");
-                conn.recheck(conn.generation()).await;
             }
-        });
+        }));
         Ok(Box::new(ChannelSubscription::new(rx, Some(feeder))))
     }
 }

@@ -15,18 +15,15 @@
 //!   `EXISTS` once a second ([`super::consumer`]), in batches of many keys per command.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
 
-use celery_core::backoff::Reconnect;
 use celery_core::sync::lock;
-use futures::StreamExt;
 use tokio::sync::Notify;
 
 use super::connection::RedisConn;
 use super::keys::Keys;
-
-/// Channels one `SUBSCRIBE` names at most.
-const CHANNELS_PER_SUBSCRIBE: usize = 1000;
+use super::pubsub::{self, Channels};
 
 /// Which consumed (queue, shard) entries may hold messages, and the signal that one became so.
 #[derive(Debug)]
@@ -104,50 +101,31 @@ impl Wakes {
 }
 
 /// Subscribes to `channels` (each names the entries it wakes) and `all` (wakes every entry) on a
-/// connection of its own, and marks [`Wakes`] for every message. A lost subscription is made again (on the master the sentinels name then), and
-/// every entry marked hot once it is. Runs until aborted (with its consumer).
+/// connection of its own, and marks [`Wakes`] for every message. Every entry is marked hot each
+/// time the subscription is made (again), so what was published meanwhile is fetched. Runs until
+/// aborted (with its consumer).
 pub(super) async fn listen(
     conn: RedisConn,
     channels: HashMap<String, Vec<usize>>,
     all: Option<String>,
     wakes: Arc<Wakes>,
 ) {
-    let names: Vec<String> = channels.keys().cloned().chain(all.clone()).collect();
-    let mut backoff = Reconnect::default();
-    loop {
-        let subscribed = async {
-            let mut p = conn.client().get_async_pubsub().await?;
-            for chunk in names.chunks(CHANNELS_PER_SUBSCRIBE) {
-                p.subscribe(chunk).await?;
-            }
-            Ok::<_, redis::RedisError>(p)
-        };
-        let pubsub = match subscribed.await {
-            Ok(p) => p,
-            Err(e) => {
-                conn.recheck(conn.generation()).await;
-                backoff.pause("redis: subscribe to wake-ups", &e).await;
-                continue;
-            }
-        };
-        if backoff.attempts() > 0 {
-            tracing::info!("redis: wake-up subscription restored");
-        }
-        backoff.reset();
-        // What was published while not subscribed is fetched now.
-        wakes.mark_all();
-        let mut stream = pubsub.into_on_message();
-        while let Some(m) = stream.next().await {
-            let name = m.get_channel_name();
-            if all.as_deref() == Some(name) {
-                wakes.mark_all();
-            } else if let Some(entries) = channels.get(name) {
-                wakes.mark(entries.iter().copied());
+    let names = Channels { names: channels.keys().cloned().chain(all.clone()).collect(), patterns: Vec::new() };
+    pubsub::follow(conn, names, None, "wake-up", |m| {
+        match m {
+            None => wakes.mark_all(),
+            Some(m) => {
+                let name = m.get_channel_name();
+                if all.as_deref() == Some(name) {
+                    wakes.mark_all();
+                } else if let Some(entries) = channels.get(name) {
+                    wakes.mark(entries.iter().copied());
+                }
             }
         }
-        tracing::warn!("redis: wake-up subscription lost; subscribing again");
-        conn.recheck(conn.generation()).await;
-    }
+        std::future::ready(ControlFlow::Continue(()))
+    })
+    .await
 }
 
 /// After a restore put leases back into their lists: on one server wakes every consumer of the
