@@ -58,6 +58,9 @@ impl Acked {
 /// How many envelopes one fetch may take at most (measured: larger replies cost more to parse than
 /// the round trips they save).
 const MAX_FETCH: usize = 64;
+/// Hot queues one fetch script takes from at most (the next fetch takes from the next ones), so
+/// that a fetch over thousands of queues with work does not pass all their lists each time.
+const MAX_FETCH_QUEUES: usize = 64;
 /// How many acks one round trip carries at most.
 const MAX_ACK_BATCH: usize = 2048;
 /// Rounds of one restore sweep at most (each examines up to 1000 leases).
@@ -160,8 +163,9 @@ impl Shared {
 }
 
 impl RedisConsumer {
-    /// Starts consuming `queues` (priority first across the queues of one slot, then queue order;
-    /// on a cluster the shards are taken from in turn).
+    /// Starts consuming `queues` (priority first across the queues of one fetch, up to
+    /// [`MAX_FETCH_QUEUES`] of those with messages, then queue order; the next fetch goes on with
+    /// the next ones; on a cluster the shards are taken from in turn).
     pub(super) fn start(
         conn: RedisConn,
         keys: Keys,
@@ -215,6 +219,7 @@ impl RedisConsumer {
             max_message_size,
             next_probe: Instant::now() + PROBE_EVERY,
             probe_from: 0,
+            next_entry: vec![0; shared.groups.len()],
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -276,6 +281,8 @@ struct RedisFetch {
     next_probe: Instant,
     /// On a cluster, the entry the next probe starts with.
     probe_from: usize,
+    /// Per group, the position in its entries the next fetch looks from.
+    next_entry: Vec<usize>,
 }
 
 /// The lists one fetch script takes from: (list, entry), priority first, then queue order.
@@ -434,7 +441,8 @@ impl Fetch for RedisFetch {
             }
             let g = (start + k) % count;
             // Cleared before the look: a wake-up that comes after it marks them again.
-            let hot = shared.wakes.take(&shared.groups[g].entries);
+            let (hot, next) = shared.wakes.take_some(&shared.groups[g].entries, self.next_entry[g], MAX_FETCH_QUEUES);
+            self.next_entry[g] = next;
             if hot.is_empty() {
                 continue;
             }

@@ -26,8 +26,9 @@
 //! Where things are: `url.rs`, `sentinel.rs` (the `sentinel://` URL and the question to the
 //! sentinels), `connection.rs` (the connection every loop shares), `holder.rs` (our consumers'
 //! heartbeats and the restore of a dead one's deliveries), `keys.rs` (Kombu's key
-//! layout), `scripts.rs` (the Lua steps), `consumer.rs`, `settle.rs`, `error.rs` (redis errors as
-//! ours); publishing, routing, broadcasts and leases here.
+//! layout), `scripts.rs` (the Lua steps), `consumer.rs`, `wake.rs` (wake-ups of idle consumers),
+//! `pubsub.rs` (subscriptions that outlive their connection), `settle.rs`, `error.rs` (redis
+//! errors as ours); publishing, routing, broadcasts and leases here.
 //!
 //! URL options (query string): `visibility_timeout=SECONDS`, `global_keyprefix=PREFIX` (Kombu's
 //! transport option of the same name); the redis client's own (`protocol`; `db`, `user`, `pass` on

@@ -71,22 +71,38 @@ impl Wakes {
     }
 
     /// Clears the marks of `entries` and returns those that were hot, in the order given.
+    #[cfg(test)]
     pub(super) fn take(&self, entries: &[usize]) -> Vec<usize> {
+        self.take_some(entries, 0, usize::MAX).0
+    }
+
+    /// Clears the marks of up to `max` hot entries of `entries`, looking from position `from` on
+    /// (round the end to the start), and returns them in the order of `entries` with the position
+    /// after the last one taken (where the next look starts, so every hot entry has its turn).
+    pub(super) fn take_some(&self, entries: &[usize], from: usize, max: usize) -> (Vec<usize>, usize) {
         let mut hot = lock(&self.hot);
-        if hot.count == 0 {
-            return Vec::new();
+        let n = entries.len();
+        if hot.count == 0 || n == 0 {
+            return (Vec::new(), from);
         }
         let mut out = Vec::new();
-        for &e in entries {
-            if let Some(f) = hot.flags.get_mut(e) {
+        let mut next = from % n;
+        for k in 0..n {
+            if out.len() >= max {
+                break;
+            }
+            let pos = (from + k) % n;
+            if let Some(f) = hot.flags.get_mut(entries[pos]) {
                 if *f {
                     *f = false;
-                    out.push(e);
+                    out.push((pos, entries[pos]));
+                    next = (pos + 1) % n;
                 }
             }
         }
         hot.count -= out.len();
-        out
+        out.sort_unstable();
+        (out.into_iter().map(|(_, e)| e).collect(), next)
     }
 
     /// True when some entry is hot.
@@ -164,6 +180,17 @@ mod tests {
         assert_eq!(w.take(&[3, 2]), [2]);
         w.mark_all();
         assert_eq!(w.take(&[0, 1, 2, 3]), [0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn hot_entries_are_taken_a_few_at_a_time_in_turn() {
+        let w = Wakes::new(5);
+        let all = [0, 1, 2, 3, 4];
+        assert_eq!(w.take_some(&all, 3, 3), (vec![0, 3, 4], 1));
+        assert_eq!(w.take_some(&all, 1, 3), (vec![1, 2], 3));
+        assert_eq!(w.take_some(&all, 3, 3), (vec![], 3));
+        w.mark([2]);
+        assert_eq!(w.take_some(&all, 3, 1), (vec![2], 3));
     }
 
     #[tokio::test]
