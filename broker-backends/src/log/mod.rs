@@ -399,23 +399,15 @@ impl RateBuckets for LogBroker {
 }
 
 /// The history is kept by the directory's owner, in its compacted results log
-/// (`_celery_rs.history.<id>`), and searched there.
+/// (`_celery_rs.history.<id>`), and searched there ([`Results`]).
 #[async_trait]
 impl History for LogBroker {
     async fn record(&self, tasks: &[TaskRecord], keep: &Retain) -> Result<(), BrokerError> {
-        celery_core::history::check_batch(tasks)?;
-        match &self.inner {
-            Inner::Local(s) => Ok(s.results().record_history(tasks, keep).await?),
-            Inner::Remote(c) => c.record_history(tasks, keep).await,
-        }
+        self.results().record(tasks, keep).await
     }
 
     async fn search(&self, query: &HistoryQuery) -> Result<HistoryPage, BrokerError> {
-        celery_core::history::check_query(query)?;
-        match &self.inner {
-            Inner::Local(s) => Ok(s.results().search_history(query)),
-            Inner::Remote(c) => c.search_history(query).await,
-        }
+        self.results().search(query).await
     }
 }
 
