@@ -250,9 +250,13 @@ impl HistoryQuery {
     /// assert!(HistoryQuery { cursor: Some("12:id".into()), ..HistoryQuery::default() }.check().is_ok());
     /// ```
     pub fn check(&self) -> Result<(), String> {
-        for (what, v) in
-            [("id", &self.id), ("name", &self.name), ("state", &self.state), ("worker", &self.worker), ("text", &self.text)]
-        {
+        for (what, v) in [
+            ("id", &self.id),
+            ("name", &self.name),
+            ("state", &self.state),
+            ("worker", &self.worker),
+            ("text", &self.text),
+        ] {
             if v.len() > MAX_QUERY_TEXT {
                 return Err(format!("`{what}` is at most {MAX_QUERY_TEXT} bytes"));
             }
@@ -507,7 +511,13 @@ mod tests {
     use super::*;
 
     fn task(id: &str, time: f64) -> TaskRecord {
-        TaskRecord { id: id.into(), name: "add".into(), state: "SUCCESS".into(), received: time, ..TaskRecord::default() }
+        TaskRecord {
+            id: id.into(),
+            name: "add".into(),
+            state: "SUCCESS".into(),
+            received: time,
+            ..TaskRecord::default()
+        }
     }
 
     #[test]

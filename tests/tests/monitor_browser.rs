@@ -130,7 +130,8 @@ async fn the_dashboard_works_in_a_browser() {
     let written = wait_until(T, || {
         let a = http(&listen, "GET", "/api/history?text=80000&state=SUCCESS&limit=100", &[("Host", &listen)]);
         last = a.body;
-        serde_json::from_str::<Value>(&last).is_ok_and(|v| v["tasks"].as_array().is_some_and(|t| t.len() == HISTORY_TASKS))
+        serde_json::from_str::<Value>(&last)
+            .is_ok_and(|v| v["tasks"].as_array().is_some_and(|t| t.len() == HISTORY_TASKS))
     });
     assert!(written, "the history did not get the tasks: {last}\n{}", logs());
     first.signal("KILL");

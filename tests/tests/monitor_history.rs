@@ -54,7 +54,11 @@ fn wait_history(addr: &str, want: &[String], log: impl Fn() -> String) {
     let ok = wait_until(T, || {
         let (status, page) = get(addr, "/api/history?limit=500");
         let found: HashSet<String> = ids(&page).into_iter().collect();
-        let done = page["tasks"].as_array().into_iter().flatten().all(|t| matches!(t["state"].as_str(), Some("SUCCESS" | "FAILURE")));
+        let done = page["tasks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .all(|t| matches!(t["state"].as_str(), Some("SUCCESS" | "FAILURE")));
         last = page;
         status == 200 && done && found.len() == want.len() && want.iter().all(|id| found.contains(*id))
     });

@@ -110,7 +110,9 @@ impl History for PgHistory {
             (vec![], vec![], vec![], vec![], vec![], vec![], vec![]);
         for i in latest.into_values() {
             let t = tasks[i].bounded();
-            docs.push(serde_json::to_string(&t).map_err(|e| BrokerError::operation_with("encoding a history record", e))?);
+            docs.push(
+                serde_json::to_string(&t).map_err(|e| BrokerError::operation_with("encoding a history record", e))?,
+            );
             times.push(t.time_ms());
             args.push(format!("{} {}", t.args, t.kwargs));
             ids.push(t.id);

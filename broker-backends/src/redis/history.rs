@@ -95,7 +95,8 @@ impl History for RedisHistory {
         inv.key(&self.time).arg(keep.oldest_ms(celery_core::history::now_ms())).arg(keep.max_tasks).arg(TRIM_STEP);
         for t in tasks {
             let t = t.bounded();
-            let doc = serde_json::to_string(&t).map_err(|e| BrokerError::operation_with("encoding a history record", e))?;
+            let doc =
+                serde_json::to_string(&t).map_err(|e| BrokerError::operation_with("encoding a history record", e))?;
             inv.arg(&t.id).arg(t.time_ms()).arg(doc);
         }
         let mut conn = self.conn.clone();

@@ -52,12 +52,12 @@ mod cluster;
 mod connection;
 mod consumer;
 pub mod error;
+pub mod history;
 mod holder;
 mod keys;
 mod limits;
 mod scripts;
 mod sentinel;
-pub mod history;
 mod settle;
 mod url;
 

@@ -307,7 +307,13 @@ async fn api_task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Json<Value>
     let mut seen = lock(&ctx.state).task(&id);
     if seen.is_none() && id.len() <= celery_core::history::MAX_QUERY_TEXT {
         let query = HistoryQuery { id: id.clone(), limit: 1, ..HistoryQuery::default() };
-        seen = ctx.history.store(&ctx.app).search(&query).await.ok().and_then(|p| p.tasks.into_iter().find(|t| t.id == id));
+        seen = ctx
+            .history
+            .store(&ctx.app)
+            .search(&query)
+            .await
+            .ok()
+            .and_then(|p| p.tasks.into_iter().find(|t| t.id == id));
     }
     let stored = ctx.app.backend().get(&id).await.ok().flatten();
     Json(json!({"events": seen, "result": stored}))

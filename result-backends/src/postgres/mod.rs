@@ -60,9 +60,9 @@ pub mod pickle;
 mod schema;
 pub mod url;
 
+use broker_backends::postgres::history::PgHistory;
 /// Connections, pool, TLS and migrations, shared with the PostgreSQL broker (which owns them).
 pub use broker_backends::postgres::{connect, error, migrate};
-use broker_backends::postgres::history::PgHistory;
 
 use std::sync::Arc;
 use std::time::Duration;

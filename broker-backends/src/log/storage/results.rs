@@ -548,9 +548,12 @@ impl ResultStore {
                     })
                     .collect();
                 let index = lock(&self.history);
-                records.extend(index.iter().filter(|(_, expires)| *expires > now).filter_map(|(t, expires)| {
-                    Some(history_record(&t.id, serde_json::to_vec(t).ok()?, expires))
-                }));
+                records.extend(
+                    index
+                        .iter()
+                        .filter(|(_, expires)| *expires > now)
+                        .filter_map(|(t, expires)| Some(history_record(&t.id, serde_json::to_vec(t).ok()?, expires))),
+                );
                 records
             })
             .await
