@@ -83,8 +83,8 @@ async fn listing_dead_letters_changes_nothing_on_the_log_broker() {
     assert!(state.body.contains("\"dead\":4"), "{}", state.body);
     // What the broker and the result backend offer, as the page's header shows it.
     let offers: serde_json::Value = serde_json::from_str(&state.body).unwrap();
-    assert_eq!(offers["offers"]["broker"], "routing, broadcasts, leases, documents", "{}", state.body);
-    assert_eq!(offers["offers"]["backend"], "chords, claims", "{}", state.body);
+    assert_eq!(offers["offers"]["broker"], "routing, broadcasts, leases, documents, history", "{}", state.body);
+    assert_eq!(offers["offers"]["backend"], "chords, claims, history", "{}", state.body);
     consume_all(&app, &ids).await;
 }
 
