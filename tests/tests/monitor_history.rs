@@ -182,3 +182,25 @@ async fn history_survives_a_monitor_restart_on_rabbitmq_through_its_result_backe
         history_survives_a_monitor_restart(t).await;
     }
 }
+
+/// RabbitMQ with `rpc://` results keeps no history: the monitor keeps it in memory, and the page
+/// and the log say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_store_the_history_is_in_memory_and_says_so() {
+    if !celery_tests::amqp_available("monitor_history (rpc)") {
+        return;
+    }
+    let vhost = celery_tests::AmqpVhost::new();
+    let broker = vhost.url();
+    let host = format!("mem-{}@test", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let worker = DemoProcess::start_urls(&broker, "rpc://", &["worker", "-E", "-n", &host]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let (monitor, addr) = monitor(&broker, "rpc://", &[]);
+    assert!(monitor.wait_log("task history in memory only", T), "{}", monitor.log());
+    let app = celery_worker::connect(&broker, "rpc://").await.unwrap();
+    let ran = adds(&app, 0, 1).await;
+    wait_history(&addr, &ran, || format!("{}\n{}", monitor.log(), worker.log()));
+    let (_, page) = get(&addr, "/api/history");
+    assert_eq!(page["memory_only"], true, "{page}");
+    assert!(page["kept"].as_str().unwrap().contains("lost on restart"), "{page}");
+}

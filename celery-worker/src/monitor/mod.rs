@@ -159,12 +159,13 @@ pub async fn serve(
         }
     });
     seed(&app, &history, &state).await;
-    tokio::spawn(flush(app.clone(), history.clone(), state.clone(), cfg.history));
+    let flusher = tokio::spawn(flush(app.clone(), history.clone(), state.clone(), cfg.history));
+    let keep = cfg.history;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("{}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, control = cfg.allow_control, "monitor on http://{}/", cfg.listen);
     let bound = listener.local_addr().map_err(|e| format!("{}: {e}", cfg.listen))?;
     let guard = Arc::new(guard::Guard::new(bound, cfg.hosts.clone(), cfg.token.clone()));
-    let ctx = Ctx { app, cfg: Arc::new(cfg), guard, state, history };
+    let ctx = Ctx { app: app.clone(), cfg: Arc::new(cfg), guard, state: state.clone(), history: history.clone() };
     let router = Router::new()
         .route("/", get(page))
         .route("/api/state", get(api_state))
@@ -178,7 +179,11 @@ pub async fn serve(
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), check))
         .layer(axum::middleware::map_response(secure))
         .with_state(ctx);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+    let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+    // What changed since the last write is written before the monitor ends.
+    flusher.abort();
+    flush_changed(&app, &history, &state, &keep).await;
+    served
 }
 
 /// Reads the newest tasks back from the history store, so that a restarted monitor shows them.
@@ -212,16 +217,21 @@ async fn flush(app: App, history: Arc<HistoryAt>, state: Arc<Mutex<MonitorState>
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        loop {
-            let batch = lock(&state).take_changed(celery_core::history::MAX_BATCH);
-            if batch.is_empty() {
-                break;
-            }
-            if let Err(e) = history.store(&app).record(&batch, &keep).await {
-                tracing::warn!(error = %e, tasks = batch.len(), "monitor: writing the task history failed; retrying in a second");
-                lock(&state).mark_changed(batch.into_iter().map(|t| t.id));
-                break;
-            }
+        flush_changed(&app, &history, &state, &keep).await;
+    }
+}
+
+/// Writes every task changed since the last write; a failed batch stays marked for the next one.
+async fn flush_changed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>, keep: &Retain) {
+    loop {
+        let batch = lock(state).take_changed(celery_core::history::MAX_BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = history.store(app).record(&batch, keep).await {
+            tracing::warn!(error = %e, tasks = batch.len(), "monitor: writing the task history failed; retrying in a second");
+            lock(state).mark_changed(batch.into_iter().map(|t| t.id));
+            return;
         }
     }
 }
