@@ -33,6 +33,7 @@
 //! [`ResultBackend::history`]: crate::ResultBackend::history
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -443,15 +444,13 @@ impl Index {
         let start = query.start();
         let mut page = HistoryPage::default();
         let mut scanned = 0;
-        for key in self.order.iter().rev() {
-            if let Some(c) = &start {
-                if (key.0, &key.1) >= (c.time_ms, &c.id) {
-                    continue;
-                }
-            }
-            if key.0 >= until {
-                continue;
-            }
+        // Below the cursor and below `until` (every key of an earlier ms is below `(until, "")`).
+        let mut upper = (until, String::new());
+        if let Some(c) = start {
+            upper = upper.min((c.time_ms, c.id));
+        }
+        let below = (Bound::Unbounded, Bound::Excluded(upper));
+        for key in self.order.range::<(i64, String), _>(below).rev() {
             if key.0 < since {
                 break;
             }
