@@ -58,6 +58,12 @@ pub trait ResultBackend: Send + Sync + Debug {
     fn claims(&self) -> Option<&dyn Claims> {
         None
     }
+
+    /// Task history, when the backend keeps it ([`History`](crate::history::History)): the
+    /// monitor's store when its broker keeps none (RabbitMQ).
+    fn history(&self) -> Option<&dyn crate::history::History> {
+        None
+    }
 }
 
 /// A chord's tally kept in memory, for backends that count chords in their own process (the

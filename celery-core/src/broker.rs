@@ -163,6 +163,12 @@ pub trait Broker: Send + Sync + Debug {
         None
     }
 
+    /// Task history, when the broker keeps it ([`History`](crate::history::History)): what the
+    /// monitor records and searches.
+    fn history(&self) -> Option<&dyn crate::history::History> {
+        None
+    }
+
     /// Per-key concurrency slots, when the broker holds them ([`KeySlots`]).
     fn key_slots(&self) -> Option<&dyn KeySlots> {
         None

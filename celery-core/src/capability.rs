@@ -12,6 +12,7 @@
 //! | documents | [`Documents`] | beat's schedule state |
 //! | chords | [`Chords`] | chord counting |
 //! | idempotency claims | [`Claims`] | `Signature::idempotency_key` |
+//! | task history | [`History`](crate::history::History) | the monitor's history (brokers and result backends) |
 //! | per-key concurrency slots | [`KeySlots`](crate::flow::KeySlots) | `#[task(key_concurrency = N)]` |
 //! | cluster-wide rate limits | [`RateBuckets`](crate::flow::RateBuckets) | `#[task(rate_scope = "cluster")]` |
 //!
@@ -133,7 +134,7 @@ pub trait Claims: Send + Sync {
 /// caps.leases = true;
 /// caps.documents = true;
 /// assert_eq!(caps.to_string(), "leases, documents");
-/// assert_eq!(caps.lacking(Capabilities::BROKER).to_string(), "routing, broadcasts");
+/// assert_eq!(caps.lacking(Capabilities::BROKER).to_string(), "routing, broadcasts, history");
 /// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -150,6 +151,8 @@ pub struct Capabilities {
     pub chords: bool,
     /// Idempotency claims ([`Claims`]).
     pub claims: bool,
+    /// Task history ([`History`](crate::history::History)).
+    pub history: bool,
 }
 
 impl Capabilities {
@@ -160,6 +163,7 @@ impl Capabilities {
             broadcasts: broker.broadcasts().is_some(),
             leases: broker.leases().is_some(),
             documents: broker.documents().is_some(),
+            history: broker.history().is_some(),
             ..Capabilities::default()
         }
     }
@@ -169,17 +173,33 @@ impl Capabilities {
         Capabilities {
             chords: backend.chords().is_some(),
             claims: backend.claims().is_some(),
+            history: backend.history().is_some(),
             ..Capabilities::default()
         }
     }
 
-    /// Every capability a broker can have: [`Routing`], [`Broadcasts`], [`Leases`], [`Documents`].
-    pub const BROKER: Capabilities =
-        Capabilities { routing: true, broadcasts: true, leases: true, documents: true, chords: false, claims: false };
+    /// Every capability a broker can have: [`Routing`], [`Broadcasts`], [`Leases`], [`Documents`],
+    /// history.
+    pub const BROKER: Capabilities = Capabilities {
+        routing: true,
+        broadcasts: true,
+        leases: true,
+        documents: true,
+        chords: false,
+        claims: false,
+        history: true,
+    };
 
-    /// Every capability a result backend can have: [`Chords`], [`Claims`].
-    pub const BACKEND: Capabilities =
-        Capabilities { routing: false, broadcasts: false, leases: false, documents: false, chords: true, claims: true };
+    /// Every capability a result backend can have: [`Chords`], [`Claims`], history.
+    pub const BACKEND: Capabilities = Capabilities {
+        routing: false,
+        broadcasts: false,
+        leases: false,
+        documents: false,
+        chords: true,
+        claims: true,
+        history: true,
+    };
 
     /// Those of `all` that this one lacks: `Capabilities::of_broker(b).lacking(Capabilities::BROKER)`.
     pub fn lacking(&self, all: Capabilities) -> Capabilities {
@@ -190,6 +210,7 @@ impl Capabilities {
             documents: all.documents && !self.documents,
             chords: all.chords && !self.chords,
             claims: all.claims && !self.claims,
+            history: all.history && !self.history,
         }
     }
 
@@ -201,6 +222,7 @@ impl Capabilities {
             (self.documents, "documents"),
             (self.chords, "chords"),
             (self.claims, "claims"),
+            (self.history, "history"),
         ]
         .into_iter()
         .filter_map(|(on, name)| on.then_some(name))
@@ -298,6 +320,11 @@ macro_rules! offers {
     };
     (@one chords) => {
         fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one history) => {
+        fn history(&self) -> ::std::option::Option<&dyn $crate::history::History> {
             ::std::option::Option::Some(self)
         }
     };

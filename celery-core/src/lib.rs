@@ -21,6 +21,7 @@ pub mod error;
 pub mod event;
 pub mod flow;
 pub mod group;
+pub mod history;
 pub mod progress;
 pub mod protocol;
 pub mod rate;

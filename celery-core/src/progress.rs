@@ -74,7 +74,7 @@ pub(crate) fn reportable(state: &str) -> Result<TaskState, UpdateStateError> {
 /// assert_eq!(p.done, 3);
 /// assert!(Progress::from_meta(&serde_json::json!("working")).is_none());
 /// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     /// Steps done.
     pub done: u64,

@@ -67,6 +67,10 @@ impl ResultBackend for LogResultBackend {
     }
 
     celery_core::offers!(chords, claims);
+
+    fn history(&self) -> Option<&dyn celery_core::history::History> {
+        Some(&self.results)
+    }
 }
 #[async_trait]
 impl Chords for LogResultBackend {

@@ -3,54 +3,18 @@
 //! refused, a POST with the page's CSRF token works, and every answer carries the security headers;
 //! bulk dead-letter actions take only what their filter matches, and pause/resume reach a worker.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use celery_core::broker::{DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
 use celery_core::protocol::Message;
 use celery_core::routing::Route;
 use celery_core::{App, Signature};
-use celery_tests::{consumed_queues, free_port, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
+use celery_tests::{consumed_queues, free_port, http, redis_available, wait_until, DemoProcess, RedisEnv, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 /// How many times the tests list the dead letters (more than `max_deliveries`).
 const LOOKS: usize = 12;
-
-/// An HTTP answer: status, headers (lowercase names), body.
-struct Answer {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-/// One HTTP/1.1 request (`Connection: close`) to `addr` with these extra header lines.
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the monitor");
-    s.set_read_timeout(Some(T)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: 0\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
-    Answer { status, headers, body: body.to_owned() }
-}
 
 /// `monitor --allow-control` on a free loopback port; returns it and its address.
 fn monitor(broker: &str, backend: &str) -> (DemoProcess, String) {
@@ -119,8 +83,8 @@ async fn listing_dead_letters_changes_nothing_on_the_log_broker() {
     assert!(state.body.contains("\"dead\":4"), "{}", state.body);
     // What the broker and the result backend offer, as the page's header shows it.
     let offers: serde_json::Value = serde_json::from_str(&state.body).unwrap();
-    assert_eq!(offers["offers"]["broker"], "routing, broadcasts, leases, documents", "{}", state.body);
-    assert_eq!(offers["offers"]["backend"], "chords, claims", "{}", state.body);
+    assert_eq!(offers["offers"]["broker"], "routing, broadcasts, leases, documents, history", "{}", state.body);
+    assert_eq!(offers["offers"]["backend"], "chords, claims, history", "{}", state.body);
     consume_all(&app, &ids).await;
 }
 

@@ -184,9 +184,15 @@ fn the_report_says_what_each_side_offers_and_hides_the_token() {
     };
     let log = run(&url, &url);
     assert!(!log.contains("r3port-s3cret") && log.contains("token=***"), "{log}");
-    assert!(log.contains("broker offers: routing, broadcasts, leases, documents\nbroker lacks: none\n"), "{log}");
-    assert!(log.contains("results offer: chords, claims\nresults lack: none\n"), "{log}");
+    assert!(
+        log.contains("broker offers: routing, broadcasts, leases, documents, history\nbroker lacks: none\n"),
+        "{log}"
+    );
+    assert!(log.contains("results offer: chords, claims, history\nresults lack: none\n"), "{log}");
     let memory = run("memory://", "memory://");
-    assert!(memory.contains("broker offers: leases, documents\nbroker lacks: routing, broadcasts\n"), "{memory}");
+    assert!(
+        memory.contains("broker offers: leases, documents\nbroker lacks: routing, broadcasts, history\n"),
+        "{memory}"
+    );
     assert!(memory.contains("tasks: add, "), "{memory}");
 }

@@ -61,6 +61,7 @@ use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
+use celery_core::history::{History, HistoryPage, HistoryQuery, Retain, TaskRecord};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
 use celery_core::url::redacted;
@@ -297,7 +298,7 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets, history);
 }
 #[async_trait]
 impl Routing for LogBroker {
@@ -394,6 +395,19 @@ impl RateBuckets for LogBroker {
             Inner::Local(s) => Ok(s.reserve_start(name, interval)?),
             Inner::Remote(c) => c.reserve_start(name, interval).await,
         }
+    }
+}
+
+/// The history is kept by the directory's owner, in its compacted results log
+/// (`_celery_rs.history.<id>`), and searched there ([`Results`]).
+#[async_trait]
+impl History for LogBroker {
+    async fn record(&self, tasks: &[TaskRecord], keep: &Retain) -> Result<(), BrokerError> {
+        self.results().record(tasks, keep).await
+    }
+
+    async fn search(&self, query: &HistoryQuery) -> Result<HistoryPage, BrokerError> {
+        self.results().search(query).await
     }
 }
 

@@ -6,7 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use celery_core::backend::ChordMember;
+use celery_core::history::{check_batch, check_query, History, HistoryPage, HistoryQuery, Retain, TaskRecord};
 use celery_core::BrokerError;
 
 use super::net::remote::RemoteStore;
@@ -115,6 +117,28 @@ impl Results {
         match &self.at {
             At::Local(s) => Ok(s.results().chord_done(group).await?),
             At::Remote(c) => c.chord_done(group).await,
+        }
+    }
+}
+
+/// The monitor's task history, kept by the directory's owner in its results log (a compacted
+/// topic: `_celery_rs.history.<id>`) and searched there; the broker's and the `log://` result
+/// backend's history are this one.
+#[async_trait]
+impl History for Results {
+    async fn record(&self, tasks: &[TaskRecord], keep: &Retain) -> Result<(), BrokerError> {
+        check_batch(tasks)?;
+        match &self.at {
+            At::Local(s) => Ok(s.results().record_history(tasks, keep).await?),
+            At::Remote(c) => c.record_history(tasks, keep).await,
+        }
+    }
+
+    async fn search(&self, query: &HistoryQuery) -> Result<HistoryPage, BrokerError> {
+        check_query(query)?;
+        match &self.at {
+            At::Local(s) => Ok(s.results().search_history(query)),
+            At::Remote(c) => c.search_history(query).await,
         }
     }
 }

@@ -159,3 +159,42 @@ async fn results_here_and_through_a_server_agree() {
     server.abort();
     let _ = std::fs::remove_dir_all(d);
 }
+
+/// The history survives reopening the store and a compaction; what the count trimmed stays gone.
+#[tokio::test]
+async fn history_survives_reopening_and_compaction() {
+    use celery_core::history::{History, HistoryQuery, Retain, TaskRecord};
+    let d = dir("history");
+    let url = format!("log://{}", d.display());
+    let now = celery_core::event::now();
+    let task = |i: usize| TaskRecord {
+        id: format!("t{i}"),
+        name: "add".into(),
+        state: "SUCCESS".into(),
+        args: format!("[{i}]"),
+        received: now + i as f64,
+        ..TaskRecord::default()
+    };
+    let ids = |page: celery_core::history::HistoryPage| page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    let all = HistoryQuery::default();
+    {
+        let broker = LogBroker::connect(&url).await.unwrap();
+        let tasks: Vec<TaskRecord> = (0..5).map(task).collect();
+        broker.record(&tasks, &Retain { max_tasks: 4, ..Retain::default() }).await.unwrap();
+        let changed = TaskRecord { state: "FAILURE".into(), ..task(4) };
+        broker.record(&[changed], &Retain::default()).await.unwrap();
+        assert_eq!(ids(broker.search(&all).await.unwrap()), ["t4", "t3", "t2", "t1"]);
+    }
+    let broker = LogBroker::connect(&url).await.unwrap();
+    assert_eq!(ids(broker.search(&all).await.unwrap()), ["t4", "t3", "t2", "t1"], "t0's tombstone holds");
+    let failed = HistoryQuery { state: "FAILURE".into(), ..HistoryQuery::default() };
+    assert_eq!(ids(broker.search(&failed).await.unwrap()), ["t4"], "the latest record of t4 wins");
+    broker.store().unwrap().results().compact().await.unwrap();
+    drop(broker);
+    let broker = LogBroker::connect(&url).await.unwrap();
+    assert_eq!(ids(broker.search(&all).await.unwrap()), ["t4", "t3", "t2", "t1"], "compaction kept them");
+    let text = HistoryQuery { text: "[2]".into(), ..HistoryQuery::default() };
+    assert_eq!(ids(broker.search(&text).await.unwrap()), ["t2"]);
+    drop(broker);
+    std::fs::remove_dir_all(d).ok();
+}

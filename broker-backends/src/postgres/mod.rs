@@ -49,6 +49,7 @@ pub mod broadcast;
 pub mod connect;
 mod consumer;
 pub mod error;
+pub mod history;
 mod holder;
 mod listen;
 pub mod migrate;
@@ -164,6 +165,8 @@ struct Inner {
     worker: std::sync::OnceLock<String>,
     /// Registered at the first consume; shared by every consumer of this broker.
     holder: tokio::sync::OnceCell<Arc<holder::Holder>>,
+    /// The monitor's task history (`postgres/history.rs`), its table created on first use.
+    history: history::PgHistory,
 }
 
 /// The PostgreSQL broker. Clones share the pool and the listener.
@@ -187,6 +190,7 @@ impl PostgresBroker {
         tracing::debug!(url = %options.connect.shown, version, "postgresql broker: connected");
         Ok(PostgresBroker {
             inner: Arc::new(Inner {
+                history: history::PgHistory::new(pool.clone()),
                 db: Db { pool },
                 options,
                 tls,
@@ -452,6 +456,10 @@ impl Broker for PostgresBroker {
     }
 
     celery_core::offers!(routing, broadcasts, leases, documents);
+
+    fn history(&self) -> Option<&dyn celery_core::history::History> {
+        Some(&self.inner.history)
+    }
 }
 #[async_trait]
 impl Routing for PostgresBroker {

@@ -57,6 +57,7 @@ mod cluster;
 mod connection;
 mod consumer;
 pub mod error;
+pub mod history;
 mod holder;
 mod keys;
 mod limits;
@@ -128,6 +129,8 @@ pub struct RedisBroker {
     /// Where the key-slot sweep goes on in the parked-list index (an `SSCAN` cursor), so that every
     /// parked list is looked at within a bounded number of sweeps, however many there are.
     sweep_cursor: Arc<AtomicU64>,
+    /// The monitor's task history (`redis/history.rs`).
+    history: history::RedisHistory,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -147,6 +150,7 @@ impl RedisBroker {
         let options = RedisOptions::parse(url)?;
         let conn = RedisConn::connect(options.target()?, options.min_replicas, Some(Duration::from_secs(30))).await?;
         Ok(RedisBroker {
+            history: history::RedisHistory::new(conn.clone(), &options.key_prefix),
             conn,
             keys: Keys::new(&options.key_prefix, options.cluster.as_ref().map(|c| c.shards)).in_db(options.db),
             options,
@@ -402,6 +406,10 @@ impl Broker for RedisBroker {
     }
 
     celery_core::offers!(routing, broadcasts, leases, documents, rate_buckets);
+
+    fn history(&self) -> Option<&dyn celery_core::history::History> {
+        Some(&self.history)
+    }
 
     /// Not on a Redis Cluster: a key's slots, its parked lists and its queues' buckets would be in
     /// different slots, which one script cannot touch.

@@ -27,6 +27,12 @@ pub struct MonitorArgs {
     /// e.g. behind a reverse proxy. Any other `Host` header is refused (DNS-rebinding defence).
     #[arg(long = "allow-host", value_delimiter = ',')]
     pub allow_host: Vec<String>,
+    /// How long task history is kept (`90m`, `1d`, `7days`), in the broker or result backend.
+    #[arg(long, default_value = "1d", value_parser = humantime::parse_duration)]
+    pub history_retention: std::time::Duration,
+    /// The most tasks the history keeps (the oldest go first).
+    #[arg(long, default_value_t = celery_core::history::DEFAULT_MAX_TASKS)]
+    pub history_max: usize,
 }
 
 /// `events` options.
@@ -48,6 +54,7 @@ pub(super) async fn monitor(app: App, a: MonitorArgs) -> anyhow::Result<ExitCode
         allow_control: a.allow_control,
         token: a.token,
         hosts: a.allow_host,
+        history: celery_core::history::Retain { retention: a.history_retention, max_tasks: a.history_max },
     };
     eprintln!("monitor on http://{}/", cfg.listen);
     crate::monitor::serve(app, cfg, shutdown_signal()).await.map_err(anyhow::Error::msg)?;

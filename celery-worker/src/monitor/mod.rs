@@ -8,6 +8,13 @@
 //! - tasks: a live list searchable by id, name or state, with a progress bar on a running task
 //!   that reports `{"done", "total"}` (`task-progress`), and each task's detail (arguments,
 //!   result or error with traceback, retries, timeline, the stored result);
+//! - history: every task of the retention period (default a day, `--history-retention`; at most
+//!   `--history-max` tasks), kept in the broker or result backend ([`celery_core::history`]:
+//!   the built-in broker's compacted results log, a capped index in Redis, a table in
+//!   PostgreSQL; with RabbitMQ the result backend's, else in memory only, which the page says),
+//!   searchable by id, name, state, worker, time range and argument text, a page at a time. The
+//!   monitor writes each changed task at most once a second, in batches, off the event stream;
+//!   a monitor started later reads the newest tasks back, so the page shows them at once;
 //! - throughput over the last ten minutes;
 //! - **revoke** (optionally terminating).
 //!
@@ -25,6 +32,8 @@
 //! `X-Content-Type-Options: nosniff` and `Referrer-Policy: no-referrer` ([`guard`]).
 //!
 //! The JSON API the page uses: `GET /api/state?search=`, `GET /api/task/{id}`,
+//! `GET /api/history?id=&name=&state=&worker=&text=&since=&until=&cursor=&limit=` (times in
+//! seconds since the epoch; a page of at most 500, with the cursor of the next),
 //! `GET /api/dead/{queue}`, and with control `POST /api/dead/{queue}/{retry|discard}/{id}`,
 //! `POST /api/dead/{queue}/{retry|discard}?match=TEXT` (every dead letter whose task, id, reason
 //! or arguments contain TEXT; all when empty),
@@ -53,6 +62,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use celery_core::capability::Capabilities;
+use celery_core::history::{History, HistoryQuery, MemoryHistory, Retain};
 use celery_core::sync::lock;
 use celery_core::App;
 use serde::Deserialize;
@@ -73,6 +83,8 @@ pub struct MonitorConfig {
     pub token: Option<String>,
     /// Host names clients may reach it by besides its address (`NAME` for any port, `NAME:PORT`).
     pub hosts: Vec<String>,
+    /// What the history keeps: how long, how many tasks.
+    pub history: Retain,
 }
 
 #[derive(Clone)]
@@ -81,7 +93,45 @@ struct Ctx {
     cfg: Arc<MonitorConfig>,
     guard: Arc<guard::Guard>,
     state: Arc<Mutex<MonitorState>>,
+    history: Arc<HistoryAt>,
 }
+
+/// Where the history is kept: the broker's store, else the result backend's, else this process's
+/// memory.
+#[derive(Debug, Default)]
+struct HistoryAt {
+    memory: MemoryHistory,
+}
+
+impl HistoryAt {
+    fn store<'a>(&'a self, app: &'a App) -> &'a dyn History {
+        app.broker().history().or_else(|| app.backend().history()).unwrap_or(&self.memory)
+    }
+
+    fn is_memory(app: &App) -> bool {
+        app.broker().history().is_none() && app.backend().history().is_none()
+    }
+
+    /// Where, for the page and the log.
+    fn describe(app: &App) -> String {
+        if app.broker().history().is_some() {
+            format!("kept in the broker ({})", app.broker().kind())
+        } else if app.backend().history().is_some() {
+            format!("kept in the result backend ({})", app.backend().kind())
+        } else {
+            format!(
+                "in memory only, lost on restart: neither the broker ({}) nor the result backend ({}) keeps history",
+                app.broker().kind(),
+                app.backend().kind()
+            )
+        }
+    }
+}
+
+/// How often changed tasks are written to the history store.
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Tasks read back from the history store when the monitor starts.
+const SEED_TASKS: usize = 1000;
 
 const PAGE: &str = include_str!("page.html");
 
@@ -95,6 +145,12 @@ pub async fn serve(
         return Err(format!("listening on {} (not loopback) requires --token", cfg.listen));
     }
     let state = Arc::new(Mutex::new(MonitorState::default()));
+    let history = Arc::new(HistoryAt::default());
+    if HistoryAt::is_memory(&app) {
+        tracing::warn!("monitor: task history {}", HistoryAt::describe(&app));
+    } else {
+        tracing::info!("monitor: task history {}", HistoryAt::describe(&app));
+    }
     let mut events = crate::events::subscribe(&app).await.map_err(|e| e.to_string())?;
     let folded = state.clone();
     tokio::spawn(async move {
@@ -102,15 +158,19 @@ pub async fn serve(
             lock(&folded).apply(&e);
         }
     });
+    seed(&app, &history, &state).await;
+    let flusher = tokio::spawn(flush(app.clone(), history.clone(), state.clone(), cfg.history));
+    let keep = cfg.history;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("{}: {e}", cfg.listen))?;
     tracing::info!(listen = %cfg.listen, control = cfg.allow_control, "monitor on http://{}/", cfg.listen);
     let bound = listener.local_addr().map_err(|e| format!("{}: {e}", cfg.listen))?;
     let guard = Arc::new(guard::Guard::new(bound, cfg.hosts.clone(), cfg.token.clone()));
-    let ctx = Ctx { app, cfg: Arc::new(cfg), guard, state };
+    let ctx = Ctx { app: app.clone(), cfg: Arc::new(cfg), guard, state: state.clone(), history: history.clone() };
     let router = Router::new()
         .route("/", get(page))
         .route("/api/state", get(api_state))
         .route("/api/task/{id}", get(api_task))
+        .route("/api/history", get(api_history))
         .route("/api/dead/{queue}", get(api_dead))
         .route("/api/dead/{queue}/{action}/{id}", post(api_dead_act))
         .route("/api/dead/{queue}/{action}", post(api_dead_bulk))
@@ -119,7 +179,61 @@ pub async fn serve(
         .layer(axum::middleware::from_fn_with_state(ctx.clone(), check))
         .layer(axum::middleware::map_response(secure))
         .with_state(ctx);
-    axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string())
+    let served = axum::serve(listener, router).with_graceful_shutdown(shutdown).await.map_err(|e| e.to_string());
+    // What changed since the last write is written before the monitor ends.
+    flusher.abort();
+    flush_changed(&app, &history, &state, &keep).await;
+    served
+}
+
+/// Reads the newest tasks back from the history store, so that a restarted monitor shows them.
+async fn seed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>) {
+    let mut query = HistoryQuery { limit: celery_core::history::MAX_PAGE, ..HistoryQuery::default() };
+    let mut found = Vec::new();
+    while found.len() < SEED_TASKS {
+        match history.store(app).search(&query).await {
+            Ok(page) => {
+                found.extend(page.tasks);
+                match page.next {
+                    Some(next) => query.cursor = Some(next),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "monitor: cannot read the task history back");
+                break;
+            }
+        }
+    }
+    tracing::info!(tasks = found.len(), "monitor: tasks read back from the history");
+    lock(state).seed(found);
+}
+
+/// Writes the tasks changed since the last flush, every [`FLUSH_EVERY`], in batches of at most
+/// [`MAX_BATCH`](celery_core::history::MAX_BATCH): the event stream only marks tasks changed, so a
+/// slow store never slows it. A failed batch stays marked and is written at the next flush.
+async fn flush(app: App, history: Arc<HistoryAt>, state: Arc<Mutex<MonitorState>>, keep: Retain) {
+    let mut tick = tokio::time::interval(FLUSH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        flush_changed(&app, &history, &state, &keep).await;
+    }
+}
+
+/// Writes every task changed since the last write; a failed batch stays marked for the next one.
+async fn flush_changed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>, keep: &Retain) {
+    loop {
+        let batch = lock(state).take_changed(celery_core::history::MAX_BATCH);
+        if batch.is_empty() {
+            return;
+        }
+        if let Err(e) = history.store(app).record(&batch, keep).await {
+            tracing::warn!(error = %e, tasks = batch.len(), "monitor: writing the task history failed; retrying in a second");
+            lock(state).mark_changed(batch.into_iter().map(|t| t.id));
+            return;
+        }
+    }
 }
 
 /// Refuses what [`guard::Guard::check`] refuses: a wrong Host, a missing token, cross-site control.
@@ -200,9 +314,32 @@ async fn api_state(State(ctx): State<Ctx>, Query(q): Query<Search>) -> Json<Valu
 }
 
 async fn api_task(State(ctx): State<Ctx>, Path(id): Path<String>) -> Json<Value> {
-    let seen = lock(&ctx.state).task(&id);
+    let mut seen = lock(&ctx.state).task(&id);
+    if seen.is_none() && id.len() <= celery_core::history::MAX_QUERY_TEXT {
+        let query = HistoryQuery { id: id.clone(), limit: 1, ..HistoryQuery::default() };
+        seen = ctx
+            .history
+            .store(&ctx.app)
+            .search(&query)
+            .await
+            .ok()
+            .and_then(|p| p.tasks.into_iter().find(|t| t.id == id));
+    }
     let stored = ctx.app.backend().get(&id).await.ok().flatten();
     Json(json!({"events": seen, "result": stored}))
+}
+
+/// One page of the history: `?id=&name=&state=&worker=&text=&since=&until=&cursor=&limit=`.
+async fn api_history(State(ctx): State<Ctx>, Query(query): Query<HistoryQuery>) -> Response {
+    if let Err(e) = query.check() {
+        return (StatusCode::BAD_REQUEST, e).into_response();
+    }
+    match ctx.history.store(&ctx.app).search(&query).await {
+        Ok(page) => Json(json!({"tasks": page.tasks, "next": page.next, "kept": HistoryAt::describe(&ctx.app),
+                                "memory_only": HistoryAt::is_memory(&ctx.app)}))
+        .into_response(),
+        Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+    }
 }
 
 /// Only the queues the monitor was started with (`-Q`) are looked at or acted on: a request cannot

@@ -1,8 +1,12 @@
 //! What the dashboard knows, folded from Celery's events: workers, the latest tasks with their
-//! timelines, and per-second throughput over the last ten minutes.
+//! timelines, and per-second throughput over the last ten minutes. Each task changed since the
+//! last [`MonitorState::take_changed`] is marked, so the monitor writes it to its history store at
+//! most once per flush however many events it had.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
+use celery_core::history::TaskRecord;
+use celery_core::progress::Progress;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -28,54 +32,14 @@ pub struct WorkerView {
     pub software: String,
 }
 
-/// A task as its events describe it.
-#[derive(Debug, Clone, Serialize, Default)]
-pub struct TaskView {
-    /// The task id.
-    pub id: String,
-    /// The task name.
-    pub name: String,
-    /// RECEIVED, STARTED, SUCCESS, FAILURE, RETRY, REVOKED or REJECTED.
-    pub state: String,
-    /// The worker that handled it last.
-    pub hostname: String,
-    /// Arguments, as the event shows them.
-    pub args: String,
-    /// Keyword arguments, as the event shows them.
-    pub kwargs: String,
-    /// The result's text (success).
-    pub result: Option<String>,
-    /// The error (failure, retry).
-    pub exception: Option<String>,
-    /// The traceback, if any.
-    pub traceback: Option<String>,
-    /// Seconds it ran.
-    pub runtime: Option<f64>,
-    /// Retries so far.
-    pub retries: u64,
-    /// When it was received.
-    pub received: f64,
-    /// Every event of it but its progress reports: (type, timestamp).
-    pub timeline: Vec<(String, f64)>,
-    /// Its last `{"done": n, "total": m}` report (`task-progress`), while it runs.
-    pub progress: Option<ProgressView>,
-}
-
-/// A running task's last progress report.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
-pub struct ProgressView {
-    /// Steps done.
-    pub done: u64,
-    /// Steps in all, when known.
-    pub total: Option<u64>,
-}
-
 /// The folded events.
 #[derive(Debug, Default)]
 pub struct MonitorState {
     workers: HashMap<String, WorkerView>,
-    tasks: HashMap<String, TaskView>,
+    tasks: HashMap<String, TaskRecord>,
     order: VecDeque<String>,
+    /// Tasks changed since the last [`MonitorState::take_changed`].
+    changed: HashSet<String>,
     /// (second, succeeded, failed), oldest first.
     throughput: VecDeque<(i64, u64, u64)>,
 }
@@ -118,9 +82,11 @@ impl MonitorState {
             if self.order.len() > MAX_TASKS {
                 if let Some(old) = self.order.pop_front() {
                     self.tasks.remove(&old);
+                    self.changed.remove(&old);
                 }
             }
         }
+        self.changed.insert(id.to_owned());
         let t = self.tasks.entry(id.to_owned()).or_default();
         t.id = id.to_owned();
         t.hostname = host;
@@ -128,8 +94,7 @@ impl MonitorState {
             // A report per step: the latest only, not the timeline (a long task reports thousands).
             if t.state.is_empty() || !is_final(&t.state) {
                 t.state = text(&e["state"]);
-                t.progress = celery_core::progress::Progress::from_meta(&e["meta"])
-                    .map(|p| ProgressView { done: p.done, total: p.total });
+                t.progress = Progress::from_meta(&e["meta"]);
             }
             return;
         }
@@ -190,8 +155,41 @@ impl MonitorState {
         w
     }
 
+    /// The tasks changed since the last call (at most `max`; the rest stay marked), as they are now.
+    pub fn take_changed(&mut self, max: usize) -> Vec<TaskRecord> {
+        let ids: Vec<String> = self.changed.iter().take(max).cloned().collect();
+        ids.into_iter()
+            .filter_map(|id| {
+                self.changed.remove(&id);
+                self.tasks.get(&id).cloned()
+            })
+            .collect()
+    }
+
+    /// Marks tasks changed again (their write failed): the next flush writes them.
+    pub fn mark_changed(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.changed.extend(ids.into_iter().filter(|id| self.tasks.contains_key(id)));
+    }
+
+    /// Tasks changed and not written yet.
+    pub fn changed_len(&self) -> usize {
+        self.changed.len()
+    }
+
+    /// Adds tasks read back from the history store (newest first), older than what is known, so
+    /// that a restarted monitor shows them; events seen since it started win.
+    pub fn seed(&mut self, newest_first: Vec<TaskRecord>) {
+        for t in newest_first {
+            if self.order.len() >= MAX_TASKS || self.tasks.contains_key(&t.id) {
+                continue;
+            }
+            self.order.push_front(t.id.clone());
+            self.tasks.insert(t.id.clone(), t);
+        }
+    }
+
     /// The newest tasks first, at most `limit`, whose id, name or state contains `search`.
-    pub fn tasks(&self, search: &str, limit: usize) -> Vec<TaskView> {
+    pub fn tasks(&self, search: &str, limit: usize) -> Vec<TaskRecord> {
         let s = search.to_lowercase();
         self.order
             .iter()
@@ -209,7 +207,7 @@ impl MonitorState {
     }
 
     /// One task.
-    pub fn task(&self, id: &str) -> Option<TaskView> {
+    pub fn task(&self, id: &str) -> Option<TaskRecord> {
         self.tasks.get(id).cloned()
     }
 
@@ -248,6 +246,28 @@ mod tests {
     }
 
     #[test]
+    fn each_changed_task_is_taken_once_and_seeded_ones_come_after_live_ones() {
+        let mut m = MonitorState::default();
+        for kind in ["task-received", "task-started", "task-succeeded"] {
+            m.apply(&json!({"type": kind, "uuid": "t1", "name": "add", "hostname": "w1", "timestamp": 10.0}));
+        }
+        m.apply(&json!({"type": "task-received", "uuid": "t2", "name": "add", "hostname": "w1", "timestamp": 11.0}));
+        let mut taken: Vec<String> = m.take_changed(1).into_iter().map(|t| t.id).collect();
+        taken.extend(m.take_changed(10).into_iter().map(|t| t.id));
+        taken.sort();
+        assert_eq!(taken, ["t1", "t2"]);
+        assert!(m.take_changed(10).is_empty(), "nothing changed since");
+        m.mark_changed(["t1".to_owned(), "unknown".to_owned()]);
+        assert_eq!(m.changed_len(), 1);
+        let old = TaskRecord { id: "t0".into(), name: "old".into(), received: 1.0, ..TaskRecord::default() };
+        let t1_stale = TaskRecord { id: "t1".into(), state: "RECEIVED".into(), ..TaskRecord::default() };
+        m.seed(vec![t1_stale, old]);
+        let ids: Vec<String> = m.tasks("", 10).into_iter().map(|t| t.id).collect();
+        assert_eq!(ids, ["t2", "t1", "t0"]);
+        assert_eq!(m.task("t1").unwrap().state, "SUCCESS", "what was seen live wins");
+    }
+
+    #[test]
     fn progress_reports_show_the_latest_until_the_task_ends() {
         let mut m = MonitorState::default();
         m.apply(&json!({"type": "task-started", "uuid": "p", "hostname": "w1", "timestamp": 1.0}));
@@ -258,7 +278,7 @@ mod tests {
             );
         }
         let t = m.task("p").unwrap();
-        assert_eq!((t.state.as_str(), t.progress), ("PROGRESS", Some(ProgressView { done: 3, total: Some(10) })));
+        assert_eq!((t.state.as_str(), t.progress), ("PROGRESS", Some(Progress { done: 3, total: Some(10) })));
         assert_eq!(t.timeline.len(), 1, "reports stay out of the timeline");
         m.apply(&json!({"type": "task-succeeded", "uuid": "p", "result": "10", "timestamp": 3.0}));
         let late =

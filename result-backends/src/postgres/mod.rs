@@ -60,6 +60,7 @@ pub mod pickle;
 mod schema;
 pub mod url;
 
+use broker_backends::postgres::history::PgHistory;
 /// Connections, pool, TLS and migrations, shared with the PostgreSQL broker (which owns them).
 pub use broker_backends::postgres::{connect, error, migrate};
 
@@ -130,6 +131,8 @@ pub struct PostgresBackend {
     waiters: Arc<Waiters>,
     expires: Option<Duration>,
     shown: Arc<str>,
+    /// The monitor's task history, in the broker's table layout (`celery_rs_history`).
+    history: PgHistory,
     _tasks: Arc<Tasks>,
 }
 
@@ -171,6 +174,7 @@ impl PostgresBackend {
         }
         tracing::debug!(url = %opts.connect.shown, ?table, "postgresql results: connected");
         Ok(PostgresBackend {
+            history: PgHistory::new(pool.clone()),
             pool,
             table: Arc::new(table),
             waiters,
@@ -242,6 +246,10 @@ impl ResultBackend for PostgresBackend {
     }
 
     celery_core::offers!(chords, claims);
+
+    fn history(&self) -> Option<&dyn celery_core::history::History> {
+        Some(&self.history)
+    }
 }
 #[async_trait]
 impl Chords for PostgresBackend {

@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use broker_backends::redis::error::kind_of;
+use broker_backends::redis::history::RedisHistory;
 use broker_backends::redis::RedisConn;
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims};
@@ -59,6 +60,8 @@ pub struct RedisBackend {
     claim: Arc<Script>,
     unclaim: Arc<Script>,
     subs: Arc<Subscriptions>,
+    /// The monitor's task history, shared with the Redis broker's layout (`global_keyprefix`).
+    history: RedisHistory,
     /// Stops the subscriber task when the last clone of this backend is dropped (so a client that
     /// exits, or drops its app, does not see it report its connection lost).
     _listener: Arc<Listener>,
@@ -92,6 +95,7 @@ impl RedisBackend {
         let subs = Arc::new(Subscriptions::default());
         let listener = Arc::new(Listener::start(conn.clone(), subs.clone()));
         Ok(RedisBackend {
+            history: RedisHistory::new(conn.clone(), &prefix),
             _listener: listener,
             conn,
             prefix,
@@ -184,6 +188,10 @@ impl ResultBackend for RedisBackend {
     }
 
     celery_core::offers!(chords, claims);
+
+    fn history(&self) -> Option<&dyn celery_core::history::History> {
+        Some(&self.history)
+    }
 }
 #[async_trait]
 impl Chords for RedisBackend {

@@ -62,6 +62,8 @@ pub(crate) mod kind {
     pub(crate) const PEEK: u8 = 26;
     /// Per-key concurrency slots (`storage/flow.rs`): op, key, ...
     pub(crate) const FLOW: u8 = 27;
+    /// The monitor's task history (`storage/results.rs`): op, then the op's body.
+    pub(crate) const HISTORY: u8 = 28;
     pub(crate) const OK: u8 = 100;
     pub(crate) const ERR: u8 = 101;
     pub(crate) const DELIVERY: u8 = 102;
@@ -85,6 +87,14 @@ pub(crate) mod flow {
     pub(crate) const RELEASE: u8 = 2;
     /// (key: the bucket, holder: empty) `interval_us:u64` -> `wait_us:u64`.
     pub(crate) const RATE: u8 = 3;
+}
+
+/// Task history operations (`HISTORY` body: op, ...).
+pub(crate) mod history {
+    /// `retention_ms:u64, max_tasks:u64, records (a JSON array)` -> nothing.
+    pub(crate) const RECORD: u8 = 0;
+    /// `query (JSON)` -> `page (JSON)`.
+    pub(crate) const SEARCH: u8 = 1;
 }
 
 /// Chord operations (`CHORD` body: op, group, ...).

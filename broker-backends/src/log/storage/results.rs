@@ -13,6 +13,11 @@
 //! `_celery_rs.doc.<key>`; task ids are UUIDs, so they never meet); a chord's tally is
 //! `_celery_rs.chord.<group>` (its size), `.../<task id>` (one per counted member) and `...!by`
 //! (the member that completed it).
+//!
+//! The monitor's task history ([`celery_core::history`]) is kept here too, as a compacted topic:
+//! `_celery_rs.history.<task id>` holds a task's latest record (JSON), expiring with the
+//! retention; records trimmed by count get a tombstone. In memory the history is a
+//! [`history::Index`] (by time, for search) instead of raw documents, and compaction writes it back.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use celery_core::backend::{ChordMember, ChordTally};
+use celery_core::history::{self, HistoryPage, HistoryQuery, Retain, TaskRecord};
 use celery_core::sync::lock;
 use celery_core::{TaskMeta, TaskState};
 use tokio::sync::{Notify, RwLock};
@@ -154,6 +160,35 @@ const COMPACT_MIN_BYTES: u64 = 64 << 20;
 pub(crate) const DOC_TTL: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 const CHORD_PREFIX: &str = "_celery_rs.chord.";
+/// The key prefix of the monitor's task history.
+const HISTORY_PREFIX: &str = "_celery_rs.history.";
+
+/// The results log record of a history entry (an empty payload: its tombstone).
+fn history_record(id: &str, payload: Vec<u8>, expires: i64) -> NewRecord {
+    NewRecord {
+        headers: vec![("expires".into(), expires.to_string().into_bytes())],
+        key: format!("{HISTORY_PREFIX}{id}").into_bytes(),
+        payload,
+        not_before_ms: 0,
+    }
+}
+
+/// About the bytes a history record takes in the log (for the compaction decision).
+fn history_bytes(t: &TaskRecord) -> u64 {
+    let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+    (t.id.len() * 2
+        + t.name.len()
+        + t.state.len()
+        + t.hostname.len()
+        + t.args.len()
+        + t.kwargs.len()
+        + opt(&t.result)
+        + opt(&t.exception)
+        + opt(&t.traceback)
+        + t.timeline.len() * 40
+        + 300
+        + RECORD_OVERHEAD) as u64
+}
 
 /// A chord's records among the results: `<prefix><group>` (size), `/<task id>` (members), `!by`.
 fn chord_key(group: &str, suffix: &str) -> String {
@@ -222,6 +257,8 @@ pub struct ResultStore {
     log: ResultsLog,
     max_record_bytes: usize,
     pub(crate) live: Mutex<Live>,
+    /// The monitor's task history (`_celery_rs.history.*` records), by time.
+    history: Mutex<history::Index>,
     /// Chord tallies by group id (persisted among the results, rebuilt on open).
     chords: Mutex<HashMap<String, ChordTally>>,
     /// Serializes read-decide-write operations (leases, chord tallies).
@@ -234,6 +271,7 @@ impl ResultStore {
     /// Opens the results log under `root` and replays it into memory.
     pub(crate) fn open(root: &Path, cfg: &PartitionConfig, max_record_bytes: usize) -> Result<ResultStore, LogError> {
         let mut live = Live::default();
+        let mut hist = history::Index::default();
         let now = now_ms();
         let log = ResultsLog::open(root, cfg, |rec| {
             let expires = rec
@@ -242,13 +280,24 @@ impl ResultStore {
                 .find(|(k, _)| k == "expires")
                 .and_then(|(_, v)| std::str::from_utf8(v).ok()?.parse().ok())
                 .unwrap_or(i64::MAX);
-            live.replay(String::from_utf8_lossy(&rec.key).into_owned(), rec.payload, expires, now);
+            let key = String::from_utf8_lossy(&rec.key).into_owned();
+            if let Some(id) = key.strip_prefix(HISTORY_PREFIX) {
+                match serde_json::from_slice::<TaskRecord>(&rec.payload) {
+                    Ok(t) if expires > now && !rec.payload.is_empty() => hist.put(t, expires),
+                    _ => {
+                        hist.remove(id);
+                    }
+                }
+                return;
+            }
+            live.replay(key, rec.payload, expires, now);
         })?;
         let chords = Mutex::new(rebuild_chords(&live));
         Ok(ResultStore {
             log,
             max_record_bytes,
             live: Mutex::new(live),
+            history: Mutex::new(hist),
             chords,
             cas_lock: tokio::sync::Mutex::new(()),
             maintaining: AtomicBool::new(false),
@@ -423,6 +472,43 @@ impl ResultStore {
             .await
     }
 
+    /// Stores task history records (at most [`history::MAX_BATCH`]), each replacing its id's, then
+    /// forgets what `keep` no longer keeps (with tombstones, so a reopened store does not bring
+    /// them back).
+    pub async fn record_history(&self, tasks: &[TaskRecord], keep: &Retain) -> Result<(), LogError> {
+        history::check_batch(tasks).map_err(|e| LogError::Invalid(e.to_string()))?;
+        let mut records = Vec::with_capacity(tasks.len());
+        let mut bounded = Vec::with_capacity(tasks.len());
+        for t in tasks {
+            let t = t.bounded();
+            let doc = serde_json::to_vec(&t).map_err(|source| LogError::Json { what: "history record", source })?;
+            check_size("history record", t.id.len() + doc.len() + 64, self.max_record_bytes)?;
+            let expires = history::expiry_ms(&t, keep);
+            records.push(history_record(&t.id, doc, expires));
+            bounded.push((t, expires));
+        }
+        let gone = self
+            .log
+            .append(records, || {
+                let mut index = lock(&self.history);
+                for (t, expires) in bounded {
+                    index.put(t, expires);
+                }
+                index.trim(now_ms(), keep)
+            })
+            .await?;
+        if !gone.is_empty() {
+            let tombstones = gone.iter().map(|id| history_record(id, Vec::new(), 0)).collect();
+            self.log.append(tombstones, || ()).await?;
+        }
+        Ok(())
+    }
+
+    /// One page of the task history matching `query` (checked by the caller).
+    pub fn search_history(&self, query: &HistoryQuery) -> HistoryPage {
+        lock(&self.history).search(query, now_ms())
+    }
+
     /// Waits until everything appended is written.
     pub(crate) async fn flush(&self) -> Result<(), LogError> {
         self.log.flush().await
@@ -432,9 +518,14 @@ impl ResultStore {
     /// what is live.
     fn sweep(&self) -> u64 {
         let now = now_ms();
+        let history = {
+            let mut index = lock(&self.history);
+            index.trim(now, &Retain { retention: Duration::MAX, max_tasks: usize::MAX });
+            index.iter().map(|(t, _)| history_bytes(t)).sum::<u64>()
+        };
         let mut live = lock(&self.live);
         live.values.retain(|_, (_, expires)| *expires > now);
-        live.values.iter().map(|(k, (doc, _))| (k.len() + doc.len() + RECORD_OVERHEAD) as u64).sum()
+        history + live.values.iter().map(|(k, (doc, _))| (k.len() + doc.len() + RECORD_OVERHEAD) as u64).sum::<u64>()
     }
 
     /// Rewrites the results log with only what is live (unexpired results, leases, stored
@@ -445,7 +536,8 @@ impl ResultStore {
             .compact(|| {
                 let now = now_ms();
                 let live = lock(&self.live);
-                live.values
+                let mut records: Vec<NewRecord> = live
+                    .values
                     .iter()
                     .filter(|(_, (_, expires))| *expires > now)
                     .map(|(id, (doc, expires))| NewRecord {
@@ -454,7 +546,15 @@ impl ResultStore {
                         payload: doc.clone(),
                         not_before_ms: 0,
                     })
-                    .collect()
+                    .collect();
+                let index = lock(&self.history);
+                records.extend(
+                    index
+                        .iter()
+                        .filter(|(_, expires)| *expires > now)
+                        .filter_map(|(t, expires)| Some(history_record(&t.id, serde_json::to_vec(t).ok()?, expires))),
+                );
+                records
             })
             .await
     }

@@ -140,6 +140,30 @@ impl RemoteStore {
         self.call(kind::FLOW, |e| e.u8(wire::flow::RELEASE).str(key).str(holder)).await.map(|_| ())
     }
 
+    /// Stores task history records on the owner (`HISTORY` `RECORD`).
+    pub(crate) async fn record_history(
+        &self,
+        tasks: &[celery_core::history::TaskRecord],
+        keep: &celery_core::history::Retain,
+    ) -> Result<(), BrokerError> {
+        let json = serde_json::to_vec(tasks).map_err(|e| BrokerError::operation_with("encoding history records", e))?;
+        let max = u64::try_from(keep.max_tasks).unwrap_or(u64::MAX);
+        self.call(kind::HISTORY, |e| e.u8(wire::history::RECORD).u64(millis(keep.retention)).u64(max).bytes(&json))
+            .await
+            .map(|_| ())
+    }
+
+    /// One page of the owner's task history (`HISTORY` `SEARCH`).
+    pub(crate) async fn search_history(
+        &self,
+        query: &celery_core::history::HistoryQuery,
+    ) -> Result<celery_core::history::HistoryPage, BrokerError> {
+        let json = serde_json::to_vec(query).map_err(|e| BrokerError::operation_with("encoding a history query", e))?;
+        let body = self.call(kind::HISTORY, |e| e.u8(wire::history::SEARCH).bytes(&json)).await?;
+        let page = Dec::new(&body).bytes().map_err(|e| BrokerError::operation_with("malformed history answer", e))?;
+        serde_json::from_slice(page).map_err(|e| BrokerError::operation_with("malformed history answer", e))
+    }
+
     /// Stores a result document unless a SUCCESS is stored already.
     pub(crate) async fn put_result(&self, id: &str, doc: &[u8], ttl: Duration) -> Result<(), BrokerError> {
         self.call(kind::RESULT_PUT, |e| e.str(id).bytes(doc).u64(millis(ttl))).await.map(|_| ())

@@ -202,6 +202,29 @@ pub(super) async fn handle(
             let q = d.str().map_err(e)?;
             ok().u64(store.delayed_len(&q).map_err(|e| e.to_string())?).finish()
         }
+        kind::HISTORY => {
+            let op = d.u8().map_err(e)?;
+            match op {
+                wire::history::RECORD => {
+                    let retention = Duration::from_millis(d.u64().map_err(e)?);
+                    let max_tasks = usize::try_from(d.u64().map_err(e)?).unwrap_or(usize::MAX);
+                    let tasks: Vec<celery_core::history::TaskRecord> =
+                        serde_json::from_slice(d.bytes().map_err(e)?).map_err(|e| format!("history records: {e}"))?;
+                    let keep = celery_core::history::Retain { retention, max_tasks };
+                    store.results().record_history(&tasks, &keep).await.map_err(|e| e.to_string())?;
+                    ok().finish()
+                }
+                wire::history::SEARCH => {
+                    let query: celery_core::history::HistoryQuery =
+                        serde_json::from_slice(d.bytes().map_err(e)?).map_err(|e| format!("history query: {e}"))?;
+                    query.check()?;
+                    let page = store.results().search_history(&query);
+                    let json = serde_json::to_vec(&page).map_err(|e| format!("history page: {e}"))?;
+                    ok().bytes(&json).finish()
+                }
+                other => return Err(format!("unknown history operation {other}")),
+            }
+        }
         kind::RESULT_PUT => {
             let rid = d.str().map_err(e)?;
             let doc = d.bytes().map_err(e)?.to_vec();
