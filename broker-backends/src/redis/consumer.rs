@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use celery_core::broker::{dead_letter_queue, Settled};
+use celery_core::flow::FairnessWeights;
 use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
 use celery_core::{Delivery, ProtocolError};
@@ -129,6 +130,7 @@ impl RedisConsumer {
         queues: &[String],
         prefetch: usize,
         max_message_size: usize,
+        weights: Arc<FairnessWeights>,
     ) -> RedisConsumer {
         let prefetch = prefetch.max(1);
         let (acks, batcher) = ack_queue();
@@ -153,7 +155,12 @@ impl RedisConsumer {
             holder,
             groups,
         });
-        let all_lists = shared.groups.iter().flat_map(|g| g.lists.iter().map(|(k, _, _)| k.clone())).collect();
+        let mut all_lists: Vec<String> =
+            shared.groups.iter().flat_map(|g| g.lists.iter().map(|(k, _, _)| k.clone())).collect();
+        if !keys.is_cluster() {
+            // A keyed publish wakes the consumers through its queue's ring (a list while it has keys).
+            all_lists.extend(queues.iter().map(|q| keys.fair_ring(q)));
+        }
         let waker = Waker { base: conn.clone(), keys: all_lists, conns: Vec::new() };
         let fetch = RedisFetch {
             shared: shared.clone(),
@@ -164,6 +171,7 @@ impl RedisConsumer {
             next_group: 0,
             conn: conn.clone(),
             max_message_size,
+            weights,
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -258,6 +266,8 @@ struct RedisFetch {
     next_group: usize,
     conn: RedisConn,
     max_message_size: usize,
+    /// The weights of fairness keys when they take turns.
+    weights: Arc<FairnessWeights>,
 }
 
 impl RedisFetch {
@@ -298,6 +308,11 @@ impl RedisFetch {
         }
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
         inv.arg(shared.holder.id());
+        inv.arg(if shared.keys.is_cluster() { "0" } else { "1" }).arg(shared.keys.prefix());
+        inv.arg(self.weights.iter().count());
+        for (key, w) in self.weights.iter() {
+            inv.arg(key).arg(w);
+        }
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
         let epoch = shared.holder.liveness().epoch();
         for (_, q, _) in &group.lists {

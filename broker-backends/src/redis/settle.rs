@@ -67,6 +67,9 @@ impl RedisSettle {
             .arg(op)
             .arg(value)
             .arg(score)
+            .arg(self.shared.keys.prefix())
+            .arg(&self.queue)
+            .arg(if self.shared.keys.is_cluster() { "0" } else { "1" })
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(failed("redis: settle a delivery"));
@@ -86,7 +89,7 @@ impl Settle for RedisSettle {
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        self.settle_with(&self.list_key, "rpush", &self.env, 0).await
+        self.settle_with(&self.list_key, "requeue", &self.env, 0).await
     }
 
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
