@@ -71,9 +71,7 @@ async fn a_late_key_is_served_at_once(t: Target) {
 async fn length_peek_purge_and_requeue(t: Target) {
     let app = t.app().await;
     let q = format!("fair-ops-{}", uuid::Uuid::new_v4().simple());
-    app.send_batch((0..5).map(|i| task(&q, i).fairness_key("A").priority(if i == 4 { 9 } else { 0 })))
-        .await
-        .unwrap();
+    app.send_batch((0..5).map(|i| task(&q, i).fairness_key("A").priority(if i == 4 { 9 } else { 0 }))).await.unwrap();
     app.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
     let b = app.broker();
     assert_eq!(b.queue_len(&q).await.unwrap(), 8);

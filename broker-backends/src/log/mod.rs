@@ -61,9 +61,9 @@ use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::flow::{Admission, FairQueues, FairnessWeights, KeySlots, RateBuckets, SlotRequest};
-use celery_core::sync::lock;
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
+use celery_core::sync::lock;
 use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 

@@ -69,8 +69,8 @@ use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::flow::{FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
-use celery_core::sync::lock;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
+use celery_core::sync::lock;
 use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -282,12 +282,7 @@ impl RedisBroker {
     /// The [`scripts::fair_lines`] step on `queue`'s keyed lines (`op`: `len`, `purge`, `peek`).
     fn fair_lines(&self, queue: &str, op: &str, max: usize) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::fair_lines())
-            .arg(0)
-            .arg(self.keys.prefix())
-            .arg(queue)
-            .arg(op)
-            .arg(max);
+        cmd.arg(scripts::fair_lines()).arg(0).arg(self.keys.prefix()).arg(queue).arg(op).arg(max);
         cmd
     }
 

@@ -305,7 +305,11 @@ mod tests {
 
     #[test]
     fn the_fairness_key_is_read_past_every_optional_field() {
-        let sig = Signature::by_name("add").args(json!([1, 2])).priority(7).countdown(std::time::Duration::from_secs(60)).expires_in(std::time::Duration::from_secs(3600));
+        let sig = Signature::by_name("add")
+            .args(json!([1, 2]))
+            .priority(7)
+            .countdown(std::time::Duration::from_secs(60))
+            .expires_in(std::time::Duration::from_secs(3600));
         let mut msg = Message::from_signature(&sig.clone().fairness_key("tenant-é")).unwrap();
         msg.headers.shadow = Some("s".into());
         msg.headers.group = Some("g".into());

@@ -8,8 +8,8 @@
 //! the key at the front of the ring up to its weight in a row, then moves it to the back. A key
 //! whose line runs empty leaves the ring; one that gets records again joins at its back.
 //!
-//! Memory: an entry is the record's offset and position (24 bytes), not the record (re-read when
-//! served); at most [`MAX_FAIRNESS_KEYS`] keys are tracked, the records of further keys share the
+//! Memory: an entry is the record's offset and position (32 bytes), and the record itself while
+//! the records kept stay under [`MAX_CACHED_BYTES`] (the rest are read again when served); at most [`MAX_FAIRNESS_KEYS`] keys are tracked, the records of further keys share the
 //! line [`OTHER`] until tracked keys drain.
 
 use std::collections::{HashMap, VecDeque};
@@ -18,6 +18,7 @@ use std::sync::Arc;
 use celery_core::flow::{FairnessWeights, MAX_FAIRNESS_KEYS};
 
 use super::writer::Pos;
+use crate::log::storage::record::Record;
 
 /// At most this many records read ahead per take (a take holds the partition's lock while it reads).
 pub(super) const FILL_PER_TAKE: usize = 10_000;
@@ -27,11 +28,23 @@ pub(super) const MAX_INDEXED: usize = 1_000_000;
 /// The shared line of the keys past [`MAX_FAIRNESS_KEYS`] (a control character: no key has one).
 pub(super) const OTHER: &str = "\u{1}other";
 
-/// A record waiting in its key's line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The most payload bytes the index keeps in memory per partition: records read ahead within it
+/// are served without reading them again; the rest are read again (by position) when served.
+pub(super) const MAX_CACHED_BYTES: usize = 8 << 20;
+
+/// A record waiting in its key's line: where it is, and the record itself while the index's
+/// cache has room ([`MAX_CACHED_BYTES`]).
+#[derive(Debug, Clone)]
 pub(super) struct Entry {
     pub(super) offset: u64,
     pub(super) at: Pos,
+    pub(super) record: Option<Arc<Record>>,
+}
+
+impl Entry {
+    fn cached_bytes(&self) -> usize {
+        self.record.as_ref().map_or(0, |r| r.payload.len())
+    }
 }
 
 /// The records read ahead, by fairness key, and whose turn it is.
@@ -43,6 +56,8 @@ pub(super) struct FairIndex {
     /// Deliveries left for the front key in this turn (0: its turn starts at the next take).
     credit: u32,
     len: usize,
+    /// Payload bytes of the records kept in entries.
+    cached: usize,
 }
 
 impl FairIndex {
@@ -60,12 +75,20 @@ impl FairIndex {
         self.len >= MAX_INDEXED
     }
 
-    /// Files a record under `key` (`""`: unkeyed).
-    pub(super) fn push(&mut self, key: &str, entry: Entry) {
+    /// Files a record under `key` (`""`: unkeyed), keeping the record itself while the cache has
+    /// room.
+    pub(super) fn push(&mut self, key: &str, mut entry: Entry) {
+        if self.cached + entry.cached_bytes() > MAX_CACHED_BYTES {
+            entry.record = None;
+        }
+        self.cached += entry.cached_bytes();
         let key: Arc<str> = match self.lines.get_key_value(key) {
             Some((k, _)) => k.clone(),
             None if self.lines.len() >= MAX_FAIRNESS_KEYS && !self.lines.contains_key(OTHER) => {
-                tracing::warn!(keys = MAX_FAIRNESS_KEYS, "log: fair index tracks its most keys: further keys share one line");
+                tracing::warn!(
+                    keys = MAX_FAIRNESS_KEYS,
+                    "log: fair index tracks its most keys: further keys share one line"
+                );
                 Arc::from(OTHER)
             }
             None if self.lines.len() >= MAX_FAIRNESS_KEYS => Arc::from(OTHER),
@@ -80,8 +103,8 @@ impl FairIndex {
     }
 
     /// The record [`next`](FairIndex::next) returns, left in place.
-    pub(super) fn peek(&self) -> Option<Entry> {
-        self.ring.front().and_then(|k| self.lines.get(k)).and_then(|l| l.front().copied())
+    pub(super) fn peek(&self) -> Option<&Entry> {
+        self.ring.front().and_then(|k| self.lines.get(k)).and_then(|l| l.front())
     }
 
     /// The next record to serve: the front key's oldest, the front key moving to the back once it
@@ -94,6 +117,7 @@ impl FairIndex {
         let line = self.lines.get_mut(&key)?;
         let entry = line.pop_front()?;
         self.len -= 1;
+        self.cached -= entry.cached_bytes();
         self.credit -= 1;
         if line.is_empty() {
             self.lines.remove(&key);
@@ -108,11 +132,11 @@ impl FairIndex {
     /// Drops every record below `first` (retention deleted them).
     pub(super) fn retain_from(&mut self, first: u64) {
         for line in self.lines.values_mut() {
-            let before = line.len();
             line.retain(|e| e.offset >= first);
-            self.len -= before - line.len();
         }
         self.lines.retain(|_, line| !line.is_empty());
+        self.len = self.lines.values().map(VecDeque::len).sum();
+        self.cached = self.lines.values().flatten().map(Entry::cached_bytes).sum();
         let lines = &self.lines;
         self.ring.retain(|k| lines.contains_key(k));
         self.credit = 0;
@@ -129,7 +153,22 @@ mod tests {
     use super::*;
 
     fn e(offset: u64) -> Entry {
-        Entry { offset, at: Pos { seg: 0, byte: offset } }
+        Entry { offset, at: Pos { seg: 0, byte: offset }, record: None }
+    }
+
+    #[test]
+    fn records_are_kept_only_within_the_cache_budget() {
+        let mut ix = FairIndex::default();
+        let big = Arc::new(Record { payload: vec![0; MAX_CACHED_BYTES / 2 + 1], ..Record::default() });
+        for o in 0..3 {
+            ix.push("a", Entry { record: Some(big.clone()), ..e(o) });
+        }
+        let kept: Vec<bool> = ix.lines["a"].iter().map(|e| e.record.is_some()).collect();
+        assert_eq!(kept, [true, false, false]);
+        ix.next(&FairnessWeights::default());
+        assert_eq!(ix.cached, 0);
+        ix.push("a", Entry { record: Some(big), ..e(3) });
+        assert_eq!(ix.cached, MAX_CACHED_BYTES / 2 + 1);
     }
 
     fn order(ix: &mut FairIndex, w: &FairnessWeights) -> Vec<u64> {

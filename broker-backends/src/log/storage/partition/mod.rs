@@ -199,7 +199,8 @@ impl Partition {
                     // Due now: it joins its key's line when keys take turns.
                     let key = payload::fairness_key(&rec.payload);
                     if key.is_some() || !st.fair.is_empty() {
-                        st.fair.push(key.as_deref().unwrap_or(""), Entry { offset, at });
+                        let entry = Entry { offset, at, record: Some(Arc::new(rec)) };
+                        st.fair.push(key.as_deref().unwrap_or(""), entry);
                         continue;
                     }
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
@@ -208,14 +209,18 @@ impl Partition {
             if !st.fair.is_empty() {
                 self.fill(&mut st, now)?;
                 let Some(entry) = st.fair.peek() else { continue };
-                if st.finished.is_done(entry.offset) {
+                let (offset, at, kept) = (entry.offset, entry.at, entry.record.clone());
+                if st.finished.is_done(offset) {
                     st.fair.next(weights);
                     continue;
                 }
                 // Read before it leaves the index: a read error keeps it for the next take.
-                let rec = self.log.read_at(entry.at)?;
+                let rec = match kept {
+                    Some(rec) => rec,
+                    None => Arc::new(self.log.read_at(at)?),
+                };
                 st.fair.next(weights);
-                break Some((Arc::new(rec), st.prior_deliveries(entry.offset)));
+                break Some((rec, st.prior_deliveries(offset)));
             }
             match self.advance(&mut st, now)? {
                 None => break None,
@@ -226,7 +231,7 @@ impl Partition {
                     }
                     Some(key) => {
                         // Keys take turns from here on: read ahead to see the others.
-                        st.fair.push(&key, Entry { offset: rec.offset, at });
+                        st.fair.push(&key, Entry { offset: rec.offset, at, record: Some(Arc::new(rec)) });
                     }
                 },
             }
@@ -296,7 +301,8 @@ impl Partition {
             }
             let Some((rec, at)) = self.advance(st, now)? else { break };
             let key = payload::fairness_key(&rec.payload);
-            st.fair.push(key.as_deref().unwrap_or(""), Entry { offset: rec.offset, at });
+            let offset = rec.offset;
+            st.fair.push(key.as_deref().unwrap_or(""), Entry { offset, at, record: Some(Arc::new(rec)) });
         }
         Ok(())
     }
@@ -544,7 +550,11 @@ pub(crate) mod tests {
         let first = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
         assert_eq!(first.deliveries, 2, "and counted as a redelivery: the last owner may have handed it out");
-        assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
+        assert_eq!(
+            p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.offset,
+            3,
+            "0 and 2 were finished"
+        );
         assert_eq!(first.record.payload, b"m1");
     }
 
