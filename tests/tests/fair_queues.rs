@@ -248,6 +248,37 @@ async fn worker_weights_share_starts(setup: Setup) {
     assert!((130..=170).contains(&a), "A had {a} of the first 200 starts (75% ± 10%: 130 to 170)");
 }
 
+/// Keyed tasks that wait elsewhere come back to their key's line and run: six with a concurrency
+/// key too (`span` allows 2 at once: the others are parked, then moved back), and one with a
+/// countdown (Redis: deferred by the worker, then promoted when due).
+async fn keyed_tasks_come_back_from_waiting(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-back");
+    let path = dir.0.join("spans");
+    let q = format!("fair-back-{}", uuid::Uuid::new_v4().simple());
+    let _w = setup.worker(&["-Q", &q, "-c", "4", "--key-lease", "5"]);
+    for i in 0..6 {
+        let sig = span(&path, &q, &format!("c{i}")).args(json!([path.display().to_string(), format!("c{i}"), 50]));
+        app.send(sig.concurrency_key("ck").fairness_key("F")).await.unwrap();
+    }
+    app.send(span(&path, &q, "eta").fairness_key("E").countdown(Duration::from_secs(1))).await.unwrap();
+    let all = || lines(&path, "end").len() == 7;
+    assert!(wait_until(T, all), "ended: {:?}", lines(&path, "end"));
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_keyed_tasks_come_back_from_waiting() {
+    keyed_tasks_come_back_from_waiting(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keyed_tasks_come_back_from_waiting() {
+    if let Some(s) = Setup::redis() {
+        keyed_tasks_come_back_from_waiting(s).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_a_small_key_passes_a_large_backlog() {
     a_small_key_passes_a_large_backlog(Setup::log()).await;
