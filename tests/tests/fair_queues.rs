@@ -79,7 +79,7 @@ async fn length_peek_purge_and_requeue(t: Target) {
     assert_eq!(peeked.len(), 8, "peek sees keyed messages too");
     let keyed = peeked.iter().filter(|m| m.as_ref().unwrap().headers.extra.contains_key("x-fairness-key")).count();
     assert_eq!(keyed, 5);
-    let mut c = b.consume(&[q.clone()], 1).await.unwrap();
+    let mut c = b.consume(std::slice::from_ref(&q), 1).await.unwrap();
     let d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
     c.stop();
     d.requeue().await.unwrap();
@@ -123,7 +123,7 @@ async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
     app.send(task(&q, 1).fairness_key("A")).await.unwrap();
     app.send(task(&q, 2).fairness_key("B")).await.unwrap();
     let b = app.broker();
-    let mut lost = b.consume(&[q.clone()], 1).await.unwrap();
+    let mut lost = b.consume(std::slice::from_ref(&q), 1).await.unwrap();
     let d = tokio::time::timeout(T, lost.next()).await.unwrap().unwrap();
     // Neither settled nor renewed: the consumer goes away with it.
     drop(d);

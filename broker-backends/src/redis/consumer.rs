@@ -122,6 +122,7 @@ impl Shared {
 impl RedisConsumer {
     /// Starts consuming `queues` (priority first across the queues of one slot, then queue order;
     /// on a cluster the shards are taken from in turn).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         conn: RedisConn,
         keys: Keys,
