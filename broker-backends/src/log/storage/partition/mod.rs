@@ -208,7 +208,8 @@ impl Partition {
             }
             if !st.fair.is_empty() {
                 self.fill(&mut st, now)?;
-                let Some(entry) = st.fair.peek() else { continue };
+                // Not empty: its front key has a record (a key leaves the ring with its last one).
+                let Some(entry) = st.fair.peek() else { break None };
                 let (offset, at, kept) = (entry.offset, entry.at, entry.record.clone());
                 if st.finished.is_done(offset) {
                     st.fair.next(weights);
