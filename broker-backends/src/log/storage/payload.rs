@@ -238,8 +238,14 @@ pub(crate) fn fairness_key(payload: &[u8]) -> Option<String> {
     let len = u32::from_le_bytes(r.array().ok()?) as usize;
     let extra = r.take(len).ok()?;
     let name = celery_core::flow::FAIRNESS_KEY.as_bytes();
-    if !extra.windows(name.len()).any(|w| w == name) {
-        return None;
+    let at = extra.windows(name.len()).position(|w| w == name)?;
+    // The common form, `"x-fairness-key":"<key without escapes>"`, read as it is.
+    if let Some(rest) = extra[at + name.len()..].strip_prefix(b"\":\"") {
+        if let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
+            if rest[end] == b'"' && at > 0 && extra[at - 1] == b'"' {
+                return std::str::from_utf8(&rest[..end]).ok().filter(|k| !k.is_empty()).map(str::to_owned);
+            }
+        }
     }
     #[derive(serde::Deserialize)]
     struct Extra {
@@ -323,6 +329,11 @@ mod tests {
         let plain = Message::from_signature(&sig.concurrency_key("x-fairness-key")).unwrap();
         assert_eq!(fairness_key(&encode(&plain)), None, "the name as a value is not the header");
         assert_eq!(fairness_key(&encode(&message())), None);
+        let quoted = Message::from_signature(&Signature::by_name("add").fairness_key("te\"n\\t")).unwrap();
+        assert_eq!(fairness_key(&encode(&quoted)).as_deref(), Some("te\"n\\t"), "escapes: parsed as JSON");
+        let suffix =
+            Message::from_signature(&Signature::by_name("add").header("my-x-fairness-key", json!("v"))).unwrap();
+        assert_eq!(fairness_key(&encode(&suffix)), None, "another header whose name ends like it");
         assert_eq!(fairness_key(b"{\"body\": \"\"}"), None);
         let bytes = encode(&msg);
         for cut in 0..bytes.len() {

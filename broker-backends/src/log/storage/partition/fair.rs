@@ -20,7 +20,9 @@ use celery_core::flow::{FairnessWeights, MAX_FAIRNESS_KEYS};
 use super::writer::Pos;
 use crate::log::storage::record::Record;
 
-/// At most this many records read ahead per take (a take holds the partition's lock while it reads).
+/// At most this many records read ahead per take (a take holds the partition's lock while it
+/// reads, and acks wait for that lock): a key queued behind a backlog of B records is seen after
+/// B / 10,000 takes.
 pub(super) const FILL_PER_TAKE: usize = 10_000;
 /// At most this many records indexed per partition (24 bytes each): the cursor stops reading ahead
 /// while the index is full, so fairness holds among the first million waiting records.
