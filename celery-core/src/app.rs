@@ -147,6 +147,12 @@ impl App {
             let key = key.as_str().ok_or_else(|| bad("not a string".into()))?;
             crate::flow::validate_key(key).map_err(|e| bad(e.to_string()))?;
         }
+        if let Some(key) = sig.options.headers.get(crate::flow::FAIRNESS_KEY) {
+            let bad = |reason: String| crate::ProtocolError::InvalidField { field: "x-fairness-key", reason };
+            let key = key.as_str().ok_or_else(|| bad("not a string".into()))?;
+            crate::flow::validate_key(key).map_err(|e| bad(e.to_string()))?;
+            self.broker.require_fair_queues("fairness_key")?;
+        }
         let msg = Message::from_signature(&sig)?;
         msg.check_size(self.config.max_message_size)?;
         let queue = sig.options.queue.clone().unwrap_or_else(|| self.config.default_queue.clone());

@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 
 use crate::capability::{Broadcasts, Documents, Leases, Routing};
 use crate::error::{BrokerError, ProtocolError};
-use crate::flow::{KeySlots, RateBuckets};
+use crate::flow::{FairQueues, KeySlots, RateBuckets};
 use crate::protocol::Message;
 use crate::routing::Route;
 
@@ -176,6 +176,11 @@ pub trait Broker: Send + Sync + Debug {
 
     /// Cluster-wide rate limit buckets, when the broker holds them ([`RateBuckets`]).
     fn rate_buckets(&self) -> Option<&dyn RateBuckets> {
+        None
+    }
+
+    /// Fair queues, when the broker serves fairness keys in turn ([`FairQueues`]).
+    fn fair_queues(&self) -> Option<&dyn FairQueues> {
         None
     }
 }

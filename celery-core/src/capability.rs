@@ -15,6 +15,7 @@
 //! | task history | [`History`](crate::history::History) | the monitor's history (brokers and result backends) |
 //! | per-key concurrency slots | [`KeySlots`](crate::flow::KeySlots) | `#[task(key_concurrency = N)]` |
 //! | cluster-wide rate limits | [`RateBuckets`](crate::flow::RateBuckets) | `#[task(rate_scope = "cluster")]` |
+//! | fair queues | [`FairQueues`](crate::flow::FairQueues) | `Signature::fairness_key` |
 //!
 //! Code that holds a concrete backend calls the trait's methods directly, so a missing capability is
 //! a compile error there. Code that holds `dyn Broker` asks with [`Broker::routing`] (and the like),
@@ -318,6 +319,11 @@ macro_rules! offers {
             ::std::option::Option::Some(self)
         }
     };
+    (@one fair_queues) => {
+        fn fair_queues(&self) -> ::std::option::Option<&dyn $crate::flow::FairQueues> {
+            ::std::option::Option::Some(self)
+        }
+    };
     (@one chords) => {
         fn chords(&self) -> ::std::option::Option<&dyn $crate::capability::Chords> {
             ::std::option::Option::Some(self)
@@ -364,6 +370,11 @@ impl dyn Broker {
     /// The broker's [`RateBuckets`](crate::flow::RateBuckets), or an error saying it has none.
     pub fn require_rate_buckets(&self, what: &str) -> Result<&dyn crate::flow::RateBuckets, BrokerError> {
         self.rate_buckets().ok_or_else(|| self.lacks("cluster-wide rate limits", what))
+    }
+
+    /// The broker's [`FairQueues`](crate::flow::FairQueues), or an error saying it has none.
+    pub fn require_fair_queues(&self, what: &str) -> Result<&dyn crate::flow::FairQueues, BrokerError> {
+        self.fair_queues().ok_or_else(|| self.lacks("fair queues", what))
     }
 
     fn lacks(&self, capability: &str, what: &str) -> BrokerError {

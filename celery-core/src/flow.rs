@@ -21,6 +21,12 @@
 //! ([`KeySlots::renew`]); a dead worker's slots expire after the lease, and the broker's sweep
 //! ([`KeySlots::sweep`]) then moves parked messages for the slots it freed.
 //!
+//! Fair queues: a task sent with a fairness key ([`Signature::fairness_key`](crate::Signature::fairness_key),
+//! the [`FAIRNESS_KEY`] header, which Python workers ignore) waits in its key's line of its queue,
+//! and the broker serves the keys of a queue with work in turn (weighted round robin: up to a key's
+//! [`FairnessWeights::weight`] deliveries before the next key; unkeyed messages are one more key),
+//! so a key with a huge backlog gets its share and no more while others wait ([`FairQueues`]).
+//!
 //! Invariant the brokers keep: a key with parked messages has a slot held (or a moved message on
 //! its way back), so a parked message always has someone to release it; the sweep also moves one
 //! message of a key that has parked messages and no slot held at all.
@@ -42,6 +48,15 @@ use crate::protocol::Message;
 
 /// The header that carries a task's concurrency key.
 pub const CONCURRENCY_KEY: &str = "x-concurrency-key";
+/// The header that carries a task's fairness key.
+pub const FAIRNESS_KEY: &str = "x-fairness-key";
+/// The highest fairness weight.
+pub const MAX_FAIRNESS_WEIGHT: u32 = 1_000;
+/// The most fairness weights one configuration names.
+pub const MAX_FAIRNESS_WEIGHTS: usize = 1_000;
+/// The most fairness keys a broker tracks in one queue (the built-in broker: per partition) at
+/// once; the messages of further keys share one more line until some of the tracked ones drain.
+pub const MAX_FAIRNESS_KEYS: usize = 100_000;
 /// The longest concurrency key, in bytes.
 pub const MAX_KEY_LEN: usize = 128;
 /// The highest per-key limit.
@@ -71,6 +86,12 @@ pub enum KeyError {
     /// A limit of 0 or above [`MAX_KEY_LIMIT`].
     #[error("key concurrency limit {0} is out of range (1 to {MAX_KEY_LIMIT})")]
     Limit(u32),
+    /// A fairness weight of 0 or above [`MAX_FAIRNESS_WEIGHT`].
+    #[error("fairness weight {0} is out of range (1 to {MAX_FAIRNESS_WEIGHT})")]
+    Weight(u32),
+    /// More than [`MAX_FAIRNESS_WEIGHTS`] weights.
+    #[error("{0} fairness weights (at most {MAX_FAIRNESS_WEIGHTS})")]
+    TooManyWeights(usize),
 }
 
 impl From<KeyError> for BrokerError {
@@ -246,6 +267,93 @@ pub trait KeySlots: Send + Sync {
     }
 }
 
+/// One key's weight in its queues' rotation (`worker --fairness-weight tenant-a=3`): the key gets
+/// up to `weight` deliveries in a row when its turn comes (every other key: 1).
+///
+/// ```
+/// use celery_core::flow::FairnessWeight;
+/// let w: FairnessWeight = "tenant-a=3".parse().unwrap();
+/// assert_eq!((w.key.as_str(), w.weight), ("tenant-a", 3));
+/// assert!("tenant-a=0".parse::<FairnessWeight>().is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FairnessWeight {
+    /// The fairness key (exact).
+    pub key: String,
+    /// Deliveries in a row when its turn comes (1 to [`MAX_FAIRNESS_WEIGHT`]).
+    pub weight: u32,
+}
+
+impl std::str::FromStr for FairnessWeight {
+    type Err = KeyError;
+
+    fn from_str(s: &str) -> Result<FairnessWeight, KeyError> {
+        let bad = |reason| KeyError::Invalid { key: s.chars().take(MAX_KEY_LEN).collect(), reason };
+        let (key, n) = s.rsplit_once('=').ok_or_else(|| bad("expected KEY=WEIGHT"))?;
+        validate_key(key)?;
+        let weight = n.trim().parse::<u32>().map_err(|_| bad("the weight is not a number"))?;
+        if !(1..=MAX_FAIRNESS_WEIGHT).contains(&weight) {
+            return Err(KeyError::Weight(weight));
+        }
+        Ok(FairnessWeight { key: key.to_owned(), weight })
+    }
+}
+
+/// The weights of fairness keys (every key not named: 1), at most [`MAX_FAIRNESS_WEIGHTS`].
+///
+/// ```
+/// use celery_core::flow::FairnessWeights;
+/// let w = FairnessWeights::new(vec!["tenant-a=3".parse().unwrap()]).unwrap();
+/// assert_eq!((w.weight("tenant-a"), w.weight("tenant-b")), (3, 1));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FairnessWeights {
+    weights: std::collections::HashMap<String, u32>,
+}
+
+impl FairnessWeights {
+    /// The weights given (a key named twice: the last wins).
+    pub fn new(list: Vec<FairnessWeight>) -> Result<FairnessWeights, KeyError> {
+        if list.len() > MAX_FAIRNESS_WEIGHTS {
+            return Err(KeyError::TooManyWeights(list.len()));
+        }
+        Ok(FairnessWeights { weights: list.into_iter().map(|w| (w.key, w.weight)).collect() })
+    }
+
+    /// The weight of `key` (1 when not named).
+    pub fn weight(&self, key: &str) -> u32 {
+        self.weights.get(key).copied().unwrap_or(1)
+    }
+
+    /// The named keys and their weights.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.weights.iter().map(|(k, w)| (k.as_str(), *w))
+    }
+
+    /// True when no key is named (every weight is 1).
+    pub fn is_empty(&self) -> bool {
+        self.weights.is_empty()
+    }
+}
+
+/// Fair queues: the broker serves the fairness keys of a queue in turn (see the
+/// [module](self) documentation). Sending a task with a fairness key through a broker without
+/// them fails ([`BrokerError::Unsupported`]) rather than queueing it unfairly.
+///
+/// ```
+/// fn before_consuming(broker: &dyn celery_core::Broker) {
+///     let weights = celery_core::flow::FairnessWeights::new(vec!["tenant-a=3".parse().unwrap()]).unwrap();
+///     match broker.fair_queues() {
+///         Some(fair) => fair.set_fairness_weights(weights),
+///         None => eprintln!("{} has no fair queues", broker.kind()),
+///     }
+/// }
+/// ```
+pub trait FairQueues: Send + Sync {
+    /// The weights the consumers this broker handle starts from now on apply when they take.
+    fn set_fairness_weights(&self, weights: FairnessWeights);
+}
+
 /// The longest bucket name (task names), in bytes.
 pub const MAX_BUCKET_NAME: usize = 255;
 /// The longest interval between starts a bucket takes (one an hour).
@@ -296,6 +404,18 @@ mod tests {
         assert_eq!(limit_for("x", &[], None), None);
         assert!("noequals".parse::<KeyLimit>().is_err());
         assert!("=3".parse::<KeyLimit>().is_err());
+    }
+
+    #[test]
+    fn fairness_weights_parse_and_are_bounded() {
+        let w = |s: &str| s.parse::<FairnessWeight>();
+        assert_eq!(w("a=1000").unwrap().weight, 1000);
+        assert_eq!(w("a=1001"), Err(KeyError::Weight(1001)));
+        assert!(w("a").is_err() && w("=2").is_err() && w("a=x").is_err());
+        let many = (0..=MAX_FAIRNESS_WEIGHTS).map(|i| w(&format!("k{i}=2")).unwrap()).collect();
+        assert_eq!(FairnessWeights::new(many), Err(KeyError::TooManyWeights(MAX_FAIRNESS_WEIGHTS + 1)));
+        let ws = FairnessWeights::new(vec![w("a=3").unwrap(), w("a=5").unwrap()]).unwrap();
+        assert_eq!((ws.weight("a"), ws.weight("b")), (5, 1));
     }
 
     #[test]

@@ -217,6 +217,21 @@ impl Signature {
         self.header(crate::flow::CONCURRENCY_KEY, Value::String(key.into()))
     }
 
+    /// Puts the task in the line of fairness key `key` (a tenant, a customer) within its queue:
+    /// the broker serves the keys with work in turn, so one key's backlog does not hold up the
+    /// others ([`flow`](crate::flow); weights: `worker --fairness-weight`). Sent as the
+    /// [`FAIRNESS_KEY`](crate::flow::FAIRNESS_KEY) header (Python workers ignore it); checked when
+    /// sent ([`validate_key`](crate::flow::validate_key)), and refused by a broker without fair
+    /// queues.
+    ///
+    /// ```
+    /// let sig = celery_core::Signature::by_name("span").fairness_key("tenant-42");
+    /// assert_eq!(sig.options.headers["x-fairness-key"], "tenant-42");
+    /// ```
+    pub fn fairness_key(self, key: impl Into<String>) -> Self {
+        self.header(crate::flow::FAIRNESS_KEY, Value::String(key.into()))
+    }
+
     /// Makes [`App::send`](crate::App::send) idempotent under `key`: while the key is held (the
     /// app's `idempotency_window` after the first send), sending again returns the first task's
     /// result instead of sending a new task.

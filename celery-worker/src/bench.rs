@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// messages included).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub sleep_ms: Option<u64>,
+    /// Also drain the same tasks again spread over this many fairness keys (`k0` .. `kN-1`, sent
+    /// in turn), and print that drain's rate and its cost against the plain drain (fair queues:
+    /// the built-in broker and Redis).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub fairness_keys: Option<u32>,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
     /// loop on the same server with the same messages: the ceiling a client library can reach.
     #[arg(long)]
@@ -165,20 +170,10 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let handle = tokio::spawn(worker.run_until(async {
         let _ = stop_rx.await;
     }));
-    let deadline = Instant::now() + Duration::from_secs(600);
     let rss_before = rss_mib().1;
-    let mut rss_peak = rss_before;
-    let mut polls = 0u64;
-    while stats.finished() < a.count as u64 {
-        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        polls += 1;
-        if a.sleep_ms.is_some() && polls.is_multiple_of(10) {
-            rss_peak = rss_peak.max(rss_mib().1);
-        }
-    }
-    let wall = t.elapsed().as_secs_f64();
-    line("drain_rate", a.count as f64 / wall, "tasks/s");
+    let (wall, rss_peak) = wait_drained(&stats, a.count as u64, a.sleep_ms.is_some(), t).await?;
+    let drain_rate = a.count as f64 / wall;
+    line("drain_rate", drain_rate, "tasks/s");
     if a.sleep_ms.is_some() {
         let in_flight = a.concurrency.min(a.count).max(1) as f64;
         line("drain_wall_s", wall, "s");
@@ -188,21 +183,37 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
 
-    // Round trips with results, through the same worker.
-    let mut lat = Vec::with_capacity(a.roundtrips);
-    let warmup = if a.roundtrips == 0 { 0 } else { 20 };
-    for i in 0..(a.roundtrips + warmup) {
-        let t = Instant::now();
-        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(queue_of(0))).await?;
-        let v: i64 = res.get(Duration::from_secs(30)).await?;
-        anyhow::ensure!(v == 3, "round trip returned {v}");
-        if i >= warmup {
-            lat.push(t.elapsed().as_secs_f64() * 1e3);
+    // The same drain with fairness keys: enqueued with no worker running, drained by a new one.
+    let (stop_tx, handle) = match a.fairness_keys {
+        None => (stop_tx, handle),
+        Some(keys) => {
+            app.broker().require_fair_queues("bench --fairness-keys")?;
+            let _ = stop_tx.send(());
+            handle.await??;
+            let mut sent = 0;
+            while sent < a.count {
+                let n = a.batch.max(1).min(a.count - sent);
+                app.send_batch((sent..sent + n).map(|i| sig(i).fairness_key(format!("k{}", i % keys as usize))))
+                    .await?;
+                sent += n;
+            }
+            let worker = Worker::new(app.clone(), cfg.clone());
+            let fair_stats = worker.stats();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let t = Instant::now();
+            let fair_handle = tokio::spawn(worker.run_until(async {
+                let _ = stopped.await;
+            }));
+            let (wall, _) = wait_drained(&fair_stats, a.count as u64, false, t).await?;
+            let fair_rate = a.count as f64 / wall;
+            line("drain_rate_fairness_keys", fair_rate, "tasks/s");
+            line("fairness_cost_pct", (1.0 - fair_rate / drain_rate) * 100.0, "%");
+            let failed = fair_stats.failed.load(Ordering::Relaxed) + fair_stats.rejected.load(Ordering::Relaxed);
+            anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
+            (stop, fair_handle)
         }
-        res.forget().await?;
-    }
-    let _ = stop_tx.send(());
-    handle.await??;
+    };
+    round_trips(&app, &a, queue_of(0), stop_tx, handle).await?;
     if a.lapin_ceiling {
         let url = app
             .broker_url()
@@ -213,6 +224,53 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         let msg = celery_core::protocol::Message::from_signature(&sig(0))?;
         lapin_ceiling(&url, a.count, &msg, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
     }
+    Ok(())
+}
+
+/// Waits until `stats` counts `count` finished tasks (at most 10 minutes): the wall time since
+/// `t` and the peak RSS seen (sampled when `sample_rss`).
+async fn wait_drained(
+    stats: &crate::WorkerStats,
+    count: u64,
+    sample_rss: bool,
+    t: Instant,
+) -> anyhow::Result<(f64, f64)> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut rss_peak = rss_mib().1;
+    let mut polls = 0u64;
+    while stats.finished() < count {
+        anyhow::ensure!(Instant::now() < deadline, "drain did not finish within 10 minutes");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        polls += 1;
+        if sample_rss && polls.is_multiple_of(10) {
+            rss_peak = rss_peak.max(rss_mib().1);
+        }
+    }
+    Ok((t.elapsed().as_secs_f64(), rss_peak))
+}
+
+/// Times `--roundtrips` `send(add).get()` through the running worker, then stops it.
+async fn round_trips(
+    app: &App,
+    a: &BenchArgs,
+    queue: &str,
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<Result<(), crate::WorkerError>>,
+) -> anyhow::Result<()> {
+    let mut lat = Vec::with_capacity(a.roundtrips);
+    let warmup = if a.roundtrips == 0 { 0 } else { 20 };
+    for i in 0..(a.roundtrips + warmup) {
+        let t = Instant::now();
+        let res = app.send(Signature::by_name(&a.task).args(serde_json::json!([1, 2])).queue(queue)).await?;
+        let v: i64 = res.get(Duration::from_secs(30)).await?;
+        anyhow::ensure!(v == 3, "round trip returned {v}");
+        if i >= warmup {
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        res.forget().await?;
+    }
+    let _ = stop.send(());
+    worker.await??;
     lat.sort_by(f64::total_cmp);
     if !lat.is_empty() {
         line("roundtrip_p50_ms", lat[lat.len() / 2], "ms");

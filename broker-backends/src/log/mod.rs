@@ -54,16 +54,17 @@ mod tests;
 mod url;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
-use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
+use celery_core::flow::{Admission, FairQueues, FairnessWeights, KeySlots, RateBuckets, SlotRequest};
 use celery_core::history::{History, HistoryPage, HistoryQuery, Retain, TaskRecord};
 use celery_core::protocol::Message;
 use celery_core::routing::{Binding, Exchange, ExchangeKind, Route};
+use celery_core::sync::lock;
 use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 
@@ -86,6 +87,8 @@ use storage::results::{doc_key, DOC_TTL};
 #[derive(Debug, Clone)]
 pub struct LogBroker {
     inner: Inner,
+    /// The weights of fairness keys its consumers take with (`FairQueues`).
+    fairness: Arc<Mutex<Arc<FairnessWeights>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -102,7 +105,7 @@ impl LogBroker {
         if let Some((target, token)) = url::parse_remote(url).map_err(invalid)? {
             let client = Arc::new(RemoteStore::new(target, token, None));
             client.hello().await?;
-            return Ok(LogBroker { inner: Inner::Remote(client) });
+            return Ok(LogBroker { inner: Inner::Remote(client), fairness: Arc::default() });
         }
         let (dir, cfg) = parse_url(url).map_err(invalid)?;
         match LogStore::open(&dir, cfg.clone()) {
@@ -122,7 +125,7 @@ impl LogBroker {
                     .retry(6, "log: the directory owner's socket", |_| true, || client.hello())
                     .await
                 {
-                    Ok(()) => Ok(LogBroker { inner: Inner::Remote(client) }),
+                    Ok(()) => Ok(LogBroker { inner: Inner::Remote(client), fairness: Arc::default() }),
                     Err(e) => {
                         let what =
                             format!("{} is owned by process {pid}, whose socket does not answer", path.display());
@@ -135,7 +138,7 @@ impl LogBroker {
     }
 
     pub(crate) fn local(store: Arc<LogStore>) -> LogBroker {
-        LogBroker { inner: Inner::Local(store) }
+        LogBroker { inner: Inner::Local(store), fairness: Arc::default() }
     }
 
     /// The store, when this process owns the directory.
@@ -264,9 +267,10 @@ impl Broker for LogBroker {
     }
 
     async fn consume(&self, queues: &[String], prefetch: usize) -> Result<Box<dyn Consumer>, BrokerError> {
+        let weights = lock(&self.fairness).clone();
         match &self.inner {
-            Inner::Local(s) => Ok(Box::new(LogConsumer::new(s.clone(), queues, prefetch)?)),
-            Inner::Remote(c) => Ok(Box::new(RemoteConsumer::start(c.clone(), queues, prefetch).await?)),
+            Inner::Local(s) => Ok(Box::new(LogConsumer::new(s.clone(), queues, prefetch)?.with_fairness(weights))),
+            Inner::Remote(c) => Ok(Box::new(RemoteConsumer::start(c.clone(), queues, prefetch, weights).await?)),
         }
     }
 
@@ -298,7 +302,7 @@ impl Broker for LogBroker {
         Ok(found.iter().map(|p| payload::decode(p).0).collect())
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets, history);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets, history, fair_queues);
 }
 #[async_trait]
 impl Routing for LogBroker {
@@ -384,6 +388,14 @@ impl KeySlots for LogBroker {
             Inner::Local(s) => Ok(s.release_slot(key, holder).await?),
             Inner::Remote(c) => c.release_slot(key, holder).await,
         }
+    }
+}
+
+/// The owner's partitions keep the records read ahead by key (`storage/partition/fair.rs`); the
+/// weights travel with each consumer (`CONSUME`), so the owner serves each taker by its own.
+impl FairQueues for LogBroker {
+    fn set_fairness_weights(&self, weights: FairnessWeights) {
+        *lock(&self.fairness) = Arc::new(weights);
     }
 }
 

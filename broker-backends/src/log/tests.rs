@@ -11,7 +11,7 @@ use super::*;
 #[test]
 fn a_remote_broker_prints_no_token() {
     let client = RemoteStore::new(Target::Tcp("h:1".into(), None), "s3cret".into(), None);
-    let shown = format!("{:?}", LogBroker { inner: Inner::Remote(Arc::new(client)) });
+    let shown = format!("{:?}", LogBroker { inner: Inner::Remote(Arc::new(client)), fairness: Arc::default() });
     assert!(!shown.contains("s3cret") && shown.contains("***"), "{shown}");
 }
 

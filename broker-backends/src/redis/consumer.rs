@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use celery_core::broker::{dead_letter_queue, Settled};
+use celery_core::flow::FairnessWeights;
 use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
 use celery_core::{Delivery, ProtocolError};
@@ -166,6 +167,7 @@ impl RedisConsumer {
     /// Starts consuming `queues` (priority first across the queues of one fetch, up to
     /// [`MAX_FETCH_QUEUES`] of those with messages, then queue order; the next fetch goes on with
     /// the next ones; on a cluster the shards are taken from in turn).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn start(
         conn: RedisConn,
         keys: Keys,
@@ -174,6 +176,7 @@ impl RedisConsumer {
         queues: &[String],
         prefetch: usize,
         max_message_size: usize,
+        weights: Arc<FairnessWeights>,
     ) -> RedisConsumer {
         let prefetch = prefetch.max(1);
         let (acks, batcher) = ack_queue();
@@ -220,6 +223,7 @@ impl RedisConsumer {
             next_probe: Instant::now() + PROBE_EVERY,
             probe_from: 0,
             next_entry: vec![0; shared.groups.len()],
+            weights,
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -283,6 +287,8 @@ struct RedisFetch {
     probe_from: usize,
     /// Per group, the position in its entries the next fetch looks from.
     next_entry: Vec<usize>,
+    /// The weights of fairness keys when they take turns.
+    weights: Arc<FairnessWeights>,
 }
 
 /// The lists one fetch script takes from: (list, entry), priority first, then queue order.
@@ -331,6 +337,11 @@ impl RedisFetch {
         }
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
         inv.arg(shared.holder.id());
+        inv.arg(if shared.keys.is_cluster() { "0" } else { "1" }).arg(shared.keys.prefix());
+        inv.arg(self.weights.iter().count());
+        for (key, w) in self.weights.iter() {
+            inv.arg(key).arg(w);
+        }
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
         let epoch = shared.holder.liveness().epoch();
         for (_, e) in &lists {
@@ -384,7 +395,8 @@ impl RedisFetch {
             for r in &chunks {
                 let mut cmd = redis::cmd("EXISTS");
                 for e in &entries[r.clone()] {
-                    cmd.arg(&e.buckets[..]);
+                    // With its fair-queue ring: keyed messages wait in the keys' lines.
+                    cmd.arg(&e.buckets[..]).arg(shared.keys.fair_ring(&e.queue));
                 }
                 pipe.add_command(cmd);
             }

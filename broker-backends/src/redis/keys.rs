@@ -5,7 +5,9 @@
 //!
 //! On one server (and behind Sentinel) this is Kombu's layout, byte for byte: `<queue>`,
 //! `<queue>\x06\x16<3|6|9>`, the global `unacked` and `unacked_index`, `_celery_rs.delayed.<queue>`,
-//! `_celery_rs.worker.<holder>`, `_celery_rs.held.<holder>`, `_celery_rs.workers`.
+//! `_celery_rs.worker.<holder>`, `_celery_rs.held.<holder>`, `_celery_rs.workers`; fair queues add
+//! `_celery_rs.fair.<queue>.ring` (`.keys`, `.credit`) and a line per fairness key,
+//! `_celery_rs.fair.<queue>\x06\x16<key>` (`\x06\x16<3|6|9>` for priorities), see `scripts::FAIR_FN`.
 //!
 //! On a Redis Cluster every key a Lua step touches must be in one slot, so every key of one queue
 //! carries one hash tag, and the lease keys Kombu keeps global exist once per tag (a [`Scope`]).
@@ -198,6 +200,12 @@ impl Keys {
         format!("{shard}/{queue}")
     }
 
+    /// The fair-queue ring of `queue` (one server only): the fairness keys with waiting messages,
+    /// in turn; the scripts build it and the keys' lines alike (`scripts::FAIR_FN`).
+    pub(crate) fn fair_ring(&self, queue: &str) -> String {
+        format!("{}_celery_rs.fair.{queue}.ring", self.prefix)
+    }
+
     /// Kombu's fanout channel of `exchange` for `routing_key`: `/<db>.<exchange>/<routing key>`,
     /// or `/<db>.<exchange>` without a routing key.
     pub(crate) fn fanout(&self, db: u32, exchange: &str, routing_key: &str) -> String {
@@ -270,6 +278,7 @@ mod tests {
         assert_eq!(k.wake_all(), "p:_celery_rs.wake/3");
         assert_eq!(k.due(), "p:_celery_rs.due");
         assert_eq!(Keys::due_member("a/b", 2), "2/a/b");
+        assert_eq!(k.fair_ring("celery"), "p:_celery_rs.fair.celery.ring");
     }
 
     #[test]

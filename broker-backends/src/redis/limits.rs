@@ -34,6 +34,7 @@ use redis::Script;
 
 use super::error::failed;
 use super::keys::{Keys, SEP};
+use super::scripts::FAIR_FN;
 
 use super::RedisBroker;
 use crate::envelope;
@@ -46,13 +47,25 @@ const NOW: &str =
     "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
 /// Moves the oldest entry of the parked list `KEYS[2]` to its bucket (`KEYS[4..7]`, steps 0, 3,
-/// 6, 9); 1 if one moved. Drops the list from the index `KEYS[3]` (member `ARGV[m]`) once empty.
+/// 6, 9), or, with a fairness key, to its key's line (`scripts::FAIR_FN`; the last two `ARGV` are
+/// the key prefix and the queue); 1 if one moved. Drops the list from the index `KEYS[3]`
+/// (member `ARGV[m]`) once empty.
 const MOVE_ONE: &str = r#"
 local function move_one(m)
   local e = redis.call('RPOP', KEYS[2])
   if not e then return 0 end
   local step = tonumber(string.sub(e, 1, 1)) or 0
-  redis.call('LPUSH', KEYS[4 + math.floor(step / 3)], string.sub(e, 3))
+  local env = string.sub(e, 3)
+  local target = KEYS[4 + math.floor(step / 3)]
+  if string.find(env, 'x-fairness-key', 1, true) then
+    local ok, t = pcall(cjson.decode, env)
+    local k = ok and fair_of(t)
+    if k then
+      local prefix, queue = ARGV[#ARGV - 1], ARGV[#ARGV]
+      target = fair_line(prefix, queue, fair_join(prefix, queue, k), step)
+    end
+  end
+  redis.call('LPUSH', target, env)
   return 1
 end
 local function unindex(m)
@@ -93,11 +106,11 @@ return 0
     ))
 }
 
-/// KEYS: slots, parked, index, the queue's four buckets; ARGV: holder, index member.
-/// Returns 1 if a parked task moved back.
+/// KEYS: slots, parked, index, the queue's four buckets; ARGV: holder, index member, key prefix,
+/// queue. Returns 1 if a parked task moved back.
 fn release() -> Script {
     Script::new(&format!(
-        r#"{MOVE_ONE}
+        r#"{FAIR_FN}{MOVE_ONE}
 redis.call('ZREM', KEYS[1], ARGV[1])
 local moved = move_one()
 unindex(ARGV[2])
@@ -106,11 +119,11 @@ return moved
     ))
 }
 
-/// KEYS: slots, parked, index, the queue's four buckets; ARGV: index member.
+/// KEYS: slots, parked, index, the queue's four buckets; ARGV: index member, key prefix, queue.
 /// Returns how many parked tasks moved back.
 fn sweep() -> Script {
     Script::new(&format!(
-        r#"{NOW}{MOVE_ONE}
+        r#"{NOW}{FAIR_FN}{MOVE_ONE}
 local n = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if n == 0 and redis.call('ZCARD', KEYS[1]) == 0 then n = 1 end
 local moved = 0
@@ -215,7 +228,7 @@ impl KeySlots for RedisBroker {
         let mut conn = self.conn.clone();
         let script = release();
         let mut inv = self.over_list(&script, queue, key);
-        inv.arg(holder).arg(member(queue, key));
+        inv.arg(holder).arg(member(queue, key)).arg(self.keys.prefix()).arg(queue);
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release a key slot"))?;
         Ok(())
     }
@@ -239,7 +252,7 @@ impl KeySlots for RedisBroker {
         for m in members {
             let Some((queue, key)) = m.split_once(SEP) else { continue };
             let mut inv = self.over_list(&script, queue, key);
-            inv.arg(&m);
+            inv.arg(&m).arg(self.keys.prefix()).arg(queue);
             let n: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: sweep key slots"))?;
             moved += n.max(0) as u64;
         }

@@ -70,14 +70,16 @@ mod wake;
 
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
+use celery_core::flow::{FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
+use celery_core::sync::lock;
 use celery_core::url::redacted;
 use celery_core::{Broker, BrokerError, Consumer};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -131,6 +133,8 @@ pub struct RedisBroker {
     sweep_cursor: Arc<AtomicU64>,
     /// The monitor's task history (`redis/history.rs`).
     history: history::RedisHistory,
+    /// The weights of fairness keys its consumers take with ([`FairQueues`]).
+    fairness: Arc<Mutex<Arc<FairnessWeights>>>,
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -158,6 +162,7 @@ impl RedisBroker {
             holder: Arc::default(),
             next_shard: Arc::default(),
             sweep_cursor: Arc::default(),
+            fairness: Arc::default(),
         })
     }
 
@@ -254,7 +259,23 @@ impl RedisBroker {
         };
         let env = envelope::encode(msg, &route.exchange, queue);
         let step = envelope::bucket_of(envelope::kombu_priority(msg));
-        pipe.lpush(self.keys.bucket(queue, shard, step), env).ignore();
+        match msg.headers.extra.get(FAIRNESS_KEY).and_then(serde_json::Value::as_str) {
+            // To its key's line, the key joining the queue's ring (`scripts::FAIR_FN`).
+            Some(key) if !self.keys.is_cluster() => {
+                pipe.cmd("EVAL")
+                    .arg(scripts::publish_fair())
+                    .arg(0)
+                    .arg(self.keys.prefix())
+                    .arg(queue)
+                    .arg(env)
+                    .arg(key)
+                    .arg(step)
+                    .ignore();
+            }
+            _ => {
+                pipe.lpush(self.keys.bucket(queue, shard, step), env).ignore();
+            }
+        }
         pipe.publish(self.keys.wake(queue, shard), "").ignore();
         Ok(())
     }
@@ -270,6 +291,13 @@ impl RedisBroker {
             self.add_publish(&mut pipes, q, shard, route, msg)?;
         }
         self.write_all(pipes, "redis: publish").await
+    }
+
+    /// The [`scripts::fair_lines`] step on `queue`'s keyed lines (`op`: `len`, `purge`, `peek`).
+    fn fair_lines(&self, queue: &str, op: &str, max: usize) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::fair_lines()).arg(0).arg(self.keys.prefix()).arg(queue).arg(op).arg(max);
+        cmd
     }
 
     /// Sends each scope's pipeline (a write each).
@@ -327,6 +355,7 @@ impl Broker for RedisBroker {
             queues,
             prefetch,
             max_message_size,
+            lock(&self.fairness).clone(),
         );
         Ok(Box::new(c))
     }
@@ -345,6 +374,9 @@ impl Broker for RedisBroker {
             }
             pipe.zcard(&keys[4]);
             pipe.del(&keys).ignore();
+            if !self.keys.is_cluster() {
+                pipe.add_command(self.fair_lines(queue, "purge", 0));
+            }
             let mut conn = self.conn.clone();
             let counts: Vec<u64> = pipe.atomic().query_async(&mut conn).await.map_err(failed("redis: purge"))?;
             total += counts.iter().sum::<u64>();
@@ -359,6 +391,9 @@ impl Broker for RedisBroker {
             let mut pipe = redis::pipe();
             for k in self.keys.buckets(queue, shard) {
                 pipe.llen(k);
+            }
+            if !self.keys.is_cluster() {
+                pipe.add_command(self.fair_lines(queue, "len", 0));
             }
             let mut conn = self.conn.clone();
             let counts: Vec<u64> = pipe.query_async(&mut conn).await.map_err(failed("redis: queue length"))?;
@@ -394,6 +429,15 @@ impl Broker for RedisBroker {
                 break;
             }
         }
+        if out.len() < max && !self.keys.is_cluster() {
+            let mut conn = self.conn.clone();
+            let keyed: Vec<Vec<u8>> = self
+                .fair_lines(queue, "peek", max - out.len())
+                .query_async(&mut conn)
+                .await
+                .map_err(failed("redis: peek"))?;
+            out.extend(keyed);
+        }
         Ok(out.into_iter().map(|raw| envelope::decode(&raw).message).collect())
     }
 
@@ -414,6 +458,12 @@ impl Broker for RedisBroker {
     /// Not on a Redis Cluster: a key's slots, its parked lists and its queues' buckets would be in
     /// different slots, which one script cannot touch.
     fn key_slots(&self) -> Option<&dyn celery_core::flow::KeySlots> {
+        (!self.keys.is_cluster()).then_some(self)
+    }
+
+    /// Not on a Redis Cluster: a key's line and its queue's ring are built by the scripts, which
+    /// on a cluster may touch only the keys they are passed.
+    fn fair_queues(&self) -> Option<&dyn FairQueues> {
         (!self.keys.is_cluster()).then_some(self)
     }
 }
@@ -640,3 +690,10 @@ impl RedisBroker {
 }
 
 celery_core::register_broker!("redis", "rediss", "sentinel", "redis+cluster" => RedisBroker::connect);
+
+/// The weights travel with each fetch (`scripts::fetch`), so each consumer serves by its own.
+impl FairQueues for RedisBroker {
+    fn set_fairness_weights(&self, weights: FairnessWeights) {
+        *lock(&self.fairness) = Arc::new(weights);
+    }
+}

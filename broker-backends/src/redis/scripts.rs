@@ -27,60 +27,219 @@ use redis::Script;
 /// dead-letter list (the layout of [`crate::envelope::dead_letter`]'s wrapper: the original as the
 /// body, the reason and queue in the headers), and the reply carries only its size.
 /// Each leased tag is also added to the consumer's `held` set, and the holder to `workers`.
+///
+/// Fair queues (one server only, `fair` = `1`): a queue whose ring ([`FAIR_FN`]) exists is
+/// served key by key: the ring's front key gives up to its weight (`ARGV` pairs, 1 when not
+/// named) from its lines in priority order (the key `""`: the queue's own buckets), then moves
+/// to the back; a key with nothing left leaves the ring, and the ring is deleted once only `""`
+/// is left, so the queue is served as before. The credit left to the front key is kept in
+/// `<base>.credit` between fetches.
 /// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
-/// ARGV: now, n, tag prefix, first sequence, max, holder, routing keys...
+/// ARGV: now, n, tag prefix, first sequence, max, holder, fair (`1`/`0`), key prefix, weights
+/// count W, W (key, weight) pairs, routing keys...
 /// Returns triples: (list index, envelope, tag), or (list index, size, task id or "") for a
 /// dead-lettered one: the id is the `correlation_id` found in the envelope's last 64 KiB (where
 /// Kombu's envelopes keep their properties, after the body), so its caller can be told.
 pub(crate) fn fetch() -> Script {
-    Script::new(
-        r#"
-local out = {}
+    Script::new(&format!(
+        r#"{FAIR_FN}
+local out = {{}}
 local n = tonumber(ARGV[2])
 local seq = tonumber(ARGV[4])
 local max = tonumber(ARGV[5])
 local lists = (#KEYS - 4) / 2
+local nq = lists / 4
+local fair = ARGV[7] == '1'
+local prefix = ARGV[8]
+local nw = tonumber(ARGV[9])
+local weights = {{}}
+for j = 0, nw - 1 do weights[ARGV[10 + 2 * j]] = tonumber(ARGV[11 + 2 * j]) end
+local rk0 = 5 + 2 * nw
 local took = false
-for i = 5, 4 + lists do
-  if n <= 0 then break end
-  local items = redis.call('RPOP', KEYS[i], n)
-  if items then
-    local q = ARGV[i + 2]
-    local rk = cjson.encode(q)
-    for _, env in ipairs(items) do
-      local size = string.len(env)
-      if size > max then
-        local reason = 'message of ' .. size .. ' bytes exceeds the limit of ' .. max .. ' bytes'
-        local dead = '{"body":' .. cjson.encode(env) .. ',"content-encoding":"utf-8",'
-          .. '"content-type":"application/octet-stream","headers":{"x-dead-letter-reason":'
-          .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '},"properties":'
-          .. '{"body_encoding":"utf-8","delivery_info":{"exchange":"","routing_key":' .. rk .. '}}}'
-        redis.call('LPUSH', KEYS[i + lists], dead)
-        local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
-        out[#out + 1] = i - 5
-        out[#out + 1] = size
-        out[#out + 1] = id or ''
-      else
-        local tag = ARGV[3] .. seq
-        seq = seq + 1
-        redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
-        redis.call('ZADD', KEYS[2], ARGV[1], tag)
-        redis.call('SADD', KEYS[3], tag)
-        took = true
-        out[#out + 1] = i - 5
-        out[#out + 1] = env
-        out[#out + 1] = tag
-        n = n - 1
+local function hand_out(i, items)
+  local rk = cjson.encode(ARGV[rk0 + i])
+  for _, env in ipairs(items) do
+    local size = string.len(env)
+    if size > max then
+      local reason = 'message of ' .. size .. ' bytes exceeds the limit of ' .. max .. ' bytes'
+      local dead = '{{"body":' .. cjson.encode(env) .. ',"content-encoding":"utf-8",'
+        .. '"content-type":"application/octet-stream","headers":{{"x-dead-letter-reason":'
+        .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '}},"properties":'
+        .. '{{"body_encoding":"utf-8","delivery_info":{{"exchange":"","routing_key":' .. rk .. '}}}}}}'
+      redis.call('LPUSH', KEYS[i + lists], dead)
+      local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
+      out[#out + 1] = i - 5
+      out[#out + 1] = size
+      out[#out + 1] = id or ''
+    else
+      local tag = ARGV[3] .. seq
+      seq = seq + 1
+      redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
+      redis.call('ZADD', KEYS[2], ARGV[1], tag)
+      redis.call('SADD', KEYS[3], tag)
+      took = true
+      out[#out + 1] = i - 5
+      out[#out + 1] = env
+      out[#out + 1] = tag
+      n = n - 1
+    end
+  end
+end
+local function fair_take(qi, queue)
+  local ring, set, credit_key = fair_keys(prefix, queue)
+  local guard = 2 * n + 8
+  while n > 0 and guard > 0 do
+    guard = guard - 1
+    local key = redis.call('LINDEX', ring, 0)
+    if not key then return false end
+    if key == '' and redis.call('LLEN', ring) == 1 then
+      redis.call('DEL', ring, set, credit_key)
+      return false
+    end
+    local credit = tonumber(redis.call('GET', credit_key) or '0') or 0
+    if credit <= 0 then credit = weights[key] or 1 end
+    local want = math.min(n, credit)
+    local got = 0
+    for s = 0, 3 do
+      if got >= want then break end
+      local i = 5 + s * nq + qi
+      local list = KEYS[i]
+      if key ~= '' then list = fair_line(prefix, queue, key, s * 3) end
+      local items = redis.call('RPOP', list, want - got)
+      if items then
+        got = got + #items
+        hand_out(i, items)
       end
     end
+    if got == 0 then
+      redis.call('LPOP', ring)
+      if key == '' then redis.call('RPUSH', ring, '') else redis.call('SREM', set, key) end
+      redis.call('DEL', credit_key)
+    elseif credit - got <= 0 then
+      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
+      redis.call('DEL', credit_key)
+    else
+      redis.call('SET', credit_key, credit - got)
+    end
+  end
+  return true
+end
+local keyed = {{}}
+if fair then
+  for qi = 0, nq - 1 do
+    if n <= 0 then break end
+    local queue = ARGV[rk0 + 5 + qi]
+    local ring = fair_keys(prefix, queue)
+    if redis.call('EXISTS', ring) == 1 then keyed[qi] = fair_take(qi, queue) end
+  end
+end
+for i = 5, 4 + lists do
+  if n <= 0 then break end
+  if not keyed[(i - 5) % nq] then
+    local items = redis.call('RPOP', KEYS[i], n)
+    if items then hand_out(i, items) end
   end
 end
 if took then redis.call('SADD', KEYS[4], ARGV[6]) end
 return out
-"#,
-    )
+"#
+    ))
 }
 
+/// Fair queues on one server (`Signature::fairness_key`), the names every script builds alike:
+/// - `fair_keys(prefix, queue)`: the ring `<prefix>_celery_rs.fair.<queue>.ring` (a list of the
+///   keys with waiting messages, in turn; `""` stands for the queue's own buckets and is in it
+///   while any other key is), the set `.keys` (the same keys, for membership) and `.credit`
+///   (what the front key may still take in its turn);
+/// - `fair_line(prefix, queue, key, step)`: the line of `key` at priority `step`,
+///   `<prefix>_celery_rs.fair.<queue>\x06\x16<key>` (`\x06\x16<step>` appended for 3, 6, 9);
+/// - `fair_of(env)`: the envelope's `x-fairness-key` header, or nil;
+/// - `fair_join(prefix, queue, key)`: adds `key` (and `""`) to the ring when absent; past
+///   [`celery_core::flow::MAX_FAIRNESS_KEYS`] keys a new key shares the line `\x01other`.
+///   Returns the key whose line to push to.
+pub(crate) const FAIR_FN: &str = r#"
+local function fair_keys(prefix, queue)
+  local base = prefix .. '_celery_rs.fair.' .. queue
+  return base .. '.ring', base .. '.keys', base .. '.credit'
+end
+local function fair_line(prefix, queue, key, step)
+  local line = prefix .. '_celery_rs.fair.' .. queue .. '\6\22' .. key
+  if step ~= 0 then line = line .. '\6\22' .. step end
+  return line
+end
+local function fair_of(env)
+  if type(env) == 'table' and type(env.headers) == 'table' then
+    local k = env.headers['x-fairness-key']
+    if type(k) == 'string' and k ~= '' then return k end
+  end
+  return nil
+end
+local function fair_join(prefix, queue, key)
+  local ring, set = fair_keys(prefix, queue)
+  if redis.call('SISMEMBER', set, key) == 0 then
+    if redis.call('SCARD', set) > 100000 then key = '\1other' end
+    if redis.call('SADD', set, key) == 1 then redis.call('RPUSH', ring, key) end
+  end
+  if redis.call('SADD', set, '') == 1 then redis.call('RPUSH', ring, '') end
+  return key
+end
+"#;
+
+/// Publishes an envelope with a fairness key to its key's line and puts the key in the ring
+/// ([`FAIR_FN`]), sent as `EVAL` inside a publish pipeline. ARGV: key prefix, queue, envelope,
+/// fairness key, priority step.
+pub(crate) fn publish_fair() -> &'static str {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        format!(
+            r#"{FAIR_FN}
+local key = fair_join(ARGV[1], ARGV[2], ARGV[4])
+redis.call('LPUSH', fair_line(ARGV[1], ARGV[2], key, tonumber(ARGV[5])), ARGV[3])
+return 1
+"#
+        )
+    })
+}
+
+/// Counts (`op` = `len`), deletes (`purge`: returns the count) or reads (`peek`: up to `max`,
+/// oldest first, key after key in turn) what waits in a queue's keyed lines ([`FAIR_FN`]; its
+/// own buckets are not included), sent as `EVAL` (inside pipelines). ARGV: key prefix, queue,
+/// op, max.
+pub(crate) fn fair_lines() -> &'static str {
+    static SOURCE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SOURCE.get_or_init(|| {
+        format!(
+            r#"{FAIR_FN}
+local prefix, queue, op, max = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ring, set, credit = fair_keys(prefix, queue)
+local keys = redis.call('LRANGE', ring, 0, -1)
+local total, out = 0, {{}}
+for _, key in ipairs(keys) do
+  if key ~= '' then
+    for s = 0, 9, 3 do
+      local line = fair_line(prefix, queue, key, s)
+      if op == 'peek' then
+        if #out < max then
+          local items = redis.call('LRANGE', line, -(max - #out), -1)
+          for j = #items, 1, -1 do out[#out + 1] = items[j] end
+        end
+      else
+        total = total + redis.call('LLEN', line)
+        if op == 'purge' then redis.call('DEL', line) end
+      end
+    end
+  end
+end
+if op == 'peek' then return out end
+if op == 'purge' then redis.call('DEL', ring, set, credit) end
+return total
+"#
+        )
+    })
+}
+
+/// `bucket_key(prefix, queue, env)`: where `env` goes back to: its priority bucket, or with a
+/// fairness key its key's line (the key joining the ring: [`FAIR_FN`]).
 const BUCKET_FN: &str = r#"
 local function bucket_key(prefix, queue, env)
   local p = 0
@@ -89,6 +248,8 @@ local function bucket_key(prefix, queue, env)
   end
   local b = 0
   if p >= 9 then b = 9 elseif p >= 6 then b = 6 elseif p >= 3 then b = 3 end
+  local k = fair_of(env)
+  if k then return fair_line(prefix, queue, fair_join(prefix, queue, k), b) end
   if b == 0 then return prefix .. queue end
   return prefix .. queue .. '\6\22' .. b
 end
@@ -155,7 +316,7 @@ end
 /// KEYS: unacked, unacked_index; ARGV: cutoff, limit, key prefix.
 pub(crate) fn restore() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
+        r#"{FAIR_FN}{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local tags = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
 local restored = 0
 for _, tag in ipairs(tags) do
@@ -175,7 +336,7 @@ return restored
 /// cursor, holders per step, max tags per holder. Returns (next cursor, restored, holders removed).
 pub(crate) fn recover() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
+        r#"{FAIR_FN}{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local r = redis.call('SSCAN', KEYS[3], ARGV[4], 'COUNT', tonumber(ARGV[5]))
 local restored, gone = 0, 0
 for _, h in ipairs(r[2]) do
@@ -205,7 +366,7 @@ return {{tonumber(r[1]), restored, gone}}
 /// expected, value, ttl ms, holder, key prefix. Returns the count restored, or -1.
 pub(crate) fn claim() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}{MARK_FN}{RESTORE_FN}
+        r#"{FAIR_FN}{BUCKET_FN}{MARK_FN}{RESTORE_FN}
 local cur = redis.call('GET', KEYS[1]) or ''
 if cur ~= ARGV[1] then return -1 end
 local restored = 0
@@ -244,12 +405,14 @@ return 0
 /// `score`) and the tag leaves `unacked_index` and `held`; when the lease is gone (restored to
 /// another worker meanwhile), nothing is written, so no second copy appears.
 /// A list write is followed by a `PUBLISH` to the wake-up channel `wake` when one is given (not
-/// empty), so idle consumers of that queue look at once.
-/// KEYS: unacked, unacked_index, held, target; ARGV: tag, op, value, score, wake. Returns 1 when
-/// settled.
+/// empty), so idle consumers of that queue look at once. `requeue` is `rpush` but, with fair
+/// queues (`fair` = `1`, one server), an envelope with a fairness key goes back to the front of its
+/// key's line instead ([`FAIR_FN`]).
+/// KEYS: unacked, unacked_index, held, target; ARGV: tag, op, value, score, wake, key prefix,
+/// queue, fair. Returns 1 when settled.
 pub(crate) fn settle() -> Script {
-    Script::new(
-        r#"
+    Script::new(&format!(
+        r#"{FAIR_FN}{BUCKET_FN}
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -258,13 +421,20 @@ if ARGV[2] == 'zadd' then
   return 1
 elseif ARGV[2] == 'lpush' then
   redis.call('LPUSH', KEYS[4], ARGV[3])
+elseif ARGV[2] == 'requeue' and ARGV[8] == '1' then
+  local ok, env = pcall(cjson.decode, ARGV[3])
+  if ok and fair_of(env) then
+    redis.call('RPUSH', bucket_key(ARGV[6], ARGV[7], env), ARGV[3])
+  else
+    redis.call('RPUSH', KEYS[4], ARGV[3])
+  end
 else
   redis.call('RPUSH', KEYS[4], ARGV[3])
 end
 if ARGV[5] and ARGV[5] ~= '' then redis.call('PUBLISH', ARGV[5], '') end
 return 1
-"#,
-    )
+"#
+    ))
 }
 
 /// Moves due envelopes from a delayed zset to the back of their queue, by the server's clock.
@@ -272,7 +442,7 @@ return 1
 /// prefix, queue.
 pub(crate) fn promote() -> Script {
     Script::new(&format!(
-        r#"{BUCKET_FN}
+        r#"{FAIR_FN}{BUCKET_FN}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))

@@ -76,6 +76,9 @@ impl RedisSettle {
             .arg(value)
             .arg(score)
             .arg(wake)
+            .arg(self.shared.keys.prefix())
+            .arg(&self.queue)
+            .arg(if self.shared.keys.is_cluster() { "0" } else { "1" })
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(failed("redis: settle a delivery"));
@@ -113,7 +116,7 @@ impl Settle for RedisSettle {
 
     async fn requeue(&self) -> Result<(), BrokerError> {
         let wake = self.shared.keys.wake(&self.queue, self.shard);
-        self.settle_with(&self.list_key, "rpush", &self.env, 0, &wake).await
+        self.settle_with(&self.list_key, "requeue", &self.env, 0, &wake).await
     }
 
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse

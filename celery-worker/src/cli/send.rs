@@ -41,6 +41,10 @@ pub struct SendArgs {
     /// At most the task's `key_concurrency` tasks of KEY run at once across every worker.
     #[arg(long, value_name = "KEY")]
     pub concurrency_key: Option<String>,
+    /// Queue the task in KEY's line of its queue: the broker serves the keys in turn (fair queues;
+    /// the built-in broker and Redis).
+    #[arg(long, value_name = "KEY")]
+    pub fairness_key: Option<String>,
     /// Then run this task with the previous result as its first argument (a chain), given as a
     /// Celery signature document such as '{"task": "add", "args": [10]}' (in `--queue` unless
     /// its options name one); repeatable, at most 64. The id printed and waited for is the last
@@ -120,6 +124,10 @@ fn signature(a: &SendArgs) -> anyhow::Result<Signature> {
     if let Some(k) = &a.concurrency_key {
         celery_core::flow::validate_key(k).context("--concurrency-key")?;
         sig = sig.concurrency_key(k.clone());
+    }
+    if let Some(k) = &a.fairness_key {
+        celery_core::flow::validate_key(k).context("--fairness-key")?;
+        sig = sig.fairness_key(k.clone());
     }
     Ok(sig)
 }

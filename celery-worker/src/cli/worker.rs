@@ -67,6 +67,10 @@ pub struct WorkerArgs {
     /// worker the same ones).
     #[arg(long = "key-limit", value_name = "PATTERN=N")]
     pub key_limits: Vec<celery_core::flow::KeyLimit>,
+    /// Serve fairness key KEY up to W times in a row when its turn comes in a fair queue (every
+    /// other key: 1; repeatable, at most 1,000; give every worker the same ones).
+    #[arg(long = "fairness-weight", value_name = "KEY=W")]
+    pub fairness_weights: Vec<celery_core::flow::FairnessWeight>,
     /// Also run beat in this process (one leader among all beats, so every worker may pass it).
     #[arg(long, short = 'B')]
     pub beat: bool,
@@ -123,6 +127,7 @@ impl WorkerArgs {
             autoscale: self.autoscale,
             key_lease: celery_core::clock::secs_f64(self.key_lease),
             key_limits: self.key_limits.clone(),
+            fairness_weights: celery_core::flow::FairnessWeights::new(self.fairness_weights.clone())?,
             ..defaults
         })
     }

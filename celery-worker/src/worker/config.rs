@@ -48,6 +48,9 @@ pub struct WorkerConfig {
     /// Per-key-pattern concurrency limits (`worker --key-limit 'tenant-*=3'`), the first match
     /// winning over the task's own `key_concurrency`; give every worker the same ones.
     pub key_limits: Vec<celery_core::flow::KeyLimit>,
+    /// The weights of fairness keys in fair queues (`worker --fairness-weight tenant-a=3`; every
+    /// key not named: 1); give every worker the same ones.
+    pub fairness_weights: celery_core::flow::FairnessWeights,
 }
 
 impl Default for WorkerConfig {
@@ -65,6 +68,7 @@ impl Default for WorkerConfig {
             autoscale_keepalive: Duration::from_secs(30),
             key_lease: Duration::from_secs(30),
             key_limits: Vec::new(),
+            fairness_weights: Default::default(),
         }
     }
 }

@@ -39,6 +39,15 @@ pub(super) async fn run_until(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     app.broker().set_worker_name(&cfg.hostname);
+    match app.broker().fair_queues() {
+        Some(fair) => fair.set_fairness_weights(cfg.fairness_weights.clone()),
+        None if !cfg.fairness_weights.is_empty() => tracing::warn!(
+            broker = app.broker().kind(),
+            "this broker has no fair queues: --fairness-weight is ignored (a task sent with a fairness key is refused \
+             at send; use the built-in log broker or Redis)"
+        ),
+        None => {}
+    }
     let cap = max_encoded_size(app.config().max_message_size);
     let intake = Intake::new(app.clone(), cfg.prefetch(), cap, stats.clone());
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -194,6 +194,10 @@ impl<'a> Dec<'a> {
     pub(crate) fn str(&mut self) -> io::Result<String> {
         String::from_utf8(self.bytes()?.to_vec()).map_err(|_| bad("utf-8"))
     }
+    /// True when every byte of the body was read (optional trailing fields are absent).
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos >= self.b.len()
+    }
     pub(crate) fn opt_bytes(&mut self) -> io::Result<Option<Vec<u8>>> {
         Ok(match self.u8()? {
             0 => None,

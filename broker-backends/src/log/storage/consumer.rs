@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use celery_core::broker::Settle;
+use celery_core::flow::FairnessWeights;
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
@@ -57,6 +58,8 @@ pub(crate) struct LogConsumer {
     stopped: bool,
     renew: tokio::task::JoinHandle<()>,
     turn: usize,
+    /// The weights of fairness keys when they take turns.
+    weights: Arc<FairnessWeights>,
 }
 
 impl LogConsumer {
@@ -79,7 +82,14 @@ impl LogConsumer {
             stopped: false,
             renew,
             turn: 0,
+            weights: Arc::default(),
         })
+    }
+
+    /// Takes with these weights of fairness keys (every key: 1 without).
+    pub(crate) fn with_fairness(mut self, weights: Arc<FairnessWeights>) -> LogConsumer {
+        self.weights = weights;
+        self
     }
 
     /// Looks up the consumed queues that did not exist, when the store has created a queue since.
@@ -114,7 +124,7 @@ impl LogConsumer {
             let n = t.partitions.len();
             for i in 0..n {
                 let p = &t.partitions[(self.turn + i) % n];
-                match p.take(deadline, self.id) {
+                match p.take(deadline, self.id, &self.weights) {
                     Ok(Some(taken)) => return Some((t.clone(), p.clone(), taken)),
                     Ok(None) => {}
                     Err(e) => tracing::debug!(error = %e, queue = %t.name, "log: partition skipped"),

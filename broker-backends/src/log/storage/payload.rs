@@ -193,6 +193,68 @@ impl<'a> In<'a> {
     }
 }
 
+/// The fairness key of a task record's payload (`Signature::fairness_key`), read without decoding
+/// the message: the fixed fields are skipped and the extra headers' JSON parsed only when it
+/// names the header. `None` for a record without one, a JSON envelope (records written before
+/// fair queues) or a payload that does not decode (the worker reports it when it takes it).
+pub(crate) fn fairness_key(payload: &[u8]) -> Option<String> {
+    if payload.first() != Some(&COMPACT) {
+        return None;
+    }
+    let mut r = In { rest: &payload[1..], present: 0 };
+    r.present = u32::from_le_bytes(r.array().ok()?);
+    if !r.has(bit::EXTRA) {
+        return None;
+    }
+    let skip_str = |r: &mut In<'_>| -> Option<()> {
+        let len = u32::from_le_bytes(r.array().ok()?) as usize;
+        r.take(len).ok().map(|_| ())
+    };
+    for _ in 0..3 {
+        skip_str(&mut r)?; // lang, task, id
+    }
+    r.take(5).ok()?; // retries, ignore_result
+    let fixed = [
+        (bit::SHADOW, 0),
+        (bit::ETA, 8),
+        (bit::EXPIRES, 8),
+        (bit::GROUP, 0),
+        (bit::GROUP_INDEX, 8),
+        (bit::TIME_LIMIT, 8),
+        (bit::SOFT_TIME_LIMIT, 8),
+        (bit::ROOT_ID, 0),
+        (bit::PARENT_ID, 0),
+        (bit::ARGSREPR, 0),
+        (bit::KWARGSREPR, 0),
+        (bit::ORIGIN, 0),
+    ];
+    for (b, size) in fixed {
+        match (r.has(b), size) {
+            (false, _) => {}
+            (true, 0) => skip_str(&mut r)?,
+            (true, n) => r.take(n).map(|_| ()).ok()?,
+        }
+    }
+    let len = u32::from_le_bytes(r.array().ok()?) as usize;
+    let extra = r.take(len).ok()?;
+    let name = celery_core::flow::FAIRNESS_KEY.as_bytes();
+    let at = extra.windows(name.len()).position(|w| w == name)?;
+    // The common form, `"x-fairness-key":"<key without escapes>"`, read as it is.
+    if let Some(rest) = extra[at + name.len()..].strip_prefix(b"\":\"") {
+        if let Some(end) = rest.iter().position(|b| *b == b'"' || *b == b'\\') {
+            if rest[end] == b'"' && at > 0 && extra[at - 1] == b'"' {
+                return std::str::from_utf8(&rest[..end]).ok().filter(|k| !k.is_empty()).map(str::to_owned);
+            }
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Extra {
+        #[serde(rename = "x-fairness-key")]
+        key: Option<String>,
+    }
+    serde_json::from_slice::<Extra>(extra).ok()?.key
+}
+
 fn decode_compact(rest: &[u8]) -> Result<Message, ProtocolError> {
     let mut r = In { rest, present: 0 };
     r.present = u32::from_le_bytes(r.array()?);
@@ -245,6 +307,38 @@ mod tests {
 
     fn message() -> Message {
         Message::from_signature(&Signature::by_name("add").args(json!([1, 2])).priority(7)).unwrap()
+    }
+
+    #[test]
+    fn the_fairness_key_is_read_past_every_optional_field() {
+        let sig = Signature::by_name("add")
+            .args(json!([1, 2]))
+            .priority(7)
+            .countdown(std::time::Duration::from_secs(60))
+            .expires_in(std::time::Duration::from_secs(3600));
+        let mut msg = Message::from_signature(&sig.clone().fairness_key("tenant-é")).unwrap();
+        msg.headers.shadow = Some("s".into());
+        msg.headers.group = Some("g".into());
+        msg.headers.group_index = Some(3);
+        msg.headers.time_limit = Some(1.5);
+        msg.headers.soft_time_limit = Some(1.0);
+        msg.headers.root_id = Some("r".into());
+        msg.headers.parent_id = Some("p".into());
+        msg.headers.origin = Some("o".into());
+        assert_eq!(fairness_key(&encode(&msg)).as_deref(), Some("tenant-é"));
+        let plain = Message::from_signature(&sig.concurrency_key("x-fairness-key")).unwrap();
+        assert_eq!(fairness_key(&encode(&plain)), None, "the name as a value is not the header");
+        assert_eq!(fairness_key(&encode(&message())), None);
+        let quoted = Message::from_signature(&Signature::by_name("add").fairness_key("te\"n\\t")).unwrap();
+        assert_eq!(fairness_key(&encode(&quoted)).as_deref(), Some("te\"n\\t"), "escapes: parsed as JSON");
+        let suffix =
+            Message::from_signature(&Signature::by_name("add").header("my-x-fairness-key", json!("v"))).unwrap();
+        assert_eq!(fairness_key(&encode(&suffix)), None, "another header whose name ends like it");
+        assert_eq!(fairness_key(b"{\"body\": \"\"}"), None);
+        let bytes = encode(&msg);
+        for cut in 0..bytes.len() {
+            let _ = fairness_key(&bytes[..cut]); // never panics on a truncated record
+        }
     }
 
     #[test]

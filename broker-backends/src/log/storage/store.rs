@@ -579,7 +579,7 @@ mod tests {
         let mut out = Vec::new();
         let Some(t) = store.find_topic(queue).unwrap() else { return out };
         for p in &t.partitions {
-            while let Some(taken) = p.take(Instant::now() + Duration::from_secs(30), 1).unwrap() {
+            while let Some(taken) = p.take(Instant::now() + Duration::from_secs(30), 1, &Default::default()).unwrap() {
                 out.push(String::from_utf8_lossy(&taken.record.payload).into_owned());
                 p.ack(&[taken.record.offset]).unwrap();
             }
@@ -799,7 +799,8 @@ mod tests {
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         store.append("q", vec![rec("x"), rec("y")]).await.unwrap();
         let t = store.find_topic("q").unwrap().unwrap();
-        let taken = t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1).unwrap().unwrap();
+        let taken =
+            t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1, &Default::default()).unwrap().unwrap();
         t.partitions[0].ack(&[taken.record.offset]).unwrap();
         // Everything written and synced.
         store.sync().await.unwrap();
@@ -808,7 +809,8 @@ mod tests {
         store.sync().await.unwrap();
         faults::clear(&dir);
         // One more ack: the checkpoint's own fsync fails.
-        let second = t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1).unwrap().unwrap();
+        let second =
+            t.partitions[0].take(Instant::now() + Duration::from_secs(30), 1, &Default::default()).unwrap().unwrap();
         t.partitions[0].ack(&[second.record.offset]).unwrap();
         faults::inject(&dir.join("topics/q/0/checkpoint.tmp"), Op::Sync, Fault::Eio, 1);
         assert!(store.sync().await.is_err(), "a checkpoint whose fsync failed is not reported done");

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use celery_core::backoff::Reconnect;
 use celery_core::broker::{Broadcast, ChannelSubscription, Settle};
+use celery_core::flow::FairnessWeights;
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, Consumer, Delivery};
 use chrono::{DateTime, Utc};
@@ -17,10 +18,20 @@ use crate::log::net::wire::{kind, settle, Enc};
 use crate::log::storage::payload;
 
 /// Subscribes a consumer of `queues`; pushed deliveries arrive on the returned channel.
-async fn subscribe(client: &RemoteStore, queues: &[String], prefetch: usize) -> Result<Subscribed, BrokerError> {
+/// The fairness weights follow the queues only when some are set (older servers then refuse them).
+async fn subscribe(
+    client: &RemoteStore,
+    queues: &[String],
+    prefetch: usize,
+    weights: &FairnessWeights,
+) -> Result<Subscribed, BrokerError> {
     client
         .push_request(kind::CONSUME, |e| {
-            queues.iter().fold(e.u32(prefetch as u32).u32(queues.len() as u32), |e, q| e.str(q))
+            let e = queues.iter().fold(e.u32(prefetch as u32).u32(queues.len() as u32), |e, q| e.str(q));
+            if weights.is_empty() {
+                return e;
+            }
+            weights.iter().fold(e.u32(weights.iter().count() as u32), |e, (k, w)| e.str(&format!("{k}={w}")))
         })
         .await
 }
@@ -74,6 +85,7 @@ pub(crate) struct RemoteConsumer {
     client: Arc<RemoteStore>,
     queues: Vec<String>,
     prefetch: usize,
+    weights: Arc<FairnessWeights>,
     sub: Option<Subscribed>,
     /// A resubscription in flight, kept across calls so that a `next()` dropped half-way (a
     /// timeout, a `select!`) never leaves a server-side consumer nobody reads.
@@ -86,12 +98,14 @@ impl RemoteConsumer {
         client: Arc<RemoteStore>,
         queues: &[String],
         prefetch: usize,
+        weights: Arc<FairnessWeights>,
     ) -> Result<RemoteConsumer, BrokerError> {
-        let sub = subscribe(&client, queues, prefetch).await?;
+        let sub = subscribe(&client, queues, prefetch, &weights).await?;
         Ok(RemoteConsumer {
             client,
             queues: queues.to_vec(),
             prefetch,
+            weights,
             sub: Some(sub),
             resubscribing: None,
             stopped: false,
@@ -127,9 +141,10 @@ impl Consumer for RemoteConsumer {
                 return None;
             }
             let (client, queues, prefetch) = (self.client.clone(), self.queues.clone(), self.prefetch);
-            let pending = self
-                .resubscribing
-                .get_or_insert_with(|| tokio::spawn(async move { subscribe(&client, &queues, prefetch).await }));
+            let weights = self.weights.clone();
+            let pending = self.resubscribing.get_or_insert_with(|| {
+                tokio::spawn(async move { subscribe(&client, &queues, prefetch, &weights).await })
+            });
             let result = pending.await.unwrap_or_else(|e| Err(BrokerError::connection_with("resubscribing", e)));
             self.resubscribing = None;
             match result {

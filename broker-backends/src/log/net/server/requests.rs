@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use celery_core::broker::Settle;
+use celery_core::flow::{FairnessWeight, FairnessWeights, MAX_FAIRNESS_WEIGHTS};
 use celery_core::sync::lock;
 
 use super::limits::MAX_RESULT_WAIT;
@@ -110,7 +111,21 @@ pub(super) async fn handle(
             let prefetch = d.u32().map_err(e)? as usize;
             let n = d.u32().map_err(e)? as usize;
             let queues = (0..n.min(1024)).map(|_| d.str()).collect::<Result<Vec<_>, _>>().map_err(e)?;
-            let mut consumer = LogConsumer::new(store.clone(), &queues, prefetch).map_err(|e| e.to_string())?;
+            let weights = if d.at_end() {
+                FairnessWeights::default()
+            } else {
+                let n = d.u32().map_err(e)? as usize;
+                if n > MAX_FAIRNESS_WEIGHTS {
+                    return Err(format!("{n} fairness weights in one CONSUME (at most {MAX_FAIRNESS_WEIGHTS})"));
+                }
+                let list = (0..n)
+                    .map(|_| d.str().map_err(e)?.parse::<FairnessWeight>().map_err(|e| e.to_string()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                FairnessWeights::new(list).map_err(|e| e.to_string())?
+            };
+            let mut consumer = LogConsumer::new(store.clone(), &queues, prefetch)
+                .map_err(|e| e.to_string())?
+                .with_fairness(Arc::new(weights));
             let (conn2, tx2) = (conn.clone(), replies.clone());
             let task = tokio::spawn(async move {
                 while let Some(s) = consumer.next_raw().await {

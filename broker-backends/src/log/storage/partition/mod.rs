@@ -7,6 +7,7 @@
 //! - [`leases`]: the records handed out and not settled, with their owners and deadlines;
 //! - this file: the queue state on top (cursor, ready and delayed records) and its operations.
 
+mod fair;
 mod finished;
 mod leases;
 mod pool;
@@ -33,11 +34,14 @@ pub(crate) fn writer_threads() -> usize {
 }
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
+use celery_core::flow::FairnessWeights;
+use fair::{Entry, FairIndex};
 use finished::Finished;
 use leases::Leases;
 use writer::AckOp;
 
 use super::error::LogError;
+use super::payload;
 use super::record::{now_ms, Record};
 use super::segment::{ReadAhead, Segment};
 
@@ -85,6 +89,8 @@ struct QueueState {
     finished: Finished,
     ready: VecDeque<(Arc<Record>, u32)>,
     delayed: BinaryHeap<Reverse<(i64, u64, Pos)>>,
+    /// The records read ahead by fairness key, while keys take turns (`fair.rs`).
+    fair: FairIndex,
     leases: Leases,
     /// Set when a corrupt record was found: the partition serves nothing more.
     error: Option<String>,
@@ -124,6 +130,7 @@ impl Partition {
                 finished,
                 ready: VecDeque::new(),
                 delayed: BinaryHeap::new(),
+                fair: FairIndex::default(),
                 leases: Leases::default(),
                 error: None,
                 recovered_end,
@@ -132,17 +139,23 @@ impl Partition {
         })
     }
 
-    /// Takes the next deliverable record and leases it until `deadline`.
-    pub(crate) fn take(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
+    /// Takes the next deliverable record and leases it until `deadline`; while records with a
+    /// fairness key wait, their keys take turns by `weights` (`fair.rs`).
+    pub(crate) fn take(
+        &self,
+        deadline: Instant,
+        owner: u64,
+        weights: &FairnessWeights,
+    ) -> Result<Option<Taken>, LogError> {
         // Nothing published or returned since a take found nothing: skip without the lock.
         // Cleared before looking, so work added meanwhile sets it again (or is seen below).
         if !self.log.maybe_work.swap(false, Ordering::SeqCst) {
             return Ok(None);
         }
-        let taken = self.take_locked(deadline, owner);
+        let taken = self.take_locked(deadline, owner, weights);
         let idle = matches!(taken, Ok(None)) && {
             let st = lock(&self.state);
-            st.ready.is_empty() && st.delayed.is_empty() && st.error.is_none()
+            st.ready.is_empty() && st.delayed.is_empty() && st.fair.is_empty() && st.error.is_none()
         };
         if !idle {
             // Found one (there may be more), a record waits for its time, or an error to report.
@@ -156,7 +169,7 @@ impl Partition {
         self.log.maybe_work.store(true, Ordering::SeqCst);
     }
 
-    fn take_locked(&self, deadline: Instant, owner: u64) -> Result<Option<Taken>, LogError> {
+    fn take_locked(&self, deadline: Instant, owner: u64, weights: &FairnessWeights) -> Result<Option<Taken>, LogError> {
         let mut st = lock(&self.state);
         if let Some(e) = &st.error {
             return Err(LogError::Invalid(e.clone()));
@@ -183,9 +196,64 @@ impl Partition {
                             return Err(e);
                         }
                     };
+                    // Due now: it joins its key's line when keys take turns.
+                    let key = payload::fairness_key(&rec.payload);
+                    if key.is_some() || !st.fair.is_empty() {
+                        let entry = Entry { offset, at, record: Some(Arc::new(rec)) };
+                        st.fair.push(key.as_deref().unwrap_or(""), entry);
+                        continue;
+                    }
                     break Some((Arc::new(rec), st.prior_deliveries(offset)));
                 }
             }
+            if !st.fair.is_empty() {
+                self.fill(&mut st, now)?;
+                // Not empty: its front key has a record (a key leaves the ring with its last one).
+                let Some(entry) = st.fair.peek() else { break None };
+                let (offset, at, kept) = (entry.offset, entry.at, entry.record.clone());
+                if st.finished.is_done(offset) {
+                    st.fair.next(weights);
+                    continue;
+                }
+                // Read before it leaves the index: a read error keeps it for the next take.
+                let rec = match kept {
+                    Some(rec) => rec,
+                    None => Arc::new(self.log.read_at(at)?),
+                };
+                st.fair.next(weights);
+                break Some((rec, st.prior_deliveries(offset)));
+            }
+            match self.advance(&mut st, now)? {
+                None => break None,
+                Some((rec, at)) => match payload::fairness_key(&rec.payload) {
+                    None => {
+                        let prior = st.prior_deliveries(rec.offset);
+                        break Some((Arc::new(rec), prior));
+                    }
+                    Some(key) => {
+                        // Keys take turns from here on: read ahead to see the others.
+                        st.fair.push(&key, Entry { offset: rec.offset, at, record: Some(Arc::new(rec)) });
+                    }
+                },
+            }
+        };
+        let Some((record, prior)) = found else { return Ok(None) };
+        let deliveries = prior + 1;
+        st.leases.grant(record.clone(), deliveries, owner, deadline);
+        // A redelivery's count is persisted (a first delivery's is implied by the record being
+        // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
+        let counted = deliveries > 1;
+        if counted {
+            st.finished.counts.insert(record.offset, deliveries);
+            self.log.settle(AckOp::Count(record.offset, deliveries))?;
+        }
+        Ok(Some(Taken { record, deliveries, counted }))
+    }
+
+    /// Moves the cursor to the next unfinished record that is due (a record not yet due goes to
+    /// `delayed`); `None` at the end of the log.
+    fn advance(&self, st: &mut QueueState, now: i64) -> Result<Option<(Record, Pos)>, LogError> {
+        loop {
             let offset = st.cursor_offset;
             let mut pos = st.cursor;
             match self.log.read(&mut pos, offset, &mut st.ahead) {
@@ -208,12 +276,12 @@ impl Partition {
                         st.delayed.push(Reverse((rec.not_before_ms, offset, at)));
                         continue;
                     }
-                    break Some((Arc::new(rec), st.prior_deliveries(offset)));
+                    return Ok(Some((rec, at)));
                 }
                 Ok(None) => {
                     // At the end: an idle queue keeps no read-ahead window.
                     st.ahead.release();
-                    break None;
+                    return Ok(None);
                 }
                 Err(e @ LogError::Corrupt { .. }) => {
                     tracing::error!(error = %e, "log: partition stopped: damage with nothing valid after it");
@@ -222,18 +290,22 @@ impl Partition {
                 }
                 Err(e) => return Err(e),
             }
-        };
-        let Some((record, prior)) = found else { return Ok(None) };
-        let deliveries = prior + 1;
-        st.leases.grant(record.clone(), deliveries, owner, deadline);
-        // A redelivery's count is persisted (a first delivery's is implied by the record being
-        // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
-        let counted = deliveries > 1;
-        if counted {
-            st.finished.counts.insert(record.offset, deliveries);
-            self.log.settle(AckOp::Count(record.offset, deliveries))?;
         }
-        Ok(Some(Taken { record, deliveries, counted }))
+    }
+
+    /// Reads ahead into the fair index (at most [`fair::FILL_PER_TAKE`] records a take, while
+    /// it is not full), each record under its fairness key (`""`: none).
+    fn fill(&self, st: &mut QueueState, now: i64) -> Result<(), LogError> {
+        for _ in 0..fair::FILL_PER_TAKE {
+            if st.fair.is_full() {
+                break;
+            }
+            let Some((rec, at)) = self.advance(st, now)? else { break };
+            let key = payload::fairness_key(&rec.payload);
+            let offset = rec.offset;
+            st.fair.push(key.as_deref().unwrap_or(""), Entry { offset, at, record: Some(Arc::new(rec)) });
+        }
+        Ok(())
     }
 
     /// Deletes whole closed segments past the retention limits, never one holding a record that is
@@ -283,6 +355,7 @@ impl Partition {
             }
             st.delayed.retain(|Reverse((_, o, _))| *o >= first);
             st.ready.retain(|(rec, _)| rec.offset >= first);
+            st.fair.retain_from(first);
         }
         Ok((deleted, lost))
     }
@@ -373,7 +446,7 @@ impl Partition {
     fn ready_locked(st: &QueueState, end: u64) -> u64 {
         let ahead = end.saturating_sub(st.cursor_offset);
         let done_ahead = st.finished.done_from(st.cursor_offset);
-        ahead.saturating_sub(done_ahead) + st.ready.len() as u64
+        ahead.saturating_sub(done_ahead) + st.ready.len() as u64 + st.fair.len() as u64
     }
 
     /// Delayed records seen so far.
@@ -394,6 +467,7 @@ impl Partition {
         st.finished = finished;
         st.ready.clear();
         st.delayed.clear();
+        st.fair.clear();
         st.cursor_offset = end;
         st.cursor = end_pos;
         self.log.settle(AckOp::Reset(st.finished.clone()))?;
@@ -459,9 +533,9 @@ pub(crate) mod tests {
                 p.log.append(vec![rec(&format!("m{i}"))]).await.unwrap();
             }
             let far = Instant::now() + Duration::from_secs(60);
-            let a = p.take(far, 1).unwrap().unwrap();
-            let b = p.take(far, 1).unwrap().unwrap();
-            let c = p.take(far, 1).unwrap().unwrap();
+            let a = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
+            let b = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
+            let c = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
             assert_eq!((a.record.offset, b.record.offset, c.record.offset), (0, 1, 2));
             p.ack(&[0, 2]).unwrap();
             p.log.flush().await.unwrap();
@@ -474,10 +548,14 @@ pub(crate) mod tests {
         }
         let p = Partition::open(&dir, &cfg(), notify).unwrap();
         let far = Instant::now() + Duration::from_secs(60);
-        let first = p.take(far, 1).unwrap().unwrap();
+        let first = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
         assert_eq!(first.deliveries, 2, "and counted as a redelivery: the last owner may have handed it out");
-        assert_eq!(p.take(far, 1).unwrap().unwrap().record.offset, 3, "0 and 2 were finished");
+        assert_eq!(
+            p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.offset,
+            3,
+            "0 and 2 were finished"
+        );
         assert_eq!(first.record.payload, b"m1");
     }
 
@@ -487,14 +565,14 @@ pub(crate) mod tests {
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
         p.log.append(vec![rec("x")]).await.unwrap();
         let now = Instant::now();
-        assert_eq!(p.take(now, 1).unwrap().unwrap().deliveries, 1);
+        assert_eq!(p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap().deliveries, 1);
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert!(ex.is_empty());
-        let again = p.take(now, 1).unwrap().unwrap();
+        let again = p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(again.deliveries, 2);
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert_eq!(ex.len(), 1, "delivered twice with max_deliveries 2: dead-letter it");
-        assert!(p.take(now, 1).unwrap().is_none());
+        assert!(p.take(now, 1, &FairnessWeights::default()).unwrap().is_none());
     }
 
     #[tokio::test]
@@ -503,12 +581,12 @@ pub(crate) mod tests {
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
         p.log.append(vec![rec("mine"), rec("theirs")]).await.unwrap();
         let now = Instant::now();
-        let mine = p.take(now, 1).unwrap().unwrap();
-        p.take(now, 2).unwrap().unwrap();
+        let mine = p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap();
+        p.take(now, 2, &FairnessWeights::default()).unwrap().unwrap();
         p.renew(1, now + Duration::from_secs(60));
         let (_, returned) = p.expire(now + Duration::from_millis(1), 10);
         assert_eq!(returned, 1, "only the lease consumer 2 did not renew expired");
-        let again = p.take(now + Duration::from_secs(60), 3).unwrap().unwrap();
+        let again = p.take(now + Duration::from_secs(60), 3, &FairnessWeights::default()).unwrap().unwrap();
         assert_ne!(again.record.offset, mine.record.offset);
         assert_eq!(again.deliveries, 2);
     }
@@ -520,8 +598,8 @@ pub(crate) mod tests {
         let later = NewRecord { not_before_ms: now_ms() + 60_000, ..rec("later") };
         p.log.append(vec![later, rec("now")]).await.unwrap();
         let far = Instant::now() + Duration::from_secs(60);
-        assert_eq!(p.take(far, 1).unwrap().unwrap().record.payload, b"now");
-        assert!(p.take(far, 1).unwrap().is_none());
+        assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.payload, b"now");
+        assert!(p.take(far, 1, &FairnessWeights::default()).unwrap().is_none());
         assert_eq!(p.delayed_len(), 1);
     }
 
@@ -535,18 +613,18 @@ pub(crate) mod tests {
         {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
             p.log.append(vec![later("seen"), rec("leased")]).await.unwrap();
-            assert_eq!(p.take(far, 1).unwrap().unwrap().record.payload, b"leased");
+            assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.payload, b"leased");
             assert_eq!(p.delayed_len(), 1, "the cursor passed it");
             p.log.append(vec![later("unseen"), rec("ready")]).await.unwrap();
             assert_eq!(p.purge().unwrap(), 3);
             assert_eq!((p.delayed_len(), p.ready_len()), (0, 0));
-            assert!(p.take(far, 2).unwrap().is_none());
+            assert!(p.take(far, 2, &FairnessWeights::default()).unwrap().is_none());
             p.log.flush().await.unwrap();
         }
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-        let back = p.take(far, 1).unwrap().unwrap();
+        let back = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(back.record.payload, b"leased", "the unsettled lease comes back after a restart");
-        assert!(p.take(far, 1).unwrap().is_none());
+        assert!(p.take(far, 1, &FairnessWeights::default()).unwrap().is_none());
         assert_eq!(p.delayed_len(), 0, "nothing purged comes back");
     }
 
@@ -557,29 +635,90 @@ pub(crate) mod tests {
         {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
             p.log.append(vec![rec("poison"), rec("fine")]).await.unwrap();
-            let t = p.take(far, 1).unwrap().unwrap();
+            let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
             assert_eq!((t.deliveries, t.counted), (1, false), "a first delivery writes nothing");
         }
         // Each owner takes it and dies without settling it (no checkpoint, only acks.log).
         for expected in 2..=4 {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-            let t = p.take(far, 1).unwrap().unwrap();
+            let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
             assert_eq!((t.record.payload.as_slice(), t.deliveries, t.counted), (&b"poison"[..], expected, true));
             p.log.flush().await.unwrap();
         }
         // A checkpoint carries the counts too, and an ack drops them.
         {
             let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-            assert_eq!(p.take(far, 1).unwrap().unwrap().deliveries, 5);
+            assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().deliveries, 5);
             p.checkpoint().await.unwrap();
         }
         let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
-        let t = p.take(far, 1).unwrap().unwrap();
+        let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(t.deliveries, 6);
         p.ack(&[t.record.offset]).unwrap();
         assert!(lock(&p.state).finished.counts.is_empty());
-        let fine = p.take(far, 1).unwrap().unwrap();
+        let fine = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!((fine.record.payload.as_slice(), fine.deliveries), (&b"fine"[..], 2));
+    }
+
+    fn keyed(key: Option<&str>, not_before_ms: i64) -> NewRecord {
+        let mut sig = celery_core::Signature::by_name("t");
+        if let Some(k) = key {
+            sig = sig.fairness_key(k);
+        }
+        let msg = celery_core::protocol::Message::from_signature(&sig).unwrap();
+        NewRecord { payload: payload::encode(&msg), not_before_ms, ..NewRecord::default() }
+    }
+
+    fn key_of(t: &Taken) -> String {
+        payload::fairness_key(&t.record.payload).unwrap_or_default()
+    }
+
+    /// A key queued after another's backlog is served at once, keys take turns by weight, and
+    /// unkeyed records (before, among and after keyed ones) are one more key.
+    #[tokio::test]
+    async fn keys_take_turns_behind_a_backlog() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let w = FairnessWeights::new(vec!["a=3".parse().unwrap()]).unwrap();
+        let mut recs = vec![keyed(None, 0)];
+        recs.extend((0..50).map(|_| keyed(Some("a"), 0)));
+        recs.extend((0..3).map(|_| keyed(Some("b"), 0)));
+        recs.push(keyed(None, 0));
+        recs.push(keyed(Some("b"), now_ms() + 200));
+        p.log.append(recs).await.unwrap();
+        let mut got = Vec::new();
+        for _ in 0..12 {
+            got.push(key_of(&p.take(far, 1, &w).unwrap().unwrap()));
+        }
+        assert_eq!(got, ["", "a", "a", "a", "b", "", "a", "a", "a", "b", "a", "a"]);
+        assert_eq!(p.ready_len(), 55 - 12, "the index counts as ready");
+        // The delayed one of b joins b's line when due.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let mut rest = Vec::new();
+        while let Some(t) = p.take(far, 1, &w).unwrap() {
+            rest.push(key_of(&t));
+        }
+        assert_eq!(rest.len(), 44);
+        assert_eq!(rest.iter().filter(|k| *k == "b").count(), 2);
+        assert_eq!(p.ready_len(), 0);
+    }
+
+    /// Purge empties the index; records returned by a requeue come first as before.
+    #[tokio::test]
+    async fn purge_and_requeue_with_keys() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let w = FairnessWeights::default();
+        p.log.append((0..10).map(|i| keyed(Some(if i < 5 { "a" } else { "b" }), 0)).collect()).await.unwrap();
+        let t = p.take(far, 1, &w).unwrap().unwrap();
+        assert_eq!(key_of(&t), "a");
+        p.requeue(t.record.offset);
+        assert_eq!(p.take(far, 1, &w).unwrap().unwrap().record.offset, t.record.offset);
+        assert_eq!(p.purge().unwrap(), 9);
+        assert!(p.take(far, 1, &w).unwrap().is_none());
+        assert_eq!(p.ready_len(), 0);
     }
 
     pub(crate) fn tempdir() -> std::path::PathBuf {

@@ -1,0 +1,310 @@
+//! Fair queues (`Signature::fairness_key`) on the built-in broker (in this process, and over
+//! `log+tcp://`) and on Redis: the broker contract (keys take turns by weight; a key queued behind
+//! another's backlog is served at once; length, peek, purge and requeue count keyed messages;
+//! Redis restores a lost keyed delivery into its key's line), then real worker processes measured
+//! from outside (the order of the `span` lines in a file): 10 tasks of key B queued behind 5,000
+//! of key A all finish before 10% of A's, and `--fairness-weight A=3` gives A 75% ± 10% of the
+//! first deliveries while both wait. A broker without fair queues refuses a keyed send.
+
+use std::time::Duration;
+
+use celery_core::flow::FairnessWeights;
+use celery_core::{App, Signature};
+use celery_tests::{free_port, redis_available, wait_until, DemoProcess, RedisEnv, Target, TempDir};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(60);
+
+fn weights(list: &[&str]) -> FairnessWeights {
+    FairnessWeights::new(list.iter().map(|w| w.parse().unwrap()).collect()).unwrap()
+}
+
+fn task(queue: &str, i: usize) -> Signature {
+    Signature::by_name("fair_probe").args(json!([i])).queue(queue)
+}
+
+/// The fairness key of each of the next `n` deliveries of `queue` (each acked), with `weights`.
+async fn take_keys(app: &App, queue: &str, n: usize, w: FairnessWeights) -> Vec<String> {
+    app.broker().require_fair_queues("test").unwrap().set_fairness_weights(w);
+    let mut c = app.broker().consume(&[queue.to_owned()], 1).await.unwrap();
+    let mut keys = Vec::new();
+    while keys.len() < n {
+        let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+        let msg = d.take_message().unwrap();
+        keys.push(msg.headers.extra.get("x-fairness-key").and_then(|v| v.as_str()).unwrap_or("").to_owned());
+        d.ack().await.unwrap();
+    }
+    c.close().await;
+    keys
+}
+
+/// Keys A (weight 3) and B both backlogged, A queued first: A gets 3 of every 4 deliveries.
+async fn weights_share_deliveries(t: Target) {
+    let app = t.app().await;
+    let q = format!("fair-w-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..200).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..200).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    let keys = take_keys(&app, &q, 100, weights(&["A=3"])).await;
+    let a = keys.iter().filter(|k| *k == "A").count();
+    assert!((65..=85).contains(&a), "A's share of the first 100 is {a}%: {keys:?}");
+    assert_eq!(&keys[..8], ["A", "A", "A", "B", "A", "A", "A", "B"], "weighted round robin");
+}
+
+/// Ten messages of B (and two unkeyed) queued behind 1,000 of A all come within the first 30.
+async fn a_late_key_is_served_at_once(t: Target) {
+    let app = t.app().await;
+    let q = format!("fair-late-{}", uuid::Uuid::new_v4().simple());
+    for chunk in 0..4 {
+        app.send_batch((0..250).map(|i| task(&q, chunk * 250 + i).fairness_key("A"))).await.unwrap();
+    }
+    app.send_batch((0..10).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    app.send_batch((0..2).map(|i| task(&q, i))).await.unwrap();
+    let keys = take_keys(&app, &q, 30, FairnessWeights::default()).await;
+    assert_eq!(keys.iter().filter(|k| *k == "B").count(), 10, "{keys:?}");
+    assert_eq!(keys.iter().filter(|k| k.is_empty()).count(), 2, "unkeyed messages are one more key: {keys:?}");
+    // One more may be prefetched for the closed consumer, leased until its lease lapses.
+    let left = app.broker().queue_len(&q).await.unwrap();
+    assert!((1012 - 31..=1012 - 30).contains(&left), "{left} left");
+}
+
+/// Length, peek and purge count keyed and unkeyed messages (a requeued keyed delivery too).
+async fn length_peek_purge_and_requeue(t: Target) {
+    let app = t.app().await;
+    let q = format!("fair-ops-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..5).map(|i| task(&q, i).fairness_key("A").priority(if i == 4 { 9 } else { 0 }))).await.unwrap();
+    app.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
+    let b = app.broker();
+    assert_eq!(b.queue_len(&q).await.unwrap(), 8);
+    let peeked = b.peek(&q, 100).await.unwrap();
+    assert_eq!(peeked.len(), 8, "peek sees keyed messages too");
+    let keyed = peeked.iter().filter(|m| m.as_ref().unwrap().headers.extra.contains_key("x-fairness-key")).count();
+    assert_eq!(keyed, 5);
+    let mut c = b.consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
+    c.stop();
+    d.requeue().await.unwrap();
+    c.close().await;
+    assert_eq!(b.queue_len(&q).await.unwrap(), 8, "requeued into its line");
+    assert_eq!(b.peek(&q, 100).await.unwrap().len(), 8);
+    assert_eq!(b.purge(&q).await.unwrap(), 8);
+    assert_eq!(b.queue_len(&q).await.unwrap(), 0);
+    assert!(b.peek(&q, 10).await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_contract() {
+    weights_share_deliveries(Target::log()).await;
+    a_late_key_is_served_at_once(Target::log()).await;
+    length_peek_purge_and_requeue(Target::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_tcp_contract() {
+    weights_share_deliveries(Target::log_tcp().await).await;
+    a_late_key_is_served_at_once(Target::log_tcp().await).await;
+    length_peek_purge_and_requeue(Target::log_tcp().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_contract() {
+    let Some(t) = Target::redis() else { return };
+    weights_share_deliveries(t).await;
+    a_late_key_is_served_at_once(Target::redis().unwrap()).await;
+    length_peek_purge_and_requeue(Target::redis().unwrap()).await;
+}
+
+/// A keyed delivery whose consumer goes away unsettled is restored (visibility timeout 1 s) into
+/// its key's line, and served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
+    let Some(t) = Target::redis() else { return };
+    let app = t.app().await;
+    let q = format!("fair-restore-{}", uuid::Uuid::new_v4().simple());
+    app.send(task(&q, 1).fairness_key("A")).await.unwrap();
+    app.send(task(&q, 2).fairness_key("B")).await.unwrap();
+    let b = app.broker();
+    let mut lost = b.consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(T, lost.next()).await.unwrap().unwrap();
+    // Neither settled nor renewed: the consumer goes away with it.
+    drop(d);
+    drop(lost);
+    // A second app: its consumer's restore loop brings it back after the timeout.
+    let other = t.app().await;
+    let mut keys = take_keys(&other, &q, 2, FairnessWeights::default()).await;
+    keys.sort();
+    assert_eq!(keys, ["A", "B"], "the lost one came back");
+    assert_eq!(b.queue_len(&q).await.unwrap(), 0);
+}
+
+/// Sending a keyed task through a broker without fair queues fails with an error naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_without_fair_queues_refuses_keyed_sends() {
+    let app = celery_worker::connect("memory://", "memory://").await.unwrap();
+    let err = app.send(task("fair-mem", 1).fairness_key("A")).await.unwrap_err().to_string();
+    assert!(err.contains("fair queues") && err.contains("fairness_key"), "{err}");
+    let bad = app.send(task("fair-mem", 1).fairness_key("a\nb")).await.unwrap_err().to_string();
+    assert!(bad.contains("x-fairness-key"), "{bad}");
+    app.send(task("fair-mem", 1)).await.unwrap();
+}
+
+/// Where the worker processes run: a `broker serve` process, or a Redis key prefix.
+enum Setup {
+    Log { _dir: TempDir, _server: DemoProcess, url: String },
+    Redis(RedisEnv),
+}
+
+impl Setup {
+    fn log() -> Setup {
+        let dir = TempDir::new("fair");
+        let listen = format!("127.0.0.1:{}", free_port());
+        let data = dir.0.display().to_string();
+        let server = DemoProcess::start_urls(
+            "unused://",
+            "unused://",
+            &["broker", "serve", "--data", &format!("{data}?fsync=os"), "--listen", &listen],
+        );
+        assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()), "{}", server.log());
+        Setup::Log { _dir: dir, _server: server, url: format!("log+tcp://{listen}") }
+    }
+
+    fn redis() -> Option<Setup> {
+        redis_available("fair_queues").then(|| Setup::Redis(RedisEnv::new(30.0)))
+    }
+
+    fn urls(&self) -> (String, String) {
+        match self {
+            Setup::Log { url, .. } => (url.clone(), url.clone()),
+            Setup::Redis(env) => (env.broker.clone(), env.backend.clone()),
+        }
+    }
+
+    async fn app(&self) -> App {
+        let (b, r) = self.urls();
+        celery_worker::connect(&b, &r).await.expect("connect")
+    }
+
+    fn worker(&self, args: &[&str]) -> DemoProcess {
+        let name = format!("fair{}@{}", uuid::Uuid::new_v4().simple(), std::process::id());
+        let (b, r) = self.urls();
+        let w = DemoProcess::start_urls(&b, &r, &[&["worker", "-n", &name][..], args].concat());
+        assert!(w.wait_log("worker ready", T), "{}", w.log());
+        w
+    }
+}
+
+fn span(path: &std::path::Path, queue: &str, token: &str) -> Signature {
+    Signature::by_name("span").args(json!([path.display().to_string(), token, 0])).queue(queue).ignore_result(true)
+}
+
+/// The tokens of the `end` lines (or `start` lines) in the file, in the order they were written.
+fn lines(path: &std::path::Path, what: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let mut parts = l.split(' ');
+            let token = parts.next()?;
+            (parts.next()? == what).then(|| token.to_owned())
+        })
+        .collect()
+}
+
+/// 5,000 tasks of key A queued first, then 10 of key B: one worker (4 slots, prefetch 1 each)
+/// finishes all of B before it has finished 10% of A's backlog.
+async fn a_small_key_passes_a_large_backlog(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-spans");
+    let path = dir.0.join("spans");
+    let q = format!("fair-p-{}", uuid::Uuid::new_v4().simple());
+    for chunk in 0..5 {
+        app.send_batch((0..1000).map(|i| span(&path, &q, &format!("a{}", chunk * 1000 + i)).fairness_key("A")))
+            .await
+            .unwrap();
+    }
+    app.send_batch((0..10).map(|i| span(&path, &q, &format!("b{i}")).fairness_key("B"))).await.unwrap();
+    let _w = setup.worker(&["-Q", &q, "-c", "4", "--prefetch-multiplier", "1"]);
+    let b_done = || lines(&path, "end").iter().filter(|t| t.starts_with('b')).count() == 10;
+    assert!(wait_until(T, b_done), "B did not finish: {} lines", lines(&path, "end").len());
+    let ends = lines(&path, "end");
+    let last_b = ends.iter().rposition(|t| t.starts_with('b')).unwrap();
+    let a_before = ends[..last_b].iter().filter(|t| t.starts_with('a')).count();
+    println!("fair_queues: all 10 of B finished after {a_before} of A's 5000");
+    assert!(a_before < 500, "{a_before} of A's 5,000 finished before the last of B (at most 10%)");
+}
+
+/// A (weight 3 by `--fairness-weight`) and B, 600 each, A queued first: A has 75% ± 10% of the
+/// first 200 starts.
+async fn worker_weights_share_starts(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-weights");
+    let path = dir.0.join("spans");
+    let q = format!("fair-pw-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..600).map(|i| span(&path, &q, &format!("a{i}")).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..600).map(|i| span(&path, &q, &format!("b{i}")).fairness_key("B"))).await.unwrap();
+    let _w = setup.worker(&["-Q", &q, "-c", "2", "--prefetch-multiplier", "1", "--fairness-weight", "A=3"]);
+    assert!(wait_until(T, || lines(&path, "start").len() >= 200), "{} starts", lines(&path, "start").len());
+    let starts = lines(&path, "start");
+    let a = starts[..200].iter().filter(|t| t.starts_with('a')).count();
+    println!("fair_queues: A (weight 3) had {a} of the first 200 starts");
+    assert!((130..=170).contains(&a), "A had {a} of the first 200 starts (75% ± 10%: 130 to 170)");
+}
+
+/// Keyed tasks that wait elsewhere come back to their key's line and run: six with a concurrency
+/// key too (`span` allows 2 at once: the others are parked, then moved back), and one with a
+/// countdown (Redis: deferred by the worker, then promoted when due).
+async fn keyed_tasks_come_back_from_waiting(setup: Setup) {
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-back");
+    let path = dir.0.join("spans");
+    let q = format!("fair-back-{}", uuid::Uuid::new_v4().simple());
+    let _w = setup.worker(&["-Q", &q, "-c", "4", "--key-lease", "5"]);
+    for i in 0..6 {
+        let sig = span(&path, &q, &format!("c{i}")).args(json!([path.display().to_string(), format!("c{i}"), 50]));
+        app.send(sig.concurrency_key("ck").fairness_key("F")).await.unwrap();
+    }
+    app.send(span(&path, &q, "eta").fairness_key("E").countdown(Duration::from_secs(1))).await.unwrap();
+    let all = || lines(&path, "end").len() == 7;
+    assert!(wait_until(T, all), "ended: {:?}", lines(&path, "end"));
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_keyed_tasks_come_back_from_waiting() {
+    keyed_tasks_come_back_from_waiting(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_keyed_tasks_come_back_from_waiting() {
+    if let Some(s) = Setup::redis() {
+        keyed_tasks_come_back_from_waiting(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_a_small_key_passes_a_large_backlog() {
+    a_small_key_passes_a_large_backlog(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_small_key_passes_a_large_backlog() {
+    if let Some(s) = Setup::redis() {
+        a_small_key_passes_a_large_backlog(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_worker_weights_share_starts() {
+    worker_weights_share_starts(Setup::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_worker_weights_share_starts() {
+    if let Some(s) = Setup::redis() {
+        worker_weights_share_starts(s).await;
+    }
+}
+
+/// The task the contract tests send (never run: they consume with the broker directly).
+#[celery_worker::prelude::task]
+async fn fair_probe(i: u64) -> u64 {
+    i
+}
