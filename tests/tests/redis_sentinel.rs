@@ -72,6 +72,50 @@ async fn too_few_replicas_is_a_retryable_error() {
     let _: () = conn.del(&key).await.expect("DEL");
 }
 
+/// Concurrent writers with `min_replicas=1` share their `WAIT`s (one confirms every earlier write
+/// of the connection): 200 writes at once, every one confirmed, take far fewer `WAIT`s than writes
+/// (counted on the master: `INFO commandstats`; the setup is this test's alone while it runs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_their_waits() {
+    cluster::bound_run_time("redis_sentinel", FILE_BOUND);
+    let Some(sentinel) = block_in_place(Sentinel::up) else { return };
+    let master = sentinel.current_master().expect("the sentinels agree on a master");
+    let waits = || {
+        let mut c = sentinel.node_conn(master).expect("the master answers");
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut c).expect("INFO commandstats");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_wait:calls="))
+            .and_then(|rest| rest.split(',').next())
+            .map_or(0, |n| n.parse::<u64>().expect("a count"))
+    };
+    let url = format!("{}&min_replicas=1&min_replicas_timeout=2000", sentinel.broker_url(0));
+    let conn = RedisConn::open(&url).await.expect("connect through the sentinels");
+    let key = unique("sntl-group");
+    const WRITES: u64 = 200;
+    let before = waits();
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..WRITES)
+        .map(|i| {
+            let (conn, key) = (conn.clone(), key.clone());
+            tokio::spawn(async move {
+                let mut pipe = redis::pipe();
+                pipe.rpush(&key, i).ignore();
+                conn.write(pipe, "test: push").await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("the writer ends").expect("one replica acknowledges");
+    }
+    let elapsed = started.elapsed();
+    let used = waits() - before;
+    let mut c = conn.clone();
+    assert_eq!(c.llen::<_, u64>(&key).await.expect("LLEN"), WRITES, "every write is on the master");
+    let _: () = c.del(&key).await.expect("DEL");
+    eprintln!("redis_sentinel: {WRITES} concurrent confirmed writes took {used} WAITs, {elapsed:.1?}");
+    assert!((1..=WRITES / 4).contains(&used), "{used} WAITs for {WRITES} concurrent writes");
+}
+
 /// Two workers and a producer over the sentinel URL (with or without `min_replicas=1`); the
 /// master is killed with `kill -9` mid-load.
 async fn kill_the_master_under_load(min_replicas: bool) {
@@ -209,4 +253,114 @@ async fn a_demoted_master_is_left_for_the_new_one() {
     let value: Option<String> = redis::cmd("GET").arg(&key).query(&mut on_new).expect("GET");
     assert_eq!(value.as_deref(), Some("after"), "the write went to the new master");
     let _: () = conn.del(&key).await.expect("DEL");
+}
+
+/// An idle handle (no command sent) is on the new master soon after a manual failover: it follows
+/// the sentinels' `+switch-master` announcement instead of waiting for an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_handle_follows_an_announced_failover() {
+    const FOLLOWS_WITHIN: Duration = Duration::from_secs(5);
+    cluster::bound_run_time("redis_sentinel", FILE_BOUND);
+    let Some(sentinel) = block_in_place(Sentinel::up) else { return };
+    let old = sentinel.current_master().expect("the sentinels agree on a master");
+    let conn = RedisConn::open(&sentinel.broker_url(0)).await.expect("connect through the sentinels");
+    assert_eq!(conn.master(), format!("127.0.0.1:{}", sentinel.nodes()[old].port));
+    // The process's subscription is made in the background; a failover before it is followed
+    // only on the next error, so wait until a sentinel has a subscriber (sentinels know no
+    // `PUBSUB`; their own links to each other subscribe to nothing).
+    let subscribed = || {
+        sentinel.sentinels().iter().any(|s| {
+            let Ok(mut c) = redis::Client::open(s.url.as_str()).and_then(|c| c.get_connection()) else { return false };
+            let list: Result<String, _> = redis::cmd("CLIENT").arg("LIST").query(&mut c);
+            list.is_ok_and(|l| l.lines().any(|c| c.split(' ').any(|f| f.starts_with("sub=") && f != "sub=0")))
+        })
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while !block_in_place(subscribed) {
+        assert!(Instant::now() < end, "no sentinel has a +switch-master subscriber");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let mut s = redis::Client::open(sentinel.sentinels()[0].url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a sentinel answers");
+    let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(sentinel.master_name()).query(&mut s).expect("FAILOVER");
+    let new = block_in_place(|| sentinel.wait_new_master(old, Duration::from_secs(60)));
+    let new = new.expect("the sentinels promoted a replica");
+    let named = Instant::now();
+    let new_addr = format!("127.0.0.1:{}", sentinel.nodes()[new].port);
+    while conn.master() != new_addr {
+        assert!(
+            named.elapsed() < FOLLOWS_WITHIN,
+            "the idle handle is still on {} after {FOLLOWS_WITHIN:?}",
+            conn.master()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "redis_sentinel: an idle handle followed the failover {:.2?} after the sentinel named the new master",
+        named.elapsed()
+    );
+    assert_eq!(conn.generation(), 1, "one switch");
+}
+
+/// A worker holds one connection to the sentinels (the `+switch-master` subscription), however
+/// many Redis connections it has; questions to the sentinels open and close their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_holds_one_sentinel_connection() {
+    cluster::bound_run_time("redis_sentinel", FILE_BOUND);
+    let Some(sentinel) = block_in_place(Sentinel::up) else { return };
+    let queue = unique("sntl-conns");
+    let url = format!("{}&global_keyprefix={queue}:", sentinel.broker_url(0));
+    let ports: Vec<u16> = sentinel.sentinels().iter().map(|s| s.port).collect();
+    let worker = DemoProcess::start_urls(&url, &url, &["worker", "-c", "2", "-Q", &queue, "-n", &format!("c@{queue}")]);
+    assert!(worker.wait_log("worker ready", Duration::from_secs(60)), "{}", worker.log());
+    let pid = worker.child.id();
+    // Connections made while starting (questions to the sentinels) close; one stays.
+    let end = Instant::now() + Duration::from_secs(15);
+    let mut held = sentinel_connections(pid, &ports);
+    while held != 1 {
+        assert!(Instant::now() < end, "the worker holds {held} connections to the sentinels: {}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        held = sentinel_connections(pid, &ports);
+    }
+    eprintln!("redis_sentinel: a worker holds {held} connection to the sentinels");
+}
+
+/// Established TCP connections of process `pid` to one of `ports` on loopback (from `/proc`).
+fn sentinel_connections(pid: u32, ports: &[u16]) -> usize {
+    let inodes: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut n = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(remote), Some(state), Some(inode)) = (f.get(2), f.get(3), f.get(9)) else { continue };
+            let port = remote.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            if *state == "01" && port.is_some_and(|p| ports.contains(&p)) && inodes.contains(*inode) {
+                n += 1;
+            }
+        }
+    }
+    n
+}
+
+/// `min_other_sentinels=N` (Kombu's option): each of the 3 sentinels sees the 2 others, so 2 is
+/// met and 3 is not (no sentinel's answer counts: connecting fails, naming why).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_other_sentinels_is_checked_on_discovery() {
+    cluster::bound_run_time("redis_sentinel", FILE_BOUND);
+    let Some(sentinel) = block_in_place(Sentinel::up) else { return };
+    let url = |n: u32| format!("{}&min_other_sentinels={n}", sentinel.broker_url(0));
+    let conn = RedisConn::open(&url(2)).await.expect("every sentinel sees the 2 others");
+    let master = sentinel.current_master().expect("the sentinels agree on a master");
+    assert_eq!(conn.master(), format!("127.0.0.1:{}", sentinel.nodes()[master].port));
+    let e = RedisConn::open(&url(3)).await.expect_err("no sentinel sees 3 others");
+    assert!(e.to_string().contains("2 other sentinels"), "{e}");
 }

@@ -10,13 +10,21 @@
 //! holds one) uses the new master from its next command on. The failed command still returns
 //! its error, so the caller's own retry (with backoff) runs it again, now on the new master.
 //!
-//! Between errors a watch asks a sentinel once a second which node is the master, so a demoted
-//! master that still takes writes (for up to Sentinel's reconfiguration) is left within about a
-//! second.
+//! Between errors the handle follows the sentinels' `+switch-master` announcements (one
+//! subscription per process and sentinel set, [`SentinelUrl::switches`]): on one it asks the
+//! sentinels again and switches at once, so a demoted master that still takes writes (for up to
+//! Sentinel's reconfiguration) is left as soon as the failover is announced, and an idle handle
+//! is on the new master before its next command.
 //!
-//! `min_replicas=N` (`min_replicas_timeout=MS`, default 1000): [`RedisConn::write`] sends
-//! `WAIT N MS` in the same pipeline as the write, so on the same connection; fewer replicas than
-//! N acknowledging is a retryable error (the write may still be on the master alone).
+//! `min_replicas=N` (`min_replicas_timeout=MS`, default 1000): [`RedisConn::write`] returns once
+//! N replicas acknowledged the write (`WAIT N MS` on the connection that wrote it); fewer is a
+//! retryable error (the write may still be on the master alone). On one server (and behind
+//! Sentinel) concurrent writers share their `WAIT`s: a `WAIT` confirms every earlier write of its
+//! connection, and every clone of the handle writes on the same connection, so a writer whose
+//! write was answered before a `WAIT` was sent takes that `WAIT`'s answer (group commit; at most
+//! one `WAIT` in flight per handle). `CLIENT ID` beside the write and beside the `WAIT` proves
+//! both went on the same connection (a reconnect in between is a retryable error). Acks do not
+//! wait: an ack lost with the master makes the task run again, which at-least-once allows.
 //!
 //! On a Redis Cluster (`redis+cluster://`) the handle is redis-rs's
 //! `cluster_async::ClusterConnection` (one multiplexed connection per node): it reads the slot
@@ -27,7 +35,7 @@
 //! commands); [`RedisConn::client`] names a seed node in turn for pub/sub (a classic `PUBLISH`
 //! reaches every node of a cluster, so any node serves a subscriber).
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -41,7 +49,7 @@ use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 use super::cluster::ClusterUrl;
 use super::error::failed;
 use super::manager;
-use super::sentinel::SentinelUrl;
+use super::sentinel::{Followed, SentinelUrl, Switch};
 
 /// Longest `min_replicas_timeout` accepted (ms).
 pub(crate) const MAX_WAIT_MS: u64 = 60_000;
@@ -52,8 +60,12 @@ pub(crate) const MAX_REPLICAS: u32 = 64;
 /// How often, at most, a handle asks the sentinels again after errors.
 const RECHECK_EVERY: Duration = Duration::from_millis(250);
 
-/// How often a handle asks a sentinel which node is the master, between errors.
-const WATCH_EVERY: Duration = Duration::from_secs(1);
+/// After an announcement, how long a handle keeps asking until the sentinels name the announced
+/// node and it answers `ROLE` with `master`.
+const FOLLOW_FOR: Duration = Duration::from_secs(10);
+
+/// How often a handle's follower looks whether the handle is still held (between announcements).
+const HELD_EVERY: Duration = Duration::from_secs(30);
 
 /// On a cluster, how much longer than one reply's timeout a command may take in all: the
 /// reconnects, slot-map refreshes and retries while a replica takes over a dead master's slots
@@ -200,6 +212,27 @@ struct Link {
     response_timeout: Option<Duration>,
     current: RwLock<Current>,
     switching: tokio::sync::Mutex<Instant>,
+    confirms: Confirms,
+    /// Behind Sentinel: the process's `+switch-master` follower, held while the handle lives.
+    _followed: Option<Arc<Followed>>,
+}
+
+/// The `WAIT`s of one handle (on one server or behind Sentinel), shared by concurrent writers.
+#[derive(Default)]
+struct Confirms {
+    /// `WAIT`s sent so far: the epoch of the last one.
+    sent: AtomicU64,
+    /// Held while a `WAIT` runs (writers queue here, and the next `WAIT` serves them all); holds
+    /// the answer of the last one.
+    gate: tokio::sync::Mutex<Option<Confirmed>>,
+}
+
+/// A `WAIT`'s answer: its epoch, the connection it ran on (`CLIENT ID`), the replicas that acked.
+#[derive(Debug, Clone, Copy)]
+struct Confirmed {
+    epoch: u64,
+    client: i64,
+    acked: i64,
 }
 
 /// A connection to the Redis master that follows a Sentinel failover; clones share it (and its
@@ -265,9 +298,16 @@ impl RedisConn {
         }
         let current = RwLock::new(Current { generation: 0, master, client, conn });
         let switching = tokio::sync::Mutex::new(Instant::now());
-        let link = Arc::new(Link { target, replicas, response_timeout, current, switching });
-        if matches!(*link.target, Target::Sentinel { .. }) {
-            tokio::spawn(watch(Arc::downgrade(&link)));
+        let confirms = Confirms::default();
+        let followed = match &*target {
+            Target::Sentinel { sentinels, .. } => Some(sentinels.switches()),
+            _ => None,
+        };
+        let switches = followed.as_ref().map(|f| f.subscribe());
+        let link =
+            Arc::new(Link { target, replicas, response_timeout, current, switching, confirms, _followed: followed });
+        if let Some(rx) = switches {
+            tokio::spawn(follow(Arc::downgrade(&link), rx));
         }
         Ok(RedisConn { link })
     }
@@ -371,17 +411,39 @@ impl RedisConn {
         }
     }
 
-    /// Runs `pipe` (a write); with `min_replicas`, `WAIT N MS` follows it in the same pipeline
-    /// and fewer acknowledging replicas is a retryable error naming how many did.
+    /// Runs `pipe` (a write); with `min_replicas`, returns once that many replicas acknowledged
+    /// it (a `WAIT` shared with concurrent writers, see the module doc); fewer acknowledging
+    /// replicas is a retryable error naming how many did.
     pub async fn write(&self, mut pipe: Pipeline, context: &'static str) -> Result<(), BrokerError> {
         let mut conn = self.clone();
         let Some(r) = self.link.replicas else {
             return pipe.query_async::<()>(&mut conn).await.map_err(failed(context));
         };
         let seen = self.generation();
-        pipe.cmd("WAIT").arg(r.count).arg(r.timeout.as_millis() as u64);
-        let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed(context))?;
-        let acked = replies.last().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok()).unwrap_or(0);
+        let acked = if self.is_cluster() {
+            // A cluster pipeline goes whole to its slot's node: the WAIT counts that node's replicas.
+            pipe.cmd("WAIT").arg(r.count).arg(r.timeout.as_millis() as u64);
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed(context))?;
+            last_int(&replies).unwrap_or(0)
+        } else {
+            pipe.cmd("CLIENT").arg("ID");
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(failed(context))?;
+            // WAITs sent from here on were sent after the write was done.
+            let after = self.link.confirms.sent.load(Ordering::SeqCst);
+            let client = last_int(&replies).ok_or_else(|| {
+                BrokerError::connection(format!(
+                    "{context}: CLIENT ID gave no number; the write may be on the master alone"
+                ))
+            })?;
+            match self.confirm(client, after, r).await.map_err(failed(context))? {
+                Some(acked) => acked,
+                None => {
+                    return Err(BrokerError::connection(format!(
+                        "{context}: the connection to the master changed between the write and its WAIT; the write may be on the master alone"
+                    )))
+                }
+            }
+        };
         if acked < i64::from(r.count) {
             // The replicas may have left this node for a new master.
             self.recheck(seen).await;
@@ -392,26 +454,59 @@ impl RedisConn {
         }
         Ok(())
     }
+
+    /// How many replicas acknowledged the writes of connection `client` up to one answered when
+    /// `after` `WAIT`s had been sent: the answer of a later `WAIT` on the same connection when one
+    /// ran while this writer queued, else of a `WAIT` of its own. `None`: the connection changed.
+    async fn confirm(&self, client: i64, after: u64, r: MinReplicas) -> Result<Option<i64>, RedisError> {
+        let confirms = &self.link.confirms;
+        let mut last = confirms.gate.lock().await;
+        if let Some(c) = *last {
+            if c.epoch > after && c.client == client {
+                return Ok(Some(c.acked));
+            }
+        }
+        *last = None;
+        let epoch = confirms.sent.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut pipe = redis::pipe();
+        pipe.cmd("CLIENT").arg("ID").cmd("WAIT").arg(r.count).arg(r.timeout.as_millis() as u64);
+        let mut conn = self.clone();
+        let (id, acked): (i64, i64) = pipe.query_async(&mut conn).await?;
+        *last = Some(Confirmed { epoch, client: id, acked });
+        Ok((id == client).then_some(acked))
+    }
 }
 
-/// Behind Sentinel, between errors: asks a sentinel every [`WATCH_EVERY`] which node is the
-/// master, and when it names another one, switches ([`RedisConn::recheck`]). A demoted master can
-/// take writes for seconds before Sentinel reconfigures it (writes lost once it resyncs from the
-/// new master); this bounds that window. Ends with the last clone of the handle.
-async fn watch(link: std::sync::Weak<Link>) {
-    let mut held = None;
+/// The last reply of a pipeline as an integer.
+fn last_int(replies: &[Value]) -> Option<i64> {
+    replies.last().and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+}
+
+/// Behind Sentinel, between errors: on each `+switch-master` announcement, asks the sentinels
+/// again ([`RedisConn::recheck`]) until the handle is on the announced node (every 250 ms, for at
+/// most [`FOLLOW_FOR`]: the announcement may come before the node answers `ROLE` with `master`);
+/// an announcement without a node (the subscription was made again) asks once. Ends with the last
+/// clone of the handle.
+async fn follow(link: std::sync::Weak<Link>, mut switches: tokio::sync::watch::Receiver<Switch>) {
+    // Announcements from before this handle connected are not its own.
+    switches.borrow_and_update();
     loop {
-        tokio::time::sleep(WATCH_EVERY).await;
+        let changed = tokio::time::timeout(HELD_EVERY, switches.changed()).await;
         let Some(strong) = link.upgrade() else { return };
-        let Target::Sentinel { sentinels, .. } = &*strong.target else { return };
-        let named = sentinels.named(&mut held).await;
-        let conn = RedisConn { link: strong.clone() };
-        let (seen, master) = {
-            let c = read(&strong.current);
-            (c.generation, c.master.clone())
-        };
-        if named.is_some_and(|n| n != master) {
-            conn.recheck(seen).await;
+        match changed {
+            Err(_) => continue,
+            Ok(Err(_)) => return,
+            Ok(Ok(())) => {}
+        }
+        let (_, new) = switches.borrow_and_update().clone();
+        let conn = RedisConn { link: strong };
+        let until = Instant::now() + FOLLOW_FOR;
+        loop {
+            conn.recheck(conn.generation()).await;
+            if new.is_empty() || conn.master() == new || Instant::now() >= until {
+                break;
+            }
+            tokio::time::sleep(RECHECK_EVERY).await;
         }
     }
 }

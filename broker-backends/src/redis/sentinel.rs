@@ -8,16 +8,35 @@
 //! - `master_name=NAME` (required): the name the sentinels monitor. Python Celery takes it as the
 //!   transport option `master_name` instead (Kombu rejects it in the URL).
 //! - `sentinel_password=PW`: the sentinels' own password (Kombu's `sentinel_kwargs`).
+//! - `min_other_sentinels=N` (0 to 64, default 0; Kombu's transport option of that name): a
+//!   sentinel's answer counts only when it sees at least N other sentinels and does not hold the
+//!   master down (`SENTINEL MASTER`), as redis-py checks it: a sentinel cut off from the others
+//!   may name a stale master.
 //! - every option of the `redis://` URL (`visibility_timeout`, `global_keyprefix`,
 //!   `min_replicas`, ...; `result_expires` for the result backend).
 //!
 //! The master is whatever the first sentinel that answers names, once the node itself answers
-//! `ROLE` with `master` (a sentinel may still name a demoted node for a moment).
+//! `ROLE` with `master` (a sentinel may still name a demoted node for a moment). Those questions
+//! open a connection each and close it ([`SentinelUrl::resolve`], on demand: at connect, after an
+//! error, after an announcement).
+//!
+//! Failovers are followed as they are announced: one connection per process and sentinel set
+//! subscribes to `+switch-master` on the first sentinel that answers (the next one when it is
+//! lost) and passes each announcement for this `master_name` to every handle
+//! ([`SentinelUrl::switches`]); each then asks again and switches at once, without waiting for an
+//! error. After the subscription is made again, every handle asks once (an announcement may have
+//! been missed meanwhile).
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use celery_core::backoff::Reconnect;
+use celery_core::sync::lock;
 use celery_core::url::{redacted, split_list, ServiceUrl, UrlError};
+use futures::StreamExt;
 use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
+use tokio::sync::watch;
 
 /// Sentinels one URL may list at most.
 pub(crate) const MAX_SENTINELS: usize = 16;
@@ -31,8 +50,35 @@ const DEFAULT_PORT: u16 = 26379;
 /// How long one sentinel (or the node it names) may take to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The channel on which sentinels announce a new master: `NAME OLD_IP OLD_PORT NEW_IP NEW_PORT`.
+const SWITCH_CHANNEL: &str = "+switch-master";
+
+/// An announcement passed to the handles: its sequence number and the new master's `host:port`
+/// (empty after the subscription was made again: ask once, whatever the master).
+pub(crate) type Switch = (u64, String);
+
+/// The followed sentinel sets of this process, by sentinels, master name and password.
+static FOLLOWED: Mutex<Vec<(String, Weak<Followed>)>> = Mutex::new(Vec::new());
+
+/// One `+switch-master` subscription, shared by every handle of one sentinel set; it ends when
+/// the last handle is dropped.
+#[derive(Debug)]
+pub(crate) struct Followed {
+    rx: watch::Receiver<Switch>,
+}
+
+impl Followed {
+    /// A receiver of the announcements (see [`Switch`]).
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Switch> {
+        self.rx.clone()
+    }
+}
+
 /// The options only a `sentinel://` URL has; the rest are the `redis://` URL's.
-const SENTINEL_OPTIONS: [&str; 2] = ["master_name", "sentinel_password"];
+const SENTINEL_OPTIONS: [&str; 3] = ["master_name", "sentinel_password", "min_other_sentinels"];
+
+/// Most other sentinels `min_other_sentinels` may ask for.
+const MAX_OTHER_SENTINELS: u32 = 64;
 
 /// A parsed `sentinel://` URL.
 #[derive(Clone)]
@@ -43,6 +89,8 @@ pub struct SentinelUrl {
     pub master_name: String,
     /// The sentinels' password, if they have one. Secret.
     sentinel_password: Option<String>,
+    /// Other sentinels an answering sentinel must see (`min_other_sentinels`).
+    pub min_other_sentinels: u32,
     /// The equivalent `redis://` URL (the first sentinel as its host, the master's userinfo and
     /// database, every other option) for the `redis://` option parsers. Secret.
     pub(crate) redis_url: String,
@@ -148,7 +196,21 @@ impl SentinelUrl {
             )));
         }
         let sentinel_password = parsed.option("sentinel_password").map(str::to_owned);
-        Ok(SentinelUrl { sentinels, master_name, sentinel_password, redis_url, shown: redacted(url) })
+        let min_other_sentinels =
+            match parsed.option("min_other_sentinels") {
+                None => 0,
+                Some(n) => n.parse::<u32>().ok().filter(|n| *n <= MAX_OTHER_SENTINELS).ok_or_else(|| {
+                    list(format!("min_other_sentinels must be a number from 0 to {MAX_OTHER_SENTINELS}"))
+                })?,
+            };
+        Ok(SentinelUrl {
+            sentinels,
+            master_name,
+            sentinel_password,
+            min_other_sentinels,
+            redis_url,
+            shown: redacted(url),
+        })
     }
 
     /// The equivalent `redis://` URL without the sentinel options: what the `redis://` option
@@ -185,30 +247,47 @@ impl SentinelUrl {
         Err(last.unwrap_or_else(|| redis::RedisError::from(std::io::Error::other("no sentinel listed"))))
     }
 
-    /// The master's `host:port` as one sentinel names it (no check of the node): the watch's
-    /// cheap question. `held` keeps the connection to the sentinel that last answered.
-    pub(crate) async fn named(&self, held: &mut Option<redis::aio::MultiplexedConnection>) -> Option<String> {
-        if held.is_none() {
-            for (host, port) in &self.sentinels {
-                let connect = async {
-                    let info = self.sentinel_info(host, *port)?;
-                    redis::Client::open(info)?.get_multiplexed_async_connection().await
-                };
-                if let Ok(Ok(c)) = tokio::time::timeout(ASK_TIMEOUT, connect).await {
-                    *held = Some(c);
-                    break;
+    /// This process's follower of the sentinels' `+switch-master` announcements for this URL's
+    /// sentinels and master name: one subscription shared by every handle (started on first use,
+    /// on the current Tokio runtime; ended when the last holder drops it).
+    pub(crate) fn switches(&self) -> Arc<Followed> {
+        let key = format!("{:?}|{}|{:?}", self.sentinels, self.master_name, self.sentinel_password);
+        let mut all = lock(&FOLLOWED);
+        all.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(f) = all.iter().find(|(k, _)| *k == key).and_then(|(_, w)| w.upgrade()) {
+            // A follower whose runtime ended has dropped its sender: start another.
+            if f.rx.has_changed().is_ok() {
+                return f;
+            }
+        }
+        let (tx, rx) = watch::channel((0, String::new()));
+        tokio::spawn(follow_switches(self.clone(), tx));
+        let f = Arc::new(Followed { rx });
+        all.retain(|(k, _)| *k != key);
+        all.push((key, Arc::downgrade(&f)));
+        f
+    }
+
+    /// A connection subscribed to `+switch-master` on the first sentinel that answers, and which.
+    async fn subscribe_switches(&self) -> Option<(redis::aio::PubSub, String)> {
+        for (host, port) in &self.sentinels {
+            let subscribe = async {
+                let info = self.sentinel_info(host, *port)?;
+                let mut p = redis::Client::open(info)?.get_async_pubsub().await?;
+                p.subscribe(SWITCH_CHANNEL).await?;
+                Ok::<_, redis::RedisError>(p)
+            };
+            match tokio::time::timeout(ASK_TIMEOUT, subscribe).await {
+                Ok(Ok(p)) => return Some((p, format!("{host}:{port}"))),
+                Ok(Err(e)) => {
+                    tracing::debug!(sentinel = %format!("{host}:{port}"), error = %e, "redis: cannot subscribe to +switch-master")
+                }
+                Err(_) => {
+                    tracing::debug!(sentinel = %format!("{host}:{port}"), "redis: no answer to the +switch-master subscription")
                 }
             }
         }
-        let conn = held.as_mut()?;
-        let ask = redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master_name).to_owned();
-        match tokio::time::timeout(ASK_TIMEOUT, ask.query_async::<Option<(String, u16)>>(conn)).await {
-            Ok(Ok(Some((ip, port)))) => Some(format!("{ip}:{port}")),
-            _ => {
-                *held = None;
-                None
-            }
-        }
+        None
     }
 
     fn sentinel_info(&self, host: &str, port: u16) -> Result<redis::ConnectionInfo, redis::RedisError> {
@@ -236,6 +315,17 @@ impl SentinelUrl {
                 format!("sentinel {host}:{port}, master_name {}", self.master_name),
             )));
         };
+        if self.min_other_sentinels > 0 {
+            let state: HashMap<String, String> =
+                redis::cmd("SENTINEL").arg("MASTER").arg(&self.master_name).query_async(&mut conn).await?;
+            if let Some(why) = unfit(&state, self.min_other_sentinels) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::MasterDown),
+                    "the sentinel's view does not count (min_other_sentinels)",
+                    format!("sentinel {host}:{port}: {why}"),
+                )));
+            }
+        }
         let client = redis::Client::open(template.clone().set_addr(ConnectionAddr::Tcp(ip.clone(), mport)))?;
         let mut node = client.get_multiplexed_async_connection().await?;
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut node).await?;
@@ -248,6 +338,74 @@ impl SentinelUrl {
             )));
         }
         Ok((format!("{ip}:{mport}"), client))
+    }
+}
+
+/// Why a sentinel's view of the master (`SENTINEL MASTER`'s fields) does not count under
+/// `min_other_sentinels`, as redis-py checks it; `None` when it counts.
+fn unfit(state: &HashMap<String, String>, min_other_sentinels: u32) -> Option<String> {
+    let flags = state.get("flags").map_or("", String::as_str);
+    if flags.split(',').any(|f| f == "s_down" || f == "o_down") || !flags.split(',').any(|f| f == "master") {
+        return Some(format!("it flags the master `{flags}`"));
+    }
+    let others = state.get("num-other-sentinels").and_then(|n| n.parse::<u32>().ok()).unwrap_or(0);
+    (others < min_other_sentinels)
+        .then(|| format!("it sees {others} other sentinels, min_other_sentinels is {min_other_sentinels}"))
+}
+
+/// The new master's `host:port` in a `+switch-master` payload for `master_name`, else `None`.
+fn announced(payload: &str, master_name: &str) -> Option<String> {
+    let parts: Vec<&str> = payload.split(' ').collect();
+    match parts[..] {
+        [name, _, _, ip, port] if name == master_name => Some(format!("{ip}:{port}")),
+        _ => None,
+    }
+}
+
+/// Subscribes to `+switch-master` (again, on the next sentinel, whenever the connection is lost,
+/// with capped backoff) and passes each announcement for `url`'s master to `tx`; ends when every
+/// receiver is gone.
+async fn follow_switches(url: SentinelUrl, tx: watch::Sender<Switch>) {
+    let mut backoff = Reconnect::default();
+    let mut first = true;
+    loop {
+        let subscribed = tokio::select! {
+            _ = tx.closed() => return,
+            s = url.subscribe_switches() => s,
+        };
+        let Some((pubsub, at)) = subscribed else {
+            first = false;
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = backoff.pause("redis: subscribe to +switch-master", &"no sentinel answered") => {}
+            }
+            continue;
+        };
+        tracing::debug!(sentinel = %at, "redis: following +switch-master");
+        backoff.reset();
+        if !first {
+            // An announcement may have come while unsubscribed: every handle asks once.
+            tx.send_modify(|(n, new)| (*n, *new) = (*n + 1, String::new()));
+        }
+        first = false;
+        let mut stream = pubsub.into_on_message();
+        loop {
+            let m = tokio::select! {
+                _ = tx.closed() => return,
+                m = stream.next() => m,
+            };
+            let Some(m) = m else { break };
+            let payload: String = m.get_payload().unwrap_or_default();
+            if let Some(new) = announced(&payload, &url.master_name) {
+                tracing::info!(sentinel = %at, new = %new, "redis: a sentinel announced a new master");
+                tx.send_modify(|(n, to)| (*n, *to) = (*n + 1, new));
+            }
+        }
+        tracing::warn!(sentinel = %at, "redis: the +switch-master subscription was lost; subscribing again");
+        tokio::select! {
+            _ = tx.closed() => return,
+            _ = backoff.pause("redis: subscribe to +switch-master", &"the connection was lost") => {}
+        }
     }
 }
 
@@ -287,6 +445,33 @@ mod tests {
         assert_eq!(u.sentinel_password.as_deref(), Some("sp"));
         let shown = format!("{u:?}");
         assert!(!shown.contains("s3cret") && !shown.contains("=sp"), "{shown}");
+    }
+
+    #[test]
+    fn min_other_sentinels_is_read_and_checked() {
+        let u = SentinelUrl::parse("sentinel://h1;sentinel://h2?master_name=m&min_other_sentinels=2").unwrap();
+        assert_eq!(u.min_other_sentinels, 2);
+        assert_eq!(u.redis_url(), "redis://h1:26379/0");
+        assert!(SentinelUrl::parse("sentinel://h1?master_name=m&min_other_sentinels=x").is_err());
+        assert!(SentinelUrl::parse("sentinel://h1?master_name=m&min_other_sentinels=65").is_err());
+        let state = |flags: &str, others: &str| {
+            HashMap::from([
+                ("flags".to_owned(), flags.to_owned()),
+                ("num-other-sentinels".to_owned(), others.to_owned()),
+            ])
+        };
+        assert_eq!(unfit(&state("master", "2"), 2), None);
+        assert!(unfit(&state("master", "1"), 2).unwrap().contains("1 other sentinels"));
+        assert!(unfit(&state("master,s_down", "2"), 2).unwrap().contains("s_down"));
+        assert!(unfit(&state("slave", "2"), 1).is_some());
+    }
+
+    #[test]
+    fn switch_announcements_are_read_for_this_master_only() {
+        assert_eq!(announced("mymaster 127.0.0.1 6801 127.0.0.1 6802", "mymaster").as_deref(), Some("127.0.0.1:6802"));
+        assert_eq!(announced("other 127.0.0.1 6801 127.0.0.1 6802", "mymaster"), None);
+        assert_eq!(announced("mymaster 127.0.0.1 6801", "mymaster"), None);
+        assert_eq!(announced("", "mymaster"), None);
     }
 
     #[test]

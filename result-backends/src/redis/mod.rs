@@ -141,7 +141,8 @@ impl RedisBackend {
 
 #[async_trait]
 impl ResultBackend for RedisBackend {
-    /// With `min_replicas`, the script goes as `EVAL` in one pipeline with `WAIT` (one connection).
+    /// With `min_replicas`, the script goes as `EVAL` through [`RedisConn::write`], which waits for
+    /// the replicas (a `WAIT` shared with concurrent writes).
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         if self.conn.min_replicas().is_some() {
             let mut pipe = redis::pipe();
