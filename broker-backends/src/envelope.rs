@@ -11,6 +11,9 @@
 use base64::Engine;
 use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
 use celery_core::ProtocolError;
+use std::borrow::Cow;
+
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -68,35 +71,71 @@ impl Decoded {
 }
 
 /// The envelope's fields we read; everything else is ignored. `H`: the headers as [`Headers`]
-/// (the fast path) or as a `Value` (for the exact error when the fast path fails).
+/// (the fast path) or as a `Value` (for the exact error when the fast path fails). Strings are
+/// borrowed from the input where they have no escapes (the body: no copy before base64 decoding).
 #[derive(serde::Deserialize)]
 struct Envelope<'a, H> {
     #[serde(borrow, default)]
-    body: Option<std::borrow::Cow<'a, str>>,
+    body: Option<Text<'a>>,
     #[serde(rename = "content-type", borrow, default)]
-    content_type: Option<std::borrow::Cow<'a, str>>,
+    content_type: Option<Text<'a>>,
     #[serde(default = "none")]
     headers: Option<H>,
-    #[serde(default)]
-    properties: Option<EnvProperties>,
+    #[serde(borrow, default)]
+    properties: Option<EnvProperties<'a>>,
 }
 
 fn none<H>() -> Option<H> {
     None
 }
 
+/// Kombu's `properties`. `priority` and `delivery_info` are kept as raw JSON, read only when used
+/// (as `Value`s they cost a map per message).
 #[derive(serde::Deserialize, Default)]
-struct EnvProperties {
+struct EnvProperties<'a> {
     #[serde(default)]
     correlation_id: Option<String>,
     #[serde(default)]
     reply_to: Option<String>,
-    #[serde(default)]
-    priority: Option<Value>,
-    #[serde(default)]
-    body_encoding: Option<String>,
-    #[serde(default)]
-    delivery_info: Option<Value>,
+    #[serde(borrow, default)]
+    priority: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    body_encoding: Option<Text<'a>>,
+    #[serde(borrow, default)]
+    delivery_info: Option<&'a RawValue>,
+}
+
+/// A JSON string, borrowed from the input when it has no escapes. (`Option<Cow<str>>` would
+/// always be owned: serde borrows a `Cow` only as a field's own type.)
+struct Text<'a>(Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text<'a>, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(Text)
+    }
 }
 
 /// The body of any envelope (a task or not, e.g. an event), JSON only; `None` when unreadable.
@@ -118,12 +157,12 @@ pub(crate) fn decode(raw: &[u8]) -> Decoded {
     if let Ok(mut env) = serde_json::from_slice::<Envelope<'_, Headers>>(raw) {
         if let Some(headers) = env.headers.take() {
             let redelivered = headers.says_redelivered() || redelivered_in(env.properties.as_ref());
-            if let Ok(message) = decode_envelope(&env, headers) {
+            if let Ok(message) = decode_envelope(env, headers) {
                 return Decoded { message: Ok(message), redelivered };
             }
         }
     }
-    let env: Envelope<'_, Value> = match serde_json::from_slice(raw) {
+    let mut env: Envelope<'_, Value> = match serde_json::from_slice(raw) {
         Ok(v) => v,
         Err(e) => return Decoded { message: Err(ProtocolError::InvalidJson(e.to_string())), redelivered: false },
     };
@@ -133,45 +172,49 @@ pub(crate) fn decode(raw: &[u8]) -> Decoded {
         if let Some(ct) = &env.content_type {
             check_content_type(ct)?;
         }
-        let headers_v = env.headers.as_ref().ok_or(ProtocolError::MissingField("headers"))?;
+        let headers_v = env.headers.take().ok_or(ProtocolError::MissingField("headers"))?;
         if headers_v.get("task").is_none() {
             return Err(ProtocolError::MissingField("task"));
         }
         let reply_to = env.properties.as_ref().and_then(|p| p.reply_to.as_deref());
-        decode_envelope(&env, Headers::from_json(headers_v).map_err(|e| e.with_reply_to(reply_to))?)
+        let headers = Headers::from_json(&headers_v).map_err(|e| e.with_reply_to(reply_to))?;
+        decode_envelope(env, headers)
     })();
     Decoded { message, redelivered }
 }
 
-fn redelivered_in(props: Option<&EnvProperties>) -> bool {
+/// `properties.delivery_info.redelivered`, parsed only when the raw text mentions it.
+fn redelivered_in(props: Option<&EnvProperties<'_>>) -> bool {
     props
-        .and_then(|p| p.delivery_info.as_ref())
-        .and_then(|d| d.get("redelivered"))
-        .and_then(Value::as_bool)
+        .and_then(|p| p.delivery_info)
+        .filter(|raw| raw.get().contains("redelivered"))
+        .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+        .and_then(|d| d.get("redelivered").and_then(Value::as_bool))
         .unwrap_or(false)
 }
 
-fn decode_envelope<H>(env: &Envelope<'_, H>, headers: Headers) -> Result<Message, ProtocolError> {
+fn decode_envelope<H>(env: Envelope<'_, H>, headers: Headers) -> Result<Message, ProtocolError> {
     if let Some(ct) = &env.content_type {
         check_content_type(ct)?;
     }
-    let props = env.properties.as_ref();
-    let body_s = env.body.as_deref().ok_or(ProtocolError::MissingField("body"))?;
-    let encoding = props.and_then(|p| p.body_encoding.as_deref()).unwrap_or("base64");
+    let props = env.properties.unwrap_or_default();
+    let body_s = env.body.ok_or(ProtocolError::MissingField("body"))?;
+    let encoding = props.body_encoding.as_deref().unwrap_or("base64");
     let body = if encoding == "base64" {
-        B64.decode(body_s)
+        B64.decode(body_s.as_bytes())
             .map_err(|e| ProtocolError::InvalidField { field: "body", reason: format!("bad base64: {e}") })?
     } else {
-        body_s.as_bytes().to_vec()
+        body_s.0.into_owned().into_bytes()
     };
+    // Kombu's priority when it is a non-negative integer; anything else is no priority.
     let priority = props
-        .and_then(|p| p.priority.as_ref())
-        .and_then(Value::as_u64)
+        .priority
+        .and_then(|raw| raw.get().parse::<u64>().ok())
         .map(|p| MAX_PRIORITY - (p.min(MAX_PRIORITY as u64) as u8));
     Ok(Message {
         properties: Properties {
-            correlation_id: props.and_then(|p| p.correlation_id.clone()).unwrap_or_else(|| headers.id.clone()),
-            reply_to: props.and_then(|p| p.reply_to.clone()),
+            correlation_id: props.correlation_id.unwrap_or_else(|| headers.id.clone()),
+            reply_to: props.reply_to,
             priority,
         },
         headers,
@@ -226,6 +269,27 @@ mod tests {
         let m = decode(env.to_string().as_bytes()).message.unwrap();
         assert_eq!(m.headers.task, "add");
         assert_eq!(m.body().unwrap().args, vec![json!(2), json!(3)]);
+    }
+
+    #[test]
+    fn odd_but_valid_properties_are_read_leniently() {
+        let body = B64.encode(br#"[[2, 3], {}, {}]"#).replace('/', "\\/");
+        let env = |props: Value| {
+            json!({"body": body, "content-type": "application/json", "headers": {"task": "add", "id": "x1"},
+                "properties": props})
+            .to_string()
+        };
+        // An escaped body (`\/`, as some JSON encoders write it), a float priority, a string for
+        // delivery_info: decoded, with no priority and not redelivered.
+        let d = decode(env(json!({"priority": 4.5, "delivery_info": "odd", "body_encoding": "base64"})).as_bytes());
+        let m = d.message.unwrap();
+        assert_eq!(m.body().unwrap().args, vec![json!(2), json!(3)]);
+        assert_eq!((m.properties.priority, d.redelivered), (None, false));
+        assert_eq!(m.properties.correlation_id, "x1", "the task id when there is none");
+        let d = decode(env(json!({"priority": 2, "delivery_info": {"redelivered": true}})).as_bytes());
+        assert_eq!((d.message.unwrap().properties.priority, d.redelivered), (Some(7), true));
+        let d = decode(env(json!({"priority": null, "delivery_info": {"routing_key": "redelivered"}})).as_bytes());
+        assert!(!d.redelivered, "only the field counts, not the word");
     }
 
     #[test]

@@ -352,18 +352,18 @@ impl RedisFetch {
         let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
         let got = items.len() / 3 - oversized;
         self.seq += got as u64;
-        for chunk in items.chunks_exact(3) {
-            if let redis::Value::Int(size) = chunk[1] {
-                if tx.send(self.oversized(&lists, chunk, size)).await.is_err() {
+        // Taken by value: each envelope's bytes move into its delivery instead of being copied.
+        let mut items = items.into_iter();
+        while let (Some(i), Some(env), Some(tag)) = (items.next(), items.next(), items.next()) {
+            if let redis::Value::Int(size) = env {
+                if tx.send(self.oversized(&lists, &[i, env, tag], size)).await.is_err() {
                     return Ok(None);
                 }
                 continue;
             }
-            let (Ok(idx), Ok(env), Ok(tag)) = (
-                redis::from_redis_value_ref::<usize>(&chunk[0]),
-                redis::from_redis_value_ref::<Vec<u8>>(&chunk[1]),
-                redis::from_redis_value_ref::<String>(&chunk[2]),
-            ) else {
+            let (Ok(idx), redis::Value::BulkString(env), Ok(tag)) =
+                (redis::from_redis_value_ref::<usize>(&i), env, redis::from_redis_value::<String>(tag))
+            else {
                 tracing::error!("redis: fetch script returned an unexpected reply");
                 continue;
             };

@@ -69,13 +69,19 @@ pub(super) async fn conclude(
             traced("SUCCESS", None);
             // The rarer steps are boxed: inline, each would grow every task's future by its size.
             let next = followups::after_success(embed);
-            let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
-            if !next.is_empty() {
+            let children = if next.is_empty() {
+                Vec::new()
+            } else {
                 let root = msg.headers.root_id.as_deref();
-                meta.children = Box::pin(followups::send_all(&w.app, next, &value, &msg.headers, root)).await;
-            }
+                Box::pin(followups::send_all(&w.app, next, &value, &msg.headers, root)).await
+            };
+            // The result document only when it is stored (its time stamp and copy cost per task).
             let ignore = msg.headers.ignore_result || opts.ignore_result;
-            let stored = ignore || Box::pin(store(w, msg, entry, meta)).await;
+            let stored = ignore || {
+                let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
+                meta.children = children;
+                Box::pin(store(w, msg, entry, meta)).await
+            };
             if let Some(body) = chord::body_in(msg, embed) {
                 Box::pin(chord::member_done(&w.app, msg, body, TaskState::Success, &value)).await;
             }
