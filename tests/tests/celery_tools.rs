@@ -260,6 +260,28 @@ async fn inspect_and_control(python: &Path, s: &Servers) {
     let ours_busy = busy(&rs).await;
     assert!(busy(&py).await, "the Python worker never ran two tasks at once:\n{}", theirs.log());
     c.check("our worker runs two tasks at once (seen by `active`)", ensure(ours_busy, || ours.log_tail()));
+    // Celery's producer publishes no wake-up: on Redis our worker finds its countdown task by the
+    // probe of its lists (within 100 ms here). Wait until it holds it before the CLI looks.
+    let holds_scheduled = {
+        let deadline = Instant::now() + T;
+        let mut seen = false;
+        while !seen && Instant::now() < deadline {
+            let r = celery_worker::control::request(&app, "scheduled", json!({}), Some(vec![rs.to_string()]), EFFECT)
+                .await
+                .unwrap_or_default();
+            seen = r.iter().any(|(_, v)| {
+                v.as_array().is_some_and(|a| a.iter().any(|e| e["request"]["id"] == scheduled_id.as_str()))
+            });
+            if !seen {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        seen
+    };
+    c.check(
+        "our worker holds Celery's countdown task (seen by `scheduled`)",
+        ensure(holds_scheduled, || ours.log_tail()),
+    );
     let ids: Vec<String> = sleeps.iter().map(|r| r.id().to_owned()).collect();
     let loaded = s.batch(
         python,

@@ -8,10 +8,12 @@
 //! What an idle consumer costs does not grow with its queues:
 //! - The fetch runs only on the queues marked hot ([`super::wake`]): by a wake-up our producers
 //!   publish, by the probe, or by a fetch that filled its request. An idle consumer waits on its
-//!   one subscriber connection. The probe, once a second ([`PROBE_EVERY`]), finds what Python
-//!   producers sent (they publish no wake-up): on one server one `EXISTS` per
-//!   [`PROBE_ENTRIES`] queues; on a cluster (where Python Celery does not go; the probe is a safety
-//!   net there) [`PROBE_CLUSTER_ENTRIES`] queue shards per second in turn.
+//!   one subscriber connection. The probe finds what Python producers sent (they publish no
+//!   wake-up): on one server one `EXISTS` per [`PROBE_ENTRIES`] queues, every [`PROBE_STEP`] per
+//!   such batch of queues (100 ms for up to 1,024 queues, a second for 10,240), so it costs about
+//!   10 commands a second whatever the count; on a cluster (where Python
+//!   Celery does not go; the probe is a safety net there) [`PROBE_CLUSTER_ENTRIES`] queue shards
+//!   per [`PROBE_EVERY`] in turn.
 //! - Due ETA messages are found through one next-due index ([`super::keys::Keys::due`]): the
 //!   defer writes the queue's earliest due time into it (`ZADD LT`), the mover reads it once per
 //!   wait ([`scripts::due`]) and moves only the due queues, sleeping until the next due time (at
@@ -66,9 +68,22 @@ const MAX_FETCH_QUEUES: usize = 64;
 const MAX_ACK_BATCH: usize = 2048;
 /// Rounds of one restore sweep at most (each examines up to 1000 leases).
 const RESTORE_ROUNDS: usize = 100;
-/// How often the lists of every queue are probed for messages no wake-up announced (Python
-/// producers'): the longest such a message waits.
+/// On a cluster, how often [`PROBE_CLUSTER_ENTRIES`] queue shards are probed for messages no
+/// wake-up announced.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// The probe interval per [`PROBE_ENTRIES`] queues on one server (a Python-sent message to a
+/// worker of up to 1,024 queues waits at most this long).
+const PROBE_STEP: Duration = Duration::from_millis(100);
+
+/// How often a consumer of `entries` queue shards probes them: [`PROBE_STEP`] per `EXISTS` batch
+/// on one server (about ten `EXISTS` a second at any count); [`PROBE_EVERY`] on a cluster.
+fn probe_every(entries: usize, cluster: bool) -> Duration {
+    if cluster {
+        return PROBE_EVERY;
+    }
+    let batches = u32::try_from(entries.div_ceil(PROBE_ENTRIES).max(1)).unwrap_or(u32::MAX);
+    PROBE_STEP.saturating_mul(batches)
+}
 /// Queues whose buckets one `EXISTS` probes (one server).
 const PROBE_ENTRIES: usize = 1024;
 /// Queue shards probed per [`PROBE_EVERY`] on a cluster (one `EXISTS` each, in turn).
@@ -220,7 +235,8 @@ impl RedisConsumer {
             next_group: 0,
             conn: conn.clone(),
             max_message_size,
-            next_probe: Instant::now() + PROBE_EVERY,
+            next_probe: Instant::now() + probe_every(shared.entries.len(), shared.keys.is_cluster()),
+            probe_every: probe_every(shared.entries.len(), shared.keys.is_cluster()),
             probe_from: 0,
             next_entry: vec![0; shared.groups.len()],
             weights,
@@ -281,8 +297,10 @@ struct RedisFetch {
     next_group: usize,
     conn: RedisConn,
     max_message_size: usize,
-    /// When the lists are probed next ([`PROBE_EVERY`]).
+    /// When the lists are probed next.
     next_probe: Instant,
+    /// How often ([`probe_every`]).
+    probe_every: Duration,
     /// On a cluster, the entry the next probe starts with.
     probe_from: usize,
     /// Per group, the position in its entries the next fetch looks from.
@@ -440,7 +458,7 @@ impl Fetch for RedisFetch {
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
         if Instant::now() >= self.next_probe {
             self.probe().await;
-            self.next_probe = Instant::now() + PROBE_EVERY;
+            self.next_probe = Instant::now() + self.probe_every;
         }
         let shared = self.shared.clone();
         let count = shared.groups.len();
@@ -727,4 +745,22 @@ async fn sweep_delayed(shared: &Shared, conn: &mut RedisConn, from: usize) -> us
         }
     }
     (from + n) % entries.len().max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_costs_about_ten_commands_a_second_whatever_the_queue_count() {
+        assert_eq!(probe_every(1, false), Duration::from_millis(100));
+        assert_eq!(probe_every(PROBE_ENTRIES, false), Duration::from_millis(100));
+        assert_eq!(probe_every(PROBE_ENTRIES + 1, false), Duration::from_millis(200));
+        assert_eq!(probe_every(10 * PROBE_ENTRIES, false), Duration::from_secs(1));
+        assert_eq!(probe_every(3, true), PROBE_EVERY);
+        for n in [1usize, 1_000, 5_000, 10_000, 100_000] {
+            let per_second = n.div_ceil(PROBE_ENTRIES) as f64 / probe_every(n, false).as_secs_f64();
+            assert!(per_second <= 10.0 + f64::EPSILON * 10.0, "{n} queues: {per_second} EXISTS/s");
+        }
+    }
 }
