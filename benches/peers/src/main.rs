@@ -82,8 +82,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let _: () = redis::pipe()
             .atomic()
-            .cmd("RPUSH").arg(&active).arg(&ids).ignore()
-            .cmd("ZREM").arg(&sched).arg(&ids).ignore()
+            .cmd("RPUSH")
+            .arg(&active)
+            .arg(&ids)
+            .ignore()
+            .cmd("ZREM")
+            .arg(&sched)
+            .arg(&ids)
+            .ignore()
             .query_async(&mut c)
             .await?;
     }
@@ -102,18 +108,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     };
+    let mut stopped = false;
     tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(600), progress) => if r.is_err() {
             return Err(format!("apalis drained {} of {n} jobs in 10 minutes", DONE.load(Ordering::Relaxed)).into());
         },
         // The worker stops on its own only when its backend failed (a fetch error ends its stream).
         r = &mut run => {
-            return Err(format!("the apalis worker stopped after {} of {n} jobs: {r:?}", DONE.load(Ordering::Relaxed)).into());
+            if DONE.load(Ordering::Relaxed) < n {
+                return Err(format!("the apalis worker stopped after {} of {n} jobs: {r:?}", DONE.load(Ordering::Relaxed)).into());
+            }
+            stopped = true;
         }
     }
     let wall = t.elapsed().as_secs_f64();
     line("drain_rate", n as f64 / wall, "jobs/s");
-    let _ = tokio::time::timeout(Duration::from_secs(30), &mut run).await;
+    if !stopped {
+        let _ = tokio::time::timeout(Duration::from_secs(30), &mut run).await;
+    }
 
     // Leave nothing behind on the shared server: every key of this run's queue.
     let mut c = conn;
