@@ -1,7 +1,7 @@
 //! Flow control with real worker processes, on the built-in broker (`broker serve`, reached over
-//! `log+tcp://`) and on Redis: per-key concurrency holds across three workers while other keys run
-//! meanwhile, and a worker killed with `kill -9` while holding key slots gives them back within
-//! the lease; a cluster-wide rate limit of 20/s over three workers gives 20/s overall. Plus the
+//! `log+tcp://`), on Redis and on PostgreSQL: per-key concurrency holds across three workers while
+//! other keys run meanwhile, and a worker killed with `kill -9` while holding key slots gives them
+//! back within the lease; a cluster-wide rate limit of 20/s over three workers gives 20/s overall. Plus the
 //! [`KeySlots`] contract itself on each broker (park, release, bounds).
 
 use std::collections::HashMap;
@@ -22,6 +22,10 @@ fn log_setup() -> Setup {
 
 fn redis_setup() -> Option<Setup> {
     Setup::redis("flow_control", 2.0)
+}
+
+fn postgres_setup() -> Option<Setup> {
+    Setup::postgres("flow_control (postgres)", "visibility_timeout=30")
 }
 
 /// `(token, start ms, end ms)` of each finished span in the file.
@@ -207,6 +211,13 @@ async fn redis_key_limit_holds_across_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_key_limit_holds_across_workers() {
+    if let Some(s) = postgres_setup() {
+        key_limit_holds_across_workers(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_killed_worker_frees_its_slots() {
     killed_worker_frees_its_slots(log_setup()).await;
 }
@@ -214,6 +225,13 @@ async fn log_killed_worker_frees_its_slots() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_worker_frees_its_slots() {
     if let Some(s) = redis_setup() {
+        killed_worker_frees_its_slots(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_killed_worker_frees_its_slots() {
+    if let Some(s) = postgres_setup() {
         killed_worker_frees_its_slots(s).await;
     }
 }
@@ -231,6 +249,11 @@ async fn key_slots_contract_on_each_broker() {
         let redis = broker_backends::redis::RedisBroker::connect(&env.broker).await.unwrap();
         key_slots_contract(&redis, "contract-q").await;
     }
+    if let Some(pg) = postgres_setup() {
+        let (url, _) = pg.urls();
+        let postgres = broker_backends::postgres::PostgresBroker::connect(&url).await.unwrap();
+        key_slots_contract(&postgres, "contract-q").await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,6 +264,13 @@ async fn log_cluster_rate_limit_holds_over_workers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_rate_limit_holds_over_workers() {
     if let Some(s) = redis_setup() {
+        cluster_rate_limit_holds_over_workers(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_cluster_rate_limit_holds_over_workers() {
+    if let Some(s) = postgres_setup() {
         cluster_rate_limit_holds_over_workers(s).await;
     }
 }
