@@ -11,12 +11,12 @@ mod fair;
 mod finished;
 mod leases;
 mod pool;
+mod work;
 mod writer;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,7 @@ pub use writer::Fsync;
 pub(crate) fn writer_threads() -> usize {
     pool::pool().threads()
 }
+pub(crate) use work::WorkList;
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
 use celery_core::flow::FairnessWeights;
@@ -149,24 +150,41 @@ impl Partition {
     ) -> Result<Option<Taken>, LogError> {
         // Nothing published or returned since a take found nothing: skip without the lock.
         // Cleared before looking, so work added meanwhile sets it again (or is seen below).
-        if !self.log.maybe_work.swap(false, Ordering::SeqCst) {
+        if !self.log.work.clear() {
             return Ok(None);
         }
         let taken = self.take_locked(deadline, owner, weights);
-        let idle = matches!(taken, Ok(None)) && {
-            let st = lock(&self.state);
-            st.ready.is_empty() && st.delayed.is_empty() && st.fair.is_empty() && st.error.is_none()
-        };
-        if !idle {
-            // Found one (there may be more), a record waits for its time, or an error to report.
-            self.log.maybe_work.store(true, Ordering::SeqCst);
+        match &taken {
+            // There may be more: queued again on every consumer's list (this one's at the back, so
+            // the consumer's other partitions take their turn first).
+            Ok(Some(_)) => self.log.work.raise(),
+            Ok(None) => {
+                let st = lock(&self.state);
+                if !(st.ready.is_empty() && st.delayed.is_empty() && st.fair.is_empty()) {
+                    // Records wait for their time: looked at again when a consumer's timer for
+                    // `next_due_ms` falls due.
+                    self.log.work.keep();
+                }
+            }
+            // An error to report again (a read error may pass).
+            Err(_) => self.log.work.keep(),
         }
         taken
     }
 
     /// Marks the partition as having records to take (after returning some to `ready`).
     fn has_work(&self) {
-        self.log.maybe_work.store(true, Ordering::SeqCst);
+        self.log.work.raise();
+    }
+
+    /// Tells `list` (as its `slot`) whenever this partition may have records to take (`work.rs`).
+    pub(crate) fn watch(&self, list: &Arc<WorkList>, slot: u32) {
+        self.log.work.watch(list, slot);
+    }
+
+    /// Stops telling `list`.
+    pub(crate) fn unwatch(&self, list: &WorkList) {
+        self.log.work.unwatch(list);
     }
 
     fn take_locked(&self, deadline: Instant, owner: u64, weights: &FairnessWeights) -> Result<Option<Taken>, LogError> {
