@@ -17,6 +17,7 @@ mod writer;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -115,6 +116,10 @@ impl QueueState {
 pub(crate) struct Partition {
     pub(crate) log: PartitionLog,
     state: Mutex<QueueState>,
+    /// May hold leases: set when one is granted, cleared by an expiry sweep that finds none, so
+    /// the sweep and the renewals skip a partition without leases for the cost of one load (an
+    /// idle queue costs them no lock).
+    leased: AtomicBool,
 }
 
 impl Partition {
@@ -137,6 +142,7 @@ impl Partition {
                 recovered_end,
             }),
             log,
+            leased: AtomicBool::new(false),
         })
     }
 
@@ -258,6 +264,7 @@ impl Partition {
         let Some((record, prior)) = found else { return Ok(None) };
         let deliveries = prior + 1;
         st.leases.grant(record.clone(), deliveries, owner, deadline);
+        self.leased.store(true, Ordering::Release);
         // A redelivery's count is persisted (a first delivery's is implied by the record being
         // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
         let counted = deliveries > 1;
@@ -390,7 +397,14 @@ impl Partition {
 
     /// Extends the leases `owner` holds.
     pub(crate) fn renew(&self, owner: u64, deadline: Instant) {
-        lock(&self.state).leases.renew(owner, deadline);
+        if self.may_hold_leases() {
+            lock(&self.state).leases.renew(owner, deadline);
+        }
+    }
+
+    /// False when no lease is held (a lease granted meanwhile is seen by the next look).
+    pub(crate) fn may_hold_leases(&self) -> bool {
+        self.leased.load(Ordering::Acquire)
     }
 
     /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
@@ -436,10 +450,18 @@ impl Partition {
     /// Returns expired leases to the queue, or (past `max_deliveries`) hands them back to be
     /// dead-lettered. Returns those and how many went back to the queue.
     pub(crate) fn expire(&self, now: Instant, max_deliveries: u32) -> (Vec<Exhausted>, usize) {
+        if !self.may_hold_leases() {
+            return (Vec::new(), 0);
+        }
         let mut st = lock(&self.state);
         let mut out = Vec::new();
         let mut returned = 0;
-        for l in st.leases.expire(now) {
+        let expired = st.leases.expire(now);
+        if st.leases.settle_empty() {
+            // Under the state lock: a grant (under it too) sets it again after this.
+            self.leased.store(false, Ordering::Release);
+        }
+        for l in expired {
             tracing::warn!(offset = l.record.offset, deliveries = l.deliveries, "log: lease expired: redelivering");
             if l.deliveries >= max_deliveries {
                 out.push(Exhausted { record: l.record, deliveries: l.deliveries });
@@ -591,6 +613,30 @@ pub(crate) mod tests {
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert_eq!(ex.len(), 1, "delivered twice with max_deliveries 2: dead-letter it");
         assert!(p.take(now, 1, &FairnessWeights::default()).unwrap().is_none());
+    }
+
+    /// The expiry sweep and the renewals skip a partition that holds no lease (no lock taken):
+    /// it says so once a sweep found its leases all settled, and again when one is granted.
+    #[tokio::test]
+    async fn a_partition_without_leases_is_skipped_by_the_sweep() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        assert!(!p.may_hold_leases(), "nothing taken yet");
+        p.log.append(vec![rec("a"), rec("b")]).await.unwrap();
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let a = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
+        assert!(p.may_hold_leases());
+        p.ack(&[a.record.offset]).unwrap();
+        assert_eq!(p.expire(now, 10).1, 0);
+        assert!(!p.may_hold_leases(), "a sweep found none left");
+        // A lease granted afterwards is swept (and expires) as before.
+        p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap();
+        assert!(p.may_hold_leases());
+        assert_eq!(p.expire(now + Duration::from_millis(1), 10).1, 1);
+        assert!(!p.may_hold_leases(), "the expired one went back to the queue");
+        assert_eq!(p.take(far, 2, &FairnessWeights::default()).unwrap().unwrap().record.payload, b"b");
+        assert!(p.may_hold_leases());
     }
 
     #[tokio::test]
