@@ -154,14 +154,18 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     }
     line("enqueue_rate", a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
 
-    // Drain with one worker in this process.
+    // Drain with one worker in this process, under a name of its own: a worker named like one
+    // whose heartbeat was seen a moment ago (the last bench's) first waits to tell a dead run from
+    // a live one (seconds that a drain figure must not include).
+    let defaults = WorkerConfig::default();
     let cfg = WorkerConfig {
+        hostname: format!("bench.{}.{}", std::process::id(), defaults.hostname),
         queues: queues.clone(),
         concurrency: a.concurrency,
         prefetch_multiplier: 4,
         track_started: false,
         shutdown_grace: Duration::from_secs(10),
-        ..WorkerConfig::default()
+        ..defaults
     };
     let worker = Worker::new(app.clone(), cfg.clone());
     let stats = worker.stats();

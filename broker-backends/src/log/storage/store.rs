@@ -540,17 +540,19 @@ async fn expiry_loop(store: Weak<LogStore>) {
                 tracing::warn!(error = %e, "log: sweeping key slots failed; next time");
             }
         }
-        let topics: Vec<_> = lock(&s.topics).values().cloned().collect();
+        // Only the partitions that may hold leases: an idle queue costs the sweep one load.
+        let leased: Vec<(Arc<Topic>, Arc<Partition>)> = lock(&s.topics)
+            .values()
+            .flat_map(|t| t.partitions.iter().filter(|p| p.may_hold_leases()).map(move |p| (t.clone(), p.clone())))
+            .collect();
         let now = Instant::now();
         let mut returned = false;
-        for t in &topics {
-            for p in &t.partitions {
-                let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
-                returned |= back > 0;
-                for ex in exhausted {
-                    if !s.dead_letter_exhausted(&t.name, p, &ex.record, ex.deliveries).await {
-                        p.give_back(ex.record, ex.deliveries);
-                    }
+        for (t, p) in &leased {
+            let (exhausted, back) = p.expire(now, s.cfg.max_deliveries);
+            returned |= back > 0;
+            for ex in exhausted {
+                if !s.dead_letter_exhausted(&t.name, p, &ex.record, ex.deliveries).await {
+                    p.give_back(ex.record, ex.deliveries);
                 }
             }
         }

@@ -60,6 +60,14 @@ impl Leases {
         }
     }
 
+    /// True when nothing is leased; the deadlines left behind (all stale then) are dropped.
+    pub(super) fn settle_empty(&mut self) -> bool {
+        if self.held.is_empty() {
+            self.expiry = BinaryHeap::new();
+        }
+        self.held.is_empty()
+    }
+
     /// Ends and returns the leases whose deadline is at or before `now`, earliest first.
     pub(super) fn expire(&mut self, now: Instant) -> Vec<Lease> {
         let mut out = Vec::new();

@@ -11,12 +11,13 @@ mod fair;
 mod finished;
 mod leases;
 mod pool;
+mod work;
 mod writer;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ pub use writer::Fsync;
 pub(crate) fn writer_threads() -> usize {
     pool::pool().threads()
 }
+pub(crate) use work::WorkList;
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
 use celery_core::flow::FairnessWeights;
@@ -114,6 +116,10 @@ impl QueueState {
 pub(crate) struct Partition {
     pub(crate) log: PartitionLog,
     state: Mutex<QueueState>,
+    /// May hold leases: set when one is granted, cleared by an expiry sweep that finds none, so
+    /// the sweep and the renewals skip a partition without leases for the cost of one load (an
+    /// idle queue costs them no lock).
+    leased: AtomicBool,
 }
 
 impl Partition {
@@ -136,6 +142,7 @@ impl Partition {
                 recovered_end,
             }),
             log,
+            leased: AtomicBool::new(false),
         })
     }
 
@@ -149,24 +156,41 @@ impl Partition {
     ) -> Result<Option<Taken>, LogError> {
         // Nothing published or returned since a take found nothing: skip without the lock.
         // Cleared before looking, so work added meanwhile sets it again (or is seen below).
-        if !self.log.maybe_work.swap(false, Ordering::SeqCst) {
+        if !self.log.work.clear() {
             return Ok(None);
         }
         let taken = self.take_locked(deadline, owner, weights);
-        let idle = matches!(taken, Ok(None)) && {
-            let st = lock(&self.state);
-            st.ready.is_empty() && st.delayed.is_empty() && st.fair.is_empty() && st.error.is_none()
-        };
-        if !idle {
-            // Found one (there may be more), a record waits for its time, or an error to report.
-            self.log.maybe_work.store(true, Ordering::SeqCst);
+        match &taken {
+            // There may be more: queued again on every consumer's list (this one's at the back, so
+            // the consumer's other partitions take their turn first).
+            Ok(Some(_)) => self.log.work.raise(),
+            Ok(None) => {
+                let st = lock(&self.state);
+                if !(st.ready.is_empty() && st.delayed.is_empty() && st.fair.is_empty()) {
+                    // Records wait for their time: looked at again when a consumer's timer for
+                    // `next_due_ms` falls due.
+                    self.log.work.keep();
+                }
+            }
+            // An error to report again (a read error may pass).
+            Err(_) => self.log.work.keep(),
         }
         taken
     }
 
     /// Marks the partition as having records to take (after returning some to `ready`).
     fn has_work(&self) {
-        self.log.maybe_work.store(true, Ordering::SeqCst);
+        self.log.work.raise();
+    }
+
+    /// Tells `list` (as its `slot`) whenever this partition may have records to take (`work.rs`).
+    pub(crate) fn watch(&self, list: &Arc<WorkList>, slot: u32) {
+        self.log.work.watch(list, slot);
+    }
+
+    /// Stops telling `list`.
+    pub(crate) fn unwatch(&self, list: &WorkList) {
+        self.log.work.unwatch(list);
     }
 
     fn take_locked(&self, deadline: Instant, owner: u64, weights: &FairnessWeights) -> Result<Option<Taken>, LogError> {
@@ -240,6 +264,7 @@ impl Partition {
         let Some((record, prior)) = found else { return Ok(None) };
         let deliveries = prior + 1;
         st.leases.grant(record.clone(), deliveries, owner, deadline);
+        self.leased.store(true, Ordering::Release);
         // A redelivery's count is persisted (a first delivery's is implied by the record being
         // unfinished), so a record that kills its consumer's process still reaches max_deliveries.
         let counted = deliveries > 1;
@@ -372,7 +397,14 @@ impl Partition {
 
     /// Extends the leases `owner` holds.
     pub(crate) fn renew(&self, owner: u64, deadline: Instant) {
-        lock(&self.state).leases.renew(owner, deadline);
+        if self.may_hold_leases() {
+            lock(&self.state).leases.renew(owner, deadline);
+        }
+    }
+
+    /// False when no lease is held (a lease granted meanwhile is seen by the next look).
+    pub(crate) fn may_hold_leases(&self) -> bool {
+        self.leased.load(Ordering::Acquire)
     }
 
     /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
@@ -418,10 +450,18 @@ impl Partition {
     /// Returns expired leases to the queue, or (past `max_deliveries`) hands them back to be
     /// dead-lettered. Returns those and how many went back to the queue.
     pub(crate) fn expire(&self, now: Instant, max_deliveries: u32) -> (Vec<Exhausted>, usize) {
+        if !self.may_hold_leases() {
+            return (Vec::new(), 0);
+        }
         let mut st = lock(&self.state);
         let mut out = Vec::new();
         let mut returned = 0;
-        for l in st.leases.expire(now) {
+        let expired = st.leases.expire(now);
+        if st.leases.settle_empty() {
+            // Under the state lock: a grant (under it too) sets it again after this.
+            self.leased.store(false, Ordering::Release);
+        }
+        for l in expired {
             tracing::warn!(offset = l.record.offset, deliveries = l.deliveries, "log: lease expired: redelivering");
             if l.deliveries >= max_deliveries {
                 out.push(Exhausted { record: l.record, deliveries: l.deliveries });
@@ -573,6 +613,30 @@ pub(crate) mod tests {
         let (ex, _) = p.expire(now + Duration::from_millis(1), 2);
         assert_eq!(ex.len(), 1, "delivered twice with max_deliveries 2: dead-letter it");
         assert!(p.take(now, 1, &FairnessWeights::default()).unwrap().is_none());
+    }
+
+    /// The expiry sweep and the renewals skip a partition that holds no lease (no lock taken):
+    /// it says so once a sweep found its leases all settled, and again when one is granted.
+    #[tokio::test]
+    async fn a_partition_without_leases_is_skipped_by_the_sweep() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        assert!(!p.may_hold_leases(), "nothing taken yet");
+        p.log.append(vec![rec("a"), rec("b")]).await.unwrap();
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        let a = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
+        assert!(p.may_hold_leases());
+        p.ack(&[a.record.offset]).unwrap();
+        assert_eq!(p.expire(now, 10).1, 0);
+        assert!(!p.may_hold_leases(), "a sweep found none left");
+        // A lease granted afterwards is swept (and expires) as before.
+        p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap();
+        assert!(p.may_hold_leases());
+        assert_eq!(p.expire(now + Duration::from_millis(1), 10).1, 1);
+        assert!(!p.may_hold_leases(), "the expired one went back to the queue");
+        assert_eq!(p.take(far, 2, &FairnessWeights::default()).unwrap().unwrap().record.payload, b"b");
+        assert!(p.may_hold_leases());
     }
 
     #[tokio::test]

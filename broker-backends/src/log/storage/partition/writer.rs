@@ -19,7 +19,6 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -28,6 +27,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::finished::{acks_frame, Finished, COUNTS_FRAME};
 use super::pool::{pool, Job};
+use super::work::WorkSignal;
 use crate::log::storage::disk;
 use crate::log::storage::error::LogError;
 use crate::log::storage::files::FileCache;
@@ -247,10 +247,9 @@ pub(crate) struct PartitionLog {
     slot: Arc<Slot>,
     /// The store's open files.
     files: Arc<FileCache>,
-    /// Set when records are published (and by the queue state when records return): false only
-    /// when a take found nothing since, so a consumer of many queues skips idle partitions with
-    /// one load instead of a lock.
-    pub(super) maybe_work: Arc<AtomicBool>,
+    /// Raised when records are published (and by the queue state when records return): the
+    /// consumers reading this partition are told (`work.rs`).
+    pub(super) work: Arc<WorkSignal>,
     /// Settlements for the writer, in order.
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The partition's directory.
@@ -276,7 +275,7 @@ impl PartitionLog {
         let segments = Arc::new(RwLock::new(rec.segments));
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
-        let maybe_work = Arc::new(AtomicBool::new(true));
+        let work = Arc::new(WorkSignal::default());
         let acks_path = dir.join("acks.log");
         // Created with the first ack: a queue never settled has no `acks.log`.
         let acks_len = match std::fs::metadata(&acks_path) {
@@ -298,7 +297,7 @@ impl PartitionLog {
             on_append,
             acks_len,
             acks_path,
-            maybe_work: maybe_work.clone(),
+            work: work.clone(),
             pinned_acks: None,
             pinned_segment: None,
             gathered: false,
@@ -316,7 +315,7 @@ impl PartitionLog {
             end,
             slot,
             files: cfg.files.clone(),
-            maybe_work,
+            work,
             settled,
             dir: dir.to_owned(),
             damaged: Mutex::default(),
@@ -524,6 +523,12 @@ impl PartitionLog {
         self.files.forget_under(&self.dir);
     }
 
+    /// Consumers told of this partition's records now.
+    #[cfg(test)]
+    pub(crate) fn watchers(&self) -> usize {
+        self.work.watchers()
+    }
+
     /// Forgets the cached descriptor of a segment file being deleted.
     pub(super) fn forget_file(&self, path: &Path) {
         self.files.forget(path);
@@ -546,7 +551,7 @@ struct Writer {
     tail_len: u64,
     next_offset: u64,
     on_append: Arc<Notify>,
-    maybe_work: Arc<AtomicBool>,
+    work: Arc<WorkSignal>,
     acks_path: PathBuf,
     /// `acks.log` while it holds acks not fsynced yet (opened through the cache otherwise).
     pinned_acks: Option<Arc<File>>,
@@ -660,7 +665,7 @@ impl Writer {
                 *lock(&self.end) = End { next_offset: self.next_offset, tail };
                 if !buf.is_empty() {
                     // After the records are readable: a take that cleared it before sees them.
-                    self.maybe_work.store(true, Ordering::SeqCst);
+                    self.work.raise();
                     self.on_append.notify_waiters();
                 }
                 for (first, w) in waiters {
