@@ -383,7 +383,7 @@ mod tests {
         assert_eq!(taken, ["t1", "t2"]);
         assert!(m.take_changed(10).is_empty(), "nothing changed since");
         let t1 = m.task("t1").unwrap();
-        m.give_back(vec![t1.clone()]);
+        m.give_back(vec![t1]);
         assert_eq!(m.changed_len(), 1);
         let old = TaskRecord { id: "t0".into(), name: "old".into(), received: 1.0, ..TaskRecord::default() };
         let t1_stale = TaskRecord { id: "t1".into(), state: "RECEIVED".into(), ..TaskRecord::default() };
