@@ -8,7 +8,9 @@
 //! control, also sends for each task `task-received`, `task-started`, then `task-succeeded`,
 //! `task-failed`, `task-retried` or `task-revoked` (`task-failed` also for a message rejected as
 //! bad input). Events are best effort: sent in the background,
-//! dropped (and counted) when the broker cannot keep up, never slowing a task down. Their `clock`
+//! dropped (and counted) when the broker cannot keep up, never slowing a task down; task events
+//! that queue up while the sender waits on the broker go together in one broadcast (Celery's
+//! `task.multi` list, see [`EventDispatcher`]), so under a burst it keeps up. Their `clock`
 //! is the worker's Lamport clock ([`LamportClock`]), the one `inspect clock` reports.
 //!
 //! ```no_run
