@@ -9,10 +9,12 @@
 //! [`browser`] installs headless Chromium for the suites that look at web pages;
 //! [`cluster`] runs RabbitMQ and Redis clusters on loopback (`scripts/cluster`) for the failover
 //! suites; [`pg_server`] runs a private PostgreSQL server for the suites that restart or crash one;
-//! [`otlp`] is a small OTLP/HTTP collector for the tracing suites.
+//! [`otlp`] is a small OTLP/HTTP collector for the tracing suites; [`flow`] is where the
+//! flow-control suites run their worker processes (built-in broker, Redis or PostgreSQL).
 
 pub mod browser;
 pub mod cluster;
+pub mod flow;
 pub mod otlp;
 pub mod pg_server;
 pub mod python;

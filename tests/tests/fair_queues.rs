@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use celery_core::flow::FairnessWeights;
 use celery_core::{App, Signature};
-use celery_tests::{free_port, redis_available, wait_until, DemoProcess, RedisEnv, Target, TempDir};
+use celery_tests::flow::Setup;
+use celery_tests::{wait_until, Target, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -147,49 +148,12 @@ async fn a_broker_without_fair_queues_refuses_keyed_sends() {
     app.send(task("fair-mem", 1)).await.unwrap();
 }
 
-/// Where the worker processes run: a `broker serve` process, or a Redis key prefix.
-enum Setup {
-    Log { _dir: TempDir, _server: DemoProcess, url: String },
-    Redis(RedisEnv),
+fn log_setup() -> Setup {
+    Setup::log("fair", "fsync=os")
 }
 
-impl Setup {
-    fn log() -> Setup {
-        let dir = TempDir::new("fair");
-        let listen = format!("127.0.0.1:{}", free_port());
-        let data = dir.0.display().to_string();
-        let server = DemoProcess::start_urls(
-            "unused://",
-            "unused://",
-            &["broker", "serve", "--data", &format!("{data}?fsync=os"), "--listen", &listen],
-        );
-        assert!(wait_until(T, || std::net::TcpStream::connect(&listen).is_ok()), "{}", server.log());
-        Setup::Log { _dir: dir, _server: server, url: format!("log+tcp://{listen}") }
-    }
-
-    fn redis() -> Option<Setup> {
-        redis_available("fair_queues").then(|| Setup::Redis(RedisEnv::new(30.0)))
-    }
-
-    fn urls(&self) -> (String, String) {
-        match self {
-            Setup::Log { url, .. } => (url.clone(), url.clone()),
-            Setup::Redis(env) => (env.broker.clone(), env.backend.clone()),
-        }
-    }
-
-    async fn app(&self) -> App {
-        let (b, r) = self.urls();
-        celery_worker::connect(&b, &r).await.expect("connect")
-    }
-
-    fn worker(&self, args: &[&str]) -> DemoProcess {
-        let name = format!("fair{}@{}", uuid::Uuid::new_v4().simple(), std::process::id());
-        let (b, r) = self.urls();
-        let w = DemoProcess::start_urls(&b, &r, &[&["worker", "-n", &name][..], args].concat());
-        assert!(w.wait_log("worker ready", T), "{}", w.log());
-        w
-    }
+fn redis_setup() -> Option<Setup> {
+    Setup::redis("fair_queues", 30.0)
 }
 
 fn span(path: &std::path::Path, queue: &str, token: &str) -> Signature {
@@ -269,36 +233,36 @@ async fn keyed_tasks_come_back_from_waiting(setup: Setup) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_keyed_tasks_come_back_from_waiting() {
-    keyed_tasks_come_back_from_waiting(Setup::log()).await;
+    keyed_tasks_come_back_from_waiting(log_setup()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_keyed_tasks_come_back_from_waiting() {
-    if let Some(s) = Setup::redis() {
+    if let Some(s) = redis_setup() {
         keyed_tasks_come_back_from_waiting(s).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_a_small_key_passes_a_large_backlog() {
-    a_small_key_passes_a_large_backlog(Setup::log()).await;
+    a_small_key_passes_a_large_backlog(log_setup()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_small_key_passes_a_large_backlog() {
-    if let Some(s) = Setup::redis() {
+    if let Some(s) = redis_setup() {
         a_small_key_passes_a_large_backlog(s).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_worker_weights_share_starts() {
-    worker_weights_share_starts(Setup::log()).await;
+    worker_weights_share_starts(log_setup()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_worker_weights_share_starts() {
-    if let Some(s) = Setup::redis() {
+    if let Some(s) = redis_setup() {
         worker_weights_share_starts(s).await;
     }
 }

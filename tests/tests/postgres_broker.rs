@@ -19,6 +19,10 @@
 //! 12. Queue names leave room for `.dead`; two busy queues of one consumer both progress.
 //! 13. A private server (not the machine's) stopped fast and killed mid-load: every task whose
 //!     send was acknowledged runs, and the worker reconnects.
+//! 14. Flow control in the tables: a parked task is a row until a slot frees; a key with parked
+//!     tasks whose slot row is gone (a release lost) gets one back from the sweep; concurrent
+//!     reservations of a rate bucket are spaced by its interval; unkeyed tasks leave the tables
+//!     empty.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -719,4 +723,53 @@ async fn a_restarted_server_loses_nothing_acknowledged() {
     assert!(all.len() >= 150, "{}", all.len());
     let reconnects = worker.log().matches("listener connection lost").count();
     assert!(reconnects >= 2, "{reconnects}");
+}
+
+/// Flow control in the tables (the worker-level scenarios are in `flow_control`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_slots_and_rate_buckets_are_rows() {
+    use celery_core::flow::{Admission, SlotRequest};
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let slots = b.key_slots().expect("postgres holds key slots");
+    let ttl = Duration::from_secs(30);
+    // An unkeyed publish and take touch none of the flow tables.
+    b.publish(&Route::queue("flow-q"), &msg(0)).await.unwrap();
+    let mut c = b.consume(&["flow-q".to_owned()], 1).await.unwrap();
+    let d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
+    d.ack().await.unwrap();
+    let flow_rows = "SELECT (SELECT count(*) FROM celery_rs_key_slots) + (SELECT count(*) FROM celery_rs_parked) \
+        + (SELECT count(*) FROM celery_rs_rate_buckets)";
+    assert_eq!(count(&schema, flow_rows), 0);
+    // Limit 1: the second is parked, as a row, and nothing is on the queue.
+    let req = |holder| SlotRequest { key: "k", limit: 1, holder, ttl };
+    assert_eq!(slots.acquire_or_park(&req("h1"), "flow-q", &msg(1)).await.unwrap(), Admission::Acquired);
+    assert_eq!(slots.acquire_or_park(&req("h2"), "flow-q", &msg(2)).await.unwrap(), Admission::Parked);
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_parked WHERE key = 'k' AND queue = 'flow-q'"), 1);
+    assert_eq!(b.queue_len("flow-q").await.unwrap(), 0);
+    // The holder's row vanishes without a release (as if its release was lost): nothing moves
+    // until the sweep finds a key with parked tasks and no slot, and moves one back.
+    schema.exec("DELETE FROM celery_rs_key_slots").unwrap();
+    assert_eq!(b.queue_len("flow-q").await.unwrap(), 0);
+    assert_eq!(slots.sweep().await.unwrap(), 1);
+    assert_eq!(b.queue_len("flow-q").await.unwrap(), 1);
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_parked"), 0);
+    let mut d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
+    assert_eq!(firsts(&[d.take_message().unwrap()]), [2], "the parked task came back whole");
+    d.ack().await.unwrap();
+    c.close().await;
+    // Renewing a slot the sweep took re-takes it, and says it was lost.
+    assert!(!slots.renew("k", "h3", ttl).await.unwrap());
+    assert!(slots.renew("k", "h3", ttl).await.unwrap());
+    // Ten reservations at once over 100 ms: the starts they give (when each answer came, plus its
+    // wait) are 100 ms apart, within the answers' own jitter.
+    let buckets = b.rate_buckets().expect("postgres holds rate buckets");
+    let interval = Duration::from_millis(100);
+    let reserve = || async { buckets.reserve("flow-task", interval).await.map(|w| Instant::now() + w) };
+    let starts = futures::future::join_all((0..10).map(|_| reserve())).await;
+    let mut starts: Vec<Instant> = starts.into_iter().map(Result::unwrap).collect();
+    starts.sort();
+    let gaps: Vec<u128> = starts.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    assert!(gaps.iter().all(|g| (80..=120).contains(g)), "starts 100 ms apart: {gaps:?}");
+    assert!(buckets.reserve("", interval).await.is_err(), "an empty bucket name is refused");
 }

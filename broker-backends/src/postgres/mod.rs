@@ -26,6 +26,9 @@
 //!   exchanges, routing keys, leases and documents up to [`MAX_NAME`]; no NUL.
 //! - Errors: driver errors are judged once, in [`error`], for the broker and the result backend.
 //! - Leases (beat's leader) and documents (beat's state) are rows.
+//! - Flow control ([`limits`]): cluster-wide rate limits (a row per bucket) and per-key
+//!   concurrency (a row per held slot with its lease; a message over its key's limit parked in a
+//!   table, moved back to its queue with a `NOTIFY` when a slot frees).
 //! - Transactional enqueue ([`transactional`]): a task written by the caller's own transaction,
 //!   into `celery_rs_tasks`, or into the [`outbox`] that a relay forwards to any other broker.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
@@ -51,6 +54,7 @@ mod consumer;
 pub mod error;
 pub mod history;
 mod holder;
+pub mod limits;
 mod listen;
 pub mod migrate;
 pub mod outbox;
@@ -455,7 +459,7 @@ impl Broker for PostgresBroker {
         let _ = self.inner.worker.set(name.to_owned());
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.inner.history)

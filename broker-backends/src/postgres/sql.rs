@@ -18,6 +18,15 @@
 //!   its `holder`. A worker whose row expired is deleted with the return of what it held, in one
 //!   statement ([`RESTORE_DEAD`]), so its tasks come back in seconds, not after the visibility
 //!   timeout (see [`super::holder`]).
+//! - Flow control ([`super::limits`]): `celery_rs_rate_buckets` (a cluster-wide rate limit: the
+//!   next free start of each bucket, reserved by one upsert), `celery_rs_key_slots` (per-key
+//!   concurrency: one row per held slot, its holder and lease expiry) and `celery_rs_parked`
+//!   (messages waiting for a slot of their key, with their queue and priority). The functions
+//!   `celery_rs_key_acquire`, `_release` and `_sweep` each run under a transaction-level advisory
+//!   lock of the key (schema and key hashed), taken before they read: what they decide ("full,
+//!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
+//!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
+//!   its queue like a publish. A task without a concurrency key touches none of these.
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -134,6 +143,109 @@ CREATE TABLE IF NOT EXISTS celery_rs_workers (
 ALTER TABLE celery_rs_tasks ADD COLUMN IF NOT EXISTS holder text;
 CREATE INDEX IF NOT EXISTS celery_rs_tasks_holder ON celery_rs_tasks (holder)
     WHERE leased_until IS NOT NULL;
+",
+    },
+    Migration {
+        version: 4,
+        name: "flow control: rate buckets, key slots, parked messages",
+        sql: "
+CREATE TABLE IF NOT EXISTS celery_rs_rate_buckets (
+    name text PRIMARY KEY,
+    next_at timestamp with time zone NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celery_rs_key_slots (
+    key text NOT NULL,
+    holder text NOT NULL,
+    expires_at timestamp with time zone NOT NULL,
+    PRIMARY KEY (key, holder)
+);
+CREATE INDEX IF NOT EXISTS celery_rs_key_slots_expires ON celery_rs_key_slots (expires_at);
+CREATE TABLE IF NOT EXISTS celery_rs_parked (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key text NOT NULL,
+    queue text NOT NULL,
+    priority smallint NOT NULL,
+    payload bytea NOT NULL
+);
+CREATE INDEX IF NOT EXISTS celery_rs_parked_key ON celery_rs_parked (key, id);
+CREATE OR REPLACE FUNCTION celery_rs_key_lock(p_key text) RETURNS void
+LANGUAGE sql VOLATILE AS $$
+    SELECT pg_advisory_xact_lock(hashtext('celery_rs_key:' || coalesce(current_schema(), '')), hashtext(p_key))
+$$;
+CREATE OR REPLACE FUNCTION celery_rs_key_unpark(p_key text, p_n integer, p_channel text) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE moved integer;
+BEGIN
+    WITH m AS (
+        DELETE FROM celery_rs_parked WHERE id IN (
+            SELECT id FROM celery_rs_parked WHERE key = p_key ORDER BY id LIMIT p_n)
+        RETURNING queue, priority, payload, id),
+    ins AS (
+        INSERT INTO celery_rs_tasks (queue, priority, payload)
+        SELECT queue, priority, payload FROM m ORDER BY id
+        RETURNING queue),
+    notes AS (SELECT pg_notify(p_channel, q) FROM (SELECT DISTINCT queue AS q FROM ins) d)
+    SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notes) INTO moved;
+    RETURN moved;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire(p_key text, p_limit integer, p_holder text, p_ttl float8,
+    p_queue text, p_priority smallint, p_payload bytea) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_key_lock(p_key);
+    IF EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key AND holder = p_holder)
+        OR (SELECT count(*) FROM celery_rs_key_slots WHERE key = p_key AND expires_at > clock_timestamp()) < p_limit
+    THEN
+        INSERT INTO celery_rs_key_slots (key, holder, expires_at)
+        VALUES (p_key, p_holder, clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+        RETURN true;
+    END IF;
+    INSERT INTO celery_rs_parked (key, queue, priority, payload) VALUES (p_key, p_queue, p_priority, p_payload);
+    RETURN false;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_release(p_key text, p_holder text, p_channel text) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_key_lock(p_key);
+    DELETE FROM celery_rs_key_slots WHERE key = p_key AND holder = p_holder;
+    IF FOUND OR NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key) THEN
+        RETURN celery_rs_key_unpark(p_key, 1, p_channel);
+    END IF;
+    RETURN 0;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_sweep(p_channel text, p_keys integer) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    k text;
+    n integer;
+    moved bigint := 0;
+BEGIN
+    FOR k IN
+        (SELECT key FROM celery_rs_key_slots WHERE expires_at < clock_timestamp() GROUP BY key LIMIT p_keys)
+        UNION
+        (WITH RECURSIVE ks AS (
+            (SELECT key FROM celery_rs_parked ORDER BY key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT p.key FROM celery_rs_parked p WHERE p.key > ks.key ORDER BY p.key LIMIT 1)
+            FROM ks WHERE ks.key IS NOT NULL)
+        SELECT ks.key FROM ks WHERE ks.key IS NOT NULL
+            AND NOT EXISTS (SELECT 1 FROM celery_rs_key_slots s WHERE s.key = ks.key)
+        LIMIT p_keys)
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(
+            hashtext('celery_rs_key:' || coalesce(current_schema(), '')), hashtext(k));
+        DELETE FROM celery_rs_key_slots WHERE key = k AND expires_at < clock_timestamp();
+        GET DIAGNOSTICS n = ROW_COUNT;
+        IF n = 0 AND NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = k) THEN
+            n := 1;
+        END IF;
+        IF n > 0 THEN
+            moved := moved + celery_rs_key_unpark(k, n, p_channel);
+        END IF;
+    END LOOP;
+    RETURN moved;
+END $$;
 ",
     },
 ];
@@ -378,3 +490,30 @@ pub(crate) const LOAD_DOC: &str = "SELECT doc FROM celery_rs_documents WHERE key
 pub(crate) const STORE_DOC: &str = "
 INSERT INTO celery_rs_documents (key, doc) VALUES ($1, $2)
 ON CONFLICT (key) DO UPDATE SET doc = excluded.doc, updated_at = now()";
+
+/// Reserves the next start of rate bucket `$1` spaced `$2` seconds after the one reserved before
+/// it (or now, when that is past); returns the seconds to wait until it (negative: none). One
+/// upsert: the row lock orders concurrent reservations.
+pub(crate) const RATE_RESERVE: &str = "
+INSERT INTO celery_rs_rate_buckets AS b (name, next_at) VALUES ($1, clock_timestamp() + make_interval(secs => $2))
+ON CONFLICT (name) DO UPDATE SET next_at = greatest(b.next_at, clock_timestamp()) + make_interval(secs => $2)
+RETURNING extract(epoch FROM b.next_at - clock_timestamp())::float8 - $2";
+
+/// Takes a slot of key `$1` (limit `$2`) for holder `$3` for `$4` seconds, or parks the message
+/// (queue `$5`, priority `$6`, payload `$7`): true when taken.
+pub(crate) const KEY_ACQUIRE: &str = "SELECT celery_rs_key_acquire($1, $2, $3, $4, $5, $6, $7)";
+
+/// Renews holder `$2`'s slot of key `$1` for `$3` seconds (taking it again if it was swept):
+/// true when it was still there.
+pub(crate) const KEY_RENEW: &str = "
+INSERT INTO celery_rs_key_slots AS s (key, holder, expires_at) VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at
+RETURNING s.xmax <> 0";
+
+/// Frees holder `$2`'s slot of key `$1` and moves the oldest parked message of the key back to
+/// its queue (notifying `$3`): how many moved.
+pub(crate) const KEY_RELEASE: &str = "SELECT celery_rs_key_release($1, $2, $3)";
+
+/// Frees the expired slots of up to `$2` keys and moves a parked message back for each (one for a
+/// key with parked messages and no slot at all), notifying `$1`: how many moved.
+pub(crate) const KEY_SWEEP: &str = "SELECT celery_rs_key_sweep($1, $2)";

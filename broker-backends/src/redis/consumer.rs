@@ -3,7 +3,9 @@
 //! loops: lease renewal, restore of leases past the visibility timeout (the heartbeat sweep in
 //! [`super::holder`] restores a dead worker of ours sooner), and promotion of due ETA messages. The
 //! shell (prefetch, reconnect pauses, batched acks, close) is [`crate::consumer`]'s; settling is in
-//! [`super::settle`].
+//! [`super::settle`]. A fetch's reply is decoded into deliveries by a task of its own
+//! ([`decode_loop`]) while the next fetch is on its way, so Redis does not wait for the worker to
+//! parse what it sent before it gets the next request.
 //!
 //! What an idle consumer costs does not grow with its queues:
 //! - The fetch runs only on the queues marked hot ([`super::wake`]): by a wake-up our producers
@@ -240,6 +242,7 @@ impl RedisConsumer {
             probe_from: 0,
             next_entry: vec![0; shared.groups.len()],
             weights,
+            decoder: None,
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -307,51 +310,95 @@ struct RedisFetch {
     next_entry: Vec<usize>,
     /// The weights of fairness keys when they take turns.
     weights: Arc<FairnessWeights>,
+    /// Where each fetch's reply goes to be decoded ([`decode_loop`], started by the first fetch),
+    /// so that the next fetch is sent while this one's envelopes are decoded. Unbounded in type
+    /// only: what it holds keeps prefetch slots.
+    decoder: Option<mpsc::UnboundedSender<Reply>>,
 }
 
-/// The lists one fetch script takes from: (list, entry), priority first, then queue order.
-type Lists<'a> = Vec<(&'a str, &'a Entry)>;
+/// One fetch script's reply on its way to [`decode_loop`]: its group, the holder's epoch read
+/// before the fetch, the lists it took from as (entry, bucket step) in the script's order, and
+/// the reply's (list index, envelope or size, tag or id) triples.
+struct Reply {
+    group: usize,
+    epoch: u64,
+    lists: Vec<(usize, usize)>,
+    items: Vec<redis::Value>,
+}
+
+/// Decodes the fetched envelopes into deliveries, in the order fetched, until the fetcher is gone
+/// (after the batches it sent are delivered) or nobody receives deliveries any more. A reply that
+/// cannot be read gives its prefetch slot back.
+async fn decode_loop(
+    shared: Arc<Shared>,
+    max_message_size: usize,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    tx: mpsc::Sender<Delivery>,
+) {
+    while let Some(batch) = rx.recv().await {
+        let Reply { group: g, epoch, lists, items } = batch;
+        let list = |i: &redis::Value| {
+            let i = redis::from_redis_value_ref::<usize>(i).unwrap_or(0);
+            lists[i.min(lists.len() - 1)]
+        };
+        // Taken by value: each envelope's bytes move into its delivery instead of being copied.
+        let mut items = items.into_iter();
+        while let (Some(i), Some(env), Some(tag)) = (items.next(), items.next(), items.next()) {
+            let (e, step) = list(&i);
+            let entry = &shared.entries[e];
+            let d = match (env, redis::from_redis_value::<String>(tag)) {
+                (redis::Value::Int(size), id) => oversized(&entry.queue, size, id.ok(), max_message_size),
+                (redis::Value::BulkString(env), Ok(tag)) => {
+                    lock(&shared.leases).insert(tag.clone(), g);
+                    let decoded = envelope::decode(&env);
+                    let size = env.len();
+                    let queue = entry.queue.clone();
+                    let list_key = entry.buckets[step].clone();
+                    let settle =
+                        RedisSettle::new(shared.clone(), tag, g, entry.shard, epoch, env, list_key, queue.clone());
+                    Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size)
+                }
+                _ => {
+                    tracing::error!("redis: fetch script returned an unexpected reply");
+                    shared.slots.give_back(1);
+                    continue;
+                }
+            };
+            if tx.send(d).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// The delivery of an envelope of `queue` the script dead-lettered unread (it holds no lease nor
+/// slot): `size` bytes, `id` the task id the script found in it (or "").
+fn oversized(queue: &str, size: i64, id: Option<String>, limit: usize) -> Delivery {
+    let size = usize::try_from(size).unwrap_or(usize::MAX);
+    tracing::warn!(%queue, size, limit, "redis: oversized message dead-lettered unread");
+    let too_large = ProtocolError::TooLarge { size, limit };
+    let id = id.filter(|id| !id.is_empty());
+    let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
+        Some(id) => ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) },
+        None => too_large,
+    });
+    Delivery::new(message, queue.to_owned(), false, Box::new(Settled)).with_size(size)
+}
 
 impl RedisFetch {
-    /// The delivery of an envelope the script dead-lettered unread (it holds no lease nor slot).
-    fn oversized(&self, lists: &Lists<'_>, chunk: &[redis::Value], size: i64) -> Delivery {
-        let queue = redis::from_redis_value_ref::<usize>(&chunk[0])
-            .map(|i| lists[i.min(lists.len() - 1)].1.queue.clone())
-            .unwrap_or_default();
-        let size = usize::try_from(size).unwrap_or(usize::MAX);
-        let limit = self.max_message_size;
-        tracing::warn!(%queue, size, limit, "redis: oversized message dead-lettered unread");
-        let too_large = ProtocolError::TooLarge { size, limit };
-        let id = redis::from_redis_value_ref::<String>(&chunk[2]).ok().filter(|id| !id.is_empty());
-        let message = Err(match lenient_task_id(&serde_json::json!({ "id": id })) {
-            Some(id) => ProtocolError::InvalidHeaders { id, task: None, reply_to: None, error: Box::new(too_large) },
-            None => too_large,
-        });
-        Delivery::new(message, queue, false, Box::new(Settled)).with_size(size)
-    }
-
-    /// Runs the fetch script on the hot `entries` of group `g` for up to `n` envelopes and sends
-    /// their deliveries: `Ok(Some(taken))`, `Ok(None)` when nobody receives any more.
-    async fn fetch_group(
-        &mut self,
-        g: usize,
-        entries: &[usize],
-        n: usize,
-        tx: &mpsc::Sender<Delivery>,
-    ) -> Result<Option<usize>, redis::RedisError> {
+    /// Runs the fetch script on the hot `entries` of group `g` for up to `n` envelopes and hands
+    /// the reply to the decoder: `Ok(Some(taken))`, `Ok(None)` when nobody receives any more.
+    async fn fetch_group(&mut self, g: usize, entries: &[usize], n: usize) -> Result<Option<usize>, redis::RedisError> {
         let shared = self.shared.clone();
         let group = &shared.groups[g];
-        let lists: Lists<'_> = (0..4)
-            .flat_map(|step| entries.iter().map(move |&e| (step, e)))
-            .map(|(step, e)| (shared.entries[e].buckets[step].as_str(), &shared.entries[e]))
-            .collect();
+        let lists: Vec<(usize, usize)> = (0..4).flat_map(|step| entries.iter().map(move |&e| (e, step))).collect();
         let mut inv = self.script.prepare_invoke();
         inv.key(group.scope.unacked()).key(group.scope.unacked_index()).key(&group.held).key(group.scope.workers());
-        for (k, _) in &lists {
-            inv.key(*k);
+        for &(e, step) in &lists {
+            inv.key(&shared.entries[e].buckets[step]);
         }
-        for (_, e) in &lists {
-            inv.key(&e.dead);
+        for &(e, _) in &lists {
+            inv.key(&shared.entries[e].dead);
         }
         inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
         inv.arg(shared.holder.id());
@@ -362,40 +409,17 @@ impl RedisFetch {
         }
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
         let epoch = shared.holder.liveness().epoch();
-        for (_, e) in &lists {
-            inv.arg(&e.queue);
+        for &(e, _) in &lists {
+            inv.arg(&shared.entries[e].queue);
         }
         let items: Vec<redis::Value> = inv.invoke_async(&mut self.conn).await?;
         // Dead-lettered ones hold no lease nor prefetch slot.
         let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
         let got = items.len() / 3 - oversized;
         self.seq += got as u64;
-        // Taken by value: each envelope's bytes move into its delivery instead of being copied.
-        let mut items = items.into_iter();
-        while let (Some(i), Some(env), Some(tag)) = (items.next(), items.next(), items.next()) {
-            if let redis::Value::Int(size) = env {
-                if tx.send(self.oversized(&lists, &[i, env, tag], size)).await.is_err() {
-                    return Ok(None);
-                }
-                continue;
-            }
-            let (Ok(idx), redis::Value::BulkString(env), Ok(tag)) =
-                (redis::from_redis_value_ref::<usize>(&i), env, redis::from_redis_value::<String>(tag))
-            else {
-                tracing::error!("redis: fetch script returned an unexpected reply");
-                continue;
-            };
-            let (list_key, entry) = lists[idx.min(lists.len() - 1)];
-            lock(&shared.leases).insert(tag.clone(), g);
-            let decoded = envelope::decode(&env);
-            let size = env.len();
-            let queue = entry.queue.clone();
-            let settle =
-                RedisSettle::new(shared.clone(), tag, g, entry.shard, epoch, env, list_key.to_owned(), queue.clone());
-            let d = Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size);
-            if tx.send(d).await.is_err() {
-                return Ok(None);
-            }
+        let reply = Reply { group: g, epoch, lists, items };
+        if self.decoder.as_ref().is_none_or(|d| d.send(reply).is_err()) {
+            return Ok(None);
         }
         Ok(Some(got))
     }
@@ -456,6 +480,11 @@ impl Fetch for RedisFetch {
     /// Takes from the hot queues of the groups in turn, starting one further each time, until `n`
     /// are taken. A group whose fetch filled its request stays hot (more may wait there).
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
+        if self.decoder.is_none() {
+            let (dtx, drx) = mpsc::unbounded_channel();
+            tokio::spawn(decode_loop(self.shared.clone(), self.max_message_size, drx, tx.clone()));
+            self.decoder = Some(dtx);
+        }
         if Instant::now() >= self.next_probe {
             self.probe().await;
             self.next_probe = Instant::now() + self.probe_every;
@@ -477,7 +506,7 @@ impl Fetch for RedisFetch {
                 continue;
             }
             let want = n - taken;
-            match self.fetch_group(g, &hot, want, tx).await {
+            match self.fetch_group(g, &hot, want).await {
                 Ok(Some(got)) => {
                     taken += got;
                     if got >= want {

@@ -119,7 +119,7 @@ pub(super) async fn run_until(
     if !clustered.is_empty() && shared.app.broker().rate_buckets().is_none() {
         tracing::error!(
             broker = shared.app.broker().kind(), tasks = ?clustered,
-            "this broker cannot hold cluster-wide rate limits: these tasks are rejected (use the built-in log broker or Redis)"
+            "this broker cannot hold cluster-wide rate limits: these tasks are rejected (use the built-in log broker, Redis or PostgreSQL)"
         );
     }
     let mut keyed = key_slots::keyed_tasks();
@@ -132,7 +132,7 @@ pub(super) async fn run_until(
             tracing::error!(
                 broker = shared.app.broker().kind(), tasks = ?keyed,
                 "this broker cannot enforce key_concurrency: tasks of these sent with a concurrency key are rejected \
-                 (use the built-in log broker or Redis)"
+                 (use the built-in log broker, Redis or PostgreSQL)"
             );
             None
         }

@@ -1,0 +1,126 @@
+//! Flow control on PostgreSQL ([`celery_core::flow`]): cluster-wide rate limits and per-key
+//! concurrency slots, held in the broker's schema (tables and functions in [`super::sql`],
+//! migration 4).
+//!
+//! - Rate buckets: one row per bucket (a task name) in `celery_rs_rate_buckets` with the next
+//!   free start by the server's clock; a reservation is one upsert ([`sql::RATE_RESERVE`]) whose
+//!   row lock orders concurrent workers, as Redis's one script does.
+//! - Key slots: one row per held slot in `celery_rs_key_slots` (key, holder, lease expiry): a
+//!   lease, not a counter, so a dead worker's slot frees once its lease ends. Taking a slot or
+//!   parking the message is one call of `celery_rs_key_acquire` under the key's advisory lock: no
+//!   slot frees between "full" and "parked". A parked message is a row of `celery_rs_parked` (its
+//!   queue, priority and Kombu envelope) committed before the worker acks its delivery; it waits
+//!   on disk without a worker slot, and nothing polls for it. A release deletes the holder's row
+//!   and moves the oldest parked message of the key (from any queue) back into `celery_rs_tasks`
+//!   with a `NOTIFY` of its queue, as a publish does. The sweep, which every worker with keyed
+//!   tasks runs each third of its lease, deletes expired slots of up to [`SWEEP_KEYS`] keys and
+//!   moves one parked message back per slot it freed, and one for a key with parked messages and
+//!   no slot at all.
+//!
+//! Tasks without a concurrency key or a cluster-wide rate limit never touch these tables.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use celery_core::flow::{validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRequest};
+use celery_core::protocol::Message;
+use celery_core::{BrokerError, ProtocolError};
+
+use super::{check_name, sql, PostgresBroker, MAX_PAYLOAD};
+use crate::envelope;
+
+/// Keys one sweep visits at most, of each kind (with expired slots; parked with no slot held).
+pub const SWEEP_KEYS: i32 = 256;
+
+/// A lease or interval in seconds, at least a millisecond.
+fn secs(d: Duration) -> f64 {
+    d.as_secs_f64().max(0.001)
+}
+
+#[async_trait]
+impl KeySlots for PostgresBroker {
+    async fn acquire_or_park(
+        &self,
+        req: &SlotRequest<'_>,
+        queue: &str,
+        msg: &Message,
+    ) -> Result<Admission, BrokerError> {
+        req.validate()?;
+        check_name("key slot holder", req.holder)?;
+        check_name("queue", queue)?;
+        let env = envelope::encode(msg, "", queue);
+        if env.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
+        }
+        let priority = i16::from(envelope::kombu_priority(msg));
+        let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
+        let payload = env.into_bytes();
+        let rows = self
+            .inner
+            .db
+            .query(
+                "take a key slot",
+                sql::KEY_ACQUIRE,
+                &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload],
+            )
+            .await?;
+        let taken = rows.first().is_some_and(|r| r.get::<_, bool>(0));
+        Ok(if taken { Admission::Acquired } else { Admission::Parked })
+    }
+
+    async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
+        validate_key(key)?;
+        check_name("key slot holder", holder)?;
+        let rows = self.inner.db.query("renew a key slot", sql::KEY_RENEW, &[&key, &holder, &secs(ttl)]).await?;
+        Ok(rows.first().is_some_and(|r| r.get::<_, bool>(0)))
+    }
+
+    /// Moves the oldest parked message of `key` back to the queue it was parked from (whichever
+    /// that is: `queue` is not needed here).
+    async fn release(&self, key: &str, holder: &str, _queue: &str) -> Result<(), BrokerError> {
+        validate_key(key)?;
+        check_name("key slot holder", holder)?;
+        let channel = &self.inner.channels.0;
+        self.inner.db.query("release a key slot", sql::KEY_RELEASE, &[&key, &holder, channel]).await.map(drop)
+    }
+
+    async fn sweep(&self) -> Result<u64, BrokerError> {
+        let channel = &self.inner.channels.0;
+        let rows = self.inner.db.query("sweep key slots", sql::KEY_SWEEP, &[channel, &SWEEP_KEYS]).await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
+    }
+}
+
+#[async_trait]
+impl RateBuckets for PostgresBroker {
+    async fn reserve(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError> {
+        validate_bucket(name, interval)?;
+        let rows =
+            self.inner.db.query("reserve a rate limit start", sql::RATE_RESERVE, &[&name, &secs(interval)]).await?;
+        let wait = rows.first().map_or(0.0, |r| r.get::<_, f64>(0));
+        Ok(wait_of(wait))
+    }
+}
+
+/// The wait the server answered, in seconds (negative or not a number: none).
+fn wait_of(secs: f64) -> Duration {
+    if secs.is_finite() && secs > 0.0 {
+        Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
+    } else {
+        Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_are_never_negative_and_keep_microseconds() {
+        assert_eq!(wait_of(-0.0002), Duration::ZERO);
+        assert_eq!(wait_of(f64::NAN), Duration::ZERO);
+        assert_eq!(wait_of(0.049_5), Duration::from_micros(49_500));
+        assert_eq!(secs(Duration::ZERO), 0.001);
+        assert_eq!(secs(Duration::from_millis(50)), 0.05);
+    }
+}
