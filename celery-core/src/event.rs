@@ -45,7 +45,48 @@ pub fn routing_key(event: &Value) -> String {
 
 /// An event as a message: the document as the JSON body, `hostname` as a header.
 pub fn message(event: &Value) -> Message {
+    message_of(event["hostname"].clone(), serde_json::to_vec(event).unwrap_or_default())
+}
+
+/// An event already encoded as its JSON document, as a message (what [`message`] makes of it).
+pub fn encoded_message(hostname: &str, body: Vec<u8>) -> Message {
+    message_of(hostname.into(), body)
+}
+
+/// The routing key of a batch of task events: Celery's dispatcher sends its buffered `task` group
+/// with this key (`celery events` and Flower read such a batch as its events, in order).
+pub const TASK_BATCH_ROUTING_KEY: &str = "task.multi";
+
+/// Task events of one worker as one message, as Celery's dispatcher sends a buffered group: the
+/// JSON list of the documents (each given already encoded) as the body, `hostname` as a header.
+/// One broadcast then carries many events; send it with [`TASK_BATCH_ROUTING_KEY`].
+///
+/// ```
+/// let events: Vec<Vec<u8>> = ["task-received", "task-started"]
+///     .iter()
+///     .map(|kind| serde_json::to_vec(&celery_core::event::event(kind, "w1@host", 1, serde_json::json!({"uuid": "t1"}))).unwrap())
+///     .collect();
+/// let msg = celery_core::event::batch_message("w1@host", &events);
+/// let body: serde_json::Value = serde_json::from_slice(&msg.body).unwrap();
+/// assert_eq!(body[1]["type"], "task-started");
+/// assert_eq!(msg.headers.extra["hostname"], "w1@host");
+/// ```
+pub fn batch_message(hostname: &str, encoded: &[Vec<u8>]) -> Message {
+    let len = encoded.iter().map(|e| e.len() + 1).sum::<usize>() + 1;
+    let mut body = Vec::with_capacity(len);
+    body.push(b'[');
+    for (i, e) in encoded.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(e);
+    }
+    body.push(b']');
+    message_of(hostname.into(), body)
+}
+
+fn message_of(hostname: Value, body: Vec<u8>) -> Message {
     let mut headers = Headers { id: uuid::Uuid::new_v4().to_string(), ..Headers::default() };
-    headers.extra.insert("hostname".into(), event["hostname"].clone());
-    Message { headers, properties: Properties::default(), body: serde_json::to_vec(event).unwrap_or_default() }
+    headers.extra.insert("hostname".into(), hostname);
+    Message { headers, properties: Properties::default(), body }
 }

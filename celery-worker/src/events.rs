@@ -8,7 +8,9 @@
 //! control, also sends for each task `task-received`, `task-started`, then `task-succeeded`,
 //! `task-failed`, `task-retried` or `task-revoked` (`task-failed` also for a message rejected as
 //! bad input). Events are best effort: sent in the background,
-//! dropped (and counted) when the broker cannot keep up, never slowing a task down. Their `clock`
+//! dropped (and counted) when the broker cannot keep up, never slowing a task down; task events
+//! that queue up while the sender waits on the broker go together in one broadcast (Celery's
+//! `task.multi` list, see [`EventDispatcher`]), so under a burst it keeps up. Their `clock`
 //! is the worker's Lamport clock ([`LamportClock`]), the one `inspect clock` reports.
 //!
 //! ```no_run
@@ -30,7 +32,9 @@ use serde_json::{json, Value};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
-use celery_core::event::exchange;
+use celery_core::event::{exchange, TASK_BATCH_ROUTING_KEY};
+use celery_core::protocol::Message;
+use celery_core::routing::Exchange;
 
 /// A Lamport clock, as Kombu's `LamportClock`: every event sent moves it forward by one, and a
 /// message received from another node carrying its clock moves it past that (`adjust`), so that
@@ -79,13 +83,39 @@ enum Outgoing {
     Flush(oneshot::Sender<()>),
 }
 
+/// Events queued for the background sender at most; more are dropped (and counted).
+const QUEUED: usize = 10_000;
+/// The most task events one broadcast carries.
+const BATCH_EVENTS: usize = 500;
+/// The most bytes of task events one broadcast carries (an event larger than this goes alone).
+const BATCH_BYTES: usize = 256 << 10;
+/// Attempts to hand one broadcast to the broker before its events are given up (lost, counted).
+const ATTEMPTS: u32 = 3;
+
+/// What became of the events of one dispatcher.
+#[derive(Debug, Default)]
+struct Counts {
+    sent: AtomicU64,
+    broadcasts: AtomicU64,
+    dropped: AtomicU64,
+    lost: AtomicU64,
+}
+
 /// Sends events from one worker (cheap to clone).
+///
+/// [`send`](EventDispatcher::send) only queues (at most 10,000; beyond that an event is dropped and
+/// counted, so a task never waits for the broker). One background task hands them to the broker
+/// in order: whatever task events queued up while it sent the last ones go together in one
+/// broadcast (a JSON list with the routing key `task.multi`, as Celery's dispatcher sends a
+/// buffered group; at most 500 events or 256 KiB), so under a burst it needs one round trip for
+/// hundreds of events and keeps up, while a lone event still goes alone, as before. A broadcast
+/// the broker refuses is tried three times before its events are counted lost.
 #[derive(Debug, Clone)]
 pub struct EventDispatcher {
     tx: mpsc::Sender<Outgoing>,
     hostname: Arc<str>,
     clock: Arc<LamportClock>,
-    dropped: Arc<AtomicU64>,
+    counts: Arc<Counts>,
 }
 
 impl EventDispatcher {
@@ -96,27 +126,10 @@ impl EventDispatcher {
 
     /// Starts the background sender for `hostname`'s events, stamping them with `clock`.
     pub fn with_clock(app: App, hostname: &str, clock: Arc<LamportClock>) -> EventDispatcher {
-        let (tx, mut rx) = mpsc::channel::<Outgoing>(10_000);
-        tokio::spawn(async move {
-            let exchange = exchange();
-            while let Some(out) = rx.recv().await {
-                let event = match out {
-                    Outgoing::Event(e) => e,
-                    Outgoing::Flush(done) => {
-                        let _ = done.send(());
-                        continue;
-                    }
-                };
-                let msg = celery_core::event::message(&event);
-                let key = celery_core::event::routing_key(&event);
-                if let Err(e) =
-                    async { app.broker().require_broadcasts("events")?.broadcast(&exchange, &key, &msg).await }.await
-                {
-                    tracing::debug!(error = %e, "events: cannot send an event");
-                }
-            }
-        });
-        EventDispatcher { tx, hostname: hostname.into(), clock, dropped: Arc::default() }
+        let (tx, rx) = mpsc::channel::<Outgoing>(QUEUED);
+        let counts = Arc::new(Counts::default());
+        tokio::spawn(send_queued(app, hostname.to_owned(), rx, counts.clone()));
+        EventDispatcher { tx, hostname: hostname.into(), clock, counts }
     }
 
     /// Sends an event of `kind` (`task-succeeded`) with `fields`, adding the common fields
@@ -124,8 +137,11 @@ impl EventDispatcher {
     pub fn send(&self, kind: &str, fields: Value) {
         let clock = self.clock.forward();
         let event = celery_core::event::event(kind, &self.hostname, clock, fields);
-        if self.tx.try_send(Outgoing::Event(event)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.tx.try_send(Outgoing::Event(event)).is_err() && self.counts.dropped.fetch_add(1, Ordering::Relaxed) == 0
+        {
+            tracing::warn!(
+                "events: the sender fell behind the broker; events are dropped (counted) rather than slow tasks"
+            );
         }
     }
 
@@ -139,7 +155,116 @@ impl EventDispatcher {
 
     /// Events dropped because the sender fell behind.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.counts.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Events handed to the broker.
+    pub fn sent(&self) -> u64 {
+        self.counts.sent.load(Ordering::Relaxed)
+    }
+
+    /// Broadcasts that carried them (fewer than the events when task events went in batches).
+    pub fn broadcasts(&self) -> u64 {
+        self.counts.broadcasts.load(Ordering::Relaxed)
+    }
+
+    /// Events whose broadcast the broker refused (three times, or once for good).
+    pub fn lost(&self) -> u64 {
+        self.counts.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// What the sender took from the queue, the event encoded for the broker.
+enum Taken {
+    Event { routing_key: String, body: Vec<u8>, task: bool },
+    Flush(oneshot::Sender<()>),
+}
+
+impl Taken {
+    fn of(out: Outgoing) -> Taken {
+        match out {
+            Outgoing::Event(e) => {
+                let routing_key = celery_core::event::routing_key(&e);
+                let task = routing_key.starts_with("task.");
+                Taken::Event { routing_key, body: serde_json::to_vec(&e).unwrap_or_default(), task }
+            }
+            Outgoing::Flush(done) => Taken::Flush(done),
+        }
+    }
+}
+
+/// The background sender: hands the queued events to the broker in order, the task events that
+/// queued up meanwhile together in one broadcast.
+async fn send_queued(app: App, hostname: String, mut rx: mpsc::Receiver<Outgoing>, counts: Arc<Counts>) {
+    let exchange = exchange();
+    // What was taken from the queue but belongs after the batch being sent.
+    let mut next: Option<Taken> = None;
+    loop {
+        let first = match next.take() {
+            Some(t) => t,
+            None => match rx.recv().await {
+                Some(out) => Taken::of(out),
+                None => return,
+            },
+        };
+        let (routing_key, body) = match first {
+            Taken::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            Taken::Event { routing_key, body, task: false } => {
+                let msg = celery_core::event::encoded_message(&hostname, body);
+                broadcast(&app, &exchange, &routing_key, &msg, 1, &counts).await;
+                continue;
+            }
+            Taken::Event { routing_key, body, task: true } => (routing_key, body),
+        };
+        let mut bytes = body.len();
+        let mut batch = vec![body];
+        while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
+            let Ok(out) = rx.try_recv() else { break };
+            match Taken::of(out) {
+                Taken::Event { body, task: true, .. } if bytes + body.len() <= BATCH_BYTES => {
+                    bytes += body.len();
+                    batch.push(body);
+                }
+                other => {
+                    next = Some(other);
+                    break;
+                }
+            }
+        }
+        let n = batch.len() as u64;
+        let (key, msg) = if n == 1 {
+            (routing_key.as_str(), celery_core::event::encoded_message(&hostname, batch.pop().unwrap_or_default()))
+        } else {
+            (TASK_BATCH_ROUTING_KEY, celery_core::event::batch_message(&hostname, &batch))
+        };
+        broadcast(&app, &exchange, key, &msg, n, &counts).await;
+    }
+}
+
+/// Hands one broadcast of `events` events to the broker, trying [`ATTEMPTS`] times.
+async fn broadcast(app: &App, exchange: &Exchange, key: &str, msg: &Message, events: u64, counts: &Counts) {
+    let mut pause = Duration::from_millis(50);
+    for attempt in 1..=ATTEMPTS {
+        match async { app.broker().require_broadcasts("events")?.broadcast(exchange, key, msg).await }.await {
+            Ok(()) => {
+                counts.sent.fetch_add(events, Ordering::Relaxed);
+                counts.broadcasts.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(e) if attempt < ATTEMPTS && e.is_retryable() => {
+                tracing::debug!(error = %e, attempt, "events: the broker refused a broadcast; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 4;
+            }
+            Err(e) => {
+                counts.lost.fetch_add(events, Ordering::Relaxed);
+                tracing::warn!(error = %e, events, "events: the broker refused a broadcast; its events are lost");
+                return;
+            }
+        }
     }
 }
 
@@ -227,6 +352,43 @@ mod tests {
         let types: Vec<_> = got.iter().map(|e| e["type"].as_str().unwrap()).collect();
         assert_eq!(types, ["task-received", "task-started", "task-succeeded"]);
         assert!(events_in(b"[1, 2]").is_empty() && events_in(b"not json").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_task_events_goes_in_batches_and_a_lone_event_alone() {
+        let dir = std::env::temp_dir().join(format!("events-{}", uuid::Uuid::new_v4().simple()));
+        let url = format!("log://{}", dir.display());
+        let app = crate::connect(&url, &url).await.unwrap();
+        let broadcasts = app.broker().require_broadcasts("events").unwrap();
+        let mut sub = broadcasts.subscribe(&exchange(), "#").await.unwrap();
+        let events = EventDispatcher::start(app.clone(), "w1@test");
+        let n = 3000;
+        for i in 0..n {
+            events.send("task-received", json!({"uuid": i.to_string()}));
+        }
+        events.send("worker-heartbeat", json!({}));
+        assert!(events.flush(Duration::from_secs(30)).await);
+        let (mut seen, mut keys) = (Vec::new(), Vec::new());
+        while seen.len() < n + 1 {
+            let b = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+            seen.extend(events_in(&b.body));
+            keys.push(b.routing_key);
+        }
+        let ids: Vec<&str> = seen[..n].iter().map(|e| e["uuid"].as_str().unwrap()).collect();
+        assert!(ids.iter().enumerate().all(|(i, id)| *id == i.to_string()), "in order, each once");
+        assert_eq!(seen[n]["type"], "worker-heartbeat", "after the task events");
+        assert_eq!(keys.last().map(String::as_str), Some("worker.heartbeat"), "a worker event goes alone");
+        assert!(keys.iter().any(|k| k == TASK_BATCH_ROUTING_KEY));
+        assert_eq!((events.sent(), events.dropped(), events.lost()), (n as u64 + 1, 0, 0));
+        assert!(events.broadcasts() < n as u64 / 10, "{} broadcasts for {n} events", events.broadcasts());
+        // Alone, an event goes as a document with its own routing key (what Celery's tools expect).
+        events.send("task-started", json!({"uuid": "x"}));
+        let b = tokio::time::timeout(Duration::from_secs(10), sub.next()).await.unwrap().unwrap();
+        assert_eq!(b.routing_key, "task.started");
+        let alone: Value = serde_json::from_slice(&b.body).unwrap();
+        assert_eq!((alone["type"].as_str(), alone["hostname"].as_str()), (Some("task-started"), Some("w1@test")));
+        drop((sub, app));
+        std::fs::remove_dir_all(dir).ok();
     }
 
     #[tokio::test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use celery_core::{App, Signature};
 use celery_tests::{free_port, http, wait_until, DemoProcess, Target};
+use futures::StreamExt;
 use serde_json::{json, Value};
 
 const T: Duration = Duration::from_secs(30);
@@ -203,4 +204,97 @@ async fn without_a_store_the_history_is_in_memory_and_says_so() {
     let (_, page) = get(&addr, "/api/history");
     assert_eq!(page["memory_only"], true, "{page}");
     assert!(page["kept"].as_str().unwrap().contains("lost on restart"), "{page}");
+}
+
+/// Tasks of the burst tests: as many as a user's burst that the issue measured losing a third of.
+const BURST: usize = 5000;
+
+/// Every task of the history whose state is final, walking all its pages (newest first).
+fn final_ids(addr: &str) -> Result<HashSet<String>, String> {
+    let mut found = HashSet::new();
+    let mut path = "/api/history?limit=500".to_owned();
+    loop {
+        let (status, page) = get(addr, &path);
+        if status != 200 {
+            return Err(format!("{status}: {page}"));
+        }
+        for t in page["tasks"].as_array().into_iter().flatten() {
+            if matches!(t["state"].as_str(), Some("SUCCESS" | "FAILURE")) {
+                found.insert(t["id"].as_str().unwrap_or_default().to_owned());
+            }
+        }
+        match page["next"].as_str() {
+            Some(next) => path = format!("/api/history?limit=500&cursor={}", next.replace(':', "%3A")),
+            None => return Ok(found),
+        }
+    }
+}
+
+/// The lines of `log` that carry `needle` (the counts a worker or monitor logs about its events).
+fn lines_with(log: &str, needle: &str) -> String {
+    log.lines().filter(|l| l.contains(needle)).collect::<Vec<_>>().join("\n")
+}
+
+/// A burst of [`BURST`] adds, sent 32 at a time without waiting for any to run, run by a worker
+/// with 64 at once: every one of them reaches the history in a final state (the events are sent in
+/// batches, and what is still not final is settled from the result backend).
+async fn a_burst_reaches_the_history_complete(target: Target) {
+    let (broker, backend) = target.urls();
+    let host = format!("burst-{}@test", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let (monitor, addr) = monitor(&broker, &backend, &[]);
+    let mut worker = DemoProcess::start_urls(&broker, &backend, &["worker", "-E", "-c", "64", "-n", &host]);
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    let app = celery_worker::connect(&broker, &backend).await.unwrap();
+    let sent_at = std::time::Instant::now();
+    // 32 sends in flight at once, as a burst of web requests would.
+    let sends = (0..BURST).map(|i| app.send(Signature::by_name("add").args(json!([i, i]))));
+    let sent: HashSet<String> =
+        futures::stream::iter(sends).buffer_unordered(32).map(|r| r.unwrap().id().to_owned()).collect().await;
+    assert_eq!(sent.len(), BURST);
+    let sending = sent_at.elapsed();
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let (mut found, mut grew_at) = (HashSet::new(), std::time::Instant::now());
+    // Until all are there, the deadline passes, or nothing new arrived for 30 s (then it fails).
+    while std::time::Instant::now() < deadline && grew_at.elapsed() < Duration::from_secs(30) {
+        let now = final_ids(&addr).unwrap_or_default();
+        if now.len() > found.len() {
+            grew_at = std::time::Instant::now();
+        }
+        found = now;
+        if sent.iter().all(|id| found.contains(id)) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let missing = sent.iter().filter(|id| !found.contains(*id)).count();
+    worker.signal("TERM");
+    let stopped = worker.wait_exit(T).is_some();
+    eprintln!(
+        "burst of {BURST} on {broker}: sent in {sending:?}, {} in the history in a final state after {:?}\n{}\n{}",
+        BURST - missing,
+        sent_at.elapsed(),
+        lines_with(&worker.log(), "events:"),
+        lines_with(&monitor.log(), "monitor: history"),
+    );
+    assert_eq!(missing, 0, "{missing} of {BURST} tasks missing from the history\n{}", monitor.log());
+    assert!(stopped, "{}", worker.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_the_history_complete_on_the_log_broker() {
+    a_burst_reaches_the_history_complete(Target::log()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_the_history_complete_on_redis() {
+    if let Some(t) = Target::redis() {
+        a_burst_reaches_the_history_complete(t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_reaches_the_history_complete_on_postgres() {
+    if let Some(t) = Target::postgres() {
+        a_burst_reaches_the_history_complete(t).await;
+    }
 }

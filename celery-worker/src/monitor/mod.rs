@@ -14,7 +14,9 @@
 //!   PostgreSQL; with RabbitMQ the result backend's, else in memory only, which the page says),
 //!   searchable by id, name, state, worker, time range and argument text, a page at a time. The
 //!   monitor writes each changed task at most once a second, in batches, off the event stream;
-//!   a monitor started later reads the newest tasks back, so the page shows them at once;
+//!   a task its events left unfinished (a final event lost) takes its final state from the result
+//!   backend a few seconds later ([`state::SETTLE_AFTER`]); a monitor started later reads the
+//!   newest tasks back, so the page shows them at once (and settles those left unfinished);
 //! - throughput over the last ten minutes;
 //! - **revoke** (optionally terminating).
 //!
@@ -130,6 +132,12 @@ impl HistoryAt {
 
 /// How often changed tasks are written to the history store.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// Unfinished tasks whose result one flush looks at, at most.
+const SETTLE_BATCH: usize = 500;
+/// Results looked up at once.
+const SETTLE_CONCURRENCY: usize = 16;
+/// The shortest pause between two log lines about what the history was given.
+const REPORT_EVERY: Duration = Duration::from_secs(10);
 /// Tasks read back from the history store when the monitor starts.
 const SEED_TASKS: usize = 1000;
 
@@ -215,24 +223,63 @@ async fn seed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>) {
 async fn flush(app: App, history: Arc<HistoryAt>, state: Arc<Mutex<MonitorState>>, keep: Retain) {
     let mut tick = tokio::time::interval(FLUSH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut written, mut settled, mut reported) = (0u64, 0u64, (0u64, tokio::time::Instant::now()));
     loop {
         tick.tick().await;
-        flush_changed(&app, &history, &state, &keep).await;
+        settled += settle(&app, &state).await;
+        written += flush_changed(&app, &history, &state, &keep).await;
+        if written != reported.0 && reported.1.elapsed() >= REPORT_EVERY {
+            let (events, unsettled) = {
+                let s = lock(&state);
+                (s.events(), s.unsettled_len())
+            };
+            tracing::info!(events, written, settled, unsettled, "monitor: history written (task events folded, task records written, tasks settled from their results, unfinished tasks still looked at)");
+            reported = (written, tokio::time::Instant::now());
+        }
     }
 }
 
+/// Looks up the results of the unfinished tasks that are due ([`MonitorState::due_checks`]) and
+/// settles those the result backend says are finished; returns how many. A lookup that fails is
+/// tried at the task's next look.
+async fn settle(app: &App, state: &Mutex<MonitorState>) -> u64 {
+    use futures::StreamExt;
+    let due = lock(state).due_checks(celery_core::event::now(), SETTLE_BATCH);
+    if due.is_empty() {
+        return 0;
+    }
+    let lookups = due.into_iter().map(|id| {
+        let backend = app.backend().clone();
+        async move { backend.get(&id).await }
+    });
+    let found: Vec<_> = futures::stream::iter(lookups).buffer_unordered(SETTLE_CONCURRENCY).collect().await;
+    let mut s = lock(state);
+    let mut settled = 0;
+    for got in found {
+        match got {
+            Ok(Some(meta)) => settled += u64::from(s.settle(&meta)),
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "monitor: cannot read a task's result"),
+        }
+    }
+    settled
+}
+
 /// Writes every task changed since the last write; a failed batch stays marked for the next one.
-async fn flush_changed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>, keep: &Retain) {
+/// Returns how many were written.
+async fn flush_changed(app: &App, history: &HistoryAt, state: &Mutex<MonitorState>, keep: &Retain) -> u64 {
+    let mut written = 0;
     loop {
         let batch = lock(state).take_changed(celery_core::history::MAX_BATCH);
         if batch.is_empty() {
-            return;
+            return written;
         }
         if let Err(e) = history.store(app).record(&batch, keep).await {
             tracing::warn!(error = %e, tasks = batch.len(), "monitor: writing the task history failed; retrying in a second");
-            lock(state).mark_changed(batch.into_iter().map(|t| t.id));
-            return;
+            lock(state).give_back(batch);
+            return written;
         }
+        written += batch.len() as u64;
     }
 }
 

@@ -1,10 +1,17 @@
 //! What the dashboard knows, folded from Celery's events: workers, the latest tasks with their
 //! timelines, and per-second throughput over the last ten minutes. Each task changed since the
 //! last [`MonitorState::take_changed`] is marked, so the monitor writes it to its history store at
-//! most once per flush however many events it had.
+//! most once per flush however many events it had; a changed task pushed out of memory by newer
+//! ones is still handed to the next flush.
+//!
+//! Events are at most once, so a task may miss its final event. A task whose last event left it
+//! unfinished is due for a look at the result backend [`SETTLE_AFTER`] seconds later
+//! ([`MonitorState::due_checks`]), then again less and less often while it is still unfinished
+//! there (a long task); what the backend says is final settles it ([`MonitorState::settle`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+use celery_core::backend::TaskMeta;
 use celery_core::history::TaskRecord;
 use celery_core::progress::Progress;
 use serde::Serialize;
@@ -14,6 +21,13 @@ use serde_json::Value;
 const MAX_TASKS: usize = 10_000;
 /// Seconds of throughput kept.
 const WINDOW: usize = 600;
+/// Seconds after a task's last event (unfinished) before the result backend is asked for its state.
+pub const SETTLE_AFTER: f64 = 3.0;
+/// The longest pause between two looks at an unfinished task's result (seconds).
+const SETTLE_PAUSE_MAX: f64 = 300.0;
+/// Looks at one task's result before giving up (a task whose result is never stored, about an
+/// hour of looks).
+const SETTLE_TRIES: u32 = 16;
 
 /// A worker as its events describe it.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -40,8 +54,21 @@ pub struct MonitorState {
     order: VecDeque<String>,
     /// Tasks changed since the last [`MonitorState::take_changed`].
     changed: HashSet<String>,
+    /// Changed tasks pushed out of `tasks` before they were taken (at most [`MAX_TASKS`]).
+    evicted: Vec<TaskRecord>,
+    /// Unfinished tasks: when to look at their result next.
+    unsettled: HashMap<String, Check>,
+    /// Task events folded in.
+    events: u64,
     /// (second, succeeded, failed), oldest first.
     throughput: VecDeque<(i64, u64, u64)>,
+}
+
+/// When to look at an unfinished task's result next, and how many looks it had.
+#[derive(Debug, Clone, Copy)]
+struct Check {
+    due: f64,
+    tries: u32,
 }
 
 /// A state no report replaces (events may arrive out of order).
@@ -77,16 +104,43 @@ impl MonitorState {
         }
         let Some(event) = kind.strip_prefix("task-") else { return };
         let Some(id) = e["uuid"].as_str() else { return };
+        self.events += 1;
         if !self.tasks.contains_key(id) {
             self.order.push_back(id.to_owned());
             if self.order.len() > MAX_TASKS {
                 if let Some(old) = self.order.pop_front() {
-                    self.tasks.remove(&old);
-                    self.changed.remove(&old);
+                    self.forget(&old);
                 }
             }
         }
         self.changed.insert(id.to_owned());
+        self.fold(id, event, kind, host, ts, e);
+        match self.tasks.get(id) {
+            Some(t) if !is_final(&t.state) => {
+                self.unsettled.insert(id.to_owned(), Check { due: ts + SETTLE_AFTER, tries: 0 });
+            }
+            _ => {
+                self.unsettled.remove(id);
+            }
+        }
+    }
+
+    /// Drops the oldest task from memory; when it changed since the last flush, the next flush
+    /// still writes it.
+    fn forget(&mut self, id: &str) {
+        self.unsettled.remove(id);
+        let Some(t) = self.tasks.remove(id) else { return };
+        if self.changed.remove(id) {
+            if self.evicted.len() < MAX_TASKS {
+                self.evicted.push(t);
+            } else {
+                tracing::warn!(task = %id, "monitor: a task changed faster than the history is written; its change is lost");
+            }
+        }
+    }
+
+    /// Folds one task event into its record.
+    fn fold(&mut self, id: &str, event: &str, kind: &str, host: String, ts: f64, e: &Value) {
         let t = self.tasks.entry(id.to_owned()).or_default();
         t.id = id.to_owned();
         t.hostname = host;
@@ -157,18 +211,85 @@ impl MonitorState {
 
     /// The tasks changed since the last call (at most `max`; the rest stay marked), as they are now.
     pub fn take_changed(&mut self, max: usize) -> Vec<TaskRecord> {
-        let ids: Vec<String> = self.changed.iter().take(max).cloned().collect();
-        ids.into_iter()
-            .filter_map(|id| {
-                self.changed.remove(&id);
-                self.tasks.get(&id).cloned()
-            })
-            .collect()
+        let mut out: Vec<TaskRecord> = self.evicted.drain(..self.evicted.len().min(max)).collect();
+        let ids: Vec<String> = self.changed.iter().take(max - out.len()).cloned().collect();
+        out.extend(ids.into_iter().filter_map(|id| {
+            self.changed.remove(&id);
+            self.tasks.get(&id).cloned()
+        }));
+        out
     }
 
-    /// Marks tasks changed again (their write failed): the next flush writes them.
-    pub fn mark_changed(&mut self, ids: impl IntoIterator<Item = String>) {
-        self.changed.extend(ids.into_iter().filter(|id| self.tasks.contains_key(id)));
+    /// Task events folded in so far.
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    /// At most `max` unfinished tasks whose result is due for a look at `now` (seconds since the
+    /// epoch); each is due again later (5 s, 10 s, 20 s, ... at most 5 minutes), unless
+    /// [`MonitorState::settle`] settles it, and is given up after 16 looks.
+    pub fn due_checks(&mut self, now: f64, max: usize) -> Vec<String> {
+        let due: Vec<String> =
+            self.unsettled.iter().filter(|(_, c)| c.due <= now).take(max).map(|(id, _)| id.clone()).collect();
+        for id in &due {
+            if let Some(c) = self.unsettled.get_mut(id) {
+                c.tries += 1;
+                c.due = now + (5.0 * f64::from(1u32 << c.tries.min(10))).min(SETTLE_PAUSE_MAX);
+                if c.tries >= SETTLE_TRIES {
+                    self.unsettled.remove(id);
+                }
+            }
+        }
+        due
+    }
+
+    /// Unfinished tasks the monitor still looks at.
+    pub fn unsettled_len(&self) -> usize {
+        self.unsettled.len()
+    }
+
+    /// Takes the result backend's document of a task whose events left it unfinished: a final
+    /// state there (SUCCESS, FAILURE, REVOKED, REJECTED) becomes the task's, with its result or
+    /// error (and its name and worker, when the events had not said them). True when it did.
+    pub fn settle(&mut self, meta: &TaskMeta) -> bool {
+        let state = meta.status.as_str();
+        if !is_final(state) {
+            return false;
+        }
+        let Some(t) = self.tasks.get_mut(&meta.task_id) else { return false };
+        if is_final(&t.state) {
+            return false;
+        }
+        t.state = state.to_owned();
+        if state == "SUCCESS" {
+            t.result = Some(meta.result.to_string());
+        } else {
+            t.exception = Some(match meta.exception() {
+                Some((kind, message)) => format!("{kind}: {message}"),
+                None => text(&meta.result),
+            });
+            t.traceback = meta.traceback.clone();
+        }
+        if t.name.is_empty() {
+            t.name = meta.name.clone().unwrap_or_default();
+        }
+        if t.hostname.is_empty() {
+            t.hostname = meta.worker.clone().unwrap_or_default();
+        }
+        self.unsettled.remove(&meta.task_id);
+        self.changed.insert(meta.task_id.clone());
+        true
+    }
+
+    /// Takes back tasks whose write failed: the next flush writes them (as they are by then).
+    pub fn give_back(&mut self, batch: Vec<TaskRecord>) {
+        for t in batch {
+            if self.tasks.contains_key(&t.id) {
+                self.changed.insert(t.id);
+            } else if self.evicted.len() < MAX_TASKS {
+                self.evicted.push(t);
+            }
+        }
     }
 
     /// Tasks changed and not written yet.
@@ -184,6 +305,10 @@ impl MonitorState {
                 continue;
             }
             self.order.push_front(t.id.clone());
+            if !is_final(&t.state) {
+                // Left unfinished by an earlier monitor: its result may say more now.
+                self.unsettled.insert(t.id.clone(), Check { due: 0.0, tries: 0 });
+            }
             self.tasks.insert(t.id.clone(), t);
         }
     }
@@ -257,7 +382,8 @@ mod tests {
         taken.sort();
         assert_eq!(taken, ["t1", "t2"]);
         assert!(m.take_changed(10).is_empty(), "nothing changed since");
-        m.mark_changed(["t1".to_owned(), "unknown".to_owned()]);
+        let t1 = m.task("t1").unwrap();
+        m.give_back(vec![t1]);
         assert_eq!(m.changed_len(), 1);
         let old = TaskRecord { id: "t0".into(), name: "old".into(), received: 1.0, ..TaskRecord::default() };
         let t1_stale = TaskRecord { id: "t1".into(), state: "RECEIVED".into(), ..TaskRecord::default() };
@@ -265,6 +391,72 @@ mod tests {
         let ids: Vec<String> = m.tasks("", 10).into_iter().map(|t| t.id).collect();
         assert_eq!(ids, ["t2", "t1", "t0"]);
         assert_eq!(m.task("t1").unwrap().state, "SUCCESS", "what was seen live wins");
+    }
+
+    #[test]
+    fn a_task_left_unfinished_by_its_events_is_settled_from_its_result() {
+        let mut m = MonitorState::default();
+        m.apply(&json!({"type": "task-received", "uuid": "t1", "name": "add", "hostname": "w1", "timestamp": 100.0}));
+        m.apply(&json!({"type": "task-succeeded", "uuid": "t2", "result": "1", "hostname": "w1", "timestamp": 100.0}));
+        assert!(m.due_checks(100.0 + SETTLE_AFTER - 0.1, 10).is_empty(), "not before its last event settled");
+        assert_eq!(m.due_checks(100.0 + SETTLE_AFTER, 10), ["t1"], "a finished task is never looked at");
+        assert!(m.due_checks(100.0 + SETTLE_AFTER + 1.0, 10).is_empty(), "looked at again later, not at once");
+        assert_eq!(m.due_checks(100.0 + SETTLE_AFTER + 10.0, 10), ["t1"]);
+        m.take_changed(10);
+        let pending = TaskMeta::new("t1", celery_core::TaskState::Started, Value::Null);
+        assert!(!m.settle(&pending), "not final there either");
+        let done = TaskMeta { name: Some("other".into()), ..TaskMeta::success("t1", json!(42)) };
+        assert!(m.settle(&done));
+        let t = m.task("t1").unwrap();
+        assert_eq!((t.state.as_str(), t.result.as_deref(), t.name.as_str()), ("SUCCESS", Some("42"), "add"));
+        assert_eq!(m.take_changed(10).len(), 1, "settled: written at the next flush");
+        assert_eq!(m.unsettled_len(), 0);
+        let err = celery_core::TaskError::new("ValueError", "no");
+        assert!(!m.settle(&TaskMeta::error("t1", celery_core::TaskState::Failure, &err)), "final stays");
+        // A task known only from a late event gets its name and worker from the result.
+        m.apply(&json!({"type": "task-started", "uuid": "t3", "timestamp": 200.0}));
+        let failed = TaskMeta {
+            name: Some("boom".into()),
+            worker: Some("w2".into()),
+            ..TaskMeta::error("t3", celery_core::TaskState::Failure, &err)
+        };
+        assert!(m.settle(&failed));
+        let t = m.task("t3").unwrap();
+        assert_eq!(
+            (t.state.as_str(), t.exception.as_deref(), t.name.as_str()),
+            ("FAILURE", Some("ValueError: no"), "boom")
+        );
+    }
+
+    #[test]
+    fn an_unfinished_task_is_given_up_after_its_looks() {
+        let mut m = MonitorState::default();
+        m.apply(&json!({"type": "task-received", "uuid": "t1", "timestamp": 0.0}));
+        let looks = (0..100).filter(|i| !m.due_checks(f64::from(*i) * 1000.0, 10).is_empty()).count();
+        assert_eq!(looks, SETTLE_TRIES as usize);
+        assert_eq!(m.unsettled_len(), 0);
+    }
+
+    #[test]
+    fn a_changed_task_pushed_out_of_memory_is_still_written() {
+        let mut m = MonitorState::default();
+        for i in 0..MAX_TASKS + 5 {
+            m.apply(&json!({"type": "task-received", "uuid": format!("t{i}"), "timestamp": 1.0}));
+        }
+        assert!(m.task("t0").is_none(), "out of memory");
+        let mut taken = HashSet::new();
+        loop {
+            let batch = m.take_changed(1000);
+            if batch.is_empty() {
+                break;
+            }
+            taken.extend(batch.into_iter().map(|t| t.id));
+        }
+        assert_eq!(taken.len(), MAX_TASKS + 5);
+        // A failed write of a task no longer in memory is given back whole.
+        let gone = TaskRecord { id: "t0".into(), state: "RECEIVED".into(), ..TaskRecord::default() };
+        m.give_back(vec![gone.clone()]);
+        assert_eq!(m.take_changed(10), [gone]);
     }
 
     #[test]

@@ -167,6 +167,14 @@ pub(super) async fn run_until(
     if !shared.events.flush(Duration::from_secs(5)).await {
         tracing::warn!("worker-offline could not be sent within 5 s");
     }
+    let ev = &shared.events;
+    tracing::info!(
+        sent = ev.sent(),
+        broadcasts = ev.broadcasts(),
+        dropped = ev.dropped(),
+        lost = ev.lost(),
+        "events: handed to the broker (dropped: the sender was behind; lost: the broker refused them)"
+    );
     tracing::info!("worker stopped");
     Ok(())
 }
