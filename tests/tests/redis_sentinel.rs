@@ -229,12 +229,7 @@ async fn a_demoted_master_is_left_for_the_new_one() {
     assert_eq!(conn.master(), format!("127.0.0.1:{}", sentinel.nodes()[old].port));
     let _: () = conn.set(&key, "before").await.expect("SET on the master");
 
-    let mut s = redis::Client::open(sentinel.sentinels()[0].url.as_str())
-        .and_then(|c| c.get_connection())
-        .expect("a sentinel answers");
-    let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(sentinel.master_name()).query(&mut s).expect("FAILOVER");
-    let new = block_in_place(|| sentinel.wait_new_master(old, Duration::from_secs(60)));
-    let new = new.expect("the sentinels promoted a replica");
+    let new = block_in_place(|| manual_failover(&sentinel, old));
     let started = Instant::now();
     let new_addr = format!("127.0.0.1:{}", sentinel.nodes()[new].port);
     let mut errors = 0;
@@ -281,12 +276,7 @@ async fn an_idle_handle_follows_an_announced_failover() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let mut s = redis::Client::open(sentinel.sentinels()[0].url.as_str())
-        .and_then(|c| c.get_connection())
-        .expect("a sentinel answers");
-    let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(sentinel.master_name()).query(&mut s).expect("FAILOVER");
-    let new = block_in_place(|| sentinel.wait_new_master(old, Duration::from_secs(60)));
-    let new = new.expect("the sentinels promoted a replica");
+    let new = block_in_place(|| manual_failover(&sentinel, old));
     let named = Instant::now();
     let new_addr = format!("127.0.0.1:{}", sentinel.nodes()[new].port);
     while conn.master() != new_addr {
@@ -325,6 +315,15 @@ async fn a_worker_holds_one_sentinel_connection() {
         held = sentinel_connections(pid, &ports);
     }
     eprintln!("redis_sentinel: a worker holds {held} connection to the sentinels");
+}
+
+/// Asks the first sentinel for a manual failover away from node `old`; the node promoted.
+fn manual_failover(sentinel: &Sentinel, old: usize) -> usize {
+    let mut s = redis::Client::open(sentinel.sentinels()[0].url.as_str())
+        .and_then(|c| c.get_connection())
+        .expect("a sentinel answers");
+    let _: () = redis::cmd("SENTINEL").arg("FAILOVER").arg(sentinel.master_name()).query(&mut s).expect("FAILOVER");
+    sentinel.wait_new_master(old, Duration::from_secs(60)).expect("the sentinels promoted a replica")
 }
 
 /// Established TCP connections of process `pid` to one of `ports` on loopback (from `/proc`).
