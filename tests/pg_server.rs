@@ -1,5 +1,5 @@
 //! A private PostgreSQL server for the tests that stop, restart or crash one, and a TCP proxy that
-//! counts what a server sends.
+//! counts what a server sends and the statements its clients send.
 //!
 //! The machine's own server (127.0.0.1:5432) is shared by every suite and never restarted;
 //! [`PgServer`] runs another from the machine's binaries (`/usr/lib/postgresql/<version>/bin`,
@@ -172,12 +172,15 @@ impl Drop for PgServer {
 }
 
 /// A TCP proxy on a free loopback port that forwards to `upstream` and counts the bytes the
-/// upstream sends back: what a client read from the server. Stopped on drop.
+/// upstream sends back (what a client read from the server) and the statements clients send
+/// (round trips: each `Sync` of the extended protocol and each simple `Query`; connections without
+/// TLS only, whose messages it can read). Stopped on drop.
 #[derive(Debug)]
 pub struct CountingProxy {
     /// `127.0.0.1:PORT`, to connect to instead of the upstream.
     pub addr: String,
     from_server: Arc<AtomicU64>,
+    statements: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -187,18 +190,33 @@ impl CountingProxy {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address").to_string();
         let from_server = Arc::new(AtomicU64::new(0));
-        let (count, upstream) = (from_server.clone(), upstream.to_owned());
+        let statements = Arc::new(AtomicU64::new(0));
+        let (count, sent, upstream) = (from_server.clone(), statements.clone(), upstream.to_owned());
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             while let Ok((client, _)) = listener.accept().await {
-                let (count, upstream) = (count.clone(), upstream.clone());
+                let (count, sent, upstream) = (count.clone(), sent.clone(), upstream.clone());
                 conns.spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else { return };
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
-                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let up = async {
+                        let mut frames = Frames::default();
+                        let mut buf = vec![0; 64 * 1024];
+                        loop {
+                            match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => {
+                                    sent.fetch_add(frames.statements(&buf[..n]), Ordering::Relaxed);
+                                    if sw.write_all(&buf[..n]).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        }
+                    };
                     let down = async {
-                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
                         let mut buf = vec![0; 64 * 1024];
                         loop {
                             match sr.read(&mut buf).await {
@@ -219,12 +237,65 @@ impl CountingProxy {
                 });
             }
         });
-        CountingProxy { addr, from_server, task }
+        CountingProxy { addr, from_server, statements, task }
     }
 
     /// Bytes the upstream has sent so far, over every connection.
     pub fn from_server(&self) -> u64 {
         self.from_server.load(Ordering::Relaxed)
+    }
+
+    /// Statements (round trips) clients have sent so far, over every connection.
+    pub fn statements(&self) -> u64 {
+        self.statements.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads a client's side of the PostgreSQL protocol as it passes: the untyped start-up messages
+/// (a TLS or GSS request, then the start-up packet), then typed messages (a type byte and a
+/// length that counts itself).
+#[derive(Debug, Default)]
+struct Frames {
+    /// The start-up packet was read.
+    started: bool,
+    /// The header read so far of the next message.
+    header: Vec<u8>,
+    /// Bytes of the current message's body still to pass.
+    body: usize,
+}
+
+impl Frames {
+    /// `SSLRequest` and `GSSENCRequest`: another untyped message follows.
+    const REQUESTS: [u32; 2] = [80_877_103, 80_877_104];
+
+    /// Reads `data`: how many `Sync` (`S`) and `Query` (`Q`) messages it finished.
+    fn statements(&mut self, mut data: &[u8]) -> u64 {
+        let mut n = 0;
+        while !data.is_empty() {
+            if self.body > 0 {
+                let k = self.body.min(data.len());
+                self.body -= k;
+                data = &data[k..];
+                continue;
+            }
+            let need = if self.started { 5 } else { 8 };
+            let k = (need - self.header.len()).min(data.len());
+            self.header.extend_from_slice(&data[..k]);
+            data = &data[k..];
+            if self.header.len() < need {
+                break;
+            }
+            let word = |at: usize| u32::from_be_bytes(self.header[at..at + 4].try_into().expect("four bytes"));
+            if self.started {
+                self.body = (word(1) as usize).saturating_sub(4);
+                n += u64::from(matches!(self.header[0], b'S' | b'Q'));
+            } else {
+                self.body = (word(0) as usize).saturating_sub(8);
+                self.started = !Self::REQUESTS.contains(&word(4));
+            }
+            self.header.clear();
+        }
+        n
     }
 }
 

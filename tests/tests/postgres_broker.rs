@@ -16,7 +16,8 @@
 //! 10. The listening connection killed by the server: nothing waits meanwhile, and it comes back.
 //! 11. Size caps: a message above the consumer's cap is dead-lettered without its payload being
 //!     read; `peek` reads at most 1 MiB per message and 8 MiB in all.
-//! 12. Queue names leave room for `.dead`; two busy queues of one consumer both progress.
+//! 12. Queue names leave room for `.dead`; two busy queues of one consumer both progress; a
+//!     consumer of 1,000 queues takes one of each first, many queues to a statement.
 //! 13. A private server (not the machine's) stopped fast and killed mid-load: every task whose
 //!     send was acknowledged runs, and the worker reconnects.
 //! 14. Flow control in the tables: a parked task is a row until a slot frees; a key with parked
@@ -654,6 +655,43 @@ async fn two_busy_queues_both_progress() {
     }
     consumer.close().await;
     assert!(a >= 20 && bb >= 20, "busy_a {a}, busy_b {bb}");
+}
+
+/// One consumer of 1,000 queues, a message in each and a backlog of 2,000 more in the first: the
+/// first 1,000 deliveries are one of each queue (they take turns; the backlog waits), and a fetch
+/// takes from many queues in one statement: the consumer's whole start and drain of those 1,000
+/// cost at most 60 statements, where a statement per queue with work was over 1,000 (issue 20).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_of_1000_queues_takes_from_many_in_one_statement() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let direct = broker(&schema, "").await;
+    let queues: Vec<String> = (0..1000).map(|i| format!("many.{i}")).collect();
+    let one_each: Vec<(Route, Message)> = queues.iter().map(|q| (Route::queue(q), msg(1))).collect();
+    direct.publish_batch(&one_each).await.unwrap();
+    let backlog: Vec<(Route, Message)> = (0..2000).map(|i| (Route::queue(&queues[0]), msg(i))).collect();
+    direct.publish_batch(&backlog).await.unwrap();
+    let proxy = CountingProxy::start("127.0.0.1:5432").await;
+    let via =
+        PostgresBroker::connect(&schema.url("postgres", "").replace("127.0.0.1:5432", &proxy.addr)).await.unwrap();
+    let before = proxy.statements();
+    let started = Instant::now();
+    let mut consumer = via.consume(&queues, 1000).await.unwrap();
+    let mut held = Vec::new();
+    while held.len() < 1000 {
+        held.push(tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap());
+    }
+    let statements = proxy.statements() - before;
+    println!("postgres_broker: 1,000 queues drained in {:?} with {statements} statements", started.elapsed());
+    let seen: std::collections::HashSet<&str> = held.iter().map(|d| d.queue.as_str()).collect();
+    assert_eq!(seen.len(), 1000, "one delivery of each queue first");
+    assert!(statements >= 2, "the proxy counts statements: {statements}");
+    assert!(statements <= 60, "{statements} statements to take one message from each of 1,000 queues");
+    // Every slot is held: nothing more was taken.
+    assert_eq!(direct.queue_len(&queues[0]).await.unwrap(), 2000, "the backlog waited");
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    consumer.close().await;
 }
 
 /// A private server stopped with `-m fast`, then killed with `-m immediate`, while a producer

@@ -1,16 +1,23 @@
 //! The PostgreSQL consumer: leased fetch with `FOR UPDATE SKIP LOCKED`, wake-ups by `NOTIFY`,
 //! lease renewal, the return of expired leases, batched acks, and settling.
 //!
-//! - Fairness: a fetch of `n` gives each queue an equal share of `n` in turn (the first queue
-//!   rotating from fetch to fetch), then what is left to any queue that filled its share, so a
-//!   busy queue never starves the others.
+//! - One statement for many queues ([`sql::FETCH`]): a fetch looks at up to 1,000 queues at once,
+//!   so its cost follows the messages it takes, not the queues they come from (before, each queue
+//!   with work cost a statement: with more queues than the fetch size, a statement per message).
+//! - Fairness: a fetch of `n` gives each queue that may have work an equal share of `n` (one
+//!   message each to the first `n` that have one, when there are more queues than `n`), in turn,
+//!   then what is left to the queues that filled their share (at most [`MAX_REFILLS`] statements
+//!   more), so a busy queue never starves the others. The next fetch begins with the first queue
+//!   this one did not reach (so with thousands of busy queues each has its turn), otherwise with
+//!   the next queue. The deliveries of one statement take turns too: the first of each queue, then
+//!   the second of each, ...; within a queue, by priority then age.
 //! - Size cap: a message above the consumer's `max_message_size` is dead-lettered by the fetch
 //!   statement itself (its payload is not sent); the consumer hands out a delivery that holds no
 //!   lease nor slot and says so.
 //! - Fencing: each delivery carries its row's delivery count, which every settling statement
 //!   names; the count grows with every take, also after a dead-letter.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,6 +37,11 @@ use crate::envelope;
 
 /// How many messages one fetch leases at most.
 const MAX_FETCH: usize = 500;
+/// How many queues one fetch statement looks at, at most.
+const MAX_FETCH_QUEUES: usize = 1000;
+/// How many more statements one fetch runs, at most, for the queues that filled their share
+/// while others left some of theirs.
+const MAX_REFILLS: usize = 4;
 /// How many acks one statement deletes at most.
 const MAX_ACK_BATCH: usize = 5000;
 /// The most unsettled deliveries one consumer holds.
@@ -104,11 +116,20 @@ impl PostgresConsumer {
             holder,
         });
         let cap = i64::try_from(max_message_size).unwrap_or(i64::MAX);
+        // Each queue once: a fetch statement names each of its queues once.
+        let mut index: HashMap<String, usize> = HashMap::new();
+        let mut unique = Vec::new();
+        for q in queues {
+            if !index.contains_key(q) {
+                index.insert(q.clone(), unique.len());
+                unique.push(q.clone());
+            }
+        }
         let fetch = Fetcher {
             shared: shared.clone(),
-            queues: queues.to_vec(),
-            index: queues.iter().enumerate().map(|(i, q)| (q.clone(), i)).collect(),
-            maybe: vec![true; queues.len()],
+            maybe: vec![true; unique.len()],
+            queues: unique,
+            index,
             notes,
             connected,
             vt,
@@ -162,13 +183,59 @@ struct Fetcher {
     turn: usize,
 }
 
-/// What one fetch of a queue took.
-struct Taken {
-    rows: Vec<Row>,
-    /// Rows leased (the others were dead-lettered).
-    leased: usize,
-    /// Dead-letter queues that received a message.
-    dead: Vec<String>,
+/// What one fetch statement asks for: a share of each of some queues, `total` in all.
+#[derive(Debug, PartialEq)]
+struct Plan {
+    /// The queues (places in [`Fetcher::queues`]), in the order they are looked at.
+    queues: Vec<usize>,
+    /// Each queue's share, at least 1.
+    shares: Vec<usize>,
+    /// The shares as the statement takes them.
+    shares_sql: Vec<i64>,
+    /// The most rows taken in all.
+    total: usize,
+}
+
+impl Plan {
+    /// Shares of `left` rows over `queues` (`left` at least 1): equal shares (the first ones one
+    /// more when it does not divide) when there are at most `left` queues; otherwise one row
+    /// each, for the first `left` queues that have one.
+    fn new(queues: Vec<usize>, left: usize) -> Plan {
+        let m = queues.len();
+        let shares: Vec<usize> =
+            if m <= left { (0..m).map(|i| left / m + usize::from(i < left % m)).collect() } else { vec![1; m] };
+        let shares_sql = shares.iter().map(|&s| s as i64).collect();
+        Plan { queues, shares, shares_sql, total: left }
+    }
+}
+
+/// What a fetch statement found, per queue of its [`Plan`].
+#[derive(Debug, PartialEq)]
+struct Looked {
+    /// Rows taken (leased or dead-lettered).
+    taken: Vec<usize>,
+    /// Rows leased.
+    leased: Vec<usize>,
+    /// How many of the plan's queues the statement looked at: all, unless it stopped at the
+    /// total (then up to the last queue that gave a row).
+    reached: usize,
+}
+
+impl Looked {
+    fn count(plan: &Plan, rows: &[Vec<Row>]) -> Looked {
+        let taken: Vec<usize> = rows.iter().map(Vec::len).collect();
+        let leased = rows.iter().map(|line| line.iter().filter(|r| r.payload.is_ok()).count()).collect();
+        Looked::new(plan, taken, leased)
+    }
+
+    fn new(plan: &Plan, taken: Vec<usize>, leased: Vec<usize>) -> Looked {
+        let reached = if taken.iter().sum::<usize>() >= plan.total {
+            taken.iter().rposition(|&t| t > 0).map_or(0, |i| i + 1)
+        } else {
+            plan.queues.len()
+        };
+        Looked { taken, leased, reached }
+    }
 }
 
 impl Fetch for Fetcher {
@@ -187,48 +254,49 @@ impl Fetch for Fetcher {
             return Fetched::Sent { taken: 0, drained: true };
         }
         let start = self.turn % k;
-        self.turn = self.turn.wrapping_add(1);
-        let order: Vec<usize> = (0..k).map(|i| (start + i) % k).filter(|&i| self.maybe[i]).collect();
-        let k = order.len();
-        let (mut got, mut dead_lettered) = (0, false);
-        // Queues that filled their share may have more.
-        let mut more = Vec::new();
-        for (i, &q) in order.iter().enumerate() {
-            if got == n {
+        // Queues not looked at yet in this fetch, in turn; then those that filled their share.
+        let mut unseen: VecDeque<usize> = (0..k).map(|i| (start + i) % k).filter(|&i| self.maybe[i]).collect();
+        let mut filled: VecDeque<usize> = VecDeque::new();
+        let (mut got, mut dead_lettered, mut refills) = (0, false, 0);
+        while got < n {
+            let from = if !unseen.is_empty() {
+                &mut unseen
+            } else if !filled.is_empty() && refills < MAX_REFILLS {
+                refills += 1;
+                &mut filled
+            } else {
                 break;
-            }
-            let share = (n - got).div_ceil(k - i);
-            let queue = &self.queues[q];
-            match self.take(queue, share, tx).await {
-                Ok(Some((leased, taken))) => {
-                    got += leased;
-                    dead_lettered |= taken > leased;
-                    if taken == share {
-                        more.push(q);
-                    } else if taken == leased {
-                        self.maybe[q] = false;
-                    }
-                }
+            };
+            let queues: Vec<usize> = from.drain(..from.len().min(MAX_FETCH_QUEUES)).collect();
+            let plan = Plan::new(queues, n - got);
+            let looked = match self.take(&plan, tx).await {
+                Ok(Some(looked)) => looked,
                 Ok(None) => return Fetched::Closed,
                 Err(error) => return Fetched::Failed { taken: got, error },
+            };
+            // Those the statement did not reach are the first to look at next.
+            for &q in plan.queues[looked.reached..].iter().rev() {
+                from.push_front(q);
             }
-        }
-        for q in more {
-            if got == n {
-                break;
-            }
-            match self.take(&self.queues[q], n - got, tx).await {
-                Ok(Some((leased, taken))) => {
-                    got += leased;
-                    dead_lettered |= taken > leased;
+            for (i, &q) in plan.queues[..looked.reached].iter().enumerate() {
+                let (leased, taken) = (looked.leased[i], looked.taken[i]);
+                got += leased;
+                dead_lettered |= taken > leased;
+                if taken == plan.shares[i] {
+                    filled.push_back(q);
+                } else if taken == leased {
+                    self.maybe[q] = false;
                 }
-                Ok(None) => return Fetched::Closed,
-                Err(error) => return Fetched::Failed { taken: got, error },
             }
         }
-        // Every queue is drained (as far as this snapshot saw) when fewer than `n` came and none
-        // was dead-lettered (whose slots were not used: look again at once).
-        Fetched::Sent { taken: got, drained: got < n && !dead_lettered }
+        // The next fetch begins with the first queue this one did not look at, so that with
+        // more queues than one fetch takes, each has its turn; otherwise with the next queue.
+        self.turn = unseen.front().copied().unwrap_or(start + 1);
+        // Every queue is drained (as far as this snapshot saw) when fewer than `n` came, every
+        // queue was looked at, none may have more and none was dead-lettered (whose slots were
+        // not used: look again at once).
+        let drained = got < n && unseen.is_empty() && filled.is_empty() && !dead_lettered;
+        Fetched::Sent { taken: got, drained }
     }
 
     /// Sleeps until told, or until the next eta (then every queue is looked at again).
@@ -242,71 +310,85 @@ impl Fetch for Fetcher {
 }
 
 impl Fetcher {
-    /// Takes up to `n` rows of `queue` and sends their deliveries: `(leased, taken)`, or `None`
+    /// Takes what `plan` asks for in one statement and sends the deliveries, the queues taking
+    /// turns (the first of each, then the second of each, ...): what each queue gave, or `None`
     /// when nobody receives deliveries any more.
-    async fn take(
-        &self,
-        queue: &str,
-        n: usize,
-        tx: &mpsc::Sender<Delivery>,
-    ) -> Result<Option<(usize, usize)>, BrokerError> {
+    async fn take(&self, plan: &Plan, tx: &mpsc::Sender<Delivery>) -> Result<Option<Looked>, BrokerError> {
         // Read before the fetch runs: a lapse noticed after it means these may have been returned.
         let epoch = self.shared.holder.liveness().epoch();
-        let taken = self.lease(queue, n).await?;
-        let count = taken.rows.len();
-        for dlq in &taken.dead {
+        let names: Vec<&str> = plan.queues.iter().map(|&q| self.queues[q].as_str()).collect();
+        let (rows, dead) = self.lease(&names, plan).await?;
+        for dlq in &dead {
             if let Err(e) = self.shared.db.query("wake", sql::WAKE, &[&self.shared.channel, dlq]).await {
                 tracing::debug!(error = %e, queue = %dlq, "postgresql: waking a dead-letter queue failed");
             }
         }
-        for row in taken.rows {
-            if tx.send(self.delivery(queue, row, epoch)).await.is_err() {
-                return Ok(None);
+        let looked = Looked::count(plan, &rows);
+        let mut lines: Vec<std::vec::IntoIter<Row>> = rows.into_iter().map(Vec::into_iter).collect();
+        loop {
+            let mut sent = false;
+            for (i, line) in lines.iter_mut().enumerate() {
+                if let Some(row) = line.next() {
+                    if tx.send(self.delivery(names[i], row, epoch)).await.is_err() {
+                        return Ok(None);
+                    }
+                    sent = true;
+                }
+            }
+            if !sent {
+                return Ok(Some(looked));
             }
         }
-        Ok(Some((taken.leased, count)))
     }
 
-    /// Leases up to `n` ready rows of `queue`, in the order they are to be handed out (those too
-    /// large are dead-lettered by the statement).
-    async fn lease(&self, queue: &str, n: usize) -> Result<Taken, BrokerError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] =
-            [&queue, &(n as i64), &self.vt.as_secs_f64(), &self.cap, &self.shared.holder.id()];
-        let rows = self.shared.db.query("fetch", sql::FETCH, &params).await?;
+    /// Leases what `plan` asks for (rows too large are dead-lettered by the statement): the rows
+    /// of each of its queues (`names`, in the plan's order) in the order they are to be handed
+    /// out, and the dead-letter queues that received a message.
+    async fn lease(&self, names: &[&str], plan: &Plan) -> Result<(Vec<Vec<Row>>, Vec<String>), BrokerError> {
+        let total = plan.total as i64;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&names, &plan.shares_sql, &self.vt.as_secs_f64(), &self.cap, &self.shared.holder.id(), &total];
+        let result = self.shared.db.query("fetch", sql::FETCH, &params).await?;
+        let place: HashMap<&str, usize> = names.iter().enumerate().map(|(i, q)| (*q, i)).collect();
         let mut dead: Vec<String> = Vec::new();
-        let mut rows: Vec<Row> = rows
-            .into_iter()
-            .map(|r| {
-                let payload = match r.get::<_, Option<Vec<u8>>>(5) {
-                    Some(p) => Ok(p),
-                    None => {
-                        if let Some(dlq) = r.get::<_, Option<String>>(7) {
-                            if !dead.contains(&dlq) {
-                                dead.push(dlq);
-                            }
+        let mut rows: Vec<Vec<Row>> = names.iter().map(|_| Vec::new()).collect();
+        for r in result {
+            let payload = match r.get::<_, Option<Vec<u8>>>(6) {
+                Some(p) => Ok(p),
+                None => {
+                    if let Some(dlq) = r.get::<_, Option<String>>(8) {
+                        if !dead.contains(&dlq) {
+                            dead.push(dlq);
                         }
-                        Err(r.get::<_, Option<String>>(6))
                     }
-                };
-                Row {
-                    id: r.get(0),
-                    deliveries: r.get(1),
-                    priority: r.get(2),
-                    run_at: r.get(3),
-                    size: r.get(4),
-                    payload,
-                    reason: r.get(8),
+                    Err(r.get::<_, Option<String>>(7))
                 }
-            })
-            .collect();
-        rows.sort_by_key(|r| (r.priority, r.run_at, r.id));
-        let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-        let mut leased = 0;
-        for r in rows.iter().filter(|r| r.payload.is_ok()) {
-            leases.insert(r.id, r.deliveries);
-            leased += 1;
+            };
+            let row = Row {
+                id: r.get(1),
+                deliveries: r.get(2),
+                priority: r.get(3),
+                run_at: r.get(4),
+                size: r.get(5),
+                payload,
+                reason: r.get(9),
+            };
+            match place.get(r.get::<_, &str>(0)) {
+                Some(&i) => rows[i].push(row),
+                // Never: the statement takes only from the queues it was given.
+                None => {
+                    tracing::error!(queue = r.get::<_, &str>(0), "postgresql: a fetch returned a queue not asked for")
+                }
+            }
         }
-        Ok(Taken { rows, leased, dead })
+        let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
+        for line in &mut rows {
+            line.sort_by_key(|r| (r.priority, r.run_at, r.id));
+            for r in line.iter().filter(|r| r.payload.is_ok()) {
+                leases.insert(r.id, r.deliveries);
+            }
+        }
+        Ok((rows, dead))
     }
 
     fn delivery(&self, queue: &str, row: Row, epoch: u64) -> Delivery {
@@ -543,6 +625,34 @@ impl Settle for PgSettle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shares_are_equal_or_one_each() {
+        let plan = Plan::new(vec![4, 5, 6], 10);
+        assert_eq!(plan.shares, [4, 3, 3]);
+        assert_eq!(plan.shares_sql, [4, 3, 3]);
+        assert_eq!(plan.total, 10);
+        let plan = Plan::new(vec![0, 1, 2, 3, 4], 2);
+        assert_eq!(plan.shares, [1; 5], "more queues than rows: one each, the first two that have one");
+        assert_eq!(plan.total, 2);
+        assert_eq!(Plan::new(vec![7], 500).shares, [500]);
+    }
+
+    #[test]
+    fn a_statement_stopped_at_its_total_reached_the_last_queue_that_gave() {
+        let plan = Plan::new((0..6).collect(), 3);
+        // Queues 0, 2 and 3 gave one each; 1 was empty; 4 and 5 were not looked at.
+        let looked = Looked::new(&plan, vec![1, 0, 1, 1, 0, 0], vec![1, 0, 1, 1, 0, 0]);
+        assert_eq!(looked.reached, 4);
+        // Fewer than the total: every queue was looked at.
+        let looked = Looked::new(&plan, vec![1, 0, 0, 1, 0, 0], vec![1, 0, 0, 1, 0, 0]);
+        assert_eq!(looked.reached, 6);
+        // Dead-lettered rows count towards the total.
+        let looked = Looked::new(&plan, vec![2, 1, 0, 0, 0, 0], vec![0, 1, 0, 0, 0, 0]);
+        assert_eq!(looked.reached, 2);
+        let plan = Plan::new(vec![0, 1], 10);
+        assert_eq!(Looked::new(&plan, vec![5, 5], vec![5, 5]).reached, 2);
+    }
 
     #[test]
     fn reasons_are_cut_on_char_boundaries() {

@@ -6,8 +6,10 @@
 //!   `run_at` = its eta: no Python worker reads these tables, so it waits in the broker, not on a
 //!   worker.
 //! - Consume: `FOR UPDATE SKIP LOCKED` takes up to the free prefetch slots (at most 500), an
-//!   equal share from each of the consumer's queues (the first one rotating, what one leaves going
-//!   to the others), by priority then age, and leases them for the visibility timeout (`visibility_timeout`, default 3600 s), which the consumer renews
+//!   equal share from each of the consumer's queues (one each when there are more queues than
+//!   slots; the queues taking turns from fetch to fetch, what one leaves going to the others), in
+//!   one statement over up to 1,000 queues, by priority then age, and leases them for the
+//!   visibility timeout (`visibility_timeout`, default 3600 s), which the consumer renews
 //!   while the deliveries are unsettled; every consumer returns expired leases to their queues.
 //!   A dead worker's tasks come back sooner: each leased row names its worker, whose row in
 //!   `celery_rs_workers` is renewed every `worker_heartbeat` (2 s); once it is `worker_grace`

@@ -266,33 +266,46 @@ WITH ins AS (
     RETURNING queue)
 SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 
-/// Leases at most `$2` ready messages of queue `$1` for `$3` seconds to holder `$5`, except those whose payload
-/// is larger than `$4` bytes: these move to `<queue>.dead` unread, with the reason. Returns `id,
-/// deliveries, priority, run_at, size, payload (NULL when too large), the task id of one too
-/// large, its dead-letter queue, the reason of a dead letter` (in no order: the caller sorts).
+/// Leases ready messages of several queues in one statement, for `$3` seconds to holder `$5`:
+/// queue `$1[i]` gives at most `$2[i]` (its share), by priority then age, and all of them together
+/// at most `$6`, taken in the order of `$1` (the queues are looked at one after the other, each
+/// through the ready index, and the look stops once `$6` rows are taken: the queues after that
+/// are not looked at). A message whose payload is larger than `$4` bytes moves to `<queue>.dead`
+/// unread, with the reason. Returns `queue taken from, id, deliveries, priority, run_at, size,
+/// payload (NULL when too large), the task id of one too large, its dead-letter queue, the reason
+/// of a dead letter` (in no order: the caller sorts). A row the statement dead-lettered is the one
+/// it left without a lease.
+///
+/// The rows to update are found by id through the primary key (`= ANY` of the ids picked), so
+/// the update never walks the table between the picked ids (as a merge join of the picked rows
+/// with the whole table would).
 pub(crate) const FETCH: &str = "
 WITH picked AS (
-    SELECT id, octet_length(payload) > $4::bigint AS big FROM celery_rs_tasks
-    WHERE queue = $1 AND leased_until IS NULL AND run_at <= now()
-    ORDER BY priority, run_at, id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED)
+    SELECT c.id FROM unnest($1::text[], $2::bigint[]) AS q(queue, share)
+    CROSS JOIN LATERAL (
+        SELECT id FROM celery_rs_tasks
+        WHERE queue = q.queue AND leased_until IS NULL AND run_at <= now()
+        ORDER BY priority, run_at, id
+        LIMIT q.share
+        FOR UPDATE SKIP LOCKED) c
+    LIMIT $6)
 UPDATE celery_rs_tasks t
-SET leased_until = CASE WHEN picked.big THEN NULL ELSE now() + make_interval(secs => $3) END,
-    holder = CASE WHEN picked.big THEN NULL ELSE $5::text END,
+SET leased_until = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE now() + make_interval(secs => $3) END,
+    holder = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE $5::text END,
     deliveries = t.deliveries + 1,
-    queue = CASE WHEN picked.big THEN t.queue || '.dead' ELSE t.queue END,
-    reason = CASE WHEN picked.big
+    queue = CASE WHEN octet_length(t.payload) > $4::bigint THEN t.queue || '.dead' ELSE t.queue END,
+    reason = CASE WHEN octet_length(t.payload) > $4::bigint
         THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
         ELSE t.reason END,
-    run_at = CASE WHEN picked.big THEN now() ELSE t.run_at END,
-    priority = CASE WHEN picked.big THEN 0 ELSE t.priority END
-FROM picked WHERE t.id = picked.id
-RETURNING t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
-    CASE WHEN picked.big THEN NULL ELSE t.payload END,
-    CASE WHEN picked.big THEN celery_rs_task_id(t.payload) END,
-    CASE WHEN picked.big THEN t.queue END,
-    CASE WHEN picked.big THEN NULL ELSE t.reason END";
+    run_at = CASE WHEN octet_length(t.payload) > $4::bigint THEN now() ELSE t.run_at END,
+    priority = CASE WHEN octet_length(t.payload) > $4::bigint THEN 0 ELSE t.priority END
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) ELSE t.queue END,
+    t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
+    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.payload END,
+    CASE WHEN t.leased_until IS NULL THEN celery_rs_task_id(t.payload) END,
+    CASE WHEN t.leased_until IS NULL THEN t.queue END,
+    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END";
 
 /// Wakes the consumers of queue `$2` (on channel `$1`).
 pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";
