@@ -10,7 +10,8 @@
 //! - Key slots: one row per held slot in `celery_rs_key_slots` (key, holder, lease expiry): a
 //!   lease, not a counter, so a dead worker's slot frees once its lease ends. Taking a slot or
 //!   parking the message is one call of `celery_rs_key_acquire` under the key's advisory lock: no
-//!   slot frees between "full" and "parked". A parked message is a row of `celery_rs_parked` (its
+//!   slot frees between "full" and "parked". The first call goes without the message (most find
+//!   a slot free); only a full key gets a second call with it, which checks again. A parked message is a row of `celery_rs_parked` (its
 //!   queue, priority and Kombu envelope) committed before the worker acks its delivery; it waits
 //!   on disk without a worker slot, and nothing polls for it. A release deletes the holder's row
 //!   and moves the oldest parked message of the key (from any queue) back into `celery_rs_tasks`
@@ -35,6 +36,7 @@ use celery_core::flow::{
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, ProtocolError};
 
+use super::error::PgError;
 use super::{check_name, sql, PostgresBroker, MAX_PAYLOAD};
 use crate::envelope;
 
@@ -60,24 +62,37 @@ impl KeySlots for PostgresBroker {
         req.validate()?;
         check_name("key slot holder", req.holder)?;
         check_name("queue", queue)?;
-        let env = envelope::encode(msg, "", queue);
-        if env.len() > MAX_PAYLOAD {
-            return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-        }
-        let priority = i16::from(envelope::kombu_priority(msg));
         let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
-        let payload = env.into_bytes();
-        let rows = self
-            .inner
-            .db
-            .query(
-                "take a key slot",
-                sql::KEY_ACQUIRE,
-                &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
-            )
-            .await?;
-        let taken = rows.first().is_some_and(|r| r.get::<_, bool>(0));
-        Ok(if taken { Admission::Acquired } else { Admission::Parked })
+        let priority = i16::from(envelope::kombu_priority(msg));
+        // First without the payload (most takes find a slot free: nothing encoded or sent), then,
+        // if the key is full, with it: the second call checks again and parks atomically.
+        let mut payload: Option<Vec<u8>> = None;
+        loop {
+            let rows = self
+                .inner
+                .db
+                .query(
+                    "take a key slot",
+                    sql::KEY_ACQUIRE,
+                    &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Err(PgError::operation("take a key slot: no answer").into());
+            };
+            match row.get::<_, Option<bool>>(0) {
+                Some(true) => return Ok(Admission::Acquired),
+                Some(false) => return Ok(Admission::Parked),
+                None if payload.is_none() => {
+                    let env = envelope::encode(msg, "", queue);
+                    if env.len() > MAX_PAYLOAD {
+                        return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
+                    }
+                    payload = Some(env.into_bytes());
+                }
+                None => return Err(PgError::operation("take a key slot: neither taken nor parked").into()),
+            }
+        }
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {

@@ -290,8 +290,25 @@ BEGIN
     THEN
         RAISE EXCEPTION 'too many concurrency keys tracked at once (the limit is %)', p_max_keys;
     END IF;
-    RETURN celery_rs_key_acquire(p_key, p_limit, p_holder, p_ttl, p_queue, p_priority, p_payload);
+    IF EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key AND holder = p_holder)
+        OR (SELECT count(*) FROM celery_rs_key_slots WHERE key = p_key AND expires_at > clock_timestamp()) < p_limit
+    THEN
+        INSERT INTO celery_rs_key_slots (key, holder, expires_at)
+        VALUES (p_key, p_holder, clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+        RETURN true;
+    END IF;
+    IF p_payload IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO celery_rs_parked (key, queue, priority, payload) VALUES (p_key, p_queue, p_priority, p_payload);
+    RETURN false;
 END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire(p_key text, p_limit integer, p_holder text, p_ttl float8,
+    p_queue text, p_priority smallint, p_payload bytea) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT celery_rs_key_acquire(p_key, p_limit, p_holder, p_ttl, p_queue, p_priority, p_payload, 100000)
+$$;
 CREATE OR REPLACE FUNCTION celery_rs_rate_reserve(p_name text, p_secs float8, p_max integer) RETURNS float8
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE wait float8;
@@ -563,8 +580,11 @@ ON CONFLICT (key) DO UPDATE SET doc = excluded.doc, updated_at = now()";
 pub(crate) const RATE_RESERVE: &str = "SELECT celery_rs_rate_reserve($1, $2, $3)";
 
 /// Takes a slot of key `$1` (limit `$2`) for holder `$3` for `$4` seconds, or parks the message
-/// (queue `$5`, priority `$6`, payload `$7`): true when taken. A key with no slot held and nothing
-/// parked is refused when `$8` keys are tracked (with slots held or messages parked).
+/// (queue `$5`, priority `$6`, payload `$7`): true when taken, false when parked, NULL when the
+/// key is full and `$7` is NULL (nothing parked: ask again with the payload). A key with no slot
+/// held and nothing parked is refused when `$8` keys are tracked (with slots held or messages
+/// parked). Migration 5 makes the seven-argument form (workers of earlier versions) this one with
+/// a bound of 100,000.
 pub(crate) const KEY_ACQUIRE: &str = "SELECT celery_rs_key_acquire($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Renews holder `$2`'s slot of key `$1` for `$3` seconds (taking it again if it was swept):

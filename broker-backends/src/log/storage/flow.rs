@@ -150,12 +150,13 @@ impl KeyFlow {
 }
 
 impl LogStore {
-    /// Takes a slot of `req.key` for `req.holder`, or parks `record` (bound for `queue`) durably.
+    /// Takes a slot of `req.key` for `req.holder`, or parks the record `record` makes (bound for
+    /// `queue`) durably; `record` is called only to park.
     pub(crate) async fn acquire_or_park(
         &self,
         req: &SlotRequest<'_>,
         queue: &str,
-        record: NewRecord,
+        record: impl FnOnce() -> NewRecord,
     ) -> Result<Admission, LogError> {
         req.validate().map_err(|e| LogError::Invalid(e.to_string()))?;
         super::names::component("queue", queue)?;
@@ -185,7 +186,7 @@ impl LogStore {
             s.next_seq += 1;
             format!("{PARKED_PREFIX}{seq:020}")
         };
-        self.results().put(&doc, encode(req.key, queue, &record), DOC_TTL, |_| false).await?;
+        self.results().put(&doc, encode(req.key, queue, &record()), DOC_TTL, |_| false).await?;
         let parked = Parked { doc, queue: queue.to_owned() };
         lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
         Ok(Admission::Parked)
@@ -304,14 +305,14 @@ mod tests {
         let dir = tempfile_dir("flow-park");
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         let ttl = Duration::from_secs(30);
-        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&req("k", "b", ttl), "q", rec(2)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "b", ttl), "q", || rec(2)).await.unwrap(), Admission::Acquired);
         // The same holder again keeps its slot.
-        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(3)).await.unwrap(), Admission::Parked);
-        assert_eq!(store.acquire_or_park(&req("k", "d", ttl), "q", rec(4)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", || rec(3)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&req("k", "d", ttl), "q", || rec(4)).await.unwrap(), Admission::Parked);
         // Another key is not limited by this one.
-        assert_eq!(store.acquire_or_park(&req("other", "e", ttl), "q", rec(5)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("other", "e", ttl), "q", || rec(5)).await.unwrap(), Admission::Acquired);
         assert_eq!(store.queue_len("q").unwrap(), 0);
         store.release_slot("k", "a").await.unwrap();
         assert_eq!(store.queue_len("q").unwrap(), 1);
@@ -328,9 +329,9 @@ mod tests {
             let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
             let ttl = Duration::from_millis(50);
             for (i, h) in ["a", "b"].iter().enumerate() {
-                store.acquire_or_park(&req("k", h, ttl), "q", rec(i as u8)).await.unwrap();
+                store.acquire_or_park(&req("k", h, ttl), "q", || rec(i as u8)).await.unwrap();
             }
-            assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(7)).await.unwrap(), Admission::Parked);
+            assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", || rec(7)).await.unwrap(), Admission::Parked);
             store.results().flush().await.unwrap();
         }
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
@@ -373,29 +374,29 @@ mod tests {
         store.flow().set_bounds(3, 2);
         let ttl = Duration::from_secs(30);
         let one = |key, holder| SlotRequest { key, limit: 1, holder, ttl };
-        assert_eq!(store.acquire_or_park(&one("k", "a"), "q", rec(1)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&one("k", "b"), "q", rec(2)).await.unwrap(), Admission::Parked);
-        assert_eq!(store.acquire_or_park(&one("k", "c"), "q", rec(3)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&one("k", "a"), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k", "b"), "q", || rec(2)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&one("k", "c"), "q", || rec(3)).await.unwrap(), Admission::Parked);
         // The third parked message is refused, with the limit named; nothing is parked for it.
-        let e = store.acquire_or_park(&one("k", "d"), "q", rec(4)).await.unwrap_err();
+        let e = store.acquire_or_park(&one("k", "d"), "q", || rec(4)).await.unwrap_err();
         assert!(e.to_string().contains("too many parked messages (the limit is 2)"), "{e}");
         assert_eq!(store.flow().counts(), (2, 1));
         // A slot is still had while the parked list is full.
-        assert_eq!(store.acquire_or_park(&one("k2", "e"), "q", rec(5)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k2", "e"), "q", || rec(5)).await.unwrap(), Admission::Acquired);
         // A release moves one back, which makes room for the next.
         store.release_slot("k", "a").await.unwrap();
         assert_eq!(store.peek("q", 10).unwrap(), vec![vec![2]]);
-        assert_eq!(store.acquire_or_park(&one("k", "d"), "q", rec(4)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&one("k", "h"), "q", rec(8)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&one("k", "d"), "q", || rec(4)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k", "h"), "q", || rec(8)).await.unwrap(), Admission::Parked);
         // Keys: "k", "k2" and a third are tracked; a fourth is refused, and renewing its slot too.
-        assert_eq!(store.acquire_or_park(&one("k3", "f"), "q", rec(6)).await.unwrap(), Admission::Acquired);
-        let e = store.acquire_or_park(&one("k4", "g"), "q", rec(7)).await.unwrap_err();
+        assert_eq!(store.acquire_or_park(&one("k3", "f"), "q", || rec(6)).await.unwrap(), Admission::Acquired);
+        let e = store.acquire_or_park(&one("k4", "g"), "q", || rec(7)).await.unwrap_err();
         assert!(e.to_string().contains("too many concurrency keys tracked at once (the limit is 3)"), "{e}");
         assert!(!store.renew_slot("k4", "g", ttl).unwrap());
         assert_eq!(store.flow().counts(), (2, 3));
         // A key that drains leaves room for another.
         store.release_slot("k3", "f").await.unwrap();
-        assert_eq!(store.acquire_or_park(&one("k4", "g"), "q", rec(7)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k4", "g"), "q", || rec(7)).await.unwrap(), Admission::Acquired);
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
@@ -405,10 +406,10 @@ mod tests {
         let dir = tempfile_dir("flow-checks");
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         let ttl = Duration::from_secs(1);
-        assert!(store.acquire_or_park(&req("", "a", ttl), "q", rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&req("", "a", ttl), "q", || rec(0)).await.is_err());
         let zero = SlotRequest { limit: 0, ..req("k", "a", ttl) };
-        assert!(store.acquire_or_park(&zero, "q", rec(0)).await.is_err());
-        assert!(store.acquire_or_park(&req("k", "a", ttl), "", rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&zero, "q", || rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&req("k", "a", ttl), "", || rec(0)).await.is_err());
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
