@@ -47,8 +47,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub fairness_keys: Option<u32>,
     /// Also drain the same tasks with concurrency keys spread over this many keys (`bench-k0` ..
-    /// `bench-kN-1`, sent in turn), each limited to the worker's concurrency (so the limit never
-    /// binds: the figure is the cost of taking, renewing and releasing the slots), alternating
+    /// `bench-kN-1`, sent in turn), each limited to 10,000 at once (so the limit does not bind
+    /// below that concurrency: the figure is the cost of taking, renewing and releasing the
+    /// slots; a drain that parks a task fails), alternating
     /// with plain drains `--rounds` times; prints each drain and the cost of the median keyed
     /// drain against the median plain one (per-key concurrency: the built-in broker, Redis,
     /// PostgreSQL).
@@ -218,7 +219,8 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         None => (stop_tx, handle),
         Some(keys) => {
             app.broker().require_key_slots("bench --concurrency-keys")?;
-            let limit = celery_core::flow::validate_limit(a.concurrency.clamp(1, MAX_KEY_LIMIT as usize) as u32)?;
+            // The highest limit: above the worker's concurrency plus the releases on their way.
+            let limit = celery_core::flow::validate_limit(MAX_KEY_LIMIT)?;
             let keyed_cfg = WorkerConfig {
                 key_limits: vec![celery_core::flow::KeyLimit { pattern: "bench-k*".into(), limit }],
                 ..cfg.clone()

@@ -19,8 +19,10 @@
 //!   statement ([`RESTORE_DEAD`]), so its tasks come back in seconds, not after the visibility
 //!   timeout (see [`super::holder`]).
 //! - Flow control ([`super::limits`]): `celery_rs_rate_buckets` (a cluster-wide rate limit: the
-//!   next free start of each bucket, reserved by one upsert), `celery_rs_key_slots` (per-key
-//!   concurrency: one row per held slot, its holder and lease expiry) and `celery_rs_parked`
+//!   next free start of each bucket, reserved by `celery_rs_rate_reserve`, which deletes the
+//!   buckets idle for a minute when it creates one and keeps at most 100,000),
+//!   `celery_rs_key_slots` (per-key concurrency: one row per held slot, its holder and lease
+//!   expiry; at most 100,000 keys with slots or parked messages) and `celery_rs_parked`
 //!   (messages waiting for a slot of their key, with their queue and priority). The functions
 //!   `celery_rs_key_acquire`, `_release` and `_sweep` each run under a transaction-level advisory
 //!   lock of the key (schema and key hashed), taken before they read: what they decide ("full,
