@@ -254,7 +254,7 @@ impl KeySlots for RedisBroker {
     async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
         let script = release();
-        let mut inv = self.over_list(&script, queue, key);
+        let mut inv = self.over_list(script, queue, key);
         inv.arg(holder).arg(member(queue, key)).arg(self.keys.prefix()).arg(queue);
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release a key slot"))?;
         Ok(())
@@ -278,7 +278,7 @@ impl KeySlots for RedisBroker {
         let mut moved = 0u64;
         for m in members {
             let Some((queue, key)) = m.split_once(SEP) else { continue };
-            let mut inv = self.over_list(&script, queue, key);
+            let mut inv = self.over_list(script, queue, key);
             inv.arg(&m).arg(self.keys.prefix()).arg(queue);
             let n: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: sweep key slots"))?;
             moved += n.max(0) as u64;

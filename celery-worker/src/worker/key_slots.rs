@@ -10,6 +10,7 @@
 //! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
 //! bucket; the caller waits for it as for a per-worker limit.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,13 +50,18 @@ impl Drop for HeldSlot {
             std::mem::take(&mut self.holder),
             std::mem::take(&mut self.queue),
         );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                let Some(slots) = broker.key_slots() else { return };
-                if let Err(e) = celery_core::backoff::retrying(|| slots.release(&key, &holder, &queue)).await {
-                    tracing::warn!(%key, error = %e, "could not release a key slot; it frees when its lease ends");
-                }
-            });
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let mut release = Box::pin(async move {
+            let Some(slots) = broker.key_slots() else { return };
+            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&key, &holder, &queue)).await {
+                tracing::warn!(%key, error = %e, "could not release a key slot; it frees when its lease ends");
+            }
+        });
+        // Polled once here: a broker in this process (the embedded log) answers at once, without
+        // a task spawned; one over the network has sent the request and goes on on a task.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if release.as_mut().poll(&mut cx).is_pending() {
+            rt.spawn(release);
         }
     }
 }
