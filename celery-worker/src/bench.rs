@@ -4,6 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use celery_core::flow::MAX_KEY_LIMIT;
 use celery_core::{App, Signature};
 use clap::Args;
 
@@ -45,6 +46,19 @@ pub struct BenchArgs {
     /// the built-in broker and Redis).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub fairness_keys: Option<u32>,
+    /// Also drain the same tasks with concurrency keys spread over this many keys (`bench-k0` ..
+    /// `bench-kN-1`, sent in turn), each limited to 10,000 at once (so the limit does not bind
+    /// below that concurrency: the figure is the cost of taking, renewing and releasing the
+    /// slots; a drain that parks a task fails), alternating
+    /// with plain drains `--rounds` times; prints each drain and the cost of the median keyed
+    /// drain against the median plain one (per-key concurrency: the built-in broker, Redis,
+    /// PostgreSQL).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub concurrency_keys: Option<u32>,
+    /// Plain and keyed drains alternated with `--concurrency-keys` (the first plain drain is the
+    /// usual one).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub rounds: u32,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
     /// loop on the same server with the same messages: the ceiling a client library can reach.
     #[arg(long)]
@@ -192,29 +206,47 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         None => (stop_tx, handle),
         Some(keys) => {
             app.broker().require_fair_queues("bench --fairness-keys")?;
-            let _ = stop_tx.send(());
-            handle.await??;
-            let mut sent = 0;
-            while sent < a.count {
-                let n = a.batch.max(1).min(a.count - sent);
-                app.send_batch((sent..sent + n).map(|i| sig(i).fairness_key(format!("k{}", i % keys as usize))))
-                    .await?;
-                sent += n;
-            }
-            let worker = Worker::new(app.clone(), cfg.clone());
-            let fair_stats = worker.stats();
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let t = Instant::now();
-            let fair_handle = tokio::spawn(worker.run_until(async {
-                let _ = stopped.await;
-            }));
-            let (wall, _) = wait_drained(&fair_stats, a.count as u64, false, t).await?;
-            let fair_rate = a.count as f64 / wall;
+            stop_worker(stop_tx, handle).await?;
+            let fair = |i: usize| sig(i).fairness_key(format!("k{}", i % keys as usize));
+            let (fair_rate, stop, fair_handle) = drain_fresh(&app, &cfg, "fair", &a, fair).await?;
             line("drain_rate_fairness_keys", fair_rate, "tasks/s");
             line("fairness_cost_pct", (1.0 - fair_rate / drain_rate) * 100.0, "%");
-            let failed = fair_stats.failed.load(Ordering::Relaxed) + fair_stats.rejected.load(Ordering::Relaxed);
-            anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
             (stop, fair_handle)
+        }
+    };
+    // Plain and keyed drains in turn, each enqueued with no worker running.
+    let (stop_tx, handle) = match a.concurrency_keys {
+        None => (stop_tx, handle),
+        Some(keys) => {
+            app.broker().require_key_slots("bench --concurrency-keys")?;
+            // The highest limit: above the worker's concurrency plus the releases on their way.
+            let limit = celery_core::flow::validate_limit(MAX_KEY_LIMIT)?;
+            let keyed_cfg = WorkerConfig {
+                key_limits: vec![celery_core::flow::KeyLimit { pattern: "bench-k*".into(), limit }],
+                ..cfg.clone()
+            };
+            let keyed = |i: usize| sig(i).concurrency_key(format!("bench-k{}", i % keys as usize));
+            let (mut plain_rates, mut keyed_rates) = (vec![drain_rate], Vec::new());
+            let (mut stop, mut running) = (stop_tx, handle);
+            for round in 0..a.rounds {
+                if round > 0 {
+                    stop_worker(stop, running).await?;
+                    let (rate, s, h) = drain_fresh(&app, &cfg, &format!("plain{round}"), &a, sig).await?;
+                    line(&format!("drain_rate_round{round}"), rate, "tasks/s");
+                    plain_rates.push(rate);
+                    (stop, running) = (s, h);
+                }
+                stop_worker(stop, running).await?;
+                let (rate, s, h) = drain_fresh(&app, &keyed_cfg, &format!("keyed{round}"), &a, keyed).await?;
+                line(&format!("drain_rate_concurrency_keys_round{round}"), rate, "tasks/s");
+                keyed_rates.push(rate);
+                (stop, running) = (s, h);
+            }
+            let (plain, keyed) = (median(&mut plain_rates), median(&mut keyed_rates));
+            line("drain_rate_median", plain, "tasks/s");
+            line("drain_rate_concurrency_keys_median", keyed, "tasks/s");
+            line("concurrency_keys_cost_pct", (1.0 - keyed / plain) * 100.0, "%");
+            (stop, running)
         }
     };
     round_trips(&app, &a, queue_of(0), stop_tx, handle).await?;
@@ -229,6 +261,54 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         lapin_ceiling(&url, a.count, &msg, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
     }
     Ok(())
+}
+
+/// Stops a bench worker and waits for it.
+async fn stop_worker(
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<Result<(), crate::WorkerError>>,
+) -> anyhow::Result<()> {
+    let _ = stop.send(());
+    worker.await??;
+    Ok(())
+}
+
+/// Enqueues `a.count` tasks made by `sig` with no worker running, then drains them with a new
+/// worker of `cfg` named `<label>.<cfg's name>` (a name no earlier drain used): the drain rate,
+/// and the running worker (its stop and its handle).
+async fn drain_fresh(
+    app: &App,
+    cfg: &WorkerConfig,
+    label: &str,
+    a: &BenchArgs,
+    sig: impl Fn(usize) -> Signature,
+) -> anyhow::Result<(f64, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), crate::WorkerError>>)> {
+    let mut sent = 0;
+    while sent < a.count {
+        let n = a.batch.max(1).min(a.count - sent);
+        app.send_batch((sent..sent + n).map(&sig)).await?;
+        sent += n;
+    }
+    let cfg = WorkerConfig { hostname: format!("{label}.{}", cfg.hostname), ..cfg.clone() };
+    let worker = Worker::new(app.clone(), cfg);
+    let stats = worker.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let t = Instant::now();
+    let handle = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    let (wall, _) = wait_drained(&stats, a.count as u64, false, t).await?;
+    let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
+    let parked = stats.parked.load(Ordering::Relaxed);
+    anyhow::ensure!(parked == 0, "{parked} benchmark tasks were parked (the key limit bound)");
+    Ok((a.count as f64 / wall, stop, handle))
+}
+
+/// The median of `v` (sorted in place; 0 when empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// Waits until `stats` counts `count` finished tasks (at most 10 minutes): the wall time since

@@ -24,6 +24,9 @@
 //!     tasks whose slot row is gone (a release lost) gets one back from the sweep; concurrent
 //!     reservations of a rate bucket are spaced by its interval; unkeyed tasks leave the tables
 //!     empty.
+//! 15. The flow tables are bounded: a new key is refused once 100,000 keys hold slots or parked
+//!     messages (known keys go on); a new rate bucket deletes the idle ones, and is refused once
+//!     100,000 live ones remain.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -811,4 +814,62 @@ async fn key_slots_and_rate_buckets_are_rows() {
     let gaps: Vec<u128> = starts.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
     assert!(gaps.iter().all(|g| (80..=120).contains(g)), "starts 100 ms apart: {gaps:?}");
     assert!(buckets.reserve("", interval).await.is_err(), "an empty bucket name is refused");
+}
+
+/// The flow tables are bounded as the built-in broker's memory is: keys tracked and rate buckets
+/// (`MAX_TRACKED_KEYS`), idle buckets deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flow_tables_are_bounded() {
+    use celery_core::flow::{Admission, SlotRequest, MAX_TRACKED_KEYS};
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = broker(&schema, "").await;
+    let slots = b.key_slots().expect("postgres holds key slots");
+    let ttl = Duration::from_secs(30);
+    let req = |key, holder| SlotRequest { key, limit: 1, holder, ttl };
+    // One key with a parked message, the others with a slot each: MAX_TRACKED_KEYS in all.
+    assert_eq!(slots.acquire_or_park(&req("p", "h1"), "flow-q", &msg(1)).await.unwrap(), Admission::Acquired);
+    assert_eq!(slots.acquire_or_park(&req("p", "h2"), "flow-q", &msg(2)).await.unwrap(), Admission::Parked);
+    schema.exec("DELETE FROM celery_rs_key_slots").unwrap();
+    schema
+        .exec(&format!(
+            "INSERT INTO celery_rs_key_slots (key, holder, expires_at) \
+             SELECT 'k' || g, 'h', now() + interval '1 hour' FROM generate_series(2, {MAX_TRACKED_KEYS}) g"
+        ))
+        .unwrap();
+    let e = slots.acquire_or_park(&req("new", "h3"), "flow-q", &msg(3)).await.unwrap_err();
+    assert!(!e.is_retryable(), "{e:?}");
+    let limit = format!("too many concurrency keys tracked at once (the limit is {MAX_TRACKED_KEYS})");
+    assert!(e.to_string().contains(&limit), "{e}");
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_key_slots WHERE key = 'new'"), 0);
+    // Known keys go on: one with a slot (parked now, its limit is 1) and the one with a parked message.
+    assert_eq!(slots.acquire_or_park(&req("k2", "h4"), "flow-q", &msg(4)).await.unwrap(), Admission::Parked);
+    assert_eq!(slots.acquire_or_park(&req("p", "h5"), "flow-q", &msg(5)).await.unwrap(), Admission::Acquired);
+    // A key that drains leaves room for a new one.
+    schema.exec("DELETE FROM celery_rs_key_slots WHERE key = 'k3'").unwrap();
+    assert_eq!(slots.acquire_or_park(&req("new", "h3"), "flow-q", &msg(3)).await.unwrap(), Admission::Acquired);
+
+    // Rate buckets: a new one deletes those idle for over a minute, and keeps the others.
+    let buckets = b.rate_buckets().expect("postgres holds rate buckets");
+    let interval = Duration::from_millis(10);
+    schema
+        .exec(
+            "INSERT INTO celery_rs_rate_buckets (name, next_at) SELECT 'idle' || g, now() - interval '2 minutes' \
+             FROM generate_series(1, 1000) g; \
+             INSERT INTO celery_rs_rate_buckets (name, next_at) VALUES ('live', now() + interval '1 hour')",
+        )
+        .unwrap();
+    buckets.reserve("fresh", interval).await.unwrap();
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_rate_buckets WHERE name LIKE 'idle%'"), 0);
+    assert_eq!(count(&schema, "SELECT count(*) FROM celery_rs_rate_buckets"), 2);
+    // Once MAX_TRACKED_KEYS live buckets remain, a new one is refused; known ones go on.
+    schema
+        .exec(&format!(
+            "INSERT INTO celery_rs_rate_buckets (name, next_at) \
+             SELECT 'b' || g, now() + interval '1 hour' FROM generate_series(3, {MAX_TRACKED_KEYS}) g"
+        ))
+        .unwrap();
+    let e = buckets.reserve("one-more", interval).await.unwrap_err();
+    assert!(!e.is_retryable(), "{e:?}");
+    assert!(e.to_string().contains(&format!("too many rate buckets (the limit is {MAX_TRACKED_KEYS})")), "{e}");
+    assert!(buckets.reserve("fresh", interval).await.unwrap() <= interval);
 }

@@ -368,11 +368,16 @@ impl KeySlots for LogBroker {
         queue: &str,
         msg: &Message,
     ) -> Result<Admission, BrokerError> {
-        let mut rec = payload::to_record(msg);
-        rec.not_before_ms = 0;
+        // Encoded only when parked (the embedded store decides first; an owner over the network
+        // is sent it with the request).
+        let record = || {
+            let mut rec = payload::to_record(msg);
+            rec.not_before_ms = 0;
+            rec
+        };
         match &self.inner {
-            Inner::Local(s) => Ok(s.acquire_or_park(req, queue, rec).await?),
-            Inner::Remote(c) => c.acquire_or_park(req, queue, &rec).await,
+            Inner::Local(s) => Ok(s.acquire_or_park(req, queue, record).await?),
+            Inner::Remote(c) => c.acquire_or_park(req, queue, &record()).await,
         }
     }
 

@@ -1,14 +1,17 @@
 //! Flow control on PostgreSQL ([`celery_core::flow`]): cluster-wide rate limits and per-key
 //! concurrency slots, held in the broker's schema (tables and functions in [`super::sql`],
-//! migration 4).
+//! migrations 4 and 5).
 //!
 //! - Rate buckets: one row per bucket (a task name) in `celery_rs_rate_buckets` with the next
-//!   free start by the server's clock; a reservation is one upsert ([`sql::RATE_RESERVE`]) whose
-//!   row lock orders concurrent workers, as Redis's one script does.
+//!   free start by the server's clock; a reservation is one call ([`sql::RATE_RESERVE`]) whose
+//!   row lock orders concurrent workers, as Redis's one script does. Creating a bucket first
+//!   deletes the buckets idle for a minute (their next start is past, so they hold nothing) and
+//!   is refused when [`MAX_TRACKED_KEYS`] remain.
 //! - Key slots: one row per held slot in `celery_rs_key_slots` (key, holder, lease expiry): a
 //!   lease, not a counter, so a dead worker's slot frees once its lease ends. Taking a slot or
 //!   parking the message is one call of `celery_rs_key_acquire` under the key's advisory lock: no
-//!   slot frees between "full" and "parked". A parked message is a row of `celery_rs_parked` (its
+//!   slot frees between "full" and "parked". The first call goes without the message (most find
+//!   a slot free); only a full key gets a second call with it, which checks again. A parked message is a row of `celery_rs_parked` (its
 //!   queue, priority and Kombu envelope) committed before the worker acks its delivery; it waits
 //!   on disk without a worker slot, and nothing polls for it. A release deletes the holder's row
 //!   and moves the oldest parked message of the key (from any queue) back into `celery_rs_tasks`
@@ -16,21 +19,32 @@
 //!   tasks runs each third of its lease, deletes expired slots of up to [`SWEEP_KEYS`] keys and
 //!   moves one parked message back per slot it freed, and one for a key with parked messages and
 //!   no slot at all.
+//! - Bounded as on the built-in broker: a key with no slot held and nothing parked is refused
+//!   (``too many concurrency keys tracked at once``) when [`MAX_TRACKED_KEYS`] keys have slots
+//!   or parked messages. The count is taken only for such a new key, under its own lock, so keys
+//!   new at the same moment may pass it together (by at most the number of them). A slot's
+//!   renewal re-takes a swept slot whatever the count (it is bounded by the tasks running).
 //!
 //! Tasks without a concurrency key or a cluster-wide rate limit never touch these tables.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
-use celery_core::flow::{validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRequest};
+use celery_core::flow::{
+    validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRequest, MAX_TRACKED_KEYS,
+};
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, ProtocolError};
 
+use super::error::PgError;
 use super::{check_name, sql, PostgresBroker, MAX_PAYLOAD};
 use crate::envelope;
 
 /// Keys one sweep visits at most, of each kind (with expired slots; parked with no slot held).
 pub const SWEEP_KEYS: i32 = 256;
+
+/// [`MAX_TRACKED_KEYS`] as the functions take it.
+const MAX_KEYS: i32 = MAX_TRACKED_KEYS as i32;
 
 /// A lease or interval in seconds, at least a millisecond.
 fn secs(d: Duration) -> f64 {
@@ -48,24 +62,37 @@ impl KeySlots for PostgresBroker {
         req.validate()?;
         check_name("key slot holder", req.holder)?;
         check_name("queue", queue)?;
-        let env = envelope::encode(msg, "", queue);
-        if env.len() > MAX_PAYLOAD {
-            return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-        }
-        let priority = i16::from(envelope::kombu_priority(msg));
         let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
-        let payload = env.into_bytes();
-        let rows = self
-            .inner
-            .db
-            .query(
-                "take a key slot",
-                sql::KEY_ACQUIRE,
-                &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload],
-            )
-            .await?;
-        let taken = rows.first().is_some_and(|r| r.get::<_, bool>(0));
-        Ok(if taken { Admission::Acquired } else { Admission::Parked })
+        let priority = i16::from(envelope::kombu_priority(msg));
+        // First without the payload (most takes find a slot free: nothing encoded or sent), then,
+        // if the key is full, with it: the second call checks again and parks atomically.
+        let mut payload: Option<Vec<u8>> = None;
+        loop {
+            let rows = self
+                .inner
+                .db
+                .query(
+                    "take a key slot",
+                    sql::KEY_ACQUIRE,
+                    &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
+                )
+                .await?;
+            let Some(row) = rows.first() else {
+                return Err(PgError::operation("take a key slot: no answer").into());
+            };
+            match row.get::<_, Option<bool>>(0) {
+                Some(true) => return Ok(Admission::Acquired),
+                Some(false) => return Ok(Admission::Parked),
+                None if payload.is_none() => {
+                    let env = envelope::encode(msg, "", queue);
+                    if env.len() > MAX_PAYLOAD {
+                        return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
+                    }
+                    payload = Some(env.into_bytes());
+                }
+                None => return Err(PgError::operation("take a key slot: neither taken nor parked").into()),
+            }
+        }
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -95,8 +122,11 @@ impl KeySlots for PostgresBroker {
 impl RateBuckets for PostgresBroker {
     async fn reserve(&self, name: &str, interval: Duration) -> Result<Duration, BrokerError> {
         validate_bucket(name, interval)?;
-        let rows =
-            self.inner.db.query("reserve a rate limit start", sql::RATE_RESERVE, &[&name, &secs(interval)]).await?;
+        let rows = self
+            .inner
+            .db
+            .query("reserve a rate limit start", sql::RATE_RESERVE, &[&name, &secs(interval), &MAX_KEYS])
+            .await?;
         let wait = rows.first().map_or(0.0, |r| r.get::<_, f64>(0));
         Ok(wait_of(wait))
     }

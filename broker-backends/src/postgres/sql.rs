@@ -19,8 +19,10 @@
 //!   statement ([`RESTORE_DEAD`]), so its tasks come back in seconds, not after the visibility
 //!   timeout (see [`super::holder`]).
 //! - Flow control ([`super::limits`]): `celery_rs_rate_buckets` (a cluster-wide rate limit: the
-//!   next free start of each bucket, reserved by one upsert), `celery_rs_key_slots` (per-key
-//!   concurrency: one row per held slot, its holder and lease expiry) and `celery_rs_parked`
+//!   next free start of each bucket, reserved by `celery_rs_rate_reserve`, which deletes the
+//!   buckets idle for a minute when it creates one and keeps at most 100,000),
+//!   `celery_rs_key_slots` (per-key concurrency: one row per held slot, its holder and lease
+//!   expiry; at most 100,000 keys with slots or parked messages) and `celery_rs_parked`
 //!   (messages waiting for a slot of their key, with their queue and priority). The functions
 //!   `celery_rs_key_acquire`, `_release` and `_sweep` each run under a transaction-level advisory
 //!   lock of the key (schema and key hashed), taken before they read: what they decide ("full,
@@ -245,6 +247,88 @@ BEGIN
         END IF;
     END LOOP;
     RETURN moved;
+END $$;
+",
+    },
+    Migration {
+        version: 5,
+        name: "flow control bounds: keys tracked and rate buckets capped, idle buckets deleted",
+        sql: "
+CREATE OR REPLACE FUNCTION celery_rs_key_tracked_at_least(p_max integer) RETURNS boolean
+LANGUAGE plpgsql STABLE AS $$
+DECLARE parked_keys bigint;
+BEGIN
+    SELECT count(*) INTO parked_keys FROM (
+        WITH RECURSIVE pk AS (
+            (SELECT key FROM celery_rs_parked ORDER BY key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT p.key FROM celery_rs_parked p WHERE p.key > pk.key ORDER BY p.key LIMIT 1)
+            FROM pk WHERE pk.key IS NOT NULL)
+        SELECT key FROM pk WHERE key IS NOT NULL LIMIT p_max) r;
+    IF (SELECT count(*) FROM (SELECT 1 FROM celery_rs_key_slots LIMIT p_max) r) + parked_keys < p_max THEN
+        RETURN false;
+    END IF;
+    RETURN (SELECT count(*) FROM (
+        WITH RECURSIVE sk AS (
+            (SELECT key FROM celery_rs_key_slots ORDER BY key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT s.key FROM celery_rs_key_slots s WHERE s.key > sk.key ORDER BY s.key LIMIT 1)
+            FROM sk WHERE sk.key IS NOT NULL),
+        pk AS (
+            (SELECT key FROM celery_rs_parked ORDER BY key LIMIT 1)
+            UNION ALL
+            SELECT (SELECT p.key FROM celery_rs_parked p WHERE p.key > pk.key ORDER BY p.key LIMIT 1)
+            FROM pk WHERE pk.key IS NOT NULL)
+        SELECT key FROM sk WHERE key IS NOT NULL UNION SELECT key FROM pk WHERE key IS NOT NULL LIMIT p_max) r) >= p_max;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire(p_key text, p_limit integer, p_holder text, p_ttl float8,
+    p_queue text, p_priority smallint, p_payload bytea, p_max_keys integer) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_key_lock(p_key);
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key)
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_parked WHERE key = p_key)
+        AND celery_rs_key_tracked_at_least(p_max_keys)
+    THEN
+        RAISE EXCEPTION 'too many concurrency keys tracked at once (the limit is %)', p_max_keys;
+    END IF;
+    IF EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key AND holder = p_holder)
+        OR (SELECT count(*) FROM celery_rs_key_slots WHERE key = p_key AND expires_at > clock_timestamp()) < p_limit
+    THEN
+        INSERT INTO celery_rs_key_slots (key, holder, expires_at)
+        VALUES (p_key, p_holder, clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+        RETURN true;
+    END IF;
+    IF p_payload IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO celery_rs_parked (key, queue, priority, payload) VALUES (p_key, p_queue, p_priority, p_payload);
+    RETURN false;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire(p_key text, p_limit integer, p_holder text, p_ttl float8,
+    p_queue text, p_priority smallint, p_payload bytea) RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT celery_rs_key_acquire(p_key, p_limit, p_holder, p_ttl, p_queue, p_priority, p_payload, 100000)
+$$;
+CREATE OR REPLACE FUNCTION celery_rs_rate_reserve(p_name text, p_secs float8, p_max integer) RETURNS float8
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE wait float8;
+BEGIN
+    UPDATE celery_rs_rate_buckets SET next_at = greatest(next_at, clock_timestamp()) + make_interval(secs => p_secs)
+    WHERE name = p_name
+    RETURNING extract(epoch FROM next_at - clock_timestamp())::float8 - p_secs INTO wait;
+    IF FOUND THEN
+        RETURN wait;
+    END IF;
+    DELETE FROM celery_rs_rate_buckets WHERE next_at < clock_timestamp() - interval '1 minute';
+    IF (SELECT count(*) FROM (SELECT 1 FROM celery_rs_rate_buckets LIMIT p_max) b) >= p_max THEN
+        RAISE EXCEPTION 'too many rate buckets (the limit is %)', p_max;
+    END IF;
+    INSERT INTO celery_rs_rate_buckets AS b (name, next_at) VALUES (p_name, clock_timestamp() + make_interval(secs => p_secs))
+    ON CONFLICT (name) DO UPDATE SET next_at = greatest(b.next_at, clock_timestamp()) + make_interval(secs => p_secs)
+    RETURNING extract(epoch FROM b.next_at - clock_timestamp())::float8 - p_secs INTO wait;
+    RETURN wait;
 END $$;
 ",
     },
@@ -505,16 +589,18 @@ INSERT INTO celery_rs_documents (key, doc) VALUES ($1, $2)
 ON CONFLICT (key) DO UPDATE SET doc = excluded.doc, updated_at = now()";
 
 /// Reserves the next start of rate bucket `$1` spaced `$2` seconds after the one reserved before
-/// it (or now, when that is past); returns the seconds to wait until it (negative: none). One
-/// upsert: the row lock orders concurrent reservations.
-pub(crate) const RATE_RESERVE: &str = "
-INSERT INTO celery_rs_rate_buckets AS b (name, next_at) VALUES ($1, clock_timestamp() + make_interval(secs => $2))
-ON CONFLICT (name) DO UPDATE SET next_at = greatest(b.next_at, clock_timestamp()) + make_interval(secs => $2)
-RETURNING extract(epoch FROM b.next_at - clock_timestamp())::float8 - $2";
+/// it (or now, when that is past); returns the seconds to wait until it (negative: none). The
+/// bucket's row lock orders concurrent reservations. A new bucket first deletes the buckets idle
+/// for a minute (their next start is past: they hold nothing), then is refused when `$3` are left.
+pub(crate) const RATE_RESERVE: &str = "SELECT celery_rs_rate_reserve($1, $2, $3)";
 
 /// Takes a slot of key `$1` (limit `$2`) for holder `$3` for `$4` seconds, or parks the message
-/// (queue `$5`, priority `$6`, payload `$7`): true when taken.
-pub(crate) const KEY_ACQUIRE: &str = "SELECT celery_rs_key_acquire($1, $2, $3, $4, $5, $6, $7)";
+/// (queue `$5`, priority `$6`, payload `$7`): true when taken, false when parked, NULL when the
+/// key is full and `$7` is NULL (nothing parked: ask again with the payload). A key with no slot
+/// held and nothing parked is refused when `$8` keys are tracked (with slots held or messages
+/// parked). Migration 5 makes the seven-argument form (workers of earlier versions) this one with
+/// a bound of 100,000.
+pub(crate) const KEY_ACQUIRE: &str = "SELECT celery_rs_key_acquire($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Renews holder `$2`'s slot of key `$1` for `$3` seconds (taking it again if it was swept):
 /// true when it was still there.

@@ -74,10 +74,13 @@ end
 "#;
 
 /// KEYS: slots, parked, index; ARGV: ttl ms, limit, holder, entry, index member.
-/// Returns 1 (acquired) or 0 (parked).
-fn acquire_or_park() -> Script {
-    Script::new(&format!(
-        r#"{NOW}
+/// Returns 1 (acquired), 0 (parked), or 2 (full, and the entry is empty: nothing parked; the
+/// caller asks again with it).
+fn acquire_or_park() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(&format!(
+            r#"{NOW}
 local ttl = tonumber(ARGV[1])
 local held = redis.call('ZSCORE', KEYS[1], ARGV[3])
 if held or redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') < tonumber(ARGV[2]) then
@@ -85,17 +88,21 @@ if held or redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') < tonumber(ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ttl + 60000)
   return 1
 end
+if ARGV[4] == '' then return 2 end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[5])
 return 0
 "#
-    ))
+        ))
+    })
 }
 
 /// KEYS: slots; ARGV: ttl ms, holder. Returns 1 if it was held (it is held afterwards anyway).
-fn renew() -> Script {
-    Script::new(&format!(
-        r#"{NOW}
+fn renew() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(&format!(
+            r#"{NOW}
 local ttl = tonumber(ARGV[1])
 local had = redis.call('ZSCORE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
@@ -103,27 +110,33 @@ redis.call('PEXPIRE', KEYS[1], ttl + 60000)
 if had then return 1 end
 return 0
 "#
-    ))
+        ))
+    })
 }
 
 /// KEYS: slots, parked, index, the queue's four buckets; ARGV: holder, index member, key prefix,
 /// queue. Returns 1 if a parked task moved back.
-fn release() -> Script {
-    Script::new(&format!(
-        r#"{FAIR_FN}{MOVE_ONE}
+fn release() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(&format!(
+            r#"{FAIR_FN}{MOVE_ONE}
 redis.call('ZREM', KEYS[1], ARGV[1])
 local moved = move_one()
 unindex(ARGV[2])
 return moved
 "#
-    ))
+        ))
+    })
 }
 
 /// KEYS: slots, parked, index, the queue's four buckets; ARGV: index member, key prefix, queue.
 /// Returns how many parked tasks moved back.
-fn sweep() -> Script {
-    Script::new(&format!(
-        r#"{NOW}{FAIR_FN}{MOVE_ONE}
+fn sweep() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(&format!(
+            r#"{NOW}{FAIR_FN}{MOVE_ONE}
 local n = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if n == 0 and redis.call('ZCARD', KEYS[1]) == 0 then n = 1 end
 local moved = 0
@@ -134,13 +147,16 @@ end
 unindex(ARGV[1])
 return moved
 "#
-    ))
+        ))
+    })
 }
 
 /// KEYS: bucket; ARGV: interval µs. Returns the wait in µs.
-fn reserve() -> Script {
-    Script::new(
-        r#"
+fn reserve() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(
+            r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local next = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
@@ -149,7 +165,8 @@ local after = start + tonumber(ARGV[1])
 redis.call('SET', KEYS[1], string.format('%.0f', after), 'PX', math.floor((after - now) / 1000) + 1000)
 return math.floor(start - now)
 "#,
-    )
+        )
+    })
 }
 
 impl Keys {
@@ -194,22 +211,32 @@ impl KeySlots for RedisBroker {
         msg: &Message,
     ) -> Result<Admission, BrokerError> {
         req.validate()?;
-        let step = envelope::bucket_of(envelope::kombu_priority(msg));
-        let entry = format!("{step}|{}", envelope::encode(msg, "", queue));
-        let mut conn = self.conn.clone();
-        let got: i64 = acquire_or_park()
-            .key(self.keys.slots(req.key))
-            .key(self.keys.parked(&member(queue, req.key)))
-            .key(self.keys.parked_index())
-            .arg(millis(req.ttl).max(1))
-            .arg(req.limit)
-            .arg(req.holder)
-            .arg(entry)
-            .arg(member(queue, req.key))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(failed("redis: take a key slot"))?;
-        Ok(if got == 1 { Admission::Acquired } else { Admission::Parked })
+        // First without the envelope (most takes find a slot free: no envelope encoded or sent),
+        // then, if the key is full, with it: the second call checks again and parks atomically.
+        let mut entry = String::new();
+        loop {
+            let mut conn = self.conn.clone();
+            let got: i64 = acquire_or_park()
+                .key(self.keys.slots(req.key))
+                .key(self.keys.parked(&member(queue, req.key)))
+                .key(self.keys.parked_index())
+                .arg(millis(req.ttl).max(1))
+                .arg(req.limit)
+                .arg(req.holder)
+                .arg(&entry)
+                .arg(member(queue, req.key))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(failed("redis: take a key slot"))?;
+            match got {
+                1 => return Ok(Admission::Acquired),
+                2 if entry.is_empty() => {
+                    let step = envelope::bucket_of(envelope::kombu_priority(msg));
+                    entry = format!("{step}|{}", envelope::encode(msg, "", queue));
+                }
+                _ => return Ok(Admission::Parked),
+            }
+        }
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -227,7 +254,7 @@ impl KeySlots for RedisBroker {
     async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError> {
         let mut conn = self.conn.clone();
         let script = release();
-        let mut inv = self.over_list(&script, queue, key);
+        let mut inv = self.over_list(script, queue, key);
         inv.arg(holder).arg(member(queue, key)).arg(self.keys.prefix()).arg(queue);
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release a key slot"))?;
         Ok(())
@@ -251,7 +278,7 @@ impl KeySlots for RedisBroker {
         let mut moved = 0u64;
         for m in members {
             let Some((queue, key)) = m.split_once(SEP) else { continue };
-            let mut inv = self.over_list(&script, queue, key);
+            let mut inv = self.over_list(script, queue, key);
             inv.arg(&m).arg(self.keys.prefix()).arg(queue);
             let n: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: sweep key slots"))?;
             moved += n.max(0) as u64;

@@ -3,12 +3,14 @@
 //! Per-key concurrency: right before a
 //! task with a concurrency key and a limit runs, its slot is taken from the broker, or the broker
 //! parks the message and the delivery is acked; the slot is renewed while the task runs and
-//! released after its outcome is stored. A sweep loop frees the slots of dead workers on brokers
+//! released after its outcome is stored (on a task of its own: the worker slot does not wait for
+//! the broker's answer). A sweep loop frees the slots of dead workers on brokers
 //! that need one.
 //!
 //! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
 //! bucket; the caller waits for it as for a per-worker limit.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +21,7 @@ use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
 
 use super::shared::Shared;
 
-/// A held slot: renewed on a task of its own until released (or dropped: released then too).
+/// A held slot: renewed on a task of its own until released (dropping it releases it too).
 #[derive(Debug)]
 pub(super) struct HeldSlot {
     broker: Arc<dyn Broker>,
@@ -27,42 +29,39 @@ pub(super) struct HeldSlot {
     holder: String,
     queue: String,
     renewer: tokio::task::JoinHandle<()>,
-    released: bool,
 }
 
 impl HeldSlot {
     /// Gives the slot back (the broker moves a parked message of the key back to its queue).
-    pub(super) async fn release(mut self) {
-        self.released = true;
-        self.renewer.abort();
-        if let Some(slots) = self.broker.key_slots() {
-            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&self.key, &self.holder, &self.queue)).await
-            {
-                tracing::warn!(key = %self.key, error = %e, "could not release a key slot; it frees when its lease ends");
-            }
-        }
+    pub(super) fn release(self) {
+        drop(self);
     }
 }
 
 impl Drop for HeldSlot {
+    /// Releases the slot on a task of its own: the task's worker slot frees without waiting for
+    /// the broker's answer. The key's slot is held that round trip longer, never shorter, so at
+    /// most its limit still run at once; if the release fails, the slot frees when its lease ends.
     fn drop(&mut self) {
         self.renewer.abort();
-        if self.released {
-            return;
-        }
-        // Not released in order (the task's future was dropped): released on a task of its own.
         let (broker, key, holder, queue) = (
             self.broker.clone(),
             std::mem::take(&mut self.key),
             std::mem::take(&mut self.holder),
             std::mem::take(&mut self.queue),
         );
-        if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(async move {
-                if let Some(slots) = broker.key_slots() {
-                    let _ = slots.release(&key, &holder, &queue).await;
-                }
-            });
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let mut release = Box::pin(async move {
+            let Some(slots) = broker.key_slots() else { return };
+            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&key, &holder, &queue)).await {
+                tracing::warn!(%key, error = %e, "could not release a key slot; it frees when its lease ends");
+            }
+        });
+        // Polled once here: a broker in this process (the embedded log) answers at once, without
+        // a task spawned; one over the network has sent the request and goes on on a task.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if release.as_mut().poll(&mut cx).is_pending() {
+            rt.spawn(release);
         }
     }
 }
@@ -111,14 +110,7 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     match celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await {
         Ok(Admission::Acquired) => {
             let renewer = tokio::spawn(renew(broker.clone(), key.to_owned(), holder.clone(), ttl));
-            KeyStep::Held(HeldSlot {
-                broker,
-                key: key.to_owned(),
-                holder,
-                queue: d.queue.clone(),
-                renewer,
-                released: false,
-            })
+            KeyStep::Held(HeldSlot { broker, key: key.to_owned(), holder, queue: d.queue.clone(), renewer })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),

@@ -222,7 +222,7 @@ async fn process(w: Arc<Shared>, d: Delivery, msg: Arc<Message>, _slot: Slot) {
         run(&w, d, msg, entry, opts, body, delivery).await;
     }
     if let Some(slot) = slot {
-        slot.release().await;
+        slot.release();
     }
 }
 

@@ -39,13 +39,28 @@ pub(crate) struct KeyFlow {
     writes: tokio::sync::Mutex<()>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FlowState {
     keys: HashMap<String, KeyState>,
     next_seq: u64,
     /// Cluster-wide rate limits: bucket -> the next free start (µs since the epoch). In memory:
     /// an owner restart starts every bucket afresh.
     buckets: HashMap<String, i64>,
+    /// [`MAX_TRACKED_KEYS`] and [`MAX_PARKED`] (lowered by tests).
+    max_keys: usize,
+    max_parked: usize,
+}
+
+impl Default for FlowState {
+    fn default() -> Self {
+        FlowState {
+            keys: HashMap::new(),
+            next_seq: 0,
+            buckets: HashMap::new(),
+            max_keys: MAX_TRACKED_KEYS,
+            max_parked: MAX_PARKED,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +133,14 @@ impl KeyFlow {
         KeyFlow { state: Mutex::new(state), writes: tokio::sync::Mutex::new(()) }
     }
 
+    /// Lowers the bounds on keys tracked and messages parked (tests: reaching the real ones takes
+    /// 100,000 steps).
+    #[cfg(test)]
+    fn set_bounds(&self, max_keys: usize, max_parked: usize) {
+        let mut s = lock(&self.state);
+        (s.max_keys, s.max_parked) = (max_keys, max_parked);
+    }
+
     /// Parked messages over all keys, and keys tracked.
     #[cfg(test)]
     pub(crate) fn counts(&self) -> (usize, usize) {
@@ -127,12 +150,13 @@ impl KeyFlow {
 }
 
 impl LogStore {
-    /// Takes a slot of `req.key` for `req.holder`, or parks `record` (bound for `queue`) durably.
+    /// Takes a slot of `req.key` for `req.holder`, or parks the record `record` makes (bound for
+    /// `queue`) durably; `record` is called only to park.
     pub(crate) async fn acquire_or_park(
         &self,
         req: &SlotRequest<'_>,
         queue: &str,
-        record: NewRecord,
+        record: impl FnOnce() -> NewRecord,
     ) -> Result<Admission, LogError> {
         req.validate().map_err(|e| LogError::Invalid(e.to_string()))?;
         super::names::component("queue", queue)?;
@@ -142,9 +166,10 @@ impl LogStore {
         let expiry = celery_core::clock::expiry_ms(now, req.ttl);
         let doc = {
             let mut s = lock(&flow.state);
-            if !s.keys.contains_key(req.key) && s.keys.len() >= MAX_TRACKED_KEYS {
+            if !s.keys.contains_key(req.key) && s.keys.len() >= s.max_keys {
                 return Err(LogError::Invalid(format!(
-                    "too many concurrency keys tracked at once (the limit is {MAX_TRACKED_KEYS})"
+                    "too many concurrency keys tracked at once (the limit is {})",
+                    s.max_keys
                 )));
             }
             let k = s.keys.entry(req.key.to_owned()).or_default();
@@ -154,14 +179,14 @@ impl LogStore {
                 return Ok(Admission::Acquired);
             }
             // O(keys), only when a task is parked: cheaper than a count kept right at five sites.
-            if s.keys.values().map(|k| k.parked.len()).sum::<usize>() >= MAX_PARKED {
-                return Err(LogError::Invalid(format!("too many parked messages (the limit is {MAX_PARKED})")));
+            if s.keys.values().map(|k| k.parked.len()).sum::<usize>() >= s.max_parked {
+                return Err(LogError::Invalid(format!("too many parked messages (the limit is {})", s.max_parked)));
             }
             let seq = s.next_seq;
             s.next_seq += 1;
             format!("{PARKED_PREFIX}{seq:020}")
         };
-        self.results().put(&doc, encode(req.key, queue, &record), DOC_TTL, |_| false).await?;
+        self.results().put(&doc, encode(req.key, queue, &record()), DOC_TTL, |_| false).await?;
         let parked = Parked { doc, queue: queue.to_owned() };
         lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
         Ok(Admission::Parked)
@@ -173,7 +198,7 @@ impl LogStore {
         celery_core::flow::validate_key(key).map_err(|e| LogError::Invalid(e.to_string()))?;
         let expiry = celery_core::clock::expiry_ms(now_ms(), ttl);
         let mut s = lock(&self.flow().state);
-        if !s.keys.contains_key(key) && s.keys.len() >= MAX_TRACKED_KEYS {
+        if !s.keys.contains_key(key) && s.keys.len() >= s.max_keys {
             return Ok(false);
         }
         Ok(s.keys.entry(key.to_owned()).or_default().slots.insert(holder.to_owned(), expiry).is_some())
@@ -280,14 +305,14 @@ mod tests {
         let dir = tempfile_dir("flow-park");
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         let ttl = Duration::from_secs(30);
-        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&req("k", "b", ttl), "q", rec(2)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "b", ttl), "q", || rec(2)).await.unwrap(), Admission::Acquired);
         // The same holder again keeps its slot.
-        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", rec(1)).await.unwrap(), Admission::Acquired);
-        assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(3)).await.unwrap(), Admission::Parked);
-        assert_eq!(store.acquire_or_park(&req("k", "d", ttl), "q", rec(4)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&req("k", "a", ttl), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", || rec(3)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&req("k", "d", ttl), "q", || rec(4)).await.unwrap(), Admission::Parked);
         // Another key is not limited by this one.
-        assert_eq!(store.acquire_or_park(&req("other", "e", ttl), "q", rec(5)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&req("other", "e", ttl), "q", || rec(5)).await.unwrap(), Admission::Acquired);
         assert_eq!(store.queue_len("q").unwrap(), 0);
         store.release_slot("k", "a").await.unwrap();
         assert_eq!(store.queue_len("q").unwrap(), 1);
@@ -304,9 +329,9 @@ mod tests {
             let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
             let ttl = Duration::from_millis(50);
             for (i, h) in ["a", "b"].iter().enumerate() {
-                store.acquire_or_park(&req("k", h, ttl), "q", rec(i as u8)).await.unwrap();
+                store.acquire_or_park(&req("k", h, ttl), "q", || rec(i as u8)).await.unwrap();
             }
-            assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", rec(7)).await.unwrap(), Admission::Parked);
+            assert_eq!(store.acquire_or_park(&req("k", "c", ttl), "q", || rec(7)).await.unwrap(), Admission::Parked);
             store.results().flush().await.unwrap();
         }
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
@@ -343,14 +368,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn parked_messages_and_tracked_keys_are_bounded() {
+        let dir = tempfile_dir("flow-bounds");
+        let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
+        store.flow().set_bounds(3, 2);
+        let ttl = Duration::from_secs(30);
+        let one = |key, holder| SlotRequest { key, limit: 1, holder, ttl };
+        assert_eq!(store.acquire_or_park(&one("k", "a"), "q", || rec(1)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k", "b"), "q", || rec(2)).await.unwrap(), Admission::Parked);
+        assert_eq!(store.acquire_or_park(&one("k", "c"), "q", || rec(3)).await.unwrap(), Admission::Parked);
+        // The third parked message is refused, with the limit named; nothing is parked for it.
+        let e = store.acquire_or_park(&one("k", "d"), "q", || rec(4)).await.unwrap_err();
+        assert!(e.to_string().contains("too many parked messages (the limit is 2)"), "{e}");
+        assert_eq!(store.flow().counts(), (2, 1));
+        // A slot is still had while the parked list is full.
+        assert_eq!(store.acquire_or_park(&one("k2", "e"), "q", || rec(5)).await.unwrap(), Admission::Acquired);
+        // A release moves one back, which makes room for the next.
+        store.release_slot("k", "a").await.unwrap();
+        assert_eq!(store.peek("q", 10).unwrap(), vec![vec![2]]);
+        assert_eq!(store.acquire_or_park(&one("k", "d"), "q", || rec(4)).await.unwrap(), Admission::Acquired);
+        assert_eq!(store.acquire_or_park(&one("k", "h"), "q", || rec(8)).await.unwrap(), Admission::Parked);
+        // Keys: "k", "k2" and a third are tracked; a fourth is refused, and renewing its slot too.
+        assert_eq!(store.acquire_or_park(&one("k3", "f"), "q", || rec(6)).await.unwrap(), Admission::Acquired);
+        let e = store.acquire_or_park(&one("k4", "g"), "q", || rec(7)).await.unwrap_err();
+        assert!(e.to_string().contains("too many concurrency keys tracked at once (the limit is 3)"), "{e}");
+        assert!(!store.renew_slot("k4", "g", ttl).unwrap());
+        assert_eq!(store.flow().counts(), (2, 3));
+        // A key that drains leaves room for another.
+        store.release_slot("k3", "f").await.unwrap();
+        assert_eq!(store.acquire_or_park(&one("k4", "g"), "q", || rec(7)).await.unwrap(), Admission::Acquired);
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test]
     async fn keys_and_limits_are_checked() {
         let dir = tempfile_dir("flow-checks");
         let store = LogStore::open(&dir, StoreConfig::default()).unwrap();
         let ttl = Duration::from_secs(1);
-        assert!(store.acquire_or_park(&req("", "a", ttl), "q", rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&req("", "a", ttl), "q", || rec(0)).await.is_err());
         let zero = SlotRequest { limit: 0, ..req("k", "a", ttl) };
-        assert!(store.acquire_or_park(&zero, "q", rec(0)).await.is_err());
-        assert!(store.acquire_or_park(&req("k", "a", ttl), "", rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&zero, "q", || rec(0)).await.is_err());
+        assert!(store.acquire_or_park(&req("k", "a", ttl), "", || rec(0)).await.is_err());
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }

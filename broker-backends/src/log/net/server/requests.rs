@@ -190,7 +190,7 @@ pub(super) async fn handle(
                     let payload = d.bytes().map_err(e)?.to_vec();
                     let req = celery_core::flow::SlotRequest { key: &key, limit, holder: &holder, ttl };
                     let rec = NewRecord { key: rec_key, payload, ..NewRecord::default() };
-                    let got = store.acquire_or_park(&req, &queue, rec).await.map_err(|e| e.to_string())?;
+                    let got = store.acquire_or_park(&req, &queue, || rec).await.map_err(|e| e.to_string())?;
                     ok().u8((got == celery_core::flow::Admission::Acquired) as u8).finish()
                 }
                 wire::flow::RENEW => {
