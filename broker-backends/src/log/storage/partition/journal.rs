@@ -128,7 +128,9 @@ impl AcksJournal {
         let mut generations: Vec<u64> = match std::fs::read_dir(&dir) {
             Ok(entries) => entries
                 .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok()))
+                .filter_map(|e| {
+                    e.file_name().to_str().and_then(|n| n.strip_suffix(".log")).and_then(|n| n.parse().ok())
+                })
                 .collect(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(LogError::io(&dir, e)),
@@ -453,7 +455,9 @@ fn decode(data: &[u8]) -> Option<((String, Entry), usize)> {
     let word64 = |c: &[u8]| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
     let entry = if counts {
         Entry::Counts(
-            rest.chunks_exact(12).map(|c| (word64(c), u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4])))).collect(),
+            rest.chunks_exact(12)
+                .map(|c| (word64(c), u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4]))))
+                .collect(),
         )
     } else {
         Entry::Acks(rest.chunks_exact(8).map(word64).collect())
@@ -476,7 +480,12 @@ mod tests {
     use crate::log::storage::record::NewRecord;
 
     fn cfg(journal: &Arc<AcksJournal>) -> PartitionConfig {
-        PartitionConfig { fsync: Fsync::Always, segment_bytes: 1 << 20, files: FileCache::new(16), journal: journal.clone() }
+        PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1 << 20,
+            files: FileCache::new(16),
+            journal: journal.clone(),
+        }
     }
 
     fn open(root: &Path, queue: &str, journal: &Arc<AcksJournal>) -> Partition {
@@ -484,7 +493,10 @@ mod tests {
     }
 
     async fn fill(p: &Partition, n: usize) {
-        p.log.append((0..n).map(|i| NewRecord { payload: vec![i as u8], ..NewRecord::default() }).collect()).await.unwrap();
+        p.log
+            .append((0..n).map(|i| NewRecord { payload: vec![i as u8], ..NewRecord::default() }).collect())
+            .await
+            .unwrap();
     }
 
     fn take(p: &Partition) -> Option<(u64, u32)> {
@@ -585,7 +597,10 @@ mod tests {
             assert!(!dir.join("acks.log").exists(), "the checkpoint holds its acks now");
             assert!(dir.join("checkpoint").exists());
         }
-        assert!(AcksJournal::open(&root, Fsync::Always).unwrap().generations().is_empty(), "a clean stop keeps no journal");
+        assert!(
+            AcksJournal::open(&root, Fsync::Always).unwrap().generations().is_empty(),
+            "a clean stop keeps no journal"
+        );
         let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
         let p = open(&root, "old", &journal);
         assert_eq!(take(&p).map(|(o, _)| o), Some(4));

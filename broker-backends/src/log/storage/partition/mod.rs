@@ -35,8 +35,8 @@ pub use writer::Fsync;
 pub(crate) fn writer_threads() -> usize {
     pool::pool().threads()
 }
-pub(crate) use work::WorkList;
 pub(crate) use journal::AcksJournal;
+pub(crate) use work::WorkList;
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
 use celery_core::flow::FairnessWeights;
