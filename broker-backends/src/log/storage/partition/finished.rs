@@ -182,28 +182,43 @@ impl Finished {
     /// Replays the frames of an `acks.log` (the format before the store's journal).
     fn replay_acks_log(&mut self, data: &[u8], path: &Path) {
         let mut pos = 0;
-        while pos + 8 <= data.len() {
-            let word = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4]));
-            let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
-            let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or([0; 4]));
-            let Some(body) = data.get(pos + 8..pos + 8 + len) else {
-                break;
-            };
-            let entry = if counts { 12 } else { 8 };
-            if crc32c::crc32c(body) != crc || !len.is_multiple_of(entry) {
+        while pos < data.len() {
+            let Some((entry, used)) =
+                read_frame(&data[pos..]).and_then(|(counts, body, used)| Some((entry(counts, body)?, used)))
+            else {
                 tracing::warn!(path = %path.display(), pos, "log: torn acks frame ignored");
                 break;
-            }
-            for c in body.chunks_exact(entry) {
-                let offset = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
-                if !counts {
-                    self.mark(offset);
-                } else if !self.is_done(offset) {
-                    self.counts.insert(offset, u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4])));
-                }
-            }
-            pos += 8 + len;
+            };
+            self.apply(&entry);
+            pos += used;
         }
+    }
+}
+
+/// The frame at the start of `data` (see [`acks_frame`]): whether it holds delivery counts, its
+/// body and its length; `None` when it is cut short or fails its CRC.
+pub(super) fn read_frame(data: &[u8]) -> Option<(bool, &[u8], usize)> {
+    let word = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
+    let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
+    let body = data.get(8..8 + len)?;
+    (crc32c::crc32c(body) == crc).then_some((counts, body, 8 + len))
+}
+
+/// The entries of a frame's body: offsets, or (with `counts`) offsets and delivery counts; `None`
+/// when the length does not divide.
+pub(super) fn entry(counts: bool, body: &[u8]) -> Option<Entry> {
+    let word = |c: &[u8]| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
+    if counts {
+        body.len().is_multiple_of(12).then(|| {
+            Entry::Counts(
+                body.chunks_exact(12)
+                    .map(|c| (word(c), u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4]))))
+                    .collect(),
+            )
+        })
+    } else {
+        body.len().is_multiple_of(8).then(|| Entry::Acks(body.chunks_exact(8).map(word).collect()))
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use celery_core::sync::lock;
 
-use super::finished::{acks_frame, COUNTS_FRAME};
+use super::finished::{acks_frame, entry, read_frame, COUNTS_FRAME};
 use super::pool::{pool, Job};
 use super::writer::Fsync;
 use crate::log::storage::disk;
@@ -438,31 +438,10 @@ fn replay(data: &[u8], path: &Path, out: &mut HashMap<String, Vec<Entry>>) -> Ha
 
 /// One frame at the start of `data`: its partition, entry and length; `None` when it is bad or cut.
 fn decode(data: &[u8]) -> Option<((String, Entry), usize)> {
-    let word = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
-    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
-    let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
-    let body = data.get(8..8 + len)?;
-    if crc32c::crc32c(body) != crc {
-        return None;
-    }
+    let (counts, body, used) = read_frame(data)?;
     let klen = u16::from_le_bytes(body.get(..2)?.try_into().ok()?) as usize;
     let key = std::str::from_utf8(body.get(2..2 + klen)?).ok()?.to_owned();
-    let rest = &body[2 + klen..];
-    let size = if counts { 12 } else { 8 };
-    if !rest.len().is_multiple_of(size) {
-        return None;
-    }
-    let word64 = |c: &[u8]| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
-    let entry = if counts {
-        Entry::Counts(
-            rest.chunks_exact(12)
-                .map(|c| (word64(c), u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4]))))
-                .collect(),
-        )
-    } else {
-        Entry::Acks(rest.chunks_exact(8).map(word64).collect())
-    };
-    Some(((key, entry), 8 + len))
+    Some(((key, entry(counts, &body[2 + klen..])?), used))
 }
 
 #[cfg(test)]
