@@ -43,7 +43,7 @@ async fn a_worker_with_5000_written_queues_holds_bounded_threads_and_descriptors
     let pid = w.child.id();
     let idle = proc_stats(pid);
     let app = celery_worker::connect(&url, &url).await.unwrap();
-    // Every queue written, read and acknowledged: each has its segment, `acks.log` and state.
+    // Every queue written, read and acknowledged: each has its segment, journaled acks and state.
     one_task_each(&app, &queues).await;
     let after = proc_stats(pid);
     // The runtime's threads grow with the CPUs, not with the queues.

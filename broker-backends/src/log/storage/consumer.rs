@@ -52,8 +52,8 @@ const RETRY_MS: i64 = 500;
 
 /// Records a consumer takes from one partition in a row before the next partition with records
 /// has its turn: the records of a queue run close together, so their acks share the partition's
-/// `acks.log` writes and fsyncs (one record per turn cost an fsync per ack when many queues had
-/// work), while no queue waits behind another's backlog for more than this many.
+/// frames in the acks journal (one record per turn cost a write per ack when many queues had work),
+/// while no queue waits behind another's backlog for more than this many.
 const IN_A_ROW: u32 = 16;
 
 /// A task consumer of some queues of a log store.

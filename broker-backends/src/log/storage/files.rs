@@ -1,7 +1,7 @@
 //! The store's open files: a bounded cache of descriptors (least recently used out), so what a
 //! directory costs in descriptors does not grow with its queues.
 //!
-//! Segment files and `acks.log` are opened on demand through [`FileCache::open`] and kept while
+//! Segment files are opened on demand through [`FileCache::open`] and kept while
 //! they are used; past [`FileCache::capacity`] the least recently used one is dropped from the
 //! cache (its descriptor closes once the last reader or writer holding it lets go). An idle
 //! partition therefore holds no descriptor. A partition's writer keeps the descriptor it wrote

@@ -23,7 +23,7 @@ use super::broadcast::Broadcasts;
 use super::error::LogError;
 use super::files::FileCache;
 use super::flow::KeyFlow;
-use super::partition::{Fsync, Partition, PartitionConfig, Retention};
+use super::partition::{AcksJournal, Fsync, Partition, PartitionConfig, Retention};
 use super::record::{check_size, NewRecord, Record};
 use super::results::ResultStore;
 use super::routing::Routes;
@@ -55,7 +55,7 @@ pub struct StoreConfig {
     /// The most queues the directory may hold (`max_queues=`), default 10,000: a publish that would
     /// create one more fails with an error naming the limit.
     pub max_queues: usize,
-    /// Segment and `acks.log` descriptors kept open (`max_open_files=`), default 256, whatever the
+    /// Segment descriptors kept open (`max_open_files=`), default 256, whatever the
     /// number of queues: the least recently used one is closed for a new one. A descriptor that is
     /// being read or written (or holds bytes not fsynced yet) stays open until it is done.
     pub max_open_files: usize,
@@ -96,8 +96,10 @@ pub struct LogStore {
     /// Publishes that matched no queue.
     pub unroutable: AtomicU64,
     groups: Arc<StreamGroups>,
-    /// The open segment and `acks.log` files of every partition (bounded).
+    /// The open segment files of every partition (bounded).
     files: Arc<FileCache>,
+    /// The acks and delivery counts of every partition (`partition/journal.rs`).
+    journal: Arc<AcksJournal>,
     /// Per-key concurrency slots and parked messages (`flow.rs`).
     flow: KeyFlow,
 }
@@ -134,7 +136,13 @@ impl LogStore {
         lock_file.set_len(0).map_err(|e| LogError::io(&lock_path, e))?;
         std::fs::write(&lock_path, std::process::id().to_string()).map_err(|e| LogError::io(&lock_path, e))?;
         let files = FileCache::new(cfg.max_open_files);
-        let pcfg = PartitionConfig { fsync: cfg.fsync, segment_bytes: cfg.segment_bytes, files: files.clone() };
+        let journal = AcksJournal::open(&canonical, cfg.fsync)?;
+        let pcfg = PartitionConfig {
+            fsync: cfg.fsync,
+            segment_bytes: cfg.segment_bytes,
+            files: files.clone(),
+            journal: journal.clone(),
+        };
         let results = ResultStore::open(&canonical.join("results"), &pcfg, cfg.max_record_bytes)?;
         let flow = KeyFlow::load(&lock(&results.live).values);
         let store = Arc::new(LogStore {
@@ -151,9 +159,11 @@ impl LogStore {
             unroutable: AtomicU64::new(0),
             groups: Arc::new(StreamGroups::new(&canonical)),
             files,
+            journal,
             flow,
         });
         store.open_topics()?;
+        store.journal.trim_after_open();
         reg.insert(canonical, Arc::downgrade(&store));
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(expiry_loop(Arc::downgrade(&store)));
@@ -299,8 +309,12 @@ impl LogStore {
     }
 
     fn open_partitions(&self, name: &str, dir: &Path, count: u32) -> Result<Arc<Topic>, LogError> {
-        let pcfg =
-            PartitionConfig { fsync: self.cfg.fsync, segment_bytes: self.cfg.segment_bytes, files: self.files.clone() };
+        let pcfg = PartitionConfig {
+            fsync: self.cfg.fsync,
+            segment_bytes: self.cfg.segment_bytes,
+            files: self.files.clone(),
+            journal: self.journal.clone(),
+        };
         Ok(Arc::new(Topic::open(name, dir, count, &pcfg, &self.notify)?))
     }
 
@@ -356,7 +370,7 @@ impl LogStore {
         Ok(t)
     }
 
-    /// Segment and `acks.log` files the store keeps open now (at most `max_open_files`, besides
+    /// Segment files the store keeps open now (at most `max_open_files`, besides
     /// those being read or written at this moment).
     pub fn open_files(&self) -> usize {
         self.files.len()

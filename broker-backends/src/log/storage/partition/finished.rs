@@ -1,8 +1,8 @@
 //! The durable finished set of a partition: which offsets are done (acked, purged,
 //! dead-lettered), as a watermark plus ranges above it, and the delivery counts of redelivered
-//! records. It lives in `checkpoint` (replaced atomically now and then) plus `acks.log` (what was
-//! finished since); [`Finished::load`] reads both at open, and the partition's writer
-//! thread (`writer.rs`) writes both.
+//! records. It lives in `checkpoint` (replaced atomically now and then) plus the store's acks
+//! journal (what was finished since, `journal.rs`); [`Finished::load`] reads both at open (and an
+//! `acks.log` an older version left), and the partition's writer (`writer.rs`) writes both.
 //!
 //! `checkpoint`: `"CKPT3" crc:u32 watermark:u64 count:u64 (start:u64 end:u64)* counts:u64
 //! (offset:u64 deliveries:u64)*` (older `CKPT2` without counts and `CKPT1` with one entry per
@@ -12,9 +12,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use super::journal::Entry;
 use crate::log::storage::error::LogError;
 
-/// Marks an `acks.log` frame of delivery counts (`offset:u64 count:u32` each) in its length word.
+/// Marks a journal (or `acks.log`) frame of delivery counts (`offset:u64 count:u32` each) in its length word.
 pub(super) const COUNTS_FRAME: u32 = 1 << 31;
 
 /// The finished prefix: every offset below `watermark` is done, and so is every offset of the
@@ -140,46 +141,89 @@ impl Finished {
         Ok(f)
     }
 
-    /// Loads `checkpoint` and replays `acks.log` (a torn last frame of acks is ignored: those acks
-    /// were not durable, and their records are delivered again).
-    pub(super) fn load(dir: &Path) -> Result<Finished, LogError> {
+    /// Loads `checkpoint`, then replays `acks.log` (left by an older version; a torn last frame is
+    /// ignored: those acks were not durable, and their records are delivered again), then this
+    /// partition's entries of the store's acks journal (`journal.rs`), in the order they were
+    /// written. Also says whether an `acks.log` was there (the next checkpoint deletes it).
+    pub(super) fn load(dir: &Path, journaled: &[Entry]) -> Result<(Finished, bool), LogError> {
         let path = dir.join("checkpoint");
         let mut f = match std::fs::read(&path) {
             Ok(data) => Finished::decode(&data, &path)?,
             Err(_) => Finished::default(),
         };
         let acks_path = dir.join("acks.log");
-        if let Ok(data) = std::fs::read(&acks_path) {
-            let mut pos = 0;
-            while pos + 8 <= data.len() {
-                let word = u32::from_le_bytes(data[pos..pos + 4].try_into().unwrap_or([0; 4]));
-                let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
-                let crc = u32::from_le_bytes(data[pos + 4..pos + 8].try_into().unwrap_or([0; 4]));
-                let Some(body) = data.get(pos + 8..pos + 8 + len) else {
-                    break;
-                };
-                let entry = if counts { 12 } else { 8 };
-                if crc32c::crc32c(body) != crc || !len.is_multiple_of(entry) {
-                    tracing::warn!(path = %acks_path.display(), pos, "log: torn acks frame ignored");
-                    break;
-                }
-                for c in body.chunks_exact(entry) {
-                    let offset = u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
-                    if !counts {
-                        f.mark(offset);
-                    } else if !f.is_done(offset) {
-                        f.counts.insert(offset, u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4])));
+        let legacy = match std::fs::read(&acks_path) {
+            Ok(data) => {
+                f.replay_acks_log(&data, &acks_path);
+                true
+            }
+            Err(_) => false,
+        };
+        for entry in journaled {
+            f.apply(entry);
+        }
+        Ok((f, legacy))
+    }
+
+    /// Applies one journal entry (acks, or delivery counts of records not finished).
+    pub(super) fn apply(&mut self, entry: &Entry) {
+        match entry {
+            Entry::Acks(offsets) => offsets.iter().for_each(|o| self.mark(*o)),
+            Entry::Counts(counts) => {
+                for (offset, n) in counts {
+                    if !self.is_done(*offset) {
+                        self.counts.insert(*offset, *n);
                     }
                 }
-                pos += 8 + len;
             }
         }
-        Ok(f)
+    }
+
+    /// Replays the frames of an `acks.log` (the format before the store's journal).
+    fn replay_acks_log(&mut self, data: &[u8], path: &Path) {
+        let mut pos = 0;
+        while pos < data.len() {
+            let Some((entry, used)) =
+                read_frame(&data[pos..]).and_then(|(counts, body, used)| Some((entry(counts, body)?, used)))
+            else {
+                tracing::warn!(path = %path.display(), pos, "log: torn acks frame ignored");
+                break;
+            };
+            self.apply(&entry);
+            pos += used;
+        }
     }
 }
 
-/// One `acks.log` frame: `len:u32 crc:u32 body`, `flags` (0, or [`COUNTS_FRAME`]) marking its kind
-/// in the length word.
+/// The frame at the start of `data` (see [`acks_frame`]): whether it holds delivery counts, its
+/// body and its length; `None` when it is cut short or fails its CRC.
+pub(super) fn read_frame(data: &[u8]) -> Option<(bool, &[u8], usize)> {
+    let word = u32::from_le_bytes(data.get(..4)?.try_into().ok()?);
+    let crc = u32::from_le_bytes(data.get(4..8)?.try_into().ok()?);
+    let (counts, len) = (word & COUNTS_FRAME != 0, (word & !COUNTS_FRAME) as usize);
+    let body = data.get(8..8 + len)?;
+    (crc32c::crc32c(body) == crc).then_some((counts, body, 8 + len))
+}
+
+/// The entries of a frame's body: offsets, or (with `counts`) offsets and delivery counts; `None`
+/// when the length does not divide.
+pub(super) fn entry(counts: bool, body: &[u8]) -> Option<Entry> {
+    let word = |c: &[u8]| u64::from_le_bytes(c[..8].try_into().unwrap_or([0; 8]));
+    if counts {
+        body.len().is_multiple_of(12).then(|| {
+            Entry::Counts(
+                body.chunks_exact(12)
+                    .map(|c| (word(c), u32::from_le_bytes(c[8..].try_into().unwrap_or([0; 4]))))
+                    .collect(),
+            )
+        })
+    } else {
+        body.len().is_multiple_of(8).then(|| Entry::Acks(body.chunks_exact(8).map(word).collect()))
+    }
+}
+
+/// One frame of the acks journal (or of an old `acks.log`): `len:u32 crc:u32 body`, `flags` (0, or
+/// [`COUNTS_FRAME`]) marking its kind in the length word.
 pub(super) fn acks_frame(flags: u32, body: &[u8]) -> Vec<u8> {
     let mut frame = Vec::with_capacity(body.len() + 8);
     frame.extend_from_slice(&(body.len() as u32 | flags).to_le_bytes());

@@ -1,7 +1,8 @@
 //! A partition with task-queue semantics: the queue operations (take, ack, requeue, expiry, purge,
 //! retention) over its append log.
 //!
-//! - [`writer`]: the append log and its writer (group commit, `acks.log`, checkpoints);
+//! - [`writer`]: the append log and its writer (group commit, acks, checkpoints);
+//! - [`journal`]: the store's acks journal (every partition's acks, one fsync a window);
 //! - [`pool`]: the writer threads all partitions share;
 //! - [`finished`]: the durable finished set (watermark and ranges, delivery counts);
 //! - [`leases`]: the records handed out and not settled, with their owners and deadlines;
@@ -9,6 +10,7 @@
 
 mod fair;
 mod finished;
+mod journal;
 mod leases;
 mod pool;
 mod work;
@@ -33,6 +35,7 @@ pub use writer::Fsync;
 pub(crate) fn writer_threads() -> usize {
     pool::pool().threads()
 }
+pub(crate) use journal::AcksJournal;
 pub(crate) use work::WorkList;
 pub(crate) use writer::{PartitionConfig, PartitionLog, Pos};
 
@@ -124,8 +127,9 @@ pub(crate) struct Partition {
 
 impl Partition {
     pub(crate) fn open(dir: &Path, cfg: &PartitionConfig, on_append: Arc<Notify>) -> Result<Partition, LogError> {
-        let finished = Finished::load(dir)?;
-        let log = PartitionLog::open(dir, cfg, finished.clone(), on_append)?;
+        let journaled = cfg.journal.take_replayed(&cfg.journal.key_of(dir));
+        let (finished, legacy_acks) = Finished::load(dir, &journaled)?;
+        let log = PartitionLog::open(dir, cfg, finished.clone(), on_append, legacy_acks, !journaled.is_empty())?;
         let cursor = log.seek(finished.watermark)?;
         let recovered_end = log.next_offset();
         Ok(Partition {
@@ -407,7 +411,7 @@ impl Partition {
         self.leased.load(Ordering::Acquire)
     }
 
-    /// Finishes records for good: durable in `acks.log`, and the watermark moves over them.
+    /// Finishes records for good: durable in the acks journal, and the watermark moves over them.
     pub(crate) fn ack(&self, offsets: &[u64]) -> Result<(), LogError> {
         let wake = {
             let mut st = lock(&self.state);
@@ -551,11 +555,14 @@ pub(crate) mod tests {
 
     use crate::log::storage::record::NewRecord;
 
-    fn cfg() -> PartitionConfig {
+    /// The settings of a partition at `dir`, whose acks journal is `dir/acks` (a store's is
+    /// `PATH/acks`, shared by its partitions).
+    fn cfg(dir: &Path) -> PartitionConfig {
         PartitionConfig {
             fsync: Fsync::Always,
             segment_bytes: 1024,
             files: crate::log::storage::files::FileCache::new(16),
+            journal: AcksJournal::open(dir, Fsync::Always).unwrap(),
         }
     }
 
@@ -568,7 +575,7 @@ pub(crate) mod tests {
         let dir = tempdir();
         let notify = Arc::new(Notify::new());
         {
-            let p = Partition::open(&dir, &cfg(), notify.clone()).unwrap();
+            let p = Partition::open(&dir, &cfg(&dir), notify.clone()).unwrap();
             for i in 0..100 {
                 p.log.append(vec![rec(&format!("m{i}"))]).await.unwrap();
             }
@@ -586,7 +593,7 @@ pub(crate) mod tests {
                 .count();
             assert!(segments >= 3, "segments rolled: {segments}");
         }
-        let p = Partition::open(&dir, &cfg(), notify).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), notify).unwrap();
         let far = Instant::now() + Duration::from_secs(60);
         let first = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(first.record.offset, 1, "1 was never acked: delivered again");
@@ -602,7 +609,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn expired_leases_come_back_and_exhausted_ones_are_handed_out() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         p.log.append(vec![rec("x")]).await.unwrap();
         let now = Instant::now();
         assert_eq!(p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap().deliveries, 1);
@@ -620,7 +627,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_partition_without_leases_is_skipped_by_the_sweep() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         assert!(!p.may_hold_leases(), "nothing taken yet");
         p.log.append(vec![rec("a"), rec("b")]).await.unwrap();
         let now = Instant::now();
@@ -642,7 +649,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_consumer_renews_only_its_own_leases() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         p.log.append(vec![rec("mine"), rec("theirs")]).await.unwrap();
         let now = Instant::now();
         let mine = p.take(now, 1, &FairnessWeights::default()).unwrap().unwrap();
@@ -658,7 +665,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn delayed_records_do_not_block_those_behind() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         let later = NewRecord { not_before_ms: now_ms() + 60_000, ..rec("later") };
         p.log.append(vec![later, rec("now")]).await.unwrap();
         let far = Instant::now() + Duration::from_secs(60);
@@ -675,7 +682,7 @@ pub(crate) mod tests {
         let far = Instant::now() + Duration::from_secs(60);
         let later = |p: &str| NewRecord { not_before_ms: now_ms() + 60_000, ..rec(p) };
         {
-            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
             p.log.append(vec![later("seen"), rec("leased")]).await.unwrap();
             assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().record.payload, b"leased");
             assert_eq!(p.delayed_len(), 1, "the cursor passed it");
@@ -685,7 +692,7 @@ pub(crate) mod tests {
             assert!(p.take(far, 2, &FairnessWeights::default()).unwrap().is_none());
             p.log.flush().await.unwrap();
         }
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         let back = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(back.record.payload, b"leased", "the unsettled lease comes back after a restart");
         assert!(p.take(far, 1, &FairnessWeights::default()).unwrap().is_none());
@@ -697,25 +704,25 @@ pub(crate) mod tests {
         let dir = tempdir();
         let far = Instant::now() + Duration::from_secs(60);
         {
-            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
             p.log.append(vec![rec("poison"), rec("fine")]).await.unwrap();
             let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
             assert_eq!((t.deliveries, t.counted), (1, false), "a first delivery writes nothing");
         }
         // Each owner takes it and dies without settling it (no checkpoint, only acks.log).
         for expected in 2..=4 {
-            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
             let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
             assert_eq!((t.record.payload.as_slice(), t.deliveries, t.counted), (&b"poison"[..], expected, true));
             p.log.flush().await.unwrap();
         }
         // A checkpoint carries the counts too, and an ack drops them.
         {
-            let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+            let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
             assert_eq!(p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap().deliveries, 5);
             p.checkpoint().await.unwrap();
         }
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         let t = p.take(far, 1, &FairnessWeights::default()).unwrap().unwrap();
         assert_eq!(t.deliveries, 6);
         p.ack(&[t.record.offset]).unwrap();
@@ -742,7 +749,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn keys_take_turns_behind_a_backlog() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         let far = Instant::now() + Duration::from_secs(60);
         let w = FairnessWeights::new(vec!["a=3".parse().unwrap()]).unwrap();
         let mut recs = vec![keyed(None, 0)];
@@ -772,7 +779,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn purge_and_requeue_with_keys() {
         let dir = tempdir();
-        let p = Partition::open(&dir, &cfg(), Arc::new(Notify::new())).unwrap();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
         let far = Instant::now() + Duration::from_secs(60);
         let w = FairnessWeights::default();
         p.log.append((0..10).map(|i| keyed(Some(if i < 5 { "a" } else { "b" }), 0)).collect()).await.unwrap();

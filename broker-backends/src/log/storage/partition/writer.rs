@@ -6,11 +6,12 @@
 //! while it has work, so an idle partition holds no thread, and it holds the descriptors it writes
 //! through (from the store's [`FileCache`]) only until they are fsynced, so an idle partition holds
 //! no descriptor either. Acks go
-//! through the same thread into `acks.log`: settling threads add them to a shared list and wake the
-//! writer only when the list was empty, so a busy queue costs one wake-up per batch of acks, not per
-//! ack. The writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks
-//! it wrote, and compacts it into `checkpoint` now and then (and truncates `acks.log`): a checkpoint
-//! therefore always covers every ack written before it.
+//! through the same thread into the store's acks journal (`journal.rs`, one file and one fsync a
+//! window for every partition): settling threads add them to a shared list and wake the writer only
+//! when the list was empty, so a busy queue costs one wake-up per batch of acks, not per ack. The
+//! writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks it
+//! journaled, and compacts it into `checkpoint` now and then (after which the journal no longer
+//! needs its frames): a checkpoint therefore always covers every ack journaled before it.
 //!
 //! Readers ([`PartitionLog::read`]) see only what the writer has published: a batch whose write
 //! fails is cut back and never read. Damage found while reading is skipped, reported once and
@@ -25,7 +26,8 @@ use std::time::{Duration, Instant};
 use celery_core::sync::lock;
 use tokio::sync::{oneshot, Notify};
 
-use super::finished::{acks_frame, Finished, COUNTS_FRAME};
+use super::finished::Finished;
+use super::journal::{self, AcksJournal, Checkpointer};
 use super::pool::{pool, Job};
 use super::work::WorkSignal;
 use crate::log::storage::disk;
@@ -34,8 +36,6 @@ use crate::log::storage::files::FileCache;
 use crate::log::storage::record::{self, now_ms, NewRecord, Record};
 use crate::log::storage::segment::{self, ReadAhead, Segment};
 
-/// How long an ack may wait for its fsync under `Fsync::Always` (acks share fsyncs).
-const ACK_SYNC: Duration = Duration::from_millis(10);
 /// How long the writer, woken by acks alone, gathers more before writing them.
 const ACK_GATHER: Duration = Duration::from_micros(500);
 
@@ -59,6 +59,8 @@ pub(crate) struct PartitionConfig {
     pub(crate) segment_bytes: u64,
     /// The store's open files.
     pub(crate) files: Arc<FileCache>,
+    /// The store's acks journal.
+    pub(crate) journal: Arc<AcksJournal>,
 }
 
 /// What the writer is asked to do.
@@ -163,7 +165,7 @@ impl Job for Slot {
                 w.gathered = false;
                 w.process(cmds);
                 if let Some(done) = close {
-                    if let Err(e) = w.maybe_sync(true) {
+                    if let Err(e) = w.maybe_sync(true).and_then(|()| w.cfg.journal.sync()) {
                         tracing::error!(error = %e, "log: fsync failed");
                     }
                     *writer = None;
@@ -220,6 +222,26 @@ pub(super) enum AckOp {
     Checkpoint,
 }
 
+/// Asks a partition's writer for a checkpoint (the journal's closed generations wait for them).
+struct CheckpointAsk {
+    settled: Arc<Mutex<Vec<AckOp>>>,
+    slot: Weak<Slot>,
+}
+
+impl Checkpointer for CheckpointAsk {
+    fn ask(&self) {
+        let Some(slot) = self.slot.upgrade() else { return };
+        let first = {
+            let mut s = lock(&self.settled);
+            s.push(AckOp::Checkpoint);
+            s.len() == 1
+        };
+        if first {
+            let _ = slot.send(WriterCmd::Settled);
+        }
+    }
+}
+
 /// Where a record is: its segment and its byte in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) struct Pos {
@@ -254,6 +276,9 @@ pub(crate) struct PartitionLog {
     settled: Arc<Mutex<Vec<AckOp>>>,
     /// The partition's directory.
     dir: PathBuf,
+    /// The store's acks journal, and this partition's key in it.
+    journal: Arc<AcksJournal>,
+    key: String,
     /// Damage reported so far: (segment, first lost offset).
     damaged: Mutex<std::collections::HashSet<(u64, u64)>>,
     /// Records lost to damage found so far.
@@ -261,11 +286,16 @@ pub(crate) struct PartitionLog {
 }
 
 impl PartitionLog {
+    /// Opens the log of the partition at `dir` whose finished set is `finished`; `legacy_acks`
+    /// when it came partly from an `acks.log` (deleted by the next checkpoint), `journaled` when
+    /// partly from the acks journal (the next checkpoint lets the journal drop those frames).
     pub(super) fn open(
         dir: &Path,
         cfg: &PartitionConfig,
         finished: Finished,
         on_append: Arc<Notify>,
+        legacy_acks: bool,
+        journaled: bool,
     ) -> Result<PartitionLog, LogError> {
         let first_offset = finished.watermark;
         let rec = segment::recover(dir, first_offset, &cfg.files)?;
@@ -276,13 +306,7 @@ impl PartitionLog {
         let end = Arc::new(Mutex::new(End { next_offset: rec.next_offset, tail }));
         let settled: Arc<Mutex<Vec<AckOp>>> = Arc::default();
         let work = Arc::new(WorkSignal::default());
-        let acks_path = dir.join("acks.log");
-        // Created with the first ack: a queue never settled has no `acks.log`.
-        let acks_len = match std::fs::metadata(&acks_path) {
-            Ok(m) => m.len(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(LogError::io(&acks_path, e)),
-        };
+        let key = cfg.journal.key_of(dir);
         let writer = Writer {
             settled: settled.clone(),
             finished,
@@ -295,21 +319,21 @@ impl PartitionLog {
             tail_len: rec.tail_len,
             next_offset: rec.next_offset,
             on_append,
-            acks_len,
-            acks_path,
+            key: key.clone(),
+            legacy_acks,
+            journaled: journaled || legacy_acks,
             work: work.clone(),
-            pinned_acks: None,
             pinned_segment: None,
             gathered: false,
             batch_start: rec.tail_len,
             broken: None,
             sync_failed: None,
             dirty: false,
-            acks_dirty: false,
             last_sync: Instant::now(),
         };
         let slot =
             Arc::new_cyclic(|me| Slot { inbox: Mutex::default(), writer: Mutex::new(Some(writer)), me: me.clone() });
+        cfg.journal.register(&key, Arc::new(CheckpointAsk { settled: settled.clone(), slot: Arc::downgrade(&slot) }));
         Ok(PartitionLog {
             segments,
             end,
@@ -318,6 +342,8 @@ impl PartitionLog {
             work,
             settled,
             dir: dir.to_owned(),
+            journal: cfg.journal.clone(),
+            key,
             damaged: Mutex::default(),
             corrupt_records: Default::default(),
         })
@@ -520,6 +546,7 @@ impl PartitionLog {
         if self.send(WriterCmd::Close(tx)).is_ok() {
             let _ = rx.recv();
         }
+        self.journal.unregister(&self.key);
         self.files.forget_under(&self.dir);
     }
 
@@ -552,16 +579,19 @@ struct Writer {
     next_offset: u64,
     on_append: Arc<Notify>,
     work: Arc<WorkSignal>,
-    acks_path: PathBuf,
-    /// `acks.log` while it holds acks not fsynced yet (opened through the cache otherwise).
-    pinned_acks: Option<Arc<File>>,
+    /// This partition's key in the acks journal.
+    key: String,
+    /// An `acks.log` of an older version holds acks the checkpoint does not: the next checkpoint
+    /// deletes it.
+    legacy_acks: bool,
+    /// Acks or counts journaled (or replayed at open) since the last checkpoint: a checkpoint asked
+    /// for is written (so the journal can drop them).
+    journaled: bool,
     /// The active segment while it holds records not fsynced yet: the fsync that acknowledges them
     /// is made on the descriptor that wrote them.
     pinned_segment: Option<Arc<File>>,
     /// The last run only gathered acks (the next one writes them).
     gathered: bool,
-    /// Bytes of `acks.log` written by this writer (a failed write is cut back to it).
-    acks_len: u64,
     /// Where the batch being written starts in the active segment: a batch whose write or fsync
     /// fails is cut back to it, so a later batch never lands behind bytes that were refused.
     batch_start: u64,
@@ -571,11 +601,10 @@ struct Writer {
     /// An fsync of this batch failed (even one whose error was handled, like a checkpoint's).
     sync_failed: Option<String>,
     settled: Arc<Mutex<Vec<AckOp>>>,
-    /// The finished set as written to `acks.log` and `checkpoint`.
+    /// The finished set as written to the journal and `checkpoint`.
     finished: Finished,
     acks_since_checkpoint: usize,
     dirty: bool,
-    acks_dirty: bool,
     last_sync: Instant,
 }
 
@@ -583,8 +612,7 @@ impl Writer {
     /// When this writer must run again if nothing is sent: an fsync the policy owes.
     fn next_timer(&self) -> Option<Instant> {
         match self.cfg.fsync {
-            Fsync::Interval(d) if self.dirty || self.acks_dirty => Some(self.last_sync + d),
-            Fsync::Always if self.acks_dirty => Some(self.last_sync + ACK_SYNC),
+            Fsync::Interval(d) if self.dirty => Some(self.last_sync + d),
             _ => None,
         }
     }
@@ -597,18 +625,6 @@ impl Writer {
         let f = self.active.file()?;
         if self.cfg.fsync != Fsync::Os {
             self.pinned_segment = Some(f.clone());
-        }
-        Ok(f)
-    }
-
-    /// `acks.log` (created on first use), kept while it holds unsynced bytes.
-    fn acks_file(&mut self) -> Result<Arc<File>, LogError> {
-        if let Some(f) = &self.pinned_acks {
-            return Ok(f.clone());
-        }
-        let f = self.cfg.files.open(&self.acks_path, true)?;
-        if self.cfg.fsync != Fsync::Os {
-            self.pinned_acks = Some(f.clone());
         }
         Ok(f)
     }
@@ -732,7 +748,7 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes acks to `acks.log` and applies them to the writer's finished set, checkpointing when
+    /// Writes acks to the store's journal and applies them to the writer's finished set, checkpointing when
     /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
     fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
         let (mut acks, mut counts) = (Vec::new(), Vec::new());
@@ -748,8 +764,7 @@ impl Writer {
                 AckOp::Count(offset, n) => {
                     if !self.finished.is_done(offset) {
                         self.finished.counts.insert(offset, n);
-                        counts.extend_from_slice(&offset.to_le_bytes());
-                        counts.extend_from_slice(&n.to_le_bytes());
+                        counts.push((offset, n));
                     }
                 }
                 AckOp::Reset(f) => {
@@ -766,7 +781,7 @@ impl Writer {
         if asked {
             // Nothing settled since the last checkpoint (or ever): the files already hold this
             // state, and a clean shutdown of many idle queues costs no checkpoint each.
-            let unchanged = self.acks_since_checkpoint == 0 && self.acks_len == 0 && counts.is_empty();
+            let unchanged = self.acks_since_checkpoint == 0 && !self.journaled && counts.is_empty();
             if unchanged {
                 self.sync_now()?;
             } else {
@@ -774,7 +789,7 @@ impl Writer {
             }
         }
         if checkpoint || self.acks_since_checkpoint >= CHECKPOINT_EVERY {
-            // The checkpoint holds every ack so far: acks.log starts over.
+            // The checkpoint holds every ack so far: the journal needs none of this partition's frames.
             let data = self.finished.encode();
             match self.write_checkpoint(&data) {
                 Ok(()) => {
@@ -782,37 +797,28 @@ impl Writer {
                     Ok(())
                 }
                 Err(e) => {
-                    // Keep this batch's acks in acks.log at least (the next checkpoint covers them).
-                    let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
-                    let _ = self.write_acks_frame(0, &body).and_then(|()| self.write_acks_frame(COUNTS_FRAME, &counts));
+                    // Keep this batch's acks in the journal at least (the next checkpoint covers them).
+                    let _ = self.journal(&acks, &counts);
                     Err(e)
                 }
             }
         } else {
-            let body: Vec<u8> = acks.iter().flat_map(|a| a.to_le_bytes()).collect();
-            self.write_acks_frame(0, &body)?;
-            self.write_acks_frame(COUNTS_FRAME, &counts)
+            self.journal(&acks, &counts)
         }
     }
 
-    /// Appends one `acks.log` frame (`flags` marks its kind in the length word).
-    fn write_acks_frame(&mut self, flags: u32, body: &[u8]) -> Result<(), LogError> {
-        if body.is_empty() {
+    /// Appends this batch's acks and delivery counts to the store's journal (one write; fsynced with
+    /// every other partition's by the journal).
+    fn journal(&mut self, acks: &[u64], counts: &[(u64, u32)]) -> Result<(), LogError> {
+        if acks.is_empty() && counts.is_empty() {
             return Ok(());
         }
-        let frame = acks_frame(flags, body);
-        let acks = self.acks_file()?;
-        if let Err(e) = disk::write_all(&acks, &frame, &self.acks_path) {
-            // A torn frame would hide every later one at the next open: cut it off.
-            let _ = acks.set_len(self.acks_len);
-            return Err(e);
-        }
-        self.acks_len += frame.len() as u64;
-        self.acks_dirty = true;
-        Ok(())
+        // Set first: when the write fails, the next checkpoint asked for still covers them.
+        self.journaled = true;
+        self.cfg.journal.append(&self.key, &journal::frame(&self.key, acks, counts))
     }
 
-    /// fsyncs what was written since the last sync (the segment, `acks.log`, or both).
+    /// fsyncs the records written since the last sync.
     fn sync_now(&mut self) -> Result<(), LogError> {
         if self.dirty {
             let file = self.segment_file()?;
@@ -822,45 +828,40 @@ impl Writer {
             }
             self.dirty = false;
         }
-        // Synced: nothing needs these descriptors any more (the cache may close them).
+        // Synced: nothing needs this descriptor any more (the cache may close it).
         self.pinned_segment = None;
-        if self.acks_dirty {
-            let acks = self.acks_file()?;
-            if let Err(e) = disk::sync_data(&acks, &self.acks_path) {
-                self.sync_failed = Some(e.to_string());
-                return Err(e);
-            }
-            self.acks_dirty = false;
-        }
-        self.pinned_acks = None;
         self.last_sync = Instant::now();
         Ok(())
     }
 
-    /// Under `always`, appended records are fsynced before anyone is told; acks alone are fsynced
-    /// at most [`ACK_SYNC`] later (a crash in that window delivers those finished records again).
+    /// Under `always`, appended records are fsynced before anyone is told (acks are the journal's:
+    /// fsynced at most [`journal::ACK_SYNC`] later; a crash in that window delivers those finished
+    /// records again).
     fn maybe_sync(&mut self, idle: bool) -> Result<(), LogError> {
         match self.cfg.fsync {
-            Fsync::Always if self.dirty || idle || self.last_sync.elapsed() >= ACK_SYNC => self.sync_now(),
+            Fsync::Always if self.dirty || idle => self.sync_now(),
             Fsync::Interval(d) if idle || self.last_sync.elapsed() >= d => self.sync_now(),
             _ => Ok(()),
         }
     }
 
-    /// Replaces `checkpoint` atomically, then empties `acks.log` (whose acks it contains).
+    /// Replaces `checkpoint` atomically; then the journal's frames of this partition (and an old
+    /// `acks.log`), whose acks it contains, are needed no more.
     fn write_checkpoint(&mut self, data: &[u8]) -> Result<(), LogError> {
         self.sync_now()?;
         disk::replace_file(&self.dir.join("checkpoint"), data)?;
-        if self.acks_len == 0 {
-            // Never written, or emptied by the last checkpoint: nothing to cut.
-            return Ok(());
+        if self.legacy_acks {
+            let path = self.dir.join("acks.log");
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(LogError::io(&path, e)),
+            }
+            self.legacy_acks = false;
         }
-        let acks = self.acks_file()?;
-        acks.set_len(0).map_err(|e| LogError::io(&self.acks_path, e))?;
-        self.acks_len = 0;
-        let synced = disk::sync_all(&acks, &self.acks_path);
-        self.pinned_acks = None;
-        synced
+        self.journaled = false;
+        self.cfg.journal.covered(&self.key);
+        Ok(())
     }
 }
 
