@@ -7,7 +7,9 @@
 //! A worker restarted under the same name returns its earlier run's deliveries at once
 //! ([`Holder::start`]); when that name's heartbeat is still alive it first watches it for one and a
 //! half beats: renewed, another live process uses the name, and this one holds under
-//! `<name>#<nonce>` instead of robbing it.
+//! `<name>#<nonce>` instead of robbing it. The nonce names the process that holds it ([`process`]:
+//! boot, pid namespace, pid and start time on Linux), so a run restarted on the same machine after
+//! the earlier one died (`kill -9`, a crash) sees that it is gone and takes the name over at once.
 //!
 //! The *epoch* counts the lapses the consumer has seen (a renewal that found its heartbeat expired
 //! or taken): a delivery fetched in an earlier epoch may have been given to another worker since.
@@ -53,6 +55,8 @@ pub(crate) trait Heartbeat: Send + Sync + std::fmt::Debug + 'static {
     async fn renew(&self, id: &str, nonce: &str, seq: u64, grace: Duration) -> Result<Renewal, BrokerError>;
     /// Restores what holders whose heartbeat expired held (logging what it did).
     async fn sweep(&self);
+    /// The nonces in what [`Heartbeat::read`] returned (one per scope that has a heartbeat).
+    fn nonces<'a>(&self, seen: &'a str) -> Vec<&'a str>;
 }
 
 /// One consuming broker instance: its name, its heartbeat's state, and the broker's steps.
@@ -74,7 +78,9 @@ impl<B: Heartbeat> Holder<B> {
         beat: Duration,
         grace: Duration,
     ) -> Result<Arc<Holder<B>>, BrokerError> {
-        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        let mine = process::mark();
+        let random = uuid::Uuid::new_v4().simple();
+        let nonce = mine.as_ref().map_or_else(|| random.to_string(), |m| format!("{random}-{m}"));
         let id = match worker {
             Some(w) if !w.is_empty() && w.len() <= MAX_NAME => w.to_owned(),
             _ => format!("anonymous#{nonce}"),
@@ -82,9 +88,18 @@ impl<B: Heartbeat> Holder<B> {
         let mut holder = Holder { id, nonce, liveness: Liveness::new(grace), broker };
         let name = holder.broker.broker();
         let mut seen = holder.broker.read(&holder.id).await?;
-        if seen.is_some() {
+        if let Some(seen) = &seen {
             // Alive a moment ago: an earlier run that just died, or a live process using the name.
-            tokio::time::sleep((beat * 3 / 2).min(grace)).await;
+            let nonces = holder.broker.nonces(seen);
+            let gone = mine.as_deref().is_some_and(|mine| {
+                !nonces.is_empty()
+                    && nonces.iter().all(|n| n.split_once('-').is_some_and(|(_, mark)| process::is_gone(mark, mine)))
+            });
+            if gone {
+                tracing::info!(worker = %holder.id, "{name}: the earlier run of this worker on this machine is gone; taking over its name");
+            } else {
+                tokio::time::sleep((beat * 3 / 2).min(grace)).await;
+            }
         }
         for attempt in 0..2 {
             let sent = Instant::now();
@@ -176,6 +191,57 @@ async fn beat_loop<B: Heartbeat>(holder: Weak<Holder<B>>, beat: Duration) {
     }
 }
 
+/// Who runs a heartbeat, as its nonce carries it after the random part.
+pub(crate) mod process {
+    /// This process: `<boot id>.<pid namespace>.<pid>.<start time>` on Linux (read from `/proc`),
+    /// `None` where that cannot be read.
+    pub(crate) fn mark() -> Option<String> {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        let boot: String = boot.chars().filter(char::is_ascii_hexdigit).collect();
+        let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+        let ns: String = ns.to_string_lossy().chars().filter(char::is_ascii_digit).collect();
+        let pid = std::process::id();
+        let start = start_time(pid).ok()??;
+        (!boot.is_empty() && !ns.is_empty()).then(|| format!("{boot}.{ns}.{pid}.{start}"))
+    }
+
+    /// When process `pid` started (clock ticks after boot): `Ok(None)` when no such process
+    /// exists; `Err` when it cannot be told.
+    fn start_time(pid: u32) -> std::io::Result<Option<u64>> {
+        let stat = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Ok(stat) => stat,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // After the command name (in parentheses, which may hold anything): the state is field
+        // 3, the start time field 22.
+        let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+        let start = rest.split_whitespace().nth(19).and_then(|t| t.parse().ok());
+        start.map(Some).ok_or_else(|| std::io::Error::other("unreadable /proc stat"))
+    }
+
+    /// True only when `mark` names a process of this boot and pid namespace (`mine` is this
+    /// process's [`mark`]) that runs no more: its pid is free, or taken by a process started at
+    /// another time. Anything else (another machine or container, an unreadable `/proc`) is not
+    /// known to be gone.
+    pub(crate) fn is_gone(mark: &str, mine: &str) -> bool {
+        let theirs: Vec<&str> = mark.split('.').collect();
+        let ours: Vec<&str> = mine.split('.').collect();
+        let ([boot, ns, pid, start], [my_boot, my_ns, ..]) = (theirs.as_slice(), ours.as_slice()) else {
+            return false;
+        };
+        if boot != my_boot || ns != my_ns {
+            return false;
+        }
+        let Ok(pid) = pid.parse::<u32>() else { return false };
+        match start_time(pid) {
+            Ok(None) => true,
+            Ok(Some(t)) => t.to_string() != *start,
+            Err(_) => false,
+        }
+    }
+}
+
 /// The default `worker_heartbeat`.
 pub const DEFAULT_WORKER_HEARTBEAT: Duration = Duration::from_secs(2);
 /// The default `worker_grace`.
@@ -242,6 +308,26 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_process_mark_tells_a_dead_run_from_a_live_one() {
+        let Some(mine) = process::mark() else { return };
+        assert!(!process::is_gone(&mine, &mine), "this process runs");
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        child.wait().expect("wait");
+        let parts: Vec<&str> = mine.split('.').collect();
+        let dead = format!("{}.{}.{pid}.1", parts[0], parts[1]);
+        assert!(process::is_gone(&dead, &mine), "an exited child is gone");
+        let reused = format!("{}.{}.{}.1", parts[0], parts[1], std::process::id());
+        assert!(process::is_gone(&reused, &mine), "our pid with another start time is another process");
+        let elsewhere = format!("0123.{}.{pid}.1", parts[1]);
+        assert!(!process::is_gone(&elsewhere, &mine), "another boot (machine) is never judged");
+        let other_ns = format!("{}.1.{pid}.1", parts[0]);
+        assert!(!process::is_gone(&other_ns, &mine), "another pid namespace is never judged");
+        assert!(!process::is_gone("garbage", &mine));
+        assert!(!process::is_gone(&format!("{}.{}.x.1", parts[0], parts[1]), &mine));
+    }
 
     #[test]
     fn held_only_within_the_grace_and_the_epoch() {

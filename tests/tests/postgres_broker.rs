@@ -110,6 +110,28 @@ async fn kill_9_mid_task_brings_the_tasks_back_after_the_visibility_timeout() {
     assert!(second.log().contains("lease expired"), "the second worker returned them\n{}", second.log());
 }
 
+/// A worker killed -9 and started again under its name on this machine takes the name over at
+/// once (its earlier run's row names a pid that is gone) instead of watching the row for 1.5 beats.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_restarted_after_kill_9_takes_its_name_over_at_once() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let (broker_url, backend_url) = (schema.url("postgres", "worker_grace=60"), schema.url("db+postgresql", ""));
+    let worker = || {
+        let w = DemoProcess::start_urls(&broker_url, &backend_url, &["worker", "-n", "again@pg", "-c", "1"]);
+        assert!(w.wait_log("worker ready", T), "{}", w.log());
+        w
+    };
+    let row = "SELECT count(*) FROM celery_rs_workers WHERE name = 'again@pg'";
+    let mut first = worker();
+    assert!(wait_until(T, || count(&schema, row) == 1), "registered\n{}", first.log());
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    assert_eq!(count(&schema, row), 1, "its row stays");
+    let again = worker();
+    assert!(again.wait_log("the earlier run of this worker on this machine is gone", T), "{}", again.log());
+    assert!(!again.log().contains("another live process"), "{}", again.log());
+}
+
 /// kill -9 of a worker running four 5 s tasks, with the visibility timeout of an hour: the idle
 /// worker returns them once the killed worker's row is `worker_grace` (10 s) old, and finishes all
 /// four within 20 s of the kill; a worker restarted under the killed one's name would not wait.

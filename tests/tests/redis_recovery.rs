@@ -176,7 +176,8 @@ async fn a_worker_frozen_past_the_grace_is_robbed_once() {
 }
 
 /// A worker restarted under the same name restores its earlier run's deliveries when it starts,
-/// long before the grace (60 s here) would let any other worker take them.
+/// long before the grace (60 s here) would let any other worker take them, and without waiting:
+/// the earlier run's heartbeat names a process of this machine that is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_recovers_its_own_deliveries_at_start() {
     if !redis_available("redis_recovery") {
@@ -199,6 +200,9 @@ async fn a_restarted_worker_recovers_its_own_deliveries_at_start() {
     eprintln!("redis_recovery: a restarted worker finished its earlier run's 2 s tasks {took:?} after the kill");
     assert!(took < Duration::from_secs(20), "{took:?}");
     assert!(again.log().contains("an earlier run of this worker left unsettled"), "{}", again.log());
+    // Its pid is free: the restart knew the earlier run was gone and did not watch its heartbeat
+    // for 1.5 beats first.
+    assert!(again.log().contains("the earlier run of this worker on this machine is gone"), "{}", again.log());
 }
 
 /// The restore itself, through the broker's API: a holder without a heartbeat (its key gone, as

@@ -64,6 +64,11 @@ impl Heartbeat for PgBeat {
         Ok(rows.first().map(|r| r.get(0)))
     }
 
+    /// `<nonce> <alive_until>` ([`sql::WORKER_SEEN`]).
+    fn nonces<'a>(&self, seen: &'a str) -> Vec<&'a str> {
+        seen.split_once(' ').map(|(n, _)| n).into_iter().collect()
+    }
+
     /// [`sql::CLAIM`].
     async fn claim(&self, id: &str, nonce: &str, expected: &str, grace: Duration) -> Result<Option<u64>, BrokerError> {
         let rows = self

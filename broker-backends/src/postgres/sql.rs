@@ -415,8 +415,8 @@ WHERE t.id = l.id AND t.deliveries = l.deliveries AND t.leased_until IS NOT NULL
 pub(crate) const HELD: &str = "
 SELECT EXISTS (SELECT 1 FROM celery_rs_tasks WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL)";
 
-/// The heartbeat of worker `$1` (process nonce `$2`): `alive_until` (as text) when it has a row.
-pub(crate) const WORKER_SEEN: &str = "SELECT alive_until::text FROM celery_rs_workers WHERE name = $1";
+/// The heartbeat of worker `$1`: `<nonce> <alive_until>` (as text) when it has a row.
+pub(crate) const WORKER_SEEN: &str = "SELECT nonce || ' ' || alive_until::text FROM celery_rs_workers WHERE name = $1";
 
 /// Renews worker `$1`'s heartbeat (nonce `$2`) to now + `$3` seconds. Returns 1 when its row was
 /// alive and its own; 0 when it had expired or was gone (set again: what it held may have been
@@ -431,12 +431,12 @@ up AS (
 SELECT CASE WHEN NOT EXISTS (SELECT 1 FROM up) THEN -1
             WHEN coalesce((SELECT ok FROM prev), false) THEN 1 ELSE 0 END";
 
-/// A worker's start: when worker `$1`'s `alive_until` still reads `$4` (`''`: no row), returns
+/// A worker's start: when worker `$1`'s `<nonce> <alive_until>` still reads `$4` (`''`: no row), returns
 /// what an earlier run under that name held to its queues (notifying `$5`), and sets the heartbeat
 /// (nonce `$2`, `$3` seconds). Returns `(registered, returned)`: registered is 0 when the row
 /// changed meanwhile (another live process renews it).
 pub(crate) const CLAIM: &str = "
-WITH cur AS (SELECT coalesce((SELECT alive_until::text FROM celery_rs_workers WHERE name = $1), '') = $4 AS ok),
+WITH cur AS (SELECT coalesce((SELECT nonce || ' ' || alive_until::text FROM celery_rs_workers WHERE name = $1), '') = $4 AS ok),
 back AS (
     UPDATE celery_rs_tasks SET leased_until = NULL, holder = NULL
     WHERE holder = $1 AND leased_until IS NOT NULL AND (SELECT ok FROM cur)

@@ -3,9 +3,9 @@
 //! loops: lease renewal, restore of leases past the visibility timeout (the heartbeat sweep in
 //! [`super::holder`] restores a dead worker of ours sooner), and promotion of due ETA messages. The
 //! shell (prefetch, reconnect pauses, batched acks, close) is [`crate::consumer`]'s; settling is in
-//! [`super::settle`]. A fetch's reply is decoded into deliveries by a task of its own
-//! ([`decode_loop`]) while the next fetch is on its way, so Redis does not wait for the worker to
-//! parse what it sent before it gets the next request.
+//! [`super::settle`]. Up to [`FETCHES_IN_FLIGHT`] fetches are on their way at once, and each
+//! reply is decoded into deliveries by a task of its own ([`decode_loop`]), so Redis has the next
+//! request queued when it finishes one and never waits for the worker to parse what it sent.
 //!
 //! What an idle consumer costs does not grow with its queues:
 //! - The fetch runs only on the queues marked hot ([`super::wake`]): by a wake-up our producers
@@ -23,6 +23,7 @@
 //!   into it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -30,9 +31,10 @@ use celery_core::broker::{dead_letter_queue, Settled};
 use celery_core::flow::FairnessWeights;
 use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
-use celery_core::{Delivery, ProtocolError};
+use celery_core::{BrokerError, Delivery, ProtocolError};
 use redis::Script;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use super::connection::RedisConn;
 use super::error::{broker_error, failed};
@@ -244,6 +246,9 @@ impl RedisConsumer {
             next_entry: vec![0; shared.groups.len()],
             weights,
             decoder: None,
+            in_flight: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
+            replies: Arc::new(Replies::default()),
+            last: None,
         };
         let vt = options.visibility_timeout;
         let ack_shared = shared.clone();
@@ -311,33 +316,84 @@ struct RedisFetch {
     next_entry: Vec<usize>,
     /// The weights of fairness keys when they take turns.
     weights: Arc<FairnessWeights>,
-    /// Where each fetch's reply goes to be decoded ([`decode_loop`], started by the first fetch),
-    /// so that the next fetch is sent while this one's envelopes are decoded. Unbounded in type
-    /// only: what it holds keeps prefetch slots.
-    decoder: Option<mpsc::UnboundedSender<Reply>>,
+    /// Where each fetch sent goes, in the order sent, to have its reply decoded ([`decode_loop`],
+    /// started by the first fetch), so that the next fetch is on its way while Redis runs this one
+    /// and the worker decodes the one before. Unbounded in type only: at most
+    /// [`FETCHES_IN_FLIGHT`] wait there, and what they take keeps prefetch slots.
+    decoder: Option<mpsc::UnboundedSender<Pending>>,
+    /// One permit per fetch sent whose reply is not in ([`FETCHES_IN_FLIGHT`]).
+    in_flight: Arc<Semaphore>,
+    /// What the replies said.
+    replies: Arc<Replies>,
+    /// The group and queues of the last fetch sent: fetched again while replies fill their
+    /// requests (their marks were cleared when it was sent; its reply marks them again).
+    last: Option<(usize, Vec<usize>)>,
 }
 
-/// One fetch script's reply on its way to [`decode_loop`]: its group, the holder's epoch read
-/// before the fetch, the lists it took from as (entry, bucket step) in the script's order, and
-/// the reply's (list index, envelope or size, tag or id) triples.
-struct Reply {
+/// How many fetch scripts may be on their way at once: while Redis runs one, the next is queued
+/// behind it on the connection, so Redis never waits for the worker to ask again.
+const FETCHES_IN_FLIGHT: usize = 2;
+
+/// What the decoder tells the fetcher about the replies.
+#[derive(Debug, Default)]
+struct Replies {
+    /// The last reply filled its request: its queues likely hold more.
+    full: AtomicBool,
+    /// Why a fetch failed: the fetcher reports it (and pauses) at its next call.
+    failed: Mutex<Option<BrokerError>>,
+}
+
+/// One fetch sent, on its way to [`decode_loop`]: its group, the holder's epoch read before the
+/// fetch, the lists it takes from as (entry, bucket step) in the script's order, the hot queues
+/// it was sent for, the slots it holds, its reply (the (list index, envelope or size, tag or id)
+/// triples) and its place among the fetches in flight.
+struct Pending {
     group: usize,
     epoch: u64,
     lists: Vec<(usize, usize)>,
-    items: Vec<redis::Value>,
+    hot: Vec<usize>,
+    want: usize,
+    reply: JoinHandle<Result<Vec<redis::Value>, redis::RedisError>>,
+    permit: OwnedSemaphorePermit,
 }
 
-/// Decodes the fetched envelopes into deliveries, in the order fetched, until the fetcher is gone
-/// (after the batches it sent are delivered) or nobody receives deliveries any more. A reply that
-/// cannot be read gives its prefetch slot back.
+/// Waits for each fetch's reply in the order sent, gives back the slots it did not use, marks
+/// its queues hot again when it filled its request, and decodes the envelopes into deliveries,
+/// in the order fetched, until the fetcher is gone (after the fetches it sent are delivered) or
+/// nobody receives deliveries any more. A failed fetch gives back its slots, marks its queues hot
+/// and leaves its error to the fetcher; a reply item that cannot be read gives its slot back.
 async fn decode_loop(
     shared: Arc<Shared>,
+    replies: Arc<Replies>,
     max_message_size: usize,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
+    mut rx: mpsc::UnboundedReceiver<Pending>,
     tx: mpsc::Sender<Delivery>,
 ) {
-    while let Some(batch) = rx.recv().await {
-        let Reply { group: g, epoch, lists, items } = batch;
+    while let Some(pending) = rx.recv().await {
+        let Pending { group: g, epoch, lists, hot, want, reply, permit } = pending;
+        let reply = match reply.await {
+            Ok(reply) => reply.map_err(|e| broker_error("redis: fetch", e)),
+            Err(e) => Err(BrokerError::operation_with("redis: fetch task", e)),
+        };
+        let items = match reply {
+            Ok(items) => items,
+            Err(error) => {
+                shared.slots.give_back(want);
+                replies.full.store(false, Ordering::Relaxed);
+                *lock(&replies.failed) = Some(error);
+                shared.wakes.mark(hot);
+                continue;
+            }
+        };
+        drop(permit);
+        // Dead-lettered ones hold no lease nor prefetch slot.
+        let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
+        let got = items.len() / 3 - oversized;
+        shared.slots.give_back(want.saturating_sub(got));
+        replies.full.store(got >= want, Ordering::Relaxed);
+        if got >= want {
+            shared.wakes.mark(hot);
+        }
         let list = |i: &redis::Value| {
             let i = redis::from_redis_value_ref::<usize>(i).unwrap_or(0);
             lists[i.min(lists.len() - 1)]
@@ -348,7 +404,7 @@ async fn decode_loop(
             let (e, step) = list(&i);
             let entry = &shared.entries[e];
             let d = match (env, redis::from_redis_value::<String>(tag)) {
-                (redis::Value::Int(size), id) => oversized(&entry.queue, size, id.ok(), max_message_size),
+                (redis::Value::Int(size), id) => oversized_delivery(&entry.queue, size, id.ok(), max_message_size),
                 (redis::Value::BulkString(env), Ok(tag)) => {
                     lock(&shared.leases).insert(tag.clone(), g);
                     let decoded = envelope::decode(&env);
@@ -374,7 +430,7 @@ async fn decode_loop(
 
 /// The delivery of an envelope of `queue` the script dead-lettered unread (it holds no lease nor
 /// slot): `size` bytes, `id` the task id the script found in it (or "").
-fn oversized(queue: &str, size: i64, id: Option<String>, limit: usize) -> Delivery {
+fn oversized_delivery(queue: &str, size: i64, id: Option<String>, limit: usize) -> Delivery {
     let size = usize::try_from(size).unwrap_or(usize::MAX);
     tracing::warn!(%queue, size, limit, "redis: oversized message dead-lettered unread");
     let too_large = ProtocolError::TooLarge { size, limit };
@@ -387,42 +443,54 @@ fn oversized(queue: &str, size: i64, id: Option<String>, limit: usize) -> Delive
 }
 
 impl RedisFetch {
-    /// Runs the fetch script on the hot `entries` of group `g` for up to `n` envelopes and hands
-    /// the reply to the decoder: `Ok(Some(taken))`, `Ok(None)` when nobody receives any more.
-    async fn fetch_group(&mut self, g: usize, entries: &[usize], n: usize) -> Result<Option<usize>, redis::RedisError> {
-        let shared = self.shared.clone();
-        let group = &shared.groups[g];
-        let lists: Vec<(usize, usize)> = (0..4).flat_map(|step| entries.iter().map(move |&e| (e, step))).collect();
-        let mut inv = self.script.prepare_invoke();
-        inv.key(group.scope.unacked()).key(group.scope.unacked_index()).key(&group.held).key(group.scope.workers());
-        for &(e, step) in &lists {
-            inv.key(&shared.entries[e].buckets[step]);
-        }
-        for &(e, _) in &lists {
-            inv.key(&shared.entries[e].dead);
-        }
-        inv.arg(now_secs()).arg(n).arg(&self.tag_prefix).arg(self.seq).arg(self.max_message_size);
-        inv.arg(shared.holder.id());
-        inv.arg(if shared.keys.is_cluster() { "0" } else { "1" }).arg(shared.keys.prefix());
-        inv.arg(self.weights.iter().count());
-        for (key, w) in self.weights.iter() {
-            inv.arg(key).arg(w);
-        }
+    /// Sends the fetch script on the `hot` entries of group `g` for up to `n` envelopes (holding
+    /// `n` slots and `permit`) and hands it to the decoder, which waits for its reply; false when
+    /// nobody receives any more.
+    fn send(&mut self, g: usize, hot: Vec<usize>, n: usize, permit: OwnedSemaphorePermit) -> bool {
+        let Some(decoder) = self.decoder.as_ref().filter(|d| !d.is_closed()) else { return false };
+        let lists: Vec<(usize, usize)> = (0..4).flat_map(|step| hot.iter().map(move |&e| (e, step))).collect();
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
-        let epoch = shared.holder.liveness().epoch();
-        for &(e, _) in &lists {
-            inv.arg(&shared.entries[e].queue);
+        let epoch = self.shared.holder.liveness().epoch();
+        let (shared, weights, script) = (self.shared.clone(), self.weights.clone(), self.script.clone());
+        let (mut conn, prefix, seq, max) =
+            (self.conn.clone(), self.tag_prefix.clone(), self.seq, self.max_message_size);
+        let script_lists = lists.clone();
+        // Spawned so that it is written to the connection now, not when the decoder gets to it.
+        let reply = tokio::spawn(async move {
+            let group = &shared.groups[g];
+            let mut inv = script.prepare_invoke();
+            inv.key(group.scope.unacked()).key(group.scope.unacked_index()).key(&group.held).key(group.scope.workers());
+            for &(e, step) in &script_lists {
+                inv.key(&shared.entries[e].buckets[step]);
+            }
+            for &(e, _) in &script_lists {
+                inv.key(&shared.entries[e].dead);
+            }
+            inv.arg(now_secs()).arg(n).arg(&prefix).arg(seq).arg(max);
+            inv.arg(shared.holder.id());
+            inv.arg(if shared.keys.is_cluster() { "0" } else { "1" }).arg(shared.keys.prefix());
+            inv.arg(weights.iter().count());
+            for (key, w) in weights.iter() {
+                inv.arg(key).arg(w);
+            }
+            for &(e, _) in &script_lists {
+                inv.arg(&shared.entries[e].queue);
+            }
+            inv.invoke_async(&mut conn).await
+        });
+        // Tags stay unique whatever the replies hold: each fetch has a range of its own.
+        self.seq += n as u64;
+        self.last = Some((g, hot.clone()));
+        decoder.send(Pending { group: g, epoch, lists, hot, want: n, reply, permit }).is_ok()
+    }
+
+    /// [`RedisFetch::send`] as the fetcher reports it: every slot taken (the decoder gives back
+    /// the unused ones).
+    fn sent(&mut self, g: usize, hot: Vec<usize>, n: usize, permit: OwnedSemaphorePermit) -> Fetched {
+        match self.send(g, hot, n, permit) {
+            true => Fetched::Sent { taken: n, drained: false },
+            false => Fetched::Closed,
         }
-        let items: Vec<redis::Value> = inv.invoke_async(&mut self.conn).await?;
-        // Dead-lettered ones hold no lease nor prefetch slot.
-        let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
-        let got = items.len() / 3 - oversized;
-        self.seq += got as u64;
-        let reply = Reply { group: g, epoch, lists, items };
-        if self.decoder.as_ref().is_none_or(|d| d.send(reply).is_err()) {
-            return Ok(None);
-        }
-        Ok(Some(got))
     }
 
     /// Marks hot the queues whose lists hold messages: on one server all of them, one `EXISTS`
@@ -478,13 +546,21 @@ impl Fetch for RedisFetch {
         &self.shared.slots
     }
 
-    /// Takes from the hot queues of the groups in turn, starting one further each time, until `n`
-    /// are taken. A group whose fetch filled its request stays hot (more may wait there).
+    /// Sends one fetch for `n` on the hot queues of the first group in turn that has any (starting
+    /// one further each time), at most [`FETCHES_IN_FLIGHT`] at once; while the replies fill their
+    /// requests and none is marked, the queues of the last fetch sent again. Its slots are taken:
+    /// the decoder gives back what the reply does not use.
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
         if self.decoder.is_none() {
             let (dtx, drx) = mpsc::unbounded_channel();
-            tokio::spawn(decode_loop(self.shared.clone(), self.max_message_size, drx, tx.clone()));
+            let replies = self.replies.clone();
+            tokio::spawn(decode_loop(self.shared.clone(), replies, self.max_message_size, drx, tx.clone()));
             self.decoder = Some(dtx);
+        }
+        // Waiting here lets the oldest reply in mark its queues hot again.
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else { return Fetched::Closed };
+        if let Some(error) = lock(&self.replies.failed).take() {
+            return Fetched::Failed { taken: 0, error };
         }
         if Instant::now() >= self.next_probe {
             self.probe().await;
@@ -494,11 +570,7 @@ impl Fetch for RedisFetch {
         let count = shared.groups.len();
         let start = self.next_group % count;
         self.next_group = (start + 1) % count;
-        let mut taken = 0;
         for k in 0..count {
-            if taken >= n {
-                break;
-            }
             let g = (start + k) % count;
             // Cleared before the look: a wake-up that comes after it marks them again.
             let (hot, next) = shared.wakes.take_some(&shared.groups[g].entries, self.next_entry[g], MAX_FETCH_QUEUES);
@@ -506,22 +578,15 @@ impl Fetch for RedisFetch {
             if hot.is_empty() {
                 continue;
             }
-            let want = n - taken;
-            match self.fetch_group(g, &hot, want).await {
-                Ok(Some(got)) => {
-                    taken += got;
-                    if got >= want {
-                        shared.wakes.mark(hot);
-                    }
-                }
-                Ok(None) => return Fetched::Closed,
-                Err(e) => {
-                    shared.wakes.mark(hot);
-                    return Fetched::Failed { taken, error: broker_error("redis: fetch", e) };
-                }
+            return self.sent(g, hot, n, permit);
+        }
+        let others_in_flight = self.in_flight.available_permits() + 1 < FETCHES_IN_FLIGHT;
+        if others_in_flight && self.replies.full.load(Ordering::Relaxed) {
+            if let Some((g, hot)) = self.last.clone() {
+                return self.sent(g, hot, n, permit);
             }
         }
-        Fetched::Sent { taken, drained: taken == 0 }
+        Fetched::Sent { taken: 0, drained: true }
     }
 
     /// Until a queue is marked hot, or the next probe is due.

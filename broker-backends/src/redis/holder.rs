@@ -250,6 +250,11 @@ impl Heartbeat for RedisBeat {
         Ok(any.then(|| values.into_iter().map(Option::unwrap_or_default).collect::<Vec<_>>().join("\n")))
     }
 
+    /// Each scope's `<nonce>:<beat>` line.
+    fn nonces<'a>(&self, seen: &'a str) -> Vec<&'a str> {
+        seen.split('\n').filter(|l| !l.is_empty()).map(|l| l.rsplit_once(':').map_or(l, |(n, _)| n)).collect()
+    }
+
     /// [`scripts::claim`] in every scope ([`RedisBeat::read`]'s lines are each scope's expected
     /// value); `None` when any scope's heartbeat reads otherwise.
     async fn claim(&self, id: &str, nonce: &str, expected: &str, grace: Duration) -> Result<Option<u64>, BrokerError> {

@@ -26,7 +26,9 @@ use redis::Script;
 /// An envelope longer than `max` bytes is not leased nor returned: it goes to the front of its
 /// dead-letter list (the layout of [`crate::envelope::dead_letter`]'s wrapper: the original as the
 /// body, the reason and queue in the headers), and the reply carries only its size.
-/// Each leased tag is also added to the consumer's `held` set, and the holder to `workers`.
+/// Each leased tag is also added to the consumer's `held` set, and the holder to `workers`; the
+/// leases of one list's envelopes are written by one `HSET`, `ZADD` and `SADD` each (at most 512
+/// tags a call), not three calls per envelope.
 ///
 /// Fair queues (one server only, `fair` = `1`): a queue whose ring ([`FAIR_FN`]) exists is
 /// served key by key: the ring's front key gives up to its weight (`ARGV` pairs, 1 when not
@@ -58,6 +60,7 @@ local rk0 = 5 + 2 * nw
 local took = false
 local function hand_out(i, items)
   local rk = cjson.encode(ARGV[rk0 + i])
+  local hs, zs, ss = {{}}, {{}}, {{}}
   for _, env in ipairs(items) do
     local size = string.len(env)
     if size > max then
@@ -74,15 +77,28 @@ local function hand_out(i, items)
     else
       local tag = ARGV[3] .. seq
       seq = seq + 1
-      redis.call('HSET', KEYS[1], tag, '[' .. env .. ',"",' .. rk .. ']')
-      redis.call('ZADD', KEYS[2], ARGV[1], tag)
-      redis.call('SADD', KEYS[3], tag)
+      hs[#hs + 1] = tag
+      hs[#hs + 1] = '[' .. env .. ',"",' .. rk .. ']'
+      zs[#zs + 1] = ARGV[1]
+      zs[#zs + 1] = tag
+      ss[#ss + 1] = tag
       took = true
       out[#out + 1] = i - 5
       out[#out + 1] = env
       out[#out + 1] = tag
       n = n - 1
     end
+    if #ss >= 512 then
+      redis.call('HSET', KEYS[1], unpack(hs))
+      redis.call('ZADD', KEYS[2], unpack(zs))
+      redis.call('SADD', KEYS[3], unpack(ss))
+      hs, zs, ss = {{}}, {{}}, {{}}
+    end
+  end
+  if #ss > 0 then
+    redis.call('HSET', KEYS[1], unpack(hs))
+    redis.call('ZADD', KEYS[2], unpack(zs))
+    redis.call('SADD', KEYS[3], unpack(ss))
   end
 end
 local function fair_take(qi, queue)
