@@ -403,6 +403,9 @@ async fn decode_loop(
         let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
         let got = items.len() / 3 - oversized;
         shared.slots.give_back(want.saturating_sub(got));
+        if got == 0 {
+            shared.holder.broker().idle(&shared.groups[g].scope);
+        }
         replies.full.store(got >= want, Ordering::Relaxed);
         if got >= want {
             shared.wakes.mark(hot);

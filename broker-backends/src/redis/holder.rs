@@ -193,6 +193,15 @@ impl RedisBeat {
         }
     }
 
+    /// A fetch in `scope` took nothing: unless it holds deliveries there, its heartbeat there is
+    /// let go now (a fetch in flight that takes some keeps it again, [`RedisBeat::hold`]).
+    pub(crate) fn idle(&self, scope: &Scope) {
+        let mut active = lock(&self.active);
+        if active.get(scope).is_some_and(|a| a.held == 0) {
+            active.remove(scope);
+        }
+    }
+
     /// A delivery of `scope` was settled (or given up).
     pub(crate) fn unhold(&self, scope: &Scope) {
         if let Some(a) = lock(&self.active).get_mut(scope) {
