@@ -21,6 +21,11 @@
 //!   wait ([`scripts::due`]) and moves only the due queues, sleeping until the next due time (at
 //!   most [`PROMOTE_CAP`]). A slow sweep ([`SWEEP_EVERY`]) puts delayed sets the index misses back
 //!   into it.
+//! - On a cluster, where each queue (shard) is a slot and a scope of its own, the holder's
+//!   heartbeat and sweep cost one script a tick in the holders' slot ([`super::holder`]): the
+//!   fetch sets its heartbeat in a scope first, and it is kept there only while deliveries are
+//!   held; the visibility-timeout restore takes one scope at a time, at most
+//!   [`RESTORE_CLUSTER_PER_SECOND`] a second ([`restore_pace`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -886,6 +891,16 @@ async fn sweep_delayed(shared: &Shared, conn: &mut RedisConn, from: usize) -> us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_restores_go_one_group_at_a_time_at_most_twice_a_second() {
+        let every = Duration::from_secs(60);
+        assert_eq!(restore_pace(1, every, false), (1, every), "one server: the one group every `every`");
+        assert_eq!(restore_pace(1, every, true), (1, every), "one queue: as often as on one server");
+        assert_eq!(restore_pace(60, every, true), (1, Duration::from_secs(1)));
+        assert_eq!(restore_pace(10_000, every, true), (1, Duration::from_millis(500)));
+        assert_eq!(restore_pace(0, every, true), (1, every));
+    }
 
     #[test]
     fn the_probe_costs_about_ten_commands_a_second_whatever_the_queue_count() {

@@ -154,7 +154,13 @@ impl RedisBeat {
 
     /// On a cluster, makes sure holder `id`'s heartbeat lives in `scope` before a fetch there:
     /// sets it when the scope is not kept already. Fails when another process holds it there.
-    pub(crate) async fn activate(&self, id: &str, nonce: &str, grace: Duration, scope: &Scope) -> Result<(), BrokerError> {
+    pub(crate) async fn activate(
+        &self,
+        id: &str,
+        nonce: &str,
+        grace: Duration,
+        scope: &Scope,
+    ) -> Result<(), BrokerError> {
         if !self.keys.is_cluster() {
             return Ok(());
         }
@@ -179,7 +185,8 @@ impl RedisBeat {
                 "redis: another process holds this worker's heartbeat in a queue's slot; give each worker its own name (-n)",
             ));
         }
-        lock(&self.active).entry(scope.clone()).or_insert(Active { held: 0, used: Instant::now() }).used = Instant::now();
+        lock(&self.active).entry(scope.clone()).or_insert(Active { held: 0, used: Instant::now() }).used =
+            Instant::now();
         Ok(())
     }
 
@@ -196,6 +203,9 @@ impl RedisBeat {
     /// A fetch in `scope` took nothing: unless it holds deliveries there, its heartbeat there is
     /// let go now (a fetch in flight that takes some keeps it again, [`RedisBeat::hold`]).
     pub(crate) fn idle(&self, scope: &Scope) {
+        if !self.keys.is_cluster() {
+            return;
+        }
         let mut active = lock(&self.active);
         if active.get(scope).is_some_and(|a| a.held == 0) {
             active.remove(scope);
@@ -204,6 +214,9 @@ impl RedisBeat {
 
     /// A delivery of `scope` was settled (or given up).
     pub(crate) fn unhold(&self, scope: &Scope) {
+        if !self.keys.is_cluster() {
+            return;
+        }
         if let Some(a) = lock(&self.active).get_mut(scope) {
             a.held = a.held.saturating_sub(1);
         }
