@@ -539,3 +539,20 @@ impl Heartbeat for RedisBeat {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_listed_scope_names_its_queues_and_their_slot() {
+        let keys = Keys::new("p:", Some(2));
+        let queues = vec![("q".to_owned(), 1), ("q.dead".to_owned(), 1)];
+        let member = serde_json::to_string(&queues).unwrap();
+        assert_eq!(member, r#"[["q",1],["q.dead",1]]"#);
+        let (scope, back) = scope_of(&keys, &member).expect("readable");
+        assert_eq!((scope, back), (keys.scope("q", 1), queues));
+        assert!(scope_of(&keys, "[]").is_none() && scope_of(&keys, "garbage").is_none());
+        assert_ne!(keys.holders(), keys.scope("q", 1), "the holders' slot is not a queue's");
+    }
+}
