@@ -444,3 +444,70 @@ async fn an_idle_worker_on_1000_queues_costs_few_commands_and_still_runs_plain_a
     eprintln!("redis_cluster: a 2 s countdown on queue 123 of {N} ran {took:?} after its send");
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(8), "{took:?}\n{}", w.log());
 }
+
+/// A worker whose heartbeat lapsed (stopped with SIGSTOP past its grace) is found dead and
+/// forgotten by the other worker's sweep (its entry and its list of queues in the holders' slot are
+/// removed); once it resumes it learns of the lapse and lists its queues again, so when it is
+/// killed later, what it then held comes back to its queue within the grace, not after the
+/// visibility timeout of an hour.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_back_from_a_lapse_lists_its_queues_again() {
+    use celery_core::{Broker, TaskState};
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let prefix = unique("rcl");
+    let url = format!("{}?global_keyprefix={prefix}:&visibility_timeout=3600", rc.broker_url());
+    let (queue, other) = (format!("{prefix}.q"), format!("{prefix}.other"));
+    let start = |name: &str, queue: &str| {
+        let args = ["worker", "-n", name, "-c", "4", "--prefetch-multiplier", "1", "-Q", queue];
+        let w = DemoProcess::start_urls(&url, &url, &args);
+        assert!(w.wait_log("worker ready", Duration::from_secs(60)), "{}", w.log());
+        w
+    };
+    let mut a = start("a@rcl", &queue);
+    let b = start("b@rcl", &other);
+    let mut conn = RedisConn::open(&url).await.expect("a cluster connection");
+    let workers = format!("{prefix}:{{_celery_rs.holders}}._celery_rs.workers");
+    let scopes = format!("{prefix}:{{_celery_rs.holders}}._celery_rs.scopes.a@rcl");
+    let listed = |conn: &RedisConn| {
+        let (mut c1, mut c2) = (conn.clone(), conn.clone());
+        let (workers, scopes) = (workers.clone(), scopes.clone());
+        async move {
+            let member: bool = c1.sismember(&workers, "a@rcl").await.expect("SISMEMBER");
+            let n: u64 = c2.scard(&scopes).await.expect("SCARD");
+            (member, n)
+        }
+    };
+    assert_eq!(listed(&conn).await, (true, 1), "a is listed with its one queue");
+
+    a.signal("STOP");
+    let gone = celery_tests::poll_until(Duration::from_secs(40), || listed(&conn), |l| *l == (false, 0)).await;
+    a.signal("CONT");
+    assert_eq!(gone, (false, 0), "the sweep forgot the stopped worker\n{}", b.log());
+    let back = celery_tests::poll_until(Duration::from_secs(20), || listed(&conn), |l| *l == (true, 1)).await;
+    assert_eq!(back, (true, 1), "listed again after the lapse\n{}", a.log());
+    assert!(a.log().contains("heartbeat lapsed"), "{}", a.log());
+
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let sig = Signature::by_name("sleep").args(json!([5000])).queue(queue.clone());
+        ids.push(app.send(sig).await.expect("send").id().to_owned());
+    }
+    let s = celery_tests::poll_until(DRAIN, || states(&app, &ids), |s| all_in(s, TaskState::Started)).await;
+    assert!(all_in(&s, TaskState::Started), "{s:?}\n{}", a.log());
+    a.signal("KILL");
+    let killed = Instant::now();
+    a.wait_exit(Duration::from_secs(5)).expect("killed");
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    let len = celery_tests::poll_until(
+        Duration::from_secs(30),
+        || async { broker.queue_len(&queue).await.unwrap_or(0) },
+        |n| *n == 2,
+    )
+    .await;
+    eprintln!("redis_cluster: a worker back from a lapse, then killed: its 2 tasks back in {:.1?}", killed.elapsed());
+    assert_eq!(len, 2, "restored to the queue\n{}", b.log());
+    assert!(killed.elapsed() < Duration::from_secs(25), "{:?}", killed.elapsed());
+    let _ = conn.del::<_, i64>(&scopes).await;
+}

@@ -459,7 +459,7 @@ impl Heartbeat for RedisBeat {
     /// [`scripts::heartbeat`] in [`Keys::holders`] and, on a cluster, in every scope it keeps
     /// (those where it holds deliveries or fetched within half the grace; the others are let go):
     /// alive when alive in all, lapsed when it had expired in any, taken when another process
-    /// holds it in any.
+    /// holds it in any. On a cluster a lapse in the holders' slot lists its scopes again.
     async fn renew(&self, id: &str, nonce: &str, seq: u64, grace: Duration) -> Result<Renewal, BrokerError> {
         let mut c = self.conn.clone();
         let mut scopes = vec![self.keys.holders()];
@@ -469,7 +469,7 @@ impl Heartbeat for RedisBeat {
             scopes.extend(active.keys().cloned());
         }
         let mut renewal = Renewal::Alive;
-        for scope in scopes {
+        for (i, scope) in scopes.into_iter().enumerate() {
             let r: i64 = self
                 .heartbeat
                 .key(scope.heartbeat(id))
@@ -481,6 +481,11 @@ impl Heartbeat for RedisBeat {
                 .invoke_async(&mut c)
                 .await
                 .map_err(failed("redis: renew a worker heartbeat"))?;
+            if i == 0 && r == 0 && self.keys.is_cluster() {
+                // A sweep that found it dead may have removed its list of scopes: written again.
+                let scopes: Vec<Vec<(String, u16)>> = lock(&self.scopes).iter().map(|(_, qs)| qs.clone()).collect();
+                self.register(id, &scopes).await?;
+            }
             renewal = match (renewal, r) {
                 (Renewal::Taken, _) | (_, -1) => Renewal::Taken,
                 (Renewal::Lapsed, _) | (_, 0) => Renewal::Lapsed,
