@@ -21,6 +21,11 @@
 //!   wait ([`scripts::due`]) and moves only the due queues, sleeping until the next due time (at
 //!   most [`PROMOTE_CAP`]). A slow sweep ([`SWEEP_EVERY`]) puts delayed sets the index misses back
 //!   into it.
+//! - On a cluster, where each queue (shard) is a slot and a scope of its own, the holder's
+//!   heartbeat and sweep cost one script a tick in the holders' slot ([`super::holder`]): the
+//!   fetch sets its heartbeat in a scope first, and it is kept there only while deliveries are
+//!   held; the visibility-timeout restore takes one scope at a time, at most
+//!   [`RESTORE_CLUSTER_PER_SECOND`] a second ([`restore_pace`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -169,7 +174,9 @@ pub(super) struct Shared {
 impl Shared {
     /// Forgets the lease `tag` and frees its prefetch slot.
     pub(super) fn release(&self, tag: &str) {
-        lock(&self.leases).remove(tag);
+        if let Some(g) = lock(&self.leases).remove(tag) {
+            self.holder.broker().unhold(&self.groups[g].scope);
+        }
         self.slots.give_back(1);
     }
 
@@ -180,6 +187,17 @@ impl Shared {
             per[*g].push(tag.clone());
         }
         per
+    }
+}
+
+impl Drop for Shared {
+    /// What is still leased here is no longer this consumer's to keep: the holder stops keeping
+    /// its heartbeat in their scopes for them.
+    fn drop(&mut self) {
+        let leases = std::mem::take(&mut *lock(&self.leases));
+        for g in leases.into_values() {
+            self.holder.broker().unhold(&self.groups[g].scope);
+        }
     }
 }
 
@@ -353,7 +371,7 @@ struct Pending {
     lists: Vec<(usize, usize)>,
     hot: Vec<usize>,
     want: usize,
-    reply: JoinHandle<Result<Vec<redis::Value>, redis::RedisError>>,
+    reply: JoinHandle<Result<Vec<redis::Value>, BrokerError>>,
     permit: OwnedSemaphorePermit,
 }
 
@@ -372,7 +390,7 @@ async fn decode_loop(
     while let Some(pending) = rx.recv().await {
         let Pending { group: g, epoch, lists, hot, want, reply, permit } = pending;
         let reply = match reply.await {
-            Ok(reply) => reply.map_err(|e| broker_error("redis: fetch", e)),
+            Ok(reply) => reply,
             Err(e) => Err(BrokerError::operation_with("redis: fetch task", e)),
         };
         let items = match reply {
@@ -390,6 +408,9 @@ async fn decode_loop(
         let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
         let got = items.len() / 3 - oversized;
         shared.slots.give_back(want.saturating_sub(got));
+        if got == 0 {
+            shared.holder.broker().idle(&shared.groups[g].scope);
+        }
         replies.full.store(got >= want, Ordering::Relaxed);
         if got >= want {
             shared.wakes.mark(hot);
@@ -407,6 +428,7 @@ async fn decode_loop(
                 (redis::Value::Int(size), id) => oversized_delivery(&entry.queue, size, id.ok(), max_message_size),
                 (redis::Value::BulkString(env), Ok(tag)) => {
                     lock(&shared.leases).insert(tag.clone(), g);
+                    shared.holder.broker().hold(&shared.groups[g].scope);
                     let decoded = envelope::decode(&env);
                     let size = env.len();
                     let queue = entry.queue.clone();
@@ -458,6 +480,9 @@ impl RedisFetch {
         // Spawned so that it is written to the connection now, not when the decoder gets to it.
         let reply = tokio::spawn(async move {
             let group = &shared.groups[g];
+            // On a cluster the holder's heartbeat must live in the group's scope first.
+            let h = &shared.holder;
+            h.broker().activate(h.id(), h.nonce(), h.liveness().grace(), &group.scope).await?;
             let mut inv = script.prepare_invoke();
             inv.key(group.scope.unacked()).key(group.scope.unacked_index()).key(&group.held).key(group.scope.workers());
             for &(e, step) in &script_lists {
@@ -476,7 +501,7 @@ impl RedisFetch {
             for &(e, _) in &script_lists {
                 inv.arg(&shared.entries[e].queue);
             }
-            inv.invoke_async(&mut conn).await
+            inv.invoke_async(&mut conn).await.map_err(|e| broker_error("redis: fetch", e))
         });
         // Tags stay unique whatever the replies hold: each fetch has a range of its own.
         self.seq += n as u64;
@@ -623,14 +648,20 @@ async fn renew_loop(shared: Arc<Shared>, vt: Duration) {
 }
 
 /// Restores the leases past the visibility timeout, in every group: on one server Kombu's way
-/// ([`scripts::restore`]); on a cluster into the group's own buckets ([`scripts::restore_scope`]).
+/// ([`scripts::restore`]); on a cluster into the group's own buckets ([`scripts::restore_scope`]),
+/// one group at a time in turn, at most [`RESTORE_CLUSTER_PER_SECOND`] a second ([`restore_pace`]).
 async fn restore_loop(shared: Arc<Shared>, vt: Duration) {
     let every = (vt / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
     let script = if shared.keys.is_cluster() { scripts::restore_scope() } else { scripts::restore() };
     let mut conn = shared.conn.clone();
+    let count = shared.groups.len();
+    let (per_round, pause) = restore_pace(count, every, shared.keys.is_cluster());
+    let mut next = 0;
     loop {
         let mut busy = false;
-        for group in &shared.groups {
+        let round: Vec<usize> = (0..per_round).map(|k| (next + k) % count.max(1)).collect();
+        next = (next + per_round) % count.max(1);
+        for group in round.into_iter().filter_map(|g| shared.groups.get(g)) {
             let cutoff = now_secs() - vt.as_secs_f64();
             match restore_group(&mut conn, &script, &shared.keys, group, cutoff).await {
                 Ok(0) => {}
@@ -643,9 +674,24 @@ async fn restore_loop(shared: Arc<Shared>, vt: Duration) {
             }
         }
         if !busy {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(pause).await;
         }
     }
+}
+
+/// On a cluster, visibility-timeout restores (one script per group) one second at most.
+const RESTORE_CLUSTER_PER_SECOND: u32 = 2;
+
+/// How many of `count` groups one restore round takes, and the pause after a quiet one: on one
+/// server all (the one group) every `every`; on a cluster one group a round, each group every
+/// `every` but at most [`RESTORE_CLUSTER_PER_SECOND`] rounds a second (a pass over 10,000 queues
+/// takes about 83 minutes: the heartbeats restore a dead worker's deliveries long before).
+fn restore_pace(count: usize, every: Duration, cluster: bool) -> (usize, Duration) {
+    if !cluster {
+        return (count, every);
+    }
+    let per_group = every / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+    (1, per_group.max(Duration::from_secs(1) / RESTORE_CLUSTER_PER_SECOND))
 }
 
 /// One restore sweep of `group`'s leases older than `cutoff` (at most 1000 on one server, at most
@@ -845,6 +891,16 @@ async fn sweep_delayed(shared: &Shared, conn: &mut RedisConn, from: usize) -> us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_restores_go_one_group_at_a_time_at_most_twice_a_second() {
+        let every = Duration::from_secs(60);
+        assert_eq!(restore_pace(1, every, false), (1, every), "one server: the one group every `every`");
+        assert_eq!(restore_pace(1, every, true), (1, every), "one queue: as often as on one server");
+        assert_eq!(restore_pace(60, every, true), (1, Duration::from_secs(1)));
+        assert_eq!(restore_pace(10_000, every, true), (1, Duration::from_millis(500)));
+        assert_eq!(restore_pace(0, every, true), (1, every));
+    }
 
     #[test]
     fn the_probe_costs_about_ten_commands_a_second_whatever_the_queue_count() {

@@ -25,6 +25,13 @@
 //! | holders | `_celery_rs.workers` | `{q}._celery_rs.workers` |
 //! | wake-up channel of `q` | `_celery_rs.wake/<db>/q` | `{q}._celery_rs.wake` |
 //!
+//! On a cluster a holder also has one heartbeat, registry entry and list of scopes in the slot of
+//! the tag `_celery_rs.holders` ([`Keys::holders`]): `{_celery_rs.holders}._celery_rs.worker.h`,
+//! `{_celery_rs.holders}._celery_rs.workers` and `{_celery_rs.holders}._celery_rs.scopes.h` (the
+//! queue shards `h` consumes, as JSON). Its idle cost is spent there, once per holder, whatever
+//! the number of queues; the heartbeat in a queue's scope is kept only while it holds deliveries
+//! there ([`super::holder`]). No queue may be named `_celery_rs.holders` on a cluster.
+//!
 //! A wake-up channel is a `PUBLISH` channel, not a key: our producers publish to it in the same
 //! pipeline as the `LPUSH`, and idle consumers subscribe to the channels of their queues
 //! ([`super::wake`]); `_celery_rs.wake/<db>` (one server) wakes every consumer of the database.
@@ -81,7 +88,15 @@ impl Scope {
     pub(crate) fn workers(&self) -> String {
         format!("{}_celery_rs.workers", self.base)
     }
+    /// In [`Keys::holders`] on a cluster: the scopes a holder consumes (a set of JSON lists of
+    /// `[queue, shard]` pairs), where its deliveries may be.
+    pub(crate) fn scopes(&self, holder: &str) -> String {
+        format!("{}_celery_rs.scopes.{holder}", self.base)
+    }
 }
+
+/// The hash tag of the holders' own keys on a cluster ([`Keys::holders`]).
+const HOLDERS_TAG: &str = "_celery_rs.holders";
 
 impl Keys {
     /// Keys behind `prefix` (Kombu's `global_keyprefix`; empty for none), for one server
@@ -112,6 +127,11 @@ impl Keys {
 
     /// On a cluster, a queue name must give a hash tag of its own: not empty, no `{` nor `}`.
     pub(crate) fn check_queue(&self, queue: &str) -> Result<(), BrokerError> {
+        if self.is_cluster() && queue.trim_end_matches(DEAD) == HOLDERS_TAG {
+            return Err(BrokerError::operation(format!(
+                "queue name `{queue}`: on a Redis Cluster the hash tag `{HOLDERS_TAG}` is the workers' own"
+            )));
+        }
         if self.is_cluster() && (queue.is_empty() || queue.contains(['{', '}'])) {
             return Err(BrokerError::operation(format!(
                 "queue name `{queue}`: on a Redis Cluster a queue name is not empty and holds no `{{` or `}}` (they make hash tags)"
@@ -157,6 +177,16 @@ impl Keys {
         match self.cluster {
             None => Scope { base: self.prefix.clone() },
             Some(_) => Scope { base: format!("{}.", self.tagged(queue, shard).0) },
+        }
+    }
+
+    /// Where holders keep their one heartbeat, registry and list of scopes: on a cluster the slot
+    /// of the tag `_celery_rs.holders`; on one server Kombu's global scope (the one every queue
+    /// uses).
+    pub(crate) fn holders(&self) -> Scope {
+        match self.cluster {
+            None => Scope { base: self.prefix.clone() },
+            Some(_) => Scope { base: format!("{}{{{HOLDERS_TAG}}}.", self.prefix) },
         }
     }
 
@@ -327,5 +357,13 @@ mod tests {
             assert!(e.contains("hash tags"), "{bad}: {e}");
         }
         assert!(k.check_queue("celery").is_ok() && k.check_queue("a:b.c").is_ok());
+        for taken in ["_celery_rs.holders", "_celery_rs.holders.dead"] {
+            assert!(k.check_queue(taken).unwrap_err().to_string().contains("workers' own"), "{taken}");
+        }
+        let h = k.holders();
+        assert_eq!(h.heartbeat("w"), "{_celery_rs.holders}._celery_rs.worker.w");
+        assert_eq!(h.scopes("w"), "{_celery_rs.holders}._celery_rs.scopes.w");
+        assert_ne!(h, k.scope("celery", 0));
+        assert_eq!(Keys::new("p:", None).holders(), Keys::new("p:", None).scope("q", 0), "one server: Kombu's scope");
     }
 }

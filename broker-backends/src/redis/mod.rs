@@ -181,7 +181,7 @@ impl RedisBroker {
                 )
             })
             .await?;
-        holder.broker().adopt(holder.id(), holder.nonce(), holder.liveness().grace(), groups).await;
+        holder.broker().adopt(holder.id(), groups).await;
         Ok(holder.clone())
     }
 

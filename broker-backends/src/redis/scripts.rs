@@ -588,6 +588,21 @@ return restored
     ))
 }
 
+/// A dead holder's entries on a cluster, once its deliveries were restored from every scope it
+/// listed: when its heartbeat is still gone, removes it from `workers` and deletes its list of
+/// scopes (a holder that came back keeps both). KEYS: heartbeat, workers, scopes; ARGV: holder.
+/// Returns 1 when removed.
+pub(crate) fn forget() -> Script {
+    Script::new(
+        r#"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return 1
+"#,
+    )
+}
+
 /// [`promote`] on a cluster: moves due envelopes from a delayed zset to the back of the bucket
 /// (passed) for their priority. KEYS: delayed, the four buckets; ARGV: limit. Returns (moved, the
 /// next due time in ms since the epoch or -1).
