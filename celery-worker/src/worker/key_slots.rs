@@ -4,15 +4,21 @@
 //! task with a concurrency key and a limit runs, its slot is taken from the broker, or the broker
 //! parks the message and the delivery is acked; the slot is renewed while the task runs and
 //! released after its outcome is stored (on a task of its own: the worker slot does not wait for
-//! the broker's answer). A sweep loop frees the slots of dead workers on brokers
-//! that need one.
+//! the broker's answer). One loop ([`upkeep_loop`]) renews every slot the worker holds and frees
+//! the slots of dead workers on brokers that need a sweep: a held slot costs an entry in
+//! [`HeldSlots`], not a timer task of its own.
 //!
 //! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
 //! bucket; the caller waits for it as for a per-worker limit.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use celery_core::sync::lock;
+use futures::StreamExt;
 
 use celery_core::flow::{limit_for, validate_limit, Admission, SlotRequest, CONCURRENCY_KEY, MIN_KEY_LEASE};
 use celery_core::protocol::Message;
@@ -21,14 +27,53 @@ use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
 
 use super::shared::Shared;
 
-/// A held slot: renewed on a task of its own until released (dropping it releases it too).
+/// Renewals in flight at once in [`upkeep_loop`].
+const RENEWALS_AT_ONCE: usize = 32;
+
+/// The key slots a worker holds (id -> key and holder), renewed together by [`upkeep_loop`].
+#[derive(Debug, Default)]
+pub(crate) struct HeldSlots {
+    held: Mutex<HashMap<u64, (String, String)>>,
+    next: AtomicU64,
+}
+
+impl HeldSlots {
+    fn add(&self, key: &str, holder: &str) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.held).insert(id, (key.to_owned(), holder.to_owned()));
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        lock(&self.held).remove(&id);
+    }
+
+    fn holds(&self, id: u64) -> bool {
+        lock(&self.held).contains_key(&id)
+    }
+
+    /// Slots held now, as (id, key, holder).
+    fn snapshot(&self) -> Vec<(u64, String, String)> {
+        lock(&self.held).iter().map(|(id, (k, h))| (*id, k.clone(), h.clone())).collect()
+    }
+
+    /// How many slots are held.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        lock(&self.held).len()
+    }
+}
+
+/// A held slot: renewed by the worker's [`upkeep_loop`] until released (dropping it releases it
+/// too).
 #[derive(Debug)]
 pub(super) struct HeldSlot {
     broker: Arc<dyn Broker>,
+    held: Arc<HeldSlots>,
+    id: u64,
     key: String,
     holder: String,
     queue: String,
-    renewer: tokio::task::JoinHandle<()>,
 }
 
 impl HeldSlot {
@@ -43,7 +88,7 @@ impl Drop for HeldSlot {
     /// the broker's answer. The key's slot is held that round trip longer, never shorter, so at
     /// most its limit still run at once; if the release fails, the slot frees when its lease ends.
     fn drop(&mut self) {
-        self.renewer.abort();
+        self.held.remove(self.id);
         let (broker, key, holder, queue) = (
             self.broker.clone(),
             std::mem::take(&mut self.key),
@@ -109,26 +154,12 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     }
     match celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await {
         Ok(Admission::Acquired) => {
-            let renewer = tokio::spawn(renew(broker.clone(), key.to_owned(), holder.clone(), ttl));
-            KeyStep::Held(HeldSlot { broker, key: key.to_owned(), holder, queue: d.queue.clone(), renewer })
+            let id = w.held_slots.add(key, &holder);
+            let held = w.held_slots.clone();
+            KeyStep::Held(HeldSlot { broker, held, id, key: key.to_owned(), holder, queue: d.queue.clone() })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),
-    }
-}
-
-/// Renews a slot every third of its lease until aborted.
-async fn renew(broker: Arc<dyn Broker>, key: String, holder: String, ttl: Duration) {
-    let mut tick = tokio::time::interval(ttl / 3);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(slots) = broker.key_slots() else { return };
-        match slots.renew(&key, &holder, ttl).await {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!(%key, "the key slot's lease ended before its task did (renewals too late)"),
-            Err(e) => tracing::warn!(%key, error = %e, "could not renew a key slot"),
-        }
     }
 }
 
@@ -142,13 +173,34 @@ pub(super) fn cluster_rated_tasks() -> Vec<&'static str> {
     registry::tasks().iter().filter(|e| (e.options)().rate_scope == Some("cluster")).map(|e| e.name).collect()
 }
 
-/// Sweeps the broker's expired key slots every third of the lease, while the worker runs (only
-/// when a linked task declares `key_concurrency` and the broker holds slots).
-pub(super) async fn sweep_loop(broker: Arc<dyn Broker>, lease: Duration) {
-    let mut tick = tokio::time::interval(lease.max(MIN_KEY_LEASE) / 3);
+/// Every third of the lease, while the worker runs (only when a linked task declares
+/// `key_concurrency` or `--key-limit` is given, and the broker holds slots): renews every slot in
+/// `held` (up to [`RENEWALS_AT_ONCE`] at a time; a slot released meanwhile is skipped), then
+/// sweeps the broker's expired slots (those of dead workers).
+pub(super) async fn upkeep_loop(broker: Arc<dyn Broker>, held: Arc<HeldSlots>, lease: Duration) {
+    let ttl = lease.max(MIN_KEY_LEASE);
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(slots) = broker.key_slots() else { return };
+        let renewals =
+            futures::stream::iter(held.snapshot()).for_each_concurrent(RENEWALS_AT_ONCE, |(id, key, holder)| {
+                let held = &held;
+                async move {
+                    if !held.holds(id) {
+                        return;
+                    }
+                    match slots.renew(&key, &holder, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(%key, "the key slot's lease ended before its task did (renewals too late)")
+                        }
+                        Err(e) => tracing::warn!(%key, error = %e, "could not renew a key slot"),
+                    }
+                }
+            });
+        renewals.await;
         match slots.sweep().await {
             Ok(0) => {}
             Ok(n) => tracing::info!(moved = n, "key slots of dead workers freed; parked tasks moved back"),
@@ -163,4 +215,26 @@ pub(super) async fn cluster_wait(w: &Shared, task: &str, interval: Duration) -> 
     let broker = w.app.broker();
     let buckets = broker.require_rate_buckets("rate_scope = \"cluster\"")?;
     celery_core::backoff::retrying(|| buckets.reserve(task, interval)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_slots_are_listed_until_removed() {
+        let held = HeldSlots::default();
+        let (a, b) = (held.add("k", "w1/t1"), held.add("k", "w1/t2"));
+        assert_ne!(a, b);
+        assert!(held.holds(a) && held.holds(b));
+        let mut now = held.snapshot();
+        now.sort();
+        assert_eq!(now, vec![(a, "k".into(), "w1/t1".into()), (b, "k".into(), "w1/t2".into())]);
+        held.remove(a);
+        assert!(!held.holds(a));
+        assert_eq!(held.len(), 1);
+        held.remove(a); // removing twice is harmless
+        held.remove(b);
+        assert_eq!(held.len(), 0);
+    }
 }

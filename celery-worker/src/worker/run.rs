@@ -75,6 +75,7 @@ pub(super) async fn run_until(
         intake,
         config: cfg.clone(),
         limits: RateLimits::default(),
+        held_slots: Default::default(),
         stats,
         shutdown: stop_rx,
         hard_stop: hard_rx,
@@ -126,8 +127,12 @@ pub(super) async fn run_until(
     if !cfg.key_limits.is_empty() {
         keyed.push("(--key-limit)");
     }
-    let sweeping = match (keyed.is_empty(), shared.app.broker().key_slots().is_some()) {
-        (false, true) => Some(tokio::spawn(key_slots::sweep_loop(shared.app.broker().clone(), cfg.key_lease))),
+    let upkeep = match (keyed.is_empty(), shared.app.broker().key_slots().is_some()) {
+        (false, true) => Some(tokio::spawn(key_slots::upkeep_loop(
+            shared.app.broker().clone(),
+            shared.held_slots.clone(),
+            cfg.key_lease,
+        ))),
         (false, false) => {
             tracing::error!(
                 broker = shared.app.broker().kind(), tasks = ?keyed,
@@ -154,7 +159,7 @@ pub(super) async fn run_until(
     drain(&shared, &hard_tx).await;
     shared.intake.closed().await;
     heartbeat.abort();
-    if let Some(s) = sweeping {
+    if let Some(s) = upkeep {
         s.abort();
     }
     if let Some(a) = autoscaling {

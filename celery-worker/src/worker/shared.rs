@@ -25,6 +25,8 @@ pub(crate) struct Shared {
     /// Queues, consumer and reserved deliveries.
     pub(crate) intake: Arc<Intake>,
     pub(super) limits: RateLimits,
+    /// The key slots held by running tasks (renewed by one loop).
+    pub(super) held_slots: Arc<super::key_slots::HeldSlots>,
     pub(crate) stats: Arc<WorkerStats>,
     /// Set when the worker stops fetching (waiting tasks give up their wait).
     pub(super) shutdown: watch::Receiver<bool>,

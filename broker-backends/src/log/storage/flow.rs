@@ -68,12 +68,38 @@ struct KeyState {
     /// Holder -> lease expiry (ms since the epoch).
     slots: HashMap<String, i64>,
     parked: VecDeque<Parked>,
+    /// Messages decided to park whose record is being written (not in `parked` yet): a release
+    /// meanwhile takes the slow path, which waits for them.
+    parking: usize,
 }
 
 impl KeyState {
     fn live(&self, now: i64) -> usize {
         self.slots.values().filter(|exp| **exp > now).count()
     }
+
+    /// Nothing held, parked or being parked: the key can be forgotten.
+    fn unused(&self) -> bool {
+        self.slots.is_empty() && self.parked.is_empty() && self.parking == 0
+    }
+}
+
+/// Takes a slot of `req.key` for `req.holder` if one is free (or the holder holds one already):
+/// whether it did.
+fn try_take(s: &mut FlowState, req: &SlotRequest<'_>, now: i64, expiry: i64) -> Result<bool, LogError> {
+    if !s.keys.contains_key(req.key) && s.keys.len() >= s.max_keys {
+        return Err(LogError::Invalid(format!(
+            "too many concurrency keys tracked at once (the limit is {})",
+            s.max_keys
+        )));
+    }
+    let k = s.keys.entry(req.key.to_owned()).or_default();
+    if k.slots.contains_key(req.holder) || k.live(now) < req.limit as usize {
+        // Expired slots stay for the sweep, which moves a parked message back for each.
+        k.slots.insert(req.holder.to_owned(), expiry);
+        return Ok(true);
+    }
+    Ok(false)
 }
 
 /// A parked message as the state keeps it: its record's key among the results (which hold its
@@ -161,34 +187,39 @@ impl LogStore {
         req.validate().map_err(|e| LogError::Invalid(e.to_string()))?;
         super::names::component("queue", queue)?;
         let flow = self.flow();
-        let _writing = flow.writes.lock().await;
         let now = now_ms();
         let expiry = celery_core::clock::expiry_ms(now, req.ttl);
+        // A free slot is taken at once, without waiting for other keys' writes (parking, moving
+        // back): taking one only adds to the state, which the writes re-read under its lock.
+        if try_take(&mut lock(&flow.state), req, now, expiry)? {
+            return Ok(Admission::Acquired);
+        }
+        let _writing = flow.writes.lock().await;
         let doc = {
             let mut s = lock(&flow.state);
-            if !s.keys.contains_key(req.key) && s.keys.len() >= s.max_keys {
-                return Err(LogError::Invalid(format!(
-                    "too many concurrency keys tracked at once (the limit is {})",
-                    s.max_keys
-                )));
-            }
-            let k = s.keys.entry(req.key.to_owned()).or_default();
-            if k.slots.contains_key(req.holder) || k.live(now) < req.limit as usize {
-                // Expired slots stay for the sweep, which moves a parked message back for each.
-                k.slots.insert(req.holder.to_owned(), expiry);
+            if try_take(&mut s, req, now, expiry)? {
                 return Ok(Admission::Acquired);
             }
             // O(keys), only when a task is parked: cheaper than a count kept right at five sites.
-            if s.keys.values().map(|k| k.parked.len()).sum::<usize>() >= s.max_parked {
+            if s.keys.values().map(|k| k.parked.len() + k.parking).sum::<usize>() >= s.max_parked {
                 return Err(LogError::Invalid(format!("too many parked messages (the limit is {})", s.max_parked)));
             }
+            s.keys.entry(req.key.to_owned()).or_default().parking += 1;
             let seq = s.next_seq;
             s.next_seq += 1;
             format!("{PARKED_PREFIX}{seq:020}")
         };
-        self.results().put(&doc, encode(req.key, queue, &record()), DOC_TTL, |_| false).await?;
-        let parked = Parked { doc, queue: queue.to_owned() };
-        lock(&flow.state).keys.entry(req.key.to_owned()).or_default().parked.push_back(parked);
+        let written = self.results().put(&doc, encode(req.key, queue, &record()), DOC_TTL, |_| false).await;
+        let mut s = lock(&flow.state);
+        let k = s.keys.entry(req.key.to_owned()).or_default();
+        k.parking -= 1;
+        if let Err(e) = written {
+            if k.unused() {
+                s.keys.remove(req.key);
+            }
+            return Err(e);
+        }
+        k.parked.push_back(Parked { doc, queue: queue.to_owned() });
         Ok(Admission::Parked)
     }
 
@@ -207,13 +238,26 @@ impl LogStore {
     /// Frees `holder`'s slot of `key` and moves the key's oldest parked message back to its queue.
     pub(crate) async fn release_slot(&self, key: &str, holder: &str) -> Result<(), LogError> {
         let flow = self.flow();
+        {
+            // Nothing parked or being parked for the key: nothing to move back, so no write to
+            // wait for (a park decided after this sees the slot free and takes it instead).
+            let mut s = lock(&flow.state);
+            let Some(k) = s.keys.get_mut(key) else { return Ok(()) };
+            if k.parked.is_empty() && k.parking == 0 {
+                k.slots.remove(holder);
+                if k.unused() {
+                    s.keys.remove(key);
+                }
+                return Ok(());
+            }
+        }
         let _writing = flow.writes.lock().await;
         let next = {
             let mut s = lock(&flow.state);
             let Some(k) = s.keys.get_mut(key) else { return Ok(()) };
             k.slots.remove(holder);
             let next = k.parked.pop_front();
-            if k.slots.is_empty() && k.parked.is_empty() {
+            if k.unused() {
                 s.keys.remove(key);
             }
             next
@@ -261,7 +305,7 @@ impl LogStore {
                         moves.push((key.clone(), p));
                     }
                 }
-                !(k.slots.is_empty() && k.parked.is_empty())
+                !k.unused()
             });
         }
         let moved = moves.len() as u64;
@@ -318,6 +362,35 @@ mod tests {
         assert_eq!(store.queue_len("q").unwrap(), 1);
         assert_eq!(store.peek("q", 10).unwrap(), vec![vec![3]], "the oldest parked message moves first");
         assert_eq!(store.flow().counts(), (1, 2));
+        drop(store);
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A release that races a park of the same key (the park decided, its record being written)
+    /// still moves the parked message back: a task is parked only while the key's slots are
+    /// all held, whatever the interleaving.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_release_racing_a_park_moves_it_back() {
+        let dir = tempfile_dir("flow-race");
+        let store = std::sync::Arc::new(LogStore::open(&dir, StoreConfig::default()).unwrap());
+        let ttl = Duration::from_secs(30);
+        for round in 0..200u32 {
+            let q = format!("q{round}");
+            for h in ["a", "b"] {
+                assert_eq!(store.acquire_or_park(&req("k", h, ttl), &q, || rec(0)).await.unwrap(), Admission::Acquired);
+            }
+            let (s1, s2, q2) = (store.clone(), store.clone(), q.clone());
+            let park = tokio::spawn(async move { s1.acquire_or_park(&req("k", "c", ttl), &q2, || rec(1)).await });
+            let release = tokio::spawn(async move { s2.release_slot("k", "a").await });
+            let admitted = park.await.unwrap().unwrap();
+            release.await.unwrap().unwrap();
+            let expected = u64::from(admitted == Admission::Parked);
+            assert_eq!(store.queue_len(&q).unwrap(), expected, "round {round}: {admitted:?}");
+            for h in ["b", "c"] {
+                store.release_slot("k", h).await.unwrap();
+            }
+            assert_eq!(store.flow().counts(), (0, 0), "round {round}: nothing left tracked");
+        }
         drop(store);
         std::fs::remove_dir_all(dir).ok();
     }
