@@ -1,7 +1,8 @@
 //! Real worker processes on RabbitMQ (results on Redis): `kill -9` mid-task loses nothing (RabbitMQ
 //! returns the dead connection's unacked deliveries), an ETA task waiting in a delay queue survives
-//! every worker stopping, and a connection cut by the server (`rabbitmqctl close_all_connections`)
-//! is survived: the worker reconnects and finishes everything.
+//! every worker stopping, a deferral to a delay queue that a purge deleted under a running worker
+//! still arrives, and a connection cut by the server (`rabbitmqctl close_all_connections`) is
+//! survived: the worker reconnects and finishes everything.
 
 use std::process::Command;
 use std::time::Duration;
@@ -111,6 +112,34 @@ async fn eta_tasks_survive_every_worker_stopping() {
     for id in [deferred.id(), queued.id()] {
         assert!(done_at(&app, id).await >= eta, "ran before its eta");
     }
+}
+
+/// A purge deletes the delay queues of `celery`, including the one a running worker declared and
+/// remembers: the worker's next deferral to that level is returned by RabbitMQ (mandatory), and
+/// the worker declares the level again and sends it there, so the task still runs at its eta.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deferral_after_a_purge_deleted_its_delay_queue_arrives() {
+    let Some(env) = Env::new() else { return };
+    let app = env.app().await;
+    let worker = env.worker("2");
+    assert!(worker.wait_log("worker ready", T), "{}", worker.log());
+    // Both due 6 s after they are sent: the same delay level (4 s) unless a step takes over 1 s.
+    let add = |x: i64| Signature::by_name("add").args(json!([x, 22])).eta(Utc::now() + chrono::Duration::seconds(6));
+    let purged = app.send(add(1)).await.unwrap();
+    let end = tokio::time::Instant::now() + T;
+    while delayed(&app).await != 1 {
+        assert!(tokio::time::Instant::now() < end, "never deferred: {}", worker.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(app.broker().purge("celery").await.unwrap(), 1, "the deferred task is purged");
+    assert_eq!(delayed(&app).await, 0, "the delay queues are gone");
+    let kept = app.send(add(20)).await.unwrap();
+    let eta = Utc::now() + chrono::Duration::seconds(5);
+    assert_eq!(kept.get::<i64>(T).await.unwrap(), 42, "{}", worker.log());
+    assert!(done_at(&app, kept.id()).await >= eta, "ran before its eta");
+    let state = purged.state().await.unwrap();
+    assert!(!matches!(state, TaskState::Started | TaskState::Success), "the purged task ran: {state:?}");
+    assert!(worker.log().contains("delay queue gone"), "the level was declared again: {}", worker.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

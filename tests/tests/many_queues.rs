@@ -65,9 +65,10 @@ async fn postgres() {
 }
 
 /// RabbitMQ says "no such queue" only by closing the channel that asked: purging 120 queues (each
-/// with 22 delay levels that were never used) and reading depths of missing queues closes over
-/// 2,047 channels (RabbitMQ's `channel_max`), which once broke channel creation on the connection
-/// that publishes and consumes. Those calls now run on a probe connection of their own.
+/// with 22 delay levels that were never used, when purge asked each level that way; it deletes
+/// them now, which RabbitMQ answers for a missing queue too) and reading depths of missing queues
+/// closed over 2,047 channels (RabbitMQ's `channel_max`), which once broke channel creation on the
+/// connection that publishes and consumes. Such calls now run on a probe connection of their own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn amqp_purges_of_hundreds_of_queues_leave_the_connection_usable() {
     let Some(target) = Target::amqp() else { return };

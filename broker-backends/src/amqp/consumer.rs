@@ -24,8 +24,13 @@ use super::{fields, maybe_duplicate, short, AmqpBroker};
 /// Deliveries with their queue and the settlement queue of the channel they came on.
 type Stream = BoxStream<'static, (String, Acks, lapin::Result<lapin::message::Delivery>)>;
 
-/// How many `queue.declare` or `basic.consume` calls a subscription keeps in flight at once.
+/// How many `queue.declare` or `basic.consume` calls a subscription keeps in flight on a channel.
 const PIPELINE: usize = 64;
+
+/// At most this many channels declare a subscription's queues (more than [`PIPELINE`] queues),
+/// then close: RabbitMQ serves each channel's methods one after another in that channel's own
+/// process, so declaring on several spreads the work over the server's cores.
+const DECLARE_CHANNELS: usize = 4;
 
 /// A consumer on its own channel, resubscribing after a lost connection.
 pub(super) struct AmqpConsumer {
@@ -71,14 +76,22 @@ impl AmqpConsumer {
             .await
             .map_err(failed("amqp: set the prefetch (basic.qos)"))?;
         let acks = Acks::new(ch.clone());
-        // Declares, then consumes, with up to PIPELINE calls in flight on the channel (RabbitMQ
+        // Declares, then consumes, with up to PIPELINE calls in flight on each channel (RabbitMQ
         // answers a channel's methods in order): one queue after another took 13 s for 1,000 queues.
         // (Owned names and handles per call: borrowed ones trip the Send check of async_trait.)
-        let declares = self.queues.clone().into_iter().map(|q| {
-            let (broker, ch) = (self.broker.clone(), ch.clone());
+        let mut declaring = vec![ch.clone()];
+        while declaring.len() < DECLARE_CHANNELS && declaring.len() * PIPELINE < self.queues.len() {
+            declaring.push(self.broker.channel().await?);
+        }
+        let declares = self.queues.clone().into_iter().enumerate().map(|(i, q)| {
+            let (broker, ch) = (self.broker.clone(), declaring[i % declaring.len()].clone());
             async move { broker.declare_task_queue(&ch, &q).await }
         });
-        stream::iter(declares).buffer_unordered(PIPELINE).try_collect::<()>().await?;
+        let declared = stream::iter(declares).buffer_unordered(PIPELINE * declaring.len()).try_collect::<()>().await;
+        for extra in &declaring[1..] {
+            let _ = extra.close(200, "declared".into()).await;
+        }
+        declared?;
         let consumes = self.queues.clone().into_iter().map(|q| {
             let (ch, acks) = (ch.clone(), acks.clone());
             async move {

@@ -34,7 +34,10 @@
 //! a duplicate at worst, never a loss). Those queues' messages expire after N seconds (a power of
 //! two, at most 2^20) and dead-letter back into `<queue>`, where the next consumer defers what is
 //! still ahead to a shorter level: a long countdown hops down the levels, held by RabbitMQ, never in
-//! a worker's memory. Purge empties `<queue>` and every delay queue of it.
+//! a worker's memory. Purge empties `<queue>` and deletes every delay queue of it (a level is declared
+//! again when next used). A producer that declared a level before a purge deleted it still believes
+//! it exists, so deferrals are published `mandatory`: RabbitMQ returns one sent to a missing level,
+//! and the producer declares the level again and sends it once more.
 //!
 //! Where things are: `url.rs` (the URL and the connection), `consumer.rs`, `settle.rs` (acks,
 //! requeues, deferral, dead letters), `error.rs` (lapin errors as ours), `broadcast.rs`,
@@ -258,7 +261,8 @@ impl AmqpBroker {
     }
 
     /// Publishes and waits for RabbitMQ's confirm; a publish whose connection was lost under it
-    /// is sent again, [`RESENT`], on the next connection (see the module docs).
+    /// is sent again, [`RESENT`], on the next connection (see the module docs). A `mandatory`
+    /// publish that RabbitMQ returned (no queue took it) is an error.
     async fn publish_raw(
         &self,
         exchange: &str,
@@ -267,6 +271,21 @@ impl AmqpBroker {
         props: BasicProperties,
         body: &[u8],
     ) -> Result<(), BrokerError> {
+        match self.publish_routed(exchange, key, mandatory, props, body).await? {
+            Routed::Queued => Ok(()),
+            Routed::Returned(text) => Err(unroutable(exchange, key, &text)),
+        }
+    }
+
+    /// [`Self::publish_raw`], telling a returned `mandatory` publish apart.
+    async fn publish_routed(
+        &self,
+        exchange: &str,
+        key: &str,
+        mandatory: bool,
+        props: BasicProperties,
+        body: &[u8],
+    ) -> Result<Routed, BrokerError> {
         let mut props = props;
         let mut attempt = 1;
         loop {
@@ -288,7 +307,7 @@ impl AmqpBroker {
         mandatory: bool,
         props: BasicProperties,
         body: &[u8],
-    ) -> Result<(), BrokerError> {
+    ) -> Result<Routed, BrokerError> {
         let (_, ch) = self.connection().await?;
         let opts = BasicPublishOptions { mandatory, ..Default::default() };
         let pending = ch
@@ -299,7 +318,7 @@ impl AmqpBroker {
         if confirm.is_nack() {
             drop_nacking_channel(&ch).await;
         }
-        check_confirm(confirm, exchange, key)
+        check_confirm(confirm, key)
     }
 
     /// One try of [`Broker::publish_batch`]; `resend` marks every message [`RESENT`].
@@ -325,7 +344,11 @@ impl AmqpBroker {
             if confirm.is_nack() && outcome.is_ok() {
                 drop_nacking_channel(&ch).await;
             }
-            if let (Err(e), true) = (check_confirm(confirm, &route.exchange, &route.routing_key), outcome.is_ok()) {
+            let checked = check_confirm(confirm, &route.routing_key).and_then(|routed| match routed {
+                Routed::Queued => Ok(()),
+                Routed::Returned(text) => Err(unroutable(&route.exchange, &route.routing_key, &text)),
+            });
+            if let (Err(e), true) = (checked, outcome.is_ok()) {
                 outcome = Err(e);
             }
         }
@@ -333,23 +356,41 @@ impl AmqpBroker {
     }
 
     /// Holds `msg` in the delay queues of `queue` until `until` (returns once RabbitMQ confirmed it).
+    /// Published `mandatory`: when a purge (here or in another process) deleted the level since
+    /// this process declared it, RabbitMQ returns the message, and the level is declared again
+    /// and the message sent once more.
     async fn publish_delayed(&self, queue: &str, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let (_, ch) = self.connection().await?;
         self.declare_task_queue(&ch, queue).await?;
         let remaining = u64::try_from((until - Utc::now()).num_seconds()).unwrap_or(0);
-        let delay = self.delay_queue(&ch, queue, delay_level(remaining)).await?;
-        self.publish_raw("", &delay, false, properties(msg), &msg.body).await
+        let level = delay_level(remaining);
+        let delay = self.delay_queue(&ch, queue, level).await?;
+        let props = properties(msg);
+        if let Routed::Returned(text) = self.publish_routed("", &delay, true, props.clone(), &msg.body).await? {
+            tracing::info!(queue = %delay, reason = %text, "amqp: delay queue gone (purged); declaring it again");
+            lock(&self.inner.declared).remove(&delay);
+            let (_, ch) = self.connection().await?;
+            self.delay_queue(&ch, queue, level).await?;
+            self.publish_raw("", &delay, true, props, &msg.body).await?;
+        }
+        Ok(())
     }
+}
 
-    /// Purges `name` if it exists (on the probe connection: a missing queue closes the channel).
-    async fn purge_if_exists(&self, name: &str) -> Result<u64, BrokerError> {
-        let Ok(short_name) = ShortString::try_new(name.to_owned()) else {
-            return Ok(0); // longer than a queue name can be: never declared
-        };
-        let purge = |ch: Channel| async move { ch.queue_purge(short_name, QueuePurgeOptions::default()).await };
-        let purged = self.inner.probes.run(&self.inner.nodes, "amqp: purge a delay queue", purge).await?;
-        Ok(purged.map_or(0, u64::from))
-    }
+/// Where RabbitMQ put a confirmed publish.
+#[derive(Debug)]
+enum Routed {
+    /// In a queue (or routed nowhere without `mandatory`).
+    Queued,
+    /// Returned: `mandatory` and no queue took it (RabbitMQ's reply text).
+    Returned(String),
+}
+
+/// The error of a `mandatory` publish that no queue took.
+fn unroutable(exchange: &str, key: &str, reply_text: &str) -> BrokerError {
+    BrokerError::operation(format!(
+        "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {reply_text}"
+    ))
 }
 
 /// The x-arguments of a quorum queue that dead-letters into queue `to` (by the default exchange)
@@ -388,15 +429,11 @@ async fn drop_nacking_channel(ch: &Channel) {
     let _ = ch.close(200, "nacked: replaced".into()).await;
 }
 
-/// Ok for a confirmed publish; an error for a nack (retryable) or an unroutable mandatory
-/// publish.
-fn check_confirm(confirm: Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
+/// Where a confirmed publish went; an error for a nack (retryable).
+fn check_confirm(confirm: Confirmation, key: &str) -> Result<Routed, BrokerError> {
     match confirm {
-        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
-        Confirmation::Ack(Some(ret)) => Err(BrokerError::operation(format!(
-            "unroutable (mandatory) publish to exchange `{exchange}` with key `{key}`: {}",
-            ret.reply_text
-        ))),
+        Confirmation::Ack(None) | Confirmation::NotRequested => Ok(Routed::Queued),
+        Confirmation::Ack(Some(ret)) => Ok(Routed::Returned(ret.reply_text.to_string())),
         // Retryable: sent again on a fresh channel ([`drop_nacking_channel`]).
         Confirmation::Nack(_) => Err(BrokerError::connection(format!(
             "amqp: RabbitMQ refused the message (nack) for `{key}`; its channel is replaced"
@@ -481,17 +518,29 @@ impl Broker for AmqpBroker {
         Ok(Box::new(c))
     }
 
-    /// Purges the delay queues of `queue` first, then `queue` itself, so a message that expires
-    /// from a delay queue into `queue` meanwhile is purged too. Unacked deliveries stay.
+    /// Deletes the delay queues of `queue` (each `queue.delete` answers with the messages it
+    /// dropped, 0 for a level never declared), then purges `queue` itself, all in flight at once on
+    /// one channel: RabbitMQ serves a channel's methods in order, so a message that expires from a
+    /// delay queue into `queue` meanwhile is purged too. A level is declared again when next used
+    /// (see the module docs). Unacked deliveries stay.
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
-        let mut n = 0;
-        for secs in delay_levels() {
-            n += self.purge_if_exists(&delay_queue_name(queue, secs)).await?;
+        let levels: Vec<ShortString> = delay_levels()
+            .filter_map(|secs| ShortString::try_new(delay_queue_name(queue, secs)).ok()) // too long: never declared
+            .collect();
+        {
+            let mut declared = lock(&self.inner.declared);
+            for level in &levels {
+                declared.remove(level.as_str());
+            }
         }
         let ch = self.channel().await?;
         self.declare_task_queue(&ch, queue).await?;
-        let purged = ch.queue_purge(short(queue)?, QueuePurgeOptions::default()).await;
-        n += u64::from(purged.map_err(failed("amqp: purge"))?);
+        let deletes: Vec<_> =
+            levels.into_iter().map(|level| ch.queue_delete(level, QueueDeleteOptions::default())).collect();
+        let purge = ch.queue_purge(short(queue)?, QueuePurgeOptions::default());
+        let (deleted, purged) = futures::join!(futures::future::try_join_all(deletes), purge);
+        let n = deleted.map_err(failed("amqp: delete a delay queue"))?.into_iter().map(u64::from).sum::<u64>()
+            + u64::from(purged.map_err(failed("amqp: purge"))?);
         let _ = ch.close(200, "purged".into()).await;
         Ok(n)
     }

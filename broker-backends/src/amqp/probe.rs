@@ -1,11 +1,12 @@
 //! Calls that RabbitMQ answers by closing their channel when the queue is missing (a passive
-//! `queue.declare` for a depth, a `queue.purge` of a delay level that was never used): AMQP has no
-//! other way to say "no such queue". They run on a connection of their own, one call at a time, so
-//! the closed channels never touch the connection that publishes and consumes, and that connection
-//! is replaced after [`CLOSES_PER_CONNECTION`] closed channels: lapin 4 numbers channels upwards
-//! and, once the numbers wrap at RabbitMQ's `channel_max` (2,047), a new channel that reuses the
-//! number of one the server closed fails with that old channel's error (seen here: a purge of 93
-//! queues, 22 delay levels each, broke channel creation on the shared connection for good).
+//! `queue.declare` for a depth): AMQP has no other way to say "no such queue". They run on a
+//! connection of their own, one call at a time, so the closed channels never touch the connection
+//! that publishes and consumes, and that connection is replaced after [`CLOSES_PER_CONNECTION`]
+//! closed channels: lapin 4 numbers channels upwards and, once the numbers wrap at RabbitMQ's
+//! `channel_max` (2,047), a new channel that reuses the number of one the server closed fails with
+//! that old channel's error (seen here: a purge of 93 queues, when it still purged each of their
+//! 22 delay levels this way, broke channel creation on the shared connection for good; purge now
+//! deletes the levels, which RabbitMQ answers for a missing queue too).
 
 use std::future::Future;
 

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use celery_core::App;
 use clap::Args;
+use futures::StreamExt;
 
 use crate::monitor::dead;
 
@@ -15,11 +16,16 @@ pub struct PurgeArgs {
     pub queues: Vec<String>,
 }
 
-/// `purge`: deletes what waits in each queue (delayed messages included) and says how many.
+/// How many queues `purge` empties at once.
+const PURGES_IN_FLIGHT: usize = 16;
+
+/// `purge`: deletes what waits in each queue (delayed messages included) and says how many, in
+/// the order given; up to [`PURGES_IN_FLIGHT`] queues at once.
 pub(super) async fn purge(app: &App, a: &PurgeArgs) -> anyhow::Result<ExitCode> {
-    for q in &a.queues {
-        let n = app.broker().purge(q).await?;
-        println!("purged {n} messages from {q}");
+    let mut purged = futures::stream::iter(a.queues.iter().map(|q| async move { (q, app.broker().purge(q).await) }))
+        .buffered(PURGES_IN_FLIGHT);
+    while let Some((q, n)) = purged.next().await {
+        println!("purged {} messages from {q}", n?);
     }
     Ok(ExitCode::SUCCESS)
 }
