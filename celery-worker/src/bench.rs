@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use celery_core::flow::MAX_KEY_LIMIT;
 use celery_core::{App, Signature};
 use clap::Args;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use crate::{Worker, WorkerConfig};
 
@@ -65,9 +65,6 @@ pub struct BenchArgs {
     #[arg(long)]
     pub lapin_ceiling: bool,
 }
-
-/// How many queues the bench purges at once.
-const PURGES_IN_FLIGHT: usize = 16;
 
 fn line(name: &str, value: f64, unit: &str) {
     println!("{name} {} {unit}", (value * 1000.0).round() / 1000.0);
@@ -145,11 +142,12 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         };
         s.queue(queue_of(i)).ignore_result(true)
     };
-    // Several queues at once: one after another, 10,000 RabbitMQ queues took minutes.
-    let purge_all = || {
-        futures::stream::iter(queues.iter().map(|q| app.broker().purge(q)))
-            .buffer_unordered(PURGES_IN_FLIGHT)
-            .try_collect::<Vec<u64>>()
+    let purge_all = || async {
+        let mut purged = std::pin::pin!(crate::cli::queues::purge_all(&app, &queues));
+        while let Some((_, n)) = purged.next().await {
+            n?;
+        }
+        anyhow::Ok(())
     };
     purge_all().await?;
 

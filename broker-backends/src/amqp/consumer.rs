@@ -81,7 +81,14 @@ impl AmqpConsumer {
         // (Owned names and handles per call: borrowed ones trip the Send check of async_trait.)
         let mut declaring = vec![ch.clone()];
         while declaring.len() < DECLARE_CHANNELS && declaring.len() * PIPELINE < self.queues.len() {
-            declaring.push(self.broker.channel().await?);
+            match self.broker.channel().await {
+                Ok(extra) => declaring.push(extra),
+                Err(e) => {
+                    // Fewer channels only make declaring slower.
+                    tracing::debug!(error = %e, "amqp: no extra channel to declare queues on");
+                    break;
+                }
+            }
         }
         let declares = self.queues.clone().into_iter().enumerate().map(|(i, q)| {
             let (broker, ch) = (self.broker.clone(), declaring[i % declaring.len()].clone());

@@ -49,6 +49,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use celery_core::sync::lock;
 use celery_core::BrokerError;
+use futures::{StreamExt, TryStreamExt};
 use redis::AsyncCommands;
 
 use super::connection::RedisConn;
@@ -168,18 +169,7 @@ impl RedisBeat {
             a.used = Instant::now();
             return Ok(());
         }
-        let mut c = self.conn.clone();
-        let r: i64 = self
-            .heartbeat
-            .key(scope.heartbeat(id))
-            .key(scope.workers())
-            .arg(nonce)
-            .arg(format!("{nonce}:0"))
-            .arg(ttl_ms(grace))
-            .arg(id)
-            .invoke_async(&mut c)
-            .await
-            .map_err(failed("redis: set a worker heartbeat in a queue's slot"))?;
+        let r = self.beat(scope, id, nonce, 0, grace, "redis: set a worker heartbeat in a queue's slot").await?;
         if r < 0 {
             return Err(BrokerError::operation(
                 "redis: another process holds this worker's heartbeat in a queue's slot; give each worker its own name (-n)",
@@ -188,6 +178,30 @@ impl RedisBeat {
         lock(&self.active).entry(scope.clone()).or_insert(Active { held: 0, used: Instant::now() }).used =
             Instant::now();
         Ok(())
+    }
+
+    /// [`scripts::heartbeat`] of holder `id` in `scope` (token `nonce:seq`): 1 renewed, 0 set
+    /// again after it had lapsed, -1 held by another process.
+    async fn beat(
+        &self,
+        scope: &Scope,
+        id: &str,
+        nonce: &str,
+        seq: u64,
+        grace: Duration,
+        what: &'static str,
+    ) -> Result<i64, BrokerError> {
+        let mut c = self.conn.clone();
+        self.heartbeat
+            .key(scope.heartbeat(id))
+            .key(scope.workers())
+            .arg(nonce)
+            .arg(format!("{nonce}:{seq}"))
+            .arg(ttl_ms(grace))
+            .arg(id)
+            .invoke_async(&mut c)
+            .await
+            .map_err(failed(what))
     }
 
     /// A delivery of `scope` was taken: its heartbeat there is kept until [`RedisBeat::unhold`].
@@ -408,6 +422,19 @@ fn scope_of(keys: &Keys, member: &str) -> Option<ScopeQueues> {
     Some((keys.scope(q, *shard), queues))
 }
 
+/// Heartbeat renewals in flight at once on a cluster (one per scope kept).
+const RENEWALS_AT_ONCE: usize = 32;
+
+/// `so_far` with one more heartbeat answer: taken if taken anywhere, else lapsed if lapsed
+/// anywhere, else alive.
+fn renewal_of(so_far: Renewal, answer: i64) -> Renewal {
+    match (so_far, answer) {
+        (Renewal::Taken, _) | (_, -1) => Renewal::Taken,
+        (Renewal::Lapsed, _) | (_, 0) => Renewal::Lapsed,
+        _ => Renewal::Alive,
+    }
+}
+
 fn ttl_ms(grace: Duration) -> u64 {
     u64::try_from(grace.as_millis()).unwrap_or(u64::MAX).max(1)
 }
@@ -461,38 +488,28 @@ impl Heartbeat for RedisBeat {
     /// alive when alive in all, lapsed when it had expired in any, taken when another process
     /// holds it in any. On a cluster a lapse in the holders' slot lists its scopes again.
     async fn renew(&self, id: &str, nonce: &str, seq: u64, grace: Duration) -> Result<Renewal, BrokerError> {
-        let mut c = self.conn.clone();
-        let mut scopes = vec![self.keys.holders()];
-        if self.keys.is_cluster() {
+        const WHAT: &str = "redis: renew a worker heartbeat";
+        let first = self.beat(&self.keys.holders(), id, nonce, seq, grace, WHAT).await?;
+        if !self.keys.is_cluster() {
+            return Ok(renewal_of(Renewal::Alive, first));
+        }
+        if first == 0 {
+            // A sweep that found it dead may have removed its list of scopes: written again.
+            let scopes: Vec<Vec<(String, u16)>> = lock(&self.scopes).iter().map(|(_, qs)| qs.clone()).collect();
+            self.register(id, &scopes).await?;
+        }
+        let scopes: Vec<Scope> = {
             let mut active = lock(&self.active);
             active.retain(|_, a| a.held > 0 || a.used.elapsed() < grace / 2);
-            scopes.extend(active.keys().cloned());
-        }
-        let mut renewal = Renewal::Alive;
-        for (i, scope) in scopes.into_iter().enumerate() {
-            let r: i64 = self
-                .heartbeat
-                .key(scope.heartbeat(id))
-                .key(scope.workers())
-                .arg(nonce)
-                .arg(format!("{nonce}:{seq}"))
-                .arg(ttl_ms(grace))
-                .arg(id)
-                .invoke_async(&mut c)
-                .await
-                .map_err(failed("redis: renew a worker heartbeat"))?;
-            if i == 0 && r == 0 && self.keys.is_cluster() {
-                // A sweep that found it dead may have removed its list of scopes: written again.
-                let scopes: Vec<Vec<(String, u16)>> = lock(&self.scopes).iter().map(|(_, qs)| qs.clone()).collect();
-                self.register(id, &scopes).await?;
-            }
-            renewal = match (renewal, r) {
-                (Renewal::Taken, _) | (_, -1) => Renewal::Taken,
-                (Renewal::Lapsed, _) | (_, 0) => Renewal::Lapsed,
-                _ => Renewal::Alive,
-            };
-        }
-        Ok(renewal)
+            active.keys().cloned().collect()
+        };
+        // The holders' slot first (above), then the scopes, several at once: one after another,
+        // thousands of scopes at a round trip each could outlast the grace.
+        futures::stream::iter(scopes)
+            .map(|scope| async move { self.beat(&scope, id, nonce, seq, grace, WHAT).await })
+            .buffer_unordered(RENEWALS_AT_ONCE)
+            .try_fold(renewal_of(Renewal::Alive, first), |renewal, r| async move { Ok(renewal_of(renewal, r)) })
+            .await
     }
 
     /// [`scripts::recover`] over all of `workers` (a full `SSCAN` pass, bounded); on a cluster

@@ -28,7 +28,7 @@ mod control;
 mod follow;
 mod monitor;
 mod outbox;
-mod queues;
+pub(crate) mod queues;
 mod report;
 mod send;
 mod worker;
