@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::flow::{
-    validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRequest, MAX_TRACKED_KEYS,
+    validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRelease, SlotRequest, MAX_TRACKED_KEYS,
 };
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, ProtocolError};
@@ -63,36 +63,79 @@ impl KeySlots for PostgresBroker {
         check_name("key slot holder", req.holder)?;
         check_name("queue", queue)?;
         let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
-        let priority = i16::from(envelope::kombu_priority(msg));
-        // First without the payload (most takes find a slot free: nothing encoded or sent), then,
-        // if the key is full, with it: the second call checks again and parks atomically.
-        let mut payload: Option<Vec<u8>> = None;
-        loop {
-            let rows = self
-                .inner
-                .db
-                .query(
-                    "take a key slot",
-                    sql::KEY_ACQUIRE,
-                    &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
-                )
-                .await?;
-            let Some(row) = rows.first() else {
-                return Err(PgError::operation("take a key slot: no answer").into());
-            };
-            match row.get::<_, Option<bool>>(0) {
-                Some(true) => return Ok(Admission::Acquired),
-                Some(false) => return Ok(Admission::Parked),
-                None if payload.is_none() => {
-                    let env = envelope::encode(msg, "", queue);
-                    if env.len() > MAX_PAYLOAD {
-                        return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-                    }
-                    payload = Some(env.into_bytes());
-                }
-                None => return Err(PgError::operation("take a key slot: neither taken nor parked").into()),
-            }
+        // First without the payload, parking nothing and committed without waiting for the WAL
+        // flush (most takes find a slot free: nothing encoded or sent), then, if the key is full,
+        // with it: the second call checks again and parks atomically, committed durably.
+        if self.acquire_many(std::slice::from_ref(req)).await?.first() == Some(&true) {
+            return Ok(Admission::Acquired);
         }
+        let priority = i16::from(envelope::kombu_priority(msg));
+        let env = envelope::encode(msg, "", queue);
+        if env.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
+        }
+        let payload = Some(env.into_bytes());
+        let rows = self
+            .inner
+            .db
+            .query(
+                "take a key slot",
+                sql::KEY_ACQUIRE,
+                &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(PgError::operation("take a key slot: no answer").into());
+        };
+        match row.get::<_, Option<bool>>(0) {
+            Some(true) => Ok(Admission::Acquired),
+            Some(false) => Ok(Admission::Parked),
+            None => Err(PgError::operation("take a key slot: neither taken nor parked").into()),
+        }
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    async fn acquire_many(&self, reqs: &[SlotRequest<'_>]) -> Result<Vec<bool>, BrokerError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut keys, mut limits, mut holders, mut ttls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for req in reqs {
+            req.validate()?;
+            check_name("key slot holder", req.holder)?;
+            keys.push(req.key);
+            limits.push(i32::try_from(req.limit).unwrap_or(i32::MAX));
+            holders.push(req.holder);
+            ttls.push(secs(req.ttl));
+        }
+        let rows = self
+            .inner
+            .db
+            .query("take key slots", sql::KEY_ACQUIRE_MANY, &[&keys, &limits, &holders, &ttls, &MAX_KEYS])
+            .await?;
+        let taken: Vec<i16> = rows.first().and_then(|r| r.get::<_, Option<Vec<i16>>>(0)).unwrap_or_default();
+        if taken.len() != reqs.len() {
+            return Err(PgError::operation("take key slots: an answer per request expected").into());
+        }
+        Ok(taken.into_iter().map(|t| t == 1).collect())
+    }
+
+    async fn release_many(&self, slots: &[SlotRelease<'_>]) -> Result<(), BrokerError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (mut keys, mut holders) = (Vec::with_capacity(slots.len()), Vec::with_capacity(slots.len()));
+        for s in slots {
+            validate_key(s.key)?;
+            check_name("key slot holder", s.holder)?;
+            keys.push(s.key);
+            holders.push(s.holder);
+        }
+        let channel = &self.inner.channels.0;
+        self.inner.db.query("release key slots", sql::KEY_RELEASE_MANY, &[&keys, &holders, channel]).await.map(drop)
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -105,10 +148,7 @@ impl KeySlots for PostgresBroker {
     /// Moves the oldest parked message of `key` back to the queue it was parked from (whichever
     /// that is: `queue` is not needed here).
     async fn release(&self, key: &str, holder: &str, _queue: &str) -> Result<(), BrokerError> {
-        validate_key(key)?;
-        check_name("key slot holder", holder)?;
-        let channel = &self.inner.channels.0;
-        self.inner.db.query("release a key slot", sql::KEY_RELEASE, &[&key, &holder, channel]).await.map(drop)
+        self.release_many(&[SlotRelease { key, holder, queue: _queue }]).await
     }
 
     async fn sweep(&self) -> Result<u64, BrokerError> {
