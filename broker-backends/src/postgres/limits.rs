@@ -1,6 +1,6 @@
 //! Flow control on PostgreSQL ([`celery_core::flow`]): cluster-wide rate limits and per-key
 //! concurrency slots, held in the broker's schema (tables and functions in [`super::sql`],
-//! migrations 4 and 5).
+//! migrations 4 to 6).
 //!
 //! - Rate buckets: one row per bucket (a task name) in `celery_rs_rate_buckets` with the next
 //!   free start by the server's clock; a reservation is one call ([`sql::RATE_RESERVE`]) whose
@@ -19,6 +19,19 @@
 //!   tasks runs each third of its lease, deletes expired slots of up to [`SWEEP_KEYS`] keys and
 //!   moves one parked message back per slot it freed, and one for a key with parked messages and
 //!   no slot at all.
+//! - Batches and soft state: a worker sends the takes (without the message) and the releases
+//!   asked for while one call is in flight together, one call of `celery_rs_key_acquire_many` or
+//!   `celery_rs_key_release_many` per batch (migration 6; keys locked in the order of their lock's
+//!   hash, so batches never wait on each other in a cycle). These two commit with
+//!   `synchronous_commit = off`: they return before the WAL flush, their effect is visible to
+//!   every other session at once, and only a crash of PostgreSQL or of its machine (not of a
+//!   worker) can lose the last fraction of a second of them. A lost take heals at its holder's
+//!   next renewal (a renewal inserts the slot again; until then the key may run one task more
+//!   than its limit per lost take); a lost release frees its slot when the lease ends; a parked
+//!   message whose move back was lost stays parked until the sweep moves it (a key with parked
+//!   messages and no slot held, or with expired slots). Parking is committed durably before the delivery is acked, so a
+//!   parked message is never lost; a later durable commit (an ack) flushes every asynchronous one
+//!   before it, so a task that ran after a moved message is never acked without its move.
 //! - Bounded as on the built-in broker: a key with no slot held and nothing parked is refused
 //!   (``too many concurrency keys tracked at once``) when [`MAX_TRACKED_KEYS`] keys have slots
 //!   or parked messages. The count is taken only for such a new key, under its own lock, so keys
