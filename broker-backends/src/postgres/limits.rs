@@ -22,7 +22,11 @@
 //! - Batches and soft state: a worker sends the takes (without the message) and the releases
 //!   asked for while one call is in flight together, one call of `celery_rs_key_acquire_many` or
 //!   `celery_rs_key_release_many` per batch (migration 6; keys locked in the order of their lock's
-//!   hash, so batches never wait on each other in a cycle). These two commit with
+//!   hash, so batches never wait on each other in a cycle). A release takes not the key's lock
+//!   but a second lock of the key, shared: releases and takes of a key run at once, and a park
+//!   (which takes both, the second exclusive) waits for the releases in flight and they for it,
+//!   so no release misses a message being parked; concurrent releases move distinct parked
+//!   messages (`SKIP LOCKED`). These two commit with
 //!   `synchronous_commit = off`: they return before the WAL flush, their effect is visible to
 //!   every other session at once, and only a crash of PostgreSQL or of its machine (not of a
 //!   worker) can lose the last fraction of a second of them. A lost take heals at its holder's
