@@ -217,6 +217,22 @@ impl SlotRequest<'_> {
     }
 }
 
+/// One slot given back ([`KeySlots::release_many`]): its key, its holder and the queue its task
+/// came from.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRelease<'a> {
+    /// The concurrency key.
+    pub key: &'a str,
+    /// The holder that took the slot.
+    pub holder: &'a str,
+    /// The queue the holder's task came from.
+    pub queue: &'a str,
+}
+
+/// The most requests a worker sends in one [`KeySlots::acquire_many`] or
+/// [`KeySlots::release_many`] call.
+pub const MAX_SLOT_BATCH: usize = 256;
+
 /// What [`KeySlots::acquire_or_park`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
@@ -258,6 +274,33 @@ pub trait KeySlots: Send + Sync {
     /// Frees `holder`'s slot of `key` and moves the oldest parked message of the key back to its
     /// queue (`queue`: the queue the holder's task came from, which the broker may use to find it).
     async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError>;
+
+    /// Whether [`acquire_many`](KeySlots::acquire_many) and
+    /// [`release_many`](KeySlots::release_many) answer a batch in one round trip. A worker then
+    /// queues the takes and releases asked for while one call is in flight and sends them
+    /// together in the next (group commit: no wait when nothing is in flight). False by default:
+    /// a broker in this process answers each call at once.
+    fn batches(&self) -> bool {
+        false
+    }
+
+    /// Takes a slot for each request whose key has one free, parking nothing: `true` where the
+    /// slot is held (renewed if it was already), `false` where it was not taken (the key was
+    /// full, or the broker could not take it here: the caller then calls
+    /// [`acquire_or_park`](KeySlots::acquire_or_park) with the message, which checks again and
+    /// parks atomically). The default takes none: every request goes through `acquire_or_park`.
+    async fn acquire_many(&self, reqs: &[SlotRequest<'_>]) -> Result<Vec<bool>, BrokerError> {
+        Ok(vec![false; reqs.len()])
+    }
+
+    /// Gives back each slot as [`release`](KeySlots::release) does. The default releases them
+    /// one by one, stopping at the first error.
+    async fn release_many(&self, slots: &[SlotRelease<'_>]) -> Result<(), BrokerError> {
+        for s in slots {
+            self.release(s.key, s.holder, s.queue).await?;
+        }
+        Ok(())
+    }
 
     /// Frees expired slots (their holders died) and moves a parked message back for each, and one
     /// for a key with parked messages and no slot held. Workers call it every third of their

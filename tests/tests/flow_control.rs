@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use celery_core::flow::{Admission, KeySlots, SlotRequest};
+use celery_core::flow::{Admission, KeySlots, SlotRelease, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::{App, Signature, TaskState};
 use celery_tests::flow::Setup;
@@ -176,7 +176,7 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     let ttl = Duration::from_secs(30);
     let req = |holder: &'static str| SlotRequest { key: "contract", limit: 2, holder, ttl };
     let msgs: Vec<Message> =
-        (0..7).map(|n| Message::from_signature(&Signature::by_name("add").args(json!([n, 0]))).unwrap()).collect();
+        (0..10).map(|n| Message::from_signature(&Signature::by_name("add").args(json!([n, 0]))).unwrap()).collect();
     let msg = |n: usize| &msgs[n];
     assert_eq!(slots.acquire_or_park(&req("a"), queue, msg(1)).await.unwrap(), Admission::Acquired);
     assert_eq!(slots.acquire_or_park(&req("b"), queue, msg(2)).await.unwrap(), Admission::Acquired);
@@ -198,6 +198,42 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     assert!(slots.acquire_or_park(&bad, queue, msg(6)).await.is_err());
     let zero = SlotRequest { limit: 0, ..req("x") };
     assert!(slots.acquire_or_park(&zero, queue, msg(6)).await.is_err());
+
+    // Batches (on a queue of their own): a full key's request is not taken (and nothing parked)
+    // until asked one by one.
+    let bq = format!("{queue}-batch");
+    let one = |key: &'static str, holder: &'static str| SlotRequest { key, limit: 1, holder, ttl };
+    let reqs = [one("contract-batch", "f"), one("contract-batch", "g"), one("contract-batch-2", "h")];
+    let taken = slots.acquire_many(&reqs).await.unwrap();
+    if slots.batches() {
+        assert_eq!(taken, [true, false, true]);
+    } else {
+        assert_eq!(taken, [false; 3], "a broker that does not batch takes none here");
+    }
+    assert_eq!(broker.queue_len(&bq).await.unwrap(), 0);
+    let mut admitted = Vec::new();
+    for (i, r) in reqs.iter().enumerate() {
+        if !taken[i] {
+            admitted.push(slots.acquire_or_park(r, &bq, msg(7 + i)).await.unwrap());
+        }
+    }
+    let expected: Vec<Admission> = if slots.batches() {
+        vec![Admission::Parked]
+    } else {
+        vec![Admission::Acquired, Admission::Parked, Admission::Acquired]
+    };
+    assert_eq!(admitted, expected);
+    assert!(slots.acquire_many(&[]).await.unwrap().is_empty());
+    let rel = |key, holder| SlotRelease { key, holder, queue: &bq };
+    slots.release_many(&[rel("contract-batch", "f"), rel("contract-batch-2", "h")]).await.unwrap();
+    assert_eq!(broker.queue_len(&bq).await.unwrap(), 1, "the parked message moved back on {}", broker.kind());
+    let mut consumer = broker.consume(std::slice::from_ref(&bq), 1).await.unwrap();
+    let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
+    assert_eq!(d.message().as_ref().unwrap().headers.id, msg(8).headers.id);
+    d.ack().await.unwrap();
+    consumer.close().await;
+    slots.release_many(&[rel("contract-batch", "g")]).await.unwrap();
+    assert_eq!(broker.queue_len(&bq).await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

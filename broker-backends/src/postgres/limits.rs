@@ -1,6 +1,6 @@
 //! Flow control on PostgreSQL ([`celery_core::flow`]): cluster-wide rate limits and per-key
 //! concurrency slots, held in the broker's schema (tables and functions in [`super::sql`],
-//! migrations 4 and 5).
+//! migrations 4 to 6).
 //!
 //! - Rate buckets: one row per bucket (a task name) in `celery_rs_rate_buckets` with the next
 //!   free start by the server's clock; a reservation is one call ([`sql::RATE_RESERVE`]) whose
@@ -19,6 +19,23 @@
 //!   tasks runs each third of its lease, deletes expired slots of up to [`SWEEP_KEYS`] keys and
 //!   moves one parked message back per slot it freed, and one for a key with parked messages and
 //!   no slot at all.
+//! - Batches and soft state: a worker sends the takes (without the message) and the releases
+//!   asked for while one call is in flight together, one call of `celery_rs_key_acquire_many` or
+//!   `celery_rs_key_release_many` per batch (migration 6; keys locked in the order of their lock's
+//!   hash, so batches never wait on each other in a cycle). A release takes not the key's lock
+//!   but a second lock of the key, shared: releases and takes of a key run at once, and a park
+//!   (which takes both, the second exclusive) waits for the releases in flight and they for it,
+//!   so no release misses a message being parked; concurrent releases move distinct parked
+//!   messages (`SKIP LOCKED`). These two commit with
+//!   `synchronous_commit = off`: they return before the WAL flush, their effect is visible to
+//!   every other session at once, and only a crash of PostgreSQL or of its machine (not of a
+//!   worker) can lose the last fraction of a second of them. A lost take heals at its holder's
+//!   next renewal (a renewal inserts the slot again; until then the key may run one task more
+//!   than its limit per lost take); a lost release frees its slot when the lease ends; a parked
+//!   message whose move back was lost stays parked until the sweep moves it (a key with parked
+//!   messages and no slot held, or with expired slots). Parking is committed durably before the delivery is acked, so a
+//!   parked message is never lost; a later durable commit (an ack) flushes every asynchronous one
+//!   before it, so a task that ran after a moved message is never acked without its move.
 //! - Bounded as on the built-in broker: a key with no slot held and nothing parked is refused
 //!   (``too many concurrency keys tracked at once``) when [`MAX_TRACKED_KEYS`] keys have slots
 //!   or parked messages. The count is taken only for such a new key, under its own lock, so keys
@@ -31,7 +48,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::flow::{
-    validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRequest, MAX_TRACKED_KEYS,
+    validate_bucket, validate_key, Admission, KeySlots, RateBuckets, SlotRelease, SlotRequest, MAX_TRACKED_KEYS,
 };
 use celery_core::protocol::Message;
 use celery_core::{BrokerError, ProtocolError};
@@ -63,36 +80,79 @@ impl KeySlots for PostgresBroker {
         check_name("key slot holder", req.holder)?;
         check_name("queue", queue)?;
         let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
-        let priority = i16::from(envelope::kombu_priority(msg));
-        // First without the payload (most takes find a slot free: nothing encoded or sent), then,
-        // if the key is full, with it: the second call checks again and parks atomically.
-        let mut payload: Option<Vec<u8>> = None;
-        loop {
-            let rows = self
-                .inner
-                .db
-                .query(
-                    "take a key slot",
-                    sql::KEY_ACQUIRE,
-                    &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
-                )
-                .await?;
-            let Some(row) = rows.first() else {
-                return Err(PgError::operation("take a key slot: no answer").into());
-            };
-            match row.get::<_, Option<bool>>(0) {
-                Some(true) => return Ok(Admission::Acquired),
-                Some(false) => return Ok(Admission::Parked),
-                None if payload.is_none() => {
-                    let env = envelope::encode(msg, "", queue);
-                    if env.len() > MAX_PAYLOAD {
-                        return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-                    }
-                    payload = Some(env.into_bytes());
-                }
-                None => return Err(PgError::operation("take a key slot: neither taken nor parked").into()),
-            }
+        // First without the payload, parking nothing and committed without waiting for the WAL
+        // flush (most takes find a slot free: nothing encoded or sent), then, if the key is full,
+        // with it: the second call checks again and parks atomically, committed durably.
+        if self.acquire_many(std::slice::from_ref(req)).await?.first() == Some(&true) {
+            return Ok(Admission::Acquired);
         }
+        let priority = i16::from(envelope::kombu_priority(msg));
+        let env = envelope::encode(msg, "", queue);
+        if env.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
+        }
+        let payload = Some(env.into_bytes());
+        let rows = self
+            .inner
+            .db
+            .query(
+                "take a key slot",
+                sql::KEY_ACQUIRE,
+                &[&req.key, &limit, &req.holder, &secs(req.ttl), &queue, &priority, &payload, &MAX_KEYS],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Err(PgError::operation("take a key slot: no answer").into());
+        };
+        match row.get::<_, Option<bool>>(0) {
+            Some(true) => Ok(Admission::Acquired),
+            Some(false) => Ok(Admission::Parked),
+            None => Err(PgError::operation("take a key slot: neither taken nor parked").into()),
+        }
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    async fn acquire_many(&self, reqs: &[SlotRequest<'_>]) -> Result<Vec<bool>, BrokerError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (mut keys, mut limits, mut holders, mut ttls) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for req in reqs {
+            req.validate()?;
+            check_name("key slot holder", req.holder)?;
+            keys.push(req.key);
+            limits.push(i32::try_from(req.limit).unwrap_or(i32::MAX));
+            holders.push(req.holder);
+            ttls.push(secs(req.ttl));
+        }
+        let rows = self
+            .inner
+            .db
+            .query("take key slots", sql::KEY_ACQUIRE_MANY, &[&keys, &limits, &holders, &ttls, &MAX_KEYS])
+            .await?;
+        let taken: Vec<i16> = rows.first().and_then(|r| r.get::<_, Option<Vec<i16>>>(0)).unwrap_or_default();
+        if taken.len() != reqs.len() {
+            return Err(PgError::operation("take key slots: an answer per request expected").into());
+        }
+        Ok(taken.into_iter().map(|t| t == 1).collect())
+    }
+
+    async fn release_many(&self, slots: &[SlotRelease<'_>]) -> Result<(), BrokerError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (mut keys, mut holders) = (Vec::with_capacity(slots.len()), Vec::with_capacity(slots.len()));
+        for s in slots {
+            validate_key(s.key)?;
+            check_name("key slot holder", s.holder)?;
+            keys.push(s.key);
+            holders.push(s.holder);
+        }
+        let channel = &self.inner.channels.0;
+        self.inner.db.query("release key slots", sql::KEY_RELEASE_MANY, &[&keys, &holders, channel]).await.map(drop)
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
@@ -105,10 +165,7 @@ impl KeySlots for PostgresBroker {
     /// Moves the oldest parked message of `key` back to the queue it was parked from (whichever
     /// that is: `queue` is not needed here).
     async fn release(&self, key: &str, holder: &str, _queue: &str) -> Result<(), BrokerError> {
-        validate_key(key)?;
-        check_name("key slot holder", holder)?;
-        let channel = &self.inner.channels.0;
-        self.inner.db.query("release a key slot", sql::KEY_RELEASE, &[&key, &holder, channel]).await.map(drop)
+        self.release_many(&[SlotRelease { key, holder, queue: _queue }]).await
     }
 
     async fn sweep(&self) -> Result<u64, BrokerError> {

@@ -332,6 +332,109 @@ BEGIN
 END $$;
 ",
     },
+    Migration {
+        version: 6,
+        name: "key slots taken and released in batches, committed without waiting for the WAL flush",
+        sql: "
+CREATE OR REPLACE FUNCTION celery_rs_key_release_lock(p_key text, p_shared boolean) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_key_r:' || coalesce(current_schema(), '')), hashtext(p_key));
+    ELSE
+        PERFORM pg_advisory_xact_lock(hashtext('celery_rs_key_r:' || coalesce(current_schema(), '')), hashtext(p_key));
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_unpark(p_key text, p_n integer, p_channel text) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE moved integer;
+BEGIN
+    WITH m AS (
+        DELETE FROM celery_rs_parked WHERE id IN (
+            SELECT id FROM celery_rs_parked WHERE key = p_key ORDER BY id LIMIT p_n FOR UPDATE SKIP LOCKED)
+        RETURNING queue, priority, payload, id),
+    ins AS (
+        INSERT INTO celery_rs_tasks (queue, priority, payload)
+        SELECT queue, priority, payload FROM m ORDER BY id
+        RETURNING queue),
+    notes AS (SELECT pg_notify(p_channel, q) FROM (SELECT DISTINCT queue AS q FROM ins) d)
+    SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notes) INTO moved;
+    RETURN moved;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire(p_key text, p_limit integer, p_holder text, p_ttl float8,
+    p_queue text, p_priority smallint, p_payload bytea, p_max_keys integer) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_key_lock(p_key);
+    IF p_payload IS NOT NULL THEN
+        PERFORM celery_rs_key_release_lock(p_key, false);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key)
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_parked WHERE key = p_key)
+        AND celery_rs_key_tracked_at_least(p_max_keys)
+    THEN
+        RAISE EXCEPTION 'too many concurrency keys tracked at once (the limit is %)', p_max_keys;
+    END IF;
+    IF EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = p_key AND holder = p_holder)
+        OR (SELECT count(*) FROM celery_rs_key_slots WHERE key = p_key AND expires_at > clock_timestamp()) < p_limit
+    THEN
+        INSERT INTO celery_rs_key_slots (key, holder, expires_at)
+        VALUES (p_key, p_holder, clock_timestamp() + make_interval(secs => p_ttl))
+        ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+        RETURN true;
+    END IF;
+    IF p_payload IS NULL THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO celery_rs_parked (key, queue, priority, payload) VALUES (p_key, p_queue, p_priority, p_payload);
+    RETURN false;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_acquire_many(p_keys text[], p_limits integer[], p_holders text[],
+    p_ttls float8[], p_max_keys integer) RETURNS smallint[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    r record;
+    res smallint[] := array_fill(0::smallint, ARRAY[coalesce(cardinality(p_keys), 0)]);
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    FOR r IN SELECT u.k, u.l, u.h, u.t, u.i
+        FROM unnest(p_keys, p_limits, p_holders, p_ttls) WITH ORDINALITY AS u(k, l, h, t, i)
+        ORDER BY hashtext(u.k), u.k, u.i
+    LOOP
+        PERFORM celery_rs_key_lock(r.k);
+        CONTINUE WHEN NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = r.k)
+            AND NOT EXISTS (SELECT 1 FROM celery_rs_parked WHERE key = r.k)
+            AND celery_rs_key_tracked_at_least(p_max_keys);
+        IF EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = r.k AND holder = r.h)
+            OR (SELECT count(*) FROM celery_rs_key_slots WHERE key = r.k AND expires_at > clock_timestamp()) < r.l
+        THEN
+            INSERT INTO celery_rs_key_slots (key, holder, expires_at)
+            VALUES (r.k, r.h, clock_timestamp() + make_interval(secs => r.t))
+            ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at;
+            res[r.i] := 1;
+        END IF;
+    END LOOP;
+    RETURN res;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_release_many(p_keys text[], p_holders text[], p_channel text)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    r record;
+    moved integer := 0;
+BEGIN
+    PERFORM set_config('synchronous_commit', 'off', true);
+    FOR r IN SELECT u.k, u.h FROM unnest(p_keys, p_holders) AS u(k, h) ORDER BY hashtext(u.k), u.k LOOP
+        PERFORM celery_rs_key_release_lock(r.k, true);
+        DELETE FROM celery_rs_key_slots WHERE key = r.k AND holder = r.h;
+        IF FOUND OR NOT EXISTS (SELECT 1 FROM celery_rs_key_slots WHERE key = r.k) THEN
+            moved := moved + celery_rs_key_unpark(r.k, 1, p_channel);
+        END IF;
+    END LOOP;
+    RETURN moved;
+END $$;
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -609,9 +712,17 @@ INSERT INTO celery_rs_key_slots AS s (key, holder, expires_at) VALUES ($1, $2, c
 ON CONFLICT (key, holder) DO UPDATE SET expires_at = EXCLUDED.expires_at
 RETURNING s.xmax <> 0";
 
-/// Frees holder `$2`'s slot of key `$1` and moves the oldest parked message of the key back to
-/// its queue (notifying `$3`): how many moved.
-pub(crate) const KEY_RELEASE: &str = "SELECT celery_rs_key_release($1, $2, $3)";
+/// Takes a slot of key `$1[i]` (limit `$2[i]`) for holder `$3[i]` for `$4[i]` seconds where one
+/// is free, parking nothing: 1 where taken, 0 where not (the key is full, or it is new and `$5`
+/// keys are tracked: the single [`KEY_ACQUIRE`] then parks or refuses it). The keys are locked in
+/// one order (their lock's hash), so concurrent batches never wait on each other in a cycle.
+/// Committed without waiting for the WAL flush (soft state, see [`super::limits`]).
+pub(crate) const KEY_ACQUIRE_MANY: &str = "SELECT celery_rs_key_acquire_many($1, $2, $3, $4, $5)";
+
+/// Frees holder `$2[i]`'s slot of key `$1[i]` for each i and moves the oldest parked message of
+/// each key back to its queue (notifying `$3`): how many moved. Keys locked in one order, as
+/// [`KEY_ACQUIRE_MANY`]; committed without waiting for the WAL flush.
+pub(crate) const KEY_RELEASE_MANY: &str = "SELECT celery_rs_key_release_many($1, $2, $3)";
 
 /// Frees the expired slots of up to `$2` keys and moves a parked message back for each (one for a
 /// key with parked messages and no slot at all), notifying `$1`: how many moved.

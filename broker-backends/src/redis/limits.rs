@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::clock::millis;
-use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRequest};
+use celery_core::flow::{Admission, KeySlots, RateBuckets, SlotRelease, SlotRequest};
 use celery_core::protocol::Message;
 use celery_core::BrokerError;
 use redis::Script;
@@ -46,27 +46,31 @@ const SWEEP_LISTS: usize = 256;
 const NOW: &str =
     "local t = redis.call('TIME')\nlocal now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n";
 
-/// Moves the oldest entry of the parked list `KEYS[2]` to its bucket (`KEYS[4..7]`, steps 0, 3,
-/// 6, 9), or, with a fairness key, to its key's line (`scripts::FAIR_FN`; the last two `ARGV` are
-/// the key prefix and the queue); 1 if one moved. Drops the list from the index `KEYS[3]`
-/// (member `ARGV[m]`) once empty.
+/// `move_from(parked, b, prefix, queue)` moves the oldest entry of the parked list `parked` to its
+/// bucket (`KEYS[b..b+3]`, steps 0, 3, 6, 9), or, with a fairness key, to its key's line
+/// (`scripts::FAIR_FN`, under key prefix `prefix` and queue `queue`); 1 if one moved.
+/// `move_one()` does it for the parked list `KEYS[2]` and the buckets `KEYS[4..7]` (the last two
+/// `ARGV` are the key prefix and the queue). `unindex(m)` drops the list `KEYS[2]` from the index
+/// `KEYS[3]` (member `m`) once empty.
 const MOVE_ONE: &str = r#"
-local function move_one(m)
-  local e = redis.call('RPOP', KEYS[2])
+local function move_from(parked, b, prefix, queue)
+  local e = redis.call('RPOP', parked)
   if not e then return 0 end
   local step = tonumber(string.sub(e, 1, 1)) or 0
   local env = string.sub(e, 3)
-  local target = KEYS[4 + math.floor(step / 3)]
+  local target = KEYS[b + math.floor(step / 3)]
   if string.find(env, 'x-fairness-key', 1, true) then
     local ok, t = pcall(cjson.decode, env)
     local k = ok and fair_of(t)
     if k then
-      local prefix, queue = ARGV[#ARGV - 1], ARGV[#ARGV]
       target = fair_line(prefix, queue, fair_join(prefix, queue, k), step)
     end
   end
   redis.call('LPUSH', target, env)
   return 1
+end
+local function move_one()
+  return move_from(KEYS[2], 4, ARGV[#ARGV - 1], ARGV[#ARGV])
 end
 local function unindex(m)
   if redis.call('LLEN', KEYS[2]) == 0 then redis.call('SREM', KEYS[3], m) end
@@ -114,16 +118,47 @@ return 0
     })
 }
 
-/// KEYS: slots, parked, index, the queue's four buckets; ARGV: holder, index member, key prefix,
-/// queue. Returns 1 if a parked task moved back.
-fn release() -> &'static Script {
+/// Takes a slot per request where one is free, parking nothing. KEYS: the slots of each
+/// request; ARGV: (ttl ms, limit, holder) per request. Returns 1 (taken) or 0 (full) per request.
+fn acquire_many() -> &'static Script {
+    static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| {
+        Script::new(&format!(
+            r#"{NOW}
+local out = {{}}
+for i = 1, #KEYS do
+  local ttl, limit, holder = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), ARGV[3 * i]
+  if redis.call('ZSCORE', KEYS[i], holder) or redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf') < limit then
+    redis.call('ZADD', KEYS[i], now + ttl, holder)
+    redis.call('PEXPIRE', KEYS[i], ttl + 60000)
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+"#
+        ))
+    })
+}
+
+/// Gives slots back. KEYS: the index, then per slot its slots key, its parked list and its
+/// queue's four buckets (six); ARGV: the key prefix, then per slot (holder, index member,
+/// queue). Returns how many parked tasks moved back (one at most per slot).
+fn release_many() -> &'static Script {
     static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| {
         Script::new(&format!(
             r#"{FAIR_FN}{MOVE_ONE}
-redis.call('ZREM', KEYS[1], ARGV[1])
-local moved = move_one()
-unindex(ARGV[2])
+local prefix = ARGV[1]
+local moved = 0
+for i = 0, (#KEYS - 1) / 6 - 1 do
+  local k = 2 + 6 * i
+  local holder, m, queue = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
+  redis.call('ZREM', KEYS[k], holder)
+  moved = moved + move_from(KEYS[k + 1], k + 2, prefix, queue)
+  if redis.call('LLEN', KEYS[k + 1]) == 0 then redis.call('SREM', KEYS[1], m) end
+end
 return moved
 "#
         ))
@@ -252,11 +287,46 @@ impl KeySlots for RedisBroker {
     }
 
     async fn release(&self, key: &str, holder: &str, queue: &str) -> Result<(), BrokerError> {
+        self.release_many(&[SlotRelease { key, holder, queue }]).await
+    }
+
+    fn batches(&self) -> bool {
+        true
+    }
+
+    async fn acquire_many(&self, reqs: &[SlotRequest<'_>]) -> Result<Vec<bool>, BrokerError> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = acquire_many().prepare_invoke();
+        for req in reqs {
+            req.validate()?;
+            inv.key(self.keys.slots(req.key)).arg(millis(req.ttl).max(1)).arg(req.limit).arg(req.holder);
+        }
         let mut conn = self.conn.clone();
-        let script = release();
-        let mut inv = self.over_list(script, queue, key);
-        inv.arg(holder).arg(member(queue, key)).arg(self.keys.prefix()).arg(queue);
-        let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release a key slot"))?;
+        let got: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(failed("redis: take key slots"))?;
+        if got.len() != reqs.len() {
+            return Err(BrokerError::operation("redis: take key slots: an answer per request expected"));
+        }
+        Ok(got.into_iter().map(|t| t == 1).collect())
+    }
+
+    async fn release_many(&self, slots: &[SlotRelease<'_>]) -> Result<(), BrokerError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut inv = release_many().prepare_invoke();
+        inv.key(self.keys.parked_index()).arg(self.keys.prefix());
+        for s in slots {
+            inv.key(self.keys.slots(s.key)).key(self.keys.parked(&member(s.queue, s.key)));
+            // One server (key slots are not offered on a cluster): shard 0.
+            for bucket in self.keys.buckets(s.queue, 0) {
+                inv.key(bucket);
+            }
+            inv.arg(s.holder).arg(member(s.queue, s.key)).arg(s.queue);
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release key slots"))?;
         Ok(())
     }
 

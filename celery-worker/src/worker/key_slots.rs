@@ -20,21 +20,79 @@ use std::time::Duration;
 use celery_core::sync::lock;
 use futures::StreamExt;
 
-use celery_core::flow::{limit_for, validate_limit, Admission, SlotRequest, CONCURRENCY_KEY, MIN_KEY_LEASE};
+use celery_core::flow::{
+    limit_for, validate_limit, Admission, SlotRelease, SlotRequest, CONCURRENCY_KEY, MAX_SLOT_BATCH, MIN_KEY_LEASE,
+};
 use celery_core::protocol::Message;
 use celery_core::registry;
 use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
+use tokio::sync::oneshot;
 
 use super::shared::Shared;
 
 /// Renewals in flight at once in [`upkeep_loop`].
 const RENEWALS_AT_ONCE: usize = 32;
 
-/// The key slots a worker holds (id -> key and holder), renewed together by [`upkeep_loop`].
+/// The key slots a worker holds (id -> key and holder), renewed together by [`upkeep_loop`], and
+/// on a broker that [batches](celery_core::flow::KeySlots::batches), the takes and releases
+/// waiting for the call in flight.
 #[derive(Debug, Default)]
 pub(crate) struct HeldSlots {
     held: Mutex<HashMap<u64, (String, String)>>,
     next: AtomicU64,
+    takes: Mutex<Batch<PendingTake>>,
+    releases: Mutex<Batch<PendingRelease>>,
+}
+
+/// Requests waiting for the next call of a batch (group commit): while one call is in flight
+/// (`busy`), later requests queue here; the task that sends them drains the queue until empty.
+#[derive(Debug)]
+struct Batch<T> {
+    queued: Vec<T>,
+    busy: bool,
+}
+
+impl<T> Default for Batch<T> {
+    fn default() -> Self {
+        Batch { queued: Vec::new(), busy: false }
+    }
+}
+
+impl<T> Batch<T> {
+    /// Queues `item`; true when no call is in flight (the caller starts one).
+    fn push(&mut self, item: T) -> bool {
+        self.queued.push(item);
+        !std::mem::replace(&mut self.busy, true)
+    }
+
+    /// The next requests to send (up to [`MAX_SLOT_BATCH`]), or none, and then no call is in
+    /// flight any more.
+    fn next(&mut self) -> Option<Vec<T>> {
+        if self.queued.is_empty() {
+            self.busy = false;
+            return None;
+        }
+        let n = self.queued.len().min(MAX_SLOT_BATCH);
+        Some(self.queued.drain(..n).collect())
+    }
+}
+
+/// A take waiting for its batch: the answer is whether the slot is held.
+#[derive(Debug)]
+struct PendingTake {
+    key: String,
+    limit: u32,
+    holder: String,
+    ttl: Duration,
+    answer: oneshot::Sender<bool>,
+}
+
+/// A release waiting for its batch.
+#[derive(Debug)]
+struct PendingRelease {
+    key: String,
+    holder: String,
+    queue: String,
 }
 
 impl HeldSlots {
@@ -57,10 +115,76 @@ impl HeldSlots {
         lock(&self.held).iter().map(|(id, (k, h))| (*id, k.clone(), h.clone())).collect()
     }
 
+    /// Takes `req`'s slot without parking, batched with the takes asked for meanwhile: true
+    /// when held, false when not (the key was full or the batch failed: the caller goes through
+    /// `acquire_or_park`).
+    async fn take(self: &Arc<Self>, broker: &Arc<dyn Broker>, req: &SlotRequest<'_>) -> bool {
+        let (answer, got) = oneshot::channel();
+        let pending = PendingTake {
+            key: req.key.to_owned(),
+            limit: req.limit,
+            holder: req.holder.to_owned(),
+            ttl: req.ttl,
+            answer,
+        };
+        if lock(&self.takes).push(pending) {
+            tokio::spawn(send_takes(broker.clone(), self.clone()));
+        }
+        got.await.unwrap_or(false)
+    }
+
+    /// Gives a slot back, batched with the releases asked for meanwhile.
+    fn give_back(self: &Arc<Self>, broker: Arc<dyn Broker>, key: String, holder: String, queue: String) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        if lock(&self.releases).push(PendingRelease { key, holder, queue }) {
+            rt.spawn(send_releases(broker, self.clone()));
+        }
+    }
+
     /// How many slots are held.
     #[cfg(test)]
     fn len(&self) -> usize {
         lock(&self.held).len()
+    }
+}
+
+/// Sends the queued takes, a batch per call, until none is left (each taker gets its answer;
+/// a failed call answers false to its batch, whose takers then ask one by one).
+async fn send_takes(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
+    loop {
+        let next = lock(&held.takes).next();
+        let Some(batch) = next else { return };
+        let reqs: Vec<SlotRequest<'_>> =
+            batch.iter().map(|p| SlotRequest { key: &p.key, limit: p.limit, holder: &p.holder, ttl: p.ttl }).collect();
+        let taken = match broker.key_slots() {
+            Some(slots) => match slots.acquire_many(&reqs).await {
+                Ok(taken) => taken,
+                Err(e) => {
+                    tracing::debug!(error = %e, n = reqs.len(), "batched key slot takes failed; asking one by one");
+                    Vec::new()
+                }
+            },
+            None => Vec::new(),
+        };
+        drop(reqs);
+        for (i, p) in batch.into_iter().enumerate() {
+            let _ = p.answer.send(taken.get(i).copied().unwrap_or(false));
+        }
+    }
+}
+
+/// Sends the queued releases, a batch per call, until none is left; a batch that fails after
+/// the retries frees when its leases end.
+async fn send_releases(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
+    loop {
+        let next = lock(&held.releases).next();
+        let Some(batch) = next else { return };
+        let Some(slots) = broker.key_slots() else { continue };
+        let rels: Vec<SlotRelease<'_>> =
+            batch.iter().map(|p| SlotRelease { key: &p.key, holder: &p.holder, queue: &p.queue }).collect();
+        if let Err(e) = celery_core::backoff::retrying(|| slots.release_many(&rels)).await {
+            tracing::warn!(n = rels.len(), error = %e, "could not release key slots; they free when their leases end");
+        }
     }
 }
 
@@ -95,6 +219,10 @@ impl Drop for HeldSlot {
             std::mem::take(&mut self.holder),
             std::mem::take(&mut self.queue),
         );
+        if broker.key_slots().is_some_and(|s| s.batches()) {
+            self.held.give_back(broker, key, holder, queue);
+            return;
+        }
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let mut release = Box::pin(async move {
             let Some(slots) = broker.key_slots() else { return };
@@ -152,7 +280,15 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     if let Err(e) = req.validate() {
         return KeyStep::Failed(e.into());
     }
-    match celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await {
+    // On a broker that batches, most takes find a slot free in a batch; the others (a full key
+    // to park at) go one by one.
+    let taken = slots.batches() && w.held_slots.take(&broker, &req).await;
+    let admission = if taken {
+        Ok(Admission::Acquired)
+    } else {
+        celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await
+    };
+    match admission {
         Ok(Admission::Acquired) => {
             let id = w.held_slots.add(key, &holder);
             let held = w.held_slots.clone();
@@ -220,6 +356,21 @@ pub(super) async fn cluster_wait(w: &Shared, task: &str, interval: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_batch_queues_while_busy_and_is_sent_in_bounded_calls() {
+        let mut b = Batch::default();
+        assert!(b.push(1), "the first request starts a call");
+        assert!(!b.push(2), "later ones queue while it is in flight");
+        assert_eq!(b.next(), Some(vec![1, 2]));
+        for i in 0..MAX_SLOT_BATCH + 1 {
+            assert!(!b.push(i), "still in flight");
+        }
+        assert_eq!(b.next().map(|v| v.len()), Some(MAX_SLOT_BATCH));
+        assert_eq!(b.next(), Some(vec![MAX_SLOT_BATCH]));
+        assert_eq!(b.next(), None);
+        assert!(b.push(7), "once drained, the next request starts a call again");
+    }
 
     #[test]
     fn held_slots_are_listed_until_removed() {
