@@ -37,6 +37,7 @@ use celery_core::flow::FairnessWeights;
 use celery_core::protocol::lenient_task_id;
 use celery_core::sync::lock;
 use celery_core::{BrokerError, Delivery, ProtocolError};
+use futures::{StreamExt, TryStreamExt};
 use redis::Script;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
@@ -76,6 +77,8 @@ const MAX_FETCH: usize = 128;
 const MAX_FETCH_QUEUES: usize = 64;
 /// How many acks one round trip carries at most.
 const MAX_ACK_BATCH: usize = 2048;
+/// Groups (queue shards on a cluster) an ack batch settles at once, each its own `MULTI`.
+const ACK_GROUPS_AT_ONCE: usize = 32;
 /// Rounds of one restore sweep at most (each examines up to 1000 leases).
 const RESTORE_ROUNDS: usize = 100;
 /// On a cluster, how often [`PROBE_CLUSTER_ENTRIES`] queue shards are probed for messages no
@@ -264,7 +267,8 @@ impl RedisConsumer {
             next_entry: vec![0; shared.groups.len()],
             weights,
             decoder: None,
-            in_flight: Arc::new(Semaphore::new(FETCHES_IN_FLIGHT)),
+            in_flight: Arc::new(Semaphore::new(fetches_in_flight(shared.keys.is_cluster()))),
+            max_in_flight: fetches_in_flight(shared.keys.is_cluster()),
             replies: Arc::new(Replies::default()),
             last: None,
         };
@@ -293,12 +297,18 @@ impl RedisConsumer {
                         .ignore();
                     pipes.push(pipe);
                 }
-                let mut conn = ack_shared.conn.clone();
+                let conn = ack_shared.conn.clone();
+                // Several groups at once: acks spread over a thousand queue shards would otherwise
+                // wait a round trip per shard, one after another, and bound the drain.
                 async move {
-                    for pipe in pipes {
-                        pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: ack"))?;
-                    }
-                    Ok(())
+                    futures::stream::iter(pipes)
+                        .map(|pipe| {
+                            let mut conn = conn.clone();
+                            async move { pipe.query_async::<()>(&mut conn).await.map_err(failed("redis: ack")) }
+                        })
+                        .buffer_unordered(ACK_GROUPS_AT_ONCE)
+                        .try_collect::<()>()
+                        .await
                 }
             },
         );
@@ -339,8 +349,10 @@ struct RedisFetch {
     /// and the worker decodes the one before. Unbounded in type only: at most
     /// [`FETCHES_IN_FLIGHT`] wait there, and what they take keeps prefetch slots.
     decoder: Option<mpsc::UnboundedSender<Pending>>,
-    /// One permit per fetch sent whose reply is not in ([`FETCHES_IN_FLIGHT`]).
+    /// One permit per fetch sent whose reply is not in ([`fetches_in_flight`]).
     in_flight: Arc<Semaphore>,
+    /// The permits of `in_flight` in all.
+    max_in_flight: usize,
     /// What the replies said.
     replies: Arc<Replies>,
     /// The group and queues of the last fetch sent: fetched again while replies fill their
@@ -351,6 +363,20 @@ struct RedisFetch {
 /// How many fetch scripts may be on their way at once: while Redis runs one, the next is queued
 /// behind it on the connection, so Redis never waits for the worker to ask again.
 const FETCHES_IN_FLIGHT: usize = 2;
+
+/// Fetches on their way at once on a cluster, where each goes to one queue shard (a slot, on any
+/// of the masters): with work spread over many shards each fetch brings only a few messages, so
+/// more of them overlap.
+const CLUSTER_FETCHES_IN_FLIGHT: usize = 8;
+
+/// [`FETCHES_IN_FLIGHT`], or [`CLUSTER_FETCHES_IN_FLIGHT`] on a cluster.
+fn fetches_in_flight(cluster: bool) -> usize {
+    if cluster {
+        CLUSTER_FETCHES_IN_FLIGHT
+    } else {
+        FETCHES_IN_FLIGHT
+    }
+}
 
 /// What the decoder tells the fetcher about the replies.
 #[derive(Debug, Default)]
@@ -572,7 +598,7 @@ impl Fetch for RedisFetch {
     }
 
     /// Sends one fetch for `n` on the hot queues of the first group in turn that has any (starting
-    /// one further each time), at most [`FETCHES_IN_FLIGHT`] at once; while the replies fill their
+    /// one further each time), at most [`fetches_in_flight`] at once; while the replies fill their
     /// requests and none is marked, the queues of the last fetch sent again. Its slots are taken:
     /// the decoder gives back what the reply does not use.
     async fn fetch(&mut self, n: usize, tx: &mpsc::Sender<Delivery>) -> Fetched {
@@ -605,7 +631,7 @@ impl Fetch for RedisFetch {
             }
             return self.sent(g, hot, n, permit);
         }
-        let others_in_flight = self.in_flight.available_permits() + 1 < FETCHES_IN_FLIGHT;
+        let others_in_flight = self.in_flight.available_permits() + 1 < self.max_in_flight;
         if others_in_flight && self.replies.full.load(Ordering::Relaxed) {
             if let Some((g, hot)) = self.last.clone() {
                 return self.sent(g, hot, n, permit);
