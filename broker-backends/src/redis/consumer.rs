@@ -132,11 +132,11 @@ pub(super) struct Group {
 
 /// One (queue, shard) consumed.
 #[derive(Debug)]
-struct Entry {
-    queue: String,
-    shard: u16,
+pub(super) struct Entry {
+    pub(super) queue: String,
+    pub(super) shard: u16,
     /// Its priority buckets, in the order they are taken from.
-    buckets: [String; 4],
+    pub(super) buckets: [String; 4],
     /// The bucket its dead letters go to.
     dead: String,
 }
@@ -169,7 +169,7 @@ pub(super) struct Shared {
     pub(super) holder: Arc<Holder>,
     pub(super) groups: Vec<Group>,
     /// Every (queue, shard) consumed.
-    entries: Vec<Entry>,
+    pub(super) entries: Vec<Entry>,
     /// Which entries may hold messages.
     wakes: Arc<Wakes>,
 }
@@ -256,7 +256,7 @@ impl RedisConsumer {
         let fetch = RedisFetch {
             shared: shared.clone(),
             script: scripts::fetch(),
-            tag_prefix: format!("{}.", uuid::Uuid::new_v4().simple()),
+            tag_prefix: new_tag_prefix(),
             seq: 0,
             next_group: 0,
             conn: conn.clone(),
@@ -327,8 +327,8 @@ impl RedisConsumer {
 struct RedisFetch {
     shared: Arc<Shared>,
     script: Script,
-    tag_prefix: String,
-    /// The sequence number of the next tag.
+    tag_prefix: Arc<str>,
+    /// The sequence number of the next tag (below [`MAX_TAG_SEQ`]).
     seq: u64,
     /// The group the next fetch starts with (turns, so that every shard is served).
     next_group: usize,
@@ -360,6 +360,25 @@ struct RedisFetch {
     last: Option<(usize, Vec<usize>)>,
 }
 
+/// A fresh prefix for the tags of one consumer's leases (`<uuid>.`).
+fn new_tag_prefix() -> Arc<str> {
+    format!("{}.", uuid::Uuid::new_v4().simple()).into()
+}
+
+/// The tag of a lease: the prefix and the sequence number, as the fetch script writes it.
+fn lease_tag(prefix: &str, seq: u64) -> String {
+    use std::fmt::Write;
+    let mut tag = String::with_capacity(prefix.len() + 20);
+    tag.push_str(prefix);
+    let _ = write!(tag, "{seq}");
+    tag
+}
+
+/// Past this sequence number a consumer takes a new tag prefix and starts again from 0: Lua
+/// writes a number of 10^14 or more in exponent form (`1e+14`), so the script's tags and those
+/// the decoder derives would differ.
+const MAX_TAG_SEQ: u64 = 10_000_000_000_000;
+
 /// How many fetch scripts may be on their way at once: while Redis runs one, the next is queued
 /// behind it on the connection, so Redis never waits for the worker to ask again.
 const FETCHES_IN_FLIGHT: usize = 2;
@@ -388,12 +407,14 @@ struct Replies {
 }
 
 /// One fetch sent, on its way to [`decode_loop`]: its group, the holder's epoch read before the
-/// fetch, the lists it takes from as (entry, bucket step) in the script's order, the hot queues
-/// it was sent for, the slots it holds, its reply (the (list index, envelope or size, tag or id)
-/// triples) and its place among the fetches in flight.
+/// fetch, the tag prefix and first sequence number of its leases, the lists it takes from as
+/// (entry, bucket step) in the script's order, the hot queues it was sent for, the slots it
+/// holds, its reply (see [`scripts::fetch`]) and its place among the fetches in flight.
 struct Pending {
     group: usize,
     epoch: u64,
+    prefix: Arc<str>,
+    seq: u64,
     lists: Vec<(usize, usize)>,
     hot: Vec<usize>,
     want: usize,
@@ -414,7 +435,7 @@ async fn decode_loop(
     tx: mpsc::Sender<Delivery>,
 ) {
     while let Some(pending) = rx.recv().await {
-        let Pending { group: g, epoch, lists, hot, want, reply, permit } = pending;
+        let Pending { group: g, epoch, prefix, seq, lists, hot, want, reply, permit } = pending;
         let reply = match reply.await {
             Ok(reply) => reply,
             Err(e) => Err(BrokerError::operation_with("redis: fetch task", e)),
@@ -430,9 +451,26 @@ async fn decode_loop(
             }
         };
         drop(permit);
-        // Dead-lettered ones hold no lease nor prefetch slot.
-        let oversized = items.chunks_exact(3).filter(|c| matches!(c[1], redis::Value::Int(_))).count();
-        let got = items.len() / 3 - oversized;
+        // Leased: (list index, envelope); dead-lettered: (list index, size, id), holding no lease
+        // nor prefetch slot. An item that is neither ends the reading (the leases of what follows
+        // are restored after the visibility timeout).
+        let mut taken: Vec<(usize, redis::Value, Option<redis::Value>)> = Vec::with_capacity(items.len() / 2);
+        let mut items = items.into_iter();
+        while let (Some(i), Some(v)) = (items.next(), items.next()) {
+            let i = redis::from_redis_value_ref::<usize>(&i).unwrap_or(0).min(lists.len() - 1);
+            match v {
+                redis::Value::BulkString(_) => taken.push((i, v, None)),
+                redis::Value::Int(_) => {
+                    let id = items.next();
+                    taken.push((i, v, id));
+                }
+                _ => {
+                    tracing::error!("redis: fetch script returned an unexpected reply");
+                    break;
+                }
+            }
+        }
+        let got = taken.iter().filter(|(_, v, _)| matches!(v, redis::Value::BulkString(_))).count();
         shared.slots.give_back(want.saturating_sub(got));
         if got == 0 {
             shared.holder.broker().idle(&shared.groups[g].scope);
@@ -441,33 +479,39 @@ async fn decode_loop(
         if got >= want {
             shared.wakes.mark(hot);
         }
-        let list = |i: &redis::Value| {
-            let i = redis::from_redis_value_ref::<usize>(i).unwrap_or(0);
-            lists[i.min(lists.len() - 1)]
-        };
+        // The leases, under one lock, before any delivery can be settled.
+        let tags: Vec<String> = (0..got as u64).map(|k| lease_tag(&prefix, seq + k)).collect();
+        {
+            let mut leases = lock(&shared.leases);
+            leases.reserve(got);
+            for tag in &tags {
+                leases.insert(tag.clone(), g);
+            }
+        }
+        for _ in 0..got {
+            shared.holder.broker().hold(&shared.groups[g].scope);
+        }
         // Taken by value: each envelope's bytes move into its delivery instead of being copied.
-        let mut items = items.into_iter();
-        while let (Some(i), Some(env), Some(tag)) = (items.next(), items.next(), items.next()) {
-            let (e, step) = list(&i);
+        let mut tags = tags.into_iter();
+        for (i, v, id) in taken {
+            let (e, step) = lists[i];
             let entry = &shared.entries[e];
-            let d = match (env, redis::from_redis_value::<String>(tag)) {
-                (redis::Value::Int(size), id) => oversized_delivery(&entry.queue, size, id.ok(), max_message_size),
-                (redis::Value::BulkString(env), Ok(tag)) => {
-                    lock(&shared.leases).insert(tag.clone(), g);
-                    shared.holder.broker().hold(&shared.groups[g].scope);
+            let d = match (v, id) {
+                (redis::Value::BulkString(env), _) => {
+                    let Some(tag) = tags.next() else { break };
                     let decoded = envelope::decode(&env);
                     let size = env.len();
-                    let queue = entry.queue.clone();
-                    let list_key = entry.buckets[step].clone();
-                    let settle =
-                        RedisSettle::new(shared.clone(), tag, g, entry.shard, epoch, env, list_key, queue.clone());
-                    Delivery::new(decoded.message, queue, decoded.redelivered, Box::new(settle)).with_size(size)
+                    let settle = RedisSettle::new(shared.clone(), tag, g, e, step, epoch, env);
+                    Delivery::new(decoded.message, entry.queue.clone(), decoded.redelivered, Box::new(settle))
+                        .with_size(size)
                 }
-                _ => {
-                    tracing::error!("redis: fetch script returned an unexpected reply");
-                    shared.slots.give_back(1);
-                    continue;
-                }
+                (redis::Value::Int(size), id) => oversized_delivery(
+                    &entry.queue,
+                    size,
+                    id.and_then(|id| redis::from_redis_value::<String>(id).ok()),
+                    max_message_size,
+                ),
+                _ => continue,
             };
             if tx.send(d).await.is_err() {
                 return;
@@ -500,6 +544,10 @@ impl RedisFetch {
         // Read before the fetch runs: a lapse noticed after it means these may have been restored.
         let epoch = self.shared.holder.liveness().epoch();
         let (shared, weights, script) = (self.shared.clone(), self.weights.clone(), self.script.clone());
+        if self.seq > MAX_TAG_SEQ {
+            self.tag_prefix = new_tag_prefix();
+            self.seq = 0;
+        }
         let (mut conn, prefix, seq, max) =
             (self.conn.clone(), self.tag_prefix.clone(), self.seq, self.max_message_size);
         let script_lists = lists.clone();
@@ -517,7 +565,7 @@ impl RedisFetch {
             for &(e, _) in &script_lists {
                 inv.key(&shared.entries[e].dead);
             }
-            inv.arg(now_secs()).arg(n).arg(&prefix).arg(seq).arg(max);
+            inv.arg(now_secs()).arg(n).arg(&*prefix).arg(seq).arg(max);
             inv.arg(shared.holder.id());
             inv.arg(if shared.keys.is_cluster() { "0" } else { "1" }).arg(shared.keys.prefix());
             inv.arg(weights.iter().count());
@@ -532,7 +580,8 @@ impl RedisFetch {
         // Tags stay unique whatever the replies hold: each fetch has a range of its own.
         self.seq += n as u64;
         self.last = Some((g, hot.clone()));
-        decoder.send(Pending { group: g, epoch, lists, hot, want: n, reply, permit }).is_ok()
+        let prefix = self.tag_prefix.clone();
+        decoder.send(Pending { group: g, epoch, prefix, seq, lists, hot, want: n, reply, permit }).is_ok()
     }
 
     /// [`RedisFetch::send`] as the fetcher reports it: every slot taken (the decoder gives back
@@ -917,6 +966,15 @@ async fn sweep_delayed(shared: &Shared, conn: &mut RedisConn, from: usize) -> us
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_tags_are_written_as_the_fetch_script_writes_them() {
+        // Lua's `prefix .. seq` writes an integral number below 10^14 with all its digits.
+        assert_eq!(lease_tag("ab.", 0), "ab.0");
+        assert_eq!(lease_tag("ab.", 127), "ab.127");
+        // The last tag of a fetch sent just below the cap, still below 10^14.
+        assert_eq!(lease_tag("ab.", MAX_TAG_SEQ + MAX_FETCH as u64), "ab.10000000000128");
+    }
 
     #[test]
     fn cluster_restores_go_one_group_at_a_time_at_most_twice_a_second() {

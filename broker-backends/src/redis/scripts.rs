@@ -39,9 +39,12 @@ use redis::Script;
 /// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
 /// ARGV: now, n, tag prefix, first sequence, max, holder, fair (`1`/`0`), key prefix, weights
 /// count W, W (key, weight) pairs, routing keys...
-/// Returns triples: (list index, envelope, tag), or (list index, size, task id or "") for a
-/// dead-lettered one: the id is the `correlation_id` found in the envelope's last 64 KiB (where
-/// Kombu's envelopes keep their properties, after the body), so its caller can be told.
+/// Returns, in the order taken, pairs (list index, envelope) for the leased ones, whose tags are
+/// the tag prefix followed by the first sequence, the next, ... in that order (the caller knows
+/// them: not sending them back spares a string per envelope on both sides), and triples (list
+/// index, size, task id or "") for a dead-lettered one: the id is the `correlation_id` found in
+/// the envelope's last 64 KiB (where Kombu's envelopes keep their properties, after the body), so
+/// its caller can be told. The sequence must stay below 10^14, where Lua would write it as `1e+14`.
 pub(crate) fn fetch() -> Script {
     Script::new(&format!(
         r#"{FAIR_FN}
@@ -85,7 +88,6 @@ local function hand_out(i, items)
       took = true
       out[#out + 1] = i - 5
       out[#out + 1] = env
-      out[#out + 1] = tag
       n = n - 1
     end
     if #ss >= 512 then

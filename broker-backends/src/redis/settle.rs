@@ -24,30 +24,38 @@ pub(super) struct RedisSettle {
     tag: String,
     /// Its group in [`Shared::groups`] (whose lease keys hold it).
     group: usize,
-    /// The queue's shard it was taken from.
-    shard: u16,
+    /// The (queue, shard) it was taken from, in [`Shared::entries`].
+    entry: usize,
+    /// The priority bucket of that entry it was taken from.
+    step: usize,
     /// The holder's epoch when it was fetched ([`crate::liveness::Liveness::surely_held`]).
     epoch: u64,
     env: Vec<u8>,
-    list_key: String,
-    queue: String,
 }
 
 impl RedisSettle {
-    /// The settlement of the envelope `env`, leased under `tag` in `group`, taken from
-    /// `list_key` of `queue`'s `shard`.
-    #[allow(clippy::too_many_arguments)]
+    /// The settlement of the envelope `env`, leased under `tag` in `group`, taken from bucket
+    /// `step` of `entry`.
     pub(super) fn new(
         shared: Arc<Shared>,
         tag: String,
         group: usize,
-        shard: u16,
+        entry: usize,
+        step: usize,
         epoch: u64,
         env: Vec<u8>,
-        list_key: String,
-        queue: String,
     ) -> Self {
-        RedisSettle { shared, tag, group, shard, epoch, env, list_key, queue }
+        RedisSettle { shared, tag, group, entry, step, epoch, env }
+    }
+
+    /// The queue it was taken from.
+    fn queue(&self) -> &str {
+        &self.shared.entries[self.entry].queue
+    }
+
+    /// The queue's shard it was taken from.
+    fn shard(&self) -> u16 {
+        self.shared.entries[self.entry].shard
     }
 
     /// Moves `value` to `target` (`op`: `rpush`, `lpush`, or `zadd` with `score`) and drops the
@@ -77,14 +85,14 @@ impl RedisSettle {
             .arg(score)
             .arg(wake)
             .arg(self.shared.keys.prefix())
-            .arg(&self.queue)
+            .arg(self.queue())
             .arg(if self.shared.keys.is_cluster() { "0" } else { "1" })
             .invoke_async::<i64>(&mut conn)
             .await
             .map_err(failed("redis: settle a delivery"));
         self.shared.release(&self.tag);
         if let Ok(0) = r {
-            tracing::warn!(queue = %self.queue, "redis: a delivery restored to another worker meanwhile was not settled here");
+            tracing::warn!(queue = %self.queue(), "redis: a delivery restored to another worker meanwhile was not settled here");
         }
         r.map(|_| ())
     }
@@ -98,11 +106,11 @@ impl RedisSettle {
             .arg(keys.due())
             .arg("LT")
             .arg(until)
-            .arg(super::keys::Keys::due_member(&self.queue, self.shard))
+            .arg(super::keys::Keys::due_member(self.queue(), self.shard()))
             .query_async::<i64>(&mut conn)
             .await;
         if let Err(e) = r {
-            tracing::warn!(error = %e, queue = %self.queue, "redis: cannot index a deferred message; the sweep finds it");
+            tracing::warn!(error = %e, queue = %self.queue(), "redis: cannot index a deferred message; the sweep finds it");
         }
     }
 }
@@ -115,8 +123,9 @@ impl Settle for RedisSettle {
     }
 
     async fn requeue(&self) -> Result<(), BrokerError> {
-        let wake = self.shared.keys.wake(&self.queue, self.shard);
-        self.settle_with(&self.list_key, "requeue", &self.env, 0, &wake).await
+        let entry = &self.shared.entries[self.entry];
+        let wake = self.shared.keys.wake(&entry.queue, entry.shard);
+        self.settle_with(&entry.buckets[self.step], "requeue", &self.env, 0, &wake).await
     }
 
     /// Certain without a round trip while the holder's heartbeat has been renewed without a lapse
@@ -131,8 +140,8 @@ impl Settle for RedisSettle {
     async fn defer(&self, msg: &Message, until: DateTime<Utc>) -> Result<(), BrokerError> {
         let mut m = msg.clone();
         m.headers.eta = Some(until);
-        let env = envelope::encode(&m, "", &self.queue);
-        let delayed = self.shared.keys.delayed(&self.queue, self.shard);
+        let env = envelope::encode(&m, "", self.queue());
+        let delayed = self.shared.keys.delayed(self.queue(), self.shard());
         let until = until.timestamp_millis();
         self.settle_with(&delayed, "zadd", env.as_bytes(), until, "").await?;
         self.index_due(until).await;
@@ -140,10 +149,10 @@ impl Settle for RedisSettle {
     }
 
     async fn dead_letter(&self, reason: &str) -> Result<(), BrokerError> {
-        let dlq = dead_letter_queue(&self.queue);
-        let env = envelope::dead_letter(&self.env, &self.queue, reason);
+        let dlq = dead_letter_queue(self.queue());
+        let env = envelope::dead_letter(&self.env, self.queue(), reason);
         let keys = &self.shared.keys;
-        let wake = keys.wake(&dlq, self.shard);
-        self.settle_with(&keys.bucket(&dlq, self.shard, 0), "lpush", env.as_bytes(), 0, &wake).await
+        let wake = keys.wake(&dlq, self.shard());
+        self.settle_with(&keys.bucket(&dlq, self.shard(), 0), "lpush", env.as_bytes(), 0, &wake).await
     }
 }
