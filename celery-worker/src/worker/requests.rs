@@ -228,9 +228,16 @@ impl Requests {
         s.by_id.get(id).map(|d| (HeldState::Scheduled, d.request.clone()))
     }
 
-    /// Wakes the waiting requests `select` picks (they were revoked); returns how many.
+    /// Wakes the waiting requests `select` picks (they were revoked) and takes them off the list
+    /// at once, so that `inspect reserved` no longer shows them once the revoke is answered (the
+    /// woken task stores REVOKED afterwards); returns how many.
     pub(crate) fn wake_waiting(&self, select: impl FnMut(&Held) -> bool) -> usize {
-        signal(&mut lock(&self.waiting), select).len()
+        let mut waiting = lock(&self.waiting);
+        let woken = signal(&mut waiting, select);
+        for id in &woken {
+            waiting.remove(id);
+        }
+        woken.len()
     }
 
     /// Sends `terminate` to the running tasks `select` picks; returns their ids.
@@ -274,6 +281,19 @@ mod tests {
             acknowledged: true,
             terminate: None,
         }
+    }
+
+    #[test]
+    fn woken_waiting_requests_leave_the_list_at_once() {
+        let requests = Requests::default();
+        let (wake, mut woken) = oneshot::channel();
+        requests.wait(Held { terminate: Some(wake), ..held("a") });
+        requests.wait(Held { terminate: None, ..held("b") });
+        assert_eq!(requests.wake_waiting(|h| h.msg.headers.id == "a"), 1);
+        assert!(woken.try_recv().is_ok(), "the waiter is woken");
+        let listed: Vec<Value> = requests.waiting("w@h");
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert_eq!(listed[0]["id"], "b");
     }
 
     #[test]
