@@ -260,7 +260,9 @@ pub enum Admission {
 pub trait KeySlots: Send + Sync {
     /// Takes a slot of `req.key` for `req.holder`, or, when `req.limit` are held, parks `msg`
     /// (bound for `queue`) in the key's waiting list, durably and in the same atomic step. A
-    /// holder that holds a slot already keeps it (renewed).
+    /// holder that holds a slot already keeps it (renewed). On a broker that
+    /// [batches](KeySlots::batches), callers try [`KeySlots::acquire_many`] first, so this goes
+    /// straight to the atomic take-or-park with the message.
     async fn acquire_or_park(
         &self,
         req: &SlotRequest<'_>,

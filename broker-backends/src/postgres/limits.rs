@@ -80,12 +80,8 @@ impl KeySlots for PostgresBroker {
         check_name("key slot holder", req.holder)?;
         check_name("queue", queue)?;
         let limit = i32::try_from(req.limit).unwrap_or(i32::MAX);
-        // First without the payload, parking nothing and committed without waiting for the WAL
-        // flush (most takes find a slot free: nothing encoded or sent), then, if the key is full,
-        // with it: the second call checks again and parks atomically, committed durably.
-        if self.acquire_many(std::slice::from_ref(req)).await?.first() == Some(&true) {
-            return Ok(Admission::Acquired);
-        }
+        // Callers try `acquire_many` first (this broker batches), so this call carries the
+        // message at once: it takes a slot freed meanwhile or parks, atomically, committed durably.
         let priority = i16::from(envelope::kombu_priority(msg));
         let env = envelope::encode(msg, "", queue);
         if env.len() > MAX_PAYLOAD {

@@ -78,8 +78,7 @@ end
 "#;
 
 /// KEYS: slots, parked, index; ARGV: ttl ms, limit, holder, entry, index member.
-/// Returns 1 (acquired), 0 (parked), or 2 (full, and the entry is empty: nothing parked; the
-/// caller asks again with it).
+/// Returns 1 (acquired) or 0 (parked).
 fn acquire_or_park() -> &'static Script {
     static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| {
@@ -92,7 +91,6 @@ if held or redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf') < tonumber(ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ttl + 60000)
   return 1
 end
-if ARGV[4] == '' then return 2 end
 redis.call('LPUSH', KEYS[2], ARGV[4])
 redis.call('SADD', KEYS[3], ARGV[5])
 return 0
@@ -246,32 +244,24 @@ impl KeySlots for RedisBroker {
         msg: &Message,
     ) -> Result<Admission, BrokerError> {
         req.validate()?;
-        // First without the envelope (most takes find a slot free: no envelope encoded or sent),
-        // then, if the key is full, with it: the second call checks again and parks atomically.
-        let mut entry = String::new();
-        loop {
-            let mut conn = self.conn.clone();
-            let got: i64 = acquire_or_park()
-                .key(self.keys.slots(req.key))
-                .key(self.keys.parked(&member(queue, req.key)))
-                .key(self.keys.parked_index())
-                .arg(millis(req.ttl).max(1))
-                .arg(req.limit)
-                .arg(req.holder)
-                .arg(&entry)
-                .arg(member(queue, req.key))
-                .invoke_async(&mut conn)
-                .await
-                .map_err(failed("redis: take a key slot"))?;
-            match got {
-                1 => return Ok(Admission::Acquired),
-                2 if entry.is_empty() => {
-                    let step = envelope::bucket_of(envelope::kombu_priority(msg));
-                    entry = format!("{step}|{}", envelope::encode(msg, "", queue));
-                }
-                _ => return Ok(Admission::Parked),
-            }
-        }
+        // Callers try `acquire_many` first (this broker batches), so the first call carries the
+        // envelope: it takes a slot freed meanwhile or parks, atomically.
+        let step = envelope::bucket_of(envelope::kombu_priority(msg));
+        let entry = format!("{step}|{}", envelope::encode(msg, "", queue));
+        let mut conn = self.conn.clone();
+        let got: i64 = acquire_or_park()
+            .key(self.keys.slots(req.key))
+            .key(self.keys.parked(&member(queue, req.key)))
+            .key(self.keys.parked_index())
+            .arg(millis(req.ttl).max(1))
+            .arg(req.limit)
+            .arg(req.holder)
+            .arg(&entry)
+            .arg(member(queue, req.key))
+            .invoke_async(&mut conn)
+            .await
+            .map_err(failed("redis: take a key slot"))?;
+        Ok(if got == 1 { Admission::Acquired } else { Admission::Parked })
     }
 
     async fn renew(&self, key: &str, holder: &str, ttl: Duration) -> Result<bool, BrokerError> {
