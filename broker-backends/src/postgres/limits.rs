@@ -10,8 +10,8 @@
 //! - Key slots: one row per held slot in `celery_rs_key_slots` (key, holder, lease expiry): a
 //!   lease, not a counter, so a dead worker's slot frees once its lease ends. Taking a slot or
 //!   parking the message is one call of `celery_rs_key_acquire` under the key's advisory lock: no
-//!   slot frees between "full" and "parked". The first call goes without the message (most find
-//!   a slot free); only a full key gets a second call with it, which checks again. A parked message is a row of `celery_rs_parked` (its
+//!   slot frees between "full" and "parked". The batched take goes without the message (most find
+//!   a slot free); only a full key gets a call with it, which checks again. A parked message is a row of `celery_rs_parked` (its
 //!   queue, priority and Kombu envelope) committed before the worker acks its delivery; it waits
 //!   on disk without a worker slot, and nothing polls for it. A release deletes the holder's row
 //!   and moves the oldest parked message of the key (from any queue) back into `celery_rs_tasks`
