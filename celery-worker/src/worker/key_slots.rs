@@ -13,8 +13,9 @@
 //! on this worker, which then runs without asking the broker: the slot is held (and renewed) a
 //! little longer, never shorter, so at most the key's limit runs at once. Not for a key whose take
 //! was refused here lately ([`REFUSED_FOR`]: tasks wait for it, parked, and a release moves the
-//! oldest back), and a slot serves at most [`MAX_SLOT_USES`] tasks before it is given back, so a
-//! busy worker cannot keep a key's slots from the tasks parked by others for long.
+//! oldest back), and a slot serves at most [`MAX_SLOT_USES`] tasks and is passed on only within
+//! [`MAX_SLOT_AGE`] of its take, so a busy worker cannot keep a key's slots for long from the
+//! tasks parked by others: a slot of a long task is given back when that task ends.
 //!
 //! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
 //! bucket; the caller waits for it as for a per-worker limit.
@@ -43,10 +44,13 @@ const RENEWALS_AT_ONCE: usize = 32;
 
 /// How long a slot whose task ended waits for the next task of its key on this worker before it
 /// is given back.
-const SPARE_GRACE: Duration = Duration::from_millis(5);
+const SPARE_GRACE: Duration = Duration::from_millis(20);
 
 /// The most tasks one slot serves in a row before it is given back to the broker.
-const MAX_SLOT_USES: u32 = 16;
+const MAX_SLOT_USES: u32 = 64;
+
+/// How long after its take a slot may still pass to the next task of its key.
+const MAX_SLOT_AGE: Duration = Duration::from_millis(500);
 
 /// How long after a refused take (the key was full) its slots are given back at once.
 const REFUSED_FOR: Duration = Duration::from_secs(1);
@@ -84,6 +88,7 @@ struct Spare {
     holder: String,
     queue: String,
     uses: u32,
+    taken: Instant,
     since: Instant,
 }
 
@@ -93,10 +98,18 @@ impl Spares {
     /// starts the task that gives back the spares that are not taken.
     fn keep(&mut self, slot: SpareSlot, now: Instant) -> Result<bool, SpareSlot> {
         let refused = self.refused.get(&slot.key).is_some_and(|t| now.duration_since(*t) < REFUSED_FOR);
-        if refused || slot.uses >= MAX_SLOT_USES || self.count >= MAX_SPARES {
+        let worn = slot.uses >= MAX_SLOT_USES || now.duration_since(slot.taken) >= MAX_SLOT_AGE;
+        if refused || worn || self.count >= MAX_SPARES {
             return Err(slot);
         }
-        let spare = Spare { id: slot.id, holder: slot.holder, queue: slot.queue, uses: slot.uses, since: now };
+        let spare = Spare {
+            id: slot.id,
+            holder: slot.holder,
+            queue: slot.queue,
+            uses: slot.uses,
+            taken: slot.taken,
+            since: now,
+        };
         self.by_key.entry((slot.key, slot.limit)).or_default().push(spare);
         self.count += 1;
         Ok(!std::mem::replace(&mut self.flushing, true))
@@ -152,6 +165,7 @@ struct SpareSlot {
     queue: String,
     limit: u32,
     uses: u32,
+    taken: Instant,
 }
 
 /// Requests waiting for the next call of a batch (group commit): while one call is in flight
@@ -358,6 +372,8 @@ pub(super) struct HeldSlot {
     limit: u32,
     /// The tasks this slot served, this one included.
     uses: u32,
+    /// When the slot was taken from the broker.
+    taken: Instant,
 }
 
 impl HeldSlot {
@@ -379,7 +395,8 @@ impl Drop for HeldSlot {
             std::mem::take(&mut self.queue),
         );
         if broker.key_slots().is_some_and(|s| s.batches()) {
-            let slot = SpareSlot { id: self.id, key, holder, queue, limit: self.limit, uses: self.uses };
+            let (limit, uses, taken) = (self.limit, self.uses, self.taken);
+            let slot = SpareSlot { id: self.id, key, holder, queue, limit, uses, taken };
             self.held.end(broker, slot);
             return;
         }
@@ -448,6 +465,7 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
                 queue: d.queue.clone(),
                 limit,
                 uses,
+                taken: spare.taken,
             });
         }
     }
@@ -473,7 +491,8 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
             let id = w.held_slots.add(key, &holder);
             let held = w.held_slots.clone();
             let queue = d.queue.clone();
-            KeyStep::Held(HeldSlot { broker, held, id, key: key.to_owned(), holder, queue, limit, uses: 1 })
+            let (key, taken) = (key.to_owned(), Instant::now());
+            KeyStep::Held(HeldSlot { broker, held, id, key, holder, queue, limit, uses: 1, taken })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),
@@ -554,7 +573,15 @@ mod tests {
     }
 
     fn ended(id: u64, key: &str, limit: u32, uses: u32) -> SpareSlot {
-        SpareSlot { id, key: key.into(), holder: format!("w/{id}"), queue: "q".into(), limit, uses }
+        SpareSlot {
+            id,
+            key: key.into(),
+            holder: format!("w/{id}"),
+            queue: "q".into(),
+            limit,
+            uses,
+            taken: Instant::now(),
+        }
     }
 
     #[test]
@@ -575,8 +602,11 @@ mod tests {
         let (mut sp, t0) = (Spares::default(), Instant::now());
         sp.refuse("full", t0);
         assert!(sp.keep(ended(1, "full", 2, 1), t0).is_err(), "a key refused lately");
-        assert!(sp.keep(ended(2, "full", 2, 1), t0 + REFUSED_FOR).is_ok(), "refused a while ago");
+        let later = SpareSlot { taken: t0 + REFUSED_FOR, ..ended(2, "full", 2, 1) };
+        assert!(sp.keep(later, t0 + REFUSED_FOR).is_ok(), "refused a while ago");
         assert!(sp.keep(ended(3, "k", 2, MAX_SLOT_USES), t0).is_err(), "served its share of tasks");
+        let old = SpareSlot { taken: t0, ..ended(4, "k", 2, 1) };
+        assert!(sp.keep(old, t0 + MAX_SLOT_AGE).is_err(), "taken too long ago (a long task's slot)");
         for i in 0..MAX_SPARES as u64 {
             let _ = sp.keep(ended(10 + i, "k", 2, 1), t0);
         }
