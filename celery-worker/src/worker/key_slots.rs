@@ -587,8 +587,8 @@ mod tests {
     #[test]
     fn a_spare_slot_serves_the_next_task_of_its_key_and_limit_only() {
         let (mut sp, t0) = (Spares::default(), Instant::now());
-        assert_eq!(sp.keep(ended(1, "k", 2, 1), t0).unwrap(), true, "the first spare starts the flusher");
-        assert_eq!(sp.keep(ended(2, "k", 2, 3), t0).unwrap(), false, "one flusher at a time");
+        assert!(sp.keep(ended(1, "k", 2, 1), t0).unwrap(), "the first spare starts the flusher");
+        assert!(!sp.keep(ended(2, "k", 2, 3), t0).unwrap(), "one flusher at a time");
         assert!(sp.reuse("k", 3).is_none(), "another limit does not share the slot");
         assert!(sp.reuse("other", 2).is_none());
         let s = sp.reuse("k", 2).unwrap();
