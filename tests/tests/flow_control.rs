@@ -176,7 +176,7 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     let ttl = Duration::from_secs(30);
     let req = |holder: &'static str| SlotRequest { key: "contract", limit: 2, holder, ttl };
     let msgs: Vec<Message> =
-        (0..10).map(|n| Message::from_signature(&Signature::by_name("add").args(json!([n, 0]))).unwrap()).collect();
+        (0..11).map(|n| Message::from_signature(&Signature::by_name("add").args(json!([n, 0]))).unwrap()).collect();
     let msg = |n: usize| &msgs[n];
     assert_eq!(slots.acquire_or_park(&req("a"), queue, msg(1)).await.unwrap(), Admission::Acquired);
     assert_eq!(slots.acquire_or_park(&req("b"), queue, msg(2)).await.unwrap(), Admission::Acquired);
@@ -203,12 +203,18 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     // until asked one by one.
     let bq = format!("{queue}-batch");
     let one = |key: &'static str, holder: &'static str| SlotRequest { key, limit: 1, holder, ttl };
-    let reqs = [one("contract-batch", "f"), one("contract-batch", "g"), one("contract-batch-2", "h")];
+    // Keys interleaved, and a holder asking twice (it holds its slot, it takes no second one).
+    let reqs = [
+        one("contract-batch", "f"),
+        one("contract-batch-2", "h"),
+        one("contract-batch", "g"),
+        one("contract-batch", "f"),
+    ];
     let taken = slots.acquire_many(&reqs).await.unwrap();
     if slots.batches() {
-        assert_eq!(taken, [true, false, true]);
+        assert_eq!(taken, [true, true, false, true]);
     } else {
-        assert_eq!(taken, [false; 3], "a broker that does not batch takes none here");
+        assert_eq!(taken, [false; 4], "a broker that does not batch takes none here");
     }
     assert_eq!(broker.queue_len(&bq).await.unwrap(), 0);
     let mut admitted = Vec::new();
@@ -220,7 +226,7 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     let expected: Vec<Admission> = if slots.batches() {
         vec![Admission::Parked]
     } else {
-        vec![Admission::Acquired, Admission::Parked, Admission::Acquired]
+        vec![Admission::Acquired, Admission::Acquired, Admission::Parked, Admission::Acquired]
     };
     assert_eq!(admitted, expected);
     assert!(slots.acquire_many(&[]).await.unwrap().is_empty());
@@ -229,7 +235,7 @@ async fn key_slots_contract(broker: &dyn celery_core::Broker, queue: &str) {
     assert_eq!(broker.queue_len(&bq).await.unwrap(), 1, "the parked message moved back on {}", broker.kind());
     let mut consumer = broker.consume(std::slice::from_ref(&bq), 1).await.unwrap();
     let mut d = tokio::time::timeout(T, consumer.next()).await.unwrap().unwrap();
-    assert_eq!(d.message().as_ref().unwrap().headers.id, msg(8).headers.id);
+    assert_eq!(d.message().as_ref().unwrap().headers.id, msg(9).headers.id);
     d.ack().await.unwrap();
     consumer.close().await;
     slots.release_many(&[rel("contract-batch", "g")]).await.unwrap();

@@ -22,6 +22,7 @@
 //! it frees expired slots (dead workers) and moves a parked task back for each, and one for a
 //! parked list whose key holds no slot at all.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -116,23 +117,42 @@ return 0
     })
 }
 
-/// Takes a slot per request where one is free, parking nothing. KEYS: the slots of each
-/// request; ARGV: (ttl ms, limit, holder) per request. Returns 1 (taken) or 0 (full) per request.
+/// Takes a slot per request where one is free, parking nothing, a key at a time (the requests of
+/// one key share its count, its scores and its expiry: four calls per key, not per request).
+/// KEYS: the slots of each key; ARGV per key: its request count `m`, then (ttl ms, limit, holder)
+/// per request. Returns 1 (taken) or 0 (full) per request, in the order sent.
 fn acquire_many() -> &'static Script {
     static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| {
         Script::new(&format!(
             r#"{NOW}
-local out = {{}}
+local out, a = {{}}, 1
 for i = 1, #KEYS do
-  local ttl, limit, holder = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]), ARGV[3 * i]
-  if redis.call('ZSCORE', KEYS[i], holder) or redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf') < limit then
-    redis.call('ZADD', KEYS[i], now + ttl, holder)
-    redis.call('PEXPIRE', KEYS[i], ttl + 60000)
-    out[i] = 1
-  else
-    out[i] = 0
+  local m = tonumber(ARGV[a])
+  local holders = {{}}
+  for j = 1, m do holders[j] = ARGV[a + 3 * j] end
+  local scores = redis.call('ZMSCORE', KEYS[i], unpack(holders))
+  local live = redis.call('ZCOUNT', KEYS[i], '(' .. now, '+inf')
+  local add, longest, seen = {{}}, 0, {{}}
+  for j = 1, m do
+    local ttl, limit, holder = tonumber(ARGV[a + 3 * j - 2]), tonumber(ARGV[a + 3 * j - 1]), holders[j]
+    local score = seen[holder] or (scores[j] and tonumber(scores[j]))
+    if score or live < limit then
+      if not (score and score > now) then live = live + 1 end
+      seen[holder] = now + ttl
+      add[#add + 1] = now + ttl
+      add[#add + 1] = holder
+      if ttl > longest then longest = ttl end
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 0
+    end
   end
+  if #add > 0 then
+    redis.call('ZADD', KEYS[i], unpack(add))
+    redis.call('PEXPIRE', KEYS[i], longest + 60000)
+  end
+  a = a + 1 + 3 * m
 end
 return out
 "#
@@ -140,22 +160,29 @@ return out
     })
 }
 
-/// Gives slots back. KEYS: the index, then per slot its slots key, its parked list and its
-/// queue's four buckets (six); ARGV: the key prefix, then per slot (holder, index member,
-/// queue). Returns how many parked tasks moved back (one at most per slot).
+/// Gives slots back, a key and queue at a time. KEYS: the index, then per group (key and queue)
+/// its slots key, its parked list and its queue's four buckets (six); ARGV: the key prefix, then
+/// per group (index member, queue, slot count `n`, `n` holders). Moves back a parked task per
+/// slot freed while the list has any, and drops the list from the index once empty. Returns how
+/// many moved.
 fn release_many() -> &'static Script {
     static SCRIPT: std::sync::OnceLock<Script> = std::sync::OnceLock::new();
     SCRIPT.get_or_init(|| {
         Script::new(&format!(
             r#"{FAIR_FN}{MOVE_ONE}
 local prefix = ARGV[1]
-local moved = 0
+local moved, a = 0, 2
 for i = 0, (#KEYS - 1) / 6 - 1 do
   local k = 2 + 6 * i
-  local holder, m, queue = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
-  redis.call('ZREM', KEYS[k], holder)
-  moved = moved + move_from(KEYS[k + 1], k + 2, prefix, queue)
-  if redis.call('LLEN', KEYS[k + 1]) == 0 then redis.call('SREM', KEYS[1], m) end
+  local m, queue, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  redis.call('ZREM', KEYS[k], unpack(ARGV, a + 3, a + 2 + n))
+  local drained = false
+  for _ = 1, n do
+    if move_from(KEYS[k + 1], k + 2, prefix, queue) == 0 then drained = true break end
+    moved = moved + 1
+  end
+  if drained or redis.call('LLEN', KEYS[k + 1]) == 0 then redis.call('SREM', KEYS[1], m) end
+  a = a + 3 + n
 end
 return moved
 "#
@@ -215,6 +242,23 @@ impl Keys {
     fn parked_index(&self) -> String {
         format!("{}_celery_rs.parked", self.prefix())
     }
+}
+
+/// The positions of `items` grouped by `by` (a key, or a key and a queue), groups in the order
+/// their first item comes.
+fn groups<'a, T>(items: &[T], by: impl Fn(&T) -> (&'a str, &'a str)) -> Vec<((&'a str, &'a str), Vec<usize>)> {
+    let mut at: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut out: Vec<((&str, &str), Vec<usize>)> = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let g = by(item);
+        let n = out.len();
+        let slot = *at.entry(g).or_insert(n);
+        if slot == n {
+            out.push((g, Vec::new()));
+        }
+        out[slot].1.push(i);
+    }
+    out
 }
 
 /// The index member of `key`'s tasks parked from `queue`.
@@ -288,17 +332,26 @@ impl KeySlots for RedisBroker {
         if reqs.is_empty() {
             return Ok(Vec::new());
         }
+        let groups = groups(reqs, |r| (r.key, ""));
         let mut inv = acquire_many().prepare_invoke();
-        for req in reqs {
-            req.validate()?;
-            inv.key(self.keys.slots(req.key)).arg(millis(req.ttl).max(1)).arg(req.limit).arg(req.holder);
+        for (key, members) in &groups {
+            inv.key(self.keys.slots(key.0)).arg(members.len());
+            for &i in members {
+                let req = &reqs[i];
+                req.validate()?;
+                inv.arg(millis(req.ttl).max(1)).arg(req.limit).arg(req.holder);
+            }
         }
         let mut conn = self.conn.clone();
         let got: Vec<i64> = inv.invoke_async(&mut conn).await.map_err(failed("redis: take key slots"))?;
         if got.len() != reqs.len() {
             return Err(BrokerError::operation("redis: take key slots: an answer per request expected"));
         }
-        Ok(got.into_iter().map(|t| t == 1).collect())
+        let mut taken = vec![false; reqs.len()];
+        for (&i, t) in groups.iter().flat_map(|(_, members)| members).zip(got) {
+            taken[i] = t == 1;
+        }
+        Ok(taken)
     }
 
     async fn release_many(&self, slots: &[SlotRelease<'_>]) -> Result<(), BrokerError> {
@@ -307,13 +360,17 @@ impl KeySlots for RedisBroker {
         }
         let mut inv = release_many().prepare_invoke();
         inv.key(self.keys.parked_index()).arg(self.keys.prefix());
-        for s in slots {
-            inv.key(self.keys.slots(s.key)).key(self.keys.parked(&member(s.queue, s.key)));
+        for ((key, queue), members) in groups(slots, |s| (s.key, s.queue)) {
+            let m = member(queue, key);
+            inv.key(self.keys.slots(key)).key(self.keys.parked(&m));
             // One server (key slots are not offered on a cluster): shard 0.
-            for bucket in self.keys.buckets(s.queue, 0) {
+            for bucket in self.keys.buckets(queue, 0) {
                 inv.key(bucket);
             }
-            inv.arg(s.holder).arg(member(s.queue, s.key)).arg(s.queue);
+            inv.arg(m).arg(queue).arg(members.len());
+            for i in members {
+                inv.arg(slots[i].holder);
+            }
         }
         let mut conn = self.conn.clone();
         let _: i64 = inv.invoke_async(&mut conn).await.map_err(failed("redis: release key slots"))?;
@@ -359,5 +416,18 @@ impl RateBuckets for RedisBroker {
             .await
             .map_err(failed("redis: reserve a rate limit start"))?;
         Ok(Duration::from_micros(us.max(0) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::groups;
+
+    #[test]
+    fn groups_keep_first_seen_order_and_every_position() {
+        let items = [("a", "q"), ("b", "q"), ("a", "q"), ("a", "r"), ("b", "q")];
+        let g = groups(&items, |&(k, q)| (k, q));
+        assert_eq!(g, vec![(("a", "q"), vec![0, 2]), (("b", "q"), vec![1, 4]), (("a", "r"), vec![3])]);
+        assert!(groups(&[] as &[(&str, &str)], |&(k, q)| (k, q)).is_empty());
     }
 }

@@ -8,6 +8,15 @@
 //! the slots of dead workers on brokers that need a sweep: a held slot costs an entry in
 //! [`HeldSlots`], not a timer task of its own.
 //!
+//! On a broker that [batches](celery_core::flow::KeySlots::batches) (a round trip per call), a
+//! slot whose task ended is kept a moment ([`SPARE_GRACE`]) for the next task of its key and limit
+//! on this worker, which then runs without asking the broker: the slot is held (and renewed) a
+//! little longer, never shorter, so at most the key's limit runs at once. Not for a key whose take
+//! was refused here lately ([`REFUSED_FOR`]: tasks wait for it, parked, and a release moves the
+//! oldest back), and a slot serves at most [`MAX_SLOT_USES`] tasks and is passed on only within
+//! [`MAX_SLOT_AGE`] of its take, so a busy worker cannot keep a key's slots for long from the
+//! tasks parked by others: a slot of a long task is given back when that task ends.
+//!
 //! Cluster-wide rate limits: [`cluster_wait`] reserves the task's next start from the broker's
 //! bucket; the caller waits for it as for a per-worker limit.
 
@@ -15,7 +24,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use celery_core::sync::lock;
 use futures::StreamExt;
@@ -33,6 +42,22 @@ use super::shared::Shared;
 /// Renewals in flight at once in [`upkeep_loop`].
 const RENEWALS_AT_ONCE: usize = 32;
 
+/// How long a slot whose task ended waits for the next task of its key on this worker before it
+/// is given back.
+const SPARE_GRACE: Duration = Duration::from_millis(20);
+
+/// The most tasks one slot serves in a row before it is given back to the broker.
+const MAX_SLOT_USES: u32 = 64;
+
+/// How long after its take a slot may still pass to the next task of its key.
+const MAX_SLOT_AGE: Duration = Duration::from_millis(500);
+
+/// How long after a refused take (the key was full) its slots are given back at once.
+const REFUSED_FOR: Duration = Duration::from_secs(1);
+
+/// The most slots kept spare, and the most keys remembered as refused, at once.
+const MAX_SPARES: usize = 4096;
+
 /// The key slots a worker holds (id -> key and holder), renewed together by [`upkeep_loop`], and
 /// on a broker that [batches](celery_core::flow::KeySlots::batches), the takes and releases
 /// waiting for the call in flight.
@@ -42,6 +67,105 @@ pub(crate) struct HeldSlots {
     next: AtomicU64,
     takes: Mutex<Batch<PendingTake>>,
     releases: Mutex<Batch<PendingRelease>>,
+    spares: Mutex<Spares>,
+}
+
+/// Slots whose task ended, waiting a moment for the next task of their key, and the keys whose
+/// takes were refused lately (their slots go back at once).
+#[derive(Debug, Default)]
+struct Spares {
+    by_key: HashMap<(String, u32), Vec<Spare>>,
+    count: usize,
+    refused: HashMap<String, Instant>,
+    /// Whether a task gives back the spares that waited [`SPARE_GRACE`] in vain.
+    flushing: bool,
+}
+
+/// A slot kept for the next task of its key (see [`Spares`]).
+#[derive(Debug)]
+struct Spare {
+    id: u64,
+    holder: String,
+    queue: String,
+    uses: u32,
+    taken: Instant,
+    since: Instant,
+}
+
+impl Spares {
+    /// Keeps `slot` spare, unless its key was refused lately, it served its share of tasks or
+    /// too many are spare: then it is handed back to go to the broker. True when the caller
+    /// starts the task that gives back the spares that are not taken.
+    fn keep(&mut self, slot: SpareSlot, now: Instant) -> Result<bool, SpareSlot> {
+        let refused = self.refused.get(&slot.key).is_some_and(|t| now.duration_since(*t) < REFUSED_FOR);
+        let worn = slot.uses >= MAX_SLOT_USES || now.duration_since(slot.taken) >= MAX_SLOT_AGE;
+        if refused || worn || self.count >= MAX_SPARES {
+            return Err(slot);
+        }
+        let spare = Spare {
+            id: slot.id,
+            holder: slot.holder,
+            queue: slot.queue,
+            uses: slot.uses,
+            taken: slot.taken,
+            since: now,
+        };
+        self.by_key.entry((slot.key, slot.limit)).or_default().push(spare);
+        self.count += 1;
+        Ok(!std::mem::replace(&mut self.flushing, true))
+    }
+
+    /// A spare slot of `key` with `limit`, the newest first.
+    fn reuse(&mut self, key: &str, limit: u32) -> Option<Spare> {
+        let slots = self.by_key.get_mut(&(key.to_owned(), limit))?;
+        let spare = slots.pop()?;
+        if slots.is_empty() {
+            self.by_key.remove(&(key.to_owned(), limit));
+        }
+        self.count -= 1;
+        Some(spare)
+    }
+
+    /// Notes that a take of `key` was refused: its slots go back at once for a while.
+    fn refuse(&mut self, key: &str, now: Instant) {
+        if self.refused.len() >= MAX_SPARES {
+            self.refused.retain(|_, t| now.duration_since(*t) < REFUSED_FOR);
+            if self.refused.len() >= MAX_SPARES {
+                self.refused.clear();
+            }
+        }
+        self.refused.insert(key.to_owned(), now);
+    }
+
+    /// The spares that waited [`SPARE_GRACE`], as (key, spare); when none is left, the flushing
+    /// task ends.
+    fn expired(&mut self, now: Instant) -> Vec<(String, Spare)> {
+        let mut out = Vec::new();
+        self.by_key.retain(|(key, _), slots| {
+            let (gone, kept): (Vec<Spare>, Vec<Spare>) =
+                slots.drain(..).partition(|s| now.duration_since(s.since) >= SPARE_GRACE);
+            out.extend(gone.into_iter().map(|s| (key.clone(), s)));
+            *slots = kept;
+            !slots.is_empty()
+        });
+        self.count -= out.len();
+        if self.count == 0 {
+            self.flushing = false;
+        }
+        out
+    }
+}
+
+/// A slot leaving its task: kept spare or given back.
+#[derive(Debug)]
+struct SpareSlot {
+    id: u64,
+    key: String,
+    holder: String,
+    queue: String,
+    limit: u32,
+    uses: u32,
+    taken: Instant,
 }
 
 /// Requests waiting for the next call of a batch (group commit): while one call is in flight
@@ -141,6 +265,33 @@ impl HeldSlots {
         }
     }
 
+    /// A slot of `key` with `limit` whose task ended a moment ago on this worker, if any.
+    fn reuse(&self, key: &str, limit: u32) -> Option<Spare> {
+        lock(&self.spares).reuse(key, limit)
+    }
+
+    /// Notes that a take of `key` found it full.
+    fn refuse(&self, key: &str) {
+        lock(&self.spares).refuse(key, Instant::now());
+    }
+
+    /// Keeps the slot of an ended task spare for the next task of its key, or gives it back.
+    fn end(self: &Arc<Self>, broker: Arc<dyn Broker>, slot: SpareSlot) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
+        let kept = lock(&self.spares).keep(slot, Instant::now());
+        match kept {
+            Ok(start) => {
+                if start {
+                    rt.spawn(give_back_spares(broker, self.clone()));
+                }
+            }
+            Err(slot) => {
+                self.remove(slot.id);
+                self.give_back(broker, slot.key, slot.holder, slot.queue);
+            }
+        }
+    }
+
     /// How many slots are held.
     #[cfg(test)]
     fn len(&self) -> usize {
@@ -188,6 +339,26 @@ async fn send_releases(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
     }
 }
 
+/// Gives back the spare slots no task took within [`SPARE_GRACE`], every grace period until none
+/// is spare.
+async fn give_back_spares(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
+    loop {
+        tokio::time::sleep(SPARE_GRACE).await;
+        let (gone, more) = {
+            let mut spares = lock(&held.spares);
+            let gone = spares.expired(Instant::now());
+            (gone, spares.flushing)
+        };
+        for (key, spare) in gone {
+            held.remove(spare.id);
+            held.give_back(broker.clone(), key, spare.holder, spare.queue);
+        }
+        if !more {
+            return;
+        }
+    }
+}
+
 /// A held slot: renewed by the worker's [`upkeep_loop`] until released (dropping it releases it
 /// too).
 #[derive(Debug)]
@@ -198,6 +369,11 @@ pub(super) struct HeldSlot {
     key: String,
     holder: String,
     queue: String,
+    limit: u32,
+    /// The tasks this slot served, this one included.
+    uses: u32,
+    /// When the slot was taken from the broker.
+    taken: Instant,
 }
 
 impl HeldSlot {
@@ -212,7 +388,6 @@ impl Drop for HeldSlot {
     /// the broker's answer. The key's slot is held that round trip longer, never shorter, so at
     /// most its limit still run at once; if the release fails, the slot frees when its lease ends.
     fn drop(&mut self) {
-        self.held.remove(self.id);
         let (broker, key, holder, queue) = (
             self.broker.clone(),
             std::mem::take(&mut self.key),
@@ -220,9 +395,12 @@ impl Drop for HeldSlot {
             std::mem::take(&mut self.queue),
         );
         if broker.key_slots().is_some_and(|s| s.batches()) {
-            self.held.give_back(broker, key, holder, queue);
+            let (limit, uses, taken) = (self.limit, self.uses, self.taken);
+            let slot = SpareSlot { id: self.id, key, holder, queue, limit, uses, taken };
+            self.held.end(broker, slot);
             return;
         }
+        self.held.remove(self.id);
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let mut release = Box::pin(async move {
             let Some(slots) = broker.key_slots() else { return };
@@ -274,6 +452,23 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
             option: format!("per-key concurrency (`key_concurrency` of task `{}`)", opts.name),
         });
     };
+    if slots.batches() {
+        if let Some(spare) = w.held_slots.reuse(key, limit) {
+            let held = w.held_slots.clone();
+            let (id, holder, uses) = (spare.id, spare.holder, spare.uses + 1);
+            return KeyStep::Held(HeldSlot {
+                broker,
+                held,
+                id,
+                key: key.to_owned(),
+                holder,
+                queue: d.queue.clone(),
+                limit,
+                uses,
+                taken: spare.taken,
+            });
+        }
+    }
     let holder = format!("{}/{}", w.config.hostname, msg.headers.id);
     let ttl = w.config.key_lease.max(MIN_KEY_LEASE);
     let req = SlotRequest { key, limit, holder: &holder, ttl };
@@ -283,6 +478,9 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     // On a broker that batches, most takes find a slot free in a batch; the others (a full key
     // to park at) go one by one.
     let taken = slots.batches() && w.held_slots.take(&broker, &req).await;
+    if slots.batches() && !taken {
+        w.held_slots.refuse(key);
+    }
     let admission = if taken {
         Ok(Admission::Acquired)
     } else {
@@ -292,7 +490,9 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
         Ok(Admission::Acquired) => {
             let id = w.held_slots.add(key, &holder);
             let held = w.held_slots.clone();
-            KeyStep::Held(HeldSlot { broker, held, id, key: key.to_owned(), holder, queue: d.queue.clone() })
+            let queue = d.queue.clone();
+            let (key, taken) = (key.to_owned(), Instant::now());
+            KeyStep::Held(HeldSlot { broker, held, id, key, holder, queue, limit, uses: 1, taken })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),
@@ -370,6 +570,66 @@ mod tests {
         assert_eq!(b.next(), Some(vec![MAX_SLOT_BATCH]));
         assert_eq!(b.next(), None);
         assert!(b.push(7), "once drained, the next request starts a call again");
+    }
+
+    fn ended(id: u64, key: &str, limit: u32, uses: u32) -> SpareSlot {
+        SpareSlot {
+            id,
+            key: key.into(),
+            holder: format!("w/{id}"),
+            queue: "q".into(),
+            limit,
+            uses,
+            taken: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_spare_slot_serves_the_next_task_of_its_key_and_limit_only() {
+        let (mut sp, t0) = (Spares::default(), Instant::now());
+        assert!(sp.keep(ended(1, "k", 2, 1), t0).unwrap(), "the first spare starts the flusher");
+        assert!(!sp.keep(ended(2, "k", 2, 3), t0).unwrap(), "one flusher at a time");
+        assert!(sp.reuse("k", 3).is_none(), "another limit does not share the slot");
+        assert!(sp.reuse("other", 2).is_none());
+        let s = sp.reuse("k", 2).unwrap();
+        assert_eq!((s.id, s.uses, s.holder.as_str()), (2, 3, "w/2"), "the newest first, with its holder");
+        assert_eq!(sp.reuse("k", 2).unwrap().id, 1);
+        assert!(sp.reuse("k", 2).is_none() && sp.count == 0 && sp.by_key.is_empty());
+    }
+
+    #[test]
+    fn refused_keys_worn_slots_and_too_many_spares_go_back_at_once() {
+        let (mut sp, t0) = (Spares::default(), Instant::now());
+        sp.refuse("full", t0);
+        assert!(sp.keep(ended(1, "full", 2, 1), t0).is_err(), "a key refused lately");
+        let later = SpareSlot { taken: t0 + REFUSED_FOR, ..ended(2, "full", 2, 1) };
+        assert!(sp.keep(later, t0 + REFUSED_FOR).is_ok(), "refused a while ago");
+        assert!(sp.keep(ended(3, "k", 2, MAX_SLOT_USES), t0).is_err(), "served its share of tasks");
+        let old = SpareSlot { taken: t0, ..ended(4, "k", 2, 1) };
+        assert!(sp.keep(old, t0 + MAX_SLOT_AGE).is_err(), "taken too long ago (a long task's slot)");
+        for i in 0..MAX_SPARES as u64 {
+            let _ = sp.keep(ended(10 + i, "k", 2, 1), t0);
+        }
+        assert_eq!(sp.count, MAX_SPARES);
+        assert!(sp.keep(ended(9, "k", 2, 1), t0).is_err(), "bounded");
+        for i in 0..=MAX_SPARES {
+            sp.refuse(&format!("r{i}"), t0);
+        }
+        assert!(sp.refused.len() <= MAX_SPARES, "the refused keys are bounded too");
+    }
+
+    #[test]
+    fn spares_go_back_after_their_grace() {
+        let (mut sp, t0) = (Spares::default(), Instant::now());
+        assert!(sp.keep(ended(1, "a", 1, 1), t0).unwrap());
+        assert!(!sp.keep(ended(2, "b", 1, 1), t0 + SPARE_GRACE / 2).unwrap());
+        assert!(sp.expired(t0 + SPARE_GRACE / 4).is_empty());
+        let gone = sp.expired(t0 + SPARE_GRACE);
+        assert_eq!(gone.iter().map(|(k, s)| (k.as_str(), s.id)).collect::<Vec<_>>(), vec![("a", 1)]);
+        assert!(sp.flushing, "one is still spare");
+        assert_eq!(sp.expired(t0 + SPARE_GRACE * 2).len(), 1);
+        assert!(!sp.flushing && sp.count == 0, "none left: the flusher ends, the next spare starts one");
+        assert!(sp.keep(ended(3, "a", 1, 1), t0).unwrap());
     }
 
     #[test]
