@@ -9,9 +9,10 @@
 //! broker, so the envelope carries `9 - priority` and decoding maps it back.
 
 use base64::Engine;
-use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
+use celery_core::protocol::{
+    check_content_type, Headers, JsonStr, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use celery_core::ProtocolError;
-use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -76,9 +77,9 @@ impl Decoded {
 #[derive(serde::Deserialize)]
 struct Envelope<'a, H> {
     #[serde(borrow, default)]
-    body: Option<Text<'a>>,
+    body: Option<JsonStr<'a>>,
     #[serde(rename = "content-type", borrow, default)]
-    content_type: Option<Text<'a>>,
+    content_type: Option<JsonStr<'a>>,
     #[serde(default = "none")]
     headers: Option<H>,
     #[serde(borrow, default)]
@@ -100,42 +101,9 @@ struct EnvProperties<'a> {
     #[serde(borrow, default)]
     priority: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    body_encoding: Option<Text<'a>>,
+    body_encoding: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     delivery_info: Option<&'a RawValue>,
-}
-
-/// A JSON string, borrowed from the input when it has no escapes. (`Option<Cow<str>>` would
-/// always be owned: serde borrows a `Cow` only as a field's own type.)
-struct Text<'a>(Cow<'a, str>);
-
-impl std::ops::Deref for Text<'_> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text<'a>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Cow<'de, str>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Cow::Borrowed(v))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(v.to_owned()))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(v))
-            }
-        }
-        d.deserialize_str(V).map(Text)
-    }
 }
 
 /// The body of any envelope (a task or not, e.g. an event), JSON only; `None` when unreadable.
