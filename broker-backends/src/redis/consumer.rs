@@ -113,8 +113,21 @@ impl redis::ToSingleRedisArg for LeaseTag {}
 impl redis::ToRedisArgs for LeaseTag {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         use std::io::Write;
-        // Into the command's own buffer: writing to it cannot fail.
-        let _ = write!(out.writer_for_next_arg(), "{}{}", self.prefix, self.seq);
+        // The digits by hand (`write!` would go through the formatting machinery for every tag),
+        // then both parts into the command's own buffer, as one argument: writing to it cannot fail.
+        let mut digits = [0u8; 20];
+        let (mut at, mut n) = (digits.len(), self.seq);
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut arg = out.writer_for_next_arg();
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(&digits[at..]);
     }
 }
 
@@ -1014,6 +1027,8 @@ mod tests {
         let tag = |seq| LeaseTag::new("ab.".into(), seq);
         // Lua's `prefix .. seq` writes an integral number below 10^14 with all its digits.
         assert_eq!(tag(0).to_string(), "ab.0");
+        assert_eq!(tag(0).to_redis_args(), vec![b"ab.0".to_vec()]);
+        assert_eq!(tag(u64::MAX).to_redis_args(), vec![format!("ab.{}", u64::MAX).into_bytes()], "20 digits");
         assert_eq!(tag(127).to_redis_args(), vec![b"ab.127".to_vec()]);
         // The last tag of a fetch sent just below the cap, still below 10^14.
         let last = tag(MAX_TAG_SEQ + MAX_FETCH as u64);
