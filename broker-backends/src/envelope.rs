@@ -9,9 +9,10 @@
 //! broker, so the envelope carries `9 - priority` and decoding maps it back.
 
 use base64::Engine;
-use celery_core::protocol::{check_content_type, Headers, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE};
+use celery_core::protocol::{
+    check_content_type, Headers, JsonStr, Message, Properties, CONTENT_ENCODING, CONTENT_TYPE,
+};
 use celery_core::ProtocolError;
-use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
@@ -76,9 +77,9 @@ impl Decoded {
 #[derive(serde::Deserialize)]
 struct Envelope<'a, H> {
     #[serde(borrow, default)]
-    body: Option<Text<'a>>,
+    body: Option<JsonStr<'a>>,
     #[serde(rename = "content-type", borrow, default)]
-    content_type: Option<Text<'a>>,
+    content_type: Option<JsonStr<'a>>,
     #[serde(default = "none")]
     headers: Option<H>,
     #[serde(borrow, default)]
@@ -100,42 +101,9 @@ struct EnvProperties<'a> {
     #[serde(borrow, default)]
     priority: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    body_encoding: Option<Text<'a>>,
+    body_encoding: Option<JsonStr<'a>>,
     #[serde(borrow, default)]
     delivery_info: Option<&'a RawValue>,
-}
-
-/// A JSON string, borrowed from the input when it has no escapes. (`Option<Cow<str>>` would
-/// always be owned: serde borrows a `Cow` only as a field's own type.)
-struct Text<'a>(Cow<'a, str>);
-
-impl std::ops::Deref for Text<'_> {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl<'de: 'a, 'a> serde::Deserialize<'de> for Text<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Text<'a>, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Cow<'de, str>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Cow::Borrowed(v))
-            }
-            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(v.to_owned()))
-            }
-            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Cow::Owned(v))
-            }
-        }
-        d.deserialize_str(V).map(Text)
-    }
 }
 
 /// The body of any envelope (a task or not, e.g. an event), JSON only; `None` when unreadable.
@@ -152,9 +120,12 @@ pub(crate) fn body_of(raw: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Decodes an envelope; never panics. Headers are read straight into [`Headers`]; when that
-/// fails, the envelope is read again through a `Value` for an error that names the field.
+/// fails, the envelope is read again through a `Value` for an error that names the field. The
+/// fast path checks the envelope's UTF-8 once as a whole, so serde_json does not check each of its
+/// strings again (input that is not UTF-8 takes the slow path, whose error says where).
 pub(crate) fn decode(raw: &[u8]) -> Decoded {
-    if let Ok(mut env) = serde_json::from_slice::<Envelope<'_, Headers>>(raw) {
+    let fast = std::str::from_utf8(raw).ok().and_then(|text| serde_json::from_str::<Envelope<'_, Headers>>(text).ok());
+    if let Some(mut env) = fast {
         if let Some(headers) = env.headers.take() {
             let redelivered = headers.says_redelivered() || redelivered_in(env.properties.as_ref());
             if let Ok(message) = decode_envelope(env, headers) {
@@ -290,6 +261,38 @@ mod tests {
         assert_eq!((d.message.unwrap().properties.priority, d.redelivered), (Some(7), true));
         let d = decode(env(json!({"priority": null, "delivery_info": {"routing_key": "redelivered"}})).as_bytes());
         assert!(!d.redelivered, "only the field counts, not the word");
+    }
+
+    #[test]
+    fn hostile_envelopes_are_errors() {
+        let body = B64.encode(br#"[[2, 3], {}, {}]"#);
+        let env = |headers: Value| json!({"body": body, "headers": headers}).to_string().into_bytes();
+        assert!(decode(&env(json!({"task": "add", "id": "x1"}))).message.is_ok());
+        // A byte that is not UTF-8 inside a string; an envelope cut inside a character, inside a
+        // string, or after a key.
+        let mut bytes = env(json!({"task": "add", "id": "x1"}));
+        let at = bytes.iter().position(|b| *b == b'x').unwrap();
+        bytes[at] = 0xff;
+        assert!(matches!(decode(&bytes).message, Err(ProtocolError::InvalidJson(_))));
+        for cut in ["{\"body\": \"\u{e9}".as_bytes().split_last().unwrap().1, b"{\"body\": \"YWJj", b"{\"headers\""] {
+            assert!(matches!(decode(cut).message, Err(ProtocolError::InvalidJson(_))), "{cut:?}");
+        }
+        // Bad base64, numbers too large for their field or for JSON, wrong types: errors that name
+        // the field (with the task id when the headers name one).
+        let bad_b64 = json!({"body": "not base64!", "headers": {"task": "add", "id": "x1"}}).to_string();
+        assert!(matches!(decode(bad_b64.as_bytes()).message, Err(ProtocolError::InvalidField { field: "body", .. })));
+        let named = |headers: Value| match decode(&env(headers)).message {
+            Err(ProtocolError::InvalidHeaders { id, error, .. }) => (id, error.to_string()),
+            other => panic!("{other:?}"),
+        };
+        let (id, why) = named(json!({"task": "add", "id": "x1", "retries": 1u64 << 40}));
+        assert_eq!(id, "x1");
+        assert!(why.contains("retries"), "{why}");
+        assert!(named(json!({"task": "add", "id": "x1", "timelimit": "soon"})).1.contains("timelimit"));
+        assert!(named(json!({"task": ["add"], "id": "x1"})).1.contains("task"));
+        let huge = br#"{"body": "", "headers": {"task": "add", "id": "x1", "retries": 1e400}}"#;
+        assert!(matches!(decode(huge).message, Err(ProtocolError::InvalidJson(_))));
+        assert!(matches!(decode(br#"{"body": "", "headers": 7}"#).message, Err(ProtocolError::MissingField("task"))));
     }
 
     #[test]

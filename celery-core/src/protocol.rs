@@ -388,9 +388,85 @@ pub struct TaskBody {
     pub embed: Map<String, Value>,
 }
 
+/// A JSON string borrowed from the input when it has no escapes, owned otherwise. (`Cow<str>`
+/// itself is always owned when serde reads it inside an `Option` or a map: serde borrows a `Cow`
+/// only as a derived struct's field marked `#[serde(borrow)]`.)
+///
+/// ```
+/// use celery_core::protocol::JsonStr;
+/// use std::borrow::Cow;
+/// let plain: JsonStr<'_> = serde_json::from_str(r#""add""#).unwrap();
+/// assert!(matches!(plain.0, Cow::Borrowed("add")));
+/// let escaped: JsonStr<'_> = serde_json::from_str(r#""a\/b""#).unwrap();
+/// assert_eq!(&*escaped, "a/b");
+/// ```
+#[derive(Debug)]
+pub struct JsonStr<'a>(pub std::borrow::Cow<'a, str>);
+
+impl std::ops::Deref for JsonStr<'_> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for JsonStr<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<JsonStr<'a>, D::Error> {
+        use std::borrow::Cow;
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Cow::Owned(v))
+            }
+        }
+        d.deserialize_str(V).map(JsonStr)
+    }
+}
+
 /// The fast path of [`TaskBody::from_slice`]: straight into the parts, without a `Value` for the
-/// whole body; `embed` entries that are null are left out (the same as absent).
+/// whole body; `embed` entries that are null are left out (the same as absent) before their keys
+/// are copied.
 struct FastBody(TaskBody);
+
+/// A body's `embed` object without its null entries (Celery sends all four keys, mostly null:
+/// those cost no allocation here).
+struct Embed(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for Embed {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Embed, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Embed;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("the embed object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Embed, A::Error> {
+                let mut embed = Map::new();
+                while let Some(key) = map.next_key::<JsonStr<'de>>()? {
+                    let value: Value = map.next_value()?;
+                    if value.is_null() {
+                        // A key given twice is read as the last one says, as a whole map would.
+                        embed.remove(&*key);
+                    } else {
+                        embed.insert(key.0.into_owned(), value);
+                    }
+                }
+                Ok(Embed(embed))
+            }
+        }
+        d.deserialize_map(Entries)
+    }
+}
 
 impl<'de> serde::Deserialize<'de> for FastBody {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<FastBody, D::Error> {
@@ -404,17 +480,14 @@ impl<'de> serde::Deserialize<'de> for FastBody {
                 let args: Option<Vec<Value>> =
                     seq.next_element()?.ok_or_else(|| serde::de::Error::custom("no args"))?;
                 let kwargs: Option<Map<String, Value>> = seq.next_element()?.flatten();
-                let mut embed: Option<Map<String, Value>> = seq.next_element()?.flatten();
+                let embed: Option<Embed> = seq.next_element()?.flatten();
                 if seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
                     return Err(serde::de::Error::custom("more than three parts"));
-                }
-                if let Some(e) = embed.as_mut() {
-                    e.retain(|_, v| !v.is_null());
                 }
                 Ok(FastBody(TaskBody {
                     args: args.unwrap_or_default(),
                     kwargs: kwargs.unwrap_or_default(),
-                    embed: embed.unwrap_or_default(),
+                    embed: embed.map(|e| e.0).unwrap_or_default(),
                 }))
             }
         }
@@ -723,6 +796,33 @@ mod tests {
             TaskBody::from_slice(br#"[null, null, {"chain": null, "chord": {"task": "t"}, "k\u00e9": 1}]"#).unwrap();
         assert!(nulls.args.is_empty());
         assert_eq!(Value::Object(nulls.embed), json!({"chord": {"task": "t"}, "k\u{e9}": 1}));
+        // The last of a key given twice counts, null or not.
+        let twice = TaskBody::from_slice(br#"[[], {}, {"chain": [1], "chain": null, "chord": null, "chord": 2}]"#);
+        assert_eq!(Value::Object(twice.unwrap().embed), json!({"chord": 2}));
+    }
+
+    #[test]
+    fn hostile_bodies_are_errors_not_panics() {
+        let invalid_json = |b: &[u8]| matches!(TaskBody::from_slice(b), Err(ProtocolError::InvalidJson(_)));
+        // Truncated inside the embed, after a key, inside a string.
+        assert!(invalid_json(br#"[[], {}, {"chain": [1]"#));
+        assert!(invalid_json(br#"[[], {}, {"chain""#));
+        assert!(invalid_json(br#"[[], {}, {"ch"#));
+        // A number too large for JSON's doubles, anywhere.
+        assert!(invalid_json(br#"[[1e400], {}, {}]"#));
+        assert!(invalid_json(br#"[[], {}, {"chord": 1e999}]"#));
+        // Nesting past serde_json's recursion limit.
+        let deep = format!("[[], {{}}, {{\"chord\": {}{}}}]", "[".repeat(10_000), "]".repeat(10_000));
+        assert!(invalid_json(deep.as_bytes()));
+        // Wrong types: an embed that is not an object, an embed key that is not a string.
+        assert!(matches!(
+            TaskBody::from_slice(br#"[[], {}, "chain"]"#),
+            Err(ProtocolError::InvalidField { field: "embed", .. })
+        ));
+        assert!(invalid_json(br#"[[], {}, {1: null}]"#));
+        // Huge integers that fit JSON are kept as they are.
+        let big = TaskBody::from_slice(br#"[[18446744073709551615, -9223372036854775808], {}, {}]"#).unwrap();
+        assert_eq!(big.args, vec![json!(u64::MAX), json!(i64::MIN)]);
     }
 
     #[test]

@@ -288,10 +288,16 @@ impl<E: std::error::Error + Send + Sync + 'static> From<E> for TaskError {
     }
 }
 
+/// What the clones of one run's context share (one allocation per run): its soft time limit
+/// and the last state it reported.
 #[derive(Debug, Default)]
-struct SoftLimit {
+struct RunShared {
+    /// The soft time limit passed.
     exceeded: AtomicBool,
+    /// Woken when it does.
     notify: Notify,
+    /// The last state reported ([`TaskContext::last_state`]).
+    last_state: std::sync::Mutex<Option<(TaskState, Value)>>,
 }
 
 /// What a running task knows about itself: id, retries, eta, and whether its soft time limit passed.
@@ -308,23 +314,14 @@ pub struct TaskContext {
     name: Arc<str>,
     retries: u32,
     eta: Option<DateTime<Utc>>,
-    soft: Arc<SoftLimit>,
+    shared: Arc<RunShared>,
     sink: Option<Arc<dyn StateSink>>,
-    last_state: Arc<std::sync::Mutex<Option<(TaskState, Value)>>>,
 }
 
 impl TaskContext {
     /// A context for task `id` named `name` on its `retries`-th retry.
     pub fn new(id: &str, name: &str, retries: u32) -> TaskContext {
-        TaskContext {
-            id: id.into(),
-            name: name.into(),
-            retries,
-            eta: None,
-            soft: Arc::default(),
-            sink: None,
-            last_state: Arc::default(),
-        }
+        TaskContext { id: id.into(), name: name.into(), retries, eta: None, shared: Arc::default(), sink: None }
     }
 
     /// Sends the states the task reports ([`update_state`](Self::update_state)) to `sink` (the
@@ -364,13 +361,13 @@ impl TaskContext {
         if let Some(sink) = &self.sink {
             sink.report(&self.id, state, &meta).await?;
         }
-        *crate::sync::lock(&self.last_state) = Some((state, meta));
+        *crate::sync::lock(&self.shared.last_state) = Some((state, meta));
         Ok(())
     }
 
     /// The last state this task reported with [`update_state`](Self::update_state), if any.
     pub fn last_state(&self) -> Option<(TaskState, Value)> {
-        crate::sync::lock(&self.last_state).clone()
+        crate::sync::lock(&self.shared.last_state).clone()
     }
 
     /// Sets the eta the task was scheduled for.
@@ -406,13 +403,13 @@ impl TaskContext {
 
     /// True once the soft time limit passed.
     pub fn soft_time_limit_exceeded(&self) -> bool {
-        self.soft.exceeded.load(Ordering::Acquire)
+        self.shared.exceeded.load(Ordering::Acquire)
     }
 
     /// Resolves when the soft time limit passes (never, if there is none).
     pub async fn soft_time_limit(&self) {
         loop {
-            let notified = self.soft.notify.notified();
+            let notified = self.shared.notify.notified();
             if self.soft_time_limit_exceeded() {
                 return;
             }
@@ -422,8 +419,8 @@ impl TaskContext {
 
     /// Signals the soft time limit (called by the worker).
     pub fn signal_soft_time_limit(&self) {
-        self.soft.exceeded.store(true, Ordering::Release);
-        self.soft.notify.notify_waiters();
+        self.shared.exceeded.store(true, Ordering::Release);
+        self.shared.notify.notify_waiters();
     }
 }
 

@@ -1,6 +1,7 @@
 //! Prometheus metrics of a worker (`worker --metrics 9808`), through the `metrics` crate and its
 //! Prometheus recorder, served by a small HTTP server of our own. Without `--metrics` no recorder is
-//! installed and every call here does nothing.
+//! installed and every call here does nothing: the per-task ones return before building their
+//! labels (which would allocate for every task).
 //!
 //! Where it listens: a bare port means loopback (`9808` is `127.0.0.1:9808`); an address beyond
 //! loopback must be asked for with `--metrics-public` as well (`--metrics 0.0.0.0:9808
@@ -102,6 +103,7 @@ pub async fn serve(addr: SocketAddr, public: bool, hosts: Vec<String>) -> Result
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("celery_task_runtime_seconds".into()), RUNTIME_BUCKETS)?
         .install_recorder()?;
+    RECORDING.store(true, std::sync::atomic::Ordering::Release);
     describe();
     let upkeep = handle.clone();
     tokio::spawn(async move {
@@ -194,36 +196,68 @@ pub fn poll_queue_depth(app: App, queues: Vec<String>) {
     });
 }
 
+/// Set once [`serve`] installed the recorder: until then the per-task calls do nothing at all.
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether metrics are recorded (see [`RECORDING`]).
+fn recording() -> bool {
+    RECORDING.load(std::sync::atomic::Ordering::Acquire)
+}
+
 pub(crate) fn received(task: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("celery_tasks_received_total", "task" => task).increment(1);
 }
 
 pub(crate) fn started() {
+    if !recording() {
+        return;
+    }
     gauge!("celery_worker_in_flight").increment(1.0);
 }
 
 pub(crate) fn finished(task: &'static str, runtime: Duration) {
+    if !recording() {
+        return;
+    }
     gauge!("celery_worker_in_flight").decrement(1.0);
     histogram!("celery_task_runtime_seconds", "task" => task).record(runtime.as_secs_f64());
 }
 
 pub(crate) fn reported() {
+    if !recording() {
+        return;
+    }
     counter!("celery_task_state_reports_total").increment(1);
 }
 
 pub(crate) fn succeeded(task: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("celery_tasks_succeeded_total", "task" => task).increment(1);
 }
 
 pub(crate) fn failed(task: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("celery_tasks_failed_total", "task" => task).increment(1);
 }
 
 pub(crate) fn retried(task: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("celery_tasks_retried_total", "task" => task).increment(1);
 }
 
 pub(crate) fn revoked(task: &'static str) {
+    if !recording() {
+        return;
+    }
     counter!("celery_tasks_revoked_total", "task" => task).increment(1);
 }
 

@@ -58,13 +58,76 @@ pub type RedisConsumer = FetchingConsumer<Acked>;
 /// What an ack names: the delivery's tag in its scope's `unacked` hash.
 #[derive(Debug)]
 pub struct Acked {
-    tag: String,
+    tag: LeaseTag,
     group: usize,
 }
 
 impl Acked {
-    pub(super) fn new(tag: String, group: usize) -> Acked {
+    pub(super) fn new(tag: LeaseTag, group: usize) -> Acked {
         Acked { tag, group }
+    }
+}
+
+/// The tag of one lease in `unacked`: its consumer's prefix and a sequence number, which the fetch
+/// script writes as `<prefix><seq>`. Kept as the two parts, so a lease costs no string of its own:
+/// the text is written straight into a command's buffer when one names it ([`redis::ToRedisArgs`])
+/// and hashed as the number. Equal when both parts are.
+#[derive(Debug, Clone)]
+pub(super) struct LeaseTag {
+    prefix: Arc<str>,
+    seq: u64,
+}
+
+impl LeaseTag {
+    /// The tag `<prefix><seq>`.
+    pub(super) fn new(prefix: Arc<str>, seq: u64) -> LeaseTag {
+        LeaseTag { prefix, seq }
+    }
+}
+
+impl PartialEq for LeaseTag {
+    fn eq(&self, other: &LeaseTag) -> bool {
+        self.seq == other.seq && (Arc::ptr_eq(&self.prefix, &other.prefix) || self.prefix == other.prefix)
+    }
+}
+
+impl Eq for LeaseTag {}
+
+impl std::hash::Hash for LeaseTag {
+    /// The number alone: tags that differ only by their prefix are rare (a consumer takes a new
+    /// prefix after [`MAX_TAG_SEQ`] leases) and told apart by `eq`.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.seq.hash(state);
+    }
+}
+
+impl std::fmt::Display for LeaseTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.prefix, self.seq)
+    }
+}
+
+/// One argument.
+impl redis::ToSingleRedisArg for LeaseTag {}
+
+impl redis::ToRedisArgs for LeaseTag {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write;
+        // The digits by hand (`write!` would go through the formatting machinery for every tag),
+        // then both parts into the command's own buffer, as one argument: writing to it cannot fail.
+        let mut digits = [0u8; 20];
+        let (mut at, mut n) = (digits.len(), self.seq);
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let mut arg = out.writer_for_next_arg();
+        let _ = arg.write_all(self.prefix.as_bytes());
+        let _ = arg.write_all(&digits[at..]);
     }
 }
 
@@ -162,7 +225,7 @@ pub(super) struct Shared {
     pub(super) conn: RedisConn,
     pub(super) keys: Keys,
     /// The unsettled deliveries (renewed until settled): tag -> group.
-    leases: Mutex<HashMap<String, usize>>,
+    leases: Mutex<HashMap<LeaseTag, usize>>,
     slots: Slots,
     pub(super) acks: AckQueue<Acked>,
     /// Whose heartbeat vouches for these leases (see [`super::holder`]).
@@ -176,7 +239,7 @@ pub(super) struct Shared {
 
 impl Shared {
     /// Forgets the lease `tag` and frees its prefetch slot.
-    pub(super) fn release(&self, tag: &str) {
+    pub(super) fn release(&self, tag: &LeaseTag) {
         if let Some(g) = lock(&self.leases).remove(tag) {
             self.holder.broker().unhold(&self.groups[g].scope);
         }
@@ -184,7 +247,7 @@ impl Shared {
     }
 
     /// The unsettled tags, per group.
-    fn lease_snapshot(&self) -> Vec<Vec<String>> {
+    fn lease_snapshot(&self) -> Vec<Vec<LeaseTag>> {
         let mut per = vec![Vec::new(); self.groups.len()];
         for (tag, g) in lock(&self.leases).iter() {
             per[*g].push(tag.clone());
@@ -281,7 +344,7 @@ impl RedisConsumer {
             |_| true,
             move |acked: &[Acked]| {
                 // One MULTI per group (one slot each on a cluster; the one group on a server).
-                let mut per: Vec<Vec<&str>> = vec![Vec::new(); ack_shared.groups.len()];
+                let mut per: Vec<Vec<&LeaseTag>> = vec![Vec::new(); ack_shared.groups.len()];
                 for a in acked {
                     per[a.group].push(&a.tag);
                 }
@@ -363,15 +426,6 @@ struct RedisFetch {
 /// A fresh prefix for the tags of one consumer's leases (`<uuid>.`).
 fn new_tag_prefix() -> Arc<str> {
     format!("{}.", uuid::Uuid::new_v4().simple()).into()
-}
-
-/// The tag of a lease: the prefix and the sequence number, as the fetch script writes it.
-fn lease_tag(prefix: &str, seq: u64) -> String {
-    use std::fmt::Write;
-    let mut tag = String::with_capacity(prefix.len() + 20);
-    tag.push_str(prefix);
-    let _ = write!(tag, "{seq}");
-    tag
 }
 
 /// Past this sequence number a consumer takes a new tag prefix and starts again from 0: Lua
@@ -480,7 +534,7 @@ async fn decode_loop(
             shared.wakes.mark(hot);
         }
         // The leases, under one lock, before any delivery can be settled.
-        let tags: Vec<String> = (0..got as u64).map(|k| lease_tag(&prefix, seq + k)).collect();
+        let tags: Vec<LeaseTag> = (0..got as u64).map(|k| LeaseTag::new(prefix.clone(), seq + k)).collect();
         {
             let mut leases = lock(&shared.leases);
             leases.reserve(got);
@@ -969,11 +1023,32 @@ mod tests {
 
     #[test]
     fn lease_tags_are_written_as_the_fetch_script_writes_them() {
+        use redis::ToRedisArgs;
+        let tag = |seq| LeaseTag::new("ab.".into(), seq);
         // Lua's `prefix .. seq` writes an integral number below 10^14 with all its digits.
-        assert_eq!(lease_tag("ab.", 0), "ab.0");
-        assert_eq!(lease_tag("ab.", 127), "ab.127");
+        assert_eq!(tag(0).to_string(), "ab.0");
+        assert_eq!(tag(0).to_redis_args(), vec![b"ab.0".to_vec()]);
+        assert_eq!(tag(u64::MAX).to_redis_args(), vec![format!("ab.{}", u64::MAX).into_bytes()], "20 digits");
+        assert_eq!(tag(127).to_redis_args(), vec![b"ab.127".to_vec()]);
         // The last tag of a fetch sent just below the cap, still below 10^14.
-        assert_eq!(lease_tag("ab.", MAX_TAG_SEQ + MAX_FETCH as u64), "ab.10000000000128");
+        let last = tag(MAX_TAG_SEQ + MAX_FETCH as u64);
+        assert_eq!(last.to_redis_args(), vec![b"ab.10000000000128".to_vec()]);
+        assert_eq!(last.to_string(), "ab.10000000000128");
+        // In a command, each tag is one argument of its own.
+        let args = redis::cmd("HDEL").arg("unacked").arg(&[tag(1), tag(22)][..]).get_packed_command();
+        assert!(String::from_utf8_lossy(&args).ends_with("$4\r\nab.1\r\n$5\r\nab.22\r\n"), "{args:?}");
+    }
+
+    #[test]
+    fn lease_tags_of_two_prefixes_are_told_apart() {
+        let (a, b): (Arc<str>, Arc<str>) = ("a.".into(), "b.".into());
+        let mut leases = HashMap::new();
+        leases.insert(LeaseTag::new(a.clone(), 7), 0);
+        leases.insert(LeaseTag::new(b.clone(), 7), 1);
+        assert_eq!(leases.len(), 2);
+        assert_eq!(leases.remove(&LeaseTag::new("a.".into(), 7)), Some(0), "equal by value, not by pointer");
+        assert_eq!(leases.remove(&LeaseTag::new(b, 7)), Some(1));
+        assert!(leases.remove(&LeaseTag::new(a, 8)).is_none());
     }
 
     #[test]

@@ -238,7 +238,7 @@ impl RedisBeat {
 
     /// True when the lease `tag` still exists in `scope` (`HEXISTS unacked`); true too when Redis
     /// cannot say (an outcome is better stored twice than lost).
-    pub(crate) async fn still_leased(&self, scope: &Scope, tag: &str) -> bool {
+    pub(crate) async fn still_leased(&self, scope: &Scope, tag: impl redis::ToSingleRedisArg + Send + Sync) -> bool {
         let mut c = self.conn.clone();
         match c.hexists::<_, _, bool>(scope.unacked(), tag).await {
             Ok(held) => held,

@@ -12,7 +12,7 @@ use celery_core::protocol::Message;
 use celery_core::BrokerError;
 use chrono::{DateTime, Utc};
 
-use super::consumer::{Acked, Shared};
+use super::consumer::{Acked, LeaseTag, Shared};
 use super::error::failed;
 use super::scripts;
 use crate::envelope;
@@ -21,7 +21,7 @@ use crate::envelope;
 #[derive(Debug)]
 pub(super) struct RedisSettle {
     shared: Arc<Shared>,
-    tag: String,
+    tag: LeaseTag,
     /// Its group in [`Shared::groups`] (whose lease keys hold it).
     group: usize,
     /// The (queue, shard) it was taken from, in [`Shared::entries`].
@@ -38,7 +38,7 @@ impl RedisSettle {
     /// `step` of `entry`.
     pub(super) fn new(
         shared: Arc<Shared>,
-        tag: String,
+        tag: LeaseTag,
         group: usize,
         entry: usize,
         step: usize,
