@@ -81,14 +81,10 @@ struct Spares {
     flushing: bool,
 }
 
-/// A slot kept for the next task of its key (see [`Spares`]).
+/// A slot kept for the next task of its key (see [`Spares`]), since its last task ended.
 #[derive(Debug)]
 struct Spare {
-    id: u64,
-    holder: String,
-    queue: String,
-    uses: u32,
-    taken: Instant,
+    lease: SlotLease,
     since: Instant,
 }
 
@@ -96,34 +92,28 @@ impl Spares {
     /// Keeps `slot` spare, unless its key was refused lately, it served its share of tasks or
     /// too many are spare: then it is handed back to go to the broker. True when the caller
     /// starts the task that gives back the spares that are not taken.
-    fn keep(&mut self, slot: SpareSlot, now: Instant) -> Result<bool, SpareSlot> {
-        let refused = self.refused.get(&slot.key).is_some_and(|t| now.duration_since(*t) < REFUSED_FOR);
-        let worn = slot.uses >= MAX_SLOT_USES || now.duration_since(slot.taken) >= MAX_SLOT_AGE;
+    fn keep(&mut self, lease: SlotLease, now: Instant) -> Result<bool, SlotLease> {
+        let refused = self.refused.get(&lease.key).is_some_and(|t| now.duration_since(*t) < REFUSED_FOR);
+        let worn = lease.uses >= MAX_SLOT_USES || now.duration_since(lease.taken) >= MAX_SLOT_AGE;
         if refused || worn || self.count >= MAX_SPARES {
-            return Err(slot);
+            return Err(lease);
         }
-        let spare = Spare {
-            id: slot.id,
-            holder: slot.holder,
-            queue: slot.queue,
-            uses: slot.uses,
-            taken: slot.taken,
-            since: now,
-        };
-        self.by_key.entry((slot.key, slot.limit)).or_default().push(spare);
+        let at = (lease.key.clone(), lease.limit);
+        self.by_key.entry(at).or_default().push(Spare { lease, since: now });
         self.count += 1;
         Ok(!std::mem::replace(&mut self.flushing, true))
     }
 
     /// A spare slot of `key` with `limit`, the newest first.
-    fn reuse(&mut self, key: &str, limit: u32) -> Option<Spare> {
-        let slots = self.by_key.get_mut(&(key.to_owned(), limit))?;
+    fn reuse(&mut self, key: &str, limit: u32) -> Option<SlotLease> {
+        let at = (key.to_owned(), limit);
+        let slots = self.by_key.get_mut(&at)?;
         let spare = slots.pop()?;
         if slots.is_empty() {
-            self.by_key.remove(&(key.to_owned(), limit));
+            self.by_key.remove(&at);
         }
         self.count -= 1;
-        Some(spare)
+        Some(spare.lease)
     }
 
     /// Notes that a take of `key` was refused: its slots go back at once for a while.
@@ -137,14 +127,13 @@ impl Spares {
         self.refused.insert(key.to_owned(), now);
     }
 
-    /// The spares that waited [`SPARE_GRACE`], as (key, spare); when none is left, the flushing
-    /// task ends.
-    fn expired(&mut self, now: Instant) -> Vec<(String, Spare)> {
+    /// The spares that waited [`SPARE_GRACE`]; when none is left, the flushing task ends.
+    fn expired(&mut self, now: Instant) -> Vec<SlotLease> {
         let mut out = Vec::new();
-        self.by_key.retain(|(key, _), slots| {
+        self.by_key.retain(|_, slots| {
             let (gone, kept): (Vec<Spare>, Vec<Spare>) =
                 slots.drain(..).partition(|s| now.duration_since(s.since) >= SPARE_GRACE);
-            out.extend(gone.into_iter().map(|s| (key.clone(), s)));
+            out.extend(gone.into_iter().map(|s| s.lease));
             *slots = kept;
             !slots.is_empty()
         });
@@ -156,9 +145,11 @@ impl Spares {
     }
 }
 
-/// A slot leaving its task: kept spare or given back.
+/// A slot taken from the broker, as the worker holds it: its entry in [`HeldSlots::held`], its
+/// key and limit, its holder at the broker, the queue of the task it serves now (where a release
+/// moves a parked task back from), how many tasks it served and when it was taken.
 #[derive(Debug)]
-struct SpareSlot {
+struct SlotLease {
     id: u64,
     key: String,
     holder: String,
@@ -266,7 +257,7 @@ impl HeldSlots {
     }
 
     /// A slot of `key` with `limit` whose task ended a moment ago on this worker, if any.
-    fn reuse(&self, key: &str, limit: u32) -> Option<Spare> {
+    fn reuse(&self, key: &str, limit: u32) -> Option<SlotLease> {
         lock(&self.spares).reuse(key, limit)
     }
 
@@ -276,18 +267,18 @@ impl HeldSlots {
     }
 
     /// Keeps the slot of an ended task spare for the next task of its key, or gives it back.
-    fn end(self: &Arc<Self>, broker: Arc<dyn Broker>, slot: SpareSlot) {
+    fn end(self: &Arc<Self>, broker: Arc<dyn Broker>, lease: SlotLease) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let kept = lock(&self.spares).keep(slot, Instant::now());
+        let kept = lock(&self.spares).keep(lease, Instant::now());
         match kept {
             Ok(start) => {
                 if start {
                     rt.spawn(give_back_spares(broker, self.clone()));
                 }
             }
-            Err(slot) => {
-                self.remove(slot.id);
-                self.give_back(broker, slot.key, slot.holder, slot.queue);
+            Err(lease) => {
+                self.remove(lease.id);
+                self.give_back(broker, lease.key, lease.holder, lease.queue);
             }
         }
     }
@@ -349,9 +340,9 @@ async fn give_back_spares(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
             let gone = spares.expired(Instant::now());
             (gone, spares.flushing)
         };
-        for (key, spare) in gone {
-            held.remove(spare.id);
-            held.give_back(broker.clone(), key, spare.holder, spare.queue);
+        for lease in gone {
+            held.remove(lease.id);
+            held.give_back(broker.clone(), lease.key, lease.holder, lease.queue);
         }
         if !more {
             return;
@@ -365,15 +356,8 @@ async fn give_back_spares(broker: Arc<dyn Broker>, held: Arc<HeldSlots>) {
 pub(super) struct HeldSlot {
     broker: Arc<dyn Broker>,
     held: Arc<HeldSlots>,
-    id: u64,
-    key: String,
-    holder: String,
-    queue: String,
-    limit: u32,
-    /// The tasks this slot served, this one included.
-    uses: u32,
-    /// When the slot was taken from the broker.
-    taken: Instant,
+    /// Always some until dropped.
+    lease: Option<SlotLease>,
 }
 
 impl HeldSlot {
@@ -388,19 +372,14 @@ impl Drop for HeldSlot {
     /// the broker's answer. The key's slot is held that round trip longer, never shorter, so at
     /// most its limit still run at once; if the release fails, the slot frees when its lease ends.
     fn drop(&mut self) {
-        let (broker, key, holder, queue) = (
-            self.broker.clone(),
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.holder),
-            std::mem::take(&mut self.queue),
-        );
+        let Some(lease) = self.lease.take() else { return };
+        let broker = self.broker.clone();
         if broker.key_slots().is_some_and(|s| s.batches()) {
-            let (limit, uses, taken) = (self.limit, self.uses, self.taken);
-            let slot = SpareSlot { id: self.id, key, holder, queue, limit, uses, taken };
-            self.held.end(broker, slot);
+            self.held.end(broker, lease);
             return;
         }
-        self.held.remove(self.id);
+        self.held.remove(lease.id);
+        let SlotLease { key, holder, queue, .. } = lease;
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let mut release = Box::pin(async move {
             let Some(slots) = broker.key_slots() else { return };
@@ -454,19 +433,8 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     };
     if slots.batches() {
         if let Some(spare) = w.held_slots.reuse(key, limit) {
-            let held = w.held_slots.clone();
-            let (id, holder, uses) = (spare.id, spare.holder, spare.uses + 1);
-            return KeyStep::Held(HeldSlot {
-                broker,
-                held,
-                id,
-                key: key.to_owned(),
-                holder,
-                queue: d.queue.clone(),
-                limit,
-                uses,
-                taken: spare.taken,
-            });
+            let lease = SlotLease { queue: d.queue.clone(), uses: spare.uses + 1, ..spare };
+            return KeyStep::Held(HeldSlot { broker, held: w.held_slots.clone(), lease: Some(lease) });
         }
     }
     let holder = format!("{}/{}", w.config.hostname, msg.headers.id);
@@ -489,10 +457,9 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     match admission {
         Ok(Admission::Acquired) => {
             let id = w.held_slots.add(key, &holder);
-            let held = w.held_slots.clone();
-            let queue = d.queue.clone();
-            let (key, taken) = (key.to_owned(), Instant::now());
-            KeyStep::Held(HeldSlot { broker, held, id, key, holder, queue, limit, uses: 1, taken })
+            let (key, queue, taken) = (key.to_owned(), d.queue.clone(), Instant::now());
+            let lease = SlotLease { id, key, holder, queue, limit, uses: 1, taken };
+            KeyStep::Held(HeldSlot { broker, held: w.held_slots.clone(), lease: Some(lease) })
         }
         Ok(Admission::Parked) => KeyStep::Parked,
         Err(e) => KeyStep::Failed(e),
@@ -572,8 +539,8 @@ mod tests {
         assert!(b.push(7), "once drained, the next request starts a call again");
     }
 
-    fn ended(id: u64, key: &str, limit: u32, uses: u32) -> SpareSlot {
-        SpareSlot {
+    fn ended(id: u64, key: &str, limit: u32, uses: u32) -> SlotLease {
+        SlotLease {
             id,
             key: key.into(),
             holder: format!("w/{id}"),
@@ -602,10 +569,10 @@ mod tests {
         let (mut sp, t0) = (Spares::default(), Instant::now());
         sp.refuse("full", t0);
         assert!(sp.keep(ended(1, "full", 2, 1), t0).is_err(), "a key refused lately");
-        let later = SpareSlot { taken: t0 + REFUSED_FOR, ..ended(2, "full", 2, 1) };
+        let later = SlotLease { taken: t0 + REFUSED_FOR, ..ended(2, "full", 2, 1) };
         assert!(sp.keep(later, t0 + REFUSED_FOR).is_ok(), "refused a while ago");
         assert!(sp.keep(ended(3, "k", 2, MAX_SLOT_USES), t0).is_err(), "served its share of tasks");
-        let old = SpareSlot { taken: t0, ..ended(4, "k", 2, 1) };
+        let old = SlotLease { taken: t0, ..ended(4, "k", 2, 1) };
         assert!(sp.keep(old, t0 + MAX_SLOT_AGE).is_err(), "taken too long ago (a long task's slot)");
         for i in 0..MAX_SPARES as u64 {
             let _ = sp.keep(ended(10 + i, "k", 2, 1), t0);
@@ -625,7 +592,7 @@ mod tests {
         assert!(!sp.keep(ended(2, "b", 1, 1), t0 + SPARE_GRACE / 2).unwrap());
         assert!(sp.expired(t0 + SPARE_GRACE / 4).is_empty());
         let gone = sp.expired(t0 + SPARE_GRACE);
-        assert_eq!(gone.iter().map(|(k, s)| (k.as_str(), s.id)).collect::<Vec<_>>(), vec![("a", 1)]);
+        assert_eq!(gone.iter().map(|l| (l.key.as_str(), l.id)).collect::<Vec<_>>(), vec![("a", 1)]);
         assert!(sp.flushing, "one is still spare");
         assert_eq!(sp.expired(t0 + SPARE_GRACE * 2).len(), 1);
         assert!(!sp.flushing && sp.count == 0, "none left: the flusher ends, the next spare starts one");
