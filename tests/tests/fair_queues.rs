@@ -1,7 +1,8 @@
 //! Fair queues (`Signature::fairness_key`) on the built-in broker (in this process, and over
-//! `log+tcp://`) and on Redis: the broker contract (keys take turns by weight; a key queued behind
-//! another's backlog is served at once; length, peek, purge and requeue count keyed messages;
-//! Redis restores a lost keyed delivery into its key's line), then real worker processes measured
+//! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight; a
+//! key queued behind another's backlog is served at once; length, peek, purge and requeue count
+//! keyed messages; a lost keyed delivery is restored into its key's line; PostgreSQL: a dead
+//! worker's keyed task comes back into the rotation), then real worker processes measured
 //! from outside (the order of the `span` lines in a file): 10 tasks of key B queued behind 5,000
 //! of key A all finish before 10% of A's, and `--fairness-weight A=3` gives A 75% ± 10% of the
 //! first deliveries while both wait. A broker without fair queues refuses a keyed send.
@@ -114,11 +115,17 @@ async fn redis_contract() {
     length_peek_purge_and_requeue(Target::redis().unwrap()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_contract() {
+    let Some(t) = Target::postgres() else { return };
+    weights_share_deliveries(t).await;
+    a_late_key_is_served_at_once(Target::postgres().unwrap()).await;
+    length_peek_purge_and_requeue(Target::postgres().unwrap()).await;
+}
+
 /// A keyed delivery whose consumer goes away unsettled is restored (visibility timeout 1 s) into
 /// its key's line, and served again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
-    let Some(t) = Target::redis() else { return };
+async fn restores_a_lost_keyed_delivery_into_its_line(t: Target) {
     let app = t.app().await;
     let q = format!("fair-restore-{}", uuid::Uuid::new_v4().simple());
     app.send(task(&q, 1).fairness_key("A")).await.unwrap();
@@ -135,6 +142,20 @@ async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
     keys.sort();
     assert_eq!(keys, ["A", "B"], "the lost one came back");
     assert_eq!(b.queue_len(&q).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
+    if let Some(t) = Target::redis() {
+        restores_a_lost_keyed_delivery_into_its_line(t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restores_a_lost_keyed_delivery_into_its_line() {
+    if let Some(t) = Target::postgres() {
+        restores_a_lost_keyed_delivery_into_its_line(t).await;
+    }
 }
 
 /// Sending a keyed task through a broker without fair queues fails with an error naming them.
@@ -154,6 +175,10 @@ fn log_setup() -> Setup {
 
 fn redis_setup() -> Option<Setup> {
     Setup::redis("fair_queues", 30.0)
+}
+
+fn postgres_setup() -> Option<Setup> {
+    Setup::postgres("fair_queues", "visibility_timeout=30")
 }
 
 fn span(path: &std::path::Path, queue: &str, token: &str) -> Signature {
@@ -265,6 +290,66 @@ async fn redis_worker_weights_share_starts() {
     if let Some(s) = redis_setup() {
         worker_weights_share_starts(s).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keyed_tasks_come_back_from_waiting() {
+    if let Some(s) = postgres_setup() {
+        keyed_tasks_come_back_from_waiting(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_small_key_passes_a_large_backlog() {
+    if let Some(s) = postgres_setup() {
+        a_small_key_passes_a_large_backlog(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_worker_weights_share_starts() {
+    if let Some(s) = postgres_setup() {
+        worker_weights_share_starts(s).await;
+    }
+}
+
+/// PostgreSQL: a keyed task held by a worker killed with SIGKILL keeps its key in the queue's
+/// ring while it is leased (its key has no other task), comes back once the dead worker's
+/// heartbeat is `worker_grace` (10 s) old, and is served by the other worker through the fair
+/// fetch; the rotation is gone once the queue is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_dead_workers_keyed_task_comes_back_into_the_rotation() {
+    let Some(setup) = Setup::postgres("fair_queues", "visibility_timeout=3600") else { return };
+    let Setup::Postgres { schema, .. } = &setup else { unreachable!() };
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-dead");
+    let path = dir.0.join("spans");
+    let q = format!("fair-dead-{}", uuid::Uuid::new_v4().simple());
+    let long = span(&path, &q, "a0").args(json!([path.display().to_string(), "a0", 4000]));
+    app.send(long.fairness_key("A")).await.unwrap();
+    let mut first = setup.worker(&["-Q", &q, "-c", "1", "--prefetch-multiplier", "1"]);
+    assert!(wait_until(T, || lines(&path, "start").contains(&"a0".to_owned())), "a0 did not start");
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    let ring = |key: &str| {
+        schema
+            .query(&format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key = '{key}'"))
+            .unwrap()[0][0]
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(ring("A"), "1", "a key whose only task is leased stays in the ring");
+    app.send_batch((0..3).map(|i| span(&path, &q, &format!("b{i}")).fairness_key("B"))).await.unwrap();
+    let _second = setup.worker(&["-Q", &q, "-c", "2", "--prefetch-multiplier", "1"]);
+    let ends = || lines(&path, "end");
+    assert!(wait_until(T, || ends().len() == 4), "ended: {:?}", ends());
+    assert_eq!(ends().iter().filter(|t| *t == "a0").count(), 1, "a0 ran to its end once, elsewhere");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+    let fair = || {
+        schema.query(&format!("SELECT count(*) FROM celery_rs_fair_queues WHERE queue = '{q}'")).unwrap()[0][0]
+            == Some("0".to_owned())
+    };
+    assert!(wait_until(T, fair), "the rotation of an empty queue is dropped");
 }
 
 /// The task the contract tests send (never run: they consume with the broker directly).

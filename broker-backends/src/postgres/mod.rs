@@ -71,12 +71,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::broker::Subscription;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
+use celery_core::flow::{FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::{Broker, BrokerError, Consumer, ProtocolError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 use self::broadcast::{Filter, PgSubscription};
@@ -109,8 +110,75 @@ pub const MAX_DOC: usize = 16 * 1024 * 1024;
 const PEEK_MAX: usize = 1000;
 /// Messages one publish statement inserts at most.
 const PUBLISH_BATCH: usize = 1000;
-/// A row to insert: queue, priority, eta, payload.
-type NewRow = (String, i16, Option<DateTime<Utc>>, Vec<u8>);
+/// A row to insert.
+#[derive(Debug)]
+pub(crate) struct NewRow {
+    pub(crate) queue: String,
+    pub(crate) priority: i16,
+    pub(crate) eta: Option<DateTime<Utc>>,
+    pub(crate) payload: Vec<u8>,
+    /// Its fairness key (`x-fairness-key`), when it has one.
+    pub(crate) fair_key: Option<String>,
+}
+
+impl NewRow {
+    /// The row of `msg` in `queue`: its envelope checked against `limit` bytes.
+    pub(crate) fn of(msg: &Message, exchange: &str, queue: String, limit: usize) -> Result<NewRow, BrokerError> {
+        let env = envelope::encode(msg, exchange, &queue);
+        if env.len() > limit {
+            return Err(ProtocolError::TooLarge { size: env.len(), limit }.into());
+        }
+        Ok(NewRow {
+            priority: i16::from(envelope::kombu_priority(msg)),
+            eta: msg.headers.eta,
+            payload: env.into_bytes(),
+            fair_key: msg.headers.extra.get(FAIRNESS_KEY).and_then(serde_json::Value::as_str).map(str::to_owned),
+            queue,
+        })
+    }
+}
+
+/// The columns of up to [`PUBLISH_BATCH`] rows, as one publish statement takes them.
+pub(crate) struct Columns<'a> {
+    queues: Vec<&'a str>,
+    priorities: Vec<i16>,
+    etas: Vec<Option<DateTime<Utc>>>,
+    payloads: Vec<&'a [u8]>,
+    /// `None` when no row has a fairness key ([`sql::PUBLISH`], as before fair queues).
+    keys: Option<Vec<Option<&'a str>>>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn new(rows: &'a [NewRow]) -> Columns<'a> {
+        let keyed = rows.iter().any(|r| r.fair_key.is_some());
+        Columns {
+            queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+            priorities: rows.iter().map(|r| r.priority).collect(),
+            etas: rows.iter().map(|r| r.eta).collect(),
+            payloads: rows.iter().map(|r| r.payload.as_slice()).collect(),
+            keys: keyed.then(|| rows.iter().map(|r| r.fair_key.as_deref()).collect()),
+        }
+    }
+
+    /// The statement and its parameters (with their types), `channel` notified.
+    pub(crate) fn statement(&'a self, channel: &'a String) -> (&'static str, Vec<(&'a (dyn ToSql + Sync), Type)>) {
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&self.queues, Type::TEXT_ARRAY),
+            (&self.priorities, Type::INT2_ARRAY),
+            (&self.etas, Type::TIMESTAMPTZ_ARRAY),
+            (&self.payloads, Type::BYTEA_ARRAY),
+        ];
+        let sql = match &self.keys {
+            Some(keys) => {
+                params.push((keys, Type::TEXT_ARRAY));
+                sql::FAIR_PUBLISH
+            }
+            None => sql::PUBLISH,
+        };
+        params.push((channel, Type::TEXT));
+        (sql, params)
+    }
+}
 
 /// Checks a name that input controls: at most `max` bytes, no NUL (PostgreSQL's text refuses it).
 fn check_bounded(what: &str, name: &str, max: usize, why: &str) -> Result<(), BrokerError> {
@@ -173,6 +241,8 @@ struct Inner {
     holder: tokio::sync::OnceCell<Arc<holder::Holder>>,
     /// The monitor's task history (`postgres/history.rs`), its table created on first use.
     history: history::PgHistory,
+    /// The weights of fairness keys its consumers take with ([`FairQueues`]).
+    fairness: std::sync::Mutex<Arc<FairnessWeights>>,
 }
 
 /// The PostgreSQL broker. Clones share the pool and the listener.
@@ -205,6 +275,7 @@ impl PostgresBroker {
                 pruned: AtomicI64::new(0),
                 worker: std::sync::OnceLock::new(),
                 holder: tokio::sync::OnceCell::new(),
+                fairness: std::sync::Mutex::default(),
             }),
         })
     }
@@ -267,14 +338,10 @@ impl PostgresBroker {
     /// Inserts rows, at most [`PUBLISH_BATCH`] per statement.
     async fn insert(&self, rows: Vec<NewRow>) -> Result<(), BrokerError> {
         for chunk in rows.chunks(PUBLISH_BATCH) {
-            let queues: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-            let priorities: Vec<i16> = chunk.iter().map(|r| r.1).collect();
-            let etas: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|r| r.2).collect();
-            let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
-            self.inner
-                .db
-                .query("publish", sql::PUBLISH, &[&queues, &priorities, &etas, &payloads, &self.inner.channels.0])
-                .await?;
+            let columns = Columns::new(chunk);
+            let (statement, params) = columns.statement(&self.inner.channels.0);
+            let params: Vec<&(dyn ToSql + Sync)> = params.into_iter().map(|(p, _)| p).collect();
+            self.inner.db.query("publish", statement, &params).await?;
         }
         Ok(())
     }
@@ -282,12 +349,7 @@ impl PostgresBroker {
     /// The rows `(route, msg)` becomes.
     async fn rows_of(&self, route: &Route, msg: &Message, out: &mut Vec<NewRow>) -> Result<(), BrokerError> {
         for queue in self.resolve(route).await? {
-            let env = envelope::encode(msg, &route.exchange, &queue);
-            if env.len() > MAX_PAYLOAD {
-                return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-            }
-            let priority = i16::from(envelope::kombu_priority(msg));
-            out.push((queue, priority, msg.headers.eta, env.into_bytes()));
+            out.push(NewRow::of(msg, &route.exchange, queue, MAX_PAYLOAD)?);
         }
         Ok(())
     }
@@ -358,6 +420,7 @@ impl PostgresBroker {
             queues,
             prefetch,
             max_message_size,
+            self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         );
         Ok(Box::new(c))
     }
@@ -403,10 +466,12 @@ impl Broker for PostgresBroker {
     }
 
     /// Deletes every row of the queue that is not leased: ready ones and those waiting for their
-    /// eta (published with one, or deferred).
+    /// eta (published with one, or deferred), keyed or not; then the keys of its fair rotation
+    /// left without messages (the rotation itself when no keyed message is left).
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         check_name("queue", queue)?;
         let rows = self.inner.db.query("purge", sql::PURGE, &[&queue]).await?;
+        self.inner.db.query("purge a fair rotation", sql::FAIR_FORGET, &[&queue]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
 
@@ -461,7 +526,7 @@ impl Broker for PostgresBroker {
         let _ = self.inner.worker.set(name.to_owned());
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets, fair_queues);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.inner.history)
@@ -576,6 +641,13 @@ impl Documents for PostgresBroker {
             )));
         }
         self.inner.db.query("store a document", sql::STORE_DOC, &[&key, &doc]).await.map(drop)
+    }
+}
+
+/// The weights travel with each fair fetch (`sql::FAIR_FETCH`), so each consumer serves by its own.
+impl FairQueues for PostgresBroker {
+    fn set_fairness_weights(&self, weights: FairnessWeights) {
+        *self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(weights);
     }
 }
 

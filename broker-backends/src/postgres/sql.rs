@@ -29,6 +29,22 @@
 //!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
 //!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
 //!   its queue like a publish. A task without a concurrency key touches none of these.
+//! - Fair queues (migration 7, [`FAIR_PUBLISH`], [`FAIR_FETCH`]): a keyed task's row has its
+//!   `fair_key` and its priority plus 1,000, so keyed rows sort after every unkeyed row of their
+//!   queue in the ready index (the unkeyed rows of a fair queue are found without walking past
+//!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
+//!   rows, after the unkeyed ones); the partial index `celery_rs_tasks_fair` finds a key's ready
+//!   rows, `celery_rs_tasks_fair_leased` whether it has leased ones. `celery_rs_fair_queues` has a
+//!   row per fair queue (the credit left to its front key, locked `FOR UPDATE` by each fair
+//!   fetch: one consumer at a time takes from a fair queue), `celery_rs_fair_ring` its keys with
+//!   messages in turn (`""` for its unkeyed rows), ordered by `turn` from the sequence
+//!   `celery_rs_fair_turn`. A keyed publish (and the return of a parked keyed task) adds its key
+//!   under a shared advisory lock of the queue; a fetch drops a key without rows (ready, waiting
+//!   for an eta or leased: leased and waiting rows come back without any event, so their key
+//!   stays), and the rotation once no keyed row is left, only under that lock taken exclusively
+//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted. A fair
+//!   fetch that visited every key without finding enough also takes keyed rows whose key is not
+//!   in the ring (a safety net; none is expected) and puts their keys back.
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -435,6 +451,207 @@ BEGIN
 END $$;
 ",
     },
+    Migration {
+        version: 7,
+        name: "fair queues: the fairness key of a task, each fair queue's ring of keys and its front key's credit",
+        sql: "
+ALTER TABLE celery_rs_tasks ADD COLUMN IF NOT EXISTS fair_key text;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_fair ON celery_rs_tasks (queue, fair_key, priority, run_at, id)
+    WHERE leased_until IS NULL AND fair_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_fair_leased ON celery_rs_tasks (queue, fair_key)
+    WHERE leased_until IS NOT NULL AND fair_key IS NOT NULL;
+CREATE SEQUENCE IF NOT EXISTS celery_rs_fair_turn;
+CREATE TABLE IF NOT EXISTS celery_rs_fair_queues (
+    queue text PRIMARY KEY,
+    credit integer NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS celery_rs_fair_ring (
+    queue text NOT NULL,
+    key text NOT NULL,
+    turn bigint NOT NULL,
+    PRIMARY KEY (queue, key)
+);
+CREATE INDEX IF NOT EXISTS celery_rs_fair_ring_turn ON celery_rs_fair_ring (queue, turn);
+ALTER TABLE celery_rs_fair_queues SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE celery_rs_fair_ring SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0);
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock(p_queue text, p_shared boolean) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_of(payload bytea) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE k jsonb;
+BEGIN
+    IF position(convert_to('x-fairness-key', 'UTF8') IN payload) = 0 THEN
+        RETURN NULL;
+    END IF;
+    k := convert_from(payload, 'UTF8')::jsonb -> 'headers' -> 'x-fairness-key';
+    IF jsonb_typeof(k) = 'string' AND octet_length(k #>> '{}') BETWEEN 1 AND 128 THEN
+        RETURN k #>> '{}';
+    END IF;
+    RETURN NULL;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_join(p_queue text, p_key text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_fair_lock(p_queue, true);
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_queues WHERE queue = p_queue) THEN
+        INSERT INTO celery_rs_fair_queues (queue) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key = p_key) THEN
+        INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, p_key, nextval('celery_rs_fair_turn'))
+        ON CONFLICT DO NOTHING;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key = '') THEN
+        INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, '', nextval('celery_rs_fair_turn'))
+        ON CONFLICT DO NOTHING;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_publish(p_queues text[], p_priorities smallint[], p_etas timestamptz[],
+    p_payloads bytea[], p_keys text[], p_channel text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_fair_join(d.q, d.k)
+    FROM (SELECT DISTINCT q, k FROM unnest(p_queues, p_keys) AS u(q, k) WHERE k IS NOT NULL ORDER BY q, k) d;
+    INSERT INTO celery_rs_tasks (queue, priority, run_at, payload, fair_key)
+    SELECT q, CASE WHEN k IS NULL THEN p ELSE p + 1000 END, greatest(now(), coalesce(r, now())), b, k
+    FROM unnest(p_queues, p_priorities, p_etas, p_payloads, p_keys) AS u(q, p, r, b, k);
+    PERFORM pg_notify(p_channel, CASE WHEN d.fair THEN chr(6) || d.q ELSE d.q END)
+    FROM (SELECT q, bool_or(k IS NOT NULL) AS fair FROM unnest(p_queues, p_keys) AS u(q, k) GROUP BY q) d;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_unpark(p_key text, p_n integer, p_channel text) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE moved integer;
+BEGIN
+    WITH m AS (
+        DELETE FROM celery_rs_parked WHERE id IN (
+            SELECT id FROM celery_rs_parked WHERE key = p_key ORDER BY id LIMIT p_n FOR UPDATE SKIP LOCKED)
+        RETURNING queue, priority, payload, id),
+    k AS (SELECT queue, priority, payload, id, celery_rs_fair_of(payload) AS fk FROM m),
+    j AS (SELECT celery_rs_fair_join(d.queue, d.fk) FROM (SELECT DISTINCT queue, fk FROM k WHERE fk IS NOT NULL) d),
+    ins AS (
+        INSERT INTO celery_rs_tasks (queue, priority, payload, fair_key)
+        SELECT queue, CASE WHEN fk IS NULL THEN priority ELSE priority + 1000 END, payload, fk FROM k ORDER BY id
+        RETURNING queue, fair_key),
+    notes AS (
+        SELECT pg_notify(p_channel, CASE WHEN d.fair THEN chr(6) || d.queue ELSE d.queue END)
+        FROM (SELECT queue, bool_or(fair_key IS NOT NULL) AS fair FROM ins GROUP BY queue) d)
+    SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notes) + 0 * (SELECT count(*) FROM j) INTO moved;
+    RETURN moved;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
+    p_visits integer) RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    left_credit integer;
+    first_credit integer;
+    ids bigint[] := '{}';
+    got bigint[];
+    f record;
+    members integer;
+    idle integer := 0;
+    visits integer := 0;
+    want integer;
+    locked boolean;
+BEGIN
+    SELECT s.credit INTO left_credit FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    first_credit := left_credit;
+    SELECT count(*) INTO members FROM (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue LIMIT p_visits) r;
+    WHILE cardinality(ids) < p_n AND visits < p_visits AND idle < members LOOP
+        SELECT r.key, r.turn INTO f FROM celery_rs_fair_ring r WHERE r.queue = p_queue ORDER BY r.turn LIMIT 1;
+        EXIT WHEN NOT FOUND;
+        visits := visits + 1;
+        IF left_credit <= 0 THEN
+            left_credit := coalesce(p_weights[array_position(p_keys, f.key)], 1);
+        END IF;
+        want := CASE WHEN members = 1 THEN p_n - cardinality(ids) ELSE least(left_credit, p_n - cardinality(ids)) END;
+        IF f.key = '' THEN
+            got := ARRAY(SELECT id FROM celery_rs_tasks
+                WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids) AND priority < 1000
+                ORDER BY priority, run_at, id LIMIT want FOR UPDATE SKIP LOCKED);
+        ELSE
+            got := ARRAY(SELECT id FROM celery_rs_tasks
+                WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
+                ORDER BY priority, run_at, id LIMIT want FOR UPDATE SKIP LOCKED);
+        END IF;
+        ids := ids || got;
+        left_credit := left_credit - cardinality(got);
+        IF cardinality(got) > 0 THEN
+            idle := 0;
+            -- Its turn goes on (into the next fetch) while it has credit and gave all that was asked.
+            CONTINUE WHEN left_credit > 0 AND cardinality(got) = want;
+        ELSE
+            idle := idle + 1;
+            IF f.key <> '' THEN
+                IF locked IS NULL THEN
+                    locked := celery_rs_fair_lock(p_queue, false);
+                END IF;
+                IF locked
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks
+                        WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NULL)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks
+                        WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NOT NULL)
+                THEN
+                    DELETE FROM celery_rs_fair_ring WHERE queue = p_queue AND key = f.key;
+                    left_credit := 0;
+                    idle := idle - 1;
+                    members := members - 1;
+                    CONTINUE;
+                END IF;
+            END IF;
+        END IF;
+        left_credit := 0;
+        UPDATE celery_rs_fair_ring SET turn = nextval('celery_rs_fair_turn') WHERE queue = p_queue AND key = f.key;
+    END LOOP;
+    IF cardinality(ids) < p_n AND idle >= members THEN
+        got := ARRAY(SELECT id FROM celery_rs_tasks
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids) AND priority >= 1000
+            ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
+        IF cardinality(got) > 0 THEN
+            ids := ids || got;
+            PERFORM celery_rs_fair_join(p_queue, d.fair_key)
+            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(got) AND fair_key IS NOT NULL) d;
+        ELSIF coalesce(locked, celery_rs_fair_lock(p_queue, false))
+            AND NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '')
+        THEN
+            DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+            DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+            RETURN ids;
+        END IF;
+    END IF;
+    IF left_credit IS DISTINCT FROM first_credit THEN
+        UPDATE celery_rs_fair_queues SET credit = greatest(left_credit, 0) WHERE queue = p_queue;
+    END IF;
+    RETURN ids;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_forget(p_queue text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_queues WHERE queue = p_queue) THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+    DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key <> ''
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.fair_key = r.key);
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+        DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+        DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+    END IF;
+END $$;
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -453,30 +670,29 @@ WITH ins AS (
     RETURNING queue)
 SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 
-/// Leases ready messages of several queues in one statement, for `$3` seconds to holder `$5`:
-/// queue `$1[i]` gives at most `$2[i]` (its share), by priority then age, and all of them together
-/// at most `$6`, taken in the order of `$1` (the queues are looked at one after the other, each
-/// through the ready index, and the look stops once `$6` rows are taken: the queues after that
-/// are not looked at). A message whose payload is larger than `$4` bytes moves to `<queue>.dead`
-/// unread, with the reason. Returns `queue taken from, id, deliveries, priority, run_at, size,
-/// payload (NULL when too large), the task id of one too large, its dead-letter queue, the reason
-/// of a dead letter` (in no order: the caller sorts). A row the statement dead-lettered is the one
-/// it left without a lease.
-///
-/// The rows to update are found by id through the primary key (`= ANY` of the ids picked), so
-/// the update never walks the table between the picked ids (as a merge join of the picked rows
-/// with the whole table would).
-pub(crate) const FETCH: &str = "
-WITH picked AS (
-    SELECT c.id FROM unnest($1::text[], $2::bigint[]) AS q(queue, share)
-    CROSS JOIN LATERAL (
-        SELECT id FROM celery_rs_tasks
-        WHERE queue = q.queue AND leased_until IS NULL AND run_at <= now()
-        ORDER BY priority, run_at, id
-        LIMIT q.share
-        FOR UPDATE SKIP LOCKED) c
-    LIMIT $6)
-UPDATE celery_rs_tasks t
+/// Inserts messages as [`PUBLISH`] does, with fairness keys `$5` (NULL where a message has
+/// none), notifying `$6`: a keyed message's queue joins the fair queues (`celery_rs_fair_queues`)
+/// and its key the queue's ring (as does `""`, the queue's unkeyed messages), under the queue's
+/// shared fair lock; it is stored with its priority plus 1,000 (see the module doc), and its queue is
+/// notified as `\u{6}<queue>` (the consumers switch that queue to [`FAIR_FETCH`]).
+pub(crate) const FAIR_PUBLISH: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6)";
+
+/// The payload prefix of a notification that marks its queue fair (see [`FAIR_PUBLISH`]).
+pub(crate) const FAIR_NOTE: char = '\u{6}';
+
+/// The queues among `$1` that are fair (have a rotation).
+pub(crate) const FAIR_QUEUES: &str = "SELECT queue FROM celery_rs_fair_queues WHERE queue = ANY($1)";
+
+/// After a purge of queue `$1`: drops the keys of its ring left without any message, and the
+/// rotation itself when no keyed one is left (under the queue's fair lock).
+pub(crate) const FAIR_FORGET: &str = "SELECT celery_rs_fair_forget($1)";
+
+/// The update that leases the rows of the CTE `picked` (`$3` seconds, `$4` the largest payload
+/// read, `$5` the holder), shared by [`FETCH`] and [`FAIR_FETCH`]; see [`FETCH`] for what it
+/// returns.
+macro_rules! lease_picked {
+    () => {
+        "UPDATE celery_rs_tasks t
 SET leased_until = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE now() + make_interval(secs => $3) END,
     holder = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE $5::text END,
     deliveries = t.deliveries + 1,
@@ -492,7 +708,57 @@ RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) 
     CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.payload END,
     CASE WHEN t.leased_until IS NULL THEN celery_rs_task_id(t.payload) END,
     CASE WHEN t.leased_until IS NULL THEN t.queue END,
-    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END";
+    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END"
+    };
+}
+
+/// Leases ready messages of several queues in one statement, for `$3` seconds to holder `$5`:
+/// queue `$1[i]` gives at most `$2[i]` (its share), by priority then age, and all of them together
+/// at most `$6`, taken in the order of `$1` (the queues are looked at one after the other, each
+/// through the ready index, and the look stops once `$6` rows are taken: the queues after that
+/// are not looked at). A message whose payload is larger than `$4` bytes moves to `<queue>.dead`
+/// unread, with the reason. Returns `queue taken from, id, deliveries, priority, run_at, size,
+/// payload (NULL when too large), the task id of one too large, its dead-letter queue, the reason
+/// of a dead letter` (in no order: the caller sorts). A row the statement dead-lettered is the one
+/// it left without a lease.
+///
+/// The rows to update are found by id through the primary key (`= ANY` of the ids picked), so
+/// the update never walks the table between the picked ids (as a merge join of the picked rows
+/// with the whole table would).
+pub(crate) const FETCH: &str = concat!(
+    "
+WITH picked AS (
+    SELECT c.id FROM unnest($1::text[], $2::bigint[]) AS q(queue, share)
+    CROSS JOIN LATERAL (
+        SELECT id FROM celery_rs_tasks
+        WHERE queue = q.queue AND leased_until IS NULL AND run_at <= now()
+        ORDER BY priority, run_at, id
+        LIMIT q.share
+        FOR UPDATE SKIP LOCKED) c
+    LIMIT $6)
+",
+    lease_picked!()
+);
+
+/// Leases up to `$2` ready messages of fair queue `$1`, its keys taking turns by weights `$7`
+/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring visited (migration 7's
+/// `celery_rs_fair_pick`), as [`FETCH`] leases (`$3` to `$5` alike): the same columns, then
+/// whether the queue is still fair (false: it has no rotation any more, fetch it with [`FETCH`]),
+/// in the order the keys' turns picked them. When nothing was leased, one row with NULLs but the
+/// last column.
+pub(crate) const FAIR_FETCH: &str = concat!(
+    "
+WITH pick AS (SELECT celery_rs_fair_pick($1, $2::integer, $6::text[], $7::integer[], $8::integer) AS ids),
+picked AS (SELECT u.id, u.n FROM pick, unnest(pick.ids) WITH ORDINALITY AS u(id, n)),
+leased (queue, id, deliveries, priority, run_at, size, payload, task_id, dlq, reason) AS (
+",
+    lease_picked!(),
+    ")
+SELECT l.queue, l.id, l.deliveries, l.priority, l.run_at, l.size, l.payload, l.task_id, l.dlq, l.reason,
+    p.ids IS NOT NULL
+FROM pick p LEFT JOIN (leased l JOIN picked k ON k.id = l.id) ON true
+ORDER BY k.n"
+);
 
 /// Wakes the consumers of queue `$2` (on channel `$1`).
 pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";

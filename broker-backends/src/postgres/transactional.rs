@@ -42,7 +42,7 @@ use tokio_postgres::Transaction;
 
 use super::connect;
 use super::error::PgError;
-use super::{check_name, check_queue, sql, url, NewRow, MAX_PAYLOAD, PUBLISH_BATCH};
+use super::{check_name, check_queue, sql, url, Columns, NewRow, MAX_PAYLOAD, PUBLISH_BATCH};
 use crate::envelope;
 
 /// The most signatures one [`SendInTransaction::send_batch_in`] takes.
@@ -373,28 +373,14 @@ async fn insert_tasks(
     let mut rows: Vec<NewRow> = Vec::with_capacity(batch.len());
     for (route, msg) in batch {
         for queue in queues_of(tx, route, &mut bindings).await? {
-            let env = envelope::encode(msg, &route.exchange, &queue);
-            checked_size(&env, limit)?;
-            rows.push((queue, i16::from(envelope::kombu_priority(msg)), msg.headers.eta, env.into_bytes()));
+            rows.push(NewRow::of(msg, &route.exchange, queue, limit)?);
         }
     }
+    let channel = channel.to_owned();
     for chunk in rows.chunks(PUBLISH_BATCH) {
-        let queues: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-        let priorities: Vec<i16> = chunk.iter().map(|r| r.1).collect();
-        let etas: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|r| r.2).collect();
-        let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
-        tx.query_typed(
-            sql::PUBLISH,
-            &[
-                (&queues, Type::TEXT_ARRAY),
-                (&priorities, Type::INT2_ARRAY),
-                (&etas, Type::TIMESTAMPTZ_ARRAY),
-                (&payloads, Type::BYTEA_ARRAY),
-                (&channel, Type::TEXT),
-            ],
-        )
-        .await
-        .map_err(|e| tx_error("inserting tasks in the transaction", e))?;
+        let columns = Columns::new(chunk);
+        let (statement, params) = columns.statement(&channel);
+        tx.query_typed(statement, &params).await.map_err(|e| tx_error("inserting tasks in the transaction", e))?;
     }
     Ok(())
 }
