@@ -552,77 +552,135 @@ CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys
     p_visits integer) RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
-    left_credit integer;
+    stored integer;
+    ring_keys text[];
+    ring_w integer[];
+    m integer;
+    whole boolean;
     first_credit integer;
+    rounds integer;
+    c_ids bigint[];
+    c_i integer[];
+    c_rnd integer[];
+    saturated bigint;
+    empties text[];
     ids bigint[] := '{}';
-    got bigint[];
-    f record;
-    members integer;
-    idle integer := 0;
-    visits integer := 0;
-    want integer;
+    taken integer;
+    last_i integer;
+    last_rnd integer;
+    allot integer;
+    served integer := 0;
+    more boolean := false;
+    next_front integer := 1;
+    left_credit integer := 0;
     locked boolean;
 BEGIN
-    SELECT s.credit INTO left_credit FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    SELECT s.credit INTO stored FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
-    first_credit := left_credit;
-    SELECT count(*) INTO members FROM (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue LIMIT p_visits) r;
-    WHILE cardinality(ids) < p_n AND visits < p_visits AND idle < members LOOP
-        SELECT r.key, r.turn INTO f FROM celery_rs_fair_ring r WHERE r.queue = p_queue ORDER BY r.turn LIMIT 1;
-        EXIT WHEN NOT FOUND;
-        visits := visits + 1;
-        IF left_credit <= 0 THEN
-            left_credit := coalesce(p_weights[array_position(p_keys, f.key)], 1);
-        END IF;
-        want := CASE WHEN members = 1 THEN p_n - cardinality(ids) ELSE least(left_credit, p_n - cardinality(ids)) END;
-        IF f.key = '' THEN
-            got := ARRAY(SELECT id FROM celery_rs_tasks
-                WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids) AND priority < 1000
-                ORDER BY priority, run_at, id LIMIT want FOR UPDATE SKIP LOCKED);
-        ELSE
-            got := ARRAY(SELECT id FROM celery_rs_tasks
-                WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
-                ORDER BY priority, run_at, id LIMIT want FOR UPDATE SKIP LOCKED);
-        END IF;
-        ids := ids || got;
-        left_credit := left_credit - cardinality(got);
-        IF cardinality(got) > 0 THEN
-            idle := 0;
-            -- Its turn goes on (into the next fetch) while it has credit and gave all that was asked.
-            CONTINUE WHEN left_credit > 0 AND cardinality(got) = want;
-        ELSE
-            idle := idle + 1;
-            IF f.key <> '' THEN
-                IF locked IS NULL THEN
-                    locked := celery_rs_fair_lock(p_queue, false);
+    SELECT array_agg(k.key ORDER BY k.turn), array_agg(coalesce(p_weights[array_position(p_keys, k.key)], 1) ORDER BY k.turn)
+    INTO ring_keys, ring_w
+    FROM (SELECT key, turn FROM celery_rs_fair_ring WHERE queue = p_queue ORDER BY turn LIMIT p_visits) k;
+    m := coalesce(cardinality(ring_keys), 0);
+    whole := m < p_visits;
+    saturated := 0;
+    IF m > 0 THEN
+        first_credit := CASE WHEN stored > 0 THEN stored ELSE ring_w[1] END;
+        rounds := CASE WHEN whole THEN (p_n + (SELECT sum(w) FROM unnest(ring_w) w)::integer - 1)
+            / (SELECT sum(w) FROM unnest(ring_w) w)::integer ELSE 1 END;
+        LOOP
+            WITH ring AS (
+                SELECT u.k, u.w, u.i::integer AS i, least(p_n, CASE WHEN u.i = 1 THEN first_credit + (rounds - 1) * u.w
+                    ELSE rounds * u.w END) AS lim
+                FROM unnest(ring_keys, ring_w) WITH ORDINALITY AS u(k, w, i)),
+            cand AS (
+                SELECT ring.i, ring.w, ring.lim, c.id, c.priority, c.run_at FROM ring CROSS JOIN LATERAL (
+                    SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                    WHERE t.queue = p_queue AND t.fair_key = ring.k AND t.leased_until IS NULL AND t.run_at <= now()
+                    ORDER BY t.priority, t.run_at, t.id LIMIT ring.lim) c
+                WHERE ring.k <> ''
+                UNION ALL
+                SELECT ring.i, ring.w, ring.lim, c.id, c.priority, c.run_at FROM ring CROSS JOIN LATERAL (
+                    SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                    WHERE t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now() AND t.priority < 1000
+                    ORDER BY t.priority, t.run_at, t.id LIMIT ring.lim) c
+                WHERE ring.k = ''),
+            ranked AS (
+                SELECT r.id, r.i, r.lim, r.rn,
+                    CASE WHEN r.i = 1 THEN CASE WHEN r.rn < first_credit THEN 0 ELSE 1 + (r.rn - first_credit) / r.w END
+                        ELSE r.rn / r.w END AS rnd
+                FROM (SELECT cand.*, (row_number() OVER (PARTITION BY cand.i ORDER BY cand.priority, cand.run_at, cand.id)
+                    - 1)::integer AS rn FROM cand) r)
+            SELECT (SELECT array_agg(id ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT array_agg(i ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT array_agg(rnd ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT count(*) FROM (SELECT 1 FROM ranked GROUP BY i, lim HAVING count(*) >= lim) f),
+                (SELECT array_agg(ring.k) FROM ring WHERE ring.k <> '' AND NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i))
+            INTO c_ids, c_i, c_rnd, saturated, empties;
+            EXIT WHEN NOT whole OR saturated = 0 OR coalesce(cardinality(c_ids), 0) >= p_n OR rounds >= p_n;
+            rounds := least(p_n, rounds * 2);
+        END LOOP;
+        taken := least(p_n, coalesce(cardinality(c_ids), 0));
+        IF taken > 0 THEN
+            ids := c_ids[1:taken];
+            -- Read unlocked; locked now (a row leased meanwhile by a fetch that does not know
+            -- the queue is fair is left out).
+            c_ids := ARRAY(SELECT id FROM celery_rs_tasks WHERE id = ANY(ids) AND leased_until IS NULL
+                FOR UPDATE SKIP LOCKED);
+            IF cardinality(c_ids) < taken THEN
+                ids := ARRAY(SELECT u.id FROM unnest(ids) WITH ORDINALITY AS u(id, n) WHERE u.id = ANY(c_ids) ORDER BY u.n);
+            END IF;
+            last_i := c_i[taken];
+            last_rnd := c_rnd[taken];
+            allot := CASE WHEN last_i = 1 AND last_rnd = 0 THEN first_credit ELSE ring_w[last_i] END;
+            FOR j IN 1 .. taken LOOP
+                IF c_i[j] = last_i AND c_rnd[j] = last_rnd THEN
+                    served := served + 1;
                 END IF;
-                IF locked
-                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks
-                        WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NULL)
-                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks
-                        WHERE queue = p_queue AND fair_key = f.key AND leased_until IS NOT NULL)
-                THEN
-                    DELETE FROM celery_rs_fair_ring WHERE queue = p_queue AND key = f.key;
-                    left_credit := 0;
-                    idle := idle - 1;
-                    members := members - 1;
-                    CONTINUE;
+            END LOOP;
+            IF served < allot THEN
+                -- Its turn goes on into the next fetch if it has more.
+                IF ring_keys[last_i] = '' THEN
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks WHERE queue = p_queue AND leased_until IS NULL
+                        AND run_at <= now() AND priority < 1000 AND id <> ALL(ids));
+                ELSE
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks WHERE queue = p_queue AND fair_key = ring_keys[last_i]
+                        AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids));
                 END IF;
             END IF;
+            IF served < allot AND more THEN
+                next_front := last_i;
+                left_credit := allot - served;
+            ELSE
+                next_front := last_i % m + 1;
+            END IF;
         END IF;
-        left_credit := 0;
-        UPDATE celery_rs_fair_ring SET turn = nextval('celery_rs_fair_turn') WHERE queue = p_queue AND key = f.key;
-    END LOOP;
-    IF cardinality(ids) < p_n AND idle >= members THEN
-        got := ARRAY(SELECT id FROM celery_rs_tasks
-            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids) AND priority >= 1000
+        IF next_front > 1 THEN
+            UPDATE celery_rs_fair_ring r SET turn = u.turn
+            FROM unnest(ring_keys[1:next_front - 1],
+                ARRAY(SELECT nextval('celery_rs_fair_turn') FROM generate_series(1, next_front - 1) g ORDER BY g)) AS u(k, turn)
+            WHERE r.queue = p_queue AND r.key = u.k;
+        END IF;
+        IF cardinality(empties) > 0 THEN
+            locked := celery_rs_fair_lock(p_queue, false);
+            IF locked THEN
+                DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key = ANY(empties)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NOT NULL);
+            END IF;
+        END IF;
+    END IF;
+    IF cardinality(ids) < p_n AND whole AND saturated = 0 THEN
+        c_ids := ARRAY(SELECT id FROM celery_rs_tasks
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND priority >= 1000 AND id <> ALL(ids)
             ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
-        IF cardinality(got) > 0 THEN
-            ids := ids || got;
+        IF cardinality(c_ids) > 0 THEN
+            ids := ids || c_ids;
             PERFORM celery_rs_fair_join(p_queue, d.fair_key)
-            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(got) AND fair_key IS NOT NULL) d;
+            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(c_ids) AND fair_key IS NOT NULL) d;
         ELSIF coalesce(locked, celery_rs_fair_lock(p_queue, false))
             AND NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '')
         THEN
@@ -631,8 +689,8 @@ BEGIN
             RETURN ids;
         END IF;
     END IF;
-    IF left_credit IS DISTINCT FROM first_credit THEN
-        UPDATE celery_rs_fair_queues SET credit = greatest(left_credit, 0) WHERE queue = p_queue;
+    IF left_credit IS DISTINCT FROM stored THEN
+        UPDATE celery_rs_fair_queues SET credit = left_credit WHERE queue = p_queue;
     END IF;
     RETURN ids;
 END $$;
