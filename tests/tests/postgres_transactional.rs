@@ -188,6 +188,28 @@ async fn postgres_broker_direct_rollback_never_runs_and_commit_runs_once() {
     w.stop().await;
 }
 
+/// A keyed task sent in a transaction (direct path) is a keyed row whose key joins the queue's
+/// rotation with the commit, and runs (served by the fair fetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_task_sent_in_a_transaction_keeps_its_fairness_key() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let mut c = client(&schema).await;
+    let ring = "SELECT count(*) FROM celery_rs_fair_ring WHERE key = 'tenant-a'";
+    let keyed = token();
+    let tx = c.transaction().await.unwrap();
+    let res = app.send_in(&tx, tally(&keyed).fairness_key("tenant-a")).await.unwrap();
+    let row = tx.query_one("SELECT fair_key, priority FROM celery_rs_tasks", &[]).await.unwrap();
+    assert_eq!((row.get::<_, Option<String>>(0).as_deref(), row.get::<_, i16>(1)), (Some("tenant-a"), 1000));
+    assert_eq!(count(&schema, ring), 0, "the key joins the rotation with the commit");
+    tx.commit().await.unwrap();
+    assert_eq!(count(&schema, ring), 1);
+    let w = worker(&app);
+    assert_eq!(res.get::<String>(T).await.unwrap(), keyed);
+    assert_eq!(runs(&keyed), 1);
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_through_the_outbox_rollback_never_runs_and_commit_runs_once() {
     let Some((schema, _env, app)) = redis_app().await else { return };

@@ -31,6 +31,12 @@
 //! - Flow control ([`limits`]): cluster-wide rate limits (a row per bucket) and per-key
 //!   concurrency (a row per held slot with its lease; a message over its key's limit parked in a
 //!   table, moved back to its queue with a `NOTIFY` when a slot frees).
+//! - Fair queues ([`celery_core::flow::FairQueues`]): a task with a fairness key is a row with
+//!   that key (and its priority plus 1,000, so it sorts after the queue's unkeyed rows); its
+//!   queue gets a rotation (a row with the front key's credit, and a ring of its keys with
+//!   messages) that each fair fetch (one function call per queue, with the consumer's weights)
+//!   locks, serves key after key by weight and turns; a queue without keyed rows is fetched as
+//!   before. Layout and locking in [`sql`], the fetch in `consumer.rs`.
 //! - Transactional enqueue ([`transactional`]): a task written by the caller's own transaction,
 //!   into `celery_rs_tasks`, or into the [`outbox`] that a relay forwards to any other broker.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock

@@ -697,12 +697,17 @@ END $$;
 CREATE OR REPLACE FUNCTION celery_rs_fair_forget(p_queue text) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_queues WHERE queue = p_queue) THEN
+    -- The queue's row first, then its fair lock: the order a fair fetch takes them in.
+    PERFORM 1 FROM celery_rs_fair_queues WHERE queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
         RETURN;
     END IF;
     PERFORM pg_advisory_xact_lock(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
     DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key <> ''
-        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.fair_key = r.key);
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+            WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+            WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NOT NULL);
     IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
         DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
         DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;

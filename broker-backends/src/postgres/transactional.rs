@@ -22,6 +22,13 @@
 //! 30 seconds. Equal triples mean the insert lands in the broker's table; anything else goes
 //! through the outbox, which is correct for every broker, only slower.
 //!
+//! A task with a fairness key ([`Signature::fairness_key`]) keeps it on both paths: the direct
+//! path inserts it with the broker's keyed publish (its key joins the queue's rotation in the
+//! caller's transaction, under a shared lock of the queue held until that transaction ends: a
+//! long transaction delays dropping the queue's empty keys, never a fetch); through the outbox it
+//! travels in the message's headers, and the relay's broker serves it fairly if it has fair
+//! queues (the app's broker is checked at send, as for `App::send`).
+//!
 //! What `send_in` does not do: idempotency keys (a key claimed outside the transaction would
 //! outlive its rollback; the transaction already sends the task once), `task-sent` events, and
 //! chords (their counter lives in the result backend, outside the transaction). A server error in
