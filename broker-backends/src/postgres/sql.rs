@@ -607,7 +607,7 @@ BEGIN
                     ORDER BY t.priority, t.run_at, t.id LIMIT ring.lim) c
                 WHERE ring.k = ''),
             ranked AS (
-                SELECT r.id, r.i, r.lim, r.rn,
+                SELECT r.id, r.i, r.w, r.lim, r.rn,
                     CASE WHEN r.i = 1 THEN CASE WHEN r.rn < first_credit THEN 0 ELSE 1 + (r.rn - first_credit) / r.w END
                         ELSE r.rn / r.w END AS rnd
                 FROM (SELECT cand.*, (row_number() OVER (PARTITION BY cand.i ORDER BY cand.priority, cand.run_at, cand.id)
@@ -615,11 +615,14 @@ BEGIN
             SELECT (SELECT array_agg(id ORDER BY rnd, i, rn) FROM ranked),
                 (SELECT array_agg(i ORDER BY rnd, i, rn) FROM ranked),
                 (SELECT array_agg(rnd ORDER BY rnd, i, rn) FROM ranked),
-                (SELECT count(*) FROM (SELECT 1 FROM ranked GROUP BY i, lim HAVING count(*) >= lim) f),
+                (SELECT sum(f.w) FROM (SELECT max(w) AS w FROM ranked GROUP BY i, lim HAVING count(*) >= lim) f),
                 (SELECT array_agg(ring.k) FROM ring WHERE ring.k <> '' AND NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i))
             INTO c_ids, c_i, c_rnd, saturated, empties;
+            saturated := coalesce(saturated, 0);
             EXIT WHEN NOT whole OR saturated = 0 OR coalesce(cardinality(c_ids), 0) >= p_n OR rounds >= p_n;
-            rounds := least(p_n, rounds * 2);
+            -- Only the keys that gave all that was asked may have more: enough rounds more for them.
+            rounds := least(p_n, rounds + greatest(1, (p_n - coalesce(cardinality(c_ids), 0) + saturated::integer - 1)
+                / saturated::integer));
         END LOOP;
         taken := least(p_n, coalesce(cardinality(c_ids), 0));
         IF taken > 0 THEN
