@@ -123,6 +123,40 @@ async fn postgres_contract() {
     length_peek_purge_and_requeue(Target::postgres().unwrap()).await;
 }
 
+/// PostgreSQL: two consumers of one fair queue (each fair fetch locks the queue's rotation, so
+/// they take turns) together get every one of 400 tasks of 4 keys exactly once, both of them
+/// some, and the queue ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_consumers_share_a_fair_queue() {
+    let Some(t) = Target::postgres() else { return };
+    let app = t.app().await;
+    let q = format!("fair-two-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..400).map(|i| task(&q, i).fairness_key(format!("k{}", i % 4)))).await.unwrap();
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + T;
+    let take = |app: App, q: String, total: std::sync::Arc<std::sync::atomic::AtomicUsize>| async move {
+        let mut c = app.broker().consume(&[q], 8).await.unwrap();
+        let mut ids = Vec::new();
+        // Until both together have all 400 (or the deadline: the count below then fails).
+        while total.load(std::sync::atomic::Ordering::SeqCst) < 400 && std::time::Instant::now() < deadline {
+            if let Ok(Some(mut d)) = tokio::time::timeout(Duration::from_millis(200), c.next()).await {
+                ids.push(d.take_message().unwrap().headers.id.clone());
+                d.ack().await.unwrap();
+                total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        c.close().await;
+        ids
+    };
+    let (a, b) = tokio::join!(take(app.clone(), q.clone(), total.clone()), take(app.clone(), q.clone(), total.clone()));
+    assert!(!a.is_empty() && !b.is_empty(), "both consumers took some: {} and {}", a.len(), b.len());
+    let mut all: Vec<String> = a.into_iter().chain(b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "every task once");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+}
+
 /// A keyed delivery whose consumer goes away unsettled is restored (visibility timeout 1 s) into
 /// its key's line, and served again.
 async fn restores_a_lost_keyed_delivery_into_its_line(t: Target) {
