@@ -29,7 +29,7 @@
 //!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
 //!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
 //!   its queue like a publish. A task without a concurrency key touches none of these.
-//! - Fair queues (migration 7, [`FAIR_PUBLISH`], [`FAIR_FETCH`]): a keyed task's row has its
+//! - Fair queues (migration 7, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
 //!   `fair_key` and its priority plus 1,000, so keyed rows sort after every unkeyed row of their
 //!   queue in the ready index (the unkeyed rows of a fair queue are found without walking past
 //!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
