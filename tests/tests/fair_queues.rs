@@ -388,6 +388,136 @@ async fn postgres_a_dead_workers_keyed_task_comes_back_into_the_rotation() {
     assert_eq!(ring(""), "0");
 }
 
+/// A PostgreSQL target, its schema, and an app on it; `None` (skipped) without the servers.
+async fn postgres_app() -> Option<(Target, App)> {
+    let t = Target::postgres()?;
+    let app = t.app().await;
+    Some((t, app))
+}
+
+/// Runs `sql` in the target's schema; the first column of the first row.
+fn pg_value(t: &Target, sql: &str) -> Option<String> {
+    let Target::Postgres(schema, _) = t else { unreachable!("a postgres target") };
+    schema.query(sql).unwrap().first().and_then(|r| r[0].clone())
+}
+
+/// PostgreSQL: 70 keys whose only tasks wait for an eta a day away (more than one fetch of 1
+/// reads of the ring, 2 × 1 + 64 keys) do not hold up a key queued behind them with a ready task:
+/// it is delivered at once, and the waiting keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_ready_key_passes_keys_that_only_wait() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-wait-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    app.send_batch((0..70).map(|i| task(&q, i).fairness_key(format!("w{i}")).eta(later))).await.unwrap();
+    app.send(task(&q, 70).fairness_key("late")).await.unwrap();
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let mut d = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .expect("the ready key is delivered at once")
+        .expect("open");
+    let msg = d.take_message().unwrap();
+    assert_eq!(msg.headers.extra.get("x-fairness-key").and_then(|v| v.as_str()), Some("late"));
+    d.ack().await.unwrap();
+    c.close().await;
+    let waiting =
+        pg_value(&t, &format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key LIKE 'w%'"));
+    assert_eq!(waiting.as_deref(), Some("70"), "keys with waiting tasks stay in the ring");
+}
+
+/// PostgreSQL: a consumer of a plain queue and a fair one, taking one task at a time, keeps
+/// taking the plain queue's backlog while the fair queue has a backlog too (they alternate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_plain_queue_is_served_next_to_a_busy_fair_one() {
+    let Some((_t, app)) = postgres_app().await else { return };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (plain, fair) = (format!("fair-mix-plain-{id}"), format!("fair-mix-fair-{id}"));
+    app.send_batch((0..10).map(|i| task(&fair, i).fairness_key("B"))).await.unwrap();
+    app.send_batch((0..10).map(|i| task(&plain, i))).await.unwrap();
+    let mut c = app.broker().consume(&[plain.clone(), fair.clone()], 1).await.unwrap();
+    let mut from_plain = 0;
+    for _ in 0..6 {
+        let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+        from_plain += usize::from(d.take_message().unwrap().headers.extra.get("x-fairness-key").is_none());
+        d.ack().await.unwrap();
+    }
+    c.close().await;
+    assert!(from_plain >= 2, "the plain queue gave {from_plain} of the first 6 deliveries");
+}
+
+/// PostgreSQL: the fair fetch locks a picked row only if it is still ready in the queue it was
+/// picked from (`celery_rs_fair_lock_rows`): a row dead-lettered meanwhile (moved to `q.dead`),
+/// one deferred, one leased are left out; the ready one is locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-guard-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..4).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    let ids =
+        pg_value(&t, &format!("SELECT string_agg(id::text, ',' ORDER BY id) FROM celery_rs_tasks WHERE queue = '{q}'"))
+            .unwrap();
+    let ids: Vec<&str> = ids.split(',').collect();
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    schema
+        .exec(&format!(
+            "UPDATE celery_rs_tasks SET queue = queue || '.dead', fair_key = NULL, priority = 0 WHERE id = {};
+             UPDATE celery_rs_tasks SET run_at = now() + interval '1 hour' WHERE id = {};
+             UPDATE celery_rs_tasks SET leased_until = now() + interval '1 hour' WHERE id = {}",
+            ids[0], ids[1], ids[2]
+        ))
+        .unwrap();
+    let locked = pg_value(
+        &t,
+        &format!("SELECT array_to_string(celery_rs_fair_lock_rows('{q}', ARRAY[{}]::bigint[]), ',')", ids.join(",")),
+    );
+    assert_eq!(locked.as_deref(), Some(ids[3]), "only the row still ready in {q}");
+}
+
+/// PostgreSQL: a keyed task dead-lettered (by its consumer, or by the fetch for its size) loses
+/// its key: its dead-letter queue does not serve it as a keyed row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dead_letters_lose_their_fairness_key() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-dead-letter-{}", uuid::Uuid::new_v4().simple());
+    app.send(task(&q, 1).fairness_key("A")).await.unwrap();
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
+    d.dead_letter("test").await.unwrap();
+    c.close().await;
+    app.send(task(&q, 2).fairness_key("B").args(json!(["x".repeat(4096)]))).await.unwrap();
+    let mut capped = app.broker().consume_capped(std::slice::from_ref(&q), 1, 1024).await.unwrap();
+    let d = tokio::time::timeout(T, capped.next()).await.unwrap().unwrap();
+    drop(d);
+    capped.close().await;
+    let dead = |what: &str| pg_value(&t, &format!("SELECT {what} FROM celery_rs_tasks WHERE queue = '{q}.dead'"));
+    assert_eq!(dead("count(*)").as_deref(), Some("2"), "both dead-lettered");
+    assert_eq!(dead("count(fair_key)").as_deref(), Some("0"), "without their key");
+}
+
+/// PostgreSQL: a message whose fairness key is invalid (empty, too long, a control character, not
+/// a string) is stored unkeyed, without failing the rest of its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_invalid_fairness_key_does_not_fail_its_batch() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-invalid-{}", uuid::Uuid::new_v4().simple());
+    let bad = [json!(""), json!("k".repeat(129)), json!("a\u{0}b"), json!(7)];
+    let mut batch = Vec::new();
+    for (i, key) in bad.into_iter().chain([json!("good")]).enumerate() {
+        let mut m = celery_core::protocol::Message::from_signature(&task(&q, i)).unwrap();
+        m.headers.extra.insert("x-fairness-key".to_owned(), key);
+        batch.push((celery_core::routing::Route::queue(&q), m));
+    }
+    app.broker().publish_batch(&batch).await.unwrap();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 5);
+    let keys = pg_value(
+        &t,
+        &format!(
+            "SELECT string_agg(coalesce(fair_key, '-'), ',' ORDER BY id) FROM celery_rs_tasks WHERE queue = '{q}'"
+        ),
+    );
+    assert_eq!(keys.as_deref(), Some("-,-,-,-,good"));
+}
+
 /// The task the contract tests send (never run: they consume with the broker directly).
 #[celery_worker::prelude::task]
 async fn fair_probe(i: u64) -> u64 {

@@ -398,25 +398,29 @@ impl Fetcher {
 
     /// Leases what `plan` asks for (rows too large are dead-lettered by the statement): the rows
     /// of each of its queues (in the plan's order) in the order they are to be handed out, and
-    /// the dead-letter queues that received a message. Its fair queues first, one statement each
-    /// ([`sql::FAIR_FETCH`]: the rows in the order their keys' turns gave them), then the others
-    /// in one statement ([`sql::FETCH`]) with what is left of the total.
+    /// the dead-letter queues that received a message. In the plan's order (so that, as with one
+    /// statement, the queues after the last that gave a row when the total was reached are the
+    /// ones not looked at): a fair queue by a statement of its own ([`sql::FAIR_FETCH`]: the rows
+    /// in the order their keys' turns gave them), each run of other queues by one statement
+    /// ([`sql::FETCH`]) with what is left of the total.
     async fn lease(&mut self, plan: &Plan) -> Result<(Vec<Vec<Row>>, Vec<String>), BrokerError> {
         let mut dead: Vec<String> = Vec::new();
         let mut rows: Vec<Vec<Row>> = plan.queues.iter().map(|_| Vec::new()).collect();
         let mut left = plan.total;
-        for (i, &q) in plan.queues.iter().enumerate() {
-            if !self.fair[q] || left == 0 {
+        let mut i = 0;
+        while i < plan.queues.len() && left > 0 {
+            let q = plan.queues[i];
+            if self.fair[q] {
+                let (line, fair) = self.lease_fair(q, plan.shares[i].min(left), &mut dead).await?;
+                left -= line.len().min(left);
+                rows[i] = line;
+                self.fair[q] = fair;
+                i += 1;
                 continue;
             }
-            let share = plan.shares[i].min(left);
-            let (line, fair) = self.lease_fair(q, share, &mut dead).await?;
-            left -= line.len();
-            rows[i] = line;
-            self.fair[q] = fair;
-        }
-        let plain: Vec<usize> = (0..plan.queues.len()).filter(|&i| !self.fair[plan.queues[i]]).collect();
-        if left > 0 && !plain.is_empty() {
+            let end = (i..plan.queues.len()).find(|&j| self.fair[plan.queues[j]]).unwrap_or(plan.queues.len());
+            let plain: Vec<usize> = (i..end).collect();
+            i = end;
             let names: Vec<&str> = plain.iter().map(|&i| self.queues[plan.queues[i]].as_str()).collect();
             let shares: Vec<i64> = plain.iter().map(|&i| plan.shares_sql[i]).collect();
             let total = left as i64;
@@ -427,7 +431,10 @@ impl Fetcher {
             for r in result {
                 let row = row_of(&r, &mut dead);
                 match place.get(r.get::<_, &str>(0)) {
-                    Some(&i) => rows[i].push(row),
+                    Some(&i) => {
+                        rows[i].push(row);
+                        left = left.saturating_sub(1);
+                    }
                     // Never: the statement takes only from the queues it was given.
                     None => {
                         tracing::error!(
@@ -468,8 +475,19 @@ impl Fetcher {
         let result = self.shared.db.query("fair fetch", sql::FAIR_FETCH, &params).await?;
         let fair = result.first().is_some_and(|r| r.get::<_, bool>(10));
         // In the order the keys' turns picked them.
-        let line: Vec<Row> =
-            result.iter().filter(|r| r.get::<_, Option<i64>>(1).is_some()).map(|r| row_of(r, dead)).collect();
+        let mut line = Vec::with_capacity(result.len());
+        for r in result.iter().filter(|r| r.get::<_, Option<i64>>(1).is_some()) {
+            // Never: the function locks only rows still ready in this queue.
+            if r.get::<_, Option<&str>>(0) != Some(self.queues[q].as_str()) {
+                tracing::error!(
+                    queue = r.get::<_, Option<&str>>(0),
+                    asked = %self.queues[q],
+                    "postgresql: a fair fetch returned a row of another queue (left to its lease)"
+                );
+                continue;
+            }
+            line.push(row_of(r, dead));
+        }
         Ok((line, fair))
     }
 

@@ -77,7 +77,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::broker::Subscription;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
-use celery_core::flow::{FairQueues, FairnessWeights, FAIRNESS_KEY};
+use celery_core::flow::{validate_key, FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::{Broker, BrokerError, Consumer, ProtocolError};
@@ -138,9 +138,28 @@ impl NewRow {
             priority: i16::from(envelope::kombu_priority(msg)),
             eta: msg.headers.eta,
             payload: env.into_bytes(),
-            fair_key: msg.headers.extra.get(FAIRNESS_KEY).and_then(serde_json::Value::as_str).map(str::to_owned),
+            fair_key: fair_key_of(msg),
             queue,
         })
+    }
+}
+
+/// The fairness key of `msg` (`x-fairness-key`), when it has a valid one ([`validate_key`]): a
+/// message with any other value there (not a string, empty, too long, a control character) is
+/// stored unkeyed, with a warning, rather than fail its whole publish batch (an outbox relay's
+/// batch too).
+fn fair_key_of(msg: &Message) -> Option<String> {
+    let value = msg.headers.extra.get(FAIRNESS_KEY)?;
+    let checked = match value.as_str() {
+        Some(key) => validate_key(key).map(|()| key).map_err(|e| e.to_string()),
+        None => Err("not a string".to_owned()),
+    };
+    match checked {
+        Ok(key) => Some(key.to_owned()),
+        Err(reason) => {
+            tracing::warn!(task_id = %msg.headers.id, %reason, "postgresql: invalid fairness key ignored (stored unkeyed)");
+            None
+        }
     }
 }
 

@@ -480,10 +480,12 @@ CREATE OR REPLACE FUNCTION celery_rs_fair_lock(p_queue text, p_shared boolean) R
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     IF p_shared THEN
-        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_fair:' || 'celery_rs_tasks'::regclass::oid::text),
+            hashtext(p_queue));
         RETURN true;
     END IF;
-    RETURN pg_try_advisory_xact_lock(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+    RETURN pg_try_advisory_xact_lock(hashtext('celery_rs_fair:' || 'celery_rs_tasks'::regclass::oid::text),
+        hashtext(p_queue));
 END $$;
 CREATE OR REPLACE FUNCTION celery_rs_fair_of(payload bytea) RETURNS text
 LANGUAGE plpgsql IMMUTABLE AS $$
@@ -504,17 +506,13 @@ CREATE OR REPLACE FUNCTION celery_rs_fair_join(p_queue text, p_key text) RETURNS
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
     PERFORM celery_rs_fair_lock(p_queue, true);
-    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_queues WHERE queue = p_queue) THEN
-        INSERT INTO celery_rs_fair_queues (queue) VALUES (p_queue) ON CONFLICT DO NOTHING;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key = p_key) THEN
-        INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, p_key, nextval('celery_rs_fair_turn'))
-        ON CONFLICT DO NOTHING;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key = '') THEN
-        INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, '', nextval('celery_rs_fair_turn'))
-        ON CONFLICT DO NOTHING;
-    END IF;
+    -- No pre-check (a caller's REPEATABLE READ snapshot may still see a row a fetch deleted):
+    -- ON CONFLICT looks at the committed rows.
+    INSERT INTO celery_rs_fair_queues (queue) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, p_key, nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, '', nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
 END $$;
 CREATE OR REPLACE FUNCTION celery_rs_fair_publish(p_queues text[], p_priorities smallint[], p_etas timestamptz[],
     p_payloads bytea[], p_keys text[], p_channel text) RETURNS void
@@ -548,6 +546,15 @@ BEGIN
     SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notes) + 0 * (SELECT count(*) FROM j) INTO moved;
     RETURN moved;
 END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock_rows(p_queue text, p_ids bigint[]) RETURNS bigint[]
+LANGUAGE sql VOLATILE AS $$
+    -- The rows picked (read unlocked), locked now if still ready in that queue: one leased, moved
+    -- (dead-lettered) or deferred meanwhile by a fetch or settle that does not know the queue is
+    -- fair is left out. In the order of p_ids.
+    SELECT coalesce(array_agg(l.id ORDER BY u.n), '{}') FROM unnest(p_ids) WITH ORDINALITY AS u(id, n)
+    JOIN (SELECT id FROM celery_rs_tasks WHERE id = ANY(p_ids) AND queue = p_queue AND leased_until IS NULL
+        AND run_at <= now() FOR UPDATE SKIP LOCKED) l ON l.id = u.id
+$$;
 CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
     p_visits integer) RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE AS $$
@@ -564,6 +571,8 @@ DECLARE
     c_rnd integer[];
     saturated bigint;
     empties text[];
+    idle integer[];
+    moved text[];
     ids bigint[] := '{}';
     taken integer;
     last_i integer;
@@ -616,24 +625,20 @@ BEGIN
                 (SELECT array_agg(i ORDER BY rnd, i, rn) FROM ranked),
                 (SELECT array_agg(rnd ORDER BY rnd, i, rn) FROM ranked),
                 (SELECT sum(f.w) FROM (SELECT max(w) AS w FROM ranked GROUP BY i, lim HAVING count(*) >= lim) f),
-                (SELECT array_agg(ring.k) FROM ring WHERE ring.k <> '' AND NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i))
-            INTO c_ids, c_i, c_rnd, saturated, empties;
+                (SELECT array_agg(ring.k) FROM ring WHERE ring.k <> '' AND NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i)),
+                (SELECT array_agg(ring.i ORDER BY ring.i) FROM ring WHERE NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i))
+            INTO c_ids, c_i, c_rnd, saturated, empties, idle;
             saturated := coalesce(saturated, 0);
-            EXIT WHEN NOT whole OR saturated = 0 OR coalesce(cardinality(c_ids), 0) >= p_n OR rounds >= p_n;
+            -- Beyond a partial ring (not whole) the keys not read wait for the next fetch; the
+            -- keys read give more rounds rather than leave the consumer short.
+            EXIT WHEN saturated = 0 OR coalesce(cardinality(c_ids), 0) >= p_n OR rounds >= p_n;
             -- Only the keys that gave all that was asked may have more: enough rounds more for them.
             rounds := least(p_n, rounds + greatest(1, (p_n - coalesce(cardinality(c_ids), 0) + saturated::integer - 1)
                 / saturated::integer));
         END LOOP;
         taken := least(p_n, coalesce(cardinality(c_ids), 0));
         IF taken > 0 THEN
-            ids := c_ids[1:taken];
-            -- Read unlocked; locked now (a row leased meanwhile by a fetch that does not know
-            -- the queue is fair is left out).
-            c_ids := ARRAY(SELECT id FROM celery_rs_tasks WHERE id = ANY(ids) AND leased_until IS NULL
-                FOR UPDATE SKIP LOCKED);
-            IF cardinality(c_ids) < taken THEN
-                ids := ARRAY(SELECT u.id FROM unnest(ids) WITH ORDINALITY AS u(id, n) WHERE u.id = ANY(c_ids) ORDER BY u.n);
-            END IF;
+            ids := celery_rs_fair_lock_rows(p_queue, c_ids[1:taken]);
             last_i := c_i[taken];
             last_rnd := c_rnd[taken];
             allot := CASE WHEN last_i = 1 AND last_rnd = 0 THEN first_credit ELSE ring_w[last_i] END;
@@ -659,10 +664,14 @@ BEGIN
                 next_front := last_i % m + 1;
             END IF;
         END IF;
-        IF next_front > 1 THEN
+        -- To the back: the keys served before the next front, then the keys read without a ready
+        -- row (only waiting or leased ones: they must not hold the front, and the keys behind them).
+        moved := ring_keys[1:next_front - 1]
+            || ARRAY(SELECT ring_keys[u.i] FROM unnest(idle) AS u(i) WHERE u.i >= next_front ORDER BY u.i);
+        IF cardinality(moved) > 0 THEN
             UPDATE celery_rs_fair_ring r SET turn = u.turn
-            FROM unnest(ring_keys[1:next_front - 1],
-                ARRAY(SELECT nextval('celery_rs_fair_turn') FROM generate_series(1, next_front - 1) g ORDER BY g)) AS u(k, turn)
+            FROM unnest(moved, ARRAY(SELECT nextval('celery_rs_fair_turn')
+                FROM generate_series(1, cardinality(moved)) g ORDER BY g)) AS u(k, turn)
             WHERE r.queue = p_queue AND r.key = u.k;
         END IF;
         IF cardinality(empties) > 0 THEN
@@ -676,9 +685,11 @@ BEGIN
             END IF;
         END IF;
     END IF;
-    IF cardinality(ids) < p_n AND whole AND saturated = 0 THEN
+    -- Short, and no key read may have more: the ready rows of keys not in the ring (none is
+    -- expected) or beyond the keys read (a ring longer than p_visits), oldest first.
+    IF cardinality(ids) < p_n AND saturated = 0 THEN
         c_ids := ARRAY(SELECT id FROM celery_rs_tasks
-            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND priority >= 1000 AND id <> ALL(ids)
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
             ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
         IF cardinality(c_ids) > 0 THEN
             ids := ids || c_ids;
@@ -705,7 +716,11 @@ BEGIN
     IF NOT FOUND THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtext('celery_rs_fair:' || coalesce(current_schema(), '')), hashtext(p_queue));
+    -- Tried, never waited for: an open transaction's keyed send_in holds it shared (a later
+    -- fetch drops the empty keys).
+    IF NOT celery_rs_fair_lock(p_queue, false) THEN
+        RETURN;
+    END IF;
     DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key <> ''
         AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
             WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
@@ -767,7 +782,8 @@ SET leased_until = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE
         THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
         ELSE t.reason END,
     run_at = CASE WHEN octet_length(t.payload) > $4::bigint THEN now() ELSE t.run_at END,
-    priority = CASE WHEN octet_length(t.payload) > $4::bigint THEN 0 ELSE t.priority END
+    priority = CASE WHEN octet_length(t.payload) > $4::bigint THEN 0 ELSE t.priority END,
+    fair_key = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE t.fair_key END
 WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
 RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) ELSE t.queue END,
     t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
@@ -924,7 +940,7 @@ SELECT pg_notify($5, queue) FROM back";
 pub(crate) const DEAD_LETTER: &str = "
 WITH dead AS (
     UPDATE celery_rs_tasks
-    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), priority = 0
+    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), priority = 0, fair_key = NULL
     WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
 SELECT pg_notify($6, queue) FROM dead";
 
