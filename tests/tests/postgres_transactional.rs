@@ -189,7 +189,8 @@ async fn postgres_broker_direct_rollback_never_runs_and_commit_runs_once() {
 }
 
 /// A keyed task sent in a transaction (direct path) is a keyed row whose key joins the queue's
-/// rotation with the commit, and runs (served by the fair fetch).
+/// rotation at once (committed on the broker's connection: a rollback leaves an empty key that a
+/// fetch drops), and runs with the commit (served by the fair fetch).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_task_sent_in_a_transaction_keeps_its_fairness_key() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
@@ -201,7 +202,7 @@ async fn a_keyed_task_sent_in_a_transaction_keeps_its_fairness_key() {
     let res = app.send_in(&tx, tally(&keyed).fairness_key("tenant-a")).await.unwrap();
     let row = tx.query_one("SELECT fair_key, priority FROM celery_rs_tasks", &[]).await.unwrap();
     assert_eq!((row.get::<_, Option<String>>(0).as_deref(), row.get::<_, i16>(1)), (Some("tenant-a"), 1000));
-    assert_eq!(count(&schema, ring), 0, "the key joins the rotation with the commit");
+    assert_eq!(count(&schema, ring), 1, "the key joined the rotation outside the transaction");
     tx.commit().await.unwrap();
     assert_eq!(count(&schema, ring), 1);
     let w = worker(&app);
@@ -255,6 +256,32 @@ async fn a_keyed_send_in_locks_the_queue_whatever_the_callers_first_schema() {
     tx.commit().await.unwrap();
     let free: bool = fetcher.query_one("SELECT celery_rs_fair_lock($1, false)", &[&q]).await.unwrap().get(0);
     assert!(free);
+}
+
+/// An open transaction whose keyed send_in made its queue fair (and added a new key) holds up no
+/// other producer: a keyed publish to that queue, and another transaction's keyed send_in of
+/// the same new key, go through while it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_keyed_send_in_holds_up_no_other_producer() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let q = format!("open-{}", token());
+    let mut c = client(&schema).await;
+    let tx = c.transaction().await.unwrap();
+    app.send_in(&tx, tally(&token()).queue(&q).fairness_key("new")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.send(tally(&token()).queue(&q).fairness_key("other")))
+        .await
+        .expect("a keyed publish does not wait for the open transaction")
+        .unwrap();
+    let mut c2 = client(&schema).await;
+    let tx2 = c2.transaction().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.send_in(&tx2, tally(&token()).queue(&q).fairness_key("new")))
+        .await
+        .expect("another transaction's send_in of the same key does not wait")
+        .unwrap();
+    tx2.commit().await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 3);
 }
 
 /// A purge of a fair queue does not wait for an open transaction that sent a keyed task to it.

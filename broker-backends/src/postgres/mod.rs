@@ -185,8 +185,14 @@ impl<'a> Columns<'a> {
         }
     }
 
-    /// The statement and its parameters (with their types), `channel` notified.
-    pub(crate) fn statement(&'a self, channel: &'a String) -> (&'static str, Vec<(&'a (dyn ToSql + Sync), Type)>) {
+    /// The statement and its parameters (with their types), `channel` notified; `joined`: the
+    /// keys joined their rotations already, under locks the transaction holds
+    /// ([`sql::FAIR_PUBLISH_JOINED`]).
+    pub(crate) fn statement(
+        &'a self,
+        channel: &'a String,
+        joined: bool,
+    ) -> (&'static str, Vec<(&'a (dyn ToSql + Sync), Type)>) {
         let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
             (&self.queues, Type::TEXT_ARRAY),
             (&self.priorities, Type::INT2_ARRAY),
@@ -196,7 +202,11 @@ impl<'a> Columns<'a> {
         let sql = match &self.keys {
             Some(keys) => {
                 params.push((keys, Type::TEXT_ARRAY));
-                sql::FAIR_PUBLISH
+                if joined {
+                    sql::FAIR_PUBLISH_JOINED
+                } else {
+                    sql::FAIR_PUBLISH
+                }
             }
             None => sql::PUBLISH,
         };
@@ -364,7 +374,7 @@ impl PostgresBroker {
     async fn insert(&self, rows: Vec<NewRow>) -> Result<(), BrokerError> {
         for chunk in rows.chunks(PUBLISH_BATCH) {
             let columns = Columns::new(chunk);
-            let (statement, params) = columns.statement(&self.inner.channels.0);
+            let (statement, params) = columns.statement(&self.inner.channels.0, false);
             let params: Vec<&(dyn ToSql + Sync)> = params.into_iter().map(|(p, _)| p).collect();
             self.inner.db.query("publish", statement, &params).await?;
         }

@@ -515,11 +515,14 @@ BEGIN
     ON CONFLICT DO NOTHING;
 END $$;
 CREATE OR REPLACE FUNCTION celery_rs_fair_publish(p_queues text[], p_priorities smallint[], p_etas timestamptz[],
-    p_payloads bytea[], p_keys text[], p_channel text) RETURNS void
+    p_payloads bytea[], p_keys text[], p_channel text, p_join boolean DEFAULT true) RETURNS void
 LANGUAGE plpgsql VOLATILE AS $$
 BEGIN
-    PERFORM celery_rs_fair_join(d.q, d.k)
-    FROM (SELECT DISTINCT q, k FROM unnest(p_queues, p_keys) AS u(q, k) WHERE k IS NOT NULL ORDER BY q, k) d;
+    -- Not p_join: the caller holds the queues' shared fair locks and its keys joined already.
+    IF p_join THEN
+        PERFORM celery_rs_fair_join(d.q, d.k)
+        FROM (SELECT DISTINCT q, k FROM unnest(p_queues, p_keys) AS u(q, k) WHERE k IS NOT NULL ORDER BY q, k) d;
+    END IF;
     INSERT INTO celery_rs_tasks (queue, priority, run_at, payload, fair_key)
     SELECT q, CASE WHEN k IS NULL THEN p ELSE p + 1000 END, greatest(now(), coalesce(r, now())), b, k
     FROM unnest(p_queues, p_priorities, p_etas, p_payloads, p_keys) AS u(q, p, r, b, k);
@@ -757,6 +760,20 @@ SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 /// shared fair lock; it is stored with its priority plus 1,000 (see the module doc), and its queue is
 /// notified as `\u{6}<queue>` (the consumers switch that queue to [`FAIR_FETCH`]).
 pub(crate) const FAIR_PUBLISH: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6)";
+
+/// [`FAIR_PUBLISH`] without the join: the transaction holds its queues' shared fair locks
+/// ([`FAIR_LOCK_SHARED`]) and the keys joined on a connection of their own ([`FAIR_JOIN`]).
+pub(crate) const FAIR_PUBLISH_JOINED: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6, false)";
+
+/// Takes the shared fair lock of each of queues `$1` (in name order) until the transaction ends:
+/// no fetch drops a key of theirs meanwhile.
+pub(crate) const FAIR_LOCK_SHARED: &str =
+    "SELECT celery_rs_fair_lock(d.q, true) FROM (SELECT DISTINCT q FROM unnest($1::text[]) AS u(q) ORDER BY q) d";
+
+/// Joins keys `$2` to the rotations of queues `$1` (pairwise, each pair once), as a keyed publish
+/// does, in a statement of its own (committed before a transactional send inserts its rows).
+pub(crate) const FAIR_JOIN: &str = "SELECT celery_rs_fair_join(d.q, d.k) \
+     FROM (SELECT DISTINCT q, k FROM unnest($1::text[], $2::text[]) AS u(q, k) ORDER BY q, k) d";
 
 /// The payload prefix of a notification that marks its queue fair (see [`FAIR_PUBLISH`]).
 pub(crate) const FAIR_NOTE: char = '\u{6}';

@@ -149,7 +149,7 @@ impl SendInTransaction for App {
         let limit = max_encoded_size(self.config().max_message_size).min(MAX_PAYLOAD);
         let here = Identity::of(tx).await?;
         match decide(self, &here).await? {
-            Decision::Direct(channel) => insert_tasks(tx, &channel, &prepared, limit).await?,
+            Decision::Direct(side) => insert_tasks(tx, &side, &prepared, limit).await?,
             Decision::Outbox => {
                 let Some(channel) = &here.outbox else {
                     return Err(BrokerError::operation(
@@ -228,6 +228,9 @@ struct BrokerSide {
     /// The broker's task notification channel.
     channel: String,
     read_at: Instant,
+    /// A connection to the broker's database (one), for what a keyed send commits on its own
+    /// before the caller's transaction inserts ([`sql::FAIR_JOIN`]).
+    pool: deadpool_postgres::Pool,
 }
 
 impl BrokerSide {
@@ -238,8 +241,8 @@ impl BrokerSide {
 }
 
 enum Decision {
-    /// Insert into the broker's table and notify this channel.
-    Direct(String),
+    /// Insert into the broker's table (and notify its channel).
+    Direct(Arc<BrokerSide>),
     Outbox,
 }
 
@@ -269,7 +272,7 @@ async fn decide(app: &App, here: &Identity) -> Result<Decision, BrokerError> {
         }
     };
     if side.same_table(here) {
-        return Ok(Decision::Direct(side.channel.clone()));
+        return Ok(Decision::Direct(side));
     }
     if side.read_at.elapsed() < REFRESH_AFTER {
         return Ok(Decision::Outbox);
@@ -286,7 +289,7 @@ async fn decide(app: &App, here: &Identity) -> Result<Decision, BrokerError> {
             }
         },
     };
-    Ok(if side.same_table(here) { Decision::Direct(side.channel.clone()) } else { Decision::Outbox })
+    Ok(if side.same_table(here) { Decision::Direct(side) } else { Decision::Outbox })
 }
 
 fn remember(key: &str, side: BrokerSide) -> Arc<BrokerSide> {
@@ -313,7 +316,8 @@ async fn read_broker_side(broker_url: &str) -> Result<BrokerSide, BrokerError> {
     let identity = Identity { database: row.get(0), started: row.get(1), tasks: row.get(2), outbox: row.get(3) };
     let row = client.query_one(sql::CHANNELS, &[]).await.map_err(|e| tx_error(what, e))?;
     tracing::debug!(url = %options.connect.shown, ?identity, "postgresql: the broker's identity, for transactional sends");
-    Ok(BrokerSide { identity, channel: row.get(0), read_at: Instant::now() })
+    drop(client);
+    Ok(BrokerSide { identity, channel: row.get(0), read_at: Instant::now(), pool })
 }
 
 /// A binding as [`sql::BINDINGS`] returns it: routing key, queue, exchange kind.
@@ -369,10 +373,17 @@ fn checked_size(env: &str, limit: usize) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// The direct path: the broker's publish statement, run by the caller's transaction.
+/// The direct path: the broker's publish statement, run by the caller's transaction. Keyed
+/// tasks: the transaction takes their queues' shared fair locks ([`sql::FAIR_LOCK_SHARED`], so
+/// no fetch drops a key until it ends), then their keys join the rotations committed on a
+/// connection of the broker's ([`sql::FAIR_JOIN`]), and the transaction inserts the rows without
+/// joining ([`sql::FAIR_PUBLISH_JOINED`]): it writes no rotation row, so no other producer waits
+/// for it (an insert that conflicts with an uncommitted row waits for its transaction) and its
+/// snapshot (REPEATABLE READ, SERIALIZABLE) never meets a rotation row committed after it. When
+/// that connection fails, the transaction joins them itself (as a publish does).
 async fn insert_tasks(
     tx: &Transaction<'_>,
-    channel: &str,
+    side: &BrokerSide,
     batch: &[(Route, Message)],
     limit: usize,
 ) -> Result<(), BrokerError> {
@@ -383,12 +394,34 @@ async fn insert_tasks(
             rows.push(NewRow::of(msg, &route.exchange, queue, limit)?);
         }
     }
-    let channel = channel.to_owned();
+    let (queues, keys): (Vec<&str>, Vec<&str>) =
+        rows.iter().filter_map(|r| Some((r.queue.as_str(), r.fair_key.as_deref()?))).unzip();
+    let mut joined = false;
+    if !keys.is_empty() {
+        tx.query_typed(sql::FAIR_LOCK_SHARED, &[(&queues, Type::TEXT_ARRAY)])
+            .await
+            .map_err(|e| tx_error("locking fair rotations in the transaction", e))?;
+        match join_first(side, &queues, &keys).await {
+            Ok(()) => joined = true,
+            Err(e) => tracing::debug!(error = %e, "postgresql: joining fair rotations before a transactional send failed"),
+        }
+    }
+    let channel = side.channel.clone();
     for chunk in rows.chunks(PUBLISH_BATCH) {
         let columns = Columns::new(chunk);
-        let (statement, params) = columns.statement(&channel);
+        let (statement, params) = columns.statement(&channel, joined);
         tx.query_typed(statement, &params).await.map_err(|e| tx_error("inserting tasks in the transaction", e))?;
     }
+    Ok(())
+}
+
+/// Joins `keys` to the rotations of `queues` (pairwise), committed on the broker's connection.
+async fn join_first(side: &BrokerSide, queues: &[&str], keys: &[&str]) -> Result<(), BrokerError> {
+    let client = side.pool.get().await.map_err(|e| PgError::pool("transactional: join fair rotations", e))?;
+    client
+        .query_typed(sql::FAIR_JOIN, &[(&queues, Type::TEXT_ARRAY), (&keys, Type::TEXT_ARRAY)])
+        .await
+        .map_err(|e| tx_error("joining fair rotations", e))?;
     Ok(())
 }
 
