@@ -14,8 +14,8 @@
 //! - Fair queues: a queue with a rotation (read at the first fetch and after each reconnect of
 //!   the listener, or marked by a keyed publish's notification, [`sql::FAIR_NOTE`]) is fetched by
 //!   a statement of its own ([`sql::FAIR_FETCH`]: its keys take turns by the consumer's weights,
-//!   one consumer at a time per queue), before the other queues' statement, its share as any
-//!   queue's; the rows come in the order the turns gave them. When that statement says the
+//!   one consumer at a time per queue) in its place among the fetch's queues (each run of other
+//!   queues by one statement), its share as any queue's; the rows come in the order the turns gave them. When that statement says the
 //!   rotation is gone (no keyed row was left), the queue is fetched as before.
 //! - Size cap: a message above the consumer's `max_message_size` is dead-lettered by the fetch
 //!   statement itself (its payload is not sent); the consumer hands out a delivery that holds no

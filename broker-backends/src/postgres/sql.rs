@@ -42,9 +42,13 @@
 //!   under a shared advisory lock of the queue; a fetch drops a key without rows (ready, waiting
 //!   for an eta or leased: leased and waiting rows come back without any event, so their key
 //!   stays), and the rotation once no keyed row is left, only under that lock taken exclusively
-//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted. A fair
-//!   fetch that visited every key without finding enough also takes keyed rows whose key is not
-//!   in the ring (a safety net; none is expected) and puts their keys back.
+//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted (the
+//!   lock is keyed by the oid of `celery_rs_tasks`, the same whatever a caller's first schema).
+//!   A fetch moves the keys it read without a ready row (only waiting or leased ones) to the back
+//!   with those it served. A fair fetch left short while no key it read may have more also takes
+//!   the queue's oldest ready rows beyond the keys read (a ring longer than one fetch reads), or
+//!   whose key is not in the ring (none is expected), and puts their keys back. The rows picked
+//!   are read unlocked, then locked only if still ready in the queue (`celery_rs_fair_lock_rows`).
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.

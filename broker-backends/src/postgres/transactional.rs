@@ -219,6 +219,14 @@ impl Identity {
             tx.query_typed_one(IDENTITY, &[]).await.map_err(|e| tx_error("reading the transaction's database", e))?;
         Ok(Identity { database: row.get(0), started: row.get(1), tasks: row.get(2), outbox: row.get(3) })
     }
+
+    /// Whether a session that sees `here` reaches the tasks table of the broker that sees this.
+    fn same_table(&self, here: &Identity) -> bool {
+        self.tasks.is_some()
+            && self.tasks == here.tasks
+            && self.database == here.database
+            && self.started == here.started
+    }
 }
 
 /// The PostgreSQL broker's side, as read through its URL.
@@ -235,8 +243,7 @@ struct BrokerSide {
 
 impl BrokerSide {
     fn same_table(&self, here: &Identity) -> bool {
-        let b = &self.identity;
-        b.tasks.is_some() && b.tasks == here.tasks && b.database == here.database && b.started == here.started
+        self.identity.same_table(here)
     }
 }
 
@@ -403,7 +410,9 @@ async fn insert_tasks(
             .map_err(|e| tx_error("locking fair rotations in the transaction", e))?;
         match join_first(side, &queues, &keys).await {
             Ok(()) => joined = true,
-            Err(e) => tracing::debug!(error = %e, "postgresql: joining fair rotations before a transactional send failed"),
+            Err(e) => {
+                tracing::debug!(error = %e, "postgresql: joining fair rotations before a transactional send failed")
+            }
         }
     }
     let channel = side.channel.clone();
@@ -473,7 +482,7 @@ mod tests {
 
     #[test]
     fn only_the_same_table_of_the_same_server_is_direct() {
-        let side = BrokerSide { identity: identity(Some(7)), channel: "c".into(), read_at: Instant::now() };
+        let side = identity(Some(7));
         assert!(side.same_table(&identity(Some(7))));
         assert!(side.same_table(&Identity { outbox: Some("o".into()), ..identity(Some(7)) }), "an outbox too");
         assert!(!side.same_table(&identity(Some(8))), "another schema's table");
@@ -481,8 +490,7 @@ mod tests {
         assert!(!side.same_table(&Identity { database: 6, ..identity(Some(7)) }), "another database");
         let restarted = Identity { started: DateTime::UNIX_EPOCH + chrono::Duration::seconds(1), ..identity(Some(7)) };
         assert!(!side.same_table(&restarted), "another server (or a restart: read again)");
-        let none = BrokerSide { identity: identity(None), channel: "c".into(), read_at: Instant::now() };
-        assert!(!none.same_table(&identity(None)));
+        assert!(!identity(None).same_table(&identity(None)));
     }
 
     #[test]
