@@ -425,6 +425,24 @@ async fn postgres_a_ready_key_passes_keys_that_only_wait() {
     assert_eq!(waiting.as_deref(), Some("70"), "keys with waiting tasks stay in the ring");
 }
 
+/// PostgreSQL: a ring longer than one fetch reads (100 keys, fetches of 1 read 66) still serves
+/// every key once before any key twice, with keys that only wait among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_long_ring_serves_every_key_in_turn() {
+    let Some((_t, app)) = postgres_app().await else { return };
+    let q = format!("fair-long-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    for i in 0..100 {
+        app.send(task(&q, i).fairness_key(format!("w{i}")).eta(later)).await.unwrap();
+        app.send_batch((0..2).map(|j| task(&q, j).fairness_key(format!("k{i}")))).await.unwrap();
+    }
+    let keys = take_keys(&app, &q, 100, FairnessWeights::default()).await;
+    let mut distinct = keys.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 100, "every key once in the first 100: {keys:?}");
+}
+
 /// PostgreSQL: a consumer of a plain queue and a fair one, taking one task at a time, keeps
 /// taking the plain queue's backlog while the fair queue has a backlog too (they alternate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
