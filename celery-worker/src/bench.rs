@@ -44,7 +44,7 @@ pub struct BenchArgs {
     pub sleep_ms: Option<u64>,
     /// Also drain the same tasks again spread over this many fairness keys (`k0` .. `kN-1`, sent
     /// in turn), and print that drain's rate and its cost against the plain drain (fair queues:
-    /// the built-in broker and Redis).
+    /// the built-in broker, Redis and PostgreSQL).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub fairness_keys: Option<u32>,
     /// Also drain the same tasks with concurrency keys spread over this many keys (`bench-k0` ..

@@ -1,7 +1,8 @@
 //! Fair queues (`Signature::fairness_key`) on the built-in broker (in this process, and over
-//! `log+tcp://`) and on Redis: the broker contract (keys take turns by weight; a key queued behind
-//! another's backlog is served at once; length, peek, purge and requeue count keyed messages;
-//! Redis restores a lost keyed delivery into its key's line), then real worker processes measured
+//! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight; a
+//! key queued behind another's backlog is served at once; length, peek, purge and requeue count
+//! keyed messages; a lost keyed delivery is restored into its key's line; PostgreSQL: a dead
+//! worker's keyed task comes back into the rotation), then real worker processes measured
 //! from outside (the order of the `span` lines in a file): 10 tasks of key B queued behind 5,000
 //! of key A all finish before 10% of A's, and `--fairness-weight A=3` gives A 75% ± 10% of the
 //! first deliveries while both wait. A broker without fair queues refuses a keyed send.
@@ -114,11 +115,51 @@ async fn redis_contract() {
     length_peek_purge_and_requeue(Target::redis().unwrap()).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_contract() {
+    let Some(t) = Target::postgres() else { return };
+    weights_share_deliveries(t).await;
+    a_late_key_is_served_at_once(Target::postgres().unwrap()).await;
+    length_peek_purge_and_requeue(Target::postgres().unwrap()).await;
+}
+
+/// PostgreSQL: two consumers of one fair queue (each fair fetch locks the queue's rotation, so
+/// they take turns) together get every one of 400 tasks of 4 keys exactly once, both of them
+/// some, and the queue ends empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_two_consumers_share_a_fair_queue() {
+    let Some(t) = Target::postgres() else { return };
+    let app = t.app().await;
+    let q = format!("fair-two-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..400).map(|i| task(&q, i).fairness_key(format!("k{}", i % 4)))).await.unwrap();
+    let total = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = std::time::Instant::now() + T;
+    let take = |app: App, q: String, total: std::sync::Arc<std::sync::atomic::AtomicUsize>| async move {
+        let mut c = app.broker().consume(&[q], 8).await.unwrap();
+        let mut ids = Vec::new();
+        // Until both together have all 400 (or the deadline: the count below then fails).
+        while total.load(std::sync::atomic::Ordering::SeqCst) < 400 && std::time::Instant::now() < deadline {
+            if let Ok(Some(mut d)) = tokio::time::timeout(Duration::from_millis(200), c.next()).await {
+                ids.push(d.take_message().unwrap().headers.id.clone());
+                d.ack().await.unwrap();
+                total.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        c.close().await;
+        ids
+    };
+    let (a, b) = tokio::join!(take(app.clone(), q.clone(), total.clone()), take(app.clone(), q.clone(), total.clone()));
+    assert!(!a.is_empty() && !b.is_empty(), "both consumers took some: {} and {}", a.len(), b.len());
+    let mut all: Vec<String> = a.into_iter().chain(b).collect();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 400, "every task once");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+}
+
 /// A keyed delivery whose consumer goes away unsettled is restored (visibility timeout 1 s) into
 /// its key's line, and served again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
-    let Some(t) = Target::redis() else { return };
+async fn restores_a_lost_keyed_delivery_into_its_line(t: Target) {
     let app = t.app().await;
     let q = format!("fair-restore-{}", uuid::Uuid::new_v4().simple());
     app.send(task(&q, 1).fairness_key("A")).await.unwrap();
@@ -135,6 +176,20 @@ async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
     keys.sort();
     assert_eq!(keys, ["A", "B"], "the lost one came back");
     assert_eq!(b.queue_len(&q).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restores_a_lost_keyed_delivery_into_its_line() {
+    if let Some(t) = Target::redis() {
+        restores_a_lost_keyed_delivery_into_its_line(t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restores_a_lost_keyed_delivery_into_its_line() {
+    if let Some(t) = Target::postgres() {
+        restores_a_lost_keyed_delivery_into_its_line(t).await;
+    }
 }
 
 /// Sending a keyed task through a broker without fair queues fails with an error naming them.
@@ -154,6 +209,10 @@ fn log_setup() -> Setup {
 
 fn redis_setup() -> Option<Setup> {
     Setup::redis("fair_queues", 30.0)
+}
+
+fn postgres_setup() -> Option<Setup> {
+    Setup::postgres("fair_queues", "visibility_timeout=30")
 }
 
 fn span(path: &std::path::Path, queue: &str, token: &str) -> Signature {
@@ -265,6 +324,216 @@ async fn redis_worker_weights_share_starts() {
     if let Some(s) = redis_setup() {
         worker_weights_share_starts(s).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keyed_tasks_come_back_from_waiting() {
+    if let Some(s) = postgres_setup() {
+        keyed_tasks_come_back_from_waiting(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_small_key_passes_a_large_backlog() {
+    if let Some(s) = postgres_setup() {
+        a_small_key_passes_a_large_backlog(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_worker_weights_share_starts() {
+    if let Some(s) = postgres_setup() {
+        worker_weights_share_starts(s).await;
+    }
+}
+
+/// PostgreSQL: a keyed task held by a worker killed with SIGKILL keeps its key in the queue's
+/// ring while it is leased (its key has no other task), comes back once the dead worker's
+/// heartbeat is `worker_grace` (10 s) old, and is served by the other worker through the fair
+/// fetch; a purge of the empty queue drops its rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_dead_workers_keyed_task_comes_back_into_the_rotation() {
+    let Some(setup) = Setup::postgres("fair_queues", "visibility_timeout=3600") else { return };
+    let Setup::Postgres { schema, .. } = &setup else { unreachable!() };
+    let app = setup.app().await;
+    let dir = TempDir::new("fair-dead");
+    let path = dir.0.join("spans");
+    let q = format!("fair-dead-{}", uuid::Uuid::new_v4().simple());
+    let long = span(&path, &q, "a0").args(json!([path.display().to_string(), "a0", 4000]));
+    app.send(long.fairness_key("A")).await.unwrap();
+    let mut first = setup.worker(&["-Q", &q, "-c", "1", "--prefetch-multiplier", "1"]);
+    assert!(wait_until(T, || lines(&path, "start").contains(&"a0".to_owned())), "a0 did not start");
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(5)).expect("killed");
+    let ring = |key: &str| {
+        schema
+            .query(&format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key = '{key}'"))
+            .unwrap()[0][0]
+            .clone()
+            .unwrap()
+    };
+    assert_eq!(ring("A"), "1", "a key whose only task is leased stays in the ring");
+    app.send_batch((0..3).map(|i| span(&path, &q, &format!("b{i}")).fairness_key("B"))).await.unwrap();
+    let _second = setup.worker(&["-Q", &q, "-c", "2", "--prefetch-multiplier", "1"]);
+    let ends = || lines(&path, "end");
+    assert!(wait_until(T, || ends().len() == 4), "ended: {:?}", ends());
+    assert_eq!(ends().iter().filter(|t| *t == "a0").count(), 1, "a0 ran to its end once, elsewhere");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+    // Once its acks are deleted, a purge of the empty queue drops its rotation.
+    let rows = || schema.query(&format!("SELECT count(*) FROM celery_rs_tasks WHERE queue = '{q}'")).unwrap();
+    assert!(wait_until(T, || rows()[0][0].as_deref() == Some("0")), "acked rows deleted");
+    assert_eq!(app.broker().purge(&q).await.unwrap(), 0);
+    let fair = schema.query(&format!("SELECT count(*) FROM celery_rs_fair_queues WHERE queue = '{q}'")).unwrap();
+    assert_eq!(fair[0][0].as_deref(), Some("0"), "the rotation of an empty queue is dropped by a purge");
+    assert_eq!(ring(""), "0");
+}
+
+/// A PostgreSQL target, its schema, and an app on it; `None` (skipped) without the servers.
+async fn postgres_app() -> Option<(Target, App)> {
+    let t = Target::postgres()?;
+    let app = t.app().await;
+    Some((t, app))
+}
+
+/// Runs `sql` in the target's schema; the first column of the first row.
+fn pg_value(t: &Target, sql: &str) -> Option<String> {
+    let Target::Postgres(schema, _) = t else { unreachable!("a postgres target") };
+    schema.query(sql).unwrap().first().and_then(|r| r[0].clone())
+}
+
+/// PostgreSQL: 70 keys whose only tasks wait for an eta a day away (more than one fetch of 1
+/// reads of the ring, 2 × 1 + 64 keys) do not hold up a key queued behind them with a ready task:
+/// it is delivered at once, and the waiting keys stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_ready_key_passes_keys_that_only_wait() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-wait-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    app.send_batch((0..70).map(|i| task(&q, i).fairness_key(format!("w{i}")).eta(later))).await.unwrap();
+    app.send(task(&q, 70).fairness_key("late")).await.unwrap();
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let mut d = tokio::time::timeout(Duration::from_secs(10), c.next())
+        .await
+        .expect("the ready key is delivered at once")
+        .expect("open");
+    let msg = d.take_message().unwrap();
+    assert_eq!(msg.headers.extra.get("x-fairness-key").and_then(|v| v.as_str()), Some("late"));
+    d.ack().await.unwrap();
+    c.close().await;
+    let waiting =
+        pg_value(&t, &format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key LIKE 'w%'"));
+    assert_eq!(waiting.as_deref(), Some("70"), "keys with waiting tasks stay in the ring");
+}
+
+/// PostgreSQL: a ring longer than one fetch reads (100 keys, fetches of 1 read 66) still serves
+/// every key once before any key twice, with keys that only wait among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_long_ring_serves_every_key_in_turn() {
+    let Some((_t, app)) = postgres_app().await else { return };
+    let q = format!("fair-long-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    for i in 0..100 {
+        app.send(task(&q, i).fairness_key(format!("w{i}")).eta(later)).await.unwrap();
+        app.send_batch((0..2).map(|j| task(&q, j).fairness_key(format!("k{i}")))).await.unwrap();
+    }
+    let keys = take_keys(&app, &q, 100, FairnessWeights::default()).await;
+    let mut distinct = keys.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 100, "every key once in the first 100: {keys:?}");
+}
+
+/// PostgreSQL: a consumer of a plain queue and a fair one, taking one task at a time, keeps
+/// taking the plain queue's backlog while the fair queue has a backlog too (they alternate).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_plain_queue_is_served_next_to_a_busy_fair_one() {
+    let Some((_t, app)) = postgres_app().await else { return };
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let (plain, fair) = (format!("fair-mix-plain-{id}"), format!("fair-mix-fair-{id}"));
+    app.send_batch((0..10).map(|i| task(&fair, i).fairness_key("B"))).await.unwrap();
+    app.send_batch((0..10).map(|i| task(&plain, i))).await.unwrap();
+    let mut c = app.broker().consume(&[plain.clone(), fair.clone()], 1).await.unwrap();
+    let mut from_plain = 0;
+    for _ in 0..6 {
+        let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+        from_plain += usize::from(d.take_message().unwrap().headers.extra.get("x-fairness-key").is_none());
+        d.ack().await.unwrap();
+    }
+    c.close().await;
+    assert!(from_plain >= 2, "the plain queue gave {from_plain} of the first 6 deliveries");
+}
+
+/// PostgreSQL: the fair fetch locks a picked row only if it is still ready in the queue it was
+/// picked from (`celery_rs_fair_lock_rows`): a row dead-lettered meanwhile (moved to `q.dead`),
+/// one deferred, one leased are left out; the ready one is locked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-guard-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..4).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    let ids =
+        pg_value(&t, &format!("SELECT string_agg(id::text, ',' ORDER BY id) FROM celery_rs_tasks WHERE queue = '{q}'"))
+            .unwrap();
+    let ids: Vec<&str> = ids.split(',').collect();
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    schema
+        .exec(&format!(
+            "UPDATE celery_rs_tasks SET queue = queue || '.dead', fair_key = NULL, priority = 0 WHERE id = {};
+             UPDATE celery_rs_tasks SET run_at = now() + interval '1 hour' WHERE id = {};
+             UPDATE celery_rs_tasks SET leased_until = now() + interval '1 hour' WHERE id = {}",
+            ids[0], ids[1], ids[2]
+        ))
+        .unwrap();
+    let locked = pg_value(
+        &t,
+        &format!("SELECT array_to_string(celery_rs_fair_lock_rows('{q}', ARRAY[{}]::bigint[]), ',')", ids.join(",")),
+    );
+    assert_eq!(locked.as_deref(), Some(ids[3]), "only the row still ready in {q}");
+}
+
+/// PostgreSQL: a keyed task dead-lettered (by its consumer, or by the fetch for its size) loses
+/// its key: its dead-letter queue does not serve it as a keyed row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dead_letters_lose_their_fairness_key() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-dead-letter-{}", uuid::Uuid::new_v4().simple());
+    app.send(task(&q, 1).fairness_key("A")).await.unwrap();
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 1).await.unwrap();
+    let d = tokio::time::timeout(T, c.next()).await.unwrap().unwrap();
+    d.dead_letter("test").await.unwrap();
+    c.close().await;
+    app.send(task(&q, 2).fairness_key("B").args(json!(["x".repeat(4096)]))).await.unwrap();
+    let mut capped = app.broker().consume_capped(std::slice::from_ref(&q), 1, 1024).await.unwrap();
+    let d = tokio::time::timeout(T, capped.next()).await.unwrap().unwrap();
+    drop(d);
+    capped.close().await;
+    let dead = |what: &str| pg_value(&t, &format!("SELECT {what} FROM celery_rs_tasks WHERE queue = '{q}.dead'"));
+    assert_eq!(dead("count(*)").as_deref(), Some("2"), "both dead-lettered");
+    assert_eq!(dead("count(fair_key)").as_deref(), Some("0"), "without their key");
+}
+
+/// PostgreSQL: a message whose fairness key is invalid (empty, too long, a control character, not
+/// a string) is stored unkeyed, without failing the rest of its batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_an_invalid_fairness_key_does_not_fail_its_batch() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-invalid-{}", uuid::Uuid::new_v4().simple());
+    let bad = [json!(""), json!("k".repeat(129)), json!("a\u{0}b"), json!(7)];
+    let mut batch = Vec::new();
+    for (i, key) in bad.into_iter().chain([json!("good")]).enumerate() {
+        let mut m = celery_core::protocol::Message::from_signature(&task(&q, i)).unwrap();
+        m.headers.extra.insert("x-fairness-key".to_owned(), key);
+        batch.push((celery_core::routing::Route::queue(&q), m));
+    }
+    app.broker().publish_batch(&batch).await.unwrap();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 5);
+    let keys = pg_value(
+        &t,
+        &format!(
+            "SELECT string_agg(coalesce(fair_key, '-'), ',' ORDER BY id) FROM celery_rs_tasks WHERE queue = '{q}'"
+        ),
+    );
+    assert_eq!(keys.as_deref(), Some("-,-,-,-,good"));
 }
 
 /// The task the contract tests send (never run: they consume with the broker directly).

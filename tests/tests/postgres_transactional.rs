@@ -188,6 +188,121 @@ async fn postgres_broker_direct_rollback_never_runs_and_commit_runs_once() {
     w.stop().await;
 }
 
+/// A keyed task sent in a transaction (direct path) is a keyed row whose key joins the queue's
+/// rotation at once (committed on the broker's connection: a rollback leaves an empty key that a
+/// fetch drops), and runs with the commit (served by the fair fetch).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_task_sent_in_a_transaction_keeps_its_fairness_key() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let mut c = client(&schema).await;
+    let ring = "SELECT count(*) FROM celery_rs_fair_ring WHERE key = 'tenant-a'";
+    let keyed = token();
+    let tx = c.transaction().await.unwrap();
+    let res = app.send_in(&tx, tally(&keyed).fairness_key("tenant-a")).await.unwrap();
+    let row = tx.query_one("SELECT fair_key, priority FROM celery_rs_tasks", &[]).await.unwrap();
+    assert_eq!((row.get::<_, Option<String>>(0).as_deref(), row.get::<_, i16>(1)), (Some("tenant-a"), 1000));
+    assert_eq!(count(&schema, ring), 1, "the key joined the rotation outside the transaction");
+    tx.commit().await.unwrap();
+    assert_eq!(count(&schema, ring), 1);
+    let w = worker(&app);
+    assert_eq!(res.get::<String>(T).await.unwrap(), keyed);
+    assert_eq!(runs(&keyed), 1);
+    w.stop().await;
+}
+
+/// Under REPEATABLE READ, a keyed task sent in a transaction whose snapshot still shows its key
+/// in the rotation after a fetch dropped it (committed meanwhile) puts the key back with the
+/// commit (the join does not trust the caller's snapshot).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_send_in_under_repeatable_read_puts_back_a_key_dropped_meanwhile() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let q = format!("rr-{}", token());
+    app.send(tally(&token()).queue(&q).fairness_key("k")).await.unwrap();
+    let ring = format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key = 'k'");
+    assert_eq!(count(&schema, &ring), 1);
+    let mut c = client(&schema).await;
+    let tx = c.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await.unwrap();
+    // The snapshot is taken with the first statement: the key is in the ring.
+    let seen: i64 = tx.query_one(ring.as_str(), &[]).await.unwrap().get(0);
+    assert_eq!(seen, 1);
+    // A fetch drops the key (as it does once the key has no task), committed after the snapshot.
+    schema.exec(&format!("DELETE FROM celery_rs_fair_ring WHERE queue = '{q}' AND key = 'k'")).unwrap();
+    assert_eq!(count(&schema, &ring), 0);
+    app.send_in(&tx, tally(&token()).queue(&q).fairness_key("k")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count(&schema, &ring), 1, "the key is back in the rotation");
+}
+
+/// A keyed send_in whose transaction has another (existing) schema first on its search path
+/// (the direct path: `celery_rs_tasks` resolves to the broker's table) holds the same fair lock
+/// of the queue as the broker's own statements take: the fetch's exclusive try fails meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_send_in_locks_the_queue_whatever_the_callers_first_schema() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let Some(other) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let q = format!("schema-{}", token());
+    let mut c = client(&schema).await;
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute(&format!("SET LOCAL search_path TO {}, {}", other.0, schema.0)).await.unwrap();
+    app.send_in(&tx, tally(&token()).queue(&q).fairness_key("k")).await.unwrap();
+    let keyed: i64 = tx.query_one("SELECT count(fair_key) FROM celery_rs_tasks", &[]).await.unwrap().get(0);
+    assert_eq!(keyed, 1, "the direct path");
+    let fetcher = client(&schema).await;
+    let free: bool = fetcher.query_one("SELECT celery_rs_fair_lock($1, false)", &[&q]).await.unwrap().get(0);
+    assert!(!free, "the send_in's shared lock holds off the exclusive one");
+    tx.commit().await.unwrap();
+    let free: bool = fetcher.query_one("SELECT celery_rs_fair_lock($1, false)", &[&q]).await.unwrap().get(0);
+    assert!(free);
+}
+
+/// An open transaction whose keyed send_in made its queue fair (and added a new key) holds up no
+/// other producer: a keyed publish to that queue, and another transaction's keyed send_in of
+/// the same new key, go through while it is open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_keyed_send_in_holds_up_no_other_producer() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let q = format!("open-{}", token());
+    let mut c = client(&schema).await;
+    let tx = c.transaction().await.unwrap();
+    app.send_in(&tx, tally(&token()).queue(&q).fairness_key("new")).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.send(tally(&token()).queue(&q).fairness_key("other")))
+        .await
+        .expect("a keyed publish does not wait for the open transaction")
+        .unwrap();
+    let mut c2 = client(&schema).await;
+    let tx2 = c2.transaction().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), app.send_in(&tx2, tally(&token()).queue(&q).fairness_key("new")))
+        .await
+        .expect("another transaction's send_in of the same key does not wait")
+        .unwrap();
+    tx2.commit().await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 3);
+}
+
+/// A purge of a fair queue does not wait for an open transaction that sent a keyed task to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_does_not_wait_for_an_open_keyed_send_in() {
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let app = celery_worker::connect(&schema.url("postgres", ""), &schema.url("db+postgresql", "")).await.unwrap();
+    let q = format!("purge-{}", token());
+    app.send(tally(&token()).queue(&q).fairness_key("a")).await.unwrap();
+    let mut c = client(&schema).await;
+    let tx = c.transaction().await.unwrap();
+    app.send_in(&tx, tally(&token()).queue(&q).fairness_key("b")).await.unwrap();
+    let purged = tokio::time::timeout(Duration::from_secs(10), app.broker().purge(&q))
+        .await
+        .expect("the purge does not wait for the open transaction")
+        .unwrap();
+    assert_eq!(purged, 1);
+    tx.commit().await.unwrap();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 1, "the transaction's task is there");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_broker_through_the_outbox_rollback_never_runs_and_commit_runs_once() {
     let Some((schema, _env, app)) = redis_app().await else { return };

@@ -11,6 +11,12 @@
 //!   this one did not reach (so with thousands of busy queues each has its turn), otherwise with
 //!   the next queue. The deliveries of one statement take turns too: the first of each queue, then
 //!   the second of each, ...; within a queue, by priority then age.
+//! - Fair queues: a queue with a rotation (read at the first fetch and after each reconnect of
+//!   the listener, or marked by a keyed publish's notification, [`sql::FAIR_NOTE`]) is fetched by
+//!   a statement of its own ([`sql::FAIR_FETCH`]: its keys take turns by the consumer's weights,
+//!   one consumer at a time per queue) in its place among the fetch's queues (each run of other
+//!   queues by one statement), its share as any queue's; the rows come in the order the turns gave them. When that statement says the
+//!   rotation is gone (no keyed row was left), the queue is fetched as before.
 //! - Size cap: a message above the consumer's `max_message_size` is dead-lettered by the fetch
 //!   statement itself (its payload is not sent); the consumer hands out a delivery that holds no
 //!   lease nor slot and says so.
@@ -23,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use celery_core::broker::{dead_letter_queue, Decoder, Settle, Settled, DEAD_LETTER_QUEUE, DEAD_LETTER_REASON};
+use celery_core::flow::FairnessWeights;
 use celery_core::protocol::{lenient_task_id, Message};
 use celery_core::{BrokerError, Delivery, ProtocolError};
 use chrono::{DateTime, Utc};
@@ -54,6 +61,8 @@ const IDLE_MAX: Duration = Duration::from_secs(60);
 const FALLBACK_POLL: Duration = Duration::from_secs(1);
 /// The longest dead-letter reason kept in the `reason` column (the message's header has it whole).
 const MAX_REASON: usize = 4096;
+/// The most keys of a fair queue's ring one fetch visits (its rotation goes on at the next one).
+const MAX_FAIR_VISITS: usize = 2000;
 
 /// What the fetcher, the settlers and the background loops share.
 struct Shared {
@@ -104,6 +113,7 @@ impl PostgresConsumer {
         queues: &[String],
         prefetch: usize,
         max_message_size: usize,
+        weights: Arc<FairnessWeights>,
     ) -> PostgresConsumer {
         let prefetch = prefetch.clamp(1, MAX_PREFETCH);
         let (acks, batcher) = ack_queue();
@@ -125,9 +135,14 @@ impl PostgresConsumer {
                 unique.push(q.clone());
             }
         }
+        let (weight_keys, weight_values) = weights.iter().map(|(k, w)| (k.to_owned(), w as i32)).unzip();
         let fetch = Fetcher {
             shared: shared.clone(),
             maybe: vec![true; unique.len()],
+            fair: vec![false; unique.len()],
+            fair_known: false,
+            weight_keys,
+            weight_values,
             queues: unique,
             index,
             notes,
@@ -164,6 +179,31 @@ struct Row {
     reason: Option<String>,
 }
 
+/// The row of a [`sql::FETCH`] or [`sql::FAIR_FETCH`] result, noting the dead-letter queue
+/// that received it when the fetch dead-lettered it for its size.
+fn row_of(r: &tokio_postgres::Row, dead: &mut Vec<String>) -> Row {
+    let payload = match r.get::<_, Option<Vec<u8>>>(6) {
+        Some(p) => Ok(p),
+        None => {
+            if let Some(dlq) = r.get::<_, Option<String>>(8) {
+                if !dead.contains(&dlq) {
+                    dead.push(dlq);
+                }
+            }
+            Err(r.get::<_, Option<String>>(7))
+        }
+    };
+    Row {
+        id: r.get(1),
+        deliveries: r.get(2),
+        priority: r.get(3),
+        run_at: r.get(4),
+        size: r.get(5),
+        payload,
+        reason: r.get(9),
+    }
+}
+
 struct Fetcher {
     shared: Arc<Shared>,
     queues: Vec<String>,
@@ -174,6 +214,16 @@ struct Fetcher {
     /// rows than it asked for, and comes back with a notification naming it (a publish, a return,
     /// a move), and all come back when notifications may have been missed or an eta fell due.
     maybe: Vec<bool>,
+    /// The queues with a fair rotation (fetched with [`sql::FAIR_FETCH`], one statement each):
+    /// read at the first fetch and after the listener reconnected ([`sql::FAIR_QUEUES`]), set by a
+    /// notification that marks its queue fair ([`sql::FAIR_NOTE`]), cleared when a fair fetch
+    /// finds the rotation gone.
+    fair: Vec<bool>,
+    /// Whether `fair` is known (false: read it before the next fetch).
+    fair_known: bool,
+    /// The named fairness keys and their weights (every other key: 1), sent with each fair fetch.
+    weight_keys: Vec<String>,
+    weight_values: Vec<i32>,
     notes: broadcast::Receiver<Note>,
     connected: watch::Receiver<bool>,
     vt: Duration,
@@ -253,6 +303,11 @@ impl Fetch for Fetcher {
         if k == 0 {
             return Fetched::Sent { taken: 0, drained: true };
         }
+        if !self.fair_known {
+            if let Err(error) = self.learn_fair().await {
+                return Fetched::Failed { taken: 0, error };
+            }
+        }
         let start = self.turn % k;
         // Queues not looked at yet in this fetch, in turn; then those that filled their share.
         let mut unseen: VecDeque<usize> = (0..k).map(|i| (start + i) % k).filter(|&i| self.maybe[i]).collect();
@@ -313,11 +368,11 @@ impl Fetcher {
     /// Takes what `plan` asks for in one statement and sends the deliveries, the queues taking
     /// turns (the first of each, then the second of each, ...): what each queue gave, or `None`
     /// when nobody receives deliveries any more.
-    async fn take(&self, plan: &Plan, tx: &mpsc::Sender<Delivery>) -> Result<Option<Looked>, BrokerError> {
+    async fn take(&mut self, plan: &Plan, tx: &mpsc::Sender<Delivery>) -> Result<Option<Looked>, BrokerError> {
         // Read before the fetch runs: a lapse noticed after it means these may have been returned.
         let epoch = self.shared.holder.liveness().epoch();
+        let (rows, dead) = self.lease(plan).await?;
         let names: Vec<&str> = plan.queues.iter().map(|&q| self.queues[q].as_str()).collect();
-        let (rows, dead) = self.lease(&names, plan).await?;
         for dlq in &dead {
             if let Err(e) = self.shared.db.query("wake", sql::WAKE, &[&self.shared.channel, dlq]).await {
                 tracing::debug!(error = %e, queue = %dlq, "postgresql: waking a dead-letter queue failed");
@@ -342,53 +397,111 @@ impl Fetcher {
     }
 
     /// Leases what `plan` asks for (rows too large are dead-lettered by the statement): the rows
-    /// of each of its queues (`names`, in the plan's order) in the order they are to be handed
-    /// out, and the dead-letter queues that received a message.
-    async fn lease(&self, names: &[&str], plan: &Plan) -> Result<(Vec<Vec<Row>>, Vec<String>), BrokerError> {
-        let total = plan.total as i64;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
-            [&names, &plan.shares_sql, &self.vt.as_secs_f64(), &self.cap, &self.shared.holder.id(), &total];
-        let result = self.shared.db.query("fetch", sql::FETCH, &params).await?;
-        let place: HashMap<&str, usize> = names.iter().enumerate().map(|(i, q)| (*q, i)).collect();
+    /// of each of its queues (in the plan's order) in the order they are to be handed out, and
+    /// the dead-letter queues that received a message. In the plan's order (so that, as with one
+    /// statement, the queues after the last that gave a row when the total was reached are the
+    /// ones not looked at): a fair queue by a statement of its own ([`sql::FAIR_FETCH`]: the rows
+    /// in the order their keys' turns gave them), each run of other queues by one statement
+    /// ([`sql::FETCH`]) with what is left of the total.
+    async fn lease(&mut self, plan: &Plan) -> Result<(Vec<Vec<Row>>, Vec<String>), BrokerError> {
         let mut dead: Vec<String> = Vec::new();
-        let mut rows: Vec<Vec<Row>> = names.iter().map(|_| Vec::new()).collect();
-        for r in result {
-            let payload = match r.get::<_, Option<Vec<u8>>>(6) {
-                Some(p) => Ok(p),
-                None => {
-                    if let Some(dlq) = r.get::<_, Option<String>>(8) {
-                        if !dead.contains(&dlq) {
-                            dead.push(dlq);
-                        }
+        let mut rows: Vec<Vec<Row>> = plan.queues.iter().map(|_| Vec::new()).collect();
+        let mut left = plan.total;
+        let mut i = 0;
+        while i < plan.queues.len() && left > 0 {
+            let q = plan.queues[i];
+            if self.fair[q] {
+                let (line, fair) = self.lease_fair(q, plan.shares[i].min(left), &mut dead).await?;
+                left -= line.len().min(left);
+                rows[i] = line;
+                self.fair[q] = fair;
+                i += 1;
+                continue;
+            }
+            let end = (i..plan.queues.len()).find(|&j| self.fair[plan.queues[j]]).unwrap_or(plan.queues.len());
+            let plain: Vec<usize> = (i..end).collect();
+            i = end;
+            let names: Vec<&str> = plain.iter().map(|&i| self.queues[plan.queues[i]].as_str()).collect();
+            let shares: Vec<i64> = plain.iter().map(|&i| plan.shares_sql[i]).collect();
+            let total = left as i64;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+                [&names, &shares, &self.vt.as_secs_f64(), &self.cap, &self.shared.holder.id(), &total];
+            let result = self.shared.db.query("fetch", sql::FETCH, &params).await?;
+            let place: HashMap<&str, usize> = names.iter().zip(&plain).map(|(q, &i)| (*q, i)).collect();
+            for r in result {
+                let row = row_of(&r, &mut dead);
+                match place.get(r.get::<_, &str>(0)) {
+                    Some(&i) => {
+                        rows[i].push(row);
+                        left = left.saturating_sub(1);
                     }
-                    Err(r.get::<_, Option<String>>(7))
+                    // Never: the statement takes only from the queues it was given.
+                    None => {
+                        tracing::error!(
+                            queue = r.get::<_, &str>(0),
+                            "postgresql: a fetch returned a queue not asked for"
+                        )
+                    }
                 }
-            };
-            let row = Row {
-                id: r.get(1),
-                deliveries: r.get(2),
-                priority: r.get(3),
-                run_at: r.get(4),
-                size: r.get(5),
-                payload,
-                reason: r.get(9),
-            };
-            match place.get(r.get::<_, &str>(0)) {
-                Some(&i) => rows[i].push(row),
-                // Never: the statement takes only from the queues it was given.
-                None => {
-                    tracing::error!(queue = r.get::<_, &str>(0), "postgresql: a fetch returned a queue not asked for")
-                }
+            }
+            for &i in &plain {
+                rows[i].sort_by_key(|r| (r.priority, r.run_at, r.id));
             }
         }
         let mut leases = self.shared.leases.lock().unwrap_or_else(|p| p.into_inner());
-        for line in &mut rows {
-            line.sort_by_key(|r| (r.priority, r.run_at, r.id));
+        for line in &rows {
             for r in line.iter().filter(|r| r.payload.is_ok()) {
                 leases.insert(r.id, r.deliveries);
             }
         }
         Ok((rows, dead))
+    }
+
+    /// Leases up to `n` rows of fair queue `q` ([`sql::FAIR_FETCH`]), in the order taken: the rows,
+    /// and whether the queue is still fair.
+    async fn lease_fair(&self, q: usize, n: usize, dead: &mut Vec<String>) -> Result<(Vec<Row>, bool), BrokerError> {
+        let n_sql = n as i32;
+        let visits = (2 * n + 64).min(MAX_FAIR_VISITS) as i32;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
+            &self.queues[q],
+            &n_sql,
+            &self.vt.as_secs_f64(),
+            &self.cap,
+            &self.shared.holder.id(),
+            &self.weight_keys,
+            &self.weight_values,
+            &visits,
+        ];
+        let result = self.shared.db.query("fair fetch", sql::FAIR_FETCH, &params).await?;
+        let fair = result.first().is_some_and(|r| r.get::<_, bool>(10));
+        // In the order the keys' turns picked them.
+        let mut line = Vec::with_capacity(result.len());
+        for r in result.iter().filter(|r| r.get::<_, Option<i64>>(1).is_some()) {
+            // Never: the function locks only rows still ready in this queue.
+            if r.get::<_, Option<&str>>(0) != Some(self.queues[q].as_str()) {
+                tracing::error!(
+                    queue = r.get::<_, Option<&str>>(0),
+                    asked = %self.queues[q],
+                    "postgresql: a fair fetch returned a row of another queue (left to its lease)"
+                );
+                continue;
+            }
+            line.push(row_of(r, dead));
+        }
+        Ok((line, fair))
+    }
+
+    /// Reads which of the queues are fair ([`sql::FAIR_QUEUES`]).
+    async fn learn_fair(&mut self) -> Result<(), BrokerError> {
+        let rows = self.shared.db.query("fair queues", sql::FAIR_QUEUES, &[&self.queues]).await?;
+        self.fair.fill(false);
+        for r in rows {
+            if let Some(&i) = self.index.get(r.get::<_, &str>(0)) {
+                self.fair[i] = true;
+            }
+        }
+        self.fair_known = true;
+        Ok(())
     }
 
     fn delivery(&self, queue: &str, row: Row, epoch: u64) -> Delivery {
@@ -441,7 +554,10 @@ impl Fetcher {
                 Ok(note) => {
                     self.noted(&note);
                 }
-                Err(TryRecvError::Lagged(_)) => self.maybe.fill(true),
+                Err(TryRecvError::Lagged(_)) => {
+                    self.maybe.fill(true);
+                    self.fair_known = false;
+                }
                 Err(TryRecvError::Empty | TryRecvError::Closed) => return,
             }
         }
@@ -451,15 +567,25 @@ impl Fetcher {
     /// reconnected); true when the note concerns this consumer.
     fn noted(&mut self, note: &Note) -> bool {
         match note.channel {
-            Channel::Tasks => match self.index.get(&*note.payload) {
-                Some(&i) => {
+            Channel::Tasks => {
+                // A queue named like a mark is woken too (a mark for a queue not fair costs one
+                // fair fetch that says so).
+                let marked = note.payload.strip_prefix(sql::FAIR_NOTE).and_then(|q| self.index.get(q).copied());
+                if let Some(i) = marked {
+                    self.fair[i] = true;
                     self.maybe[i] = true;
-                    true
                 }
-                None => false,
-            },
+                match self.index.get(&*note.payload) {
+                    Some(&i) => {
+                        self.maybe[i] = true;
+                        true
+                    }
+                    None => marked.is_some(),
+                }
+            }
             Channel::Reconnected => {
                 self.maybe.fill(true);
+                self.fair_known = false;
                 true
             }
             _ => false,
@@ -495,6 +621,7 @@ impl Fetcher {
                     }
                     Err(RecvError::Lagged(_)) => {
                         self.maybe.fill(true);
+                        self.fair_known = false;
                         return;
                     }
                     // The listener is gone (the broker was dropped): the caller's timer decides.

@@ -31,6 +31,12 @@
 //! - Flow control ([`limits`]): cluster-wide rate limits (a row per bucket) and per-key
 //!   concurrency (a row per held slot with its lease; a message over its key's limit parked in a
 //!   table, moved back to its queue with a `NOTIFY` when a slot frees).
+//! - Fair queues ([`celery_core::flow::FairQueues`]): a task with a fairness key is a row with
+//!   that key (and its priority plus 1,000, so it sorts after the queue's unkeyed rows); its
+//!   queue gets a rotation (a row with the front key's credit, and a ring of its keys with
+//!   messages) that each fair fetch (one function call per queue, with the consumer's weights)
+//!   locks, serves key after key by weight and turns; a queue without keyed rows is fetched as
+//!   before. Layout and locking in [`sql`], the fetch in `consumer.rs`.
 //! - Transactional enqueue ([`transactional`]): a task written by the caller's own transaction,
 //!   into `celery_rs_tasks`, or into the [`outbox`] that a relay forwards to any other broker.
 //! - Tables are created and upgraded at connect by versioned migrations under an advisory lock
@@ -71,12 +77,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::broker::Subscription;
 use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
+use celery_core::flow::{validate_key, FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
 use celery_core::{Broker, BrokerError, Consumer, ProtocolError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
-use tokio_postgres::types::ToSql;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::Row;
 
 use self::broadcast::{Filter, PgSubscription};
@@ -109,8 +116,104 @@ pub const MAX_DOC: usize = 16 * 1024 * 1024;
 const PEEK_MAX: usize = 1000;
 /// Messages one publish statement inserts at most.
 const PUBLISH_BATCH: usize = 1000;
-/// A row to insert: queue, priority, eta, payload.
-type NewRow = (String, i16, Option<DateTime<Utc>>, Vec<u8>);
+/// A row to insert.
+#[derive(Debug)]
+pub(crate) struct NewRow {
+    pub(crate) queue: String,
+    pub(crate) priority: i16,
+    pub(crate) eta: Option<DateTime<Utc>>,
+    pub(crate) payload: Vec<u8>,
+    /// Its fairness key (`x-fairness-key`), when it has one.
+    pub(crate) fair_key: Option<String>,
+}
+
+impl NewRow {
+    /// The row of `msg` in `queue`: its envelope checked against `limit` bytes.
+    pub(crate) fn of(msg: &Message, exchange: &str, queue: String, limit: usize) -> Result<NewRow, BrokerError> {
+        let env = envelope::encode(msg, exchange, &queue);
+        if env.len() > limit {
+            return Err(ProtocolError::TooLarge { size: env.len(), limit }.into());
+        }
+        Ok(NewRow {
+            priority: i16::from(envelope::kombu_priority(msg)),
+            eta: msg.headers.eta,
+            payload: env.into_bytes(),
+            fair_key: fair_key_of(msg),
+            queue,
+        })
+    }
+}
+
+/// The fairness key of `msg` (`x-fairness-key`), when it has a valid one ([`validate_key`]): a
+/// message with any other value there (not a string, empty, too long, a control character) is
+/// stored unkeyed, with a warning, rather than fail its whole publish batch (an outbox relay's
+/// batch too).
+fn fair_key_of(msg: &Message) -> Option<String> {
+    let value = msg.headers.extra.get(FAIRNESS_KEY)?;
+    let checked = match value.as_str() {
+        Some(key) => validate_key(key).map(|()| key).map_err(|e| e.to_string()),
+        None => Err("not a string".to_owned()),
+    };
+    match checked {
+        Ok(key) => Some(key.to_owned()),
+        Err(reason) => {
+            tracing::warn!(task_id = %msg.headers.id, %reason, "postgresql: invalid fairness key ignored (stored unkeyed)");
+            None
+        }
+    }
+}
+
+/// The columns of up to [`PUBLISH_BATCH`] rows, as one publish statement takes them.
+pub(crate) struct Columns<'a> {
+    queues: Vec<&'a str>,
+    priorities: Vec<i16>,
+    etas: Vec<Option<DateTime<Utc>>>,
+    payloads: Vec<&'a [u8]>,
+    /// `None` when no row has a fairness key ([`sql::PUBLISH`], as before fair queues).
+    keys: Option<Vec<Option<&'a str>>>,
+}
+
+impl<'a> Columns<'a> {
+    pub(crate) fn new(rows: &'a [NewRow]) -> Columns<'a> {
+        let keyed = rows.iter().any(|r| r.fair_key.is_some());
+        Columns {
+            queues: rows.iter().map(|r| r.queue.as_str()).collect(),
+            priorities: rows.iter().map(|r| r.priority).collect(),
+            etas: rows.iter().map(|r| r.eta).collect(),
+            payloads: rows.iter().map(|r| r.payload.as_slice()).collect(),
+            keys: keyed.then(|| rows.iter().map(|r| r.fair_key.as_deref()).collect()),
+        }
+    }
+
+    /// The statement and its parameters (with their types), `channel` notified; `joined`: the
+    /// keys joined their rotations already, under locks the transaction holds
+    /// ([`sql::FAIR_PUBLISH_JOINED`]).
+    pub(crate) fn statement(
+        &'a self,
+        channel: &'a String,
+        joined: bool,
+    ) -> (&'static str, Vec<(&'a (dyn ToSql + Sync), Type)>) {
+        let mut params: Vec<(&(dyn ToSql + Sync), Type)> = vec![
+            (&self.queues, Type::TEXT_ARRAY),
+            (&self.priorities, Type::INT2_ARRAY),
+            (&self.etas, Type::TIMESTAMPTZ_ARRAY),
+            (&self.payloads, Type::BYTEA_ARRAY),
+        ];
+        let sql = match &self.keys {
+            Some(keys) => {
+                params.push((keys, Type::TEXT_ARRAY));
+                if joined {
+                    sql::FAIR_PUBLISH_JOINED
+                } else {
+                    sql::FAIR_PUBLISH
+                }
+            }
+            None => sql::PUBLISH,
+        };
+        params.push((channel, Type::TEXT));
+        (sql, params)
+    }
+}
 
 /// Checks a name that input controls: at most `max` bytes, no NUL (PostgreSQL's text refuses it).
 fn check_bounded(what: &str, name: &str, max: usize, why: &str) -> Result<(), BrokerError> {
@@ -173,6 +276,8 @@ struct Inner {
     holder: tokio::sync::OnceCell<Arc<holder::Holder>>,
     /// The monitor's task history (`postgres/history.rs`), its table created on first use.
     history: history::PgHistory,
+    /// The weights of fairness keys its consumers take with ([`FairQueues`]).
+    fairness: std::sync::Mutex<Arc<FairnessWeights>>,
 }
 
 /// The PostgreSQL broker. Clones share the pool and the listener.
@@ -205,6 +310,7 @@ impl PostgresBroker {
                 pruned: AtomicI64::new(0),
                 worker: std::sync::OnceLock::new(),
                 holder: tokio::sync::OnceCell::new(),
+                fairness: std::sync::Mutex::default(),
             }),
         })
     }
@@ -267,14 +373,10 @@ impl PostgresBroker {
     /// Inserts rows, at most [`PUBLISH_BATCH`] per statement.
     async fn insert(&self, rows: Vec<NewRow>) -> Result<(), BrokerError> {
         for chunk in rows.chunks(PUBLISH_BATCH) {
-            let queues: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-            let priorities: Vec<i16> = chunk.iter().map(|r| r.1).collect();
-            let etas: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|r| r.2).collect();
-            let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
-            self.inner
-                .db
-                .query("publish", sql::PUBLISH, &[&queues, &priorities, &etas, &payloads, &self.inner.channels.0])
-                .await?;
+            let columns = Columns::new(chunk);
+            let (statement, params) = columns.statement(&self.inner.channels.0, false);
+            let params: Vec<&(dyn ToSql + Sync)> = params.into_iter().map(|(p, _)| p).collect();
+            self.inner.db.query("publish", statement, &params).await?;
         }
         Ok(())
     }
@@ -282,12 +384,7 @@ impl PostgresBroker {
     /// The rows `(route, msg)` becomes.
     async fn rows_of(&self, route: &Route, msg: &Message, out: &mut Vec<NewRow>) -> Result<(), BrokerError> {
         for queue in self.resolve(route).await? {
-            let env = envelope::encode(msg, &route.exchange, &queue);
-            if env.len() > MAX_PAYLOAD {
-                return Err(ProtocolError::TooLarge { size: env.len(), limit: MAX_PAYLOAD }.into());
-            }
-            let priority = i16::from(envelope::kombu_priority(msg));
-            out.push((queue, priority, msg.headers.eta, env.into_bytes()));
+            out.push(NewRow::of(msg, &route.exchange, queue, MAX_PAYLOAD)?);
         }
         Ok(())
     }
@@ -358,6 +455,7 @@ impl PostgresBroker {
             queues,
             prefetch,
             max_message_size,
+            self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         );
         Ok(Box::new(c))
     }
@@ -403,10 +501,12 @@ impl Broker for PostgresBroker {
     }
 
     /// Deletes every row of the queue that is not leased: ready ones and those waiting for their
-    /// eta (published with one, or deferred).
+    /// eta (published with one, or deferred), keyed or not; then the keys of its fair rotation
+    /// left without messages (the rotation itself when no keyed message is left).
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         check_name("queue", queue)?;
         let rows = self.inner.db.query("purge", sql::PURGE, &[&queue]).await?;
+        self.inner.db.query("purge a fair rotation", sql::FAIR_FORGET, &[&queue]).await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)).max(0) as u64)
     }
 
@@ -461,7 +561,7 @@ impl Broker for PostgresBroker {
         let _ = self.inner.worker.set(name.to_owned());
     }
 
-    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets);
+    celery_core::offers!(routing, broadcasts, leases, documents, key_slots, rate_buckets, fair_queues);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.inner.history)
@@ -576,6 +676,13 @@ impl Documents for PostgresBroker {
             )));
         }
         self.inner.db.query("store a document", sql::STORE_DOC, &[&key, &doc]).await.map(drop)
+    }
+}
+
+/// The weights travel with each fair fetch (`sql::FAIR_FETCH`), so each consumer serves by its own.
+impl FairQueues for PostgresBroker {
+    fn set_fairness_weights(&self, weights: FairnessWeights) {
+        *self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(weights);
     }
 }
 

@@ -29,6 +29,26 @@
 //!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
 //!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
 //!   its queue like a publish. A task without a concurrency key touches none of these.
+//! - Fair queues (migration 7, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
+//!   `fair_key` and its priority plus 1,000, so keyed rows sort after every unkeyed row of their
+//!   queue in the ready index (the unkeyed rows of a fair queue are found without walking past
+//!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
+//!   rows, after the unkeyed ones); the partial index `celery_rs_tasks_fair` finds a key's ready
+//!   rows, `celery_rs_tasks_fair_leased` whether it has leased ones. `celery_rs_fair_queues` has a
+//!   row per fair queue (the credit left to its front key, locked `FOR UPDATE` by each fair
+//!   fetch: one consumer at a time takes from a fair queue), `celery_rs_fair_ring` its keys with
+//!   messages in turn (`""` for its unkeyed rows), ordered by `turn` from the sequence
+//!   `celery_rs_fair_turn`. A keyed publish (and the return of a parked keyed task) adds its key
+//!   under a shared advisory lock of the queue; a fetch drops a key without rows (ready, waiting
+//!   for an eta or leased: leased and waiting rows come back without any event, so their key
+//!   stays), and the rotation once no keyed row is left, only under that lock taken exclusively
+//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted (the
+//!   lock is keyed by the oid of `celery_rs_tasks`, the same whatever a caller's first schema).
+//!   A fetch moves the keys it read without a ready row (only waiting or leased ones) to the back
+//!   with those it served. A fair fetch left short while no key it read may have more also takes
+//!   the queue's oldest ready rows beyond the keys read (a ring longer than one fetch reads), or
+//!   whose key is not in the ring (none is expected), and puts their keys back. The rows picked
+//!   are read unlocked, then locked only if still ready in the queue (`celery_rs_fair_lock_rows`).
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -435,6 +455,291 @@ BEGIN
 END $$;
 ",
     },
+    Migration {
+        version: 7,
+        name: "fair queues: the fairness key of a task, each fair queue's ring of keys and its front key's credit",
+        sql: "
+ALTER TABLE celery_rs_tasks ADD COLUMN IF NOT EXISTS fair_key text;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_fair ON celery_rs_tasks (queue, fair_key, priority, run_at, id)
+    WHERE leased_until IS NULL AND fair_key IS NOT NULL;
+CREATE INDEX IF NOT EXISTS celery_rs_tasks_fair_leased ON celery_rs_tasks (queue, fair_key)
+    WHERE leased_until IS NOT NULL AND fair_key IS NOT NULL;
+CREATE SEQUENCE IF NOT EXISTS celery_rs_fair_turn;
+CREATE TABLE IF NOT EXISTS celery_rs_fair_queues (
+    queue text PRIMARY KEY,
+    credit integer NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS celery_rs_fair_ring (
+    queue text NOT NULL,
+    key text NOT NULL,
+    turn bigint NOT NULL,
+    PRIMARY KEY (queue, key)
+);
+CREATE INDEX IF NOT EXISTS celery_rs_fair_ring_turn ON celery_rs_fair_ring (queue, turn);
+ALTER TABLE celery_rs_fair_queues SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0);
+ALTER TABLE celery_rs_fair_ring SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_vacuum_threshold = 1000,
+    autovacuum_vacuum_cost_delay = 0);
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock(p_queue text, p_shared boolean) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_fair:' || 'celery_rs_tasks'::regclass::oid::text),
+            hashtext(p_queue));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(hashtext('celery_rs_fair:' || 'celery_rs_tasks'::regclass::oid::text),
+        hashtext(p_queue));
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_of(payload bytea) RETURNS text
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE k jsonb;
+BEGIN
+    IF position(convert_to('x-fairness-key', 'UTF8') IN payload) = 0 THEN
+        RETURN NULL;
+    END IF;
+    k := convert_from(payload, 'UTF8')::jsonb -> 'headers' -> 'x-fairness-key';
+    IF jsonb_typeof(k) = 'string' AND octet_length(k #>> '{}') BETWEEN 1 AND 128 THEN
+        RETURN k #>> '{}';
+    END IF;
+    RETURN NULL;
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_join(p_queue text, p_key text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_fair_lock(p_queue, true);
+    -- No pre-check (a caller's REPEATABLE READ snapshot may still see a row a fetch deleted):
+    -- ON CONFLICT looks at the committed rows.
+    INSERT INTO celery_rs_fair_queues (queue) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, p_key, nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, '', nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_publish(p_queues text[], p_priorities smallint[], p_etas timestamptz[],
+    p_payloads bytea[], p_keys text[], p_channel text, p_join boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- Not p_join: the caller holds the queues' shared fair locks and its keys joined already.
+    IF p_join THEN
+        PERFORM celery_rs_fair_join(d.q, d.k)
+        FROM (SELECT DISTINCT q, k FROM unnest(p_queues, p_keys) AS u(q, k) WHERE k IS NOT NULL ORDER BY q, k) d;
+    END IF;
+    INSERT INTO celery_rs_tasks (queue, priority, run_at, payload, fair_key)
+    SELECT q, CASE WHEN k IS NULL THEN p ELSE p + 1000 END, greatest(now(), coalesce(r, now())), b, k
+    FROM unnest(p_queues, p_priorities, p_etas, p_payloads, p_keys) AS u(q, p, r, b, k);
+    PERFORM pg_notify(p_channel, CASE WHEN d.fair THEN chr(6) || d.q ELSE d.q END)
+    FROM (SELECT q, bool_or(k IS NOT NULL) AS fair FROM unnest(p_queues, p_keys) AS u(q, k) GROUP BY q) d;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_key_unpark(p_key text, p_n integer, p_channel text) RETURNS integer
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE moved integer;
+BEGIN
+    WITH m AS (
+        DELETE FROM celery_rs_parked WHERE id IN (
+            SELECT id FROM celery_rs_parked WHERE key = p_key ORDER BY id LIMIT p_n FOR UPDATE SKIP LOCKED)
+        RETURNING queue, priority, payload, id),
+    k AS (SELECT queue, priority, payload, id, celery_rs_fair_of(payload) AS fk FROM m),
+    j AS (SELECT celery_rs_fair_join(d.queue, d.fk) FROM (SELECT DISTINCT queue, fk FROM k WHERE fk IS NOT NULL) d),
+    ins AS (
+        INSERT INTO celery_rs_tasks (queue, priority, payload, fair_key)
+        SELECT queue, CASE WHEN fk IS NULL THEN priority ELSE priority + 1000 END, payload, fk FROM k ORDER BY id
+        RETURNING queue, fair_key),
+    notes AS (
+        SELECT pg_notify(p_channel, CASE WHEN d.fair THEN chr(6) || d.queue ELSE d.queue END)
+        FROM (SELECT queue, bool_or(fair_key IS NOT NULL) AS fair FROM ins GROUP BY queue) d)
+    SELECT (SELECT count(*) FROM ins) + 0 * (SELECT count(*) FROM notes) + 0 * (SELECT count(*) FROM j) INTO moved;
+    RETURN moved;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock_rows(p_queue text, p_ids bigint[]) RETURNS bigint[]
+LANGUAGE sql VOLATILE AS $$
+    -- The rows picked (read unlocked), locked now if still ready in that queue: one leased, moved
+    -- (dead-lettered) or deferred meanwhile by a fetch or settle that does not know the queue is
+    -- fair is left out. In the order of p_ids.
+    SELECT coalesce(array_agg(l.id ORDER BY u.n), '{}') FROM unnest(p_ids) WITH ORDINALITY AS u(id, n)
+    JOIN (SELECT id FROM celery_rs_tasks WHERE id = ANY(p_ids) AND queue = p_queue AND leased_until IS NULL
+        AND run_at <= now() FOR UPDATE SKIP LOCKED) l ON l.id = u.id
+$$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
+    p_visits integer) RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    stored integer;
+    ring_keys text[];
+    ring_w integer[];
+    m integer;
+    whole boolean;
+    first_credit integer;
+    rounds integer;
+    c_ids bigint[];
+    c_i integer[];
+    c_rnd integer[];
+    saturated bigint;
+    empties text[];
+    idle integer[];
+    moved text[];
+    ids bigint[] := '{}';
+    taken integer;
+    last_i integer;
+    last_rnd integer;
+    allot integer;
+    served integer := 0;
+    more boolean := false;
+    next_front integer := 1;
+    left_credit integer := 0;
+    locked boolean;
+BEGIN
+    SELECT s.credit INTO stored FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    SELECT array_agg(k.key ORDER BY k.turn), array_agg(coalesce(p_weights[array_position(p_keys, k.key)], 1) ORDER BY k.turn)
+    INTO ring_keys, ring_w
+    FROM (SELECT key, turn FROM celery_rs_fair_ring WHERE queue = p_queue ORDER BY turn LIMIT p_visits) k;
+    m := coalesce(cardinality(ring_keys), 0);
+    whole := m < p_visits;
+    saturated := 0;
+    IF m > 0 THEN
+        first_credit := CASE WHEN stored > 0 THEN stored ELSE ring_w[1] END;
+        rounds := CASE WHEN whole THEN (p_n + (SELECT sum(w) FROM unnest(ring_w) w)::integer - 1)
+            / (SELECT sum(w) FROM unnest(ring_w) w)::integer ELSE 1 END;
+        LOOP
+            WITH ring AS (
+                SELECT u.k, u.w, u.i::integer AS i, least(p_n, CASE WHEN u.i = 1 THEN first_credit + (rounds - 1) * u.w
+                    ELSE rounds * u.w END) AS lim
+                FROM unnest(ring_keys, ring_w) WITH ORDINALITY AS u(k, w, i)),
+            cand AS (
+                SELECT ring.i, ring.w, ring.lim, c.id, c.priority, c.run_at FROM ring CROSS JOIN LATERAL (
+                    SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                    WHERE t.queue = p_queue AND t.fair_key = ring.k AND t.leased_until IS NULL AND t.run_at <= now()
+                    ORDER BY t.priority, t.run_at, t.id LIMIT ring.lim) c
+                WHERE ring.k <> ''
+                UNION ALL
+                SELECT ring.i, ring.w, ring.lim, c.id, c.priority, c.run_at FROM ring CROSS JOIN LATERAL (
+                    SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                    WHERE t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now() AND t.priority < 1000
+                    ORDER BY t.priority, t.run_at, t.id LIMIT ring.lim) c
+                WHERE ring.k = ''),
+            ranked AS (
+                SELECT r.id, r.i, r.w, r.lim, r.rn,
+                    CASE WHEN r.i = 1 THEN CASE WHEN r.rn < first_credit THEN 0 ELSE 1 + (r.rn - first_credit) / r.w END
+                        ELSE r.rn / r.w END AS rnd
+                FROM (SELECT cand.*, (row_number() OVER (PARTITION BY cand.i ORDER BY cand.priority, cand.run_at, cand.id)
+                    - 1)::integer AS rn FROM cand) r)
+            SELECT (SELECT array_agg(id ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT array_agg(i ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT array_agg(rnd ORDER BY rnd, i, rn) FROM ranked),
+                (SELECT sum(f.w) FROM (SELECT max(w) AS w FROM ranked GROUP BY i, lim HAVING count(*) >= lim) f),
+                (SELECT array_agg(ring.k) FROM ring WHERE ring.k <> '' AND NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i)),
+                (SELECT array_agg(ring.i ORDER BY ring.i) FROM ring WHERE NOT EXISTS (SELECT 1 FROM ranked WHERE ranked.i = ring.i))
+            INTO c_ids, c_i, c_rnd, saturated, empties, idle;
+            saturated := coalesce(saturated, 0);
+            -- Beyond a partial ring (not whole) the keys not read wait for the next fetch; the
+            -- keys read give more rounds rather than leave the consumer short.
+            EXIT WHEN saturated = 0 OR coalesce(cardinality(c_ids), 0) >= p_n OR rounds >= p_n;
+            -- Only the keys that gave all that was asked may have more: enough rounds more for them.
+            rounds := least(p_n, rounds + greatest(1, (p_n - coalesce(cardinality(c_ids), 0) + saturated::integer - 1)
+                / saturated::integer));
+        END LOOP;
+        taken := least(p_n, coalesce(cardinality(c_ids), 0));
+        IF taken > 0 THEN
+            ids := celery_rs_fair_lock_rows(p_queue, c_ids[1:taken]);
+            last_i := c_i[taken];
+            last_rnd := c_rnd[taken];
+            allot := CASE WHEN last_i = 1 AND last_rnd = 0 THEN first_credit ELSE ring_w[last_i] END;
+            FOR j IN 1 .. taken LOOP
+                IF c_i[j] = last_i AND c_rnd[j] = last_rnd THEN
+                    served := served + 1;
+                END IF;
+            END LOOP;
+            IF served < allot THEN
+                -- Its turn goes on into the next fetch if it has more.
+                IF ring_keys[last_i] = '' THEN
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks WHERE queue = p_queue AND leased_until IS NULL
+                        AND run_at <= now() AND priority < 1000 AND id <> ALL(ids));
+                ELSE
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks WHERE queue = p_queue AND fair_key = ring_keys[last_i]
+                        AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids));
+                END IF;
+            END IF;
+            IF served < allot AND more THEN
+                next_front := last_i;
+                left_credit := allot - served;
+            ELSE
+                next_front := last_i % m + 1;
+            END IF;
+        END IF;
+        -- To the back: the keys served before the next front, then the keys read without a ready
+        -- row (only waiting or leased ones: they must not hold the front, and the keys behind them).
+        moved := ring_keys[1:next_front - 1]
+            || ARRAY(SELECT ring_keys[u.i] FROM unnest(idle) AS u(i) WHERE u.i >= next_front ORDER BY u.i);
+        IF cardinality(moved) > 0 THEN
+            UPDATE celery_rs_fair_ring r SET turn = u.turn
+            FROM unnest(moved, ARRAY(SELECT nextval('celery_rs_fair_turn')
+                FROM generate_series(1, cardinality(moved)) g ORDER BY g)) AS u(k, turn)
+            WHERE r.queue = p_queue AND r.key = u.k;
+        END IF;
+        IF cardinality(empties) > 0 THEN
+            locked := celery_rs_fair_lock(p_queue, false);
+            IF locked THEN
+                DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key = ANY(empties)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NOT NULL);
+            END IF;
+        END IF;
+    END IF;
+    -- Short, and no key read may have more: the ready rows of keys not in the ring (none is
+    -- expected) or beyond the keys read (a ring longer than p_visits), oldest first.
+    IF cardinality(ids) < p_n AND saturated = 0 THEN
+        c_ids := ARRAY(SELECT id FROM celery_rs_tasks
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
+            ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
+        IF cardinality(c_ids) > 0 THEN
+            ids := ids || c_ids;
+            PERFORM celery_rs_fair_join(p_queue, d.fair_key)
+            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(c_ids) AND fair_key IS NOT NULL) d;
+        ELSIF coalesce(locked, celery_rs_fair_lock(p_queue, false))
+            AND NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '')
+        THEN
+            DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+            DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+            RETURN ids;
+        END IF;
+    END IF;
+    IF left_credit IS DISTINCT FROM stored THEN
+        UPDATE celery_rs_fair_queues SET credit = left_credit WHERE queue = p_queue;
+    END IF;
+    RETURN ids;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_forget(p_queue text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    -- The queue's row first, then its fair lock: the order a fair fetch takes them in.
+    PERFORM 1 FROM celery_rs_fair_queues WHERE queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Tried, never waited for: an open transaction's keyed send_in holds it shared (a later
+    -- fetch drops the empty keys).
+    IF NOT celery_rs_fair_lock(p_queue, false) THEN
+        RETURN;
+    END IF;
+    DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key <> ''
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+            WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
+        AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+            WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NOT NULL);
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+        DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+        DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+    END IF;
+END $$;
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -453,6 +758,63 @@ WITH ins AS (
     RETURNING queue)
 SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 
+/// Inserts messages as [`PUBLISH`] does, with fairness keys `$5` (NULL where a message has
+/// none), notifying `$6`: a keyed message's queue joins the fair queues (`celery_rs_fair_queues`)
+/// and its key the queue's ring (as does `""`, the queue's unkeyed messages), under the queue's
+/// shared fair lock; it is stored with its priority plus 1,000 (see the module doc), and its queue is
+/// notified as `\u{6}<queue>` (the consumers switch that queue to [`FAIR_FETCH`]).
+pub(crate) const FAIR_PUBLISH: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6)";
+
+/// [`FAIR_PUBLISH`] without the join: the transaction holds its queues' shared fair locks
+/// ([`FAIR_LOCK_SHARED`]) and the keys joined on a connection of their own ([`FAIR_JOIN`]).
+pub(crate) const FAIR_PUBLISH_JOINED: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6, false)";
+
+/// Takes the shared fair lock of each of queues `$1` (in name order) until the transaction ends:
+/// no fetch drops a key of theirs meanwhile.
+pub(crate) const FAIR_LOCK_SHARED: &str =
+    "SELECT celery_rs_fair_lock(d.q, true) FROM (SELECT DISTINCT q FROM unnest($1::text[]) AS u(q) ORDER BY q) d";
+
+/// Joins keys `$2` to the rotations of queues `$1` (pairwise, each pair once), as a keyed publish
+/// does, in a statement of its own (committed before a transactional send inserts its rows).
+pub(crate) const FAIR_JOIN: &str = "SELECT celery_rs_fair_join(d.q, d.k) \
+     FROM (SELECT DISTINCT q, k FROM unnest($1::text[], $2::text[]) AS u(q, k) ORDER BY q, k) d";
+
+/// The payload prefix of a notification that marks its queue fair (see [`FAIR_PUBLISH`]).
+pub(crate) const FAIR_NOTE: char = '\u{6}';
+
+/// The queues among `$1` that are fair (have a rotation).
+pub(crate) const FAIR_QUEUES: &str = "SELECT queue FROM celery_rs_fair_queues WHERE queue = ANY($1)";
+
+/// After a purge of queue `$1`: drops the keys of its ring left without any message, and the
+/// rotation itself when no keyed one is left (under the queue's fair lock).
+pub(crate) const FAIR_FORGET: &str = "SELECT celery_rs_fair_forget($1)";
+
+/// The update that leases the rows of the CTE `picked` (`$3` seconds, `$4` the largest payload
+/// read, `$5` the holder), shared by [`FETCH`] and [`FAIR_FETCH`]; see [`FETCH`] for what it
+/// returns.
+macro_rules! lease_picked {
+    () => {
+        "UPDATE celery_rs_tasks t
+SET leased_until = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE now() + make_interval(secs => $3) END,
+    holder = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE $5::text END,
+    deliveries = t.deliveries + 1,
+    queue = CASE WHEN octet_length(t.payload) > $4::bigint THEN t.queue || '.dead' ELSE t.queue END,
+    reason = CASE WHEN octet_length(t.payload) > $4::bigint
+        THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
+        ELSE t.reason END,
+    run_at = CASE WHEN octet_length(t.payload) > $4::bigint THEN now() ELSE t.run_at END,
+    priority = CASE WHEN octet_length(t.payload) > $4::bigint THEN 0 ELSE t.priority END,
+    fair_key = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE t.fair_key END
+WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
+RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) ELSE t.queue END,
+    t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
+    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.payload END,
+    CASE WHEN t.leased_until IS NULL THEN celery_rs_task_id(t.payload) END,
+    CASE WHEN t.leased_until IS NULL THEN t.queue END,
+    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END"
+    };
+}
+
 /// Leases ready messages of several queues in one statement, for `$3` seconds to holder `$5`:
 /// queue `$1[i]` gives at most `$2[i]` (its share), by priority then age, and all of them together
 /// at most `$6`, taken in the order of `$1` (the queues are looked at one after the other, each
@@ -466,7 +828,8 @@ SELECT pg_notify($5, q) FROM (SELECT DISTINCT queue AS q FROM ins) d";
 /// The rows to update are found by id through the primary key (`= ANY` of the ids picked), so
 /// the update never walks the table between the picked ids (as a merge join of the picked rows
 /// with the whole table would).
-pub(crate) const FETCH: &str = "
+pub(crate) const FETCH: &str = concat!(
+    "
 WITH picked AS (
     SELECT c.id FROM unnest($1::text[], $2::bigint[]) AS q(queue, share)
     CROSS JOIN LATERAL (
@@ -476,23 +839,29 @@ WITH picked AS (
         LIMIT q.share
         FOR UPDATE SKIP LOCKED) c
     LIMIT $6)
-UPDATE celery_rs_tasks t
-SET leased_until = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE now() + make_interval(secs => $3) END,
-    holder = CASE WHEN octet_length(t.payload) > $4::bigint THEN NULL ELSE $5::text END,
-    deliveries = t.deliveries + 1,
-    queue = CASE WHEN octet_length(t.payload) > $4::bigint THEN t.queue || '.dead' ELSE t.queue END,
-    reason = CASE WHEN octet_length(t.payload) > $4::bigint
-        THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || $4::bigint || ' bytes'
-        ELSE t.reason END,
-    run_at = CASE WHEN octet_length(t.payload) > $4::bigint THEN now() ELSE t.run_at END,
-    priority = CASE WHEN octet_length(t.payload) > $4::bigint THEN 0 ELSE t.priority END
-WHERE t.id = ANY(ARRAY(SELECT id FROM picked))
-RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) ELSE t.queue END,
-    t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
-    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.payload END,
-    CASE WHEN t.leased_until IS NULL THEN celery_rs_task_id(t.payload) END,
-    CASE WHEN t.leased_until IS NULL THEN t.queue END,
-    CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END";
+",
+    lease_picked!()
+);
+
+/// Leases up to `$2` ready messages of fair queue `$1`, its keys taking turns by weights `$7`
+/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring visited (migration 7's
+/// `celery_rs_fair_pick`), as [`FETCH`] leases (`$3` to `$5` alike): the same columns, then
+/// whether the queue is still fair (false: it has no rotation any more, fetch it with [`FETCH`]),
+/// in the order the keys' turns picked them. When nothing was leased, one row with NULLs but the
+/// last column.
+pub(crate) const FAIR_FETCH: &str = concat!(
+    "
+WITH pick AS (SELECT celery_rs_fair_pick($1, $2::integer, $6::text[], $7::integer[], $8::integer) AS ids),
+picked AS (SELECT u.id, u.n FROM pick, unnest(pick.ids) WITH ORDINALITY AS u(id, n)),
+leased (queue, id, deliveries, priority, run_at, size, payload, task_id, dlq, reason) AS (
+",
+    lease_picked!(),
+    ")
+SELECT l.queue, l.id, l.deliveries, l.priority, l.run_at, l.size, l.payload, l.task_id, l.dlq, l.reason,
+    p.ids IS NOT NULL
+FROM pick p LEFT JOIN (leased l JOIN picked k ON k.id = l.id) ON true
+ORDER BY k.n"
+);
 
 /// Wakes the consumers of queue `$2` (on channel `$1`).
 pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";
@@ -592,7 +961,7 @@ SELECT pg_notify($5, queue) FROM back";
 pub(crate) const DEAD_LETTER: &str = "
 WITH dead AS (
     UPDATE celery_rs_tasks
-    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), priority = 0
+    SET queue = $3, reason = $4, payload = $5, leased_until = NULL, run_at = now(), priority = 0, fair_key = NULL
     WHERE id = $1 AND deliveries = $2 AND leased_until IS NOT NULL RETURNING queue)
 SELECT pg_notify($6, queue) FROM dead";
 

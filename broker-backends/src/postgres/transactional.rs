@@ -22,6 +22,13 @@
 //! 30 seconds. Equal triples mean the insert lands in the broker's table; anything else goes
 //! through the outbox, which is correct for every broker, only slower.
 //!
+//! A task with a fairness key ([`Signature::fairness_key`]) keeps it on both paths: the direct
+//! path inserts it with the broker's keyed publish (its key joins the queue's rotation in the
+//! caller's transaction, under a shared lock of the queue held until that transaction ends: a
+//! long transaction delays dropping the queue's empty keys, never a fetch); through the outbox it
+//! travels in the message's headers, and the relay's broker serves it fairly if it has fair
+//! queues (the app's broker is checked at send, as for `App::send`).
+//!
 //! What `send_in` does not do: idempotency keys (a key claimed outside the transaction would
 //! outlive its rollback; the transaction already sends the task once), `task-sent` events, and
 //! chords (their counter lives in the result backend, outside the transaction). A server error in
@@ -42,7 +49,7 @@ use tokio_postgres::Transaction;
 
 use super::connect;
 use super::error::PgError;
-use super::{check_name, check_queue, sql, url, NewRow, MAX_PAYLOAD, PUBLISH_BATCH};
+use super::{check_name, check_queue, sql, url, Columns, NewRow, MAX_PAYLOAD, PUBLISH_BATCH};
 use crate::envelope;
 
 /// The most signatures one [`SendInTransaction::send_batch_in`] takes.
@@ -142,7 +149,7 @@ impl SendInTransaction for App {
         let limit = max_encoded_size(self.config().max_message_size).min(MAX_PAYLOAD);
         let here = Identity::of(tx).await?;
         match decide(self, &here).await? {
-            Decision::Direct(channel) => insert_tasks(tx, &channel, &prepared, limit).await?,
+            Decision::Direct(side) => insert_tasks(tx, &side, &prepared, limit).await?,
             Decision::Outbox => {
                 let Some(channel) = &here.outbox else {
                     return Err(BrokerError::operation(
@@ -212,6 +219,14 @@ impl Identity {
             tx.query_typed_one(IDENTITY, &[]).await.map_err(|e| tx_error("reading the transaction's database", e))?;
         Ok(Identity { database: row.get(0), started: row.get(1), tasks: row.get(2), outbox: row.get(3) })
     }
+
+    /// Whether a session that sees `here` reaches the tasks table of the broker that sees this.
+    fn same_table(&self, here: &Identity) -> bool {
+        self.tasks.is_some()
+            && self.tasks == here.tasks
+            && self.database == here.database
+            && self.started == here.started
+    }
 }
 
 /// The PostgreSQL broker's side, as read through its URL.
@@ -221,18 +236,20 @@ struct BrokerSide {
     /// The broker's task notification channel.
     channel: String,
     read_at: Instant,
+    /// A connection to the broker's database (one), for what a keyed send commits on its own
+    /// before the caller's transaction inserts ([`sql::FAIR_JOIN`]).
+    pool: deadpool_postgres::Pool,
 }
 
 impl BrokerSide {
     fn same_table(&self, here: &Identity) -> bool {
-        let b = &self.identity;
-        b.tasks.is_some() && b.tasks == here.tasks && b.database == here.database && b.started == here.started
+        self.identity.same_table(here)
     }
 }
 
 enum Decision {
-    /// Insert into the broker's table and notify this channel.
-    Direct(String),
+    /// Insert into the broker's table (and notify its channel).
+    Direct(Arc<BrokerSide>),
     Outbox,
 }
 
@@ -262,7 +279,7 @@ async fn decide(app: &App, here: &Identity) -> Result<Decision, BrokerError> {
         }
     };
     if side.same_table(here) {
-        return Ok(Decision::Direct(side.channel.clone()));
+        return Ok(Decision::Direct(side));
     }
     if side.read_at.elapsed() < REFRESH_AFTER {
         return Ok(Decision::Outbox);
@@ -279,7 +296,7 @@ async fn decide(app: &App, here: &Identity) -> Result<Decision, BrokerError> {
             }
         },
     };
-    Ok(if side.same_table(here) { Decision::Direct(side.channel.clone()) } else { Decision::Outbox })
+    Ok(if side.same_table(here) { Decision::Direct(side) } else { Decision::Outbox })
 }
 
 fn remember(key: &str, side: BrokerSide) -> Arc<BrokerSide> {
@@ -306,7 +323,8 @@ async fn read_broker_side(broker_url: &str) -> Result<BrokerSide, BrokerError> {
     let identity = Identity { database: row.get(0), started: row.get(1), tasks: row.get(2), outbox: row.get(3) };
     let row = client.query_one(sql::CHANNELS, &[]).await.map_err(|e| tx_error(what, e))?;
     tracing::debug!(url = %options.connect.shown, ?identity, "postgresql: the broker's identity, for transactional sends");
-    Ok(BrokerSide { identity, channel: row.get(0), read_at: Instant::now() })
+    drop(client);
+    Ok(BrokerSide { identity, channel: row.get(0), read_at: Instant::now(), pool })
 }
 
 /// A binding as [`sql::BINDINGS`] returns it: routing key, queue, exchange kind.
@@ -362,10 +380,17 @@ fn checked_size(env: &str, limit: usize) -> Result<(), BrokerError> {
     Ok(())
 }
 
-/// The direct path: the broker's publish statement, run by the caller's transaction.
+/// The direct path: the broker's publish statement, run by the caller's transaction. Keyed
+/// tasks: the transaction takes their queues' shared fair locks ([`sql::FAIR_LOCK_SHARED`], so
+/// no fetch drops a key until it ends), then their keys join the rotations committed on a
+/// connection of the broker's ([`sql::FAIR_JOIN`]), and the transaction inserts the rows without
+/// joining ([`sql::FAIR_PUBLISH_JOINED`]): it writes no rotation row, so no other producer waits
+/// for it (an insert that conflicts with an uncommitted row waits for its transaction) and its
+/// snapshot (REPEATABLE READ, SERIALIZABLE) never meets a rotation row committed after it. When
+/// that connection fails, the transaction joins them itself (as a publish does).
 async fn insert_tasks(
     tx: &Transaction<'_>,
-    channel: &str,
+    side: &BrokerSide,
     batch: &[(Route, Message)],
     limit: usize,
 ) -> Result<(), BrokerError> {
@@ -373,29 +398,39 @@ async fn insert_tasks(
     let mut rows: Vec<NewRow> = Vec::with_capacity(batch.len());
     for (route, msg) in batch {
         for queue in queues_of(tx, route, &mut bindings).await? {
-            let env = envelope::encode(msg, &route.exchange, &queue);
-            checked_size(&env, limit)?;
-            rows.push((queue, i16::from(envelope::kombu_priority(msg)), msg.headers.eta, env.into_bytes()));
+            rows.push(NewRow::of(msg, &route.exchange, queue, limit)?);
         }
     }
-    for chunk in rows.chunks(PUBLISH_BATCH) {
-        let queues: Vec<&str> = chunk.iter().map(|r| r.0.as_str()).collect();
-        let priorities: Vec<i16> = chunk.iter().map(|r| r.1).collect();
-        let etas: Vec<Option<DateTime<Utc>>> = chunk.iter().map(|r| r.2).collect();
-        let payloads: Vec<&[u8]> = chunk.iter().map(|r| r.3.as_slice()).collect();
-        tx.query_typed(
-            sql::PUBLISH,
-            &[
-                (&queues, Type::TEXT_ARRAY),
-                (&priorities, Type::INT2_ARRAY),
-                (&etas, Type::TIMESTAMPTZ_ARRAY),
-                (&payloads, Type::BYTEA_ARRAY),
-                (&channel, Type::TEXT),
-            ],
-        )
-        .await
-        .map_err(|e| tx_error("inserting tasks in the transaction", e))?;
+    let (queues, keys): (Vec<&str>, Vec<&str>) =
+        rows.iter().filter_map(|r| Some((r.queue.as_str(), r.fair_key.as_deref()?))).unzip();
+    let mut joined = false;
+    if !keys.is_empty() {
+        tx.query_typed(sql::FAIR_LOCK_SHARED, &[(&queues, Type::TEXT_ARRAY)])
+            .await
+            .map_err(|e| tx_error("locking fair rotations in the transaction", e))?;
+        match join_first(side, &queues, &keys).await {
+            Ok(()) => joined = true,
+            Err(e) => {
+                tracing::debug!(error = %e, "postgresql: joining fair rotations before a transactional send failed")
+            }
+        }
     }
+    let channel = side.channel.clone();
+    for chunk in rows.chunks(PUBLISH_BATCH) {
+        let columns = Columns::new(chunk);
+        let (statement, params) = columns.statement(&channel, joined);
+        tx.query_typed(statement, &params).await.map_err(|e| tx_error("inserting tasks in the transaction", e))?;
+    }
+    Ok(())
+}
+
+/// Joins `keys` to the rotations of `queues` (pairwise), committed on the broker's connection.
+async fn join_first(side: &BrokerSide, queues: &[&str], keys: &[&str]) -> Result<(), BrokerError> {
+    let client = side.pool.get().await.map_err(|e| PgError::pool("transactional: join fair rotations", e))?;
+    client
+        .query_typed(sql::FAIR_JOIN, &[(&queues, Type::TEXT_ARRAY), (&keys, Type::TEXT_ARRAY)])
+        .await
+        .map_err(|e| tx_error("joining fair rotations", e))?;
     Ok(())
 }
 
@@ -447,7 +482,7 @@ mod tests {
 
     #[test]
     fn only_the_same_table_of_the_same_server_is_direct() {
-        let side = BrokerSide { identity: identity(Some(7)), channel: "c".into(), read_at: Instant::now() };
+        let side = identity(Some(7));
         assert!(side.same_table(&identity(Some(7))));
         assert!(side.same_table(&Identity { outbox: Some("o".into()), ..identity(Some(7)) }), "an outbox too");
         assert!(!side.same_table(&identity(Some(8))), "another schema's table");
@@ -455,8 +490,7 @@ mod tests {
         assert!(!side.same_table(&Identity { database: 6, ..identity(Some(7)) }), "another database");
         let restarted = Identity { started: DateTime::UNIX_EPOCH + chrono::Duration::seconds(1), ..identity(Some(7)) };
         assert!(!side.same_table(&restarted), "another server (or a restart: read again)");
-        let none = BrokerSide { identity: identity(None), channel: "c".into(), read_at: Instant::now() };
-        assert!(!none.same_table(&identity(None)));
+        assert!(!identity(None).same_table(&identity(None)));
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub struct SendArgs {
     #[arg(long, value_name = "KEY")]
     pub concurrency_key: Option<String>,
     /// Queue the task in KEY's line of its queue: the broker serves the keys in turn (fair queues;
-    /// the built-in broker and Redis).
+    /// the built-in broker, Redis and PostgreSQL).
     #[arg(long, value_name = "KEY")]
     pub fairness_key: Option<String>,
     /// Then run this task with the previous result as its first argument (a chain), given as a
