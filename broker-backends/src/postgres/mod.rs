@@ -80,6 +80,7 @@ use celery_core::capability::{Broadcasts, Documents, Leases, Routing};
 use celery_core::flow::{validate_key, FairQueues, FairnessWeights, FAIRNESS_KEY};
 use celery_core::protocol::Message;
 use celery_core::routing::{topic_matches, Binding, Exchange, ExchangeKind, Route};
+use celery_core::sync::lock;
 use celery_core::{Broker, BrokerError, Consumer, ProtocolError};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::Pool;
@@ -455,7 +456,7 @@ impl PostgresBroker {
             queues,
             prefetch,
             max_message_size,
-            self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            lock(&self.inner.fairness).clone(),
         );
         Ok(Box::new(c))
     }
@@ -682,7 +683,7 @@ impl Documents for PostgresBroker {
 /// The weights travel with each fair fetch (`sql::FAIR_FETCH`), so each consumer serves by its own.
 impl FairQueues for PostgresBroker {
     fn set_fairness_weights(&self, weights: FairnessWeights) {
-        *self.inner.fairness.lock().unwrap_or_else(|p| p.into_inner()) = Arc::new(weights);
+        *lock(&self.inner.fairness) = Arc::new(weights);
     }
 }
 

@@ -106,6 +106,9 @@ impl Spares {
 
     /// A spare slot of `key` with `limit`, the newest first.
     fn reuse(&mut self, key: &str, limit: u32) -> Option<SlotLease> {
+        if self.count == 0 {
+            return None;
+        }
         let at = (key.to_owned(), limit);
         let slots = self.by_key.get_mut(&at)?;
         let spare = slots.pop()?;
