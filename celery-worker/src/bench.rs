@@ -42,9 +42,10 @@ pub struct BenchArgs {
     /// messages included).
     #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=600_000))]
     pub sleep_ms: Option<u64>,
-    /// Also drain the same tasks again spread over this many fairness keys (`k0` .. `kN-1`, sent
-    /// in turn), and print that drain's rate and its cost against the plain drain (fair queues:
-    /// the built-in broker, Redis and PostgreSQL).
+    /// Also drain the same tasks spread over this many fairness keys (`k0` .. `kN-1`, sent in
+    /// turn), alternating with plain drains `--rounds` times; prints each drain and the cost of the
+    /// median fair drain against the median plain one (fair queues: the built-in broker, Redis
+    /// and PostgreSQL).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub fairness_keys: Option<u32>,
     /// Also drain the same tasks with concurrency keys spread over this many keys (`bench-k0` ..
@@ -56,8 +57,8 @@ pub struct BenchArgs {
     /// PostgreSQL).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub concurrency_keys: Option<u32>,
-    /// Plain and keyed drains alternated with `--concurrency-keys` (the first plain drain is the
-    /// usual one).
+    /// Plain and keyed drains alternated with `--fairness-keys` and with `--concurrency-keys`
+    /// (the first plain drain is the usual one).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
@@ -203,17 +204,14 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
     let failed = stats.failed.load(Ordering::Relaxed) + stats.rejected.load(Ordering::Relaxed);
     anyhow::ensure!(failed == 0, "{failed} benchmark tasks failed");
 
-    // The same drain with fairness keys: enqueued with no worker running, drained by a new one.
+    // Plain and fair drains in turn, each enqueued with no worker running.
     let (stop_tx, handle) = match a.fairness_keys {
         None => (stop_tx, handle),
         Some(keys) => {
             app.broker().require_fair_queues("bench --fairness-keys")?;
-            stop_worker(stop_tx, handle).await?;
             let fair = |i: usize| sig(i).fairness_key(format!("k{}", i % keys as usize));
-            let (fair_rate, stop, fair_handle) = drain_fresh(&app, &cfg, "fair", &a, fair).await?;
-            line("drain_rate_fairness_keys", fair_rate, "tasks/s");
-            line("fairness_cost_pct", (1.0 - fair_rate / drain_rate) * 100.0, "%");
-            (stop, fair_handle)
+            let variant = Variant { name: "fairness_keys", cfg: &cfg, sig: &fair };
+            alternate(&app, &a, (&cfg, &sig), variant, drain_rate, (stop_tx, handle)).await?
         }
     };
     // Plain and keyed drains in turn, each enqueued with no worker running.
@@ -228,27 +226,8 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
                 ..cfg.clone()
             };
             let keyed = |i: usize| sig(i).concurrency_key(format!("bench-k{}", i % keys as usize));
-            let (mut plain_rates, mut keyed_rates) = (vec![drain_rate], Vec::new());
-            let (mut stop, mut running) = (stop_tx, handle);
-            for round in 0..a.rounds {
-                if round > 0 {
-                    stop_worker(stop, running).await?;
-                    let (rate, s, h) = drain_fresh(&app, &cfg, &format!("plain{round}"), &a, sig).await?;
-                    line(&format!("drain_rate_round{round}"), rate, "tasks/s");
-                    plain_rates.push(rate);
-                    (stop, running) = (s, h);
-                }
-                stop_worker(stop, running).await?;
-                let (rate, s, h) = drain_fresh(&app, &keyed_cfg, &format!("keyed{round}"), &a, keyed).await?;
-                line(&format!("drain_rate_concurrency_keys_round{round}"), rate, "tasks/s");
-                keyed_rates.push(rate);
-                (stop, running) = (s, h);
-            }
-            let (plain, keyed) = (median(&mut plain_rates), median(&mut keyed_rates));
-            line("drain_rate_median", plain, "tasks/s");
-            line("drain_rate_concurrency_keys_median", keyed, "tasks/s");
-            line("concurrency_keys_cost_pct", (1.0 - keyed / plain) * 100.0, "%");
-            (stop, running)
+            let variant = Variant { name: "concurrency_keys", cfg: &keyed_cfg, sig: &keyed };
+            alternate(&app, &a, (&cfg, &sig), variant, drain_rate, (stop_tx, handle)).await?
         }
     };
     round_trips(&app, &a, queue_of(0), stop_tx, handle).await?;
@@ -263,6 +242,54 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
         lapin_ceiling(&url, a.count, &msg, (a.concurrency * 4).min(u16::MAX as usize) as u16).await?;
     }
     Ok(())
+}
+
+/// A drain to compare with the plain one: its name in the printed lines, its worker's config and
+/// the task it sends for each index.
+struct Variant<'a> {
+    name: &'a str,
+    cfg: &'a WorkerConfig,
+    sig: &'a dyn Fn(usize) -> Signature,
+}
+
+/// A running bench worker: its stop and its handle.
+type Running = (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), crate::WorkerError>>);
+
+/// Drains `variant`'s tasks and the plain ones (`plain`: config and task) in turn, `a.rounds`
+/// times (the plain drain already run, at `first_plain` tasks/s, is the first plain round; the
+/// machine's noise drifts, so each variant drain sits between plain ones), each enqueued with no
+/// worker running and drained by a new worker; prints each drain, the medians and the variant's
+/// cost against the plain median. Returns the last worker, still running.
+async fn alternate(
+    app: &App,
+    a: &BenchArgs,
+    plain: (&WorkerConfig, &dyn Fn(usize) -> Signature),
+    variant: Variant<'_>,
+    first_plain: f64,
+    running: Running,
+) -> anyhow::Result<Running> {
+    let name = variant.name;
+    let (mut plain_rates, mut variant_rates) = (vec![first_plain], Vec::new());
+    let (mut stop, mut worker) = running;
+    for round in 0..a.rounds {
+        if round > 0 {
+            stop_worker(stop, worker).await?;
+            let (rate, s, h) = drain_fresh(app, plain.0, &format!("plain{round}"), a, plain.1).await?;
+            line(&format!("drain_rate_round{round}"), rate, "tasks/s");
+            plain_rates.push(rate);
+            (stop, worker) = (s, h);
+        }
+        stop_worker(stop, worker).await?;
+        let (rate, s, h) = drain_fresh(app, variant.cfg, &format!("{name}{round}"), a, variant.sig).await?;
+        line(&format!("drain_rate_{name}_round{round}"), rate, "tasks/s");
+        variant_rates.push(rate);
+        (stop, worker) = (s, h);
+    }
+    let (plain, keyed) = (median(&mut plain_rates), median(&mut variant_rates));
+    line("drain_rate_median", plain, "tasks/s");
+    line(&format!("drain_rate_{name}_median"), keyed, "tasks/s");
+    line(&format!("{name}_cost_pct"), (1.0 - keyed / plain) * 100.0, "%");
+    Ok((stop, worker))
 }
 
 /// Stops a bench worker and waits for it.
@@ -283,12 +310,12 @@ async fn drain_fresh(
     cfg: &WorkerConfig,
     label: &str,
     a: &BenchArgs,
-    sig: impl Fn(usize) -> Signature,
+    sig: &dyn Fn(usize) -> Signature,
 ) -> anyhow::Result<(f64, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), crate::WorkerError>>)> {
     let mut sent = 0;
     while sent < a.count {
         let n = a.batch.max(1).min(a.count - sent);
-        app.send_batch((sent..sent + n).map(&sig)).await?;
+        app.send_batch((sent..sent + n).map(sig)).await?;
         sent += n;
     }
     let cfg = WorkerConfig { hostname: format!("{label}.{}", cfg.hostname), ..cfg.clone() };

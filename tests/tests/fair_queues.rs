@@ -1,11 +1,11 @@
 //! Fair queues (`Signature::fairness_key`) on the built-in broker (in this process, and over
-//! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight; a
-//! key queued behind another's backlog is served at once; length, peek, purge and requeue count
-//! keyed messages; a lost keyed delivery is restored into its key's line; PostgreSQL: a dead
-//! worker's keyed task comes back into the rotation), then real worker processes measured
-//! from outside (the order of the `span` lines in a file): 10 tasks of key B queued behind 5,000
-//! of key A all finish before 10% of A's, and `--fairness-weight A=3` gives A 75% ± 10% of the
-//! first deliveries while both wait. A broker without fair queues refuses a keyed send.
+//! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight, also
+//! when keys run out within one fetch; a key queued behind another's backlog is served at once;
+//! length, peek, purge and requeue count keyed messages; a lost keyed delivery is restored into
+//! its key's line; PostgreSQL: a dead worker's keyed task comes back into the rotation), then
+//! real worker processes measured from outside (the order of the `span` lines in a file): 10 tasks
+//! of key B queued behind 5,000 of key A all finish before 10% of A's, and `--fairness-weight A=3`
+//! gives A 75% ± 10% of the first deliveries while both wait. A broker without fair queues refuses a keyed send.
 
 use std::time::Duration;
 
@@ -25,10 +25,16 @@ fn task(queue: &str, i: usize) -> Signature {
     Signature::by_name("fair_probe").args(json!([i])).queue(queue)
 }
 
-/// The fairness key of each of the next `n` deliveries of `queue` (each acked), with `weights`.
+/// The fairness key of each of the next `n` deliveries of `queue` (each acked), with `weights`,
+/// taken one at a time.
 async fn take_keys(app: &App, queue: &str, n: usize, w: FairnessWeights) -> Vec<String> {
+    take_keys_by(app, queue, n, w, 1).await
+}
+
+/// [`take_keys`] with a consumer that fetches up to `prefetch` at once.
+async fn take_keys_by(app: &App, queue: &str, n: usize, w: FairnessWeights, prefetch: usize) -> Vec<String> {
     app.broker().require_fair_queues("test").unwrap().set_fairness_weights(w);
-    let mut c = app.broker().consume(&[queue.to_owned()], 1).await.unwrap();
+    let mut c = app.broker().consume(&[queue.to_owned()], prefetch).await.unwrap();
     let mut keys = Vec::new();
     while keys.len() < n {
         let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
@@ -50,6 +56,21 @@ async fn weights_share_deliveries(t: Target) {
     let a = keys.iter().filter(|k| *k == "A").count();
     assert!((65..=85).contains(&a), "A's share of the first 100 is {a}%: {keys:?}");
     assert_eq!(&keys[..8], ["A", "A", "A", "B", "A", "A", "A", "B"], "weighted round robin");
+}
+
+/// Keys of 1 to 5 messages, weight 2 each, taken by a consumer fetching many at once: each key
+/// gives 2 a turn in the order the keys came, and a key whose messages run out in its turn leaves
+/// the rotation (the next key's turn starts with a full credit).
+async fn keys_run_out_in_one_fetch(t: Target) {
+    let app = t.app().await;
+    let q = format!("fair-out-{}", uuid::Uuid::new_v4().simple());
+    for (k, n) in ["A", "B", "C", "D", "E"].iter().zip(1..=5) {
+        app.send_batch((0..n).map(|i| task(&q, i).fairness_key(*k))).await.unwrap();
+    }
+    let keys = take_keys_by(&app, &q, 15, weights(&["A=2", "B=2", "C=2", "D=2", "E=2"]), 32).await;
+    let want = ["A", "B", "B", "C", "C", "D", "D", "E", "E", "C", "D", "D", "E", "E", "E"];
+    assert_eq!(keys, want, "weighted turns with keys running out");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
 }
 
 /// Ten messages of B (and two unkeyed) queued behind 1,000 of A all come within the first 30.
@@ -98,6 +119,7 @@ async fn log_contract() {
     weights_share_deliveries(Target::log()).await;
     a_late_key_is_served_at_once(Target::log()).await;
     length_peek_purge_and_requeue(Target::log()).await;
+    keys_run_out_in_one_fetch(Target::log()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -105,6 +127,7 @@ async fn log_tcp_contract() {
     weights_share_deliveries(Target::log_tcp().await).await;
     a_late_key_is_served_at_once(Target::log_tcp().await).await;
     length_peek_purge_and_requeue(Target::log_tcp().await).await;
+    keys_run_out_in_one_fetch(Target::log_tcp().await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,6 +136,7 @@ async fn redis_contract() {
     weights_share_deliveries(t).await;
     a_late_key_is_served_at_once(Target::redis().unwrap()).await;
     length_peek_purge_and_requeue(Target::redis().unwrap()).await;
+    keys_run_out_in_one_fetch(Target::redis().unwrap()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,6 +145,7 @@ async fn postgres_contract() {
     weights_share_deliveries(t).await;
     a_late_key_is_served_at_once(Target::postgres().unwrap()).await;
     length_peek_purge_and_requeue(Target::postgres().unwrap()).await;
+    keys_run_out_in_one_fetch(Target::postgres().unwrap()).await;
 }
 
 /// PostgreSQL: two consumers of one fair queue (each fair fetch locks the queue's rotation, so

@@ -27,15 +27,17 @@ use redis::Script;
 /// dead-letter list (the layout of [`crate::envelope::dead_letter`]'s wrapper: the original as the
 /// body, the reason and queue in the headers), and the reply carries only its size.
 /// Each leased tag is also added to the consumer's `held` set, and the holder to `workers`; the
-/// leases of one list's envelopes are written by one `HSET`, `ZADD` and `SADD` each (at most 512
-/// tags a call), not three calls per envelope.
+/// leases of the whole call are written by one `HSET`, `ZADD` and `SADD` each (at most 512 tags a
+/// call), not three calls per envelope nor per list.
 ///
 /// Fair queues (one server only, `fair` = `1`): a queue whose ring ([`FAIR_FN`]) exists is
 /// served key by key: the ring's front key gives up to its weight (`ARGV` pairs, 1 when not
 /// named) from its lines in priority order (the key `""`: the queue's own buckets), then moves
-/// to the back; a key with nothing left leaves the ring, and the ring is deleted once only `""`
-/// is left, so the queue is served as before. The credit left to the front key is kept in
-/// `<base>.credit` between fetches.
+/// to the back; a key whose lines run out leaves the ring, and the ring is deleted once only `""`
+/// is left, so the queue is served as before. The ring is read a chunk of keys at a time
+/// (`LRANGE`, at most 512) and the keys served in it rotate in one `LTRIM` and `RPUSH` (the keys
+/// leaving in one `SREM`), not two calls per key. The credit left to the front key is kept in
+/// `<base>.credit` between fetches (read once a call, written once when left).
 /// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
 /// ARGV: now, n, tag prefix, first sequence, max, holder, fair (`1`/`0`), key prefix, weights
 /// count W, W (key, weight) pairs, routing keys...
@@ -61,9 +63,17 @@ local weights = {{}}
 for j = 0, nw - 1 do weights[ARGV[10 + 2 * j]] = tonumber(ARGV[11 + 2 * j]) end
 local rk0 = 5 + 2 * nw
 local took = false
+local hs, zs, ss = {{}}, {{}}, {{}}
+local function flush()
+  if #ss > 0 then
+    redis.call('HSET', KEYS[1], unpack(hs))
+    redis.call('ZADD', KEYS[2], unpack(zs))
+    redis.call('SADD', KEYS[3], unpack(ss))
+    hs, zs, ss = {{}}, {{}}, {{}}
+  end
+end
 local function hand_out(i, items)
   local rk = cjson.encode(ARGV[rk0 + i])
-  local hs, zs, ss = {{}}, {{}}, {{}}
   for _, env in ipairs(items) do
     local size = string.len(env)
     if size > max then
@@ -90,55 +100,61 @@ local function hand_out(i, items)
       out[#out + 1] = env
       n = n - 1
     end
-    if #ss >= 512 then
-      redis.call('HSET', KEYS[1], unpack(hs))
-      redis.call('ZADD', KEYS[2], unpack(zs))
-      redis.call('SADD', KEYS[3], unpack(ss))
-      hs, zs, ss = {{}}, {{}}, {{}}
-    end
-  end
-  if #ss > 0 then
-    redis.call('HSET', KEYS[1], unpack(hs))
-    redis.call('ZADD', KEYS[2], unpack(zs))
-    redis.call('SADD', KEYS[3], unpack(ss))
+    if #ss >= 512 then flush() end
   end
 end
 local function fair_take(qi, queue)
   local ring, set, credit_key = fair_keys(prefix, queue)
+  local credit = tonumber(redis.call('GET', credit_key) or '0') or 0
+  local stored = credit > 0
   local guard = 2 * n + 8
   while n > 0 and guard > 0 do
-    guard = guard - 1
-    local key = redis.call('LINDEX', ring, 0)
-    if not key then return false end
-    if key == '' and redis.call('LLEN', ring) == 1 then
+    local front = redis.call('LRANGE', ring, 0, math.min(guard, n + 8, 512) - 1)
+    if #front == 0 then return false end
+    if #front == 1 and front[1] == '' and redis.call('LLEN', ring) == 1 then
       redis.call('DEL', ring, set, credit_key)
       return false
     end
-    local credit = tonumber(redis.call('GET', credit_key) or '0') or 0
-    if credit <= 0 then credit = weights[key] or 1 end
-    local want = math.min(n, credit)
-    local got = 0
-    for s = 0, 3 do
-      if got >= want then break end
-      local i = 5 + s * nq + qi
-      local list = KEYS[i]
-      if key ~= '' then list = fair_line(prefix, queue, key, s * 3) end
-      local items = redis.call('RPOP', list, want - got)
-      if items then
-        got = got + #items
-        hand_out(i, items)
+    local done, back, gone = 0, {{}}, {{}}
+    for _, key in ipairs(front) do
+      if n <= 0 or guard <= 0 then break end
+      guard = guard - 1
+      if credit <= 0 then credit = weights[key] or 1 end
+      local want = math.min(n, credit)
+      local got = 0
+      for s = 0, 3 do
+        if got >= want then break end
+        local i = 5 + s * nq + qi
+        local list = KEYS[i]
+        if key ~= '' then list = fair_line(prefix, queue, key, s * 3) end
+        local items = redis.call('RPOP', list, want - got)
+        if items then
+          got = got + #items
+          hand_out(i, items)
+        end
+      end
+      if got < want then
+        done = done + 1
+        if key == '' then back[#back + 1] = '' else gone[#gone + 1] = key end
+        credit = 0
+      elseif credit - got <= 0 then
+        done = done + 1
+        back[#back + 1] = key
+        credit = 0
+      else
+        credit = credit - got
       end
     end
-    if got == 0 then
-      redis.call('LPOP', ring)
-      if key == '' then redis.call('RPUSH', ring, '') else redis.call('SREM', set, key) end
-      redis.call('DEL', credit_key)
-    elseif credit - got <= 0 then
-      redis.call('LMOVE', ring, ring, 'LEFT', 'RIGHT')
-      redis.call('DEL', credit_key)
-    else
-      redis.call('SET', credit_key, credit - got)
+    if done > 0 then
+      redis.call('LTRIM', ring, done, -1)
+      if #back > 0 then redis.call('RPUSH', ring, unpack(back)) end
+      if #gone > 0 then redis.call('SREM', set, unpack(gone)) end
     end
+  end
+  if credit > 0 then
+    redis.call('SET', credit_key, credit)
+  elseif stored then
+    redis.call('DEL', credit_key)
   end
   return true
 end
@@ -158,6 +174,7 @@ for i = 5, 4 + lists do
     if items then hand_out(i, items) end
   end
 end
+flush()
 if took then redis.call('SADD', KEYS[4], ARGV[6]) end
 return out
 "#
