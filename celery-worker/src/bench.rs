@@ -274,13 +274,13 @@ async fn alternate(
     for round in 0..a.rounds {
         if round > 0 {
             stop_worker(stop, worker).await?;
-            let (rate, s, h) = drain_fresh(app, plain.0, &format!("plain{round}"), a, plain.1).await?;
+            let (rate, s, h) = drain_fresh(app, plain.0, &format!("round{round}"), a, plain.1).await?;
             line(&format!("drain_rate_round{round}"), rate, "tasks/s");
             plain_rates.push(rate);
             (stop, worker) = (s, h);
         }
         stop_worker(stop, worker).await?;
-        let (rate, s, h) = drain_fresh(app, variant.cfg, &format!("{name}{round}"), a, variant.sig).await?;
+        let (rate, s, h) = drain_fresh(app, variant.cfg, &format!("{name}_round{round}"), a, variant.sig).await?;
         line(&format!("drain_rate_{name}_round{round}"), rate, "tasks/s");
         variant_rates.push(rate);
         (stop, worker) = (s, h);
@@ -302,9 +302,10 @@ async fn stop_worker(
     Ok(())
 }
 
-/// Enqueues `a.count` tasks made by `sig` with no worker running, then drains them with a new
-/// worker of `cfg` named `<label>.<cfg's name>` (a name no earlier drain used): the drain rate,
-/// and the running worker (its stop and its handle).
+/// Enqueues `a.count` tasks made by `sig` with no worker running (printing the rate as
+/// `enqueue_rate_<label>`), then drains them with a new worker of `cfg` named `<label>.<cfg's
+/// name>` (a name no earlier drain used): the drain rate, and the running worker (its stop and
+/// its handle).
 async fn drain_fresh(
     app: &App,
     cfg: &WorkerConfig,
@@ -312,12 +313,13 @@ async fn drain_fresh(
     a: &BenchArgs,
     sig: &dyn Fn(usize) -> Signature,
 ) -> anyhow::Result<(f64, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), crate::WorkerError>>)> {
-    let mut sent = 0;
+    let (mut sent, t) = (0, Instant::now());
     while sent < a.count {
         let n = a.batch.max(1).min(a.count - sent);
         app.send_batch((sent..sent + n).map(sig)).await?;
         sent += n;
     }
+    line(&format!("enqueue_rate_{label}"), a.count as f64 / t.elapsed().as_secs_f64(), "tasks/s");
     let cfg = WorkerConfig { hostname: format!("{label}.{}", cfg.hostname), ..cfg.clone() };
     let worker = Worker::new(app.clone(), cfg);
     let stats = worker.stats();

@@ -290,6 +290,52 @@ impl ReadAhead {
     }
 }
 
+/// Bytes of each window of [`ReadWindows`].
+const JUMP_WINDOW: usize = 32 << 10;
+
+/// A few read windows for a reader that jumps between places of a log (a fair queue serving its
+/// keys in turn, records it read ahead and did not keep): a read uses the window that holds its
+/// position, else the least recently used one, loaded there. At most [`ReadWindows::MAX`]
+/// windows of [`JUMP_WINDOW`] bytes (512 KiB), allocated as reads need them.
+#[derive(Debug, Default)]
+pub(crate) struct ReadWindows {
+    /// Each window and the read count when it was last used.
+    windows: Vec<(ReadAhead, u64)>,
+    reads: u64,
+}
+
+impl ReadWindows {
+    /// The most windows kept.
+    pub(crate) const MAX: usize = 16;
+
+    /// The window to read byte `pos` of segment `seg` through.
+    pub(crate) fn at(&mut self, seg: u64, pos: u64) -> &mut ReadAhead {
+        self.reads += 1;
+        let holds = |w: &ReadAhead| w.seg == seg && w.start <= pos && pos < w.start + w.buf.len() as u64;
+        let i = match self.windows.iter().position(|(w, _)| holds(w)) {
+            Some(i) => i,
+            None if self.windows.len() < Self::MAX => {
+                self.windows.push((ReadAhead { window: JUMP_WINDOW, ..ReadAhead::default() }, 0));
+                self.windows.len() - 1
+            }
+            None => self.windows.iter().enumerate().min_by_key(|(_, (_, used))| *used).map_or(0, |(i, _)| i),
+        };
+        self.windows[i].1 = self.reads;
+        &mut self.windows[i].0
+    }
+
+    /// Frees every window.
+    pub(crate) fn release(&mut self) {
+        self.windows = Vec::new();
+    }
+
+    /// True when no window is held.
+    #[cfg(test)]
+    pub(crate) fn windows_is_empty(&self) -> bool {
+        self.windows.is_empty()
+    }
+}
+
 /// Reads the record at byte `pos` of `seg` through `ahead` (reading ahead no further than `limit`);
 /// returns it and the position after it.
 pub(crate) fn read_at(
@@ -353,6 +399,47 @@ mod tests {
         assert_eq!((rec.offset, rec.payload), (50, b"late".to_vec()));
         let (rec, _) = read_at(&seg, 0, &mut ReadAhead::exact(), None).unwrap();
         assert_eq!(rec.offset, 0, "a random read goes back");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn read_windows_serve_jumps_from_memory_and_stay_bounded() {
+        let dir = tmp();
+        let path = write_records(&dir, 20_000);
+        let published = std::fs::metadata(&path).unwrap().len();
+        assert!(published > (ReadWindows::MAX * JUMP_WINDOW) as u64, "the file is larger than the windows");
+        let seg = Segment { base: 0, path: path.clone(), files: FileCache::new(4) };
+        let mut positions = Vec::new();
+        let mut pos = 0;
+        for _ in 0..20_000 {
+            positions.push(pos);
+            pos = read_at(&seg, pos, &mut ReadAhead::exact(), None).unwrap().1;
+        }
+        // Two places taking turns (a fair queue's two keys): each read is right, and a window
+        // holds each place.
+        let mut w = ReadWindows::default();
+        for i in 0..500 {
+            for at in [i, 15_000 + i] {
+                let (rec, _) = read_at(&seg, positions[at], w.at(0, positions[at]), Some(published)).unwrap();
+                assert_eq!((rec.offset, rec.payload), (at as u64, format!("payload-{at}").into_bytes()));
+            }
+        }
+        assert_eq!(w.windows.len(), 2, "one window per place");
+        // Jumps all over: never more than MAX windows, every read still right.
+        for k in 0..2_000 {
+            let at = (k * 7_919) % 20_000;
+            let (rec, _) = read_at(&seg, positions[at], w.at(0, positions[at]), Some(published)).unwrap();
+            assert_eq!(rec.offset, at as u64);
+        }
+        assert_eq!(w.windows.len(), ReadWindows::MAX);
+        // A window never reads past the limit it was given: a record written after it comes from disk.
+        let mut w = ReadWindows::default();
+        let last = positions[19_999];
+        read_at(&seg, positions[19_990], w.at(0, positions[19_990]), Some(last)).unwrap();
+        let (rec, _) = read_at(&seg, last, w.at(0, last), Some(published)).unwrap();
+        assert_eq!(rec.offset, 19_999);
+        w.release();
+        assert!(w.windows.is_empty());
         std::fs::remove_dir_all(dir).unwrap();
     }
 

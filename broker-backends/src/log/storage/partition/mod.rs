@@ -48,7 +48,7 @@ use writer::AckOp;
 use super::error::LogError;
 use super::payload;
 use super::record::{now_ms, Record};
-use super::segment::{ReadAhead, Segment};
+use super::segment::{ReadAhead, ReadWindows, Segment};
 
 /// When closed segments are deleted.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -96,6 +96,9 @@ struct QueueState {
     delayed: BinaryHeap<Reverse<(i64, u64, Pos)>>,
     /// The records read ahead by fairness key, while keys take turns (`fair.rs`).
     fair: FairIndex,
+    /// The windows through which `fair`'s records not kept in it are read again when served
+    /// (freed when `fair` runs empty).
+    fair_reads: ReadWindows,
     leases: Leases,
     /// Set when a corrupt record was found: the partition serves nothing more.
     error: Option<String>,
@@ -107,6 +110,15 @@ struct QueueState {
 }
 
 impl QueueState {
+    /// Moves the fair index on past its front record ([`FairIndex::next`]), freeing the read
+    /// windows once it runs empty.
+    fn fair_next(&mut self, weights: &FairnessWeights) {
+        self.fair.next(weights);
+        if self.fair.is_empty() {
+            self.fair_reads.release();
+        }
+    }
+
     /// Deliveries of an unfinished record before this one: its persisted count, or one when it was
     /// already in the log when the partition opened (a previous owner may have handed it out).
     fn prior_deliveries(&self, offset: u64) -> u32 {
@@ -141,6 +153,7 @@ impl Partition {
                 ready: VecDeque::new(),
                 delayed: BinaryHeap::new(),
                 fair: FairIndex::default(),
+                fair_reads: ReadWindows::default(),
                 leases: Leases::default(),
                 error: None,
                 recovered_end,
@@ -240,15 +253,15 @@ impl Partition {
                 let Some(entry) = st.fair.peek() else { break None };
                 let (offset, at, kept) = (entry.offset, entry.at, entry.record.clone());
                 if st.finished.is_done(offset) {
-                    st.fair.next(weights);
+                    st.fair_next(weights);
                     continue;
                 }
                 // Read before it leaves the index: a read error keeps it for the next take.
                 let rec = match kept {
                     Some(rec) => rec,
-                    None => Arc::new(self.log.read_at(at)?),
+                    None => Arc::new(self.log.read_at_via(at, &mut st.fair_reads)?),
                 };
-                st.fair.next(weights);
+                st.fair_next(weights);
                 break Some((rec, st.prior_deliveries(offset)));
             }
             match self.advance(&mut st, now)? {
@@ -512,6 +525,7 @@ impl Partition {
         st.ready.clear();
         st.delayed.clear();
         st.fair.clear();
+        st.fair_reads.release();
         st.cursor_offset = end;
         st.cursor = end_pos;
         self.log.settle(AckOp::Reset(st.finished.clone()))?;
@@ -773,6 +787,37 @@ pub(crate) mod tests {
         assert_eq!(rest.len(), 44);
         assert_eq!(rest.iter().filter(|k| *k == "b").count(), 2);
         assert_eq!(p.ready_len(), 0);
+    }
+
+    /// Past the index's cache ([`fair::MAX_CACHED_BYTES`]), records are read again when served
+    /// (through the read windows): each comes back whole, keys still take turns, and the windows
+    /// are freed once the index runs empty.
+    #[tokio::test]
+    async fn records_past_the_cache_are_read_again_whole() {
+        let dir = tempdir();
+        let p = Partition::open(&dir, &cfg(&dir), Arc::new(Notify::new())).unwrap();
+        let far = Instant::now() + Duration::from_secs(60);
+        let w = FairnessWeights::default();
+        let big = |key: &str, i: usize| {
+            let sig = celery_core::Signature::by_name("t").args(serde_json::json!([i, "x".repeat(40_000)]));
+            let msg = celery_core::protocol::Message::from_signature(&sig.fairness_key(key)).unwrap();
+            NewRecord { payload: payload::encode(&msg), ..NewRecord::default() }
+        };
+        // 2 x 150 records of about 40 KB: 12 MB, past the 8 MiB kept.
+        for key in ["a", "b"] {
+            p.log.append((0..150).map(|i| big(key, i)).collect()).await.unwrap();
+        }
+        let mut got = Vec::new();
+        while let Some(t) = p.take(far, 1, &w).unwrap() {
+            let msg = payload::decode(&t.record.payload).0.unwrap();
+            got.push((key_of(&t), msg.body().unwrap().args[0].as_u64().unwrap()));
+            if got.len() == 200 {
+                assert!(!lock(&p.state).fair_reads.windows_is_empty(), "records past the cache were read again");
+            }
+        }
+        let want: Vec<(String, u64)> = (0..150).flat_map(|i| [("a".to_owned(), i), ("b".to_owned(), i)]).collect();
+        assert_eq!(got, want);
+        assert!(lock(&p.state).fair_reads.windows_is_empty(), "freed with the index");
     }
 
     /// Purge empties the index; records returned by a requeue come first as before.

@@ -34,7 +34,7 @@ use crate::log::storage::disk;
 use crate::log::storage::error::LogError;
 use crate::log::storage::files::FileCache;
 use crate::log::storage::record::{self, now_ms, NewRecord, Record};
-use crate::log::storage::segment::{self, ReadAhead, Segment};
+use crate::log::storage::segment::{self, ReadAhead, ReadWindows, Segment};
 
 /// How long the writer, woken by acks alone, gathers more before writing them.
 const ACK_GATHER: Duration = Duration::from_micros(500);
@@ -510,6 +510,19 @@ impl PartitionLog {
             .find(|s| s.base == at.seg)
             .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
         Ok(segment::read_at(seg, at.byte, &mut ReadAhead::exact(), None)?.0)
+    }
+
+    /// [`read_at`](Self::read_at) through `windows`: records near one read before come from
+    /// memory (a window never reaches past what was written when it was read).
+    pub(super) fn read_at_via(&self, at: Pos, windows: &mut ReadWindows) -> Result<Record, LogError> {
+        let tail = lock(&self.end).tail;
+        let segs = self.segments();
+        let seg = segs
+            .iter()
+            .find(|s| s.base == at.seg)
+            .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
+        let limit = (seg.base == tail.seg).then_some(tail.byte);
+        Ok(segment::read_at(seg, at.byte, windows.at(at.seg, at.byte), limit)?.0)
     }
 
     /// The position of `offset` (scanning its segment from the start).
