@@ -49,12 +49,16 @@
 //!   under that lock taken exclusively (tried, never waited for), so a key never leaves while a
 //!   publish of it is uncommitted (the lock is keyed by the oid of `celery_rs_tasks`, the same
 //!   whatever a caller's first schema). The front passes the keys read without a ready row (only
-//!   waiting or leased ones) with those served. When one round may fill the fetch (the keys read
-//!   are more than one ring's worth, or their weights add up to the fetch size), the fetch reads
-//!   the keys in turn, each up to its weight, locking the rows as it reads them
-//!   (`FOR UPDATE SKIP LOCKED`) and stopping at the fetch size, so its cost follows the rows taken,
-//!   not the ring's length; otherwise (a short ring, several rounds) the rows picked are read
-//!   unlocked, then locked only if still ready in the queue (`celery_rs_fair_lock_rows`). A fair
+//!   waiting or leased ones) with those served. The rows are read key by key in one statement,
+//!   each key from its last row taken in this fetch on, and locked as read (`FOR UPDATE SKIP
+//!   LOCKED`, so a row is taken only while ready in its queue): when one round may fill the
+//!   fetch, the keys in turn, each up to its weight (the front key its credit), stopping at the
+//!   fetch size (the keys after are not read); otherwise as many whole rounds as fill it if every
+//!   key has enough, taken by round then turn (the rows of the last round beyond the fetch size
+//!   stay locked, not taken, until the fetch commits), then more rounds from the keys that gave
+//!   all they were asked while the fetch is short. Its cost follows the rows taken, not the
+//!   ring's length (migration 7 read every key of the ring, ranked the candidates, then locked
+//!   the rows taken in a second step). A fair
 //!   fetch left short while no key it read may have more also takes the queue's oldest ready rows
 //!   beyond the keys read (a ring longer than one fetch reads), or whose key is not in the ring
 //!   (none is expected), and puts their keys back.
@@ -766,20 +770,19 @@ DECLARE
     m integer;
     first_credit integer;
     -- Per key read: rows asked by this read, rows taken so far, its last row taken (where the
-    -- next read of it starts), and whether it gave all it was asked so far (it may have more).
+    -- next read of it starts), and whether it gave all it was asked so far (it may have more);
+    -- brought up to date only while the fetch is still short.
     lim integer[];
     cnt integer[];
-    before integer[];
     lp smallint[];
     lr timestamptz[];
     lid bigint[];
     live boolean[];
     r0 integer := 0;
-    k integer;
+    rounds integer;
     one_round integer;
     next_rounds integer;
     reads integer := 0;
-    rec record;
     c_ids bigint[] := '{}';
     c_i integer[] := '{}';
     c_rnd integer[] := '{}';
@@ -833,48 +836,64 @@ BEGIN
             INTO one_round, next_rounds
             FROM generate_series(1, m) g WHERE live[g];
             EXIT WHEN one_round = 0 OR taken >= p_n OR r0 >= p_n;
-            k := CASE WHEN one_round >= p_n - taken THEN 1 ELSE 1 + (p_n - taken - one_round) / next_rounds END;
+            -- Enough rounds to fill the fetch if every key has enough (the rows of a last round
+            -- beyond the fetch size stay locked, not taken, until the statement commits).
+            rounds := CASE WHEN one_round >= p_n - taken THEN 1
+                ELSE 2 + (p_n - taken - one_round - 1) / next_rounds END;
             lim := ARRAY(SELECT CASE WHEN NOT live[g] THEN 0
-                WHEN r0 = 0 AND g = 1 THEN first_credit + (k - 1) * ring_w[g] ELSE k * ring_w[g] END
+                WHEN r0 = 0 AND g = 1 THEN first_credit + (rounds - 1) * ring_w[g] ELSE rounds * ring_w[g] END
                 FROM generate_series(1, m) g ORDER BY g);
-            before := cnt;
             reads := reads + 1;
-            FOR rec IN
-                SELECT c.i, c.id, c.priority, c.run_at,
-                    CASE WHEN r0 = 0 AND c.i = 1 THEN CASE WHEN c.p < first_credit THEN 0
-                        ELSE 1 + (c.p - first_credit) / ring_w[c.i] END
-                    ELSE r0 + c.p / ring_w[c.i] END AS rnd
+            WITH s AS MATERIALIZED (
+                SELECT r.i::integer AS i, l.id, l.priority, l.run_at
+                FROM unnest(ring_keys, lim, lp, lr, lid) WITH ORDINALITY AS r(rk, rlim, rlp, rlr, rlid, i)
+                CROSS JOIN LATERAL (
+                    SELECT a.id, a.priority, a.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk <> '' AND t.queue = p_queue AND t.fair_key = r.rk AND t.leased_until IS NULL
+                            AND t.run_at <= now()
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) a
+                    UNION ALL
+                    SELECT b.id, b.priority, b.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk = '' AND t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now()
+                            AND t.priority < 1000
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) b) l
+                WHERE r.rlim > 0
+                -- One round is read in turn: it stops at the fetch size (the keys after are not read).
+                LIMIT CASE WHEN rounds = 1 THEN p_n - taken END),
+            c AS (
+                SELECT q.*, CASE WHEN r0 = 0 AND q.i = 1 THEN CASE WHEN q.p < first_credit THEN 0
+                        ELSE 1 + (q.p - first_credit) / ring_w[q.i] END
+                    ELSE r0 + q.p / ring_w[q.i] END AS rnd
                 FROM (SELECT s.*, (row_number() OVER (PARTITION BY s.i ORDER BY s.priority, s.run_at, s.id) - 1)::integer AS p
-                    FROM (SELECT r.i::integer AS i, l.id, l.priority, l.run_at
-                        FROM unnest(ring_keys, lim, lp, lr, lid) WITH ORDINALITY AS r(k, lim, lp, lr, lid, i)
-                        CROSS JOIN LATERAL (
-                            SELECT a.id, a.priority, a.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
-                                WHERE r.k <> '' AND t.queue = p_queue AND t.fair_key = r.k AND t.leased_until IS NULL
-                                    AND t.run_at <= now()
-                                    AND (r.lid IS NULL OR (t.priority, t.run_at, t.id) > (r.lp, r.lr, r.lid))
-                                ORDER BY t.priority, t.run_at, t.id LIMIT r.lim FOR UPDATE SKIP LOCKED) a
-                            UNION ALL
-                            SELECT b.id, b.priority, b.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
-                                WHERE r.k = '' AND t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now()
-                                    AND t.priority < 1000
-                                    AND (r.lid IS NULL OR (t.priority, t.run_at, t.id) > (r.lp, r.lr, r.lid))
-                                ORDER BY t.priority, t.run_at, t.id LIMIT r.lim FOR UPDATE SKIP LOCKED) b) l
-                        WHERE r.lim > 0
-                        LIMIT p_n - taken) s) c
-                ORDER BY 5, c.i, c.p
-            LOOP
-                taken := taken + 1;
-                c_ids[taken] := rec.id;
-                c_i[taken] := rec.i;
-                c_rnd[taken] := rec.rnd;
-                cnt[rec.i] := cnt[rec.i] + 1;
-                lp[rec.i] := rec.priority;
-                lr[rec.i] := rec.run_at;
-                lid[rec.i] := rec.id;
-            END LOOP;
-            -- A key that gave less than asked has nothing more ready (for us) in this fetch.
-            live := ARRAY(SELECT live[g] AND cnt[g] - before[g] >= lim[g] FROM generate_series(1, m) g ORDER BY g);
-            r0 := r0 + k;
+                    FROM s) q),
+            got AS (SELECT c.i, count(*)::integer AS n FROM c GROUP BY c.i),
+            t AS (SELECT c.* FROM c ORDER BY c.rnd, c.i, c.p LIMIT p_n - taken),
+            per AS (
+                SELECT t.i, count(*)::integer AS n, (array_agg(t.priority ORDER BY t.p DESC))[1] AS plp,
+                    (array_agg(t.run_at ORDER BY t.p DESC))[1] AS plr, (array_agg(t.id ORDER BY t.p DESC))[1] AS plid
+                FROM t GROUP BY t.i),
+            took AS (SELECT coalesce(array_agg(o.id), '{}') AS ids, coalesce(array_agg(o.i), '{}') AS i,
+                coalesce(array_agg(o.rnd), '{}') AS rnd
+                FROM (SELECT t.id, t.i, t.rnd FROM t ORDER BY t.rnd, t.i, t.p) o)
+            -- Where each key stands is needed only if the fetch is still short after this read.
+            SELECT c_ids || took.ids, c_i || took.i, c_rnd || took.rnd,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT cnt[g] + coalesce(per.n, 0)
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE cnt END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plp, lp[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lp END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plr, lr[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lr END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plid, lid[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lid END,
+                -- A key that gave less than asked has nothing more ready (for us) in this fetch.
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT live[g] AND coalesce(got.n, 0) >= lim[g]
+                    FROM generate_series(1, m) g LEFT JOIN got ON got.i = g ORDER BY g) ELSE live END
+            FROM took
+            INTO c_ids, c_i, c_rnd, cnt, lp, lr, lid, live;
+            taken := cardinality(c_ids);
+            r0 := r0 + rounds;
         END LOOP;
         saturated := taken < p_n AND true = ANY(live);
         ids := c_ids;
@@ -887,12 +906,11 @@ BEGIN
                 -- Its turn goes on into the next fetch if it has more.
                 IF ring_keys[last_i] = '' THEN
                     more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.leased_until IS NULL
-                        AND t.run_at <= now() AND t.priority < 1000
-                        AND (t.priority, t.run_at, t.id) > (lp[last_i], lr[last_i], lid[last_i]));
+                        AND t.run_at <= now() AND t.priority < 1000 AND t.id <> ALL(ids));
                 ELSE
                     more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue
                         AND t.fair_key = ring_keys[last_i] AND t.leased_until IS NULL AND t.run_at <= now()
-                        AND (t.priority, t.run_at, t.id) > (lp[last_i], lr[last_i], lid[last_i]));
+                        AND t.id <> ALL(ids));
                 END IF;
             END IF;
             IF served < allot AND more THEN
@@ -908,7 +926,8 @@ BEGIN
         -- The keys read without a ready row whose tasks are all gone leave the ring (a fetch
         -- filled by its first read did not read the keys after its last).
         read_end := CASE WHEN taken >= p_n AND reads = 1 THEN last_i ELSE m END;
-        empties := ARRAY(SELECT ring_keys[g] FROM generate_series(1, read_end) g WHERE ring_keys[g] <> '' AND cnt[g] = 0);
+        empties := ARRAY(SELECT ring_keys[g] FROM generate_series(1, read_end) g
+            WHERE ring_keys[g] <> '' AND g NOT IN (SELECT unnest(c_i)));
         IF cardinality(empties) > 0 THEN
             locked := celery_rs_fair_lock(p_queue, false);
             IF locked THEN
