@@ -13,6 +13,7 @@ mod finished;
 mod journal;
 mod leases;
 mod pool;
+mod round;
 mod work;
 mod writer;
 
@@ -425,7 +426,7 @@ impl Partition {
             self.log.queue_settled(AckOp::Ack(offsets.to_vec()))
         };
         if wake {
-            self.log.wake_writer()?;
+            self.log.settle_in_round();
         }
         Ok(())
     }
