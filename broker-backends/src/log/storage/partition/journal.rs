@@ -82,6 +82,9 @@ pub(crate) struct AcksJournal {
     syncing: Mutex<()>,
     /// The writers whose acks the next write takes together (`round.rs`).
     round: Arc<AckRound>,
+    /// Appends so far (tests count them).
+    #[cfg(test)]
+    pub(super) appends: std::sync::atomic::AtomicU64,
     me: Weak<AcksJournal>,
 }
 
@@ -158,6 +161,8 @@ impl AcksJournal {
             state: Mutex::new(st),
             syncing: Mutex::new(()),
             round: AckRound::new(me.clone()),
+            #[cfg(test)]
+            appends: Default::default(),
             me: me.clone(),
         }))
     }
@@ -200,6 +205,8 @@ impl AcksJournal {
         if frames.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = lock(&self.state);
         let path = generation_path(&self.dir, st.generation);
         let file = match &st.file {

@@ -133,3 +133,106 @@ impl Job for AckRound {
         self.write_round();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+
+    use celery_core::flow::FairnessWeights;
+    use futures::FutureExt;
+    use tokio::sync::Notify;
+
+    use super::super::tests::tempdir;
+    use super::super::writer::AckOp;
+    use super::super::{Fsync, Partition, PartitionConfig};
+    use super::*;
+    use crate::log::storage::files::FileCache;
+    use crate::log::storage::record::NewRecord;
+
+    fn open(root: &Path, queue: &str, journal: &Arc<AcksJournal>) -> Partition {
+        let cfg = PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1 << 20,
+            files: FileCache::new(8),
+            journal: journal.clone(),
+        };
+        Partition::open(&root.join("topics").join(queue).join("0"), &cfg, Arc::new(Notify::new())).unwrap()
+    }
+
+    fn take(p: &Partition) -> Option<u64> {
+        let far = Instant::now() + Duration::from_secs(60);
+        p.take(far, 1, &FairnessWeights::default()).unwrap().map(|t| t.record.offset)
+    }
+
+    /// Queues acks of `offsets` on `p` without putting its writer on the store's round (the test
+    /// runs rounds of its own).
+    fn queue_acks(p: &Partition, offsets: &[u64]) {
+        p.log.queue_settled(AckOp::Ack(offsets.to_vec()));
+    }
+
+    /// The acks of a hundred queues go to the journal with one write, and a store that stops
+    /// without a checkpoint (a crash) finds every one of them there.
+    #[tokio::test]
+    async fn one_round_writes_the_acks_of_many_partitions_at_once() {
+        let root = tempdir();
+        let names: Vec<String> = (0..100).map(|i| format!("q{i}")).collect();
+        {
+            let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+            let parts: Vec<Partition> = names.iter().map(|n| open(&root, n, &journal)).collect();
+            for p in &parts {
+                p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
+                assert_eq!((take(p), take(p)), (Some(0), Some(1)));
+                queue_acks(p, &[0]);
+            }
+            let round = AckRound::new(Arc::downgrade(&journal));
+            lock(&round.state).members = parts.iter().map(|p| p.log.member()).collect();
+            let before = journal.appends.load(Ordering::Relaxed);
+            round.write_round();
+            assert_eq!(journal.appends.load(Ordering::Relaxed) - before, 1, "one write for a hundred partitions");
+            assert!(lock(&round.state).members.is_empty());
+            // Released: a flush runs at once, and a writer with nothing settled costs no frame.
+            for p in &parts {
+                p.log.flush().await.unwrap();
+            }
+            assert_eq!(journal.appends.load(Ordering::Relaxed) - before, 1);
+        }
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        for n in &names {
+            let p = open(&root, n, &journal);
+            assert_eq!(take(&p), Some(1), "{n}: offset 0 is acked, offset 1 is delivered again");
+            assert_eq!(take(&p), None, "{n}");
+        }
+        drop(journal);
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    /// A writer taken by a round does not run until the round's write is done: a flush sent
+    /// meanwhile is answered after it (so a flush after an ack still means the ack is written).
+    #[tokio::test]
+    async fn a_writer_in_a_round_runs_its_commands_after_the_write() {
+        let root = tempdir();
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let p = open(&root, "q", &journal);
+        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
+        assert_eq!(take(&p), Some(0));
+        queue_acks(&p, &[0]);
+        let member = p.log.member();
+        let mut frames = Vec::new();
+        let key = member.join(&mut frames).expect("an idle writer with acks joins");
+        assert!(!frames.is_empty());
+        let mut flush = Box::pin(p.log.flush());
+        assert!((&mut flush).now_or_never().is_none(), "held by the round");
+        // A second round finds it taken and leaves it (its next run takes what it gets).
+        assert!(member.join(&mut Vec::new()).is_none());
+        journal.append_many(&[&key], &frames).unwrap();
+        member.leave();
+        flush.await.unwrap();
+        drop(p);
+        drop(journal);
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        assert_eq!(take(&open(&root, "q", &journal)), None, "the round's frame was written");
+        drop(journal);
+        std::fs::remove_dir_all(root).ok();
+    }
+}

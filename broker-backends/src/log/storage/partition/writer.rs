@@ -603,6 +603,12 @@ impl PartitionLog {
         self.files.forget_under(&self.dir);
     }
 
+    /// The writer as a member of a round of acks (tests run rounds by hand).
+    #[cfg(test)]
+    pub(super) fn member(&self) -> Arc<dyn Member> {
+        self.slot.clone()
+    }
+
     /// Consumers told of this partition's records now.
     #[cfg(test)]
     pub(crate) fn watchers(&self) -> usize {
