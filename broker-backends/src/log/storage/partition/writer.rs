@@ -6,9 +6,10 @@
 //! while it has work, so an idle partition holds no thread, and it holds the descriptors it writes
 //! through (from the store's [`FileCache`]) only until they are fsynced, so an idle partition holds
 //! no descriptor either. Acks go
-//! through the same thread into the store's acks journal (`journal.rs`, one file and one fsync a
-//! window for every partition): settling threads add them to a shared list and wake the writer only
-//! when the list was empty, so a busy queue costs one wake-up per batch of acks, not per ack. The
+//! into the store's acks journal (`journal.rs`, one file and one fsync a window for every
+//! partition): settling threads add them to a shared list, and the first one put the writer on the
+//! store's round of acks (`round.rs`), which writes the acks of every writer on it with one journal
+//! write and no wake-up of each (a writer already running writes its own). The
 //! writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks it
 //! journaled, and compacts it into `checkpoint` now and then (after which the journal no longer
 //! needs its frames): a checkpoint therefore always covers every ack journaled before it.
