@@ -79,14 +79,7 @@ impl FileCache {
             e.by_use.insert(now, path.to_owned());
             return Ok(f);
         }
-        let file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(create)
-            .mode(FILE_MODE)
-            .open(path)
-            .map_err(|err| LogError::io(path, err))?;
-        let file = Arc::new(file);
+        let file = Arc::new(open_file(path, create).map_err(|err| LogError::io(path, err))?);
         if e.files.len() >= self.capacity {
             if let Some((_, oldest)) = e.by_use.pop_first() {
                 e.files.remove(&oldest);
@@ -108,6 +101,25 @@ impl FileCache {
         e.files.retain(|p, _| !p.starts_with(dir));
         e.by_use.retain(|_, p| !p.starts_with(dir));
     }
+}
+
+/// Opens `path` for reading and appending, without access-time updates where the system allows
+/// it: the first read of a segment after a write would otherwise dirty its inode (with a thousand
+/// queues drained, a thousand inode updates).
+fn open_file(path: &Path, create: bool) -> std::io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).append(true).create(create).mode(FILE_MODE);
+    #[cfg(target_os = "linux")]
+    {
+        let mut noatime = opts.clone();
+        noatime.custom_flags(libc::O_NOATIME);
+        match noatime.open(path) {
+            // Only a file's owner may ask for it (a store shared with another user).
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {}
+            other => return other,
+        }
+    }
+    opts.open(path)
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ use celery_core::sync::lock;
 
 use super::finished::{acks_frame, entry, read_frame, COUNTS_FRAME};
 use super::pool::{pool, Job};
+use super::round::AckRound;
 use super::writer::Fsync;
 use crate::log::storage::disk;
 use crate::log::storage::error::LogError;
@@ -79,6 +80,11 @@ pub(crate) struct AcksJournal {
     state: Mutex<State>,
     /// Held while an fsync runs, so [`AcksJournal::sync`] returns only after one in flight is done.
     syncing: Mutex<()>,
+    /// The writers whose acks the next write takes together (`round.rs`).
+    round: Arc<AckRound>,
+    /// Appends so far (tests count them).
+    #[cfg(test)]
+    pub(super) appends: std::sync::atomic::AtomicU64,
     me: Weak<AcksJournal>,
 }
 
@@ -154,8 +160,16 @@ impl AcksJournal {
             roll_bytes,
             state: Mutex::new(st),
             syncing: Mutex::new(()),
+            round: AckRound::new(me.clone()),
+            #[cfg(test)]
+            appends: Default::default(),
             me: me.clone(),
         }))
+    }
+
+    /// The writers whose acks the next journal write takes together.
+    pub(super) fn round(&self) -> &AckRound {
+        &self.round
     }
 
     /// The key of the partition at `dir` (its path relative to the store).
@@ -182,9 +196,17 @@ impl AcksJournal {
     /// the policy. A failed write is cut back (those acks are not durable: their records are
     /// delivered again).
     pub(super) fn append(&self, key: &str, frames: &[u8]) -> Result<(), LogError> {
+        self.append_many(&[key], frames)
+    }
+
+    /// Appends the frames of several partitions (`keys`: every partition with a frame in
+    /// `frames`) with one write, as [`AcksJournal::append`] does for one.
+    pub(super) fn append_many(&self, keys: &[&str], frames: &[u8]) -> Result<(), LogError> {
         if frames.is_empty() {
             return Ok(());
         }
+        #[cfg(test)]
+        self.appends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut st = lock(&self.state);
         let path = generation_path(&self.dir, st.generation);
         let file = match &st.file {
@@ -208,7 +230,12 @@ impl AcksJournal {
         }
         st.len += frames.len() as u64;
         let generation = st.generation;
-        st.pending.entry(generation).or_default().insert(key.to_owned());
+        let pending = st.pending.entry(generation).or_default();
+        for key in keys {
+            if !pending.contains(*key) {
+                pending.insert((*key).to_owned());
+            }
+        }
         st.dirty = true;
         let timer = self.sync_timer(&mut st);
         let asks = if st.len >= self.roll_bytes { self.roll_locked(&mut st) } else { Vec::new() };

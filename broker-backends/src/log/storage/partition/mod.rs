@@ -4,6 +4,7 @@
 //! - [`writer`]: the append log and its writer (group commit, acks, checkpoints);
 //! - [`journal`]: the store's acks journal (every partition's acks, one fsync a window);
 //! - [`pool`]: the writer threads all partitions share;
+//! - [`round`]: rounds of acks (many partitions' acks in one journal write, after one timer);
 //! - [`finished`]: the durable finished set (watermark and ranges, delivery counts);
 //! - [`leases`]: the records handed out and not settled, with their owners and deadlines;
 //! - this file: the queue state on top (cursor, ready and delayed records) and its operations.
@@ -13,6 +14,7 @@ mod finished;
 mod journal;
 mod leases;
 mod pool;
+mod round;
 mod work;
 mod writer;
 
@@ -433,12 +435,12 @@ impl Partition {
                 st.finished.mark(*o);
             }
             // Queued under the state lock, so the writer sees settlements in the order they were
-            // made; woken after it, since waking a thread enters the kernel and every take and ack
-            // waits for this lock (held across a syscall, it made both threads sleep on it).
+            // made; the round is joined after it, since setting its timer may wake a thread (a
+            // syscall) and every take and ack waits for this lock.
             self.log.queue_settled(AckOp::Ack(offsets.to_vec()))
         };
         if wake {
-            self.log.wake_writer()?;
+            self.log.settle_in_round();
         }
         Ok(())
     }

@@ -6,9 +6,10 @@
 //! while it has work, so an idle partition holds no thread, and it holds the descriptors it writes
 //! through (from the store's [`FileCache`]) only until they are fsynced, so an idle partition holds
 //! no descriptor either. Acks go
-//! through the same thread into the store's acks journal (`journal.rs`, one file and one fsync a
-//! window for every partition): settling threads add them to a shared list and wake the writer only
-//! when the list was empty, so a busy queue costs one wake-up per batch of acks, not per ack. The
+//! into the store's acks journal (`journal.rs`, one file and one fsync a window for every
+//! partition): settling threads add them to a shared list, and the first one put the writer on the
+//! store's round of acks (`round.rs`), which writes the acks of every writer on it with one journal
+//! write and no wake-up of each (a writer already running writes its own). The
 //! writer keeps its own copy of the finished set ([`Finished`]), built from exactly the acks it
 //! journaled, and compacts it into `checkpoint` now and then (after which the journal no longer
 //! needs its frames): a checkpoint therefore always covers every ack journaled before it.
@@ -29,15 +30,13 @@ use tokio::sync::{oneshot, Notify};
 use super::finished::Finished;
 use super::journal::{self, AcksJournal, Checkpointer};
 use super::pool::{pool, Job};
+use super::round::{Member, ACK_GATHER};
 use super::work::WorkSignal;
 use crate::log::storage::disk;
 use crate::log::storage::error::LogError;
 use crate::log::storage::files::FileCache;
 use crate::log::storage::record::{self, now_ms, NewRecord, Record};
 use crate::log::storage::segment::{self, ReadAhead, ReadWindows, Segment};
-
-/// How long the writer, woken by acks alone, gathers more before writing them.
-const ACK_GATHER: Duration = Duration::from_micros(500);
 
 /// When appended bytes are fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,6 +205,54 @@ impl Job for Slot {
             }
         }
         let _ = self.send(WriterCmd::Tick);
+    }
+}
+
+impl Member for Slot {
+    fn join(&self, frames: &mut Vec<u8>) -> Option<String> {
+        {
+            let mut inbox = lock(&self.inbox);
+            if inbox.queued {
+                // Queued or running: a run takes the settlements. One is due already when commands
+                // wait; otherwise this one asks for the next.
+                if inbox.cmds.is_empty() && !inbox.closed {
+                    inbox.cmds.push_back(WriterCmd::Settled);
+                }
+                return None;
+            }
+            // Taken like a queued writer: nothing runs it until `leave`.
+            inbox.queued = true;
+        }
+        let key = {
+            let mut writer = lock(&self.writer);
+            writer.as_mut().and_then(|w| {
+                let settled = std::mem::take(&mut *lock(&w.settled));
+                if settled.is_empty() {
+                    return None;
+                }
+                let before = frames.len();
+                if let Err(e) = w.apply_settled(settled, frames) {
+                    tracing::error!(error = %e, "log: writing acks failed; those records will be delivered again");
+                }
+                (frames.len() > before).then(|| w.key.clone())
+            })
+        };
+        if key.is_none() {
+            self.leave();
+        }
+        key
+    }
+
+    fn leave(&self) {
+        let mut inbox = lock(&self.inbox);
+        if inbox.cmds.is_empty() {
+            inbox.queued = false;
+        } else {
+            drop(inbox);
+            if let Some(me) = self.me.upgrade() {
+                pool().submit(me);
+            }
+        }
     }
 }
 
@@ -382,6 +429,13 @@ impl PartitionLog {
 
     pub(super) fn wake_writer(&self) -> Result<(), LogError> {
         self.send(WriterCmd::Settled)
+    }
+
+    /// Has the settlements queued by [`PartitionLog::queue_settled`] written by the store's next
+    /// round of acks (`round.rs`: one journal write for every partition with acks, no wake-up of
+    /// this writer), instead of waking the writer.
+    pub(super) fn settle_in_round(&self) {
+        self.journal.round().add(self.slot.clone());
     }
 
     /// Appends records; resolves with the first offset once they are written (and fsynced per policy).
@@ -563,6 +617,12 @@ impl PartitionLog {
         self.files.forget_under(&self.dir);
     }
 
+    /// The writer as a member of a round of acks (tests run rounds by hand).
+    #[cfg(test)]
+    pub(super) fn member(&self) -> Arc<dyn Member> {
+        self.slot.clone()
+    }
+
     /// Consumers told of this partition's records now.
     #[cfg(test)]
     pub(crate) fn watchers(&self) -> usize {
@@ -674,7 +734,11 @@ impl Writer {
         let settled = std::mem::take(&mut *lock(&self.settled));
         self.sync_failed = None;
         let result = self.write_records(&buf, start_offset);
-        let settle_error = self.apply_settled(settled).err().map(|e| {
+        let mut frames = Vec::new();
+        let applied = self.apply_settled(settled, &mut frames);
+        // Written even when a checkpoint failed: the journal keeps this batch's acks at least.
+        let written = self.cfg.journal.append(&self.key, &frames);
+        let settle_error = applied.and(written).err().map(|e| {
             tracing::error!(error = %e, "log: writing acks failed; those records will be delivered again");
             e.to_string()
         });
@@ -761,9 +825,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes acks to the store's journal and applies them to the writer's finished set, checkpointing when
-    /// asked, on a reset, or every [`CHECKPOINT_EVERY`] acks.
-    fn apply_settled(&mut self, settled: Vec<AckOp>) -> Result<(), LogError> {
+    /// Applies settlements to the writer's finished set and adds their journal frames to `frames`
+    /// (the caller appends them to the store's journal), checkpointing when asked, on a reset, or
+    /// every [`CHECKPOINT_EVERY`] acks (then no frame is needed; when the checkpoint fails, the
+    /// frames are added and the error returned).
+    fn apply_settled(&mut self, settled: Vec<AckOp>, frames: &mut Vec<u8>) -> Result<(), LogError> {
         let (mut acks, mut counts) = (Vec::new(), Vec::new());
         let (mut checkpoint, mut asked) = (false, false);
         for op in settled {
@@ -811,24 +877,25 @@ impl Writer {
                 }
                 Err(e) => {
                     // Keep this batch's acks in the journal at least (the next checkpoint covers them).
-                    let _ = self.journal(&acks, &counts);
+                    self.journal(&acks, &counts, frames);
                     Err(e)
                 }
             }
         } else {
-            self.journal(&acks, &counts)
+            self.journal(&acks, &counts, frames);
+            Ok(())
         }
     }
 
-    /// Appends this batch's acks and delivery counts to the store's journal (one write; fsynced with
-    /// every other partition's by the journal).
-    fn journal(&mut self, acks: &[u64], counts: &[(u64, u32)]) -> Result<(), LogError> {
+    /// Adds the journal frames of this batch's acks and delivery counts to `frames` (written to
+    /// the store's journal with one write, fsynced with every other partition's by the journal).
+    fn journal(&mut self, acks: &[u64], counts: &[(u64, u32)], frames: &mut Vec<u8>) {
         if acks.is_empty() && counts.is_empty() {
-            return Ok(());
+            return;
         }
         // Set first: when the write fails, the next checkpoint asked for still covers them.
         self.journaled = true;
-        self.cfg.journal.append(&self.key, &journal::frame(&self.key, acks, counts))
+        frames.extend_from_slice(&journal::frame(&self.key, acks, counts));
     }
 
     /// fsyncs the records written since the last sync.

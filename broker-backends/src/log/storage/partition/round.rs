@@ -1,0 +1,238 @@
+//! Rounds of acks: the settlements of many partitions written to the acks journal with one write,
+//! by one pool job, after one wake-up.
+//!
+//! Before, an ack woke its partition's writer (a job of the pool, so a thread woken through a
+//! futex for every partition with acks), which waited [`ACK_GATHER`] for more and then wrote its
+//! own journal frame: draining a thousand queues woke a writer thread and wrote the journal a
+//! thousand times. Now the first ack a partition queues puts its writer on the store's
+//! [`AckRound`]; the first writer on it sets one pool timer, [`ACK_GATHER`] later, and the round
+//! then takes every listed writer in turn and appends all their frames with one write (one per
+//! [`ROUND_BYTES`]).
+//!
+//! Ordering: a writer taken into a round is marked queued ([`Member::join`]), exactly as when it
+//! is on the run queue, so it does not run meanwhile; commands sent to it in that time (a flush, an
+//! append, a close) wait in its inbox and run after the round's write ([`Member::leave`]). So a
+//! flush answered after an ack still means that ack is written, and the writer's checkpoints
+//! still cover every ack it journaled. A writer that is queued or running already is left alone:
+//! its own run writes its settlements.
+//!
+//! Durability is unchanged: the frames are fsynced by the journal's timer ([`super::journal`]).
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use celery_core::sync::lock;
+
+use super::journal::AcksJournal;
+use super::pool::{pool, Job};
+
+/// How long the first ack of a round waits for others before the round writes them all.
+pub(super) const ACK_GATHER: Duration = Duration::from_micros(500);
+
+/// A round writes once its frames reach this many bytes (and goes on with the writers left).
+const ROUND_BYTES: usize = 1 << 20;
+
+/// A partition's writer, as a round sees it.
+pub(super) trait Member: Send + Sync + 'static {
+    /// Takes the writer for this round when it is neither queued nor running: appends the frames
+    /// of its pending settlements to `frames` and returns its journal key; the round then calls
+    /// [`Member::leave`] after writing them. `None`: nothing taken (the writer's own run writes
+    /// them, or it is closed).
+    fn join(&self, frames: &mut Vec<u8>) -> Option<String>;
+    /// The round wrote the frames (or failed to, and said so): the writer is released, and runs
+    /// now when commands came for it meanwhile.
+    fn leave(&self);
+}
+
+/// The writers of a store with acks waiting for the next round.
+pub(crate) struct AckRound {
+    state: Mutex<State>,
+    journal: Weak<AcksJournal>,
+    me: Weak<AckRound>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each writer at most twice (once more when it got acks after this round took it).
+    members: Vec<Arc<dyn Member>>,
+    /// A round is due (its timer is set).
+    due: bool,
+}
+
+impl std::fmt::Debug for AckRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckRound").field("members", &lock(&self.state).members.len()).finish()
+    }
+}
+
+impl AckRound {
+    /// The round of the store whose journal is `journal`.
+    pub(super) fn new(journal: Weak<AcksJournal>) -> Arc<AckRound> {
+        Arc::new_cyclic(|me| AckRound { state: Mutex::default(), journal, me: me.clone() })
+    }
+
+    /// Puts a writer with acks waiting on the next round (setting its timer when it is the first).
+    pub(super) fn add(&self, member: Arc<dyn Member>) {
+        let mut st = lock(&self.state);
+        st.members.push(member);
+        if st.due {
+            return;
+        }
+        st.due = true;
+        drop(st);
+        let me: Weak<dyn Job> = self.me.clone();
+        pool().wake_at(me, Instant::now() + ACK_GATHER);
+    }
+
+    /// Writes the settlements of every writer on the round.
+    fn write_round(&self) {
+        let members = {
+            let mut st = lock(&self.state);
+            st.due = false;
+            std::mem::take(&mut st.members)
+        };
+        let journal = self.journal.upgrade();
+        let mut frames = Vec::new();
+        let mut keys = Vec::new();
+        let mut taken: Vec<Arc<dyn Member>> = Vec::new();
+        for member in members {
+            if let Some(key) = member.join(&mut frames) {
+                keys.push(key);
+                taken.push(member);
+            }
+            if frames.len() >= ROUND_BYTES {
+                write(journal.as_deref(), &keys, &frames, &taken);
+                (keys, taken) = (Vec::new(), Vec::new());
+                frames.clear();
+            }
+        }
+        write(journal.as_deref(), &keys, &frames, &taken);
+    }
+}
+
+/// One journal write for the frames of `taken` (whose keys are `keys`), then releases them.
+fn write(journal: Option<&AcksJournal>, keys: &[String], frames: &[u8], taken: &[Arc<dyn Member>]) {
+    if let (Some(j), false) = (journal, frames.is_empty()) {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        if let Err(e) = j.append_many(&keys, frames) {
+            // The writers marked these acks journaled: their next checkpoint covers them.
+            tracing::error!(error = %e, partitions = keys.len(), "log: writing acks failed; those records will be delivered again");
+        }
+    }
+    for member in taken {
+        member.leave();
+    }
+}
+
+impl Job for AckRound {
+    fn run(self: Arc<Self>) {
+        self.write_round();
+    }
+
+    fn tick(self: Arc<Self>) {
+        self.write_round();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::sync::atomic::Ordering;
+
+    use celery_core::flow::FairnessWeights;
+    use futures::FutureExt;
+    use tokio::sync::Notify;
+
+    use super::super::tests::tempdir;
+    use super::super::writer::AckOp;
+    use super::super::{Fsync, Partition, PartitionConfig};
+    use super::*;
+    use crate::log::storage::files::FileCache;
+    use crate::log::storage::record::NewRecord;
+
+    fn open(root: &Path, queue: &str, journal: &Arc<AcksJournal>) -> Partition {
+        let cfg = PartitionConfig {
+            fsync: Fsync::Always,
+            segment_bytes: 1 << 20,
+            files: FileCache::new(8),
+            journal: journal.clone(),
+        };
+        Partition::open(&root.join("topics").join(queue).join("0"), &cfg, Arc::new(Notify::new())).unwrap()
+    }
+
+    fn take(p: &Partition) -> Option<u64> {
+        let far = Instant::now() + Duration::from_secs(60);
+        p.take(far, 1, &FairnessWeights::default()).unwrap().map(|t| t.record.offset)
+    }
+
+    /// Queues acks of `offsets` on `p` without putting its writer on the store's round (the test
+    /// runs rounds of its own).
+    fn queue_acks(p: &Partition, offsets: &[u64]) {
+        p.log.queue_settled(AckOp::Ack(offsets.to_vec()));
+    }
+
+    /// The acks of a hundred queues go to the journal with one write, and a store that stops
+    /// without a checkpoint (a crash) finds every one of them there.
+    #[tokio::test]
+    async fn one_round_writes_the_acks_of_many_partitions_at_once() {
+        let root = tempdir();
+        let names: Vec<String> = (0..100).map(|i| format!("q{i}")).collect();
+        {
+            let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+            let parts: Vec<Partition> = names.iter().map(|n| open(&root, n, &journal)).collect();
+            for p in &parts {
+                p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
+                assert_eq!((take(p), take(p)), (Some(0), Some(1)));
+                queue_acks(p, &[0]);
+            }
+            let round = AckRound::new(Arc::downgrade(&journal));
+            lock(&round.state).members = parts.iter().map(|p| p.log.member()).collect();
+            let before = journal.appends.load(Ordering::Relaxed);
+            round.write_round();
+            assert_eq!(journal.appends.load(Ordering::Relaxed) - before, 1, "one write for a hundred partitions");
+            assert!(lock(&round.state).members.is_empty());
+            // Released: a flush runs at once, and a writer with nothing settled costs no frame.
+            for p in &parts {
+                p.log.flush().await.unwrap();
+            }
+            assert_eq!(journal.appends.load(Ordering::Relaxed) - before, 1);
+        }
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        for n in &names {
+            let p = open(&root, n, &journal);
+            assert_eq!(take(&p), Some(1), "{n}: offset 0 is acked, offset 1 is delivered again");
+            assert_eq!(take(&p), None, "{n}");
+        }
+        drop(journal);
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    /// A writer taken by a round does not run until the round's write is done: a flush sent
+    /// meanwhile is answered after it (so a flush after an ack still means the ack is written).
+    #[tokio::test]
+    async fn a_writer_in_a_round_runs_its_commands_after_the_write() {
+        let root = tempdir();
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let p = open(&root, "q", &journal);
+        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
+        assert_eq!(take(&p), Some(0));
+        queue_acks(&p, &[0]);
+        let member = p.log.member();
+        let mut frames = Vec::new();
+        let key = member.join(&mut frames).expect("an idle writer with acks joins");
+        assert!(!frames.is_empty());
+        let mut flush = Box::pin(p.log.flush());
+        assert!((&mut flush).now_or_never().is_none(), "held by the round");
+        // A second round finds it taken and leaves it (its next run takes what it gets).
+        assert!(member.join(&mut Vec::new()).is_none());
+        journal.append_many(&[&key], &frames).unwrap();
+        member.leave();
+        flush.await.unwrap();
+        drop(p);
+        drop(journal);
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        assert_eq!(take(&open(&root, "q", &journal)), None, "the round's frame was written");
+        drop(journal);
+        std::fs::remove_dir_all(root).ok();
+    }
+}
