@@ -207,6 +207,32 @@ mod tests {
         std::fs::remove_dir_all(root).ok();
     }
 
+    /// A writer whose settlements write a checkpoint is left to a run of its own (its fsyncs
+    /// hold up no other writer of the round): the round writes nothing for it, and the
+    /// checkpoint is there after its own run.
+    #[tokio::test]
+    async fn a_checkpoint_is_left_to_its_writers_own_run() {
+        let root = tempdir();
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let (a, b) = (open(&root, "a", &journal), open(&root, "b", &journal));
+        for p in [&a, &b] {
+            p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
+            assert_eq!(take(p), Some(0));
+            queue_acks(p, &[0]);
+        }
+        b.log.queue_settled(AckOp::Checkpoint);
+        let round = AckRound::new(Arc::downgrade(&journal));
+        lock(&round.state).members = vec![a.log.member(), b.log.member()];
+        let before = journal.appends.load(Ordering::Relaxed);
+        round.write_round();
+        assert_eq!(journal.appends.load(Ordering::Relaxed) - before, 1, "a's acks in the round's write");
+        b.log.flush().await.unwrap();
+        let checkpoint = root.join("topics").join("b").join("0/checkpoint");
+        assert!(checkpoint.exists(), "b checkpointed in its own run");
+        drop((a, b, journal));
+        std::fs::remove_dir_all(root).ok();
+    }
+
     /// A writer taken by a round does not run until the round's write is done: a flush sent
     /// meanwhile is answered after it (so a flush after an ack still means the ack is written).
     #[tokio::test]

@@ -223,11 +223,21 @@ impl Member for Slot {
             // Taken like a queued writer: nothing runs it until `leave`.
             inbox.queued = true;
         }
+        let mut own_run = false;
         let key = {
             let mut writer = lock(&self.writer);
             writer.as_mut().and_then(|w| {
                 let settled = std::mem::take(&mut *lock(&w.settled));
                 if settled.is_empty() {
+                    return None;
+                }
+                if w.checkpoints(&settled) {
+                    // A checkpoint (its fsyncs) holds up only this writer, in a run of its own, not
+                    // the round and every writer it holds: put back in front of any newer ones.
+                    let mut left = lock(&w.settled);
+                    let newer = std::mem::replace(&mut *left, settled);
+                    left.extend(newer);
+                    own_run = true;
                     return None;
                 }
                 let before = frames.len();
@@ -237,6 +247,12 @@ impl Member for Slot {
                 (frames.len() > before).then(|| w.key.clone())
             })
         };
+        if own_run {
+            let mut inbox = lock(&self.inbox);
+            if !inbox.closed {
+                inbox.cmds.push_back(WriterCmd::Settled);
+            }
+        }
         if key.is_none() {
             self.leave();
         }
@@ -829,6 +845,14 @@ impl Writer {
     /// (the caller appends them to the store's journal), checkpointing when asked, on a reset, or
     /// every [`CHECKPOINT_EVERY`] acks (then no frame is needed; when the checkpoint fails, the
     /// frames are added and the error returned).
+    /// True when applying `settled` writes a checkpoint (a reset, a checkpoint asked for, or the
+    /// [`CHECKPOINT_EVERY`]th ack since the last one).
+    fn checkpoints(&self, settled: &[AckOp]) -> bool {
+        let acks: usize = settled.iter().map(|op| if let AckOp::Ack(o) = op { o.len() } else { 0 }).sum();
+        self.acks_since_checkpoint + acks >= CHECKPOINT_EVERY
+            || settled.iter().any(|op| matches!(op, AckOp::Reset(_) | AckOp::Checkpoint))
+    }
+
     fn apply_settled(&mut self, settled: Vec<AckOp>, frames: &mut Vec<u8>) -> Result<(), LogError> {
         let (mut acks, mut counts) = (Vec::new(), Vec::new());
         let (mut checkpoint, mut asked) = (false, false);
