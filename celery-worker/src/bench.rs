@@ -274,7 +274,7 @@ async fn alternate(
     for round in 0..a.rounds {
         if round > 0 {
             stop_worker(stop, worker).await?;
-            let (rate, s, h) = drain_fresh(app, plain.0, &format!("round{round}"), a, plain.1).await?;
+            let (rate, s, h) = drain_fresh(app, plain.0, &format!("{name}_plain_round{round}"), a, plain.1).await?;
             line(&format!("drain_rate_round{round}"), rate, "tasks/s");
             plain_rates.push(rate);
             (stop, worker) = (s, h);

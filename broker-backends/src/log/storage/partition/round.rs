@@ -166,8 +166,14 @@ mod tests {
     }
 
     /// Queues acks of `offsets` on `p` without putting its writer on the store's round (the test
-    /// runs rounds of its own).
-    fn queue_acks(p: &Partition, offsets: &[u64]) {
+    /// runs rounds of its own), once its writer is idle (the run that answered the last command
+    /// may still be ending: a round would not take it meanwhile).
+    async fn queue_acks(p: &Partition, offsets: &[u64]) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.log.idle() {
+            assert!(Instant::now() < deadline, "the writer stays busy");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         p.log.queue_settled(AckOp::Ack(offsets.to_vec()));
     }
 
@@ -183,7 +189,7 @@ mod tests {
             for p in &parts {
                 p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
                 assert_eq!((take(p), take(p)), (Some(0), Some(1)));
-                queue_acks(p, &[0]);
+                queue_acks(p, &[0]).await;
             }
             let round = AckRound::new(Arc::downgrade(&journal));
             lock(&round.state).members = parts.iter().map(|p| p.log.member()).collect();
@@ -218,7 +224,7 @@ mod tests {
         for p in [&a, &b] {
             p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
             assert_eq!(take(p), Some(0));
-            queue_acks(p, &[0]);
+            queue_acks(p, &[0]).await;
         }
         b.log.queue_settled(AckOp::Checkpoint);
         let round = AckRound::new(Arc::downgrade(&journal));
@@ -242,7 +248,7 @@ mod tests {
         let p = open(&root, "q", &journal);
         p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
         assert_eq!(take(&p), Some(0));
-        queue_acks(&p, &[0]);
+        queue_acks(&p, &[0]).await;
         let member = p.log.member();
         let mut frames = Vec::new();
         let key = member.join(&mut frames).expect("an idle writer with acks joins");

@@ -639,6 +639,15 @@ impl PartitionLog {
         self.slot.clone()
     }
 
+    /// True when the writer is neither queued nor running, with no command waiting (a test
+    /// waits for this before taking it into a round by hand: an answered command's run may still
+    /// be ending).
+    #[cfg(test)]
+    pub(super) fn idle(&self) -> bool {
+        let inbox = lock(&self.slot.inbox);
+        !inbox.queued && inbox.cmds.is_empty()
+    }
+
     /// Consumers told of this partition's records now.
     #[cfg(test)]
     pub(crate) fn watchers(&self) -> usize {
