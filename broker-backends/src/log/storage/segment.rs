@@ -296,7 +296,8 @@ const JUMP_WINDOW: usize = 32 << 10;
 /// A few read windows for a reader that jumps between places of a log (a fair queue serving its
 /// keys in turn, records it read ahead and did not keep): a read uses the window that holds its
 /// position, else the least recently used one, loaded there. At most [`ReadWindows::MAX`]
-/// windows of [`JUMP_WINDOW`] bytes (512 KiB), allocated as reads need them.
+/// windows of [`JUMP_WINDOW`] bytes (512 KiB), allocated as reads need them (a window a large
+/// record grew is freed after that read: [`ReadWindows::trim`]).
 #[derive(Debug, Default)]
 pub(crate) struct ReadWindows {
     /// Each window and the read count when it was last used.
@@ -327,6 +328,13 @@ impl ReadWindows {
     /// Frees every window.
     pub(crate) fn release(&mut self) {
         self.windows = Vec::new();
+    }
+
+    /// Frees the windows a large record grew past twice their size (a window holds a whole
+    /// record, up to `max_record_bytes`): such a record is read once, and 16 windows of it
+    /// would otherwise stay allocated.
+    pub(crate) fn trim(&mut self) {
+        self.windows.retain(|(w, _)| w.buf.capacity() <= 2 * JUMP_WINDOW);
     }
 
     /// True when no window is held.
@@ -432,6 +440,11 @@ mod tests {
             assert_eq!(rec.offset, at as u64);
         }
         assert_eq!(w.windows.len(), ReadWindows::MAX);
+        w.trim();
+        assert_eq!(w.windows.len(), ReadWindows::MAX, "windows of their own size stay");
+        w.windows[0].0.buf.reserve(4 * JUMP_WINDOW);
+        w.trim();
+        assert_eq!(w.windows.len(), ReadWindows::MAX - 1, "a window grown by a large record is freed");
         // A window never reads past the limit it was given: a record written after it comes from disk.
         let mut w = ReadWindows::default();
         let last = positions[19_999];

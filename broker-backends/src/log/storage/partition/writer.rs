@@ -592,7 +592,9 @@ impl PartitionLog {
             .find(|s| s.base == at.seg)
             .ok_or_else(|| LogError::Invalid("segment is gone (retention)".into()))?;
         let limit = (seg.base == tail.seg).then_some(tail.byte);
-        Ok(segment::read_at(seg, at.byte, windows.at(at.seg, at.byte), limit)?.0)
+        let read = segment::read_at(seg, at.byte, windows.at(at.seg, at.byte), limit);
+        windows.trim();
+        Ok(read?.0)
     }
 
     /// The position of `offset` (scanning its segment from the start).
