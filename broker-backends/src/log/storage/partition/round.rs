@@ -53,7 +53,9 @@ pub(crate) struct AckRound {
 
 #[derive(Default)]
 struct State {
-    /// Each writer at most twice (once more when it got acks after this round took it).
+    /// The writers whose acks went from none to some since the last round: a writer once per
+    /// such change (again when its own run, or a round, took its acks meanwhile), so the list
+    /// grows with the acks of one gather window, not beyond; emptied by each round.
     members: Vec<Arc<dyn Member>>,
     /// A round is due (its timer is set).
     due: bool,
@@ -115,7 +117,8 @@ fn write(journal: Option<&AcksJournal>, keys: &[String], frames: &[u8], taken: &
     if let (Some(j), false) = (journal, frames.is_empty()) {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         if let Err(e) = j.append_many(&keys, frames) {
-            // The writers marked these acks journaled: their next checkpoint covers them.
+            // The acks are in the writers' finished sets, not in the journal: their next checkpoint
+            // covers them; a crash before it delivers those records again (never loses one).
             tracing::error!(error = %e, partitions = keys.len(), "log: writing acks failed; those records will be delivered again");
         }
     }
