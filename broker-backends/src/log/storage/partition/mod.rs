@@ -428,6 +428,10 @@ impl Partition {
 
     /// Finishes records for good: durable in the acks journal, and the watermark moves over them.
     pub(crate) fn ack(&self, offsets: &[u64]) -> Result<(), LogError> {
+        if self.log.closed() {
+            // Nothing would write it: the record stays unfinished (delivered again after a reopen).
+            return Err(LogError::Closed);
+        }
         let wake = {
             let mut st = lock(&self.state);
             for o in offsets {

@@ -39,9 +39,11 @@ pub(super) trait Member: Send + Sync + 'static {
     /// [`Member::leave`] after writing them. `None`: nothing taken (the writer's own run writes
     /// them, or it is closed).
     fn join(&self, frames: &mut Vec<u8>) -> Option<String>;
-    /// The round wrote the frames (or failed to, and said so): the writer is released, and runs
-    /// now when commands came for it meanwhile.
-    fn leave(&self);
+    /// The round wrote the frames (`failed` is `None`) or failed to (the error): the writer is
+    /// released, and runs now when commands came for it meanwhile. After a failure the writer
+    /// checkpoints its finished set in its next run (so the acks become durable there) and fails
+    /// the flushes of that run with the error, as when its own run fails to write them.
+    fn leave(&self, failed: Option<&str>);
 }
 
 /// The writers of a store with acks waiting for the next round.
@@ -88,42 +90,72 @@ impl AckRound {
 
     /// Writes the settlements of every writer on the round.
     fn write_round(&self) {
-        let members = {
+        let mut members = {
             let mut st = lock(&self.state);
             st.due = false;
             std::mem::take(&mut st.members)
         };
+        // A writer whose acks went from none to some twice in one window is listed twice: once
+        // is enough (a second `join` of a writer the round holds would only ask it for a run).
+        let mut seen = std::collections::HashSet::with_capacity(members.len());
+        members.retain(|m| seen.insert(Arc::as_ptr(m).cast::<()>()));
         let journal = self.journal.upgrade();
         let mut frames = Vec::new();
-        let mut keys = Vec::new();
-        let mut taken: Vec<Arc<dyn Member>> = Vec::new();
+        let mut taken = Taken::default();
         for member in members {
             if let Some(key) = member.join(&mut frames) {
-                keys.push(key);
-                taken.push(member);
+                taken.keys.push(key);
+                taken.members.push(member);
             }
             if frames.len() >= ROUND_BYTES {
-                write(journal.as_deref(), &keys, &frames, &taken);
-                (keys, taken) = (Vec::new(), Vec::new());
+                taken.write(journal.as_deref(), &frames);
                 frames.clear();
             }
         }
-        write(journal.as_deref(), &keys, &frames, &taken);
+        taken.write(journal.as_deref(), &frames);
     }
 }
 
-/// One journal write for the frames of `taken` (whose keys are `keys`), then releases them.
-fn write(journal: Option<&AcksJournal>, keys: &[String], frames: &[u8], taken: &[Arc<dyn Member>]) {
-    if let (Some(j), false) = (journal, frames.is_empty()) {
-        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-        if let Err(e) = j.append_many(&keys, frames) {
-            // The acks are in the writers' finished sets, not in the journal: their next checkpoint
-            // covers them; a crash before it delivers those records again (never loses one).
-            tracing::error!(error = %e, partitions = keys.len(), "log: writing acks failed; those records will be delivered again");
+/// The writers a round holds (and their journal keys) until their frames are written. Dropped
+/// without [`Taken::write`] (a panic on the way), it still releases them: a writer left marked
+/// queued would never run again.
+#[derive(Default)]
+struct Taken {
+    keys: Vec<String>,
+    members: Vec<Arc<dyn Member>>,
+}
+
+impl Taken {
+    /// One journal write for the frames of the writers held, then releases them, telling each
+    /// whether its frames were written.
+    fn write(&mut self, journal: Option<&AcksJournal>, frames: &[u8]) {
+        let mut failed = None;
+        if !frames.is_empty() {
+            let keys: Vec<&str> = self.keys.iter().map(String::as_str).collect();
+            let written = match journal {
+                Some(j) => j.append_many(&keys, frames).map_err(|e| e.to_string()),
+                None => Err("the acks journal is closed".to_owned()),
+            };
+            if let Err(e) = written {
+                // The acks are in the writers' finished sets, not in the journal: each writer
+                // checkpoints them in its next run; a crash before it delivers those records
+                // again (never loses one).
+                tracing::error!(error = %e, partitions = keys.len(), "log: writing acks failed; those records will be delivered again");
+                failed = Some(e);
+            }
+        }
+        self.keys.clear();
+        for member in self.members.drain(..) {
+            member.leave(failed.as_deref());
         }
     }
-    for member in taken {
-        member.leave();
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        for member in self.members.drain(..) {
+            member.leave(Some("the round of acks stopped before writing them"));
+        }
     }
 }
 
@@ -242,6 +274,69 @@ mod tests {
         std::fs::remove_dir_all(root).ok();
     }
 
+    /// A round whose write fails has each writer it held checkpoint in its next run: a flush
+    /// waiting meanwhile is answered once the acks are durable there, and they survive a crash.
+    #[tokio::test]
+    async fn a_failed_round_write_is_checkpointed_by_the_writers() {
+        let root = tempdir();
+        {
+            let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+            let p = open(&root, "q", &journal);
+            p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
+            assert_eq!(take(&p), Some(0));
+            queue_acks(&p, &[0]).await;
+            let member = p.log.member();
+            let mut frames = Vec::new();
+            member.join(&mut frames).expect("an idle writer with acks joins");
+            let mut flush = Box::pin(p.log.flush());
+            assert!((&mut flush).now_or_never().is_none(), "held by the round");
+            // Written to no journal (a closed one): the write fails.
+            Taken { keys: vec!["q".into()], members: vec![member] }.write(None, &frames);
+            flush.await.unwrap();
+            assert!(root.join("topics/q/0/checkpoint").exists(), "the writer checkpointed the acks");
+            // Stopped without a checkpoint of its own: the journal holds nothing of q.
+            drop(p);
+        }
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let p = open(&root, "q", &journal);
+        assert_eq!(take(&p), Some(1), "offset 0 stays acked");
+        drop((p, journal));
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    /// A round that stops half way (a panic) still releases the writers it took.
+    #[tokio::test]
+    async fn a_round_that_stops_releases_its_writers() {
+        let root = tempdir();
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let p = open(&root, "q", &journal);
+        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
+        assert_eq!(take(&p), Some(0));
+        queue_acks(&p, &[0]).await;
+        let member = p.log.member();
+        member.join(&mut Vec::new()).expect("joins");
+        let mut flush = Box::pin(p.log.flush());
+        assert!((&mut flush).now_or_never().is_none(), "held by the round");
+        drop(Taken { keys: vec!["q".into()], members: vec![member] });
+        flush.await.unwrap();
+        drop((p, journal));
+        std::fs::remove_dir_all(root).ok();
+    }
+
+    /// An ack after the partition closed is refused: nothing would write it.
+    #[tokio::test]
+    async fn an_ack_after_close_is_refused() {
+        let root = tempdir();
+        let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
+        let p = open(&root, "q", &journal);
+        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
+        assert_eq!(take(&p), Some(0));
+        p.log.close();
+        assert!(matches!(p.ack(&[0]), Err(crate::log::storage::LogError::Closed)));
+        drop((p, journal));
+        std::fs::remove_dir_all(root).ok();
+    }
+
     /// A writer taken by a round does not run until the round's write is done: a flush sent
     /// meanwhile is answered after it (so a flush after an ack still means the ack is written).
     #[tokio::test]
@@ -261,7 +356,7 @@ mod tests {
         // A second round finds it taken and leaves it (its next run takes what it gets).
         assert!(member.join(&mut Vec::new()).is_none());
         journal.append_many(&[&key], &frames).unwrap();
-        member.leave();
+        member.leave(None);
         flush.await.unwrap();
         drop(p);
         drop(journal);

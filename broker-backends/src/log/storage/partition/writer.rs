@@ -254,13 +254,24 @@ impl Member for Slot {
             }
         }
         if key.is_none() {
-            self.leave();
+            self.leave(None);
         }
         key
     }
 
-    fn leave(&self) {
+    fn leave(&self, failed: Option<&str>) {
+        if failed.is_some() {
+            // The frames are not in the journal: a checkpoint in the writer's next run makes the
+            // acks durable (a flush waiting meanwhile is answered after it, with its error if it
+            // fails too).
+            if let Some(w) = lock(&self.writer).as_ref() {
+                lock(&w.settled).push(AckOp::Checkpoint);
+            }
+        }
         let mut inbox = lock(&self.inbox);
+        if failed.is_some() && !inbox.closed {
+            inbox.cmds.push_back(WriterCmd::Settled);
+        }
         if inbox.cmds.is_empty() {
             inbox.queued = false;
         } else {
@@ -445,6 +456,11 @@ impl PartitionLog {
 
     pub(super) fn wake_writer(&self) -> Result<(), LogError> {
         self.send(WriterCmd::Settled)
+    }
+
+    /// True once the writer takes no more commands (the partition is closing or closed).
+    pub(super) fn closed(&self) -> bool {
+        lock(&self.slot.inbox).closed
     }
 
     /// Has the settlements queued by [`PartitionLog::queue_settled`] written by the store's next
