@@ -118,12 +118,14 @@ async fn start(app: &App, tag: &str, cfg: WorkerConfig) -> Running {
 
 /// The reply of worker `host` to `method(args)`.
 async fn ask(app: &App, host: &str, method: &str, args: Value) -> Value {
+    let started = tokio::time::Instant::now();
     let replies = control::request(app, method, args, Some(vec![host.to_owned()]), T).await.unwrap();
-    replies
-        .into_iter()
-        .find(|(h, _)| h == host)
-        .map(|(_, r)| r)
-        .unwrap_or_else(|| panic!("{host}: no reply to {method}"))
+    if let Some((_, r)) = replies.into_iter().find(|(h, _)| h == host) {
+        return r;
+    }
+    // Whether the worker still answers at all tells a lost reply from a stuck command.
+    let ping = control::request(app, "ping", json!({}), Some(vec![host.to_owned()]), Duration::from_secs(5)).await;
+    panic!("{host}: no reply to {method} within {:?}; a ping after it: {ping:?}", started.elapsed())
 }
 
 fn queue_config(queues: &[&str], concurrency: usize) -> WorkerConfig {

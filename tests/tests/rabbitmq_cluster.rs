@@ -184,7 +184,10 @@ async fn rpc_results_follow_the_failover() {
     assert!(worker.wait_log("worker ready", Duration::from_secs(60)), "{}", worker.log());
     let add = |x: i64| Signature::by_name("add").args(json!([x, 1])).queue(queue.clone());
     let r = app.send(add(1)).await.expect("send before the kill");
-    assert_eq!(r.get::<i64>(Duration::from_secs(30)).await.expect("a result before the kill"), 2);
+    match r.get::<i64>(Duration::from_secs(30)).await {
+        Ok(v) => assert_eq!(v, 2),
+        Err(e) => panic!("no result before the kill ({e}); the worker's log:\n{}", worker.log()),
+    }
 
     block_in_place(|| rabbit.kill_node(0));
     let killed = Instant::now();
