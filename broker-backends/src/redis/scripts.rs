@@ -72,8 +72,13 @@ local function flush()
     hs, zs, ss = {{}}, {{}}, {{}}
   end
 end
+local rks = {{}}
 local function hand_out(i, items)
-  local rk = cjson.encode(ARGV[rk0 + i])
+  local rk = rks[i]
+  if not rk then
+    rk = cjson.encode(ARGV[rk0 + i])
+    rks[i] = rk
+  end
   for _, env in ipairs(items) do
     local size = string.len(env)
     if size > max then
