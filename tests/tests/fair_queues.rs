@@ -468,6 +468,31 @@ async fn postgres_a_long_ring_serves_every_key_in_turn() {
     assert_eq!(distinct.len(), 100, "every key once in the first 100: {keys:?}");
 }
 
+/// PostgreSQL: the fair fetch rotates the ring by moving its front (`celery_rs_fair_queues.front`),
+/// not by rewriting the ring's rows (a write per key served, which a drain piled up as dead
+/// rows): three keys served in turn twice over leave every ring row as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_fair_fetch_rewrites_no_ring_row() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-front-{}", uuid::Uuid::new_v4().simple());
+    for key in ["A", "B", "C"] {
+        app.send_batch((0..3).map(|i| task(&q, i).fairness_key(key))).await.unwrap();
+    }
+    let ring = || {
+        pg_value(
+            &t,
+            &format!(
+                "SELECT string_agg(key || '@' || turn || ':' || xmin, ',' ORDER BY turn) FROM celery_rs_fair_ring \
+                 WHERE queue = '{q}' AND key <> ''"
+            ),
+        )
+    };
+    let before = ring();
+    let keys = take_keys(&app, &q, 6, FairnessWeights::default()).await;
+    assert_eq!(keys, ["A", "B", "C", "A", "B", "C"], "the keys in turn");
+    assert_eq!(ring(), before, "no ring row rewritten");
+}
+
 /// PostgreSQL: a consumer of a plain queue and a fair one, taking one task at a time, keeps
 /// taking the plain queue's backlog while the fair queue has a backlog too (they alternate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,11 +513,11 @@ async fn postgres_a_plain_queue_is_served_next_to_a_busy_fair_one() {
     assert!(from_plain >= 2, "the plain queue gave {from_plain} of the first 6 deliveries");
 }
 
-/// PostgreSQL: the fair fetch locks a picked row only if it is still ready in the queue it was
-/// picked from (`celery_rs_fair_lock_rows`): a row dead-lettered meanwhile (moved to `q.dead`),
-/// one deferred, one leased are left out; the ready one is locked.
+/// PostgreSQL: the fair fetch takes a key's rows only while they are ready in its queue: of a
+/// key's four rows, one dead-lettered (moved to `q.dead`), one deferred and one leased are left
+/// out, and the ready one is the only delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
+async fn postgres_the_fair_fetch_takes_only_rows_ready_in_its_queue() {
     let Some((t, app)) = postgres_app().await else { return };
     let q = format!("fair-guard-{}", uuid::Uuid::new_v4().simple());
     app.send_batch((0..4).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
@@ -509,11 +534,23 @@ async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
             ids[0], ids[1], ids[2]
         ))
         .unwrap();
-    let locked = pg_value(
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 4).await.unwrap();
+    let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+    assert_eq!(d.take_message().unwrap().headers.extra.get("x-fairness-key").and_then(|v| v.as_str()), Some("A"));
+    d.ack().await.unwrap();
+    c.close().await;
+    let taken = pg_value(
         &t,
-        &format!("SELECT array_to_string(celery_rs_fair_lock_rows('{q}', ARRAY[{}]::bigint[]), ',')", ids.join(",")),
+        &format!(
+            "SELECT string_agg(id || ':' || deliveries, ',' ORDER BY id) FROM celery_rs_tasks WHERE id IN ({})",
+            ids.join(",")
+        ),
     );
-    assert_eq!(locked.as_deref(), Some(ids[3]), "only the row still ready in {q}");
+    assert_eq!(
+        taken.as_deref(),
+        Some(&*format!("{}:0,{}:0,{}:0", ids[0], ids[1], ids[2])),
+        "none of the three was taken"
+    );
 }
 
 /// PostgreSQL: a keyed task dead-lettered (by its consumer, or by the fetch for its size) loses
