@@ -35,14 +35,20 @@
 //!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
 //!   rows, after the unkeyed ones); the partial index `celery_rs_tasks_fair` finds a key's ready
 //!   rows, `celery_rs_tasks_fair_leased` whether it has leased ones. `celery_rs_fair_queues` has a
-//!   row per fair queue (its `front` and the credit left to the front key, locked `FOR UPDATE` by
-//!   each fair fetch: one consumer at a time takes from a fair queue), `celery_rs_fair_ring` its
-//!   keys with messages (`""` for its unkeyed rows), each with a `turn` from the sequence
-//!   `celery_rs_fair_turn`, set when it joins and never changed: the ring is read in turn from
-//!   the first key whose turn is at or after `front`, round to the keys before it, and a fetch
-//!   moves `front` past the keys it served (migration 8; migration 7 gave each key served a new
-//!   turn, a write per key that a drain piled up as dead rows), so a key that joins takes its
-//!   turn after the keys still to come in this pass. A keyed publish (and the return of a parked
+//!   row per fair queue (its `front`, `top` and the credit left to the front key, locked `FOR
+//!   UPDATE` by each fair fetch: one consumer at a time takes from a fair queue),
+//!   `celery_rs_fair_ring` its keys with messages (`""` for its unkeyed rows), each with a `turn`
+//!   from the sequence `celery_rs_fair_turn`, set when it joins and never changed. A pass is the
+//!   keys whose turn is below `top` (the sequence's value when the pass began); the ring is read
+//!   in turn from the first of them at or after `front`, round to those before it (served in this
+//!   pass), then the keys that joined during the pass (turn at or after `top`), so a key that
+//!   joins waits behind every key already in the ring, never ahead of one (a key that drained and
+//!   comes back joins again). A fetch moves `front` past the keys it served; when it went round
+//!   (its last key was one before `front` or one that joined), `top` moves to the sequence's
+//!   value and the keys that joined are members of the next pass (migration 8; migration 7 gave
+//!   each key served a new turn, a write per key that a drain piled up as dead rows). The credit
+//!   is the rest of the turn of the key at `front` and goes to no other key: a key that left the
+//!   ring takes it along. A keyed publish (and the return of a parked
 //!   keyed task) adds its key under a shared advisory lock of the queue; a fetch drops a key
 //!   without rows (ready, waiting for an eta or leased: leased and waiting rows come back
 //!   without any event, so their key stays), and the rotation once no keyed row is left, only
@@ -75,10 +81,11 @@
 use super::migrate::Migration;
 
 /// The broker's component name in `celery_rs_schema_version`.
-pub(crate) const COMPONENT: &str = "broker";
+pub const COMPONENT: &str = "broker";
 
-/// The broker's migrations, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[
+/// The broker's migrations, in order (public for the tests that upgrade a schema from an earlier
+/// version).
+pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "tasks, routing, broadcasts, leases and documents",
@@ -757,15 +764,24 @@ END $$;
         version: 8,
         name: "fair queues: the ring read from a front turn (no ring row rewritten per fetch), rows locked as read",
         sql: "
-ALTER TABLE celery_rs_fair_queues ADD COLUMN IF NOT EXISTS front bigint NOT NULL DEFAULT 0;
+ALTER TABLE celery_rs_fair_queues ADD COLUMN IF NOT EXISTS front bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS top bigint NOT NULL DEFAULT 0;
+-- A rotation of migration 7 is in turn order from its first key (which any credit belongs to),
+-- and every key in it is a member of the pass.
+UPDATE celery_rs_fair_queues f SET front = coalesce((SELECT min(r.turn) FROM celery_rs_fair_ring r
+    WHERE r.queue = f.queue), 0), top = (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
 CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
     p_visits integer) RETURNS bigint[]
 LANGUAGE plpgsql VOLATILE AS $$
 DECLARE
     stored integer;
     stored_front bigint;
+    stored_top bigint;
     ring_keys text[];
     ring_turns bigint[];
+    -- 0: in this pass, at or after the front; 1: in this pass, before the front (served in it);
+    -- 2: joined during this pass (at or after top).
+    ring_laps integer[];
     ring_w integer[];
     m integer;
     first_credit integer;
@@ -797,29 +813,45 @@ DECLARE
     served integer := 0;
     more boolean := false;
     next_front bigint;
+    next_top bigint;
     left_credit integer := 0;
     locked boolean;
 BEGIN
-    SELECT s.credit, s.front INTO stored, stored_front FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    SELECT s.credit, s.front, s.top INTO stored, stored_front, stored_top
+    FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
     next_front := stored_front;
-    -- The ring in turn from its front: the keys whose turn is at or after the front, then (round
-    -- the ring) those before it. Serving a key moves the front past it: no ring row is rewritten.
+    next_top := stored_top;
+    -- The ring in turn from its front. A pass is the keys whose turn is below top (the sequence's
+    -- value when the pass began): those at or after the front, then (round the ring) those before
+    -- it, served in this pass already; the keys that joined during the pass (their turn at or
+    -- after top, from the sequence) come last, behind every key already waiting, and become
+    -- members when the front wraps round. Serving a key moves the front past it: no ring row is
+    -- rewritten.
     SELECT array_agg(k.key ORDER BY k.lap, k.turn), array_agg(k.turn ORDER BY k.lap, k.turn),
+        array_agg(k.lap ORDER BY k.lap, k.turn),
         array_agg(coalesce(p_weights[array_position(p_keys, k.key)], 1) ORDER BY k.lap, k.turn)
-    INTO ring_keys, ring_turns, ring_w
+    INTO ring_keys, ring_turns, ring_laps, ring_w
     FROM (SELECT u.key, u.turn, u.lap FROM (
-            (SELECT r.key, r.turn, 0 AS lap FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.turn >= stored_front
+            (SELECT r.key, r.turn, 0 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= stored_front AND r.turn < stored_top
                 ORDER BY r.turn LIMIT p_visits)
             UNION ALL
             (SELECT r.key, r.turn, 1 AS lap FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.turn < stored_front
+                ORDER BY r.turn LIMIT p_visits)
+            UNION ALL
+            (SELECT r.key, r.turn, 2 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= greatest(stored_front, stored_top)
                 ORDER BY r.turn LIMIT p_visits)) u
         ORDER BY u.lap, u.turn LIMIT p_visits) k;
     m := coalesce(cardinality(ring_keys), 0);
     IF m > 0 THEN
-        first_credit := CASE WHEN stored > 0 THEN stored ELSE ring_w[1] END;
+        -- A credit is the rest of the turn of the key the front stopped at: only that key (the
+        -- same turn) takes it; one that left the ring takes it along.
+        first_credit := CASE WHEN stored > 0 AND ring_turns[1] = stored_front THEN least(stored, ring_w[1])
+            ELSE ring_w[1] END;
         cnt := array_fill(0, ARRAY[m]);
         live := array_fill(true, ARRAY[m]);
         lp := array_fill(NULL::smallint, ARRAY[m]);
@@ -923,6 +955,11 @@ BEGIN
             -- Nothing ready in the keys read (only waiting or leased tasks): past them all.
             next_front := ring_turns[m] + 1;
         END IF;
+        -- The front went round (to a key served before in this pass, or one that joined during
+        -- it): a new pass, of every key in the ring now.
+        IF ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] > 0 THEN
+            next_top := (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
+        END IF;
         -- The keys read without a ready row whose tasks are all gone leave the ring (a fetch
         -- filled by its first read did not read the keys after its last).
         read_end := CASE WHEN taken >= p_n AND reads = 1 THEN last_i ELSE m END;
@@ -957,13 +994,16 @@ BEGIN
             RETURN ids;
         END IF;
     END IF;
-    IF left_credit IS DISTINCT FROM stored OR next_front IS DISTINCT FROM stored_front THEN
-        UPDATE celery_rs_fair_queues SET credit = left_credit, front = next_front WHERE queue = p_queue;
+    IF left_credit IS DISTINCT FROM stored OR next_front IS DISTINCT FROM stored_front
+        OR next_top IS DISTINCT FROM stored_top
+    THEN
+        UPDATE celery_rs_fair_queues SET credit = left_credit, front = next_front, top = next_top
+        WHERE queue = p_queue;
     END IF;
     RETURN ids;
 END $$;
--- The fair fetch locks the rows as it reads them: nothing calls this any more.
-DROP FUNCTION IF EXISTS celery_rs_fair_lock_rows(text, bigint[]);
+-- celery_rs_fair_lock_rows is no longer called, but stays: a fetch of migration 7's body compiled
+-- before this migration (a worker of the earlier version, during a rolling upgrade) calls it.
 ",
     },
 ];
