@@ -468,6 +468,206 @@ async fn postgres_a_long_ring_serves_every_key_in_turn() {
     assert_eq!(distinct.len(), 100, "every key once in the first 100: {keys:?}");
 }
 
+/// Runs one fair fetch of up to `n` rows of `q` by hand (`celery_rs_fair_pick`, with `weights`,
+/// every other key of weight 1) and acks what it took (deletes the rows): their keys (`""`:
+/// unkeyed), in the order taken.
+fn pg_fair_take(schema: &celery_tests::PgSchema, q: &str, n: usize, weights: &[(&str, i32)]) -> Vec<String> {
+    let keys: Vec<String> = weights.iter().map(|(k, _)| format!("'{k}'")).collect();
+    let weights: Vec<String> = weights.iter().map(|(_, w)| w.to_string()).collect();
+    let taken = schema.query(
+        &format!(
+            "WITH p AS MATERIALIZED (SELECT u.id, u.n FROM unnest(celery_rs_fair_pick('{q}', {n}, \
+             ARRAY[{}]::text[], ARRAY[{}]::integer[], {visits})) WITH ORDINALITY AS u(id, n)),
+             d AS (DELETE FROM celery_rs_tasks t USING p WHERE t.id = p.id RETURNING t.id, coalesce(t.fair_key, '') AS k)
+             SELECT string_agg(d.k, ',' ORDER BY p.n) FROM d JOIN p ON p.id = d.id",
+            keys.join(","),
+            weights.join(","),
+            visits = 2 * n + 64
+        ),
+    );
+    let taken = taken.unwrap().first().and_then(|r| r[0].clone());
+    taken.map(|s| s.split(',').map(str::to_owned).collect()).unwrap_or_default()
+}
+
+/// PostgreSQL: a backlogged key and unkeyed tasks keep their turns while a new key (one task
+/// each, as a drained key that comes back) joins before every fetch of `n` (`n` new keys): a
+/// key that joins takes its turn behind every key already waiting, so each of the two is served
+/// again within as many fetches as keys wait (plus one), and the keys that ran out leave the ring.
+async fn keys_joining_at_every_fetch_starve_no_waiting_key(n: usize) {
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-join-{n}-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..100).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..100).map(|i| task(&q, i))).await.unwrap();
+    let waiting_keys = || {
+        pg_value(
+            &t,
+            &format!(
+                "SELECT count(DISTINCT coalesce(fair_key, '')) FROM celery_rs_tasks \
+                 WHERE queue = '{q}' AND leased_until IS NULL AND run_at <= now()"
+            ),
+        )
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+    };
+    let fetches = 80;
+    // Per fetch: the keys waiting before it, and the keys it took.
+    let mut seen: Vec<(usize, Vec<String>)> = Vec::new();
+    for f in 0..fetches {
+        app.send_batch((0..n).map(|j| task(&q, j).fairness_key(format!("new-{f}-{j}")))).await.unwrap();
+        let waiting = waiting_keys();
+        let keys = pg_fair_take(schema, &q, n, &[]);
+        assert_eq!(keys.len(), n, "fetch {f} is full");
+        seen.push((waiting, keys));
+    }
+    for key in ["A", ""] {
+        let served: Vec<usize> = (0..fetches).filter(|&f| seen[f].1.iter().any(|k| k == key)).collect();
+        let mut from = 0;
+        for &until in served.iter().chain([&fetches]) {
+            let waiting = seen[from..until.min(fetches - 1) + 1].iter().map(|s| s.0).max().unwrap();
+            assert!(
+                until - from <= waiting / n + 1,
+                "key {key:?} not served from fetch {from} to {until} while at most {waiting} keys waited: {seen:?}"
+            );
+            from = until;
+        }
+    }
+    let ring = pg_value(&t, &format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}'")).unwrap();
+    let waiting = waiting_keys();
+    // The keys that ran out in this pass leave when the next one reads them.
+    assert!(ring.parse::<usize>().unwrap() <= 2 * (waiting + n), "{ring} keys in the ring while {waiting} wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keys_joining_at_every_fetch_of_one_starve_no_waiting_key() {
+    keys_joining_at_every_fetch_starve_no_waiting_key(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_keys_joining_at_every_fetch_of_two_starve_no_waiting_key() {
+    keys_joining_at_every_fetch_starve_no_waiting_key(2).await;
+}
+
+/// PostgreSQL: the rest of a key's weighted turn (its credit) stays with that key: A (weight 3)
+/// is served once, then leaves the ring (a purge takes its other task; B stays, its task leased),
+/// and the keys after it take turns of their own weight (1), not A's credit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_credit_is_not_given_to_the_next_key() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-credit-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..2).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send(task(&q, 0).fairness_key("B")).await.unwrap();
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    // Fetches by hand (a consumer may fetch ahead): exactly one row each.
+    assert_eq!(pg_fair_take(schema, &q, 1, &[("A", 3)]), ["A"], "A's turn, 2 of 3 left");
+    // B's task is held by someone (B stays in the ring through the purge).
+    schema
+        .exec(&format!(
+            "UPDATE celery_rs_tasks SET leased_until = now() + interval '1 hour' WHERE queue = '{q}' AND fair_key = 'B'"
+        ))
+        .unwrap();
+    assert_eq!(app.broker().purge(&q).await.unwrap(), 1, "A's other task");
+    let ring = pg_value(
+        &t,
+        &format!("SELECT string_agg(key, ',' ORDER BY turn) FROM celery_rs_fair_ring WHERE queue = '{q}'"),
+    );
+    assert_eq!(ring.as_deref(), Some(",B"), "A left the ring");
+    app.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
+    app.send_batch((0..3).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    let keys: Vec<String> = (0..6).flat_map(|_| pg_fair_take(schema, &q, 1, &[("A", 3)])).collect();
+    assert_eq!(keys, ["", "B", "", "B", "", "B"], "turns of one each");
+}
+
+/// PostgreSQL: the broker's migrations from 8 on apply to a schema at migration 7 that holds
+/// keyed tasks and a rotation part-way through a turn (left by migration 7's own fetch): the
+/// rotation goes on where it was (the front key keeps the rest of its turn), every task comes
+/// out once, and the function that fetches compiled before the upgrade still call is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
+    use broker_backends::postgres::sql::{COMPONENT, MIGRATIONS};
+    let Some(old) = celery_tests::PgSchema::new("fair_queues (upgrade)") else { return };
+    let Some((scratch_target, scratch)) = postgres_app().await else { return };
+    let Target::Postgres(scratch_schema, env) = &scratch_target else { unreachable!() };
+    // The schema as migration 7 left it (the version table as the migrations create it).
+    let mut ddl = String::from(
+        "CREATE TABLE celery_rs_schema_version (component varchar(64) NOT NULL, version integer NOT NULL, \
+         name text NOT NULL, applied_at timestamp with time zone NOT NULL DEFAULT now(), \
+         PRIMARY KEY (component, version));",
+    );
+    for m in MIGRATIONS.iter().filter(|m| m.version <= 7) {
+        ddl.push_str(m.sql);
+        ddl.push_str(&format!(
+            ";INSERT INTO celery_rs_schema_version (component, version, name) VALUES ('{COMPONENT}', {}, '{}');",
+            m.version,
+            m.name.replace('\'', "''")
+        ));
+    }
+    old.exec(&ddl).unwrap();
+    // Tasks encoded by this version (in a schema of their own), published by migration 7's function.
+    let q = format!("fair-upgrade-{}", uuid::Uuid::new_v4().simple());
+    scratch.send_batch((0..6).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    scratch.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
+    scratch.send_batch((0..3).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    old.exec(&format!(
+        "SELECT celery_rs_fair_publish(array_agg(queue ORDER BY id),
+             array_agg((CASE WHEN fair_key IS NULL THEN priority ELSE priority - 1000 END)::smallint ORDER BY id),
+             array_agg(NULL::timestamptz ORDER BY id), array_agg(payload ORDER BY id), array_agg(fair_key ORDER BY id),
+             'celery_rs_upgrade_test')
+         FROM {}.celery_rs_tasks WHERE queue = '{q}'",
+        scratch_schema.0
+    ))
+    .unwrap();
+    // Migration 7's fetch takes one of A (weight 3): A keeps 2 of its turn.
+    let first = old
+        .query(&format!(
+            "WITH p AS MATERIALIZED (SELECT unnest(celery_rs_fair_pick('{q}', 1, ARRAY['A'], ARRAY[3], 66)) AS id)
+             DELETE FROM celery_rs_tasks t USING p WHERE t.id = p.id RETURNING t.fair_key"
+        ))
+        .unwrap();
+    assert_eq!(first, [[Some("A".to_owned())]]);
+    let credit = old.query(&format!("SELECT credit FROM celery_rs_fair_queues WHERE queue = '{q}'")).unwrap();
+    assert_eq!(credit, [[Some("2".to_owned())]]);
+    // The upgrade: an app connects.
+    let url = old.url("postgres", "visibility_timeout=30");
+    let app = celery_worker::connect(&url, &env.backend).await.unwrap();
+    let version = old.query("SELECT max(version) FROM celery_rs_schema_version WHERE component = 'broker'").unwrap();
+    assert_eq!(version[0][0].as_deref(), Some(&*MIGRATIONS.len().to_string()));
+    // Fetches by hand (exactly one row each), then the last by a consumer of the upgraded app.
+    let mut keys: Vec<String> = (0..10).flat_map(|_| pg_fair_take(&old, &q, 1, &[("A", 3)])).collect();
+    keys.extend(take_keys(&app, &q, 1, weights(&["A=3"])).await);
+    assert_eq!(keys, ["A", "A", "", "B", "A", "A", "A", "", "B", "", "B"], "A's turn goes on, then turns by weight");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+    // A fetch that compiled migration 7's body before the upgrade still finds what it calls.
+    let kept = old.query(&format!("SELECT cardinality(celery_rs_fair_lock_rows('{q}', '{{}}'::bigint[]))"));
+    assert_eq!(kept.unwrap(), [[Some("0".to_owned())]]);
+}
+
+/// PostgreSQL: the fair fetch rotates the ring by moving its front (`celery_rs_fair_queues.front`),
+/// not by rewriting the ring's rows (a write per key served, which a drain piled up as dead
+/// rows): three keys served in turn twice over leave every ring row as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_the_fair_fetch_rewrites_no_ring_row() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let q = format!("fair-front-{}", uuid::Uuid::new_v4().simple());
+    for key in ["A", "B", "C"] {
+        app.send_batch((0..3).map(|i| task(&q, i).fairness_key(key))).await.unwrap();
+    }
+    let ring = || {
+        pg_value(
+            &t,
+            &format!(
+                "SELECT string_agg(key || '@' || turn || ':' || xmin, ',' ORDER BY turn) FROM celery_rs_fair_ring \
+                 WHERE queue = '{q}' AND key <> ''"
+            ),
+        )
+    };
+    let before = ring();
+    let keys = take_keys(&app, &q, 6, FairnessWeights::default()).await;
+    assert_eq!(keys, ["A", "B", "C", "A", "B", "C"], "the keys in turn");
+    assert_eq!(ring(), before, "no ring row rewritten");
+}
+
 /// PostgreSQL: a consumer of a plain queue and a fair one, taking one task at a time, keeps
 /// taking the plain queue's backlog while the fair queue has a backlog too (they alternate).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -488,11 +688,11 @@ async fn postgres_a_plain_queue_is_served_next_to_a_busy_fair_one() {
     assert!(from_plain >= 2, "the plain queue gave {from_plain} of the first 6 deliveries");
 }
 
-/// PostgreSQL: the fair fetch locks a picked row only if it is still ready in the queue it was
-/// picked from (`celery_rs_fair_lock_rows`): a row dead-lettered meanwhile (moved to `q.dead`),
-/// one deferred, one leased are left out; the ready one is locked.
+/// PostgreSQL: the fair fetch takes a key's rows only while they are ready in its queue: of a
+/// key's four rows, one dead-lettered (moved to `q.dead`), one deferred and one leased are left
+/// out, and the ready one is the only delivery.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
+async fn postgres_the_fair_fetch_takes_only_rows_ready_in_its_queue() {
     let Some((t, app)) = postgres_app().await else { return };
     let q = format!("fair-guard-{}", uuid::Uuid::new_v4().simple());
     app.send_batch((0..4).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
@@ -509,11 +709,23 @@ async fn postgres_the_fair_fetch_locks_only_rows_still_ready_in_its_queue() {
             ids[0], ids[1], ids[2]
         ))
         .unwrap();
-    let locked = pg_value(
+    let mut c = app.broker().consume(std::slice::from_ref(&q), 4).await.unwrap();
+    let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+    assert_eq!(d.take_message().unwrap().headers.extra.get("x-fairness-key").and_then(|v| v.as_str()), Some("A"));
+    d.ack().await.unwrap();
+    c.close().await;
+    let taken = pg_value(
         &t,
-        &format!("SELECT array_to_string(celery_rs_fair_lock_rows('{q}', ARRAY[{}]::bigint[]), ',')", ids.join(",")),
+        &format!(
+            "SELECT string_agg(id || ':' || deliveries, ',' ORDER BY id) FROM celery_rs_tasks WHERE id IN ({})",
+            ids.join(",")
+        ),
     );
-    assert_eq!(locked.as_deref(), Some(ids[3]), "only the row still ready in {q}");
+    assert_eq!(
+        taken.as_deref(),
+        Some(&*format!("{}:0,{}:0,{}:0", ids[0], ids[1], ids[2])),
+        "none of the three was taken"
+    );
 }
 
 /// PostgreSQL: a keyed task dead-lettered (by its consumer, or by the fetch for its size) loses

@@ -29,26 +29,45 @@
 //!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
 //!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
 //!   its queue like a publish. A task without a concurrency key touches none of these.
-//! - Fair queues (migration 7, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
+//! - Fair queues (migrations 7 and 8, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
 //!   `fair_key` and its priority plus 1,000, so keyed rows sort after every unkeyed row of their
 //!   queue in the ready index (the unkeyed rows of a fair queue are found without walking past
 //!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
 //!   rows, after the unkeyed ones); the partial index `celery_rs_tasks_fair` finds a key's ready
 //!   rows, `celery_rs_tasks_fair_leased` whether it has leased ones. `celery_rs_fair_queues` has a
-//!   row per fair queue (the credit left to its front key, locked `FOR UPDATE` by each fair
-//!   fetch: one consumer at a time takes from a fair queue), `celery_rs_fair_ring` its keys with
-//!   messages in turn (`""` for its unkeyed rows), ordered by `turn` from the sequence
-//!   `celery_rs_fair_turn`. A keyed publish (and the return of a parked keyed task) adds its key
-//!   under a shared advisory lock of the queue; a fetch drops a key without rows (ready, waiting
-//!   for an eta or leased: leased and waiting rows come back without any event, so their key
-//!   stays), and the rotation once no keyed row is left, only under that lock taken exclusively
-//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted (the
-//!   lock is keyed by the oid of `celery_rs_tasks`, the same whatever a caller's first schema).
-//!   A fetch moves the keys it read without a ready row (only waiting or leased ones) to the back
-//!   with those it served. A fair fetch left short while no key it read may have more also takes
-//!   the queue's oldest ready rows beyond the keys read (a ring longer than one fetch reads), or
-//!   whose key is not in the ring (none is expected), and puts their keys back. The rows picked
-//!   are read unlocked, then locked only if still ready in the queue (`celery_rs_fair_lock_rows`).
+//!   row per fair queue (its `front`, `top` and the credit left to the front key, locked `FOR
+//!   UPDATE` by each fair fetch: one consumer at a time takes from a fair queue),
+//!   `celery_rs_fair_ring` its keys with messages (`""` for its unkeyed rows), each with a `turn`
+//!   from the sequence `celery_rs_fair_turn`, set when it joins and never changed. A pass is the
+//!   keys whose turn is below `top` (the sequence's value when the pass began); the ring is read
+//!   in turn from the first of them at or after `front`, round to those before it (served in this
+//!   pass), then the keys that joined during the pass (turn at or after `top`), so a key that
+//!   joins waits behind every key already in the ring, never ahead of one (a key that drained and
+//!   comes back joins again). A fetch moves `front` past the keys it served; when it went round
+//!   (its last key was one before `front` or one that joined), `top` moves to the sequence's
+//!   value and the keys that joined are members of the next pass (migration 8; migration 7 gave
+//!   each key served a new turn, a write per key that a drain piled up as dead rows). The credit
+//!   is the rest of the turn of the key at `front` and goes to no other key: a key that left the
+//!   ring takes it along. A keyed publish (and the return of a parked
+//!   keyed task) adds its key under a shared advisory lock of the queue; a fetch drops a key
+//!   without rows (ready, waiting for an eta or leased: leased and waiting rows come back
+//!   without any event, so their key stays), and the rotation once no keyed row is left, only
+//!   under that lock taken exclusively (tried, never waited for), so a key never leaves while a
+//!   publish of it is uncommitted (the lock is keyed by the oid of `celery_rs_tasks`, the same
+//!   whatever a caller's first schema). The front passes the keys read without a ready row (only
+//!   waiting or leased ones) with those served. The rows are read key by key in one statement,
+//!   each key from its last row taken in this fetch on, and locked as read (`FOR UPDATE SKIP
+//!   LOCKED`, so a row is taken only while ready in its queue): when one round may fill the
+//!   fetch, the keys in turn, each up to its weight (the front key its credit), stopping at the
+//!   fetch size (the keys after are not read); otherwise as many whole rounds as fill it if every
+//!   key has enough, taken by round then turn (the rows of the last round beyond the fetch size
+//!   stay locked, not taken, until the fetch commits), then more rounds from the keys that gave
+//!   all they were asked while the fetch is short. Its cost follows the rows taken, not the
+//!   ring's length (migration 7 read every key of the ring, ranked the candidates, then locked
+//!   the rows taken in a second step). A fair
+//!   fetch left short while no key it read may have more also takes the queue's oldest ready rows
+//!   beyond the keys read (a ring longer than one fetch reads), or whose key is not in the ring
+//!   (none is expected), and puts their keys back.
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -62,10 +81,11 @@
 use super::migrate::Migration;
 
 /// The broker's component name in `celery_rs_schema_version`.
-pub(crate) const COMPONENT: &str = "broker";
+pub const COMPONENT: &str = "broker";
 
-/// The broker's migrations, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[
+/// The broker's migrations, in order (public for the tests that upgrade a schema from an earlier
+/// version).
+pub const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 1,
         name: "tasks, routing, broadcasts, leases and documents",
@@ -740,6 +760,252 @@ BEGIN
 END $$;
 ",
     },
+    Migration {
+        version: 8,
+        name: "fair queues: the ring read from a front turn (no ring row rewritten per fetch), rows locked as read",
+        sql: "
+ALTER TABLE celery_rs_fair_queues ADD COLUMN IF NOT EXISTS front bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS top bigint NOT NULL DEFAULT 0;
+-- A rotation of migration 7 is in turn order from its first key (which any credit belongs to),
+-- and every key in it is a member of the pass.
+UPDATE celery_rs_fair_queues f SET front = coalesce((SELECT min(r.turn) FROM celery_rs_fair_ring r
+    WHERE r.queue = f.queue), 0), top = (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
+CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
+    p_visits integer) RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    stored integer;
+    stored_front bigint;
+    stored_top bigint;
+    ring_keys text[];
+    ring_turns bigint[];
+    -- 0: in this pass, at or after the front; 1: in this pass, before the front (served in it);
+    -- 2: joined during this pass (at or after top).
+    ring_laps integer[];
+    ring_w integer[];
+    m integer;
+    first_credit integer;
+    -- Per key read: rows asked by this read, rows taken so far, its last row taken (where the
+    -- next read of it starts), and whether it gave all it was asked so far (it may have more);
+    -- brought up to date only while the fetch is still short.
+    lim integer[];
+    cnt integer[];
+    lp smallint[];
+    lr timestamptz[];
+    lid bigint[];
+    live boolean[];
+    r0 integer := 0;
+    rounds integer;
+    one_round integer;
+    next_rounds integer;
+    reads integer := 0;
+    c_ids bigint[] := '{}';
+    c_i integer[] := '{}';
+    c_rnd integer[] := '{}';
+    saturated boolean := false;
+    read_end integer;
+    empties text[];
+    ids bigint[] := '{}';
+    taken integer := 0;
+    last_i integer;
+    last_rnd integer;
+    allot integer;
+    served integer := 0;
+    more boolean := false;
+    next_front bigint;
+    next_top bigint;
+    left_credit integer := 0;
+    locked boolean;
+BEGIN
+    SELECT s.credit, s.front, s.top INTO stored, stored_front, stored_top
+    FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    next_front := stored_front;
+    next_top := stored_top;
+    -- The ring in turn from its front. A pass is the keys whose turn is below top (the sequence's
+    -- value when the pass began): those at or after the front, then (round the ring) those before
+    -- it, served in this pass already; the keys that joined during the pass (their turn at or
+    -- after top, from the sequence) come last, behind every key already waiting, and become
+    -- members when the front wraps round. Serving a key moves the front past it: no ring row is
+    -- rewritten.
+    SELECT array_agg(k.key ORDER BY k.lap, k.turn), array_agg(k.turn ORDER BY k.lap, k.turn),
+        array_agg(k.lap ORDER BY k.lap, k.turn),
+        array_agg(coalesce(p_weights[array_position(p_keys, k.key)], 1) ORDER BY k.lap, k.turn)
+    INTO ring_keys, ring_turns, ring_laps, ring_w
+    FROM (SELECT u.key, u.turn, u.lap FROM (
+            (SELECT r.key, r.turn, 0 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= stored_front AND r.turn < stored_top
+                ORDER BY r.turn LIMIT p_visits)
+            UNION ALL
+            (SELECT r.key, r.turn, 1 AS lap FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.turn < stored_front
+                ORDER BY r.turn LIMIT p_visits)
+            UNION ALL
+            (SELECT r.key, r.turn, 2 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= greatest(stored_front, stored_top)
+                ORDER BY r.turn LIMIT p_visits)) u
+        ORDER BY u.lap, u.turn LIMIT p_visits) k;
+    m := coalesce(cardinality(ring_keys), 0);
+    IF m > 0 THEN
+        -- A credit is the rest of the turn of the key the front stopped at: only that key (the
+        -- same turn) takes it; one that left the ring takes it along.
+        first_credit := CASE WHEN stored > 0 AND ring_turns[1] = stored_front THEN least(stored, ring_w[1])
+            ELSE ring_w[1] END;
+        cnt := array_fill(0, ARRAY[m]);
+        live := array_fill(true, ARRAY[m]);
+        lp := array_fill(NULL::smallint, ARRAY[m]);
+        lr := array_fill(NULL::timestamptz, ARRAY[m]);
+        lid := array_fill(NULL::bigint, ARRAY[m]);
+        -- Rounds: the front key first gives its credit, every key then its weight in turn. Each
+        -- read asks the keys that may have more for as many whole rounds as fit in what is left
+        -- (all of them taken), or for one round cut at what is left (the keys after the cut are
+        -- not read); rows are locked as read (FOR UPDATE SKIP LOCKED), each key read from its
+        -- last row taken on, so a fetch reads about the rows it takes, not the ring.
+        LOOP
+            SELECT coalesce(sum(CASE WHEN r0 = 0 AND g = 1 THEN first_credit ELSE ring_w[g] END), 0),
+                coalesce(sum(ring_w[g]), 0)
+            INTO one_round, next_rounds
+            FROM generate_series(1, m) g WHERE live[g];
+            EXIT WHEN one_round = 0 OR taken >= p_n OR r0 >= p_n;
+            -- Enough rounds to fill the fetch if every key has enough (the rows of a last round
+            -- beyond the fetch size stay locked, not taken, until the statement commits).
+            rounds := CASE WHEN one_round >= p_n - taken THEN 1
+                ELSE 2 + (p_n - taken - one_round - 1) / next_rounds END;
+            lim := ARRAY(SELECT CASE WHEN NOT live[g] THEN 0
+                WHEN r0 = 0 AND g = 1 THEN first_credit + (rounds - 1) * ring_w[g] ELSE rounds * ring_w[g] END
+                FROM generate_series(1, m) g ORDER BY g);
+            reads := reads + 1;
+            WITH s AS MATERIALIZED (
+                SELECT r.i::integer AS i, l.id, l.priority, l.run_at
+                FROM unnest(ring_keys, lim, lp, lr, lid) WITH ORDINALITY AS r(rk, rlim, rlp, rlr, rlid, i)
+                CROSS JOIN LATERAL (
+                    SELECT a.id, a.priority, a.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk <> '' AND t.queue = p_queue AND t.fair_key = r.rk AND t.leased_until IS NULL
+                            AND t.run_at <= now()
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) a
+                    UNION ALL
+                    SELECT b.id, b.priority, b.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk = '' AND t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now()
+                            AND t.priority < 1000
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) b) l
+                WHERE r.rlim > 0
+                -- One round is read in turn: it stops at the fetch size (the keys after are not read).
+                LIMIT CASE WHEN rounds = 1 THEN p_n - taken END),
+            c AS (
+                SELECT q.*, CASE WHEN r0 = 0 AND q.i = 1 THEN CASE WHEN q.p < first_credit THEN 0
+                        ELSE 1 + (q.p - first_credit) / ring_w[q.i] END
+                    ELSE r0 + q.p / ring_w[q.i] END AS rnd
+                FROM (SELECT s.*, (row_number() OVER (PARTITION BY s.i ORDER BY s.priority, s.run_at, s.id) - 1)::integer AS p
+                    FROM s) q),
+            got AS (SELECT c.i, count(*)::integer AS n FROM c GROUP BY c.i),
+            t AS (SELECT c.* FROM c ORDER BY c.rnd, c.i, c.p LIMIT p_n - taken),
+            per AS (
+                SELECT t.i, count(*)::integer AS n, (array_agg(t.priority ORDER BY t.p DESC))[1] AS plp,
+                    (array_agg(t.run_at ORDER BY t.p DESC))[1] AS plr, (array_agg(t.id ORDER BY t.p DESC))[1] AS plid
+                FROM t GROUP BY t.i),
+            took AS (SELECT coalesce(array_agg(o.id), '{}') AS ids, coalesce(array_agg(o.i), '{}') AS i,
+                coalesce(array_agg(o.rnd), '{}') AS rnd
+                FROM (SELECT t.id, t.i, t.rnd FROM t ORDER BY t.rnd, t.i, t.p) o)
+            -- Where each key stands is needed only if the fetch is still short after this read.
+            SELECT c_ids || took.ids, c_i || took.i, c_rnd || took.rnd,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT cnt[g] + coalesce(per.n, 0)
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE cnt END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plp, lp[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lp END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plr, lr[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lr END,
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT coalesce(per.plid, lid[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lid END,
+                -- A key that gave less than asked has nothing more ready (for us) in this fetch.
+                CASE WHEN cardinality(took.ids) < p_n - taken THEN ARRAY(SELECT live[g] AND coalesce(got.n, 0) >= lim[g]
+                    FROM generate_series(1, m) g LEFT JOIN got ON got.i = g ORDER BY g) ELSE live END
+            FROM took
+            INTO c_ids, c_i, c_rnd, cnt, lp, lr, lid, live;
+            taken := cardinality(c_ids);
+            r0 := r0 + rounds;
+        END LOOP;
+        saturated := taken < p_n AND true = ANY(live);
+        ids := c_ids;
+        IF taken > 0 THEN
+            last_i := c_i[taken];
+            last_rnd := c_rnd[taken];
+            allot := CASE WHEN last_i = 1 AND last_rnd = 0 THEN first_credit ELSE ring_w[last_i] END;
+            served := (SELECT count(*) FROM unnest(c_i, c_rnd) AS u(i, rnd) WHERE u.i = last_i AND u.rnd = last_rnd);
+            IF served < allot THEN
+                -- Its turn goes on into the next fetch if it has more.
+                IF ring_keys[last_i] = '' THEN
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.leased_until IS NULL
+                        AND t.run_at <= now() AND t.priority < 1000 AND t.id <> ALL(ids));
+                ELSE
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue
+                        AND t.fair_key = ring_keys[last_i] AND t.leased_until IS NULL AND t.run_at <= now()
+                        AND t.id <> ALL(ids));
+                END IF;
+            END IF;
+            IF served < allot AND more THEN
+                next_front := ring_turns[last_i];
+                left_credit := allot - served;
+            ELSE
+                next_front := ring_turns[last_i] + 1;
+            END IF;
+        ELSE
+            -- Nothing ready in the keys read (only waiting or leased tasks): past them all.
+            next_front := ring_turns[m] + 1;
+        END IF;
+        -- The front went round (to a key served before in this pass, or one that joined during
+        -- it): a new pass, of every key in the ring now.
+        IF ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] > 0 THEN
+            next_top := (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
+        END IF;
+        -- The keys read without a ready row whose tasks are all gone leave the ring (a fetch
+        -- filled by its first read did not read the keys after its last).
+        read_end := CASE WHEN taken >= p_n AND reads = 1 THEN last_i ELSE m END;
+        empties := ARRAY(SELECT ring_keys[g] FROM generate_series(1, read_end) g
+            WHERE ring_keys[g] <> '' AND g NOT IN (SELECT unnest(c_i)));
+        IF cardinality(empties) > 0 THEN
+            locked := celery_rs_fair_lock(p_queue, false);
+            IF locked THEN
+                DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key = ANY(empties)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NULL)
+                    AND NOT EXISTS (SELECT 1 FROM celery_rs_tasks t
+                        WHERE t.queue = p_queue AND t.fair_key = r.key AND t.leased_until IS NOT NULL);
+            END IF;
+        END IF;
+    END IF;
+    -- Short, and no key read may have more: the ready rows of keys not in the ring (none is
+    -- expected) or beyond the keys read (a ring longer than p_visits), oldest first.
+    IF cardinality(ids) < p_n AND NOT saturated THEN
+        c_ids := ARRAY(SELECT id FROM celery_rs_tasks
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
+            ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
+        IF cardinality(c_ids) > 0 THEN
+            ids := ids || c_ids;
+            PERFORM celery_rs_fair_join(p_queue, d.fair_key)
+            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(c_ids) AND fair_key IS NOT NULL) d;
+        ELSIF coalesce(locked, celery_rs_fair_lock(p_queue, false))
+            AND NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '')
+        THEN
+            DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+            DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+            RETURN ids;
+        END IF;
+    END IF;
+    IF left_credit IS DISTINCT FROM stored OR next_front IS DISTINCT FROM stored_front
+        OR next_top IS DISTINCT FROM stored_top
+    THEN
+        UPDATE celery_rs_fair_queues SET credit = left_credit, front = next_front, top = next_top
+        WHERE queue = p_queue;
+    END IF;
+    RETURN ids;
+END $$;
+-- celery_rs_fair_lock_rows is no longer called, but stays: a fetch of migration 7's body compiled
+-- before this migration (a worker of the earlier version, during a rolling upgrade) calls it.
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -844,7 +1110,7 @@ WITH picked AS (
 );
 
 /// Leases up to `$2` ready messages of fair queue `$1`, its keys taking turns by weights `$7`
-/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring visited (migration 7's
+/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring visited (migration 8's
 /// `celery_rs_fair_pick`), as [`FETCH`] leases (`$3` to `$5` alike): the same columns, then
 /// whether the queue is still fair (false: it has no rotation any more, fetch it with [`FETCH`]),
 /// in the order the keys' turns picked them. When nothing was leased, one row with NULLs but the
