@@ -549,6 +549,33 @@ async fn postgres_keys_joining_at_every_fetch_of_two_starve_no_waiting_key() {
     keys_joining_at_every_fetch_starve_no_waiting_key(2).await;
 }
 
+/// PostgreSQL: a fetch that ends among keys that joined during the pass gives no key a second
+/// turn in a row: A, B and C (300 tasks each, weight 1) while, 100 times, one task is taken, a
+/// new key publishes one task and four are taken, share the turns evenly (a front moved past the
+/// joiner once restarted every pass at the lowest turn: A 200, B 100, C 100).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_pass_that_ends_among_joiners_favours_no_key() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-ends-{}", uuid::Uuid::new_v4().simple());
+    for key in ["A", "B", "C"] {
+        app.send_batch((0..300).map(|i| task(&q, i).fairness_key(key))).await.unwrap();
+    }
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    for c in 0..100 {
+        let mut keys = pg_fair_take(schema, &q, 1, &[]);
+        app.send(task(&q, c).fairness_key(format!("new-{c}"))).await.unwrap();
+        keys.extend(pg_fair_take(schema, &q, 4, &[]));
+        assert_eq!(keys.len(), 5, "cycle {c}: {keys:?}");
+        for k in keys {
+            *served.entry(k).or_default() += 1;
+        }
+    }
+    let abc: Vec<usize> = ["A", "B", "C"].iter().map(|k| served.get(*k).copied().unwrap_or(0)).collect();
+    let (lo, hi) = (*abc.iter().min().unwrap(), *abc.iter().max().unwrap());
+    assert!(hi - lo <= 10, "A, B, C served {abc:?} times");
+}
+
 /// PostgreSQL: the rest of a key's weighted turn (its credit) stays with that key: A (weight 3)
 /// is served once, then leaves the ring (a purge takes its other task; B stays, its task leased),
 /// and the keys after it take turns of their own weight (1), not A's credit.

@@ -45,7 +45,9 @@
 //!   joins waits behind every key already in the ring, never ahead of one (a key that drained and
 //!   comes back joins again). A fetch moves `front` past the keys it served; when it went round
 //!   (its last key was one before `front` or one that joined), `top` moves to the sequence's
-//!   value and the keys that joined are members of the next pass (migration 8; migration 7 gave
+//!   value and the keys that joined are members of the next pass; a fetch that stopped among
+//!   the joiners leaves `front` where its reading began, not past the joiner (the next pass would
+//!   start again at the lowest turns: a second turn in a row for those keys) (migration 8; migration 7 gave
 //!   each key served a new turn, a write per key that a drain piled up as dead rows). The credit
 //!   is the rest of the turn of the key at `front` and goes to no other key: a key that left the
 //!   ring takes it along. A keyed publish (and the return of a parked
@@ -959,6 +961,16 @@ BEGIN
         -- it): a new pass, of every key in the ring now.
         IF ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] > 0 THEN
             next_top := (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
+        END IF;
+        -- Stopped among the keys that joined, after the keys of a pass: every key of the pass
+        -- was read before them (the pass is over), so the next fetch goes on where this one's
+        -- reading began (those keys, then the joiners, now members, then the keys before it). A
+        -- front past the joiner would start the next pass at the lowest turn, a second turn in a
+        -- row for the keys there. The joiner's credit, if any, is dropped: the key at that front
+        -- is another. (With no key of a pass read, as in a new rotation, the joiners are the pass.)
+        IF ring_laps[1] < 2 AND ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] = 2 THEN
+            next_front := stored_front;
+            left_credit := 0;
         END IF;
         -- The keys read without a ready row whose tasks are all gone leave the ring (a fetch
         -- filled by its first read did not read the keys after its last).
