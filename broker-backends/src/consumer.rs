@@ -62,6 +62,19 @@ impl Slots {
         Some(n)
     }
 
+    /// Takes as many free slots as there are, `max` at most, without waiting.
+    pub(crate) fn try_take(&self, max: usize) -> usize {
+        let n = self.0.available_permits().min(max);
+        match u32::try_from(n).map(|k| self.0.try_acquire_many(k)) {
+            Ok(Ok(p)) => {
+                p.forget();
+                n
+            }
+            // Only the fetcher takes slots: what was available still is (unless past a u32).
+            _ => 0,
+        }
+    }
+
     /// Gives back `n` slots (a settled delivery gives back its one).
     pub(crate) fn give_back(&self, n: usize) {
         self.0.add_permits(n);
@@ -313,6 +326,17 @@ impl<T: Send + 'static> Consumer for FetchingConsumer<T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn try_take_takes_what_is_free_without_waiting() {
+        let slots = super::Slots::new(5);
+        assert_eq!(slots.try_take(3), 3);
+        assert_eq!(slots.try_take(10), 2, "only what is left");
+        assert_eq!(slots.try_take(1), 0, "none free: none, at once");
+        slots.give_back(4);
+        assert_eq!(slots.try_take(usize::MAX), 4);
+        assert_eq!(slots.try_take(0), 0);
+    }
+
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};

@@ -511,3 +511,43 @@ async fn a_worker_back_from_a_lapse_lists_its_queues_again() {
     assert!(killed.elapsed() < Duration::from_secs(25), "{:?}", killed.elapsed());
     let _ = conn.del::<_, i64>(&scopes).await;
 }
+
+/// The first fetch in a queue's slot sets the worker's heartbeat there in the same script: while
+/// another process holds that heartbeat (a second worker under the same name), the fetch takes
+/// nothing and the worker says why; once it is gone, the next fetch sets it and takes the task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_takes_nothing_from_a_slot_where_another_process_holds_the_heartbeat() {
+    use celery_core::Broker;
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let prefix = unique("rch");
+    let url = format!("{}?global_keyprefix={prefix}:", rc.broker_url());
+    let queue = format!("{prefix}.q");
+    let name = "h@rch";
+    // The worker's heartbeat in the queue's slot, as another process would have set it.
+    let beat = format!("{prefix}:{{{queue}}}._celery_rs.worker.{name}");
+    let mut conn = RedisConn::open(&url).await.expect("a cluster connection");
+    let _: () = redis::cmd("SET")
+        .arg(&beat)
+        .arg("another-nonce:0")
+        .arg("PX")
+        .arg(120_000)
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let sent = app.send(Signature::by_name("add").args(json!([2, 3])).queue(queue.clone())).await.expect("send");
+    let w = DemoProcess::start_urls(&url, &url, &["worker", "-n", name, "-c", "2", "-Q", &queue]);
+    let refused = "another process holds this worker's heartbeat in a queue's slot";
+    assert!(w.wait_log(refused, Duration::from_secs(60)), "{}", w.log());
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    assert_eq!(broker.queue_len(&queue).await.expect("LLEN"), 1, "nothing taken\n{}", w.log());
+    assert_eq!(broker.unacked_len_of(&queue).await.expect("HLEN"), 0, "nothing leased\n{}", w.log());
+    let held: String = conn.get(&beat).await.expect("GET");
+    assert_eq!(held, "another-nonce:0", "the other process's heartbeat is left as it was");
+
+    let _: i64 = conn.del(&beat).await.expect("DEL");
+    assert_eq!(sent.get::<i64>(DRAIN).await.expect("the task ran once the slot was free"), 5, "{}", w.log());
+    let mine: Option<String> = conn.get(&beat).await.expect("GET");
+    assert!(mine.is_some_and(|v| v != "another-nonce:0"), "the fetch set the worker's own heartbeat there");
+}

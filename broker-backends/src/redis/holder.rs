@@ -29,8 +29,9 @@
 //!   written at start. The sweep reads that `workers` set and the heartbeats (`SSCAN`, `MGET`): two
 //!   commands a tick while every holder lives, whatever the queues.
 //! - In each queue shard's scope, as before: `held`, and a heartbeat that is set before the first
-//!   fetch there ([`RedisBeat::activate`]) and renewed only while the holder holds deliveries there
-//!   (or fetched there within half the grace). It is the fence of the restore: a holder whose
+//!   fetch there takes anything (by that fetch's own script, [`RedisBeat::activation`]) and
+//!   renewed only while the holder holds deliveries there (or fetched there within half the
+//!   grace). It is the fence of the restore: a holder whose
 //!   heartbeat in the holders' slot is gone is restored scope by scope from its list, by
 //!   [`scripts::recover_scope`], which restores only where the scope's heartbeat is gone too, in
 //!   the same step. So a holder that comes back and fetches again (which sets the scope's
@@ -72,6 +73,22 @@ pub(crate) type Holder = crate::liveness::Holder<RedisBeat>;
 
 /// A scope and the (queue, shard) pairs consumed in it.
 pub(crate) type ScopeQueues = (Scope, Vec<(String, u16)>);
+
+/// What a fetch script adds to set a holder's heartbeat in its scope before it takes anything
+/// ([`scripts::fetch`]): the heartbeat key last in KEYS, then nonce, value and ttl last in ARGV.
+#[derive(Debug)]
+pub(crate) struct Activation {
+    key: String,
+    nonce: String,
+    ttl_ms: u64,
+}
+
+impl Activation {
+    /// Adds the heartbeat key and its arguments, after every other key and argument.
+    pub(crate) fn add_to(&self, inv: &mut redis::ScriptInvocation<'_>) {
+        inv.key(&self.key).arg(&self.nonce).arg(format!("{}:0", self.nonce)).arg(self.ttl_ms);
+    }
+}
 
 /// A scope whose heartbeat a holder keeps on a cluster.
 #[derive(Debug)]
@@ -153,31 +170,25 @@ impl RedisBeat {
         Ok(())
     }
 
-    /// On a cluster, makes sure holder `id`'s heartbeat lives in `scope` before a fetch there:
-    /// sets it when the scope is not kept already. Fails when another process holds it there.
-    pub(crate) async fn activate(
-        &self,
-        id: &str,
-        nonce: &str,
-        grace: Duration,
-        scope: &Scope,
-    ) -> Result<(), BrokerError> {
+    /// On a cluster, what a fetch in `scope` adds to set holder `id`'s heartbeat there first, in
+    /// the same script ([`scripts::fetch`]): `None` when the scope is kept already (its use is
+    /// noted) or on one server. Once the fetch succeeded, [`RedisBeat::activated`].
+    pub(crate) fn activation(&self, id: &str, nonce: &str, grace: Duration, scope: &Scope) -> Option<Activation> {
         if !self.keys.is_cluster() {
-            return Ok(());
+            return None;
         }
         if let Some(a) = lock(&self.active).get_mut(scope) {
             a.used = Instant::now();
-            return Ok(());
+            return None;
         }
-        let r = self.beat(scope, id, nonce, 0, grace, "redis: set a worker heartbeat in a queue's slot").await?;
-        if r < 0 {
-            return Err(BrokerError::operation(
-                "redis: another process holds this worker's heartbeat in a queue's slot; give each worker its own name (-n)",
-            ));
-        }
+        Some(Activation { key: scope.heartbeat(id), nonce: nonce.to_owned(), ttl_ms: ttl_ms(grace) })
+    }
+
+    /// A fetch set the holder's heartbeat in `scope` ([`RedisBeat::activation`]): it is kept there
+    /// from now on (while deliveries are held there, or fetched within half the grace).
+    pub(crate) fn activated(&self, scope: &Scope) {
         lock(&self.active).entry(scope.clone()).or_insert(Active { held: 0, used: Instant::now() }).used =
             Instant::now();
-        Ok(())
     }
 
     /// [`scripts::heartbeat`] of holder `id` in `scope` (token `nonce:seq`): 1 renewed, 0 set

@@ -41,6 +41,12 @@ use redis::Script;
 /// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
 /// ARGV: now, n, tag prefix, first sequence, max, holder, fair (`1`/`0`), key prefix, weights
 /// count W, W (key, weight) pairs, routing keys...
+///
+/// On a cluster the holder's heartbeat in the scope must be set before the first fetch there
+/// ([`super::holder`]): then one more key, the heartbeat, comes last in KEYS (the odd count tells)
+/// and three more ARGV last: nonce, value (`<nonce>:0`), ttl ms. It is set first, as
+/// [`heartbeat`] does, in the same step as the fetch (no round trip of its own); when another
+/// process holds it the script fails with `HELDELSEWHERE` and takes nothing.
 /// Returns, in the order taken, pairs (list index, envelope) for the leased ones, whose tags are
 /// the tag prefix followed by the first sequence, the next, ... in that order (the caller knows
 /// them: not sending them back spares a string per envelope on both sides), and triples (list
@@ -54,7 +60,19 @@ local out = {{}}
 local n = tonumber(ARGV[2])
 local seq = tonumber(ARGV[4])
 local max = tonumber(ARGV[5])
-local lists = (#KEYS - 4) / 2
+local nk = #KEYS
+if (nk - 4) % 2 == 1 then
+  local beat, na = KEYS[nk], #ARGV
+  local nonce = ARGV[na - 2]
+  local cur = redis.call('GET', beat)
+  if cur and string.sub(cur, 1, #nonce + 1) ~= nonce .. ':' then
+    return redis.error_reply('HELDELSEWHERE another process holds this heartbeat')
+  end
+  redis.call('SET', beat, ARGV[na - 1], 'PX', ARGV[na])
+  redis.call('SADD', KEYS[4], ARGV[6])
+  nk = nk - 1
+end
+local lists = (nk - 4) / 2
 local nq = lists / 4
 local fair = ARGV[7] == '1'
 local prefix = ARGV[8]
