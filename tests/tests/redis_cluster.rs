@@ -232,6 +232,42 @@ async fn shards_spread_a_queue_over_four_slots() {
     assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 0);
 }
 
+/// Fetch rounds over many queue slots: a queue over 64 shards (64 slots) drained by a worker of
+/// prefetch 64 (`-c 16`), so each fetch round sends the scripts of several slots at once and
+/// splits its prefetch slots among them, in waves (2,000 tasks): every task runs, none twice, and
+/// nothing stays leased. A round that kept or lost prefetch slots would stall the drain (a leak)
+/// or leave leases behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetch_rounds_over_many_slots_drain_in_waves() {
+    cluster::bound_run_time("redis_cluster", FILE_BOUND);
+    let Some(rc) = block_in_place(RedisCluster::up) else { return };
+    let queue = unique("rcw");
+    let url = format!("{}?global_keyprefix={queue}:&shards=64", rc.broker_url());
+    let app = celery_worker::connect(&url, &url).await.expect("connect over the cluster URL");
+    let sigs = (0..2000i64).map(|i| Signature::by_name("add").args(json!([i, 1])).queue(queue.clone()));
+    let sent = app.send_batch(sigs).await.expect("send");
+    assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 2000);
+    let worker =
+        DemoProcess::start_urls(&url, &url, &["worker", "-c", "16", "-Q", &queue, "-n", &format!("w@{queue}")]);
+    assert!(worker.wait_log("worker ready", Duration::from_secs(60)), "{}", worker.log());
+    for (i, r) in sent.iter().enumerate() {
+        let v = r.get::<i64>(DRAIN).await.unwrap_or_else(|e| panic!("task {i} ran: {e}\n{}", worker.log()));
+        assert_eq!(v, i as i64 + 1);
+    }
+    assert_eq!(app.broker().queue_len(&queue).await.expect("length"), 0);
+    // Settled: every lease gone from every slot's unacked hash.
+    let broker = RedisBroker::connect(&url).await.expect("connect the broker");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leased = broker.unacked_len_of(&queue).await.expect("leases");
+        if leased == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{leased} leases left after the drain\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// The states of `ids`, with the worker that stored each.
 async fn states(app: &App, ids: &[String]) -> Vec<(celery_core::TaskState, Option<String>)> {
     let mut out = Vec::new();

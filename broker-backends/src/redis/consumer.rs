@@ -418,8 +418,9 @@ struct RedisFetch {
     weights: Arc<FairnessWeights>,
     /// Where each fetch sent goes, in the order sent, to have its reply decoded ([`decode_loop`],
     /// started by the first fetch), so that the next fetch is on its way while Redis runs this one
-    /// and the worker decodes the one before. Unbounded in type only: at most
-    /// [`FETCHES_IN_FLIGHT`] wait there, and what they take keeps prefetch slots.
+    /// and the worker decodes the one before. Unbounded in type only: at most the fetches of
+    /// [`fetches_in_flight`] rounds wait there (on a cluster up to [`CLUSTER_GROUPS_PER_ROUND`]
+    /// each), and what they take keeps prefetch slots.
     decoder: Option<mpsc::UnboundedSender<Pending>>,
     /// One permit per fetch round sent whose replies are not all in ([`fetches_in_flight`]).
     in_flight: Arc<Semaphore>,
