@@ -195,6 +195,14 @@ mod tests {
         Partition::open(&root.join("topics").join(queue).join("0"), &cfg, Arc::new(Notify::new())).unwrap()
     }
 
+    /// Partition `queue` with `n` records, the first of them taken (leased).
+    async fn first_taken(root: &Path, queue: &str, journal: &Arc<AcksJournal>, n: usize) -> Partition {
+        let p = open(root, queue, journal);
+        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; n]).await.unwrap();
+        assert_eq!(take(&p), Some(0));
+        p
+    }
+
     fn take(p: &Partition) -> Option<u64> {
         let far = Instant::now() + Duration::from_secs(60);
         p.take(far, 1, &FairnessWeights::default()).unwrap().map(|t| t.record.offset)
@@ -281,9 +289,7 @@ mod tests {
         let root = tempdir();
         {
             let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
-            let p = open(&root, "q", &journal);
-            p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }; 2]).await.unwrap();
-            assert_eq!(take(&p), Some(0));
+            let p = first_taken(&root, "q", &journal, 2).await;
             queue_acks(&p, &[0]).await;
             let member = p.log.member();
             let mut frames = Vec::new();
@@ -309,9 +315,7 @@ mod tests {
     async fn a_round_that_stops_releases_its_writers() {
         let root = tempdir();
         let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
-        let p = open(&root, "q", &journal);
-        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
-        assert_eq!(take(&p), Some(0));
+        let p = first_taken(&root, "q", &journal, 1).await;
         queue_acks(&p, &[0]).await;
         let member = p.log.member();
         member.join(&mut Vec::new()).expect("joins");
@@ -328,9 +332,7 @@ mod tests {
     async fn an_ack_after_close_is_refused() {
         let root = tempdir();
         let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
-        let p = open(&root, "q", &journal);
-        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
-        assert_eq!(take(&p), Some(0));
+        let p = first_taken(&root, "q", &journal, 1).await;
         p.log.close();
         assert!(matches!(p.ack(&[0]), Err(crate::log::storage::LogError::Closed)));
         drop((p, journal));
@@ -343,9 +345,7 @@ mod tests {
     async fn a_writer_in_a_round_runs_its_commands_after_the_write() {
         let root = tempdir();
         let journal = AcksJournal::open(&root, Fsync::Always).unwrap();
-        let p = open(&root, "q", &journal);
-        p.log.append(vec![NewRecord { payload: b"a".to_vec(), ..NewRecord::default() }]).await.unwrap();
-        assert_eq!(take(&p), Some(0));
+        let p = first_taken(&root, "q", &journal, 1).await;
         queue_acks(&p, &[0]).await;
         let member = p.log.member();
         let mut frames = Vec::new();
