@@ -800,6 +800,202 @@ async fn postgres_an_invalid_fairness_key_does_not_fail_its_batch() {
     assert_eq!(keys.as_deref(), Some("-,-,-,-,good"));
 }
 
+/// PostgreSQL: a small key is not held up by thousands of keys whose only task waits for an eta:
+/// A (5,000 tasks), B (10), then 5,000 keys of one task each due in a day, taken by fetches of 4
+/// (by hand, each reading 72 keys at a time): all of B's are taken before 10% of A's. A fetch
+/// whose keys read had only waiting tasks once took the queue's oldest rows (A's), and B's last
+/// came after 22% of A's; now it reads on from the new front (up to 16 × 72 keys) first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_small_key_passes_thousands_of_keys_that_only_wait() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-etas-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    app.send_batch((0..5000).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..10).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    app.send_batch((0..5000).map(|i| task(&q, i).fairness_key(format!("w{i}")).eta(later))).await.unwrap();
+    let (mut a, mut b, mut fetches) = (0, 0, 0);
+    while b < 10 {
+        fetches += 1;
+        assert!(fetches <= 1300, "B not done after {fetches} fetches ({a} of A's, {b} of B's)");
+        for key in pg_fair_take(schema, &q, 4, &[]) {
+            match key.as_str() {
+                "A" => a += 1,
+                "B" => b += 1,
+                other => panic!("a waiting key's task was taken: {other}"),
+            }
+        }
+    }
+    assert!(a < 500, "B's 10 tasks took until {a} of A's 5,000 ({fetches} fetches)");
+}
+
+/// PostgreSQL: while a transaction that sent a keyed task to the queue (`send_in`) stays open,
+/// the keys that ran out still leave the ring (but those of its key's lock stripe, about 1 in
+/// 16), and the keys left take turns: after 600 keys of one task each are taken, A (200 tasks)
+/// and the unkeyed tasks (200) share the next 200 deliveries. With the whole queue's lock held by
+/// the transaction the empty keys once stayed: each fetch read only them, then took the queue's
+/// oldest rows, the unkeyed ones (570 to A's 38 in a 600-key ring).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_drained_keys_leave_the_ring_while_a_keyed_send_in_is_open() {
+    use broker_backends::postgres::transactional::SendInTransaction;
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-open-{}", uuid::Uuid::new_v4().simple());
+    app.send_batch((0..200).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..200).map(|i| task(&q, i))).await.unwrap();
+    app.send_batch((0..600).map(|i| task(&q, i).fairness_key(format!("k{i}")))).await.unwrap();
+    let (mut client, conn) =
+        tokio_postgres::connect(&schema.url("postgresql", ""), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    let tx = client.transaction().await.unwrap();
+    app.send_in(&tx, task(&q, 0).fairness_key("held")).await.unwrap();
+    // The first pass: every key once (the 600 run out).
+    let mut first = Vec::new();
+    while first.len() < 602 {
+        let got = pg_fair_take(schema, &q, 4, &[]);
+        assert!(!got.is_empty(), "short after {}", first.len());
+        first.extend(got);
+    }
+    let mut served = std::collections::HashMap::<String, usize>::new();
+    for _ in 0..50 {
+        for key in pg_fair_take(schema, &q, 4, &[]) {
+            *served.entry(key).or_default() += 1;
+        }
+    }
+    let (a, unkeyed) = (served.get("A").copied().unwrap_or(0), served.get("").copied().unwrap_or(0));
+    assert!(a >= 80 && unkeyed >= 80, "A {a}, unkeyed {unkeyed} of the 200 after the first pass: {served:?}");
+    let left = pg_value(&t, &format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}' AND key LIKE 'k%'"));
+    let left: usize = left.unwrap().parse().unwrap();
+    assert!(left <= 100, "{left} of the 600 empty keys still in the ring");
+    tx.commit().await.unwrap();
+    let taken = first.len() + served.values().sum::<usize>();
+    assert_eq!(app.broker().queue_len(&q).await.unwrap() as usize, 1001 - taken, "every task once");
+}
+
+/// PostgreSQL: a task committed while a fair fetch waits for its queue's row (locked by another
+/// fetch), by a transaction that began before the fetch (so the task is due by the fetch's clock),
+/// is leased by that fetch, which picks it: `sql::FAIR_FETCH` leases in its function. The fetch
+/// statement's own snapshot (older than the task) once left it picked and locked but not leased,
+/// its key's turn counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_task_committed_while_the_fair_fetch_waits_is_leased() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-wait-lock-{}", uuid::Uuid::new_v4().simple());
+    // The rotation, A in its ring: A's first task is held by someone.
+    app.send(task(&q, 0).fairness_key("A")).await.unwrap();
+    schema
+        .exec(&format!("UPDATE celery_rs_tasks SET leased_until = now() + interval '1 hour' WHERE queue = '{q}'"))
+        .unwrap();
+    let connect = || async {
+        let (c, conn) = tokio_postgres::connect(&schema.url("postgresql", ""), tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(conn);
+        c
+    };
+    let mut locker = connect().await;
+    let mut publisher = connect().await;
+    let fetcher = connect().await;
+    let pid: i32 = fetcher.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let publish = publisher.transaction().await.unwrap();
+    publish.execute("SELECT now()", &[]).await.unwrap();
+    let lock = locker.transaction().await.unwrap();
+    lock.execute("SELECT 1 FROM celery_rs_fair_queues WHERE queue = $1 FOR UPDATE", &[&q]).await.unwrap();
+    let fetch = {
+        let q = q.clone();
+        tokio::spawn(async move {
+            let (keys, weights): (Vec<String>, Vec<i32>) = (vec![], vec![]);
+            fetcher
+                .query(
+                    broker_backends::postgres::sql::FAIR_FETCH,
+                    &[&q, &1i32, &30f64, &(1i64 << 20), &"fair-test-holder", &keys, &weights, &66i32],
+                )
+                .await
+                .unwrap()
+        })
+    };
+    let waiting = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND wait_event_type = 'Lock'");
+    assert!(wait_until(Duration::from_secs(10), || pg_value(&t, &waiting).as_deref() == Some("1")), "the fetch waits");
+    // A's second task, as a publish would insert it (the key is in the ring).
+    publish
+        .execute(
+            "INSERT INTO celery_rs_tasks (queue, priority, payload, fair_key) \
+             SELECT queue, priority, payload, fair_key FROM celery_rs_tasks WHERE queue = $1",
+            &[&q],
+        )
+        .await
+        .unwrap();
+    publish.commit().await.unwrap();
+    lock.commit().await.unwrap();
+    let rows = tokio::time::timeout(T, fetch).await.unwrap().unwrap();
+    let ids: Vec<Option<i64>> = rows.iter().map(|r| r.get(1)).collect();
+    assert!(ids.len() == 1 && ids[0].is_some(), "the task committed meanwhile is delivered: {ids:?}");
+    let leased = pg_value(
+        &t,
+        &format!(
+            "SELECT count(*) FROM celery_rs_tasks WHERE queue = '{q}' AND holder = 'fair-test-holder' \
+             AND leased_until > now() AND deliveries = 1"
+        ),
+    );
+    assert_eq!(leased.as_deref(), Some("1"), "and leased");
+}
+
+/// PostgreSQL: the broker's migrations from 9 on apply to a schema at migration 8 that holds keyed
+/// tasks and a rotation part-way through a turn (left by migration 8's fetch): the rotation goes
+/// on where it was, every task comes out once, and the functions that fetches and transactional
+/// sends compiled before the upgrade call are kept (migration 8's `celery_rs_fair_pick`, the
+/// queue's own fair lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_9_takes_over_a_rotation_of_migration_8() {
+    use broker_backends::postgres::sql::{COMPONENT, MIGRATIONS};
+    let Some(old) = celery_tests::PgSchema::new("fair_queues (upgrade 9)") else { return };
+    let Some((scratch_target, scratch)) = postgres_app().await else { return };
+    let Target::Postgres(scratch_schema, env) = &scratch_target else { unreachable!() };
+    let mut ddl = String::from(
+        "CREATE TABLE celery_rs_schema_version (component varchar(64) NOT NULL, version integer NOT NULL, \
+         name text NOT NULL, applied_at timestamp with time zone NOT NULL DEFAULT now(), \
+         PRIMARY KEY (component, version));",
+    );
+    for m in MIGRATIONS.iter().filter(|m| m.version <= 8) {
+        ddl.push_str(m.sql);
+        ddl.push_str(&format!(
+            ";INSERT INTO celery_rs_schema_version (component, version, name) VALUES ('{COMPONENT}', {}, '{}');",
+            m.version,
+            m.name.replace('\'', "''")
+        ));
+    }
+    old.exec(&ddl).unwrap();
+    let q = format!("fair-upgrade9-{}", uuid::Uuid::new_v4().simple());
+    scratch.send_batch((0..6).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    scratch.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
+    scratch.send_batch((0..3).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    old.exec(&format!(
+        "SELECT celery_rs_fair_publish(array_agg(queue ORDER BY id),
+             array_agg((CASE WHEN fair_key IS NULL THEN priority ELSE priority - 1000 END)::smallint ORDER BY id),
+             array_agg(NULL::timestamptz ORDER BY id), array_agg(payload ORDER BY id), array_agg(fair_key ORDER BY id),
+             'celery_rs_upgrade_test')
+         FROM {}.celery_rs_tasks WHERE queue = '{q}'",
+        scratch_schema.0
+    ))
+    .unwrap();
+    // Migration 8's fetch takes one of A (weight 3): A keeps 2 of its turn, the front on A.
+    assert_eq!(pg_fair_take(&old, &q, 1, &[("A", 3)]), ["A"]);
+    let state = old.query(&format!("SELECT credit FROM celery_rs_fair_queues WHERE queue = '{q}'")).unwrap();
+    assert_eq!(state, [[Some("2".to_owned())]]);
+    let url = old.url("postgres", "visibility_timeout=30");
+    let app = celery_worker::connect(&url, &env.backend).await.unwrap();
+    let version = old.query("SELECT max(version) FROM celery_rs_schema_version WHERE component = 'broker'").unwrap();
+    assert_eq!(version[0][0].as_deref(), Some(&*MIGRATIONS.len().to_string()));
+    // By hand through migration 8's name (as a fetch compiled before the upgrade calls it), then
+    // the last by a consumer of the upgraded app.
+    let mut keys: Vec<String> = (0..10).flat_map(|_| pg_fair_take(&old, &q, 1, &[("A", 3)])).collect();
+    keys.extend(take_keys(&app, &q, 1, weights(&["A=3"])).await);
+    assert_eq!(keys, ["A", "A", "", "B", "A", "A", "A", "", "B", "", "B"], "A's turn goes on, then turns by weight");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
+    // A transactional send of the earlier version takes the queue's own lock (shared).
+    let kept = old.query(&format!("SELECT celery_rs_fair_lock('{q}', true)"));
+    assert_eq!(kept.unwrap(), [[Some("t".to_owned())]]);
+}
+
 /// The task the contract tests send (never run: they consume with the broker directly).
 #[celery_worker::prelude::task]
 async fn fair_probe(i: u64) -> u64 {

@@ -237,7 +237,8 @@ async fn a_keyed_send_in_under_repeatable_read_puts_back_a_key_dropped_meanwhile
 
 /// A keyed send_in whose transaction has another (existing) schema first on its search path
 /// (the direct path: `celery_rs_tasks` resolves to the broker's table) holds the same fair lock
-/// of the queue as the broker's own statements take: the fetch's exclusive try fails meanwhile.
+/// of its key as the broker's own statements take: the fetch's exclusive try fails meanwhile (the
+/// queue's own lock is not held: the queue's other keys may leave the ring).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_send_in_locks_the_queue_whatever_the_callers_first_schema() {
     let Some(schema) = PgSchema::new(SUITE) else { return };
@@ -251,10 +252,13 @@ async fn a_keyed_send_in_locks_the_queue_whatever_the_callers_first_schema() {
     let keyed: i64 = tx.query_one("SELECT count(fair_key) FROM celery_rs_tasks", &[]).await.unwrap().get(0);
     assert_eq!(keyed, 1, "the direct path");
     let fetcher = client(&schema).await;
-    let free: bool = fetcher.query_one("SELECT celery_rs_fair_lock($1, false)", &[&q]).await.unwrap().get(0);
+    let key_free = "SELECT celery_rs_fair_lock_key($1, 'k', false)";
+    let free: bool = fetcher.query_one(key_free, &[&q]).await.unwrap().get(0);
     assert!(!free, "the send_in's shared lock holds off the exclusive one");
-    tx.commit().await.unwrap();
     let free: bool = fetcher.query_one("SELECT celery_rs_fair_lock($1, false)", &[&q]).await.unwrap().get(0);
+    assert!(free, "the queue's own lock is free");
+    tx.commit().await.unwrap();
+    let free: bool = fetcher.query_one(key_free, &[&q]).await.unwrap().get(0);
     assert!(free);
 }
 

@@ -29,7 +29,7 @@
 //!   park it", "freed, move one back") sees every earlier step of the key committed. Moving a
 //!   parked message back (`celery_rs_key_unpark`) inserts it into `celery_rs_tasks` and notifies
 //!   its queue like a publish. A task without a concurrency key touches none of these.
-//! - Fair queues (migrations 7 and 8, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
+//! - Fair queues (migrations 7 to 9, `FAIR_PUBLISH`, `FAIR_FETCH`): a keyed task's row has its
 //!   `fair_key` and its priority plus 1,000, so keyed rows sort after every unkeyed row of their
 //!   queue in the ready index (the unkeyed rows of a fair queue are found without walking past
 //!   keyed ones, and a consumer that does not know yet that the queue is fair still takes keyed
@@ -51,12 +51,15 @@
 //!   each key served a new turn, a write per key that a drain piled up as dead rows). The credit
 //!   is the rest of the turn of the key at `front` and goes to no other key: a key that left the
 //!   ring takes it along. A keyed publish (and the return of a parked
-//!   keyed task) adds its key under a shared advisory lock of the queue; a fetch drops a key
-//!   without rows (ready, waiting for an eta or leased: leased and waiting rows come back
-//!   without any event, so their key stays), and the rotation once no keyed row is left, only
-//!   under that lock taken exclusively (tried, never waited for), so a key never leaves while a
-//!   publish of it is uncommitted (the lock is keyed by the oid of `celery_rs_tasks`, the same
-//!   whatever a caller's first schema). The front passes the keys read without a ready row (only
+//!   keyed task, and a transactional send until its transaction ends) adds its key under a
+//!   shared advisory lock of the key (of its stripe of the queue, 16 a queue, migration 9;
+//!   before, of the whole queue, which a transactional send of an earlier version still takes);
+//!   a fetch drops a key without rows (ready, waiting for an eta or leased: leased and waiting
+//!   rows come back without any event, so their key stays) only under the queue's lock and the
+//!   key's taken exclusively, and the rotation once no keyed row is left under all of them
+//!   (tried, never waited for), so a key never leaves while a publish of it is uncommitted, and
+//!   an open transaction keeps only the keys of its stripes (the locks are keyed by the oid of
+//!   `celery_rs_tasks`, the same whatever a caller's first schema). The front passes the keys read without a ready row (only
 //!   waiting or leased ones) with those served. The rows are read key by key in one statement,
 //!   each key from its last row taken in this fetch on, and locked as read (`FOR UPDATE SKIP
 //!   LOCKED`, so a row is taken only while ready in its queue): when one round may fill the
@@ -67,9 +70,13 @@
 //!   all they were asked while the fetch is short. Its cost follows the rows taken, not the
 //!   ring's length (migration 7 read every key of the ring, ranked the candidates, then locked
 //!   the rows taken in a second step). A fair
-//!   fetch left short while no key it read may have more also takes the queue's oldest ready rows
-//!   beyond the keys read (a ring longer than one fetch reads), or whose key is not in the ring
-//!   (none is expected), and puts their keys back.
+//!   fetch left short while no key it read may have more reads on from the front it moved, as
+//!   the next fetch would, window after window (up to 16 of the keys one fetch reads, migration
+//!   9), and only then takes the queue's oldest ready rows beyond the keys read (a ring longer
+//!   than that), or whose key is not in the ring (none is expected), and puts their keys back.
+//!   The function that picks the rows (`celery_rs_fair_take`, migration 9) also leases them, in
+//!   a statement of its own: a row committed while the fetch waited for the queue's row is seen
+//!   (the fetch statement's snapshot is older).
 //! - The function `celery_rs_task_id(payload)`: the task id in a payload's headers, read by the
 //!   server (NULL when it does not parse), so that a message too large for its consumer is
 //!   dead-lettered, and its task named, without its payload being sent.
@@ -1018,6 +1025,436 @@ END $$;
 -- before this migration (a worker of the earlier version, during a rolling upgrade) calls it.
 ",
     },
+    Migration {
+        version: 9,
+        name: "fair queues: the ring read on past keys without ready rows, keys dropped under their own locks, rows leased by the fetch function",
+        sql: "
+-- A key's lock: the stripe of the queue its name hashes to (16 a queue), taken shared by every
+-- publish and transactional send of the key until it commits, tried exclusively by a fetch that
+-- drops the key (a send holds a few stripes, not the whole queue's lock; at most 16 locks a queue).
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock_key(p_queue text, p_key text, p_shared boolean) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF p_shared THEN
+        PERFORM pg_advisory_xact_lock_shared(hashtext('celery_rs_fair_key:' || 'celery_rs_tasks'::regclass::oid::text),
+            hashtext(p_queue || '/' || (hashtext(p_key) & 15)));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(hashtext('celery_rs_fair_key:' || 'celery_rs_tasks'::regclass::oid::text),
+        hashtext(p_queue || '/' || (hashtext(p_key) & 15)));
+END $$;
+-- Every lock of the queue, tried (the queue's own, held shared by a transactional send of an
+-- earlier version, then each stripe): the rotation itself may go.
+CREATE OR REPLACE FUNCTION celery_rs_fair_lock_all(p_queue text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    IF NOT celery_rs_fair_lock(p_queue, false) THEN
+        RETURN false;
+    END IF;
+    FOR s IN 0 .. 15 LOOP
+        IF NOT pg_try_advisory_xact_lock(hashtext('celery_rs_fair_key:' || 'celery_rs_tasks'::regclass::oid::text),
+            hashtext(p_queue || '/' || s))
+        THEN
+            RETURN false;
+        END IF;
+    END LOOP;
+    RETURN true;
+END $$;
+-- The keys among p_keys without any row in the queue (ready, waiting or leased), each looked up
+-- by its own index probes whatever the table's statistics (a join planned without them read
+-- every row of the queue per key).
+CREATE OR REPLACE FUNCTION celery_rs_fair_gone(p_queue text, p_keys text[]) RETURNS text[]
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(array_agg(k), '{}') FROM unnest(p_keys) AS k
+    WHERE (SELECT t.id FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.fair_key = k AND t.leased_until IS NULL
+            LIMIT 1) IS NULL
+        AND (SELECT t.id FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.fair_key = k
+            AND t.leased_until IS NOT NULL LIMIT 1) IS NULL
+$$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_join(p_queue text, p_key text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    PERFORM celery_rs_fair_lock_key(p_queue, p_key, true);
+    -- No pre-check (a caller's REPEATABLE READ snapshot may still see a row a fetch deleted):
+    -- ON CONFLICT looks at the committed rows.
+    INSERT INTO celery_rs_fair_queues (queue) VALUES (p_queue) ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, p_key, nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
+    INSERT INTO celery_rs_fair_ring (queue, key, turn) VALUES (p_queue, '', nextval('celery_rs_fair_turn'))
+    ON CONFLICT DO NOTHING;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_forget(p_queue text) RETURNS void
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE gone text[];
+BEGIN
+    -- The queue's row first, then its locks: the order a fair fetch takes them in.
+    PERFORM 1 FROM celery_rs_fair_queues WHERE queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    -- Tried, never waited for: a send in an open transaction keeps its keys (a later fetch
+    -- drops them once they are empty).
+    IF NOT celery_rs_fair_lock(p_queue, false) THEN
+        RETURN;
+    END IF;
+    gone := celery_rs_fair_gone(p_queue,
+        ARRAY(SELECT r.key FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key <> ''));
+    gone := ARRAY(SELECT g FROM unnest(gone) AS g WHERE celery_rs_fair_lock_key(p_queue, g, false));
+    -- Read again under the locks.
+    DELETE FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.key = ANY(celery_rs_fair_gone(p_queue, gone));
+    IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+        IF celery_rs_fair_lock_all(p_queue) THEN
+            IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+                DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+                DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+            END IF;
+        END IF;
+    END IF;
+END $$;
+CREATE OR REPLACE FUNCTION celery_rs_fair_next(p_queue text, p_n integer, p_keys text[], p_weights integer[],
+    p_visits integer) RETURNS bigint[]
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE
+    stored integer;
+    stored_front bigint;
+    stored_top bigint;
+    ring_keys text[];
+    ring_turns bigint[];
+    -- 0: in this pass, at or after the front; 1: in this pass, before the front (served in it);
+    -- 2: joined during this pass (at or after top).
+    ring_laps integer[];
+    ring_w integer[];
+    m integer;
+    first_credit integer;
+    -- Per key read: rows asked by this read, rows taken so far, its last row taken (where the
+    -- next read of it starts), and whether it gave all it was asked so far (it may have more);
+    -- brought up to date only while the fetch is still short.
+    lim integer[];
+    cnt integer[];
+    lp smallint[];
+    lr timestamptz[];
+    lid bigint[];
+    live boolean[];
+    r0 integer := 0;
+    rounds integer;
+    one_round integer;
+    next_rounds integer;
+    reads integer := 0;
+    c_ids bigint[] := '{}';
+    c_i integer[] := '{}';
+    c_rnd integer[] := '{}';
+    saturated boolean := false;
+    read_end integer;
+    empties text[];
+    ids bigint[] := '{}';
+    taken integer := 0;
+    last_i integer;
+    last_rnd integer;
+    allot integer;
+    served integer := 0;
+    more boolean := false;
+    next_front bigint;
+    next_top bigint;
+    left_credit integer := 0;
+    -- Across the windows of the ring read by this fetch (each of at most p_visits keys from the
+    -- front the window before left): what the fetch took, and where it started.
+    want integer;
+    windows integer := 0;
+    all_ids bigint[] := '{}';
+    first_stored integer;
+    first_front bigint;
+    first_top bigint;
+    -- Whether no fair lock of the queue is held shared (by a transactional send of an earlier
+    -- version, which does not name its keys): NULL until tried.
+    free boolean;
+    gone text[];
+BEGIN
+    SELECT s.credit, s.front, s.top INTO stored, stored_front, stored_top
+    FROM celery_rs_fair_queues s WHERE s.queue = p_queue FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    first_stored := stored;
+    first_front := stored_front;
+    first_top := stored_top;
+    next_front := stored_front;
+    next_top := stored_top;
+    -- A window of the ring that gives nothing (its keys only wait for an eta, are leased, or ran
+    -- out) moves the front past it, and the fetch reads on from there, as the next fetch would,
+    -- up to 16 windows: a fetch takes the queue's oldest rows regardless of keys only when the
+    -- whole ring was read, or that many windows were, and it is still short.
+    LOOP
+    windows := windows + 1;
+    want := p_n - cardinality(all_ids);
+    ids := '{}';
+    c_ids := '{}';
+    c_i := '{}';
+    c_rnd := '{}';
+    r0 := 0;
+    reads := 0;
+    taken := 0;
+    saturated := false;
+    served := 0;
+    more := false;
+    left_credit := 0;
+    -- The ring in turn from its front. A pass is the keys whose turn is below top (the sequence's
+    -- value when the pass began): those at or after the front, then (round the ring) those before
+    -- it, served in this pass already; the keys that joined during the pass (their turn at or
+    -- after top, from the sequence) come last, behind every key already waiting, and become
+    -- members when the front wraps round. Serving a key moves the front past it: no ring row is
+    -- rewritten.
+    SELECT array_agg(k.key ORDER BY k.lap, k.turn), array_agg(k.turn ORDER BY k.lap, k.turn),
+        array_agg(k.lap ORDER BY k.lap, k.turn),
+        array_agg(coalesce(p_weights[array_position(p_keys, k.key)], 1) ORDER BY k.lap, k.turn)
+    INTO ring_keys, ring_turns, ring_laps, ring_w
+    FROM (SELECT u.key, u.turn, u.lap FROM (
+            (SELECT r.key, r.turn, 0 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= stored_front AND r.turn < stored_top
+                ORDER BY r.turn LIMIT p_visits)
+            UNION ALL
+            (SELECT r.key, r.turn, 1 AS lap FROM celery_rs_fair_ring r WHERE r.queue = p_queue AND r.turn < stored_front
+                ORDER BY r.turn LIMIT p_visits)
+            UNION ALL
+            (SELECT r.key, r.turn, 2 AS lap FROM celery_rs_fair_ring r
+                WHERE r.queue = p_queue AND r.turn >= greatest(stored_front, stored_top)
+                ORDER BY r.turn LIMIT p_visits)) u
+        ORDER BY u.lap, u.turn LIMIT p_visits) k;
+    m := coalesce(cardinality(ring_keys), 0);
+    IF m > 0 THEN
+        -- A credit is the rest of the turn of the key the front stopped at: only that key (the
+        -- same turn) takes it; one that left the ring takes it along.
+        first_credit := CASE WHEN stored > 0 AND ring_turns[1] = stored_front THEN least(stored, ring_w[1])
+            ELSE ring_w[1] END;
+        cnt := array_fill(0, ARRAY[m]);
+        live := array_fill(true, ARRAY[m]);
+        lp := array_fill(NULL::smallint, ARRAY[m]);
+        lr := array_fill(NULL::timestamptz, ARRAY[m]);
+        lid := array_fill(NULL::bigint, ARRAY[m]);
+        -- Rounds: the front key first gives its credit, every key then its weight in turn. Each
+        -- read asks the keys that may have more for as many whole rounds as fit in what is left
+        -- (all of them taken), or for one round cut at what is left (the keys after the cut are
+        -- not read); rows are locked as read (FOR UPDATE SKIP LOCKED), each key read from its
+        -- last row taken on, so a fetch reads about the rows it takes, not the ring.
+        LOOP
+            SELECT coalesce(sum(CASE WHEN r0 = 0 AND g = 1 THEN first_credit ELSE ring_w[g] END), 0),
+                coalesce(sum(ring_w[g]), 0)
+            INTO one_round, next_rounds
+            FROM generate_series(1, m) g WHERE live[g];
+            EXIT WHEN one_round = 0 OR taken >= want OR r0 >= want;
+            -- Enough rounds to fill the fetch if every key has enough (the rows of a last round
+            -- beyond the fetch size stay locked, not taken, until the statement commits).
+            rounds := CASE WHEN one_round >= want - taken THEN 1
+                ELSE 2 + (want - taken - one_round - 1) / next_rounds END;
+            lim := ARRAY(SELECT CASE WHEN NOT live[g] THEN 0
+                WHEN r0 = 0 AND g = 1 THEN first_credit + (rounds - 1) * ring_w[g] ELSE rounds * ring_w[g] END
+                FROM generate_series(1, m) g ORDER BY g);
+            reads := reads + 1;
+            WITH s AS MATERIALIZED (
+                SELECT r.i::integer AS i, l.id, l.priority, l.run_at
+                FROM unnest(ring_keys, lim, lp, lr, lid) WITH ORDINALITY AS r(rk, rlim, rlp, rlr, rlid, i)
+                CROSS JOIN LATERAL (
+                    SELECT a.id, a.priority, a.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk <> '' AND t.queue = p_queue AND t.fair_key = r.rk AND t.leased_until IS NULL
+                            AND t.run_at <= now()
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) a
+                    UNION ALL
+                    SELECT b.id, b.priority, b.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
+                        WHERE r.rk = '' AND t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now()
+                            AND t.priority < 1000
+                            AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
+                        ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) b) l
+                WHERE r.rlim > 0
+                -- One round is read in turn: it stops at the fetch size (the keys after are not read).
+                LIMIT CASE WHEN rounds = 1 THEN want - taken END),
+            c AS (
+                SELECT q.*, CASE WHEN r0 = 0 AND q.i = 1 THEN CASE WHEN q.p < first_credit THEN 0
+                        ELSE 1 + (q.p - first_credit) / ring_w[q.i] END
+                    ELSE r0 + q.p / ring_w[q.i] END AS rnd
+                FROM (SELECT s.*, (row_number() OVER (PARTITION BY s.i ORDER BY s.priority, s.run_at, s.id) - 1)::integer AS p
+                    FROM s) q),
+            got AS (SELECT c.i, count(*)::integer AS n FROM c GROUP BY c.i),
+            t AS (SELECT c.* FROM c ORDER BY c.rnd, c.i, c.p LIMIT want - taken),
+            per AS (
+                SELECT t.i, count(*)::integer AS n, (array_agg(t.priority ORDER BY t.p DESC))[1] AS plp,
+                    (array_agg(t.run_at ORDER BY t.p DESC))[1] AS plr, (array_agg(t.id ORDER BY t.p DESC))[1] AS plid
+                FROM t GROUP BY t.i),
+            took AS (SELECT coalesce(array_agg(o.id), '{}') AS ids, coalesce(array_agg(o.i), '{}') AS i,
+                coalesce(array_agg(o.rnd), '{}') AS rnd
+                FROM (SELECT t.id, t.i, t.rnd FROM t ORDER BY t.rnd, t.i, t.p) o)
+            -- Where each key stands is needed only if the fetch is still short after this read.
+            SELECT c_ids || took.ids, c_i || took.i, c_rnd || took.rnd,
+                CASE WHEN cardinality(took.ids) < want - taken THEN ARRAY(SELECT cnt[g] + coalesce(per.n, 0)
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE cnt END,
+                CASE WHEN cardinality(took.ids) < want - taken THEN ARRAY(SELECT coalesce(per.plp, lp[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lp END,
+                CASE WHEN cardinality(took.ids) < want - taken THEN ARRAY(SELECT coalesce(per.plr, lr[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lr END,
+                CASE WHEN cardinality(took.ids) < want - taken THEN ARRAY(SELECT coalesce(per.plid, lid[g])
+                    FROM generate_series(1, m) g LEFT JOIN per ON per.i = g ORDER BY g) ELSE lid END,
+                -- A key that gave less than asked has nothing more ready (for us) in this fetch.
+                CASE WHEN cardinality(took.ids) < want - taken THEN ARRAY(SELECT live[g] AND coalesce(got.n, 0) >= lim[g]
+                    FROM generate_series(1, m) g LEFT JOIN got ON got.i = g ORDER BY g) ELSE live END
+            FROM took
+            INTO c_ids, c_i, c_rnd, cnt, lp, lr, lid, live;
+            taken := cardinality(c_ids);
+            r0 := r0 + rounds;
+        END LOOP;
+        saturated := taken < want AND true = ANY(live);
+        ids := c_ids;
+        IF taken > 0 THEN
+            last_i := c_i[taken];
+            last_rnd := c_rnd[taken];
+            allot := CASE WHEN last_i = 1 AND last_rnd = 0 THEN first_credit ELSE ring_w[last_i] END;
+            served := (SELECT count(*) FROM unnest(c_i, c_rnd) AS u(i, rnd) WHERE u.i = last_i AND u.rnd = last_rnd);
+            IF served < allot THEN
+                -- Its turn goes on into the next fetch if it has more.
+                IF ring_keys[last_i] = '' THEN
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue AND t.leased_until IS NULL
+                        AND t.run_at <= now() AND t.priority < 1000 AND t.id <> ALL(all_ids || ids));
+                ELSE
+                    more := EXISTS (SELECT 1 FROM celery_rs_tasks t WHERE t.queue = p_queue
+                        AND t.fair_key = ring_keys[last_i] AND t.leased_until IS NULL AND t.run_at <= now()
+                        AND t.id <> ALL(all_ids || ids));
+                END IF;
+            END IF;
+            IF served < allot AND more THEN
+                next_front := ring_turns[last_i];
+                left_credit := allot - served;
+            ELSE
+                next_front := ring_turns[last_i] + 1;
+            END IF;
+        ELSE
+            -- Nothing ready in the keys read (only waiting or leased tasks): past them all.
+            next_front := ring_turns[m] + 1;
+        END IF;
+        -- The front went round (to a key served before in this pass, or one that joined during
+        -- it): a new pass, of every key in the ring now.
+        IF ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] > 0 THEN
+            next_top := (SELECT s.last_value + 1 FROM celery_rs_fair_turn s);
+        END IF;
+        -- Stopped among the keys that joined, after the keys of a pass: every key of the pass
+        -- was read before them (the pass is over), so the next fetch goes on where this one's
+        -- reading began (those keys, then the joiners, now members, then the keys before it). A
+        -- front past the joiner would start the next pass at the lowest turn, a second turn in a
+        -- row for the keys there. The joiner's credit, if any, is dropped: the key at that front
+        -- is another. (With no key of a pass read, as in a new rotation, the joiners are the pass.)
+        IF ring_laps[1] < 2 AND ring_laps[CASE WHEN taken > 0 THEN last_i ELSE m END] = 2 THEN
+            next_front := stored_front;
+            left_credit := 0;
+        END IF;
+        -- The keys read without a ready row whose tasks are all gone leave the ring (a fetch
+        -- filled by its first read did not read the keys after its last).
+        read_end := CASE WHEN taken >= want AND reads = 1 THEN last_i ELSE m END;
+        empties := ARRAY(SELECT ring_keys[g] FROM generate_series(1, read_end) g
+            WHERE ring_keys[g] <> '' AND g NOT IN (SELECT unnest(c_i)));
+        -- Each under its key's lock (of the key's stripe of the queue, taken shared by a publish
+        -- or transactional send of the key until it commits), tried, never waited for: a send
+        -- that holds one keeps only the keys of its stripe, not every key of the queue.
+        IF cardinality(empties) > 0 THEN
+            gone := celery_rs_fair_gone(p_queue, empties);
+            IF cardinality(gone) > 0 THEN
+                IF free IS NULL THEN
+                    free := celery_rs_fair_lock(p_queue, false);
+                END IF;
+                IF free THEN
+                    gone := ARRAY(SELECT e FROM unnest(gone) AS e WHERE celery_rs_fair_lock_key(p_queue, e, false));
+                    -- Read again under the locks.
+                    DELETE FROM celery_rs_fair_ring r
+                    WHERE r.queue = p_queue AND r.key = ANY(celery_rs_fair_gone(p_queue, gone));
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+    all_ids := all_ids || ids;
+    -- Read on from the new front while short, no key read may have more, the ring goes on past
+    -- the window (it was not read whole) and no key keeps a credit.
+    EXIT WHEN cardinality(all_ids) >= p_n OR saturated OR m < p_visits OR left_credit > 0 OR windows >= 16
+        OR (next_front = stored_front AND next_top = stored_top);
+    stored := 0;
+    stored_front := next_front;
+    stored_top := next_top;
+    END LOOP;
+    ids := all_ids;
+    -- Short, and no key read may have more: the ready rows of keys not in the ring (none is
+    -- expected) or beyond the keys read (a ring longer than p_visits), oldest first.
+    IF cardinality(ids) < p_n AND NOT saturated THEN
+        c_ids := ARRAY(SELECT id FROM celery_rs_tasks
+            WHERE queue = p_queue AND leased_until IS NULL AND run_at <= now() AND id <> ALL(ids)
+            ORDER BY priority, run_at, id LIMIT p_n - cardinality(ids) FOR UPDATE SKIP LOCKED);
+        IF cardinality(c_ids) > 0 THEN
+            ids := ids || c_ids;
+            PERFORM celery_rs_fair_join(p_queue, d.fair_key)
+            FROM (SELECT DISTINCT fair_key FROM celery_rs_tasks WHERE id = ANY(c_ids) AND fair_key IS NOT NULL) d;
+        ELSIF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+            -- No keyed row left: the rotation goes, under every lock of the queue (the ring
+            -- read again once they are held).
+            IF celery_rs_fair_lock_all(p_queue) THEN
+                IF NOT EXISTS (SELECT 1 FROM celery_rs_fair_ring WHERE queue = p_queue AND key <> '') THEN
+                    DELETE FROM celery_rs_fair_ring WHERE queue = p_queue;
+                    DELETE FROM celery_rs_fair_queues WHERE queue = p_queue;
+                    RETURN ids;
+                END IF;
+            END IF;
+        END IF;
+    END IF;
+    IF left_credit IS DISTINCT FROM first_stored OR next_front IS DISTINCT FROM first_front
+        OR next_top IS DISTINCT FROM first_top
+    THEN
+        UPDATE celery_rs_fair_queues SET credit = left_credit, front = next_front, top = next_top
+        WHERE queue = p_queue;
+    END IF;
+    RETURN ids;
+END $$;
+-- Migration 8's name, as a fetch compiled before this migration calls it (that fetch leases the
+-- rows itself, on its statement's snapshot).
+CREATE OR REPLACE FUNCTION celery_rs_fair_pick(p_queue text, p_n integer, p_keys text[], p_weights integer[],
+    p_visits integer) RETURNS bigint[]
+LANGUAGE sql VOLATILE AS $$
+    SELECT celery_rs_fair_next(p_queue, p_n, p_keys, p_weights, p_visits)
+$$;
+-- Picks (celery_rs_fair_next) and leases, in statements of its own: a row committed while the
+-- pick waited for the queue's row is picked and leased alike (a lease by the calling statement,
+-- on the snapshot it began with, would miss it: locked, its key's turn counted, not leased).
+-- The rows in the order picked; none: one row of NULLs but o_fair (false: no rotation).
+CREATE OR REPLACE FUNCTION celery_rs_fair_take(p_queue text, p_n integer, p_secs double precision, p_cap bigint,
+    p_holder text, p_keys text[], p_weights integer[], p_visits integer)
+RETURNS TABLE (o_queue text, o_id bigint, o_deliveries integer, o_priority smallint, o_run_at timestamptz,
+    o_size bigint, o_payload bytea, o_task_id text, o_dlq text, o_reason text, o_fair boolean)
+LANGUAGE plpgsql VOLATILE AS $$
+DECLARE ids bigint[];
+BEGIN
+    ids := celery_rs_fair_next(p_queue, p_n, p_keys, p_weights, p_visits);
+    RETURN QUERY WITH l (lq, lid, ld, lp, lr, ls, lpay, ltid, ldlq, lreason) AS (
+        UPDATE celery_rs_tasks t
+        SET leased_until = CASE WHEN octet_length(t.payload) > p_cap THEN NULL
+                ELSE now() + make_interval(secs => p_secs) END,
+            holder = CASE WHEN octet_length(t.payload) > p_cap THEN NULL ELSE p_holder END,
+            deliveries = t.deliveries + 1,
+            queue = CASE WHEN octet_length(t.payload) > p_cap THEN t.queue || '.dead' ELSE t.queue END,
+            reason = CASE WHEN octet_length(t.payload) > p_cap
+                THEN 'message of ' || octet_length(t.payload) || ' bytes exceeds the limit of ' || p_cap || ' bytes'
+                ELSE t.reason END,
+            run_at = CASE WHEN octet_length(t.payload) > p_cap THEN now() ELSE t.run_at END,
+            priority = CASE WHEN octet_length(t.payload) > p_cap THEN 0 ELSE t.priority END,
+            fair_key = CASE WHEN octet_length(t.payload) > p_cap THEN NULL ELSE t.fair_key END
+        WHERE t.id = ANY(ids)
+        RETURNING CASE WHEN t.leased_until IS NULL THEN left(t.queue, -length('.dead')) ELSE t.queue END,
+            t.id, t.deliveries, t.priority, t.run_at, octet_length(t.payload)::bigint,
+            CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.payload END,
+            CASE WHEN t.leased_until IS NULL THEN celery_rs_task_id(t.payload) END,
+            CASE WHEN t.leased_until IS NULL THEN t.queue END,
+            CASE WHEN t.leased_until IS NULL THEN NULL ELSE t.reason END)
+    SELECT l.lq, l.lid, l.ld, l.lp, l.lr, l.ls, l.lpay, l.ltid, l.ldlq, l.lreason, true
+    FROM unnest(ids) WITH ORDINALITY AS u(id, n) JOIN l ON l.lid = u.id ORDER BY u.n;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::text, NULL::bigint, NULL::integer, NULL::smallint, NULL::timestamptz, NULL::bigint,
+            NULL::bytea, NULL::text, NULL::text, NULL::text, ids IS NOT NULL;
+    END IF;
+END $$;
+-- celery_rs_fair_pick (migration 8's name) stays for the fetches compiled before this migration.
+",
+    },
 ];
 
 /// The two notification channels of the current schema: `(tasks, broadcasts)`. Channels are
@@ -1047,10 +1484,11 @@ pub(crate) const FAIR_PUBLISH: &str = "SELECT celery_rs_fair_publish($1, $2, $3,
 /// ([`FAIR_LOCK_SHARED`]) and the keys joined on a connection of their own ([`FAIR_JOIN`]).
 pub(crate) const FAIR_PUBLISH_JOINED: &str = "SELECT celery_rs_fair_publish($1, $2, $3, $4, $5, $6, false)";
 
-/// Takes the shared fair lock of each of queues `$1` (in name order) until the transaction ends:
-/// no fetch drops a key of theirs meanwhile.
-pub(crate) const FAIR_LOCK_SHARED: &str =
-    "SELECT celery_rs_fair_lock(d.q, true) FROM (SELECT DISTINCT q FROM unnest($1::text[]) AS u(q) ORDER BY q) d";
+/// Takes the shared fair lock of each of keys `$2` in queue `$1` (pairwise, in order; the lock of
+/// the key's stripe of the queue, migration 9) until the transaction ends: no fetch drops one of
+/// these keys meanwhile (the other keys of the queue may go).
+pub(crate) const FAIR_LOCK_SHARED: &str = "SELECT celery_rs_fair_lock_key(d.q, d.k, true) \
+     FROM (SELECT DISTINCT q, k FROM unnest($1::text[], $2::text[]) AS u(q, k) ORDER BY q, k) d";
 
 /// Joins keys `$2` to the rotations of queues `$1` (pairwise, each pair once), as a keyed publish
 /// does, in a statement of its own (committed before a transactional send inserts its rows).
@@ -1068,8 +1506,8 @@ pub(crate) const FAIR_QUEUES: &str = "SELECT queue FROM celery_rs_fair_queues WH
 pub(crate) const FAIR_FORGET: &str = "SELECT celery_rs_fair_forget($1)";
 
 /// The update that leases the rows of the CTE `picked` (`$3` seconds, `$4` the largest payload
-/// read, `$5` the holder), shared by [`FETCH`] and [`FAIR_FETCH`]; see [`FETCH`] for what it
-/// returns.
+/// read, `$5` the holder), of [`FETCH`] (migration 9's `celery_rs_fair_take` leases alike); see
+/// [`FETCH`] for what it returns.
 macro_rules! lease_picked {
     () => {
         "UPDATE celery_rs_tasks t
@@ -1122,24 +1560,15 @@ WITH picked AS (
 );
 
 /// Leases up to `$2` ready messages of fair queue `$1`, its keys taking turns by weights `$7`
-/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring visited (migration 8's
-/// `celery_rs_fair_pick`), as [`FETCH`] leases (`$3` to `$5` alike): the same columns, then
-/// whether the queue is still fair (false: it has no rotation any more, fetch it with [`FETCH`]),
-/// in the order the keys' turns picked them. When nothing was leased, one row with NULLs but the
-/// last column.
-pub(crate) const FAIR_FETCH: &str = concat!(
-    "
-WITH pick AS (SELECT celery_rs_fair_pick($1, $2::integer, $6::text[], $7::integer[], $8::integer) AS ids),
-picked AS (SELECT u.id, u.n FROM pick, unnest(pick.ids) WITH ORDINALITY AS u(id, n)),
-leased (queue, id, deliveries, priority, run_at, size, payload, task_id, dlq, reason) AS (
-",
-    lease_picked!(),
-    ")
-SELECT l.queue, l.id, l.deliveries, l.priority, l.run_at, l.size, l.payload, l.task_id, l.dlq, l.reason,
-    p.ids IS NOT NULL
-FROM pick p LEFT JOIN (leased l JOIN picked k ON k.id = l.id) ON true
-ORDER BY k.n"
-);
+/// (of keys `$6`; 1 when not named) and at most `$8` keys of its ring read at a time (migration
+/// 9's `celery_rs_fair_take`: it picks, then leases in a statement of its own, so a row committed
+/// while the pick waited for the queue's row is leased too), as [`FETCH`] leases (`$3` to `$5`
+/// alike): the same columns, then whether the queue is still fair (false: it has no rotation any
+/// more, fetch it with [`FETCH`]), in the order the keys' turns picked them. When nothing was
+/// leased, one row with NULLs but the last column. Public for the tests.
+pub const FAIR_FETCH: &str = "SELECT o_queue, o_id, o_deliveries, o_priority, o_run_at, o_size, o_payload, o_task_id, \
+     o_dlq, o_reason, o_fair FROM celery_rs_fair_take($1::text, $2::integer, $3::float8, $4::bigint, $5::text, \
+     $6::text[], $7::integer[], $8::integer)";
 
 /// Wakes the consumers of queue `$2` (on channel `$1`).
 pub(crate) const WAKE: &str = "SELECT pg_notify($1, $2)";

@@ -381,8 +381,8 @@ fn checked_size(env: &str, limit: usize) -> Result<(), BrokerError> {
 }
 
 /// The direct path: the broker's publish statement, run by the caller's transaction. Keyed
-/// tasks: the transaction takes their queues' shared fair locks ([`sql::FAIR_LOCK_SHARED`], so
-/// no fetch drops a key until it ends), then their keys join the rotations committed on a
+/// tasks: the transaction takes their keys' shared fair locks ([`sql::FAIR_LOCK_SHARED`], so
+/// no fetch drops one of these keys until it ends; the queue's other keys may go), then their keys join the rotations committed on a
 /// connection of the broker's ([`sql::FAIR_JOIN`]), and the transaction inserts the rows without
 /// joining ([`sql::FAIR_PUBLISH_JOINED`]): it writes no rotation row, so no other producer waits
 /// for it (an insert that conflicts with an uncommitted row waits for its transaction) and its
@@ -405,7 +405,7 @@ async fn insert_tasks(
         rows.iter().filter_map(|r| Some((r.queue.as_str(), r.fair_key.as_deref()?))).unzip();
     let mut joined = false;
     if !keys.is_empty() {
-        tx.query_typed(sql::FAIR_LOCK_SHARED, &[(&queues, Type::TEXT_ARRAY)])
+        tx.query_typed(sql::FAIR_LOCK_SHARED, &[(&queues, Type::TEXT_ARRAY), (&keys, Type::TEXT_ARRAY)])
             .await
             .map_err(|e| tx_error("locking fair rotations in the transaction", e))?;
         match join_first(side, &queues, &keys).await {
