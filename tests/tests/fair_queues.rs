@@ -2,7 +2,8 @@
 //! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight, also
 //! when keys run out within one fetch; a key queued behind another's backlog is served at once;
 //! length, peek, purge and requeue count keyed messages; a lost keyed delivery is restored into
-//! its key's line; PostgreSQL: a dead worker's keyed task comes back into the rotation), then
+//! its key's line; PostgreSQL: a dead worker's keyed task comes back into the rotation; Redis: an
+//! oversized keyed message keeps its key in turn, and a fair fetch costs one `RPOP` a turn), then
 //! real worker processes measured from outside (the order of the `span` lines in a file): 10 tasks
 //! of key B queued behind 5,000 of key A all finish before 10% of A's, and `--fairness-weight A=3`
 //! gives A 75% ± 10% of the first deliveries while both wait. A broker without fair queues refuses a keyed send.
