@@ -262,6 +262,69 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// A redis-server of the test's own on a free loopback port (no persistence), killed on drop: its
+/// command counters are the worker's alone.
+pub struct PrivateRedis {
+    child: std::process::Child,
+    /// `redis://127.0.0.1:<port>/0`.
+    pub url: String,
+}
+
+impl PrivateRedis {
+    /// Starts one, or None (skipped) without `redis-server` unless `CELERY_REQUIRE_SERVICES=1`.
+    pub fn start() -> Option<PrivateRedis> {
+        let port = crate::free_port();
+        let spawned = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match spawned {
+            Ok(c) => c,
+            Err(e) if !crate::services_required() => {
+                eprintln!("SKIPPED: cannot start redis-server: {e}");
+                return None;
+            }
+            Err(e) => panic!("cannot start redis-server and CELERY_REQUIRE_SERVICES=1: {e}"),
+        };
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let server = PrivateRedis { child, url };
+        let up = crate::wait_until(std::time::Duration::from_secs(10), || server.commands().is_some());
+        assert!(up, "redis-server on port {port} did not answer");
+        Some(server)
+    }
+
+    /// The server's `total_commands_processed` (each call adds one: its `INFO`).
+    pub fn commands(&self) -> Option<u64> {
+        let mut c = redis::Client::open(self.url.as_str()).ok()?.get_connection().ok()?;
+        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).ok()?;
+        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).and_then(|v| v.trim().parse().ok())
+    }
+
+    /// How many times the server ran `command` (`INFO commandstats`; a script's own calls count).
+    pub fn calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO").arg("commandstats").query(&mut self.conn()).expect("INFO commandstats");
+        let prefix = format!("cmdstat_{command}:calls=");
+        info.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// A new connection to it.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection()).expect("redis connection")
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A fresh temporary directory, removed on drop.
 #[derive(Debug)]
 pub struct TempDir(pub PathBuf);

@@ -2,7 +2,8 @@
 //! `log+tcp://`), on Redis and on PostgreSQL: the broker contract (keys take turns by weight, also
 //! when keys run out within one fetch; a key queued behind another's backlog is served at once;
 //! length, peek, purge and requeue count keyed messages; a lost keyed delivery is restored into
-//! its key's line; PostgreSQL: a dead worker's keyed task comes back into the rotation), then
+//! its key's line; PostgreSQL: a dead worker's keyed task comes back into the rotation; Redis: an
+//! oversized keyed message keeps its key in turn, and a fair fetch costs one `RPOP` a turn), then
 //! real worker processes measured from outside (the order of the `span` lines in a file): 10 tasks
 //! of key B queued behind 5,000 of key A all finish before 10% of A's, and `--fairness-weight A=3`
 //! gives A 75% ± 10% of the first deliveries while both wait. A broker without fair queues refuses a keyed send.
@@ -12,7 +13,7 @@ use std::time::Duration;
 use celery_core::flow::FairnessWeights;
 use celery_core::{App, Signature};
 use celery_tests::flow::Setup;
-use celery_tests::{wait_until, Target, TempDir};
+use celery_tests::{wait_until, PrivateRedis, Target, TempDir};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(60);
@@ -215,6 +216,78 @@ async fn postgres_restores_a_lost_keyed_delivery_into_its_line() {
     if let Some(t) = Target::postgres() {
         restores_a_lost_keyed_delivery_into_its_line(t).await;
     }
+}
+
+/// The fairness key of a delivery, or `too large` for one its consumer refused unread.
+fn key_of(d: &mut celery_core::broker::Delivery) -> String {
+    match d.take_message() {
+        Ok(msg) => msg.headers.extra.get("x-fairness-key").and_then(|v| v.as_str()).unwrap_or("").to_owned(),
+        Err(_) => "too large".to_owned(),
+    }
+}
+
+/// A keyed envelope over the consumer's size limit is dead-lettered in its key's turn: it uses
+/// the key's credit but no prefetch slot, so the turn goes on until the credit or the fetch is
+/// used up and every key stays in the ring. (The next key used to take over the credit left and
+/// the ring to lose the key whose turn it was: its other messages were never served.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_an_oversized_keyed_message_keeps_its_key_in_turn() {
+    let Some(t) = Target::redis() else { return };
+    let app = t.app().await;
+    let q = format!("fair-big-{}", uuid::Uuid::new_v4().simple());
+    app.send(task(&q, 0).args(json!(["x".repeat(4000)])).fairness_key("A")).await.unwrap();
+    app.send_batch((1..5).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
+    app.send_batch((0..4).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
+    let b = app.broker();
+    b.require_fair_queues("test").unwrap().set_fairness_weights(weights(&["A=3"]));
+    let mut c = b.consume_capped(std::slice::from_ref(&q), 2, 2000).await.unwrap();
+    let mut keys = Vec::new();
+    while keys.len() < 9 {
+        let next = tokio::time::timeout(Duration::from_secs(15), c.next()).await;
+        let mut d = next.unwrap_or_else(|_| panic!("no delivery in time after {keys:?}")).expect("open");
+        keys.push(key_of(&mut d));
+        d.ack().await.unwrap();
+    }
+    c.close().await;
+    assert_eq!(keys, ["too large", "A", "A", "B", "A", "A", "B", "B", "B"], "A's turns of 3, B's of 1");
+    assert_eq!(b.queue_len(&q).await.unwrap(), 0);
+}
+
+/// A fair fetch costs Redis one `RPOP` per key's turn and reads and rotates a ring it holds whole
+/// once, not once a lap: 600 tasks over 3 keys, fetched 128 at a time (none settled meanwhile),
+/// counted on a server of the test's own (`INFO commandstats`). Before, each lap of the 4-key ring
+/// (with the queue's own empty buckets) cost a `LRANGE`, `LTRIM` and `RPUSH` and 4 `RPOP`s more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_a_fair_fetch_costs_one_rpop_a_turn() {
+    const N: usize = 600;
+    let Some(server) = PrivateRedis::start() else { return };
+    let app = celery_worker::connect(&server.url, &server.url).await.expect("connect");
+    let q = "fair-calls".to_owned();
+    for k in ["A", "B", "C"] {
+        app.send_batch((0..N / 3).map(|i| task(&q, i).fairness_key(k))).await.unwrap();
+    }
+    let calls = |c: &str| server.calls(c);
+    let before = ["rpop", "lrange", "ltrim", "evalsha", "eval"].map(calls);
+    let mut c = app.broker().consume(std::slice::from_ref(&q), N).await.unwrap();
+    let (mut keys, mut held) = (Vec::new(), Vec::new());
+    while keys.len() < N {
+        let mut d = tokio::time::timeout(T, c.next()).await.expect("a delivery in time").expect("open");
+        keys.push(key_of(&mut d));
+        held.push(d);
+    }
+    let after = ["rpop", "lrange", "ltrim", "evalsha", "eval"].map(calls);
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    c.close().await;
+    let want: Vec<&str> = (0..N).map(|i| ["A", "B", "C"][i % 3]).collect();
+    assert_eq!(keys, want, "keys in turn");
+    let [rpop, lrange, ltrim, evalsha, eval] = [0, 1, 2, 3, 4].map(|i| after[i] - before[i]);
+    let scripts = evalsha + eval;
+    assert!(scripts < 40, "{scripts} scripts for {N} tasks fetched 128 at a time");
+    assert!(rpop <= N as u64 + 4 * scripts, "{rpop} RPOPs for {N} tasks in {scripts} scripts");
+    assert!(lrange + ltrim <= 2 * scripts, "{lrange} LRANGEs and {ltrim} LTRIMs in {scripts} scripts");
+    assert_eq!(app.broker().queue_len(&q).await.unwrap(), 0);
 }
 
 /// Sending a keyed task through a broker without fair queues fails with an error naming them.

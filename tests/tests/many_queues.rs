@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use celery_core::Signature;
-use celery_tests::{DemoProcess, Target};
+use celery_tests::{DemoProcess, PrivateRedis, Target};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(180);
@@ -86,56 +86,6 @@ async fn amqp_purges_of_hundreds_of_queues_leave_the_connection_usable() {
     }
     assert_eq!(broker.queue_len("pq.7").await.expect("depth"), 3);
     assert_eq!(broker.purge("pq.7").await.expect("purge"), 3);
-}
-
-/// A redis-server of the test's own on a free loopback port (no persistence), killed on drop: its
-/// command counters are the worker's alone.
-struct PrivateRedis {
-    child: std::process::Child,
-    url: String,
-}
-
-impl PrivateRedis {
-    /// Starts one, or None (skipped) without `redis-server` unless `CELERY_REQUIRE_SERVICES=1`.
-    fn start() -> Option<PrivateRedis> {
-        let port = celery_tests::free_port();
-        let spawned = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        let child = match spawned {
-            Ok(c) => c,
-            Err(e) if !celery_tests::services_required() => {
-                eprintln!("SKIPPED: cannot start redis-server: {e}");
-                return None;
-            }
-            Err(e) => panic!("cannot start redis-server and CELERY_REQUIRE_SERVICES=1: {e}"),
-        };
-        let url = format!("redis://127.0.0.1:{port}/0");
-        let server = PrivateRedis { child, url };
-        let up = celery_tests::wait_until(Duration::from_secs(10), || server.commands().is_some());
-        assert!(up, "redis-server on port {port} did not answer");
-        Some(server)
-    }
-
-    /// The server's `total_commands_processed` (each call adds one: its `INFO`).
-    fn commands(&self) -> Option<u64> {
-        let mut c = redis::Client::open(self.url.as_str()).ok()?.get_connection().ok()?;
-        let info: String = redis::cmd("INFO").arg("stats").query(&mut c).ok()?;
-        info.lines().find_map(|l| l.strip_prefix("total_commands_processed:")).and_then(|v| v.trim().parse().ok())
-    }
-
-    fn conn(&self) -> redis::Connection {
-        redis::Client::open(self.url.as_str()).and_then(|c| c.get_connection()).expect("redis connection")
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// An idle worker consuming 500 Redis queues sends at most 50 commands a second (measured by the

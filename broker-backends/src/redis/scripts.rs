@@ -36,8 +36,13 @@ use redis::Script;
 /// to the back; a key whose lines run out leaves the ring, and the ring is deleted once only `""`
 /// is left, so the queue is served as before. The ring is read a chunk of keys at a time
 /// (`LRANGE`, at most 512) and the keys served in it rotate in one `LTRIM` and `RPUSH` (the keys
-/// leaving in one `SREM`), not two calls per key. The credit left to the front key is kept in
-/// `<base>.credit` between fetches (read once a call, written once when left).
+/// leaving in one `SREM`), not two calls per key; a ring read whole (shorter than the chunk) is
+/// served and rotated in the script's memory, lap after lap, and written back once. A key's turn
+/// costs one `RPOP` per line tried (without a count when one envelope is wanted: no array to
+/// build), and the queue's own buckets, checked once a call (`EXISTS`), cost nothing when empty.
+/// A dead-lettered envelope uses its key's credit but no slot: the turn goes on while both last.
+/// The credit left to the front key is kept in `<base>.credit` between fetches (read once a call,
+/// written once when left).
 /// KEYS: unacked, unacked_index, held, workers, lists..., then one dead-letter list per list;
 /// ARGV: now, n, tag prefix, first sequence, max, holder, fair (`1`/`0`), key prefix, weights
 /// count W, W (key, weight) pairs, routing keys...
@@ -91,89 +96,152 @@ local function flush()
   end
 end
 local rks = {{}}
-local function hand_out(i, items)
+local function hand_one(i, env)
   local rk = rks[i]
   if not rk then
     rk = cjson.encode(ARGV[rk0 + i])
     rks[i] = rk
   end
-  for _, env in ipairs(items) do
-    local size = string.len(env)
-    if size > max then
-      local reason = 'message of ' .. size .. ' bytes exceeds the limit of ' .. max .. ' bytes'
-      local dead = '{{"body":' .. cjson.encode(env) .. ',"content-encoding":"utf-8",'
-        .. '"content-type":"application/octet-stream","headers":{{"x-dead-letter-reason":'
-        .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '}},"properties":'
-        .. '{{"body_encoding":"utf-8","delivery_info":{{"exchange":"","routing_key":' .. rk .. '}}}}}}'
-      redis.call('LPUSH', KEYS[i + lists], dead)
-      local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
-      out[#out + 1] = i - 5
-      out[#out + 1] = size
-      out[#out + 1] = id or ''
-    else
-      local tag = ARGV[3] .. seq
-      seq = seq + 1
-      hs[#hs + 1] = tag
-      hs[#hs + 1] = '[' .. env .. ',"",' .. rk .. ']'
-      zs[#zs + 1] = ARGV[1]
-      zs[#zs + 1] = tag
-      ss[#ss + 1] = tag
-      took = true
-      out[#out + 1] = i - 5
-      out[#out + 1] = env
-      n = n - 1
-    end
-    if #ss >= 512 then flush() end
+  local size = string.len(env)
+  if size > max then
+    local reason = 'message of ' .. size .. ' bytes exceeds the limit of ' .. max .. ' bytes'
+    local dead = '{{"body":' .. cjson.encode(env) .. ',"content-encoding":"utf-8",'
+      .. '"content-type":"application/octet-stream","headers":{{"x-dead-letter-reason":'
+      .. cjson.encode(reason) .. ',"x-dead-letter-queue":' .. rk .. '}},"properties":'
+      .. '{{"body_encoding":"utf-8","delivery_info":{{"exchange":"","routing_key":' .. rk .. '}}}}}}'
+    redis.call('LPUSH', KEYS[i + lists], dead)
+    local id = string.match(string.sub(env, -65536), '"correlation_id"%s*:%s*"([^"\\]+)"')
+    out[#out + 1] = i - 5
+    out[#out + 1] = size
+    out[#out + 1] = id or ''
+  else
+    local tag = ARGV[3] .. seq
+    seq = seq + 1
+    hs[#hs + 1] = tag
+    hs[#hs + 1] = '[' .. env .. ',"",' .. rk .. ']'
+    zs[#zs + 1] = ARGV[1]
+    zs[#zs + 1] = tag
+    ss[#ss + 1] = tag
+    took = true
+    out[#out + 1] = i - 5
+    out[#out + 1] = env
+    n = n - 1
   end
+  if #ss >= 512 then flush() end
+end
+local function hand_out(i, items)
+  for _, env in ipairs(items) do hand_one(i, env) end
 end
 local function fair_take(qi, queue)
   local ring, set, credit_key = fair_keys(prefix, queue)
   local credit = tonumber(redis.call('GET', credit_key) or '0') or 0
   local stored = credit > 0
   local guard = 2 * n + 8
-  while n > 0 and guard > 0 do
-    local front = redis.call('LRANGE', ring, 0, math.min(guard, n + 8, 512) - 1)
-    if #front == 0 then return false end
-    if #front == 1 and front[1] == '' and redis.call('LLEN', ring) == 1 then
-      redis.call('DEL', ring, set, credit_key)
-      return false
-    end
-    local done, back, gone = 0, {{}}, {{}}
-    for _, key in ipairs(front) do
-      if n <= 0 or guard <= 0 then break end
-      guard = guard - 1
-      if credit <= 0 then credit = weights[key] or 1 end
-      local want = math.min(n, credit)
-      local got = 0
-      for s = 0, 3 do
-        if got >= want then break end
-        local i = 5 + s * nq + qi
-        local list = KEYS[i]
-        if key ~= '' then list = fair_line(prefix, queue, key, s * 3) end
+  local own = {{}}
+  for s = 0, 3 do own[s] = KEYS[5 + s * nq + qi] end
+  local base = fair_line(prefix, queue, '', 0)
+  local own_empty = redis.call('EXISTS', own[0], own[1], own[2], own[3]) == 0
+  -- One turn of `key`: up to `want` from its lines in priority order (its own buckets for ""),
+  -- one `RPOP` per line tried (without a count for one: no array to build). How many it gave.
+  local function turn(key, want)
+    if key == '' and own_empty then return 0 end
+    local got = 0
+    for s = 0, 3 do
+      local i = 5 + s * nq + qi
+      local list = own[s]
+      if key ~= '' then
+        if s == 0 then list = base .. key else list = fair_line(prefix, queue, key, s * 3) end
+      end
+      if want - got == 1 then
+        local env = redis.call('RPOP', list)
+        if env then
+          hand_one(i, env)
+          return want
+        end
+      else
         local items = redis.call('RPOP', list, want - got)
         if items then
           got = got + #items
           hand_out(i, items)
+          if got >= want then return got end
         end
       end
+    end
+    if key == '' then own_empty = true end
+    return got
+  end
+  -- The ring as read (`q` from `head`) once it was read whole: then served and rotated here and
+  -- written back once at the end, not read and rotated in Redis each pass.
+  local q, head, read = nil, 1, 0
+  local gone = {{}}
+  local function write_ring()
+    if not q then return end
+    if head - 1 <= read then
+      if head > 1 then redis.call('LTRIM', ring, head - 1, -1) end
+      if #q > read then redis.call('RPUSH', ring, unpack(q, read + 1, #q)) end
+    else
+      redis.call('DEL', ring)
+      if #q >= head then redis.call('RPUSH', ring, unpack(q, head, #q)) end
+    end
+  end
+  while n > 0 and guard > 0 do
+    local span = math.min(guard, n + 8, 512)
+    local front, from, to
+    if q then
+      front, from, to = q, head, math.min(#q, head + span - 1)
+    else
+      front = redis.call('LRANGE', ring, 0, span - 1)
+      from, to = 1, #front
+      if #front < span then q, read = front, #front end
+    end
+    if to < from then
+      write_ring()
+      if #gone > 0 then redis.call('SREM', set, unpack(gone)) end
+      return false
+    end
+    local alone = to == from and front[from] == ''
+    if alone then
+      if q then alone = #q == from else alone = redis.call('LLEN', ring) == 1 end
+    end
+    if alone then
+      redis.call('DEL', ring, set, credit_key)
+      return false
+    end
+    local done, back = 0, {{}}
+    for j = from, to do
+      if n <= 0 or guard <= 0 then break end
+      local key = front[j]
+      guard = guard - 1
+      if credit <= 0 then credit = weights[key] or 1 end
+      -- A dead-lettered envelope uses its key's credit but no slot: the turn goes on while both last.
+      local want, got
+      repeat
+        want = math.min(n, credit)
+        got = turn(key, want)
+        credit = credit - got
+      until got < want or credit <= 0 or n <= 0
       if got < want then
         done = done + 1
         if key == '' then back[#back + 1] = '' else gone[#gone + 1] = key end
         credit = 0
-      elseif credit - got <= 0 then
+      elseif credit <= 0 then
         done = done + 1
         back[#back + 1] = key
         credit = 0
-      else
-        credit = credit - got
       end
     end
-    if done > 0 then
+    if q then
+      head = head + done
+      for _, key in ipairs(back) do q[#q + 1] = key end
+    elseif done > 0 then
       redis.call('LTRIM', ring, done, -1)
       if #back > 0 then redis.call('RPUSH', ring, unpack(back)) end
       if #gone > 0 then redis.call('SREM', set, unpack(gone)) end
+      gone = {{}}
     end
   end
+  write_ring()
+  if #gone > 0 then redis.call('SREM', set, unpack(gone)) end
   if credit > 0 then
     redis.call('SET', credit_key, credit)
   elseif stored then
