@@ -72,6 +72,14 @@ pub struct Cli {
     /// `otel` feature.
     #[arg(long, global = true, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// Threads of the async runtime: a worker's `async` tasks run on these, plain (blocking) task
+    /// functions on tokio's blocking pool whatever this is. Default: `TOKIO_WORKER_THREADS` when
+    /// set, else one a CPU. Fewer threads than CPUs pays when the broker shares a small machine
+    /// (one thread spent 10% less CPU per task draining a local Redis on 2 cores: see the README's
+    /// issue-21 section); more pay for `async` tasks that compute.
+    #[arg(long, global = true, env = "CELERY_RUNTIME_THREADS", value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub runtime_threads: Option<u16>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -150,7 +158,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match runtime(cli.runtime_threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -168,6 +176,16 @@ where
     // Spans still buffered are exported before the process ends.
     exporter.shutdown();
     code
+}
+
+/// The multi-threaded runtime a command runs on, with `threads` worker threads (`None`: tokio's
+/// default, `TOKIO_WORKER_THREADS` or one a CPU).
+fn runtime(threads: Option<u16>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(usize::from(n));
+    }
+    b.enable_all().build()
 }
 
 fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
@@ -300,5 +318,21 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runtime_threads_sets_the_runtime_s_worker_threads() {
+        let cli = Cli::try_parse_from(["celery", "--runtime-threads", "1", "tasks"]).expect("parses");
+        assert_eq!(cli.runtime_threads, Some(1));
+        let rt = runtime(cli.runtime_threads).expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 1);
+        let rt = runtime(Some(3)).expect("runtime");
+        assert_eq!(rt.metrics().num_workers(), 3);
+        assert!(Cli::try_parse_from(["celery", "--runtime-threads", "0", "tasks"]).is_err());
     }
 }

@@ -173,7 +173,9 @@ pub(super) async fn run(app: App, a: WorkerArgs) -> anyhow::Result<ExitCode> {
         tracing::warn!("this binary has no tasks of its own (only Celery's built-ins): build your application's binary to run its tasks");
     }
     if !a.beat {
-        Worker::new(app, cfg).run_until(shutdown_signal()).await?;
+        // On a runtime thread, not on the one blocked in `block_on`: the consumer then spawns its
+        // deliveries' tasks into that thread's own queue, and is woken without unparking another.
+        tokio::spawn(Worker::new(app, cfg).run_until(shutdown_signal())).await??;
         return Ok(ExitCode::SUCCESS);
     }
     let beat = super::beat::build(app.clone(), &a.beat_run)?;
