@@ -905,6 +905,34 @@ async fn postgres_a_small_key_passes_thousands_of_keys_that_only_wait() {
     assert!(a < 500, "B's 10 tasks took until {a} of A's 5,000 ({fetches} fetches)");
 }
 
+/// PostgreSQL: a fetch that reads on past a window of keys with nothing ready, round the ring to
+/// a key it took a row from already, takes that row once: the rows a fetch took are locked by
+/// its own transaction, which `SKIP LOCKED` does not skip (a row taken twice ran twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_a_fetch_that_reads_round_the_ring_takes_each_row_once() {
+    let Some((t, app)) = postgres_app().await else { return };
+    let Target::Postgres(schema, _) = &t else { unreachable!() };
+    let q = format!("fair-round-{}", uuid::Uuid::new_v4().simple());
+    let later = chrono::Utc::now() + chrono::Duration::days(1);
+    // One ready task, and 83 keys whose tasks only wait for an eta.
+    app.send(task(&q, 0).fairness_key("k0")).await.unwrap();
+    app.send_batch((1..84).map(|i| task(&q, i).fairness_key(format!("k{i}")).eta(later))).await.unwrap();
+    let ring = pg_value(&t, &format!("SELECT count(*) FROM celery_rs_fair_ring WHERE queue = '{q}'")).unwrap();
+    // A window as long as the ring: the fetch reads it whole, short, and reads on from the front.
+    let got = schema
+        .query(&format!(
+            "SELECT count(u.id), count(DISTINCT u.id) FROM unnest(celery_rs_fair_pick('{q}', 10, \
+             ARRAY[]::text[], ARRAY[]::integer[], {ring})) AS u(id)"
+        ))
+        .unwrap();
+    let row = &got[0];
+    assert_eq!(
+        (row[0].as_deref(), row[1].as_deref()),
+        (Some("1"), Some("1")),
+        "rows picked, distinct rows (the ring holds {ring} keys)"
+    );
+}
+
 /// PostgreSQL: while a transaction that sent a keyed task to the queue (`send_in`) stays open,
 /// the keys that ran out still leave the ring (but those of its key's lock stripe, about 1 in
 /// 16), and the keys left take turns: after 600 keys of one task each are taken, A (200 tasks)

@@ -1255,13 +1255,13 @@ BEGIN
                 CROSS JOIN LATERAL (
                     SELECT a.id, a.priority, a.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
                         WHERE r.rk <> '' AND t.queue = p_queue AND t.fair_key = r.rk AND t.leased_until IS NULL
-                            AND t.run_at <= now()
+                            AND t.run_at <= now() AND t.id <> ALL(all_ids)
                             AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
                         ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) a
                     UNION ALL
                     SELECT b.id, b.priority, b.run_at FROM (SELECT t.id, t.priority, t.run_at FROM celery_rs_tasks t
                         WHERE r.rk = '' AND t.queue = p_queue AND t.leased_until IS NULL AND t.run_at <= now()
-                            AND t.priority < 1000
+                            AND t.priority < 1000 AND t.id <> ALL(all_ids)
                             AND (r.rlid IS NULL OR (t.priority, t.run_at, t.id) > (r.rlp, r.rlr, r.rlid))
                         ORDER BY t.priority, t.run_at, t.id LIMIT r.rlim FOR UPDATE SKIP LOCKED) b) l
                 WHERE r.rlim > 0
@@ -1368,8 +1368,12 @@ BEGIN
     END IF;
     all_ids := all_ids || ids;
     -- Read on from the new front while short, no key read may have more, the ring goes on past
-    -- the window (it was not read whole) and no key keeps a credit.
+    -- the window (it was not read whole), the window did not go round the ring (its last key is
+    -- one at or after the front: past that, the next window reads keys read already) and no key keeps a credit. (The rows
+    -- this fetch took are locked by it, which SKIP LOCKED does not skip: the reads above leave
+    -- them out by id.)
     EXIT WHEN cardinality(all_ids) >= p_n OR saturated OR m < p_visits OR left_credit > 0 OR windows >= 16
+        OR ring_laps[m] > 0
         OR (next_front = stored_front AND next_top = stored_top);
     stored := 0;
     stored_front := next_front;
@@ -1425,6 +1429,10 @@ LANGUAGE plpgsql VOLATILE AS $$
 DECLARE ids bigint[];
 BEGIN
     ids := celery_rs_fair_next(p_queue, p_n, p_keys, p_weights, p_visits);
+    -- Each row once, in the order picked (the pick never gives one twice; a lease must not either).
+    IF ids IS NOT NULL THEN
+        ids := ARRAY(SELECT u.id FROM unnest(ids) WITH ORDINALITY AS u(id, n) GROUP BY u.id ORDER BY min(u.n));
+    END IF;
     RETURN QUERY WITH l (lq, lid, ld, lp, lr, ls, lpay, ltid, ldlq, lreason) AS (
         UPDATE celery_rs_tasks t
         SET leased_until = CASE WHEN octet_length(t.payload) > p_cap THEN NULL
