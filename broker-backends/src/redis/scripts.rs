@@ -213,13 +213,15 @@ local function fair_take(qi, queue)
       local key = front[j]
       guard = guard - 1
       if credit <= 0 then credit = weights[key] or 1 end
-      -- A dead-lettered envelope uses its key's credit but no slot: the turn goes on while both last.
+      -- A dead-lettered envelope uses its key's credit but no slot: the turn goes on while both
+      -- last, each more pop counted against the guard (a call's work stays bounded by `n`).
       local want, got
       repeat
         want = math.min(n, credit)
         got = turn(key, want)
         credit = credit - got
-      until got < want or credit <= 0 or n <= 0
+        if got >= want and credit > 0 and n > 0 then guard = guard - 1 end
+      until got < want or credit <= 0 or n <= 0 or guard <= 0
       if got < want then
         done = done + 1
         if key == '' then back[#back + 1] = '' else gone[#gone + 1] = key end
