@@ -679,23 +679,21 @@ async fn postgres_a_credit_is_not_given_to_the_next_key() {
     assert_eq!(keys, ["", "B", "", "B", "", "B"], "turns of one each");
 }
 
-/// PostgreSQL: the broker's migrations from 8 on apply to a schema at migration 7 that holds
-/// keyed tasks and a rotation part-way through a turn (left by migration 7's own fetch): the
-/// rotation goes on where it was (the front key keeps the rest of its turn), every task comes
-/// out once, and the function that fetches compiled before the upgrade still call is kept.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
+/// A schema as migration `version` left it (the version table as the migrations create it),
+/// holding a fair queue (its name returned) of A (6 keyed tasks), 3 unkeyed and B (3 keyed),
+/// published by that migration's own function (the tasks encoded by this version in a scratch
+/// schema of their own, returned with it: its environment names the results backend).
+async fn pg_schema_at(version: i32, name: &str) -> Option<(celery_tests::PgSchema, String, Target)> {
     use broker_backends::postgres::sql::{COMPONENT, MIGRATIONS};
-    let Some(old) = celery_tests::PgSchema::new("fair_queues (upgrade)") else { return };
-    let Some((scratch_target, scratch)) = postgres_app().await else { return };
-    let Target::Postgres(scratch_schema, env) = &scratch_target else { unreachable!() };
-    // The schema as migration 7 left it (the version table as the migrations create it).
+    let old = celery_tests::PgSchema::new(name)?;
+    let (scratch_target, scratch) = postgres_app().await?;
+    let Target::Postgres(scratch_schema, _) = &scratch_target else { unreachable!() };
     let mut ddl = String::from(
         "CREATE TABLE celery_rs_schema_version (component varchar(64) NOT NULL, version integer NOT NULL, \
          name text NOT NULL, applied_at timestamp with time zone NOT NULL DEFAULT now(), \
          PRIMARY KEY (component, version));",
     );
-    for m in MIGRATIONS.iter().filter(|m| m.version <= 7) {
+    for m in MIGRATIONS.iter().filter(|m| m.version <= version) {
         ddl.push_str(m.sql);
         ddl.push_str(&format!(
             ";INSERT INTO celery_rs_schema_version (component, version, name) VALUES ('{COMPONENT}', {}, '{}');",
@@ -704,8 +702,7 @@ async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
         ));
     }
     old.exec(&ddl).unwrap();
-    // Tasks encoded by this version (in a schema of their own), published by migration 7's function.
-    let q = format!("fair-upgrade-{}", uuid::Uuid::new_v4().simple());
+    let q = format!("fair-upgrade{version}-{}", uuid::Uuid::new_v4().simple());
     scratch.send_batch((0..6).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
     scratch.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
     scratch.send_batch((0..3).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
@@ -718,6 +715,17 @@ async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
         scratch_schema.0
     ))
     .unwrap();
+    Some((old, q, scratch_target))
+}
+
+/// PostgreSQL: the broker's migrations from 8 on apply to a schema at migration 7 that holds
+/// keyed tasks and a rotation part-way through a turn (left by migration 7's own fetch): the
+/// rotation goes on where it was (the front key keeps the rest of its turn), every task comes
+/// out once, and the function that fetches compiled before the upgrade still call is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
+    let Some((old, q, scratch)) = pg_schema_at(7, "fair_queues (upgrade)").await else { return };
+    let Target::Postgres(_, env) = &scratch else { unreachable!() };
     // Migration 7's fetch takes one of A (weight 3): A keeps 2 of its turn.
     let first = old
         .query(&format!(
@@ -732,7 +740,7 @@ async fn postgres_migration_8_takes_over_a_rotation_of_migration_7() {
     let url = old.url("postgres", "visibility_timeout=30");
     let app = celery_worker::connect(&url, &env.backend).await.unwrap();
     let version = old.query("SELECT max(version) FROM celery_rs_schema_version WHERE component = 'broker'").unwrap();
-    assert_eq!(version[0][0].as_deref(), Some(&*MIGRATIONS.len().to_string()));
+    assert_eq!(version[0][0].as_deref(), Some(&*broker_backends::postgres::sql::MIGRATIONS.len().to_string()));
     // Fetches by hand (exactly one row each), then the last by a consumer of the upgraded app.
     let mut keys: Vec<String> = (0..10).flat_map(|_| pg_fair_take(&old, &q, 1, &[("A", 3)])).collect();
     keys.extend(take_keys(&app, &q, 1, weights(&["A=3"])).await);
@@ -1050,37 +1058,8 @@ async fn postgres_a_task_committed_while_the_fair_fetch_waits_is_leased() {
 /// queue's own fair lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_migration_9_takes_over_a_rotation_of_migration_8() {
-    use broker_backends::postgres::sql::{COMPONENT, MIGRATIONS};
-    let Some(old) = celery_tests::PgSchema::new("fair_queues (upgrade 9)") else { return };
-    let Some((scratch_target, scratch)) = postgres_app().await else { return };
-    let Target::Postgres(scratch_schema, env) = &scratch_target else { unreachable!() };
-    let mut ddl = String::from(
-        "CREATE TABLE celery_rs_schema_version (component varchar(64) NOT NULL, version integer NOT NULL, \
-         name text NOT NULL, applied_at timestamp with time zone NOT NULL DEFAULT now(), \
-         PRIMARY KEY (component, version));",
-    );
-    for m in MIGRATIONS.iter().filter(|m| m.version <= 8) {
-        ddl.push_str(m.sql);
-        ddl.push_str(&format!(
-            ";INSERT INTO celery_rs_schema_version (component, version, name) VALUES ('{COMPONENT}', {}, '{}');",
-            m.version,
-            m.name.replace('\'', "''")
-        ));
-    }
-    old.exec(&ddl).unwrap();
-    let q = format!("fair-upgrade9-{}", uuid::Uuid::new_v4().simple());
-    scratch.send_batch((0..6).map(|i| task(&q, i).fairness_key("A"))).await.unwrap();
-    scratch.send_batch((0..3).map(|i| task(&q, i))).await.unwrap();
-    scratch.send_batch((0..3).map(|i| task(&q, i).fairness_key("B"))).await.unwrap();
-    old.exec(&format!(
-        "SELECT celery_rs_fair_publish(array_agg(queue ORDER BY id),
-             array_agg((CASE WHEN fair_key IS NULL THEN priority ELSE priority - 1000 END)::smallint ORDER BY id),
-             array_agg(NULL::timestamptz ORDER BY id), array_agg(payload ORDER BY id), array_agg(fair_key ORDER BY id),
-             'celery_rs_upgrade_test')
-         FROM {}.celery_rs_tasks WHERE queue = '{q}'",
-        scratch_schema.0
-    ))
-    .unwrap();
+    let Some((old, q, scratch)) = pg_schema_at(8, "fair_queues (upgrade 9)").await else { return };
+    let Target::Postgres(_, env) = &scratch else { unreachable!() };
     // Migration 8's fetch takes one of A (weight 3): A keeps 2 of its turn, the front on A.
     assert_eq!(pg_fair_take(&old, &q, 1, &[("A", 3)]), ["A"]);
     let state = old.query(&format!("SELECT credit FROM celery_rs_fair_queues WHERE queue = '{q}'")).unwrap();
@@ -1088,7 +1067,7 @@ async fn postgres_migration_9_takes_over_a_rotation_of_migration_8() {
     let url = old.url("postgres", "visibility_timeout=30");
     let app = celery_worker::connect(&url, &env.backend).await.unwrap();
     let version = old.query("SELECT max(version) FROM celery_rs_schema_version WHERE component = 'broker'").unwrap();
-    assert_eq!(version[0][0].as_deref(), Some(&*MIGRATIONS.len().to_string()));
+    assert_eq!(version[0][0].as_deref(), Some(&*broker_backends::postgres::sql::MIGRATIONS.len().to_string()));
     // By hand through migration 8's name (as a fetch compiled before the upgrade calls it), then
     // the last by a consumer of the upgraded app.
     let mut keys: Vec<String> = (0..10).flat_map(|_| pg_fair_take(&old, &q, 1, &[("A", 3)])).collect();
