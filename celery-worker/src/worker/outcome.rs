@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::execute::Outcome;
 use super::shared::Shared;
+use super::stores::{self, Batched};
 use super::{chord, followups, WorkerStats};
 
 /// Celery's exception for a message that is not a task it can read (too large, undecodable).
@@ -328,6 +329,19 @@ pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mu
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
+    // Batched unless traced (each store is a span of its own then).
+    let meta = if w.app.backend().store_batches().is_some() && !celery_core::trace::enabled() {
+        match stores::store(&w.app, &w.stores, meta).await {
+            Batched::Stored => return true,
+            Batched::Failed(meta) => meta,
+            Batched::Lost => {
+                tracing::error!("the worker stopped before a task's state was stored");
+                return false;
+            }
+        }
+    } else {
+        meta
+    };
     let mut reconnect = Reconnect::default();
     let store =
         reconnect.retry(8, "storing a task's result", BackendError::is_retryable, || w.app.backend().store(&meta));
