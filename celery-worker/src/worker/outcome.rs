@@ -326,11 +326,31 @@ pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mu
     Some(meta)
 }
 
+/// Stores a task's STARTED: queued without waiting where states go in batches (the returned
+/// store is superseded once the task ends, see [`stores`]), else stored now as [`store`] does.
+pub(super) async fn store_started(
+    w: &Shared,
+    msg: &Message,
+    entry: &'static TaskEntry,
+    meta: TaskMeta,
+) -> Option<stores::StartedStore> {
+    if batched(w) {
+        return task_meta(w, msg, entry, meta).map(|meta| stores::started(&w.app, &w.stores, meta));
+    }
+    store(w, msg, entry, meta).await;
+    None
+}
+
+/// Whether states go in batches: the backend stores several in one call and stores are not
+/// traced (each is a span of its own then).
+fn batched(w: &Shared) -> bool {
+    w.app.backend().store_batches().is_some() && !celery_core::trace::enabled()
+}
+
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
-    // Batched unless traced (each store is a span of its own then).
-    let meta = if w.app.backend().store_batches().is_some() && !celery_core::trace::enabled() {
+    let meta = if batched(w) {
         match stores::store(&w.app, &w.stores, meta).await {
             Batched::Stored => return true,
             Batched::Failed(meta) => meta,
