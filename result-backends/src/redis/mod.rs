@@ -174,9 +174,21 @@ impl ResultBackend for RedisBackend {
         let key = self.key(task_id);
         let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.subs.register(&key).await;
-        // Woken by a publish on the task's key.
-        let result = crate::waiting::until_ready(|| self.get(task_id), Some(&mut rx), deadline, "redis").await;
-        self.subs.unregister(&key).await;
+        let peek = rx.clone();
+        // Woken by a publish on the task's key, which carries the state: a ready one is taken as
+        // published, without reading the key again.
+        let get = || {
+            let published = peek.borrow().published.clone();
+            async move {
+                let ready = published.and_then(|doc| TaskMeta::from_slice(&doc).ok()).filter(|m| m.status.is_ready());
+                match ready {
+                    Some(meta) => Ok(Some(meta)),
+                    None => self.get(task_id).await,
+                }
+            }
+        };
+        let result = crate::waiting::until_ready(get, Some(&mut rx), deadline, "redis").await;
+        self.subs.unregister(&key);
         result
     }
 
