@@ -8,7 +8,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::capability::{Chords, Claims};
+use crate::capability::{Chords, Claims, StoreBatches};
 use crate::error::BackendError;
 use crate::protocol::format_time;
 use crate::state::TaskState;
@@ -56,6 +56,11 @@ pub trait ResultBackend: Send + Sync + Debug {
 
     /// Idempotency claims, when the backend has them ([`Claims`]).
     fn claims(&self) -> Option<&dyn Claims> {
+        None
+    }
+
+    /// Several states stored in one call, when the backend can ([`StoreBatches`]).
+    fn store_batches(&self) -> Option<&dyn StoreBatches> {
         None
     }
 

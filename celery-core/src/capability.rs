@@ -116,6 +116,33 @@ pub trait Chords: Send + Sync {
     async fn chord_done(&self, group_id: &str) -> Result<(), BackendError>;
 }
 
+/// Several task states stored in one call (one script, one statement): a worker whose tasks end
+/// together gathers the states they store while its last call is on its way, and sends them with
+/// this instead of one [`ResultBackend::store`] each. It changes the cost, not what is stored, so
+/// [`Capabilities`] does not list it.
+///
+/// ```no_run
+/// # async fn demo(backend: std::sync::Arc<dyn celery_core::ResultBackend>) -> Result<(), celery_core::BackendError> {
+/// use celery_core::TaskMeta;
+/// let metas = [TaskMeta::success("id-1", 1.into()), TaskMeta::success("id-2", 2.into())];
+/// match backend.store_batches() {
+///     Some(batches) => batches.store_many(&metas).await?,
+///     None => {
+///         for m in &metas {
+///             backend.store(m).await?;
+///         }
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+#[async_trait]
+pub trait StoreBatches: Send + Sync {
+    /// Stores `metas` in order, each as [`ResultBackend::store`] would (waking its waiters, never
+    /// over a stored SUCCESS). After an error some of them may be stored: storing those again is
+    /// harmless.
+    async fn store_many(&self, metas: &[crate::backend::TaskMeta]) -> Result<(), BackendError>;
+}
+
 /// Idempotency claims in the result backend: one task per key within a window.
 #[async_trait]
 pub trait Claims: Send + Sync {
@@ -331,6 +358,11 @@ macro_rules! offers {
     };
     (@one history) => {
         fn history(&self) -> ::std::option::Option<&dyn $crate::history::History> {
+            ::std::option::Option::Some(self)
+        }
+    };
+    (@one store_batches) => {
+        fn store_batches(&self) -> ::std::option::Option<&dyn $crate::capability::StoreBatches> {
             ::std::option::Option::Some(self)
         }
     };

@@ -12,9 +12,9 @@ use tokio::time::Instant;
 
 /// Reads with `get` until the state is ready or `deadline` passes; `wake` (when listening) changes
 /// whenever the task's state may have. `what` names the backend in logs.
-pub(crate) async fn until_ready<F, Fut>(
+pub(crate) async fn until_ready<F, Fut, W>(
     mut get: F,
-    mut wake: Option<&mut watch::Receiver<u64>>,
+    mut wake: Option<&mut watch::Receiver<W>>,
     deadline: Instant,
     what: &str,
 ) -> Result<Option<TaskMeta>, BackendError>

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use celery_core::{App, AppConfig, AppError, ProtocolError, ResultError, Signature, TaskState};
-use celery_tests::{redis_available, wait_until, RedisEnv};
+use celery_tests::{redis_available, wait_until, PrivateRedis, RedisEnv};
 use celery_worker::prelude::*;
 use chrono::Utc;
 use redis::Commands;
@@ -143,6 +143,87 @@ async fn results_of_async_and_blocking_tasks() {
     a.forget().await.unwrap();
     assert_eq!(a.state().await.unwrap(), TaskState::Pending);
     h.stop().await;
+}
+
+/// Tasks that end together have their states stored together: 1,000 `add`s run 128 at a time
+/// store their SUCCESS, and STARTED unless the task ended before it went out, each written once
+/// (`SETEX`), in fewer script calls than tasks (counted on a server of the test's own; the
+/// fetches' scripts included). Before, each state was a script call of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_of_tasks_ending_together_are_stored_in_batches() {
+    const N: i64 = 1000;
+    let Some(server) = PrivateRedis::start() else { return };
+    let app = celery_worker::connect(&server.url, &server.url).await.expect("connect");
+    let cfg = WorkerConfig { concurrency: 128, queues: vec!["celery".into()], ..WorkerConfig::default() };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = stopped.await;
+    }));
+    let scripts = || server.calls("evalsha") + server.calls("eval");
+    let (setex, calls) = (server.calls("setex"), scripts());
+    let results = app.send_batch((0..N).map(|i| add::new(i, 1))).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.get::<i64>(T).await.unwrap(), i as i64 + 1);
+    }
+    let (setex, calls) = (server.calls("setex") - setex, scripts() - calls);
+    assert!((N as u64..=2 * N as u64).contains(&setex), "{setex} states stored for {N} tasks");
+    assert!(calls < N as u64, "{calls} script calls for {setex} states");
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+}
+
+/// A task that runs longer than a round trip shows STARTED while it runs (its STARTED is queued
+/// without waiting, and left out only when the task ends before it goes out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_task_shows_started() {
+    let Some(mut h) = Harness::new(30.0).await else {
+        return;
+    };
+    h.worker(2).await;
+    let r = h.app.send(too_slow::new(400)).await.unwrap();
+    let t = std::time::Instant::now();
+    let mut state = r.state().await.unwrap();
+    while state != TaskState::Started && t.elapsed() < T {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        state = r.state().await.unwrap();
+    }
+    assert_eq!(state, TaskState::Started);
+    assert_eq!(r.get::<u64>(T).await.unwrap(), 400);
+    h.stop().await;
+}
+
+/// The backend's batched store keeps `store`'s rules: a stored SUCCESS is not overwritten, each
+/// state wakes its waiter, and documents over a call's byte bound go in calls of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_store_keeps_the_rules_of_one() {
+    use celery_core::capability::StoreBatches;
+    use celery_core::{ResultBackend, TaskMeta};
+    let Some(server) = PrivateRedis::start() else { return };
+    let b = result_backends::redis::RedisBackend::connect(&server.url).await.unwrap();
+    b.store(&TaskMeta::success("done", json!(1))).await.unwrap();
+    let mut sub = server.conn();
+    sub.set_read_timeout(Some(T)).unwrap();
+    let mut sub = sub.as_pubsub();
+    sub.subscribe(b.key("waited")).unwrap();
+    let big = "x".repeat(700 << 10);
+    let metas = [
+        TaskMeta::success("done", json!(2)),
+        TaskMeta::success("waited", json!(3)),
+        TaskMeta::new("started", TaskState::Started, json!({})),
+        TaskMeta::success("big-1", json!(big)),
+        TaskMeta::success("big-2", json!(big)),
+    ];
+    // The script loaded first (a first call on a fresh server is refused with NOSCRIPT and sent again).
+    b.store_many(&[TaskMeta::new("loaded", TaskState::Started, json!({}))]).await.unwrap();
+    let calls = server.calls("evalsha") + server.calls("eval");
+    b.store_many(&metas).await.unwrap();
+    let calls = server.calls("evalsha") + server.calls("eval") - calls;
+    assert_eq!(calls, 2, "the second 700 KiB document goes in a call of its own");
+    assert_eq!(b.get("done").await.unwrap().unwrap().result, json!(1), "SUCCESS kept");
+    assert_eq!(b.get("started").await.unwrap().unwrap().status, TaskState::Started);
+    assert_eq!(b.get("big-2").await.unwrap().unwrap().result, json!(big));
+    let published: Vec<u8> = sub.get_message().expect("its state published").get_payload().unwrap();
+    assert_eq!(TaskMeta::from_slice(&published).unwrap().result, json!(3));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,3 +73,100 @@ async fn a_result_that_cannot_be_stored_sends_the_task_back_to_run_again() {
     worker.await.unwrap().unwrap();
     std::fs::remove_dir_all(dir).ok();
 }
+
+static BATCHED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn batched_outcome(x: i64) -> i64 {
+    BATCHED_RUNS.fetch_add(1, Ordering::SeqCst);
+    x + 1
+}
+
+/// The memory backend with batched stores that take a while (so that the states of tasks ending
+/// meanwhile gather) and whose first `failing` batches are refused as a lost connection.
+#[derive(Debug)]
+struct SlowBatches {
+    inner: result_backends::memory::MemoryBackend,
+    failing: AtomicUsize,
+    batches: AtomicUsize,
+    batched: AtomicUsize,
+    single: AtomicUsize,
+}
+
+#[async_trait]
+impl celery_core::capability::StoreBatches for SlowBatches {
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+            return Err(BackendError::connection("connection refused (injected)"));
+        }
+        self.batches.fetch_add(1, Ordering::SeqCst);
+        let outcomes = metas.iter().filter(|m| m.status == celery_core::TaskState::Success).count();
+        self.batched.fetch_add(outcomes, Ordering::SeqCst);
+        for m in metas {
+            self.inner.store(m).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ResultBackend for SlowBatches {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        assert_eq!(meta.status, celery_core::TaskState::Success, "a STARTED of a failed batch is not stored again");
+        self.single.fetch_add(1, Ordering::SeqCst);
+        self.inner.store(meta).await
+    }
+    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
+        self.inner.get(task_id).await
+    }
+    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
+        self.inner.wait(task_id, timeout).await
+    }
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        self.inner.forget(task_id).await
+    }
+    celery_core::offers!(store_batches);
+}
+
+/// A worker stores the states of tasks ending together in batches; the outcomes of a batch that
+/// fails are stored one by one instead (its STARTEDs are not: the outcome follows), and no result
+/// is lost or stored twice over. 300 tasks, 50 at once, STARTED tracked, the first 2 batches
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
+    const N: i64 = 300;
+    let dir = std::env::temp_dir().join(format!("worker-batches-{}", uuid::Uuid::new_v4().simple()));
+    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
+    let backend = Arc::new(SlowBatches {
+        inner: Default::default(),
+        failing: AtomicUsize::new(2),
+        batches: AtomicUsize::new(0),
+        batched: AtomicUsize::new(0),
+        single: AtomicUsize::new(0),
+    });
+    let app = App::new(broker, backend.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let cfg = WorkerConfig { concurrency: 50, queues: vec!["batched".into()], ..WorkerConfig::default() };
+    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = stopped.await;
+    }));
+    let sigs = (0..N).map(|i| Signature::by_name("batched_outcome").args(json!([i])).queue("batched"));
+    let results = app.send_batch(sigs).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.get::<i64>(Duration::from_secs(60)).await.unwrap(), i as i64 + 1);
+    }
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    let (batches, batched, single) = (
+        backend.batches.load(Ordering::SeqCst),
+        backend.batched.load(Ordering::SeqCst),
+        backend.single.load(Ordering::SeqCst),
+    );
+    assert_eq!(backend.failing.load(Ordering::SeqCst), 0, "both failures met");
+    assert!(single > 0, "the outcomes of the refused batches were stored one by one");
+    assert_eq!(batched + single, N as usize, "each outcome stored once: {batched} in batches, {single} alone");
+    assert!(batches * 4 < batched, "{batched} outcomes in {batches} batches");
+    assert_eq!(BATCHED_RUNS.load(Ordering::SeqCst), N as usize, "each task ran once");
+    std::fs::remove_dir_all(dir).ok();
+}

@@ -37,6 +37,7 @@ use celery_core::registry;
 use celery_core::{Broker, BrokerError, Delivery, TaskOptions};
 use tokio::sync::oneshot;
 
+use super::batch::Batch;
 use super::shared::Shared;
 
 /// Renewals in flight at once in [`upkeep_loop`].
@@ -65,8 +66,8 @@ const MAX_SPARES: usize = 4096;
 pub(crate) struct HeldSlots {
     held: Mutex<HashMap<u64, (String, String)>>,
     next: AtomicU64,
-    takes: Mutex<Batch<PendingTake>>,
-    releases: Mutex<Batch<PendingRelease>>,
+    takes: Mutex<Batch<PendingTake, MAX_SLOT_BATCH>>,
+    releases: Mutex<Batch<PendingRelease, MAX_SLOT_BATCH>>,
     spares: Mutex<Spares>,
 }
 
@@ -160,39 +161,6 @@ struct SlotLease {
     limit: u32,
     uses: u32,
     taken: Instant,
-}
-
-/// Requests waiting for the next call of a batch (group commit): while one call is in flight
-/// (`busy`), later requests queue here; the task that sends them drains the queue until empty.
-#[derive(Debug)]
-struct Batch<T> {
-    queued: Vec<T>,
-    busy: bool,
-}
-
-impl<T> Default for Batch<T> {
-    fn default() -> Self {
-        Batch { queued: Vec::new(), busy: false }
-    }
-}
-
-impl<T> Batch<T> {
-    /// Queues `item`; true when no call is in flight (the caller starts one).
-    fn push(&mut self, item: T) -> bool {
-        self.queued.push(item);
-        !std::mem::replace(&mut self.busy, true)
-    }
-
-    /// The next requests to send (up to [`MAX_SLOT_BATCH`]), or none, and then no call is in
-    /// flight any more.
-    fn next(&mut self) -> Option<Vec<T>> {
-        if self.queued.is_empty() {
-            self.busy = false;
-            return None;
-        }
-        let n = self.queued.len().min(MAX_SLOT_BATCH);
-        Some(self.queued.drain(..n).collect())
-    }
 }
 
 /// A take waiting for its batch: the answer is whether the slot is held.
@@ -526,21 +494,6 @@ pub(super) async fn cluster_wait(w: &Shared, task: &str, interval: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_batch_queues_while_busy_and_is_sent_in_bounded_calls() {
-        let mut b = Batch::default();
-        assert!(b.push(1), "the first request starts a call");
-        assert!(!b.push(2), "later ones queue while it is in flight");
-        assert_eq!(b.next(), Some(vec![1, 2]));
-        for i in 0..MAX_SLOT_BATCH + 1 {
-            assert!(!b.push(i), "still in flight");
-        }
-        assert_eq!(b.next().map(|v| v.len()), Some(MAX_SLOT_BATCH));
-        assert_eq!(b.next(), Some(vec![MAX_SLOT_BATCH]));
-        assert_eq!(b.next(), None);
-        assert!(b.push(7), "once drained, the next request starts a call again");
-    }
 
     fn ended(id: u64, key: &str, limit: u32, uses: u32) -> SlotLease {
         SlotLease {

@@ -244,6 +244,7 @@ async fn run(
         }
     }
     let ignore = msg.headers.ignore_result || opts.ignore_result;
+    let mut started_store = None;
     if w.config.track_started && !ignore {
         let mut m = TaskMeta::new(
             &msg.headers.id,
@@ -251,7 +252,7 @@ async fn run(
             serde_json::json!({"hostname": w.config.hostname, "pid": std::process::id()}),
         );
         m.worker = Some(w.config.hostname.clone());
-        Box::pin(outcome::store(w, &msg, entry, m)).await;
+        started_store = Box::pin(outcome::store_started(w, &msg, entry, m)).await;
     }
     let reports = Arc::new(TaskReports { w: w.clone(), msg: msg.clone(), entry });
     let ctx = TaskContext::new(&msg.headers.id, entry.name, msg.headers.retries)
@@ -276,6 +277,9 @@ async fn run(
         terminate: Some(terminate),
     });
     let ran = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
+    if let Some(s) = &started_store {
+        s.supersede();
+    }
     w.requests.finish(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
     let runtime = started.elapsed();

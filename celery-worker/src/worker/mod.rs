@@ -46,6 +46,7 @@
 //! queue, give running tasks the grace period, then return what still runs to the queue; the
 //! `worker-offline` event is flushed to the broker before `run_until` returns.
 
+mod batch;
 mod chord;
 mod config;
 mod execute;
@@ -60,6 +61,7 @@ mod reports;
 pub(crate) mod requests;
 mod run;
 mod shared;
+mod stores;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -23,6 +23,7 @@ use tracing::Instrument;
 
 use super::execute::Outcome;
 use super::shared::Shared;
+use super::stores::{self, Batched};
 use super::{chord, followups, WorkerStats};
 
 /// Celery's exception for a message that is not a task it can read (too large, undecodable).
@@ -325,9 +326,42 @@ pub(super) fn task_meta(w: &Shared, msg: &Message, entry: &'static TaskEntry, mu
     Some(meta)
 }
 
+/// Stores a task's STARTED: queued without waiting where states go in batches (the returned
+/// store is superseded once the task ends, see [`stores`]), else stored now as [`store`] does.
+pub(super) async fn store_started(
+    w: &Shared,
+    msg: &Message,
+    entry: &'static TaskEntry,
+    meta: TaskMeta,
+) -> Option<stores::StartedStore> {
+    if batched(w) {
+        return task_meta(w, msg, entry, meta).map(|meta| stores::started(&w.app, &w.stores, meta));
+    }
+    store(w, msg, entry, meta).await;
+    None
+}
+
+/// Whether states go in batches: the backend stores several in one call and stores are not
+/// traced (each is a span of its own then).
+fn batched(w: &Shared) -> bool {
+    w.app.backend().store_batches().is_some() && !celery_core::trace::enabled()
+}
+
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
+    let meta = if batched(w) {
+        match stores::store(&w.app, &w.stores, meta).await {
+            Batched::Stored => return true,
+            Batched::Failed(meta) => meta,
+            Batched::Lost => {
+                tracing::error!("the worker stopped before a task's state was stored");
+                return false;
+            }
+        }
+    } else {
+        meta
+    };
     let mut reconnect = Reconnect::default();
     let store =
         reconnect.retry(8, "storing a task's result", BackendError::is_retryable, || w.app.backend().store(&meta));

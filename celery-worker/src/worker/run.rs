@@ -76,6 +76,7 @@ pub(super) async fn run_until(
         config: cfg.clone(),
         limits: RateLimits::default(),
         held_slots: Default::default(),
+        stores: Default::default(),
         stats,
         shutdown: stop_rx,
         hard_stop: hard_rx,

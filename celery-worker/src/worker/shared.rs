@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub(super) limits: RateLimits,
     /// The key slots held by running tasks (renewed by one loop).
     pub(super) held_slots: Arc<super::key_slots::HeldSlots>,
+    /// The task states waiting for the next batched store.
+    pub(super) stores: Arc<super::stores::StoreQueue>,
     pub(crate) stats: Arc<WorkerStats>,
     /// Set when the worker stops fetching (waiting tasks give up their wait).
     pub(super) shutdown: watch::Receiver<bool>,

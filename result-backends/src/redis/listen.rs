@@ -13,8 +13,15 @@ use futures::StreamExt;
 use redis::aio::PubSubSink;
 use tokio::sync::watch;
 
+/// What wakes a key's waiters: the state published on its channel, or none when they must read
+/// the key (after a reconnect).
+#[derive(Debug, Default)]
+pub(super) struct Wake {
+    pub(super) published: Option<Arc<[u8]>>,
+}
+
 /// Per key: how many wait on it, and the watch that wakes them.
-type Waiters = HashMap<String, (usize, watch::Sender<u64>)>;
+type Waiters = HashMap<String, (usize, watch::Sender<Wake>)>;
 
 /// The keys waited for, and the subscriber connection's sink while it is up.
 #[derive(Debug, Default)]
@@ -30,7 +37,7 @@ impl Subscriptions {
 
     /// Registers a waiter on `key` (subscribing to it for the first one): the watch changes
     /// whenever the key's state may have.
-    pub(super) async fn register(&self, key: &str) -> watch::Receiver<u64> {
+    pub(super) async fn register(&self, key: &str) -> watch::Receiver<Wake> {
         let (rx, new) = {
             let mut w = lock(&self.waiters);
             match w.get_mut(key) {
@@ -39,7 +46,7 @@ impl Subscriptions {
                     (tx.subscribe(), false)
                 }
                 None => {
-                    let (tx, rx) = watch::channel(0);
+                    let (tx, rx) = watch::channel(Wake::default());
                     w.insert(key.to_owned(), (1, tx));
                     (rx, true)
                 }
@@ -55,8 +62,10 @@ impl Subscriptions {
         rx
     }
 
-    /// Drops a waiter on `key` (unsubscribing after the last one).
-    pub(super) async fn unregister(&self, key: &str) {
+    /// Drops a waiter on `key`; after the last one, unsubscribes on a task of its own (the waiter
+    /// has its state and does not wait for the reply). A key waited for again before that is left
+    /// subscribed.
+    pub(super) fn unregister(self: &Arc<Self>, key: &str) {
         let last = {
             let mut w = lock(&self.waiters);
             match w.get_mut(key) {
@@ -71,11 +80,13 @@ impl Subscriptions {
                 None => false,
             }
         };
-        if last {
-            if let Some(mut sink) = self.sink() {
-                let _ = sink.unsubscribe(key).await;
+        let Some(mut sink) = self.sink().filter(|_| last) else { return };
+        let (subs, key) = (self.clone(), key.to_owned());
+        tokio::spawn(async move {
+            if !lock(&subs.waiters).contains_key(&key) {
+                let _ = sink.unsubscribe(&key).await;
             }
-        }
+        });
     }
 }
 
@@ -118,12 +129,13 @@ async fn listen(conn: RedisConn, subs: Arc<Subscriptions>) {
         *lock(&subs.sink) = Some(sink);
         // Wake every waiter so each re-reads its key after a (re)connect.
         for (_, tx) in lock(&subs.waiters).values() {
-            tx.send_modify(|v| *v += 1);
+            tx.send_modify(|w| w.published = None);
         }
         while let Some(msg) = stream.next().await {
             let w = lock(&subs.waiters);
             if let Some((_, tx)) = w.get(msg.get_channel_name()) {
-                tx.send_modify(|v| *v += 1);
+                let published = Some(Arc::from(msg.get_payload_bytes()));
+                tx.send_modify(|w| w.published = published);
             }
         }
         *lock(&subs.sink) = None;

@@ -34,7 +34,7 @@ use broker_backends::redis::error::kind_of;
 use broker_backends::redis::history::RedisHistory;
 use broker_backends::redis::RedisConn;
 use celery_core::backend::ChordMember;
-use celery_core::capability::{Chords, Claims};
+use celery_core::capability::{Chords, Claims, StoreBatches};
 use celery_core::url::redacted;
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 use redis::{AsyncCommands, Script};
@@ -56,6 +56,7 @@ pub struct RedisBackend {
     prefix: String,
     expires: u64,
     store: Arc<Script>,
+    store_many: Arc<Script>,
     chord_part: Arc<Script>,
     claim: Arc<Script>,
     unclaim: Arc<Script>,
@@ -101,6 +102,7 @@ impl RedisBackend {
             prefix,
             expires: expires.clamp(1, celery_core::clock::LONGEST_TTL.as_secs()),
             store: Arc::new(Script::new(scripts::STORE)),
+            store_many: Arc::new(Script::new(scripts::STORE_MANY)),
             chord_part: Arc::new(Script::new(scripts::CHORD_PART)),
             claim: Arc::new(Script::new(scripts::CLAIM)),
             unclaim: Arc::new(Script::new(scripts::UNCLAIM)),
@@ -172,9 +174,21 @@ impl ResultBackend for RedisBackend {
         let key = self.key(task_id);
         let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.subs.register(&key).await;
-        // Woken by a publish on the task's key.
-        let result = crate::waiting::until_ready(|| self.get(task_id), Some(&mut rx), deadline, "redis").await;
-        self.subs.unregister(&key).await;
+        let peek = rx.clone();
+        // Woken by a publish on the task's key, which carries the state: a ready one is taken as
+        // published, without reading the key again.
+        let get = || {
+            let published = peek.borrow().published.clone();
+            async move {
+                let ready = published.and_then(|doc| TaskMeta::from_slice(&doc).ok()).filter(|m| m.status.is_ready());
+                match ready {
+                    Some(meta) => Ok(Some(meta)),
+                    None => self.get(task_id).await,
+                }
+            }
+        };
+        let result = crate::waiting::until_ready(get, Some(&mut rx), deadline, "redis").await;
+        self.subs.unregister(&key);
         result
     }
 
@@ -188,12 +202,63 @@ impl ResultBackend for RedisBackend {
         "redis"
     }
 
-    celery_core::offers!(chords, claims);
+    celery_core::offers!(chords, claims, store_batches);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.history)
     }
 }
+/// The most documents one [`scripts::STORE_MANY`] call carries (more go in further calls).
+const MAX_STORE_CALL: usize = 256;
+
+/// The most bytes of documents one [`scripts::STORE_MANY`] call carries, unless its one document
+/// is larger: Redis runs a script to its end before serving anyone else.
+const MAX_STORE_CALL_BYTES: usize = 1 << 20;
+
+#[async_trait]
+impl StoreBatches for RedisBackend {
+    /// One [`scripts::STORE_MANY`] call per [`MAX_STORE_CALL`] documents or
+    /// [`MAX_STORE_CALL_BYTES`] (with `min_replicas` through [`RedisConn::write`], one `WAIT` a
+    /// call). On a cluster, whose keys of one call must share a slot, each is stored on its own,
+    /// all at once.
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
+        if self.conn.is_cluster() {
+            futures::future::try_join_all(metas.iter().map(|m| self.store(m))).await?;
+            return Ok(());
+        }
+        let mut next = 0;
+        while next < metas.len() {
+            let (mut keys, mut docs, mut bytes) = (Vec::new(), Vec::new(), 0);
+            while let Some(m) = metas.get(next).filter(|_| keys.len() < MAX_STORE_CALL) {
+                let doc = m.to_vec();
+                if !docs.is_empty() && bytes + doc.len() > MAX_STORE_CALL_BYTES {
+                    break;
+                }
+                bytes += doc.len();
+                keys.push(self.key(&m.task_id));
+                docs.push(doc);
+                next += 1;
+            }
+            if self.conn.min_replicas().is_some() {
+                let mut pipe = redis::pipe();
+                pipe.cmd("EVAL")
+                    .arg(scripts::STORE_MANY)
+                    .arg(keys.len())
+                    .arg(&keys)
+                    .arg(self.expires)
+                    .arg(&docs)
+                    .ignore();
+                self.conn.write(pipe, "redis results: store").await?;
+                continue;
+            }
+            let mut inv = self.store_many.prepare_invoke();
+            inv.key(&keys).arg(self.expires).arg(&docs);
+            let _: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(failed("redis results: store"))?;
+        }
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Chords for RedisBackend {
     /// Celery's `set_chord_size`: `celery-taskset-meta-<gid>.s`.

@@ -12,6 +12,21 @@ redis.call('PUBLISH', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// KEYS: the tasks' meta keys; ARGV: the ttl, then one document per key. [`STORE`] for each key in
+/// order. Returns how many were stored.
+pub(super) const STORE_MANY: &str = r#"
+local stored = 0
+for i, key in ipairs(KEYS) do
+  local cur = redis.call('GET', key)
+  if not (cur and string.find(cur, '"status":%s*"SUCCESS"')) then
+    redis.call('SETEX', key, ARGV[1], ARGV[i + 1])
+    redis.call('PUBLISH', key, ARGV[i + 1])
+    stored = stored + 1
+  end
+end
+return stored
+"#;
+
 /// KEYS: the idempotency key; ARGV: task id, ttl. Returns the holder, or nil after claiming it.
 pub(super) const CLAIM: &str = r#"
 local cur = redis.call('GET', KEYS[1])
