@@ -22,19 +22,52 @@ async fn outcome_kept(x: i64) -> i64 {
     x * 2
 }
 
-/// The memory backend, with its first `failing` stores refused as a lost connection.
-#[derive(Debug)]
-struct Flaky {
+/// The memory backend with injected failures: its first `failing` stores and its first
+/// `failing_batches` batches are refused as a lost connection; with `batches` it stores batches,
+/// each taking a while (so that the states of tasks ending meanwhile gather). It counts the batches,
+/// the outcomes stored in them, and the states stored one by one.
+#[derive(Debug, Default)]
+struct Injected {
     inner: result_backends::memory::MemoryBackend,
     failing: AtomicUsize,
+    failing_batches: AtomicUsize,
+    batches: bool,
+    batch_calls: AtomicUsize,
+    batched: AtomicUsize,
+    single: AtomicUsize,
+    single_started: AtomicUsize,
+}
+
+/// Takes one of `n`'s injected failures, if any is left.
+fn fails(n: &AtomicUsize) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
 }
 
 #[async_trait]
-impl ResultBackend for Flaky {
-    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+impl celery_core::capability::StoreBatches for Injected {
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if fails(&self.failing_batches) {
             return Err(BackendError::connection("connection refused (injected)"));
         }
+        self.batch_calls.fetch_add(1, Ordering::SeqCst);
+        let outcomes = metas.iter().filter(|m| m.status == celery_core::TaskState::Success).count();
+        self.batched.fetch_add(outcomes, Ordering::SeqCst);
+        for m in metas {
+            self.inner.store(m).await?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl ResultBackend for Injected {
+    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
+        if fails(&self.failing) {
+            return Err(BackendError::connection("connection refused (injected)"));
+        }
+        let counter = if meta.status == celery_core::TaskState::Started { &self.single_started } else { &self.single };
+        counter.fetch_add(1, Ordering::SeqCst);
         self.inner.store(meta).await
     }
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
@@ -46,6 +79,9 @@ impl ResultBackend for Flaky {
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
         self.inner.forget(task_id).await
     }
+    fn store_batches(&self) -> Option<&dyn celery_core::capability::StoreBatches> {
+        self.batches.then_some(self)
+    }
 }
 
 #[tokio::test]
@@ -53,7 +89,7 @@ async fn a_result_that_cannot_be_stored_sends_the_task_back_to_run_again() {
     let dir = std::env::temp_dir().join(format!("worker-results-{}", uuid::Uuid::new_v4().simple()));
     let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
     // More failures than the worker's retries of one store (8): the first run's result is lost.
-    let backend = Arc::new(Flaky { inner: Default::default(), failing: AtomicUsize::new(9) });
+    let backend = Arc::new(Injected { failing: AtomicUsize::new(9), ..Default::default() });
     let app = App::new(broker, backend.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg = WorkerConfig {
@@ -82,53 +118,6 @@ async fn batched_outcome(x: i64) -> i64 {
     x + 1
 }
 
-/// The memory backend with batched stores that take a while (so that the states of tasks ending
-/// meanwhile gather) and whose first `failing` batches are refused as a lost connection.
-#[derive(Debug)]
-struct SlowBatches {
-    inner: result_backends::memory::MemoryBackend,
-    failing: AtomicUsize,
-    batches: AtomicUsize,
-    batched: AtomicUsize,
-    single: AtomicUsize,
-}
-
-#[async_trait]
-impl celery_core::capability::StoreBatches for SlowBatches {
-    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if self.failing.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-            return Err(BackendError::connection("connection refused (injected)"));
-        }
-        self.batches.fetch_add(1, Ordering::SeqCst);
-        let outcomes = metas.iter().filter(|m| m.status == celery_core::TaskState::Success).count();
-        self.batched.fetch_add(outcomes, Ordering::SeqCst);
-        for m in metas {
-            self.inner.store(m).await?;
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl ResultBackend for SlowBatches {
-    async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        assert_eq!(meta.status, celery_core::TaskState::Success, "a STARTED of a failed batch is not stored again");
-        self.single.fetch_add(1, Ordering::SeqCst);
-        self.inner.store(meta).await
-    }
-    async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
-        self.inner.get(task_id).await
-    }
-    async fn wait(&self, task_id: &str, timeout: Duration) -> Result<Option<TaskMeta>, BackendError> {
-        self.inner.wait(task_id, timeout).await
-    }
-    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        self.inner.forget(task_id).await
-    }
-    celery_core::offers!(store_batches);
-}
-
 /// A worker stores the states of tasks ending together in batches; the outcomes of a batch that
 /// fails are stored one by one instead (its STARTEDs are not: the outcome follows), and no result
 /// is lost or stored twice over. 300 tasks, 50 at once, STARTED tracked, the first 2 batches
@@ -138,13 +127,7 @@ async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
     const N: i64 = 300;
     let dir = std::env::temp_dir().join(format!("worker-batches-{}", uuid::Uuid::new_v4().simple()));
     let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
-    let backend = Arc::new(SlowBatches {
-        inner: Default::default(),
-        failing: AtomicUsize::new(2),
-        batches: AtomicUsize::new(0),
-        batched: AtomicUsize::new(0),
-        single: AtomicUsize::new(0),
-    });
+    let backend = Arc::new(Injected { failing_batches: AtomicUsize::new(2), batches: true, ..Default::default() });
     let app = App::new(broker, backend.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg = WorkerConfig { concurrency: 50, queues: vec!["batched".into()], ..WorkerConfig::default() };
@@ -158,12 +141,10 @@ async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
     }
     let _ = stop.send(());
     worker.await.unwrap().unwrap();
-    let (batches, batched, single) = (
-        backend.batches.load(Ordering::SeqCst),
-        backend.batched.load(Ordering::SeqCst),
-        backend.single.load(Ordering::SeqCst),
-    );
-    assert_eq!(backend.failing.load(Ordering::SeqCst), 0, "both failures met");
+    let load = |n: &AtomicUsize| n.load(Ordering::SeqCst);
+    let (batches, batched, single) = (load(&backend.batch_calls), load(&backend.batched), load(&backend.single));
+    assert_eq!(load(&backend.failing_batches), 0, "both failures met");
+    assert_eq!(load(&backend.single_started), 0, "a STARTED of a failed batch is not stored again");
     assert!(single > 0, "the outcomes of the refused batches were stored one by one");
     assert_eq!(batched + single, N as usize, "each outcome stored once: {batched} in batches, {single} alone");
     assert!(batches * 4 < batched, "{batched} outcomes in {batches} batches");
