@@ -23,7 +23,8 @@ async fn outcome_kept(x: i64) -> i64 {
 }
 
 /// The memory backend with injected failures: its first `failing` stores and its first
-/// `failing_batches` batches are refused as a lost connection; with `batches` it stores batches,
+/// `failing_batches` batches are refused as a lost connection, its first `panicking_batches`
+/// batches panic; with `batches` it stores batches,
 /// each taking a while (so that the states of tasks ending meanwhile gather). It counts the batches,
 /// the outcomes stored in them, and the states stored one by one.
 #[derive(Debug, Default)]
@@ -31,6 +32,7 @@ struct Injected {
     inner: result_backends::memory::MemoryBackend,
     failing: AtomicUsize,
     failing_batches: AtomicUsize,
+    panicking_batches: AtomicUsize,
     batches: bool,
     batch_calls: AtomicUsize,
     batched: AtomicUsize,
@@ -49,6 +51,9 @@ impl celery_core::capability::StoreBatches for Injected {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if fails(&self.failing_batches) {
             return Err(BackendError::connection("connection refused (injected)"));
+        }
+        if fails(&self.panicking_batches) {
+            panic!("a store_many that panics (injected)");
         }
         self.batch_calls.fetch_add(1, Ordering::SeqCst);
         let outcomes = metas.iter().filter(|m| m.status == celery_core::TaskState::Success).count();
@@ -149,5 +154,94 @@ async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
     assert_eq!(batched + single, N as usize, "each outcome stored once: {batched} in batches, {single} alone");
     assert!(batches * 4 < batched, "{batched} outcomes in {batches} batches");
     assert_eq!(BATCHED_RUNS.load(Ordering::SeqCst), N as usize, "each task ran once");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+#[task]
+async fn after_a_panic(x: i64) -> i64 {
+    PANIC_RUNS.fetch_add(1, Ordering::SeqCst);
+    x
+}
+
+/// A backend whose batched store panics does not leave later stores waiting for a sender that is
+/// gone: the states of the panicked batch are not stored, their tasks go back to their queue and
+/// run again, and every result is stored in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_batch_sends_its_tasks_back_and_later_stores_go_on() {
+    const N: i64 = 40;
+    let dir = std::env::temp_dir().join(format!("worker-panics-{}", uuid::Uuid::new_v4().simple()));
+    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
+    let backend = Arc::new(Injected { panicking_batches: AtomicUsize::new(1), batches: true, ..Default::default() });
+    let app = App::new(broker, backend.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let cfg =
+        WorkerConfig { concurrency: 8, queues: vec!["panics".into()], track_started: false, ..WorkerConfig::default() };
+    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = stopped.await;
+    }));
+    let sigs = (0..N).map(|i| Signature::by_name("after_a_panic").args(json!([i])).queue("panics"));
+    let results = app.send_batch(sigs).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.get::<i64>(Duration::from_secs(60)).await.unwrap(), i as i64);
+    }
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
+    assert_eq!(backend.panicking_batches.load(Ordering::SeqCst), 0, "the panic was met");
+    assert!(PANIC_RUNS.load(Ordering::SeqCst) > N as usize, "the panicked batch's tasks ran again");
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[task]
+async fn reports_then_runs(ctx: TaskContext) -> u32 {
+    ctx.update_state("PROGRESS", json!({"done": 1})).await.expect("report stored");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    7
+}
+
+/// A report stored while the task's STARTED waits for its batch is not overwritten by that
+/// STARTED: the report goes through the batches too, behind it (each batch here takes 20 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_not_overwritten_by_the_tasks_started() {
+    let dir = std::env::temp_dir().join(format!("worker-reports-{}", uuid::Uuid::new_v4().simple()));
+    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
+    let backend = Arc::new(Injected { batches: true, ..Default::default() });
+    let app = App::new(broker, backend.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let cfg = WorkerConfig { concurrency: 4, queues: vec!["reports".into()], ..WorkerConfig::default() };
+    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+        let _ = stopped.await;
+    }));
+    let sigs = (0..4).map(|_| Signature::by_name("reports_then_runs").queue("reports"));
+    let results = app.send_batch(sigs).await.unwrap();
+    let t = std::time::Instant::now();
+    let mut seen = Vec::new();
+    while t.elapsed() < Duration::from_secs(30) {
+        let mut states = Vec::new();
+        for r in &results {
+            states.push(r.state().await.unwrap());
+        }
+        if states.iter().all(|s| *s == celery_core::TaskState::Success) {
+            break;
+        }
+        seen.push(states);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Once a task showed its report, it never went back to STARTED.
+    for i in 0..results.len() {
+        let mine: Vec<&celery_core::TaskState> = seen.iter().map(|s| &s[i]).collect();
+        let reported = mine.iter().position(|s| s.to_string() == "PROGRESS");
+        let reported = reported.unwrap_or_else(|| panic!("task {i} showed no report: {mine:?}"));
+        assert!(
+            mine[reported..].iter().all(|s| **s != celery_core::TaskState::Started),
+            "task {i} went back to STARTED after its report: {mine:?}"
+        );
+    }
+    for r in &results {
+        assert_eq!(r.get::<u32>(Duration::from_secs(30)).await.unwrap(), 7);
+    }
+    let _ = stop.send(());
+    worker.await.unwrap().unwrap();
     std::fs::remove_dir_all(dir).ok();
 }

@@ -33,6 +33,13 @@ impl<T, const MAX: usize> Batch<T, MAX> {
         let n = self.queued.len().min(MAX);
         Some(self.queued.drain(..n).collect())
     }
+
+    /// Everything queued, taken out, and no call in flight any more: for a sender that ends
+    /// without draining (the next request starts a call again).
+    pub(super) fn abandon(&mut self) -> Vec<T> {
+        self.busy = false;
+        std::mem::take(&mut self.queued)
+    }
 }
 
 #[cfg(test)]
@@ -52,5 +59,8 @@ mod tests {
         assert_eq!(b.next(), Some(vec![4]));
         assert_eq!(b.next(), None);
         assert!(b.push(7), "once drained, the next request starts a call again");
+        assert!(!b.push(8));
+        assert_eq!(b.abandon(), vec![7, 8]);
+        assert!(b.push(9), "once abandoned, the next request starts a call again");
     }
 }

@@ -277,9 +277,7 @@ async fn run(
         terminate: Some(terminate),
     });
     let ran = execute::run(entry, ctx, args, soft, hard, w.hard_stop.clone(), terminated).await;
-    if let Some(s) = &started_store {
-        s.supersede();
-    }
+    drop(started_store);
     w.requests.finish(&msg.headers.id);
     w.stats.active.fetch_sub(1, Ordering::Relaxed);
     let runtime = started.elapsed();

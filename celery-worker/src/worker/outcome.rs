@@ -334,23 +334,17 @@ pub(super) async fn store_started(
     entry: &'static TaskEntry,
     meta: TaskMeta,
 ) -> Option<stores::StartedStore> {
-    if batched(w) {
+    if w.batch_stores {
         return task_meta(w, msg, entry, meta).map(|meta| stores::started(&w.app, &w.stores, meta));
     }
     store(w, msg, entry, meta).await;
     None
 }
 
-/// Whether states go in batches: the backend stores several in one call and stores are not
-/// traced (each is a span of its own then).
-fn batched(w: &Shared) -> bool {
-    w.app.backend().store_batches().is_some() && !celery_core::trace::enabled()
-}
-
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
 /// given up lightly); false when it could not.
 async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
-    let meta = if batched(w) {
+    let meta = if w.batch_stores {
         match stores::store(&w.app, &w.stores, meta).await {
             Batched::Stored => return true,
             Batched::Failed(meta) => meta,

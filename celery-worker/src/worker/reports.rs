@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::outcome::task_meta;
 use super::shared::Shared;
+use super::stores::{self, Batched};
 
 /// One running task's reports.
 pub(super) struct TaskReports {
@@ -33,8 +34,21 @@ impl StateSink for TaskReports {
     async fn report(&self, task_id: &str, state: TaskState, meta: &Value) -> Result<(), BackendError> {
         let doc = TaskMeta::new(task_id, state, meta.clone());
         if let Some(doc) = task_meta(&self.w, &self.msg, self.entry, doc) {
-            // One attempt: the task decides what a report that could not be stored means.
-            self.w.app.backend().store(&doc).await?;
+            // One attempt: the task decides what a report that could not be stored means. In a
+            // batch when states go in batches, so that it lands after the task's STARTED.
+            let doc = match self.w.batch_stores {
+                true => match stores::store(&self.w.app, &self.w.stores, doc).await {
+                    Batched::Stored => None,
+                    Batched::Failed(doc) => Some(doc),
+                    Batched::Lost => {
+                        return Err(BackendError::operation("the worker stopped before the report was stored"))
+                    }
+                },
+                false => Some(doc),
+            };
+            if let Some(doc) = doc {
+                self.w.app.backend().store(&doc).await?;
+            }
         }
         crate::metrics::reported();
         self.w.event("task-progress", || json!({"uuid": task_id, "state": state, "meta": meta}));

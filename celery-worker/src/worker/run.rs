@@ -56,6 +56,8 @@ pub(super) async fn run_until(
     let events = EventDispatcher::with_clock(app.clone(), &cfg.hostname, clock.clone());
     let (remote_stop, mut remote_stopped) = watch::channel(false);
     let autoscaler = cfg.autoscale.map(|(max, min)| Autoscaler::new(max, min, cfg.autoscale_keepalive));
+    // Decided once, so that a task's STARTED and its outcome go the same way.
+    let batch_stores = app.backend().store_batches().is_some() && !celery_core::trace::enabled();
     let shared = Arc::new(Shared {
         events,
         task_events: AtomicBool::new(cfg.events),
@@ -77,6 +79,7 @@ pub(super) async fn run_until(
         limits: RateLimits::default(),
         held_slots: Default::default(),
         stores: Default::default(),
+        batch_stores,
         stats,
         shutdown: stop_rx,
         hard_stop: hard_rx,

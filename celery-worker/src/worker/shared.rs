@@ -29,6 +29,9 @@ pub(crate) struct Shared {
     pub(super) held_slots: Arc<super::key_slots::HeldSlots>,
     /// The task states waiting for the next batched store.
     pub(super) stores: Arc<super::stores::StoreQueue>,
+    /// Whether task states go in batches: the backend stores several in one call and stores are
+    /// not traced (each is a span of its own then); decided at start.
+    pub(super) batch_stores: bool,
     pub(crate) stats: Arc<WorkerStats>,
     /// Set when the worker stops fetching (waiting tasks give up their wait).
     pub(super) shutdown: watch::Receiver<bool>,

@@ -8,7 +8,7 @@
 //! STARTED is queued without waiting ([`started`]): the task runs meanwhile. Batches go one after
 //! another, each in queue order, so a task's outcome (queued after its STARTED) is never stored
 //! before it; and when the task ends before its STARTED went out, the STARTED is left out
-//! ([`StartedStore::supersede`]): a task that takes less than the worker's next call stores its
+//! (its [`StartedStore`] is dropped): a task that takes less than the worker's next call stores its
 //! outcome alone, a longer one shows STARTED while it runs. A STARTED whose batch fails is not
 //! stored again (the outcome follows; stored later, alone, it could land over it).
 
@@ -39,12 +39,12 @@ impl PendingStore {
     }
 }
 
-/// A STARTED queued by [`started`].
+/// A STARTED queued by [`started`]; dropped (the run ended, or was abandoned), it is left out
+/// unless its batch went out already.
 pub(super) struct StartedStore(Arc<AtomicBool>);
 
-impl StartedStore {
-    /// The task ended: its STARTED is left out unless its batch went out already.
-    pub(super) fn supersede(&self) {
+impl Drop for StartedStore {
+    fn drop(&mut self) {
         self.0.store(true, Ordering::Relaxed);
     }
 }
@@ -92,12 +92,37 @@ fn push(app: &App, queue: &Arc<StoreQueue>, p: PendingStore) {
     }
 }
 
+/// Ends a sender: when it ends without draining the queue (a panic in a backend's `store_many`,
+/// or its task aborted), the states queued are dropped unanswered ([`Batched::Lost`]: their
+/// deliveries go back to their queues) and the next state starts a sender again, so that no store
+/// waits for a sender that is gone.
+struct Sending {
+    queue: Arc<StoreQueue>,
+    drained: bool,
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if !self.drained {
+            let lost = lock(&self.queue.batch).abandon();
+            tracing::error!(
+                states = lost.len(),
+                "the sender of batched task states ended early; their tasks go back to their queues"
+            );
+        }
+    }
+}
+
 /// Sends the queued states, a batch per call, until none is left; each batch's stores get their
 /// answer (a failed call gives its states back).
 async fn send(app: App, queue: Arc<StoreQueue>) {
+    let mut sending = Sending { queue, drained: false };
     loop {
-        let next = lock(&queue.batch).next();
-        let Some(batch) = next else { return };
+        let next = lock(&sending.queue.batch).next();
+        let Some(batch) = next else {
+            sending.drained = true;
+            return;
+        };
         let (metas, answers): (Vec<TaskMeta>, Vec<_>) =
             batch.into_iter().filter(|p| !p.superseded()).map(|p| (p.meta, p.answer)).unzip();
         if metas.is_empty() {
@@ -112,7 +137,7 @@ async fn send(app: App, queue: Arc<StoreQueue>) {
                 let _ = a.send(None);
             }),
             Err(e) => {
-                tracing::debug!(error = %e, n = metas.len(), "a batch of task states failed; storing them one by one");
+                tracing::warn!(error = %e, n = metas.len(), "a batch of task states failed; storing them one by one (STARTED left out)");
                 for (a, m) in answers.into_iter().zip(metas) {
                     if let Some(a) = a {
                         let _ = a.send(Some(m));

@@ -81,12 +81,36 @@ impl Subscriptions {
             }
         };
         let Some(mut sink) = self.sink().filter(|_| last) else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
         let (subs, key) = (self.clone(), key.to_owned());
-        tokio::spawn(async move {
+        rt.spawn(async move {
             if !lock(&subs.waiters).contains_key(&key) {
-                let _ = sink.unsubscribe(&key).await;
+                // Bounded: a stalled subscriber connection does not keep these tasks for good.
+                let _ = tokio::time::timeout(UNSUBSCRIBE_WAIT, sink.unsubscribe(&key)).await;
             }
         });
+    }
+}
+
+/// How long an unsubscribe waits for its reply.
+const UNSUBSCRIBE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A waiter's registration, dropped when its wait ends however it ends (also when the caller
+/// drops the wait midway): unregisters it.
+pub(super) struct Registered<'a> {
+    subs: &'a Arc<Subscriptions>,
+    key: &'a str,
+}
+
+impl<'a> Registered<'a> {
+    pub(super) fn new(subs: &'a Arc<Subscriptions>, key: &'a str) -> Registered<'a> {
+        Registered { subs, key }
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        self.subs.unregister(self.key);
     }
 }
 
@@ -132,10 +156,11 @@ async fn listen(conn: RedisConn, subs: Arc<Subscriptions>) {
             tx.send_modify(|w| w.published = None);
         }
         while let Some(msg) = stream.next().await {
+            // Copied before the lock that every waiter takes.
+            let published: Arc<[u8]> = Arc::from(msg.get_payload_bytes());
             let w = lock(&subs.waiters);
             if let Some((_, tx)) = w.get(msg.get_channel_name()) {
-                let published = Some(Arc::from(msg.get_payload_bytes()));
-                tx.send_modify(|w| w.published = published);
+                tx.send_modify(|w| w.published = Some(published));
             }
         }
         *lock(&subs.sink) = None;

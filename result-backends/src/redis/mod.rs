@@ -174,9 +174,12 @@ impl ResultBackend for RedisBackend {
         let key = self.key(task_id);
         let deadline = celery_core::clock::instant_after(timeout);
         let mut rx = self.subs.register(&key).await;
+        // Unregistered however the wait ends, also when the caller drops it midway.
+        let _registered = listen::Registered::new(&self.subs, &key);
         let peek = rx.clone();
         // Woken by a publish on the task's key, which carries the state: a ready one is taken as
-        // published, without reading the key again.
+        // published, without reading the key again (whoever may PUBLISH to this Redis may also
+        // write the key: the channel is trusted as the key is).
         let get = || {
             let published = peek.borrow().published.clone();
             async move {
@@ -187,9 +190,7 @@ impl ResultBackend for RedisBackend {
                 }
             }
         };
-        let result = crate::waiting::until_ready(get, Some(&mut rx), deadline, "redis").await;
-        self.subs.unregister(&key);
-        result
+        crate::waiting::until_ready(get, Some(&mut rx), deadline, "redis").await
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
@@ -219,25 +220,30 @@ const MAX_STORE_CALL_BYTES: usize = 1 << 20;
 impl StoreBatches for RedisBackend {
     /// One [`scripts::STORE_MANY`] call per [`MAX_STORE_CALL`] documents or
     /// [`MAX_STORE_CALL_BYTES`] (with `min_replicas` through [`RedisConn::write`], one `WAIT` a
-    /// call). On a cluster, whose keys of one call must share a slot, each is stored on its own,
-    /// all at once.
+    /// call). On a cluster, whose keys of one call must share a slot, each is stored on its own:
+    /// all at once, or one after another when a task id repeats (its states keep their order).
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
         if self.conn.is_cluster() {
-            futures::future::try_join_all(metas.iter().map(|m| self.store(m))).await?;
+            let mut ids = std::collections::HashSet::new();
+            if metas.iter().all(|m| ids.insert(m.task_id.as_str())) {
+                futures::future::try_join_all(metas.iter().map(|m| self.store(m))).await?;
+            } else {
+                for m in metas {
+                    self.store(m).await?;
+                }
+            }
             return Ok(());
         }
-        let mut next = 0;
-        while next < metas.len() {
-            let (mut keys, mut docs, mut bytes) = (Vec::new(), Vec::new(), 0);
-            while let Some(m) = metas.get(next).filter(|_| keys.len() < MAX_STORE_CALL) {
-                let doc = m.to_vec();
-                if !docs.is_empty() && bytes + doc.len() > MAX_STORE_CALL_BYTES {
-                    break;
-                }
+        let mut docs =
+            metas.iter().map(|m| (self.key(&m.task_id), m.to_vec())).collect::<Vec<_>>().into_iter().peekable();
+        while docs.peek().is_some() {
+            let (mut keys, mut call, mut bytes) = (Vec::new(), Vec::new(), 0);
+            while let Some((key, doc)) = docs.next_if(|(_, d)| {
+                call.is_empty() || (call.len() < MAX_STORE_CALL && bytes + d.len() <= MAX_STORE_CALL_BYTES)
+            }) {
                 bytes += doc.len();
-                keys.push(self.key(&m.task_id));
-                docs.push(doc);
-                next += 1;
+                keys.push(key);
+                call.push(doc);
             }
             if self.conn.min_replicas().is_some() {
                 let mut pipe = redis::pipe();
@@ -246,13 +252,13 @@ impl StoreBatches for RedisBackend {
                     .arg(keys.len())
                     .arg(&keys)
                     .arg(self.expires)
-                    .arg(&docs)
+                    .arg(&call)
                     .ignore();
                 self.conn.write(pipe, "redis results: store").await?;
                 continue;
             }
             let mut inv = self.store_many.prepare_invoke();
-            inv.key(&keys).arg(self.expires).arg(&docs);
+            inv.key(&keys).arg(self.expires).arg(&call);
             let _: i64 = inv.invoke_async(&mut self.conn.clone()).await.map_err(failed("redis results: store"))?;
         }
         Ok(())
