@@ -89,30 +89,50 @@ impl ResultBackend for Injected {
     }
 }
 
+/// A worker of `cfg` on a built-in broker of its own (a fresh directory) and `backend`.
+struct Running {
+    app: App,
+    dir: std::path::PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    worker: tokio::task::JoinHandle<Result<(), celery_worker::WorkerError>>,
+}
+
+impl Running {
+    async fn start(backend: Arc<Injected>, cfg: WorkerConfig) -> Running {
+        let dir = std::env::temp_dir().join(format!("worker-results-{}", uuid::Uuid::new_v4().simple()));
+        let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
+        let app = App::new(broker, backend);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
+            let _ = stopped.await;
+        }));
+        Running { app, dir, stop, worker }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.worker.await.unwrap().unwrap();
+        std::fs::remove_dir_all(self.dir).ok();
+    }
+}
+
 #[tokio::test]
 async fn a_result_that_cannot_be_stored_sends_the_task_back_to_run_again() {
-    let dir = std::env::temp_dir().join(format!("worker-results-{}", uuid::Uuid::new_v4().simple()));
-    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
     // More failures than the worker's retries of one store (8): the first run's result is lost.
     let backend = Arc::new(Injected { failing: AtomicUsize::new(9), ..Default::default() });
-    let app = App::new(broker, backend.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg = WorkerConfig {
         concurrency: 2,
         queues: vec!["outcomes".into()],
         track_started: false,
         ..WorkerConfig::default()
     };
-    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
-        let _ = stopped.await;
-    }));
+    let run = Running::start(backend.clone(), cfg).await;
+    let app = &run.app;
     let res = app.send(Signature::by_name("outcome_kept").args(json!([21])).queue("outcomes")).await.unwrap();
     assert_eq!(res.get::<i64>(Duration::from_secs(90)).await.unwrap(), 42);
     assert_eq!(RUNS.load(Ordering::SeqCst), 2, "ran again after its first result could not be stored");
     assert_eq!(backend.failing.load(Ordering::SeqCst), 0);
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
-    std::fs::remove_dir_all(dir).ok();
+    run.stop().await;
 }
 
 static BATCHED_RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -130,22 +150,16 @@ async fn batched_outcome(x: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
     const N: i64 = 300;
-    let dir = std::env::temp_dir().join(format!("worker-batches-{}", uuid::Uuid::new_v4().simple()));
-    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
     let backend = Arc::new(Injected { failing_batches: AtomicUsize::new(2), batches: true, ..Default::default() });
-    let app = App::new(broker, backend.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg = WorkerConfig { concurrency: 50, queues: vec!["batched".into()], ..WorkerConfig::default() };
-    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
-        let _ = stopped.await;
-    }));
+    let run = Running::start(backend.clone(), cfg).await;
+    let app = &run.app;
     let sigs = (0..N).map(|i| Signature::by_name("batched_outcome").args(json!([i])).queue("batched"));
     let results = app.send_batch(sigs).await.unwrap();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.get::<i64>(Duration::from_secs(60)).await.unwrap(), i as i64 + 1);
     }
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    run.stop().await;
     let load = |n: &AtomicUsize| n.load(Ordering::SeqCst);
     let (batches, batched, single) = (load(&backend.batch_calls), load(&backend.batched), load(&backend.single));
     assert_eq!(load(&backend.failing_batches), 0, "both failures met");
@@ -154,7 +168,6 @@ async fn states_are_stored_in_batches_and_one_by_one_when_a_batch_fails() {
     assert_eq!(batched + single, N as usize, "each outcome stored once: {batched} in batches, {single} alone");
     assert!(batches * 4 < batched, "{batched} outcomes in {batches} batches");
     assert_eq!(BATCHED_RUNS.load(Ordering::SeqCst), N as usize, "each task ran once");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 static PANIC_RUNS: AtomicUsize = AtomicUsize::new(0);
@@ -171,26 +184,19 @@ async fn after_a_panic(x: i64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_batch_sends_its_tasks_back_and_later_stores_go_on() {
     const N: i64 = 40;
-    let dir = std::env::temp_dir().join(format!("worker-panics-{}", uuid::Uuid::new_v4().simple()));
-    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
     let backend = Arc::new(Injected { panicking_batches: AtomicUsize::new(1), batches: true, ..Default::default() });
-    let app = App::new(broker, backend.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg =
         WorkerConfig { concurrency: 8, queues: vec!["panics".into()], track_started: false, ..WorkerConfig::default() };
-    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
-        let _ = stopped.await;
-    }));
+    let run = Running::start(backend.clone(), cfg).await;
+    let app = &run.app;
     let sigs = (0..N).map(|i| Signature::by_name("after_a_panic").args(json!([i])).queue("panics"));
     let results = app.send_batch(sigs).await.unwrap();
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r.get::<i64>(Duration::from_secs(60)).await.unwrap(), i as i64);
     }
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
+    run.stop().await;
     assert_eq!(backend.panicking_batches.load(Ordering::SeqCst), 0, "the panic was met");
     assert!(PANIC_RUNS.load(Ordering::SeqCst) > N as usize, "the panicked batch's tasks ran again");
-    std::fs::remove_dir_all(dir).ok();
 }
 
 #[task]
@@ -204,15 +210,10 @@ async fn reports_then_runs(ctx: TaskContext) -> u32 {
 /// STARTED: the report goes through the batches too, behind it (each batch here takes 20 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_report_is_not_overwritten_by_the_tasks_started() {
-    let dir = std::env::temp_dir().join(format!("worker-reports-{}", uuid::Uuid::new_v4().simple()));
-    let broker = celery_core::scheme::connect_broker(&format!("log://{}", dir.display())).await.unwrap();
     let backend = Arc::new(Injected { batches: true, ..Default::default() });
-    let app = App::new(broker, backend.clone());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let cfg = WorkerConfig { concurrency: 4, queues: vec!["reports".into()], ..WorkerConfig::default() };
-    let worker = tokio::spawn(Worker::new(app.clone(), cfg).run_until(async {
-        let _ = stopped.await;
-    }));
+    let run = Running::start(backend.clone(), cfg).await;
+    let app = &run.app;
     let sigs = (0..4).map(|_| Signature::by_name("reports_then_runs").queue("reports"));
     let results = app.send_batch(sigs).await.unwrap();
     let t = std::time::Instant::now();
@@ -241,7 +242,5 @@ async fn a_report_is_not_overwritten_by_the_tasks_started() {
     for r in &results {
         assert_eq!(r.get::<u32>(Duration::from_secs(30)).await.unwrap(), 7);
     }
-    let _ = stop.send(());
-    worker.await.unwrap().unwrap();
-    std::fs::remove_dir_all(dir).ok();
+    run.stop().await;
 }
