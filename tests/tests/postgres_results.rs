@@ -164,6 +164,38 @@ async fn a_celery_5_6_table_is_adopted_as_it_is() {
     assert_eq!(column_types(&schema, "celery_taskmeta").len(), 6, "no column added to the user's table");
 }
 
+/// A batched store is one transaction with the rules of one store: a stored SUCCESS is kept, a
+/// repeated id's states land in order, a waiter is woken at the commit; a batch with a state that
+/// cannot be stored stores none of it (the worker then stores its states one by one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_store_is_one_transaction_with_the_rules_of_one() {
+    use celery_core::capability::StoreBatches;
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let b = Arc::new(backend(&schema, "").await);
+    b.store(&TaskMeta::success("done", json!(1))).await.unwrap();
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.wait("waited", T).await })
+    };
+    let batch = [
+        TaskMeta::success("waited", json!(3)),
+        TaskMeta::success("done", json!(2)),
+        TaskMeta::new("twice", TaskState::Started, Value::Null),
+        TaskMeta::success("twice", json!(5)),
+        TaskMeta::new("running", TaskState::Started, Value::Null),
+    ];
+    b.store_many(&batch).await.unwrap();
+    assert_eq!(b.get("done").await.unwrap().unwrap().result, json!(1), "SUCCESS kept");
+    assert_eq!(b.get("twice").await.unwrap().unwrap().status, TaskState::Success, "in order");
+    assert_eq!(b.get("running").await.unwrap().unwrap().status, TaskState::Started);
+    let woken = waiter.await.unwrap().unwrap().expect("woken with its state");
+    assert_eq!(woken.result, json!(3));
+    let bad = [TaskMeta::success("fine", json!(1)), TaskMeta::success("x".repeat(300), json!(1))];
+    let err = b.store_many(&bad).await.unwrap_err().to_string();
+    assert!(err.contains("task id of 300 bytes"), "{err}");
+    assert_eq!(b.get("fine").await.unwrap(), None, "nothing of a failed batch is stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_backend_contract_holds() {
     let Some(schema) = PgSchema::new(SUITE) else { return };

@@ -17,7 +17,7 @@
 use celery_core::protocol::format_time;
 use celery_core::{BackendError, TaskMeta, TaskState};
 use chrono::{DateTime, NaiveDateTime, Utc};
-use deadpool_postgres::Object;
+use deadpool_postgres::{GenericClient, Object};
 use serde_json::Value;
 
 use super::error::PgError;
@@ -105,7 +105,8 @@ impl CeleryTable {
         CeleryTable { children, extended, upsert, select }
     }
 
-    pub(crate) async fn store(&self, c: &Object, meta: &TaskMeta) -> Result<(), BackendError> {
+    /// Upserts `meta` through `c` (a pooled client, or a transaction of one).
+    pub(crate) async fn store(&self, c: &impl GenericClient, meta: &TaskMeta) -> Result<(), BackendError> {
         check_id(&meta.task_id)?;
         let result = serde_json::to_vec(&meta.result).map_err(|e| BackendError::Malformed(e.to_string()))?;
         let date_done = meta.status.is_ready().then(|| naive_utc(meta.date_done.as_deref()));

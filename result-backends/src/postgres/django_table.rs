@@ -23,7 +23,7 @@ use base64::Engine as _;
 use celery_core::protocol::format_time;
 use celery_core::{BackendError, TaskMeta, TaskState};
 use chrono::{DateTime, Utc};
-use deadpool_postgres::Object;
+use deadpool_postgres::{GenericClient, Object};
 use serde_json::Value;
 
 use super::celery_table::{bounded_select, check_row_size, decode_stored, MAX_VALUE_BYTES};
@@ -132,7 +132,8 @@ impl DjangoTable {
         DjangoTable { upsert, select }
     }
 
-    pub(crate) async fn store(&self, c: &Object, meta: &TaskMeta) -> Result<(), BackendError> {
+    /// Upserts `meta` through `c` (a pooled client, or a transaction of one).
+    pub(crate) async fn store(&self, c: &impl GenericClient, meta: &TaskMeta) -> Result<(), BackendError> {
         if meta.task_id.len() > MAX_TASK_ID {
             return Err(BackendError::operation(format!(
                 "postgresql: a task id of {} bytes is longer than {TABLE}.task_id's {MAX_TASK_ID}",

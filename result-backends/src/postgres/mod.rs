@@ -207,14 +207,39 @@ impl PostgresBackend {
     }
 }
 
+impl Table {
+    /// Upserts `meta` into this table through `c`.
+    async fn store(&self, c: &impl deadpool_postgres::GenericClient, meta: &TaskMeta) -> Result<(), BackendError> {
+        match self {
+            Table::Celery(t) => t.store(c, meta).await,
+            Table::Django(t) => t.store(c, meta).await,
+        }
+    }
+}
+
+#[async_trait]
+impl celery_core::capability::StoreBatches for PostgresBackend {
+    /// One transaction (one commit) for all of `metas`, in task id order (stable: a repeated id
+    /// keeps its states' order), so that workers storing overlapping ids lock their rows in the
+    /// same order and never deadlock one another. The waiters' `NOTIFY`s go out at the commit.
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
+        let mut order: Vec<&TaskMeta> = metas.iter().collect();
+        order.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        let mut c = self.client().await?;
+        let tx = c.transaction().await.map_err(PgError::at("results"))?;
+        for m in order {
+            self.table.store(&tx, m).await?;
+        }
+        tx.commit().await.map_err(PgError::at("results"))?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl ResultBackend for PostgresBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         let c = self.client().await?;
-        match &*self.table {
-            Table::Celery(t) => t.store(&c, meta).await,
-            Table::Django(t) => t.store(&c, meta).await,
-        }
+        self.table.store(&c, meta).await
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
@@ -245,7 +270,7 @@ impl ResultBackend for PostgresBackend {
         "postgresql"
     }
 
-    celery_core::offers!(chords, claims);
+    celery_core::offers!(chords, claims, store_batches);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.history)
