@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, missing_debug_implementations)]
 
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod batches;
 #[cfg(feature = "log")]
 pub mod log;
 pub mod memory;

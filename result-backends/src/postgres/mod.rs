@@ -219,17 +219,16 @@ impl Table {
 
 #[async_trait]
 impl celery_core::capability::StoreBatches for PostgresBackend {
-    /// One transaction (one commit) for all of `metas`, in task id order (stable: a repeated id
-    /// keeps its states' order), so that workers storing overlapping ids lock their rows in the
-    /// same order and never deadlock one another. The waiters' `NOTIFY`s go out at the commit.
+    /// One transaction (one commit) for all of `metas`, their statements pipelined on its
+    /// connection in task id order (stable; one after another when an id repeats, so that its
+    /// states land in order), so that workers storing overlapping ids lock their rows in the same
+    /// order and never deadlock one another. The waiters' `NOTIFY`s go out at the commit.
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
         let mut order: Vec<&TaskMeta> = metas.iter().collect();
         order.sort_by(|a, b| a.task_id.cmp(&b.task_id));
         let mut c = self.client().await?;
         let tx = c.transaction().await.map_err(PgError::at("results"))?;
-        for m in order {
-            self.table.store(&tx, m).await?;
-        }
+        crate::batches::store_each(&order, |m| self.table.store(&tx, m)).await?;
         tx.commit().await.map_err(PgError::at("results"))?;
         Ok(())
     }

@@ -224,15 +224,8 @@ impl StoreBatches for RedisBackend {
     /// all at once, or one after another when a task id repeats (its states keep their order).
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
         if self.conn.is_cluster() {
-            let mut ids = std::collections::HashSet::new();
-            if metas.iter().all(|m| ids.insert(m.task_id.as_str())) {
-                futures::future::try_join_all(metas.iter().map(|m| self.store(m))).await?;
-            } else {
-                for m in metas {
-                    self.store(m).await?;
-                }
-            }
-            return Ok(());
+            let all: Vec<&TaskMeta> = metas.iter().collect();
+            return crate::batches::store_each(&all, |m| self.store(m)).await;
         }
         let mut docs =
             metas.iter().map(|m| (self.key(&m.task_id), m.to_vec())).collect::<Vec<_>>().into_iter().peekable();
