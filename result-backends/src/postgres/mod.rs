@@ -217,19 +217,29 @@ impl Table {
     }
 }
 
+/// The most rows one batched store's transaction writes (and locks).
+const MAX_BATCH_ROWS: usize = 256;
+
 #[async_trait]
 impl celery_core::capability::StoreBatches for PostgresBackend {
     /// One transaction (one commit) for all of `metas`, their statements pipelined on its
     /// connection in task id order (stable; one after another when an id repeats, so that its
     /// states land in order), so that workers storing overlapping ids lock their rows in the same
     /// order and never deadlock one another. The waiters' `NOTIFY`s go out at the commit.
+    /// A lone state is one statement (no transaction round trips); more than
+    /// [`MAX_BATCH_ROWS`] go in several transactions.
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
-        let mut order: Vec<&TaskMeta> = metas.iter().collect();
-        order.sort_by(|a, b| a.task_id.cmp(&b.task_id));
-        let mut c = self.client().await?;
-        let tx = c.transaction().await.map_err(PgError::at("results"))?;
-        crate::batches::store_each(&order, |m| self.table.store(&tx, m)).await?;
-        tx.commit().await.map_err(PgError::at("results"))?;
+        if let [meta] = metas {
+            return self.store(meta).await;
+        }
+        for chunk in metas.chunks(MAX_BATCH_ROWS) {
+            let mut order: Vec<&TaskMeta> = chunk.iter().collect();
+            order.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+            let mut c = self.client().await?;
+            let tx = c.transaction().await.map_err(PgError::at("results"))?;
+            crate::batches::store_each(&order, |m| self.table.store(&tx, m)).await?;
+            tx.commit().await.map_err(PgError::at("results"))?;
+        }
         Ok(())
     }
 }
