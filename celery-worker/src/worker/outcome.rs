@@ -349,7 +349,7 @@ async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
             Batched::Stored => return true,
             Batched::Failed(meta) => meta,
             Batched::Lost => {
-                tracing::error!("the worker stopped before a task's state was stored");
+                tracing::error!("the batch holding a task's state ended unanswered (shutdown, or a panic in the backend); not stored");
                 return false;
             }
         }

@@ -62,7 +62,8 @@ pub(super) enum Batched {
     Stored,
     /// The batch's call failed: the state comes back to be stored on its own (with retries).
     Failed(TaskMeta),
-    /// The batch was dropped with the runtime (shutting down): not stored.
+    /// The batch's sender ended without answering (the runtime shutting down, or a panic in the
+    /// backend's `store_many`): not stored.
     Lost,
 }
 
