@@ -61,6 +61,11 @@ pub struct BenchArgs {
     /// (the first plain drain is the usual one).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub rounds: u32,
+    /// Store every task's result (SUCCESS) in the result backend, as the `worker` command does for
+    /// a task sent without `ignore_result` (STARTED is not tracked); by default the tasks are sent
+    /// with `ignore_result` and the drains store nothing. Round trips store results either way.
+    #[arg(long)]
+    pub store_results: bool,
     /// On `amqp://`, also measure a bare lapin publish (confirms, persistent) and consume (qos, ack)
     /// loop on the same server with the same messages: the ceiling a client library can reach.
     #[arg(long)]
@@ -141,7 +146,7 @@ pub async fn run(app: App, a: BenchArgs) -> anyhow::Result<()> {
             Some(ms) => Signature::by_name("sleep").args(serde_json::json!([ms])),
             None => Signature::by_name(&a.task).args(serde_json::json!([i, i])),
         };
-        s.queue(queue_of(i)).ignore_result(true)
+        s.queue(queue_of(i)).ignore_result(!a.store_results)
     };
     let purge_all = || async {
         let mut purged = std::pin::pin!(crate::cli::queues::purge_all(&app, &queues));

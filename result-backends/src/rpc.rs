@@ -188,9 +188,10 @@ impl ResultBackend for RpcBackend {
     /// Publishes the document to the request's reply queue (nothing to do without one).
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         let Some(reply_to) = meta.reply_to.as_deref() else { return Ok(()) };
-        let key =
-            ShortString::try_new(reply_to.to_owned()).map_err(|_| BackendError::operation("reply_to too long"))?;
-        let id = ShortString::try_new(meta.task_id.clone()).map_err(|_| BackendError::operation("task id too long"))?;
+        // Too long for AMQP's 255-byte fields: the state is at fault, storing it again fails again.
+        let too_long = |what: &str| BackendError::Malformed(format!("rpc: {what} is longer than AMQP's 255 bytes"));
+        let key = ShortString::try_new(reply_to.to_owned()).map_err(|_| too_long("reply_to"))?;
+        let id = ShortString::try_new(meta.task_id.clone()).map_err(|_| too_long("the task id"))?;
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_content_encoding("utf-8".into())

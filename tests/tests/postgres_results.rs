@@ -808,3 +808,76 @@ async fn pg_exec_on(pg: &PgServer, sql: &str) {
     drop(client);
     let _ = driver.await;
 }
+
+static REFUSED_RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[task]
+async fn pg_count(x: i64) -> i64 {
+    REFUSED_RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    x
+}
+
+/// A state the table cannot hold (a task id over `celery_taskmeta.task_id`'s 155 bytes, or with a
+/// NUL character PostgreSQL refuses) would be refused however often its task ran: the task runs
+/// once and is dead-lettered with the table's reason, while the tasks beside it (in the same
+/// batches) are stored; a worker host name longer than the `worker` column is cut to fit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_state_the_table_cannot_hold_dead_letters_its_task_once() {
+    use celery_core::broker::DEAD_LETTER_REASON;
+    let Some(schema) = PgSchema::new(SUITE) else { return };
+    let dir = celery_tests::TempDir::new("pg-refused");
+    let app = celery_worker::connect(&dir.url("lease_timeout=5&fsync=os"), &schema.url("db+postgresql", ""))
+        .await
+        .expect("connect");
+    let cfg = WorkerConfig {
+        concurrency: 4,
+        hostname: format!("{}@test", "h".repeat(300)),
+        shutdown_grace: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    };
+    let worker = Worker::new(app.clone(), cfg);
+    let stats = worker.stats();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let w = Running {
+        stop,
+        handle: tokio::spawn(worker.run_until(async move {
+            let _ = rx.await;
+        })),
+    };
+    let (long, nul) = ("x".repeat(200), "nul\u{0}id".to_owned());
+    let sigs = (0..40).map(|i| match i {
+        10 => pg_count::new(i).task_id(long.clone()),
+        20 => pg_count::new(i).task_id(nul.clone()),
+        _ => pg_count::new(i),
+    });
+    let results = app.send_batch(sigs).await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        if i != 10 && i != 20 {
+            assert_eq!(r.get::<i64>(T).await.unwrap(), i as i64, "the tasks beside them are stored");
+        }
+    }
+    // Both refused ones reach the dead letters, each with the table's reason.
+    let mut consumer = app.broker().consume(&["celery.dead".to_string()], 16).await.unwrap();
+    let mut reasons = std::collections::BTreeMap::new();
+    let deadline = Instant::now() + T;
+    while reasons.len() < 2 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut d = tokio::time::timeout(left, consumer.next()).await.expect("both are dead-lettered").unwrap();
+        let m = d.message().as_ref().expect("a dead letter decodes");
+        let reason = m.headers.extra.get(DEAD_LETTER_REASON).and_then(Value::as_str).unwrap_or_default().to_owned();
+        reasons.insert(m.headers.id.clone(), reason);
+        d.ack().await.unwrap();
+    }
+    consumer.stop();
+    consumer.close().await;
+    assert!(reasons[&long].contains("task id of 200 bytes"), "{reasons:?}");
+    assert!(reasons[&nul].contains("SQLSTATE 22"), "{reasons:?}");
+    w.stop().await;
+    let requeued = stats.requeued.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(requeued, 0, "a refused state sends its task back to run again, never");
+    assert_eq!(stats.rejected.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(REFUSED_RUNS.load(std::sync::atomic::Ordering::SeqCst), 40, "each task ran once");
+    let hosts = schema.query("SELECT DISTINCT worker FROM celery_taskmeta").unwrap();
+    assert_eq!(hosts.len(), 1, "{hosts:?}");
+    assert_eq!(hosts[0][0].as_deref().map(|h| h.chars().count()), Some(155), "the host name cut to fit");
+}

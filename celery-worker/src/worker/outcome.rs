@@ -78,7 +78,9 @@ pub(super) async fn conclude(
             };
             // The result document only when it is stored (its time stamp and copy cost per task).
             let ignore = msg.headers.ignore_result || opts.ignore_result;
-            let stored = ignore || {
+            let stored = if ignore {
+                Stored::Yes
+            } else {
                 let mut meta = TaskMeta::success(&msg.headers.id, value.clone());
                 meta.children = children;
                 Box::pin(store(w, msg, entry, meta)).await
@@ -92,7 +94,7 @@ pub(super) async fn conclude(
                 serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()})
             });
             if let Some(d) = d.take() {
-                Box::pin(finish(w, d, stored)).await;
+                Box::pin(finish(w, d, msg, stored)).await;
             }
         }
         Outcome::Done(Err(err)) => match err.kind() {
@@ -219,7 +221,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     crate::metrics::failed(entry.name);
     failed_event(w, "task-failed", &msg.headers.id, err, err.traceback());
     if let Some(d) = d {
-        finish(w, d, stored).await;
+        finish(w, d, msg, stored).await;
     }
 }
 
@@ -279,13 +281,21 @@ async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) {
 
 /// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend
 /// stayed unreachable) goes back to its queue instead, so the task runs again rather than finish
-/// without a result.
-async fn finish(w: &Shared, d: Delivery, stored: bool) {
-    if stored {
-        settle(d.ack().await);
-    } else {
-        tracing::error!("the result could not be stored: the task goes back to its queue to run again");
-        requeue(&w.stats, d).await;
+/// without a result. One whose outcome the backend refused for what it holds (a task id longer
+/// than its column, a character it cannot store) would be refused again however often it ran: it
+/// is dead-lettered with the backend's reason, and FAILURE with Celery's `BackendStoreError`
+/// stored in its place where the backend takes that.
+async fn finish(w: &Shared, d: Delivery, msg: &Message, stored: Stored) {
+    match stored {
+        Stored::Yes => settle(d.ack().await),
+        Stored::No => {
+            tracing::error!("the result could not be stored: the task goes back to its queue to run again");
+            requeue(&w.stats, d).await;
+        }
+        Stored::Refused(e) => {
+            let err = TaskError::new("BackendStoreError", format!("the result backend refused the task's state: {e}"));
+            Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await;
+        }
     }
 }
 
@@ -304,11 +314,23 @@ pub(super) fn settle(r: Result<(), BrokerError>) {
     }
 }
 
-/// Stores a task's state unless it ignores results; false when it could not be stored.
-pub(super) async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, meta: TaskMeta) -> bool {
+/// What became of a task's state sent to the result backend.
+#[derive(Debug)]
+pub(super) enum Stored {
+    /// Stored, or nothing to store (the task ignores results).
+    Yes,
+    /// Not stored: the backend stayed unreachable, or failed in a way that may pass later.
+    No,
+    /// Refused for what the state holds ([`BackendError::is_message_fault`]): storing it again
+    /// gives the same answer.
+    Refused(BackendError),
+}
+
+/// Stores a task's state unless it ignores results.
+pub(super) async fn store(w: &Shared, msg: &Message, entry: &'static TaskEntry, meta: TaskMeta) -> Stored {
     match task_meta(w, msg, entry, meta) {
         Some(meta) => store_meta(w, meta).await,
-        None => true,
+        None => Stored::Yes,
     }
 }
 
@@ -342,15 +364,15 @@ pub(super) async fn store_started(
 }
 
 /// Stores a task's state, retrying with backoff while the backend is unreachable (a result is not
-/// given up lightly); false when it could not.
-async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
+/// given up lightly).
+async fn store_meta(w: &Shared, meta: TaskMeta) -> Stored {
     let meta = if w.batch_stores {
         match stores::store(&w.app, &w.stores, meta).await {
-            Batched::Stored => return true,
+            Batched::Stored => return Stored::Yes,
             Batched::Failed(meta) => meta,
             Batched::Lost => {
                 tracing::error!("the batch holding a task's state ended unanswered (shutdown, or a panic in the backend); not stored");
-                return false;
+                return Stored::No;
             }
         }
     } else {
@@ -367,10 +389,17 @@ async fn store_meta(w: &Shared, meta: TaskMeta) -> bool {
     } else {
         store.await
     };
-    if let Err(e) = &stored {
-        tracing::error!(error = %e, state = %meta.status, "could not store the task state");
+    match stored {
+        Ok(()) => Stored::Yes,
+        Err(e) => {
+            tracing::error!(error = %e, state = %meta.status, "could not store the task state");
+            if e.is_message_fault() {
+                Stored::Refused(e)
+            } else {
+                Stored::No
+            }
+        }
     }
-    stored.is_ok()
 }
 
 /// A chord member reached a final state: count it into its chord (see [`super::chord`]).

@@ -134,12 +134,7 @@ impl DjangoTable {
 
     /// Upserts `meta` through `c` (a pooled client, or a transaction of one).
     pub(crate) async fn store(&self, c: &impl GenericClient, meta: &TaskMeta) -> Result<(), BackendError> {
-        if meta.task_id.len() > MAX_TASK_ID {
-            return Err(BackendError::operation(format!(
-                "postgresql: a task id of {} bytes is longer than {TABLE}.task_id's {MAX_TASK_ID}",
-                meta.task_id.len()
-            )));
-        }
+        check_id(&meta.task_id)?;
         let malformed = |e: serde_json::Error| BackendError::Malformed(e.to_string());
         let result = serde_json::to_string(&meta.result).map_err(malformed)?;
         let extra = serde_json::to_string(&serde_json::json!({"children": meta.children})).map_err(malformed)?;
@@ -149,13 +144,13 @@ impl DjangoTable {
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
             .map_or_else(Utc::now, |d| d.with_timezone(&Utc));
         let status = meta.status.as_str();
+        // Informative columns (`task_name` 255, `worker` 100 characters): a longer value is cut
+        // to fit, not refused (a pod's long host name would otherwise fail every store).
+        let (name, worker) = (super::clipped(&meta.name, 255), super::clipped(&meta.worker, 100));
         let stmt = c.prepare_cached(&self.upsert).await.map_err(PgError::at("django_celery_results_taskresult"))?;
-        c.execute(
-            &stmt,
-            &[&meta.task_id, &status, &result, &date_done, &meta.traceback, &extra, &meta.name, &meta.worker],
-        )
-        .await
-        .map_err(PgError::at("django_celery_results_taskresult"))?;
+        c.execute(&stmt, &[&meta.task_id, &status, &result, &date_done, &meta.traceback, &extra, &name, &worker])
+            .await
+            .map_err(super::store_error(TABLE))?;
         Ok(())
     }
 
@@ -212,6 +207,18 @@ fn decode_content(content_type: &str, encoding: &str, text: &str) -> Result<Valu
         }
         _ => decode_stored(&raw).map_err(|e| format!("content type `{content_type}`: {e}")),
     }
+}
+
+/// Refuses a task id the table's column cannot hold ([`BackendError::Malformed`], as
+/// [`super::celery_table::check_id`]).
+pub(crate) fn check_id(task_id: &str) -> Result<(), BackendError> {
+    if task_id.len() > MAX_TASK_ID {
+        return Err(BackendError::Malformed(format!(
+            "postgresql: a task id of {} bytes is longer than {TABLE}.task_id's {MAX_TASK_ID}",
+            task_id.len()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

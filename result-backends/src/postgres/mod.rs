@@ -208,6 +208,14 @@ impl PostgresBackend {
 }
 
 impl Table {
+    /// Refuses a task id this table's column cannot hold.
+    fn check_id(&self, task_id: &str) -> Result<(), BackendError> {
+        match self {
+            Table::Celery(_) => celery_table::check_id(task_id),
+            Table::Django(_) => django_table::check_id(task_id),
+        }
+    }
+
     /// Upserts `meta` into this table through `c`.
     async fn store(&self, c: &impl deadpool_postgres::GenericClient, meta: &TaskMeta) -> Result<(), BackendError> {
         match self {
@@ -215,6 +223,27 @@ impl Table {
             Table::Django(t) => t.store(c, meta).await,
         }
     }
+}
+
+/// How a failed upsert into `table` is judged: a data exception (SQLSTATE class 22: a NUL
+/// character in a text column, a value longer than its column) is the state's fault and
+/// storing it again gives the same answer ([`BackendError::Malformed`]); anything else as
+/// [`PgError::driver`] judges it.
+fn store_error(table: &'static str) -> impl Fn(tokio_postgres::Error) -> BackendError {
+    move |e| match e.as_db_error() {
+        Some(db) if db.code().code().starts_with("22") => BackendError::Malformed(format!(
+            "postgresql: {table} refused the state: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        )),
+        _ => PgError::driver(table, e).into(),
+    }
+}
+
+/// `s` cut to at most `max` characters (a `character varying(max)` column holds that many).
+fn clipped(s: &Option<String>, max: usize) -> Option<&str> {
+    let s = s.as_deref()?;
+    Some(s.char_indices().nth(max).map_or(s, |(cut, _)| &s[..cut]))
 }
 
 /// The most rows one batched store's transaction writes (and locks).
@@ -231,6 +260,11 @@ impl celery_core::capability::StoreBatches for PostgresBackend {
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
         if let [meta] = metas {
             return self.store(meta).await;
+        }
+        // A state the table cannot hold fails the batch before it begins (the worker then stores
+        // the states one by one, and dead-letters the task whose state is refused).
+        for meta in metas {
+            self.table.check_id(&meta.task_id)?;
         }
         for chunk in metas.chunks(MAX_BATCH_ROWS) {
             let mut order: Vec<&TaskMeta> = chunk.iter().collect();
@@ -322,5 +356,14 @@ mod tests {
         for (scheme, _) in super::url::SCHEMES {
             assert!(registered.contains(scheme), "{scheme}");
         }
+    }
+
+    #[test]
+    fn values_are_clipped_to_characters() {
+        let s = |v: &str| Some(v.to_owned());
+        assert_eq!(super::clipped(&s("abcdef"), 3), Some("abc"));
+        assert_eq!(super::clipped(&s("ab"), 3), Some("ab"));
+        assert_eq!(super::clipped(&s("éééé"), 2), Some("éé"), "characters, not bytes");
+        assert_eq!(super::clipped(&None, 3), None);
     }
 }
