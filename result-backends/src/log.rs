@@ -20,7 +20,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use broker_backends::log::{LogBroker, Results};
 use celery_core::backend::ChordMember;
-use celery_core::capability::{Chords, Claims};
+use celery_core::capability::{Chords, Claims, StoreBatches};
 use celery_core::url::ServiceUrl;
 use celery_core::{BackendError, ResultBackend, TaskMeta};
 
@@ -66,12 +66,23 @@ impl ResultBackend for LogResultBackend {
         "log"
     }
 
-    celery_core::offers!(chords, claims);
+    celery_core::offers!(chords, claims, store_batches);
 
     fn history(&self) -> Option<&dyn celery_core::history::History> {
         Some(&self.results)
     }
 }
+#[async_trait]
+impl StoreBatches for LogResultBackend {
+    /// The states in order, with one append of the results log (one write, one sync) for all
+    /// when this process owns the directory; through the owner, all at once (one after another
+    /// when a task id repeats).
+    async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
+        let docs = metas.iter().map(|m| (m.task_id.clone(), m.to_vec())).collect();
+        self.results.put_many(docs, self.expires).await.map_err(BackendError::from)
+    }
+}
+
 #[async_trait]
 impl Chords for LogResultBackend {
     async fn chord_size(&self, group_id: &str, size: usize) -> Result<(), BackendError> {

@@ -138,3 +138,45 @@ async fn a_success_is_never_replaced_by_a_concurrent_write() {
         after_reopen.iter().take(5).collect::<Vec<_>>()
     );
 }
+
+/// A batched store (`StoreBatches::store_many`, what the worker's batches use) keeps the rules of
+/// one store, in this process (one append for all) and through the directory's owner: a stored
+/// SUCCESS stays, a repeated id's states land in order, a waiter is woken with its state, and a
+/// reopened store reads what was written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batched_store_keeps_the_rules_of_one() {
+    use celery_core::capability::StoreBatches;
+    use celery_core::{ResultBackend, TaskMeta, TaskState};
+    use result_backends::log::LogResultBackend;
+    use serde_json::json;
+    let tcp = celery_tests::Target::log_tcp().await;
+    let (tcp_url, _) = tcp.urls();
+    let dir = TempDir::new("results-batched");
+    for url in [dir.url("fsync=os"), tcp_url] {
+        let b = Arc::new(LogResultBackend::connect(&url).await.unwrap());
+        assert!(b.store_batches().is_some(), "{url}");
+        b.store(&TaskMeta::success("done", json!(1))).await.unwrap();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait("waited", Duration::from_secs(10)).await })
+        };
+        let batch = [
+            TaskMeta::success("waited", json!(3)),
+            TaskMeta::success("done", json!(2)),
+            TaskMeta::new("twice", TaskState::Started, json!(null)),
+            TaskMeta::success("twice", json!(5)),
+            TaskMeta::new("running", TaskState::Started, json!(null)),
+        ];
+        b.store_batches().unwrap().store_many(&batch).await.unwrap();
+        assert_eq!(b.get("done").await.unwrap().unwrap().result, json!(1), "SUCCESS kept ({url})");
+        assert_eq!(b.get("twice").await.unwrap().unwrap().status, TaskState::Success, "in order ({url})");
+        assert_eq!(b.get("running").await.unwrap().unwrap().status, TaskState::Started);
+        let woken = waiter.await.unwrap().unwrap().expect("woken with its state");
+        assert_eq!(woken.result, json!(3));
+    }
+    let reopened = open(&dir);
+    let doc = reopened.results().get("twice").expect("written");
+    assert!(String::from_utf8_lossy(&doc).contains("SUCCESS"));
+    let done = reopened.results().get("done").expect("written");
+    assert!(String::from_utf8_lossy(&done).contains(r#""result":1"#), "{}", String::from_utf8_lossy(&done));
+}

@@ -46,6 +46,26 @@ impl Results {
         }
     }
 
+    /// Stores each `(id, document)` for `ttl` as [`put`](Results::put) does, in order: here with
+    /// one append for all (one write, one sync); through the owner, all at once, or one after
+    /// another when an id repeats (its documents keep their order).
+    pub async fn put_many(&self, docs: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), BrokerError> {
+        match &self.at {
+            At::Local(s) => Ok(s.results().put_many(docs, ttl, is_success).await.map(|_| ())?),
+            At::Remote(c) => {
+                let ids: std::collections::HashSet<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
+                if ids.len() == docs.len() {
+                    futures::future::try_join_all(docs.iter().map(|(id, doc)| c.put_result(id, doc, ttl))).await?;
+                } else {
+                    for (id, doc) in &docs {
+                        c.put_result(id, doc, ttl).await?;
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// The result document of `id`.
     pub async fn get(&self, id: &str) -> Result<Option<Vec<u8>>, BrokerError> {
         match &self.at {

@@ -38,6 +38,10 @@ use super::record::{check_size, now_ms, NewRecord, Record};
 /// Records written per append while compacting.
 const COMPACT_BATCH: usize = 4096;
 
+/// The most bytes of documents one append of [`ResultStore::put_many`] writes, unless its one
+/// document is larger.
+const MAX_PUT_MANY_BYTES: usize = 1 << 20;
+
 /// The results log of a store: its generations, appends and compaction.
 #[derive(Debug)]
 struct ResultsLog {
@@ -344,6 +348,70 @@ impl ResultStore {
             .await?;
         if let Some(w) = waiter {
             w.notify_waiters();
+        }
+        Ok(stored)
+    }
+
+    /// Stores each `(id, document)` as [`put`](Self::put) does, in order (a later document of an
+    /// id after an earlier one), with one append (one write, one sync) per
+    /// [`MAX_PUT_MANY_BYTES`] of documents: what the worker's batched stores use. A document over
+    /// the record size limit fails the call before anything is written. Returns how many were
+    /// stored.
+    pub async fn put_many(
+        &self,
+        docs: Vec<(String, Vec<u8>)>,
+        ttl: Duration,
+        keep: impl Fn(&[u8]) -> bool,
+    ) -> Result<usize, LogError> {
+        for (id, doc) in &docs {
+            check_size("result", id.len() + doc.len() + 64, self.max_record_bytes)?;
+        }
+        let expires = celery_core::clock::expiry_ms(now_ms(), ttl);
+        let expires_header = expires.to_string().into_bytes();
+        let (mut stored, mut docs) = (0, docs.into_iter().peekable());
+        while docs.peek().is_some() {
+            let (mut chunk, mut bytes) = (Vec::new(), 0);
+            while let Some((id, doc)) = docs.next_if(|(_, d)| chunk.is_empty() || bytes + d.len() <= MAX_PUT_MANY_BYTES)
+            {
+                bytes += doc.len();
+                chunk.push((id, doc));
+            }
+            // Those that must stay are not written (as `put`); decided again when applied.
+            {
+                let live = lock(&self.live);
+                let now = now_ms();
+                chunk.retain(|(id, _)| !live.values.get(id).is_some_and(|(old, exp)| *exp > now && keep(old)));
+            }
+            let records = chunk
+                .iter()
+                .map(|(id, doc)| NewRecord {
+                    headers: vec![("expires".into(), expires_header.clone())],
+                    key: id.as_bytes().to_vec(),
+                    payload: doc.clone(),
+                    not_before_ms: 0,
+                })
+                .collect();
+            let (n, waiters) = self
+                .log
+                .append(records, || {
+                    let mut live = lock(&self.live);
+                    let now = now_ms();
+                    let (mut n, mut waiters) = (0, Vec::new());
+                    for (id, doc) in chunk {
+                        if live.values.get(&id).is_some_and(|(old, exp)| *exp > now && keep(old)) {
+                            continue;
+                        }
+                        waiters.extend(live.waiters.remove(&id));
+                        live.values.insert(id, (doc, expires));
+                        n += 1;
+                    }
+                    (n, waiters)
+                })
+                .await?;
+            for w in waiters {
+                w.notify_waiters();
+            }
+            stored += n;
         }
         Ok(stored)
     }
