@@ -145,7 +145,6 @@ async fn a_success_is_never_replaced_by_a_concurrent_write() {
 /// reopened store reads what was written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batched_store_keeps_the_rules_of_one() {
-    use celery_core::capability::StoreBatches;
     use celery_core::{ResultBackend, TaskMeta, TaskState};
     use result_backends::log::LogResultBackend;
     use serde_json::json;

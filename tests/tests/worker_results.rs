@@ -244,3 +244,46 @@ async fn a_report_is_not_overwritten_by_the_tasks_started() {
     }
     run.stop().await;
 }
+
+static OVERSIZED_RUNS: AtomicUsize = AtomicUsize::new(0);
+
+/// Returns a string of `len` bytes.
+#[task]
+async fn oversized_result(len: usize) -> String {
+    OVERSIZED_RUNS.fetch_add(1, Ordering::SeqCst);
+    "x".repeat(len)
+}
+
+/// A result over the built-in store's record size limit would be refused however often its task
+/// ran: the task runs once, is dead-lettered with the store's reason, and its caller gets FAILURE
+/// (`BackendStoreError`, stored in its place) instead of waiting for a result that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_too_large_for_the_store_dead_letters_its_task_once() {
+    let dir = celery_tests::TempDir::new("oversized-result");
+    let url = dir.url("max_record_bytes=65536&fsync=os");
+    let app = celery_worker::connect(&url, &url).await.unwrap();
+    let cfg = WorkerConfig { concurrency: 2, queues: vec!["big".into()], ..WorkerConfig::default() };
+    let worker = Worker::new(app.clone(), cfg);
+    let stats = worker.stats();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(worker.run_until(async {
+        let _ = stopped.await;
+    }));
+    let res = app.send(Signature::by_name("oversized_result").args(json!([200_000])).queue("big")).await.unwrap();
+    match res.get::<String>(Duration::from_secs(30)).await {
+        Err(celery_core::ResultError::Failed { exc_type, message, .. }) => {
+            assert_eq!(exc_type, "BackendStoreError");
+            assert!(message.contains("over the limit of 65536 bytes"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let mut dead = app.broker().consume(&["big.dead".to_string()], 1).await.unwrap();
+    let mut d = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.expect("dead-lettered").unwrap();
+    let reason = d.message().as_ref().unwrap().headers.extra[celery_core::broker::DEAD_LETTER_REASON].clone();
+    assert!(reason.as_str().is_some_and(|r| r.contains("over the limit")), "{reason}");
+    dead.stop();
+    let _ = stop.send(());
+    running.await.unwrap().unwrap();
+    assert_eq!(stats.requeued.load(Ordering::SeqCst), 0, "never sent back to run again");
+    assert_eq!(OVERSIZED_RUNS.load(Ordering::SeqCst), 1, "ran once");
+}

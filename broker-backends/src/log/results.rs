@@ -9,11 +9,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use celery_core::backend::ChordMember;
 use celery_core::history::{check_batch, check_query, History, HistoryPage, HistoryQuery, Retain, TaskRecord};
-use celery_core::BrokerError;
+use celery_core::{BrokerError, ProtocolError};
 
 use super::net::remote::RemoteStore;
 use super::storage::results::{is_ready, is_success, lease_key};
-use super::storage::LogStore;
+use super::storage::{LogError, LogStore};
 
 /// The results of a log store, here or through its owner (from
 /// [`LogBroker::results`](super::LogBroker::results)). Documents are Celery's result documents: a
@@ -41,7 +41,7 @@ impl Results {
     /// Stores a result document for `ttl` unless a SUCCESS is stored already.
     pub async fn put(&self, id: &str, doc: Vec<u8>, ttl: Duration) -> Result<(), BrokerError> {
         match &self.at {
-            At::Local(s) => Ok(s.results().put(id, doc, ttl, is_success).await.map(|_| ())?),
+            At::Local(s) => s.results().put(id, doc, ttl, is_success).await.map(|_| ()).map_err(refused),
             At::Remote(c) => c.put_result(id, &doc, ttl).await,
         }
     }
@@ -51,7 +51,7 @@ impl Results {
     /// another when an id repeats (its documents keep their order).
     pub async fn put_many(&self, docs: Vec<(String, Vec<u8>)>, ttl: Duration) -> Result<(), BrokerError> {
         match &self.at {
-            At::Local(s) => Ok(s.results().put_many(docs, ttl, is_success).await.map(|_| ())?),
+            At::Local(s) => s.results().put_many(docs, ttl, is_success).await.map(|_| ()).map_err(refused),
             At::Remote(c) => {
                 let ids: std::collections::HashSet<&str> = docs.iter().map(|(id, _)| id.as_str()).collect();
                 if ids.len() == docs.len() {
@@ -138,6 +138,19 @@ impl Results {
             At::Local(s) => Ok(s.results().chord_done(group).await?),
             At::Remote(c) => c.chord_done(group).await,
         }
+    }
+}
+
+/// A document over the store's record size limit is the document's fault, not the store's: a
+/// protocol error ([`celery_core::error::ErrorKind::Message`]; the result backend's
+/// `BackendError::Malformed`), so that a worker dead-letters its task rather than run it again
+/// for a result that would be refused again. Anything else as the store's error.
+fn refused(e: LogError) -> BrokerError {
+    match e {
+        too_large @ LogError::TooLarge { .. } => {
+            BrokerError::Protocol(ProtocolError::InvalidField { field: "result", reason: too_large.to_string() })
+        }
+        e => e.into(),
     }
 }
 
