@@ -291,23 +291,13 @@ impl From<crate::url::UrlError> for BackendError {
 impl From<BrokerError> for BackendError {
     /// A broker's error met by a result backend that reaches its results through a broker (the
     /// built-in store, `rpc://`): a bad URL stays one, a connection or operation error keeps its
-    /// context and source, a protocol error (the document at fault) is
-    /// [`BackendError::Malformed`], anything else is kept as the source of an error of its kind.
-    ///
-    /// ```
-    /// use celery_core::{BackendError, BrokerError, ProtocolError};
-    /// let e: BackendError = BrokerError::Protocol(ProtocolError::TooLarge { size: 9, limit: 8 }).into();
-    /// assert!(e.is_message_fault(), "{e}");
-    /// ```
+    /// context and source, anything else is kept as the source of an error of its kind.
     fn from(e: BrokerError) -> Self {
         match e {
             BrokerError::InvalidUrl { url, reason } => BackendError::InvalidUrl { url, reason },
             BrokerError::UnknownScheme(scheme) => BackendError::UnknownScheme(scheme),
             BrokerError::Connection { context, source } => BackendError::Connection { context, source },
             BrokerError::Operation { context, source } => BackendError::Operation { context, source },
-            // The document at fault (too large for the store, undecodable): storing or reading
-            // it again gives the same answer.
-            BrokerError::Protocol(e) => BackendError::Malformed(e.to_string()),
             other => BackendError::of_kind(other.kind(), "broker", other),
         }
     }

@@ -22,7 +22,7 @@ use broker_backends::log::{LogBroker, Results};
 use celery_core::backend::ChordMember;
 use celery_core::capability::{Chords, Claims, StoreBatches};
 use celery_core::url::ServiceUrl;
-use celery_core::{BackendError, ResultBackend, TaskMeta};
+use celery_core::{BackendError, BrokerError, ResultBackend, TaskMeta};
 
 /// Results in a log store.
 #[derive(Debug, Clone)]
@@ -47,7 +47,7 @@ impl LogResultBackend {
 #[async_trait]
 impl ResultBackend for LogResultBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
-        self.results.put(&meta.task_id, meta.to_vec(), self.expires).await.map_err(BackendError::from)
+        self.results.put(&meta.task_id, meta.to_vec(), self.expires).await.map_err(store_error)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<TaskMeta>, BackendError> {
@@ -72,6 +72,16 @@ impl ResultBackend for LogResultBackend {
         Some(&self.results)
     }
 }
+/// A store's error: a document the store refused for what it is (too large: a protocol error from
+/// [`Results::put`]) is [`BackendError::Malformed`], so that a worker dead-letters its task rather
+/// than run it again for a result refused again; anything else as the broker's error.
+fn store_error(e: BrokerError) -> BackendError {
+    match e {
+        BrokerError::Protocol(p) => BackendError::Malformed(format!("log store: {p}")),
+        e => e.into(),
+    }
+}
+
 #[async_trait]
 impl StoreBatches for LogResultBackend {
     /// The states in order, with one append of the results log (one write, one sync) for all
@@ -79,7 +89,7 @@ impl StoreBatches for LogResultBackend {
     /// when a task id repeats).
     async fn store_many(&self, metas: &[TaskMeta]) -> Result<(), BackendError> {
         let docs = metas.iter().map(|m| (m.task_id.clone(), m.to_vec())).collect();
-        self.results.put_many(docs, self.expires).await.map_err(BackendError::from)
+        self.results.put_many(docs, self.expires).await.map_err(store_error)
     }
 }
 

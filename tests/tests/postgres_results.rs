@@ -192,7 +192,7 @@ async fn a_batched_store_is_one_transaction_with_the_rules_of_one() {
     assert_eq!(woken.result, json!(3));
     let bad = [TaskMeta::success("fine", json!(1)), TaskMeta::success("x".repeat(300), json!(1))];
     let err = b.store_many(&bad).await.unwrap_err().to_string();
-    assert!(err.contains("task id of 300 bytes"), "{err}");
+    assert!(err.contains("task id of 300 characters"), "{err}");
     assert_eq!(b.get("fine").await.unwrap(), None, "nothing of a failed batch is stored");
 }
 
@@ -286,7 +286,7 @@ async fn the_backend_contract_holds() {
     .await;
     assert_eq!(racers.iter().filter(|r| r.is_none()).count(), 1, "one of 16 concurrent claims wins: {racers:?}");
     let too_long = "k".repeat(2000);
-    assert!(matches!(b.claim(&too_long, "a", Duration::from_secs(1)).await, Err(BackendError::Operation { .. })));
+    assert!(matches!(b.claim(&too_long, "a", Duration::from_secs(1)).await, Err(BackendError::Malformed(_))));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -817,10 +817,11 @@ async fn pg_count(x: i64) -> i64 {
     x
 }
 
-/// A state the table cannot hold (a task id over `celery_taskmeta.task_id`'s 155 bytes, or with a
-/// NUL character PostgreSQL refuses) would be refused however often its task ran: the task runs
-/// once and is dead-lettered with the table's reason, while the tasks beside it (in the same
-/// batches) are stored; a worker host name longer than the `worker` column is cut to fit.
+/// A state the table cannot hold (a task id over `celery_taskmeta.task_id`'s 155 characters, or
+/// with a NUL character PostgreSQL refuses) would be refused however often its task ran: the task
+/// runs once and is dead-lettered with the reason, while the tasks beside it (in the same
+/// batches) are stored; a worker host name longer than the `worker` column is cut to fit; a
+/// task's error message with a NUL is stored (it is the task's own text, not a refused id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_state_the_table_cannot_hold_dead_letters_its_task_once() {
     use celery_core::broker::DEAD_LETTER_REASON;
@@ -870,12 +871,21 @@ async fn a_state_the_table_cannot_hold_dead_letters_its_task_once() {
     }
     consumer.stop();
     consumer.close().await;
-    assert!(reasons[&long].contains("task id of 200 bytes"), "{reasons:?}");
-    assert!(reasons[&nul].contains("SQLSTATE 22"), "{reasons:?}");
+    assert!(reasons[&long].contains("task id of 200 characters"), "{reasons:?}");
+    assert!(reasons[&nul].contains("NUL character"), "{reasons:?}");
+    assert!(reasons[&nul].contains("the task ran"), "{reasons:?}");
+    // A task's own text with a NUL (its error message) is stored, the NUL replaced in the
+    // traceback column (text) and kept in the result (JSON).
+    let f = app.send(pg_fail::new("bad\u{0}input".into())).await.unwrap();
+    match f.get::<i64>(T).await {
+        Err(ResultError::Failed { message, .. }) => assert_eq!(message, "bad\u{0}input"),
+        other => panic!("{other:?}"),
+    }
     w.stop().await;
     let requeued = stats.requeued.load(std::sync::atomic::Ordering::SeqCst);
     assert_eq!(requeued, 0, "a refused state sends its task back to run again, never");
     assert_eq!(stats.rejected.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(stats.failed.load(std::sync::atomic::Ordering::SeqCst), 1, "the failing task failed once");
     assert_eq!(REFUSED_RUNS.load(std::sync::atomic::Ordering::SeqCst), 40, "each task ran once");
     let hosts = schema.query("SELECT DISTINCT worker FROM celery_taskmeta").unwrap();
     assert_eq!(hosts.len(), 1, "{hosts:?}");

@@ -142,8 +142,8 @@ impl Results {
 }
 
 /// A document over the store's record size limit is the document's fault, not the store's: a
-/// protocol error ([`celery_core::error::ErrorKind::Message`]; the result backend's
-/// `BackendError::Malformed`), so that a worker dead-letters its task rather than run it again
+/// protocol error ([`celery_core::error::ErrorKind::Message`]; the `log://` result backend makes
+/// it `BackendError::Malformed`), so that a worker dead-letters its task rather than run it again
 /// for a result that would be refused again. Anything else as the store's error.
 fn refused(e: LogError) -> BrokerError {
     match e {

@@ -93,9 +93,7 @@ pub(super) async fn conclude(
             w.event("task-succeeded", || {
                 serde_json::json!({"uuid": msg.headers.id, "result": repr(&value), "runtime": runtime.as_secs_f64()})
             });
-            if let Some(d) = d.take() {
-                Box::pin(finish(w, d, msg, stored)).await;
-            }
+            Box::pin(finish(w, d.take(), msg, stored)).await;
         }
         Outcome::Done(Err(err)) => match err.kind() {
             TaskErrorKind::InvalidArguments => {
@@ -105,7 +103,9 @@ pub(super) async fn conclude(
                 match d.take() {
                     Some(d) => Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await,
                     // Acked before it ran (acks_late off): nothing to dead-letter, but the caller learns why.
-                    None => Box::pin(store_rejection(w, Rejected::of(msg), &err)).await,
+                    None => {
+                        Box::pin(store_rejection(w, Rejected::of(msg), &err)).await;
+                    }
                 }
             }
             TaskErrorKind::Retry { countdown } => {
@@ -220,9 +220,7 @@ async fn fail(w: &Shared, d: Option<Delivery>, msg: &Message, entry: &'static Ta
     w.stats.failed.fetch_add(1, Ordering::Relaxed);
     crate::metrics::failed(entry.name);
     failed_event(w, "task-failed", &msg.headers.id, err, err.traceback());
-    if let Some(d) = d {
-        finish(w, d, msg, stored).await;
-    }
+    finish(w, d, msg, stored).await;
 }
 
 /// `task-failed` or `task-retried` with the exception and its traceback.
@@ -260,42 +258,62 @@ impl<'a> Rejected<'a> {
 /// `err`'s message as the reason. Nothing it carries is acted on: no callbacks, errbacks, chain
 /// steps or chord counts (its embedded workflow is input that was just refused).
 pub(super) async fn reject(w: &Shared, d: Delivery, known: Option<Rejected<'_>>, err: &TaskError) {
-    let reason = err.message();
-    tracing::error!(queue = %d.queue, reason, "rejected message: dead-lettered");
+    tracing::error!(queue = %d.queue, reason = err.message(), "rejected message: dead-lettered");
     if let Some(k) = known {
         store_rejection(w, k, err).await;
     }
+    dead_letter(w, d, err).await;
+}
+
+/// Dead-letters `d` with `err`'s message as the reason (counted in `rejected`).
+async fn dead_letter(w: &Shared, d: Delivery, err: &TaskError) {
     w.stats.rejected.fetch_add(1, Ordering::Relaxed);
     crate::metrics::dead_lettered(&d.queue);
-    settle(d.dead_letter(reason).await);
+    settle(d.dead_letter(err.message()).await);
 }
 
 /// Stores FAILURE with `err` for a rejected message and sends `task-failed`; nothing else.
-async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) {
+async fn store_rejection(w: &Shared, k: Rejected<'_>, err: &TaskError) -> Stored {
     let mut meta = TaskMeta::error(k.id, TaskState::Failure, err);
     meta.name = k.task.map(str::to_owned);
     meta.reply_to = k.reply_to.map(str::to_owned);
-    store_meta(w, meta).await;
+    let stored = store_meta(w, meta).await;
     failed_event(w, "task-failed", k.id, err, err.to_string());
+    stored
+}
+
+/// The result backend refused a task's outcome for what it holds (see [`finish`]): FAILURE with
+/// Celery's `BackendStoreError` is stored in its place (its caller learns at once) and the
+/// delivery dead-lettered with a reason that says the task ran (what it sent on, a chain's next
+/// step or a chord's count, went out before its outcome was refused). When that FAILURE could not
+/// be stored either because the backend is unreachable, the delivery goes back to its queue to run
+/// again rather than leave its caller waiting. Acked before it ran (acks_late off): only the
+/// FAILURE.
+async fn refused(w: &Shared, d: Option<Delivery>, msg: &Message, e: &BackendError) {
+    let err = TaskError::new("BackendStoreError", format!("the task ran; the result backend refused its outcome: {e}"));
+    tracing::error!(error = %e, "the result backend refused the task's outcome");
+    let stored = store_rejection(w, Rejected::of(msg), &err).await;
+    match (d, stored) {
+        (Some(d), Stored::No) => requeue(&w.stats, d).await,
+        (Some(d), _) => dead_letter(w, d, &err).await,
+        (None, _) => {}
+    }
 }
 
 /// Acks a delivery whose outcome is stored; one whose outcome could not be stored (the backend
 /// stayed unreachable) goes back to its queue instead, so the task runs again rather than finish
 /// without a result. One whose outcome the backend refused for what it holds (a task id longer
-/// than its column, a character it cannot store) would be refused again however often it ran: it
-/// is dead-lettered with the backend's reason, and FAILURE with Celery's `BackendStoreError`
-/// stored in its place where the backend takes that.
-async fn finish(w: &Shared, d: Delivery, msg: &Message, stored: Stored) {
-    match stored {
-        Stored::Yes => settle(d.ack().await),
-        Stored::No => {
+/// than its column, a result over its size limit) would be refused again however often it ran:
+/// see [`refused`]. `d` is `None` when the delivery was acked before the run.
+async fn finish(w: &Shared, d: Option<Delivery>, msg: &Message, stored: Stored) {
+    match (stored, d) {
+        (Stored::Refused(e), d) => Box::pin(refused(w, d, msg, &e)).await,
+        (Stored::Yes, Some(d)) => settle(d.ack().await),
+        (Stored::No, Some(d)) => {
             tracing::error!("the result could not be stored: the task goes back to its queue to run again");
             requeue(&w.stats, d).await;
         }
-        Stored::Refused(e) => {
-            let err = TaskError::new("BackendStoreError", format!("the result backend refused the task's state: {e}"));
-            Box::pin(reject(w, d, Some(Rejected::of(msg)), &err)).await;
-        }
+        (_, None) => {}
     }
 }
 

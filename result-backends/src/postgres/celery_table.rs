@@ -118,10 +118,11 @@ impl CeleryTable {
         let retries = meta.retries.map(|r| i32::try_from(r).unwrap_or(i32::MAX));
         let status = meta.status.as_str();
         // Informative columns of 155 characters: a longer name is cut to fit, not refused.
+        let traceback = super::without_nul(&meta.traceback);
         let (name, worker, queue) =
             (super::clipped(&meta.name, 155), super::clipped(&meta.worker, 155), super::clipped(&meta.queue, 155));
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-            vec![&meta.task_id, &status, &result, &date_done, &meta.traceback];
+            vec![&meta.task_id, &status, &result, &date_done, &traceback];
         if self.children {
             params.push(&children);
         }
@@ -129,7 +130,7 @@ impl CeleryTable {
             params.extend([&name as &(dyn tokio_postgres::types::ToSql + Sync), &worker, &retries, &queue]);
         }
         let stmt = c.prepare_cached(&self.upsert).await.map_err(PgError::at("celery_taskmeta"))?;
-        c.execute(&stmt, &params).await.map_err(super::store_error("celery_taskmeta"))?;
+        c.execute(&stmt, &params).await.map_err(PgError::at("celery_taskmeta"))?;
         Ok(())
     }
 
@@ -187,16 +188,9 @@ impl CeleryTable {
     }
 }
 
-/// Refuses a task id Celery's column cannot hold ([`BackendError::Malformed`]: the state is at
-/// fault, storing it again gives the same answer), before the database does less clearly.
+/// Refuses a task id Celery's column cannot hold (see [`super::check_len`]).
 pub(crate) fn check_id(task_id: &str) -> Result<(), BackendError> {
-    if task_id.len() > MAX_TASK_ID {
-        return Err(BackendError::Malformed(format!(
-            "postgresql: a task id of {} bytes is longer than celery_taskmeta.task_id's {MAX_TASK_ID}",
-            task_id.len()
-        )));
-    }
-    Ok(())
+    super::check_len("task id", task_id, "celery_taskmeta.task_id", MAX_TASK_ID)
 }
 
 /// A stored `result`/`children`: Celery 5.7 writes the serializer's JSON; older Celery pickled the

@@ -21,13 +21,7 @@ pub(crate) const MAX_KEY: usize = 1024;
 const MAX_ID: usize = 255;
 
 fn check(what: &str, value: &str, max: usize) -> Result<(), BackendError> {
-    if value.len() > max {
-        return Err(BackendError::operation(format!(
-            "postgresql: a {what} of {} bytes is longer than {max}",
-            value.len()
-        )));
-    }
-    Ok(())
+    super::check_len(what, value, "our tables", max)
 }
 
 pub(crate) async fn size(c: &Object, group_id: &str, size: usize) -> Result<(), BackendError> {

@@ -147,10 +147,11 @@ impl DjangoTable {
         // Informative columns (`task_name` 255, `worker` 100 characters): a longer value is cut
         // to fit, not refused (a pod's long host name would otherwise fail every store).
         let (name, worker) = (super::clipped(&meta.name, 255), super::clipped(&meta.worker, 100));
+        let traceback = super::without_nul(&meta.traceback);
         let stmt = c.prepare_cached(&self.upsert).await.map_err(PgError::at("django_celery_results_taskresult"))?;
-        c.execute(&stmt, &[&meta.task_id, &status, &result, &date_done, &meta.traceback, &extra, &name, &worker])
+        c.execute(&stmt, &[&meta.task_id, &status, &result, &date_done, &traceback, &extra, &name, &worker])
             .await
-            .map_err(super::store_error(TABLE))?;
+            .map_err(PgError::at(TABLE))?;
         Ok(())
     }
 
@@ -209,16 +210,9 @@ fn decode_content(content_type: &str, encoding: &str, text: &str) -> Result<Valu
     }
 }
 
-/// Refuses a task id the table's column cannot hold ([`BackendError::Malformed`], as
-/// [`super::celery_table::check_id`]).
+/// Refuses a task id the table's column cannot hold (see [`super::check_len`]).
 pub(crate) fn check_id(task_id: &str) -> Result<(), BackendError> {
-    if task_id.len() > MAX_TASK_ID {
-        return Err(BackendError::Malformed(format!(
-            "postgresql: a task id of {} bytes is longer than {TABLE}.task_id's {MAX_TASK_ID}",
-            task_id.len()
-        )));
-    }
-    Ok(())
+    super::check_len("task id", task_id, &format!("{TABLE}.task_id"), MAX_TASK_ID)
 }
 
 #[cfg(test)]

@@ -225,19 +225,33 @@ impl Table {
     }
 }
 
-/// How a failed upsert into `table` is judged: a data exception (SQLSTATE class 22: a NUL
-/// character in a text column, a value longer than its column) is the state's fault and
-/// storing it again gives the same answer ([`BackendError::Malformed`]); anything else as
-/// [`PgError::driver`] judges it.
-fn store_error(table: &'static str) -> impl Fn(tokio_postgres::Error) -> BackendError {
-    move |e| match e.as_db_error() {
-        Some(db) if db.code().code().starts_with("22") => BackendError::Malformed(format!(
-            "postgresql: {table} refused the state: {} (SQLSTATE {})",
-            db.message(),
-            db.code().code()
-        )),
-        _ => PgError::driver(table, e).into(),
+/// Refuses a `what` (a task id, a group id, a key) of more than `max` characters, what `holder`
+/// (a `character varying(max)` column) holds, or with a NUL character (which PostgreSQL's text
+/// cannot hold), with [`BackendError::Malformed`]: the value came with the message and storing
+/// it again gives the same answer. Checked before the database refuses it less clearly.
+fn check_len(what: &str, value: &str, holder: &str, max: usize) -> Result<(), BackendError> {
+    // A byte is at most a character: only a long value is counted.
+    if value.len() > max && value.chars().count() > max {
+        return Err(BackendError::Malformed(format!(
+            "postgresql: a {what} of {} characters is longer than {holder}'s {max}",
+            value.chars().count()
+        )));
     }
+    if value.contains('\0') {
+        return Err(BackendError::Malformed(format!("postgresql: a {what} with a NUL character")));
+    }
+    Ok(())
+}
+
+/// `s` with its NUL characters (which PostgreSQL's text cannot hold) replaced by U+FFFD: a task's
+/// own text (its traceback) is stored rather than refused.
+fn without_nul(s: &Option<String>) -> Option<std::borrow::Cow<'_, str>> {
+    let s = s.as_deref()?;
+    Some(if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
+    })
 }
 
 /// `s` cut to at most `max` characters (a `character varying(max)` column holds that many).

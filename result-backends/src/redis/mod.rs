@@ -101,8 +101,8 @@ impl RedisBackend {
             conn,
             prefix,
             expires: expires.clamp(1, celery_core::clock::LONGEST_TTL.as_secs()),
-            store: Arc::new(Script::new(&scripts::STORE)),
-            store_many: Arc::new(Script::new(&scripts::STORE_MANY)),
+            store: Arc::new(Script::new(scripts::STORE)),
+            store_many: Arc::new(Script::new(scripts::STORE_MANY)),
             chord_part: Arc::new(Script::new(scripts::CHORD_PART)),
             claim: Arc::new(Script::new(scripts::CLAIM)),
             unclaim: Arc::new(Script::new(scripts::UNCLAIM)),
@@ -148,7 +148,7 @@ impl ResultBackend for RedisBackend {
     async fn store(&self, meta: &TaskMeta) -> Result<(), BackendError> {
         if self.conn.min_replicas().is_some() {
             let mut pipe = redis::pipe();
-            pipe.cmd("EVAL").arg(&*scripts::STORE).arg(1).arg(self.key(&meta.task_id));
+            pipe.cmd("EVAL").arg(scripts::STORE).arg(1).arg(self.key(&meta.task_id));
             pipe.arg(meta.to_vec()).arg(self.expires).ignore();
             return Ok(self.conn.write(pipe, "redis results: store").await?);
         }
@@ -241,7 +241,7 @@ impl StoreBatches for RedisBackend {
             if self.conn.min_replicas().is_some() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("EVAL")
-                    .arg(&*scripts::STORE_MANY)
+                    .arg(scripts::STORE_MANY)
                     .arg(keys.len())
                     .arg(&keys)
                     .arg(self.expires)

@@ -2,48 +2,30 @@
 //! layout (`celery-task-meta-<id>`, `celery-taskset-meta-<gid>.*`) and ours
 //! (`celery-rs-idempotency-<key>`).
 
-use std::sync::LazyLock;
-
-/// `put(key, doc, ttl)`: stores and publishes `doc` under `key` unless a SUCCESS is stored there
-/// already; 1 when stored. On Redis 7 (`SET ... GET`, one call instead of two) the document is
-/// written first and a SUCCESS found under it written back (its time to live then starts again:
-/// a late state of a finished task is rare); before 7, `GET` then `SETEX`.
-const PUT: &str = r#"
-local function is_success(doc) return doc and string.find(doc, '"status":%s*"SUCCESS"') end
-local set_get = (redis.REDIS_VERSION_NUM or 0) >= 0x070000
-local function put(key, doc, ttl)
-  if set_get then
-    local cur = redis.call('SET', key, doc, 'EX', ttl, 'GET')
-    if is_success(cur) then
-      redis.call('SET', key, cur, 'EX', ttl)
-      return 0
-    end
-  else
-    if is_success(redis.call('GET', key)) then return 0 end
-    redis.call('SETEX', key, ttl, doc)
-  end
-  redis.call('PUBLISH', key, doc)
-  return 1
-end
-"#;
-
 /// KEYS: the task's meta key; ARGV: the document, its ttl. Stores and publishes it, unless a
 /// SUCCESS is stored already. Returns 1 when stored.
-pub(super) static STORE: LazyLock<String> = LazyLock::new(|| format!("{PUT}return put(KEYS[1], ARGV[1], ARGV[2])\n"));
+pub(super) const STORE: &str = r#"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.find(cur, '"status":%s*"SUCCESS"') then return 0 end
+redis.call('SETEX', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+return 1
+"#;
 
 /// KEYS: the tasks' meta keys; ARGV: the ttl, then one document per key. [`STORE`] for each key in
 /// order. Returns how many were stored.
-pub(super) static STORE_MANY: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        r#"{PUT}
+pub(super) const STORE_MANY: &str = r#"
 local stored = 0
 for i, key in ipairs(KEYS) do
-  stored = stored + put(key, ARGV[i + 1], ARGV[1])
+  local cur = redis.call('GET', key)
+  if not (cur and string.find(cur, '"status":%s*"SUCCESS"')) then
+    redis.call('SETEX', key, ARGV[1], ARGV[i + 1])
+    redis.call('PUBLISH', key, ARGV[i + 1])
+    stored = stored + 1
+  end
 end
 return stored
-"#
-    )
-});
+"#;
 
 /// KEYS: the idempotency key; ARGV: task id, ttl. Returns the holder, or nil after claiming it.
 pub(super) const CLAIM: &str = r#"

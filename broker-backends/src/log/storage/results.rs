@@ -382,6 +382,9 @@ impl ResultStore {
                 let now = now_ms();
                 chunk.retain(|(id, _)| !live.values.get(id).is_some_and(|(old, exp)| *exp > now && keep(old)));
             }
+            if chunk.is_empty() {
+                continue;
+            }
             let records = chunk
                 .iter()
                 .map(|(id, doc)| NewRecord {
