@@ -256,12 +256,24 @@ async fn oversized_result(len: usize) -> String {
 
 /// A result over the built-in store's record size limit would be refused however often its task
 /// ran: the task runs once, is dead-lettered with the store's reason, and its caller gets FAILURE
-/// (`BackendStoreError`, stored in its place) instead of waiting for a result that never comes.
+/// (`BackendStoreError`, stored in its place) instead of waiting for a result that never comes; in
+/// the process owning the directory and through it (`log+tcp://`, the refusal marked on the wire).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_result_too_large_for_the_store_dead_letters_its_task_once() {
+    use broker_backends::log::{parse_url, serve_tcp, LogStore};
     let dir = celery_tests::TempDir::new("oversized-result");
-    let url = dir.url("max_record_bytes=65536&fsync=os");
-    let app = celery_worker::connect(&url, &url).await.unwrap();
+    oversized_result_is_dead_lettered(&dir.url("max_record_bytes=65536&fsync=os"), 1).await;
+    let served = celery_tests::TempDir::new("oversized-result-tcp");
+    let (d, cfg) = parse_url(&served.url("max_record_bytes=65536&fsync=os")).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(serve_tcp(LogStore::open(&d, cfg).unwrap(), listener, Some("s3cret".into()), None));
+    oversized_result_is_dead_lettered(&format!("log+tcp://{addr}?token=s3cret"), 2).await;
+    server.abort();
+}
+
+async fn oversized_result_is_dead_lettered(url: &str, runs: usize) {
+    let app = celery_worker::connect(url, url).await.unwrap();
     let cfg = WorkerConfig { concurrency: 2, queues: vec!["big".into()], ..WorkerConfig::default() };
     let worker = Worker::new(app.clone(), cfg);
     let stats = worker.stats();
@@ -272,18 +284,18 @@ async fn a_result_too_large_for_the_store_dead_letters_its_task_once() {
     let res = app.send(Signature::by_name("oversized_result").args(json!([200_000])).queue("big")).await.unwrap();
     match res.get::<String>(Duration::from_secs(30)).await {
         Err(celery_core::ResultError::Failed { exc_type, message, .. }) => {
-            assert_eq!(exc_type, "BackendStoreError");
-            assert!(message.contains("over the limit of 65536 bytes"), "{message}");
+            assert_eq!(exc_type, "BackendStoreError", "{url}");
+            assert!(message.contains("over the limit of 65536 bytes"), "{url}: {message}");
         }
-        other => panic!("{other:?}"),
+        other => panic!("{url}: {other:?}"),
     }
     let mut dead = app.broker().consume(&["big.dead".to_string()], 1).await.unwrap();
     let mut d = tokio::time::timeout(Duration::from_secs(30), dead.next()).await.expect("dead-lettered").unwrap();
     let reason = d.message().as_ref().unwrap().headers.extra[celery_core::broker::DEAD_LETTER_REASON].clone();
-    assert!(reason.as_str().is_some_and(|r| r.contains("over the limit")), "{reason}");
+    assert!(reason.as_str().is_some_and(|r| r.contains("over the limit") && r.contains("the task ran")), "{reason}");
     dead.stop();
     let _ = stop.send(());
     running.await.unwrap().unwrap();
-    assert_eq!(stats.requeued.load(Ordering::SeqCst), 0, "never sent back to run again");
-    assert_eq!(OVERSIZED_RUNS.load(Ordering::SeqCst), 1, "ran once");
+    assert_eq!(stats.requeued.load(Ordering::SeqCst), 0, "{url}: never sent back to run again");
+    assert_eq!(OVERSIZED_RUNS.load(Ordering::SeqCst), runs, "{url}: ran once");
 }

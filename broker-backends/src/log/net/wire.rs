@@ -8,10 +8,11 @@
 
 use std::io;
 
+use celery_core::BrokerError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::log::storage::{Record, StreamRecord};
+use crate::log::storage::{LogError, Record, StreamRecord};
 
 /// The protocol version byte (2: acks are `ACK` frames, unanswered).
 pub(crate) const VERSION: u8 = 2;
@@ -29,6 +30,32 @@ pub(crate) const MAX_HELLO_FRAME: usize = 4 << 10;
 /// The `ERR` answer to a request that arrived on a connection the server is closing (for
 /// idleness): it was not handled, so the client sends it again on a new connection.
 pub(crate) const NOT_HANDLED: &str = "not handled: the server is closing this connection";
+
+/// The start of the `ERR` answer to a result document the store refused for its size (the
+/// document's fault, not the server's; an older server sends the text alone, read as an operation
+/// error as before).
+const REFUSED: &str = "refused: ";
+
+/// The `ERR` text of a failed result put: marked [`REFUSED`] when the store refused the document
+/// for its size.
+pub(crate) fn result_put_error(e: &LogError) -> String {
+    match e {
+        LogError::TooLarge { .. } => format!("{REFUSED}{e}"),
+        e => e.to_string(),
+    }
+}
+
+/// A failed result put as the client reports it: a document the server refused for its size is a
+/// protocol error (as the store in this process reports it: `Results::put`), anything else as is.
+pub(crate) fn result_put_failed(e: BrokerError) -> BrokerError {
+    match e {
+        BrokerError::Operation { context, .. } if context.starts_with(REFUSED) => {
+            let reason = context[REFUSED.len()..].to_owned();
+            BrokerError::Protocol(celery_core::ProtocolError::InvalidField { field: "result", reason })
+        }
+        e => e,
+    }
+}
 
 /// Frame kinds.
 pub(crate) mod kind {

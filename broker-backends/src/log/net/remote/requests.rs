@@ -166,7 +166,8 @@ impl RemoteStore {
 
     /// Stores a result document unless a SUCCESS is stored already.
     pub(crate) async fn put_result(&self, id: &str, doc: &[u8], ttl: Duration) -> Result<(), BrokerError> {
-        self.call(kind::RESULT_PUT, |e| e.str(id).bytes(doc).u64(millis(ttl))).await.map(|_| ())
+        let put = self.call(kind::RESULT_PUT, |e| e.str(id).bytes(doc).u64(millis(ttl))).await;
+        put.map(|_| ()).map_err(wire::result_put_failed)
     }
 
     /// The result document of `id`.

@@ -244,7 +244,8 @@ pub(super) async fn handle(
             let rid = d.str().map_err(e)?;
             let doc = d.bytes().map_err(e)?.to_vec();
             let ttl = Duration::from_millis(d.u64().map_err(e)?);
-            let stored = store.results().put(&rid, doc, ttl, is_success).await.map_err(|e| e.to_string())?;
+            let stored =
+                store.results().put(&rid, doc, ttl, is_success).await.map_err(|e| wire::result_put_error(&e))?;
             ok().u8(stored as u8).finish()
         }
         kind::RESULT_GET | kind::RESULT_WAIT => {
