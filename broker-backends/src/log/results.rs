@@ -147,11 +147,14 @@ impl Results {
 /// for a result that would be refused again. Anything else as the store's error.
 fn refused(e: LogError) -> BrokerError {
     match e {
-        too_large @ LogError::TooLarge { .. } => {
-            BrokerError::Protocol(ProtocolError::InvalidField { field: "result", reason: too_large.to_string() })
-        }
+        too_large @ LogError::TooLarge { .. } => result_refused(too_large.to_string()),
         e => e.into(),
     }
+}
+
+/// The error of a result document refused for its size, here or by the directory's owner.
+pub(crate) fn result_refused(reason: String) -> BrokerError {
+    BrokerError::Protocol(ProtocolError::InvalidField { field: "result", reason })
 }
 
 /// The monitor's task history, kept by the directory's owner in its results log (a compacted

@@ -212,7 +212,7 @@ fn decode_content(content_type: &str, encoding: &str, text: &str) -> Result<Valu
 
 /// Refuses a task id the table's column cannot hold (see [`super::check_len`]).
 pub(crate) fn check_id(task_id: &str) -> Result<(), BackendError> {
-    super::check_len("task id", task_id, &format!("{TABLE}.task_id"), MAX_TASK_ID)
+    super::check_len("task id", task_id, "django_celery_results_taskresult.task_id", MAX_TASK_ID)
 }
 
 #[cfg(test)]

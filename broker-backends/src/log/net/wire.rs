@@ -50,8 +50,7 @@ pub(crate) fn result_put_error(e: &LogError) -> String {
 pub(crate) fn result_put_failed(e: BrokerError) -> BrokerError {
     match e {
         BrokerError::Operation { context, .. } if context.starts_with(REFUSED) => {
-            let reason = context[REFUSED.len()..].to_owned();
-            BrokerError::Protocol(celery_core::ProtocolError::InvalidField { field: "result", reason })
+            crate::log::results::result_refused(context[REFUSED.len()..].to_owned())
         }
         e => e,
     }
