@@ -8,9 +8,10 @@
 //! the slots of dead workers on brokers that need a sweep: a held slot costs an entry in
 //! [`HeldSlots`], not a timer task of its own.
 //!
-//! On a broker that [batches](celery_core::flow::KeySlots::batches) (a round trip per call), a
-//! slot whose task ended is kept a moment ([`SPARE_GRACE`]) for the next task of its key and limit
-//! on this worker, which then runs without asking the broker: the slot is held (and renewed) a
+//! A slot whose task ended is kept a moment ([`SPARE_GRACE`]) for the next task of its key and
+//! limit on this worker, which then runs without asking the broker (on a broker that
+//! [batches](celery_core::flow::KeySlots::batches), a round trip per call, the takes and releases
+//! that do reach it go in batches; the embedded log answers each at once): the slot is held (and renewed) a
 //! little longer, never shorter, so at most the key's limit runs at once. Not for a key whose take
 //! was refused here lately ([`REFUSED_FOR`]: tasks wait for it, parked, and a release moves the
 //! oldest back), and a slot serves at most [`MAX_SLOT_USES`] tasks and is passed on only within
@@ -75,7 +76,8 @@ pub(crate) struct HeldSlots {
 /// takes were refused lately (their slots go back at once).
 #[derive(Debug, Default)]
 struct Spares {
-    by_key: HashMap<(String, u32), Vec<Spare>>,
+    /// Per key, its spare slots (of any limit), the newest last.
+    by_key: HashMap<String, Vec<Spare>>,
     count: usize,
     refused: HashMap<String, Instant>,
     /// Whether a task gives back the spares that waited [`SPARE_GRACE`] in vain.
@@ -99,8 +101,12 @@ impl Spares {
         if refused || worn || self.count >= MAX_SPARES {
             return Err(lease);
         }
-        let at = (lease.key.clone(), lease.limit);
-        self.by_key.entry(at).or_default().push(Spare { lease, since: now });
+        match self.by_key.get_mut(&lease.key) {
+            Some(slots) => slots.push(Spare { lease, since: now }),
+            None => {
+                self.by_key.insert(lease.key.clone(), vec![Spare { lease, since: now }]);
+            }
+        }
         self.count += 1;
         Ok(!std::mem::replace(&mut self.flushing, true))
     }
@@ -110,11 +116,11 @@ impl Spares {
         if self.count == 0 {
             return None;
         }
-        let at = (key.to_owned(), limit);
-        let slots = self.by_key.get_mut(&at)?;
-        let spare = slots.pop()?;
+        let slots = self.by_key.get_mut(key)?;
+        let i = slots.iter().rposition(|s| s.lease.limit == limit)?;
+        let spare = slots.remove(i);
         if slots.is_empty() {
-            self.by_key.remove(&at);
+            self.by_key.remove(key);
         }
         self.count -= 1;
         Some(spare.lease)
@@ -219,11 +225,28 @@ impl HeldSlots {
         got.await.unwrap_or(false)
     }
 
-    /// Gives a slot back, batched with the releases asked for meanwhile.
+    /// Gives a slot back: batched with the releases asked for meanwhile on a broker that
+    /// [batches](celery_core::flow::KeySlots::batches); otherwise at once, on a task of its own
+    /// only when the broker does not answer at once.
     fn give_back(self: &Arc<Self>, broker: Arc<dyn Broker>, key: String, holder: String, queue: String) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        if lock(&self.releases).push(PendingRelease { key, holder, queue }) {
-            rt.spawn(send_releases(broker, self.clone()));
+        if broker.key_slots().is_some_and(|s| s.batches()) {
+            if lock(&self.releases).push(PendingRelease { key, holder, queue }) {
+                rt.spawn(send_releases(broker, self.clone()));
+            }
+            return;
+        }
+        let mut release = Box::pin(async move {
+            let Some(slots) = broker.key_slots() else { return };
+            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&key, &holder, &queue)).await {
+                tracing::warn!(%key, error = %e, "could not release a key slot; it frees when its lease ends");
+            }
+        });
+        // Polled once here: a broker in this process (the embedded log) answers at once, without
+        // a task spawned; one over the network has sent the request and goes on on a task.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if release.as_mut().poll(&mut cx).is_pending() {
+            rt.spawn(release);
         }
     }
 
@@ -344,26 +367,7 @@ impl Drop for HeldSlot {
     /// most its limit still run at once; if the release fails, the slot frees when its lease ends.
     fn drop(&mut self) {
         let Some(lease) = self.lease.take() else { return };
-        let broker = self.broker.clone();
-        if broker.key_slots().is_some_and(|s| s.batches()) {
-            self.held.end(broker, lease);
-            return;
-        }
-        self.held.remove(lease.id);
-        let SlotLease { key, holder, queue, .. } = lease;
-        let Ok(rt) = tokio::runtime::Handle::try_current() else { return };
-        let mut release = Box::pin(async move {
-            let Some(slots) = broker.key_slots() else { return };
-            if let Err(e) = celery_core::backoff::retrying(|| slots.release(&key, &holder, &queue)).await {
-                tracing::warn!(%key, error = %e, "could not release a key slot; it frees when its lease ends");
-            }
-        });
-        // Polled once here: a broker in this process (the embedded log) answers at once, without
-        // a task spawned; one over the network has sent the request and goes on on a task.
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        if release.as_mut().poll(&mut cx).is_pending() {
-            rt.spawn(release);
-        }
+        self.held.end(self.broker.clone(), lease);
     }
 }
 
@@ -402,11 +406,9 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
             option: format!("per-key concurrency (`key_concurrency` of task `{}`)", opts.name),
         });
     };
-    if slots.batches() {
-        if let Some(spare) = w.held_slots.reuse(key, limit) {
-            let lease = SlotLease { queue: d.queue.clone(), uses: spare.uses + 1, ..spare };
-            return KeyStep::Held(HeldSlot { broker, held: w.held_slots.clone(), lease: Some(lease) });
-        }
+    if let Some(spare) = w.held_slots.reuse(key, limit) {
+        let lease = SlotLease { queue: d.queue.clone(), uses: spare.uses + 1, ..spare };
+        return KeyStep::Held(HeldSlot { broker, held: w.held_slots.clone(), lease: Some(lease) });
     }
     let holder = format!("{}/{}", w.config.hostname, msg.headers.id);
     let ttl = w.config.key_lease.max(MIN_KEY_LEASE);
@@ -425,6 +427,9 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
     } else {
         celery_core::backoff::retrying(|| slots.acquire_or_park(&req, &d.queue, msg)).await
     };
+    if !slots.batches() && matches!(admission, Ok(Admission::Parked)) {
+        w.held_slots.refuse(key);
+    }
     match admission {
         Ok(Admission::Acquired) => {
             let id = w.held_slots.add(key, &holder);
