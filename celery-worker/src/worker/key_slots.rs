@@ -137,6 +137,12 @@ impl Spares {
         self.refused.insert(key.to_owned(), now);
     }
 
+    /// Every spare, at once (a worker that stops).
+    fn take_all(&mut self) -> Vec<SlotLease> {
+        self.count = 0;
+        self.by_key.drain().flat_map(|(_, slots)| slots.into_iter().map(|s| s.lease)).collect()
+    }
+
     /// The spares that waited [`SPARE_GRACE`]; when none is left, the flushing task ends.
     fn expired(&mut self, now: Instant) -> Vec<SlotLease> {
         let mut out = Vec::new();
@@ -273,6 +279,36 @@ impl HeldSlots {
             Err(lease) => {
                 self.remove(lease.id);
                 self.give_back(broker, lease.key, lease.holder, lease.queue);
+            }
+        }
+    }
+
+    /// Gives back every spare slot now, a batch per call, waiting at most `wait` in all (a
+    /// stopping worker: the tasks parked for those keys need not wait for the leases to end).
+    pub(super) async fn give_back_spares_now(&self, broker: &Arc<dyn Broker>, wait: Duration) {
+        let gone = lock(&self.spares).take_all();
+        if gone.is_empty() {
+            return;
+        }
+        for lease in &gone {
+            self.remove(lease.id);
+        }
+        let Some(slots) = broker.key_slots() else { return };
+        let released = tokio::time::timeout(wait, async {
+            for chunk in gone.chunks(MAX_SLOT_BATCH) {
+                let rels: Vec<SlotRelease<'_>> =
+                    chunk.iter().map(|l| SlotRelease { key: &l.key, holder: &l.holder, queue: &l.queue }).collect();
+                slots.release_many(&rels).await?;
+            }
+            Ok::<(), BrokerError>(())
+        });
+        match released.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(n = gone.len(), error = %e, "could not give back spare key slots; they free when their leases end")
+            }
+            Err(_) => {
+                tracing::warn!(n = gone.len(), "giving back spare key slots timed out; they free when their leases end")
             }
         }
     }
@@ -558,6 +594,19 @@ mod tests {
         assert_eq!(sp.expired(t0 + SPARE_GRACE * 2).len(), 1);
         assert!(!sp.flushing && sp.count == 0, "none left: the flusher ends, the next spare starts one");
         assert!(sp.keep(ended(3, "a", 1, 1), t0).unwrap());
+    }
+
+    #[test]
+    fn a_stopping_worker_takes_every_spare_at_once() {
+        let (mut sp, t0) = (Spares::default(), Instant::now());
+        assert!(sp.keep(ended(1, "a", 1, 1), t0).unwrap());
+        assert!(!sp.keep(ended(2, "b", 2, 1), t0).unwrap());
+        assert!(!sp.keep(ended(3, "b", 2, 1), t0).unwrap());
+        let mut all: Vec<u64> = sp.take_all().iter().map(|l| l.id).collect();
+        all.sort_unstable();
+        assert_eq!(all, vec![1, 2, 3]);
+        assert!(sp.count == 0 && sp.by_key.is_empty() && sp.reuse("b", 2).is_none());
+        assert!(sp.expired(t0 + SPARE_GRACE).is_empty() && !sp.flushing, "the flusher ends at its next look");
     }
 
     #[test]

@@ -161,6 +161,7 @@ pub(super) async fn run_until(
     let _ = stop_tx.send(true);
     shared.intake.stop().await;
     drain(&shared, &hard_tx).await;
+    shared.held_slots.give_back_spares_now(shared.app.broker(), Duration::from_secs(5)).await;
     shared.intake.closed().await;
     heartbeat.abort();
     if let Some(s) = upkeep {
