@@ -200,6 +200,11 @@ impl HeldSlots {
         id
     }
 
+    /// A number no other take of this worker gets (a holder's suffix).
+    fn nonce(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
+    }
+
     fn remove(&self, id: u64) {
         lock(&self.held).remove(&id);
     }
@@ -298,7 +303,7 @@ impl HeldSlots {
             for chunk in gone.chunks(MAX_SLOT_BATCH) {
                 let rels: Vec<SlotRelease<'_>> =
                     chunk.iter().map(|l| SlotRelease { key: &l.key, holder: &l.holder, queue: &l.queue }).collect();
-                slots.release_many(&rels).await?;
+                celery_core::backoff::retrying(|| slots.release_many(&rels)).await?;
             }
             Ok::<(), BrokerError>(())
         });
@@ -446,7 +451,11 @@ pub(super) async fn admit(w: &Shared, d: &Delivery, msg: &Message, opts: &TaskOp
         let lease = SlotLease { queue: d.queue.clone(), uses: spare.uses + 1, ..spare };
         return KeyStep::Held(HeldSlot { broker, held: w.held_slots.clone(), lease: Some(lease) });
     }
-    let holder = format!("{}/{}", w.config.hostname, msg.headers.id);
+    // Unique per take, not per task id: a retry keeps its id, and its take must not find the
+    // slot a spare passed on to another task under the first try's name (the broker hands a
+    // holder's slot back to it), nor release that task's slot when it ends. Made once, so the
+    // retried calls below stay one take.
+    let holder = format!("{}/{}/{}", w.config.hostname, msg.headers.id, w.held_slots.nonce());
     let ttl = w.config.key_lease.max(MIN_KEY_LEASE);
     let req = SlotRequest { key, limit, holder: &holder, ttl };
     if let Err(e) = req.validate() {
