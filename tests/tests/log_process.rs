@@ -211,16 +211,16 @@ async fn a_task_that_kills_its_owning_worker_is_dead_lettered_after_max_deliveri
     let mut crashes = 0;
     // Each crashed worker's log, shown if a delivery count goes missing.
     let mut logs = Vec::new();
+    let demo = |args: &[&str]| {
+        Command::new(demo_bin())
+            .args(args)
+            .env("CELERY_BROKER_URL", &url)
+            .env("CELERY_RESULT_BACKEND", &url)
+            .output()
+            .unwrap()
+    };
     let survivor = loop {
         assert!(crashes <= 3, "still crashing after {crashes} deliveries:\n{}", logs.join("\n---\n"));
-        let demo = |args: &[&str]| {
-            Command::new(demo_bin())
-                .args(args)
-                .env("CELERY_BROKER_URL", &url)
-                .env("CELERY_RESULT_BACKEND", &url)
-                .output()
-                .unwrap()
-        };
         // The first worker owns the directory and starts on another queue: the task is sent
         // through it and answered before anything runs it. (Had it run at once, the owner's crash
         // could cut the sender's reply, and the sender's retry, taking the directory over, would
@@ -231,6 +231,7 @@ async fn a_task_that_kills_its_owning_worker_is_dead_lettered_after_max_deliveri
         if crashes == 0 {
             let out = demo(&["send", "crash"]);
             assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            logs.push(format!("send: {}", String::from_utf8_lossy(&out.stderr)));
             // Then it consumes `celery`: its delivery is the first. The reply may be cut by the crash.
             let out = demo(&["control", "add_consumer", "celery", "-t", "2"]);
             logs.push(format!("control: {}", String::from_utf8_lossy(&out.stderr)));
